@@ -1,0 +1,346 @@
+//! The tool catalog: tool name → annotations and description, with a trust
+//! switch and the decisions layers take from it.
+//!
+//! The MCP spec calls tool annotations untrusted hints: clients must not
+//! decide from the annotations of an untrusted server. So a tool is retried
+//! or cached only when it is *configured* as safe, or when the catalog is
+//! *trusted* and its annotations say `readOnlyHint` (or, for retries,
+//! `idempotentHint`). Absent annotations take the spec's defaults: not
+//! read-only, destructive, not idempotent, open world.
+//!
+//! Reads are lock-free (an [`arc_swap`] snapshot); updates (a `tools/list`
+//! result, configuration) replace the snapshot.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A tool's annotations, as sent in `tools/list`. `None` means absent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolAnnotations {
+    /// The tool does not modify its environment. Default `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_only_hint: Option<bool>,
+    /// The tool may perform destructive updates. Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destructive_hint: Option<bool>,
+    /// Repeating the call with the same arguments has no additional effect. Default `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotent_hint: Option<bool>,
+    /// The tool interacts with an open world of external entities. Default `true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_world_hint: Option<bool>,
+}
+
+/// What the catalog knows of one tool.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolInfo {
+    /// The tool name.
+    pub name: String,
+    /// A human-readable title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// The description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The annotations.
+    #[serde(default)]
+    pub annotations: ToolAnnotations,
+    /// The names of the input schema's properties (used to rank alternatives).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parameters: Vec<String>,
+}
+
+impl ToolInfo {
+    /// A tool with a name and a description, no annotations.
+    pub fn new(name: impl Into<String>, description: impl Into<String>) -> Self {
+        ToolInfo {
+            name: name.into(),
+            description: Some(description.into()),
+            ..Default::default()
+        }
+    }
+
+    /// Sets the annotations.
+    pub fn annotations(mut self, annotations: ToolAnnotations) -> Self {
+        self.annotations = annotations;
+        self
+    }
+
+    /// Reads one tool object of a `tools/list` result.
+    pub fn from_value(tool: &Value) -> Option<Self> {
+        let name = tool.get("name")?.as_str()?.to_owned();
+        let text = |k: &str| tool.get(k).and_then(Value::as_str).map(str::to_owned);
+        let annotations = tool
+            .get("annotations")
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        let parameters = tool
+            .get("inputSchema")
+            .and_then(|s| s.get("properties"))
+            .and_then(Value::as_object)
+            .map(|props| props.keys().cloned().collect())
+            .unwrap_or_default();
+        Some(ToolInfo {
+            name,
+            title: text("title").or_else(|| {
+                tool.get("annotations")
+                    .and_then(|a| a.get("title"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            }),
+            description: text("description"),
+            annotations,
+            parameters,
+        })
+    }
+}
+
+/// Decisions configured for a tool, overriding its annotations.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolPolicy {
+    /// Whether the tool may be called again after a failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_to_repeat: Option<bool>,
+    /// Whether the tool's results may be cached and served stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cacheable: Option<bool>,
+}
+
+#[derive(Debug, Default)]
+struct Snapshot {
+    trusted: bool,
+    tools: HashMap<String, ToolInfo>,
+    policies: HashMap<String, ToolPolicy>,
+}
+
+/// A shared tool catalog. Clones share one catalog.
+///
+/// ```
+/// use serde_json::json;
+/// use toolwarden_core::catalog::{ToolCatalog, ToolPolicy};
+/// let catalog = ToolCatalog::new();
+/// catalog.fill_from_tools_list(&json!({"tools": [
+///     {"name": "search", "annotations": {"readOnlyHint": true}},
+///     {"name": "delete_file", "annotations": {"destructiveHint": true}},
+/// ]}));
+/// // Untrusted: annotations are ignored, spec defaults apply.
+/// assert!(!catalog.is_safe_to_repeat("search"));
+/// catalog.set_trusted(true);
+/// assert!(catalog.is_safe_to_repeat("search") && catalog.is_cacheable("search"));
+/// assert!(!catalog.is_safe_to_repeat("delete_file"));
+/// // Configuration wins over annotations.
+/// catalog.configure("delete_file", ToolPolicy { safe_to_repeat: Some(true), ..Default::default() });
+/// assert!(catalog.is_safe_to_repeat("delete_file"));
+/// ```
+#[derive(Clone, Default)]
+pub struct ToolCatalog {
+    inner: Arc<ArcSwap<Snapshot>>,
+}
+
+impl fmt::Debug for ToolCatalog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let snap = self.inner.load();
+        f.debug_struct("ToolCatalog")
+            .field("trusted", &snap.trusted)
+            .field("tools", &snap.tools.len())
+            .field("policies", &snap.policies.len())
+            .finish()
+    }
+}
+
+impl ToolCatalog {
+    /// An empty, untrusted catalog.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn update(&self, f: impl Fn(&mut Snapshot)) {
+        self.inner.rcu(|old| {
+            let mut next = Snapshot {
+                trusted: old.trusted,
+                tools: old.tools.clone(),
+                policies: old.policies.clone(),
+            };
+            f(&mut next);
+            next
+        });
+    }
+
+    /// Whether annotations are trusted. Default `false`.
+    pub fn is_trusted(&self) -> bool {
+        self.inner.load().trusted
+    }
+
+    /// Trusts (or stops trusting) the server's annotations.
+    pub fn set_trusted(&self, trusted: bool) {
+        self.update(|s| s.trusted = trusted);
+    }
+
+    /// Replaces the known tools with those of a `tools/list` result
+    /// (`{"tools": [...]}`), keeping configured policies. Returns how many
+    /// tools were read; malformed entries are skipped.
+    pub fn fill_from_tools_list(&self, result: &Value) -> usize {
+        let tools: HashMap<String, ToolInfo> = result
+            .get("tools")
+            .and_then(Value::as_array)
+            .map(|list| list.iter().filter_map(ToolInfo::from_value))
+            .into_iter()
+            .flatten()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let n = tools.len();
+        self.update(|s| s.tools = tools.clone());
+        n
+    }
+
+    /// Adds or replaces one tool.
+    pub fn insert(&self, tool: ToolInfo) {
+        self.update(|s| {
+            s.tools.insert(tool.name.clone(), tool.clone());
+        });
+    }
+
+    /// Configures the policy of a tool (it need not be listed yet).
+    pub fn configure(&self, tool: &str, policy: ToolPolicy) {
+        self.update(|s| {
+            s.policies.insert(tool.to_owned(), policy);
+        });
+    }
+
+    /// What the catalog knows of a tool.
+    pub fn get(&self, tool: &str) -> Option<ToolInfo> {
+        self.inner.load().tools.get(tool).cloned()
+    }
+
+    /// Every known tool, sorted by name.
+    pub fn tools(&self) -> Vec<ToolInfo> {
+        let mut tools: Vec<_> = self.inner.load().tools.values().cloned().collect();
+        tools.sort_by(|a, b| a.name.cmp(&b.name));
+        tools
+    }
+
+    /// The number of known tools.
+    pub fn len(&self) -> usize {
+        self.inner.load().tools.len()
+    }
+
+    /// Whether no tool is known.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a failed call of `tool` may be made again: configured so,
+    /// or trusted annotations say read-only or idempotent.
+    pub fn is_safe_to_repeat(&self, tool: &str) -> bool {
+        let snap = self.inner.load();
+        if let Some(safe) = snap.policies.get(tool).and_then(|p| p.safe_to_repeat) {
+            return safe;
+        }
+        snap.trusted
+            && snap.tools.get(tool).is_some_and(|t| {
+                t.annotations.read_only_hint == Some(true)
+                    || t.annotations.idempotent_hint == Some(true)
+            })
+    }
+
+    /// Whether results of `tool` may be cached and served stale: configured
+    /// so, or trusted annotations say read-only. A tool whose annotations
+    /// (trusted or not) explicitly say `destructiveHint: true` without
+    /// `readOnlyHint: true` is never cacheable, whatever the configuration.
+    pub fn is_cacheable(&self, tool: &str) -> bool {
+        let snap = self.inner.load();
+        let info = snap.tools.get(tool);
+        let declared_destructive = info.is_some_and(|t| {
+            t.annotations.destructive_hint == Some(true) && t.annotations.read_only_hint != Some(true)
+        });
+        if declared_destructive {
+            return false;
+        }
+        if let Some(cacheable) = snap.policies.get(tool).and_then(|p| p.cacheable) {
+            return cacheable;
+        }
+        snap.trusted && info.is_some_and(|t| t.annotations.read_only_hint == Some(true))
+    }
+
+    /// Whether `tool` may change its environment destructively, with the
+    /// spec's default (`true`) unless trusted annotations or configuration
+    /// say otherwise.
+    pub fn is_destructive(&self, tool: &str) -> bool {
+        if self.is_cacheable(tool) {
+            return false;
+        }
+        let snap = self.inner.load();
+        if !snap.trusted {
+            return true;
+        }
+        snap.tools.get(tool).is_none_or(|t| {
+            t.annotations.read_only_hint != Some(true)
+                && t.annotations.destructive_hint != Some(false)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn catalog() -> ToolCatalog {
+        let c = ToolCatalog::new();
+        let n = c.fill_from_tools_list(&json!({"tools": [
+            {"name": "read", "description": "reads", "annotations": {"readOnlyHint": true},
+             "inputSchema": {"type": "object", "properties": {"path": {"type": "string"}}}},
+            {"name": "put", "annotations": {"idempotentHint": true, "destructiveHint": false}},
+            {"name": "rm", "annotations": {"destructiveHint": true}},
+            {"name": "bare"},
+            {"description": "no name: skipped"},
+        ]}));
+        assert_eq!(n, 4);
+        c
+    }
+
+    #[test]
+    fn untrusted_uses_the_spec_defaults() {
+        let c = catalog();
+        for tool in ["read", "put", "rm", "bare", "unknown"] {
+            assert!(!c.is_safe_to_repeat(tool), "{tool}");
+            assert!(!c.is_cacheable(tool), "{tool}");
+            assert!(c.is_destructive(tool), "{tool}");
+        }
+    }
+
+    #[test]
+    fn trusted_follows_annotations() {
+        let c = catalog();
+        c.set_trusted(true);
+        assert!(c.is_safe_to_repeat("read") && c.is_cacheable("read"));
+        assert!(c.is_safe_to_repeat("put") && !c.is_cacheable("put"));
+        assert!(!c.is_destructive("put"));
+        assert!(!c.is_safe_to_repeat("rm") && !c.is_cacheable("rm") && c.is_destructive("rm"));
+        assert!(!c.is_safe_to_repeat("bare") && c.is_destructive("bare"));
+        assert_eq!(c.get("read").unwrap().parameters, ["path"]);
+    }
+
+    #[test]
+    fn configuration_overrides_but_never_caches_a_declared_destructive_tool() {
+        let c = catalog();
+        let yes = ToolPolicy { safe_to_repeat: Some(true), cacheable: Some(true) };
+        c.configure("bare", yes);
+        c.configure("rm", yes);
+        assert!(c.is_safe_to_repeat("bare") && c.is_cacheable("bare"));
+        assert!(c.is_safe_to_repeat("rm"));
+        assert!(!c.is_cacheable("rm"));
+        // A later tools/list keeps the configuration.
+        c.fill_from_tools_list(&json!({"tools": [{"name": "bare"}]}));
+        assert!(c.is_cacheable("bare"));
+        assert_eq!(c.len(), 1);
+    }
+}

@@ -1,0 +1,216 @@
+//! Keys: what keyed layers keep separate state for.
+//!
+//! A [`KeyBy`] turns a request into a [`KeyRef`] that borrows from the
+//! request, so that looking up the state of an existing key allocates
+//! nothing; only a new key is turned into an owned [`Key`].
+
+use std::borrow::Cow;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::request::McpRequest;
+
+/// An owned key of keyed state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// One key for the whole server.
+    Server,
+    /// A tool name (or the method of a request that is not a tool call).
+    Tool(Arc<str>),
+    /// A session and a tool.
+    SessionTool(Arc<str>, Arc<str>),
+    /// A key chosen by a custom function.
+    Custom(Arc<str>),
+    /// The shared key of every key past a container's bound.
+    Overflow,
+}
+
+/// A borrowed key, as computed from a request on every call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRef<'a> {
+    /// See [`Key::Server`].
+    Server,
+    /// See [`Key::Tool`].
+    Tool(&'a str),
+    /// See [`Key::SessionTool`].
+    SessionTool(&'a str, &'a str),
+    /// See [`Key::Custom`].
+    Custom(Cow<'a, str>),
+    /// See [`Key::Overflow`].
+    Overflow,
+}
+
+impl Key {
+    /// Borrows the key.
+    pub fn as_key_ref(&self) -> KeyRef<'_> {
+        match self {
+            Key::Server => KeyRef::Server,
+            Key::Tool(t) => KeyRef::Tool(t),
+            Key::SessionTool(s, t) => KeyRef::SessionTool(s, t),
+            Key::Custom(c) => KeyRef::Custom(Cow::Borrowed(c)),
+            Key::Overflow => KeyRef::Overflow,
+        }
+    }
+
+    /// A tool key.
+    pub fn tool(name: &str) -> Self {
+        Key::Tool(name.into())
+    }
+}
+
+impl KeyRef<'_> {
+    /// Copies the key into an owned [`Key`].
+    pub fn to_key(&self) -> Key {
+        match self {
+            KeyRef::Server => Key::Server,
+            KeyRef::Tool(t) => Key::Tool((*t).into()),
+            KeyRef::SessionTool(s, t) => Key::SessionTool((*s).into(), (*t).into()),
+            KeyRef::Custom(c) => Key::Custom(c.as_ref().into()),
+            KeyRef::Overflow => Key::Overflow,
+        }
+    }
+}
+
+// `Key` and `KeyRef` must hash alike so a `KeyRef` finds its `Key` in a map;
+// both hash through `KeyRef`.
+impl Hash for KeyRef<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match self {
+            KeyRef::Server => state.write_u8(0),
+            KeyRef::Tool(t) => {
+                state.write_u8(1);
+                t.hash(state);
+            }
+            KeyRef::SessionTool(s, t) => {
+                state.write_u8(2);
+                s.hash(state);
+                t.hash(state);
+            }
+            KeyRef::Custom(c) => {
+                state.write_u8(3);
+                c.as_ref().hash(state);
+            }
+            KeyRef::Overflow => state.write_u8(4),
+        }
+    }
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.as_key_ref().hash(state);
+    }
+}
+
+impl papaya::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *self == key.as_key_ref()
+    }
+}
+
+impl fmt::Display for KeyRef<'_> {
+    /// `*` for the server, the tool name, `session/tool`, the custom key, or `(overflow)`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyRef::Server => f.write_str("*"),
+            KeyRef::Tool(t) => f.write_str(t),
+            KeyRef::SessionTool(s, t) => write!(f, "{s}/{t}"),
+            KeyRef::Custom(c) => f.write_str(c),
+            KeyRef::Overflow => f.write_str("(overflow)"),
+        }
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.as_key_ref().fmt(f)
+    }
+}
+
+/// A custom key function.
+pub type CustomKeyFn = Arc<dyn Fn(&dyn McpRequest) -> String + Send + Sync>;
+
+/// How a keyed layer picks the key of a request. Default: [`KeyBy::Tool`].
+#[derive(Clone, Default)]
+pub enum KeyBy {
+    /// Per tool (requests that are not tool calls key by their method).
+    #[default]
+    Tool,
+    /// One key for the whole server.
+    Server,
+    /// Per session and tool; requests without a session use the session `-`.
+    SessionTool,
+    /// Per the string a function returns.
+    Custom(CustomKeyFn),
+}
+
+impl KeyBy {
+    /// A custom key function.
+    ///
+    /// ```
+    /// use toolwarden_core::{jsonrpc::Request, KeyBy, KeyRef, McpRequest};
+    /// let by_prefix = KeyBy::custom(|req| req.target().split('_').next().unwrap_or("").to_owned());
+    /// let req = Request::tool_call(1, "github_search", serde_json::json!({}));
+    /// assert_eq!(by_prefix.key(&req).to_string(), "github");
+    /// ```
+    pub fn custom(f: impl Fn(&dyn McpRequest) -> String + Send + Sync + 'static) -> Self {
+        KeyBy::Custom(Arc::new(f))
+    }
+
+    /// The key of `request`.
+    #[inline]
+    pub fn key<'a, R: McpRequest>(&self, request: &'a R) -> KeyRef<'a> {
+        match self {
+            KeyBy::Tool => KeyRef::Tool(request.target()),
+            KeyBy::Server => KeyRef::Server,
+            KeyBy::SessionTool => {
+                KeyRef::SessionTool(request.session_key().unwrap_or("-"), request.target())
+            }
+            KeyBy::Custom(f) => KeyRef::Custom(Cow::Owned(f(request))),
+        }
+    }
+}
+
+impl fmt::Debug for KeyBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyBy::Tool => f.write_str("Tool"),
+            KeyBy::Server => f.write_str("Server"),
+            KeyBy::SessionTool => f.write_str("SessionTool"),
+            KeyBy::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::hash_map::DefaultHasher;
+
+    fn h(v: &impl Hash) -> u64 {
+        let mut s = DefaultHasher::new();
+        v.hash(&mut s);
+        s.finish()
+    }
+
+    #[test]
+    fn key_and_key_ref_hash_and_compare_alike() {
+        let keys = [
+            Key::Server,
+            Key::tool("a"),
+            Key::SessionTool("s".into(), "a".into()),
+            Key::Custom("a".into()),
+            Key::Overflow,
+        ];
+        for k in &keys {
+            assert_eq!(h(k), h(&k.as_key_ref()));
+            assert_eq!(k.as_key_ref().to_key(), *k);
+        }
+        // Different variants with the same text are different keys.
+        assert_ne!(h(&keys[1]), h(&keys[3]));
+        assert_ne!(
+            h(&KeyRef::SessionTool("ab", "c")),
+            h(&KeyRef::SessionTool("a", "bc"))
+        );
+    }
+}

@@ -1,0 +1,496 @@
+//! Rejections by toolwarden layers, and the renderer that turns any failure
+//! into a tool result a model can act on.
+//!
+//! Each layer that refuses a call returns one of these small structs inside a
+//! `tower::BoxError`; callers downcast, as with tower's `Elapsed`:
+//!
+//! ```
+//! use std::time::Duration;
+//! use toolwarden_core::rejection::{CircuitOpen, Rejection};
+//! let err: Box<dyn std::error::Error + Send + Sync> =
+//!     Box::new(CircuitOpen::new("search", Duration::from_secs(12)));
+//! let open = err.downcast_ref::<CircuitOpen>().unwrap();
+//! assert_eq!(open.retry_after(), Some(Duration::from_secs(12)));
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+
+use crate::classify::{FailureClass, Outcome};
+
+/// What every toolwarden rejection offers.
+pub trait Rejection: StdError + Send + Sync + 'static {
+    /// When the call may succeed if tried again, where known.
+    fn retry_after(&self) -> Option<Duration>;
+
+    /// The layer that refused, e.g. `circuit_breaker`.
+    fn layer(&self) -> &'static str;
+
+    /// What the model should do, as one short sentence.
+    fn advice(&self) -> String;
+}
+
+/// Finds a toolwarden rejection in an error (not its sources).
+pub fn as_rejection<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a dyn Rejection> {
+    if let Some(e) = err.downcast_ref::<CircuitOpen>() {
+        return Some(e);
+    }
+    if let Some(e) = err.downcast_ref::<RateLimited>() {
+        return Some(e);
+    }
+    if let Some(e) = err.downcast_ref::<LoopDetected>() {
+        return Some(e);
+    }
+    if let Some(e) = err.downcast_ref::<RetryBudgetExhausted>() {
+        return Some(e);
+    }
+    None
+}
+
+/// Finds a toolwarden rejection anywhere in an error's source chain.
+pub fn find_rejection<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a dyn Rejection> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(r) = as_rejection(e) {
+            return Some(r);
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s < 1.0 {
+        format!("{} ms", d.as_millis().max(1))
+    } else {
+        format!("{} s", s.ceil() as u64)
+    }
+}
+
+/// The circuit for a key is open: the call was refused without reaching the tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CircuitOpen {
+    key: Arc<str>,
+    retry_after: Duration,
+}
+
+impl CircuitOpen {
+    /// A refusal for `key`, which allows a probe after `retry_after`.
+    pub fn new(key: impl Into<Arc<str>>, retry_after: Duration) -> Self {
+        CircuitOpen {
+            key: key.into(),
+            retry_after,
+        }
+    }
+
+    /// The breaker key (the tool name with the default key function).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Display for CircuitOpen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "circuit open for {}; retry after {}", self.key, secs(self.retry_after))
+    }
+}
+
+impl StdError for CircuitOpen {}
+
+impl Rejection for CircuitOpen {
+    fn retry_after(&self) -> Option<Duration> {
+        Some(self.retry_after)
+    }
+    fn layer(&self) -> &'static str {
+        "circuit_breaker"
+    }
+    fn advice(&self) -> String {
+        format!(
+            "{} is failing and was not called; retry after {}",
+            self.key,
+            secs(self.retry_after)
+        )
+    }
+}
+
+/// The rate limit for a key is spent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimited {
+    key: Arc<str>,
+    retry_after: Duration,
+}
+
+impl RateLimited {
+    /// A refusal for `key`; a token is available after `retry_after`.
+    pub fn new(key: impl Into<Arc<str>>, retry_after: Duration) -> Self {
+        RateLimited {
+            key: key.into(),
+            retry_after,
+        }
+    }
+
+    /// The limiter key (`global`, or the tool name by default).
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+impl fmt::Display for RateLimited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rate limited on {}; retry after {}", self.key, secs(self.retry_after))
+    }
+}
+
+impl StdError for RateLimited {}
+
+impl Rejection for RateLimited {
+    fn retry_after(&self) -> Option<Duration> {
+        Some(self.retry_after)
+    }
+    fn layer(&self) -> &'static str {
+        "rate_limit"
+    }
+    fn advice(&self) -> String {
+        format!(
+            "too many calls to {}; retry after {}",
+            self.key,
+            secs(self.retry_after)
+        )
+    }
+}
+
+/// The pattern a [`LoopDetected`] refusal saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopPattern {
+    /// The same call kept failing.
+    RepeatedFailure,
+    /// The same call was made too often, failing or not.
+    Repeated,
+    /// A short cycle of calls (A, B, A, B, ...) with this period.
+    Cycle {
+        /// The number of distinct calls in the cycle.
+        period: u8,
+    },
+}
+
+/// The agent repeated a call (or a short cycle of calls) too often.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDetected {
+    tool: Arc<str>,
+    repeats: u32,
+    pattern: LoopPattern,
+}
+
+impl LoopDetected {
+    /// A refusal of `tool` after `repeats` repetitions of `pattern`.
+    pub fn new(tool: impl Into<Arc<str>>, repeats: u32, pattern: LoopPattern) -> Self {
+        LoopDetected {
+            tool: tool.into(),
+            repeats,
+            pattern,
+        }
+    }
+
+    /// The tool whose call was refused.
+    pub fn tool(&self) -> &str {
+        &self.tool
+    }
+
+    /// How many times the call (or cycle) was seen, this one included.
+    pub fn repeats(&self) -> u32 {
+        self.repeats
+    }
+
+    /// What was repeated.
+    pub fn pattern(&self) -> LoopPattern {
+        self.pattern
+    }
+}
+
+impl fmt::Display for LoopDetected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pattern {
+            LoopPattern::RepeatedFailure => write!(
+                f,
+                "loop detected: {} called {} times with the same arguments, failing each time",
+                self.tool, self.repeats
+            ),
+            LoopPattern::Repeated => write!(
+                f,
+                "loop detected: {} called {} times with the same arguments",
+                self.tool, self.repeats
+            ),
+            LoopPattern::Cycle { period } => write!(
+                f,
+                "loop detected: a cycle of {period} calls ending in {} repeated {} times",
+                self.tool, self.repeats
+            ),
+        }
+    }
+}
+
+impl StdError for LoopDetected {}
+
+impl Rejection for LoopDetected {
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+    fn layer(&self) -> &'static str {
+        "loop_guard"
+    }
+    fn advice(&self) -> String {
+        format!(
+            "{self}. Repeating it will not help: change approach, use different arguments or another tool"
+        )
+    }
+}
+
+/// The retry budget is spent: the call failed and was not retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryBudgetExhausted {
+    key: Arc<str>,
+    attempts: u32,
+}
+
+impl RetryBudgetExhausted {
+    /// A refusal to retry `key` after `attempts` attempts.
+    pub fn new(key: impl Into<Arc<str>>, attempts: u32) -> Self {
+        RetryBudgetExhausted {
+            key: key.into(),
+            attempts,
+        }
+    }
+
+    /// The budget key.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The attempts made before the budget ran out.
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+}
+
+impl fmt::Display for RetryBudgetExhausted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "retry budget exhausted for {} after {} attempt(s)",
+            self.key, self.attempts
+        )
+    }
+}
+
+impl StdError for RetryBudgetExhausted {}
+
+impl Rejection for RetryBudgetExhausted {
+    fn retry_after(&self) -> Option<Duration> {
+        None
+    }
+    fn layer(&self) -> &'static str {
+        "retry"
+    }
+    fn advice(&self) -> String {
+        format!("{} is failing and retries are spent; try later or another tool", self.key)
+    }
+}
+
+/// A failure as the model will see it: rendered by [`FailureReport::to_tool_result`]
+/// into a `tools/call` result with `isError: true`.
+///
+/// ```
+/// use std::time::Duration;
+/// use toolwarden_core::rejection::{CircuitOpen, FailureReport};
+/// let err = CircuitOpen::new("search_docs", Duration::from_secs(12));
+/// let result = FailureReport::from_error("search_docs", &err)
+///     .alternatives(["web_search"])
+///     .to_tool_result();
+/// assert_eq!(result["isError"], true);
+/// let text = result["content"][0]["text"].as_str().unwrap();
+/// assert!(text.contains("retry after 12 s"), "{text}");
+/// assert!(text.contains("try: web_search"), "{text}");
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailureReport {
+    tool: String,
+    message: String,
+    outcome: Option<Outcome>,
+    retry_after: Option<Duration>,
+    attempts: Option<u32>,
+    alternatives: Vec<String>,
+    layer: Option<&'static str>,
+}
+
+impl FailureReport {
+    /// A report of `error`, which happened when calling `tool`. Rejections
+    /// are found anywhere in the source chain and explained in their own words.
+    pub fn from_error(tool: &str, error: &(dyn StdError + 'static)) -> Self {
+        let outcome = crate::classify::classify_error_chain(error);
+        let (message, retry_after, layer) = match find_rejection(error) {
+            Some(r) => (r.advice(), r.retry_after(), Some(r.layer())),
+            None => (format!("{tool} failed: {error}"), outcome.retry_after, None),
+        };
+        FailureReport {
+            tool: tool.to_owned(),
+            message,
+            outcome: Some(outcome),
+            retry_after,
+            attempts: None,
+            alternatives: Vec::new(),
+            layer,
+        }
+    }
+
+    /// A report with a free-form message.
+    pub fn new(tool: &str, message: impl Into<String>) -> Self {
+        FailureReport {
+            tool: tool.to_owned(),
+            message: message.into(),
+            outcome: None,
+            retry_after: None,
+            attempts: None,
+            alternatives: Vec::new(),
+            layer: None,
+        }
+    }
+
+    /// Records the classified outcome.
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        if self.retry_after.is_none() {
+            self.retry_after = outcome.retry_after;
+        }
+        self.outcome = Some(outcome);
+        self
+    }
+
+    /// Records how many attempts were made.
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = Some(attempts);
+        self
+    }
+
+    /// Suggests other tools, best first.
+    pub fn alternatives<I, S>(mut self, tools: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.alternatives = tools.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The sentence the model reads.
+    pub fn message(&self) -> String {
+        let mut text = self.message.clone();
+        if self.layer.is_none() {
+            if let Some(retry_after) = self.retry_after {
+                text.push_str(&format!("; retry after {}", secs(retry_after)));
+            } else if let Some(class) = self.outcome.and_then(|o| o.class) {
+                text.push_str(match class {
+                    FailureClass::Client => "; the request itself is wrong: change the arguments",
+                    FailureClass::Transient => "; this may be temporary: retry later",
+                    FailureClass::Server => "; the tool is failing on its side",
+                });
+            }
+        }
+        if let Some(attempts) = self.attempts.filter(|&a| a > 1) {
+            text.push_str(&format!(" ({attempts} attempts)"));
+        }
+        if !self.alternatives.is_empty() {
+            text.push_str("; try: ");
+            text.push_str(&self.alternatives.join(", "));
+        }
+        text
+    }
+
+    /// The `tools/call` result: `isError: true`, the message as text, and the
+    /// facts as `structuredContent` (`tool`, `error`, `class`, `layer`,
+    /// `retryAfterSeconds`, `attempts`, `alternatives`).
+    pub fn to_tool_result(&self) -> Value {
+        let mut facts = Map::new();
+        facts.insert("tool".into(), Value::from(self.tool.as_str()));
+        facts.insert("error".into(), Value::from(self.message.as_str()));
+        if let Some(outcome) = self.outcome {
+            facts.insert("kind".into(), Value::from(outcome.kind.as_str()));
+            if let Some(class) = outcome.class {
+                facts.insert("class".into(), Value::from(class.as_str()));
+            }
+        }
+        if let Some(layer) = self.layer {
+            facts.insert("layer".into(), Value::from(layer));
+        }
+        if let Some(retry_after) = self.retry_after {
+            facts.insert("retryAfterSeconds".into(), json!(retry_after.as_secs_f64()));
+        }
+        if let Some(attempts) = self.attempts {
+            facts.insert("attempts".into(), Value::from(attempts));
+        }
+        facts.insert("alternatives".into(), json!(self.alternatives));
+        json!({
+            "content": [{"type": "text", "text": self.message()}],
+            "structuredContent": {"toolwarden": facts},
+            "isError": true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rejection_is_found_and_explained() {
+        let errors: Vec<Box<dyn StdError + Send + Sync>> = vec![
+            Box::new(CircuitOpen::new("a", Duration::from_secs(3))),
+            Box::new(RateLimited::new("a", Duration::from_millis(250))),
+            Box::new(LoopDetected::new("a", 4, LoopPattern::RepeatedFailure)),
+            Box::new(RetryBudgetExhausted::new("a", 2)),
+        ];
+        let layers: Vec<_> = errors
+            .iter()
+            .map(|e| as_rejection(e.as_ref()).unwrap().layer())
+            .collect();
+        assert_eq!(layers, ["circuit_breaker", "rate_limit", "loop_guard", "retry"]);
+        let report = FailureReport::from_error("a", errors[1].as_ref()).to_tool_result();
+        assert_eq!(report["structuredContent"]["toolwarden"]["retryAfterSeconds"], 0.25);
+        assert!(report["content"][0]["text"].as_str().unwrap().contains("250 ms"));
+        let report = FailureReport::from_error("a", errors[2].as_ref()).to_tool_result();
+        assert!(report["content"][0]["text"].as_str().unwrap().contains("change approach"));
+    }
+
+    #[test]
+    fn rejections_are_found_in_the_source_chain() {
+        #[derive(Debug)]
+        struct Wrapper(RateLimited);
+        impl fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("wrapped")
+            }
+        }
+        impl StdError for Wrapper {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let err = Wrapper(RateLimited::new("x", Duration::from_secs(1)));
+        assert!(as_rejection(&err).is_none());
+        assert_eq!(find_rejection(&err).unwrap().layer(), "rate_limit");
+    }
+
+    #[test]
+    fn plain_failures_say_what_class_they_are() {
+        let err = crate::jsonrpc::ErrorObject::new(-32602, "Unknown tool: nope");
+        let report = FailureReport::from_error("nope", &err).attempts(1);
+        let text = report.message();
+        assert!(text.contains("nope failed"), "{text}");
+        assert!(text.contains("change the arguments"), "{text}");
+        let result = report.to_tool_result();
+        assert_eq!(result["structuredContent"]["toolwarden"]["class"], "client");
+    }
+}

@@ -1,0 +1,427 @@
+//! The request and response views every layer reads through.
+
+use std::borrow::Cow;
+
+use serde_json::{Map, Value};
+
+use crate::fingerprint::{fingerprint, Fingerprint};
+use crate::jsonrpc::{self, Id};
+
+/// The `tools/call` method name.
+pub const TOOLS_CALL: &str = "tools/call";
+
+/// A read-only view of an MCP request, plus access to its per-call extensions.
+///
+/// Implemented for [`jsonrpc::Request`] here and for rmcp's `ClientRequest` in
+/// `toolwarden-rmcp`. Layers never parse JSON themselves: they read a request
+/// through this trait.
+pub trait McpRequest {
+    /// The JSON-RPC method, e.g. `tools/call` or `tools/list`.
+    fn method(&self) -> &str;
+
+    /// The tool name of a `tools/call`; `None` for every other method.
+    fn tool_name(&self) -> Option<&str>;
+
+    /// The arguments object of a `tools/call`, when present.
+    fn arguments(&self) -> Option<&Map<String, Value>>;
+
+    /// Whether this `tools/call` continues an earlier one (2026-07-28
+    /// `inputResponses` or `requestState` in its params). Continuations are
+    /// never served from a cache.
+    fn is_continuation(&self) -> bool;
+
+    /// The JSON-RPC id, where the request type carries one.
+    fn request_id(&self) -> Option<&Id> {
+        None
+    }
+
+    /// The session or principal this request belongs to; usually the
+    /// [`SessionKey`] extension a transport or the proxy inserted.
+    fn session_key(&self) -> Option<&str>;
+
+    /// Whether this is a `tools/call`.
+    fn is_tool_call(&self) -> bool {
+        self.method() == TOOLS_CALL
+    }
+
+    /// The name layers key and label this request by: the tool name of a
+    /// `tools/call`, else the method.
+    fn target(&self) -> &str {
+        self.tool_name().unwrap_or_else(|| self.method())
+    }
+
+    /// Reads a per-call fact stored by an earlier layer.
+    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T>
+    where
+        Self: Sized;
+
+    /// Stores a per-call fact for later layers.
+    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, value: T)
+    where
+        Self: Sized;
+}
+
+/// A session or principal key, stored in a request's extensions by whoever
+/// knows it (the proxy puts the MCP session id here).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SessionKey(pub std::sync::Arc<str>);
+
+impl SessionKey {
+    /// The key as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for SessionKey {
+    fn from(s: &str) -> Self {
+        SessionKey(s.into())
+    }
+}
+
+/// The attempt number of the current call (1 for the first try), stored by
+/// the retry layer so that observability can label each attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attempt(pub u32);
+
+/// Returns the request's argument fingerprint, computing it at most once per
+/// call: the first layer that needs it stores it in the request's extensions
+/// and every later layer reads it from there. `None` for non-tool requests.
+///
+/// ```
+/// use toolwarden_core::{call_fingerprint, jsonrpc::Request};
+/// let mut req = Request::tool_call(1, "search", serde_json::json!({"q": "x"}));
+/// let a = call_fingerprint(&mut req).unwrap();
+/// assert_eq!(call_fingerprint(&mut req), Some(a)); // read back, not recomputed
+/// ```
+pub fn call_fingerprint<R: McpRequest>(request: &mut R) -> Option<Fingerprint> {
+    if let Some(fp) = request.extension::<Fingerprint>() {
+        return Some(*fp);
+    }
+    let tool = request.tool_name()?;
+    let fp = fingerprint(tool, request.arguments());
+    request.insert_extension(fp);
+    Some(fp)
+}
+
+impl McpRequest for jsonrpc::Request {
+    fn method(&self) -> &str {
+        &self.method
+    }
+
+    fn tool_name(&self) -> Option<&str> {
+        if self.method != TOOLS_CALL {
+            return None;
+        }
+        self.params_object()?.get("name")?.as_str()
+    }
+
+    fn arguments(&self) -> Option<&Map<String, Value>> {
+        if self.method != TOOLS_CALL {
+            return None;
+        }
+        self.params_object()?.get("arguments")?.as_object()
+    }
+
+    fn is_continuation(&self) -> bool {
+        self.params_object().is_some_and(|p| {
+            p.contains_key("inputResponses") || p.contains_key("requestState")
+        })
+    }
+
+    fn request_id(&self) -> Option<&Id> {
+        Some(&self.id)
+    }
+
+    fn session_key(&self) -> Option<&str> {
+        self.extensions.get::<SessionKey>().map(SessionKey::as_str)
+    }
+
+    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        self.extensions.get::<T>()
+    }
+
+    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, value: T) {
+        self.extensions.insert(value);
+    }
+}
+
+/// A JSON-RPC error as seen through [`McpResponse::rpc_error`].
+#[derive(Debug, Clone, Copy)]
+pub struct RpcErrorRef<'a> {
+    /// The error code.
+    pub code: i64,
+    /// The error message.
+    pub message: &'a str,
+    /// The error data.
+    pub data: Option<&'a Value>,
+}
+
+/// A read view of an MCP response, plus the few edits the layers make
+/// (building a tool result from a rejection, marking a cached result stale).
+pub trait McpResponse {
+    /// The JSON-RPC error, if the response is one.
+    fn rpc_error(&self) -> Option<RpcErrorRef<'_>>;
+
+    /// Whether the result is a tool result with `isError: true`.
+    fn is_tool_error(&self) -> bool;
+
+    /// Whether the result is an empty tool result: no content, or content
+    /// that is only `null`, `{}`, `[]` or whitespace, and no structured content.
+    fn is_empty_tool_result(&self) -> bool;
+
+    /// Whether the result asks for more input (2026-07-28
+    /// `resultType: "input_required"`); that is not a failure.
+    fn is_input_required(&self) -> bool;
+
+    /// The text of the first text content item, used to classify tool errors.
+    fn first_text(&self) -> Option<Cow<'_, str>>;
+
+    /// Builds a response carrying a `tools/call` result (a JSON object with
+    /// `content`, `isError`, ...), answering the request with `id`.
+    fn from_tool_result(id: Option<&Id>, result: Value) -> Self
+    where
+        Self: Sized;
+
+    /// Re-addresses a response to another request (a cached answer served
+    /// to a new call). Types without ids ignore it.
+    fn set_request_id(&mut self, _id: &Id) {}
+
+    /// Inserts `key: value` into the result's `_meta` object.
+    fn insert_result_meta(&mut self, key: &str, value: Value);
+
+    /// Appends a text content item to a tool result.
+    fn push_text(&mut self, text: String);
+
+    /// An estimate of the response's size in bytes, for bounding caches.
+    fn size_hint(&self) -> usize;
+}
+
+impl McpResponse for jsonrpc::Response {
+    fn rpc_error(&self) -> Option<RpcErrorRef<'_>> {
+        self.payload.as_ref().err().map(|e| RpcErrorRef {
+            code: e.code,
+            message: &e.message,
+            data: e.data.as_ref(),
+        })
+    }
+
+    fn is_tool_error(&self) -> bool {
+        tool_result::is_error(self.payload.as_ref().ok())
+    }
+
+    fn is_empty_tool_result(&self) -> bool {
+        self.payload.as_ref().is_ok_and(tool_result::is_empty)
+    }
+
+    fn is_input_required(&self) -> bool {
+        self.payload.as_ref().is_ok_and(|r| {
+            r.get("resultType").and_then(Value::as_str) == Some("input_required")
+        })
+    }
+
+    fn first_text(&self) -> Option<Cow<'_, str>> {
+        tool_result::first_text(self.payload.as_ref().ok()?).map(Cow::Borrowed)
+    }
+
+    fn from_tool_result(id: Option<&Id>, result: Value) -> Self {
+        jsonrpc::Response::result(id.cloned().unwrap_or_default(), result)
+    }
+
+    fn set_request_id(&mut self, id: &Id) {
+        self.id = id.clone();
+    }
+
+    fn insert_result_meta(&mut self, key: &str, value: Value) {
+        if let Ok(Value::Object(result)) = &mut self.payload {
+            tool_result::insert_meta(result, key, value);
+        }
+    }
+
+    fn push_text(&mut self, text: String) {
+        if let Ok(Value::Object(result)) = &mut self.payload {
+            tool_result::push_text(result, text);
+        }
+    }
+
+    fn size_hint(&self) -> usize {
+        match &self.payload {
+            Ok(v) => tool_result::approximate_size(v),
+            Err(e) => e.message.len() + e.data.as_ref().map_or(0, tool_result::approximate_size),
+        }
+    }
+}
+
+/// Helpers over a `tools/call` result held as JSON (`CallToolResult` shape).
+pub mod tool_result {
+    use serde_json::{json, Map, Value};
+
+    /// Whether `result` has `isError: true`.
+    pub fn is_error(result: Option<&Value>) -> bool {
+        result
+            .and_then(|r| r.get("isError"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+    }
+
+    /// Whether `result` is empty: no content (or only `null`, `{}`, `[]` and
+    /// whitespace texts) and no structured content.
+    pub fn is_empty(result: &Value) -> bool {
+        let Some(obj) = result.as_object() else {
+            return is_blank_value(result);
+        };
+        if obj.get("structuredContent").is_some_and(|s| !is_blank_value(s)) {
+            return false;
+        }
+        match obj.get("content") {
+            None => true,
+            Some(Value::Array(items)) => items.iter().all(|item| match item.get("type").and_then(Value::as_str) {
+                Some("text") => item.get("text").and_then(Value::as_str).is_none_or(is_blank_text),
+                // images, audio, resources and links carry data
+                Some(_) => false,
+                None => is_blank_value(item),
+            }),
+            Some(other) => is_blank_value(other),
+        }
+    }
+
+    fn is_blank_text(text: &str) -> bool {
+        matches!(text.trim(), "" | "null" | "{}" | "[]")
+    }
+
+    fn is_blank_value(value: &Value) -> bool {
+        match value {
+            Value::Null => true,
+            Value::Object(o) => o.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::String(s) => is_blank_text(s),
+            _ => false,
+        }
+    }
+
+    /// The first text content item of `result`.
+    pub fn first_text(result: &Value) -> Option<&str> {
+        result
+            .get("content")?
+            .as_array()?
+            .iter()
+            .find_map(|item| item.get("text").and_then(Value::as_str))
+    }
+
+    /// Inserts `key: value` into `result._meta`, creating it when needed.
+    pub fn insert_meta(result: &mut Map<String, Value>, key: &str, value: Value) {
+        let meta = result
+            .entry("_meta")
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !meta.is_object() {
+            *meta = Value::Object(Map::new());
+        }
+        if let Value::Object(meta) = meta {
+            meta.insert(key.to_owned(), value);
+        }
+    }
+
+    /// Appends a text content item.
+    pub fn push_text(result: &mut Map<String, Value>, text: String) {
+        let content = result
+            .entry("content")
+            .or_insert_with(|| Value::Array(Vec::new()));
+        if let Value::Array(items) = content {
+            items.push(json!({"type": "text", "text": text}));
+        }
+    }
+
+    /// A cheap estimate of the serialised size of `value` in bytes.
+    pub fn approximate_size(value: &Value) -> usize {
+        match value {
+            Value::Null | Value::Bool(_) => 5,
+            Value::Number(_) => 12,
+            Value::String(s) => s.len() + 2,
+            Value::Array(a) => 2 + a.iter().map(approximate_size).sum::<usize>() + a.len(),
+            Value::Object(o) => {
+                2 + o
+                    .iter()
+                    .map(|(k, v)| k.len() + 4 + approximate_size(v))
+                    .sum::<usize>()
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_a_tool_call() {
+        let mut req = jsonrpc::Request::tool_call(1, "search", json!({"q": "tower"}));
+        assert_eq!(req.method(), "tools/call");
+        assert_eq!(req.tool_name(), Some("search"));
+        assert_eq!(req.target(), "search");
+        assert_eq!(req.arguments().unwrap()["q"], "tower");
+        assert!(!req.is_continuation());
+        assert_eq!(req.session_key(), None);
+        req.insert_extension(SessionKey::from("s1"));
+        assert_eq!(req.session_key(), Some("s1"));
+    }
+
+    #[test]
+    fn other_methods_have_no_tool() {
+        let req = jsonrpc::Request::new(1, "tools/list", Some(json!({"name": "x"})));
+        assert_eq!(req.tool_name(), None);
+        assert_eq!(req.target(), "tools/list");
+        assert!(req.arguments().is_none());
+    }
+
+    #[test]
+    fn continuations_are_recognised() {
+        let req = jsonrpc::Request::new(
+            1,
+            TOOLS_CALL,
+            Some(json!({"name": "x", "arguments": {}, "requestState": "abc"})),
+        );
+        assert!(req.is_continuation());
+    }
+
+    #[test]
+    fn fingerprint_is_cached_in_extensions() {
+        let mut req = jsonrpc::Request::tool_call(1, "search", json!({"q": "x"}));
+        let fp = call_fingerprint(&mut req).unwrap();
+        // Changing the arguments afterwards proves the second read is the stored fact.
+        req.params = Some(json!({"name": "search", "arguments": {"q": "y"}}));
+        assert_eq!(call_fingerprint(&mut req), Some(fp));
+    }
+
+    #[test]
+    fn empty_results() {
+        for empty in [
+            json!({}),
+            json!({"content": []}),
+            json!({"content": [{"type": "text", "text": "  "}]}),
+            json!({"content": [{"type": "text", "text": "null"}, {"type": "text", "text": "{}"}]}),
+            json!({"content": [{"type": "text", "text": "[]"}], "structuredContent": {}}),
+        ] {
+            assert!(tool_result::is_empty(&empty), "{empty}");
+        }
+        for full in [
+            json!({"content": [{"type": "text", "text": "0"}]}),
+            json!({"content": [], "structuredContent": {"a": 1}}),
+            json!({"content": [{"type": "image", "data": "", "mimeType": "image/png"}]}),
+        ] {
+            assert!(!tool_result::is_empty(&full), "{full}");
+        }
+    }
+
+    #[test]
+    fn marks_and_readdresses_a_result() {
+        let mut resp = jsonrpc::Response::result(Id::Number(1), json!({"content": []}));
+        resp.insert_result_meta("toolwarden/stale", json!({"ageSeconds": 3}));
+        resp.push_text("note".into());
+        resp.set_request_id(&Id::Number(9));
+        assert_eq!(resp.id, Id::Number(9));
+        let v = resp.payload.unwrap();
+        assert_eq!(v["_meta"]["toolwarden/stale"]["ageSeconds"], 3);
+        assert_eq!(v["content"][0]["text"], "note");
+    }
+}
