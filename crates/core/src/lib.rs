@@ -38,6 +38,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 pub mod catalog;
+pub mod circuits;
 pub mod classify;
 pub mod events;
 pub mod fingerprint;
@@ -51,6 +52,7 @@ pub mod testing;
 
 use std::fmt;
 
+pub use circuits::{CircuitView, Circuits};
 pub use catalog::{ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy};
 pub use classify::{CallKind, Classify, FailureClass, McpClassifier, Outcome, OutcomeKind};
 pub use events::{Event, EventSink, Events};
