@@ -116,6 +116,8 @@ pub struct ToolPolicy {
 
 #[derive(Debug, Default)]
 struct Snapshot {
+    /// Bumped by every update, so users of the catalog can tell it changed.
+    version: u64,
     trusted: bool,
     tools: HashMap<String, ToolInfo>,
     policies: HashMap<String, ToolPolicy>,
@@ -165,6 +167,7 @@ impl ToolCatalog {
     fn update(&self, f: impl Fn(&mut Snapshot)) {
         self.inner.rcu(|old| {
             let mut next = Snapshot {
+                version: old.version.wrapping_add(1),
                 trusted: old.trusted,
                 tools: old.tools.clone(),
                 policies: old.policies.clone(),
@@ -172,6 +175,21 @@ impl ToolCatalog {
             f(&mut next);
             next
         });
+    }
+
+    /// A counter bumped by every change to the catalog (tools, policies or
+    /// trust), so that data derived from it (an index of tool descriptions,
+    /// say) can be rebuilt only when it changed. Starts at 0.
+    ///
+    /// ```
+    /// use toolwarden_core::catalog::{ToolCatalog, ToolInfo};
+    /// let catalog = ToolCatalog::new();
+    /// let before = catalog.version();
+    /// catalog.insert(ToolInfo::new("search", "Searches the web"));
+    /// assert_ne!(catalog.version(), before);
+    /// ```
+    pub fn version(&self) -> u64 {
+        self.inner.load().version
     }
 
     /// Whether annotations are trusted. Default `false`.
@@ -205,6 +223,20 @@ impl ToolCatalog {
     pub fn insert(&self, tool: ToolInfo) {
         self.update(|s| {
             s.tools.insert(tool.name.clone(), tool.clone());
+        });
+    }
+
+    /// Adds or replaces several tools at once (one page of a paginated
+    /// `tools/list`, say), keeping the others.
+    pub fn extend(&self, tools: impl IntoIterator<Item = ToolInfo>) {
+        let tools: Vec<ToolInfo> = tools.into_iter().collect();
+        if tools.is_empty() {
+            return;
+        }
+        self.update(|s| {
+            for tool in &tools {
+                s.tools.insert(tool.name.clone(), tool.clone());
+            }
         });
     }
 
@@ -259,7 +291,8 @@ impl ToolCatalog {
         let snap = self.inner.load();
         let info = snap.tools.get(tool);
         let declared_destructive = info.is_some_and(|t| {
-            t.annotations.destructive_hint == Some(true) && t.annotations.read_only_hint != Some(true)
+            t.annotations.destructive_hint == Some(true)
+                && t.annotations.read_only_hint != Some(true)
         });
         if declared_destructive {
             return false;
@@ -332,7 +365,10 @@ mod tests {
     #[test]
     fn configuration_overrides_but_never_caches_a_declared_destructive_tool() {
         let c = catalog();
-        let yes = ToolPolicy { safe_to_repeat: Some(true), cacheable: Some(true) };
+        let yes = ToolPolicy {
+            safe_to_repeat: Some(true),
+            cacheable: Some(true),
+        };
         c.configure("bare", yes);
         c.configure("rm", yes);
         assert!(c.is_safe_to_repeat("bare") && c.is_cacheable("bare"));

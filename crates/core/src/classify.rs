@@ -148,7 +148,10 @@ impl Outcome {
     /// failure that no toolwarden layer produced. Circuit breakers count only these.
     pub fn is_counted_failure(&self) -> bool {
         self.kind != OutcomeKind::Rejected
-            && matches!(self.class, Some(FailureClass::Transient | FailureClass::Server))
+            && matches!(
+                self.class,
+                Some(FailureClass::Transient | FailureClass::Server)
+            )
     }
 
     /// Whether a toolwarden layer refused the call.
@@ -480,7 +483,10 @@ fn classify_known_error(err: &(dyn StdError + 'static)) -> Option<Outcome> {
         || err.is::<tokio::time::error::Elapsed>()
         || err.is::<tower::timeout::error::Elapsed>()
     {
-        return Some(Outcome::failure(OutcomeKind::Timeout, FailureClass::Transient));
+        return Some(Outcome::failure(
+            OutcomeKind::Timeout,
+            FailureClass::Transient,
+        ));
     }
     if let Some(e) = err.downcast_ref::<HttpStatusError>() {
         let class = match e.status {

@@ -173,7 +173,12 @@ impl Events {
 
     /// Merges two sets of sinks.
     pub fn merge(&self, other: &Events) -> Self {
-        let sinks: Vec<_> = self.sinks.iter().chain(other.sinks.iter()).cloned().collect();
+        let sinks: Vec<_> = self
+            .sinks
+            .iter()
+            .chain(other.sinks.iter())
+            .cloned()
+            .collect();
         Events {
             sinks: sinks.into(),
         }
@@ -195,6 +200,8 @@ impl Events {
 
 impl fmt::Debug for Events {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Events").field("sinks", &self.sinks.len()).finish()
+        f.debug_struct("Events")
+            .field("sinks", &self.sinks.len())
+            .finish()
     }
 }

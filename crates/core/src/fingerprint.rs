@@ -141,7 +141,9 @@ impl Sink {
 
     #[cold]
     fn spill_write(&mut self, bytes: &[u8]) {
-        let hasher = self.spill.get_or_insert_with(|| Box::new(Xxh3Default::new()));
+        let hasher = self
+            .spill
+            .get_or_insert_with(|| Box::new(Xxh3Default::new()));
         hasher.update(&self.buf[..self.len]);
         self.len = 0;
         hasher.update(bytes);
@@ -194,7 +196,9 @@ impl Sink {
                 } else {
                     let f = n.as_f64().unwrap_or(f64::NAN);
                     // -2^63 and 2^63 are exact as f64: the i64 range check is exact.
-                    if f.fract() == 0.0 && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f) {
+                    if f.fract() == 0.0
+                        && (-9_223_372_036_854_775_808.0..9_223_372_036_854_775_808.0).contains(&f)
+                    {
                         self.write_tagged(0x03, (f as i64).to_le_bytes());
                     } else {
                         self.write_tagged(0x05, f.to_bits().to_le_bytes());
@@ -350,8 +354,10 @@ mod tests {
     fn add_meta(v: &Value, token: u64) -> Value {
         match v {
             Value::Object(m) => {
-                let mut out: Map<String, Value> =
-                    m.iter().map(|(k, v)| (k.clone(), add_meta(v, token))).collect();
+                let mut out: Map<String, Value> = m
+                    .iter()
+                    .map(|(k, v)| (k.clone(), add_meta(v, token)))
+                    .collect();
                 out.insert("_meta".into(), json!({"progressToken": token}));
                 Value::Object(out)
             }
@@ -396,10 +402,16 @@ mod tests {
     /// Structural equality where numbers compare by value (1 == 1.0).
     fn numbers_equal(a: &Value, b: &Value) -> bool {
         match (a, b) {
-            (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64() && x.as_f64().is_some_and(|f| f.fract() == 0.0 || x == y),
-            (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| numbers_equal(a, b)),
+            (Value::Number(x), Value::Number(y)) => {
+                x.as_f64() == y.as_f64() && x.as_f64().is_some_and(|f| f.fract() == 0.0 || x == y)
+            }
+            (Value::Array(x), Value::Array(y)) => {
+                x.len() == y.len() && x.iter().zip(y).all(|(a, b)| numbers_equal(a, b))
+            }
             (Value::Object(x), Value::Object(y)) => {
-                x.len() == y.len() && x.iter().all(|(k, v)| y.get(k).is_some_and(|w| numbers_equal(v, w)))
+                x.len() == y.len()
+                    && x.iter()
+                        .all(|(k, v)| y.get(k).is_some_and(|w| numbers_equal(v, w)))
             }
             _ => a == b,
         }

@@ -321,7 +321,12 @@ impl Message {
             },
             Some(Value::String(s)) => Some(Id::String(s)),
             Some(Value::Null) => Some(Id::Null),
-            Some(_) => return Err(MessageError::invalid(Id::Null, "id is not a string or number")),
+            Some(_) => {
+                return Err(MessageError::invalid(
+                    Id::Null,
+                    "id is not a string or number",
+                ))
+            }
         };
         let err_id = id.clone().unwrap_or(Id::Null);
         if obj.get("jsonrpc").and_then(Value::as_str) != Some(JSONRPC_VERSION) {
@@ -330,7 +335,10 @@ impl Message {
         let params = obj.remove("params");
         if let Some(p) = &params {
             if !(p.is_object() || p.is_array()) {
-                return Err(MessageError::invalid(err_id, "params must be an object or array"));
+                return Err(MessageError::invalid(
+                    err_id,
+                    "params must be an object or array",
+                ));
             }
         }
         match obj.remove("method") {
@@ -381,13 +389,22 @@ mod tests {
     #[test]
     fn parses_every_kind() {
         let m = Message::parse(br#"{"jsonrpc":"2.0","id":"a","method":"tools/list"}"#).unwrap();
-        assert!(matches!(m, Message::Request(ref r) if r.id == Id::from("a") && r.method == "tools/list"));
-        let m = Message::parse(br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#).unwrap();
+        assert!(
+            matches!(m, Message::Request(ref r) if r.id == Id::from("a") && r.method == "tools/list")
+        );
+        let m = Message::parse(
+            br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":1}}"#,
+        )
+        .unwrap();
         assert!(matches!(m, Message::Notification(ref n) if n.method == "notifications/cancelled"));
         let m = Message::parse(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#).unwrap();
         assert!(matches!(m, Message::Response(ref r) if r.payload == Ok(json!({}))));
-        let m = Message::parse(br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"x"}}"#).unwrap();
-        assert!(matches!(m, Message::Response(ref r) if r.payload.as_ref().unwrap_err().code == -32602));
+        let m =
+            Message::parse(br#"{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"x"}}"#)
+                .unwrap();
+        assert!(
+            matches!(m, Message::Response(ref r) if r.payload.as_ref().unwrap_err().code == -32602)
+        );
     }
 
     #[test]
@@ -396,12 +413,36 @@ mod tests {
             (&b""[..], code::PARSE_ERROR, Id::Null),
             (b"[1,2", code::PARSE_ERROR, Id::Null),
             (b"42", code::INVALID_REQUEST, Id::Null),
-            (br#"{"id":3,"method":"x"}"#, code::INVALID_REQUEST, Id::Number(3)),
-            (br#"{"jsonrpc":"1.0","id":3,"method":"x"}"#, code::INVALID_REQUEST, Id::Number(3)),
-            (br#"{"jsonrpc":"2.0","id":3,"method":7}"#, code::INVALID_REQUEST, Id::Number(3)),
-            (br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#, code::INVALID_REQUEST, Id::Null),
-            (br#"{"jsonrpc":"2.0","id":3,"method":"x","params":5}"#, code::INVALID_REQUEST, Id::Number(3)),
-            (br#"{"jsonrpc":"2.0","id":3,"result":1,"error":{"code":1,"message":""}}"#, code::INVALID_REQUEST, Id::Number(3)),
+            (
+                br#"{"id":3,"method":"x"}"#,
+                code::INVALID_REQUEST,
+                Id::Number(3),
+            ),
+            (
+                br#"{"jsonrpc":"1.0","id":3,"method":"x"}"#,
+                code::INVALID_REQUEST,
+                Id::Number(3),
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":3,"method":7}"#,
+                code::INVALID_REQUEST,
+                Id::Number(3),
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":{},"method":"x"}"#,
+                code::INVALID_REQUEST,
+                Id::Null,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":3,"method":"x","params":5}"#,
+                code::INVALID_REQUEST,
+                Id::Number(3),
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":3,"result":1,"error":{"code":1,"message":""}}"#,
+                code::INVALID_REQUEST,
+                Id::Number(3),
+            ),
             (br#"{"jsonrpc":"2.0"}"#, code::INVALID_REQUEST, Id::Null),
         ] {
             let err = Message::parse(bytes).unwrap_err();
@@ -414,11 +455,15 @@ mod tests {
     fn round_trips_through_the_wire_form() {
         let req = Request::tool_call(5, "echo", json!({"message": "hi"}));
         let back = Message::from_value(req.to_value()).unwrap();
-        let Message::Request(back) = back else { panic!("not a request") };
+        let Message::Request(back) = back else {
+            panic!("not a request")
+        };
         assert_eq!(back.id, Id::Number(5));
         assert_eq!(back.params, req.params);
         let resp = Response::error(Id::from("x"), ErrorObject::new(-32603, "boom"));
-        let Message::Response(back) = Message::from_value(resp.to_value()).unwrap() else { panic!() };
+        let Message::Response(back) = Message::from_value(resp.to_value()).unwrap() else {
+            panic!()
+        };
         assert_eq!(back, resp);
     }
 }

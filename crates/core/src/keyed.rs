@@ -395,13 +395,21 @@ mod tests {
     #[test]
     fn entries_are_shared_by_key() {
         let state = counter_state(Bounds::default());
-        state.entry(KeyRef::Tool("a")).fetch_add(1, Ordering::Relaxed);
+        state
+            .entry(KeyRef::Tool("a"))
+            .fetch_add(1, Ordering::Relaxed);
         let again = state.clone().entry(KeyRef::Tool("a"));
         assert_eq!(again.load(Ordering::Relaxed), 1);
         assert_eq!(again.key(), &Key::tool("a"));
         assert!(state.get(&KeyRef::Tool("b")).is_none());
-        assert_eq!(state.with(&KeyRef::Tool("a"), |v| v.load(Ordering::Relaxed)), Some(1));
-        assert_eq!(state.with(&KeyRef::Tool("b"), |v| v.load(Ordering::Relaxed)), None);
+        assert_eq!(
+            state.with(&KeyRef::Tool("a"), |v| v.load(Ordering::Relaxed)),
+            Some(1)
+        );
+        assert_eq!(
+            state.with(&KeyRef::Tool("b"), |v| v.load(Ordering::Relaxed)),
+            None
+        );
     }
 
     #[test]

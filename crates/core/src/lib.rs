@@ -32,7 +32,8 @@
 //! ```
 //!
 //! Features: `testing` adds [`testing`]: a scripted mock MCP service and a
-//! readiness-checking wrapper for layer tests.
+//! readiness-checking wrapper for layer tests; `rmcp` implements the request
+//! and response views for rmcp's `ClientRequest` and `ServerResult`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -47,13 +48,15 @@ pub mod key;
 pub mod keyed;
 pub mod rejection;
 pub mod request;
+#[cfg(feature = "rmcp")]
+pub mod rmcp;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 use std::fmt;
 
-pub use circuits::{CircuitView, Circuits};
 pub use catalog::{ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy};
+pub use circuits::{CircuitView, Circuits};
 pub use classify::{CallKind, Classify, FailureClass, McpClassifier, Outcome, OutcomeKind};
 pub use events::{Event, EventSink, Events};
 pub use fingerprint::{fingerprint, Fingerprint};

@@ -96,7 +96,12 @@ impl CircuitOpen {
 
 impl fmt::Display for CircuitOpen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "circuit open for {}; retry after {}", self.key, secs(self.retry_after))
+        write!(
+            f,
+            "circuit open for {}; retry after {}",
+            self.key,
+            secs(self.retry_after)
+        )
     }
 }
 
@@ -142,7 +147,12 @@ impl RateLimited {
 
 impl fmt::Display for RateLimited {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "rate limited on {}; retry after {}", self.key, secs(self.retry_after))
+        write!(
+            f,
+            "rate limited on {}; retry after {}",
+            self.key,
+            secs(self.retry_after)
+        )
     }
 }
 
@@ -297,7 +307,10 @@ impl Rejection for RetryBudgetExhausted {
         "retry"
     }
     fn advice(&self) -> String {
-        format!("{} is failing and retries are spent; try later or another tool", self.key)
+        format!(
+            "{} is failing and retries are spent; try later or another tool",
+            self.key
+        )
     }
 }
 
@@ -456,12 +469,24 @@ mod tests {
             .iter()
             .map(|e| as_rejection(e.as_ref()).unwrap().layer())
             .collect();
-        assert_eq!(layers, ["circuit_breaker", "rate_limit", "loop_guard", "retry"]);
+        assert_eq!(
+            layers,
+            ["circuit_breaker", "rate_limit", "loop_guard", "retry"]
+        );
         let report = FailureReport::from_error("a", errors[1].as_ref()).to_tool_result();
-        assert_eq!(report["structuredContent"]["toolwarden"]["retryAfterSeconds"], 0.25);
-        assert!(report["content"][0]["text"].as_str().unwrap().contains("250 ms"));
+        assert_eq!(
+            report["structuredContent"]["toolwarden"]["retryAfterSeconds"],
+            0.25
+        );
+        assert!(report["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("250 ms"));
         let report = FailureReport::from_error("a", errors[2].as_ref()).to_tool_result();
-        assert!(report["content"][0]["text"].as_str().unwrap().contains("change approach"));
+        assert!(report["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("change approach"));
     }
 
     #[test]

@@ -124,9 +124,8 @@ impl McpRequest for jsonrpc::Request {
     }
 
     fn is_continuation(&self) -> bool {
-        self.params_object().is_some_and(|p| {
-            p.contains_key("inputResponses") || p.contains_key("requestState")
-        })
+        self.params_object()
+            .is_some_and(|p| p.contains_key("inputResponses") || p.contains_key("requestState"))
     }
 
     fn request_id(&self) -> Option<&Id> {
@@ -215,9 +214,9 @@ impl McpResponse for jsonrpc::Response {
     }
 
     fn is_input_required(&self) -> bool {
-        self.payload.as_ref().is_ok_and(|r| {
-            r.get("resultType").and_then(Value::as_str) == Some("input_required")
-        })
+        self.payload
+            .as_ref()
+            .is_ok_and(|r| r.get("resultType").and_then(Value::as_str) == Some("input_required"))
     }
 
     fn first_text(&self) -> Option<Cow<'_, str>> {
@@ -270,17 +269,27 @@ pub mod tool_result {
         let Some(obj) = result.as_object() else {
             return is_blank_value(result);
         };
-        if obj.get("structuredContent").is_some_and(|s| !is_blank_value(s)) {
+        if obj
+            .get("structuredContent")
+            .is_some_and(|s| !is_blank_value(s))
+        {
             return false;
         }
         match obj.get("content") {
             None => true,
-            Some(Value::Array(items)) => items.iter().all(|item| match item.get("type").and_then(Value::as_str) {
-                Some("text") => item.get("text").and_then(Value::as_str).is_none_or(is_blank_text),
-                // images, audio, resources and links carry data
-                Some(_) => false,
-                None => is_blank_value(item),
-            }),
+            Some(Value::Array(items)) => {
+                items
+                    .iter()
+                    .all(|item| match item.get("type").and_then(Value::as_str) {
+                        Some("text") => item
+                            .get("text")
+                            .and_then(Value::as_str)
+                            .is_none_or(is_blank_text),
+                        // images, audio, resources and links carry data
+                        Some(_) => false,
+                        None => is_blank_value(item),
+                    })
+            }
             Some(other) => is_blank_value(other),
         }
     }

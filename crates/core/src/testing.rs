@@ -114,7 +114,11 @@ impl MockMcp {
 
     /// Queues more steps for `tool` on a mock already in use.
     pub fn push(&self, tool: &str, steps: impl IntoIterator<Item = Step>) {
-        self.lock().steps.entry(tool.to_owned()).or_default().extend(steps);
+        self.lock()
+            .steps
+            .entry(tool.to_owned())
+            .or_default()
+            .extend(steps);
     }
 
     /// Sets the step `tool` repeats once its queue is empty.
@@ -184,7 +188,10 @@ async fn play(step: Step, req: &Request) -> Result<Response, BoxError> {
             Step::Result(v) => return Ok(Response::result(req.id.clone(), v)),
             Step::RpcError(e) => return Ok(Response::error(req.id.clone(), e)),
             Step::Transport(kind) => {
-                return Err(Box::new(TransportError::new(kind, "mock transport failure")))
+                return Err(Box::new(TransportError::new(
+                    kind,
+                    "mock transport failure",
+                )))
             }
         }
     }

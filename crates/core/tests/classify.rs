@@ -14,7 +14,8 @@ use toolwarden_core::{
 };
 
 fn tool(result: Value) -> Outcome {
-    McpClassifier::new().classify_response(CallKind::ToolCall, &Response::result(Id::Number(1), result))
+    McpClassifier::new()
+        .classify_response(CallKind::ToolCall, &Response::result(Id::Number(1), result))
 }
 
 fn rpc(code: i64, message: &str, data: Option<Value>) -> Outcome {
@@ -60,7 +61,10 @@ fn server_everything_unknown_tool_is_client() {
     assert_eq!(o.kind, OutcomeKind::ToolError);
     assert_eq!(o.class, Some(FailureClass::Client));
     assert_eq!(o.code, Some(-32602));
-    assert!(!o.is_counted_failure(), "a client error must not trip a breaker");
+    assert!(
+        !o.is_counted_failure(),
+        "a client error must not trip a breaker"
+    );
 }
 
 #[test]
@@ -85,9 +89,13 @@ fn mcp_server_time_unknown_tool_is_client_in_both_forms() {
 
 #[test]
 fn mcp_server_time_tool_raising_is_classified_by_its_text() {
-    let o = tool(is_error_text("Error executing tool get_current_time: Invalid timezone: 'Mars/Base'"));
+    let o = tool(is_error_text(
+        "Error executing tool get_current_time: Invalid timezone: 'Mars/Base'",
+    ));
     assert_eq!(o.class, Some(FailureClass::Client));
-    let o = tool(is_error_text("Error executing tool convert_time: division by zero"));
+    let o = tool(is_error_text(
+        "Error executing tool convert_time: division by zero",
+    ));
     assert_eq!(o.class, Some(FailureClass::Server));
     assert!(o.is_counted_failure());
 }
@@ -110,26 +118,38 @@ fn is_error_texts_map_to_classes() {
         ("something broke", FailureClass::Server),
         ("", FailureClass::Server),
         ("MCP error -32603: internal", FailureClass::Server),
-        ("MCP error -32001: Request timed out", FailureClass::Transient),
+        (
+            "MCP error -32001: Request timed out",
+            FailureClass::Transient,
+        ),
     ] {
         let o = tool(is_error_text(text));
         assert_eq!(o.kind, OutcomeKind::ToolError, "{text}");
         assert_eq!(o.class, Some(class), "{text}");
     }
     // isError without any content is still a tool error (of class Server).
-    assert_eq!(tool(json!({"content": [], "isError": true})).class, Some(FailureClass::Server));
+    assert_eq!(
+        tool(json!({"content": [], "isError": true})).class,
+        Some(FailureClass::Server)
+    );
 }
 
 #[test]
 fn empty_results_are_server_failures_by_default_and_configurable() {
-    for empty in [json!({"content": []}), json!({"content": [{"type": "text", "text": " {} "}]}), json!({})] {
+    for empty in [
+        json!({"content": []}),
+        json!({"content": [{"type": "text", "text": " {} "}]}),
+        json!({}),
+    ] {
         let o = tool(empty.clone());
         assert_eq!(o.kind, OutcomeKind::ToolError, "{empty}");
         assert_eq!(o.class, Some(FailureClass::Server), "{empty}");
     }
     let lenient = McpClassifier::new().empty_result(None);
     let resp = Response::result(Id::Number(1), json!({"content": []}));
-    assert!(lenient.classify_response(CallKind::ToolCall, &resp).is_success());
+    assert!(lenient
+        .classify_response(CallKind::ToolCall, &resp)
+        .is_success());
 }
 
 #[test]
@@ -157,48 +177,91 @@ fn json_rpc_codes_follow_the_table() {
         assert_eq!(o.kind, OutcomeKind::ProtocolError, "{code}");
         assert_eq!(o.class, Some(class), "{code}");
         assert_eq!(o.code, Some(code));
-        assert_eq!(o.is_counted_failure(), class != FailureClass::Client, "{code}");
+        assert_eq!(
+            o.is_counted_failure(),
+            class != FailureClass::Client,
+            "{code}"
+        );
     }
 }
 
 #[test]
 fn rate_limited_code_carries_its_retry_after() {
-    assert_eq!(rpc(-32023, "slow down", Some(json!({"retryAfter": 12}))).retry_after, Some(Duration::from_secs(12)));
-    assert_eq!(rpc(-32023, "slow down", Some(json!({"retryAfterMs": 1500}))).retry_after, Some(Duration::from_millis(1500)));
-    assert_eq!(rpc(-32023, "slow down", Some(json!(3))).retry_after, Some(Duration::from_secs(3)));
-    assert_eq!(rpc(-32023, "slow down", Some(json!({"retryAfter": -1}))).retry_after, None);
+    assert_eq!(
+        rpc(-32023, "slow down", Some(json!({"retryAfter": 12}))).retry_after,
+        Some(Duration::from_secs(12))
+    );
+    assert_eq!(
+        rpc(-32023, "slow down", Some(json!({"retryAfterMs": 1500}))).retry_after,
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(
+        rpc(-32023, "slow down", Some(json!(3))).retry_after,
+        Some(Duration::from_secs(3))
+    );
+    assert_eq!(
+        rpc(-32023, "slow down", Some(json!({"retryAfter": -1}))).retry_after,
+        None
+    );
     // Only -32023 is read for a hint.
-    assert_eq!(rpc(-32603, "x", Some(json!({"retryAfter": 5}))).retry_after, None);
+    assert_eq!(
+        rpc(-32603, "x", Some(json!({"retryAfter": 5}))).retry_after,
+        None
+    );
 }
 
 #[test]
 fn transport_failures_are_transient() {
-    let o = err(Box::new(TransportError::new(TransportErrorKind::Closed, "eof")));
-    assert_eq!((o.kind, o.class, o.before_sent), (OutcomeKind::Transport, Some(FailureClass::Transient), false));
-    let o = err(Box::new(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "pipe")));
-    assert_eq!((o.kind, o.class), (OutcomeKind::Transport, Some(FailureClass::Transient)));
+    let o = err(Box::new(TransportError::new(
+        TransportErrorKind::Closed,
+        "eof",
+    )));
+    assert_eq!(
+        (o.kind, o.class, o.before_sent),
+        (OutcomeKind::Transport, Some(FailureClass::Transient), false)
+    );
+    let o = err(Box::new(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "pipe",
+    )));
+    assert_eq!(
+        (o.kind, o.class),
+        (OutcomeKind::Transport, Some(FailureClass::Transient))
+    );
     assert!(o.is_counted_failure());
 }
 
 #[test]
 fn connection_refused_happened_before_the_request_left() {
-    let o = err(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+    let o = err(Box::new(std::io::Error::from(
+        std::io::ErrorKind::ConnectionRefused,
+    )));
     assert!(o.before_sent);
-    let o = err(Box::new(TransportError::new(TransportErrorKind::ConnectFailed, "refused")));
+    let o = err(Box::new(TransportError::new(
+        TransportErrorKind::ConnectFailed,
+        "refused",
+    )));
     assert!(o.before_sent);
 }
 
 #[tokio::test]
 async fn timeouts_are_transient() {
-    let tokio_elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>()).await.unwrap_err();
+    let tokio_elapsed = tokio::time::timeout(Duration::ZERO, std::future::pending::<()>())
+        .await
+        .unwrap_err();
     for e in [
         Box::new(tokio_elapsed) as BoxError,
         Box::new(tower::timeout::error::Elapsed::new()),
-        Box::new(CallTimedOut { after: Duration::from_secs(1) }),
+        Box::new(CallTimedOut {
+            after: Duration::from_secs(1),
+        }),
         Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut)),
     ] {
         let o = err(e);
-        assert_eq!((o.kind, o.class), (OutcomeKind::Timeout, Some(FailureClass::Transient)));
+        assert_eq!(
+            (o.kind, o.class),
+            (OutcomeKind::Timeout, Some(FailureClass::Transient))
+        );
     }
 }
 
@@ -214,10 +277,16 @@ fn http_statuses_follow_the_table() {
         (400, FailureClass::Client),
         (404, FailureClass::Client),
     ] {
-        let o = err(Box::new(HttpStatusError { status, retry_after: None }));
+        let o = err(Box::new(HttpStatusError {
+            status,
+            retry_after: None,
+        }));
         assert_eq!(o.class, Some(class), "{status}");
     }
-    let o = err(Box::new(HttpStatusError { status: 429, retry_after: Some(Duration::from_secs(30)) }));
+    let o = err(Box::new(HttpStatusError {
+        status: 429,
+        retry_after: Some(Duration::from_secs(30)),
+    }));
     assert_eq!(o.retry_after, Some(Duration::from_secs(30)));
 }
 
@@ -233,14 +302,20 @@ fn our_own_rejections_never_count_against_the_tool() {
         assert!(o.is_rejection());
         assert!(!o.is_counted_failure());
     }
-    assert_eq!(err(Box::new(RateLimited::new("a", Duration::from_secs(2)))).retry_after, Some(Duration::from_secs(2)));
+    assert_eq!(
+        err(Box::new(RateLimited::new("a", Duration::from_secs(2)))).retry_after,
+        Some(Duration::from_secs(2))
+    );
 }
 
 #[test]
 fn json_rpc_error_objects_as_errors_classify_by_code() {
     // An rmcp client maps McpError to the core ErrorObject.
     let o = err(Box::new(ErrorObject::new(-32602, "bad")));
-    assert_eq!((o.kind, o.class), (OutcomeKind::ProtocolError, Some(FailureClass::Client)));
+    assert_eq!(
+        (o.kind, o.class),
+        (OutcomeKind::ProtocolError, Some(FailureClass::Client))
+    );
 }
 
 #[test]

@@ -14,7 +14,9 @@ fn a_million_distinct_keys_stay_within_the_bound() {
         name.clear();
         use std::fmt::Write;
         let _ = write!(name, "tool-{i}");
-        state.entry(KeyRef::SessionTool("s", &name)).fetch_add(1, Ordering::Relaxed);
+        state
+            .entry(KeyRef::SessionTool("s", &name))
+            .fetch_add(1, Ordering::Relaxed);
         assert!(state.len() <= 4096);
     }
     assert_eq!(state.len(), 4096);

@@ -1,0 +1,43 @@
+//! rmcp adapters for toolwarden.
+//!
+//! - [`McpRequest`](toolwarden_core::McpRequest) for rmcp's `ClientRequest` and
+//!   [`McpResponse`](toolwarden_core::McpResponse) for `ServerResult` (in
+//!   `toolwarden-core`'s `rmcp` feature, which this crate turns on: the orphan
+//!   rule keeps trait impls for foreign types in the trait's crate), so every
+//!   toolwarden layer runs over rmcp types unchanged.
+//! - [`RmcpClient`]: a `tower::Service<ClientRequest>` over a
+//!   `Peer<RoleClient>` that sends `notifications/cancelled` when its future is
+//!   dropped (a timeout or a lost `select!` upstream cancels the call on the
+//!   server too), maps rmcp's errors to the core's error types so the default
+//!   classifier reads them, and fills a [`ToolCatalog`](toolwarden_core::ToolCatalog)
+//!   from every `tools/list` result that passes through it.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use rmcp::{model::{CallToolRequest, CallToolRequestParams, ClientRequest}, ServiceExt};
+//! use tower::ServiceExt as _;
+//! use toolwarden_core::ToolCatalog;
+//! use toolwarden_rmcp::RmcpClient;
+//!
+//! // Any rmcp transport: a child process, Streamable HTTP, an in-memory pipe.
+//! # let transport: (tokio::io::DuplexStream, tokio::io::DuplexStream) = todo_transport();
+//! let running = ().serve(transport).await?;
+//! let catalog = ToolCatalog::new();
+//! let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
+//! client.refresh_catalog().await?; // tools/list → catalog
+//!
+//! let mut params = CallToolRequestParams::new("echo");
+//! params.arguments = serde_json::json!({"message": "hi"}).as_object().cloned();
+//! let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+//! let result = client.oneshot(request).await?;
+//! # let _ = result; Ok(()) }
+//! # fn todo_transport() -> (tokio::io::DuplexStream, tokio::io::DuplexStream) { tokio::io::duplex(64) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod error;
+
+pub use client::{RmcpClient, RmcpClientFuture};
+pub use error::map_service_error;
