@@ -8,7 +8,9 @@ Tools:
   flaky_search {query: str}   fails (result with isError: true) for the first
                               N calls, then succeeds; N comes from the
                               environment variable FLAKY_FAILURES (default 2).
-  slow {seconds: float}       sleeps that long, then answers.
+  slow {seconds: float}       sleeps that long, then answers; a call cancelled
+                              by the client (notifications/cancelled) is counted
+                              as `slow_cancelled`.
   stats {}                    how many times each tool was called so far
                               (structured content), to check what reached the
                               server through retries, caches, circuit breakers.
@@ -30,7 +32,7 @@ FAILURES = int(os.environ.get("FLAKY_FAILURES", "2"))
 
 server = MCPServer(name="toolwarden-flaky", version="0.1.0", log_level="WARNING")
 
-_calls = {"flaky_search": 0, "slow": 0}
+_calls = {"flaky_search": 0, "slow": 0, "slow_cancelled": 0}
 
 
 @server.tool(description="Search that fails for the first FLAKY_FAILURES calls, then succeeds.")
@@ -45,7 +47,11 @@ def flaky_search(query: str) -> str:
 @server.tool(description="Sleep for the given number of seconds, then answer.")
 async def slow(seconds: float) -> str:
     _calls["slow"] += 1
-    await anyio.sleep(seconds)
+    try:
+        await anyio.sleep(seconds)
+    except anyio.get_cancelled_exc_class():
+        _calls["slow_cancelled"] += 1
+        raise
     return f"slept {seconds}s"
 
 

@@ -1,8 +1,8 @@
 //! RmcpClient against a real rmcp server in the same process, over an
-
-#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns
 //! in-memory pipe: requests, error mapping, catalog filling, cancellation
 //! on drop, and a closed transport.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,220 @@
+//! End-to-end: toolwarden's rmcp client against real MCP servers —
+//! `@modelcontextprotocol/server-everything` (TypeScript SDK) over stdio and
+//! Streamable HTTP, `mcp-server-time` and the flaky test server (Python SDK)
+//! over stdio. They report the same failures differently (see
+//! tests/e2e/README.md); the classifier must read both.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest, ServerResult};
+use rmcp::service::RunningService;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::{RoleClient, ServiceExt as _};
+use serde_json::{json, Value};
+use support::{bounded, component, eventually, flaky_server_script, free_port};
+use tokio::process::Command;
+use toolwarden_core::{
+    BoxError, CallKind, Classify, FailureClass, McpClassifier, McpResponse, Outcome, OutcomeKind,
+    ToolCatalog,
+};
+use toolwarden_rmcp::RmcpClient;
+use tower::ServiceExt as _;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn call(name: &str, args: Value) -> ClientRequest {
+    let mut params = CallToolRequestParams::new(name.to_owned());
+    params.arguments = args.as_object().cloned();
+    ClientRequest::CallToolRequest(CallToolRequest::new(params))
+}
+
+fn classify(result: &Result<ServerResult, BoxError>) -> Outcome {
+    let c = McpClassifier::new();
+    match result {
+        Ok(r) => c.classify_response(CallKind::ToolCall, r),
+        Err(e) => <McpClassifier as Classify<ServerResult>>::classify_error(&c, e.as_ref()),
+    }
+}
+
+async fn stdio(program: &std::path::Path, args: &[&str]) -> (RunningService<RoleClient, ()>, Option<u32>) {
+    let mut command = Command::new(program);
+    command.args(args).stderr(Stdio::null());
+    let transport = TokioChildProcess::new(command).expect("server starts");
+    let pid = transport.id();
+    let running = bounded("initialize", LIMIT, ().serve(transport)).await.expect("initialize");
+    (running, pid)
+}
+
+async fn call_tool(client: &RmcpClient, name: &str, args: Value) -> Result<ServerResult, BoxError> {
+    bounded(name, LIMIT, client.clone().oneshot(call(name, args))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_stdio() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+    let (running, _) = stdio(&bin, &["stdio"]).await;
+    let catalog = ToolCatalog::new();
+    let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
+
+    let listed = bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+    assert!(listed >= 10, "server-everything lists its tools, got {listed}");
+    for tool in ["echo", "get-sum", "trigger-long-running-operation"] {
+        assert!(catalog.get(tool).is_some(), "{tool} missing from the catalog");
+    }
+    // Its annotations, once trusted, drive the retry and cache decisions.
+    catalog.set_trusted(true);
+    assert!(catalog.is_safe_to_repeat("trigger-long-running-operation"));
+
+    let echo = call_tool(&client, "echo", json!({"message": "hello"})).await;
+    assert!(classify(&echo).is_success());
+    assert_eq!(echo.unwrap().first_text().as_deref(), Some("Echo: hello"));
+
+    let sum = call_tool(&client, "get-sum", json!({"a": 2, "b": 3})).await.unwrap();
+    assert!(sum.first_text().unwrap().contains('5'));
+
+    // server-everything answers an unknown tool with an isError result.
+    let unknown = call_tool(&client, "nope", json!({})).await;
+    let outcome = classify(&unknown);
+    assert_eq!((outcome.kind, outcome.class), (OutcomeKind::ToolError, Some(FailureClass::Client)));
+    assert!(!outcome.is_counted_failure());
+
+    // Bad arguments: an isError result too, also the caller's fault.
+    let bad = call_tool(&client, "get-sum", json!({"a": "two"})).await;
+    assert_eq!(classify(&bad).class, Some(FailureClass::Client));
+    running.cancel().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_server_time_over_stdio() {
+    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else { return };
+    let (running, _) = stdio(&bin, &["--local-timezone", "UTC"]).await;
+    let catalog = ToolCatalog::new();
+    let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
+    bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+    assert!(catalog.get("get_current_time").is_some());
+    assert!(catalog.get("convert_time").is_some());
+
+    let now = call_tool(&client, "get_current_time", json!({"timezone": "UTC"})).await;
+    assert!(classify(&now).is_success());
+    assert!(now.unwrap().first_text().unwrap().contains("UTC"));
+
+    // mcp-server-time answers an unknown tool with a JSON-RPC error.
+    let unknown = call_tool(&client, "nope", json!({})).await;
+    let outcome = classify(&unknown);
+    assert_eq!((outcome.kind, outcome.class), (OutcomeKind::ProtocolError, Some(FailureClass::Client)));
+
+    // A bad timezone is the tool raising: an isError result, the caller's fault.
+    let bad = call_tool(&client, "get_current_time", json!({"timezone": "Mars/Olympus"})).await;
+    let outcome = classify(&bad);
+    assert_eq!(outcome.kind, OutcomeKind::ToolError);
+    assert_eq!(outcome.class, Some(FailureClass::Client), "{bad:?}");
+    running.cancel().await.ok();
+}
+
+/// A server-everything child serving Streamable HTTP, killed on drop.
+struct HttpServer {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn server_everything_http(bin: &std::path::Path) -> (HttpServer, RunningService<RoleClient, ()>) {
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("server-everything starts");
+    let server = HttpServer { child, url: format!("http://127.0.0.1:{port}/mcp") };
+    // It prints "listening" even when the port is taken: wait for a real answer.
+    let url = server.url.clone();
+    let running = eventually(LIMIT, || {
+        let url = url.clone();
+        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
+    })
+    .await
+    .expect("server-everything answers over Streamable HTTP");
+    (server, running)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_streamable_http() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+    let (_server, running) = server_everything_http(&bin).await;
+    let catalog = ToolCatalog::new();
+    let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
+    bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+    assert!(catalog.get("echo").is_some());
+    let echo = call_tool(&client, "echo", json!({"message": "over http"})).await.unwrap();
+    assert_eq!(echo.first_text().as_deref(), Some("Echo: over http"));
+    let unknown = call_tool(&client, "nope", json!({})).await;
+    assert_eq!(classify(&unknown).class, Some(FailureClass::Client));
+    running.cancel().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_call_is_cancelled_upstream() {
+    let Some(python) = component("TOOLWARDEN_PYTHON") else { return };
+    let script = flaky_server_script();
+    let (running, _) = stdio(&python, &[script.to_str().unwrap()]).await;
+    let client = RmcpClient::new(running.peer().clone());
+    // The deadline fires long before the tool would answer.
+    let timed_out = tower::timeout::Timeout::new(client.clone(), Duration::from_millis(300))
+        .oneshot(call("slow", json!({"seconds": 30})))
+        .await;
+    let outcome = classify(&timed_out);
+    assert_eq!((outcome.kind, outcome.class), (OutcomeKind::Timeout, Some(FailureClass::Transient)));
+    // The server saw notifications/cancelled and stopped the work.
+    let cancelled = eventually(LIMIT, || {
+        let client = client.clone();
+        async move {
+            let stats = client.oneshot(call("stats", json!({}))).await.ok()?;
+            let ServerResult::CallToolResult(r) = stats else { return None };
+            let n = r.structured_content?.get("slow_cancelled")?.as_u64()?;
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    assert!(cancelled.is_some(), "the server never saw the cancellation");
+    running.cancel().await.ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_server_mid_call_answers_every_call() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+    let (running, pid) = stdio(&bin, &["stdio"]).await;
+    let client = RmcpClient::new(running.peer().clone());
+    let in_flight: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(client.clone().oneshot(call(
+                "trigger-long-running-operation",
+                json!({"duration": 20, "steps": 2}),
+            )))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = pid.expect("child pid");
+    std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    for call in in_flight {
+        let result = bounded("an in-flight call", LIMIT, call).await.unwrap();
+        let outcome = classify(&result);
+        assert_eq!(outcome.kind, OutcomeKind::Transport, "{result:?}");
+        assert_eq!(outcome.class, Some(FailureClass::Transient));
+    }
+    // And the next call fails fast instead of hanging.
+    let after = bounded("a call after the kill", LIMIT, client.clone().oneshot(call("echo", json!({"message": "x"})))).await;
+    assert_eq!(classify(&after).kind, OutcomeKind::Transport);
+}
