@@ -1,0 +1,164 @@
+//! A Redis connection that is never waited on for longer than a bound.
+//!
+//! The command connection is a redis-rs `ConnectionManager` (which reconnects
+//! by itself once it exists), created in the background with backoff, so a
+//! replica that starts while Redis is down still starts. Every operation is
+//! wrapped in `op_timeout`; while there is no connection an operation fails at
+//! once with [`Unavailable`].
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use toolwarden_core::Event;
+
+use crate::config::RedisConfig;
+
+/// Redis could not be asked in time (down, slow, or not connected yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    /// What failed.
+    pub detail: String,
+}
+
+impl fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis unavailable: {}", self.detail)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+#[derive(Clone)]
+pub(crate) struct Conn {
+    pub(crate) config: RedisConfig,
+    client: redis::Client,
+    manager: Arc<ArcSwapOption<ConnectionManager>>,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Conn")
+            .field("url", &self.config.url)
+            .field("connected", &self.manager.load().is_some())
+            .finish()
+    }
+}
+
+/// The next backoff: doubled, capped, with ±20 % jitter.
+pub(crate) fn next_backoff(current: Duration, max: Duration) -> Duration {
+    let doubled = current.saturating_mul(2).min(max);
+    let jitter = 0.8 + fastrand::f64() * 0.4;
+    doubled.mul_f64(jitter).min(max)
+}
+
+impl Conn {
+    /// Starts connecting in the background. Needs a Tokio runtime.
+    pub(crate) fn start(config: RedisConfig) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let conn = Conn {
+            config,
+            client,
+            manager: Arc::new(ArcSwapOption::empty()),
+        };
+        let background = conn.clone();
+        tokio::spawn(async move { background.connect_loop().await });
+        Ok(conn)
+    }
+
+    async fn connect_loop(&self) {
+        let mut backoff = self.config.reconnect_min;
+        loop {
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(self.config.connect_timeout))
+                .set_response_timeout(Some(self.config.op_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(self.config.reconnect_max);
+            match tokio::time::timeout(
+                self.config.connect_timeout,
+                self.client.get_connection_manager_with_config(manager_config),
+            )
+            .await
+            {
+                Ok(Ok(manager)) => {
+                    self.manager.store(Some(Arc::new(manager)));
+                    return;
+                }
+                Ok(Err(e)) => self.report(&format!("connect: {e}")),
+                Err(_) => self.report("connect: timed out"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = next_backoff(backoff, self.config.reconnect_max);
+        }
+    }
+
+    pub(crate) fn report(&self, detail: &str) {
+        tracing::debug!(detail, "redis sync error");
+        self.config.events.emit(&Event::SyncError { detail });
+    }
+
+    /// Whether a command connection exists (it may still be reconnecting).
+    pub(crate) fn is_connected(&self) -> bool {
+        self.manager.load().is_some()
+    }
+
+    /// Runs `op` on the connection, bounded by `op_timeout`.
+    pub(crate) async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T, Unavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let Some(manager) = self.manager.load_full() else {
+            return Err(Unavailable {
+                detail: format!("{what}: not connected"),
+            });
+        };
+        match tokio::time::timeout(self.config.op_timeout, op((*manager).clone())).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                let detail = format!("{what}: {e}");
+                self.report(&detail);
+                Err(Unavailable { detail })
+            }
+            Err(_) => {
+                let detail = format!("{what}: timed out after {:?}", self.config.op_timeout);
+                self.report(&detail);
+                Err(Unavailable { detail })
+            }
+        }
+    }
+
+    /// A fresh pub/sub connection, bounded by `connect_timeout`.
+    pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub, Unavailable> {
+        match tokio::time::timeout(self.config.connect_timeout, self.client.get_async_pubsub()).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(Unavailable {
+                detail: format!("subscribe: {e}"),
+            }),
+            Err(_) => Err(Unavailable {
+                detail: "subscribe: timed out".into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_bounds() {
+        let max = Duration::from_secs(5);
+        let mut d = Duration::from_millis(100);
+        for _ in 0..20 {
+            let next = next_backoff(d, max);
+            assert!(next <= max);
+            assert!(next >= d.saturating_mul(2).min(max).mul_f64(0.8) - Duration::from_nanos(1));
+            d = next;
+        }
+        assert!(d >= max.mul_f64(0.8));
+    }
+}

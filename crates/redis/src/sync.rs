@@ -1,0 +1,482 @@
+//! Circuit-breaker state shared across replicas.
+//!
+//! Each replica keeps its local breakers as the fast path. Through the
+//! circuit-breaker crate's [`StateSync`] seam, every local transition is
+//! queued (never blocking a call), then a background writer persists it in
+//! Redis — one hash per breaker key, `origin → open-until (unix ms)` — and
+//! publishes it on a channel. A subscriber task applies other replicas'
+//! transitions to the local [`CircuitRegistry`] according to a
+//! [`RemoteOpenPolicy`]:
+//!
+//! - `Follow`: every remote open opens the local circuit until the remote
+//!   deadline; a remote close closes it.
+//! - `Quorum(k)`: a remote open applies only while at least `k` replicas
+//!   report the key open, so one bad node cannot open everyone's circuit; the
+//!   local circuit then stays open until the k-th latest of their deadlines.
+//!   When fewer than `k` remain, a circuit opened by the quorum is closed.
+//!
+//! A replica starting up (or reconnecting) loads the persisted states and
+//! applies them the same way, then re-publishes its own open circuits, so
+//! state written while Redis was away converges once it returns. Redis
+//! failures never reach the call path: they become `SyncError` events and
+//! the replica keeps deciding locally.
+//!
+//! Deadlines are absolute unix times from the publishing replica's clock;
+//! replicas are assumed to keep their clocks in sync (NTP) to well within
+//! an open period.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use toolwarden_circuit_breaker::{
+    CircuitRegistry, CircuitState, LocalTransition, RemoteTransition, StateSync,
+};
+
+use crate::config::RedisConfig;
+use crate::conn::{next_backoff, Conn};
+
+/// How remote opens apply locally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteOpenPolicy {
+    /// Apply every remote open and close.
+    Follow,
+    /// Open only when at least this many replicas report the key open.
+    Quorum(usize),
+}
+
+/// The most breaker keys tracked for quorum decisions; past it, reports of
+/// new keys are ignored until old ones expire.
+const MAX_TRACKED_KEYS: usize = 10_000;
+/// The most local transitions waiting to be written; past it, they are
+/// dropped (and reported), never blocking a call.
+const QUEUE: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Message {
+    /// Breaker key.
+    k: String,
+    /// Origin replica.
+    o: String,
+    /// Open until this unix time in ms; 0 means closed.
+    u: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[derive(Default)]
+struct Tracker {
+    /// key → origin → open until (unix ms), for remote origins.
+    opens: HashMap<String, HashMap<String, u64>>,
+    /// Keys this sync opened locally on a quorum.
+    applied: HashSet<String>,
+    /// This replica's own open circuits: key → open until, to re-publish.
+    own: HashMap<String, u64>,
+}
+
+struct Shared {
+    conn: Conn,
+    policy: RemoteOpenPolicy,
+    tracker: Mutex<Tracker>,
+    registry: Mutex<Option<CircuitRegistry>>,
+    received: AtomicU64,
+    applied: AtomicU64,
+    published: AtomicU64,
+    resyncs: AtomicU64,
+}
+
+/// Shares circuit state through Redis. Give it to the circuit-breaker
+/// builder (`.sync(sync.clone())`), then [`attach`](RedisBreakerSync::attach)
+/// the built layer's registry.
+///
+/// Dropping every handle stops the background tasks.
+#[derive(Clone)]
+pub struct RedisBreakerSync {
+    shared: Arc<Shared>,
+    outbox: mpsc::Sender<Message>,
+    tasks: Arc<Tasks>,
+}
+
+struct Tasks(Mutex<Vec<tokio::task::JoinHandle<()>>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        if let Ok(tasks) = self.0.lock() {
+            for t in tasks.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl fmt::Debug for RedisBreakerSync {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBreakerSync")
+            .field("replica", &self.shared.conn.config.replica_id)
+            .field("policy", &self.shared.policy)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Counters of a [`RedisBreakerSync`], for tests and health reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SyncStats {
+    /// Messages received from other replicas (loads included).
+    pub received: u64,
+    /// Remote transitions applied to the local registry.
+    pub applied: u64,
+    /// Local transitions written to Redis.
+    pub published: u64,
+    /// Completed (re)subscriptions with a state load.
+    pub resyncs: u64,
+}
+
+impl RedisBreakerSync {
+    /// Starts the writer; needs a Tokio runtime. Remote state is applied
+    /// once a registry is attached.
+    pub fn start(config: RedisConfig, policy: RemoteOpenPolicy) -> Result<Self, toolwarden_core::ConfigError> {
+        if let RemoteOpenPolicy::Quorum(0) = policy {
+            return Err(toolwarden_core::ConfigError::new("redis.quorum", "must be at least 1"));
+        }
+        let conn = Conn::start(config).map_err(|e| toolwarden_core::ConfigError::new("redis.url", e.to_string()))?;
+        let shared = Arc::new(Shared {
+            conn,
+            policy,
+            tracker: Mutex::new(Tracker::default()),
+            registry: Mutex::new(None),
+            received: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            published: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+        });
+        let (outbox, rx) = mpsc::channel(QUEUE);
+        let writer = tokio::spawn(write_loop(Arc::clone(&shared), rx));
+        Ok(RedisBreakerSync {
+            shared,
+            outbox,
+            tasks: Arc::new(Tasks(Mutex::new(vec![writer]))),
+        })
+    }
+
+    /// Applies other replicas' state to `registry` from now on (loading the
+    /// persisted states first).
+    pub fn attach(&self, registry: CircuitRegistry) {
+        if let Ok(mut slot) = self.shared.registry.lock() {
+            *slot = Some(registry);
+        }
+        let subscriber = tokio::spawn(subscribe_loop(Arc::clone(&self.shared)));
+        if let Ok(mut tasks) = self.tasks.0.lock() {
+            tasks.push(subscriber);
+        }
+    }
+
+    /// This replica's id.
+    pub fn replica_id(&self) -> &str {
+        &self.shared.conn.config.replica_id
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> SyncStats {
+        SyncStats {
+            received: self.shared.received.load(Ordering::Acquire),
+            applied: self.shared.applied.load(Ordering::Acquire),
+            published: self.shared.published.load(Ordering::Acquire),
+            resyncs: self.shared.resyncs.load(Ordering::Acquire),
+        }
+    }
+}
+
+impl StateSync for RedisBreakerSync {
+    fn publish(&self, transition: &LocalTransition<'_>) {
+        let until = match transition.state {
+            CircuitState::Open | CircuitState::ForcedOpen => {
+                let retry_after = transition.retry_after.unwrap_or(Duration::from_secs(1));
+                now_ms() + retry_after.as_millis() as u64
+            }
+            CircuitState::Closed => 0,
+            // Half-open is not shared; manual states other than forced open are local.
+            _ => return,
+        };
+        let message = Message {
+            k: transition.name.to_owned(),
+            o: self.shared.conn.config.replica_id.to_string(),
+            u: until,
+        };
+        if let Ok(mut tracker) = self.shared.tracker.lock() {
+            if until > 0 {
+                tracker.own.insert(message.k.clone(), until);
+            } else {
+                tracker.own.remove(&message.k);
+            }
+        }
+        if self.outbox.try_send(message).is_err() {
+            self.shared.conn.report("breaker sync queue full: transition dropped");
+        }
+    }
+}
+
+async fn write_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Message>) {
+    while let Some(message) = rx.recv().await {
+        if write(&shared, &message).await {
+            shared.published.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Persists and publishes one message. Failures are reported by `Conn::run`;
+/// the state is re-published after the next reconnect.
+async fn write(shared: &Shared, message: &Message) -> bool {
+    let config = &shared.conn.config;
+    let key = config.key("cb", &message.k);
+    let channel = config.channel();
+    let Ok(payload) = serde_json::to_string(message) else {
+        return false;
+    };
+    let (origin, until) = (message.o.clone(), message.u);
+    let ttl_ms = until.saturating_sub(now_ms()).max(1000) + 60_000;
+    shared
+        .conn
+        .run("publish breaker state", |mut c| async move {
+            let mut pipe = redis::pipe();
+            if until > 0 {
+                pipe.hset(&key, &origin, until).ignore();
+                pipe.pexpire(&key, ttl_ms as i64).ignore();
+            } else {
+                pipe.hdel(&key, &origin).ignore();
+            }
+            pipe.publish(&channel, payload).ignore();
+            pipe.query_async::<()>(&mut c).await
+        })
+        .await
+        .is_ok()
+}
+
+async fn subscribe_loop(shared: Arc<Shared>) {
+    let mut backoff = shared.conn.config.reconnect_min;
+    loop {
+        match shared.conn.pubsub().await {
+            Ok(mut pubsub) => {
+                if let Err(e) = pubsub.subscribe(shared.conn.config.channel()).await {
+                    shared.conn.report(&format!("subscribe: {e}"));
+                } else {
+                    backoff = shared.conn.config.reconnect_min;
+                    resync(&shared).await;
+                    let mut messages = pubsub.on_message();
+                    while let Some(msg) = messages.next().await {
+                        if let Ok(message) = serde_json::from_slice::<Message>(msg.get_payload_bytes()) {
+                            receive(&shared, message);
+                        }
+                    }
+                    shared.conn.report("subscription lost");
+                }
+            }
+            Err(e) => shared.conn.report(&e.detail),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = next_backoff(backoff, shared.conn.config.reconnect_max);
+    }
+}
+
+/// Loads every persisted state, then re-publishes this replica's own opens.
+async fn resync(shared: &Arc<Shared>) {
+    let pattern = format!("{}:cb:*", shared.conn.config.prefix);
+    let channel = shared.conn.config.channel();
+    // The command connection may still be reconnecting: retry briefly.
+    let mut states = None;
+    for _ in 0..50 {
+        let pattern = pattern.clone();
+        let channel = channel.clone();
+        let loaded = shared
+            .conn
+            .run("load breaker states", |mut c| async move {
+                let mut keys: Vec<String> = Vec::new();
+                let mut cursor: u64 = 0;
+                loop {
+                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut c)
+                        .await?;
+                    keys.extend(batch.into_iter().filter(|k| *k != channel));
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+                let mut states = Vec::new();
+                for key in keys {
+                    let fields: HashMap<String, u64> = redis::cmd("HGETALL").arg(&key).query_async(&mut c).await?;
+                    states.push((key, fields));
+                }
+                Ok(states)
+            })
+            .await;
+        if let Ok(loaded) = loaded {
+            states = Some(loaded);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(states) = states else { return };
+    let prefix_len = format!("{}:cb:", shared.conn.config.prefix).len();
+    for (key, fields) in states {
+        let name = key.get(prefix_len..).unwrap_or_default().to_owned();
+        for (origin, until) in fields {
+            receive(shared, Message { k: name.clone(), o: origin, u: until });
+        }
+    }
+    let own: Vec<Message> = match shared.tracker.lock() {
+        Ok(t) => t
+            .own
+            .iter()
+            .filter(|(_, until)| **until > now_ms())
+            .map(|(k, u)| Message {
+                k: k.clone(),
+                o: shared.conn.config.replica_id.to_string(),
+                u: *u,
+            })
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for message in own {
+        if write(shared, &message).await {
+            shared.published.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+    shared.resyncs.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Applies one message from another replica, per the policy.
+fn receive(shared: &Shared, message: Message) {
+    if *message.o == *shared.conn.config.replica_id {
+        return;
+    }
+    shared.received.fetch_add(1, Ordering::AcqRel);
+    let now = now_ms();
+    let registry = match shared.registry.lock() {
+        Ok(r) => r.clone(),
+        Err(_) => None,
+    };
+    let Some(registry) = registry else { return };
+    let origin: Arc<str> = message.o.as_str().into();
+    let decision = {
+        let Ok(mut tracker) = shared.tracker.lock() else { return };
+        decide(&mut tracker, shared.policy, &message, now)
+    };
+    let applied = match decision {
+        Some(Apply::Open(until)) => registry.apply_remote(
+            &message.k,
+            &RemoteTransition::open(Duration::from_millis(until.saturating_sub(now)), origin),
+        ),
+        Some(Apply::Close) => registry.apply_remote(&message.k, &RemoteTransition::closed(origin)),
+        None => false,
+    };
+    if applied {
+        shared.applied.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Apply {
+    Open(u64),
+    Close,
+}
+
+/// The policy, as a pure function of the tracked reports (unit-tested).
+fn decide(tracker: &mut Tracker, policy: RemoteOpenPolicy, message: &Message, now: u64) -> Option<Apply> {
+    let open = message.u > now;
+    match policy {
+        RemoteOpenPolicy::Follow => Some(if open { Apply::Open(message.u) } else { Apply::Close }),
+        RemoteOpenPolicy::Quorum(k) => {
+            if open && !tracker.opens.contains_key(&message.k) && tracker.opens.len() >= MAX_TRACKED_KEYS {
+                tracker.opens.retain(|_, origins| {
+                    origins.retain(|_, until| *until > now);
+                    !origins.is_empty()
+                });
+                if tracker.opens.len() >= MAX_TRACKED_KEYS {
+                    return None;
+                }
+            }
+            let origins = tracker.opens.entry(message.k.clone()).or_default();
+            if open {
+                origins.insert(message.o.clone(), message.u);
+            } else {
+                origins.remove(&message.o);
+            }
+            origins.retain(|_, until| *until > now);
+            let mut deadlines: Vec<u64> = origins.values().copied().collect();
+            if origins.is_empty() {
+                tracker.opens.remove(&message.k);
+            }
+            deadlines.sort_unstable_by(|a, b| b.cmp(a));
+            if deadlines.len() >= k {
+                tracker.applied.insert(message.k.clone());
+                Some(Apply::Open(deadlines[k - 1]))
+            } else if tracker.applied.remove(&message.k) {
+                Some(Apply::Close)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(k: &str, o: &str, u: u64) -> Message {
+        Message { k: k.into(), o: o.into(), u }
+    }
+
+    #[test]
+    fn follow_applies_everything() {
+        let mut t = Tracker::default();
+        assert_eq!(decide(&mut t, RemoteOpenPolicy::Follow, &msg("a", "r1", 2000), 1000), Some(Apply::Open(2000)));
+        assert_eq!(decide(&mut t, RemoteOpenPolicy::Follow, &msg("a", "r1", 0), 1000), Some(Apply::Close));
+    }
+
+    #[test]
+    fn quorum_needs_k_distinct_live_origins() {
+        let q = RemoteOpenPolicy::Quorum(2);
+        let mut t = Tracker::default();
+        assert_eq!(decide(&mut t, q, &msg("a", "r1", 5000), 1000), None);
+        // The same origin again does not make a quorum.
+        assert_eq!(decide(&mut t, q, &msg("a", "r1", 6000), 1000), None);
+        // A second origin does; open until the 2nd-latest deadline.
+        assert_eq!(decide(&mut t, q, &msg("a", "r2", 4000), 1000), Some(Apply::Open(4000)));
+        // One closes: below quorum, the quorum-opened circuit closes.
+        assert_eq!(decide(&mut t, q, &msg("a", "r2", 0), 1000), Some(Apply::Close));
+        // Expired reports do not count.
+        assert_eq!(decide(&mut t, q, &msg("a", "r3", 7000), 6500), None);
+    }
+
+    #[test]
+    fn quorum_of_one_is_follow_for_opens() {
+        let mut t = Tracker::default();
+        assert_eq!(decide(&mut t, RemoteOpenPolicy::Quorum(1), &msg("a", "r1", 2000), 1000), Some(Apply::Open(2000)));
+        // A close from an origin whose open was never counted changes nothing.
+        let mut t = Tracker::default();
+        assert_eq!(decide(&mut t, RemoteOpenPolicy::Quorum(1), &msg("b", "r1", 0), 1000), None);
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        let m = msg("search", "replica-1", 123);
+        let s = serde_json::to_string(&m).unwrap();
+        assert_eq!(serde_json::from_str::<Message>(&s).unwrap(), m);
+    }
+}
