@@ -240,8 +240,8 @@ impl Sink {
         self.write_byte(0x09);
     }
 
-    fn finish(self) -> Fingerprint {
-        match self.spill {
+    fn finish(&mut self) -> Fingerprint {
+        match self.spill.take() {
             None => Fingerprint(xxhash_rust::xxh3::xxh3_128(&self.buf[..self.len])),
             Some(mut hasher) => {
                 hasher.update(&self.buf[..self.len]);
