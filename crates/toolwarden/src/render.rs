@@ -1,0 +1,267 @@
+//! Middleware that turns a failed `tools/call` into an `isError` result a
+//! model can read.
+//!
+//! Errors are turned into responses at the edge, as in axum: layers below
+//! refuse calls with small typed errors (`CircuitOpen`, `RateLimited`,
+//! `LoopDetected`, ...), and this layer, outermost, renders any error of a
+//! `tools/call` with the core's [`FailureReport`] into a tool result with
+//! `isError: true` ("search is failing and was not called; retry after 12 s").
+//! An agent then reads what happened instead of seeing a broken transport.
+//!
+//! Passed through unchanged: errors of requests that are not tool calls, and
+//! JSON-RPC errors the server itself returned (a [`ErrorObject`] in the error
+//! chain), which keep their protocol meaning.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::time::Duration;
+//! use tower::{service_fn, Layer, ServiceExt};
+//! use toolwarden::RenderErrorsLayer;
+//! use toolwarden_core::{jsonrpc::{Request, Response}, BoxError, CircuitOpen, McpResponse};
+//!
+//! let refusing = service_fn(|_req: Request| async {
+//!     Err::<Response, BoxError>(Box::new(CircuitOpen::new("search", Duration::from_secs(12))))
+//! });
+//! let svc = RenderErrorsLayer::new().layer(refusing);
+//! let resp = svc.oneshot(Request::tool_call(1, "search", serde_json::json!({}))).await.unwrap();
+//! assert!(resp.is_tool_error());
+//! assert!(resp.first_text().unwrap().contains("retry after 12 s"));
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use toolwarden_core::jsonrpc::{ErrorObject, Id};
+use toolwarden_core::{BoxError, FailureReport, McpRequest, McpResponse};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// Renders errors of `tools/call`s into `isError` results. See the [module docs](self).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RenderErrorsLayer {
+    _priv: (),
+}
+
+impl RenderErrorsLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for RenderErrorsLayer {
+    type Service = RenderErrors<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RenderErrors::new(inner)
+    }
+}
+
+/// The service of [`RenderErrorsLayer`].
+#[derive(Debug, Clone)]
+pub struct RenderErrors<S> {
+    inner: S,
+    enabled: bool,
+}
+
+impl<S> RenderErrors<S> {
+    /// Wraps `inner`.
+    pub fn new(inner: S) -> Self {
+        RenderErrors {
+            inner,
+            enabled: true,
+        }
+    }
+
+    /// The same service, rendering nothing: every result passes through
+    /// (errors are still converted into `BoxError`).
+    pub fn passthrough(mut self) -> Self {
+        self.enabled = false;
+        self
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// What the future needs to render an error: the tool and the request id.
+#[derive(Debug)]
+struct Target {
+    tool: Arc<str>,
+    id: Option<Id>,
+}
+
+impl<S, R> Service<R> for RenderErrors<S>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+    S::Response: McpResponse,
+    R: McpRequest,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = RenderFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: R) -> Self::Future {
+        let target = request
+            .tool_name()
+            .filter(|_| self.enabled)
+            .map(|tool| Target {
+                tool: tool.into(),
+                id: request.request_id().cloned(),
+            });
+        RenderFuture {
+            inner: self.inner.call(request),
+            target,
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`RenderErrors`].
+    pub struct RenderFuture<F> {
+        #[pin]
+        inner: F,
+        target: Option<Target>,
+    }
+}
+
+impl<F> std::fmt::Debug for RenderFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenderFuture")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the server itself answered with a JSON-RPC error.
+fn is_protocol_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<ErrorObject>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+impl<F, T, E> Future for RenderFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    T: McpResponse,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx)).map_err(Into::into);
+        Poll::Ready(match (result, this.target.take()) {
+            (Err(error), Some(target)) if !is_protocol_error(error.as_ref()) => {
+                let report = FailureReport::from_error(&target.tool, error.as_ref());
+                Ok(T::from_tool_result(
+                    target.id.as_ref(),
+                    report.to_tool_result(),
+                ))
+            }
+            (result, _) => result,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::time::Duration;
+    use toolwarden_core::jsonrpc::{Request, Response};
+    use toolwarden_core::testing::ReadyChecked;
+    use toolwarden_core::{LoopDetected, LoopPattern, RateLimited};
+    use tower::{service_fn, ServiceExt};
+
+    #[tokio::test]
+    async fn rejections_become_readable_results_with_the_request_id() {
+        let svc = RenderErrorsLayer::new().layer(
+            ReadyChecked::new(service_fn(|_req: Request| async {
+                Err::<Response, BoxError>(Box::new(RateLimited::new(
+                    "search",
+                    Duration::from_millis(500),
+                )))
+            }))
+            .pending_first(),
+        );
+        let resp = svc
+            .oneshot(Request::tool_call(42, "search", json!({})))
+            .await
+            .unwrap();
+        assert_eq!(resp.id, Id::Number(42));
+        assert!(resp.is_tool_error());
+        let result = resp.payload.unwrap();
+        assert_eq!(
+            result["structuredContent"]["toolwarden"]["layer"],
+            "rate_limit"
+        );
+        assert_eq!(
+            result["structuredContent"]["toolwarden"]["retryAfterSeconds"],
+            0.5
+        );
+    }
+
+    #[tokio::test]
+    async fn a_loop_tells_the_model_to_change_approach() {
+        let svc = RenderErrorsLayer::new().layer(service_fn(|_req: Request| async {
+            Err::<Response, BoxError>(Box::new(LoopDetected::new(
+                "search",
+                4,
+                LoopPattern::RepeatedFailure,
+            )))
+        }));
+        let resp = svc
+            .oneshot(Request::tool_call(1, "search", json!({})))
+            .await
+            .unwrap();
+        assert!(resp.first_text().unwrap().contains("change approach"));
+    }
+
+    #[tokio::test]
+    async fn protocol_errors_and_other_methods_pass_through() {
+        let svc = RenderErrorsLayer::new().layer(service_fn(|_req: Request| async {
+            Err::<Response, BoxError>(Box::new(ErrorObject::new(-32602, "Unknown tool: nope")))
+        }));
+        let err = svc
+            .clone()
+            .oneshot(Request::tool_call(1, "nope", json!({})))
+            .await
+            .unwrap_err();
+        assert_eq!(err.downcast_ref::<ErrorObject>().unwrap().code, -32602);
+        let svc = RenderErrorsLayer::new().layer(service_fn(|_req: Request| async {
+            Err::<Response, BoxError>("transport closed".into())
+        }));
+        let err = svc
+            .oneshot(Request::new(2, "tools/list", None))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "transport closed");
+    }
+}

@@ -1,0 +1,446 @@
+//! The standard stack: every toolwarden layer in the standard order, built
+//! from one validated configuration.
+//!
+//! Outermost first, and why (see DESIGN.md):
+//!
+//! | # | layer | why here |
+//! |---|---|---|
+//! | 0 | [`RenderErrorsLayer`](crate::RenderErrorsLayer) | errors become readable `isError` results at the edge |
+//! | 1 | observability | sees every call, including those refused below |
+//! | 2 | loop guard | stops a stuck agent before anything is spent |
+//! | 3 | fallback cache | catches whatever fails below it, rejections included |
+//! | 4 | retry with backoff | each attempt passes through the limiter and the breaker |
+//! | 5 | rate limit | every attempt takes a token |
+//! | 6 | circuit breaker | closest to the transport, so it sees real outcomes |
+//! | 7 | attempt timeout | bounds each attempt; the breaker counts it as a timeout |
+//!
+//! One [`ToolCatalog`] (which tools are safe to repeat or cache) and one
+//! [`Events`] hook (with the observability layer's sink added) are shared by
+//! every layer, and the fallback cache reads the breaker's registry to skip
+//! open tools when it suggests alternatives.
+//!
+//! Each layer is configured through its own builder, in a closure. The knobs
+//! that only make sense together are set on the stack builder, which checks
+//! them together when it builds and names the fields it refuses:
+//!
+//! | knob | default | checked against |
+//! |---|---|---|
+//! | [`attempt_timeout`](StandardStackBuilder::attempt_timeout) | 10 s | ≤ `retry_deadline` |
+//! | [`retry_deadline`](StandardStackBuilder::retry_deadline) | 30 s | ≥ `attempt_timeout`; > a rate limit's `max_wait` |
+//! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
+//! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
+//!
+//! The rate limit starts from a generous per-tool quota
+//! ([`DEFAULT_TOOL_RATE`] calls/s, burst [`DEFAULT_TOOL_BURST`]) that a
+//! `per_tool` in the rate-limit closure replaces.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::time::Duration;
+//! use tower::{Layer, ServiceExt};
+//! use toolwarden::stack::StandardStack;
+//! use toolwarden_core::{jsonrpc::Request, testing::MockMcp, ToolCatalog};
+//!
+//! let catalog = ToolCatalog::new();
+//! let stack = StandardStack::builder()
+//!     .catalog(catalog.clone())
+//!     .attempt_timeout(Duration::from_secs(5))
+//!     .retry_deadline(Duration::from_secs(20))
+//!     .circuit_breaker(|b| b.failure_threshold(5))
+//!     .retry(|b| b.max_attempts(3))
+//!     .build()
+//!     .unwrap();
+//! let svc = stack.layer(MockMcp::new());
+//! let resp = svc.oneshot(Request::tool_call(1, "search", serde_json::json!({"q": "x"}))).await.unwrap();
+//! assert_eq!(resp.id, toolwarden_core::jsonrpc::Id::Number(1));
+//!
+//! // Knobs that contradict each other are refused, naming the fields.
+//! let err = StandardStack::builder()
+//!     .attempt_timeout(Duration::from_secs(60))
+//!     .retry_deadline(Duration::from_secs(30))
+//!     .build()
+//!     .unwrap_err();
+//! assert_eq!(err.field(), "attempt_timeout, retry.deadline");
+//! # }
+//! ```
+
+use std::fmt;
+use std::time::Duration;
+
+use toolwarden_circuit_breaker::{
+    CircuitBreaker, CircuitBreakerBuilder, CircuitBreakerLayer, CircuitRegistry, TimeWindow,
+};
+use toolwarden_core::{ConfigError, Events, ToolCatalog};
+use toolwarden_fallback_cache::{FallbackCache, FallbackCacheBuilder, FallbackCacheLayer};
+use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer};
+use toolwarden_observability::{Observability, ObservabilityBuilder, ObservabilityLayer, Stats};
+use toolwarden_rate_limit::{Mode, Rate, RateLimit, RateLimitBuilder, RateLimitLayer};
+use toolwarden_retry::{RetryBackoff, RetryBackoffBuilder, RetryBackoffLayer};
+use tower::timeout::{Timeout, TimeoutLayer};
+use tower::ServiceBuilder;
+use tower_layer::Layer;
+
+use crate::render::RenderErrors;
+
+/// The service the standard stack builds over `S`.
+pub type StandardService<S> = RenderErrors<
+    Observability<LoopGuard<FallbackCache<RetryBackoff<RateLimit<CircuitBreaker<Timeout<S>>>>>>>,
+>;
+
+type Configure<B> = Box<dyn FnOnce(B) -> B + Send>;
+
+/// The stack's default per-tool rate (calls per second) when the rate-limit
+/// closure sets none.
+pub const DEFAULT_TOOL_RATE: u32 = 50;
+/// The stack's default per-tool burst.
+pub const DEFAULT_TOOL_BURST: u32 = 100;
+
+/// Entry point of the standard stack.
+#[derive(Debug, Clone, Copy)]
+pub struct StandardStack;
+
+impl StandardStack {
+    /// A builder with every default.
+    pub fn builder() -> StandardStackBuilder {
+        StandardStackBuilder::default()
+    }
+}
+
+/// Builds a [`StandardStackLayer`]; see the [module docs](self).
+pub struct StandardStackBuilder {
+    catalog: ToolCatalog,
+    events: Events,
+    attempt_timeout: Duration,
+    retry_deadline: Duration,
+    breaker_time_window: Option<TimeWindow>,
+    slow_call_duration: Option<Duration>,
+    render_errors: bool,
+    circuit_breaker: Option<Configure<CircuitBreakerBuilder>>,
+    rate_limit: Option<Configure<RateLimitBuilder>>,
+    retry: Option<Configure<RetryBackoffBuilder>>,
+    loop_guard: Option<Configure<LoopGuardBuilder>>,
+    fallback_cache: Option<Configure<FallbackCacheBuilder>>,
+    observability: Option<Configure<ObservabilityBuilder>>,
+}
+
+impl Default for StandardStackBuilder {
+    fn default() -> Self {
+        StandardStackBuilder {
+            catalog: ToolCatalog::new(),
+            events: Events::new(),
+            attempt_timeout: Duration::from_secs(10),
+            retry_deadline: Duration::from_secs(30),
+            breaker_time_window: None,
+            slow_call_duration: None,
+            render_errors: true,
+            circuit_breaker: None,
+            rate_limit: None,
+            retry: None,
+            loop_guard: None,
+            fallback_cache: None,
+            observability: None,
+        }
+    }
+}
+
+impl fmt::Debug for StandardStackBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StandardStackBuilder")
+            .field("catalog", &self.catalog)
+            .field("events", &self.events)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("retry_deadline", &self.retry_deadline)
+            .field("breaker_time_window", &self.breaker_time_window)
+            .field("slow_call_duration", &self.slow_call_duration)
+            .field("render_errors", &self.render_errors)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StandardStackBuilder {
+    /// The tool catalog every layer shares. Default: empty and untrusted
+    /// (then only failures before the request left are retried, and nothing
+    /// is cached, until tools are configured or annotations trusted).
+    pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// Extra event sinks (the observability layer's is always added).
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// The bound on one attempt. Default 10 s.
+    pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.attempt_timeout = timeout;
+        self
+    }
+
+    /// The bound on a call with all its retries. Default 30 s.
+    pub fn retry_deadline(mut self, deadline: Duration) -> Self {
+        self.retry_deadline = deadline;
+        self
+    }
+
+    /// A time-based failure-rate window for the breaker. Default: none.
+    pub fn breaker_time_window(mut self, window: TimeWindow) -> Self {
+        self.breaker_time_window = Some(window);
+        self
+    }
+
+    /// Calls at least this long count as slow for the breaker. Default: none.
+    pub fn slow_call_duration(mut self, duration: Duration) -> Self {
+        self.slow_call_duration = Some(duration);
+        self
+    }
+
+    /// Whether errors of tool calls are rendered into `isError` results at
+    /// the top ([`RenderErrorsLayer`](crate::RenderErrorsLayer)). Default `true`.
+    pub fn render_errors(mut self, render: bool) -> Self {
+        self.render_errors = render;
+        self
+    }
+
+    /// Configures the circuit breaker.
+    pub fn circuit_breaker(
+        mut self,
+        f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder + Send + 'static,
+    ) -> Self {
+        self.circuit_breaker = Some(Box::new(f));
+        self
+    }
+
+    /// Configures the rate limit.
+    pub fn rate_limit(
+        mut self,
+        f: impl FnOnce(RateLimitBuilder) -> RateLimitBuilder + Send + 'static,
+    ) -> Self {
+        self.rate_limit = Some(Box::new(f));
+        self
+    }
+
+    /// Configures retry with backoff.
+    pub fn retry(
+        mut self,
+        f: impl FnOnce(RetryBackoffBuilder) -> RetryBackoffBuilder + Send + 'static,
+    ) -> Self {
+        self.retry = Some(Box::new(f));
+        self
+    }
+
+    /// Configures the loop guard.
+    pub fn loop_guard(
+        mut self,
+        f: impl FnOnce(LoopGuardBuilder) -> LoopGuardBuilder + Send + 'static,
+    ) -> Self {
+        self.loop_guard = Some(Box::new(f));
+        self
+    }
+
+    /// Configures the fallback cache.
+    pub fn fallback_cache(
+        mut self,
+        f: impl FnOnce(FallbackCacheBuilder) -> FallbackCacheBuilder + Send + 'static,
+    ) -> Self {
+        self.fallback_cache = Some(Box::new(f));
+        self
+    }
+
+    /// Configures observability.
+    pub fn observability(
+        mut self,
+        f: impl FnOnce(ObservabilityBuilder) -> ObservabilityBuilder + Send + 'static,
+    ) -> Self {
+        self.observability = Some(Box::new(f));
+        self
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.attempt_timeout.is_zero() {
+            return Err(ConfigError::new("attempt_timeout", "must be positive"));
+        }
+        if self.attempt_timeout > self.retry_deadline {
+            return Err(ConfigError::new(
+                "attempt_timeout, retry.deadline",
+                format!(
+                    "one attempt ({:?}) may not outlast the whole retry deadline ({:?})",
+                    self.attempt_timeout, self.retry_deadline
+                ),
+            ));
+        }
+        if let Some(window) = self.breaker_time_window {
+            if window.duration < self.attempt_timeout * 2 {
+                return Err(ConfigError::new(
+                    "circuit_breaker.time_window, attempt_timeout",
+                    format!(
+                        "the breaker's time window ({:?}) must be at least twice the attempt timeout ({:?}) to hold whole attempts",
+                        window.duration, self.attempt_timeout
+                    ),
+                ));
+            }
+        }
+        if let Some(slow) = self.slow_call_duration {
+            if slow >= self.attempt_timeout {
+                return Err(ConfigError::new(
+                    "circuit_breaker.slow_call_duration, attempt_timeout",
+                    format!(
+                        "a call times out ({:?}) before it can count as slow ({slow:?})",
+                        self.attempt_timeout
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the configuration and builds every layer.
+    pub fn build(self) -> Result<StandardStackLayer, ConfigError> {
+        self.check()?;
+        let observability = apply(ObservabilityLayer::builder(), self.observability)
+            .build()
+            .map_err(|e| e.in_section("observability"))?;
+        let events = self.events.merge(&observability.events());
+
+        let mut breaker = apply(CircuitBreakerLayer::builder(), self.circuit_breaker);
+        if let Some(window) = self.breaker_time_window {
+            breaker = breaker.time_window(window);
+        }
+        if let Some(slow) = self.slow_call_duration {
+            breaker = breaker.slow_call_duration(slow);
+        }
+        let circuit_breaker = breaker
+            .events(events.clone())
+            .build()
+            .map_err(|e| e.in_section("circuit_breaker"))?;
+        let registry = circuit_breaker.registry().clone();
+
+        // A generous default quota, so the stack protects a server from a
+        // storm without getting in the way of normal use; the closure's
+        // `per_tool` replaces it.
+        let rate_limit = apply(
+            RateLimitLayer::builder()
+                .per_tool(Rate::per_second(DEFAULT_TOOL_RATE), DEFAULT_TOOL_BURST),
+            self.rate_limit,
+        )
+        .events(events.clone())
+        .build()
+        .map_err(|e| e.in_section("rate_limit"))?;
+        if let Mode::Wait { max_wait } = rate_limit.mode() {
+            if max_wait >= self.retry_deadline {
+                return Err(ConfigError::new(
+                    "rate_limit.max_wait, retry.deadline",
+                    format!(
+                        "waiting for a token ({max_wait:?}) would use up the whole retry deadline ({:?})",
+                        self.retry_deadline
+                    ),
+                ));
+            }
+        }
+        let retry = apply(RetryBackoffLayer::builder(), self.retry)
+            .catalog(self.catalog.clone())
+            .deadline(self.retry_deadline)
+            .events(events.clone())
+            .build()
+            .map_err(|e| e.in_section("retry"))?;
+        let fallback_cache = apply(
+            FallbackCacheLayer::builder(self.catalog.clone()),
+            self.fallback_cache,
+        )
+        .circuits(registry.circuits())
+        .events(events.clone())
+        .build()
+        .map_err(|e| e.in_section("fallback_cache"))?;
+        let loop_guard = apply(LoopGuardLayer::builder(), self.loop_guard)
+            .events(events.clone())
+            .build()
+            .map_err(|e| e.in_section("loop_guard"))?;
+
+        Ok(StandardStackLayer {
+            render_errors: self.render_errors,
+            observability,
+            loop_guard,
+            fallback_cache,
+            retry,
+            rate_limit,
+            circuit_breaker,
+            attempt_timeout: self.attempt_timeout,
+            catalog: self.catalog,
+            events,
+        })
+    }
+}
+
+fn apply<B>(builder: B, f: Option<Configure<B>>) -> B {
+    match f {
+        Some(f) => f(builder),
+        None => builder,
+    }
+}
+
+/// Every toolwarden layer in the standard order, as one `Layer`. Cloning is
+/// cheap; services built from clones share all state (breakers, limits,
+/// budgets, caches, statistics).
+#[derive(Debug, Clone)]
+pub struct StandardStackLayer {
+    render_errors: bool,
+    observability: ObservabilityLayer,
+    loop_guard: LoopGuardLayer,
+    fallback_cache: FallbackCacheLayer,
+    retry: RetryBackoffLayer,
+    rate_limit: RateLimitLayer,
+    circuit_breaker: CircuitBreakerLayer,
+    attempt_timeout: Duration,
+    catalog: ToolCatalog,
+    events: Events,
+}
+
+impl StandardStackLayer {
+    /// The breaker registry: snapshots, manual control, the Redis seam.
+    pub fn registry(&self) -> &CircuitRegistry {
+        self.circuit_breaker.registry()
+    }
+
+    /// Per-tool statistics.
+    pub fn stats(&self) -> Stats {
+        self.observability.stats()
+    }
+
+    /// The shared tool catalog.
+    pub fn catalog(&self) -> &ToolCatalog {
+        &self.catalog
+    }
+
+    /// The events every layer emits into (yours plus observability's).
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// The attempt timeout.
+    pub fn attempt_timeout(&self) -> Duration {
+        self.attempt_timeout
+    }
+}
+
+impl<S> Layer<S> for StandardStackLayer {
+    type Service = StandardService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        let service = ServiceBuilder::new()
+            .layer(self.observability.clone())
+            .layer(self.loop_guard.clone())
+            .layer(self.fallback_cache.clone())
+            .layer(self.retry.clone())
+            .layer(self.rate_limit.clone())
+            .layer(self.circuit_breaker.clone())
+            .layer(TimeoutLayer::new(self.attempt_timeout))
+            .service(inner);
+        let render = RenderErrors::new(service);
+        if self.render_errors {
+            render
+        } else {
+            render.passthrough()
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The standard stack as a whole: the layers in order, sharing one catalog,
+//! one event hook and one breaker registry, over a scripted MCP server.
+
+#![cfg(feature = "stack")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use toolwarden::stack::StandardStack;
+use toolwarden_circuit_breaker::{CircuitState, TimeWindow};
+use toolwarden_core::jsonrpc::{Id, Request, Response};
+use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
+use toolwarden_core::{McpResponse, ToolAnnotations, ToolCatalog, ToolInfo};
+use tower::{Layer, Service, ServiceExt};
+
+fn catalog() -> ToolCatalog {
+    let catalog = ToolCatalog::new();
+    let read_only = ToolAnnotations {
+        read_only_hint: Some(true),
+        ..Default::default()
+    };
+    let destructive = ToolAnnotations {
+        destructive_hint: Some(true),
+        ..Default::default()
+    };
+    catalog.insert(ToolInfo::new("search_docs", "Search the documentation").annotations(read_only));
+    catalog.insert(ToolInfo::new("web_search", "Search the web for pages").annotations(read_only));
+    catalog.insert(ToolInfo::new("delete_record", "Delete a record").annotations(destructive));
+    catalog.set_trusted(true);
+    catalog
+}
+
+async fn call<S>(svc: &mut S, id: i64, tool: &str, args: serde_json::Value) -> Response
+where
+    S: Service<Request, Response = Response>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready()
+        .await
+        .unwrap()
+        .call(Request::tool_call(id, tool, args))
+        .await
+        .unwrap()
+}
+
+#[test]
+fn contradicting_knobs_are_refused_naming_the_fields() {
+    let cases = [
+        (
+            StandardStack::builder().attempt_timeout(Duration::ZERO),
+            "attempt_timeout",
+        ),
+        (
+            StandardStack::builder()
+                .attempt_timeout(Duration::from_secs(40))
+                .retry_deadline(Duration::from_secs(30)),
+            "attempt_timeout, retry.deadline",
+        ),
+        (
+            StandardStack::builder()
+                .attempt_timeout(Duration::from_secs(10))
+                .breaker_time_window(TimeWindow::new(Duration::from_secs(15), 10)),
+            "circuit_breaker.time_window, attempt_timeout",
+        ),
+        (
+            StandardStack::builder()
+                .attempt_timeout(Duration::from_secs(2))
+                .slow_call_duration(Duration::from_secs(3)),
+            "circuit_breaker.slow_call_duration, attempt_timeout",
+        ),
+        (
+            StandardStack::builder()
+                .retry_deadline(Duration::from_secs(10))
+                .rate_limit(|b| {
+                    b.mode(toolwarden_rate_limit::Mode::Wait {
+                        max_wait: Duration::from_secs(10),
+                    })
+                }),
+            "rate_limit.max_wait, retry.deadline",
+        ),
+    ];
+    for (builder, field) in cases {
+        assert_eq!(builder.build().unwrap_err().field(), field);
+    }
+    // A layer's own validation still names its field, in its section.
+    let err = StandardStack::builder()
+        .circuit_breaker(|b| b.half_open_max_calls(0))
+        .build()
+        .unwrap_err();
+    assert!(
+        err.field().contains("half_open_max_calls"),
+        "{}",
+        err.field()
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_only_tool_is_retried_and_served_stale_once_its_circuit_opens() {
+    let mock = MockMcp::new()
+        .script("search_docs", [Step::ok("tower retry docs")])
+        .default_step("search_docs", Step::rpc_error(-32603, "database down"));
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .retry(|b| b.max_attempts(2).base_delay(Duration::from_millis(10)))
+        .circuit_breaker(|b| {
+            b.failure_threshold(4)
+                .minimum_calls(4)
+                .reset_timeout(Duration::from_secs(60))
+        })
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(ReadyChecked::new(mock.clone()).pending_first());
+    let args = json!({"query": "retry"});
+
+    // A success is cached.
+    let first = call(&mut svc, 1, "search_docs", args.clone()).await;
+    assert_eq!(first.first_text().as_deref(), Some("tower retry docs"));
+
+    // Failures. Call 2 tries twice (the tool is read-only and trusted, so it
+    // is retried); call 3's first attempt is the breaker's 4th recorded call:
+    // 3 failures of 4 is above the default 50 % rate, so it opens and
+    // refuses call 3's second attempt before it reaches the server.
+    for id in 2..4 {
+        let resp = call(&mut svc, id, "search_docs", args.clone()).await;
+        // The fallback cache answers with the last good result, marked stale.
+        assert_eq!(resp.id, Id::Number(id));
+        assert!(!resp.is_tool_error(), "{resp:?}");
+        let result = resp.payload.unwrap();
+        assert!(result["_meta"]["toolwarden/stale"].is_object(), "{result}");
+    }
+    assert_eq!(mock.calls("search_docs"), 1 + 2 + 1);
+    assert_eq!(
+        stack.registry().state("search_docs"),
+        Some(CircuitState::Open)
+    );
+
+    // Open for 60 s, longer than the 30 s retry deadline: the retry layer
+    // does not wait for the probe, nothing reaches the server, and the
+    // stale answer still comes.
+    let resp = call(&mut svc, 9, "search_docs", args.clone()).await;
+    assert!(resp.payload.unwrap()["_meta"]["toolwarden/stale"].is_object());
+    assert_eq!(mock.calls("search_docs"), 4);
+
+    let stats = stack.stats().snapshot();
+    let json = serde_json::to_value(&stats).unwrap();
+    assert!(json.to_string().contains("search_docs"), "{json}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destructive_tool_is_not_retried_and_its_failure_is_readable() {
+    let mock = MockMcp::new().default_step("delete_record", Step::rpc_error(-32603, "disk error"));
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .retry(|b| b.max_attempts(3))
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(mock.clone());
+    let resp = call(&mut svc, 1, "delete_record", json!({"id": 7})).await;
+    assert_eq!(mock.calls("delete_record"), 1, "never retried");
+    // Nothing cached to fall back on: the fallback cache degrades the
+    // server's error into a structured result the model can read.
+    assert!(resp.is_tool_error());
+    let facts = &resp.payload.unwrap()["structuredContent"]["toolwarden"];
+    assert_eq!(facts["class"], "server");
+    assert!(
+        facts["error"].as_str().unwrap().contains("-32603"),
+        "{facts}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unknown_tool_never_trips_the_breaker() {
+    let mock = MockMcp::new().default_step(
+        "nope",
+        Step::tool_error("MCP error -32602: Tool nope not found"),
+    );
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .circuit_breaker(|b| b.failure_threshold(2).minimum_calls(2))
+        .loop_guard(|b| b.exempt("nope"))
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(mock.clone());
+    for id in 0..10 {
+        let resp = call(&mut svc, id, "nope", json!({})).await;
+        assert!(resp.is_tool_error());
+    }
+    assert_eq!(
+        mock.calls("nope"),
+        10,
+        "client errors are neither retried nor refused"
+    );
+    assert_ne!(stack.registry().state("nope"), Some(CircuitState::Open));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_looping_agent_is_stopped_with_a_readable_answer() {
+    let mock = MockMcp::new().default_step("web_search", Step::tool_error("invalid query syntax"));
+    let stack = StandardStack::builder().catalog(catalog()).build().unwrap();
+    let mut svc = stack.layer(mock.clone());
+    let args = json!({"q": "(("});
+    for id in 0..3 {
+        let resp = call(&mut svc, id, "web_search", args.clone()).await;
+        assert!(resp.is_tool_error());
+    }
+    // The 4th identical failing call is blocked before it reaches the server.
+    let blocked = call(&mut svc, 4, "web_search", args).await;
+    assert!(blocked.is_tool_error());
+    let text = blocked.first_text().unwrap().into_owned();
+    assert!(text.contains("change approach"), "{text}");
+    assert_eq!(mock.calls("web_search"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_methods_pass_through() {
+    let mock = MockMcp::new();
+    let stack = StandardStack::builder().build().unwrap();
+    let resp = stack
+        .layer(mock.clone())
+        .oneshot(Request::new(5, "tools/list", None))
+        .await
+        .unwrap();
+    assert_eq!(resp, Response::result(Id::Number(5), json!({})));
+    assert_eq!(mock.requests().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hanging_attempt_times_out_and_counts_for_the_breaker() {
+    let mock = MockMcp::new().default_step("web_search", Step::Hang);
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .attempt_timeout(Duration::from_secs(1))
+        .retry_deadline(Duration::from_secs(5))
+        .retry(|b| b.max_attempts(1))
+        .circuit_breaker(|b| b.failure_threshold(1).minimum_calls(1))
+        .fallback_cache(|b| b.degrade(true))
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(mock.clone());
+    let resp = call(&mut svc, 1, "web_search", json!({"q": "x"})).await;
+    assert!(resp.is_tool_error(), "a timeout becomes a readable failure");
+    assert_eq!(
+        stack.registry().state("web_search"),
+        Some(CircuitState::Open)
+    );
+    assert_eq!(mock.in_flight(), 0, "the timed-out attempt was dropped");
+}
