@@ -218,3 +218,97 @@ async fn killing_the_server_mid_call_answers_every_call() {
     let after = bounded("a call after the kill", LIMIT, client.clone().oneshot(call("echo", json!({"message": "x"})))).await;
     assert_eq!(classify(&after).kind, OutcomeKind::Transport);
 }
+
+mod through_the_standard_stack {
+    //! The same real servers behind the whole standard stack.
+
+    use super::*;
+    use toolwarden::circuit_breaker::CircuitState;
+    use toolwarden::stack::StandardStack;
+    use tower::Layer;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unknown_tools_are_answered_on_both_servers_and_never_trip_the_breaker() {
+        let Some(everything) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+        let Some(time) = component("TOOLWARDEN_MCP_SERVER_TIME") else { return };
+        for (program, args) in [(everything, vec!["stdio"]), (time, vec!["--local-timezone", "UTC"])] {
+            let (running, _) = stdio(&program, &args).await;
+            let catalog = ToolCatalog::new();
+            let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
+            bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+            let stack = StandardStack::builder()
+                .catalog(catalog)
+                .circuit_breaker(|b| b.failure_threshold(3).minimum_calls(3))
+                .loop_guard(|b| b.exempt("nope"))
+                .build()
+                .unwrap();
+            let svc = stack.layer(client);
+            for _ in 0..6 {
+                let result = bounded("an unknown tool", LIMIT, svc.clone().oneshot(call("nope", json!({})))).await;
+                // Answered either way: an isError result (server-everything), or
+                // the server's own -32602 JSON-RPC error (mcp-server-time).
+                match &result {
+                    Ok(r) => assert!(r.is_tool_error(), "{r:?}"),
+                    Err(e) => assert_eq!(classify(&result).class, Some(FailureClass::Client), "{e}"),
+                }
+            }
+            assert_ne!(stack.registry().state("nope"), Some(CircuitState::Open), "{program:?}");
+            running.cancel().await.ok();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tools_are_called_through_the_stack() {
+        let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+        let (running, _) = stdio(&bin, &["stdio"]).await;
+        let catalog = ToolCatalog::new();
+        let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
+        bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+        catalog.set_trusted(true);
+        let stack = StandardStack::builder().catalog(catalog).build().unwrap();
+        let svc = stack.layer(client);
+        let echo = bounded("echo", LIMIT, svc.clone().oneshot(call("echo", json!({"message": "stacked"})))).await.unwrap();
+        assert_eq!(echo.first_text().as_deref(), Some("Echo: stacked"));
+        let sum = bounded("get-sum", LIMIT, svc.oneshot(call("get-sum", json!({"a": 40, "b": 2})))).await.unwrap();
+        assert!(sum.first_text().unwrap().contains("42"));
+        let stats = serde_json::to_value(stack.stats().snapshot()).unwrap().to_string();
+        assert!(stats.contains("echo") && stats.contains("get-sum"), "{stats}");
+        running.cancel().await.ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_operation_past_the_deadline_returns_in_time_and_is_cancelled_upstream() {
+        let Some(python) = component("TOOLWARDEN_PYTHON") else { return };
+        let script = flaky_server_script();
+        let (running, _) = stdio(&python, &[script.to_str().unwrap()]).await;
+        let client = RmcpClient::new(running.peer().clone());
+        let stack = StandardStack::builder()
+            .attempt_timeout(Duration::from_millis(300))
+            .retry_deadline(Duration::from_secs(1))
+            .build()
+            .unwrap();
+        let result = bounded(
+            "a call past its deadline",
+            LIMIT,
+            stack.layer(client.clone()).oneshot(call("slow", json!({"seconds": 30}))),
+        )
+        .await
+        .unwrap();
+        // The deadline fired (not the tool finishing): a readable timeout.
+        assert!(result.is_tool_error());
+        let text = result.first_text().unwrap().into_owned();
+        assert!(text.contains("timed out") || text.contains("timeout") || text.contains("elapsed"), "{text}");
+        let cancelled = eventually(LIMIT, || {
+            let client = client.clone();
+            async move {
+                let ServerResult::CallToolResult(r) = client.oneshot(call("stats", json!({}))).await.ok()? else {
+                    return None;
+                };
+                (r.structured_content?.get("slow_cancelled")?.as_u64()? >= 1).then_some(())
+            }
+        })
+        .await;
+        assert!(cancelled.is_some(), "the server never saw the cancellation");
+        running.cancel().await.ok();
+    }
+}
