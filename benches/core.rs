@@ -19,7 +19,11 @@ fn arguments_200_bytes() -> serde_json::Value {
         "cursor": null,
         "_meta": {"progressToken": 42}
     });
-    assert!((180..=240).contains(&args.to_string().len()), "{}", args.to_string().len());
+    assert!(
+        (180..=240).contains(&args.to_string().len()),
+        "{}",
+        args.to_string().len()
+    );
     args
 }
 

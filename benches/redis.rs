@@ -15,7 +15,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use governor::{Quota, RateLimiter};
 use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use toolwarden_core::Events;
-use toolwarden_redis::{quota, Decision, Fallback, RedisBreakerSync, RedisConfig, RedisRateLimiter, RemoteOpenPolicy};
+use toolwarden_redis::{
+    quota, Decision, Fallback, RedisBreakerSync, RedisConfig, RedisRateLimiter, RemoteOpenPolicy,
+};
 
 struct Server(Child);
 
@@ -28,18 +30,32 @@ impl Drop for Server {
 
 fn start_redis() -> (Server, String) {
     let bin = std::env::var("TOOLWARDEN_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let child = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server (set TOOLWARDEN_REDIS_SERVER or put it on PATH)");
+    let server = Server(child);
     let url = format!("redis://127.0.0.1:{port}/");
     let client = redis::Client::open(url.as_str()).unwrap();
     for _ in 0..200 {
         if client.get_connection().is_ok() {
-            return (Server(child), url);
+            return (server, url);
         }
         std::thread::sleep(Duration::from_millis(25));
     }
@@ -47,15 +63,26 @@ fn start_redis() -> (Server, String) {
 }
 
 fn config(url: &str, replica: &str) -> RedisConfig {
-    RedisConfig::builder(url).replica_id(replica).op_timeout(Duration::from_millis(200)).events(Events::new()).build().unwrap()
+    RedisConfig::builder(url)
+        .replica_id(replica)
+        .op_timeout(Duration::from_millis(200))
+        .events(Events::new())
+        .build()
+        .unwrap()
 }
 
 fn bench_limiter(c: &mut Criterion) {
     let (_server, url) = start_redis();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     // A quota nothing here exhausts: every check is a full admission.
     let q = quota(Duration::from_nanos(1), 1_000_000).unwrap();
-    let local = RateLimiter::direct(Quota::per_second(std::num::NonZeroU32::new(1_000_000_000).unwrap()));
+    let local = RateLimiter::direct(Quota::per_second(
+        std::num::NonZeroU32::new(1_000_000_000).unwrap(),
+    ));
     let limiter = rt.block_on(async {
         let l = RedisRateLimiter::new(config(&url, "bench"), Fallback::Deny, q).unwrap();
         while !l.is_connected() {
@@ -64,7 +91,9 @@ fn bench_limiter(c: &mut Criterion) {
         l
     });
     let mut group = c.benchmark_group("redis/limiter");
-    group.bench_function("local_governor_check", |b| b.iter(|| black_box(local.check())));
+    group.bench_function("local_governor_check", |b| {
+        b.iter(|| black_box(local.check()))
+    });
     group.bench_function("distributed_check", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
@@ -96,7 +125,9 @@ fn bench_limiter(c: &mut Criterion) {
                 for t in tasks {
                     t.await.unwrap();
                 }
-                start.elapsed().mul_f64(iters as f64 / (per_task * 8) as f64)
+                start
+                    .elapsed()
+                    .mul_f64(iters as f64 / (per_task * 8) as f64)
             })
         })
     });
@@ -105,11 +136,19 @@ fn bench_limiter(c: &mut Criterion) {
 
 fn bench_propagation(c: &mut Criterion) {
     let (_server, url) = start_redis();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     let (a, b) = rt.block_on(async {
         let make = |name: &str| {
-            let sync = RedisBreakerSync::start(config(&url, name), RemoteOpenPolicy::Follow).unwrap();
-            let layer = CircuitBreakerLayer::builder().sync(Arc::new(sync.clone())).build().unwrap();
+            let sync =
+                RedisBreakerSync::start(config(&url, name), RemoteOpenPolicy::Follow).unwrap();
+            let layer = CircuitBreakerLayer::builder()
+                .sync(Arc::new(sync.clone()))
+                .build()
+                .unwrap();
             sync.attach(layer.registry().clone());
             (sync, layer)
         };

@@ -24,7 +24,9 @@ use rmcp::model::{
 };
 use rmcp::service::{RequestContext, RoleServer};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::{StreamableHttpClientTransport, StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::transport::{
+    StreamableHttpClientTransport, StreamableHttpServerConfig, StreamableHttpService,
+};
 use rmcp::{ErrorData, ServerHandler, ServiceExt as _};
 use serde_json::json;
 use toolwarden::stack::{StandardService, StandardStack};
@@ -40,11 +42,19 @@ fn tools() -> Tools {
     BoxCloneSyncService::new(tower::service_fn(move |req: ClientRequest| {
         let n = calls.fetch_add(1, Ordering::Relaxed) + 1;
         async move {
-            let name = toolwarden_core::McpRequest::tool_name(&req).unwrap_or_default().to_owned();
+            let name = toolwarden_core::McpRequest::tool_name(&req)
+                .unwrap_or_default()
+                .to_owned();
             let result = match name.as_str() {
-                "quote" if n % 3 == 0 => CallToolResult::error(vec![ContentBlock::text("quote service temporarily unavailable")]),
-                "quote" => CallToolResult::success(vec![ContentBlock::text(format!("quote #{n}: ship it"))]),
-                other => CallToolResult::error(vec![ContentBlock::text(format!("MCP error -32602: Tool {other} not found"))]),
+                "quote" if n.is_multiple_of(3) => CallToolResult::error(vec![ContentBlock::text(
+                    "quote service temporarily unavailable",
+                )]),
+                "quote" => CallToolResult::success(vec![ContentBlock::text(format!(
+                    "quote #{n}: ship it"
+                ))]),
+                other => CallToolResult::error(vec![ContentBlock::text(format!(
+                    "MCP error -32602: Tool {other} not found"
+                ))]),
             };
             Ok::<_, Infallible>(ServerResult::CallToolResult(result))
         }
@@ -67,7 +77,12 @@ impl ServerHandler for Guarded {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap_or_default());
+        let schema = Arc::new(
+            json!({"type": "object"})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+        );
         let mut quote = Tool::new("quote", "Returns a quote (flaky)", schema);
         quote.annotations = Some(ToolAnnotations::new().read_only(true));
         Ok(ListToolsResult::with_all_items(vec![quote]))
@@ -99,12 +114,20 @@ async fn main() -> Result<(), BoxError> {
 
     // `quote` is read-only: retried, and its last good result served stale.
     let catalog = ToolCatalog::new();
-    catalog.configure("quote", toolwarden_core::ToolPolicy { safe_to_repeat: Some(true), cacheable: Some(true) });
+    catalog.configure(
+        "quote",
+        toolwarden_core::ToolPolicy {
+            safe_to_repeat: Some(true),
+            cacheable: Some(true),
+        },
+    );
     let stack = StandardStack::builder()
         .catalog(catalog)
         .retry(|b| b.max_attempts(2).base_delay(Duration::from_millis(10)))
         .build()?;
-    let guarded = Guarded { stack: stack.layer(tools()) };
+    let guarded = Guarded {
+        stack: stack.layer(tools()),
+    };
 
     let service = StreamableHttpService::new(
         move || Ok(guarded.clone()),
@@ -112,7 +135,11 @@ async fn main() -> Result<(), BoxError> {
         StreamableHttpServerConfig::default(),
     );
     let router = axum::Router::new().nest_service("/mcp", service);
-    let addr = if serve_forever { "127.0.0.1:8765" } else { "127.0.0.1:0" };
+    let addr = if serve_forever {
+        "127.0.0.1:8765"
+    } else {
+        "127.0.0.1:0"
+    };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let url = format!("http://{}/mcp", listener.local_addr()?);
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
@@ -128,9 +155,15 @@ async fn main() -> Result<(), BoxError> {
     for _ in 0..4 {
         let result = peer.clone().oneshot(call("quote")).await?;
         println!("quote -> {}", result.first_text().unwrap_or_default());
-        assert!(!result.is_tool_error(), "every third failure is retried away");
+        assert!(
+            !result.is_tool_error(),
+            "every third failure is retried away"
+        );
     }
-    println!("{}", serde_json::to_string_pretty(&stack.stats().snapshot())?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&stack.stats().snapshot())?
+    );
     client.cancel().await?;
     server.abort();
     Ok(())

@@ -42,7 +42,11 @@ impl LineClient {
         let pending: Pending = Arc::default();
         tokio::spawn(async move {
             while let Some(line) = lines.recv().await {
-                if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                if write
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -78,8 +82,15 @@ impl Service<Request> for LineClient {
         self.pending.lock().unwrap().insert(req.id.clone(), tx);
         let out = self.out.clone();
         Box::pin(async move {
-            let closed = || Box::new(TransportError::new(TransportErrorKind::Closed, "pipe closed")) as BoxError;
-            out.send(req.to_value().to_string()).await.map_err(|_| closed())?;
+            let closed = || {
+                Box::new(TransportError::new(
+                    TransportErrorKind::Closed,
+                    "pipe closed",
+                )) as BoxError
+            };
+            out.send(req.to_value().to_string())
+                .await
+                .map_err(|_| closed())?;
             rx.await.map_err(|_| closed())
         })
     }
@@ -91,7 +102,9 @@ async fn serve(io: DuplexStream) {
     let mut lines = BufReader::new(read).lines();
     let mut lookups = 0;
     while let Ok(Some(line)) = lines.next_line().await {
-        let Ok(Message::Request(req)) = Message::parse(line.as_bytes()) else { continue };
+        let Ok(Message::Request(req)) = Message::parse(line.as_bytes()) else {
+            continue;
+        };
         let result = match toolwarden_core::McpRequest::tool_name(&req) {
             Some("lookup") => {
                 lookups += 1;
@@ -101,10 +114,16 @@ async fn serve(io: DuplexStream) {
                     json!({"content": [{"type": "text", "text": format!("found it on call {lookups}")}]})
                 }
             }
-            _ => json!({"content": [{"type": "text", "text": "MCP error -32602: unknown tool"}], "isError": true}),
+            _ => {
+                json!({"content": [{"type": "text", "text": "MCP error -32602: unknown tool"}], "isError": true})
+            }
         };
         let resp = Response::result(req.id, result).to_value().to_string();
-        if write.write_all(format!("{resp}\n").as_bytes()).await.is_err() {
+        if write
+            .write_all(format!("{resp}\n").as_bytes())
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -117,7 +136,10 @@ async fn main() {
 
     // `lookup` is read-only: configured safe to repeat, so it is retried.
     let catalog = ToolCatalog::new();
-    let read_only = ToolAnnotations { read_only_hint: Some(true), ..Default::default() };
+    let read_only = ToolAnnotations {
+        read_only_hint: Some(true),
+        ..Default::default()
+    };
     catalog.insert(ToolInfo::new("lookup", "Look something up").annotations(read_only));
     catalog.set_trusted(true);
     let stack = StandardStack::builder()
@@ -127,12 +149,30 @@ async fn main() {
         .expect("valid configuration");
     let mut svc = stack.layer(LineClient::new(client_io));
 
-    let resp = svc.ready().await.unwrap().call(Request::tool_call(1, "lookup", json!({"key": "k"}))).await.unwrap();
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::tool_call(1, "lookup", json!({"key": "k"})))
+        .await
+        .unwrap();
     println!("lookup -> {}", resp.first_text().unwrap_or_default());
-    assert!(!resp.is_tool_error(), "two transient failures were retried away");
+    assert!(
+        !resp.is_tool_error(),
+        "two transient failures were retried away"
+    );
 
-    let resp = svc.ready().await.unwrap().call(Request::tool_call(2, "frobnicate", json!({}))).await.unwrap();
-    println!("frobnicate -> {} (a client error: not retried)", resp.first_text().unwrap_or_default());
+    let resp = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::tool_call(2, "frobnicate", json!({})))
+        .await
+        .unwrap();
+    println!(
+        "frobnicate -> {} (a client error: not retried)",
+        resp.first_text().unwrap_or_default()
+    );
 
     let stats = serde_json::to_string_pretty(&stack.stats().snapshot()).unwrap();
     println!("stats:\n{stats}");

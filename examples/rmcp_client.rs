@@ -31,7 +31,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
         let Ok(bin) = std::env::var("TOOLWARDEN_SERVER_EVERYTHING") else {
-            eprintln!("usage: rmcp_client -- <command> [args]   (or set TOOLWARDEN_SERVER_EVERYTHING)");
+            eprintln!(
+                "usage: rmcp_client -- <command> [args]   (or set TOOLWARDEN_SERVER_EVERYTHING)"
+            );
             std::process::exit(2);
         };
         args = vec![bin, "stdio".into()];
@@ -49,14 +51,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let stack = StandardStack::builder().catalog(catalog).build()?;
     let svc = stack.layer(client);
 
-    let echo = svc.clone().oneshot(call("echo", json!({"message": "hello through toolwarden"}))).await?;
+    let echo = svc
+        .clone()
+        .oneshot(call("echo", json!({"message": "hello through toolwarden"})))
+        .await?;
     println!("echo -> {}", echo.first_text().unwrap_or_default());
     let unknown = svc.clone().oneshot(call("no-such-tool", json!({}))).await;
     match unknown {
-        Ok(r) => println!("no-such-tool -> isError: {}", r.first_text().unwrap_or_default()),
+        Ok(r) => println!(
+            "no-such-tool -> isError: {}",
+            r.first_text().unwrap_or_default()
+        ),
         Err(e) => println!("no-such-tool -> {e}"),
     }
-    println!("{}", serde_json::to_string_pretty(&stack.stats().snapshot())?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&stack.stats().snapshot())?
+    );
     running.cancel().await?;
     Ok(())
 }

@@ -41,12 +41,17 @@ fn classify(result: &Result<ServerResult, BoxError>) -> Outcome {
     }
 }
 
-async fn stdio(program: &std::path::Path, args: &[&str]) -> (RunningService<RoleClient, ()>, Option<u32>) {
+async fn stdio(
+    program: &std::path::Path,
+    args: &[&str],
+) -> (RunningService<RoleClient, ()>, Option<u32>) {
     let mut command = Command::new(program);
     command.args(args).stderr(Stdio::null());
     let transport = TokioChildProcess::new(command).expect("server starts");
     let pid = transport.id();
-    let running = bounded("initialize", LIMIT, ().serve(transport)).await.expect("initialize");
+    let running = bounded("initialize", LIMIT, ().serve(transport))
+        .await
+        .expect("initialize");
     (running, pid)
 }
 
@@ -56,15 +61,25 @@ async fn call_tool(client: &RmcpClient, name: &str, args: Value) -> Result<Serve
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_everything_over_stdio() {
-    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
     let (running, _) = stdio(&bin, &["stdio"]).await;
     let catalog = ToolCatalog::new();
     let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
 
-    let listed = bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
-    assert!(listed >= 10, "server-everything lists its tools, got {listed}");
+    let listed = bounded("tools/list", LIMIT, client.refresh_catalog())
+        .await
+        .unwrap();
+    assert!(
+        listed >= 10,
+        "server-everything lists its tools, got {listed}"
+    );
     for tool in ["echo", "get-sum", "trigger-long-running-operation"] {
-        assert!(catalog.get(tool).is_some(), "{tool} missing from the catalog");
+        assert!(
+            catalog.get(tool).is_some(),
+            "{tool} missing from the catalog"
+        );
     }
     // Its annotations, once trusted, drive the retry and cache decisions.
     catalog.set_trusted(true);
@@ -74,13 +89,18 @@ async fn server_everything_over_stdio() {
     assert!(classify(&echo).is_success());
     assert_eq!(echo.unwrap().first_text().as_deref(), Some("Echo: hello"));
 
-    let sum = call_tool(&client, "get-sum", json!({"a": 2, "b": 3})).await.unwrap();
+    let sum = call_tool(&client, "get-sum", json!({"a": 2, "b": 3}))
+        .await
+        .unwrap();
     assert!(sum.first_text().unwrap().contains('5'));
 
     // server-everything answers an unknown tool with an isError result.
     let unknown = call_tool(&client, "nope", json!({})).await;
     let outcome = classify(&unknown);
-    assert_eq!((outcome.kind, outcome.class), (OutcomeKind::ToolError, Some(FailureClass::Client)));
+    assert_eq!(
+        (outcome.kind, outcome.class),
+        (OutcomeKind::ToolError, Some(FailureClass::Client))
+    );
     assert!(!outcome.is_counted_failure());
 
     // Bad arguments: an isError result too, also the caller's fault.
@@ -91,11 +111,15 @@ async fn server_everything_over_stdio() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_server_time_over_stdio() {
-    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else { return };
+    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
+        return;
+    };
     let (running, _) = stdio(&bin, &["--local-timezone", "UTC"]).await;
     let catalog = ToolCatalog::new();
     let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
-    bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+    bounded("tools/list", LIMIT, client.refresh_catalog())
+        .await
+        .unwrap();
     assert!(catalog.get("get_current_time").is_some());
     assert!(catalog.get("convert_time").is_some());
 
@@ -106,10 +130,18 @@ async fn mcp_server_time_over_stdio() {
     // mcp-server-time answers an unknown tool with a JSON-RPC error.
     let unknown = call_tool(&client, "nope", json!({})).await;
     let outcome = classify(&unknown);
-    assert_eq!((outcome.kind, outcome.class), (OutcomeKind::ProtocolError, Some(FailureClass::Client)));
+    assert_eq!(
+        (outcome.kind, outcome.class),
+        (OutcomeKind::ProtocolError, Some(FailureClass::Client))
+    );
 
     // A bad timezone is the tool raising: an isError result, the caller's fault.
-    let bad = call_tool(&client, "get_current_time", json!({"timezone": "Mars/Olympus"})).await;
+    let bad = call_tool(
+        &client,
+        "get_current_time",
+        json!({"timezone": "Mars/Olympus"}),
+    )
+    .await;
     let outcome = classify(&bad);
     assert_eq!(outcome.kind, OutcomeKind::ToolError);
     assert_eq!(outcome.class, Some(FailureClass::Client), "{bad:?}");
@@ -128,7 +160,9 @@ impl Drop for HttpServer {
     }
 }
 
-async fn server_everything_http(bin: &std::path::Path) -> (HttpServer, RunningService<RoleClient, ()>) {
+async fn server_everything_http(
+    bin: &std::path::Path,
+) -> (HttpServer, RunningService<RoleClient, ()>) {
     let port = free_port();
     let child = Command::new(bin)
         .arg("streamableHttp")
@@ -138,7 +172,10 @@ async fn server_everything_http(bin: &std::path::Path) -> (HttpServer, RunningSe
         .kill_on_drop(true)
         .spawn()
         .expect("server-everything starts");
-    let server = HttpServer { child, url: format!("http://127.0.0.1:{port}/mcp") };
+    let server = HttpServer {
+        child,
+        url: format!("http://127.0.0.1:{port}/mcp"),
+    };
     // It prints "listening" even when the port is taken: wait for a real answer.
     let url = server.url.clone();
     let running = eventually(LIMIT, || {
@@ -152,13 +189,19 @@ async fn server_everything_http(bin: &std::path::Path) -> (HttpServer, RunningSe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_everything_over_streamable_http() {
-    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
     let (_server, running) = server_everything_http(&bin).await;
     let catalog = ToolCatalog::new();
     let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
-    bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+    bounded("tools/list", LIMIT, client.refresh_catalog())
+        .await
+        .unwrap();
     assert!(catalog.get("echo").is_some());
-    let echo = call_tool(&client, "echo", json!({"message": "over http"})).await.unwrap();
+    let echo = call_tool(&client, "echo", json!({"message": "over http"}))
+        .await
+        .unwrap();
     assert_eq!(echo.first_text().as_deref(), Some("Echo: over http"));
     let unknown = call_tool(&client, "nope", json!({})).await;
     assert_eq!(classify(&unknown).class, Some(FailureClass::Client));
@@ -167,7 +210,9 @@ async fn server_everything_over_streamable_http() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_call_is_cancelled_upstream() {
-    let Some(python) = component("TOOLWARDEN_PYTHON") else { return };
+    let Some(python) = component("TOOLWARDEN_PYTHON") else {
+        return;
+    };
     let script = flaky_server_script();
     let (running, _) = stdio(&python, &[script.to_str().unwrap()]).await;
     let client = RmcpClient::new(running.peer().clone());
@@ -176,13 +221,18 @@ async fn a_timed_out_call_is_cancelled_upstream() {
         .oneshot(call("slow", json!({"seconds": 30})))
         .await;
     let outcome = classify(&timed_out);
-    assert_eq!((outcome.kind, outcome.class), (OutcomeKind::Timeout, Some(FailureClass::Transient)));
+    assert_eq!(
+        (outcome.kind, outcome.class),
+        (OutcomeKind::Timeout, Some(FailureClass::Transient))
+    );
     // The server saw notifications/cancelled and stopped the work.
     let cancelled = eventually(LIMIT, || {
         let client = client.clone();
         async move {
             let stats = client.oneshot(call("stats", json!({}))).await.ok()?;
-            let ServerResult::CallToolResult(r) = stats else { return None };
+            let ServerResult::CallToolResult(r) = stats else {
+                return None;
+            };
             let n = r.structured_content?.get("slow_cancelled")?.as_u64()?;
             (n == 1).then_some(())
         }
@@ -194,7 +244,9 @@ async fn a_timed_out_call_is_cancelled_upstream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_server_mid_call_answers_every_call() {
-    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
     let (running, pid) = stdio(&bin, &["stdio"]).await;
     let client = RmcpClient::new(running.peer().clone());
     let in_flight: Vec<_> = (0..4)
@@ -207,7 +259,11 @@ async fn killing_the_server_mid_call_answers_every_call() {
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let pid = pid.expect("child pid");
-    std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap();
+    std::process::Command::new("kill")
+        .arg("-9")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
     for call in in_flight {
         let result = bounded("an in-flight call", LIMIT, call).await.unwrap();
         let outcome = classify(&result);
@@ -215,7 +271,14 @@ async fn killing_the_server_mid_call_answers_every_call() {
         assert_eq!(outcome.class, Some(FailureClass::Transient));
     }
     // And the next call fails fast instead of hanging.
-    let after = bounded("a call after the kill", LIMIT, client.clone().oneshot(call("echo", json!({"message": "x"})))).await;
+    let after = bounded(
+        "a call after the kill",
+        LIMIT,
+        client
+            .clone()
+            .oneshot(call("echo", json!({"message": "x"}))),
+    )
+    .await;
     assert_eq!(classify(&after).kind, OutcomeKind::Transport);
 }
 
@@ -229,13 +292,22 @@ mod through_the_standard_stack {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_tools_are_answered_on_both_servers_and_never_trip_the_breaker() {
-        let Some(everything) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
-        let Some(time) = component("TOOLWARDEN_MCP_SERVER_TIME") else { return };
-        for (program, args) in [(everything, vec!["stdio"]), (time, vec!["--local-timezone", "UTC"])] {
+        let Some(everything) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+            return;
+        };
+        let Some(time) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
+            return;
+        };
+        for (program, args) in [
+            (everything, vec!["stdio"]),
+            (time, vec!["--local-timezone", "UTC"]),
+        ] {
             let (running, _) = stdio(&program, &args).await;
             let catalog = ToolCatalog::new();
             let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
-            bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+            bounded("tools/list", LIMIT, client.refresh_catalog())
+                .await
+                .unwrap();
             let stack = StandardStack::builder()
                 .catalog(catalog)
                 .circuit_breaker(|b| b.failure_threshold(3).minimum_calls(3))
@@ -244,41 +316,76 @@ mod through_the_standard_stack {
                 .unwrap();
             let svc = stack.layer(client);
             for _ in 0..6 {
-                let result = bounded("an unknown tool", LIMIT, svc.clone().oneshot(call("nope", json!({})))).await;
+                let result = bounded(
+                    "an unknown tool",
+                    LIMIT,
+                    svc.clone().oneshot(call("nope", json!({}))),
+                )
+                .await;
                 // Answered either way: an isError result (server-everything), or
                 // the server's own -32602 JSON-RPC error (mcp-server-time).
                 match &result {
                     Ok(r) => assert!(r.is_tool_error(), "{r:?}"),
-                    Err(e) => assert_eq!(classify(&result).class, Some(FailureClass::Client), "{e}"),
+                    Err(e) => {
+                        assert_eq!(classify(&result).class, Some(FailureClass::Client), "{e}")
+                    }
                 }
             }
-            assert_ne!(stack.registry().state("nope"), Some(CircuitState::Open), "{program:?}");
+            assert_ne!(
+                stack.registry().state("nope"),
+                Some(CircuitState::Open),
+                "{program:?}"
+            );
             running.cancel().await.ok();
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tools_are_called_through_the_stack() {
-        let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else { return };
+        let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+            return;
+        };
         let (running, _) = stdio(&bin, &["stdio"]).await;
         let catalog = ToolCatalog::new();
         let client = RmcpClient::new(running.peer().clone()).with_catalog(catalog.clone());
-        bounded("tools/list", LIMIT, client.refresh_catalog()).await.unwrap();
+        bounded("tools/list", LIMIT, client.refresh_catalog())
+            .await
+            .unwrap();
         catalog.set_trusted(true);
         let stack = StandardStack::builder().catalog(catalog).build().unwrap();
         let svc = stack.layer(client);
-        let echo = bounded("echo", LIMIT, svc.clone().oneshot(call("echo", json!({"message": "stacked"})))).await.unwrap();
+        let echo = bounded(
+            "echo",
+            LIMIT,
+            svc.clone()
+                .oneshot(call("echo", json!({"message": "stacked"}))),
+        )
+        .await
+        .unwrap();
         assert_eq!(echo.first_text().as_deref(), Some("Echo: stacked"));
-        let sum = bounded("get-sum", LIMIT, svc.oneshot(call("get-sum", json!({"a": 40, "b": 2})))).await.unwrap();
+        let sum = bounded(
+            "get-sum",
+            LIMIT,
+            svc.oneshot(call("get-sum", json!({"a": 40, "b": 2}))),
+        )
+        .await
+        .unwrap();
         assert!(sum.first_text().unwrap().contains("42"));
-        let stats = serde_json::to_value(stack.stats().snapshot()).unwrap().to_string();
-        assert!(stats.contains("echo") && stats.contains("get-sum"), "{stats}");
+        let stats = serde_json::to_value(stack.stats().snapshot())
+            .unwrap()
+            .to_string();
+        assert!(
+            stats.contains("echo") && stats.contains("get-sum"),
+            "{stats}"
+        );
         running.cancel().await.ok();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_long_operation_past_the_deadline_returns_in_time_and_is_cancelled_upstream() {
-        let Some(python) = component("TOOLWARDEN_PYTHON") else { return };
+        let Some(python) = component("TOOLWARDEN_PYTHON") else {
+            return;
+        };
         let script = flaky_server_script();
         let (running, _) = stdio(&python, &[script.to_str().unwrap()]).await;
         let client = RmcpClient::new(running.peer().clone());
@@ -290,18 +397,25 @@ mod through_the_standard_stack {
         let result = bounded(
             "a call past its deadline",
             LIMIT,
-            stack.layer(client.clone()).oneshot(call("slow", json!({"seconds": 30}))),
+            stack
+                .layer(client.clone())
+                .oneshot(call("slow", json!({"seconds": 30}))),
         )
         .await
         .unwrap();
         // The deadline fired (not the tool finishing): a readable timeout.
         assert!(result.is_tool_error());
         let text = result.first_text().unwrap().into_owned();
-        assert!(text.contains("timed out") || text.contains("timeout") || text.contains("elapsed"), "{text}");
+        assert!(
+            text.contains("timed out") || text.contains("timeout") || text.contains("elapsed"),
+            "{text}"
+        );
         let cancelled = eventually(LIMIT, || {
             let client = client.clone();
             async move {
-                let ServerResult::CallToolResult(r) = client.oneshot(call("stats", json!({}))).await.ok()? else {
+                let ServerResult::CallToolResult(r) =
+                    client.oneshot(call("stats", json!({}))).await.ok()?
+                else {
                     return None;
                 };
                 (r.structured_content?.get("slow_cancelled")?.as_u64()? >= 1).then_some(())

@@ -33,7 +33,10 @@ pub fn component(var: &str) -> Option<PathBuf> {
 
 /// The flaky stdio server script shipped in `tests/e2e/`.
 pub fn flaky_server_script() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/flaky_server.py"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/e2e/flaky_server.py"
+    ))
 }
 
 /// A free loopback port (bound, read, released).

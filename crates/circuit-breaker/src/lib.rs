@@ -1,5 +1,89 @@
-//! CircuitBreakerLayer: per-key circuit breakers with true sliding windows, half-open probes and a registry.
+//! Middleware that refuses calls to a tool whose circuit is open: per-key
+//! circuit breakers with true sliding windows, half-open probes and a
+//! registry.
 //!
-//! Being built (see the project issues); nothing is exported yet.
+//! One breaker per key (per tool by default, see [`KeyBy`](toolwarden_core::KeyBy)),
+//! held in the core's bounded [`KeyedState`](toolwarden_core::KeyedState).
+//! Each breaker is a state machine:
+//!
+//! - **Closed**: calls pass; outcomes are recorded. The circuit opens when
+//!   any enabled policy trips, once `minimum_calls` calls were recorded:
+//!   `failure_threshold` consecutive counted failures; a failure rate at or
+//!   above `failure_rate_threshold` over the **count window** (exactly the
+//!   last N calls, O(1) per call) or the **time window** (buckets); a
+//!   slow-call rate at or above `slow_call_rate_threshold` (a call is slow at
+//!   `slow_call_duration` or more). Only failures the classifier counts trip
+//!   it: `Client` failures and other layers' rejections never do.
+//! - **Open**: calls fail fast with [`CircuitOpen`](toolwarden_core::CircuitOpen),
+//!   carrying the key and `retry_after`, the time until a probe may pass.
+//!   After `reset_timeout` (growing by `reset_multiplier` on each
+//!   consecutive re-open, capped at `max_reset_timeout`, with jitter; back to
+//!   the base after a clean close) the next call is a probe.
+//! - **HalfOpen**: at most `half_open_max_calls` probes at once;
+//!   `success_threshold` successes close it, any counted failure (or slow
+//!   probe) reopens it. A probe dropped before it ends gives its place back.
+//! - Manual: **Disabled** (everything passes, nothing recorded),
+//!   **ForcedOpen** (everything refused), **MetricsOnly** (recorded and
+//!   reported, never refuses), set through the [`CircuitRegistry`].
+//!
+//! Transitions are reported through the core's [`Events`](toolwarden_core::Events)
+//! (`circuit_opened`, `circuit_half_open`, `circuit_closed`) and, for
+//! sharing between replicas, through a [`StateSync`]; remote transitions
+//! come in through [`CircuitRegistry::apply_remote`] (see [`sync`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use tower::{Layer, ServiceExt};
+//! use toolwarden_core::{jsonrpc::Request, testing::{MockMcp, Step}, CircuitOpen};
+//! use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
+//!
+//! let mock = MockMcp::new().default_step("search", Step::tool_error("Error executing tool search: boom"));
+//! let layer = CircuitBreakerLayer::builder()
+//!     .failure_threshold(3)
+//!     .minimum_calls(3)
+//!     .reset_timeout(Duration::from_secs(30))
+//!     .jitter(0.0)
+//!     .build()
+//!     .unwrap();
+//! let registry = layer.registry().clone();
+//! let svc = layer.layer(mock.clone());
+//!
+//! for id in 0..3 {
+//!     let resp = svc.clone().oneshot(Request::tool_call(id, "search", json!({}))).await.unwrap();
+//!     assert!(toolwarden_core::McpResponse::is_tool_error(&resp)); // failures pass through ...
+//! }
+//! assert_eq!(registry.state("search"), Some(CircuitState::Open)); // ... and trip the breaker
+//!
+//! let err = svc.clone().oneshot(Request::tool_call(3, "search", json!({}))).await.unwrap_err();
+//! let open = err.downcast_ref::<CircuitOpen>().unwrap();
+//! assert_eq!(open.key(), "search");
+//! assert_eq!(toolwarden_core::Rejection::retry_after(open), Some(Duration::from_secs(30)));
+//! assert_eq!(mock.calls("search"), 3); // the refused call never reached the tool
+//!
+//! // Other tools are unaffected.
+//! assert!(svc.clone().oneshot(Request::tool_call(4, "fetch", json!({}))).await.is_ok());
+//! # }
+//! ```
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+mod breaker;
+mod config;
+mod future;
+mod layer;
+mod registry;
+mod service;
+pub mod sync;
+mod window;
+
+pub use breaker::{CallTotals, CircuitSnapshot, CircuitState, RecentError, RECENT_ERRORS};
+pub use config::{CircuitBreakerBuilder, TimeWindow, MAX_COUNT_WINDOW, MAX_TIME_BUCKETS};
+pub use future::ResponseFuture;
+pub use layer::CircuitBreakerLayer;
+pub use registry::{CircuitRegistry, RegistrySnapshot};
+pub use service::CircuitBreaker;
+pub use sync::{LocalTransition, RemoteState, RemoteTransition, StateSync};
+pub use window::WindowStats;

@@ -215,7 +215,9 @@ mod tests {
         // hashes may agree: equality decides).
         use papaya::Equivalent;
         assert!(!KeyRef::Tool("a").equivalent(&Key::Custom("a".into())));
-        assert!(!KeyRef::SessionTool("ab", "c").equivalent(&Key::SessionTool("a".into(), "bc".into())));
+        assert!(
+            !KeyRef::SessionTool("ab", "c").equivalent(&Key::SessionTool("a".into(), "bc".into()))
+        );
         for k in &keys {
             assert!(k.as_key_ref().equivalent(k));
         }

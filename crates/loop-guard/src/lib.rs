@@ -1,5 +1,169 @@
-//! LoopGuardLayer: stops agents that repeat the same tool call or a short cycle of calls.
+//! Middleware that stops an agent repeating the same tool call, or a short
+//! cycle of calls, without breaking tools that are polled on purpose.
 //!
-//! Being built (see the project issues); nothing is exported yet.
+//! Agents re-issue the same failing call 20–90 times. [`LoopGuardLayer`]
+//! remembers each session's recent calls and refuses the call that would
+//! continue a loop with [`LoopDetected`] (inside a `BoxError`, as every
+//! toolwarden rejection); the edge renders it for the model with
+//! [`FailureReport`](toolwarden_core::FailureReport), as an `isError` result
+//! that names the tool, what was repeated and tells the model to change
+//! approach.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+//! use serde_json::json;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use toolwarden_core::testing::{MockMcp, Step};
+//! use toolwarden_core::{jsonrpc::Request, FailureReport, LoopDetected, McpResponse};
+//! use toolwarden_loop_guard::LoopGuardLayer;
+//!
+//! // A tool that keeps failing, and a status tool the agent polls on purpose.
+//! let server = MockMcp::new().default_step("search", Step::tool_error("index unavailable"));
+//! let mut service = ServiceBuilder::new()
+//!     .layer(LoopGuardLayer::builder().exempt("job_status").build()?)
+//!     .service(server);
+//!
+//! // Each retry carries a fresh progressToken in `_meta`: still the same call.
+//! let search = |id: i64| {
+//!     Request::tool_call(id, "search", json!({"q": "tower", "_meta": {"progressToken": id}}))
+//! };
+//! for id in 1..=3 {
+//!     let response = service.ready().await?.call(search(id)).await?;
+//!     assert!(response.is_tool_error()); // the tool's own failures go through
+//! }
+//! let err = service.ready().await?.call(search(4)).await.unwrap_err();
+//! assert_eq!(err.downcast_ref::<LoopDetected>().map(LoopDetected::repeats), Some(4));
+//!
+//! // What the model reads:
+//! let result = FailureReport::from_error("search", err.as_ref()).to_tool_result();
+//! let text = result["content"][0]["text"].as_str().unwrap_or_default();
+//! assert!(text.contains("search called 4 times") && text.contains("change approach"), "{text}");
+//!
+//! // The exempt polling tool is never blocked.
+//! for id in 10..60 {
+//!     let status = Request::tool_call(id, "job_status", json!({"job": 7}));
+//!     service.ready().await?.call(status).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # What is a loop
+//!
+//! Two calls are *identical* when they have the same fingerprint
+//! ([`toolwarden_core::call_fingerprint`]): the same tool and the same
+//! arguments, whatever the key order and whatever the `_meta` members. The
+//! fingerprint is read from the request's extensions when an earlier layer
+//! computed it, and stored there otherwise.
+//!
+//! Each session remembers its last `window_calls` calls (default 16) made
+//! within `window_time` (default 5 minutes). Against that history a call is
+//! blocked, in this order, when:
+//!
+//! 1. **a refusal stays in force**: an identical call was blocked since the
+//!    last success of another call;
+//! 2. **it keeps failing**: `max_failing_repeats` identical calls (default 3)
+//!    failed in a row, so the 4th is blocked
+//!    ([`LoopPattern::RepeatedFailure`]);
+//! 3. **it keeps coming**: `max_repeats` identical calls (default 8) were
+//!    made in a row whatever their outcome, so the 9th is blocked
+//!    ([`LoopPattern::Repeated`]);
+//! 4. **it continues a cycle**: the calls ending with this one repeat a
+//!    cycle of 2 to `max_cycle_period` distinct calls (default 3) more than
+//!    `max_cycle_repeats` full rounds (default 3): after A, B, A, B, A, B
+//!    the next A is blocked ([`LoopPattern::Cycle`]).
+//!
+//! The call one short of rules 2–4 passes, and emits
+//! [`Event::LoopWarned`](toolwarden_core::Event::LoopWarned) (the 3rd
+//! failing call, the 8th repeat, the call completing the 3rd round); a
+//! blocked call emits [`Event::LoopBlocked`](toolwarden_core::Event::LoopBlocked).
+//! Both carry the repeats counting the current call, as [`LoopDetected::repeats`].
+//!
+//! **What fails.** A call's outcome is recorded when its response future
+//! completes, judged by the classifier (default
+//! [`McpClassifier`](toolwarden_core::McpClassifier)). Every failure class
+//! counts as failing: `Transient`, `Server` and `Client`. A `Client` error
+//! repeated (wrong arguments, unknown tool) is exactly the stuck agent.
+//! A refusal by a toolwarden layer below this one (`RateLimited`,
+//! `CircuitOpen`) is neither success nor failure: it is not the agent's
+//! doing and says when to retry. A call still running, or whose future was
+//! dropped, is neither either. All of them count as repeats.
+//!
+//! **What clears.** A success of another call (another tool, or the same
+//! tool with other arguments) clears every streak before it: rules 1–3
+//! only look at the calls since the last success of another call. A
+//! success of the identical call resets its failures (rule 2) but not its
+//! repeats (rule 3). Failures of other calls clear nothing. Cycles are
+//! judged on the sequence of calls alone, successes included: repeating
+//! A, B, A, B with good answers is still a loop. Calls also leave the
+//! history after `window_time` or `window_calls` newer calls.
+//!
+//! **Blocked calls** never reach the inner service. They are recorded, as
+//! blocked: they count as repeats, continue a cycle, and keep the refusal
+//! in force for the identical call (rule 1) until another call succeeds or
+//! the refusal leaves the window. Asking again does not help; doing
+//! something else that works does.
+//!
+//! # Tools polled on purpose
+//!
+//! [`LoopGuardBuilder::exempt`] passes a tool's calls through untouched:
+//! never blocked, never recorded (so they neither count towards nor clear
+//! another call's streak). [`LoopGuardBuilder::tool_limits`] gives a tool
+//! limits of its own instead; [`ToolLimits::polling`] keeps blocking
+//! identical calls that keep failing but allows any number of identical
+//! successful ones, and keeps the tool out of cycles.
+//!
+//! Only `tools/call` requests are guarded; every other request goes to the
+//! inner service untouched. So does a continuation of a `tools/call`
+//! (2026-07-28 `inputResponses` or `requestState` in its params): it
+//! carries the arguments of the call it continues, and is that call going
+//! on, not the agent asking again.
+//!
+//! # Sessions and memory
+//!
+//! The session is the request's [`session_key`](toolwarden_core::McpRequest::session_key)
+//! (the [`SessionKey`](toolwarden_core::SessionKey) extension); calls without
+//! one share a default session. Histories live in a bounded
+//! [`KeyedState`](toolwarden_core::KeyedState):
+//!
+//! - at most `max_sessions` sessions (default 10 000) have a history of
+//!   their own. **Past the bound, every new session shares one overflow
+//!   history**: their calls count together, so identical failing calls of
+//!   different sessions there can add up to a block, and their interleaving
+//!   can hide a loop. Size `max_sessions` above the number of concurrent
+//!   sessions you expect;
+//! - a session idle for `session_idle_timeout` (default 10 minutes) is
+//!   forgotten, freeing its place;
+//! - each history is a fixed ring of `window_calls` records of 32 bytes
+//!   (512 bytes by default), allocated once; session keys longer than 64
+//!   bytes are stored as a 65-byte digest.
+//!
+//! So memory is bounded by about `(max_sessions + 2) × (32 × window_calls +
+//! key + ~100)` bytes, whatever the input: about 7 MB with the defaults.
+//!
+//! A session's history is behind its own short lock (uncontended unless the
+//! session makes concurrent calls), taken once when a call is admitted and
+//! once when it completes; each decision reads O(`window_calls`) records at
+//! most. The default session and the overflow history are shared by all
+//! their callers, so their locks can be contended.
+//!
+//! Each service built by the layer has its own histories; clones of the
+//! service share them.
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+mod config;
+mod future;
+mod history;
+mod layer;
+mod service;
+mod sessions;
+
+pub use config::{
+    LoopGuardBuilder, LoopGuardConfig, ToolLimits, MAX_CYCLE_PERIOD, MAX_WINDOW_CALLS,
+};
+pub use future::ResponseFuture;
+pub use layer::LoopGuardLayer;
+pub use service::LoopGuard;
+pub use toolwarden_core::{LoopDetected, LoopPattern};

@@ -1,5 +1,65 @@
-//! RateLimitLayer: governor GCRA quotas, global and per tool.
+//! Middleware that limits the rate of MCP tool calls with governor's GCRA
+//! quotas: one global quota and one quota per tool (or per session and tool),
+//! shared by every clone of the service.
 //!
-//! Being built (see the project issues); nothing is exported yet.
+//! Each `tools/call` takes a token from its key's quota (the tool's override
+//! or the `per_tool` quota) and from the global quota; both must admit it. A
+//! call over quota is refused at once with [`RateLimited`] (key `global` or
+//! the tool key, `retry_after` from governor's earliest admission time), or,
+//! in [`Mode::Wait`], waits up to `max_wait` for a token. Refusals are also
+//! reported as [`Event::RateLimited`](toolwarden_core::Event::RateLimited).
+//! Requests other than `tools/call` pass untouched unless
+//! [`limit_all_methods`](RateLimitBuilder::limit_all_methods) is set.
+//!
+//! Unlike tower's `RateLimit`, whose clones each keep their own budget, the
+//! quota state lives in [`RateLimits`], behind an `Arc`: eight clones driven
+//! concurrently admit what one would. Per-key state is the core's bounded
+//! [`KeyedState`](toolwarden_core::KeyedState): see [`limits`] for the bound,
+//! the overflow quota and how the two quotas are taken together without
+//! spending one when the other refuses. Time is read through [`TokioClock`],
+//! so a paused tokio clock drives the quotas in tests.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), toolwarden_core::BoxError> {
+//! use serde_json::json;
+//! use std::time::Duration;
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use toolwarden_core::{jsonrpc::Request, testing::MockMcp, RateLimited};
+//! use toolwarden_rate_limit::{Rate, RateLimitLayer};
+//!
+//! let layer = RateLimitLayer::builder()
+//!     .global(Rate::per_second(100), 100)
+//!     .per_tool(Rate::per_second(2), 2)               // 2 calls at once, then one every 500 ms
+//!     .tool("send_email", Rate::per_minute(1), 1)     // a tighter quota for one tool
+//!     .build()?;
+//! let svc = ServiceBuilder::new().layer(layer).service(MockMcp::new());
+//!
+//! let search = || Request::tool_call(1, "search", json!({"q": "tower"}));
+//! svc.clone().oneshot(search()).await?;
+//! svc.clone().oneshot(search()).await?;
+//! let err = svc.clone().oneshot(search()).await.unwrap_err();
+//! let limited = err.downcast_ref::<RateLimited>().unwrap();
+//! assert_eq!(limited.key(), "search");
+//! assert_eq!(limited.to_string(), "rate limited on search; retry after 500 ms");
+//!
+//! tokio::time::advance(Duration::from_millis(500)).await;
+//! svc.clone().oneshot(search()).await?; // refilled
+//! # Ok(()) }
+//! ```
 
 #![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub mod clock;
+pub mod future;
+pub mod layer;
+pub mod limits;
+pub mod service;
+
+pub use clock::{TokioClock, TokioInstant};
+pub use future::ResponseFuture;
+pub use layer::{Mode, Rate, RateLimitBuilder, RateLimitLayer};
+pub use limits::RateLimits;
+pub use service::RateLimit;
+pub use toolwarden_core::RateLimited;

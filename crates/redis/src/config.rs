@@ -112,7 +112,10 @@ impl RedisConfigBuilder {
     pub fn build(self) -> Result<RedisConfig, ConfigError> {
         let c = &self.config;
         if redis::Client::open(c.url.as_str()).is_err() {
-            return Err(ConfigError::new("redis.url", format!("is not a Redis URL: {:?}", c.url)));
+            return Err(ConfigError::new(
+                "redis.url",
+                format!("is not a Redis URL: {:?}", c.url),
+            ));
         }
         for (field, d) in [
             ("redis.op_timeout", c.op_timeout),
@@ -130,7 +133,10 @@ impl RedisConfigBuilder {
             ));
         }
         if c.prefix.is_empty() || c.prefix.contains(char::is_whitespace) {
-            return Err(ConfigError::new("redis.prefix", "must be non-empty without spaces"));
+            return Err(ConfigError::new(
+                "redis.prefix",
+                "must be non-empty without spaces",
+            ));
         }
         if c.replica_id.is_empty() {
             return Err(ConfigError::new("redis.replica_id", "must be non-empty"));
@@ -147,14 +153,20 @@ mod tests {
     fn bad_settings_name_their_field() {
         let err = RedisConfig::builder("http://x").build().unwrap_err();
         assert_eq!(err.field(), "redis.url");
-        let err = RedisConfig::builder("redis://127.0.0.1:1").op_timeout(Duration::ZERO).build().unwrap_err();
+        let err = RedisConfig::builder("redis://127.0.0.1:1")
+            .op_timeout(Duration::ZERO)
+            .build()
+            .unwrap_err();
         assert_eq!(err.field(), "redis.op_timeout");
         let err = RedisConfig::builder("redis://127.0.0.1:1")
             .reconnect_backoff(Duration::from_secs(2), Duration::from_secs(1))
             .build()
             .unwrap_err();
         assert!(err.field().contains("reconnect_max"));
-        let ok = RedisConfig::builder("redis://127.0.0.1:1").replica_id("a").build().unwrap();
+        let ok = RedisConfig::builder("redis://127.0.0.1:1")
+            .replica_id("a")
+            .build()
+            .unwrap();
         assert_eq!(ok.key("cb", "search"), "toolwarden:cb:search");
         assert_eq!(ok.replica_id(), "a");
     }

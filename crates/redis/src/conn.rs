@@ -79,7 +79,8 @@ impl Conn {
                 .set_max_delay(self.config.reconnect_max);
             match tokio::time::timeout(
                 self.config.connect_timeout,
-                self.client.get_connection_manager_with_config(manager_config),
+                self.client
+                    .get_connection_manager_with_config(manager_config),
             )
             .await
             {
@@ -133,7 +134,9 @@ impl Conn {
 
     /// A fresh pub/sub connection, bounded by `connect_timeout`.
     pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub, Unavailable> {
-        match tokio::time::timeout(self.config.connect_timeout, self.client.get_async_pubsub()).await {
+        match tokio::time::timeout(self.config.connect_timeout, self.client.get_async_pubsub())
+            .await
+        {
             Ok(Ok(p)) => Ok(p),
             Ok(Err(e)) => Err(Unavailable {
                 detail: format!("subscribe: {e}"),

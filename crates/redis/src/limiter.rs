@@ -91,7 +91,11 @@ impl fmt::Debug for RedisRateLimiter {
 impl RedisRateLimiter {
     /// A limiter on `config`'s Redis. Connects in the background; needs a
     /// Tokio runtime. `local_quota` is used only by [`Fallback::Local`].
-    pub fn new(config: RedisConfig, fallback: Fallback, local_quota: Quota) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: RedisConfig,
+        fallback: Fallback,
+        local_quota: Quota,
+    ) -> Result<Self, ConfigError> {
         let conn = Conn::start(config).map_err(|e| ConfigError::new("redis.url", e.to_string()))?;
         Ok(RedisRateLimiter {
             conn,
@@ -116,7 +120,12 @@ impl RedisRateLimiter {
         let answer: Result<(i64, i64), Unavailable> = self
             .conn
             .run("rate limit", |mut c| async move {
-                script.key(redis_key).arg(interval).arg(burst).invoke_async(&mut c).await
+                script
+                    .key(redis_key)
+                    .arg(interval)
+                    .arg(burst)
+                    .invoke_async(&mut c)
+                    .await
             })
             .await;
         match answer {
@@ -141,7 +150,10 @@ impl RedisRateLimiter {
             Decision::Limited { retry_after } => retry_after,
             Decision::Fallback(false) => quota.replenish_interval(),
         };
-        self.conn.config.events.emit(&Event::RateLimited { key, retry_after });
+        self.conn
+            .config
+            .events
+            .emit(&Event::RateLimited { key, retry_after });
         Err(RateLimited::new(key, retry_after))
     }
 
@@ -153,7 +165,8 @@ impl RedisRateLimiter {
 
 /// A quota of `burst` cells, one more every `interval`.
 pub fn quota(interval: Duration, burst: u32) -> Result<Quota, ConfigError> {
-    let burst = NonZeroU32::new(burst).ok_or_else(|| ConfigError::new("burst", "must be at least 1"))?;
+    let burst =
+        NonZeroU32::new(burst).ok_or_else(|| ConfigError::new("burst", "must be at least 1"))?;
     Quota::with_period(interval)
         .map(|q| q.allow_burst(burst))
         .ok_or_else(|| ConfigError::new("interval", "must be positive"))

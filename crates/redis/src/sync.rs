@@ -144,11 +144,18 @@ pub struct SyncStats {
 impl RedisBreakerSync {
     /// Starts the writer; needs a Tokio runtime. Remote state is applied
     /// once a registry is attached.
-    pub fn start(config: RedisConfig, policy: RemoteOpenPolicy) -> Result<Self, toolwarden_core::ConfigError> {
+    pub fn start(
+        config: RedisConfig,
+        policy: RemoteOpenPolicy,
+    ) -> Result<Self, toolwarden_core::ConfigError> {
         if let RemoteOpenPolicy::Quorum(0) = policy {
-            return Err(toolwarden_core::ConfigError::new("redis.quorum", "must be at least 1"));
+            return Err(toolwarden_core::ConfigError::new(
+                "redis.quorum",
+                "must be at least 1",
+            ));
         }
-        let conn = Conn::start(config).map_err(|e| toolwarden_core::ConfigError::new("redis.url", e.to_string()))?;
+        let conn = Conn::start(config)
+            .map_err(|e| toolwarden_core::ConfigError::new("redis.url", e.to_string()))?;
         let shared = Arc::new(Shared {
             conn,
             policy,
@@ -220,7 +227,9 @@ impl StateSync for RedisBreakerSync {
             }
         }
         if self.outbox.try_send(message).is_err() {
-            self.shared.conn.report("breaker sync queue full: transition dropped");
+            self.shared
+                .conn
+                .report("breaker sync queue full: transition dropped");
         }
     }
 }
@@ -273,7 +282,9 @@ async fn subscribe_loop(shared: Arc<Shared>) {
                     resync(&shared).await;
                     let mut messages = pubsub.on_message();
                     while let Some(msg) = messages.next().await {
-                        if let Ok(message) = serde_json::from_slice::<Message>(msg.get_payload_bytes()) {
+                        if let Ok(message) =
+                            serde_json::from_slice::<Message>(msg.get_payload_bytes())
+                        {
                             receive(&shared, message);
                         }
                     }
@@ -318,7 +329,8 @@ async fn resync(shared: &Arc<Shared>) {
                 }
                 let mut states = Vec::new();
                 for key in keys {
-                    let fields: HashMap<String, u64> = redis::cmd("HGETALL").arg(&key).query_async(&mut c).await?;
+                    let fields: HashMap<String, u64> =
+                        redis::cmd("HGETALL").arg(&key).query_async(&mut c).await?;
                     states.push((key, fields));
                 }
                 Ok(states)
@@ -335,7 +347,14 @@ async fn resync(shared: &Arc<Shared>) {
     for (key, fields) in states {
         let name = key.get(prefix_len..).unwrap_or_default().to_owned();
         for (origin, until) in fields {
-            receive(shared, Message { k: name.clone(), o: origin, u: until });
+            receive(
+                shared,
+                Message {
+                    k: name.clone(),
+                    o: origin,
+                    u: until,
+                },
+            );
         }
     }
     let own: Vec<Message> = match shared.tracker.lock() {
@@ -373,7 +392,9 @@ fn receive(shared: &Shared, message: Message) {
     let Some(registry) = registry else { return };
     let origin: Arc<str> = message.o.as_str().into();
     let decision = {
-        let Ok(mut tracker) = shared.tracker.lock() else { return };
+        let Ok(mut tracker) = shared.tracker.lock() else {
+            return;
+        };
         decide(&mut tracker, shared.policy, &message, now)
     };
     let applied = match decision {
@@ -396,12 +417,24 @@ enum Apply {
 }
 
 /// The policy, as a pure function of the tracked reports (unit-tested).
-fn decide(tracker: &mut Tracker, policy: RemoteOpenPolicy, message: &Message, now: u64) -> Option<Apply> {
+fn decide(
+    tracker: &mut Tracker,
+    policy: RemoteOpenPolicy,
+    message: &Message,
+    now: u64,
+) -> Option<Apply> {
     let open = message.u > now;
     match policy {
-        RemoteOpenPolicy::Follow => Some(if open { Apply::Open(message.u) } else { Apply::Close }),
+        RemoteOpenPolicy::Follow => Some(if open {
+            Apply::Open(message.u)
+        } else {
+            Apply::Close
+        }),
         RemoteOpenPolicy::Quorum(k) => {
-            if open && !tracker.opens.contains_key(&message.k) && tracker.opens.len() >= MAX_TRACKED_KEYS {
+            if open
+                && !tracker.opens.contains_key(&message.k)
+                && tracker.opens.len() >= MAX_TRACKED_KEYS
+            {
                 tracker.opens.retain(|_, origins| {
                     origins.retain(|_, until| *until > now);
                     !origins.is_empty()
@@ -439,14 +472,29 @@ mod tests {
     use super::*;
 
     fn msg(k: &str, o: &str, u: u64) -> Message {
-        Message { k: k.into(), o: o.into(), u }
+        Message {
+            k: k.into(),
+            o: o.into(),
+            u,
+        }
     }
 
     #[test]
     fn follow_applies_everything() {
         let mut t = Tracker::default();
-        assert_eq!(decide(&mut t, RemoteOpenPolicy::Follow, &msg("a", "r1", 2000), 1000), Some(Apply::Open(2000)));
-        assert_eq!(decide(&mut t, RemoteOpenPolicy::Follow, &msg("a", "r1", 0), 1000), Some(Apply::Close));
+        assert_eq!(
+            decide(
+                &mut t,
+                RemoteOpenPolicy::Follow,
+                &msg("a", "r1", 2000),
+                1000
+            ),
+            Some(Apply::Open(2000))
+        );
+        assert_eq!(
+            decide(&mut t, RemoteOpenPolicy::Follow, &msg("a", "r1", 0), 1000),
+            Some(Apply::Close)
+        );
     }
 
     #[test]
@@ -457,9 +505,15 @@ mod tests {
         // The same origin again does not make a quorum.
         assert_eq!(decide(&mut t, q, &msg("a", "r1", 6000), 1000), None);
         // A second origin does; open until the 2nd-latest deadline.
-        assert_eq!(decide(&mut t, q, &msg("a", "r2", 4000), 1000), Some(Apply::Open(4000)));
+        assert_eq!(
+            decide(&mut t, q, &msg("a", "r2", 4000), 1000),
+            Some(Apply::Open(4000))
+        );
         // One closes: below quorum, the quorum-opened circuit closes.
-        assert_eq!(decide(&mut t, q, &msg("a", "r2", 0), 1000), Some(Apply::Close));
+        assert_eq!(
+            decide(&mut t, q, &msg("a", "r2", 0), 1000),
+            Some(Apply::Close)
+        );
         // Expired reports do not count.
         assert_eq!(decide(&mut t, q, &msg("a", "r3", 7000), 6500), None);
     }
@@ -467,10 +521,26 @@ mod tests {
     #[test]
     fn quorum_of_one_is_follow_for_opens() {
         let mut t = Tracker::default();
-        assert_eq!(decide(&mut t, RemoteOpenPolicy::Quorum(1), &msg("a", "r1", 2000), 1000), Some(Apply::Open(2000)));
+        assert_eq!(
+            decide(
+                &mut t,
+                RemoteOpenPolicy::Quorum(1),
+                &msg("a", "r1", 2000),
+                1000
+            ),
+            Some(Apply::Open(2000))
+        );
         // A close from an origin whose open was never counted changes nothing.
         let mut t = Tracker::default();
-        assert_eq!(decide(&mut t, RemoteOpenPolicy::Quorum(1), &msg("b", "r1", 0), 1000), None);
+        assert_eq!(
+            decide(
+                &mut t,
+                RemoteOpenPolicy::Quorum(1),
+                &msg("b", "r1", 0),
+                1000
+            ),
+            None
+        );
     }
 
     #[test]

@@ -22,9 +22,12 @@ use tower::{Layer, ServiceExt};
 const LIMIT: Duration = Duration::from_secs(10);
 
 fn redis_bin() -> Option<PathBuf> {
-    let found = std::env::var_os("TOOLWARDEN_REDIS_SERVER").map(PathBuf::from).filter(|p| p.exists());
+    let found = std::env::var_os("TOOLWARDEN_REDIS_SERVER")
+        .map(PathBuf::from)
+        .filter(|p| p.exists());
     if found.is_none() {
-        let why = "TOOLWARDEN_REDIS_SERVER is not set to an existing redis-server: run scripts/test";
+        let why =
+            "TOOLWARDEN_REDIS_SERVER is not set to an existing redis-server: run scripts/test";
         if std::env::var("TOOLWARDEN_E2E").as_deref() == Ok("required") {
             panic!("required end-to-end component missing: {why}");
         }
@@ -41,8 +44,16 @@ struct RedisServer {
 
 impl RedisServer {
     async fn start(bin: &Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut server = RedisServer { bin: bin.to_owned(), port, child: None };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = RedisServer {
+            bin: bin.to_owned(),
+            port,
+            child: None,
+        };
         server.restart().await;
         server
     }
@@ -53,7 +64,16 @@ impl RedisServer {
 
     async fn restart(&mut self) {
         let child = Command::new(&self.bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -63,7 +83,11 @@ impl RedisServer {
         let client = redis::Client::open(self.url()).unwrap();
         for _ in 0..200 {
             if let Ok(mut c) = client.get_multiplexed_async_connection().await {
-                if redis::cmd("PING").query_async::<String>(&mut c).await.is_ok() {
+                if redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+                {
                     return;
                 }
             }
@@ -113,7 +137,10 @@ async fn replica(server: &RedisServer, name: &str, policy: RemoteOpenPolicy) -> 
 async fn wait(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + LIMIT;
     while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "{what} did not happen within {LIMIT:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not happen within {LIMIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
@@ -123,9 +150,15 @@ async fn trip(replica: &Replica, tool: &str) {
     let mock = MockMcp::new().default_step(tool, Step::tool_error("upstream exploded"));
     let svc = replica.layer.layer(mock);
     for i in 0..3 {
-        let _ = svc.clone().oneshot(Request::tool_call(i, tool, json!({}))).await;
+        let _ = svc
+            .clone()
+            .oneshot(Request::tool_call(i, tool, json!({})))
+            .await;
     }
-    assert_eq!(replica.layer.registry().state(tool), Some(CircuitState::Open));
+    assert_eq!(
+        replica.layer.registry().state(tool),
+        Some(CircuitState::Open)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -136,11 +169,22 @@ async fn follow_opens_the_other_replica() {
     let b = replica(&server, "b", RemoteOpenPolicy::Follow).await;
     let started = std::time::Instant::now();
     trip(&a, "search").await;
-    wait("the open reaching b", || b.layer.registry().state("search") == Some(CircuitState::Open)).await;
-    eprintln!("open propagated in {:?} (see BENCHMARKS.md for the measured figure)", started.elapsed());
+    wait("the open reaching b", || {
+        b.layer.registry().state("search") == Some(CircuitState::Open)
+    })
+    .await;
+    eprintln!(
+        "open propagated in {:?} (see BENCHMARKS.md for the measured figure)",
+        started.elapsed()
+    );
     // b refuses calls now, without calling its tool.
     let mock = MockMcp::new();
-    let err = b.layer.layer(mock.clone()).oneshot(Request::tool_call(9, "search", json!({}))).await.unwrap_err();
+    let err = b
+        .layer
+        .layer(mock.clone())
+        .oneshot(Request::tool_call(9, "search", json!({})))
+        .await
+        .unwrap_err();
     assert!(err.is::<toolwarden_core::CircuitOpen>());
     assert_eq!(mock.calls("search"), 0);
     // Other keys are untouched, and b did not echo the open back.
@@ -148,7 +192,10 @@ async fn follow_opens_the_other_replica() {
     assert_eq!(b.sync.stats().published, 0);
     // A close on a closes b too.
     a.layer.registry().force_close("search");
-    wait("the close reaching b", || b.layer.registry().state("search") == Some(CircuitState::Closed)).await;
+    wait("the close reaching b", || {
+        b.layer.registry().state("search") == Some(CircuitState::Closed)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +212,10 @@ async fn quorum_ignores_one_bad_replica() {
     // A second replica failing on its own makes the quorum.
     wait("c hearing a", || c.sync.stats().received >= 1).await;
     trip(&c, "search").await;
-    wait("the quorum opening b", || b.layer.registry().state("search") == Some(CircuitState::Open)).await;
+    wait("the quorum opening b", || {
+        b.layer.registry().state("search") == Some(CircuitState::Open)
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +226,10 @@ async fn a_replica_starting_late_loads_the_current_state() {
     trip(&a, "search").await;
     wait("a publishing", || a.sync.stats().published >= 1).await;
     let late = replica(&server, "late", RemoteOpenPolicy::Follow).await;
-    assert_eq!(late.layer.registry().state("search"), Some(CircuitState::Open));
+    assert_eq!(
+        late.layer.registry().state("search"),
+        Some(CircuitState::Open)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +276,11 @@ async fn two_replicas_share_one_quota() {
     let elapsed = started.elapsed().as_secs_f64();
     let expected = 10.0 + elapsed * 100.0;
     let error = (f64::from(admitted) - expected).abs() / expected;
-    assert!(error <= 0.05, "admitted {admitted}, expected {expected:.0} (±5 %), off by {:.1} %", error * 100.0);
+    assert!(
+        error <= 0.05,
+        "admitted {admitted}, expected {expected:.0} (±5 %), off by {:.1} %",
+        error * 100.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,18 +306,29 @@ async fn redis_going_away_keeps_calls_flowing_and_state_converges_after() {
     // Calls keep flowing on local decisions: the local GCRA admits its burst.
     let mut local = Vec::new();
     for _ in 0..5 {
-        let d = tokio::time::timeout(LIMIT, limiter.decide("search", q)).await.expect("a check never hangs");
+        let d = tokio::time::timeout(LIMIT, limiter.decide("search", q))
+            .await
+            .expect("a check never hangs");
         local.push(d);
     }
-    assert_eq!(local, [true, true, true, false, false].map(Decision::Fallback));
-    assert!(errors.load(std::sync::atomic::Ordering::Relaxed) > 0, "sync errors are reported");
+    assert_eq!(
+        local,
+        [true, true, true, false, false].map(Decision::Fallback)
+    );
+    assert!(
+        errors.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "sync errors are reported"
+    );
     // Breakers keep working locally while Redis is away.
     trip(&a, "search").await;
     assert_ne!(b.layer.registry().state("search"), Some(CircuitState::Open));
 
     server.restart().await;
     // a re-publishes what happened meanwhile; b converges.
-    wait("b converging after the restart", || b.layer.registry().state("search") == Some(CircuitState::Open)).await;
+    wait("b converging after the restart", || {
+        b.layer.registry().state("search") == Some(CircuitState::Open)
+    })
+    .await;
     let mut back = false;
     for _ in 0..400 {
         if !matches!(limiter.decide("fresh-key", q).await, Decision::Fallback(_)) {

@@ -6,8 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use rmcp::model::{
-    CancelledNotification, CancelledNotificationParam, ClientRequest, RequestId, ServerResult,
+    CancelledNotification, CancelledNotificationParam, ClientRequest, GetExtensions, ProgressToken,
+    RequestId, ServerResult,
 };
 use rmcp::service::{Peer, PeerRequestOptions, RoleClient};
 use toolwarden_core::classify::{TransportError, TransportErrorKind};
@@ -121,6 +124,35 @@ impl RmcpClient {
     }
 }
 
+/// A hook [`RmcpClient`] runs once a request has been handed to the
+/// connection, with the request id and the progress token rmcp put in its
+/// `_meta` (rmcp replaces any token the caller set with one of its own).
+///
+/// Put it in the request's extensions (`request.extensions_mut().insert(..)`).
+/// A proxy uses it to route the server's `notifications/progress` back to the
+/// client that asked for them; a request retried by a layer above runs it
+/// once per attempt, each with its own token. The hook runs on the caller's
+/// task right after the request is queued, so a progress notification can in
+/// principle arrive before it ran: whoever routes progress should wait a
+/// moment for an unknown token.
+#[derive(Clone)]
+pub struct OnRequestSent(Arc<SentHook>);
+
+type SentHook = dyn Fn(&RequestId, &ProgressToken) + Send + Sync;
+
+impl OnRequestSent {
+    /// A hook running `f`.
+    pub fn new(f: impl Fn(&RequestId, &ProgressToken) + Send + Sync + 'static) -> Self {
+        OnRequestSent(Arc::new(f))
+    }
+}
+
+impl fmt::Debug for OnRequestSent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("OnRequestSent")
+    }
+}
+
 /// Sends `notifications/cancelled` for a request whose future was dropped
 /// while it was still waiting for the response.
 struct CancelOnDrop {
@@ -170,11 +202,15 @@ impl Service<ClientRequest> for RmcpClient {
         let peer = self.peer.clone();
         let options = self.options();
         let catalog = self.catalog.clone();
+        let on_sent = request.extensions().get::<OnRequestSent>().cloned();
         Box::pin(async move {
             let handle = peer
                 .send_cancellable_request(request, options)
                 .await
                 .map_err(map_service_error)?;
+            if let Some(on_sent) = on_sent {
+                (on_sent.0)(&handle.id, &handle.progress_token);
+            }
             let mut guard = CancelOnDrop {
                 peer: peer.clone(),
                 id: Some(handle.id.clone()),

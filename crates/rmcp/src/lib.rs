@@ -39,5 +39,5 @@
 mod client;
 mod error;
 
-pub use client::{RmcpClient, RmcpClientFuture};
+pub use client::{OnRequestSent, RmcpClient, RmcpClientFuture};
 pub use error::map_service_error;

@@ -1,0 +1,197 @@
+//! Per-call overhead of the ObservabilityLayer over a bare ready service:
+//! with no metrics recorder installed, and with the Prometheus recorder;
+//! no tracing subscriber in either (the span is then disabled).
+//!
+//! Run: `cargo bench --bench observability -- --warm-up-time 2 --measurement-time 5`
+//!
+//! The `light/*` benches use request and response types that cost nothing
+//! to build and read, so the difference between `bare` and a layered bench
+//! is the layer's own cost. The `jsonrpc/*` benches use the core's JSON-RPC
+//! types (cloned per call, in both the bare and the layered bench), as a
+//! raw transport would.
+
+use std::borrow::Cow;
+use std::future::{ready, Ready};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use futures::FutureExt;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use serde_json::{json, Map, Value};
+use toolwarden_core::jsonrpc::{self, Id};
+use toolwarden_core::request::RpcErrorRef;
+use toolwarden_core::{BoxError, McpRequest, McpResponse};
+use toolwarden_observability::ObservabilityLayer;
+use tower::{Layer, Service, ServiceExt};
+
+/// A tools/call whose view costs nothing to read.
+#[derive(Clone, Copy)]
+struct Call {
+    tool: &'static str,
+}
+
+impl McpRequest for Call {
+    fn method(&self) -> &str {
+        toolwarden_core::TOOLS_CALL
+    }
+    fn tool_name(&self) -> Option<&str> {
+        Some(self.tool)
+    }
+    fn arguments(&self) -> Option<&Map<String, Value>> {
+        None
+    }
+    fn is_continuation(&self) -> bool {
+        false
+    }
+    fn session_key(&self) -> Option<&str> {
+        None
+    }
+    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
+        None
+    }
+    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, _value: T) {}
+}
+
+/// A successful tool result whose view costs nothing to read.
+#[derive(Clone, Copy)]
+struct Reply;
+
+impl McpResponse for Reply {
+    fn rpc_error(&self) -> Option<RpcErrorRef<'_>> {
+        None
+    }
+    fn is_tool_error(&self) -> bool {
+        false
+    }
+    fn is_empty_tool_result(&self) -> bool {
+        false
+    }
+    fn is_input_required(&self) -> bool {
+        false
+    }
+    fn first_text(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+    fn from_tool_result(_id: Option<&Id>, _result: Value) -> Self {
+        Reply
+    }
+    fn insert_result_meta(&mut self, _key: &str, _value: Value) {}
+    fn push_text(&mut self, _text: String) {}
+    fn size_hint(&self) -> usize {
+        0
+    }
+}
+
+/// A bare service that answers at once.
+#[derive(Clone)]
+struct Bare<T>(T);
+
+impl<R, T: Clone> Service<R> for Bare<T> {
+    type Response = T;
+    type Error = BoxError;
+    type Future = Ready<Result<T, BoxError>>;
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _req: R) -> Self::Future {
+        ready(Ok(self.0.clone()))
+    }
+}
+
+/// One call through `poll_ready` and `call`; every future here is ready at once.
+#[inline]
+fn one_call<S, R>(svc: &mut S, req: R) -> S::Response
+where
+    S: Service<R>,
+    S::Error: std::fmt::Debug,
+{
+    let ready = svc
+        .ready()
+        .now_or_never()
+        .expect("ready at once")
+        .expect("never fails");
+    ready
+        .call(req)
+        .now_or_never()
+        .expect("answers at once")
+        .expect("never fails")
+}
+
+const TOOLS: [&str; 100] = [
+    "t00", "t01", "t02", "t03", "t04", "t05", "t06", "t07", "t08", "t09", "t10", "t11", "t12",
+    "t13", "t14", "t15", "t16", "t17", "t18", "t19", "t20", "t21", "t22", "t23", "t24", "t25",
+    "t26", "t27", "t28", "t29", "t30", "t31", "t32", "t33", "t34", "t35", "t36", "t37", "t38",
+    "t39", "t40", "t41", "t42", "t43", "t44", "t45", "t46", "t47", "t48", "t49", "t50", "t51",
+    "t52", "t53", "t54", "t55", "t56", "t57", "t58", "t59", "t60", "t61", "t62", "t63", "t64",
+    "t65", "t66", "t67", "t68", "t69", "t70", "t71", "t72", "t73", "t74", "t75", "t76", "t77",
+    "t78", "t79", "t80", "t81", "t82", "t83", "t84", "t85", "t86", "t87", "t88", "t89", "t90",
+    "t91", "t92", "t93", "t94", "t95", "t96", "t97", "t98", "t99",
+];
+
+fn light_benches(c: &mut Criterion, recorder: &str) {
+    let mut group = c.benchmark_group(format!("observability/{recorder}"));
+    let mut bare = Bare(Reply);
+    group.bench_function("light/bare", |b| {
+        b.iter(|| black_box(one_call(&mut bare, black_box(Call { tool: "search" }))))
+    });
+    let mut layered = ObservabilityLayer::new().layer(Bare(Reply));
+    group.bench_function("light/layered_1_tool", |b| {
+        b.iter(|| black_box(one_call(&mut layered, black_box(Call { tool: "search" }))))
+    });
+    let mut layered = ObservabilityLayer::new().layer(Bare(Reply));
+    let mut i = 0usize;
+    group.bench_function("light/layered_100_tools", |b| {
+        b.iter(|| {
+            i = (i + 1) % TOOLS.len();
+            black_box(one_call(&mut layered, black_box(Call { tool: TOOLS[i] })))
+        })
+    });
+
+    let request = jsonrpc::Request::tool_call(1, "search", json!({"q": "tower", "limit": 5}));
+    let response = jsonrpc::Response::result(
+        Id::Number(1),
+        json!({"content": [{"type": "text", "text": "3 results"}], "isError": false}),
+    );
+    let mut bare = Bare(response.clone());
+    group.bench_function("jsonrpc/bare", |b| {
+        b.iter(|| black_box(one_call(&mut bare, request.clone())))
+    });
+    let mut layered = ObservabilityLayer::new().layer(Bare(response));
+    group.bench_function("jsonrpc/layered", |b| {
+        b.iter(|| black_box(one_call(&mut layered, request.clone())))
+    });
+    group.finish();
+}
+
+fn no_recorder(c: &mut Criterion) {
+    light_benches(c, "no_recorder");
+}
+
+fn prometheus(c: &mut Criterion) {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // The exporter keeps histogram samples until upkeep drains them; run it
+    // every second, as an installed exporter does, so memory stays flat.
+    let stop = Arc::new(AtomicBool::new(false));
+    let upkeep = {
+        let (handle, stop) = (handle.clone(), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                handle.run_upkeep();
+            }
+        })
+    };
+    metrics::with_local_recorder(&recorder, || light_benches(c, "prometheus"));
+    stop.store(true, Ordering::Relaxed);
+    upkeep.join().expect("upkeep thread");
+    // The calls really reached the recorder.
+    assert!(handle.render().contains("toolwarden_calls"));
+}
+
+criterion_group!(benches, no_recorder, prometheus);
+criterion_main!(benches);

@@ -1,0 +1,829 @@
+//! One key's breaker: the state machine, its admission fast path and its
+//! outcome recording.
+//!
+//! # Concurrency
+//!
+//! The state lives in one atomic word, `epoch << 3 | state`, and the open
+//! deadline in another, so admitting a call in the closed state is one
+//! atomic load. Every transition happens under the breaker's own short lock
+//! and bumps the epoch; an admitted call carries the epoch it was admitted
+//! in, and its outcome is recorded only if the epoch is still the same (a
+//! call admitted before the circuit opened does not count after it). The
+//! lock is also what records an outcome: the window cell and its running
+//! totals, the consecutive count and the trip decision change together,
+//! which a lock-free ring cannot do without either miscounting under races
+//! or spinning (a lock in disguise). It is per key, held for a few dozen
+//! nanoseconds and uncontended unless many tasks call one tool at once.
+//!
+//! The common case takes no lock at all: while a breaker is *clean* (its
+//! count window full of successes, no time window, no failure streak, the
+//! minimum number of calls reached), recording one more plain success would
+//! change nothing but the ring's position, so a `CLEAN` bit in the state word,
+//! kept under the lock, lets such a success end with one atomic load.
+
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::time::Instant;
+use toolwarden_core::{Event, Key, Outcome};
+
+use crate::registry::Shared;
+use crate::sync::{LocalTransition, RemoteState, RemoteTransition};
+use crate::window::{reaches, CountWindow, Mark, TimeBuckets, WindowStats};
+
+/// The state of one circuit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Calls pass and their outcomes are recorded.
+    Closed,
+    /// Calls are refused until the open period ends.
+    Open,
+    /// A few probe calls pass; their outcomes close or reopen the circuit.
+    HalfOpen,
+    /// Manual: every call passes and nothing is recorded.
+    Disabled,
+    /// Manual: every call is refused.
+    ForcedOpen,
+    /// Manual: every call passes; outcomes are recorded and reported, but
+    /// the circuit never opens.
+    MetricsOnly,
+}
+
+impl CircuitState {
+    const ALL: [CircuitState; 6] = [
+        CircuitState::Closed,
+        CircuitState::Open,
+        CircuitState::HalfOpen,
+        CircuitState::Disabled,
+        CircuitState::ForcedOpen,
+        CircuitState::MetricsOnly,
+    ];
+
+    fn code(self) -> u64 {
+        self as u64
+    }
+
+    fn from_code(code: u64) -> Self {
+        Self::ALL[(code & STATE_MASK) as usize % Self::ALL.len()]
+    }
+
+    /// A short lower-case label (`closed`, `open`, `half_open`, `disabled`,
+    /// `forced_open`, `metrics_only`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+            CircuitState::Disabled => "disabled",
+            CircuitState::ForcedOpen => "forced_open",
+            CircuitState::MetricsOnly => "metrics_only",
+        }
+    }
+
+    /// Whether the state was set by hand (disabled, forced open, metrics only).
+    pub fn is_manual(self) -> bool {
+        matches!(
+            self,
+            CircuitState::Disabled | CircuitState::ForcedOpen | CircuitState::MetricsOnly
+        )
+    }
+
+    /// Whether outcomes are recorded into the windows in this state.
+    fn records(self) -> bool {
+        matches!(self, CircuitState::Closed | CircuitState::MetricsOnly)
+    }
+
+    /// Whether the state refuses (some) calls.
+    fn refusing(self) -> bool {
+        matches!(
+            self,
+            CircuitState::Open | CircuitState::HalfOpen | CircuitState::ForcedOpen
+        )
+    }
+}
+
+const STATE_BITS: u32 = 3;
+const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
+/// Set while a plain success would change nothing (see the module docs).
+const CLEAN: u64 = 1 << STATE_BITS;
+const EPOCH_SHIFT: u32 = STATE_BITS + 1;
+
+#[inline]
+fn state_of(word: u64) -> CircuitState {
+    CircuitState::from_code(word)
+}
+
+#[inline]
+fn epoch_of(word: u64) -> u64 {
+    word >> EPOCH_SHIFT
+}
+
+/// The word of the next epoch, in `state` (and not clean).
+fn next_word(word: u64, state: CircuitState) -> u64 {
+    ((epoch_of(word) + 1) << EPOCH_SHIFT) | state.code()
+}
+
+/// What an admitted call carries to its completion.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    epoch: u64,
+    probe: bool,
+    started: Option<Instant>,
+}
+
+impl Ticket {
+    pub(crate) fn is_probe(&self) -> bool {
+        self.probe
+    }
+}
+
+/// The decision on one call.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// Forward it and record its outcome.
+    Tracked(Ticket),
+    /// Forward it and record nothing (disabled).
+    Untracked,
+    /// Refuse it; a probe may pass after this long.
+    Refused(Duration),
+}
+
+/// A transition to announce once the lock is released.
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// Opened (or forced open) for this long.
+    Opened(Duration, CircuitState),
+    HalfOpen,
+    /// Entered a state that admits calls.
+    Closed(CircuitState),
+}
+
+/// The few most recent error kinds, with how often each was seen since
+/// the breaker was created or reset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RecentError {
+    /// The outcome kind (`tool_error`, `protocol_error`, `transport`,
+    /// `timeout`, `rejected`): the OpenTelemetry `error.type`.
+    pub kind: &'static str,
+    /// The failure class (`transient`, `server`, `client`).
+    pub class: Option<&'static str>,
+    /// The JSON-RPC error code, when there was one.
+    pub code: Option<i64>,
+    /// Whether it counted against the circuit.
+    pub counted: bool,
+    /// How many times it was seen.
+    pub count: u64,
+}
+
+/// How many distinct error kinds a breaker remembers.
+pub const RECENT_ERRORS: usize = 8;
+
+#[derive(Default)]
+struct RecentErrors {
+    // Most recent first; at most RECENT_ERRORS entries.
+    entries: Vec<RecentError>,
+}
+
+impl RecentErrors {
+    fn push(&mut self, outcome: &Outcome) {
+        let kind = outcome.kind.as_str();
+        let class = outcome.class.map(|c| c.as_str());
+        let pos = self
+            .entries
+            .iter()
+            .position(|e| e.kind == kind && e.class == class && e.code == outcome.code);
+        let mut entry = match pos {
+            Some(i) => self.entries.remove(i),
+            None => {
+                self.entries.truncate(RECENT_ERRORS - 1);
+                RecentError {
+                    kind,
+                    class,
+                    code: outcome.code,
+                    counted: outcome.is_counted_failure(),
+                    count: 0,
+                }
+            }
+        };
+        entry.count += 1;
+        self.entries.insert(0, entry);
+    }
+}
+
+/// Failures and refusals seen by a breaker since it was created or reset
+/// (successes are in the windows; counting each one here would cost the
+/// lock-free success path its lock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct CallTotals {
+    /// Counted failures (`Transient` or `Server`).
+    pub failed: u64,
+    /// Failures that do not count (`Client` failures, other layers' rejections).
+    pub ignored: u64,
+    /// Slow calls (successful or not).
+    pub slow: u64,
+    /// Calls refused by this breaker.
+    pub not_permitted: u64,
+}
+
+/// The mutable part of a breaker, under its lock.
+struct Record {
+    count: Option<CountWindow>,
+    time: Option<TimeBuckets>,
+    consecutive_failures: u32,
+    calls_since_close: u64,
+    probes_in_flight: u32,
+    probe_successes: u32,
+    reopens: u32,
+    open_for: Duration,
+    totals: CallTotals,
+    recent: RecentErrors,
+    remote_origin: Option<Arc<str>>,
+}
+
+impl Record {
+    fn new(shared: &Shared) -> Self {
+        let config = &shared.config;
+        Record {
+            count: config.count_window.map(CountWindow::new),
+            time: config.time_window.map(TimeBuckets::new),
+            consecutive_failures: 0,
+            calls_since_close: 0,
+            probes_in_flight: 0,
+            probe_successes: 0,
+            reopens: 0,
+            open_for: Duration::ZERO,
+            totals: CallTotals::default(),
+            recent: RecentErrors::default(),
+            remote_origin: None,
+        }
+    }
+
+    fn clear_windows(&mut self) {
+        if let Some(w) = &mut self.count {
+            w.clear();
+        }
+        if let Some(w) = &mut self.time {
+            w.clear();
+        }
+        self.consecutive_failures = 0;
+        self.calls_since_close = 0;
+    }
+
+    fn should_trip(&self, shared: &Shared) -> bool {
+        let config = &shared.config;
+        let min = config.minimum_calls;
+        if let Some(threshold) = config.failure_threshold {
+            if self.calls_since_close >= u64::from(min) && self.consecutive_failures >= threshold {
+                return true;
+            }
+        }
+        let rate_trips = |(calls, failures, slow): (u32, u32, u32)| {
+            calls >= min
+                && (config
+                    .failure_rate_threshold
+                    .is_some_and(|t| reaches(failures, calls, t))
+                    || (config.slow_call_duration.is_some()
+                        && reaches(slow, calls, config.slow_call_rate_threshold)))
+        };
+        self.count.as_ref().is_some_and(|w| rate_trips(w.totals()))
+            || self.time.as_ref().is_some_and(|w| rate_trips(w.totals()))
+    }
+
+    /// Whether one more plain success would change nothing that decides.
+    fn is_clean(&self, shared: &Shared) -> bool {
+        self.time.is_none()
+            && self.consecutive_failures == 0
+            && self.calls_since_close >= u64::from(shared.config.minimum_calls)
+            && self.count.as_ref().is_none_or(CountWindow::is_clean)
+    }
+}
+
+/// A lazily read clock: most closed-state calls never need the time.
+struct LazyNow(Option<Instant>);
+
+impl LazyNow {
+    fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
+/// One key's circuit breaker. Aligned to two cache lines so that two keys'
+/// breakers, each written on every call, never share one.
+#[repr(align(128))]
+pub(crate) struct Breaker {
+    word: AtomicU64,
+    /// End of the open period, in nanoseconds since the registry's epoch.
+    open_until: AtomicU64,
+    not_permitted: AtomicU64,
+    record: Mutex<Record>,
+    key: Key,
+    shared: Arc<Shared>,
+}
+
+impl Breaker {
+    pub(crate) fn new(key: Key, shared: Arc<Shared>, initial: CircuitState) -> Self {
+        Breaker {
+            word: AtomicU64::new(initial.code()),
+            open_until: AtomicU64::new(0),
+            not_permitted: AtomicU64::new(0),
+            record: Mutex::new(Record::new(&shared)),
+            key,
+            shared,
+        }
+    }
+
+    fn ns_since_epoch(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.shared.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The current state.
+    pub(crate) fn state(&self) -> CircuitState {
+        state_of(self.word.load(Ordering::Acquire))
+    }
+
+    /// Decides on one call. The closed state costs one atomic load (and a
+    /// clock read when slow calls are tracked).
+    #[inline]
+    pub(crate) fn admit(&self) -> Admission {
+        let word = self.word.load(Ordering::Acquire);
+        match state_of(word) {
+            CircuitState::Closed | CircuitState::MetricsOnly => Admission::Tracked(Ticket {
+                epoch: epoch_of(word),
+                probe: false,
+                started: self.start_time(),
+            }),
+            CircuitState::Disabled => Admission::Untracked,
+            _ => self.admit_slow(),
+        }
+    }
+
+    #[inline]
+    fn start_time(&self) -> Option<Instant> {
+        self.shared.config.tracks_slow_calls().then(Instant::now)
+    }
+
+    #[cold]
+    fn admit_slow(&self) -> Admission {
+        let now = Instant::now();
+        let now_ns = self.ns_since_epoch(now);
+        let word = self.word.load(Ordering::Acquire);
+        match state_of(word) {
+            CircuitState::ForcedOpen => return self.refuse(self.shared.config.reset_timeout),
+            CircuitState::Open => {
+                // Refusals in the open period take no lock.
+                let until = self.open_until.load(Ordering::Acquire);
+                if now_ns < until {
+                    return self.refuse(Duration::from_nanos(until - now_ns));
+                }
+            }
+            _ => {}
+        }
+        let mut change = None;
+        let admission = {
+            let mut rec = self.record.lock();
+            let word = self.word.load(Ordering::Acquire);
+            match state_of(word) {
+                CircuitState::Closed | CircuitState::MetricsOnly => Admission::Tracked(Ticket {
+                    epoch: epoch_of(word),
+                    probe: false,
+                    started: self.start_time(),
+                }),
+                CircuitState::Disabled => Admission::Untracked,
+                CircuitState::ForcedOpen => Admission::Refused(self.shared.config.reset_timeout),
+                CircuitState::Open => {
+                    let until = self.open_until.load(Ordering::Acquire);
+                    if now_ns < until {
+                        Admission::Refused(Duration::from_nanos(until - now_ns))
+                    } else {
+                        let word = self.set_state(word, CircuitState::HalfOpen);
+                        rec.probe_successes = 0;
+                        rec.probes_in_flight = 1;
+                        change = Some(Change::HalfOpen);
+                        self.probe_ticket(word, now)
+                    }
+                }
+                CircuitState::HalfOpen => {
+                    if rec.probes_in_flight < self.shared.config.half_open_max_calls {
+                        rec.probes_in_flight += 1;
+                        self.probe_ticket(word, now)
+                    } else {
+                        Admission::Refused(self.half_open_retry_after())
+                    }
+                }
+            }
+        };
+        if let Some(change) = change {
+            self.announce(change, true);
+        }
+        if let Admission::Refused(_) = admission {
+            self.not_permitted.fetch_add(1, Ordering::Relaxed);
+        }
+        admission
+    }
+
+    fn probe_ticket(&self, word: u64, now: Instant) -> Admission {
+        Admission::Tracked(Ticket {
+            epoch: epoch_of(word),
+            probe: true,
+            started: self.shared.config.tracks_slow_calls().then_some(now),
+        })
+    }
+
+    fn refuse(&self, retry_after: Duration) -> Admission {
+        self.not_permitted.fetch_add(1, Ordering::Relaxed);
+        Admission::Refused(retry_after)
+    }
+
+    /// While every probe is in flight the next one is allowed when one of
+    /// them ends, which is unknown: the base reset timeout is the hint.
+    fn half_open_retry_after(&self) -> Duration {
+        self.shared.config.reset_timeout
+    }
+
+    /// Records the outcome of a call admitted with `ticket`.
+    pub(crate) fn complete(&self, ticket: Ticket, outcome: &Outcome) {
+        let config = &self.shared.config;
+        let mut now = LazyNow(None);
+        let slow = match (ticket.started, config.slow_call_duration) {
+            (Some(started), Some(limit)) => now.get().saturating_duration_since(started) >= limit,
+            _ => false,
+        };
+        let success = outcome.is_success();
+        let counted_failure = outcome.is_counted_failure();
+        let tick = match &config.time_window {
+            Some(_) if success || counted_failure => Some(self.ns_since_epoch(now.get())),
+            _ => None,
+        };
+        if success && !slow && !ticket.probe {
+            let word = self.word.load(Ordering::Acquire);
+            if word & CLEAN != 0 && epoch_of(word) == ticket.epoch {
+                return; // the fast path: nothing would change
+            }
+        }
+        let mut change = None;
+        {
+            let mut rec = self.record.lock();
+            if counted_failure {
+                rec.totals.failed += 1;
+            } else if !success {
+                rec.totals.ignored += 1;
+            }
+            if slow {
+                rec.totals.slow += 1;
+            }
+            if !success {
+                rec.recent.push(outcome);
+            }
+            let word = self.word.load(Ordering::Acquire);
+            if epoch_of(word) != ticket.epoch {
+                return; // admitted in an earlier state: it counts for nothing now
+            }
+            let state = state_of(word);
+            if ticket.probe {
+                if state == CircuitState::HalfOpen {
+                    rec.probes_in_flight = rec.probes_in_flight.saturating_sub(1);
+                    if counted_failure || slow {
+                        change = Some(self.open(&mut rec, word, now.get()));
+                    } else if success {
+                        rec.probe_successes += 1;
+                        if rec.probe_successes >= config.success_threshold {
+                            change = Some(self.close(&mut rec, word, CircuitState::Closed));
+                        }
+                    }
+                }
+            } else if state.records() && (success || counted_failure) {
+                let mark = Mark {
+                    failure: counted_failure,
+                    slow,
+                };
+                if let Some(w) = &mut rec.count {
+                    w.record(mark);
+                }
+                if let (Some(w), Some(ns)) = (&mut rec.time, tick) {
+                    let t = w.tick_of(ns);
+                    w.record(t, mark);
+                }
+                rec.calls_since_close += 1;
+                if counted_failure {
+                    rec.consecutive_failures += 1;
+                } else {
+                    rec.consecutive_failures = 0;
+                }
+                if state == CircuitState::Closed && rec.should_trip(&self.shared) {
+                    change = Some(self.open(&mut rec, word, now.get()));
+                } else if rec.is_clean(&self.shared) != (word & CLEAN != 0) {
+                    self.word.store(word ^ CLEAN, Ordering::Release);
+                }
+            }
+        }
+        if let Some(change) = change {
+            self.announce(change, true);
+        }
+    }
+
+    /// A call admitted with `ticket` was dropped before it ended: it counts
+    /// as nothing, but a probe gives its place back.
+    pub(crate) fn release(&self, ticket: Ticket) {
+        if !ticket.probe {
+            return;
+        }
+        let mut rec = self.record.lock();
+        let word = self.word.load(Ordering::Acquire);
+        if epoch_of(word) == ticket.epoch && state_of(word) == CircuitState::HalfOpen {
+            rec.probes_in_flight = rec.probes_in_flight.saturating_sub(1);
+        }
+    }
+
+    fn set_state(&self, word: u64, state: CircuitState) -> u64 {
+        let next = next_word(word, state);
+        self.word.store(next, Ordering::Release);
+        next
+    }
+
+    /// The open period after `reopens` consecutive re-opens.
+    fn open_period(&self, reopens: u32) -> Duration {
+        let config = &self.shared.config;
+        let growth = config.reset_multiplier.powi(reopens.min(1024) as i32);
+        let base = if growth.is_finite() {
+            config.reset_timeout.as_secs_f64() * growth
+        } else {
+            f64::MAX
+        };
+        let max = config.max_reset_timeout.as_secs_f64();
+        let mut secs = base.min(max);
+        if config.jitter > 0.0 {
+            secs *= 1.0 + config.jitter * (2.0 * fastrand::f64() - 1.0);
+            secs = secs.min(max);
+        }
+        if secs >= max {
+            config.max_reset_timeout
+        } else {
+            Duration::from_secs_f64(secs)
+        }
+    }
+
+    fn open(&self, rec: &mut Record, word: u64, now: Instant) -> Change {
+        let period = self.open_period(rec.reopens);
+        self.open_for(rec, word, now, period);
+        rec.reopens = rec.reopens.saturating_add(1);
+        Change::Opened(period, CircuitState::Open)
+    }
+
+    fn open_for(&self, rec: &mut Record, word: u64, now: Instant, period: Duration) {
+        let until = self
+            .ns_since_epoch(now)
+            .saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
+        rec.open_for = period;
+        rec.probes_in_flight = 0;
+        rec.probe_successes = 0;
+        self.open_until.store(until, Ordering::Release);
+        self.set_state(word, CircuitState::Open);
+    }
+
+    /// Enters a state that admits calls, with fresh windows and the base
+    /// open period.
+    fn close(&self, rec: &mut Record, word: u64, to: CircuitState) -> Change {
+        rec.clear_windows();
+        rec.reopens = 0;
+        rec.probes_in_flight = 0;
+        rec.probe_successes = 0;
+        self.set_state(word, to);
+        Change::Closed(to)
+    }
+
+    /// Moves to a manual state, or back to closed (`Closed` = force close).
+    /// `fresh` also forgets the totals and recent errors (a reset).
+    pub(crate) fn set_mode(&self, mode: CircuitState, fresh: bool) {
+        debug_assert!(mode.is_manual() || mode == CircuitState::Closed);
+        let change = {
+            let mut rec = self.record.lock();
+            if fresh {
+                rec.totals = CallTotals::default();
+                rec.recent = RecentErrors::default();
+                rec.remote_origin = None;
+                self.not_permitted.store(0, Ordering::Relaxed);
+            }
+            let word = self.word.load(Ordering::Acquire);
+            let from = state_of(word);
+            if from == mode && !fresh {
+                return;
+            }
+            match mode {
+                CircuitState::ForcedOpen => {
+                    self.set_state(word, mode);
+                    rec.probes_in_flight = 0;
+                    (!from.refusing())
+                        .then_some(Change::Opened(self.shared.config.reset_timeout, mode))
+                }
+                _ => {
+                    let keeps_windows = from.records() && mode.records() && !fresh;
+                    if keeps_windows {
+                        self.set_state(word, mode);
+                    } else {
+                        self.close(&mut rec, word, mode);
+                    }
+                    from.refusing().then_some(Change::Closed(mode))
+                }
+            }
+        };
+        if let Some(change) = change {
+            self.announce(change, true);
+        }
+    }
+
+    /// Applies a transition that happened on another replica. Manual
+    /// states win over remote ones. Returns whether anything changed.
+    pub(crate) fn apply_remote(&self, transition: &RemoteTransition) -> bool {
+        let now = Instant::now();
+        let change = {
+            let mut rec = self.record.lock();
+            let word = self.word.load(Ordering::Acquire);
+            let from = state_of(word);
+            if from.is_manual() {
+                return false;
+            }
+            let change = match transition.state {
+                RemoteState::Open { retry_after } => {
+                    let until = self
+                        .ns_since_epoch(now)
+                        .saturating_add(u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX));
+                    if from == CircuitState::Open {
+                        if until <= self.open_until.load(Ordering::Acquire) {
+                            return false;
+                        }
+                        // Already open: wait for the later of the two deadlines.
+                        self.open_until.store(until, Ordering::Release);
+                        rec.open_for = retry_after;
+                        None
+                    } else {
+                        self.open_for(&mut rec, word, now, retry_after);
+                        Some(Change::Opened(retry_after, CircuitState::Open))
+                    }
+                }
+                RemoteState::Closed => {
+                    if from == CircuitState::Closed {
+                        return false;
+                    }
+                    Some(self.close(&mut rec, word, CircuitState::Closed))
+                }
+            };
+            rec.remote_origin = Some(Arc::clone(&transition.origin));
+            change
+        };
+        if let Some(change) = change {
+            self.announce(change, false);
+        }
+        true
+    }
+
+    fn key_name(&self) -> Cow<'_, str> {
+        match &self.key {
+            Key::Tool(name) | Key::Custom(name) => Cow::Borrowed(name),
+            other => Cow::Owned(other.to_string()),
+        }
+    }
+
+    /// Reports a transition through the event hook and, when it happened
+    /// here, to the replica sync.
+    fn announce(&self, change: Change, local: bool) {
+        let name = self.key_name();
+        let key = name.as_ref();
+        let (event, state, retry_after) = match change {
+            Change::Opened(retry_after, state) => (
+                Event::CircuitOpened { key, retry_after },
+                state,
+                Some(retry_after),
+            ),
+            Change::HalfOpen => (Event::CircuitHalfOpen { key }, CircuitState::HalfOpen, None),
+            Change::Closed(state) => (Event::CircuitClosed { key }, state, None),
+        };
+        self.shared.events.emit(&event);
+        if local {
+            if let Some(sync) = &self.shared.sync {
+                sync.publish(&LocalTransition {
+                    key: &self.key,
+                    name: key,
+                    state,
+                    retry_after,
+                });
+            }
+        }
+    }
+
+    /// How long until a call may pass, if one may not now.
+    pub(crate) fn retry_after(&self, now: Instant) -> Option<Duration> {
+        match self.state() {
+            CircuitState::ForcedOpen => Some(self.shared.config.reset_timeout),
+            CircuitState::Open => {
+                let until = self.open_until.load(Ordering::Acquire);
+                Some(Duration::from_nanos(
+                    until.saturating_sub(self.ns_since_epoch(now)),
+                ))
+            }
+            CircuitState::HalfOpen => {
+                let rec = self.record.lock();
+                (rec.probes_in_flight >= self.shared.config.half_open_max_calls)
+                    .then(|| self.half_open_retry_after())
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the next call would be refused.
+    pub(crate) fn refuses_now(&self, now: Instant) -> bool {
+        self.retry_after(now).is_some_and(|d| !d.is_zero())
+    }
+
+    /// Whether the breaker never saw a call nor left the closed state.
+    pub(crate) fn is_pristine(&self) -> bool {
+        if self.state() != CircuitState::Closed || self.not_permitted.load(Ordering::Relaxed) > 0 {
+            return false;
+        }
+        let rec = self.record.lock();
+        rec.totals == CallTotals::default()
+            && rec.calls_since_close == 0
+            && rec.count.as_ref().is_none_or(|w| w.totals().0 == 0)
+            && rec.time.as_ref().is_none_or(|w| w.totals().0 == 0)
+    }
+
+    pub(crate) fn snapshot(&self, now: Instant) -> CircuitSnapshot {
+        let retry_after = self.retry_after(now);
+        let mut rec = self.record.lock();
+        let state = self.state();
+        let now_ns = self.ns_since_epoch(now);
+        if let Some(w) = &mut rec.time {
+            let tick = w.tick_of(now_ns);
+            w.advance(tick);
+        }
+        let mut totals = rec.totals;
+        totals.not_permitted = self.not_permitted.load(Ordering::Relaxed);
+        CircuitSnapshot {
+            key: self.key.to_string(),
+            state,
+            retry_after_seconds: retry_after.map(|d| d.as_secs_f64()),
+            count_window: rec.count.as_ref().map(CountWindow::stats),
+            time_window: rec.time.as_ref().map(TimeBuckets::stats),
+            consecutive_failures: rec.consecutive_failures,
+            half_open_in_flight: rec.probes_in_flight,
+            half_open_successes: rec.probe_successes,
+            reopens: rec.reopens,
+            open_period_seconds: (rec.open_for > Duration::ZERO)
+                .then(|| rec.open_for.as_secs_f64()),
+            totals,
+            recent_errors: rec.recent.entries.clone(),
+            remote_origin: rec.remote_origin.as_deref().map(str::to_owned),
+        }
+    }
+}
+
+/// One circuit, as a snapshot reports it. Serialises with serde.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CircuitSnapshot {
+    /// The key (`search` for a tool; `*` per server; `session/tool`; `(overflow)`).
+    pub key: String,
+    /// The state.
+    pub state: CircuitState,
+    /// Seconds until the next call (a probe) may pass, when calls are refused now.
+    pub retry_after_seconds: Option<f64>,
+    /// The count window, when enabled.
+    pub count_window: Option<WindowStats>,
+    /// The time window, when enabled.
+    pub time_window: Option<WindowStats>,
+    /// Counted failures in a row.
+    pub consecutive_failures: u32,
+    /// Probes in flight (half-open).
+    pub half_open_in_flight: u32,
+    /// Successful probes so far (half-open).
+    pub half_open_successes: u32,
+    /// Consecutive opens without a clean close in between (the open period grows with them).
+    pub reopens: u32,
+    /// The length of the last open period, in seconds.
+    pub open_period_seconds: Option<f64>,
+    /// Calls since the breaker was created or reset.
+    pub totals: CallTotals,
+    /// The most recent error kinds, newest first, at most [`RECENT_ERRORS`].
+    pub recent_errors: Vec<RecentError>,
+    /// The replica whose transition was applied last, if any.
+    pub remote_origin: Option<String>,
+}
+
+impl CircuitSnapshot {
+    /// The failure rate of the count window, else of the time window.
+    pub fn failure_rate(&self) -> Option<f64> {
+        self.count_window
+            .or(self.time_window)
+            .and_then(|w| w.failure_rate)
+    }
+
+    /// The slow-call rate of the count window, else of the time window.
+    pub fn slow_call_rate(&self) -> Option<f64> {
+        self.count_window
+            .or(self.time_window)
+            .and_then(|w| w.slow_call_rate)
+    }
+}

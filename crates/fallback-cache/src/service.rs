@@ -1,0 +1,181 @@
+//! The [`FallbackCache`] service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwapOption;
+use tokio::time::Instant;
+use toolwarden_core::{
+    call_fingerprint, BoxError, Classify, McpClassifier, McpRequest, McpResponse,
+};
+use tower_service::Service;
+
+use crate::cache::ResultCache;
+use crate::fallback::{CallContext, CallFacts};
+use crate::future::ResponseFuture;
+use crate::layer::{Config, FallbackCacheLayer};
+use crate::rank::AlternativeRanker;
+
+/// What the services built by one `layer` call (and their clones) share.
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) cache: ResultCache,
+    /// The index of the catalog, rebuilt when the catalog's version changes.
+    ranker: ArcSwapOption<VersionedRanker>,
+}
+
+/// An index of the catalog and the catalog version it was built from.
+#[derive(Debug)]
+pub(crate) struct VersionedRanker {
+    version: u64,
+    pub(crate) ranker: AlternativeRanker,
+}
+
+impl Shared {
+    /// The ranker for the catalog as it is now. Built on first use and after
+    /// each catalog change, on the failure path only; two failures racing
+    /// on a change may both build it, which is harmless.
+    pub(crate) fn ranker(&self) -> Arc<VersionedRanker> {
+        let version = self.config.catalog.version();
+        if let Some(current) = self.ranker.load_full() {
+            if current.version == version {
+                return current;
+            }
+        }
+        let fresh = Arc::new(VersionedRanker {
+            version,
+            ranker: AlternativeRanker::from_catalog(&self.config.catalog),
+        });
+        self.ranker.store(Some(Arc::clone(&fresh)));
+        fresh
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Serves the last good result of a failed tool call, marked stale, or a
+/// structured `isError` result with alternatives. Built by
+/// [`FallbackCacheLayer`]; see the [crate docs](crate) for the rules.
+///
+/// Clones share one cache.
+#[derive(Debug, Clone)]
+pub struct FallbackCache<S, C = McpClassifier> {
+    inner: S,
+    shared: Arc<Shared>,
+    classifier: C,
+}
+
+impl<S, C: Clone> FallbackCache<S, C> {
+    /// Wraps `inner` with the configuration of `layer` and a new, empty cache.
+    pub fn new(inner: S, layer: &FallbackCacheLayer<C>) -> Self {
+        let config = Arc::clone(&layer.config);
+        let cache = ResultCache::new(
+            u64::try_from(config.max_entries).unwrap_or(u64::MAX),
+            u64::try_from(config.max_bytes).unwrap_or(u64::MAX),
+            config.max_staleness,
+        );
+        FallbackCache {
+            inner,
+            shared: Arc::new(Shared {
+                config,
+                cache,
+                ranker: ArcSwapOption::empty(),
+            }),
+            classifier: layer.classifier.clone(),
+        }
+    }
+}
+
+impl<S, C> FallbackCache<S, C> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the wrapper, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// How many results the cache holds now.
+    pub fn cached_results(&self) -> usize {
+        self.shared.cache.len()
+    }
+}
+
+impl<S, C, R> Service<R> for FallbackCache<S, C>
+where
+    R: McpRequest,
+    S: Service<R>,
+    S::Response: McpResponse + Clone + Send + Sync + 'static,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, S::Response, C>;
+
+    /// Readiness is the inner service's: a fresh answer from the cache also
+    /// waits for it, because the request (and so whether it will hit) is
+    /// not known yet. An error here has no request to answer, so it is
+    /// passed up unchanged.
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: R) -> Self::Future {
+        let config = &self.shared.config;
+        let cacheable = match req.tool_name() {
+            Some(tool) => !req.is_continuation() && config.catalog.is_cacheable(tool),
+            None => return ResponseFuture::passthrough(self.inner.call(req)),
+        };
+        if !cacheable && !config.degrade {
+            // Nothing to store, serve or rewrite.
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
+        let fingerprint = if cacheable {
+            call_fingerprint(&mut req)
+        } else {
+            None
+        };
+        let id = req.request_id().cloned();
+        if let (Some(fingerprint), Some(ttl)) = (fingerprint, config.fresh_ttl) {
+            if let Some((mut response, _age)) =
+                self.shared
+                    .cache
+                    .lookup::<S::Response>(&fingerprint, ttl, Instant::now())
+            {
+                // The inner service's readiness is not consumed: it stays
+                // reserved for the next call.
+                if let Some(id) = &id {
+                    response.set_request_id(id);
+                }
+                return ResponseFuture::answered(response);
+            }
+        }
+        let rank = config.degrade && config.alternatives > 0;
+        // `tool_name` is `Some` here: checked above.
+        let facts = CallFacts::new(req.tool_name().unwrap_or_default(), req.arguments(), rank);
+        let context = CallContext {
+            shared: Arc::clone(&self.shared),
+            classifier: self.classifier.clone(),
+            facts,
+            id,
+            fingerprint,
+        };
+        ResponseFuture::called(self.inner.call(req), context)
+    }
+}

@@ -1,0 +1,117 @@
+//! [`ResponseFuture`]: forwards the inner service's answer and records what
+//! became of the call.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use toolwarden_core::{BoxError, CallKind, Classify, LoopDetected};
+
+use crate::history::Mark;
+use crate::sessions::SessionRef;
+
+pin_project! {
+    /// Response future of [`LoopGuard`](crate::LoopGuard).
+    ///
+    /// Resolves to the inner service's answer, or at once to a
+    /// [`LoopDetected`] error for a refused call. When a guarded call ends,
+    /// its outcome is classified and recorded in the session's history; a
+    /// future dropped before that leaves the call neither succeeded nor failed.
+    #[derive(Debug)]
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        state: State<F>,
+        recorder: Option<Recorder<C>>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    #[derive(Debug)]
+    enum State<F> {
+        // Forwarded to the inner service.
+        Called { #[pin] future: F },
+        // Refused: the inner service was not called.
+        Blocked { error: LoopDetected },
+    }
+}
+
+/// Records the outcome of one guarded call in its session's history.
+#[derive(Debug)]
+pub(crate) struct Recorder<C> {
+    pub(crate) session: SessionRef,
+    pub(crate) seq: u64,
+    pub(crate) classifier: C,
+}
+
+impl<C> Recorder<C> {
+    fn record<T>(self, result: &Result<T, BoxError>)
+    where
+        C: Classify<T>,
+    {
+        let outcome = match result {
+            Ok(response) => self
+                .classifier
+                .classify_response(CallKind::ToolCall, response),
+            Err(error) => self.classifier.classify_error(error.as_ref()),
+        };
+        let mark = if outcome.is_success() {
+            Mark::Succeeded
+        } else if outcome.is_rejection() {
+            Mark::Neutral
+        } else {
+            Mark::Failed
+        };
+        self.session.settle(self.seq, mark);
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    /// A call that is not guarded (not a tool call, or an exempt tool).
+    pub(crate) fn passthrough(future: F) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            recorder: None,
+        }
+    }
+
+    /// A guarded call whose outcome `recorder` records.
+    pub(crate) fn guarded(future: F, recorder: Recorder<C>) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            recorder: Some(recorder),
+        }
+    }
+
+    /// A refused call.
+    pub(crate) fn blocked(error: LoopDetected) -> Self {
+        ResponseFuture {
+            state: State::Blocked { error },
+            recorder: None,
+        }
+    }
+}
+
+impl<F, C, T, E> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        match this.state.project() {
+            StateProj::Blocked { error } => Poll::Ready(Err(Box::new(error.clone()))),
+            StateProj::Called { future } => {
+                let result = ready!(future.poll(cx)).map_err(Into::into);
+                if let Some(recorder) = this.recorder.take() {
+                    recorder.record(&result);
+                }
+                Poll::Ready(result)
+            }
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! [`LoopGuard`]: the service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use toolwarden_core::{
+    call_fingerprint, BoxError, Classify, Event, LoopDetected, McpClassifier, McpRequest,
+    McpResponse,
+};
+use tower_service::Service;
+
+use crate::config::LoopGuardConfig;
+use crate::future::{Recorder, ResponseFuture};
+use crate::history::Admission;
+use crate::sessions::Sessions;
+
+/// Refuses tool calls that repeat the same call, or a short cycle of calls,
+/// too often within a session. See the [crate docs](crate) for the rules.
+///
+/// Only `tools/call` requests of tools that are not exempt are guarded;
+/// every other request, and every continuation of a `tools/call`
+/// (2026-07-28 `inputResponses` or `requestState`), goes to the inner
+/// service untouched. Clones share the session histories.
+pub struct LoopGuard<S, C = McpClassifier> {
+    inner: S,
+    config: LoopGuardConfig<C>,
+    sessions: Arc<Sessions>,
+}
+
+impl<S, C> LoopGuard<S, C> {
+    /// Guards `inner` with `config`, starting with no history.
+    pub fn new(inner: S, config: LoopGuardConfig<C>) -> Self {
+        let settings = &config.settings;
+        let sessions = Sessions::new(
+            config.window_calls(),
+            settings.max_sessions,
+            settings.session_idle_timeout,
+        );
+        LoopGuard {
+            inner,
+            config,
+            sessions: Arc::new(sessions),
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, consuming the guard.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoopGuardConfig<C> {
+        &self.config
+    }
+
+    /// How many sessions have a history of their own; never more than
+    /// `max_sessions` (the shared overflow history and the history of calls
+    /// without a session key are not counted).
+    pub fn tracked_sessions(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for LoopGuard<S, C> {
+    fn clone(&self) -> Self {
+        LoopGuard {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            sessions: Arc::clone(&self.sessions),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for LoopGuard<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoopGuard")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("tracked_sessions", &self.tracked_sessions())
+            .finish()
+    }
+}
+
+impl<S, C, R> Service<R> for LoopGuard<S, C>
+where
+    R: McpRequest,
+    S: Service<R>,
+    S::Response: McpResponse,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: R) -> Self::Future {
+        // Not a tools/call, or an exempt tool: untouched.
+        let Some(limits) = request
+            .tool_name()
+            .and_then(|tool| self.config.limits_for(tool))
+        else {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        };
+        // A continuation (2026-07-28 `inputResponses`, `requestState`)
+        // carries the arguments of the call it continues: it is that call
+        // going on, not the agent asking again.
+        if request.is_continuation() {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
+        // Read from the request when an earlier layer computed it; otherwise
+        // computed here and stored for the layers below.
+        let Some(fingerprint) = call_fingerprint(&mut request) else {
+            // Only requests without a tool name have none: never guarded.
+            return ResponseFuture::passthrough(self.inner.call(request));
+        };
+        let rules = self.config.rules(limits);
+        let session = self.sessions.get(request.session_key());
+        match session.admit(fingerprint.as_u64(), self.sessions.now_ms(), &rules) {
+            Admission::Pass { seq, warning } => {
+                if let Some(warning) = warning {
+                    self.config.events().emit(&Event::LoopWarned {
+                        tool: request.target(),
+                        repeats: warning.repeats,
+                    });
+                }
+                let recorder = Recorder {
+                    session,
+                    seq,
+                    classifier: self.config.classifier.clone(),
+                };
+                // The readiness reserved in `poll_ready` is used here.
+                ResponseFuture::guarded(self.inner.call(request), recorder)
+            }
+            Admission::Block(verdict) => {
+                // The inner service is not called: the readiness reserved
+                // in `poll_ready` stays for the next call, as in tower's
+                // `Filter`.
+                let tool = request.target();
+                self.config.events().emit(&Event::LoopBlocked {
+                    tool,
+                    repeats: verdict.repeats,
+                });
+                ResponseFuture::blocked(LoopDetected::new(tool, verdict.repeats, verdict.pattern))
+            }
+        }
+    }
+}

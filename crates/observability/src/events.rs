@@ -1,0 +1,242 @@
+//! The event sink that turns the other layers' resilience events into
+//! metrics, statistics and span fields.
+//!
+//! Add [`ObservabilityEvents`] (from [`ObservabilityLayer::event_sink`]) to
+//! the [`Events`] you give the other layers. For each event it:
+//!
+//! - increments `toolwarden.events{event, key}` (`key` is the event's tool
+//!   or breaker key; events without one, like `sync_error`, have no `key`);
+//! - on circuit events, sets the gauge `toolwarden.circuit.state{key}` to 0
+//!   (closed), 1 (half-open) or 2 (open);
+//! - counts the event in the [stats snapshot](crate::StatsSnapshot) (totals
+//!   by name, and the last circuit state per key);
+//! - on `retry`, records the attempt about to be made in the `attempt` field
+//!   of the current span, which is the layer's call span when the retry layer
+//!   sits below it (events are emitted while the layer polls the call);
+//! - emits a `DEBUG` tracing event naming the event and its key.
+//!
+//! Keys share the layer's cardinality cap: the first `max_tools` distinct
+//! keys are labelled by name, later ones `other` (and get no gauge, since
+//! one gauge cannot hold many circuits' states).
+//!
+//! ```
+//! use std::time::Duration;
+//! use toolwarden_core::{Event, Events};
+//! use toolwarden_observability::{CircuitState, ObservabilityLayer};
+//!
+//! let layer = ObservabilityLayer::new();
+//! let events = Events::new().with(layer.event_sink()); // give these to the other layers
+//! events.emit(&Event::CircuitOpened { key: "search", retry_after: Duration::from_secs(30) });
+//! let snapshot = layer.stats().snapshot();
+//! assert_eq!(snapshot.events["circuit_opened"], 1);
+//! assert_eq!(snapshot.circuits["search"], CircuitState::Open);
+//! ```
+//!
+//! [`ObservabilityLayer::event_sink`]: crate::ObservabilityLayer::event_sink
+//! [`Events`]: toolwarden_core::Events
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+
+use metrics::{Counter, Gauge, SharedString};
+use toolwarden_core::{Bounds, Event, EventSink, Key, KeyRef, KeyedState};
+
+use crate::instruments::{self, labels, names, Cached, METADATA, OTHER};
+use crate::registry::Shared;
+use crate::stats::CircuitState;
+
+/// Every event name the sink counts in the snapshot, in slot order.
+pub(crate) const EVENT_NAMES: [&str; 11] = [
+    "circuit_opened",
+    "circuit_half_open",
+    "circuit_closed",
+    "rate_limited",
+    "retry",
+    "budget_exhausted",
+    "loop_warned",
+    "loop_blocked",
+    "stale_served",
+    "degraded",
+    "sync_error",
+];
+
+fn event_index(name: &str) -> Option<usize> {
+    EVENT_NAMES.iter().position(|n| *n == name)
+}
+
+fn circuit_state(event: &Event<'_>) -> Option<CircuitState> {
+    match event {
+        Event::CircuitOpened { .. } => Some(CircuitState::Open),
+        Event::CircuitHalfOpen { .. } => Some(CircuitState::HalfOpen),
+        Event::CircuitClosed { .. } => Some(CircuitState::Closed),
+        _ => None,
+    }
+}
+
+const CIRCUIT_UNKNOWN: u8 = 0;
+
+fn encode(state: CircuitState) -> u8 {
+    match state {
+        CircuitState::Closed => 1,
+        CircuitState::HalfOpen => 2,
+        CircuitState::Open => 3,
+    }
+}
+
+fn decode(value: u8) -> Option<CircuitState> {
+    match value {
+        1 => Some(CircuitState::Closed),
+        2 => Some(CircuitState::HalfOpen),
+        3 => Some(CircuitState::Open),
+        _ => None,
+    }
+}
+
+/// The event series of one key.
+pub(crate) struct EventSeries {
+    key: Option<SharedString>,
+    overflow: bool,
+    counters: [Cached<Counter>; EVENT_NAMES.len()],
+    gauge: Cached<Gauge>,
+    circuit: AtomicU8,
+}
+
+impl EventSeries {
+    fn new(key: Option<SharedString>, overflow: bool) -> Self {
+        EventSeries {
+            key,
+            overflow,
+            counters: Default::default(),
+            gauge: Cached::default(),
+            circuit: AtomicU8::new(CIRCUIT_UNKNOWN),
+        }
+    }
+
+    fn labels(&self, event: &'static str) -> Vec<metrics::Label> {
+        let mut out = vec![instruments::label(labels::EVENT, event)];
+        if let Some(key) = &self.key {
+            out.push(instruments::label(labels::KEY, key.clone()));
+        }
+        out
+    }
+
+    fn count(&self, name: &'static str, slot: Option<usize>) {
+        let register = |r: &dyn metrics::Recorder| {
+            r.register_counter(
+                &instruments::key(names::EVENTS, self.labels(name)),
+                &METADATA,
+            )
+        };
+        metrics::with_recorder(|recorder| match slot {
+            Some(i) => self.counters[i].with(recorder, register, |c| c.increment(1)),
+            // An event added to the core after this crate: counted, not cached.
+            None => register(recorder).increment(1),
+        });
+    }
+
+    fn set_circuit(&self, state: CircuitState) {
+        self.circuit.store(encode(state), Relaxed);
+        if self.overflow {
+            return;
+        }
+        let Some(key) = &self.key else { return };
+        metrics::with_recorder(|recorder| {
+            self.gauge.with(
+                recorder,
+                |r| {
+                    let labels = vec![instruments::label(labels::KEY, key.clone())];
+                    r.register_gauge(&instruments::key(names::CIRCUIT_STATE, labels), &METADATA)
+                },
+                |g| g.set(state.gauge_value()),
+            );
+        });
+    }
+}
+
+/// Event counters and per-key series, bounded like the tool set.
+pub(crate) struct EventState {
+    keys: KeyedState<EventSeries>,
+    unkeyed: EventSeries,
+    totals: [AtomicU64; EVENT_NAMES.len()],
+}
+
+impl EventState {
+    pub(crate) fn new(max_keys: usize) -> Self {
+        EventState {
+            keys: KeyedState::new(
+                Bounds::max_keys(max_keys).idle_timeout(None),
+                |key| match key {
+                    Key::Tool(name) => {
+                        EventSeries::new(Some(SharedString::from(name.clone())), false)
+                    }
+                    _ => EventSeries::new(Some(SharedString::const_str(OTHER)), true),
+                },
+            ),
+            unkeyed: EventSeries::new(None, false),
+            totals: Default::default(),
+        }
+    }
+
+    fn record(&self, event: &Event<'_>) {
+        let name = event.name();
+        let slot = event_index(name);
+        if let Some(i) = slot {
+            self.totals[i].fetch_add(1, Relaxed);
+        }
+        let entry = event.subject().map(|s| self.keys.entry(KeyRef::Tool(s)));
+        let series = entry.as_deref().unwrap_or(&self.unkeyed);
+        series.count(name, slot);
+        if let Some(state) = circuit_state(event) {
+            series.set_circuit(state);
+        }
+    }
+
+    pub(crate) fn totals(&self) -> BTreeMap<String, u64> {
+        EVENT_NAMES
+            .iter()
+            .zip(&self.totals)
+            .map(|(name, n)| ((*name).to_owned(), n.load(Relaxed)))
+            .collect()
+    }
+
+    pub(crate) fn circuits(&self) -> BTreeMap<String, CircuitState> {
+        let mut out = BTreeMap::new();
+        self.keys.for_each(|key, series| {
+            if let (Key::Tool(name), Some(state)) = (key, decode(series.circuit.load(Relaxed))) {
+                out.insert(name.to_string(), state);
+            }
+        });
+        out
+    }
+}
+
+/// An [`EventSink`] feeding the layer's metrics, statistics and spans. See
+/// the [module docs](self). Cloning it is cheap; clones share state with
+/// the layer they came from.
+#[derive(Clone)]
+pub struct ObservabilityEvents {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl EventSink for ObservabilityEvents {
+    fn on_event(&self, event: &Event<'_>) {
+        self.shared.events.record(event);
+        if let Event::Retry { attempt, .. } = event {
+            tracing::Span::current().record("attempt", attempt);
+        }
+        tracing::debug!(
+            event = event.name(),
+            key = event.subject(),
+            "toolwarden event"
+        );
+    }
+}
+
+impl fmt::Debug for ObservabilityEvents {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ObservabilityEvents")
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,106 @@
+//! The response future of [`Observability`](crate::Observability).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use toolwarden_core::{BoxError, CallKind, Classify, Entry};
+use tracing::Span;
+
+use crate::instruments::CANCELLED;
+use crate::registry::Series;
+
+/// What the future needs to record the call when it ends.
+pub(crate) struct InFlight<C> {
+    pub(crate) series: Entry<Series>,
+    pub(crate) start: Instant,
+    pub(crate) kind: CallKind,
+    pub(crate) classifier: C,
+}
+
+pin_project! {
+    /// Response future of [`Observability`](crate::Observability): polls the
+    /// inner future inside the call span and records the call when it ends,
+    /// or as `cancelled` when dropped before.
+    pub struct ResponseFuture<F, C> {
+        #[pin]
+        inner: F,
+        call: Option<InFlight<C>>,
+        span: Span,
+    }
+
+    impl<F, C> PinnedDrop for ResponseFuture<F, C> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(call) = this.call.take() {
+                let end = Instant::now();
+                call.series.record_cancelled(end);
+                if !this.span.is_disabled() {
+                    this.span.record("outcome", CANCELLED);
+                    this.span.record("duration_ms", millis(end.saturating_duration_since(call.start)));
+                }
+            }
+        }
+    }
+}
+
+impl<F, C> ResponseFuture<F, C> {
+    pub(crate) fn new(inner: F, call: InFlight<C>, span: Span) -> Self {
+        ResponseFuture {
+            inner,
+            call: Some(call),
+            span,
+        }
+    }
+}
+
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl<F, C, T, E> Future for ResponseFuture<F, C>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+    C: Classify<T>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let _entered = this.span.enter();
+        let result = ready!(this.inner.poll(cx)).map_err(Into::into);
+        if let Some(call) = this.call.take() {
+            let end = Instant::now();
+            let elapsed = end.saturating_duration_since(call.start);
+            let outcome = match &result {
+                Ok(response) => call.classifier.classify_response(call.kind, response),
+                Err(error) => call.classifier.classify_error(&**error),
+            };
+            call.series.record(&outcome, elapsed, end);
+            if !this.span.is_disabled() {
+                this.span.record("outcome", outcome.kind.as_str());
+                if let Some(class) = outcome.class {
+                    this.span.record("failure.class", class.as_str());
+                }
+                if let Some(error_type) = outcome.error_type() {
+                    this.span.record("error.type", error_type);
+                }
+                this.span.record("duration_ms", millis(elapsed));
+            }
+        }
+        Poll::Ready(result)
+    }
+}
+
+impl<F, C> fmt::Debug for ResponseFuture<F, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("finished", &self.call.is_none())
+            .field("span", &self.span)
+            .finish_non_exhaustive()
+    }
+}

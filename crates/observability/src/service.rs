@@ -1,0 +1,165 @@
+//! The [`Observability`] service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::time::Instant;
+use toolwarden_core::{
+    call_fingerprint, Attempt, BoxError, CallKind, Classify, Entry, McpClassifier, McpRequest,
+};
+use tower_service::Service;
+use tracing::field::{display, Empty};
+use tracing::Span;
+
+use crate::future::{InFlight, ResponseFuture};
+use crate::layer::ObservabilityLayer;
+use crate::registry::{Series, Shared};
+use crate::stats::Stats;
+
+/// Records every call passing through it; built by [`ObservabilityLayer`].
+/// It never refuses a call and adds no readiness of its own: `poll_ready`
+/// is the inner service's.
+#[derive(Clone)]
+pub struct Observability<S, C = McpClassifier> {
+    inner: S,
+    shared: Arc<Shared>,
+    classifier: C,
+    /// The series of the previous call, to skip the map lookup when the
+    /// next call is for the same tool.
+    last: Option<Entry<Series>>,
+}
+
+impl<S> Observability<S> {
+    /// Wraps `inner` with the default configuration and statistics of its
+    /// own. Use [`ObservabilityLayer`] to configure it or share statistics.
+    pub fn new(inner: S) -> Self {
+        use tower_layer::Layer;
+        ObservabilityLayer::new().layer(inner)
+    }
+}
+
+impl<S, C> Observability<S, C> {
+    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, classifier: C) -> Self {
+        Observability {
+            inner,
+            shared,
+            classifier,
+            last: None,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the wrapper, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+
+    /// A handle to the statistics this service records into.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for Observability<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observability")
+            .field("inner", &self.inner)
+            .field("config", &self.shared.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, R> Service<R> for Observability<S, C>
+where
+    R: McpRequest,
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut request: R) -> Self::Future {
+        let kind = if request.is_tool_call() {
+            CallKind::ToolCall
+        } else {
+            CallKind::Other
+        };
+        let series = self.shared.series(&request, &mut self.last);
+        let span = call_span(&mut request, self.shared.config.span_fingerprint);
+        let start = Instant::now();
+        let inner = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        ResponseFuture::new(
+            inner,
+            InFlight {
+                series,
+                start,
+                kind,
+                classifier: self.classifier.clone(),
+            },
+            span,
+        )
+    }
+}
+
+/// `{method} {tool}`, the OpenTelemetry span name of an MCP call.
+struct SpanName<'a>(&'a str, Option<&'a str>);
+
+impl fmt::Display for SpanName<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.1 {
+            Some(tool) => write!(f, "{} {tool}", self.0),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+/// The call span. Its fields are evaluated only when a subscriber enables
+/// it; the arguments never enter it (only their fingerprint, in hex).
+fn call_span<R: McpRequest>(request: &mut R, fingerprint: bool) -> Span {
+    let span = tracing::info_span!(
+        "mcp.call",
+        otel.name = %SpanName(request.method(), request.tool_name()),
+        otel.kind = "client",
+        mcp.method.name = request.method(),
+        gen_ai.tool.name = request.tool_name(),
+        attempt = Empty,
+        toolwarden.fingerprint = Empty,
+        outcome = Empty,
+        failure.class = Empty,
+        error.type = Empty,
+        duration_ms = Empty,
+    );
+    if !span.is_disabled() {
+        if let Some(Attempt(attempt)) = request.extension::<Attempt>() {
+            span.record("attempt", attempt);
+        }
+        if fingerprint {
+            if let Some(fp) = call_fingerprint(request) {
+                span.record("toolwarden.fingerprint", display(fp));
+            }
+        }
+    }
+    span
+}

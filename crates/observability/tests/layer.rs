@@ -1,0 +1,344 @@
+//! The layer as a tower service: readiness, statistics, cancellation,
+//! configuration.
+
+mod support;
+
+use std::future::Future;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusBuilder;
+use serde_json::json;
+use toolwarden_core::jsonrpc::Request;
+use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
+use toolwarden_core::{McpClassifier, OutcomeKind};
+use toolwarden_observability::{
+    Observability, ObservabilityLayer, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT, RECENT_WINDOW_LIMIT,
+};
+use tower::{Layer, Service};
+
+use support::{call, parse_prometheus, tool_call, upstream, value};
+
+#[tokio::test]
+async fn pending_readiness_is_propagated_and_calls_follow_readiness() {
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(ReadyChecked::new(MockMcp::new()).pending_first());
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_pending());
+    assert!(matches!(svc.poll_ready(&mut cx), Poll::Ready(Ok(()))));
+    let response = svc.call(tool_call(1, "search")).await.unwrap();
+    assert_eq!(response.id, toolwarden_core::jsonrpc::Id::Number(1));
+    // Clones are not ready: each drives its own readiness.
+    let mut clone = svc.clone();
+    call(&mut clone, tool_call(2, "search")).await.unwrap();
+    assert_eq!(svc.get_ref().get_ref().calls("search"), 2);
+    assert_eq!(layer.stats().snapshot().tool("search").unwrap().calls, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_has_the_documented_json_shape() {
+    let before = wall_ms();
+    let mock = MockMcp::new()
+        .script(
+            "search",
+            [Step::tool_error("invalid query").after(Duration::from_millis(40))],
+        )
+        .default_step("search", Step::ok("hit").after(Duration::from_millis(10)));
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(upstream(mock));
+    for id in 0..100 {
+        call(&mut svc, tool_call(id, "search")).await.unwrap();
+    }
+    call(&mut svc, Request::new(100, "tools/list", None))
+        .await
+        .unwrap();
+    let after = wall_ms();
+
+    let snapshot = layer.stats().snapshot();
+    let json = snapshot.to_json();
+    let mut keys: Vec<&str> = json
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        ["circuits", "events", "methods", "taken_at_unix_ms", "tools"]
+    );
+
+    let tool = &json["tools"][0];
+    let mut keys: Vec<&str> = tool
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "calls",
+            "cancelled",
+            "errors",
+            "last_call_unix_ms",
+            "mean_duration_ms",
+            "name",
+            "outcomes",
+            "p50_ms",
+            "p95_ms",
+            "p99_ms",
+            "recent_calls",
+            "recent_failure_rate",
+            "success_rate",
+            "total_duration_ms",
+        ]
+    );
+    assert_eq!(tool["name"], "search");
+    assert_eq!(tool["calls"], 100);
+    assert_eq!(tool["errors"], 1);
+    assert_eq!(tool["cancelled"], 0);
+    assert_eq!(
+        tool["outcomes"],
+        json!({"success": 99, "tool_error": 1, "protocol_error": 0, "transport": 0, "timeout": 0, "rejected": 0})
+    );
+    assert_eq!(tool["success_rate"], 0.99);
+    assert_eq!(tool["recent_failure_rate"], 0.01);
+    assert_eq!(tool["recent_calls"], 100);
+    let total = tool["total_duration_ms"].as_f64().unwrap();
+    assert!((total - (99.0 * 10.0 + 40.0)).abs() < 1e-6, "{total}");
+    assert!((tool["mean_duration_ms"].as_f64().unwrap() - 10.3).abs() < 1e-6);
+    // Percentiles are bucket midpoints, within 12.5 % (module docs).
+    for p in ["p50_ms", "p95_ms"] {
+        let v = tool[p].as_f64().unwrap();
+        assert!((v - 10.0).abs() <= 1.25, "{p} = {v}");
+    }
+    let p99 = tool["p99_ms"].as_f64().unwrap();
+    assert!((p99 - 10.0).abs() <= 1.25, "p99 = {p99}"); // 99 of 100 calls took 10 ms
+    let last = tool["last_call_unix_ms"].as_u64().unwrap();
+    // The paused clock advanced ~1 s beyond the wall clock.
+    assert!(
+        last >= before && last <= after + 2_000,
+        "{before} <= {last} <= {after}"
+    );
+
+    assert_eq!(json["methods"][0]["name"], "tools/list");
+    assert_eq!(json["methods"][0]["calls"], 1);
+    assert_eq!(json["events"]["circuit_opened"], 0);
+    assert_eq!(json["circuits"], json!({}));
+    // The JSON reads back into the same snapshot.
+    let back: toolwarden_observability::StatsSnapshot = serde_json::from_value(json).unwrap();
+    assert_eq!(back, snapshot);
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tokio::test]
+async fn a_tool_with_no_calls_yet_reads_as_none_not_nan() {
+    let layer = ObservabilityLayer::new();
+    let snapshot = layer.stats().snapshot();
+    assert!(snapshot.tools.is_empty());
+    // A cancelled-only tool has calls but no completed ones.
+    let mut svc = layer.layer(MockMcp::new().script("slow", [Step::Hang]));
+    {
+        let mut fut = pin!(call(&mut svc, tool_call(1, "slow")));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+    }
+    let snapshot = layer.stats().snapshot();
+    let slow = snapshot.tool("slow").unwrap();
+    assert_eq!((slow.calls, slow.cancelled, slow.errors), (1, 1, 0));
+    assert_eq!(slow.success_rate, None);
+    assert_eq!(slow.p50_ms, None);
+    assert_eq!(
+        snapshot.to_json()["tools"][0]["mean_duration_ms"],
+        serde_json::Value::Null
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_recent_failure_rate_forgets_old_calls() {
+    let mock = MockMcp::new().script("search", (0..4).map(|_| Step::tool_error("boom")));
+    let layer = ObservabilityLayer::builder()
+        .recent_window(4)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(mock);
+    for id in 0..4 {
+        call(&mut svc, tool_call(id, "search")).await.unwrap();
+    }
+    let s = layer.stats().snapshot();
+    assert_eq!(s.tool("search").unwrap().recent_failure_rate, Some(1.0));
+    for id in 4..7 {
+        call(&mut svc, tool_call(id, "search")).await.unwrap();
+    }
+    let s = layer.stats().snapshot();
+    let search = s.tool("search").unwrap();
+    assert_eq!(search.recent_failure_rate, Some(0.25));
+    assert_eq!(search.recent_calls, 4);
+    assert_eq!(search.errors, 4); // the totals keep everything
+}
+
+#[tokio::test]
+async fn a_dropped_call_is_counted_as_cancelled() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let prometheus = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let mock = MockMcp::new().script("slow", [Step::Hang]);
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(mock.clone());
+    {
+        let mut fut = pin!(call(&mut svc, tool_call(1, "slow")));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(mock.in_flight(), 1);
+    }
+    assert_eq!(mock.in_flight(), 0);
+    let samples = parse_prometheus(&prometheus.render());
+    let labels = [
+        ("mcp_method_name", "tools/call"),
+        ("gen_ai_tool_name", "slow"),
+        ("outcome", "cancelled"),
+    ];
+    assert_eq!(value(&samples, "toolwarden_calls", &labels), Some(1.0));
+    // Not timed: the operation never ended.
+    assert!(!samples
+        .iter()
+        .any(|s| s.name.starts_with("mcp_client_operation_duration")));
+}
+
+#[tokio::test]
+async fn the_classifier_is_the_one_configured() {
+    let empty = || Step::Result(json!({"content": []}));
+    let mock = MockMcp::new().script("list_files", [empty(), empty()]);
+    let default = ObservabilityLayer::new();
+    let lenient = ObservabilityLayer::builder()
+        .classifier(McpClassifier::new().empty_result(None))
+        .build()
+        .unwrap();
+    call(&mut default.layer(mock.clone()), tool_call(1, "list_files"))
+        .await
+        .unwrap();
+    call(&mut lenient.layer(mock), tool_call(2, "list_files"))
+        .await
+        .unwrap();
+    let outcomes = |layer: &ObservabilityLayer| {
+        layer
+            .stats()
+            .snapshot()
+            .tool("list_files")
+            .unwrap()
+            .outcomes
+    };
+    assert_eq!(outcomes(&default).get(OutcomeKind::ToolError), 1);
+    assert_eq!(outcomes(&lenient).get(OutcomeKind::Success), 1);
+}
+
+#[tokio::test]
+async fn services_share_the_layer_statistics_and_expose_the_inner_service() {
+    let layer = ObservabilityLayer::new();
+    let mut a = layer.layer(MockMcp::new());
+    let mut b = layer.layer(MockMcp::new());
+    call(&mut a, tool_call(1, "x")).await.unwrap();
+    call(&mut b, tool_call(2, "x")).await.unwrap();
+    assert_eq!(a.stats().snapshot().tool("x").unwrap().calls, 2);
+    assert_eq!(a.get_mut().calls("x"), 1);
+    assert_eq!(b.into_inner().calls("x"), 1);
+
+    // A standalone service keeps statistics of its own.
+    let mut own = Observability::new(MockMcp::new());
+    call(&mut own, tool_call(3, "y")).await.unwrap();
+    assert_eq!(own.stats().snapshot().tool("y").unwrap().calls, 1);
+    assert!(layer.stats().snapshot().tool("y").is_none());
+}
+
+#[test]
+fn bad_configuration_is_refused_naming_the_field() {
+    let cases = [
+        (
+            ObservabilityLayer::builder().max_tools(0).build(),
+            "max_tools",
+        ),
+        (
+            ObservabilityLayer::builder()
+                .max_tools(MAX_TOOLS_LIMIT + 1)
+                .build(),
+            "max_tools",
+        ),
+        (
+            ObservabilityLayer::builder().max_methods(0).build(),
+            "max_methods",
+        ),
+        (
+            ObservabilityLayer::builder()
+                .max_methods(MAX_METHODS_LIMIT + 1)
+                .build(),
+            "max_methods",
+        ),
+        (
+            ObservabilityLayer::builder().recent_window(0).build(),
+            "recent_window",
+        ),
+        (
+            ObservabilityLayer::builder()
+                .recent_window(RECENT_WINDOW_LIMIT + 1)
+                .build(),
+            "recent_window",
+        ),
+    ];
+    for (result, field) in cases {
+        let err = result.unwrap_err();
+        assert_eq!(err.field(), field);
+        assert!(err.to_string().contains(field), "{err}");
+    }
+    assert!(ObservabilityLayer::builder()
+        .max_tools(MAX_TOOLS_LIMIT)
+        .max_methods(1)
+        .recent_window(1)
+        .build()
+        .is_ok());
+}
+
+#[test]
+fn the_layer_and_its_parts_are_debug() {
+    let layer = ObservabilityLayer::new();
+    let text = format!("{layer:?} {:?} {:?}", layer.stats(), layer.event_sink());
+    assert!(text.contains("max_tools: 100"), "{text}");
+    let svc = layer.layer(MockMcp::new());
+    assert!(format!("{svc:?}").starts_with("Observability"));
+}
+
+#[tokio::test]
+async fn consecutive_calls_on_one_service_are_counted_to_the_right_names() {
+    // The service remembers the previous call's series; this checks every
+    // kind of switch: tool to tool, past the cap, tool to method, and a
+    // tool named like a method.
+    let layer = ObservabilityLayer::builder().max_tools(2).build().unwrap();
+    let mut svc = layer.layer(MockMcp::new());
+    let sequence = ["a", "a", "b", "c", "d", "c", "a", "tools/list", "b"];
+    for (id, tool) in sequence.iter().enumerate() {
+        call(&mut svc, tool_call(id as i64, tool)).await.unwrap();
+    }
+    call(&mut svc, Request::new(100, "tools/list", None))
+        .await
+        .unwrap();
+    call(&mut svc, Request::new(101, "tools/list", None))
+        .await
+        .unwrap();
+    call(&mut svc, tool_call(102, "a")).await.unwrap();
+
+    let snapshot = layer.stats().snapshot();
+    let calls = |name: &str| snapshot.tool(name).map(|t| t.calls);
+    assert_eq!(calls("a"), Some(4));
+    assert_eq!(calls("b"), Some(2));
+    // c, d and the tool named `tools/list` are past the cap of two names.
+    assert_eq!(calls("other"), Some(4));
+    assert_eq!(calls("c"), None);
+    assert_eq!(snapshot.method("tools/list").map(|m| m.calls), Some(2));
+}

@@ -1,0 +1,241 @@
+//! The call span: its fields, the attempt, the fingerprint, and what never
+//! enters it.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns: a panic fails the test
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Waker};
+use std::time::Duration;
+
+use toolwarden_core::jsonrpc::{Request, Response};
+use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
+use toolwarden_core::{Attempt, BoxError, Event, Fingerprint, McpRequest};
+use toolwarden_observability::ObservabilityLayer;
+use tower::{Layer, ServiceExt};
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::Subscriber;
+use tracing_subscriber::layer::{Context as LayerContext, SubscriberExt};
+use tracing_subscriber::registry::LookupSpan;
+
+use support::{call, tool_call};
+
+type Fields = BTreeMap<String, String>;
+
+#[derive(Default)]
+struct Visitor(Fields);
+
+impl Visit for Visitor {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.to_owned());
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.0.insert(field.name().to_owned(), format!("{value:?}"));
+    }
+}
+
+/// Records the fields of every closed span.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<(String, Fields)>>>);
+
+impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Capture {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
+        let mut visitor = Visitor::default();
+        attrs.record(&mut visitor);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(visitor.0);
+        }
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: LayerContext<'_, S>) {
+        if let Some(span) = ctx.span(id) {
+            let mut ext = span.extensions_mut();
+            if let Some(fields) = ext.get_mut::<Fields>() {
+                let mut visitor = Visitor(std::mem::take(fields));
+                values.record(&mut visitor);
+                *fields = visitor.0;
+            }
+        }
+    }
+
+    fn on_close(&self, id: Id, ctx: LayerContext<'_, S>) {
+        if let Some(span) = ctx.span(&id) {
+            let fields = span
+                .extensions()
+                .get::<Fields>()
+                .cloned()
+                .unwrap_or_default();
+            self.0
+                .lock()
+                .unwrap()
+                .push((span.name().to_owned(), fields));
+        }
+    }
+}
+
+impl Capture {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(self.clone()))
+    }
+
+    fn spans(&self) -> Vec<(String, Fields)> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_call_has_one_span_with_its_outcome() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let mock = MockMcp::new().script(
+        "search",
+        [
+            Step::ok("hit").after(Duration::from_millis(30)),
+            Step::tool_error("upstream rate limit exceeded").after(Duration::from_millis(5)),
+        ],
+    );
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(ReadyChecked::new(mock).pending_first());
+    call(&mut svc, tool_call(1, "search")).await.unwrap();
+    let mut second = tool_call(2, "search");
+    second.insert_extension(Attempt(3)); // as the retry layer does when it sits above
+    call(&mut svc, second).await.unwrap();
+    call(&mut svc, Request::new(3, "tools/list", None))
+        .await
+        .unwrap();
+
+    let spans = capture.spans();
+    assert_eq!(spans.len(), 3, "{spans:?}");
+    assert!(spans.iter().all(|(name, _)| name == "mcp.call"));
+    let (_, ok) = &spans[0];
+    assert_eq!(ok["otel.name"], "tools/call search");
+    assert_eq!(ok["otel.kind"], "client");
+    assert_eq!(ok["mcp.method.name"], "tools/call");
+    assert_eq!(ok["gen_ai.tool.name"], "search");
+    assert_eq!(ok["outcome"], "success");
+    assert_eq!(ok["duration_ms"], "30.0");
+    assert!(!ok.contains_key("failure.class") && !ok.contains_key("error.type"));
+    assert!(!ok.contains_key("attempt"));
+    let fingerprint = &ok["toolwarden.fingerprint"];
+    assert_eq!(fingerprint.len(), 32);
+    assert!(fingerprint.chars().all(|c| c.is_ascii_hexdigit()));
+
+    let (_, failed) = &spans[1];
+    assert_eq!(failed["outcome"], "tool_error");
+    assert_eq!(failed["failure.class"], "transient");
+    assert_eq!(failed["error.type"], "tool_error");
+    assert_eq!(failed["attempt"], "3");
+    assert_eq!(failed["duration_ms"], "5.0");
+    // Same tool and arguments: same fingerprint.
+    assert_eq!(&failed["toolwarden.fingerprint"], fingerprint);
+
+    let (_, list) = &spans[2];
+    assert_eq!(list["otel.name"], "tools/list");
+    assert!(!list.contains_key("gen_ai.tool.name"));
+    assert!(!list.contains_key("toolwarden.fingerprint"));
+
+    // Arguments never enter a span.
+    for (_, fields) in &spans {
+        assert!(
+            fields
+                .values()
+                .all(|v| !v.contains("secret-argument-value")),
+            "{fields:?}"
+        );
+    }
+}
+
+/// An inner service that reports retries through the layer's event sink,
+/// as a retry layer below it would, and shows what it received.
+fn retrying_upstream(
+    layer: &ObservabilityLayer,
+    seen: Arc<Mutex<Vec<Option<Fingerprint>>>>,
+) -> impl tower::Service<Request, Response = Response, Error = BoxError, Future = impl Send> + Clone
+{
+    let events = layer.events();
+    tower::service_fn(move |req: Request| {
+        let events = events.clone();
+        let seen = Arc::clone(&seen);
+        async move {
+            seen.lock()
+                .unwrap()
+                .push(req.extension::<Fingerprint>().copied());
+            for attempt in 2..=3 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                events.emit(&Event::Retry {
+                    tool: "search",
+                    attempt,
+                    delay: Duration::from_millis(10),
+                });
+            }
+            MockMcp::new().oneshot(req).await
+        }
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_below_the_layer_set_the_attempt_and_the_fingerprint_is_shared() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(retrying_upstream(&layer, Arc::clone(&seen)));
+    call(&mut svc, tool_call(1, "search")).await.unwrap();
+
+    let spans = capture.spans();
+    assert_eq!(spans[0].1["attempt"], "3");
+    // The fingerprint the span shows is stored for the layers below.
+    let passed = seen.lock().unwrap()[0].expect("fingerprint stored in the request");
+    assert_eq!(spans[0].1["toolwarden.fingerprint"], passed.to_string());
+    assert_eq!(layer.stats().snapshot().events["retry"], 2);
+}
+
+#[tokio::test]
+async fn when_the_span_is_filtered_out_nothing_is_hashed() {
+    // (tests/no_subscriber.rs covers a process with no subscriber at all.)
+    let filtered =
+        tracing_subscriber::registry().with(tracing_subscriber::filter::LevelFilter::WARN);
+    let guard = tracing::subscriber::set_default(filtered);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(retrying_upstream(&layer, Arc::clone(&seen)));
+    call(&mut svc, tool_call(1, "search")).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [None]);
+    drop(guard);
+
+    // Nor when the fingerprint is switched off.
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let layer = ObservabilityLayer::builder()
+        .span_fingerprint(false)
+        .build()
+        .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut svc = layer.layer(retrying_upstream(&layer, Arc::clone(&seen)));
+    call(&mut svc, tool_call(2, "search")).await.unwrap();
+    assert_eq!(*seen.lock().unwrap(), [None]);
+    assert!(!capture.spans()[0].1.contains_key("toolwarden.fingerprint"));
+}
+
+#[tokio::test]
+async fn a_dropped_call_closes_its_span_as_cancelled() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(MockMcp::new().script("slow", [Step::Hang]));
+    {
+        let mut fut = pin!(call(&mut svc, tool_call(1, "slow")));
+        assert!(fut
+            .as_mut()
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending());
+    }
+    let spans = capture.spans();
+    assert_eq!(spans.len(), 1);
+    assert_eq!(spans[0].1["outcome"], "cancelled");
+    assert!(spans[0].1.contains_key("duration_ms"));
+}

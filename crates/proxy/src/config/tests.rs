@@ -1,0 +1,446 @@
+use std::time::Duration;
+
+use super::load::test_support::{env_value, split_variable};
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigFileError> {
+    Config::from_toml_str(text, std::iter::empty())
+}
+
+fn parse_env(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigFileError> {
+    Config::from_toml_str(
+        text,
+        env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    )
+}
+
+fn key_of(text: &str) -> String {
+    match parse(text) {
+        Ok(_) => panic!("accepted:\n{text}"),
+        Err(e) => e.key().unwrap_or("<no key>").to_owned(),
+    }
+}
+
+#[test]
+fn an_empty_file_is_every_default() {
+    let config = parse("").unwrap();
+    assert_eq!(config, Config::default());
+    assert_eq!(
+        config.upstream.restart_backoff_min,
+        Duration::from_millis(100)
+    );
+    assert_eq!(config.downstream.max_line_bytes, 4 * 1024 * 1024);
+    assert!(!config.catalog.trust_annotations);
+    assert!(config.tools.is_empty());
+}
+
+#[test]
+fn the_shipped_example_is_valid_and_sets_every_section() {
+    let text = include_str!("../../toolwarden.example.toml");
+    let config = parse(text).unwrap();
+    assert_eq!(config.circuit_breaker.failure_threshold, Some(5));
+    assert_eq!(config.circuit_breaker.window, Some(Window::Calls(100)));
+    assert_eq!(config.rate_limit.mode, Some(LimitMode::Reject));
+    assert_eq!(config.retry.jitter, Some(Jitter::Full));
+    assert!(config.tools.contains_key("search_docs"));
+    // Every key of every section appears in the example (commented or not):
+    // the example is the reference.
+    let defaults = toml::to_string(&Config::default()).unwrap();
+    for section in SECTIONS {
+        assert!(
+            text.contains(&format!("[{section}]")),
+            "the example lacks [{section}]"
+        );
+    }
+    assert!(defaults.contains("[upstream]"));
+}
+
+#[test]
+fn a_full_configuration_round_trips() {
+    let config = parse(
+        r#"
+        [upstream]
+        restart_backoff_min = "50ms"
+        restart_backoff_max = "2s"
+        call_timeout = "20s"
+
+        [circuit_breaker]
+        failure_threshold = 3
+        failure_rate = 0.5
+        window = "60s"
+        reset_timeout = "10s"
+        max_reset_timeout = "2m"
+        reset_multiplier = 2.0
+
+        [rate_limit]
+        global_rate = "100/s"
+        global_burst = 20
+        per_tool_rate = 5
+        mode = "wait"
+        max_wait = "2s"
+
+        [retry]
+        max_attempts = 3
+        retry_on = ["transient", "server"]
+        budget_ratio = 0.2
+        budget_ttl = "10s"
+
+        [loop_guard]
+        max_failing_repeats = 3
+        max_repeats = 0
+        window_calls = 16
+        exempt_tools = ["poll_status"]
+
+        [tools."search_docs"]
+        safe_to_repeat = true
+        cacheable = true
+        circuit_breaker = { failure_threshold = 2 }
+        rate_limit = { rate = "1/s", burst = 2 }
+        retry = { max_attempts = 5, base_delay = "100ms", max_delay = "1s" }
+        loop_guard = { polling = true }
+        "#,
+    )
+    .unwrap();
+    assert_eq!(
+        config.circuit_breaker.window,
+        Some(Window::Time(Duration::from_secs(60)))
+    );
+    assert_eq!(
+        config.rate_limit.per_tool_rate,
+        Some(Rate {
+            count: 5,
+            per: Duration::from_secs(1)
+        })
+    );
+    let tool = config.tool("search_docs").unwrap();
+    assert_eq!(tool.retry.as_ref().unwrap().max_attempts, Some(5));
+    assert_eq!(
+        tool.rate_limit.as_ref().unwrap().rate.unwrap().interval(),
+        Duration::from_secs(1)
+    );
+    // What check-config --print writes reads back the same.
+    let text = toml::to_string(&config).unwrap();
+    assert_eq!(parse(&text).unwrap(), config);
+}
+
+#[test]
+fn unknown_keys_are_named_in_every_section() {
+    for section in SECTIONS {
+        let key = key_of(&format!("[{section}]\nbogus_key = 1\n"));
+        assert_eq!(key, format!("{section}.bogus_key"));
+    }
+    assert_eq!(key_of("bogus = 1\n"), "bogus");
+    assert_eq!(
+        key_of("[tools.search]\nbogus = 1\n"),
+        "tools.\"search\".bogus"
+    );
+    assert_eq!(
+        key_of("[tools.search.retry]\njitter = \"full\"\n"),
+        "tools.\"search\".retry.jitter"
+    );
+    let err = parse("[retry]\nmax_atempts = 3\n").unwrap_err();
+    assert!(err.to_string().contains("`retry.max_atempts`"), "{err}");
+    assert!(
+        err.to_string().contains("max_attempts"),
+        "suggests the real keys: {err}"
+    );
+}
+
+#[test]
+fn bad_values_name_their_key() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "[upstream]\nrestart_backoff_min = \"0s\"",
+            "upstream.restart_backoff_min",
+        ),
+        (
+            "[upstream]\nrestart_backoff_min = \"5s\"\nrestart_backoff_max = \"1s\"",
+            "upstream.restart_backoff_max",
+        ),
+        (
+            "[upstream]\nconnect_timeout = \"soon\"",
+            "upstream.connect_timeout",
+        ),
+        (
+            "[upstream]\ncall_timeout = \"0ms\"",
+            "upstream.call_timeout",
+        ),
+        (
+            "[downstream]\nmax_line_bytes = 3",
+            "downstream.max_line_bytes",
+        ),
+        (
+            "[downstream]\nmax_body_bytes = -1",
+            "downstream.max_body_bytes",
+        ),
+        (
+            "[catalog]\ntrust_annotations = \"yes\"",
+            "catalog.trust_annotations",
+        ),
+        (
+            "[circuit_breaker]\nfailure_threshold = 0",
+            "circuit_breaker.failure_threshold",
+        ),
+        (
+            "[circuit_breaker]\nfailure_threshold = \"abc\"",
+            "circuit_breaker.failure_threshold",
+        ),
+        (
+            "[circuit_breaker]\nfailure_rate = 1.5",
+            "circuit_breaker.failure_rate",
+        ),
+        (
+            "[circuit_breaker]\nfailure_rate = 0.0",
+            "circuit_breaker.failure_rate",
+        ),
+        ("[circuit_breaker]\nwindow = 0", "circuit_breaker.window"),
+        (
+            "[circuit_breaker]\nwindow = \"0s\"",
+            "circuit_breaker.window",
+        ),
+        ("[circuit_breaker]\nwindow = true", "circuit_breaker.window"),
+        (
+            "[circuit_breaker]\nminimum_calls = 0",
+            "circuit_breaker.minimum_calls",
+        ),
+        (
+            "[circuit_breaker]\nslow_call_rate = -0.1",
+            "circuit_breaker.slow_call_rate",
+        ),
+        (
+            "[circuit_breaker]\nreset_multiplier = 0.5",
+            "circuit_breaker.reset_multiplier",
+        ),
+        (
+            "[circuit_breaker]\nreset_timeout = \"1m\"\nmax_reset_timeout = \"10s\"",
+            "circuit_breaker.max_reset_timeout",
+        ),
+        (
+            "[circuit_breaker]\nhalf_open_max_calls = 1\nsuccess_threshold = 2",
+            "circuit_breaker.half_open_max_calls",
+        ),
+        (
+            "[rate_limit]\nglobal_rate = \"0/s\"",
+            "rate_limit.global_rate",
+        ),
+        (
+            "[rate_limit]\nglobal_rate = \"10/fortnight\"",
+            "rate_limit.global_rate",
+        ),
+        ("[rate_limit]\nglobal_burst = 5", "rate_limit.global_burst"),
+        (
+            "[rate_limit]\nper_tool_rate = \"5/s\"\nper_tool_burst = 0",
+            "rate_limit.per_tool_burst",
+        ),
+        ("[rate_limit]\nmode = \"drop\"", "rate_limit.mode"),
+        ("[rate_limit]\nmax_wait = \"1s\"", "rate_limit.max_wait"),
+        ("[retry]\nmax_attempts = 0", "retry.max_attempts"),
+        (
+            "[retry]\nbase_delay = \"2s\"\nmax_delay = \"1s\"",
+            "retry.max_delay",
+        ),
+        ("[retry]\njitter = \"some\"", "retry.jitter"),
+        ("[retry]\nretry_on = []", "retry.retry_on"),
+        ("[retry]\nretry_on = [\"sometimes\"]", "retry.retry_on[0]"),
+        ("[retry]\nbudget_ratio = 11", "retry.budget_ratio"),
+        ("[retry]\nbudget_ttl = \"2h\"", "retry.budget_ttl"),
+        ("[retry]\ndeadline = \"0s\"", "retry.deadline"),
+        (
+            "[loop_guard]\nwindow_calls = 2000",
+            "loop_guard.window_calls",
+        ),
+        (
+            "[loop_guard]\ncycle_max_period = 9",
+            "loop_guard.cycle_max_period",
+        ),
+        (
+            "[loop_guard]\ncycle_repeats = 1",
+            "loop_guard.cycle_repeats",
+        ),
+        (
+            "[loop_guard]\nwindow_calls = 4\nmax_repeats = 8",
+            "loop_guard.max_repeats",
+        ),
+        (
+            "[loop_guard]\nexempt_tools = [\"\"]",
+            "loop_guard.exempt_tools",
+        ),
+        (
+            "[loop_guard]\nexempt_tools = \"poll\"",
+            "loop_guard.exempt_tools",
+        ),
+        (
+            "[fallback_cache]\nmax_staleness = \"0s\"",
+            "fallback_cache.max_staleness",
+        ),
+        (
+            "[fallback_cache]\nfresh_ttl = \"1h\"\nmax_staleness = \"1m\"",
+            "fallback_cache.max_staleness",
+        ),
+        (
+            "[fallback_cache]\nmax_entries = 0",
+            "fallback_cache.max_entries",
+        ),
+        (
+            "[observability]\nmax_tool_labels = 0",
+            "observability.max_tool_labels",
+        ),
+        (
+            "[tools.\"a b\"]\nsafe_to_repeat = 1",
+            "tools.\"a b\".safe_to_repeat",
+        ),
+        (
+            "[tools.search.retry]\nmax_attempts = 0",
+            "tools.\"search\".retry.max_attempts",
+        ),
+        (
+            "[tools.search.rate_limit]\nburst = 3",
+            "tools.\"search\".rate_limit.burst",
+        ),
+        (
+            "[tools.search.circuit_breaker]\nfailure_rate = 2",
+            "tools.\"search\".circuit_breaker.failure_rate",
+        ),
+        ("[tools.\"\"]\ncacheable = true", "tools.\"\""),
+    ];
+    for (text, key) in cases {
+        let err = parse(text).unwrap_err();
+        assert_eq!(err.key(), Some(*key), "{text}\n→ {err}");
+        assert!(err.to_string().contains(key), "{err}");
+        assert_eq!(err.env_var(), None);
+    }
+}
+
+#[test]
+fn syntax_errors_say_where() {
+    let err = parse("[retry\nmax_attempts = 3\n").unwrap_err();
+    assert_eq!(err.key(), None);
+    assert!(err.to_string().contains("line 1"), "{err}");
+}
+
+#[test]
+fn the_environment_overrides_the_file() {
+    let text = "[circuit_breaker]\nfailure_threshold = 5\n";
+    let config = parse_env(
+        text,
+        &[
+            ("TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_THRESHOLD", "7"),
+            ("TOOLWARDEN_CIRCUIT_BREAKER_RESET_TIMEOUT", "45s"),
+            ("TOOLWARDEN_RATE_LIMIT_GLOBAL_RATE", "10/s"),
+            ("TOOLWARDEN_RATE_LIMIT_GLOBAL_BURST", "4"),
+            ("TOOLWARDEN_RATE_LIMIT_MODE", "wait"),
+            ("TOOLWARDEN_RATE_LIMIT_MAX_WAIT", "250ms"),
+            ("TOOLWARDEN_LOOP_GUARD_EXEMPT_TOOLS", r#"["poll", "tail"]"#),
+            ("TOOLWARDEN_CATALOG_TRUST_ANNOTATIONS", "true"),
+            ("TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_RATE", "0.25"),
+            ("TOOLWARDEN_UPSTREAM_CALL_TIMEOUT", "\"20s\""),
+            // Not configuration: no such section.
+            ("TOOLWARDEN_E2E", "required"),
+            ("TOOLWARDEN_SERVER_EVERYTHING", "/bin/true"),
+            ("OTHER_VARIABLE", "x"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(config.circuit_breaker.failure_threshold, Some(7));
+    assert_eq!(
+        config.circuit_breaker.reset_timeout,
+        Some(Duration::from_secs(45))
+    );
+    assert_eq!(config.circuit_breaker.failure_rate, Some(0.25));
+    assert_eq!(config.rate_limit.global_burst, Some(4));
+    assert_eq!(config.rate_limit.mode, Some(LimitMode::Wait));
+    assert_eq!(
+        config.loop_guard.exempt_tools,
+        Some(vec!["poll".to_owned(), "tail".to_owned()])
+    );
+    assert!(config.catalog.trust_annotations);
+    assert_eq!(config.upstream.call_timeout, Some(Duration::from_secs(20)));
+}
+
+#[test]
+fn bad_environment_values_name_the_variable_and_the_key() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_THRESHOLD",
+            "abc",
+            "circuit_breaker.failure_threshold",
+        ),
+        (
+            "TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_THRESHOLD",
+            "0",
+            "circuit_breaker.failure_threshold",
+        ),
+        ("TOOLWARDEN_RETRY_MAX_ATTEMPT", "3", "retry.max_attempt"),
+        ("TOOLWARDEN_RETRY_BASE_DELAY", "fast", "retry.base_delay"),
+        (
+            "TOOLWARDEN_RATE_LIMIT_MAX_WAIT",
+            "1s",
+            "rate_limit.max_wait",
+        ),
+        (
+            "TOOLWARDEN_LOOP_GUARD_EXEMPT_TOOLS",
+            "[1, 2]",
+            "loop_guard.exempt_tools[0]",
+        ),
+        (
+            "TOOLWARDEN_UPSTREAM_RESTART_BACKOFF_MIN",
+            "0s",
+            "upstream.restart_backoff_min",
+        ),
+        ("TOOLWARDEN_RETRY_", "3", "retry"),
+    ];
+    for (var, value, key) in cases {
+        let err = parse_env("", &[(var, value)]).unwrap_err();
+        assert_eq!(err.key(), Some(*key), "{var}={value} → {err}");
+        assert_eq!(err.env_var(), Some(*var), "{var}={value} → {err}");
+        let text = err.to_string();
+        assert!(text.contains(var) && text.contains(key), "{text}");
+    }
+    // A bad file value is not blamed on an unrelated variable.
+    let err = parse_env(
+        "[retry]\nmax_attempts = 0\n",
+        &[("TOOLWARDEN_RETRY_BASE_DELAY", "1s")],
+    )
+    .unwrap_err();
+    assert_eq!(err.key(), Some("retry.max_attempts"));
+    assert_eq!(err.env_var(), None);
+}
+
+#[test]
+fn environment_values_are_toml_literals_or_strings() {
+    assert_eq!(env_value("5"), toml::Value::Integer(5));
+    assert_eq!(env_value("true"), toml::Value::Boolean(true));
+    assert_eq!(env_value("30s"), toml::Value::String("30s".into()));
+    assert_eq!(env_value("\"x\""), toml::Value::String("x".into()));
+    // A value cannot smuggle in other keys.
+    assert_eq!(
+        env_value("1\nother = 2"),
+        toml::Value::String("1\nother = 2".into())
+    );
+    assert_eq!(
+        split_variable("CIRCUIT_BREAKER_FAILURE_THRESHOLD"),
+        Some(("circuit_breaker", "failure_threshold".to_owned()))
+    );
+    assert_eq!(split_variable("RETRYX_MAX"), None);
+    assert_eq!(split_variable("E2E"), None);
+}
+
+#[test]
+fn rates_and_windows_parse_and_print() {
+    for (text, count, per) in [
+        ("10/s", 10, Duration::from_secs(1)),
+        ("600/min", 600, Duration::from_secs(60)),
+        ("5/100ms", 5, Duration::from_millis(100)),
+        ("3/2h", 3, Duration::from_secs(7200)),
+        ("7", 7, Duration::from_secs(1)),
+    ] {
+        let rate: Rate = text.parse().unwrap();
+        assert_eq!((rate.count, rate.per), (count, per), "{text}");
+        assert_eq!(rate.to_string().parse::<Rate>().unwrap(), rate);
+    }
+    for bad in ["", "x/s", "0/s", "-1/s", "5/0s", "5/soon", "5/"] {
+        assert!(bad.parse::<Rate>().is_err(), "{bad}");
+    }
+    let config = parse("[rate_limit]\nglobal_rate = 0\n").unwrap_err();
+    assert_eq!(config.key(), Some("rate_limit.global_rate"));
+}

@@ -1,0 +1,252 @@
+//! The metrics address: `/metrics` (Prometheus text), `/health` (JSON) and
+//! `/circuits` (the circuit breakers' snapshot, JSON).
+//!
+//! What each route shows comes from providers in [`MetricsEndpoints`], which
+//! whoever builds the stack fills: the Prometheus renderer (the proxy
+//! installs `metrics-exporter-prometheus` as the process's `metrics`
+//! recorder when `--metrics-addr` is given, so every layer's `metrics`
+//! counters appear), a health report, a circuits snapshot.
+//!
+//! `/health` always includes the proxy's own view of the upstream under
+//! `"upstream"` (`state`, `pid`, `restarts`, `target`, ...). Its status is
+//! `200` unless the upstream is connecting, down or stopped, or the health
+//! provider reports `"status": "unhealthy"`: then `503`. An upstream not
+//! started yet (no client has connected) is not a failure.
+//!
+//! The address must be a loopback address unless `--metrics-allow-remote`
+//! is given: the reports name the upstream command and its tools.
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde_json::{json, Map, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::upstream::{Upstream, UpstreamStatus};
+
+/// A boxed future of a JSON value.
+pub type JsonFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
+type JsonProvider = Arc<dyn Fn() -> JsonFuture + Send + Sync>;
+type TextProvider = Arc<dyn Fn() -> String + Send + Sync>;
+
+#[derive(Default)]
+struct Providers {
+    metrics: Option<TextProvider>,
+    health: Option<JsonProvider>,
+    circuits: Option<JsonProvider>,
+}
+
+/// The providers behind the metrics routes. Clones share them; they can be
+/// set at any time (the routes read them per request).
+///
+/// ```
+/// use serde_json::json;
+/// use toolwarden_proxy::endpoints::MetricsEndpoints;
+/// let endpoints = MetricsEndpoints::new();
+/// endpoints.set_circuits(|| async { json!({"circuits": [{"key": "search", "state": "open"}]}) });
+/// endpoints.set_metrics(|| "toolwarden_calls_total 3\n".to_owned());
+/// assert_eq!(endpoints.render_metrics(), "toolwarden_calls_total 3\n");
+/// ```
+#[derive(Clone, Default)]
+pub struct MetricsEndpoints {
+    providers: Arc<RwLock<Providers>>,
+}
+
+impl fmt::Debug for MetricsEndpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self
+            .providers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("MetricsEndpoints")
+            .field("metrics", &p.metrics.is_some())
+            .field("health", &p.health.is_some())
+            .field("circuits", &p.circuits.is_some())
+            .finish()
+    }
+}
+
+fn boxed<F, Fut>(f: F) -> JsonProvider
+where
+    F: Fn() -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Value> + Send + 'static,
+{
+    Arc::new(move || Box::pin(f()) as JsonFuture)
+}
+
+impl MetricsEndpoints {
+    /// No providers: `/metrics` is empty, `/health` shows the upstream only,
+    /// `/circuits` is `{"circuits": []}`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Providers> {
+        self.providers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Providers> {
+        self.providers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What `/metrics` serves: Prometheus text.
+    pub fn set_metrics(&self, render: impl Fn() -> String + Send + Sync + 'static) {
+        self.write().metrics = Some(Arc::new(render));
+    }
+
+    /// The stack's health report, merged into `/health` (an object's keys
+    /// are kept; its `status` of `"unhealthy"` makes the answer `503`).
+    pub fn set_health<F, Fut>(&self, report: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Value> + Send + 'static,
+    {
+        self.write().health = Some(boxed(report));
+    }
+
+    /// What `/circuits` serves: the circuit breakers' snapshot.
+    pub fn set_circuits<F, Fut>(&self, snapshot: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Value> + Send + 'static,
+    {
+        self.write().circuits = Some(boxed(snapshot));
+    }
+
+    /// The Prometheus text (empty without a renderer).
+    pub fn render_metrics(&self) -> String {
+        let render = self.read().metrics.clone();
+        render.map(|r| r()).unwrap_or_default()
+    }
+
+    /// The health provider's report, if one is set.
+    pub async fn health_report(&self) -> Option<Value> {
+        let provider = self.read().health.clone();
+        match provider {
+            Some(p) => Some(p().await),
+            None => None,
+        }
+    }
+
+    /// The circuits snapshot (`{"circuits": []}` without a provider).
+    pub async fn circuits(&self) -> Value {
+        let provider = self.read().circuits.clone();
+        match provider {
+            Some(p) => p().await,
+            None => json!({"circuits": []}),
+        }
+    }
+
+    /// The `/health` answer: the status code and the report.
+    pub async fn health(&self, upstream: &Upstream) -> (StatusCode, Value) {
+        let mut report = match self.health_report().await {
+            Some(Value::Object(map)) => map,
+            Some(other) => Map::from_iter([("stack".to_owned(), other)]),
+            None => Map::new(),
+        };
+        let stack_unhealthy = report.get("status").and_then(Value::as_str) == Some("unhealthy");
+        let upstream_failing = matches!(
+            upstream.status(),
+            UpstreamStatus::Connecting { .. }
+                | UpstreamStatus::Down { .. }
+                | UpstreamStatus::Stopped
+        );
+        let healthy = !(stack_unhealthy || upstream_failing);
+        if !healthy {
+            report.insert("status".into(), json!("unhealthy"));
+        } else if !report.contains_key("status") {
+            report.insert("status".into(), json!("healthy"));
+        }
+        report.insert("upstream".into(), upstream.health_json());
+        let code = if healthy {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (code, Value::Object(report))
+    }
+}
+
+#[derive(Clone)]
+struct RouteState {
+    endpoints: MetricsEndpoints,
+    upstream: Upstream,
+}
+
+async fn metrics_route(State(state): State<RouteState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.endpoints.render_metrics(),
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, body: &Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn health_route(State(state): State<RouteState>) -> Response {
+    let (code, report) = state.endpoints.health(&state.upstream).await;
+    json_response(code, &report)
+}
+
+async fn circuits_route(State(state): State<RouteState>) -> Response {
+    json_response(StatusCode::OK, &state.endpoints.circuits().await)
+}
+
+/// The router of the three routes.
+pub fn router(endpoints: MetricsEndpoints, upstream: Upstream) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_route))
+        .route("/health", get(health_route))
+        .route("/circuits", get(circuits_route))
+        .with_state(RouteState {
+            endpoints,
+            upstream,
+        })
+}
+
+/// Refuses a non-loopback address unless `allow_remote`; `what` names the
+/// flag in the error.
+pub fn check_loopback(addr: SocketAddr, allow_remote: bool, what: &str) -> Result<(), String> {
+    if addr.ip().is_loopback() || allow_remote {
+        Ok(())
+    } else {
+        Err(format!(
+            "{addr} is not a loopback address; pass {what} to serve on it anyway"
+        ))
+    }
+}
+
+/// Serves the routes on `listener` until `shutdown` is cancelled.
+pub async fn serve(
+    listener: TcpListener,
+    endpoints: MetricsEndpoints,
+    upstream: Upstream,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(endpoints, upstream))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,591 @@
+//! Reading newline-delimited JSON-RPC from the downstream client.
+//!
+//! rmcp's own stdio codec drops lines that are not JSON (no `-32700`) and
+//! answers other malformed messages with `id: null`, which leaves a client
+//! waiting forever for the answer to its request. So the proxy reads stdin
+//! itself:
+//!
+//! - [`LineReader`] splits the byte stream into lines, never holding more than
+//!   `max_line_bytes` of one: a longer line is dropped (up to its newline)
+//!   and reported as [`RawLine::TooLong`], with its first bytes kept so that
+//!   the request id can still be found.
+//! - [`classify_line`] turns one line into a [`Frame`]: a message for rmcp,
+//!   an error response to write back at once (`-32700` parse error, `-32600`
+//!   invalid request, `-32602` invalid params, with the request's id whenever
+//!   it can be read), or nothing (blank lines, malformed notifications and
+//!   responses, which JSON-RPC never answers).
+//!
+//! Every non-blank line that is not a valid message gets exactly one answer,
+//! unless it is recognisably a notification or a response (JSON-RPC forbids
+//! answering those). Nothing here panics on any input: a property test feeds
+//! arbitrary and mutated byte strings, and `fuzz/` has a cargo-fuzz target.
+//!
+//! ```
+//! use toolwarden_proxy::framer::{classify_line, Frame};
+//! let Frame::Reply(line) = classify_line(b"{not json") else { panic!() };
+//! let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+//! assert_eq!(reply["error"]["code"], -32700);
+//! assert_eq!(reply["id"], serde_json::Value::Null);
+//!
+//! let Frame::Reply(line) = classify_line(br#"{"jsonrpc":"1.0","id":7,"method":"ping"}"#) else { panic!() };
+//! let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+//! assert_eq!((reply["error"]["code"].as_i64(), reply["id"].as_i64()), (Some(-32600), Some(7)));
+//!
+//! assert!(matches!(classify_line(br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#), Frame::Message(_)));
+//! ```
+
+use std::future::Future as _;
+
+use rmcp::model::{ClientJsonRpcMessage, ClientNotification, ClientRequest};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+use toolwarden_core::jsonrpc::{code, ErrorObject, Id, Message, Response};
+
+/// How many leading bytes of an over-long line are kept to find its id.
+pub const TOO_LONG_PREFIX: usize = 64 * 1024;
+
+/// The default bound on one line: 4 MiB.
+pub const DEFAULT_MAX_LINE_BYTES: usize = 4 * 1024 * 1024;
+
+/// One line read by [`LineReader`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawLine {
+    /// A complete line, without its `\n`.
+    Line(Vec<u8>),
+    /// A line longer than the bound, dropped; `prefix` holds its first
+    /// [`TOO_LONG_PREFIX`] bytes.
+    TooLong {
+        /// The first bytes of the line.
+        prefix: Vec<u8>,
+    },
+}
+
+/// Splits a byte stream into lines of at most `max_line_bytes`, holding no
+/// more than that (plus the reader's buffer) in memory whatever the input.
+#[derive(Debug)]
+pub struct LineReader<R> {
+    reader: R,
+    max_line_bytes: usize,
+    line: Vec<u8>,
+    discarding: bool,
+}
+
+impl<R: AsyncBufRead + Unpin> LineReader<R> {
+    /// A reader with the given bound on one line (at least 1).
+    pub fn new(reader: R, max_line_bytes: usize) -> Self {
+        LineReader {
+            reader,
+            max_line_bytes: max_line_bytes.max(1),
+            line: Vec::new(),
+            discarding: false,
+        }
+    }
+
+    /// The next line; `None` at the end of the stream. A last line without a
+    /// newline is still a line.
+    ///
+    /// Cancel-safe: bytes are consumed from the reader only together with
+    /// their copy into the pending line.
+    pub async fn next_line(&mut self) -> std::io::Result<Option<RawLine>> {
+        loop {
+            let available = self.reader.fill_buf().await?;
+            if available.is_empty() {
+                // End of stream: whatever is pending is the last line.
+                if self.discarding {
+                    self.discarding = false;
+                    return Ok(Some(self.take_too_long()));
+                }
+                if self.line.is_empty() {
+                    return Ok(None);
+                }
+                return Ok(Some(RawLine::Line(std::mem::take(&mut self.line))));
+            }
+            let newline = available.iter().position(|&b| b == b'\n');
+            let take = newline.unwrap_or(available.len());
+            if self.discarding {
+                let keep = TOO_LONG_PREFIX.saturating_sub(self.line.len()).min(take);
+                self.line.extend_from_slice(&available[..keep]);
+            } else if self.line.len() + take > self.max_line_bytes {
+                let keep = TOO_LONG_PREFIX.saturating_sub(self.line.len()).min(take);
+                self.line.truncate(TOO_LONG_PREFIX);
+                self.line.extend_from_slice(&available[..keep]);
+                self.discarding = true;
+            } else {
+                self.line.extend_from_slice(&available[..take]);
+            }
+            let consumed = newline.map_or(take, |i| i + 1);
+            self.reader.consume(consumed);
+            if newline.is_some() {
+                if self.discarding {
+                    self.discarding = false;
+                    return Ok(Some(self.take_too_long()));
+                }
+                return Ok(Some(RawLine::Line(std::mem::take(&mut self.line))));
+            }
+        }
+    }
+
+    fn take_too_long(&mut self) -> RawLine {
+        let mut prefix = std::mem::take(&mut self.line);
+        prefix.truncate(TOO_LONG_PREFIX);
+        RawLine::TooLong { prefix }
+    }
+
+    /// The bound on one line.
+    pub fn max_line_bytes(&self) -> usize {
+        self.max_line_bytes
+    }
+}
+
+/// What to do with one line.
+#[derive(Debug)]
+pub enum Frame {
+    /// A valid message, for rmcp.
+    Message(Box<ClientJsonRpcMessage>),
+    /// An error response to write back (one JSON line, without its `\n`).
+    Reply(String),
+    /// Nothing: a blank line, or a malformed notification or response.
+    Ignore(&'static str),
+}
+
+/// Serialises an error response as one line.
+pub fn error_line(id: &Id, error: ErrorObject) -> String {
+    Response::error(id.clone(), error).to_value().to_string()
+}
+
+fn trim_line(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line)
+}
+
+/// Classifies one line (see the [module docs](self)).
+pub fn classify_line(line: &[u8]) -> Frame {
+    let line = trim_line(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return Frame::Ignore("blank line");
+    }
+    let message = match Message::parse(line) {
+        Ok(message) => message,
+        Err(e) => return Frame::Reply(error_line(&e.id, e.error)),
+    };
+    // The core parser accepts `"id": null` on a request; JSON-RPC does not.
+    if let Message::Request(request) = &message {
+        if request.id == Id::Null {
+            return Frame::Reply(error_line(
+                &Id::Null,
+                ErrorObject::new(
+                    code::INVALID_REQUEST,
+                    "Invalid Request: id must be a string or an integer",
+                ),
+            ));
+        }
+    }
+    match serde_json::from_slice::<ClientJsonRpcMessage>(line) {
+        // rmcp reads a known method whose params do not fit as a custom one.
+        Ok(ClientJsonRpcMessage::Request(request)) if matches!(&request.request, ClientRequest::CustomRequest(c) if is_mcp_method(&c.method)) => {
+            Frame::Reply(error_line(
+                &request_id(&request.id),
+                ErrorObject::new(
+                    code::INVALID_PARAMS,
+                    format!("Invalid params for {}", request.request.method()),
+                ),
+            ))
+        }
+        Ok(ClientJsonRpcMessage::Notification(notification)) if matches!(&notification.notification, ClientNotification::CustomNotification(c) if is_mcp_method(&c.method)) => {
+            Frame::Ignore("malformed notification")
+        }
+        Ok(decoded) => Frame::Message(Box::new(decoded)),
+        Err(e) => match message {
+            // The method is known but the params do not fit it.
+            Message::Request(request) => Frame::Reply(error_line(
+                &request.id,
+                ErrorObject::new(
+                    code::INVALID_PARAMS,
+                    format!("Invalid params for {}: {e}", request.method),
+                ),
+            )),
+            Message::Notification(_) => Frame::Ignore("malformed notification"),
+            Message::Response(_) => Frame::Ignore("malformed response"),
+        },
+    }
+}
+
+/// The methods of MCP's client-to-server messages (rmcp 3.9), whose params
+/// rmcp must be able to read: a message that names one and that rmcp reads
+/// as a custom message has params that do not fit.
+const MCP_METHODS: &[&str] = &[
+    "initialize",
+    "ping",
+    "server/discover",
+    "completion/complete",
+    "logging/setLevel",
+    "prompts/get",
+    "prompts/list",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "resources/directory/read",
+    "subscriptions/listen",
+    "tools/call",
+    "tools/list",
+    "tasks/get",
+    "tasks/update",
+    "tasks/cancel",
+    "skills/list",
+    "skills/get",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/initialized",
+    "notifications/roots/list_changed",
+];
+
+fn is_mcp_method(method: &str) -> bool {
+    MCP_METHODS.contains(&method)
+}
+
+fn request_id(id: &rmcp::model::RequestId) -> Id {
+    match id {
+        rmcp::model::NumberOrString::Number(n) => Id::Number(*n),
+        rmcp::model::NumberOrString::String(s) => Id::String(s.to_string()),
+    }
+}
+
+/// The answer to a line longer than the bound: `-32600` with the request's
+/// id when it could be read from the line's first bytes.
+pub fn too_long_reply(prefix: &[u8], max_line_bytes: usize) -> String {
+    let id = id_in_prefix(prefix).unwrap_or(Id::Null);
+    error_line(
+        &id,
+        ErrorObject::new(
+            code::INVALID_REQUEST,
+            format!("Invalid Request: message too large (more than {max_line_bytes} bytes)"),
+        ),
+    )
+}
+
+/// Finds the top-level `"id"` of a JSON object from its first bytes, when
+/// the id (an integer or a string) is complete within them. Best effort and
+/// conservative: anything unexpected gives `None`.
+pub fn id_in_prefix(prefix: &[u8]) -> Option<Id> {
+    let mut scanner = Scanner {
+        bytes: prefix,
+        at: 0,
+    };
+    scanner.skip_ws();
+    if scanner.next()? != b'{' {
+        return None;
+    }
+    loop {
+        scanner.skip_ws();
+        if scanner.peek()? != b'"' {
+            return None;
+        }
+        let key = scanner.string()?;
+        scanner.skip_ws();
+        if scanner.next()? != b':' {
+            return None;
+        }
+        scanner.skip_ws();
+        if key == "id" {
+            return scanner.id_value();
+        }
+        scanner.skip_value(0)?;
+        scanner.skip_ws();
+        if scanner.next()? != b',' {
+            return None;
+        }
+    }
+}
+
+struct Scanner<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Scanner<'_> {
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let b = self.peek()?;
+        self.at += 1;
+        Some(b)
+    }
+
+    fn skip_ws(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_whitespace()) {
+            self.at += 1;
+        }
+    }
+
+    /// A JSON string at the cursor, decoded (serde does the escapes).
+    fn string(&mut self) -> Option<String> {
+        let start = self.at;
+        if self.next()? != b'"' {
+            return None;
+        }
+        loop {
+            match self.next()? {
+                b'\\' => {
+                    self.next()?;
+                }
+                b'"' => break,
+                _ => {}
+            }
+        }
+        serde_json::from_slice(&self.bytes[start..self.at]).ok()
+    }
+
+    fn id_value(&mut self) -> Option<Id> {
+        match self.peek()? {
+            b'"' => self.string().map(Id::String),
+            b'-' | b'0'..=b'9' => {
+                let start = self.at;
+                while self.peek().is_some_and(|b| b == b'-' || b.is_ascii_digit()) {
+                    self.at += 1;
+                }
+                // The number must end inside the prefix.
+                match self.peek()? {
+                    b',' | b'}' => {}
+                    b if b.is_ascii_whitespace() => {}
+                    _ => return None,
+                }
+                std::str::from_utf8(&self.bytes[start..self.at])
+                    .ok()?
+                    .parse()
+                    .ok()
+                    .map(Id::Number)
+            }
+            _ => None,
+        }
+    }
+
+    /// Skips one JSON value; depth-bounded so hostile nesting cannot recurse deeply.
+    fn skip_value(&mut self, depth: usize) -> Option<()> {
+        if depth > 64 {
+            return None;
+        }
+        match self.peek()? {
+            b'"' => {
+                self.string()?;
+            }
+            open @ (b'{' | b'[') => {
+                let close = if open == b'{' { b'}' } else { b']' };
+                self.at += 1;
+                loop {
+                    self.skip_ws();
+                    match self.peek()? {
+                        b if b == close => {
+                            self.at += 1;
+                            break;
+                        }
+                        b',' | b':' => self.at += 1,
+                        _ => self.skip_value(depth + 1)?,
+                    }
+                }
+            }
+            _ => {
+                // A number, true, false or null.
+                let start = self.at;
+                while self
+                    .peek()
+                    .is_some_and(|b| !matches!(b, b',' | b'}' | b']') && !b.is_ascii_whitespace())
+                {
+                    self.at += 1;
+                }
+                if self.at == start {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    }
+}
+
+/// Reads lines from `reader` and classifies them: the framer's whole job,
+/// as one synchronous function over an in-memory input (what the property
+/// test and the fuzz target drive). Returns the frames in order.
+pub fn frames_of(input: &[u8], max_line_bytes: usize) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    let mut reader = LineReader::new(input, max_line_bytes);
+    // An in-memory reader never waits, so polling once per line is enough.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    loop {
+        let mut next = std::pin::pin!(reader.next_line());
+        match next.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(Some(RawLine::Line(line)))) => {
+                frames.push(classify_line(&line))
+            }
+            std::task::Poll::Ready(Ok(Some(RawLine::TooLong { prefix }))) => {
+                frames.push(Frame::Reply(too_long_reply(&prefix, max_line_bytes)))
+            }
+            std::task::Poll::Ready(Ok(None) | Err(_)) | std::task::Poll::Pending => break,
+        }
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn reply(frame: &Frame) -> Value {
+        match frame {
+            Frame::Reply(line) => serde_json::from_str(line).unwrap(),
+            other => panic!("expected a reply, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_lines_get_the_right_code_and_id() {
+        for (line, code, id) in [
+            (&b"{not json"[..], -32700, Value::Null),
+            (b"[1,2", -32700, Value::Null),
+            (b"\xff\xfe", -32700, Value::Null),
+            (b"42", -32600, Value::Null),
+            (b"[]", -32600, Value::Null),
+            (br#"{"id":3,"method":"x"}"#, -32600, json!(3)),
+            (
+                br#"{"jsonrpc":"2.0","id":"a","method":7}"#,
+                -32600,
+                json!("a"),
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":null,"method":"ping"}"#,
+                -32600,
+                Value::Null,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":1.5,"method":"ping"}"#,
+                -32600,
+                Value::Null,
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"arguments":{}}}"#,
+                -32602,
+                json!(4),
+            ),
+            (
+                br#"{"jsonrpc":"2.0","id":5,"method":"initialize","params":{}}"#,
+                -32602,
+                json!(5),
+            ),
+        ] {
+            let r = reply(&classify_line(line));
+            assert_eq!(r["jsonrpc"], "2.0");
+            assert_eq!(
+                r["error"]["code"],
+                code,
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+            assert_eq!(r["id"], id, "{}", String::from_utf8_lossy(line));
+        }
+    }
+
+    #[test]
+    fn valid_messages_go_to_rmcp_and_blank_lines_are_ignored() {
+        for line in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#[..],
+            br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+            br#"{"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"name":"echo","arguments":{"message":"hi"}}}"#,
+            br#"{"jsonrpc":"2.0","id":9,"method":"vendor/custom","params":{"a":1}}"#,
+            b"\xEF\xBB\xBF{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\r",
+        ] {
+            assert!(
+                matches!(classify_line(line), Frame::Message(_)),
+                "{}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        assert!(matches!(classify_line(b""), Frame::Ignore(_)));
+        assert!(matches!(classify_line(b"  \r"), Frame::Ignore(_)));
+        // Notifications and responses are never answered, even malformed.
+        assert!(matches!(
+            classify_line(
+                br#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"x":1}}"#
+            ),
+            Frame::Ignore(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn lines_are_split_and_bounded() {
+        let mut input = Vec::new();
+        input.extend_from_slice(
+            b"{\"jsonrpc\":\"2.0\",\"id\":77,\"method\":\"x\",\"params\":{\"p\":\"",
+        );
+        input.extend(std::iter::repeat_n(b'a', 300));
+        input.extend_from_slice(b"\"}}\nshort\nlast-without-newline");
+        let mut reader = LineReader::new(&input[..], 100);
+        let Some(RawLine::TooLong { prefix }) = reader.next_line().await.unwrap() else {
+            panic!("expected a too-long line")
+        };
+        let r: Value = serde_json::from_str(&too_long_reply(&prefix, 100)).unwrap();
+        assert_eq!(
+            (r["error"]["code"].as_i64(), r["id"].as_i64()),
+            (Some(-32600), Some(77))
+        );
+        assert!(r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("too large"));
+        assert_eq!(
+            reader.next_line().await.unwrap(),
+            Some(RawLine::Line(b"short".to_vec()))
+        );
+        assert_eq!(
+            reader.next_line().await.unwrap(),
+            Some(RawLine::Line(b"last-without-newline".to_vec()))
+        );
+        assert_eq!(reader.next_line().await.unwrap(), None);
+    }
+
+    #[test]
+    fn a_huge_line_is_answered_once_and_the_next_line_still_works() {
+        let mut input =
+            b"{\"jsonrpc\":\"2.0\",\"id\":\"big\",\"method\":\"ping\",\"params\":{\"p\":\""
+                .to_vec();
+        input.extend(std::iter::repeat_n(b'x', 5 * 1024 * 1024));
+        input.extend_from_slice(b"\"}}\n{\"jsonrpc\":\"2.0\",\"id\":2,\"method\":\"ping\"}\n");
+        let frames = frames_of(&input, DEFAULT_MAX_LINE_BYTES);
+        assert_eq!(frames.len(), 2);
+        let r = reply(&frames[0]);
+        assert_eq!(
+            (r["error"]["code"].as_i64(), r["id"].as_str()),
+            (Some(-32600), Some("big"))
+        );
+        assert!(matches!(frames[1], Frame::Message(_)));
+    }
+
+    #[test]
+    fn ids_are_found_in_prefixes_conservatively() {
+        for (prefix, id) in [
+            (
+                &br#"{"jsonrpc":"2.0","id":12,"method":"x","params":{"#[..],
+                Some(Id::Number(12)),
+            ),
+            (
+                br#"{"method":"x","params":{"id":3},"id":"a\"b","#,
+                Some(Id::String("a\"b".into())),
+            ),
+            (br#" { "id" : -4 }"#, Some(Id::Number(-4))),
+            (br#"{"jsonrpc":"2.0","method":"x","params":{"id":5"#, None),
+            (br#"{"id":12"#, None), // the number may go on
+            (br#"{"id":1.5,"#, None),
+            (br#"["id",1]"#, None),
+            (b"", None),
+            (br#"{"params":[[[[[[[[[[["#, None),
+        ] {
+            assert_eq!(
+                id_in_prefix(prefix),
+                id,
+                "{}",
+                String::from_utf8_lossy(prefix)
+            );
+        }
+    }
+}

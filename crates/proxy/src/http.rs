@@ -1,0 +1,117 @@
+//! The downstream side over Streamable HTTP (`--listen ADDR`): rmcp's
+//! `StreamableHttpService` at `/mcp`, served by axum. Each session gets its
+//! own [`ProxyServer`]; all of them share the one upstream and tool stack.
+//!
+//! POST bodies are checked by the same [`framer`](crate::framer) code as
+//! stdio lines before rmcp sees them: malformed JSON-RPC gets a JSON-RPC
+//! error (`-32700`, `-32600`, `-32602`; HTTP 400) rather than rmcp's
+//! plain-text 415.
+//!
+//! rmcp validates the `Host` header against loopback names by default (a
+//! DNS-rebinding guard); with `--listen-allow-remote` that check is turned
+//! off, so put the proxy behind something that authenticates clients.
+//! Sessions idle for 5 minutes are closed by rmcp. Server→client requests
+//! (sampling, roots, elicitation) go to the most recently active session —
+//! with several clients that may not be the one whose call caused them.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
+
+use crate::framer::{classify_line, error_line, Frame};
+use crate::server::{ProxyCore, ProxyServer};
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+fn jsonrpc_error(status: StatusCode, line: String) -> Response {
+    metrics::counter!("toolwarden_proxy_malformed_messages_total").increment(1);
+    (status, [(header::CONTENT_TYPE, "application/json")], line).into_response()
+}
+
+/// Answers malformed JSON-RPC in a POST body the way the stdio side does
+/// (`-32700`, `-32600`, `-32602` with the id when readable, HTTP 400; `413`
+/// past the size bound) instead of rmcp's plain-text `415`; passes every
+/// valid message on to rmcp. Other requests (GET, DELETE, other content
+/// types) go to rmcp untouched.
+async fn check_jsonrpc(
+    State(max_body_bytes): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if request.method() != Method::POST || !is_json(request.headers()) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, max_body_bytes).await else {
+        return jsonrpc_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            error_line(
+                &Id::Null,
+                ErrorObject::new(
+                    code::INVALID_REQUEST,
+                    format!(
+                        "Invalid Request: message too large (more than {max_body_bytes} bytes)"
+                    ),
+                ),
+            ),
+        );
+    };
+    match classify_line(&bytes) {
+        Frame::Message(_) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Frame::Reply(line) => jsonrpc_error(StatusCode::BAD_REQUEST, line),
+        Frame::Ignore("blank line") => jsonrpc_error(
+            StatusCode::BAD_REQUEST,
+            error_line(
+                &Id::Null,
+                ErrorObject::new(code::PARSE_ERROR, "Parse error: empty body"),
+            ),
+        ),
+        // A malformed notification or response: JSON-RPC answers nothing.
+        Frame::Ignore(_) => StatusCode::ACCEPTED.into_response(),
+    }
+}
+
+/// Serves MCP over Streamable HTTP at `/mcp` on `listener` until `shutdown`
+/// is cancelled.
+pub async fn serve_http(
+    core: Arc<ProxyCore>,
+    listener: TcpListener,
+    max_body_bytes: usize,
+    allow_remote: bool,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let mut config = StreamableHttpServerConfig::default()
+        .with_cancellation_token(shutdown.child_token())
+        .with_max_request_body_bytes(max_body_bytes);
+    if allow_remote {
+        config = config.disable_allowed_hosts();
+    }
+    let service = StreamableHttpService::new(
+        move || Ok(ProxyServer::new(Arc::clone(&core))),
+        Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    let router = axum::Router::new().nest_service("/mcp", service).layer(
+        axum::middleware::from_fn_with_state(max_body_bytes, check_jsonrpc),
+    );
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,46 @@
+//! The toolwarden proxy: toolwarden's resilience stack in front of any MCP
+//! server, as the `toolwarden` binary.
+//!
+//! ```text
+//!  MCP client ──stdio or HTTP──▶ ProxyServer ──tools/call──▶ tool stack ──▶ UpstreamService ──▶ MCP server
+//!   (agent)    ◀── progress, notifications, server→client requests ──── UpstreamHandler ◀──   (child or URL)
+//! ```
+//!
+//! - [`cli`]: `toolwarden run`, `check-config` and `demo`.
+//! - [`config`]: the TOML configuration with `TOOLWARDEN_<SECTION>_<KEY>`
+//!   overrides; errors name the key.
+//! - [`stack`]: [`build_stack`](stack::build_stack), the one place the
+//!   layers are put around the upstream, and what they share ([`stack::SharedState`]).
+//! - [`server`]: [`ProxyServer`](server::ProxyServer), the proxy as the
+//!   client's MCP server: `tools/call` through the stack, everything else
+//!   straight through, errors turned into answers a model can read.
+//! - [`upstream`]: the connection to the server (child process or Streamable
+//!   HTTP), restarted with backoff when it dies, and the proxy's handler for
+//!   what the server sends back.
+//! - [`routes`]: which client gets progress, notifications and server requests.
+//! - [`framer`] and [`stdio`]: stdin/stdout with `-32700`/`-32600` answers to
+//!   malformed lines and one writer for stdout.
+//! - [`http`]: the Streamable HTTP downstream (`--listen`).
+//! - [`endpoints`]: `/metrics`, `/health`, `/circuits` (`--metrics-addr`).
+//! - [`demo`]: `toolwarden demo`.
+//!
+//! See `README.md` next to this crate for the decisions and their reasons.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod endpoints;
+pub mod framer;
+pub mod http;
+mod proxy;
+pub mod routes;
+pub mod server;
+pub mod stack;
+pub mod stdio;
+pub mod upstream;
+
+pub use proxy::Proxy;
+pub use upstream::{InProcessServer, UpstreamTarget};

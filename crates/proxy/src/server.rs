@@ -1,0 +1,693 @@
+//! [`ProxyServer`]: the proxy as the downstream client's MCP server.
+//!
+//! It implements rmcp's `ServerHandler`, whose every request method and
+//! notification hook it overrides to forward: rmcp's Streamable HTTP server
+//! only serves `ServerHandler`s, and rmcp's blanket `Service` impl for them
+//! makes that the one implementation both transports use.
+//!
+//! - `initialize` starts the upstream (mirroring this client's capabilities)
+//!   if it is not running, waits for it (`upstream.connect_timeout`), and
+//!   answers with the upstream server's `InitializeResult`; rmcp then agrees
+//!   on the client's protocol version if it knows it, else the server's.
+//! - `tools/call` goes through the tool stack ([`crate::stack`]), raced
+//!   against the client's `notifications/cancelled` (dropping the call sends
+//!   `notifications/cancelled` upstream). An error from the stack becomes an
+//!   `isError` tool result the model can read (`FailureReport`), except a
+//!   JSON-RPC error of the server, which is passed through unchanged.
+//! - Every other request goes straight to the upstream; its JSON-RPC errors
+//!   pass through unchanged, a transport failure is `-32000 upstream
+//!   unavailable: ...`, a timeout `-32001`.
+//! - Notifications from the client: `notifications/progress` (for requests the
+//!   server sent) are re-addressed to the server's token, `roots/list_changed`
+//!   and custom ones are forwarded; `cancelled` is rmcp's (see above) and
+//!   `initialized` is the proxy's own handshake business.
+//!
+//! Not forwarded: `subscriptions/listen` (2026-07-28 subscriptions) is answered
+//! "method not found", as rmcp does for servers that do not implement it.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
+    CancelTaskRequest, CancelledNotificationParam, ClientCapabilities, ClientConfig,
+    ClientNotification, ClientRequest, CompleteRequest, CompleteRequestParams, CompleteResult,
+    CustomNotification, CustomRequest, CustomResult, ErrorCode, ErrorData, GetExtensions, GetMeta,
+    GetPromptRequest, GetPromptRequestParams, GetPromptResponse, GetSkillRequest,
+    GetSkillRequestParams, GetSkillResult, GetTaskParams, GetTaskRequest, GetTaskResult,
+    Implementation, InitializeRequestParams, InitializeResult, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListSkillsResult, ListToolsResult,
+    PaginatedRequestParams, PingRequest, ProgressNotificationParam, ProtocolVersion,
+    ReadResourceDirectoryRequest, ReadResourceDirectoryRequestParams, ReadResourceDirectoryResult,
+    ReadResourceRequest, ReadResourceRequestParams, ReadResourceResponse, RequestOptionalParam,
+    RootsListChangedNotification, ServerConfig, ServerResult, SubscribeRequestParams,
+    UnsubscribeRequestParams, UpdateTaskParams, UpdateTaskRequest,
+};
+// Logging and resources/subscribe are deprecated by newer protocol versions;
+// the proxy still forwards them for clients and servers that use them.
+#[allow(deprecated)]
+use rmcp::model::{SetLevelRequest, SetLevelRequestParams, SubscribeRequest, UnsubscribeRequest};
+use rmcp::service::{NotificationContext, RequestContext, RoleServer};
+use rmcp::ServerHandler;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::classify::{CallTimedOut, TransportError};
+use toolwarden_core::jsonrpc::ErrorObject;
+use toolwarden_core::rejection::find_rejection;
+use toolwarden_core::{FailureReport, McpResponse, SessionKey};
+use toolwarden_rmcp::OnRequestSent;
+use tower::ServiceExt as _;
+
+use crate::routes::{DownstreamId, Downstreams, Resolved, RouteGuard};
+use crate::stack::ToolStack;
+use crate::upstream::{Upstream, UpstreamService};
+
+/// What every session of the proxy shares: the upstream, the tool stack and
+/// the registry of connected clients.
+pub struct ProxyCore {
+    upstream: Upstream,
+    upstream_service: UpstreamService,
+    stack: ToolStack,
+    downstreams: Downstreams,
+    sessions: AtomicU64,
+}
+
+impl fmt::Debug for ProxyCore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyCore")
+            .field("upstream", &self.upstream)
+            .field("downstreams", &self.downstreams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ProxyCore {
+    /// The core over `upstream`, sending tool calls through `stack`.
+    /// `downstreams` must be the registry the upstream was built with.
+    pub fn new(upstream: Upstream, stack: ToolStack, downstreams: Downstreams) -> Arc<Self> {
+        Arc::new(ProxyCore {
+            upstream_service: upstream.service(),
+            upstream,
+            stack,
+            downstreams,
+            sessions: AtomicU64::new(0),
+        })
+    }
+
+    /// The upstream.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+}
+
+/// One downstream session: its key for the layers (loop guard per session)
+/// and its registration for server→client traffic.
+struct Session {
+    key: SessionKey,
+    downstream: OnceLock<DownstreamId>,
+    downstreams: Downstreams,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(id) = self.downstream.get() {
+            self.downstreams.remove(*id);
+        }
+    }
+}
+
+/// The proxy's MCP server for one downstream session (see the
+/// [module docs](self)). Create one per session with [`ProxyServer::new`].
+#[derive(Clone)]
+pub struct ProxyServer {
+    core: Arc<ProxyCore>,
+    session: Arc<Session>,
+}
+
+impl fmt::Debug for ProxyServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxyServer")
+            .field("session", &self.session.key.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The upstream's client description for a downstream client: its
+/// capabilities and identity, and its protocol version when rmcp can open a
+/// session with it (else the newest that has an `initialize` handshake).
+pub fn upstream_client_config(downstream: &InitializeRequestParams) -> ClientConfig {
+    let version = if downstream.protocol_version.has_initialize()
+        && ProtocolVersion::KNOWN_VERSIONS.contains(&downstream.protocol_version)
+    {
+        downstream.protocol_version.clone()
+    } else {
+        ProtocolVersion::LATEST_WITH_INITIALIZE
+    };
+    InitializeRequestParams::new(
+        downstream.capabilities.clone(),
+        downstream.client_info.clone(),
+    )
+    .with_protocol_version(version)
+}
+
+fn default_client_config() -> ClientConfig {
+    InitializeRequestParams::new(
+        ClientCapabilities::default(),
+        Implementation::new("toolwarden-proxy", env!("CARGO_PKG_VERSION")),
+    )
+    .with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
+}
+
+/// The JSON-RPC error a downstream client gets for a failed forwarded request.
+pub fn error_data(error: &(dyn StdError + 'static)) -> ErrorData {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(obj) = e.downcast_ref::<ErrorObject>() {
+            return ErrorData::new(
+                ErrorCode(i32::try_from(obj.code).unwrap_or(-32603)),
+                obj.message.clone(),
+                obj.data.clone(),
+            );
+        }
+        if e.is::<TransportError>() {
+            return ErrorData::new(
+                ErrorCode(-32000),
+                format!("upstream unavailable: {e}"),
+                None,
+            );
+        }
+        if e.is::<CallTimedOut>() {
+            return ErrorData::new(
+                ErrorCode(-32001),
+                format!("upstream request timed out: {e}"),
+                None,
+            );
+        }
+        current = e.source();
+    }
+    ErrorData::internal_error(format!("toolwarden proxy: {error}"), None)
+}
+
+/// The answer to a `tools/call` the stack failed: a JSON-RPC error of the
+/// server passes through; anything else (a rejection by a layer, a transport
+/// failure, a timeout) becomes an `isError` result saying what happened.
+pub fn tool_failure(
+    tool: &str,
+    error: &(dyn StdError + 'static),
+) -> Result<CallToolResult, ErrorData> {
+    if find_rejection(error).is_none() {
+        let mut current = Some(error);
+        while let Some(e) = current {
+            if e.is::<ErrorObject>() {
+                return Err(error_data(e));
+            }
+            current = e.source();
+        }
+    }
+    let report = FailureReport::from_error(tool, error).to_tool_result();
+    match ServerResult::from_tool_result(None, report) {
+        ServerResult::CallToolResult(result) => Ok(result),
+        _ => Err(ErrorData::internal_error(
+            format!("{tool} failed: {error}"),
+            None,
+        )),
+    }
+}
+
+/// A result of another kind than expected, read as the expected kind: rmcp
+/// reads results as an untagged union, so a result may have matched an
+/// earlier variant and still be the same JSON.
+fn reinterpret<T: DeserializeOwned>(other: &ServerResult) -> Result<T, ErrorData> {
+    serde_json::to_value(other)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or_else(|| {
+            ErrorData::internal_error(
+                "the upstream server answered with a result of another kind",
+                None,
+            )
+        })
+}
+
+/// The `$variant` result, or the same JSON read as it.
+macro_rules! expect {
+    ($result:expr, $variant:ident) => {
+        match $result {
+            ServerResult::$variant(v) => Ok(v),
+            other => reinterpret(&other),
+        }
+    };
+}
+
+fn cancelled() -> ErrorData {
+    ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
+}
+
+async fn unless_cancelled<F: Future>(ct: &CancellationToken, f: F) -> Option<F::Output> {
+    tokio::select! {
+        output = f => Some(output),
+        () = ct.cancelled() => None,
+    }
+}
+
+fn method_label(request: &ClientRequest) -> &'static str {
+    match request {
+        ClientRequest::CallToolRequest(_) => "tools/call",
+        ClientRequest::ListToolsRequest(_) => "tools/list",
+        ClientRequest::PingRequest(_) => "ping",
+        ClientRequest::ListResourcesRequest(_)
+        | ClientRequest::ListResourceTemplatesRequest(_)
+        | ClientRequest::ReadResourceRequest(_)
+        | ClientRequest::SubscribeRequest(_)
+        | ClientRequest::UnsubscribeRequest(_)
+        | ClientRequest::ReadResourceDirectoryRequest(_) => "resources",
+        ClientRequest::ListPromptsRequest(_) | ClientRequest::GetPromptRequest(_) => "prompts",
+        _ => "other",
+    }
+}
+
+impl ProxyServer {
+    /// A server for a new downstream session.
+    pub fn new(core: Arc<ProxyCore>) -> Self {
+        let n = core.sessions.fetch_add(1, Ordering::Relaxed) + 1;
+        let downstreams = core.downstreams.clone();
+        ProxyServer {
+            core,
+            session: Arc::new(Session {
+                key: SessionKey::from(format!("session-{n}").as_str()),
+                downstream: OnceLock::new(),
+                downstreams,
+            }),
+        }
+    }
+
+    /// Registers this session's client (once) and marks it active.
+    fn touch(&self, context: &RequestContext<RoleServer>) {
+        let id = *self
+            .session
+            .downstream
+            .get_or_init(|| self.core.downstreams.register(context.peer.clone()));
+        self.core.downstreams.touch(id);
+    }
+
+    /// [`touch`](Self::touch), and starts the upstream for a session that
+    /// opened without `initialize` (2026-07-28 inline metadata), describing
+    /// the client from the request's metadata and waiting for the connection
+    /// (a failure is then this request's error).
+    async fn touch_and_start(&self, context: &RequestContext<RoleServer>) {
+        self.touch(context);
+        if self.core.upstream.is_started() {
+            return;
+        }
+        let mut config = default_client_config();
+        if let Some(capabilities) = context.client_capabilities() {
+            config.capabilities = capabilities;
+        }
+        if let Some(info) = context.client_info() {
+            config.client_info = info;
+        }
+        self.core.upstream.start(config);
+        let limit = self.core.upstream.config().connect_timeout;
+        if let Err(e) = self.core.upstream.wait_connected(limit).await {
+            tracing::warn!(error = %e, "the upstream did not start");
+        }
+    }
+
+    /// Puts the request's `_meta` back (rmcp moved it into the context) and
+    /// routes progress for it to this client.
+    fn prepare(
+        &self,
+        request: &mut ClientRequest,
+        context: &RequestContext<RoleServer>,
+    ) -> RouteGuard<RoleServer> {
+        *request.get_meta_mut() = context.meta.clone();
+        let route = RouteGuard::new(
+            Arc::clone(&self.core.upstream.shared().progress_up),
+            context
+                .meta
+                .get_progress_token()
+                .map(|token| (context.peer.clone(), token)),
+        );
+        let hook = route.hook();
+        request
+            .extensions_mut()
+            .insert(OnRequestSent::new(move |_id, token| hook(token)));
+        route
+    }
+
+    /// Sends a request (not a tool call) straight upstream.
+    async fn forward(
+        &self,
+        mut request: ClientRequest,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ServerResult, ErrorData> {
+        self.touch_and_start(&context).await;
+        metrics::counter!("toolwarden_proxy_requests_total", "method" => method_label(&request))
+            .increment(1);
+        let _route = self.prepare(&mut request, &context);
+        let call = self.core.upstream_service.clone().oneshot(request);
+        match unless_cancelled(&context.ct, call).await {
+            Some(Ok(result)) => Ok(result),
+            Some(Err(e)) => Err(error_data(e.as_ref())),
+            None => Err(cancelled()),
+        }
+    }
+
+    async fn forward_empty(
+        &self,
+        request: ClientRequest,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.forward(request, context).await.map(|_| ())
+    }
+
+    fn server_config(&self) -> ServerConfig {
+        let Some(info) = self.core.upstream.server_info() else {
+            let mut config = ServerConfig::new(Default::default());
+            config.protocol_version = ProtocolVersion::LATEST_WITH_INITIALIZE;
+            config.server_info = Implementation::new("toolwarden-proxy", env!("CARGO_PKG_VERSION"));
+            return config;
+        };
+        let mut config = ServerConfig::new(info.capabilities.clone());
+        config.protocol_version = info.protocol_version.clone();
+        config.server_info = info
+            .server_info
+            .clone()
+            .unwrap_or_else(|| Implementation::new("toolwarden-proxy", env!("CARGO_PKG_VERSION")));
+        config.instructions = info.instructions.clone();
+        config.meta = info.meta.clone();
+        config
+    }
+}
+
+fn optional<M: Default, P>(params: Option<P>) -> RequestOptionalParam<M, P> {
+    RequestOptionalParam {
+        method: M::default(),
+        params,
+        extensions: Default::default(),
+    }
+}
+
+#[allow(deprecated)] // resources/subscribe is legacy-only in rmcp; it is still forwarded
+impl ServerHandler for ProxyServer {
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        context.peer.set_peer_info(request.clone());
+        self.core.upstream.start(upstream_client_config(&request));
+        self.touch(&context);
+        let limit = self.core.upstream.config().connect_timeout;
+        let connection = self
+            .core
+            .upstream
+            .wait_connected(limit)
+            .await
+            .map_err(|e| {
+                ErrorData::new(
+                    ErrorCode(-32000),
+                    format!("upstream unavailable: {e}"),
+                    None,
+                )
+            })?;
+        if connection.info().is_none() {
+            return Err(ErrorData::internal_error(
+                "the upstream server sent no initialize result",
+                None,
+            ));
+        }
+        Ok(self.server_config())
+    }
+
+    async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        let request = ClientRequest::PingRequest(PingRequest {
+            method: Default::default(),
+            extensions: Default::default(),
+        });
+        self.forward_empty(request, context).await
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        let request = ClientRequest::CompleteRequest(CompleteRequest::new(request));
+        expect!(self.forward(request, context).await?, CompleteResult)
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(request));
+        match self.forward(request, context).await? {
+            ServerResult::InputRequiredResult(r) => Ok(GetPromptResponse::InputRequired(r)),
+            other => expect!(other, GetPromptResult).map(GetPromptResponse::Complete),
+        }
+    }
+
+    async fn list_prompts(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        let request = ClientRequest::ListPromptsRequest(optional(request));
+        expect!(self.forward(request, context).await?, ListPromptsResult)
+    }
+
+    async fn list_resources(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let request = ClientRequest::ListResourcesRequest(optional(request));
+        expect!(self.forward(request, context).await?, ListResourcesResult)
+    }
+
+    async fn list_resource_templates(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        let request = ClientRequest::ListResourceTemplatesRequest(optional(request));
+        expect!(
+            self.forward(request, context).await?,
+            ListResourceTemplatesResult
+        )
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request));
+        match self.forward(request, context).await? {
+            ServerResult::InputRequiredResult(r) => Ok(ReadResourceResponse::InputRequired(r)),
+            other => expect!(other, ReadResourceResult).map(ReadResourceResponse::Complete),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::SubscribeRequest(SubscribeRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.touch_and_start(&context).await;
+        metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
+        let tool = request.name.to_string();
+        let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
+        let _route = self.prepare(&mut request, &context);
+        request.extensions_mut().insert(self.session.key.clone());
+        let call = self.core.stack.clone().oneshot(request);
+        match unless_cancelled(&context.ct, call).await {
+            Some(Ok(ServerResult::InputRequiredResult(r))) => {
+                Ok(CallToolResponse::InputRequired(r))
+            }
+            Some(Ok(ServerResult::CreateTaskResult(r))) => Ok(CallToolResponse::Task(r)),
+            Some(Ok(other)) => expect!(other, CallToolResult).map(CallToolResponse::Complete),
+            Some(Err(e)) => tool_failure(&tool, e.as_ref()).map(CallToolResponse::Complete),
+            None => Err(cancelled()),
+        }
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let request = ClientRequest::ListToolsRequest(optional(request));
+        expect!(self.forward(request, context).await?, ListToolsResult)
+    }
+
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        let result = self
+            .forward(ClientRequest::CustomRequest(request), context)
+            .await?;
+        match result {
+            ServerResult::CustomResult(r) => Ok(r),
+            other => serde_json::to_value(&other)
+                .map(CustomResult::new)
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None)),
+        }
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        let request = ClientRequest::GetTaskRequest(GetTaskRequest::new(request));
+        expect!(self.forward(request, context).await?, GetTaskResult)
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::CancelTaskRequest(CancelTaskRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn list_skills(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListSkillsResult, ErrorData> {
+        let request = ClientRequest::ListSkillsRequest(optional(request));
+        expect!(self.forward(request, context).await?, ListSkillsResult)
+    }
+
+    async fn get_skill(
+        &self,
+        request: GetSkillRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetSkillResult, ErrorData> {
+        let request = ClientRequest::GetSkillRequest(GetSkillRequest::new(request));
+        expect!(self.forward(request, context).await?, GetSkillResult)
+    }
+
+    async fn read_resource_directory(
+        &self,
+        request: ReadResourceDirectoryRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceDirectoryResult, ErrorData> {
+        let request =
+            ClientRequest::ReadResourceDirectoryRequest(ReadResourceDirectoryRequest::new(request));
+        expect!(self.forward(request, context).await?, ListResourcesResult)
+    }
+
+    async fn on_cancelled(
+        &self,
+        _notification: CancelledNotificationParam,
+        _context: NotificationContext<RoleServer>,
+    ) {
+        // rmcp cancelled the request's context, which drops the upstream call,
+        // which sends notifications/cancelled upstream under the upstream id.
+    }
+
+    async fn on_progress(
+        &self,
+        notification: ProgressNotificationParam,
+        _context: NotificationContext<RoleServer>,
+    ) {
+        // Progress on a request the server sent us (sampling, elicitation):
+        // back to the server under its own token.
+        let routes = &self.core.upstream.shared().progress_down;
+        if let Resolved::To(server, token) = routes.resolve(&notification.progress_token).await {
+            let mut params = notification;
+            params.progress_token = token;
+            if let Err(e) = server.notify_progress(params).await {
+                tracing::debug!(error = %e, "could not forward progress upstream");
+            }
+        }
+    }
+
+    async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
+
+    async fn on_roots_list_changed(&self, context: NotificationContext<RoleServer>) {
+        let mut notification = ClientNotification::RootsListChangedNotification(
+            RootsListChangedNotification::default(),
+        );
+        *notification.get_meta_mut() = context.meta;
+        self.notify_upstream(notification).await;
+    }
+
+    async fn on_custom_notification(
+        &self,
+        notification: CustomNotification,
+        context: NotificationContext<RoleServer>,
+    ) {
+        let mut notification = ClientNotification::CustomNotification(notification);
+        *notification.get_meta_mut() = context.meta;
+        self.notify_upstream(notification).await;
+    }
+
+    fn get_info(&self) -> ServerConfig {
+        self.server_config()
+    }
+}
+
+impl ProxyServer {
+    async fn notify_upstream(&self, notification: ClientNotification) {
+        let Some(connection) = self.core.upstream.connection() else {
+            tracing::debug!("dropped a client notification: the upstream is down");
+            return;
+        };
+        if let Err(e) = connection
+            .client()
+            .peer()
+            .send_notification(notification)
+            .await
+        {
+            tracing::debug!(error = %e, "could not forward a notification upstream");
+        }
+    }
+}

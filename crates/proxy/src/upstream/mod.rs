@@ -1,0 +1,643 @@
+//! The upstream MCP server: a child process over stdio or a Streamable HTTP
+//! URL, kept connected by a supervisor.
+//!
+//! - [`Upstream`] owns the connection. The first downstream `initialize`
+//!   starts it ([`Upstream::start`]) with that client's capabilities, so what
+//!   the server offers (sampling, roots, elicitation tools) matches what the
+//!   client can do. A supervisor task waits for the connection to end; when
+//!   it does (the child died, the HTTP session broke), every call in flight
+//!   gets an error (rmcp drops their response slots), and the supervisor
+//!   reconnects after an exponential backoff (`upstream.restart_backoff_min`,
+//!   doubling up to `restart_backoff_max`, back to the minimum once a
+//!   connection stayed up `restart_reset_after`). Downstream clients are not
+//!   re-initialized; the catalog is refilled by a fresh `tools/list`.
+//! - [`UpstreamService`] is the `tower::Service<ClientRequest>` the stack
+//!   wraps: it sends through the current connection, and while there is none
+//!   it fails at once with a [`TransportError`] of kind `ConnectFailed`
+//!   (classified `before_sent`: safe to retry for any tool).
+//! - [`UpstreamHandler`] answers what the server sends to the proxy as its
+//!   client: notifications are forwarded to the downstream clients, requests
+//!   (sampling, roots, elicitation) to the most recently active one.
+
+mod handler;
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use rmcp::model::{ClientConfig, ClientRequest, ServerPeerInfo, ServerResult};
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use rmcp::ServiceExt as _;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::classify::{TransportError, TransportErrorKind};
+use toolwarden_core::{BoxError, ToolCatalog};
+use toolwarden_rmcp::{RmcpClient, RmcpClientFuture};
+use tower::ServiceExt as _;
+
+use crate::config::UpstreamConfig;
+use crate::routes::{Downstreams, ProgressRoutes};
+
+pub use handler::UpstreamHandler;
+
+/// An MCP server in this process, reached over an in-memory pipe: each
+/// connection (and each reconnection) calls the function for a fresh pipe,
+/// whose other end the function serves. The demo and tests use it.
+#[derive(Clone)]
+pub struct InProcessServer {
+    name: String,
+    connect: Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>,
+}
+
+impl InProcessServer {
+    /// A server called `name` (for logs), connected by `connect`.
+    pub fn new(
+        name: impl Into<String>,
+        connect: impl Fn() -> tokio::io::DuplexStream + Send + Sync + 'static,
+    ) -> Self {
+        InProcessServer {
+            name: name.into(),
+            connect: Arc::new(connect),
+        }
+    }
+}
+
+impl fmt::Debug for InProcessServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InProcessServer")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Where the upstream server is.
+#[derive(Debug, Clone)]
+pub enum UpstreamTarget {
+    /// A child process speaking MCP on its stdin/stdout.
+    Command {
+        /// The program.
+        program: std::ffi::OsString,
+        /// Its arguments.
+        args: Vec<std::ffi::OsString>,
+    },
+    /// A Streamable HTTP endpoint (`http://host:port/mcp`).
+    Url(String),
+    /// A server in this process.
+    InProcess(InProcessServer),
+}
+
+impl fmt::Display for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamTarget::Command { program, args } => {
+                write!(f, "{}", program.to_string_lossy())?;
+                for arg in args {
+                    write!(f, " {}", arg.to_string_lossy())?;
+                }
+                Ok(())
+            }
+            UpstreamTarget::Url(url) => f.write_str(url),
+            UpstreamTarget::InProcess(server) => write!(f, "{} (in process)", server.name),
+        }
+    }
+}
+
+/// The state of the upstream connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamStatus {
+    /// Not started: no client has initialized yet.
+    Idle,
+    /// Connecting (starting the child, `initialize`).
+    Connecting {
+        /// Attempts since the last successful connection, this one included.
+        attempt: u32,
+    },
+    /// Connected.
+    Up {
+        /// The child's process id (none for a URL).
+        pid: Option<u32>,
+        /// Counts connections since the proxy started (1 for the first).
+        generation: u64,
+    },
+    /// Down, waiting to reconnect.
+    Down {
+        /// Why the last connection ended or the last attempt failed.
+        error: String,
+        /// The wait before the next attempt.
+        retry_in: Duration,
+    },
+    /// Shut down with the proxy.
+    Stopped,
+}
+
+impl UpstreamStatus {
+    /// A short name: `idle`, `connecting`, `up`, `down` or `stopped`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            UpstreamStatus::Idle => "idle",
+            UpstreamStatus::Connecting { .. } => "connecting",
+            UpstreamStatus::Up { .. } => "up",
+            UpstreamStatus::Down { .. } => "down",
+            UpstreamStatus::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for UpstreamStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamStatus::Idle => f.write_str("not started"),
+            UpstreamStatus::Connecting { attempt } => write!(f, "connecting (attempt {attempt})"),
+            UpstreamStatus::Up { .. } => f.write_str("connected"),
+            UpstreamStatus::Down { error, retry_in } => write!(
+                f,
+                "down ({error}); reconnecting in {}",
+                humantime::format_duration(*retry_in)
+            ),
+            UpstreamStatus::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+/// One live connection.
+#[derive(Debug)]
+pub struct Connection {
+    client: RmcpClient,
+    info: Option<Arc<ServerPeerInfo>>,
+    pid: Option<u32>,
+}
+
+impl Connection {
+    /// The client over this connection.
+    pub fn client(&self) -> &RmcpClient {
+        &self.client
+    }
+
+    /// What the server said in `initialize`.
+    pub fn info(&self) -> Option<&ServerPeerInfo> {
+        self.info.as_deref()
+    }
+
+    /// The child's process id, for a child process.
+    pub fn pid(&self) -> Option<u32> {
+        self.pid
+    }
+}
+
+/// What the upstream side shares with its handler and service.
+pub(crate) struct Shared {
+    pub(crate) catalog: ToolCatalog,
+    pub(crate) current: ArcSwapOption<Connection>,
+    /// The server's last `initialize` result.
+    pub(crate) last_info: ArcSwapOption<ServerPeerInfo>,
+    pub(crate) downstreams: Downstreams,
+    /// Our tokens on requests sent upstream → the downstream client's.
+    pub(crate) progress_up: Arc<ProgressRoutes<rmcp::service::RoleServer>>,
+    /// Our tokens on server requests forwarded downstream → the server's.
+    pub(crate) progress_down: Arc<ProgressRoutes<RoleClient>>,
+    status: watch::Sender<UpstreamStatus>,
+}
+
+impl Shared {
+    /// The current connection, if it is open.
+    pub(crate) fn connection(&self) -> Option<Arc<Connection>> {
+        self.current
+            .load_full()
+            .filter(|c| !c.client.peer().is_transport_closed())
+    }
+
+    /// Refills the catalog from the current connection, in the background.
+    pub(crate) fn refresh_catalog(&self, limit: Duration) {
+        let Some(connection) = self.connection() else {
+            return;
+        };
+        tokio::spawn(async move {
+            match tokio::time::timeout(limit, connection.client.refresh_catalog()).await {
+                Ok(Ok(n)) => tracing::debug!(tools = n, "tool catalog refreshed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "tools/list failed; the catalog keeps its tools")
+                }
+                Err(_) => tracing::warn!("tools/list timed out; the catalog keeps its tools"),
+            }
+        });
+    }
+}
+
+struct Inner {
+    target: UpstreamTarget,
+    config: UpstreamConfig,
+    shared: Arc<Shared>,
+    restarts: AtomicU64,
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+    shutdown: CancellationToken,
+}
+
+/// The upstream server connection and its supervisor. Clones share it.
+#[derive(Clone)]
+pub struct Upstream {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Upstream")
+            .field("target", &self.inner.target)
+            .field("status", &*self.inner.shared.status.borrow())
+            .field("restarts", &self.restarts())
+            .finish()
+    }
+}
+
+impl Upstream {
+    /// An upstream at `target`, not started. Tools listed by the server are
+    /// added to `catalog`; server→client traffic goes to `downstreams`.
+    pub fn new(
+        target: UpstreamTarget,
+        config: UpstreamConfig,
+        catalog: ToolCatalog,
+        downstreams: Downstreams,
+    ) -> Self {
+        let (status, _) = watch::channel(UpstreamStatus::Idle);
+        Upstream {
+            inner: Arc::new(Inner {
+                target,
+                config,
+                shared: Arc::new(Shared {
+                    catalog,
+                    current: ArcSwapOption::empty(),
+                    last_info: ArcSwapOption::empty(),
+                    downstreams,
+                    progress_up: Arc::default(),
+                    progress_down: Arc::default(),
+                    status,
+                }),
+                restarts: AtomicU64::new(0),
+                supervisor: Mutex::new(None),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Starts the supervisor, which connects as a client described by
+    /// `client_info` (the first downstream client's, mirrored). Later calls
+    /// do nothing: the upstream is started once.
+    pub fn start(&self, client_info: ClientConfig) {
+        let mut supervisor = self
+            .inner
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if supervisor.is_some() || self.inner.shutdown.is_cancelled() {
+            return;
+        }
+        let inner = Arc::clone(&self.inner);
+        *supervisor = Some(tokio::spawn(supervise(inner, client_info)));
+    }
+
+    /// Whether [`start`](Self::start) was called.
+    pub fn is_started(&self) -> bool {
+        self.inner
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Waits until connected, up to `limit`. Fails early when the very first
+    /// connection attempt failed (a wrong command should not make the first
+    /// client wait for the whole limit); while reconnecting after a crash it
+    /// waits.
+    pub async fn wait_connected(&self, limit: Duration) -> Result<Arc<Connection>, String> {
+        let mut status = self.inner.shared.status.subscribe();
+        let wait = async {
+            loop {
+                let current = status.borrow_and_update().clone();
+                match current {
+                    UpstreamStatus::Up { .. } => {
+                        if let Some(connection) = self.inner.shared.connection() {
+                            return Ok(connection);
+                        }
+                    }
+                    UpstreamStatus::Down { error, .. } if self.restarts() == 0 => {
+                        return Err(format!(
+                            "cannot connect to the upstream server ({}): {error}",
+                            self.inner.target
+                        ));
+                    }
+                    UpstreamStatus::Stopped => return Err("the proxy is shutting down".to_owned()),
+                    _ => {}
+                }
+                if status.changed().await.is_err() {
+                    return Err("the proxy is shutting down".to_owned());
+                }
+            }
+        };
+        match tokio::time::timeout(limit, wait).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "the upstream server ({}) did not become available within {}: {}",
+                self.inner.target,
+                humantime::format_duration(limit),
+                self.status()
+            )),
+        }
+    }
+
+    /// What the server said in its last `initialize` (kept while it restarts).
+    pub fn server_info(&self) -> Option<Arc<ServerPeerInfo>> {
+        self.inner.shared.last_info.load_full()
+    }
+
+    /// The current connection, if open.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.inner.shared.connection()
+    }
+
+    /// The connection state.
+    pub fn status(&self) -> UpstreamStatus {
+        self.inner.shared.status.borrow().clone()
+    }
+
+    /// How many times the connection was lost and re-established.
+    pub fn restarts(&self) -> u64 {
+        self.inner.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Where the server is.
+    pub fn target(&self) -> &UpstreamTarget {
+        &self.inner.target
+    }
+
+    /// The `tower::Service` that sends requests through the current connection.
+    pub fn service(&self) -> UpstreamService {
+        UpstreamService {
+            shared: Arc::clone(&self.inner.shared),
+        }
+    }
+
+    /// The connection's configuration.
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.inner.shared
+    }
+
+    /// The upstream part of `/health`: state, pid, restarts, target.
+    pub fn health_json(&self) -> Value {
+        let status = self.status();
+        let mut report = json!({
+            "state": status.name(),
+            "target": self.inner.target.to_string(),
+            "restarts": self.restarts(),
+            "tools": self.inner.shared.catalog.len(),
+        });
+        match &status {
+            UpstreamStatus::Up { pid, generation } => {
+                report["pid"] = json!(pid);
+                report["generation"] = json!(generation);
+                if let Some(info) = self.connection().and_then(|c| c.info.clone()) {
+                    report["protocolVersion"] = json!(info.protocol_version.as_str());
+                    if let Some(server) = &info.server_info {
+                        report["server"] = json!({"name": server.name, "version": server.version});
+                    }
+                }
+            }
+            UpstreamStatus::Down { error, retry_in } => {
+                report["error"] = json!(error);
+                report["retryInSeconds"] = json!(retry_in.as_secs_f64());
+            }
+            UpstreamStatus::Connecting { attempt } => report["attempt"] = json!(attempt),
+            UpstreamStatus::Idle | UpstreamStatus::Stopped => {}
+        }
+        report
+    }
+
+    /// Stops the supervisor and closes the connection (a child gets its
+    /// stdin closed, then SIGTERM, then SIGKILL, a few seconds apart), waiting
+    /// at most `limit`.
+    pub async fn shutdown(&self, limit: Duration) {
+        self.inner.shutdown.cancel();
+        let supervisor = self
+            .inner
+            .supervisor
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut supervisor) = supervisor {
+            if tokio::time::timeout(limit, &mut supervisor).await.is_err() {
+                tracing::warn!("the upstream did not shut down in time");
+                supervisor.abort();
+            }
+        }
+        self.inner.shared.current.store(None);
+        self.inner
+            .shared
+            .status
+            .send_replace(UpstreamStatus::Stopped);
+    }
+}
+
+fn set_status(shared: &Shared, status: UpstreamStatus) {
+    metrics::gauge!("toolwarden_proxy_upstream_up").set(
+        if matches!(status, UpstreamStatus::Up { .. }) {
+            1.0
+        } else {
+            0.0
+        },
+    );
+    shared.status.send_replace(status);
+}
+
+type Running = RunningService<RoleClient, UpstreamHandler>;
+
+/// Starts the child or opens the URL, and runs `initialize`.
+async fn connect(
+    target: &UpstreamTarget,
+    handler: UpstreamHandler,
+    limit: Duration,
+) -> Result<(Running, Option<u32>), String> {
+    let connecting = async {
+        match target {
+            UpstreamTarget::Command { program, args } => {
+                let mut command = tokio::process::Command::new(program);
+                command.args(args);
+                // stdin/stdout are the MCP pipe; stderr is the proxy's stderr,
+                // so the server's logs land with ours (never on our stdout).
+                let (transport, _) = TokioChildProcess::builder(command)
+                    .spawn()
+                    .map_err(|e| format!("cannot start {target}: {e}"))?;
+                let pid = transport.id();
+                let running = handler
+                    .serve(transport)
+                    .await
+                    .map_err(|e| format!("initialize failed: {e}"))?;
+                Ok((running, pid))
+            }
+            UpstreamTarget::InProcess(server) => {
+                let running = handler
+                    .serve((server.connect)())
+                    .await
+                    .map_err(|e| format!("initialize failed: {e}"))?;
+                Ok((running, None))
+            }
+            UpstreamTarget::Url(url) => {
+                let transport = StreamableHttpClientTransport::from_uri(url.as_str());
+                let running = handler
+                    .serve(transport)
+                    .await
+                    .map_err(|e| format!("initialize failed: {e}"))?;
+                Ok((running, None))
+            }
+        }
+    };
+    match tokio::time::timeout(limit, connecting).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "no answer to initialize within {}",
+            humantime::format_duration(limit)
+        )),
+    }
+}
+
+async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
+    let config = inner.config.clone();
+    let shared = Arc::clone(&inner.shared);
+    let mut backoff = config.restart_backoff_min;
+    let mut attempt = 0u32;
+    let mut generation = 0u64;
+    loop {
+        attempt += 1;
+        set_status(&shared, UpstreamStatus::Connecting { attempt });
+        let handler = UpstreamHandler::new(
+            Arc::clone(&shared),
+            client_info.clone(),
+            config.connect_timeout,
+        );
+        let connected = tokio::select! {
+            result = connect(&inner.target, handler, config.connect_timeout) => result,
+            () = inner.shutdown.cancelled() => break,
+        };
+        let error = match connected {
+            Ok((running, pid)) => {
+                generation += 1;
+                attempt = 0;
+                let mut client =
+                    RmcpClient::new(running.peer().clone()).with_catalog(shared.catalog.clone());
+                if let Some(timeout) = config.call_timeout {
+                    client = client.timeout(timeout);
+                }
+                let info = running.peer().peer_info();
+                if let Some(info) = &info {
+                    shared.last_info.store(Some(Arc::clone(info)));
+                }
+                shared
+                    .current
+                    .store(Some(Arc::new(Connection { client, info, pid })));
+                set_status(&shared, UpstreamStatus::Up { pid, generation });
+                match pid {
+                    Some(pid) => {
+                        tracing::info!(pid, generation, target = %inner.target, "upstream connected")
+                    }
+                    None => {
+                        tracing::info!(generation, target = %inner.target, "upstream connected")
+                    }
+                }
+                shared.refresh_catalog(config.connect_timeout);
+                let up_since = tokio::time::Instant::now();
+                let stop = running.cancellation_token();
+                let ended = running.waiting();
+                tokio::pin!(ended);
+                let reason = tokio::select! {
+                    reason = &mut ended => reason,
+                    () = inner.shutdown.cancelled() => {
+                        stop.cancel();
+                        // rmcp drains replies (2 s) then closes the child
+                        // (stdin, SIGTERM, SIGKILL, 3 s apart).
+                        let _ = tokio::time::timeout(Duration::from_secs(10), &mut ended).await;
+                        shared.current.store(None);
+                        break;
+                    }
+                };
+                shared.current.store(None);
+                inner.restarts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("toolwarden_proxy_upstream_restarts_total").increment(1);
+                if up_since.elapsed() >= config.restart_reset_after {
+                    backoff = config.restart_backoff_min;
+                }
+                match reason {
+                    Ok(reason) => format!("the connection ended ({reason:?})"),
+                    Err(e) => format!("the connection task failed: {e}"),
+                }
+            }
+            Err(error) => error,
+        };
+        tracing::warn!(
+            target = %inner.target,
+            error = %error,
+            retry_in = %humantime::format_duration(backoff),
+            "upstream unavailable"
+        );
+        set_status(
+            &shared,
+            UpstreamStatus::Down {
+                error,
+                retry_in: backoff,
+            },
+        );
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = inner.shutdown.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(config.restart_backoff_max);
+    }
+    set_status(&shared, UpstreamStatus::Stopped);
+}
+
+/// The innermost service of the stack: sends a request through the current
+/// upstream connection (see the [module docs](self)). Clones share the
+/// connection.
+#[derive(Clone)]
+pub struct UpstreamService {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for UpstreamService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamService")
+            .field("status", &*self.shared.status.borrow())
+            .finish()
+    }
+}
+
+impl tower::Service<ClientRequest> for UpstreamService {
+    type Response = ServerResult;
+    type Error = BoxError;
+    type Future = RmcpClientFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        // Always ready: with no connection, `call` fails at once, which is
+        // what the layers above must see (a refusal they can classify).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: ClientRequest) -> Self::Future {
+        match self.shared.connection() {
+            Some(connection) => Box::pin(connection.client.clone().oneshot(request)),
+            None => {
+                let status = self.shared.status.borrow().clone();
+                Box::pin(std::future::ready(Err(Box::new(TransportError::new(
+                    TransportErrorKind::ConnectFailed,
+                    format!("upstream unavailable: {status}"),
+                )) as BoxError)))
+            }
+        }
+    }
+}

@@ -1,0 +1,568 @@
+//! The proxy's behaviour with an in-process upstream server and a raw
+//! JSON-RPC client on in-memory pipes, through the same framer, session
+//! loop, `ProxyServer` and upstream supervisor as the binary: malformed
+//! input, error mapping, rejections rendered as tool results, cancellation,
+//! progress routing, upstream crashes and restarts, and shutdown. Runs
+//! without any external component.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, ErrorData,
+    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities,
+    ServerConfig, Tool,
+};
+use rmcp::service::{RequestContext, RoleServer};
+use rmcp::{ServerHandler, ServiceExt as _};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::rejection::CircuitOpen;
+use toolwarden_core::{BoxError, ToolCatalog};
+use toolwarden_proxy::config::UpstreamConfig;
+use toolwarden_proxy::routes::Downstreams;
+use toolwarden_proxy::server::ProxyCore;
+use toolwarden_proxy::stack::ToolStack;
+use toolwarden_proxy::upstream::{Upstream, UpstreamStatus};
+use toolwarden_proxy::{InProcessServer, UpstreamTarget};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(LIMIT, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {LIMIT:?}: it hung"),
+    }
+}
+
+/// The upstream server: `echo`, `slow` (until cancelled), `hang` (never
+/// answers, even cancelled), `reject` (JSON-RPC error), `steps` (progress)
+/// and `ask_roots` (a notification and a request to the client).
+#[derive(Clone, Default)]
+struct TestServer {
+    cancelled: Arc<AtomicUsize>,
+    calls: Arc<AtomicUsize>,
+}
+
+#[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
+impl ServerHandler for TestServer {
+    fn get_info(&self) -> ServerConfig {
+        let mut info = ServerConfig::new(ServerCapabilities::builder().enable_tools().build());
+        info.server_info = rmcp::model::Implementation::new("in-process-test", "1.0");
+        info
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
+        Ok(ListToolsResult::with_all_items(
+            ["echo", "slow", "hang", "reject", "steps", "ask_roots"]
+                .into_iter()
+                .map(|name| Tool::new(name, "test tool", schema.clone()))
+                .collect(),
+        ))
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let arg = request
+            .arguments
+            .as_ref()
+            .and_then(|a| a.get("message"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        match request.name.as_ref() {
+            "echo" => Ok(
+                CallToolResult::success(vec![ContentBlock::text(format!("Echo: {arg}"))]).into(),
+            ),
+            "slow" => {
+                context.ct.cancelled().await;
+                self.cancelled.fetch_add(1, Ordering::SeqCst);
+                Ok(CallToolResult::error(vec![ContentBlock::text("cancelled")]).into())
+            }
+            "hang" => std::future::pending().await,
+            "ask_roots" => {
+                // A server→client request, answered by the proxy's client.
+                let _ = context.peer.notify_tool_list_changed().await;
+                let roots = context
+                    .peer
+                    .list_roots()
+                    .await
+                    .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                let uris: Vec<String> = roots.roots.iter().map(|r| r.uri.clone()).collect();
+                Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+                    "roots: {}",
+                    uris.join(",")
+                ))])
+                .into())
+            }
+            "reject" => Err(ErrorData::new(
+                ErrorCode(-32602),
+                "Unknown tool: reject",
+                Some(json!({"hint": 1})),
+            )),
+            "steps" => {
+                if let Some(token) = context.meta.get_progress_token() {
+                    for step in 1..=3 {
+                        let params = ProgressNotificationParam::new(token.clone(), f64::from(step))
+                            .with_total(3.0);
+                        let _ = context.peer.notify_progress(params).await;
+                    }
+                }
+                Ok(CallToolResult::success(vec![ContentBlock::text("done")]).into())
+            }
+            other => Err(ErrorData::new(
+                ErrorCode(-32602),
+                format!("Unknown tool: {other}"),
+                None,
+            )),
+        }
+    }
+}
+
+/// An in-process target whose current server task can be killed.
+fn target(server: TestServer, tasks: Arc<Mutex<Vec<JoinHandle<()>>>>) -> UpstreamTarget {
+    UpstreamTarget::InProcess(InProcessServer::new("test server", move || {
+        let (client, server_io) = tokio::io::duplex(1 << 16);
+        let server = server.clone();
+        let task = tokio::spawn(async move {
+            if let Ok(running) = server.serve(server_io).await {
+                let _ = running.waiting().await;
+            }
+        });
+        tasks.lock().unwrap().push(task);
+        client
+    }))
+}
+
+struct Harness {
+    input: WriteHalf<DuplexStream>,
+    output: tokio::io::Lines<BufReader<ReadHalf<DuplexStream>>>,
+    serving: Option<JoinHandle<std::io::Result<()>>>,
+    upstream: Upstream,
+    server: TestServer,
+    server_tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    shutdown: CancellationToken,
+}
+
+fn quick_restarts() -> UpstreamConfig {
+    UpstreamConfig {
+        restart_backoff_min: Duration::from_millis(20),
+        restart_backoff_max: Duration::from_millis(100),
+        connect_timeout: Duration::from_secs(5),
+        ..UpstreamConfig::default()
+    }
+}
+
+fn harness_with(
+    target_of: impl FnOnce(&Harness0) -> UpstreamTarget,
+    stack: Option<ToolStack>,
+) -> Harness {
+    let h0 = Harness0 {
+        server: TestServer::default(),
+        server_tasks: Arc::default(),
+    };
+    let target = target_of(&h0);
+    let downstreams = Downstreams::new();
+    let upstream = Upstream::new(
+        target,
+        quick_restarts(),
+        ToolCatalog::new(),
+        downstreams.clone(),
+    );
+    let stack = stack.unwrap_or_else(|| ToolStack::new(upstream.service()));
+    let core = ProxyCore::new(upstream.clone(), stack, downstreams);
+    let (client, proxy_side) = tokio::io::duplex(1 << 16);
+    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(toolwarden_proxy::stdio::serve_stdio(
+        core,
+        proxy_in,
+        proxy_out,
+        4096,
+        shutdown.clone(),
+    ));
+    let (read, write) = tokio::io::split(client);
+    Harness {
+        input: write,
+        output: BufReader::new(read).lines(),
+        serving: Some(serving),
+        upstream,
+        server: h0.server,
+        server_tasks: h0.server_tasks,
+        shutdown,
+    }
+}
+
+struct Harness0 {
+    server: TestServer,
+    server_tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
+}
+
+fn harness() -> Harness {
+    harness_with(
+        |h| target(h.server.clone(), Arc::clone(&h.server_tasks)),
+        None,
+    )
+}
+
+impl Harness {
+    async fn send_raw(&mut self, line: &str) {
+        self.input.write_all(line.as_bytes()).await.unwrap();
+        self.input.write_all(b"\n").await.unwrap();
+    }
+
+    async fn send(&mut self, message: Value) {
+        self.send_raw(&message.to_string()).await;
+    }
+
+    async fn recv(&mut self) -> Value {
+        let line = bounded("a line from the proxy", self.output.next_line())
+            .await
+            .unwrap()
+            .expect("the proxy's output is open");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The response to `id`, and the notifications before it.
+    async fn response(&mut self, id: Value) -> (Value, Vec<Value>) {
+        let mut notifications = Vec::new();
+        loop {
+            let message = self.recv().await;
+            if message.get("method").is_some() {
+                notifications.push(message);
+            } else if message["id"] == id {
+                return (message, notifications);
+            }
+        }
+    }
+
+    async fn request(&mut self, id: i64, method: &str, params: Value) -> Value {
+        self.send(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        self.response(json!(id)).await.0
+    }
+
+    async fn initialize(&mut self) -> Value {
+        let init = self
+            .request(
+                0,
+                "initialize",
+                json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+            )
+            .await;
+        self.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        init
+    }
+
+    async fn call(&mut self, id: i64, tool: &str, arguments: Value) -> Value {
+        self.request(
+            id,
+            "tools/call",
+            json!({"name": tool, "arguments": arguments}),
+        )
+        .await
+    }
+
+    fn kill_server(&self) {
+        for task in self.server_tasks.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    async fn finish(mut self) {
+        self.input.shutdown().await.unwrap();
+        drop(self.input);
+        let serving = self.serving.take().unwrap();
+        bounded("serve_stdio after the end of input", serving)
+            .await
+            .unwrap()
+            .unwrap();
+        self.upstream.shutdown(LIMIT).await;
+        assert_eq!(self.upstream.status(), UpstreamStatus::Stopped);
+        self.shutdown.cancel();
+    }
+}
+
+fn text(response: &Value) -> String {
+    response["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_through_the_proxy() {
+    let mut h = harness();
+    // Malformed input before initialize is answered; the session still starts.
+    h.send_raw("{oops").await;
+    assert_eq!(h.recv().await["error"]["code"], -32700);
+    let init = h.initialize().await;
+    assert_eq!(
+        init["result"]["serverInfo"]["name"], "in-process-test",
+        "{init}"
+    );
+    assert_eq!(init["result"]["protocolVersion"], "2025-06-18");
+
+    let tools = h.request(1, "tools/list", json!({})).await;
+    assert_eq!(
+        tools["result"]["tools"].as_array().unwrap().len(),
+        6,
+        "{tools}"
+    );
+    assert_eq!(
+        text(&h.call(2, "echo", json!({"message": "hi"})).await),
+        "Echo: hi"
+    );
+
+    // A JSON-RPC error of the server passes through unchanged.
+    let rejected = h.call(3, "reject", json!({})).await;
+    assert_eq!(rejected["error"]["code"], -32602, "{rejected}");
+    assert_eq!(rejected["error"]["message"], "Unknown tool: reject");
+    assert_eq!(rejected["error"]["data"]["hint"], 1);
+
+    // Malformed lines in the middle: answered once each, with their ids.
+    h.send_raw(r#"{"jsonrpc":"2.0","id":41,"method":"tools/call","params":{"arguments":{}}}"#)
+        .await;
+    let invalid = h.recv().await;
+    assert_eq!(
+        (invalid["error"]["code"].as_i64(), invalid["id"].as_i64()),
+        (Some(-32602), Some(41))
+    );
+    h.send_raw(&format!(
+        r#"{{"jsonrpc":"2.0","id":42,"method":"ping","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(5000)
+    ))
+    .await;
+    let too_long = h.recv().await;
+    assert_eq!(
+        (too_long["error"]["code"].as_i64(), too_long["id"].as_i64()),
+        (Some(-32600), Some(42))
+    );
+    assert_eq!(
+        text(&h.call(4, "echo", json!({"message": "after"})).await),
+        "Echo: after"
+    );
+
+    // Other requests pass through: ping reaches the server and comes back.
+    let pong = h.request(5, "ping", json!({})).await;
+    assert_eq!(pong["result"], json!({}), "{pong}");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reaches_the_client_under_its_own_token() {
+    let mut h = harness();
+    h.initialize().await;
+    h.send(
+        json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": "steps", "arguments": {}, "_meta": {"progressToken": "mine"}}}),
+    )
+    .await;
+    let (done, notifications) = h.response(json!(7)).await;
+    assert_eq!(text(&done), "done");
+    let progress: Vec<_> = notifications
+        .iter()
+        .filter(|n| n["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3, "{notifications:?}");
+    assert!(progress
+        .iter()
+        .all(|n| n["params"]["progressToken"] == "mine"));
+    // Without a token of the client's, the server's progress goes nowhere.
+    let (done, notifications) = {
+        h.send(json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {"name": "steps", "arguments": {}}}))
+            .await;
+        h.response(json!(8)).await
+    };
+    assert_eq!(text(&done), "done");
+    assert!(
+        notifications
+            .iter()
+            .all(|n| n["method"] != "notifications/progress"),
+        "{notifications:?}"
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cancel_cancels_upstream() {
+    let mut h = harness();
+    h.initialize().await;
+    h.send(json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": "slow", "arguments": {}}}))
+        .await;
+    let started = async {
+        while h.server.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    bounded("the slow call reaching the server", started).await;
+    h.send(
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 9}}),
+    )
+    .await;
+    let seen = async {
+        while h.server.cancelled.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    bounded("the server seeing the cancellation", seen).await;
+    // The session goes on.
+    assert_eq!(
+        text(&h.call(10, "echo", json!({"message": "next"})).await),
+        "Echo: next"
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_crash_answers_calls_in_flight_and_the_upstream_comes_back() {
+    let mut h = harness();
+    h.initialize().await;
+    h.send(json!({"jsonrpc": "2.0", "id": 11, "method": "tools/call", "params": {"name": "hang", "arguments": {}}}))
+        .await;
+    let started = async {
+        while h.server.calls.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    bounded("the hanging call reaching the server", started).await;
+    // The server goes away without answering (rmcp closes its end of the
+    // pipe after its 2 s drain, as a dying child closes its stdout).
+    h.kill_server();
+    let (answer, _) = h.response(json!(11)).await;
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    let message = text(&answer);
+    assert!(message.contains("hang failed"), "{message}");
+    assert_eq!(
+        answer["result"]["structuredContent"]["toolwarden"]["class"], "transient",
+        "{answer}"
+    );
+
+    // Calls while it is down fail fast (a readable result), then work again.
+    let mut id = 100;
+    let back = async {
+        loop {
+            id += 1;
+            let r = h.call(id, "echo", json!({"message": "back"})).await;
+            if text(&r) == "Echo: back" {
+                return;
+            }
+            assert_eq!(r["result"]["isError"], true, "{r}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    bounded("the upstream coming back", back).await;
+    assert!(h.upstream.restarts() >= 1);
+    assert!(
+        matches!(h.upstream.status(), UpstreamStatus::Up { generation, .. } if generation >= 2)
+    );
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_by_the_stack_are_tool_results_a_model_can_read() {
+    // A stack that refuses every call, as an open circuit breaker would.
+    let stack = ToolStack::new(tower::service_fn(
+        |_req: rmcp::model::ClientRequest| async {
+            Err::<rmcp::model::ServerResult, BoxError>(Box::new(CircuitOpen::new(
+                "echo",
+                Duration::from_secs(12),
+            )))
+        },
+    ));
+    let mut h = harness_with(
+        |h| target(h.server.clone(), Arc::clone(&h.server_tasks)),
+        Some(stack),
+    );
+    h.initialize().await;
+    let refused = h.call(1, "echo", json!({"message": "x"})).await;
+    assert_eq!(refused["result"]["isError"], true, "{refused}");
+    assert!(text(&refused).contains("retry after 12 s"), "{refused}");
+    let facts = &refused["result"]["structuredContent"]["toolwarden"];
+    assert_eq!(facts["layer"], "circuit_breaker");
+    assert_eq!(facts["retryAfterSeconds"], 12.0);
+    assert_eq!(
+        h.server.calls.load(Ordering::SeqCst),
+        0,
+        "the refused call never reached the server"
+    );
+    // Other requests do not go through the stack.
+    let tools = h.request(2, "tools/list", json!({})).await;
+    assert!(tools["result"]["tools"].is_array(), "{tools}");
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_cannot_start_fails_initialize_and_the_client_can_retry() {
+    let target = |_: &Harness0| UpstreamTarget::Command {
+        program: "/nonexistent/mcp-server".into(),
+        args: vec![],
+    };
+    let mut h = harness_with(target, None);
+    for attempt in 0..2 {
+        let init = h
+            .request(
+                attempt,
+                "initialize",
+                json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+            )
+            .await;
+        assert_eq!(init["error"]["code"], -32000, "{init}");
+        let message = init["error"]["message"].as_str().unwrap();
+        assert!(message.contains("upstream unavailable"), "{message}");
+        assert!(message.contains("/nonexistent/mcp-server"), "{message}");
+    }
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_requests_and_notifications_reach_the_client() {
+    let mut h = harness();
+    let init = h
+        .request(
+            0,
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {"roots": {}}, "clientInfo": {"name": "t", "version": "0"}}),
+        )
+        .await;
+    assert!(init.get("result").is_some(), "{init}");
+    h.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    h.send(json!({"jsonrpc": "2.0", "id": 30, "method": "tools/call", "params": {"name": "ask_roots", "arguments": {}}}))
+        .await;
+    let mut saw_list_changed = false;
+    let answer = loop {
+        let message = h.recv().await;
+        match message["method"].as_str() {
+            Some("notifications/tools/list_changed") => saw_list_changed = true,
+            Some("roots/list") => {
+                let reply = json!({"jsonrpc": "2.0", "id": message["id"], "result": {"roots": [{"uri": "file:///work", "name": "work"}]}});
+                h.send(reply).await;
+            }
+            Some(other) => panic!("unexpected {other}: {message}"),
+            None if message["id"] == 30 => break message,
+            None => panic!("unexpected {message}"),
+        }
+    };
+    assert_eq!(text(&answer), "roots: file:///work", "{answer}");
+    assert!(
+        saw_list_changed,
+        "the server's notification was not forwarded"
+    );
+    h.finish().await;
+}

@@ -1,0 +1,452 @@
+//! End-to-end: the built `toolwarden` binary in front of real MCP servers —
+//! server-everything (TypeScript SDK) over stdio and Streamable HTTP,
+//! mcp-server-time and the flaky test server (Python SDK) over stdio — with
+//! clients over stdio (raw JSON-RPC lines) and Streamable HTTP (rmcp).
+//!
+//! The components come from `TOOLWARDEN_*` variables (see `support::component`);
+//! every wait is bounded.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use rmcp::model::{CallToolRequestParams, CallToolResponse};
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::ServiceExt as _;
+use serde_json::{json, Value};
+use support::{
+    alive, bounded, component, eventually, flaky_server_script, free_port, health, http_get,
+    http_post, kill, Proxy, LIMIT,
+};
+use tokio::process::Command;
+
+fn text_of(response: &Value) -> String {
+    response["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn tool_names(response: &Value) -> Vec<String> {
+    response["result"]["tools"]
+        .as_array()
+        .map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_everything_over_stdio_through_the_proxy() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--metrics-addr",
+            &metrics_addr,
+            "--",
+            bin.to_str().unwrap(),
+            "stdio",
+        ],
+        &[],
+    );
+
+    // Before any client the upstream is idle, and that is healthy.
+    let (status, report) = eventually(LIMIT, || health(metrics))
+        .await
+        .expect("/health answers");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["upstream"]["state"], "idle");
+
+    let init = proxy.initialize().await;
+    assert_eq!(
+        init["serverInfo"]["name"], "mcp-servers/everything",
+        "{init}"
+    );
+    assert_eq!(init["protocolVersion"], "2025-06-18");
+
+    let listed = proxy.request(1, "tools/list", json!({})).await;
+    let names = tool_names(&listed);
+    for tool in ["echo", "get-sum", "trigger-long-running-operation"] {
+        assert!(
+            names.iter().any(|n| n == tool),
+            "{tool} not listed: {names:?}"
+        );
+    }
+
+    let echo = proxy.call(2, "echo", json!({"message": "hello"})).await;
+    assert_eq!(text_of(&echo), "Echo: hello", "{echo}");
+
+    // server-everything answers an unknown tool with an isError result.
+    let unknown = proxy.call(3, "nope", json!({})).await;
+    assert_eq!(unknown["result"]["isError"], true, "{unknown}");
+    assert!(text_of(&unknown).contains("nope"), "{unknown}");
+
+    // A malformed line is answered -32700 and the session goes on.
+    proxy.send_raw(b"{this is not json\n").await;
+    let parse_error = proxy.recv().await;
+    assert_eq!(parse_error["error"]["code"], -32700, "{parse_error}");
+    assert_eq!(parse_error["id"], Value::Null);
+    let after = proxy
+        .call(4, "echo", json!({"message": "still here"}))
+        .await;
+    assert_eq!(text_of(&after), "Echo: still here");
+    // An invalid request with a readable id is answered -32600 with that id.
+    proxy
+        .send_raw(b"{\"jsonrpc\":\"1.0\",\"id\":77,\"method\":\"ping\"}\n")
+        .await;
+    let invalid = proxy.recv().await;
+    assert_eq!(
+        (invalid["error"]["code"].as_i64(), invalid["id"].as_i64()),
+        (Some(-32600), Some(77))
+    );
+
+    // Progress reaches the client under its own token.
+    proxy
+        .send(
+            &json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+                "name": "trigger-long-running-operation",
+                "arguments": {"duration": 0.6, "steps": 3},
+                "_meta": {"progressToken": "p-5"},
+            }}),
+        )
+        .await;
+    let (done, notifications) = proxy.response(&json!(5)).await;
+    assert!(text_of(&done).contains("completed"), "{done}");
+    let progress: Vec<&Value> = notifications
+        .iter()
+        .filter(|n| n["method"] == "notifications/progress")
+        .collect();
+    assert!(
+        !progress.is_empty(),
+        "no progress came through: {notifications:?}"
+    );
+    assert!(
+        progress
+            .iter()
+            .all(|n| n["params"]["progressToken"] == "p-5"),
+        "{progress:?}"
+    );
+
+    // /metrics, /health and /circuits.
+    let (status, text) = http_get(metrics, "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(text.contains("toolwarden_proxy_requests_total"), "{text}");
+    assert!(
+        text.contains("toolwarden_proxy_malformed_messages_total"),
+        "{text}"
+    );
+    let (status, report) = health(metrics).await.expect("/health answers");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["status"], "healthy");
+    assert_eq!(report["upstream"]["state"], "up");
+    let pid = report["upstream"]["pid"].as_u64().expect("the child's pid") as u32;
+    let (status, circuits) = http_get(metrics, "/circuits")
+        .await
+        .expect("/circuits answers");
+    assert_eq!(status, 200);
+    assert!(serde_json::from_str::<Value>(&circuits).unwrap()["circuits"].is_array());
+
+    // Kill the upstream mid-call: the call is answered, the child restarted.
+    proxy
+        .send(
+            &json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {
+                "name": "trigger-long-running-operation", "arguments": {"duration": 20, "steps": 2},
+            }}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kill(pid, "KILL");
+    let (interrupted, _) = bounded(
+        "the answer to the interrupted call",
+        LIMIT,
+        proxy.response(&json!(6)),
+    )
+    .await;
+    assert_eq!(interrupted["result"]["isError"], true, "{interrupted}");
+    assert!(
+        text_of(&interrupted).contains("trigger-long-running-operation"),
+        "{interrupted}"
+    );
+    let restarted = eventually(LIMIT, || async {
+        let (_, report) = health(metrics).await?;
+        let new_pid = report["upstream"]["pid"].as_u64()?;
+        (report["upstream"]["state"] == "up" && new_pid as u32 != pid).then_some(report)
+    })
+    .await
+    .expect("the upstream was restarted");
+    assert!(
+        restarted["upstream"]["restarts"].as_u64() >= Some(1),
+        "{restarted}"
+    );
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut id = 100;
+    loop {
+        id += 1;
+        let echoed = proxy
+            .call(id, "echo", json!({"message": "after restart"}))
+            .await;
+        if text_of(&echoed) == "Echo: after restart" {
+            break;
+        }
+        // While the child restarts, calls are answered at once with a readable error.
+        assert_eq!(echoed["result"]["isError"], true, "{echoed}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "calls never worked again: {echoed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!alive(pid), "the killed child is gone");
+
+    // Closing stdin shuts the proxy down cleanly, child included.
+    let new_pid = restarted["upstream"]["pid"].as_u64().unwrap() as u32;
+    let status = proxy.close_and_wait().await;
+    assert!(status.success(), "exit status {status:?}");
+    let gone = eventually(LIMIT, || async move { (!alive(new_pid)).then_some(()) }).await;
+    assert!(gone.is_some(), "the child outlived the proxy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_server_time_over_stdio_through_the_proxy() {
+    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
+        return;
+    };
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--",
+            bin.to_str().unwrap(),
+            "--local-timezone",
+            "UTC",
+        ],
+        &[],
+    );
+    let init = proxy.initialize().await;
+    assert_eq!(init["serverInfo"]["name"], "mcp-time", "{init}");
+
+    let names = tool_names(&proxy.request(1, "tools/list", json!({})).await);
+    assert!(names.contains(&"get_current_time".to_owned()), "{names:?}");
+    assert!(names.contains(&"convert_time".to_owned()), "{names:?}");
+
+    let now = proxy
+        .call(2, "get_current_time", json!({"timezone": "UTC"}))
+        .await;
+    assert_eq!(now["result"]["isError"], false, "{now}");
+    assert_eq!(now["result"]["structuredContent"]["timezone"], "UTC");
+
+    // mcp-server-time answers an unknown tool with a JSON-RPC error: passed through.
+    let unknown = proxy.call(3, "nope", json!({})).await;
+    assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+    assert_eq!(unknown["error"]["message"], "Unknown tool: nope");
+
+    // A tool failure stays the server's isError result.
+    let bad = proxy
+        .call(4, "get_current_time", json!({"timezone": "Mars/Olympus"}))
+        .await;
+    assert_eq!(bad["result"]["isError"], true, "{bad}");
+
+    // SIGTERM: a clean exit.
+    let status = proxy.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cancel_cancels_the_call_upstream() {
+    let Some(python) = component("TOOLWARDEN_PYTHON") else {
+        return;
+    };
+    let script = flaky_server_script();
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--",
+            python.to_str().unwrap(),
+            script.to_str().unwrap(),
+        ],
+        &[],
+    );
+    proxy.initialize().await;
+    proxy
+        .send(
+            &json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {
+                "name": "slow", "arguments": {"seconds": 30},
+            }}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy
+        .send(&json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 10, "reason": "test"}}))
+        .await;
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut id = 20;
+    loop {
+        id += 1;
+        let stats = proxy.call(id, "stats", json!({})).await;
+        if stats["result"]["structuredContent"]["slow_cancelled"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server never saw the cancellation: {stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = proxy.close_and_wait().await;
+    assert!(status.success());
+}
+
+/// server-everything serving Streamable HTTP; killed on drop.
+struct HttpServer {
+    child: tokio::process::Child,
+    url: String,
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+async fn server_everything_http(bin: &std::path::Path) -> HttpServer {
+    let port = free_port();
+    let child = Command::new(bin)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("server-everything starts");
+    let server = HttpServer {
+        child,
+        url: format!("http://127.0.0.1:{port}/mcp"),
+    };
+    // It prints "listening" even when the port is taken: wait for a real answer.
+    let url = server.url.clone();
+    let probe = eventually(LIMIT, || {
+        let url = url.clone();
+        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
+    })
+    .await
+    .expect("server-everything answers over Streamable HTTP");
+    let _ = probe.cancel().await;
+    server
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamable_http_on_both_sides() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
+    let upstream = server_everything_http(&bin).await;
+    let listen = free_port();
+    let metrics = free_port();
+    let listen_addr = format!("127.0.0.1:{listen}");
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--upstream-url",
+            &upstream.url,
+            "--listen",
+            &listen_addr,
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{listen}/mcp");
+    let client = eventually(LIMIT, || {
+        let url = url.clone();
+        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
+    })
+    .await
+    .expect("the proxy answers over Streamable HTTP");
+    let info = client.peer().peer_info().expect("initialize result");
+    assert_eq!(
+        info.server_info.as_ref().map(|s| s.name.as_str()),
+        Some("mcp-servers/everything")
+    );
+
+    let tools = bounded("tools/list", LIMIT, client.peer().list_all_tools())
+        .await
+        .unwrap();
+    assert!(tools.iter().any(|t| t.name == "echo"), "{tools:?}");
+
+    let mut params = CallToolRequestParams::new("echo");
+    params.arguments = json!({"message": "over http"}).as_object().cloned();
+    let echo = bounded("echo", LIMIT, client.peer().call_tool_once(params))
+        .await
+        .unwrap();
+    let CallToolResponse::Complete(echo) = echo else {
+        panic!("{echo:?}")
+    };
+    let echo = serde_json::to_value(&echo).unwrap();
+    assert_eq!(echo["content"][0]["text"], "Echo: over http", "{echo}");
+
+    let mut params = CallToolRequestParams::new("nope");
+    params.arguments = Some(Default::default());
+    let unknown = bounded("nope", LIMIT, client.peer().call_tool_once(params))
+        .await
+        .unwrap();
+    let CallToolResponse::Complete(unknown) = unknown else {
+        panic!("{unknown:?}")
+    };
+    assert_eq!(unknown.is_error, Some(true));
+
+    let (status, report) = health(metrics).await.expect("/health answers");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["upstream"]["state"], "up");
+    assert_eq!(report["upstream"]["target"], upstream.url.as_str());
+    let (status, text) = http_get(metrics, "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(text.contains("toolwarden_proxy_requests_total"), "{text}");
+
+    // A body that is not JSON is answered -32700, and the proxy keeps serving.
+    let (status, body) = http_post(listen, "/mcp", "{not json")
+        .await
+        .expect("POST answers");
+    assert_eq!(status, 400, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], -32700, "{body}");
+    let mut params = CallToolRequestParams::new("echo");
+    params.arguments = json!({"message": "again"}).as_object().cloned();
+    assert!(bounded("echo", LIMIT, client.peer().call_tool_once(params))
+        .await
+        .is_ok());
+
+    let _ = client.cancel().await;
+    let status = proxy.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdio_client_with_an_http_upstream() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
+    let upstream = server_everything_http(&bin).await;
+    let mut proxy = Proxy::start(&["run", "--upstream-url", &upstream.url], &[]);
+    proxy.initialize().await;
+    let echo = proxy
+        .call(1, "echo", json!({"message": "stdio to http"}))
+        .await;
+    assert_eq!(text_of(&echo), "Echo: stdio to http", "{echo}");
+    let status = proxy.close_and_wait().await;
+    assert!(status.success());
+}

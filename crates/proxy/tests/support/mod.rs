@@ -1,0 +1,352 @@
+//! Shared helpers of the proxy's integration and end-to-end tests: finding
+//! the real components (the `TOOLWARDEN_*` variables `scripts/test` exports),
+//! running the `toolwarden` binary, a raw JSON-RPC client over its stdio, a
+//! raw HTTP GET, and bounds on every wait so no test can hang.
+
+#![allow(dead_code)] // each test binary uses a different subset
+#![allow(unreachable_pub)] // a module of each test binary, not an API
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+/// Where a real component is, from its `TOOLWARDEN_*` variable.
+///
+/// When the variable is unset or points nowhere: with `TOOLWARDEN_E2E=required`
+/// (the full run, `scripts/test`) the test fails loudly; otherwise it prints
+/// why and the caller skips. A full run never passes without the component.
+/// (The same convention as the root package's `tests/support`.)
+pub fn component(var: &str) -> Option<PathBuf> {
+    let found = std::env::var_os(var)
+        .map(PathBuf::from)
+        .filter(|p| p.exists());
+    if found.is_none() {
+        let why = format!(
+            "{var} is not set to an existing path: run scripts/install-components and \
+             scripts/test (or export {var})"
+        );
+        if std::env::var("TOOLWARDEN_E2E").as_deref() == Ok("required") {
+            panic!("required end-to-end component missing: {why}");
+        }
+        eprintln!("skipping: {why}");
+    }
+    found
+}
+
+/// The flaky stdio server script shipped in the repository's `tests/e2e/`.
+pub fn flaky_server_script() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/e2e/flaky_server.py"
+    ))
+}
+
+/// A free loopback port (bound, read, released).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Runs `f` until it returns `Some`, up to `limit`; a hang guard, not a timing claim.
+pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Bounds a future: fails the test instead of hanging.
+pub async fn bounded<F: std::future::Future>(what: &str, limit: Duration, f: F) -> F::Output {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {limit:?}: it hung"),
+    }
+}
+
+/// The generous bound on one step of an end-to-end test.
+pub const LIMIT: Duration = Duration::from_secs(30);
+
+/// The `toolwarden` binary, running; killed on drop. Its stderr is kept
+/// (and printed if the test fails while it is alive).
+pub struct Proxy {
+    pub child: Child,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<BufReader<ChildStdout>>,
+    pub stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            for line in self.stderr.lock().unwrap().iter() {
+                eprintln!("toolwarden stderr: {line}");
+            }
+        }
+    }
+}
+
+impl Proxy {
+    /// Starts `toolwarden <args>`, with `RUST_LOG=info` unless set in `env`.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_toolwarden"));
+        command
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("the toolwarden binary starts");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().map(BufReader::new);
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        if let Some(err) = child.stderr.take() {
+            let sink = Arc::clone(&stderr);
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    sink.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proxy {
+            child,
+            stdin,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Writes raw bytes to the proxy's stdin.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin.write_all(bytes).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Writes one JSON-RPC message.
+    pub async fn send(&mut self, message: &Value) {
+        let mut line = message.to_string().into_bytes();
+        line.push(b'\n');
+        self.send_raw(&line).await;
+    }
+
+    /// Reads the next line of stdout as JSON (bounded).
+    pub async fn recv(&mut self) -> Value {
+        let stdout = self.stdout.as_mut().expect("stdout is open");
+        let mut line = String::new();
+        let n = bounded(
+            "reading the proxy's stdout",
+            LIMIT,
+            stdout.read_line(&mut line),
+        )
+        .await
+        .unwrap();
+        assert!(n > 0, "the proxy closed stdout");
+        serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("stdout is not JSON-RPC: {e}: {line:?}"))
+    }
+
+    /// Reads until the response to `id`; returns it and the notifications
+    /// seen before it. Server→client requests are answered with an error.
+    pub async fn response(&mut self, id: &Value) -> (Value, Vec<Value>) {
+        let mut notifications = Vec::new();
+        loop {
+            let message = self.recv().await;
+            if message.get("method").is_some() {
+                if message.get("id").is_some() {
+                    let refusal = json!({"jsonrpc": "2.0", "id": message["id"], "error": {"code": -32601, "message": "not supported by the test client"}});
+                    self.send(&refusal).await;
+                } else {
+                    notifications.push(message);
+                }
+                continue;
+            }
+            if &message["id"] == id {
+                return (message, notifications);
+            }
+        }
+    }
+
+    /// Sends a request and waits for its response.
+    pub async fn request(&mut self, id: i64, method: &str, params: Value) -> Value {
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await;
+        self.response(&json!(id)).await.0
+    }
+
+    /// `initialize` (empty capabilities) then `notifications/initialized`;
+    /// returns the initialize result.
+    pub async fn initialize(&mut self) -> Value {
+        let result = self
+            .request(
+                0,
+                "initialize",
+                json!({
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "toolwarden-e2e", "version": "0"},
+                }),
+            )
+            .await;
+        assert!(
+            result.get("result").is_some(),
+            "initialize failed: {result}"
+        );
+        self.send(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+        result["result"].clone()
+    }
+
+    /// `tools/call`.
+    pub async fn call(&mut self, id: i64, tool: &str, arguments: Value) -> Value {
+        self.request(
+            id,
+            "tools/call",
+            json!({"name": tool, "arguments": arguments}),
+        )
+        .await
+    }
+
+    /// Closes stdin and waits (bounded) for the exit status.
+    pub async fn close_and_wait(&mut self) -> std::process::ExitStatus {
+        drop(self.stdin.take());
+        bounded(
+            "the proxy's exit after stdin closed",
+            LIMIT,
+            self.child.wait(),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the proxy is running");
+        kill(pid, "TERM");
+        bounded("the proxy's exit after SIGTERM", LIMIT, self.child.wait())
+            .await
+            .unwrap()
+    }
+
+    /// The stderr lines so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+}
+
+/// Sends a signal with kill(1) (no libc binding needed).
+pub fn kill(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("kill(1) runs");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Whether a process is alive (kill -0).
+pub fn alive(pid: u32) -> bool {
+    std::process::Command::new("kill")
+        .arg("-0")
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A raw HTTP/1.1 GET on loopback: the status and the body.
+pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    bounded("an HTTP answer", LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((status, body))
+}
+
+/// A raw HTTP/1.1 POST of a JSON body, as an MCP client sends it.
+pub async fn http_post(port: u16, path: &str, body: &str) -> Option<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut raw = Vec::new();
+    bounded("an HTTP answer", LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .ok()?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Some((status, body))
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// `/health` as JSON, when it answers.
+pub async fn health(port: u16) -> Option<(u16, Value)> {
+    let (status, body) = http_get(port, "/health").await?;
+    Some((status, serde_json::from_str(&body).ok()?))
+}

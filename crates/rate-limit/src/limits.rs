@@ -1,0 +1,338 @@
+//! [`RateLimits`]: the quota state every clone of a [`RateLimit`](crate::RateLimit)
+//! service shares.
+//!
+//! # How a call is admitted
+//!
+//! A call takes one token from its key's quota (the tool's override or the
+//! `per_tool` quota) and one from the global quota; both must admit. The
+//! per-key quota is checked first, so a call refused per key never touches
+//! the global quota. When the per-key quota admits and the global one
+//! refuses, the per-key token is given back (one emission interval is
+//! subtracted from that quota's GCRA state): no quota is spent by a call
+//! that was not made. The only imprecision is transient: between taking
+//! and giving back that token (a few nanoseconds), a concurrent call on the
+//! same key may see one token fewer and be refused; limits are never exceeded.
+//!
+//! # State
+//!
+//! Each quota is governor's GCRA state: one `AtomicU64` updated by
+//! compare-and-swap, with time read through [`TokioClock`](crate::TokioClock)
+//! (once per call, even when two quotas judge it). Per-key quotas live in the
+//! core's bounded [`KeyedState`] (at most `max_keys` keys, idle keys evicted);
+//! keys past the bound share one overflow quota (the `per_tool` quota, or,
+//! for a tool with an override, one quota per override), so the bound can
+//! make limits stricter, never looser. A key is only evicted after being
+//! idle at least as long as its quota takes to refill, so eviction never
+//! forgets a spent quota.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::nanos::Nanos;
+use governor::state::{NotKeyed, StateStore};
+use governor::{NotUntil, Quota, RateLimiter};
+use toolwarden_core::{Event, Key, KeyRef, KeyedState, McpRequest, RateLimited};
+
+use crate::clock::{CallClock, CallInstant, TokioInstant};
+use crate::layer::{Config, Mode};
+
+/// Governor's GCRA state, the theoretical arrival time (TAT, in nanoseconds
+/// since the limiter's start; 0 for "never used"), in a shared atomic so that
+/// the bucket can give a token back. The update loop is governor's own
+/// (`InMemoryState`); governor offers no way to read or refund it.
+#[derive(Debug, Clone, Default)]
+struct Tat(Arc<AtomicU64>);
+
+impl StateStore for Tat {
+    type Key = NotKeyed;
+
+    #[inline]
+    fn measure_and_replace<T, F, E>(&self, _key: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let tat = |raw: u64| (raw != 0).then(|| Nanos::from(raw));
+        let mut prev = self.0.load(Ordering::Acquire);
+        loop {
+            let (result, next) = f(tat(prev))?;
+            match self.0.compare_exchange_weak(
+                prev,
+                next.as_u64(),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return Ok(result),
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+}
+
+impl Tat {
+    /// Gives back one token: moves the arrival time back by one emission
+    /// interval. Reaching 0 means "full", which is what it then is.
+    fn refund(&self, interval: u64) {
+        // `fetch_update` only fails when the closure returns `None`, which it never does.
+        let _ = self
+            .0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(interval))
+            });
+    }
+}
+
+/// One GCRA quota.
+struct Bucket {
+    limiter: RateLimiter<NotKeyed, Tat, CallClock, NoOpMiddleware<TokioInstant>>,
+    tat: Tat,
+    interval: u64,
+}
+
+impl Bucket {
+    fn new(quota: Quota) -> Self {
+        let tat = Tat::default();
+        Bucket {
+            limiter: RateLimiter::new(quota, tat.clone(), CallClock),
+            tat,
+            interval: u64::try_from(quota.replenish_interval().as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+
+    #[inline]
+    fn check(&self) -> Result<(), Duration> {
+        self.limiter
+            .check()
+            .map_err(|not_until| wait_time(&not_until))
+    }
+}
+
+impl fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Bucket")
+            .field("interval", &Duration::from_nanos(self.interval))
+            .field("tat", &self.tat)
+            .finish()
+    }
+}
+
+#[cold]
+fn wait_time(not_until: &NotUntil<TokioInstant>) -> Duration {
+    not_until.wait_time_from(CallClock.now())
+}
+
+/// Which quota refused a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Global,
+    Key,
+}
+
+/// A refusal, before it is turned into a [`RateLimited`] (which allocates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub(crate) scope: Scope,
+    pub(crate) retry_after: Duration,
+}
+
+/// The quota state of one configuration, shared by every clone of the
+/// services that use it (cloning it is one reference-count increment).
+///
+/// [`RateLimitLayer`](crate::RateLimitLayer) creates one per service it
+/// builds; create one with [`RateLimitLayer::limits`](crate::RateLimitLayer::limits)
+/// to share it between services, or to check requests without a service.
+///
+/// ```
+/// use toolwarden_core::jsonrpc::Request;
+/// use toolwarden_rate_limit::{Rate, RateLimitLayer};
+///
+/// let limits = RateLimitLayer::builder().per_tool(Rate::per_minute(1), 1).build().unwrap().limits();
+/// let call = Request::tool_call(1, "search", serde_json::json!({}));
+/// assert!(limits.check(&call).is_ok());
+/// let refused = limits.check(&call).unwrap_err();
+/// assert_eq!(refused.key(), "search");
+/// assert_eq!(refused.to_string(), "rate limited on search; retry after 60 s");
+/// ```
+#[derive(Clone)]
+pub struct RateLimits {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: Arc<Config>,
+    global: Option<Bucket>,
+    /// Per-key quotas; `None` when no per-key quota is configured. A value is
+    /// `None` only for the overflow entry when there is no `per_tool` quota
+    /// (tools without a quota are never inserted).
+    keyed: Option<KeyedState<Option<Bucket>>>,
+    /// The overflow quota of each overridden tool, used past the bound.
+    override_overflow: HashMap<Arc<str>, Bucket>,
+}
+
+impl RateLimits {
+    pub(crate) fn new(config: Arc<Config>) -> Self {
+        let keyed = (config.per_tool.is_some() || !config.tools.is_empty()).then(|| {
+            let config = Arc::clone(&config);
+            KeyedState::new(config.bounds, move |key| {
+                let tool = match key {
+                    Key::Tool(tool) | Key::SessionTool(_, tool) => Some(&**tool),
+                    _ => None,
+                };
+                tool.map_or(config.per_tool, |tool| config.tool_quota(tool))
+                    .map(Bucket::new)
+            })
+        });
+        let override_overflow = config
+            .tools
+            .iter()
+            .map(|(tool, quota)| (Arc::clone(tool), Bucket::new(*quota)))
+            .collect();
+        RateLimits {
+            shared: Arc::new(Shared {
+                global: config.global.map(Bucket::new),
+                keyed,
+                override_overflow,
+                config,
+            }),
+        }
+    }
+
+    /// Takes a token for `request` from its quotas, or says why not (the key
+    /// is `global` for the global quota, else the request's key, e.g. the
+    /// tool name or `session/tool`). Requests that are not `tools/call` pass
+    /// untouched unless the layer limits all methods. This is the check the
+    /// service makes on every call, without waiting and without emitting
+    /// events.
+    pub fn check<R: McpRequest>(&self, request: &R) -> Result<(), RateLimited> {
+        self.acquire(request)
+            .map_err(|refusal| self.rejection(request, refusal))
+    }
+
+    /// The number of keys with their own per-key quota (the overflow quotas
+    /// not counted); never above `max_keys`.
+    pub fn keys(&self) -> usize {
+        self.shared.keyed.as_ref().map_or(0, KeyedState::len)
+    }
+
+    pub(crate) fn mode(&self) -> Mode {
+        self.shared.config.mode
+    }
+
+    /// Takes a token from both quotas of `request`, or neither.
+    #[inline]
+    pub(crate) fn acquire<R: McpRequest>(&self, request: &R) -> Result<(), Refusal> {
+        let shared = &*self.shared;
+        if !shared.config.all_methods && !request.is_tool_call() {
+            return Ok(());
+        }
+        let Some(keyed) = &shared.keyed else {
+            return shared.admit(None);
+        };
+        if shared.config.per_tool.is_none() && !shared.config.tools.contains_key(request.target()) {
+            // This tool has no per-key quota: nothing to insert.
+            return shared.admit(None);
+        }
+        let key = shared.config.key_by.key(request);
+        // The common case: an existing key, read without taking a handle.
+        if let Some(result) = keyed.with(&key, |bucket| shared.admit(bucket.as_ref())) {
+            return result;
+        }
+        let entry = keyed.entry(key);
+        if entry.is_overflow() {
+            if let Some(bucket) = shared.override_overflow.get(request.target()) {
+                return shared.admit(Some(bucket));
+            }
+        }
+        shared.admit((*entry).as_ref())
+    }
+
+    /// The rejection of `request` for `refusal`, reported to the event sinks.
+    #[cold]
+    pub(crate) fn reject<R: McpRequest>(&self, request: &R, refusal: Refusal) -> RateLimited {
+        let rejection = self.rejection(request, refusal);
+        self.shared.config.events.emit(&Event::RateLimited {
+            key: rejection.key(),
+            retry_after: refusal.retry_after,
+        });
+        rejection
+    }
+
+    #[cold]
+    fn rejection<R: McpRequest>(&self, request: &R, refusal: Refusal) -> RateLimited {
+        match refusal.scope {
+            Scope::Global => RateLimited::new("global", refusal.retry_after),
+            Scope::Key => {
+                let key: KeyRef<'_> = self.shared.config.key_by.key(request);
+                RateLimited::new(key.to_string(), refusal.retry_after)
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Per-key first, then global; a global refusal gives the per-key token back.
+    #[inline]
+    fn admit(&self, per_key: Option<&Bucket>) -> Result<(), Refusal> {
+        // With two quotas, read the clock once for both.
+        let _instant = (per_key.is_some() && self.global.is_some()).then(CallInstant::hold);
+        if let Some(bucket) = per_key {
+            bucket.check().map_err(|retry_after| Refusal {
+                scope: Scope::Key,
+                retry_after,
+            })?;
+        }
+        if let Some(global) = &self.global {
+            if let Err(retry_after) = global.check() {
+                if let Some(bucket) = per_key {
+                    bucket.tat.refund(bucket.interval);
+                }
+                return Err(Refusal {
+                    scope: Scope::Global,
+                    retry_after,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for RateLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimits")
+            .field("config", &self.shared.config)
+            .field("global", &self.shared.global)
+            .field("keys", &self.keys())
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_exactly_one_token_back() {
+        let quota = Quota::with_period(Duration::from_secs(1))
+            .unwrap()
+            .allow_burst(std::num::NonZeroU32::new(3).unwrap());
+        let bucket = Bucket::new(quota);
+        for _ in 0..3 {
+            bucket.check().unwrap();
+        }
+        assert_eq!(bucket.check(), Err(Duration::from_secs(1)));
+        bucket.tat.refund(bucket.interval);
+        bucket.check().unwrap();
+        assert_eq!(bucket.check(), Err(Duration::from_secs(1)));
+        // A refund on a full quota leaves it full (no credit beyond the burst).
+        tokio::time::advance(Duration::from_secs(10)).await;
+        bucket.tat.refund(bucket.interval);
+        for _ in 0..3 {
+            bucket.check().unwrap();
+        }
+        assert!(bucket.check().is_err());
+    }
+}

@@ -1,0 +1,545 @@
+//! [`RetryBackoffLayer`] and its builder.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use toolwarden_core::{
+    Bounds, ConfigError, Entry, Events, FailureClass, KeyBy, KeyedState, McpClassifier, McpRequest,
+    ToolCatalog,
+};
+use tower_layer::Layer;
+
+use crate::backoff::{Backoff, Jitter};
+use crate::budget::{BudgetConfig, RetryBudget};
+use crate::policy::{Classes, RetryPolicy, DEFAULT_SAFE_METHODS};
+use crate::service::RetryBackoff;
+
+/// The longest deadline `build` accepts.
+const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+
+/// Applies [`RetryBackoff`] to a service: retries failed MCP calls with
+/// exponential backoff and jitter, only when the failure class, the tool and
+/// the retry budget allow it. See the [crate docs](crate) for the rules.
+///
+/// The layer holds configuration and the retry budget: every service it
+/// makes, and every clone of those, draws on one budget (per key, with
+/// [`RetryBackoffBuilder::budget_per_key`]).
+///
+/// ```
+/// use std::time::Duration;
+/// use toolwarden_retry::{Jitter, RetryBackoffLayer};
+/// let layer = RetryBackoffLayer::builder()
+///     .max_attempts(4)
+///     .base_delay(Duration::from_millis(50))
+///     .jitter(Jitter::Equal)
+///     .build()
+///     .unwrap();
+/// # let _ = layer;
+/// ```
+pub struct RetryBackoffLayer<C = McpClassifier> {
+    shared: Arc<Shared<C>>,
+}
+
+impl<C> Clone for RetryBackoffLayer<C> {
+    fn clone(&self) -> Self {
+        RetryBackoffLayer {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<C> fmt::Debug for RetryBackoffLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBackoffLayer")
+            .field("policy", &self.shared.policy)
+            .field("budget", &self.shared.budget)
+            .field("events", &self.shared.events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RetryBackoffLayer {
+    /// A layer with every default (see [`RetryBackoffBuilder`]). With the
+    /// default empty, untrusted catalog it retries only failures that
+    /// happened before the request left, rejections carrying a retry-after
+    /// hint, and the read-only methods of [`DEFAULT_SAFE_METHODS`].
+    pub fn new() -> Self {
+        RetryBackoffLayer {
+            shared: Arc::new(Shared::from_builder(RetryBackoffBuilder::new())),
+        }
+    }
+
+    /// A builder, starting from the defaults.
+    pub fn builder() -> RetryBackoffBuilder {
+        RetryBackoffBuilder::new()
+    }
+}
+
+impl Default for RetryBackoffLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<C> RetryBackoffLayer<C> {
+    /// Whole retries the budget allows right now for `request` (for its key,
+    /// with a per-key budget); `None` without a budget.
+    pub fn budget_available<R: McpRequest>(&self, request: &R) -> Option<u64> {
+        match &self.shared.budget {
+            Budgets::Off => None,
+            Budgets::Global(budget) => Some(budget.available()),
+            Budgets::Keyed { key_by, state } => {
+                let key = key_by.key(request);
+                // Reading must not insert a key: an unseen key has a fresh budget.
+                Some(match state.get(&key) {
+                    Some(budget) => budget.available(),
+                    None => state.make_value(&key.to_key()).available(),
+                })
+            }
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared<C>> {
+        &self.shared
+    }
+}
+
+impl<S, C> Layer<S> for RetryBackoffLayer<C> {
+    type Service = RetryBackoff<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RetryBackoff::new(inner, self)
+    }
+}
+
+/// State shared by the layer, its services and their futures.
+pub(crate) struct Shared<C> {
+    pub(crate) policy: RetryPolicy,
+    pub(crate) classifier: C,
+    pub(crate) budget: Budgets,
+    pub(crate) events: Events,
+    pub(crate) seed: Option<(u64, AtomicU64)>,
+}
+
+impl<C> Shared<C> {
+    fn from_builder(b: RetryBackoffBuilder<C>) -> Self {
+        let budget = match (b.budget, b.budget_key) {
+            (None, _) => Budgets::Off,
+            // `build` validated the configuration (the defaults are valid).
+            (Some(config), None) => Budgets::Global(RetryBudget::from_validated(config)),
+            (Some(config), Some((key_by, bounds))) => Budgets::Keyed {
+                key_by,
+                state: KeyedState::new(bounds, move |_| RetryBudget::from_validated(config)),
+            },
+        };
+        Shared {
+            policy: RetryPolicy {
+                backoff: Backoff {
+                    base: b.base_delay,
+                    max: b.max_delay,
+                    jitter: b.jitter,
+                },
+                max_attempts: b.max_attempts,
+                deadline: b.deadline,
+                classes: b.classes,
+                catalog: b.catalog,
+                tool_overrides: b.tool_overrides,
+                safe_methods: b.safe_methods,
+            },
+            classifier: b.classifier,
+            budget,
+            events: b.events,
+            seed: b.seed.map(|s| (s, AtomicU64::new(0))),
+        }
+    }
+
+    /// A random source for one call's jitter: from the configured seed (one
+    /// stream per call, in call order), else from the thread's generator.
+    pub(crate) fn rng(&self) -> fastrand::Rng {
+        match &self.seed {
+            Some((seed, calls)) => {
+                let n = calls.fetch_add(1, Ordering::Relaxed);
+                fastrand::Rng::with_seed(seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+            }
+            None => fastrand::Rng::new(),
+        }
+    }
+}
+
+/// The budget of a layer: none, one, or one per key.
+pub(crate) enum Budgets {
+    Off,
+    Global(RetryBudget),
+    Keyed {
+        key_by: KeyBy,
+        state: KeyedState<RetryBudget>,
+    },
+}
+
+/// The budget a call draws on, held by its future.
+#[derive(Debug)]
+pub(crate) enum BudgetHandle {
+    /// No budget, or the call is never retried.
+    None,
+    /// The layer's one budget.
+    Global,
+    /// One key's budget.
+    Keyed(Entry<RetryBudget>),
+}
+
+impl Budgets {
+    /// Deposits one request and returns the handle its retries withdraw from.
+    #[inline]
+    pub(crate) fn deposit<R: McpRequest>(&self, request: &R, now: Instant) -> BudgetHandle {
+        match self {
+            Budgets::Off => BudgetHandle::None,
+            Budgets::Global(budget) => {
+                budget.deposit_at(now);
+                BudgetHandle::Global
+            }
+            Budgets::Keyed { key_by, state } => {
+                let entry = state.entry(key_by.key(request));
+                entry.deposit_at(now);
+                BudgetHandle::Keyed(entry)
+            }
+        }
+    }
+
+    /// The budget `handle` refers to.
+    pub(crate) fn get<'a>(&'a self, handle: &'a BudgetHandle) -> Option<&'a RetryBudget> {
+        match (handle, self) {
+            (BudgetHandle::Global, Budgets::Global(budget)) => Some(budget),
+            (BudgetHandle::Keyed(entry), _) => Some(entry),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Budgets::Off => f.write_str("Off"),
+            Budgets::Global(budget) => f.debug_tuple("Global").field(budget).finish(),
+            Budgets::Keyed { key_by, state } => f
+                .debug_struct("Keyed")
+                .field("key_by", key_by)
+                .field("state", state)
+                .finish(),
+        }
+    }
+}
+
+/// Builds a [`RetryBackoffLayer`]; [`build`](Self::build) checks the
+/// configuration. Every knob states its default.
+pub struct RetryBackoffBuilder<C = McpClassifier> {
+    max_attempts: u32,
+    base_delay: Duration,
+    max_delay: Duration,
+    deadline: Duration,
+    jitter: Jitter,
+    seed: Option<u64>,
+    classes: Classes,
+    retry_on_client: bool,
+    catalog: ToolCatalog,
+    tool_overrides: HashMap<String, bool>,
+    safe_methods: Vec<String>,
+    budget: Option<BudgetConfig>,
+    budget_key: Option<(KeyBy, Bounds)>,
+    events: Events,
+    classifier: C,
+}
+
+impl<C> fmt::Debug for RetryBackoffBuilder<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryBackoffBuilder")
+            .field("max_attempts", &self.max_attempts)
+            .field("base_delay", &self.base_delay)
+            .field("max_delay", &self.max_delay)
+            .field("deadline", &self.deadline)
+            .field("jitter", &self.jitter)
+            .field("classes", &self.classes)
+            .field("catalog", &self.catalog)
+            .field("budget", &self.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RetryBackoffBuilder {
+    fn new() -> Self {
+        RetryBackoffBuilder {
+            max_attempts: 3,
+            base_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(10),
+            deadline: Duration::from_secs(30),
+            jitter: Jitter::Full,
+            seed: None,
+            classes: Classes {
+                transient: true,
+                server: true,
+            },
+            retry_on_client: false,
+            catalog: ToolCatalog::new(),
+            tool_overrides: HashMap::new(),
+            safe_methods: DEFAULT_SAFE_METHODS
+                .iter()
+                .map(|m| (*m).to_owned())
+                .collect(),
+            budget: Some(BudgetConfig::default()),
+            budget_key: None,
+            events: Events::new(),
+            classifier: McpClassifier::new(),
+        }
+    }
+}
+
+impl<C> RetryBackoffBuilder<C> {
+    /// Attempts in all, the first included: 1 never retries. At least 1.
+    /// Default 3.
+    pub fn max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// The ceiling of the first retry's delay, doubled for each further
+    /// retry. Positive. Default 100 ms.
+    pub fn base_delay(mut self, base_delay: Duration) -> Self {
+        self.base_delay = base_delay;
+        self
+    }
+
+    /// The largest computed delay (a retry-after hint may be longer). At
+    /// least `base_delay`. Default 10 s.
+    pub fn max_delay(mut self, max_delay: Duration) -> Self {
+        self.max_delay = max_delay;
+        self
+    }
+
+    /// How long after the first attempt started a call may still be
+    /// retried: no wait ends past it, and a retry still running when it
+    /// passes is dropped (cancelled) and the previous failure returned. The
+    /// first attempt is never cut short; put a timeout layer below this one
+    /// to bound each attempt. Positive, at most 24 h. Default 30 s.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// How the backoff is randomised. Default [`Jitter::Full`].
+    pub fn jitter(mut self, jitter: Jitter) -> Self {
+        self.jitter = jitter;
+        self
+    }
+
+    /// Seeds the jitter, so a test sees the same delays on every run (each
+    /// call gets its own stream, in the order calls first retry). Default:
+    /// unseeded (the thread's random generator).
+    pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// The failure classes retried. Only [`FailureClass::Transient`] and
+    /// [`FailureClass::Server`] may be named, and at least one: a client
+    /// error never succeeds by being repeated. Rejections by layers below are
+    /// `Transient`. Default: both.
+    pub fn retry_on(mut self, classes: impl IntoIterator<Item = FailureClass>) -> Self {
+        self.classes = Classes {
+            transient: false,
+            server: false,
+        };
+        self.retry_on_client = false;
+        for class in classes {
+            match class {
+                FailureClass::Transient => self.classes.transient = true,
+                FailureClass::Server => self.classes.server = true,
+                FailureClass::Client => self.retry_on_client = true,
+            }
+        }
+        self
+    }
+
+    /// The catalog that says which tools are safe to repeat after a failure
+    /// that may have reached the server (configured so, or a trusted catalog
+    /// whose annotations say read-only or idempotent). Share the one the
+    /// rest of the stack fills from `tools/list`. Default: an empty,
+    /// untrusted catalog, **so by default no tool is retried after a failure
+    /// that may have reached the server**; only failures before the request
+    /// left (connection refused) and rejections with a retry-after hint are.
+    pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// Says whether `tool` is safe to repeat, overriding the catalog for
+    /// this layer only. Default: no overrides.
+    pub fn safe_to_repeat(mut self, tool: impl Into<String>, safe: bool) -> Self {
+        self.tool_overrides.insert(tool.into(), safe);
+        self
+    }
+
+    /// The methods other than `tools/call` that may be repeated after a
+    /// failure that may have reached the server; replaces the list.
+    /// Default: [`DEFAULT_SAFE_METHODS`] (`tools/list`, `prompts/list`,
+    /// `prompts/get`, `resources/list`, `resources/templates/list`,
+    /// `resources/read`, `ping`).
+    pub fn safe_methods<I, S>(mut self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.safe_methods = methods.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// The retry budget. Default: [`BudgetConfig::default()`] (ratio 0.2,
+    /// 10 retries per second floor, 10 s window), one budget for the layer.
+    pub fn budget(mut self, budget: BudgetConfig) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Keeps one budget per key instead of one for the layer, in a bounded
+    /// map (past `bounds.max_keys`, new keys share one overflow budget).
+    /// Default: one budget.
+    pub fn budget_per_key(mut self, key_by: KeyBy, bounds: Bounds) -> Self {
+        self.budget_key = Some((key_by, bounds));
+        self
+    }
+
+    /// No retry budget: only `max_attempts` and the deadline bound retries.
+    /// Not recommended: nothing then stops a retry storm.
+    pub fn no_budget(mut self) -> Self {
+        self.budget = None;
+        self
+    }
+
+    /// Where retry and budget-exhausted events go. Default: nowhere.
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// The classifier that judges each attempt; share the stack's. Default
+    /// [`McpClassifier`].
+    pub fn classifier<C2>(self, classifier: C2) -> RetryBackoffBuilder<C2> {
+        RetryBackoffBuilder {
+            max_attempts: self.max_attempts,
+            base_delay: self.base_delay,
+            max_delay: self.max_delay,
+            deadline: self.deadline,
+            jitter: self.jitter,
+            seed: self.seed,
+            classes: self.classes,
+            retry_on_client: self.retry_on_client,
+            catalog: self.catalog,
+            tool_overrides: self.tool_overrides,
+            safe_methods: self.safe_methods,
+            budget: self.budget,
+            budget_key: self.budget_key,
+            events: self.events,
+            classifier,
+        }
+    }
+
+    /// Checks the configuration and builds the layer. The error names the
+    /// bad field (`budget.ratio` for a field of the budget).
+    pub fn build(self) -> Result<RetryBackoffLayer<C>, ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(ConfigError::new("max_attempts", "must be at least 1"));
+        }
+        if self.base_delay.is_zero() {
+            return Err(ConfigError::new("base_delay", "must be positive"));
+        }
+        if self.max_delay < self.base_delay {
+            return Err(ConfigError::new("max_delay", "must be at least base_delay"));
+        }
+        if self.deadline.is_zero() || self.deadline > MAX_DEADLINE {
+            return Err(ConfigError::new(
+                "deadline",
+                "must be positive and at most 24 h",
+            ));
+        }
+        if self.retry_on_client {
+            return Err(ConfigError::new(
+                "retry_on",
+                "must not name Client: a client error fails the same way when repeated",
+            ));
+        }
+        if !self.classes.transient && !self.classes.server {
+            return Err(ConfigError::new(
+                "retry_on",
+                "must name Transient, Server or both (use max_attempts(1) to disable retries)",
+            ));
+        }
+        if let Some(budget) = &self.budget {
+            budget.validate().map_err(|e| e.in_section("budget"))?;
+        }
+        if let Some((_, bounds)) = &self.budget_key {
+            bounds
+                .validate()
+                .map_err(|e| e.in_section("budget_per_key"))?;
+        }
+        Ok(RetryBackoffLayer {
+            shared: Arc::new(Shared::from_builder(self)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_documented_values() {
+        let b = RetryBackoffLayer::builder();
+        assert_eq!(b.max_attempts, 3);
+        assert_eq!(b.base_delay, Duration::from_millis(100));
+        assert_eq!(b.max_delay, Duration::from_secs(10));
+        assert_eq!(b.deadline, Duration::from_secs(30));
+        assert_eq!(b.jitter, Jitter::Full);
+        assert_eq!(b.budget, Some(BudgetConfig::default()));
+        assert!(!b.catalog.is_trusted() && b.catalog.is_empty());
+        assert!(b.build().is_ok());
+        assert!(RetryBudget::new(BudgetConfig::default()).is_ok());
+    }
+
+    #[test]
+    fn bad_configuration_names_the_field() {
+        let field = |b: RetryBackoffBuilder| b.build().unwrap_err().field().to_owned();
+        let b = RetryBackoffLayer::builder;
+        assert_eq!(field(b().max_attempts(0)), "max_attempts");
+        assert_eq!(field(b().base_delay(Duration::ZERO)), "base_delay");
+        assert_eq!(
+            field(
+                b().base_delay(Duration::from_secs(2))
+                    .max_delay(Duration::from_secs(1))
+            ),
+            "max_delay"
+        );
+        assert_eq!(field(b().deadline(Duration::ZERO)), "deadline");
+        assert_eq!(
+            field(b().deadline(Duration::from_secs(24 * 3600 + 1))),
+            "deadline"
+        );
+        assert_eq!(
+            field(b().retry_on([FailureClass::Server, FailureClass::Client])),
+            "retry_on"
+        );
+        assert_eq!(field(b().retry_on([])), "retry_on");
+        let bad_ratio = BudgetConfig {
+            ratio: -1.0,
+            ..BudgetConfig::default()
+        };
+        assert_eq!(field(b().budget(bad_ratio)), "budget.ratio");
+        // A bad budget is ignored once the budget is switched off.
+        assert!(b().budget(bad_ratio).no_budget().build().is_ok());
+        assert_eq!(
+            field(b().budget_per_key(KeyBy::Tool, Bounds::max_keys(0))),
+            "budget_per_key.max_keys"
+        );
+    }
+}

@@ -1,0 +1,695 @@
+//! RetryBackoffLayer over a scripted upstream behind a readiness check, on a
+//! paused clock.
+
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns: a panic fails the test
+
+mod support;
+
+use std::time::Duration;
+
+use futures::future::join_all;
+use serde_json::json;
+use tokio::time::Instant;
+use toolwarden_core::classify::{HttpStatusError, TransportError, TransportErrorKind};
+use toolwarden_core::jsonrpc::{ErrorObject, Request};
+use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
+use toolwarden_core::{
+    Bounds, CircuitOpen, FailureClass, KeyBy, LoopDetected, LoopPattern, McpResponse, RateLimited,
+    Rejection,
+};
+use toolwarden_retry::{BudgetConfig, Jitter, RetryBackoffBuilder, RetryBackoffLayer};
+use tower::{Layer, Service, ServiceExt};
+
+use support::*;
+
+/// Deterministic delays (no jitter), no budget, a trusted catalog.
+fn plain() -> RetryBackoffBuilder {
+    RetryBackoffLayer::builder()
+        .jitter(Jitter::None)
+        .base_delay(100 * MS)
+        .catalog(catalog(true))
+        .no_budget()
+}
+
+fn closed() -> toolwarden_core::BoxError {
+    Box::new(TransportError::new(
+        TransportErrorKind::Closed,
+        "connection closed",
+    ))
+}
+
+fn text(resp: &toolwarden_core::jsonrpc::Response) -> String {
+    resp.first_text().unwrap_or_default().into_owned()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_read_only_trusted_tool_is_retried_until_it_succeeds() {
+    let (events, seen) = recorder();
+    let upstream = Upstream::new(MockMcp::new().script(
+        "search",
+        [
+            Step::tool_error("Error executing tool search: boom"),
+            Step::rpc_error(-32603, "internal error"),
+        ],
+    ));
+    let layer = plain().events(events).build().unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+
+    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(!resp.is_tool_error(), "{resp:?}");
+    // Each attempt is a fresh call carrying its number.
+    assert_eq!(upstream.attempts(), [Some(1), Some(2), Some(3)]);
+    assert_eq!(upstream.gaps(), [100 * MS, 200 * MS]);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            Recorded::Retry {
+                tool: "search".into(),
+                attempt: 2,
+                delay: 100 * MS
+            },
+            Recorded::Retry {
+                tool: "search".into(),
+                attempt: 3,
+                delay: 200 * MS
+            },
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_destructive_or_untrusted_tool_is_never_retried_after_a_server_side_failure() {
+    // Each failure may have reached the server.
+    let failures = || {
+        [
+            Step::tool_error("Error executing tool: boom"),
+            Step::rpc_error(-32603, "internal error"),
+            Step::closed(),
+            Step::tool_error("upstream timed out"),
+        ]
+    };
+    let cases = [
+        ("delete_file", true), // trusted, destructive
+        ("bare", true),        // trusted, no annotations: the spec's defaults
+        ("search", false),     // read-only, but the catalog is not trusted
+        ("bare", false),
+    ];
+    for (tool, trusted) in cases {
+        for step in failures() {
+            let upstream = Upstream::new(MockMcp::new().script(tool, [step.clone()]));
+            let layer = plain().catalog(catalog(trusted)).build().unwrap();
+            let mut svc = layer.layer(checked(&upstream));
+            let result = call(&mut svc, tool_call(tool)).await;
+            assert_eq!(
+                upstream.calls(),
+                1,
+                "{tool} (trusted: {trusted}) after {step:?}: {result:?}"
+            );
+        }
+    }
+    // The same failures of a trusted read-only (or idempotent) tool are retried.
+    for tool in ["search", "put"] {
+        for step in failures() {
+            let upstream = Upstream::new(MockMcp::new().script(tool, [step.clone()]));
+            let mut svc = plain().build().unwrap().layer(checked(&upstream));
+            let resp = call(&mut svc, tool_call(tool)).await.unwrap();
+            assert!(!resp.is_tool_error());
+            assert_eq!(upstream.calls(), 2, "{tool} after {step:?}");
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_before_the_request_left_is_retried_for_any_tool() {
+    let upstream = Upstream::new(MockMcp::new().script(
+        "delete_file",
+        [Step::Transport(TransportErrorKind::ConnectFailed)],
+    ));
+    // The default layer: empty, untrusted catalog.
+    let layer = RetryBackoffLayer::builder()
+        .jitter(Jitter::None)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+    let resp = call(&mut svc, tool_call("delete_file")).await.unwrap();
+    assert!(!resp.is_tool_error());
+    assert_eq!(upstream.attempts(), [Some(1), Some(2)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn client_failures_are_never_retried() {
+    for step in [
+        Step::rpc_error(-32602, "Unknown tool: search"),
+        Step::tool_error("MCP error -32602: Tool search not found"),
+        Step::tool_error("validation failed: missing required field q"),
+    ] {
+        let upstream = Upstream::new(MockMcp::new().script("search", [step.clone()]));
+        let mut svc = plain().build().unwrap().layer(checked(&upstream));
+        call(&mut svc, tool_call("search")).await.unwrap();
+        assert_eq!(upstream.calls(), 1, "{step:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_configured_failure_classes_are_retried() {
+    let upstream = Upstream::new(
+        MockMcp::new()
+            .script("search", [Step::tool_error("Error executing tool: boom")])
+            .script("put", [Step::tool_error("rate limit exceeded")]),
+    );
+    let layer = plain().retry_on([FailureClass::Transient]).build().unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+    let server = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(server.is_tool_error());
+    assert_eq!(upstream.mock.calls("search"), 1);
+    let transient = call(&mut svc, tool_call("put")).await.unwrap();
+    assert!(!transient.is_tool_error());
+    assert_eq!(upstream.mock.calls("put"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn by_default_only_safe_methods_and_failures_before_sending_are_retried() {
+    let upstream =
+        Upstream::new(MockMcp::new().script("search", [Step::tool_error("upstream timed out")]));
+    let layer = RetryBackoffLayer::builder()
+        .jitter(Jitter::None)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+
+    // A tool the layer knows nothing about: not repeated.
+    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(resp.is_tool_error());
+    assert_eq!(upstream.calls(), 1);
+
+    // tools/list only reads: repeated after a dropped connection.
+    upstream.fail_next(closed);
+    call(&mut svc, Request::new(2, "tools/list", None))
+        .await
+        .unwrap();
+    assert_eq!(upstream.calls(), 3);
+
+    // initialize is not on the list.
+    upstream.fail_next(closed);
+    let err = call(&mut svc, Request::new(3, "initialize", Some(json!({}))))
+        .await
+        .unwrap_err();
+    assert!(err.is::<TransportError>());
+    assert_eq!(upstream.calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_tool_overrides_win_over_the_catalog() {
+    let upstream = Upstream::new(
+        MockMcp::new()
+            .script("search", [Step::tool_error("boom")])
+            .script("bare", [Step::tool_error("boom")]),
+    );
+    let layer = plain()
+        .catalog(catalog(true))
+        .safe_to_repeat("search", false)
+        .safe_to_repeat("bare", true)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+    assert!(call(&mut svc, tool_call("search"))
+        .await
+        .unwrap()
+        .is_tool_error());
+    assert!(!call(&mut svc, tool_call("bare"))
+        .await
+        .unwrap()
+        .is_tool_error());
+    assert_eq!(
+        (upstream.mock.calls("search"), upstream.mock.calls("bare")),
+        (1, 2)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_last_attempts_tool_error_is_returned_as_an_ok_response() {
+    let upstream = Upstream::new(
+        MockMcp::new().default_step("search", Step::tool_error("upstream timed out (3)")),
+    );
+    let mut svc = plain().build().unwrap().layer(checked(&upstream));
+    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(resp.is_tool_error());
+    assert_eq!(text(&resp), "upstream timed out (3)");
+    assert_eq!(upstream.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_single_attempt_is_never_retried() {
+    let upstream = Upstream::new(MockMcp::new().default_step("search", Step::closed()));
+    let mut svc = plain()
+        .max_attempts(1)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    assert!(call(&mut svc, tool_call("search")).await.is_err());
+    assert_eq!(upstream.attempts(), [Some(1)]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn delays_fall_inside_each_jitter_variants_bounds() {
+    let (base, max) = (100 * MS, 1000 * MS);
+    for jitter in [
+        Jitter::None,
+        Jitter::Full,
+        Jitter::Equal,
+        Jitter::Decorrelated,
+    ] {
+        for seed in 0..25 {
+            let (events, seen) = recorder();
+            let upstream =
+                Upstream::new(MockMcp::new().default_step("search", Step::tool_error("boom")));
+            let layer = plain()
+                .jitter(jitter)
+                .jitter_seed(seed)
+                .base_delay(base)
+                .max_delay(max)
+                .max_attempts(6)
+                .deadline(60 * SEC)
+                .events(events)
+                .build()
+                .unwrap();
+            let mut svc = layer.layer(checked(&upstream));
+            call(&mut svc, tool_call("search")).await.unwrap();
+
+            let delays = retry_delays(&seen);
+            let gaps = upstream.gaps();
+            assert_eq!((delays.len(), gaps.len()), (5, 5), "{jitter:?}");
+            let mut previous = base;
+            for (i, (&delay, &gap)) in delays.iter().zip(&gaps).enumerate() {
+                let ceiling = (base * 2u32.pow(i as u32)).min(max);
+                let (low, high) = match jitter {
+                    Jitter::None => (ceiling, ceiling),
+                    Jitter::Full => (Duration::ZERO, ceiling),
+                    Jitter::Equal => (ceiling / 2, ceiling),
+                    Jitter::Decorrelated => (base, (previous * 3).min(max)),
+                };
+                assert!(
+                    low <= delay && delay <= high,
+                    "{jitter:?} seed {seed} retry {}: {delay:?} not in [{low:?}, {high:?}]",
+                    i + 1
+                );
+                // The wait really is the delay (tokio's timer ticks in milliseconds).
+                assert!(
+                    delay <= gap && gap <= delay + MS,
+                    "{jitter:?}: waited {gap:?} for {delay:?}"
+                );
+                previous = delay;
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_seed_repeats_the_same_delays() {
+    let run = |seed| async move {
+        let (events, seen) = recorder();
+        let upstream =
+            Upstream::new(MockMcp::new().default_step("search", Step::tool_error("boom")));
+        let layer = plain()
+            .jitter(Jitter::Full)
+            .jitter_seed(seed)
+            .max_attempts(5)
+            .events(events)
+            .build()
+            .unwrap();
+        call(&mut layer.layer(checked(&upstream)), tool_call("search"))
+            .await
+            .unwrap();
+        retry_delays(&seen)
+    };
+    assert_eq!(run(9).await, run(9).await);
+    assert_ne!(run(9).await, run(10).await);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_is_never_exceeded() {
+    let deadline = 5 * SEC;
+    for jitter in [
+        Jitter::None,
+        Jitter::Full,
+        Jitter::Equal,
+        Jitter::Decorrelated,
+    ] {
+        for seed in 0..10 {
+            // Every attempt takes 700 ms and fails; attempts alone would allow 50.
+            let upstream = Upstream::new(
+                MockMcp::new().default_step("search", Step::tool_error("boom").after(700 * MS)),
+            );
+            let layer = plain()
+                .jitter(jitter)
+                .jitter_seed(seed)
+                .base_delay(200 * MS)
+                .max_delay(5 * SEC)
+                .max_attempts(50)
+                .deadline(deadline)
+                .build()
+                .unwrap();
+            let mut svc = layer.layer(checked(&upstream));
+            let started = Instant::now();
+            let resp = call(&mut svc, tool_call("search")).await.unwrap();
+            let elapsed = started.elapsed();
+            assert!(resp.is_tool_error());
+            // tokio's timer ticks in milliseconds.
+            assert!(
+                elapsed <= deadline + MS,
+                "{jitter:?} seed {seed}: {elapsed:?}"
+            );
+            assert!(upstream.log().iter().all(|s| s.at - started < deadline));
+            assert!(
+                upstream.calls() >= 2,
+                "{jitter:?} seed {seed}: retried at all"
+            );
+            assert_eq!(upstream.mock.in_flight(), 0);
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_still_running_at_the_deadline_is_cut_and_the_previous_failure_returned() {
+    let upstream = Upstream::new(
+        MockMcp::new().script("search", [Step::tool_error("first failure"), Step::Hang]),
+    );
+    let mut svc = plain()
+        .deadline(2 * SEC)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    let started = Instant::now();
+    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    let elapsed = started.elapsed();
+    assert!((2 * SEC..=2 * SEC + MS).contains(&elapsed), "{elapsed:?}");
+    assert_eq!(text(&resp), "first failure");
+    assert_eq!(upstream.calls(), 2);
+    // The hung attempt was dropped, not leaked.
+    assert_eq!(upstream.mock.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_hints_are_honoured() {
+    type Case = (&'static str, Box<dyn Fn(&Upstream)>, Duration);
+    let cases: Vec<Case> = vec![
+        // A limiter below refused a destructive tool: it never reached the tool.
+        (
+            "delete_file",
+            Box::new(|u: &Upstream| {
+                u.fail_next(|| Box::new(RateLimited::new("delete_file", 2 * SEC)));
+            }),
+            2 * SEC,
+        ),
+        (
+            "delete_file",
+            Box::new(|u: &Upstream| {
+                u.fail_next(|| Box::new(CircuitOpen::new("delete_file", 1500 * MS)));
+            }),
+            1500 * MS,
+        ),
+        // JSON-RPC -32023 with a hint in its data.
+        (
+            "search",
+            Box::new(|u: &Upstream| {
+                let mut limited = ErrorObject::new(-32023, "rate limited");
+                limited.data = Some(json!({"retryAfter": 3}));
+                u.mock.push("search", [Step::RpcError(limited)]);
+            }),
+            3 * SEC,
+        ),
+        // HTTP 503 with Retry-After.
+        (
+            "search",
+            Box::new(|u: &Upstream| {
+                u.fail_next(|| {
+                    Box::new(HttpStatusError {
+                        status: 503,
+                        retry_after: Some(4 * SEC),
+                    })
+                });
+            }),
+            4 * SEC,
+        ),
+        // A hint shorter than the backoff does not shorten it.
+        (
+            "search",
+            Box::new(|u: &Upstream| {
+                u.fail_next(|| Box::new(RateLimited::new("search", 10 * MS)));
+            }),
+            100 * MS,
+        ),
+    ];
+    for (tool, fail, expected) in cases {
+        let (events, seen) = recorder();
+        let upstream = Upstream::new(MockMcp::new());
+        fail(&upstream);
+        let layer = plain()
+            .catalog(catalog(false))
+            .safe_to_repeat("search", true)
+            .events(events)
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(checked(&upstream));
+        let resp = call(&mut svc, tool_call(tool)).await.unwrap();
+        assert!(!resp.is_tool_error());
+        assert_eq!(retry_delays(&seen), [expected], "{tool}");
+        let gap = upstream.gaps()[0];
+        assert!(
+            expected <= gap && gap <= expected + MS,
+            "{tool}: waited {gap:?}, hint {expected:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hint_past_the_deadline_returns_the_error_at_once() {
+    let upstream = Upstream::new(MockMcp::new());
+    upstream.fail_next(|| Box::new(CircuitOpen::new("search", 60 * SEC)));
+    let mut svc = plain()
+        .deadline(30 * SEC)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    let started = Instant::now();
+    let err = call(&mut svc, tool_call("search")).await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::ZERO);
+    assert_eq!(
+        err.downcast_ref::<CircuitOpen>().unwrap().retry_after(),
+        Some(60 * SEC)
+    );
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn rejections_without_a_hint_are_not_retried() {
+    let upstream = Upstream::new(MockMcp::new());
+    upstream.fail_next(|| Box::new(LoopDetected::new("search", 5, LoopPattern::RepeatedFailure)));
+    let mut svc = plain().build().unwrap().layer(checked(&upstream));
+    let err = call(&mut svc, tool_call("search")).await.unwrap_err();
+    assert!(err.is::<LoopDetected>());
+    assert_eq!(upstream.calls(), 1);
+}
+
+/// 1000 calls, all failing, 3 attempts allowed: `(attempts upstream, retry
+/// events, budget-exhausted events)`.
+async fn storm(builder: RetryBackoffBuilder) -> (usize, usize, usize) {
+    let (events, seen) = recorder();
+    let upstream = Upstream::new(
+        MockMcp::new().default_step("search", Step::tool_error("service unavailable, try again")),
+    );
+    let layer = builder
+        .catalog(catalog(true))
+        .max_attempts(3)
+        .events(events)
+        .build()
+        .unwrap();
+    // Every call goes through its own clone: clones share the budget.
+    let svc = layer.layer(checked(&upstream));
+    let calls = (0..1000).map(|i| {
+        svc.clone()
+            .oneshot(Request::tool_call(i, "search", json!({})))
+    });
+    let results = join_all(calls).await;
+    assert!(results
+        .iter()
+        .all(|r| r.as_ref().is_ok_and(McpResponse::is_tool_error)));
+    let seen = seen.lock().unwrap();
+    let retries = seen
+        .iter()
+        .filter(|e| matches!(e, Recorded::Retry { .. }))
+        .count();
+    let exhausted = seen
+        .iter()
+        .filter(|e| matches!(e, Recorded::BudgetExhausted { .. }))
+        .count();
+    (upstream.calls(), retries, exhausted)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_storm_is_bounded_by_the_retry_budget() {
+    let budget = BudgetConfig {
+        ratio: 0.2,
+        min_per_sec: 10,
+        ttl: 10 * SEC,
+    };
+    let (attempts, retries, exhausted) = storm(RetryBackoffLayer::builder().budget(budget)).await;
+    // 1000 first attempts, 20 % of them retried, plus the floor: 10/s over 10 s.
+    assert!((1250..=1300).contains(&attempts), "{attempts} attempts");
+    assert_eq!(attempts - 1000, retries);
+    assert!(exhausted > 500, "{exhausted} refusals reported");
+
+    // Without a budget the same storm sends three times the load.
+    let (attempts, _, exhausted) = storm(RetryBackoffLayer::builder().no_budget()).await;
+    assert_eq!((attempts, exhausted), (3000, 0));
+}
+
+fn one_retry_per_second() -> BudgetConfig {
+    BudgetConfig {
+        ratio: 0.0,
+        min_per_sec: 1,
+        ttl: SEC,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_per_key_budget_keeps_tools_apart() {
+    let failing = || {
+        Upstream::new(
+            MockMcp::new()
+                .default_step("search", Step::tool_error("boom"))
+                .default_step("put", Step::tool_error("boom")),
+        )
+    };
+    // One budget per tool: each gets its one retry.
+    let upstream = failing();
+    let layer = plain()
+        .budget(one_retry_per_second())
+        .budget_per_key(KeyBy::Tool, Bounds::max_keys(10))
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+    call(&mut svc, tool_call("search")).await.unwrap();
+    call(&mut svc, tool_call("put")).await.unwrap();
+    assert_eq!(
+        (upstream.mock.calls("search"), upstream.mock.calls("put")),
+        (2, 2)
+    );
+    assert_eq!(layer.budget_available(&tool_call("search")), Some(0));
+    assert_eq!(layer.budget_available(&tool_call("never_called")), Some(1));
+
+    // One budget for the layer: search spends it for both.
+    let upstream = failing();
+    let layer = plain().budget(one_retry_per_second()).build().unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+    call(&mut svc, tool_call("search")).await.unwrap();
+    call(&mut svc, tool_call("put")).await.unwrap();
+    assert_eq!(
+        (upstream.mock.calls("search"), upstream.mock.calls("put")),
+        (2, 1)
+    );
+
+    // The budget refills after its window.
+    tokio::time::advance(SEC + 200 * MS).await;
+    assert_eq!(layer.budget_available(&tool_call("put")), Some(1));
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_after_rejections_consume_budget_and_exhaustion_returns_the_error_unchanged() {
+    let (events, seen) = recorder();
+    let upstream = Upstream::new(MockMcp::new());
+    upstream.fail_next(|| Box::new(RateLimited::new("delete_file", 100 * MS)));
+    upstream.fail_next(|| Box::new(RateLimited::new("delete_file", 250 * MS)));
+    let layer = plain()
+        .budget(one_retry_per_second())
+        .events(events)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(checked(&upstream));
+    let err = call(&mut svc, tool_call("delete_file")).await.unwrap_err();
+    // The second refusal, as the limiter made it.
+    assert_eq!(
+        err.downcast_ref::<RateLimited>().unwrap().retry_after(),
+        Some(250 * MS)
+    );
+    assert_eq!(upstream.calls(), 2);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            Recorded::Retry {
+                tool: "delete_file".into(),
+                attempt: 2,
+                delay: 100 * MS
+            },
+            Recorded::BudgetExhausted {
+                tool: "delete_file".into()
+            },
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_attempt_waits_for_readiness_and_propagates_pending() {
+    let upstream = Upstream::new(MockMcp::new().script(
+        "search",
+        [Step::tool_error("boom"), Step::tool_error("boom")],
+    ));
+    let layer = plain().build().unwrap();
+    let mut svc = layer.layer(ReadyChecked::new(upstream.clone()).pending_first());
+    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(!resp.is_tool_error());
+    assert_eq!(upstream.calls(), 3);
+    // The handle is usable again (its fresh clone is polled ready anew).
+    call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(upstream.calls(), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_waits_for_the_inner_service_to_be_ready() {
+    let upstream = Upstream::new(MockMcp::new().script("search", [Step::tool_error("boom")]));
+    let gate = Gate::open();
+    let layer = plain().deadline(5 * SEC).build().unwrap();
+    let mut svc = layer.layer(gate.wrap(checked(&upstream)));
+    let started = Instant::now();
+    let future = svc.ready().await.unwrap().call(tool_call("search"));
+    // The first attempt is made; the service is busy until 1 s.
+    gate.set(false);
+    let opener = gate.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(SEC).await;
+        opener.set(true);
+    });
+    let resp = future.await.unwrap();
+    assert!(!resp.is_tool_error());
+    let log = upstream.log();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[1].at - started, SEC);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_never_ready_again_gives_back_the_failure_at_the_deadline() {
+    let upstream = Upstream::new(MockMcp::new().script("search", [Step::tool_error("boom")]));
+    let gate = Gate::open();
+    let mut svc = plain()
+        .deadline(3 * SEC)
+        .build()
+        .unwrap()
+        .layer(gate.wrap(checked(&upstream)));
+    let started = Instant::now();
+    let future = svc.ready().await.unwrap().call(tool_call("search"));
+    gate.set(false);
+    let resp = future.await.unwrap();
+    assert_eq!(text(&resp), "boom");
+    assert!((3 * SEC..=3 * SEC + MS).contains(&started.elapsed()));
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_composes_with_service_builder() {
+    let upstream = Upstream::new(MockMcp::new().script("search", [Step::closed()]));
+    let mut svc = tower::ServiceBuilder::new()
+        .layer(plain().build().unwrap())
+        .service(checked(&upstream));
+    call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(upstream.calls(), 2);
+}
