@@ -31,6 +31,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use toolwarden_core::{Event, Key, Outcome};
 
+use crate::config::Config;
 use crate::registry::Shared;
 use crate::sync::{LocalTransition, RemoteState, RemoteTransition};
 use crate::window::{reaches, CountWindow, Mark, TimeBuckets, WindowStats};
@@ -246,8 +247,7 @@ struct Record {
 }
 
 impl Record {
-    fn new(shared: &Shared) -> Self {
-        let config = &shared.config;
+    fn new(config: &Config) -> Self {
         Record {
             count: config.count_window.map(CountWindow::new),
             time: config.time_window.map(TimeBuckets::new),
@@ -274,8 +274,7 @@ impl Record {
         self.calls_since_close = 0;
     }
 
-    fn should_trip(&self, shared: &Shared) -> bool {
-        let config = &shared.config;
+    fn should_trip(&self, config: &Config) -> bool {
         let min = config.minimum_calls;
         if let Some(threshold) = config.failure_threshold {
             if self.calls_since_close >= u64::from(min) && self.consecutive_failures >= threshold {
@@ -295,10 +294,10 @@ impl Record {
     }
 
     /// Whether one more plain success would change nothing that decides.
-    fn is_clean(&self, shared: &Shared) -> bool {
+    fn is_clean(&self, config: &Config) -> bool {
         self.time.is_none()
             && self.consecutive_failures == 0
-            && self.calls_since_close >= u64::from(shared.config.minimum_calls)
+            && self.calls_since_close >= u64::from(config.minimum_calls)
             && self.count.as_ref().is_none_or(CountWindow::is_clean)
     }
 }
@@ -322,17 +321,26 @@ pub(crate) struct Breaker {
     not_permitted: AtomicU64,
     record: Mutex<Record>,
     key: Key,
+    /// The trip, reset and half-open policy of this breaker: its tool's
+    /// override or the registry's, chosen once when the breaker is created.
+    policy: Arc<Config>,
     shared: Arc<Shared>,
 }
 
 impl Breaker {
-    pub(crate) fn new(key: Key, shared: Arc<Shared>, initial: CircuitState) -> Self {
+    pub(crate) fn new(
+        key: Key,
+        shared: Arc<Shared>,
+        policy: Arc<Config>,
+        initial: CircuitState,
+    ) -> Self {
         Breaker {
             word: AtomicU64::new(initial.code()),
             open_until: AtomicU64::new(0),
             not_permitted: AtomicU64::new(0),
-            record: Mutex::new(Record::new(&shared)),
+            record: Mutex::new(Record::new(&policy)),
             key,
+            policy,
             shared,
         }
     }
@@ -364,7 +372,7 @@ impl Breaker {
 
     #[inline]
     fn start_time(&self) -> Option<Instant> {
-        self.shared.config.tracks_slow_calls().then(Instant::now)
+        self.policy.tracks_slow_calls().then(Instant::now)
     }
 
     #[cold]
@@ -373,7 +381,7 @@ impl Breaker {
         let now_ns = self.ns_since_epoch(now);
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {
-            CircuitState::ForcedOpen => return self.refuse(self.shared.config.reset_timeout),
+            CircuitState::ForcedOpen => return self.refuse(self.policy.reset_timeout),
             CircuitState::Open => {
                 // Refusals in the open period take no lock.
                 let until = self.open_until.load(Ordering::Acquire);
@@ -394,7 +402,7 @@ impl Breaker {
                     started: self.start_time(),
                 }),
                 CircuitState::Disabled => Admission::Untracked,
-                CircuitState::ForcedOpen => Admission::Refused(self.shared.config.reset_timeout),
+                CircuitState::ForcedOpen => Admission::Refused(self.policy.reset_timeout),
                 CircuitState::Open => {
                     let until = self.open_until.load(Ordering::Acquire);
                     if now_ns < until {
@@ -408,7 +416,7 @@ impl Breaker {
                     }
                 }
                 CircuitState::HalfOpen => {
-                    if rec.probes_in_flight < self.shared.config.half_open_max_calls {
+                    if rec.probes_in_flight < self.policy.half_open_max_calls {
                         rec.probes_in_flight += 1;
                         self.probe_ticket(word, now)
                     } else {
@@ -430,7 +438,7 @@ impl Breaker {
         Admission::Tracked(Ticket {
             epoch: epoch_of(word),
             probe: true,
-            started: self.shared.config.tracks_slow_calls().then_some(now),
+            started: self.policy.tracks_slow_calls().then_some(now),
         })
     }
 
@@ -442,12 +450,12 @@ impl Breaker {
     /// While every probe is in flight the next one is allowed when one of
     /// them ends, which is unknown: the base reset timeout is the hint.
     fn half_open_retry_after(&self) -> Duration {
-        self.shared.config.reset_timeout
+        self.policy.reset_timeout
     }
 
     /// Records the outcome of a call admitted with `ticket`.
     pub(crate) fn complete(&self, ticket: Ticket, outcome: &Outcome) {
-        let config = &self.shared.config;
+        let config = &*self.policy;
         let mut now = LazyNow(None);
         let slow = match (ticket.started, config.slow_call_duration) {
             (Some(started), Some(limit)) => now.get().saturating_duration_since(started) >= limit,
@@ -514,9 +522,9 @@ impl Breaker {
                 } else {
                     rec.consecutive_failures = 0;
                 }
-                if state == CircuitState::Closed && rec.should_trip(&self.shared) {
+                if state == CircuitState::Closed && rec.should_trip(&self.policy) {
                     change = Some(self.open(&mut rec, word, now.get()));
-                } else if rec.is_clean(&self.shared) != (word & CLEAN != 0) {
+                } else if rec.is_clean(&self.policy) != (word & CLEAN != 0) {
                     self.word.store(word ^ CLEAN, Ordering::Release);
                 }
             }
@@ -547,7 +555,7 @@ impl Breaker {
 
     /// The open period after `reopens` consecutive re-opens.
     fn open_period(&self, reopens: u32) -> Duration {
-        let config = &self.shared.config;
+        let config = &*self.policy;
         let growth = config.reset_multiplier.powi(reopens.min(1024) as i32);
         let base = if growth.is_finite() {
             config.reset_timeout.as_secs_f64() * growth
@@ -617,8 +625,7 @@ impl Breaker {
                 CircuitState::ForcedOpen => {
                     self.set_state(word, mode);
                     rec.probes_in_flight = 0;
-                    (!from.refusing())
-                        .then_some(Change::Opened(self.shared.config.reset_timeout, mode))
+                    (!from.refusing()).then_some(Change::Opened(self.policy.reset_timeout, mode))
                 }
                 _ => {
                     let keeps_windows = from.records() && mode.records() && !fresh;
@@ -718,7 +725,7 @@ impl Breaker {
     /// How long until a call may pass, if one may not now.
     pub(crate) fn retry_after(&self, now: Instant) -> Option<Duration> {
         match self.state() {
-            CircuitState::ForcedOpen => Some(self.shared.config.reset_timeout),
+            CircuitState::ForcedOpen => Some(self.policy.reset_timeout),
             CircuitState::Open => {
                 let until = self.open_until.load(Ordering::Acquire);
                 Some(Duration::from_nanos(
@@ -727,7 +734,7 @@ impl Breaker {
             }
             CircuitState::HalfOpen => {
                 let rec = self.record.lock();
-                (rec.probes_in_flight >= self.shared.config.half_open_max_calls)
+                (rec.probes_in_flight >= self.policy.half_open_max_calls)
                     .then(|| self.half_open_retry_after())
             }
             _ => None,

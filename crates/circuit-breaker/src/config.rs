@@ -1,6 +1,7 @@
 //! Configuration of [`CircuitBreakerLayer`](crate::CircuitBreakerLayer): the
 //! builder, its defaults and its validation.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,10 +122,30 @@ fn rate_ok(rate: f64) -> bool {
 }
 
 impl Config {
+    /// Validates the whole configuration: the policy, the registry-wide
+    /// settings, and the idle timeout against this policy's open periods.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.name.is_empty() {
             return Err(ConfigError::new("name", "must not be empty"));
         }
+        self.validate_policy()?;
+        self.bounds.validate().map_err(|e| e.in_section("bounds"))?;
+        self.check_idle_timeout("max_reset_timeout")
+    }
+
+    /// This configuration with the trip, reset and half-open knobs of
+    /// `policy` (the registry-wide settings stay this one's).
+    pub(crate) fn with_policy_of(&self, policy: &Config) -> Config {
+        Config {
+            name: Arc::clone(&self.name),
+            key_by: self.key_by.clone(),
+            bounds: self.bounds,
+            ..policy.clone()
+        }
+    }
+
+    /// Validates the trip, reset and half-open knobs.
+    fn validate_policy(&self) -> Result<(), ConfigError> {
         if self.failure_threshold == Some(0) {
             return Err(ConfigError::new(
                 "failure_threshold",
@@ -231,14 +252,18 @@ impl Config {
         if self.success_threshold == 0 {
             return Err(ConfigError::new("success_threshold", "must be at least 1"));
         }
-        self.bounds.validate().map_err(|e| e.in_section("bounds"))?;
+        Ok(())
+    }
+
+    /// An open circuit untouched for an idle period is evicted and comes
+    /// back closed: the longest open period of this policy must fit inside
+    /// one. `max_reset_field` names this policy's `max_reset_timeout`.
+    fn check_idle_timeout(&self, max_reset_field: &str) -> Result<(), ConfigError> {
         if let Some(idle) = self.bounds.idle_timeout {
-            // An open circuit untouched for an idle period is evicted and comes
-            // back closed: the longest open period must fit inside one.
             let longest = self.max_reset_timeout.mul_f64(1.0 + self.jitter);
             if idle <= longest {
                 return Err(ConfigError::new(
-                    "bounds.idle_timeout, max_reset_timeout",
+                    format!("bounds.idle_timeout, {max_reset_field}"),
                     "idle_timeout must be longer than the longest open period (max_reset_timeout plus jitter), \
                      or an open circuit could be evicted and forgotten",
                 ));
@@ -290,6 +315,16 @@ pub struct CircuitBreakerBuilder<C = McpClassifier> {
     events: Events,
     sync: Option<Arc<dyn StateSync>>,
     classifier: C,
+    tool_overrides: Vec<ToolOverride>,
+}
+
+/// A closure given to [`CircuitBreakerBuilder::tool`].
+type Configure = Box<dyn FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder + Send>;
+
+/// One call of [`CircuitBreakerBuilder::tool`], applied at `build`.
+struct ToolOverride {
+    tool: String,
+    configure: Configure,
 }
 
 impl Default for CircuitBreakerBuilder<McpClassifier> {
@@ -299,17 +334,24 @@ impl Default for CircuitBreakerBuilder<McpClassifier> {
             events: Events::new(),
             sync: None,
             classifier: McpClassifier::new(),
+            tool_overrides: Vec::new(),
         }
     }
 }
 
 impl<C: fmt::Debug> fmt::Debug for CircuitBreakerBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tools: Vec<&str> = self
+            .tool_overrides
+            .iter()
+            .map(|o| o.tool.as_str())
+            .collect();
         f.debug_struct("CircuitBreakerBuilder")
             .field("config", &self.config)
             .field("events", &self.events)
             .field("sync", &self.sync.is_some())
             .field("classifier", &self.classifier)
+            .field("tool_overrides", &tools)
             .finish()
     }
 }
@@ -454,15 +496,144 @@ impl<C> CircuitBreakerBuilder<C> {
             events: self.events,
             sync: self.sync,
             classifier,
+            tool_overrides: self.tool_overrides,
         }
     }
 
+    /// Gives the breakers of `tool` their own trip, reset and half-open
+    /// policy. Default: no overrides (every breaker uses this builder's).
+    ///
+    /// At [`build`](Self::build), `configure` receives a fresh builder
+    /// carrying this builder's final policy values (so the order of the
+    /// calls does not matter), and the policy knobs of the builder it
+    /// returns become the tool's: `failure_threshold`,
+    /// `failure_rate_threshold`, `count_window`, `time_window`,
+    /// `slow_call_duration`, `slow_call_rate_threshold`, `minimum_calls`,
+    /// `reset_timeout`, `reset_multiplier`, `max_reset_timeout`, `jitter`,
+    /// `half_open_max_calls` and `success_threshold`. The registry-wide
+    /// settings always come from this builder: `name`, `key_by`, `bounds`,
+    /// `events`, `sync` and the classifier; setting them inside `configure`
+    /// has no effect. Calling `tool` again for the same tool applies both
+    /// closures, in order.
+    ///
+    /// The override applies to every key whose tool is `tool`: the key
+    /// `tool` with [`KeyBy::Tool`], every `session/tool` with
+    /// [`KeyBy::SessionTool`]. The policy is chosen once, when a key's
+    /// breaker is created, so it costs nothing per call. Keys past the
+    /// bound share the overflow breaker, which keeps this builder's policy.
+    ///
+    /// `build` validates each tool's policy like this builder's, the error
+    /// naming `tools.<tool>.<field>`; it also checks that `bounds.idle_timeout`
+    /// outlasts each tool's longest open period. With [`KeyBy::Server`] or
+    /// [`KeyBy::Custom`] keys name no tool, so `build` refuses overrides,
+    /// naming `key_by`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use tower::{Layer, ServiceExt};
+    /// use toolwarden_core::{jsonrpc::Request, testing::{MockMcp, Step}};
+    /// use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
+    ///
+    /// let layer = CircuitBreakerLayer::builder()
+    ///     .failure_threshold(5)
+    ///     // A tool that must stop being called quickly.
+    ///     .tool("delete_repo", |b| b.failure_threshold(1).minimum_calls(1))
+    ///     .build()
+    ///     .unwrap();
+    /// let mock = MockMcp::new()
+    ///     .default_step("delete_repo", Step::tool_error("Error executing tool delete_repo: boom"))
+    ///     .default_step("search", Step::tool_error("Error executing tool search: boom"));
+    /// let svc = layer.layer(mock);
+    /// for tool in ["delete_repo", "search"] {
+    ///     let _ = svc.clone().oneshot(Request::tool_call(1, tool, json!({}))).await;
+    /// }
+    /// let registry = layer.registry();
+    /// assert_eq!(registry.state("delete_repo"), Some(CircuitState::Open));
+    /// assert_eq!(registry.state("search"), Some(CircuitState::Closed));
+    ///
+    /// let err = CircuitBreakerLayer::builder()
+    ///     .tool("delete_repo", |b| b.reset_timeout(Duration::ZERO))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.field(), "tools.delete_repo.reset_timeout");
+    /// # }
+    /// ```
+    pub fn tool(
+        mut self,
+        tool: impl Into<String>,
+        configure: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder + Send + 'static,
+    ) -> Self {
+        self.tool_overrides.push(ToolOverride {
+            tool: tool.into(),
+            configure: Box::new(configure),
+        });
+        self
+    }
+
     /// Validates the configuration and builds the layer (and its registry).
+    /// The error names the bad field (`tools.<tool>.<field>` for a tool's
+    /// override, see [`tool`](Self::tool)).
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
         self.config.validate()?;
-        let registry = CircuitRegistry::new(self.config, self.events, self.sync);
+        let tool_policies = tool_policies(&self.config, self.tool_overrides)?;
+        let registry = CircuitRegistry::new(self.config, tool_policies, self.events, self.sync);
         Ok(CircuitBreakerLayer::from_parts(registry, self.classifier))
     }
+}
+
+/// Applies the overrides of [`CircuitBreakerBuilder::tool`] to `config` (the
+/// validated configuration of the outer builder) and validates each tool's
+/// policy.
+fn tool_policies(
+    config: &Config,
+    overrides: Vec<ToolOverride>,
+) -> Result<HashMap<Box<str>, Arc<Config>>, ConfigError> {
+    if overrides.is_empty() {
+        return Ok(HashMap::new());
+    }
+    if !matches!(config.key_by, KeyBy::Tool | KeyBy::SessionTool) {
+        return Err(ConfigError::new(
+            "key_by",
+            "per-tool overrides need keys that name a tool (KeyBy::Tool or KeyBy::SessionTool)",
+        ));
+    }
+    // Every closure of one tool, in the order given, each on the previous one's result.
+    let mut builders: Vec<(String, CircuitBreakerBuilder)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for ToolOverride { tool, configure } in overrides {
+        let i = *index.entry(tool.clone()).or_insert_with(|| {
+            let fresh = CircuitBreakerBuilder {
+                config: config.clone(),
+                ..CircuitBreakerBuilder::default()
+            };
+            builders.push((tool, fresh));
+            builders.len() - 1
+        });
+        let slot = &mut builders[i].1;
+        *slot = configure(std::mem::take(slot));
+    }
+    let mut policies = HashMap::with_capacity(builders.len());
+    for (tool, built) in builders {
+        if tool.is_empty() {
+            return Err(ConfigError::new("tools", "a tool name must not be empty"));
+        }
+        let section = format!("tools.{tool}");
+        if !built.tool_overrides.is_empty() {
+            return Err(ConfigError::new(
+                format!("{section}.tools"),
+                "per-tool overrides do not nest",
+            ));
+        }
+        let policy = config.with_policy_of(&built.config);
+        policy
+            .validate_policy()
+            .map_err(|e| e.in_section(&section))?;
+        policy.check_idle_timeout(&format!("{section}.max_reset_timeout"))?;
+        policies.insert(tool.into_boxed_str(), Arc::new(policy));
+    }
+    Ok(policies)
 }
 
 #[cfg(test)]
@@ -535,6 +706,91 @@ mod tests {
             field_of(b().failure_threshold(None).failure_rate_threshold(None)),
             "failure_threshold, failure_rate_threshold, slow_call_duration"
         );
+    }
+
+    #[test]
+    fn bad_tool_values_name_the_tool_and_field() {
+        let b = CircuitBreakerBuilder::new;
+        assert_eq!(
+            field_of(b().tool("search", |t| t.failure_threshold(0))),
+            "tools.search.failure_threshold"
+        );
+        assert_eq!(
+            field_of(b().tool("search", |t| t.jitter(2.0))),
+            "tools.search.jitter"
+        );
+        assert_eq!(
+            field_of(b().tool("search", |t| t.minimum_calls(21))),
+            "tools.search.minimum_calls, count_window"
+        );
+        // The tool's values are checked against the outer builder's final ones.
+        assert_eq!(
+            field_of(
+                b().tool("search", |t| t.max_reset_timeout(Duration::from_secs(60)))
+                    .reset_timeout(Duration::from_secs(90))
+                    .max_reset_timeout(Duration::from_secs(400))
+            ),
+            "tools.search.max_reset_timeout"
+        );
+        // The idle timeout must outlast each tool's longest open period.
+        let idle = Bounds::max_keys(10).idle_timeout(Some(Duration::from_secs(120)));
+        assert!(b()
+            .reset_timeout(Duration::from_secs(10))
+            .max_reset_timeout(Duration::from_secs(60))
+            .bounds(idle)
+            .build()
+            .is_ok());
+        assert_eq!(
+            field_of(
+                b().reset_timeout(Duration::from_secs(10))
+                    .max_reset_timeout(Duration::from_secs(60))
+                    .bounds(idle)
+                    .tool("search", |t| t.max_reset_timeout(Duration::from_secs(300)))
+            ),
+            "bounds.idle_timeout, tools.search.max_reset_timeout"
+        );
+        assert_eq!(field_of(b().tool("", |t| t)), "tools");
+        assert_eq!(
+            field_of(b().tool("a", |t| t.tool("b", |u| u))),
+            "tools.a.tools"
+        );
+        // The outer builder's errors come first and are not prefixed.
+        assert_eq!(
+            field_of(b().jitter(2.0).tool("search", |t| t.jitter(0.0))),
+            "jitter"
+        );
+        // Registry-wide settings set in the closure are not the tool's to change.
+        assert!(b()
+            .tool("search", |t| t.name("").bounds(Bounds::max_keys(0)))
+            .build()
+            .is_ok());
+    }
+
+    #[test]
+    fn tool_policies_keep_the_registry_wide_settings() {
+        let outer = Config {
+            name: "upstream".into(),
+            key_by: KeyBy::SessionTool,
+            ..Config::default()
+        };
+        let overrides = vec![ToolOverride {
+            tool: "search".into(),
+            configure: Box::new(|b: CircuitBreakerBuilder| {
+                b.name("other")
+                    .key_by(KeyBy::Server)
+                    .failure_threshold(2)
+                    .reset_timeout(Duration::from_secs(7))
+                    .max_reset_timeout(Duration::from_secs(70))
+            }),
+        }];
+        let policies = tool_policies(&outer, overrides).unwrap();
+        let search = &policies["search"];
+        assert_eq!(&*search.name, "upstream");
+        assert!(matches!(search.key_by, KeyBy::SessionTool));
+        assert_eq!(search.failure_threshold, Some(2));
+        assert_eq!(search.reset_timeout, Duration::from_secs(7));
+        assert_eq!(search.max_reset_timeout, Duration::from_secs(70));
+        assert_eq!(search.minimum_calls, outer.minimum_calls);
     }
 
     #[test]

@@ -26,6 +26,13 @@
 //!   **ForcedOpen** (everything refused), **MetricsOnly** (recorded and
 //!   reported, never refuses), set through the [`CircuitRegistry`].
 //!
+//! Every breaker follows the builder's policy, unless its tool has one of
+//! its own: [`CircuitBreakerBuilder::tool`] overrides the trip, reset and
+//! half-open knobs per tool (with keys per tool or per session and tool),
+//! validated at `build` like the rest, chosen once when a breaker is
+//! created. The registry-wide settings (name, key function, bounds, events,
+//! sync, classifier) are the builder's alone.
+//!
 //! Transitions are reported through the core's [`Events`](toolwarden_core::Events)
 //! (`circuit_opened`, `circuit_half_open`, `circuit_closed`) and, for
 //! sharing between replicas, through a [`StateSync`]; remote transitions

@@ -17,7 +17,13 @@ use crate::sync::{RemoteTransition, StateSync};
 /// What every breaker of a registry shares (each breaker holds an `Arc` of
 /// it, taken when the breaker is created, never per call).
 pub(crate) struct Shared {
-    pub(crate) config: Config,
+    /// The registry-wide settings, and the policy of every breaker whose
+    /// tool has no override.
+    pub(crate) config: Arc<Config>,
+    /// The policies of the tools with an override (see
+    /// [`CircuitBreakerBuilder::tool`](crate::CircuitBreakerBuilder::tool)),
+    /// read once when a breaker is created.
+    tool_policies: HashMap<Box<str>, Arc<Config>>,
     pub(crate) events: Events,
     pub(crate) sync: Option<Arc<dyn StateSync>>,
     /// The origin of the breakers' clocks (open deadlines, time buckets).
@@ -25,6 +31,22 @@ pub(crate) struct Shared {
     /// Manual states set by key, so that they outlive idle eviction.
     /// Bounded by `bounds.max_keys`.
     overrides: Mutex<HashMap<Key, CircuitState>>,
+}
+
+impl Shared {
+    /// The policy of a new breaker for `key`: its tool's override, else the
+    /// registry's. Keys that name no tool (and the overflow breaker) get the
+    /// registry's.
+    fn policy_for(&self, key: &Key) -> Arc<Config> {
+        let tool = match key {
+            Key::Tool(tool) | Key::SessionTool(_, tool) => Some(&**tool),
+            Key::Server | Key::Custom(_) | Key::Overflow => None,
+        };
+        let policy = tool
+            .and_then(|tool| self.tool_policies.get(tool))
+            .unwrap_or(&self.config);
+        Arc::clone(policy)
+    }
 }
 
 struct Inner {
@@ -66,6 +88,7 @@ impl fmt::Debug for CircuitRegistry {
             .field("name", &self.inner.shared.config.name)
             .field("breakers", &self.inner.breakers)
             .field("config", &self.inner.shared.config)
+            .field("tool_policies", &self.inner.shared.tool_policies)
             .finish()
     }
 }
@@ -93,10 +116,16 @@ impl RegistrySnapshot {
 }
 
 impl CircuitRegistry {
-    pub(crate) fn new(config: Config, events: Events, sync: Option<Arc<dyn StateSync>>) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        tool_policies: HashMap<Box<str>, Arc<Config>>,
+        events: Events,
+        sync: Option<Arc<dyn StateSync>>,
+    ) -> Self {
         let bounds = config.bounds;
         let shared = Arc::new(Shared {
-            config,
+            config: Arc::new(config),
+            tool_policies,
             events,
             sync,
             epoch: Instant::now(),
@@ -110,7 +139,8 @@ impl CircuitRegistry {
                 .get(key)
                 .copied()
                 .unwrap_or(CircuitState::Closed);
-            Breaker::new(key.clone(), Arc::clone(&make_shared), initial)
+            let policy = make_shared.policy_for(key);
+            Breaker::new(key.clone(), Arc::clone(&make_shared), policy, initial)
         });
         CircuitRegistry {
             inner: Arc::new(Inner { breakers, shared }),

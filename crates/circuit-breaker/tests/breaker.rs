@@ -776,3 +776,118 @@ async fn changes_for_keys_past_the_bound_leave_the_shared_breaker_alone() {
     registry.force_open("(overflow)");
     assert!(refusal(&call(&mut svc, "third").await.unwrap_err()).is_some());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tool_override_trips_its_own_breakers_only() {
+    let layer = consecutive(5)
+        .tool("fragile", |b| b.failure_threshold(2))
+        .build()
+        .unwrap();
+    let up = Scripted::new();
+    let mut svc = layer.layer(up.clone());
+    fail_times(&mut svc, &up, "fragile", Reply::ServerError, 2).await;
+    fail_times(&mut svc, &up, "sturdy", Reply::ServerError, 4).await;
+    let registry = layer.registry();
+    assert_eq!(registry.state("fragile"), Some(CircuitState::Open));
+    assert_eq!(registry.state("sturdy"), Some(CircuitState::Closed));
+    assert!(refusal(&call(&mut svc, "fragile").await.unwrap_err()).is_some());
+    // The default policy still trips at 5.
+    fail_times(&mut svc, &up, "sturdy", Reply::ServerError, 1).await;
+    assert_eq!(registry.state("sturdy"), Some(CircuitState::Open));
+    assert_eq!(up.calls(), 7);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tool_override_applies_to_every_session_of_the_tool() {
+    let layer = consecutive(5)
+        .key_by(KeyBy::SessionTool)
+        .tool("fragile", |b| b.failure_threshold(1))
+        .build()
+        .unwrap();
+    let up = Scripted::new();
+    up.set("fragile", Reply::ServerError);
+    up.set("sturdy", Reply::ServerError);
+    let mut svc = layer.layer(up.clone());
+    for (session, tool) in [("s1", "fragile"), ("s2", "fragile"), ("s1", "sturdy")] {
+        let mut r = req(tool);
+        toolwarden_core::McpRequest::insert_extension(&mut r, SessionKey::from(session));
+        let _ = svc.ready().await.unwrap().call(r).await;
+    }
+    let registry = layer.registry();
+    assert_eq!(registry.state("s1/fragile"), Some(CircuitState::Open));
+    assert_eq!(registry.state("s2/fragile"), Some(CircuitState::Open));
+    assert_eq!(registry.state("s1/sturdy"), Some(CircuitState::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tool_override_sets_its_own_open_period() {
+    // The override is given before the outer policy is finished: the closure
+    // sees the outer builder's final values (here failure_threshold 1).
+    let layer = CircuitBreakerLayer::builder()
+        .tool("slow_to_heal", |b| b.reset_timeout(secs(120)))
+        .failure_threshold(1)
+        .failure_rate_threshold(None)
+        .count_window(None)
+        .minimum_calls(1)
+        .reset_timeout(secs(30))
+        .jitter(0.0)
+        .build()
+        .unwrap();
+    let up = Scripted::new();
+    let mut svc = layer.layer(up.clone());
+    fail_times(&mut svc, &up, "slow_to_heal", Reply::ServerError, 1).await;
+    fail_times(&mut svc, &up, "other", Reply::ServerError, 1).await;
+    let retry_after = |err: toolwarden_core::BoxError| refusal(&err).unwrap().retry_after();
+    assert_eq!(
+        retry_after(call(&mut svc, "slow_to_heal").await.unwrap_err()),
+        Some(secs(120))
+    );
+    assert_eq!(
+        retry_after(call(&mut svc, "other").await.unwrap_err()),
+        Some(secs(30))
+    );
+    tokio::time::advance(secs(30)).await;
+    up.set("other", Reply::Ok);
+    up.set("slow_to_heal", Reply::Ok);
+    call(&mut svc, "other").await.unwrap(); // its probe passes and closes it
+    assert_eq!(
+        retry_after(call(&mut svc, "slow_to_heal").await.unwrap_err()),
+        Some(secs(90))
+    );
+    let snap = layer.registry().snapshot();
+    assert_eq!(
+        snap.circuit("slow_to_heal").unwrap().open_period_seconds,
+        Some(120.0)
+    );
+    assert_eq!(snap.circuit("other").unwrap().state, CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overrides_of_one_tool_apply_in_order() {
+    let layer = consecutive(5)
+        .tool("t", |b| b.failure_threshold(2).reset_timeout(secs(60)))
+        .tool("t", |b| b.failure_threshold(3))
+        .build()
+        .unwrap();
+    let up = Scripted::new();
+    let mut svc = layer.layer(up.clone());
+    fail_times(&mut svc, &up, "t", Reply::ServerError, 2).await;
+    assert_eq!(layer.registry().state("t"), Some(CircuitState::Closed));
+    fail_times(&mut svc, &up, "t", Reply::ServerError, 1).await;
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert_eq!(refusal(&err).unwrap().retry_after(), Some(secs(60)));
+}
+
+#[test]
+fn tool_overrides_need_keys_that_name_a_tool() {
+    for key_by in [KeyBy::Server, KeyBy::custom(|_| "all".to_owned())] {
+        let err = consecutive(5)
+            .key_by(key_by)
+            .tool("t", |b| b.failure_threshold(1))
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "key_by");
+    }
+    // Without overrides those key functions are fine.
+    assert!(consecutive(5).key_by(KeyBy::Server).build().is_ok());
+}

@@ -12,7 +12,12 @@
 //!   binary of this package) → server-everything (its child).
 //!
 //! For each: sequential calls (p50, p99, calls/s) and 8 concurrent callers
-//! (p50, p99, calls/s). The added latency is proxied minus direct. Without
+//! (p50, p99, calls/s). The added latency is proxied minus direct. The
+//! proxy runs its whole standard stack with the default configuration but
+//! for the rate limit, switched off (`TOOLWARDEN_RATE_LIMIT_ENABLED=false`):
+//! the harness calls far above the default quota of 50 calls/s per tool, and
+//! refusals would measure the wrong path. Each call echoes a different
+//! message, as an agent's calls would, so the loop guard sees no repeats. Without
 //! `--bench` (what `cargo test --benches` passes) it makes a handful of calls
 //! as a smoke test.
 
@@ -20,6 +25,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest};
@@ -27,6 +33,7 @@ use rmcp::service::RunningService;
 use rmcp::transport::TokioChildProcess;
 use rmcp::{RoleClient, ServiceExt as _};
 use serde_json::json;
+use toolwarden_core::McpResponse as _;
 use toolwarden_rmcp::RmcpClient;
 use tower::ServiceExt as _;
 
@@ -38,14 +45,25 @@ struct Plan {
 }
 
 fn echo() -> ClientRequest {
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
     let mut params = CallToolRequestParams::new("echo");
-    params.arguments = json!({"message": "bench"}).as_object().cloned();
+    params.arguments = json!({"message": format!("bench {n}")})
+        .as_object()
+        .cloned();
     ClientRequest::CallToolRequest(CallToolRequest::new(params))
 }
 
-async fn connect(program: &PathBuf, args: &[&str]) -> RunningService<RoleClient, ()> {
+async fn connect(
+    program: &PathBuf,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> RunningService<RoleClient, ()> {
     let mut command = tokio::process::Command::new(program);
-    command.args(args).env("RUST_LOG", "error");
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "error");
     let (transport, _) = TokioChildProcess::builder(command)
         .stderr(Stdio::null())
         .spawn()
@@ -61,7 +79,10 @@ async fn call(client: &RmcpClient) -> Duration {
     let result = tokio::time::timeout(Duration::from_secs(30), client.clone().oneshot(echo()))
         .await
         .expect("a call within 30 s");
-    assert!(result.is_ok(), "echo failed: {result:?}");
+    match &result {
+        Ok(answer) => assert!(!answer.is_tool_error(), "echo refused: {answer:?}"),
+        Err(e) => panic!("echo failed: {e}"),
+    }
     start.elapsed()
 }
 
@@ -170,12 +191,17 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let direct = connect(&server, &["stdio"]).await;
+        let direct = connect(&server, &["stdio"], &[]).await;
         let direct_figures = measure(&RmcpClient::new(direct.peer().clone()), &plan).await;
         let _ = direct.cancel().await;
 
         let server_arg = server.to_str().unwrap();
-        let proxied = connect(&proxy, &["run", "--", server_arg, "stdio"]).await;
+        let proxied = connect(
+            &proxy,
+            &["run", "--", server_arg, "stdio"],
+            &[("TOOLWARDEN_RATE_LIMIT_ENABLED", "false")],
+        )
+        .await;
         let proxied_figures = measure(&RmcpClient::new(proxied.peer().clone()), &plan).await;
         let _ = proxied.cancel().await;
 

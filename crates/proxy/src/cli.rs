@@ -263,7 +263,16 @@ async fn run(args: RunArgs) -> ExitCode {
 }
 
 fn check_config(args: &CheckConfigArgs) -> ExitCode {
-    match Config::load(Some(&args.file), process_env()) {
+    // The file's values, then what only the built stack can check (the
+    // cross-field rules of the layers and of the stack).
+    let loaded = Config::load(Some(&args.file), process_env()).map_err(|e| e.to_string());
+    let checked = loaded.and_then(|config| {
+        let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+        crate::stack::standard_stack(&config, &shared)
+            .map(|_| config)
+            .map_err(|e| e.to_string())
+    });
+    match checked {
         Ok(config) => {
             if args.print {
                 match toml::to_string(&config) {

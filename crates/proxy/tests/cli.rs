@@ -155,10 +155,42 @@ fn the_demo_runs_and_prints_a_table_per_tool() {
         .split("what happened, per tool")
         .nth(1)
         .expect("the demo ends with its table");
-    for tool in ["flaky_search", "slow_report", "quota_api", "delete_record"] {
-        assert!(table.contains(tool), "{tool} missing from:\n{table}");
-    }
-    // It showed progress while running and what the tools answered.
-    assert!(stdout.contains("progress"), "{stdout}");
-    assert!(stdout.contains("temporarily unavailable"), "{stdout}");
+    // A row: tool, calls, ok, stale, failed, refused, reached, retries,
+    // "N open/M cl", stale served, loops, limited, degraded.
+    let row = |tool: &str| -> Vec<u64> {
+        let line = table
+            .lines()
+            .find(|l| l.trim_start().starts_with(tool))
+            .unwrap_or_else(|| panic!("{tool} missing from:\n{table}"));
+        line.split(|c: char| !c.is_ascii_digit())
+            .filter(|n| !n.is_empty())
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    let [calls, ok, stale, _failed, _refused, _reached, _retries, opened, closed, stale_served, _loops, _limited, _degraded] =
+        row("flaky_search")[..]
+    else {
+        panic!("a flaky_search row of 13 numbers:\n{table}");
+    };
+    // The outage is bridged by the cache while the breaker is open, and the
+    // breaker closes again once the backend is back.
+    assert_eq!(calls, ok + stale, "every search answered:\n{table}");
+    assert!(stale > 0 && stale_served == stale, "{table}");
+    assert!(opened >= 1 && closed >= 1, "{table}");
+    let quota = row("quota_api");
+    assert!(quota[11] > 0, "rate limited:\n{table}");
+    let delete = row("delete_record");
+    assert_eq!(delete[0], 6, "{table}");
+    assert!(
+        delete[10] >= 1,
+        "the failing delete loop is blocked:\n{table}"
+    );
+    assert!(
+        delete[6] < 6,
+        "not every delete reached the server:\n{table}"
+    );
+    let slow = row("slow_report");
+    assert_eq!((slow[0], slow[1]), (1, 1), "{table}");
+    // It showed progress while running.
+    assert!(stdout.contains("↳ progress 3/3"), "{stdout}");
 }

@@ -148,16 +148,28 @@ async fn server_everything_over_stdio_through_the_proxy() {
         text.contains("toolwarden_proxy_malformed_messages_total"),
         "{text}"
     );
+    // The stack's own metrics: the observability layer's duration histogram
+    // (OpenTelemetry MCP names) for the tools called above.
+    assert!(text.contains("mcp_client_operation_duration"), "{text}");
+    assert!(text.contains("gen_ai_tool_name=\"echo\""), "{text}");
     let (status, report) = health(metrics).await.expect("/health answers");
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["status"], "healthy");
     assert_eq!(report["upstream"]["state"], "up");
+    assert_eq!(report["checks"][0]["name"], "circuits", "{report}");
     let pid = report["upstream"]["pid"].as_u64().expect("the child's pid") as u32;
     let (status, circuits) = http_get(metrics, "/circuits")
         .await
         .expect("/circuits answers");
     assert_eq!(status, 200);
-    assert!(serde_json::from_str::<Value>(&circuits).unwrap()["circuits"].is_array());
+    let circuits: Value = serde_json::from_str(&circuits).unwrap();
+    let echo_circuit = circuits["circuits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["key"] == "echo")
+        .unwrap_or_else(|| panic!("no circuit for echo: {circuits}"));
+    assert_eq!(echo_circuit["state"], "closed", "{circuits}");
 
     // Kill the upstream mid-call: the call is answered, the child restarted.
     proxy
@@ -247,10 +259,34 @@ async fn mcp_server_time_over_stdio_through_the_proxy() {
     assert_eq!(now["result"]["isError"], false, "{now}");
     assert_eq!(now["result"]["structuredContent"]["timezone"], "UTC");
 
-    // mcp-server-time answers an unknown tool with a JSON-RPC error: passed through.
+    // mcp-server-time answers an unknown tool with a JSON-RPC error; the
+    // fallback cache (degrade = true by default) turns it into a result the
+    // model reads: the server's error, its class, what to change.
     let unknown = proxy.call(3, "nope", json!({})).await;
+    assert_eq!(unknown["result"]["isError"], true, "{unknown}");
+    let facts = &unknown["result"]["structuredContent"]["toolwarden"];
+    assert_eq!(facts["class"], "client", "{unknown}");
+    let error = facts["error"].as_str().unwrap();
+    assert!(
+        error.contains("-32602") && error.contains("Unknown tool: nope"),
+        "{unknown}"
+    );
+    // With degraded answers off, the server's JSON-RPC error passes through.
+    let mut plain = Proxy::start(
+        &[
+            "run",
+            "--",
+            bin.to_str().unwrap(),
+            "--local-timezone",
+            "UTC",
+        ],
+        &[("TOOLWARDEN_FALLBACK_CACHE_DEGRADE", "false")],
+    );
+    plain.initialize().await;
+    let unknown = plain.call(3, "nope", json!({})).await;
     assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
     assert_eq!(unknown["error"]["message"], "Unknown tool: nope");
+    assert!(plain.terminate().await.success());
 
     // A tool failure stays the server's isError result.
     let bad = proxy

@@ -13,7 +13,7 @@ use toolwarden_core::{Attempt, BoxError, CallKind, Classify, Event, McpRequest};
 use tower_service::Service;
 
 use crate::layer::{BudgetHandle, Shared};
-use crate::policy::Verdict;
+use crate::policy::{PolicyIndex, Verdict};
 
 pin_project! {
     /// Response future of [`RetryBackoff`](crate::RetryBackoff): drives one
@@ -84,10 +84,28 @@ impl Timer {
     }
 }
 
+/// What [`RetryBackoff::call`](crate::RetryBackoff) hands to the future of
+/// a call that may be retried.
+pub(crate) struct RetryState<R> {
+    /// The request as received, without an [`Attempt`].
+    pub(crate) request: R,
+    /// The knobs the call follows.
+    pub(crate) policy: PolicyIndex,
+    /// Their `base_delay`: the "previous delay" of the first retry.
+    pub(crate) base_delay: Duration,
+    /// When the first attempt started.
+    pub(crate) started: Instant,
+    /// The budget its retries withdraw from.
+    pub(crate) budget: BudgetHandle,
+}
+
 /// What a call that may be retried keeps between attempts.
 struct Retry<R, Resp> {
     /// The request as received, without an [`Attempt`].
     request: R,
+    /// The attempts, backoff, deadline and classes of this call (its
+    /// tool's or the layer's), chosen when the call was made.
+    policy: PolicyIndex,
     /// When the first attempt started: the deadline counts from here.
     started: Instant,
     budget: BudgetHandle,
@@ -106,7 +124,7 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         // `build` bounds the deadline, so this does not overflow; if it
         // did, no retry would be made.
         self.started
-            .checked_add(shared.policy.deadline)
+            .checked_add(shared.policy.get(self.policy).deadline)
             .unwrap_or(self.started)
     }
 
@@ -131,6 +149,7 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         let remaining = self.deadline(shared).saturating_duration_since(now);
         let rng = self.rng.get_or_insert_with(|| shared.rng());
         let verdict = shared.policy.verdict(
+            shared.policy.get(self.policy),
             &self.request,
             &outcome,
             self.attempt,
@@ -189,26 +208,26 @@ impl<S, R, C> ResponseFuture<S, R, C>
 where
     S: Service<R>,
 {
-    /// `retry` is `(request, started, budget)` for a call that may be
-    /// retried, `None` for one that may not.
+    /// `retry` is set for a call that may be retried, `None` for one that
+    /// may not.
     pub(crate) fn new(
         future: S::Future,
         service: S,
         shared: Arc<Shared<C>>,
-        retry: Option<(R, Instant, BudgetHandle)>,
+        retry: Option<RetryState<R>>,
     ) -> Self {
-        let base = shared.policy.backoff.base;
         ResponseFuture {
             state: State::Called { future },
             timer: Timer::Idle,
             service,
             shared,
-            retry: retry.map(|(request, started, budget)| Retry {
-                request,
-                started,
-                budget,
+            retry: retry.map(|state| Retry {
+                request: state.request,
+                policy: state.policy,
+                started: state.started,
+                budget: state.budget,
                 attempt: 1,
-                previous: base,
+                previous: state.base_delay,
                 rng: None,
                 last: None,
             }),

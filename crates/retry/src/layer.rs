@@ -15,7 +15,7 @@ use tower_layer::Layer;
 
 use crate::backoff::{Backoff, Jitter};
 use crate::budget::{BudgetConfig, RetryBudget};
-use crate::policy::{Classes, RetryPolicy, DEFAULT_SAFE_METHODS};
+use crate::policy::{CallPolicy, Classes, RetryPolicy, ToolPolicies, DEFAULT_SAFE_METHODS};
 use crate::service::RetryBackoff;
 
 /// The longest deadline `build` accepts.
@@ -69,7 +69,10 @@ impl RetryBackoffLayer {
     /// hint, and the read-only methods of [`DEFAULT_SAFE_METHODS`].
     pub fn new() -> Self {
         RetryBackoffLayer {
-            shared: Arc::new(Shared::from_builder(RetryBackoffBuilder::new())),
+            shared: Arc::new(Shared::from_builder(
+                RetryBackoffBuilder::new(),
+                ToolPolicies::default(),
+            )),
         }
     }
 
@@ -126,7 +129,9 @@ pub(crate) struct Shared<C> {
 }
 
 impl<C> Shared<C> {
-    fn from_builder(b: RetryBackoffBuilder<C>) -> Self {
+    /// `tools` are the validated per-tool knobs (see [`RetryBackoffBuilder::tool`]).
+    fn from_builder(b: RetryBackoffBuilder<C>, tools: ToolPolicies) -> Self {
+        let call = b.call_policy();
         let budget = match (b.budget, b.budget_key) {
             (None, _) => Budgets::Off,
             // `build` validated the configuration (the defaults are valid).
@@ -138,14 +143,8 @@ impl<C> Shared<C> {
         };
         Shared {
             policy: RetryPolicy {
-                backoff: Backoff {
-                    base: b.base_delay,
-                    max: b.max_delay,
-                    jitter: b.jitter,
-                },
-                max_attempts: b.max_attempts,
-                deadline: b.deadline,
-                classes: b.classes,
+                call,
+                tools,
                 catalog: b.catalog,
                 tool_overrides: b.tool_overrides,
                 safe_methods: b.safe_methods,
@@ -251,10 +250,21 @@ pub struct RetryBackoffBuilder<C = McpClassifier> {
     budget_key: Option<(KeyBy, Bounds)>,
     events: Events,
     classifier: C,
+    tool_policies: Vec<ToolOverride>,
+}
+
+/// A closure given to [`RetryBackoffBuilder::tool`].
+type Configure = Box<dyn FnOnce(RetryBackoffBuilder) -> RetryBackoffBuilder + Send>;
+
+/// One call of [`RetryBackoffBuilder::tool`], applied at `build`.
+struct ToolOverride {
+    tool: String,
+    configure: Configure,
 }
 
 impl<C> fmt::Debug for RetryBackoffBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tools: Vec<&str> = self.tool_policies.iter().map(|o| o.tool.as_str()).collect();
         f.debug_struct("RetryBackoffBuilder")
             .field("max_attempts", &self.max_attempts)
             .field("base_delay", &self.base_delay)
@@ -264,6 +274,7 @@ impl<C> fmt::Debug for RetryBackoffBuilder<C> {
             .field("classes", &self.classes)
             .field("catalog", &self.catalog)
             .field("budget", &self.budget)
+            .field("tool_policies", &tools)
             .finish_non_exhaustive()
     }
 }
@@ -292,6 +303,7 @@ impl RetryBackoffBuilder {
             budget_key: None,
             events: Events::new(),
             classifier: McpClassifier::new(),
+            tool_policies: Vec::new(),
         }
     }
 }
@@ -442,12 +454,95 @@ impl<C> RetryBackoffBuilder<C> {
             budget_key: self.budget_key,
             events: self.events,
             classifier,
+            tool_policies: self.tool_policies,
         }
     }
 
-    /// Checks the configuration and builds the layer. The error names the
-    /// bad field (`budget.ratio` for a field of the budget).
-    pub fn build(self) -> Result<RetryBackoffLayer<C>, ConfigError> {
+    /// Gives the calls of `tool` their own attempts, delays, deadline and
+    /// failure classes. Default: no overrides (every call follows this
+    /// builder's).
+    ///
+    /// At [`build`](Self::build), `configure` receives a fresh builder
+    /// carrying this builder's final values of `max_attempts`, `base_delay`,
+    /// `max_delay`, `deadline`, `jitter` and `retry_on` (so the order of the
+    /// calls does not matter), and those six knobs of the builder it returns
+    /// become the tool's. Everything else stays layer-wide and comes from
+    /// this builder: the retry budget, the catalog, the `safe_to_repeat`
+    /// overrides, the safe methods, the jitter seed, the events and the
+    /// classifier; setting them inside `configure` has no effect. Calling
+    /// `tool` again for the same tool applies both closures, in order.
+    ///
+    /// `max_attempts(1)` never retries the tool (a call of it then neither
+    /// deposits into nor draws on the budget). An override applies to
+    /// `tools/call` requests naming `tool`; other methods follow this
+    /// builder. The tool's knobs are picked once per call, by a lookup of
+    /// the tool name that is skipped when no tool has an override.
+    ///
+    /// `build` validates each tool's values like this builder's, the error
+    /// naming `tools.<tool>.<field>`.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), toolwarden_core::BoxError> {
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use tower::{Layer, ServiceExt};
+    /// use toolwarden_core::{classify::TransportErrorKind, jsonrpc::Request, testing::{MockMcp, Step}};
+    /// use toolwarden_retry::RetryBackoffLayer;
+    ///
+    /// let retry = RetryBackoffLayer::builder()
+    ///     .max_attempts(3)
+    ///     .tool("send_email", |b| b.max_attempts(1)) // never retried
+    ///     .tool("search", |b| b.deadline(Duration::from_secs(5)))
+    ///     .build()?;
+    /// // Connection refused: safe to repeat for any tool, if its policy allows.
+    /// let refused = Step::Transport(TransportErrorKind::ConnectFailed);
+    /// let upstream = MockMcp::new()
+    ///     .default_step("send_email", refused.clone())
+    ///     .default_step("fetch", refused);
+    /// for (id, tool) in [(1, "send_email"), (2, "fetch")] {
+    ///     let call = Request::tool_call(id, tool, json!({}));
+    ///     assert!(retry.layer(upstream.clone()).oneshot(call).await.is_err());
+    /// }
+    /// assert_eq!(upstream.calls("send_email"), 1);
+    /// assert_eq!(upstream.calls("fetch"), 3);
+    ///
+    /// let err = RetryBackoffLayer::builder()
+    ///     .tool("search", |b| b.max_attempts(0))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.field(), "tools.search.max_attempts");
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tool(
+        mut self,
+        tool: impl Into<String>,
+        configure: impl FnOnce(RetryBackoffBuilder) -> RetryBackoffBuilder + Send + 'static,
+    ) -> Self {
+        self.tool_policies.push(ToolOverride {
+            tool: tool.into(),
+            configure: Box::new(configure),
+        });
+        self
+    }
+
+    /// The knobs a tool may override, as this builder has them.
+    fn call_policy(&self) -> CallPolicy {
+        CallPolicy {
+            backoff: Backoff {
+                base: self.base_delay,
+                max: self.max_delay,
+                jitter: self.jitter,
+            },
+            max_attempts: self.max_attempts,
+            deadline: self.deadline,
+            classes: self.classes,
+        }
+    }
+
+    /// Checks the knobs a tool may override.
+    fn validate_call_policy(&self) -> Result<(), ConfigError> {
         if self.max_attempts == 0 {
             return Err(ConfigError::new("max_attempts", "must be at least 1"));
         }
@@ -475,6 +570,64 @@ impl<C> RetryBackoffBuilder<C> {
                 "must name Transient, Server or both (use max_attempts(1) to disable retries)",
             ));
         }
+        Ok(())
+    }
+
+    /// Applies the overrides of [`tool`](Self::tool) to this builder's
+    /// (validated) knobs and validates each tool's.
+    fn tool_call_policies(&mut self) -> Result<ToolPolicies, ConfigError> {
+        let overrides = std::mem::take(&mut self.tool_policies);
+        if overrides.is_empty() {
+            return Ok(ToolPolicies::default());
+        }
+        // Every closure of one tool, in the order given, each on the previous one's result.
+        let mut builders: Vec<(String, RetryBackoffBuilder)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for ToolOverride { tool, configure } in overrides {
+            let i = *index.entry(tool.clone()).or_insert_with(|| {
+                let fresh = RetryBackoffBuilder {
+                    max_attempts: self.max_attempts,
+                    base_delay: self.base_delay,
+                    max_delay: self.max_delay,
+                    deadline: self.deadline,
+                    jitter: self.jitter,
+                    classes: self.classes,
+                    retry_on_client: self.retry_on_client,
+                    ..RetryBackoffBuilder::new()
+                };
+                builders.push((tool, fresh));
+                builders.len() - 1
+            });
+            let slot = &mut builders[i].1;
+            *slot = configure(std::mem::replace(slot, RetryBackoffBuilder::new()));
+        }
+        let mut policies = ToolPolicies::default();
+        for (tool, built) in builders {
+            if tool.is_empty() {
+                return Err(ConfigError::new("tools", "a tool name must not be empty"));
+            }
+            let section = format!("tools.{tool}");
+            if !built.tool_policies.is_empty() {
+                return Err(ConfigError::new(
+                    format!("{section}.tools"),
+                    "per-tool overrides do not nest",
+                ));
+            }
+            built
+                .validate_call_policy()
+                .map_err(|e| e.in_section(&section))?;
+            policies
+                .insert(tool.into_boxed_str(), built.call_policy())
+                .ok_or_else(|| ConfigError::new("tools", "too many tools"))?;
+        }
+        Ok(policies)
+    }
+
+    /// Checks the configuration and builds the layer. The error names the
+    /// bad field (`budget.ratio` for a field of the budget,
+    /// `tools.<tool>.<field>` for a tool's override, see [`tool`](Self::tool)).
+    pub fn build(mut self) -> Result<RetryBackoffLayer<C>, ConfigError> {
+        self.validate_call_policy()?;
         if let Some(budget) = &self.budget {
             budget.validate().map_err(|e| e.in_section("budget"))?;
         }
@@ -483,8 +636,9 @@ impl<C> RetryBackoffBuilder<C> {
                 .validate()
                 .map_err(|e| e.in_section("budget_per_key"))?;
         }
+        let tools = self.tool_call_policies()?;
         Ok(RetryBackoffLayer {
-            shared: Arc::new(Shared::from_builder(self)),
+            shared: Arc::new(Shared::from_builder(self, tools)),
         })
     }
 }
@@ -492,6 +646,8 @@ impl<C> RetryBackoffBuilder<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+    use toolwarden_core::jsonrpc::Request;
 
     #[test]
     fn defaults_are_documented_values() {
@@ -541,5 +697,84 @@ mod tests {
             field(b().budget_per_key(KeyBy::Tool, Bounds::max_keys(0))),
             "budget_per_key.max_keys"
         );
+    }
+
+    #[test]
+    fn bad_tool_values_name_the_tool_and_field() {
+        let field = |b: RetryBackoffBuilder| b.build().unwrap_err().field().to_owned();
+        let b = RetryBackoffLayer::builder;
+        assert_eq!(
+            field(b().tool("search", |t| t.max_attempts(0))),
+            "tools.search.max_attempts"
+        );
+        assert_eq!(
+            field(b().tool("search", |t| t.base_delay(Duration::ZERO))),
+            "tools.search.base_delay"
+        );
+        // Checked against the outer builder's final values, whatever the order.
+        assert_eq!(
+            field(
+                b().tool("search", |t| t.base_delay(Duration::from_secs(20)))
+                    .max_delay(Duration::from_secs(15))
+            ),
+            "tools.search.max_delay"
+        );
+        assert_eq!(
+            field(b().tool("search", |t| t.deadline(Duration::from_secs(24 * 3600 + 1)))),
+            "tools.search.deadline"
+        );
+        assert_eq!(
+            field(b().tool("search", |t| t.retry_on([FailureClass::Client]))),
+            "tools.search.retry_on"
+        );
+        assert_eq!(field(b().tool("", |t| t)), "tools");
+        assert_eq!(
+            field(b().tool("a", |t| t.tool("b", |u| u))),
+            "tools.a.tools"
+        );
+        // The outer builder's errors come first and are not prefixed.
+        assert_eq!(
+            field(b().max_attempts(0).tool("search", |t| t.max_attempts(2))),
+            "max_attempts"
+        );
+        // Layer-wide settings set in the closure are not the tool's to check.
+        let bad_ratio = BudgetConfig {
+            ratio: -1.0,
+            ..BudgetConfig::default()
+        };
+        assert!(b()
+            .tool("search", move |t| t.budget(bad_ratio))
+            .build()
+            .is_ok());
+    }
+
+    #[test]
+    fn tools_get_the_outer_values_they_do_not_override() {
+        let layer = RetryBackoffLayer::builder()
+            .tool("search", |t| t.max_attempts(1))
+            .tool("fetch", |t| t)
+            .max_attempts(5)
+            .base_delay(Duration::from_millis(10))
+            .max_delay(Duration::from_millis(500))
+            .deadline(Duration::from_secs(3))
+            .jitter(Jitter::Equal)
+            .retry_on([FailureClass::Server])
+            .build()
+            .unwrap();
+        let policy = &layer.shared().policy;
+        let of = |tool: &str| *policy.call_policy(&Request::tool_call(1, tool, json!({})));
+        assert_eq!(of("fetch"), policy.call);
+        assert_eq!(
+            of("search"),
+            CallPolicy {
+                max_attempts: 1,
+                ..policy.call
+            }
+        );
+        assert_ne!(of("search"), of("fetch"));
+        assert_eq!(policy.call.backoff.jitter, Jitter::Equal);
+        assert!(!policy.call.classes.transient);
+        // Without overrides there is nothing to look up.
+        assert!(RetryBackoffLayer::new().shared().policy.tools.is_empty());
     }
 }

@@ -111,6 +111,16 @@
 //! Retries after a rejection by a layer below consume budget like any
 //! other: each one is another attempt sent down the stack.
 //!
+//! # Per-tool policies
+//!
+//! [`tool`](RetryBackoffBuilder::tool) gives one tool its own
+//! `max_attempts`, `base_delay`, `max_delay`, `deadline`, `jitter` and
+//! `retry_on` (`max_attempts(1)`: never retried), validated at `build` like
+//! the layer's. The budget, the catalog and its `safe_to_repeat`
+//! overrides, the safe methods, the events and the classifier stay
+//! layer-wide. Without overrides a call costs nothing more; with some, one
+//! lookup of the tool name per call.
+//!
 //! # Attempts
 //!
 //! Every attempt is a fresh call of the inner service, after its

@@ -48,19 +48,99 @@ pub(crate) enum Verdict {
     Retry(Duration),
 }
 
-/// Everything but the budget that decides a retry.
-#[derive(Debug, Clone)]
-pub(crate) struct RetryPolicy {
+/// The knobs one call follows: the layer's, or its tool's override (see
+/// [`RetryBackoffBuilder::tool`](crate::RetryBackoffBuilder::tool)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CallPolicy {
     pub(crate) backoff: Backoff,
     pub(crate) max_attempts: u32,
     pub(crate) deadline: Duration,
     pub(crate) classes: Classes,
+}
+
+/// Which [`CallPolicy`] a call follows: the layer's or one tool's. A call
+/// that may be retried carries this (4 bytes), not the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PolicyIndex(u32);
+
+impl PolicyIndex {
+    /// The layer's own knobs.
+    pub(crate) const LAYER: PolicyIndex = PolicyIndex(0);
+}
+
+/// The knobs of the tools with an override (see
+/// [`RetryBackoffBuilder::tool`](crate::RetryBackoffBuilder::tool)).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ToolPolicies {
+    by_name: HashMap<Box<str>, PolicyIndex>,
+    /// `PolicyIndex(n)` is `policies[n - 1]`.
+    policies: Vec<CallPolicy>,
+}
+
+impl ToolPolicies {
+    /// Sets `tool`'s knobs. `None` if there are already `u32::MAX - 1`
+    /// tools (a call carries a 32-bit index).
+    pub(crate) fn insert(&mut self, tool: Box<str>, policy: CallPolicy) -> Option<()> {
+        if let Some(&PolicyIndex(n)) = self.by_name.get(&tool) {
+            *self.policies.get_mut(n.checked_sub(1)? as usize)? = policy;
+            return Some(());
+        }
+        let n = u32::try_from(self.policies.len()).ok()?.checked_add(1)?;
+        self.policies.push(policy);
+        self.by_name.insert(tool, PolicyIndex(n));
+        Some(())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+}
+
+/// Everything but the budget that decides a retry.
+#[derive(Debug, Clone)]
+pub(crate) struct RetryPolicy {
+    /// The layer's knobs, for every call whose tool has no override.
+    pub(crate) call: CallPolicy,
+    /// The tools' knobs; empty (and never looked up) without overrides.
+    pub(crate) tools: ToolPolicies,
     pub(crate) catalog: ToolCatalog,
     pub(crate) tool_overrides: HashMap<String, bool>,
     pub(crate) safe_methods: Vec<String>,
 }
 
 impl RetryPolicy {
+    /// Which knobs `request` follows, and them: its tool's override (a
+    /// `tools/call` of a tool that has one), else the layer's. No lookup
+    /// without overrides.
+    #[inline]
+    pub(crate) fn select<R: McpRequest>(&self, request: &R) -> (PolicyIndex, &CallPolicy) {
+        if self.tools.is_empty() {
+            return (PolicyIndex::LAYER, &self.call);
+        }
+        let index = request
+            .tool_name()
+            .and_then(|tool| self.tools.by_name.get(tool))
+            .copied()
+            .unwrap_or(PolicyIndex::LAYER);
+        (index, self.get(index))
+    }
+
+    /// The knobs `index` stands for.
+    #[inline]
+    pub(crate) fn get(&self, index: PolicyIndex) -> &CallPolicy {
+        index
+            .0
+            .checked_sub(1)
+            .and_then(|n| self.tools.policies.get(n as usize))
+            .unwrap_or(&self.call)
+    }
+
+    /// The knobs `request` follows.
+    #[cfg(test)]
+    pub(crate) fn call_policy<R: McpRequest>(&self, request: &R) -> &CallPolicy {
+        self.select(request).1
+    }
+
     /// Whether `request` may be sent again after the server may have acted
     /// on it: a per-tool override of the layer, else the catalog's verdict;
     /// for other methods, membership of the safe-method list.
@@ -78,11 +158,15 @@ impl RetryPolicy {
         self.safe_methods.iter().any(|m| m == method)
     }
 
-    /// Decides what follows the failed attempt number `attempt` (1-based),
-    /// `remaining` before the deadline, `previous` being the delay before the
-    /// attempt (the base delay for the first).
+    /// Decides what follows the failed attempt number `attempt` (1-based)
+    /// of a call following `call`, `remaining` before the deadline,
+    /// `previous` being the delay before the attempt (the base delay for
+    /// the first).
+    // One private call site; a struct for the arguments would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn verdict<R: McpRequest>(
         &self,
+        call: &CallPolicy,
         request: &R,
         outcome: &Outcome,
         attempt: u32,
@@ -93,7 +177,7 @@ impl RetryPolicy {
         let Some(class) = outcome.class else {
             return Verdict::Stop;
         };
-        if outcome.is_success() || attempt >= self.max_attempts || !self.classes.contains(class) {
+        if outcome.is_success() || attempt >= call.max_attempts || !call.classes.contains(class) {
             return Verdict::Stop;
         }
         let rejected = outcome.kind == OutcomeKind::Rejected;
@@ -107,7 +191,7 @@ impl RetryPolicy {
         if !(rejected || outcome.before_sent || self.is_safe_to_repeat(request)) {
             return Verdict::Stop;
         }
-        let computed = self.backoff.delay(attempt, previous, rng);
+        let computed = call.backoff.delay(attempt, previous, rng);
         let delay = outcome
             .retry_after
             .map_or(computed, |hint| hint.max(computed));
@@ -130,17 +214,20 @@ mod tests {
 
     fn policy(catalog: ToolCatalog) -> RetryPolicy {
         RetryPolicy {
-            backoff: Backoff {
-                base: SEC,
-                max: 10 * SEC,
-                jitter: crate::Jitter::None,
+            call: CallPolicy {
+                backoff: Backoff {
+                    base: SEC,
+                    max: 10 * SEC,
+                    jitter: crate::Jitter::None,
+                },
+                max_attempts: 3,
+                deadline: 30 * SEC,
+                classes: Classes {
+                    transient: true,
+                    server: true,
+                },
             },
-            max_attempts: 3,
-            deadline: 30 * SEC,
-            classes: Classes {
-                transient: true,
-                server: true,
-            },
+            tools: ToolPolicies::default(),
             catalog,
             tool_overrides: HashMap::new(),
             safe_methods: DEFAULT_SAFE_METHODS
@@ -158,10 +245,11 @@ mod tests {
         remaining: Duration,
     ) -> Verdict {
         p.verdict(
+            p.call_policy(req),
             req,
             &outcome,
             attempt,
-            p.backoff.base,
+            p.call_policy(req).backoff.base,
             remaining,
             &mut fastrand::Rng::with_seed(1),
         )
@@ -239,6 +327,35 @@ mod tests {
             verdict(&p, &destructive, open, 1, 30 * SEC),
             Verdict::Retry(3 * SEC)
         );
+    }
+
+    #[test]
+    fn tool_calls_follow_their_tools_policy() {
+        let mut p = policy(trusted());
+        let search = Request::tool_call(1, "search", json!({}));
+        let list = Request::new(1, "tools/list", None);
+        assert_eq!(*p.call_policy(&search), p.call);
+        let once = CallPolicy {
+            max_attempts: 1,
+            ..p.call
+        };
+        p.tools.insert("search".into(), once).unwrap();
+        // A method named like the tool is not the tool.
+        p.tools.insert("tools/list".into(), once).unwrap();
+        assert_eq!(*p.call_policy(&search), once);
+        assert_eq!(*p.call_policy(&list), p.call);
+        let other = Request::tool_call(1, "fetch", json!({}));
+        assert_eq!(*p.call_policy(&other), p.call);
+        let server = Outcome::failure(OutcomeKind::ToolError, FailureClass::Server);
+        assert_eq!(verdict(&p, &search, server, 1, 30 * SEC), Verdict::Stop);
+        // Setting a tool again replaces its knobs.
+        let twice = CallPolicy {
+            max_attempts: 2,
+            ..p.call
+        };
+        p.tools.insert("search".into(), twice).unwrap();
+        assert_eq!(*p.call_policy(&search), twice);
+        assert_eq!(p.tools.policies.len(), 2);
     }
 
     #[test]

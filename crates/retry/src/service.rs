@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use toolwarden_core::{Attempt, BoxError, Classify, McpClassifier, McpRequest};
 use tower_service::Service;
 
-use crate::future::ResponseFuture;
+use crate::future::{ResponseFuture, RetryState};
 use crate::layer::{RetryBackoffLayer, Shared};
 
 /// Retries failed MCP calls of the inner service with backoff, when the
@@ -90,11 +90,19 @@ where
         let clone = self.inner.clone();
         let mut service = mem::replace(&mut self.inner, clone);
 
-        let retry = (self.shared.policy.max_attempts > 1).then(|| {
+        // The call's knobs, chosen once: its tool's override or the layer's.
+        let (index, policy) = self.shared.policy.select(&request);
+        let retry = (policy.max_attempts > 1).then(|| {
             let started = Instant::now();
             let budget = self.shared.budget.deposit(&request, started);
             // Kept without an `Attempt`: each retry stamps its own.
-            (request.clone(), started, budget)
+            RetryState {
+                request: request.clone(),
+                policy: index,
+                base_delay: policy.backoff.base,
+                started,
+                budget,
+            }
         });
         request.insert_extension(Attempt(1));
         let future = service.call(request);

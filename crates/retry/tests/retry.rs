@@ -693,3 +693,111 @@ async fn the_layer_composes_with_service_builder() {
     call(&mut svc, tool_call("search")).await.unwrap();
     assert_eq!(upstream.calls(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_tool_with_one_attempt_is_never_retried_while_others_are() {
+    // The override comes first: the closure still sees the final max_attempts.
+    let layer = plain()
+        .tool("put", |b| b.max_attempts(1))
+        .max_attempts(3)
+        .build()
+        .unwrap();
+    let upstream = Upstream::new(
+        MockMcp::new()
+            .default_step("put", Step::tool_error("boom"))
+            .default_step("search", Step::tool_error("boom")),
+    );
+    let mut svc = layer.layer(checked(&upstream));
+    let put = call(&mut svc, tool_call("put")).await.unwrap();
+    assert!(put.is_tool_error());
+    assert_eq!(upstream.attempts(), [Some(1)]);
+    let search = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(search.is_tool_error());
+    assert_eq!(upstream.mock.calls("put"), 1);
+    assert_eq!(upstream.mock.calls("search"), 3);
+    // A connection refused is safe to repeat for any tool, but not for a tool never retried.
+    let refused = Upstream::new(
+        MockMcp::new().default_step("put", Step::Transport(TransportErrorKind::ConnectFailed)),
+    );
+    assert!(call(&mut layer.layer(checked(&refused)), tool_call("put"))
+        .await
+        .is_err());
+    assert_eq!(refused.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tools_own_base_delay_and_deadline_apply() {
+    let layer = plain()
+        .tool("search", |b| {
+            b.base_delay(SEC).max_attempts(10).deadline(4 * SEC)
+        })
+        .max_attempts(4)
+        .build()
+        .unwrap();
+    let failing = || {
+        Upstream::new(
+            MockMcp::new()
+                .default_step("search", Step::tool_error("boom"))
+                .default_step("put", Step::tool_error("boom")),
+        )
+    };
+    // The tool's own: 1 s, then 2 s; a 4 s wait would end past its 4 s deadline.
+    let search = failing();
+    let started = Instant::now();
+    call(&mut layer.layer(checked(&search)), tool_call("search"))
+        .await
+        .unwrap();
+    assert_eq!(search.gaps(), [SEC, 2 * SEC]);
+    assert_eq!(started.elapsed(), 3 * SEC);
+    // The layer's: 100 ms base, 4 attempts.
+    let put = failing();
+    call(&mut layer.layer(checked(&put)), tool_call("put"))
+        .await
+        .unwrap();
+    assert_eq!(put.gaps(), [100 * MS, 200 * MS, 400 * MS]);
+
+    // A retry still running at the tool's deadline is cut there.
+    let hangs = Upstream::new(
+        MockMcp::new().script("search", [Step::tool_error("first failure"), Step::Hang]),
+    );
+    let started = Instant::now();
+    let resp = call(&mut layer.layer(checked(&hangs)), tool_call("search"))
+        .await
+        .unwrap();
+    assert_eq!(text(&resp), "first failure");
+    let elapsed = started.elapsed();
+    assert!((4 * SEC..=4 * SEC + MS).contains(&elapsed), "{elapsed:?}");
+    assert_eq!(hangs.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_tools_own_failure_classes_apply() {
+    let layer = plain()
+        .tool("search", |b| b.retry_on([FailureClass::Transient]))
+        .build()
+        .unwrap();
+    let upstream = Upstream::new(
+        MockMcp::new()
+            .default_step("search", Step::tool_error("boom")) // a Server failure
+            .default_step("put", Step::tool_error("boom")),
+    );
+    let mut svc = layer.layer(checked(&upstream));
+    call(&mut svc, tool_call("search")).await.unwrap();
+    call(&mut svc, tool_call("put")).await.unwrap();
+    assert_eq!(upstream.mock.calls("search"), 1);
+    assert_eq!(upstream.mock.calls("put"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn overrides_of_one_tool_apply_in_order() {
+    let layer = plain()
+        .tool("search", |b| b.max_attempts(5).base_delay(SEC))
+        .tool("search", |b| b.max_attempts(2))
+        .build()
+        .unwrap();
+    let upstream = Upstream::new(MockMcp::new().default_step("search", Step::tool_error("boom")));
+    call(&mut layer.layer(checked(&upstream)), tool_call("search"))
+        .await
+        .unwrap();
+    assert_eq!(upstream.gaps(), [SEC]);
+}

@@ -77,15 +77,76 @@ use toolwarden_observability::{Observability, ObservabilityBuilder, Observabilit
 use toolwarden_rate_limit::{Mode, Rate, RateLimit, RateLimitBuilder, RateLimitLayer};
 use toolwarden_retry::{RetryBackoff, RetryBackoffBuilder, RetryBackoffLayer};
 use tower::timeout::{Timeout, TimeoutLayer};
+use tower::util::Either;
 use tower::ServiceBuilder;
 use tower_layer::Layer;
 
 use crate::render::RenderErrors;
 
-/// The service the standard stack builds over `S`.
-pub type StandardService<S> = RenderErrors<
-    Observability<LoopGuard<FallbackCache<RetryBackoff<RateLimit<CircuitBreaker<Timeout<S>>>>>>>,
->;
+/// The service the standard stack builds over `S`: every layer that can be
+/// left out ([`StackLayer`]) is an [`Either`] of the layer's service (`Left`)
+/// and the service below it (`Right`).
+pub type StandardService<S> = RenderErrors<Optional<Observability<Guarded<S>>, Guarded<S>>>;
+
+type Optional<L, S> = Either<L, S>;
+type Broken<S> = Optional<CircuitBreaker<Timeout<S>>, Timeout<S>>;
+type Limited<S> = Optional<RateLimit<Broken<S>>, Broken<S>>;
+type Retried<S> = Optional<RetryBackoff<Limited<S>>, Limited<S>>;
+type Cached<S> = Optional<FallbackCache<Retried<S>>, Retried<S>>;
+type Guarded<S> = Optional<LoopGuard<Cached<S>>, Cached<S>>;
+
+/// A layer of the standard stack that [`StandardStackBuilder::without`] can
+/// leave out. The attempt timeout and the error rendering stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum StackLayer {
+    /// [`ObservabilityLayer`]: no metrics, spans or statistics.
+    Observability,
+    /// [`LoopGuardLayer`]: repeated calls are never blocked.
+    LoopGuard,
+    /// [`FallbackCacheLayer`]: no stale results, no degraded answers.
+    FallbackCache,
+    /// [`RetryBackoffLayer`]: every call is attempted once.
+    Retry,
+    /// [`RateLimitLayer`]: no quotas.
+    RateLimit,
+    /// [`CircuitBreakerLayer`]: no circuit ever opens.
+    CircuitBreaker,
+}
+
+impl StackLayer {
+    /// Every layer that can be left out, outermost first.
+    pub const ALL: [StackLayer; 6] = [
+        StackLayer::Observability,
+        StackLayer::LoopGuard,
+        StackLayer::FallbackCache,
+        StackLayer::Retry,
+        StackLayer::RateLimit,
+        StackLayer::CircuitBreaker,
+    ];
+
+    /// The layer's configuration section name (`circuit_breaker`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StackLayer::Observability => "observability",
+            StackLayer::LoopGuard => "loop_guard",
+            StackLayer::FallbackCache => "fallback_cache",
+            StackLayer::Retry => "retry",
+            StackLayer::RateLimit => "rate_limit",
+            StackLayer::CircuitBreaker => "circuit_breaker",
+        }
+    }
+
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl fmt::Display for StackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 type Configure<B> = Box<dyn FnOnce(B) -> B + Send>;
 
@@ -115,6 +176,8 @@ pub struct StandardStackBuilder {
     breaker_time_window: Option<TimeWindow>,
     slow_call_duration: Option<Duration>,
     render_errors: bool,
+    /// [`StackLayer::bit`]s of the layers left out.
+    without: u8,
     circuit_breaker: Option<Configure<CircuitBreakerBuilder>>,
     rate_limit: Option<Configure<RateLimitBuilder>>,
     retry: Option<Configure<RetryBackoffBuilder>>,
@@ -133,6 +196,7 @@ impl Default for StandardStackBuilder {
             breaker_time_window: None,
             slow_call_duration: None,
             render_errors: true,
+            without: 0,
             circuit_breaker: None,
             rate_limit: None,
             retry: None,
@@ -153,6 +217,7 @@ impl fmt::Debug for StandardStackBuilder {
             .field("breaker_time_window", &self.breaker_time_window)
             .field("slow_call_duration", &self.slow_call_duration)
             .field("render_errors", &self.render_errors)
+            .field("without", &self.left_out())
             .finish_non_exhaustive()
     }
 }
@@ -201,6 +266,32 @@ impl StandardStackBuilder {
     pub fn render_errors(mut self, render: bool) -> Self {
         self.render_errors = render;
         self
+    }
+
+    /// Leaves `layer` out of the stack: calls go straight to the layer below
+    /// it. Its closure (if any) is still applied and its builder still
+    /// checked, so a configuration stays valid when the layer is put back.
+    /// The stack-level knobs that belong to it are ignored while it is out
+    /// (`retry_deadline` without retry, `breaker_time_window` and
+    /// `slow_call_duration` without the breaker).
+    ///
+    /// ```
+    /// use toolwarden::stack::{StackLayer, StandardStack};
+    /// let stack = StandardStack::builder()
+    ///     .without(StackLayer::RateLimit)
+    ///     .without(StackLayer::LoopGuard)
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(!stack.includes(StackLayer::RateLimit));
+    /// assert!(stack.includes(StackLayer::CircuitBreaker));
+    /// ```
+    pub fn without(mut self, layer: StackLayer) -> Self {
+        self.without |= layer.bit();
+        self
+    }
+
+    fn left_out(&self) -> Vec<StackLayer> {
+        left_out(self.without)
     }
 
     /// Configures the circuit breaker.
@@ -261,7 +352,8 @@ impl StandardStackBuilder {
         if self.attempt_timeout.is_zero() {
             return Err(ConfigError::new("attempt_timeout", "must be positive"));
         }
-        if self.attempt_timeout > self.retry_deadline {
+        let on = |layer: StackLayer| self.without & layer.bit() == 0;
+        if on(StackLayer::Retry) && self.attempt_timeout > self.retry_deadline {
             return Err(ConfigError::new(
                 "attempt_timeout, retry.deadline",
                 format!(
@@ -270,7 +362,10 @@ impl StandardStackBuilder {
                 ),
             ));
         }
-        if let Some(window) = self.breaker_time_window {
+        if let Some(window) = self
+            .breaker_time_window
+            .filter(|_| on(StackLayer::CircuitBreaker))
+        {
             if window.duration < self.attempt_timeout * 2 {
                 return Err(ConfigError::new(
                     "circuit_breaker.time_window, attempt_timeout",
@@ -281,7 +376,10 @@ impl StandardStackBuilder {
                 ));
             }
         }
-        if let Some(slow) = self.slow_call_duration {
+        if let Some(slow) = self
+            .slow_call_duration
+            .filter(|_| on(StackLayer::CircuitBreaker))
+        {
             if slow >= self.attempt_timeout {
                 return Err(ConfigError::new(
                     "circuit_breaker.slow_call_duration, attempt_timeout",
@@ -327,8 +425,10 @@ impl StandardStackBuilder {
         .events(events.clone())
         .build()
         .map_err(|e| e.in_section("rate_limit"))?;
+        let on = |layer: StackLayer| self.without & layer.bit() == 0;
         if let Mode::Wait { max_wait } = rate_limit.mode() {
-            if max_wait >= self.retry_deadline {
+            if on(StackLayer::RateLimit) && on(StackLayer::Retry) && max_wait >= self.retry_deadline
+            {
                 return Err(ConfigError::new(
                     "rate_limit.max_wait, retry.deadline",
                     format!(
@@ -359,6 +459,7 @@ impl StandardStackBuilder {
 
         Ok(StandardStackLayer {
             render_errors: self.render_errors,
+            without: self.without,
             observability,
             loop_guard,
             fallback_cache,
@@ -385,6 +486,7 @@ fn apply<B>(builder: B, f: Option<Configure<B>>) -> B {
 #[derive(Debug, Clone)]
 pub struct StandardStackLayer {
     render_errors: bool,
+    without: u8,
     observability: ObservabilityLayer,
     loop_guard: LoopGuardLayer,
     fallback_cache: FallbackCacheLayer,
@@ -396,7 +498,24 @@ pub struct StandardStackLayer {
     events: Events,
 }
 
+fn left_out(without: u8) -> Vec<StackLayer> {
+    StackLayer::ALL
+        .into_iter()
+        .filter(|layer| without & layer.bit() != 0)
+        .collect()
+}
+
 impl StandardStackLayer {
+    /// Whether `layer` is part of the stack (see [`StandardStackBuilder::without`]).
+    pub fn includes(&self, layer: StackLayer) -> bool {
+        self.without & layer.bit() == 0
+    }
+
+    /// The layers left out of the stack, outermost first.
+    pub fn left_out(&self) -> Vec<StackLayer> {
+        left_out(self.without)
+    }
+
     /// The breaker registry: snapshots, manual control, the Redis seam.
     pub fn registry(&self) -> &CircuitRegistry {
         self.circuit_breaker.registry()
@@ -427,13 +546,14 @@ impl<S> Layer<S> for StandardStackLayer {
     type Service = StandardService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let on = |layer: StackLayer| self.includes(layer);
         let service = ServiceBuilder::new()
-            .layer(self.observability.clone())
-            .layer(self.loop_guard.clone())
-            .layer(self.fallback_cache.clone())
-            .layer(self.retry.clone())
-            .layer(self.rate_limit.clone())
-            .layer(self.circuit_breaker.clone())
+            .option_layer(on(StackLayer::Observability).then(|| self.observability.clone()))
+            .option_layer(on(StackLayer::LoopGuard).then(|| self.loop_guard.clone()))
+            .option_layer(on(StackLayer::FallbackCache).then(|| self.fallback_cache.clone()))
+            .option_layer(on(StackLayer::Retry).then(|| self.retry.clone()))
+            .option_layer(on(StackLayer::RateLimit).then(|| self.rate_limit.clone()))
+            .option_layer(on(StackLayer::CircuitBreaker).then(|| self.circuit_breaker.clone()))
             .layer(TimeoutLayer::new(self.attempt_timeout))
             .service(inner);
         let render = RenderErrors::new(service);

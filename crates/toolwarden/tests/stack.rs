@@ -246,3 +246,69 @@ async fn a_hanging_attempt_times_out_and_counts_for_the_breaker() {
     );
     assert_eq!(mock.in_flight(), 0, "the timed-out attempt was dropped");
 }
+
+#[tokio::test(start_paused = true)]
+async fn layers_left_out_do_nothing_and_the_rest_still_work() {
+    use toolwarden::stack::StackLayer;
+    let mock = MockMcp::new().default_step("search_docs", Step::rpc_error(-32603, "database down"));
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .retry(|b| b.max_attempts(3).base_delay(Duration::from_millis(10)))
+        .circuit_breaker(|b| b.failure_threshold(2).minimum_calls(2))
+        .without(StackLayer::CircuitBreaker)
+        .without(StackLayer::LoopGuard)
+        .build()
+        .unwrap();
+    assert_eq!(
+        stack.left_out(),
+        [StackLayer::LoopGuard, StackLayer::CircuitBreaker]
+    );
+    let mut svc = stack.layer(ReadyChecked::new(mock.clone()).pending_first());
+    // Identical failing calls: with the breaker (threshold 2) and the loop
+    // guard (4th blocked) in, the server would see far fewer than 3 per call.
+    for id in 0..6 {
+        let resp = call(&mut svc, id, "search_docs", json!({"query": "x"})).await;
+        assert!(resp.is_tool_error(), "{resp:?}");
+    }
+    assert_eq!(mock.calls("search_docs"), 6 * 3, "retried, never refused");
+    assert!(stack.registry().is_empty(), "no breaker was ever consulted");
+
+    // Without retry, a retryable failure is attempted once; the breaker,
+    // back in, opens after its two failures.
+    let mock = MockMcp::new().default_step("search_docs", Step::rpc_error(-32603, "database down"));
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .circuit_breaker(|b| b.failure_threshold(2).minimum_calls(2))
+        .without(StackLayer::Retry)
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(mock.clone());
+    for id in 0..3 {
+        call(&mut svc, id, "search_docs", json!({"query": id})).await;
+    }
+    assert_eq!(mock.calls("search_docs"), 2, "the third call was refused");
+    assert_eq!(
+        stack.registry().state("search_docs"),
+        Some(CircuitState::Open)
+    );
+}
+
+#[test]
+fn knobs_of_a_left_out_layer_are_not_cross_checked() {
+    use toolwarden::stack::StackLayer;
+    let built = StandardStack::builder()
+        .attempt_timeout(Duration::from_secs(40))
+        .retry_deadline(Duration::from_secs(30))
+        .without(StackLayer::Retry)
+        .build();
+    assert!(built.is_ok(), "{built:?}");
+    let refused = StandardStack::builder()
+        .attempt_timeout(Duration::from_secs(2))
+        .slow_call_duration(Duration::from_secs(3))
+        .without(StackLayer::Retry)
+        .build();
+    assert_eq!(
+        refused.unwrap_err().field(),
+        "circuit_breaker.slow_call_duration, attempt_timeout"
+    );
+}

@@ -45,6 +45,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toolwarden_core::ConfigError;
 
+pub(crate) use load::quote_key;
 pub use load::{process_env, ConfigFileError, ENV_PREFIX, SECTIONS};
 pub use values::{FailureClassName, Jitter, LimitMode, Rate, Window};
 
@@ -98,6 +99,13 @@ pub struct UpstreamConfig {
     /// timeout. Default: none (put `retry.deadline` above it instead).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub call_timeout: Option<Duration>,
+    /// The bound on one attempt of a `tools/call` inside the tool stack
+    /// (below the retry layer, so each retry gets its own): past it the
+    /// attempt is cancelled upstream, fails as a timeout and counts for the
+    /// circuit breaker. At most `retry.deadline`; longer than
+    /// `circuit_breaker.slow_call_duration`. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -108,6 +116,7 @@ impl Default for UpstreamConfig {
             restart_reset_after: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(30),
             call_timeout: None,
+            attempt_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -554,6 +563,7 @@ impl UpstreamConfig {
         positive("restart_reset_after", Some(self.restart_reset_after))?;
         positive("connect_timeout", Some(self.connect_timeout))?;
         positive("call_timeout", self.call_timeout)?;
+        positive("attempt_timeout", Some(self.attempt_timeout))?;
         ordered(
             "restart_backoff_min",
             Some(self.restart_backoff_min),

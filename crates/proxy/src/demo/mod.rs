@@ -36,7 +36,9 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::events::{Event, EventSink};
 use toolwarden_core::Events;
 
-use crate::config::{Config, LimitMode, Rate, ToolConfig, ToolRateLimit, Window};
+use crate::config::{
+    Config, LimitMode, Rate, ToolConfig, ToolLoopGuard, ToolRateLimit, ToolRetry, Window,
+};
 use crate::endpoints::MetricsEndpoints;
 use crate::stack::SharedState;
 use crate::upstream::{InProcessServer, UpstreamTarget};
@@ -93,6 +95,8 @@ impl EventSink for EventCounter {
 pub fn demo_config() -> Config {
     let mut config = Config::default();
     config.catalog.trust_annotations = true;
+    // The slow report takes about 1 s: it fits; a hung call would not.
+    config.upstream.attempt_timeout = Duration::from_secs(3);
     config.circuit_breaker.failure_threshold = Some(3);
     config.circuit_breaker.window = Some(Window::Calls(20));
     config.circuit_breaker.reset_timeout = Some(Duration::from_millis(800));
@@ -110,6 +114,18 @@ pub fn demo_config() -> Config {
         ToolConfig {
             safe_to_repeat: Some(true),
             cacheable: Some(true),
+            // An agent re-runs the same search on purpose: not a loop while
+            // it succeeds (failing repeats are still stopped).
+            loop_guard: Some(ToolLoopGuard {
+                polling: Some(true),
+                ..ToolLoopGuard::default()
+            }),
+            // Give up retrying quickly: while the circuit is open the
+            // cached result is the better answer than a wait for the probe.
+            retry: Some(ToolRetry {
+                deadline: Some(Duration::from_millis(600)),
+                ..ToolRetry::default()
+            }),
             ..ToolConfig::default()
         },
     );
@@ -472,7 +488,7 @@ async fn run_demo() -> Result<(), String> {
     if events.total() == 0 {
         println!(
             "\nNo layer reported anything: the tool stack of this build (toolwarden_proxy::stack::build_stack) \
-             has no layers, so every call went straight to the server."
+             let every call straight through to the server."
         );
     }
     Ok(())
@@ -483,8 +499,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_demo_config_is_valid() {
-        demo_config().validate().unwrap();
+    fn the_demo_config_is_valid_and_builds_the_stack() {
+        let config = demo_config();
+        config.validate().unwrap();
+        let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+        crate::stack::standard_stack(&config, &shared).unwrap();
     }
 
     #[test]
