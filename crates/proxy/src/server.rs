@@ -17,6 +17,10 @@
 //! - Every other request goes straight to the upstream; its JSON-RPC errors
 //!   pass through unchanged, a transport failure is `-32000 upstream
 //!   unavailable: ...`, a timeout `-32001`.
+//! - Progress the server sends for a forwarded request reaches the client
+//!   before the response: the answer waits (up to 1 s) until every progress
+//!   the upstream transport read before the response has been forwarded (see
+//!   [`crate::routes`]).
 //! - Notifications from the client: `notifications/progress` (for requests the
 //!   server sent) are re-addressed to the server's token, `roots/list_changed`
 //!   and custom ones are forwarded; `cancelled` is rmcp's (see above) and
@@ -30,6 +34,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
@@ -242,6 +247,25 @@ macro_rules! expect {
     };
 }
 
+/// How long an answer waits for the progress read before it to be forwarded
+/// ([`RouteGuard::progress_forwarded`]); normally no time at all, as
+/// forwarding is one send to the client. A client too slow to take the
+/// progress in that time gets the answer anyway.
+const PROGRESS_FORWARD_LIMIT: Duration = Duration::from_secs(1);
+
+/// Waits (up to [`PROGRESS_FORWARD_LIMIT`]) until the progress received for
+/// the request `route` guards has been forwarded, so the client gets it
+/// before the answer.
+async fn progress_first(route: &RouteGuard<RoleServer>) {
+    let forwarded = tokio::time::timeout(PROGRESS_FORWARD_LIMIT, route.progress_forwarded());
+    if forwarded.await.is_err() {
+        tracing::debug!(
+            limit = ?PROGRESS_FORWARD_LIMIT,
+            "progress still being forwarded; answering without waiting longer"
+        );
+    }
+}
+
 fn cancelled() -> ErrorData {
     ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
 }
@@ -347,9 +371,13 @@ impl ProxyServer {
         self.touch_and_start(&context).await;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => method_label(&request))
             .increment(1);
-        let _route = self.prepare(&mut request, &context);
+        let route = self.prepare(&mut request, &context);
         let call = self.core.upstream_service.clone().oneshot(request);
-        match unless_cancelled(&context.ct, call).await {
+        let outcome = unless_cancelled(&context.ct, call).await;
+        if outcome.is_some() {
+            unless_cancelled(&context.ct, progress_first(&route)).await;
+        }
+        match outcome {
             Some(Ok(result)) => Ok(result),
             Some(Err(e)) => Err(error_data(e.as_ref())),
             None => Err(cancelled()),
@@ -530,10 +558,14 @@ impl ServerHandler for ProxyServer {
         metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
         let tool = request.name.to_string();
         let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
-        let _route = self.prepare(&mut request, &context);
+        let route = self.prepare(&mut request, &context);
         request.extensions_mut().insert(self.session.key.clone());
         let call = self.core.stack.clone().oneshot(request);
-        match unless_cancelled(&context.ct, call).await {
+        let outcome = unless_cancelled(&context.ct, call).await;
+        if outcome.is_some() {
+            unless_cancelled(&context.ct, progress_first(&route)).await;
+        }
+        match outcome {
             Some(Ok(ServerResult::InputRequiredResult(r))) => {
                 Ok(CallToolResponse::InputRequired(r))
             }

@@ -97,7 +97,7 @@ pub fn configure_catalog(config: &Config, catalog: &ToolCatalog) {
 /// default):
 ///
 /// - `enabled = false` in a layer section leaves that layer out
-///   ([`StandardStackBuilder::without`]).
+///   ([`StandardStackBuilder::without`](toolwarden::stack::StandardStackBuilder::without)).
 /// - `upstream.attempt_timeout` bounds each attempt; `retry.deadline` is the
 ///   stack's retry deadline; `circuit_breaker.slow_call_duration` and a
 ///   time `circuit_breaker.window` are the stack's knobs of the same names,

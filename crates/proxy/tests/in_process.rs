@@ -33,6 +33,9 @@ use toolwarden_proxy::{InProcessServer, UpstreamTarget};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
+/// How many progress notifications the `burst` tool sends before answering.
+const BURST_STEPS: usize = 5;
+
 async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
     match tokio::time::timeout(LIMIT, f).await {
         Ok(v) => v,
@@ -41,8 +44,9 @@ async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
 }
 
 /// The upstream server: `echo`, `slow` (until cancelled), `hang` (never
-/// answers, even cancelled), `reject` (JSON-RPC error), `steps` (progress)
-/// and `ask_roots` (a notification and a request to the client).
+/// answers, even cancelled), `reject` (JSON-RPC error), `steps` (progress),
+/// `burst` (progress, then the answer at once) and `ask_roots` (a
+/// notification and a request to the client).
 #[derive(Clone, Default)]
 struct TestServer {
     cancelled: Arc<AtomicUsize>,
@@ -64,10 +68,18 @@ impl ServerHandler for TestServer {
     ) -> Result<ListToolsResult, ErrorData> {
         let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
         Ok(ListToolsResult::with_all_items(
-            ["echo", "slow", "hang", "reject", "steps", "ask_roots"]
-                .into_iter()
-                .map(|name| Tool::new(name, "test tool", schema.clone()))
-                .collect(),
+            [
+                "echo",
+                "slow",
+                "hang",
+                "reject",
+                "steps",
+                "burst",
+                "ask_roots",
+            ]
+            .into_iter()
+            .map(|name| Tool::new(name, "test tool", schema.clone()))
+            .collect(),
         ))
     }
 
@@ -123,6 +135,15 @@ impl ServerHandler for TestServer {
                     }
                 }
                 Ok(CallToolResult::success(vec![ContentBlock::text("done")]).into())
+            }
+            "burst" => {
+                if let Some(token) = context.meta.get_progress_token() {
+                    for step in 1..=BURST_STEPS {
+                        let params = ProgressNotificationParam::new(token.clone(), step as f64);
+                        let _ = context.peer.notify_progress(params).await;
+                    }
+                }
+                Ok(CallToolResult::success(vec![ContentBlock::text("burst done")]).into())
             }
             other => Err(ErrorData::new(
                 ErrorCode(-32602),
@@ -321,7 +342,7 @@ async fn a_session_through_the_proxy() {
     let tools = h.request(1, "tools/list", json!({})).await;
     assert_eq!(
         tools["result"]["tools"].as_array().unwrap().len(),
-        6,
+        7,
         "{tools}"
     );
     assert_eq!(
@@ -396,6 +417,82 @@ async fn progress_reaches_the_client_under_its_own_token() {
             .all(|n| n["method"] != "notifications/progress"),
         "{notifications:?}"
     );
+    h.finish().await;
+}
+
+/// The progress tokens of the `notifications/progress` among `messages`.
+fn progress_tokens(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .map(|m| {
+            m["params"]["progressToken"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned()
+        })
+        .collect()
+}
+
+fn burst(id: i64) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+        "name": "burst", "arguments": {}, "_meta": {"progressToken": format!("burst-{id}")}}})
+}
+
+/// A server that sends progress and answers at once: every progress reaches
+/// the client before the answer to its call, and none comes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_always_comes_before_the_response() {
+    let mut h = harness();
+    h.initialize().await;
+    // One call at a time: a progress coming after its answer would be seen
+    // before the next answer, under a token already answered.
+    for id in 1..=50 {
+        h.send(burst(id)).await;
+        let (done, notifications) = h.response(json!(id)).await;
+        assert_eq!(text(&done), "burst done", "{done}");
+        assert_eq!(
+            progress_tokens(&notifications),
+            vec![format!("burst-{id}"); BURST_STEPS],
+            "call {id}: {notifications:?}"
+        );
+    }
+    // Several calls at once, their progress interleaved.
+    for round in 0..10 {
+        let ids: Vec<i64> = (0..8).map(|k| 1000 + round * 8 + k).collect();
+        for &id in &ids {
+            h.send(burst(id)).await;
+        }
+        let mut progress = std::collections::HashMap::<i64, usize>::new();
+        let mut answered = std::collections::HashSet::new();
+        while answered.len() < ids.len() {
+            let message = h.recv().await;
+            if message["method"] == "notifications/progress" {
+                let token = message["params"]["progressToken"].as_str().unwrap();
+                let id: i64 = token.strip_prefix("burst-").unwrap().parse().unwrap();
+                assert!(
+                    ids.contains(&id) && !answered.contains(&id),
+                    "progress after the answer to its call: {message}"
+                );
+                *progress.entry(id).or_default() += 1;
+            } else {
+                let id = message["id"].as_i64().unwrap();
+                assert_eq!(text(&message), "burst done", "{message}");
+                assert_eq!(
+                    progress.get(&id),
+                    Some(&BURST_STEPS),
+                    "call {id} answered before all its progress"
+                );
+                answered.insert(id);
+            }
+        }
+    }
+    // Nothing late: the next answer comes with no progress before it.
+    h.send(json!({"jsonrpc": "2.0", "id": 2000, "method": "ping"}))
+        .await;
+    let (pong, notifications) = h.response(json!(2000)).await;
+    assert_eq!(pong["result"], json!({}), "{pong}");
+    assert_eq!(progress_tokens(&notifications), Vec::<String>::new());
     h.finish().await;
 }
 

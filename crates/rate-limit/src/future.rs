@@ -3,6 +3,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -11,12 +12,18 @@ use tokio::time::{Instant, Sleep};
 use toolwarden_core::{BoxError, McpRequest, RateLimited};
 use tower_service::Service;
 
-use crate::limits::RateLimits;
+use crate::backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend};
+use crate::limits::{RateLimits, Refusal};
+
+/// The shortest wait before a backend is asked again in `Mode::Wait`, so that
+/// a backend refusing with a zero `retry_after` is not asked in a busy loop.
+const MIN_REMOTE_WAIT: Duration = Duration::from_millis(1);
 
 pin_project! {
     /// Response future of [`RateLimit`](crate::RateLimit): the inner call, a
     /// refusal, or (in [`Mode::Wait`](crate::Mode::Wait)) a wait for a token
-    /// followed by the inner call.
+    /// followed by the inner call; with a [backend](crate::backend), the
+    /// backend's decision (and waits) followed by the inner call.
     pub struct ResponseFuture<S, R>
     where
         S: Service<R>,
@@ -42,6 +49,43 @@ pin_project! {
         },
         Refused {
             error: Option<RateLimited>,
+        },
+        // Boxed: the backend future is boxed anyway, and the local path
+        // keeps the size it had.
+        Remote {
+            remote: Pin<Box<Remote<S, R>>>,
+        },
+    }
+}
+
+pin_project! {
+    /// A call waiting for its backend's decision (or, in `Mode::Wait`, for
+    /// the time to ask again).
+    struct Remote<S, R> {
+        #[pin]
+        phase: Phase,
+        // The ready inner service and the request.
+        call: Option<(S, R)>,
+        limits: RateLimits,
+        backend: Arc<dyn RateLimitBackend>,
+        acquire: Acquire,
+        // `None` in `Mode::Reject`; in `Mode::Wait`, the deadline (`None`:
+        // too far away to represent).
+        deadline: Option<Option<Instant>>,
+    }
+}
+
+pin_project! {
+    #[project = PhaseProj]
+    enum Phase {
+        // In a mutex only so that the response future stays `Sync` when the
+        // inner one is: it is never locked, only reached through `get_mut`.
+        Deciding {
+            future: Mutex<BackendFuture>,
+        },
+        Sleeping {
+            #[pin]
+            sleep: Sleep,
         },
     }
 }
@@ -92,6 +136,82 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     }
 }
 
+impl<S: Service<R>, R> ResponseFuture<S, R> {
+    /// A call that asks `backend` for `acquire` before calling `ready`;
+    /// `deadline` as in [`Remote`].
+    pub(crate) fn remote(
+        ready: S,
+        request: R,
+        limits: RateLimits,
+        backend: Arc<dyn RateLimitBackend>,
+        acquire: Acquire,
+        deadline: Option<Option<Instant>>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Remote {
+                remote: Box::pin(Remote {
+                    phase: Phase::Deciding {
+                        future: Mutex::new(backend.acquire(&acquire)),
+                    },
+                    call: Some((ready, request)),
+                    limits,
+                    backend,
+                    acquire,
+                    deadline,
+                }),
+            },
+        }
+    }
+}
+
+impl<S, R: McpRequest> Remote<S, R> {
+    /// The ready service and the request once admitted, or the rejection.
+    fn poll_decision(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(S, R), RateLimited>> {
+        let mut this = self.project();
+        loop {
+            let future = match this.phase.as_mut().project() {
+                PhaseProj::Sleeping { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.backend.acquire(this.acquire)
+                }
+                PhaseProj::Deciding { future } => {
+                    let future = future.get_mut().unwrap_or_else(PoisonError::into_inner);
+                    let decision = ready!(future.as_mut().poll(cx));
+                    let (inner, request) = take(this.call);
+                    let refusal = match decision {
+                        BackendDecision::Admit => return Poll::Ready(Ok((inner, request))),
+                        BackendDecision::Refuse { scope, retry_after } => {
+                            Refusal { scope, retry_after }
+                        }
+                        BackendDecision::DecideLocally => match this.limits.acquire(&request) {
+                            Ok(()) => return Poll::Ready(Ok((inner, request))),
+                            Err(refusal) => refusal,
+                        },
+                    };
+                    if let Some(deadline) = *this.deadline {
+                        let wait = refusal.retry_after.max(MIN_REMOTE_WAIT);
+                        if let Some(at) = retry_at(Instant::now(), wait, deadline) {
+                            *this.call = Some((inner, request));
+                            this.phase.set(Phase::Sleeping {
+                                sleep: tokio::time::sleep_until(at),
+                            });
+                            continue;
+                        }
+                    }
+                    drop(inner);
+                    return Poll::Ready(Err(this.limits.reject(&request, refusal)));
+                }
+            };
+            this.phase.set(Phase::Deciding {
+                future: Mutex::new(future),
+            });
+        }
+    }
+}
+
 /// When a call refused at `now` may be checked again: `retry_after` later,
 /// unless that is past `deadline`.
 pub(crate) fn retry_at(
@@ -122,6 +242,14 @@ where
                 StateProj::Refused { error } => {
                     return Poll::Ready(Err(take(error).into()));
                 }
+                StateProj::Remote { remote } => match ready!(remote.as_mut().poll_decision(cx)) {
+                    Ok((mut inner, request)) => State::Called {
+                        future: inner.call(request),
+                    },
+                    Err(rejection) => State::Refused {
+                        error: Some(rejection),
+                    },
+                },
                 StateProj::Waiting { waiting } => {
                     let mut waiting = waiting.as_mut().project();
                     ready!(waiting.sleep.as_mut().poll(cx));
@@ -168,6 +296,7 @@ impl<S: Service<R>, R> fmt::Debug for ResponseFuture<S, R> {
             State::Called { .. } => "Called",
             State::Waiting { .. } => "Waiting",
             State::Refused { .. } => "Refused",
+            State::Remote { .. } => "Remote",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -10,6 +10,7 @@ use governor::Quota;
 use toolwarden_core::{Bounds, ConfigError, Events, KeyBy};
 use tower_layer::Layer;
 
+use crate::backend::RateLimitBackend;
 use crate::limits::RateLimits;
 use crate::service::RateLimit;
 
@@ -118,6 +119,10 @@ pub enum Mode {
     /// until the call is admitted, re-checking after each wait; refuse with
     /// `RateLimited` as soon as the next admission would come later than
     /// `max_wait` after the call.
+    ///
+    /// With a [backend](RateLimitBuilder::backend), each re-check asks the
+    /// backend again, so a call takes at most `max_wait` plus one backend
+    /// answer.
     Wait {
         /// The longest a call may wait in total. Must be positive.
         max_wait: Duration,
@@ -156,6 +161,7 @@ pub struct RateLimitBuilder {
     bounds: Bounds,
     all_methods: bool,
     events: Events,
+    backend: Option<Arc<dyn RateLimitBackend>>,
 }
 
 impl RateLimitBuilder {
@@ -227,6 +233,21 @@ impl RateLimitBuilder {
         self
     }
 
+    /// Where the tokens are taken. Default: none, the quotas live in this
+    /// process (no allocation and no `.await` per call). With a backend, for
+    /// example `toolwarden_redis::RedisRateLimiter` to share the quotas
+    /// between replicas, each limited call asks the backend in its response
+    /// future before the inner call, with the same keys and quotas (global,
+    /// per tool, overrides), and is refused with the same
+    /// [`RateLimited`](toolwarden_core::RateLimited). The in-process quotas
+    /// still decide when the backend answers
+    /// [`DecideLocally`](crate::backend::BackendDecision::DecideLocally).
+    /// See [`backend`](crate::backend) for the details and the contract.
+    pub fn backend(mut self, backend: impl RateLimitBackend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
     /// Validates the configuration; the error names the bad field
     /// (`global.rate`, `per_tool.burst`, `tool.<name>.rate`, `mode.max_wait`,
     /// `bounds.max_keys`, ...).
@@ -291,6 +312,7 @@ impl RateLimitBuilder {
                 bounds,
                 all_methods: self.all_methods,
                 events: self.events,
+                backend: self.backend,
             }),
         })
     }
@@ -308,6 +330,7 @@ pub(crate) struct Config {
     pub(crate) bounds: Bounds,
     pub(crate) all_methods: bool,
     pub(crate) events: Events,
+    pub(crate) backend: Option<Arc<dyn RateLimitBackend>>,
 }
 
 impl Config {
@@ -359,6 +382,11 @@ impl RateLimitLayer {
     /// The per-key quota of `tool` (its override, else the `per_tool` quota), if any.
     pub fn tool_quota(&self, tool: &str) -> Option<Quota> {
         self.config.tool_quota(tool)
+    }
+
+    /// The backend that takes the tokens, if one is set.
+    pub fn backend(&self) -> Option<&Arc<dyn RateLimitBackend>> {
+        self.config.backend.as_ref()
     }
 }
 

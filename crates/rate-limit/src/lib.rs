@@ -19,6 +19,12 @@
 //! spending one when the other refuses. Time is read through [`TokioClock`],
 //! so a paused tokio clock drives the quotas in tests.
 //!
+//! The quotas can also live outside the process, shared by every replica of
+//! a service: give the builder a [`backend`](RateLimitBuilder::backend) (for
+//! example `toolwarden_redis::RedisRateLimiter`). Keys, quotas and refusals
+//! stay the same; the decision moves into the response future. See
+//! [`backend`] for how it works and what happens when the backend is away.
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), toolwarden_core::BoxError> {
@@ -51,12 +57,14 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod backend;
 pub mod clock;
 pub mod future;
 pub mod layer;
 pub mod limits;
 pub mod service;
 
+pub use backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend};
 pub use clock::{TokioClock, TokioInstant};
 pub use future::ResponseFuture;
 pub use layer::{Mode, Rate, RateLimitBuilder, RateLimitLayer};

@@ -38,6 +38,7 @@ use governor::state::{NotKeyed, StateStore};
 use governor::{NotUntil, Quota, RateLimiter};
 use toolwarden_core::{Event, Key, KeyRef, KeyedState, McpRequest, RateLimited};
 
+use crate::backend::{Acquire, RateLimitBackend, Scope};
 use crate::clock::{CallClock, CallInstant, TokioInstant};
 use crate::layer::{Config, Mode};
 
@@ -125,13 +126,6 @@ fn wait_time(not_until: &NotUntil<TokioInstant>) -> Duration {
     not_until.wait_time_from(CallClock.now())
 }
 
-/// Which quota refused a call.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scope {
-    Global,
-    Key,
-}
-
 /// A refusal, before it is turned into a [`RateLimited`] (which allocates).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Refusal {
@@ -207,6 +201,11 @@ impl RateLimits {
     /// untouched unless the layer limits all methods. This is the check the
     /// service makes on every call, without waiting and without emitting
     /// events.
+    ///
+    /// It reads the in-process quotas only: with a
+    /// [backend](crate::RateLimitBuilder::backend), the service asks the
+    /// backend, and these quotas decide only when the backend answers
+    /// [`DecideLocally`](crate::backend::BackendDecision::DecideLocally).
     pub fn check<R: McpRequest>(&self, request: &R) -> Result<(), RateLimited> {
         self.acquire(request)
             .map_err(|refusal| self.rejection(request, refusal))
@@ -220,6 +219,35 @@ impl RateLimits {
 
     pub(crate) fn mode(&self) -> Mode {
         self.shared.config.mode
+    }
+
+    /// The backend the service asks instead of these quotas, if any.
+    pub fn backend(&self) -> Option<&Arc<dyn RateLimitBackend>> {
+        self.shared.config.backend.as_ref()
+    }
+
+    /// What a backend must take for `request`, or `None` when the request is
+    /// not limited: the same quotas, keyed the same way, as [`acquire`](Self::acquire)
+    /// takes in process (past the key bound too: a backend keeps its own keys).
+    pub(crate) fn remote_acquire<R: McpRequest>(&self, request: &R) -> Option<Acquire> {
+        let config = &*self.shared.config;
+        if !config.all_methods && !request.is_tool_call() {
+            return None;
+        }
+        let key = (config.per_tool.is_some() || config.tools.contains_key(request.target()))
+            .then(|| {
+                let key = config.key_by.key(request);
+                let quota = match key {
+                    KeyRef::Tool(tool) | KeyRef::SessionTool(_, tool) => config.tool_quota(tool),
+                    _ => config.per_tool,
+                };
+                quota.map(|quota| (Arc::<str>::from(key.to_string()), quota))
+            })
+            .flatten();
+        if key.is_none() && config.global.is_none() {
+            return None;
+        }
+        Some(Acquire::new(key, config.global))
     }
 
     /// Takes a token from both quotas of `request`, or neither.

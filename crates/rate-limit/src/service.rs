@@ -1,12 +1,14 @@
 //! [`RateLimit`]: the service built by [`RateLimitLayer`](crate::RateLimitLayer).
 
 use std::mem;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
 use toolwarden_core::{BoxError, McpRequest};
 use tower_service::Service;
 
+use crate::backend::RateLimitBackend;
 use crate::future::{retry_at, ResponseFuture};
 use crate::layer::Mode;
 use crate::limits::RateLimits;
@@ -20,6 +22,10 @@ use crate::limits::RateLimits;
 /// resolves to [`RateLimited`](toolwarden_core::RateLimited) without reaching
 /// it, or, in [`Mode::Wait`], waits in the response future holding the
 /// ready inner service (swapped for a clone, as tower does).
+///
+/// With a [backend](crate::RateLimitBuilder::backend), `call` only prepares
+/// the question; a limited call's response future asks the backend, holding
+/// the ready inner service the same way, and calls it once admitted.
 #[derive(Debug, Clone)]
 pub struct RateLimit<S> {
     inner: S,
@@ -70,6 +76,10 @@ where
 
     #[inline]
     fn call(&mut self, request: R) -> Self::Future {
+        if let Some(backend) = self.limits.backend() {
+            let backend = Arc::clone(backend);
+            return self.call_remote(request, backend);
+        }
         let refusal = match self.limits.acquire(&request) {
             Ok(()) => return ResponseFuture::called(self.inner.call(request)),
             Err(refusal) => refusal,
@@ -87,5 +97,38 @@ where
             }
         }
         ResponseFuture::refused(self.limits.reject(&request, refusal))
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// `call` with a backend: the decision is made in the response future.
+    #[inline(never)]
+    fn call_remote<R>(
+        &mut self,
+        request: R,
+        backend: Arc<dyn RateLimitBackend>,
+    ) -> ResponseFuture<S, R>
+    where
+        R: McpRequest,
+        S: Service<R> + Clone,
+    {
+        let Some(acquire) = self.limits.remote_acquire(&request) else {
+            return ResponseFuture::called(self.inner.call(request));
+        };
+        let deadline = match self.limits.mode() {
+            Mode::Reject => None,
+            Mode::Wait { max_wait } => Some(Instant::now().checked_add(max_wait)),
+        };
+        // The ready service goes into the future, as in `Mode::Wait`.
+        let clone = self.inner.clone();
+        let ready = mem::replace(&mut self.inner, clone);
+        ResponseFuture::remote(
+            ready,
+            request,
+            self.limits.clone(),
+            backend,
+            acquire,
+            deadline,
+        )
     }
 }

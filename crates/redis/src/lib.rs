@@ -6,7 +6,35 @@
 //!   every remote open or only a quorum of replicas ([`RemoteOpenPolicy`]).
 //! - [`RedisRateLimiter`]: GCRA evaluated atomically in a Lua script on
 //!   Redis' own clock, giving the same `RateLimited { retry_after }` as the
-//!   local limiter, with a [`Fallback`] when Redis is away.
+//!   local limiter, with a [`Fallback`] when Redis is away. Use it on its
+//!   own, or as the backend of a `RateLimitLayer` (below).
+//!
+//! # The distributed limiter behind `RateLimitLayer`
+//!
+//! `RedisRateLimiter` implements the rate-limit crate's
+//! [`RateLimitBackend`](toolwarden_rate_limit::RateLimitBackend): pass it to
+//! [`RateLimitBuilder::backend`](toolwarden_rate_limit::RateLimitBuilder::backend)
+//! and every replica's layer takes its tokens from the same Redis keys. The
+//! layer keeps its configuration (global quota, per-tool quota, overrides,
+//! `key_by`, mode) and its refusals (`RateLimited` with key `global` or the
+//! request's key, and Redis' `retry_after`); only the place of the quotas
+//! moves. A limited call costs one script run (per-key and global quota
+//! together, both or neither), made in the response future before the inner
+//! call; requests that are not limited never reach Redis. `Mode::Wait` works
+//! too: a refused call sleeps `retry_after` and asks Redis again, within
+//! `max_wait`.
+//!
+//! When Redis is down, slow or not yet connected, a call waits at most
+//! `op_timeout` for it (50 ms by default), a `SyncError` event is emitted,
+//! and the limiter's [`Fallback`] decides: `Allow` admits, `Deny` refuses
+//! with `retry_after` = the quota's emission interval, `Local` lets the
+//! layer's own in-process quotas decide (each replica then admits up to the
+//! whole quota by itself until Redis is back). Reconnection happens in the
+//! background; nothing panics and no call hangs on Redis. Keys live under
+//! the config's prefix (`{prefix}:rl:{key}`, `{prefix}:rl-global`) and
+//! expire once their quota is full again. The keys of one call are used in
+//! one script, so on Redis Cluster they would have to share a hash slot:
+//! only a single Redis (or a primary with replicas) is supported.
 //!
 //! Local state stays the fast path. Every Redis operation on the call path is
 //! bounded by `op_timeout` (default 50 ms); when Redis is slow or gone, each
@@ -36,6 +64,16 @@
 //!
 //! let limiter = RedisRateLimiter::new(config, Fallback::Allow, quota(Duration::from_millis(100), 10)?)?;
 //! limiter.check("search", quota(Duration::from_millis(100), 10)?).await?;
+//!
+//! // The same limiter as the backend of a RateLimitLayer, shared by every replica.
+//! use toolwarden_rate_limit::{Rate, RateLimitLayer};
+//! let rate_limit = RateLimitLayer::builder()
+//!     .global(Rate::per_second(100), 100)
+//!     .per_tool(Rate::per_second(10), 10)
+//!     .tool("send_email", Rate::per_minute(1), 1)
+//!     .backend(limiter)
+//!     .build()?;
+//! # let _ = rate_limit;
 //! # Ok(()) }
 //! ```
 

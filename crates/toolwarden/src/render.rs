@@ -40,7 +40,7 @@ use toolwarden_core::{BoxError, FailureReport, McpRequest, McpResponse};
 use tower_layer::Layer;
 use tower_service::Service;
 
-/// Renders errors of `tools/call`s into `isError` results. See the [module docs](self).
+/// Renders errors of `tools/call`s into `isError` results.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RenderErrorsLayer {
     _priv: (),

@@ -9,11 +9,12 @@ use rmcp::model::{
     ServerNotification, ServerRequest,
 };
 use rmcp::service::{
-    NotificationContext, PeerRequestOptions, RequestContext, RoleClient, Service, ServiceError,
+    NotificationContext, PeerRequestOptions, RequestContext, RoleClient, RoleServer, Service,
+    ServiceError,
 };
 
 use super::Shared;
-use crate::routes::{Resolved, RouteGuard};
+use crate::routes::{ProgressReceipt, Resolved, RouteGuard};
 
 /// Answers what the upstream server sends to the proxy (see the
 /// [module docs](super)):
@@ -24,6 +25,8 @@ use crate::routes::{Resolved, RouteGuard};
 ///   downstream client, with its answer (or error) passed back; if the server
 ///   cancels one, the client is told too;
 /// - `notifications/progress` go to the client whose request they are about;
+///   each counts as forwarded (its [`ProgressReceipt`] is dropped) once sent
+///   on or dropped, so the response can wait for it;
 ///   `tools/list_changed` refreshes the catalog and, like every other
 ///   notification, is broadcast to every connected client;
 ///   `notifications/cancelled` is handled by rmcp (it cancels the forwarded
@@ -109,11 +112,13 @@ impl Service<RoleClient> for UpstreamHandler {
     async fn handle_notification(
         &self,
         notification: ServerNotification,
-        context: NotificationContext<RoleClient>,
+        mut context: NotificationContext<RoleClient>,
     ) -> Result<(), ErrorData> {
         let mut notification = notification;
         match &mut notification {
             ServerNotification::ProgressNotification(progress) => {
+                // Put there by the transport; dropped below, once forwarded.
+                let receipt = context.extensions.remove::<ProgressReceipt<RoleServer>>();
                 let ours = progress.params.progress_token.clone();
                 match self.shared.progress_up.resolve(&ours).await {
                     Resolved::To(client, token) => {
@@ -128,6 +133,7 @@ impl Service<RoleClient> for UpstreamHandler {
                         tracing::debug!(token = ?ours, "progress for no request in flight");
                     }
                 }
+                drop(receipt);
                 return Ok(());
             }
             // rmcp already cancelled the forwarded request's context.

@@ -18,8 +18,14 @@
 //! - [`UpstreamHandler`] answers what the server sends to the proxy as its
 //!   client: notifications are forwarded to the downstream clients, requests
 //!   (sampling, roots, elicitation) to the most recently active one.
+//! - Progress the server sends for a request reaches the client before the
+//!   response: the transport counts each progress notification as it reads
+//!   it (`ProgressTallyTransport`), and the proxy holds a response until the
+//!   progress counted for its request has been forwarded (see
+//!   [`crate::routes`]).
 
 mod handler;
+mod transport;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +35,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use rmcp::model::{ClientConfig, ClientRequest, ServerPeerInfo, ServerResult};
-use rmcp::service::{RoleClient, RunningService};
+use rmcp::service::{RoleClient, RoleServer, RunningService};
+use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::ServiceExt as _;
 use serde_json::{json, Value};
@@ -45,6 +52,7 @@ use crate::config::UpstreamConfig;
 use crate::routes::{Downstreams, ProgressRoutes};
 
 pub use handler::UpstreamHandler;
+use transport::ProgressTallyTransport;
 
 /// An MCP server in this process, reached over an in-memory pipe: each
 /// connection (and each reconnection) calls the function for a fresh pipe,
@@ -198,7 +206,7 @@ pub(crate) struct Shared {
     pub(crate) last_info: ArcSwapOption<ServerPeerInfo>,
     pub(crate) downstreams: Downstreams,
     /// Our tokens on requests sent upstream → the downstream client's.
-    pub(crate) progress_up: Arc<ProgressRoutes<rmcp::service::RoleServer>>,
+    pub(crate) progress_up: Arc<ProgressRoutes<RoleServer>>,
     /// Our tokens on server requests forwarded downstream → the server's.
     pub(crate) progress_down: Arc<ProgressRoutes<RoleClient>>,
     status: watch::Sender<UpstreamStatus>,
@@ -458,10 +466,12 @@ fn set_status(shared: &Shared, status: UpstreamStatus) {
 
 type Running = RunningService<RoleClient, UpstreamHandler>;
 
-/// Starts the child or opens the URL, and runs `initialize`.
+/// Starts the child or opens the URL, and runs `initialize`. Progress the
+/// server sends is counted into `progress` as it is read.
 async fn connect(
     target: &UpstreamTarget,
     handler: UpstreamHandler,
+    progress: Arc<ProgressRoutes<RoleServer>>,
     limit: Duration,
 ) -> Result<(Running, Option<u32>), String> {
     let connecting = async {
@@ -476,14 +486,16 @@ async fn connect(
                     .map_err(|e| format!("cannot start {target}: {e}"))?;
                 let pid = transport.id();
                 let running = handler
-                    .serve(transport)
+                    .serve(ProgressTallyTransport::new(transport, progress))
                     .await
                     .map_err(|e| format!("initialize failed: {e}"))?;
                 Ok((running, pid))
             }
             UpstreamTarget::InProcess(server) => {
+                let (read, write) = tokio::io::split((server.connect)());
+                let transport = AsyncRwTransport::new_client(read, write);
                 let running = handler
-                    .serve((server.connect)())
+                    .serve(ProgressTallyTransport::new(transport, progress))
                     .await
                     .map_err(|e| format!("initialize failed: {e}"))?;
                 Ok((running, None))
@@ -491,7 +503,7 @@ async fn connect(
             UpstreamTarget::Url(url) => {
                 let transport = StreamableHttpClientTransport::from_uri(url.as_str());
                 let running = handler
-                    .serve(transport)
+                    .serve(ProgressTallyTransport::new(transport, progress))
                     .await
                     .map_err(|e| format!("initialize failed: {e}"))?;
                 Ok((running, None))
@@ -522,7 +534,12 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
             config.connect_timeout,
         );
         let connected = tokio::select! {
-            result = connect(&inner.target, handler, config.connect_timeout) => result,
+            result = connect(
+                &inner.target,
+                handler,
+                Arc::clone(&shared.progress_up),
+                config.connect_timeout,
+            ) => result,
             () = inner.shutdown.cancelled() => break,
         };
         let error = match connected {
