@@ -23,12 +23,19 @@
 //!   served, marked stale with `_meta` and a text note.
 //! - `rank_11_tools`: `AlternativeRanker::alternatives` for a failed
 //!   `search_docs` over the 11-tool fixture catalog (index already built).
+//! - `overhead_store_1KiB`: `store - bare` measured directly: each sample
+//!   alternates chunks of 32 calls on each side (which side goes first
+//!   alternates too; the request is cloned inside the timed section on both
+//!   sides, so it cancels out) and reports the difference of their times,
+//!   so load that drifts during the run hits both sides alike. A chunk pair
+//!   in which either chunk ran over 3 times the fastest chunk of its side
+//!   was interrupted (preempted) and is measured again.
 
 use std::future::{ready, Future, Ready};
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use serde_json::{json, Value};
@@ -180,6 +187,61 @@ where
     }
 }
 
+/// `layered - bare` per call, in alternating chunks (see the module docs).
+fn bench_overhead_pair(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    mut bare: impl FnMut(),
+    mut layered: impl FnMut(),
+) {
+    const CHUNK: u64 = 32;
+    /// A chunk this many times slower than the fastest of its side was interrupted.
+    const SPIKE: f64 = 3.0;
+    /// Give up re-measuring after this many interrupted pairs in a row.
+    const MAX_RETRIES: u32 = 20;
+    fn timed(side: &mut dyn FnMut(), chunk: u64) -> Duration {
+        let start = Instant::now();
+        for _ in 0..chunk {
+            side();
+        }
+        start.elapsed()
+    }
+    let (mut fastest_bare, mut fastest_layered) = (f64::INFINITY, f64::INFINITY);
+    group.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut difference_ns: i128 = 0;
+            let (mut done, mut retries, mut flip) = (0, 0, false);
+            while done < iters {
+                let chunk = CHUNK.min(iters - done);
+                let (bare_time, layered_time) = if flip {
+                    let layered_time = timed(&mut layered, chunk);
+                    (timed(&mut bare, chunk), layered_time)
+                } else {
+                    let bare_time = timed(&mut bare, chunk);
+                    (bare_time, timed(&mut layered, chunk))
+                };
+                flip = !flip;
+                let per_call = |t: Duration| t.as_nanos() as f64 / chunk as f64;
+                let (b, l) = (per_call(bare_time), per_call(layered_time));
+                fastest_bare = fastest_bare.min(b);
+                fastest_layered = fastest_layered.min(l);
+                if (b > SPIKE * fastest_bare || l > SPIKE * fastest_layered)
+                    && retries < MAX_RETRIES
+                {
+                    retries += 1;
+                    continue;
+                }
+                retries = 0;
+                difference_ns += layered_time.as_nanos() as i128 - bare_time.as_nanos() as i128;
+                done += chunk;
+            }
+            // Criterion needs a positive time; a sample where the bare side
+            // came out slower counts as 1 ns.
+            Duration::from_nanos(u64::try_from(difference_ns.max(1)).unwrap_or(u64::MAX))
+        })
+    });
+}
+
 fn request() -> Request {
     Request::tool_call(1, "search_docs", json!({"query": "tokio timeout"}))
 }
@@ -255,6 +317,20 @@ fn bench_fallback_cache(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+
+    let mut bare = inner.clone();
+    let mut store = layer.layer(inner.clone());
+    bench_overhead_pair(
+        &mut group,
+        "overhead_store_1KiB",
+        || {
+            black_box(call_once(&mut bare, black_box(&req).clone()));
+        },
+        || {
+            black_box(call_once(&mut store, black_box(&req).clone()));
+        },
+    );
+    assert_eq!(store.cached_results(), 1);
 
     let ranker = AlternativeRanker::from_catalog(&fixture_catalog());
     assert_eq!(

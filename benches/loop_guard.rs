@@ -9,11 +9,26 @@
 //! `guarded - bare` is the guard's overhead. Requests cycle through 64
 //! distinct argument objects that all succeed: no call repeats within the
 //! window, so no call is refused, which is the guard's steady state.
+//!
+//! The `overhead_*` cases measure `guarded - bare` directly: each sample
+//! alternates chunks of 32 bare and 32 guarded calls on the same requests
+//! and reports the difference of their times, so load on the machine that
+//! drifts during a run hits both sides alike instead of skewing a
+//! subtraction of two separate medians. The side that runs first
+//! alternates, since the second finds the requests in cache. A chunk pair in which either chunk
+//! ran over 3 times the fastest chunk seen of its side was interrupted (the
+//! thread was preempted, a shared machine's usual noise) and is measured
+//! again.
+//!
+//! The session cases spread the calls over 100 sessions, each making 4
+//! distinct calls in turn (a cycle of 4, longer than the default longest
+//! cycle looked for), so no call is refused there either.
 
 use std::future::Future;
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::{json, Value};
@@ -41,15 +56,28 @@ fn arguments_200_bytes(limit: usize) -> Value {
     args
 }
 
+/// Calls per session in the session cases: each session cycles through
+/// this many distinct calls, more than the longest cycle looked for (3), so
+/// none is refused.
+const CALLS_PER_SESSION: usize = 4;
+
+/// Without sessions: `DISTINCT_CALLS` distinct calls in the default session.
+/// With `sessions`: `sessions * CALLS_PER_SESSION` requests, consecutive
+/// ones in different sessions, each session's calls distinct.
 fn requests(precomputed: bool, sessions: Option<usize>) -> Vec<Request> {
-    (0..DISTINCT_CALLS)
+    let count = sessions.map_or(DISTINCT_CALLS, |n| n * CALLS_PER_SESSION);
+    (0..count)
         .map(|i| {
-            let mut request = Request::tool_call(i as i64, TOOL, arguments_200_bytes(i));
+            let limit = match sessions {
+                Some(n) => i / n,
+                None => i,
+            };
+            let mut request = Request::tool_call(i as i64, TOOL, arguments_200_bytes(limit));
             if precomputed {
                 call_fingerprint(&mut request);
             }
-            if let Some(sessions) = sessions {
-                let session = format!("session-{}", i % sessions);
+            if let Some(n) = sessions {
+                let session = format!("session-{}", i % n);
                 request
                     .extensions
                     .insert(SessionKey::from(session.as_str()));
@@ -93,7 +121,10 @@ where
     }
 }
 
-fn bench_case<S>(c: &mut Criterion, name: &str, mut service: S, requests: &[Request])
+/// Times `service` on `requests` in turn. `refused` says whether every call
+/// is expected to be refused; each result is checked (one branch), so a
+/// case cannot silently measure the other path.
+fn bench_case<S>(c: &mut Criterion, name: &str, mut service: S, requests: &[Request], refused: bool)
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
@@ -101,7 +132,82 @@ where
     c.bench_function(name, |b| {
         b.iter(|| {
             i = (i + 1) % requests.len();
-            black_box(drive(&mut service, black_box(&requests[i]).clone()))
+            let result = drive(&mut service, black_box(&requests[i]).clone());
+            assert_eq!(result.is_err(), refused, "{name} measured the wrong path");
+            black_box(result)
+        })
+    });
+}
+
+/// The guard's overhead per call: bare and guarded calls in alternating
+/// chunks on the same requests; the sample's time is the sum of the
+/// differences (see the module docs for interrupted chunks).
+fn bench_overhead_pair<B, G>(
+    c: &mut Criterion,
+    name: &str,
+    mut bare: B,
+    mut guarded: G,
+    requests: &[Request],
+) where
+    B: Service<Request, Response = Response, Error = BoxError>,
+    G: Service<Request, Response = Response, Error = BoxError>,
+{
+    const CHUNK: u64 = 32;
+    /// A chunk this many times slower than the fastest of its side was interrupted.
+    const SPIKE: f64 = 3.0;
+    /// Give up re-measuring after this many interrupted pairs in a row.
+    const MAX_RETRIES: u32 = 20;
+    let mut next = 0usize;
+    // The fastest time per call seen on each side, in nanoseconds.
+    let (mut fastest_bare, mut fastest_guarded) = (f64::INFINITY, f64::INFINITY);
+    let timed = |service: &mut dyn FnMut(Request) -> bool, first: usize, chunk: u64| {
+        let start = Instant::now();
+        for k in 0..chunk as usize {
+            let request = black_box(&requests[(first + k) % requests.len()]).clone();
+            assert!(
+                service(request),
+                "{name}: a refusal would measure the wrong path"
+            );
+        }
+        start.elapsed()
+    };
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut difference_ns: i128 = 0;
+            let (mut done, mut retries) = (0, 0);
+            let mut flip = false;
+            while done < iters {
+                let chunk = CHUNK.min(iters - done);
+                let first = next;
+                // Whichever side runs second finds the requests in cache:
+                // alternate which one goes first.
+                let mut bare_side = |r| black_box(drive(&mut bare, r)).is_ok();
+                let mut guarded_side = |r| black_box(drive(&mut guarded, r)).is_ok();
+                let (bare_time, guarded_time) = if flip {
+                    let guarded_time = timed(&mut guarded_side, first, chunk);
+                    (timed(&mut bare_side, first, chunk), guarded_time)
+                } else {
+                    let bare_time = timed(&mut bare_side, first, chunk);
+                    (bare_time, timed(&mut guarded_side, first, chunk))
+                };
+                flip = !flip;
+                next = (first + chunk as usize) % requests.len();
+                let per_call = |t: Duration| t.as_nanos() as f64 / chunk as f64;
+                let (b, g) = (per_call(bare_time), per_call(guarded_time));
+                fastest_bare = fastest_bare.min(b);
+                fastest_guarded = fastest_guarded.min(g);
+                let interrupted = b > SPIKE * fastest_bare || g > SPIKE * fastest_guarded;
+                if interrupted && retries < MAX_RETRIES {
+                    retries += 1;
+                    continue;
+                }
+                retries = 0;
+                difference_ns += guarded_time.as_nanos() as i128 - bare_time.as_nanos() as i128;
+                done += chunk;
+            }
+            // Criterion needs a positive time; a sample where the bare side
+            // came out slower (noise) counts as 1 ns.
+            Duration::from_nanos(u64::try_from(difference_ns.max(1)).unwrap_or(u64::MAX))
         })
     });
 }
@@ -121,26 +227,57 @@ fn bench_overhead(c: &mut Criterion) {
         b.iter(|| fingerprint(black_box(TOOL), black_box(args.as_object())))
     });
 
-    bench_case(c, "loop_guard/bare", upstream(), &plain);
-    bench_case(c, "loop_guard/guarded", guard(upstream()), &plain);
+    bench_case(c, "loop_guard/bare", upstream(), &plain, false);
+    bench_case(c, "loop_guard/guarded", guard(upstream()), &plain, false);
 
     bench_case(
         c,
         "loop_guard/bare_fingerprint_in_extensions",
         upstream(),
         &with_fingerprint,
+        false,
     );
     bench_case(
         c,
         "loop_guard/guarded_fingerprint_in_extensions",
         guard(upstream()),
         &with_fingerprint,
+        false,
     );
 
-    bench_case(c, "loop_guard/bare_session_key", upstream(), &with_session);
+    bench_case(
+        c,
+        "loop_guard/bare_session_key",
+        upstream(),
+        &with_session,
+        false,
+    );
     bench_case(
         c,
         "loop_guard/guarded_session_key",
+        guard(upstream()),
+        &with_session,
+        false,
+    );
+
+    bench_overhead_pair(
+        c,
+        "loop_guard/overhead",
+        upstream(),
+        guard(upstream()),
+        &plain,
+    );
+    bench_overhead_pair(
+        c,
+        "loop_guard/overhead_fingerprint_in_extensions",
+        upstream(),
+        guard(upstream()),
+        &with_fingerprint,
+    );
+    bench_overhead_pair(
+        c,
+        "loop_guard/overhead_session_key",
+        upstream(),
         guard(upstream()),
         &with_session,
     );
@@ -159,8 +296,14 @@ fn bench_refusal(c: &mut Criterion) {
         drive(&mut service, same[0].clone()).is_err(),
         "the 4th is refused"
     );
-    bench_case(c, "loop_guard/bare_failing", failing_upstream(), &same);
-    bench_case(c, "loop_guard/refused", service, &same);
+    bench_case(
+        c,
+        "loop_guard/bare_failing",
+        failing_upstream(),
+        &same,
+        false,
+    );
+    bench_case(c, "loop_guard/refused", service, &same, true);
 }
 
 criterion_group!(benches, bench_overhead, bench_refusal);

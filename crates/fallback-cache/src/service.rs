@@ -6,9 +6,7 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
 use tokio::time::Instant;
-use toolwarden_core::{
-    call_fingerprint, BoxError, Classify, McpClassifier, McpRequest, McpResponse,
-};
+use toolwarden_core::{BoxError, Classify, Fingerprint, McpClassifier, McpRequest, McpResponse};
 use tower_service::Service;
 
 use crate::cache::ResultCache;
@@ -138,18 +136,25 @@ where
 
     fn call(&mut self, mut req: R) -> Self::Future {
         let config = &self.shared.config;
-        let cacheable = match req.tool_name() {
-            Some(tool) => !req.is_continuation() && config.catalog.is_cacheable(tool),
-            None => return ResponseFuture::passthrough(self.inner.call(req)),
+        let Some(tool) = req.tool_name() else {
+            return ResponseFuture::passthrough(self.inner.call(req));
         };
+        let cacheable = !req.is_continuation() && config.catalog.is_cacheable(tool);
         if !cacheable && !config.degrade {
             // Nothing to store, serve or rewrite.
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let fingerprint = if cacheable {
-            call_fingerprint(&mut req)
+        // Read from the request when an earlier layer computed it; otherwise
+        // computed here from the tool name already read (as
+        // `call_fingerprint` would), and stored in the request below, only
+        // if the call goes on to the layers under this one.
+        let (fingerprint, computed) = if !cacheable {
+            (None, false)
+        } else if let Some(known) = req.extension::<Fingerprint>() {
+            (Some(*known), false)
         } else {
-            None
+            let computed = toolwarden_core::fingerprint(tool, req.arguments());
+            (Some(computed), true)
         };
         let id = req.request_id().cloned();
         if let (Some(fingerprint), Some(ttl)) = (fingerprint, config.fresh_ttl) {
@@ -167,8 +172,10 @@ where
             }
         }
         let rank = config.degrade && config.alternatives > 0;
-        // `tool_name` is `Some` here: checked above.
-        let facts = CallFacts::new(req.tool_name().unwrap_or_default(), req.arguments(), rank);
+        let facts = CallFacts::new(tool, req.arguments(), rank);
+        if let (Some(fingerprint), true) = (fingerprint, computed) {
+            req.insert_extension(fingerprint);
+        }
         let context = CallContext {
             shared: Arc::clone(&self.shared),
             classifier: self.classifier.clone(),

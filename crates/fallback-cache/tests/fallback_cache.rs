@@ -1,14 +1,18 @@
 //! FallbackCacheLayer behaviour, driven through `poll_ready` then `call`
 //! over a readiness-checking inner service, with a paused clock.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns: a panic fails the test
 
 mod support;
 
 use serde_json::json;
+use toolwarden_circuit_breaker::{
+    CircuitBreaker, CircuitBreakerLayer, CircuitRegistry, CircuitState,
+};
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    BoxError, CircuitOpen, LoopDetected, LoopPattern, McpResponse, RetryBudgetExhausted,
-    ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy,
+    fingerprint, BoxError, CircuitOpen, Fingerprint, LoopDetected, LoopPattern, McpResponse,
+    RetryBudgetExhausted, ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy,
 };
 use toolwarden_fallback_cache::{
     AlternativeRanker, FallbackCache, FallbackCacheBuilder, FallbackCacheLayer, DEGRADED_META_KEY,
@@ -831,4 +835,171 @@ async fn works_over_a_service_fn_with_any_error() {
         .unwrap();
     assert_eq!(facts(&degraded)["kind"], "transport");
     assert_eq!(facts(&degraded)["alternatives"][0], "search_docs");
+}
+
+/// The layer over the real `CircuitBreakerLayer` (as in the standard stack:
+/// the cache above, the breaker below it), the breaker's registry telling
+/// the cache which circuits are open.
+struct OverBreaker {
+    svc: FallbackCache<CircuitBreaker<ReadyChecked<MockMcp>>>,
+    mock: MockMcp,
+    registry: CircuitRegistry,
+    recorder: Recorder,
+}
+
+fn over_breaker(max_staleness: std::time::Duration) -> OverBreaker {
+    let mock = server();
+    let breaker = CircuitBreakerLayer::builder()
+        .failure_threshold(3)
+        .minimum_calls(3)
+        .reset_timeout(secs(120))
+        .jitter(0.0)
+        .build()
+        .unwrap();
+    let registry = breaker.registry().clone();
+    let recorder = Recorder::default();
+    let cache = FallbackCacheLayer::builder(fixture_catalog())
+        .max_staleness(max_staleness)
+        .circuits(registry.circuits())
+        .events(recorder.events())
+        .build()
+        .unwrap();
+    OverBreaker {
+        svc: cache.layer(breaker.layer(ReadyChecked::new(mock.clone()))),
+        mock,
+        registry,
+        recorder,
+    }
+}
+
+/// Makes `tool` fail (a server-class tool error) until the breaker opens.
+async fn trip(h: &mut OverBreaker, tool: &str, args: serde_json::Value) {
+    h.mock.set_default(
+        tool,
+        Step::tool_error(&format!("Error executing tool {tool}: index offline")),
+    );
+    for id in 100..103 {
+        call(&mut h.svc, id, tool, args.clone()).await.unwrap();
+    }
+    assert_eq!(h.registry.state(tool), Some(CircuitState::Open), "{tool}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_real_breaker_an_open_circuit_is_answered_with_the_stale_result_and_its_age() {
+    let mut h = over_breaker(secs(300));
+    let fresh = call(&mut h.svc, 1, "search_docs", docs_query())
+        .await
+        .unwrap();
+    assert_eq!(h.svc.cached_results(), 1);
+
+    trip(&mut h, "search_docs", docs_query()).await;
+    let reached = h.mock.calls("search_docs");
+
+    tokio::time::advance(secs(20)).await;
+    let stale = call(&mut h.svc, 2, "search_docs", docs_query())
+        .await
+        .unwrap();
+    assert_eq!(
+        h.mock.calls("search_docs"),
+        reached,
+        "the open breaker refused the call before the server"
+    );
+    assert_eq!(stale.id, Id::Number(2));
+    assert!(!stale.is_tool_error());
+    assert_eq!(texts(&stale)[0], texts(&fresh)[0]);
+    let meta = &result(&stale)["_meta"][STALE_META_KEY];
+    assert_eq!(meta["stale"], true);
+    assert_eq!(meta["ageSeconds"], 20);
+    let reason = meta["reason"].as_str().unwrap();
+    assert!(reason.contains("circuit open for search_docs"), "{reason}");
+    assert!(
+        texts(&stale)[1].starts_with("[stale: result from 20 s ago; search_docs is failing"),
+        "{:?}",
+        texts(&stale)
+    );
+    let last = h.recorder.seen().pop().unwrap();
+    assert_eq!(
+        last,
+        ("stale_served", "search_docs".to_owned(), Some(secs(20)))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn over_the_real_breaker_past_max_staleness_alternatives_skip_open_circuits() {
+    let mut h = over_breaker(secs(60));
+    call(&mut h.svc, 1, "search_docs", docs_query())
+        .await
+        .unwrap();
+    trip(&mut h, "search_docs", docs_query()).await;
+
+    tokio::time::advance(secs(61)).await;
+    let answer = call(&mut h.svc, 2, "search_docs", docs_query())
+        .await
+        .unwrap();
+    assert!(answer.is_tool_error());
+    assert!(
+        result(&answer).get("_meta").is_none(),
+        "nothing stale served"
+    );
+    let refused = facts(&answer);
+    assert_eq!(refused["layer"], "circuit_breaker");
+    assert_eq!(refused["kind"], "rejected");
+    assert_eq!(refused["alternatives"][0], "web_search");
+    assert_eq!(h.svc.cached_results(), 0, "the expired result was dropped");
+
+    // web_search's breaker opens too: it is no longer offered, and no
+    // destructive tool is offered in its place.
+    trip(&mut h, "web_search", json!({"query": "tokio timeout"})).await;
+    let answer = call(&mut h.svc, 3, "search_docs", docs_query())
+        .await
+        .unwrap();
+    let alternatives: Vec<String> = facts(&answer)["alternatives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    assert!(!alternatives.is_empty());
+    assert!(
+        !alternatives
+            .iter()
+            .any(|a| a == "web_search" || a == "search_docs"),
+        "{alternatives:?}"
+    );
+    let catalog = fixture_catalog();
+    assert!(
+        alternatives.iter().all(|a| !catalog.is_destructive(a)),
+        "{alternatives:?}"
+    );
+    // The next best match for a query over documents: the read-only query tool.
+    assert_eq!(alternatives[0], "query_database", "{alternatives:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fingerprint_is_computed_once_and_shared_with_the_layers_below() {
+    let mut h = harness(|b| b);
+    let args = json!({"query": "tokio timeout", "_meta": {"progressToken": 7}});
+    call(&mut h.svc, 1, "search_docs", args.clone())
+        .await
+        .unwrap();
+    let below = h.mock.requests()[0]
+        .extensions
+        .get::<Fingerprint>()
+        .copied();
+    assert_eq!(below, Some(fingerprint("search_docs", args.as_object())));
+    // A tool that is not cacheable needs none, so none is computed.
+    call(&mut h.svc, 2, "create_issue", json!({"title": "x"}))
+        .await
+        .unwrap();
+    assert_eq!(h.mock.requests()[1].extensions.get::<Fingerprint>(), None);
+
+    // A fingerprint an earlier layer stored is used as it is: a request with
+    // other arguments but that fingerprint is answered with the stored result.
+    h.open.open("search_docs");
+    let mut request = Request::tool_call(3, "search_docs", json!({"query": "other"}));
+    request
+        .extensions
+        .insert(fingerprint("search_docs", args.as_object()));
+    let stale = h.svc.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(result(&stale)["_meta"][STALE_META_KEY]["stale"], true);
 }

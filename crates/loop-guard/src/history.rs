@@ -284,6 +284,13 @@ impl History {
     ) -> Option<Cycle> {
         let at = |k: usize| self.nth(k, fingerprint, now_ms, window_ms);
         'periods: for period in 2..=rule.max_period {
+            // A cycle of `period` calls repeats the call `period` back. When
+            // that one differs, the run is `period` calls long, short of a
+            // warning or a block (`max_rounds >= 2`, checked when
+            // configured): the cheap test that rules most periods out.
+            if at(period).is_none_or(|(fp, _)| fp != fingerprint) {
+                continue;
+            }
             // One period back from the current call: live calls of tools
             // that take part in cycles, and not one call repeated (that is
             // the repeat rules' business).

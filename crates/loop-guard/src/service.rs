@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use toolwarden_core::{
-    call_fingerprint, BoxError, Classify, Event, LoopDetected, McpClassifier, McpRequest,
-    McpResponse,
+    BoxError, Classify, Event, Fingerprint, LoopDetected, McpClassifier, McpRequest, McpResponse,
 };
 use tower_service::Service;
 
@@ -109,25 +108,36 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
-        // Not a tools/call, or an exempt tool: untouched.
-        let Some(limits) = request
-            .tool_name()
-            .and_then(|tool| self.config.limits_for(tool))
-        else {
+        let guarded = match request.tool_name() {
+            // Not a tools/call: untouched.
+            None => None,
+            Some(tool) => match self.config.limits_for(tool) {
+                // An exempt tool: untouched.
+                None => None,
+                // A continuation (2026-07-28 `inputResponses`,
+                // `requestState`) carries the arguments of the call it
+                // continues: it is that call going on, not the agent asking
+                // again.
+                Some(_) if request.is_continuation() => None,
+                // The fingerprint is read from the request when an earlier
+                // layer computed it; otherwise computed here (from the tool
+                // name already read, as `call_fingerprint` would) and stored
+                // below for the layers under this one.
+                Some(limits) => Some(match request.extension::<Fingerprint>() {
+                    Some(known) => (limits, *known, false),
+                    None => {
+                        let computed = toolwarden_core::fingerprint(tool, request.arguments());
+                        (limits, computed, true)
+                    }
+                }),
+            },
+        };
+        let Some((limits, fingerprint, computed)) = guarded else {
             return ResponseFuture::passthrough(self.inner.call(request));
         };
-        // A continuation (2026-07-28 `inputResponses`, `requestState`)
-        // carries the arguments of the call it continues: it is that call
-        // going on, not the agent asking again.
-        if request.is_continuation() {
-            return ResponseFuture::passthrough(self.inner.call(request));
+        if computed {
+            request.insert_extension(fingerprint);
         }
-        // Read from the request when an earlier layer computed it; otherwise
-        // computed here and stored for the layers below.
-        let Some(fingerprint) = call_fingerprint(&mut request) else {
-            // Only requests without a tool name have none: never guarded.
-            return ResponseFuture::passthrough(self.inner.call(request));
-        };
         let rules = self.config.rules(limits);
         let session = self.sessions.get(request.session_key());
         match session.admit(fingerprint.as_u64(), self.sessions.now_ms(), &rules) {

@@ -53,7 +53,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -197,36 +197,50 @@ impl DurationHistogram {
 /// The outcomes of the last N completed calls, as a ring.
 pub(crate) struct RecentWindow {
     failed: Box<[AtomicU8]>,
-    recorded: AtomicU64,
+    /// The slot the next outcome goes to; always below `failed.len()`.
+    next: AtomicUsize,
+    /// How many slots hold an outcome, up to `failed.len()`.
+    covered: AtomicUsize,
 }
 
 impl RecentWindow {
     fn new(size: usize) -> Self {
         RecentWindow {
             failed: (0..size.max(1)).map(|_| AtomicU8::new(0)).collect(),
-            recorded: AtomicU64::new(0),
+            next: AtomicUsize::new(0),
+            covered: AtomicUsize::new(0),
         }
     }
 
     /// Not a read-modify-write: under concurrent calls two outcomes may
-    /// land in one slot (the ring is a sample of recent calls, not a count),
-    /// and the cost stays a load and two stores.
+    /// land in one slot (the ring is a sample of recent calls, not a count).
+    /// The position wraps by comparison, not `%`: a division is the
+    /// slowest instruction on this path.
     #[inline]
     fn record(&self, failed: bool) {
-        let n = self.recorded.load(Relaxed);
-        self.recorded.store(n.wrapping_add(1), Relaxed);
-        let slot = (n % self.failed.len() as u64) as usize;
-        self.failed[slot].store(u8::from(failed), Relaxed);
+        let len = self.failed.len();
+        let slot = self.next.load(Relaxed);
+        self.next
+            .store(if slot + 1 >= len { 0 } else { slot + 1 }, Relaxed);
+        // Only values below `len` are ever stored in `next`.
+        if let Some(cell) = self.failed.get(slot) {
+            cell.store(u8::from(failed), Relaxed);
+        }
+        let covered = self.covered.load(Relaxed);
+        if covered < len {
+            self.covered.store(covered + 1, Relaxed);
+        }
     }
 
     /// (failures, calls covered).
     fn read(&self) -> (u64, u64) {
-        let covered = self.recorded.load(Relaxed).min(self.failed.len() as u64);
-        let failures = self.failed[..covered as usize]
+        let covered = self.covered.load(Relaxed).min(self.failed.len());
+        // Until the ring is full, the outcomes are in the first slots.
+        let failures = self.failed[..covered]
             .iter()
             .filter(|f| f.load(Relaxed) != 0)
             .count() as u64;
-        (failures, covered)
+        (failures, covered as u64)
     }
 }
 

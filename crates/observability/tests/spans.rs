@@ -1,5 +1,5 @@
 //! The call span: its fields, the attempt, the fingerprint, and what never
-//! enters it.
+//! enters it (nor the log lines, nor the metric labels).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers outside #[test] fns: a panic fails the test
 
 mod support;
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Waker};
 use std::time::Duration;
 
+use metrics_exporter_prometheus::PrometheusBuilder;
 use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{Attempt, BoxError, Event, Fingerprint, McpRequest};
@@ -38,9 +39,12 @@ impl Visit for Visitor {
     }
 }
 
-/// Records the fields of every closed span.
+/// Records the fields of every closed span and of every event (log line).
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<(String, Fields)>>>);
+struct Capture {
+    spans: Arc<Mutex<Vec<(String, Fields)>>>,
+    events: Arc<Mutex<Vec<Fields>>>,
+}
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Capture {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: LayerContext<'_, S>) {
@@ -69,11 +73,17 @@ impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Ca
                 .get::<Fields>()
                 .cloned()
                 .unwrap_or_default();
-            self.0
+            self.spans
                 .lock()
                 .unwrap()
                 .push((span.name().to_owned(), fields));
         }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: LayerContext<'_, S>) {
+        let mut visitor = Visitor::default();
+        event.record(&mut visitor);
+        self.events.lock().unwrap().push(visitor.0);
     }
 }
 
@@ -83,7 +93,11 @@ impl Capture {
     }
 
     fn spans(&self) -> Vec<(String, Fields)> {
-        self.0.lock().unwrap().clone()
+        self.spans.lock().unwrap().clone()
+    }
+
+    fn events(&self) -> Vec<Fields> {
+        self.events.lock().unwrap().clone()
     }
 }
 
@@ -238,4 +252,47 @@ async fn a_dropped_call_closes_its_span_as_cancelled() {
     assert_eq!(spans.len(), 1);
     assert_eq!(spans[0].1["outcome"], "cancelled");
     assert!(spans[0].1.contains_key("duration_ms"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn arguments_never_reach_spans_logs_or_metric_labels() {
+    // Everything enabled, down to TRACE: spans, log events and metrics.
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let prometheus = recorder.handle();
+    let _metrics = metrics::set_default_local_recorder(&recorder);
+
+    let layer = ObservabilityLayer::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    // Retries below the layer: each one logs an event through the sink.
+    let mut svc = layer.layer(retrying_upstream(&layer, seen));
+    call(&mut svc, tool_call(1, "search")).await.unwrap();
+    let events = layer.events();
+    events.emit(&Event::LoopBlocked {
+        tool: "search",
+        repeats: 4,
+    });
+    events.emit(&Event::StaleServed {
+        tool: "search",
+        age: Duration::from_secs(3),
+    });
+
+    let spans = capture.spans();
+    let logs = capture.events();
+    // Not vacuous: the span and the log lines were captured.
+    assert_eq!(spans.len(), 1);
+    let logged: Vec<&str> = logs
+        .iter()
+        .filter_map(|fields| fields.get("event").map(String::as_str))
+        .collect();
+    assert_eq!(logged, ["retry", "retry", "loop_blocked", "stale_served"]);
+    assert!(logs.iter().all(|fields| fields["key"] == "search"));
+    let secret = "secret-argument-value";
+    for fields in spans.iter().map(|(_, f)| f).chain(&logs) {
+        assert!(fields.values().all(|v| !v.contains(secret)), "{fields:?}");
+    }
+    let text = prometheus.render();
+    assert!(text.contains("gen_ai_tool_name=\"search\""), "{text}");
+    assert!(!text.contains(secret), "{text}");
 }

@@ -92,9 +92,10 @@ impl CircuitView for OpenCircuits {
     }
 }
 
-/// Stands in for the circuit breaker (written concurrently, so not a
-/// dependency): refuses calls to open tools with `CircuitOpen`, and can be
-/// told to fail the next call with any error.
+/// Stands in for the circuit breaker where a test opens and closes circuits
+/// by hand: refuses calls to open tools with `CircuitOpen`, and can be told
+/// to fail the next call with any error. (`tests/fallback_cache.rs` also
+/// runs the layer over the real `CircuitBreakerLayer`.)
 #[derive(Debug, Clone)]
 pub struct BreakerStandIn<S> {
     inner: S,
