@@ -28,85 +28,20 @@
 
 #![allow(clippy::expect_used)] // setup failures abort the bench
 
-use std::borrow::Cow;
+mod support;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use serde_json::{json, Map, Value};
+use serde_json::json;
+use support::{runtime_2_workers, Call, Reply};
 use tokio::runtime::Runtime;
 use toolwarden_circuit_breaker::CircuitBreakerLayer;
-use toolwarden_core::jsonrpc::{Id, Request, Response};
-use toolwarden_core::request::RpcErrorRef;
-use toolwarden_core::{BoxError, McpRequest, McpResponse};
+use toolwarden_core::jsonrpc::{Request, Response};
+use toolwarden_core::BoxError;
 use tower::{service_fn, Layer, Service, ServiceExt};
-
-/// A `tools/call` of one tool, nothing else.
-#[derive(Debug, Clone, Copy)]
-struct Call {
-    tool: &'static str,
-}
-
-impl McpRequest for Call {
-    fn method(&self) -> &str {
-        "tools/call"
-    }
-    fn tool_name(&self) -> Option<&str> {
-        Some(self.tool)
-    }
-    fn arguments(&self) -> Option<&Map<String, Value>> {
-        None
-    }
-    fn is_continuation(&self) -> bool {
-        false
-    }
-    fn session_key(&self) -> Option<&str> {
-        None
-    }
-    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        None
-    }
-    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, _value: T) {}
-}
-
-/// A successful tool result, nothing else.
-#[derive(Debug, Clone, Copy)]
-struct Reply;
-
-impl McpResponse for Reply {
-    fn rpc_error(&self) -> Option<RpcErrorRef<'_>> {
-        None
-    }
-    fn is_tool_error(&self) -> bool {
-        false
-    }
-    fn is_empty_tool_result(&self) -> bool {
-        false
-    }
-    fn is_input_required(&self) -> bool {
-        false
-    }
-    fn first_text(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-    fn from_tool_result(_id: Option<&Id>, _result: Value) -> Self {
-        Reply
-    }
-    fn insert_result_meta(&mut self, _key: &str, _value: Value) {}
-    fn push_text(&mut self, _text: String) {}
-    fn size_hint(&self) -> usize {
-        0
-    }
-}
-
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
 
 fn tool_names(task: usize) -> Vec<&'static str> {
     (0..4)
@@ -165,7 +100,7 @@ where
 }
 
 fn bench_closed(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = runtime_2_workers();
     let names: Vec<Vec<&'static str>> = (0..2).map(tool_names).collect();
     let call = move |task: usize, i: u64| Call {
         tool: names[task][(i % 4) as usize],
@@ -219,7 +154,7 @@ fn bench_closed(c: &mut Criterion) {
 }
 
 fn bench_jsonrpc(c: &mut Criterion) {
-    let rt = runtime();
+    let rt = runtime_2_workers();
     let names: Vec<Vec<&'static str>> = (0..2).map(tool_names).collect();
     let request = move |task: usize, i: u64| {
         Request::tool_call(

@@ -2,33 +2,18 @@
 //!
 //! Run: `cargo bench --bench core`
 
+mod support;
+
 use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::json;
+use support::arguments_200_bytes;
 use toolwarden_core::{fingerprint, Bounds, KeyRef, KeyedState};
 
-fn arguments_200_bytes() -> serde_json::Value {
-    // ~200 bytes serialised, nested, with a _meta member the hash must skip.
-    let args = json!({
-        "query": "circuit breaker half-open probes",
-        "filters": {"language": "rust", "stars": {"min": 100, "max": 5000}, "archived": false},
-        "sort": ["relevance", "updated"],
-        "limit": 25,
-        "cursor": null,
-        "_meta": {"progressToken": 42}
-    });
-    assert!(
-        (180..=240).contains(&args.to_string().len()),
-        "{}",
-        args.to_string().len()
-    );
-    args
-}
-
 fn bench_fingerprint(c: &mut Criterion) {
-    let args = arguments_200_bytes();
+    // ~200 bytes serialised, nested, with a _meta member the hash must skip.
+    let args = arguments_200_bytes(25);
     let obj = args.as_object();
     c.bench_function("core/fingerprint_200B", |b| {
         b.iter(|| fingerprint(black_box("search_repositories"), black_box(obj)))

@@ -31,14 +31,16 @@
 //!   in which either chunk ran over 3 times the fastest chunk of its side
 //!   was interrupted (preempted) and is measured again.
 
-use std::future::{ready, Future, Ready};
+mod support;
+
+use std::future::{ready, Ready};
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use serde_json::{json, Value};
+use support::{one_call, overhead_pair};
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::{BoxError, CircuitOpen, ToolCatalog};
 use toolwarden_fallback_cache::{AlternativeRanker, FallbackCacheLayer};
@@ -169,79 +171,6 @@ fn fixture_catalog() -> ToolCatalog {
     catalog
 }
 
-/// One call: `poll_ready`, `call`, one poll (every future here is ready at once).
-fn call_once<S>(svc: &mut S, req: Request) -> Response
-where
-    S: Service<Request, Response = Response, Error = BoxError>,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    match svc.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        _ => panic!("the service is always ready"),
-    }
-    let future = pin!(svc.call(req));
-    match future.poll(&mut cx) {
-        Poll::Ready(Ok(response)) => response,
-        Poll::Ready(Err(e)) => panic!("unexpected error: {e}"),
-        Poll::Pending => panic!("the future is ready at once"),
-    }
-}
-
-/// `layered - bare` per call, in alternating chunks (see the module docs).
-fn bench_overhead_pair(
-    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    mut bare: impl FnMut(),
-    mut layered: impl FnMut(),
-) {
-    const CHUNK: u64 = 32;
-    /// A chunk this many times slower than the fastest of its side was interrupted.
-    const SPIKE: f64 = 3.0;
-    /// Give up re-measuring after this many interrupted pairs in a row.
-    const MAX_RETRIES: u32 = 20;
-    fn timed(side: &mut dyn FnMut(), chunk: u64) -> Duration {
-        let start = Instant::now();
-        for _ in 0..chunk {
-            side();
-        }
-        start.elapsed()
-    }
-    let (mut fastest_bare, mut fastest_layered) = (f64::INFINITY, f64::INFINITY);
-    group.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut difference_ns: i128 = 0;
-            let (mut done, mut retries, mut flip) = (0, 0, false);
-            while done < iters {
-                let chunk = CHUNK.min(iters - done);
-                let (bare_time, layered_time) = if flip {
-                    let layered_time = timed(&mut layered, chunk);
-                    (timed(&mut bare, chunk), layered_time)
-                } else {
-                    let bare_time = timed(&mut bare, chunk);
-                    (bare_time, timed(&mut layered, chunk))
-                };
-                flip = !flip;
-                let per_call = |t: Duration| t.as_nanos() as f64 / chunk as f64;
-                let (b, l) = (per_call(bare_time), per_call(layered_time));
-                fastest_bare = fastest_bare.min(b);
-                fastest_layered = fastest_layered.min(l);
-                if (b > SPIKE * fastest_bare || l > SPIKE * fastest_layered)
-                    && retries < MAX_RETRIES
-                {
-                    retries += 1;
-                    continue;
-                }
-                retries = 0;
-                difference_ns += layered_time.as_nanos() as i128 - bare_time.as_nanos() as i128;
-                done += chunk;
-            }
-            // Criterion needs a positive time; a sample where the bare side
-            // came out slower counts as 1 ns.
-            Duration::from_nanos(u64::try_from(difference_ns.max(1)).unwrap_or(u64::MAX))
-        })
-    });
-}
-
 fn request() -> Request {
     Request::tool_call(1, "search_docs", json!({"query": "tokio timeout"}))
 }
@@ -259,7 +188,7 @@ fn bench_fallback_cache(c: &mut Criterion) {
     group.bench_function("bare_1KiB", |b| {
         b.iter_batched(
             || req.clone(),
-            |r| black_box(call_once(&mut bare, r)),
+            |r| black_box(one_call(&mut bare, r)),
             BatchSize::SmallInput,
         )
     });
@@ -271,7 +200,7 @@ fn bench_fallback_cache(c: &mut Criterion) {
     group.bench_function("store_1KiB", |b| {
         b.iter_batched(
             || req.clone(),
-            |r| black_box(call_once(&mut store, r)),
+            |r| black_box(one_call(&mut store, r)),
             BatchSize::SmallInput,
         )
     });
@@ -282,7 +211,7 @@ fn bench_fallback_cache(c: &mut Criterion) {
     group.bench_function("not_cacheable_1KiB", |b| {
         b.iter_batched(
             || create.clone(),
-            |r| black_box(call_once(&mut not_cacheable, r)),
+            |r| black_box(one_call(&mut not_cacheable, r)),
             BatchSize::SmallInput,
         )
     });
@@ -293,19 +222,19 @@ fn bench_fallback_cache(c: &mut Criterion) {
         .build()
         .expect("valid configuration");
     let mut hit = fresh.layer(inner.clone());
-    call_once(&mut hit, req.clone());
+    one_call(&mut hit, req.clone());
     group.bench_function("hit_fresh_1KiB", |b| {
         b.iter_batched(
             || req.clone(),
-            |r| black_box(call_once(&mut hit, r)),
+            |r| black_box(one_call(&mut hit, r)),
             BatchSize::SmallInput,
         )
     });
 
     let mut stale = layer.layer(inner.clone());
-    call_once(&mut stale, req.clone());
+    one_call(&mut stale, req.clone());
     stale.get_mut().fail = true;
-    let answer = call_once(&mut stale, req.clone());
+    let answer = one_call(&mut stale, req.clone());
     assert_eq!(
         answer.payload.as_ref().expect("a result")["_meta"]["toolwarden/stale"]["stale"],
         true
@@ -313,23 +242,23 @@ fn bench_fallback_cache(c: &mut Criterion) {
     group.bench_function("stale_1KiB", |b| {
         b.iter_batched(
             || req.clone(),
-            |r| black_box(call_once(&mut stale, r)),
+            |r| black_box(one_call(&mut stale, r)),
             BatchSize::SmallInput,
         )
     });
 
     let mut bare = inner.clone();
     let mut store = layer.layer(inner.clone());
-    bench_overhead_pair(
-        &mut group,
-        "overhead_store_1KiB",
+    let mut overhead = overhead_pair(
         || {
-            black_box(call_once(&mut bare, black_box(&req).clone()));
+            black_box(one_call(&mut bare, black_box(&req).clone()));
         },
         || {
-            black_box(call_once(&mut store, black_box(&req).clone()));
+            black_box(one_call(&mut store, black_box(&req).clone()));
         },
     );
+    group.bench_function("overhead_store_1KiB", |b| b.iter_custom(&mut overhead));
+    drop(overhead);
     assert_eq!(store.cached_results(), 1);
 
     let ranker = AlternativeRanker::from_catalog(&fixture_catalog());

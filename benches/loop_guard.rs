@@ -24,14 +24,13 @@
 //! distinct calls in turn (a cycle of 4, longer than the default longest
 //! cycle looked for), so no call is refused there either.
 
-use std::future::Future;
+mod support;
+
 use std::hint::black_box;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::{json, Value};
+use serde_json::json;
+use support::{arguments_200_bytes, overhead_pair, poll_once};
 use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::{call_fingerprint, fingerprint, BoxError, SessionKey};
 use toolwarden_loop_guard::{LoopGuard, LoopGuardLayer};
@@ -39,22 +38,6 @@ use tower::Service;
 
 const DISTINCT_CALLS: usize = 64;
 const TOOL: &str = "search_repositories";
-
-/// The core bench's ~200-byte nested arguments with a `_meta` member, with
-/// `limit` varied so that each of the 64 requests has its own fingerprint.
-fn arguments_200_bytes(limit: usize) -> Value {
-    let args = json!({
-        "query": "circuit breaker half-open probes",
-        "filters": {"language": "rust", "stars": {"min": 100, "max": 5000}, "archived": false},
-        "sort": ["relevance", "updated"],
-        "limit": limit,
-        "cursor": null,
-        "_meta": {"progressToken": 42}
-    });
-    let len = args.to_string().len();
-    assert!((180..=240).contains(&len), "{len}");
-    args
-}
 
 /// Calls per session in the session cases: each session cycles through
 /// this many distinct calls, more than the longest cycle looked for (3), so
@@ -104,23 +87,6 @@ fn failing_upstream() -> impl Service<Request, Response = Response, Error = BoxE
     })
 }
 
-/// `poll_ready`, `call`, and one poll of the (ready) response future.
-#[inline]
-fn drive<S>(service: &mut S, request: Request) -> Result<Response, BoxError>
-where
-    S: Service<Request, Response = Response, Error = BoxError>,
-{
-    let mut cx = Context::from_waker(Waker::noop());
-    match service.poll_ready(&mut cx) {
-        Poll::Ready(Ok(())) => {}
-        _ => panic!("the bench services are always ready"),
-    }
-    match pin!(service.call(request)).poll(&mut cx) {
-        Poll::Ready(result) => result,
-        Poll::Pending => panic!("the bench services answer at once"),
-    }
-}
-
 /// Times `service` on `requests` in turn. `refused` says whether every call
 /// is expected to be refused; each result is checked (one branch), so a
 /// case cannot silently measure the other path.
@@ -132,7 +98,7 @@ where
     c.bench_function(name, |b| {
         b.iter(|| {
             i = (i + 1) % requests.len();
-            let result = drive(&mut service, black_box(&requests[i]).clone());
+            let result = poll_once(&mut service, black_box(&requests[i]).clone());
             assert_eq!(result.is_err(), refused, "{name} measured the wrong path");
             black_box(result)
         })
@@ -140,8 +106,8 @@ where
 }
 
 /// The guard's overhead per call: bare and guarded calls in alternating
-/// chunks on the same requests; the sample's time is the sum of the
-/// differences (see the module docs for interrupted chunks).
+/// chunks on the same requests (each side walks them in the same order);
+/// the sample's time is the sum of the differences (see the module docs).
 fn bench_overhead_pair<B, G>(
     c: &mut Criterion,
     name: &str,
@@ -152,64 +118,27 @@ fn bench_overhead_pair<B, G>(
     B: Service<Request, Response = Response, Error = BoxError>,
     G: Service<Request, Response = Response, Error = BoxError>,
 {
-    const CHUNK: u64 = 32;
-    /// A chunk this many times slower than the fastest of its side was interrupted.
-    const SPIKE: f64 = 3.0;
-    /// Give up re-measuring after this many interrupted pairs in a row.
-    const MAX_RETRIES: u32 = 20;
-    let mut next = 0usize;
-    // The fastest time per call seen on each side, in nanoseconds.
-    let (mut fastest_bare, mut fastest_guarded) = (f64::INFINITY, f64::INFINITY);
-    let timed = |service: &mut dyn FnMut(Request) -> bool, first: usize, chunk: u64| {
-        let start = Instant::now();
-        for k in 0..chunk as usize {
-            let request = black_box(&requests[(first + k) % requests.len()]).clone();
-            assert!(
-                service(request),
-                "{name}: a refusal would measure the wrong path"
-            );
-        }
-        start.elapsed()
-    };
-    c.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut difference_ns: i128 = 0;
-            let (mut done, mut retries) = (0, 0);
-            let mut flip = false;
-            while done < iters {
-                let chunk = CHUNK.min(iters - done);
-                let first = next;
-                // Whichever side runs second finds the requests in cache:
-                // alternate which one goes first.
-                let mut bare_side = |r| black_box(drive(&mut bare, r)).is_ok();
-                let mut guarded_side = |r| black_box(drive(&mut guarded, r)).is_ok();
-                let (bare_time, guarded_time) = if flip {
-                    let guarded_time = timed(&mut guarded_side, first, chunk);
-                    (timed(&mut bare_side, first, chunk), guarded_time)
-                } else {
-                    let bare_time = timed(&mut bare_side, first, chunk);
-                    (bare_time, timed(&mut guarded_side, first, chunk))
-                };
-                flip = !flip;
-                next = (first + chunk as usize) % requests.len();
-                let per_call = |t: Duration| t.as_nanos() as f64 / chunk as f64;
-                let (b, g) = (per_call(bare_time), per_call(guarded_time));
-                fastest_bare = fastest_bare.min(b);
-                fastest_guarded = fastest_guarded.min(g);
-                let interrupted = b > SPIKE * fastest_bare || g > SPIKE * fastest_guarded;
-                if interrupted && retries < MAX_RETRIES {
-                    retries += 1;
-                    continue;
-                }
-                retries = 0;
-                difference_ns += guarded_time.as_nanos() as i128 - bare_time.as_nanos() as i128;
-                done += chunk;
-            }
-            // Criterion needs a positive time; a sample where the bare side
-            // came out slower (noise) counts as 1 ns.
-            Duration::from_nanos(u64::try_from(difference_ns.max(1)).unwrap_or(u64::MAX))
-        })
-    });
+    let (mut next_bare, mut next_guarded) = (0usize, 0usize);
+    let mut overhead = overhead_pair(
+        || call_next(&mut bare, requests, &mut next_bare, name),
+        || call_next(&mut guarded, requests, &mut next_guarded, name),
+    );
+    c.bench_function(name, |b| b.iter_custom(&mut overhead));
+}
+
+/// Calls `service` with a clone of `requests[*next]` and moves `next` on; the
+/// call must go through.
+#[inline]
+fn call_next<S>(service: &mut S, requests: &[Request], next: &mut usize, name: &str)
+where
+    S: Service<Request, Response = Response, Error = BoxError>,
+{
+    let request = black_box(&requests[*next]).clone();
+    *next = (*next + 1) % requests.len();
+    assert!(
+        black_box(poll_once(service, request)).is_ok(),
+        "{name}: a refusal would measure the wrong path"
+    );
 }
 
 fn guard<S>(inner: S) -> LoopGuard<S> {
@@ -289,11 +218,11 @@ fn bench_refusal(c: &mut Criterion) {
     let same = vec![requests(true, None).swap_remove(0)];
     let mut service = guard(failing_upstream());
     for _ in 0..3 {
-        let result = drive(&mut service, same[0].clone());
+        let result = poll_once(&mut service, same[0].clone());
         assert!(result.is_ok(), "the first three calls go through");
     }
     assert!(
-        drive(&mut service, same[0].clone()).is_err(),
+        poll_once(&mut service, same[0].clone()).is_err(),
         "the 4th is refused"
     );
     bench_case(

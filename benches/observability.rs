@@ -22,172 +22,21 @@
 //! either chunk ran over 3 times the fastest chunk of its side was
 //! interrupted (preempted) and is measured again.
 
-use std::borrow::Cow;
-use std::future::{ready, Ready};
+mod support;
+
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use futures::FutureExt;
 use metrics_exporter_prometheus::PrometheusBuilder;
-use serde_json::{json, Map, Value};
+use serde_json::json;
+use support::{one_call, overhead_pair, Bare, Call, Reply};
 use toolwarden_core::jsonrpc::{self, Id};
-use toolwarden_core::request::RpcErrorRef;
-use toolwarden_core::{BoxError, CallKind, Classify, McpClassifier, McpRequest, McpResponse};
+use toolwarden_core::{CallKind, Classify, McpClassifier, McpRequest};
 use toolwarden_observability::ObservabilityLayer;
-use tower::{Layer, Service, ServiceExt};
-
-/// A tools/call whose view costs nothing to read.
-#[derive(Clone, Copy)]
-struct Call {
-    tool: &'static str,
-}
-
-impl McpRequest for Call {
-    fn method(&self) -> &str {
-        toolwarden_core::TOOLS_CALL
-    }
-    fn tool_name(&self) -> Option<&str> {
-        Some(self.tool)
-    }
-    fn arguments(&self) -> Option<&Map<String, Value>> {
-        None
-    }
-    fn is_continuation(&self) -> bool {
-        false
-    }
-    fn session_key(&self) -> Option<&str> {
-        None
-    }
-    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        None
-    }
-    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, _value: T) {}
-}
-
-/// A successful tool result whose view costs nothing to read.
-#[derive(Clone, Copy)]
-struct Reply;
-
-impl McpResponse for Reply {
-    fn rpc_error(&self) -> Option<RpcErrorRef<'_>> {
-        None
-    }
-    fn is_tool_error(&self) -> bool {
-        false
-    }
-    fn is_empty_tool_result(&self) -> bool {
-        false
-    }
-    fn is_input_required(&self) -> bool {
-        false
-    }
-    fn first_text(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-    fn from_tool_result(_id: Option<&Id>, _result: Value) -> Self {
-        Reply
-    }
-    fn insert_result_meta(&mut self, _key: &str, _value: Value) {}
-    fn push_text(&mut self, _text: String) {}
-    fn size_hint(&self) -> usize {
-        0
-    }
-}
-
-/// A bare service that answers at once.
-#[derive(Clone)]
-struct Bare<T>(T);
-
-impl<R, T: Clone> Service<R> for Bare<T> {
-    type Response = T;
-    type Error = BoxError;
-    type Future = Ready<Result<T, BoxError>>;
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-    fn call(&mut self, _req: R) -> Self::Future {
-        ready(Ok(self.0.clone()))
-    }
-}
-
-/// One call through `poll_ready` and `call`; every future here is ready at once.
-#[inline]
-fn one_call<S, R>(svc: &mut S, req: R) -> S::Response
-where
-    S: Service<R>,
-    S::Error: std::fmt::Debug,
-{
-    let ready = svc
-        .ready()
-        .now_or_never()
-        .expect("ready at once")
-        .expect("never fails");
-    ready
-        .call(req)
-        .now_or_never()
-        .expect("answers at once")
-        .expect("never fails")
-}
-
-/// The layer's cost per call: bare and layered calls in alternating chunks;
-/// a sample's time is the sum of the differences (see the module docs).
-fn bench_overhead_pair(
-    c: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    name: &str,
-    mut bare: impl FnMut(),
-    mut layered: impl FnMut(),
-) {
-    const CHUNK: u64 = 32;
-    /// A chunk this many times slower than the fastest of its side was interrupted.
-    const SPIKE: f64 = 3.0;
-    /// Give up re-measuring after this many interrupted pairs in a row.
-    const MAX_RETRIES: u32 = 20;
-    fn timed(side: &mut dyn FnMut(), chunk: u64) -> Duration {
-        let start = Instant::now();
-        for _ in 0..chunk {
-            side();
-        }
-        start.elapsed()
-    }
-    let (mut fastest_bare, mut fastest_layered) = (f64::INFINITY, f64::INFINITY);
-    c.bench_function(name, |b| {
-        b.iter_custom(|iters| {
-            let mut difference_ns: i128 = 0;
-            let (mut done, mut retries, mut flip) = (0, 0, false);
-            while done < iters {
-                let chunk = CHUNK.min(iters - done);
-                let (bare_time, layered_time) = if flip {
-                    let layered_time = timed(&mut layered, chunk);
-                    (timed(&mut bare, chunk), layered_time)
-                } else {
-                    let bare_time = timed(&mut bare, chunk);
-                    (bare_time, timed(&mut layered, chunk))
-                };
-                flip = !flip;
-                let per_call = |t: Duration| t.as_nanos() as f64 / chunk as f64;
-                let (b, l) = (per_call(bare_time), per_call(layered_time));
-                fastest_bare = fastest_bare.min(b);
-                fastest_layered = fastest_layered.min(l);
-                if (b > SPIKE * fastest_bare || l > SPIKE * fastest_layered)
-                    && retries < MAX_RETRIES
-                {
-                    retries += 1;
-                    continue;
-                }
-                retries = 0;
-                difference_ns += layered_time.as_nanos() as i128 - bare_time.as_nanos() as i128;
-                done += chunk;
-            }
-            // Criterion needs a positive time; a sample where the bare side
-            // came out slower (noise) counts as 1 ns.
-            Duration::from_nanos(u64::try_from(difference_ns.max(1)).unwrap_or(u64::MAX))
-        })
-    });
-}
+use tower::Layer;
 
 const TOOLS: [&str; 100] = [
     "t00", "t01", "t02", "t03", "t04", "t05", "t06", "t07", "t08", "t09", "t10", "t11", "t12",
@@ -212,9 +61,7 @@ fn light_benches(c: &mut Criterion, recorder: &str) {
     });
     let mut bare = Bare(Reply);
     let mut layered = ObservabilityLayer::new().layer(Bare(Reply));
-    bench_overhead_pair(
-        &mut group,
-        "light/overhead_1_tool",
+    let mut overhead = overhead_pair(
         || {
             black_box(one_call(&mut bare, black_box(Call { tool: "search" })));
         },
@@ -222,6 +69,7 @@ fn light_benches(c: &mut Criterion, recorder: &str) {
             black_box(one_call(&mut layered, black_box(Call { tool: "search" })));
         },
     );
+    group.bench_function("light/overhead_1_tool", |b| b.iter_custom(&mut overhead));
     let mut layered = ObservabilityLayer::new().layer(Bare(Reply));
     let mut i = 0usize;
     group.bench_function("light/layered_100_tools", |b| {

@@ -18,8 +18,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::convert::Infallible;
-use std::future::{ready, Ready};
+mod support;
+
 use std::hint::black_box;
 use std::num::NonZeroU32;
 use std::process::{Child, Command, Stdio};
@@ -28,29 +28,18 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use governor::{Quota, RateLimiter};
-use serde_json::{Map, Value};
+use support::{runtime_2_workers, unit_service, Call, TOOLS};
 use tokio::runtime::Runtime;
 use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
-use toolwarden_core::{Events, McpRequest};
+use toolwarden_core::Events;
 use toolwarden_rate_limit::{Rate, RateLimitBuilder, RateLimitLayer};
 use toolwarden_redis::{
     quota, Decision, Fallback, RedisBreakerSync, RedisConfig, RedisRateLimiter, RemoteOpenPolicy,
 };
-use tower::{service_fn, Layer, Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 /// Checks in flight in the throughput benchmarks.
 const IN_FLIGHT: u64 = 8;
-
-const TOOLS: [&str; 8] = [
-    "search_docs",
-    "web_search",
-    "read_file",
-    "write_file",
-    "list_issues",
-    "get_weather",
-    "send_email",
-    "run_query",
-];
 
 struct Server(Child);
 
@@ -106,14 +95,6 @@ fn config(url: &str, replica: &str) -> RedisConfig {
         .unwrap()
 }
 
-fn runtime() -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// A limiter on `url`, connected. `Fallback::Deny`: a Redis failure shows
 /// up as a refusal, which panics, instead of a fast fake admission.
 fn connected_limiter(rt: &Runtime, url: &str) -> RedisRateLimiter {
@@ -125,34 +106,6 @@ fn connected_limiter(rt: &Runtime, url: &str) -> RedisRateLimiter {
         }
         l
     })
-}
-
-/// A tool call reduced to what a limiter reads.
-#[derive(Debug, Clone, Copy)]
-struct Call {
-    tool: &'static str,
-}
-
-impl McpRequest for Call {
-    fn method(&self) -> &str {
-        "tools/call"
-    }
-    fn tool_name(&self) -> Option<&str> {
-        Some(self.tool)
-    }
-    fn arguments(&self) -> Option<&Map<String, Value>> {
-        None
-    }
-    fn is_continuation(&self) -> bool {
-        false
-    }
-    fn session_key(&self) -> Option<&str> {
-        None
-    }
-    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        None
-    }
-    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, _value: T) {}
 }
 
 fn call(i: u64) -> Call {
@@ -174,12 +127,6 @@ fn generous() -> RateLimitBuilder {
     RateLimitLayer::builder()
         .per_tool(rate, BURST)
         .global(rate, BURST)
-}
-
-type Bare = tower::util::ServiceFn<fn(Call) -> Ready<Result<(), Infallible>>>;
-
-fn bare_service() -> Bare {
-    service_fn(|_call: Call| ready(Ok::<(), Infallible>(())))
 }
 
 /// Runs `iters` calls of `svc` split over `tasks` tasks; the wall time,
@@ -216,7 +163,7 @@ where
 
 fn bench_limiter(c: &mut Criterion) {
     let (_server, url) = start_redis();
-    let rt = runtime();
+    let rt = runtime_2_workers();
     let q = quota(Duration::from_nanos(1), BURST).unwrap();
     let governor = RateLimiter::direct(Quota::per_second(NonZeroU32::new(BURST).unwrap()));
     let limits = generous().build().unwrap().limits();
@@ -276,14 +223,14 @@ fn bench_limiter(c: &mut Criterion) {
 
 fn bench_layer(c: &mut Criterion) {
     let (_server, url) = start_redis();
-    let rt = runtime();
+    let rt = runtime_2_workers();
     let limiter = connected_limiter(&rt, &url);
-    let local = generous().build().unwrap().layer(bare_service());
+    let local = generous().build().unwrap().layer(unit_service());
     let remote = generous()
         .backend(limiter)
         .build()
         .unwrap()
-        .layer(bare_service());
+        .layer(unit_service());
 
     let mut group = c.benchmark_group("redis/layer");
     group.throughput(Throughput::Elements(1));
@@ -304,7 +251,7 @@ fn bench_layer(c: &mut Criterion) {
 
 fn bench_propagation(c: &mut Criterion) {
     let (_server, url) = start_redis();
-    let rt = runtime();
+    let rt = runtime_2_workers();
     let (a, b) = rt.block_on(async {
         let make = |name: &str| {
             let sync =

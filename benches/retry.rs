@@ -29,77 +29,20 @@
 //! for scale. Group `retry/parts` times two pieces of the toolwarden path
 //! alone: reading tokio's clock and one budget deposit (which reads it).
 
-use std::borrow::Cow;
+mod support;
+
 use std::future::Future;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use serde_json::{json, Map, Value};
+use serde_json::json;
+use support::{runtime_current_thread, Call, Reply};
 use tokio::runtime::Runtime;
-use toolwarden_core::jsonrpc::{Id, Request, Response};
-use toolwarden_core::request::RpcErrorRef;
-use toolwarden_core::{Bounds, BoxError, KeyBy, McpRequest, McpResponse};
+use toolwarden_core::jsonrpc::{Request, Response};
+use toolwarden_core::{Bounds, BoxError, KeyBy};
 use toolwarden_retry::{BudgetConfig, RetryBackoffLayer, RetryBudget};
 use tower::{service_fn, Layer, Service, ServiceExt};
-
-/// A `tools/call` of one tool, nothing else.
-#[derive(Debug, Clone, Copy)]
-struct Call {
-    tool: &'static str,
-}
-
-impl McpRequest for Call {
-    fn method(&self) -> &str {
-        "tools/call"
-    }
-    fn tool_name(&self) -> Option<&str> {
-        Some(self.tool)
-    }
-    fn arguments(&self) -> Option<&Map<String, Value>> {
-        None
-    }
-    fn is_continuation(&self) -> bool {
-        false
-    }
-    fn session_key(&self) -> Option<&str> {
-        None
-    }
-    fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        None
-    }
-    fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, _value: T) {}
-}
-
-/// A successful tool result, nothing else.
-#[derive(Debug, Clone, Copy)]
-struct Reply;
-
-impl McpResponse for Reply {
-    fn rpc_error(&self) -> Option<RpcErrorRef<'_>> {
-        None
-    }
-    fn is_tool_error(&self) -> bool {
-        false
-    }
-    fn is_empty_tool_result(&self) -> bool {
-        false
-    }
-    fn is_input_required(&self) -> bool {
-        false
-    }
-    fn first_text(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-    fn from_tool_result(_id: Option<&Id>, _result: Value) -> Self {
-        Reply
-    }
-    fn insert_result_meta(&mut self, _key: &str, _value: Value) {}
-    fn push_text(&mut self, _text: String) {}
-    fn size_hint(&self) -> usize {
-        0
-    }
-}
 
 /// tower's `Retry` with the least policy that can retry: any error, twice.
 #[derive(Debug, Clone, Copy)]
@@ -146,10 +89,7 @@ where
 }
 
 fn bench_minimal(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let rt = runtime_current_thread();
     let requests: Vec<Call> = ["search", "fetch", "list_files", "get_weather"]
         .into_iter()
         .map(|tool| Call { tool })
@@ -194,10 +134,7 @@ fn bench_minimal(c: &mut Criterion) {
 }
 
 fn bench_jsonrpc(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .build()
-        .unwrap();
+    let rt = runtime_current_thread();
     let requests: Vec<Request> = ["search", "fetch", "list_files", "get_weather"]
         .into_iter()
         .enumerate()

@@ -13,7 +13,20 @@
 //! Sessions idle for 5 minutes are closed by rmcp. Server→client requests
 //! (sampling, roots, elicitation) go to the most recently active session —
 //! with several clients that may not be the one whose call caused them.
+//!
+//! rmcp's session manager makes each session's transport; the proxy's
+//! `ProgressTallySessions` wraps rmcp's `LocalSessionManager` and each
+//! transport it makes, so the client's `notifications/progress` are counted
+//! as the session reads them, as over stdio: progress on a request of the
+//! server's reaches the server in order and before the client's answer (see
+//! [`crate::routes`]). That holds for what the client sent in order, that is
+//! each POST after the previous one was accepted; POSTs sent concurrently
+//! have no order to keep. Requests rmcp serves without a session (clients of
+//! the 2026-07-28 protocol) go through a one-shot transport of rmcp's that
+//! the session manager never sees; but rmcp accepts neither notifications
+//! nor answers from such a client, so there is no progress of its to order.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -21,14 +34,22 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use futures::Stream;
+use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::service::RoleClient;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::{
+    EventStore, RestoreOutcome, ServerSseMessage, SessionId, SessionManager,
+};
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
 use crate::framer::{classify_line, error_line, Frame};
+use crate::routes::ProgressRoutes;
 use crate::server::{ProxyCore, ProxyServer};
+use crate::upstream::ProgressTallyTransport;
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -40,6 +61,104 @@ fn is_json(headers: &HeaderMap) -> bool {
 fn jsonrpc_error(status: StatusCode, line: String) -> Response {
     metrics::counter!("toolwarden_proxy_malformed_messages_total").increment(1);
     (status, [(header::CONTENT_TYPE, "application/json")], line).into_response()
+}
+
+/// rmcp's session manager `M`, each session's transport wrapped in a
+/// [`ProgressTallyTransport`] counting the client's progress into `routes`;
+/// everything else is `M`'s.
+struct ProgressTallySessions<M> {
+    inner: M,
+    routes: Arc<ProgressRoutes<RoleClient>>,
+}
+
+impl<M: SessionManager> SessionManager for ProgressTallySessions<M> {
+    type Error = M::Error;
+    type Transport = ProgressTallyTransport<M::Transport, RoleClient>;
+
+    async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
+        let (id, transport) = self.inner.create_session().await?;
+        Ok((
+            id,
+            ProgressTallyTransport::new(transport, Arc::clone(&self.routes)),
+        ))
+    }
+
+    fn initialize_session(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> impl Future<Output = Result<ServerJsonRpcMessage, Self::Error>> + Send {
+        self.inner.initialize_session(id, message)
+    }
+
+    fn has_session(
+        &self,
+        id: &SessionId,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        self.inner.has_session(id)
+    }
+
+    fn close_session(
+        &self,
+        id: &SessionId,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close_session(id)
+    }
+
+    fn create_stream(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> impl Future<
+        Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
+    > + Send {
+        self.inner.create_stream(id, message)
+    }
+
+    fn accept_message(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.accept_message(id, message)
+    }
+
+    fn create_standalone_stream(
+        &self,
+        id: &SessionId,
+    ) -> impl Future<
+        Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
+    > + Send {
+        self.inner.create_standalone_stream(id)
+    }
+
+    fn resume(
+        &self,
+        id: &SessionId,
+        last_event_id: String,
+    ) -> impl Future<
+        Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
+    > + Send {
+        self.inner.resume(id, last_event_id)
+    }
+
+    async fn restore_session(
+        &self,
+        id: SessionId,
+    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        Ok(match self.inner.restore_session(id).await? {
+            RestoreOutcome::Restored(transport) => RestoreOutcome::Restored(
+                ProgressTallyTransport::new(transport, Arc::clone(&self.routes)),
+            ),
+            RestoreOutcome::AlreadyPresent => RestoreOutcome::AlreadyPresent,
+            // NotSupported, and any outcome a later rmcp adds: nothing restored.
+            _ => RestoreOutcome::NotSupported,
+        })
+    }
+
+    fn event_store(&self) -> Option<Arc<dyn EventStore>> {
+        self.inner.event_store()
+    }
 }
 
 /// Answers malformed JSON-RPC in a POST body the way the stdio side does
@@ -103,9 +222,13 @@ pub async fn serve_http(
     if allow_remote {
         config = config.disable_allowed_hosts();
     }
+    let sessions = ProgressTallySessions {
+        inner: LocalSessionManager::default(),
+        routes: Arc::clone(&core.upstream().shared().progress_down),
+    };
     let service = StreamableHttpService::new(
         move || Ok(ProxyServer::new(Arc::clone(&core))),
-        Arc::new(LocalSessionManager::default()),
+        Arc::new(sessions),
         config,
     );
     let router = axum::Router::new().nest_service("/mcp", service).layer(

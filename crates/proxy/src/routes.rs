@@ -16,19 +16,41 @@
 //! recorded (the token is known only once rmcp queued the request); the
 //! receiving side waits a little for an unknown token ([`ProgressRoutes::resolve`]).
 //!
-//! Progress reaches the client before the response to its request, never
-//! after. rmcp handles each notification in a task of its own but hands a
-//! response straight to the waiting request, so left alone the response could
-//! overtake the progress sent before it. Therefore the upstream transport
-//! counts each progress notification as it reads it
-//! ([`ProgressRoutes::received`]), necessarily before it reads the response
-//! behind it; the notification carries a [`ProgressReceipt`] that is dropped
-//! once the notification is forwarded (or dropped), and the proxy answers a
-//! request only when every progress received for its tokens has been
-//! forwarded ([`RouteGuard::progress_forwarded`], bounded by the caller).
+//! # Order
+//!
+//! rmcp handles each incoming notification in a task of its own, but hands a
+//! response straight to the request waiting for it. Left alone, a response
+//! could overtake the progress sent before it, and two progress
+//! notifications of one token could overtake each other. So, in both
+//! directions (server → client for the requests the proxy forwards upstream,
+//! client → server for the requests the server sends a client):
+//!
+//! - The transport that reads the sender's messages counts each progress
+//!   notification as it reads it ([`ProgressRoutes::received`]) and numbers
+//!   it within its token (0, 1, 2, ... in the order read). The notification
+//!   carries a [`ProgressReceipt`] with that number to its handler.
+//! - The handler forwards a token's notifications in that order
+//!   ([`send_in_turn`]): each waits for its turn (up to
+//!   [`PROGRESS_TURN_LIMIT`]), is sent (waiting up to
+//!   [`PROGRESS_SEND_LIMIT`] for the send), and drops its receipt. A receipt
+//!   dropped for any other reason (the notification was not forwarded, its
+//!   task was aborted, rmcp dropped the message) ends its turn all the same.
+//! - The answer to a request is passed on only once every progress read for
+//!   its tokens before the answer has been forwarded
+//!   ([`RouteGuard::progress_first`], up to [`PROGRESS_FORWARD_LIMIT`]).
+//!   Messages are read in order, so that is all the progress the sender sent
+//!   before its answer.
+//!
+//! Guaranteed, then, as long as no wait runs into its limit (only a peer that
+//! does not take what is sent to it makes one): every progress the sender
+//! sent before its answer reaches the receiver before that answer, and a
+//! token's progress reaches it in the order the sender sent it. Progress the
+//! sender sends after its answer is forwarded while the request's route
+//! lives, in order, and is dropped once it is gone.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
+use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -39,6 +61,23 @@ use tokio::sync::Notify;
 /// How long an unknown progress token is waited for, in total.
 const UNKNOWN_TOKEN_WAIT: Duration = Duration::from_millis(200);
 const UNKNOWN_TOKEN_POLL: Duration = Duration::from_millis(10);
+
+/// How long an answer waits for the progress read before it to be forwarded
+/// ([`RouteGuard::progress_first`]); normally no time at all, as forwarding
+/// is one send to a peer. A peer too slow to take the progress in that time
+/// gets the answer anyway.
+pub const PROGRESS_FORWARD_LIMIT: Duration = Duration::from_secs(1);
+
+/// How long a progress notification waits for the ones read before it under
+/// its token to be forwarded ([`ProgressReceipt::take_turn`]); normally no
+/// time at all. Past it, the notification is forwarded anyway.
+pub const PROGRESS_TURN_LIMIT: Duration = Duration::from_secs(1);
+
+/// How long forwarding one progress notification is waited for once its
+/// turn came ([`send_in_turn`]); normally no time at all. Past it the
+/// notification's turn passes: rmcp may still send it later, or drop it if
+/// the peer's queue is full.
+pub const PROGRESS_SEND_LIMIT: Duration = Duration::from_secs(1);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The maps hold plain data: a panic elsewhere cannot leave them inconsistent.
@@ -81,8 +120,15 @@ struct Entry<R: ServiceRole> {
     /// How many in-flight requests were sent under it: rmcp numbers tokens
     /// per connection, so after a reconnection a token can be in use twice.
     holders: u32,
-    /// Progress notifications received for it and not yet forwarded.
-    unforwarded: u32,
+    /// The number the next progress read for it gets.
+    next: u64,
+    /// The lowest number whose progress is not forwarded yet: whose turn it is.
+    turn: u64,
+    /// Numbers above `turn` whose progress is already forwarded (or dropped)
+    /// out of turn: at most one per progress being handled.
+    done_early: BTreeSet<u64>,
+    /// Woken whenever `turn` moves; made only when someone has to wait.
+    moved: Option<Arc<Notify>>,
 }
 
 impl<R: ServiceRole> Entry<R> {
@@ -90,26 +136,37 @@ impl<R: ServiceRole> Entry<R> {
         Entry {
             route: None,
             holders: 0,
-            unforwarded: 0,
+            next: 0,
+            turn: 0,
+            done_early: BTreeSet::new(),
+            moved: None,
         }
     }
 
+    /// Progress received for it and not yet forwarded.
+    fn unforwarded(&self) -> u64 {
+        // Every number in turn..next is either pending or done early.
+        self.next - self.turn - self.done_early.len() as u64
+    }
+
     fn is_unused(&self) -> bool {
-        self.holders == 0 && self.unforwarded == 0
+        self.holders == 0 && self.unforwarded() == 0
     }
 }
 
 /// Our progress tokens → their destination, for requests in flight, with a
-/// tally of the progress received for each and not yet forwarded.
+/// tally of the progress received for each: how much, and how much of it is
+/// forwarded (see the [module docs](self) on order).
 ///
 /// Bounded: a token has an entry while a request sent under it is in flight
 /// or while a progress notification received for it is being handled (each
-/// is, within the 200 ms wait for an unknown token plus one send to a
-/// client); a token of no request is forgotten once its progress is dropped.
+/// is for at most the 200 ms wait for an unknown token, its turn and its
+/// send, each bounded: see [`send_in_turn`]); a token of no request is
+/// forgotten once its progress is dropped. An entry holds a fixed few
+/// fields plus at most one number per progress notification of its token
+/// being handled.
 pub struct ProgressRoutes<R: ServiceRole> {
     entries: Mutex<HashMap<ProgressToken, Entry<R>>>,
-    /// Woken whenever a token's last unforwarded progress was forwarded.
-    forwarded: Notify,
 }
 
 impl<R: ServiceRole> fmt::Debug for ProgressRoutes<R> {
@@ -124,7 +181,6 @@ impl<R: ServiceRole> Default for ProgressRoutes<R> {
     fn default() -> Self {
         ProgressRoutes {
             entries: Mutex::new(HashMap::new()),
-            forwarded: Notify::new(),
         }
     }
 }
@@ -200,61 +256,164 @@ impl<R: ServiceRole> ProgressRoutes<R> {
         }
     }
 
-    /// Counts a progress notification for `ours` as received; it counts as
-    /// forwarded when the returned receipt (and every clone of it) is dropped.
-    /// Call it from the transport, as the notification is read, so it is
-    /// counted before any response read after it.
+    /// Counts a progress notification for `ours` as received and gives it
+    /// the next number of its token. It counts as forwarded when the returned
+    /// receipt (and every clone of it) is dropped. Call it from the
+    /// transport, as the notification is read, so it is counted (and
+    /// numbered) before anything read after it.
     pub fn received(self: &Arc<Self>, ours: ProgressToken) -> ProgressReceipt<R> {
-        lock(&self.entries)
-            .entry(ours.clone())
-            .or_insert_with(Entry::empty)
-            .unforwarded += 1;
+        let number = {
+            let mut entries = lock(&self.entries);
+            let entry = entries.entry(ours.clone()).or_insert_with(Entry::empty);
+            entry.next += 1;
+            entry.next - 1
+        };
         ProgressReceipt(Arc::new(Receipt {
             routes: Arc::clone(self),
             token: ours,
+            number,
         }))
     }
 
-    fn forwarded(&self, ours: &ProgressToken) {
+    /// Marks progress `number` of `ours` as forwarded (or dropped).
+    fn done(&self, ours: &ProgressToken, number: u64) {
         let mut entries = lock(&self.entries);
         let Some(entry) = entries.get_mut(ours) else {
             return;
         };
-        entry.unforwarded = entry.unforwarded.saturating_sub(1);
-        if entry.unforwarded > 0 {
+        if number > entry.turn {
+            // Out of turn (dropped, or its wait ran out): the turn stays.
+            entry.done_early.insert(number);
             return;
         }
+        if number < entry.turn {
+            return; // counted already; cannot happen
+        }
+        entry.turn += 1;
+        while entry.done_early.remove(&entry.turn) {
+            entry.turn += 1;
+        }
+        let moved = entry.moved.clone();
         if entry.is_unused() {
             entries.remove(ours);
         }
         drop(entries);
-        self.forwarded.notify_waiters();
+        if let Some(moved) = moved {
+            moved.notify_waiters();
+        }
     }
 
-    /// Whether some progress received for one of `tokens` is not forwarded yet.
-    fn any_unforwarded(&self, tokens: &[ProgressToken]) -> bool {
-        let entries = lock(&self.entries);
-        tokens
-            .iter()
-            .any(|token| entries.get(token).is_some_and(|e| e.unforwarded > 0))
+    /// How many progress notifications were read for `ours` so far (while
+    /// it has an entry).
+    fn read_so_far(&self, ours: &ProgressToken) -> u64 {
+        lock(&self.entries).get(ours).map_or(0, |entry| entry.next)
+    }
+
+    /// Completes once every progress of `ours` numbered below `number` has
+    /// been forwarded (or dropped), or once `ours` has no entry.
+    async fn forwarded_below(&self, ours: &ProgressToken, number: u64) {
+        let reached = |entries: &HashMap<ProgressToken, Entry<R>>| {
+            entries.get(ours).is_none_or(|entry| entry.turn >= number)
+        };
+        loop {
+            let moved = {
+                let mut entries = lock(&self.entries);
+                if reached(&entries) {
+                    return;
+                }
+                let Some(entry) = entries.get_mut(ours) else {
+                    return;
+                };
+                Arc::clone(entry.moved.get_or_insert_with(Arc::default))
+            };
+            let moved = moved.notified();
+            tokio::pin!(moved);
+            // Registered before the check, so a move between the check and
+            // the wait is not missed.
+            moved.as_mut().enable();
+            if reached(&lock(&self.entries)) {
+                return;
+            }
+            moved.await;
+        }
     }
 }
 
 /// A progress notification counted by [`ProgressRoutes::received`] and not
-/// yet forwarded. It rides in the notification's extensions; the handler
-/// drops it once the notification is forwarded (or dropped). Clones share
-/// it: the notification counts as forwarded when the last one is dropped.
+/// yet forwarded, with its number within its token. It rides in the
+/// notification's extensions; the handler waits for its turn
+/// ([`take_turn`](Self::take_turn)) and drops it once the notification is
+/// forwarded (or dropped). Clones share it: the notification counts as
+/// forwarded when the last one is dropped.
 pub struct ProgressReceipt<R: ServiceRole>(Arc<Receipt<R>>);
 
 struct Receipt<R: ServiceRole> {
     routes: Arc<ProgressRoutes<R>>,
     token: ProgressToken,
+    number: u64,
 }
 
 impl<R: ServiceRole> Drop for Receipt<R> {
     fn drop(&mut self) {
-        self.routes.forwarded(&self.token);
+        self.routes.done(&self.token, self.number);
     }
+}
+
+impl<R: ServiceRole> ProgressReceipt<R> {
+    /// Completes once every progress read before this one under its token
+    /// has been forwarded (or dropped): forward it then, and its token's
+    /// progress goes out in the order it was read. Unbounded: see
+    /// [`take_turn`](Self::take_turn).
+    pub async fn turn(&self) {
+        let receipt = &self.0;
+        receipt
+            .routes
+            .forwarded_below(&receipt.token, receipt.number)
+            .await;
+    }
+
+    /// [`turn`](Self::turn), for at most [`PROGRESS_TURN_LIMIT`]: a task
+    /// stuck forwarding an earlier notification delays this one by that much
+    /// at most. Whether the turn came in time.
+    pub async fn take_turn(&self) -> bool {
+        let in_time = tokio::time::timeout(PROGRESS_TURN_LIMIT, self.turn())
+            .await
+            .is_ok();
+        if !in_time {
+            tracing::debug!(
+                token = ?self.0.token,
+                limit = ?PROGRESS_TURN_LIMIT,
+                "earlier progress still being forwarded; forwarding this one without waiting longer"
+            );
+        }
+        in_time
+    }
+}
+
+/// Forwards one progress notification in its turn: waits for the progress
+/// read before it under its token ([`ProgressReceipt::take_turn`], skipped
+/// without a receipt), runs `send` (for at most [`PROGRESS_SEND_LIMIT`]),
+/// then drops the receipt so the next one's turn comes. Everything it waits
+/// for is bounded, so a receipt is held for at most the two limits.
+pub async fn send_in_turn<R, E>(
+    receipt: Option<ProgressReceipt<R>>,
+    send: impl Future<Output = Result<(), E>>,
+) where
+    R: ServiceRole,
+    E: fmt::Display,
+{
+    if let Some(receipt) = &receipt {
+        receipt.take_turn().await;
+    }
+    match tokio::time::timeout(PROGRESS_SEND_LIMIT, send).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "could not forward progress"),
+        Err(_) => tracing::debug!(
+            limit = ?PROGRESS_SEND_LIMIT,
+            "forwarding progress is slow; no longer waiting for it"
+        ),
+    }
+    drop(receipt);
 }
 
 impl<R: ServiceRole> Clone for ProgressReceipt<R> {
@@ -265,8 +424,9 @@ impl<R: ServiceRole> Clone for ProgressReceipt<R> {
 
 impl<R: ServiceRole> fmt::Debug for ProgressReceipt<R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("ProgressReceipt")
-            .field(&self.0.token)
+        f.debug_struct("ProgressReceipt")
+            .field("token", &self.0.token)
+            .field("number", &self.0.number)
             .finish()
     }
 }
@@ -315,26 +475,34 @@ impl<R: ServiceRole> RouteGuard<R> {
         }
     }
 
-    /// Completes once every progress notification received so far for the
+    /// Completes once every progress notification read so far for the
     /// request's attempts has been forwarded (or dropped); at once when there
     /// is none. Await it after the response arrived and before passing it
-    /// on, so the client sees the progress first. It waits on the handler's
-    /// tasks, so bound it: a task that never finishes would stall it.
+    /// on, so the receiver sees the progress first. It waits on the
+    /// handler's tasks, so bound it ([`progress_first`](Self::progress_first)):
+    /// a task that never finishes would stall it.
     pub async fn progress_forwarded(&self) {
-        loop {
-            let forwarded = self.routes.forwarded.notified();
-            tokio::pin!(forwarded);
-            // Registered before the check, so a wake-up between the check
-            // and the wait is not missed.
-            forwarded.as_mut().enable();
-            let pending = {
-                let tokens = lock(&self.tokens);
-                self.routes.any_unforwarded(&tokens)
-            };
-            if !pending {
+        // Attempts are few and each is looked at once; indexing (rather
+        // than copying the list) keeps the common case allocation-free.
+        for attempt in 0.. {
+            let Some(token) = lock(&self.tokens).get(attempt).cloned() else {
                 return;
-            }
-            forwarded.await;
+            };
+            // The entry lives while this guard does, so its numbers hold.
+            let read = self.routes.read_so_far(&token);
+            self.routes.forwarded_below(&token, read).await;
+        }
+    }
+
+    /// [`progress_forwarded`](Self::progress_forwarded), for at most
+    /// [`PROGRESS_FORWARD_LIMIT`]: after that the answer goes out anyway.
+    pub async fn progress_first(&self) {
+        let forwarded = tokio::time::timeout(PROGRESS_FORWARD_LIMIT, self.progress_forwarded());
+        if forwarded.await.is_err() {
+            tracing::debug!(
+                limit = ?PROGRESS_FORWARD_LIMIT,
+                "progress still being forwarded; answering without waiting longer"
+            );
         }
     }
 }
@@ -554,6 +722,123 @@ mod tests {
         drop(early);
         drop(guard);
         assert_eq!(routes.tracked(), 0);
+    }
+
+    #[test]
+    fn a_tokens_progress_takes_turns_in_the_order_read() {
+        let routes = routes();
+        let first = routes.received(token(1));
+        let second = routes.received(token(1));
+        let third = routes.received(token(1));
+        let other = routes.received(token(2)); // another token: its own turns
+        let woken = Arc::new(Woken::default());
+        assert!(poll_once(std::pin::pin!(first.turn()), &woken).is_ready());
+        assert!(poll_once(std::pin::pin!(other.turn()), &woken).is_ready());
+        {
+            let mut third_turn = std::pin::pin!(third.turn());
+            assert!(poll_once(third_turn.as_mut(), &woken).is_pending());
+            // The second is dropped out of turn (not forwarded, or its wait
+            // ran out): the first still goes before the third.
+            drop(second);
+            assert!(poll_once(third_turn.as_mut(), &woken).is_pending());
+            assert!(!woken.0.load(Ordering::SeqCst), "the turn did not move");
+            drop(first);
+            assert!(woken.0.load(Ordering::SeqCst), "woken when the turn moved");
+            assert!(
+                poll_once(third_turn.as_mut(), &woken).is_ready(),
+                "the turn skips the second, already done"
+            );
+        }
+        drop(third);
+        drop(other);
+        assert_eq!(routes.tracked(), 0);
+    }
+
+    #[test]
+    fn progress_done_out_of_turn_is_remembered_only_until_the_turn_passes() {
+        let routes = routes();
+        let receipts: Vec<_> = (0..5).map(|_| routes.received(token(1))).collect();
+        let mut receipts = receipts.into_iter();
+        let first = receipts.next().unwrap();
+        for later in receipts.rev() {
+            drop(later);
+        }
+        {
+            let entries = lock(&routes.entries);
+            let entry = &entries[&token(1)];
+            assert_eq!((entry.turn, entry.done_early.len()), (0, 4));
+            assert_eq!(entry.unforwarded(), 1);
+        }
+        drop(first);
+        assert_eq!(routes.tracked(), 0, "nothing left once all are done");
+        // A request's token keeps its entry, emptied, while it is in flight.
+        let guard = RouteGuard::new(Arc::clone(&routes), None);
+        guard.sent(&token(3));
+        let early = routes.received(token(3));
+        drop(routes.received(token(3)));
+        drop(early);
+        let entries = lock(&routes.entries);
+        let entry = &entries[&token(3)];
+        assert_eq!((entry.next, entry.turn, entry.done_early.len()), (2, 2, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aborted_task_does_not_hold_up_the_next_turn() {
+        let routes = routes();
+        let first = routes.received(token(1));
+        let second = routes.received(token(1));
+        let (running, is_running) = tokio::sync::oneshot::channel();
+        let stuck = tokio::spawn(async move {
+            let _first = first;
+            let _ = running.send(());
+            std::future::pending::<()>().await;
+        });
+        is_running.await.unwrap(); // stuck forwarding the first
+        let started = tokio::time::Instant::now();
+        stuck.abort();
+        assert!(stuck.await.unwrap_err().is_cancelled());
+        assert!(second.take_turn().await, "its turn came at once");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_wait_is_bounded() {
+        let routes = routes();
+        let guard = RouteGuard::new(Arc::clone(&routes), None);
+        guard.sent(&token(1));
+        let held = routes.received(token(1)); // never forwarded in time
+        let next = routes.received(token(1));
+        let started = tokio::time::Instant::now();
+        assert!(!next.take_turn().await, "the turn did not come");
+        assert_eq!(started.elapsed(), PROGRESS_TURN_LIMIT);
+        let started = tokio::time::Instant::now();
+        guard.progress_first().await;
+        assert_eq!(started.elapsed(), PROGRESS_FORWARD_LIMIT);
+        // A send that never completes: the turn passes all the same.
+        let last = routes.received(token(1));
+        let started = tokio::time::Instant::now();
+        send_in_turn(Some(next), std::future::pending::<Result<(), String>>()).await;
+        assert_eq!(started.elapsed(), PROGRESS_TURN_LIMIT + PROGRESS_SEND_LIMIT);
+        drop(held);
+        assert!(last.take_turn().await);
+        drop(last);
+        drop(guard);
+        assert_eq!(routes.tracked(), 0);
+    }
+
+    #[test]
+    fn an_answer_does_not_wait_for_progress_read_after_it() {
+        let routes = routes();
+        let guard = RouteGuard::new(Arc::clone(&routes), None);
+        guard.sent(&token(1));
+        let before = routes.received(token(1));
+        let woken = Arc::new(Woken::default());
+        let mut waiting = std::pin::pin!(guard.progress_forwarded());
+        assert!(poll_once(waiting.as_mut(), &woken).is_pending());
+        let after = routes.received(token(1)); // sent after the answer
+        drop(before);
+        assert!(poll_once(waiting.as_mut(), &woken).is_ready());
+        drop(after);
     }
 
     #[test]

@@ -18,13 +18,20 @@
 //!   pass through unchanged, a transport failure is `-32000 upstream
 //!   unavailable: ...`, a timeout `-32001`.
 //! - Progress the server sends for a forwarded request reaches the client
-//!   before the response: the answer waits (up to 1 s) until every progress
-//!   the upstream transport read before the response has been forwarded (see
-//!   [`crate::routes`]).
+//!   before the response, a token's in the order the server sent it: the
+//!   answer waits (up to 1 s) until every progress the upstream transport
+//!   read before the response has been forwarded (see [`crate::routes`]).
 //! - Notifications from the client: `notifications/progress` (for requests the
-//!   server sent) are re-addressed to the server's token, `roots/list_changed`
-//!   and custom ones are forwarded; `cancelled` is rmcp's (see above) and
-//!   `initialized` is the proxy's own handshake business.
+//!   server sent) are re-addressed to the server's token, a token's in the
+//!   order the downstream transport read them (each waits up to 1 s for its
+//!   turn, see [`send_in_turn`]), and the
+//!   client's answer to that request is passed to the server
+//!   only after them (see [`UpstreamHandler`](crate::upstream::UpstreamHandler));
+//!   `roots/list_changed` and custom ones are forwarded; `cancelled` is
+//!   rmcp's (see above) and `initialized` is the proxy's own handshake
+//!   business. Both downstream transports count that progress as they read
+//!   it: stdio's session transport and each Streamable HTTP session's (see
+//!   [`crate::stdio`], [`crate::http`]).
 //!
 //! Not forwarded: `subscriptions/listen` (2026-07-28 subscriptions) is answered
 //! "method not found", as rmcp does for servers that do not implement it.
@@ -34,7 +41,6 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
@@ -55,7 +61,7 @@ use rmcp::model::{
 // the proxy still forwards them for clients and servers that use them.
 #[allow(deprecated)]
 use rmcp::model::{SetLevelRequest, SetLevelRequestParams, SubscribeRequest, UnsubscribeRequest};
-use rmcp::service::{NotificationContext, RequestContext, RoleServer};
+use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer};
 use rmcp::ServerHandler;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
@@ -66,7 +72,9 @@ use toolwarden_core::{FailureReport, McpResponse, SessionKey};
 use toolwarden_rmcp::OnRequestSent;
 use tower::ServiceExt as _;
 
-use crate::routes::{DownstreamId, Downstreams, Resolved, RouteGuard};
+use crate::routes::{
+    send_in_turn, DownstreamId, Downstreams, ProgressReceipt, Resolved, RouteGuard,
+};
 use crate::stack::ToolStack;
 use crate::upstream::{Upstream, UpstreamService};
 
@@ -247,25 +255,6 @@ macro_rules! expect {
     };
 }
 
-/// How long an answer waits for the progress read before it to be forwarded
-/// ([`RouteGuard::progress_forwarded`]); normally no time at all, as
-/// forwarding is one send to the client. A client too slow to take the
-/// progress in that time gets the answer anyway.
-const PROGRESS_FORWARD_LIMIT: Duration = Duration::from_secs(1);
-
-/// Waits (up to [`PROGRESS_FORWARD_LIMIT`]) until the progress received for
-/// the request `route` guards has been forwarded, so the client gets it
-/// before the answer.
-async fn progress_first(route: &RouteGuard<RoleServer>) {
-    let forwarded = tokio::time::timeout(PROGRESS_FORWARD_LIMIT, route.progress_forwarded());
-    if forwarded.await.is_err() {
-        tracing::debug!(
-            limit = ?PROGRESS_FORWARD_LIMIT,
-            "progress still being forwarded; answering without waiting longer"
-        );
-    }
-}
-
 fn cancelled() -> ErrorData {
     ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
 }
@@ -375,7 +364,7 @@ impl ProxyServer {
         let call = self.core.upstream_service.clone().oneshot(request);
         let outcome = unless_cancelled(&context.ct, call).await;
         if outcome.is_some() {
-            unless_cancelled(&context.ct, progress_first(&route)).await;
+            unless_cancelled(&context.ct, route.progress_first()).await;
         }
         match outcome {
             Some(Ok(result)) => Ok(result),
@@ -563,7 +552,7 @@ impl ServerHandler for ProxyServer {
         let call = self.core.stack.clone().oneshot(request);
         let outcome = unless_cancelled(&context.ct, call).await;
         if outcome.is_some() {
-            unless_cancelled(&context.ct, progress_first(&route)).await;
+            unless_cancelled(&context.ct, route.progress_first()).await;
         }
         match outcome {
             Some(Ok(ServerResult::InputRequiredResult(r))) => {
@@ -668,17 +657,19 @@ impl ServerHandler for ProxyServer {
     async fn on_progress(
         &self,
         notification: ProgressNotificationParam,
-        _context: NotificationContext<RoleServer>,
+        mut context: NotificationContext<RoleServer>,
     ) {
         // Progress on a request the server sent us (sampling, elicitation):
-        // back to the server under its own token.
+        // back to the server under its own token, in the order read. The
+        // receipt was put there by the downstream transport; it is dropped
+        // once the progress is forwarded (or here, if it goes nowhere), so
+        // the client's answer can wait for it.
+        let receipt = context.extensions.remove::<ProgressReceipt<RoleClient>>();
         let routes = &self.core.upstream.shared().progress_down;
         if let Resolved::To(server, token) = routes.resolve(&notification.progress_token).await {
             let mut params = notification;
             params.progress_token = token;
-            if let Err(e) = server.notify_progress(params).await {
-                tracing::debug!(error = %e, "could not forward progress upstream");
-            }
+            send_in_turn(receipt, server.notify_progress(params)).await;
         }
     }
 

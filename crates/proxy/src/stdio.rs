@@ -12,6 +12,9 @@
 //!   the upstream could not be reached and `initialize` was answered with an
 //!   error), a new one is started on the same streams, so the client can
 //!   simply send `initialize` again.
+//! - That transport counts the client's `notifications/progress` as it reads
+//!   them, so progress on a request of the server's reaches the server in
+//!   order and before the client's answer (see [`crate::routes`]).
 //! - At the end of stdin rmcp answers the requests still in flight (for up
 //!   to 5 s), the writer flushes, and [`serve_stdio`] returns; cancelling
 //!   `shutdown` (SIGTERM, SIGINT) does the same with rmcp's 2 s drain.
@@ -29,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::framer::{classify_line, too_long_reply, Frame, LineReader, RawLine};
 use crate::server::{ProxyCore, ProxyServer};
+use crate::upstream::ProgressTallyTransport;
 
 /// Messages queued for rmcp and lines queued for stdout.
 const QUEUE: usize = 256;
@@ -148,10 +152,13 @@ where
     ));
     let incoming = Arc::new(Mutex::new(message_rx));
     loop {
-        let transport = QueueTransport {
-            incoming: Arc::clone(&incoming),
-            outgoing: line_tx.clone(),
-        };
+        let transport = ProgressTallyTransport::new(
+            QueueTransport {
+                incoming: Arc::clone(&incoming),
+                outgoing: line_tx.clone(),
+            },
+            Arc::clone(&core.upstream().shared().progress_down),
+        );
         let server = ProxyServer::new(Arc::clone(&core));
         match server
             .serve_with_ct(transport, shutdown.child_token())

@@ -2,21 +2,29 @@
 //! JSON-RPC client on in-memory pipes, through the same framer, session
 //! loop, `ProxyServer` and upstream supervisor as the binary: malformed
 //! input, error mapping, rejections rendered as tool results, cancellation,
-//! progress routing, upstream crashes and restarts, and shutdown. Runs
-//! without any external component.
+//! progress routing and order (both ways), upstream crashes and restarts,
+//! and shutdown. Runs without any external component.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorCode, ErrorData,
-    ListToolsResult, PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities,
-    ServerConfig, Tool,
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
+    ClientNotification, ContentBlock, ErrorCode, ErrorData, InitializeRequestParams,
+    JsonRpcMessage, JsonRpcNotification, ListToolsResult, PaginatedRequestParams,
+    ProgressNotificationParam, ProgressToken, ProtocolVersion, ServerCapabilities, ServerConfig,
+    ServerRequest, Tool,
 };
-use rmcp::service::{RequestContext, RoleServer};
+use rmcp::service::{
+    PeerRequestOptions, RequestContext, RoleClient, RoleServer, RxJsonRpcMessage, TxJsonRpcMessage,
+};
+use rmcp::transport::async_rw::AsyncRwTransport;
+use rmcp::transport::{StreamableHttpClientTransport, Transport};
 use rmcp::{ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
@@ -34,7 +42,11 @@ use toolwarden_proxy::{InProcessServer, UpstreamTarget};
 const LIMIT: Duration = Duration::from_secs(20);
 
 /// How many progress notifications the `burst` tool sends before answering.
-const BURST_STEPS: usize = 5;
+const BURST_STEPS: usize = 10;
+
+/// How many progress notifications the client sends on a request of the
+/// server's before answering it.
+const CLIENT_STEPS: usize = 10;
 
 async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
     match tokio::time::timeout(LIMIT, f).await {
@@ -45,12 +57,62 @@ async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
 
 /// The upstream server: `echo`, `slow` (until cancelled), `hang` (never
 /// answers, even cancelled), `reject` (JSON-RPC error), `steps` (progress),
-/// `burst` (progress, then the answer at once) and `ask_roots` (a
-/// notification and a request to the client).
+/// `burst` (progress, then the answer at once), `ask_roots` (a
+/// notification and a request to the client) and `roots_progress` (a
+/// request to the client, answered with the client's progress the server
+/// read before the client's answer).
 #[derive(Clone, Default)]
 struct TestServer {
     cancelled: Arc<AtomicUsize>,
     calls: Arc<AtomicUsize>,
+    /// The progress values the server's transport read, per token, in order.
+    progress_read: ProgressRead,
+}
+
+type ProgressRead = Arc<Mutex<HashMap<ProgressToken, Vec<f64>>>>;
+
+/// The server's transport, recording each `notifications/progress` as it is
+/// read: what the server has read before a response is exactly what the
+/// client sent before it, whatever order rmcp's tasks then run in.
+struct RecordingTransport<T> {
+    inner: T,
+    progress_read: ProgressRead,
+}
+
+impl<T: Transport<RoleServer>> Transport<RoleServer> for RecordingTransport<T> {
+    type Error = T::Error;
+
+    fn name() -> Cow<'static, str> {
+        T::name()
+    }
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        let message = self.inner.receive().await?;
+        if let JsonRpcMessage::Notification(JsonRpcNotification {
+            notification: ClientNotification::ProgressNotification(progress),
+            ..
+        }) = &message
+        {
+            self.progress_read
+                .lock()
+                .unwrap()
+                .entry(progress.params.progress_token.clone())
+                .or_default()
+                .push(progress.params.progress);
+        }
+        Some(message)
+    }
+
+    fn close(&mut self) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close()
+    }
 }
 
 #[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
@@ -76,6 +138,7 @@ impl ServerHandler for TestServer {
                 "steps",
                 "burst",
                 "ask_roots",
+                "roots_progress",
             ]
             .into_iter()
             .map(|name| Tool::new(name, "test tool", schema.clone()))
@@ -121,6 +184,30 @@ impl ServerHandler for TestServer {
                 ))])
                 .into())
             }
+            "roots_progress" => {
+                // A server→client request; the answer lists the progress
+                // values read for it before the client's answer, in order.
+                let request = ServerRequest::ListRootsRequest(rmcp::model::ListRootsRequest {
+                    method: Default::default(),
+                    extensions: Default::default(),
+                });
+                let handle = context
+                    .peer
+                    .send_cancellable_request(request, PeerRequestOptions::no_options())
+                    .await
+                    .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                let token = handle.progress_token.clone();
+                let answer = handle.await_response().await;
+                let read = self
+                    .progress_read
+                    .lock()
+                    .unwrap()
+                    .remove(&token)
+                    .unwrap_or_default();
+                answer.map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                let read: Vec<String> = read.iter().map(f64::to_string).collect();
+                Ok(CallToolResult::success(vec![ContentBlock::text(read.join(","))]).into())
+            }
             "reject" => Err(ErrorData::new(
                 ErrorCode(-32602),
                 "Unknown tool: reject",
@@ -159,8 +246,13 @@ fn target(server: TestServer, tasks: Arc<Mutex<Vec<JoinHandle<()>>>>) -> Upstrea
     UpstreamTarget::InProcess(InProcessServer::new("test server", move || {
         let (client, server_io) = tokio::io::duplex(1 << 16);
         let server = server.clone();
+        let (read, write) = tokio::io::split(server_io);
+        let transport = RecordingTransport {
+            inner: AsyncRwTransport::new_server(read, write),
+            progress_read: Arc::clone(&server.progress_read),
+        };
         let task = tokio::spawn(async move {
-            if let Ok(running) = server.serve(server_io).await {
+            if let Ok(running) = server.serve(transport).await {
                 let _ = running.waiting().await;
             }
         });
@@ -342,7 +434,7 @@ async fn a_session_through_the_proxy() {
     let tools = h.request(1, "tools/list", json!({})).await;
     assert_eq!(
         tools["result"]["tools"].as_array().unwrap().len(),
-        7,
+        8,
         "{tools}"
     );
     assert_eq!(
@@ -463,8 +555,8 @@ async fn progress_always_comes_before_the_response() {
         for &id in &ids {
             h.send(burst(id)).await;
         }
-        let mut progress = std::collections::HashMap::<i64, usize>::new();
-        let mut answered = std::collections::HashSet::new();
+        let mut progress = HashMap::<i64, usize>::new();
+        let mut answered = HashSet::new();
         while answered.len() < ids.len() {
             let message = h.recv().await;
             if message["method"] == "notifications/progress" {
@@ -494,6 +586,253 @@ async fn progress_always_comes_before_the_response() {
     assert_eq!(pong["result"], json!({}), "{pong}");
     assert_eq!(progress_tokens(&notifications), Vec::<String>::new());
     h.finish().await;
+}
+
+/// The values of the `notifications/progress` among `messages`.
+fn progress_values(messages: &[Value]) -> Vec<f64> {
+    messages
+        .iter()
+        .filter(|m| m["method"] == "notifications/progress")
+        .map(|m| m["params"]["progress"].as_f64().unwrap())
+        .collect()
+}
+
+/// 1, 2, ..., `steps`: what a token's progress must be, in that order.
+fn one_to(steps: usize) -> Vec<f64> {
+    (1..=steps).map(|step| step as f64).collect()
+}
+
+/// The server sends a token's progress 1, 2, 3, ...: the client gets it in
+/// that order (MCP wants progress to increase), all of it, before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_values_increase_per_token() {
+    let mut h = harness();
+    h.initialize().await;
+    for id in 1..=30 {
+        h.send(burst(id)).await;
+        let (done, notifications) = h.response(json!(id)).await;
+        assert_eq!(text(&done), "burst done", "{done}");
+        assert_eq!(
+            progress_values(&notifications),
+            one_to(BURST_STEPS),
+            "call {id}: the progress values the client got"
+        );
+    }
+    // Several calls at once, their progress interleaved.
+    for round in 0..5 {
+        let ids: Vec<i64> = (0..8).map(|k| 1000 + round * 8 + k).collect();
+        for &id in &ids {
+            h.send(burst(id)).await;
+        }
+        let mut seen = HashMap::<i64, Vec<f64>>::new();
+        let mut answered = HashSet::new();
+        while answered.len() < ids.len() {
+            let message = h.recv().await;
+            if message["method"] == "notifications/progress" {
+                let token = message["params"]["progressToken"].as_str().unwrap();
+                let id: i64 = token.strip_prefix("burst-").unwrap().parse().unwrap();
+                let value = message["params"]["progress"].as_f64().unwrap();
+                let values = seen.entry(id).or_default();
+                assert!(
+                    values.last().is_none_or(|&last| value > last),
+                    "call {id}: progress {value} after {values:?}"
+                );
+                values.push(value);
+            } else {
+                let id = message["id"].as_i64().unwrap();
+                assert_eq!(text(&message), "burst done", "{message}");
+                assert_eq!(seen.get(&id), Some(&one_to(BURST_STEPS)), "call {id}");
+                answered.insert(id);
+            }
+        }
+    }
+    h.finish().await;
+}
+
+/// Answers the server's `roots/list` request `request` the way a busy client
+/// does: [`CLIENT_STEPS`] progress notifications under the request's token,
+/// then the answer, all in one write.
+async fn answer_with_progress(h: &mut Harness, request: &Value) {
+    assert_eq!(request["method"], "roots/list", "{request}");
+    let token = request["params"]["_meta"]["progressToken"].clone();
+    assert!(!token.is_null(), "no progress token: {request}");
+    let mut lines = String::new();
+    for step in 1..=CLIENT_STEPS {
+        let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": token, "progress": step, "total": CLIENT_STEPS}});
+        lines.push_str(&format!("{progress}\n"));
+    }
+    let answer = json!({"jsonrpc": "2.0", "id": request["id"],
+        "result": {"roots": [{"uri": "file:///work", "name": "work"}]}});
+    lines.push_str(&answer.to_string());
+    h.send_raw(&lines).await;
+}
+
+/// The client sends progress on a request of the server's, then its answer:
+/// the server reads all of that progress, in order, before the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_progress_reaches_the_server_before_its_answer() {
+    let mut h = harness();
+    let init = h
+        .request(
+            0,
+            "initialize",
+            json!({"protocolVersion": "2025-06-18", "capabilities": {"roots": {}}, "clientInfo": {"name": "t", "version": "0"}}),
+        )
+        .await;
+    assert!(init.get("result").is_some(), "{init}");
+    h.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .await;
+    let expected = one_to(CLIENT_STEPS)
+        .iter()
+        .map(f64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let call = |id: i64| {
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "roots_progress", "arguments": {}}})
+    };
+    for id in 1..=30 {
+        h.send(call(id)).await;
+        let request = h.recv().await;
+        answer_with_progress(&mut h, &request).await;
+        let (done, _) = h.response(json!(id)).await;
+        assert_eq!(text(&done), expected, "call {id}: {done}");
+    }
+    // Several at once: the server's requests and the client's answers
+    // interleaved.
+    for round in 0..5 {
+        let ids: Vec<i64> = (0..8).map(|k| 1000 + round * 8 + k).collect();
+        for &id in &ids {
+            h.send(call(id)).await;
+        }
+        let mut answered = HashSet::new();
+        while answered.len() < ids.len() {
+            let message = h.recv().await;
+            if message["method"] == "roots/list" {
+                answer_with_progress(&mut h, &message).await;
+            } else {
+                let id = message["id"].as_i64().unwrap();
+                assert!(ids.contains(&id), "{message}");
+                assert_eq!(text(&message), expected, "call {id}: {message}");
+                answered.insert(id);
+            }
+        }
+    }
+    h.finish().await;
+}
+
+/// A client over Streamable HTTP answering the server's `roots/list` the
+/// way a busy client does: [`CLIENT_STEPS`] progress notifications under the
+/// request's token, each sent once the previous one was accepted, then the
+/// answer.
+#[derive(Clone)]
+struct ProgressingClient;
+
+#[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
+impl rmcp::ClientHandler for ProgressingClient {
+    fn get_info(&self) -> ClientConfig {
+        InitializeRequestParams::new(
+            ClientCapabilities::builder().enable_roots().build(),
+            rmcp::model::Implementation::new("progressing-client", "1.0"),
+        )
+        .with_protocol_version(ProtocolVersion::V_2025_06_18)
+    }
+
+    async fn list_roots(
+        &self,
+        context: RequestContext<RoleClient>,
+    ) -> Result<rmcp::model::ListRootsResult, ErrorData> {
+        let token = context
+            .meta
+            .get_progress_token()
+            .ok_or_else(|| ErrorData::invalid_params("no progress token", None))?;
+        for step in 1..=CLIENT_STEPS {
+            let params = ProgressNotificationParam::new(token.clone(), step as f64);
+            context
+                .peer
+                .notify_progress(params)
+                .await
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        }
+        Ok(rmcp::model::ListRootsResult::new(vec![
+            rmcp::model::Root::new("file:///work"),
+        ]))
+    }
+}
+
+/// The same over Streamable HTTP: the proxy's HTTP sessions count the
+/// client's progress as they read it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_the_clients_progress_reaches_the_server_before_its_answer() {
+    let server = TestServer::default();
+    let downstreams = Downstreams::new();
+    let upstream = Upstream::new(
+        target(server, Arc::default()),
+        quick_restarts(),
+        ToolCatalog::new(),
+        downstreams.clone(),
+    );
+    let core = ProxyCore::new(
+        upstream.clone(),
+        ToolStack::new(upstream.service()),
+        downstreams,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(toolwarden_proxy::http::serve_http(
+        core,
+        listener,
+        1 << 20,
+        false,
+        shutdown.clone(),
+    ));
+    let client = bounded(
+        "the HTTP session",
+        ProgressingClient.serve(StreamableHttpClientTransport::from_uri(url)),
+    )
+    .await
+    .unwrap();
+    let expected = one_to(CLIENT_STEPS)
+        .iter()
+        .map(f64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let call = || {
+        let mut params = CallToolRequestParams::new("roots_progress");
+        params.arguments = Some(Default::default());
+        let peer = client.peer().clone();
+        async move {
+            match bounded("roots_progress", peer.call_tool_once(params))
+                .await
+                .unwrap()
+            {
+                CallToolResponse::Complete(result) => {
+                    text(&json!({"result": serde_json::to_value(&result).unwrap()}))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    for n in 1..=30 {
+        assert_eq!(call().await, expected, "call {n}");
+    }
+    for round in 0..5 {
+        let answers = futures::future::join_all((0..8).map(|_| call())).await;
+        for answer in answers {
+            assert_eq!(answer, expected, "round {round}");
+        }
+    }
+    bounded("closing the HTTP session", client.cancel())
+        .await
+        .unwrap();
+    shutdown.cancel();
+    bounded("serve_http after shutdown", serving)
+        .await
+        .unwrap()
+        .unwrap();
+    upstream.shutdown(LIMIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

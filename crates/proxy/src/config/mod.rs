@@ -43,6 +43,9 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+// Puts `skip_serializing_if = "Option::is_none"` on every `Option` field, so
+// that `check-config --print` leaves unset keys out.
+use serde_with::skip_serializing_none;
 use toolwarden_core::ConfigError;
 
 pub(crate) use load::quote_key;
@@ -76,6 +79,7 @@ pub struct Config {
 }
 
 /// `[upstream]`: how the proxy keeps its connection to the MCP server.
+#[skip_serializing_none]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
@@ -97,7 +101,7 @@ pub struct UpstreamConfig {
     /// rmcp's timeout of every request sent upstream: past it the request
     /// is cancelled upstream (`notifications/cancelled`) and fails as a
     /// timeout. Default: none (put `retry.deadline` above it instead).
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub call_timeout: Option<Duration>,
     /// The bound on one attempt of a `tools/call` inside the tool stack
     /// (below the retry layer, so each retry gets its own): past it the
@@ -157,324 +161,263 @@ pub struct CatalogConfig {
 
 /// `[circuit_breaker]`, and `[tools."name".circuit_breaker]` for one tool.
 /// Unset keys keep the layer's defaults.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CircuitBreakerConfig {
     /// `false` leaves the layer out of the stack (for one tool: never trips).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Consecutive counted failures that open the circuit (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_threshold: Option<u32>,
     /// Share of counted failures in the window that opens the circuit, in (0, 1].
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_rate: Option<f64>,
     /// The sliding window the rates are computed over: a number of calls
     /// (`100`) or a duration (`"60s"`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub window: Option<Window>,
     /// Calls the window must hold before a rate can open the circuit (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub minimum_calls: Option<u32>,
     /// A call slower than this counts as slow.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub slow_call_duration: Option<Duration>,
     /// Share of slow calls in the window that opens the circuit, in (0, 1].
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub slow_call_rate: Option<f64>,
     /// How long the circuit stays open before the first probe.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub reset_timeout: Option<Duration>,
     /// Each reopening multiplies the open time by this (≥ 1; 1 = constant).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub reset_multiplier: Option<f64>,
     /// The cap on the open time (≥ `reset_timeout`).
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub max_reset_timeout: Option<Duration>,
     /// Probes let through while half-open (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub half_open_max_calls: Option<u32>,
     /// Successful probes that close the circuit (≥ 1, ≤ `half_open_max_calls`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub success_threshold: Option<u32>,
 }
 
 /// `[rate_limit]`: GCRA quotas, global and per tool. Unset keys keep the
 /// layer's defaults (no quota at all).
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
     /// `false` leaves the layer out of the stack.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// The quota shared by every call: `"100/s"`, `"600/min"`, `"5/100ms"`,
     /// or a bare number of calls per second.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub global_rate: Option<Rate>,
     /// Calls allowed at once above `global_rate` (≥ 1). Needs `global_rate`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub global_burst: Option<u32>,
     /// The quota of each tool without a quota of its own.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_tool_rate: Option<Rate>,
     /// The burst of `per_tool_rate` (≥ 1). Needs `per_tool_rate`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub per_tool_burst: Option<u32>,
     /// `"reject"` (answer at once with a rate-limited result) or `"wait"`
     /// (delay the call up to `max_wait`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub mode: Option<LimitMode>,
     /// The longest a call waits with `mode = "wait"`. Only with that mode.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub max_wait: Option<Duration>,
 }
 
 /// `[tools."name".rate_limit]`: one tool's own quota.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ToolRateLimit {
     /// The tool's quota, replacing `rate_limit.per_tool_rate` for it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<Rate>,
     /// Its burst (≥ 1). Needs `rate`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub burst: Option<u32>,
 }
 
 /// `[retry]`: exponential backoff with jitter and a retry budget. Unset keys
 /// keep the layer's defaults.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
     /// `false` leaves the layer out of the stack.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Attempts in total, the first included (≥ 1; 1 = never retry).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// The backoff before the first retry.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub base_delay: Option<Duration>,
     /// The cap on one backoff (≥ `base_delay`).
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub max_delay: Option<Duration>,
     /// `"none"`, `"full"`, `"equal"` or `"decorrelated"`.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub jitter: Option<Jitter>,
     /// The bound on a call with all its retries and backoffs.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub deadline: Option<Duration>,
     /// The failure classes retried: any of `"transient"`, `"server"`, `"client"` (not empty).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_on: Option<Vec<FailureClassName>>,
     /// `false` turns the retry budget off (not recommended: agents cause retry storms).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_enabled: Option<bool>,
     /// Retries allowed per request over the budget's window, in [0, 10].
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_ratio: Option<f64>,
     /// Retries allowed per second whatever the traffic (≤ 1 000 000).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_min_per_sec: Option<u32>,
     /// How long a request counts in the budget, in [1s, 1h].
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub budget_ttl: Option<Duration>,
 }
 
 /// `[tools."name".retry]`: one tool's own backoff.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ToolRetry {
     /// `false`: never retry this tool.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Attempts in total (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
     /// The backoff before the first retry.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub base_delay: Option<Duration>,
     /// The cap on one backoff (≥ `base_delay`).
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub max_delay: Option<Duration>,
     /// The bound on a call with all its retries.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub deadline: Option<Duration>,
 }
 
 /// `[loop_guard]`: stops agents that repeat a call. Unset keys keep the
 /// layer's defaults.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoopGuardConfig {
     /// `false` leaves the layer out of the stack.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Identical calls that failed this many times in a row block the next
     /// one; `0` turns the rule off.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_failing_repeats: Option<u32>,
     /// Identical calls (failing or not) past this many are blocked; `0` turns
     /// the rule off.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_repeats: Option<u32>,
     /// Whether short cycles of calls (A, B, A, B, ...) are blocked.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cycles: Option<bool>,
     /// The longest cycle looked for, in [2, 8].
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle_max_period: Option<u32>,
     /// Rounds of a cycle that block the next call (≥ 2).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cycle_repeats: Option<u32>,
     /// Calls remembered per session, in [1, 1024].
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub window_calls: Option<u32>,
     /// How long a call is remembered.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub window_time: Option<Duration>,
     /// Sessions tracked at once (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_sessions: Option<u32>,
     /// A session idle this long is forgotten.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub session_idle_timeout: Option<Duration>,
     /// Tools never guarded (never blocked, never recorded).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub exempt_tools: Option<Vec<String>>,
     /// Tools polled on purpose: identical successful calls are never a loop,
     /// identical failing calls still are.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub polling_tools: Option<Vec<String>>,
 }
 
 /// `[tools."name".loop_guard]`: one tool's own limits.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ToolLoopGuard {
     /// Never guard this tool.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub exempt: Option<bool>,
     /// The tool is polled on purpose (see `loop_guard.polling_tools`).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub polling: Option<bool>,
     /// As `loop_guard.max_failing_repeats`, for this tool (`0` = off).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_failing_repeats: Option<u32>,
     /// As `loop_guard.max_repeats`, for this tool (`0` = off).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_repeats: Option<u32>,
     /// Whether this tool's calls take part in cycle detection.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cycles: Option<bool>,
 }
 
 /// `[fallback_cache]`: the last good result, served stale when a tool fails.
 /// Unset keys keep the layer's defaults.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FallbackCacheConfig {
     /// `false` leaves the layer out of the stack.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// The oldest result that may still be served on failure.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub max_staleness: Option<Duration>,
     /// A result younger than this is served without calling the tool.
-    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "humantime_serde")]
     pub fresh_ttl: Option<Duration>,
     /// Results kept (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_entries: Option<u32>,
     /// Bytes of results kept (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
     /// Answer a failure with nothing cached by a structured error result
     /// (what failed, when to retry, alternatives) instead of the raw error.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub degrade: Option<bool>,
     /// Add a note to stale results saying how old they are.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub stale_note: Option<bool>,
     /// Alternative tools suggested in a degraded answer (`0` = none).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub alternatives: Option<u32>,
 }
 
 /// `[observability]`: metrics and tracing. Unset keys keep the layer's defaults.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ObservabilityConfig {
     /// `false` leaves the layer out of the stack.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// Distinct `tool` label values before the rest share one (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_tool_labels: Option<u32>,
     /// Distinct `method` label values before the rest share one (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_method_labels: Option<u32>,
     /// Recent calls kept per tool for the stats snapshot (≥ 1).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub recent_window: Option<u32>,
 }
 
 /// `[tools."name"]`: everything configured for one tool.
+#[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ToolConfig {
     /// The tool may be called again after a failure (retried), whatever its
     /// annotations say.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub safe_to_repeat: Option<bool>,
     /// The tool's results may be cached and served stale.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub cacheable: Option<bool>,
     /// The tool's own breaker settings (every `[circuit_breaker]` key).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreakerConfig>,
     /// The tool's own quota.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<ToolRateLimit>,
     /// The tool's own backoff.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub retry: Option<ToolRetry>,
     /// The tool's own loop limits.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub loop_guard: Option<ToolLoopGuard>,
 }
 
 impl Config {
     /// Checks every value (see the [module docs](self)); the error names the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.upstream
-            .validate()
-            .map_err(|e| e.in_section("upstream"))?;
-        self.downstream
-            .validate()
-            .map_err(|e| e.in_section("downstream"))?;
-        self.circuit_breaker
-            .validate()
-            .map_err(|e| e.in_section("circuit_breaker"))?;
-        self.rate_limit
-            .validate()
-            .map_err(|e| e.in_section("rate_limit"))?;
-        self.retry.validate().map_err(|e| e.in_section("retry"))?;
-        self.loop_guard
-            .validate()
-            .map_err(|e| e.in_section("loop_guard"))?;
-        self.fallback_cache
-            .validate()
-            .map_err(|e| e.in_section("fallback_cache"))?;
-        self.observability
-            .validate()
-            .map_err(|e| e.in_section("observability"))?;
+        in_section("upstream", self.upstream.validate())?;
+        in_section("downstream", self.downstream.validate())?;
+        in_section("circuit_breaker", self.circuit_breaker.validate())?;
+        in_section("rate_limit", self.rate_limit.validate())?;
+        in_section("retry", self.retry.validate())?;
+        in_section("loop_guard", self.loop_guard.validate())?;
+        in_section("fallback_cache", self.fallback_cache.validate())?;
+        in_section("observability", self.observability.validate())?;
         for (name, tool) in &self.tools {
             let section = format!("tools.{}", load::quote_key(name));
             if name.is_empty() {
                 return Err(ConfigError::new(section, "a tool name must not be empty"));
             }
-            tool.validate().map_err(|e| e.in_section(&section))?;
+            in_section(&section, tool.validate())?;
         }
         Ok(())
     }
@@ -483,6 +426,12 @@ impl Config {
     pub fn tool(&self, tool: &str) -> Option<&ToolConfig> {
         self.tools.get(tool)
     }
+}
+
+/// A section's check, its error's key put under `section` (`max_attempts`
+/// becomes `retry.max_attempts`).
+fn in_section(section: &str, checked: Result<(), ConfigError>) -> Result<(), ConfigError> {
+    checked.map_err(|e| e.in_section(section))
 }
 
 fn positive(field: &str, value: Option<Duration>) -> Result<(), ConfigError> {
@@ -659,12 +608,19 @@ impl ToolRateLimit {
 }
 
 impl RetryConfig {
+    /// The keys that `[tools."name".retry]` can override too, checked alike.
+    fn backoff(&self) -> ToolRetry {
+        ToolRetry {
+            enabled: self.enabled,
+            max_attempts: self.max_attempts,
+            base_delay: self.base_delay,
+            max_delay: self.max_delay,
+            deadline: self.deadline,
+        }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
-        at_least("max_attempts", self.max_attempts, 1)?;
-        positive("base_delay", self.base_delay)?;
-        positive("max_delay", self.max_delay)?;
-        ordered("base_delay", self.base_delay, "max_delay", self.max_delay)?;
-        positive("deadline", self.deadline)?;
+        self.backoff().validate()?;
         if self.retry_on.as_ref().is_some_and(Vec::is_empty) {
             return Err(ConfigError::new(
                 "retry_on",
@@ -757,13 +713,13 @@ impl ObservabilityConfig {
 impl ToolConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         if let Some(cb) = &self.circuit_breaker {
-            cb.validate().map_err(|e| e.in_section("circuit_breaker"))?;
+            in_section("circuit_breaker", cb.validate())?;
         }
         if let Some(rl) = &self.rate_limit {
-            rl.validate().map_err(|e| e.in_section("rate_limit"))?;
+            in_section("rate_limit", rl.validate())?;
         }
         if let Some(retry) = &self.retry {
-            retry.validate().map_err(|e| e.in_section("retry"))?;
+            in_section("retry", retry.validate())?;
         }
         Ok(())
     }

@@ -14,7 +14,7 @@ use rmcp::service::{
 };
 
 use super::Shared;
-use crate::routes::{ProgressReceipt, Resolved, RouteGuard};
+use crate::routes::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 
 /// Answers what the upstream server sends to the proxy (see the
 /// [module docs](super)):
@@ -22,9 +22,12 @@ use crate::routes::{ProgressReceipt, Resolved, RouteGuard};
 /// - `ping` is answered here;
 /// - other requests (`sampling/createMessage`, `roots/list`,
 ///   `elicitation/create`, custom ones) go to the most recently active
-///   downstream client, with its answer (or error) passed back; if the server
-///   cancels one, the client is told too;
-/// - `notifications/progress` go to the client whose request they are about;
+///   downstream client, with its answer (or error) passed back once the
+///   progress the client sent before it has been forwarded to the server
+///   (waiting at most [`PROGRESS_FORWARD_LIMIT`](crate::routes::PROGRESS_FORWARD_LIMIT));
+///   if the server cancels one, the client is told too;
+/// - `notifications/progress` go to the client whose request they are about,
+///   a token's in the order the transport read them ([`send_in_turn`]);
 ///   each counts as forwarded (its [`ProgressReceipt`] is dropped) once sent
 ///   on or dropped, so the response can wait for it;
 ///   `tools/list_changed` refreshes the catalog and, like every other
@@ -99,14 +102,21 @@ impl Service<RoleClient> for UpstreamHandler {
             .map_err(downstream_error)?;
         route.sent(&handle.progress_token);
         let (peer, id) = (handle.peer.clone(), handle.id.clone());
-        tokio::select! {
+        let answer = tokio::select! {
             answer = handle.await_response() => answer.map_err(downstream_error),
             () = context.ct.cancelled() => {
                 let reason = Some("cancelled by the server".to_owned());
                 let _ = peer.notify_cancelled(CancelledNotificationParam::new(Some(id), reason)).await;
-                Err(ErrorData::new(ErrorCode(-32000), "cancelled by the server", None))
+                return Err(ErrorData::new(ErrorCode(-32000), "cancelled by the server", None));
             }
+        };
+        // The client's progress read before its answer goes to the server
+        // first (bounded). Cancelled meanwhile, rmcp drops the answer anyway.
+        tokio::select! {
+            () = route.progress_first() => {}
+            () = context.ct.cancelled() => {}
         }
+        answer
     }
 
     async fn handle_notification(
@@ -118,15 +128,13 @@ impl Service<RoleClient> for UpstreamHandler {
         match &mut notification {
             ServerNotification::ProgressNotification(progress) => {
                 // Put there by the transport; dropped below, once forwarded.
-                let receipt = context.extensions.remove::<ProgressReceipt<RoleServer>>();
+                let mut receipt = context.extensions.remove::<ProgressReceipt<RoleServer>>();
                 let ours = progress.params.progress_token.clone();
                 match self.shared.progress_up.resolve(&ours).await {
                     Resolved::To(client, token) => {
                         let mut params = progress.params.clone();
                         params.progress_token = token;
-                        if let Err(e) = client.notify_progress(params).await {
-                            tracing::debug!(error = %e, "could not forward progress");
-                        }
+                        send_in_turn(receipt.take(), client.notify_progress(params)).await;
                     }
                     Resolved::Nowhere => {}
                     Resolved::Unknown => {

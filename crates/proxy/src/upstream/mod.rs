@@ -19,10 +19,12 @@
 //!   client: notifications are forwarded to the downstream clients, requests
 //!   (sampling, roots, elicitation) to the most recently active one.
 //! - Progress the server sends for a request reaches the client before the
-//!   response: the transport counts each progress notification as it reads
-//!   it (`ProgressTallyTransport`), and the proxy holds a response until the
-//!   progress counted for its request has been forwarded (see
-//!   [`crate::routes`]).
+//!   response, and in the order sent: the transport counts and numbers each
+//!   progress notification as it reads it (`ProgressTallyTransport`), the
+//!   handler forwards a token's progress in that order, and the proxy holds a
+//!   response until the progress counted for its request has been forwarded
+//!   (see [`crate::routes`]). The downstream transports are wrapped the same
+//!   way for the progress a client sends on the server's requests.
 
 mod handler;
 mod transport;
@@ -52,7 +54,7 @@ use crate::config::UpstreamConfig;
 use crate::routes::{Downstreams, ProgressRoutes};
 
 pub use handler::UpstreamHandler;
-use transport::ProgressTallyTransport;
+pub(crate) use transport::ProgressTallyTransport;
 
 /// An MCP server in this process, reached over an in-memory pipe: each
 /// connection (and each reconnection) calls the function for a fresh pipe,
