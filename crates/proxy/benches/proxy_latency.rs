@@ -165,6 +165,14 @@ fn main() {
         .map(PathBuf::from)
         .filter(|p| p.exists())
     else {
+        // The full test run (`scripts/test`) sets TOOLWARDEN_E2E=required: there a
+        // missing server is a failure, never a silent pass.
+        if std::env::var("TOOLWARDEN_E2E").as_deref() == Ok("required") {
+            eprintln!(
+                "proxy_latency: TOOLWARDEN_E2E=required but TOOLWARDEN_SERVER_EVERYTHING is not set to an existing path"
+            );
+            std::process::exit(1);
+        }
         println!(
             "proxy_latency: TOOLWARDEN_SERVER_EVERYTHING is not set to an existing path; skipped"
         );
