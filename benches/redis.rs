@@ -18,16 +18,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../crates/redis/tests/support/mod.rs"]
+mod redis_support;
 mod support;
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use governor::{Quota, RateLimiter};
+use redis_support::RedisServer;
 use support::{runtime_2_workers, unit_service, Call, TOOLS};
 use tokio::runtime::Runtime;
 use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
@@ -41,49 +44,15 @@ use tower::{Layer, Service, ServiceExt};
 /// Checks in flight in the throughput benchmarks.
 const IN_FLIGHT: u64 = 8;
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_redis() -> (Server, String) {
-    let bin = std::env::var("TOOLWARDEN_REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server (set TOOLWARDEN_REDIS_SERVER or put it on PATH)");
-    let server = Server(child);
-    let url = format!("redis://127.0.0.1:{port}/");
-    let client = redis::Client::open(url.as_str()).unwrap();
-    for _ in 0..200 {
-        if let Ok(mut c) = client.get_connection() {
-            if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                return (server, url);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("redis-server did not start");
+/// A `redis-server` started by the shared test helper (killed when dropped),
+/// with its URL. Needs a runtime: the helper waits for `PING` asynchronously.
+fn start_redis(rt: &Runtime) -> (RedisServer, String) {
+    let bin = std::env::var_os("TOOLWARDEN_REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("redis-server"));
+    let server = rt.block_on(RedisServer::start(&bin));
+    let url = server.url();
+    (server, url)
 }
 
 fn config(url: &str, replica: &str) -> RedisConfig {
@@ -162,8 +131,8 @@ where
 }
 
 fn bench_limiter(c: &mut Criterion) {
-    let (_server, url) = start_redis();
     let rt = runtime_2_workers();
+    let (_server, url) = start_redis(&rt);
     let q = quota(Duration::from_nanos(1), BURST).unwrap();
     let governor = RateLimiter::direct(Quota::per_second(NonZeroU32::new(BURST).unwrap()));
     let limits = generous().build().unwrap().limits();
@@ -222,8 +191,8 @@ fn bench_limiter(c: &mut Criterion) {
 }
 
 fn bench_layer(c: &mut Criterion) {
-    let (_server, url) = start_redis();
     let rt = runtime_2_workers();
+    let (_server, url) = start_redis(&rt);
     let limiter = connected_limiter(&rt, &url);
     let local = generous().build().unwrap().layer(unit_service());
     let remote = generous()
@@ -250,8 +219,8 @@ fn bench_layer(c: &mut Criterion) {
 }
 
 fn bench_propagation(c: &mut Criterion) {
-    let (_server, url) = start_redis();
     let rt = runtime_2_workers();
+    let (_server, url) = start_redis(&rt);
     let (a, b) = rt.block_on(async {
         let make = |name: &str| {
             let sync =

@@ -10,22 +10,37 @@
 //! rmcp validates the `Host` header against loopback names by default (a
 //! DNS-rebinding guard); with `--listen-allow-remote` that check is turned
 //! off, so put the proxy behind something that authenticates clients.
-//! Sessions idle for 5 minutes are closed by rmcp. Server→client requests
-//! (sampling, roots, elicitation) go to the most recently active session —
-//! with several clients that may not be the one whose call caused them.
+//! Sessions idle for 5 minutes are closed by rmcp.
+//!
+//! Server→client requests (sampling, roots, elicitation) go to the most
+//! recently active client that has a session — with several clients that
+//! may not be the one whose call caused them. A request rmcp serves without
+//! a session (from a client of the 2026-07-28 protocol, or any request with
+//! per-request protocol metadata) goes through a one-shot transport that
+//! carries its answer back and nothing more: rmcp takes no answer from such
+//! a client. So the proxy does not count it among the connected clients
+//! (a session's transport marks each request it reads `InSession`; see
+//! `takes_requests` in [`crate::server`]): it gets neither the server's
+//! requests nor the notifications broadcast to every client, only the
+//! progress of its own requests. With no client that has a session, a
+//! request of the server's gets an error at once (`-32000 no client is
+//! connected ...`), as does one whose client's session ends before it
+//! answers; one the session keeps open waits for its answer, as long as a
+//! human takes over an elicitation, until the server cancels it.
 //!
 //! rmcp's session manager makes each session's transport; the proxy's
-//! `ProgressTallySessions` wraps rmcp's `LocalSessionManager` and each
-//! transport it makes, so the client's `notifications/progress` are counted
-//! as the session reads them, as over stdio: progress on a request of the
-//! server's reaches the server in order and before the client's answer (see
-//! [`crate::routes`]). That holds for what the client sent in order, that is
-//! each POST after the previous one was accepted; POSTs sent concurrently
-//! have no order to keep. Requests rmcp serves without a session (clients of
-//! the 2026-07-28 protocol) go through a one-shot transport of rmcp's that
-//! the session manager never sees; but rmcp accepts neither notifications
-//! nor answers from such a client, so there is no progress of its to order.
+//! `ProxySessions` wraps rmcp's `LocalSessionManager` and each transport it
+//! makes (`SessionTransport`), so the client's `notifications/progress`
+//! are counted as the session reads them, as over stdio: progress on a
+//! request of the server's reaches the server in order and before the
+//! client's answer (see [`crate::routes`]). That holds for what the client
+//! sent in order, that is each POST after the previous one was accepted;
+//! POSTs sent concurrently have no order to keep. The one-shot transports
+//! of requests without a session are rmcp's, unseen by the session manager;
+//! but rmcp accepts neither notifications nor answers from such a client, so
+//! there is no progress of its to order.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 
@@ -35,13 +50,13 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::Stream;
-use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
-use rmcp::service::RoleClient;
+use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::service::{RoleClient, RoleServer, RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::{
     EventStore, RestoreOutcome, ServerSseMessage, SessionId, SessionManager,
 };
-use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService, Transport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
@@ -63,23 +78,70 @@ fn jsonrpc_error(status: StatusCode, line: String) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], line).into_response()
 }
 
+/// Marks a request read by an HTTP session's transport ([`SessionTransport`]):
+/// its client has a session, so it can be sent requests and answer them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InSession;
+
+/// A session's transport: the client's progress counted as it is read
+/// ([`ProgressTallyTransport`]), and each request marked [`InSession`] on
+/// its way to the [`ProxyServer`]. Everything else passes through untouched.
+struct SessionTransport<T> {
+    inner: ProgressTallyTransport<T, RoleClient>,
+}
+
+impl<T> SessionTransport<T> {
+    fn new(inner: T, routes: Arc<ProgressRoutes<RoleClient>>) -> Self {
+        SessionTransport {
+            inner: ProgressTallyTransport::new(inner, routes),
+        }
+    }
+}
+
+impl<T: Transport<RoleServer>> Transport<RoleServer> for SessionTransport<T> {
+    type Error = T::Error;
+
+    fn name() -> Cow<'static, str> {
+        T::name()
+    }
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        let mut message = self.inner.receive().await?;
+        if let JsonRpcMessage::Request(request) = &mut message {
+            request.request.extensions_mut().insert(InSession);
+        }
+        Some(message)
+    }
+
+    fn close(&mut self) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close()
+    }
+}
+
 /// rmcp's session manager `M`, each session's transport wrapped in a
-/// [`ProgressTallyTransport`] counting the client's progress into `routes`;
-/// everything else is `M`'s.
-struct ProgressTallySessions<M> {
+/// [`SessionTransport`] counting the client's progress into `routes` and
+/// marking its requests; everything else is `M`'s.
+struct ProxySessions<M> {
     inner: M,
     routes: Arc<ProgressRoutes<RoleClient>>,
 }
 
-impl<M: SessionManager> SessionManager for ProgressTallySessions<M> {
+impl<M: SessionManager> SessionManager for ProxySessions<M> {
     type Error = M::Error;
-    type Transport = ProgressTallyTransport<M::Transport, RoleClient>;
+    type Transport = SessionTransport<M::Transport>;
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let (id, transport) = self.inner.create_session().await?;
         Ok((
             id,
-            ProgressTallyTransport::new(transport, Arc::clone(&self.routes)),
+            SessionTransport::new(transport, Arc::clone(&self.routes)),
         ))
     }
 
@@ -147,9 +209,9 @@ impl<M: SessionManager> SessionManager for ProgressTallySessions<M> {
         id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
         Ok(match self.inner.restore_session(id).await? {
-            RestoreOutcome::Restored(transport) => RestoreOutcome::Restored(
-                ProgressTallyTransport::new(transport, Arc::clone(&self.routes)),
-            ),
+            RestoreOutcome::Restored(transport) => {
+                RestoreOutcome::Restored(SessionTransport::new(transport, Arc::clone(&self.routes)))
+            }
             RestoreOutcome::AlreadyPresent => RestoreOutcome::AlreadyPresent,
             // NotSupported, and any outcome a later rmcp adds: nothing restored.
             _ => RestoreOutcome::NotSupported,
@@ -222,7 +284,7 @@ pub async fn serve_http(
     if allow_remote {
         config = config.disable_allowed_hosts();
     }
-    let sessions = ProgressTallySessions {
+    let sessions = ProxySessions {
         inner: LocalSessionManager::default(),
         routes: Arc::clone(&core.upstream().shared().progress_down),
     };

@@ -266,6 +266,30 @@ async fn unless_cancelled<F: Future>(ct: &CancellationToken, f: F) -> Option<F::
     }
 }
 
+/// Whether the client that sent the request of `context` can be sent the
+/// server's requests (and so is registered in [`Downstreams`]): over stdio
+/// always; over Streamable HTTP only with a session.
+///
+/// rmcp puts the HTTP request's `http::request::Parts` in the extensions of
+/// every request it serves over HTTP. Without a session (clients of the
+/// 2026-07-28 protocol; any request with per-request protocol metadata) it
+/// serves the request through a one-shot transport made for it alone: that
+/// carries the answer back, but rmcp takes no answer from the client, so a
+/// request of the server's sent there would never be answered. Requests of
+/// a session come through the session's transport, which marks each one
+/// [`InSession`](crate::http::InSession), `initialize` included. Not the
+/// `mcp-session-id` header: `initialize` has none yet, and rmcp routes a
+/// request by its protocol version and metadata, not by that header (a
+/// request it serves without a session may carry a stale one). The mark
+/// says which transport the request really came through.
+fn takes_requests(context: &RequestContext<RoleServer>) -> bool {
+    context.extensions.get::<crate::http::InSession>().is_some()
+        || context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .is_none()
+}
+
 fn method_label(request: &ClientRequest) -> &'static str {
     match request {
         ClientRequest::CallToolRequest(_) => "tools/call",
@@ -297,8 +321,12 @@ impl ProxyServer {
         }
     }
 
-    /// Registers this session's client (once) and marks it active.
+    /// Registers this session's client (once) and marks it active, if it
+    /// can be sent requests (see [`takes_requests`]).
     fn touch(&self, context: &RequestContext<RoleServer>) {
+        if !takes_requests(context) {
+            return;
+        }
         let id = *self
             .session
             .downstream

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,9 +60,10 @@ async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
 /// The upstream server: `echo`, `slow` (until cancelled), `hang` (never
 /// answers, even cancelled), `reject` (JSON-RPC error), `steps` (progress),
 /// `burst` (progress, then the answer at once), `ask_roots` (a
-/// notification and a request to the client) and `roots_progress` (a
-/// request to the client, answered with the client's progress the server
-/// read before the client's answer).
+/// notification and a request to the client), `ask_roots_detached` (a
+/// request to the client whatever protocol the call came with) and
+/// `roots_progress` (a request to the client, answered with the client's
+/// progress the server read before the client's answer).
 #[derive(Clone, Default)]
 struct TestServer {
     cancelled: Arc<AtomicUsize>,
@@ -138,6 +141,7 @@ impl ServerHandler for TestServer {
                 "steps",
                 "burst",
                 "ask_roots",
+                "ask_roots_detached",
                 "roots_progress",
             ]
             .into_iter()
@@ -177,6 +181,23 @@ impl ServerHandler for TestServer {
                     .list_roots()
                     .await
                     .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                let uris: Vec<String> = roots.roots.iter().map(|r| r.uri.clone()).collect();
+                Ok(CallToolResult::success(vec![ContentBlock::text(format!(
+                    "roots: {}",
+                    uris.join(",")
+                ))])
+                .into())
+            }
+            "ask_roots_detached" => {
+                // rmcp refuses a request to the client from the handler of a
+                // call that names protocol 2026-07-28 in its `_meta` (the
+                // proxy passes a sessionless client's on); from a task of its
+                // own it asks anyway, as a server that does not check would.
+                let peer = context.peer.clone();
+                let answer = tokio::spawn(async move { peer.list_roots().await })
+                    .await
+                    .unwrap();
+                let roots = answer.map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
                 let uris: Vec<String> = roots.roots.iter().map(|r| r.uri.clone()).collect();
                 Ok(CallToolResult::success(vec![ContentBlock::text(format!(
                     "roots: {}",
@@ -434,7 +455,7 @@ async fn a_session_through_the_proxy() {
     let tools = h.request(1, "tools/list", json!({})).await;
     assert_eq!(
         tools["result"]["tools"].as_array().unwrap().len(),
-        8,
+        9,
         "{tools}"
     );
     assert_eq!(
@@ -722,6 +743,241 @@ async fn the_clients_progress_reaches_the_server_before_its_answer() {
     h.finish().await;
 }
 
+/// The proxy serving Streamable HTTP (`--listen`) on a loopback port, in
+/// front of a [`TestServer`].
+struct HttpHarness {
+    port: u16,
+    serving: JoinHandle<std::io::Result<()>>,
+    upstream: Upstream,
+    shutdown: CancellationToken,
+}
+
+impl HttpHarness {
+    async fn start() -> HttpHarness {
+        let downstreams = Downstreams::new();
+        let upstream = Upstream::new(
+            target(TestServer::default(), Arc::default()),
+            quick_restarts(),
+            ToolCatalog::new(),
+            downstreams.clone(),
+        );
+        let core = ProxyCore::new(
+            upstream.clone(),
+            ToolStack::new(upstream.service()),
+            downstreams,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(toolwarden_proxy::http::serve_http(
+            core,
+            listener,
+            1 << 20,
+            false,
+            shutdown.clone(),
+        ));
+        HttpHarness {
+            port,
+            serving,
+            upstream,
+            shutdown,
+        }
+    }
+
+    /// A Streamable HTTP session (`initialize`, then requests under its
+    /// `mcp-session-id`) of `client`.
+    async fn session<C: rmcp::ClientHandler>(
+        &self,
+        client: C,
+    ) -> rmcp::service::RunningService<RoleClient, C> {
+        let url = format!("http://127.0.0.1:{}/mcp", self.port);
+        bounded(
+            "the HTTP session",
+            client.serve(StreamableHttpClientTransport::from_uri(url)),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A call of `tool` POSTed without a session, as a client of the
+    /// 2026-07-28 protocol sends each of its requests: `version` in the
+    /// `MCP-Protocol-Version` header and in the request's `_meta`, with the
+    /// client's capabilities (roots) and identity, and the method and tool
+    /// named in headers. That is what makes rmcp serve it without a session,
+    /// through a one-shot transport. Returns every JSON-RPC message of the
+    /// HTTP answer, in order.
+    async fn call_without_session(&self, version: &str, id: i64, tool: &str) -> Vec<Value> {
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": tool,
+            "arguments": {},
+            "_meta": {
+                "io.modelcontextprotocol/protocolVersion": version,
+                "io.modelcontextprotocol/clientCapabilities": {"roots": {}},
+                "io.modelcontextprotocol/clientInfo": {"name": "sessionless", "version": "0"},
+            },
+        }});
+        let headers = [
+            ("MCP-Protocol-Version", version),
+            ("Mcp-Method", "tools/call"),
+            ("Mcp-Name", tool),
+        ];
+        let (status, body) =
+            support::http_post_with(self.port, "/mcp", &headers, &body.to_string())
+                .await
+                .expect("an HTTP answer");
+        assert_eq!(status, 200, "{body}");
+        if body.trim_start().starts_with('{') {
+            return vec![serde_json::from_str(&body).unwrap()];
+        }
+        // An SSE stream: one message per `data:` line (the priming event's is empty).
+        body.lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(str::trim)
+            .filter(|data| !data.is_empty())
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect()
+    }
+
+    async fn finish(self) {
+        self.shutdown.cancel();
+        bounded("serve_http after shutdown", self.serving)
+            .await
+            .unwrap()
+            .unwrap();
+        self.upstream.shutdown(LIMIT).await;
+    }
+}
+
+/// The answers to request `id` among `messages`, and the requests the proxy
+/// sent (server→client requests: they have a method and an id).
+fn answers_and_requests(messages: &[Value], id: i64) -> (Vec<&Value>, Vec<&Value>) {
+    let answers = messages
+        .iter()
+        .filter(|m| m.get("method").is_none() && m["id"] == id)
+        .collect();
+    let requests = messages
+        .iter()
+        .filter(|m| m.get("method").is_some() && m.get("id").is_some())
+        .collect();
+    (answers, requests)
+}
+
+/// A client without a session (rmcp serves it through a one-shot transport)
+/// cannot answer a request of the server's: rmcp takes no answer without a
+/// session. So the proxy never sends it one; the server's request gets an
+/// error at once instead of waiting forever, and the client's call gets its
+/// one answer. With 2026-07-28 metadata, and with an older version's
+/// metadata (which rmcp also serves without a session, and whose peer it
+/// would let be sent requests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_session_is_not_sent_the_servers_requests() {
+    let proxy = HttpHarness::start().await;
+    for version in ["2026-07-28", "2025-06-18"] {
+        let messages = bounded(
+            "a sessionless call whose tool asks the client for its roots",
+            proxy.call_without_session(version, 1, "ask_roots_detached"),
+        )
+        .await;
+        let (answers, requests) = answers_and_requests(&messages, 1);
+        assert!(requests.is_empty(), "{version}: {messages:?}");
+        assert_eq!(answers.len(), 1, "{version}: {messages:?}");
+        // The tool passes on the error its roots/list got.
+        let error = answers[0]["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("no client is connected to the toolwarden proxy"),
+            "{version}: {messages:?}"
+        );
+    }
+    proxy.finish().await;
+}
+
+/// The server's requests go to a client that has a session, even while
+/// clients without one call tools since: the most recently active client
+/// that can answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_gets_the_servers_requests_while_sessionless_clients_call() {
+    let proxy = HttpHarness::start().await;
+    let client = proxy.session(ProgressingClient).await;
+    for (id, version) in [(1, "2026-07-28"), (2, "2025-06-18")] {
+        let messages = bounded(
+            "a sessionless call whose tool asks a client for its roots",
+            proxy.call_without_session(version, id, "ask_roots_detached"),
+        )
+        .await;
+        let (answers, requests) = answers_and_requests(&messages, id);
+        assert!(requests.is_empty(), "{version}: {messages:?}");
+        assert_eq!(answers.len(), 1, "{version}: {messages:?}");
+        assert_eq!(
+            text(answers[0]),
+            "roots: file:///work",
+            "{version}: {messages:?}"
+        );
+    }
+    bounded("closing the HTTP session", client.cancel())
+        .await
+        .unwrap();
+    proxy.finish().await;
+}
+
+/// A client with a session that never answers the server's `roots/list`;
+/// it says on `asked` when it got one.
+#[derive(Clone)]
+struct SilentClient {
+    asked: tokio::sync::mpsc::UnboundedSender<()>,
+}
+
+#[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
+impl rmcp::ClientHandler for SilentClient {
+    fn get_info(&self) -> ClientConfig {
+        InitializeRequestParams::new(
+            ClientCapabilities::builder().enable_roots().build(),
+            rmcp::model::Implementation::new("silent-client", "1.0"),
+        )
+        .with_protocol_version(ProtocolVersion::V_2025_06_18)
+    }
+
+    async fn list_roots(
+        &self,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<rmcp::model::ListRootsResult, ErrorData> {
+        let _ = self.asked.send(());
+        std::future::pending().await
+    }
+}
+
+/// A request of the server's sent to a client whose session then ends
+/// unanswered gets an error when it ends: the server is not left waiting on
+/// a transport that is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_request_to_a_client_that_goes_away_gets_an_error() {
+    let proxy = HttpHarness::start().await;
+    let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
+    let client = proxy.session(SilentClient { asked: asked_tx }).await;
+    let leave_once_asked = async {
+        asked
+            .recv()
+            .await
+            .expect("the client is asked for its roots");
+        client.cancel().await.unwrap();
+    };
+    let (messages, ()) = bounded("a call whose tool asks a client that goes away", async {
+        tokio::join!(
+            proxy.call_without_session("2026-07-28", 1, "ask_roots_detached"),
+            leave_once_asked
+        )
+    })
+    .await;
+    let (answers, requests) = answers_and_requests(&messages, 1);
+    assert!(requests.is_empty(), "{messages:?}");
+    assert_eq!(answers.len(), 1, "{messages:?}");
+    let error = answers[0]["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("the client behind the toolwarden proxy did not answer"),
+        "{messages:?}"
+    );
+    proxy.finish().await;
+}
+
 /// A client over Streamable HTTP answering the server's `roots/list` the
 /// way a busy client does: [`CLIENT_STEPS`] progress notifications under the
 /// request's token, each sent once the previous one was accepted, then the
@@ -765,35 +1021,8 @@ impl rmcp::ClientHandler for ProgressingClient {
 /// client's progress as they read it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http_the_clients_progress_reaches_the_server_before_its_answer() {
-    let server = TestServer::default();
-    let downstreams = Downstreams::new();
-    let upstream = Upstream::new(
-        target(server, Arc::default()),
-        quick_restarts(),
-        ToolCatalog::new(),
-        downstreams.clone(),
-    );
-    let core = ProxyCore::new(
-        upstream.clone(),
-        ToolStack::new(upstream.service()),
-        downstreams,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/mcp", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(toolwarden_proxy::http::serve_http(
-        core,
-        listener,
-        1 << 20,
-        false,
-        shutdown.clone(),
-    ));
-    let client = bounded(
-        "the HTTP session",
-        ProgressingClient.serve(StreamableHttpClientTransport::from_uri(url)),
-    )
-    .await
-    .unwrap();
+    let proxy = HttpHarness::start().await;
+    let client = proxy.session(ProgressingClient).await;
     let expected = one_to(CLIENT_STEPS)
         .iter()
         .map(f64::to_string)
@@ -827,12 +1056,7 @@ async fn over_http_the_clients_progress_reaches_the_server_before_its_answer() {
     bounded("closing the HTTP session", client.cancel())
         .await
         .unwrap();
-    shutdown.cancel();
-    bounded("serve_http after shutdown", serving)
-        .await
-        .unwrap()
-        .unwrap();
-    upstream.shutdown(LIMIT).await;
+    proxy.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

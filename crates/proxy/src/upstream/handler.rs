@@ -22,7 +22,11 @@ use crate::routes::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 /// - `ping` is answered here;
 /// - other requests (`sampling/createMessage`, `roots/list`,
 ///   `elicitation/create`, custom ones) go to the most recently active
-///   downstream client, with its answer (or error) passed back once the
+///   downstream client that can answer them (over HTTP, one with a session:
+///   see [`crate::http`]), with no time limit: a human may take long over an
+///   elicitation. With no such client the server gets an error at once, and
+///   if the client's transport ends before it answers (its session closed),
+///   when it ends. Its answer (or error) is passed back once the
 ///   progress the client sent before it has been forwarded to the server
 ///   (waiting at most [`PROGRESS_FORWARD_LIMIT`](crate::routes::PROGRESS_FORWARD_LIMIT));
 ///   if the server cancels one, the client is told too;

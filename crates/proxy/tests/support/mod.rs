@@ -1,7 +1,7 @@
 //! Shared helpers of the proxy's integration and end-to-end tests: finding
 //! the real components (the `TOOLWARDEN_*` variables `scripts/test` exports),
 //! running the `toolwarden` binary, a raw JSON-RPC client over its stdio, a
-//! raw HTTP GET, and bounds on every wait so no test can hang.
+//! raw HTTP GET and POST, and bounds on every wait so no test can hang.
 
 #![allow(dead_code)] // each test binary uses a different subset
 #![allow(unreachable_pub)] // a module of each test binary, not an API
@@ -303,12 +303,26 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
 
 /// A raw HTTP/1.1 POST of a JSON body, as an MCP client sends it.
 pub async fn http_post(port: u16, path: &str, body: &str) -> Option<(u16, String)> {
+    http_post_with(port, path, &[], body).await
+}
+
+/// [`http_post`] with extra `headers` (name, value).
+pub async fn http_post_with(
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Option<(u16, String)> {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
     let request = format!(
         "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+         Accept: application/json, text/event-stream\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).await.ok()?;
