@@ -486,3 +486,198 @@ async fn stdio_client_with_an_http_upstream() {
     let status = proxy.close_and_wait().await;
     assert!(status.success());
 }
+
+/// An rmcp client of the proxy's Streamable HTTP endpoint on `listen`, once
+/// the proxy answers there.
+async fn http_client(listen: u16) -> rmcp::service::RunningService<rmcp::RoleClient, ()> {
+    let url = format!("http://127.0.0.1:{listen}/mcp");
+    eventually(LIMIT, || {
+        let url = url.clone();
+        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
+    })
+    .await
+    .expect("the proxy answers over Streamable HTTP")
+}
+
+/// One `tools/call` over the rmcp client, bounded, as JSON.
+async fn http_call(
+    client: &rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    name: &'static str,
+    arguments: Value,
+) -> Value {
+    let mut params = CallToolRequestParams::new(name);
+    params.arguments = arguments.as_object().cloned();
+    let answer = bounded(name, LIMIT, client.peer().call_tool_once(params))
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let CallToolResponse::Complete(result) = answer else {
+        panic!("{name}: {answer:?}")
+    };
+    serde_json::to_value(&result).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_server_time_behind_the_proxy_over_http() {
+    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
+        return;
+    };
+    let listen = free_port();
+    let metrics = free_port();
+    let (listen_addr, metrics_addr) = (
+        format!("127.0.0.1:{listen}"),
+        format!("127.0.0.1:{metrics}"),
+    );
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--listen",
+            &listen_addr,
+            "--metrics-addr",
+            &metrics_addr,
+            "--",
+            bin.to_str().unwrap(),
+            "--local-timezone",
+            "UTC",
+        ],
+        &[],
+    );
+    let client = http_client(listen).await;
+    let info = client.peer().peer_info().expect("initialize result");
+    assert_eq!(
+        info.server_info.as_ref().map(|s| s.name.as_str()),
+        Some("mcp-time")
+    );
+    let tools = bounded("tools/list", LIMIT, client.peer().list_all_tools())
+        .await
+        .unwrap();
+    assert!(
+        tools.iter().any(|t| t.name == "get_current_time"),
+        "{tools:?}"
+    );
+
+    let now = http_call(&client, "get_current_time", json!({"timezone": "UTC"})).await;
+    assert_eq!(now["isError"], false, "{now}");
+    assert_eq!(now["structuredContent"]["timezone"], "UTC", "{now}");
+
+    // The server's JSON-RPC error for an unknown tool, degraded into a result.
+    let unknown = http_call(&client, "nope", json!({})).await;
+    assert_eq!(unknown["isError"], true, "{unknown}");
+    assert_eq!(
+        unknown["structuredContent"]["toolwarden"]["class"], "client",
+        "{unknown}"
+    );
+
+    let (status, text) = http_get(metrics, "/metrics")
+        .await
+        .expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("gen_ai_tool_name=\"get_current_time\""),
+        "{text}"
+    );
+    let (status, report) = health(metrics).await.expect("/health answers");
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["upstream"]["state"], "up", "{report}");
+
+    // A body that is not JSON-RPC: -32600 with HTTP 400; the session goes on.
+    let (status, body) = http_post(listen, "/mcp", r#"{"jsonrpc":"2.0","id":7}"#)
+        .await
+        .expect("POST answers");
+    assert_eq!(status, 400, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["error"]["code"], -32600, "{body}");
+    assert_eq!(body["id"], 7, "{body}");
+    let again = http_call(&client, "get_current_time", json!({"timezone": "UTC"})).await;
+    assert_eq!(again["isError"], false, "{again}");
+
+    let _ = client.cancel().await;
+    let status = proxy.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_the_upstream_killed_mid_call_is_restarted_with_no_hung_call() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
+    let listen = free_port();
+    let metrics = free_port();
+    let (listen_addr, metrics_addr) = (
+        format!("127.0.0.1:{listen}"),
+        format!("127.0.0.1:{metrics}"),
+    );
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--listen",
+            &listen_addr,
+            "--metrics-addr",
+            &metrics_addr,
+            "--",
+            bin.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let client = http_client(listen).await;
+    let echo = http_call(&client, "echo", json!({"message": "before"})).await;
+    assert_eq!(echo["content"][0]["text"], "Echo: before", "{echo}");
+    let (_, report) = health(metrics).await.expect("/health answers");
+    let pid = report["upstream"]["pid"].as_u64().expect("the child's pid") as u32;
+
+    // Two calls in flight when the child dies: each gets exactly one answer.
+    let peer = client.peer().clone();
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let peer = peer.clone();
+            tokio::spawn(async move {
+                let mut params = CallToolRequestParams::new("trigger-long-running-operation");
+                params.arguments = json!({"duration": 20, "steps": 2}).as_object().cloned();
+                peer.call_tool_once(params).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill(pid, "KILL");
+    for call in in_flight {
+        let answer = bounded("an interrupted call", LIMIT, call)
+            .await
+            .expect("the task ran");
+        let answer = answer.expect("answered as a tool result, not a transport error");
+        let CallToolResponse::Complete(result) = answer else {
+            panic!("{answer:?}")
+        };
+        let result = serde_json::to_value(&result).unwrap();
+        assert_eq!(result["isError"], true, "{result}");
+        // The degraded answer names the call and says the upstream went away.
+        let facts = &result["structuredContent"]["toolwarden"];
+        assert_eq!(facts["tool"], "trigger-long-running-operation", "{result}");
+        assert_eq!(facts["kind"], "transport", "{result}");
+    }
+
+    let restarted = eventually(LIMIT, || async {
+        let (_, report) = health(metrics).await?;
+        let new_pid = report["upstream"]["pid"].as_u64()?;
+        (report["upstream"]["state"] == "up" && new_pid as u32 != pid).then_some(report)
+    })
+    .await
+    .expect("the upstream was restarted");
+    assert!(
+        restarted["upstream"]["restarts"].as_u64() >= Some(1),
+        "{restarted}"
+    );
+    // The same HTTP session works again once the child is back.
+    let worked = eventually(LIMIT, || async {
+        let echo = http_call(&client, "echo", json!({"message": "after"})).await;
+        (echo["content"][0]["text"] == "Echo: after").then_some(())
+    })
+    .await;
+    assert!(
+        worked.is_some(),
+        "calls never worked again after the restart"
+    );
+    assert!(!alive(pid), "the killed child is gone");
+
+    let _ = client.cancel().await;
+    let status = proxy.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+}
