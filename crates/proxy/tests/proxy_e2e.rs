@@ -516,31 +516,34 @@ async fn http_call(
     serde_json::to_value(&result).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mcp_server_time_behind_the_proxy_over_http() {
-    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
-        return;
-    };
+/// `toolwarden run --listen … --metrics-addr … -- <upstream>` on free ports:
+/// the proxy, its MCP port and its metrics port.
+fn proxy_over_http(upstream: &[&str]) -> (Proxy, u16, u16) {
     let listen = free_port();
     let metrics = free_port();
     let (listen_addr, metrics_addr) = (
         format!("127.0.0.1:{listen}"),
         format!("127.0.0.1:{metrics}"),
     );
-    let mut proxy = Proxy::start(
-        &[
-            "run",
-            "--listen",
-            &listen_addr,
-            "--metrics-addr",
-            &metrics_addr,
-            "--",
-            bin.to_str().unwrap(),
-            "--local-timezone",
-            "UTC",
-        ],
-        &[],
-    );
+    let mut args = vec![
+        "run",
+        "--listen",
+        &listen_addr,
+        "--metrics-addr",
+        &metrics_addr,
+        "--",
+    ];
+    args.extend_from_slice(upstream);
+    (Proxy::start(&args, &[]), listen, metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_server_time_behind_the_proxy_over_http() {
+    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
+        return;
+    };
+    let (mut proxy, listen, metrics) =
+        proxy_over_http(&[bin.to_str().unwrap(), "--local-timezone", "UTC"]);
     let client = http_client(listen).await;
     let info = client.peer().peer_info().expect("initialize result");
     assert_eq!(
@@ -600,24 +603,7 @@ async fn over_http_the_upstream_killed_mid_call_is_restarted_with_no_hung_call()
     let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
         return;
     };
-    let listen = free_port();
-    let metrics = free_port();
-    let (listen_addr, metrics_addr) = (
-        format!("127.0.0.1:{listen}"),
-        format!("127.0.0.1:{metrics}"),
-    );
-    let mut proxy = Proxy::start(
-        &[
-            "run",
-            "--listen",
-            &listen_addr,
-            "--metrics-addr",
-            &metrics_addr,
-            "--",
-            bin.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let (mut proxy, listen, metrics) = proxy_over_http(&[bin.to_str().unwrap()]);
     let client = http_client(listen).await;
     let echo = http_call(&client, "echo", json!({"message": "before"})).await;
     assert_eq!(echo["content"][0]["text"], "Echo: before", "{echo}");
