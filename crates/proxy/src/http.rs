@@ -33,7 +33,13 @@
 //! makes (`SessionTransport`), so the client's `notifications/progress`
 //! are counted as the session reads them, as over stdio: progress on a
 //! request of the server's reaches the server in order and before the
-//! client's answer (see [`crate::routes`]). That holds for what the client
+//! client's answer (see [`crate::routes`]). Each session counts into
+//! progress routes of its own, which its transport hands to the session's
+//! [`ProxyServer`] with every request it marks `InSession`, so that its
+//! client is registered with them: rmcp numbers the progress tokens of each
+//! session's peer separately (from 0), so two sessions each sent a request
+//! of the server's can have it under the same token at the same time, and
+//! their progress is kept apart. That holds for what the client
 //! sent in order, that is each POST after the previous one was accepted;
 //! POSTs sent concurrently have no order to keep. The one-shot transports
 //! of requests without a session are rmcp's, unseen by the session manager;
@@ -80,20 +86,39 @@ fn jsonrpc_error(status: StatusCode, line: String) -> Response {
 
 /// Marks a request read by an HTTP session's transport ([`SessionTransport`]):
 /// its client has a session, so it can be sent requests and answer them.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct InSession;
+/// It carries the session's progress routes, which the transport counts the
+/// client's progress into, so the [`ProxyServer`] registers the client with
+/// them (see `touch` in [`crate::server`]).
+#[derive(Debug, Clone)]
+pub(crate) struct InSession {
+    progress: Arc<ProgressRoutes<RoleClient>>,
+}
+
+impl InSession {
+    /// The session's progress routes.
+    pub(crate) fn progress_routes(&self) -> &Arc<ProgressRoutes<RoleClient>> {
+        &self.progress
+    }
+}
 
 /// A session's transport: the client's progress counted as it is read
-/// ([`ProgressTallyTransport`]), and each request marked [`InSession`] on
-/// its way to the [`ProxyServer`]. Everything else passes through untouched.
+/// ([`ProgressTallyTransport`]) into routes of the session's own, and each
+/// request marked [`InSession`] (with those routes) on its way to the
+/// [`ProxyServer`]. Everything else passes through untouched.
 struct SessionTransport<T> {
     inner: ProgressTallyTransport<T, RoleClient>,
+    mark: InSession,
 }
 
 impl<T> SessionTransport<T> {
-    fn new(inner: T, routes: Arc<ProgressRoutes<RoleClient>>) -> Self {
+    /// `inner`, with progress routes of its own: rmcp numbers the progress
+    /// tokens of each session's peer separately, so two sessions can be sent
+    /// requests under the same token at once.
+    fn new(inner: T) -> Self {
+        let progress = Arc::<ProgressRoutes<RoleClient>>::default();
         SessionTransport {
-            inner: ProgressTallyTransport::new(inner, routes),
+            inner: ProgressTallyTransport::new(inner, Arc::clone(&progress)),
+            mark: InSession { progress },
         }
     }
 }
@@ -115,7 +140,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for SessionTransport<T> {
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
         let mut message = self.inner.receive().await?;
         if let JsonRpcMessage::Request(request) = &mut message {
-            request.request.extensions_mut().insert(InSession);
+            request.request.extensions_mut().insert(self.mark.clone());
         }
         Some(message)
     }
@@ -126,11 +151,10 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for SessionTransport<T> {
 }
 
 /// rmcp's session manager `M`, each session's transport wrapped in a
-/// [`SessionTransport`] counting the client's progress into `routes` and
-/// marking its requests; everything else is `M`'s.
+/// [`SessionTransport`] counting the client's progress into the session's
+/// own routes and marking its requests; everything else is `M`'s.
 struct ProxySessions<M> {
     inner: M,
-    routes: Arc<ProgressRoutes<RoleClient>>,
 }
 
 impl<M: SessionManager> SessionManager for ProxySessions<M> {
@@ -139,10 +163,7 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let (id, transport) = self.inner.create_session().await?;
-        Ok((
-            id,
-            SessionTransport::new(transport, Arc::clone(&self.routes)),
-        ))
+        Ok((id, SessionTransport::new(transport)))
     }
 
     fn initialize_session(
@@ -210,7 +231,7 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
         Ok(match self.inner.restore_session(id).await? {
             RestoreOutcome::Restored(transport) => {
-                RestoreOutcome::Restored(SessionTransport::new(transport, Arc::clone(&self.routes)))
+                RestoreOutcome::Restored(SessionTransport::new(transport))
             }
             RestoreOutcome::AlreadyPresent => RestoreOutcome::AlreadyPresent,
             // NotSupported, and any outcome a later rmcp adds: nothing restored.
@@ -286,7 +307,6 @@ pub async fn serve_http(
     }
     let sessions = ProxySessions {
         inner: LocalSessionManager::default(),
-        routes: Arc::clone(&core.upstream().shared().progress_down),
     };
     let service = StreamableHttpService::new(
         move || Ok(ProxyServer::new(Arc::clone(&core))),

@@ -12,6 +12,15 @@
 //! it), so the map holds one entry per in-flight request attempt, plus one
 //! per token whose progress is being forwarded just then (see
 //! [`ProgressRoutes`]).
+//!
+//! A token is only unique within the peer that numbered it: rmcp numbers the
+//! tokens of each peer from 0. Upstream there is one map, for the tokens of
+//! the one connection to the server. Downstream, each client has a map of
+//! its own ([`Downstreams`] registers it with its client): over Streamable
+//! HTTP each session has its own peer, so two sessions can each be sent a
+//! request of the server's under the same token at the same time, and one
+//! shared map would mix up their progress.
+//!
 //! A progress notification can arrive before the route of its request is
 //! recorded (the token is known only once rmcp queued the request); the
 //! receiving side waits a little for an unknown token ([`ProgressRoutes::resolve`]).
@@ -55,7 +64,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rmcp::model::ProgressToken;
-use rmcp::service::{Peer, RoleServer, ServiceRole};
+use rmcp::service::{Peer, RoleClient, RoleServer, ServiceRole};
 use tokio::sync::Notify;
 
 /// How long an unknown progress token is waited for, in total.
@@ -521,6 +530,9 @@ pub type DownstreamId = u64;
 struct Downstream {
     id: DownstreamId,
     peer: Peer<RoleServer>,
+    /// Where the progress it sends on the server's requests is counted and
+    /// routed: its own, since rmcp numbers each peer's tokens separately.
+    progress: Arc<ProgressRoutes<RoleClient>>,
     /// Bumped on every request, so the most recently active client is known.
     last_active: u64,
 }
@@ -555,8 +567,14 @@ impl Downstreams {
         Self::default()
     }
 
-    /// Adds a client; returns its id.
-    pub fn register(&self, peer: Peer<RoleServer>) -> DownstreamId {
+    /// Adds a client, with the routes its transport counts the progress it
+    /// sends into (each client its own: see [`most_recent`](Self::most_recent));
+    /// returns its id.
+    pub fn register(
+        &self,
+        peer: Peer<RoleServer>,
+        progress: Arc<ProgressRoutes<RoleClient>>,
+    ) -> DownstreamId {
         let mut registry = lock(&self.registry);
         registry.clients.retain(|c| !c.peer.is_transport_closed());
         registry.next_id += 1;
@@ -566,6 +584,7 @@ impl Downstreams {
         registry.clients.push(Downstream {
             id,
             peer,
+            progress,
             last_active,
         });
         id
@@ -588,13 +607,17 @@ impl Downstreams {
 
     /// The most recently active open client: where server→client requests
     /// go (with several HTTP sessions, this is a guess; see the crate docs).
-    pub fn most_recent(&self) -> Option<Peer<RoleServer>> {
+    /// With its progress routes: a request forwarded to it is routed there,
+    /// as that is where its transport counts the progress it sends. rmcp
+    /// numbers the progress tokens of each client's peer from 0, so two
+    /// clients can be sent a request under the same token at the same time.
+    pub fn most_recent(&self) -> Option<(Peer<RoleServer>, Arc<ProgressRoutes<RoleClient>>)> {
         lock(&self.registry)
             .clients
             .iter()
             .filter(|c| !c.peer.is_transport_closed())
             .max_by_key(|c| c.last_active)
-            .map(|c| c.peer.clone())
+            .map(|c| (c.peer.clone(), Arc::clone(&c.progress)))
     }
 
     /// Every open client: where server notifications are broadcast.

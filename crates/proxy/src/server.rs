@@ -31,7 +31,8 @@
 //!   rmcp's (see above) and `initialized` is the proxy's own handshake
 //!   business. Both downstream transports count that progress as they read
 //!   it: stdio's session transport and each Streamable HTTP session's (see
-//!   [`crate::stdio`], [`crate::http`]).
+//!   [`crate::stdio`], [`crate::http`]), each into its client's own routes,
+//!   which the client is registered with in [`Downstreams`].
 //!
 //! Not forwarded: `subscriptions/listen` (2026-07-28 subscriptions) is answered
 //! "method not found", as rmcp does for servers that do not implement it.
@@ -72,8 +73,9 @@ use toolwarden_core::{FailureReport, McpResponse, SessionKey};
 use toolwarden_rmcp::OnRequestSent;
 use tower::ServiceExt as _;
 
+use crate::http::InSession;
 use crate::routes::{
-    send_in_turn, DownstreamId, Downstreams, ProgressReceipt, Resolved, RouteGuard,
+    send_in_turn, DownstreamId, Downstreams, ProgressReceipt, ProgressRoutes, Resolved, RouteGuard,
 };
 use crate::stack::ToolStack;
 use crate::upstream::{Upstream, UpstreamService};
@@ -120,13 +122,20 @@ impl ProxyCore {
 /// and its registration for server→client traffic.
 struct Session {
     key: SessionKey,
-    downstream: OnceLock<DownstreamId>,
+    /// Set by [`ProxyServer::touch`]: the client's id in [`Downstreams`] and
+    /// the progress routes it was registered with, where the server's
+    /// requests forwarded to it are routed and its progress is resolved.
+    downstream: OnceLock<(DownstreamId, Arc<ProgressRoutes<RoleClient>>)>,
+    /// The routes for a transport made alongside this server (stdio's): see
+    /// [`ProxyServer::progress_routes`]. An HTTP session's transport has
+    /// routes of its own, handed over with each request ([`InSession`]).
+    progress: Arc<ProgressRoutes<RoleClient>>,
     downstreams: Downstreams,
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if let Some(id) = self.downstream.get() {
+        if let Some((id, _)) = self.downstream.get() {
             self.downstreams.remove(*id);
         }
     }
@@ -277,13 +286,13 @@ async fn unless_cancelled<F: Future>(ct: &CancellationToken, f: F) -> Option<F::
 /// carries the answer back, but rmcp takes no answer from the client, so a
 /// request of the server's sent there would never be answered. Requests of
 /// a session come through the session's transport, which marks each one
-/// [`InSession`](crate::http::InSession), `initialize` included. Not the
-/// `mcp-session-id` header: `initialize` has none yet, and rmcp routes a
-/// request by its protocol version and metadata, not by that header (a
-/// request it serves without a session may carry a stale one). The mark
-/// says which transport the request really came through.
+/// [`InSession`], `initialize` included. Not the `mcp-session-id` header:
+/// `initialize` has none yet, and rmcp routes a request by its protocol
+/// version and metadata, not by that header (a request it serves without a
+/// session may carry a stale one). The mark says which transport the
+/// request really came through.
 fn takes_requests(context: &RequestContext<RoleServer>) -> bool {
-    context.extensions.get::<crate::http::InSession>().is_some()
+    context.extensions.get::<InSession>().is_some()
         || context
             .extensions
             .get::<axum::http::request::Parts>()
@@ -316,22 +325,41 @@ impl ProxyServer {
             session: Arc::new(Session {
                 key: SessionKey::from(format!("session-{n}").as_str()),
                 downstream: OnceLock::new(),
+                progress: Arc::default(),
                 downstreams,
             }),
         }
     }
 
+    /// The routes the transport this server is served over should count its
+    /// client's progress into ([`ProgressTallyTransport`](crate::upstream::ProgressTallyTransport)),
+    /// for a transport that does not bring its own: stdio's. Each server has
+    /// its own, as rmcp numbers the progress tokens of each client's peer
+    /// separately.
+    pub(crate) fn progress_routes(&self) -> Arc<ProgressRoutes<RoleClient>> {
+        Arc::clone(&self.session.progress)
+    }
+
     /// Registers this session's client (once) and marks it active, if it
-    /// can be sent requests (see [`takes_requests`]).
+    /// can be sent requests (see [`takes_requests`]). It is registered with
+    /// the progress routes its transport counts into: an HTTP session's
+    /// ([`InSession`]), else this server's own ([`progress_routes`](Self::progress_routes)).
     fn touch(&self, context: &RequestContext<RoleServer>) {
         if !takes_requests(context) {
             return;
         }
-        let id = *self
-            .session
-            .downstream
-            .get_or_init(|| self.core.downstreams.register(context.peer.clone()));
-        self.core.downstreams.touch(id);
+        let (id, _) = self.session.downstream.get_or_init(|| {
+            let progress = context.extensions.get::<InSession>().map_or_else(
+                || Arc::clone(&self.session.progress),
+                |session| Arc::clone(session.progress_routes()),
+            );
+            let id = self
+                .core
+                .downstreams
+                .register(context.peer.clone(), Arc::clone(&progress));
+            (id, progress)
+        });
+        self.core.downstreams.touch(*id);
     }
 
     /// [`touch`](Self::touch), and starts the upstream for a session that
@@ -691,9 +719,14 @@ impl ServerHandler for ProxyServer {
         // back to the server under its own token, in the order read. The
         // receipt was put there by the downstream transport; it is dropped
         // once the progress is forwarded (or here, if it goes nowhere), so
-        // the client's answer can wait for it.
+        // the client's answer can wait for it. The token is looked up in
+        // this client's own routes, where the server's requests to it are
+        // routed (another client may use the same token); a client not
+        // registered was sent no request, so its progress goes nowhere.
         let receipt = context.extensions.remove::<ProgressReceipt<RoleClient>>();
-        let routes = &self.core.upstream.shared().progress_down;
+        let Some((_, routes)) = self.session.downstream.get() else {
+            return;
+        };
         if let Resolved::To(server, token) = routes.resolve(&notification.progress_token).await {
             let mut params = notification;
             params.progress_token = token;

@@ -152,14 +152,14 @@ where
     ));
     let incoming = Arc::new(Mutex::new(message_rx));
     loop {
+        let server = ProxyServer::new(Arc::clone(&core));
         let transport = ProgressTallyTransport::new(
             QueueTransport {
                 incoming: Arc::clone(&incoming),
                 outgoing: line_tx.clone(),
             },
-            Arc::clone(&core.upstream().shared().progress_down),
+            server.progress_routes(),
         );
-        let server = ProxyServer::new(Arc::clone(&core));
         match server
             .serve_with_ct(transport, shutdown.child_token())
             .await

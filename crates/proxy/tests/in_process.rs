@@ -23,7 +23,8 @@ use rmcp::model::{
     ServerRequest, Tool,
 };
 use rmcp::service::{
-    PeerRequestOptions, RequestContext, RoleClient, RoleServer, RxJsonRpcMessage, TxJsonRpcMessage,
+    Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer, RxJsonRpcMessage,
+    TxJsonRpcMessage,
 };
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::{StreamableHttpClientTransport, Transport};
@@ -1017,6 +1018,23 @@ impl rmcp::ClientHandler for ProgressingClient {
     }
 }
 
+/// Calls `roots_progress` through `peer`: the progress values the server
+/// read on its request to a client before that client's answer, in order,
+/// comma-separated.
+async fn roots_progress(peer: Peer<RoleClient>) -> String {
+    let mut params = CallToolRequestParams::new("roots_progress");
+    params.arguments = Some(Default::default());
+    match bounded("roots_progress", peer.call_tool_once(params))
+        .await
+        .unwrap()
+    {
+        CallToolResponse::Complete(result) => {
+            text(&json!({"result": serde_json::to_value(&result).unwrap()}))
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// The same over Streamable HTTP: the proxy's HTTP sessions count the
 /// client's progress as they read it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1028,22 +1046,7 @@ async fn over_http_the_clients_progress_reaches_the_server_before_its_answer() {
         .map(f64::to_string)
         .collect::<Vec<_>>()
         .join(",");
-    let call = || {
-        let mut params = CallToolRequestParams::new("roots_progress");
-        params.arguments = Some(Default::default());
-        let peer = client.peer().clone();
-        async move {
-            match bounded("roots_progress", peer.call_tool_once(params))
-                .await
-                .unwrap()
-            {
-                CallToolResponse::Complete(result) => {
-                    text(&json!({"result": serde_json::to_value(&result).unwrap()}))
-                }
-                other => panic!("{other:?}"),
-            }
-        }
-    };
+    let call = || roots_progress(client.peer().clone());
     for n in 1..=30 {
         assert_eq!(call().await, expected, "call {n}");
     }
@@ -1056,6 +1059,106 @@ async fn over_http_the_clients_progress_reaches_the_server_before_its_answer() {
     bounded("closing the HTTP session", client.cancel())
         .await
         .unwrap();
+    proxy.finish().await;
+}
+
+/// A client over Streamable HTTP that, asked for its roots, reports the
+/// request's progress token on `asked`, waits for `go`, then sends
+/// [`CLIENT_STEPS`] progress notifications valued `base + 1`, `base + 2`,
+/// ..., each once the previous one was accepted, and answers.
+#[derive(Clone)]
+struct HeldClient {
+    base: f64,
+    asked: tokio::sync::mpsc::UnboundedSender<ProgressToken>,
+    go: tokio::sync::watch::Receiver<bool>,
+}
+
+#[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
+impl rmcp::ClientHandler for HeldClient {
+    fn get_info(&self) -> ClientConfig {
+        InitializeRequestParams::new(
+            ClientCapabilities::builder().enable_roots().build(),
+            rmcp::model::Implementation::new("held-client", "1.0"),
+        )
+        .with_protocol_version(ProtocolVersion::V_2025_06_18)
+    }
+
+    async fn list_roots(
+        &self,
+        context: RequestContext<RoleClient>,
+    ) -> Result<rmcp::model::ListRootsResult, ErrorData> {
+        let token = context
+            .meta
+            .get_progress_token()
+            .ok_or_else(|| ErrorData::invalid_params("no progress token", None))?;
+        let _ = self.asked.send(token.clone());
+        let _ = self.go.clone().wait_for(|go| *go).await;
+        for step in 1..=CLIENT_STEPS {
+            let params = ProgressNotificationParam::new(token.clone(), self.base + step as f64);
+            context
+                .peer
+                .notify_progress(params)
+                .await
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+        }
+        Ok(rmcp::model::ListRootsResult::new(vec![
+            rmcp::model::Root::new("file:///work"),
+        ]))
+    }
+}
+
+/// Two HTTP sessions, each with a request of the server's in flight under
+/// the same progress token (rmcp numbers the tokens of each session's peer
+/// from 0), both sending progress on it at once: the server reads each
+/// session's progress, all of it, on its own request and before that
+/// session's answer; none of it crosses over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_sessions_using_the_same_token_keep_their_progress_apart() {
+    let proxy = HttpHarness::start().await;
+    let (go_tx, go) = tokio::sync::watch::channel(false);
+    let (asked_tx, mut asked_a) = tokio::sync::mpsc::unbounded_channel();
+    let a = proxy
+        .session(HeldClient {
+            base: 0.0,
+            asked: asked_tx,
+            go: go.clone(),
+        })
+        .await;
+    let (asked_tx, mut asked_b) = tokio::sync::mpsc::unbounded_channel();
+    let b = proxy
+        .session(HeldClient {
+            base: 100.0,
+            asked: asked_tx,
+            go,
+        })
+        .await;
+    let values = |base: f64| {
+        one_to(CLIENT_STEPS)
+            .iter()
+            .map(|step| (base + step).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    for round in 0..3 {
+        go_tx.send_replace(false);
+        // The server's request goes to the most recently active session:
+        // a's call is asked of a; once a holds it, b's call is asked of b.
+        let call_a = tokio::spawn(roots_progress(a.peer().clone()));
+        let token_a = bounded("a being asked", asked_a.recv()).await.unwrap();
+        let call_b = tokio::spawn(roots_progress(b.peer().clone()));
+        let token_b = bounded("b being asked", asked_b.recv()).await.unwrap();
+        assert_eq!(token_a, token_b, "round {round}: the tokens collide");
+        go_tx.send_replace(true);
+        let answer_a = bounded("a's call", call_a).await.unwrap();
+        let answer_b = bounded("b's call", call_b).await.unwrap();
+        assert_eq!(answer_a, values(0.0), "round {round}: a's progress");
+        assert_eq!(answer_b, values(100.0), "round {round}: b's progress");
+    }
+    for client in [a, b] {
+        bounded("closing an HTTP session", client.cancel())
+            .await
+            .unwrap();
+    }
     proxy.finish().await;
 }
 

@@ -85,7 +85,7 @@ impl Service<RoleClient> for UpstreamHandler {
             ServerRequest::PingRequest(_) => return Ok(ClientResult::empty(())),
             other => other,
         };
-        let Some(client) = self.shared.downstreams.most_recent() else {
+        let Some((client, progress)) = self.shared.downstreams.most_recent() else {
             return Err(ErrorData::new(
                 ErrorCode(-32000),
                 "no client is connected to the toolwarden proxy",
@@ -93,11 +93,12 @@ impl Service<RoleClient> for UpstreamHandler {
             ));
         };
         // rmcp moved the request's _meta into the context; put it back (rmcp
-        // gives the forwarded request a progress token of its own).
+        // gives the forwarded request a progress token of its own, numbered
+        // per client: so it is routed in that client's own table).
         let server_token = context.meta.get_progress_token();
         *request.get_meta_mut() = context.meta.clone();
         let route = RouteGuard::new(
-            Arc::clone(&self.shared.progress_down),
+            progress,
             server_token.map(|token| (context.peer.clone(), token)),
         );
         let handle = client

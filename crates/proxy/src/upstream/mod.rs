@@ -24,7 +24,9 @@
 //!   handler forwards a token's progress in that order, and the proxy holds a
 //!   response until the progress counted for its request has been forwarded
 //!   (see [`crate::routes`]). The downstream transports are wrapped the same
-//!   way for the progress a client sends on the server's requests.
+//!   way for the progress a client sends on the server's requests, each
+//!   counting into its client's own routes (rmcp numbers each client peer's
+//!   tokens separately).
 
 mod handler;
 mod transport;
@@ -207,10 +209,10 @@ pub(crate) struct Shared {
     /// The server's last `initialize` result.
     pub(crate) last_info: ArcSwapOption<ServerPeerInfo>,
     pub(crate) downstreams: Downstreams,
-    /// Our tokens on requests sent upstream → the downstream client's.
+    /// Our tokens on requests sent upstream → the downstream client's. (The
+    /// other way, each downstream client has its own routes: see
+    /// [`Downstreams::most_recent`].)
     pub(crate) progress_up: Arc<ProgressRoutes<RoleServer>>,
-    /// Our tokens on server requests forwarded downstream → the server's.
-    pub(crate) progress_down: Arc<ProgressRoutes<RoleClient>>,
     status: watch::Sender<UpstreamStatus>,
 }
 
@@ -284,7 +286,6 @@ impl Upstream {
                     last_info: ArcSwapOption::empty(),
                     downstreams,
                     progress_up: Arc::default(),
-                    progress_down: Arc::default(),
                     status,
                 }),
                 restarts: AtomicU64::new(0),
