@@ -10,8 +10,10 @@
 //! types, as a raw transport would: the request is cloned outside the timed
 //! section, the bare service clones its response inside it (in both
 //! benches), and the layered one also pays for reading the JSON (tool name,
-//! classification). `reference/two_clock_reads` is the floor of any timed
-//! call: the start and end reads of the tokio clock;
+//! classification). `reference/two_tsc_reads` is the floor of a timed
+//! call with the layer's default clock (two reads of the time-stamp counter
+//! and the scaled difference), `reference/two_clock_reads` the same with
+//! tokio's clock (`ClockSource::Tokio`);
 //! `reference/jsonrpc_tool_name_and_classify` is what reading the JSON-RPC
 //! types through the core costs.
 //!
@@ -108,13 +110,26 @@ fn no_recorder(c: &mut Criterion) {
     light_benches(c, "no_recorder");
 }
 
-/// The floor every timed call pays: two reads of the tokio clock (start and
-/// end), as the layer takes them.
+/// What two reads of the tokio clock (start and end) cost: the floor of a
+/// timed call with `ClockSource::Tokio` (the layer's clock before it read
+/// the time-stamp counter).
 fn clock_floor(c: &mut Criterion) {
     c.bench_function("observability/reference/two_clock_reads", |b| {
         b.iter(|| {
             let start = tokio::time::Instant::now();
             black_box(tokio::time::Instant::now().saturating_duration_since(black_box(start)))
+        })
+    });
+}
+
+/// The same floor for the layer's default clock: two raw reads of the
+/// time-stamp counter through quanta and the scaled difference.
+fn tsc_floor(c: &mut Criterion) {
+    let clock = quanta::Clock::new();
+    c.bench_function("observability/reference/two_tsc_reads", |b| {
+        b.iter(|| {
+            let start = clock.raw();
+            black_box(clock.delta_as_nanos(black_box(start), clock.raw()))
         })
     });
 }
@@ -167,5 +182,12 @@ fn json_reads(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, clock_floor, json_reads, no_recorder, prometheus);
+criterion_group!(
+    benches,
+    clock_floor,
+    tsc_floor,
+    json_reads,
+    no_recorder,
+    prometheus
+);
 criterion_main!(benches);

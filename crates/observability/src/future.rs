@@ -6,17 +6,17 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 use toolwarden_core::{BoxError, CallKind, Classify, Entry};
 use tracing::Span;
 
+use crate::clock::Stamp;
 use crate::instruments::CANCELLED;
 use crate::registry::Series;
 
 /// What the future needs to record the call when it ends.
 pub(crate) struct InFlight<C> {
     pub(crate) series: Entry<Series>,
-    pub(crate) start: Instant,
+    pub(crate) start: Stamp,
     pub(crate) kind: CallKind,
     pub(crate) classifier: C,
 }
@@ -36,11 +36,11 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if let Some(call) = this.call.take() {
-                let end = Instant::now();
+                let end = call.series.clock.now();
                 call.series.record_cancelled(end);
                 if !this.span.is_disabled() {
                     this.span.record("outcome", CANCELLED);
-                    this.span.record("duration_ms", millis(end.saturating_duration_since(call.start)));
+                    this.span.record("duration_ms", millis(call.series.clock.between(call.start, end)));
                 }
             }
         }
@@ -74,8 +74,8 @@ where
         let _entered = this.span.enter();
         let result = ready!(this.inner.poll(cx)).map_err(Into::into);
         if let Some(call) = this.call.take() {
-            let end = Instant::now();
-            let elapsed = end.saturating_duration_since(call.start);
+            let end = call.series.clock.now();
+            let elapsed = call.series.clock.between(call.start, end);
             let outcome = match &result {
                 Ok(response) => call.classifier.classify_response(call.kind, response),
                 Err(error) => call.classifier.classify_error(&**error),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use toolwarden_core::{ConfigError, Events, McpClassifier};
 use tower_layer::Layer;
 
+use crate::clock::ClockSource;
 use crate::events::ObservabilityEvents;
 use crate::registry::{Config, Shared};
 use crate::service::Observability;
@@ -41,6 +42,7 @@ impl Default for ObservabilityBuilder {
                 max_methods: 32,
                 recent_window: 100,
                 span_fingerprint: true,
+                clock: ClockSource::Fast,
             },
             classifier: McpClassifier::new(),
         }
@@ -80,6 +82,15 @@ impl<C> ObservabilityBuilder<C> {
     /// cache) do not hash the arguments again. Default `true`.
     pub fn span_fingerprint(mut self, enabled: bool) -> Self {
         self.config.span_fingerprint = enabled;
+        self
+    }
+
+    /// Where call durations are read: the time-stamp counter
+    /// ([`ClockSource::Fast`], the default) or tokio's clock
+    /// ([`ClockSource::Tokio`], which follows a paused clock in tests). See
+    /// [`crate::clock`].
+    pub fn clock(mut self, source: ClockSource) -> Self {
+        self.config.clock = source;
         self
     }
 

@@ -7,9 +7,11 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, SharedString};
 use toolwarden_core::{Bounds, Entry, Key, KeyRef, KeyedState, McpRequest, Outcome, TOOLS_CALL};
 
+use crate::clock::ClockSource;
+use crate::clock::{Clock, Stamp};
 use crate::events::EventState;
 use crate::instruments::{self, labels, names, Cached, CANCELLED, METADATA, OTHER};
-use crate::stats::{outcome_index, Epoch, StatsCell, StatsSnapshot, OUTCOMES, OUTCOME_KINDS};
+use crate::stats::{outcome_index, StatsCell, StatsSnapshot, OUTCOMES, OUTCOME_KINDS};
 
 /// Validated configuration (see the builder for defaults).
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +20,7 @@ pub(crate) struct Config {
     pub(crate) max_methods: usize,
     pub(crate) recent_window: usize,
     pub(crate) span_fingerprint: bool,
+    pub(crate) clock: ClockSource,
 }
 
 pub(crate) struct Shared {
@@ -25,7 +28,7 @@ pub(crate) struct Shared {
     tools: KeyedState<Series>,
     methods: KeyedState<Series>,
     pub(crate) events: EventState,
-    pub(crate) epoch: Epoch,
+    pub(crate) clock: Clock,
 }
 
 impl std::fmt::Debug for Shared {
@@ -49,10 +52,11 @@ fn label_of(key: &Key) -> SharedString {
 
 impl Shared {
     pub(crate) fn new(config: Config) -> Self {
-        let epoch = Epoch::now();
+        let clock = Clock::new(config.clock);
         let window = config.recent_window;
         // Admitted names stay for the life of the layer (no idle eviction):
         // evicting would admit new names and grow the recorder's series.
+        let tool_clock = clock.clone();
         let tools = KeyedState::new(
             Bounds::max_keys(config.max_tools).idle_timeout(None),
             move |key| {
@@ -61,20 +65,21 @@ impl Shared {
                     SharedString::const_str(TOOLS_CALL),
                     Some(label_of(key)),
                     window,
-                    epoch,
+                    tool_clock.clone(),
                 )
             },
         );
+        let method_clock = clock.clone();
         let methods = KeyedState::new(
             Bounds::max_keys(config.max_methods).idle_timeout(None),
-            move |key| Series::new(key, label_of(key), None, window, epoch),
+            move |key| Series::new(key, label_of(key), None, window, method_clock.clone()),
         );
         Shared {
             config,
             tools,
             methods,
             events: EventState::new(config.max_tools),
-            epoch,
+            clock,
         }
     }
 
@@ -106,12 +111,12 @@ impl Shared {
             let mut out: Vec<_> = state
                 .entries()
                 .iter()
-                .map(|e| e.stats.snapshot(&e.name, &self.epoch))
+                .map(|e| e.stats.snapshot(&e.name, &self.clock))
                 .collect();
             out.sort_by(|a, b| a.name.cmp(&b.name));
             let overflow = state.overflow();
             if overflow.stats.has_calls() {
-                out.push(overflow.stats.snapshot(OTHER, &self.epoch));
+                out.push(overflow.stats.snapshot(OTHER, &self.clock));
             }
             out
         };
@@ -136,7 +141,8 @@ pub(crate) struct Series {
     pub(crate) stats: StatsCell,
     completed: [Cached<(Counter, Histogram)>; OUTCOME_KINDS],
     cancelled: Cached<Counter>,
-    epoch: Epoch,
+    /// The layer's clock (a copy: the response future holds only this).
+    pub(crate) clock: Clock,
 }
 
 impl Series {
@@ -145,7 +151,7 @@ impl Series {
         method: SharedString,
         tool: Option<SharedString>,
         window: usize,
-        epoch: Epoch,
+        clock: Clock,
     ) -> Self {
         Series {
             name: tool.clone().unwrap_or_else(|| method.clone()),
@@ -155,7 +161,7 @@ impl Series {
             stats: StatsCell::new(window),
             completed: Default::default(),
             cancelled: Cached::default(),
-            epoch,
+            clock,
         }
     }
 
@@ -184,10 +190,9 @@ impl Series {
 
     /// Records a completed call.
     #[inline]
-    pub(crate) fn record(&self, outcome: &Outcome, elapsed: Duration, end: tokio::time::Instant) {
+    pub(crate) fn record(&self, outcome: &Outcome, elapsed: Duration, end: Stamp) {
         let index = outcome_index(outcome.kind);
-        self.stats
-            .record(outcome.kind, elapsed, self.epoch.millis_to(end));
+        self.stats.record(outcome.kind, elapsed, end);
         metrics::with_recorder(|recorder| {
             self.completed[index].with(
                 recorder,
@@ -223,8 +228,8 @@ impl Series {
     }
 
     /// Records a call whose future was dropped before it finished.
-    pub(crate) fn record_cancelled(&self, end: tokio::time::Instant) {
-        self.stats.record_cancelled(self.epoch.millis_to(end));
+    pub(crate) fn record_cancelled(&self, end: Stamp) {
+        self.stats.record_cancelled(end);
         metrics::with_recorder(|recorder| {
             self.cancelled.with(
                 recorder,

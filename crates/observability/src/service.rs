@@ -4,7 +4,6 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::time::Instant;
 use toolwarden_core::{
     call_fingerprint, Attempt, BoxError, CallKind, Classify, Entry, McpClassifier, McpRequest,
 };
@@ -105,7 +104,7 @@ where
         };
         let series = self.shared.series(&request, &mut self.last);
         let span = call_span(&mut request, self.shared.config.span_fingerprint);
-        let start = Instant::now();
+        let start = self.shared.clock.now();
         let inner = {
             let _entered = span.enter();
             self.inner.call(request)

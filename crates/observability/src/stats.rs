@@ -28,8 +28,10 @@
 //!   the latest calls rather than an exact count.
 //! - Each counter is read atomically, but a snapshot taken while calls
 //!   complete may count a call in one field and not yet in another.
-//! - Times come from the tokio clock (paused in tests); `last_call_unix_ms`
-//!   is the wall time of the layer's creation plus the monotonic time since.
+//! - Times come from the layer's clock ([`crate::clock`]: the time-stamp
+//!   counter by default, tokio's clock with [`ClockSource::Tokio`](crate::ClockSource));
+//!   `last_call_unix_ms` is the wall time of the layer's creation plus the
+//!   monotonic time since.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -58,9 +60,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 use toolwarden_core::OutcomeKind;
 
+use crate::clock::{Clock, Stamp};
 use crate::registry::Shared;
 
 /// The number of outcome kinds a completed call can have.
@@ -88,34 +90,6 @@ pub(crate) const OUTCOMES: [OutcomeKind; OUTCOME_KINDS] = [
     OutcomeKind::Timeout,
     OutcomeKind::Rejected,
 ];
-
-/// Wall time and monotonic time taken together when the layer was built,
-/// so a monotonic instant can be shown as a wall time without reading the
-/// wall clock on every call.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Epoch {
-    pub(crate) instant: Instant,
-    unix_ms: u64,
-}
-
-impl Epoch {
-    pub(crate) fn now() -> Self {
-        Epoch {
-            instant: Instant::now(),
-            unix_ms: unix_ms_now(),
-        }
-    }
-
-    /// Milliseconds from the epoch to `at`.
-    #[inline]
-    pub(crate) fn millis_to(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.instant).as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn unix_ms(&self, millis_since: u64) -> u64 {
-        self.unix_ms.saturating_add(millis_since)
-    }
-}
 
 pub(crate) fn unix_ms_now() -> u64 {
     SystemTime::now()
@@ -249,7 +223,8 @@ pub(crate) struct StatsCell {
     outcomes: [AtomicU64; OUTCOME_KINDS],
     cancelled: AtomicU64,
     total_nanos: AtomicU64,
-    /// Milliseconds since the epoch, plus one, of the last finished call; 0: none.
+    /// The clock reading of the last finished call, as
+    /// [`Stamp::to_nonzero_bits`] (converted only when read); 0: none.
     last_call: AtomicU64,
     histogram: DurationHistogram,
     recent: RecentWindow,
@@ -268,28 +243,26 @@ impl StatsCell {
     }
 
     #[inline]
-    pub(crate) fn record(&self, kind: OutcomeKind, elapsed: Duration, millis_since_epoch: u64) {
+    pub(crate) fn record(&self, kind: OutcomeKind, elapsed: Duration, end: Stamp) {
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.outcomes[outcome_index(kind)].fetch_add(1, Relaxed);
         self.total_nanos.fetch_add(nanos, Relaxed);
         self.histogram.record(nanos);
-        self.last_call
-            .store(millis_since_epoch.saturating_add(1), Relaxed);
+        self.last_call.store(end.to_nonzero_bits(), Relaxed);
         self.recent.record(kind != OutcomeKind::Success);
     }
 
     #[inline]
-    pub(crate) fn record_cancelled(&self, millis_since_epoch: u64) {
+    pub(crate) fn record_cancelled(&self, end: Stamp) {
         self.cancelled.fetch_add(1, Relaxed);
-        self.last_call
-            .store(millis_since_epoch.saturating_add(1), Relaxed);
+        self.last_call.store(end.to_nonzero_bits(), Relaxed);
     }
 
     pub(crate) fn has_calls(&self) -> bool {
         self.cancelled.load(Relaxed) > 0 || self.outcomes.iter().any(|c| c.load(Relaxed) > 0)
     }
 
-    pub(crate) fn snapshot(&self, name: &str, epoch: &Epoch) -> CallStats {
+    pub(crate) fn snapshot(&self, name: &str, clock: &Clock) -> CallStats {
         let counts: [u64; OUTCOME_KINDS] = std::array::from_fn(|i| self.outcomes[i].load(Relaxed));
         let completed: u64 = counts.iter().sum();
         let cancelled = self.cancelled.load(Relaxed);
@@ -313,7 +286,8 @@ impl StatsCell {
             p50_ms: DurationHistogram::quantile_ms(&histogram, 0.50),
             p95_ms: DurationHistogram::quantile_ms(&histogram, 0.95),
             p99_ms: DurationHistogram::quantile_ms(&histogram, 0.99),
-            last_call_unix_ms: (last > 0).then(|| epoch.unix_ms(last - 1)),
+            last_call_unix_ms: Stamp::from_nonzero_bits(last)
+                .map(|at| clock.unix_ms(clock.millis_since_epoch(at))),
         }
     }
 }

@@ -14,7 +14,8 @@ use toolwarden_core::jsonrpc::Request;
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{McpClassifier, OutcomeKind};
 use toolwarden_observability::{
-    Observability, ObservabilityLayer, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT, RECENT_WINDOW_LIMIT,
+    ClockSource, Observability, ObservabilityLayer, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT,
+    RECENT_WINDOW_LIMIT,
 };
 use tower::{Layer, Service};
 
@@ -45,7 +46,11 @@ async fn the_snapshot_has_the_documented_json_shape() {
             [Step::tool_error("invalid query").after(Duration::from_millis(40))],
         )
         .default_step("search", Step::ok("hit").after(Duration::from_millis(10)));
-    let layer = ObservabilityLayer::new();
+    // Durations from tokio's paused clock, so they are exact.
+    let layer = ObservabilityLayer::builder()
+        .clock(ClockSource::Tokio)
+        .build()
+        .unwrap();
     let mut svc = layer.layer(upstream(mock));
     for id in 0..100 {
         call(&mut svc, tool_call(id, "search")).await.unwrap();
@@ -137,6 +142,37 @@ fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The default clock (the time-stamp counter) measures real time: calls
+/// that really take 25 ms are recorded as that, give or take scheduling.
+#[tokio::test]
+async fn the_default_clock_records_real_durations() {
+    let mock =
+        MockMcp::new().default_step("search", Step::ok("hit").after(Duration::from_millis(25)));
+    let layer = ObservabilityLayer::new();
+    let mut svc = layer.layer(upstream(mock));
+    let wall = std::time::Instant::now();
+    for id in 0..4 {
+        call(&mut svc, tool_call(id, "search")).await.unwrap();
+    }
+    let wall_ms = wall.elapsed().as_secs_f64() * 1e3;
+    let stats = layer.stats().snapshot();
+    let search = stats.tool("search").unwrap();
+    assert_eq!(search.calls, 4);
+    // Each call slept at least 25 ms; all four together took no longer than
+    // the wall clock saw (calibration error is well under 5 %).
+    assert!(search.mean_duration_ms.unwrap() >= 25.0, "{search:?}");
+    assert!(
+        search.total_duration_ms <= wall_ms * 1.05 + 1.0,
+        "{search:?} vs {wall_ms} ms"
+    );
+    assert!(search.last_call_unix_ms.unwrap() >= wall_ms_now_minus(wall_ms));
+}
+
+/// The wall clock `ms` milliseconds ago, rounded down, less a little slack.
+fn wall_ms_now_minus(ms: f64) -> u64 {
+    wall_ms().saturating_sub(ms as u64 + 50)
 }
 
 #[tokio::test]

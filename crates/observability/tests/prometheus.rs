@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use toolwarden_core::jsonrpc::Request;
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{Event, OutcomeKind};
-use toolwarden_observability::{describe_metrics, ObservabilityLayer};
+use toolwarden_observability::{describe_metrics, ClockSource, ObservabilityLayer};
 use tower::Layer;
 
 use support::{call, parse_prometheus, tool_call, upstream, value};
@@ -42,7 +42,11 @@ async fn a_failing_tool_is_scraped_with_names_labels_and_values() {
     let _guard = metrics::set_default_local_recorder(&recorder);
     describe_metrics();
 
-    let layer = ObservabilityLayer::new();
+    // Durations from tokio's paused clock, so they are exact.
+    let layer = ObservabilityLayer::builder()
+        .clock(ClockSource::Tokio)
+        .build()
+        .unwrap();
     let mut svc = layer.layer(ReadyChecked::new(upstream(flaky_search())).pending_first());
     let mut outcomes = Vec::new();
     for id in 0..7 {

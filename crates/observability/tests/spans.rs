@@ -15,7 +15,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{Attempt, BoxError, Event, Fingerprint, McpRequest};
-use toolwarden_observability::ObservabilityLayer;
+use toolwarden_observability::{ClockSource, ObservabilityLayer};
 use tower::{Layer, ServiceExt};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -112,7 +112,11 @@ async fn each_call_has_one_span_with_its_outcome() {
             Step::tool_error("upstream rate limit exceeded").after(Duration::from_millis(5)),
         ],
     );
-    let layer = ObservabilityLayer::new();
+    // Durations from tokio's paused clock, so they are exact.
+    let layer = ObservabilityLayer::builder()
+        .clock(ClockSource::Tokio)
+        .build()
+        .unwrap();
     let mut svc = layer.layer(ReadyChecked::new(mock).pending_first());
     call(&mut svc, tool_call(1, "search")).await.unwrap();
     let mut second = tool_call(2, "search");
