@@ -1,4 +1,5 @@
-//! Core hot paths: the argument fingerprint and one keyed-state lookup.
+//! Core hot paths: the argument fingerprint, one keyed-state lookup and the
+//! classifier judging a JSON-RPC response.
 //!
 //! Run: `cargo bench --bench core`
 
@@ -8,8 +9,10 @@ use std::hint::black_box;
 use std::sync::atomic::AtomicU64;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use serde_json::json;
 use support::arguments_200_bytes;
-use toolwarden_core::{fingerprint, Bounds, KeyRef, KeyedState};
+use toolwarden_core::jsonrpc::{Id, Response};
+use toolwarden_core::{fingerprint, Bounds, CallKind, Classify, KeyRef, KeyedState, McpClassifier};
 
 fn bench_fingerprint(c: &mut Criterion) {
     // ~200 bytes serialised, nested, with a _meta member the hash must skip.
@@ -46,5 +49,31 @@ fn bench_keyed_lookup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_fingerprint, bench_keyed_lookup);
+/// The classifier judging a JSON-RPC `tools/call` response, as every layer
+/// that records outcomes does once per call: a typical success (one text
+/// item, `isError: false`) and a tool error (whose first text is read).
+fn bench_classify(c: &mut Criterion) {
+    let classifier = McpClassifier::new();
+    let success = Response::result(
+        Id::Number(1),
+        json!({"content": [{"type": "text", "text": "3 results"}], "isError": false}),
+    );
+    let tool_error = Response::result(
+        Id::Number(1),
+        json!({"content": [{"type": "text", "text": "upstream timed out"}], "isError": true}),
+    );
+    c.bench_function("core/classify_success_jsonrpc", |b| {
+        b.iter(|| classifier.classify_response(CallKind::ToolCall, black_box(&success)))
+    });
+    c.bench_function("core/classify_tool_error_jsonrpc", |b| {
+        b.iter(|| classifier.classify_response(CallKind::ToolCall, black_box(&tool_error)))
+    });
+}
+
+criterion_group!(
+    benches,
+    bench_fingerprint,
+    bench_keyed_lookup,
+    bench_classify
+);
 criterion_main!(benches);

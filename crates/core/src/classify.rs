@@ -25,19 +25,78 @@
 //! -32023 (rate limited, `data` may carry the hint) are `Transient`; any other
 //! code is `Server`.
 //!
-//! `isError` texts: an `MCP error -NNNNN` prefix classifies by code; else text
-//! naming a rate limit, timeout, temporary unavailability or connection reset
-//! is `Transient`; text saying not found, unknown tool, invalid, validation,
-//! missing required or schema is `Client`; anything else is `Server`.
+//! `isError` texts: an `MCP error -NNNNN` prefix classifies by code; else the
+//! earliest phrase in the text decides: one naming a rate limit, timeout,
+//! temporary unavailability or connection reset is `Transient`, one saying
+//! not found, unknown tool, invalid, validation, missing required or schema
+//! is `Client`; with neither, `Server`. The earliest phrase wins because
+//! the head of an error says what went wrong and the tail quotes the data:
+//! "Invalid input: timeout must be between 1 and 60" and "File not found:
+//! /var/log/timeout.log" are `Client`.
+//!
+//! An `isError` result that a toolwarden layer rendered from its own refusal
+//! (the fallback cache's degraded answer, carrying the sealed
+//! [`REJECTED_META_KEY`] mark) is `Rejected`, as the refusal itself was: a
+//! refusal stays a refusal for every layer above the one that rendered it.
+//!
+//! # Retry-after hints
+//!
+//! Hints come from servers, so they are untrusted input. They are read from
+//! JSON-RPC error `data` (`retryAfter` / `retry_after` seconds,
+//! `retryAfterMs`, or a bare number of seconds), from the text of `isError`
+//! results ("retry after 30 s", "Retry-After: 2", "try again in 5 minutes"),
+//! and from HTTP `Retry-After` headers (seconds or an HTTP-date:
+//! [`retry_after_from_header`]). Negative, NaN, infinite and unparsable hints
+//! are ignored; every hint is clamped to at most
+//! [`DEFAULT_MAX_RETRY_AFTER`] (1 hour; [`McpClassifier::max_retry_after`]
+//! sets another bound). No hint can overflow a `Duration` or an `Instant`
+//! downstream.
 
 use std::error::Error as StdError;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde_json::Value;
 
 use crate::jsonrpc::{code, ErrorObject};
 use crate::rejection::as_rejection;
-use crate::request::McpResponse;
+use crate::request::{McpResponse, ToolResultStatus};
+
+/// The longest retry-after hint any classification reports, unless
+/// [`McpClassifier::max_retry_after`] says otherwise: 1 hour. A server
+/// asking for more is read as asking for this.
+pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// The `_meta` member that marks an `isError` result rendered from a
+/// toolwarden refusal: `{"layer": "rate_limit", "retryAfter": 2.5,
+/// "seal": "..."}`. The seal is a random value drawn once per process
+/// ([`rejection_seal`]); only a mark carrying it is believed, so a server
+/// cannot pass its own failures off as our refusals (which would stop the
+/// breaker counting them and let the retry layer repeat an unsafe tool).
+pub const REJECTED_META_KEY: &str = "toolwarden/rejected";
+
+/// This process's rejection seal (see [`REJECTED_META_KEY`]): 16 hex digits,
+/// random, drawn once. Servers never see the answers the layers render, so
+/// they cannot learn it.
+pub fn rejection_seal() -> &'static str {
+    static SEAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SEAL.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS's randomness once per process.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        format!("{:016x}", hasher.finish())
+    })
+}
+
+/// Whether `mark` (the value of a result's [`REJECTED_META_KEY`] member)
+/// carries this process's seal.
+pub fn is_sealed_rejection(mark: &Value) -> bool {
+    mark.get("seal").and_then(Value::as_str) == Some(rejection_seal())
+}
 
 /// How a failure should be treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -200,12 +259,14 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 #[derive(Debug, Clone, Copy)]
 pub struct McpClassifier {
     empty_result: Option<FailureClass>,
+    max_retry_after: Duration,
 }
 
 impl Default for McpClassifier {
     fn default() -> Self {
         McpClassifier {
             empty_result: Some(FailureClass::Server),
+            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
         }
     }
 }
@@ -222,38 +283,59 @@ impl McpClassifier {
         self.empty_result = class;
         self
     }
+
+    /// The longest retry-after hint reported; longer hints are clamped to
+    /// it. Default [`DEFAULT_MAX_RETRY_AFTER`] (1 hour).
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max;
+        self
+    }
 }
 
 impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
     fn classify_response(&self, kind: CallKind, response: &Resp) -> Outcome {
+        let max = self.max_retry_after;
         if let Some(err) = response.rpc_error() {
-            return classify_rpc_error(err.code, err.data);
+            return rpc_error_outcome(err.code, err.data, max);
         }
-        if kind != CallKind::ToolCall || response.is_input_required() {
+        if kind != CallKind::ToolCall {
             return Outcome::SUCCESS;
         }
-        if response.is_tool_error() {
-            let text = response.first_text();
-            return classify_error_text(text.as_deref().unwrap_or(""));
-        }
-        if response.is_empty_tool_result() {
-            if let Some(class) = self.empty_result {
-                return Outcome::failure(OutcomeKind::ToolError, class);
+        match response.tool_result_status() {
+            ToolResultStatus::Rejected => {
+                let hint = response
+                    .result_meta(REJECTED_META_KEY)
+                    .and_then(|mark| retry_after_within(mark, max));
+                Outcome::failure(OutcomeKind::Rejected, FailureClass::Transient)
+                    .with_retry_after(hint)
             }
+            ToolResultStatus::Error => {
+                let text = response.first_text();
+                error_text_outcome(text.as_deref().unwrap_or(""), max)
+            }
+            ToolResultStatus::Empty => match self.empty_result {
+                Some(class) => Outcome::failure(OutcomeKind::ToolError, class),
+                None => Outcome::SUCCESS,
+            },
+            ToolResultStatus::InputRequired | ToolResultStatus::Data => Outcome::SUCCESS,
         }
-        Outcome::SUCCESS
     }
 
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
-        classify_error_chain(error)
+        error_chain_outcome(error, self.max_retry_after)
     }
 }
 
-/// Classifies a JSON-RPC error code (with its `data`, for a retry-after hint).
+/// Classifies a JSON-RPC error code (with its `data`, for a retry-after hint,
+/// clamped to [`DEFAULT_MAX_RETRY_AFTER`]).
 pub fn classify_rpc_error(code: i64, data: Option<&Value>) -> Outcome {
+    rpc_error_outcome(code, data, DEFAULT_MAX_RETRY_AFTER)
+}
+
+fn rpc_error_outcome(code: i64, data: Option<&Value>, max: Duration) -> Outcome {
     let class = class_of_code(code);
     let retry_after = if code == code::RATE_LIMITED {
-        data.and_then(retry_after_from_data)
+        data.and_then(|data| retry_after_within(data, max))
     } else {
         None
     };
@@ -280,20 +362,102 @@ pub fn class_of_code(c: i64) -> FailureClass {
 
 /// Reads a retry-after hint from JSON-RPC error data: `retryAfter` or
 /// `retry_after` in seconds, or `retryAfterMs` in milliseconds; a bare number
-/// is seconds.
+/// is seconds. Negative and non-numeric hints are ignored; the hint is
+/// clamped to [`DEFAULT_MAX_RETRY_AFTER`].
+///
+/// ```
+/// use std::time::Duration;
+/// use toolwarden_core::classify::{retry_after_from_data, DEFAULT_MAX_RETRY_AFTER};
+/// assert_eq!(retry_after_from_data(&serde_json::json!({"retryAfterMs": 1500})), Some(Duration::from_millis(1500)));
+/// assert_eq!(retry_after_from_data(&serde_json::json!({"retryAfter": 1e20})), Some(DEFAULT_MAX_RETRY_AFTER));
+/// assert_eq!(retry_after_from_data(&serde_json::json!({"retryAfter": -3})), None);
+/// ```
 pub fn retry_after_from_data(data: &Value) -> Option<Duration> {
-    let secs = |v: &Value| v.as_f64().filter(|s| s.is_finite() && *s >= 0.0);
-    if let Some(s) = secs(data) {
-        return Some(Duration::from_secs_f64(s));
+    retry_after_within(data, DEFAULT_MAX_RETRY_AFTER)
+}
+
+fn retry_after_within(data: &Value, max: Duration) -> Option<Duration> {
+    if let Some(secs) = data.as_f64() {
+        return clamped_secs(secs, max);
     }
     let obj = data.as_object()?;
-    if let Some(ms) = obj.get("retryAfterMs").and_then(secs) {
-        return Some(Duration::from_secs_f64(ms / 1000.0));
+    if let Some(ms) = obj.get("retryAfterMs").and_then(Value::as_f64) {
+        return clamped_secs(ms / 1000.0, max);
     }
     obj.get("retryAfter")
         .or_else(|| obj.get("retry_after"))
-        .and_then(secs)
-        .map(Duration::from_secs_f64)
+        .and_then(Value::as_f64)
+        .and_then(|secs| clamped_secs(secs, max))
+}
+
+/// `secs` seconds as a `Duration` no longer than `max`; `None` for a
+/// negative or NaN value. Never panics: `Duration::from_secs_f64` would, on
+/// a value past `u64::MAX` seconds.
+pub fn clamped_secs(secs: f64, max: Duration) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(max, |d| d.min(max)))
+}
+
+/// Reads an HTTP `Retry-After` header value: delay seconds (`"120"`) or an
+/// HTTP-date (`"Wed, 21 Oct 2026 07:28:00 GMT"`, measured from `now`; a date
+/// in the past is no wait). Clamped to [`DEFAULT_MAX_RETRY_AFTER`];
+/// anything else is `None`.
+///
+/// ```
+/// use std::time::{Duration, SystemTime};
+/// use toolwarden_core::classify::retry_after_from_header;
+/// let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+/// assert_eq!(retry_after_from_header("30", now), Some(Duration::from_secs(30)));
+/// assert_eq!(retry_after_from_header("Tue, 14 Nov 2023 22:13:40 GMT", now), Some(Duration::from_secs(20)));
+/// assert_eq!(retry_after_from_header("99999999999999999999", now), Some(Duration::from_secs(3600)));
+/// assert_eq!(retry_after_from_header("soon", now), None);
+/// ```
+pub fn retry_after_from_header(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // All digits: a number of seconds, however many digits.
+        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(DEFAULT_MAX_RETRY_AFTER));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(DEFAULT_MAX_RETRY_AFTER),
+    )
+}
+
+/// Phrases that introduce a retry-after hint in the text of a tool error.
+const HINT_PHRASES: &[&str] = &["retry after", "retry-after", "try again in", "retry in"];
+
+/// Reads a retry-after hint from the text of an `isError` result: "retry
+/// after 30 s", "Retry-After: 2", "try again in 5 minutes", "retry in
+/// 250 ms". Units: ms, s (the default), min, h, in their usual spellings.
+/// Clamped to `max`.
+fn retry_after_from_text(text: &str, max: Duration) -> Option<Duration> {
+    let start = HINT_PHRASES
+        .iter()
+        .filter_map(|phrase| find_ignore_case(text, phrase).map(|at| at + phrase.len()))
+        .min()?;
+    let rest =
+        text[start..].trim_start_matches(|c: char| c == ':' || c == '=' || c.is_whitespace());
+    let number_len = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(rest.len());
+    let number: f64 = rest[..number_len].parse().ok()?;
+    let unit = rest[number_len..].trim_start();
+    let word_len = unit
+        .find(|c: char| !c.is_ascii_alphabetic())
+        .unwrap_or(unit.len());
+    let scale = match unit[..word_len].to_ascii_lowercase().as_str() {
+        "ms" | "msec" | "millisecond" | "milliseconds" => 0.001,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+        "h" | "hr" | "hrs" | "hour" | "hours" => 3600.0,
+        _ => 1.0,
+    };
+    clamped_secs(number * scale, max)
 }
 
 const TRANSIENT_TEXT: &[&str] = &[
@@ -327,21 +491,37 @@ const CLIENT_TEXT: &[&str] = &[
 /// assert_eq!(classify_error_text("MCP error -32602: Tool nope not found").class, Some(FailureClass::Client));
 /// assert_eq!(classify_error_text("Upstream rate limit exceeded").class, Some(FailureClass::Transient));
 /// assert_eq!(classify_error_text("Error executing tool x: boom").class, Some(FailureClass::Server));
+/// assert_eq!(classify_error_text("Invalid input: timeout must be between 1 and 60").class, Some(FailureClass::Client));
+/// assert_eq!(
+///     classify_error_text("quota exceeded, retry after 30 s").retry_after,
+///     Some(std::time::Duration::from_secs(30)),
+/// );
 /// ```
 pub fn classify_error_text(text: &str) -> Outcome {
+    error_text_outcome(text, DEFAULT_MAX_RETRY_AFTER)
+}
+
+fn error_text_outcome(text: &str, max: Duration) -> Outcome {
+    let hint = retry_after_from_text(text, max);
     if let Some(code) = mcp_error_code(text) {
-        let mut outcome = classify_rpc_error(code, None);
+        let mut outcome = rpc_error_outcome(code, None, max);
         outcome.kind = OutcomeKind::ToolError;
+        outcome.retry_after = outcome.retry_after.or(hint);
         return outcome;
     }
-    let class = if TRANSIENT_TEXT.iter().any(|p| contains_ignore_case(text, p)) {
-        FailureClass::Transient
-    } else if CLIENT_TEXT.iter().any(|p| contains_ignore_case(text, p)) {
-        FailureClass::Client
-    } else {
-        FailureClass::Server
+    let earliest = |phrases: &[&str]| {
+        phrases
+            .iter()
+            .filter_map(|p| find_ignore_case(text, p))
+            .min()
     };
-    Outcome::failure(OutcomeKind::ToolError, class)
+    let class = match (earliest(TRANSIENT_TEXT), earliest(CLIENT_TEXT)) {
+        (Some(transient), Some(client)) if client < transient => FailureClass::Client,
+        (Some(_), _) => FailureClass::Transient,
+        (None, Some(_)) => FailureClass::Client,
+        (None, None) => FailureClass::Server,
+    };
+    Outcome::failure(OutcomeKind::ToolError, class).with_retry_after(hint)
 }
 
 /// Reads the code of an `MCP error -NNNNN` text (the TypeScript SDK's form).
@@ -361,10 +541,6 @@ fn find_ignore_case(haystack: &str, needle: &str) -> Option<usize> {
         return None;
     }
     (0..=h.len() - n.len()).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
-}
-
-fn contains_ignore_case(haystack: &str, needle: &str) -> bool {
-    find_ignore_case(haystack, needle).is_some()
 }
 
 /// A transport failure, for services that speak MCP over some connection.
@@ -444,10 +620,16 @@ impl std::fmt::Display for HttpStatusError {
 impl StdError for HttpStatusError {}
 
 /// Classifies an error by walking its source chain for a type it knows.
+/// Retry-after hints are clamped to [`DEFAULT_MAX_RETRY_AFTER`].
 pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
+    error_chain_outcome(error, DEFAULT_MAX_RETRY_AFTER)
+}
+
+fn error_chain_outcome(error: &(dyn StdError + 'static), max: Duration) -> Outcome {
     let mut current = Some(error);
     while let Some(err) = current {
-        if let Some(outcome) = classify_known_error(err) {
+        if let Some(mut outcome) = classify_known_error(err, max) {
+            outcome.retry_after = outcome.retry_after.map(|d| d.min(max));
             return outcome;
         }
         current = err.source();
@@ -455,7 +637,7 @@ pub fn classify_error_chain(error: &(dyn StdError + 'static)) -> Outcome {
     Outcome::failure(OutcomeKind::Transport, FailureClass::Server)
 }
 
-fn classify_known_error(err: &(dyn StdError + 'static)) -> Option<Outcome> {
+fn classify_known_error(err: &(dyn StdError + 'static), max: Duration) -> Option<Outcome> {
     if let Some(rejection) = as_rejection(err) {
         return Some(
             Outcome::failure(OutcomeKind::Rejected, FailureClass::Transient)
@@ -463,7 +645,7 @@ fn classify_known_error(err: &(dyn StdError + 'static)) -> Option<Outcome> {
         );
     }
     if let Some(e) = err.downcast_ref::<ErrorObject>() {
-        return Some(classify_rpc_error(e.code, e.data.as_ref()));
+        return Some(rpc_error_outcome(e.code, e.data.as_ref(), max));
     }
     if let Some(e) = err.downcast_ref::<TransportError>() {
         let mut outcome = Outcome::failure(OutcomeKind::Transport, FailureClass::Transient);

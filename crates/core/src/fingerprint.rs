@@ -4,14 +4,17 @@
 //! by this one value, so its definition is fixed and versioned: replicas on
 //! different machines and releases compare fingerprints.
 //!
-//! # Definition (version 1)
+//! # Definition (version 2)
 //!
 //! The fingerprint is XXH3-128 (seed 0) of this byte stream:
 //!
 //! ```text
-//! "twfp" 0x01                      magic + version
+//! "twfp" 0x02                      magic + version
 //! str(tool)                        the tool name
-//! canon(arguments)                 or canon(null) when absent
+//! canon(arguments)                 canon({}) when absent or null: a call
+//!                                  without `arguments` and one with `{}`
+//!                                  are the same call (version 1 hashed
+//!                                  canon(null) for them)
 //!
 //! canon(null)   = 0x00             canon(false) = 0x01     canon(true) = 0x02
 //! canon(int)    = 0x03 i64-le      for integers, and for floats with no fractional
@@ -40,9 +43,9 @@ use smallvec::SmallVec;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3Default};
 
 /// The version of the fingerprint definition in this crate.
-pub const FINGERPRINT_VERSION: u8 = 1;
+pub const FINGERPRINT_VERSION: u8 = 2;
 
-const MAGIC: &[u8; 5] = b"twfp\x01";
+const MAGIC: &[u8; 5] = b"twfp\x02";
 
 /// The canonical fingerprint of one call: tool name plus arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -81,7 +84,9 @@ pub fn fingerprint(tool: &str, arguments: Option<&Map<String, Value>>) -> Finger
     sink.write_str(tool);
     match arguments {
         Some(args) => sink.write_object(args),
-        None => sink.write_byte(0x00),
+        // No arguments are no arguments, however the client says it: the
+        // canonical form of an empty object.
+        None => sink.write_object(&Map::new()),
     }
     sink.finish()
 }
@@ -268,10 +273,27 @@ mod tests {
         let args = json!({"q": "tower", "n": [1, 2.5, true, null], "o": {"k": "v"}});
         assert_eq!(
             fingerprint("search", args.as_object()).to_string(),
-            PINNED_V1
+            PINNED_V2
         );
     }
-    const PINNED_V1: &str = "c3fa989e697a8b377ff93a80f4d87694";
+    const PINNED_V2: &str = "08c317b2461855dfb63a7758854e6bc9";
+
+    // Issue 15: a call without `arguments` and one with `{}` (or only
+    // `_meta`) are the same call.
+    #[test]
+    fn regression_15_absent_arguments_are_an_empty_object() {
+        let empty = json!({});
+        let meta_only = json!({"_meta": {"progressToken": 7}});
+        assert_eq!(fingerprint("t", None), fingerprint("t", empty.as_object()));
+        assert_eq!(
+            fingerprint("t", None),
+            fingerprint("t", meta_only.as_object())
+        );
+        assert_ne!(
+            fingerprint("t", None),
+            fingerprint("t", json!({"a": null}).as_object())
+        );
+    }
 
     #[test]
     fn long_arguments_spill_to_the_streaming_hasher_with_the_same_definition() {

@@ -67,7 +67,8 @@ pub use rejection::{
     RetryBudgetExhausted,
 };
 pub use request::{
-    call_fingerprint, tool_result, Attempt, McpRequest, McpResponse, SessionKey, TOOLS_CALL,
+    call_fingerprint, tool_result, Attempt, McpRequest, McpResponse, SessionKey, ToolResultStatus,
+    TOOLS_CALL,
 };
 
 /// The error type of every toolwarden service, as in tower.

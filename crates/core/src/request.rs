@@ -156,6 +156,25 @@ pub struct RpcErrorRef<'a> {
     pub data: Option<&'a Value>,
 }
 
+/// What a `tools/call` result says of itself ([`McpResponse::tool_result_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ToolResultStatus {
+    /// `resultType: "input_required"` (2026-07-28): the server asks for more
+    /// input; not a failure.
+    InputRequired,
+    /// `isError: true` with a sealed
+    /// [`REJECTED_META_KEY`](crate::classify::REJECTED_META_KEY) mark: a
+    /// toolwarden refusal rendered as a result by a layer below.
+    Rejected,
+    /// `isError: true`.
+    Error,
+    /// No content, or content that is only `null`, `{}`, `[]` or whitespace,
+    /// and no structured content ([`McpResponse::is_empty_tool_result`]).
+    Empty,
+    /// Anything else.
+    Data,
+}
+
 /// A read view of an MCP response, plus the few edits the layers make
 /// (building a tool result from a rejection, marking a cached result stale).
 pub trait McpResponse {
@@ -172,6 +191,35 @@ pub trait McpResponse {
     /// Whether the result asks for more input (2026-07-28
     /// `resultType: "input_required"`); that is not a failure.
     fn is_input_required(&self) -> bool;
+
+    /// A member of the result's `_meta` object.
+    fn result_meta(&self, key: &str) -> Option<&Value>;
+
+    /// The questions above in one answer, in the order the classifier
+    /// asks them: input required, else a tool error (a rendered refusal
+    /// when it carries a sealed
+    /// [`REJECTED_META_KEY`](crate::classify::REJECTED_META_KEY) mark), else
+    /// empty, else a result with data ([`ToolResultStatus::Data`], also for
+    /// a JSON-RPC error). The default asks the methods one by one; a type
+    /// that can answer in one pass over the result overrides it (the
+    /// JSON-RPC response does: one walk over the result's members instead
+    /// of several map lookups).
+    fn tool_result_status(&self) -> ToolResultStatus {
+        if self.is_input_required() {
+            ToolResultStatus::InputRequired
+        } else if self.is_tool_error() {
+            match self.result_meta(crate::classify::REJECTED_META_KEY) {
+                Some(mark) if crate::classify::is_sealed_rejection(mark) => {
+                    ToolResultStatus::Rejected
+                }
+                _ => ToolResultStatus::Error,
+            }
+        } else if self.is_empty_tool_result() {
+            ToolResultStatus::Empty
+        } else {
+            ToolResultStatus::Data
+        }
+    }
 
     /// The text of the first text content item, used to classify tool errors.
     fn first_text(&self) -> Option<Cow<'_, str>>;
@@ -219,8 +267,18 @@ impl McpResponse for jsonrpc::Response {
             .is_ok_and(|r| r.get("resultType").and_then(Value::as_str) == Some("input_required"))
     }
 
+    fn tool_result_status(&self) -> ToolResultStatus {
+        self.payload
+            .as_ref()
+            .map_or(ToolResultStatus::Data, tool_result::status)
+    }
+
     fn first_text(&self) -> Option<Cow<'_, str>> {
         tool_result::first_text(self.payload.as_ref().ok()?).map(Cow::Borrowed)
+    }
+
+    fn result_meta(&self, key: &str) -> Option<&Value> {
+        self.payload.as_ref().ok()?.get("_meta")?.get(key)
     }
 
     fn from_tool_result(id: Option<&Id>, result: Value) -> Self {
@@ -255,6 +313,8 @@ impl McpResponse for jsonrpc::Response {
 pub mod tool_result {
     use serde_json::{json, Map, Value};
 
+    use super::ToolResultStatus;
+
     /// Whether `result` has `isError: true`.
     pub fn is_error(result: Option<&Value>) -> bool {
         result
@@ -269,13 +329,53 @@ pub mod tool_result {
         let Some(obj) = result.as_object() else {
             return is_blank_value(result);
         };
-        if obj
-            .get("structuredContent")
-            .is_some_and(|s| !is_blank_value(s))
-        {
+        is_empty_parts(obj.get("content"), obj.get("structuredContent"))
+    }
+
+    /// [`McpResponse::tool_result_status`](super::McpResponse::tool_result_status)
+    /// of a result held as JSON, in one walk over its members.
+    pub fn status(result: &Value) -> ToolResultStatus {
+        let Some(obj) = result.as_object() else {
+            return if is_blank_value(result) {
+                ToolResultStatus::Empty
+            } else {
+                ToolResultStatus::Data
+            };
+        };
+        let (mut error, mut content, mut structured, mut meta) = (false, None, None, None);
+        for (key, value) in obj {
+            match key.as_str() {
+                "resultType" if value.as_str() == Some("input_required") => {
+                    return ToolResultStatus::InputRequired;
+                }
+                "isError" => error = value.as_bool() == Some(true),
+                "content" => content = Some(value),
+                "structuredContent" => structured = Some(value),
+                "_meta" => meta = Some(value),
+                _ => {}
+            }
+        }
+        if error {
+            match meta.and_then(|m| m.get(crate::classify::REJECTED_META_KEY)) {
+                Some(mark) if crate::classify::is_sealed_rejection(mark) => {
+                    ToolResultStatus::Rejected
+                }
+                _ => ToolResultStatus::Error,
+            }
+        } else if is_empty_parts(content, structured) {
+            ToolResultStatus::Empty
+        } else {
+            ToolResultStatus::Data
+        }
+    }
+
+    /// Whether a result with these `content` and `structuredContent` members
+    /// is empty (see [`is_empty`]).
+    fn is_empty_parts(content: Option<&Value>, structured: Option<&Value>) -> bool {
+        if structured.is_some_and(|s| !is_blank_value(s)) {
             return false;
         }
-        match obj.get("content") {
+        match content {
             None => true,
             Some(Value::Array(items)) => {
                 items
@@ -360,7 +460,8 @@ pub mod tool_result {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use proptest::prelude::*;
+    use serde_json::{json, Map};
 
     #[test]
     fn reads_a_tool_call() {
@@ -420,6 +521,121 @@ mod tests {
         ] {
             assert!(!tool_result::is_empty(&full), "{full}");
         }
+    }
+
+    /// Tool-result-like JSON: the members the status reads, with values of
+    /// every shape that matters (blank and non-blank texts, other item
+    /// types, non-boolean `isError`), extra members, and non-objects.
+    fn result_like() -> impl Strategy<Value = Value> {
+        let text = prop_oneof![
+            Just(""),
+            Just("  "),
+            Just("null"),
+            Just("{}"),
+            Just("[]"),
+            Just("0"),
+            Just("3 results"),
+        ];
+        let item = prop_oneof![
+            text.clone()
+                .prop_map(|t| json!({"type": "text", "text": t})),
+            Just(json!({"type": "text"})),
+            Just(json!({"type": "text", "text": 5})),
+            Just(json!({"type": "image", "data": "", "mimeType": "image/png"})),
+            Just(json!({"text": "x"})),
+            Just(json!({})),
+            Just(json!(null)),
+            Just(json!([])),
+            text.clone().prop_map(|t| json!(t)),
+        ];
+        let blankish = prop_oneof![
+            Just(json!(null)),
+            Just(json!({})),
+            Just(json!([])),
+            Just(json!("")),
+            Just(json!({"a": 1})),
+            Just(json!([0])),
+            Just(json!(7)),
+            Just(json!(" x ")),
+        ];
+        let content = prop_oneof![
+            proptest::collection::vec(item, 0..4).prop_map(Value::Array),
+            blankish.clone(),
+        ];
+        let result_type = prop_oneof![
+            Just(json!("input_required")),
+            Just(json!("complete")),
+            Just(json!(1)),
+        ];
+        let is_error = prop_oneof![
+            Just(json!(true)),
+            Just(json!(false)),
+            Just(json!("true")),
+            Just(json!(null)),
+        ];
+        let object = (
+            proptest::option::of(content),
+            proptest::option::of(blankish.clone()),
+            proptest::option::of(result_type),
+            proptest::option::of(is_error),
+            proptest::option::of(blankish.clone()),
+        )
+            .prop_map(|(content, structured, result_type, is_error, extra)| {
+                let mut m = Map::new();
+                for (k, v) in [
+                    ("content", content),
+                    ("structuredContent", structured),
+                    ("resultType", result_type),
+                    ("isError", is_error),
+                    ("_meta", extra),
+                ] {
+                    if let Some(v) = v {
+                        m.insert(k.to_owned(), v);
+                    }
+                }
+                Value::Object(m)
+            });
+        prop_oneof![4 => object, 1 => blankish]
+    }
+
+    proptest! {
+        /// The one-pass status of a JSON-RPC response gives the answer of
+        /// the three per-question methods it replaces in the classifier.
+        #[test]
+        fn the_one_pass_status_agrees_with_the_three_questions(result in result_like()) {
+            let response = jsonrpc::Response::result(Id::Number(1), result.clone());
+            let asked = if response.is_input_required() {
+                ToolResultStatus::InputRequired
+            } else if response.is_tool_error() {
+                ToolResultStatus::Error
+            } else if response.is_empty_tool_result() {
+                ToolResultStatus::Empty
+            } else {
+                ToolResultStatus::Data
+            };
+            prop_assert_eq!(response.tool_result_status(), asked, "{}", result);
+        }
+    }
+
+    #[test]
+    fn status_of_typical_results() {
+        let status = |v: Value| jsonrpc::Response::result(Id::Number(1), v).tool_result_status();
+        assert_eq!(
+            status(json!({"content": [{"type": "text", "text": "ok"}], "isError": false})),
+            ToolResultStatus::Data
+        );
+        assert_eq!(
+            status(json!({"content": [{"type": "text", "text": "no"}], "isError": true})),
+            ToolResultStatus::Error
+        );
+        assert_eq!(status(json!({"content": []})), ToolResultStatus::Empty);
+        assert_eq!(
+            status(json!({"resultType": "input_required", "isError": true})),
+            ToolResultStatus::InputRequired
+        );
+        let error =
+            jsonrpc::Response::error(Id::Number(1), jsonrpc::ErrorObject::new(-32603, "internal"));
+        assert_eq!(error.tool_result_status(), ToolResultStatus::Data);
     }
 
     #[test]

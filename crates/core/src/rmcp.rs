@@ -129,6 +129,10 @@ impl McpResponse for ServerResult {
             .find_map(|b| b.as_text().map(|t| Cow::Borrowed(t.text.as_str())))
     }
 
+    fn result_meta(&self, key: &str) -> Option<&Value> {
+        call_result(self)?.meta.as_ref()?.0.get(key)
+    }
+
     fn from_tool_result(_id: Option<&Id>, result: Value) -> Self {
         match serde_json::from_value::<CallToolResult>(result.clone()) {
             Ok(r) => ServerResult::CallToolResult(r),

@@ -324,3 +324,171 @@ fn unknown_errors_are_server_failures() {
     assert_eq!(o.class, Some(FailureClass::Server));
     assert!(o.is_counted_failure());
 }
+
+// Issue 15, scenario 1: a server's retry hint must never panic a layer.
+// `Duration::from_secs_f64(1e20)` panics; every hint is clamped to an hour.
+#[test]
+fn regression_15_1_huge_retry_hints_are_clamped_not_a_panic() {
+    let hour = Some(Duration::from_secs(3600));
+    for data in [
+        json!({"retryAfter": 1e20}),
+        json!({"retryAfterMs": 1e23}),
+        json!({"retry_after": 1.7e308}),
+        json!(1e300),
+        json!({"retryAfter": u64::MAX}),
+    ] {
+        let o = rpc(-32023, "rate limited", Some(data.clone()));
+        assert_eq!(o.retry_after, hour, "{data}");
+        assert_eq!(o.class, Some(FailureClass::Transient));
+    }
+    for data in [
+        json!({"retryAfter": -5}),
+        json!({"retryAfter": "NaN"}),
+        json!({"retryAfter": null}),
+        json!({"retryAfterMs": "soon"}),
+        json!("1e20"),
+    ] {
+        assert_eq!(
+            rpc(-32023, "rate limited", Some(data.clone())).retry_after,
+            None,
+            "{data}"
+        );
+    }
+    // Within the bound, hints are read as they are.
+    let o = rpc(-32023, "x", Some(json!({"retryAfterMs": 1500})));
+    assert_eq!(o.retry_after, Some(Duration::from_millis(1500)));
+    // A classifier with another bound applies it.
+    let short = McpClassifier::new().max_retry_after(Duration::from_secs(10));
+    let mut e = ErrorObject::new(-32023, "x");
+    e.data = Some(json!({"retryAfter": 60}));
+    let resp = Response::error(Id::Number(1), e);
+    assert_eq!(
+        short
+            .classify_response(CallKind::ToolCall, &resp)
+            .retry_after,
+        Some(Duration::from_secs(10))
+    );
+}
+
+#[test]
+fn hints_in_tool_error_texts_are_read_and_clamped() {
+    let cases = [
+        ("Rate limit exceeded; retry after 30 s", Some(30_000)),
+        ("Too many requests. Retry-After: 2", Some(2_000)),
+        ("service unavailable, try again in 5 minutes", Some(300_000)),
+        ("throttled: retry in 250 ms", Some(250)),
+        (
+            "rate limited, retry after 99999999999999999999999 hours",
+            Some(3_600_000),
+        ),
+        ("rate limited, retry after soon", None),
+        ("rate limited", None),
+    ];
+    for (text, millis) in cases {
+        let o = tool(is_error_text(text));
+        assert_eq!(o.retry_after, millis.map(Duration::from_millis), "{text}");
+    }
+}
+
+#[test]
+fn http_retry_after_headers_read_seconds_and_dates() {
+    use std::time::SystemTime;
+    use toolwarden_core::classify::retry_after_from_header;
+    let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    assert_eq!(
+        retry_after_from_header(" 120 ", now),
+        Some(Duration::from_secs(120))
+    );
+    assert_eq!(
+        retry_after_from_header("Tue, 14 Nov 2023 22:13:21 GMT", now),
+        Some(Duration::from_secs(1))
+    );
+    // A date in the past is no wait; a date far ahead is clamped.
+    assert_eq!(
+        retry_after_from_header("Mon, 13 Nov 2023 00:00:00 GMT", now),
+        Some(Duration::ZERO)
+    );
+    assert_eq!(
+        retry_after_from_header("Fri, 31 Dec 9999 23:59:59 GMT", now),
+        Some(Duration::from_secs(3600))
+    );
+    for junk in [
+        "",
+        "-1",
+        "1.5",
+        "NaN",
+        "tomorrow",
+        "99999999999999999999999",
+    ] {
+        let parsed = retry_after_from_header(junk, now);
+        assert!(
+            parsed.is_none() || parsed == Some(Duration::from_secs(3600)),
+            "{junk:?} -> {parsed:?}"
+        );
+    }
+    // The classifier clamps a hint an HTTP transport passed on.
+    let o = err(Box::new(HttpStatusError {
+        status: 429,
+        retry_after: Some(Duration::MAX),
+    }));
+    assert_eq!(o.retry_after, Some(Duration::from_secs(3600)));
+}
+
+// Issue 15, scenario 6: a client error that mentions a transient word is
+// still a client error; the phrase that comes first decides.
+#[test]
+fn regression_15_6_client_phrases_win_over_transient_words_they_quote() {
+    for text in [
+        "Invalid input: timeout must be between 1 and 60",
+        "Missing required argument: timeout_ms",
+        "File not found: /var/log/timeout.log",
+        "Validation failed: field `retry_after` is not a rate limit",
+    ] {
+        assert_eq!(
+            tool(is_error_text(text)).class,
+            Some(FailureClass::Client),
+            "{text}"
+        );
+    }
+    for text in [
+        "Request timed out while looking for the index (not found in cache)",
+        "Rate limit exceeded: invalid to call again within 60 s",
+    ] {
+        assert_eq!(
+            tool(is_error_text(text)).class,
+            Some(FailureClass::Transient),
+            "{text}"
+        );
+    }
+}
+
+/// A refusal rendered by a layer (the fallback cache's degraded answer) stays
+/// a refusal for the layers above it; a server cannot forge the mark.
+#[test]
+fn rendered_refusals_are_rejections_and_forged_marks_are_not() {
+    use toolwarden_core::classify::REJECTED_META_KEY;
+    use toolwarden_core::FailureReport;
+    let refusal = RateLimited::new("lookup", Duration::from_secs(61));
+    let rendered = FailureReport::from_error("lookup", &refusal).to_tool_result();
+    let o = tool(rendered.clone());
+    assert_eq!(o.kind, OutcomeKind::Rejected);
+    assert!(!o.is_counted_failure());
+    assert_eq!(o.retry_after, Some(Duration::from_secs(61)));
+
+    // The same shape from a server, without this process's seal: a tool error.
+    let mut forged = rendered.clone();
+    forged["_meta"][REJECTED_META_KEY]["seal"] = json!("0000000000000000");
+    assert_eq!(tool(forged).kind, OutcomeKind::ToolError);
+    let mut unsealed = rendered;
+    unsealed["_meta"][REJECTED_META_KEY]
+        .as_object_mut()
+        .unwrap()
+        .remove("seal");
+    assert_eq!(tool(unsealed).kind, OutcomeKind::ToolError);
+
+    // A plain failure rendered the same way carries no mark.
+    let plain =
+        FailureReport::from_error("lookup", &ErrorObject::new(-32603, "boom")).to_tool_result();
+    assert!(plain.get("_meta").is_none());
+    assert_eq!(tool(plain).kind, OutcomeKind::ToolError);
+}

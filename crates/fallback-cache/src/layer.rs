@@ -6,7 +6,7 @@ use std::time::Duration;
 use toolwarden_core::{Circuits, ConfigError, Events, McpClassifier, ToolCatalog};
 use tower_layer::Layer;
 
-use crate::service::FallbackCache;
+use crate::service::{FallbackCache, Shared};
 
 /// Default [`FallbackCacheBuilder::max_staleness`]: 5 minutes.
 pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(300);
@@ -18,6 +18,9 @@ pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_ALTERNATIVES: usize = 3;
 /// The smallest [`FallbackCacheBuilder::max_bytes`] accepted.
 pub const MIN_MAX_BYTES: usize = 1024;
+/// The largest [`FallbackCacheBuilder::max_entries`] accepted: 16 Mi entries
+/// (the cache sizes its tables from it when built).
+pub const MAX_MAX_ENTRIES: usize = 1 << 24;
 
 /// The validated configuration every service built by one layer shares.
 #[derive(Debug)]
@@ -38,11 +41,13 @@ pub(crate) struct Config {
 /// when the call fails, and otherwise turns the failure into a structured
 /// `isError` result with alternatives. See the [crate docs](crate).
 ///
-/// Holds configuration only; each service it builds has its own cache,
-/// shared by that service's clones. Built with [`FallbackCacheLayer::builder`].
+/// Holds the configuration and the cache: every service it builds, and
+/// every service a clone of it builds, shares one cache (as a stack built
+/// once and layered over one service per connection expects). Built with
+/// [`FallbackCacheLayer::builder`].
 #[derive(Debug, Clone)]
 pub struct FallbackCacheLayer<C = McpClassifier> {
-    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared>,
     pub(crate) classifier: C,
 }
 
@@ -70,7 +75,12 @@ impl FallbackCacheLayer {
 impl<C> FallbackCacheLayer<C> {
     /// The catalog the layer reads.
     pub fn catalog(&self) -> &ToolCatalog {
-        &self.config.catalog
+        &self.shared.config.catalog
+    }
+
+    /// How many results the cache shared by this layer's services holds now.
+    pub fn cached_results(&self) -> usize {
+        self.shared.cache.len()
     }
 }
 
@@ -136,8 +146,8 @@ impl<C> FallbackCacheBuilder<C> {
         self
     }
 
-    /// The most results kept. Must be at least 1. Default:
-    /// [`DEFAULT_MAX_ENTRIES`] (4096).
+    /// The most results kept. Must be between 1 and [`MAX_MAX_ENTRIES`].
+    /// Default: [`DEFAULT_MAX_ENTRIES`] (4096).
     pub fn max_entries(mut self, max_entries: usize) -> Self {
         self.max_entries = max_entries;
         self
@@ -217,7 +227,9 @@ impl<C> FallbackCacheBuilder<C> {
     ///
     /// A [`ConfigError`] naming the field: `max_staleness` zero, `fresh_ttl`
     /// zero, `fresh_ttl, max_staleness` when the first exceeds the second,
-    /// `max_entries` zero, `max_bytes` under [`MIN_MAX_BYTES`].
+    /// `max_entries` zero or over [`MAX_MAX_ENTRIES`], `max_bytes` under
+    /// [`MIN_MAX_BYTES`]. Any `Duration` is accepted where it is not refused
+    /// here (ages are compared, never added to an instant).
     pub fn build(self) -> Result<FallbackCacheLayer<C>, ConfigError> {
         if self.max_staleness.is_zero() {
             return Err(ConfigError::new(
@@ -242,8 +254,11 @@ impl<C> FallbackCacheBuilder<C> {
                 ));
             }
         }
-        if self.max_entries == 0 {
-            return Err(ConfigError::new("max_entries", "must be at least 1"));
+        if self.max_entries == 0 || self.max_entries > MAX_MAX_ENTRIES {
+            return Err(ConfigError::new(
+                "max_entries",
+                format!("must be between 1 and {MAX_MAX_ENTRIES}"),
+            ));
         }
         if self.max_bytes < MIN_MAX_BYTES {
             return Err(ConfigError::new(
@@ -252,7 +267,7 @@ impl<C> FallbackCacheBuilder<C> {
             ));
         }
         Ok(FallbackCacheLayer {
-            config: Arc::new(Config {
+            shared: Arc::new(Shared::new(Config {
                 catalog: self.catalog,
                 circuits: self.circuits,
                 events: self.events,
@@ -263,7 +278,7 @@ impl<C> FallbackCacheBuilder<C> {
                 stale_note: self.stale_note,
                 degrade: self.degrade,
                 alternatives: self.alternatives,
-            }),
+            })),
             classifier: self.classifier,
         })
     }
@@ -280,7 +295,7 @@ mod tests {
     #[test]
     fn defaults_build() {
         let layer = builder().build().unwrap();
-        let c = &layer.config;
+        let c = &layer.shared.config;
         assert_eq!(c.max_staleness, DEFAULT_MAX_STALENESS);
         assert_eq!(c.fresh_ttl, None);
         assert_eq!(
@@ -302,6 +317,7 @@ mod tests {
                 "fresh_ttl, max_staleness",
             ),
             (builder().max_entries(0), "max_entries"),
+            (builder().max_entries(usize::MAX), "max_entries"),
             (builder().max_bytes(MIN_MAX_BYTES - 1), "max_bytes"),
         ];
         for (b, field) in cases {

@@ -139,7 +139,7 @@ pub use fallback::{DEGRADED_META_KEY, STALE_META_KEY};
 pub use future::ResponseFuture;
 pub use layer::{
     FallbackCacheBuilder, FallbackCacheLayer, DEFAULT_ALTERNATIVES, DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_ENTRIES, DEFAULT_MAX_STALENESS, MIN_MAX_BYTES,
+    DEFAULT_MAX_ENTRIES, DEFAULT_MAX_STALENESS, MAX_MAX_ENTRIES, MIN_MAX_BYTES,
 };
 pub use rank::AlternativeRanker;
 pub use service::FallbackCache;

@@ -15,7 +15,7 @@ use crate::future::ResponseFuture;
 use crate::layer::{Config, FallbackCacheLayer};
 use crate::rank::AlternativeRanker;
 
-/// What the services built by one `layer` call (and their clones) share.
+/// What every service built from one layer (and its clones) shares.
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) cache: ResultCache,
@@ -31,6 +31,20 @@ pub(crate) struct VersionedRanker {
 }
 
 impl Shared {
+    /// An empty cache and no index yet, for `config`.
+    pub(crate) fn new(config: Config) -> Self {
+        let cache = ResultCache::new(
+            u64::try_from(config.max_entries).unwrap_or(u64::MAX),
+            u64::try_from(config.max_bytes).unwrap_or(u64::MAX),
+            config.max_staleness,
+        );
+        Shared {
+            config: Arc::new(config),
+            cache,
+            ranker: ArcSwapOption::empty(),
+        }
+    }
+
     /// The ranker for the catalog as it is now. Built on first use and after
     /// each catalog change, on the failure path only; two failures racing
     /// on a change may both build it, which is harmless.
@@ -63,7 +77,7 @@ impl fmt::Debug for Shared {
 /// structured `isError` result with alternatives. Built by
 /// [`FallbackCacheLayer`]; see the [crate docs](crate) for the rules.
 ///
-/// Clones share one cache.
+/// Every service built from one layer, and every clone, shares one cache.
 #[derive(Debug, Clone)]
 pub struct FallbackCache<S, C = McpClassifier> {
     inner: S,
@@ -72,21 +86,13 @@ pub struct FallbackCache<S, C = McpClassifier> {
 }
 
 impl<S, C: Clone> FallbackCache<S, C> {
-    /// Wraps `inner` with the configuration of `layer` and a new, empty cache.
+    /// Wraps `inner` with the configuration of `layer` and the cache it
+    /// holds: every service built from one layer (and from its clones)
+    /// shares one cache.
     pub fn new(inner: S, layer: &FallbackCacheLayer<C>) -> Self {
-        let config = Arc::clone(&layer.config);
-        let cache = ResultCache::new(
-            u64::try_from(config.max_entries).unwrap_or(u64::MAX),
-            u64::try_from(config.max_bytes).unwrap_or(u64::MAX),
-            config.max_staleness,
-        );
         FallbackCache {
             inner,
-            shared: Arc::new(Shared {
-                config,
-                cache,
-                ranker: ArcSwapOption::empty(),
-            }),
+            shared: Arc::clone(&layer.shared),
             classifier: layer.classifier.clone(),
         }
     }

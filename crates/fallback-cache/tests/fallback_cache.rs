@@ -168,7 +168,9 @@ async fn a_destructive_tool_result_is_never_stored() {
     h.open.open("delete_file");
     let answer = call(&mut h.svc, 3, "delete_file", args).await.unwrap();
     assert!(answer.is_tool_error(), "degraded, not served from a cache");
-    assert!(result(&answer).get("_meta").is_none());
+    assert!(result(&answer)
+        .pointer("/_meta/toolwarden~1stale")
+        .is_none());
     assert_eq!(facts(&answer)["tool"], "delete_file");
     assert_eq!(
         h.recorder.seen(),
@@ -357,7 +359,9 @@ async fn client_errors_reach_the_model_without_stale_or_alternatives() {
         ["invalid arguments: limit must be a number"],
         "unchanged"
     );
-    assert!(result(&answer).get("_meta").is_none());
+    assert!(result(&answer)
+        .pointer("/_meta/toolwarden~1stale")
+        .is_none());
 
     // A JSON-RPC client error becomes a readable isError result, no alternatives.
     h.mock.push(
@@ -427,7 +431,9 @@ async fn a_loop_detected_below_is_never_answered_stale() {
     assert!(answer.is_tool_error());
     assert_eq!(facts(&answer)["layer"], "loop_guard");
     assert!(texts(&answer)[0].contains("change approach"));
-    assert!(result(&answer).get("_meta").is_none());
+    assert!(result(&answer)
+        .pointer("/_meta/toolwarden~1stale")
+        .is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -528,7 +534,9 @@ async fn continuations_are_never_stored_nor_served() {
         .await
         .unwrap();
     assert!(answer.is_tool_error());
-    assert!(result(&answer).get("_meta").is_none());
+    assert!(result(&answer)
+        .pointer("/_meta/toolwarden~1stale")
+        .is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -938,7 +946,9 @@ async fn over_the_real_breaker_past_max_staleness_alternatives_skip_open_circuit
         .unwrap();
     assert!(answer.is_tool_error());
     assert!(
-        result(&answer).get("_meta").is_none(),
+        result(&answer)
+            .pointer("/_meta/toolwarden~1stale")
+            .is_none(),
         "nothing stale served"
     );
     let refused = facts(&answer);
@@ -1002,4 +1012,61 @@ async fn the_fingerprint_is_computed_once_and_shared_with_the_layers_below() {
         .insert(fingerprint("search_docs", args.as_object()));
     let stale = h.svc.ready().await.unwrap().call(request).await.unwrap();
     assert_eq!(result(&stale)["_meta"][STALE_META_KEY]["stale"], true);
+}
+
+// Issue 15, scenario 5: every service built from one layer (and from a clone
+// of it) shares one cache, as a stack layered over one service per
+// connection expects. Before, each `layer()` call made a fresh cache.
+#[tokio::test(start_paused = true)]
+async fn regression_15_5_services_from_one_layer_share_one_cache() {
+    let mock = server();
+    let open = OpenCircuits::default();
+    let layer = FallbackCacheLayer::builder(fixture_catalog())
+        .circuits(open.circuits())
+        .build()
+        .unwrap();
+    let mut first = layer.layer(BreakerStandIn::new(
+        ReadyChecked::new(mock.clone()),
+        open.clone(),
+    ));
+    let mut second = layer.clone().layer(BreakerStandIn::new(
+        ReadyChecked::new(mock.clone()),
+        open.clone(),
+    ));
+    mock.push(
+        "search_docs",
+        [Step::ok("tokio::time::timeout wraps a future")],
+    );
+    call(&mut first, 1, "search_docs", docs_query())
+        .await
+        .unwrap();
+    assert_eq!(first.cached_results(), 1);
+    assert_eq!(second.cached_results(), 1, "one cache for both services");
+
+    open.open("search_docs");
+    let stale = call(&mut second, 2, "search_docs", docs_query())
+        .await
+        .unwrap();
+    assert_eq!(
+        result(&stale)["_meta"][STALE_META_KEY]["stale"],
+        true,
+        "the other connection's service serves the result the first stored"
+    );
+}
+
+// The design's promise: a refusal rendered by the fallback cache stays a
+// refusal for the layers above it (loop guard, observability).
+#[tokio::test(start_paused = true)]
+async fn a_degraded_refusal_is_still_classified_as_a_rejection() {
+    use toolwarden_core::{CallKind, Classify, McpClassifier, OutcomeKind};
+    let mut h = harness(|b| b);
+    h.open.open("search_docs");
+    let answer = call(&mut h.svc, 1, "search_docs", docs_query())
+        .await
+        .unwrap();
+    assert!(answer.is_tool_error());
+    let outcome = McpClassifier::new().classify_response(CallKind::ToolCall, &answer);
+    assert_eq!(outcome.kind, OutcomeKind::Rejected);
+    assert!(!outcome.is_counted_failure());
+    assert!(outcome.retry_after.is_some());
 }
