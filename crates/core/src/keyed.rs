@@ -286,7 +286,7 @@ impl<V> KeyedState<V> {
         };
         let now_ms = inner.epoch.elapsed().as_millis() as u64;
         let last = inner.last_sweep_ms.load(Ordering::Acquire);
-        if now_ms.saturating_sub(last) < idle.as_millis() as u64 {
+        if now_ms.saturating_sub(last) < u64::try_from(idle.as_millis()).unwrap_or(u64::MAX) {
             return;
         }
         if inner

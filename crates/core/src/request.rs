@@ -35,6 +35,12 @@ pub trait McpRequest {
         None
     }
 
+    /// Gives the request another JSON-RPC id (the retry layer gives each
+    /// attempt its own: MCP forbids reusing an id within a session). Types
+    /// without ids, whose transport numbers requests itself (rmcp's
+    /// `ClientRequest`), ignore it.
+    fn set_request_id(&mut self, _id: Id) {}
+
     /// The session or principal this request belongs to; usually the
     /// [`SessionKey`] extension a transport or the proxy inserted.
     fn session_key(&self) -> Option<&str>;
@@ -130,6 +136,10 @@ impl McpRequest for jsonrpc::Request {
 
     fn request_id(&self) -> Option<&Id> {
         Some(&self.id)
+    }
+
+    fn set_request_id(&mut self, id: Id) {
+        self.id = id;
     }
 
     fn session_key(&self) -> Option<&str> {

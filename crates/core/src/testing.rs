@@ -298,3 +298,101 @@ where
         self.inner.call(req)
     }
 }
+
+/// Runs every classification entry point of this crate on `value`, an
+/// arbitrary JSON value standing for anything a server may send, and
+/// panics when an invariant breaks. The classification fuzz target and
+/// its CI proptest both call this, so they check the same things:
+///
+/// - nothing panics (the value as a result, as error `data`, as an error
+///   code, as `isError` text, as a `Retry-After` header, as a whole
+///   JSON-RPC message, as arguments to fingerprint);
+/// - every retry-after hint is at most
+///   [`DEFAULT_MAX_RETRY_AFTER`](crate::classify::DEFAULT_MAX_RETRY_AFTER);
+/// - a success has no failure class and a failure has one;
+/// - nothing a server sends is taken for a toolwarden refusal (it cannot
+///   know the process's seal).
+pub fn check_classification(value: &Value) {
+    use crate::classify::{
+        classify_error_text, classify_rpc_error, retry_after_from_data, retry_after_from_header,
+        CallKind, Classify, McpClassifier, Outcome, OutcomeKind, DEFAULT_MAX_RETRY_AFTER,
+    };
+    use crate::jsonrpc::{Id, Message};
+    use crate::request::{tool_result, McpResponse};
+
+    let check = |what: &str, outcome: Outcome| {
+        assert!(
+            outcome
+                .retry_after
+                .is_none_or(|d| d <= DEFAULT_MAX_RETRY_AFTER),
+            "{what}: hint {:?} past the bound",
+            outcome.retry_after
+        );
+        assert_eq!(
+            outcome.is_success(),
+            outcome.class.is_none(),
+            "{what}: success and class disagree: {outcome:?}"
+        );
+        assert_ne!(
+            outcome.kind,
+            OutcomeKind::Rejected,
+            "{what}: a server's answer taken for our refusal"
+        );
+    };
+    let classifier = McpClassifier::new();
+
+    // As the result of a tools/call and of any other request.
+    let response = Response::result(Id::Number(1), value.clone());
+    for kind in [CallKind::ToolCall, CallKind::Other] {
+        check("result", classifier.classify_response(kind, &response));
+    }
+    let _ = (
+        response.is_tool_error(),
+        response.is_empty_tool_result(),
+        response.is_input_required(),
+        response.first_text(),
+        response.size_hint(),
+        tool_result::status(value),
+    );
+
+    // As a JSON-RPC error: the value as `data`, and as the error object.
+    let code = value.get("code").and_then(Value::as_i64).unwrap_or(-32023);
+    let mut error = ErrorObject::new(code, "fuzz");
+    error.data = Some(value.clone());
+    check("rpc data", classify_rpc_error(code, Some(value)));
+    check(
+        "rpc response",
+        classifier.classify_response(
+            CallKind::ToolCall,
+            &Response::error(Id::Number(1), error.clone()),
+        ),
+    );
+    check(
+        "rpc error",
+        <McpClassifier as Classify<Response>>::classify_error(&classifier, &error),
+    );
+    assert!(retry_after_from_data(value).is_none_or(|d| d <= DEFAULT_MAX_RETRY_AFTER));
+
+    // As text: of an `isError` result, and of a `Retry-After` header.
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    check("error text", classify_error_text(&text));
+    let now = std::time::SystemTime::now();
+    assert!(retry_after_from_header(&text, now).is_none_or(|d| d <= DEFAULT_MAX_RETRY_AFTER));
+
+    // As a whole message, and as arguments.
+    let _ = Message::from_value(value.clone());
+    let _ = crate::fingerprint::fingerprint_value("fuzz", value);
+    let _ = crate::fingerprint::fingerprint("fuzz", value.as_object());
+
+    // Through rmcp's types, where the value deserialises into one.
+    #[cfg(feature = "rmcp")]
+    if let Ok(result) = serde_json::from_value::<rmcp::model::ServerResult>(value.clone()) {
+        check(
+            "rmcp result",
+            classifier.classify_response(CallKind::ToolCall, &result),
+        );
+    }
+}

@@ -208,7 +208,7 @@ impl StateSync for RedisBreakerSync {
         let until = match transition.state {
             CircuitState::Open | CircuitState::ForcedOpen => {
                 let retry_after = transition.retry_after.unwrap_or(Duration::from_secs(1));
-                now_ms() + retry_after.as_millis() as u64
+                now_ms().saturating_add(u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX))
             }
             CircuitState::Closed => 0,
             // Half-open is not shared; manual states other than forced open are local.

@@ -47,15 +47,16 @@ const RETRY: i64 = 1000;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BudgetConfig {
     /// Retries allowed per request, over the window: `0.2` lets one request
-    /// in five be retried once. Between 0 and 10, resolution 0.001.
-    /// Default `0.2`.
+    /// in five be retried once. Between 0 and 10, resolution 0.001 (NaN,
+    /// infinities, negatives, and positive ratios that round to 0 at that
+    /// resolution are refused, naming `ratio`). Default `0.2`.
     pub ratio: f64,
     /// Retries allowed per second of the window regardless of traffic, so
     /// that a client with few requests can still retry. At most 1 000 000.
     /// Default `10`.
     pub min_per_sec: u32,
-    /// How long a request (or a retry) counts. Between 1 s and 1 h.
-    /// Default 10 s.
+    /// How long a request (or a retry) counts. Between 1 s and 1 h (else
+    /// refused, naming `ttl`). Default 10 s.
     pub ttl: Duration,
 }
 

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::time::{sleep_until, Instant, Sleep};
-use toolwarden_core::{Attempt, BoxError, CallKind, Classify, Event, McpRequest};
+use toolwarden_core::classify::CallTimedOut;
+use toolwarden_core::{Attempt, BoxError, CallKind, Classify, Event, McpRequest, McpResponse};
 use tower_service::Service;
 
+use crate::attempt_id;
 use crate::layer::{BudgetHandle, Shared};
 use crate::policy::{PolicyIndex, Verdict};
 
@@ -114,9 +116,14 @@ struct Retry<R, Resp> {
     /// The delay before the latest retry (`base_delay` before any).
     previous: Duration,
     rng: Option<fastrand::Rng>,
-    /// The latest failed attempt's result, returned if the deadline cuts
-    /// the next attempt short.
+    /// The latest failed attempt's result, returned if the deadline passes
+    /// before the next attempt is made.
     last: Option<Result<Resp, BoxError>>,
+    /// Whether `last` is known never to have reached the tool: a failure
+    /// before sending, or a refusal by a layer below.
+    last_never_sent: bool,
+    /// Whether any failed attempt so far may have reached the tool.
+    reached: bool,
 }
 
 impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
@@ -145,6 +152,11 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         if outcome.is_success() {
             return None;
         }
+        // Noted before any verdict: if the deadline ends the call after this
+        // attempt, it must not report a call that reached the tool as one
+        // that never did.
+        self.last_never_sent = outcome.before_sent || outcome.is_rejection();
+        self.reached |= !self.last_never_sent;
         let now = Instant::now();
         let remaining = self.deadline(shared).saturating_duration_since(now);
         let rng = self.rng.get_or_insert_with(|| shared.rng());
@@ -179,26 +191,59 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         Some(at)
     }
 
-    /// The next attempt's request.
+    /// The next attempt's request: a copy of the call's, carrying its
+    /// attempt number and, on a raw JSON-RPC request, its own id (see
+    /// [`attempt_id`]).
     fn next_request(&mut self) -> R {
         self.attempt += 1;
         let mut request = self.request.clone();
         request.insert_extension(Attempt(self.attempt));
+        attempt_id::reidentify(&mut request, self.attempt);
         request
+    }
+
+    /// What the call answers when the deadline passes while an attempt is
+    /// in flight (`in_flight`) or waits for the inner service's readiness.
+    ///
+    /// An attempt in flight may have reached the tool: the call fails with
+    /// [`CallTimedOut`] (a timeout, not a failure before sending), never with
+    /// the previous attempt's failure, which may say the request never left
+    /// (a connect failure, a `CircuitOpen` refusal before the probe).
+    /// Otherwise the previous failure is returned, unless it says the
+    /// request never left while an earlier attempt may have reached the
+    /// tool: then too the call timed out.
+    fn cut_at_deadline<C>(
+        &mut self,
+        shared: &Shared<C>,
+        in_flight: bool,
+    ) -> Result<Resp, BoxError> {
+        let last = self.last.take();
+        match last {
+            Some(last) if !(in_flight || self.last_never_sent && self.reached) => last,
+            _ => Err(Box::new(CallTimedOut {
+                after: shared.policy.get(self.policy).deadline,
+            })),
+        }
     }
 }
 
-/// Once the deadline has passed while a retry runs or waits for readiness:
-/// the previous attempt's result. The timer is armed only after a failed
-/// attempt was kept, so a passed deadline always has one to return.
-fn poll_deadline<R, Resp>(
+/// Once the deadline has passed while a retry runs (`in_flight`) or waits
+/// for readiness: the call's answer (see [`Retry::cut_at_deadline`]). The
+/// timer is armed only after a failed attempt was kept, so it never fires
+/// during the first attempt.
+fn poll_deadline<R, Resp, C>(
     timer: Pin<&mut Timer>,
     retry: &mut Option<Retry<R, Resp>>,
+    shared: &Shared<C>,
+    in_flight: bool,
     cx: &mut Context<'_>,
-) -> Poll<Result<Resp, BoxError>> {
+) -> Poll<Result<Resp, BoxError>>
+where
+    R: McpRequest + Clone,
+{
     if timer.poll_elapsed(cx).is_ready() {
-        if let Some(last) = retry.as_mut().and_then(|r| r.last.take()) {
-            return Poll::Ready(last);
+        if let Some(retry) = retry.as_mut() {
+            return Poll::Ready(retry.cut_at_deadline(shared, in_flight));
         }
     }
     Poll::Pending
@@ -230,6 +275,8 @@ where
                 previous: state.base_delay,
                 rng: None,
                 last: None,
+                last_never_sent: false,
+                reached: false,
             }),
         }
     }
@@ -239,6 +286,7 @@ impl<S, R, C> Future for ResponseFuture<S, R, C>
 where
     R: McpRequest + Clone,
     S: Service<R>,
+    S::Response: McpResponse,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
 {
@@ -249,15 +297,23 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
-                    let result = match future.poll(cx) {
+                    let mut result = match future.poll(cx) {
                         Poll::Ready(result) => result.map_err(Into::into),
                         // A retry still running at the deadline is dropped
-                        // (cancelled) and the previous failure returned.
-                        Poll::Pending => return poll_deadline(this.timer, this.retry, cx),
+                        // (cancelled) with the future, and the call times out.
+                        Poll::Pending => {
+                            return poll_deadline(this.timer, this.retry, this.shared, true, cx)
+                        }
                     };
                     let Some(retry) = this.retry.as_mut() else {
                         return Poll::Ready(result);
                     };
+                    if retry.attempt > 1 {
+                        // The caller gets its own id back, whatever the attempt.
+                        if let Ok(response) = &mut result {
+                            attempt_id::restore(response, &retry.request);
+                        }
+                    }
                     let Some(at) = retry.decide(this.shared, &result) else {
                         return Poll::Ready(result);
                     };
@@ -278,7 +334,9 @@ where
                     match this.service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
-                        Poll::Pending => return poll_deadline(this.timer, this.retry, cx),
+                        Poll::Pending => {
+                            return poll_deadline(this.timer, this.retry, this.shared, false, cx)
+                        }
                     }
                     #[allow(clippy::expect_used)]
                     let request = this

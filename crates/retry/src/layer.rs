@@ -21,6 +21,10 @@ use crate::service::RetryBackoff;
 /// The longest deadline `build` accepts.
 const MAX_DEADLINE: Duration = Duration::from_secs(24 * 3600);
 
+/// The longest idle timeout given to the per-key budget map (over 500
+/// million years): longer ones mean the same, never evicting.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_millis(u64::MAX);
+
 /// Applies [`RetryBackoff`] to a service: retries failed MCP calls with
 /// exponential backoff and jitter, only when the failure class, the tool and
 /// the retry budget allow it. See the [crate docs](crate) for the rules.
@@ -136,10 +140,15 @@ impl<C> Shared<C> {
             (None, _) => Budgets::Off,
             // `build` validated the configuration (the defaults are valid).
             (Some(config), None) => Budgets::Global(RetryBudget::from_validated(config)),
-            (Some(config), Some((key_by, bounds))) => Budgets::Keyed {
-                key_by,
-                state: KeyedState::new(bounds, move |_| RetryBudget::from_validated(config)),
-            },
+            (Some(config), Some((key_by, mut bounds))) => {
+                // The keyed map counts the idle timeout in whole milliseconds
+                // of a u64; a longer one is "never idle" there too.
+                bounds.idle_timeout = bounds.idle_timeout.map(|idle| idle.min(MAX_IDLE_TIMEOUT));
+                Budgets::Keyed {
+                    key_by,
+                    state: KeyedState::new(bounds, move |_| RetryBudget::from_validated(config)),
+                }
+            }
         };
         Shared {
             policy: RetryPolicy {
@@ -317,14 +326,18 @@ impl<C> RetryBackoffBuilder<C> {
     }
 
     /// The ceiling of the first retry's delay, doubled for each further
-    /// retry. Positive. Default 100 ms.
+    /// retry (saturating: the ceiling stops at `max_delay`). Positive (else
+    /// `build` names `base_delay`); any larger value, `Duration::MAX`
+    /// included, is accepted, a delay that would not end before the deadline
+    /// meaning no retry. Default 100 ms.
     pub fn base_delay(mut self, base_delay: Duration) -> Self {
         self.base_delay = base_delay;
         self
     }
 
     /// The largest computed delay (a retry-after hint may be longer). At
-    /// least `base_delay`. Default 10 s.
+    /// least `base_delay` (else `build` names `max_delay`); `Duration::MAX`
+    /// is accepted and means no cap but the deadline. Default 10 s.
     pub fn max_delay(mut self, max_delay: Duration) -> Self {
         self.max_delay = max_delay;
         self
@@ -332,9 +345,13 @@ impl<C> RetryBackoffBuilder<C> {
 
     /// How long after the first attempt started a call may still be
     /// retried: no wait ends past it, and a retry still running when it
-    /// passes is dropped (cancelled) and the previous failure returned. The
-    /// first attempt is never cut short; put a timeout layer below this one
-    /// to bound each attempt. Positive, at most 24 h. Default 30 s.
+    /// passes is dropped (cancelled) and the call fails with
+    /// [`CallTimedOut`](toolwarden_core::classify::CallTimedOut), a timeout
+    /// that is not `before_sent` (the retry may have reached the tool); a
+    /// retry still waiting for readiness then gives back the previous
+    /// failure (see the [crate docs](crate#when)). The first attempt is never
+    /// cut short; put a timeout layer below this one to bound each attempt.
+    /// Positive, at most 24 h (else `build` names `deadline`). Default 30 s.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
@@ -416,6 +433,9 @@ impl<C> RetryBackoffBuilder<C> {
 
     /// Keeps one budget per key instead of one for the layer, in a bounded
     /// map (past `bounds.max_keys`, new keys share one overflow budget).
+    /// `bounds` must have `max_keys` ≥ 1 and a non-zero `idle_timeout`
+    /// (else `build` names `budget_per_key.<field>`); an idle timeout past
+    /// `u64::MAX` milliseconds (`Duration::MAX`) means never evicting.
     /// Default: one budget.
     pub fn budget_per_key(mut self, key_by: KeyBy, bounds: Bounds) -> Self {
         self.budget_key = Some((key_by, bounds));
@@ -776,5 +796,287 @@ mod tests {
         assert!(!policy.call.classes.transient);
         // Without overrides there is nothing to look up.
         assert!(RetryBackoffLayer::new().shared().policy.tools.is_empty());
+    }
+
+    /// Issue 15: no value of any knob makes `build` or a call panic.
+    mod extreme_configuration {
+        use std::time::Duration;
+
+        use proptest::prelude::*;
+        use serde_json::json;
+        use toolwarden_core::jsonrpc::{ErrorObject, Request};
+        use toolwarden_core::testing::{MockMcp, Step};
+        use toolwarden_core::{
+            classify::TransportErrorKind, Bounds, FailureClass, KeyBy, Outcome, OutcomeKind,
+        };
+        use tower::{Layer, ServiceExt};
+
+        use crate::{BudgetConfig, Jitter, RetryBackoffBuilder, RetryBackoffLayer};
+
+        fn duration() -> impl Strategy<Value = Duration> {
+            prop_oneof![
+                Just(Duration::ZERO),
+                Just(Duration::from_nanos(1)),
+                Just(Duration::MAX),
+                Just(Duration::new(u64::MAX, 0)),
+                Just(Duration::from_millis(u64::MAX)),
+                Just(Duration::from_nanos(u64::MAX)),
+                Just(Duration::from_secs(24 * 3600)),
+                Just(Duration::from_secs(24 * 3600) + Duration::from_nanos(1)),
+                Just(Duration::from_secs(3600)),
+                Just(Duration::from_secs(1)),
+                (0u64..100_000).prop_map(Duration::from_millis),
+                any::<u64>().prop_map(Duration::from_nanos),
+                (any::<u64>(), 0u32..1_000_000_000).prop_map(|(s, n)| Duration::new(s, n)),
+            ]
+        }
+
+        /// Mostly in range, often at its edges, sometimes anything.
+        fn within(low: Duration, high: Duration) -> impl Strategy<Value = Duration> {
+            let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+            prop_oneof![
+                1 => Just(low),
+                1 => Just(high),
+                2 => (nanos(low)..=nanos(high)).prop_map(Duration::from_nanos),
+                2 => duration(),
+            ]
+        }
+
+        fn float() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                2 => 0.0..=10.0f64,
+                3 => extreme_float(),
+            ]
+        }
+
+        fn extreme_float() -> impl Strategy<Value = f64> {
+            prop_oneof![
+                Just(f64::NAN),
+                Just(f64::INFINITY),
+                Just(f64::NEG_INFINITY),
+                Just(-0.0),
+                Just(-1.0),
+                Just(f64::MIN),
+                Just(f64::MAX),
+                Just(f64::MIN_POSITIVE),
+                Just(f64::EPSILON),
+                Just(1e20),
+                Just(0.0005),
+                Just(0.001),
+                Just(10.0),
+                Just(10.000_000_001),
+                0.0..=10.0f64,
+                any::<f64>(),
+            ]
+        }
+
+        fn attempts() -> impl Strategy<Value = u32> {
+            prop_oneof![1 => Just(0), 1 => Just(1), 4 => 2..=20u32, 1 => Just(u32::MAX)]
+        }
+
+        fn jitter() -> impl Strategy<Value = Jitter> {
+            prop_oneof![
+                Just(Jitter::None),
+                Just(Jitter::Full),
+                Just(Jitter::Equal),
+                Just(Jitter::Decorrelated),
+            ]
+        }
+
+        #[derive(Debug, Clone)]
+        struct Knobs {
+            max_attempts: u32,
+            base_delay: Duration,
+            max_delay: Duration,
+            deadline: Duration,
+            jitter: Jitter,
+            seed: u64,
+        }
+
+        fn knobs() -> impl Strategy<Value = Knobs> {
+            let base = within(Duration::from_nanos(1), Duration::MAX);
+            let max = prop_oneof![1 => Just(Duration::MAX), 1 => duration()];
+            let deadline = within(Duration::from_nanos(1), Duration::from_secs(24 * 3600));
+            (attempts(), base, max, deadline, jitter(), any::<u64>()).prop_map(
+                |(max_attempts, base_delay, max_delay, deadline, jitter, seed)| Knobs {
+                    max_attempts,
+                    base_delay,
+                    max_delay,
+                    deadline,
+                    jitter,
+                    seed,
+                },
+            )
+        }
+
+        fn apply(b: RetryBackoffBuilder, k: &Knobs) -> RetryBackoffBuilder {
+            b.max_attempts(k.max_attempts)
+                .base_delay(k.base_delay)
+                .max_delay(k.max_delay)
+                .deadline(k.deadline)
+                .jitter(k.jitter)
+        }
+
+        #[derive(Debug, Clone)]
+        struct Config {
+            layer: Knobs,
+            tool: Option<Knobs>,
+            budget: Option<(f64, u32, Duration)>,
+            per_key: Option<(usize, Option<Duration>)>,
+        }
+
+        fn config() -> impl Strategy<Value = Config> {
+            let budget = (
+                float(),
+                prop_oneof![
+                    Just(0u32),
+                    Just(10),
+                    Just(1_000_000),
+                    Just(1_000_001),
+                    any::<u32>()
+                ],
+                within(Duration::from_secs(1), Duration::from_secs(3600)),
+            );
+            let per_key = (
+                prop_oneof![1 => Just(0usize), 2 => Just(1), 2 => Just(usize::MAX)],
+                proptest::option::of(duration()),
+            );
+            (
+                knobs(),
+                proptest::option::of(knobs()),
+                proptest::option::of(budget),
+                proptest::option::of(per_key),
+            )
+                .prop_map(|(layer, tool, budget, per_key)| Config {
+                    layer,
+                    tool,
+                    budget,
+                    per_key,
+                })
+        }
+
+        fn builder(c: &Config) -> RetryBackoffBuilder {
+            let mut b = apply(RetryBackoffLayer::builder(), &c.layer)
+                .jitter_seed(c.layer.seed)
+                .retry_on([FailureClass::Transient, FailureClass::Server])
+                .safe_to_repeat("search", true)
+                .safe_to_repeat("fetch", true);
+            if let Some(tool) = c.tool.clone() {
+                b = b.tool("fetch", move |t| apply(t, &tool));
+            }
+            b = match c.budget {
+                Some((ratio, min_per_sec, ttl)) => b.budget(BudgetConfig {
+                    ratio,
+                    min_per_sec,
+                    ttl,
+                }),
+                None => b.no_budget(),
+            };
+            if let Some((max_keys, idle_timeout)) = c.per_key {
+                b = b.budget_per_key(
+                    KeyBy::Tool,
+                    Bounds {
+                        max_keys,
+                        idle_timeout,
+                    },
+                );
+            }
+            b
+        }
+
+        /// The fields `build` may name.
+        const FIELDS: &[&str] = &[
+            "max_attempts",
+            "base_delay",
+            "max_delay",
+            "deadline",
+            "budget.ratio",
+            "budget.min_per_sec",
+            "budget.ttl",
+            "budget.ratio, min_per_sec",
+            "budget_per_key.max_keys",
+            "budget_per_key.idle_timeout",
+            "tools.fetch.max_attempts",
+            "tools.fetch.base_delay",
+            "tools.fetch.max_delay",
+            "tools.fetch.deadline",
+        ];
+
+        /// Failures of every kind a retry decision reads, with hints of
+        /// every size; the n-th call of a tool takes the n-th step, then
+        /// succeeds, so every call ends.
+        fn failing_steps() -> Vec<Step> {
+            let limited = |hint: serde_json::Value| {
+                let mut error = ErrorObject::new(-32023, "rate limited");
+                error.data = Some(json!({ "retryAfter": hint }));
+                Step::RpcError(error)
+            };
+            vec![
+                Step::Transport(TransportErrorKind::ConnectFailed),
+                limited(json!(1e20)),
+                Step::tool_error("temporarily unavailable"),
+                limited(json!(u64::MAX)),
+                Step::Transport(TransportErrorKind::ConnectFailed).after(Duration::from_secs(3600)),
+                limited(json!(-1)),
+                Step::rpc_error(-32603, "internal error"),
+                limited(json!(0.001)),
+                Step::tool_error("connection reset"),
+                Step::Transport(TransportErrorKind::Closed),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(1000))]
+
+            #[test]
+            fn any_configuration_builds_or_names_its_field_and_never_panics(c in config()) {
+                let layer = match builder(&c).build() {
+                    Ok(layer) => layer,
+                    Err(e) => {
+                        prop_assert!(FIELDS.contains(&e.field()), "{e}");
+                        return Ok(());
+                    }
+                };
+                // The backoff of every policy, for 20 retries, with any hint.
+                let policy = &layer.shared().policy;
+                for tool in ["search", "fetch"] {
+                    let request = Request::tool_call(1, tool, json!({}));
+                    let (_, call) = policy.select(&request);
+                    let mut rng = fastrand::Rng::with_seed(c.layer.seed);
+                    let mut previous = call.backoff.base;
+                    for retry in 1..=20 {
+                        let delay = call.backoff.delay(retry, previous, &mut rng);
+                        prop_assert!(delay <= call.backoff.max.max(call.backoff.base));
+                        previous = delay;
+                        for hint in [None, Some(Duration::ZERO), Some(Duration::MAX), Some(call.deadline)] {
+                            let mut outcome = Outcome::failure(OutcomeKind::Transport, FailureClass::Transient);
+                            outcome.retry_after = hint;
+                            for remaining in [Duration::ZERO, call.deadline, Duration::MAX] {
+                                let _ = policy.verdict(call, &request, &outcome, retry, previous, remaining, &mut rng);
+                            }
+                        }
+                    }
+                }
+                // A few calls on a paused clock.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .start_paused(true)
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let upstream = MockMcp::new()
+                        .script("search", failing_steps())
+                        .script("fetch", failing_steps());
+                    for (id, tool) in [(1, "search"), (2, "fetch"), (3, "search"), (4, "fetch")] {
+                        let request = Request::tool_call(id, tool, json!({}));
+                        let result = layer.layer(upstream.clone()).oneshot(request).await;
+                        if let Ok(response) = result {
+                            assert_eq!(response.id, id.into());
+                        }
+                    }
+                    assert_eq!(upstream.in_flight(), 0);
+                });
+            }
+        }
     }
 }

@@ -88,15 +88,30 @@
 //! `max_delay` (defaults 100 ms and 10 s); see [`backoff`] for the bounds of
 //! each variant. A retry-after hint carried by the failure (a `RateLimited`
 //! or `CircuitOpen` rejection, JSON-RPC -32023 `data`, an HTTP
-//! `Retry-After`) replaces the computed delay when it is longer.
+//! `Retry-After`) replaces the computed delay when it is longer. A hint of
+//! any size is accepted (`Duration::MAX` included): one that would not end
+//! before the deadline means no retry, and the failure is returned at once.
 //!
 //! The [`deadline`](RetryBackoffBuilder::deadline) (default 30 s) counts
 //! from the start of the first attempt. A retry whose delay would not end
 //! before it is not made: the failure is returned at once rather than after
-//! a wait that cannot help. A retry still running when the deadline passes
-//! is dropped (cancelling it) and the previous failure is returned, so a
-//! call never outlives the deadline except by its first attempt (bound that
-//! one with a timeout layer).
+//! a wait that cannot help. When the deadline passes, so a call never
+//! outlives it except by its first attempt (bound that one with a timeout
+//! layer):
+//!
+//! - a retry still running is dropped (cancelling it) and the call fails
+//!   with [`CallTimedOut`](toolwarden_core::classify::CallTimedOut)
+//!   (`after` = the deadline), which the classifier reads as a `Timeout`
+//!   that is *not* `before_sent`. The retry may have reached the tool, so
+//!   the previous failure is never returned in its place: it may say the
+//!   request never left (a connect failure, the `CircuitOpen` refusal
+//!   before a half-open probe), and a caller trusting that could run a
+//!   destructive tool twice;
+//! - a retry still waiting for the inner service's readiness was never
+//!   sent: the previous failure is returned as it was, unless it says the
+//!   request never left (failure before sending, or a refusal) while an
+//!   earlier attempt may have reached the tool; then the call fails with
+//!   `CallTimedOut` too.
 //!
 //! # The retry budget
 //!
@@ -130,10 +145,32 @@
 //! [`Event::Retry`](toolwarden_core::Event) with the attempt number and the
 //! delay is emitted; observability turns these into metrics.
 //!
-//! Requests must be `Clone`: the layer keeps a copy of each call's request
-//! until it returns. Waiting uses `tokio::time`, so a call that retries needs
+//! MCP forbids reusing a request id within a session, so every retry of a
+//! raw JSON-RPC request ([`jsonrpc::Request`](toolwarden_core::jsonrpc::Request))
+//! goes out under its own id, the string `"<original>#tw-retry-<n>"` for
+//! attempt `n` (`7#tw-retry-2` for the first retry of id `7`;
+//! `"req-7"#tw-retry-2` for the string id `req-7`), and its
+//! [`jsonrpc::Response`](toolwarden_core::jsonrpc::Response) is re-addressed
+//! to the caller's id before it leaves the layer. String ids ending in
+//! `#tw-retry-<n>` are reserved: a client must not use them. rmcp's
+//! `ClientRequest` carries no id (the rmcp peer numbers each request it
+//! sends, every attempt included), so it is sent as it is.
+//!
+//! Requests must be `Clone + 'static`: the layer keeps a copy of each call's
+//! request until it returns, and recognises the JSON-RPC request type to
+//! give its retries their ids. Waiting uses `tokio::time`, so a call that retries needs
 //! a Tokio runtime with the time driver enabled; a call that succeeds at
 //! once never touches the timer.
+//!
+//! # Configuration limits
+//!
+//! [`build`](RetryBackoffBuilder::build) accepts any value of every knob
+//! (`Duration::ZERO`, `Duration::MAX`, NaN, infinities, negative ratios) or
+//! refuses it with a [`ConfigError`](toolwarden_core::ConfigError) naming
+//! the field; it never panics, and nothing a built layer computes from its
+//! knobs or from a hint panics either: delays saturate (the doubling stops
+//! at `max_delay`, jitter draws are clamped to about 584 years), and no
+//! wait ends past the deadline, which is at most 24 h.
 //!
 //! In the standard stack this layer sits below the fallback cache and above
 //! the rate limiter and the circuit breaker.
@@ -141,6 +178,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod attempt_id;
 pub mod backoff;
 pub mod budget;
 mod future;

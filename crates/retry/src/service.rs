@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::time::Instant;
-use toolwarden_core::{Attempt, BoxError, Classify, McpClassifier, McpRequest};
+use toolwarden_core::{Attempt, BoxError, Classify, McpClassifier, McpRequest, McpResponse};
 use tower_service::Service;
 
 use crate::future::{ResponseFuture, RetryState};
@@ -72,6 +72,7 @@ impl<S, C, R> Service<R> for RetryBackoff<S, C>
 where
     R: McpRequest + Clone,
     S: Service<R> + Clone,
+    S::Response: McpResponse,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
 {

@@ -10,12 +10,14 @@ use std::time::Duration;
 use futures::future::join_all;
 use serde_json::json;
 use tokio::time::Instant;
-use toolwarden_core::classify::{HttpStatusError, TransportError, TransportErrorKind};
-use toolwarden_core::jsonrpc::{ErrorObject, Request};
+use toolwarden_core::classify::{
+    CallTimedOut, HttpStatusError, TransportError, TransportErrorKind,
+};
+use toolwarden_core::jsonrpc::{ErrorObject, Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    Bounds, CircuitOpen, FailureClass, KeyBy, LoopDetected, LoopPattern, McpResponse, RateLimited,
-    Rejection,
+    Bounds, CallKind, CircuitOpen, Classify, FailureClass, KeyBy, LoopDetected, LoopPattern,
+    McpClassifier, McpResponse, OutcomeKind, RateLimited, Rejection,
 };
 use toolwarden_retry::{BudgetConfig, Jitter, RetryBackoffBuilder, RetryBackoffLayer};
 use tower::{Layer, Service, ServiceExt};
@@ -351,9 +353,12 @@ async fn the_deadline_is_never_exceeded() {
                 .unwrap();
             let mut svc = layer.layer(checked(&upstream));
             let started = Instant::now();
-            let resp = call(&mut svc, tool_call("search")).await.unwrap();
+            // The last failure, or a timeout if the deadline cut an attempt.
+            match call(&mut svc, tool_call("search")).await {
+                Ok(resp) => assert!(resp.is_tool_error()),
+                Err(err) => assert!(err.is::<CallTimedOut>(), "{err}"),
+            }
             let elapsed = started.elapsed();
-            assert!(resp.is_tool_error());
             // tokio's timer ticks in milliseconds.
             assert!(
                 elapsed <= deadline + MS,
@@ -370,7 +375,7 @@ async fn the_deadline_is_never_exceeded() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_retry_still_running_at_the_deadline_is_cut_and_the_previous_failure_returned() {
+async fn a_retry_still_running_at_the_deadline_is_cut_and_the_call_times_out() {
     let upstream = Upstream::new(
         MockMcp::new().script("search", [Step::tool_error("first failure"), Step::Hang]),
     );
@@ -380,10 +385,14 @@ async fn a_retry_still_running_at_the_deadline_is_cut_and_the_previous_failure_r
         .unwrap()
         .layer(checked(&upstream));
     let started = Instant::now();
-    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    let err = call(&mut svc, tool_call("search")).await.unwrap_err();
     let elapsed = started.elapsed();
     assert!((2 * SEC..=2 * SEC + MS).contains(&elapsed), "{elapsed:?}");
-    assert_eq!(text(&resp), "first failure");
+    // Not the first failure: the cut retry may have reached the tool.
+    assert_eq!(
+        err.downcast_ref::<CallTimedOut>(),
+        Some(&CallTimedOut { after: 2 * SEC })
+    );
     assert_eq!(upstream.calls(), 2);
     // The hung attempt was dropped, not leaked.
     assert_eq!(upstream.mock.in_flight(), 0);
@@ -761,10 +770,13 @@ async fn a_tools_own_base_delay_and_deadline_apply() {
         MockMcp::new().script("search", [Step::tool_error("first failure"), Step::Hang]),
     );
     let started = Instant::now();
-    let resp = call(&mut layer.layer(checked(&hangs)), tool_call("search"))
+    let err = call(&mut layer.layer(checked(&hangs)), tool_call("search"))
         .await
-        .unwrap();
-    assert_eq!(text(&resp), "first failure");
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<CallTimedOut>(),
+        Some(&CallTimedOut { after: 4 * SEC })
+    );
     let elapsed = started.elapsed();
     assert!((4 * SEC..=4 * SEC + MS).contains(&elapsed), "{elapsed:?}");
     assert_eq!(hangs.calls(), 2);
@@ -800,4 +812,251 @@ async fn overrides_of_one_tool_apply_in_order() {
         .await
         .unwrap();
     assert_eq!(upstream.gaps(), [SEC]);
+}
+
+/// How the stack's classifier reads an error that left the layer.
+fn outcome_of(err: &toolwarden_core::BoxError) -> toolwarden_core::Outcome {
+    Classify::<Response>::classify_error(&McpClassifier::new(), err.as_ref())
+}
+
+/// Issue 15: a retry made after a failure before sending, then cut at the
+/// deadline while in flight, may have reached the server: the caller must
+/// not be told it was never sent.
+#[tokio::test(start_paused = true)]
+async fn a_retry_cut_in_flight_after_a_connect_failure_is_not_reported_as_never_sent() {
+    let upstream = Upstream::new(MockMcp::new().script(
+        "delete_file",
+        [
+            Step::Transport(TransportErrorKind::ConnectFailed),
+            Step::Hang,
+        ],
+    ));
+    // The default catalog: delete_file is not safe to repeat, but a failure
+    // before sending is retried for any tool.
+    let mut svc = RetryBackoffLayer::builder()
+        .jitter(Jitter::None)
+        .deadline(2 * SEC)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    let started = Instant::now();
+    let err = call(&mut svc, tool_call("delete_file")).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!((2 * SEC..=2 * SEC + MS).contains(&elapsed), "{elapsed:?}");
+    assert_eq!(upstream.calls(), 2);
+    assert_eq!(upstream.mock.in_flight(), 0);
+    let outcome = outcome_of(&err);
+    assert!(!outcome.before_sent, "{err}: {outcome:?}");
+    assert_eq!(outcome.kind, OutcomeKind::Timeout, "{err}");
+    assert!(err.is::<CallTimedOut>(), "{err}");
+}
+
+/// Issue 15: the half-open probe after a `CircuitOpen` refusal, cut at the
+/// deadline while in flight, reached the server: the caller must get a
+/// timeout, not the refusal (which says the tool was never called).
+#[tokio::test(start_paused = true)]
+async fn a_probe_cut_in_flight_after_a_circuit_open_refusal_is_not_reported_as_never_sent() {
+    let upstream = Upstream::new(MockMcp::new().script("delete_file", [Step::Hang]));
+    upstream.fail_next(|| Box::new(CircuitOpen::new("delete_file", 500 * MS)));
+    let mut svc = RetryBackoffLayer::builder()
+        .jitter(Jitter::None)
+        .deadline(2 * SEC)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    let started = Instant::now();
+    let err = call(&mut svc, tool_call("delete_file")).await.unwrap_err();
+    let elapsed = started.elapsed();
+    assert!((2 * SEC..=2 * SEC + MS).contains(&elapsed), "{elapsed:?}");
+    assert_eq!(upstream.gaps(), [500 * MS]);
+    assert_eq!(upstream.mock.in_flight(), 0);
+    let outcome = outcome_of(&err);
+    assert!(!outcome.before_sent, "{err}: {outcome:?}");
+    assert!(!outcome.is_rejection(), "{err}: {outcome:?}");
+    assert_eq!(outcome.kind, OutcomeKind::Timeout, "{err}");
+}
+
+/// A retry that never started (the service below never became ready again)
+/// after a connect failure: nothing reached the server, so the failure
+/// before sending is the truthful answer and comes back as it was. But once
+/// an earlier attempt may have reached the server, it is a timeout.
+#[tokio::test(start_paused = true)]
+async fn a_deadline_passed_while_readying_reports_sent_only_if_an_attempt_was_sent() {
+    for (first_sent, script) in [
+        (
+            false,
+            vec![Step::Transport(TransportErrorKind::ConnectFailed)],
+        ),
+        (
+            true,
+            vec![
+                Step::tool_error("upstream timed out"),
+                Step::Transport(TransportErrorKind::ConnectFailed),
+            ],
+        ),
+    ] {
+        let upstream = Upstream::new(MockMcp::new().script("search", script.clone()));
+        let gate = Gate::open();
+        let mut svc = plain()
+            .max_attempts(5)
+            .deadline(3 * SEC)
+            .build()
+            .unwrap()
+            .layer(gate.wrap(checked(&upstream)));
+        let future = svc.ready().await.unwrap().call(tool_call("search"));
+        let attempts = script.len();
+        let watcher = async {
+            // Close the gate once every scripted attempt has been made.
+            while upstream.calls() < attempts {
+                tokio::time::sleep(MS).await;
+            }
+            gate.set(false);
+        };
+        let (result, ()) = tokio::join!(future, watcher);
+        let err = result.unwrap_err();
+        assert_eq!(upstream.calls(), attempts);
+        let outcome = outcome_of(&err);
+        if first_sent {
+            assert!(err.is::<CallTimedOut>(), "{err}");
+            assert!(!outcome.before_sent);
+        } else {
+            assert!(err.is::<TransportError>(), "{err}");
+            assert!(outcome.before_sent);
+        }
+    }
+}
+
+/// Issue 15: MCP forbids reusing a request id within a session, so each
+/// retry of a raw JSON-RPC request goes out under a fresh id, and the
+/// caller gets its own id back.
+#[tokio::test(start_paused = true)]
+async fn each_attempt_carries_its_own_request_id_and_the_caller_gets_its_id_back() {
+    for original in [Id::Number(7), Id::String("req-7".into())] {
+        let upstream = Upstream::new(MockMcp::new().script(
+            "search",
+            [
+                Step::tool_error("upstream timed out"),
+                Step::rpc_error(-32603, "internal error"),
+            ],
+        ));
+        let mut svc = plain().build().unwrap().layer(checked(&upstream));
+        let request = Request::tool_call(original.clone(), "search", json!({"q": "x"}));
+        let resp = call(&mut svc, request).await.unwrap();
+        assert!(!resp.is_tool_error());
+        assert_eq!(resp.id, original);
+        let ids: Vec<Id> = upstream.mock.requests().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids[0], original);
+        assert_ne!(ids[1], original);
+        assert_ne!(ids[2], original);
+        assert_ne!(ids[1], ids[2]);
+        assert_eq!(ids[1], Id::String(format!("{original}#tw-retry-2")));
+    }
+    // The last failure, returned as it came, answers the caller's id too.
+    let upstream = Upstream::new(
+        MockMcp::new().default_step("search", Step::rpc_error(-32603, "internal error")),
+    );
+    let mut svc = plain()
+        .max_attempts(2)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    let resp = call(&mut svc, Request::tool_call(9, "search", json!({})))
+        .await
+        .unwrap();
+    assert!(resp.payload.is_err());
+    assert_eq!(resp.id, Id::Number(9));
+    assert_eq!(upstream.calls(), 2);
+}
+
+/// A classifier that reports a huge retry-after hint on every failure.
+#[derive(Clone)]
+struct HugeHint(Duration);
+
+impl Classify<Response> for HugeHint {
+    fn classify_response(&self, kind: CallKind, response: &Response) -> toolwarden_core::Outcome {
+        let mut outcome = McpClassifier::new().classify_response(kind, response);
+        if !outcome.is_success() {
+            outcome.retry_after = Some(self.0);
+        }
+        outcome
+    }
+
+    fn classify_error(
+        &self,
+        error: &(dyn std::error::Error + 'static),
+    ) -> toolwarden_core::Outcome {
+        let mut outcome = Classify::<Response>::classify_error(&McpClassifier::new(), error);
+        outcome.retry_after = Some(self.0);
+        outcome
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn any_retry_after_hint_is_handled_and_one_past_the_deadline_returns_at_once() {
+    let deadline = 5 * SEC;
+    for hint in [
+        Duration::MAX,
+        Duration::new(u64::MAX, 0),
+        Duration::from_secs(u64::MAX / 2),
+        Duration::from_secs(100_000_000_000),
+        deadline,
+    ] {
+        let upstream = Upstream::new(
+            MockMcp::new().default_step("search", Step::rpc_error(-32023, "rate limited")),
+        );
+        upstream.fail_next(|| {
+            Box::new(TransportError::new(
+                TransportErrorKind::ConnectFailed,
+                "refused",
+            ))
+        });
+        let mut svc = plain()
+            .classifier(HugeHint(hint))
+            .deadline(deadline)
+            .build()
+            .unwrap()
+            .layer(checked(&upstream));
+        let started = Instant::now();
+        let err = call(&mut svc, tool_call("search")).await.unwrap_err();
+        assert!(err.is::<TransportError>(), "{hint:?}: {err}");
+        assert_eq!(started.elapsed(), Duration::ZERO, "{hint:?}");
+        assert_eq!(upstream.calls(), 1, "{hint:?}");
+    }
+    // Rejections with huge hints, as the layers below make them.
+    for make in [
+        (|| Box::new(RateLimited::new("search", Duration::MAX)) as toolwarden_core::BoxError)
+            as fn() -> toolwarden_core::BoxError,
+        || Box::new(CircuitOpen::new("search", Duration::MAX)),
+        || {
+            Box::new(HttpStatusError {
+                status: 503,
+                retry_after: Some(Duration::MAX),
+            })
+        },
+    ] {
+        let upstream = Upstream::new(MockMcp::new());
+        upstream.fail_next(make);
+        let mut svc = plain().build().unwrap().layer(checked(&upstream));
+        let started = Instant::now();
+        assert!(call(&mut svc, tool_call("search")).await.is_err());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(upstream.calls(), 1);
+    }
+    // A hint just inside the deadline is waited for.
+    let upstream = Upstream::new(MockMcp::new());
+    upstream.fail_next(|| {
+        Box::new(TransportError::new(
+            TransportErrorKind::ConnectFailed,
+            "refused",
+        ))
+    });
+    let mut svc = plain()
+        .classifier(HugeHint(deadline - MS))
+        .deadline(deadline)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(upstream.gaps(), [deadline - MS]);
 }
