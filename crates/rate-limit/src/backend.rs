@@ -23,9 +23,11 @@
 //!
 //! Everything else is unchanged: requests that are not limited (not a
 //! `tools/call`, unless all methods are limited) never reach the backend;
-//! `poll_ready` is still the inner service's readiness, and the ready inner
-//! service travels in the response future (swapped for a clone, as tower
-//! does) until the backend has answered. In [`Mode::Wait`](crate::Mode::Wait)
+//! `poll_ready` is still the inner service's readiness; a limited call
+//! gives that readiness up (the handle keeps a fresh clone, as tower does),
+//! and its response future drives its own clone of the inner service to
+//! readiness only once the backend has admitted the call, so a call waiting
+//! for the backend holds no place in the service below. In [`Mode::Wait`](crate::Mode::Wait)
 //! a refused call sleeps `retry_after` and asks the backend again, until
 //! admitted or until the next try would come later than `max_wait` after the
 //! call; the call then takes at most `max_wait` plus one backend answer.

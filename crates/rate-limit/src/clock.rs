@@ -102,22 +102,27 @@ impl Clock for CallClock {
 }
 
 /// Holds one clock reading for [`CallClock`] on this thread until dropped.
-/// Only held across synchronous code (never across an `.await`).
+/// Only held across synchronous code (never across an `.await`). Holds
+/// nest: an inner hold keeps the outer reading and leaves it in place.
 #[derive(Debug)]
-pub(crate) struct CallInstant(());
+pub(crate) struct CallInstant(Option<TokioInstant>);
 
 impl CallInstant {
     #[inline]
     pub(crate) fn hold() -> Self {
-        CALL_INSTANT.with(|instant| instant.set(Some(TokioClock.now())));
-        CallInstant(())
+        let outer = CALL_INSTANT.with(std::cell::Cell::get);
+        if outer.is_none() {
+            CALL_INSTANT.with(|instant| instant.set(Some(TokioClock.now())));
+        }
+        CallInstant(outer)
     }
 }
 
 impl Drop for CallInstant {
     #[inline]
     fn drop(&mut self) {
-        CALL_INSTANT.with(|instant| instant.set(None));
+        let outer = self.0;
+        CALL_INSTANT.with(|instant| instant.set(outer));
     }
 }
 

@@ -13,7 +13,7 @@ use toolwarden_core::{BoxError, McpRequest, RateLimited};
 use tower_service::Service;
 
 use crate::backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend};
-use crate::limits::{RateLimits, Refusal};
+use crate::limits::{RateLimits, Refusal, Reservation};
 
 /// The shortest wait before a backend is asked again in `Mode::Wait`, so that
 /// a backend refusing with a zero `retry_after` is not asked in a busy loop.
@@ -21,9 +21,10 @@ const MIN_REMOTE_WAIT: Duration = Duration::from_millis(1);
 
 pin_project! {
     /// Response future of [`RateLimit`](crate::RateLimit): the inner call, a
-    /// refusal, or (in [`Mode::Wait`](crate::Mode::Wait)) a wait for a token
-    /// followed by the inner call; with a [backend](crate::backend), the
-    /// backend's decision (and waits) followed by the inner call.
+    /// refusal, or (in [`Mode::Wait`](crate::Mode::Wait)) a wait for the
+    /// call's reserved token, then for the inner service's readiness, then
+    /// the inner call; with a [backend](crate::backend), the backend's
+    /// decision (and waits), then readiness, then the inner call.
     pub struct ResponseFuture<S, R>
     where
         S: Service<R>,
@@ -60,11 +61,11 @@ pin_project! {
 
 pin_project! {
     /// A call waiting for its backend's decision (or, in `Mode::Wait`, for
-    /// the time to ask again).
+    /// the time to ask again), then for the inner service's readiness.
     struct Remote<S, R> {
         #[pin]
         phase: Phase,
-        // The ready inner service and the request.
+        // A clone of the inner service (not yet ready) and the request.
         call: Option<(S, R)>,
         limits: RateLimits,
         backend: Arc<dyn RateLimitBackend>,
@@ -87,17 +88,23 @@ pin_project! {
             #[pin]
             sleep: Sleep,
         },
+        // Admitted: driving the inner service to readiness.
+        Readying,
     }
 }
 
 pin_project! {
+    /// A call with a reserved token (see [`Reservation`]): it sleeps until
+    /// the token's time, then drives its clone of the inner service to
+    /// readiness and calls it. Readiness is only taken once the token is
+    /// due, so a waiting call never holds a place in the service below.
     struct Waiting<S, R> {
         #[pin]
         sleep: Sleep,
-        // The ready inner service and the request.
+        slept: bool,
+        // A clone of the inner service (not yet ready) and the request.
         call: Option<(S, R)>,
-        limits: RateLimits,
-        deadline: Option<Instant>,
+        reservation: Reservation,
     }
 }
 
@@ -114,33 +121,27 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
         }
     }
 
-    /// A call that waits until `retry_at`, then re-checks `limits`, until
-    /// admitted or past `deadline` (`None`: too far away to represent).
-    pub(crate) fn waiting(
-        ready: S,
-        request: R,
-        limits: RateLimits,
-        retry_at: Instant,
-        deadline: Option<Instant>,
-    ) -> Self {
+    /// A call that waits until its `reservation` is due, then until
+    /// `service` (an unready clone of the inner service) is ready, then
+    /// calls it.
+    pub(crate) fn waiting(service: S, request: R, reservation: Reservation) -> Self {
         ResponseFuture {
             state: State::Waiting {
                 waiting: Box::pin(Waiting {
-                    sleep: tokio::time::sleep_until(retry_at),
-                    call: Some((ready, request)),
-                    limits,
-                    deadline,
+                    sleep: tokio::time::sleep_until(reservation.at()),
+                    slept: false,
+                    call: Some((service, request)),
+                    reservation,
                 }),
             },
         }
     }
-}
 
-impl<S: Service<R>, R> ResponseFuture<S, R> {
-    /// A call that asks `backend` for `acquire` before calling `ready`;
+    /// A call that asks `backend` for `acquire`, then drives `service` (an
+    /// unready clone of the inner service) to readiness and calls it;
     /// `deadline` as in [`Remote`].
     pub(crate) fn remote(
-        ready: S,
+        service: S,
         request: R,
         limits: RateLimits,
         backend: Arc<dyn RateLimitBackend>,
@@ -153,7 +154,7 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
                     phase: Phase::Deciding {
                         future: Mutex::new(backend.acquire(&acquire)),
                     },
-                    call: Some((ready, request)),
+                    call: Some((service, request)),
                     limits,
                     backend,
                     acquire,
@@ -164,15 +165,23 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
     }
 }
 
-impl<S, R: McpRequest> Remote<S, R> {
-    /// The ready service and the request once admitted, or the rejection.
-    fn poll_decision(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(S, R), RateLimited>> {
+impl<S, R> Remote<S, R>
+where
+    R: McpRequest,
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+{
+    /// The ready service and the request once admitted, or the rejection
+    /// (or the inner service's readiness error).
+    fn poll_decision(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(S, R), BoxError>> {
         let mut this = self.project();
         loop {
             let future = match this.phase.as_mut().project() {
+                PhaseProj::Readying => {
+                    let (inner, _) = held(this.call);
+                    ready!(inner.poll_ready(cx)).map_err(Into::into)?;
+                    return Poll::Ready(Ok(take(this.call)));
+                }
                 PhaseProj::Sleeping { sleep } => {
                     ready!(sleep.poll(cx));
                     this.backend.acquire(this.acquire)
@@ -180,29 +189,30 @@ impl<S, R: McpRequest> Remote<S, R> {
                 PhaseProj::Deciding { future } => {
                     let future = future.get_mut().unwrap_or_else(PoisonError::into_inner);
                     let decision = ready!(future.as_mut().poll(cx));
-                    let (inner, request) = take(this.call);
+                    let (_, request) = held(this.call);
                     let refusal = match decision {
-                        BackendDecision::Admit => return Poll::Ready(Ok((inner, request))),
+                        BackendDecision::Admit => None,
                         BackendDecision::Refuse { scope, retry_after } => {
-                            Refusal { scope, retry_after }
+                            Some(Refusal { scope, retry_after })
                         }
-                        BackendDecision::DecideLocally => match this.limits.acquire(&request) {
-                            Ok(()) => return Poll::Ready(Ok((inner, request))),
-                            Err(refusal) => refusal,
-                        },
+                        BackendDecision::DecideLocally => this.limits.acquire(&*request).err(),
+                    };
+                    let Some(refusal) = refusal else {
+                        this.phase.set(Phase::Readying);
+                        continue;
                     };
                     if let Some(deadline) = *this.deadline {
                         let wait = refusal.retry_after.max(MIN_REMOTE_WAIT);
                         if let Some(at) = retry_at(Instant::now(), wait, deadline) {
-                            *this.call = Some((inner, request));
                             this.phase.set(Phase::Sleeping {
                                 sleep: tokio::time::sleep_until(at),
                             });
                             continue;
                         }
                     }
+                    let (inner, request) = take(this.call);
                     drop(inner);
-                    return Poll::Ready(Err(this.limits.reject(&request, refusal)));
+                    return Poll::Ready(Err(this.limits.reject(&request, refusal).into()));
                 }
             };
             this.phase.set(Phase::Deciding {
@@ -242,37 +252,26 @@ where
                 StateProj::Refused { error } => {
                     return Poll::Ready(Err(take(error).into()));
                 }
-                StateProj::Remote { remote } => match ready!(remote.as_mut().poll_decision(cx)) {
-                    Ok((mut inner, request)) => State::Called {
+                StateProj::Remote { remote } => {
+                    let (mut inner, request) = ready!(remote.as_mut().poll_decision(cx))?;
+                    State::Called {
                         future: inner.call(request),
-                    },
-                    Err(rejection) => State::Refused {
-                        error: Some(rejection),
-                    },
-                },
+                    }
+                }
                 StateProj::Waiting { waiting } => {
-                    let mut waiting = waiting.as_mut().project();
-                    ready!(waiting.sleep.as_mut().poll(cx));
-                    // Put back below unless the state changes.
+                    let waiting = waiting.as_mut().project();
+                    if !*waiting.slept {
+                        ready!(waiting.sleep.poll(cx));
+                        *waiting.slept = true;
+                    }
+                    let (inner, _) = held(waiting.call);
+                    // An error drops the reservation with the future: the
+                    // token is given back.
+                    ready!(inner.poll_ready(cx)).map_err(Into::into)?;
                     let (mut inner, request) = take(waiting.call);
-                    match waiting.limits.acquire(&request) {
-                        Ok(()) => State::Called {
-                            future: inner.call(request),
-                        },
-                        Err(refusal) => {
-                            let now = Instant::now();
-                            match retry_at(now, refusal.retry_after, *waiting.deadline) {
-                                Some(at) => {
-                                    // Another call took the token first: wait again.
-                                    waiting.sleep.as_mut().reset(at);
-                                    *waiting.call = Some((inner, request));
-                                    continue;
-                                }
-                                None => State::Refused {
-                                    error: Some(waiting.limits.reject(&request, refusal)),
-                                },
-                            }
-                        }
+                    waiting.reservation.consume();
+                    State::Called {
+                        future: inner.call(request),
                     }
                 }
             };
@@ -288,6 +287,13 @@ where
 #[allow(clippy::expect_used)]
 fn take<T>(slot: &mut Option<T>) -> T {
     slot.take().expect("ResponseFuture polled after completion")
+}
+
+/// What a state holds until it completes, in place (same invariant as [`take`]).
+#[allow(clippy::expect_used)]
+fn held<T>(slot: &mut Option<T>) -> &mut T {
+    slot.as_mut()
+        .expect("ResponseFuture polled after completion")
 }
 
 impl<S: Service<R>, R> fmt::Debug for ResponseFuture<S, R> {

@@ -18,6 +18,11 @@ use crate::service::RateLimit;
 /// keeps time in `u64` nanoseconds (about 584 years); this leaves ample room.
 const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
+/// The longest idle timeout of the per-key state (longer ones, given or
+/// raised, are lowered to it): the keyed state counts idle time in
+/// milliseconds in a `u64`, and two centuries is "never" for any process.
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(200 * 365 * 24 * 60 * 60);
+
 /// A sustained rate: `count` calls per `per`.
 ///
 /// The quota refills one call every `per / count` (GCRA's emission interval,
@@ -115,16 +120,30 @@ pub enum Mode {
     /// admitted. The default.
     #[default]
     Reject,
-    /// Wait (in the response future, holding the inner service's readiness)
-    /// until the call is admitted, re-checking after each wait; refuse with
-    /// `RateLimited` as soon as the next admission would come later than
-    /// `max_wait` after the call.
+    /// Wait in the response future until the call is admitted, or refuse
+    /// with `RateLimited` at once when that would be later than `max_wait`
+    /// after the call.
     ///
-    /// With a [backend](RateLimitBuilder::backend), each re-check asks the
+    /// A call over quota reserves its own place in each quota's GCRA
+    /// schedule (the next free emission slot, after the calls already
+    /// waiting), so waiters are admitted one per emission interval in the
+    /// order they came, none refused while its place fits in `max_wait`,
+    /// and none woken just to find its token taken. While it waits it holds
+    /// no readiness of the inner service: it drives a clone of the inner
+    /// service to readiness only once its place is due (see
+    /// [`RateLimit`]), so a `Buffer` slot or a
+    /// `ConcurrencyLimit` permit below stays free for calls to other tools.
+    /// Dropping a waiting call gives its place back.
+    ///
+    /// With a [backend](RateLimitBuilder::backend), the backend keeps the
+    /// schedule: a refused call sleeps its `retry_after` and asks the
     /// backend again, so a call takes at most `max_wait` plus one backend
-    /// answer.
+    /// answer (and readiness is taken only once admitted, as above).
     Wait {
-        /// The longest a call may wait in total. Must be positive.
+        /// The longest a call may wait for its token. Must be positive; any
+        /// larger value is accepted (`Duration::MAX`: wait as long as it
+        /// takes; the wait for the inner service's readiness afterwards is
+        /// not bounded by this).
         max_wait: Duration,
     },
 }
@@ -168,6 +187,12 @@ impl RateLimitBuilder {
     /// One quota over every limited call, whatever its tool or session:
     /// `rate` sustained, `burst` at once. Default: none (no global limit).
     /// Refusals name the key `global`.
+    ///
+    /// For this and every other quota, `build` refuses (naming
+    /// `<quota>.rate` or `<quota>.burst`) a rate of zero calls, a period of
+    /// zero, more than one call per nanosecond, a burst of zero, and a rate
+    /// whose burst would take more than 100 years to refill (so a period of
+    /// `Duration::MAX` is refused, never a panic).
     pub fn global(mut self, rate: Rate, burst: u32) -> Self {
         self.global = Some((rate, burst));
         self
@@ -210,8 +235,11 @@ impl RateLimitBuilder {
     /// quota (the `per_tool` quota, or for an overridden tool one quota per
     /// override), so the bound can only make limits stricter. `idle_timeout`
     /// is raised, when shorter, to the longest time a per-tool quota takes
-    /// to refill its burst: evicting a key then only forgets a full quota,
-    /// never one that is still spent.
+    /// to refill its burst (plus `max_wait` in [`Mode::Wait`], for the
+    /// places waiting calls reserve): evicting a key then only forgets a
+    /// full quota, never one that is still spent. Must be positive; any
+    /// longer value is accepted, and one past 200 years (given or raised)
+    /// is lowered to 200 years.
     pub fn bounds(mut self, bounds: Bounds) -> Self {
         self.bounds = bounds;
         self
@@ -295,31 +323,38 @@ impl RateLimitBuilder {
             .map(Quota::burst_size_replenished_in)
             .max()
             .unwrap_or(Duration::ZERO);
+        // A waiting call may have reserved a place up to `max_wait` past a
+        // full refill: its key must outlive that too.
+        let longest_spent = match self.mode {
+            Mode::Reject => longest_refill,
+            Mode::Wait { max_wait } => longest_refill.saturating_add(max_wait),
+        };
         let bounds = Bounds {
             idle_timeout: self
                 .bounds
                 .idle_timeout
-                .map(|idle| idle.max(longest_refill)),
+                .map(|idle| idle.max(longest_spent).min(MAX_IDLE_TIMEOUT)),
             ..self.bounds
         };
+        let config = Arc::new(Config {
+            global,
+            per_tool,
+            tools,
+            key_by: self.key_by,
+            mode: self.mode,
+            bounds,
+            all_methods: self.all_methods,
+            events: self.events,
+            backend: self.backend,
+        });
         Ok(RateLimitLayer {
-            config: Arc::new(Config {
-                global,
-                per_tool,
-                tools,
-                key_by: self.key_by,
-                mode: self.mode,
-                bounds,
-                all_methods: self.all_methods,
-                events: self.events,
-                backend: self.backend,
-            }),
+            limits: RateLimits::new(config),
         })
     }
 }
 
-/// The validated configuration, shared by the layer and every set of limits
-/// built from it.
+/// The validated configuration, shared by the layer's limits and every
+/// service built from it.
 #[derive(Debug)]
 pub(crate) struct Config {
     pub(crate) global: Option<Quota>,
@@ -343,13 +378,31 @@ impl Config {
 /// Applies governor GCRA quotas (global and per tool) to MCP calls; see the
 /// [crate docs](crate).
 ///
-/// The layer holds configuration only. Each service it builds gets its own
-/// [`RateLimits`], shared by every clone of that service; to share one set of
-/// limits between several services, pass [`RateLimitLayer::limits`] to
-/// [`RateLimit::new`] for each.
+/// The layer holds the configuration and one set of [`RateLimits`], created
+/// by [`build`](RateLimitBuilder::build): every service it builds, every
+/// clone of those services, and every service built from a clone of the
+/// layer take their tokens from these same quotas (cloning the layer is one
+/// reference-count increment). A server that builds one service per
+/// connection from one layer therefore enforces one quota, not one per
+/// connection (unlike tower's own `RateLimitLayer`, whose services each keep
+/// their own budget; see tower#794). For independent quotas, build another
+/// layer (the builder is `Clone`).
+///
+/// ```
+/// use toolwarden_core::jsonrpc::Request;
+/// use toolwarden_core::testing::MockMcp;
+/// use toolwarden_rate_limit::{Rate, RateLimitLayer};
+/// use tower::Layer;
+///
+/// let layer = RateLimitLayer::builder().per_tool(Rate::per_minute(1), 1).build().unwrap();
+/// let (one, two) = (layer.layer(MockMcp::new()), layer.clone().layer(MockMcp::new()));
+/// let call = Request::tool_call(1, "search", serde_json::json!({}));
+/// assert!(one.limits().check(&call).is_ok());
+/// assert!(two.limits().check(&call).is_err()); // the same quota
+/// ```
 #[derive(Debug, Clone)]
 pub struct RateLimitLayer {
-    config: Arc<Config>,
+    limits: RateLimits,
 }
 
 impl RateLimitLayer {
@@ -358,35 +411,41 @@ impl RateLimitLayer {
         RateLimitBuilder::default()
     }
 
-    /// A fresh set of limits with this configuration.
+    /// The limits every service built from this layer (or from its clones)
+    /// applies; a handle to the same shared state, for checking requests
+    /// without a service or for [`RateLimit::new`].
     pub fn limits(&self) -> RateLimits {
-        RateLimits::new(Arc::clone(&self.config))
+        self.limits.clone()
+    }
+
+    fn config(&self) -> &Config {
+        self.limits.config()
     }
 
     /// The mode.
     pub fn mode(&self) -> Mode {
-        self.config.mode
+        self.config().mode
     }
 
     /// The bounds of the per-key state, with `idle_timeout` as raised by
     /// [`RateLimitBuilder::bounds`].
     pub fn bounds(&self) -> Bounds {
-        self.config.bounds
+        self.config().bounds
     }
 
     /// The global quota, if any.
     pub fn global_quota(&self) -> Option<Quota> {
-        self.config.global
+        self.config().global
     }
 
     /// The per-key quota of `tool` (its override, else the `per_tool` quota), if any.
     pub fn tool_quota(&self, tool: &str) -> Option<Quota> {
-        self.config.tool_quota(tool)
+        self.config().tool_quota(tool)
     }
 
     /// The backend that takes the tokens, if one is set.
     pub fn backend(&self) -> Option<&Arc<dyn RateLimitBackend>> {
-        self.config.backend.as_ref()
+        self.config().backend.as_ref()
     }
 }
 
@@ -394,7 +453,7 @@ impl<S> Layer<S> for RateLimitLayer {
     type Service = RateLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit::new(inner, self.limits())
+        RateLimit::new(inner, self.limits.clone())
     }
 }
 
@@ -506,5 +565,21 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(layer.bounds().idle_timeout, None);
+        // Waiting calls reserve places up to max_wait ahead; an idle timeout
+        // past 200 years is lowered to it.
+        let layer = RateLimitLayer::builder()
+            .per_tool(Rate::per_hour(2), 2)
+            .mode(Mode::Wait {
+                max_wait: Duration::from_secs(30),
+            })
+            .build()
+            .unwrap();
+        assert_eq!(layer.bounds().idle_timeout, Some(Duration::from_secs(3630)));
+        let layer = RateLimitLayer::builder()
+            .per_tool(Rate::per_hour(2), 2)
+            .bounds(Bounds::default().idle_timeout(Some(Duration::MAX)))
+            .build()
+            .unwrap();
+        assert_eq!(layer.bounds().idle_timeout, Some(MAX_IDLE_TIMEOUT));
     }
 }

@@ -6,14 +6,18 @@
 //! or the `per_tool` quota) and from the global quota; both must admit it. A
 //! call over quota is refused at once with [`RateLimited`] (key `global` or
 //! the tool key, `retry_after` from governor's earliest admission time), or,
-//! in [`Mode::Wait`], waits up to `max_wait` for a token. Refusals are also
+//! in [`Mode::Wait`], reserves its own place in the quotas' schedules (up to
+//! `max_wait` ahead) and waits for it without holding the inner service's
+//! readiness: waiters are admitted one per emission interval, in order. Refusals are also
 //! reported as [`Event::RateLimited`](toolwarden_core::Event::RateLimited).
 //! Requests other than `tools/call` pass untouched unless
 //! [`limit_all_methods`](RateLimitBuilder::limit_all_methods) is set.
 //!
 //! Unlike tower's `RateLimit`, whose clones each keep their own budget, the
-//! quota state lives in [`RateLimits`], behind an `Arc`: eight clones driven
-//! concurrently admit what one would. Per-key state is the core's bounded
+//! quota state lives in [`RateLimits`], behind an `Arc`, created once when
+//! the layer is built: every service the layer builds (one per connection,
+//! say), every clone of them and every service built from a clone of the
+//! layer share it, so eight clones driven concurrently admit what one would. Per-key state is the core's bounded
 //! [`KeyedState`](toolwarden_core::KeyedState): see [`limits`] for the bound,
 //! the overflow quota and how the two quotas are taken together without
 //! spending one when the other refuses. Time is read through [`TokioClock`],

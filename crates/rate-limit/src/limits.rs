@@ -13,6 +13,20 @@
 //! and giving back that token (a few nanoseconds), a concurrent call on the
 //! same key may see one token fewer and be refused; limits are never exceeded.
 //!
+//! # Waiting calls
+//!
+//! In [`Mode::Wait`], a call refused now reserves a place instead: the GCRA
+//! update of a call made at the quota's earliest admission time is applied
+//! at once (the theoretical arrival time moves one emission interval on),
+//! so the next waiter's earliest time is one interval later. Waiters are
+//! thus admitted one per interval in the order they reserved, each sleeping
+//! until its own time; none is woken to race for a token. The per-key place
+//! is reserved first, then the global one no earlier; if the global place
+//! is later, the per-key schedule is moved on to it (a little stricter than
+//! needed, never looser). A call whose place would be later than `max_wait`
+//! is refused and reserves nothing; a waiting call dropped before it is
+//! made gives its places back (one emission interval each).
+//!
 //! # State
 //!
 //! Each quota is governor's GCRA state: one `AtomicU64` updated by
@@ -36,6 +50,7 @@ use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
 use governor::{NotUntil, Quota, RateLimiter};
+use tokio::time::Instant;
 use toolwarden_core::{Event, Key, KeyRef, KeyedState, McpRequest, RateLimited};
 
 use crate::backend::{Acquire, RateLimitBackend, Scope};
@@ -91,16 +106,32 @@ impl Tat {
 struct Bucket {
     limiter: RateLimiter<NotKeyed, Tat, CallClock, NoOpMiddleware<TokioInstant>>,
     tat: Tat,
+    /// The emission interval `t`, in nanoseconds (at least 1, as governor's).
     interval: u64,
+    /// The burst tolerance `tau = t × (burst - 1)`, in nanoseconds.
+    tau: u64,
+    /// The limiter's start: the origin of the TAT's nanoseconds.
+    start: TokioInstant,
 }
 
 impl Bucket {
     fn new(quota: Quota) -> Self {
         let tat = Tat::default();
+        // Governor reads its start from the clock once, in `new`: hold one
+        // reading so that this bucket knows the same origin.
+        let held = CallInstant::hold();
+        let start = CallClock.now();
+        let limiter = RateLimiter::new(quota, tat.clone(), CallClock);
+        drop(held);
+        let interval = u64::try_from(quota.replenish_interval().as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         Bucket {
-            limiter: RateLimiter::new(quota, tat.clone(), CallClock),
+            limiter,
             tat,
-            interval: u64::try_from(quota.replenish_interval().as_nanos()).unwrap_or(u64::MAX),
+            interval,
+            tau: interval.saturating_mul(u64::from(quota.burst_size().get() - 1)),
+            start,
         }
     }
 
@@ -109,6 +140,104 @@ impl Bucket {
         self.limiter
             .check()
             .map_err(|not_until| wait_time(&not_until))
+    }
+
+    /// Nanoseconds from this bucket's start to `at` (0 before it).
+    fn ns(&self, at: TokioInstant) -> u64 {
+        let since = at.0.saturating_duration_since(self.start.0);
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// The instant `ns` nanoseconds after this bucket's start (saturating).
+    fn instant(&self, ns: u64) -> Instant {
+        let start = self.start.into_inner();
+        start
+            .checked_add(Duration::from_nanos(ns))
+            .or_else(|| start.checked_add(MAX_REFILL_HORIZON))
+            .unwrap_or(start)
+    }
+
+    /// Reserves this quota's next free place in its schedule, at or after
+    /// `not_before`: the GCRA update of a call made then, applied now, so
+    /// that the next caller is scheduled one emission interval later. Fails,
+    /// spending nothing, with the earliest such place when it is later than
+    /// `latest` (`None`: no limit).
+    fn reserve(&self, not_before: Instant, latest: Option<Instant>) -> Result<Instant, Instant> {
+        let not_before_ns = self.ns(TokioInstant(not_before));
+        let latest_ns = latest.map_or(u64::MAX, |latest| self.ns(TokioInstant(latest)));
+        let mut prev = self.tat.0.load(Ordering::Acquire);
+        loop {
+            // Governor's GCRA: an unused quota (0) is full at any time.
+            let tat = if prev == 0 { not_before_ns } else { prev };
+            let at = tat.saturating_sub(self.tau).max(not_before_ns);
+            if at > latest_ns {
+                return Err(self.instant(at));
+            }
+            let next = tat.max(at).saturating_add(self.interval);
+            match self
+                .tat
+                .0
+                .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(self.instant(at)),
+                Err(actual) => prev = actual,
+            }
+        }
+    }
+
+    /// Moves a reservation made for an earlier time to `at`: the schedule
+    /// then continues one emission interval after `at` at the earliest.
+    fn postpone_to(&self, at: Instant) {
+        let next = self.ns(TokioInstant(at)).saturating_add(self.interval);
+        self.tat.0.fetch_max(next, Ordering::AcqRel);
+    }
+
+    /// A handle that gives one token of this quota back.
+    fn token(&self) -> Token {
+        Token {
+            tat: self.tat.clone(),
+            interval: self.interval,
+        }
+    }
+}
+
+/// Far enough in the future to stand for "never" where an instant is needed.
+const MAX_REFILL_HORIZON: Duration = Duration::from_secs(200 * 365 * 24 * 60 * 60);
+
+/// One token of one quota, taken for a waiting call; given back by
+/// [`Reservation`] when the call is never made.
+#[derive(Debug)]
+struct Token {
+    tat: Tat,
+    interval: u64,
+}
+
+/// The tokens a call waiting in [`Mode::Wait`] has reserved, and the time it
+/// may be made. Dropped before [`consume`](Self::consume) (the waiting call
+/// was dropped, or its inner service failed), it gives the tokens back.
+#[derive(Debug)]
+pub(crate) struct Reservation {
+    at: Instant,
+    tokens: [Option<Token>; 2],
+}
+
+impl Reservation {
+    /// When the call may be made.
+    pub(crate) fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// The call is made: its tokens are spent.
+    pub(crate) fn consume(&mut self) {
+        self.tokens = [None, None];
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        for token in self.tokens.iter_mut().filter_map(Option::take) {
+            token.tat.refund(token.interval);
+        }
     }
 }
 
@@ -136,9 +265,11 @@ pub(crate) struct Refusal {
 /// The quota state of one configuration, shared by every clone of the
 /// services that use it (cloning it is one reference-count increment).
 ///
-/// [`RateLimitLayer`](crate::RateLimitLayer) creates one per service it
-/// builds; create one with [`RateLimitLayer::limits`](crate::RateLimitLayer::limits)
-/// to share it between services, or to check requests without a service.
+/// A [`RateLimitLayer`](crate::RateLimitLayer) creates one when it is built
+/// and gives it to every service it builds (and its clones do the same), so
+/// all of them share the quotas; [`RateLimitLayer::limits`](crate::RateLimitLayer::limits)
+/// returns it, to check requests without a service or to pass to
+/// [`RateLimit::new`](crate::RateLimit::new).
 ///
 /// ```
 /// use toolwarden_core::jsonrpc::Request;
@@ -217,6 +348,10 @@ impl RateLimits {
         self.shared.keyed.as_ref().map_or(0, KeyedState::len)
     }
 
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
     pub(crate) fn mode(&self) -> Mode {
         self.shared.config.mode
     }
@@ -253,29 +388,58 @@ impl RateLimits {
     /// Takes a token from both quotas of `request`, or neither.
     #[inline]
     pub(crate) fn acquire<R: McpRequest>(&self, request: &R) -> Result<(), Refusal> {
+        self.with_quotas(request, Shared::admit).unwrap_or(Ok(()))
+    }
+
+    /// Reserves `request`'s next place in both its quotas' schedules (see
+    /// [`Mode::Wait`]), from `now` to as late as `latest` (`None`: no limit);
+    /// `None` when the request is not limited. Refused, it spends nothing.
+    pub(crate) fn reserve<R: McpRequest>(
+        &self,
+        request: &R,
+        now: Instant,
+        latest: Option<Instant>,
+    ) -> Option<Result<Reservation, Refusal>> {
+        self.with_quotas(request, |shared, per_key| {
+            shared.reserve(per_key, now, latest)
+        })
+    }
+
+    /// Runs `f` on `request`'s per-key quota (if it has one), inserting its
+    /// key when new; `None` when the request is not limited.
+    #[inline]
+    fn with_quotas<R: McpRequest, T>(
+        &self,
+        request: &R,
+        f: impl FnOnce(&Shared, Option<&Bucket>) -> T,
+    ) -> Option<T> {
         let shared = &*self.shared;
         if !shared.config.all_methods && !request.is_tool_call() {
-            return Ok(());
+            return None;
         }
         let Some(keyed) = &shared.keyed else {
-            return shared.admit(None);
+            return Some(f(shared, None));
         };
         if shared.config.per_tool.is_none() && !shared.config.tools.contains_key(request.target()) {
             // This tool has no per-key quota: nothing to insert.
-            return shared.admit(None);
+            return Some(f(shared, None));
         }
         let key = shared.config.key_by.key(request);
         // The common case: an existing key, read without taking a handle.
-        if let Some(result) = keyed.with(&key, |bucket| shared.admit(bucket.as_ref())) {
+        let mut f = Some(f);
+        if let Some(result) =
+            keyed.with(&key, |bucket| f.take().map(|f| f(shared, bucket.as_ref())))
+        {
             return result;
         }
+        let f = f?;
         let entry = keyed.entry(key);
         if entry.is_overflow() {
             if let Some(bucket) = shared.override_overflow.get(request.target()) {
-                return shared.admit(Some(bucket));
+                return Some(f(shared, Some(bucket)));
             }
         }
-        shared.admit((*entry).as_ref())
+        Some(f(shared, (*entry).as_ref()))
     }
 
     /// The rejection of `request` for `refusal`, reported to the event sinks.
@@ -302,6 +466,46 @@ impl RateLimits {
 }
 
 impl Shared {
+    /// Reserves a place in the per-key schedule first, then in the global
+    /// one no earlier; a later global place postpones the per-key one to it,
+    /// and a global refusal gives the per-key place back.
+    #[cold]
+    fn reserve(
+        &self,
+        per_key: Option<&Bucket>,
+        now: Instant,
+        latest: Option<Instant>,
+    ) -> Result<Reservation, Refusal> {
+        let refusal = |scope, at: Instant| Refusal {
+            scope,
+            retry_after: at.saturating_duration_since(now),
+        };
+        let mut reservation = Reservation {
+            at: now,
+            tokens: [None, None],
+        };
+        if let Some(bucket) = per_key {
+            reservation.at = bucket
+                .reserve(now, latest)
+                .map_err(|at| refusal(Scope::Key, at))?;
+            reservation.tokens[0] = Some(bucket.token());
+        }
+        if let Some(global) = &self.global {
+            // A refusal drops `reservation`, giving the per-key place back.
+            let at = global
+                .reserve(reservation.at, latest)
+                .map_err(|at| refusal(Scope::Global, at))?;
+            if at > reservation.at {
+                if let Some(bucket) = per_key {
+                    bucket.postpone_to(at);
+                }
+                reservation.at = at;
+            }
+            reservation.tokens[1] = Some(global.token());
+        }
+        Ok(reservation)
+    }
+
     /// Per-key first, then global; a global refusal gives the per-key token back.
     #[inline]
     fn admit(&self, per_key: Option<&Bucket>) -> Result<(), Refusal> {

@@ -3,29 +3,44 @@
 use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tokio::time::Instant;
 use toolwarden_core::{BoxError, McpRequest};
 use tower_service::Service;
 
 use crate::backend::RateLimitBackend;
-use crate::future::{retry_at, ResponseFuture};
+use crate::future::ResponseFuture;
 use crate::layer::Mode;
 use crate::limits::RateLimits;
 
 /// Applies [`RateLimits`] to the calls of an inner service. Clones share the
-/// limits.
+/// limits (and so do all services built from one
+/// [`RateLimitLayer`](crate::RateLimitLayer)).
 ///
 /// `poll_ready` is the inner service's readiness (which quota a call needs
 /// depends on the request, known only in `call`). `call` takes the tokens:
-/// an admitted call goes straight to the inner service; a refused one
-/// resolves to [`RateLimited`](toolwarden_core::RateLimited) without reaching
-/// it, or, in [`Mode::Wait`], waits in the response future holding the
-/// ready inner service (swapped for a clone, as tower does).
+/// an admitted call goes straight to the inner service, using the readiness
+/// reserved by `poll_ready`; a refused one resolves to
+/// [`RateLimited`](toolwarden_core::RateLimited) without reaching it.
+///
+/// In [`Mode::Wait`], a call over quota reserves its own place in the
+/// quotas' schedules (so waiters are admitted one per emission interval, in
+/// the order they came, and never race for a token), gives up the readiness
+/// `poll_ready` reserved (replacing the inner service with a clone, as tower
+/// does), and waits in its response future until its place is due; only
+/// then does it drive a clone of the inner service to readiness and call
+/// it. A waiting call therefore never holds a `Buffer` slot or a
+/// `ConcurrencyLimit` permit of the service below, and calls to other tools
+/// go on meanwhile. Dropping a waiting call gives its place back.
+///
+/// This is why the inner service must be `Clone` (as for tower's `Buffer`
+/// or `Retry`): put it behind a `tower::buffer::Buffer` if it is not.
 ///
 /// With a [backend](crate::RateLimitBuilder::backend), `call` only prepares
-/// the question; a limited call's response future asks the backend, holding
-/// the ready inner service the same way, and calls it once admitted.
+/// the question; a limited call's response future asks the backend, and
+/// once admitted drives a clone of the inner service to readiness and calls
+/// it, in the same way.
 #[derive(Debug, Clone)]
 pub struct RateLimit<S> {
     inner: S,
@@ -85,18 +100,52 @@ where
             Err(refusal) => refusal,
         };
         if let Mode::Wait { max_wait } = self.limits.mode() {
-            let now = Instant::now();
-            let deadline = now.checked_add(max_wait);
-            if let Some(at) = retry_at(now, refusal.retry_after, deadline) {
-                // The ready service goes into the future; this handle keeps a
-                // clone that must be polled ready again.
-                let clone = self.inner.clone();
-                let ready = mem::replace(&mut self.inner, clone);
-                let limits = self.limits.clone();
-                return ResponseFuture::waiting(ready, request, limits, at, deadline);
-            }
+            return self.call_waiting(request, max_wait);
         }
         ResponseFuture::refused(self.limits.reject(&request, refusal))
+    }
+}
+
+impl<S> RateLimit<S> {
+    /// An unready clone of the inner service for a response future that
+    /// will call it later, giving up the readiness `poll_ready` reserved
+    /// (dropping the ready service releases it; this handle keeps a fresh
+    /// clone that must be polled ready again, as after any `call`).
+    fn release_readiness(&mut self) -> S
+    where
+        S: Clone,
+    {
+        let unready = self.inner.clone();
+        drop(mem::replace(&mut self.inner, unready));
+        self.inner.clone()
+    }
+
+    /// `call` in `Mode::Wait` for a call the quotas refused now: reserve
+    /// its place in their schedules and wait for it in the response future.
+    #[inline(never)]
+    fn call_waiting<R>(&mut self, request: R, max_wait: Duration) -> ResponseFuture<S, R>
+    where
+        R: McpRequest,
+        S: Service<R> + Clone,
+    {
+        let now = Instant::now();
+        match self
+            .limits
+            .reserve(&request, now, now.checked_add(max_wait))
+        {
+            // A token came free since the check: the call is made now.
+            Some(Ok(mut reservation)) if reservation.at() <= now => {
+                reservation.consume();
+                ResponseFuture::called(self.inner.call(request))
+            }
+            Some(Ok(reservation)) => {
+                let service = self.release_readiness();
+                ResponseFuture::waiting(service, request, reservation)
+            }
+            Some(Err(refusal)) => ResponseFuture::refused(self.limits.reject(&request, refusal)),
+            // Not limited (it was a moment ago, so this does not happen).
+            None => ResponseFuture::called(self.inner.call(request)),
+        }
     }
 }
 
@@ -119,11 +168,10 @@ impl<S> RateLimit<S> {
             Mode::Reject => None,
             Mode::Wait { max_wait } => Some(Instant::now().checked_add(max_wait)),
         };
-        // The ready service goes into the future, as in `Mode::Wait`.
-        let clone = self.inner.clone();
-        let ready = mem::replace(&mut self.inner, clone);
+        // The future drives its own clone to readiness once admitted.
+        let service = self.release_readiness();
         ResponseFuture::remote(
-            ready,
+            service,
             request,
             self.limits.clone(),
             backend,

@@ -114,3 +114,35 @@ async fn eight_clones_on_threads_never_exceed_the_burst() {
         );
     }
 }
+
+/// Every service a layer builds, and every service built from a clone of the
+/// layer, takes its tokens from one quota (one service per connection must
+/// not multiply the quota).
+#[tokio::test(start_paused = true)]
+async fn services_built_from_one_layer_and_its_clones_share_one_quota() {
+    let layer = RateLimitLayer::builder()
+        .per_tool(Rate::per_minute(2), 2)
+        .global(Rate::per_minute(10), 10)
+        .build()
+        .unwrap();
+    let mock = MockMcp::new();
+    let mut one = layer.layer(ReadyChecked::new(mock.clone()));
+    let mut two = layer.layer(ReadyChecked::new(mock.clone()));
+    let mut three = layer.clone().layer(ReadyChecked::new(mock.clone()));
+    call(&mut one, tool_call("search")).await.unwrap();
+    call(&mut two, tool_call("search")).await.unwrap();
+    assert_refused(
+        call(&mut three, tool_call("search")).await,
+        "search",
+        secs(30),
+    );
+    assert_refused(
+        call(&mut one, tool_call("search")).await,
+        "search",
+        secs(30),
+    );
+    assert_eq!(mock.calls("search"), 2);
+    // The layer's own limits are the ones its services use.
+    assert!(layer.limits().check(&tool_call("search")).is_err());
+    assert_eq!(one.limits().keys(), 1);
+}

@@ -11,9 +11,10 @@ use futures::future::join_all;
 use serde_json::json;
 use tokio::time::{advance, Instant};
 use toolwarden_core::jsonrpc::Request;
+use toolwarden_core::testing::{MockMcp, ReadyChecked};
 use toolwarden_core::{Bounds, KeyBy};
 use toolwarden_rate_limit::{Mode, Rate, RateLimitLayer};
-use tower::{Service, ServiceExt};
+use tower::{Layer, Service, ServiceExt};
 
 use support::*;
 
@@ -239,7 +240,7 @@ async fn waiting_calls_are_admitted_in_turn_until_max_wait() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_waiting_call_keeps_the_ready_service_and_the_handle_stays_usable() {
+async fn a_waiting_call_leaves_the_handle_usable() {
     let (mut svc, mock) = harness(
         RateLimitLayer::builder()
             .per_tool(Rate::per_second(1), 1)
@@ -421,14 +422,14 @@ async fn the_service_and_its_future_are_send_and_clones_share_limits() {
     let clone = svc.clone();
     assert!(svc.limits().check(&tool_call("a")).is_ok());
     assert!(clone.limits().check(&tool_call("a")).is_err());
-    // Two services from one layer do not share limits.
-    let layer = RateLimitLayer::builder()
-        .per_tool(Rate::per_minute(1), 1)
-        .build()
-        .unwrap();
+    // Everything from one layer shares its limits; another build does not.
+    let builder = RateLimitLayer::builder().per_tool(Rate::per_minute(1), 1);
+    let layer = builder.clone().build().unwrap();
     let (one, two) = (layer.limits(), layer.limits());
     assert!(one.check(&tool_call("a")).is_ok());
-    assert!(two.check(&tool_call("a")).is_ok());
+    assert!(two.check(&tool_call("a")).is_err());
+    let other = builder.build().unwrap().limits();
+    assert!(other.check(&tool_call("a")).is_ok());
 }
 
 #[tokio::test(start_paused = true)]
@@ -446,4 +447,99 @@ async fn a_max_wait_too_long_to_represent_waits_without_panicking() {
     call(&mut svc, tool_call("search")).await.unwrap();
     assert_eq!(start.elapsed(), secs(1));
     assert_eq!(mock.calls("search"), 2);
+}
+
+/// A call waiting for its tool's token does not hold the readiness of the
+/// service below (here a concurrency limit of one): a call to another tool,
+/// whose quota is untouched, is answered at once.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_call_does_not_hold_the_inner_services_readiness() {
+    let mock = MockMcp::new();
+    let below = tower::limit::ConcurrencyLimit::new(ReadyChecked::new(mock.clone()), 1);
+    let svc = RateLimitLayer::builder()
+        .per_tool(Rate::per_second(1), 1)
+        .mode(Mode::Wait { max_wait: secs(5) })
+        .build()
+        .unwrap()
+        .layer(below);
+    let mut a = svc.clone();
+    call(&mut a, tool_call("a")).await.unwrap();
+    let start = Instant::now();
+    let waiting = tokio::spawn(async move {
+        call(&mut a, tool_call("a")).await.unwrap();
+        start.elapsed()
+    });
+    // Let the second call to `a` start waiting for its token.
+    tokio::task::yield_now().await;
+    let mut b = svc.clone();
+    call(&mut b, tool_call("b")).await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        ms(0),
+        "the call to b waited behind a's token"
+    );
+    assert_eq!(waiting.await.unwrap(), secs(1));
+    assert_eq!(mock.calls("a"), 2);
+    assert_eq!(mock.calls("b"), 1);
+}
+
+/// Waiters for one tool each reserve their own place in the quota's
+/// schedule: they are admitted one per emission interval, in the order they
+/// arrived, however they are polled, and none is refused while the schedule
+/// fits in `max_wait`.
+#[tokio::test(start_paused = true)]
+async fn waiters_are_admitted_one_per_interval_in_arrival_order() {
+    let (svc, mock) = harness(
+        RateLimitLayer::builder()
+            .per_tool(Rate::per_second(1), 1)
+            .mode(Mode::Wait { max_wait: ms(3600) }),
+        true,
+    );
+    let mut first = svc.clone();
+    call(&mut first, tool_call("search")).await.unwrap(); // the burst, at 0
+    let start = Instant::now();
+    // Waiter i arrives at i × 100 ms; they are polled latest arrival first.
+    let waiters = (1..=4u64).rev().map(|i| {
+        let mut svc = svc.clone();
+        async move {
+            tokio::time::sleep(ms(100 * i)).await;
+            let result = call(&mut svc, tool_call("search")).await;
+            (
+                i,
+                result.map(|_| start.elapsed()).map_err(|e| e.to_string()),
+            )
+        }
+    });
+    let mut done = join_all(waiters).await;
+    done.sort_by_key(|(i, _)| *i);
+    let expected: Vec<_> = (1..=4u64).map(|i| (i, Ok(secs(i)))).collect();
+    assert_eq!(done, expected);
+    assert_eq!(mock.calls("search"), 5);
+}
+
+/// A waiter reserves its place in the global quota too: a later global
+/// place postpones the call, and calls to other tools queue behind it there.
+#[tokio::test(start_paused = true)]
+async fn waiters_reserve_their_place_in_the_global_quota_too() {
+    let (svc, mock) = harness(
+        RateLimitLayer::builder()
+            .per_tool(Rate::per_second(10), 1)
+            .global(Rate::per_second(1), 1)
+            .mode(Mode::Wait { max_wait: secs(5) }),
+        true,
+    );
+    let start = Instant::now();
+    let calls = ["a", "b", "a"].map(|tool| {
+        let mut svc = svc.clone();
+        async move {
+            call(&mut svc, tool_call(tool)).await.unwrap();
+            start.elapsed()
+        }
+    });
+    assert_eq!(join_all(calls).await, [secs(0), secs(1), secs(2)]);
+    assert_eq!((mock.calls("a"), mock.calls("b")), (2, 1));
+    // The schedule goes on after the last place: the next call waits until 3 s.
+    let mut svc = svc.clone();
+    call(&mut svc, tool_call("c")).await.unwrap();
+    assert_eq!(start.elapsed(), secs(3));
 }
