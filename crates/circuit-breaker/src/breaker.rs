@@ -29,7 +29,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
-use toolwarden_core::{Event, Key, Outcome};
+use toolwarden_core::{Event, FailureClass, Key, Outcome, OutcomeKind};
 
 use crate::config::Config;
 use crate::registry::Shared;
@@ -135,6 +135,9 @@ pub(crate) struct Ticket {
     epoch: u64,
     probe: bool,
     started: Option<Instant>,
+    /// For a probe, when it was admitted (nanoseconds since the registry's
+    /// epoch): its entry in `Record::probe_starts`.
+    probe_start: u64,
 }
 
 impl Ticket {
@@ -206,7 +209,7 @@ impl RecentErrors {
                     kind,
                     class,
                     code: outcome.code,
-                    counted: outcome.is_counted_failure(),
+                    counted: counts_against_the_tool(outcome),
                     count: 0,
                 }
             }
@@ -238,6 +241,10 @@ struct Record {
     consecutive_failures: u32,
     calls_since_close: u64,
     probes_in_flight: u32,
+    /// When each probe in flight was admitted (nanoseconds since the
+    /// registry's epoch), for `probe_timeout`; one entry per probe in
+    /// flight, so at most `half_open_max_calls`.
+    probe_starts: Vec<u64>,
     probe_successes: u32,
     reopens: u32,
     open_for: Duration,
@@ -254,6 +261,7 @@ impl Record {
             consecutive_failures: 0,
             calls_since_close: 0,
             probes_in_flight: 0,
+            probe_starts: Vec::new(),
             probe_successes: 0,
             reopens: 0,
             open_for: Duration::ZERO,
@@ -261,6 +269,30 @@ impl Record {
             recent: RecentErrors::default(),
             remote_origin: None,
         }
+    }
+
+    /// Forgets the probes in flight (the circuit left the half-open state).
+    fn clear_probes(&mut self) {
+        self.probes_in_flight = 0;
+        self.probe_starts.clear();
+    }
+
+    /// A probe admitted at `start` ended (or was dropped).
+    fn end_probe(&mut self, start: u64) {
+        self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        if let Some(i) = self.probe_starts.iter().position(|&s| s == start) {
+            self.probe_starts.swap_remove(i);
+        }
+    }
+
+    /// The deadline of the oldest probe in flight (nanoseconds since the
+    /// registry's epoch), if any.
+    fn probe_deadline(&self, config: &Config) -> Option<u64> {
+        let timeout = u64::try_from(config.probe_timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.probe_starts
+            .iter()
+            .min()
+            .map(|start| start.saturating_add(timeout))
     }
 
     fn clear_windows(&mut self) {
@@ -364,6 +396,7 @@ impl Breaker {
                 epoch: epoch_of(word),
                 probe: false,
                 started: self.start_time(),
+                probe_start: 0,
             }),
             CircuitState::Disabled => Admission::Untracked,
             _ => self.admit_slow(),
@@ -391,15 +424,22 @@ impl Breaker {
             }
             _ => {}
         }
-        let mut change = None;
+        let mut changes = [None, None];
         let admission = {
             let mut rec = self.record.lock();
-            let word = self.word.load(Ordering::Acquire);
+            let mut word = self.word.load(Ordering::Acquire);
+            if state_of(word) == CircuitState::HalfOpen {
+                if let Some(change) = self.time_out_probes(&mut rec, word, now_ns) {
+                    changes[0] = Some(change);
+                    word = self.word.load(Ordering::Acquire);
+                }
+            }
             match state_of(word) {
                 CircuitState::Closed | CircuitState::MetricsOnly => Admission::Tracked(Ticket {
                     epoch: epoch_of(word),
                     probe: false,
                     started: self.start_time(),
+                    probe_start: 0,
                 }),
                 CircuitState::Disabled => Admission::Untracked,
                 CircuitState::ForcedOpen => Admission::Refused(self.policy.reset_timeout),
@@ -410,22 +450,25 @@ impl Breaker {
                     } else {
                         let word = self.set_state(word, CircuitState::HalfOpen);
                         rec.probe_successes = 0;
+                        rec.clear_probes();
                         rec.probes_in_flight = 1;
-                        change = Some(Change::HalfOpen);
-                        self.probe_ticket(word, now)
+                        rec.probe_starts.push(now_ns);
+                        changes[1] = Some(Change::HalfOpen);
+                        self.probe_ticket(word, now, now_ns)
                     }
                 }
                 CircuitState::HalfOpen => {
                     if rec.probes_in_flight < self.policy.half_open_max_calls {
                         rec.probes_in_flight += 1;
-                        self.probe_ticket(word, now)
+                        rec.probe_starts.push(now_ns);
+                        self.probe_ticket(word, now, now_ns)
                     } else {
-                        Admission::Refused(self.half_open_retry_after())
+                        Admission::Refused(self.half_open_retry_after(&rec, now_ns))
                     }
                 }
             }
         };
-        if let Some(change) = change {
+        for change in changes.into_iter().flatten() {
             self.announce(change, true);
         }
         if let Admission::Refused(_) = admission {
@@ -434,11 +477,56 @@ impl Breaker {
         admission
     }
 
-    fn probe_ticket(&self, word: u64, now: Instant) -> Admission {
+    /// Under the lock, in the half-open state: if a probe in flight has
+    /// outlived `probe_timeout`, it counts as a failed probe (a timeout)
+    /// and the circuit reopens as of the probe's deadline, releasing every
+    /// probe's place (their outcomes, if they ever come, count for nothing).
+    fn time_out_probes(&self, rec: &mut Record, word: u64, now_ns: u64) -> Option<Change> {
+        let deadline = rec.probe_deadline(&self.policy)?;
+        if now_ns < deadline {
+            return None;
+        }
+        rec.totals.failed += 1;
+        rec.recent.push(&Outcome::failure(
+            OutcomeKind::Timeout,
+            FailureClass::Transient,
+        ));
+        Some(self.open_at(rec, word, deadline))
+    }
+
+    /// Times out an expired probe (see [`Self::time_out_probes`]) when the
+    /// circuit is half-open; reading the state or the time until a call may
+    /// pass does this first, so that an expired probe is seen without any
+    /// call arriving.
+    fn expire_probes(&self, now: Instant) {
+        if self.state() != CircuitState::HalfOpen {
+            return;
+        }
+        let change = {
+            let mut rec = self.record.lock();
+            let word = self.word.load(Ordering::Acquire);
+            if state_of(word) != CircuitState::HalfOpen {
+                return;
+            }
+            self.time_out_probes(&mut rec, word, self.ns_since_epoch(now))
+        };
+        if let Some(change) = change {
+            self.announce(change, true);
+        }
+    }
+
+    /// The current state, after timing out an expired probe.
+    pub(crate) fn current_state(&self, now: Instant) -> CircuitState {
+        self.expire_probes(now);
+        self.state()
+    }
+
+    fn probe_ticket(&self, word: u64, now: Instant, now_ns: u64) -> Admission {
         Admission::Tracked(Ticket {
             epoch: epoch_of(word),
             probe: true,
             started: self.policy.tracks_slow_calls().then_some(now),
+            probe_start: now_ns,
         })
     }
 
@@ -448,12 +536,20 @@ impl Breaker {
     }
 
     /// While every probe is in flight the next one is allowed when one of
-    /// them ends, which is unknown: the base reset timeout is the hint.
-    fn half_open_retry_after(&self) -> Duration {
-        self.policy.reset_timeout
+    /// them ends, which is unknown: the hint is the base reset timeout, or
+    /// the oldest probe's timeout if that comes first.
+    fn half_open_retry_after(&self, rec: &Record, now_ns: u64) -> Duration {
+        let until_timeout = rec
+            .probe_deadline(&self.policy)
+            .map_or(Duration::MAX, |deadline| {
+                Duration::from_nanos(deadline.saturating_sub(now_ns))
+            });
+        self.policy.reset_timeout.min(until_timeout)
     }
 
     /// Records the outcome of a call admitted with `ticket`.
+    ///
+    /// See [`counts_against_the_tool`] for the failures that trip it.
     pub(crate) fn complete(&self, ticket: Ticket, outcome: &Outcome) {
         let config = &*self.policy;
         let mut now = LazyNow(None);
@@ -462,7 +558,7 @@ impl Breaker {
             _ => false,
         };
         let success = outcome.is_success();
-        let counted_failure = outcome.is_counted_failure();
+        let counted_failure = counts_against_the_tool(outcome);
         let tick = match &config.time_window {
             Some(_) if success || counted_failure => Some(self.ns_since_epoch(now.get())),
             _ => None,
@@ -492,9 +588,16 @@ impl Breaker {
                 return; // admitted in an earlier state: it counts for nothing now
             }
             let state = state_of(word);
-            if ticket.probe {
+            if ticket.probe && state == CircuitState::HalfOpen {
+                // A probe that ends past its timeout has already failed.
+                let now_ns = self.ns_since_epoch(now.get());
+                change = self.time_out_probes(&mut rec, word, now_ns);
+            }
+            if change.is_some() {
+                // Reopened by a timed-out probe: this outcome counts for nothing.
+            } else if ticket.probe {
                 if state == CircuitState::HalfOpen {
-                    rec.probes_in_flight = rec.probes_in_flight.saturating_sub(1);
+                    rec.end_probe(ticket.probe_start);
                     if counted_failure || slow {
                         change = Some(self.open(&mut rec, word, now.get()));
                     } else if success {
@@ -543,7 +646,7 @@ impl Breaker {
         let mut rec = self.record.lock();
         let word = self.word.load(Ordering::Acquire);
         if epoch_of(word) == ticket.epoch && state_of(word) == CircuitState::HalfOpen {
-            rec.probes_in_flight = rec.probes_in_flight.saturating_sub(1);
+            rec.end_probe(ticket.probe_start);
         }
     }
 
@@ -571,23 +674,32 @@ impl Breaker {
         if secs >= max {
             config.max_reset_timeout
         } else {
-            Duration::from_secs_f64(secs)
+            // `secs` is finite and below a valid `Duration`; saturate anyway.
+            Duration::try_from_secs_f64(secs).unwrap_or(config.max_reset_timeout)
         }
     }
 
     fn open(&self, rec: &mut Record, word: u64, now: Instant) -> Change {
+        self.open_at(rec, word, self.ns_since_epoch(now))
+    }
+
+    /// Opens for the next open period, counted from `at_ns` (nanoseconds
+    /// since the registry's epoch).
+    fn open_at(&self, rec: &mut Record, word: u64, at_ns: u64) -> Change {
         let period = self.open_period(rec.reopens);
-        self.open_for(rec, word, now, period);
+        self.open_for_ns(rec, word, at_ns, period);
         rec.reopens = rec.reopens.saturating_add(1);
         Change::Opened(period, CircuitState::Open)
     }
 
     fn open_for(&self, rec: &mut Record, word: u64, now: Instant, period: Duration) {
-        let until = self
-            .ns_since_epoch(now)
-            .saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
+        self.open_for_ns(rec, word, self.ns_since_epoch(now), period);
+    }
+
+    fn open_for_ns(&self, rec: &mut Record, word: u64, at_ns: u64, period: Duration) {
+        let until = at_ns.saturating_add(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
         rec.open_for = period;
-        rec.probes_in_flight = 0;
+        rec.clear_probes();
         rec.probe_successes = 0;
         self.open_until.store(until, Ordering::Release);
         self.set_state(word, CircuitState::Open);
@@ -598,7 +710,7 @@ impl Breaker {
     fn close(&self, rec: &mut Record, word: u64, to: CircuitState) -> Change {
         rec.clear_windows();
         rec.reopens = 0;
-        rec.probes_in_flight = 0;
+        rec.clear_probes();
         rec.probe_successes = 0;
         self.set_state(word, to);
         Change::Closed(to)
@@ -624,7 +736,7 @@ impl Breaker {
             match mode {
                 CircuitState::ForcedOpen => {
                     self.set_state(word, mode);
-                    rec.probes_in_flight = 0;
+                    rec.clear_probes();
                     (!from.refusing()).then_some(Change::Opened(self.policy.reset_timeout, mode))
                 }
                 _ => {
@@ -724,6 +836,7 @@ impl Breaker {
 
     /// How long until a call may pass, if one may not now.
     pub(crate) fn retry_after(&self, now: Instant) -> Option<Duration> {
+        self.expire_probes(now);
         match self.state() {
             CircuitState::ForcedOpen => Some(self.policy.reset_timeout),
             CircuitState::Open => {
@@ -735,7 +848,7 @@ impl Breaker {
             CircuitState::HalfOpen => {
                 let rec = self.record.lock();
                 (rec.probes_in_flight >= self.policy.half_open_max_calls)
-                    .then(|| self.half_open_retry_after())
+                    .then(|| self.half_open_retry_after(&rec, self.ns_since_epoch(now)))
             }
             _ => None,
         }
@@ -833,4 +946,16 @@ impl CircuitSnapshot {
             .or(self.time_window)
             .and_then(|w| w.slow_call_rate)
     }
+}
+
+/// Whether `outcome` trips the breaker: a failure the classifier counts
+/// ([`Outcome::is_counted_failure`]: `Transient` or `Server`, not a
+/// rejection by another layer) that may have reached the tool. A failure
+/// known to have happened before the request was sent (connection refused,
+/// an upstream that is not connected) is not counted: it says nothing of
+/// the tool and put no load on it, and counting it kept an agent out for a
+/// whole open period after an upstream restart (the transport's reconnect,
+/// or the proxy's supervisor, deals with an upstream that is down).
+fn counts_against_the_tool(outcome: &Outcome) -> bool {
+    outcome.is_counted_failure() && !outcome.before_sent
 }

@@ -67,6 +67,7 @@ pub(crate) struct Config {
     pub(crate) jitter: f64,
     pub(crate) half_open_max_calls: u32,
     pub(crate) success_threshold: u32,
+    pub(crate) probe_timeout: Duration,
     pub(crate) key_by: KeyBy,
     pub(crate) bounds: Bounds,
 }
@@ -88,6 +89,7 @@ impl Default for Config {
             jitter: 0.1,
             half_open_max_calls: 1,
             success_threshold: 1,
+            probe_timeout: Duration::from_secs(30),
             key_by: KeyBy::Tool,
             bounds: Bounds::default(),
         }
@@ -111,6 +113,7 @@ impl fmt::Debug for Config {
             .field("jitter", &self.jitter)
             .field("half_open_max_calls", &self.half_open_max_calls)
             .field("success_threshold", &self.success_threshold)
+            .field("probe_timeout", &self.probe_timeout)
             .field("key_by", &self.key_by)
             .field("bounds", &self.bounds)
             .finish()
@@ -252,6 +255,9 @@ impl Config {
         if self.success_threshold == 0 {
             return Err(ConfigError::new("success_threshold", "must be at least 1"));
         }
+        if self.probe_timeout.is_zero() {
+            return Err(ConfigError::new("probe_timeout", "must be positive"));
+        }
         Ok(())
     }
 
@@ -260,7 +266,12 @@ impl Config {
     /// one. `max_reset_field` names this policy's `max_reset_timeout`.
     fn check_idle_timeout(&self, max_reset_field: &str) -> Result<(), ConfigError> {
         if let Some(idle) = self.bounds.idle_timeout {
-            let longest = self.max_reset_timeout.mul_f64(1.0 + self.jitter);
+            // Saturating: `mul_f64` panics past `Duration::MAX`.
+            // Saturating: `mul_f64` panics past `Duration::MAX`.
+            let longest = Duration::try_from_secs_f64(
+                self.max_reset_timeout.as_secs_f64() * (1.0 + self.jitter),
+            )
+            .unwrap_or(Duration::MAX);
             if idle <= longest {
                 return Err(ConfigError::new(
                     format!("bounds.idle_timeout, {max_reset_field}"),
@@ -286,8 +297,10 @@ impl Config {
 /// for the rate policies; since the circuit last closed, for the consecutive
 /// policy). Only failures the classifier counts
 /// ([`Outcome::is_counted_failure`](toolwarden_core::Outcome::is_counted_failure):
-/// `Transient` or `Server`, not a rejection by another toolwarden layer) trip
-/// it; `Client` failures and rejections are recorded nowhere but in the
+/// `Transient` or `Server`, not a rejection by another toolwarden layer)
+/// that may have reached the tool trip it; `Client` failures, rejections and
+/// failures before sending (`Outcome::before_sent`: connection refused, an
+/// upstream that is not connected) are recorded nowhere but in the
 /// snapshot's totals and recent errors.
 ///
 /// ```
@@ -381,6 +394,7 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// The failure rate (0–1] at or above which the circuit opens, over each
     /// enabled window; `None` disables the policy. Default `Some(0.5)`.
+    /// `build` refuses anything outside (0, 1], NaN and infinities included.
     pub fn failure_rate_threshold(mut self, rate: impl Into<Option<f64>>) -> Self {
         self.config.failure_rate_threshold = rate.into();
         self
@@ -393,7 +407,10 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
-    /// The time-based window; `None` disables it. Default `None`.
+    /// The time-based window; `None` disables it. Default `None`. `build`
+    /// refuses 0 or more than [`MAX_TIME_BUCKETS`] buckets and buckets
+    /// narrower than 1 ms; any longer duration is accepted, up to
+    /// `Duration::MAX` (a window that never forgets).
     pub fn time_window(mut self, window: impl Into<Option<TimeWindow>>) -> Self {
         self.config.time_window = window.into();
         self
@@ -401,6 +418,7 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// A call that takes at least this long is slow; `None` tracks no slow
     /// calls. Default `None`. A slow probe reopens a half-open circuit.
+    /// Must be positive; any longer value is accepted, up to `Duration::MAX`.
     pub fn slow_call_duration(mut self, duration: impl Into<Option<Duration>>) -> Self {
         self.config.slow_call_duration = duration.into();
         self
@@ -408,7 +426,8 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// The slow-call rate (0–1] at or above which the circuit opens, over
     /// each enabled window (used when `slow_call_duration` is set).
-    /// Default `1.0` (every call in the window slow).
+    /// Default `1.0` (every call in the window slow). `build` refuses
+    /// anything outside (0, 1], NaN and infinities included.
     pub fn slow_call_rate_threshold(mut self, rate: f64) -> Self {
         self.config.slow_call_rate_threshold = rate;
         self
@@ -421,7 +440,9 @@ impl<C> CircuitBreakerBuilder<C> {
     }
 
     /// How long the circuit stays open the first time before it lets a
-    /// probe through. Default 30 s.
+    /// probe through. Default 30 s. Must be positive; any longer value is
+    /// accepted, up to `Duration::MAX` (deadlines saturate: a circuit open
+    /// that long stays open until closed by hand).
     pub fn reset_timeout(mut self, timeout: Duration) -> Self {
         self.config.reset_timeout = timeout;
         self
@@ -429,12 +450,18 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Each consecutive re-open (a failed probe) multiplies the open period
     /// by this; it returns to `reset_timeout` after a clean close. Default `2.0`.
+    /// Must be a finite number >= 1 (`build` refuses NaN, infinities and
+    /// smaller values); the growth saturates at `max_reset_timeout`, however
+    /// large the multiplier.
     pub fn reset_multiplier(mut self, multiplier: f64) -> Self {
         self.config.reset_multiplier = multiplier;
         self
     }
 
-    /// The longest open period. Default 300 s.
+    /// The longest open period. Default 300 s. Must be at least
+    /// `reset_timeout`; any longer value is accepted, up to `Duration::MAX`
+    /// (with jitter, open periods are still capped at it, and the check
+    /// against `bounds.idle_timeout` saturates).
     pub fn max_reset_timeout(mut self, timeout: Duration) -> Self {
         self.config.max_reset_timeout = timeout;
         self
@@ -443,7 +470,8 @@ impl<C> CircuitBreakerBuilder<C> {
     /// Random spread of each open period, as a fraction: the period is
     /// multiplied by a uniform factor in `[1 - jitter, 1 + jitter]` (then
     /// capped at `max_reset_timeout`), so replicas do not probe in step.
-    /// In `[0, 1)`. Default `0.1`.
+    /// In `[0, 1)`. Default `0.1`. `build` refuses anything else, NaN and
+    /// infinities included.
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.config.jitter = jitter;
         self
@@ -462,6 +490,29 @@ impl<C> CircuitBreakerBuilder<C> {
         self
     }
 
+    /// How long a half-open probe may take before it counts as a failed
+    /// probe. Default 30 s; must be positive (any longer value, up to
+    /// `Duration::MAX`, is accepted: effectively no timeout).
+    ///
+    /// A probe that hangs (nothing below the breaker times it out) would
+    /// otherwise hold its half-open place forever, and the circuit with it.
+    /// Once a probe has been in flight this long without an outcome, it
+    /// counts as a failure (a `timeout`, in the totals and recent errors):
+    /// the circuit reopens with the next open period, counted from the
+    /// probe's deadline, and every probe's place is released; an outcome
+    /// that comes later counts for nothing. This needs no timer and does
+    /// not rely on the probe's future being polled: the expired probe is
+    /// noticed by the next call to the key, or when its state is read
+    /// ([`CircuitRegistry::state`](crate::CircuitRegistry::state), snapshots,
+    /// [`CircuitView`](toolwarden_core::CircuitView)).
+    ///
+    /// The probe's own call is not cancelled: put a timeout below the
+    /// breaker (`tower::timeout`) to bound the call itself.
+    pub fn probe_timeout(mut self, timeout: Duration) -> Self {
+        self.config.probe_timeout = timeout;
+        self
+    }
+
     /// What a breaker is kept per. Default [`KeyBy::Tool`].
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
         self.config.key_by = key_by;
@@ -470,7 +521,9 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// The bounds of the keyed breakers. Default [`Bounds::default`]
     /// (10 000 keys, then one shared overflow breaker; keys idle for 10
-    /// minutes evicted). The idle timeout must exceed the longest open period.
+    /// minutes evicted). The idle timeout must exceed the longest open period
+    /// (`max_reset_timeout` plus jitter, saturating at `Duration::MAX`, so
+    /// with a `max_reset_timeout` that long only `idle_timeout(None)` fits).
     pub fn bounds(mut self, bounds: Bounds) -> Self {
         self.config.bounds = bounds;
         self
@@ -510,7 +563,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// `failure_rate_threshold`, `count_window`, `time_window`,
     /// `slow_call_duration`, `slow_call_rate_threshold`, `minimum_calls`,
     /// `reset_timeout`, `reset_multiplier`, `max_reset_timeout`, `jitter`,
-    /// `half_open_max_calls` and `success_threshold`. The registry-wide
+    /// `half_open_max_calls`, `success_threshold` and `probe_timeout`. The registry-wide
     /// settings always come from this builder: `name`, `key_by`, `bounds`,
     /// `events`, `sync` and the classifier; setting them inside `configure`
     /// has no effect. Calling `tool` again for the same tool applies both
@@ -692,6 +745,7 @@ mod tests {
         assert_eq!(field_of(b().jitter(1.0)), "jitter");
         assert_eq!(field_of(b().half_open_max_calls(0)), "half_open_max_calls");
         assert_eq!(field_of(b().success_threshold(0)), "success_threshold");
+        assert_eq!(field_of(b().probe_timeout(Duration::ZERO)), "probe_timeout");
         assert_eq!(field_of(b().name("")), "name");
         assert_eq!(field_of(b().bounds(Bounds::max_keys(0))), "bounds.max_keys");
         assert_eq!(

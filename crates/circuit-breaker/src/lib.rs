@@ -22,9 +22,19 @@
 //! - **HalfOpen**: at most `half_open_max_calls` probes at once;
 //!   `success_threshold` successes close it, any counted failure (or slow
 //!   probe) reopens it. A probe dropped before it ends gives its place back.
+//!   A probe with no outcome after `probe_timeout` (default 30 s) counts as
+//!   a failed probe: the circuit reopens, without waiting for the probe's
+//!   future to be polled (see [`CircuitBreakerBuilder::probe_timeout`]), so
+//!   a hung probe cannot hold the circuit half-open forever.
 //! - Manual: **Disabled** (everything passes, nothing recorded),
 //!   **ForcedOpen** (everything refused), **MetricsOnly** (recorded and
 //!   reported, never refuses), set through the [`CircuitRegistry`].
+//!
+//! Every knob is validated by [`CircuitBreakerBuilder::build`], which names
+//! the bad field; durations and floats at any extreme (`Duration::MAX`,
+//! NaN, infinities, negatives) are either refused there or handled with
+//! saturating arithmetic, never a panic at build or call time. Each knob's
+//! bounds are written next to it.
 //!
 //! Every breaker follows the builder's policy, unless its tool has one of
 //! its own: [`CircuitBreakerBuilder::tool`] overrides the trip, reset and

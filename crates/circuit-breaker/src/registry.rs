@@ -194,10 +194,14 @@ impl CircuitRegistry {
     }
 
     /// The state of a key's circuit, if the key is held.
+    ///
+    /// A half-open circuit whose probe has outlived its `probe_timeout` is
+    /// reopened first (see [`CircuitBreakerBuilder::probe_timeout`](crate::CircuitBreakerBuilder::probe_timeout)).
     pub fn state(&self, name: &str) -> Option<CircuitState> {
+        let now = Instant::now();
         self.inner
             .breakers
-            .with(&self.key_ref(name), Breaker::state)
+            .with(&self.key_ref(name), |b| b.current_state(now))
     }
 
     /// A snapshot of one key's circuit, if the key is held.

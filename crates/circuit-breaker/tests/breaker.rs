@@ -891,3 +891,83 @@ fn tool_overrides_need_keys_that_name_a_tool() {
     // Without overrides those key functions are fine.
     assert!(consecutive(5).key_by(KeyBy::Server).build().is_ok());
 }
+
+/// A half-open probe that never ends (nothing below the breaker times it
+/// out) counts as a failed probe once `probe_timeout` (default 30 s) has
+/// passed: the circuit reopens, from the probe's deadline, with the next
+/// open period, and after it a new probe is let through.
+#[tokio::test(start_paused = true)]
+async fn a_probe_that_never_ends_times_out_and_reopens_the_circuit() {
+    let layer = consecutive(1).build().unwrap(); // reset 30 s, multiplier 2
+    let up = Upstream::new();
+    let mut svc = layer.layer(up.clone());
+    let registry = layer.registry().clone();
+    let f = svc.ready().await.unwrap().call(req("t"));
+    up.pop().unwrap().answer(Reply::ServerError);
+    f.await.unwrap();
+    tokio::time::advance(secs(30)).await;
+
+    // The probe reaches the upstream and hangs there; its future is never polled.
+    let hung = svc.ready().await.unwrap().call(req("t"));
+    assert_eq!(up.calls(), 2);
+    assert_eq!(registry.state("t"), Some(CircuitState::HalfOpen));
+    tokio::time::advance(secs(29)).await;
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert!(refusal(&err).is_some(), "the probe is still in flight");
+
+    // 30 s after the probe started it has failed: open for the next period
+    // (60 s), counted from the probe's deadline.
+    tokio::time::advance(secs(11)).await;
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert_eq!(refusal(&err).unwrap().retry_after(), Some(secs(50)));
+    assert_eq!(registry.state("t"), Some(CircuitState::Open));
+    let snap = registry.circuit("t").unwrap();
+    assert_eq!(snap.half_open_in_flight, 0);
+    assert_eq!(
+        snap.totals.failed, 2,
+        "the timed-out probe counts as a failure"
+    );
+    assert_eq!(up.calls(), 2);
+
+    // The late answer of the timed-out probe counts for nothing.
+    up.pop().unwrap().answer(Reply::Ok);
+    hung.await.unwrap();
+    assert_eq!(registry.state("t"), Some(CircuitState::Open));
+
+    // After the open period a new probe passes and closes the circuit.
+    tokio::time::advance(secs(50)).await;
+    let probe = svc.ready().await.unwrap().call(req("t"));
+    up.pop().unwrap().answer(Reply::Ok);
+    probe.await.unwrap();
+    assert_eq!(registry.state("t"), Some(CircuitState::Closed));
+}
+
+/// Issue 15, scenario 3: an upstream that is not connected answers every
+/// call at once with a failure before sending. Those say nothing of the
+/// tool and put no load on it: counting them kept an agent out for a whole
+/// open period after the upstream came back.
+#[tokio::test(start_paused = true)]
+async fn failures_before_sending_never_trip_it() {
+    use toolwarden_core::classify::TransportErrorKind;
+    let layer = consecutive(3).build().unwrap();
+    let upstream =
+        MockMcp::new().default_step("t", Step::Transport(TransportErrorKind::ConnectFailed));
+    let mut svc = layer.layer(ReadyChecked::new(upstream.clone()));
+    for _ in 0..20 {
+        let err = svc.ready().await.unwrap().call(req("t")).await.unwrap_err();
+        assert!(
+            refusal(&err).is_none(),
+            "never refused by the breaker: {err}"
+        );
+    }
+    assert_eq!(layer.registry().state("t"), Some(CircuitState::Closed));
+    assert_eq!(upstream.calls("t"), 20);
+    let snap = layer.registry().circuit("t").unwrap();
+    assert_eq!((snap.totals.failed, snap.totals.ignored), (0, 20));
+    // A failure after sending still counts.
+    upstream.set_default("t", Step::closed());
+    for _ in 0..3 {
+        let _ = svc.ready().await.unwrap().call(req("t")).await;
+    }
+    assert_eq!(layer.registry().state("t"), Some(CircuitState::Open));
+}
