@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use toolwarden_core::{ConfigError, Events, McpClassifier};
+use toolwarden_core::{Circuits, ConfigError, Events, McpClassifier};
 
 use crate::history::{CycleRule, Rules};
 use crate::layer::LoopGuardLayer;
@@ -13,6 +13,13 @@ use crate::layer::LoopGuardLayer;
 /// The largest `window_calls`: a session's memory is `window_calls` records
 /// of 32 bytes.
 pub const MAX_WINDOW_CALLS: usize = 1024;
+
+/// The longest [`LoopGuardBuilder::refusal_cooldown`]: a refusal never
+/// stays in force longer than this.
+pub const MAX_REFUSAL_COOLDOWN: Duration = Duration::from_secs(30);
+
+/// The default [`LoopGuardBuilder::refusal_cooldown`].
+const DEFAULT_REFUSAL_COOLDOWN: Duration = MAX_REFUSAL_COOLDOWN;
 
 /// The longest cycle that can be looked for.
 pub const MAX_CYCLE_PERIOD: usize = 8;
@@ -41,15 +48,21 @@ pub struct ToolLimits {
     /// call is blocked. Default `Some(3)`: the 4th is blocked. `None` turns
     /// the rule off; otherwise between 1 and `window_calls`.
     ///
-    /// "In a row" means with no success of the identical call, and no
-    /// success of any other call, in between; failures of other calls do not
-    /// interrupt a streak.
+    /// A failure is the tool answering badly: a tool error (`isError`,
+    /// empty result) or a JSON-RPC error. Transport failures, timeouts and
+    /// refusals by other toolwarden layers are neutral: they neither count
+    /// nor interrupt a streak. "In a row" means with no success of the
+    /// identical call, no success of any other call, and no lifted refusal
+    /// in between; failures of other calls do not interrupt a streak.
     pub max_failing_repeats: Option<u32>,
-    /// How many identical calls, whatever their outcome, may be made in a
-    /// row before the next one is blocked. Default `Some(8)`: the 9th is
-    /// blocked. `None` turns the rule off; otherwise between 1 and
-    /// `window_calls`. "In a row" means with no success of another call in
-    /// between.
+    /// How many identical calls may be made in a row before the next one is
+    /// blocked, whether they succeeded, failed or are still running.
+    /// Default `Some(8)`: the 9th is blocked. `None` turns the rule off;
+    /// otherwise between 1 and `window_calls`. Neutral calls (transport
+    /// failure, timeout, refusal by another toolwarden layer) do not count:
+    /// an agent polling through an upstream restart is not looping. "In a
+    /// row" means with no success of another call, and no lifted refusal,
+    /// in between.
     pub max_repeats: Option<u32>,
     /// Whether calls of this tool can make up a cycle that is blocked.
     /// Default `true`. A cycle that includes a call of a tool with `false`
@@ -138,6 +151,9 @@ pub(crate) struct Settings {
     window_ms: u64,
     pub(crate) max_sessions: usize,
     pub(crate) session_idle_timeout: Option<Duration>,
+    refusal_cooldown: Duration,
+    cooldown_ms: u64,
+    pub(crate) circuits: Circuits,
     pub(crate) events: Events,
 }
 
@@ -173,6 +189,7 @@ impl<C> LoopGuardConfig<C> {
             in_cycles: limits.cycles,
             cycles: settings.cycles,
             window_ms: settings.window_ms,
+            cooldown_ms: settings.cooldown_ms,
         }
     }
 
@@ -189,6 +206,11 @@ impl<C> LoopGuardConfig<C> {
     /// How long a call is remembered.
     pub fn window_time(&self) -> Duration {
         self.settings.window_time
+    }
+
+    /// How long a refusal stays in force at most.
+    pub fn refusal_cooldown(&self) -> Duration {
+        self.settings.refusal_cooldown
     }
 
     /// The maximum number of sessions with a history of their own.
@@ -229,6 +251,8 @@ impl<C: fmt::Debug> fmt::Debug for LoopGuardConfig<C> {
             .field("window_time", &s.window_time)
             .field("max_sessions", &s.max_sessions)
             .field("session_idle_timeout", &s.session_idle_timeout)
+            .field("refusal_cooldown", &s.refusal_cooldown)
+            .field("circuits", &s.circuits)
             .field("events", &s.events)
             .field("classifier", &self.classifier)
             .finish()
@@ -242,7 +266,7 @@ impl<C: fmt::Debug> fmt::Debug for LoopGuardConfig<C> {
 ///
 /// | knob | default |
 /// |---|---|
-/// | [`limits`](Self::limits) | [`ToolLimits::new()`]: block after 3 identical failures or 8 identical calls; cycles detected |
+/// | [`limits`](Self::limits) | [`ToolLimits::new()`]: block after 3 identical failures or 8 identical (non-neutral) calls; cycles detected |
 /// | [`tool_limits`](Self::tool_limits), [`exempt`](Self::exempt) | none |
 /// | [`max_cycle_period`](Self::max_cycle_period) | 3 |
 /// | [`max_cycle_repeats`](Self::max_cycle_repeats) | 3 |
@@ -250,6 +274,8 @@ impl<C: fmt::Debug> fmt::Debug for LoopGuardConfig<C> {
 /// | [`window_time`](Self::window_time) | 5 minutes |
 /// | [`max_sessions`](Self::max_sessions) | 10 000 |
 /// | [`session_idle_timeout`](Self::session_idle_timeout) | 10 minutes |
+/// | [`refusal_cooldown`](Self::refusal_cooldown) | 30 s |
+/// | [`circuits`](Self::circuits) | none: every circuit reads as closed |
 /// | [`events`](Self::events) | none |
 /// | [`classifier`](Self::classifier) | [`McpClassifier`] |
 #[derive(Debug, Clone)]
@@ -262,6 +288,8 @@ pub struct LoopGuardBuilder<C = McpClassifier> {
     window_time: Duration,
     max_sessions: usize,
     session_idle_timeout: Option<Duration>,
+    refusal_cooldown: Duration,
+    circuits: Circuits,
     events: Events,
     classifier: C,
 }
@@ -284,6 +312,8 @@ impl LoopGuardBuilder {
             window_time: Duration::from_secs(300),
             max_sessions: 10_000,
             session_idle_timeout: Some(Duration::from_secs(600)),
+            refusal_cooldown: DEFAULT_REFUSAL_COOLDOWN,
+            circuits: Circuits::none(),
             events: Events::new(),
             classifier: McpClassifier::new(),
         }
@@ -364,6 +394,29 @@ impl<C> LoopGuardBuilder<C> {
         self
     }
 
+    /// How long a refusal stays in force at most: this long after the
+    /// first refusal of a call, the identical call is let through again as
+    /// a fresh attempt (its streak restarts), however often it was refused
+    /// meanwhile. Default 30 s; must be positive and at most 30 s
+    /// ([`MAX_REFUSAL_COOLDOWN`]). A refusal also lifts earlier when the
+    /// identical call succeeds in any session of the guard, when the tool's
+    /// circuit closes (see [`circuits`](Self::circuits)), or when another
+    /// call of the session succeeds.
+    pub fn refusal_cooldown(mut self, cooldown: Duration) -> Self {
+        self.refusal_cooldown = cooldown;
+        self
+    }
+
+    /// Which circuits are open (in a stack: the circuit breaker's registry,
+    /// as a [`Circuits`] view), so that a refusal made while the tool's
+    /// circuit was open lifts once it no longer refuses calls. Default
+    /// [`Circuits::none()`]: every circuit reads as closed, so this way of
+    /// lifting never applies.
+    pub fn circuits(mut self, circuits: Circuits) -> Self {
+        self.circuits = circuits;
+        self
+    }
+
     /// Where warnings ([`Event::LoopWarned`](toolwarden_core::Event::LoopWarned))
     /// and blocks ([`Event::LoopBlocked`](toolwarden_core::Event::LoopBlocked))
     /// are reported. Default: nowhere.
@@ -384,6 +437,8 @@ impl<C> LoopGuardBuilder<C> {
             window_time: self.window_time,
             max_sessions: self.max_sessions,
             session_idle_timeout: self.session_idle_timeout,
+            refusal_cooldown: self.refusal_cooldown,
+            circuits: self.circuits,
             events: self.events,
             classifier,
         }
@@ -425,6 +480,15 @@ impl<C> LoopGuardBuilder<C> {
             return Err(ConfigError::new(
                 "session_idle_timeout, window_time",
                 "session_idle_timeout must be at least window_time, or calls inside the window are forgotten",
+            ));
+        }
+        if self.refusal_cooldown.is_zero() || self.refusal_cooldown > MAX_REFUSAL_COOLDOWN {
+            return Err(ConfigError::new(
+                "refusal_cooldown",
+                format!(
+                    "must be positive and at most {} s",
+                    MAX_REFUSAL_COOLDOWN.as_secs()
+                ),
             ));
         }
         if !(2..=MAX_CYCLE_PERIOD).contains(&self.max_cycle_period) {
@@ -489,6 +553,11 @@ impl<C> LoopGuardBuilder<C> {
                     .max(1),
                 max_sessions: self.max_sessions,
                 session_idle_timeout: self.session_idle_timeout,
+                refusal_cooldown: self.refusal_cooldown,
+                cooldown_ms: u64::try_from(self.refusal_cooldown.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1),
+                circuits: self.circuits,
                 events: self.events,
             }),
             classifier: self.classifier,
@@ -518,6 +587,7 @@ mod tests {
         assert_eq!(config.window_calls(), 16);
         assert_eq!(config.window_time(), Duration::from_secs(300));
         assert_eq!(config.max_sessions(), 10_000);
+        assert_eq!(config.refusal_cooldown(), Duration::from_secs(30));
         assert_eq!(
             config.settings.session_idle_timeout,
             Some(Duration::from_secs(600))
@@ -556,6 +626,19 @@ mod tests {
             ),
             "session_idle_timeout, window_time"
         );
+        assert_eq!(
+            field(b().refusal_cooldown(Duration::ZERO).build()),
+            "refusal_cooldown"
+        );
+        assert_eq!(
+            field(b().refusal_cooldown(Duration::from_millis(30_001)).build()),
+            "refusal_cooldown"
+        );
+        assert!(b()
+            .refusal_cooldown(Duration::from_nanos(1))
+            .build()
+            .is_ok());
+        assert!(b().refusal_cooldown(MAX_REFUSAL_COOLDOWN).build().is_ok());
         assert_eq!(field(b().max_cycle_period(1).build()), "max_cycle_period");
         assert_eq!(field(b().max_cycle_period(9).build()), "max_cycle_period");
         assert_eq!(field(b().max_cycle_repeats(1).build()), "max_cycle_repeats");

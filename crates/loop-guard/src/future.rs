@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use toolwarden_core::{BoxError, CallKind, Classify, LoopDetected};
+use toolwarden_core::{BoxError, CallKind, Classify, LoopDetected, OutcomeKind};
 
 use crate::history::Mark;
 use crate::sessions::SessionRef;
@@ -42,6 +42,7 @@ pin_project! {
 pub(crate) struct Recorder<C> {
     pub(crate) session: SessionRef,
     pub(crate) seq: u64,
+    pub(crate) fingerprint: u64,
     pub(crate) classifier: C,
 }
 
@@ -56,14 +57,15 @@ impl<C> Recorder<C> {
                 .classify_response(CallKind::ToolCall, response),
             Err(error) => self.classifier.classify_error(error.as_ref()),
         };
-        let mark = if outcome.is_success() {
-            Mark::Succeeded
-        } else if outcome.is_rejection() {
-            Mark::Neutral
-        } else {
-            Mark::Failed
+        let mark = match outcome.kind {
+            OutcomeKind::Success => Mark::Succeeded,
+            // The upstream was unreachable, or a layer below refused the
+            // call: not the tool answering badly, so no loop is built.
+            OutcomeKind::Transport | OutcomeKind::Timeout | OutcomeKind::Rejected => Mark::Neutral,
+            // The tool answered badly: a tool error or a protocol error.
+            _ => Mark::Failed,
         };
-        self.session.settle(self.seq, mark);
+        self.session.settle(self.seq, self.fingerprint, mark);
     }
 }
 

@@ -8,11 +8,17 @@
 //! Deciding on a call ([`History::admit`]) reads the live records (those
 //! inside the time window) from the newest back, once for the repeat rules
 //! and once per cycle period, so it costs O(window) at most and usually far
-//! less: the repeat scan stops at the first success of another call, and
-//! a cycle check stops at the first mismatch.
+//! less: the repeat scan stops at the first success of another call or at
+//! the newest refusal of the identical call (which records when the
+//! refusal began, so nothing older is read), and a cycle check stops at
+//! the first mismatch.
+
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use toolwarden_core::LoopPattern;
+
+use crate::sessions::Shared;
 
 /// What became of a recorded call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,11 +27,13 @@ pub(crate) enum Mark {
     Pending,
     /// The classifier called it a success.
     Succeeded,
-    /// The classifier called it a failure of any class (`Transient`,
-    /// `Server` or `Client`).
+    /// The tool answered badly: a tool error (`isError`, empty result) or
+    /// a JSON-RPC error, of any failure class.
     Failed,
-    /// Refused by a toolwarden layer below this one (rate limit, open
-    /// circuit): not the agent's doing, so neither success nor failure.
+    /// The upstream was unreachable (transport failure, timeout) or a
+    /// toolwarden layer below this one refused the call (rate limit, open
+    /// circuit): not the agent's doing. Neither success nor failure, and
+    /// not a repeat: it builds no loop.
     Neutral,
     /// Refused by this guard.
     Blocked {
@@ -33,6 +41,14 @@ pub(crate) enum Mark {
         pattern: LoopPattern,
         /// The repeats reported when it was refused.
         repeats: u32,
+        /// Whether the tool's circuit refused calls when this block, or an
+        /// earlier block of the same refusal, was made.
+        circuit_open: bool,
+        /// How long the refusal had been in force when this block was made
+        /// (0 for its first block), saturating: the refusal started
+        /// `at_ms - in_force_ms`, even when its first block has left the
+        /// window.
+        in_force_ms: u32,
     },
 }
 
@@ -70,6 +86,18 @@ pub(crate) struct Rules {
     pub(crate) cycles: CycleRule,
     /// Records older than this are forgotten.
     pub(crate) window_ms: u64,
+    /// A refusal lifts this long after it was first made.
+    pub(crate) cooldown_ms: u64,
+}
+
+/// What else a decision may need to know, asked only when a refusal of the
+/// identical call is found (or made).
+pub(crate) struct Lifts<'a> {
+    /// When the identical call last succeeded in any session of the guard,
+    /// in milliseconds since the guard's epoch; 0 when not known.
+    pub(crate) last_success_ms: &'a dyn Fn() -> u64,
+    /// Whether the call's tool's circuit refuses calls now.
+    pub(crate) circuit_open: &'a dyn Fn() -> bool,
 }
 
 /// Which cycles are loops.
@@ -102,15 +130,27 @@ pub(crate) struct Verdict {
     pub(crate) repeats: u32,
 }
 
-/// The identical calls before this one, back to the last success of another call.
+/// The identical calls before this one, back to the last success of
+/// another call or to a refusal of the identical call.
 #[derive(Debug, Default)]
 struct Streak {
-    /// Identical calls, whatever became of them.
+    /// Identical calls that succeeded, failed or are still pending (not
+    /// the neutral ones).
     repeats: u32,
     /// Identical calls that failed since the last identical success.
     failures: u32,
-    /// The newest refusal of an identical call, which stays in force.
-    blocked: Option<Verdict>,
+    /// The refusal of an identical call, when it is still in force.
+    blocked: Option<Refusal>,
+}
+
+/// A refusal of the identical call in force, as its newest block records it.
+#[derive(Debug, Clone, Copy)]
+struct Refusal {
+    newest: Verdict,
+    /// When its first block was made.
+    since_ms: u64,
+    /// Whether any of its blocks was made while the tool's circuit refused calls.
+    circuit_open: bool,
 }
 
 /// A periodic run of calls ending with the current one.
@@ -177,9 +217,15 @@ impl History {
     /// Decides on a call with `fingerprint` made at `now_ms`, and records it
     /// (as pending, or as blocked).
     ///
-    /// The rules, in order:
+    /// Neutral records (see [`Mark::Neutral`]) count for nothing. The
+    /// rules, in order:
     /// 1. a refusal of the identical call since the last success of another
-    ///    call stays in force;
+    ///    call stays in force, unless it lifted: the identical call
+    ///    succeeded since (in this session, or in any other as `lifts`
+    ///    says), a block of it was made while the tool's circuit refused
+    ///    calls and it no longer does, or `cooldown_ms` passed since its
+    ///    first block. A lifted refusal ends the streak: the calls before
+    ///    it no longer count for rules 2–3;
     /// 2. `max_failing_repeats` identical calls failed since the last success
     ///    of the identical call or of another call: blocked;
     /// 3. `max_repeats` identical calls since the last success of another
@@ -188,8 +234,14 @@ impl History {
     ///    calls more than `max_rounds` times: blocked.
     ///
     /// A call one short of rules 2–4 passes with a warning.
-    pub(crate) fn admit(&mut self, fingerprint: u64, now_ms: u64, rules: &Rules) -> Admission {
-        let streak = self.streak(fingerprint, now_ms, rules.window_ms);
+    pub(crate) fn admit(
+        &mut self,
+        fingerprint: u64,
+        now_ms: u64,
+        rules: &Rules,
+        lifts: &Lifts<'_>,
+    ) -> Admission {
+        let streak = self.streak(fingerprint, now_ms, rules, lifts);
         let cycle = if rules.in_cycles {
             self.cycle(fingerprint, now_ms, rules.window_ms, rules.cycles)
         } else {
@@ -197,10 +249,18 @@ impl History {
         };
         let decision = decide(&streak, cycle, rules);
         let mark = match decision {
-            Err(verdict) => Mark::Blocked {
-                pattern: verdict.pattern,
-                repeats: verdict.repeats,
-            },
+            Err(verdict) => {
+                // A block continues the refusal in force, or starts one.
+                let (since_ms, was_open) = streak
+                    .blocked
+                    .map_or((now_ms, false), |r| (r.since_ms, r.circuit_open));
+                Mark::Blocked {
+                    pattern: verdict.pattern,
+                    repeats: verdict.repeats,
+                    circuit_open: was_open || (lifts.circuit_open)(),
+                    in_force_ms: u32::try_from(now_ms.saturating_sub(since_ms)).unwrap_or(u32::MAX),
+                }
+            }
             Ok(_) => Mark::Pending,
         };
         let seq = self.push(Record {
@@ -234,12 +294,12 @@ impl History {
         now_ms.saturating_sub(record.at_ms) < window_ms
     }
 
-    fn streak(&self, fingerprint: u64, now_ms: u64, window_ms: u64) -> Streak {
+    fn streak(&self, fingerprint: u64, now_ms: u64, rules: &Rules, lifts: &Lifts<'_>) -> Streak {
         let mut streak = Streak::default();
         let mut counting_failures = true;
         for k in 1..=self.len {
             let record = self.prior(k);
-            if !Self::is_live(record, now_ms, window_ms) {
+            if !Self::is_live(record, now_ms, rules.window_ms) {
                 break;
             }
             if record.fingerprint != fingerprint {
@@ -250,14 +310,44 @@ impl History {
                 }
                 continue;
             }
-            streak.repeats += 1;
             match record.mark {
-                Mark::Failed if counting_failures => streak.failures += 1,
-                Mark::Succeeded => counting_failures = false,
-                Mark::Blocked { pattern, repeats } if streak.blocked.is_none() => {
-                    streak.blocked = Some(Verdict { pattern, repeats });
+                Mark::Neutral => {}
+                Mark::Pending => streak.repeats += 1,
+                Mark::Failed => {
+                    streak.repeats += 1;
+                    if counting_failures {
+                        streak.failures += 1;
+                    }
                 }
-                _ => {}
+                Mark::Succeeded => {
+                    streak.repeats += 1;
+                    counting_failures = false;
+                }
+                Mark::Blocked {
+                    pattern,
+                    repeats,
+                    circuit_open,
+                    in_force_ms,
+                } => {
+                    // The newest refusal: in force, or lifted, and then the
+                    // calls before it are forgotten. Either way the older
+                    // records say nothing more.
+                    let refusal = Refusal {
+                        newest: Verdict { pattern, repeats },
+                        since_ms: record.at_ms.saturating_sub(u64::from(in_force_ms)),
+                        circuit_open,
+                    };
+                    // An identical success newer than the refusal is one
+                    // the refused session made itself.
+                    let lifted = !counting_failures
+                        || now_ms.saturating_sub(refusal.since_ms) >= rules.cooldown_ms
+                        || (lifts.last_success_ms)() > refusal.since_ms
+                        || (refusal.circuit_open && !(lifts.circuit_open)());
+                    if !lifted {
+                        streak.blocked = Some(refusal);
+                    }
+                    break;
+                }
             }
         }
         streak
@@ -272,7 +362,10 @@ impl History {
             return None;
         }
         let record = self.prior(k);
-        Self::is_live(record, now_ms, window_ms).then_some((record.fingerprint, record.in_cycles))
+        // A neutral call (the upstream was down, or a layer below refused
+        // it) builds no cycle: it ends the run, like a call out of the window.
+        (Self::is_live(record, now_ms, window_ms) && record.mark != Mark::Neutral)
+            .then_some((record.fingerprint, record.in_cycles))
     }
 
     fn cycle(
@@ -325,10 +418,10 @@ fn decide(
     cycle: Option<Cycle>,
     rules: &Rules,
 ) -> Result<Option<Verdict>, Verdict> {
-    if let Some(blocked) = streak.blocked {
+    if let Some(refusal) = streak.blocked {
         return Err(Verdict {
-            pattern: blocked.pattern,
-            repeats: blocked.repeats.saturating_add(1),
+            pattern: refusal.newest.pattern,
+            repeats: refusal.newest.repeats.saturating_add(1),
         });
     }
     let failing = rules
@@ -372,24 +465,48 @@ fn decide(
 }
 
 /// One session's state: its history behind a short lock, uncontended
-/// unless the session itself makes concurrent calls.
+/// unless the session itself makes concurrent calls, and the guard's state
+/// every session shares (clock, recent successes).
 #[derive(Debug)]
 pub(crate) struct Session {
     history: Mutex<History>,
+    shared: Arc<Shared>,
 }
 
 impl Session {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, shared: Arc<Shared>) -> Self {
         Session {
             history: Mutex::new(History::new(capacity)),
+            shared,
         }
     }
 
-    pub(crate) fn admit(&self, fingerprint: u64, now_ms: u64, rules: &Rules) -> Admission {
-        self.history.lock().admit(fingerprint, now_ms, rules)
+    /// Decides on a call made now; `circuit_open` tells whether the call's
+    /// tool's circuit refuses calls, and is asked only when a refusal is
+    /// found or made.
+    pub(crate) fn admit(
+        &self,
+        fingerprint: u64,
+        rules: &Rules,
+        circuit_open: &dyn Fn() -> bool,
+    ) -> Admission {
+        let shared = &*self.shared;
+        let lifts = Lifts {
+            last_success_ms: &|| shared.last_success_ms(fingerprint),
+            circuit_open,
+        };
+        let now_ms = shared.now_ms();
+        self.history
+            .lock()
+            .admit(fingerprint, now_ms, rules, &lifts)
     }
 
-    pub(crate) fn settle(&self, seq: u64, mark: Mark) {
+    /// Records what became of the call `seq` with `fingerprint`; a success
+    /// is also noted for every session of the guard.
+    pub(crate) fn settle(&self, seq: u64, fingerprint: u64, mark: Mark) {
+        if mark == Mark::Succeeded {
+            self.shared.record_success(fingerprint);
+        }
         self.history.lock().settle(seq, mark);
     }
 
@@ -419,13 +536,28 @@ mod tests {
                 max_rounds: 3,
             },
             window_ms: 300_000,
+            cooldown_ms: 30_000,
         }
     }
+
+    fn never_succeeded() -> u64 {
+        0
+    }
+
+    fn closed() -> bool {
+        false
+    }
+
+    /// No success elsewhere, every circuit closed.
+    const NO_LIFTS: Lifts<'static> = Lifts {
+        last_success_ms: &never_succeeded,
+        circuit_open: &closed,
+    };
 
     /// Admits `fp` at `now`, settles it with `mark` when it passes, and
     /// returns the admission.
     fn call(h: &mut History, fp: u64, now: u64, mark: Mark, rules: &Rules) -> Admission {
-        let admission = h.admit(fp, now, rules);
+        let admission = h.admit(fp, now, rules, &NO_LIFTS);
         if let Admission::Pass { seq, .. } = admission {
             h.settle(seq, mark);
         }
@@ -537,21 +669,73 @@ mod tests {
     }
 
     #[test]
-    fn pending_and_neutral_calls_are_repeats_but_not_failures() {
+    fn pending_calls_are_repeats_but_not_failures_and_neutral_calls_are_neither() {
         let (mut h, r) = (History::new(16), rules());
-        for t in 0..3 {
-            call(&mut h, A, t, Mark::Neutral, &r);
+        // Neutral calls (upstream down, refused below) build no loop, however many.
+        for t in 0..12 {
+            let a = call(&mut h, A, t, Mark::Neutral, &r);
+            assert_eq!((blocked(a), warned(a)), (None, None), "neutral call {t}");
         }
-        for t in 3..6 {
-            h.admit(A, t, &r); // never settled: pending
+        for t in 12..18 {
+            h.admit(A, t, &r, &NO_LIFTS); // never settled: pending
         }
-        assert!(blocked(call(&mut h, A, 6, Mark::Failed, &r)).is_none());
-        assert!(blocked(call(&mut h, A, 7, Mark::Failed, &r)).is_none());
-        // 8 identical calls so far: the 9th is a repeat too many.
+        assert!(blocked(call(&mut h, A, 18, Mark::Failed, &r)).is_none());
+        assert!(blocked(call(&mut h, A, 19, Mark::Failed, &r)).is_none());
+        // 8 identical calls that count so far: the 9th is a repeat too many.
         assert_eq!(
-            blocked(call(&mut h, A, 8, Mark::Failed, &r)).map(|v| v.pattern),
+            blocked(call(&mut h, A, 20, Mark::Failed, &r)).map(|v| v.pattern),
             Some(LoopPattern::Repeated)
         );
+    }
+
+    #[test]
+    fn neutral_calls_build_no_cycle() {
+        let (mut h, r) = (History::new(16), rules());
+        for t in 0..16u64 {
+            let fp = if t % 2 == 0 { A } else { B };
+            let a = call(&mut h, fp, t, Mark::Neutral, &r);
+            assert_eq!((blocked(a), warned(a)), (None, None), "t={t}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_in_force_lifts_by_its_first_block_and_the_streak_restarts() {
+        let (mut h, r) = (History::new(16), rules());
+        for t in 0..3 {
+            call(&mut h, A, t, Mark::Failed, &r);
+        }
+        // Refused at 10, asked again at 20_000 and 29_999: still in force.
+        for t in [10, 20_000, 29_999] {
+            assert!(blocked(call(&mut h, A, t, Mark::Failed, &r)).is_some());
+        }
+        // 30 s after the first block, not the newest: lifted.
+        assert!(blocked(call(&mut h, A, 30_010, Mark::Failed, &r)).is_none());
+        // The streak restarted: one failure so far, two more pass.
+        assert!(blocked(call(&mut h, A, 30_011, Mark::Failed, &r)).is_none());
+        assert!(blocked(call(&mut h, A, 30_012, Mark::Failed, &r)).is_none());
+        assert!(blocked(call(&mut h, A, 30_013, Mark::Failed, &r)).is_some());
+
+        // A success elsewhere after the first block lifts it; one before does not.
+        let (before, after) = (|| 30_013, || 30_014);
+        let before = Lifts {
+            last_success_ms: &before,
+            circuit_open: &closed,
+        };
+        let after = Lifts {
+            last_success_ms: &after,
+            circuit_open: &closed,
+        };
+        assert!(blocked(h.clone_admit_with(A, 30_014, &r, &before)).is_some());
+        assert!(blocked(h.clone_admit_with(A, 30_014, &r, &after)).is_none());
+        // A circuit that refused calls at the block lifts it when closed, not before.
+        let open = || true;
+        let open_now = Lifts {
+            last_success_ms: &never_succeeded,
+            circuit_open: &open,
+        };
+        assert!(blocked(h.admit(A, 30_015, &r, &open_now)).is_some());
+        assert!(blocked(h.clone_admit_with(A, 30_016, &r, &open_now)).is_some());
+        assert!(blocked(h.clone_admit_with(A, 30_016, &r, &NO_LIFTS)).is_none());
     }
 
     #[test]
@@ -668,7 +852,7 @@ mod tests {
     #[test]
     fn a_settled_record_is_not_settled_again_and_an_overwritten_one_is_left_alone() {
         let (mut h, r) = (History::new(2), rules());
-        let Admission::Pass { seq: first, .. } = h.admit(A, 0, &r) else {
+        let Admission::Pass { seq: first, .. } = h.admit(A, 0, &r, &NO_LIFTS) else {
             panic!()
         };
         h.settle(first, Mark::Failed);
@@ -694,7 +878,18 @@ mod tests {
                 len: self.len,
                 next_seq: self.next_seq,
             };
-            copy.admit(fp, now, r)
+            copy.admit(fp, now, r, &NO_LIFTS)
+        }
+
+        /// Admits on a copy with `lifts`, leaving `self` untouched.
+        fn clone_admit_with(&self, fp: u64, now: u64, r: &Rules, lifts: &Lifts<'_>) -> Admission {
+            let mut copy = History {
+                records: self.records.clone(),
+                next: self.next,
+                len: self.len,
+                next_seq: self.next_seq,
+            };
+            copy.admit(fp, now, r, lifts)
         }
     }
 
@@ -711,7 +906,8 @@ mod tests {
         /// Whatever the calls, the inner service never sees more than
         /// `max_failing_repeats` failures of one call in a row, nor more
         /// than `max_repeats` identical calls in a row, where "in a row"
-        /// means with no success of another call in between.
+        /// means with no success of another call in between, and neutral
+        /// calls do not count.
         #[test]
         fn no_streak_ever_exceeds_its_limit(
             calls in prop::collection::vec((0u64..4, arb_mark()), 0..200),
@@ -729,7 +925,10 @@ mod tests {
                     continue;
                 }
                 let (failures, repeats) = seen.entry(fp).or_default();
-                *repeats += 1;
+                // Neutral calls count for nothing.
+                if mark != Mark::Neutral {
+                    *repeats += 1;
+                }
                 match mark {
                     Mark::Failed => *failures += 1,
                     Mark::Succeeded => *failures = 0,
@@ -764,10 +963,10 @@ mod tests {
 
     #[test]
     fn a_session_holds_a_fixed_number_of_records() {
-        let s = Session::new(16);
+        let s = Session::new(16, Arc::new(Shared::new()));
         let r = rules();
         for t in 0..1000u64 {
-            s.admit(t, t, &r);
+            s.admit(t, &r, &|| false);
         }
         assert_eq!(s.capacity(), 16);
     }

@@ -61,13 +61,13 @@
 //! blocked, in this order, when:
 //!
 //! 1. **a refusal stays in force**: an identical call was blocked since the
-//!    last success of another call;
+//!    last success of another call, and the refusal has not lifted (below);
 //! 2. **it keeps failing**: `max_failing_repeats` identical calls (default 3)
 //!    failed in a row, so the 4th is blocked
 //!    ([`LoopPattern::RepeatedFailure`]);
 //! 3. **it keeps coming**: `max_repeats` identical calls (default 8) were
-//!    made in a row whatever their outcome, so the 9th is blocked
-//!    ([`LoopPattern::Repeated`]);
+//!    made in a row, whether they succeeded, failed or are still running,
+//!    so the 9th is blocked ([`LoopPattern::Repeated`]);
 //! 4. **it continues a cycle**: the calls ending with this one repeat a
 //!    cycle of 2 to `max_cycle_period` distinct calls (default 3) more than
 //!    `max_cycle_repeats` full rounds (default 3): after A, B, A, B, A, B
@@ -79,15 +79,29 @@
 //! blocked call emits [`Event::LoopBlocked`](toolwarden_core::Event::LoopBlocked).
 //! Both carry the repeats counting the current call, as [`LoopDetected::repeats`].
 //!
-//! **What fails.** A call's outcome is recorded when its response future
-//! completes, judged by the classifier (default
-//! [`McpClassifier`](toolwarden_core::McpClassifier)). Every failure class
-//! counts as failing: `Transient`, `Server` and `Client`. A `Client` error
-//! repeated (wrong arguments, unknown tool) is exactly the stuck agent.
-//! A refusal by a toolwarden layer below this one (`RateLimited`,
-//! `CircuitOpen`) is neither success nor failure: it is not the agent's
-//! doing and says when to retry. A call still running, or whose future was
-//! dropped, is neither either. All of them count as repeats.
+//! **What fails, and what builds no loop.** A call's outcome is recorded
+//! when its response future completes, judged by the classifier (default
+//! [`McpClassifier`](toolwarden_core::McpClassifier)) by its
+//! [`OutcomeKind`](toolwarden_core::OutcomeKind):
+//!
+//! - `Success`: a success;
+//! - `ToolError` (`isError`, empty result) and `ProtocolError` (a JSON-RPC
+//!   error), of any failure class: a failure. This is the tool answering
+//!   badly, and a `Client` error repeated (wrong arguments, unknown tool)
+//!   is exactly the stuck agent;
+//! - `Transport` and `Timeout` (the upstream is down or slow) and
+//!   `Rejected` (a toolwarden layer below refused the call: `RateLimited`,
+//!   `CircuitOpen`, or the fallback cache's rendering of one): **neutral**.
+//!   Neither success nor failure, and not a repeat either: a neutral call
+//!   counts for no rule, and ends a cycle's run. It is not the agent's
+//!   doing. In particular, an agent polling one call every 0.5 s through a
+//!   4 s upstream restart makes 8 identical calls that all fail in
+//!   transport; counting them towards `max_repeats` would refuse the agent
+//!   just as the upstream returns, so they do not count.
+//!
+//! A call still running, or whose future was dropped, is neither success
+//! nor failure, but it is a repeat (a flood of identical concurrent calls
+//! is a loop).
 //!
 //! **What clears.** A success of another call (another tool, or the same
 //! tool with other arguments) clears every streak before it: rules 1–3
@@ -99,10 +113,36 @@
 //! history after `window_time` or `window_calls` newer calls.
 //!
 //! **Blocked calls** never reach the inner service. They are recorded, as
-//! blocked: they count as repeats, continue a cycle, and keep the refusal
-//! in force for the identical call (rule 1) until another call succeeds or
-//! the refusal leaves the window. Asking again does not help; doing
-//! something else that works does.
+//! blocked: they continue a cycle, and keep the refusal in force for the
+//! identical call (rule 1). Asking again does not help (nor does it make
+//! the refusal last longer); doing something else that works does.
+//!
+//! **A refusal lifts** (and the identical call is let through as a fresh
+//! attempt, whose streak restarts: the calls before the refusal no longer
+//! count for rules 2–3) as soon as one of these holds:
+//!
+//! - another call of the session succeeded since (see above);
+//! - the identical call succeeded since the first block of the refusal,
+//!   **in any session** of the guard (every service built from one layer
+//!   shares this). The guard keeps, for that, the time of the last success
+//!   of recently successful calls in a fixed table of 1024 entries (8 KiB
+//!   per guard, no lock): calls sharing an entry overwrite each other, so
+//!   a success can be forgotten, and the refusal then lifts by one of the
+//!   other ways; times are compared in whole milliseconds, and a success in
+//!   the very millisecond of the block does not lift it;
+//! - a block of the refusal was made while the tool's circuit refused
+//!   calls, and it no longer does: see
+//!   [`circuits`](LoopGuardBuilder::circuits) (without it, every circuit
+//!   reads as closed and this never applies). A refusal made while the
+//!   circuit is closed, the normal case, does not lift this way. The view
+//!   tells only whether the circuit refuses calls now, so a circuit whose
+//!   open period is over and that waits for a probe reads as closed too:
+//!   the lifted call may be that probe;
+//! - `refusal_cooldown` (default 30 s, at most 30 s) passed since the first
+//!   block of the refusal, however often the call was refused meanwhile.
+//!
+//! A refusal also ends when its blocks leave the history (`window_time`,
+//! `window_calls`).
 //!
 //! # Tools polled on purpose
 //!
@@ -139,7 +179,8 @@
 //!   bytes are stored as a 65-byte digest.
 //!
 //! So memory is bounded by about `(max_sessions + 2) × (32 × window_calls +
-//! key + ~100)` bytes, whatever the input: about 7 MB with the defaults.
+//! key + ~100)` bytes, plus 8 KiB of recent successes, whatever the input:
+//! about 7 MB with the defaults.
 //!
 //! A session's history is behind its own short lock (uncontended unless the
 //! session makes concurrent calls), taken once when a call is admitted and
@@ -147,8 +188,12 @@
 //! most. The default session and the overflow history are shared by all
 //! their callers, so their locks can be contended.
 //!
-//! Each service built by the layer has its own histories; clones of the
-//! service share them.
+//! The histories are created when the layer is built: every service the
+//! layer builds (and every service its clones build) shares them, so a
+//! stack that builds one service per connection still guards each session
+//! as one, and the bounds above hold for the layer as a whole.
+//! [`LoopGuard::new`] builds a service with histories of its own, shared
+//! with its clones only.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -161,7 +206,8 @@ mod service;
 mod sessions;
 
 pub use config::{
-    LoopGuardBuilder, LoopGuardConfig, ToolLimits, MAX_CYCLE_PERIOD, MAX_WINDOW_CALLS,
+    LoopGuardBuilder, LoopGuardConfig, ToolLimits, MAX_CYCLE_PERIOD, MAX_REFUSAL_COOLDOWN,
+    MAX_WINDOW_CALLS,
 };
 pub use future::ResponseFuture;
 pub use layer::LoopGuardLayer;

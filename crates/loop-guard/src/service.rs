@@ -20,7 +20,8 @@ use crate::sessions::Sessions;
 /// Only `tools/call` requests of tools that are not exempt are guarded;
 /// every other request, and every continuation of a `tools/call`
 /// (2026-07-28 `inputResponses` or `requestState`), goes to the inner
-/// service untouched. Clones share the session histories.
+/// service untouched. Clones share the session histories, and so do all
+/// the services built by one [`LoopGuardLayer`](crate::LoopGuardLayer).
 pub struct LoopGuard<S, C = McpClassifier> {
     inner: S,
     config: LoopGuardConfig<C>,
@@ -28,18 +29,24 @@ pub struct LoopGuard<S, C = McpClassifier> {
 }
 
 impl<S, C> LoopGuard<S, C> {
-    /// Guards `inner` with `config`, starting with no history.
+    /// Guards `inner` with `config`, starting with a history of its own
+    /// (shared with its clones only). A [`LoopGuardLayer`](crate::LoopGuardLayer)
+    /// instead gives every service it builds the layer's histories.
     pub fn new(inner: S, config: LoopGuardConfig<C>) -> Self {
-        let settings = &config.settings;
-        let sessions = Sessions::new(
-            config.window_calls(),
-            settings.max_sessions,
-            settings.session_idle_timeout,
-        );
+        let sessions = Arc::new(Sessions::for_config(&config));
+        Self::with_sessions(inner, config, sessions)
+    }
+
+    /// Guards `inner` with `config` and the histories `sessions`.
+    pub(crate) fn with_sessions(
+        inner: S,
+        config: LoopGuardConfig<C>,
+        sessions: Arc<Sessions>,
+    ) -> Self {
         LoopGuard {
             inner,
             config,
-            sessions: Arc::new(sessions),
+            sessions,
         }
     }
 
@@ -140,7 +147,14 @@ where
         }
         let rules = self.config.rules(limits);
         let session = self.sessions.get(request.session_key());
-        match session.admit(fingerprint.as_u64(), self.sessions.now_ms(), &rules) {
+        // Asked only when a refusal of the identical call is found or made.
+        let circuits = &self.config.settings.circuits;
+        let circuit_open = || {
+            request
+                .tool_name()
+                .is_some_and(|tool| circuits.is_open(tool))
+        };
+        match session.admit(fingerprint.as_u64(), &rules, &circuit_open) {
             Admission::Pass { seq, warning } => {
                 if let Some(warning) = warning {
                     self.config.events().emit(&Event::LoopWarned {
@@ -151,6 +165,7 @@ where
                 let recorder = Recorder {
                     session,
                     seq,
+                    fingerprint: fingerprint.as_u64(),
                     classifier: self.config.classifier.clone(),
                 };
                 // The readiness reserved in `poll_ready` is used here.

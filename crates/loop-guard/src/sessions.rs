@@ -1,8 +1,10 @@
 //! The sessions a guard keeps a history for: bounded in number, each of a
-//! fixed size.
+//! fixed size; and what every session of a guard shares: its clock and a
+//! fixed-size record of recent successes.
 
 use std::borrow::Cow;
 use std::ops::Deref;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,16 +18,113 @@ use crate::history::Session;
 /// length of a key never grows memory.
 const MAX_VERBATIM_KEY: usize = 64;
 
+/// How many fingerprints [`RecentSuccesses`] remembers at most: 1024
+/// slots of 8 bytes, 8 KiB per guard.
+const SUCCESS_SLOTS: usize = 1024;
+
+/// Bits of a slot holding the time of the success, in milliseconds since
+/// the guard's epoch (saturating after about 34 years); the other 24 hold
+/// the top bits of the fingerprint.
+const SUCCESS_TIME_BITS: u32 = 40;
+const SUCCESS_TIME_MASK: u64 = (1 << SUCCESS_TIME_BITS) - 1;
+
+/// When each of the recently successful calls last succeeded, in any
+/// session of the guard: a fixed, direct-mapped table of
+/// [`SUCCESS_SLOTS`] atomics, so recording and reading a success takes no
+/// lock and the table never grows.
+///
+/// A slot is chosen by the fingerprint's low bits and tagged with its top
+/// 24 bits. Two calls sharing a slot overwrite each other: a success is
+/// then forgotten, and the refusal it would have lifted waits for the
+/// other ways of lifting (the cool-down at most). A call whose fingerprint
+/// matches another's slot and tag (about one in 2^34 pairs) reads the
+/// other's success: its refusal lifts early, which lets one more call
+/// through and never refuses one.
+pub(crate) struct RecentSuccesses {
+    slots: Box<[AtomicU64]>,
+}
+
+impl RecentSuccesses {
+    fn new() -> Self {
+        RecentSuccesses {
+            slots: (0..SUCCESS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    #[inline]
+    fn slot(&self, fingerprint: u64) -> &AtomicU64 {
+        // SUCCESS_SLOTS is a power of two; the truncating cast keeps the low bits.
+        &self.slots[(fingerprint as usize) & (SUCCESS_SLOTS - 1)]
+    }
+
+    fn record(&self, fingerprint: u64, now_ms: u64) {
+        let tag = fingerprint & !SUCCESS_TIME_MASK;
+        let value = tag | now_ms.min(SUCCESS_TIME_MASK);
+        self.slot(fingerprint).store(value, Ordering::Relaxed);
+    }
+
+    /// When `fingerprint` last succeeded; 0 when not known.
+    fn last(&self, fingerprint: u64) -> u64 {
+        let value = self.slot(fingerprint).load(Ordering::Relaxed);
+        if value & !SUCCESS_TIME_MASK == fingerprint & !SUCCESS_TIME_MASK {
+            value & SUCCESS_TIME_MASK
+        } else {
+            0
+        }
+    }
+}
+
+impl std::fmt::Debug for RecentSuccesses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The slots themselves say nothing useful.
+        f.debug_struct("RecentSuccesses")
+            .field("slots", &self.slots.len())
+            .finish()
+    }
+}
+
+/// What every session of a guard shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    epoch: Instant,
+    successes: RecentSuccesses,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Self {
+        Shared {
+            epoch: Instant::now(),
+            successes: RecentSuccesses::new(),
+        }
+    }
+
+    /// Milliseconds since the guard was built, on tokio's clock.
+    #[inline]
+    pub(crate) fn now_ms(&self) -> u64 {
+        let elapsed = Instant::now().saturating_duration_since(self.epoch);
+        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Notes that the call `fingerprint` succeeded now.
+    pub(crate) fn record_success(&self, fingerprint: u64) {
+        self.successes.record(fingerprint, self.now_ms());
+    }
+
+    /// When the call `fingerprint` last succeeded in any session, in
+    /// milliseconds since the epoch; 0 when not known.
+    pub(crate) fn last_success_ms(&self, fingerprint: u64) -> u64 {
+        self.successes.last(fingerprint)
+    }
+}
+
 /// Every guard's sessions: one history per session key, at most
 /// `max_sessions` of them (past that, one shared overflow history), plus
 /// the history of calls that carry no session key.
-#[derive(Debug)]
 pub(crate) struct Sessions {
     keyed: KeyedState<Session>,
     /// Calls without a session key: kept apart from the map so that the
     /// common single-agent case does no map lookup at all.
     default: Arc<Session>,
-    epoch: Instant,
 }
 
 /// A handle to one session's history.
@@ -47,20 +146,44 @@ impl Deref for SessionRef {
     }
 }
 
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("tracked", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Sessions {
+    /// The histories a guard with `config` keeps, empty.
+    pub(crate) fn for_config<C>(config: &crate::LoopGuardConfig<C>) -> Self {
+        let settings = &config.settings;
+        Self::new(
+            config.window_calls(),
+            settings.max_sessions,
+            settings.session_idle_timeout,
+        )
+    }
+
     pub(crate) fn new(
         window_calls: usize,
         max_sessions: usize,
         idle_timeout: Option<Duration>,
     ) -> Self {
+        // The map reads the timeout in whole milliseconds of a u64:
+        // longer ones would wrap around to short ones.
+        let longest = Duration::from_millis(u64::MAX);
         let bounds = Bounds {
             max_keys: max_sessions,
-            idle_timeout,
+            idle_timeout: idle_timeout.map(|idle| idle.min(longest)),
         };
+        let shared = Arc::new(Shared::new());
+        let for_keyed = Arc::clone(&shared);
         Sessions {
-            keyed: KeyedState::new(bounds, move |_| Session::new(window_calls)),
-            default: Arc::new(Session::new(window_calls)),
-            epoch: Instant::now(),
+            keyed: KeyedState::new(bounds, move |_| {
+                Session::new(window_calls, Arc::clone(&for_keyed))
+            }),
+            default: Arc::new(Session::new(window_calls, shared)),
         }
     }
 
@@ -77,13 +200,6 @@ impl Sessions {
                 SessionRef::Keyed(self.keyed.entry(KeyRef::Custom(Cow::Owned(digest(key)))))
             }
         }
-    }
-
-    /// Milliseconds since the guard was built, on tokio's clock.
-    #[inline]
-    pub(crate) fn now_ms(&self) -> u64 {
-        let elapsed = Instant::now().saturating_duration_since(self.epoch);
-        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Sessions with a history of their own (not counting the overflow and
@@ -125,5 +241,25 @@ mod tests {
         assert_eq!(sessions.len(), 2);
         assert!(matches!(sessions.get(None), SessionRef::Default(_)));
         assert_eq!(sessions.len(), 2, "the default session is not in the map");
+    }
+
+    #[test]
+    fn recent_successes_are_tagged_and_saturate() {
+        let successes = RecentSuccesses::new();
+        let fp = 0xABCD_EF01_2345_6789;
+        assert_eq!(successes.last(fp), 0);
+        successes.record(fp, 1_234);
+        assert_eq!(successes.last(fp), 1_234);
+        // Same slot, another tag: overwrites, and reads as unknown for the other.
+        let rival = fp ^ (1 << 63);
+        successes.record(rival, 99);
+        assert_eq!((successes.last(fp), successes.last(rival)), (0, 99));
+        successes.record(fp, u64::MAX);
+        assert_eq!(successes.last(fp), SUCCESS_TIME_MASK);
+        assert_eq!(
+            std::mem::size_of::<AtomicU64>() * SUCCESS_SLOTS,
+            8 * 1024,
+            "8 KiB per guard, as documented"
+        );
     }
 }
