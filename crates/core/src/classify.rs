@@ -34,10 +34,11 @@
 //! "Invalid input: timeout must be between 1 and 60" and "File not found:
 //! /var/log/timeout.log" are `Client`.
 //!
-//! An `isError` result that a toolwarden layer rendered from its own refusal
-//! (the fallback cache's degraded answer, carrying the sealed
-//! [`REJECTED_META_KEY`] mark) is `Rejected`, as the refusal itself was: a
-//! refusal stays a refusal for every layer above the one that rendered it.
+//! An `isError` result that a toolwarden layer rendered from a failure (the
+//! fallback cache's degraded answer), carrying the sealed
+//! [`OUTCOME_META_KEY`] mark, is classified as the failure itself was: a
+//! refusal stays `Rejected` and an upstream that is down stays `Transport`
+//! or `Timeout` for every layer above the one that rendered it.
 //!
 //! # Retry-after hints
 //!
@@ -66,18 +67,25 @@ use crate::request::{McpResponse, ToolResultStatus};
 /// asking for more is read as asking for this.
 pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// The `_meta` member that marks an `isError` result rendered from a
-/// toolwarden refusal: `{"layer": "rate_limit", "retryAfter": 2.5,
-/// "seal": "..."}`. The seal is a random value drawn once per process
-/// ([`rejection_seal`]); only a mark carrying it is believed, so a server
-/// cannot pass its own failures off as our refusals (which would stop the
-/// breaker counting them and let the retry layer repeat an unsafe tool).
-pub const REJECTED_META_KEY: &str = "toolwarden/rejected";
+/// The `_meta` member that marks an `isError` result a toolwarden layer
+/// rendered from a failure (the fallback cache's degraded answer, the edge's
+/// [`RenderErrorsLayer`]): the failure's outcome, `{"kind": "rejected",
+/// "class": "transient", "retryAfter": 2.5, "code": -32023, "beforeSent":
+/// false, "seal": "..."}`, so every layer above reads the failure as what it
+/// was (a refusal stays a refusal, an upstream that is down stays down)
+/// rather than as a tool error. The seal is a random value drawn once per
+/// process ([`outcome_seal`]); only a mark carrying it is believed, so a
+/// server cannot pass its own failures off as our refusals (which would
+/// stop the breaker counting them and let the retry layer repeat an unsafe
+/// tool).
+///
+/// [`RenderErrorsLayer`]: https://docs.rs/toolwarden/latest/toolwarden/struct.RenderErrorsLayer.html
+pub const OUTCOME_META_KEY: &str = "toolwarden/outcome";
 
-/// This process's rejection seal (see [`REJECTED_META_KEY`]): 16 hex digits,
-/// random, drawn once. Servers never see the answers the layers render, so
-/// they cannot learn it.
-pub fn rejection_seal() -> &'static str {
+/// This process's seal of rendered outcomes (see [`OUTCOME_META_KEY`]): 16
+/// hex digits, random, drawn once. Servers never see the answers the
+/// layers render, so they cannot learn it.
+pub fn outcome_seal() -> &'static str {
     static SEAL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SEAL.get_or_init(|| {
         use std::hash::{BuildHasher, Hasher};
@@ -92,10 +100,51 @@ pub fn rejection_seal() -> &'static str {
     })
 }
 
-/// Whether `mark` (the value of a result's [`REJECTED_META_KEY`] member)
-/// carries this process's seal.
-pub fn is_sealed_rejection(mark: &Value) -> bool {
-    mark.get("seal").and_then(Value::as_str) == Some(rejection_seal())
+/// The sealed [`OUTCOME_META_KEY`] mark of `outcome`.
+pub fn outcome_mark(outcome: &Outcome) -> Value {
+    let mut mark = serde_json::Map::new();
+    mark.insert("kind".into(), Value::from(outcome.kind.as_str()));
+    if let Some(class) = outcome.class {
+        mark.insert("class".into(), Value::from(class.as_str()));
+    }
+    if let Some(retry_after) = outcome.retry_after {
+        mark.insert(
+            "retryAfter".into(),
+            serde_json::json!(retry_after.as_secs_f64()),
+        );
+    }
+    if let Some(code) = outcome.code {
+        mark.insert("code".into(), Value::from(code));
+    }
+    if outcome.before_sent {
+        mark.insert("beforeSent".into(), Value::from(true));
+    }
+    mark.insert("seal".into(), Value::from(outcome_seal()));
+    Value::Object(mark)
+}
+
+/// The outcome a sealed [`OUTCOME_META_KEY`] mark records; `None` for a
+/// mark without this process's seal or with an unknown kind. Its hint is
+/// clamped to `max`.
+pub fn outcome_from_mark(mark: &Value, max: Duration) -> Option<Outcome> {
+    if mark.get("seal").and_then(Value::as_str) != Some(outcome_seal()) {
+        return None;
+    }
+    let kind = OutcomeKind::parse(mark.get("kind")?.as_str()?)?;
+    let class = mark
+        .get("class")
+        .and_then(Value::as_str)
+        .and_then(FailureClass::parse);
+    if (kind == OutcomeKind::Success) != class.is_none() {
+        return None;
+    }
+    Some(Outcome {
+        kind,
+        class,
+        retry_after: retry_after_within(mark, max),
+        code: mark.get("code").and_then(Value::as_i64),
+        before_sent: mark.get("beforeSent").and_then(Value::as_bool) == Some(true),
+    })
 }
 
 /// How a failure should be treated.
@@ -117,6 +166,17 @@ impl FailureClass {
             FailureClass::Server => "server",
             FailureClass::Client => "client",
         }
+    }
+
+    /// The class a label of [`as_str`](Self::as_str) names.
+    pub fn parse(label: &str) -> Option<Self> {
+        [
+            FailureClass::Transient,
+            FailureClass::Server,
+            FailureClass::Client,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == label)
     }
 }
 
@@ -148,6 +208,20 @@ impl OutcomeKind {
             OutcomeKind::Timeout => "timeout",
             OutcomeKind::Rejected => "rejected",
         }
+    }
+
+    /// The kind a label of [`as_str`](Self::as_str) names.
+    pub fn parse(label: &str) -> Option<Self> {
+        [
+            OutcomeKind::Success,
+            OutcomeKind::ToolError,
+            OutcomeKind::ProtocolError,
+            OutcomeKind::Transport,
+            OutcomeKind::Timeout,
+            OutcomeKind::Rejected,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == label)
     }
 }
 
@@ -302,13 +376,13 @@ impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
             return Outcome::SUCCESS;
         }
         match response.tool_result_status() {
-            ToolResultStatus::Rejected => {
-                let hint = response
-                    .result_meta(REJECTED_META_KEY)
-                    .and_then(|mark| retry_after_within(mark, max));
-                Outcome::failure(OutcomeKind::Rejected, FailureClass::Transient)
-                    .with_retry_after(hint)
-            }
+            ToolResultStatus::Rendered => response
+                .result_meta(OUTCOME_META_KEY)
+                .and_then(|mark| outcome_from_mark(mark, max))
+                .unwrap_or_else(|| {
+                    let text = response.first_text();
+                    error_text_outcome(text.as_deref().unwrap_or(""), max)
+                }),
             ToolResultStatus::Error => {
                 let text = response.first_text();
                 error_text_outcome(text.as_deref().unwrap_or(""), max)

@@ -425,9 +425,10 @@ impl FailureReport {
     /// The `tools/call` result: `isError: true`, the message as text, and the
     /// facts as `structuredContent` (`tool`, `error`, `class`, `layer`,
     /// `retryAfterSeconds`, `attempts`, `alternatives`). A report of a
-    /// toolwarden refusal also carries the sealed
-    /// [`REJECTED_META_KEY`](crate::classify::REJECTED_META_KEY) mark in
-    /// `_meta`, so the classifier reads the result as the refusal it was.
+    /// classified failure ([`from_error`](Self::from_error),
+    /// [`outcome`](Self::outcome)) also carries the sealed
+    /// [`OUTCOME_META_KEY`](crate::classify::OUTCOME_META_KEY) mark in
+    /// `_meta`, so the classifier reads the result as the failure it was.
     pub fn to_tool_result(&self) -> Value {
         let mut facts = Map::new();
         facts.insert("tool".into(), Value::from(self.tool.as_str()));
@@ -453,22 +454,15 @@ impl FailureReport {
             "structuredContent": {"toolwarden": facts},
             "isError": true,
         });
-        if let (Some(layer), Value::Object(result)) = (self.layer, &mut result) {
-            // The sealed mark that keeps a rendered refusal a refusal for
-            // every layer above (see `classify::REJECTED_META_KEY`).
-            let mut mark = Map::new();
-            mark.insert("layer".into(), Value::from(layer));
-            if let Some(retry_after) = self.retry_after {
-                mark.insert("retryAfter".into(), json!(retry_after.as_secs_f64()));
-            }
-            mark.insert(
-                "seal".into(),
-                Value::from(crate::classify::rejection_seal()),
-            );
+        if let (Some(outcome), Value::Object(result)) = (self.outcome, &mut result) {
+            // The sealed mark that keeps a rendered failure what it was for
+            // every layer above (see `classify::OUTCOME_META_KEY`).
+            let mut outcome = outcome;
+            outcome.retry_after = self.retry_after;
             crate::request::tool_result::insert_meta(
                 result,
-                crate::classify::REJECTED_META_KEY,
-                Value::Object(mark),
+                crate::classify::OUTCOME_META_KEY,
+                crate::classify::outcome_mark(&outcome),
             );
         }
         result

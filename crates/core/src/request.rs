@@ -172,10 +172,11 @@ pub enum ToolResultStatus {
     /// `resultType: "input_required"` (2026-07-28): the server asks for more
     /// input; not a failure.
     InputRequired,
-    /// `isError: true` with a sealed
-    /// [`REJECTED_META_KEY`](crate::classify::REJECTED_META_KEY) mark: a
-    /// toolwarden refusal rendered as a result by a layer below.
-    Rejected,
+    /// `isError: true` with an
+    /// [`OUTCOME_META_KEY`](crate::classify::OUTCOME_META_KEY) mark: a
+    /// failure a toolwarden layer below rendered as a result, whose
+    /// outcome the mark records (the classifier checks its seal).
+    Rendered,
     /// `isError: true`.
     Error,
     /// No content, or content that is only `null`, `{}`, `[]` or whitespace,
@@ -202,13 +203,17 @@ pub trait McpResponse {
     /// `resultType: "input_required"`); that is not a failure.
     fn is_input_required(&self) -> bool;
 
-    /// A member of the result's `_meta` object.
-    fn result_meta(&self, key: &str) -> Option<&Value>;
+    /// A member of the result's `_meta` object. The default has none: a
+    /// type that cannot carry `_meta` cannot carry a rendered outcome
+    /// either, so its rendered failures are classified by their text.
+    fn result_meta(&self, _key: &str) -> Option<&Value> {
+        None
+    }
 
     /// The questions above in one answer, in the order the classifier
-    /// asks them: input required, else a tool error (a rendered refusal
-    /// when it carries a sealed
-    /// [`REJECTED_META_KEY`](crate::classify::REJECTED_META_KEY) mark), else
+    /// asks them: input required, else a tool error (a rendered failure
+    /// when it carries an
+    /// [`OUTCOME_META_KEY`](crate::classify::OUTCOME_META_KEY) mark), else
     /// empty, else a result with data ([`ToolResultStatus::Data`], also for
     /// a JSON-RPC error). The default asks the methods one by one; a type
     /// that can answer in one pass over the result overrides it (the
@@ -218,11 +223,9 @@ pub trait McpResponse {
         if self.is_input_required() {
             ToolResultStatus::InputRequired
         } else if self.is_tool_error() {
-            match self.result_meta(crate::classify::REJECTED_META_KEY) {
-                Some(mark) if crate::classify::is_sealed_rejection(mark) => {
-                    ToolResultStatus::Rejected
-                }
-                _ => ToolResultStatus::Error,
+            match self.result_meta(crate::classify::OUTCOME_META_KEY) {
+                Some(_) => ToolResultStatus::Rendered,
+                None => ToolResultStatus::Error,
             }
         } else if self.is_empty_tool_result() {
             ToolResultStatus::Empty
@@ -366,11 +369,9 @@ pub mod tool_result {
             }
         }
         if error {
-            match meta.and_then(|m| m.get(crate::classify::REJECTED_META_KEY)) {
-                Some(mark) if crate::classify::is_sealed_rejection(mark) => {
-                    ToolResultStatus::Rejected
-                }
-                _ => ToolResultStatus::Error,
+            match meta.and_then(|m| m.get(crate::classify::OUTCOME_META_KEY)) {
+                Some(_) => ToolResultStatus::Rendered,
+                None => ToolResultStatus::Error,
             }
         } else if is_empty_parts(content, structured) {
             ToolResultStatus::Empty

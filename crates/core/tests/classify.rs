@@ -465,8 +465,8 @@ fn regression_15_6_client_phrases_win_over_transient_words_they_quote() {
 /// A refusal rendered by a layer (the fallback cache's degraded answer) stays
 /// a refusal for the layers above it; a server cannot forge the mark.
 #[test]
-fn rendered_refusals_are_rejections_and_forged_marks_are_not() {
-    use toolwarden_core::classify::REJECTED_META_KEY;
+fn rendered_failures_keep_their_outcome_and_forged_marks_do_not() {
+    use toolwarden_core::classify::OUTCOME_META_KEY;
     use toolwarden_core::FailureReport;
     let refusal = RateLimited::new("lookup", Duration::from_secs(61));
     let rendered = FailureReport::from_error("lookup", &refusal).to_tool_result();
@@ -477,18 +477,27 @@ fn rendered_refusals_are_rejections_and_forged_marks_are_not() {
 
     // The same shape from a server, without this process's seal: a tool error.
     let mut forged = rendered.clone();
-    forged["_meta"][REJECTED_META_KEY]["seal"] = json!("0000000000000000");
+    forged["_meta"][OUTCOME_META_KEY]["seal"] = json!("0000000000000000");
     assert_eq!(tool(forged).kind, OutcomeKind::ToolError);
     let mut unsealed = rendered;
-    unsealed["_meta"][REJECTED_META_KEY]
+    unsealed["_meta"][OUTCOME_META_KEY]
         .as_object_mut()
         .unwrap()
         .remove("seal");
     assert_eq!(tool(unsealed).kind, OutcomeKind::ToolError);
 
-    // A plain failure rendered the same way carries no mark.
-    let plain =
-        FailureReport::from_error("lookup", &ErrorObject::new(-32603, "boom")).to_tool_result();
-    assert!(plain.get("_meta").is_none());
-    assert_eq!(tool(plain).kind, OutcomeKind::ToolError);
+    // Any rendered failure keeps its outcome: an upstream that was down
+    // stays a transport failure, a JSON-RPC error a protocol error.
+    let down = TransportError::new(TransportErrorKind::Closed, "gone");
+    let o = tool(FailureReport::from_error("lookup", &down).to_tool_result());
+    assert_eq!(
+        (o.kind, o.class),
+        (OutcomeKind::Transport, Some(FailureClass::Transient))
+    );
+    let rpc = ErrorObject::new(-32603, "boom");
+    let o = tool(FailureReport::from_error("lookup", &rpc).to_tool_result());
+    assert_eq!((o.kind, o.code), (OutcomeKind::ProtocolError, Some(-32603)));
+    // A free-form report has no outcome to keep.
+    let free = FailureReport::new("lookup", "it broke").to_tool_result();
+    assert!(free.get("_meta").is_none());
 }

@@ -24,7 +24,9 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just("retryAfterMs".to_owned()),
         Just("retry_after".to_owned()),
         Just("code".to_owned()),
-        Just("toolwarden/rejected".to_owned()),
+        Just("toolwarden/outcome".to_owned()),
+        Just("kind".to_owned()),
+        Just("seal".to_owned()),
         "\\PC{0,8}",
     ];
     let leaf = prop_oneof![

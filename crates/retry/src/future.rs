@@ -119,11 +119,18 @@ struct Retry<R, Resp> {
     /// The latest failed attempt's result, returned if the deadline passes
     /// before the next attempt is made.
     last: Option<Result<Resp, BoxError>>,
-    /// Whether `last` is known never to have reached the tool: a failure
-    /// before sending, or a refusal by a layer below.
+    /// Whether the latest failure (the one being judged, then `last`) is
+    /// known never to have reached the tool: a failure before sending, or a
+    /// refusal by a layer below.
     last_never_sent: bool,
+    /// The same, for `last` while a newer failure is judged.
+    previous_never_sent: bool,
     /// Whether any failed attempt so far may have reached the tool.
     reached: bool,
+    /// The latest failure that may have reached the tool, once a later
+    /// failure that never did took `last`'s place: the call never ends on
+    /// "never sent" when an earlier attempt reached the tool.
+    reached_failure: Option<Result<Resp, BoxError>>,
 }
 
 impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
@@ -150,6 +157,7 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         };
         let outcome = shared.classifier.classify(kind, result.as_ref());
         if outcome.is_success() {
+            self.last_never_sent = false;
             return None;
         }
         // Noted before any verdict: if the deadline ends the call after this
@@ -189,6 +197,36 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         });
         self.previous = delay;
         Some(at)
+    }
+
+    /// Keeps the failed attempt `result`, to be retried, for the deadline
+    /// (and, if it may have reached the tool, for [`finish`](Self::finish)).
+    fn keep(&mut self, result: Result<Resp, BoxError>) {
+        if self.last_never_sent {
+            // `last` is about to be replaced: keep it if it reached the tool.
+            if let Some(previous) = self.last.take() {
+                if !self.previous_never_sent {
+                    self.reached_failure = Some(previous);
+                }
+            }
+        } else {
+            self.reached_failure = None;
+        }
+        self.previous_never_sent = self.last_never_sent;
+        self.last = Some(result);
+    }
+
+    /// The call's answer when no retry follows `result`: `result`, unless
+    /// it is a failure that never reached the tool while an earlier attempt
+    /// did; then that earlier failure, the truth about the call.
+    fn finish(&mut self, result: Result<Resp, BoxError>) -> Result<Resp, BoxError> {
+        if !(self.last_never_sent && self.reached) {
+            return result;
+        }
+        match self.last.take() {
+            Some(previous) if !self.previous_never_sent => previous,
+            _ => self.reached_failure.take().unwrap_or(result),
+        }
     }
 
     /// The next attempt's request: a copy of the call's, carrying its
@@ -277,6 +315,8 @@ where
                 last: None,
                 last_never_sent: false,
                 reached: false,
+                previous_never_sent: false,
+                reached_failure: None,
             }),
         }
     }
@@ -315,9 +355,9 @@ where
                         }
                     }
                     let Some(at) = retry.decide(this.shared, &result) else {
-                        return Poll::Ready(result);
+                        return Poll::Ready(retry.finish(result));
                     };
-                    retry.last = Some(result);
+                    retry.keep(result);
                     this.timer.as_mut().arm(at);
                     this.state.set(State::Waiting);
                 }

@@ -93,6 +93,12 @@ impl Default for RetryBackoffLayer {
 }
 
 impl<C> RetryBackoffLayer<C> {
+    /// The deadline of a call whose tool has no override of its own (see
+    /// [`RetryBackoffBuilder::deadline`]).
+    pub fn deadline(&self) -> Duration {
+        self.shared.policy.call.deadline
+    }
+
     /// Whole retries the budget allows right now for `request` (for its key,
     /// with a per-key budget); `None` without a budget.
     pub fn budget_available<R: McpRequest>(&self, request: &R) -> Option<u64> {

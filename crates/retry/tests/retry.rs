@@ -1060,3 +1060,30 @@ async fn any_retry_after_hint_is_handled_and_one_past_the_deadline_returns_at_on
     call(&mut svc, tool_call("search")).await.unwrap();
     assert_eq!(upstream.gaps(), [deadline - MS]);
 }
+
+/// Found by the standard stack's property test: attempts run out on a
+/// failure before sending (connection refused) after an earlier attempt
+/// reached the server. The caller gets the failure of the attempt that
+/// reached it, never "could not connect".
+#[tokio::test(start_paused = true)]
+async fn attempts_running_out_on_a_failure_before_sending_answer_the_one_that_reached() {
+    let upstream = Upstream::new(MockMcp::new().script(
+        "search",
+        [
+            Step::tool_error("service unavailable"),
+            Step::Transport(TransportErrorKind::ConnectFailed),
+            Step::Transport(TransportErrorKind::ConnectFailed),
+        ],
+    ));
+    let mut svc = RetryBackoffLayer::builder()
+        .catalog(catalog(true))
+        .jitter(Jitter::None)
+        .max_attempts(3)
+        .build()
+        .unwrap()
+        .layer(checked(&upstream));
+    let answer = call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(upstream.calls(), 3);
+    assert!(answer.is_tool_error(), "the tool's own failure: {answer:?}");
+    assert_eq!(answer.first_text().as_deref(), Some("service unavailable"));
+}
