@@ -17,6 +17,28 @@
 //!   order, from one validated configuration with cross-field checks.
 //! - [`RenderErrorsLayer`]: failed tool calls become `isError` results a
 //!   model can act on.
+//!
+//! # Guarantees
+//!
+//! The standard stack keeps promises that no single layer can keep alone.
+//! Each is proved on the whole stack by the property test
+//! `the_stack_keeps_its_guarantees_against_any_upstream`
+//! (`crates/toolwarden/tests/guarantees.rs`: random agents on two
+//! connections, trusted and untrusted catalogs, against an upstream that
+//! answers each arrival with a success, an `isError` result, an empty or
+//! malformed result, a JSON-RPC error with any code and any retry hint, a
+//! transport failure before or after sending, or a hang; agents that drop
+//! their calls; every guarantee checked after every call), and by the named
+//! tests below.
+//!
+//! | guarantee | tests |
+//! |---|---|
+//! | **One answer per call**, with the caller's request id, within the retry deadline (plus backoff and rate-limit waits); a dropped call leaves no state behind. | property test; `regression_15_1_a_huge_retry_hint_answers_instead_of_panicking`; `toolwarden-retry`: `regression_15_each_attempt_gets_its_own_request_id` |
+//! | **No panic on any input**: nothing a server sends (any JSON, any number, any hint) and no configuration value panics; bad configuration is a `ConfigError` naming the field. Retry hints are clamped to 1 hour ([`core::classify::DEFAULT_MAX_RETRY_AFTER`]). | property test; `regression_15_1_…`; `toolwarden-core`: `classify_fuzz.rs` (every classifier entry point on arbitrary JSON and bytes; the cargo-fuzz target `classify` runs the same checks), `regression_15_1_huge_retry_hints_are_clamped_not_a_panic`; the builders' extreme-value proptests in each layer crate |
+//! | **A refusal by a toolwarden layer is never a failure of the tool** for any layer — not for the breaker, the retry budget or the loop guard — even after the fallback cache renders it as an `isError` result (it carries a sealed `_meta` mark, [`core::classify::OUTCOME_META_KEY`], that only this process can write); observability counts it as `rejected`. | property test (observability's `rejected` = refusals the agents saw); `regression_15_2_rate_limit_refusals_build_no_loop`; `toolwarden-core`: `rendered_failures_keep_their_outcome_and_forged_marks_do_not`; `toolwarden-fallback-cache`: `a_degraded_refusal_is_still_classified_as_a_rejection` |
+//! | **A tool that is not safe to repeat reaches the server at most once per call**, unless the failure happened before the request was sent; an error that says "never sent" is true. | property test (per call, arrivals that were sent ≤ 1 for unsafe tools; an error classified `before_sent` had no sent arrival); `regression_15_4_a_deadline_cut_never_reports_a_sent_call_as_unsent` |
+//! | **Every service built from one stack shares its state**: quotas, retry budgets, breakers, caches, loop histories and statistics, whether built from the layer or from a clone. | property test (upstream arrivals per tool ≤ burst + refill, over two connections); `regression_15_5_services_from_one_stack_share_quotas_caches_and_loop_histories` |
+//! | **A loop-guard refusal lifts once the cause is gone**: failures of an upstream that is down (transport, timeout) and refusals of our own layers build no loop; a refusal in force lifts when the same call succeeds for anyone, when the tool's circuit closes, or after a cool-down (30 s by default). | property test (a loop refusal needs three identical calls the tool itself answered); `regression_15_2_…`; `toolwarden-loop-guard` tests; the proxy's `an_agent_polling_through_an_upstream_restart_is_served_again` |
 
 #![forbid(unsafe_code)]
 

@@ -16,8 +16,9 @@
 //!
 //! One [`ToolCatalog`] (which tools are safe to repeat or cache) and one
 //! [`Events`] hook (with the observability layer's sink added) are shared by
-//! every layer, and the fallback cache reads the breaker's registry to skip
-//! open tools when it suggests alternatives.
+//! every layer; the fallback cache reads the breaker's registry to skip
+//! open tools when it suggests alternatives, and the loop guard to lift a
+//! refusal once the tool's circuit closes again.
 //!
 //! Each layer is configured through its own builder, in a closure. The knobs
 //! that only make sense together are set on the stack builder, which checks
@@ -26,7 +27,7 @@
 //! | knob | default | checked against |
 //! |---|---|---|
 //! | [`attempt_timeout`](StandardStackBuilder::attempt_timeout) | 10 s | ≤ `retry_deadline` |
-//! | [`retry_deadline`](StandardStackBuilder::retry_deadline) | 30 s | ≥ `attempt_timeout`; > a rate limit's `max_wait` |
+//! | [`retry_deadline`](StandardStackBuilder::retry_deadline) | 30 s (or the retry closure's `deadline`) | ≥ `attempt_timeout`; > a rate limit's `max_wait`; the same as a `deadline` set in the retry closure |
 //! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
 //! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
 //!
@@ -172,7 +173,8 @@ pub struct StandardStackBuilder {
     catalog: ToolCatalog,
     events: Events,
     attempt_timeout: Duration,
-    retry_deadline: Duration,
+    /// `None`: the retry builder's own deadline (30 s unless its closure sets one).
+    retry_deadline: Option<Duration>,
     breaker_time_window: Option<TimeWindow>,
     slow_call_duration: Option<Duration>,
     render_errors: bool,
@@ -192,7 +194,7 @@ impl Default for StandardStackBuilder {
             catalog: ToolCatalog::new(),
             events: Events::new(),
             attempt_timeout: Duration::from_secs(10),
-            retry_deadline: Duration::from_secs(30),
+            retry_deadline: None,
             breaker_time_window: None,
             slow_call_duration: None,
             render_errors: true,
@@ -243,9 +245,11 @@ impl StandardStackBuilder {
         self
     }
 
-    /// The bound on a call with all its retries. Default 30 s.
+    /// The bound on a call with all its retries. Default 30 s. Setting it
+    /// here or with `.retry(|b| b.deadline(..))` is the same; setting both
+    /// to different values is refused when the stack is built.
     pub fn retry_deadline(mut self, deadline: Duration) -> Self {
-        self.retry_deadline = deadline;
+        self.retry_deadline = Some(deadline);
         self
     }
 
@@ -353,20 +357,11 @@ impl StandardStackBuilder {
             return Err(ConfigError::new("attempt_timeout", "must be positive"));
         }
         let on = |layer: StackLayer| self.without & layer.bit() == 0;
-        if on(StackLayer::Retry) && self.attempt_timeout > self.retry_deadline {
-            return Err(ConfigError::new(
-                "attempt_timeout, retry.deadline",
-                format!(
-                    "one attempt ({:?}) may not outlast the whole retry deadline ({:?})",
-                    self.attempt_timeout, self.retry_deadline
-                ),
-            ));
-        }
         if let Some(window) = self
             .breaker_time_window
             .filter(|_| on(StackLayer::CircuitBreaker))
         {
-            if window.duration < self.attempt_timeout * 2 {
+            if window.duration < self.attempt_timeout.saturating_mul(2) {
                 return Err(ConfigError::new(
                     "circuit_breaker.time_window, attempt_timeout",
                     format!(
@@ -426,24 +421,45 @@ impl StandardStackBuilder {
         .build()
         .map_err(|e| e.in_section("rate_limit"))?;
         let on = |layer: StackLayer| self.without & layer.bit() == 0;
+        // The stack's deadline goes in first, so the closure sees it; a
+        // closure that sets another one contradicts it.
+        let mut retry = RetryBackoffLayer::builder();
+        if let Some(deadline) = self.retry_deadline {
+            retry = retry.deadline(deadline);
+        }
+        let retry = apply(retry, self.retry)
+            .catalog(self.catalog.clone())
+            .events(events.clone())
+            .build()
+            .map_err(|e| e.in_section("retry"))?;
+        let deadline = retry.deadline();
+        if let Some(stack_deadline) = self.retry_deadline.filter(|d| *d != deadline) {
+            return Err(ConfigError::new(
+                "retry_deadline, retry.deadline",
+                format!(
+                    "the stack's retry_deadline ({stack_deadline:?}) and the retry closure's deadline ({deadline:?}) disagree: set one"
+                ),
+            ));
+        }
+        if on(StackLayer::Retry) && self.attempt_timeout > deadline {
+            return Err(ConfigError::new(
+                "attempt_timeout, retry.deadline",
+                format!(
+                    "one attempt ({:?}) may not outlast the whole retry deadline ({deadline:?})",
+                    self.attempt_timeout
+                ),
+            ));
+        }
         if let Mode::Wait { max_wait } = rate_limit.mode() {
-            if on(StackLayer::RateLimit) && on(StackLayer::Retry) && max_wait >= self.retry_deadline
-            {
+            if on(StackLayer::RateLimit) && on(StackLayer::Retry) && max_wait >= deadline {
                 return Err(ConfigError::new(
                     "rate_limit.max_wait, retry.deadline",
                     format!(
-                        "waiting for a token ({max_wait:?}) would use up the whole retry deadline ({:?})",
-                        self.retry_deadline
+                        "waiting for a token ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
                     ),
                 ));
             }
         }
-        let retry = apply(RetryBackoffLayer::builder(), self.retry)
-            .catalog(self.catalog.clone())
-            .deadline(self.retry_deadline)
-            .events(events.clone())
-            .build()
-            .map_err(|e| e.in_section("retry"))?;
         let fallback_cache = apply(
             FallbackCacheLayer::builder(self.catalog.clone()),
             self.fallback_cache,
@@ -453,6 +469,7 @@ impl StandardStackBuilder {
         .build()
         .map_err(|e| e.in_section("fallback_cache"))?;
         let loop_guard = apply(LoopGuardLayer::builder(), self.loop_guard)
+            .circuits(registry.circuits())
             .events(events.clone())
             .build()
             .map_err(|e| e.in_section("loop_guard"))?;

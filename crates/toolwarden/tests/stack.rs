@@ -312,3 +312,97 @@ fn knobs_of_a_left_out_layer_are_not_cross_checked() {
         "circuit_breaker.slow_call_duration, attempt_timeout"
     );
 }
+
+// Issue 15: `.retry(|b| b.deadline(..))` was silently replaced by the
+// stack's `retry_deadline`. Now the closure's deadline is the stack's when
+// only it is set, and two different deadlines are refused.
+#[tokio::test(start_paused = true)]
+async fn regression_15_the_retry_closures_deadline_is_respected_or_refused() {
+    // Only the closure sets it: a 60 s attempt fits its 90 s deadline.
+    let stack = StandardStack::builder()
+        .attempt_timeout(Duration::from_secs(60))
+        .retry(|b| b.deadline(Duration::from_secs(90)))
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(ReadyChecked::new(
+        MockMcp::new().script("slow", [Step::ok("done").after(Duration::from_secs(50))]),
+    ));
+    let answer = call(&mut svc, 1, "slow", json!({})).await;
+    assert!(!answer.is_tool_error(), "the closure's deadline applied");
+
+    // Both, the same: fine. Both, different: refused, naming both.
+    assert!(StandardStack::builder()
+        .retry_deadline(Duration::from_secs(20))
+        .retry(|b| b.deadline(Duration::from_secs(20)))
+        .build()
+        .is_ok());
+    let err = StandardStack::builder()
+        .retry_deadline(Duration::from_secs(20))
+        .retry(|b| b.deadline(Duration::from_secs(40)))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "retry_deadline, retry.deadline");
+    // The attempt timeout is checked against the closure's deadline too.
+    let err = StandardStack::builder()
+        .attempt_timeout(Duration::from_secs(30))
+        .retry(|b| b.deadline(Duration::from_secs(20)))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "attempt_timeout, retry.deadline");
+}
+
+mod extreme_configuration {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn duration() -> impl Strategy<Value = Duration> {
+        prop_oneof![
+            Just(Duration::ZERO),
+            Just(Duration::MAX),
+            Just(Duration::from_nanos(1)),
+            Just(Duration::from_secs(u64::MAX / 2)),
+            (0u64..100_000).prop_map(Duration::from_millis),
+            any::<u64>().prop_map(Duration::from_secs),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Any duration for the stack's own knobs: `build()` answers Ok or
+        /// a `ConfigError`, never a panic; a stack that builds answers calls.
+        #[test]
+        fn the_stack_builds_or_names_a_field_for_any_durations(
+            attempt in duration(),
+            deadline in duration(),
+            window in prop::option::of(duration()),
+            slow in prop::option::of(duration()),
+        ) {
+            let mut builder = StandardStack::builder().attempt_timeout(attempt).retry_deadline(deadline);
+            if let Some(window) = window {
+                builder = builder.breaker_time_window(TimeWindow::new(window, 10));
+            }
+            if let Some(slow) = slow {
+                builder = builder.slow_call_duration(slow);
+            }
+            let Ok(stack) = builder.build() else {
+                return Ok(());
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let mut svc = stack.layer(ReadyChecked::new(
+                    MockMcp::new()
+                        .script("t", [Step::closed(), Step::closed(), Step::closed(), Step::closed()]),
+                ));
+                for id in 0..6 {
+                    let answer = call(&mut svc, id, "t", json!({})).await;
+                    assert_eq!(answer.id, Id::Number(id));
+                }
+            });
+        }
+    }
+}
