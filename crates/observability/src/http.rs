@@ -117,6 +117,8 @@ pub async fn serve(
         };
         match accepted {
             Ok((stream, _)) => {
+                // Small writes must not wait for a delayed ACK (Nagle).
+                let _ = stream.set_nodelay(true);
                 let endpoints = Arc::clone(&endpoints);
                 connections.spawn(async move {
                     // A connection that stalls is dropped, closing it.

@@ -4,12 +4,16 @@
 //! `cargo bench -p toolwarden-proxy --bench proxy_latency` with
 //! `TOOLWARDEN_SERVER_EVERYTHING` pointing at `mcp-server-everything`.
 //!
-//! Two set-ups, both an rmcp client (`toolwarden_rmcp::RmcpClient`) calling
-//! `echo` over stdio:
+//! Four set-ups, each an rmcp client (`toolwarden_rmcp::RmcpClient`)
+//! calling `echo`:
 //!
-//! - direct: client → server-everything (child process);
-//! - proxied: client → `toolwarden run` (child process, the release-built
-//!   binary of this package) → server-everything (its child).
+//! - direct stdio: client → server-everything (child process);
+//! - proxied stdio: client → `toolwarden run` (child process, the binary of
+//!   this package) → server-everything (its child);
+//! - direct HTTP: client → `mcp-server-everything streamableHttp` on a
+//!   loopback port, over one kept-alive HTTP connection pool (reqwest's);
+//! - proxied HTTP: client → `toolwarden run --listen` on a loopback port →
+//!   server-everything over stdio, the same kept-alive client.
 //!
 //! For each: sequential calls (p50, p99, calls/s) and 8 concurrent callers
 //! (p50, p99, calls/s). The added latency is proxied minus direct. The
@@ -19,7 +23,10 @@
 //! refusals would measure the wrong path. Each call echoes a different
 //! message, as an agent's calls would, so the loop guard sees no repeats. Without
 //! `--bench` (what `cargo test --benches` passes) it makes a handful of calls
-//! as a smoke test.
+//! as a smoke test, which fails when a kept-alive HTTP client's p50 through
+//! the proxy reaches 40 ms: the fixed stall of Nagle's algorithm meeting
+//! delayed ACKs on a socket without `TCP_NODELAY` (not noise: the calls
+//! take about 1 ms otherwise).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark binary
 
@@ -30,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest};
 use rmcp::service::RunningService;
-use rmcp::transport::TokioChildProcess;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt as _};
 use serde_json::json;
 use toolwarden_core::McpResponse as _;
@@ -72,6 +79,44 @@ async fn connect(
         .await
         .expect("initialize within 30 s")
         .expect("initialize")
+}
+
+/// A free loopback port (bound, then released for the child to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Starts `program` with `args` and `env`, output discarded; killed when dropped.
+fn spawn_server(program: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Child {
+    tokio::process::Command::new(program)
+        .args(args)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the server starts")
+}
+
+/// An rmcp client over Streamable HTTP at `url`, once the server listens.
+async fn connect_http(url: &str) -> RunningService<RoleClient, ()> {
+    let start = Instant::now();
+    loop {
+        let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+        match tokio::time::timeout(Duration::from_secs(5), ().serve(transport)).await {
+            Ok(Ok(running)) => return running,
+            _ if start.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(Err(e)) => panic!("initialize over HTTP at {url}: {e}"),
+            Err(_) => panic!("initialize over HTTP at {url}: no answer"),
+        }
+    }
 }
 
 async fn call(client: &RmcpClient) -> Duration {
@@ -149,7 +194,7 @@ fn ms(d: Duration) -> String {
 
 fn row(name: &str, (seq, conc): (Figures, Figures)) {
     println!(
-        "| {name:<8} | {:>10} | {:>10} | {:>8.0} | {:>10} | {:>10} | {:>8.0} |",
+        "| {name:<13} | {:>10} | {:>10} | {:>8.0} | {:>10} | {:>10} | {:>8.0} |",
         ms(seq.p50),
         ms(seq.p99),
         seq.per_second,
@@ -200,7 +245,7 @@ fn main() {
         .unwrap();
     runtime.block_on(async {
         let direct = connect(&server, &["stdio"], &[]).await;
-        let direct_figures = measure(&RmcpClient::new(direct.peer().clone()), &plan).await;
+        let direct_stdio = measure(&RmcpClient::new(direct.peer().clone()), &plan).await;
         let _ = direct.cancel().await;
 
         let server_arg = server.to_str().unwrap();
@@ -210,32 +255,67 @@ fn main() {
             &[("TOOLWARDEN_RATE_LIMIT_ENABLED", "false")],
         )
         .await;
-        let proxied_figures = measure(&RmcpClient::new(proxied.peer().clone()), &plan).await;
+        let proxied_stdio = measure(&RmcpClient::new(proxied.peer().clone()), &plan).await;
+        let _ = proxied.cancel().await;
+
+        let port = free_port();
+        let _child = spawn_server(&server, &["streamableHttp"], &[("PORT", &port.to_string())]);
+        let direct = connect_http(&format!("http://127.0.0.1:{port}/mcp")).await;
+        let direct_http = measure(&RmcpClient::new(direct.peer().clone()), &plan).await;
+        let _ = direct.cancel().await;
+
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let _child = spawn_server(
+            &proxy,
+            &["run", "--listen", &listen, "--", server_arg, "stdio"],
+            &[("TOOLWARDEN_RATE_LIMIT_ENABLED", "false")],
+        );
+        let proxied = connect_http(&format!("http://{listen}/mcp")).await;
+        let proxied_http = measure(&RmcpClient::new(proxied.peer().clone()), &plan).await;
         let _ = proxied.cancel().await;
 
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!(
-            "\necho via rmcp over stdio; sequential: {} calls; concurrent: {} callers × {} calls; load average before the end: {}",
+            "\necho via rmcp; sequential: {} calls; concurrent: {} callers × {} calls; load average before the end: {}",
             plan.sequential,
             plan.concurrent_tasks,
             plan.per_task,
             load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
         );
-        println!("| path     | seq p50    | seq p99    | seq c/s  | 8× p50     | 8× p99     | 8× c/s   |");
-        println!("|----------|-----------:|-----------:|---------:|-----------:|-----------:|---------:|");
-        row("direct", direct_figures);
-        row("proxied", proxied_figures);
+        println!("| path          | seq p50    | seq p99    | seq c/s  | 8× p50     | 8× p99     | 8× c/s   |");
+        println!("|---------------|-----------:|-----------:|---------:|-----------:|-----------:|---------:|");
+        row("direct stdio", direct_stdio);
+        row("proxied stdio", proxied_stdio);
+        row("direct HTTP", direct_http);
+        row("proxied HTTP", proxied_http);
         // Signed: under load a tail can come out lower through the proxy.
         let added = |a: Duration, b: Duration| {
             format!("{:+.3} ms", (a.as_secs_f64() - b.as_secs_f64()) * 1000.0)
         };
-        println!(
-            "added by the proxy: sequential p50 {} p99 {}; 8 concurrent p50 {} p99 {}",
-            added(proxied_figures.0.p50, direct_figures.0.p50),
-            added(proxied_figures.0.p99, direct_figures.0.p99),
-            added(proxied_figures.1.p50, direct_figures.1.p50),
-            added(proxied_figures.1.p99, direct_figures.1.p99),
-        );
+        for (name, proxied, direct) in [
+            ("stdio", proxied_stdio, direct_stdio),
+            ("HTTP keep-alive", proxied_http, direct_http),
+        ] {
+            println!(
+                "added by the proxy over {name}: sequential p50 {} p99 {}; 8 concurrent p50 {} p99 {}",
+                added(proxied.0.p50, direct.0.p50),
+                added(proxied.0.p99, direct.0.p99),
+                added(proxied.1.p50, direct.1.p50),
+                added(proxied.1.p99, direct.1.p99),
+            );
+        }
+        if !bench {
+            // The smoke test: a kept-alive client must not meet the 40 ms
+            // Nagle / delayed-ACK stall (the listener sets TCP_NODELAY).
+            for (what, p50) in [("1 client", proxied_http.0.p50), ("concurrent callers", proxied_http.1.p50)] {
+                assert!(
+                    p50 < Duration::from_millis(40),
+                    "proxied HTTP p50 with {what} is {}: the 40 ms delayed-ACK stall is back (TCP_NODELAY)",
+                    ms(p50)
+                );
+            }
+        }
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
 }

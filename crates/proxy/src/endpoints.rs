@@ -246,7 +246,7 @@ pub async fn serve(
     upstream: Upstream,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(endpoints, upstream))
+    axum::serve(crate::http::no_delay(listener), router(endpoints, upstream))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

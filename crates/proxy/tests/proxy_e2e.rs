@@ -667,3 +667,98 @@ async fn over_http_the_upstream_killed_mid_call_is_restarted_with_no_hung_call()
     let status = proxy.terminate().await;
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// Issue 15, scenario 3: an agent polling one call every 0.5 s while its
+/// upstream restarts (a real child that takes 4 s to start again) was
+/// refused by the loop guard, then by an open circuit, for about 30 s after
+/// the upstream was back. Failures of an upstream that is down build no
+/// loop, and a failure before sending opens no circuit, so the agent is
+/// served again at once: by the fourth poll (2 s) after `/health` reports
+/// the new child up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_polling_through_an_upstream_restart_is_served_again() {
+    let Some(python) = component("TOOLWARDEN_PYTHON") else {
+        return;
+    };
+    let flaky = flaky_server_script();
+    let marker = std::env::temp_dir().join(format!("toolwarden-restart-{}", free_port()));
+    let _ = std::fs::remove_file(&marker);
+    // The first start is quick; every later one takes 4 s, as a real
+    // server's would (loading, connecting to its own backends).
+    let start = format!(
+        "if [ -e '{marker}' ]; then sleep 4; fi; touch '{marker}'; exec '{python}' '{flaky}'",
+        marker = marker.display(),
+        python = python.display(),
+        flaky = flaky.display(),
+    );
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--metrics-addr",
+            &metrics_addr,
+            "--",
+            "sh",
+            "-c",
+            &start,
+        ],
+        &[("FLAKY_FAILURES", "0")],
+    );
+    proxy.initialize().await;
+    async fn poll(proxy: &mut Proxy, id: i64) -> Value {
+        let call = proxy.call(id, "flaky_search", json!({"query": "job 7 status"}));
+        bounded("a poll", LIMIT, call).await
+    }
+    let first = poll(&mut proxy, 1).await;
+    assert!(
+        text_of(&first).starts_with("results for 'job 7 status'"),
+        "{first}"
+    );
+
+    let (_, report) = health(metrics).await.expect("/health answers");
+    let pid = report["upstream"]["pid"].as_u64().expect("the child's pid") as u32;
+    kill(pid, "KILL");
+
+    // Poll every 0.5 s; note each answer, and when /health shows the new child.
+    let mut seen = Vec::new();
+    let mut polls_since_up: Option<u32> = None;
+    let mut id = 10;
+    let served = loop {
+        id += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let up = health(metrics).await.is_some_and(|(_, report)| {
+            report["upstream"]["state"] == "up"
+                && report["upstream"]["pid"]
+                    .as_u64()
+                    .is_some_and(|p| p as u32 != pid)
+        });
+        if up {
+            polls_since_up = Some(polls_since_up.map_or(1, |n| n + 1));
+        }
+        let answer = poll(&mut proxy, id).await;
+        let text = text_of(&answer);
+        if text.starts_with("results for 'job 7 status'") {
+            break polls_since_up;
+        }
+        let layer = answer["result"]["structuredContent"]["toolwarden"]["layer"].clone();
+        seen.push(format!("{layer}: {text}"));
+        assert_ne!(
+            layer, "loop_guard",
+            "the loop guard refused a poll through a restart: {seen:#?}"
+        );
+        assert!(
+            polls_since_up.is_none_or(|n| n < 4),
+            "the upstream is up but the agent is still refused: {seen:#?}"
+        );
+        assert!(id < 100, "never served again: {seen:#?}");
+    };
+    // `None`: the child came up between the health check and the poll.
+    let served = served.unwrap_or(0);
+    assert!(
+        served <= 4,
+        "served {served} polls after the upstream was up"
+    );
+    assert!(!seen.is_empty(), "the restart was seen by the agent");
+    let _ = std::fs::remove_file(&marker);
+}
