@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::events::Event;
 use toolwarden_core::Events;
 
+use crate::access::{AccessPolicy, AuthTokens, AUTH_TOKENS_ENV};
 use crate::config::{process_env, Config};
 use crate::endpoints::{self, MetricsEndpoints};
+use crate::redact::{RedactingStderr, Redactor, SharedRedactor};
 use crate::stack::SharedState;
 use crate::upstream::UpstreamTarget;
 use crate::Proxy;
@@ -28,6 +30,7 @@ pub struct Cli {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Run the proxy in front of an MCP server: `toolwarden run [OPTIONS] -- <command> [args]`
     /// or `toolwarden run --upstream-url URL`.
@@ -45,16 +48,37 @@ pub struct RunArgs {
     /// The configuration file (TOML). Without one, every default applies.
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The upstream is a Streamable HTTP endpoint (e.g. http://127.0.0.1:3001/mcp)
-    /// instead of a child process.
+    /// The upstream is a Streamable HTTP(S) endpoint (e.g. http://127.0.0.1:3001/mcp
+    /// or https://mcp.example.com/mcp) instead of a child process.
     #[arg(long, value_name = "URL")]
     pub upstream_url: Option<String>,
+    /// Trust the certificates in FILE (PEM) for an https:// upstream, besides the
+    /// system's roots (overrides `upstream.ca_file`).
+    #[arg(long, value_name = "FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
     /// Serve clients over Streamable HTTP at http://ADDR/mcp instead of stdio.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-    /// Allow a non-loopback --listen address (and any Host header).
+    /// Allow a non-loopback --listen address. Clients must then send a bearer
+    /// token (--auth-token-file or TOOLWARDEN_AUTH_TOKENS); the Host check
+    /// stays on (the listen address is allowed; add names with --allow-host).
     #[arg(long)]
     pub listen_allow_remote: bool,
+    /// Also allow this browser Origin on --listen (repeatable; loopback
+    /// origins always are): https://app.example.com, http://host:8080, http://host:*.
+    #[arg(long, value_name = "ORIGIN")]
+    pub allow_origin: Vec<String>,
+    /// Also allow this Host on --listen (repeatable; loopback names and the
+    /// listen address always are): mcp.example.com or mcp.example.com:8443.
+    #[arg(long, value_name = "HOST")]
+    pub allow_host: Vec<String>,
+    /// Bearer tokens clients of --listen must send, one a line (overrides
+    /// `http.auth_token_file`; TOOLWARDEN_AUTH_TOKENS adds comma-separated ones).
+    #[arg(long, value_name = "FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Require the same bearer tokens on --metrics-addr.
+    #[arg(long)]
+    pub metrics_auth: bool,
     /// Serve /metrics, /health and /circuits on ADDR (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
@@ -84,8 +108,13 @@ impl RunArgs {
         match (&self.upstream_url, self.command.split_first()) {
             (Some(_), Some(_)) => Err("give either --upstream-url or a command after --, not both".into()),
             (Some(url), None) => {
-                if !(url.starts_with("http://") || url.starts_with("https://")) {
-                    return Err(format!("--upstream-url must be an http:// URL, got {url:?}"));
+                // The URL may carry a token: the error shows it redacted.
+                let scheme = reqwest::Url::parse(url).map(|u| u.scheme().to_owned());
+                if !matches!(scheme.as_deref(), Ok("http" | "https")) {
+                    return Err(format!(
+                        "--upstream-url must be an http:// or https:// URL, got {}",
+                        crate::redact::redact_url(url)
+                    ));
                 }
                 Ok(UpstreamTarget::Url(url.clone()))
             }
@@ -111,6 +140,53 @@ fn log_event(event: &Event<'_>) {
     );
 }
 
+/// Who may use `--listen` (and, with `--metrics-auth`, the metrics
+/// address): `[http]` lists plus the flags, and the bearer tokens of
+/// `--auth-token-file` (else `http.auth_token_file`) and
+/// `TOOLWARDEN_AUTH_TOKENS`. Off loopback, tokens are required.
+fn access_policy(args: &RunArgs, config: &Config) -> Result<AccessPolicy, String> {
+    let metrics_auth = args.metrics_auth || config.http.metrics_auth;
+    let tokens = if args.listen.is_some() || metrics_auth {
+        let file = args
+            .auth_token_file
+            .as_deref()
+            .or(config.http.auth_token_file.as_deref());
+        AuthTokens::from_env(file)?
+    } else {
+        AuthTokens::default()
+    };
+    if let Some(addr) = args.listen.filter(|a| !a.ip().is_loopback()) {
+        if tokens.is_empty() {
+            return Err(format!(
+                "--listen {addr} is not a loopback address, so clients must authenticate: \
+                 give bearer tokens with --auth-token-file FILE, http.auth_token_file or \
+                 {AUTH_TOKENS_ENV} (refusing to serve without them)"
+            ));
+        }
+    }
+    if metrics_auth && tokens.is_empty() {
+        return Err(format!(
+            "--metrics-auth needs bearer tokens: --auth-token-file FILE, \
+             http.auth_token_file or {AUTH_TOKENS_ENV}"
+        ));
+    }
+    let origins: Vec<String> = config
+        .http
+        .allowed_origins
+        .iter()
+        .chain(&args.allow_origin)
+        .cloned()
+        .collect();
+    let hosts: Vec<String> = config
+        .http
+        .allowed_hosts
+        .iter()
+        .chain(&args.allow_host)
+        .cloned()
+        .collect();
+    AccessPolicy::new(&origins, &hosts, args.listen, tokens)
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {
@@ -126,7 +202,7 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn run(args: RunArgs) -> ExitCode {
+async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     let target = match args.target() {
         Ok(target) => target,
         Err(e) => {
@@ -134,13 +210,16 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(USAGE);
         }
     };
-    let config = match Config::load(args.config.as_deref(), process_env()) {
+    let mut config = match Config::load(args.config.as_deref(), process_env()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("toolwarden: {e}");
             return ExitCode::from(USAGE);
         }
     };
+    if let Some(ca_file) = &args.upstream_ca_file {
+        config.upstream.ca_file = Some(ca_file.clone());
+    }
     for (addr, allow, flag) in [
         (
             args.listen,
@@ -180,9 +259,19 @@ async fn run(args: RunArgs) -> ExitCode {
             }
         }
     }
+    let access = match access_policy(&args, &config) {
+        Ok(access) => access,
+        Err(e) => {
+            eprintln!("toolwarden: {e}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    let metrics_tokens =
+        (args.metrics_auth || config.http.metrics_auth).then(|| access.tokens().clone());
     let shared = SharedState::new(Events::new().with(log_event), endpoints.clone());
     let max_line_bytes = config.downstream.max_line_bytes;
     let max_body_bytes = config.downstream.max_body_bytes;
+    let http_options = crate::http::HttpOptions::new(&config.http, max_body_bytes, access);
     let proxy = match Proxy::new(config, target, shared) {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -190,6 +279,8 @@ async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(USAGE);
         }
     };
+    // From here on every log line is scrubbed of the upstream's secrets.
+    redactor.set(Redactor::clone(&proxy.upstream().redactor()));
 
     let shutdown = CancellationToken::new();
     tokio::spawn({
@@ -198,6 +289,10 @@ async fn run(args: RunArgs) -> ExitCode {
             shutdown_signal().await;
             tracing::info!("shutting down");
             shutdown.cancel();
+            // A second signal: the operator will not wait for the drain.
+            shutdown_signal().await;
+            eprintln!("toolwarden: second signal, exiting at once");
+            std::process::exit(130);
         }
     });
 
@@ -210,6 +305,7 @@ async fn run(args: RunArgs) -> ExitCode {
                     listener,
                     endpoints,
                     proxy.upstream().clone(),
+                    metrics_tokens,
                     shutdown.child_token(),
                 )))
             }
@@ -236,14 +332,8 @@ async fn run(args: RunArgs) -> ExitCode {
             Ok(listener) => {
                 let bound = listener.local_addr().map_or(addr, |a| a);
                 tracing::info!(url = %format!("http://{bound}/mcp"), "serving MCP over Streamable HTTP");
-                crate::http::serve_http(
-                    proxy.core(),
-                    listener,
-                    max_body_bytes,
-                    args.listen_allow_remote,
-                    shutdown.clone(),
-                )
-                .await
+                crate::http::serve_http_with(proxy.core(), listener, http_options, shutdown.clone())
+                    .await
             }
             Err(e) => Err(e),
         },
@@ -269,7 +359,8 @@ fn check_config(args: &CheckConfigArgs) -> ExitCode {
     let checked = loaded.and_then(|config| {
         let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
         crate::stack::standard_stack(&config, &shared)
-            .map(|_| config)
+            .and_then(|_| crate::upstream::check_http_config(&config.upstream))
+            .map(|()| config)
             .map_err(|e| e.to_string())
     });
     match checked {
@@ -300,8 +391,11 @@ pub fn main(cli: Cli) -> ExitCode {
     // rmcp logs every error response at WARN; those are answers, not faults.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rmcp=error"));
+    // Every line is scrubbed of the upstream's secrets (URL userinfo and
+    // query, header values), whichever crate logs it; `run` sets them.
+    let redactor = SharedRedactor::default();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(RedactingStderr::new(redactor.clone()))
         .with_env_filter(filter)
         .init();
     if let Command::CheckConfig(args) = &cli.command {
@@ -319,7 +413,7 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(args, redactor).await,
             Command::Demo => crate::demo::run().await,
             Command::CheckConfig(_) => ExitCode::SUCCESS,
         }

@@ -31,6 +31,7 @@ use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::access::AuthTokens;
 use crate::upstream::{Upstream, UpstreamStatus};
 
 /// A boxed future of a JSON value.
@@ -239,14 +240,38 @@ pub fn check_loopback(addr: SocketAddr, allow_remote: bool, what: &str) -> Resul
     }
 }
 
-/// Serves the routes on `listener` until `shutdown` is cancelled.
+/// Serves the routes on `listener` until `shutdown` is cancelled. With
+/// `tokens` (`--metrics-auth`, `http.metrics_auth`), every request must
+/// carry `Authorization: Bearer <one of them>`, else `401`.
 pub async fn serve(
     listener: TcpListener,
     endpoints: MetricsEndpoints,
     upstream: Upstream,
+    tokens: Option<AuthTokens>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(crate::http::no_delay(listener), router(endpoints, upstream))
+    let mut routes = router(endpoints, upstream);
+    if let Some(tokens) = tokens {
+        routes = routes.layer(axum::middleware::from_fn_with_state(tokens, require_token));
+    }
+    axum::serve(crate::http::no_delay(listener), routes)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+/// `401` with `WWW-Authenticate: Bearer` unless the request carries one of `tokens`.
+async fn require_token(
+    State(tokens): State<AuthTokens>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if tokens.accepts(request.headers()) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"toolwarden\"")],
+        "Unauthorized: a valid bearer token is required",
+    )
+        .into_response()
 }

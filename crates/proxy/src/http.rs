@@ -7,14 +7,19 @@
 //! error (`-32700`, `-32600`, `-32602`; HTTP 400) rather than rmcp's
 //! plain-text 415.
 //!
-//! rmcp validates the `Host` header against loopback names by default (a
-//! DNS-rebinding guard); with `--listen-allow-remote` that check is turned
-//! off, so put the proxy behind something that authenticates clients.
-//! Sessions idle for 5 minutes are closed by rmcp.
+//! Before that, every request is checked and bounded by [`guard`]: `Host`
+//! and `Origin` against their allow-lists (403; loopback by default, never
+//! turned off), the bearer token (401), the body's read time (408), the
+//! number of sessions (503) and of a session's requests in flight (429).
+//! Connections are served by [`serve_bounded`] rather than axum's `serve`:
+//! at most `http.max_connections` at once, headers within
+//! `http.header_read_timeout`, and a shutdown that waits at most
+//! `http.shutdown_timeout`. Sessions idle for 5 minutes are closed by rmcp.
 //!
-//! Server→client requests (sampling, roots, elicitation) go to the most
-//! recently active client that has a session — with several clients that
-//! may not be the one whose call caused them. A request rmcp serves without
+//! Server→client requests (sampling, roots, elicitation) go to the session
+//! whose call caused them, on that call's response stream, and to no other
+//! (see [`crate::routes`]); one no session can be found for gets an error.
+//! A request rmcp serves without
 //! a session (from a client of the 2026-07-28 protocol, or any request with
 //! per-request protocol metadata) goes through a one-shot transport that
 //! carries its answer back and nothing more: rmcp takes no answer from such
@@ -47,16 +52,22 @@
 //! there is no progress of its to order.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use futures::Stream;
-use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
+use futures::{Stream, StreamExt as _};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rmcp::model::{
+    ClientJsonRpcMessage, ClientRequest, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage,
+};
 use rmcp::service::{RoleClient, RoleServer, RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::{
@@ -64,13 +75,20 @@ use rmcp::transport::streamable_http_server::session::{
 };
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService, Transport};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
+use tower::ServiceExt as _;
 
+use crate::access::{AccessPolicy, AuthTokens, Refusal};
+use crate::config::HttpConfig;
 use crate::framer::{classify_line, error_line, Frame};
 use crate::routes::ProgressRoutes;
 use crate::server::{ProxyCore, ProxyServer};
 use crate::upstream::ProgressTallyTransport;
+
+/// The header rmcp keeps a session's id in.
+const SESSION_ID_HEADER: &str = "mcp-session-id";
 
 fn is_json(headers: &HeaderMap) -> bool {
     headers
@@ -244,49 +262,246 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
     }
 }
 
-/// Answers malformed JSON-RPC in a POST body the way the stdio side does
-/// (`-32700`, `-32600`, `-32602` with the id when readable, HTTP 400; `413`
-/// past the size bound) instead of rmcp's plain-text `415`; passes every
-/// valid message on to rmcp. Other requests (GET, DELETE, other content
-/// types) go to rmcp untouched.
-async fn check_jsonrpc(
-    State(max_body_bytes): State<usize>,
-    request: Request,
-    next: Next,
+/// What the `/mcp` route checks before rmcp sees a request: see
+/// [`guard`].
+#[derive(Clone)]
+struct Guard {
+    access: AccessPolicy,
+    sessions: Arc<ProxySessions<LocalSessionManager>>,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+    max_sessions: usize,
+    max_requests_per_session: usize,
+    /// Each open session's in-flight permits. Entries are made only for
+    /// sessions rmcp knows, and pruned of closed ones whenever one is
+    /// added, so the map holds at most about `max_sessions` entries.
+    in_flight: Arc<Mutex<HashMap<Arc<str>, Arc<Semaphore>>>>,
+}
+
+impl Guard {
+    async fn open_sessions(&self) -> usize {
+        self.sessions.inner.sessions.read().await.len()
+    }
+
+    /// The in-flight permits of session `id`, if rmcp knows it.
+    async fn permits_of(&self, id: &str) -> Option<Arc<Semaphore>> {
+        if let Some(permits) = lock(&self.in_flight).get(id) {
+            return Some(Arc::clone(permits));
+        }
+        let open = self.sessions.inner.sessions.read().await;
+        if !open.contains_key(id) {
+            return None;
+        }
+        let mut map = lock(&self.in_flight);
+        map.retain(|known, _| open.contains_key(known.as_ref()));
+        let permits = map
+            .entry(Arc::from(id))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_requests_per_session)));
+        Some(Arc::clone(permits))
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A refusal of the listener, counted by reason.
+fn refused(reason: &'static str, response: Response) -> Response {
+    metrics::counter!("toolwarden_proxy_http_refusals_total", "reason" => reason).increment(1);
+    response
+}
+
+/// A JSON-RPC error answer with an HTTP status other than 200.
+fn jsonrpc_refusal(
+    status: StatusCode,
+    reason: &'static str,
+    id: &Id,
+    error: ErrorObject,
 ) -> Response {
+    refused(
+        reason,
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            error_line(id, error),
+        )
+            .into_response(),
+    )
+}
+
+/// The id of a request of rmcp's, as the framer writes ids.
+fn core_id(id: &rmcp::model::RequestId) -> Id {
+    serde_json::to_value(id)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or(Id::Null)
+}
+
+/// Everything the `/mcp` route checks before rmcp sees a request, in order:
+///
+/// 1. `Host`, then `Origin` (`403`), then the bearer token (`401` with
+///    `WWW-Authenticate: Bearer`), on every request ([`AccessPolicy`]).
+/// 2. A POST body of JSON is read within `body_read_timeout` (`408`) and
+///    `max_body_bytes` (`413`), and malformed JSON-RPC is answered the way
+///    the stdio side does (`-32700`, `-32600`, `-32602` with the id when
+///    readable, HTTP 400) instead of rmcp's plain-text `415`.
+/// 3. An `initialize` that would open a session past `max_sessions` gets
+///    `503`; a request of a session with `max_requests_per_session` already
+///    in flight gets `429` (its permit is held until its answer's stream
+///    ends).
+///
+/// Every valid message is then passed on to rmcp, and other requests (GET,
+/// DELETE, other content types) too once step 1 let them through.
+async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    if let Err(refusal) = guard.access.check(request.uri(), request.headers()) {
+        // Never the token: only which check failed.
+        tracing::debug!(?refusal, "refused an HTTP request");
+        return match refusal {
+            Refusal::Host => refused(
+                "host",
+                (
+                    StatusCode::FORBIDDEN,
+                    "Forbidden: Host header is not allowed",
+                )
+                    .into_response(),
+            ),
+            Refusal::Origin => refused(
+                "origin",
+                (StatusCode::FORBIDDEN, "Forbidden: Origin is not allowed").into_response(),
+            ),
+            Refusal::Token => refused(
+                "token",
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer realm=\"toolwarden\"")],
+                    "Unauthorized: a valid bearer token is required",
+                )
+                    .into_response(),
+            ),
+        };
+    }
     if request.method() != Method::POST || !is_json(request.headers()) {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
-    let Ok(bytes) = axum::body::to_bytes(body, max_body_bytes).await else {
-        return jsonrpc_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            error_line(
+    let max_body_bytes = guard.max_body_bytes;
+    let bytes = match tokio::time::timeout(
+        guard.body_read_timeout,
+        axum::body::to_bytes(body, max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return jsonrpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                error_line(
+                    &Id::Null,
+                    ErrorObject::new(
+                        code::INVALID_REQUEST,
+                        format!(
+                            "Invalid Request: message too large (more than {max_body_bytes} bytes)"
+                        ),
+                    ),
+                ),
+            )
+        }
+        Err(_) => {
+            return jsonrpc_refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
                 &Id::Null,
                 ErrorObject::new(
                     code::INVALID_REQUEST,
                     format!(
-                        "Invalid Request: message too large (more than {max_body_bytes} bytes)"
+                        "Invalid Request: the body was not received within {:?}",
+                        guard.body_read_timeout
                     ),
                 ),
-            ),
-        );
-    };
-    match classify_line(&bytes) {
-        Frame::Message(_) => {
-            next.run(Request::from_parts(parts, Body::from(bytes)))
-                .await
+            )
         }
-        Frame::Reply(line) => jsonrpc_error(StatusCode::BAD_REQUEST, line),
-        Frame::Ignore("blank line") => jsonrpc_error(
-            StatusCode::BAD_REQUEST,
-            error_line(
-                &Id::Null,
-                ErrorObject::new(code::PARSE_ERROR, "Parse error: empty body"),
-            ),
-        ),
+    };
+    let message = match classify_line(&bytes) {
+        Frame::Message(message) => message,
+        Frame::Reply(line) => return jsonrpc_error(StatusCode::BAD_REQUEST, line),
+        Frame::Ignore("blank line") => {
+            return jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                error_line(
+                    &Id::Null,
+                    ErrorObject::new(code::PARSE_ERROR, "Parse error: empty body"),
+                ),
+            )
+        }
         // A malformed notification or response: JSON-RPC answers nothing.
-        Frame::Ignore(_) => StatusCode::ACCEPTED.into_response(),
+        Frame::Ignore(_) => return StatusCode::ACCEPTED.into_response(),
+    };
+    let mut permit = None;
+    if let JsonRpcMessage::Request(request) = message.as_ref() {
+        let session = parts
+            .headers
+            .get(SESSION_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let opens_session =
+            session.is_none() && matches!(request.request, ClientRequest::InitializeRequest(_));
+        // Concurrent initializes may each see room: the overshoot is
+        // bounded by the connections served at once.
+        if opens_session && guard.open_sessions().await >= guard.max_sessions {
+            return jsonrpc_refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sessions",
+                &core_id(&request.id),
+                ErrorObject::new(
+                    -32000,
+                    format!(
+                        "too many sessions: the proxy serves at most {} at once; retry later",
+                        guard.max_sessions
+                    ),
+                ),
+            );
+        }
+        let permits = match session {
+            Some(id) => guard.permits_of(id).await,
+            None => None,
+        };
+        if let Some(permits) = permits {
+            match permits.try_acquire_owned() {
+                Ok(p) => permit = Some(p),
+                Err(_) => {
+                    return jsonrpc_refusal(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "in_flight",
+                        &core_id(&request.id),
+                        ErrorObject::new(
+                            -32000,
+                            format!(
+                                "too many requests in flight for this session (at most {}); \
+                                 retry once one is answered",
+                                guard.max_requests_per_session
+                            ),
+                        ),
+                    )
+                }
+            }
+        }
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    match permit {
+        None => response,
+        Some(permit) => {
+            // The answer may be an SSE stream: the request is in flight
+            // until it ends.
+            let (parts, body) = response.into_parts();
+            let body = body.into_data_stream().map(move |chunk| {
+                let _in_flight = &permit;
+                chunk
+            });
+            Response::from_parts(parts, Body::from_stream(body))
+        }
     }
 }
 
@@ -307,8 +522,49 @@ pub fn no_delay(
     })
 }
 
+/// How a Streamable HTTP listener is bounded and who may use it; see
+/// `[http]` in [`crate::config::HttpConfig`] for each default.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// The largest POST body (`413` past it).
+    pub max_body_bytes: usize,
+    /// `Origin`, `Host` and bearer tokens.
+    pub access: AccessPolicy,
+    /// The longest a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// The longest a client may take to send a POST body (`408`).
+    pub body_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Sessions open at once (`503` past it).
+    pub max_sessions: usize,
+    /// Requests of one session in flight at once (`429` past it).
+    pub max_requests_per_session: usize,
+    /// The longest the listener waits for requests in flight on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl HttpOptions {
+    /// The options of `[http]` (and `downstream.max_body_bytes`), with `access`.
+    pub fn new(config: &HttpConfig, max_body_bytes: usize, access: AccessPolicy) -> Self {
+        HttpOptions {
+            max_body_bytes,
+            access,
+            header_read_timeout: config.header_read_timeout,
+            body_read_timeout: config.body_read_timeout,
+            max_connections: config.max_connections,
+            max_sessions: config.max_sessions,
+            max_requests_per_session: config.max_requests_per_session,
+            shutdown_timeout: config.shutdown_timeout,
+        }
+    }
+}
+
 /// Serves MCP over Streamable HTTP at `/mcp` on `listener` until `shutdown`
-/// is cancelled.
+/// is cancelled, with every default of `[http]`: loopback origins and hosts
+/// (and the listener's own address) only, no token. `allow_remote` is kept
+/// for callers of earlier versions: the `Host` check is never turned off
+/// any more (see [`serve_http_with`] to extend it).
 pub async fn serve_http(
     core: Arc<ProxyCore>,
     listener: TcpListener,
@@ -316,24 +572,129 @@ pub async fn serve_http(
     allow_remote: bool,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut config = StreamableHttpServerConfig::default()
+    let _ = allow_remote;
+    let access = AccessPolicy::new(&[], &[], listener.local_addr().ok(), AuthTokens::default())
+        .map_err(std::io::Error::other)?;
+    let options = HttpOptions::new(&HttpConfig::default(), max_body_bytes, access);
+    serve_http_with(core, listener, options, shutdown).await
+}
+
+/// Serves MCP over Streamable HTTP at `/mcp` on `listener` until `shutdown`
+/// is cancelled, checked and bounded by `options` (see [`guard`] and
+/// [`serve_bounded`]).
+pub async fn serve_http_with(
+    core: Arc<ProxyCore>,
+    listener: TcpListener,
+    options: HttpOptions,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    // rmcp checks `Host` too; give it the same list, never an empty one
+    // (which would turn its check off).
+    let config = StreamableHttpServerConfig::default()
         .with_cancellation_token(shutdown.child_token())
-        .with_max_request_body_bytes(max_body_bytes);
-    if allow_remote {
-        config = config.disable_allowed_hosts();
-    }
-    let sessions = ProxySessions {
+        .with_max_request_body_bytes(options.max_body_bytes)
+        .with_allowed_hosts(options.access.rmcp_hosts());
+    let sessions = Arc::new(ProxySessions {
         inner: LocalSessionManager::default(),
-    };
+    });
     let service = StreamableHttpService::new(
         move || Ok(ProxyServer::new(Arc::clone(&core))),
-        Arc::new(sessions),
+        Arc::clone(&sessions),
         config,
     );
-    let router = axum::Router::new().nest_service("/mcp", service).layer(
-        axum::middleware::from_fn_with_state(max_body_bytes, check_jsonrpc),
-    );
-    axum::serve(no_delay(listener), router)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    let guard = Guard {
+        access: options.access.clone(),
+        sessions,
+        max_body_bytes: options.max_body_bytes,
+        body_read_timeout: options.body_read_timeout,
+        max_sessions: options.max_sessions,
+        max_requests_per_session: options.max_requests_per_session,
+        in_flight: Arc::default(),
+    };
+    let router = axum::Router::new()
+        .nest_service("/mcp", service)
+        .layer(axum::middleware::from_fn_with_state(guard, self::guard));
+    serve_bounded(listener, router, &options, shutdown).await
+}
+
+/// Serves `router` on `listener` (HTTP/1.1, `TCP_NODELAY`) until `shutdown`
+/// is cancelled, with the bounds axum's own `serve` does not offer:
+///
+/// - at most `max_connections` connections at once (the next is accepted
+///   once one closes; until then it waits in the kernel's backlog);
+/// - a request's headers must arrive within `header_read_timeout`, or the
+///   connection is closed (hyper's timer: a client sending its headers a
+///   byte at a time cannot hold a connection);
+/// - on shutdown, no new connection is accepted, each one is closed once
+///   its request in flight is answered, and those still open after
+///   `shutdown_timeout` are dropped.
+pub async fn serve_bounded(
+    listener: TcpListener,
+    router: axum::Router,
+    options: &HttpOptions,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let slots = Arc::new(Semaphore::new(options.max_connections));
+    let closing = CancellationToken::new();
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        while connections.try_join_next().is_some() {}
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of descriptors, a connection reset before accept:
+                    // not fatal; do not spin.
+                    tracing::debug!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        let service = TowerToHyperService::new(router.clone().map_request(
+            |request: axum::http::Request<hyper::body::Incoming>| request.map(Body::new),
+        ));
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(options.header_read_timeout);
+        let closing = closing.child_token();
+        connections.spawn(async move {
+            let _slot = slot;
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = closing.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = served {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    closing.cancel();
+    let drained = tokio::time::timeout(options.shutdown_timeout, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            "connections still open after the shutdown timeout; closing them"
+        );
+        connections.shutdown().await;
+    }
+    Ok(())
 }

@@ -21,7 +21,11 @@
 //! - [`framer`] and [`stdio`]: stdin/stdout with `-32700`/`-32600` answers to
 //!   malformed lines and one writer for stdout.
 //! - [`http`]: the Streamable HTTP downstream (`--listen`).
+//! - [`access`]: `Origin`, `Host` and bearer-token checks of the HTTP listeners.
+//! - [`tool_names`]: tool names refused before the stack (too long, unknown).
 //! - [`endpoints`]: `/metrics`, `/health`, `/circuits` (`--metrics-addr`).
+//! - [`redact`]: the upstream's secrets (URL userinfo and query, header
+//!   values) kept out of logs, reports and answers.
 //! - [`demo`]: `toolwarden demo`.
 //!
 //! See `README.md` next to this crate for the decisions and their reasons.
@@ -29,6 +33,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+pub mod access;
 pub mod cli;
 pub mod config;
 pub mod demo;
@@ -36,10 +41,12 @@ pub mod endpoints;
 pub mod framer;
 pub mod http;
 mod proxy;
+pub mod redact;
 pub mod routes;
 pub mod server;
 pub mod stack;
 pub mod stdio;
+pub mod tool_names;
 pub mod upstream;
 
 pub use proxy::Proxy;

@@ -50,8 +50,14 @@ impl Proxy {
             shared.catalog.clone(),
             downstreams.clone(),
         );
+        upstream.check_http()?;
         let stack = build_stack(&config, upstream.service(), &shared)?;
-        let core = ProxyCore::new(upstream.clone(), stack, downstreams);
+        let core = ProxyCore::with_request_timeout(
+            upstream.clone(),
+            stack,
+            downstreams,
+            config.limits.request_timeout,
+        );
         Ok(Proxy {
             config,
             shared,

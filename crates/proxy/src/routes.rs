@@ -1,5 +1,34 @@
-//! Where server→client traffic goes: the connected downstream clients, and
-//! the progress tokens the proxy put on requests it forwarded.
+//! Where server→client traffic goes: the connected downstream clients, the
+//! requests they have in flight upstream, and the progress tokens the proxy
+//! put on requests it forwarded.
+//!
+//! # Whose a request of the server's is
+//!
+//! A request the server sends (sampling, roots, elicitation) goes to the
+//! session whose call the server was handling, and to no other
+//! ([`Downstreams::target_of`]). Every request the proxy forwards is
+//! recorded with its session while in flight ([`Downstreams::forwarding`],
+//! dropped with its [`CauseGuard`]), under the upstream request id of each
+//! attempt (reported by `toolwarden_rmcp::OnRequestSent`). Then:
+//!
+//! - Over Streamable HTTP, rmcp's client transport marks a request of the
+//!   server's with the request whose response stream it came on
+//!   (`InboundStreamOrigin`, SEP-2260); rmcp's server (and the TypeScript
+//!   and Python SDKs) send a request made while handling a call on that
+//!   call's stream. That id names the session.
+//! - Otherwise (stdio; a request on the standalone stream) nothing on the
+//!   wire ties it to a call. It goes to the one session with requests in
+//!   flight upstream, pings aside, if only one has; with none in flight, to
+//!   the one connected client, if only one is (stdio: always).
+//! - Else, or when the session found cannot be sent requests (a client
+//!   without a session over HTTP), the server gets `-32603 no client session
+//!   for this request`: it is never sent to a client it may not be for.
+//!
+//! Notifications of the server that name a request go where it went
+//! (progress by token, below; `notifications/cancelled` by rmcp to the
+//! request it cancels), a task's status to the client whose call created
+//! it ([`Downstreams::task_owner`]); the rest (list changes, logging,
+//! resource updates) names none and goes to every client.
 //!
 //! rmcp replaces the `progressToken` of every request it sends with one of its
 //! own. So when the proxy forwards a request that carries a client's token,
@@ -63,7 +92,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use rmcp::model::ProgressToken;
+use rmcp::model::{ErrorCode, ErrorData, ProgressToken, RequestId};
 use rmcp::service::{Peer, RoleClient, RoleServer, ServiceRole};
 use tokio::sync::Notify;
 
@@ -527,27 +556,86 @@ impl<R: ServiceRole> Drop for RouteGuard<R> {
 /// An id for one connected downstream client.
 pub type DownstreamId = u64;
 
+/// How long a server's request tied to an upstream request id nobody has
+/// recorded yet waits for it (the id is known only once rmcp queued the
+/// request, and the server can answer that fast).
+const UNKNOWN_ID_WAIT: Duration = Duration::from_millis(200);
+
 struct Downstream {
     id: DownstreamId,
     peer: Peer<RoleServer>,
     /// Where the progress it sends on the server's requests is counted and
     /// routed: its own, since rmcp numbers each peer's tokens separately.
     progress: Arc<ProgressRoutes<RoleClient>>,
-    /// Bumped on every request, so the most recently active client is known.
-    last_active: u64,
+}
+
+/// Who sent a request the proxy forwards upstream: one downstream session
+/// (any `ProxyServer`, with a session or not) and, when it can be sent the
+/// server's requests, its registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    /// The session, unique in the proxy's life.
+    pub session: u64,
+    /// Its client's id in [`Downstreams`], if registered (see
+    /// [`Downstreams::register`]): a client without a session over HTTP is not.
+    pub client: Option<DownstreamId>,
+}
+
+/// One forwarded request: who sent it, under which id (the client's).
+#[derive(Debug, Clone)]
+struct Forwarded {
+    /// Tells apart the requests recorded under one upstream id (see
+    /// [`Causes::by_upstream_id`]).
+    serial: u64,
+    caller: Caller,
+    request: RequestId,
+}
+
+/// The requests the proxy forwards upstream, for finding which client a
+/// request of the server's is for (see [`Downstreams::target_of`]).
+#[derive(Default)]
+struct Causes {
+    /// The upstream request id of each attempt in flight → the client's
+    /// request it forwards. rmcp numbers request ids per connection, so after
+    /// a reconnection an id can be in use twice for a moment: the last one
+    /// recorded is the current connection's.
+    by_upstream_id: HashMap<RequestId, Vec<Forwarded>>,
+    /// Per session, its requests in flight upstream that can make the server
+    /// ask something (all but `ping`).
+    in_flight: HashMap<u64, (Caller, usize)>,
+    next_serial: u64,
 }
 
 #[derive(Default)]
 struct Registry {
     clients: Vec<Downstream>,
     next_id: DownstreamId,
-    clock: u64,
+    causes: Causes,
+    /// Tasks (SEP-1686) the server created for a client's call → that
+    /// client: their status notifications are its only. Forgotten when the
+    /// task ends or the client goes.
+    tasks: HashMap<String, DownstreamId>,
+}
+
+/// Where a request of the server's goes ([`Downstreams::target_of`]).
+#[derive(Debug)]
+pub struct Target {
+    /// The client.
+    pub peer: Peer<RoleServer>,
+    /// Its progress routes: the request forwarded to it is routed there, as
+    /// that is where its transport counts the progress it sends.
+    pub progress: Arc<ProgressRoutes<RoleClient>>,
+    /// The client's request the server's is for, when known: over
+    /// Streamable HTTP the server's request rides that request's response
+    /// stream (SEP-2260), as a client of 2026-07-28 expects.
+    pub request: Option<RequestId>,
 }
 
 /// The connected downstream clients (one over stdio, one per session over
-/// HTTP). Entries are removed when their session ends, and closed ones are
-/// pruned whenever a client registers, so the list holds at most the open
-/// sessions.
+/// HTTP), and the requests they have in flight upstream. Entries are removed
+/// when their session ends, and closed ones are pruned whenever a client
+/// registers, so the list holds at most the open sessions; a request in
+/// flight is recorded as long as its [`CauseGuard`] lives.
 #[derive(Clone, Default)]
 pub struct Downstreams {
     registry: Arc<Mutex<Registry>>,
@@ -561,6 +649,16 @@ impl fmt::Debug for Downstreams {
     }
 }
 
+/// The error a server's request gets when no client session can be found
+/// for it: it is never sent to a client it may not be for.
+fn no_session(why: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode(-32603),
+        format!("no client session for this request: {why}"),
+        None,
+    )
+}
+
 impl Downstreams {
     /// No clients.
     pub fn new() -> Self {
@@ -568,8 +666,9 @@ impl Downstreams {
     }
 
     /// Adds a client, with the routes its transport counts the progress it
-    /// sends into (each client its own: see [`most_recent`](Self::most_recent));
-    /// returns its id.
+    /// sends into (each client its own: rmcp numbers the progress tokens of
+    /// each client's peer from 0, so two clients can be sent a request under
+    /// the same token at the same time); returns its id.
     pub fn register(
         &self,
         peer: Peer<RoleServer>,
@@ -578,49 +677,178 @@ impl Downstreams {
         let mut registry = lock(&self.registry);
         registry.clients.retain(|c| !c.peer.is_transport_closed());
         registry.next_id += 1;
-        registry.clock += 1;
         let id = registry.next_id;
-        let last_active = registry.clock;
-        registry.clients.push(Downstream {
-            id,
-            peer,
-            progress,
-            last_active,
-        });
+        registry.clients.push(Downstream { id, peer, progress });
         id
     }
 
-    /// Marks a client as the most recently active.
-    pub fn touch(&self, id: DownstreamId) {
+    /// Removes a client (and forgets its tasks).
+    pub fn remove(&self, id: DownstreamId) {
         let mut registry = lock(&self.registry);
-        registry.clock += 1;
-        let now = registry.clock;
-        if let Some(client) = registry.clients.iter_mut().find(|c| c.id == id) {
-            client.last_active = now;
+        registry.clients.retain(|c| c.id != id);
+        registry.tasks.retain(|_, owner| *owner != id);
+    }
+
+    /// Records that the server created task `task_id` for a call of
+    /// `client`'s (none: a client that cannot be sent anything, so the
+    /// task's notifications go nowhere).
+    pub fn task_created(&self, client: Option<DownstreamId>, task_id: &str) {
+        let mut registry = lock(&self.registry);
+        match client {
+            Some(id) if registry.clients.iter().any(|c| c.id == id) => {
+                registry.tasks.insert(task_id.to_owned(), id);
+            }
+            _ => {
+                registry.tasks.remove(task_id);
+            }
         }
     }
 
-    /// Removes a client.
-    pub fn remove(&self, id: DownstreamId) {
-        lock(&self.registry).clients.retain(|c| c.id != id);
+    /// The open client a notification about task `task_id` goes to, if the
+    /// task is one of a client's; `ended` forgets the task.
+    pub fn task_owner(&self, task_id: &str, ended: bool) -> Option<Peer<RoleServer>> {
+        let mut registry = lock(&self.registry);
+        let owner = if ended {
+            registry.tasks.remove(task_id)
+        } else {
+            registry.tasks.get(task_id).copied()
+        }?;
+        registry
+            .clients
+            .iter()
+            .find(|c| c.id == owner && !c.peer.is_transport_closed())
+            .map(|c| c.peer.clone())
     }
 
-    /// The most recently active open client: where server→client requests
-    /// go (with several HTTP sessions, this is a guess; see the crate docs).
-    /// With its progress routes: a request forwarded to it is routed there,
-    /// as that is where its transport counts the progress it sends. rmcp
-    /// numbers the progress tokens of each client's peer from 0, so two
-    /// clients can be sent a request under the same token at the same time.
-    pub fn most_recent(&self) -> Option<(Peer<RoleServer>, Arc<ProgressRoutes<RoleClient>>)> {
-        lock(&self.registry)
+    /// Records that `caller`'s request `request` is being forwarded upstream,
+    /// until the returned guard is dropped; `asks` says whether the server
+    /// may ask something while handling it (all requests but `ping`). Each
+    /// attempt's upstream id is recorded with [`CauseGuard::recorder`].
+    pub fn forwarding(&self, caller: Caller, request: RequestId, asks: bool) -> CauseGuard {
+        let mut registry = lock(&self.registry);
+        let causes = &mut registry.causes;
+        causes.next_serial += 1;
+        let serial = causes.next_serial;
+        if asks {
+            causes
+                .in_flight
+                .entry(caller.session)
+                .or_insert((caller, 0))
+                .1 += 1;
+        }
+        CauseGuard {
+            registry: Arc::clone(&self.registry),
+            forwarded: Forwarded {
+                serial,
+                caller,
+                request,
+            },
+            asks,
+            upstream_ids: Arc::new(Mutex::new(Some(Vec::new()))),
+        }
+    }
+
+    /// The client a request of the server's goes to: the one whose request
+    /// the server was handling when it made it, or an error for the server
+    /// when that cannot be told (never a guess):
+    ///
+    /// - `origin`, the upstream request the transport says it came with
+    ///   (over Streamable HTTP, the response stream it arrived on): the
+    ///   client whose request that is, waiting up to 200 ms for its id to be
+    ///   recorded; none, if it is none of theirs (the proxy's own, or done);
+    /// - else (stdio, or a server that sent it on the standalone stream):
+    ///   the one session with requests in flight upstream (pings aside), if
+    ///   only one has; with none in flight, the one connected client, if
+    ///   there is only one.
+    ///
+    /// The session found must be a connected client that can be sent
+    /// requests (not one without a session over HTTP).
+    pub async fn target_of(&self, origin: Option<&RequestId>) -> Result<Target, ErrorData> {
+        let deadline = tokio::time::Instant::now() + UNKNOWN_ID_WAIT;
+        loop {
+            match self.find_target(origin) {
+                Err(None) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(UNKNOWN_TOKEN_POLL).await;
+                }
+                Err(None) => {
+                    return Err(no_session(
+                        "it came with a request that is no client's (the proxy's own, or one that ended)",
+                    ))
+                }
+                Err(Some(error)) => return Err(error),
+                Ok(target) => return Ok(target),
+            }
+        }
+    }
+
+    /// [`target_of`](Self::target_of) once: `Err(None)` when `origin` is not
+    /// (yet) recorded.
+    fn find_target(&self, origin: Option<&RequestId>) -> Result<Target, Option<ErrorData>> {
+        let registry = lock(&self.registry);
+        let open: Vec<&Downstream> = registry
             .clients
             .iter()
             .filter(|c| !c.peer.is_transport_closed())
-            .max_by_key(|c| c.last_active)
-            .map(|c| (c.peer.clone(), Arc::clone(&c.progress)))
+            .collect();
+        if open.is_empty() {
+            return Err(Some(ErrorData::new(
+                ErrorCode(-32000),
+                "no client is connected to the toolwarden proxy",
+                None,
+            )));
+        }
+        let causes = &registry.causes;
+        let (caller, request) = match origin {
+            Some(id) => {
+                let forwarded = causes
+                    .by_upstream_id
+                    .get(id)
+                    .and_then(|all| all.last())
+                    .ok_or(None)?;
+                (forwarded.caller, Some(forwarded.request.clone()))
+            }
+            None => {
+                let mut sessions = causes.in_flight.values().filter(|(_, n)| *n > 0);
+                match (sessions.next(), sessions.next()) {
+                    (Some((caller, _)), None) => (*caller, None),
+                    (Some(_), Some(_)) => {
+                        return Err(Some(no_session(
+                            "nothing ties it to a call, and calls of several sessions are in flight",
+                        )))
+                    }
+                    (None, _) => match open.as_slice() {
+                        [only] => {
+                            return Ok(Target {
+                                peer: only.peer.clone(),
+                                progress: Arc::clone(&only.progress),
+                                request: None,
+                            })
+                        }
+                        _ => {
+                            return Err(Some(no_session(
+                                "nothing ties it to a call, no call is in flight, and several clients are connected",
+                            )))
+                        }
+                    },
+                }
+            }
+        };
+        let client = caller
+            .client
+            .and_then(|id| open.iter().find(|c| c.id == id))
+            .ok_or_else(|| {
+                Some(no_session(
+                    "the client whose call it is for cannot be sent requests (no session, or gone)",
+                ))
+            })?;
+        Ok(Target {
+            peer: client.peer.clone(),
+            progress: Arc::clone(&client.progress),
+            request,
+        })
     }
 
-    /// Every open client: where server notifications are broadcast.
+    /// Every open client: where server-wide notifications are broadcast.
     pub fn all(&self) -> Vec<Peer<RoleServer>> {
         lock(&self.registry)
             .clients
@@ -638,6 +866,86 @@ impl Downstreams {
     /// Whether no client is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many upstream request ids and sessions with requests in flight
+    /// are recorded (both drop to 0 once every request ended).
+    pub fn causes_tracked(&self) -> (usize, usize) {
+        let registry = lock(&self.registry);
+        (
+            registry.causes.by_upstream_id.len(),
+            registry.causes.in_flight.len(),
+        )
+    }
+}
+
+/// One request being forwarded upstream, recorded in [`Downstreams`] for
+/// finding whose a request of the server's is; forgotten when dropped.
+pub struct CauseGuard {
+    registry: Arc<Mutex<Registry>>,
+    forwarded: Forwarded,
+    asks: bool,
+    /// The upstream ids recorded; `None` once the guard is dropped, so an
+    /// attempt sent after that (it cannot be, normally) is not recorded.
+    upstream_ids: Arc<Mutex<Option<Vec<RequestId>>>>,
+}
+
+impl fmt::Debug for CauseGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CauseGuard")
+            .field("caller", &self.forwarded.caller)
+            .field("request", &self.forwarded.request)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CauseGuard {
+    /// A hook recording the upstream id of each attempt, for
+    /// `toolwarden_rmcp::OnRequestSent`.
+    pub fn recorder(&self) -> impl Fn(&RequestId) + Send + Sync + 'static {
+        let registry = Arc::clone(&self.registry);
+        let upstream_ids = Arc::clone(&self.upstream_ids);
+        let forwarded = self.forwarded.clone();
+        move |id| {
+            // Both locks at once, so the guard's drop sees every id recorded.
+            let mut registry = lock(&registry);
+            let mut upstream_ids = lock(&upstream_ids);
+            let Some(upstream_ids) = upstream_ids.as_mut() else {
+                return;
+            };
+            upstream_ids.push(id.clone());
+            registry
+                .causes
+                .by_upstream_id
+                .entry(id.clone())
+                .or_default()
+                .push(forwarded.clone());
+        }
+    }
+}
+
+impl Drop for CauseGuard {
+    fn drop(&mut self) {
+        let mut registry = lock(&self.registry);
+        let causes = &mut registry.causes;
+        let upstream_ids = lock(&self.upstream_ids).take().unwrap_or_default();
+        for id in upstream_ids {
+            if let Some(all) = causes.by_upstream_id.get_mut(&id) {
+                all.retain(|f| f.serial != self.forwarded.serial);
+                if all.is_empty() {
+                    causes.by_upstream_id.remove(&id);
+                }
+            }
+        }
+        if self.asks {
+            let session = self.forwarded.caller.session;
+            if let Some((_, n)) = causes.in_flight.get_mut(&session) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    causes.in_flight.remove(&session);
+                }
+            }
+        }
     }
 }
 
@@ -878,5 +1186,72 @@ mod tests {
         drop(new);
         assert!(matches!(routes.lookup(&token(3)), Resolved::Unknown));
         assert_eq!(routes.tracked(), 0);
+    }
+
+    fn id(n: i64) -> RequestId {
+        NumberOrString::Number(n)
+    }
+
+    fn recorded(downstreams: &Downstreams, upstream: i64) -> Option<(Caller, RequestId)> {
+        let registry = lock(&downstreams.registry);
+        let all = registry.causes.by_upstream_id.get(&id(upstream))?;
+        all.last().map(|f| (f.caller, f.request.clone()))
+    }
+
+    #[test]
+    fn forwarded_requests_are_recorded_while_in_flight() {
+        let downstreams = Downstreams::new();
+        let a = Caller {
+            session: 1,
+            client: Some(7),
+        };
+        let b = Caller {
+            session: 2,
+            client: None,
+        };
+        let call = downstreams.forwarding(a, id(10), true);
+        let record = call.recorder();
+        record(&id(0));
+        record(&id(1)); // a retried attempt
+        let ping = downstreams.forwarding(b, id(20), false);
+        ping.recorder()(&id(2));
+        assert_eq!(recorded(&downstreams, 1), Some((a, id(10))));
+        assert_eq!(recorded(&downstreams, 2), Some((b, id(20))));
+        // A ping is recorded under its id, but is not a call in flight.
+        assert_eq!(downstreams.causes_tracked(), (3, 1));
+        // After a reconnection an id can be in use twice: the last wins,
+        // and the first one's end leaves the other's record.
+        let again = downstreams.forwarding(b, id(21), true);
+        again.recorder()(&id(0));
+        assert_eq!(recorded(&downstreams, 0), Some((b, id(21))));
+        drop(call);
+        assert_eq!(recorded(&downstreams, 0), Some((b, id(21))));
+        assert_eq!(recorded(&downstreams, 1), None);
+        drop(again);
+        drop(ping);
+        assert_eq!(downstreams.causes_tracked(), (0, 0));
+        // An attempt reported after its request ended is not recorded.
+        let late = downstreams.forwarding(a, id(30), true);
+        let record = late.recorder();
+        drop(late);
+        record(&id(5));
+        assert_eq!(downstreams.causes_tracked(), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_client_a_servers_request_gets_an_error_at_once() {
+        let downstreams = Downstreams::new();
+        let _call = downstreams.forwarding(
+            Caller {
+                session: 1,
+                client: None,
+            },
+            id(1),
+            true,
+        );
+        let started = tokio::time::Instant::now();
+        let error = downstreams.target_of(Some(&id(9))).await.unwrap_err();
+        assert_eq!(error.code, ErrorCode(-32000));
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

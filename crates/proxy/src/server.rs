@@ -42,6 +42,7 @@ use std::fmt;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams,
@@ -75,7 +76,8 @@ use tower::ServiceExt as _;
 
 use crate::http::InSession;
 use crate::routes::{
-    send_in_turn, DownstreamId, Downstreams, ProgressReceipt, ProgressRoutes, Resolved, RouteGuard,
+    send_in_turn, Caller, CauseGuard, DownstreamId, Downstreams, ProgressReceipt, ProgressRoutes,
+    Resolved, RouteGuard,
 };
 use crate::stack::ToolStack;
 use crate::upstream::{Upstream, UpstreamService};
@@ -88,6 +90,8 @@ pub struct ProxyCore {
     stack: ToolStack,
     downstreams: Downstreams,
     sessions: AtomicU64,
+    /// The bound on each request other than `tools/call` (`limits.request_timeout`).
+    request_timeout: Duration,
 }
 
 impl fmt::Debug for ProxyCore {
@@ -102,13 +106,28 @@ impl fmt::Debug for ProxyCore {
 impl ProxyCore {
     /// The core over `upstream`, sending tool calls through `stack`.
     /// `downstreams` must be the registry the upstream was built with.
+    /// Requests other than `tools/call` are bounded by the default
+    /// `limits.request_timeout` (60 s).
     pub fn new(upstream: Upstream, stack: ToolStack, downstreams: Downstreams) -> Arc<Self> {
+        let limit = crate::config::LimitsConfig::default().request_timeout;
+        ProxyCore::with_request_timeout(upstream, stack, downstreams, limit)
+    }
+
+    /// [`new`](Self::new), with requests other than `tools/call` bounded by
+    /// `request_timeout` (past it: cancelled upstream, answered `-32001`).
+    pub fn with_request_timeout(
+        upstream: Upstream,
+        stack: ToolStack,
+        downstreams: Downstreams,
+        request_timeout: Duration,
+    ) -> Arc<Self> {
         Arc::new(ProxyCore {
             upstream_service: upstream.service(),
             upstream,
             stack,
             downstreams,
             sessions: AtomicU64::new(0),
+            request_timeout,
         })
     }
 
@@ -122,6 +141,8 @@ impl ProxyCore {
 /// and its registration for server→client traffic.
 struct Session {
     key: SessionKey,
+    /// Its number, unique in the proxy's life (the `n` of `session-n`).
+    number: u64,
     /// Set by [`ProxyServer::touch`]: the client's id in [`Downstreams`] and
     /// the progress routes it was registered with, where the server's
     /// requests forwarded to it are routed and its progress is resolved.
@@ -264,6 +285,9 @@ macro_rules! expect {
     };
 }
 
+/// A request other than `tools/call` outlived `limits.request_timeout`.
+struct RequestTimedOut(Duration);
+
 fn cancelled() -> ErrorData {
     ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
 }
@@ -324,6 +348,7 @@ impl ProxyServer {
             core,
             session: Arc::new(Session {
                 key: SessionKey::from(format!("session-{n}").as_str()),
+                number: n,
                 downstream: OnceLock::new(),
                 progress: Arc::default(),
                 downstreams,
@@ -340,15 +365,15 @@ impl ProxyServer {
         Arc::clone(&self.session.progress)
     }
 
-    /// Registers this session's client (once) and marks it active, if it
-    /// can be sent requests (see [`takes_requests`]). It is registered with
+    /// Registers this session's client (once), if it can be sent requests
+    /// (see [`takes_requests`]). It is registered with
     /// the progress routes its transport counts into: an HTTP session's
     /// ([`InSession`]), else this server's own ([`progress_routes`](Self::progress_routes)).
     fn touch(&self, context: &RequestContext<RoleServer>) {
         if !takes_requests(context) {
             return;
         }
-        let (id, _) = self.session.downstream.get_or_init(|| {
+        self.session.downstream.get_or_init(|| {
             let progress = context.extensions.get::<InSession>().map_or_else(
                 || Arc::clone(&self.session.progress),
                 |session| Arc::clone(session.progress_routes()),
@@ -359,7 +384,6 @@ impl ProxyServer {
                 .register(context.peer.clone(), Arc::clone(&progress));
             (id, progress)
         });
-        self.core.downstreams.touch(*id);
     }
 
     /// [`touch`](Self::touch), and starts the upstream for a session that
@@ -385,14 +409,27 @@ impl ProxyServer {
         }
     }
 
-    /// Puts the request's `_meta` back (rmcp moved it into the context) and
-    /// routes progress for it to this client.
+    /// Puts the request's `_meta` back (rmcp moved it into the context),
+    /// routes progress for it to this client, and records it as this
+    /// session's, so that what the server asks while handling it is asked
+    /// of this client (see [`Downstreams::target_of`]). Keep both guards
+    /// until the request has ended.
     fn prepare(
         &self,
         request: &mut ClientRequest,
         context: &RequestContext<RoleServer>,
-    ) -> RouteGuard<RoleServer> {
+    ) -> (RouteGuard<RoleServer>, CauseGuard) {
         *request.get_meta_mut() = context.meta.clone();
+        let caller = Caller {
+            session: self.session.number,
+            client: self.session.downstream.get().map(|(id, _)| *id),
+        };
+        let asks = !matches!(request, ClientRequest::PingRequest(_));
+        let cause = self
+            .core
+            .downstreams
+            .forwarding(caller, context.id.clone(), asks);
+        let record = cause.recorder();
         let route = RouteGuard::new(
             Arc::clone(&self.core.upstream.shared().progress_up),
             context
@@ -403,8 +440,11 @@ impl ProxyServer {
         let hook = route.hook();
         request
             .extensions_mut()
-            .insert(OnRequestSent::new(move |_id, token| hook(token)));
-        route
+            .insert(OnRequestSent::new(move |id, token| {
+                hook(token);
+                record(id);
+            }));
+        (route, cause)
     }
 
     /// Sends a request (not a tool call) straight upstream.
@@ -416,15 +456,27 @@ impl ProxyServer {
         self.touch_and_start(&context).await;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => method_label(&request))
             .increment(1);
-        let route = self.prepare(&mut request, &context);
+        let (route, _cause) = self.prepare(&mut request, &context);
         let call = self.core.upstream_service.clone().oneshot(request);
+        // Dropping the call on timeout cancels it upstream.
+        let limit = self.core.request_timeout;
+        let call = async move {
+            tokio::time::timeout(limit, call)
+                .await
+                .map_err(|_| RequestTimedOut(limit))
+        };
         let outcome = unless_cancelled(&context.ct, call).await;
         if outcome.is_some() {
             unless_cancelled(&context.ct, route.progress_first()).await;
         }
         match outcome {
-            Some(Ok(result)) => Ok(result),
-            Some(Err(e)) => Err(error_data(e.as_ref())),
+            Some(Err(RequestTimedOut(limit))) => Err(ErrorData::new(
+                ErrorCode(-32001),
+                format!("upstream request timed out after {limit:?} (limits.request_timeout)"),
+                None,
+            )),
+            Some(Ok(Ok(result))) => Ok(result),
+            Some(Ok(Err(e))) => Err(error_data(e.as_ref())),
             None => Err(cancelled()),
         }
     }
@@ -603,7 +655,7 @@ impl ServerHandler for ProxyServer {
         metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
         let tool = request.name.to_string();
         let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
-        let route = self.prepare(&mut request, &context);
+        let (route, _cause) = self.prepare(&mut request, &context);
         request.extensions_mut().insert(self.session.key.clone());
         let call = self.core.stack.clone().oneshot(request);
         let outcome = unless_cancelled(&context.ct, call).await;
@@ -614,7 +666,12 @@ impl ServerHandler for ProxyServer {
             Some(Ok(ServerResult::InputRequiredResult(r))) => {
                 Ok(CallToolResponse::InputRequired(r))
             }
-            Some(Ok(ServerResult::CreateTaskResult(r))) => Ok(CallToolResponse::Task(r)),
+            Some(Ok(ServerResult::CreateTaskResult(r))) => {
+                // Its status notifications are this client's only.
+                let client = self.session.downstream.get().map(|(id, _)| *id);
+                self.core.downstreams.task_created(client, &r.task.task_id);
+                Ok(CallToolResponse::Task(r))
+            }
             Some(Ok(other)) => expect!(other, CallToolResult).map(CallToolResponse::Complete),
             Some(Err(e)) => tool_failure(&tool, e.as_ref()).map(CallToolResponse::Complete),
             None => Err(cancelled()),

@@ -28,6 +28,7 @@ use crate::config::{
     ToolRetry, Window,
 };
 use crate::endpoints::MetricsEndpoints;
+use crate::tool_names::ToolNameGuardLayer;
 
 pub use crate::upstream::UpstreamService;
 
@@ -123,7 +124,16 @@ pub fn build_stack(
 ) -> Result<ToolStack, ConfigError> {
     let layer = standard_stack(config, shared)?;
     install_endpoints(&layer, &shared.endpoints);
-    Ok(ToolStack::new(layer.layer(upstream)))
+    // Names the proxy will not serve are refused before any layer keeps
+    // state for them (see `crate::tool_names`).
+    let names = ToolNameGuardLayer::new(
+        config.limits.max_tool_name_bytes,
+        config
+            .limits
+            .reject_unknown_tools
+            .then(|| shared.catalog.clone()),
+    );
+    Ok(ToolStack::new(names.layer(layer.layer(upstream))))
 }
 
 /// The buckets a time window of the circuit breaker is kept in.

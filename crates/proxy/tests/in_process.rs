@@ -27,7 +27,13 @@ use rmcp::service::{
     TxJsonRpcMessage,
 };
 use rmcp::transport::async_rw::AsyncRwTransport;
-use rmcp::transport::{StreamableHttpClientTransport, Transport};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::{
+    ServerSseMessage, SessionId, SessionManager,
+};
+use rmcp::transport::{
+    StreamableHttpClientTransport, StreamableHttpServerConfig, StreamableHttpService, Transport,
+};
 use rmcp::{ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
@@ -71,6 +77,8 @@ struct TestServer {
     calls: Arc<AtomicUsize>,
     /// The progress values the server's transport read, per token, in order.
     progress_read: ProgressRead,
+    /// The errors `ask_roots` got for its `roots/list`, in order.
+    roots_errors: Arc<Mutex<Vec<ErrorData>>>,
 }
 
 type ProgressRead = Arc<Mutex<HashMap<ProgressToken, Vec<f64>>>>;
@@ -144,6 +152,7 @@ impl ServerHandler for TestServer {
                 "ask_roots",
                 "ask_roots_detached",
                 "roots_progress",
+                "task",
             ]
             .into_iter()
             .map(|name| Tool::new(name, "test tool", schema.clone()))
@@ -177,11 +186,17 @@ impl ServerHandler for TestServer {
             "ask_roots" => {
                 // A server→client request, answered by the proxy's client.
                 let _ = context.peer.notify_tool_list_changed().await;
-                let roots = context
-                    .peer
-                    .list_roots()
-                    .await
-                    .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                let roots = match context.peer.list_roots().await {
+                    Ok(roots) => roots,
+                    Err(e) => {
+                        let error = match e {
+                            rmcp::ServiceError::McpError(error) => error,
+                            other => ErrorData::internal_error(other.to_string(), None),
+                        };
+                        self.roots_errors.lock().unwrap().push(error.clone());
+                        return Err(error);
+                    }
+                };
                 let uris: Vec<String> = roots.roots.iter().map(|r| r.uri.clone()).collect();
                 Ok(CallToolResult::success(vec![ContentBlock::text(format!(
                     "roots: {}",
@@ -229,6 +244,32 @@ impl ServerHandler for TestServer {
                 answer.map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
                 let read: Vec<String> = read.iter().map(f64::to_string).collect();
                 Ok(CallToolResult::success(vec![ContentBlock::text(read.join(","))]).into())
+            }
+            "task" => {
+                // A task (SEP-2663) for the call, whose status the server
+                // reports a moment later, once the call was answered.
+                let stamp = "2026-12-06T00:00:00Z";
+                let task = rmcp::model::Task::new(
+                    format!("task-{arg}"),
+                    rmcp::model::TaskStatus::Working,
+                    stamp,
+                    stamp,
+                );
+                let status =
+                    rmcp::model::DetailedTask::new(task.clone(), rmcp::model::TaskPayload::Working);
+                let peer = context.peer.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let notification = rmcp::model::ServerNotification::TaskStatusNotification(
+                        rmcp::model::TaskStatusNotification::new(
+                            rmcp::model::TaskStatusNotificationParams::new(status),
+                        ),
+                    );
+                    let _ = peer.send_notification(notification).await;
+                });
+                Ok(CallToolResponse::Task(rmcp::model::CreateTaskResult::new(
+                    task,
+                )))
             }
             "reject" => Err(ErrorData::new(
                 ErrorCode(-32602),
@@ -456,7 +497,7 @@ async fn a_session_through_the_proxy() {
     let tools = h.request(1, "tools/list", json!({})).await;
     assert_eq!(
         tools["result"]["tools"].as_array().unwrap().len(),
-        9,
+        10,
         "{tools}"
     );
     assert_eq!(
@@ -744,20 +785,147 @@ async fn the_clients_progress_reaches_the_server_before_its_answer() {
     h.finish().await;
 }
 
+/// rmcp's session manager for a [`TestServer`] served over Streamable
+/// HTTP, each session's transport wrapped in a [`RecordingTransport`] so
+/// the server records the progress it reads, as over the in-memory pipe.
+struct RecordingSessions {
+    inner: LocalSessionManager,
+    progress_read: ProgressRead,
+}
+
+impl SessionManager for RecordingSessions {
+    type Error = <LocalSessionManager as SessionManager>::Error;
+    type Transport = RecordingTransport<<LocalSessionManager as SessionManager>::Transport>;
+
+    async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
+        let (id, inner) = self.inner.create_session().await?;
+        let progress_read = Arc::clone(&self.progress_read);
+        Ok((
+            id,
+            RecordingTransport {
+                inner,
+                progress_read,
+            },
+        ))
+    }
+
+    async fn initialize_session(
+        &self,
+        id: &SessionId,
+        message: rmcp::model::ClientJsonRpcMessage,
+    ) -> Result<rmcp::model::ServerJsonRpcMessage, Self::Error> {
+        self.inner.initialize_session(id, message).await
+    }
+
+    async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
+        self.inner.has_session(id).await
+    }
+
+    async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
+        self.inner.close_session(id).await
+    }
+
+    async fn create_stream(
+        &self,
+        id: &SessionId,
+        message: rmcp::model::ClientJsonRpcMessage,
+    ) -> Result<impl futures::Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>
+    {
+        self.inner.create_stream(id, message).await
+    }
+
+    async fn accept_message(
+        &self,
+        id: &SessionId,
+        message: rmcp::model::ClientJsonRpcMessage,
+    ) -> Result<(), Self::Error> {
+        self.inner.accept_message(id, message).await
+    }
+
+    async fn create_standalone_stream(
+        &self,
+        id: &SessionId,
+    ) -> Result<impl futures::Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>
+    {
+        self.inner.create_standalone_stream(id).await
+    }
+
+    async fn resume(
+        &self,
+        id: &SessionId,
+        last_event_id: String,
+    ) -> Result<impl futures::Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>
+    {
+        self.inner.resume(id, last_event_id).await
+    }
+}
+
+/// `server` served over Streamable HTTP on a loopback port (rmcp's own
+/// server, which sends a request the server makes while handling a call on
+/// that call's response stream, and one made from a task of its own on the
+/// standalone stream): the upstream's URL, and the task serving it until
+/// `shutdown`.
+async fn http_upstream(server: TestServer, shutdown: CancellationToken) -> UpstreamTarget {
+    let sessions = RecordingSessions {
+        inner: LocalSessionManager::default(),
+        progress_read: Arc::clone(&server.progress_read),
+    };
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        Arc::new(sessions),
+        StreamableHttpServerConfig::default().with_cancellation_token(shutdown.child_token()),
+    );
+    let router = axum::Router::new().nest_service("/mcp", service);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    UpstreamTarget::Url(format!("http://127.0.0.1:{port}/mcp"))
+}
+
+/// How the upstream [`TestServer`] of an [`HttpHarness`] is reached.
+#[derive(Debug, Clone, Copy)]
+enum UpstreamKind {
+    /// Over an in-memory pipe, as a child over stdio: nothing in a server's
+    /// request says which call it came from.
+    Pipe,
+    /// Over Streamable HTTP: a request the server makes while handling a
+    /// call comes on that call's response stream.
+    Http,
+}
+
 /// The proxy serving Streamable HTTP (`--listen`) on a loopback port, in
 /// front of a [`TestServer`].
 struct HttpHarness {
     port: u16,
     serving: JoinHandle<std::io::Result<()>>,
     upstream: Upstream,
+    downstreams: Downstreams,
+    server: TestServer,
     shutdown: CancellationToken,
+    /// Stops the upstream server when it is served over HTTP.
+    upstream_server: CancellationToken,
 }
 
 impl HttpHarness {
     async fn start() -> HttpHarness {
+        Self::start_with(UpstreamKind::Pipe).await
+    }
+
+    async fn start_with(kind: UpstreamKind) -> HttpHarness {
+        let server = TestServer::default();
+        let shutdown = CancellationToken::new();
+        let upstream_server = CancellationToken::new();
+        let target = match kind {
+            UpstreamKind::Pipe => target(server.clone(), Arc::default()),
+            UpstreamKind::Http => http_upstream(server.clone(), upstream_server.clone()).await,
+        };
         let downstreams = Downstreams::new();
         let upstream = Upstream::new(
-            target(TestServer::default(), Arc::default()),
+            target,
             quick_restarts(),
             ToolCatalog::new(),
             downstreams.clone(),
@@ -765,11 +933,10 @@ impl HttpHarness {
         let core = ProxyCore::new(
             upstream.clone(),
             ToolStack::new(upstream.service()),
-            downstreams,
+            downstreams.clone(),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let shutdown = CancellationToken::new();
         let serving = tokio::spawn(toolwarden_proxy::http::serve_http(
             core,
             listener,
@@ -781,7 +948,10 @@ impl HttpHarness {
             port,
             serving,
             upstream,
+            downstreams,
+            server,
             shutdown,
+            upstream_server,
         }
     }
 
@@ -846,6 +1016,7 @@ impl HttpHarness {
             .unwrap()
             .unwrap();
         self.upstream.shutdown(LIMIT).await;
+        self.upstream_server.cancel();
     }
 }
 
@@ -892,13 +1063,15 @@ async fn a_client_without_a_session_is_not_sent_the_servers_requests() {
     proxy.finish().await;
 }
 
-/// The server's requests go to a client that has a session, even while
-/// clients without one call tools since: the most recently active client
-/// that can answer.
+/// A request the server makes while handling a sessionless client's call
+/// is that client's: it cannot answer it (rmcp takes no answer without a
+/// session), and it is never sent to a session of another client instead.
+/// The server gets an error; the session is asked nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_gets_the_servers_requests_while_sessionless_clients_call() {
+async fn a_sessionless_clients_call_never_sends_the_servers_requests_to_a_session() {
     let proxy = HttpHarness::start().await;
-    let client = proxy.session(ProgressingClient).await;
+    let recorder = RecordingClient::new("file:///session");
+    let client = proxy.session(recorder.clone()).await;
     for (id, version) in [(1, "2026-07-28"), (2, "2025-06-18")] {
         let messages = bounded(
             "a sessionless call whose tool asks a client for its roots",
@@ -908,12 +1081,17 @@ async fn a_session_gets_the_servers_requests_while_sessionless_clients_call() {
         let (answers, requests) = answers_and_requests(&messages, id);
         assert!(requests.is_empty(), "{version}: {messages:?}");
         assert_eq!(answers.len(), 1, "{version}: {messages:?}");
-        assert_eq!(
-            text(answers[0]),
-            "roots: file:///work",
+        let error = answers[0]["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("no client session for this request"),
             "{version}: {messages:?}"
         );
     }
+    assert_eq!(
+        recorder.asked(),
+        0,
+        "the session was sent another's request"
+    );
     bounded("closing the HTTP session", client.cancel())
         .await
         .unwrap();
@@ -954,28 +1132,31 @@ async fn a_servers_request_to_a_client_that_goes_away_gets_an_error() {
     let proxy = HttpHarness::start().await;
     let (asked_tx, mut asked) = tokio::sync::mpsc::unbounded_channel();
     let client = proxy.session(SilentClient { asked: asked_tx }).await;
-    let leave_once_asked = async {
-        asked
-            .recv()
-            .await
-            .expect("the client is asked for its roots");
-        client.cancel().await.unwrap();
-    };
-    let (messages, ()) = bounded("a call whose tool asks a client that goes away", async {
-        tokio::join!(
-            proxy.call_without_session("2026-07-28", 1, "ask_roots_detached"),
-            leave_once_asked
-        )
+    let call = tokio::spawn(call_text(client.peer().clone(), "ask_roots"));
+    bounded("the client being asked for its roots", asked.recv())
+        .await
+        .expect("the client is asked for its roots");
+    bounded("closing the HTTP session", client.cancel())
+        .await
+        .unwrap();
+    let errors = bounded("the server's roots/list getting an error", async {
+        loop {
+            let errors = proxy.server.roots_errors.lock().unwrap().clone();
+            if !errors.is_empty() {
+                break errors;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     })
     .await;
-    let (answers, requests) = answers_and_requests(&messages, 1);
-    assert!(requests.is_empty(), "{messages:?}");
-    assert_eq!(answers.len(), 1, "{messages:?}");
-    let error = answers[0]["error"]["message"].as_str().unwrap_or_default();
+    assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        error.contains("the client behind the toolwarden proxy did not answer"),
-        "{messages:?}"
+        errors[0]
+            .message
+            .contains("the client behind the toolwarden proxy did not answer"),
+        "{errors:?}"
     );
+    call.abort();
     proxy.finish().await;
 }
 
@@ -1114,7 +1295,9 @@ impl rmcp::ClientHandler for HeldClient {
 /// session's answer; none of it crosses over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_http_sessions_using_the_same_token_keep_their_progress_apart() {
-    let proxy = HttpHarness::start().await;
+    // Over HTTP the upstream says which call each of its requests is for:
+    // over a pipe, two sessions with calls in flight would make it unclear.
+    let proxy = HttpHarness::start_with(UpstreamKind::Http).await;
     let (go_tx, go) = tokio::sync::watch::channel(false);
     let (asked_tx, mut asked_a) = tokio::sync::mpsc::unbounded_channel();
     let a = proxy
@@ -1141,8 +1324,8 @@ async fn over_http_sessions_using_the_same_token_keep_their_progress_apart() {
     };
     for round in 0..3 {
         go_tx.send_replace(false);
-        // The server's request goes to the most recently active session:
-        // a's call is asked of a; once a holds it, b's call is asked of b.
+        // The server's request goes to the session whose call it is for:
+        // a's call is asked of a; while a holds it, b's call is asked of b.
         let call_a = tokio::spawn(roots_progress(a.peer().clone()));
         let token_a = bounded("a being asked", asked_a.recv()).await.unwrap();
         let call_b = tokio::spawn(roots_progress(b.peer().clone()));
@@ -1288,7 +1471,9 @@ async fn an_upstream_that_cannot_start_fails_initialize_and_the_client_can_retry
         assert_eq!(init["error"]["code"], -32000, "{init}");
         let message = init["error"]["message"].as_str().unwrap();
         assert!(message.contains("upstream unavailable"), "{message}");
-        assert!(message.contains("/nonexistent/mcp-server"), "{message}");
+        // The details (which may quote a URL or a command) are in the log only.
+        assert!(message.contains("see the proxy's log"), "{message}");
+        assert!(!message.contains("/nonexistent/mcp-server"), "{message}");
     }
     h.finish().await;
 }
@@ -1328,4 +1513,308 @@ async fn server_requests_and_notifications_reach_the_client() {
         "the server's notification was not forwarded"
     );
     h.finish().await;
+}
+
+/// A client with a session that answers the server's `roots/list` with its
+/// own root, and records what the proxy sends it: how often it was asked,
+/// and every progress notification.
+#[derive(Clone)]
+struct RecordingClient {
+    root: &'static str,
+    asked: Arc<AtomicUsize>,
+    progress: Arc<Mutex<Vec<ProgressNotificationParam>>>,
+    /// The ids of the tasks it was told the status of.
+    task_statuses: Arc<Mutex<Vec<String>>>,
+}
+
+impl RecordingClient {
+    fn new(root: &'static str) -> Self {
+        RecordingClient {
+            root,
+            asked: Arc::default(),
+            progress: Arc::default(),
+            task_statuses: Arc::default(),
+        }
+    }
+
+    fn task_statuses(&self) -> Vec<String> {
+        self.task_statuses.lock().unwrap().clone()
+    }
+
+    fn asked(&self) -> usize {
+        self.asked.load(Ordering::SeqCst)
+    }
+
+    fn progress(&self) -> Vec<f64> {
+        self.progress
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|p| p.progress)
+            .collect()
+    }
+}
+
+#[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
+impl rmcp::ClientHandler for RecordingClient {
+    fn get_info(&self) -> ClientConfig {
+        InitializeRequestParams::new(
+            ClientCapabilities::builder()
+                .enable_roots()
+                .enable_tasks()
+                .build(),
+            rmcp::model::Implementation::new("recording-client", "1.0"),
+        )
+        .with_protocol_version(ProtocolVersion::V_2025_06_18)
+    }
+
+    async fn list_roots(
+        &self,
+        _context: RequestContext<RoleClient>,
+    ) -> Result<rmcp::model::ListRootsResult, ErrorData> {
+        self.asked.fetch_add(1, Ordering::SeqCst);
+        Ok(rmcp::model::ListRootsResult::new(vec![
+            rmcp::model::Root::new(self.root),
+        ]))
+    }
+
+    async fn on_progress(
+        &self,
+        params: ProgressNotificationParam,
+        _context: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.progress.lock().unwrap().push(params);
+    }
+
+    async fn on_task_status(
+        &self,
+        params: rmcp::model::TaskStatusNotificationParams,
+        _context: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.task_statuses
+            .lock()
+            .unwrap()
+            .push(params.task.task.task_id);
+    }
+}
+
+/// Calls `tool` through `peer` (rmcp gives the call a progress token): the
+/// text of its result, or the error.
+async fn call_text(peer: Peer<RoleClient>, tool: &str) -> Result<String, String> {
+    let mut params = CallToolRequestParams::new(tool.to_owned());
+    params.arguments = Some(Default::default());
+    match peer.call_tool(params).await {
+        Ok(result) => Ok(text(
+            &json!({"result": serde_json::to_value(&result).unwrap()}),
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Pings through `peer` every few milliseconds until `stop`: the client
+/// that does is the most recently active one nearly all the time. How many
+/// pings it sent.
+fn ping_constantly(peer: Peer<RoleClient>, stop: CancellationToken) -> JoinHandle<usize> {
+    tokio::spawn(async move {
+        let mut pings = 0;
+        while !stop.is_cancelled() {
+            let ping = rmcp::model::ClientRequest::PingRequest(rmcp::model::PingRequest {
+                method: Default::default(),
+                extensions: Default::default(),
+            });
+            peer.send_request(ping).await.expect("a ping answered");
+            pings += 1;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        pings
+    })
+}
+
+/// Waits until `pinger` has pinged a few times more.
+async fn let_it_ping() {
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// A request the server makes while handling one session's call reaches
+/// that session only, even while another session pings all the time (the
+/// most recently active one) — over a pipe, where it is the one session with
+/// a call in flight, and over HTTP, where the other session has a call in
+/// flight too and the server's request comes on the call's response stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_request_reaches_only_the_session_whose_call_caused_it() {
+    for kind in [UpstreamKind::Pipe, UpstreamKind::Http] {
+        let proxy = HttpHarness::start_with(kind).await;
+        let a_client = RecordingClient::new("file:///a");
+        let a = proxy.session(a_client.clone()).await;
+        let b_client = RecordingClient::new("file:///b");
+        let b = proxy.session(b_client.clone()).await;
+        let stop = CancellationToken::new();
+        let pinger = ping_constantly(b.peer().clone(), stop.clone());
+        let b_call = matches!(kind, UpstreamKind::Http)
+            .then(|| tokio::spawn(call_text(b.peer().clone(), "slow")));
+        let_it_ping().await;
+        for n in 0..5 {
+            let answer = bounded("a's call", call_text(a.peer().clone(), "ask_roots")).await;
+            assert_eq!(
+                answer.as_deref(),
+                Ok("roots: file:///a"),
+                "{kind:?}, call {n}"
+            );
+        }
+        stop.cancel();
+        let pings = bounded("the pings", pinger).await.unwrap();
+        assert!(pings > 5, "{kind:?}: only {pings} pings");
+        assert_eq!(a_client.asked(), 5, "{kind:?}");
+        assert_eq!(b_client.asked(), 0, "{kind:?}: b was sent a's requests");
+        if let Some(call) = b_call {
+            call.abort();
+        }
+        // Every request forwarded is forgotten once it ended.
+        bounded("the requests in flight being forgotten", async {
+            while proxy.downstreams.causes_tracked() != (0, 0) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        for client in [a, b] {
+            bounded("closing an HTTP session", client.cancel())
+                .await
+                .unwrap();
+        }
+        proxy.finish().await;
+    }
+}
+
+/// The server's progress on one session's call reaches that session, and
+/// is not seen by another one, pinging and calling meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_calls_progress_is_not_seen_by_another_session() {
+    for kind in [UpstreamKind::Pipe, UpstreamKind::Http] {
+        let proxy = HttpHarness::start_with(kind).await;
+        let a_client = RecordingClient::new("file:///a");
+        let a = proxy.session(a_client.clone()).await;
+        let b_client = RecordingClient::new("file:///b");
+        let b = proxy.session(b_client.clone()).await;
+        let stop = CancellationToken::new();
+        let pinger = ping_constantly(b.peer().clone(), stop.clone());
+        let_it_ping().await;
+        for _ in 0..3 {
+            let (answer, echo) = bounded("the calls", async {
+                tokio::join!(
+                    call_text(a.peer().clone(), "steps"),
+                    call_text(b.peer().clone(), "echo")
+                )
+            })
+            .await;
+            assert_eq!(answer.as_deref(), Ok("done"), "{kind:?}");
+            assert_eq!(echo.as_deref(), Ok("Echo: "), "{kind:?}");
+        }
+        stop.cancel();
+        bounded("the pings", pinger).await.unwrap();
+        // rmcp hands each notification to the client's handler in a task
+        // of its own: give the last ones a moment.
+        bounded("a's progress", async {
+            while a_client.progress().len() < 9 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(a_client.progress().len(), 9, "{kind:?}");
+        assert_eq!(
+            b_client.progress(),
+            Vec::<f64>::new(),
+            "{kind:?}: b saw a's progress"
+        );
+        for client in [a, b] {
+            bounded("closing an HTTP session", client.cancel())
+                .await
+                .unwrap();
+        }
+        proxy.finish().await;
+    }
+}
+
+/// A request of the server's that no call can be found for — made from a
+/// task of the server's own (over HTTP it comes on the standalone stream)
+/// while two sessions have calls in flight — is sent to no client: the
+/// server gets `-32603 no client session for this request`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_request_with_no_identifiable_cause_gets_an_error() {
+    for kind in [UpstreamKind::Pipe, UpstreamKind::Http] {
+        let proxy = HttpHarness::start_with(kind).await;
+        let a_client = RecordingClient::new("file:///a");
+        let a = proxy.session(a_client.clone()).await;
+        let b_client = RecordingClient::new("file:///b");
+        let b = proxy.session(b_client.clone()).await;
+        let b_call = tokio::spawn(call_text(b.peer().clone(), "slow"));
+        bounded("b's call reaching the server", async {
+            while proxy.server.calls.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        let answer = bounded(
+            "a's call",
+            call_text(a.peer().clone(), "ask_roots_detached"),
+        )
+        .await;
+        let error = answer.expect_err("the server's request was answered");
+        assert!(
+            error.contains("no client session for this request"),
+            "{kind:?}: {error}"
+        );
+        assert_eq!(a_client.asked() + b_client.asked(), 0, "{kind:?}");
+        b_call.abort();
+        for client in [a, b] {
+            bounded("closing an HTTP session", client.cancel())
+                .await
+                .unwrap();
+        }
+        proxy.finish().await;
+    }
+}
+
+/// The status of a task the server created for one session's call reaches
+/// that session only; another one, pinging meanwhile, is not told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_status_reaches_only_the_session_whose_call_created_it() {
+    let proxy = HttpHarness::start().await;
+    let a_client = RecordingClient::new("file:///a");
+    let a = proxy.session(a_client.clone()).await;
+    let b_client = RecordingClient::new("file:///b");
+    let b = proxy.session(b_client.clone()).await;
+    let stop = CancellationToken::new();
+    let pinger = ping_constantly(b.peer().clone(), stop.clone());
+    let_it_ping().await;
+    let mut params = CallToolRequestParams::new("task");
+    params.arguments = json!({"message": "a"}).as_object().cloned();
+    let created = bounded("a's call", a.peer().call_tool_once(params))
+        .await
+        .unwrap();
+    match created {
+        CallToolResponse::Task(task) => assert_eq!(task.task.task_id, "task-a"),
+        other => panic!("{other:?}"),
+    }
+    bounded("a being told the task's status", async {
+        while a_client.task_statuses().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.cancel();
+    bounded("the pings", pinger).await.unwrap();
+    assert_eq!(a_client.task_statuses(), ["task-a"]);
+    assert_eq!(
+        b_client.task_statuses(),
+        Vec::<String>::new(),
+        "b was told a's task"
+    );
+    for client in [a, b] {
+        bounded("closing an HTTP session", client.cancel())
+            .await
+            .unwrap();
+    }
+    proxy.finish().await;
 }

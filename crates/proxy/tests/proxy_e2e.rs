@@ -23,6 +23,12 @@ use support::{
 };
 use tokio::process::Command;
 
+/// These tests check how a server's own answer to an unknown tool is passed
+/// through, so the proxy must let the call reach it: its refusal of tools
+/// not in the catalog (`limits.reject_unknown_tools`, on by default) is
+/// tested in `http_hardening.rs`.
+const PASS_UNKNOWN_TOOLS: &[(&str, &str)] = &[("TOOLWARDEN_LIMITS_REJECT_UNKNOWN_TOOLS", "false")];
+
 fn text_of(response: &Value) -> String {
     response["result"]["content"][0]["text"]
         .as_str()
@@ -58,7 +64,7 @@ async fn server_everything_over_stdio_through_the_proxy() {
             bin.to_str().unwrap(),
             "stdio",
         ],
-        &[],
+        PASS_UNKNOWN_TOOLS,
     );
 
     // Before any client the upstream is idle, and that is healthy.
@@ -244,7 +250,7 @@ async fn mcp_server_time_over_stdio_through_the_proxy() {
             "--local-timezone",
             "UTC",
         ],
-        &[],
+        PASS_UNKNOWN_TOOLS,
     );
     let init = proxy.initialize().await;
     assert_eq!(init["serverInfo"]["name"], "mcp-time", "{init}");
@@ -402,7 +408,7 @@ async fn streamable_http_on_both_sides() {
             "--metrics-addr",
             &metrics_addr,
         ],
-        &[],
+        PASS_UNKNOWN_TOOLS,
     );
     let url = format!("http://127.0.0.1:{listen}/mcp");
     let client = eventually(LIMIT, || {
@@ -534,7 +540,7 @@ fn proxy_over_http(upstream: &[&str]) -> (Proxy, u16, u16) {
         "--",
     ];
     args.extend_from_slice(upstream);
-    (Proxy::start(&args, &[]), listen, metrics)
+    (Proxy::start(&args, PASS_UNKNOWN_TOOLS), listen, metrics)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,8 @@ pub const SECTIONS: &[&str] = &[
     "upstream",
     "downstream",
     "catalog",
+    "http",
+    "limits",
     "circuit_breaker",
     "rate_limit",
     "retry",

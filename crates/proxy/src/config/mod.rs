@@ -36,7 +36,9 @@
 //! assert_eq!(err.key(), Some("retry.max_attempts"));
 //! ```
 
+mod listener;
 mod load;
+mod upstream_http;
 mod values;
 
 use std::collections::BTreeMap;
@@ -48,8 +50,10 @@ use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 use toolwarden_core::ConfigError;
 
+pub use listener::{HttpConfig, LimitsConfig};
 pub(crate) use load::quote_key;
 pub use load::{process_env, ConfigFileError, ENV_PREFIX, SECTIONS};
+pub use upstream_http::{resolve_headers, HeaderTemplate};
 pub use values::{FailureClassName, Jitter, LimitMode, Rate, Window};
 
 /// The whole configuration file.
@@ -62,6 +66,10 @@ pub struct Config {
     pub downstream: DownstreamConfig,
     /// The tool catalog: whether the server's annotations are trusted.
     pub catalog: CatalogConfig,
+    /// The Streamable HTTP listener (`--listen`): origins, hosts, tokens, bounds.
+    pub http: HttpConfig,
+    /// Bounds on what any client may ask, over stdio or HTTP.
+    pub limits: LimitsConfig,
     /// `CircuitBreakerLayer`.
     pub circuit_breaker: CircuitBreakerConfig,
     /// `RateLimitLayer`.
@@ -110,6 +118,16 @@ pub struct UpstreamConfig {
     /// `circuit_breaker.slow_call_duration`. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub attempt_timeout: Duration,
+    /// Certificates (PEM, one or more) trusted for an `https://` upstream
+    /// besides the system's roots, e.g. a private CA. `--upstream-ca-file`
+    /// overrides it. Default: none (the system's roots only).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Headers sent with every request to an HTTP(S) upstream, e.g.
+    /// `{ Authorization = "Bearer ${MCP_TOKEN}" }`: `${VAR}` is read from the
+    /// environment, `${file:/path}` (or a whole value `@file:/path`) from a
+    /// file; the values are never logged or shown. Default: none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, HeaderTemplate>,
 }
 
 impl Default for UpstreamConfig {
@@ -121,6 +139,8 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(30),
             call_timeout: None,
             attempt_timeout: Duration::from_secs(10),
+            ca_file: None,
+            headers: BTreeMap::new(),
         }
     }
 }
@@ -406,6 +426,8 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         in_section("upstream", self.upstream.validate())?;
         in_section("downstream", self.downstream.validate())?;
+        in_section("http", self.http.validate())?;
+        in_section("limits", self.limits.validate())?;
         in_section("circuit_breaker", self.circuit_breaker.validate())?;
         in_section("rate_limit", self.rate_limit.validate())?;
         in_section("retry", self.retry.validate())?;
@@ -513,6 +535,7 @@ impl UpstreamConfig {
         positive("connect_timeout", Some(self.connect_timeout))?;
         positive("call_timeout", self.call_timeout)?;
         positive("attempt_timeout", Some(self.attempt_timeout))?;
+        upstream_http::validate(&self.headers, self.ca_file.as_ref())?;
         ordered(
             "restart_backoff_min",
             Some(self.restart_backoff_min),

@@ -444,3 +444,58 @@ fn rates_and_windows_parse_and_print() {
     let config = parse("[rate_limit]\nglobal_rate = 0\n").unwrap_err();
     assert_eq!(config.key(), Some("rate_limit.global_rate"));
 }
+
+#[test]
+fn upstream_headers_and_ca_file_parse_check_and_round_trip() {
+    let text = r#"
+        [upstream]
+        ca_file = "/etc/toolwarden/ca.pem"
+        headers = { Authorization = "Bearer ${MCP_TOKEN}", "X-Tenant" = "@file:/run/secrets/t" }
+    "#;
+    let config = parse(text).unwrap();
+    assert_eq!(
+        config.upstream.ca_file.as_deref(),
+        Some(std::path::Path::new("/etc/toolwarden/ca.pem"))
+    );
+    assert_eq!(
+        config.upstream.headers["Authorization"],
+        HeaderTemplate::new("Bearer ${MCP_TOKEN}")
+    );
+    // --print writes them as written (the variable's name, not its value).
+    let printed = toml::to_string(&config).unwrap();
+    assert!(printed.contains("${MCP_TOKEN}"), "{printed}");
+    assert_eq!(parse(&printed).unwrap(), config);
+    // Debug (what a log of the configuration would show) never shows a value.
+    let literal =
+        parse("[upstream]\nheaders = { Authorization = \"Bearer lit-secret\" }\n").unwrap();
+    assert!(!format!("{literal:?}").contains("lit-secret"));
+
+    // Bad names and templates are named by key.
+    assert_eq!(
+        key_of("[upstream]\nheaders = { Authorization = \"Bearer ${MCP_TOKEN\" }\n"),
+        "upstream.headers.Authorization"
+    );
+    assert_eq!(
+        key_of("[upstream]\nheaders = { Accept = \"x\" }\n"),
+        "upstream.headers.Accept"
+    );
+    assert_eq!(
+        key_of("[upstream]\nheaders = { Authorization = 5 }\n"),
+        "upstream.headers.Authorization"
+    );
+    assert_eq!(key_of("[upstream]\nca_file = \"\"\n"), "upstream.ca_file");
+
+    // From the environment: an inline table.
+    let config = parse_env(
+        "",
+        &[(
+            "TOOLWARDEN_UPSTREAM_HEADERS",
+            "{ Authorization = \"Bearer ${T}\" }",
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        config.upstream.headers["Authorization"],
+        HeaderTemplate::new("Bearer ${T}")
+    );
+}

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::model::{
-    CancelledNotificationParam, ClientConfig, ClientResult, ErrorCode, ErrorData, GetMeta,
-    ServerNotification, ServerRequest,
+    CancelledNotificationParam, ClientConfig, ClientResult, ErrorCode, ErrorData, GetExtensions,
+    GetMeta, ServerNotification, ServerRequest,
 };
 use rmcp::service::{
-    NotificationContext, PeerRequestOptions, RequestContext, RoleClient, RoleServer, Service,
-    ServiceError,
+    InboundStreamOrigin, NotificationContext, OriginatingRequestId, PeerRequestOptions,
+    RequestContext, RoleClient, RoleServer, Service, ServiceError,
 };
 
 use super::Shared;
@@ -21,10 +21,13 @@ use crate::routes::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 ///
 /// - `ping` is answered here;
 /// - other requests (`sampling/createMessage`, `roots/list`,
-///   `elicitation/create`, custom ones) go to the most recently active
-///   downstream client that can answer them (over HTTP, one with a session:
-///   see [`crate::http`]), with no time limit: a human may take long over an
-///   elicitation. With no such client the server gets an error at once, and
+///   `elicitation/create`, custom ones) go to the downstream session whose
+///   call the server was handling, found by
+///   [`Downstreams::target_of`](crate::routes::Downstreams::target_of), and
+///   to no other (over HTTP it must have a session: see [`crate::http`]),
+///   with no time limit: a human may take long over an elicitation. When no
+///   such session can be told, the server gets `-32603 no client session
+///   for this request` at once (`-32000` with no client at all), and
 ///   if the client's transport ends before it answers (its session closed),
 ///   when it ends. Its answer (or error) is passed back once the
 ///   progress the client sent before it has been forwarded to the server
@@ -34,10 +37,11 @@ use crate::routes::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 ///   a token's in the order the transport read them ([`send_in_turn`]);
 ///   each counts as forwarded (its [`ProgressReceipt`] is dropped) once sent
 ///   on or dropped, so the response can wait for it;
+///   a task's status goes to the client whose call created the task;
 ///   `tools/list_changed` refreshes the catalog and, like every other
-///   notification, is broadcast to every connected client;
-///   `notifications/cancelled` is handled by rmcp (it cancels the forwarded
-///   request above).
+///   notification (none of them names a request), is broadcast to every
+///   connected client; `notifications/cancelled` is handled by rmcp (it
+///   cancels the forwarded request above, whose client is told).
 #[derive(Clone)]
 pub struct UpstreamHandler {
     shared: Arc<Shared>,
@@ -85,26 +89,39 @@ impl Service<RoleClient> for UpstreamHandler {
             ServerRequest::PingRequest(_) => return Ok(ClientResult::empty(())),
             other => other,
         };
-        let Some((client, progress)) = self.shared.downstreams.most_recent() else {
-            return Err(ErrorData::new(
-                ErrorCode(-32000),
-                "no client is connected to the toolwarden proxy",
-                None,
-            ));
+        // Over Streamable HTTP, rmcp's transport says which of our requests'
+        // response streams the server's request came on: the request the
+        // server was handling. Elsewhere nothing on the wire says it.
+        let origin = match context.extensions.get::<InboundStreamOrigin>() {
+            Some(InboundStreamOrigin::OutboundRequest(id)) => Some(id.clone()),
+            _ => None,
         };
+        let target = self.shared.downstreams.target_of(origin.as_ref()).await?;
         // rmcp moved the request's _meta into the context; put it back (rmcp
         // gives the forwarded request a progress token of its own, numbered
         // per client: so it is routed in that client's own table).
         let server_token = context.meta.get_progress_token();
         *request.get_meta_mut() = context.meta.clone();
         let route = RouteGuard::new(
-            progress,
+            target.progress,
             server_token.map(|token| (context.peer.clone(), token)),
         );
-        let handle = client
-            .send_cancellable_request(request, PeerRequestOptions::no_options())
-            .await
-            .map_err(downstream_error)?;
+        // Tied to the client's request it is for, so that over Streamable
+        // HTTP it rides that request's response stream (SEP-2260). Sent from
+        // a task of its own: within this handler rmcp would tie it to the
+        // server's request id instead, which means nothing downstream.
+        if let Some(id) = target.request {
+            request.extensions_mut().insert(OriginatingRequestId(id));
+        }
+        let client = target.peer;
+        let handle = tokio::spawn(async move {
+            client
+                .send_cancellable_request(request, PeerRequestOptions::no_options())
+                .await
+        })
+        .await
+        .map_err(|e| ErrorData::internal_error(format!("toolwarden proxy: {e}"), None))?
+        .map_err(downstream_error)?;
         route.sent(&handle.progress_token);
         let (peer, id) = (handle.peer.clone(), handle.id.clone());
         let answer = tokio::select! {
@@ -154,8 +171,28 @@ impl Service<RoleClient> for UpstreamHandler {
             ServerNotification::ToolListChangedNotification(_) => {
                 self.shared.refresh_catalog(self.list_timeout);
             }
+            // A task's status is the client's whose call created it; a task
+            // of no client's goes to nobody.
+            ServerNotification::TaskStatusNotification(status) => {
+                let task = &status.params.task.task;
+                let owner = self
+                    .shared
+                    .downstreams
+                    .task_owner(&task.task_id, task.status.is_terminal());
+                let Some(client) = owner else {
+                    tracing::debug!(task = %task.task_id, "status of a task of no client's");
+                    return Ok(());
+                };
+                *notification.get_meta_mut() = context.meta;
+                if let Err(e) = client.send_notification(notification).await {
+                    tracing::debug!(error = %e, "could not forward a task's status");
+                }
+                return Ok(());
+            }
             _ => {}
         }
+        // The rest is server-wide (list changes, logging, resource updates,
+        // custom ones): nothing in it names a request. Every client gets it.
         *notification.get_meta_mut() = context.meta;
         for client in self.shared.downstreams.all() {
             if let Err(e) = client.send_notification(notification.clone()).await {

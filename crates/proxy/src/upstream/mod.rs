@@ -17,7 +17,7 @@
 //!   (classified `before_sent`: safe to retry for any tool).
 //! - [`UpstreamHandler`] answers what the server sends to the proxy as its
 //!   client: notifications are forwarded to the downstream clients, requests
-//!   (sampling, roots, elicitation) to the most recently active one.
+//!   (sampling, roots, elicitation) to the session whose call caused them.
 //! - Progress the server sends for a request reaches the client before the
 //!   response, and in the order sent: the transport counts and numbers each
 //!   progress notification as it reads it (`ProgressTallyTransport`), the
@@ -29,6 +29,7 @@
 //!   tokens separately).
 
 mod handler;
+mod http_client;
 mod transport;
 
 use std::fmt;
@@ -41,18 +42,22 @@ use arc_swap::ArcSwapOption;
 use rmcp::model::{ClientConfig, ClientRequest, ServerPeerInfo, ServerResult};
 use rmcp::service::{RoleClient, RoleServer, RunningService};
 use rmcp::transport::async_rw::AsyncRwTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::ServiceExt as _;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use toolwarden_core::classify::CallTimedOut;
 use toolwarden_core::classify::{TransportError, TransportErrorKind};
-use toolwarden_core::{BoxError, ToolCatalog};
+use toolwarden_core::jsonrpc::ErrorObject;
+use toolwarden_core::{BoxError, ConfigError, ToolCatalog};
 use toolwarden_rmcp::{RmcpClient, RmcpClientFuture};
 use tower::ServiceExt as _;
 
 use crate::config::UpstreamConfig;
+use crate::redact::{redact_url, Redactor, UPSTREAM_FAILED};
 use crate::routes::{Downstreams, ProgressRoutes};
 
 pub use handler::UpstreamHandler;
@@ -89,7 +94,11 @@ impl fmt::Debug for InProcessServer {
 }
 
 /// Where the upstream server is.
-#[derive(Debug, Clone)]
+///
+/// Shown (`Display`, `Debug`, `/health`'s `target`, logs) without what may
+/// be secret: a command as its program alone (arguments may carry tokens), a
+/// URL without userinfo, query or fragment (see [`redact_url`]).
+#[derive(Clone)]
 pub enum UpstreamTarget {
     /// A child process speaking MCP on its stdin/stdout.
     Command {
@@ -98,7 +107,7 @@ pub enum UpstreamTarget {
         /// Its arguments.
         args: Vec<std::ffi::OsString>,
     },
-    /// A Streamable HTTP endpoint (`http://host:port/mcp`).
+    /// A Streamable HTTP endpoint (`http://host:port/mcp` or `https://...`).
     Url(String),
     /// A server in this process.
     InProcess(InProcessServer),
@@ -107,16 +116,38 @@ pub enum UpstreamTarget {
 impl fmt::Display for UpstreamTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UpstreamTarget::Command { program, args } => {
-                write!(f, "{}", program.to_string_lossy())?;
-                for arg in args {
-                    write!(f, " {}", arg.to_string_lossy())?;
-                }
-                Ok(())
+            UpstreamTarget::Command { program, .. } => {
+                write!(f, "{}", program.to_string_lossy())
             }
-            UpstreamTarget::Url(url) => f.write_str(url),
+            UpstreamTarget::Url(url) => f.write_str(&redact_url(url)),
             UpstreamTarget::InProcess(server) => write!(f, "{} (in process)", server.name),
         }
+    }
+}
+
+impl fmt::Debug for UpstreamTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamTarget::Command { program, args } => f
+                .debug_struct("Command")
+                .field("program", program)
+                .field("args", &format_args!("[{} hidden]", args.len()))
+                .finish(),
+            UpstreamTarget::Url(url) => f.debug_tuple("Url").field(&redact_url(url)).finish(),
+            UpstreamTarget::InProcess(server) => f.debug_tuple("InProcess").field(server).finish(),
+        }
+    }
+}
+
+impl UpstreamTarget {
+    /// What must never be shown about this target (a URL's userinfo and
+    /// query), plus `secrets` (the header values).
+    fn redactor(&self, secrets: Vec<String>) -> Redactor {
+        let redactor = match self {
+            UpstreamTarget::Url(url) => Redactor::default().with_url(url),
+            UpstreamTarget::Command { .. } | UpstreamTarget::InProcess(_) => Redactor::default(),
+        };
+        secrets.into_iter().fold(redactor, Redactor::with_secret)
     }
 }
 
@@ -211,9 +242,11 @@ pub(crate) struct Shared {
     pub(crate) downstreams: Downstreams,
     /// Our tokens on requests sent upstream → the downstream client's. (The
     /// other way, each downstream client has its own routes: see
-    /// [`Downstreams::most_recent`].)
+    /// [`Downstreams::target_of`].)
     pub(crate) progress_up: Arc<ProgressRoutes<RoleServer>>,
     status: watch::Sender<UpstreamStatus>,
+    /// Scrubs the upstream's secrets out of error texts.
+    redactor: Arc<Redactor>,
 }
 
 impl Shared {
@@ -229,11 +262,13 @@ impl Shared {
         let Some(connection) = self.connection() else {
             return;
         };
+        let redactor = Arc::clone(&self.redactor);
         tokio::spawn(async move {
             match tokio::time::timeout(limit, connection.client.refresh_catalog()).await {
                 Ok(Ok(n)) => tracing::debug!(tools = n, "tool catalog refreshed"),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "tools/list failed; the catalog keeps its tools")
+                    let error = redactor.scrub(&e.to_string()).into_owned();
+                    tracing::warn!(%error, "tools/list failed; the catalog keeps its tools")
                 }
                 Err(_) => tracing::warn!("tools/list timed out; the catalog keeps its tools"),
             }
@@ -276,6 +311,16 @@ impl Upstream {
         downstreams: Downstreams,
     ) -> Self {
         let (status, _) = watch::channel(UpstreamStatus::Idle);
+        // The header values, to scrub them wherever they might show up. A
+        // header that does not resolve is reported by `check_http`; the
+        // connection attempts then fail and say why.
+        let secrets = match &target {
+            UpstreamTarget::Url(_) => http_client::http_client(&config, &http_client::process_var)
+                .map(|(_, secrets)| secrets)
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        let redactor = Arc::new(target.redactor(secrets));
         Upstream {
             inner: Arc::new(Inner {
                 target,
@@ -287,6 +332,7 @@ impl Upstream {
                     downstreams,
                     progress_up: Arc::default(),
                     status,
+                    redactor,
                 }),
                 restarts: AtomicU64::new(0),
                 supervisor: Mutex::new(None),
@@ -323,7 +369,8 @@ impl Upstream {
     /// Waits until connected, up to `limit`. Fails early when the very first
     /// connection attempt failed (a wrong command should not make the first
     /// client wait for the whole limit); while reconnecting after a crash it
-    /// waits.
+    /// waits. The error is for a client: it says what happened, not why
+    /// (the why, which may quote the URL, is in the log).
     pub async fn wait_connected(&self, limit: Duration) -> Result<Arc<Connection>, String> {
         let mut status = self.inner.shared.status.subscribe();
         let wait = async {
@@ -335,11 +382,8 @@ impl Upstream {
                             return Ok(connection);
                         }
                     }
-                    UpstreamStatus::Down { error, .. } if self.restarts() == 0 => {
-                        return Err(format!(
-                            "cannot connect to the upstream server ({}): {error}",
-                            self.inner.target
-                        ));
+                    UpstreamStatus::Down { .. } if self.restarts() == 0 => {
+                        return Err(UPSTREAM_FAILED.to_owned());
                     }
                     UpstreamStatus::Stopped => return Err("the proxy is shutting down".to_owned()),
                     _ => {}
@@ -352,10 +396,9 @@ impl Upstream {
         match tokio::time::timeout(limit, wait).await {
             Ok(result) => result,
             Err(_) => Err(format!(
-                "the upstream server ({}) did not become available within {}: {}",
-                self.inner.target,
+                "the upstream server did not become available within {} ({}): see the proxy's log",
                 humantime::format_duration(limit),
-                self.status()
+                self.status().name()
             )),
         }
     }
@@ -395,6 +438,22 @@ impl Upstream {
     /// The connection's configuration.
     pub fn config(&self) -> &UpstreamConfig {
         &self.inner.config
+    }
+
+    /// Checks what an HTTP(S) upstream needs before anything connects: the
+    /// headers resolve (variables set, files readable), `ca_file` holds
+    /// certificates. Errors name the key. Nothing to check for a command.
+    pub fn check_http(&self) -> Result<(), ConfigError> {
+        match &self.inner.target {
+            UpstreamTarget::Url(_) => check_http_config(&self.inner.config),
+            UpstreamTarget::Command { .. } | UpstreamTarget::InProcess(_) => Ok(()),
+        }
+    }
+
+    /// What the proxy scrubs out of every text it shows: the URL's userinfo
+    /// and query, the header values. The binary's log writer uses it too.
+    pub fn redactor(&self) -> Arc<Redactor> {
+        Arc::clone(&self.inner.shared.redactor)
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
@@ -456,6 +515,13 @@ impl Upstream {
     }
 }
 
+/// Checks `upstream.headers` (variables set, files readable, values valid)
+/// and `upstream.ca_file` (certificates in it), as an HTTP(S) upstream would
+/// use them; `check-config` runs it. Errors name the key and hold no secret.
+pub fn check_http_config(config: &UpstreamConfig) -> Result<(), ConfigError> {
+    http_client::http_client(config, &http_client::process_var).map(|_| ())
+}
+
 fn set_status(shared: &Shared, status: UpstreamStatus) {
     metrics::gauge!("toolwarden_proxy_upstream_up").set(
         if matches!(status, UpstreamStatus::Up { .. }) {
@@ -473,10 +539,11 @@ type Running = RunningService<RoleClient, UpstreamHandler>;
 /// server sends is counted into `progress` as it is read.
 async fn connect(
     target: &UpstreamTarget,
+    config: &UpstreamConfig,
     handler: UpstreamHandler,
     progress: Arc<ProgressRoutes<RoleServer>>,
-    limit: Duration,
 ) -> Result<(Running, Option<u32>), String> {
+    let limit = config.connect_timeout;
     let connecting = async {
         match target {
             UpstreamTarget::Command { program, args } => {
@@ -491,7 +558,7 @@ async fn connect(
                 let running = handler
                     .serve(ProgressTallyTransport::new(transport, progress))
                     .await
-                    .map_err(|e| format!("initialize failed: {e}"))?;
+                    .map_err(initialize_failed)?;
                 Ok((running, pid))
             }
             UpstreamTarget::InProcess(server) => {
@@ -500,15 +567,21 @@ async fn connect(
                 let running = handler
                     .serve(ProgressTallyTransport::new(transport, progress))
                     .await
-                    .map_err(|e| format!("initialize failed: {e}"))?;
+                    .map_err(initialize_failed)?;
                 Ok((running, None))
             }
             UpstreamTarget::Url(url) => {
-                let transport = StreamableHttpClientTransport::from_uri(url.as_str());
+                // Built per connection: a rotated token file is read again.
+                let (client, _) = http_client::http_client(config, &http_client::process_var)
+                    .map_err(|e| e.to_string())?;
+                let transport = StreamableHttpClientTransport::with_client(
+                    client,
+                    StreamableHttpClientTransportConfig::with_uri(url.as_str()),
+                );
                 let running = handler
                     .serve(ProgressTallyTransport::new(transport, progress))
                     .await
-                    .map_err(|e| format!("initialize failed: {e}"))?;
+                    .map_err(initialize_failed)?;
                 Ok((running, None))
             }
         }
@@ -539,9 +612,9 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
         let connected = tokio::select! {
             result = connect(
                 &inner.target,
+                &config,
                 handler,
                 Arc::clone(&shared.progress_up),
-                config.connect_timeout,
             ) => result,
             () = inner.shutdown.cancelled() => break,
         };
@@ -599,6 +672,8 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
             }
             Err(error) => error,
         };
+        // rmcp's and reqwest's texts quote the URL, userinfo and query included.
+        let error = shared.redactor.scrub(&error).into_owned();
         tracing::warn!(
             target = %inner.target,
             error = %error,
@@ -640,7 +715,7 @@ impl fmt::Debug for UpstreamService {
 impl tower::Service<ClientRequest> for UpstreamService {
     type Response = ServerResult;
     type Error = BoxError;
-    type Future = RmcpClientFuture;
+    type Future = UpstreamFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         // Always ready: with no connection, `call` fails at once, which is
@@ -649,15 +724,124 @@ impl tower::Service<ClientRequest> for UpstreamService {
     }
 
     fn call(&mut self, request: ClientRequest) -> Self::Future {
-        match self.shared.connection() {
+        let inner: RmcpClientFuture = match self.shared.connection() {
             Some(connection) => Box::pin(connection.client.clone().oneshot(request)),
             None => {
-                let status = self.shared.status.borrow().clone();
+                // The status's error is for the log (the supervisor wrote it
+                // there); the caller gets the state alone.
+                let status = self.shared.status.borrow().name();
                 Box::pin(std::future::ready(Err(Box::new(TransportError::new(
                     TransportErrorKind::ConnectFailed,
-                    format!("upstream unavailable: {status}"),
+                    format!("the upstream server is {status}: see the proxy's log"),
                 )) as BoxError)))
             }
+        };
+        UpstreamFuture {
+            inner,
+            redactor: Arc::clone(&self.shared.redactor),
         }
     }
 }
+
+/// Response future of [`UpstreamService`]: the connection's answer, with a
+/// failure of the connection itself replaced by a generic one
+/// ([`UPSTREAM_FAILED`], same kind and class) once its details are logged,
+/// scrubbed. The server's own JSON-RPC errors and timeouts pass unchanged.
+pub struct UpstreamFuture {
+    inner: RmcpClientFuture,
+    redactor: Arc<Redactor>,
+}
+
+impl fmt::Debug for UpstreamFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamFuture").finish_non_exhaustive()
+    }
+}
+
+impl std::future::Future for UpstreamFuture {
+    type Output = Result<ServerResult, BoxError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.inner.as_mut().poll(cx) {
+            Poll::Ready(Err(error)) => Poll::Ready(Err(generic_error(error, &self.redactor))),
+            other => other,
+        }
+    }
+}
+
+/// Why `initialize` failed, with the transport's own cause (a TLS or
+/// connect failure), which rmcp's error does not give as its source.
+fn initialize_failed(error: rmcp::service::ClientInitializeError) -> String {
+    match &error {
+        rmcp::service::ClientInitializeError::TransportError { error, context } => {
+            format!("initialize failed: {context}: {}", error_chain(error))
+        }
+        _ => format!("initialize failed: {}", error_chain(&error)),
+    }
+}
+
+/// `error` and its sources, each once: reqwest's `Display` stops at
+/// "error sending request", the TLS or connect failure is in its sources.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = cause(error);
+    while let Some(e) = source {
+        let more = e.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause(e);
+    }
+    text
+}
+
+/// The error's source, and for rmcp's HTTP client error the reqwest error it
+/// holds (rmcp does not give it as the source: the TLS cause would be lost).
+fn cause<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a (dyn std::error::Error + 'static)> {
+    use rmcp::transport::streamable_http_client::StreamableHttpError;
+    if let Some(StreamableHttpError::Client(inner)) =
+        error.downcast_ref::<StreamableHttpError<reqwest::Error>>()
+    {
+        return Some(inner);
+    }
+    error.source()
+}
+
+/// A connection failure as a caller may see it (see [`UpstreamFuture`]).
+fn generic_error(error: BoxError, redactor: &Redactor) -> BoxError {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
+    while let Some(e) = current {
+        if e.is::<ErrorObject>() || e.is::<CallTimedOut>() {
+            return error;
+        }
+        if let Some(transport) = e.downcast_ref::<TransportError>() {
+            if transport.kind == TransportErrorKind::ConnectFailed {
+                // Ours (no connection): already says nothing more than the state.
+                return error;
+            }
+            let detail = redactor.scrub(&error_chain(error.as_ref())).into_owned();
+            tracing::warn!(error = %detail, "upstream request failed");
+            return Box::new(TransportError::new(transport.kind, UPSTREAM_FAILED));
+        }
+        current = e.source();
+    }
+    let detail = redactor.scrub(&error_chain(error.as_ref())).into_owned();
+    tracing::warn!(error = %detail, "upstream request failed");
+    Box::new(UpstreamFailed)
+}
+
+/// Any other failure of the upstream connection, its details in the log.
+/// Classified as a server failure, as rmcp's errors it replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailed;
+
+impl fmt::Display for UpstreamFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(UPSTREAM_FAILED)
+    }
+}
+
+impl std::error::Error for UpstreamFailed {}

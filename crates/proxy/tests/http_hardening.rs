@@ -1,0 +1,783 @@
+//! `toolwarden run --listen` made safe to expose (issue 16): `Origin` and
+//! `Host` checked, bearer tokens, and bounds on connections, sessions, header
+//! reads and tool names. Through the built binary in front of
+//! mcp-server-time (`TOOLWARDEN_MCP_SERVER_TIME`), and in process for what
+//! must never reach the upstream.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::{bounded, component, eventually, free_port, Proxy, LIMIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An HTTP answer: status, head (lower-cased) and body (de-chunked when needed).
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<String> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.head
+            .lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .map(|v| v.trim().to_owned())
+    }
+
+    /// The JSON-RPC messages of the body (plain JSON or SSE `data:` lines).
+    fn messages(&self) -> Vec<Value> {
+        if self.body.trim_start().starts_with('{') {
+            return vec![serde_json::from_str(&self.body).unwrap()];
+        }
+        self.body
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(str::trim)
+            .filter(|data| !data.is_empty())
+            .map(|data| serde_json::from_str(data).unwrap())
+            .collect()
+    }
+}
+
+/// A raw HTTP/1.1 POST of `body` to `/mcp` with `headers`; `Host` is
+/// `127.0.0.1:port` unless given.
+async fn post(port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut head = String::from("POST /mcp HTTP/1.1\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!(
+        "Content-Type: application/json\r\nAccept: application/json, text/event-stream\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    ));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    bounded("an HTTP answer", LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP head");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let head = head.to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Answer { status, head, body }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn initialize_body() -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "toolwarden-hardening", "version": "0"},
+    }})
+    .to_string()
+}
+
+/// `toolwarden run --listen 127.0.0.1:PORT <extra> -- mcp-server-time`, with
+/// `env`; waits until it accepts connections. `None` without the component.
+async fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
+    let bin = component("TOOLWARDEN_MCP_SERVER_TIME")?;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["run", "--listen", &listen];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", bin.to_str().unwrap(), "--local-timezone", "UTC"]);
+    let proxy = Proxy::start(&args, env);
+    let up = eventually(LIMIT, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(up.is_some(), "the proxy never listened on {port}");
+    Some((proxy, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_origin_gets_403_and_loopback_ones_are_served() {
+    let Some((_proxy, port)) = proxy(&[], &[]).await else {
+        return;
+    };
+    for origin in [
+        "https://evil.example",
+        "null",
+        "http://localhost.evil.example",
+    ] {
+        let foreign = post(port, &[("Origin", origin)], &initialize_body()).await;
+        assert_eq!(foreign.status, 403, "{origin}: {foreign:?}");
+    }
+    for origin in [
+        "http://localhost:5173",
+        "https://127.0.0.1:3000",
+        "http://[::1]:8080",
+    ] {
+        let allowed = post(port, &[("Origin", origin)], &initialize_body()).await;
+        assert_eq!(allowed.status, 200, "{origin}: {allowed:?}");
+    }
+    // No Origin at all: a non-browser client.
+    let plain = post(port, &[], &initialize_body()).await;
+    assert_eq!(plain.status, 200, "{plain:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allow_origin_adds_an_origin_and_only_that_one() {
+    let Some((_proxy, port)) = proxy(&["--allow-origin", "https://app.example.com"], &[]).await
+    else {
+        return;
+    };
+    let allowed = post(
+        port,
+        &[("Origin", "https://app.example.com")],
+        &initialize_body(),
+    )
+    .await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    // The same site on another port is another origin.
+    for origin in ["https://app.example.com:8443", "https://evil.example"] {
+        let foreign = post(port, &[("Origin", origin)], &initialize_body()).await;
+        assert_eq!(foreign.status, 403, "{origin}: {foreign:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_not_allowed_gets_403_and_allow_host_extends_the_list() {
+    let Some((_proxy, port)) = proxy(&["--allow-host", "mcp.internal"], &[]).await else {
+        return;
+    };
+    let rebound = post(port, &[("Host", "attacker.example")], &initialize_body()).await;
+    assert_eq!(rebound.status, 403, "{rebound:?}");
+    let named = post(port, &[("Host", "mcp.internal:9000")], &initialize_body()).await;
+    assert_eq!(named.status, 200, "{named:?}");
+    let loopback = post(port, &[("Host", "localhost")], &initialize_body()).await;
+    assert_eq!(loopback.status, 200, "{loopback:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_right_bearer_token_a_client_gets_401() {
+    let tokens = [("TOOLWARDEN_AUTH_TOKENS", "first-secret, second-secret")];
+    let Some((proxy, port)) = proxy(&[], &tokens).await else {
+        return;
+    };
+    let missing = post(port, &[], &initialize_body()).await;
+    assert_eq!(missing.status, 401, "{missing:?}");
+    assert!(
+        missing
+            .header("www-authenticate")
+            .is_some_and(|v| v.starts_with("bearer")),
+        "{missing:?}"
+    );
+    let wrong = post(
+        port,
+        &[("Authorization", "Bearer first-secreT")],
+        &initialize_body(),
+    )
+    .await;
+    assert_eq!(wrong.status, 401, "{wrong:?}");
+    let right = post(
+        port,
+        &[("Authorization", "Bearer second-secret")],
+        &initialize_body(),
+    )
+    .await;
+    assert_eq!(right.status, 200, "{right:?}");
+    let logs = proxy.stderr_lines().join("\n");
+    assert!(!logs.contains("secret"), "a token reached the log:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_from_a_file_are_accepted() {
+    let dir = std::env::temp_dir().join(format!("toolwarden-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tokens");
+    std::fs::write(
+        &file,
+        "# one token a line\nfile-token-1\n\n  file-token-2  \n",
+    )
+    .unwrap();
+    let Some((_proxy, port)) = proxy(&["--auth-token-file", file.to_str().unwrap()], &[]).await
+    else {
+        return;
+    };
+    let missing = post(port, &[], &initialize_body()).await;
+    assert_eq!(missing.status, 401, "{missing:?}");
+    let right = post(
+        port,
+        &[("Authorization", "Bearer file-token-2")],
+        &initialize_body(),
+    )
+    .await;
+    assert_eq!(right.status, 200, "{right:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_loopback_listen_address_without_tokens_refuses_to_start() {
+    let port = free_port();
+    let listen = format!("0.0.0.0:{port}");
+    let mut proxy = Proxy::start(
+        &[
+            "run",
+            "--listen",
+            &listen,
+            "--listen-allow-remote",
+            "--",
+            "true",
+        ],
+        &[("TOOLWARDEN_AUTH_TOKENS", "")],
+    );
+    let status = bounded("the refused start", LIMIT, proxy.child.wait())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(2), "{:?}", proxy.stderr_lines());
+    // The pipe is drained by a task; give it a moment (bounded).
+    let said = eventually(LIMIT, || {
+        let lines = proxy.stderr_lines();
+        async move { lines.iter().any(|l| l.contains("token")).then_some(()) }
+    })
+    .await;
+    assert!(said.is_some(), "{:?}", proxy.stderr_lines());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slowloris_client_is_disconnected_by_the_header_timeout() {
+    let Some((_proxy, port)) = proxy(&[], &[("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "1s")]).await
+    else {
+        return;
+    };
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    // One byte of a never-ending header every 100 ms, until the proxy hangs up.
+    let closed = bounded("the slowloris connection to be closed", LIMIT, async {
+        loop {
+            if stream.write_all(b"x").await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 256];
+            match tokio::time::timeout(Duration::from_millis(100), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => return,
+                Ok(Ok(_)) => return, // an error answer, then the close
+                Err(_) => {}
+            }
+        }
+    })
+    .await;
+    let () = closed;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_the_cap_get_503() {
+    let Some((_proxy, port)) = proxy(&[], &[("TOOLWARDEN_HTTP_MAX_SESSIONS", "2")]).await else {
+        return;
+    };
+    for n in 0..2 {
+        let answer = post(port, &[], &initialize_body()).await;
+        assert_eq!(answer.status, 200, "session {n}: {answer:?}");
+        assert!(answer.header("mcp-session-id").is_some(), "{answer:?}");
+    }
+    let third = post(port, &[], &initialize_body()).await;
+    assert_eq!(third.status, 503, "{third:?}");
+    let message = &third.messages()[0];
+    assert_eq!(message["id"], 1, "{message}");
+    assert!(message["error"]["code"].is_i64(), "{message}");
+}
+
+/// `initialize` then `notifications/initialized`; the session id.
+async fn open_session(port: u16) -> String {
+    let answer = post(port, &[], &initialize_body()).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let session = answer.header("mcp-session-id").expect("a session id");
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let answer = post(
+        port,
+        &[("Mcp-Session-Id", &session)],
+        &initialized.to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    session
+}
+
+async fn call(port: u16, session: &str, id: i64, tool: &str) -> Value {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": tool, "arguments": {"timezone": "UTC"}}});
+    let answer = post(port, &[("Mcp-Session-Id", session)], &body.to_string()).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    answer
+        .messages()
+        .into_iter()
+        .find(|m| m["id"] == id)
+        .expect("the call's answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_over_long_or_unknown_tool_name_is_invalid_params() {
+    let Some((_proxy, port)) = proxy(&[], &[]).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    let long = "a".repeat(129);
+    let answer = call(port, &session, 2, &long).await;
+    assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("128 bytes"),
+        "{answer}"
+    );
+    // Once the catalog is filled (tools/list), names not in it are refused
+    // by the proxy; a listed tool still works.
+    let listed = eventually(LIMIT, || async {
+        let answer = call(port, &session, 3, "get_current_time").await;
+        (answer["result"]["isError"] == false).then_some(())
+    })
+    .await;
+    assert!(listed.is_some());
+    let unknown = eventually(LIMIT, || async {
+        let answer = call(port, &session, 4, "no_such_tool").await;
+        (answer["error"]["code"] == -32602).then_some(answer)
+    })
+    .await
+    .expect("an unknown tool refused with -32602");
+    assert!(
+        unknown["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown tool"),
+        "{unknown}"
+    );
+}
+
+/// As [`proxy`], in front of the flaky server (its `slow {seconds}` tool).
+async fn flaky_proxy(env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
+    let python = component("TOOLWARDEN_PYTHON")?;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let script = support::flaky_server_script();
+    let args = [
+        "run",
+        "--listen",
+        &listen,
+        "--",
+        python.to_str().unwrap(),
+        script.to_str().unwrap(),
+    ];
+    let proxy = Proxy::start(&args, env);
+    let up = eventually(LIMIT, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(up.is_some(), "the proxy never listened on {port}");
+    Some((proxy, port))
+}
+
+fn slow_call(id: i64, seconds: f64) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+        "params": {"name": "slow", "arguments": {"seconds": seconds}}})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_past_its_requests_in_flight_gets_429() {
+    let env = [("TOOLWARDEN_HTTP_MAX_REQUESTS_PER_SESSION", "1")];
+    let Some((_proxy, port)) = flaky_proxy(&env).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    let first = tokio::spawn({
+        let session = session.clone();
+        async move { post(port, &[("Mcp-Session-Id", &session)], &slow_call(2, 5.0)).await }
+    });
+    // Let it take the session's one slot first (it holds it for 5 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the first call is in flight, a second one of the same session is refused.
+    let refused = eventually(LIMIT, || {
+        let session = session.clone();
+        async move {
+            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(3, 0.0)).await;
+            (answer.status == 429).then_some(answer)
+        }
+    })
+    .await
+    .expect("a second request in flight refused with 429");
+    assert_eq!(refused.messages()[0]["id"], 3, "{refused:?}");
+    let first = bounded("the first call", LIMIT, first).await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    // Its permit is back once it is answered.
+    let again = post(port, &[("Mcp-Session-Id", &session)], &slow_call(4, 0.0)).await;
+    assert_eq!(again.status, 200, "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_too_slowly_gets_408() {
+    let env = [("TOOLWARDEN_HTTP_BODY_READ_TIMEOUT", "1s")];
+    let Some((_proxy, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n{{\"jsonrpc\""
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    // The body never completes; the answer comes anyway (bounded).
+    let mut buf = [0u8; 1024];
+    bounded("the 408", LIMIT, async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap_or(0);
+            raw.extend_from_slice(&buf[..n]);
+            if n == 0 || String::from_utf8_lossy(&raw).contains("\r\n\r\n") {
+                return;
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_cap_wait_for_a_free_slot() {
+    let env = [("TOOLWARDEN_HTTP_MAX_CONNECTIONS", "1")];
+    let Some((_proxy, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    // A request the proxy answers itself at once (400: not JSON-RPC).
+    let invalid = r#"{"jsonrpc":"2.0","id":7}"#;
+    assert_eq!(post(port, &[], invalid).await.status, 400);
+    // The one slot, held by a connection that sent nothing yet.
+    let holder = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn(async move { post(port, &[], invalid).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "a second connection was served");
+    drop(holder);
+    let answer = bounded("the waiting connection", LIMIT, waiting)
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 400, "{answer:?}");
+}
+
+/// A connection whose request body never ends: the listener cannot drain it.
+async fn stuck_request(port: u16) -> tokio::net::TcpStream {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: 1000\r\n\r\n{{"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // Let the proxy start reading it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_waits_at_most_its_timeout_and_a_second_signal_exits_at_once() {
+    // The drain gives up after http.shutdown_timeout.
+    let env = [
+        ("TOOLWARDEN_HTTP_SHUTDOWN_TIMEOUT", "1s"),
+        ("TOOLWARDEN_HTTP_BODY_READ_TIMEOUT", "10m"),
+    ];
+    let Some((mut running, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let _stuck = stuck_request(port).await;
+    let status = running.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+
+    // A second signal while the first shutdown waits: exit at once (130).
+    let env = [
+        ("TOOLWARDEN_HTTP_SHUTDOWN_TIMEOUT", "10m"),
+        ("TOOLWARDEN_HTTP_BODY_READ_TIMEOUT", "10m"),
+    ];
+    let Some((mut running, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let _stuck = stuck_request(port).await;
+    let pid = running.child.id().unwrap();
+    support::kill(pid, "TERM");
+    let draining = eventually(LIMIT, || {
+        let lines = running.stderr_lines();
+        async move {
+            lines
+                .iter()
+                .any(|l| l.contains("shutting down"))
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(draining.is_some(), "{:?}", running.stderr_lines());
+    support::kill(pid, "INT");
+    let status = bounded(
+        "the exit after a second signal",
+        LIMIT,
+        running.child.wait(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(130), "{:?}", running.stderr_lines());
+}
+
+// ---- In process: what never reaches the upstream, and the bound on other requests.
+
+mod in_process {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use rmcp::model::{
+        CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
+        ListPromptsResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
+        ServerConfig, Tool,
+    };
+    use rmcp::service::{RequestContext, RoleServer};
+    use rmcp::transport::async_rw::AsyncRwTransport;
+    use rmcp::{ServerHandler, ServiceExt as _};
+    use serde_json::{json, Value};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio_util::sync::CancellationToken;
+    use toolwarden_core::Events;
+    use toolwarden_proxy::config::Config;
+    use toolwarden_proxy::endpoints::MetricsEndpoints;
+    use toolwarden_proxy::stack::SharedState;
+    use toolwarden_proxy::{InProcessServer, Proxy, UpstreamTarget};
+
+    use super::support::{bounded, eventually, LIMIT};
+
+    /// One tool, `echo`, counting its calls; `prompts/list` never answers.
+    #[derive(Clone, Default)]
+    struct CountingServer {
+        calls: Arc<AtomicUsize>,
+    }
+
+    impl ServerHandler for CountingServer {
+        fn get_info(&self) -> ServerConfig {
+            ServerConfig::new(
+                ServerCapabilities::builder()
+                    .enable_tools()
+                    .enable_prompts()
+                    .build(),
+            )
+        }
+
+        async fn list_tools(
+            &self,
+            _request: Option<PaginatedRequestParams>,
+            _context: RequestContext<RoleServer>,
+        ) -> Result<ListToolsResult, ErrorData> {
+            let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
+            Ok(ListToolsResult::with_all_items(vec![Tool::new(
+                "echo", "echoes", schema,
+            )]))
+        }
+
+        async fn call_tool(
+            &self,
+            _request: CallToolRequestParams,
+            _context: RequestContext<RoleServer>,
+        ) -> Result<CallToolResponse, ErrorData> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(CallToolResult::success(vec![ContentBlock::text("echoed")]).into())
+        }
+
+        async fn list_prompts(
+            &self,
+            _request: Option<PaginatedRequestParams>,
+            _context: RequestContext<RoleServer>,
+        ) -> Result<ListPromptsResult, ErrorData> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn refused_tool_names_never_reach_the_upstream_and_other_requests_are_bounded() {
+        let server = CountingServer::default();
+        let target = UpstreamTarget::InProcess(InProcessServer::new("counting", {
+            let server = server.clone();
+            move || {
+                let (client, server_io) = tokio::io::duplex(1 << 16);
+                let (read, write) = tokio::io::split(server_io);
+                let server = server.clone();
+                tokio::spawn(async move {
+                    if let Ok(running) = server
+                        .serve(AsyncRwTransport::new_server(read, write))
+                        .await
+                    {
+                        let _ = running.waiting().await;
+                    }
+                });
+                client
+            }
+        }));
+        let mut config = Config::default();
+        config.limits.request_timeout = Duration::from_millis(300);
+        let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+        let proxy = Proxy::new(config, target, shared).unwrap();
+        let (client, proxy_side) = tokio::io::duplex(1 << 16);
+        let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
+        let shutdown = CancellationToken::new();
+        let serving = tokio::spawn(toolwarden_proxy::stdio::serve_stdio(
+            proxy.core(),
+            proxy_in,
+            proxy_out,
+            1 << 20,
+            shutdown.clone(),
+        ));
+        let (read, mut write) = tokio::io::split(client);
+        let mut lines = BufReader::new(read).lines();
+        let mut request = async |message: Value| -> Value {
+            let id = message["id"].clone();
+            write
+                .write_all(format!("{message}\n").as_bytes())
+                .await
+                .unwrap();
+            loop {
+                let line = bounded("an answer", LIMIT, lines.next_line())
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let answer: Value = serde_json::from_str(&line).unwrap();
+                if answer["id"] == id {
+                    return answer;
+                }
+            }
+        };
+        let init = request(
+            json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"}}}),
+        )
+        .await;
+        assert!(init.get("result").is_some(), "{init}");
+
+        let call = |id: i64, name: String| {
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": name, "arguments": {}}})
+        };
+        // Too long: refused whether or not the catalog is filled.
+        let long = request(call(1, "e".repeat(129))).await;
+        assert_eq!(long["error"]["code"], -32602, "{long}");
+        // 128 bytes is still a name (unknown here, so refused once listed).
+        let catalog = proxy.shared().catalog.clone();
+        let filled = eventually(LIMIT, || {
+            let catalog = catalog.clone();
+            async move { (!catalog.is_empty()).then_some(()) }
+        })
+        .await;
+        assert!(filled.is_some(), "the catalog was never filled");
+        let unknown = request(call(2, "no_such_tool".into())).await;
+        assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+        assert_eq!(
+            server.calls.load(Ordering::SeqCst),
+            0,
+            "a refused name reached the server"
+        );
+        let echo = request(call(3, "echo".into())).await;
+        assert_eq!(echo["result"]["isError"], false, "{echo}");
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1);
+
+        // A request other than tools/call the server never answers: -32001
+        // after limits.request_timeout.
+        let prompts =
+            request(json!({"jsonrpc": "2.0", "id": 4, "method": "prompts/list", "params": {}}))
+                .await;
+        assert_eq!(prompts["error"]["code"], -32001, "{prompts}");
+
+        shutdown.cancel();
+        let _ = bounded("serve_stdio after shutdown", LIMIT, serving).await;
+        proxy.shutdown().await;
+    }
+}
+
+/// A raw GET of `path` with `headers`: the status.
+async fn get_status(port: u16, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let extra: String = headers
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{extra}Connection: close\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    bounded("an HTTP answer", LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    text.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_auth_requires_the_token_on_the_metrics_address() {
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let env = [("TOOLWARDEN_AUTH_TOKENS", "metrics-secret")];
+    let Some((_proxy, _port)) =
+        proxy(&["--metrics-addr", &metrics_addr, "--metrics-auth"], &env).await
+    else {
+        return;
+    };
+    let up = eventually(LIMIT, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", metrics))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(up.is_some(), "the metrics address never listened");
+    for path in ["/metrics", "/health", "/circuits"] {
+        assert_eq!(get_status(metrics, path, &[]).await, 401, "{path}");
+        let token = [("Authorization", "Bearer metrics-secret")];
+        assert_eq!(get_status(metrics, path, &token).await, 200, "{path}");
+    }
+}
