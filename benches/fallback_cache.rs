@@ -209,7 +209,11 @@ fn bench_fallback_cache(c: &mut Criterion) {
         )
     });
 
-    let mut not_cacheable = layer.layer(inner.clone());
+    // A layer of its own: every service built from one layer shares its cache.
+    let mut not_cacheable = FallbackCacheLayer::builder(fixture_catalog())
+        .build()
+        .expect("valid configuration")
+        .layer(inner.clone());
     let create = Request::tool_call(1, "create_issue", json!({"title": "tokio timeout"}));
     one_call(&mut not_cacheable, create.clone());
     assert_eq!(not_cacheable.cached_results(), 0);

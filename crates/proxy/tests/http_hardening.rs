@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use support::{bounded, component, eventually, free_port, Proxy, LIMIT};
+use support::{bounded, component, dechunk, eventually, free_port, Proxy, LIMIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// An HTTP answer: status, head (lower-cased) and body (de-chunked when needed).
@@ -80,21 +80,6 @@ async fn post(port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
         body.to_owned()
     };
     Answer { status, head, body }
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || rest.len() < size {
-            break;
-        }
-        out.push_str(&rest[..size]);
-        body = rest[size..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 fn initialize_body() -> String {
