@@ -23,6 +23,8 @@ use toolwarden_core::{BoxError, McpRequest, McpResponse, TOOLS_CALL};
 use tower::util::ServiceFn;
 use tower::{service_fn, Service};
 
+pub mod stack;
+
 /// Eight tool names that calls cycle over.
 pub const TOOLS: [&str; 8] = [
     "search_docs",

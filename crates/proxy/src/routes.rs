@@ -27,7 +27,7 @@
 //! Notifications of the server that name a request go where it went
 //! (progress by token, below; `notifications/cancelled` by rmcp to the
 //! request it cancels), a task's status to the client whose call created
-//! it ([`Downstreams::task_owner`]); the rest (list changes, logging,
+//! it ([`Downstreams::notify_task_owner`]); the rest (list changes, logging,
 //! resource updates) names none and goes to every client.
 //!
 //! rmcp replaces the `progressToken` of every request it sends with one of its
@@ -92,7 +92,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use rmcp::model::{ErrorCode, ErrorData, ProgressToken, RequestId};
+use rmcp::model::{ErrorCode, ErrorData, ProgressToken, RequestId, ServerNotification};
 use rmcp::service::{Peer, RoleClient, RoleServer, ServiceRole};
 use tokio::sync::Notify;
 
@@ -561,9 +561,20 @@ pub type DownstreamId = u64;
 /// request, and the server can answer that fast).
 const UNKNOWN_ID_WAIT: Duration = Duration::from_millis(200);
 
+/// How many notifications may wait for one client; past it the client is
+/// not reading, and is dropped from the list (never slowing the others).
+pub const NOTIFICATION_QUEUE: usize = 256;
+
+/// How long sending one notification to a client may take before the
+/// client counts as not reading and is dropped from the list.
+pub const NOTIFICATION_STALL: Duration = Duration::from_secs(10);
+
 struct Downstream {
     id: DownstreamId,
     peer: Peer<RoleServer>,
+    /// The client's notifications, sent in order by a task of its own: a
+    /// client that does not read fills only its own queue.
+    outbox: tokio::sync::mpsc::Sender<ServerNotification>,
     /// Where the progress it sends on the server's requests is counted and
     /// routed: its own, since rmcp numbers each peer's tokens separately.
     progress: Arc<ProgressRoutes<RoleClient>>,
@@ -649,6 +660,52 @@ impl fmt::Debug for Downstreams {
     }
 }
 
+/// Queues `notification` for `client`; `false` when the client is not
+/// reading (its queue is full, or its sender gave up), so it is dropped.
+fn queue(client: &Downstream, notification: ServerNotification) -> bool {
+    use tokio::sync::mpsc::error::TrySendError;
+    match client.outbox.try_send(notification) {
+        Ok(()) => true,
+        Err(TrySendError::Full(_)) => {
+            tracing::warn!(
+                client = client.id,
+                "a client is not reading its notifications ({NOTIFICATION_QUEUE} waiting): it gets no more"
+            );
+            false
+        }
+        Err(TrySendError::Closed(_)) => false,
+    }
+}
+
+/// The task that sends a client's queued notifications, in order, each
+/// within [`NOTIFICATION_STALL`]; it ends (closing the queue) when the
+/// client goes or stalls.
+fn spawn_outbox(peer: Peer<RoleServer>) -> tokio::sync::mpsc::Sender<ServerNotification> {
+    let (outbox, mut queued) = tokio::sync::mpsc::channel(NOTIFICATION_QUEUE);
+    tokio::spawn(async move {
+        while let Some(notification) = queued.recv().await {
+            match tokio::time::timeout(NOTIFICATION_STALL, peer.send_notification(notification))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "could not forward a notification");
+                    if peer.is_transport_closed() {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "a client took over {NOTIFICATION_STALL:?} to take a notification: it gets no more"
+                    );
+                    break;
+                }
+            }
+        }
+    });
+    outbox
+}
+
 /// The error a server's request gets when no client session can be found
 /// for it: it is never sent to a client it may not be for.
 fn no_session(why: &str) -> ErrorData {
@@ -674,12 +731,30 @@ impl Downstreams {
         peer: Peer<RoleServer>,
         progress: Arc<ProgressRoutes<RoleClient>>,
     ) -> DownstreamId {
+        let outbox = spawn_outbox(peer.clone());
         let mut registry = lock(&self.registry);
         registry.clients.retain(|c| !c.peer.is_transport_closed());
         registry.next_id += 1;
         let id = registry.next_id;
-        registry.clients.push(Downstream { id, peer, progress });
+        registry.clients.push(Downstream {
+            id,
+            peer,
+            progress,
+            outbox,
+        });
         id
+    }
+
+    /// Queues `notification` for every open client (list changes, logging,
+    /// resource updates: nothing in them names a request). Never waits: a
+    /// client whose queue is full ([`NOTIFICATION_QUEUE`]) or whose sender
+    /// stalled ([`NOTIFICATION_STALL`]) is not reading, and is dropped from
+    /// the list, so one client never slows the others.
+    pub fn broadcast(&self, notification: &ServerNotification) {
+        let mut registry = lock(&self.registry);
+        registry.clients.retain(|client| {
+            !client.peer.is_transport_closed() && queue(client, notification.clone())
+        });
     }
 
     /// Removes a client (and forgets its tasks).
@@ -704,20 +779,36 @@ impl Downstreams {
         }
     }
 
-    /// The open client a notification about task `task_id` goes to, if the
-    /// task is one of a client's; `ended` forgets the task.
-    pub fn task_owner(&self, task_id: &str, ended: bool) -> Option<Peer<RoleServer>> {
+    /// Queues a notification about task `task_id` for the open client whose
+    /// task it is, if it is one of a client's (see [`broadcast`](Self::broadcast)
+    /// for the queue); `ended` forgets the task. Whether it was queued.
+    pub fn notify_task_owner(
+        &self,
+        task_id: &str,
+        ended: bool,
+        notification: ServerNotification,
+    ) -> bool {
         let mut registry = lock(&self.registry);
         let owner = if ended {
             registry.tasks.remove(task_id)
         } else {
             registry.tasks.get(task_id).copied()
-        }?;
-        registry
+        };
+        let Some(owner) = owner else {
+            return false;
+        };
+        let Some(at) = registry
             .clients
             .iter()
-            .find(|c| c.id == owner && !c.peer.is_transport_closed())
-            .map(|c| c.peer.clone())
+            .position(|c| c.id == owner && !c.peer.is_transport_closed())
+        else {
+            return false;
+        };
+        if queue(&registry.clients[at], notification) {
+            return true;
+        }
+        registry.clients.remove(at);
+        false
     }
 
     /// Records that `caller`'s request `request` is being forwarded upstream,
@@ -846,16 +937,6 @@ impl Downstreams {
             progress: Arc::clone(&client.progress),
             request,
         })
-    }
-
-    /// Every open client: where server-wide notifications are broadcast.
-    pub fn all(&self) -> Vec<Peer<RoleServer>> {
-        lock(&self.registry)
-            .clients
-            .iter()
-            .filter(|c| !c.peer.is_transport_closed())
-            .map(|c| c.peer.clone())
-            .collect()
     }
 
     /// How many clients are registered.
@@ -1253,5 +1334,62 @@ mod tests {
         let error = downstreams.target_of(Some(&id(9))).await.unwrap_err();
         assert_eq!(error.code, ErrorCode(-32000));
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    /// A server handler with every default: enough to own a peer.
+    #[derive(Clone)]
+    struct Quiet;
+
+    impl rmcp::ServerHandler for Quiet {}
+
+    /// Issue 16: notifications to every client were sent one client after
+    /// the other, each awaited; a client that stopped reading stalled them
+    /// for all. Each client now has a bounded queue of its own.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_never_slows_the_others() {
+        use tokio::io::AsyncBufReadExt;
+        let (reading_io, reading_far_end) = tokio::io::duplex(64 * 1024);
+        // The far end of this one is kept and never read.
+        let (stuck_io, _stuck_far_end) = tokio::io::duplex(1024);
+        let reading = rmcp::service::serve_directly(Quiet, reading_io, None);
+        let stuck = rmcp::service::serve_directly(Quiet, stuck_io, None);
+        let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&received);
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(reading_far_end).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("notifications/tools/list_changed") {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+        let downstreams = Downstreams::new();
+        downstreams.register(stuck.peer().clone(), Arc::default());
+        downstreams.register(reading.peer().clone(), Arc::default());
+
+        let sent = 4 * NOTIFICATION_QUEUE;
+        for _ in 0..sent {
+            // Never waits, whatever the stuck client does.
+            downstreams.broadcast(&ServerNotification::ToolListChangedNotification(
+                Default::default(),
+            ));
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        for _ in 0..1000 {
+            if received.load(Ordering::SeqCst) == sent {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            received.load(Ordering::SeqCst),
+            sent,
+            "the reading client got them all"
+        );
+        assert_eq!(
+            downstreams.len(),
+            1,
+            "the client that does not read was dropped"
+        );
     }
 }

@@ -175,17 +175,14 @@ impl Service<RoleClient> for UpstreamHandler {
             // of no client's goes to nobody.
             ServerNotification::TaskStatusNotification(status) => {
                 let task = &status.params.task.task;
-                let owner = self
+                let (task_id, ended) = (task.task_id.clone(), task.status.is_terminal());
+                *notification.get_meta_mut() = context.meta;
+                if !self
                     .shared
                     .downstreams
-                    .task_owner(&task.task_id, task.status.is_terminal());
-                let Some(client) = owner else {
-                    tracing::debug!(task = %task.task_id, "status of a task of no client's");
-                    return Ok(());
-                };
-                *notification.get_meta_mut() = context.meta;
-                if let Err(e) = client.send_notification(notification).await {
-                    tracing::debug!(error = %e, "could not forward a task's status");
+                    .notify_task_owner(&task_id, ended, notification)
+                {
+                    tracing::debug!(task = %task_id, "status of a task of no client's");
                 }
                 return Ok(());
             }
@@ -193,12 +190,10 @@ impl Service<RoleClient> for UpstreamHandler {
         }
         // The rest is server-wide (list changes, logging, resource updates,
         // custom ones): nothing in it names a request. Every client gets it.
+        // Queued per client, never awaited here: a client that does not read
+        // cannot stall the upstream, nor the other clients.
         *notification.get_meta_mut() = context.meta;
-        for client in self.shared.downstreams.all() {
-            if let Err(e) = client.send_notification(notification.clone()).await {
-                tracing::debug!(error = %e, "could not forward a notification");
-            }
-        }
+        self.shared.downstreams.broadcast(&notification);
         Ok(())
     }
 
