@@ -301,11 +301,16 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
             Ok(listener) => {
                 let bound = listener.local_addr().map_or(addr, |a| a);
                 tracing::info!(%bound, "serving /metrics, /health and /circuits");
+                let mut limits = http_options.connection_limits();
+                limits.max_connections = limits
+                    .max_connections
+                    .min(endpoints::METRICS_MAX_CONNECTIONS);
                 Some(tokio::spawn(endpoints::serve(
                     listener,
                     endpoints,
                     proxy.upstream().clone(),
                     metrics_tokens,
+                    limits,
                     shutdown.child_token(),
                 )))
             }

@@ -240,23 +240,30 @@ pub fn check_loopback(addr: SocketAddr, allow_remote: bool, what: &str) -> Resul
     }
 }
 
-/// Serves the routes on `listener` until `shutdown` is cancelled. With
-/// `tokens` (`--metrics-auth`, `http.metrics_auth`), every request must
-/// carry `Authorization: Bearer <one of them>`, else `401`.
+/// The most connections the metrics address serves at once (a scraper and
+/// an operator or two; the next waits in the kernel's backlog).
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+
+/// Serves the routes on `listener` until `shutdown` is cancelled, with the
+/// same connection bounds as the MCP listener (`TCP_NODELAY`, the header
+/// read timeout, the shutdown deadline; see
+/// [`serve_bounded`](crate::http::serve_bounded)) and at most
+/// `limits.max_connections` connections. With `tokens` (`--metrics-auth`,
+/// `http.metrics_auth`), every request must carry `Authorization: Bearer
+/// <one of them>`, else `401`.
 pub async fn serve(
     listener: TcpListener,
     endpoints: MetricsEndpoints,
     upstream: Upstream,
     tokens: Option<AuthTokens>,
+    limits: crate::http::ConnectionLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut routes = router(endpoints, upstream);
     if let Some(tokens) = tokens {
         routes = routes.layer(axum::middleware::from_fn_with_state(tokens, require_token));
     }
-    axum::serve(crate::http::no_delay(listener), routes)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    crate::http::serve_bounded(listener, routes, limits, shutdown).await
 }
 
 /// `401` with `WWW-Authenticate: Bearer` unless the request carries one of `tokens`.

@@ -505,23 +505,6 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
     }
 }
 
-/// `listener`, with `TCP_NODELAY` set on every connection it accepts.
-///
-/// Answers go out as several small writes (an SSE event's head, its data,
-/// the chunk's end); with Nagle's algorithm on, the second small write of a
-/// kept-alive connection waits for the client's delayed ACK, 40 ms on
-/// Linux, on every call. Every socket the project accepts is set this way.
-pub fn no_delay(
-    listener: TcpListener,
-) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = std::net::SocketAddr> {
-    use axum::serve::ListenerExt;
-    listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    })
-}
-
 /// How a Streamable HTTP listener is bounded and who may use it; see
 /// `[http]` in [`crate::config::HttpConfig`] for each default.
 #[derive(Debug, Clone)]
@@ -544,7 +527,27 @@ pub struct HttpOptions {
     pub shutdown_timeout: Duration,
 }
 
+/// What bounds the connections of a listener served by [`serve_bounded`].
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// The longest a client may take to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; the next waits in the kernel's backlog.
+    pub max_connections: usize,
+    /// The longest the listener waits for requests in flight on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
 impl HttpOptions {
+    /// The connection bounds among these options.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            header_read_timeout: self.header_read_timeout,
+            max_connections: self.max_connections,
+            shutdown_timeout: self.shutdown_timeout,
+        }
+    }
+
     /// The options of `[http]` (and `downstream.max_body_bytes`), with `access`.
     pub fn new(config: &HttpConfig, max_body_bytes: usize, access: AccessPolicy) -> Self {
         HttpOptions {
@@ -614,7 +617,7 @@ pub async fn serve_http_with(
     let router = axum::Router::new()
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn_with_state(guard, self::guard));
-    serve_bounded(listener, router, &options, shutdown).await
+    serve_bounded(listener, router, options.connection_limits(), shutdown).await
 }
 
 /// Serves `router` on `listener` (HTTP/1.1, `TCP_NODELAY`) until `shutdown`
@@ -631,7 +634,7 @@ pub async fn serve_http_with(
 pub async fn serve_bounded(
     listener: TcpListener,
     router: axum::Router,
-    options: &HttpOptions,
+    options: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let slots = Arc::new(Semaphore::new(options.max_connections));
@@ -656,6 +659,10 @@ pub async fn serve_bounded(
             },
             () = shutdown.cancelled() => break,
         };
+        // Answers leave as several small writes (an SSE event's head, its
+        // data, the chunk's end); with Nagle's algorithm on, the second one
+        // on a kept-alive connection waited for the client's delayed ACK:
+        // 40 ms per call on Linux.
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }

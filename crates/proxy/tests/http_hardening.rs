@@ -262,15 +262,21 @@ async fn a_slowloris_client_is_disconnected_by_the_header_timeout() {
     else {
         return;
     };
+    slowloris_is_cut_off(port, "POST /mcp").await;
+}
+
+/// Sends `request_line`'s headers one byte every 100 ms, never ending them,
+/// until the server at `port` hangs up (bounded: the test fails if it never
+/// does).
+async fn slowloris_is_cut_off(port: u16, request_line: &str) {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
     stream
-        .write_all(b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .write_all(format!("{request_line} HTTP/1.1\r\nHost: 127.0.0.1\r\n").as_bytes())
         .await
         .unwrap();
-    // One byte of a never-ending header every 100 ms, until the proxy hangs up.
-    let closed = bounded("the slowloris connection to be closed", LIMIT, async {
+    bounded("the slowloris connection to be closed", LIMIT, async {
         loop {
             if stream.write_all(b"x").await.is_err() {
                 return;
@@ -284,7 +290,27 @@ async fn a_slowloris_client_is_disconnected_by_the_header_timeout() {
         }
     })
     .await;
-    let () = closed;
+}
+
+/// The metrics address is served by the same bounded loop: a slowloris
+/// connection is cut off there too (it was held forever by axum's `serve`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_address_cuts_off_a_slowloris_client_too() {
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let env = [("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "1s")];
+    let Some((_proxy, _port)) = proxy(&["--metrics-addr", &metrics_addr], &env).await else {
+        return;
+    };
+    let up = eventually(LIMIT, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", metrics))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(up.is_some(), "the metrics address never listened");
+    slowloris_is_cut_off(metrics, "GET /metrics").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
