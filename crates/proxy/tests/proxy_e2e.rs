@@ -286,7 +286,12 @@ async fn mcp_server_time_over_stdio_through_the_proxy() {
             "--local-timezone",
             "UTC",
         ],
-        &[("TOOLWARDEN_FALLBACK_CACHE_DEGRADE", "false")],
+        &[
+            ("TOOLWARDEN_FALLBACK_CACHE_DEGRADE", "false"),
+            // The server's own answer to an unknown tool is what is tested
+            // (the proxy refuses names it knows are not listed otherwise).
+            PASS_UNKNOWN_TOOLS[0],
+        ],
     );
     plain.initialize().await;
     let unknown = plain.call(3, "nope", json!({})).await;
