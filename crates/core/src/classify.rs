@@ -198,6 +198,16 @@ pub enum OutcomeKind {
 }
 
 impl OutcomeKind {
+    /// Every kind, in declaration order.
+    pub const ALL: [OutcomeKind; 6] = [
+        OutcomeKind::Success,
+        OutcomeKind::ToolError,
+        OutcomeKind::ProtocolError,
+        OutcomeKind::Transport,
+        OutcomeKind::Timeout,
+        OutcomeKind::Rejected,
+    ];
+
     /// A short lower-case label, used as the `outcome` metric label.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -212,16 +222,7 @@ impl OutcomeKind {
 
     /// The kind a label of [`as_str`](Self::as_str) names.
     pub fn parse(label: &str) -> Option<Self> {
-        [
-            OutcomeKind::Success,
-            OutcomeKind::ToolError,
-            OutcomeKind::ProtocolError,
-            OutcomeKind::Transport,
-            OutcomeKind::Timeout,
-            OutcomeKind::Rejected,
-        ]
-        .into_iter()
-        .find(|k| k.as_str() == label)
+        Self::ALL.into_iter().find(|k| k.as_str() == label)
     }
 }
 

@@ -82,14 +82,7 @@ pub(crate) fn outcome_index(kind: OutcomeKind) -> usize {
 }
 
 /// The outcome kinds, in slot order.
-pub(crate) const OUTCOMES: [OutcomeKind; OUTCOME_KINDS] = [
-    OutcomeKind::Success,
-    OutcomeKind::ToolError,
-    OutcomeKind::ProtocolError,
-    OutcomeKind::Transport,
-    OutcomeKind::Timeout,
-    OutcomeKind::Rejected,
-];
+pub(crate) const OUTCOMES: [OutcomeKind; OUTCOME_KINDS] = OutcomeKind::ALL;
 
 pub(crate) fn unix_ms_now() -> u64 {
     SystemTime::now()
