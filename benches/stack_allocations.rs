@@ -14,7 +14,8 @@ use toolwarden_core::McpResponse;
 use tower::ServiceExt;
 
 mod support;
-use support::stack::{requests, sequential, sides, Svc};
+use support::stack::{requests, sequential, sides, toolwarden_stack_without, Svc};
+use toolwarden::stack::StackLayer;
 
 /// Counts every allocation the process makes.
 #[global_allocator]
@@ -67,11 +68,32 @@ fn main() {
             )
         })
         .collect();
+    // Each layer alone (the others left out; the attempt timeout and the
+    // error rendering stay): where the stack's allocations come from.
+    let layers = StackLayer::ALL;
+    let alone: Vec<(String, f64)> = std::iter::once(("no layer".to_owned(), layers.to_vec()))
+        .chain(layers.iter().map(|keep| {
+            let others = layers.iter().copied().filter(|l| l != keep).collect();
+            (format!("only {keep}"), others)
+        }))
+        .map(|(name, left_out): (String, Vec<StackLayer>)| {
+            let service = runtime.block_on(async { toolwarden_stack_without(&left_out) });
+            let count = allocations_per_call(&runtime, &service, &requests, calls);
+            (name, count)
+        })
+        .collect();
     let bare = counts[0].1;
     println!("\nallocations per call (happy path, after warm-up):");
     for (name, count) in &counts {
         println!(
-            "  {name:<17} {count:>7.2}   ({:+.2} over bare)",
+            "  {name:<22} {count:>7.2}   ({:+.2} over bare)",
+            count - bare
+        );
+    }
+    println!("the standard stack with one layer (plus its attempt timeout and error rendering):");
+    for (name, count) in &alone {
+        println!(
+            "  {name:<22} {count:>7.2}   ({:+.2} over bare)",
             count - bare
         );
     }

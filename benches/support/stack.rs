@@ -117,6 +117,20 @@ pub async fn sequential(service: &Svc, requests: &[Request], n: u64) -> Duration
     start.elapsed()
 }
 
+/// The standard stack (as [`toolwarden_stack`]) without `left_out`.
+pub fn toolwarden_stack_without(left_out: &[toolwarden::stack::StackLayer]) -> Svc {
+    let builder = left_out.iter().fold(
+        StandardStack::builder().rate_limit(|b| b.per_tool(Rate::per_second(1_000_000), 1_000_000)),
+        |builder, layer| builder.without(*layer),
+    );
+    BoxCloneSyncService::new(
+        builder
+            .build()
+            .expect("the stack's configuration")
+            .layer(upstream()),
+    )
+}
+
 /// The three sides, named as in the bench output.
 pub fn sides() -> [(&'static str, Svc); 3] {
     [
