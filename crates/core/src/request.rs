@@ -250,6 +250,11 @@ pub trait McpResponse {
     /// Inserts `key: value` into the result's `_meta` object.
     fn insert_result_meta(&mut self, key: &str, value: Value);
 
+    /// Removes `key` from the result's `_meta` object (and `_meta` when it
+    /// is left empty). The edge removes the sealed outcome mark this way, so
+    /// the seal never leaves the process. The default does nothing.
+    fn remove_result_meta(&mut self, _key: &str) {}
+
     /// Appends a text content item to a tool result.
     fn push_text(&mut self, text: String);
 
@@ -305,6 +310,12 @@ impl McpResponse for jsonrpc::Response {
     fn insert_result_meta(&mut self, key: &str, value: Value) {
         if let Ok(Value::Object(result)) = &mut self.payload {
             tool_result::insert_meta(result, key, value);
+        }
+    }
+
+    fn remove_result_meta(&mut self, key: &str) {
+        if let Ok(Value::Object(result)) = &mut self.payload {
+            tool_result::remove_meta(result, key);
         }
     }
 
@@ -438,6 +449,16 @@ pub mod tool_result {
         }
         if let Value::Object(meta) = meta {
             meta.insert(key.to_owned(), value);
+        }
+    }
+
+    /// Removes `key` from `result._meta`, and `_meta` when it is left empty.
+    pub fn remove_meta(result: &mut Map<String, Value>, key: &str) {
+        let Some(Value::Object(meta)) = result.get_mut("_meta") else {
+            return;
+        };
+        if meta.remove(key).is_some() && meta.is_empty() {
+            result.remove("_meta");
         }
     }
 

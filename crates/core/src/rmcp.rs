@@ -154,6 +154,16 @@ impl McpResponse for ServerResult {
         }
     }
 
+    fn remove_result_meta(&mut self, key: &str) {
+        if let ServerResult::CallToolResult(c) = self {
+            if let Some(meta) = &mut c.meta {
+                if meta.0.remove(key).is_some() && meta.0.is_empty() {
+                    c.meta = None;
+                }
+            }
+        }
+    }
+
     fn push_text(&mut self, text: String) {
         if let ServerResult::CallToolResult(c) = self {
             c.content.push(ContentBlock::text(text));

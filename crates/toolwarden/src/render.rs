@@ -12,6 +12,13 @@
 //! JSON-RPC errors the server itself returned (a [`ErrorObject`] in the error
 //! chain), which keep their protocol meaning.
 //!
+//! The edge is also where the sealed outcome mark
+//! ([`OUTCOME_META_KEY`](toolwarden_core::classify::OUTCOME_META_KEY)) that
+//! layers below put on the failures they render is removed, with the
+//! `isError` results it renders itself: the mark is for the layers of this
+//! process, and its seal must not reach a client (who could hand it to a
+//! server to pass its failures off as our refusals).
+//!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
 //! use std::time::Duration;
@@ -35,6 +42,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
+use toolwarden_core::classify::OUTCOME_META_KEY;
 use toolwarden_core::jsonrpc::{ErrorObject, Id};
 use toolwarden_core::{BoxError, FailureReport, McpRequest, McpResponse};
 use tower_layer::Layer;
@@ -180,10 +188,18 @@ where
         Poll::Ready(match (result, this.target.take()) {
             (Err(error), Some(target)) if !is_protocol_error(error.as_ref()) => {
                 let report = FailureReport::from_error(&target.tool, error.as_ref());
-                Ok(T::from_tool_result(
-                    target.id.as_ref(),
-                    report.to_tool_result(),
-                ))
+                let mut response = T::from_tool_result(target.id.as_ref(), report.to_tool_result());
+                response.remove_result_meta(OUTCOME_META_KEY);
+                Ok(response)
+            }
+            (Ok(mut response), _) => {
+                // The outcome mark a layer below rendered (the fallback
+                // cache) is for the layers of this process: its seal must
+                // not reach a client, who could hand it to a server.
+                if response.is_tool_error() {
+                    response.remove_result_meta(OUTCOME_META_KEY);
+                }
+                Ok(response)
             }
             (result, _) => result,
         })
@@ -226,6 +242,48 @@ mod tests {
             result["structuredContent"]["toolwarden"]["retryAfterSeconds"],
             0.5
         );
+    }
+
+    /// The sealed outcome mark never leaves the process: not on the answers
+    /// this layer renders, nor on those a layer below rendered.
+    #[tokio::test]
+    async fn the_outcome_seal_never_reaches_a_client() {
+        let rendered_below = FailureReport::from_error(
+            "search",
+            &RateLimited::new("search", Duration::from_secs(1)),
+        )
+        .to_tool_result();
+        assert!(
+            rendered_below["_meta"][OUTCOME_META_KEY]["seal"].is_string(),
+            "the layers below carry it: {rendered_below}"
+        );
+        let below = rendered_below.clone();
+        let passing = RenderErrorsLayer::new().layer(service_fn(move |req: Request| {
+            let result = below.clone();
+            async move { Ok::<_, BoxError>(Response::result(req.id, result)) }
+        }));
+        let refusing = RenderErrorsLayer::new().layer(service_fn(|_req: Request| async {
+            Err::<Response, BoxError>(Box::new(RateLimited::new("search", Duration::from_secs(1))))
+        }));
+        let passed = passing
+            .oneshot(Request::tool_call(1, "search", json!({})))
+            .await
+            .unwrap();
+        let rendered = refusing
+            .oneshot(Request::tool_call(2, "search", json!({})))
+            .await
+            .unwrap();
+        for answer in [passed, rendered] {
+            let result = answer.payload.unwrap();
+            assert!(result.get("_meta").is_none(), "{result}");
+            assert!(!result
+                .to_string()
+                .contains(toolwarden_core::classify::outcome_seal()));
+            assert_eq!(
+                result["structuredContent"]["toolwarden"]["layer"],
+                "rate_limit"
+            );
+        }
     }
 
     #[tokio::test]
