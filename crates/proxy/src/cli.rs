@@ -308,7 +308,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
                 Some(tokio::spawn(endpoints::serve(
                     listener,
                     endpoints,
-                    proxy.upstream().clone(),
+                    proxy.upstreams(),
                     metrics_tokens,
                     limits,
                     shutdown.child_token(),
@@ -325,7 +325,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     let served = match args.listen {
         None => {
             crate::stdio::serve_stdio(
-                proxy.core(),
+                proxy.cores().session_core(),
                 tokio::io::stdin(),
                 tokio::io::stdout(),
                 max_line_bytes,
@@ -337,8 +337,13 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
             Ok(listener) => {
                 let bound = listener.local_addr().map_or(addr, |a| a);
                 tracing::info!(url = %format!("http://{bound}/mcp"), "serving MCP over Streamable HTTP");
-                crate::http::serve_http_with(proxy.core(), listener, http_options, shutdown.clone())
-                    .await
+                crate::http::serve_http_with(
+                    proxy.cores(),
+                    listener,
+                    http_options,
+                    shutdown.clone(),
+                )
+                .await
             }
             Err(e) => Err(e),
         },

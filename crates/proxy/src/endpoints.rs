@@ -11,7 +11,9 @@
 //! `"upstream"` (`state`, `pid`, `restarts`, `target`, ...). Its status is
 //! `200` unless the upstream is connecting, down or stopped, or the health
 //! provider reports `"status": "unhealthy"`: then `503`. An upstream not
-//! started yet (no client has connected) is not a failure.
+//! started yet (no client has connected) is not a failure. With one
+//! upstream per session, `"upstream"` counts them by state, and only none
+//! of them up is a failure ([`Upstreams`]).
 //!
 //! The address must be a loopback address unless `--metrics-allow-remote`
 //! is given: the reports name the upstream command and its tools.
@@ -32,7 +34,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::AuthTokens;
-use crate::upstream::{Upstream, UpstreamStatus};
+use crate::sessions::Upstreams;
 
 /// A boxed future of a JSON value.
 pub type JsonFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
@@ -152,19 +154,14 @@ impl MetricsEndpoints {
     }
 
     /// The `/health` answer: the status code and the report.
-    pub async fn health(&self, upstream: &Upstream) -> (StatusCode, Value) {
+    pub async fn health(&self, upstream: &Upstreams) -> (StatusCode, Value) {
         let mut report = match self.health_report().await {
             Some(Value::Object(map)) => map,
             Some(other) => Map::from_iter([("stack".to_owned(), other)]),
             None => Map::new(),
         };
         let stack_unhealthy = report.get("status").and_then(Value::as_str) == Some("unhealthy");
-        let upstream_failing = matches!(
-            upstream.status(),
-            UpstreamStatus::Connecting { .. }
-                | UpstreamStatus::Down { .. }
-                | UpstreamStatus::Stopped
-        );
+        let upstream_failing = upstream.failing();
         let healthy = !(stack_unhealthy || upstream_failing);
         if !healthy {
             report.insert("status".into(), json!("unhealthy"));
@@ -184,7 +181,7 @@ impl MetricsEndpoints {
 #[derive(Clone)]
 struct RouteState {
     endpoints: MetricsEndpoints,
-    upstream: Upstream,
+    upstream: Upstreams,
 }
 
 async fn metrics_route(State(state): State<RouteState>) -> Response {
@@ -217,14 +214,14 @@ async fn circuits_route(State(state): State<RouteState>) -> Response {
 }
 
 /// The router of the three routes.
-pub fn router(endpoints: MetricsEndpoints, upstream: Upstream) -> Router {
+pub fn router(endpoints: MetricsEndpoints, upstream: impl Into<Upstreams>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_route))
         .route("/health", get(health_route))
         .route("/circuits", get(circuits_route))
         .with_state(RouteState {
             endpoints,
-            upstream,
+            upstream: upstream.into(),
         })
 }
 
@@ -254,7 +251,7 @@ pub const METRICS_MAX_CONNECTIONS: usize = 16;
 pub async fn serve(
     listener: TcpListener,
     endpoints: MetricsEndpoints,
-    upstream: Upstream,
+    upstream: impl Into<Upstreams>,
     tokens: Option<AuthTokens>,
     limits: crate::http::ConnectionLimits,
     shutdown: CancellationToken,

@@ -1,6 +1,8 @@
 //! The downstream side over Streamable HTTP (`--listen ADDR`): rmcp's
 //! `StreamableHttpService` at `/mcp`, served by axum. Each session gets its
-//! own [`ProxyServer`]; all of them share the one upstream and tool stack.
+//! own [`ProxyServer`]; all of them share the one upstream and tool stack,
+//! or each has an upstream of its own under the one stack
+//! (`upstream.session_mode = "per_session"`, see [`crate::sessions`]).
 //!
 //! POST bodies are checked by the same [`framer`](crate::framer) code as
 //! stdio lines before rmcp sees them: malformed JSON-RPC gets a JSON-RPC
@@ -84,7 +86,8 @@ use crate::access::{AccessPolicy, AuthTokens, Refusal};
 use crate::config::HttpConfig;
 use crate::framer::{classify_line, error_line, Frame};
 use crate::routes::ProgressRoutes;
-use crate::server::{ProxyCore, ProxyServer};
+use crate::server::ProxyServer;
+use crate::sessions::Cores;
 use crate::upstream::ProgressTallyTransport;
 
 /// The header rmcp keeps a session's id in.
@@ -569,7 +572,7 @@ impl HttpOptions {
 /// for callers of earlier versions: the `Host` check is never turned off
 /// any more (see [`serve_http_with`] to extend it).
 pub async fn serve_http(
-    core: Arc<ProxyCore>,
+    core: impl Into<Cores>,
     listener: TcpListener,
     max_body_bytes: usize,
     allow_remote: bool,
@@ -586,7 +589,7 @@ pub async fn serve_http(
 /// is cancelled, checked and bounded by `options` (see [`guard`] and
 /// [`serve_bounded`]).
 pub async fn serve_http_with(
-    core: Arc<ProxyCore>,
+    cores: impl Into<Cores>,
     listener: TcpListener,
     options: HttpOptions,
     shutdown: CancellationToken,
@@ -600,8 +603,9 @@ pub async fn serve_http_with(
     let sessions = Arc::new(ProxySessions {
         inner: LocalSessionManager::default(),
     });
+    let cores = cores.into();
     let service = StreamableHttpService::new(
-        move || Ok(ProxyServer::new(Arc::clone(&core))),
+        move || Ok(ProxyServer::new(cores.session_core())),
         Arc::clone(&sessions),
         config,
     );

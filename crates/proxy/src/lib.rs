@@ -17,6 +17,8 @@
 //! - [`upstream`]: the connection to the server (child process or Streamable
 //!   HTTP), restarted with backoff when it dies, and the proxy's handler for
 //!   what the server sends back.
+//! - [`sessions`]: one upstream for every session, or one per session
+//!   (`upstream.session_mode`).
 //! - [`routes`]: which client gets progress, notifications and server requests.
 //! - [`framer`] and [`stdio`]: stdin/stdout with `-32700`/`-32600` answers to
 //!   malformed lines and one writer for stdout.
@@ -44,6 +46,7 @@ mod proxy;
 pub mod redact;
 pub mod routes;
 pub mod server;
+pub mod sessions;
 pub mod stack;
 pub mod stdio;
 pub mod tool_names;

@@ -7,9 +7,11 @@ use std::time::Duration;
 use toolwarden_core::ConfigError;
 
 use crate::config::Config;
+use crate::config::SessionMode;
 use crate::routes::Downstreams;
 use crate::server::ProxyCore;
-use crate::stack::{build_stack, configure_catalog, SharedState};
+use crate::sessions::{Cores, SessionUpstreams, Upstreams};
+use crate::stack::{configure_catalog, tool_stack_layer, SharedState};
 use crate::upstream::{Upstream, UpstreamTarget};
 
 /// A proxy in front of one upstream server.
@@ -32,11 +34,16 @@ pub struct Proxy {
     shared: SharedState,
     upstream: Upstream,
     core: Arc<ProxyCore>,
+    /// `upstream.session_mode = "per_session"`: each session's upstream.
+    per_session: Option<Arc<SessionUpstreams>>,
 }
 
 impl Proxy {
-    /// Configures the catalog, builds the tool stack ([`build_stack`]) and
-    /// prepares the upstream (started by the first client's `initialize`).
+    /// Configures the catalog, builds the tool stack ([`build_stack`](crate::stack::build_stack))
+    /// and prepares the upstream (started by the first client's
+    /// `initialize`). With `upstream.session_mode = "per_session"` the stack's
+    /// layers are built once and put around each session's own upstream
+    /// ([`cores`](Self::cores)).
     pub fn new(
         config: Config,
         target: UpstreamTarget,
@@ -45,16 +52,26 @@ impl Proxy {
         configure_catalog(&config, &shared.catalog);
         let downstreams = Downstreams::new();
         let upstream = Upstream::new(
-            target,
+            target.clone(),
             config.upstream.clone(),
             shared.catalog.clone(),
             downstreams.clone(),
         );
         upstream.check_http()?;
-        let stack = build_stack(&config, upstream.service(), &shared)?;
+        let layer = tool_stack_layer(&config, &shared)?;
+        let per_session = (config.upstream.session_mode == SessionMode::PerSession).then(|| {
+            SessionUpstreams::new(
+                target,
+                config.upstream.clone(),
+                shared.catalog.clone(),
+                upstream.redactor(),
+                layer.clone(),
+                config.limits.request_timeout,
+            )
+        });
         let core = ProxyCore::with_request_timeout(
             upstream.clone(),
-            stack,
+            layer.stack(upstream.service()),
             downstreams,
             config.limits.request_timeout,
         );
@@ -63,16 +80,39 @@ impl Proxy {
             shared,
             upstream,
             core,
+            per_session,
         })
     }
 
-    /// What sessions share; pass it to [`serve_stdio`](crate::stdio::serve_stdio)
-    /// or [`serve_http`](crate::http::serve_http).
+    /// What sessions share in the default `shared` session mode; pass it to
+    /// [`serve_stdio`](crate::stdio::serve_stdio) or
+    /// [`serve_http`](crate::http::serve_http). Use [`cores`](Self::cores)
+    /// to honour `upstream.session_mode`.
     pub fn core(&self) -> Arc<ProxyCore> {
         Arc::clone(&self.core)
     }
 
-    /// The upstream connection.
+    /// Where each session's core comes from, as `upstream.session_mode`
+    /// says: pass it to [`serve_http_with`](crate::http::serve_http_with),
+    /// or its [`session_core`](Cores::session_core) to
+    /// [`serve_stdio`](crate::stdio::serve_stdio).
+    pub fn cores(&self) -> Cores {
+        match &self.per_session {
+            Some(sessions) => Cores::PerSession(Arc::clone(sessions)),
+            None => Cores::Shared(self.core()),
+        }
+    }
+
+    /// The upstream(s) to report in `/health`, as `upstream.session_mode` says.
+    pub fn upstreams(&self) -> Upstreams {
+        match &self.per_session {
+            Some(sessions) => Upstreams::PerSession(Arc::clone(sessions)),
+            None => Upstreams::Shared(self.upstream.clone()),
+        }
+    }
+
+    /// The upstream connection (in `per_session` mode, the one
+    /// [`core`](Self::core) is over; sessions' own are in [`upstreams`](Self::upstreams)).
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
     }
@@ -87,8 +127,14 @@ impl Proxy {
         &self.config
     }
 
-    /// Closes the upstream connection (a child is stopped), within 15 s.
+    /// Closes the upstream connection(s) (a child is stopped), within 15 s.
     pub async fn shutdown(&self) {
-        self.upstream.shutdown(Duration::from_secs(15)).await;
+        let limit = Duration::from_secs(15);
+        match &self.per_session {
+            Some(sessions) => {
+                futures::join!(self.upstream.shutdown(limit), sessions.shutdown(limit));
+            }
+            None => self.upstream.shutdown(limit).await,
+        }
     }
 }

@@ -79,6 +79,7 @@ use crate::routes::{
     send_in_turn, Caller, CauseGuard, DownstreamId, Downstreams, ProgressReceipt, ProgressRoutes,
     Resolved, RouteGuard,
 };
+use crate::sessions::Lease;
 use crate::stack::ToolStack;
 use crate::upstream::{Upstream, UpstreamService};
 
@@ -89,9 +90,13 @@ pub struct ProxyCore {
     upstream_service: UpstreamService,
     stack: ToolStack,
     downstreams: Downstreams,
-    sessions: AtomicU64,
+    /// Session numbers; shared by the cores of one [`SessionUpstreams`](crate::sessions::SessionUpstreams).
+    sessions: Arc<AtomicU64>,
     /// The bound on each request other than `tools/call` (`limits.request_timeout`).
     request_timeout: Duration,
+    /// A session's own core (`upstream.session_mode = "per_session"`): its
+    /// hold on its upstream, which closes it when the core is dropped.
+    lease: Option<Lease>,
 }
 
 impl fmt::Debug for ProxyCore {
@@ -126,9 +131,36 @@ impl ProxyCore {
             upstream,
             stack,
             downstreams,
-            sessions: AtomicU64::new(0),
+            sessions: Arc::default(),
             request_timeout,
+            lease: None,
         })
+    }
+
+    /// One session's own core (see [`crate::sessions`]), numbering its
+    /// session from `numbers`.
+    pub(crate) fn for_session(
+        upstream: Upstream,
+        stack: ToolStack,
+        downstreams: Downstreams,
+        request_timeout: Duration,
+        numbers: Arc<AtomicU64>,
+        lease: Lease,
+    ) -> Arc<Self> {
+        Arc::new(ProxyCore {
+            upstream_service: upstream.service(),
+            upstream,
+            stack,
+            downstreams,
+            sessions: numbers,
+            request_timeout,
+            lease: Some(lease),
+        })
+    }
+
+    /// Whether this core is one session's own (`per_session` mode).
+    pub fn is_per_session(&self) -> bool {
+        self.lease.is_some()
     }
 
     /// The upstream.
@@ -390,10 +422,23 @@ impl ProxyServer {
     /// opened without `initialize` (2026-07-28 inline metadata), describing
     /// the client from the request's metadata and waiting for the connection
     /// (a failure is then this request's error).
-    async fn touch_and_start(&self, context: &RequestContext<RoleServer>) {
+    ///
+    /// A session's own core (`upstream.session_mode = "per_session"`)
+    /// serves its session's requests only: a request rmcp serves without a
+    /// session has no upstream of its own to go to, and is refused
+    /// (`-32600`) rather than given a connection for a single request.
+    async fn touch_and_start(&self, context: &RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        if self.core.is_per_session() && !takes_requests(context) {
+            return Err(ErrorData::invalid_request(
+                "this proxy opens one upstream connection per session \
+                 (upstream.session_mode = \"per_session\"): send initialize to open a session, \
+                 then send requests under its Mcp-Session-Id",
+                None,
+            ));
+        }
         self.touch(context);
         if self.core.upstream.is_started() {
-            return;
+            return Ok(());
         }
         let mut config = default_client_config();
         if let Some(capabilities) = context.client_capabilities() {
@@ -407,6 +452,7 @@ impl ProxyServer {
         if let Err(e) = self.core.upstream.wait_connected(limit).await {
             tracing::warn!(error = %e, "the upstream did not start");
         }
+        Ok(())
     }
 
     /// Puts the request's `_meta` back (rmcp moved it into the context),
@@ -453,7 +499,7 @@ impl ProxyServer {
         mut request: ClientRequest,
         context: RequestContext<RoleServer>,
     ) -> Result<ServerResult, ErrorData> {
-        self.touch_and_start(&context).await;
+        self.touch_and_start(&context).await?;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => method_label(&request))
             .increment(1);
         let (route, _cause) = self.prepare(&mut request, &context);
@@ -651,7 +697,7 @@ impl ServerHandler for ProxyServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        self.touch_and_start(&context).await;
+        self.touch_and_start(&context).await?;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
         let tool = request.name.to_string();
         let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));

@@ -122,8 +122,21 @@ pub fn build_stack(
     upstream: UpstreamService,
     shared: &SharedState,
 ) -> Result<ToolStack, ConfigError> {
-    let layer = standard_stack(config, shared)?;
-    install_endpoints(&layer, &shared.endpoints);
+    Ok(tool_stack_layer(config, shared)?.stack(upstream))
+}
+
+/// What [`build_stack`] puts around the upstream, built once: with
+/// `upstream.session_mode = "per_session"` the proxy puts it around each
+/// session's upstream ([`ToolStackLayer::stack`]), and every session's
+/// calls share the layers' state (circuits, quotas, budget, cache, loop
+/// history by session key). Installs the circuits and health providers in
+/// `shared.endpoints`.
+pub fn tool_stack_layer(
+    config: &Config,
+    shared: &SharedState,
+) -> Result<ToolStackLayer, ConfigError> {
+    let standard = standard_stack(config, shared)?;
+    install_endpoints(&standard, &shared.endpoints);
     // Names the proxy will not serve are refused before any layer keeps
     // state for them (see `crate::tool_names`).
     let names = ToolNameGuardLayer::new(
@@ -133,7 +146,30 @@ pub fn build_stack(
             .reject_unknown_tools
             .then(|| shared.catalog.clone()),
     );
-    Ok(ToolStack::new(names.layer(layer.layer(upstream))))
+    Ok(ToolStackLayer { names, standard })
+}
+
+/// The layers of the proxy's tool stack, ready to be put around an
+/// upstream ([`tool_stack_layer`]). Clones share the layers' state.
+#[derive(Clone)]
+pub struct ToolStackLayer {
+    names: ToolNameGuardLayer,
+    standard: StandardStackLayer,
+}
+
+impl fmt::Debug for ToolStackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ToolStackLayer")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ToolStackLayer {
+    /// The stack over `upstream`.
+    pub fn stack(&self, upstream: UpstreamService) -> ToolStack {
+        ToolStack::new(self.names.layer(self.standard.layer(upstream)))
+    }
 }
 
 /// The buckets a time window of the circuit breaker is kept in.

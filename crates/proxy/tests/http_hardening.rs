@@ -358,6 +358,81 @@ async fn call(port: u16, session: &str, id: i64, tool: &str) -> Value {
         .expect("the call's answer")
 }
 
+/// `upstream.session_mode = "per_session"` with a real server: each HTTP
+/// session gets a child process of its own, and ending the session
+/// (`DELETE`) stops its child and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_mode_gives_each_session_a_server_process_of_its_own() {
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let env = [("TOOLWARDEN_UPSTREAM_SESSION_MODE", "per_session")];
+    let Some((proxy, port)) = proxy(&["--metrics-addr", &metrics_addr], &env).await else {
+        return;
+    };
+    let first = open_session(port).await;
+    let second = open_session(port).await;
+    for (n, session) in [&first, &second].into_iter().enumerate() {
+        let answer = call(port, session, 10 + n as i64, "get_current_time").await;
+        assert!(answer.get("result").is_some(), "{answer}");
+    }
+    let pids = |report: &Value| -> Vec<u32> {
+        report["upstream"]["pids"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p.as_u64())
+                    .map(|p| p as u32)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let report = eventually(LIMIT, || async move {
+        let (_, report) = support::health(metrics).await?;
+        (pids(&report).len() == 2).then_some(report)
+    })
+    .await;
+    let report = report.unwrap_or_else(|| panic!("{:?}", proxy.stderr_lines()));
+    assert_eq!(report["upstream"]["mode"], "per_session", "{report}");
+    assert_eq!(report["upstream"]["sessions"], 2, "{report}");
+    let children = pids(&report);
+    assert_ne!(children[0], children[1], "{report}");
+    assert!(children.iter().all(|&pid| support::alive(pid)), "{report}");
+
+    // The first session ends: one child exits, the other still serves.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let delete = format!(
+        "DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nMcp-Session-Id: {first}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    stream.write_all(delete.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    bounded("the DELETE's answer", LIMIT, stream.read_to_end(&mut raw))
+        .await
+        .unwrap();
+    let left = eventually(LIMIT, || async move {
+        let (_, report) = support::health(metrics).await?;
+        (pids(&report).len() == 1).then_some(pids(&report))
+    })
+    .await
+    .expect("one child left after the session ended");
+    let gone: Vec<u32> = children
+        .iter()
+        .copied()
+        .filter(|p| !left.contains(p))
+        .collect();
+    assert_eq!(gone.len(), 1, "{children:?} -> {left:?}");
+    let exited = eventually(LIMIT, || async { (!support::alive(gone[0])).then_some(()) }).await;
+    assert!(
+        exited.is_some(),
+        "the ended session's child {} still runs",
+        gone[0]
+    );
+    let answer = call(port, &second, 20, "get_current_time").await;
+    assert!(answer.get("result").is_some(), "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_over_long_or_unknown_tool_name_is_invalid_params() {
     let Some((_proxy, port)) = proxy(&[], &[]).await else {

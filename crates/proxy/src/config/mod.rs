@@ -128,6 +128,40 @@ pub struct UpstreamConfig {
     /// file; the values are never logged or shown. Default: none.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, HeaderTemplate>,
+    /// How many upstream connections the proxy keeps: `"shared"` (one, for
+    /// every client) or `"per_session"` (one per downstream session, started
+    /// by its `initialize` and closed when it ends; for servers that keep
+    /// state per connection). Default `"shared"`. See [`SessionMode`].
+    pub session_mode: SessionMode,
+}
+
+/// `upstream.session_mode`: which downstream sessions share an upstream
+/// connection.
+///
+/// - `Shared` (the default): one connection (one child process, one HTTP
+///   session) serves every client. Cheapest, and right for servers whose
+///   tools keep no state between calls, which is most of them. The server's
+///   requests (sampling, elicitation, roots) still reach only the client
+///   whose call caused them.
+/// - `PerSession`: each downstream session (each HTTP `mcp-session-id`; the
+///   one stdio client) gets its own upstream connection, started by its
+///   `initialize` and closed when the session ends (`DELETE`, idle timeout,
+///   the client going away). For servers that keep state per connection (a
+///   browser, a shell, a database transaction, `resources/subscribe`), so
+///   that one client never sees another's. The number of connections is
+///   bounded by `http.max_sessions`. A request served without a session
+///   (2026-07-28 clients) is refused with `-32600`: it has no connection of
+///   its own. The tool stack stays one: every session's calls share the
+///   circuit breakers, quotas, retry budget and cache, as they share the
+///   server.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionMode {
+    /// One upstream connection for every client.
+    #[default]
+    Shared,
+    /// One upstream connection per downstream session.
+    PerSession,
 }
 
 impl Default for UpstreamConfig {
@@ -141,6 +175,7 @@ impl Default for UpstreamConfig {
             attempt_timeout: Duration::from_secs(10),
             ca_file: None,
             headers: BTreeMap::new(),
+            session_mode: SessionMode::Shared,
         }
     }
 }

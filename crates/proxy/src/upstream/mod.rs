@@ -310,17 +310,34 @@ impl Upstream {
         catalog: ToolCatalog,
         downstreams: Downstreams,
     ) -> Self {
-        let (status, _) = watch::channel(UpstreamStatus::Idle);
-        // The header values, to scrub them wherever they might show up. A
-        // header that does not resolve is reported by `check_http`; the
+        let redactor = Arc::new(Self::redactor_for(&target, &config));
+        Self::with_redactor(target, config, catalog, downstreams, redactor)
+    }
+
+    /// What [`redactor`](Self::redactor) of an upstream at `target` with
+    /// `config` scrubs: the URL's userinfo and query, the header values.
+    pub fn redactor_for(target: &UpstreamTarget, config: &UpstreamConfig) -> Redactor {
+        // A header that does not resolve is reported by `check_http`; the
         // connection attempts then fail and say why.
-        let secrets = match &target {
-            UpstreamTarget::Url(_) => http_client::http_client(&config, &http_client::process_var)
+        let secrets = match target {
+            UpstreamTarget::Url(_) => http_client::http_client(config, &http_client::process_var)
                 .map(|(_, secrets)| secrets)
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
-        let redactor = Arc::new(target.redactor(secrets));
+        target.redactor(secrets)
+    }
+
+    /// [`new`](Self::new), scrubbing with `redactor` (made once by
+    /// [`redactor_for`](Self::redactor_for) for many upstreams at one target).
+    pub fn with_redactor(
+        target: UpstreamTarget,
+        config: UpstreamConfig,
+        catalog: ToolCatalog,
+        downstreams: Downstreams,
+        redactor: Arc<Redactor>,
+    ) -> Self {
+        let (status, _) = watch::channel(UpstreamStatus::Idle);
         Upstream {
             inner: Arc::new(Inner {
                 target,
@@ -488,6 +505,12 @@ impl Upstream {
             UpstreamStatus::Idle | UpstreamStatus::Stopped => {}
         }
         report
+    }
+
+    /// Stops the supervisor without waiting: it closes the connection in
+    /// the background, and [`start`](Self::start) does nothing from now on.
+    pub fn close(&self) {
+        self.inner.shutdown.cancel();
     }
 
     /// Stops the supervisor and closes the connection (a child gets its
