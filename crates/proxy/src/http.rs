@@ -17,6 +17,11 @@
 //! at most `http.max_connections` at once, headers within
 //! `http.header_read_timeout`, and a shutdown that waits at most
 //! `http.shutdown_timeout`. Sessions idle for 5 minutes are closed by rmcp.
+//! A session whose client stops reading its notifications (see
+//! [`Downstreams::broadcast`](crate::routes::Downstreams::broadcast)) has
+//! the connections its requests came on dropped ([`ConnectionKill`]) and is
+//! closed: rmcp's session worker, stuck writing to the stream nobody reads,
+//! is freed only by the connection's end.
 //!
 //! Server→client requests (sampling, roots, elicitation) go to the session
 //! whose call caused them, on that call's response stream, and to no other
@@ -55,8 +60,10 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -85,7 +92,7 @@ use tower::ServiceExt as _;
 use crate::access::{AccessPolicy, AuthTokens, Refusal};
 use crate::config::HttpConfig;
 use crate::framer::{classify_line, error_line, Frame};
-use crate::routes::ProgressRoutes;
+use crate::routes::{Disconnect, ProgressRoutes};
 use crate::server::ProxyServer;
 use crate::sessions::Cores;
 use crate::upstream::ProgressTallyTransport;
@@ -110,15 +117,27 @@ fn jsonrpc_error(status: StatusCode, line: String) -> Response {
 /// It carries the session's progress routes, which the transport counts the
 /// client's progress into, so the [`ProxyServer`] registers the client with
 /// them (see `touch` in [`crate::server`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub(crate) struct InSession {
     progress: Arc<ProgressRoutes<RoleClient>>,
+    disconnect: Disconnect,
+}
+
+impl fmt::Debug for InSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InSession").finish_non_exhaustive()
+    }
 }
 
 impl InSession {
     /// The session's progress routes.
     pub(crate) fn progress_routes(&self) -> &Arc<ProgressRoutes<RoleClient>> {
         &self.progress
+    }
+
+    /// What closes the session and drops its connections.
+    pub(crate) fn disconnect(&self) -> Disconnect {
+        Arc::clone(&self.disconnect)
     }
 }
 
@@ -134,12 +153,15 @@ struct SessionTransport<T> {
 impl<T> SessionTransport<T> {
     /// `inner`, with progress routes of its own: rmcp numbers the progress
     /// tokens of each session's peer separately, so two sessions can be sent
-    /// requests under the same token at once.
-    fn new(inner: T) -> Self {
+    /// requests under the same token at once. `disconnect` ends the session.
+    fn new(inner: T, disconnect: Disconnect) -> Self {
         let progress = Arc::<ProgressRoutes<RoleClient>>::default();
         SessionTransport {
             inner: ProgressTallyTransport::new(inner, Arc::clone(&progress)),
-            mark: InSession { progress },
+            mark: InSession {
+                progress,
+                disconnect,
+            },
         }
     }
 }
@@ -176,7 +198,49 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for SessionTransport<T> {
 /// own routes and marking its requests; everything else is `M`'s.
 struct ProxySessions<M> {
     inner: M,
+    /// The connections each session's requests came on.
+    connections: Arc<SessionConnections>,
+    /// Itself, for the sessions' [`Disconnect`]s.
+    me: Weak<ProxySessions<M>>,
 }
+
+impl<M: SessionManager> ProxySessions<M> {
+    /// What ends session `id` when its client stops reading: its
+    /// connections are dropped (a client that does not read holds rmcp's
+    /// session worker in a write to its stream; dropping the connection
+    /// ends the stream and frees it), then rmcp closes the session, so its
+    /// [`ProxyServer`] goes, and with it a session's own upstream. Once.
+    fn disconnect(&self, id: &SessionId) -> Disconnect {
+        let sessions = Weak::clone(&self.me);
+        let connections = Arc::clone(&self.connections);
+        let id = id.clone();
+        let done = AtomicBool::new(false);
+        Arc::new(move || {
+            if done.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            tracing::warn!(session = %id, "closing the session of a client that does not read");
+            connections.drop_session(&id);
+            let (Some(sessions), Ok(runtime)) =
+                (sessions.upgrade(), tokio::runtime::Handle::try_current())
+            else {
+                return;
+            };
+            let id = id.clone();
+            runtime.spawn(async move {
+                let closed =
+                    tokio::time::timeout(SESSION_CLOSE_TIMEOUT, sessions.inner.close_session(&id))
+                        .await;
+                if !matches!(closed, Ok(Ok(()))) {
+                    tracing::debug!(session = %id, "rmcp did not close the session cleanly");
+                }
+            });
+        })
+    }
+}
+
+/// How long closing a stalled client's session may take.
+const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl<M: SessionManager> SessionManager for ProxySessions<M> {
     type Error = M::Error;
@@ -184,7 +248,8 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
 
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let (id, transport) = self.inner.create_session().await?;
-        Ok((id, SessionTransport::new(transport)))
+        let disconnect = self.disconnect(&id);
+        Ok((id, SessionTransport::new(transport, disconnect)))
     }
 
     fn initialize_session(
@@ -250,9 +315,10 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
         &self,
         id: SessionId,
     ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        let disconnect = self.disconnect(&id);
         Ok(match self.inner.restore_session(id).await? {
             RestoreOutcome::Restored(transport) => {
-                RestoreOutcome::Restored(SessionTransport::new(transport))
+                RestoreOutcome::Restored(SessionTransport::new(transport, disconnect))
             }
             RestoreOutcome::AlreadyPresent => RestoreOutcome::AlreadyPresent,
             // NotSupported, and any outcome a later rmcp adds: nothing restored.
@@ -262,6 +328,51 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
 
     fn event_store(&self) -> Option<Arc<dyn EventStore>> {
         self.inner.event_store()
+    }
+}
+
+/// One HTTP connection's kill switch, put in the extensions of every
+/// request read on it by [`serve_bounded`]: cancelling it drops the
+/// connection at once. Cancelled too when the connection ends.
+#[derive(Debug, Clone)]
+pub struct ConnectionKill {
+    id: u64,
+    token: CancellationToken,
+}
+
+/// The connections each session's requests came on (its POSTs and its GET
+/// stream), so that a session whose client stops reading can have them
+/// dropped. Entries whose connections all ended are pruned whenever one is
+/// recorded, so the map holds at most one entry per open connection.
+#[derive(Default)]
+struct SessionConnections {
+    by_session: Mutex<HashMap<Arc<str>, Vec<ConnectionKill>>>,
+}
+
+impl SessionConnections {
+    /// Records that a request of session `id` came on `connection`.
+    fn record(&self, id: &str, connection: &ConnectionKill) {
+        let mut map = lock(&self.by_session);
+        if let Some(known) = map.get(id) {
+            if known.iter().any(|c| c.id == connection.id) {
+                return;
+            }
+        }
+        map.retain(|_, connections| {
+            connections.retain(|c| !c.token.is_cancelled());
+            !connections.is_empty()
+        });
+        map.entry(Arc::from(id))
+            .or_default()
+            .push(connection.clone());
+    }
+
+    /// Drops every connection session `id`'s requests came on.
+    fn drop_session(&self, id: &str) {
+        let connections = lock(&self.by_session).remove(id).unwrap_or_default();
+        for connection in connections {
+            connection.token.cancel();
+        }
     }
 }
 
@@ -384,6 +495,25 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
                     .into_response(),
             ),
         };
+    }
+    if let (Some(session), Some(connection)) = (
+        request
+            .headers()
+            .get(SESSION_ID_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        request.extensions().get::<ConnectionKill>(),
+    ) {
+        // Only sessions rmcp knows: made-up ids never take room.
+        if guard
+            .sessions
+            .inner
+            .sessions
+            .read()
+            .await
+            .contains_key(session)
+        {
+            guard.sessions.connections.record(session, connection);
+        }
     }
     if request.method() != Method::POST || !is_json(request.headers()) {
         return next.run(request).await;
@@ -600,8 +730,10 @@ pub async fn serve_http_with(
         .with_cancellation_token(shutdown.child_token())
         .with_max_request_body_bytes(options.max_body_bytes)
         .with_allowed_hosts(options.access.rmcp_hosts());
-    let sessions = Arc::new(ProxySessions {
+    let sessions = Arc::new_cyclic(|me| ProxySessions {
         inner: LocalSessionManager::default(),
+        connections: Arc::default(),
+        me: Weak::clone(me),
     });
     let cores = cores.into();
     let service = StreamableHttpService::new(
@@ -644,6 +776,7 @@ pub async fn serve_bounded(
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let closing = CancellationToken::new();
     let mut connections = tokio::task::JoinSet::new();
+    let mut next_connection = 0u64;
     loop {
         while connections.try_join_next().is_some() {}
         let slot = tokio::select! {
@@ -670,9 +803,19 @@ pub async fn serve_bounded(
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
-        let service = TowerToHyperService::new(router.clone().map_request(
-            |request: axum::http::Request<hyper::body::Incoming>| request.map(Body::new),
-        ));
+        next_connection += 1;
+        let kill = ConnectionKill {
+            id: next_connection,
+            token: CancellationToken::new(),
+        };
+        let service = TowerToHyperService::new(router.clone().map_request({
+            let kill = kill.clone();
+            move |request: axum::http::Request<hyper::body::Incoming>| {
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(kill.clone());
+                request
+            }
+        }));
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
@@ -680,13 +823,21 @@ pub async fn serve_bounded(
         let closing = closing.child_token();
         connections.spawn(async move {
             let _slot = slot;
+            // However the connection ends, its entries can be pruned.
+            let killed = kill.token.clone();
+            let _ended = kill.token.drop_guard();
             let connection = builder.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
             let served = tokio::select! {
                 served = connection.as_mut() => served,
+                // Its session's client stopped reading: dropped, not drained.
+                () = killed.cancelled() => return,
                 () = closing.cancelled() => {
                     connection.as_mut().graceful_shutdown();
-                    connection.await
+                    tokio::select! {
+                        served = connection => served,
+                        () = killed.cancelled() => return,
+                    }
                 }
             };
             if let Err(error) = served {

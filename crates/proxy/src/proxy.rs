@@ -50,7 +50,7 @@ impl Proxy {
         shared: SharedState,
     ) -> Result<Self, ConfigError> {
         configure_catalog(&config, &shared.catalog);
-        let downstreams = Downstreams::new();
+        let downstreams = Downstreams::with_stall_timeout(config.limits.client_stall_timeout);
         let upstream = Upstream::new(
             target.clone(),
             config.upstream.clone(),
@@ -66,7 +66,7 @@ impl Proxy {
                 shared.catalog.clone(),
                 upstream.redactor(),
                 layer.clone(),
-                config.limits.request_timeout,
+                &config.limits,
             )
         });
         let core = ProxyCore::with_request_timeout(

@@ -566,8 +566,14 @@ const UNKNOWN_ID_WAIT: Duration = Duration::from_millis(200);
 pub const NOTIFICATION_QUEUE: usize = 256;
 
 /// How long sending one notification to a client may take before the
-/// client counts as not reading and is dropped from the list.
+/// client counts as not reading and is dropped from the list (the default
+/// of `limits.client_stall_timeout`; see [`Downstreams::with_stall_timeout`]).
 pub const NOTIFICATION_STALL: Duration = Duration::from_secs(10);
+
+/// Ends a client's session: called once when the client stops reading
+/// (over HTTP it closes the session and drops its connections; see
+/// [`crate::http`]). It must not block.
+pub type Disconnect = Arc<dyn Fn() + Send + Sync>;
 
 struct Downstream {
     id: DownstreamId,
@@ -578,6 +584,8 @@ struct Downstream {
     /// Where the progress it sends on the server's requests is counted and
     /// routed: its own, since rmcp numbers each peer's tokens separately.
     progress: Arc<ProgressRoutes<RoleClient>>,
+    /// Ends its session when it stops reading.
+    disconnect: Option<Disconnect>,
 }
 
 /// Who sent a request the proxy forwards upstream: one downstream session
@@ -647,9 +655,20 @@ pub struct Target {
 /// when their session ends, and closed ones are pruned whenever a client
 /// registers, so the list holds at most the open sessions; a request in
 /// flight is recorded as long as its [`CauseGuard`] lives.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Downstreams {
     registry: Arc<Mutex<Registry>>,
+    /// How long one notification may take to send (`limits.client_stall_timeout`).
+    stall: Duration,
+}
+
+impl Default for Downstreams {
+    fn default() -> Self {
+        Downstreams {
+            registry: Arc::default(),
+            stall: NOTIFICATION_STALL,
+        }
+    }
 }
 
 impl fmt::Debug for Downstreams {
@@ -661,7 +680,8 @@ impl fmt::Debug for Downstreams {
 }
 
 /// Queues `notification` for `client`; `false` when the client is not
-/// reading (its queue is full, or its sender gave up), so it is dropped.
+/// reading (its queue is full, or its sender gave up), so it is dropped
+/// (and, for a full queue, disconnected).
 fn queue(client: &Downstream, notification: ServerNotification) -> bool {
     use tokio::sync::mpsc::error::TrySendError;
     match client.outbox.try_send(notification) {
@@ -671,22 +691,34 @@ fn queue(client: &Downstream, notification: ServerNotification) -> bool {
                 client = client.id,
                 "a client is not reading its notifications ({NOTIFICATION_QUEUE} waiting): it gets no more"
             );
+            disconnect_stalled(client.disconnect.as_ref());
             false
         }
         Err(TrySendError::Closed(_)) => false,
     }
 }
 
+/// Disconnects a client that stopped reading, and counts it.
+fn disconnect_stalled(disconnect: Option<&Disconnect>) {
+    metrics::counter!("toolwarden_proxy_clients_disconnected_total", "reason" => "stalled")
+        .increment(1);
+    if let Some(disconnect) = disconnect {
+        disconnect();
+    }
+}
+
 /// The task that sends a client's queued notifications, in order, each
-/// within [`NOTIFICATION_STALL`]; it ends (closing the queue) when the
-/// client goes or stalls.
-fn spawn_outbox(peer: Peer<RoleServer>) -> tokio::sync::mpsc::Sender<ServerNotification> {
+/// within `stall`; it ends (closing the queue) when the client goes or
+/// stalls, and a stalled client is disconnected.
+fn spawn_outbox(
+    peer: Peer<RoleServer>,
+    stall: Duration,
+    disconnect: Option<Disconnect>,
+) -> tokio::sync::mpsc::Sender<ServerNotification> {
     let (outbox, mut queued) = tokio::sync::mpsc::channel(NOTIFICATION_QUEUE);
     tokio::spawn(async move {
         while let Some(notification) = queued.recv().await {
-            match tokio::time::timeout(NOTIFICATION_STALL, peer.send_notification(notification))
-                .await
-            {
+            match tokio::time::timeout(stall, peer.send_notification(notification)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => {
                     tracing::debug!(%error, "could not forward a notification");
@@ -696,8 +728,9 @@ fn spawn_outbox(peer: Peer<RoleServer>) -> tokio::sync::mpsc::Sender<ServerNotif
                 }
                 Err(_) => {
                     tracing::warn!(
-                        "a client took over {NOTIFICATION_STALL:?} to take a notification: it gets no more"
+                        "a client took over {stall:?} to take a notification: it gets no more"
                     );
+                    disconnect_stalled(disconnect.as_ref());
                     break;
                 }
             }
@@ -717,21 +750,33 @@ fn no_session(why: &str) -> ErrorData {
 }
 
 impl Downstreams {
-    /// No clients.
+    /// No clients; a client that takes over [`NOTIFICATION_STALL`] to take
+    /// a notification is not reading.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// No clients; a client that takes over `stall` to take a notification
+    /// is not reading (`limits.client_stall_timeout`).
+    pub fn with_stall_timeout(stall: Duration) -> Self {
+        Downstreams {
+            registry: Arc::default(),
+            stall,
+        }
     }
 
     /// Adds a client, with the routes its transport counts the progress it
     /// sends into (each client its own: rmcp numbers the progress tokens of
     /// each client's peer from 0, so two clients can be sent a request under
-    /// the same token at the same time); returns its id.
+    /// the same token at the same time); returns its id. `disconnect` ends
+    /// its session if it stops reading (see [`broadcast`](Self::broadcast)).
     pub fn register(
         &self,
         peer: Peer<RoleServer>,
         progress: Arc<ProgressRoutes<RoleClient>>,
+        disconnect: Option<Disconnect>,
     ) -> DownstreamId {
-        let outbox = spawn_outbox(peer.clone());
+        let outbox = spawn_outbox(peer.clone(), self.stall, disconnect.clone());
         let mut registry = lock(&self.registry);
         registry.clients.retain(|c| !c.peer.is_transport_closed());
         registry.next_id += 1;
@@ -741,6 +786,7 @@ impl Downstreams {
             peer,
             progress,
             outbox,
+            disconnect,
         });
         id
     }
@@ -748,8 +794,8 @@ impl Downstreams {
     /// Queues `notification` for every open client (list changes, logging,
     /// resource updates: nothing in them names a request). Never waits: a
     /// client whose queue is full ([`NOTIFICATION_QUEUE`]) or whose sender
-    /// stalled ([`NOTIFICATION_STALL`]) is not reading, and is dropped from
-    /// the list, so one client never slows the others.
+    /// stalled (the stall timeout) is not reading: it is dropped from the
+    /// list and disconnected, so one client never slows the others.
     pub fn broadcast(&self, notification: &ServerNotification) {
         let mut registry = lock(&self.registry);
         registry.clients.retain(|client| {
@@ -1364,8 +1410,13 @@ mod tests {
             }
         });
         let downstreams = Downstreams::new();
-        downstreams.register(stuck.peer().clone(), Arc::default());
-        downstreams.register(reading.peer().clone(), Arc::default());
+        let disconnected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = Arc::clone(&disconnected);
+        let disconnect: Disconnect = Arc::new(move || {
+            count.fetch_add(1, Ordering::SeqCst);
+        });
+        downstreams.register(stuck.peer().clone(), Arc::default(), Some(disconnect));
+        downstreams.register(reading.peer().clone(), Arc::default(), None);
 
         let sent = 4 * NOTIFICATION_QUEUE;
         for _ in 0..sent {
@@ -1390,6 +1441,10 @@ mod tests {
             downstreams.len(),
             1,
             "the client that does not read was dropped"
+        );
+        assert!(
+            disconnected.load(Ordering::SeqCst) >= 1,
+            "the client that does not read was disconnected"
         );
     }
 }

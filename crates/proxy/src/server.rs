@@ -400,20 +400,24 @@ impl ProxyServer {
     /// Registers this session's client (once), if it can be sent requests
     /// (see [`takes_requests`]). It is registered with
     /// the progress routes its transport counts into: an HTTP session's
-    /// ([`InSession`]), else this server's own ([`progress_routes`](Self::progress_routes)).
+    /// ([`InSession`]), else this server's own ([`progress_routes`](Self::progress_routes)),
+    /// and, over HTTP, with what closes its session if it stops reading.
     fn touch(&self, context: &RequestContext<RoleServer>) {
         if !takes_requests(context) {
             return;
         }
         self.session.downstream.get_or_init(|| {
-            let progress = context.extensions.get::<InSession>().map_or_else(
+            let in_session = context.extensions.get::<InSession>();
+            let progress = in_session.map_or_else(
                 || Arc::clone(&self.session.progress),
                 |session| Arc::clone(session.progress_routes()),
             );
-            let id = self
-                .core
-                .downstreams
-                .register(context.peer.clone(), Arc::clone(&progress));
+            let disconnect = in_session.map(InSession::disconnect);
+            let id = self.core.downstreams.register(
+                context.peer.clone(),
+                Arc::clone(&progress),
+                disconnect,
+            );
             (id, progress)
         });
     }

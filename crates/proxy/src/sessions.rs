@@ -75,6 +75,8 @@ pub struct SessionUpstreams {
     redactor: Arc<Redactor>,
     layer: ToolStackLayer,
     request_timeout: Duration,
+    /// `limits.client_stall_timeout`.
+    stall: Duration,
     /// Session numbers, shared by every core: the loop guard keeps each
     /// session's history under `session-<n>`, which must stay unique.
     numbers: Arc<AtomicU64>,
@@ -97,14 +99,15 @@ impl fmt::Debug for SessionUpstreams {
 impl SessionUpstreams {
     /// Upstreams at `target`, each with `config`, their tools listed into
     /// `catalog`, their texts scrubbed by `redactor`, wrapped in `layer`;
-    /// requests other than `tools/call` bounded by `request_timeout`.
+    /// requests other than `tools/call` bounded by `limits.request_timeout`,
+    /// clients not reading dropped after `limits.client_stall_timeout`.
     pub fn new(
         target: UpstreamTarget,
         config: UpstreamConfig,
         catalog: ToolCatalog,
         redactor: Arc<Redactor>,
         layer: ToolStackLayer,
-        request_timeout: Duration,
+        limits: &crate::config::LimitsConfig,
     ) -> Arc<Self> {
         Arc::new(SessionUpstreams {
             target,
@@ -112,7 +115,8 @@ impl SessionUpstreams {
             catalog,
             redactor,
             layer,
-            request_timeout,
+            request_timeout: limits.request_timeout,
+            stall: limits.client_stall_timeout,
             numbers: Arc::default(),
             live: Mutex::default(),
             next_lease: AtomicU64::new(0),
@@ -123,7 +127,7 @@ impl SessionUpstreams {
     /// A core over a new upstream, not started (the session's `initialize`
     /// starts it). Its upstream is shut down when the core is dropped.
     pub fn open(self: &Arc<Self>) -> Arc<ProxyCore> {
-        let downstreams = Downstreams::new();
+        let downstreams = Downstreams::with_stall_timeout(self.stall);
         let upstream = Upstream::with_redactor(
             self.target.clone(),
             self.config.clone(),

@@ -126,6 +126,12 @@ pub struct LimitsConfig {
     /// Default `60s`.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long sending one notification to a client may take: past it the
+    /// client is not reading, gets no more notifications and, over HTTP,
+    /// has its session closed and its connections dropped, so it never
+    /// holds up anyone else. Default `10s`.
+    #[serde(with = "humantime_serde")]
+    pub client_stall_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -134,6 +140,7 @@ impl Default for LimitsConfig {
             max_tool_name_bytes: 128,
             reject_unknown_tools: true,
             request_timeout: Duration::from_secs(60),
+            client_stall_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -146,7 +153,8 @@ impl LimitsConfig {
             1,
             65_536,
         )?;
-        positive("request_timeout", Some(self.request_timeout))
+        positive("request_timeout", Some(self.request_timeout))?;
+        positive("client_stall_timeout", Some(self.client_stall_timeout))
     }
 }
 
@@ -179,6 +187,7 @@ mod tests {
         assert_eq!(config.limits.max_tool_name_bytes, 128);
         assert!(config.limits.reject_unknown_tools);
         assert_eq!(config.limits.request_timeout, Duration::from_secs(60));
+        assert_eq!(config.limits.client_stall_timeout, Duration::from_secs(10));
     }
 
     #[test]
@@ -222,6 +231,10 @@ mod tests {
             (
                 "[limits]\nrequest_timeout = \"0s\"",
                 "limits.request_timeout",
+            ),
+            (
+                "[limits]\nclient_stall_timeout = \"0s\"",
+                "limits.client_stall_timeout",
             ),
         ] {
             let error = parse(text, &[]).unwrap_err();

@@ -499,3 +499,19 @@ fn upstream_headers_and_ca_file_parse_check_and_round_trip() {
         HeaderTemplate::new("Bearer ${T}")
     );
 }
+
+#[test]
+fn session_mode_is_shared_unless_per_session_is_asked_for() {
+    assert_eq!(
+        parse("").unwrap().upstream.session_mode,
+        SessionMode::Shared
+    );
+    let file = parse("[upstream]\nsession_mode = \"per_session\"").unwrap();
+    assert_eq!(file.upstream.session_mode, SessionMode::PerSession);
+    let env = parse_env("", &[("TOOLWARDEN_UPSTREAM_SESSION_MODE", "per_session")]).unwrap();
+    assert_eq!(env.upstream.session_mode, SessionMode::PerSession);
+    assert_eq!(
+        key_of("[upstream]\nsession_mode = \"per_client\""),
+        "upstream.session_mode"
+    );
+}
