@@ -16,7 +16,10 @@
 //!   server-everything over stdio, the same kept-alive client.
 //!
 //! For each: sequential calls (p50, p99, calls/s) and 8 concurrent callers
-//! (p50, p99, calls/s). The added latency is proxied minus direct. The
+//! on the one client (p50, p99, calls/s); over HTTP also 8 clients at once,
+//! each with its own session and kept-alive connection pool, through the
+//! proxy with one upstream for all and with one per session
+//! (`upstream.session_mode = "per_session"`, a server process each). The added latency is proxied minus direct. The
 //! proxy runs its whole standard stack with the default configuration but
 //! for the rate limit, switched off (`TOOLWARDEN_RATE_LIMIT_ENABLED=false`):
 //! the harness calls far above the default quota of 50 calls/s per tool, and
@@ -46,6 +49,9 @@ use serde_json::json;
 use toolwarden_core::McpResponse as _;
 use toolwarden_rmcp::RmcpClient;
 use tower::ServiceExt as _;
+
+/// HTTP clients at once, each with its own session.
+const CLIENTS: usize = 8;
 
 struct Plan {
     warmup: usize,
@@ -191,6 +197,56 @@ async fn measure(client: &RmcpClient, plan: &Plan) -> (Figures, Figures) {
     (sequential, concurrent)
 }
 
+/// `clients` (each its own session and kept-alive connection pool), all
+/// calling at once, `plan.per_task` calls each after `plan.warmup` /
+/// `clients.len()` warm-up calls each: what several agents sharing one proxy
+/// see.
+async fn measure_clients(clients: &[RmcpClient], plan: &Plan) -> Figures {
+    for client in clients {
+        for _ in 0..plan.warmup / clients.len() {
+            call(client).await;
+        }
+    }
+    let start = Instant::now();
+    let tasks: Vec<_> = clients
+        .iter()
+        .map(|client| {
+            let client = client.clone();
+            let n = plan.per_task;
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(n);
+                for _ in 0..n {
+                    latencies.push(call(&client).await);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.unwrap());
+    }
+    figures(latencies, start.elapsed())
+}
+
+/// [`measure_clients`] with `n` new HTTP clients of `url`, closed after.
+async fn measure_http_clients(url: &str, n: usize, plan: &Plan) -> Figures {
+    let mut running = Vec::with_capacity(n);
+    for _ in 0..n {
+        running.push(connect_http(url).await);
+    }
+    let clients: Vec<_> = running
+        .iter()
+        .map(|r| RmcpClient::new(r.peer().clone()))
+        .collect();
+    let figures = measure_clients(&clients, plan).await;
+    drop(clients);
+    for r in running {
+        let _ = r.cancel().await;
+    }
+    figures
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3} ms", d.as_secs_f64() * 1000.0)
 }
@@ -263,9 +319,11 @@ fn main() {
 
         let port = free_port();
         let _child = spawn_server(&server, &["streamableHttp"], &[("PORT", &port.to_string())]);
-        let direct = connect_http(&format!("http://127.0.0.1:{port}/mcp")).await;
+        let url = format!("http://127.0.0.1:{port}/mcp");
+        let direct = connect_http(&url).await;
         let direct_http = measure(&RmcpClient::new(direct.peer().clone()), &plan).await;
         let _ = direct.cancel().await;
+        let direct_http_clients = measure_http_clients(&url, CLIENTS, &plan).await;
 
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
@@ -274,9 +332,29 @@ fn main() {
             &["run", "--listen", &listen, "--", server_arg, "stdio"],
             &[("TOOLWARDEN_RATE_LIMIT_ENABLED", "false")],
         );
-        let proxied = connect_http(&format!("http://{listen}/mcp")).await;
+        let url = format!("http://{listen}/mcp");
+        let proxied = connect_http(&url).await;
         let proxied_http = measure(&RmcpClient::new(proxied.peer().clone()), &plan).await;
         let _ = proxied.cancel().await;
+        let proxied_http_clients = measure_http_clients(&url, CLIENTS, &plan).await;
+
+        // The same with one server process per session.
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let _child = spawn_server(
+            &proxy,
+            &["run", "--listen", &listen, "--", server_arg, "stdio"],
+            &[
+                ("TOOLWARDEN_RATE_LIMIT_ENABLED", "false"),
+                ("TOOLWARDEN_UPSTREAM_SESSION_MODE", "per_session"),
+            ],
+        );
+        let url = format!("http://{listen}/mcp");
+        let per_session = connect_http(&url).await;
+        let per_session_http =
+            measure(&RmcpClient::new(per_session.peer().clone()), &plan).await;
+        let _ = per_session.cancel().await;
+        let per_session_clients = measure_http_clients(&url, CLIENTS, &plan).await;
 
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         println!(
@@ -292,6 +370,22 @@ fn main() {
         row("proxied stdio", proxied_stdio);
         row("direct HTTP", direct_http);
         row("proxied HTTP", proxied_http);
+        row("per-session", per_session_http);
+        println!("\n{CLIENTS} HTTP clients at once (a session and a kept-alive pool each), {} calls each:", plan.per_task);
+        println!("| path          | p50        | p99        | c/s      |");
+        println!("|---------------|-----------:|-----------:|---------:|");
+        for (name, f) in [
+            ("direct HTTP", direct_http_clients),
+            ("proxied HTTP", proxied_http_clients),
+            ("per-session", per_session_clients),
+        ] {
+            println!(
+                "| {name:<13} | {:>10} | {:>10} | {:>8.0} |",
+                ms(f.p50),
+                ms(f.p99),
+                f.per_second
+            );
+        }
         // Signed: under load a tail can come out lower through the proxy.
         let added = |a: Duration, b: Duration| {
             format!("{:+.3} ms", (a.as_secs_f64() - b.as_secs_f64()) * 1000.0)
@@ -308,10 +402,22 @@ fn main() {
                 added(proxied.1.p99, direct.1.p99),
             );
         }
+        println!(
+            "added by the proxy with {CLIENTS} HTTP clients: p50 {} p99 {} (per session: p50 {} p99 {})",
+            added(proxied_http_clients.p50, direct_http_clients.p50),
+            added(proxied_http_clients.p99, direct_http_clients.p99),
+            added(per_session_clients.p50, direct_http_clients.p50),
+            added(per_session_clients.p99, direct_http_clients.p99),
+        );
         if !bench {
             // The smoke test: a kept-alive client must not meet the 40 ms
             // Nagle / delayed-ACK stall (the listener sets TCP_NODELAY).
-            for (what, p50) in [("1 client", proxied_http.0.p50), ("concurrent callers", proxied_http.1.p50)] {
+            for (what, p50) in [
+                ("1 client", proxied_http.0.p50),
+                ("concurrent callers", proxied_http.1.p50),
+                ("several clients", proxied_http_clients.p50),
+                ("several clients, per session", per_session_clients.p50),
+            ] {
                 assert!(
                     p50 < Duration::from_millis(40),
                     "proxied HTTP p50 with {what} is {}: the 40 ms delayed-ACK stall is back (TCP_NODELAY)",
