@@ -124,15 +124,12 @@ where
         let this = self.project();
         match this.state.project() {
             StateProj::Called { future, tracked } => {
-                let result = match future.poll(cx) {
+                let mut result = match future.poll(cx) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(result) => result.map_err(Into::into),
                 };
                 if let Some(mut tracked) = tracked.take() {
-                    let outcome = match &result {
-                        Ok(response) => this.classifier.classify_response(tracked.kind, response),
-                        Err(error) => this.classifier.classify_error(error.as_ref()),
-                    };
+                    let outcome = this.classifier.classify_result(tracked.kind, &mut result);
                     tracked.done = true;
                     tracked.breaker.complete(tracked.ticket, &outcome);
                 }

@@ -318,6 +318,25 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
     /// Classifies an error returned by the inner service.
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome;
 
+    /// Classifies a response the caller owns and passes on. The default
+    /// is [`classify_response`](Self::classify_response); a classifier may
+    /// keep its outcome with the response for the layers above to read
+    /// instead of classifying again ([`McpClassifier::share_outcomes`]).
+    fn classify_owned(&self, kind: CallKind, response: &mut Resp) -> Outcome {
+        self.classify_response(kind, response)
+    }
+
+    /// [`classify_owned`](Self::classify_owned) of a whole result.
+    fn classify_result<E>(&self, kind: CallKind, result: &mut Result<Resp, E>) -> Outcome
+    where
+        E: AsRef<dyn StdError + Send + Sync + 'static>,
+    {
+        match result {
+            Ok(response) => self.classify_owned(kind, response),
+            Err(error) => self.classify_error(error.as_ref()),
+        }
+    }
+
     /// Classifies a whole result.
     fn classify<E>(&self, kind: CallKind, result: Result<&Resp, &E>) -> Outcome
     where
@@ -335,13 +354,55 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
 pub struct McpClassifier {
     empty_result: Option<FailureClass>,
     max_retry_after: Duration,
+    /// Whether [`Classify::classify_owned`] leaves a [`SuccessKey`] on the
+    /// responses it finds a success, and reads one left there (see
+    /// [`share_outcomes`](Self::share_outcomes)).
+    share: bool,
 }
 
+/// What a sharing classifier leaves on a response it found a success
+/// ([`McpClassifier::share_outcomes`]): the call kind and the settings it
+/// classified under, packed in 8 bytes so that it costs the response (moved
+/// through every layer) next to nothing. A classifier with other settings
+/// finds no key of its own there and classifies again. Failures leave none:
+/// they are rare, and classified by each layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SuccessKey(std::num::NonZeroU64);
+
+impl SuccessKey {
+    /// The key of a classifier with these settings for a call of `kind`;
+    /// `None` when the settings do not pack (a `max_retry_after` that is
+    /// not a whole number of milliseconds, or beyond 2^58 ms): such a
+    /// classifier does not share.
+    fn new(
+        kind: CallKind,
+        empty_result: Option<FailureClass>,
+        max_retry_after: Duration,
+    ) -> Option<Self> {
+        let millis = u64::try_from(max_retry_after.as_millis()).ok()?;
+        if Duration::from_millis(millis) != max_retry_after || millis >= 1 << 58 {
+            return None;
+        }
+        let class = match empty_result {
+            None => 1,
+            Some(FailureClass::Transient) => 2,
+            Some(FailureClass::Server) => 3,
+            Some(FailureClass::Client) => 4,
+        };
+        let kind = match kind {
+            CallKind::ToolCall => 0,
+            CallKind::Other => 1,
+        };
+        // Never zero: `class` is at least 1.
+        std::num::NonZeroU64::new((millis << 6) | (kind << 5) | class).map(SuccessKey)
+    }
+}
 impl Default for McpClassifier {
     fn default() -> Self {
         McpClassifier {
             empty_result: Some(FailureClass::Server),
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            share: false,
         }
     }
 }
@@ -364,6 +425,29 @@ impl McpClassifier {
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self
+    }
+
+    /// Leaves a mark ([`SuccessKey`]) on each response
+    /// [`classify_owned`](Classify::classify_owned) finds a success
+    /// ([`McpResponse::set_success_key`]), and takes a response carrying
+    /// the mark of a classifier of the same settings for a success without
+    /// classifying it again: a response is then classified once on its way
+    /// up a stack, not once per layer.
+    ///
+    /// Only where nothing between the layers edits a response except
+    /// through [`McpResponse`]'s methods (which remove the mark): the
+    /// standard stack turns it on for its layers, which it puts together
+    /// itself. Off by default.
+    pub fn share_outcomes(mut self, share: bool) -> Self {
+        self.share = share;
+        self
+    }
+
+    fn success_key(&self, kind: CallKind) -> Option<SuccessKey> {
+        if !self.share {
+            return None;
+        }
+        SuccessKey::new(kind, self.empty_result, self.max_retry_after)
     }
 }
 
@@ -394,6 +478,20 @@ impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
             },
             ToolResultStatus::InputRequired | ToolResultStatus::Data => Outcome::SUCCESS,
         }
+    }
+
+    fn classify_owned(&self, kind: CallKind, response: &mut Resp) -> Outcome {
+        let Some(key) = self.success_key(kind) else {
+            return self.classify_response(kind, response);
+        };
+        if response.success_key() == Some(key) {
+            return Outcome::SUCCESS;
+        }
+        let outcome = self.classify_response(kind, response);
+        if outcome == Outcome::SUCCESS {
+            response.set_success_key(Some(key));
+        }
+        outcome
     }
 
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
@@ -756,4 +854,88 @@ fn classify_known_error(err: &(dyn StdError + 'static), max: Duration) -> Option
         );
     }
     None
+}
+
+#[cfg(test)]
+mod share_tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::jsonrpc::{Id, Response};
+
+    fn ok(result: serde_json::Value) -> Response {
+        Response::result(Id::Number(1), result)
+    }
+
+    #[test]
+    fn a_sharing_classifier_marks_successes_and_trusts_its_own_marks_only() {
+        let sharing = McpClassifier::new().share_outcomes(true);
+        let mut response = ok(json!({"content": [{"type": "text", "text": "3 results"}]}));
+        assert_eq!(
+            sharing.classify_owned(CallKind::ToolCall, &mut response),
+            Outcome::SUCCESS
+        );
+        let mark = response.success_key().expect("a success is marked");
+
+        // The mark is what the next sharing classifier reads: on a
+        // response that says otherwise, it is believed (so it must be
+        // removed by every edit, below).
+        let mut forged = ok(json!({"content": [], "isError": true}));
+        forged.set_success_key(Some(mark));
+        assert_eq!(
+            sharing.classify_owned(CallKind::ToolCall, &mut forged),
+            Outcome::SUCCESS
+        );
+        // Not by a classifier that does not share, nor by one of other
+        // settings, nor for another call kind's mark.
+        let plain = McpClassifier::new();
+        assert!(!plain
+            .classify_owned(CallKind::ToolCall, &mut forged.clone())
+            .is_success());
+        let other = McpClassifier::new()
+            .max_retry_after(Duration::from_secs(5))
+            .share_outcomes(true);
+        assert!(!other
+            .classify_owned(CallKind::ToolCall, &mut forged.clone())
+            .is_success());
+        let mut other_kind = ok(json!({"content": []}));
+        sharing.classify_owned(CallKind::Other, &mut other_kind);
+        assert!(!sharing
+            .classify_owned(CallKind::ToolCall, &mut other_kind)
+            .is_success());
+    }
+
+    #[test]
+    fn edits_remove_the_mark_and_failures_leave_none() {
+        let sharing = McpClassifier::new().share_outcomes(true);
+        let mut response = ok(json!({"content": [{"type": "text", "text": "x"}]}));
+        sharing.classify_owned(CallKind::ToolCall, &mut response);
+        assert!(response.success_key().is_some());
+        McpResponse::insert_result_meta(&mut response, "k", json!(1));
+        assert_eq!(response.success_key(), None);
+        sharing.classify_owned(CallKind::ToolCall, &mut response);
+        McpResponse::push_text(&mut response, "more".into());
+        assert_eq!(response.success_key(), None);
+        sharing.classify_owned(CallKind::ToolCall, &mut response);
+        McpResponse::remove_result_meta(&mut response, "k");
+        assert_eq!(response.success_key(), None);
+        // A re-addressed response is the same answer: the mark stays.
+        sharing.classify_owned(CallKind::ToolCall, &mut response);
+        McpResponse::set_request_id(&mut response, &Id::Number(2));
+        assert!(response.success_key().is_some());
+
+        let mut failed =
+            ok(json!({"content": [{"type": "text", "text": "boom"}], "isError": true}));
+        assert!(!sharing
+            .classify_owned(CallKind::ToolCall, &mut failed)
+            .is_success());
+        assert_eq!(failed.success_key(), None);
+        // Settings that do not pack share nothing.
+        let odd = McpClassifier::new()
+            .max_retry_after(Duration::from_micros(1500))
+            .share_outcomes(true);
+        let mut response = ok(json!({"content": [{"type": "text", "text": "x"}]}));
+        odd.classify_owned(CallKind::ToolCall, &mut response);
+        assert_eq!(response.success_key(), None);
+    }
 }

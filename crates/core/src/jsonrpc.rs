@@ -2,9 +2,21 @@
 //!
 //! These are deliberately thin: `params`, `result` and `error.data` stay
 //! [`serde_json::Value`]s, and every request carries an [`Extensions`] map so
-//! layers can store per-call facts (see [`crate::CallFacts`]).
+//! layers can store per-call facts (see [`McpRequest::extension`](crate::McpRequest::extension)).
+//!
+//! A [`Request`] is cheap to clone, as the retry layer does for each
+//! attempt: its params are shared ([`Arc`]), its method is usually a
+//! `&'static str`, and the facts the layers themselves store on every call
+//! (the [`Fingerprint`], the [`Attempt`], the [`SessionKey`]) live in slots
+//! of the request, not in the extensions map, which stays empty (and
+//! unallocated) on the standard stack's happy path.
 
+use std::any::{Any, TypeId};
+use std::borrow::Cow;
 use std::fmt;
+use std::sync::Arc;
+
+use crate::{Attempt, Fingerprint, SessionKey};
 
 use http::Extensions;
 use serde::{Deserialize, Serialize};
@@ -87,22 +99,71 @@ pub struct Request {
     /// The request id, echoed by the response.
     pub id: Id,
     /// The method name, e.g. `tools/call`.
-    pub method: String,
-    /// The parameters, usually an object.
-    pub params: Option<Value>,
+    pub method: Cow<'static, str>,
+    /// The parameters, usually an object; shared, so that a clone of the
+    /// request (a retry's, a cache's) copies a pointer, not the tree. Edit
+    /// them with [`Arc::make_mut`].
+    pub params: Option<Arc<Value>>,
     /// Per-call data shared between layers; never serialised.
     pub extensions: Extensions,
+    /// The per-call facts of the layers' own types, kept inline (see the
+    /// [module docs](self)); read and written through
+    /// [`McpRequest::extension`](crate::McpRequest::extension) and
+    /// [`McpRequest::insert_extension`](crate::McpRequest::insert_extension).
+    facts: InlineFacts,
+}
+
+/// The slots of [`Request`] for the facts every call of the standard stack
+/// stores: no allocation, and copied with the request for free.
+#[derive(Debug, Clone, Default)]
+struct InlineFacts {
+    fingerprint: Option<Fingerprint>,
+    attempt: Option<Attempt>,
+    session: Option<SessionKey>,
 }
 
 impl Request {
     /// A request with the given id, method and params.
-    pub fn new(id: impl Into<Id>, method: impl Into<String>, params: Option<Value>) -> Self {
+    pub fn new(
+        id: impl Into<Id>,
+        method: impl Into<Cow<'static, str>>,
+        params: Option<Value>,
+    ) -> Self {
         Request {
             id: id.into(),
             method: method.into(),
-            params,
+            params: params.map(Arc::new),
             extensions: Extensions::new(),
+            facts: InlineFacts::default(),
         }
+    }
+
+    /// The inline slot for facts of type `T`, if `T` has one.
+    pub(crate) fn slot<T: 'static>(&self) -> Option<&Option<T>> {
+        let slot: &dyn Any = if TypeId::of::<T>() == TypeId::of::<Fingerprint>() {
+            &self.facts.fingerprint
+        } else if TypeId::of::<T>() == TypeId::of::<Attempt>() {
+            &self.facts.attempt
+        } else if TypeId::of::<T>() == TypeId::of::<SessionKey>() {
+            &self.facts.session
+        } else {
+            return None;
+        };
+        slot.downcast_ref::<Option<T>>()
+    }
+
+    /// The inline slot for facts of type `T`, if `T` has one, to write.
+    pub(crate) fn slot_mut<T: 'static>(&mut self) -> Option<&mut Option<T>> {
+        let slot: &mut dyn Any = if TypeId::of::<T>() == TypeId::of::<Fingerprint>() {
+            &mut self.facts.fingerprint
+        } else if TypeId::of::<T>() == TypeId::of::<Attempt>() {
+            &mut self.facts.attempt
+        } else if TypeId::of::<T>() == TypeId::of::<SessionKey>() {
+            &mut self.facts.session
+        } else {
+            return None;
+        };
+        slot.downcast_mut::<Option<T>>()
     }
 
     /// A `tools/call` request for `tool` with `arguments`.
@@ -121,7 +182,7 @@ impl Request {
 
     /// The params as an object, if they are one.
     pub fn params_object(&self) -> Option<&Map<String, Value>> {
-        self.params.as_ref().and_then(Value::as_object)
+        self.params.as_deref().and_then(Value::as_object)
     }
 
     /// Serialises the request to its wire form.
@@ -129,9 +190,9 @@ impl Request {
         let mut obj = Map::new();
         obj.insert("jsonrpc".into(), Value::from(JSONRPC_VERSION));
         obj.insert("id".into(), id_value(&self.id));
-        obj.insert("method".into(), Value::from(self.method.as_str()));
+        obj.insert("method".into(), Value::from(self.method.as_ref()));
         if let Some(params) = &self.params {
-            obj.insert("params".into(), params.clone());
+            obj.insert("params".into(), Value::clone(params));
         }
         Value::Object(obj)
     }
@@ -191,12 +252,25 @@ impl fmt::Display for ErrorObject {
 impl std::error::Error for ErrorObject {}
 
 /// A JSON-RPC response: a result or an error for one request id.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Response {
     /// The id of the request this answers.
     pub id: Id,
     /// The result, or the error.
     pub payload: Result<Value, ErrorObject>,
+    /// The mark a sharing classifier left on this response when it found
+    /// it a success (see
+    /// [`McpClassifier::share_outcomes`](crate::classify::McpClassifier::share_outcomes)),
+    /// so that the layers above it do not classify it again. Removed by
+    /// every edit made through [`McpResponse`](crate::McpResponse); never
+    /// serialised, never compared.
+    success: Option<crate::classify::SuccessKey>,
+}
+
+impl PartialEq for Response {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id && self.payload == other.payload
+    }
 }
 
 impl Response {
@@ -205,6 +279,7 @@ impl Response {
         Response {
             id,
             payload: Ok(result),
+            success: None,
         }
     }
 
@@ -213,7 +288,20 @@ impl Response {
         Response {
             id,
             payload: Err(error),
+            success: None,
         }
+    }
+
+    /// The mark a sharing classifier left on this response, if it found it
+    /// a success.
+    pub fn success_key(&self) -> Option<crate::classify::SuccessKey> {
+        self.success
+    }
+
+    /// Leaves (or, with `None`, removes) that mark. Only classifiers should
+    /// leave one; whoever edits the payload must remove it.
+    pub fn set_success_key(&mut self, key: Option<crate::classify::SuccessKey>) {
+        self.success = key;
     }
 
     /// Serialises the response to its wire form.
@@ -345,9 +433,10 @@ impl Message {
             Some(Value::String(method)) => Ok(match id {
                 Some(id) => Message::Request(Request {
                     id,
-                    method,
-                    params,
+                    method: Cow::Owned(method),
+                    params: params.map(Arc::new),
                     extensions: Extensions::new(),
+                    facts: InlineFacts::default(),
                 }),
                 None => Message::Notification(Notification { method, params }),
             }),

@@ -35,6 +35,15 @@ pub trait McpRequest {
         None
     }
 
+    /// The params, shared, where the request type keeps them so (the
+    /// JSON-RPC [`Request`](jsonrpc::Request) does): a layer that needs the
+    /// tool name or arguments after the call has gone on keeps this pointer
+    /// instead of a copy. `None` for types that own their params (then the
+    /// layer copies what it needs).
+    fn shared_params(&self) -> Option<std::sync::Arc<Value>> {
+        None
+    }
+
     /// Gives the request another JSON-RPC id (the retry layer gives each
     /// attempt its own: MCP forbids reusing an id within a session). Types
     /// without ids, whose transport numbers requests itself (rmcp's
@@ -110,32 +119,57 @@ pub fn call_fingerprint<R: McpRequest>(request: &mut R) -> Option<Fingerprint> {
     Some(fp)
 }
 
+/// Whether `method` is `tools/call`: ten bytes compared as one array
+/// (inlined), every layer asks it of every request.
+#[inline]
+fn is_tools_call(method: &str) -> bool {
+    <[u8; 10]>::try_from(method.as_bytes()).is_ok_and(|m| &m == b"tools/call")
+}
+
+/// `map[key]`. The objects of a call (its params, a content item) have a
+/// handful of members: a walk comparing lengths first beats the tree's
+/// ordered search, which compares bytes at every step.
+#[inline]
+pub(crate) fn member<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    if map.len() <= 8 {
+        map.iter().find_map(|(k, v)| (k == key).then_some(v))
+    } else {
+        map.get(key)
+    }
+}
+
 impl McpRequest for jsonrpc::Request {
     fn method(&self) -> &str {
         &self.method
     }
 
     fn tool_name(&self) -> Option<&str> {
-        if self.method != TOOLS_CALL {
+        if !is_tools_call(&self.method) {
             return None;
         }
-        self.params_object()?.get("name")?.as_str()
+        member(self.params_object()?, "name")?.as_str()
     }
 
     fn arguments(&self) -> Option<&Map<String, Value>> {
-        if self.method != TOOLS_CALL {
+        if !is_tools_call(&self.method) {
             return None;
         }
-        self.params_object()?.get("arguments")?.as_object()
+        member(self.params_object()?, "arguments")?.as_object()
     }
 
     fn is_continuation(&self) -> bool {
-        self.params_object()
-            .is_some_and(|p| p.contains_key("inputResponses") || p.contains_key("requestState"))
+        self.params_object().is_some_and(|p| {
+            p.keys()
+                .any(|k| matches!(k.as_str(), "inputResponses" | "requestState"))
+        })
     }
 
     fn request_id(&self) -> Option<&Id> {
         Some(&self.id)
+    }
+
+    fn shared_params(&self) -> Option<std::sync::Arc<Value>> {
+        self.params.clone()
     }
 
     fn set_request_id(&mut self, id: Id) {
@@ -143,15 +177,28 @@ impl McpRequest for jsonrpc::Request {
     }
 
     fn session_key(&self) -> Option<&str> {
-        self.extensions.get::<SessionKey>().map(SessionKey::as_str)
+        self.extension::<SessionKey>().map(SessionKey::as_str)
     }
 
+    /// The layers' own facts ([`Fingerprint`], [`Attempt`], [`SessionKey`])
+    /// from their inline slots, else from [`extensions`](jsonrpc::Request::extensions)
+    /// (where a caller may have put them directly).
     fn extension<T: Send + Sync + 'static>(&self) -> Option<&T> {
-        self.extensions.get::<T>()
+        match self.slot::<T>() {
+            Some(Some(value)) => Some(value),
+            _ => self.extensions.get::<T>(),
+        }
     }
 
+    /// The layers' own facts go to their inline slots (no allocation),
+    /// anything else to [`extensions`](jsonrpc::Request::extensions).
     fn insert_extension<T: Clone + Send + Sync + 'static>(&mut self, value: T) {
-        self.extensions.insert(value);
+        match self.slot_mut::<T>() {
+            Some(slot) => *slot = Some(value),
+            None => {
+                self.extensions.insert(value);
+            }
+        }
     }
 }
 
@@ -247,6 +294,18 @@ pub trait McpResponse {
     /// to a new call). Types without ids ignore it.
     fn set_request_id(&mut self, _id: &Id) {}
 
+    /// The mark a sharing classifier left on this response when it found it
+    /// a success ([`McpClassifier::share_outcomes`](crate::McpClassifier::share_outcomes)).
+    /// The default keeps none.
+    fn success_key(&self) -> Option<crate::classify::SuccessKey> {
+        None
+    }
+
+    /// Leaves (or removes) that mark; see [`success_key`](Self::success_key).
+    /// A type that keeps one must remove it on every edit below. The default
+    /// does nothing.
+    fn set_success_key(&mut self, _key: Option<crate::classify::SuccessKey>) {}
+
     /// Inserts `key: value` into the result's `_meta` object.
     fn insert_result_meta(&mut self, key: &str, value: Value);
 
@@ -307,19 +366,30 @@ impl McpResponse for jsonrpc::Response {
         self.id = id.clone();
     }
 
+    fn success_key(&self) -> Option<crate::classify::SuccessKey> {
+        jsonrpc::Response::success_key(self)
+    }
+
+    fn set_success_key(&mut self, key: Option<crate::classify::SuccessKey>) {
+        jsonrpc::Response::set_success_key(self, key);
+    }
+
     fn insert_result_meta(&mut self, key: &str, value: Value) {
+        jsonrpc::Response::set_success_key(self, None);
         if let Ok(Value::Object(result)) = &mut self.payload {
             tool_result::insert_meta(result, key, value);
         }
     }
 
     fn remove_result_meta(&mut self, key: &str) {
+        jsonrpc::Response::set_success_key(self, None);
         if let Ok(Value::Object(result)) = &mut self.payload {
             tool_result::remove_meta(result, key);
         }
     }
 
     fn push_text(&mut self, text: String) {
+        jsonrpc::Response::set_success_key(self, None);
         if let Ok(Value::Object(result)) = &mut self.payload {
             tool_result::push_text(result, text);
         }
@@ -402,9 +472,8 @@ pub mod tool_result {
             Some(Value::Array(items)) => {
                 items
                     .iter()
-                    .all(|item| match item.get("type").and_then(Value::as_str) {
-                        Some("text") => item
-                            .get("text")
+                    .all(|item| match field(item, "type").and_then(Value::as_str) {
+                        Some("text") => field(item, "text")
                             .and_then(Value::as_str)
                             .is_none_or(is_blank_text),
                         // images, audio, resources and links carry data
@@ -414,6 +483,11 @@ pub mod tool_result {
             }
             Some(other) => is_blank_value(other),
         }
+    }
+
+    /// `value[key]` of an object value (see [`member`](super::member)).
+    fn field<'a>(value: &'a Value, key: &str) -> Option<&'a Value> {
+        super::member(value.as_object()?, key)
     }
 
     fn is_blank_text(text: &str) -> bool {
@@ -436,7 +510,7 @@ pub mod tool_result {
             .get("content")?
             .as_array()?
             .iter()
-            .find_map(|item| item.get("text").and_then(Value::as_str))
+            .find_map(|item| field(item, "text").and_then(Value::as_str))
     }
 
     /// Inserts `key: value` into `result._meta`, creating it when needed.
@@ -531,7 +605,9 @@ mod tests {
         let mut req = jsonrpc::Request::tool_call(1, "search", json!({"q": "x"}));
         let fp = call_fingerprint(&mut req).unwrap();
         // Changing the arguments afterwards proves the second read is the stored fact.
-        req.params = Some(json!({"name": "search", "arguments": {"q": "y"}}));
+        req.params = Some(std::sync::Arc::new(
+            json!({"name": "search", "arguments": {"q": "y"}}),
+        ));
         assert_eq!(call_fingerprint(&mut req), Some(fp));
     }
 

@@ -1,6 +1,7 @@
 //! What happens when a call ends: store a good result, serve a stale one,
 //! or degrade to a structured error.
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 use toolwarden_core::jsonrpc::{ErrorObject, Id};
 use toolwarden_core::{
     BoxError, CallKind, Classify, Event, FailureClass, FailureReport, Fingerprint, LoopDetected,
-    McpResponse, Outcome, RetryBudgetExhausted,
+    McpRequest, McpResponse, Outcome, RetryBudgetExhausted,
 };
 
 use crate::rank::{floor_char_boundary, push_argument_text, MAX_ARGUMENT_TEXT};
@@ -29,16 +30,32 @@ pub const DEGRADED_META_KEY: &str = "toolwarden/degraded";
 const MAX_REASON: usize = 200;
 
 /// What a call's future keeps of its request: the tool name and, when
-/// alternatives are ranked, the argument text, in one allocation.
-pub(crate) struct CallFacts {
-    text: String,
-    tool_len: usize,
+/// alternatives are ranked, the argument text. A request that shares its
+/// params ([`McpRequest::shared_params`]) is kept as that pointer, and the
+/// text is made only when a failure asks for it; otherwise both are copied
+/// in one allocation.
+pub(crate) enum CallFacts {
+    /// The request's shared params (`{"name": ..., "arguments": ...}`).
+    Shared { params: Arc<Value>, rank: bool },
+    /// A copy: the tool name, then (when ranked) a newline and the text.
+    Owned { text: String, tool_len: usize },
 }
 
 impl CallFacts {
+    pub(crate) fn of<R: McpRequest>(request: &R, tool: &str, rank: bool) -> Self {
+        match request.shared_params() {
+            // Only when they say what the request says (a type may share
+            // params of another shape).
+            Some(params) if params.get("name").and_then(Value::as_str) == Some(tool) => {
+                CallFacts::Shared { params, rank }
+            }
+            _ => CallFacts::new(tool, request.arguments(), rank),
+        }
+    }
+
     pub(crate) fn new(tool: &str, arguments: Option<&Map<String, Value>>, rank: bool) -> Self {
         if !rank {
-            return CallFacts {
+            return CallFacts::Owned {
                 text: tool.to_owned(),
                 tool_len: tool.len(),
             };
@@ -49,18 +66,36 @@ impl CallFacts {
         if let Some(arguments) = arguments {
             push_argument_text(&mut text, arguments, MAX_ARGUMENT_TEXT);
         }
-        CallFacts {
+        CallFacts::Owned {
             text,
             tool_len: tool.len(),
         }
     }
 
     pub(crate) fn tool(&self) -> &str {
-        &self.text[..self.tool_len]
+        match self {
+            CallFacts::Shared { params, .. } => {
+                params.get("name").and_then(Value::as_str).unwrap_or("")
+            }
+            CallFacts::Owned { text, tool_len } => &text[..*tool_len],
+        }
     }
 
-    fn argument_text(&self) -> &str {
-        self.text.get(self.tool_len + 1..).unwrap_or("")
+    fn argument_text(&self) -> Cow<'_, str> {
+        match self {
+            CallFacts::Shared { params, rank } => {
+                let mut text = String::new();
+                if let (true, Some(arguments)) =
+                    (*rank, params.get("arguments").and_then(Value::as_object))
+                {
+                    push_argument_text(&mut text, arguments, MAX_ARGUMENT_TEXT);
+                }
+                Cow::Owned(text)
+            }
+            CallFacts::Owned { text, tool_len } => {
+                Cow::Borrowed(text.get(tool_len + 1..).unwrap_or(""))
+            }
+        }
     }
 }
 
@@ -103,7 +138,7 @@ impl<C> CallContext<C> {
     {
         let outcome = self
             .classifier
-            .classify_response(CallKind::ToolCall, &response);
+            .classify_owned(CallKind::ToolCall, &mut response);
         if outcome.is_success() {
             // The classifier is replaceable: the hard rules are checked again here.
             let storable = response.rpc_error().is_none()
@@ -232,7 +267,7 @@ impl<C> CallContext<C> {
         let failed_is_destructive = catalog.is_destructive(tool);
         self.shared.ranker().ranker.alternatives(
             tool,
-            self.facts.argument_text(),
+            &self.facts.argument_text(),
             config.alternatives,
             |candidate| {
                 config.circuits.is_open(candidate)
@@ -342,6 +377,15 @@ mod tests {
         assert_eq!(facts.tool(), "search_docs");
         assert_eq!(facts.argument_text(), "query tokio timeout");
         let facts = CallFacts::new("search_docs", args.as_object(), false);
-        assert_eq!((facts.tool(), facts.argument_text()), ("search_docs", ""));
+        assert_eq!((facts.tool(), &*facts.argument_text()), ("search_docs", ""));
+        // A request sharing its params is kept as the pointer; the text is
+        // the same, made when asked for.
+        let request = toolwarden_core::jsonrpc::Request::tool_call(1, "search_docs", args.clone());
+        let facts = CallFacts::of(&request, "search_docs", true);
+        assert!(matches!(facts, CallFacts::Shared { .. }));
+        assert_eq!(facts.tool(), "search_docs");
+        assert_eq!(facts.argument_text(), "query tokio timeout");
+        let facts = CallFacts::of(&request, "search_docs", false);
+        assert_eq!((facts.tool(), &*facts.argument_text()), ("search_docs", ""));
     }
 }

@@ -178,7 +178,7 @@ where
             }
         }
         let rank = config.degrade && config.alternatives > 0;
-        let facts = CallFacts::new(tool, req.arguments(), rank);
+        let facts = CallFacts::of(&req, tool, rank);
         if let (Some(fingerprint), true) = (fingerprint, computed) {
             req.insert_extension(fingerprint);
         }

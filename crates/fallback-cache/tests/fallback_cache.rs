@@ -11,8 +11,8 @@ use toolwarden_circuit_breaker::{
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    fingerprint, BoxError, CircuitOpen, Fingerprint, LoopDetected, LoopPattern, McpResponse,
-    RetryBudgetExhausted, ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy,
+    fingerprint, BoxError, CircuitOpen, Fingerprint, LoopDetected, LoopPattern, McpRequest,
+    McpResponse, RetryBudgetExhausted, ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy,
 };
 use toolwarden_fallback_cache::{
     AlternativeRanker, FallbackCache, FallbackCacheBuilder, FallbackCacheLayer, DEGRADED_META_KEY,
@@ -992,16 +992,16 @@ async fn the_fingerprint_is_computed_once_and_shared_with_the_layers_below() {
     call(&mut h.svc, 1, "search_docs", args.clone())
         .await
         .unwrap();
-    let below = h.mock.requests()[0]
-        .extensions
-        .get::<Fingerprint>()
-        .copied();
+    let below = McpRequest::extension::<Fingerprint>(&h.mock.requests()[0]).copied();
     assert_eq!(below, Some(fingerprint("search_docs", args.as_object())));
     // A tool that is not cacheable needs none, so none is computed.
     call(&mut h.svc, 2, "create_issue", json!({"title": "x"}))
         .await
         .unwrap();
-    assert_eq!(h.mock.requests()[1].extensions.get::<Fingerprint>(), None);
+    assert_eq!(
+        McpRequest::extension::<Fingerprint>(&h.mock.requests()[1]),
+        None
+    );
 
     // A fingerprint an earlier layer stored is used as it is: a request with
     // other arguments but that fingerprint is answered with the stored result.

@@ -47,16 +47,11 @@ pub(crate) struct Recorder<C> {
 }
 
 impl<C> Recorder<C> {
-    fn record<T>(self, result: &Result<T, BoxError>)
+    fn record<T>(self, result: &mut Result<T, BoxError>)
     where
         C: Classify<T>,
     {
-        let outcome = match result {
-            Ok(response) => self
-                .classifier
-                .classify_response(CallKind::ToolCall, response),
-            Err(error) => self.classifier.classify_error(error.as_ref()),
-        };
+        let outcome = self.classifier.classify_result(CallKind::ToolCall, result);
         let mark = match outcome.kind {
             OutcomeKind::Success => Mark::Succeeded,
             // The upstream was unreachable, or a layer below refused the
@@ -108,9 +103,9 @@ where
         match this.state.project() {
             StateProj::Blocked { error } => Poll::Ready(Err(Box::new(error.clone()))),
             StateProj::Called { future } => {
-                let result = ready!(future.poll(cx)).map_err(Into::into);
+                let mut result = ready!(future.poll(cx)).map_err(Into::into);
                 if let Some(recorder) = this.recorder.take() {
-                    recorder.record(&result);
+                    recorder.record(&mut result);
                 }
                 Poll::Ready(result)
             }

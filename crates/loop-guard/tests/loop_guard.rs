@@ -10,8 +10,8 @@ use serde_json::json;
 use toolwarden_core::jsonrpc::{code, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    fingerprint, BoxError, FailureReport, Fingerprint, LoopDetected, LoopPattern, McpResponse,
-    RateLimited,
+    fingerprint, BoxError, FailureReport, Fingerprint, LoopDetected, LoopPattern, McpRequest,
+    McpResponse, RateLimited,
 };
 use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer, ToolLimits};
 use tower::{Service, ServiceExt};
@@ -412,7 +412,7 @@ async fn only_tool_calls_are_guarded() {
     assert!(mock
         .requests()
         .iter()
-        .all(|r| r.extensions.get::<Fingerprint>().is_none()));
+        .all(|r| McpRequest::extension::<Fingerprint>(r).is_none()));
 }
 
 #[tokio::test(start_paused = true)]
@@ -450,7 +450,7 @@ async fn the_fingerprint_is_computed_once_and_shared_with_later_layers() {
     expect_forwarded(&mut svc, tool_call("search", args.clone()))
         .await
         .unwrap();
-    let seen = mock.requests()[0].extensions.get::<Fingerprint>().copied();
+    let seen = McpRequest::extension::<Fingerprint>(&mock.requests()[0]).copied();
     assert_eq!(seen, Some(fingerprint("search", args.as_object())));
 
     // A fingerprint an earlier layer stored is used as it is: these calls

@@ -72,14 +72,11 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let _entered = this.span.enter();
-        let result = ready!(this.inner.poll(cx)).map_err(Into::into);
+        let mut result = ready!(this.inner.poll(cx)).map_err(Into::into);
         if let Some(call) = this.call.take() {
             let end = call.series.clock.now();
             let elapsed = call.series.clock.between(call.start, end);
-            let outcome = match &result {
-                Ok(response) => call.classifier.classify_response(call.kind, response),
-                Err(error) => call.classifier.classify_error(&**error),
-            };
+            let outcome = call.classifier.classify_result(call.kind, &mut result);
             call.series.record(&outcome, elapsed, end);
             if !this.span.is_disabled() {
                 this.span.record("outcome", outcome.kind.as_str());

@@ -23,16 +23,16 @@ pin_project! {
     ///
     /// States, as in tower's `Retry`: an attempt is in flight (*called*), the
     /// backoff runs (*waiting*), or the inner service is polled ready for the
-    /// next attempt (*readying*). Nothing is boxed; the one timer (the
-    /// backoff, then the deadline) is created at the first retry, so a call
-    /// that succeeds at once never touches the timer wheel.
+    /// next attempt (*readying*). Nothing is boxed on the first attempt;
+    /// the one timer (the backoff, then the deadline) is created, boxed, at
+    /// the first retry, so a call that succeeds at once never touches the
+    /// timer wheel nor the allocator for it.
     pub struct ResponseFuture<S, R, C>
     where
         S: Service<R>,
     {
         #[pin]
         state: State<S::Future>,
-        #[pin]
         timer: Timer,
         service: S,
         shared: Arc<Shared<C>>,
@@ -56,32 +56,27 @@ pin_project! {
     }
 }
 
-pin_project! {
-    #[project = TimerProj]
-    enum Timer {
-        Idle,
-        Armed {
-            #[pin]
-            sleep: Sleep,
-        },
-    }
+/// The backoff, then the deadline. Boxed once armed: a call that succeeds
+/// at once never makes it, and the future stays small (a `Sleep` is over
+/// 100 bytes, moved with the future by every layer above).
+enum Timer {
+    Idle,
+    Armed(Pin<Box<Sleep>>),
 }
 
 impl Timer {
-    fn arm(mut self: Pin<&mut Self>, at: Instant) {
-        match self.as_mut().project() {
-            TimerProj::Armed { sleep } => sleep.reset(at),
-            TimerProj::Idle => self.set(Timer::Armed {
-                sleep: sleep_until(at),
-            }),
+    fn arm(&mut self, at: Instant) {
+        match self {
+            Timer::Armed(sleep) => sleep.as_mut().reset(at),
+            Timer::Idle => *self = Timer::Armed(Box::pin(sleep_until(at))),
         }
     }
 
     /// Ready once the armed instant has passed; never while idle.
-    fn poll_elapsed(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        match self.project() {
-            TimerProj::Armed { sleep } => sleep.poll(cx),
-            TimerProj::Idle => Poll::Pending,
+    fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self {
+            Timer::Armed(sleep) => sleep.as_mut().poll(cx),
+            Timer::Idle => Poll::Pending,
         }
     }
 }
@@ -117,8 +112,9 @@ struct Retry<R, Resp> {
     previous: Duration,
     rng: Option<fastrand::Rng>,
     /// The latest failed attempt's result, returned if the deadline passes
-    /// before the next attempt is made.
-    last: Option<Result<Resp, BoxError>>,
+    /// before the next attempt is made. Boxed, as `reached_failure`: only a
+    /// retried call has one, and the future stays small for the others.
+    last: Option<Box<Result<Resp, BoxError>>>,
     /// Whether the latest failure (the one being judged, then `last`) is
     /// known never to have reached the tool: a failure before sending, or a
     /// refusal by a layer below.
@@ -130,7 +126,7 @@ struct Retry<R, Resp> {
     /// The latest failure that may have reached the tool, once a later
     /// failure that never did took `last`'s place: the call never ends on
     /// "never sent" when an earlier attempt reached the tool.
-    reached_failure: Option<Result<Resp, BoxError>>,
+    reached_failure: Option<Box<Result<Resp, BoxError>>>,
 }
 
 impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
@@ -148,14 +144,14 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
     fn decide<C: Classify<Resp>>(
         &mut self,
         shared: &Shared<C>,
-        result: &Result<Resp, BoxError>,
+        result: &mut Result<Resp, BoxError>,
     ) -> Option<Instant> {
         let kind = if self.request.is_tool_call() {
             CallKind::ToolCall
         } else {
             CallKind::Other
         };
-        let outcome = shared.classifier.classify(kind, result.as_ref());
+        let outcome = shared.classifier.classify_result(kind, result);
         if outcome.is_success() {
             self.last_never_sent = false;
             return None;
@@ -213,7 +209,7 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
             self.reached_failure = None;
         }
         self.previous_never_sent = self.last_never_sent;
-        self.last = Some(result);
+        self.last = Some(Box::new(result));
     }
 
     /// The call's answer when no retry follows `result`: `result`, unless
@@ -224,8 +220,11 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
             return result;
         }
         match self.last.take() {
-            Some(previous) if !self.previous_never_sent => previous,
-            _ => self.reached_failure.take().unwrap_or(result),
+            Some(previous) if !self.previous_never_sent => *previous,
+            _ => self
+                .reached_failure
+                .take()
+                .map_or(result, |reached| *reached),
         }
     }
 
@@ -257,7 +256,7 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
     ) -> Result<Resp, BoxError> {
         let last = self.last.take();
         match last {
-            Some(last) if !(in_flight || self.last_never_sent && self.reached) => last,
+            Some(last) if !(in_flight || self.last_never_sent && self.reached) => *last,
             _ => Err(Box::new(CallTimedOut {
                 after: shared.policy.get(self.policy).deadline,
             })),
@@ -270,7 +269,7 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
 /// timer is armed only after a failed attempt was kept, so it never fires
 /// during the first attempt.
 fn poll_deadline<R, Resp, C>(
-    timer: Pin<&mut Timer>,
+    timer: &mut Timer,
     retry: &mut Option<Retry<R, Resp>>,
     shared: &Shared<C>,
     in_flight: bool,
@@ -354,19 +353,19 @@ where
                             attempt_id::restore(response, &retry.request);
                         }
                     }
-                    let Some(at) = retry.decide(this.shared, &result) else {
+                    let Some(at) = retry.decide(this.shared, &mut result) else {
                         return Poll::Ready(retry.finish(result));
                     };
                     retry.keep(result);
-                    this.timer.as_mut().arm(at);
+                    this.timer.arm(at);
                     this.state.set(State::Waiting);
                 }
                 StateProj::Waiting => {
-                    ready!(this.timer.as_mut().poll_elapsed(cx));
+                    ready!(this.timer.poll_elapsed(cx));
                     if let Some(retry) = this.retry.as_ref() {
                         // From now on the timer marks the deadline.
                         let deadline = retry.deadline(this.shared);
-                        this.timer.as_mut().arm(deadline);
+                        this.timer.arm(deadline);
                     }
                     this.state.set(State::Readying);
                 }

@@ -71,7 +71,7 @@ use std::time::Duration;
 use toolwarden_circuit_breaker::{
     CircuitBreaker, CircuitBreakerBuilder, CircuitBreakerLayer, CircuitRegistry, TimeWindow,
 };
-use toolwarden_core::{ConfigError, Events, ToolCatalog};
+use toolwarden_core::{ConfigError, Events, McpClassifier, ToolCatalog};
 use toolwarden_fallback_cache::{FallbackCache, FallbackCacheBuilder, FallbackCacheLayer};
 use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer};
 use toolwarden_observability::{Observability, ObservabilityBuilder, ObservabilityLayer, Stats};
@@ -391,12 +391,23 @@ impl StandardStackBuilder {
     /// Checks the configuration and builds every layer.
     pub fn build(self) -> Result<StandardStackLayer, ConfigError> {
         self.check()?;
-        let observability = apply(ObservabilityLayer::builder(), self.observability)
-            .build()
-            .map_err(|e| e.in_section("observability"))?;
+        // The layers are put together here, with nothing between them that
+        // edits a response: a response is classified once, by the lowest
+        // layer, and the others read its outcome (a closure that sets a
+        // classifier of its own gets its own classification).
+        let shared = McpClassifier::new().share_outcomes(true);
+        let observability = apply(
+            ObservabilityLayer::builder().classifier(shared),
+            self.observability,
+        )
+        .build()
+        .map_err(|e| e.in_section("observability"))?;
         let events = self.events.merge(&observability.events());
 
-        let mut breaker = apply(CircuitBreakerLayer::builder(), self.circuit_breaker);
+        let mut breaker = apply(
+            CircuitBreakerLayer::builder().classifier(shared),
+            self.circuit_breaker,
+        );
         if let Some(window) = self.breaker_time_window {
             breaker = breaker.time_window(window);
         }
@@ -423,7 +434,7 @@ impl StandardStackBuilder {
         let on = |layer: StackLayer| self.without & layer.bit() == 0;
         // The stack's deadline goes in first, so the closure sees it; a
         // closure that sets another one contradicts it.
-        let mut retry = RetryBackoffLayer::builder();
+        let mut retry = RetryBackoffLayer::builder().classifier(shared);
         if let Some(deadline) = self.retry_deadline {
             retry = retry.deadline(deadline);
         }
@@ -461,18 +472,21 @@ impl StandardStackBuilder {
             }
         }
         let fallback_cache = apply(
-            FallbackCacheLayer::builder(self.catalog.clone()),
+            FallbackCacheLayer::builder(self.catalog.clone()).classifier(shared),
             self.fallback_cache,
         )
         .circuits(registry.circuits())
         .events(events.clone())
         .build()
         .map_err(|e| e.in_section("fallback_cache"))?;
-        let loop_guard = apply(LoopGuardLayer::builder(), self.loop_guard)
-            .circuits(registry.circuits())
-            .events(events.clone())
-            .build()
-            .map_err(|e| e.in_section("loop_guard"))?;
+        let loop_guard = apply(
+            LoopGuardLayer::builder().classifier(shared),
+            self.loop_guard,
+        )
+        .circuits(registry.circuits())
+        .events(events.clone())
+        .build()
+        .map_err(|e| e.in_section("loop_guard"))?;
 
         Ok(StandardStackLayer {
             render_errors: self.render_errors,
