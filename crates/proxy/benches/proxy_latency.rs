@@ -11,7 +11,8 @@
 //! - proxied stdio: client → `toolwarden run` (child process, the binary of
 //!   this package) → server-everything (its child);
 //! - direct HTTP: client → `mcp-server-everything streamableHttp` on a
-//!   loopback port, over one kept-alive HTTP connection pool (reqwest's);
+//!   loopback port, over one kept-alive HTTP connection pool (a default
+//!   reqwest client; rmcp's own default keeps no idle connection);
 //! - proxied HTTP: client → `toolwarden run --listen` on a loopback port →
 //!   server-everything over stdio, the same kept-alive client.
 //!
@@ -43,6 +44,7 @@ use std::time::{Duration, Instant};
 
 use rmcp::model::{CallToolRequest, CallToolRequestParams, ClientRequest};
 use rmcp::service::RunningService;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
 use rmcp::{RoleClient, ServiceExt as _};
 use serde_json::json;
@@ -116,7 +118,12 @@ fn spawn_server(program: &PathBuf, args: &[&str], env: &[(&str, &str)]) -> tokio
 async fn connect_http(url: &str) -> RunningService<RoleClient, ()> {
     let start = Instant::now();
     loop {
-        let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+        // A kept-alive pool: `from_uri`'s client (rmcp's default) keeps no
+        // idle connection, a new TCP connection for every request.
+        let transport = StreamableHttpClientTransport::with_client(
+            reqwest::Client::new(),
+            StreamableHttpClientTransportConfig::with_uri(url.to_owned()),
+        );
         match tokio::time::timeout(Duration::from_secs(5), ().serve(transport)).await {
             Ok(Ok(running)) => return running,
             _ if start.elapsed() < Duration::from_secs(30) => {

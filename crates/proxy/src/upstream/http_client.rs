@@ -27,12 +27,20 @@ pub(crate) fn http_client(
         }
         headers.insert(name, value);
     }
-    let mut builder = reqwest::Client::builder()
-        .default_headers(headers)
-        // As rmcp's own client: no idle connections kept (a restarted
-        // server must not get requests on a dead connection), and redirects
-        // only within the origin, so the headers never reach another host.
-        .pool_max_idle_per_host(0)
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    // Idle connections are kept for `http_keep_alive` only (rmcp's own
+    // client keeps none: a new TCP connection, and TLS handshake, for every
+    // request). Shorter than servers' keep-alive timeouts, so a server does
+    // not close one as it is reused; one it closed (a restarted server) is
+    // found closed by the pool and not used.
+    builder = if config.http_keep_alive.is_zero() {
+        builder.pool_max_idle_per_host(0)
+    } else {
+        builder.pool_idle_timeout(config.http_keep_alive)
+    };
+    let mut builder = builder
+        // Redirects only within the origin, so the headers never reach
+        // another host.
         .redirect(reqwest::redirect::Policy::custom(|attempt| {
             let same_origin = attempt
                 .previous()
