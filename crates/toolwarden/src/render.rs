@@ -111,8 +111,35 @@ impl<S> RenderErrors<S> {
 /// What the future needs to render an error: the tool and the request id.
 #[derive(Debug)]
 struct Target {
-    tool: Arc<str>,
+    tool: Tool,
     id: Option<Id>,
+}
+
+/// The tool a call is for, kept until its answer: the request's shared
+/// params when it has them (a pointer, read only if the call fails), else
+/// a copy of the name.
+#[derive(Debug)]
+enum Tool {
+    Shared(Arc<serde_json::Value>),
+    Named(Arc<str>),
+}
+
+impl Tool {
+    fn of<R: McpRequest>(request: &R, name: &str) -> Self {
+        match request.shared_params() {
+            Some(params) if params.get("name").and_then(|n| n.as_str()) == Some(name) => {
+                Tool::Shared(params)
+            }
+            _ => Tool::Named(name.into()),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Tool::Shared(params) => params.get("name").and_then(|n| n.as_str()).unwrap_or(""),
+            Tool::Named(name) => name,
+        }
+    }
 }
 
 impl<S, R> Service<R> for RenderErrors<S>
@@ -135,7 +162,7 @@ where
             .tool_name()
             .filter(|_| self.enabled)
             .map(|tool| Target {
-                tool: tool.into(),
+                tool: Tool::of(&request, tool),
                 id: request.request_id().cloned(),
             });
         RenderFuture {
@@ -187,7 +214,7 @@ where
         let result = ready!(this.inner.poll(cx)).map_err(Into::into);
         Poll::Ready(match (result, this.target.take()) {
             (Err(error), Some(target)) if !is_protocol_error(error.as_ref()) => {
-                let report = FailureReport::from_error(&target.tool, error.as_ref());
+                let report = FailureReport::from_error(target.tool.name(), error.as_ref());
                 let mut response = T::from_tool_result(target.id.as_ref(), report.to_tool_result());
                 response.remove_result_meta(OUTCOME_META_KEY);
                 Ok(response)
