@@ -358,6 +358,9 @@ pub struct McpClassifier {
     /// responses it finds a success, and reads one left there (see
     /// [`share_outcomes`](Self::share_outcomes)).
     share: bool,
+    /// The key of a shared `tools/call` success under these settings,
+    /// packed once (`None` when not sharing, or the settings do not pack).
+    tool_call_key: Option<SuccessKey>,
 }
 
 /// What a sharing classifier leaves on a response it found a success
@@ -403,6 +406,7 @@ impl Default for McpClassifier {
             empty_result: Some(FailureClass::Server),
             max_retry_after: DEFAULT_MAX_RETRY_AFTER,
             share: false,
+            tool_call_key: None,
         }
     }
 }
@@ -417,14 +421,14 @@ impl McpClassifier {
     /// or a success with `None`. Default: `Some(FailureClass::Server)`.
     pub fn empty_result(mut self, class: Option<FailureClass>) -> Self {
         self.empty_result = class;
-        self
+        self.repack()
     }
 
     /// The longest retry-after hint reported; longer hints are clamped to
     /// it. Default [`DEFAULT_MAX_RETRY_AFTER`] (1 hour).
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
-        self
+        self.repack()
     }
 
     /// Leaves a mark ([`SuccessKey`]) on each response
@@ -440,14 +444,27 @@ impl McpClassifier {
     /// itself. Off by default.
     pub fn share_outcomes(mut self, share: bool) -> Self {
         self.share = share;
-        self
+        self.repack()
     }
 
+    /// The key for a call of `kind`: the settings were packed when they
+    /// were set (`tool_call_key`), the kind is one bit.
+    #[inline]
     fn success_key(&self, kind: CallKind) -> Option<SuccessKey> {
-        if !self.share {
-            return None;
-        }
-        SuccessKey::new(kind, self.empty_result, self.max_retry_after)
+        let key = self.tool_call_key?;
+        Some(match kind {
+            CallKind::ToolCall => key,
+            CallKind::Other => SuccessKey(key.0 | 1 << 5),
+        })
+    }
+
+    /// Packs the settings again after a change ([`SuccessKey::new`]).
+    fn repack(mut self) -> Self {
+        self.tool_call_key = self
+            .share
+            .then(|| SuccessKey::new(CallKind::ToolCall, self.empty_result, self.max_retry_after))
+            .flatten();
+        self
     }
 }
 
