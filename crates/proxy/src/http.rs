@@ -9,7 +9,7 @@
 //! error (`-32700`, `-32600`, `-32602`; HTTP 400) rather than rmcp's
 //! plain-text 415.
 //!
-//! Before that, every request is checked and bounded by [`guard`]: `Host`
+//! Before that, every request is checked and bounded by `guard`: `Host`
 //! and `Origin` against their allow-lists (403; loopback by default, never
 //! turned off), the bearer token (401), the body's read time (408), the
 //! number of sessions (503) and of a session's requests in flight (429).
@@ -716,7 +716,7 @@ pub async fn serve_http(
 }
 
 /// Serves MCP over Streamable HTTP at `/mcp` on `listener` until `shutdown`
-/// is cancelled, checked and bounded by `options` (see [`guard`] and
+/// is cancelled, checked and bounded by `options` (see `guard` and
 /// [`serve_bounded`]).
 pub async fn serve_http_with(
     cores: impl Into<Cores>,

@@ -9,7 +9,7 @@
 //!   layer put around it ([`ToolStackLayer::stack`]): the layers' state is
 //!   shared by every session, as the server is. When the session ends rmcp
 //!   drops its server, the last handle on the core goes, and the core's
-//!   [`Lease`] shuts the upstream down (a child gets its stdin closed, then
+//!   `Lease` shuts the upstream down (a child gets its stdin closed, then
 //!   SIGTERM, then SIGKILL) in the background.
 //!
 //! rmcp asks for a server more often than for sessions (one for each

@@ -31,9 +31,11 @@ const RESERVED_HEADERS: &[&str] = &[
 ];
 
 /// One header value as written in the configuration, e.g.
-/// `"Bearer ${MCP_TOKEN}"` or `"@file:/run/secrets/mcp-token"`. See the
-/// [module docs](self). Its `Debug` never shows it (a literal value may be a
-/// secret); `check-config --print` writes it as written.
+/// `"Bearer ${MCP_TOKEN}"` or `"@file:/run/secrets/mcp-token"`: `${NAME}`
+/// is the environment variable `NAME`, `${file:/path}` a file's content
+/// (without its trailing newline), `$$` a `$`, and a whole value
+/// `@file:/path` the file's content. Its `Debug` never shows it (a literal
+/// value may be a secret); `check-config --print` writes it as written.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct HeaderTemplate(String);
