@@ -182,44 +182,19 @@ async fn measure(client: &RmcpClient, plan: &Plan) -> (Figures, Figures) {
     }
     let sequential = figures(latencies, start.elapsed());
 
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..plan.concurrent_tasks)
-        .map(|_| {
-            let client = client.clone();
-            let n = plan.per_task;
-            tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(n);
-                for _ in 0..n {
-                    latencies.push(call(&client).await);
-                }
-                latencies
-            })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.unwrap());
-    }
-    let concurrent = figures(latencies, start.elapsed());
+    let callers = vec![client.clone(); plan.concurrent_tasks];
+    let concurrent = all_at_once(&callers, plan.per_task).await;
     (sequential, concurrent)
 }
 
-/// `clients` (each its own session and kept-alive connection pool), all
-/// calling at once, `plan.per_task` calls each after `plan.warmup` /
-/// `clients.len()` warm-up calls each: what several agents sharing one proxy
-/// see.
-async fn measure_clients(clients: &[RmcpClient], plan: &Plan) -> Figures {
-    for client in clients {
-        for _ in 0..plan.warmup / clients.len() {
-            call(client).await;
-        }
-    }
+/// Each of `callers` makes `n` calls one after the other, all callers at
+/// once: their latencies, and the calls per second of the whole.
+async fn all_at_once(callers: &[RmcpClient], n: usize) -> Figures {
     let start = Instant::now();
-    let tasks: Vec<_> = clients
+    let tasks: Vec<_> = callers
         .iter()
         .map(|client| {
             let client = client.clone();
-            let n = plan.per_task;
             tokio::spawn(async move {
                 let mut latencies = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -234,6 +209,19 @@ async fn measure_clients(clients: &[RmcpClient], plan: &Plan) -> Figures {
         latencies.extend(task.await.unwrap());
     }
     figures(latencies, start.elapsed())
+}
+
+/// `clients` (each its own session and kept-alive connection pool), all
+/// calling at once, `plan.per_task` calls each after `plan.warmup` /
+/// `clients.len()` warm-up calls each: what several agents sharing one proxy
+/// see.
+async fn measure_clients(clients: &[RmcpClient], plan: &Plan) -> Figures {
+    for client in clients {
+        for _ in 0..plan.warmup / clients.len() {
+            call(client).await;
+        }
+    }
+    all_at_once(clients, plan.per_task).await
 }
 
 /// [`measure_clients`] with `n` new HTTP clients of `url`, closed after.

@@ -126,14 +126,32 @@ impl ProxyCore {
         downstreams: Downstreams,
         request_timeout: Duration,
     ) -> Arc<Self> {
+        Self::build(
+            upstream,
+            stack,
+            downstreams,
+            request_timeout,
+            Arc::default(),
+            None,
+        )
+    }
+
+    fn build(
+        upstream: Upstream,
+        stack: ToolStack,
+        downstreams: Downstreams,
+        request_timeout: Duration,
+        sessions: Arc<AtomicU64>,
+        lease: Option<Lease>,
+    ) -> Arc<Self> {
         Arc::new(ProxyCore {
             upstream_service: upstream.service(),
             upstream,
             stack,
             downstreams,
-            sessions: Arc::default(),
+            sessions,
             request_timeout,
-            lease: None,
+            lease,
         })
     }
 
@@ -147,15 +165,14 @@ impl ProxyCore {
         numbers: Arc<AtomicU64>,
         lease: Lease,
     ) -> Arc<Self> {
-        Arc::new(ProxyCore {
-            upstream_service: upstream.service(),
+        Self::build(
             upstream,
             stack,
             downstreams,
-            sessions: numbers,
             request_timeout,
-            lease: Some(lease),
-        })
+            numbers,
+            Some(lease),
+        )
     }
 
     /// Whether this core is one session's own (`per_session` mode).

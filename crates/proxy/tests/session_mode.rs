@@ -13,10 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::{RequestContext, RoleClient, RoleServer, RunningService};
-use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
@@ -29,7 +28,7 @@ use toolwarden_proxy::config::Config;
 use toolwarden_proxy::endpoints::MetricsEndpoints;
 use toolwarden_proxy::http::HttpOptions;
 use toolwarden_proxy::stack::SharedState;
-use toolwarden_proxy::{InProcessServer, Proxy, UpstreamTarget};
+use toolwarden_proxy::{Proxy, UpstreamTarget};
 
 /// A server that keeps state per connection: `remember {value}` appends to
 /// this connection's list, `recall` answers it (comma-separated). `open`
@@ -49,10 +48,9 @@ impl ServerHandler for Notebook {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
-        Ok(ListToolsResult::with_all_items(vec![
-            Tool::new("remember", "remembers a value", Arc::clone(&schema)),
-            Tool::new("recall", "what this connection remembered", schema),
+        Ok(support::tool_list(&[
+            ("remember", "remembers a value"),
+            ("recall", "what this connection remembered"),
         ]))
     }
 
@@ -83,22 +81,7 @@ impl ServerHandler for Notebook {
 /// A [`Notebook`] per connection, in process; `open` counts the
 /// connections being served.
 fn notebooks(open: Arc<AtomicUsize>) -> UpstreamTarget {
-    UpstreamTarget::InProcess(InProcessServer::new("notebook", move || {
-        let (client, server_io) = tokio::io::duplex(1 << 16);
-        let (read, write) = tokio::io::split(server_io);
-        let open = Arc::clone(&open);
-        tokio::spawn(async move {
-            open.fetch_add(1, Ordering::SeqCst);
-            if let Ok(running) = Notebook::default()
-                .serve(AsyncRwTransport::new_server(read, write))
-                .await
-            {
-                let _ = running.waiting().await;
-            }
-            open.fetch_sub(1, Ordering::SeqCst);
-        });
-        client
-    }))
+    support::in_process_upstream("notebook", open, Notebook::default)
 }
 
 /// The proxy with `config` (TOML) serving Streamable HTTP on a loopback

@@ -16,10 +16,9 @@ use std::sync::Arc;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
     ListToolsResult, LoggingLevel, LoggingMessageNotificationParam, PaginatedRequestParams,
-    ServerCapabilities, ServerConfig, Tool,
+    ServerCapabilities, ServerConfig,
 };
 use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer};
-use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::{ClientHandler, ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
@@ -32,7 +31,7 @@ use toolwarden_proxy::config::Config;
 use toolwarden_proxy::endpoints::MetricsEndpoints;
 use toolwarden_proxy::http::HttpOptions;
 use toolwarden_proxy::stack::SharedState;
-use toolwarden_proxy::{InProcessServer, Proxy, UpstreamTarget};
+use toolwarden_proxy::{Proxy, UpstreamTarget};
 
 /// How many logging notifications `shout` sends, and how big each is: far
 /// more than a client that does not read can have buffered (the proxy's
@@ -59,11 +58,9 @@ impl ServerHandler for Shouter {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
-        Ok(ListToolsResult::with_all_items(vec![Tool::new(
+        Ok(support::tool_list(&[(
             "shout",
             "floods every client with logging",
-            schema,
         )]))
     }
 
@@ -100,19 +97,7 @@ impl ClientHandler for Listener {
 }
 
 fn shouter() -> UpstreamTarget {
-    UpstreamTarget::InProcess(InProcessServer::new("shouter", || {
-        let (client, server_io) = tokio::io::duplex(1 << 16);
-        let (read, write) = tokio::io::split(server_io);
-        tokio::spawn(async move {
-            if let Ok(running) = Shouter
-                .serve(AsyncRwTransport::new_server(read, write))
-                .await
-            {
-                let _ = running.waiting().await;
-            }
-        });
-        client
-    }))
+    support::in_process_upstream("shouter", Arc::default(), || Shouter)
 }
 
 /// A raw POST of `body` under `session` (if any): status, head, body.

@@ -16,13 +16,12 @@ use axum::serve::ListenerExt as _;
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CallToolResult, ClientRequest,
     ContentBlock, ErrorData, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
-    ServerConfig, ServerResult, Tool,
+    ServerConfig, ServerResult,
 };
 use rmcp::service::{RequestContext, RoleServer};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
 use rmcp::ServerHandler;
-use serde_json::json;
 use support::{bounded, LIMIT};
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::ToolCatalog;
@@ -46,10 +45,7 @@ impl ServerHandler for Echo {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
-        Ok(ListToolsResult::with_all_items(vec![Tool::new(
-            "echo", "echoes", schema,
-        )]))
+        Ok(support::tool_list(&[("echo", "echoes")]))
     }
 
     async fn call_tool(

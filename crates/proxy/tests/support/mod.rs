@@ -365,3 +365,52 @@ pub async fn health(port: u16) -> Option<(u16, Value)> {
     let (status, body) = http_get(port, "/health").await?;
     Some((status, serde_json::from_str(&body).ok()?))
 }
+
+/// A `tools/list` answer naming `tools` (name, description), each taking
+/// any object: what the in-process test servers list.
+pub fn tool_list(tools: &[(&str, &str)]) -> rmcp::model::ListToolsResult {
+    let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
+    rmcp::model::ListToolsResult::with_all_items(
+        tools
+            .iter()
+            .map(|(name, about)| {
+                rmcp::model::Tool::new(name.to_string(), about.to_string(), Arc::clone(&schema))
+            })
+            .collect(),
+    )
+}
+
+/// An upstream in this process: each connection (and reconnection) is
+/// served by a fresh server from `make` over an in-memory pipe, until the
+/// proxy closes it; `open` counts the connections being served.
+pub fn in_process_upstream<S, F>(
+    name: &str,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    make: F,
+) -> toolwarden_proxy::UpstreamTarget
+where
+    S: rmcp::ServerHandler,
+    F: Fn() -> S + Send + Sync + 'static,
+{
+    use rmcp::ServiceExt as _;
+    use std::sync::atomic::Ordering;
+    toolwarden_proxy::UpstreamTarget::InProcess(toolwarden_proxy::InProcessServer::new(
+        name,
+        move || {
+            let (client, server_io) = tokio::io::duplex(1 << 16);
+            let (read, write) = tokio::io::split(server_io);
+            let server = make();
+            let open = Arc::clone(&open);
+            tokio::spawn(async move {
+                open.fetch_add(1, Ordering::SeqCst);
+                let transport =
+                    rmcp::transport::async_rw::AsyncRwTransport::new_server(read, write);
+                if let Ok(running) = server.serve(transport).await {
+                    let _ = running.waiting().await;
+                }
+                open.fetch_sub(1, Ordering::SeqCst);
+            });
+            client
+        },
+    ))
+}
