@@ -1,5 +1,9 @@
 //! The `toolwarden` command line: `run`, `check-config` and `demo`.
 
+// The argument docs are `--help` texts (clap prints them as written): a URL
+// there is an example to type, not a link.
+#![allow(rustdoc::bare_urls)]
+
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
