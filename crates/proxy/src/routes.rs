@@ -803,6 +803,17 @@ impl Downstreams {
         });
     }
 
+    /// Whether task `task_id` was created for a call of a client other than
+    /// `client` (who then may not read, update or cancel it). A task of no
+    /// known client's (created for a client without a session, or whose
+    /// client went away) is nobody's: its id alone is the key to it.
+    pub fn task_of_another(&self, task_id: &str, client: Option<DownstreamId>) -> bool {
+        lock(&self.registry)
+            .tasks
+            .get(task_id)
+            .is_some_and(|owner| Some(*owner) != client)
+    }
+
     /// Removes a client (and forgets its tasks).
     pub fn remove(&self, id: DownstreamId) {
         let mut registry = lock(&self.registry);

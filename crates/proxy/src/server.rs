@@ -775,6 +775,7 @@ impl ServerHandler for ProxyServer {
         request: GetTaskParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, ErrorData> {
+        self.check_task_owner(&request.task_id, &context)?;
         let request = ClientRequest::GetTaskRequest(GetTaskRequest::new(request));
         expect!(self.forward(request, context).await?, GetTaskResult)
     }
@@ -784,6 +785,7 @@ impl ServerHandler for ProxyServer {
         request: UpdateTaskParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
+        self.check_task_owner(&request.task_id, &context)?;
         let request = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(request));
         self.forward_empty(request, context).await
     }
@@ -793,6 +795,7 @@ impl ServerHandler for ProxyServer {
         request: CancelTaskParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
+        self.check_task_owner(&request.task_id, &context)?;
         let request = ClientRequest::CancelTaskRequest(CancelTaskRequest::new(request));
         self.forward_empty(request, context).await
     }
@@ -884,6 +887,29 @@ impl ServerHandler for ProxyServer {
 }
 
 impl ProxyServer {
+    /// Refuses a request about a task the server created for another
+    /// session's call (`tasks/get`, `tasks/update`, `tasks/cancel`): over a
+    /// shared upstream every session's tasks are the one connection's, and
+    /// one session must not read or cancel another's. Answered as the
+    /// server answers an unknown task (`-32602`), so a task's existence is
+    /// not told either.
+    fn check_task_owner(
+        &self,
+        task_id: &str,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.touch(context);
+        let me = self.session.downstream.get().map(|(id, _)| *id);
+        if self.core.downstreams.task_of_another(task_id, me) {
+            metrics::counter!("toolwarden_proxy_foreign_task_refusals_total").increment(1);
+            return Err(ErrorData::invalid_params(
+                format!("unknown task: {task_id}"),
+                None,
+            ));
+        }
+        Ok(())
+    }
+
     async fn notify_upstream(&self, notification: ClientNotification) {
         let Some(connection) = self.core.upstream.connection() else {
             tracing::debug!("dropped a client notification: the upstream is down");

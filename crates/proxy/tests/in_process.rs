@@ -79,6 +79,8 @@ struct TestServer {
     progress_read: ProgressRead,
     /// The errors `ask_roots` got for its `roots/list`, in order.
     roots_errors: Arc<Mutex<Vec<ErrorData>>>,
+    /// The `tasks/get` and `tasks/cancel` requests the server was sent, by task id.
+    task_requests: Arc<Mutex<Vec<String>>>,
 }
 
 type ProgressRead = Arc<Mutex<HashMap<ProgressToken, Vec<f64>>>>;
@@ -130,7 +132,12 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for RecordingTransport<T> {
 #[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
 impl ServerHandler for TestServer {
     fn get_info(&self) -> ServerConfig {
-        let mut info = ServerConfig::new(ServerCapabilities::builder().enable_tools().build());
+        let mut info = ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        );
         info.server_info = rmcp::model::Implementation::new("in-process-test", "1.0");
         info
     }
@@ -158,6 +165,39 @@ impl ServerHandler for TestServer {
             .map(|name| Tool::new(name, "test tool", schema.clone()))
             .collect(),
         ))
+    }
+
+    async fn get_task(
+        &self,
+        request: rmcp::model::GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::GetTaskResult, ErrorData> {
+        self.task_requests
+            .lock()
+            .unwrap()
+            .push(format!("get {}", request.task_id));
+        let stamp = "2026-12-06T00:00:00Z";
+        let task = rmcp::model::Task::new(
+            request.task_id,
+            rmcp::model::TaskStatus::Working,
+            stamp,
+            stamp,
+        );
+        Ok(rmcp::model::GetTaskResult::new(
+            rmcp::model::DetailedTask::new(task, rmcp::model::TaskPayload::Working),
+        ))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: rmcp::model::CancelTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.task_requests
+            .lock()
+            .unwrap()
+            .push(format!("cancel {}", request.task_id));
+        Ok(())
     }
 
     async fn call_tool(
@@ -1810,6 +1850,64 @@ async fn a_tasks_status_reaches_only_the_session_whose_call_created_it() {
         b_client.task_statuses(),
         Vec::<String>::new(),
         "b was told a's task"
+    );
+    for client in [a, b] {
+        bounded("closing an HTTP session", client.cancel())
+            .await
+            .unwrap();
+    }
+    proxy.finish().await;
+}
+
+/// Over a shared upstream every session's tasks are the one connection's:
+/// a session may read and cancel the tasks created for its own calls, and
+/// another session asking about them gets the answer for an unknown task,
+/// without the server being asked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cannot_read_or_cancel_another_sessions_task() {
+    let proxy = HttpHarness::start().await;
+    let a = proxy.session(RecordingClient::new("file:///a")).await;
+    let b = proxy.session(RecordingClient::new("file:///b")).await;
+    let mut params = CallToolRequestParams::new("task");
+    params.arguments = json!({"message": "a"}).as_object().cloned();
+    let created = bounded("a's call", a.peer().call_tool_once(params))
+        .await
+        .unwrap();
+    assert!(matches!(created, CallToolResponse::Task(_)), "{created:?}");
+
+    let get = |peer: rmcp::service::Peer<RoleClient>| async move {
+        peer.send_request(rmcp::model::ClientRequest::GetTaskRequest(
+            rmcp::model::GetTaskRequest::new(rmcp::model::GetTaskParams::new("task-a")),
+        ))
+        .await
+    };
+    let foreign = bounded("b's tasks/get", get(b.peer().clone())).await;
+    match foreign {
+        Err(rmcp::ServiceError::McpError(error)) => {
+            assert_eq!(error.code, ErrorCode(-32602), "{error:?}");
+            assert!(error.message.contains("unknown task"), "{error:?}");
+        }
+        other => panic!("b read a's task: {other:?}"),
+    }
+    let cancel = bounded(
+        "b's tasks/cancel",
+        b.peer()
+            .send_request(rmcp::model::ClientRequest::CancelTaskRequest(
+                rmcp::model::CancelTaskRequest::new(rmcp::model::CancelTaskParams::new("task-a")),
+            )),
+    )
+    .await;
+    assert!(
+        matches!(cancel, Err(rmcp::ServiceError::McpError(ref e)) if e.code == ErrorCode(-32602)),
+        "b cancelled a's task: {cancel:?}"
+    );
+    // The owner may; and only the owner's requests reached the server.
+    let own = bounded("a's tasks/get", get(a.peer().clone())).await;
+    assert!(own.is_ok(), "{own:?}");
+    assert_eq!(
+        *proxy.server.task_requests.lock().unwrap(),
+        ["get task-a"],
+        "the server was asked on b's behalf"
     );
     for client in [a, b] {
         bounded("closing an HTTP session", client.cancel())
