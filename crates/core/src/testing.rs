@@ -60,6 +60,30 @@ impl Step {
     }
 }
 
+/// One call through `service` as tower's contract wants it: `poll_ready`
+/// until ready, then `call`, with any error boxed. Every crate's tests
+/// drive their services with it.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use toolwarden_core::testing::{ready_call, MockMcp};
+/// use toolwarden_core::jsonrpc::Request;
+/// let mut mock = MockMcp::new();
+/// let answer = ready_call(&mut mock, Request::tool_call(1, "search", serde_json::json!({}))).await;
+/// assert!(answer.is_ok());
+/// # }
+/// ```
+pub async fn ready_call<S, R>(service: &mut S, request: R) -> Result<S::Response, BoxError>
+where
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| service.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
+    service.call(request).await.map_err(Into::into)
+}
+
 /// A `tools/call` result with one text item.
 pub fn text_result(text: &str) -> Value {
     json!({"content": [{"type": "text", "text": text}], "isError": false})

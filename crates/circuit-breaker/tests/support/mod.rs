@@ -15,9 +15,9 @@ use tokio::sync::oneshot;
 use toolwarden_core::classify::{TransportError, TransportErrorKind};
 use toolwarden_core::events::Event;
 use toolwarden_core::jsonrpc::{Request, Response};
-use toolwarden_core::testing::text_result;
+use toolwarden_core::testing::{ready_call, text_result};
 use toolwarden_core::{BoxError, CircuitOpen, Events, McpRequest, RateLimited};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 /// What the upstream answers to one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +180,7 @@ pub async fn call<S>(svc: &mut S, tool: &str) -> Result<Response, BoxError>
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
-    svc.ready().await?.call(req(tool)).await
+    ready_call(svc, req(tool)).await
 }
 
 /// The refusal in an error, if it is one.

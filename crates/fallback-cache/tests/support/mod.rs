@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use toolwarden_core::jsonrpc::{Request, Response};
-use toolwarden_core::testing::MockMcp;
+use toolwarden_core::testing::{ready_call, MockMcp};
 use toolwarden_core::{
     BoxError, CircuitOpen, CircuitView, Circuits, Event, Events, McpRequest, ToolCatalog,
 };
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 /// Eleven described tools, as a server's `tools/list` would give them, with
 /// trusted annotations: reading tools are read-only, `send_email`,
@@ -192,10 +192,7 @@ pub async fn call<S>(
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
-    svc.ready()
-        .await?
-        .call(Request::tool_call(id, tool, arguments))
-        .await
+    ready_call(svc, Request::tool_call(id, tool, arguments)).await
 }
 
 /// The result object of a successful JSON-RPC response.

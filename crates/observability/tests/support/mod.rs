@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use toolwarden_core::jsonrpc::{Request, Response};
-use toolwarden_core::testing::MockMcp;
+use toolwarden_core::testing::{ready_call, MockMcp};
 use toolwarden_core::{BoxError, CircuitOpen, McpRequest};
 use tower::{Service, ServiceExt};
 
@@ -25,7 +25,7 @@ pub async fn call<S>(svc: &mut S, req: Request) -> Result<Response, BoxError>
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
-    svc.ready().await?.call(req).await
+    ready_call(svc, req).await
 }
 
 /// The upstream every test drives: `mock` for most tools, with two extras

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use toolwarden_core::jsonrpc::{Request, Response};
-use toolwarden_core::testing::{MockMcp, ReadyChecked};
+use toolwarden_core::testing::{ready_call, MockMcp, ReadyChecked};
 use toolwarden_core::{BoxError, Event, Events, McpRequest, RateLimited, SessionKey};
 use toolwarden_rate_limit::{RateLimit, RateLimitBuilder};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 pub type Svc = RateLimit<ReadyChecked<MockMcp>>;
 
@@ -51,7 +51,7 @@ pub async fn call<S>(svc: &mut S, req: Request) -> Result<Response, BoxError>
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
-    svc.ready().await?.call(req).await
+    ready_call(svc, req).await
 }
 
 /// The rejection a call must have ended with.

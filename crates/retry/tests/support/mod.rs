@@ -14,9 +14,9 @@ use serde_json::json;
 use tokio::time::Instant;
 use toolwarden_core::catalog::{ToolAnnotations, ToolInfo};
 use toolwarden_core::jsonrpc::{Request, Response};
-use toolwarden_core::testing::{MockMcp, ReadyChecked};
+use toolwarden_core::testing::{ready_call, MockMcp, ReadyChecked};
 use toolwarden_core::{Attempt, BoxError, Event, Events, McpRequest, ToolCatalog};
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 pub const MS: Duration = Duration::from_millis(1);
 pub const SEC: Duration = Duration::from_secs(1);
@@ -257,5 +257,5 @@ pub async fn call<S>(svc: &mut S, req: Request) -> Result<Response, BoxError>
 where
     S: Service<Request, Response = Response, Error = BoxError>,
 {
-    svc.ready().await?.call(req).await
+    ready_call(svc, req).await
 }
