@@ -78,3 +78,68 @@ fn deep_json_is_classified_without_overflow() {
     }
     check_classification(&value);
 }
+
+/// An edit made between two layers' classifications.
+#[derive(Debug, Clone)]
+enum Edit {
+    InsertMeta(String, Value),
+    RemoveMeta(String),
+    PushText(String),
+    Readdress(i64),
+}
+
+fn edit() -> impl Strategy<Value = Edit> {
+    let key = prop_oneof![
+        Just("toolwarden/outcome".to_owned()),
+        Just("toolwarden/stale".to_owned()),
+        "\\PC{0,6}",
+    ];
+    prop_oneof![
+        (key.clone(), json_value()).prop_map(|(k, v)| Edit::InsertMeta(k, v)),
+        key.prop_map(Edit::RemoveMeta),
+        "\\PC{0,12}".prop_map(Edit::PushText),
+        any::<i64>().prop_map(Edit::Readdress),
+    ]
+}
+
+proptest! {
+    /// A sharing classifier (issue 17) never gives another outcome than a
+    /// plain one: for any result, and after any edits made with
+    /// `McpResponse`'s methods, each sharing classification (which may read
+    /// the mark left by the one before) equals a plain classification of
+    /// the response as it is. (It fails if a failure is ever marked as a
+    /// success. None of today's edits can turn a success into a failure, so
+    /// the edits' removing the mark is defence in depth, checked directly
+    /// by `edits_remove_the_mark_and_failures_leave_none` in `classify.rs`.)
+    #[test]
+    fn a_shared_classification_always_equals_a_plain_one(
+        result in json_value(),
+        edits in prop::collection::vec(edit(), 0..6),
+        tool_call in any::<bool>(),
+    ) {
+        use toolwarden_core::jsonrpc::{Id, Response};
+        use toolwarden_core::{CallKind, Classify, McpClassifier, McpResponse};
+        let kind = if tool_call { CallKind::ToolCall } else { CallKind::Other };
+        let sharing = McpClassifier::new().share_outcomes(true);
+        let plain = McpClassifier::new();
+        let mut response = Response::result(Id::Number(1), result);
+        let check = |response: &mut Response| {
+            let expected = plain.classify_response(kind, response);
+            let shared = sharing.classify_owned(kind, response);
+            prop_assert_eq!(shared, expected);
+            // Read back from the mark, if one was left.
+            prop_assert_eq!(sharing.classify_owned(kind, response), expected);
+            Ok(())
+        };
+        check(&mut response)?;
+        for edit in edits {
+            match edit {
+                Edit::InsertMeta(key, value) => response.insert_result_meta(&key, value),
+                Edit::RemoveMeta(key) => response.remove_result_meta(&key),
+                Edit::PushText(text) => response.push_text(text),
+                Edit::Readdress(id) => McpResponse::set_request_id(&mut response, &Id::Number(id)),
+            }
+            check(&mut response)?;
+        }
+    }
+}
