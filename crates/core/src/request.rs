@@ -38,8 +38,11 @@ pub trait McpRequest {
     /// The params, shared, where the request type keeps them so (the
     /// JSON-RPC [`Request`](jsonrpc::Request) does): a layer that needs the
     /// tool name or arguments after the call has gone on keeps this pointer
-    /// instead of a copy. `None` for types that own their params (then the
-    /// layer copies what it needs).
+    /// instead of a copy, and reads them back from its `name` and
+    /// `arguments` members. A type must return params of that shape, the
+    /// ones [`tool_name`](Self::tool_name) and
+    /// [`arguments`](Self::arguments) read, or `None` (then the layer copies
+    /// what it needs).
     fn shared_params(&self) -> Option<std::sync::Arc<Value>> {
         None
     }

@@ -44,12 +44,8 @@ pub(crate) enum CallFacts {
 impl CallFacts {
     pub(crate) fn of<R: McpRequest>(request: &R, tool: &str, rank: bool) -> Self {
         match request.shared_params() {
-            // Only when they say what the request says (a type may share
-            // params of another shape).
-            Some(params) if params.get("name").and_then(Value::as_str) == Some(tool) => {
-                CallFacts::Shared { params, rank }
-            }
-            _ => CallFacts::new(tool, request.arguments(), rank),
+            Some(params) => CallFacts::Shared { params, rank },
+            None => CallFacts::new(tool, request.arguments(), rank),
         }
     }
 

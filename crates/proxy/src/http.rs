@@ -351,13 +351,19 @@ struct SessionConnections {
 
 impl SessionConnections {
     /// Records that a request of session `id` came on `connection`.
+    /// Whether a request of session `id` was recorded on `connection`
+    /// already (every request after the first on a kept-alive connection).
+    fn recorded(&self, id: &str, connection: &ConnectionKill) -> bool {
+        lock(&self.by_session)
+            .get(id)
+            .is_some_and(|known| known.iter().any(|c| c.id == connection.id))
+    }
+
     fn record(&self, id: &str, connection: &ConnectionKill) {
-        let mut map = lock(&self.by_session);
-        if let Some(known) = map.get(id) {
-            if known.iter().any(|c| c.id == connection.id) {
-                return;
-            }
+        if self.recorded(id, connection) {
+            return;
         }
+        let mut map = lock(&self.by_session);
         map.retain(|_, connections| {
             connections.retain(|c| !c.token.is_cancelled());
             !connections.is_empty()
@@ -503,14 +509,16 @@ async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Resp
             .and_then(|v| v.to_str().ok()),
         request.extensions().get::<ConnectionKill>(),
     ) {
-        // Only sessions rmcp knows: made-up ids never take room.
-        if guard
-            .sessions
-            .inner
-            .sessions
-            .read()
-            .await
-            .contains_key(session)
+        // Only sessions rmcp knows: made-up ids never take room. Asked
+        // once per connection and session, not on every request.
+        if !guard.sessions.connections.recorded(session, connection)
+            && guard
+                .sessions
+                .inner
+                .sessions
+                .read()
+                .await
+                .contains_key(session)
         {
             guard.sessions.connections.record(session, connection);
         }

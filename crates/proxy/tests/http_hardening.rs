@@ -661,11 +661,11 @@ mod in_process {
     use rmcp::model::{
         CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
         ListPromptsResult, ListToolsResult, PaginatedRequestParams, ServerCapabilities,
-        ServerConfig, Tool,
+        ServerConfig,
     };
     use rmcp::service::{RequestContext, RoleServer};
-    use rmcp::transport::async_rw::AsyncRwTransport;
-    use rmcp::{ServerHandler, ServiceExt as _};
+
+    use rmcp::ServerHandler;
     use serde_json::{json, Value};
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio_util::sync::CancellationToken;
@@ -673,7 +673,7 @@ mod in_process {
     use toolwarden_proxy::config::Config;
     use toolwarden_proxy::endpoints::MetricsEndpoints;
     use toolwarden_proxy::stack::SharedState;
-    use toolwarden_proxy::{InProcessServer, Proxy, UpstreamTarget};
+    use toolwarden_proxy::Proxy;
 
     use super::support::{bounded, eventually, LIMIT};
 
@@ -698,10 +698,7 @@ mod in_process {
             _request: Option<PaginatedRequestParams>,
             _context: RequestContext<RoleServer>,
         ) -> Result<ListToolsResult, ErrorData> {
-            let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
-            Ok(ListToolsResult::with_all_items(vec![Tool::new(
-                "echo", "echoes", schema,
-            )]))
+            Ok(super::support::tool_list(&[("echo", "echoes")]))
         }
 
         async fn call_tool(
@@ -725,23 +722,10 @@ mod in_process {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn refused_tool_names_never_reach_the_upstream_and_other_requests_are_bounded() {
         let server = CountingServer::default();
-        let target = UpstreamTarget::InProcess(InProcessServer::new("counting", {
+        let target = super::support::in_process_upstream("counting", Arc::default(), {
             let server = server.clone();
-            move || {
-                let (client, server_io) = tokio::io::duplex(1 << 16);
-                let (read, write) = tokio::io::split(server_io);
-                let server = server.clone();
-                tokio::spawn(async move {
-                    if let Ok(running) = server
-                        .serve(AsyncRwTransport::new_server(read, write))
-                        .await
-                    {
-                        let _ = running.waiting().await;
-                    }
-                });
-                client
-            }
-        }));
+            move || server.clone()
+        });
         let mut config = Config::default();
         config.limits.request_timeout = Duration::from_millis(300);
         let shared = SharedState::new(Events::new(), MetricsEndpoints::new());

@@ -1049,6 +1049,19 @@ impl HttpHarness {
             .collect()
     }
 
+    /// Closes each of `sessions` (their `DELETE`), then [`finish`](Self::finish)es.
+    async fn finish_with<C: rmcp::ClientHandler>(
+        self,
+        sessions: impl IntoIterator<Item = rmcp::service::RunningService<RoleClient, C>>,
+    ) {
+        for session in sessions {
+            bounded("closing an HTTP session", session.cancel())
+                .await
+                .unwrap();
+        }
+        self.finish().await;
+    }
+
     async fn finish(self) {
         self.shutdown.cancel();
         bounded("serve_http after shutdown", self.serving)
@@ -1377,12 +1390,7 @@ async fn over_http_sessions_using_the_same_token_keep_their_progress_apart() {
         assert_eq!(answer_a, values(0.0), "round {round}: a's progress");
         assert_eq!(answer_b, values(100.0), "round {round}: b's progress");
     }
-    for client in [a, b] {
-        bounded("closing an HTTP session", client.cancel())
-            .await
-            .unwrap();
-    }
-    proxy.finish().await;
+    proxy.finish_with([a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1716,12 +1724,7 @@ async fn a_servers_request_reaches_only_the_session_whose_call_caused_it() {
             }
         })
         .await;
-        for client in [a, b] {
-            bounded("closing an HTTP session", client.cancel())
-                .await
-                .unwrap();
-        }
-        proxy.finish().await;
+        proxy.finish_with([a, b]).await;
     }
 }
 
@@ -1766,12 +1769,7 @@ async fn a_calls_progress_is_not_seen_by_another_session() {
             Vec::<f64>::new(),
             "{kind:?}: b saw a's progress"
         );
-        for client in [a, b] {
-            bounded("closing an HTTP session", client.cancel())
-                .await
-                .unwrap();
-        }
-        proxy.finish().await;
+        proxy.finish_with([a, b]).await;
     }
 }
 
@@ -1806,12 +1804,7 @@ async fn a_servers_request_with_no_identifiable_cause_gets_an_error() {
         );
         assert_eq!(a_client.asked() + b_client.asked(), 0, "{kind:?}");
         b_call.abort();
-        for client in [a, b] {
-            bounded("closing an HTTP session", client.cancel())
-                .await
-                .unwrap();
-        }
-        proxy.finish().await;
+        proxy.finish_with([a, b]).await;
     }
 }
 
@@ -1851,12 +1844,7 @@ async fn a_tasks_status_reaches_only_the_session_whose_call_created_it() {
         Vec::<String>::new(),
         "b was told a's task"
     );
-    for client in [a, b] {
-        bounded("closing an HTTP session", client.cancel())
-            .await
-            .unwrap();
-    }
-    proxy.finish().await;
+    proxy.finish_with([a, b]).await;
 }
 
 /// Over a shared upstream every session's tasks are the one connection's:
@@ -1909,10 +1897,5 @@ async fn a_session_cannot_read_or_cancel_another_sessions_task() {
         ["get task-a"],
         "the server was asked on b's behalf"
     );
-    for client in [a, b] {
-        bounded("closing an HTTP session", client.cancel())
-            .await
-            .unwrap();
-    }
-    proxy.finish().await;
+    proxy.finish_with([a, b]).await;
 }

@@ -22,7 +22,7 @@ use rcgen::{
 };
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ErrorData,
-    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig, Tool,
+    ListToolsResult, PaginatedRequestParams, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::{RequestContext, RoleServer};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -59,10 +59,7 @@ impl ServerHandler for EchoServer {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let schema = Arc::new(json!({"type": "object"}).as_object().cloned().unwrap());
-        Ok(ListToolsResult::with_all_items(vec![Tool::new(
-            "echo", "echo", schema,
-        )]))
+        Ok(support::tool_list(&[("echo", "echo")]))
     }
 
     async fn call_tool(

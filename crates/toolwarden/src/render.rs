@@ -127,10 +127,8 @@ enum Tool {
 impl Tool {
     fn of<R: McpRequest>(request: &R, name: &str) -> Self {
         match request.shared_params() {
-            Some(params) if params.get("name").and_then(|n| n.as_str()) == Some(name) => {
-                Tool::Shared(params)
-            }
-            _ => Tool::Named(name.into()),
+            Some(params) => Tool::Shared(params),
+            None => Tool::Named(name.into()),
         }
     }
 
