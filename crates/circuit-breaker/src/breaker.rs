@@ -29,77 +29,51 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
-use toolwarden_core::{Event, FailureClass, Key, Outcome, OutcomeKind};
+use toolwarden_core::{CircuitState, Event, FailureClass, Key, Outcome, OutcomeKind};
 
 use crate::config::Config;
 use crate::registry::Shared;
 use crate::sync::{LocalTransition, RemoteState, RemoteTransition};
 use crate::window::{reaches, CountWindow, Mark, TimeBuckets, WindowStats};
 
-/// The state of one circuit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CircuitState {
-    /// Calls pass and their outcomes are recorded.
-    Closed,
-    /// Calls are refused until the open period ends.
-    Open,
-    /// A few probe calls pass; their outcomes close or reopen the circuit.
-    HalfOpen,
-    /// Manual: every call passes and nothing is recorded.
-    Disabled,
-    /// Manual: every call is refused.
-    ForcedOpen,
-    /// Manual: every call passes; outcomes are recorded and reported, but
-    /// the circuit never opens.
-    MetricsOnly,
+/// What the state word needs of a [`CircuitState`] (the type lives in the
+/// core, so that every crate reports one state type).
+trait StateBits: Copy {
+    fn code(self) -> u64;
+    fn from_code(code: u64) -> Self;
+    /// Whether outcomes are recorded into the windows in this state.
+    fn records(self) -> bool;
+    /// Whether the state refuses (some) calls.
+    fn refusing(self) -> bool;
 }
 
-impl CircuitState {
-    const ALL: [CircuitState; 6] = [
-        CircuitState::Closed,
-        CircuitState::Open,
-        CircuitState::HalfOpen,
-        CircuitState::Disabled,
-        CircuitState::ForcedOpen,
-        CircuitState::MetricsOnly,
-    ];
-
+impl StateBits for CircuitState {
     fn code(self) -> u64 {
-        self as u64
-    }
-
-    fn from_code(code: u64) -> Self {
-        Self::ALL[(code & STATE_MASK) as usize % Self::ALL.len()]
-    }
-
-    /// A short lower-case label (`closed`, `open`, `half_open`, `disabled`,
-    /// `forced_open`, `metrics_only`).
-    pub fn as_str(self) -> &'static str {
         match self {
-            CircuitState::Closed => "closed",
-            CircuitState::Open => "open",
-            CircuitState::HalfOpen => "half_open",
-            CircuitState::Disabled => "disabled",
-            CircuitState::ForcedOpen => "forced_open",
-            CircuitState::MetricsOnly => "metrics_only",
+            CircuitState::Closed => 0,
+            CircuitState::Open => 1,
+            CircuitState::HalfOpen => 2,
+            CircuitState::Disabled => 3,
+            CircuitState::ForcedOpen => 4,
+            CircuitState::MetricsOnly => 5,
         }
     }
 
-    /// Whether the state was set by hand (disabled, forced open, metrics only).
-    pub fn is_manual(self) -> bool {
-        matches!(
-            self,
-            CircuitState::Disabled | CircuitState::ForcedOpen | CircuitState::MetricsOnly
-        )
+    fn from_code(code: u64) -> Self {
+        match code & STATE_MASK {
+            0 => CircuitState::Closed,
+            1 => CircuitState::Open,
+            2 => CircuitState::HalfOpen,
+            3 => CircuitState::Disabled,
+            4 => CircuitState::ForcedOpen,
+            _ => CircuitState::MetricsOnly,
+        }
     }
 
-    /// Whether outcomes are recorded into the windows in this state.
     fn records(self) -> bool {
         matches!(self, CircuitState::Closed | CircuitState::MetricsOnly)
     }
 
-    /// Whether the state refuses (some) calls.
     fn refusing(self) -> bool {
         matches!(
             self,
@@ -818,7 +792,11 @@ impl Breaker {
                 state,
                 Some(retry_after),
             ),
-            Change::HalfOpen => (Event::CircuitHalfOpen { key }, CircuitState::HalfOpen, None),
+            Change::HalfOpen => (
+                Event::CircuitHalfOpened { key },
+                CircuitState::HalfOpen,
+                None,
+            ),
             Change::Closed(state) => (Event::CircuitClosed { key }, state, None),
         };
         self.shared.events.emit(&event);
@@ -934,6 +912,7 @@ pub struct CircuitSnapshot {
 
 impl CircuitSnapshot {
     /// The failure rate of the count window, else of the time window.
+    #[must_use]
     pub fn failure_rate(&self) -> Option<f64> {
         self.count_window
             .or(self.time_window)
@@ -941,6 +920,7 @@ impl CircuitSnapshot {
     }
 
     /// The slow-call rate of the count window, else of the time window.
+    #[must_use]
     pub fn slow_call_rate(&self) -> Option<f64> {
         self.count_window
             .or(self.time_window)

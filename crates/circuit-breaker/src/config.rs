@@ -40,11 +40,13 @@ pub struct TimeWindow {
 
 impl TimeWindow {
     /// A window over the last `duration`, in `buckets` buckets.
+    #[must_use]
     pub fn new(duration: Duration, buckets: u32) -> Self {
         TimeWindow { duration, buckets }
     }
 
     /// The width of one bucket.
+    #[must_use]
     pub fn bucket_width(&self) -> Duration {
         self.duration / self.buckets.max(1)
     }
@@ -371,6 +373,7 @@ impl<C: fmt::Debug> fmt::Debug for CircuitBreakerBuilder<C> {
 
 impl CircuitBreakerBuilder<McpClassifier> {
     /// A builder with every default.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -380,6 +383,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// The registry's name, shown in snapshots (one registry per layer, so
     /// name it after the upstream when there are several). Default
     /// `"circuit_breaker"`.
+    #[must_use]
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.config.name = name.into();
         self
@@ -387,6 +391,7 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Consecutive counted failures that open the circuit; `None` disables
     /// the policy. Default `Some(5)`.
+    #[must_use]
     pub fn failure_threshold(mut self, failures: impl Into<Option<u32>>) -> Self {
         self.config.failure_threshold = failures.into();
         self
@@ -395,6 +400,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// The failure rate (0–1] at or above which the circuit opens, over each
     /// enabled window; `None` disables the policy. Default `Some(0.5)`.
     /// `build` refuses anything outside (0, 1], NaN and infinities included.
+    #[must_use]
     pub fn failure_rate_threshold(mut self, rate: impl Into<Option<f64>>) -> Self {
         self.config.failure_rate_threshold = rate.into();
         self
@@ -402,6 +408,7 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// The count-based window: exactly the last `calls` recorded calls
     /// (at most [`MAX_COUNT_WINDOW`]); `None` disables it. Default `Some(20)`.
+    #[must_use]
     pub fn count_window(mut self, calls: impl Into<Option<u32>>) -> Self {
         self.config.count_window = calls.into();
         self
@@ -411,6 +418,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// refuses 0 or more than [`MAX_TIME_BUCKETS`] buckets and buckets
     /// narrower than 1 ms; any longer duration is accepted, up to
     /// `Duration::MAX` (a window that never forgets).
+    #[must_use]
     pub fn time_window(mut self, window: impl Into<Option<TimeWindow>>) -> Self {
         self.config.time_window = window.into();
         self
@@ -419,6 +427,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// A call that takes at least this long is slow; `None` tracks no slow
     /// calls. Default `None`. A slow probe reopens a half-open circuit.
     /// Must be positive; any longer value is accepted, up to `Duration::MAX`.
+    #[must_use]
     pub fn slow_call_duration(mut self, duration: impl Into<Option<Duration>>) -> Self {
         self.config.slow_call_duration = duration.into();
         self
@@ -428,12 +437,14 @@ impl<C> CircuitBreakerBuilder<C> {
     /// each enabled window (used when `slow_call_duration` is set).
     /// Default `1.0` (every call in the window slow). `build` refuses
     /// anything outside (0, 1], NaN and infinities included.
+    #[must_use]
     pub fn slow_call_rate_threshold(mut self, rate: f64) -> Self {
         self.config.slow_call_rate_threshold = rate;
         self
     }
 
     /// The number of recorded calls below which no policy trips. Default `5`.
+    #[must_use]
     pub fn minimum_calls(mut self, calls: u32) -> Self {
         self.config.minimum_calls = calls;
         self
@@ -443,6 +454,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// probe through. Default 30 s. Must be positive; any longer value is
     /// accepted, up to `Duration::MAX` (deadlines saturate: a circuit open
     /// that long stays open until closed by hand).
+    #[must_use]
     pub fn reset_timeout(mut self, timeout: Duration) -> Self {
         self.config.reset_timeout = timeout;
         self
@@ -453,6 +465,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// Must be a finite number >= 1 (`build` refuses NaN, infinities and
     /// smaller values); the growth saturates at `max_reset_timeout`, however
     /// large the multiplier.
+    #[must_use]
     pub fn reset_multiplier(mut self, multiplier: f64) -> Self {
         self.config.reset_multiplier = multiplier;
         self
@@ -462,6 +475,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// `reset_timeout`; any longer value is accepted, up to `Duration::MAX`
     /// (with jitter, open periods are still capped at it, and the check
     /// against `bounds.idle_timeout` saturates).
+    #[must_use]
     pub fn max_reset_timeout(mut self, timeout: Duration) -> Self {
         self.config.max_reset_timeout = timeout;
         self
@@ -472,12 +486,14 @@ impl<C> CircuitBreakerBuilder<C> {
     /// capped at `max_reset_timeout`), so replicas do not probe in step.
     /// In `[0, 1)`. Default `0.1`. `build` refuses anything else, NaN and
     /// infinities included.
+    #[must_use]
     pub fn jitter(mut self, jitter: f64) -> Self {
         self.config.jitter = jitter;
         self
     }
 
     /// Probes a half-open circuit admits at once. Default `1`.
+    #[must_use]
     pub fn half_open_max_calls(mut self, calls: u32) -> Self {
         self.config.half_open_max_calls = calls;
         self
@@ -485,6 +501,7 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Successful probes that close a half-open circuit (any counted failure
     /// reopens it). Default `1`.
+    #[must_use]
     pub fn success_threshold(mut self, successes: u32) -> Self {
         self.config.success_threshold = successes;
         self
@@ -508,12 +525,14 @@ impl<C> CircuitBreakerBuilder<C> {
     ///
     /// The probe's own call is not cancelled: put a timeout below the
     /// breaker (`tower::timeout`) to bound the call itself.
+    #[must_use]
     pub fn probe_timeout(mut self, timeout: Duration) -> Self {
         self.config.probe_timeout = timeout;
         self
     }
 
     /// What a breaker is kept per. Default [`KeyBy::Tool`].
+    #[must_use]
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
         self.config.key_by = key_by;
         self
@@ -524,12 +543,14 @@ impl<C> CircuitBreakerBuilder<C> {
     /// minutes evicted). The idle timeout must exceed the longest open period
     /// (`max_reset_timeout` plus jitter, saturating at `Duration::MAX`, so
     /// with a `max_reset_timeout` that long only `idle_timeout(None)` fits).
+    #[must_use]
     pub fn bounds(mut self, bounds: Bounds) -> Self {
         self.config.bounds = bounds;
         self
     }
 
     /// Where state transitions are reported. Default: nowhere.
+    #[must_use]
     pub fn events(mut self, events: Events) -> Self {
         self.events = events;
         self
@@ -537,6 +558,7 @@ impl<C> CircuitBreakerBuilder<C> {
 
     /// Where local state transitions are pushed for other replicas (see
     /// [`StateSync`]). Default: nowhere.
+    #[must_use]
     pub fn sync(mut self, sync: Arc<dyn StateSync>) -> Self {
         self.sync = Some(sync);
         self
@@ -613,6 +635,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// assert_eq!(err.field(), "tools.delete_repo.reset_timeout");
     /// # }
     /// ```
+    #[must_use]
     pub fn tool(
         mut self,
         tool: impl Into<String>,

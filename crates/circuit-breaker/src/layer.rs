@@ -22,6 +22,7 @@ pub struct CircuitBreakerLayer<C = McpClassifier> {
 
 impl CircuitBreakerLayer<McpClassifier> {
     /// A builder with every default.
+    #[must_use]
     pub fn builder() -> CircuitBreakerBuilder<McpClassifier> {
         CircuitBreakerBuilder::new()
     }

@@ -44,7 +44,7 @@
 //! sync, classifier) are the builder's alone.
 //!
 //! Transitions are reported through the core's [`Events`](toolwarden_core::Events)
-//! (`circuit_opened`, `circuit_half_open`, `circuit_closed`) and, for
+//! (`circuit_opened`, `circuit_half_opened`, `circuit_closed`) and, for
 //! sharing between replicas, through a [`StateSync`]; remote transitions
 //! come in through [`CircuitRegistry::apply_remote`] (see [`sync`]).
 //!
@@ -96,11 +96,12 @@ mod service;
 pub mod sync;
 mod window;
 
-pub use breaker::{CallTotals, CircuitSnapshot, CircuitState, RecentError, RECENT_ERRORS};
+pub use breaker::{CallTotals, CircuitSnapshot, RecentError, RECENT_ERRORS};
 pub use config::{CircuitBreakerBuilder, TimeWindow, MAX_COUNT_WINDOW, MAX_TIME_BUCKETS};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{CircuitRegistry, RegistrySnapshot};
 pub use service::CircuitBreaker;
 pub use sync::{LocalTransition, RemoteState, RemoteTransition, StateSync};
+pub use toolwarden_core::CircuitState;
 pub use window::WindowStats;

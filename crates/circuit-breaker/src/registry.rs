@@ -10,7 +10,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 use toolwarden_core::{CircuitView, Circuits, Entry, Events, Key, KeyBy, KeyRef, KeyedState};
 
-use crate::breaker::{Breaker, CircuitSnapshot, CircuitState};
+use toolwarden_core::CircuitState;
+
+use crate::breaker::{Breaker, CircuitSnapshot};
 use crate::config::Config;
 use crate::sync::{RemoteTransition, StateSync};
 
@@ -110,6 +112,7 @@ pub struct RegistrySnapshot {
 
 impl RegistrySnapshot {
     /// The circuit of `key`, if present.
+    #[must_use]
     pub fn circuit(&self, key: &str) -> Option<&CircuitSnapshot> {
         self.circuits.iter().find(|c| c.key == key)
     }
@@ -162,22 +165,26 @@ impl CircuitRegistry {
     }
 
     /// The registry's name.
+    #[must_use]
     pub fn name(&self) -> &str {
         &self.inner.shared.config.name
     }
 
     /// The number of keys held (never above the bound).
+    #[must_use]
     pub fn len(&self) -> usize {
         self.inner.breakers.len()
     }
 
     /// Whether no key is held.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.inner.breakers.is_empty()
     }
 
     /// The key a name stands for, under this registry's key function (see
     /// the type docs).
+    #[must_use]
     pub fn key_ref<'a>(&self, name: &'a str) -> KeyRef<'a> {
         if name == "(overflow)" {
             return KeyRef::Overflow;
@@ -197,6 +204,7 @@ impl CircuitRegistry {
     ///
     /// A half-open circuit whose probe has outlived its `probe_timeout` is
     /// reopened first (see [`CircuitBreakerBuilder::probe_timeout`](crate::CircuitBreakerBuilder::probe_timeout)).
+    #[must_use]
     pub fn state(&self, name: &str) -> Option<CircuitState> {
         let now = Instant::now();
         self.inner
@@ -205,6 +213,7 @@ impl CircuitRegistry {
     }
 
     /// A snapshot of one key's circuit, if the key is held.
+    #[must_use]
     pub fn circuit(&self, name: &str) -> Option<CircuitSnapshot> {
         let now = Instant::now();
         self.inner
@@ -213,6 +222,7 @@ impl CircuitRegistry {
     }
 
     /// A snapshot of every circuit.
+    #[must_use]
     pub fn snapshot(&self) -> RegistrySnapshot {
         let now = Instant::now();
         let mut circuits = Vec::with_capacity(self.len());
@@ -317,6 +327,7 @@ impl CircuitRegistry {
     ///
     /// A key past the bound is not applied (it would open the breaker every
     /// such key shares).
+    #[allow(clippy::must_use_candidate)] // applies the transition: the result is only informative
     pub fn apply_remote(&self, name: &str, transition: &RemoteTransition) -> bool {
         let key = self.key_ref(name);
         if key == KeyRef::Overflow {
@@ -328,6 +339,7 @@ impl CircuitRegistry {
 
     /// This registry as the core's [`Circuits`] view, for the fallback
     /// cache and health reports.
+    #[must_use]
     pub fn circuits(&self) -> Circuits {
         Circuits::new(Arc::new(self.clone()))
     }

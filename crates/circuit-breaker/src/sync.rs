@@ -72,7 +72,7 @@ use std::time::Duration;
 
 use toolwarden_core::Key;
 
-use crate::breaker::CircuitState;
+use toolwarden_core::CircuitState;
 
 /// Receives the transitions that happened on this replica.
 pub trait StateSync: Send + Sync + 'static {

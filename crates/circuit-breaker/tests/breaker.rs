@@ -245,7 +245,10 @@ async fn half_open_probe_closes_or_reopens_with_growing_periods() {
 
     let seen = seen.lock().unwrap();
     let opened = seen.iter().filter(|e| *e == "circuit_opened:t").count();
-    let half = seen.iter().filter(|e| *e == "circuit_half_open:t").count();
+    let half = seen
+        .iter()
+        .filter(|e| *e == "circuit_half_opened:t")
+        .count();
     let closed = seen.iter().filter(|e| *e == "circuit_closed:t").count();
     assert_eq!((opened, half, closed), (6, 5, 1), "{seen:?}");
 }

@@ -308,7 +308,7 @@ impl Model {
                 self.enter(MState::HalfOpen);
                 self.probes = 1;
                 self.probe_successes = 0;
-                self.events.push("circuit_half_open".into());
+                self.events.push("circuit_half_opened".into());
                 Ok(ticket(self.epoch, true))
             }
             MState::HalfOpen if self.probes < self.cfg.half_open_max => {

@@ -68,6 +68,7 @@ impl ToolInfo {
     }
 
     /// Sets the annotations.
+    #[must_use]
     pub fn annotations(mut self, annotations: ToolAnnotations) -> Self {
         self.annotations = annotations;
         self
@@ -160,6 +161,7 @@ impl fmt::Debug for ToolCatalog {
 
 impl ToolCatalog {
     /// An empty, untrusted catalog.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -188,11 +190,13 @@ impl ToolCatalog {
     /// catalog.insert(ToolInfo::new("search", "Searches the web"));
     /// assert_ne!(catalog.version(), before);
     /// ```
+    #[must_use]
     pub fn version(&self) -> u64 {
         self.inner.load().version
     }
 
     /// Whether annotations are trusted. Default `false`.
+    #[must_use]
     pub fn is_trusted(&self) -> bool {
         self.inner.load().trusted
     }
@@ -248,11 +252,13 @@ impl ToolCatalog {
     }
 
     /// What the catalog knows of a tool.
+    #[must_use]
     pub fn get(&self, tool: &str) -> Option<ToolInfo> {
         self.inner.load().tools.get(tool).cloned()
     }
 
     /// Every known tool, sorted by name.
+    #[must_use]
     pub fn tools(&self) -> Vec<ToolInfo> {
         let mut tools: Vec<_> = self.inner.load().tools.values().cloned().collect();
         tools.sort_by(|a, b| a.name.cmp(&b.name));
@@ -260,17 +266,20 @@ impl ToolCatalog {
     }
 
     /// The number of known tools.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.inner.load().tools.len()
     }
 
     /// Whether no tool is known.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Whether a failed call of `tool` may be made again: configured so,
     /// or trusted annotations say read-only or idempotent.
+    #[must_use]
     pub fn is_safe_to_repeat(&self, tool: &str) -> bool {
         let snap = self.inner.load();
         if let Some(safe) = snap.policies.get(tool).and_then(|p| p.safe_to_repeat) {
@@ -287,6 +296,7 @@ impl ToolCatalog {
     /// so, or trusted annotations say read-only. A tool whose annotations
     /// (trusted or not) explicitly say `destructiveHint: true` without
     /// `readOnlyHint: true` is never cacheable, whatever the configuration.
+    #[must_use]
     pub fn is_cacheable(&self, tool: &str) -> bool {
         let snap = self.inner.load();
         let info = snap.tools.get(tool);
@@ -306,6 +316,7 @@ impl ToolCatalog {
     /// Whether `tool` may change its environment destructively, with the
     /// spec's default (`true`) unless trusted annotations or configuration
     /// say otherwise.
+    #[must_use]
     pub fn is_destructive(&self, tool: &str) -> bool {
         if self.is_cacheable(tool) {
             return false;

@@ -6,6 +6,71 @@
 use std::fmt;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
+/// The state of one circuit: what the circuit breaker's registry reports
+/// and what observability tracks from circuit events. One type for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CircuitState {
+    /// Calls pass and their outcomes are recorded.
+    Closed,
+    /// Calls are refused until the open period ends.
+    Open,
+    /// A few probe calls pass; their outcomes close or reopen the circuit.
+    HalfOpen,
+    /// Manual: every call passes and nothing is recorded.
+    Disabled,
+    /// Manual: every call is refused.
+    ForcedOpen,
+    /// Manual: every call passes; outcomes are recorded and reported, but
+    /// the circuit never opens.
+    MetricsOnly,
+}
+
+impl CircuitState {
+    /// A short lower-case label (`closed`, `open`, `half_open`, `disabled`,
+    /// `forced_open`, `metrics_only`), as serialized.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+            CircuitState::Disabled => "disabled",
+            CircuitState::ForcedOpen => "forced_open",
+            CircuitState::MetricsOnly => "metrics_only",
+        }
+    }
+
+    /// Whether the state was set by hand (disabled, forced open, metrics only).
+    #[must_use]
+    pub fn is_manual(self) -> bool {
+        matches!(
+            self,
+            CircuitState::Disabled | CircuitState::ForcedOpen | CircuitState::MetricsOnly
+        )
+    }
+
+    /// The value of the `toolwarden.circuit.state` gauge by what calls
+    /// meet: 0 when they pass (closed, disabled, metrics only), 1 when
+    /// probes pass (half-open), 2 when they are refused (open, forced open).
+    #[must_use]
+    pub fn gauge_value(self) -> f64 {
+        match self {
+            CircuitState::Closed | CircuitState::Disabled | CircuitState::MetricsOnly => 0.0,
+            CircuitState::HalfOpen => 1.0,
+            CircuitState::Open | CircuitState::ForcedOpen => 2.0,
+        }
+    }
+}
+
+impl fmt::Display for CircuitState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which circuits are open. Implemented by the circuit-breaker registry.
 pub trait CircuitView: Send + Sync + 'static {
     /// Whether the circuit of `key` (a tool name with the default key
@@ -22,6 +87,7 @@ pub struct Circuits(Option<Arc<dyn CircuitView>>);
 
 impl Circuits {
     /// No view: every circuit reads as closed.
+    #[must_use]
     pub fn none() -> Self {
         Circuits(None)
     }
@@ -32,11 +98,13 @@ impl Circuits {
     }
 
     /// Whether `key` is open (false without a view).
+    #[must_use]
     pub fn is_open(&self, key: &str) -> bool {
         self.0.as_ref().is_some_and(|v| v.is_open(key))
     }
 
     /// Every open key (empty without a view).
+    #[must_use]
     pub fn open_keys(&self) -> Vec<String> {
         self.0.as_ref().map(|v| v.open_keys()).unwrap_or_default()
     }

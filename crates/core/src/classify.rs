@@ -101,6 +101,7 @@ pub fn outcome_seal() -> &'static str {
 }
 
 /// The sealed [`OUTCOME_META_KEY`] mark of `outcome`.
+#[must_use]
 pub fn outcome_mark(outcome: &Outcome) -> Value {
     let mut mark = serde_json::Map::new();
     mark.insert("kind".into(), Value::from(outcome.kind.as_str()));
@@ -160,6 +161,7 @@ pub enum FailureClass {
 
 impl FailureClass {
     /// A short lower-case label.
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             FailureClass::Transient => "transient",
@@ -169,6 +171,7 @@ impl FailureClass {
     }
 
     /// The class a label of [`as_str`](Self::as_str) names.
+    #[must_use]
     pub fn parse(label: &str) -> Option<Self> {
         [
             FailureClass::Transient,
@@ -209,6 +212,7 @@ impl OutcomeKind {
     ];
 
     /// A short lower-case label, used as the `outcome` metric label.
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             OutcomeKind::Success => "success",
@@ -221,6 +225,7 @@ impl OutcomeKind {
     }
 
     /// The kind a label of [`as_str`](Self::as_str) names.
+    #[must_use]
     pub fn parse(label: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.as_str() == label)
     }
@@ -253,6 +258,7 @@ impl Outcome {
     };
 
     /// A failure of `kind` and `class`.
+    #[must_use]
     pub fn failure(kind: OutcomeKind, class: FailureClass) -> Self {
         Outcome {
             kind,
@@ -274,12 +280,14 @@ impl Outcome {
     }
 
     /// Whether the call succeeded.
+    #[must_use]
     pub fn is_success(&self) -> bool {
         self.kind == OutcomeKind::Success
     }
 
     /// Whether the tool (or server) is to blame: a `Transient` or `Server`
     /// failure that no toolwarden layer produced. Circuit breakers count only these.
+    #[must_use]
     pub fn is_counted_failure(&self) -> bool {
         self.kind != OutcomeKind::Rejected
             && matches!(
@@ -289,11 +297,13 @@ impl Outcome {
     }
 
     /// Whether a toolwarden layer refused the call.
+    #[must_use]
     pub fn is_rejection(&self) -> bool {
         self.kind == OutcomeKind::Rejected
     }
 
     /// The OpenTelemetry `error.type` of the outcome: `None` on success.
+    #[must_use]
     pub fn error_type(&self) -> Option<&'static str> {
         (!self.is_success()).then(|| self.kind.as_str())
     }
@@ -413,12 +423,14 @@ impl Default for McpClassifier {
 
 impl McpClassifier {
     /// The default classifier.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// How to classify an empty `tools/call` result: a failure of `class`,
     /// or a success with `None`. Default: `Some(FailureClass::Server)`.
+    #[must_use]
     pub fn empty_result(mut self, class: Option<FailureClass>) -> Self {
         self.empty_result = class;
         self.repack()
@@ -426,6 +438,7 @@ impl McpClassifier {
 
     /// The longest retry-after hint reported; longer hints are clamped to
     /// it. Default [`DEFAULT_MAX_RETRY_AFTER`] (1 hour).
+    #[must_use]
     pub fn max_retry_after(mut self, max: Duration) -> Self {
         self.max_retry_after = max;
         self.repack()
@@ -442,6 +455,7 @@ impl McpClassifier {
     /// through [`McpResponse`]'s methods (which remove the mark): the
     /// standard stack turns it on for its layers, which it puts together
     /// itself. Off by default.
+    #[must_use]
     pub fn share_outcomes(mut self, share: bool) -> Self {
         self.share = share;
         self.repack()
@@ -518,6 +532,7 @@ impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
 
 /// Classifies a JSON-RPC error code (with its `data`, for a retry-after hint,
 /// clamped to [`DEFAULT_MAX_RETRY_AFTER`]).
+#[must_use]
 pub fn classify_rpc_error(code: i64, data: Option<&Value>) -> Outcome {
     rpc_error_outcome(code, data, DEFAULT_MAX_RETRY_AFTER)
 }
@@ -535,6 +550,7 @@ fn rpc_error_outcome(code: i64, data: Option<&Value>, max: Duration) -> Outcome 
 }
 
 /// The failure class of a JSON-RPC error code.
+#[must_use]
 pub fn class_of_code(c: i64) -> FailureClass {
     match c {
         code::PARSE_ERROR
@@ -562,6 +578,7 @@ pub fn class_of_code(c: i64) -> FailureClass {
 /// assert_eq!(retry_after_from_data(&serde_json::json!({"retryAfter": 1e20})), Some(DEFAULT_MAX_RETRY_AFTER));
 /// assert_eq!(retry_after_from_data(&serde_json::json!({"retryAfter": -3})), None);
 /// ```
+#[must_use]
 pub fn retry_after_from_data(data: &Value) -> Option<Duration> {
     retry_after_within(data, DEFAULT_MAX_RETRY_AFTER)
 }
@@ -583,6 +600,7 @@ fn retry_after_within(data: &Value, max: Duration) -> Option<Duration> {
 /// `secs` seconds as a `Duration` no longer than `max`; `None` for a
 /// negative or NaN value. Never panics: `Duration::from_secs_f64` would, on
 /// a value past `u64::MAX` seconds.
+#[must_use]
 pub fn clamped_secs(secs: f64, max: Duration) -> Option<Duration> {
     if secs.is_nan() || secs < 0.0 {
         return None;
@@ -604,6 +622,7 @@ pub fn clamped_secs(secs: f64, max: Duration) -> Option<Duration> {
 /// assert_eq!(retry_after_from_header("99999999999999999999", now), Some(Duration::from_secs(3600)));
 /// assert_eq!(retry_after_from_header("soon", now), None);
 /// ```
+#[must_use]
 pub fn retry_after_from_header(value: &str, now: SystemTime) -> Option<Duration> {
     let value = value.trim();
     if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
@@ -687,6 +706,7 @@ const CLIENT_TEXT: &[&str] = &[
 ///     Some(std::time::Duration::from_secs(30)),
 /// );
 /// ```
+#[must_use]
 pub fn classify_error_text(text: &str) -> Outcome {
     error_text_outcome(text, DEFAULT_MAX_RETRY_AFTER)
 }

@@ -19,7 +19,17 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// One resilience event.
+/// One resilience event: a fact, named in the past tense, about the call or
+/// key in `key` (the tool name with the default key function; the breaker or
+/// limiter key, the method for calls that name no tool).
+///
+/// An event that reports a refusal is named like the [`Rejection`] the
+/// caller receives: [`CircuitOpened`](Event::CircuitOpened) for
+/// [`CircuitOpen`](crate::CircuitOpen), [`RateLimited`](Event::RateLimited),
+/// [`RetryBudgetExhausted`](Event::RetryBudgetExhausted) and
+/// [`LoopDetected`](Event::LoopDetected).
+///
+/// [`Rejection`]: crate::Rejection
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event<'a> {
@@ -30,8 +40,8 @@ pub enum Event<'a> {
         /// How long it stays open before a probe.
         retry_after: Duration,
     },
-    /// A circuit let its first probe through.
-    CircuitHalfOpen {
+    /// A circuit half-opened: it let its first probe through.
+    CircuitHalfOpened {
         /// The breaker key.
         key: &'a str,
     },
@@ -47,85 +57,90 @@ pub enum Event<'a> {
         /// When a token is available.
         retry_after: Duration,
     },
-    /// A failed call is retried.
-    Retry {
+    /// A failed call was retried.
+    Retried {
         /// The tool or method.
-        tool: &'a str,
+        key: &'a str,
         /// The attempt about to be made (2 for the first retry).
         attempt: u32,
         /// The backoff before it.
         delay: Duration,
     },
     /// A retry was refused because the retry budget is spent.
-    BudgetExhausted {
+    RetryBudgetExhausted {
         /// The tool or method.
-        tool: &'a str,
+        key: &'a str,
     },
     /// A call repeated often enough to be close to blocking.
     LoopWarned {
         /// The tool.
-        tool: &'a str,
+        key: &'a str,
         /// Repeats seen so far.
         repeats: u32,
     },
-    /// A repeated call was blocked.
-    LoopBlocked {
+    /// A repeated call was detected and refused.
+    LoopDetected {
         /// The tool.
-        tool: &'a str,
+        key: &'a str,
         /// Repeats seen, this one included.
         repeats: u32,
     },
     /// A stale cached result was served for a failed call.
     StaleServed {
         /// The tool.
-        tool: &'a str,
+        key: &'a str,
         /// The age of the result served.
         age: Duration,
     },
     /// A failed call was answered with a structured error result.
     Degraded {
         /// The tool.
-        tool: &'a str,
+        key: &'a str,
     },
     /// Shared state could not be synchronised with another replica.
-    SyncError {
+    SyncFailed {
         /// What failed.
         detail: &'a str,
     },
 }
 
 impl Event<'_> {
-    /// The event's name, used as the `event` metric label.
+    /// The event's name, used as the `event` metric label: the variant in
+    /// snake case (`circuit_opened`, `circuit_half_opened`, `circuit_closed`,
+    /// `rate_limited`, `retried`, `retry_budget_exhausted`, `loop_warned`,
+    /// `loop_detected`, `stale_served`, `degraded`, `sync_failed`).
+    #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
             Event::CircuitOpened { .. } => "circuit_opened",
-            Event::CircuitHalfOpen { .. } => "circuit_half_open",
+            Event::CircuitHalfOpened { .. } => "circuit_half_opened",
             Event::CircuitClosed { .. } => "circuit_closed",
             Event::RateLimited { .. } => "rate_limited",
-            Event::Retry { .. } => "retry",
-            Event::BudgetExhausted { .. } => "budget_exhausted",
+            Event::Retried { .. } => "retried",
+            Event::RetryBudgetExhausted { .. } => "retry_budget_exhausted",
             Event::LoopWarned { .. } => "loop_warned",
-            Event::LoopBlocked { .. } => "loop_blocked",
+            Event::LoopDetected { .. } => "loop_detected",
             Event::StaleServed { .. } => "stale_served",
             Event::Degraded { .. } => "degraded",
-            Event::SyncError { .. } => "sync_error",
+            Event::SyncFailed { .. } => "sync_failed",
         }
     }
 
-    /// The tool or key the event is about, if any.
+    /// The tool or key the event is about (its `key`), if any.
+    #[must_use]
     pub fn subject(&self) -> Option<&str> {
         match self {
             Event::CircuitOpened { key, .. }
-            | Event::CircuitHalfOpen { key }
+            | Event::CircuitHalfOpened { key }
             | Event::CircuitClosed { key }
-            | Event::RateLimited { key, .. } => Some(key),
-            Event::Retry { tool, .. }
-            | Event::BudgetExhausted { tool }
-            | Event::LoopWarned { tool, .. }
-            | Event::LoopBlocked { tool, .. }
-            | Event::StaleServed { tool, .. }
-            | Event::Degraded { tool } => Some(tool),
-            Event::SyncError { .. } => None,
+            | Event::RateLimited { key, .. }
+            | Event::Retried { key, .. }
+            | Event::RetryBudgetExhausted { key }
+            | Event::LoopWarned { key, .. }
+            | Event::LoopDetected { key, .. }
+            | Event::StaleServed { key, .. }
+            | Event::Degraded { key } => Some(key),
+            Event::SyncFailed { .. } => None,
         }
     }
 }
@@ -153,16 +168,19 @@ pub struct Events {
 
 impl Events {
     /// No sinks.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Adds a sink.
+    #[must_use]
     pub fn with(self, sink: impl EventSink) -> Self {
         self.with_arc(Arc::new(sink))
     }
 
     /// Adds a shared sink.
+    #[must_use]
     pub fn with_arc(self, sink: Arc<dyn EventSink>) -> Self {
         let mut sinks: Vec<_> = self.sinks.iter().cloned().collect();
         sinks.push(sink);
@@ -172,6 +190,7 @@ impl Events {
     }
 
     /// Merges two sets of sinks.
+    #[must_use]
     pub fn merge(&self, other: &Events) -> Self {
         let sinks: Vec<_> = self
             .sinks
@@ -185,6 +204,7 @@ impl Events {
     }
 
     /// Whether any sink is installed.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.sinks.is_empty()
     }

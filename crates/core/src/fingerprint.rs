@@ -53,6 +53,7 @@ pub struct Fingerprint(pub u128);
 
 impl Fingerprint {
     /// The low 64 bits, for in-process maps.
+    #[must_use]
     pub fn as_u64(self) -> u64 {
         self.0 as u64
     }
@@ -78,6 +79,7 @@ impl fmt::Display for Fingerprint {
 /// );
 /// assert_ne!(fingerprint("search", a.as_object()), fingerprint("fetch", a.as_object()));
 /// ```
+#[must_use]
 pub fn fingerprint(tool: &str, arguments: Option<&Map<String, Value>>) -> Fingerprint {
     let mut sink = Sink::new();
     sink.write(MAGIC);
@@ -93,6 +95,7 @@ pub fn fingerprint(tool: &str, arguments: Option<&Map<String, Value>>) -> Finger
 
 /// Computes the fingerprint of any JSON value (the `arguments` of a call
 /// that is not an object hashes through this, too).
+#[must_use]
 pub fn fingerprint_value(tool: &str, arguments: &Value) -> Fingerprint {
     let mut sink = Sink::new();
     sink.write(MAGIC);

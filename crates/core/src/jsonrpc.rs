@@ -186,6 +186,7 @@ impl Request {
     }
 
     /// Serialises the request to its wire form.
+    #[must_use]
     pub fn to_value(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("jsonrpc".into(), Value::from(JSONRPC_VERSION));
@@ -209,6 +210,7 @@ pub struct Notification {
 
 impl Notification {
     /// Serialises the notification to its wire form.
+    #[must_use]
     pub fn to_value(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("jsonrpc".into(), Value::from(JSONRPC_VERSION));
@@ -275,6 +277,7 @@ impl PartialEq for Response {
 
 impl Response {
     /// A successful response.
+    #[must_use]
     pub fn result(id: Id, result: Value) -> Self {
         Response {
             id,
@@ -284,6 +287,7 @@ impl Response {
     }
 
     /// An error response.
+    #[must_use]
     pub fn error(id: Id, error: ErrorObject) -> Self {
         Response {
             id,
@@ -294,6 +298,7 @@ impl Response {
 
     /// The mark a sharing classifier left on this response, if it found it
     /// a success.
+    #[must_use]
     pub fn success_key(&self) -> Option<crate::classify::SuccessKey> {
         self.success
     }
@@ -305,6 +310,7 @@ impl Response {
     }
 
     /// Serialises the response to its wire form.
+    #[must_use]
     pub fn to_value(&self) -> Value {
         let mut obj = Map::new();
         obj.insert("jsonrpc".into(), Value::from(JSONRPC_VERSION));
@@ -364,6 +370,7 @@ impl MessageError {
     }
 
     /// The error response to send back.
+    #[must_use]
     pub fn to_response(&self) -> Response {
         Response::error(self.id.clone(), self.error.clone())
     }
@@ -461,6 +468,7 @@ impl Message {
     }
 
     /// Serialises the message to its wire form.
+    #[must_use]
     pub fn to_value(&self) -> Value {
         match self {
             Message::Request(r) => r.to_value(),

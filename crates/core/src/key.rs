@@ -43,6 +43,7 @@ pub enum KeyRef<'a> {
 
 impl Key {
     /// Borrows the key.
+    #[must_use]
     pub fn as_key_ref(&self) -> KeyRef<'_> {
         match self {
             Key::Server => KeyRef::Server,
@@ -54,6 +55,7 @@ impl Key {
     }
 
     /// A tool key.
+    #[must_use]
     pub fn tool(name: &str) -> Self {
         Key::Tool(name.into())
     }
@@ -61,6 +63,7 @@ impl Key {
 
 impl KeyRef<'_> {
     /// Copies the key into an owned [`Key`].
+    #[must_use]
     pub fn to_key(&self) -> Key {
         match self {
             KeyRef::Server => Key::Server,

@@ -49,11 +49,13 @@ struct Slot<V> {
 
 impl<V> Entry<V> {
     /// The key this entry belongs to ([`Key::Overflow`] for the overflow entry).
+    #[must_use]
     pub fn key(&self) -> &Key {
         &self.slot.key
     }
 
     /// Whether this is the shared overflow entry.
+    #[must_use]
     pub fn is_overflow(&self) -> bool {
         self.slot.key == Key::Overflow
     }
@@ -103,6 +105,7 @@ impl Default for Bounds {
 
 impl Bounds {
     /// Bounds of at most `max_keys` keys and the default idle timeout.
+    #[must_use]
     pub fn max_keys(max_keys: usize) -> Self {
         Bounds {
             max_keys,
@@ -111,6 +114,7 @@ impl Bounds {
     }
 
     /// Sets the idle timeout.
+    #[must_use]
     pub fn idle_timeout(mut self, idle_timeout: Option<Duration>) -> Self {
         self.idle_timeout = idle_timeout;
         self
@@ -207,6 +211,7 @@ impl<V> KeyedState<V> {
     /// The entry of `key`, created when new; the overflow entry when the
     /// container is full.
     #[inline]
+    #[allow(clippy::must_use_candidate)] // creates the key: callers may call it for that alone
     pub fn entry(&self, key: KeyRef<'_>) -> Entry<V> {
         if let Some(entry) = self.get(&key) {
             return entry;
@@ -217,6 +222,7 @@ impl<V> KeyedState<V> {
     /// The entry of `key`, if it exists (never the overflow entry, unless
     /// asked for [`KeyRef::Overflow`]).
     #[inline]
+    #[allow(clippy::must_use_candidate)] // refreshes the key's idle time: callers may call it for that alone
     pub fn get(&self, key: &KeyRef<'_>) -> Option<Entry<V>> {
         if *key == KeyRef::Overflow {
             return Some(self.inner.overflow.clone());
@@ -318,6 +324,7 @@ impl<V> KeyedState<V> {
     }
 
     /// Removes one key. Returns whether it was there.
+    #[must_use]
     pub fn remove(&self, key: &KeyRef<'_>) -> bool {
         let removed = self.inner.map.pin().remove(key).is_some();
         if removed {
@@ -327,26 +334,31 @@ impl<V> KeyedState<V> {
     }
 
     /// The number of keys (the overflow entry not counted). Never above `max_keys`.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.inner.len.load(Ordering::Acquire)
     }
 
     /// Whether there are no keys.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// The bounds.
+    #[must_use]
     pub fn bounds(&self) -> Bounds {
         self.inner.bounds
     }
 
     /// The shared overflow entry.
+    #[must_use]
     pub fn overflow(&self) -> &Entry<V> {
         &self.inner.overflow
     }
 
     /// Every entry (the overflow entry not included), for snapshots.
+    #[must_use]
     pub fn entries(&self) -> Vec<Entry<V>> {
         self.inner
             .map
@@ -378,6 +390,7 @@ impl<V> KeyedState<V> {
 
     /// Creates a fresh value for `key` with the container's factory,
     /// without inserting it.
+    #[must_use]
     pub fn make_value(&self, key: &Key) -> V {
         (self.inner.make)(key)
     }

@@ -46,6 +46,7 @@ pub mod fingerprint;
 pub mod jsonrpc;
 pub mod key;
 pub mod keyed;
+pub mod overrides;
 pub mod rejection;
 pub mod request;
 #[cfg(feature = "rmcp")]
@@ -56,12 +57,13 @@ pub mod testing;
 use std::fmt;
 
 pub use catalog::{ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy};
-pub use circuits::{CircuitView, Circuits};
+pub use circuits::{CircuitState, CircuitView, Circuits};
 pub use classify::{CallKind, Classify, FailureClass, McpClassifier, Outcome, OutcomeKind};
 pub use events::{Event, EventSink, Events};
 pub use fingerprint::{fingerprint, Fingerprint};
 pub use key::{Key, KeyBy, KeyRef};
 pub use keyed::{Bounds, Entry, KeyedState};
+pub use overrides::{Overridable, ToolOverrides};
 pub use rejection::{
     CircuitOpen, FailureReport, LoopDetected, LoopPattern, RateLimited, Rejection,
     RetryBudgetExhausted,
@@ -91,16 +93,19 @@ impl ConfigError {
     }
 
     /// The name of the bad field (for cross-field checks, the fields, comma-separated).
+    #[must_use]
     pub fn field(&self) -> &str {
         &self.field
     }
 
     /// Why it was refused.
+    #[must_use]
     pub fn reason(&self) -> &str {
         &self.reason
     }
 
     /// Prefixes the field with a section name (`retry` + `max_attempts` → `retry.max_attempts`).
+    #[must_use]
     pub fn in_section(mut self, section: &str) -> Self {
         self.field = format!("{section}.{}", self.field);
         self

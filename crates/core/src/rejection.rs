@@ -89,6 +89,7 @@ impl CircuitOpen {
     }
 
     /// The breaker key (the tool name with the default key function).
+    #[must_use]
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -140,6 +141,7 @@ impl RateLimited {
     }
 
     /// The limiter key (`global`, or the tool name by default).
+    #[must_use]
     pub fn key(&self) -> &str {
         &self.key
     }
@@ -207,16 +209,19 @@ impl LoopDetected {
     }
 
     /// The tool whose call was refused.
+    #[must_use]
     pub fn tool(&self) -> &str {
         &self.tool
     }
 
     /// How many times the call (or cycle) was seen, this one included.
+    #[must_use]
     pub fn repeats(&self) -> u32 {
         self.repeats
     }
 
     /// What was repeated.
+    #[must_use]
     pub fn pattern(&self) -> LoopPattern {
         self.pattern
     }
@@ -277,11 +282,13 @@ impl RetryBudgetExhausted {
     }
 
     /// The budget key.
+    #[must_use]
     pub fn key(&self) -> &str {
         &self.key
     }
 
     /// The attempts made before the budget ran out.
+    #[must_use]
     pub fn attempts(&self) -> u32 {
         self.attempts
     }
@@ -374,6 +381,7 @@ impl FailureReport {
     }
 
     /// Records the classified outcome.
+    #[must_use]
     pub fn outcome(mut self, outcome: Outcome) -> Self {
         if self.retry_after.is_none() {
             self.retry_after = outcome.retry_after;
@@ -383,12 +391,14 @@ impl FailureReport {
     }
 
     /// Records how many attempts were made.
+    #[must_use]
     pub fn attempts(mut self, attempts: u32) -> Self {
         self.attempts = Some(attempts);
         self
     }
 
     /// Suggests other tools, best first.
+    #[must_use]
     pub fn alternatives<I, S>(mut self, tools: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -399,6 +409,7 @@ impl FailureReport {
     }
 
     /// The sentence the model reads.
+    #[must_use]
     pub fn message(&self) -> String {
         let mut text = self.message.clone();
         if self.layer.is_none() {
@@ -429,6 +440,7 @@ impl FailureReport {
     /// [`outcome`](Self::outcome)) also carries the sealed
     /// [`OUTCOME_META_KEY`](crate::classify::OUTCOME_META_KEY) mark in
     /// `_meta`, so the classifier reads the result as the failure it was.
+    #[must_use]
     pub fn to_tool_result(&self) -> Value {
         let mut facts = Map::new();
         facts.insert("tool".into(), Value::from(self.tool.as_str()));

@@ -86,6 +86,7 @@ pub struct SessionKey(pub std::sync::Arc<str>);
 
 impl SessionKey {
     /// The key as a string.
+    #[must_use]
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -422,6 +423,7 @@ pub mod tool_result {
 
     /// Whether `result` is empty: no content (or only `null`, `{}`, `[]` and
     /// whitespace texts) and no structured content.
+    #[must_use]
     pub fn is_empty(result: &Value) -> bool {
         let Some(obj) = result.as_object() else {
             return is_blank_value(result);
@@ -431,6 +433,7 @@ pub mod tool_result {
 
     /// [`McpResponse::tool_result_status`](super::McpResponse::tool_result_status)
     /// of a result held as JSON, in one walk over its members.
+    #[must_use]
     pub fn status(result: &Value) -> ToolResultStatus {
         let Some(obj) = result.as_object() else {
             return if is_blank_value(result) {
@@ -508,6 +511,7 @@ pub mod tool_result {
     }
 
     /// The first text content item of `result`.
+    #[must_use]
     pub fn first_text(result: &Value) -> Option<&str> {
         result
             .get("content")?

@@ -34,27 +34,32 @@ pub enum Step {
 
 impl Step {
     /// A successful text result.
+    #[must_use]
     pub fn ok(text: &str) -> Self {
         Step::Result(text_result(text))
     }
 
     /// An `isError: true` result with `text` (server-everything reports an
     /// unknown tool as `MCP error -32602: Tool nope not found`).
+    #[must_use]
     pub fn tool_error(text: &str) -> Self {
         Step::Result(json!({"content": [{"type": "text", "text": text}], "isError": true}))
     }
 
     /// A JSON-RPC error.
+    #[must_use]
     pub fn rpc_error(code: i64, message: &str) -> Self {
         Step::RpcError(ErrorObject::new(code, message))
     }
 
     /// A closed connection.
+    #[must_use]
     pub fn closed() -> Self {
         Step::Transport(TransportErrorKind::Closed)
     }
 
     /// Delays this step.
+    #[must_use]
     pub fn after(self, latency: Duration) -> Self {
         Step::Latency(latency, Box::new(self))
     }
@@ -85,6 +90,7 @@ where
 }
 
 /// A `tools/call` result with one text item.
+#[must_use]
 pub fn text_result(text: &str) -> Value {
     json!({"content": [{"type": "text", "text": text}], "isError": false})
 }
@@ -122,6 +128,7 @@ pub struct MockMcp {
 
 impl MockMcp {
     /// A mock that answers every tool with success.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -131,6 +138,7 @@ impl MockMcp {
     }
 
     /// Queues steps for `tool`.
+    #[must_use]
     pub fn script(self, tool: &str, steps: impl IntoIterator<Item = Step>) -> Self {
         self.push(tool, steps);
         self
@@ -146,6 +154,7 @@ impl MockMcp {
     }
 
     /// Sets the step `tool` repeats once its queue is empty.
+    #[must_use]
     pub fn default_step(self, tool: &str, step: Step) -> Self {
         self.set_default(tool, step);
         self
@@ -157,21 +166,25 @@ impl MockMcp {
     }
 
     /// Calls that reached the mock for `tool`.
+    #[must_use]
     pub fn calls(&self, tool: &str) -> usize {
         self.lock().calls.get(tool).copied().unwrap_or(0)
     }
 
     /// Calls that reached the mock, for every tool.
+    #[must_use]
     pub fn total_calls(&self) -> usize {
         self.lock().calls.values().sum()
     }
 
     /// Every request received, in order.
+    #[must_use]
     pub fn requests(&self) -> Vec<Request> {
         self.lock().log.clone()
     }
 
     /// Calls started and not yet finished (a dropped call counts as finished).
+    #[must_use]
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::SeqCst)
     }
@@ -280,6 +293,7 @@ impl<S> ReadyChecked<S> {
     }
 
     /// Answers `Pending` (and wakes at once) on the first poll of each readiness.
+    #[must_use]
     pub fn pending_first(mut self) -> Self {
         self.pending_first = true;
         self

@@ -182,7 +182,10 @@ impl<C> CallContext<C> {
                         "alternatives": alternatives,
                     }),
                 );
-                self.shared.config.events.emit(&Event::Degraded { tool });
+                self.shared
+                    .config
+                    .events
+                    .emit(&Event::Degraded { key: tool });
             }
         }
         Ok(response)
@@ -232,7 +235,7 @@ impl<C> CallContext<C> {
             STALE_META_KEY,
             json!({"stale": true, "ageSeconds": age.as_secs(), "reason": reason}),
         );
-        config.events.emit(&Event::StaleServed { tool, age });
+        config.events.emit(&Event::StaleServed { key: tool, age });
         Some(response)
     }
 
@@ -244,7 +247,10 @@ impl<C> CallContext<C> {
             report = report.attempts(exhausted.attempts());
         }
         let report = report.alternatives(self.alternatives(&outcome));
-        self.shared.config.events.emit(&Event::Degraded { tool });
+        self.shared
+            .config
+            .events
+            .emit(&Event::Degraded { key: tool });
         T::from_tool_result(self.id.as_ref(), report.to_tool_result())
     }
 

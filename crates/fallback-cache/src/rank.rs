@@ -55,6 +55,7 @@ pub const MAX_ARGUMENT_TEXT: usize = 128;
 /// assert_eq!(tokenize("get-weather"), ["get", "weather"]);
 /// assert_eq!(tokenize("listHTTPServers for a user"), ["list", "http", "server", "user"]);
 /// ```
+#[must_use]
 pub fn tokenize(text: &str) -> Vec<String> {
     let mut terms = Vec::new();
     for_each_term(text, |t| terms.push(t));
@@ -119,6 +120,7 @@ fn fold_plural(mut term: String) -> String {
 /// let args = json!({"query": "tokio timeout", "_meta": {"progressToken": 1}});
 /// assert_eq!(argument_text(args.as_object().unwrap()), "query tokio timeout");
 /// ```
+#[must_use]
 pub fn argument_text(arguments: &Map<String, Value>) -> String {
     let mut text = String::new();
     push_argument_text(&mut text, arguments, MAX_ARGUMENT_TEXT);
@@ -265,16 +267,19 @@ impl AlternativeRanker {
     }
 
     /// Indexes every tool the catalog knows.
+    #[must_use]
     pub fn from_catalog(catalog: &ToolCatalog) -> Self {
         Self::new(&catalog.tools())
     }
 
     /// The number of indexed tools.
+    #[must_use]
     pub fn len(&self) -> usize {
         self.tools.len()
     }
 
     /// Whether no tool is indexed.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.tools.is_empty()
     }

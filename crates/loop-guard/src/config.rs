@@ -82,6 +82,7 @@ impl Default for ToolLimits {
 
 impl ToolLimits {
     /// The default limits: `max_failing_repeats` 3, `max_repeats` 8, cycles detected.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -90,6 +91,7 @@ impl ToolLimits {
     /// calls are never a loop (`max_repeats: None`) and its calls never make
     /// up a cycle (`cycles: false`), but identical calls that keep failing
     /// are still blocked after the default 3 failures.
+    #[must_use]
     pub fn polling() -> Self {
         ToolLimits {
             max_repeats: None,
@@ -302,6 +304,7 @@ impl Default for LoopGuardBuilder {
 
 impl LoopGuardBuilder {
     /// A builder with every default.
+    #[must_use]
     pub fn new() -> Self {
         LoopGuardBuilder {
             limits: ToolLimits::default(),
@@ -325,6 +328,7 @@ impl<C> LoopGuardBuilder<C> {
     /// [`ToolLimits::new()`]: the 4th identical call after 3 failures is
     /// blocked, so is the 9th identical call whatever the outcomes, and
     /// cycles are detected.
+    #[must_use]
     pub fn limits(mut self, limits: ToolLimits) -> Self {
         self.limits = limits;
         self
@@ -333,6 +337,7 @@ impl<C> LoopGuardBuilder<C> {
     /// Gives `tool` limits of its own, replacing the layer's (see
     /// [`ToolLimits`]). Default: none. A tool may not be both exempt and
     /// given limits; given twice, the last limits win.
+    #[must_use]
     pub fn tool_limits(mut self, tool: impl Into<String>, limits: ToolLimits) -> Self {
         self.tools.push((tool.into(), ToolRule::Limits(limits)));
         self
@@ -342,6 +347,7 @@ impl<C> LoopGuardBuilder<C> {
     /// they neither count towards another call's streak nor clear it, and
     /// they never take part in a cycle. For tools that are polled on
     /// purpose (`job_status`, `wait`). Default: none.
+    #[must_use]
     pub fn exempt(mut self, tool: impl Into<String>) -> Self {
         self.tools.push((tool.into(), ToolRule::Exempt));
         self
@@ -350,6 +356,7 @@ impl<C> LoopGuardBuilder<C> {
     /// The longest cycle looked for: cycles of 2 to `max_period` distinct
     /// calls (A, B, A, B, ... or A, B, C, A, B, C, ...). Default 3; at most
     /// 8. Cycle detection is turned off through [`ToolLimits::cycles`].
+    #[must_use]
     pub fn max_cycle_period(mut self, max_period: usize) -> Self {
         self.max_cycle_period = max_period;
         self
@@ -359,6 +366,7 @@ impl<C> LoopGuardBuilder<C> {
     /// more round is blocked. Default 3: A, B, A, B, A, B passes (with a
     /// warning on the 6th call), the next A is blocked. At least 2, and
     /// `max_cycle_period × max_cycle_repeats` must not exceed `window_calls`.
+    #[must_use]
     pub fn max_cycle_repeats(mut self, rounds: u32) -> Self {
         self.max_cycle_repeats = rounds;
         self
@@ -366,12 +374,14 @@ impl<C> LoopGuardBuilder<C> {
 
     /// How many recent calls each session remembers. Default 16; between 2
     /// and 1024. Each session holds exactly this many 32-byte records.
+    #[must_use]
     pub fn window_calls(mut self, calls: usize) -> Self {
         self.window_calls = calls;
         self
     }
 
     /// How long a call is remembered. Default 5 minutes; must be positive.
+    #[must_use]
     pub fn window_time(mut self, window: Duration) -> Self {
         self.window_time = window;
         self
@@ -380,6 +390,7 @@ impl<C> LoopGuardBuilder<C> {
     /// The maximum number of sessions with a history of their own. Default
     /// 10 000; at least 1. Past it, new sessions share one overflow
     /// history, so their calls count together (see the crate docs).
+    #[must_use]
     pub fn max_sessions(mut self, max: usize) -> Self {
         self.max_sessions = max;
         self
@@ -389,6 +400,7 @@ impl<C> LoopGuardBuilder<C> {
     /// sessions until the bound pushes new ones into the overflow history.
     /// When set, it must be at least `window_time` (a shorter one would
     /// forget calls still inside the window).
+    #[must_use]
     pub fn session_idle_timeout(mut self, idle: Option<Duration>) -> Self {
         self.session_idle_timeout = idle;
         self
@@ -402,6 +414,7 @@ impl<C> LoopGuardBuilder<C> {
     /// identical call succeeds in any session of the guard, when the tool's
     /// circuit closes (see [`circuits`](Self::circuits)), or when another
     /// call of the session succeeds.
+    #[must_use]
     pub fn refusal_cooldown(mut self, cooldown: Duration) -> Self {
         self.refusal_cooldown = cooldown;
         self
@@ -412,14 +425,16 @@ impl<C> LoopGuardBuilder<C> {
     /// circuit was open lifts once it no longer refuses calls. Default
     /// [`Circuits::none()`]: every circuit reads as closed, so this way of
     /// lifting never applies.
+    #[must_use]
     pub fn circuits(mut self, circuits: Circuits) -> Self {
         self.circuits = circuits;
         self
     }
 
     /// Where warnings ([`Event::LoopWarned`](toolwarden_core::Event::LoopWarned))
-    /// and blocks ([`Event::LoopBlocked`](toolwarden_core::Event::LoopBlocked))
+    /// and blocks ([`Event::LoopDetected`](toolwarden_core::Event::LoopDetected))
     /// are reported. Default: nowhere.
+    #[must_use]
     pub fn events(mut self, events: Events) -> Self {
         self.events = events;
         self

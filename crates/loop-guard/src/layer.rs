@@ -38,11 +38,13 @@ pub struct LoopGuardLayer<C = McpClassifier> {
 
 impl LoopGuardLayer {
     /// A layer with every default (see [`LoopGuardBuilder`]).
+    #[must_use]
     pub fn new() -> Self {
         Self::from_config(LoopGuardConfig::default())
     }
 
     /// A builder, starting from every default.
+    #[must_use]
     pub fn builder() -> LoopGuardBuilder {
         LoopGuardBuilder::new()
     }

@@ -76,7 +76,7 @@
 //! The call one short of rules 2–4 passes, and emits
 //! [`Event::LoopWarned`](toolwarden_core::Event::LoopWarned) (the 3rd
 //! failing call, the 8th repeat, the call completing the 3rd round); a
-//! blocked call emits [`Event::LoopBlocked`](toolwarden_core::Event::LoopBlocked).
+//! blocked call emits [`Event::LoopDetected`](toolwarden_core::Event::LoopDetected).
 //! Both carry the repeats counting the current call, as [`LoopDetected::repeats`].
 //!
 //! **What fails, and what builds no loop.** A call's outcome is recorded

@@ -158,7 +158,7 @@ where
             Admission::Pass { seq, warning } => {
                 if let Some(warning) = warning {
                     self.config.events().emit(&Event::LoopWarned {
-                        tool: request.target(),
+                        key: request.target(),
                         repeats: warning.repeats,
                     });
                 }
@@ -176,8 +176,8 @@ where
                 // in `poll_ready` stays for the next call, as in tower's
                 // `Filter`.
                 let tool = request.target();
-                self.config.events().emit(&Event::LoopBlocked {
-                    tool,
+                self.config.events().emit(&Event::LoopDetected {
+                    key: tool,
                     repeats: verdict.repeats,
                 });
                 ResponseFuture::blocked(LoopDetected::new(tool, verdict.repeats, verdict.pattern))

@@ -5,7 +5,7 @@
 //! the [`Events`] you give the other layers. For each event it:
 //!
 //! - increments `toolwarden.events{event, key}` (`key` is the event's tool
-//!   or breaker key; events without one, like `sync_error`, have no `key`);
+//!   or breaker key; events without one, like `sync_failed`, have no `key`);
 //! - on circuit events, sets the gauge `toolwarden.circuit.state{key}` to 0
 //!   (closed), 1 (half-open) or 2 (open);
 //! - counts the event in the [stats snapshot](crate::StatsSnapshot) (totals
@@ -45,21 +45,21 @@ use toolwarden_core::{Bounds, Event, EventSink, Key, KeyRef, KeyedState};
 
 use crate::instruments::{self, labels, names, Cached, METADATA, OTHER};
 use crate::registry::Shared;
-use crate::stats::CircuitState;
+use toolwarden_core::CircuitState;
 
 /// Every event name the sink counts in the snapshot, in slot order.
 pub(crate) const EVENT_NAMES: [&str; 11] = [
     "circuit_opened",
-    "circuit_half_open",
+    "circuit_half_opened",
     "circuit_closed",
     "rate_limited",
-    "retry",
-    "budget_exhausted",
+    "retried",
+    "retry_budget_exhausted",
     "loop_warned",
-    "loop_blocked",
+    "loop_detected",
     "stale_served",
     "degraded",
-    "sync_error",
+    "sync_failed",
 ];
 
 fn event_index(name: &str) -> Option<usize> {
@@ -69,7 +69,7 @@ fn event_index(name: &str) -> Option<usize> {
 fn circuit_state(event: &Event<'_>) -> Option<CircuitState> {
     match event {
         Event::CircuitOpened { .. } => Some(CircuitState::Open),
-        Event::CircuitHalfOpen { .. } => Some(CircuitState::HalfOpen),
+        Event::CircuitHalfOpened { .. } => Some(CircuitState::HalfOpen),
         Event::CircuitClosed { .. } => Some(CircuitState::Closed),
         _ => None,
     }
@@ -82,6 +82,9 @@ fn encode(state: CircuitState) -> u8 {
         CircuitState::Closed => 1,
         CircuitState::HalfOpen => 2,
         CircuitState::Open => 3,
+        CircuitState::Disabled => 4,
+        CircuitState::ForcedOpen => 5,
+        CircuitState::MetricsOnly => 6,
     }
 }
 
@@ -90,6 +93,9 @@ fn decode(value: u8) -> Option<CircuitState> {
         1 => Some(CircuitState::Closed),
         2 => Some(CircuitState::HalfOpen),
         3 => Some(CircuitState::Open),
+        4 => Some(CircuitState::Disabled),
+        5 => Some(CircuitState::ForcedOpen),
+        6 => Some(CircuitState::MetricsOnly),
         _ => None,
     }
 }
@@ -223,7 +229,7 @@ pub struct ObservabilityEvents {
 impl EventSink for ObservabilityEvents {
     fn on_event(&self, event: &Event<'_>) {
         self.shared.events.record(event);
-        if let Event::Retry { attempt, .. } = event {
+        if let Event::Retried { attempt, .. } = event {
             tracing::Span::current().record("attempt", attempt);
         }
         tracing::debug!(

@@ -79,6 +79,7 @@ pub enum HealthStatus {
 impl HealthStatus {
     /// The HTTP status a health endpoint answers with: 200 when healthy or
     /// degraded (still serving), 503 when unhealthy.
+    #[must_use]
     pub fn http_status(self) -> u16 {
         match self {
             HealthStatus::Healthy | HealthStatus::Degraded => 200,
@@ -103,6 +104,7 @@ pub enum CheckStatus {
 
 impl CheckStatus {
     /// Whether the check passed.
+    #[must_use]
     pub fn is_pass(self) -> bool {
         self == CheckStatus::Passed
     }
@@ -136,6 +138,7 @@ pub struct HealthReport {
 
 impl HealthReport {
     /// Aggregates check results by the priority rules.
+    #[must_use]
     pub fn from_checks(checks: Vec<CheckReport>, checked_at_unix_ms: u64) -> Self {
         HealthReport {
             status: aggregate(&checks),
@@ -145,12 +148,14 @@ impl HealthReport {
     }
 
     /// The report of a check by name.
+    #[must_use]
     pub fn check(&self, name: &str) -> Option<&CheckReport> {
         self.checks.iter().find(|c| c.name == name)
     }
 
     /// The report as JSON: `{status, checked_at_unix_ms, checks: [{name,
     /// priority, status, message, duration_ms}]}`.
+    #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
         // A derived Serialize of plain data with string keys cannot fail.
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
@@ -213,17 +218,20 @@ impl HealthCheck {
 
     /// How long the check may run before it counts as failed. Default 5 s;
     /// must be positive.
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// The check's name.
+    #[must_use]
     pub fn name(&self) -> &str {
         &self.name
     }
 
     /// The check's priority.
+    #[must_use]
     pub fn priority(&self) -> Priority {
         self.priority
     }
@@ -284,6 +292,7 @@ pub struct HealthRegistry {
 
 impl HealthRegistry {
     /// An empty registry (reports healthy).
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -317,6 +326,7 @@ impl HealthRegistry {
     }
 
     /// The names of the registered checks, in order.
+    #[must_use]
     pub fn names(&self) -> Vec<String> {
         self.read().iter().map(|c| c.name.clone()).collect()
     }
@@ -372,6 +382,7 @@ const NAMED_OPEN_KEYS: usize = 20;
 /// assert_eq!(report.checks[0].message.as_deref(), Some("open circuits: search"));
 /// # }
 /// ```
+#[must_use]
 pub fn circuit_check(circuits: Circuits) -> HealthCheck {
     HealthCheck::new("circuits", Priority::Important, move || {
         let result = open_circuits_message(circuits.open_keys());
@@ -445,11 +456,13 @@ impl HealthMonitor {
     }
 
     /// The latest report; `None` before the first one completes.
+    #[must_use]
     pub fn latest(&self) -> LatestReport {
         self.latest.borrow().clone()
     }
 
     /// A receiver notified of each new report.
+    #[must_use]
     pub fn subscribe(&self) -> watch::Receiver<LatestReport> {
         self.latest.clone()
     }

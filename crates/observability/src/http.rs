@@ -59,23 +59,27 @@ pub struct Endpoints {
 
 impl Endpoints {
     /// Serves nothing yet.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Serves `GET /metrics` with the text `render` returns.
+    #[must_use]
     pub fn metrics(mut self, render: impl Fn() -> String + Send + Sync + 'static) -> Self {
         self.metrics = Some(Arc::new(render));
         self
     }
 
     /// Serves `GET /health`: runs the registry's checks on each request.
+    #[must_use]
     pub fn health(mut self, registry: HealthRegistry) -> Self {
         self.health = Some(registry);
         self
     }
 
     /// Serves `GET /stats`: a statistics snapshot.
+    #[must_use]
     pub fn stats(mut self, stats: Stats) -> Self {
         self.stats = Some(stats);
         self

@@ -56,6 +56,7 @@ impl<C> ObservabilityBuilder<C> {
     /// for the life of the layer; each costs about 3 KiB (statistics,
     /// metric handles and event series). Default 100; at most
     /// [`MAX_TOOLS_LIMIT`].
+    #[must_use]
     pub fn max_tools(mut self, max_tools: usize) -> Self {
         self.config.max_tools = max_tools;
         self
@@ -64,6 +65,7 @@ impl<C> ObservabilityBuilder<C> {
     /// How many distinct methods of requests that are not tool calls get
     /// their own label value; later ones are `other`. MCP defines about
     /// twenty. Default 32; at most [`MAX_METHODS_LIMIT`].
+    #[must_use]
     pub fn max_methods(mut self, max_methods: usize) -> Self {
         self.config.max_methods = max_methods;
         self
@@ -71,6 +73,7 @@ impl<C> ObservabilityBuilder<C> {
 
     /// How many of the latest completed calls of a tool the recent failure
     /// rate covers. Default 100; at most [`RECENT_WINDOW_LIMIT`].
+    #[must_use]
     pub fn recent_window(mut self, calls: usize) -> Self {
         self.config.recent_window = calls;
         self
@@ -80,6 +83,7 @@ impl<C> ObservabilityBuilder<C> {
     /// the arguments). It is computed only when a subscriber enables the
     /// span, and stored in the request so that layers below (loop guard,
     /// cache) do not hash the arguments again. Default `true`.
+    #[must_use]
     pub fn span_fingerprint(mut self, enabled: bool) -> Self {
         self.config.span_fingerprint = enabled;
         self
@@ -89,6 +93,7 @@ impl<C> ObservabilityBuilder<C> {
     /// ([`ClockSource::Fast`], the default) or tokio's clock
     /// ([`ClockSource::Tokio`], which follows a paused clock in tests). See
     /// [`crate::clock`].
+    #[must_use]
     pub fn clock(mut self, source: ClockSource) -> Self {
         self.config.clock = source;
         self
@@ -144,6 +149,7 @@ pub struct ObservabilityLayer<C = McpClassifier> {
 
 impl ObservabilityLayer {
     /// A layer with the default configuration (see [`ObservabilityBuilder`]).
+    #[must_use]
     pub fn new() -> Self {
         let builder = ObservabilityBuilder::default();
         ObservabilityLayer {
@@ -153,6 +159,7 @@ impl ObservabilityLayer {
     }
 
     /// A builder with the default configuration.
+    #[must_use]
     pub fn builder() -> ObservabilityBuilder {
         ObservabilityBuilder::default()
     }

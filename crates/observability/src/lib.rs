@@ -98,7 +98,8 @@ pub use layer::{
     RECENT_WINDOW_LIMIT,
 };
 pub use service::Observability;
-pub use stats::{CallStats, CircuitState, OutcomeCounts, Stats, StatsSnapshot};
+pub use stats::{CallStats, OutcomeCounts, Stats, StatsSnapshot};
+pub use toolwarden_core::CircuitState;
 
 #[doc(no_inline)]
 pub use toolwarden_core::McpClassifier;

@@ -60,7 +60,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use toolwarden_core::OutcomeKind;
+use toolwarden_core::{CircuitState, OutcomeKind};
 
 use crate::clock::{Clock, Stamp};
 use crate::registry::Shared;
@@ -315,6 +315,7 @@ impl OutcomeCounts {
     }
 
     /// The count of one outcome kind.
+    #[must_use]
     pub fn get(&self, kind: OutcomeKind) -> u64 {
         match kind {
             OutcomeKind::Success => self.success,
@@ -362,29 +363,6 @@ pub struct CallStats {
     pub last_call_unix_ms: Option<u64>,
 }
 
-/// The state of a circuit as last reported by a circuit event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CircuitState {
-    /// Calls go through.
-    Closed,
-    /// Probes go through.
-    HalfOpen,
-    /// Calls are refused.
-    Open,
-}
-
-impl CircuitState {
-    /// The value of the `toolwarden.circuit.state` gauge: 0, 1 or 2.
-    pub fn gauge_value(self) -> f64 {
-        match self {
-            CircuitState::Closed => 0.0,
-            CircuitState::HalfOpen => 1.0,
-            CircuitState::Open => 2.0,
-        }
-    }
-}
-
 /// A point-in-time copy of the layer's statistics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
@@ -406,16 +384,19 @@ pub struct StatsSnapshot {
 
 impl StatsSnapshot {
     /// The entry of a tool.
+    #[must_use]
     pub fn tool(&self, name: &str) -> Option<&CallStats> {
         self.tools.iter().find(|t| t.name == name)
     }
 
     /// The entry of a method other than `tools/call`.
+    #[must_use]
     pub fn method(&self, name: &str) -> Option<&CallStats> {
         self.methods.iter().find(|t| t.name == name)
     }
 
     /// The snapshot as JSON.
+    #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
         // A derived Serialize of plain data with string keys cannot fail.
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
@@ -430,6 +411,7 @@ pub struct Stats {
 
 impl Stats {
     /// Reads every cell into a snapshot.
+    #[must_use]
     pub fn snapshot(&self) -> StatsSnapshot {
         self.shared.snapshot()
     }

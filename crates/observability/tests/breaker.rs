@@ -104,7 +104,7 @@ async fn a_real_breaker_feeds_the_gauge_the_event_counters_and_the_health_check(
         Some(0.0),
         "closed"
     );
-    for event in ["circuit_half_open", "circuit_closed"] {
+    for event in ["circuit_half_opened", "circuit_closed"] {
         assert_eq!(
             value(
                 &samples,

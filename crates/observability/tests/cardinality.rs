@@ -47,7 +47,7 @@ async fn the_cap_holds_under_100_000_distinct_names() {
             .await
             .unwrap();
         events.emit(&Event::LoopWarned {
-            tool: &tool,
+            key: &tool,
             repeats: 3,
         });
         events.emit(&Event::CircuitOpened {

@@ -169,7 +169,7 @@ async fn events_become_counters_and_a_circuit_gauge() {
         Some(2.0)
     );
 
-    events.emit(&Event::CircuitHalfOpen { key: "search" });
+    events.emit(&Event::CircuitHalfOpened { key: "search" });
     let samples = parse_prometheus(&prometheus.render());
     assert_eq!(
         value(&samples, "toolwarden_circuit_state", &[("key", "search")]),
@@ -181,31 +181,31 @@ async fn events_become_counters_and_a_circuit_gauge() {
         key: "fetch",
         retry_after: secs(1),
     });
-    events.emit(&Event::Retry {
-        tool: "fetch",
+    events.emit(&Event::Retried {
+        key: "fetch",
         attempt: 2,
         delay: secs(1),
     });
-    events.emit(&Event::Retry {
-        tool: "fetch",
+    events.emit(&Event::Retried {
+        key: "fetch",
         attempt: 3,
         delay: secs(2),
     });
-    events.emit(&Event::BudgetExhausted { tool: "fetch" });
+    events.emit(&Event::RetryBudgetExhausted { key: "fetch" });
     events.emit(&Event::LoopWarned {
-        tool: "fetch",
+        key: "fetch",
         repeats: 4,
     });
-    events.emit(&Event::LoopBlocked {
-        tool: "fetch",
+    events.emit(&Event::LoopDetected {
+        key: "fetch",
         repeats: 5,
     });
     events.emit(&Event::StaleServed {
-        tool: "fetch",
+        key: "fetch",
         age: secs(60),
     });
-    events.emit(&Event::Degraded { tool: "fetch" });
-    events.emit(&Event::SyncError {
+    events.emit(&Event::Degraded { key: "fetch" });
+    events.emit(&Event::SyncFailed {
         detail: "redis unreachable",
     });
 
@@ -221,15 +221,15 @@ async fn events_become_counters_and_a_circuit_gauge() {
         value(&samples, "toolwarden_circuit_state", &[("key", "search")]),
         Some(0.0)
     );
-    for event in ["circuit_opened", "circuit_half_open", "circuit_closed"] {
+    for event in ["circuit_opened", "circuit_half_opened", "circuit_closed"] {
         assert_eq!(ev(event, "search"), Some(1.0), "{event}");
     }
-    assert_eq!(ev("retry", "fetch"), Some(2.0));
+    assert_eq!(ev("retried", "fetch"), Some(2.0));
     for event in [
         "rate_limited",
-        "budget_exhausted",
+        "retry_budget_exhausted",
         "loop_warned",
-        "loop_blocked",
+        "loop_detected",
         "stale_served",
         "degraded",
     ] {
@@ -237,7 +237,7 @@ async fn events_become_counters_and_a_circuit_gauge() {
     }
     // An event about no key has no key label; its detail is not a label.
     assert_eq!(
-        value(&samples, "toolwarden_events", &[("event", "sync_error")]),
+        value(&samples, "toolwarden_events", &[("event", "sync_failed")]),
         Some(1.0)
     );
     assert!(!prometheus.render().contains("redis unreachable"));
@@ -248,8 +248,8 @@ async fn events_become_counters_and_a_circuit_gauge() {
     );
 
     let snapshot = layer.stats().snapshot();
-    assert_eq!(snapshot.events["retry"], 2);
-    assert_eq!(snapshot.events["sync_error"], 1);
+    assert_eq!(snapshot.events["retried"], 2);
+    assert_eq!(snapshot.events["sync_failed"], 1);
     assert_eq!(snapshot.events.len(), 11);
 }
 

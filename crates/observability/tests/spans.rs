@@ -184,8 +184,8 @@ fn retrying_upstream(
                 .push(req.extension::<Fingerprint>().copied());
             for attempt in 2..=3 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
-                events.emit(&Event::Retry {
-                    tool: "search",
+                events.emit(&Event::Retried {
+                    key: "search",
                     attempt,
                     delay: Duration::from_millis(10),
                 });
@@ -209,7 +209,7 @@ async fn retries_below_the_layer_set_the_attempt_and_the_fingerprint_is_shared()
     // The fingerprint the span shows is stored for the layers below.
     let passed = seen.lock().unwrap()[0].expect("fingerprint stored in the request");
     assert_eq!(spans[0].1["toolwarden.fingerprint"], passed.to_string());
-    assert_eq!(layer.stats().snapshot().events["retry"], 2);
+    assert_eq!(layer.stats().snapshot().events["retried"], 2);
 }
 
 #[tokio::test]
@@ -273,12 +273,12 @@ async fn arguments_never_reach_spans_logs_or_metric_labels() {
     let mut svc = layer.layer(retrying_upstream(&layer, seen));
     call(&mut svc, tool_call(1, "search")).await.unwrap();
     let events = layer.events();
-    events.emit(&Event::LoopBlocked {
-        tool: "search",
+    events.emit(&Event::LoopDetected {
+        key: "search",
         repeats: 4,
     });
     events.emit(&Event::StaleServed {
-        tool: "search",
+        key: "search",
         age: Duration::from_secs(3),
     });
 
@@ -290,7 +290,10 @@ async fn arguments_never_reach_spans_logs_or_metric_labels() {
         .iter()
         .filter_map(|fields| fields.get("event").map(String::as_str))
         .collect();
-    assert_eq!(logged, ["retry", "retry", "loop_blocked", "stale_served"]);
+    assert_eq!(
+        logged,
+        ["retried", "retried", "loop_detected", "stale_served"]
+    );
     assert!(logs.iter().all(|fields| fields["key"] == "search"));
     let secret = "secret-argument-value";
     for fields in spans.iter().map(|(_, f)| f).chain(&logs) {

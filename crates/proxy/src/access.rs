@@ -242,6 +242,7 @@ impl AuthTokens {
     }
 
     /// Whether there is no token (authentication is off).
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
@@ -333,6 +334,7 @@ impl AccessPolicy {
     }
 
     /// Loopback only, no token.
+    #[must_use]
     pub fn loopback() -> Self {
         AccessPolicy {
             origins: AllowedOrigin::loopback().collect::<Vec<_>>().into(),
@@ -349,6 +351,7 @@ impl AccessPolicy {
     }
 
     /// The tokens.
+    #[must_use]
     pub fn tokens(&self) -> &AuthTokens {
         &self.tokens
     }

@@ -401,6 +401,7 @@ fn check_config(args: &CheckConfigArgs) -> ExitCode {
 
 /// Runs the command line: sets up logging (stderr, `RUST_LOG`, default
 /// `warn,rmcp=error`) and the runtime, and returns the exit status.
+#[must_use]
 pub fn main(cli: Cli) -> ExitCode {
     // rmcp logs every error response at WARN; those are answers, not faults.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -89,6 +89,7 @@ where
 impl MetricsEndpoints {
     /// No providers: `/metrics` is empty, `/health` shows the upstream only,
     /// `/circuits` is `{"circuits": []}`.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -130,6 +131,7 @@ impl MetricsEndpoints {
     }
 
     /// The Prometheus text (empty without a renderer).
+    #[must_use]
     pub fn render_metrics(&self) -> String {
         let render = self.read().metrics.clone();
         render.map(|r| r()).unwrap_or_default()

@@ -148,6 +148,7 @@ pub enum Frame {
 }
 
 /// Serialises an error response as one line.
+#[must_use]
 pub fn error_line(id: &Id, error: ErrorObject) -> String {
     Response::error(id.clone(), error).to_value().to_string()
 }
@@ -253,6 +254,7 @@ fn request_id(id: &rmcp::model::RequestId) -> Id {
 
 /// The answer to a line longer than the bound: `-32600` with the request's
 /// id when it could be read from the line's first bytes.
+#[must_use]
 pub fn too_long_reply(prefix: &[u8], max_line_bytes: usize) -> String {
     let id = id_in_prefix(prefix).unwrap_or(Id::Null);
     error_line(
@@ -267,6 +269,7 @@ pub fn too_long_reply(prefix: &[u8], max_line_bytes: usize) -> String {
 /// Finds the top-level `"id"` of a JSON object from its first bytes, when
 /// the id (an integer or a string) is complete within them. Best effort and
 /// conservative: anything unexpected gives `None`.
+#[must_use]
 pub fn id_in_prefix(prefix: &[u8]) -> Option<Id> {
     let mut scanner = Scanner {
         bytes: prefix,
@@ -407,6 +410,7 @@ impl Scanner<'_> {
 /// Reads lines from `reader` and classifies them: the framer's whole job,
 /// as one synchronous function over an in-memory input (what the property
 /// test and the fuzz target drive). Returns the frames in order.
+#[must_use]
 pub fn frames_of(input: &[u8], max_line_bytes: usize) -> Vec<Frame> {
     let mut frames = Vec::new();
     let mut reader = LineReader::new(input, max_line_bytes);

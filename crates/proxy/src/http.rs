@@ -681,6 +681,7 @@ pub struct ConnectionLimits {
 
 impl HttpOptions {
     /// The connection bounds among these options.
+    #[must_use]
     pub fn connection_limits(&self) -> ConnectionLimits {
         ConnectionLimits {
             header_read_timeout: self.header_read_timeout,
@@ -690,6 +691,7 @@ impl HttpOptions {
     }
 
     /// The options of `[http]` (and `downstream.max_body_bytes`), with `access`.
+    #[must_use]
     pub fn new(config: &HttpConfig, max_body_bytes: usize, access: AccessPolicy) -> Self {
         HttpOptions {
             max_body_bytes,

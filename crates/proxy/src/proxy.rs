@@ -88,6 +88,7 @@ impl Proxy {
     /// [`serve_stdio`](crate::stdio::serve_stdio) or
     /// [`serve_http`](crate::http::serve_http). Use [`cores`](Self::cores)
     /// to honour `upstream.session_mode`.
+    #[must_use]
     pub fn core(&self) -> Arc<ProxyCore> {
         Arc::clone(&self.core)
     }
@@ -96,6 +97,7 @@ impl Proxy {
     /// says: pass it to [`serve_http_with`](crate::http::serve_http_with),
     /// or its [`session_core`](Cores::session_core) to
     /// [`serve_stdio`](crate::stdio::serve_stdio).
+    #[must_use]
     pub fn cores(&self) -> Cores {
         match &self.per_session {
             Some(sessions) => Cores::PerSession(Arc::clone(sessions)),
@@ -104,6 +106,7 @@ impl Proxy {
     }
 
     /// The upstream(s) to report in `/health`, as `upstream.session_mode` says.
+    #[must_use]
     pub fn upstreams(&self) -> Upstreams {
         match &self.per_session {
             Some(sessions) => Upstreams::PerSession(Arc::clone(sessions)),
@@ -113,16 +116,19 @@ impl Proxy {
 
     /// The upstream connection (in `per_session` mode, the one
     /// [`core`](Self::core) is over; sessions' own are in [`upstreams`](Self::upstreams)).
+    #[must_use]
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
     }
 
     /// What the layers share (catalog, events, endpoints).
+    #[must_use]
     pub fn shared(&self) -> &SharedState {
         &self.shared
     }
 
     /// The configuration.
+    #[must_use]
     pub fn config(&self) -> &Config {
         &self.config
     }

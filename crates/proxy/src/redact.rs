@@ -42,6 +42,7 @@ const MIN_SECRET_LEN: usize = 4;
 /// assert_eq!(redact_url("https://user:pass@example.com/mcp?token=x#f"), "https://example.com/mcp");
 /// assert_eq!(redact_url("http://127.0.0.1:3001/mcp"), "http://127.0.0.1:3001/mcp");
 /// ```
+#[must_use]
 pub fn redact_url(url: &str) -> String {
     match reqwest::Url::parse(url) {
         Ok(parsed) => {
@@ -92,6 +93,7 @@ impl Redactor {
     /// Adds what is secret in `url`: the URL itself as written and as
     /// normalized (shown as [`redact_url`] shows it), its userinfo, password
     /// and query (percent-encoded and decoded).
+    #[must_use]
     pub fn with_url(mut self, url: &str) -> Self {
         let shown = redact_url(url);
         self.push(url.to_owned(), shown.clone());
@@ -126,12 +128,14 @@ impl Redactor {
     }
 
     /// Adds a secret value (a header's), replaced by [`REDACTED`].
+    #[must_use]
     pub fn with_secret(mut self, secret: impl Into<String>) -> Self {
         self.push_secret(secret.into());
         self
     }
 
     /// Whether there is anything to scrub.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.replacements.is_empty()
     }
@@ -166,6 +170,7 @@ impl Redactor {
     }
 
     /// `text` with every known secret replaced.
+    #[must_use]
     pub fn scrub<'a>(&self, text: &'a str) -> Cow<'a, str> {
         let mut out = Cow::Borrowed(text);
         for (secret, replacement) in &self.replacements {
@@ -219,6 +224,7 @@ impl SharedRedactor {
     }
 
     /// The current redactor.
+    #[must_use]
     pub fn get(&self) -> Arc<Redactor> {
         self.current.load_full()
     }
@@ -235,6 +241,7 @@ pub struct RedactingStderr {
 
 impl RedactingStderr {
     /// A writer scrubbing with `redactor` (as it is at each write).
+    #[must_use]
     pub fn new(redactor: SharedRedactor) -> Self {
         RedactingStderr { redactor }
     }

@@ -752,12 +752,14 @@ fn no_session(why: &str) -> ErrorData {
 impl Downstreams {
     /// No clients; a client that takes over [`NOTIFICATION_STALL`] to take
     /// a notification is not reading.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
 
     /// No clients; a client that takes over `stall` to take a notification
     /// is not reading (`limits.client_stall_timeout`).
+    #[must_use]
     pub fn with_stall_timeout(stall: Duration) -> Self {
         Downstreams {
             registry: Arc::default(),
@@ -807,6 +809,7 @@ impl Downstreams {
     /// `client` (who then may not read, update or cancel it). A task of no
     /// known client's (created for a client without a session, or whose
     /// client went away) is nobody's: its id alone is the key to it.
+    #[must_use]
     pub fn task_of_another(&self, task_id: &str, client: Option<DownstreamId>) -> bool {
         lock(&self.registry)
             .tasks
@@ -839,6 +842,7 @@ impl Downstreams {
     /// Queues a notification about task `task_id` for the open client whose
     /// task it is, if it is one of a client's (see [`broadcast`](Self::broadcast)
     /// for the queue); `ended` forgets the task. Whether it was queued.
+    #[must_use]
     pub fn notify_task_owner(
         &self,
         task_id: &str,
@@ -872,6 +876,7 @@ impl Downstreams {
     /// until the returned guard is dropped; `asks` says whether the server
     /// may ask something while handling it (all requests but `ping`). Each
     /// attempt's upstream id is recorded with [`CauseGuard::recorder`].
+    #[must_use]
     pub fn forwarding(&self, caller: Caller, request: RequestId, asks: bool) -> CauseGuard {
         let mut registry = lock(&self.registry);
         let causes = &mut registry.causes;
@@ -997,17 +1002,20 @@ impl Downstreams {
     }
 
     /// How many clients are registered.
+    #[must_use]
     pub fn len(&self) -> usize {
         lock(&self.registry).clients.len()
     }
 
     /// Whether no client is registered.
+    #[must_use]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// How many upstream request ids and sessions with requests in flight
     /// are recorded (both drop to 0 once every request ended).
+    #[must_use]
     pub fn causes_tracked(&self) -> (usize, usize) {
         let registry = lock(&self.registry);
         (

@@ -113,6 +113,7 @@ impl ProxyCore {
     /// `downstreams` must be the registry the upstream was built with.
     /// Requests other than `tools/call` are bounded by the default
     /// `limits.request_timeout` (60 s).
+    #[must_use]
     pub fn new(upstream: Upstream, stack: ToolStack, downstreams: Downstreams) -> Arc<Self> {
         let limit = crate::config::LimitsConfig::default().request_timeout;
         ProxyCore::with_request_timeout(upstream, stack, downstreams, limit)
@@ -120,6 +121,7 @@ impl ProxyCore {
 
     /// [`new`](Self::new), with requests other than `tools/call` bounded by
     /// `request_timeout` (past it: cancelled upstream, answered `-32001`).
+    #[must_use]
     pub fn with_request_timeout(
         upstream: Upstream,
         stack: ToolStack,
@@ -176,11 +178,13 @@ impl ProxyCore {
     }
 
     /// Whether this core is one session's own (`per_session` mode).
+    #[must_use]
     pub fn is_per_session(&self) -> bool {
         self.lease.is_some()
     }
 
     /// The upstream.
+    #[must_use]
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
     }
@@ -230,6 +234,7 @@ impl fmt::Debug for ProxyServer {
 /// The upstream's client description for a downstream client: its
 /// capabilities and identity, and its protocol version when rmcp can open a
 /// session with it (else the newest that has an `initialize` handshake).
+#[must_use]
 pub fn upstream_client_config(downstream: &InitializeRequestParams) -> ClientConfig {
     let version = if downstream.protocol_version.has_initialize()
         && ProtocolVersion::KNOWN_VERSIONS.contains(&downstream.protocol_version)
@@ -390,6 +395,7 @@ fn method_label(request: &ClientRequest) -> &'static str {
 
 impl ProxyServer {
     /// A server for a new downstream session.
+    #[must_use]
     pub fn new(core: Arc<ProxyCore>) -> Self {
         let n = core.sessions.fetch_add(1, Ordering::Relaxed) + 1;
         let downstreams = core.downstreams.clone();

@@ -51,6 +51,7 @@ pub enum Cores {
 
 impl Cores {
     /// The core for a new session.
+    #[must_use]
     pub fn session_core(&self) -> Arc<ProxyCore> {
         match self {
             Cores::Shared(core) => Arc::clone(core),
@@ -101,6 +102,7 @@ impl SessionUpstreams {
     /// `catalog`, their texts scrubbed by `redactor`, wrapped in `layer`;
     /// requests other than `tools/call` bounded by `limits.request_timeout`,
     /// clients not reading dropped after `limits.client_stall_timeout`.
+    #[must_use]
     pub fn new(
         target: UpstreamTarget,
         config: UpstreamConfig,
@@ -282,6 +284,7 @@ impl From<Upstream> for Upstreams {
 impl Upstreams {
     /// Whether the upstream is failing (connecting, down or stopped; per
     /// session: no session's upstream is up). Not started is not failing.
+    #[must_use]
     pub fn failing(&self) -> bool {
         match self {
             Upstreams::Shared(upstream) => matches!(
@@ -295,6 +298,7 @@ impl Upstreams {
     }
 
     /// The `"upstream"` part of `/health`.
+    #[must_use]
     pub fn health_json(&self) -> Value {
         match self {
             Upstreams::Shared(upstream) => {

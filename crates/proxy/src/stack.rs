@@ -62,6 +62,7 @@ impl fmt::Debug for SharedState {
 
 impl SharedState {
     /// A fresh catalog, the given events and providers.
+    #[must_use]
     pub fn new(events: Events, endpoints: MetricsEndpoints) -> Self {
         SharedState {
             catalog: ToolCatalog::new(),
@@ -167,6 +168,7 @@ impl fmt::Debug for ToolStackLayer {
 
 impl ToolStackLayer {
     /// The stack over `upstream`.
+    #[must_use]
     pub fn stack(&self, upstream: UpstreamService) -> ToolStack {
         ToolStack::new(self.names.layer(self.standard.layer(upstream)))
     }

@@ -36,6 +36,7 @@ impl fmt::Debug for ToolNameGuardLayer {
 impl ToolNameGuardLayer {
     /// Refuses names longer than `max_bytes`, and names not in `catalog`
     /// once it holds tools (when given).
+    #[must_use]
     pub fn new(max_bytes: usize, catalog: Option<ToolCatalog>) -> Self {
         ToolNameGuardLayer { max_bytes, catalog }
     }

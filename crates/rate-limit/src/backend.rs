@@ -136,6 +136,7 @@ pub struct Acquire {
 impl Acquire {
     /// A call that takes a token from the quota of `key` (if any) and from
     /// the `global` quota (if any).
+    #[must_use]
     pub fn new(key: Option<(Arc<str>, Quota)>, global: Option<Quota>) -> Self {
         Acquire { key, global }
     }
@@ -145,11 +146,13 @@ impl Acquire {
     /// `session/tool`, `*` for [`KeyBy::Server`](toolwarden_core::KeyBy::Server),
     /// the custom key), and its quota: the tool's override or the `per_tool`
     /// quota. `None` when the call has no per-key quota.
+    #[must_use]
     pub fn key(&self) -> Option<(&str, Quota)> {
         self.key.as_ref().map(|(key, quota)| (&**key, *quota))
     }
 
     /// The global quota, if any.
+    #[must_use]
     pub fn global(&self) -> Option<Quota> {
         self.global
     }

@@ -48,6 +48,7 @@ pub struct TokioInstant(pub tokio::time::Instant);
 
 impl TokioInstant {
     /// The tokio instant.
+    #[must_use]
     pub fn into_inner(self) -> tokio::time::Instant {
         self.0
     }

@@ -43,36 +43,43 @@ pub struct Rate {
 
 impl Rate {
     /// `count` calls per `per`.
+    #[must_use]
     pub const fn new(count: u32, per: Duration) -> Self {
         Rate { count, per }
     }
 
     /// `count` calls per second.
+    #[must_use]
     pub const fn per_second(count: u32) -> Self {
         Rate::new(count, Duration::from_secs(1))
     }
 
     /// `count` calls per minute.
+    #[must_use]
     pub const fn per_minute(count: u32) -> Self {
         Rate::new(count, Duration::from_secs(60))
     }
 
     /// `count` calls per hour.
+    #[must_use]
     pub const fn per_hour(count: u32) -> Self {
         Rate::new(count, Duration::from_secs(60 * 60))
     }
 
     /// The number of calls per period.
+    #[must_use]
     pub const fn count(&self) -> u32 {
         self.count
     }
 
     /// The period.
+    #[must_use]
     pub const fn per(&self) -> Duration {
         self.per
     }
 
     /// The time to refill one call: `per / count` (zero when `count` is zero).
+    #[must_use]
     pub fn interval(&self) -> Duration {
         self.per.checked_div(self.count).unwrap_or(Duration::ZERO)
     }
@@ -193,6 +200,7 @@ impl RateLimitBuilder {
     /// zero, more than one call per nanosecond, a burst of zero, and a rate
     /// whose burst would take more than 100 years to refill (so a period of
     /// `Duration::MAX` is refused, never a panic).
+    #[must_use]
     pub fn global(mut self, rate: Rate, burst: u32) -> Self {
         self.global = Some((rate, burst));
         self
@@ -201,6 +209,7 @@ impl RateLimitBuilder {
     /// The quota of each key (see [`key_by`](Self::key_by)) whose tool has no
     /// override. Default: none (tools without an override are limited only
     /// by the global quota).
+    #[must_use]
     pub fn per_tool(mut self, rate: Rate, burst: u32) -> Self {
         self.per_tool = Some((rate, burst));
         self
@@ -210,6 +219,7 @@ impl RateLimitBuilder {
     /// a method name also works), replacing the `per_tool` quota for it.
     /// Default: no overrides. Setting the same name twice keeps the last.
     /// Needs a key that contains the tool: [`KeyBy::Tool`] or [`KeyBy::SessionTool`].
+    #[must_use]
     pub fn tool(mut self, name: impl Into<String>, rate: Rate, burst: u32) -> Self {
         self.tools.push((name.into(), rate, burst));
         self
@@ -219,12 +229,14 @@ impl RateLimitBuilder {
     /// quota per tool for all sessions); [`KeyBy::SessionTool`] gives each
     /// session its own quota per tool. [`KeyBy::Server`] and
     /// [`KeyBy::Custom`] work with `per_tool` but not with `tool` overrides.
+    #[must_use]
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
         self.key_by = key_by;
         self
     }
 
     /// Reject at once or wait up to a bound. Default: [`Mode::Reject`].
+    #[must_use]
     pub fn mode(mut self, mode: Mode) -> Self {
         self.mode = mode;
         self
@@ -240,6 +252,7 @@ impl RateLimitBuilder {
     /// full quota, never one that is still spent. Must be positive; any
     /// longer value is accepted, and one past 200 years (given or raised)
     /// is lowered to 200 years.
+    #[must_use]
     pub fn bounds(mut self, bounds: Bounds) -> Self {
         self.bounds = bounds;
         self
@@ -249,6 +262,7 @@ impl RateLimitBuilder {
     /// ...) are limited too, keyed by their method. Default: `false`: only
     /// tool calls take a token, so a client can always initialize, list
     /// tools and ping.
+    #[must_use]
     pub fn limit_all_methods(mut self, all: bool) -> Self {
         self.all_methods = all;
         self
@@ -256,6 +270,7 @@ impl RateLimitBuilder {
 
     /// Where [`Event::RateLimited`](toolwarden_core::Event::RateLimited) is
     /// reported for each refusal. Default: no sinks.
+    #[must_use]
     pub fn events(mut self, events: Events) -> Self {
         self.events = events;
         self
@@ -271,6 +286,7 @@ impl RateLimitBuilder {
     /// still decide when the backend answers
     /// [`DecideLocally`](crate::backend::BackendDecision::DecideLocally).
     /// See [`backend`](crate::backend) for the details and the contract.
+    #[must_use]
     pub fn backend(mut self, backend: impl RateLimitBackend) -> Self {
         self.backend = Some(Arc::new(backend));
         self
@@ -407,6 +423,7 @@ pub struct RateLimitLayer {
 
 impl RateLimitLayer {
     /// A builder with the defaults documented on each knob.
+    #[must_use]
     pub fn builder() -> RateLimitBuilder {
         RateLimitBuilder::default()
     }
@@ -414,6 +431,7 @@ impl RateLimitLayer {
     /// The limits every service built from this layer (or from its clones)
     /// applies; a handle to the same shared state, for checking requests
     /// without a service or for [`RateLimit::new`].
+    #[must_use]
     pub fn limits(&self) -> RateLimits {
         self.limits.clone()
     }
@@ -423,27 +441,32 @@ impl RateLimitLayer {
     }
 
     /// The mode.
+    #[must_use]
     pub fn mode(&self) -> Mode {
         self.config().mode
     }
 
     /// The bounds of the per-key state, with `idle_timeout` as raised by
     /// [`RateLimitBuilder::bounds`].
+    #[must_use]
     pub fn bounds(&self) -> Bounds {
         self.config().bounds
     }
 
     /// The global quota, if any.
+    #[must_use]
     pub fn global_quota(&self) -> Option<Quota> {
         self.config().global
     }
 
     /// The per-key quota of `tool` (its override, else the `per_tool` quota), if any.
+    #[must_use]
     pub fn tool_quota(&self, tool: &str) -> Option<Quota> {
         self.config().tool_quota(tool)
     }
 
     /// The backend that takes the tokens, if one is set.
+    #[must_use]
     pub fn backend(&self) -> Option<&Arc<dyn RateLimitBackend>> {
         self.config().backend.as_ref()
     }

@@ -357,6 +357,7 @@ impl RateLimits {
     }
 
     /// The backend the service asks instead of these quotas, if any.
+    #[must_use]
     pub fn backend(&self) -> Option<&Arc<dyn RateLimitBackend>> {
         self.shared.config.backend.as_ref()
     }

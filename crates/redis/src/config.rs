@@ -15,7 +15,7 @@ use toolwarden_core::{ConfigError, Events};
 /// | `reconnect_min` / `reconnect_max` | 100 ms / 5 s | reconnect backoff, doubling with jitter |
 /// | `prefix` | `toolwarden` | the namespace of every key and channel |
 /// | `replica_id` | random | this replica's name in messages and snapshots |
-/// | `events` | none | where `SyncError` events go |
+/// | `events` | none | where `SyncFailed` events go |
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
     pub(crate) url: String,
@@ -46,11 +46,13 @@ impl RedisConfig {
     }
 
     /// This replica's id.
+    #[must_use]
     pub fn replica_id(&self) -> &str {
         &self.replica_id
     }
 
     /// The bound on any Redis operation on the call path.
+    #[must_use]
     pub fn op_timeout(&self) -> Duration {
         self.op_timeout
     }
@@ -72,18 +74,21 @@ pub struct RedisConfigBuilder {
 
 impl RedisConfigBuilder {
     /// The bound on any Redis operation on the call path. Default 50 ms.
+    #[must_use]
     pub fn op_timeout(mut self, d: Duration) -> Self {
         self.config.op_timeout = d;
         self
     }
 
     /// The bound on one connection attempt. Default 500 ms.
+    #[must_use]
     pub fn connect_timeout(mut self, d: Duration) -> Self {
         self.config.connect_timeout = d;
         self
     }
 
     /// Reconnect backoff bounds. Default 100 ms to 5 s.
+    #[must_use]
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
         self.config.reconnect_min = min;
         self.config.reconnect_max = max;
@@ -91,18 +96,21 @@ impl RedisConfigBuilder {
     }
 
     /// The namespace of keys and channels. Default `toolwarden`.
+    #[must_use]
     pub fn prefix(mut self, prefix: &str) -> Self {
         self.config.prefix = prefix.into();
         self
     }
 
     /// This replica's id. Default `replica-<random hex>`.
+    #[must_use]
     pub fn replica_id(mut self, id: &str) -> Self {
         self.config.replica_id = id.into();
         self
     }
 
-    /// Where `SyncError` events go.
+    /// Where `SyncFailed` events go.
+    #[must_use]
     pub fn events(mut self, events: Events) -> Self {
         self.config.events = events;
         self

@@ -98,7 +98,7 @@ impl Conn {
 
     pub(crate) fn report(&self, detail: &str) {
         tracing::debug!(detail, "redis sync error");
-        self.config.events.emit(&Event::SyncError { detail });
+        self.config.events.emit(&Event::SyncFailed { detail });
     }
 
     /// Whether a command connection exists (it may still be reconnecting).

@@ -25,7 +25,7 @@
 //! `max_wait`.
 //!
 //! When Redis is down, slow or not yet connected, a call waits at most
-//! `op_timeout` for it (50 ms by default), a `SyncError` event is emitted,
+//! `op_timeout` for it (50 ms by default), a `SyncFailed` event is emitted,
 //! and the limiter's [`Fallback`] decides: `Allow` admits, `Deny` refuses
 //! with `retry_after` = the quota's emission interval, `Local` lets the
 //! layer's own in-process quotas decide (each replica then admits up to the
@@ -39,7 +39,7 @@
 //! Local state stays the fast path. Every Redis operation on the call path is
 //! bounded by `op_timeout` (default 50 ms); when Redis is slow or gone, each
 //! replica keeps deciding locally, reconnects in the background, resyncs when
-//! Redis returns, and reports `SyncError` events. Nothing panics or blocks a
+//! Redis returns, and reports `SyncFailed` events. Nothing panics or blocks a
 //! call on Redis.
 //!
 //! # Why redis-rs

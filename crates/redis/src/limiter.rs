@@ -177,11 +177,13 @@ impl RedisRateLimiter {
     }
 
     /// Whether the command connection exists.
+    #[must_use]
     pub fn is_connected(&self) -> bool {
         self.inner.conn.is_connected()
     }
 
     /// What this limiter does when Redis does not answer in time.
+    #[must_use]
     pub fn fallback(&self) -> Fallback {
         self.inner.fallback
     }
@@ -223,6 +225,7 @@ impl RedisRateLimiter {
     }
 
     /// The local fallback quota.
+    #[must_use]
     pub fn local_quota(&self) -> Quota {
         self.inner.local_quota
     }
@@ -231,7 +234,7 @@ impl RedisRateLimiter {
 impl Inner {
     /// Runs the script over `quotas`: `Ok(None)` when every quota admitted,
     /// `Ok(Some((index, retry_after)))` for the first that refused, `Err`
-    /// when Redis did not answer within `op_timeout` (a `SyncError` event
+    /// when Redis did not answer within `op_timeout` (a `SyncFailed` event
     /// has been emitted).
     async fn run_script(
         &self,
@@ -262,7 +265,7 @@ impl Inner {
 /// Takes a `RateLimitLayer`'s tokens in Redis: the per-key quota and the
 /// global quota in one atomic script run (both or neither), on Redis' clock,
 /// bounded by `op_timeout`. When Redis does not answer in time (a
-/// `SyncError` event is emitted), the [`Fallback`] decides:
+/// `SyncFailed` event is emitted), the [`Fallback`] decides:
 /// [`Allow`](Fallback::Allow) admits, [`Deny`](Fallback::Deny) refuses with
 /// the emission interval of the call's first quota as `retry_after`, and
 /// [`Local`](Fallback::Local) hands the call to the layer's in-process

@@ -18,7 +18,7 @@
 //! A replica starting up (or reconnecting) loads the persisted states and
 //! applies them the same way, then re-publishes its own open circuits, so
 //! state written while Redis was away converges once it returns. Redis
-//! failures never reach the call path: they become `SyncError` events and
+//! failures never reach the call path: they become `SyncFailed` events and
 //! the replica keeps deciding locally.
 //!
 //! Deadlines are absolute unix times from the publishing replica's clock;
@@ -188,11 +188,13 @@ impl RedisBreakerSync {
     }
 
     /// This replica's id.
+    #[must_use]
     pub fn replica_id(&self) -> &str {
         &self.shared.conn.config.replica_id
     }
 
     /// The counters.
+    #[must_use]
     pub fn stats(&self) -> SyncStats {
         SyncStats {
             received: self.shared.received.load(Ordering::Acquire),

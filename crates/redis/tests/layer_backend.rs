@@ -32,7 +32,7 @@ struct Counts {
 fn counting(counts: &Arc<Counts>) -> Events {
     let counts = Arc::clone(counts);
     Events::new().with(move |e: &Event<'_>| match e {
-        Event::SyncError { .. } => {
+        Event::SyncFailed { .. } => {
             counts.sync_errors.fetch_add(1, Ordering::Relaxed);
         }
         Event::RateLimited { .. } => {

@@ -185,7 +185,7 @@ async fn redis_going_away_keeps_calls_flowing_and_state_converges_after() {
     let errors = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let counted = Arc::clone(&errors);
     let events = Events::new().with(move |e: &Event<'_>| {
-        if e.name() == "sync_error" {
+        if e.name() == "sync_failed" {
             counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     });

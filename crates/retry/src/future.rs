@@ -180,14 +180,14 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         let at = now.checked_add(delay)?;
         if let Some(budget) = shared.budget.get(&self.budget) {
             if !budget.withdraw_at(now) {
-                shared.events.emit(&Event::BudgetExhausted {
-                    tool: self.request.target(),
+                shared.events.emit(&Event::RetryBudgetExhausted {
+                    key: self.request.target(),
                 });
                 return None;
             }
         }
-        shared.events.emit(&Event::Retry {
-            tool: self.request.target(),
+        shared.events.emit(&Event::Retried {
+            key: self.request.target(),
             attempt: self.attempt + 1,
             delay,
         });

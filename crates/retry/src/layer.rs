@@ -71,6 +71,7 @@ impl RetryBackoffLayer {
     /// default empty, untrusted catalog it retries only failures that
     /// happened before the request left, rejections carrying a retry-after
     /// hint, and the read-only methods of [`DEFAULT_SAFE_METHODS`].
+    #[must_use]
     pub fn new() -> Self {
         RetryBackoffLayer {
             shared: Arc::new(Shared::from_builder(
@@ -81,6 +82,7 @@ impl RetryBackoffLayer {
     }
 
     /// A builder, starting from the defaults.
+    #[must_use]
     pub fn builder() -> RetryBackoffBuilder {
         RetryBackoffBuilder::new()
     }
@@ -95,6 +97,7 @@ impl Default for RetryBackoffLayer {
 impl<C> RetryBackoffLayer<C> {
     /// The deadline of a call whose tool has no override of its own (see
     /// [`RetryBackoffBuilder::deadline`]).
+    #[must_use]
     pub fn deadline(&self) -> Duration {
         self.shared.policy.call.deadline
     }
@@ -326,6 +329,7 @@ impl RetryBackoffBuilder {
 impl<C> RetryBackoffBuilder<C> {
     /// Attempts in all, the first included: 1 never retries. At least 1.
     /// Default 3.
+    #[must_use]
     pub fn max_attempts(mut self, max_attempts: u32) -> Self {
         self.max_attempts = max_attempts;
         self
@@ -336,6 +340,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// `build` names `base_delay`); any larger value, `Duration::MAX`
     /// included, is accepted, a delay that would not end before the deadline
     /// meaning no retry. Default 100 ms.
+    #[must_use]
     pub fn base_delay(mut self, base_delay: Duration) -> Self {
         self.base_delay = base_delay;
         self
@@ -344,6 +349,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// The largest computed delay (a retry-after hint may be longer). At
     /// least `base_delay` (else `build` names `max_delay`); `Duration::MAX`
     /// is accepted and means no cap but the deadline. Default 10 s.
+    #[must_use]
     pub fn max_delay(mut self, max_delay: Duration) -> Self {
         self.max_delay = max_delay;
         self
@@ -358,12 +364,14 @@ impl<C> RetryBackoffBuilder<C> {
     /// failure (see the [crate docs](crate#when)). The first attempt is never
     /// cut short; put a timeout layer below this one to bound each attempt.
     /// Positive, at most 24 h (else `build` names `deadline`). Default 30 s.
+    #[must_use]
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = deadline;
         self
     }
 
     /// How the backoff is randomised. Default [`Jitter::Full`].
+    #[must_use]
     pub fn jitter(mut self, jitter: Jitter) -> Self {
         self.jitter = jitter;
         self
@@ -372,6 +380,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// Seeds the jitter, so a test sees the same delays on every run (each
     /// call gets its own stream, in the order calls first retry). Default:
     /// unseeded (the thread's random generator).
+    #[must_use]
     pub fn jitter_seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
         self
@@ -381,6 +390,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// [`FailureClass::Server`] may be named, and at least one: a client
     /// error never succeeds by being repeated. Rejections by layers below are
     /// `Transient`. Default: both.
+    #[must_use]
     pub fn retry_on(mut self, classes: impl IntoIterator<Item = FailureClass>) -> Self {
         self.classes = Classes {
             transient: false,
@@ -404,6 +414,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// untrusted catalog, **so by default no tool is retried after a failure
     /// that may have reached the server**; only failures before the request
     /// left (connection refused) and rejections with a retry-after hint are.
+    #[must_use]
     pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
         self.catalog = catalog;
         self
@@ -411,6 +422,7 @@ impl<C> RetryBackoffBuilder<C> {
 
     /// Says whether `tool` is safe to repeat, overriding the catalog for
     /// this layer only. Default: no overrides.
+    #[must_use]
     pub fn safe_to_repeat(mut self, tool: impl Into<String>, safe: bool) -> Self {
         self.tool_overrides.insert(tool.into(), safe);
         self
@@ -421,6 +433,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// Default: [`DEFAULT_SAFE_METHODS`] (`tools/list`, `prompts/list`,
     /// `prompts/get`, `resources/list`, `resources/templates/list`,
     /// `resources/read`, `ping`).
+    #[must_use]
     pub fn safe_methods<I, S>(mut self, methods: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -432,6 +445,7 @@ impl<C> RetryBackoffBuilder<C> {
 
     /// The retry budget. Default: [`BudgetConfig::default()`] (ratio 0.2,
     /// 10 retries per second floor, 10 s window), one budget for the layer.
+    #[must_use]
     pub fn budget(mut self, budget: BudgetConfig) -> Self {
         self.budget = Some(budget);
         self
@@ -443,6 +457,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// (else `build` names `budget_per_key.<field>`); an idle timeout past
     /// `u64::MAX` milliseconds (`Duration::MAX`) means never evicting.
     /// Default: one budget.
+    #[must_use]
     pub fn budget_per_key(mut self, key_by: KeyBy, bounds: Bounds) -> Self {
         self.budget_key = Some((key_by, bounds));
         self
@@ -450,12 +465,14 @@ impl<C> RetryBackoffBuilder<C> {
 
     /// No retry budget: only `max_attempts` and the deadline bound retries.
     /// Not recommended: nothing then stops a retry storm.
+    #[must_use]
     pub fn no_budget(mut self) -> Self {
         self.budget = None;
         self
     }
 
     /// Where retry and budget-exhausted events go. Default: nowhere.
+    #[must_use]
     pub fn events(mut self, events: Events) -> Self {
         self.events = events;
         self
@@ -541,6 +558,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// # Ok(())
     /// # }
     /// ```
+    #[must_use]
     pub fn tool(
         mut self,
         tool: impl Into<String>,

@@ -122,7 +122,7 @@
 //! share the budget; [`budget_per_key`](RetryBackoffBuilder::budget_per_key)
 //! keeps one per tool (or any [`KeyBy`](toolwarden_core::KeyBy)) in a
 //! bounded map. When the budget refuses, the failure is returned unchanged
-//! and an [`Event::BudgetExhausted`](toolwarden_core::Event) is emitted.
+//! and an [`Event::RetryBudgetExhausted`](toolwarden_core::Event) is emitted.
 //! Retries after a rejection by a layer below consume budget like any
 //! other: each one is another attempt sent down the stack.
 //!
@@ -142,7 +142,7 @@
 //! `poll_ready`, with an [`Attempt`](toolwarden_core::Attempt) extension
 //! (1 for the first), so the rate limiter and the circuit breaker below see,
 //! and count, each one. Before each retry an
-//! [`Event::Retry`](toolwarden_core::Event) with the attempt number and the
+//! [`Event::Retried`](toolwarden_core::Event) with the attempt number and the
 //! delay is emitted; observability turns these into metrics.
 //!
 //! MCP forbids reusing a request id within a session, so every retry of a

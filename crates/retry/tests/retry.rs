@@ -530,7 +530,7 @@ async fn storm(builder: RetryBackoffBuilder) -> (usize, usize, usize) {
         .count();
     let exhausted = seen
         .iter()
-        .filter(|e| matches!(e, Recorded::BudgetExhausted { .. }))
+        .filter(|e| matches!(e, Recorded::RetryBudgetExhausted { .. }))
         .count();
     (upstream.calls(), retries, exhausted)
 }
@@ -630,7 +630,7 @@ async fn retries_after_rejections_consume_budget_and_exhaustion_returns_the_erro
                 attempt: 2,
                 delay: 100 * MS
             },
-            Recorded::BudgetExhausted {
+            Recorded::RetryBudgetExhausted {
                 tool: "delete_file".into()
             },
         ]

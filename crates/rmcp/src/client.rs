@@ -59,6 +59,7 @@ impl fmt::Debug for RmcpClient {
 impl RmcpClient {
     /// A client over `peer`, with no timeout of its own (put a timeout or the
     /// retry layer's deadline above it).
+    #[must_use]
     pub fn new(peer: Peer<RoleClient>) -> Self {
         RmcpClient {
             peer,
@@ -70,6 +71,7 @@ impl RmcpClient {
     }
 
     /// Adds the tools of every `tools/list` result to `catalog`.
+    #[must_use]
     pub fn with_catalog(mut self, catalog: ToolCatalog) -> Self {
         self.catalog = Some(catalog);
         self
@@ -77,6 +79,7 @@ impl RmcpClient {
 
     /// rmcp's per-request timeout: past it, rmcp cancels the request upstream
     /// and the call fails with a timeout (class `Transient`). Default: none.
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = Some(timeout);
         self
@@ -84,18 +87,21 @@ impl RmcpClient {
 
     /// Restarts the timeout whenever the server reports progress for the
     /// request (the spec's MAY). Default: `false`.
+    #[must_use]
     pub fn reset_timeout_on_progress(mut self, reset: bool) -> Self {
         self.reset_timeout_on_progress = reset;
         self
     }
 
     /// A cap on the total time, progress or not (the spec's SHOULD). Default: none.
+    #[must_use]
     pub fn max_total_timeout(mut self, max: Duration) -> Self {
         self.max_total_timeout = Some(max);
         self
     }
 
     /// The peer.
+    #[must_use]
     pub fn peer(&self) -> &Peer<RoleClient> {
         &self.peer
     }

@@ -13,6 +13,7 @@ use toolwarden_core::BoxError;
 /// | `TransportSend`, `TransportClosed`, `Cancelled` | [`TransportError`] `Closed` | `Transient` |
 /// | `Timeout { timeout }` | [`CallTimedOut`] | `Transient` |
 /// | anything else | the `ServiceError` itself | `Server` |
+#[must_use]
 pub fn map_service_error(error: ServiceError) -> BoxError {
     match error {
         ServiceError::McpError(e) => Box::new(ErrorObject {

@@ -56,6 +56,7 @@ pub struct RenderErrorsLayer {
 
 impl RenderErrorsLayer {
     /// The layer.
+    #[must_use]
     pub fn new() -> Self {
         Self::default()
     }
@@ -87,6 +88,7 @@ impl<S> RenderErrors<S> {
 
     /// The same service, rendering nothing: every result passes through
     /// (errors are still converted into `BoxError`).
+    #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.enabled = false;
         self

@@ -127,6 +127,7 @@ impl StackLayer {
     ];
 
     /// The layer's configuration section name (`circuit_breaker`, ...).
+    #[must_use]
     pub fn as_str(self) -> &'static str {
         match self {
             StackLayer::Observability => "observability",
@@ -163,6 +164,7 @@ pub struct StandardStack;
 
 impl StandardStack {
     /// A builder with every default.
+    #[must_use]
     pub fn builder() -> StandardStackBuilder {
         StandardStackBuilder::default()
     }
@@ -228,18 +230,21 @@ impl StandardStackBuilder {
     /// The tool catalog every layer shares. Default: empty and untrusted
     /// (then only failures before the request left are retried, and nothing
     /// is cached, until tools are configured or annotations trusted).
+    #[must_use]
     pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
         self.catalog = catalog;
         self
     }
 
     /// Extra event sinks (the observability layer's is always added).
+    #[must_use]
     pub fn events(mut self, events: Events) -> Self {
         self.events = events;
         self
     }
 
     /// The bound on one attempt. Default 10 s.
+    #[must_use]
     pub fn attempt_timeout(mut self, timeout: Duration) -> Self {
         self.attempt_timeout = timeout;
         self
@@ -248,18 +253,21 @@ impl StandardStackBuilder {
     /// The bound on a call with all its retries. Default 30 s. Setting it
     /// here or with `.retry(|b| b.deadline(..))` is the same; setting both
     /// to different values is refused when the stack is built.
+    #[must_use]
     pub fn retry_deadline(mut self, deadline: Duration) -> Self {
         self.retry_deadline = Some(deadline);
         self
     }
 
     /// A time-based failure-rate window for the breaker. Default: none.
+    #[must_use]
     pub fn breaker_time_window(mut self, window: TimeWindow) -> Self {
         self.breaker_time_window = Some(window);
         self
     }
 
     /// Calls at least this long count as slow for the breaker. Default: none.
+    #[must_use]
     pub fn slow_call_duration(mut self, duration: Duration) -> Self {
         self.slow_call_duration = Some(duration);
         self
@@ -267,6 +275,7 @@ impl StandardStackBuilder {
 
     /// Whether errors of tool calls are rendered into `isError` results at
     /// the top ([`RenderErrorsLayer`](crate::RenderErrorsLayer)). Default `true`.
+    #[must_use]
     pub fn render_errors(mut self, render: bool) -> Self {
         self.render_errors = render;
         self
@@ -289,6 +298,7 @@ impl StandardStackBuilder {
     /// assert!(!stack.includes(StackLayer::RateLimit));
     /// assert!(stack.includes(StackLayer::CircuitBreaker));
     /// ```
+    #[must_use]
     pub fn without(mut self, layer: StackLayer) -> Self {
         self.without |= layer.bit();
         self
@@ -299,6 +309,7 @@ impl StandardStackBuilder {
     }
 
     /// Configures the circuit breaker.
+    #[must_use]
     pub fn circuit_breaker(
         mut self,
         f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder + Send + 'static,
@@ -308,6 +319,7 @@ impl StandardStackBuilder {
     }
 
     /// Configures the rate limit.
+    #[must_use]
     pub fn rate_limit(
         mut self,
         f: impl FnOnce(RateLimitBuilder) -> RateLimitBuilder + Send + 'static,
@@ -317,6 +329,7 @@ impl StandardStackBuilder {
     }
 
     /// Configures retry with backoff.
+    #[must_use]
     pub fn retry(
         mut self,
         f: impl FnOnce(RetryBackoffBuilder) -> RetryBackoffBuilder + Send + 'static,
@@ -326,6 +339,7 @@ impl StandardStackBuilder {
     }
 
     /// Configures the loop guard.
+    #[must_use]
     pub fn loop_guard(
         mut self,
         f: impl FnOnce(LoopGuardBuilder) -> LoopGuardBuilder + Send + 'static,
@@ -335,6 +349,7 @@ impl StandardStackBuilder {
     }
 
     /// Configures the fallback cache.
+    #[must_use]
     pub fn fallback_cache(
         mut self,
         f: impl FnOnce(FallbackCacheBuilder) -> FallbackCacheBuilder + Send + 'static,
@@ -344,6 +359,7 @@ impl StandardStackBuilder {
     }
 
     /// Configures observability.
+    #[must_use]
     pub fn observability(
         mut self,
         f: impl FnOnce(ObservabilityBuilder) -> ObservabilityBuilder + Send + 'static,
@@ -538,36 +554,43 @@ fn left_out(without: u8) -> Vec<StackLayer> {
 
 impl StandardStackLayer {
     /// Whether `layer` is part of the stack (see [`StandardStackBuilder::without`]).
+    #[must_use]
     pub fn includes(&self, layer: StackLayer) -> bool {
         self.without & layer.bit() == 0
     }
 
     /// The layers left out of the stack, outermost first.
+    #[must_use]
     pub fn left_out(&self) -> Vec<StackLayer> {
         left_out(self.without)
     }
 
     /// The breaker registry: snapshots, manual control, the Redis seam.
+    #[must_use]
     pub fn registry(&self) -> &CircuitRegistry {
         self.circuit_breaker.registry()
     }
 
     /// Per-tool statistics.
+    #[must_use]
     pub fn stats(&self) -> Stats {
         self.observability.stats()
     }
 
     /// The shared tool catalog.
+    #[must_use]
     pub fn catalog(&self) -> &ToolCatalog {
         &self.catalog
     }
 
     /// The events every layer emits into (yours plus observability's).
+    #[must_use]
     pub fn events(&self) -> &Events {
         &self.events
     }
 
     /// The attempt timeout.
+    #[must_use]
     pub fn attempt_timeout(&self) -> Duration {
         self.attempt_timeout
     }

@@ -34,7 +34,7 @@ impl Seen {
 
     pub fn blocked(tool: &str, repeats: u32) -> Self {
         Seen {
-            name: "loop_blocked",
+            name: "loop_detected",
             tool: tool.into(),
             repeats,
         }
@@ -47,7 +47,7 @@ pub fn event_log() -> (Events, Arc<Mutex<Vec<Seen>>>) {
     let sink = Arc::clone(&log);
     let events = Events::new().with(move |event: &Event<'_>| {
         let repeats = match event {
-            Event::LoopWarned { repeats, .. } | Event::LoopBlocked { repeats, .. } => *repeats,
+            Event::LoopWarned { repeats, .. } | Event::LoopDetected { repeats, .. } => *repeats,
             _ => return,
         };
         sink.lock().unwrap().push(Seen {

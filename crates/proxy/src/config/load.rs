@@ -57,16 +57,19 @@ impl ConfigFileError {
 
     /// The key at fault, as a dotted path (`tools."search".retry.max_attempts`),
     /// when the error is about one key.
+    #[must_use]
     pub fn key(&self) -> Option<&str> {
         self.key.as_deref()
     }
 
     /// The environment variable that set the key at fault, if one did.
+    #[must_use]
     pub fn env_var(&self) -> Option<&str> {
         self.env_var.as_deref()
     }
 
     /// What is wrong, without the key.
+    #[must_use]
     pub fn message(&self) -> &str {
         &self.message
     }
@@ -266,6 +269,7 @@ impl Config {
 /// The process's `TOOLWARDEN_*` variables, for [`Config::load`]. Names that
 /// are not UTF-8 are skipped; values that are not are read lossily (and then
 /// refused by the key they set, naming the variable).
+#[must_use]
 pub fn process_env() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(name, value)| {

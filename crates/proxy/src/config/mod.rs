@@ -489,6 +489,7 @@ impl Config {
     }
 
     /// The configuration of `tool`, if it has one.
+    #[must_use]
     pub fn tool(&self, tool: &str) -> Option<&ToolConfig> {
         self.tools.get(tool)
     }

@@ -32,6 +32,7 @@ pub struct Rate {
 
 impl Rate {
     /// The time between two calls at this rate.
+    #[must_use]
     pub fn interval(&self) -> Duration {
         self.per / self.count.max(1)
     }

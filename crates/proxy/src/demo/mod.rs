@@ -92,6 +92,7 @@ impl EventSink for EventCounter {
 }
 
 /// The demo's configuration: tight thresholds so each layer acts within seconds.
+#[must_use]
 pub fn demo_config() -> Config {
     let mut config = Config::default();
     config.catalog.trust_annotations = true;
@@ -388,10 +389,10 @@ fn table(tally: &Tally, events: &EventCounter, reached: &BTreeMap<String, u64>) 
                 .to_string(),
             count(&|s| matches!(s, Seen::Refused(_))).to_string(),
             reached.get(tool).copied().unwrap_or(0).to_string(),
-            events.count(tool, "retry").to_string(),
+            events.count(tool, "retried").to_string(),
             format!("{opened} open/{closed} cl"),
             events.count(tool, "stale_served").to_string(),
-            events.count(tool, "loop_blocked").to_string(),
+            events.count(tool, "loop_detected").to_string(),
             events.count(tool, "rate_limited").to_string(),
             events.count(tool, "degraded").to_string(),
         ];
@@ -409,7 +410,7 @@ const LEGEND: &str = "\
 calls: made by the agent · ok/stale/failed/refused: what it got back (refused = an isError
 result written by a toolwarden layer) · reached: calls that got to the server (retries
 included, refusals not) · retries, breaker, stale srv, loops, limited, degraded: events the
-layers reported (retry, circuit_opened/closed, stale_served, loop_blocked, rate_limited, degraded).";
+layers reported (retried, circuit_opened/closed, stale_served, loop_detected, rate_limited, degraded).";
 
 /// Runs the demo; returns the process's exit status.
 pub async fn run() -> ExitCode {
@@ -509,22 +510,22 @@ mod tests {
     #[test]
     fn the_counter_counts_per_tool_and_event() {
         let counter = EventCounter::default();
-        counter.on_event(&Event::Retry {
-            tool: "a",
+        counter.on_event(&Event::Retried {
+            key: "a",
             attempt: 2,
             delay: Duration::from_millis(1),
         });
-        counter.on_event(&Event::Retry {
-            tool: "a",
+        counter.on_event(&Event::Retried {
+            key: "a",
             attempt: 3,
             delay: Duration::from_millis(1),
         });
-        counter.on_event(&Event::LoopBlocked {
-            tool: "b",
+        counter.on_event(&Event::LoopDetected {
+            key: "b",
             repeats: 4,
         });
-        assert_eq!(counter.count("a", "retry"), 2);
-        assert_eq!(counter.count("b", "loop_blocked"), 1);
-        assert_eq!(counter.count("b", "retry"), 0);
+        assert_eq!(counter.count("a", "retried"), 2);
+        assert_eq!(counter.count("b", "loop_detected"), 1);
+        assert_eq!(counter.count("b", "retried"), 0);
     }
 }

@@ -181,6 +181,7 @@ pub enum UpstreamStatus {
 
 impl UpstreamStatus {
     /// A short name: `idle`, `connecting`, `up`, `down` or `stopped`.
+    #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
             UpstreamStatus::Idle => "idle",
@@ -218,16 +219,19 @@ pub struct Connection {
 
 impl Connection {
     /// The client over this connection.
+    #[must_use]
     pub fn client(&self) -> &RmcpClient {
         &self.client
     }
 
     /// What the server said in `initialize`.
+    #[must_use]
     pub fn info(&self) -> Option<&ServerPeerInfo> {
         self.info.as_deref()
     }
 
     /// The child's process id, for a child process.
+    #[must_use]
     pub fn pid(&self) -> Option<u32> {
         self.pid
     }
@@ -304,6 +308,7 @@ impl fmt::Debug for Upstream {
 impl Upstream {
     /// An upstream at `target`, not started. Tools listed by the server are
     /// added to `catalog`; server→client traffic goes to `downstreams`.
+    #[must_use]
     pub fn new(
         target: UpstreamTarget,
         config: UpstreamConfig,
@@ -316,6 +321,7 @@ impl Upstream {
 
     /// What [`redactor`](Self::redactor) of an upstream at `target` with
     /// `config` scrubs: the URL's userinfo and query, the header values.
+    #[must_use]
     pub fn redactor_for(target: &UpstreamTarget, config: &UpstreamConfig) -> Redactor {
         // A header that does not resolve is reported by `check_http`; the
         // connection attempts then fail and say why.
@@ -330,6 +336,7 @@ impl Upstream {
 
     /// [`new`](Self::new), scrubbing with `redactor` (made once by
     /// [`redactor_for`](Self::redactor_for) for many upstreams at one target).
+    #[must_use]
     pub fn with_redactor(
         target: UpstreamTarget,
         config: UpstreamConfig,
@@ -421,31 +428,37 @@ impl Upstream {
     }
 
     /// What the server said in its last `initialize` (kept while it restarts).
+    #[must_use]
     pub fn server_info(&self) -> Option<Arc<ServerPeerInfo>> {
         self.inner.shared.last_info.load_full()
     }
 
     /// The current connection, if open.
+    #[must_use]
     pub fn connection(&self) -> Option<Arc<Connection>> {
         self.inner.shared.connection()
     }
 
     /// The connection state.
+    #[must_use]
     pub fn status(&self) -> UpstreamStatus {
         self.inner.shared.status.borrow().clone()
     }
 
     /// How many times the connection was lost and re-established.
+    #[must_use]
     pub fn restarts(&self) -> u64 {
         self.inner.restarts.load(Ordering::Relaxed)
     }
 
     /// Where the server is.
+    #[must_use]
     pub fn target(&self) -> &UpstreamTarget {
         &self.inner.target
     }
 
     /// The `tower::Service` that sends requests through the current connection.
+    #[must_use]
     pub fn service(&self) -> UpstreamService {
         UpstreamService {
             shared: Arc::clone(&self.inner.shared),
@@ -453,6 +466,7 @@ impl Upstream {
     }
 
     /// The connection's configuration.
+    #[must_use]
     pub fn config(&self) -> &UpstreamConfig {
         &self.inner.config
     }
@@ -469,6 +483,7 @@ impl Upstream {
 
     /// What the proxy scrubs out of every text it shows: the URL's userinfo
     /// and query, the header values. The binary's log writer uses it too.
+    #[must_use]
     pub fn redactor(&self) -> Arc<Redactor> {
         Arc::clone(&self.inner.shared.redactor)
     }
@@ -478,6 +493,7 @@ impl Upstream {
     }
 
     /// The upstream part of `/health`: state, pid, restarts, target.
+    #[must_use]
     pub fn health_json(&self) -> Value {
         let status = self.status();
         let mut report = json!({

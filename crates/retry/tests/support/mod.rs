@@ -176,7 +176,7 @@ pub enum Recorded {
         attempt: u32,
         delay: Duration,
     },
-    BudgetExhausted {
+    RetryBudgetExhausted {
         tool: String,
     },
 }
@@ -187,8 +187,8 @@ pub fn recorder() -> (Events, Arc<Mutex<Vec<Recorded>>>) {
     let sink = Arc::clone(&seen);
     let events = Events::new().with(move |e: &Event<'_>| {
         let record = match *e {
-            Event::Retry {
-                tool,
+            Event::Retried {
+                key: tool,
                 attempt,
                 delay,
             } => Recorded::Retry {
@@ -196,7 +196,7 @@ pub fn recorder() -> (Events, Arc<Mutex<Vec<Recorded>>>) {
                 attempt,
                 delay,
             },
-            Event::BudgetExhausted { tool } => Recorded::BudgetExhausted {
+            Event::RetryBudgetExhausted { key: tool } => Recorded::RetryBudgetExhausted {
                 tool: tool.to_owned(),
             },
             _ => return,
