@@ -193,7 +193,8 @@ fn bench_fallback_cache(c: &mut Criterion) {
         )
     });
 
-    let layer = FallbackCacheLayer::builder(fixture_catalog())
+    let layer = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
         .build()
         .expect("valid configuration");
     // Each sanity check runs one call before its bench, so it holds even when a
@@ -210,7 +211,8 @@ fn bench_fallback_cache(c: &mut Criterion) {
     });
 
     // A layer of its own: every service built from one layer shares its cache.
-    let mut not_cacheable = FallbackCacheLayer::builder(fixture_catalog())
+    let mut not_cacheable = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
         .build()
         .expect("valid configuration")
         .layer(inner.clone());
@@ -225,7 +227,8 @@ fn bench_fallback_cache(c: &mut Criterion) {
         )
     });
 
-    let fresh = FallbackCacheLayer::builder(fixture_catalog())
+    let fresh = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
         .fresh_ttl(Some(Duration::from_secs(300)))
         .build()
         .expect("valid configuration");

@@ -142,7 +142,7 @@ where
 }
 
 fn guard<S>(inner: S) -> LoopGuard<S> {
-    LoopGuard::new(inner, LoopGuardLayer::new().config().clone())
+    LoopGuard::new(inner, &LoopGuardLayer::new())
 }
 
 fn bench_overhead(c: &mut Criterion) {

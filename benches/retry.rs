@@ -97,7 +97,8 @@ fn bench_minimal(c: &mut Criterion) {
     let bare = service_fn(|_req: Call| std::future::ready(Ok::<_, BoxError>(Reply)));
     let toolwarden = RetryBackoffLayer::new().layer(bare);
     let keyed = RetryBackoffLayer::builder()
-        .budget_per_key(KeyBy::Tool, Bounds::default())
+        .key_by(KeyBy::Tool)
+        .bounds(Bounds::default())
         .build()
         .unwrap()
         .layer(bare);

@@ -22,10 +22,10 @@ use tokio::net::{TcpListener, TcpStream};
 use toolwarden_core::classify::{TransportError, TransportErrorKind};
 use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::BoxError;
-use toolwarden_observability::health::{HealthCheck, HealthRegistry, Priority};
-use toolwarden_observability::http::{serve, Endpoints};
-use toolwarden_observability::instruments::names;
-use toolwarden_observability::{describe_metrics, ObservabilityLayer, Stats};
+use toolwarden_observability::{
+    describe_metrics, serve, Endpoints, HealthCheck, HealthRegistry, ObservabilityLayer, Priority,
+    Stats, METRIC_OPERATION_DURATION,
+};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 /// What the flaky server does, call after call, in a cycle.
@@ -145,7 +145,7 @@ async fn main() -> Result<(), BoxError> {
     // Install the recorder first, then build the layer (either order works).
     let prometheus = PrometheusBuilder::new()
         .set_buckets_for_metric(
-            Matcher::Full(names::OPERATION_DURATION.to_owned()),
+            Matcher::Full(METRIC_OPERATION_DURATION.to_owned()),
             &[
                 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             ],

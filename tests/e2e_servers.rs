@@ -311,7 +311,7 @@ mod through_the_standard_stack {
             let stack = StandardStack::builder()
                 .catalog(catalog)
                 .circuit_breaker(|b| b.failure_threshold(3).minimum_calls(3))
-                .loop_guard(|b| b.exempt("nope"))
+                .loop_guard(|b| b.tool("nope", |b| b.exempt(true)))
                 .build()
                 .unwrap();
             let svc = stack.layer(client);

@@ -1,9 +1,12 @@
 //! [`CircuitBreakerLayer`].
 
-use toolwarden_core::McpClassifier;
+use std::collections::HashMap;
+
+use toolwarden_core::{Events, McpClassifier};
 use tower_layer::Layer;
 
-use crate::config::CircuitBreakerBuilder;
+use crate::builder::CircuitBreakerBuilder;
+use crate::config::Config;
 use crate::registry::CircuitRegistry;
 use crate::service::CircuitBreaker;
 
@@ -12,8 +15,20 @@ use crate::service::CircuitBreaker;
 ///
 /// The layer holds the configuration and the [`CircuitRegistry`] of the
 /// breakers; every service it makes, and every clone of it, shares them.
-/// Build one with [`CircuitBreakerLayer::builder`] (every default is listed
-/// on [`CircuitBreakerBuilder`]).
+/// [`CircuitBreakerLayer::new`] has every default; build one with other
+/// values with [`CircuitBreakerLayer::builder`] (every default is listed on
+/// [`CircuitBreakerBuilder`]).
+///
+/// ```
+/// use tower::Layer;
+/// use toolwarden_core::testing::MockMcp;
+/// use toolwarden_circuit_breaker::{CircuitBreaker, CircuitBreakerLayer};
+///
+/// let layer = CircuitBreakerLayer::new();
+/// let a = layer.layer(MockMcp::new());
+/// let b = CircuitBreaker::new(MockMcp::new(), &layer); // the same, spelled out
+/// assert!(a.registry().is_empty() && b.registry().is_empty());
+/// ```
 #[derive(Debug, Clone)]
 pub struct CircuitBreakerLayer<C = McpClassifier> {
     registry: CircuitRegistry,
@@ -21,10 +36,26 @@ pub struct CircuitBreakerLayer<C = McpClassifier> {
 }
 
 impl CircuitBreakerLayer<McpClassifier> {
+    /// A layer with every default, the same as `builder().build()` (see
+    /// [`CircuitBreakerBuilder`] for each default).
+    #[must_use]
+    pub fn new() -> Self {
+        // The defaults are valid (`build` accepts them: tested), so there is
+        // nothing to check.
+        let registry = CircuitRegistry::new(Config::default(), HashMap::new(), Events::new(), None);
+        CircuitBreakerLayer::from_parts(registry, McpClassifier::new())
+    }
+
     /// A builder with every default.
     #[must_use]
     pub fn builder() -> CircuitBreakerBuilder<McpClassifier> {
         CircuitBreakerBuilder::new()
+    }
+}
+
+impl Default for CircuitBreakerLayer<McpClassifier> {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -38,8 +69,15 @@ impl<C> CircuitBreakerLayer<C> {
 
     /// The breakers: snapshots, manual control, remote transitions, and the
     /// [`CircuitView`](toolwarden_core::CircuitView) other layers read.
+    #[must_use]
     pub fn registry(&self) -> &CircuitRegistry {
         &self.registry
+    }
+
+    /// The classifier that judges each call's outcome.
+    #[must_use]
+    pub fn classifier(&self) -> &C {
+        &self.classifier
     }
 }
 
@@ -47,6 +85,6 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::new(inner, self.registry.clone(), self.classifier.clone())
+        CircuitBreaker::new(inner, self)
     }
 }

@@ -44,9 +44,12 @@
 //! sync, classifier) are the builder's alone.
 //!
 //! Transitions are reported through the core's [`Events`](toolwarden_core::Events)
-//! (`circuit_opened`, `circuit_half_opened`, `circuit_closed`) and, for
-//! sharing between replicas, through a [`StateSync`]; remote transitions
-//! come in through [`CircuitRegistry::apply_remote`] (see [`sync`]).
+//! ([`Event::CircuitOpened`](toolwarden_core::Event::CircuitOpened),
+//! [`Event::CircuitHalfOpened`](toolwarden_core::Event::CircuitHalfOpened),
+//! [`Event::CircuitClosed`](toolwarden_core::Event::CircuitClosed), each
+//! naming the breaker's `key`) and, for sharing between replicas, through a
+//! [`StateSync`]; remote transitions come in through
+//! [`CircuitRegistry::apply_remote`] (see [`StateSync`]).
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
@@ -88,16 +91,18 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod breaker;
+mod builder;
 mod config;
 mod future;
 mod layer;
 mod registry;
 mod service;
-pub mod sync;
+mod sync;
 mod window;
 
 pub use breaker::{CallTotals, CircuitSnapshot, RecentError, RECENT_ERRORS};
-pub use config::{CircuitBreakerBuilder, TimeWindow, MAX_COUNT_WINDOW, MAX_TIME_BUCKETS};
+pub use builder::CircuitBreakerBuilder;
+pub use config::{TimeWindow, MAX_COUNT_WINDOW, MAX_TIME_BUCKETS};
 pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{CircuitRegistry, RegistrySnapshot};

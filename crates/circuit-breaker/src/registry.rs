@@ -150,6 +150,12 @@ impl CircuitRegistry {
         }
     }
 
+    /// The policy of `tool`'s override, if it has one.
+    #[cfg(test)]
+    pub(crate) fn tool_policy(&self, tool: &str) -> Option<&Config> {
+        self.inner.shared.tool_policies.get(tool).map(|p| &**p)
+    }
+
     #[inline]
     pub(crate) fn key_by(&self) -> &KeyBy {
         &self.inner.shared.config.key_by
@@ -323,7 +329,7 @@ impl CircuitRegistry {
     }
 
     /// Applies a transition received from another replica to a key's
-    /// circuit (see [`crate::sync`]). Returns whether it changed anything.
+    /// circuit (see [`StateSync`](crate::StateSync)). Returns whether it changed anything.
     ///
     /// A key past the bound is not applied (it would open the breaker every
     /// such key shares).

@@ -9,10 +9,11 @@ use tower_service::Service;
 
 use crate::breaker::Admission;
 use crate::future::ResponseFuture;
+use crate::layer::CircuitBreakerLayer;
 use crate::registry::CircuitRegistry;
 
 /// A service guarded by per-key circuit breakers; see
-/// [`CircuitBreakerLayer`](crate::CircuitBreakerLayer).
+/// [`CircuitBreakerLayer`].
 ///
 /// Readiness is the inner service's: the key is only known in `call`, so a
 /// refused call leaves the inner service's readiness unused (tower allows
@@ -25,21 +26,27 @@ pub struct CircuitBreaker<S, C = McpClassifier> {
 }
 
 impl<S, C> CircuitBreaker<S, C> {
-    /// Guards `inner` with the breakers of `registry`, judging outcomes with `classifier`.
-    pub fn new(inner: S, registry: CircuitRegistry, classifier: C) -> Self {
+    /// Guards `inner` with the breakers of `layer` (shared with every other
+    /// service it made), judging outcomes with its classifier.
+    pub fn new(inner: S, layer: &CircuitBreakerLayer<C>) -> Self
+    where
+        C: Clone,
+    {
         CircuitBreaker {
             inner,
-            registry,
-            classifier,
+            registry: layer.registry().clone(),
+            classifier: layer.classifier().clone(),
         }
     }
 
     /// The breakers.
+    #[must_use]
     pub fn registry(&self) -> &CircuitRegistry {
         &self.registry
     }
 
     /// The inner service.
+    #[must_use]
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
@@ -50,6 +57,7 @@ impl<S, C> CircuitBreaker<S, C> {
     }
 
     /// Unwraps the inner service.
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -32,7 +32,8 @@
 //! let server = MockMcp::new()
 //!     .script("search_docs", [Step::ok("Timeouts: see tokio::time::timeout")])
 //!     .default_step("search_docs", Step::closed());
-//! let layer = FallbackCacheLayer::builder(catalog)
+//! let layer = FallbackCacheLayer::builder()
+//!     .catalog(catalog)
 //!     .max_staleness(Duration::from_secs(600))
 //!     .build()
 //!     .unwrap();
@@ -128,18 +129,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod builder;
 mod cache;
 mod fallback;
-pub mod future;
+mod future;
 mod layer;
-pub mod rank;
+mod rank;
 mod service;
 
+pub use builder::{
+    FallbackCacheBuilder, DEFAULT_ALTERNATIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_STALENESS, MAX_MAX_ENTRIES, MIN_MAX_BYTES,
+};
 pub use fallback::{DEGRADED_META_KEY, STALE_META_KEY};
 pub use future::ResponseFuture;
-pub use layer::{
-    FallbackCacheBuilder, FallbackCacheLayer, DEFAULT_ALTERNATIVES, DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_ENTRIES, DEFAULT_MAX_STALENESS, MAX_MAX_ENTRIES, MIN_MAX_BYTES,
-};
-pub use rank::AlternativeRanker;
+pub use layer::FallbackCacheLayer;
+pub use rank::{argument_text, tokenize, AlternativeRanker, Ranked, MAX_ARGUMENT_TEXT};
 pub use service::FallbackCache;

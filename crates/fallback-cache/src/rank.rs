@@ -1,25 +1,6 @@
-//! Ranking other tools as alternatives to a failed one: BM25 over the tool
-//! catalog's names, titles, descriptions and parameter names.
-//!
-//! [`AlternativeRanker`] works on its own (give it tools, ask it for the best
-//! matches of a text) and is what [`FallbackCacheLayer`](crate::FallbackCacheLayer)
-//! uses to fill the `alternatives` of a structured error.
-//!
-//! ```
-//! use toolwarden_core::{Circuits, ToolInfo};
-//! use toolwarden_fallback_cache::AlternativeRanker;
-//!
-//! let tools = [
-//!     ToolInfo::new("search_docs", "Search the project documentation for pages matching a query"),
-//!     ToolInfo::new("web_search", "Search the web for pages matching a query"),
-//!     ToolInfo::new("send_email", "Send an email message to a recipient"),
-//! ];
-//! let ranker = AlternativeRanker::new(&tools);
-//! let circuits = Circuits::none(); // in a stack: the circuit breaker's view
-//! let alternatives =
-//!     ranker.alternatives("search_docs", "query tokio timeout", 3, |tool| circuits.is_open(tool));
-//! assert_eq!(alternatives, ["web_search"]); // send_email shares no word with the failed call
-//! ```
+//! [`AlternativeRanker`]: ranking other tools as alternatives to a failed
+//! one, BM25 over the tool catalog's names, titles, descriptions and
+//! parameter names.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,7 +31,7 @@ pub const MAX_ARGUMENT_TEXT: usize = 128;
 /// `queries` → `query`).
 ///
 /// ```
-/// use toolwarden_fallback_cache::rank::tokenize;
+/// use toolwarden_fallback_cache::tokenize;
 /// assert_eq!(tokenize("search_docs"), ["search", "doc"]);
 /// assert_eq!(tokenize("get-weather"), ["get", "weather"]);
 /// assert_eq!(tokenize("listHTTPServers for a user"), ["list", "http", "server", "user"]);
@@ -116,7 +97,7 @@ fn fold_plural(mut term: String) -> String {
 ///
 /// ```
 /// use serde_json::json;
-/// use toolwarden_fallback_cache::rank::argument_text;
+/// use toolwarden_fallback_cache::argument_text;
 /// let args = json!({"query": "tokio timeout", "_meta": {"progressToken": 1}});
 /// assert_eq!(argument_text(args.as_object().unwrap()), "query tokio timeout");
 /// ```
@@ -199,6 +180,26 @@ struct IndexedTool {
 /// sharing at least one term with it; tools with no shared term are never
 /// suggested. The index is immutable: build a new one when the catalog
 /// changes ([`ToolCatalog::version`] tells when).
+///
+/// It works on its own (give it tools, ask it for the best matches of a
+/// text) and is what [`FallbackCacheLayer`](crate::FallbackCacheLayer) uses
+/// to fill the `alternatives` of a structured error.
+///
+/// ```
+/// use toolwarden_core::{Circuits, ToolInfo};
+/// use toolwarden_fallback_cache::AlternativeRanker;
+///
+/// let tools = [
+///     ToolInfo::new("search_docs", "Search the project documentation for pages matching a query"),
+///     ToolInfo::new("web_search", "Search the web for pages matching a query"),
+///     ToolInfo::new("send_email", "Send an email message to a recipient"),
+/// ];
+/// let ranker = AlternativeRanker::new(&tools);
+/// let circuits = Circuits::none(); // in a stack: the circuit breaker's view
+/// let alternatives =
+///     ranker.alternatives("search_docs", "query tokio timeout", 3, |tool| circuits.is_open(tool));
+/// assert_eq!(alternatives, ["web_search"]); // send_email shares no word with the failed call
+/// ```
 #[derive(Debug)]
 pub struct AlternativeRanker {
     tools: Vec<IndexedTool>,

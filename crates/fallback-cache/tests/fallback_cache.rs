@@ -46,7 +46,8 @@ fn harness_with(
     }
     let below = BreakerStandIn::new(checked, open.clone());
     let inject = below.injector();
-    let builder = FallbackCacheLayer::builder(catalog)
+    let builder = FallbackCacheLayer::builder()
+        .catalog(catalog)
         .max_staleness(secs(300))
         .circuits(open.circuits())
         .events(recorder.events());
@@ -817,7 +818,8 @@ async fn clones_share_one_cache() {
 
 #[tokio::test(start_paused = true)]
 async fn works_over_a_service_fn_with_any_error() {
-    let layer = FallbackCacheLayer::builder(fixture_catalog())
+    let layer = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
         .build()
         .unwrap();
     let inner = tower::service_fn(|req: Request| async move {
@@ -866,7 +868,8 @@ fn over_breaker(max_staleness: std::time::Duration) -> OverBreaker {
         .unwrap();
     let registry = breaker.registry().clone();
     let recorder = Recorder::default();
-    let cache = FallbackCacheLayer::builder(fixture_catalog())
+    let cache = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
         .max_staleness(max_staleness)
         .circuits(registry.circuits())
         .events(recorder.events())
@@ -1021,7 +1024,8 @@ async fn the_fingerprint_is_computed_once_and_shared_with_the_layers_below() {
 async fn regression_15_5_services_from_one_layer_share_one_cache() {
     let mock = server();
     let open = OpenCircuits::default();
-    let layer = FallbackCacheLayer::builder(fixture_catalog())
+    let layer = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
         .circuits(open.circuits())
         .build()
         .unwrap();

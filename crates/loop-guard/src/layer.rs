@@ -1,16 +1,18 @@
-//! [`LoopGuardLayer`]: the configuration, as a [`tower_layer::Layer`].
+//! [`LoopGuardLayer`]: the configuration and the session histories, as a
+//! [`tower_layer::Layer`].
 
 use std::sync::Arc;
 
 use toolwarden_core::McpClassifier;
 use tower_layer::Layer;
 
-use crate::config::{LoopGuardBuilder, LoopGuardConfig};
+use crate::builder::{default_config, LoopGuardBuilder};
+use crate::config::LoopGuardConfig;
 use crate::service::LoopGuard;
 use crate::sessions::Sessions;
 
-/// Applies [`LoopGuard`] to a service: refuses tool calls that repeat the
-/// same call, or a short cycle of calls, too often.
+/// Middleware that refuses tool calls that repeat the same call, or a short
+/// cycle of calls, too often: applies [`LoopGuard`] to a service.
 ///
 /// The layer holds the configuration and the session histories, created
 /// when the layer is built: every service it builds, and every service
@@ -19,13 +21,13 @@ use crate::sessions::Sessions;
 /// successes) as one history, and one bound on memory applies to all.
 /// (This is the one departure from tower's "a layer is configuration"
 /// shape: the stack's promise is that services built from it share their
-/// state.) [`LoopGuard::new`] builds a service with histories of its own.
+/// state.) For histories of their own, build another layer.
 ///
 /// ```
 /// use toolwarden_loop_guard::{LoopGuardLayer, ToolLimits};
 /// let layer = LoopGuardLayer::builder()
-///     .exempt("wait_for_job")
-///     .tool_limits("job_status", ToolLimits::polling())
+///     .tool("wait_for_job", |b| b.exempt(true))
+///     .tool("job_status", |b| b.limits(ToolLimits::polling()))
 ///     .build()
 ///     .unwrap();
 /// assert_eq!(layer.config().limits_for("wait_for_job"), None);
@@ -37,16 +39,17 @@ pub struct LoopGuardLayer<C = McpClassifier> {
 }
 
 impl LoopGuardLayer {
-    /// A layer with every default (see [`LoopGuardBuilder`]).
+    /// A layer with every default (see [`LoopGuardBuilder`]): the same as
+    /// `LoopGuardLayer::builder().build()`.
     #[must_use]
     pub fn new() -> Self {
-        Self::from_config(LoopGuardConfig::default())
+        Self::from_config(default_config())
     }
 
     /// A builder, starting from every default.
     #[must_use]
     pub fn builder() -> LoopGuardBuilder {
-        LoopGuardBuilder::new()
+        LoopGuardBuilder::default()
     }
 }
 
@@ -63,8 +66,14 @@ impl<C> LoopGuardLayer<C> {
     }
 
     /// The configuration every service built by this layer uses.
+    #[must_use]
     pub fn config(&self) -> &LoopGuardConfig<C> {
         &self.config
+    }
+
+    /// The session histories every service built by this layer shares.
+    pub(crate) fn sessions(&self) -> &Arc<Sessions> {
+        &self.sessions
     }
 }
 
@@ -72,6 +81,6 @@ impl<S, C: Clone> Layer<S> for LoopGuardLayer<C> {
     type Service = LoopGuard<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LoopGuard::with_sessions(inner, self.config.clone(), Arc::clone(&self.sessions))
+        LoopGuard::new(inner, self)
     }
 }

@@ -21,7 +21,7 @@
 //! // A tool that keeps failing, and a status tool the agent polls on purpose.
 //! let server = MockMcp::new().default_step("search", Step::tool_error("index unavailable"));
 //! let mut service = ServiceBuilder::new()
-//!     .layer(LoopGuardLayer::builder().exempt("job_status").build()?)
+//!     .layer(LoopGuardLayer::builder().tool("job_status", |b| b.exempt(true)).build()?)
 //!     .service(server);
 //!
 //! // Each retry carries a fresh progressToken in `_meta`: still the same call.
@@ -146,12 +146,23 @@
 //!
 //! # Tools polled on purpose
 //!
-//! [`LoopGuardBuilder::exempt`] passes a tool's calls through untouched:
-//! never blocked, never recorded (so they neither count towards nor clear
-//! another call's streak). [`LoopGuardBuilder::tool_limits`] gives a tool
-//! limits of its own instead; [`ToolLimits::polling`] keeps blocking
-//! identical calls that keep failing but allows any number of identical
-//! successful ones, and keeps the tool out of cycles.
+//! [`LoopGuardBuilder::tool`] with [`exempt(true)`](LoopGuardBuilder::exempt)
+//! passes a tool's calls through untouched: never blocked, never recorded
+//! (so they neither count towards nor clear another call's streak). With
+//! [`limits`](LoopGuardBuilder::limits) it gives a tool limits of its own
+//! instead; [`ToolLimits::polling`] keeps blocking identical calls that keep
+//! failing but allows any number of identical successful ones, and keeps
+//! the tool out of cycles:
+//!
+//! ```
+//! use toolwarden_loop_guard::{LoopGuardLayer, ToolLimits};
+//! let layer = LoopGuardLayer::builder()
+//!     .tool("wait_for_job", |b| b.exempt(true))
+//!     .tool("job_status", |b| b.limits(ToolLimits::polling()))
+//!     .build()
+//!     .unwrap();
+//! # let _ = layer;
+//! ```
 //!
 //! Only `tools/call` requests are guarded; every other request goes to the
 //! inner service untouched. So does a continuation of a `tools/call`
@@ -164,21 +175,22 @@
 //! The session is the request's [`session_key`](toolwarden_core::McpRequest::session_key)
 //! (the [`SessionKey`](toolwarden_core::SessionKey) extension); calls without
 //! one share a default session. Histories live in a bounded
-//! [`KeyedState`](toolwarden_core::KeyedState):
+//! [`KeyedState`](toolwarden_core::KeyedState), bounded by
+//! [`bounds`](LoopGuardBuilder::bounds):
 //!
-//! - at most `max_sessions` sessions (default 10 000) have a history of
+//! - at most `max_keys` sessions (default 10 000) have a history of
 //!   their own. **Past the bound, every new session shares one overflow
 //!   history**: their calls count together, so identical failing calls of
 //!   different sessions there can add up to a block, and their interleaving
-//!   can hide a loop. Size `max_sessions` above the number of concurrent
+//!   can hide a loop. Size `max_keys` above the number of concurrent
 //!   sessions you expect;
-//! - a session idle for `session_idle_timeout` (default 10 minutes) is
+//! - a session idle for `idle_timeout` (default 10 minutes) is
 //!   forgotten, freeing its place;
 //! - each history is a fixed ring of `window_calls` records of 32 bytes
 //!   (512 bytes by default), allocated once; session keys longer than 64
 //!   bytes are stored as a 65-byte digest.
 //!
-//! So memory is bounded by about `(max_sessions + 2) × (32 × window_calls +
+//! So memory is bounded by about `(max_keys + 2) × (32 × window_calls +
 //! key + ~100)` bytes, plus 8 KiB of recent successes, whatever the input:
 //! about 7 MB with the defaults.
 //!
@@ -191,13 +203,14 @@
 //! The histories are created when the layer is built: every service the
 //! layer builds (and every service its clones build) shares them, so a
 //! stack that builds one service per connection still guards each session
-//! as one, and the bounds above hold for the layer as a whole.
-//! [`LoopGuard::new`] builds a service with histories of its own, shared
-//! with its clones only.
+//! as one, and the bounds above hold for the layer as a whole
+//! ([`LoopGuard::new`] with a layer shares that layer's histories too).
+//! Histories of their own take a layer of their own.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod builder;
 mod config;
 mod future;
 mod history;
@@ -205,9 +218,9 @@ mod layer;
 mod service;
 mod sessions;
 
+pub use builder::LoopGuardBuilder;
 pub use config::{
-    LoopGuardBuilder, LoopGuardConfig, ToolLimits, MAX_CYCLE_PERIOD, MAX_REFUSAL_COOLDOWN,
-    MAX_WINDOW_CALLS,
+    LoopGuardConfig, ToolLimits, MAX_CYCLE_PERIOD, MAX_REFUSAL_COOLDOWN, MAX_WINDOW_CALLS,
 };
 pub use future::ResponseFuture;
 pub use layer::LoopGuardLayer;

@@ -12,6 +12,7 @@ use tower_service::Service;
 use crate::config::LoopGuardConfig;
 use crate::future::{Recorder, ResponseFuture};
 use crate::history::Admission;
+use crate::layer::LoopGuardLayer;
 use crate::sessions::Sessions;
 
 /// Refuses tool calls that repeat the same call, or a short cycle of calls,
@@ -28,51 +29,49 @@ pub struct LoopGuard<S, C = McpClassifier> {
     sessions: Arc<Sessions>,
 }
 
-impl<S, C> LoopGuard<S, C> {
-    /// Guards `inner` with `config`, starting with a history of its own
-    /// (shared with its clones only). A [`LoopGuardLayer`](crate::LoopGuardLayer)
-    /// instead gives every service it builds the layer's histories.
-    pub fn new(inner: S, config: LoopGuardConfig<C>) -> Self {
-        let sessions = Arc::new(Sessions::for_config(&config));
-        Self::with_sessions(inner, config, sessions)
-    }
-
-    /// Guards `inner` with `config` and the histories `sessions`.
-    pub(crate) fn with_sessions(
-        inner: S,
-        config: LoopGuardConfig<C>,
-        sessions: Arc<Sessions>,
-    ) -> Self {
+impl<S, C: Clone> LoopGuard<S, C> {
+    /// Guards `inner` with the configuration of `layer` and its session
+    /// histories, shared with every other service built from it (the same
+    /// as `layer.layer(inner)`). For histories of its own, build it from a
+    /// layer of its own.
+    pub fn new(inner: S, layer: &LoopGuardLayer<C>) -> Self {
         LoopGuard {
             inner,
-            config,
-            sessions,
+            config: layer.config().clone(),
+            sessions: Arc::clone(layer.sessions()),
         }
     }
+}
 
+impl<S, C> LoopGuard<S, C> {
     /// The inner service.
+    #[must_use]
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The inner service, mutably.
+    #[must_use]
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// The inner service, consuming the guard.
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }
 
     /// The configuration.
+    #[must_use]
     pub fn config(&self) -> &LoopGuardConfig<C> {
         &self.config
     }
 
     /// How many sessions have a history of their own; never more than
-    /// `max_sessions` (the shared overflow history and the history of calls
-    /// without a session key are not counted).
+    /// `bounds.max_keys` (the shared overflow history and the history of
+    /// calls without a session key are not counted).
+    #[must_use]
     pub fn tracked_sessions(&self) -> usize {
         self.sessions.len()
     }

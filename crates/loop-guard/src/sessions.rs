@@ -118,7 +118,7 @@ impl Shared {
 }
 
 /// Every guard's sessions: one history per session key, at most
-/// `max_sessions` of them (past that, one shared overflow history), plus
+/// `bounds.max_keys` of them (past that, one shared overflow history), plus
 /// the history of calls that carry no session key.
 pub(crate) struct Sessions {
     keyed: KeyedState<Session>,
@@ -157,12 +157,8 @@ impl std::fmt::Debug for Sessions {
 impl Sessions {
     /// The histories a guard with `config` keeps, empty.
     pub(crate) fn for_config<C>(config: &crate::LoopGuardConfig<C>) -> Self {
-        let settings = &config.settings;
-        Self::new(
-            config.window_calls(),
-            settings.max_sessions,
-            settings.session_idle_timeout,
-        )
+        let bounds = config.bounds();
+        Self::new(config.window_calls(), bounds.max_keys, bounds.idle_timeout)
     }
 
     pub(crate) fn new(

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::testing::ReadyChecked;
-use toolwarden_core::{BoxError, SessionKey};
+use toolwarden_core::{Bounds, BoxError, SessionKey};
 use toolwarden_loop_guard::{LoopGuard, LoopGuardLayer};
 use tower::{Service, ServiceExt};
 
@@ -28,11 +28,10 @@ async fn memory_stays_bounded_under_a_million_sessions() {
         Ok::<_, BoxError>(Response::result(req.id, tool_error()))
     });
     let layer = LoopGuardLayer::builder()
-        .max_sessions(MAX)
-        .session_idle_timeout(Some(idle))
+        .bounds(Bounds::max_keys(MAX).idle_timeout(Some(idle)))
         .build()
         .unwrap();
-    let mut svc = LoopGuard::new(ReadyChecked::new(inner), layer.config().clone());
+    let mut svc = LoopGuard::new(ReadyChecked::new(inner), &layer);
 
     let template = tool_call("search", json!({"q": "x"}));
     let mut key = String::new();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::json;
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
-use toolwarden_loop_guard::{LoopGuardBuilder, ToolLimits};
+use toolwarden_core::Bounds;
+use toolwarden_loop_guard::{LoopGuardBuilder, LoopGuardLayer, ToolLimits};
 use tower::Layer;
 
 use support::*;
@@ -19,15 +20,15 @@ use support::*;
 const FIELDS: [&str; 11] = [
     "window_calls",
     "window_time",
-    "max_sessions",
-    "session_idle_timeout",
+    "bounds.max_keys",
+    "bounds.idle_timeout",
     "refusal_cooldown",
     "max_cycle_period",
     "max_cycle_repeats",
     "limits.max_failing_repeats",
     "limits.max_repeats",
-    "tools.poll.max_failing_repeats",
-    "tools.poll.max_repeats",
+    "tools.\"poll\".limits.max_failing_repeats",
+    "tools.\"poll\".limits.max_repeats",
 ];
 
 /// Any duration, the edges first.
@@ -174,16 +175,16 @@ fn builder(k: &Knobs) -> LoopGuardBuilder {
         max_repeats: repeats,
         cycles: true,
     };
-    LoopGuardBuilder::new()
+    let tool_limits = limits(k.tool_limits);
+    LoopGuardLayer::builder()
         .window_calls(k.window_calls)
         .window_time(k.window_time)
-        .max_sessions(k.max_sessions)
-        .session_idle_timeout(k.session_idle_timeout)
+        .bounds(Bounds::max_keys(k.max_sessions).idle_timeout(k.session_idle_timeout))
         .refusal_cooldown(k.refusal_cooldown)
         .max_cycle_period(k.max_cycle_period)
         .max_cycle_repeats(k.max_cycle_repeats)
         .limits(limits(k.limits))
-        .tool_limits("poll", limits(k.tool_limits))
+        .tool("poll", move |b| b.limits(tool_limits))
 }
 
 /// A few calls of every kind, with the clock moved by `steps`.

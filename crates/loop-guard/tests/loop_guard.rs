@@ -10,10 +10,10 @@ use serde_json::json;
 use toolwarden_core::jsonrpc::{code, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    fingerprint, BoxError, FailureReport, Fingerprint, LoopDetected, LoopPattern, McpRequest,
-    McpResponse, RateLimited,
+    fingerprint, Bounds, BoxError, FailureReport, Fingerprint, LoopDetected, LoopPattern,
+    McpRequest, McpResponse, RateLimited,
 };
-use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer, ToolLimits};
+use toolwarden_loop_guard::{LoopGuard, LoopGuardLayer, ToolLimits};
 use tower::{Service, ServiceExt};
 
 use support::*;
@@ -31,7 +31,7 @@ fn failing(tool: &str) -> MockMcp {
 async fn the_fourth_identical_failing_call_is_blocked_after_a_warning() {
     for pending_first in BOTH_READINESS_MODES {
         let mock = failing("search");
-        let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, pending_first);
+        let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, pending_first);
         let call = || tool_call("search", json!({"q": "tower"}));
         for n in 1..=3 {
             let response = expect_forwarded(&mut svc, call()).await.unwrap();
@@ -73,7 +73,7 @@ async fn client_errors_count_as_failing() {
     ];
     for step in steps {
         let mock = MockMcp::new().default_step("search", step.clone());
-        let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+        let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
         for _ in 0..3 {
             let _ = expect_forwarded(&mut svc, tool_call("search", json!({"q": 1}))).await;
         }
@@ -89,7 +89,7 @@ async fn client_errors_count_as_failing() {
 #[tokio::test(start_paused = true)]
 async fn transport_failures_are_the_upstream_down_not_a_loop() {
     let mock = MockMcp::new().default_step("search", Step::closed());
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, false);
     for _ in 0..20 {
         let err = expect_forwarded(&mut svc, tool_call("search", json!({"q": 1})))
             .await
@@ -102,7 +102,7 @@ async fn transport_failures_are_the_upstream_down_not_a_loop() {
 #[tokio::test(start_paused = true)]
 async fn calls_that_differ_only_in_meta_or_key_order_are_identical() {
     let mock = failing("search");
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, true);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, true);
     let variants = [
         json!({"q": "tower", "limit": 5, "_meta": {"progressToken": 1}}),
         json!({"limit": 5, "q": "tower", "_meta": {"progressToken": 2}}),
@@ -121,7 +121,7 @@ async fn calls_that_differ_only_in_meta_or_key_order_are_identical() {
 #[tokio::test(start_paused = true)]
 async fn calls_with_other_arguments_or_another_tool_are_not_identical() {
     let mock = failing("search").default_step("fetch", Step::tool_error("boom"));
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, false);
     for i in 0..40 {
         let _ = expect_forwarded(
             &mut svc,
@@ -140,7 +140,7 @@ async fn calls_with_other_arguments_or_another_tool_are_not_identical() {
 #[tokio::test(start_paused = true)]
 async fn a_success_with_new_arguments_clears_the_streak() {
     let mock = failing("search");
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     let stuck = || tool_call("search", json!({"q": "stuck"}));
     for _ in 0..3 {
         let _ = expect_forwarded(&mut svc, stuck()).await;
@@ -169,7 +169,7 @@ async fn identical_successful_calls_are_blocked_at_the_general_threshold() {
     // A status tool polled without an exemption: identical successes are a
     // loop too, past `max_repeats` (8).
     let mock = MockMcp::new();
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, true);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, true);
     let poll = || tool_call("job_status", json!({"job": 7}));
     let mut blocked = Vec::new();
     for n in 1..=50 {
@@ -195,7 +195,11 @@ async fn identical_successful_calls_are_blocked_at_the_general_threshold() {
 #[tokio::test(start_paused = true)]
 async fn an_exempt_polling_tool_is_never_blocked_nor_recorded() {
     let mock = failing("search");
-    let (mut svc, log) = guard(LoopGuardBuilder::new().exempt("job_status"), &mock, true);
+    let (mut svc, log) = guard(
+        LoopGuardLayer::builder().tool("job_status", |b| b.exempt(true)),
+        &mock,
+        true,
+    );
     let poll = || tool_call("job_status", json!({"job": 7}));
     for _ in 0..50 {
         expect_forwarded(&mut svc, poll()).await.unwrap();
@@ -222,13 +226,14 @@ async fn an_exempt_polling_tool_is_never_blocked_nor_recorded() {
 #[tokio::test(start_paused = true)]
 async fn polling_limits_allow_identical_successes_but_not_identical_failures() {
     let mock = MockMcp::new();
-    let builder = LoopGuardBuilder::new().window_calls(32).tool_limits(
-        "job_status",
-        ToolLimits {
-            max_failing_repeats: Some(5),
-            ..ToolLimits::polling()
-        },
-    );
+    let builder = LoopGuardLayer::builder()
+        .window_calls(32)
+        .tool("job_status", |b| {
+            b.limits(ToolLimits {
+                max_failing_repeats: Some(5),
+                ..ToolLimits::polling()
+            })
+        });
     let (mut svc, _) = guard(builder, &mock, false);
     let poll = || tool_call("job_status", json!({"job": 7}));
     for _ in 0..50 {
@@ -254,7 +259,7 @@ async fn polling_limits_allow_identical_successes_but_not_identical_failures() {
 async fn an_a_b_cycle_is_caught() {
     for pending_first in BOTH_READINESS_MODES {
         let mock = MockMcp::new();
-        let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, pending_first);
+        let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, pending_first);
         let a = || tool_call("list_files", json!({"dir": "src"}));
         let b = || tool_call("read_file", json!({"path": "src/lib.rs"}));
         for _ in 0..3 {
@@ -288,7 +293,7 @@ async fn three_call_cycles_are_caught_unless_the_period_is_limited_to_two() {
         ("c", json!({"n": 3})),
     ];
     let mock = MockMcp::new();
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     for (tool, args) in calls.iter().cycle().take(9) {
         expect_forwarded(&mut svc, tool_call(tool, args.clone()))
             .await
@@ -297,7 +302,7 @@ async fn three_call_cycles_are_caught_unless_the_period_is_limited_to_two() {
     let refusal = expect_blocked(&mut svc, tool_call("a", json!({"n": 1}))).await;
     assert_eq!(what(&refusal), (LoopPattern::Cycle { period: 3 }, 4));
 
-    let (mut svc, log) = guard(LoopGuardBuilder::new().max_cycle_period(2), &mock, false);
+    let (mut svc, log) = guard(LoopGuardLayer::builder().max_cycle_period(2), &mock, false);
     for (tool, args) in calls.iter().cycle().take(60) {
         expect_forwarded(&mut svc, tool_call(tool, args.clone()))
             .await
@@ -309,7 +314,7 @@ async fn three_call_cycles_are_caught_unless_the_period_is_limited_to_two() {
 #[tokio::test(start_paused = true)]
 async fn a_tool_out_of_cycle_detection_is_never_blocked_for_a_cycle() {
     let mock = MockMcp::new();
-    let builder = LoopGuardBuilder::new().tool_limits("job_status", ToolLimits::polling());
+    let builder = LoopGuardLayer::builder().tool("job_status", |b| b.limits(ToolLimits::polling()));
     let (mut svc, log) = guard(builder, &mock, false);
     for job in 0..40 {
         // Polling two jobs in turn: A, B, A, B, ...
@@ -323,9 +328,9 @@ async fn a_tool_out_of_cycle_detection_is_never_blocked_for_a_cycle() {
 #[tokio::test(start_paused = true)]
 async fn calls_leave_the_history_after_the_time_window() {
     let mock = failing("search");
-    let builder = LoopGuardBuilder::new()
+    let builder = LoopGuardLayer::builder()
         .window_time(Duration::from_secs(60))
-        .session_idle_timeout(None);
+        .bounds(Bounds::default().idle_timeout(None));
     let (mut svc, _) = guard(builder, &mock, false);
     let call = || tool_call("search", json!({"q": "x"}));
     for _ in 0..3 {
@@ -346,7 +351,9 @@ async fn calls_leave_the_history_after_window_calls_newer_calls() {
     // A window of 8 calls: three failures, then `others` other failing calls.
     for (others, blocked) in [(5, true), (6, false)] {
         let mock = failing("search");
-        let builder = LoopGuardBuilder::new().window_calls(8).max_cycle_period(2);
+        let builder = LoopGuardLayer::builder()
+            .window_calls(8)
+            .max_cycle_period(2);
         let (mut svc, _) = guard(builder, &mock, false);
         for _ in 0..3 {
             let _ = expect_forwarded(&mut svc, tool_call("search", json!({"q": "x"}))).await;
@@ -367,7 +374,7 @@ async fn calls_leave_the_history_after_window_calls_newer_calls() {
 #[tokio::test(start_paused = true)]
 async fn sessions_are_kept_apart() {
     let mock = failing("search");
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     let call = |session: Option<&str>| {
         let request = tool_call("search", json!({"q": "x"}));
         match session {
@@ -398,7 +405,7 @@ async fn sessions_are_kept_apart() {
 #[tokio::test(start_paused = true)]
 async fn only_tool_calls_are_guarded() {
     let mock = MockMcp::new();
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, true);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, true);
     for _ in 0..50 {
         expect_forwarded(&mut svc, Request::new(1, "tools/list", None))
             .await
@@ -420,7 +427,7 @@ async fn continuations_of_a_call_are_not_repeats() {
     // A tool that asks for input several times (2026-07-28): each
     // continuation carries the same name and arguments.
     let mock = MockMcp::new();
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, false);
     for round in 0..20 {
         let params = json!({
             "name": "deploy",
@@ -445,7 +452,7 @@ async fn continuations_of_a_call_are_not_repeats() {
 #[tokio::test(start_paused = true)]
 async fn the_fingerprint_is_computed_once_and_shared_with_later_layers() {
     let mock = MockMcp::new();
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     let args = json!({"q": "tower", "_meta": {"progressToken": 9}});
     expect_forwarded(&mut svc, tool_call("search", args.clone()))
         .await
@@ -476,7 +483,7 @@ async fn refusals_by_layers_below_are_neither_success_nor_failure() {
         Err::<Response, BoxError>(Box::new(RateLimited::new("search", Duration::from_secs(2))))
     });
     let layer = LoopGuardLayer::new();
-    let mut svc = LoopGuard::new(ReadyChecked::new(inner), layer.config().clone());
+    let mut svc = LoopGuard::new(ReadyChecked::new(inner), &layer);
     let call = || tool_call("search", json!({"q": "x"}));
     for n in 1..=20 {
         let err = expect_forwarded(&mut svc, call()).await.unwrap_err();
@@ -488,7 +495,7 @@ async fn refusals_by_layers_below_are_neither_success_nor_failure() {
 async fn dropped_calls_are_neither_success_nor_failure() {
     let mock = failing("search");
     mock.push("search", [Step::Hang, Step::Hang, Step::Hang]);
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     let call = || tool_call("search", json!({"q": "x"}));
     for _ in 0..3 {
         let future = svc.ready().await.unwrap().call(call());
@@ -510,7 +517,7 @@ async fn dropped_calls_are_neither_success_nor_failure() {
 #[tokio::test(start_paused = true)]
 async fn readiness_is_passed_through_and_kept_by_a_refusal() {
     let mock = failing("search");
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, true);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, true);
     let mut cx = Context::from_waker(Waker::noop());
     // The inner service answers Pending first: so does the guard.
     assert!(matches!(svc.poll_ready(&mut cx), Poll::Pending));
@@ -534,7 +541,7 @@ async fn readiness_is_passed_through_and_kept_by_a_refusal() {
 #[tokio::test(start_paused = true)]
 async fn a_refusal_renders_as_an_is_error_result_that_names_the_tool_and_says_to_change_approach() {
     let mock = failing("search");
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     for _ in 0..3 {
         let _ = send(&mut svc, tool_call("search", json!({"q": "x"}))).await;
     }
@@ -571,7 +578,7 @@ async fn a_refusal_renders_as_an_is_error_result_that_names_the_tool_and_says_to
 #[tokio::test(start_paused = true)]
 async fn malformed_tool_calls_never_panic() {
     let mock = MockMcp::new();
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     let odd = [
         Request::new(1, "tools/call", None),
         Request::new(1, "tools/call", Some(json!([1, 2]))),

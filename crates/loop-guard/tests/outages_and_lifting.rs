@@ -16,7 +16,7 @@ use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
     BoxError, CircuitView, Circuits, FailureReport, LoopPattern, McpResponse, RateLimited,
 };
-use toolwarden_loop_guard::{LoopGuardBuilder, LoopGuardLayer};
+use toolwarden_loop_guard::LoopGuardLayer;
 use tower::{Layer, Service};
 
 use support::*;
@@ -88,7 +88,7 @@ async fn an_agent_polling_through_an_upstream_restart_is_never_refused() {
     // transport failures of one call, more than max_repeats (8).
     let mock = MockMcp::new();
     mock.push("job_status", (0..12).map(|_| Step::closed()));
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, true);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, true);
     let poll = || tool_call("job_status", json!({"job": 7}));
     for n in 0..12 {
         let err = expect_forwarded(&mut svc, poll()).await.unwrap_err();
@@ -164,7 +164,7 @@ impl CircuitView for OneCircuit {
 async fn a_refusal_made_while_the_circuit_was_open_lifts_when_it_closes() {
     let mock = MockMcp::new().default_step("search", Step::tool_error("index unavailable"));
     let circuit = Arc::new(OneCircuit::default());
-    let builder = LoopGuardBuilder::new().circuits(Circuits::new(circuit.clone()));
+    let builder = LoopGuardLayer::builder().circuits(Circuits::new(circuit.clone()));
     let (mut svc, _) = guard(builder, &mock, false);
 
     // The failures opened the breaker below; the refusal is made while open.
@@ -195,7 +195,7 @@ async fn a_refusal_made_while_the_circuit_was_open_lifts_when_it_closes() {
 #[tokio::test(start_paused = true)]
 async fn a_refusal_lifts_after_the_default_cool_down_of_30_s_however_often_it_is_asked() {
     let mock = MockMcp::new().default_step("search", Step::tool_error("index unavailable"));
-    let (mut svc, _) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, _) = guard(LoopGuardLayer::builder(), &mock, false);
     make_refused(&mut svc, search).await;
     // Asking again, every 5 s, does not extend the refusal.
     for _ in 0..5 {
@@ -218,7 +218,7 @@ async fn a_refusal_lifts_after_the_default_cool_down_of_30_s_however_often_it_is
 async fn the_cool_down_counts_from_the_first_block_even_past_the_time_window() {
     // Calls are remembered 10 s; the agent asks every second for 40 s.
     let mock = MockMcp::new().default_step("search", Step::tool_error("index unavailable"));
-    let builder = LoopGuardBuilder::new().window_time(secs(10));
+    let builder = LoopGuardLayer::builder().window_time(secs(10));
     let (mut svc, _) = guard(builder, &mock, false);
     make_refused(&mut svc, search).await;
     for t in 1..30 {
@@ -236,7 +236,7 @@ async fn the_cool_down_counts_from_the_first_block_even_past_the_time_window() {
 #[tokio::test(start_paused = true)]
 async fn the_cool_down_is_configurable() {
     let mock = MockMcp::new().default_step("search", Step::tool_error("index unavailable"));
-    let builder = LoopGuardBuilder::new().refusal_cooldown(secs(2));
+    let builder = LoopGuardLayer::builder().refusal_cooldown(secs(2));
     let (mut svc, _) = guard(builder, &mock, false);
     make_refused(&mut svc, search).await;
     tokio::time::advance(Duration::from_millis(1_999)).await;
@@ -311,7 +311,7 @@ async fn a_rejection_rendered_as_an_is_error_result_builds_no_loop() {
     let mock = MockMcp::new();
     mock.push("search", (0..3).map(|_| Step::Result(rendered.clone())));
     mock.push("search", [Step::tool_error("index unavailable")]);
-    let (mut svc, log) = guard(LoopGuardBuilder::new(), &mock, false);
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, false);
     for _ in 0..4 {
         assert!(expect_forwarded(&mut svc, search())
             .await

@@ -1,22 +1,23 @@
-//! Where the layer reads the time a call takes ([`ClockSource`]).
-//!
-//! Every call is timed with two clock reads, and on a virtual machine a read
-//! of the monotonic clock (`clock_gettime` through the vDSO, which
-//! `std::time::Instant` and tokio's `Instant` use) costs 20–30 ns: together,
-//! a third of the layer's per-call cost. By default the layer reads the
-//! CPU's time-stamp counter through [quanta] instead (≈ 10 ns a read),
-//! calibrated against the monotonic clock once per process, and converts
-//! only the difference of two reads into nanoseconds. Where there is no
-//! usable invariant TSC, quanta reads the monotonic clock itself.
-//!
-//! The TSC does not follow tokio's paused clock, so a test that pauses time
-//! (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) and
-//! checks recorded durations chooses [`ClockSource::Tokio`].
+//! Where the layer reads the time a call takes ([`ClockSource`]) and the
+//! clock behind it.
 
 use std::time::Duration;
 
 /// Where an [`ObservabilityLayer`](crate::ObservabilityLayer) reads the
-/// time: see the [module docs](self).
+/// time a call takes ([`ObservabilityBuilder::clock`](crate::ObservabilityBuilder::clock)).
+///
+/// Every call is timed with two clock reads, and on a virtual machine a read
+/// of the monotonic clock (`clock_gettime` through the vDSO, which
+/// `std::time::Instant` and tokio's `Instant` use) costs 20–30 ns: together,
+/// a third of the layer's per-call cost. By default the layer reads the
+/// CPU's time-stamp counter through [quanta] instead (≈ 10 ns a read),
+/// calibrated against the monotonic clock once per process, and converts
+/// only the difference of two reads into nanoseconds. Where there is no
+/// usable invariant TSC, quanta reads the monotonic clock itself.
+///
+/// The TSC does not follow tokio's paused clock, so a test that pauses time
+/// (`#[tokio::test(start_paused = true)]`, `tokio::time::advance`) and
+/// checks recorded durations chooses [`ClockSource::Tokio`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClockSource {

@@ -1,39 +1,6 @@
-//! The event sink that turns the other layers' resilience events into
-//! metrics, statistics and span fields.
-//!
-//! Add [`ObservabilityEvents`] (from [`ObservabilityLayer::event_sink`]) to
-//! the [`Events`] you give the other layers. For each event it:
-//!
-//! - increments `toolwarden.events{event, key}` (`key` is the event's tool
-//!   or breaker key; events without one, like `sync_failed`, have no `key`);
-//! - on circuit events, sets the gauge `toolwarden.circuit.state{key}` to 0
-//!   (closed), 1 (half-open) or 2 (open);
-//! - counts the event in the [stats snapshot](crate::StatsSnapshot) (totals
-//!   by name, and the last circuit state per key);
-//! - on `retry`, records the attempt about to be made in the `attempt` field
-//!   of the current span, which is the layer's call span when the retry layer
-//!   sits below it (events are emitted while the layer polls the call);
-//! - emits a `DEBUG` tracing event naming the event and its key.
-//!
-//! Keys share the layer's cardinality cap: the first `max_tools` distinct
-//! keys are labelled by name, later ones `other` (and get no gauge, since
-//! one gauge cannot hold many circuits' states).
-//!
-//! ```
-//! use std::time::Duration;
-//! use toolwarden_core::{Event, Events};
-//! use toolwarden_observability::{CircuitState, ObservabilityLayer};
-//!
-//! let layer = ObservabilityLayer::new();
-//! let events = Events::new().with(layer.event_sink()); // give these to the other layers
-//! events.emit(&Event::CircuitOpened { key: "search", retry_after: Duration::from_secs(30) });
-//! let snapshot = layer.stats().snapshot();
-//! assert_eq!(snapshot.events["circuit_opened"], 1);
-//! assert_eq!(snapshot.circuits["search"], CircuitState::Open);
-//! ```
-//!
-//! [`ObservabilityLayer::event_sink`]: crate::ObservabilityLayer::event_sink
-//! [`Events`]: toolwarden_core::Events
+//! The event sink ([`ObservabilityEvents`]) that turns the other layers'
+//! resilience events into metrics, statistics and span fields, and the
+//! bounded per-key state behind it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,11 +8,13 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 
 use metrics::{Counter, Gauge, SharedString};
-use toolwarden_core::{Bounds, Event, EventSink, Key, KeyRef, KeyedState};
+use toolwarden_core::{Bounds, CircuitState, Event, EventSink, Key, KeyRef, KeyedState};
 
-use crate::instruments::{self, labels, names, Cached, METADATA, OTHER};
+use crate::instruments::{
+    self, Cached, LABEL_EVENT, LABEL_KEY, METADATA, METRIC_CIRCUIT_STATE, METRIC_EVENTS,
+    OTHER_LABEL_VALUE,
+};
 use crate::registry::Shared;
-use toolwarden_core::CircuitState;
 
 /// Every event name the sink counts in the snapshot, in slot order.
 pub(crate) const EVENT_NAMES: [&str; 11] = [
@@ -121,9 +90,9 @@ impl EventSeries {
     }
 
     fn labels(&self, event: &'static str) -> Vec<metrics::Label> {
-        let mut out = vec![instruments::label(labels::EVENT, event)];
+        let mut out = vec![instruments::label(LABEL_EVENT, event)];
         if let Some(key) = &self.key {
-            out.push(instruments::label(labels::KEY, key.clone()));
+            out.push(instruments::label(LABEL_KEY, key.clone()));
         }
         out
     }
@@ -131,7 +100,7 @@ impl EventSeries {
     fn count(&self, name: &'static str, slot: Option<usize>) {
         let register = |r: &dyn metrics::Recorder| {
             r.register_counter(
-                &instruments::key(names::EVENTS, self.labels(name)),
+                &instruments::key(METRIC_EVENTS, self.labels(name)),
                 &METADATA,
             )
         };
@@ -152,8 +121,8 @@ impl EventSeries {
             self.gauge.with(
                 recorder,
                 |r| {
-                    let labels = vec![instruments::label(labels::KEY, key.clone())];
-                    r.register_gauge(&instruments::key(names::CIRCUIT_STATE, labels), &METADATA)
+                    let labels = vec![instruments::label(LABEL_KEY, key.clone())];
+                    r.register_gauge(&instruments::key(METRIC_CIRCUIT_STATE, labels), &METADATA)
                 },
                 |g| g.set(state.gauge_value()),
             );
@@ -177,7 +146,7 @@ impl EventState {
                     Key::Tool(name) => {
                         EventSeries::new(Some(SharedString::from(name.clone())), false)
                     }
-                    _ => EventSeries::new(Some(SharedString::const_str(OTHER)), true),
+                    _ => EventSeries::new(Some(SharedString::const_str(OTHER_LABEL_VALUE)), true),
                 },
             ),
             unkeyed: EventSeries::new(None, false),
@@ -218,9 +187,51 @@ impl EventState {
     }
 }
 
-/// An [`EventSink`] feeding the layer's metrics, statistics and spans. See
-/// the [module docs](self). Cloning it is cheap; clones share state with
-/// the layer they came from.
+/// An [`EventSink`] feeding the layer's metrics, statistics and spans with
+/// the other layers' resilience events.
+///
+/// Get it from [`ObservabilityLayer::event_sink`] (or all of
+/// [`ObservabilityLayer::events`]) and add it to the [`Events`] you give the
+/// other layers. For each event it:
+///
+/// - increments `toolwarden.events{event, key}`: `event` is the event's name
+///   ([`Event::name`]: `circuit_opened`, `circuit_half_opened`,
+///   `circuit_closed`, `rate_limited`, `retried`, `retry_budget_exhausted`,
+///   `loop_warned`, `loop_detected`, `stale_served`, `degraded`,
+///   `sync_failed`) and `key` its subject ([`Event::subject`]: a tool or
+///   breaker key; events without one, like `sync_failed`, have no `key`);
+/// - on circuit events, sets the gauge `toolwarden.circuit.state{key}` to 0
+///   (closed), 1 (half-open) or 2 (open);
+/// - counts the event in the [stats snapshot](crate::StatsSnapshot) (totals
+///   by name, and the last circuit state per key);
+/// - on `retried`, records the attempt about to be made in the `attempt`
+///   field of the current span, which is the layer's call span when the retry
+///   layer sits below it (events are emitted while the layer polls the call);
+/// - emits a `DEBUG` tracing event naming the event and its key.
+///
+/// Keys share the layer's cardinality cap: the first `max_tools` distinct
+/// keys are labelled by name, later ones `other` (and get no gauge, since
+/// one gauge cannot hold many circuits' states). Cloning the sink is cheap;
+/// clones share state with the layer they came from.
+///
+/// ```
+/// use std::time::Duration;
+/// use toolwarden_core::{Event, Events};
+/// use toolwarden_observability::{CircuitState, ObservabilityLayer};
+///
+/// let layer = ObservabilityLayer::new();
+/// let events = Events::new().with(layer.event_sink()); // give these to the other layers
+/// events.emit(&Event::CircuitOpened { key: "search", retry_after: Duration::from_secs(30) });
+/// events.emit(&Event::CircuitHalfOpened { key: "search" });
+/// let snapshot = layer.stats().snapshot();
+/// assert_eq!(snapshot.events["circuit_opened"], 1);
+/// assert_eq!(snapshot.events["circuit_half_opened"], 1);
+/// assert_eq!(snapshot.circuits["search"], CircuitState::HalfOpen);
+/// ```
+///
+/// [`ObservabilityLayer::event_sink`]: crate::ObservabilityLayer::event_sink
+/// [`ObservabilityLayer::events`]: crate::ObservabilityLayer::events
+/// [`Events`]: toolwarden_core::Events
 #[derive(Clone)]
 pub struct ObservabilityEvents {
     pub(crate) shared: Arc<Shared>,

@@ -10,7 +10,7 @@ use toolwarden_core::{BoxError, CallKind, Classify, Entry};
 use tracing::Span;
 
 use crate::clock::Stamp;
-use crate::instruments::CANCELLED;
+use crate::instruments::CANCELLED_OUTCOME;
 use crate::registry::Series;
 
 /// What the future needs to record the call when it ends.
@@ -39,7 +39,7 @@ pin_project! {
                 let end = call.series.clock.now();
                 call.series.record_cancelled(end);
                 if !this.span.is_disabled() {
-                    this.span.record("outcome", CANCELLED);
+                    this.span.record("outcome", CANCELLED_OUTCOME);
                     this.span.record("duration_ms", millis(call.series.clock.between(call.start, end)));
                 }
             }

@@ -1,38 +1,6 @@
-//! Health: checks with priorities and timeouts, one aggregated report, a
-//! built-in check fed by circuit states, and a periodic monitor.
-//!
-//! # Aggregation
-//!
-//! | priority | when the check fails (error, timeout or panic) |
-//! |---|---|
-//! | [`Priority::Critical`] | the report is [`Unhealthy`](HealthStatus::Unhealthy) |
-//! | [`Priority::Important`] | the report is at least [`Degraded`](HealthStatus::Degraded) |
-//! | [`Priority::Informational`] | [`Degraded`](HealthStatus::Degraded) only if every informational check fails |
-//!
-//! With no failing check (or no check at all) the report is
-//! [`Healthy`](HealthStatus::Healthy). Every check runs concurrently under
-//! its own timeout (default 5 s); a check that panics is reported as failed,
-//! never propagated. Checks run on the calling task, so they must not block
-//! the thread (use `tokio::task::spawn_blocking` inside a check that must).
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use std::time::Duration;
-//! use toolwarden_observability::health::{HealthCheck, HealthRegistry, HealthStatus, Priority};
-//!
-//! let health = HealthRegistry::new();
-//! health.register(HealthCheck::new("upstream", Priority::Critical, || async { Ok(()) })).unwrap();
-//! health
-//!     .register(
-//!         HealthCheck::new("cache", Priority::Important, || async { Err("cache is cold".to_owned()) })
-//!             .timeout(Duration::from_secs(1)),
-//!     )
-//!     .unwrap();
-//! let report = health.report().await;
-//! assert_eq!(report.status, HealthStatus::Degraded);
-//! assert_eq!(report.to_json()["checks"][1]["message"], "cache is cold");
-//! # }
-//! ```
+//! Health: checks with priorities and timeouts ([`HealthCheck`]), one
+//! aggregated report ([`HealthRegistry`]), a built-in check fed by circuit
+//! states ([`circuit_check`]), and a periodic monitor ([`HealthMonitor`]).
 
 use std::any::Any;
 use std::fmt;
@@ -52,7 +20,7 @@ use toolwarden_core::{Circuits, ConfigError};
 
 use crate::stats::unix_ms_now;
 
-/// How much a failing check matters. See the [module docs](self).
+/// How much a failing check matters. See [`HealthRegistry`], "Aggregation".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Priority {
@@ -128,7 +96,7 @@ pub struct CheckReport {
 /// The aggregated result of every registered check.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthReport {
-    /// The overall status (see the [module docs](self)).
+    /// The overall status (see [`HealthRegistry`], "Aggregation").
     pub status: HealthStatus,
     /// When the checks started, in Unix milliseconds.
     pub checked_at_unix_ms: u64,
@@ -284,7 +252,41 @@ impl fmt::Debug for HealthCheck {
     }
 }
 
-/// A shared set of health checks. Clones share the set.
+/// A shared set of health checks, run together into one [`HealthReport`].
+/// Clones share the set.
+///
+/// # Aggregation
+///
+/// | priority | when the check fails (error, timeout or panic) |
+/// |---|---|
+/// | [`Priority::Critical`] | the report is [`Unhealthy`](HealthStatus::Unhealthy) |
+/// | [`Priority::Important`] | the report is at least [`Degraded`](HealthStatus::Degraded) |
+/// | [`Priority::Informational`] | [`Degraded`](HealthStatus::Degraded) only if every informational check fails |
+///
+/// With no failing check (or no check at all) the report is
+/// [`Healthy`](HealthStatus::Healthy). Every check runs concurrently under
+/// its own timeout (default 5 s); a check that panics is reported as failed,
+/// never propagated. Checks run on the calling task, so they must not block
+/// the thread (use `tokio::task::spawn_blocking` inside a check that must).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use std::time::Duration;
+/// use toolwarden_observability::{HealthCheck, HealthRegistry, HealthStatus, Priority};
+///
+/// let health = HealthRegistry::new();
+/// health.register(HealthCheck::new("upstream", Priority::Critical, || async { Ok(()) })).unwrap();
+/// health
+///     .register(
+///         HealthCheck::new("cache", Priority::Important, || async { Err("cache is cold".to_owned()) })
+///             .timeout(Duration::from_secs(1)),
+///     )
+///     .unwrap();
+/// let report = health.report().await;
+/// assert_eq!(report.status, HealthStatus::Degraded);
+/// assert_eq!(report.to_json()["checks"][1]["message"], "cache is cold");
+/// # }
+/// ```
 #[derive(Clone, Default)]
 pub struct HealthRegistry {
     checks: Arc<RwLock<Vec<HealthCheck>>>,
@@ -368,7 +370,7 @@ const NAMED_OPEN_KEYS: usize = 20;
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
 /// use std::sync::Arc;
 /// use toolwarden_core::{CircuitView, Circuits};
-/// use toolwarden_observability::health::{circuit_check, HealthRegistry, HealthStatus};
+/// use toolwarden_observability::{circuit_check, HealthRegistry, HealthStatus};
 ///
 /// struct Open(Vec<String>);
 /// impl CircuitView for Open {
@@ -413,7 +415,7 @@ pub type LatestReport = Option<Arc<HealthReport>>;
 /// ```
 /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
 /// use std::time::Duration;
-/// use toolwarden_observability::health::{HealthMonitor, HealthRegistry, HealthStatus};
+/// use toolwarden_observability::{HealthMonitor, HealthRegistry, HealthStatus};
 ///
 /// let monitor = HealthMonitor::start(HealthRegistry::new(), Duration::from_secs(10)).unwrap();
 /// let mut reports = monitor.subscribe();

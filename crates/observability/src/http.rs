@@ -1,33 +1,6 @@
-//! A minimal HTTP/1.1 endpoint (feature `http`) serving the layer's
-//! metrics, health report and statistics on a listener you bind.
-//!
-//! | path | answer |
-//! |---|---|
-//! | `GET /metrics` | the text your render function returns (e.g. `PrometheusHandle::render`), `text/plain; version=0.0.4` |
-//! | `GET /health` | the [`HealthReport`](crate::health::HealthReport) as JSON; status 200 when healthy or degraded, 503 when unhealthy |
-//! | `GET /stats` | the [`StatsSnapshot`](crate::StatsSnapshot) as JSON |
-//!
-//! `HEAD` is answered like `GET` without a body; other methods get 405,
-//! unknown or unconfigured paths 404. It is built on tokio alone (no HTTP
-//! framework): one request per connection (`Connection: close`), request
-//! heads up to 8 KiB, 10 s to send the head and 30 s per connection, at most
-//! 64 connections at once (further ones wait in the listener's backlog).
-//! Bad requests get 400 or 431 and never panic the server. Meant for a
-//! loopback or otherwise trusted address, like Prometheus exporters.
-//!
-//! ```no_run
-//! # async fn run() -> std::io::Result<()> {
-//! use toolwarden_observability::{http::{serve, Endpoints}, ObservabilityLayer};
-//!
-//! let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
-//! let layer = ObservabilityLayer::new();
-//! let endpoints = Endpoints::new()
-//!     .metrics(move || handle.render())
-//!     .stats(layer.stats());
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:9464").await?;
-//! serve(listener, endpoints, std::future::pending()).await
-//! # }
-//! ```
+//! The metrics HTTP server (feature `http`): [`Endpoints`], the routes
+//! `/metrics`, `/health` and `/stats` as an axum `Router`, and
+//! [`MetricsServer`], which serves a router over hyper within bounds.
 
 use std::fmt;
 use std::future::Future;
@@ -35,21 +8,58 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
+use toolwarden_core::ConfigError;
 
 use crate::health::HealthRegistry;
 use crate::stats::Stats;
 
-const MAX_HEAD: usize = 8 * 1024;
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_CONNECTIONS: usize = 64;
-
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// What the endpoint serves; paths not configured answer 404.
+/// The content type of the Prometheus text format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// What the metrics HTTP server serves: the routes of [`router`](Self::router).
+///
+/// | path | answer |
+/// |---|---|
+/// | `GET /metrics` | the text your render function returns (e.g. `PrometheusHandle::render`), `text/plain; version=0.0.4` |
+/// | `GET /health` | the [`HealthReport`](crate::HealthReport) as JSON; status 200 when healthy or degraded, 503 when unhealthy |
+/// | `GET /stats` | the [`StatsSnapshot`](crate::StatsSnapshot) as JSON |
+///
+/// `HEAD` is answered like `GET` without a body; other methods get 405
+/// (`Allow: GET, HEAD`). A path that is not configured is not routed: it
+/// gets 404, as does any unknown path. Every answer carries
+/// `Cache-Control: no-store`.
+///
+/// The router is an axum [`Router`](axum::Router) on purpose, so that a
+/// server can add routes of its own to it (the `toolwarden` proxy adds
+/// `/health` with its upstream's state and `/circuits`); build those with
+/// the same axum version, re-exported as
+/// [`toolwarden_observability::axum`](crate::axum). Serve it with
+/// [`MetricsServer`], or with [`serve`] for the defaults.
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// use toolwarden_observability::{serve, Endpoints, ObservabilityLayer};
+///
+/// let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder().unwrap();
+/// let layer = ObservabilityLayer::new();
+/// let endpoints = Endpoints::new()
+///     .metrics(move || handle.render())
+///     .stats(layer.stats());
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9464").await?;
+/// serve(listener, endpoints, std::future::pending()).await
+/// # }
+/// ```
 #[derive(Clone, Default)]
 pub struct Endpoints {
     metrics: Option<Render>,
@@ -84,6 +94,62 @@ impl Endpoints {
         self.stats = Some(stats);
         self
     }
+
+    /// The routes configured so far, to serve ([`MetricsServer::serve`]) or
+    /// to extend with routes of your own (`Router::route`, `Router::merge`;
+    /// a path served here cannot be routed again).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use tower::ServiceExt;
+    /// use toolwarden_observability::axum::{body::Body, http::Request, routing::get};
+    /// use toolwarden_observability::Endpoints;
+    ///
+    /// let router = Endpoints::new()
+    ///     .metrics(|| "toolwarden_calls_total 3\n".to_owned())
+    ///     .router()
+    ///     .route("/version", get(|| async { "1.0" }));
+    /// let answer = router
+    ///     .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(answer.status(), 200);
+    /// # }
+    /// ```
+    pub fn router(self) -> Router {
+        let mut router = Router::new();
+        if let Some(render) = self.metrics {
+            router = router.route(
+                "/metrics",
+                read_only(get(move || {
+                    let body = render();
+                    async move { answer(StatusCode::OK, PROMETHEUS_TEXT, body) }
+                })),
+            );
+        }
+        if let Some(registry) = self.health {
+            router = router.route(
+                "/health",
+                read_only(get(move || {
+                    let registry = registry.clone();
+                    async move {
+                        let report = registry.report().await;
+                        json(report.status.http_status(), &report)
+                    }
+                })),
+            );
+        }
+        if let Some(stats) = self.stats {
+            router = router.route(
+                "/stats",
+                read_only(get(move || {
+                    let snapshot = stats.snapshot();
+                    async move { json(200, &snapshot) }
+                })),
+            );
+        }
+        router
+    }
 }
 
 impl fmt::Debug for Endpoints {
@@ -96,192 +162,342 @@ impl fmt::Debug for Endpoints {
     }
 }
 
-/// Serves `endpoints` on `listener` until `shutdown` completes; then stops
-/// accepting and aborts the connections still open. Errors accepting one
-/// connection are logged and skipped; it returns `Ok(())` on shutdown.
+/// `route`, answering methods other than `GET` and `HEAD` with 405 and
+/// `Allow: GET, HEAD` (axum's own 405 has no body and lists `GET,HEAD`).
+fn read_only(route: MethodRouter) -> MethodRouter {
+    route.fallback(|| async {
+        let mut response = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are supported",
+        );
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        response
+    })
+}
+
+fn answer(status: StatusCode, content_type: &'static str, body: String) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn text(status: StatusCode, body: &str) -> Response {
+    answer(status, "text/plain; charset=utf-8", format!("{body}\n"))
+}
+
+/// Serialised in declaration order (`status` first in a health report).
+fn json(status: u16, value: &impl serde::Serialize) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    match serde_json::to_string(value) {
+        Ok(body) => answer(status, "application/json", body),
+        // Plain data with string keys: unreachable, but never panic.
+        Err(error) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("could not serialise: {error}"),
+        ),
+    }
+}
+
+/// The most bytes of a request's head (request line and headers); past it,
+/// 431.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// How long an accept error (typically: out of file descriptors) backs off.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Serves an axum `Router` (the [`Endpoints`]' routes, perhaps extended)
+/// over HTTP/1.1 on a listener you bind, with bounds fit for an address
+/// that scrapers and operators reach: HTTP by hyper, routing by axum.
+///
+/// - One request per connection (`Connection: close`).
+/// - A request's head (request line and headers) is at most 8 KiB, else
+///   431; a malformed one gets 400. Neither panics the server.
+/// - The head must arrive within
+///   [`header_read_timeout`](MetricsServerBuilder::header_read_timeout)
+///   (default 10 s; hyper's timer, so a client sending it a byte at a time
+///   is cut off too), and the whole connection is dropped after
+///   [`connection_timeout`](MetricsServerBuilder::connection_timeout)
+///   (default 30 s), whatever it is doing (a client that does not read its
+///   answer cannot hold it).
+/// - At most [`max_connections`](MetricsServerBuilder::max_connections)
+///   connections at once (default 64); further ones wait in the listener's
+///   backlog until one closes.
+/// - `TCP_NODELAY` on every connection. An accept error (typically: out of
+///   file descriptors) is logged and retried after 100 ms.
+/// - When the shutdown future completes, the listener is closed, each
+///   connection finishes the answer it is writing, and those still open
+///   after [`shutdown_timeout`](MetricsServerBuilder::shutdown_timeout)
+///   (default 0: at once) are dropped.
+///
+/// Meant for a loopback or otherwise trusted address, like Prometheus
+/// exporters: the answers name tools and checks, and there is no
+/// authentication of its own (add it to the router as a layer).
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// use std::time::Duration;
+/// use toolwarden_observability::{Endpoints, MetricsServer, ObservabilityLayer};
+///
+/// let layer = ObservabilityLayer::new();
+/// let router = Endpoints::new().stats(layer.stats()).router();
+/// let server = MetricsServer::builder()
+///     .header_read_timeout(Duration::from_secs(2))
+///     .max_connections(8)
+///     .build()
+///     .unwrap();
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:9464").await?;
+/// server.serve(listener, router, std::future::pending()).await
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct MetricsServer {
+    limits: Limits,
+}
+
+/// The validated bounds of a [`MetricsServer`].
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    header_read_timeout: Duration,
+    connection_timeout: Duration,
+    max_connections: usize,
+    shutdown_timeout: Duration,
+}
+
+impl Default for Limits {
+    /// The defaults written on [`MetricsServerBuilder`]'s knobs.
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: Duration::from_secs(10),
+            connection_timeout: Duration::from_secs(30),
+            max_connections: 64,
+            shutdown_timeout: Duration::ZERO,
+        }
+    }
+}
+
+impl MetricsServer {
+    /// A server with every default, the same as `builder().build()` (see
+    /// [`MetricsServerBuilder`] for each default).
+    #[must_use]
+    pub fn new() -> Self {
+        // The defaults are valid (`build` accepts them: tested).
+        MetricsServer {
+            limits: Limits::default(),
+        }
+    }
+
+    /// A builder with every default.
+    #[must_use]
+    pub fn builder() -> MetricsServerBuilder {
+        MetricsServerBuilder::new()
+    }
+
+    /// Serves `router` on `listener` until `shutdown` completes (see the
+    /// [type docs](Self) for the bounds), then returns `Ok(())` once the
+    /// connections are closed. Errors accepting one connection are logged
+    /// and skipped.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        router: Router,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()> {
+        let limits = self.limits;
+        let slots = Arc::new(Semaphore::new(limits.max_connections));
+        let (closing, _) = watch::channel(false);
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            .max_header_size(MAX_HEAD_BYTES)
+            .keep_alive(false)
+            .title_case_headers(true);
+        let mut connections = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            while connections.try_join_next().is_some() {}
+            let slot = tokio::select! {
+                () = &mut shutdown => break,
+                slot = Arc::clone(&slots).acquire_owned() => slot.map_err(io::Error::other)?,
+            };
+            let stream = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "metrics server: accept failed");
+                        tokio::select! {
+                            () = &mut shutdown => break,
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                        }
+                    }
+                },
+            };
+            // Small writes must not wait for a delayed ACK (Nagle).
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "metrics server: could not set TCP_NODELAY");
+            }
+            let connection = http.serve_connection(
+                TokioIo::new(stream),
+                TowerToHyperService::new(router.clone()),
+            );
+            let mut closing = closing.subscribe();
+            connections.spawn(async move {
+                let _slot = slot;
+                tokio::pin!(connection);
+                let served = tokio::time::timeout(limits.connection_timeout, async {
+                    tokio::select! {
+                        served = connection.as_mut() => served,
+                        () = async { drop(closing.wait_for(|closing| *closing).await) } => {
+                            // Finish the answer in flight, take no other.
+                            connection.as_mut().graceful_shutdown();
+                            connection.as_mut().await
+                        }
+                    }
+                })
+                .await;
+                match served {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::debug!(%error, "metrics server: connection ended with an error");
+                    }
+                    // Dropping the connection closes it.
+                    Err(_) => tracing::debug!("metrics server: connection timed out"),
+                }
+            });
+        }
+        drop(listener);
+        closing.send_replace(true);
+        let drained = tokio::time::timeout(limits.shutdown_timeout, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            connections.shutdown().await;
+        }
+        Ok(())
+    }
+}
+
+impl Default for MetricsServer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Builds a [`MetricsServer`]; every knob has a documented default, and
+/// [`build`](Self::build) refuses a bad value naming its field.
+///
+/// ```
+/// use std::time::Duration;
+/// use toolwarden_observability::MetricsServer;
+///
+/// let server = MetricsServer::builder()
+///     .header_read_timeout(Duration::from_secs(5))
+///     .connection_timeout(Duration::from_secs(20))
+///     .max_connections(16)
+///     .shutdown_timeout(Duration::from_secs(2))
+///     .build()
+///     .unwrap();
+/// # let _ = server;
+/// let err = MetricsServer::builder().max_connections(0).build().unwrap_err();
+/// assert_eq!(err.field(), "max_connections");
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct MetricsServerBuilder {
+    limits: Limits,
+}
+
+impl MetricsServerBuilder {
+    /// A builder with every default (the same as [`MetricsServer::builder`]).
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How long a client may take to send a request's head (request line
+    /// and headers), counted from the connection's start; then the
+    /// connection is closed. Default 10 s; must be positive.
+    #[must_use]
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.header_read_timeout = timeout;
+        self
+    }
+
+    /// How long a connection may be served at all: reading the request,
+    /// making the answer (a `/health` runs its checks, each under its own
+    /// timeout) and writing it. Past it the connection is dropped, whatever
+    /// it is doing. Default 30 s; must be positive.
+    #[must_use]
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.connection_timeout = timeout;
+        self
+    }
+
+    /// How many connections are served at once; the next one is accepted
+    /// when one closes (until then it waits in the listener's backlog).
+    /// Default 64; at least 1.
+    #[must_use]
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.limits.max_connections = connections;
+        self
+    }
+
+    /// How long, once shutdown is asked for, the connections still open may
+    /// take to finish their answers before they are dropped. Default 0: they
+    /// are dropped at once.
+    #[must_use]
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Validates the bounds, naming the bad field.
+    pub fn build(self) -> Result<MetricsServer, ConfigError> {
+        let l = &self.limits;
+        if l.header_read_timeout.is_zero() {
+            return Err(ConfigError::new("header_read_timeout", "must be positive"));
+        }
+        if l.connection_timeout.is_zero() {
+            return Err(ConfigError::new("connection_timeout", "must be positive"));
+        }
+        if l.max_connections == 0 {
+            return Err(ConfigError::new("max_connections", "must be at least 1"));
+        }
+        if l.max_connections > Semaphore::MAX_PERMITS {
+            return Err(ConfigError::new(
+                "max_connections",
+                format!(
+                    "must be at most {} (got {})",
+                    Semaphore::MAX_PERMITS,
+                    l.max_connections
+                ),
+            ));
+        }
+        Ok(MetricsServer {
+            limits: self.limits,
+        })
+    }
+}
+
+/// Serves `endpoints` on `listener` with every default of [`MetricsServer`]
+/// until `shutdown` completes; the same as
+/// `MetricsServer::new().serve(listener, endpoints.router(), shutdown)`.
 pub async fn serve(
     listener: TcpListener,
     endpoints: Endpoints,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let endpoints = Arc::new(endpoints);
-    let mut connections = JoinSet::new();
-    tokio::pin!(shutdown);
-    loop {
-        while connections.try_join_next().is_some() {}
-        if connections.len() >= MAX_CONNECTIONS {
-            tokio::select! {
-                _ = &mut shutdown => return Ok(()),
-                _ = connections.join_next() => continue,
-            }
-        }
-        let accepted = tokio::select! {
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, _)) => {
-                // Small writes must not wait for a delayed ACK (Nagle).
-                let _ = stream.set_nodelay(true);
-                let endpoints = Arc::clone(&endpoints);
-                connections.spawn(async move {
-                    // A connection that stalls is dropped, closing it.
-                    let _ =
-                        tokio::time::timeout(CONNECTION_TIMEOUT, handle(stream, &endpoints)).await;
-                });
-            }
-            Err(error) => {
-                // Typically out of file descriptors: back off briefly.
-                tracing::warn!(%error, "metrics endpoint: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// One HTTP response.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
-}
-
-impl Response {
-    fn text(status: u16, body: &str) -> Self {
-        Response {
-            status,
-            content_type: "text/plain; charset=utf-8",
-            body: format!("{body}\n"),
-        }
-    }
-
-    /// Serialised in declaration order (`status` first in a health report).
-    fn json(status: u16, value: &impl serde::Serialize) -> Self {
-        match serde_json::to_string(value) {
-            Ok(body) => Response {
-                status,
-                content_type: "application/json",
-                body,
-            },
-            // Plain data with string keys: unreachable, but never panic.
-            Err(error) => Response::text(500, &format!("could not serialise: {error}")),
-        }
-    }
-
-    fn encode(&self, include_body: bool) -> Vec<u8> {
-        let reason = match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            500 => "Internal Server Error",
-            503 => "Service Unavailable",
-            _ => "",
-        };
-        let allow = if self.status == 405 {
-            "Allow: GET, HEAD\r\n"
-        } else {
-            ""
-        };
-        let mut out = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{allow}Connection: close\r\nCache-Control: no-store\r\n\r\n",
-            self.status,
-            self.content_type,
-            self.body.len()
-        )
-        .into_bytes();
-        if include_body {
-            out.extend_from_slice(self.body.as_bytes());
-        }
-        out
-    }
-}
-
-enum Head {
-    Request { method: String, path: String },
-    Malformed,
-    TooLarge,
-}
-
-async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Head::Malformed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            return Ok(parse_head(&buf[..end]));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(Head::TooLarge);
-        }
-    }
-}
-
-fn parse_head(head: &[u8]) -> Head {
-    let Ok(head) = std::str::from_utf8(head) else {
-        return Head::Malformed;
-    };
-    let line = head.lines().next().unwrap_or("");
-    let mut parts = line.split_ascii_whitespace();
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some(method), Some(target), Some(version), None) if version.starts_with("HTTP/1.") => {
-            let path = target.split(['?', '#']).next().unwrap_or("");
-            Head::Request {
-                method: method.to_owned(),
-                path: path.to_owned(),
-            }
-        }
-        _ => Head::Malformed,
-    }
-}
-
-async fn handle(mut stream: TcpStream, endpoints: &Endpoints) {
-    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(head)) => head,
-        // Timed out or the connection failed: nothing to answer.
-        _ => return,
-    };
-    let (response, include_body) = match head {
-        Head::Malformed => (Response::text(400, "bad request"), true),
-        Head::TooLarge => (Response::text(431, "request head too large"), true),
-        Head::Request { method, path } => match method.as_str() {
-            "GET" | "HEAD" => (route(&path, endpoints).await, method == "GET"),
-            _ => (Response::text(405, "only GET and HEAD are supported"), true),
-        },
-    };
-    // The peer may have gone; there is no one left to tell.
-    let _ = stream.write_all(&response.encode(include_body)).await;
-    let _ = stream.shutdown().await;
-}
-
-async fn route(path: &str, endpoints: &Endpoints) -> Response {
-    match path {
-        "/metrics" => match &endpoints.metrics {
-            Some(render) => Response {
-                status: 200,
-                content_type: "text/plain; version=0.0.4; charset=utf-8",
-                body: render(),
-            },
-            None => Response::text(404, "metrics are not served here"),
-        },
-        "/health" => match &endpoints.health {
-            Some(registry) => {
-                let report = registry.report().await;
-                Response::json(report.status.http_status(), &report)
-            }
-            None => Response::text(404, "health is not served here"),
-        },
-        "/stats" => match &endpoints.stats {
-            Some(stats) => Response::json(200, &stats.snapshot()),
-            None => Response::text(404, "stats are not served here"),
-        },
-        _ => Response::text(404, "not found; try /metrics, /health or /stats"),
-    }
+    MetricsServer::new()
+        .serve(listener, endpoints.router(), shutdown)
+        .await
 }
 
 #[cfg(test)]
@@ -289,22 +505,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn request_lines_are_parsed_or_refused() {
-        match parse_head(b"GET /metrics?x=1 HTTP/1.1\r\nHost: a") {
-            Head::Request { method, path } => {
-                assert_eq!((method.as_str(), path.as_str()), ("GET", "/metrics"))
-            }
-            _ => panic!("a valid request line was refused"),
-        }
-        for bad in [
-            &b""[..],
-            b"GET",
-            b"GET /metrics",
-            b"GET /metrics SPDY/3",
-            b"GET / HTTP/1.1 extra",
-            b"\xff\xfe",
-        ] {
-            assert!(matches!(parse_head(bad), Head::Malformed), "{bad:?}");
+    fn the_defaults_are_valid_and_bad_bounds_are_named() {
+        // `MetricsServer::new` skips validation because of this.
+        assert!(MetricsServer::builder().build().is_ok());
+        type Edit = fn(MetricsServerBuilder) -> MetricsServerBuilder;
+        let cases: [(Edit, &str); 4] = [
+            (
+                |b| b.header_read_timeout(Duration::ZERO),
+                "header_read_timeout",
+            ),
+            (
+                |b| b.connection_timeout(Duration::ZERO),
+                "connection_timeout",
+            ),
+            (|b| b.max_connections(0), "max_connections"),
+            (|b| b.max_connections(usize::MAX), "max_connections"),
+        ];
+        for (edit, field) in cases {
+            let err = edit(MetricsServer::builder()).build().unwrap_err();
+            assert_eq!(err.field(), field);
         }
     }
 }

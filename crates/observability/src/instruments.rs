@@ -1,80 +1,44 @@
 //! Metric names, label names, descriptions, and the per-recorder cache of
-//! metric handles that keeps registration off the hot path.
-//!
-//! # Metrics
-//!
-//! | name | kind | labels |
-//! |---|---|---|
-//! | `mcp.client.operation.duration` | histogram, seconds | `mcp.method.name`, `gen_ai.tool.name` (tool calls only), `error.type` (failures only) |
-//! | `toolwarden.calls` | counter | `mcp.method.name`, `gen_ai.tool.name` (tool calls only), `outcome` |
-//! | `toolwarden.events` | counter | `event`, `key` (events about a key or tool) |
-//! | `toolwarden.circuit.state` | gauge: 0 closed, 1 half-open, 2 open | `key` |
-//!
-//! `outcome` is one of `success`, `tool_error`, `protocol_error`,
-//! `transport`, `timeout`, `rejected` ([`OutcomeKind::as_str`]), or
-//! `cancelled` when the caller dropped the call before it finished.
-//! `error.type` follows OpenTelemetry: it is absent on success and otherwise
-//! the outcome (`tool_error`, `protocol_error`, ...). Cancelled calls are
-//! counted but not timed: the operation never ended.
-//!
-//! Prometheus renders the dots as underscores (`mcp_client_operation_duration`,
-//! `toolwarden_calls`, `gen_ai_tool_name`, ...).
-//!
-//! # Handle cache
-//!
-//! The `metrics` macros build a [`Key`] and ask the recorder to register it
-//! on every use. The layer instead resolves each (series, outcome) handle
-//! once per recorder and keeps it with the identity (address) of the
-//! recorder it came from. Every record looks up the handle of the current
-//! recorder ([`metrics::with_recorder`]), so a layer used before a recorder
-//! was installed (or under [`metrics::with_local_recorder`]) still reports
-//! to the right recorder. Two recorders are remembered per series;
-//! beyond that (only tests switch recorders that often), handles are
-//! registered on every call. Two recorders that share an address
-//! (zero-sized recorders, or a local recorder dropped and another created
-//! in the same place) cannot be told apart; use recorders that live as long
-//! as the layer.
-//!
-//! [`OutcomeKind::as_str`]: toolwarden_core::OutcomeKind::as_str
+//! metric handles that keeps registration off the hot path. The names and
+//! labels are listed in the crate docs ("Metrics"); the cache is explained
+//! on [`Cached`] and in the crate docs ("Recorders").
 
 use std::sync::OnceLock;
 
 use metrics::{Key, Label, Level, Metadata, Recorder, SharedString, Unit};
 
-/// Metric names.
-pub mod names {
-    /// Histogram of call durations in seconds (OpenTelemetry MCP conventions).
-    pub const OPERATION_DURATION: &str = "mcp.client.operation.duration";
-    /// Counter of calls by outcome.
-    pub const CALLS: &str = "toolwarden.calls";
-    /// Counter of resilience events reported by the other layers.
-    pub const EVENTS: &str = "toolwarden.events";
-    /// Gauge of circuit state per key: 0 closed, 1 half-open, 2 open.
-    pub const CIRCUIT_STATE: &str = "toolwarden.circuit.state";
-}
+/// The histogram of call durations in seconds (OpenTelemetry MCP
+/// conventions), `mcp.client.operation.duration`.
+pub const METRIC_OPERATION_DURATION: &str = "mcp.client.operation.duration";
+/// The counter of calls by outcome, `toolwarden.calls`.
+pub const METRIC_CALLS: &str = "toolwarden.calls";
+/// The counter of resilience events reported by the other layers,
+/// `toolwarden.events`.
+pub const METRIC_EVENTS: &str = "toolwarden.events";
+/// The gauge of circuit state per key (0 closed, 1 half-open, 2 open),
+/// `toolwarden.circuit.state`.
+pub const METRIC_CIRCUIT_STATE: &str = "toolwarden.circuit.state";
 
-/// Label names.
-pub mod labels {
-    /// The JSON-RPC method (OpenTelemetry `mcp.method.name`).
-    pub const METHOD: &str = "mcp.method.name";
-    /// The tool of a `tools/call` (OpenTelemetry `gen_ai.tool.name`).
-    pub const TOOL: &str = "gen_ai.tool.name";
-    /// The failure kind (OpenTelemetry `error.type`); absent on success.
-    pub const ERROR_TYPE: &str = "error.type";
-    /// The outcome of a call.
-    pub const OUTCOME: &str = "outcome";
-    /// The name of a resilience event.
-    pub const EVENT: &str = "event";
-    /// The key (tool, breaker or limiter key) an event is about.
-    pub const KEY: &str = "key";
-}
+/// The label of the JSON-RPC method (OpenTelemetry `mcp.method.name`).
+pub const LABEL_METHOD: &str = "mcp.method.name";
+/// The label of the tool of a `tools/call` (OpenTelemetry `gen_ai.tool.name`).
+pub const LABEL_TOOL: &str = "gen_ai.tool.name";
+/// The label of the failure kind (OpenTelemetry `error.type`); absent on success.
+pub const LABEL_ERROR_TYPE: &str = "error.type";
+/// The label of the outcome of a call, `outcome`.
+pub const LABEL_OUTCOME: &str = "outcome";
+/// The label of the name of a resilience event, `event`.
+pub const LABEL_EVENT: &str = "event";
+/// The label of the key (tool, breaker or limiter key) an event is about, `key`.
+pub const LABEL_KEY: &str = "key";
 
 /// The label value that stands for every tool, method or key past the
-/// cardinality cap.
-pub const OTHER: &str = "other";
+/// cardinality cap, `other`.
+pub const OTHER_LABEL_VALUE: &str = "other";
 
-/// The outcome label of a call whose future was dropped before it finished.
-pub const CANCELLED: &str = "cancelled";
+/// The `outcome` label value of a call whose future was dropped before it
+/// finished, `cancelled`.
+pub const CANCELLED_OUTCOME: &str = "cancelled";
 
 pub(crate) static METADATA: Metadata<'static> =
     Metadata::new(module_path!(), Level::INFO, Some(module_path!()));
@@ -84,22 +48,22 @@ pub(crate) static METADATA: Metadata<'static> =
 /// support descriptions (Prometheus: `# HELP`) then show them.
 pub fn describe_metrics() {
     metrics::describe_histogram!(
-        names::OPERATION_DURATION,
+        METRIC_OPERATION_DURATION,
         Unit::Seconds,
         "Duration of MCP client operations, by method, tool and error type."
     );
     metrics::describe_counter!(
-        names::CALLS,
+        METRIC_CALLS,
         Unit::Count,
         "MCP calls by method, tool and outcome."
     );
     metrics::describe_counter!(
-        names::EVENTS,
+        METRIC_EVENTS,
         Unit::Count,
         "Resilience events (circuit transitions, rate limits, retries, loops, stale results)."
     );
     metrics::describe_gauge!(
-        names::CIRCUIT_STATE,
+        METRIC_CIRCUIT_STATE,
         "Circuit state per key: 0 closed, 1 half-open, 2 open."
     );
 }
@@ -115,7 +79,16 @@ pub(crate) fn recorder_id(recorder: &dyn Recorder) -> usize {
 /// (the no-op recorder before installation, then the real one).
 const RECORDER_SLOTS: usize = 2;
 
-/// Metric handles resolved per recorder. See the [module docs](self).
+/// Metric handles resolved per recorder.
+///
+/// The `metrics` macros build a [`Key`] and ask the recorder to register it
+/// on every use. The layer instead resolves each (series, outcome) handle
+/// once per recorder and keeps it with the identity (address) of the
+/// recorder it came from. Every record looks up the handle of the current
+/// recorder ([`metrics::with_recorder`]), so a layer used before a recorder
+/// was installed (or under [`metrics::with_local_recorder`]) still reports
+/// to the right recorder. [`RECORDER_SLOTS`] recorders are remembered per
+/// series; beyond that, handles are registered on every call.
 ///
 /// Each slot is filled once, for one recorder, and never replaced, so a
 /// lookup is an acquire load and a comparison per slot, with no lock and no
@@ -189,7 +162,7 @@ mod tests {
         let cached: Cached<metrics::Counter> = Cached::default();
         let register = |r: &dyn Recorder| {
             r.register_counter(
-                &key(names::CALLS, vec![label(labels::OUTCOME, "success")]),
+                &key(METRIC_CALLS, vec![label(LABEL_OUTCOME, "success")]),
                 &METADATA,
             )
         };

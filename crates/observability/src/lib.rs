@@ -9,23 +9,52 @@
 //! - **metrics** through the [`metrics`] facade, following the OpenTelemetry
 //!   MCP conventions: the histogram `mcp.client.operation.duration` (seconds)
 //!   with `mcp.method.name`, `gen_ai.tool.name` and `error.type`, and the
-//!   counter `toolwarden.calls` by `outcome` (names and labels in
-//!   [`instruments`]). The layer's [event sink](ObservabilityLayer::event_sink)
-//!   turns the other layers' resilience events into `toolwarden.events` and
-//!   the gauge `toolwarden.circuit.state` ([`events`]);
+//!   counter `toolwarden.calls` by `outcome` (see [Metrics](#metrics)). The
+//!   layer's [event sink](ObservabilityLayer::event_sink) turns the other
+//!   layers' resilience events into `toolwarden.events` and the gauge
+//!   `toolwarden.circuit.state` ([`ObservabilityEvents`]);
 //! - **a span** `mcp.call` per call with the method, tool, attempt, argument
 //!   fingerprint, outcome, failure class, error type and duration;
-//! - **statistics** per tool, readable as a JSON [`StatsSnapshot`] ([`stats`]).
+//! - **statistics** per tool, readable as a JSON [`StatsSnapshot`] ([`Stats`]).
 //!
-//! [`health`] adds checks with priorities and timeouts, a check fed by the
-//! circuit breakers, and a periodic monitor; feature `http` adds a small
-//! endpoint serving `/metrics`, `/health` and `/stats`.
+//! [`HealthRegistry`] adds checks with priorities and timeouts,
+//! [`circuit_check`] a check fed by the circuit breakers, and
+//! [`HealthMonitor`] a periodic monitor. Feature `http` adds the metrics HTTP
+//! server (see [HTTP](#http)).
+//!
+//! # Metrics
+//!
+//! | name | kind | labels |
+//! |---|---|---|
+//! | `mcp.client.operation.duration` ([`METRIC_OPERATION_DURATION`]) | histogram, seconds | `mcp.method.name`, `gen_ai.tool.name` (tool calls only), `error.type` (failures only) |
+//! | `toolwarden.calls` ([`METRIC_CALLS`]) | counter | `mcp.method.name`, `gen_ai.tool.name` (tool calls only), `outcome` |
+//! | `toolwarden.events` ([`METRIC_EVENTS`]) | counter | `event`, `key` (events about a key or tool) |
+//! | `toolwarden.circuit.state` ([`METRIC_CIRCUIT_STATE`]) | gauge: 0 closed, 1 half-open, 2 open | `key` |
+//!
+//! The label names are the `LABEL_*` constants ([`LABEL_METHOD`],
+//! [`LABEL_TOOL`], [`LABEL_ERROR_TYPE`], [`LABEL_OUTCOME`], [`LABEL_EVENT`],
+//! [`LABEL_KEY`]). `outcome` is one of `success`, `tool_error`,
+//! `protocol_error`, `transport`, `timeout`, `rejected`
+//! ([`OutcomeKind::as_str`]), or `cancelled` ([`CANCELLED_OUTCOME`]) when
+//! the caller dropped the call before it finished. `error.type` follows
+//! OpenTelemetry: it is absent on success and otherwise the outcome
+//! (`tool_error`, `protocol_error`, ...). Cancelled calls are counted but
+//! not timed: the operation never ended. `event` is the name of a
+//! resilience event ([`Event::name`]): `circuit_opened`,
+//! `circuit_half_opened`, `circuit_closed`, `rate_limited`, `retried`,
+//! `retry_budget_exhausted`, `loop_warned`, `loop_detected`,
+//! `stale_served`, `degraded`, `sync_failed`.
+//!
+//! Prometheus renders the dots as underscores (`mcp_client_operation_duration`,
+//! `toolwarden_calls`, `gen_ai_tool_name`, ...). [`describe_metrics`] gives
+//! the recorder their units and help texts.
 //!
 //! # Cardinality and privacy
 //!
 //! Label values come from requests, so they are capped: the first
 //! `max_tools` distinct tool names (default 100) and `max_methods` methods
-//! (default 32) are labelled by name, later ones `other`. Arguments never
+//! (default 32) are labelled by name, later ones `other`
+//! ([`OTHER_LABEL_VALUE`]). Arguments never
 //! appear in labels, spans or logs; the span carries their fingerprint only.
 //!
 //! # Clock
@@ -33,13 +62,37 @@
 //! Durations are read from the CPU's time-stamp counter through quanta by
 //! default, which costs a third of the monotonic clock's price on a virtual
 //! machine; a test that pauses tokio's clock and checks durations sets
-//! [`ClockSource::Tokio`] ([`clock`] explains the choice).
+//! [`ClockSource::Tokio`] ([`ClockSource`] explains the choice).
 //!
 //! # Recorders
 //!
 //! Metric handles are resolved on first use and re-resolved whenever the
 //! current recorder changes, so the layer may be built before the recorder
-//! is installed ([`instruments`] explains how).
+//! is installed. The `metrics` macros build a key and ask the recorder to
+//! register it on every use; the layer instead resolves each (series,
+//! outcome) handle once per recorder and keeps it with the identity
+//! (address) of the recorder it came from. Every record looks up the handle
+//! of the current recorder ([`metrics::with_recorder`]), so a layer used
+//! before a recorder was installed (or under
+//! [`metrics::with_local_recorder`]) still reports to the right recorder.
+//! Two recorders are remembered per series; beyond that (only tests switch
+//! recorders that often), handles are registered on every call. Two
+//! recorders that share an address (zero-sized recorders, or a local
+//! recorder dropped and another created in the same place) cannot be told
+//! apart; use recorders that live as long as the layer.
+//!
+//! # HTTP
+//!
+//! Feature `http` adds the metrics HTTP server, the one the `toolwarden`
+//! proxy serves its metrics address with: [`Endpoints`] makes the routes
+//! `/metrics` (your Prometheus renderer), `/health` (a [`HealthRegistry`]'s
+//! report) and `/stats` (the [`StatsSnapshot`]) as an axum `Router`, which
+//! you may extend with routes of your own; [`MetricsServer`] serves a router
+//! over hyper (HTTP/1.1) within bounds: one request per connection, request
+//! heads of at most 8 KiB, a header read timeout, a time limit per
+//! connection, a connection cap and a shutdown deadline; [`serve`] does both
+//! with every default. The `examples/metrics_server.rs` of the repository
+//! serves a flaky tool's metrics this way.
 //!
 //! # Example
 //!
@@ -73,30 +126,50 @@
 //! assert_eq!(stats.snapshot().tool("search").unwrap().errors, 1);
 //! # }
 //! ```
-
+//!
+//! [`OutcomeKind::as_str`]: toolwarden_core::OutcomeKind::as_str
+//! [`Event::name`]: toolwarden_core::Event::name
+#![cfg_attr(
+    not(feature = "http"),
+    doc = "[`Endpoints`]: #http \"feature `http`\"\n[`MetricsServer`]: #http \"feature `http`\"\n[`serve`]: #http \"feature `http`\""
+)]
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
-pub mod clock;
-pub mod events;
+mod builder;
+mod clock;
+mod events;
 mod future;
-pub mod health;
+mod health;
 #[cfg(feature = "http")]
-pub mod http;
-pub mod instruments;
+mod http;
+mod instruments;
 mod layer;
 mod registry;
 mod service;
-pub mod stats;
+mod stats;
 
+/// The axum the metrics routes are built with ([`Endpoints::router`],
+/// [`MetricsServer::serve`]), re-exported on purpose: routes you add to them
+/// must come from this version.
+#[cfg(feature = "http")]
+pub use axum;
+pub use builder::{ObservabilityBuilder, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT, RECENT_WINDOW_LIMIT};
 pub use clock::ClockSource;
 pub use events::ObservabilityEvents;
 pub use future::ResponseFuture;
-pub use instruments::describe_metrics;
-pub use layer::{
-    ObservabilityBuilder, ObservabilityLayer, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT,
-    RECENT_WINDOW_LIMIT,
+pub use health::{
+    circuit_check, CheckReport, CheckStatus, HealthCheck, HealthMonitor, HealthRegistry,
+    HealthReport, HealthStatus, LatestReport, Priority, DEFAULT_CHECK_TIMEOUT,
 };
+#[cfg(feature = "http")]
+pub use http::{serve, Endpoints, MetricsServer, MetricsServerBuilder};
+pub use instruments::{
+    describe_metrics, CANCELLED_OUTCOME, LABEL_ERROR_TYPE, LABEL_EVENT, LABEL_KEY, LABEL_METHOD,
+    LABEL_OUTCOME, LABEL_TOOL, METRIC_CALLS, METRIC_CIRCUIT_STATE, METRIC_EVENTS,
+    METRIC_OPERATION_DURATION, OTHER_LABEL_VALUE,
+};
+pub use layer::ObservabilityLayer;
 pub use service::Observability;
 pub use stats::{CallStats, OutcomeCounts, Stats, StatsSnapshot};
 pub use toolwarden_core::CircuitState;

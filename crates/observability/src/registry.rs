@@ -7,13 +7,15 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, SharedString};
 use toolwarden_core::{Bounds, Entry, Key, KeyRef, KeyedState, McpRequest, Outcome, TOOLS_CALL};
 
-use crate::clock::ClockSource;
-use crate::clock::{Clock, Stamp};
+use crate::clock::{Clock, ClockSource, Stamp};
 use crate::events::EventState;
-use crate::instruments::{self, labels, names, Cached, CANCELLED, METADATA, OTHER};
+use crate::instruments::{
+    self, Cached, CANCELLED_OUTCOME, LABEL_ERROR_TYPE, LABEL_METHOD, LABEL_OUTCOME, LABEL_TOOL,
+    METADATA, METRIC_CALLS, METRIC_OPERATION_DURATION, OTHER_LABEL_VALUE,
+};
 use crate::stats::{outcome_index, StatsCell, StatsSnapshot, OUTCOMES, OUTCOME_KINDS};
 
-/// Validated configuration (see the builder for defaults).
+/// Validated configuration (see the builder for each knob).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Config {
     pub(crate) max_tools: usize,
@@ -21,6 +23,19 @@ pub(crate) struct Config {
     pub(crate) recent_window: usize,
     pub(crate) span_fingerprint: bool,
     pub(crate) clock: ClockSource,
+}
+
+impl Default for Config {
+    /// The defaults written on [`ObservabilityBuilder`](crate::ObservabilityBuilder)'s knobs.
+    fn default() -> Self {
+        Config {
+            max_tools: 100,
+            max_methods: 32,
+            recent_window: 100,
+            span_fingerprint: true,
+            clock: ClockSource::Fast,
+        }
+    }
 }
 
 pub(crate) struct Shared {
@@ -46,7 +61,7 @@ fn label_of(key: &Key) -> SharedString {
     match key {
         Key::Tool(name) => SharedString::from(name.clone()),
         // Only tool keys and the overflow key are ever inserted.
-        _ => SharedString::const_str(OTHER),
+        _ => SharedString::const_str(OTHER_LABEL_VALUE),
     }
 }
 
@@ -116,7 +131,7 @@ impl Shared {
             out.sort_by(|a, b| a.name.cmp(&b.name));
             let overflow = state.overflow();
             if overflow.stats.has_calls() {
-                out.push(overflow.stats.snapshot(OTHER, &self.clock));
+                out.push(overflow.stats.snapshot(OTHER_LABEL_VALUE, &self.clock));
             }
             out
         };
@@ -181,9 +196,9 @@ impl Series {
 
     fn base_labels(&self, extra: usize) -> Vec<metrics::Label> {
         let mut out = Vec::with_capacity(2 + extra);
-        out.push(instruments::label(labels::METHOD, self.method.clone()));
+        out.push(instruments::label(LABEL_METHOD, self.method.clone()));
         if let Some(tool) = &self.tool {
-            out.push(instruments::label(labels::TOOL, tool.clone()));
+            out.push(instruments::label(LABEL_TOOL, tool.clone()));
         }
         out
     }
@@ -213,15 +228,15 @@ impl Series {
     ) -> (Counter, Histogram) {
         let kind = OUTCOMES[index];
         let mut counter_labels = self.base_labels(1);
-        counter_labels.push(instruments::label(labels::OUTCOME, kind.as_str()));
+        counter_labels.push(instruments::label(LABEL_OUTCOME, kind.as_str()));
         let mut duration_labels = self.base_labels(1);
         if kind != toolwarden_core::OutcomeKind::Success {
-            duration_labels.push(instruments::label(labels::ERROR_TYPE, kind.as_str()));
+            duration_labels.push(instruments::label(LABEL_ERROR_TYPE, kind.as_str()));
         }
         (
-            recorder.register_counter(&instruments::key(names::CALLS, counter_labels), &METADATA),
+            recorder.register_counter(&instruments::key(METRIC_CALLS, counter_labels), &METADATA),
             recorder.register_histogram(
-                &instruments::key(names::OPERATION_DURATION, duration_labels),
+                &instruments::key(METRIC_OPERATION_DURATION, duration_labels),
                 &METADATA,
             ),
         )
@@ -235,8 +250,8 @@ impl Series {
                 recorder,
                 |r| {
                     let mut l = self.base_labels(1);
-                    l.push(instruments::label(labels::OUTCOME, CANCELLED));
-                    r.register_counter(&instruments::key(names::CALLS, l), &METADATA)
+                    l.push(instruments::label(LABEL_OUTCOME, CANCELLED_OUTCOME));
+                    r.register_counter(&instruments::key(METRIC_CALLS, l), &METADATA)
                 },
                 |calls| calls.increment(1),
             );

@@ -16,9 +16,9 @@ use crate::layer::ObservabilityLayer;
 use crate::registry::{Series, Shared};
 use crate::stats::Stats;
 
-/// Records every call passing through it; built by [`ObservabilityLayer`].
-/// It never refuses a call and adds no readiness of its own: `poll_ready`
-/// is the inner service's.
+/// Records every call passing through it; built by [`ObservabilityLayer`]
+/// (or [`Observability::new`] with one). It never refuses a call and adds no
+/// readiness of its own: `poll_ready` is the inner service's.
 #[derive(Clone)]
 pub struct Observability<S, C = McpClassifier> {
     inner: S,
@@ -29,41 +29,42 @@ pub struct Observability<S, C = McpClassifier> {
     last: Option<Entry<Series>>,
 }
 
-impl<S> Observability<S> {
-    /// Wraps `inner` with the default configuration and statistics of its
-    /// own. Use [`ObservabilityLayer`] to configure it or share statistics.
-    pub fn new(inner: S) -> Self {
-        use tower_layer::Layer;
-        ObservabilityLayer::new().layer(inner)
-    }
-}
-
 impl<S, C> Observability<S, C> {
-    pub(crate) fn from_parts(inner: S, shared: Arc<Shared>, classifier: C) -> Self {
+    /// Wraps `inner` with `layer`'s configuration; it records into the
+    /// layer's statistics, shared with every other service the layer built.
+    /// The same as `layer.layer(inner)`.
+    pub fn new(inner: S, layer: &ObservabilityLayer<C>) -> Self
+    where
+        C: Clone,
+    {
         Observability {
             inner,
-            shared,
-            classifier,
+            shared: Arc::clone(layer.shared()),
+            classifier: layer.classifier().clone(),
             last: None,
         }
     }
 
     /// The inner service.
+    #[must_use]
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The inner service, mutably.
+    #[must_use]
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// Consumes the wrapper, returning the inner service.
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }
 
     /// A handle to the statistics this service records into.
+    #[must_use]
     pub fn stats(&self) -> Stats {
         Stats {
             shared: Arc::clone(&self.shared),

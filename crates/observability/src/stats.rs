@@ -1,58 +1,5 @@
-//! In-process per-tool statistics and their JSON snapshot.
-//!
-//! Every call updates a few relaxed atomics of its tool's (or, for requests
-//! that are not tool calls, its method's) cell: one outcome counter, the
-//! total duration, one histogram bucket, the last call time and one slot of
-//! the recent-outcomes ring. [`Stats::snapshot`] reads them into a
-//! [`StatsSnapshot`] that serialises to JSON.
-//!
-//! # Bounds
-//!
-//! The first `max_tools` distinct tool names (default 100) and the first
-//! `max_methods` distinct methods (default 32) get a cell each for the life
-//! of the layer; later ones share one cell named `other` (a tool really
-//! named `other` is then listed twice). A cell, with its cached metric
-//! handles, takes about 2 KiB plus one byte per slot of the recent window;
-//! each event key about 1 KiB more.
-//!
-//! # Precision
-//!
-//! - Percentiles come from a log-linear histogram of 129 buckets: durations
-//!   below 1.024 µs share the first bucket; above that, each power of two is
-//!   split in four, up to 2^42 ns (about 73 minutes), and longer calls share
-//!   the last bucket. A percentile is reported as the midpoint of its
-//!   bucket, so it is within 12.5 % of the true value inside that range.
-//! - The recent failure rate covers the last `recent_window` completed calls
-//!   (default 100) of the tool, from a ring of outcomes; under concurrent
-//!   calls, two outcomes may land in one slot, so it is a close sample of
-//!   the latest calls rather than an exact count.
-//! - Each counter is read atomically, but a snapshot taken while calls
-//!   complete may count a call in one field and not yet in another.
-//! - Times come from the layer's clock ([`crate::clock`]: the time-stamp
-//!   counter by default, tokio's clock with [`ClockSource::Tokio`](crate::ClockSource));
-//!   `last_call_unix_ms` is the wall time of the layer's creation plus the
-//!   monotonic time since.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! use tower::{Layer, ServiceExt};
-//! use toolwarden_core::{jsonrpc::Request, testing::{MockMcp, Step}};
-//! use toolwarden_observability::ObservabilityLayer;
-//!
-//! let layer = ObservabilityLayer::new();
-//! let stats = layer.stats();
-//! let mock = MockMcp::new().script("search", [Step::tool_error("boom")]);
-//! let svc = layer.layer(mock);
-//! for id in 0..4 {
-//!     svc.clone().oneshot(Request::tool_call(id, "search", serde_json::json!({}))).await.unwrap();
-//! }
-//! let snapshot = stats.snapshot();
-//! let search = snapshot.tool("search").unwrap();
-//! assert_eq!((search.calls, search.errors), (4, 1));
-//! assert_eq!(search.success_rate, Some(0.75));
-//! assert_eq!(snapshot.to_json()["tools"][0]["outcomes"]["tool_error"], 1);
-//! # }
-//! ```
+//! In-process per-tool statistics ([`Stats`]) and their JSON snapshot
+//! ([`StatsSnapshot`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
@@ -98,7 +45,7 @@ const SUB_BUCKET_BITS: u32 = 2;
 const SUB_BUCKETS: usize = 1 << SUB_BUCKET_BITS;
 const HISTOGRAM_BUCKETS: usize = 1 + OCTAVES * SUB_BUCKETS;
 
-/// A log-linear histogram of durations in nanoseconds (see the module docs).
+/// A log-linear histogram of durations in nanoseconds (see [`Stats`], "Precision").
 pub(crate) struct DurationHistogram {
     buckets: Box<[AtomicU64]>,
 }
@@ -353,7 +300,7 @@ pub struct CallStats {
     pub total_duration_ms: f64,
     /// The mean duration of completed calls.
     pub mean_duration_ms: Option<f64>,
-    /// The median duration (within 12.5 %, see the module docs).
+    /// The median duration (within 12.5 %, see [`Stats`], "Precision").
     pub p50_ms: Option<f64>,
     /// The 95th percentile duration.
     pub p95_ms: Option<f64>,
@@ -363,7 +310,8 @@ pub struct CallStats {
     pub last_call_unix_ms: Option<u64>,
 }
 
-/// A point-in-time copy of the layer's statistics.
+/// A point-in-time copy of the layer's statistics, from
+/// [`Stats::snapshot`] (see [`Stats`] for its bounds and precision).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
     /// When the snapshot was taken, in Unix milliseconds.
@@ -377,8 +325,11 @@ pub struct StatsSnapshot {
     /// Resilience events seen by the layer's event sink, by event name
     /// (every known name present, zero included).
     pub events: BTreeMap<String, u64>,
-    /// The last reported state of each circuit key (bounded like the tools;
-    /// keys past the cap are not tracked).
+    /// The state of each circuit key as its last circuit event reported it
+    /// ([`CircuitState::Open`], [`CircuitState::HalfOpen`] or
+    /// [`CircuitState::Closed`]: events carry no manual state, so the
+    /// breakers' registry is where a forced or disabled circuit shows as
+    /// such). Bounded like the tools; keys past the cap are not tracked.
     pub circuits: BTreeMap<String, CircuitState>,
 }
 
@@ -403,7 +354,63 @@ impl StatsSnapshot {
     }
 }
 
-/// A cheap, cloneable handle to a layer's statistics.
+/// A cheap, cloneable handle to a layer's statistics, from
+/// [`ObservabilityLayer::stats`](crate::ObservabilityLayer::stats).
+///
+/// Every call updates a few relaxed atomics of its tool's (or, for requests
+/// that are not tool calls, its method's) cell: one outcome counter, the
+/// total duration, one histogram bucket, the last call time and one slot of
+/// the recent-outcomes ring. [`Stats::snapshot`] reads them into a
+/// [`StatsSnapshot`] that serialises to JSON.
+///
+/// # Bounds
+///
+/// The first `max_tools` distinct tool names (default 100) and the first
+/// `max_methods` distinct methods (default 32) get a cell each for the life
+/// of the layer; later ones share one cell named `other` (a tool really
+/// named `other` is then listed twice). A cell, with its cached metric
+/// handles, takes about 2 KiB plus one byte per slot of the recent window;
+/// each event key about 1 KiB more.
+///
+/// # Precision
+///
+/// - Percentiles come from a log-linear histogram of 129 buckets: durations
+///   below 1.024 µs share the first bucket; above that, each power of two is
+///   split in four, up to 2^42 ns (about 73 minutes), and longer calls share
+///   the last bucket. A percentile is reported as the midpoint of its
+///   bucket, so it is within 12.5 % of the true value inside that range.
+/// - The recent failure rate covers the last `recent_window` completed calls
+///   (default 100) of the tool, from a ring of outcomes; under concurrent
+///   calls, two outcomes may land in one slot, so it is a close sample of
+///   the latest calls rather than an exact count.
+/// - Each counter is read atomically, but a snapshot taken while calls
+///   complete may count a call in one field and not yet in another.
+/// - Times come from the layer's clock ([`ClockSource`](crate::ClockSource):
+///   the time-stamp counter by default, tokio's clock with
+///   [`ClockSource::Tokio`](crate::ClockSource::Tokio));
+///   `last_call_unix_ms` is the wall time of the layer's creation plus the
+///   monotonic time since.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use tower::{Layer, ServiceExt};
+/// use toolwarden_core::{jsonrpc::Request, testing::{MockMcp, Step}};
+/// use toolwarden_observability::ObservabilityLayer;
+///
+/// let layer = ObservabilityLayer::new();
+/// let stats = layer.stats();
+/// let mock = MockMcp::new().script("search", [Step::tool_error("boom")]);
+/// let svc = layer.layer(mock);
+/// for id in 0..4 {
+///     svc.clone().oneshot(Request::tool_call(id, "search", serde_json::json!({}))).await.unwrap();
+/// }
+/// let snapshot = stats.snapshot();
+/// let search = snapshot.tool("search").unwrap();
+/// assert_eq!((search.calls, search.errors), (4, 1));
+/// assert_eq!(search.success_rate, Some(0.75));
+/// assert_eq!(snapshot.to_json()["tools"][0]["outcomes"]["tool_error"], 1);
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Stats {
     pub(crate) shared: Arc<Shared>,

@@ -9,8 +9,9 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
-use toolwarden_observability::health::{circuit_check, HealthRegistry, HealthStatus};
-use toolwarden_observability::{CircuitState as ReportedState, ObservabilityLayer};
+use toolwarden_observability::{
+    circuit_check, CircuitState as ReportedState, HealthRegistry, HealthStatus, ObservabilityLayer,
+};
 use tower::Layer;
 
 use support::{call, parse_prometheus, tool_call, value};

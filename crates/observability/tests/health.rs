@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use toolwarden_core::{CircuitView, Circuits};
-use toolwarden_observability::health::{
+use toolwarden_observability::{
     circuit_check, CheckStatus, HealthCheck, HealthMonitor, HealthRegistry, HealthStatus, Priority,
 };
 

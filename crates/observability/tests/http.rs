@@ -5,15 +5,16 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 use toolwarden_core::testing::{MockMcp, Step};
-use toolwarden_observability::health::{HealthCheck, HealthRegistry, Priority};
-use toolwarden_observability::http::{serve, Endpoints};
-use toolwarden_observability::ObservabilityLayer;
+use toolwarden_observability::{
+    serve, Endpoints, HealthCheck, HealthRegistry, MetricsServer, ObservabilityLayer, Priority,
+};
 use tower::Layer;
 
 use support::{call, parse_prometheus, tool_call, value};
@@ -144,4 +145,155 @@ async fn unconfigured_paths_are_not_found() {
         assert_eq!(get(addr, path).await.0, 404, "{path}");
     }
     server.abort();
+}
+
+/// Serves `router` with `server` on an ephemeral port until the returned
+/// sender is used or dropped.
+async fn start(
+    server: MetricsServer,
+    router: axum::Router,
+) -> (
+    SocketAddr,
+    oneshot::Sender<()>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(server.serve(listener, router, async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}
+
+/// Whether the server closes `stream` (EOF or reset) within `limit`: the
+/// head it was sent is never finished.
+async fn closed_within(mut stream: TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(limit, async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // an error answer, then the close
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+#[tokio::test]
+async fn a_router_extended_with_routes_of_its_own_is_served_whole() {
+    let router = Endpoints::new()
+        .metrics(|| "toolwarden_calls_total 3\n".to_owned())
+        .router()
+        .route("/circuits", axum::routing::get(|| async { "[]" }));
+    let (addr, stop, server) = start(MetricsServer::new(), router).await;
+
+    let (status, _, body) = get(addr, "/metrics").await;
+    assert_eq!((status, body.as_str()), (200, "toolwarden_calls_total 3\n"));
+    let (status, _, body) = get(addr, "/circuits").await;
+    assert_eq!((status, body.as_str()), (200, "[]"));
+    // Not configured: not routed.
+    assert_eq!(get(addr, "/health").await.0, 404);
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_head_sent_a_byte_at_a_time_is_cut_off() {
+    let server = MetricsServer::builder()
+        .header_read_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let (addr, stop, task) = start(server, Endpoints::new().router()).await;
+
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    assert!(
+        closed_within(slow, Duration::from_secs(10)).await,
+        "an unfinished head held the connection past the header timeout"
+    );
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_connection_is_dropped_after_the_connection_timeout() {
+    // The header timeout is long; the connection's own limit cuts it first.
+    let server = MetricsServer::builder()
+        .header_read_timeout(Duration::from_secs(60))
+        .connection_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let (addr, stop, task) = start(server, Endpoints::new().router()).await;
+
+    let slow = TcpStream::connect(addr).await.unwrap();
+    assert!(
+        closed_within(slow, Duration::from_secs(10)).await,
+        "the connection outlived the connection timeout"
+    );
+    // The slot is free again.
+    assert_eq!(get(addr, "/nope").await.0, 404);
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn with_one_slot_the_next_connection_is_served_once_the_first_ends() {
+    let server = MetricsServer::builder().max_connections(1).build().unwrap();
+    let router = Endpoints::new().metrics(String::new).router();
+    let (addr, stop, task) = start(server, router).await;
+
+    // The one slot is held by a connection whose head is unfinished.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"GET /metrics HTTP/1.1\r\n").await.unwrap();
+    let second = tokio::spawn(get(addr, "/metrics"));
+    // Finishing the first request answers it and frees the slot.
+    first.write_all(b"\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    first.read_to_end(&mut raw).await.unwrap();
+    assert!(raw.starts_with(b"HTTP/1.1 200"), "{raw:?}");
+    assert_eq!(second.await.unwrap().0, 200);
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn on_shutdown_the_answer_in_flight_is_finished() {
+    // A check that tells when it started, then waits to be let go.
+    let started = std::sync::Arc::new(tokio::sync::Notify::new());
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
+    let health = HealthRegistry::new();
+    let (on_start, on_release) = (started.clone(), release.clone());
+    health
+        .register(HealthCheck::new("slow", Priority::Critical, move || {
+            let (on_start, on_release) = (on_start.clone(), on_release.clone());
+            async move {
+                on_start.notify_one();
+                on_release.notified().await;
+                Ok(())
+            }
+        }))
+        .unwrap();
+    let server = MetricsServer::builder()
+        .shutdown_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let (addr, stop, task) = start(server, Endpoints::new().health(health).router()).await;
+
+    let answer = tokio::spawn(get(addr, "/health"));
+    started.notified().await;
+    stop.send(()).unwrap();
+    release.notify_one();
+    let (status, _, body) = answer.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    task.await.unwrap().unwrap();
+    assert!(TcpStream::connect(addr).await.is_err());
 }

@@ -287,9 +287,13 @@ async fn services_share_the_layer_statistics_and_expose_the_inner_service() {
     assert_eq!(a.get_mut().calls("x"), 1);
     assert_eq!(b.into_inner().calls("x"), 1);
 
-    // A standalone service keeps statistics of its own.
-    let mut own = Observability::new(MockMcp::new());
-    call(&mut own, tool_call(3, "y")).await.unwrap();
+    // A service made with `new` and the layer shares its statistics too;
+    // one of another layer keeps statistics of its own.
+    let mut same = Observability::new(MockMcp::new(), &layer);
+    call(&mut same, tool_call(3, "x")).await.unwrap();
+    assert_eq!(layer.stats().snapshot().tool("x").unwrap().calls, 3);
+    let mut own = Observability::new(MockMcp::new(), &ObservabilityLayer::new());
+    call(&mut own, tool_call(4, "y")).await.unwrap();
     assert_eq!(own.stats().snapshot().tool("y").unwrap().calls, 1);
     assert!(layer.stats().snapshot().tool("y").is_none());
 }

@@ -1,6 +1,11 @@
 //! The metrics address: `/metrics` (Prometheus text), `/health` (JSON) and
 //! `/circuits` (the circuit breakers' snapshot, JSON).
 //!
+//! It is the observability crate's metrics HTTP server
+//! ([`toolwarden_observability::MetricsServer`]): its `/metrics` route
+//! ([`toolwarden_observability::Endpoints`]), extended with the proxy's own
+//! `/health` and `/circuits` (see [`router`] and [`serve`]).
+//!
 //! What each route shows comes from providers in [`MetricsEndpoints`], which
 //! whoever builds the stack fills: the Prometheus renderer (the proxy
 //! installs `metrics-exporter-prometheus` as the process's `metrics`
@@ -32,6 +37,7 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use toolwarden_observability::{Endpoints, MetricsServer};
 
 use crate::access::AuthTokens;
 use crate::sessions::Upstreams;
@@ -186,17 +192,6 @@ struct RouteState {
     upstream: Upstreams,
 }
 
-async fn metrics_route(State(state): State<RouteState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.endpoints.render_metrics(),
-    )
-        .into_response()
-}
-
 fn json_response(code: StatusCode, body: &Value) -> Response {
     (
         code,
@@ -215,16 +210,22 @@ async fn circuits_route(State(state): State<RouteState>) -> Response {
     json_response(StatusCode::OK, &state.endpoints.circuits().await)
 }
 
-/// The router of the three routes.
+/// The router of the three routes: observability's `/metrics`
+/// ([`Endpoints::router`], rendering [`MetricsEndpoints::render_metrics`]
+/// per request), extended with the proxy's `/health` and `/circuits`.
 pub fn router(endpoints: MetricsEndpoints, upstream: impl Into<Upstreams>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics_route))
+    let metrics = endpoints.clone();
+    let proxy_routes = Router::new()
         .route("/health", get(health_route))
         .route("/circuits", get(circuits_route))
         .with_state(RouteState {
             endpoints,
             upstream: upstream.into(),
-        })
+        });
+    Endpoints::new()
+        .metrics(move || metrics.render_metrics())
+        .router()
+        .merge(proxy_routes)
 }
 
 /// Refuses a non-loopback address unless `allow_remote`; `what` names the
@@ -243,13 +244,15 @@ pub fn check_loopback(addr: SocketAddr, allow_remote: bool, what: &str) -> Resul
 /// an operator or two; the next waits in the kernel's backlog).
 pub const METRICS_MAX_CONNECTIONS: usize = 16;
 
-/// Serves the routes on `listener` until `shutdown` is cancelled, with the
-/// same connection bounds as the MCP listener (`TCP_NODELAY`, the header
-/// read timeout, the shutdown deadline; see
-/// [`serve_bounded`](crate::http::serve_bounded)) and at most
-/// `limits.max_connections` connections. With `tokens` (`--metrics-auth`,
-/// `http.metrics_auth`), every request must carry `Authorization: Bearer
-/// <one of them>`, else `401`.
+/// Serves the routes on `listener` until `shutdown` is cancelled, with
+/// observability's metrics HTTP server ([`MetricsServer`]: one request per
+/// connection, `TCP_NODELAY`, request heads of at most 8 KiB, 30 s per
+/// connection) and the MCP listener's bounds from `limits`: the header read
+/// timeout, at most `limits.max_connections` connections, and the shutdown
+/// deadline. With `tokens` (`--metrics-auth`, `http.metrics_auth`), every
+/// request must carry `Authorization: Bearer <one of them>`, else `401`.
+/// Limits the server refuses (a zero timeout or connection count) are an
+/// `InvalidInput` error.
 pub async fn serve(
     listener: TcpListener,
     endpoints: MetricsEndpoints,
@@ -262,7 +265,15 @@ pub async fn serve(
     if let Some(tokens) = tokens {
         routes = routes.layer(axum::middleware::from_fn_with_state(tokens, require_token));
     }
-    crate::http::serve_bounded(listener, routes, limits, shutdown).await
+    let server = MetricsServer::builder()
+        .header_read_timeout(limits.header_read_timeout)
+        .max_connections(limits.max_connections)
+        .shutdown_timeout(limits.shutdown_timeout)
+        .build()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    server
+        .serve(listener, routes, shutdown.cancelled_owned())
+        .await
 }
 
 /// `401` with `WWW-Authenticate: Bearer` unless the request carries one of `tokens`.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rmcp::model::{ClientRequest, ServerResult};
 use toolwarden::circuit_breaker::{CircuitBreakerBuilder, TimeWindow};
 use toolwarden::loop_guard::ToolLimits;
-use toolwarden::observability::health::{circuit_check, HealthRegistry};
+use toolwarden::observability::{circuit_check, HealthRegistry};
 use toolwarden::rate_limit::{Mode, Rate};
 use toolwarden::retry::{BudgetConfig, Jitter as RetryJitter};
 use toolwarden::stack::{StackLayer, StandardStack, StandardStackLayer};
@@ -243,7 +243,8 @@ pub fn standard_stack(
         }
         for (name, tool) in tool_limits {
             if let Some(rate) = tool.rate {
-                b = b.tool(name, quota_rate(rate), tool.burst.unwrap_or(rate.count));
+                let (rate, burst) = (quota_rate(rate), tool.burst.unwrap_or(rate.count));
+                b = b.tool(name, move |b| b.per_tool(rate, burst));
             }
         }
         b
@@ -349,21 +350,25 @@ pub fn standard_stack(
         if let Some(d) = guard.window_time {
             b = b.window_time(d);
         }
-        if let Some(n) = guard.max_sessions {
-            b = b.max_sessions(n as usize);
-        }
-        if let Some(d) = guard.session_idle_timeout {
-            b = b.session_idle_timeout(Some(d));
+        if guard.max_sessions.is_some() || guard.session_idle_timeout.is_some() {
+            let mut bounds = toolwarden_core::Bounds::default();
+            if let Some(n) = guard.max_sessions {
+                bounds.max_keys = n as usize;
+            }
+            if let Some(d) = guard.session_idle_timeout {
+                bounds.idle_timeout = Some(d);
+            }
+            b = b.bounds(bounds);
         }
         for tool in guard.exempt_tools.iter().flatten() {
-            b = b.exempt(tool.clone());
+            b = b.tool(tool.clone(), |b| b.exempt(true));
         }
         for tool in guard.polling_tools.iter().flatten() {
-            b = b.tool_limits(tool.clone(), polling);
+            b = b.tool(tool.clone(), move |b| b.limits(polling));
         }
         for (name, tool) in tool_guards {
             if tool.exempt == Some(true) {
-                b = b.exempt(name);
+                b = b.tool(name, |b| b.exempt(true));
                 continue;
             }
             let listed_polling = guard.polling_tools.iter().flatten().any(|t| *t == name);
@@ -381,7 +386,7 @@ pub fn standard_stack(
             if let Some(cycles) = tool.cycles {
                 own.cycles = cycles;
             }
-            b = b.tool_limits(name, own);
+            b = b.tool(name, move |b| b.limits(own));
         }
         b
     });
@@ -446,8 +451,11 @@ pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(1);
 
 /// Renames the fields of a stack error to the file's keys: the stack's
 /// `attempt_timeout` is `upstream.attempt_timeout`; a tool's own policy
-/// (`circuit_breaker.tools.search.failure_threshold`) is
-/// `tools."search".circuit_breaker.failure_threshold`; and the later fields
+/// (`circuit_breaker.tools."search".failure_threshold`) is
+/// `tools."search".circuit_breaker.failure_threshold` (likewise for
+/// `rate_limit` and `loop_guard`, whose `per_tool.` and `limits.` are the
+/// tool's section itself); the loop guard's `bounds` are
+/// `max_sessions` and `session_idle_timeout`; and the later fields
 /// of a multi-field error (`minimum_calls, count_window`) get the section of
 /// the first.
 fn proxy_key_names(error: ConfigError, config: &Config) -> ConfigError {
@@ -463,9 +471,22 @@ fn proxy_key_names(error: ConfigError, config: &Config) -> ConfigError {
             if i > 0 && !field.contains('.') {
                 return format!("{prefix}{field}");
             }
+            // The loop guard's session bounds, as the file names them.
+            let field = match field {
+                "loop_guard.bounds.max_keys" => "loop_guard.max_sessions",
+                "loop_guard.bounds.idle_timeout" => "loop_guard.session_idle_timeout",
+                field => field,
+            };
             for name in config.tools.keys() {
-                for layer in ["circuit_breaker", "retry"] {
-                    if let Some(rest) = field.strip_prefix(&format!("{layer}.tools.{name}.")) {
+                for layer in ["circuit_breaker", "retry", "rate_limit", "loop_guard"] {
+                    let section = toolwarden_core::overrides::tool_section(name);
+                    if let Some(rest) = field.strip_prefix(&format!("{layer}.{section}.")) {
+                        // A tool's quota (`per_tool`) and limits (`limits`)
+                        // are its section's own keys in the file.
+                        let rest = rest
+                            .strip_prefix("per_tool.")
+                            .or_else(|| rest.strip_prefix("limits."))
+                            .unwrap_or(rest);
                         prefix = format!("tools.{}.{layer}.", quote_key(name));
                         return format!("{prefix}{rest}");
                     }

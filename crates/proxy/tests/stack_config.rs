@@ -293,6 +293,14 @@ fn cross_field_rules_name_the_proxys_keys() {
             "[tools.\"x\".circuit_breaker]\nminimum_calls = 50\n",
             "tools.\"x\".circuit_breaker.minimum_calls, tools.\"x\".circuit_breaker.count_window",
         ),
+        (
+            "[loop_guard]\nsession_idle_timeout = \"1m\"\n",
+            "loop_guard.session_idle_timeout, loop_guard.window_time",
+        ),
+        (
+            "[loop_guard]\nwindow_calls = 10\n[tools.\"poll\".loop_guard]\nmax_repeats = 12\n",
+            "tools.\"poll\".loop_guard.max_repeats",
+        ),
     ];
     for (text, field) in cases {
         let err = standard_stack(&config(text), &shared).unwrap_err();

@@ -1,85 +1,5 @@
-//! [`RateLimitBackend`]: the seam through which a [`RateLimitLayer`](crate::RateLimitLayer)
-//! takes its tokens somewhere else than in this process (for example in
-//! Redis, shared by every replica: `toolwarden_redis::RedisRateLimiter`).
-//!
-//! # What changes with a backend
-//!
-//! Without a backend (the default) the layer decides in process, in `call`,
-//! synchronously, allocating nothing. With one, for each limited call,
-//! `call` builds an [`Acquire`] (the request's key as it appears in
-//! [`RateLimited::key`](toolwarden_core::RateLimited::key), its per-key quota
-//! — the tool's override or the `per_tool` quota — and the global quota) and
-//! the response future asks the backend before it calls the inner service.
-//! The backend answers with a [`BackendDecision`]:
-//!
-//! - [`Admit`](BackendDecision::Admit): the call goes to the inner service.
-//! - [`Refuse`](BackendDecision::Refuse): the call is refused with the same
-//!   [`RateLimited`](toolwarden_core::RateLimited) the local limiter gives
-//!   (key `global` or the request's key, the backend's `retry_after`), and a
-//!   `RateLimited` event is emitted.
-//! - [`DecideLocally`](BackendDecision::DecideLocally): the backend could not
-//!   decide (its store is away) and wants the layer's own in-process quotas
-//!   to decide, exactly as without a backend.
-//!
-//! Everything else is unchanged: requests that are not limited (not a
-//! `tools/call`, unless all methods are limited) never reach the backend;
-//! `poll_ready` is still the inner service's readiness; a limited call
-//! gives that readiness up (the handle keeps a fresh clone, as tower does),
-//! and its response future drives its own clone of the inner service to
-//! readiness only once the backend has admitted the call, so a call waiting
-//! for the backend holds no place in the service below. In [`Mode::Wait`](crate::Mode::Wait)
-//! a refused call sleeps `retry_after` and asks the backend again, until
-//! admitted or until the next try would come later than `max_wait` after the
-//! call; the call then takes at most `max_wait` plus one backend answer.
-//!
-//! # Contract for implementors
-//!
-//! - Take one token from every quota of the [`Acquire`], or from none: a
-//!   quota that admits must not be spent when another refuses. Check the
-//!   per-key quota first, so that its refusal is the one reported.
-//! - The returned future must resolve in bounded time, whatever the state of
-//!   the remote store: the layer puts no timeout around it. Map failures to
-//!   `Admit`, `Refuse` or `DecideLocally` by the backend's own policy; a
-//!   backend never fails a call with an error of its own.
-//! - Do not emit `RateLimited` events: the layer does, once per refusal.
-//!
-//! The backend future is boxed (a trait object must return one type); the
-//! remote round trip it stands for costs far more than the allocation.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), toolwarden_core::BoxError> {
-//! use std::time::Duration;
-//! use serde_json::json;
-//! use tower::{Layer, ServiceExt};
-//! use toolwarden_core::{jsonrpc::Request, testing::MockMcp, RateLimited};
-//! use toolwarden_rate_limit::backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend, Scope};
-//! use toolwarden_rate_limit::{Rate, RateLimitLayer};
-//!
-//! /// Refuses every call to a tool named `forbidden`, admits the rest.
-//! #[derive(Debug)]
-//! struct DenyList;
-//!
-//! impl RateLimitBackend for DenyList {
-//!     fn acquire(&self, acquire: &Acquire) -> BackendFuture {
-//!         let refused = acquire.key().is_some_and(|(key, _)| key == "forbidden");
-//!         Box::pin(async move {
-//!             if refused {
-//!                 BackendDecision::Refuse { scope: Scope::Key, retry_after: Duration::from_secs(5) }
-//!             } else {
-//!                 BackendDecision::Admit
-//!             }
-//!         })
-//!     }
-//! }
-//!
-//! let layer = RateLimitLayer::builder().per_tool(Rate::per_second(10), 10).backend(DenyList).build()?;
-//! let svc = layer.layer(MockMcp::new());
-//! svc.clone().oneshot(Request::tool_call(1, "search", json!({}))).await?;
-//! let err = svc.oneshot(Request::tool_call(2, "forbidden", json!({}))).await.unwrap_err();
-//! assert_eq!(err.downcast_ref::<RateLimited>().unwrap().key(), "forbidden");
-//! # Ok(()) }
-//! ```
+//! [`RateLimitBackend`]: where a [`RateLimitLayer`](crate::RateLimitLayer)
+//! takes its tokens when they live outside this process.
 
 use std::fmt;
 use std::future::Future;
@@ -87,15 +7,96 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::Quota;
+use crate::quota::Quota;
 
 /// The future a [`RateLimitBackend`] returns.
 pub type BackendFuture = Pin<Box<dyn Future<Output = BackendDecision> + Send + 'static>>;
 
 /// Takes rate-limit tokens for a [`RateLimitLayer`](crate::RateLimitLayer)
-/// outside this process; see the [module docs](self) for the contract.
+/// somewhere else than in this process (for example in Redis, shared by
+/// every replica: `toolwarden_redis::RedisRateLimiter`).
 ///
 /// Set one with [`RateLimitBuilder::backend`](crate::RateLimitBuilder::backend).
+///
+/// # What changes with a backend
+///
+/// Without a backend (the default) the layer decides in process, in `call`,
+/// synchronously, allocating nothing. With one, for each limited call,
+/// `call` builds an [`Acquire`] (the request's key as it appears in
+/// [`RateLimited::key`](toolwarden_core::RateLimited::key), its per-key quota
+/// — the tool's override or the `per_tool` quota — and the global quota) and
+/// the response future asks the backend before it calls the inner service.
+/// The backend answers with a [`BackendDecision`]:
+///
+/// - [`Admit`](BackendDecision::Admit): the call goes to the inner service.
+/// - [`Refuse`](BackendDecision::Refuse): the call is refused with the same
+///   [`RateLimited`](toolwarden_core::RateLimited) the local limiter gives
+///   (key `global` or the request's key, the backend's `retry_after`), and a
+///   `RateLimited` event is emitted.
+/// - [`DecideLocally`](BackendDecision::DecideLocally): the backend could not
+///   decide (its store is away) and wants the layer's own in-process quotas
+///   to decide, exactly as without a backend.
+///
+/// Everything else is unchanged: requests that are not limited (not a
+/// `tools/call`, unless all methods are limited) never reach the backend;
+/// `poll_ready` is still the inner service's readiness; a limited call
+/// gives that readiness up (the handle keeps a fresh clone, as tower does),
+/// and its response future drives its own clone of the inner service to
+/// readiness only once the backend has admitted the call, so a call waiting
+/// for the backend holds no place in the service below. In [`Mode::Wait`](crate::Mode::Wait)
+/// a refused call sleeps `retry_after` and asks the backend again, until
+/// admitted or until the next try would come later than `max_wait` after the
+/// call; the call then takes at most `max_wait` plus one backend answer.
+///
+/// # Contract for implementors
+///
+/// - Take one token from every quota of the [`Acquire`], or from none: a
+///   quota that admits must not be spent when another refuses. Check the
+///   per-key quota first, so that its refusal is the one reported.
+/// - The returned future must resolve in bounded time, whatever the state of
+///   the remote store: the layer puts no timeout around it. Map failures to
+///   `Admit`, `Refuse` or `DecideLocally` by the backend's own policy; a
+///   backend never fails a call with an error of its own.
+/// - Do not emit `RateLimited` events: the layer does, once per refusal.
+///
+/// The backend future is boxed (a trait object must return one type); the
+/// remote round trip it stands for costs far more than the allocation.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), toolwarden_core::BoxError> {
+/// use std::time::Duration;
+/// use serde_json::json;
+/// use tower::{Layer, ServiceExt};
+/// use toolwarden_core::{jsonrpc::Request, testing::MockMcp, RateLimited};
+/// use toolwarden_rate_limit::{
+///     Acquire, BackendDecision, BackendFuture, Rate, RateLimitBackend, RateLimitLayer, Scope,
+/// };
+///
+/// /// Refuses every call to a tool named `forbidden`, admits the rest.
+/// #[derive(Debug)]
+/// struct DenyList;
+///
+/// impl RateLimitBackend for DenyList {
+///     fn acquire(&self, acquire: &Acquire) -> BackendFuture {
+///         let refused = acquire.key().is_some_and(|(key, _)| key == "forbidden");
+///         Box::pin(async move {
+///             if refused {
+///                 BackendDecision::Refuse { scope: Scope::Key, retry_after: Duration::from_secs(5) }
+///             } else {
+///                 BackendDecision::Admit
+///             }
+///         })
+///     }
+/// }
+///
+/// let layer = RateLimitLayer::builder().per_tool(Rate::per_second(10), 10).backend(DenyList).build()?;
+/// let svc = layer.layer(MockMcp::new());
+/// svc.clone().oneshot(Request::tool_call(1, "search", json!({}))).await?;
+/// let err = svc.oneshot(Request::tool_call(2, "forbidden", json!({}))).await.unwrap_err();
+/// assert_eq!(err.downcast_ref::<RateLimited>().unwrap().key(), "forbidden");
+/// # Ok(()) }
+/// ```
 pub trait RateLimitBackend: fmt::Debug + Send + Sync + 'static {
     /// Takes one token from every quota of `acquire` (per-key first, then
     /// global), or from none, and says so. Called once per limited call, and
@@ -117,14 +118,12 @@ pub enum Scope {
 ///
 /// ```
 /// use std::time::Duration;
-/// use toolwarden_rate_limit::backend::Acquire;
-/// use toolwarden_rate_limit::{Rate, RateLimitLayer};
+/// use toolwarden_rate_limit::{Acquire, Quota, Rate};
 ///
-/// let layer = RateLimitLayer::builder().per_tool(Rate::per_second(2), 4).build().unwrap();
-/// let acquire = Acquire::new(Some(("search".into(), layer.tool_quota("search").unwrap())), None);
+/// let acquire = Acquire::new(Some(("search".into(), Quota::new(Rate::per_second(2), 4).unwrap())), None);
 /// let (key, quota) = acquire.key().unwrap();
 /// assert_eq!(key, "search");
-/// assert_eq!(quota.replenish_interval(), Duration::from_millis(500));
+/// assert_eq!(quota.interval(), Duration::from_millis(500));
 /// assert_eq!(acquire.global(), None);
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -9,6 +9,10 @@ use governor::nanos::Nanos;
 
 /// A governor clock over [`tokio::time::Instant`].
 ///
+/// This implements governor's `Clock` trait on purpose: it lets governor's
+/// own limiters (and benchmarks comparing them with this crate's) follow a
+/// paused tokio clock too.
+///
 /// In production it reads the same monotonic clock as governor's default
 /// clock (tokio's `Instant` is `std::time::Instant` underneath); when the
 /// tokio clock is paused, quotas refill only as tests advance time.

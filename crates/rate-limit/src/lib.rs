@@ -17,17 +17,23 @@
 //! quota state lives in [`RateLimits`], behind an `Arc`, created once when
 //! the layer is built: every service the layer builds (one per connection,
 //! say), every clone of them and every service built from a clone of the
-//! layer share it, so eight clones driven concurrently admit what one would. Per-key state is the core's bounded
-//! [`KeyedState`](toolwarden_core::KeyedState): see [`limits`] for the bound,
-//! the overflow quota and how the two quotas are taken together without
-//! spending one when the other refuses. Time is read through [`TokioClock`],
-//! so a paused tokio clock drives the quotas in tests.
+//! layer share it, so eight clones driven concurrently admit what one would.
+//! Per-key state is the core's bounded
+//! [`KeyedState`](toolwarden_core::KeyedState): see [`RateLimits`] for the
+//! bound, the overflow quota and how the two quotas are taken together
+//! without spending one when the other refuses. Time is read through
+//! [`TokioClock`], so a paused tokio clock drives the quotas in tests.
 //!
 //! The quotas can also live outside the process, shared by every replica of
 //! a service: give the builder a [`backend`](RateLimitBuilder::backend) (for
 //! example `toolwarden_redis::RedisRateLimiter`). Keys, quotas and refusals
 //! stay the same; the decision moves into the response future. See
-//! [`backend`] for how it works and what happens when the backend is away.
+//! [`RateLimitBackend`] for how it works and what happens when the backend
+//! is away.
+//!
+//! The crate is built on governor's GCRA. Its public types are this crate's
+//! own ([`Rate`], [`Quota`]); the one deliberate exception is [`TokioClock`],
+//! a governor `Clock` for use with governor's own limiters.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -41,7 +47,7 @@
 //! let layer = RateLimitLayer::builder()
 //!     .global(Rate::per_second(100), 100)
 //!     .per_tool(Rate::per_second(2), 2)               // 2 calls at once, then one every 500 ms
-//!     .tool("send_email", Rate::per_minute(1), 1)     // a tighter quota for one tool
+//!     .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1)) // a tighter quota for one tool
 //!     .build()?;
 //! let svc = ServiceBuilder::new().layer(layer).service(MockMcp::new());
 //!
@@ -61,17 +67,21 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
-pub mod backend;
-pub mod clock;
-pub mod future;
-pub mod layer;
-pub mod limits;
-pub mod service;
+mod backend;
+mod builder;
+mod clock;
+mod future;
+mod layer;
+mod limits;
+mod quota;
+mod service;
 
-pub use backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend};
+pub use backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend, Scope};
+pub use builder::{Mode, RateLimitBuilder, DEFAULT_PER_TOOL_BURST, DEFAULT_PER_TOOL_RATE};
 pub use clock::{TokioClock, TokioInstant};
 pub use future::ResponseFuture;
-pub use layer::{Mode, Rate, RateLimitBuilder, RateLimitLayer};
+pub use layer::RateLimitLayer;
 pub use limits::RateLimits;
+pub use quota::{Quota, Rate};
 pub use service::RateLimit;
 pub use toolwarden_core::RateLimited;

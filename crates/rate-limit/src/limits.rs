@@ -1,43 +1,5 @@
 //! [`RateLimits`]: the quota state every clone of a [`RateLimit`](crate::RateLimit)
-//! service shares.
-//!
-//! # How a call is admitted
-//!
-//! A call takes one token from its key's quota (the tool's override or the
-//! `per_tool` quota) and one from the global quota; both must admit. The
-//! per-key quota is checked first, so a call refused per key never touches
-//! the global quota. When the per-key quota admits and the global one
-//! refuses, the per-key token is given back (one emission interval is
-//! subtracted from that quota's GCRA state): no quota is spent by a call
-//! that was not made. The only imprecision is transient: between taking
-//! and giving back that token (a few nanoseconds), a concurrent call on the
-//! same key may see one token fewer and be refused; limits are never exceeded.
-//!
-//! # Waiting calls
-//!
-//! In [`Mode::Wait`], a call refused now reserves a place instead: the GCRA
-//! update of a call made at the quota's earliest admission time is applied
-//! at once (the theoretical arrival time moves one emission interval on),
-//! so the next waiter's earliest time is one interval later. Waiters are
-//! thus admitted one per interval in the order they reserved, each sleeping
-//! until its own time; none is woken to race for a token. The per-key place
-//! is reserved first, then the global one no earlier; if the global place
-//! is later, the per-key schedule is moved on to it (a little stricter than
-//! needed, never looser). A call whose place would be later than `max_wait`
-//! is refused and reserves nothing; a waiting call dropped before it is
-//! made gives its places back (one emission interval each).
-//!
-//! # State
-//!
-//! Each quota is governor's GCRA state: one `AtomicU64` updated by
-//! compare-and-swap, with time read through [`TokioClock`](crate::TokioClock)
-//! (once per call, even when two quotas judge it). Per-key quotas live in the
-//! core's bounded [`KeyedState`] (at most `max_keys` keys, idle keys evicted);
-//! keys past the bound share one overflow quota (the `per_tool` quota, or,
-//! for a tool with an override, one quota per override), so the bound can
-//! make limits stricter, never looser. A key is only evicted after being
-//! idle at least as long as its quota takes to refill, so eviction never
-//! forgets a spent quota.
+//! service shares, and how a call takes its tokens.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -49,13 +11,15 @@ use governor::clock::Clock;
 use governor::middleware::NoOpMiddleware;
 use governor::nanos::Nanos;
 use governor::state::{NotKeyed, StateStore};
-use governor::{NotUntil, Quota, RateLimiter};
+use governor::{NotUntil, RateLimiter};
 use tokio::time::Instant;
 use toolwarden_core::{Event, Key, KeyRef, KeyedState, McpRequest, RateLimited};
 
 use crate::backend::{Acquire, RateLimitBackend, Scope};
+use crate::builder::Mode;
 use crate::clock::{CallClock, CallInstant, TokioInstant};
-use crate::layer::{Config, Mode};
+use crate::layer::Config;
+use crate::quota::Quota;
 
 /// Governor's GCRA state, the theoretical arrival time (TAT, in nanoseconds
 /// since the limiter's start; 0 for "never used"), in a shared atomic so that
@@ -116,6 +80,7 @@ struct Bucket {
 
 impl Bucket {
     fn new(quota: Quota) -> Self {
+        let quota = quota.gcra();
         let tat = Tat::default();
         // Governor reads its start from the clock once, in `new`: hold one
         // reading so that this bucket knows the same origin.
@@ -268,8 +233,45 @@ pub(crate) struct Refusal {
 /// A [`RateLimitLayer`](crate::RateLimitLayer) creates one when it is built
 /// and gives it to every service it builds (and its clones do the same), so
 /// all of them share the quotas; [`RateLimitLayer::limits`](crate::RateLimitLayer::limits)
-/// returns it, to check requests without a service or to pass to
-/// [`RateLimit::new`](crate::RateLimit::new).
+/// returns it, to check requests without a service.
+///
+/// # How a call is admitted
+///
+/// A call takes one token from its key's quota (the tool's override or the
+/// `per_tool` quota) and one from the global quota; both must admit. The
+/// per-key quota is checked first, so a call refused per key never touches
+/// the global quota. When the per-key quota admits and the global one
+/// refuses, the per-key token is given back (one emission interval is
+/// subtracted from that quota's GCRA state): no quota is spent by a call
+/// that was not made. The only imprecision is transient: between taking
+/// and giving back that token (a few nanoseconds), a concurrent call on the
+/// same key may see one token fewer and be refused; limits are never exceeded.
+///
+/// # Waiting calls
+///
+/// In [`Mode::Wait`], a call refused now reserves a place instead: the GCRA
+/// update of a call made at the quota's earliest admission time is applied
+/// at once (the theoretical arrival time moves one emission interval on),
+/// so the next waiter's earliest time is one interval later. Waiters are
+/// thus admitted one per interval in the order they reserved, each sleeping
+/// until its own time; none is woken to race for a token. The per-key place
+/// is reserved first, then the global one no earlier; if the global place
+/// is later, the per-key schedule is moved on to it (a little stricter than
+/// needed, never looser). A call whose place would be later than `max_wait`
+/// is refused and reserves nothing; a waiting call dropped before it is
+/// made gives its places back (one emission interval each).
+///
+/// # State
+///
+/// Each quota is governor's GCRA state: one `AtomicU64` updated by
+/// compare-and-swap, with time read through [`TokioClock`](crate::TokioClock)
+/// (once per call, even when two quotas judge it). Per-key quotas live in the
+/// core's bounded [`KeyedState`] (at most `max_keys` keys, idle keys evicted);
+/// keys past the bound share one overflow quota (the `per_tool` quota, or,
+/// for a tool with an override, one quota per override), so the bound can
+/// make limits stricter, never looser. A key is only evicted after being
+/// idle at least as long as its quota takes to refill, so eviction never
+/// forgets a spent quota.
 ///
 /// ```
 /// use toolwarden_core::jsonrpc::Request;
@@ -336,7 +338,7 @@ impl RateLimits {
     /// It reads the in-process quotas only: with a
     /// [backend](crate::RateLimitBuilder::backend), the service asks the
     /// backend, and these quotas decide only when the backend answers
-    /// [`DecideLocally`](crate::backend::BackendDecision::DecideLocally).
+    /// [`DecideLocally`](crate::BackendDecision::DecideLocally).
     pub fn check<R: McpRequest>(&self, request: &R) -> Result<(), RateLimited> {
         self.acquire(request)
             .map_err(|refusal| self.rejection(request, refusal))
@@ -344,6 +346,7 @@ impl RateLimits {
 
     /// The number of keys with their own per-key quota (the overflow quotas
     /// not counted); never above `max_keys`.
+    #[must_use]
     pub fn keys(&self) -> usize {
         self.shared.keyed.as_ref().map_or(0, KeyedState::len)
     }
@@ -549,9 +552,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_refund_gives_exactly_one_token_back() {
-        let quota = Quota::with_period(Duration::from_secs(1))
-            .unwrap()
-            .allow_burst(std::num::NonZeroU32::new(3).unwrap());
+        let quota = Quota::new(crate::Rate::per_second(1), 3).unwrap();
         let bucket = Bucket::new(quota);
         for _ in 0..3 {
             bucket.check().unwrap();

@@ -10,8 +10,9 @@ use toolwarden_core::{BoxError, McpRequest};
 use tower_service::Service;
 
 use crate::backend::RateLimitBackend;
+use crate::builder::Mode;
 use crate::future::ResponseFuture;
-use crate::layer::Mode;
+use crate::layer::RateLimitLayer;
 use crate::limits::RateLimits;
 
 /// Applies [`RateLimits`] to the calls of an inner service. Clones share the
@@ -48,27 +49,35 @@ pub struct RateLimit<S> {
 }
 
 impl<S> RateLimit<S> {
-    /// Limits the calls of `inner` with `limits`.
-    pub fn new(inner: S, limits: RateLimits) -> Self {
-        RateLimit { inner, limits }
+    /// Limits the calls of `inner` with the quotas of `layer`, shared with
+    /// every other service built from it (the same as `layer.layer(inner)`).
+    pub fn new(inner: S, layer: &RateLimitLayer) -> Self {
+        RateLimit {
+            inner,
+            limits: layer.limits(),
+        }
     }
 
     /// The limits this service applies (shared with its clones).
+    #[must_use]
     pub fn limits(&self) -> &RateLimits {
         &self.limits
     }
 
     /// The inner service.
+    #[must_use]
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
 
     /// The inner service, mutably.
+    #[must_use]
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
     /// Consumes the service, returning the inner one.
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }

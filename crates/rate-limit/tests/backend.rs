@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use toolwarden_core::jsonrpc::Request;
 use toolwarden_core::KeyBy;
-use toolwarden_rate_limit::backend::Scope;
+use toolwarden_rate_limit::Scope;
 use toolwarden_rate_limit::{
     Acquire, BackendDecision, BackendFuture, Mode, Rate, RateLimitBackend, RateLimitLayer,
 };
@@ -141,7 +141,7 @@ async fn the_backend_is_asked_for_the_same_keys_and_quotas_as_the_local_limiter(
     let layer = RateLimitLayer::builder()
         .global(Rate::per_second(50), 100)
         .per_tool(Rate::per_second(5), 10)
-        .tool("send_email", Rate::per_minute(6), 1)
+        .tool("send_email", |b| b.per_tool(Rate::per_minute(6), 1))
         .key_by(KeyBy::SessionTool)
         .backend(backend.clone())
         .build()
@@ -186,7 +186,7 @@ async fn only_the_configured_quotas_are_asked_for() {
     let (mut svc, _mock) = harness(
         RateLimitLayer::builder()
             .global(Rate::per_second(10), 10)
-            .tool("send_email", Rate::per_minute(1), 1)
+            .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1))
             .backend(backend.clone()),
         false,
     );
@@ -200,7 +200,7 @@ async fn only_the_configured_quotas_are_asked_for() {
     let backend = Fake::always(refuse(Scope::Key, secs(1)));
     let (mut svc, mock) = harness(
         RateLimitLayer::builder()
-            .tool("send_email", Rate::per_minute(1), 1)
+            .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1))
             .limit_all_methods(true)
             .backend(backend.clone()),
         false,
@@ -225,7 +225,7 @@ async fn a_backend_that_cannot_decide_hands_the_call_to_the_local_quotas() {
     let (mut svc, mock) = harness(
         RateLimitLayer::builder()
             .per_tool(Rate::per_minute(1), 2)
-            .tool("send_email", Rate::per_hour(1), 1)
+            .tool("send_email", |b| b.per_tool(Rate::per_hour(1), 1))
             .backend(backend.clone())
             .events(events),
         true,

@@ -102,7 +102,7 @@ fn drive(knobs: Knobs) -> bool {
         builder = builder.per_tool(rate, burst);
     }
     if let Some((rate, burst)) = knobs.tool {
-        builder = builder.tool("special", rate, burst);
+        builder = builder.tool("special", move |b| b.per_tool(rate, burst));
     }
     if let Some(max_wait) = knobs.max_wait {
         builder = builder.mode(Mode::Wait { max_wait });

@@ -47,7 +47,7 @@ async fn tools_have_their_own_quotas_and_overrides_apply() {
     let (mut svc, mock) = harness(
         RateLimitLayer::builder()
             .per_tool(Rate::per_second(1), 1)
-            .tool("send_email", Rate::per_minute(1), 1),
+            .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1)),
         true,
     );
     call(&mut svc, tool_call("search")).await.unwrap();
@@ -311,7 +311,7 @@ async fn keys_past_the_bound_share_an_overflow_quota_and_overrides_keep_theirs()
     let (mut svc, mock) = harness(
         RateLimitLayer::builder()
             .per_tool(Rate::per_minute(2), 2)
-            .tool("wire_money", Rate::per_hour(1), 1)
+            .tool("wire_money", |b| b.per_tool(Rate::per_hour(1), 1))
             .key_by(KeyBy::SessionTool)
             .bounds(Bounds::max_keys(2).idle_timeout(None)),
         true,
@@ -423,12 +423,12 @@ async fn the_service_and_its_future_are_send_and_clones_share_limits() {
     assert!(svc.limits().check(&tool_call("a")).is_ok());
     assert!(clone.limits().check(&tool_call("a")).is_err());
     // Everything from one layer shares its limits; another build does not.
-    let builder = RateLimitLayer::builder().per_tool(Rate::per_minute(1), 1);
-    let layer = builder.clone().build().unwrap();
+    let builder = || RateLimitLayer::builder().per_tool(Rate::per_minute(1), 1);
+    let layer = builder().build().unwrap();
     let (one, two) = (layer.limits(), layer.limits());
     assert!(one.check(&tool_call("a")).is_ok());
     assert!(two.check(&tool_call("a")).is_err());
-    let other = builder.build().unwrap().limits();
+    let other = builder().build().unwrap().limits();
     assert!(other.check(&tool_call("a")).is_ok());
 }
 

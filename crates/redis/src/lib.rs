@@ -70,7 +70,7 @@
 //! let rate_limit = RateLimitLayer::builder()
 //!     .global(Rate::per_second(100), 100)
 //!     .per_tool(Rate::per_second(10), 10)
-//!     .tool("send_email", Rate::per_minute(1), 1)
+//!     .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1))
 //!     .backend(limiter)
 //!     .build()?;
 //! # let _ = rate_limit;

@@ -28,9 +28,7 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use toolwarden_core::{Bounds, ConfigError, Event, KeyRef, KeyedState, RateLimited};
-use toolwarden_rate_limit::backend::{
-    Acquire, BackendDecision, BackendFuture, RateLimitBackend, Scope,
-};
+use toolwarden_rate_limit::{Acquire, BackendDecision, BackendFuture, RateLimitBackend, Scope};
 
 use crate::config::RedisConfig;
 use crate::conn::{Conn, Unavailable};
@@ -113,7 +111,7 @@ pub enum Decision {
 /// let layer = RateLimitLayer::builder()
 ///     .global(Rate::per_second(100), 100)                 // shared by every replica
 ///     .per_tool(Rate::per_second(10), 10)
-///     .tool("send_email", Rate::per_minute(1), 1)
+///     .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1))
 ///     .backend(limiter)
 ///     .build()?;
 /// let svc = layer.layer(MockMcp::new());
@@ -145,11 +143,11 @@ impl fmt::Debug for RedisRateLimiter {
 /// One quota as the script takes it: key, interval in µs (at least 1), burst.
 type ScriptQuota = (String, u64, u32);
 
-fn script_quota(key: String, quota: Quota) -> ScriptQuota {
-    let interval = u64::try_from(quota.replenish_interval().as_micros())
+fn script_quota(key: String, interval: Duration, burst: u32) -> ScriptQuota {
+    let interval = u64::try_from(interval.as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
-    (key, interval, quota.burst_size().get())
+    (key, interval, burst)
 }
 
 impl RedisRateLimiter {
@@ -190,7 +188,11 @@ impl RedisRateLimiter {
 
     /// Takes one cell of `quota` for `key` in Redis.
     pub async fn decide(&self, key: &str, quota: Quota) -> Decision {
-        let quotas = vec![script_quota(self.inner.conn.config.key("rl", key), quota)];
+        let quotas = vec![script_quota(
+            self.inner.conn.config.key("rl", key),
+            quota.replenish_interval(),
+            quota.burst_size().get(),
+        )];
         match self.inner.run_script(quotas).await {
             Ok(None) => Decision::Allowed,
             Ok(Some((_, retry_after))) => Decision::Limited { retry_after },
@@ -276,11 +278,19 @@ impl RateLimitBackend for RedisRateLimiter {
         let mut quotas = Vec::with_capacity(2);
         let mut scopes = [Scope::Key; 2];
         if let Some((key, quota)) = acquire.key() {
-            quotas.push(script_quota(config.key("rl", key), quota));
+            quotas.push(script_quota(
+                config.key("rl", key),
+                quota.interval(),
+                quota.burst(),
+            ));
         }
         if let Some(quota) = acquire.global() {
             scopes[quotas.len()] = Scope::Global;
-            quotas.push(script_quota(self.inner.global_key.clone(), quota));
+            quotas.push(script_quota(
+                self.inner.global_key.clone(),
+                quota.interval(),
+                quota.burst(),
+            ));
         }
         // The refusal when Redis is away and the fallback denies.
         let denied = acquire
@@ -290,7 +300,7 @@ impl RateLimitBackend for RedisRateLimiter {
             .map_or(BackendDecision::DecideLocally, |(scope, quota)| {
                 BackendDecision::Refuse {
                     scope,
-                    retry_after: quota.replenish_interval(),
+                    retry_after: quota.interval(),
                 }
             });
         let inner = Arc::clone(&self.inner);

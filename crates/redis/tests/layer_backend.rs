@@ -199,11 +199,12 @@ async fn a_refusal_through_the_layer_names_the_tool_and_when_to_retry() {
     // Another tool has its own quota.
     call(&mut b.svc, "fetch").await.unwrap();
     // The layer's key is the standalone limiter's key: the same quota.
+    let layer_quota = builder().build().unwrap().tool_quota("search").unwrap();
     let standalone = a
         .limiter
         .check(
             "search",
-            builder().build().unwrap().tool_quota("search").unwrap(),
+            quota(layer_quota.interval(), layer_quota.burst()).unwrap(),
         )
         .await
         .unwrap_err();
@@ -217,7 +218,7 @@ async fn a_per_tool_override_is_honoured_through_redis() {
     let builder = || {
         RateLimitLayer::builder()
             .per_tool(Rate::per_second(1000), 1000)
-            .tool("send_email", Rate::per_minute(1), 1)
+            .tool("send_email", |b| b.per_tool(Rate::per_minute(1), 1))
     };
     let mut a = replica(&server, "a", Fallback::Allow, builder()).await;
     let mut b = replica(&server, "b", Fallback::Allow, builder()).await;
@@ -245,7 +246,7 @@ async fn redis_killed_mid_run_every_call_gets_one_answer_by_the_fallback() {
     let builder = || {
         RateLimitLayer::builder()
             .per_tool(Rate::per_minute(1), 3)
-            .tool("stream", Rate::per_second(1000), 1000)
+            .tool("stream", |b| b.per_tool(Rate::per_second(1000), 1000))
     };
     let mut allow = replica(&server, "allow", Fallback::Allow, builder()).await;
     let mut deny = replica(&server, "deny", Fallback::Deny, builder()).await;

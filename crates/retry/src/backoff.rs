@@ -1,25 +1,25 @@
-//! Exponential backoff with jitter.
-//!
-//! The delay before retry `n` (1 for the first retry) grows from
-//! `base_delay` as `base_delay · 2^(n-1)`, capped at `max_delay`; call that
-//! the *ceiling* `c(n)`. The [`Jitter`] variant spreads the actual delay so
-//! that clients failing together do not retry together:
-//!
-//! | variant | delay before retry `n` |
-//! |---|---|
-//! | [`Jitter::None`] | exactly `c(n)` |
-//! | [`Jitter::Full`] | uniform in `[0, c(n)]` |
-//! | [`Jitter::Equal`] | `c(n)/2` plus uniform in `[0, c(n)/2]` |
-//! | [`Jitter::Decorrelated`] | `min(max_delay, uniform in [base_delay, 3 · previous delay])`, the previous delay of the first retry being `base_delay` |
-//!
-//! Full and decorrelated jitter are the variants of the AWS architecture
-//! blog's "Exponential Backoff And Jitter"; equal jitter keeps a guaranteed
-//! minimum wait. A retry-after hint from the failure replaces the computed
-//! delay when it is longer (see the [crate docs](crate)).
+//! Exponential backoff with jitter: [`Jitter`] and the schedule it spreads.
 
 use std::time::Duration;
 
 /// How the computed backoff is randomised. Default: [`Jitter::Full`].
+///
+/// The delay before retry `n` (1 for the first retry) grows from
+/// `base_delay` as `base_delay · 2^(n-1)`, capped at `max_delay`; call that
+/// the *ceiling* `c(n)`. The [`Jitter`] variant spreads the actual delay so
+/// that clients failing together do not retry together:
+///
+/// | variant | delay before retry `n` |
+/// |---|---|
+/// | [`Jitter::None`] | exactly `c(n)` |
+/// | [`Jitter::Full`] | uniform in `[0, c(n)]` |
+/// | [`Jitter::Equal`] | `c(n)/2` plus uniform in `[0, c(n)/2]` |
+/// | [`Jitter::Decorrelated`] | `min(max_delay, uniform in [base_delay, 3 · previous delay])`, the previous delay of the first retry being `base_delay` |
+///
+/// Full and decorrelated jitter are the variants of the AWS architecture
+/// blog's "Exponential Backoff And Jitter"; equal jitter keeps a guaranteed
+/// minimum wait. A retry-after hint from the failure replaces the computed
+/// delay when it is longer (see the [crate docs](crate)).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum Jitter {
     /// No randomness: the delay before retry `n` is `min(max_delay,

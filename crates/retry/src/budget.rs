@@ -1,26 +1,4 @@
-//! The retry budget: retries allowed are at most a ratio of recent requests,
-//! plus a small floor per second.
-//!
-//! As in Finagle (and tower's `TpsBudget`), every request *deposits* `ratio`
-//! of a retry and every retry *withdraws* one whole retry; a retry is allowed
-//! only while the balance covers it. Deposits and withdrawals count for one
-//! `ttl` window and then expire, and a fixed reserve of `min_per_sec · ttl`
-//! retries lets clients with little traffic retry at all. So over any `ttl`
-//! window, retries ≤ `ratio` × requests + `min_per_sec` × `ttl`: during a
-//! failure storm the budget, not the attempt count, bounds the load sent
-//! upstream.
-//!
-//! # How it is kept
-//!
-//! The window is ten time slots of `ttl / 10`; each slot is one `AtomicU64`
-//! holding its slot number and its net balance, updated with one
-//! compare-and-swap, so a deposit takes no lock and the hot path touches one
-//! cache line. An entry counts for between `0.9 · ttl` and `ttl`.
-//! Amounts are fixed-point thousandths of a retry, so `ratio` is exact to
-//! 0.001: `0.6` allows 6 retries per 10 requests, not 10 (tower#857 truncates
-//! `1 / ratio` and over-issues). Concurrent withdrawals check and withdraw
-//! in two steps, so under contention the budget can be overdrawn by at most
-//! one retry per thread withdrawing at that instant.
+//! [`RetryBudget`] and its [`BudgetConfig`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -104,7 +82,29 @@ fn deposit_units(ratio: f64) -> i32 {
 }
 
 /// A retry budget shared by everything that holds it (the layer shares one
-/// between all its services and their clones).
+/// between all its services and their clones): retries allowed are at most
+/// a ratio of recent requests, plus a small floor per second.
+///
+/// As in Finagle (and tower's `TpsBudget`), every request *deposits* `ratio`
+/// of a retry and every retry *withdraws* one whole retry; a retry is allowed
+/// only while the balance covers it. Deposits and withdrawals count for one
+/// `ttl` window and then expire, and a fixed reserve of `min_per_sec · ttl`
+/// retries lets clients with little traffic retry at all. So over any `ttl`
+/// window, retries ≤ `ratio` × requests + `min_per_sec` × `ttl`: during a
+/// failure storm the budget, not the attempt count, bounds the load sent
+/// upstream.
+///
+/// # How it is kept
+///
+/// The window is ten time slots of `ttl / 10`; each slot is one `AtomicU64`
+/// holding its slot number and its net balance, updated with one
+/// compare-and-swap, so a deposit takes no lock and the hot path touches one
+/// cache line. An entry counts for between `0.9 · ttl` and `ttl`.
+/// Amounts are fixed-point thousandths of a retry, so `ratio` is exact to
+/// 0.001: `0.6` allows 6 retries per 10 requests, not 10 (tower#857 truncates
+/// `1 / ratio` and over-issues). Concurrent withdrawals check and withdraw
+/// in two steps, so under contention the budget can be overdrawn by at most
+/// one retry per thread withdrawing at that instant.
 ///
 /// ```
 /// use std::time::Duration;

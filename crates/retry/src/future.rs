@@ -15,7 +15,7 @@ use tower_service::Service;
 
 use crate::attempt_id;
 use crate::layer::{BudgetHandle, Shared};
-use crate::policy::{PolicyIndex, Verdict};
+use crate::policy::{FailedAttempt, PolicyIndex, Verdict};
 
 pin_project! {
     /// Response future of [`RetryBackoff`](crate::RetryBackoff): drives one
@@ -164,15 +164,15 @@ impl<R: McpRequest + Clone, Resp> Retry<R, Resp> {
         let now = Instant::now();
         let remaining = self.deadline(shared).saturating_duration_since(now);
         let rng = self.rng.get_or_insert_with(|| shared.rng());
-        let verdict = shared.policy.verdict(
-            shared.policy.get(self.policy),
-            &self.request,
-            &outcome,
-            self.attempt,
-            self.previous,
+        let failed = FailedAttempt {
+            call: shared.policy.get(self.policy),
+            request: &self.request,
+            outcome: &outcome,
+            attempt: self.attempt,
+            previous: self.previous,
             remaining,
-            rng,
-        );
+        };
+        let verdict = shared.policy.verdict(&failed, rng);
         let Verdict::Retry(delay) = verdict else {
             return None;
         };

@@ -60,9 +60,10 @@
 //!      it never reached the tool, but it is retried only when the refusal
 //!      carries a `retry_after`, and only after it;
 //!    - otherwise the server may have acted, so the request must be safe to
-//!      repeat: a `tools/call` whose tool the layer's
-//!      [`safe_to_repeat`](RetryBackoffBuilder::safe_to_repeat) override or
-//!      the [`ToolCatalog`](toolwarden_core::ToolCatalog) says so (configured
+//!      repeat: a `tools/call` whose tool's
+//!      [`safe_to_repeat`](RetryBackoffBuilder::safe_to_repeat) override
+//!      (`.tool(name, |b| b.safe_to_repeat(true))`) or, without one, the
+//!      [`ToolCatalog`](toolwarden_core::ToolCatalog) says so (configured
 //!      policy, or trusted `readOnlyHint`/`idempotentHint` annotations), or
 //!      another method in [`safe_methods`](RetryBackoffBuilder::safe_methods)
 //!      (default [`DEFAULT_SAFE_METHODS`]: `tools/list`, `prompts/list`,
@@ -85,7 +86,7 @@
 //!
 //! The delay before retry `n` is drawn by the [`Jitter`] variant (default
 //! full jitter) under a ceiling of `base_delay · 2^(n-1)` capped at
-//! `max_delay` (defaults 100 ms and 10 s); see [`backoff`] for the bounds of
+//! `max_delay` (defaults 100 ms and 10 s); see [`Jitter`] for the bounds of
 //! each variant. A retry-after hint carried by the failure (a `RateLimited`
 //! or `CircuitOpen` rejection, JSON-RPC -32023 `data`, an HTTP
 //! `Retry-After`) replaces the computed delay when it is longer. A hint of
@@ -118,11 +119,13 @@
 //! Every call deposits `ratio` of a retry (default 0.2) into a budget, every
 //! retry withdraws one, and a floor of `min_per_sec` retries per second
 //! (default 10) is always available; both expire after `ttl` (default 10 s).
-//! See [`budget`]. Clones of a service, and every service one layer made,
-//! share the budget; [`budget_per_key`](RetryBackoffBuilder::budget_per_key)
-//! keeps one per tool (or any [`KeyBy`](toolwarden_core::KeyBy)) in a
-//! bounded map. When the budget refuses, the failure is returned unchanged
-//! and an [`Event::RetryBudgetExhausted`](toolwarden_core::Event) is emitted.
+//! See [`RetryBudget`]. Clones of a service, and every service one layer
+//! made, share the budget; [`key_by`](RetryBackoffBuilder::key_by) keeps
+//! one per tool (or any [`KeyBy`](toolwarden_core::KeyBy)) in a map bounded
+//! by [`bounds`](RetryBackoffBuilder::bounds). When the budget refuses, the
+//! failure is returned unchanged and an
+//! [`Event::RetryBudgetExhausted`](toolwarden_core::Event::RetryBudgetExhausted)
+//! naming the call's `key` (its tool) is emitted.
 //! Retries after a rejection by a layer below consume budget like any
 //! other: each one is another attempt sent down the stack.
 //!
@@ -131,8 +134,9 @@
 //! [`tool`](RetryBackoffBuilder::tool) gives one tool its own
 //! `max_attempts`, `base_delay`, `max_delay`, `deadline`, `jitter` and
 //! `retry_on` (`max_attempts(1)`: never retried), validated at `build` like
-//! the layer's. The budget, the catalog and its `safe_to_repeat`
-//! overrides, the safe methods, the events and the classifier stay
+//! the layer's (errors name `tools."<tool>".<field>`), and its
+//! `safe_to_repeat`, which overrides the catalog for that tool. The budget,
+//! the catalog, the safe methods, the events and the classifier stay
 //! layer-wide. Without overrides a call costs nothing more; with some, one
 //! lookup of the tool name per call.
 //!
@@ -142,7 +146,7 @@
 //! `poll_ready`, with an [`Attempt`](toolwarden_core::Attempt) extension
 //! (1 for the first), so the rate limiter and the circuit breaker below see,
 //! and count, each one. Before each retry an
-//! [`Event::Retried`](toolwarden_core::Event) with the attempt number and the
+//! [`Event::Retried`](toolwarden_core::Event::Retried) with the attempt number and the
 //! delay is emitted; observability turns these into metrics.
 //!
 //! MCP forbids reusing a request id within a session, so every retry of a
@@ -179,8 +183,9 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod attempt_id;
-pub mod backoff;
-pub mod budget;
+mod backoff;
+mod budget;
+mod builder;
 mod future;
 mod layer;
 mod policy;
@@ -188,7 +193,8 @@ mod service;
 
 pub use backoff::Jitter;
 pub use budget::{BudgetConfig, RetryBudget};
+pub use builder::RetryBackoffBuilder;
 pub use future::ResponseFuture;
-pub use layer::{RetryBackoffBuilder, RetryBackoffLayer};
+pub use layer::RetryBackoffLayer;
 pub use policy::DEFAULT_SAFE_METHODS;
 pub use service::RetryBackoff;

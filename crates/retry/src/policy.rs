@@ -56,6 +56,24 @@ pub(crate) struct CallPolicy {
     pub(crate) max_attempts: u32,
     pub(crate) deadline: Duration,
     pub(crate) classes: Classes,
+    /// Whether the tool is safe to repeat, overriding the catalog (set per
+    /// tool only; `None` on the layer's knobs).
+    pub(crate) safe_to_repeat: Option<bool>,
+}
+
+/// A failed attempt, as a verdict reads it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FailedAttempt<'a, R> {
+    /// The knobs the call follows.
+    pub(crate) call: &'a CallPolicy,
+    pub(crate) request: &'a R,
+    pub(crate) outcome: &'a Outcome,
+    /// The attempt's number (1 for the first).
+    pub(crate) attempt: u32,
+    /// The delay before the attempt (the base delay for the first).
+    pub(crate) previous: Duration,
+    /// The time left before the call's deadline.
+    pub(crate) remaining: Duration,
 }
 
 /// Which [`CallPolicy`] a call follows: the layer's or one tool's. A call
@@ -104,7 +122,6 @@ pub(crate) struct RetryPolicy {
     /// The tools' knobs; empty (and never looked up) without overrides.
     pub(crate) tools: ToolPolicies,
     pub(crate) catalog: ToolCatalog,
-    pub(crate) tool_overrides: HashMap<String, bool>,
     pub(crate) safe_methods: Vec<String>,
 }
 
@@ -141,16 +158,15 @@ impl RetryPolicy {
         self.select(request).1
     }
 
-    /// Whether `request` may be sent again after the server may have acted
-    /// on it: a per-tool override of the layer, else the catalog's verdict;
-    /// for other methods, membership of the safe-method list.
-    pub(crate) fn is_safe_to_repeat<R: McpRequest>(&self, request: &R) -> bool {
+    /// Whether `request`, following `call`, may be sent again after the
+    /// server may have acted on it: its tool's `safe_to_repeat` override,
+    /// else the catalog's verdict; for other methods, membership of the
+    /// safe-method list.
+    pub(crate) fn is_safe_to_repeat<R: McpRequest>(&self, call: &CallPolicy, request: &R) -> bool {
         if request.is_tool_call() {
             // A tools/call without a name is malformed: never repeat it.
             return request.tool_name().is_some_and(|tool| {
-                self.tool_overrides
-                    .get(tool)
-                    .copied()
+                call.safe_to_repeat
                     .unwrap_or_else(|| self.catalog.is_safe_to_repeat(tool))
             });
         }
@@ -158,22 +174,20 @@ impl RetryPolicy {
         self.safe_methods.iter().any(|m| m == method)
     }
 
-    /// Decides what follows the failed attempt number `attempt` (1-based)
-    /// of a call following `call`, `remaining` before the deadline,
-    /// `previous` being the delay before the attempt (the base delay for
-    /// the first).
-    // One private call site; a struct for the arguments would only rename them.
-    #[allow(clippy::too_many_arguments)]
+    /// Decides what follows `failed`, drawing any jitter from `rng`.
     pub(crate) fn verdict<R: McpRequest>(
         &self,
-        call: &CallPolicy,
-        request: &R,
-        outcome: &Outcome,
-        attempt: u32,
-        previous: Duration,
-        remaining: Duration,
+        failed: &FailedAttempt<'_, R>,
         rng: &mut fastrand::Rng,
     ) -> Verdict {
+        let FailedAttempt {
+            call,
+            request,
+            outcome,
+            attempt,
+            previous,
+            remaining,
+        } = *failed;
         let Some(class) = outcome.class else {
             return Verdict::Stop;
         };
@@ -188,7 +202,7 @@ impl RetryPolicy {
         }
         // A rejection by a layer below, or a failure before the request
         // left, never reached the tool: repeating it is safe for any tool.
-        if !(rejected || outcome.before_sent || self.is_safe_to_repeat(request)) {
+        if !(rejected || outcome.before_sent || self.is_safe_to_repeat(call, request)) {
             return Verdict::Stop;
         }
         let computed = call.backoff.delay(attempt, previous, rng);
@@ -226,10 +240,10 @@ mod tests {
                     transient: true,
                     server: true,
                 },
+                safe_to_repeat: None,
             },
             tools: ToolPolicies::default(),
             catalog,
-            tool_overrides: HashMap::new(),
             safe_methods: DEFAULT_SAFE_METHODS
                 .iter()
                 .map(|m| (*m).to_owned())
@@ -244,15 +258,16 @@ mod tests {
         attempt: u32,
         remaining: Duration,
     ) -> Verdict {
-        p.verdict(
-            p.call_policy(req),
-            req,
-            &outcome,
+        let call = p.call_policy(req);
+        let failed = FailedAttempt {
+            call,
+            request: req,
+            outcome: &outcome,
             attempt,
-            p.call_policy(req).backoff.base,
+            previous: call.backoff.base,
             remaining,
-            &mut fastrand::Rng::with_seed(1),
-        )
+        };
+        p.verdict(&failed, &mut fastrand::Rng::with_seed(1))
     }
 
     fn trusted() -> ToolCatalog {
@@ -361,18 +376,23 @@ mod tests {
     #[test]
     fn overrides_and_methods() {
         let mut p = policy(trusted());
-        p.tool_overrides.insert("search".into(), false);
-        p.tool_overrides.insert("delete".into(), true);
-        assert!(!p.is_safe_to_repeat(&Request::tool_call(1, "search", json!({}))));
-        assert!(p.is_safe_to_repeat(&Request::tool_call(1, "delete", json!({}))));
-        assert!(p.is_safe_to_repeat(&Request::new(1, "tools/list", None)));
-        assert!(p.is_safe_to_repeat(&Request::new(
-            1,
-            "resources/read",
-            Some(json!({"uri": "x"}))
-        )));
-        assert!(!p.is_safe_to_repeat(&Request::new(1, "initialize", None)));
+        for (tool, safe) in [("search", false), ("delete", true)] {
+            let knobs = CallPolicy {
+                safe_to_repeat: Some(safe),
+                ..p.call
+            };
+            p.tools.insert(tool.into(), knobs).unwrap();
+        }
+        let safe = |p: &RetryPolicy, req: &Request| p.is_safe_to_repeat(p.call_policy(req), req);
+        assert!(!safe(&p, &Request::tool_call(1, "search", json!({}))));
+        assert!(safe(&p, &Request::tool_call(1, "delete", json!({}))));
+        assert!(safe(&p, &Request::new(1, "tools/list", None)));
+        assert!(safe(
+            &p,
+            &Request::new(1, "resources/read", Some(json!({"uri": "x"})))
+        ));
+        assert!(!safe(&p, &Request::new(1, "initialize", None)));
         // A tools/call without a tool name is never repeated.
-        assert!(!p.is_safe_to_repeat(&Request::new(1, "tools/call", Some(json!({})))));
+        assert!(!safe(&p, &Request::new(1, "tools/call", Some(json!({})))));
     }
 }

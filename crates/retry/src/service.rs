@@ -35,6 +35,7 @@ impl<S, C> RetryBackoff<S, C> {
     }
 
     /// The inner service.
+    #[must_use]
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
@@ -45,6 +46,7 @@ impl<S, C> RetryBackoff<S, C> {
     }
 
     /// Unwraps the inner service.
+    #[must_use]
     pub fn into_inner(self) -> S {
         self.inner
     }

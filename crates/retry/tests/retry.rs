@@ -209,8 +209,8 @@ async fn per_tool_overrides_win_over_the_catalog() {
     );
     let layer = plain()
         .catalog(catalog(true))
-        .safe_to_repeat("search", false)
-        .safe_to_repeat("bare", true)
+        .tool("search", |b| b.safe_to_repeat(false))
+        .tool("bare", |b| b.safe_to_repeat(true))
         .build()
         .unwrap();
     let mut svc = layer.layer(checked(&upstream));
@@ -455,7 +455,7 @@ async fn retry_after_hints_are_honoured() {
         fail(&upstream);
         let layer = plain()
             .catalog(catalog(false))
-            .safe_to_repeat("search", true)
+            .tool("search", |b| b.safe_to_repeat(true))
             .events(events)
             .build()
             .unwrap();
@@ -574,7 +574,8 @@ async fn a_per_key_budget_keeps_tools_apart() {
     let upstream = failing();
     let layer = plain()
         .budget(one_retry_per_second())
-        .budget_per_key(KeyBy::Tool, Bounds::max_keys(10))
+        .key_by(KeyBy::Tool)
+        .bounds(Bounds::max_keys(10))
         .build()
         .unwrap();
     let mut svc = layer.layer(checked(&upstream));

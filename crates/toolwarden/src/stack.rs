@@ -488,7 +488,9 @@ impl StandardStackBuilder {
             }
         }
         let fallback_cache = apply(
-            FallbackCacheLayer::builder(self.catalog.clone()).classifier(shared),
+            FallbackCacheLayer::builder()
+                .catalog(self.catalog.clone())
+                .classifier(shared),
             self.fallback_cache,
         )
         .circuits(registry.circuits())

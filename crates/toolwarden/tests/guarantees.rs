@@ -730,7 +730,7 @@ async fn regression_15_5_services_from_one_stack_share_quotas_caches_and_loop_hi
     let upstream = MockMcp::new();
     let layer = StandardStack::builder()
         .catalog(catalog(true))
-        .rate_limit(|b| b.tool("get_status", Rate::per_minute(1), 2))
+        .rate_limit(|b| b.tool("get_status", |b| b.per_tool(Rate::per_minute(1), 2)))
         .build()
         .unwrap();
     // One service per client connection, as a server would build them.

@@ -178,7 +178,7 @@ async fn an_unknown_tool_never_trips_the_breaker() {
     let stack = StandardStack::builder()
         .catalog(catalog())
         .circuit_breaker(|b| b.failure_threshold(2).minimum_calls(2))
-        .loop_guard(|b| b.exempt("nope"))
+        .loop_guard(|b| b.tool("nope", |b| b.exempt(true)))
         .build()
         .unwrap();
     let mut svc = stack.layer(mock.clone());

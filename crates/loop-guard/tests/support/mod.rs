@@ -74,7 +74,7 @@ pub fn guard(
     } else {
         checked
     };
-    (LoopGuard::new(checked, layer.config().clone()), log)
+    (LoopGuard::new(checked, &layer), log)
 }
 
 /// A `tools/call` of `tool` with `arguments`.

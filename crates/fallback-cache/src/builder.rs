@@ -1,0 +1,313 @@
+//! [`FallbackCacheBuilder`]: every knob of the fallback cache, checked when
+//! built.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use toolwarden_core::{Circuits, ConfigError, Events, McpClassifier, ToolCatalog};
+
+use crate::layer::{Config, FallbackCacheLayer};
+use crate::service::Shared;
+
+/// Default [`FallbackCacheBuilder::max_staleness`]: 5 minutes.
+pub const DEFAULT_MAX_STALENESS: Duration = Duration::from_secs(300);
+/// Default [`FallbackCacheBuilder::max_entries`].
+pub const DEFAULT_MAX_ENTRIES: usize = 4096;
+/// Default [`FallbackCacheBuilder::max_bytes`]: 32 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 32 * 1024 * 1024;
+/// Default [`FallbackCacheBuilder::alternatives`].
+pub const DEFAULT_ALTERNATIVES: usize = 3;
+/// The smallest [`FallbackCacheBuilder::max_bytes`] accepted.
+pub const MIN_MAX_BYTES: usize = 1024;
+/// The largest [`FallbackCacheBuilder::max_entries`] accepted: 16 Mi entries
+/// (the cache sizes its tables from it when built).
+pub const MAX_MAX_ENTRIES: usize = 1 << 24;
+
+/// Configures a [`FallbackCacheLayer`]; [`build`](Self::build) validates.
+///
+/// ```
+/// use std::time::Duration;
+/// use toolwarden_core::ToolCatalog;
+/// use toolwarden_fallback_cache::FallbackCacheLayer;
+///
+/// let layer = FallbackCacheLayer::builder()
+///     .catalog(ToolCatalog::new())
+///     .max_staleness(Duration::from_secs(600))
+///     .fresh_ttl(Some(Duration::from_secs(30)))
+///     .max_entries(10_000)
+///     .build()
+///     .unwrap();
+/// # let _ = layer;
+/// let err = FallbackCacheLayer::builder()
+///     .max_staleness(Duration::ZERO)
+///     .build()
+///     .unwrap_err();
+/// assert_eq!(err.field(), "max_staleness");
+/// ```
+#[derive(Debug, Clone)]
+pub struct FallbackCacheBuilder<C = McpClassifier> {
+    catalog: ToolCatalog,
+    circuits: Circuits,
+    events: Events,
+    max_staleness: Duration,
+    fresh_ttl: Option<Duration>,
+    max_entries: usize,
+    max_bytes: usize,
+    stale_note: bool,
+    degrade: bool,
+    alternatives: usize,
+    classifier: C,
+}
+
+impl Default for FallbackCacheBuilder {
+    fn default() -> Self {
+        FallbackCacheBuilder {
+            catalog: ToolCatalog::new(),
+            circuits: Circuits::none(),
+            events: Events::new(),
+            max_staleness: DEFAULT_MAX_STALENESS,
+            fresh_ttl: None,
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            stale_note: true,
+            degrade: true,
+            alternatives: DEFAULT_ALTERNATIVES,
+            classifier: McpClassifier::new(),
+        }
+    }
+}
+
+impl<C> FallbackCacheBuilder<C> {
+    /// The catalog that says which tools are cacheable
+    /// ([`ToolCatalog::is_cacheable`]: configured so, or trusted read-only
+    /// annotations) and describes the tools offered as alternatives. The
+    /// layer reads it on every call, so it may be filled after the layer is
+    /// built (a `tools/list` result, policies): clones of a `ToolCatalog`
+    /// share one catalog. Default: a new, empty, untrusted catalog, in which
+    /// no tool is cacheable and none is offered as an alternative: until it
+    /// is filled (through [`FallbackCacheLayer::catalog`]), the layer only
+    /// degrades failures, with no alternatives.
+    #[must_use]
+    pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
+        self.catalog = catalog;
+        self
+    }
+
+    /// How old a stored result may be and still be served when a call
+    /// fails. A result is served while strictly younger than this. Must be
+    /// above zero. Default: [`DEFAULT_MAX_STALENESS`] (5 minutes).
+    #[must_use]
+    pub fn max_staleness(mut self, max_staleness: Duration) -> Self {
+        self.max_staleness = max_staleness;
+        self
+    }
+
+    /// Fresh mode: a cacheable call whose stored result is younger than
+    /// this is answered from the cache without calling the service below.
+    /// Must be above zero and at most `max_staleness`. Default: `None`
+    /// (every call goes through; the cache only serves failures).
+    #[must_use]
+    pub fn fresh_ttl(mut self, fresh_ttl: Option<Duration>) -> Self {
+        self.fresh_ttl = fresh_ttl;
+        self
+    }
+
+    /// The most results kept. Must be between 1 and [`MAX_MAX_ENTRIES`].
+    /// Default: [`DEFAULT_MAX_ENTRIES`] (4096).
+    #[must_use]
+    pub fn max_entries(mut self, max_entries: usize) -> Self {
+        self.max_entries = max_entries;
+        self
+    }
+
+    /// The most bytes of results kept, as measured by
+    /// [`McpResponse::size_hint`](toolwarden_core::McpResponse::size_hint).
+    /// Must be at least [`MIN_MAX_BYTES`] (1 KiB). The cache is split into
+    /// shards with equal budgets (8 when `max_entries >= 256` and
+    /// `max_bytes >= 512 KiB`, fewer for smaller caches), and a single
+    /// result larger than 97 % of a shard's bytes is not stored.
+    /// Default: [`DEFAULT_MAX_BYTES`] (32 MiB).
+    #[must_use]
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Whether a stale result also carries a short text note the model sees
+    /// (`[stale: result from 42 s ago; search is failing: ...]`), besides
+    /// its `_meta["toolwarden/stale"]` member. Default: `true`.
+    #[must_use]
+    pub fn stale_note(mut self, stale_note: bool) -> Self {
+        self.stale_note = stale_note;
+        self
+    }
+
+    /// Whether a failed call with no result to serve is turned into a
+    /// structured `isError` result (an `Err` or a JSON-RPC error becomes
+    /// `Ok`), rather than passed up as it is. Default: `true`.
+    #[must_use]
+    pub fn degrade(mut self, degrade: bool) -> Self {
+        self.degrade = degrade;
+        self
+    }
+
+    /// How many other tools to suggest in a structured error; `0` turns
+    /// ranking off. Default: [`DEFAULT_ALTERNATIVES`] (3).
+    #[must_use]
+    pub fn alternatives(mut self, alternatives: usize) -> Self {
+        self.alternatives = alternatives;
+        self
+    }
+
+    /// Which circuits are open, so that tools whose breaker refuses calls
+    /// are not suggested as alternatives. Default: [`Circuits::none`]
+    /// (every circuit reads as closed).
+    #[must_use]
+    pub fn circuits(mut self, circuits: Circuits) -> Self {
+        self.circuits = circuits;
+        self
+    }
+
+    /// Where to report `StaleServed` and `Degraded` events. Default: no sink.
+    #[must_use]
+    pub fn events(mut self, events: Events) -> Self {
+        self.events = events;
+        self
+    }
+
+    /// The classifier that tells a good result (stored) from a failure
+    /// (answered from the cache or degraded); share it with the other layers
+    /// of the stack. Default: [`McpClassifier`].
+    #[must_use]
+    pub fn classifier<C2>(self, classifier: C2) -> FallbackCacheBuilder<C2> {
+        FallbackCacheBuilder {
+            catalog: self.catalog,
+            circuits: self.circuits,
+            events: self.events,
+            max_staleness: self.max_staleness,
+            fresh_ttl: self.fresh_ttl,
+            max_entries: self.max_entries,
+            max_bytes: self.max_bytes,
+            stale_note: self.stale_note,
+            degrade: self.degrade,
+            alternatives: self.alternatives,
+            classifier,
+        }
+    }
+
+    /// Validates the configuration.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the field: `max_staleness` zero, `fresh_ttl`
+    /// zero, `fresh_ttl, max_staleness` when the first exceeds the second,
+    /// `max_entries` zero or over [`MAX_MAX_ENTRIES`], `max_bytes` under
+    /// [`MIN_MAX_BYTES`]. Any `Duration` is accepted where it is not refused
+    /// here (ages are compared, never added to an instant).
+    pub fn build(self) -> Result<FallbackCacheLayer<C>, ConfigError> {
+        if self.max_staleness.is_zero() {
+            return Err(ConfigError::new(
+                "max_staleness",
+                "must be greater than zero",
+            ));
+        }
+        if let Some(ttl) = self.fresh_ttl {
+            if ttl.is_zero() {
+                return Err(ConfigError::new(
+                    "fresh_ttl",
+                    "must be greater than zero (or None)",
+                ));
+            }
+            if ttl > self.max_staleness {
+                return Err(ConfigError::new(
+                    "fresh_ttl, max_staleness",
+                    format!(
+                        "fresh_ttl ({ttl:?}) must not exceed max_staleness ({:?})",
+                        self.max_staleness
+                    ),
+                ));
+            }
+        }
+        if self.max_entries == 0 || self.max_entries > MAX_MAX_ENTRIES {
+            return Err(ConfigError::new(
+                "max_entries",
+                format!("must be between 1 and {MAX_MAX_ENTRIES}"),
+            ));
+        }
+        if self.max_bytes < MIN_MAX_BYTES {
+            return Err(ConfigError::new(
+                "max_bytes",
+                format!("must be at least {MIN_MAX_BYTES} bytes"),
+            ));
+        }
+        Ok(FallbackCacheLayer {
+            shared: Arc::new(Shared::new(Config {
+                catalog: self.catalog,
+                circuits: self.circuits,
+                events: self.events,
+                max_staleness: self.max_staleness,
+                fresh_ttl: self.fresh_ttl,
+                max_entries: self.max_entries,
+                max_bytes: self.max_bytes,
+                stale_note: self.stale_note,
+                degrade: self.degrade,
+                alternatives: self.alternatives,
+            })),
+            classifier: self.classifier,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builder() -> FallbackCacheBuilder {
+        FallbackCacheLayer::builder()
+    }
+
+    #[test]
+    fn defaults_build() {
+        let layer = builder().build().unwrap();
+        assert!(layer.catalog().is_empty() && !layer.catalog().is_trusted());
+        let layer = FallbackCacheLayer::new();
+        let c = &layer.shared.config;
+        assert_eq!(c.max_staleness, DEFAULT_MAX_STALENESS);
+        assert_eq!(c.fresh_ttl, None);
+        assert_eq!(
+            (c.max_entries, c.max_bytes),
+            (DEFAULT_MAX_ENTRIES, DEFAULT_MAX_BYTES)
+        );
+        assert!(c.stale_note && c.degrade);
+        assert_eq!(c.alternatives, DEFAULT_ALTERNATIVES);
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        let secs = Duration::from_secs;
+        let cases = [
+            (builder().max_staleness(Duration::ZERO), "max_staleness"),
+            (builder().fresh_ttl(Some(Duration::ZERO)), "fresh_ttl"),
+            (
+                builder().max_staleness(secs(10)).fresh_ttl(Some(secs(11))),
+                "fresh_ttl, max_staleness",
+            ),
+            (builder().max_entries(0), "max_entries"),
+            (builder().max_entries(usize::MAX), "max_entries"),
+            (builder().max_bytes(MIN_MAX_BYTES - 1), "max_bytes"),
+        ];
+        for (b, field) in cases {
+            assert_eq!(b.build().unwrap_err().field(), field);
+        }
+        assert!(builder()
+            .max_staleness(secs(10))
+            .fresh_ttl(Some(secs(10)))
+            .build()
+            .is_ok());
+        assert!(builder()
+            .max_entries(1)
+            .max_bytes(MIN_MAX_BYTES)
+            .build()
+            .is_ok());
+    }
+}
