@@ -7,7 +7,7 @@
 //! layers report into, and returns a [`ToolStack`]: a boxed, cloneable
 //! `tower::Service<ClientRequest, Response = ServerResult, Error = BoxError>`.
 //! The proxy clones it per call, drives it with `oneshot`, and renders any
-//! error it returns as a tool result (see [`crate::server`]).
+//! error it returns as a tool result (see [`crate::downstream::server`]).
 
 use std::fmt;
 use std::time::Duration;

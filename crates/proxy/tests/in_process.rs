@@ -42,10 +42,10 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::rejection::CircuitOpen;
 use toolwarden_core::{BoxError, ToolCatalog};
 use toolwarden_proxy::config::UpstreamConfig;
-use toolwarden_proxy::routes::Downstreams;
-use toolwarden_proxy::server::ProxyCore;
 use toolwarden_proxy::stack::ToolStack;
 use toolwarden_proxy::upstream::{Upstream, UpstreamStatus};
+use toolwarden_proxy::Downstreams;
+use toolwarden_proxy::ProxyCore;
 use toolwarden_proxy::{InProcessServer, UpstreamTarget};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -404,7 +404,7 @@ fn harness_with(
     let (client, proxy_side) = tokio::io::duplex(1 << 16);
     let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(toolwarden_proxy::stdio::serve_stdio(
+    let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
         core,
         proxy_in,
         proxy_out,
@@ -977,7 +977,7 @@ impl HttpHarness {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let serving = tokio::spawn(toolwarden_proxy::http::serve_http(
+        let serving = tokio::spawn(toolwarden_proxy::serve_http(
             core,
             listener,
             1 << 20,

@@ -456,11 +456,11 @@ async fn run_demo() -> Result<(), String> {
     let (agent_side, proxy_side) = tokio::io::duplex(1 << 20);
     let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(crate::stdio::serve_stdio(
+    let serving = tokio::spawn(crate::serve_stdio(
         proxy.core(),
         proxy_in,
         proxy_out,
-        crate::framer::DEFAULT_MAX_LINE_BYTES,
+        crate::DEFAULT_MAX_LINE_BYTES,
         shutdown.clone(),
     ));
     let client = Agent { started }
