@@ -30,7 +30,7 @@
 //! listeners), [`tool_names`] (tool names refused before the stack),
 //! [`endpoints`] (`/metrics`, `/health`, `/circuits`), [`redact`] (the
 //! upstream's secrets kept out of logs, reports and answers), [`demo`]
-//! (`toolwarden demo`), and `transport.rs`, the one wrapper of rmcp
+//! (`toolwarden demo`), and [`transport`], the one wrapper of rmcp
 //! transports (a hook on each message read) that both sides use.
 //!
 //! See `README.md` next to this crate for the decisions and their reasons.
@@ -49,7 +49,7 @@ mod proxy;
 pub mod redact;
 pub mod stack;
 pub mod tool_names;
-mod transport;
+pub mod transport;
 pub mod upstream;
 
 // `endpoints.rs` (rewritten elsewhere) names the HTTP serving and the

@@ -5,7 +5,7 @@
 //!
 //! The hooks the proxy uses:
 //!
-//! - [`ProgressTally`](crate::progress::ProgressTally): counts the peer's
+//! - `ProgressTally` (in [`crate::progress`]): counts the peer's
 //!   progress as it is read, so its answers can wait for it (see
 //!   [`crate::progress`]); on the upstream connection and on every
 //!   downstream session;
@@ -13,6 +13,9 @@
 //!   tells the [`ProxyServer`](crate::downstream::ProxyServer) that a
 //!   request came through a session's transport;
 //! - a pair `(A, B)` runs `A`, then `B`.
+//!
+//! Public so that tests can hook their own servers' transports the same
+//! way (recording what a server read, in order).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -25,7 +28,7 @@ use rmcp::transport::Transport;
 /// read and in the poll that hands it to rmcp (so a cancelled receive never
 /// hooks a message rmcp did not get); it may change the message (its
 /// extensions, typically).
-pub(crate) trait OnReceive<R: ServiceRole>: Send {
+pub trait OnReceive<R: ServiceRole>: Send {
     /// Called once per message read.
     fn on_receive(&self, message: &mut RxJsonRpcMessage<R>);
 }
@@ -39,14 +42,14 @@ impl<R: ServiceRole, A: OnReceive<R>, B: OnReceive<R>> OnReceive<R> for (A, B) {
 
 /// A transport `T` whose every message read goes through `hook` first (see
 /// the [module docs](self)).
-pub(crate) struct HookedTransport<T, H> {
+pub struct HookedTransport<T, H> {
     inner: T,
     hook: H,
 }
 
 impl<T, H> HookedTransport<T, H> {
     /// `inner`, each message it reads shown to `hook`.
-    pub(crate) fn new(inner: T, hook: H) -> Self {
+    pub fn new(inner: T, hook: H) -> Self {
         HookedTransport { inner, hook }
     }
 }

@@ -152,11 +152,11 @@ impl SessionUpstreams {
             downstreams,
             self.request_timeout,
             Arc::clone(&self.numbers),
-            Lease {
+            Some(Lease {
                 sessions: Arc::downgrade(self),
                 id: lease,
                 upstream,
-            },
+            }),
         )
     }
 

@@ -58,30 +58,28 @@ pub(crate) trait TalliedSide: ServiceRole {
     fn progress(notification: &mut Self::PeerNot) -> Option<&mut ProgressNotification>;
 }
 
-/// The proxy as the upstream server's client: the server's progress.
-impl TalliedSide for RoleClient {
-    type ForwardedTo = RoleServer;
+/// [`TalliedSide`] for the role `$side`, whose peer's notifications are
+/// `$notification`, forwarding to `$forwarded_to`: one body for both sides.
+macro_rules! tallied_side {
+    ($side:ty, $forwarded_to:ty, $notification:ident) => {
+        impl TalliedSide for $side {
+            type ForwardedTo = $forwarded_to;
 
-    fn progress(notification: &mut ServerNotification) -> Option<&mut ProgressNotification> {
-        match notification {
-            ServerNotification::ProgressNotification(progress) => Some(progress),
-            _ => None,
+            fn progress(notification: &mut $notification) -> Option<&mut ProgressNotification> {
+                match notification {
+                    $notification::ProgressNotification(progress) => Some(progress),
+                    _ => None,
+                }
+            }
         }
-    }
+    };
 }
 
-/// The proxy as a downstream client's server: the client's progress, on the
-/// requests the upstream server sent it.
-impl TalliedSide for RoleServer {
-    type ForwardedTo = RoleClient;
-
-    fn progress(notification: &mut ClientNotification) -> Option<&mut ProgressNotification> {
-        match notification {
-            ClientNotification::ProgressNotification(progress) => Some(progress),
-            _ => None,
-        }
-    }
-}
+// The proxy as the upstream server's client: the server's progress.
+tallied_side!(RoleClient, RoleServer, ServerNotification);
+// The proxy as a downstream client's server: the client's progress, on the
+// requests the upstream server sent it.
+tallied_side!(RoleServer, RoleClient, ClientNotification);
 
 impl<S: TalliedSide> OnReceive<S> for ProgressTally<S::ForwardedTo> {
     fn on_receive(&self, message: &mut RxJsonRpcMessage<S>) {

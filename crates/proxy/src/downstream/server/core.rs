@@ -55,7 +55,7 @@ impl ProxyCore {
         downstreams: Downstreams,
         request_timeout: Duration,
     ) -> Arc<Self> {
-        Self::build(
+        Self::for_session(
             upstream,
             stack,
             downstreams,
@@ -65,7 +65,9 @@ impl ProxyCore {
         )
     }
 
-    fn build(
+    /// A core numbering its sessions from `numbers`; with a `lease`, one
+    /// session's own (see [`crate::downstream::sessions`]).
+    pub(crate) fn for_session(
         upstream: Upstream,
         stack: ToolStack,
         downstreams: Downstreams,
@@ -82,26 +84,6 @@ impl ProxyCore {
             request_timeout,
             lease,
         })
-    }
-
-    /// One session's own core (see [`crate::downstream::sessions`]), numbering its
-    /// session from `numbers`.
-    pub(crate) fn for_session(
-        upstream: Upstream,
-        stack: ToolStack,
-        downstreams: Downstreams,
-        request_timeout: Duration,
-        numbers: Arc<AtomicU64>,
-        lease: Lease,
-    ) -> Arc<Self> {
-        Self::build(
-            upstream,
-            stack,
-            downstreams,
-            request_timeout,
-            numbers,
-            Some(lease),
-        )
     }
 
     /// Whether this core is one session's own (`per_session` mode).
