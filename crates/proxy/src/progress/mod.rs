@@ -17,7 +17,7 @@
 //! A token is only unique within the peer that numbered it: rmcp numbers the
 //! tokens of each peer from 0. Upstream there is one map, for the tokens of
 //! the one connection to the server. Downstream, each client has a map of
-//! its own ([`Downstreams`] registers it with its client): over Streamable
+//! its own ([`Downstreams`](crate::downstream::Downstreams) registers it with its client): over Streamable
 //! HTTP each session has its own peer, so two sessions can each be sent a
 //! request of the server's under the same token at the same time, and one
 //! shared map would mix up their progress.
@@ -56,6 +56,7 @@
 //! sent before its answer reaches the receiver before that answer, and a
 //! token's progress reaches it in the order the sender sent it. Progress the
 //! sender sends after its answer is forwarded while the request's route
+//! lives, in order, and is dropped once it is gone.
 //!
 //! - [`ProgressRoutes`] (`routes.rs`): our tokens → their destinations, with
 //!   each token's tally of progress read and forwarded.

@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use super::receipt::{ProgressReceipt, Receipt};
 use super::{lock, UNKNOWN_TOKEN_POLL, UNKNOWN_TOKEN_WAIT};
 
+/// Where progress for one of our tokens goes.
 #[derive(Debug)]
 enum Route<R: ServiceRole> {
     /// To this peer, under its own token.
@@ -83,12 +84,12 @@ impl<R: ServiceRole> Entry<R> {
 
 /// Our progress tokens → their destination, for requests in flight, with a
 /// tally of the progress received for each: how much, and how much of it is
-/// forwarded (see the [module docs](self) on order).
+/// forwarded (see the [module docs](super) on order).
 ///
 /// Bounded: a token has an entry while a request sent under it is in flight
 /// or while a progress notification received for it is being handled (each
 /// is for at most the 200 ms wait for an unknown token, its turn and its
-/// send, each bounded: see [`send_in_turn`]); a token of no request is
+/// send, each bounded: see [`send_in_turn`](super::send_in_turn)); a token of no request is
 /// forgotten once its progress is dropped. An entry holds a fixed few
 /// fields plus at most one number per progress notification of its token
 /// being handled.

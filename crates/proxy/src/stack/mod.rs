@@ -85,7 +85,7 @@ pub fn configure_catalog(config: &Config, catalog: &ToolCatalog) {
 }
 
 /// Builds the tool stack over `upstream`: the umbrella crate's
-/// [`StandardStack`] (observability, loop guard, fallback cache, retry, rate
+/// [`StandardStack`](toolwarden::stack::StandardStack) (observability, loop guard, fallback cache, retry, rate
 /// limit, circuit breaker, attempt timeout, outermost first), configured
 /// from `config`, sharing `shared`'s catalog and events, and with its
 /// circuits and health installed behind `/circuits` and `/health`.

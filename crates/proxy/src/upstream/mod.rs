@@ -13,14 +13,15 @@
 //!   re-initialized; the catalog is refilled by a fresh `tools/list`.
 //! - [`UpstreamService`] is the `tower::Service<ClientRequest>` the stack
 //!   wraps: it sends through the current connection, and while there is none
-//!   it fails at once with a [`TransportError`] of kind `ConnectFailed`
+//!   it fails at once with a
+//!   [`TransportError`](toolwarden_core::classify::TransportError) of kind `ConnectFailed`
 //!   (classified `before_sent`: safe to retry for any tool).
 //! - [`UpstreamHandler`] answers what the server sends to the proxy as its
 //!   client: notifications are forwarded to the downstream clients, requests
 //!   (sampling, roots, elicitation) to the session whose call caused them.
 //! - Progress the server sends for a request reaches the client before the
 //!   response, and in the order sent: the transport counts and numbers each
-//!   progress notification as it reads it ([`ProgressTally`](crate::progress::ProgressTally) on a
+//!   progress notification as it reads it (`ProgressTally` on a
 //!   [`HookedTransport`](crate::transport::HookedTransport)), the
 //!   handler forwards a token's progress in that order, and the proxy holds a
 //!   response until the progress counted for its request has been forwarded

@@ -67,6 +67,7 @@ pub struct Target {
     pub request: Option<RequestId>,
 }
 
+/// The error a server's request gets when no client session can be found
 /// for it: it is never sent to a client it may not be for.
 fn no_session(why: &str) -> ErrorData {
     ErrorData::new(

@@ -131,9 +131,6 @@ impl fmt::Debug for Downstreams {
     }
 }
 
-/// Queues `notification` for `client`; `false` when the client is not
-/// reading (its queue is full, or its sender gave up), so it is dropped
-
 impl Downstreams {
     /// No clients; a client that takes over [`NOTIFICATION_STALL`] to take
     /// a notification is not reading.

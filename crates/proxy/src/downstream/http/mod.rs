@@ -56,6 +56,7 @@
 //! POSTs sent concurrently have no order to keep. The one-shot transports
 //! of requests without a session are rmcp's, unseen by the session manager;
 //! but rmcp accepts neither notifications nor answers from such a client, so
+//! there is no progress of its to order.
 //!
 //! Files: `guard.rs` (what `/mcp` checks before rmcp), `session.rs` (the
 //! session manager and each session's transport), `serve.rs`

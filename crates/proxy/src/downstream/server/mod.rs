@@ -24,7 +24,7 @@
 //! - Notifications from the client: `notifications/progress` (for requests the
 //!   server sent) are re-addressed to the server's token, a token's in the
 //!   order the downstream transport read them (each waits up to 1 s for its
-//!   turn, see [`send_in_turn`]), and the
+//!   turn, see [`send_in_turn`](crate::progress::send_in_turn)), and the
 //!   client's answer to that request is passed to the server
 //!   only after them (see [`UpstreamHandler`](crate::upstream::UpstreamHandler));
 //!   `roots/list_changed` and custom ones are forwarded; `cancelled` is
