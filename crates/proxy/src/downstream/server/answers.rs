@@ -43,9 +43,44 @@ pub fn error_data(error: &(dyn StdError + 'static)) -> ErrorData {
     ErrorData::internal_error(format!("toolwarden proxy: {error}"), None)
 }
 
-/// [`error_data`] of a failure of the stack or the upstream service.
-pub(super) fn error_data_of(error: &BoxError) -> ErrorData {
-    error_data(error.as_ref())
+/// The answer to a forwarded request other than `tools/call`: its result,
+/// or its failure as a JSON-RPC error (`None`: the client cancelled it).
+pub(super) fn forwarded(
+    outcome: Option<Result<Result<ServerResult, BoxError>, RequestTimedOut>>,
+) -> Result<ServerResult, ErrorData> {
+    match outcome {
+        Some(Err(RequestTimedOut(limit))) => Err(ErrorData::new(
+            ErrorCode(-32001),
+            format!("upstream request timed out after {limit:?} (limits.request_timeout)"),
+            None,
+        )),
+        Some(Ok(result)) => tool_call(Some(result)),
+        None => Err(cancelled()),
+    }
+}
+
+/// The answer to a `tools/call`: the stack's result (a failure the stack
+/// rendered is an `isError` result already), or what the stack still
+/// returned as an error, as the JSON-RPC error it is (`None`: the client
+/// cancelled the call).
+pub(super) fn tool_call(
+    outcome: Option<Result<ServerResult, BoxError>>,
+) -> Result<ServerResult, ErrorData> {
+    match outcome {
+        Some(Ok(result)) => Ok(result),
+        Some(Err(e)) => Err(error_data(e.as_ref())),
+        None => Err(cancelled()),
+    }
+}
+
+/// The answer to a request that found no upstream connection (`why`: what
+/// happened, for a client; see [`Upstream::wait_connected`](crate::upstream::Upstream::wait_connected)).
+pub(super) fn unavailable(why: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode(-32000),
+        format!("upstream unavailable: {why}"),
+        None,
+    )
 }
 
 /// A result of another kind than expected, read as the expected kind: rmcp
@@ -77,7 +112,7 @@ pub(super) use expect_result;
 /// A request other than `tools/call` outlived `limits.request_timeout`.
 pub(super) struct RequestTimedOut(pub(super) Duration);
 
-pub(super) fn cancelled() -> ErrorData {
+fn cancelled() -> ErrorData {
     ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
 }
 

@@ -1,12 +1,18 @@
 //! [`ProxyCore`]: what every session of the proxy shares.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::downstream::sessions::Lease;
 use crate::downstream::Downstreams;
+use rmcp::model::{ClientRequest, ServerResult};
+use toolwarden::RenderErrors;
+use toolwarden_core::BoxError;
+use tower::ServiceExt as _;
+
 use crate::stack::ToolStack;
 use crate::upstream::{Upstream, UpstreamService};
 
@@ -15,7 +21,9 @@ use crate::upstream::{Upstream, UpstreamService};
 pub struct ProxyCore {
     pub(super) upstream: Upstream,
     pub(super) upstream_service: UpstreamService,
-    pub(super) stack: ToolStack,
+    /// The tool stack, its failures rendered as `isError` results at its
+    /// edge (see "Errors" in the [module docs](super)).
+    stack: RenderErrors<ToolStack>,
     pub(super) downstreams: Downstreams,
     /// Session numbers; shared by the cores of one [`SessionUpstreams`](crate::downstream::SessionUpstreams).
     pub(super) sessions: Arc<AtomicU64>,
@@ -36,7 +44,9 @@ impl fmt::Debug for ProxyCore {
 }
 
 impl ProxyCore {
-    /// The core over `upstream`, sending tool calls through `stack`.
+    /// The core over `upstream`, sending tool calls through `stack`, whose
+    /// failures become `isError` results (`RenderErrors` on top of it: any
+    /// stack will do, one that renders already too).
     /// `downstreams` must be the registry the upstream was built with.
     /// Requests other than `tools/call` are bounded by the default
     /// `limits.request_timeout` (60 s).
@@ -78,12 +88,23 @@ impl ProxyCore {
         Arc::new(ProxyCore {
             upstream_service: upstream.service(),
             upstream,
-            stack,
+            stack: RenderErrors::new(stack),
             downstreams,
             sessions,
             request_timeout,
             lease,
         })
+    }
+
+    /// Sends a `tools/call` through the tool stack; a failure comes back as
+    /// an `isError` result (or as a JSON-RPC error meant as such).
+    pub(super) fn call_tool(
+        &self,
+        request: ClientRequest,
+    ) -> impl Future<Output = Result<ServerResult, BoxError>> + Send + 'static {
+        // Named here, not in the handler's `async fn`: there the compiler
+        // cannot prove the future `Send` through `RenderErrors`' bounds.
+        self.stack.clone().oneshot(request)
     }
 
     /// Whether this core is one session's own (`per_session` mode).

@@ -6,9 +6,9 @@ use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CallToolResponse, CancelTaskParams, CancelTaskRequest,
     CancelledNotificationParam, ClientNotification, ClientRequest, CompleteRequest,
     CompleteRequestParams, CompleteResult, CustomNotification, CustomRequest, CustomResult,
-    ErrorCode, ErrorData, GetExtensions, GetMeta, GetPromptRequest, GetPromptRequestParams,
-    GetPromptResponse, GetSkillRequest, GetSkillRequestParams, GetSkillResult, GetTaskParams,
-    GetTaskRequest, GetTaskResult, InitializeRequestParams, InitializeResult, ListPromptsResult,
+    ErrorData, GetExtensions, GetMeta, GetPromptRequest, GetPromptRequestParams, GetPromptResponse,
+    GetSkillRequest, GetSkillRequestParams, GetSkillResult, GetTaskParams, GetTaskRequest,
+    GetTaskResult, InitializeRequestParams, InitializeResult, ListPromptsResult,
     ListResourceTemplatesResult, ListResourcesResult, ListSkillsResult, ListToolsResult,
     PaginatedRequestParams, PingRequest, ProgressNotificationParam, ReadResourceDirectoryRequest,
     ReadResourceDirectoryRequestParams, ReadResourceDirectoryResult, ReadResourceRequest,
@@ -22,9 +22,8 @@ use rmcp::model::{
 use rmcp::model::{SetLevelRequest, SetLevelRequestParams, SubscribeRequest, UnsubscribeRequest};
 use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer};
 use rmcp::ServerHandler;
-use tower::ServiceExt as _;
 
-use super::answers::{cancelled, error_data_of, expect_result, optional, unless_cancelled};
+use super::answers::{self, expect_result, optional, unless_cancelled};
 use super::{upstream_client_config, ProxyServer};
 use crate::progress::{send_in_turn, ProgressReceipt, Resolved};
 
@@ -44,13 +43,7 @@ impl ServerHandler for ProxyServer {
             .upstream
             .wait_connected(limit)
             .await
-            .map_err(|e| {
-                ErrorData::new(
-                    ErrorCode(-32000),
-                    format!("upstream unavailable: {e}"),
-                    None,
-                )
-            })?;
+            .map_err(|e| answers::unavailable(&e))?;
         if connection.info().is_none() {
             return Err(ErrorData::internal_error(
                 "the upstream server sent no initialize result",
@@ -168,27 +161,20 @@ impl ServerHandler for ProxyServer {
         let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
         let (route, _cause) = self.prepare(&mut request, &context);
         request.extensions_mut().insert(self.session.key.clone());
-        let call = self.core.stack.clone().oneshot(request);
+        let call = self.core.call_tool(request);
         let outcome = unless_cancelled(&context.ct, call).await;
         if outcome.is_some() {
             unless_cancelled(&context.ct, route.progress_first()).await;
         }
-        match outcome {
-            Some(Ok(ServerResult::InputRequiredResult(r))) => {
-                Ok(CallToolResponse::InputRequired(r))
-            }
-            Some(Ok(ServerResult::CreateTaskResult(r))) => {
+        match answers::tool_call(outcome)? {
+            ServerResult::InputRequiredResult(r) => Ok(CallToolResponse::InputRequired(r)),
+            ServerResult::CreateTaskResult(r) => {
                 // Its status notifications are this client's only.
                 let client = self.session.downstream.get().map(|(id, _)| *id);
                 self.core.downstreams.task_created(client, &r.task.task_id);
                 Ok(CallToolResponse::Task(r))
             }
-            Some(Ok(other)) => {
-                expect_result!(other, CallToolResult).map(CallToolResponse::Complete)
-            }
-            // Rendered by the stack already, if it was not a JSON-RPC error.
-            Some(Err(e)) => Err(error_data_of(&e)),
-            None => Err(cancelled()),
+            other => expect_result!(other, CallToolResult).map(CallToolResponse::Complete),
         }
     }
 

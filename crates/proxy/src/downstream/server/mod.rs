@@ -39,22 +39,28 @@
 //!
 //! # Errors
 //!
-//! Errors become answers in one place per kind of answer:
+//! A failed `tools/call` becomes an `isError` result (the answer a model
+//! can read) through one path: the umbrella crate's
+//! [`RenderErrors`](toolwarden::RenderErrors), which renders every error
+//! of a tool call with the core's `FailureReport` and strips the layers'
+//! sealed outcome mark from what reaches the client. The proxy has no
+//! renderer of its own any more (it had one here, `tool_failure`, the same
+//! `FailureReport` without the stripping).
 //!
-//! - A failed `tools/call` becomes an `isError` result in the tool stack,
-//!   by its outermost layer: the umbrella crate's
-//!   [`RenderErrors`](toolwarden::RenderErrors), which
-//!   [`StandardStack`](toolwarden::stack::StandardStack) puts at its top
-//!   and the proxy never turns off. It renders every error of a tool call
-//!   with the core's `FailureReport` and removes the layers' sealed outcome
-//!   mark from what reaches the client. The proxy does not render tool
-//!   failures a second time: whatever the stack still returns as an error
-//!   is a JSON-RPC error meant as such (the server's own, passed through by
-//!   `RenderErrors`; the tool-name guard's `-32602`, outside the stack).
-//! - Every error that reaches this server (those, and the errors of
-//!   requests other than `tools/call`) becomes a JSON-RPC error in
-//!   `answers.rs` ([`error_data`]): the server's own error unchanged, a
-//!   transport failure `-32000`, a timeout `-32001`.
+//! `RenderErrors` is the edge of [`ProxyCore`]'s stack: the core puts it
+//! on top of whatever stack it is given, so a stack that does not render
+//! (a bare upstream, a hand-built one) answers like the proxy's own.
+//! [`build_stack`](crate::stack::build_stack)'s stack renders already
+//! ([`StandardStack`](toolwarden::stack::StandardStack) has `RenderErrors`
+//! on top): the core's then sees its results and passes them through. What
+//! a stack returns as an error after that is a JSON-RPC error meant as such
+//! (the server's own, which `RenderErrors` passes through; the tool-name
+//! guard's `-32602`) and is answered as that error.
+//!
+//! Every failure that reaches this server is turned into the client's
+//! answer in `answers.rs`: a JSON-RPC error ([`error_data`]: the server's
+//! own error unchanged, a transport failure `-32000 upstream unavailable`,
+//! a timeout `-32001`), `-32800` for a request the client cancelled.
 //!
 //! Files: `core.rs` ([`ProxyCore`]), `handler.rs` (the `ServerHandler`
 //! methods), `answers.rs` (results and errors as the client gets them).
@@ -68,16 +74,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{
-    ClientCapabilities, ClientConfig, ClientNotification, ClientRequest, ErrorCode, ErrorData,
-    GetExtensions, GetMeta, Implementation, InitializeRequestParams, ProtocolVersion, ServerConfig,
-    ServerResult,
+    ClientCapabilities, ClientConfig, ClientNotification, ClientRequest, ErrorData, GetExtensions,
+    GetMeta, Implementation, InitializeRequestParams, ProtocolVersion, ServerConfig, ServerResult,
 };
 use rmcp::service::{RequestContext, RoleClient, RoleServer};
 use toolwarden_core::SessionKey;
 use toolwarden_rmcp::OnRequestSent;
 use tower::ServiceExt as _;
 
-use self::answers::{cancelled, unless_cancelled, RequestTimedOut};
+use self::answers::{unless_cancelled, RequestTimedOut};
 use super::http::InSession;
 use super::{Caller, CauseGuard, DownstreamId, Downstreams};
 use crate::progress::{ProgressRoutes, RouteGuard};
@@ -342,16 +347,7 @@ impl ProxyServer {
         if outcome.is_some() {
             unless_cancelled(&context.ct, route.progress_first()).await;
         }
-        match outcome {
-            Some(Err(RequestTimedOut(limit))) => Err(ErrorData::new(
-                ErrorCode(-32001),
-                format!("upstream request timed out after {limit:?} (limits.request_timeout)"),
-                None,
-            )),
-            Some(Ok(Ok(result))) => Ok(result),
-            Some(Ok(Err(e))) => Err(error_data(e.as_ref())),
-            None => Err(cancelled()),
-        }
+        answers::forwarded(outcome)
     }
 
     async fn forward_empty(
