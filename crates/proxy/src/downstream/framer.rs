@@ -21,7 +21,7 @@
 //! arbitrary and mutated byte strings, and `fuzz/` has a cargo-fuzz target.
 //!
 //! ```
-//! use toolwarden_proxy::framer::{classify_line, Frame};
+//! use toolwarden_proxy::downstream::framer::{classify_line, Frame};
 //! let Frame::Reply(line) = classify_line(b"{not json") else { panic!() };
 //! let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
 //! assert_eq!(reply["error"]["code"], -32700);
