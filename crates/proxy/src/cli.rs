@@ -275,7 +275,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     let shared = SharedState::new(Events::new().with(log_event), endpoints.clone());
     let max_line_bytes = config.downstream.max_line_bytes;
     let max_body_bytes = config.downstream.max_body_bytes;
-    let http_options = crate::http::HttpOptions::new(&config.http, max_body_bytes, access);
+    let http_options = crate::HttpOptions::new(&config.http, max_body_bytes, access);
     let proxy = match Proxy::new(config, target, shared) {
         Ok(proxy) => proxy,
         Err(e) => {
@@ -328,7 +328,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
 
     let served = match args.listen {
         None => {
-            crate::stdio::serve_stdio(
+            crate::serve_stdio(
                 proxy.cores().session_core(),
                 tokio::io::stdin(),
                 tokio::io::stdout(),
@@ -341,13 +341,8 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
             Ok(listener) => {
                 let bound = listener.local_addr().map_or(addr, |a| a);
                 tracing::info!(url = %format!("http://{bound}/mcp"), "serving MCP over Streamable HTTP");
-                crate::http::serve_http_with(
-                    proxy.cores(),
-                    listener,
-                    http_options,
-                    shutdown.clone(),
-                )
-                .await
+                crate::serve_http_with(proxy.cores(), listener, http_options, shutdown.clone())
+                    .await
             }
             Err(e) => Err(e),
         },

@@ -2,33 +2,36 @@
 //! server, as the `toolwarden` binary.
 //!
 //! ```text
-//!  MCP client ──stdio or HTTP──▶ ProxyServer ──tools/call──▶ tool stack ──▶ UpstreamService ──▶ MCP server
-//!   (agent)    ◀── progress, notifications, server→client requests ──── UpstreamHandler ◀──   (child or URL)
+//!  MCP client ──stdio or HTTP──▶ downstream ──tools/call──▶ tool stack ──▶ upstream ──▶ MCP server
+//!   (agent)    ◀── progress, notifications, server→client requests ─────── upstream ◀──  (child or URL)
 //! ```
 //!
-//! - [`cli`]: `toolwarden run`, `check-config` and `demo`.
+//! The folders follow a call:
+//!
+//! - [`downstream`]: the proxy as its clients' MCP server: stdio
+//!   ([`downstream::stdio`]), Streamable HTTP ([`downstream::http`]), the
+//!   session registry ([`downstream::sessions`], [`Downstreams`]) and
+//!   [`ProxyServer`], the `ServerHandler`: `tools/call` through the stack,
+//!   everything else straight through, errors turned into answers.
+//! - [`stack`]: [`build_stack`](stack::build_stack), the one place the
+//!   layers are put around the upstream, and what they share
+//!   ([`stack::SharedState`]).
+//! - [`upstream`]: the connection to the server (child process, Streamable
+//!   HTTP URL or in-process), restarted with backoff when it dies, the
+//!   stack's innermost service, and the proxy's handler for what the server
+//!   sends back.
+//! - [`progress`]: where progress goes, in order and before the answer of
+//!   its request, in both directions.
 //! - [`config`]: the TOML configuration with `TOOLWARDEN_<SECTION>_<KEY>`
 //!   overrides; errors name the key.
-//! - [`stack`]: [`build_stack`](stack::build_stack), the one place the
-//!   layers are put around the upstream, and what they share ([`stack::SharedState`]).
-//! - [`server`]: [`ProxyServer`](server::ProxyServer), the proxy as the
-//!   client's MCP server: `tools/call` through the stack, everything else
-//!   straight through, errors turned into answers a model can read.
-//! - [`upstream`]: the connection to the server (child process or Streamable
-//!   HTTP), restarted with backoff when it dies, and the proxy's handler for
-//!   what the server sends back.
-//! - [`sessions`]: one upstream for every session, or one per session
-//!   (`upstream.session_mode`).
-//! - [`routes`]: which client gets progress, notifications and server requests.
-//! - [`framer`] and [`stdio`]: stdin/stdout with `-32700`/`-32600` answers to
-//!   malformed lines and one writer for stdout.
-//! - [`http`]: the Streamable HTTP downstream (`--listen`).
-//! - [`access`]: `Origin`, `Host` and bearer-token checks of the HTTP listeners.
-//! - [`tool_names`]: tool names refused before the stack (too long, unknown).
-//! - [`endpoints`]: `/metrics`, `/health`, `/circuits` (`--metrics-addr`).
-//! - [`redact`]: the upstream's secrets (URL userinfo and query, header
-//!   values) kept out of logs, reports and answers.
-//! - [`demo`]: `toolwarden demo`.
+//!
+//! And beside the flow: [`cli`] (`toolwarden run`, `check-config` and
+//! `demo`), [`access`] (`Origin`, `Host` and bearer-token checks of the HTTP
+//! listeners), [`tool_names`] (tool names refused before the stack),
+//! [`endpoints`] (`/metrics`, `/health`, `/circuits`), [`redact`] (the
+//! upstream's secrets kept out of logs, reports and answers), [`demo`]
+//! (`toolwarden demo`), and [`transport`], the one wrapper of rmcp
+//! transports (a hook on each message read) that both sides use.
 //!
 //! See `README.md` next to this crate for the decisions and their reasons.
 
@@ -39,18 +42,24 @@ pub mod access;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod downstream;
 pub mod endpoints;
-pub mod framer;
-pub mod http;
+pub mod progress;
 mod proxy;
 pub mod redact;
-pub mod routes;
-pub mod server;
-pub mod sessions;
 pub mod stack;
-pub mod stdio;
 pub mod tool_names;
+pub mod transport;
 pub mod upstream;
 
+// `endpoints.rs` (rewritten elsewhere) names the HTTP serving and the
+// session registry by their paths before `downstream/`: kept working here.
+use downstream::{http, sessions};
+
+pub use downstream::framer::DEFAULT_MAX_LINE_BYTES;
+pub use downstream::http::{serve_http, serve_http_with, HttpOptions};
+pub use downstream::server::upstream_client_config;
+pub use downstream::stdio::serve_stdio;
+pub use downstream::{Downstreams, ProxyCore, ProxyServer};
 pub use proxy::Proxy;
-pub use upstream::{InProcessServer, UpstreamTarget};
+pub use upstream::{InProcessServer, Upstream, UpstreamStatus, UpstreamTarget};

@@ -8,9 +8,7 @@ use toolwarden_core::ConfigError;
 
 use crate::config::Config;
 use crate::config::SessionMode;
-use crate::routes::Downstreams;
-use crate::server::ProxyCore;
-use crate::sessions::{Cores, SessionUpstreams, Upstreams};
+use crate::downstream::{Cores, Downstreams, ProxyCore, SessionUpstreams, Upstreams};
 use crate::stack::{configure_catalog, tool_stack_layer, SharedState};
 use crate::upstream::{Upstream, UpstreamTarget};
 
@@ -24,7 +22,7 @@ use crate::upstream::{Upstream, UpstreamTarget};
 /// let shared = SharedState::new(Default::default(), MetricsEndpoints::new());
 /// let proxy = Proxy::new(Config::default(), target, shared)?;
 /// let shutdown = tokio_util::sync::CancellationToken::new();
-/// toolwarden_proxy::stdio::serve_stdio(proxy.core(), tokio::io::stdin(), tokio::io::stdout(), 4 << 20, shutdown).await?;
+/// toolwarden_proxy::serve_stdio(proxy.core(), tokio::io::stdin(), tokio::io::stdout(), 4 << 20, shutdown).await?;
 /// proxy.shutdown().await;
 /// # Ok(()) }
 /// ```
@@ -85,8 +83,8 @@ impl Proxy {
     }
 
     /// What sessions share in the default `shared` session mode; pass it to
-    /// [`serve_stdio`](crate::stdio::serve_stdio) or
-    /// [`serve_http`](crate::http::serve_http). Use [`cores`](Self::cores)
+    /// [`serve_stdio`](crate::serve_stdio) or
+    /// [`serve_http`](crate::serve_http). Use [`cores`](Self::cores)
     /// to honour `upstream.session_mode`.
     #[must_use]
     pub fn core(&self) -> Arc<ProxyCore> {
@@ -94,9 +92,9 @@ impl Proxy {
     }
 
     /// Where each session's core comes from, as `upstream.session_mode`
-    /// says: pass it to [`serve_http_with`](crate::http::serve_http_with),
+    /// says: pass it to [`serve_http_with`](crate::serve_http_with),
     /// or its [`session_core`](Cores::session_core) to
-    /// [`serve_stdio`](crate::stdio::serve_stdio).
+    /// [`serve_stdio`](crate::serve_stdio).
     #[must_use]
     pub fn cores(&self) -> Cores {
         match &self.per_session {

@@ -5,8 +5,9 @@
 //! client cannot make the layers keep state (a breaker, a quota, a metric
 //! label, a cache entry) for names the server does not have.
 //!
-//! The refusal is a JSON-RPC error ([`ErrorObject`]), which
-//! [`tool_failure`](crate::server::tool_failure) passes through as such.
+//! The refusal is a JSON-RPC error ([`ErrorObject`]), answered as such
+//! ([`error_data`](crate::downstream::server::error_data); see "Errors" in
+//! [`crate::downstream::server`]).
 
 use std::fmt;
 use std::task::{Context, Poll};

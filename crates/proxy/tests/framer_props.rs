@@ -10,7 +10,7 @@
 use proptest::prelude::*;
 use serde_json::Value;
 use toolwarden_core::jsonrpc::Message;
-use toolwarden_proxy::framer::{frames_of, Frame};
+use toolwarden_proxy::downstream::framer::{frames_of, Frame};
 
 /// Small, so that over-long lines are common.
 const MAX_LINE: usize = 512;

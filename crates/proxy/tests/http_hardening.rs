@@ -733,7 +733,7 @@ mod in_process {
         let (client, proxy_side) = tokio::io::duplex(1 << 16);
         let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
         let shutdown = CancellationToken::new();
-        let serving = tokio::spawn(toolwarden_proxy::stdio::serve_stdio(
+        let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
             proxy.core(),
             proxy_in,
             proxy_out,

@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,7 +23,6 @@ use rmcp::model::{
 };
 use rmcp::service::{
     Peer, PeerRequestOptions, RequestContext, RoleClient, RoleServer, RxJsonRpcMessage,
-    TxJsonRpcMessage,
 };
 use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
@@ -32,7 +30,7 @@ use rmcp::transport::streamable_http_server::session::{
     ServerSseMessage, SessionId, SessionManager,
 };
 use rmcp::transport::{
-    StreamableHttpClientTransport, StreamableHttpServerConfig, StreamableHttpService, Transport,
+    StreamableHttpClientTransport, StreamableHttpServerConfig, StreamableHttpService,
 };
 use rmcp::{ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
@@ -42,10 +40,11 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::rejection::CircuitOpen;
 use toolwarden_core::{BoxError, ToolCatalog};
 use toolwarden_proxy::config::UpstreamConfig;
-use toolwarden_proxy::routes::Downstreams;
-use toolwarden_proxy::server::ProxyCore;
 use toolwarden_proxy::stack::ToolStack;
+use toolwarden_proxy::transport::{HookedTransport, OnReceive};
 use toolwarden_proxy::upstream::{Upstream, UpstreamStatus};
+use toolwarden_proxy::Downstreams;
+use toolwarden_proxy::ProxyCore;
 use toolwarden_proxy::{InProcessServer, UpstreamTarget};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -58,10 +57,7 @@ const BURST_STEPS: usize = 10;
 const CLIENT_STEPS: usize = 10;
 
 async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(LIMIT, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {LIMIT:?}: it hung"),
-    }
+    support::bounded(what, LIMIT, f).await
 }
 
 /// The upstream server: `echo`, `slow` (until cancelled), `hang` (never
@@ -85,49 +81,31 @@ struct TestServer {
 
 type ProgressRead = Arc<Mutex<HashMap<ProgressToken, Vec<f64>>>>;
 
-/// The server's transport, recording each `notifications/progress` as it is
-/// read: what the server has read before a response is exactly what the
-/// client sent before it, whatever order rmcp's tasks then run in.
-struct RecordingTransport<T> {
-    inner: T,
-    progress_read: ProgressRead,
-}
+/// Records each `notifications/progress` the server's transport reads (a
+/// hook on a [`HookedTransport`]): what the server has read before a
+/// response is exactly what the client sent before it, whatever order
+/// rmcp's tasks then run in.
+struct RecordProgress(ProgressRead);
 
-impl<T: Transport<RoleServer>> Transport<RoleServer> for RecordingTransport<T> {
-    type Error = T::Error;
-
-    fn name() -> Cow<'static, str> {
-        T::name()
-    }
-
-    fn send(
-        &mut self,
-        item: TxJsonRpcMessage<RoleServer>,
-    ) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send + 'static {
-        self.inner.send(item)
-    }
-
-    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
-        let message = self.inner.receive().await?;
+impl OnReceive<RoleServer> for RecordProgress {
+    fn on_receive(&self, message: &mut RxJsonRpcMessage<RoleServer>) {
         if let JsonRpcMessage::Notification(JsonRpcNotification {
             notification: ClientNotification::ProgressNotification(progress),
             ..
-        }) = &message
+        }) = message
         {
-            self.progress_read
+            self.0
                 .lock()
                 .unwrap()
                 .entry(progress.params.progress_token.clone())
                 .or_default()
                 .push(progress.params.progress);
         }
-        Some(message)
-    }
-
-    fn close(&mut self) -> impl std::future::Future<Output = Result<(), Self::Error>> + Send {
-        self.inner.close()
     }
 }
+
+/// The server's transport, recording the progress it reads.
+type RecordingTransport<T> = HookedTransport<T, RecordProgress>;
 
 #[allow(deprecated)] // roots/list: deprecated by SEP-2577, still forwarded by the proxy
 impl ServerHandler for TestServer {
@@ -350,10 +328,10 @@ fn target(server: TestServer, tasks: Arc<Mutex<Vec<JoinHandle<()>>>>) -> Upstrea
         let (client, server_io) = tokio::io::duplex(1 << 16);
         let server = server.clone();
         let (read, write) = tokio::io::split(server_io);
-        let transport = RecordingTransport {
-            inner: AsyncRwTransport::new_server(read, write),
-            progress_read: Arc::clone(&server.progress_read),
-        };
+        let transport = HookedTransport::new(
+            AsyncRwTransport::new_server(read, write),
+            RecordProgress(Arc::clone(&server.progress_read)),
+        );
         let task = tokio::spawn(async move {
             if let Ok(running) = server.serve(transport).await {
                 let _ = running.waiting().await;
@@ -404,7 +382,7 @@ fn harness_with(
     let (client, proxy_side) = tokio::io::duplex(1 << 16);
     let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(toolwarden_proxy::stdio::serve_stdio(
+    let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
         core,
         proxy_in,
         proxy_out,
@@ -842,10 +820,7 @@ impl SessionManager for RecordingSessions {
         let progress_read = Arc::clone(&self.progress_read);
         Ok((
             id,
-            RecordingTransport {
-                inner,
-                progress_read,
-            },
+            HookedTransport::new(inner, RecordProgress(progress_read)),
         ))
     }
 
@@ -977,7 +952,7 @@ impl HttpHarness {
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let serving = tokio::spawn(toolwarden_proxy::http::serve_http(
+        let serving = tokio::spawn(toolwarden_proxy::serve_http(
             core,
             listener,
             1 << 20,

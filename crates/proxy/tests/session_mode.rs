@@ -26,8 +26,8 @@ use toolwarden_core::Events;
 use toolwarden_proxy::access::{AccessPolicy, AuthTokens};
 use toolwarden_proxy::config::Config;
 use toolwarden_proxy::endpoints::MetricsEndpoints;
-use toolwarden_proxy::http::HttpOptions;
 use toolwarden_proxy::stack::SharedState;
+use toolwarden_proxy::HttpOptions;
 use toolwarden_proxy::{Proxy, UpstreamTarget};
 
 /// A server that keeps state per connection: `remember {value}` appends to
@@ -106,7 +106,7 @@ impl Harness {
         let access =
             AccessPolicy::new(&[], &[], listener.local_addr().ok(), AuthTokens::default()).unwrap();
         let options = HttpOptions::new(&proxy.config().http, 1 << 20, access);
-        let serving = tokio::spawn(toolwarden_proxy::http::serve_http_with(
+        let serving = tokio::spawn(toolwarden_proxy::serve_http_with(
             proxy.cores(),
             listener,
             options,

@@ -10,12 +10,12 @@ use serde_json::{json, Value};
 use toolwarden::circuit_breaker::CircuitState;
 use toolwarden::stack::{StackLayer, StandardStackLayer};
 use toolwarden_core::jsonrpc::{Request, Response};
-use toolwarden_core::testing::{MockMcp, Step};
-use toolwarden_core::{Events, McpResponse};
+use toolwarden_core::testing::{ready_call, MockMcp, Step};
+use toolwarden_core::{BoxError, Events, McpResponse};
 use toolwarden_proxy::config::Config;
 use toolwarden_proxy::endpoints::MetricsEndpoints;
 use toolwarden_proxy::stack::{configure_catalog, standard_stack, SharedState};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 fn config(toml: &str) -> Config {
     Config::from_toml_str(toml, std::iter::empty()).unwrap()
@@ -30,12 +30,9 @@ fn stack(config: &Config) -> (StandardStackLayer, SharedState) {
 async fn call<S>(svc: &mut S, id: i64, tool: &str, args: Value) -> Response
 where
     S: Service<Request, Response = Response>,
-    S::Error: std::fmt::Debug,
+    S::Error: Into<BoxError>,
 {
-    svc.ready()
-        .await
-        .unwrap()
-        .call(Request::tool_call(id, tool, args))
+    ready_call(svc, Request::tool_call(id, tool, args))
         .await
         .unwrap()
 }

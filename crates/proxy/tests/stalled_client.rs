@@ -29,8 +29,8 @@ use toolwarden_core::Events;
 use toolwarden_proxy::access::{AccessPolicy, AuthTokens};
 use toolwarden_proxy::config::Config;
 use toolwarden_proxy::endpoints::MetricsEndpoints;
-use toolwarden_proxy::http::HttpOptions;
 use toolwarden_proxy::stack::SharedState;
+use toolwarden_proxy::HttpOptions;
 use toolwarden_proxy::{Proxy, UpstreamTarget};
 
 /// How many logging notifications `shout` sends, and how big each is: far
@@ -141,7 +141,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_the_others_get_everythi
         AccessPolicy::new(&[], &[], listener.local_addr().ok(), AuthTokens::default()).unwrap();
     let options = HttpOptions::new(&proxy.config().http, 1 << 20, access);
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(toolwarden_proxy::http::serve_http_with(
+    let serving = tokio::spawn(toolwarden_proxy::serve_http_with(
         proxy.cores(),
         listener,
         options,

@@ -26,9 +26,9 @@ use support::{bounded, LIMIT};
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::ToolCatalog;
 use toolwarden_proxy::config::UpstreamConfig;
-use toolwarden_proxy::routes::Downstreams;
-use toolwarden_proxy::server::upstream_client_config;
 use toolwarden_proxy::upstream::Upstream;
+use toolwarden_proxy::upstream_client_config;
+use toolwarden_proxy::Downstreams;
 use toolwarden_proxy::UpstreamTarget;
 use tower::ServiceExt as _;
 

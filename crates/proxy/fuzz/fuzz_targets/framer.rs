@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use toolwarden_proxy::framer::{frames_of, Frame};
+use toolwarden_proxy::downstream::framer::{frames_of, Frame};
 
 fuzz_target!(|data: &[u8]| {
     let frames = frames_of(data, 1024);

@@ -1,3 +1,6 @@
+//! Unit tests of the configuration: the file, its checks and round trips
+//! (the environment's overrides in `tests/environment.rs`).
+
 use std::time::Duration;
 
 use super::load::test_support::{env_value, split_variable};
@@ -319,133 +322,6 @@ fn syntax_errors_say_where() {
 }
 
 #[test]
-fn the_environment_overrides_the_file() {
-    let text = "[circuit_breaker]\nfailure_threshold = 5\n";
-    let config = parse_env(
-        text,
-        &[
-            ("TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_THRESHOLD", "7"),
-            ("TOOLWARDEN_CIRCUIT_BREAKER_RESET_TIMEOUT", "45s"),
-            ("TOOLWARDEN_RATE_LIMIT_GLOBAL_RATE", "10/s"),
-            ("TOOLWARDEN_RATE_LIMIT_GLOBAL_BURST", "4"),
-            ("TOOLWARDEN_RATE_LIMIT_MODE", "wait"),
-            ("TOOLWARDEN_RATE_LIMIT_MAX_WAIT", "250ms"),
-            ("TOOLWARDEN_LOOP_GUARD_EXEMPT_TOOLS", r#"["poll", "tail"]"#),
-            ("TOOLWARDEN_CATALOG_TRUST_ANNOTATIONS", "true"),
-            ("TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_RATE", "0.25"),
-            ("TOOLWARDEN_UPSTREAM_CALL_TIMEOUT", "\"20s\""),
-            // Not configuration: no such section.
-            ("TOOLWARDEN_E2E", "required"),
-            ("TOOLWARDEN_SERVER_EVERYTHING", "/bin/true"),
-            ("OTHER_VARIABLE", "x"),
-        ],
-    )
-    .unwrap();
-    assert_eq!(config.circuit_breaker.failure_threshold, Some(7));
-    assert_eq!(
-        config.circuit_breaker.reset_timeout,
-        Some(Duration::from_secs(45))
-    );
-    assert_eq!(config.circuit_breaker.failure_rate, Some(0.25));
-    assert_eq!(config.rate_limit.global_burst, Some(4));
-    assert_eq!(config.rate_limit.mode, Some(LimitMode::Wait));
-    assert_eq!(
-        config.loop_guard.exempt_tools,
-        Some(vec!["poll".to_owned(), "tail".to_owned()])
-    );
-    assert!(config.catalog.trust_annotations);
-    assert_eq!(config.upstream.call_timeout, Some(Duration::from_secs(20)));
-}
-
-#[test]
-fn bad_environment_values_name_the_variable_and_the_key() {
-    let cases: &[(&str, &str, &str)] = &[
-        (
-            "TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_THRESHOLD",
-            "abc",
-            "circuit_breaker.failure_threshold",
-        ),
-        (
-            "TOOLWARDEN_CIRCUIT_BREAKER_FAILURE_THRESHOLD",
-            "0",
-            "circuit_breaker.failure_threshold",
-        ),
-        ("TOOLWARDEN_RETRY_MAX_ATTEMPT", "3", "retry.max_attempt"),
-        ("TOOLWARDEN_RETRY_BASE_DELAY", "fast", "retry.base_delay"),
-        (
-            "TOOLWARDEN_RATE_LIMIT_MAX_WAIT",
-            "1s",
-            "rate_limit.max_wait",
-        ),
-        (
-            "TOOLWARDEN_LOOP_GUARD_EXEMPT_TOOLS",
-            "[1, 2]",
-            "loop_guard.exempt_tools[0]",
-        ),
-        (
-            "TOOLWARDEN_UPSTREAM_RESTART_BACKOFF_MIN",
-            "0s",
-            "upstream.restart_backoff_min",
-        ),
-        ("TOOLWARDEN_RETRY_", "3", "retry"),
-    ];
-    for (var, value, key) in cases {
-        let err = parse_env("", &[(var, value)]).unwrap_err();
-        assert_eq!(err.key(), Some(*key), "{var}={value} → {err}");
-        assert_eq!(err.env_var(), Some(*var), "{var}={value} → {err}");
-        let text = err.to_string();
-        assert!(text.contains(var) && text.contains(key), "{text}");
-    }
-    // A bad file value is not blamed on an unrelated variable.
-    let err = parse_env(
-        "[retry]\nmax_attempts = 0\n",
-        &[("TOOLWARDEN_RETRY_BASE_DELAY", "1s")],
-    )
-    .unwrap_err();
-    assert_eq!(err.key(), Some("retry.max_attempts"));
-    assert_eq!(err.env_var(), None);
-}
-
-#[test]
-fn environment_values_are_toml_literals_or_strings() {
-    assert_eq!(env_value("5"), toml::Value::Integer(5));
-    assert_eq!(env_value("true"), toml::Value::Boolean(true));
-    assert_eq!(env_value("30s"), toml::Value::String("30s".into()));
-    assert_eq!(env_value("\"x\""), toml::Value::String("x".into()));
-    // A value cannot smuggle in other keys.
-    assert_eq!(
-        env_value("1\nother = 2"),
-        toml::Value::String("1\nother = 2".into())
-    );
-    assert_eq!(
-        split_variable("CIRCUIT_BREAKER_FAILURE_THRESHOLD"),
-        Some(("circuit_breaker", "failure_threshold".to_owned()))
-    );
-    assert_eq!(split_variable("RETRYX_MAX"), None);
-    assert_eq!(split_variable("E2E"), None);
-}
-
-#[test]
-fn rates_and_windows_parse_and_print() {
-    for (text, count, per) in [
-        ("10/s", 10, Duration::from_secs(1)),
-        ("600/min", 600, Duration::from_secs(60)),
-        ("5/100ms", 5, Duration::from_millis(100)),
-        ("3/2h", 3, Duration::from_secs(7200)),
-        ("7", 7, Duration::from_secs(1)),
-    ] {
-        let rate: Rate = text.parse().unwrap();
-        assert_eq!((rate.count, rate.per), (count, per), "{text}");
-        assert_eq!(rate.to_string().parse::<Rate>().unwrap(), rate);
-    }
-    for bad in ["", "x/s", "0/s", "-1/s", "5/0s", "5/soon", "5/"] {
-        assert!(bad.parse::<Rate>().is_err(), "{bad}");
-    }
-    let config = parse("[rate_limit]\nglobal_rate = 0\n").unwrap_err();
-    assert_eq!(config.key(), Some("rate_limit.global_rate"));
-}
-
-#[test]
 fn upstream_headers_and_ca_file_parse_check_and_round_trip() {
     let text = r#"
         [upstream]
@@ -515,3 +391,5 @@ fn session_mode_is_shared_unless_per_session_is_asked_for() {
         "upstream.session_mode"
     );
 }
+
+mod environment;

@@ -456,11 +456,11 @@ async fn run_demo() -> Result<(), String> {
     let (agent_side, proxy_side) = tokio::io::duplex(1 << 20);
     let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
     let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(crate::stdio::serve_stdio(
+    let serving = tokio::spawn(crate::serve_stdio(
         proxy.core(),
         proxy_in,
         proxy_out,
-        crate::framer::DEFAULT_MAX_LINE_BYTES,
+        crate::DEFAULT_MAX_LINE_BYTES,
         shutdown.clone(),
     ));
     let client = Agent { started }
@@ -496,36 +496,4 @@ async fn run_demo() -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_demo_config_is_valid_and_builds_the_stack() {
-        let config = demo_config();
-        config.validate().unwrap();
-        let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
-        crate::stack::standard_stack(&config, &shared).unwrap();
-    }
-
-    #[test]
-    fn the_counter_counts_per_tool_and_event() {
-        let counter = EventCounter::default();
-        counter.on_event(&Event::Retried {
-            key: "a",
-            attempt: 2,
-            delay: Duration::from_millis(1),
-        });
-        counter.on_event(&Event::Retried {
-            key: "a",
-            attempt: 3,
-            delay: Duration::from_millis(1),
-        });
-        counter.on_event(&Event::LoopDetected {
-            key: "b",
-            repeats: 4,
-        });
-        assert_eq!(counter.count("a", "retried"), 2);
-        assert_eq!(counter.count("b", "loop_detected"), 1);
-        assert_eq!(counter.count("b", "retried"), 0);
-    }
-}
+mod tests;

@@ -14,7 +14,7 @@ use rmcp::service::{
 };
 
 use super::Shared;
-use crate::routes::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
+use crate::progress::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 
 /// Answers what the upstream server sends to the proxy (see the
 /// [module docs](super)):
@@ -23,15 +23,15 @@ use crate::routes::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 /// - other requests (`sampling/createMessage`, `roots/list`,
 ///   `elicitation/create`, custom ones) go to the downstream session whose
 ///   call the server was handling, found by
-///   [`Downstreams::target_of`](crate::routes::Downstreams::target_of), and
-///   to no other (over HTTP it must have a session: see [`crate::http`]),
+///   [`Downstreams::target_of`](crate::downstream::Downstreams::target_of), and
+///   to no other (over HTTP it must have a session: see [`crate::downstream::http`]),
 ///   with no time limit: a human may take long over an elicitation. When no
 ///   such session can be told, the server gets `-32603 no client session
 ///   for this request` at once (`-32000` with no client at all), and
 ///   if the client's transport ends before it answers (its session closed),
 ///   when it ends. Its answer (or error) is passed back once the
 ///   progress the client sent before it has been forwarded to the server
-///   (waiting at most [`PROGRESS_FORWARD_LIMIT`](crate::routes::PROGRESS_FORWARD_LIMIT));
+///   (waiting at most [`PROGRESS_FORWARD_LIMIT`](crate::progress::PROGRESS_FORWARD_LIMIT));
 ///   if the server cancels one, the client is told too;
 /// - `notifications/progress` go to the client whose request they are about,
 ///   a token's in the order the transport read them ([`send_in_turn`]);

@@ -277,28 +277,12 @@ pub fn alive(pid: u32) -> bool {
 
 /// A raw HTTP/1.1 GET on loopback: the status and the body.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
     let request =
         format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut raw = Vec::new();
-    bounded("an HTTP answer", LIMIT, stream.read_to_end(&mut raw))
-        .await
-        .ok()?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Some((status, body))
+    exchange(stream, &request).await
 }
 
 /// A raw HTTP/1.1 POST of a JSON body, as an MCP client sends it.
@@ -313,7 +297,7 @@ pub async fn http_post_with(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .ok()?;
     let extra: String = headers
@@ -325,6 +309,12 @@ pub async fn http_post_with(
          Accept: application/json, text/event-stream\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+    exchange(stream, &request).await
+}
+
+/// Sends `request` on `stream` and reads the answer to its end: the status
+/// and the body (dechunked).
+async fn exchange(mut stream: tokio::net::TcpStream, request: &str) -> Option<(u16, String)> {
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut raw = Vec::new();
     bounded("an HTTP answer", LIMIT, stream.read_to_end(&mut raw))

@@ -1,7 +1,7 @@
 //! Which upstream connection serves a downstream session:
 //! `upstream.session_mode` ([`SessionMode`](crate::config::SessionMode)).
 //!
-//! - [`Cores::Shared`]: every session's [`ProxyServer`](crate::server::ProxyServer)
+//! - [`Cores::Shared`]: every session's [`ProxyServer`](super::ProxyServer)
 //!   gets the one [`ProxyCore`] (one upstream, one stack).
 //! - [`Cores::PerSession`]: each session gets a core of its own from
 //!   [`SessionUpstreams::open`], over an upstream of its own (started by the
@@ -17,7 +17,7 @@
 //! a core is cheap until its upstream is started, and one whose upstream
 //! never started is dropped with nothing to close. Requests without a
 //! session are refused in this mode (see `touch_and_start` in
-//! [`crate::server`]): they have no connection of their own to go to.
+//! [`super::server`]): they have no connection of their own to go to.
 //!
 //! `/health` reports either through [`Upstreams`].
 
@@ -30,10 +30,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use toolwarden_core::ToolCatalog;
 
+use super::{Downstreams, ProxyCore};
 use crate::config::UpstreamConfig;
 use crate::redact::Redactor;
-use crate::routes::Downstreams;
-use crate::server::ProxyCore;
 use crate::stack::ToolStackLayer;
 use crate::upstream::{Upstream, UpstreamStatus, UpstreamTarget};
 
@@ -153,11 +152,11 @@ impl SessionUpstreams {
             downstreams,
             self.request_timeout,
             Arc::clone(&self.numbers),
-            Lease {
+            Some(Lease {
                 sessions: Arc::downgrade(self),
                 id: lease,
                 upstream,
-            },
+            }),
         )
     }
 

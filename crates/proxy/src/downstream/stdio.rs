@@ -1,7 +1,7 @@
 //! The downstream side over stdio: newline-delimited JSON-RPC on stdin and
 //! stdout.
 //!
-//! - One reader task reads stdin through the [`framer`](crate::framer):
+//! - One reader task reads stdin through the [`framer`](super::framer):
 //!   valid messages go to rmcp, malformed lines are answered at once
 //!   (`-32700`, `-32600`, `-32602`, with the request id when it can be read).
 //! - One writer task owns stdout: rmcp's messages and the framer's answers
@@ -14,7 +14,7 @@
 //!   simply send `initialize` again.
 //! - That transport counts the client's `notifications/progress` as it reads
 //!   them, so progress on a request of the server's reaches the server in
-//!   order and before the client's answer (see [`crate::routes`]).
+//!   order and before the client's answer (see [`crate::progress`]).
 //! - At the end of stdin rmcp answers the requests still in flight (for up
 //!   to 5 s), the writer flushes, and [`serve_stdio`] returns; cancelling
 //!   `shutdown` (SIGTERM, SIGINT) does the same with rmcp's 2 s drain.
@@ -30,9 +30,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
-use crate::framer::{classify_line, too_long_reply, Frame, LineReader, RawLine};
-use crate::server::{ProxyCore, ProxyServer};
-use crate::upstream::ProgressTallyTransport;
+use super::framer::{classify_line, too_long_reply, Frame, LineReader, RawLine};
+use super::{ProxyCore, ProxyServer};
+use crate::progress::ProgressTally;
+use crate::transport::HookedTransport;
 
 /// Messages queued for rmcp and lines queued for stdout.
 const QUEUE: usize = 256;
@@ -153,12 +154,12 @@ where
     let incoming = Arc::new(Mutex::new(message_rx));
     loop {
         let server = ProxyServer::new(Arc::clone(&core));
-        let transport = ProgressTallyTransport::new(
+        let transport = HookedTransport::new(
             QueueTransport {
                 incoming: Arc::clone(&incoming),
                 outgoing: line_tx.clone(),
             },
-            server.progress_routes(),
+            ProgressTally::new(server.progress_routes()),
         );
         match server
             .serve_with_ct(transport, shutdown.child_token())

@@ -1,0 +1,268 @@
+//! [`Downstreams`]: the connected downstream clients, what the server sends
+//! them, and which of them a request of the server's is for.
+//!
+//! # Notifications
+//!
+//! Each client has a bounded queue of its own, sent in order by a task of
+//! its own (`outbox.rs`): a client that does not read fills only its own
+//! queue, and is dropped and disconnected ([`Disconnect`]) once it is full
+//! or a send stalls, never slowing the others.
+//!
+//! # Whose a request of the server's is
+//!
+//! A request the server sends (sampling, roots, elicitation) goes to the
+//! session whose call the server was handling, and to no other
+//! ([`Downstreams::target_of`]). Every request the proxy forwards is
+//! recorded with its session while in flight ([`Downstreams::forwarding`],
+//! dropped with its [`CauseGuard`]), under the upstream request id of each
+//! attempt (reported by `toolwarden_rmcp::OnRequestSent`). Then:
+//!
+//! - Over Streamable HTTP, rmcp's client transport marks a request of the
+//!   server's with the request whose response stream it came on
+//!   (`InboundStreamOrigin`, SEP-2260); rmcp's server (and the TypeScript
+//!   and Python SDKs) send a request made while handling a call on that
+//!   call's stream. That id names the session.
+//! - Otherwise (stdio; a request on the standalone stream) nothing on the
+//!   wire ties it to a call. It goes to the one session with requests in
+//!   flight upstream, pings aside, if only one has; with none in flight, to
+//!   the one connected client, if only one is (stdio: always).
+//! - Else, or when the session found cannot be sent requests (a client
+//!   without a session over HTTP), the server gets `-32603 no client session
+//!   for this request`: it is never sent to a client it may not be for.
+//!
+//! Notifications of the server that name a request go where it went
+//! (progress by token: see [`crate::progress`]; `notifications/cancelled` by rmcp to the
+//! request it cancels), a task's status to the client whose call created
+//! it ([`Downstreams::notify_task_owner`]); the rest (list changes, logging,
+//! resource updates) names none and goes to every client.
+//!
+//! Progress is not routed here but in [`crate::progress`]; each client is
+//! registered with the progress routes its transport counts into.
+
+mod causes;
+mod outbox;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmcp::model::ServerNotification;
+use rmcp::service::{Peer, RoleClient, RoleServer};
+
+use crate::progress::{lock, ProgressRoutes};
+
+use causes::Causes;
+pub use causes::{Caller, CauseGuard, Target};
+use outbox::{queue, spawn_outbox};
+
+/// An id for one connected downstream client.
+pub type DownstreamId = u64;
+
+/// How many notifications may wait for one client; past it the client is
+/// not reading, and is dropped from the list (never slowing the others).
+pub const NOTIFICATION_QUEUE: usize = 256;
+
+/// How long sending one notification to a client may take before the
+/// client counts as not reading and is dropped from the list (the default
+/// of `limits.client_stall_timeout`; see [`Downstreams::with_stall_timeout`]).
+pub const NOTIFICATION_STALL: Duration = Duration::from_secs(10);
+
+/// Ends a client's session: called once when the client stops reading
+/// (over HTTP it closes the session and drops its connections; see
+/// [`super::http`]). It must not block.
+pub type Disconnect = Arc<dyn Fn() + Send + Sync>;
+
+struct Downstream {
+    id: DownstreamId,
+    peer: Peer<RoleServer>,
+    /// The client's notifications, sent in order by a task of its own: a
+    /// client that does not read fills only its own queue.
+    outbox: tokio::sync::mpsc::Sender<ServerNotification>,
+    /// Where the progress it sends on the server's requests is counted and
+    /// routed: its own, since rmcp numbers each peer's tokens separately.
+    progress: Arc<ProgressRoutes<RoleClient>>,
+    /// Ends its session when it stops reading.
+    disconnect: Option<Disconnect>,
+}
+
+/// Who sent a request the proxy forwards upstream: one downstream session
+/// (any `ProxyServer`, with a session or not) and, when it can be sent the
+
+#[derive(Default)]
+struct Registry {
+    clients: Vec<Downstream>,
+    next_id: DownstreamId,
+    causes: Causes,
+    /// Tasks (SEP-1686) the server created for a client's call → that
+    /// client: their status notifications are its only. Forgotten when the
+    /// task ends or the client goes.
+    tasks: HashMap<String, DownstreamId>,
+}
+
+/// The connected downstream clients (one over stdio, one per session over
+/// HTTP), and the requests they have in flight upstream. Entries are removed
+/// when their session ends, and closed ones are pruned whenever a client
+/// registers, so the list holds at most the open sessions; a request in
+/// flight is recorded as long as its [`CauseGuard`] lives.
+#[derive(Clone)]
+pub struct Downstreams {
+    registry: Arc<Mutex<Registry>>,
+    /// How long one notification may take to send (`limits.client_stall_timeout`).
+    stall: Duration,
+}
+
+impl Default for Downstreams {
+    fn default() -> Self {
+        Downstreams {
+            registry: Arc::default(),
+            stall: NOTIFICATION_STALL,
+        }
+    }
+}
+
+impl fmt::Debug for Downstreams {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Downstreams")
+            .field("clients", &lock(&self.registry).clients.len())
+            .finish()
+    }
+}
+
+impl Downstreams {
+    /// No clients; a client that takes over [`NOTIFICATION_STALL`] to take
+    /// a notification is not reading.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// No clients; a client that takes over `stall` to take a notification
+    /// is not reading (`limits.client_stall_timeout`).
+    #[must_use]
+    pub fn with_stall_timeout(stall: Duration) -> Self {
+        Downstreams {
+            registry: Arc::default(),
+            stall,
+        }
+    }
+
+    /// Adds a client, with the routes its transport counts the progress it
+    /// sends into (each client its own: rmcp numbers the progress tokens of
+    /// each client's peer from 0, so two clients can be sent a request under
+    /// the same token at the same time); returns its id. `disconnect` ends
+    /// its session if it stops reading (see [`broadcast`](Self::broadcast)).
+    pub fn register(
+        &self,
+        peer: Peer<RoleServer>,
+        progress: Arc<ProgressRoutes<RoleClient>>,
+        disconnect: Option<Disconnect>,
+    ) -> DownstreamId {
+        let outbox = spawn_outbox(peer.clone(), self.stall, disconnect.clone());
+        let mut registry = lock(&self.registry);
+        registry.clients.retain(|c| !c.peer.is_transport_closed());
+        registry.next_id += 1;
+        let id = registry.next_id;
+        registry.clients.push(Downstream {
+            id,
+            peer,
+            progress,
+            outbox,
+            disconnect,
+        });
+        id
+    }
+
+    /// Queues `notification` for every open client (list changes, logging,
+    /// resource updates: nothing in them names a request). Never waits: a
+    /// client whose queue is full ([`NOTIFICATION_QUEUE`]) or whose sender
+    /// stalled (the stall timeout) is not reading: it is dropped from the
+    /// list and disconnected, so one client never slows the others.
+    pub fn broadcast(&self, notification: &ServerNotification) {
+        let mut registry = lock(&self.registry);
+        registry.clients.retain(|client| {
+            !client.peer.is_transport_closed() && queue(client, notification.clone())
+        });
+    }
+
+    /// Whether task `task_id` was created for a call of a client other than
+    /// `client` (who then may not read, update or cancel it). A task of no
+    /// known client's (created for a client without a session, or whose
+    /// client went away) is nobody's: its id alone is the key to it.
+    #[must_use]
+    pub fn task_of_another(&self, task_id: &str, client: Option<DownstreamId>) -> bool {
+        lock(&self.registry)
+            .tasks
+            .get(task_id)
+            .is_some_and(|owner| Some(*owner) != client)
+    }
+
+    /// Removes a client (and forgets its tasks).
+    pub fn remove(&self, id: DownstreamId) {
+        let mut registry = lock(&self.registry);
+        registry.clients.retain(|c| c.id != id);
+        registry.tasks.retain(|_, owner| *owner != id);
+    }
+
+    /// Records that the server created task `task_id` for a call of
+    /// `client`'s (none: a client that cannot be sent anything, so the
+    /// task's notifications go nowhere).
+    pub fn task_created(&self, client: Option<DownstreamId>, task_id: &str) {
+        let mut registry = lock(&self.registry);
+        match client {
+            Some(id) if registry.clients.iter().any(|c| c.id == id) => {
+                registry.tasks.insert(task_id.to_owned(), id);
+            }
+            _ => {
+                registry.tasks.remove(task_id);
+            }
+        }
+    }
+
+    /// Queues a notification about task `task_id` for the open client whose
+    /// task it is, if it is one of a client's (see [`broadcast`](Self::broadcast)
+    /// for the queue); `ended` forgets the task. Whether it was queued.
+    #[must_use]
+    pub fn notify_task_owner(
+        &self,
+        task_id: &str,
+        ended: bool,
+        notification: ServerNotification,
+    ) -> bool {
+        let mut registry = lock(&self.registry);
+        let owner = if ended {
+            registry.tasks.remove(task_id)
+        } else {
+            registry.tasks.get(task_id).copied()
+        };
+        let Some(owner) = owner else {
+            return false;
+        };
+        let Some(at) = registry
+            .clients
+            .iter()
+            .position(|c| c.id == owner && !c.peer.is_transport_closed())
+        else {
+            return false;
+        };
+        if queue(&registry.clients[at], notification) {
+            return true;
+        }
+        registry.clients.remove(at);
+        false
+    }
+
+    /// How many clients are registered.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        lock(&self.registry).clients.len()
+    }
+
+    /// Whether no client is registered.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,315 @@
+//! What the `/mcp` route checks before rmcp sees a request ([`guard`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+use rmcp::model::{ClientRequest, JsonRpcMessage};
+use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use tokio::sync::Semaphore;
+use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
+
+use super::session::ProxySessions;
+use super::{ConnectionKill, HttpOptions};
+use crate::access::{AccessPolicy, Refusal};
+use crate::downstream::framer::{classify_line, error_line, Frame};
+
+/// The header rmcp keeps a session's id in.
+const SESSION_ID_HEADER: &str = "mcp-session-id";
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+fn jsonrpc_error(status: StatusCode, line: String) -> Response {
+    metrics::counter!("toolwarden_proxy_malformed_messages_total").increment(1);
+    (status, [(header::CONTENT_TYPE, "application/json")], line).into_response()
+}
+/// What the `/mcp` route checks before rmcp sees a request: see
+/// [`guard`].
+#[derive(Clone)]
+pub(super) struct Guard {
+    access: AccessPolicy,
+    sessions: Arc<ProxySessions<LocalSessionManager>>,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+    max_sessions: usize,
+    max_requests_per_session: usize,
+    /// Each open session's in-flight permits. Entries are made only for
+    /// sessions rmcp knows, and pruned of closed ones whenever one is
+    /// added, so the map holds at most about `max_sessions` entries.
+    in_flight: Arc<Mutex<HashMap<Arc<str>, Arc<Semaphore>>>>,
+}
+
+impl Guard {
+    /// The checks `options` asks for, of sessions managed by `sessions`.
+    pub(super) fn new(
+        options: &HttpOptions,
+        sessions: Arc<ProxySessions<LocalSessionManager>>,
+    ) -> Self {
+        Guard {
+            access: options.access.clone(),
+            sessions,
+            max_body_bytes: options.max_body_bytes,
+            body_read_timeout: options.body_read_timeout,
+            max_sessions: options.max_sessions,
+            max_requests_per_session: options.max_requests_per_session,
+            in_flight: Arc::default(),
+        }
+    }
+
+    async fn open_sessions(&self) -> usize {
+        self.sessions.inner.sessions.read().await.len()
+    }
+
+    /// The in-flight permits of session `id`, if rmcp knows it.
+    async fn permits_of(&self, id: &str) -> Option<Arc<Semaphore>> {
+        if let Some(permits) = lock(&self.in_flight).get(id) {
+            return Some(Arc::clone(permits));
+        }
+        let open = self.sessions.inner.sessions.read().await;
+        if !open.contains_key(id) {
+            return None;
+        }
+        let mut map = lock(&self.in_flight);
+        map.retain(|known, _| open.contains_key(known.as_ref()));
+        let permits = map
+            .entry(Arc::from(id))
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_requests_per_session)));
+        Some(Arc::clone(permits))
+    }
+}
+
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A refusal of the listener, counted by reason.
+fn refused(reason: &'static str, response: Response) -> Response {
+    metrics::counter!("toolwarden_proxy_http_refusals_total", "reason" => reason).increment(1);
+    response
+}
+
+/// A JSON-RPC error answer with an HTTP status other than 200.
+fn jsonrpc_refusal(
+    status: StatusCode,
+    reason: &'static str,
+    id: &Id,
+    error: ErrorObject,
+) -> Response {
+    refused(
+        reason,
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            error_line(id, error),
+        )
+            .into_response(),
+    )
+}
+
+/// The id of a request of rmcp's, as the framer writes ids.
+fn core_id(id: &rmcp::model::RequestId) -> Id {
+    serde_json::to_value(id)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or(Id::Null)
+}
+
+/// Everything the `/mcp` route checks before rmcp sees a request, in order:
+///
+/// 1. `Host`, then `Origin` (`403`), then the bearer token (`401` with
+///    `WWW-Authenticate: Bearer`), on every request ([`AccessPolicy`]).
+/// 2. A POST body of JSON is read within `body_read_timeout` (`408`) and
+///    `max_body_bytes` (`413`), and malformed JSON-RPC is answered the way
+///    the stdio side does (`-32700`, `-32600`, `-32602` with the id when
+///    readable, HTTP 400) instead of rmcp's plain-text `415`.
+/// 3. An `initialize` that would open a session past `max_sessions` gets
+///    `503`; a request of a session with `max_requests_per_session` already
+///    in flight gets `429` (its permit is held until its answer's stream
+///    ends).
+///
+/// Every valid message is then passed on to rmcp, and other requests (GET,
+/// DELETE, other content types) too once step 1 let them through.
+pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    if let Err(refusal) = guard.access.check(request.uri(), request.headers()) {
+        // Never the token: only which check failed.
+        tracing::debug!(?refusal, "refused an HTTP request");
+        return match refusal {
+            Refusal::Host => refused(
+                "host",
+                (
+                    StatusCode::FORBIDDEN,
+                    "Forbidden: Host header is not allowed",
+                )
+                    .into_response(),
+            ),
+            Refusal::Origin => refused(
+                "origin",
+                (StatusCode::FORBIDDEN, "Forbidden: Origin is not allowed").into_response(),
+            ),
+            Refusal::Token => refused(
+                "token",
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer realm=\"toolwarden\"")],
+                    "Unauthorized: a valid bearer token is required",
+                )
+                    .into_response(),
+            ),
+        };
+    }
+    if let (Some(session), Some(connection)) = (
+        request
+            .headers()
+            .get(SESSION_ID_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        request.extensions().get::<ConnectionKill>(),
+    ) {
+        // Only sessions rmcp knows: made-up ids never take room. Asked
+        // once per connection and session, not on every request.
+        if !guard.sessions.connections.recorded(session, connection)
+            && guard
+                .sessions
+                .inner
+                .sessions
+                .read()
+                .await
+                .contains_key(session)
+        {
+            guard.sessions.connections.record(session, connection);
+        }
+    }
+    if request.method() != Method::POST || !is_json(request.headers()) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    let max_body_bytes = guard.max_body_bytes;
+    let bytes = match tokio::time::timeout(
+        guard.body_read_timeout,
+        axum::body::to_bytes(body, max_body_bytes),
+    )
+    .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return jsonrpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                error_line(
+                    &Id::Null,
+                    ErrorObject::new(
+                        code::INVALID_REQUEST,
+                        format!(
+                            "Invalid Request: message too large (more than {max_body_bytes} bytes)"
+                        ),
+                    ),
+                ),
+            )
+        }
+        Err(_) => {
+            return jsonrpc_refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                &Id::Null,
+                ErrorObject::new(
+                    code::INVALID_REQUEST,
+                    format!(
+                        "Invalid Request: the body was not received within {:?}",
+                        guard.body_read_timeout
+                    ),
+                ),
+            )
+        }
+    };
+    let message = match classify_line(&bytes) {
+        Frame::Message(message) => message,
+        Frame::Reply(line) => return jsonrpc_error(StatusCode::BAD_REQUEST, line),
+        Frame::Ignore("blank line") => {
+            return jsonrpc_error(
+                StatusCode::BAD_REQUEST,
+                error_line(
+                    &Id::Null,
+                    ErrorObject::new(code::PARSE_ERROR, "Parse error: empty body"),
+                ),
+            )
+        }
+        // A malformed notification or response: JSON-RPC answers nothing.
+        Frame::Ignore(_) => return StatusCode::ACCEPTED.into_response(),
+    };
+    let mut permit = None;
+    if let JsonRpcMessage::Request(request) = message.as_ref() {
+        let session = parts
+            .headers
+            .get(SESSION_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let opens_session =
+            session.is_none() && matches!(request.request, ClientRequest::InitializeRequest(_));
+        // Concurrent initializes may each see room: the overshoot is
+        // bounded by the connections served at once.
+        if opens_session && guard.open_sessions().await >= guard.max_sessions {
+            return jsonrpc_refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sessions",
+                &core_id(&request.id),
+                ErrorObject::new(
+                    -32000,
+                    format!(
+                        "too many sessions: the proxy serves at most {} at once; retry later",
+                        guard.max_sessions
+                    ),
+                ),
+            );
+        }
+        let permits = match session {
+            Some(id) => guard.permits_of(id).await,
+            None => None,
+        };
+        if let Some(permits) = permits {
+            match permits.try_acquire_owned() {
+                Ok(p) => permit = Some(p),
+                Err(_) => {
+                    return jsonrpc_refusal(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "in_flight",
+                        &core_id(&request.id),
+                        ErrorObject::new(
+                            -32000,
+                            format!(
+                                "too many requests in flight for this session (at most {}); \
+                                 retry once one is answered",
+                                guard.max_requests_per_session
+                            ),
+                        ),
+                    )
+                }
+            }
+        }
+    }
+    let response = next
+        .run(Request::from_parts(parts, Body::from(bytes)))
+        .await;
+    match permit {
+        None => response,
+        Some(permit) => {
+            // The answer may be an SSE stream: the request is in flight
+            // until it ends.
+            let (parts, body) = response.into_parts();
+            let body = body.into_data_stream().map(move |chunk| {
+                let _in_flight = &permit;
+                chunk
+            });
+            Response::from_parts(parts, Body::from_stream(body))
+        }
+    }
+}

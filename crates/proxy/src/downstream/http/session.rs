@@ -1,0 +1,271 @@
+//! The session manager of the `/mcp` route ([`ProxySessions`], over rmcp's)
+//! and each session's transport: the client's progress counted as it is
+//! read, and each request marked [`InSession`].
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use futures::Stream;
+use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
+use rmcp::service::{RoleClient, RoleServer, RxJsonRpcMessage};
+use rmcp::transport::streamable_http_server::session::{
+    EventStore, RestoreOutcome, ServerSseMessage, SessionId, SessionManager,
+};
+
+use super::guard::lock;
+use super::ConnectionKill;
+use crate::downstream::Disconnect;
+use crate::progress::{ProgressRoutes, ProgressTally};
+use crate::transport::{HookedTransport, OnReceive};
+
+/// Marks a request read by an HTTP session's transport ([`SessionTransport`]):
+/// its client has a session, so it can be sent requests and answer them.
+/// It carries the session's progress routes, which the transport counts the
+/// client's progress into, so the [`ProxyServer`](crate::downstream::ProxyServer) registers the client with
+/// them (see `touch` in [`crate::downstream::server`]).
+#[derive(Clone)]
+pub(crate) struct InSession {
+    progress: Arc<ProgressRoutes<RoleClient>>,
+    disconnect: Disconnect,
+}
+
+impl fmt::Debug for InSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InSession").finish_non_exhaustive()
+    }
+}
+
+impl InSession {
+    /// The session's progress routes.
+    pub(crate) fn progress_routes(&self) -> &Arc<ProgressRoutes<RoleClient>> {
+        &self.progress
+    }
+
+    /// What closes the session and drops its connections.
+    pub(crate) fn disconnect(&self) -> Disconnect {
+        Arc::clone(&self.disconnect)
+    }
+}
+
+/// Marks each request with the session's [`InSession`].
+impl OnReceive<RoleServer> for InSession {
+    fn on_receive(&self, message: &mut RxJsonRpcMessage<RoleServer>) {
+        if let JsonRpcMessage::Request(request) = message {
+            request.request.extensions_mut().insert(self.clone());
+        }
+    }
+}
+
+/// A session's transport: the client's progress counted as it is read
+/// ([`ProgressTally`]) into routes of the session's own, and each request
+/// marked [`InSession`] (with those routes) on its way to the
+/// [`ProxyServer`](crate::downstream::ProxyServer). Everything else passes through untouched.
+pub(super) type SessionTransport<T> = HookedTransport<T, (ProgressTally<RoleClient>, InSession)>;
+
+/// `inner`, with progress routes of its own: rmcp numbers the progress
+/// tokens of each session's peer separately, so two sessions can be sent
+/// requests under the same token at once. `disconnect` ends the session.
+fn session_transport<T>(inner: T, disconnect: Disconnect) -> SessionTransport<T> {
+    let progress = Arc::<ProgressRoutes<RoleClient>>::default();
+    let tally = ProgressTally::new(Arc::clone(&progress));
+    let mark = InSession {
+        progress,
+        disconnect,
+    };
+    HookedTransport::new(inner, (tally, mark))
+}
+
+/// rmcp's session manager `M`, each session's transport wrapped in a
+/// [`SessionTransport`] counting the client's progress into the session's
+/// own routes and marking its requests; everything else is `M`'s.
+pub(super) struct ProxySessions<M> {
+    pub(super) inner: M,
+    /// The connections each session's requests came on.
+    pub(super) connections: Arc<SessionConnections>,
+    /// Itself, for the sessions' [`Disconnect`]s.
+    me: Weak<ProxySessions<M>>,
+}
+
+impl<M> ProxySessions<M> {
+    /// Over `inner`; `me` is the `Arc` it is made in.
+    pub(super) fn new(inner: M, me: Weak<ProxySessions<M>>) -> Self {
+        ProxySessions {
+            inner,
+            connections: Arc::default(),
+            me,
+        }
+    }
+}
+
+impl<M: SessionManager> ProxySessions<M> {
+    /// What ends session `id` when its client stops reading: its
+    /// connections are dropped (a client that does not read holds rmcp's
+    /// session worker in a write to its stream; dropping the connection
+    /// ends the stream and frees it), then rmcp closes the session, so its
+    /// [`ProxyServer`](crate::downstream::ProxyServer) goes, and with it a session's own upstream. Once.
+    fn disconnect(&self, id: &SessionId) -> Disconnect {
+        let sessions = Weak::clone(&self.me);
+        let connections = Arc::clone(&self.connections);
+        let id = id.clone();
+        let done = AtomicBool::new(false);
+        Arc::new(move || {
+            if done.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            tracing::warn!(session = %id, "closing the session of a client that does not read");
+            connections.drop_session(&id);
+            let (Some(sessions), Ok(runtime)) =
+                (sessions.upgrade(), tokio::runtime::Handle::try_current())
+            else {
+                return;
+            };
+            let id = id.clone();
+            runtime.spawn(async move {
+                let closed =
+                    tokio::time::timeout(SESSION_CLOSE_TIMEOUT, sessions.inner.close_session(&id))
+                        .await;
+                if !matches!(closed, Ok(Ok(()))) {
+                    tracing::debug!(session = %id, "rmcp did not close the session cleanly");
+                }
+            });
+        })
+    }
+}
+
+/// How long closing a stalled client's session may take.
+const SESSION_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl<M: SessionManager> SessionManager for ProxySessions<M> {
+    type Error = M::Error;
+    type Transport = SessionTransport<M::Transport>;
+
+    async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
+        let (id, transport) = self.inner.create_session().await?;
+        let disconnect = self.disconnect(&id);
+        Ok((id, session_transport(transport, disconnect)))
+    }
+
+    fn initialize_session(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> impl Future<Output = Result<ServerJsonRpcMessage, Self::Error>> + Send {
+        self.inner.initialize_session(id, message)
+    }
+
+    fn has_session(
+        &self,
+        id: &SessionId,
+    ) -> impl Future<Output = Result<bool, Self::Error>> + Send {
+        self.inner.has_session(id)
+    }
+
+    fn close_session(
+        &self,
+        id: &SessionId,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.close_session(id)
+    }
+
+    fn create_stream(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> impl Future<
+        Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
+    > + Send {
+        self.inner.create_stream(id, message)
+    }
+
+    fn accept_message(
+        &self,
+        id: &SessionId,
+        message: ClientJsonRpcMessage,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send {
+        self.inner.accept_message(id, message)
+    }
+
+    fn create_standalone_stream(
+        &self,
+        id: &SessionId,
+    ) -> impl Future<
+        Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
+    > + Send {
+        self.inner.create_standalone_stream(id)
+    }
+
+    fn resume(
+        &self,
+        id: &SessionId,
+        last_event_id: String,
+    ) -> impl Future<
+        Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
+    > + Send {
+        self.inner.resume(id, last_event_id)
+    }
+
+    async fn restore_session(
+        &self,
+        id: SessionId,
+    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
+        let disconnect = self.disconnect(&id);
+        Ok(match self.inner.restore_session(id).await? {
+            RestoreOutcome::Restored(transport) => {
+                RestoreOutcome::Restored(session_transport(transport, disconnect))
+            }
+            RestoreOutcome::AlreadyPresent => RestoreOutcome::AlreadyPresent,
+            // NotSupported, and any outcome a later rmcp adds: nothing restored.
+            _ => RestoreOutcome::NotSupported,
+        })
+    }
+
+    fn event_store(&self) -> Option<Arc<dyn EventStore>> {
+        self.inner.event_store()
+    }
+}
+
+/// The connections each session's requests came on (its POSTs and its GET
+/// stream), so that a session whose client stops reading can have them
+/// dropped. Entries whose connections all ended are pruned whenever one is
+/// recorded, so the map holds at most one entry per open connection.
+#[derive(Default)]
+pub(super) struct SessionConnections {
+    by_session: Mutex<HashMap<Arc<str>, Vec<ConnectionKill>>>,
+}
+
+impl SessionConnections {
+    /// Records that a request of session `id` came on `connection`.
+    /// Whether a request of session `id` was recorded on `connection`
+    /// already (every request after the first on a kept-alive connection).
+    pub(super) fn recorded(&self, id: &str, connection: &ConnectionKill) -> bool {
+        lock(&self.by_session)
+            .get(id)
+            .is_some_and(|known| known.iter().any(|c| c.id == connection.id))
+    }
+
+    pub(super) fn record(&self, id: &str, connection: &ConnectionKill) {
+        if self.recorded(id, connection) {
+            return;
+        }
+        let mut map = lock(&self.by_session);
+        map.retain(|_, connections| {
+            connections.retain(|c| !c.token.is_cancelled());
+            !connections.is_empty()
+        });
+        map.entry(Arc::from(id))
+            .or_default()
+            .push(connection.clone());
+    }
+
+    /// Drops every connection session `id`'s requests came on.
+    fn drop_session(&self, id: &str) {
+        let connections = lock(&self.by_session).remove(id).unwrap_or_default();
+        for connection in connections {
+            connection.token.cancel();
+        }
+    }
+}

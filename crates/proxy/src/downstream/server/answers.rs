@@ -1,0 +1,132 @@
+//! Results and errors as the downstream client gets them (see "Errors" in
+//! the [module docs](super)): a JSON-RPC error for each failure that reaches
+//! the server, a result of the kind the client asked for.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::time::Duration;
+
+use rmcp::model::{ErrorCode, ErrorData, RequestOptionalParam, ServerResult};
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::classify::{CallTimedOut, TransportError};
+use toolwarden_core::jsonrpc::ErrorObject;
+use toolwarden_core::BoxError;
+
+/// The JSON-RPC error a downstream client gets for a failed forwarded request.
+pub fn error_data(error: &(dyn StdError + 'static)) -> ErrorData {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(obj) = e.downcast_ref::<ErrorObject>() {
+            return ErrorData::new(
+                ErrorCode(i32::try_from(obj.code).unwrap_or(-32603)),
+                obj.message.clone(),
+                obj.data.clone(),
+            );
+        }
+        if e.is::<TransportError>() {
+            return ErrorData::new(
+                ErrorCode(-32000),
+                format!("upstream unavailable: {e}"),
+                None,
+            );
+        }
+        if e.is::<CallTimedOut>() {
+            return ErrorData::new(
+                ErrorCode(-32001),
+                format!("upstream request timed out: {e}"),
+                None,
+            );
+        }
+        current = e.source();
+    }
+    ErrorData::internal_error(format!("toolwarden proxy: {error}"), None)
+}
+
+/// The answer to a forwarded request other than `tools/call`: its result,
+/// or its failure as a JSON-RPC error (`None`: the client cancelled it).
+pub(super) fn forwarded(
+    outcome: Option<Result<Result<ServerResult, BoxError>, RequestTimedOut>>,
+) -> Result<ServerResult, ErrorData> {
+    match outcome {
+        Some(Err(RequestTimedOut(limit))) => Err(ErrorData::new(
+            ErrorCode(-32001),
+            format!("upstream request timed out after {limit:?} (limits.request_timeout)"),
+            None,
+        )),
+        Some(Ok(result)) => tool_call(Some(result)),
+        None => Err(cancelled()),
+    }
+}
+
+/// The answer to a `tools/call`: the stack's result (a failure the stack
+/// rendered is an `isError` result already), or what the stack still
+/// returned as an error, as the JSON-RPC error it is (`None`: the client
+/// cancelled the call).
+pub(super) fn tool_call(
+    outcome: Option<Result<ServerResult, BoxError>>,
+) -> Result<ServerResult, ErrorData> {
+    match outcome {
+        Some(Ok(result)) => Ok(result),
+        Some(Err(e)) => Err(error_data(e.as_ref())),
+        None => Err(cancelled()),
+    }
+}
+
+/// The answer to a request that found no upstream connection (`why`: what
+/// happened, for a client; see [`Upstream::wait_connected`](crate::upstream::Upstream::wait_connected)).
+pub(super) fn unavailable(why: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode(-32000),
+        format!("upstream unavailable: {why}"),
+        None,
+    )
+}
+
+/// A result of another kind than expected, read as the expected kind: rmcp
+/// reads results as an untagged union, so a result may have matched an
+/// earlier variant and still be the same JSON.
+pub(super) fn reinterpret<T: DeserializeOwned>(other: &ServerResult) -> Result<T, ErrorData> {
+    serde_json::to_value(other)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .ok_or_else(|| {
+            ErrorData::internal_error(
+                "the upstream server answered with a result of another kind",
+                None,
+            )
+        })
+}
+
+/// The `$variant` result, or the same JSON read as it.
+macro_rules! expect_result {
+    ($result:expr, $variant:ident) => {
+        match $result {
+            ServerResult::$variant(v) => Ok(v),
+            other => $crate::downstream::server::answers::reinterpret(&other),
+        }
+    };
+}
+pub(super) use expect_result;
+
+/// A request other than `tools/call` outlived `limits.request_timeout`.
+pub(super) struct RequestTimedOut(pub(super) Duration);
+
+fn cancelled() -> ErrorData {
+    ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
+}
+
+pub(super) async fn unless_cancelled<F: Future>(ct: &CancellationToken, f: F) -> Option<F::Output> {
+    tokio::select! {
+        output = f => Some(output),
+        () = ct.cancelled() => None,
+    }
+}
+
+pub(super) fn optional<M: Default, P>(params: Option<P>) -> RequestOptionalParam<M, P> {
+    RequestOptionalParam {
+        method: M::default(),
+        params,
+        extensions: Default::default(),
+    }
+}

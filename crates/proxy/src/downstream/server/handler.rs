@@ -1,0 +1,320 @@
+//! The [`ServerHandler`] methods of [`ProxyServer`]: every request
+//! forwarded (`tools/call` through the tool stack), the client's
+//! notifications passed on.
+
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CallToolResponse, CancelTaskParams, CancelTaskRequest,
+    CancelledNotificationParam, ClientNotification, ClientRequest, CompleteRequest,
+    CompleteRequestParams, CompleteResult, CustomNotification, CustomRequest, CustomResult,
+    ErrorData, GetExtensions, GetMeta, GetPromptRequest, GetPromptRequestParams, GetPromptResponse,
+    GetSkillRequest, GetSkillRequestParams, GetSkillResult, GetTaskParams, GetTaskRequest,
+    GetTaskResult, InitializeRequestParams, InitializeResult, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListSkillsResult, ListToolsResult,
+    PaginatedRequestParams, PingRequest, ProgressNotificationParam, ReadResourceDirectoryRequest,
+    ReadResourceDirectoryRequestParams, ReadResourceDirectoryResult, ReadResourceRequest,
+    ReadResourceRequestParams, ReadResourceResponse, RootsListChangedNotification, ServerConfig,
+    ServerResult, SubscribeRequestParams, UnsubscribeRequestParams, UpdateTaskParams,
+    UpdateTaskRequest,
+};
+// Logging and resources/subscribe are deprecated by newer protocol versions;
+// the proxy still forwards them for clients and servers that use them.
+#[allow(deprecated)]
+use rmcp::model::{SetLevelRequest, SetLevelRequestParams, SubscribeRequest, UnsubscribeRequest};
+use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer};
+use rmcp::ServerHandler;
+
+use super::answers::{self, expect_result, optional, unless_cancelled};
+use super::{upstream_client_config, ProxyServer};
+use crate::progress::{send_in_turn, ProgressReceipt, Resolved};
+
+#[allow(deprecated)] // resources/subscribe is legacy-only in rmcp; it is still forwarded
+impl ServerHandler for ProxyServer {
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        context.peer.set_peer_info(request.clone());
+        self.core.upstream.start(upstream_client_config(&request));
+        self.touch(&context);
+        let limit = self.core.upstream.config().connect_timeout;
+        let connection = self
+            .core
+            .upstream
+            .wait_connected(limit)
+            .await
+            .map_err(|e| answers::unavailable(&e))?;
+        if connection.info().is_none() {
+            return Err(ErrorData::internal_error(
+                "the upstream server sent no initialize result",
+                None,
+            ));
+        }
+        Ok(self.server_config())
+    }
+
+    async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        let request = ClientRequest::PingRequest(PingRequest {
+            method: Default::default(),
+            extensions: Default::default(),
+        });
+        self.forward_empty(request, context).await
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        let request = ClientRequest::CompleteRequest(CompleteRequest::new(request));
+        expect_result!(self.forward(request, context).await?, CompleteResult)
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        let request = ClientRequest::GetPromptRequest(GetPromptRequest::new(request));
+        match self.forward(request, context).await? {
+            ServerResult::InputRequiredResult(r) => Ok(GetPromptResponse::InputRequired(r)),
+            other => expect_result!(other, GetPromptResult).map(GetPromptResponse::Complete),
+        }
+    }
+
+    async fn list_prompts(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        let request = ClientRequest::ListPromptsRequest(optional(request));
+        expect_result!(self.forward(request, context).await?, ListPromptsResult)
+    }
+
+    async fn list_resources(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let request = ClientRequest::ListResourcesRequest(optional(request));
+        expect_result!(self.forward(request, context).await?, ListResourcesResult)
+    }
+
+    async fn list_resource_templates(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        let request = ClientRequest::ListResourceTemplatesRequest(optional(request));
+        expect_result!(
+            self.forward(request, context).await?,
+            ListResourceTemplatesResult
+        )
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let request = ClientRequest::ReadResourceRequest(ReadResourceRequest::new(request));
+        match self.forward(request, context).await? {
+            ServerResult::InputRequiredResult(r) => Ok(ReadResourceResponse::InputRequired(r)),
+            other => expect_result!(other, ReadResourceResult).map(ReadResourceResponse::Complete),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::SubscribeRequest(SubscribeRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let request = ClientRequest::UnsubscribeRequest(UnsubscribeRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.touch_and_start(&context).await?;
+        metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
+        let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
+        let (route, _cause) = self.prepare(&mut request, &context);
+        request.extensions_mut().insert(self.session.key.clone());
+        let call = self.core.call_tool(request);
+        let outcome = unless_cancelled(&context.ct, call).await;
+        if outcome.is_some() {
+            unless_cancelled(&context.ct, route.progress_first()).await;
+        }
+        match answers::tool_call(outcome)? {
+            ServerResult::InputRequiredResult(r) => Ok(CallToolResponse::InputRequired(r)),
+            ServerResult::CreateTaskResult(r) => {
+                // Its status notifications are this client's only.
+                let client = self.session.downstream.get().map(|(id, _)| *id);
+                self.core.downstreams.task_created(client, &r.task.task_id);
+                Ok(CallToolResponse::Task(r))
+            }
+            other => expect_result!(other, CallToolResult).map(CallToolResponse::Complete),
+        }
+    }
+
+    async fn list_tools(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let request = ClientRequest::ListToolsRequest(optional(request));
+        expect_result!(self.forward(request, context).await?, ListToolsResult)
+    }
+
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, ErrorData> {
+        let result = self
+            .forward(ClientRequest::CustomRequest(request), context)
+            .await?;
+        match result {
+            ServerResult::CustomResult(r) => Ok(r),
+            other => serde_json::to_value(&other)
+                .map(CustomResult::new)
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None)),
+        }
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        self.check_task_owner(&request.task_id, &context)?;
+        let request = ClientRequest::GetTaskRequest(GetTaskRequest::new(request));
+        expect_result!(self.forward(request, context).await?, GetTaskResult)
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.check_task_owner(&request.task_id, &context)?;
+        let request = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        self.check_task_owner(&request.task_id, &context)?;
+        let request = ClientRequest::CancelTaskRequest(CancelTaskRequest::new(request));
+        self.forward_empty(request, context).await
+    }
+
+    async fn list_skills(
+        &self,
+        request: Option<PaginatedRequestParams>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ListSkillsResult, ErrorData> {
+        let request = ClientRequest::ListSkillsRequest(optional(request));
+        expect_result!(self.forward(request, context).await?, ListSkillsResult)
+    }
+
+    async fn get_skill(
+        &self,
+        request: GetSkillRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<GetSkillResult, ErrorData> {
+        let request = ClientRequest::GetSkillRequest(GetSkillRequest::new(request));
+        expect_result!(self.forward(request, context).await?, GetSkillResult)
+    }
+
+    async fn read_resource_directory(
+        &self,
+        request: ReadResourceDirectoryRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceDirectoryResult, ErrorData> {
+        let request =
+            ClientRequest::ReadResourceDirectoryRequest(ReadResourceDirectoryRequest::new(request));
+        expect_result!(self.forward(request, context).await?, ListResourcesResult)
+    }
+
+    async fn on_cancelled(
+        &self,
+        _notification: CancelledNotificationParam,
+        _context: NotificationContext<RoleServer>,
+    ) {
+        // rmcp cancelled the request's context, which drops the upstream call,
+        // which sends notifications/cancelled upstream under the upstream id.
+    }
+
+    async fn on_progress(
+        &self,
+        notification: ProgressNotificationParam,
+        mut context: NotificationContext<RoleServer>,
+    ) {
+        // Progress on a request the server sent us (sampling, elicitation):
+        // back to the server under its own token, in the order read. The
+        // receipt was put there by the downstream transport; it is dropped
+        // once the progress is forwarded (or here, if it goes nowhere), so
+        // the client's answer can wait for it. The token is looked up in
+        // this client's own routes, where the server's requests to it are
+        // routed (another client may use the same token); a client not
+        // registered was sent no request, so its progress goes nowhere.
+        let receipt = context.extensions.remove::<ProgressReceipt<RoleClient>>();
+        let Some((_, routes)) = self.session.downstream.get() else {
+            return;
+        };
+        if let Resolved::To(server, token) = routes.resolve(&notification.progress_token).await {
+            let mut params = notification;
+            params.progress_token = token;
+            send_in_turn(receipt, server.notify_progress(params)).await;
+        }
+    }
+
+    async fn on_initialized(&self, _context: NotificationContext<RoleServer>) {}
+
+    async fn on_roots_list_changed(&self, context: NotificationContext<RoleServer>) {
+        let mut notification = ClientNotification::RootsListChangedNotification(
+            RootsListChangedNotification::default(),
+        );
+        *notification.get_meta_mut() = context.meta;
+        self.notify_upstream(notification).await;
+    }
+
+    async fn on_custom_notification(
+        &self,
+        notification: CustomNotification,
+        context: NotificationContext<RoleServer>,
+    ) {
+        let mut notification = ClientNotification::CustomNotification(notification);
+        *notification.get_meta_mut() = context.meta;
+        self.notify_upstream(notification).await;
+    }
+
+    fn get_info(&self) -> ServerConfig {
+        self.server_config()
+    }
+}

@@ -1,0 +1,193 @@
+//! The tool stack: what every `tools/call` passes through between the
+//! downstream client and the upstream server.
+//!
+//! [`build_stack`] is the one place the layers are put together. It receives
+//! the validated [`Config`], the innermost service ([`UpstreamService`], which
+//! sends through the current upstream connection) and the [`SharedState`] the
+//! layers report into, and returns a [`ToolStack`]: a boxed, cloneable
+//! `tower::Service<ClientRequest, Response = ServerResult, Error = BoxError>`.
+//! The proxy clones it per call, drives it with `oneshot`, and renders any
+//! error it returns as a tool result (see [`crate::downstream::server`]).
+
+use std::fmt;
+
+use rmcp::model::{ClientRequest, ServerResult};
+use toolwarden::observability::{circuit_check, HealthRegistry};
+use toolwarden::stack::{StackLayer, StandardStackLayer};
+use toolwarden_core::{BoxError, ConfigError, Events, ToolCatalog, ToolPolicy};
+use tower::util::BoxCloneSyncService;
+use tower::Layer;
+
+use crate::config::Config;
+use crate::endpoints::MetricsEndpoints;
+use crate::tool_names::ToolNameGuardLayer;
+
+pub use crate::upstream::UpstreamService;
+pub use standard::{standard_stack, DEFAULT_MAX_WAIT, TIME_WINDOW_BUCKETS};
+
+mod standard;
+
+/// The service every `tools/call` goes through.
+pub type ToolStack = BoxCloneSyncService<ClientRequest, ServerResult, BoxError>;
+
+/// What the layers of the stack share with the proxy.
+#[derive(Clone)]
+pub struct SharedState {
+    /// The tool catalog, filled from `tools/list` and configured from
+    /// `[catalog]` and `[tools."name"]` before the stack is built.
+    pub catalog: ToolCatalog,
+    /// Where layers emit their events. The proxy has installed its sinks
+    /// already (a log line per event; the demo's counters); a layer built
+    /// with these events reports through all of them.
+    pub events: Events,
+    /// The `/health`, `/circuits` and `/metrics` providers; layers that have
+    /// something to show install it here (see [`MetricsEndpoints`]).
+    pub endpoints: MetricsEndpoints,
+}
+
+impl fmt::Debug for SharedState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SharedState")
+            .field("catalog", &self.catalog)
+            .field("events", &self.events)
+            .field("endpoints", &self.endpoints)
+            .finish()
+    }
+}
+
+impl SharedState {
+    /// A fresh catalog, the given events and providers.
+    #[must_use]
+    pub fn new(events: Events, endpoints: MetricsEndpoints) -> Self {
+        SharedState {
+            catalog: ToolCatalog::new(),
+            events,
+            endpoints,
+        }
+    }
+}
+
+/// Applies `[catalog]` and the per-tool `safe_to_repeat` / `cacheable` to
+/// `catalog` (done by the proxy before [`build_stack`]).
+pub fn configure_catalog(config: &Config, catalog: &ToolCatalog) {
+    catalog.set_trusted(config.catalog.trust_annotations);
+    for (name, tool) in &config.tools {
+        if tool.safe_to_repeat.is_some() || tool.cacheable.is_some() {
+            catalog.configure(
+                name,
+                ToolPolicy {
+                    safe_to_repeat: tool.safe_to_repeat,
+                    cacheable: tool.cacheable,
+                },
+            );
+        }
+    }
+}
+
+/// Builds the tool stack over `upstream`: the umbrella crate's
+/// [`StandardStack`](toolwarden::stack::StandardStack) (observability, loop guard, fallback cache, retry, rate
+/// limit, circuit breaker, attempt timeout, outermost first), configured
+/// from `config`, sharing `shared`'s catalog and events, and with its
+/// circuits and health installed behind `/circuits` and `/health`.
+///
+/// How the sections map onto the layers (an unset key keeps the layer's
+/// default):
+///
+/// - `enabled = false` in a layer section leaves that layer out
+///   ([`StandardStackBuilder::without`](toolwarden::stack::StandardStackBuilder::without)).
+/// - `upstream.attempt_timeout` bounds each attempt; `retry.deadline` is the
+///   stack's retry deadline; `circuit_breaker.slow_call_duration` and a
+///   time `circuit_breaker.window` are the stack's knobs of the same names,
+///   so their cross-checks apply.
+/// - A time `window` is kept in [`TIME_WINDOW_BUCKETS`] buckets; a window of
+///   calls is the breaker's count window (and turns the time window off,
+///   and the other way round).
+/// - A rate without a burst gets a burst of the rate's count (one period's
+///   worth of calls at once).
+/// - `loop_guard`: `0` turns a rule off; `polling_tools` keep the failing
+///   rule but not the repeat and cycle rules.
+/// - `[tools."name"]`: `circuit_breaker` keys become that tool's own breaker
+///   policy (`enabled = false`: its circuit is disabled and never trips);
+///   `rate_limit` its own quota; `retry` its own backoff (`enabled = false`:
+///   one attempt); `loop_guard` its own limits.
+///
+/// Errors name the key: `circuit_breaker.failure_threshold`,
+/// `tools.search.retry.max_attempts`, `upstream.attempt_timeout, retry.deadline`.
+pub fn build_stack(
+    config: &Config,
+    upstream: UpstreamService,
+    shared: &SharedState,
+) -> Result<ToolStack, ConfigError> {
+    Ok(tool_stack_layer(config, shared)?.stack(upstream))
+}
+
+/// What [`build_stack`] puts around the upstream, built once: with
+/// `upstream.session_mode = "per_session"` the proxy puts it around each
+/// session's upstream ([`ToolStackLayer::stack`]), and every session's
+/// calls share the layers' state (circuits, quotas, budget, cache, loop
+/// history by session key). Installs the circuits and health providers in
+/// `shared.endpoints`.
+pub fn tool_stack_layer(
+    config: &Config,
+    shared: &SharedState,
+) -> Result<ToolStackLayer, ConfigError> {
+    let standard = standard_stack(config, shared)?;
+    install_endpoints(&standard, &shared.endpoints);
+    // Names the proxy will not serve are refused before any layer keeps
+    // state for them (see `crate::tool_names`).
+    let names = ToolNameGuardLayer::new(
+        config.limits.max_tool_name_bytes,
+        config
+            .limits
+            .reject_unknown_tools
+            .then(|| shared.catalog.clone()),
+    );
+    Ok(ToolStackLayer { names, standard })
+}
+
+/// The layers of the proxy's tool stack, ready to be put around an
+/// upstream ([`tool_stack_layer`]). Clones share the layers' state.
+#[derive(Clone)]
+pub struct ToolStackLayer {
+    names: ToolNameGuardLayer,
+    standard: StandardStackLayer,
+}
+
+impl fmt::Debug for ToolStackLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ToolStackLayer")
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ToolStackLayer {
+    /// The stack over `upstream`.
+    #[must_use]
+    pub fn stack(&self, upstream: UpstreamService) -> ToolStack {
+        ToolStack::new(self.names.layer(self.standard.layer(upstream)))
+    }
+}
+
+/// `/circuits` serves the breaker registry's snapshot; `/health` the stack's
+/// health registry, whose `circuits` check (important: degraded while a
+/// circuit is open) names the open tools.
+pub fn install_endpoints(layer: &StandardStackLayer, endpoints: &MetricsEndpoints) {
+    let registry = layer.registry().clone();
+    endpoints.set_circuits(move || {
+        let snapshot = registry.snapshot();
+        async move {
+            serde_json::to_value(snapshot)
+                .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
+        }
+    });
+    let health = HealthRegistry::new();
+    if layer.includes(StackLayer::CircuitBreaker) {
+        // A fresh registry has no check of that name yet.
+        let _ = health.register(circuit_check(layer.registry().circuits()));
+    }
+    endpoints.set_health(move || {
+        let health = health.clone();
+        async move { health.report().await.to_json() }
+    });
+}
