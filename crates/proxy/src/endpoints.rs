@@ -40,7 +40,8 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_observability::{Endpoints, MetricsServer};
 
 use crate::access::AuthTokens;
-use crate::sessions::Upstreams;
+use crate::downstream::http::ConnectionLimits;
+use crate::downstream::Upstreams;
 
 /// A boxed future of a JSON value.
 pub type JsonFuture = Pin<Box<dyn Future<Output = Value> + Send>>;
@@ -258,7 +259,7 @@ pub async fn serve(
     endpoints: MetricsEndpoints,
     upstream: impl Into<Upstreams>,
     tokens: Option<AuthTokens>,
-    limits: crate::http::ConnectionLimits,
+    limits: ConnectionLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut routes = router(endpoints, upstream);

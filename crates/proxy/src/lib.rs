@@ -52,10 +52,6 @@ pub mod tool_names;
 pub mod transport;
 pub mod upstream;
 
-// `endpoints.rs` (rewritten elsewhere) names the HTTP serving and the
-// session registry by their paths before `downstream/`: kept working here.
-use downstream::{http, sessions};
-
 pub use downstream::framer::DEFAULT_MAX_LINE_BYTES;
 pub use downstream::http::{serve_http, serve_http_with, HttpOptions};
 pub use downstream::server::upstream_client_config;
