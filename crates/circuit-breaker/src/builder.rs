@@ -81,8 +81,8 @@ impl<C: fmt::Debug> fmt::Debug for CircuitBreakerBuilder<C> {
 }
 
 impl Overridable for CircuitBreakerBuilder {
-    fn overrides(&self) -> &ToolOverrides<Self> {
-        &self.tools
+    fn overrides(&mut self) -> &mut ToolOverrides<Self> {
+        &mut self.tools
     }
 }
 
@@ -100,6 +100,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// `"circuit_breaker"`.
     #[must_use]
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.tools.layer_wide("name");
         self.config.name = name.into();
         self
     }
@@ -249,6 +250,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// What a breaker is kept per. Default [`KeyBy::Tool`].
     #[must_use]
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.tools.layer_wide("key_by");
         self.config.key_by = key_by;
         self
     }
@@ -260,6 +262,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// with a `max_reset_timeout` that long only `idle_timeout(None)` fits).
     #[must_use]
     pub fn bounds(mut self, bounds: Bounds) -> Self {
+        self.tools.layer_wide("bounds");
         self.config.bounds = bounds;
         self
     }
@@ -267,6 +270,7 @@ impl<C> CircuitBreakerBuilder<C> {
     /// Where state transitions are reported. Default: nowhere.
     #[must_use]
     pub fn events(mut self, events: Events) -> Self {
+        self.tools.layer_wide("events");
         self.events = events;
         self
     }
@@ -275,13 +279,15 @@ impl<C> CircuitBreakerBuilder<C> {
     /// [`StateSync`]). Default: nowhere.
     #[must_use]
     pub fn sync(mut self, sync: Arc<dyn StateSync>) -> Self {
+        self.tools.layer_wide("sync");
         self.sync = Some(sync);
         self
     }
 
     /// Replaces the classifier. Default [`McpClassifier`].
     #[must_use]
-    pub fn classifier<C2>(self, classifier: C2) -> CircuitBreakerBuilder<C2> {
+    pub fn classifier<C2>(mut self, classifier: C2) -> CircuitBreakerBuilder<C2> {
+        self.tools.layer_wide("classifier");
         CircuitBreakerBuilder {
             config: self.config,
             events: self.events,
@@ -303,8 +309,8 @@ impl<C> CircuitBreakerBuilder<C> {
     /// `reset_timeout`, `reset_multiplier`, `max_reset_timeout`, `jitter`,
     /// `half_open_max_calls`, `success_threshold` and `probe_timeout`. The registry-wide
     /// settings always come from this builder: `name`, `key_by`, `bounds`,
-    /// `events`, `sync` and the classifier; setting them inside `configure`
-    /// has no effect. Calling `tool` again for the same tool applies both
+    /// `events`, `sync` and the classifier are layer-wide, and `build`
+    /// refuses a `configure` that sets one (`tools."<tool>".<knob>`). Calling `tool` again for the same tool applies both
     /// closures, in order (the core's
     /// [`ToolOverrides`](toolwarden_core::overrides::ToolOverrides), shared
     /// by every layer builder).
@@ -535,11 +541,15 @@ mod tests {
             field_of(b().jitter(2.0).tool("search", |t| t.jitter(0.0))),
             "jitter"
         );
-        // Registry-wide settings set in the closure are not the tool's to change.
-        assert!(b()
-            .tool("search", |t| t.name("").bounds(Bounds::max_keys(0)))
-            .build()
-            .is_ok());
+        // Registry-wide settings are refused in a tool's closure, never ignored.
+        assert_eq!(
+            field_of(b().tool("search", |t| t.name("").bounds(Bounds::max_keys(0)))),
+            r#"tools."search".name"#
+        );
+        assert_eq!(
+            field_of(b().tool("search", |t| t.events(Events::new()))),
+            r#"tools."search".events"#
+        );
     }
 
     #[test]
@@ -548,9 +558,7 @@ mod tests {
             .name("upstream")
             .key_by(KeyBy::SessionTool)
             .tool("search", |b| {
-                b.name("other")
-                    .key_by(KeyBy::Server)
-                    .failure_threshold(2)
+                b.failure_threshold(2)
                     .reset_timeout(Duration::from_secs(7))
                     .max_reset_timeout(Duration::from_secs(70))
             })

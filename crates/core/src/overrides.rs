@@ -9,6 +9,11 @@
 //! closures returned. Errors name the tool's field as
 //! `tools."<tool>".<field>`, the tool name quoted as a TOML key would be.
 //!
+//! A knob that cannot differ per tool (a bound, an event sink, a key
+//! function) is *layer-wide*: its setter calls
+//! [`ToolOverrides::layer_wide`], and a tool's closure that sets it is
+//! refused at `build` (`tools."<tool>".<knob>`), never silently ignored.
+//!
 //! ```
 //! use toolwarden_core::overrides::{Overridable, ToolOverrides};
 //! use toolwarden_core::ConfigError;
@@ -20,12 +25,18 @@
 //! }
 //!
 //! impl Overridable for Builder {
-//!     fn overrides(&self) -> &ToolOverrides<Self> {
-//!         &self.tools
+//!     fn overrides(&mut self) -> &mut ToolOverrides<Self> {
+//!         &mut self.tools
 //!     }
 //! }
 //!
 //! impl Builder {
+//!     /// Layer-wide: refused in a tool's closure.
+//!     fn seed(mut self, _seed: u64) -> Self {
+//!         self.tools.layer_wide("seed");
+//!         self
+//!     }
+//!
 //!     fn attempts(mut self, attempts: u32) -> Self {
 //!         self.attempts = attempts;
 //!         self
@@ -58,6 +69,9 @@
 //!
 //! let err = Builder::default().attempts(3).tool("a.b", |b| b.attempts(0)).build().unwrap_err();
 //! assert_eq!(err.field(), r#"tools."a.b".attempts"#);
+//!
+//! let err = Builder::default().tool("search", |b| b.seed(7)).build().unwrap_err();
+//! assert_eq!(err.field(), r#"tools."search".seed"#);
 //! ```
 
 use std::collections::HashMap;
@@ -69,7 +83,7 @@ use crate::ConfigError;
 pub trait Overridable: Sized + 'static {
     /// The builder's own overrides (they must be empty on a tool's builder:
     /// overrides do not nest).
-    fn overrides(&self) -> &ToolOverrides<Self>;
+    fn overrides(&mut self) -> &mut ToolOverrides<Self>;
 }
 
 type Configure<B> = Box<dyn FnOnce(B) -> B + Send>;
@@ -77,12 +91,18 @@ type Configure<B> = Box<dyn FnOnce(B) -> B + Send>;
 /// The per-tool closures of a builder `B`, in the order they were given.
 pub struct ToolOverrides<B> {
     entries: Vec<(String, Configure<B>)>,
+    /// Whether the builder holding this is a tool's (handed to a closure).
+    in_tool: bool,
+    /// In a tool's builder: the first layer-wide knob its closure set.
+    layer_wide: Option<&'static str>,
 }
 
 impl<B> Default for ToolOverrides<B> {
     fn default() -> Self {
         ToolOverrides {
             entries: Vec::new(),
+            in_tool: false,
+            layer_wide: None,
         }
     }
 }
@@ -117,6 +137,23 @@ impl<B: Overridable> ToolOverrides<B> {
         self.entries.is_empty()
     }
 
+    /// Notes that `knob`, a knob that cannot differ per tool, was set. On
+    /// the layer's builder this does nothing; on a tool's builder,
+    /// [`resolve`](Self::resolve) refuses the tool, naming
+    /// `tools."<tool>".<knob>`.
+    pub fn layer_wide(&mut self, knob: &'static str) {
+        if self.in_tool && self.layer_wide.is_none() {
+            self.layer_wide = Some(knob);
+        }
+    }
+
+    /// Whether the builder holding this is a tool's (the one a `tool`
+    /// closure receives).
+    #[must_use]
+    pub fn in_tool(&self) -> bool {
+        self.in_tool
+    }
+
     /// Applies every tool's closures, in the order given, to a builder made
     /// by `base`, and turns each result into the tool's settings with
     /// `finish` (which validates them). Tools come out in the order of their
@@ -137,7 +174,9 @@ impl<B: Overridable> ToolOverrides<B> {
                 return Err(ConfigError::new("tools", "a tool name must not be empty"));
             }
             let i = *index.entry(tool.clone()).or_insert_with(|| {
-                builders.push((tool, Some(base())));
+                let mut fresh = base();
+                fresh.overrides().in_tool = true;
+                builders.push((tool, Some(fresh)));
                 builders.len() - 1
             });
             let slot = &mut builders[i].1;
@@ -145,12 +184,19 @@ impl<B: Overridable> ToolOverrides<B> {
         }
         let mut resolved = Vec::with_capacity(builders.len());
         for (tool, built) in builders {
-            let Some(built) = built else { continue };
+            let Some(mut built) = built else { continue };
             let section = tool_section(&tool);
-            if !built.overrides().is_empty() {
+            let own = built.overrides();
+            if !own.is_empty() {
                 return Err(ConfigError::new(
                     format!("{section}.tools"),
                     "per-tool overrides do not nest",
+                ));
+            }
+            if let Some(knob) = own.layer_wide {
+                return Err(ConfigError::new(
+                    format!("{section}.{knob}"),
+                    "cannot differ per tool: set it on the layer's builder, not in `tool`",
                 ));
             }
             let settings = finish(built).map_err(|e| e.in_section(&section))?;
@@ -189,8 +235,8 @@ mod tests {
     }
 
     impl Overridable for B {
-        fn overrides(&self) -> &ToolOverrides<Self> {
-            &self.tools
+        fn overrides(&mut self) -> &mut ToolOverrides<Self> {
+            &mut self.tools
         }
     }
 
@@ -236,5 +282,23 @@ mod tests {
             b
         });
         assert_eq!(resolve(tools).unwrap_err().field(), r#"tools."x".tools"#);
+
+        let mut tools = ToolOverrides::new();
+        tools.push("x", |mut b: B| {
+            assert!(b.tools.in_tool());
+            b.tools.layer_wide("bounds");
+            b.tools.layer_wide("events");
+            b
+        });
+        assert_eq!(resolve(tools).unwrap_err().field(), r#"tools."x".bounds"#);
+    }
+
+    #[test]
+    fn layer_wide_knobs_are_free_on_the_layers_builder() {
+        let mut layer = B::default();
+        assert!(!layer.tools.in_tool());
+        layer.tools.layer_wide("bounds");
+        layer.tools.push("x", |b: B| b);
+        assert_eq!(resolve(layer.tools).unwrap(), [("x".into(), 1)]);
     }
 }

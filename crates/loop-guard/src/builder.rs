@@ -69,10 +69,6 @@ impl Default for Knobs {
 pub struct LoopGuardBuilder<C = McpClassifier> {
     knobs: Knobs,
     tools: ToolOverrides<LoopGuardBuilder>,
-    /// Whether this is a tool's builder (given to a `tool` closure).
-    in_tool: bool,
-    /// In a tool's builder: the first layer-wide knob the closure set.
-    layer_wide: Option<&'static str>,
     /// In a tool's builder: whether the closure set `limits`.
     limits_set: bool,
     classifier: C,
@@ -83,8 +79,6 @@ impl Default for LoopGuardBuilder {
         LoopGuardBuilder {
             knobs: Knobs::default(),
             tools: ToolOverrides::new(),
-            in_tool: false,
-            layer_wide: None,
             limits_set: false,
             classifier: McpClassifier::new(),
         }
@@ -92,20 +86,12 @@ impl Default for LoopGuardBuilder {
 }
 
 impl Overridable for LoopGuardBuilder {
-    fn overrides(&self) -> &ToolOverrides<Self> {
-        &self.tools
+    fn overrides(&mut self) -> &mut ToolOverrides<Self> {
+        &mut self.tools
     }
 }
 
 impl<C> LoopGuardBuilder<C> {
-    /// Notes, in a tool's builder, that a knob that cannot differ per tool
-    /// was set: `build` refuses it.
-    fn set_layer_wide(&mut self, knob: &'static str) {
-        if self.in_tool && self.layer_wide.is_none() {
-            self.layer_wide = Some(knob);
-        }
-    }
-
     /// The limits of every tool without limits of its own; in a
     /// [`tool`](Self::tool) closure, that tool's limits, replacing the
     /// layer's (see [`ToolLimits`]). Default [`ToolLimits::new()`]: the 4th
@@ -114,7 +100,7 @@ impl<C> LoopGuardBuilder<C> {
     #[must_use]
     pub fn limits(mut self, limits: ToolLimits) -> Self {
         self.knobs.limits = limits;
-        self.limits_set = self.in_tool;
+        self.limits_set = self.tools.in_tool();
         self
     }
 
@@ -170,7 +156,7 @@ impl<C> LoopGuardBuilder<C> {
     /// Layer-wide.
     #[must_use]
     pub fn max_cycle_period(mut self, max_period: usize) -> Self {
-        self.set_layer_wide("max_cycle_period");
+        self.tools.layer_wide("max_cycle_period");
         self.knobs.max_cycle_period = max_period;
         self
     }
@@ -182,7 +168,7 @@ impl<C> LoopGuardBuilder<C> {
     /// Layer-wide.
     #[must_use]
     pub fn max_cycle_repeats(mut self, rounds: u32) -> Self {
-        self.set_layer_wide("max_cycle_repeats");
+        self.tools.layer_wide("max_cycle_repeats");
         self.knobs.max_cycle_repeats = rounds;
         self
     }
@@ -192,7 +178,7 @@ impl<C> LoopGuardBuilder<C> {
     /// Layer-wide.
     #[must_use]
     pub fn window_calls(mut self, calls: usize) -> Self {
-        self.set_layer_wide("window_calls");
+        self.tools.layer_wide("window_calls");
         self.knobs.window_calls = calls;
         self
     }
@@ -201,7 +187,7 @@ impl<C> LoopGuardBuilder<C> {
     /// Layer-wide.
     #[must_use]
     pub fn window_time(mut self, window: Duration) -> Self {
-        self.set_layer_wide("window_time");
+        self.tools.layer_wide("window_time");
         self.knobs.window_time = window;
         self
     }
@@ -216,7 +202,7 @@ impl<C> LoopGuardBuilder<C> {
     /// forget calls still inside the window). Layer-wide.
     #[must_use]
     pub fn bounds(mut self, bounds: Bounds) -> Self {
-        self.set_layer_wide("bounds");
+        self.tools.layer_wide("bounds");
         self.knobs.bounds = bounds;
         self
     }
@@ -231,7 +217,7 @@ impl<C> LoopGuardBuilder<C> {
     /// call of the session succeeds. Layer-wide.
     #[must_use]
     pub fn refusal_cooldown(mut self, cooldown: Duration) -> Self {
-        self.set_layer_wide("refusal_cooldown");
+        self.tools.layer_wide("refusal_cooldown");
         self.knobs.refusal_cooldown = cooldown;
         self
     }
@@ -243,7 +229,7 @@ impl<C> LoopGuardBuilder<C> {
     /// lifting never applies. Layer-wide.
     #[must_use]
     pub fn circuits(mut self, circuits: Circuits) -> Self {
-        self.set_layer_wide("circuits");
+        self.tools.layer_wide("circuits");
         self.knobs.circuits = circuits;
         self
     }
@@ -253,7 +239,7 @@ impl<C> LoopGuardBuilder<C> {
     /// are reported. Default: nowhere. Layer-wide.
     #[must_use]
     pub fn events(mut self, events: Events) -> Self {
-        self.set_layer_wide("events");
+        self.tools.layer_wide("events");
         self.knobs.events = events;
         self
     }
@@ -263,12 +249,10 @@ impl<C> LoopGuardBuilder<C> {
     /// Layer-wide.
     #[must_use]
     pub fn classifier<C2>(mut self, classifier: C2) -> LoopGuardBuilder<C2> {
-        self.set_layer_wide("classifier");
+        self.tools.layer_wide("classifier");
         LoopGuardBuilder {
             knobs: self.knobs,
             tools: self.tools,
-            in_tool: self.in_tool,
-            layer_wide: self.layer_wide,
             limits_set: self.limits_set,
             classifier,
         }
@@ -293,16 +277,9 @@ impl<C> LoopGuardBuilder<C> {
         let resolved = std::mem::take(&mut self.tools).resolve(
             || LoopGuardBuilder {
                 knobs: knobs.clone(),
-                in_tool: true,
                 ..LoopGuardBuilder::default()
             },
             |b| {
-                if let Some(knob) = b.layer_wide {
-                    return Err(ConfigError::new(
-                        knob,
-                        "cannot differ per tool: set it outside `tool`",
-                    ));
-                }
                 if b.knobs.exempt {
                     if b.limits_set {
                         return Err(ConfigError::new(

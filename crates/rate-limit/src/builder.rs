@@ -104,27 +104,15 @@ struct Knobs {
 pub struct RateLimitBuilder {
     knobs: Knobs,
     tools: ToolOverrides<RateLimitBuilder>,
-    /// Whether this is a tool's builder (given to a `tool` closure).
-    in_tool: bool,
-    /// In a tool's builder: the first layer-wide knob the closure set.
-    layer_wide: Option<&'static str>,
 }
 
 impl Overridable for RateLimitBuilder {
-    fn overrides(&self) -> &ToolOverrides<Self> {
-        &self.tools
+    fn overrides(&mut self) -> &mut ToolOverrides<Self> {
+        &mut self.tools
     }
 }
 
 impl RateLimitBuilder {
-    /// Notes, in a tool's builder, that a knob that cannot differ per tool
-    /// was set: `build` refuses it.
-    fn set_layer_wide(&mut self, knob: &'static str) {
-        if self.in_tool && self.layer_wide.is_none() {
-            self.layer_wide = Some(knob);
-        }
-    }
-
     /// One quota over every limited call, whatever its tool or session:
     /// `rate` sustained, `burst` at once. Default: none (no global limit).
     /// Refusals name the key `global`. Layer-wide: not in a
@@ -137,7 +125,7 @@ impl RateLimitBuilder {
     /// than 100 years to refill.
     #[must_use]
     pub fn global(mut self, rate: Rate, burst: u32) -> Self {
-        self.set_layer_wide("global");
+        self.tools.layer_wide("global");
         self.knobs.global = Some((rate, burst));
         self
     }
@@ -198,7 +186,7 @@ impl RateLimitBuilder {
     /// Layer-wide.
     #[must_use]
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
-        self.set_layer_wide("key_by");
+        self.tools.layer_wide("key_by");
         self.knobs.key_by = key_by;
         self
     }
@@ -207,7 +195,7 @@ impl RateLimitBuilder {
     /// Layer-wide.
     #[must_use]
     pub fn mode(mut self, mode: Mode) -> Self {
-        self.set_layer_wide("mode");
+        self.tools.layer_wide("mode");
         self.knobs.mode = mode;
         self
     }
@@ -224,7 +212,7 @@ impl RateLimitBuilder {
     /// is lowered to 200 years. Layer-wide.
     #[must_use]
     pub fn bounds(mut self, bounds: Bounds) -> Self {
-        self.set_layer_wide("bounds");
+        self.tools.layer_wide("bounds");
         self.knobs.bounds = bounds;
         self
     }
@@ -235,7 +223,7 @@ impl RateLimitBuilder {
     /// tools and ping. Layer-wide.
     #[must_use]
     pub fn limit_all_methods(mut self, all: bool) -> Self {
-        self.set_layer_wide("limit_all_methods");
+        self.tools.layer_wide("limit_all_methods");
         self.knobs.all_methods = all;
         self
     }
@@ -244,7 +232,7 @@ impl RateLimitBuilder {
     /// reported for each refusal. Default: no sinks. Layer-wide.
     #[must_use]
     pub fn events(mut self, events: Events) -> Self {
-        self.set_layer_wide("events");
+        self.tools.layer_wide("events");
         self.knobs.events = events;
         self
     }
@@ -262,7 +250,7 @@ impl RateLimitBuilder {
     /// Layer-wide.
     #[must_use]
     pub fn backend(mut self, backend: impl RateLimitBackend) -> Self {
-        self.set_layer_wide("backend");
+        self.tools.layer_wide("backend");
         self.knobs.backend = Some(Arc::new(backend));
         self
     }
@@ -285,18 +273,9 @@ impl RateLimitBuilder {
         let resolved = tools.resolve(
             || RateLimitBuilder {
                 knobs: knobs.clone(),
-                in_tool: true,
                 ..RateLimitBuilder::default()
             },
-            |b| {
-                if let Some(knob) = b.layer_wide {
-                    return Err(ConfigError::new(
-                        knob,
-                        "cannot differ per tool: set it outside `tool`",
-                    ));
-                }
-                quota(b.knobs.per_tool, "per_tool")
-            },
+            |b| quota(b.knobs.per_tool, "per_tool"),
         )?;
         // A tool left without a quota (none set anywhere) has no override.
         let tools: HashMap<Arc<str>, Quota> = resolved

@@ -47,8 +47,8 @@ pub struct RetryBackoffBuilder<C = McpClassifier> {
 }
 
 impl Overridable for RetryBackoffBuilder {
-    fn overrides(&self) -> &ToolOverrides<Self> {
-        &self.tools
+    fn overrides(&mut self) -> &mut ToolOverrides<Self> {
+        &mut self.tools
     }
 }
 
@@ -157,6 +157,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// unseeded (the thread's random generator).
     #[must_use]
     pub fn jitter_seed(mut self, seed: u64) -> Self {
+        self.tools.layer_wide("jitter_seed");
         self.seed = Some(seed);
         self
     }
@@ -191,6 +192,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// left (connection refused) and rejections with a retry-after hint are.
     #[must_use]
     pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
+        self.tools.layer_wide("catalog");
         self.catalog = catalog;
         self
     }
@@ -232,6 +234,7 @@ impl<C> RetryBackoffBuilder<C> {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        self.tools.layer_wide("safe_methods");
         self.safe_methods = methods.into_iter().map(Into::into).collect();
         self
     }
@@ -240,6 +243,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// 10 retries per second floor, 10 s window), one budget for the layer.
     #[must_use]
     pub fn budget(mut self, budget: BudgetConfig) -> Self {
+        self.tools.layer_wide("budget");
         self.budget = Some(budget);
         self
     }
@@ -249,6 +253,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// Default: one budget for the layer (no map, no key computed per call).
     #[must_use]
     pub fn key_by(mut self, key_by: KeyBy) -> Self {
+        self.tools.layer_wide("key_by");
         self.key_by = Some(key_by);
         self
     }
@@ -262,6 +267,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// (10 000 keys, 10 minutes idle).
     #[must_use]
     pub fn bounds(mut self, bounds: Bounds) -> Self {
+        self.tools.layer_wide("bounds");
         self.bounds = bounds;
         self
     }
@@ -270,6 +276,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// Not recommended: nothing then stops a retry storm.
     #[must_use]
     pub fn no_budget(mut self) -> Self {
+        self.tools.layer_wide("no_budget");
         self.budget = None;
         self
     }
@@ -277,6 +284,7 @@ impl<C> RetryBackoffBuilder<C> {
     /// Where retry and budget-exhausted events go. Default: nowhere.
     #[must_use]
     pub fn events(mut self, events: Events) -> Self {
+        self.tools.layer_wide("events");
         self.events = events;
         self
     }
@@ -284,7 +292,8 @@ impl<C> RetryBackoffBuilder<C> {
     /// The classifier that judges each attempt; share the stack's. Default
     /// [`McpClassifier`].
     #[must_use]
-    pub fn classifier<C2>(self, classifier: C2) -> RetryBackoffBuilder<C2> {
+    pub fn classifier<C2>(mut self, classifier: C2) -> RetryBackoffBuilder<C2> {
+        self.tools.layer_wide("classifier");
         RetryBackoffBuilder {
             max_attempts: self.max_attempts,
             base_delay: self.base_delay,
@@ -319,7 +328,8 @@ impl<C> RetryBackoffBuilder<C> {
     /// (unset: the catalog decides). Everything else stays layer-wide and
     /// comes from this builder: the retry budget (`budget`, `key_by`,
     /// `bounds`), the catalog, the safe methods, the jitter seed, the events
-    /// and the classifier; setting them inside `configure` has no effect.
+    /// and the classifier are layer-wide, and `build` refuses a `configure`
+    /// that sets one (`tools."<tool>".<knob>`).
     /// Calling `tool` again for the same tool applies both closures, in
     /// order (the core's
     /// [`ToolOverrides`](toolwarden_core::overrides::ToolOverrides), shared
@@ -605,15 +615,15 @@ mod tests {
             field(b().max_attempts(0).tool("search", |t| t.max_attempts(2))),
             "max_attempts"
         );
-        // Layer-wide settings set in the closure are not the tool's to check.
-        let bad_ratio = BudgetConfig {
-            ratio: -1.0,
-            ..BudgetConfig::default()
-        };
-        assert!(b()
-            .tool("search", move |t| t.budget(bad_ratio))
-            .build()
-            .is_ok());
+        // Layer-wide settings are refused in a tool's closure, never ignored.
+        assert_eq!(
+            field(b().tool("search", |t| t.budget(BudgetConfig::default()))),
+            r#"tools."search".budget"#
+        );
+        assert_eq!(
+            field(b().tool("search", |t| t.no_budget())),
+            r#"tools."search".no_budget"#
+        );
     }
 
     #[test]
