@@ -26,9 +26,11 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, RateLimiter};
 use toolwarden_core::{Bounds, ConfigError, Event, KeyRef, KeyedState, RateLimited};
-use toolwarden_rate_limit::{Acquire, BackendDecision, BackendFuture, RateLimitBackend, Scope};
+use toolwarden_rate_limit::{
+    Acquire, BackendDecision, BackendFuture, Quota, Rate, RateLimitBackend, Scope,
+};
 
 use crate::config::RedisConfig;
 use crate::conn::{Conn, Unavailable};
@@ -166,7 +168,7 @@ impl RedisRateLimiter {
                 script: redis::Script::new(GCRA),
                 fallback,
                 local: KeyedState::new(Bounds::default(), move |_| {
-                    RateLimiter::direct(local_quota)
+                    RateLimiter::direct(governor_quota(local_quota))
                 }),
                 local_quota,
                 global_key,
@@ -190,8 +192,8 @@ impl RedisRateLimiter {
     pub async fn decide(&self, key: &str, quota: Quota) -> Decision {
         let quotas = vec![script_quota(
             self.inner.conn.config.key("rl", key),
-            quota.replenish_interval(),
-            quota.burst_size().get(),
+            quota.interval(),
+            quota.burst(),
         )];
         match self.inner.run_script(quotas).await {
             Ok(None) => Decision::Allowed,
@@ -216,7 +218,7 @@ impl RedisRateLimiter {
         let retry_after = match self.decide(key, quota).await {
             Decision::Allowed | Decision::Fallback(true) => return Ok(()),
             Decision::Limited { retry_after } => retry_after,
-            Decision::Fallback(false) => quota.replenish_interval(),
+            Decision::Fallback(false) => quota.interval(),
         };
         self.inner
             .conn
@@ -324,11 +326,25 @@ impl RateLimitBackend for RedisRateLimiter {
     }
 }
 
-/// A quota of `burst` cells, one more every `interval`.
+/// A quota of `burst` cells, one more every `interval` (the rate-limit
+/// crate's [`Quota`]; [`Quota::new`] takes a [`Rate`] instead).
 pub fn quota(interval: Duration, burst: u32) -> Result<Quota, ConfigError> {
-    let burst =
-        NonZeroU32::new(burst).ok_or_else(|| ConfigError::new("burst", "must be at least 1"))?;
-    Quota::with_period(interval)
-        .map(|q| q.allow_burst(burst))
-        .ok_or_else(|| ConfigError::new("interval", "must be positive"))
+    if interval.is_zero() {
+        return Err(ConfigError::new("interval", "must be positive"));
+    }
+    Quota::new(Rate::new(1, interval), burst).map_err(|e| {
+        if e.field() == "burst" {
+            e
+        } else {
+            ConfigError::new("interval", e.reason().to_owned())
+        }
+    })
+}
+
+/// The governor quota of the local fallback limiter.
+fn governor_quota(quota: Quota) -> governor::Quota {
+    let burst = NonZeroU32::new(quota.burst()).unwrap_or(NonZeroU32::MIN);
+    governor::Quota::with_period(quota.interval())
+        .unwrap_or_else(|| governor::Quota::per_hour(NonZeroU32::MIN))
+        .allow_burst(burst)
 }
