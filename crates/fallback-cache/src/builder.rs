@@ -46,32 +46,25 @@ pub const MAX_MAX_ENTRIES: usize = 1 << 24;
 /// ```
 #[derive(Debug, Clone)]
 pub struct FallbackCacheBuilder<C = McpClassifier> {
-    catalog: ToolCatalog,
-    circuits: Circuits,
-    events: Events,
-    max_staleness: Duration,
-    fresh_ttl: Option<Duration>,
-    max_entries: usize,
-    max_bytes: usize,
-    stale_note: bool,
-    degrade: bool,
-    alternatives: usize,
+    config: Config,
     classifier: C,
 }
 
 impl Default for FallbackCacheBuilder {
     fn default() -> Self {
         FallbackCacheBuilder {
-            catalog: ToolCatalog::new(),
-            circuits: Circuits::none(),
-            events: Events::new(),
-            max_staleness: DEFAULT_MAX_STALENESS,
-            fresh_ttl: None,
-            max_entries: DEFAULT_MAX_ENTRIES,
-            max_bytes: DEFAULT_MAX_BYTES,
-            stale_note: true,
-            degrade: true,
-            alternatives: DEFAULT_ALTERNATIVES,
+            config: Config {
+                catalog: ToolCatalog::new(),
+                circuits: Circuits::none(),
+                events: Events::new(),
+                max_staleness: DEFAULT_MAX_STALENESS,
+                fresh_ttl: None,
+                max_entries: DEFAULT_MAX_ENTRIES,
+                max_bytes: DEFAULT_MAX_BYTES,
+                stale_note: true,
+                degrade: true,
+                alternatives: DEFAULT_ALTERNATIVES,
+            },
             classifier: McpClassifier::new(),
         }
     }
@@ -89,7 +82,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// degrades failures, with no alternatives.
     #[must_use]
     pub fn catalog(mut self, catalog: ToolCatalog) -> Self {
-        self.catalog = catalog;
+        self.config.catalog = catalog;
         self
     }
 
@@ -98,7 +91,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// above zero. Default: [`DEFAULT_MAX_STALENESS`] (5 minutes).
     #[must_use]
     pub fn max_staleness(mut self, max_staleness: Duration) -> Self {
-        self.max_staleness = max_staleness;
+        self.config.max_staleness = max_staleness;
         self
     }
 
@@ -108,7 +101,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// (every call goes through; the cache only serves failures).
     #[must_use]
     pub fn fresh_ttl(mut self, fresh_ttl: Option<Duration>) -> Self {
-        self.fresh_ttl = fresh_ttl;
+        self.config.fresh_ttl = fresh_ttl;
         self
     }
 
@@ -116,7 +109,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// Default: [`DEFAULT_MAX_ENTRIES`] (4096).
     #[must_use]
     pub fn max_entries(mut self, max_entries: usize) -> Self {
-        self.max_entries = max_entries;
+        self.config.max_entries = max_entries;
         self
     }
 
@@ -129,7 +122,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// Default: [`DEFAULT_MAX_BYTES`] (32 MiB).
     #[must_use]
     pub fn max_bytes(mut self, max_bytes: usize) -> Self {
-        self.max_bytes = max_bytes;
+        self.config.max_bytes = max_bytes;
         self
     }
 
@@ -138,7 +131,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// its `_meta["toolwarden/stale"]` member. Default: `true`.
     #[must_use]
     pub fn stale_note(mut self, stale_note: bool) -> Self {
-        self.stale_note = stale_note;
+        self.config.stale_note = stale_note;
         self
     }
 
@@ -147,7 +140,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// `Ok`), rather than passed up as it is. Default: `true`.
     #[must_use]
     pub fn degrade(mut self, degrade: bool) -> Self {
-        self.degrade = degrade;
+        self.config.degrade = degrade;
         self
     }
 
@@ -155,7 +148,7 @@ impl<C> FallbackCacheBuilder<C> {
     /// ranking off. Default: [`DEFAULT_ALTERNATIVES`] (3).
     #[must_use]
     pub fn alternatives(mut self, alternatives: usize) -> Self {
-        self.alternatives = alternatives;
+        self.config.alternatives = alternatives;
         self
     }
 
@@ -164,14 +157,14 @@ impl<C> FallbackCacheBuilder<C> {
     /// (every circuit reads as closed).
     #[must_use]
     pub fn circuits(mut self, circuits: Circuits) -> Self {
-        self.circuits = circuits;
+        self.config.circuits = circuits;
         self
     }
 
     /// Where to report `StaleServed` and `Degraded` events. Default: no sink.
     #[must_use]
     pub fn events(mut self, events: Events) -> Self {
-        self.events = events;
+        self.config.events = events;
         self
     }
 
@@ -181,16 +174,7 @@ impl<C> FallbackCacheBuilder<C> {
     #[must_use]
     pub fn classifier<C2>(self, classifier: C2) -> FallbackCacheBuilder<C2> {
         FallbackCacheBuilder {
-            catalog: self.catalog,
-            circuits: self.circuits,
-            events: self.events,
-            max_staleness: self.max_staleness,
-            fresh_ttl: self.fresh_ttl,
-            max_entries: self.max_entries,
-            max_bytes: self.max_bytes,
-            stale_note: self.stale_note,
-            degrade: self.degrade,
-            alternatives: self.alternatives,
+            config: self.config,
             classifier,
         }
     }
@@ -205,54 +189,43 @@ impl<C> FallbackCacheBuilder<C> {
     /// [`MIN_MAX_BYTES`]. Any `Duration` is accepted where it is not refused
     /// here (ages are compared, never added to an instant).
     pub fn build(self) -> Result<FallbackCacheLayer<C>, ConfigError> {
-        if self.max_staleness.is_zero() {
+        if self.config.max_staleness.is_zero() {
             return Err(ConfigError::new(
                 "max_staleness",
                 "must be greater than zero",
             ));
         }
-        if let Some(ttl) = self.fresh_ttl {
+        if let Some(ttl) = self.config.fresh_ttl {
             if ttl.is_zero() {
                 return Err(ConfigError::new(
                     "fresh_ttl",
                     "must be greater than zero (or None)",
                 ));
             }
-            if ttl > self.max_staleness {
+            if ttl > self.config.max_staleness {
                 return Err(ConfigError::new(
                     "fresh_ttl, max_staleness",
                     format!(
                         "fresh_ttl ({ttl:?}) must not exceed max_staleness ({:?})",
-                        self.max_staleness
+                        self.config.max_staleness
                     ),
                 ));
             }
         }
-        if self.max_entries == 0 || self.max_entries > MAX_MAX_ENTRIES {
+        if self.config.max_entries == 0 || self.config.max_entries > MAX_MAX_ENTRIES {
             return Err(ConfigError::new(
                 "max_entries",
                 format!("must be between 1 and {MAX_MAX_ENTRIES}"),
             ));
         }
-        if self.max_bytes < MIN_MAX_BYTES {
+        if self.config.max_bytes < MIN_MAX_BYTES {
             return Err(ConfigError::new(
                 "max_bytes",
                 format!("must be at least {MIN_MAX_BYTES} bytes"),
             ));
         }
         Ok(FallbackCacheLayer {
-            shared: Arc::new(Shared::new(Config {
-                catalog: self.catalog,
-                circuits: self.circuits,
-                events: self.events,
-                max_staleness: self.max_staleness,
-                fresh_ttl: self.fresh_ttl,
-                max_entries: self.max_entries,
-                max_bytes: self.max_bytes,
-                stale_note: self.stale_note,
-                degrade: self.degrade,
-                alternatives: self.alternatives,
-            })),
+            shared: Arc::new(Shared::new(self.config)),
             classifier: self.classifier,
         })
     }

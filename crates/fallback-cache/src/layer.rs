@@ -9,8 +9,9 @@ use tower_layer::Layer;
 use crate::builder::FallbackCacheBuilder;
 use crate::service::{FallbackCache, Shared};
 
-/// The validated configuration every service built by one layer shares.
-#[derive(Debug)]
+/// The configuration every service built by one layer shares (kept by the
+/// builder while it is set, validated by `build`).
+#[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) catalog: ToolCatalog,
     pub(crate) circuits: Circuits,
