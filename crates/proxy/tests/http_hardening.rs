@@ -331,6 +331,43 @@ async fn sessions_past_the_cap_get_503() {
 }
 
 /// `initialize` then `notifications/initialized`; the session id.
+/// `upstream.protocol_version` pins the version the proxy asks the server
+/// for, whatever the client asked; the client keeps the version it asked the
+/// proxy for (each hop negotiates its own). Without the pin the server would
+/// be asked for the client's 2025-06-18.
+#[tokio::test]
+async fn a_pinned_protocol_version_is_what_the_upstream_is_asked_for() {
+    let metrics = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics}");
+    let env = [("TOOLWARDEN_UPSTREAM_PROTOCOL_VERSION", "2025-03-26")];
+    let Some((proxy, port)) = proxy(&["--metrics-addr", &metrics_addr], &env).await else {
+        return;
+    };
+    let answer = post(port, &[], &initialize_body()).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let result = answer
+        .messages()
+        .into_iter()
+        .find(|m| m["id"] == 1)
+        .expect("the initialize answer");
+    assert_eq!(
+        result["result"]["protocolVersion"], "2025-06-18",
+        "{result}"
+    );
+    let report = eventually(LIMIT, || async move {
+        let (_, report) = support::health(metrics).await?;
+        report["upstream"]["protocolVersion"]
+            .is_string()
+            .then_some(report)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{:?}", proxy.stderr_lines()));
+    assert_eq!(
+        report["upstream"]["protocolVersion"], "2025-03-26",
+        "{report}"
+    );
+}
+
 async fn open_session(port: u16) -> String {
     let answer = post(port, &[], &initialize_body()).await;
     assert_eq!(answer.status, 200, "{answer:?}");

@@ -13,6 +13,8 @@
 //!   coalescing) → server-everything;
 //! - `toolwarden off`: client → `toolwarden run --listen` with every layer
 //!   switched off → server-everything;
+//! - `toolwarden pinned`: `toolwarden full` with `upstream.protocol_version`
+//!   pinned to 2025-06-18, the version mcp-proxy opens its upstream with.
 //! - `toolwarden full`: the same with the standard stack at its defaults,
 //!   but for the rate limit (off: the harness calls far above its quota).
 //!
@@ -116,15 +118,22 @@ enum Route {
     McpProxyLoaded,
     ToolwardenOff,
     ToolwardenFull,
+    ToolwardenPinned,
 }
 
-const ROUTES: [Route; 5] = [
+const ROUTES: [Route; 6] = [
     Route::Direct,
     Route::McpProxyMinimal,
     Route::McpProxyLoaded,
     Route::ToolwardenOff,
     Route::ToolwardenFull,
+    Route::ToolwardenPinned,
 ];
+
+/// The upstream protocol version of the `toolwarden pinned` path: the one
+/// the raw client asks for, which mcp-proxy's rmcp also opens its upstream
+/// with.
+const PINNED_PROTOCOL_VERSION: &str = "2025-06-18";
 
 impl Route {
     fn name(self) -> &'static str {
@@ -134,6 +143,7 @@ impl Route {
             Route::McpProxyLoaded => "mcp-proxy loaded",
             Route::ToolwardenOff => "toolwarden off",
             Route::ToolwardenFull => "toolwarden full",
+            Route::ToolwardenPinned => "toolwarden pinned",
         }
     }
 }
@@ -823,7 +833,7 @@ url = "{backend_url}"
                 format!("{BACKEND_NAME}/echo"),
             )
         }
-        Route::ToolwardenOff | Route::ToolwardenFull => {
+        Route::ToolwardenOff | Route::ToolwardenFull | Route::ToolwardenPinned => {
             let mut args = vec!["run", "--listen", &listen, "--upstream-url", &backend_url];
             let file = scratch.join("toolwarden-off.toml");
             let file_arg;
@@ -832,14 +842,17 @@ url = "{backend_url}"
                 file_arg = file.to_str().context("a UTF-8 temp path")?.to_owned();
                 args.extend(["--config", &file_arg]);
             }
-            let child = spawn(
-                &options.toolwarden,
-                &args,
-                &[
-                    ("RUST_LOG", "error"),
-                    ("TOOLWARDEN_RATE_LIMIT_ENABLED", "false"),
-                ],
-            )?;
+            let mut env = vec![
+                ("RUST_LOG", "error"),
+                ("TOOLWARDEN_RATE_LIMIT_ENABLED", "false"),
+            ];
+            if route == Route::ToolwardenPinned {
+                env.push((
+                    "TOOLWARDEN_UPSTREAM_PROTOCOL_VERSION",
+                    PINNED_PROTOCOL_VERSION,
+                ));
+            }
+            let child = spawn(&options.toolwarden, &args, &env)?;
             (
                 Some(child),
                 format!("http://{listen}/mcp"),
@@ -1024,6 +1037,7 @@ fn print_tables(kind: ClientKind, samples: &[Samples], n: usize) {
     }
     let index = |r: Route| ROUTES.iter().position(|x| *x == r).unwrap_or(0);
     let tw = results[index(Route::ToolwardenFull)];
+    let pinned = results[index(Route::ToolwardenPinned)];
     let mp = results[index(Route::McpProxyLoaded)];
     let compare = |t: f64, m: f64| {
         let ratio = if m > 0.0 {
@@ -1042,5 +1056,17 @@ fn print_tables(kind: ClientKind, samples: &[Samples], n: usize) {
         kind.name(),
         compare(added(tw.0.p50, direct.0.p50), added(mp.0.p50, direct.0.p50)),
         compare(added(tw.1.p50, direct.1.p50), added(mp.1.p50, direct.1.p50)),
+    );
+    println!(
+        "toolwarden pinned added / mcp-proxy loaded added, p50 ({}): 1 client {}; {n} clients {}",
+        kind.name(),
+        compare(
+            added(pinned.0.p50, direct.0.p50),
+            added(mp.0.p50, direct.0.p50)
+        ),
+        compare(
+            added(pinned.1.p50, direct.1.p50),
+            added(mp.1.p50, direct.1.p50)
+        ),
     );
 }

@@ -240,6 +240,13 @@ impl UpstreamConfig {
         positive("call_timeout", self.call_timeout)?;
         positive("attempt_timeout", Some(self.attempt_timeout))?;
         upstream_http::validate(&self.headers, self.ca_file.as_ref())?;
+        if self.protocol_version.is_some() && self.pinned_protocol_version().is_none() {
+            return Err(ConfigError::new(
+                "protocol_version",
+                "is not a protocol version with an initialize handshake: use 2024-11-05, \
+                 2025-03-26, 2025-06-18 or 2025-11-25",
+            ));
+        }
         ordered(
             "restart_backoff_min",
             Some(self.restart_backoff_min),

@@ -392,4 +392,30 @@ fn session_mode_is_shared_unless_per_session_is_asked_for() {
     );
 }
 
+#[test]
+fn a_pinned_protocol_version_must_be_one_with_an_initialize_handshake() {
+    assert_eq!(parse("").unwrap().upstream.pinned_protocol_version(), None);
+    let file = parse("[upstream]\nprotocol_version = \"2025-06-18\"").unwrap();
+    assert_eq!(
+        file.upstream
+            .pinned_protocol_version()
+            .map(|v| v.as_str().to_owned()),
+        Some("2025-06-18".to_owned())
+    );
+    let env = parse_env(
+        "",
+        &[("TOOLWARDEN_UPSTREAM_PROTOCOL_VERSION", "2024-11-05")],
+    )
+    .unwrap();
+    assert_eq!(env.upstream.protocol_version.as_deref(), Some("2024-11-05"));
+    // Unknown, and known but without an initialize handshake.
+    for bad in ["2025-13-01", "latest", "2026-07-28"] {
+        assert_eq!(
+            key_of(&format!("[upstream]\nprotocol_version = \"{bad}\"")),
+            "upstream.protocol_version",
+            "{bad}"
+        );
+    }
+}
+
 mod environment;

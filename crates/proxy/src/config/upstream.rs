@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 // that `check-config --print` leaves unset keys out.
 use serde_with::skip_serializing_none;
 
+use rmcp::model::ProtocolVersion;
+
 use super::HeaderTemplate;
 
 /// `[upstream]`: how the proxy keeps its connection to the MCP server.
@@ -66,6 +68,19 @@ pub struct UpstreamConfig {
     /// by its `initialize` and closed when it ends; for servers that keep
     /// state per connection). Default `"shared"`. See [`SessionMode`].
     pub session_mode: SessionMode,
+    /// The MCP protocol version the proxy asks the upstream for in its
+    /// `initialize`, e.g. `"2025-06-18"`; one of the versions with an
+    /// `initialize` handshake that rmcp knows (`2024-11-05`, `2025-03-26`,
+    /// `2025-06-18`, `2025-11-25`). Default: unset, the version the
+    /// downstream client asked the proxy for (the newest such version when
+    /// rmcp cannot open a session with the client's). Each hop negotiates its
+    /// own version: the client keeps the one it agreed with the proxy, and
+    /// rmcp's models carry messages between the two; what the pinned version
+    /// lacks (tasks before 2025-11-25, for one) the upstream does not offer.
+    /// Pin it for a server whose newer protocol path costs more than the
+    /// clients need: `server-everything` 2026.1, for one, primes an event
+    /// store on every request of a 2025-11-25 session (see BENCHMARKS.md).
+    pub protocol_version: Option<String>,
 }
 
 /// `upstream.session_mode`: which downstream sessions share an upstream
@@ -110,6 +125,20 @@ impl Default for UpstreamConfig {
             http_keep_alive: Duration::from_secs(2),
             headers: BTreeMap::new(),
             session_mode: SessionMode::Shared,
+            protocol_version: None,
         }
+    }
+}
+
+impl UpstreamConfig {
+    /// The pinned [`protocol_version`](Self::protocol_version), if set and
+    /// known (`validate` refuses an unknown one).
+    #[must_use]
+    pub fn pinned_protocol_version(&self) -> Option<ProtocolVersion> {
+        let wanted = self.protocol_version.as_deref()?;
+        ProtocolVersion::KNOWN_VERSIONS
+            .iter()
+            .find(|v| v.as_str() == wanted && v.has_initialize())
+            .cloned()
     }
 }

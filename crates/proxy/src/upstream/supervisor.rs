@@ -110,9 +110,13 @@ impl Upstream {
     }
 
     /// Starts the supervisor, which connects as a client described by
-    /// `client_info` (the first downstream client's, mirrored). Later calls
-    /// do nothing: the upstream is started once.
-    pub fn start(&self, client_info: ClientConfig) {
+    /// `client_info` (the first downstream client's, mirrored; its protocol
+    /// version replaced by `upstream.protocol_version` when that is pinned).
+    /// Later calls do nothing: the upstream is started once.
+    pub fn start(&self, mut client_info: ClientConfig) {
+        if let Some(pinned) = self.config().pinned_protocol_version() {
+            client_info.protocol_version = pinned;
+        }
         let mut supervisor = self
             .inner
             .supervisor
