@@ -3,6 +3,7 @@
 Run it with the e2e venv's interpreter (scripts/install-components builds it):
 
     tests/e2e/.venv/bin/python tests/e2e/flaky_server.py
+    tests/e2e/.venv/bin/python tests/e2e/flaky_server.py --http PORT   # Streamable HTTP at http://127.0.0.1:PORT/mcp
 
 Tools:
   flaky_search {query: str}   fails (result with isError: true) for the first
@@ -61,6 +62,9 @@ def stats() -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        sys.exit("usage: flaky_server.py  (stdio only; configure with FLAKY_FAILURES)")
-    server.run("stdio")
+    if len(sys.argv) == 3 and sys.argv[1] == "--http" and sys.argv[2].isdigit():
+        server.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    elif len(sys.argv) == 1:
+        server.run("stdio")
+    else:
+        sys.exit("usage: flaky_server.py [--http PORT]  (configure with FLAKY_FAILURES)")

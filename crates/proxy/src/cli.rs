@@ -207,19 +207,29 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
-    let target = match args.target() {
-        Ok(target) => target,
-        Err(e) => {
-            eprintln!("toolwarden: {e}");
-            return ExitCode::from(USAGE);
-        }
-    };
     let mut config = match Config::load(args.config.as_deref(), process_env()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("toolwarden: {e}");
             return ExitCode::from(USAGE);
         }
+    };
+    // `[upstreams.NAME]` in the file, or one upstream on the command line.
+    let target = if config.upstreams.is_empty() {
+        match args.target() {
+            Ok(target) => Some(target),
+            Err(e) => {
+                eprintln!("toolwarden: {e}");
+                return ExitCode::from(USAGE);
+            }
+        }
+    } else if args.upstream_url.is_some() || !args.command.is_empty() {
+        eprintln!(
+            "toolwarden: the configuration lists [upstreams]: give no upstream on the command line"
+        );
+        return ExitCode::from(USAGE);
+    } else {
+        None
     };
     if let Some(ca_file) = &args.upstream_ca_file {
         config.upstream.ca_file = Some(ca_file.clone());
@@ -276,7 +286,11 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     let max_line_bytes = config.downstream.max_line_bytes;
     let max_body_bytes = config.downstream.max_body_bytes;
     let http_options = crate::HttpOptions::new(&config.http, max_body_bytes, access);
-    let proxy = match Proxy::new(config, target, shared) {
+    let built = match target {
+        Some(target) => Proxy::new(config, target, shared),
+        None => Proxy::gateway(config, shared),
+    };
+    let proxy = match built {
         Ok(proxy) => proxy,
         Err(e) => {
             eprintln!("toolwarden: {e}");
@@ -284,7 +298,10 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
         }
     };
     // From here on every log line is scrubbed of the upstream's secrets.
-    redactor.set(Redactor::clone(&proxy.upstream().redactor()));
+    redactor.set(match proxy.gateway_ref() {
+        Some(gateway) => gateway.redactor(),
+        None => Redactor::clone(&proxy.upstream().redactor()),
+    });
 
     let shutdown = CancellationToken::new();
     tokio::spawn({

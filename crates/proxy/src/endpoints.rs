@@ -53,6 +53,7 @@ struct Providers {
     metrics: Option<TextProvider>,
     health: Option<JsonProvider>,
     circuits: Option<JsonProvider>,
+    upstream_circuits: Option<JsonProvider>,
 }
 
 /// The providers behind the metrics routes. Clones share them; they can be
@@ -137,6 +138,16 @@ impl MetricsEndpoints {
         self.write().circuits = Some(boxed(snapshot));
     }
 
+    /// What `/circuits` adds under `"upstreams"`: a gateway's breakers, one
+    /// per upstream.
+    pub fn set_upstream_circuits<F, Fut>(&self, snapshot: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Value> + Send + 'static,
+    {
+        self.write().upstream_circuits = Some(boxed(snapshot));
+    }
+
     /// The Prometheus text (empty without a renderer).
     #[must_use]
     pub fn render_metrics(&self) -> String {
@@ -153,13 +164,24 @@ impl MetricsEndpoints {
         }
     }
 
-    /// The circuits snapshot (`{"circuits": []}` without a provider).
+    /// The circuits snapshot (`{"circuits": []}` without a provider), with
+    /// a gateway's upstreams under `"upstreams"`.
     pub async fn circuits(&self) -> Value {
-        let provider = self.read().circuits.clone();
-        match provider {
+        let (provider, upstreams) = {
+            let providers = self.read();
+            (
+                providers.circuits.clone(),
+                providers.upstream_circuits.clone(),
+            )
+        };
+        let mut snapshot = match provider {
             Some(p) => p().await,
             None => json!({"circuits": []}),
+        };
+        if let (Some(upstreams), Value::Object(map)) = (upstreams, &mut snapshot) {
+            map.insert("upstreams".to_owned(), upstreams().await);
         }
+        snapshot
     }
 
     /// The `/health` answer: the status code and the report.

@@ -44,6 +44,7 @@ pub mod config;
 pub mod demo;
 pub mod downstream;
 pub mod endpoints;
+pub mod gateway;
 pub mod progress;
 mod proxy;
 pub mod redact;

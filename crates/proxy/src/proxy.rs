@@ -9,6 +9,7 @@ use toolwarden_core::ConfigError;
 use crate::config::Config;
 use crate::config::SessionMode;
 use crate::downstream::{Cores, Downstreams, ProxyCore, SessionUpstreams, Upstreams};
+use crate::gateway::Gateway;
 use crate::stack::{configure_catalog, tool_stack_layer, SharedState};
 use crate::upstream::{Upstream, UpstreamTarget};
 
@@ -34,6 +35,8 @@ pub struct Proxy {
     core: Arc<ProxyCore>,
     /// `upstream.session_mode = "per_session"`: each session's upstream.
     per_session: Option<Arc<SessionUpstreams>>,
+    /// `[upstreams.NAME]`: the gateway in front of them.
+    gateway: Option<Arc<Gateway>>,
 }
 
 impl Proxy {
@@ -79,7 +82,45 @@ impl Proxy {
             upstream,
             core,
             per_session,
+            gateway: None,
         })
+    }
+
+    /// A gateway in front of the servers of `config.upstreams` (see
+    /// [`crate::gateway`]): configures the catalog (with each
+    /// `[upstreams.NAME.tools."x"]` as the exposed tool's), builds the tool
+    /// stack over the gateway, and prepares the upstreams (started by the
+    /// first client's `initialize`).
+    pub fn gateway(config: Config, shared: SharedState) -> Result<Self, ConfigError> {
+        let config = config.with_upstream_tools();
+        configure_catalog(&config, &shared.catalog);
+        let downstreams = Downstreams::with_stall_timeout(config.limits.client_stall_timeout);
+        let gateway = Gateway::new(&config, &shared, downstreams.clone())?;
+        let layer = tool_stack_layer(&config, &shared)?;
+        let circuits = Arc::clone(&gateway);
+        shared
+            .endpoints
+            .set_upstream_circuits(move || std::future::ready(circuits.circuits_json()));
+        let core = ProxyCore::for_gateway(
+            Arc::clone(&gateway),
+            layer.stack(gateway.service()),
+            downstreams,
+            config.limits.request_timeout,
+        );
+        Ok(Proxy {
+            upstream: core.upstream().clone(),
+            config,
+            shared,
+            core,
+            per_session: None,
+            gateway: Some(gateway),
+        })
+    }
+
+    /// The gateway, for a proxy made by [`gateway`](Self::gateway).
+    #[must_use]
+    pub fn gateway_ref(&self) -> Option<&Arc<Gateway>> {
+        self.gateway.as_ref()
     }
 
     /// What sessions share in the default `shared` session mode; pass it to
@@ -106,6 +147,9 @@ impl Proxy {
     /// The upstream(s) to report in `/health`, as `upstream.session_mode` says.
     #[must_use]
     pub fn upstreams(&self) -> Upstreams {
+        if let Some(gateway) = &self.gateway {
+            return Upstreams::Gateway(Arc::clone(gateway));
+        }
         match &self.per_session {
             Some(sessions) => Upstreams::PerSession(Arc::clone(sessions)),
             None => Upstreams::Shared(self.upstream.clone()),
@@ -134,6 +178,10 @@ impl Proxy {
     /// Closes the upstream connection(s) (a child is stopped), within 15 s.
     pub async fn shutdown(&self) {
         let limit = Duration::from_secs(15);
+        if let Some(gateway) = &self.gateway {
+            gateway.shutdown(limit).await;
+            return;
+        }
         match &self.per_session {
             Some(sessions) => {
                 futures::join!(self.upstream.shutdown(limit), sessions.shutdown(limit));

@@ -127,6 +127,15 @@ impl Redactor {
         self
     }
 
+    /// Scrubs what `other` scrubs too (a gateway's log: every upstream's secrets).
+    #[must_use]
+    pub fn merge(mut self, other: &Redactor) -> Self {
+        for (secret, replacement) in &other.replacements {
+            self.push(secret.clone(), replacement.clone());
+        }
+        self
+    }
+
     /// Adds a secret value (a header's), replaced by [`REDACTED`].
     #[must_use]
     pub fn with_secret(mut self, secret: impl Into<String>) -> Self {

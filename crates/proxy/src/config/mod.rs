@@ -36,6 +36,7 @@
 //! assert_eq!(err.key(), Some("retry.max_attempts"));
 //! ```
 
+mod gateway;
 mod layers;
 mod listener;
 mod load;
@@ -49,6 +50,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toolwarden_core::ConfigError;
 
+pub(crate) use gateway::glob_set;
+pub use gateway::{GatewayConfig, OpenUpstreams, UpstreamEntry};
 pub use layers::{
     CircuitBreakerConfig, FallbackCacheConfig, LoopGuardConfig, ObservabilityConfig,
     RateLimitConfig, RetryConfig, ToolConfig, ToolLoopGuard, ToolRateLimit, ToolRetry,
@@ -88,6 +91,13 @@ pub struct Config {
     pub observability: ObservabilityConfig,
     /// Per-tool overrides, by tool name: `[tools."search_docs"]`.
     pub tools: BTreeMap<String, ToolConfig>,
+    /// How the tools of several upstreams are exposed.
+    pub gateway: GatewayConfig,
+    /// Several upstream servers behind this proxy, by name:
+    /// `[upstreams.time]`. Empty: the one upstream is given on the command
+    /// line.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub upstreams: BTreeMap<String, UpstreamEntry>,
 }
 
 /// `[downstream]`: limits on what clients may send.
@@ -144,7 +154,68 @@ impl Config {
             }
             in_section(&section, tool.validate())?;
         }
+        in_section("gateway", self.gateway.validate())?;
+        for (name, entry) in &self.upstreams {
+            let section = format!("upstreams.{}", load::quote_key(name));
+            if !gateway::valid_name(name) {
+                return Err(ConfigError::new(
+                    section,
+                    "an upstream name is 1 to 64 letters, digits, `-` or `_`",
+                ));
+            }
+            if name.contains(&self.gateway.separator) {
+                return Err(ConfigError::new(
+                    section,
+                    format!(
+                        "an upstream name must not contain gateway.separator ({:?})",
+                        self.gateway.separator
+                    ),
+                ));
+            }
+            in_section(&section, entry.validate())?;
+            for tool in entry.tools.keys() {
+                let exposed = format!("{}{tool}", self.upstream_prefix(name));
+                if self.tools.contains_key(&exposed) {
+                    return Err(ConfigError::new(
+                        format!("{section}.tools.{}", load::quote_key(tool)),
+                        format!("also configured as tools.{}", load::quote_key(&exposed)),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// What the tools of upstream `name` are prefixed with: `name` and
+    /// `gateway.separator` when there are several upstreams (or
+    /// `gateway.prefix_single`), else nothing.
+    #[must_use]
+    pub fn upstream_prefix(&self, name: &str) -> String {
+        if self.upstreams.len() > 1 || self.gateway.prefix_single {
+            format!("{name}{}", self.gateway.separator)
+        } else {
+            String::new()
+        }
+    }
+
+    /// The configuration with each `[upstreams.NAME.tools."x"]` moved to
+    /// `[tools."NAME__x"]`, as the layers see it.
+    #[must_use]
+    pub fn with_upstream_tools(mut self) -> Self {
+        let mut moved = Vec::new();
+        let names: Vec<String> = self.upstreams.keys().cloned().collect();
+        for name in names {
+            let prefix = self.upstream_prefix(&name);
+            if let Some(entry) = self.upstreams.get_mut(&name) {
+                moved.extend(
+                    std::mem::take(&mut entry.tools)
+                        .into_iter()
+                        .map(|(tool, config)| (format!("{prefix}{tool}"), config)),
+                );
+            }
+        }
+        self.tools.extend(moved);
+        self
     }
 
     /// The configuration of `tool`, if it has one.

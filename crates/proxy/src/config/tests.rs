@@ -419,3 +419,4 @@ fn a_pinned_protocol_version_must_be_one_with_an_initialize_handshake() {
 }
 
 mod environment;
+mod gateway;

@@ -272,6 +272,8 @@ pub enum Upstreams {
     Shared(Upstream),
     /// Each session's own.
     PerSession(Arc<SessionUpstreams>),
+    /// A gateway's, each reported by name.
+    Gateway(Arc<crate::gateway::Gateway>),
 }
 
 impl From<Upstream> for Upstreams {
@@ -293,6 +295,7 @@ impl Upstreams {
                     | UpstreamStatus::Stopped
             ),
             Upstreams::PerSession(sessions) => sessions.failing(),
+            Upstreams::Gateway(gateway) => gateway.failing(),
         }
     }
 
@@ -306,6 +309,7 @@ impl Upstreams {
                 report
             }
             Upstreams::PerSession(sessions) => sessions.health_json(),
+            Upstreams::Gateway(gateway) => gateway.health_json(),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::endpoints::MetricsEndpoints;
 use crate::tool_names::ToolNameGuardLayer;
 
 pub use crate::upstream::UpstreamService;
+pub(crate) use standard::breaker_policy;
 pub use standard::{standard_stack, DEFAULT_MAX_WAIT, TIME_WINDOW_BUCKETS};
 
 mod standard;
@@ -162,9 +163,18 @@ impl fmt::Debug for ToolStackLayer {
 }
 
 impl ToolStackLayer {
-    /// The stack over `upstream`.
+    /// The stack over `upstream` (an [`UpstreamService`], or a gateway's
+    /// [`GatewayService`](crate::gateway::GatewayService)).
     #[must_use]
-    pub fn stack(&self, upstream: UpstreamService) -> ToolStack {
+    pub fn stack<S>(&self, upstream: S) -> ToolStack
+    where
+        S: tower::Service<ClientRequest, Response = ServerResult, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
         ToolStack::new(self.names.layer(self.standard.layer(upstream)))
     }
 }

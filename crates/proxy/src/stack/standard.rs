@@ -349,7 +349,7 @@ fn quota_rate(rate: crate::config::Rate) -> Rate {
 }
 
 /// Applies one `[circuit_breaker]` table (the section or a tool's) to `b`.
-fn breaker_policy(
+pub(crate) fn breaker_policy(
     mut b: CircuitBreakerBuilder,
     cb: &CircuitBreakerConfig,
 ) -> CircuitBreakerBuilder {

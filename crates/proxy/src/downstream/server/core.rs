@@ -13,6 +13,7 @@ use toolwarden::RenderErrors;
 use toolwarden_core::BoxError;
 use tower::ServiceExt as _;
 
+use crate::gateway::Gateway;
 use crate::stack::ToolStack;
 use crate::upstream::{Upstream, UpstreamService};
 
@@ -32,6 +33,9 @@ pub struct ProxyCore {
     /// A session's own core (`upstream.session_mode = "per_session"`): its
     /// hold on its upstream, which closes it when the core is dropped.
     lease: Option<Lease>,
+    /// A gateway's core: the upstreams requests are routed to (`upstream`
+    /// is then its first, for what names one).
+    pub(super) gateway: Option<Arc<Gateway>>,
 }
 
 impl fmt::Debug for ProxyCore {
@@ -93,7 +97,38 @@ impl ProxyCore {
             sessions,
             request_timeout,
             lease,
+            gateway: None,
         })
+    }
+
+    /// The core of a gateway: tool calls through `stack` (over the
+    /// gateway's [`service`](Gateway::service)), every other request routed
+    /// by `gateway` (see [`crate::gateway`]). `downstreams` must be the
+    /// registry the gateway was built with.
+    #[must_use]
+    pub fn for_gateway(
+        gateway: Arc<Gateway>,
+        stack: ToolStack,
+        downstreams: Downstreams,
+        request_timeout: Duration,
+    ) -> Arc<Self> {
+        let upstream = gateway.members()[0].upstream().clone();
+        Arc::new(ProxyCore {
+            upstream_service: upstream.service(),
+            upstream,
+            stack: RenderErrors::new(stack),
+            downstreams,
+            sessions: Arc::default(),
+            request_timeout,
+            lease: None,
+            gateway: Some(gateway),
+        })
+    }
+
+    /// The gateway, for a gateway's core.
+    #[must_use]
+    pub fn gateway(&self) -> Option<&Arc<Gateway>> {
+        self.gateway.as_ref()
     }
 
     /// Sends a `tools/call` through the tool stack; a failure comes back as

@@ -35,6 +35,15 @@ impl ServerHandler for ProxyServer {
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
         context.peer.set_peer_info(request.clone());
+        if let Some(gateway) = &self.core.gateway {
+            gateway.start(&upstream_client_config(&request));
+            self.touch(&context);
+            gateway
+                .wait_connected()
+                .await
+                .map_err(|e| answers::unavailable(&e))?;
+            return Ok(self.server_config());
+        }
         self.core.upstream.start(upstream_client_config(&request));
         self.touch(&context);
         let limit = self.core.upstream.config().connect_timeout;
@@ -54,6 +63,10 @@ impl ServerHandler for ProxyServer {
     }
 
     async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        if self.core.gateway.is_some() {
+            // The gateway answers for itself: its upstreams each have theirs.
+            return Ok(());
+        }
         let request = ClientRequest::PingRequest(PingRequest {
             method: Default::default(),
             extensions: Default::default(),
@@ -76,6 +89,11 @@ impl ServerHandler for ProxyServer {
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
         let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(request));
+        if let Some(gateway) = &self.core.gateway {
+            self.touch_and_start(&context).await?;
+            gateway.set_level_all(request).await;
+            return Ok(());
+        }
         self.forward_empty(request, context).await
     }
 
@@ -96,6 +114,10 @@ impl ServerHandler for ProxyServer {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
+        if let Some(gateway) = &self.core.gateway {
+            self.touch_and_start(&context).await?;
+            return Ok(gateway.list_prompts().await);
+        }
         let request = ClientRequest::ListPromptsRequest(optional(request));
         expect_result!(self.forward(request, context).await?, ListPromptsResult)
     }
@@ -105,6 +127,10 @@ impl ServerHandler for ProxyServer {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
+        if let Some(gateway) = &self.core.gateway {
+            self.touch_and_start(&context).await?;
+            return Ok(gateway.list_resources().await);
+        }
         let request = ClientRequest::ListResourcesRequest(optional(request));
         expect_result!(self.forward(request, context).await?, ListResourcesResult)
     }
@@ -114,6 +140,10 @@ impl ServerHandler for ProxyServer {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        if let Some(gateway) = &self.core.gateway {
+            self.touch_and_start(&context).await?;
+            return Ok(gateway.list_resource_templates().await);
+        }
         let request = ClientRequest::ListResourceTemplatesRequest(optional(request));
         expect_result!(
             self.forward(request, context).await?,
@@ -158,8 +188,14 @@ impl ServerHandler for ProxyServer {
     ) -> Result<CallToolResponse, ErrorData> {
         self.touch_and_start(&context).await?;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
+        let member = self
+            .core
+            .gateway
+            .as_ref()
+            .and_then(|gateway| gateway.tool_route(&request.name))
+            .map(|(member, _)| member);
         let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
-        let (route, _cause) = self.prepare(&mut request, &context);
+        let (route, _cause) = self.prepare(&mut request, &context, member);
         request.extensions_mut().insert(self.session.key.clone());
         let call = self.core.call_tool(request);
         let outcome = unless_cancelled(&context.ct, call).await;
@@ -172,6 +208,9 @@ impl ServerHandler for ProxyServer {
                 // Its status notifications are this client's only.
                 let client = self.session.downstream.get().map(|(id, _)| *id);
                 self.core.downstreams.task_created(client, &r.task.task_id);
+                if let (Some(gateway), Some(member)) = (&self.core.gateway, member) {
+                    gateway.task_created(member, &r.task.task_id);
+                }
                 Ok(CallToolResponse::Task(r))
             }
             other => expect_result!(other, CallToolResult).map(CallToolResponse::Complete),
@@ -183,6 +222,10 @@ impl ServerHandler for ProxyServer {
         request: Option<PaginatedRequestParams>,
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        if let Some(gateway) = &self.core.gateway {
+            self.touch_and_start(&context).await?;
+            return Ok(gateway.list_tools().await);
+        }
         let request = ClientRequest::ListToolsRequest(optional(request));
         expect_result!(self.forward(request, context).await?, ListToolsResult)
     }

@@ -73,6 +73,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
+use futures::FutureExt as _;
 use rmcp::model::{
     ClientCapabilities, ClientConfig, ClientNotification, ClientRequest, ErrorData, GetExtensions,
     GetMeta, Implementation, InitializeRequestParams, ProtocolVersion, ServerConfig, ServerResult,
@@ -85,6 +86,7 @@ use tower::ServiceExt as _;
 use self::answers::{unless_cancelled, RequestTimedOut};
 use super::http::InSession;
 use super::{Caller, CauseGuard, DownstreamId, Downstreams};
+use crate::gateway::Member;
 use crate::progress::{ProgressRoutes, RouteGuard};
 
 pub use self::answers::error_data;
@@ -269,7 +271,11 @@ impl ProxyServer {
             ));
         }
         self.touch(context);
-        if self.core.upstream.is_started() {
+        let started = match &self.core.gateway {
+            Some(gateway) => gateway.is_started(),
+            None => self.core.upstream.is_started(),
+        };
+        if started {
             return Ok(());
         }
         let mut config = default_client_config();
@@ -278,6 +284,13 @@ impl ProxyServer {
         }
         if let Some(info) = context.client_info() {
             config.client_info = info;
+        }
+        if let Some(gateway) = &self.core.gateway {
+            gateway.start(&config);
+            if let Err(e) = gateway.wait_connected().await {
+                tracing::warn!(error = %e, "no upstream of the gateway started");
+            }
+            return Ok(());
         }
         self.core.upstream.start(config);
         let limit = self.core.upstream.config().connect_timeout;
@@ -296,7 +309,9 @@ impl ProxyServer {
         &self,
         request: &mut ClientRequest,
         context: &RequestContext<RoleServer>,
+        member: Option<&Member>,
     ) -> (RouteGuard<RoleServer>, CauseGuard) {
+        let upstream = member.map_or(&self.core.upstream, Member::upstream);
         *request.get_meta_mut() = context.meta.clone();
         let caller = Caller {
             session: self.session.number,
@@ -309,7 +324,7 @@ impl ProxyServer {
             .forwarding(caller, context.id.clone(), asks);
         let record = cause.recorder();
         let route = RouteGuard::new(
-            Arc::clone(&self.core.upstream.shared().progress_up),
+            Arc::clone(&upstream.shared().progress_up),
             context
                 .meta
                 .get_progress_token()
@@ -334,8 +349,15 @@ impl ProxyServer {
         self.touch_and_start(&context).await?;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => method_label(&request))
             .increment(1);
-        let (route, _cause) = self.prepare(&mut request, &context);
-        let call = self.core.upstream_service.clone().oneshot(request);
+        let member = match &self.core.gateway {
+            Some(gateway) => Some(gateway.route(&mut request)?),
+            None => None,
+        };
+        let (route, _cause) = self.prepare(&mut request, &context, member);
+        let call = match member {
+            Some(member) => member.service().clone().oneshot(request).boxed(),
+            None => self.core.upstream_service.clone().oneshot(request).boxed(),
+        };
         // Dropping the call on timeout cancels it upstream.
         let limit = self.core.request_timeout;
         let call = async move {
@@ -359,6 +381,9 @@ impl ProxyServer {
     }
 
     fn server_config(&self) -> ServerConfig {
+        if let Some(gateway) = &self.core.gateway {
+            return gateway.server_config();
+        }
         let Some(info) = self.core.upstream.server_info() else {
             let mut config = ServerConfig::new(Default::default());
             config.protocol_version = ProtocolVersion::LATEST_WITH_INITIALIZE;
@@ -402,6 +427,10 @@ impl ProxyServer {
     }
 
     async fn notify_upstream(&self, notification: ClientNotification) {
+        if let Some(gateway) = &self.core.gateway {
+            gateway.notify_all(notification).await;
+            return;
+        }
         let Some(connection) = self.core.upstream.connection() else {
             tracing::debug!("dropped a client notification: the upstream is down");
             return;

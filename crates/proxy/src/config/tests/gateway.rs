@@ -1,0 +1,128 @@
+//! `[gateway]` and `[upstreams.NAME]`.
+
+use super::*;
+
+const TWO: &str = r#"
+[upstreams.time]
+command = "mcp-server-time"
+connect_timeout = "5s"
+deny = ["convert_*"]
+aliases = { now = "get_current_time" }
+circuit_breaker = { failure_threshold = 3 }
+
+[upstreams.time.tools."now"]
+safe_to_repeat = true
+
+[upstreams.docs]
+url = "https://docs.example.com/mcp"
+"#;
+
+#[test]
+fn upstreams_take_their_own_keys_and_every_upstream_key() {
+    let config = parse(TWO).unwrap();
+    let time = &config.upstreams["time"];
+    assert_eq!(time.command.as_deref(), Some("mcp-server-time"));
+    assert_eq!(time.connection.connect_timeout, Duration::from_secs(5));
+    assert_eq!(time.deny, ["convert_*"]);
+    assert_eq!(time.aliases["now"], "get_current_time");
+    assert_eq!(time.circuit_breaker.failure_threshold, Some(3));
+    assert_eq!(
+        config.upstreams["docs"].connection.connect_timeout,
+        UpstreamConfig::default().connect_timeout,
+        "unset keys keep their defaults"
+    );
+}
+
+#[test]
+fn several_upstreams_prefix_their_tools_and_one_keeps_bare_names() {
+    let config = parse(TWO).unwrap();
+    assert_eq!(config.upstream_prefix("time"), "time__");
+    let tools = config.with_upstream_tools().tools;
+    assert_eq!(tools["time__now"].safe_to_repeat, Some(true));
+
+    let one = parse("[upstreams.time]\ncommand = \"t\"\n").unwrap();
+    assert_eq!(one.upstream_prefix("time"), "");
+    let forced = parse(
+        "[gateway]\nprefix_single = true\nseparator = \".\"\n[upstreams.time]\ncommand = \"t\"\n",
+    )
+    .unwrap();
+    assert_eq!(forced.upstream_prefix("time"), "time.");
+}
+
+#[test]
+fn an_unknown_key_in_an_upstream_is_refused_by_name() {
+    assert_eq!(
+        key_of("[upstreams.time]\ncommand = \"t\"\nconect_timeout = \"5s\"\n"),
+        "upstreams.\"time\".conect_timeout"
+    );
+}
+
+#[test]
+fn an_upstream_needs_exactly_one_of_command_and_url() {
+    assert_eq!(
+        key_of("[upstreams.time]\nargs = []\n"),
+        "upstreams.\"time\".command"
+    );
+    assert_eq!(
+        key_of("[upstreams.time]\ncommand = \"t\"\nurl = \"http://x/mcp\"\n"),
+        "upstreams.\"time\".url"
+    );
+    assert_eq!(
+        key_of("[upstreams.time]\nurl = \"ftp://x/mcp\"\n"),
+        "upstreams.\"time\".url"
+    );
+}
+
+#[test]
+fn names_separators_and_session_modes_are_checked() {
+    assert_eq!(
+        key_of("[upstreams.\"a b\"]\ncommand = \"t\"\n"),
+        "upstreams.\"a b\""
+    );
+    assert_eq!(
+        key_of("[upstreams.a__b]\ncommand = \"t\"\n"),
+        "upstreams.\"a__b\"",
+        "a name holding the separator would make names ambiguous"
+    );
+    assert_eq!(key_of("[gateway]\nseparator = \"\"\n"), "gateway.separator");
+    assert_eq!(
+        key_of("[upstreams.t]\ncommand = \"t\"\nsession_mode = \"per_session\"\n"),
+        "upstreams.\"t\".session_mode"
+    );
+    assert_eq!(
+        key_of("[upstreams.t]\ncommand = \"t\"\nconnect_timeout = \"0s\"\n"),
+        "upstreams.\"t\".connect_timeout",
+        "the [upstream] keys are checked as there"
+    );
+}
+
+#[test]
+fn globs_and_aliases_are_checked() {
+    assert_eq!(
+        key_of("[upstreams.t]\ncommand = \"t\"\ndeny = [\"a[\"]\n"),
+        "upstreams.\"t\".deny"
+    );
+    assert_eq!(
+        key_of("[upstreams.t]\ncommand = \"t\"\ndeny = [\"x*\"]\naliases = { y = \"xy\" }\n"),
+        "upstreams.\"t\".aliases.\"y\"",
+        "an alias of a denied tool"
+    );
+    assert_eq!(
+        key_of("[upstreams.t]\ncommand = \"t\"\naliases = { a = \"x\", b = \"x\" }\n"),
+        "upstreams.\"t\".aliases.\"b\"",
+        "two aliases of one tool"
+    );
+}
+
+#[test]
+fn a_tool_configured_twice_is_refused() {
+    let text = format!("{TWO}\n[tools.\"time__now\"]\ncacheable = true\n");
+    assert_eq!(key_of(&text), "upstreams.\"time\".tools.\"now\"");
+}
+
+#[test]
+fn the_gateway_sections_round_trip_through_print() {
+    let config = parse(TWO).unwrap();
+    let printed = toml::to_string(&config).unwrap();
+    assert_eq!(parse(&printed).unwrap(), config, "{printed}");
+}

@@ -1,0 +1,571 @@
+//! The gateway: several MCP servers behind one proxy (`[upstreams.NAME]`).
+//!
+//! - **Names.** Each upstream's tools are exposed as `NAME<sep>tool`
+//!   (`gateway.separator`, default `__`); a single upstream keeps bare names
+//!   unless `gateway.prefix_single`. Its prompts are prefixed the same way,
+//!   and its resources' and resource templates' *names* (a URI is the
+//!   server's and stays as it is: a read is routed by the URI, learned from
+//!   the last `resources/list` and `resources/templates/list`). `allow` /
+//!   `deny` globs and `aliases` apply per upstream ([`ToolNames`]); a denied
+//!   tool is never listed, and a call to it is answered `-32602` without
+//!   reaching its server.
+//! - **One breaker per upstream**, around its connection ([`MemberService`]):
+//!   it counts the connection's failures (transport errors, requests past
+//!   the upstream's `attempt_timeout`) across all its tools, and while it is
+//!   open every request to that upstream is refused at once with a
+//!   `retry_after`. The per-tool breakers of the stack stay as they are.
+//! - **Visibility.** An upstream is *available* while it is connected and
+//!   its breaker lets calls through. The tools of an unavailable upstream
+//!   are hidden from `tools/list` (or marked, `gateway.open_upstreams =
+//!   "mark"`), and every client is sent `notifications/tools/list_changed`
+//!   when an upstream's availability changes (checked on every breaker
+//!   transition, and every 250 ms for the connection).
+//! - **The tool stack** is one, above the gateway: its per-tool layers see
+//!   the exposed names (so `[tools."time__get_current_time"]`, or
+//!   `[upstreams.time.tools."get_current_time"]`, configures one tool).
+//!   Its innermost service is [`GatewayService`].
+//! - **Other requests** are routed by the proxy's server (see
+//!   [`crate::downstream::server`]): lists are merged from every available
+//!   upstream (all pages at once, no cursor), `prompts/get`,
+//!   `resources/read`, `completion/complete` and the task requests go to the
+//!   upstream they belong to, `ping` is answered by the proxy,
+//!   `logging/setLevel` and the client's notifications go to every
+//!   upstream. Requests that name nothing a gateway can route (custom
+//!   requests, skills, resource directories) are answered `-32601`.
+//!
+//! Sessions share the upstreams (`session_mode = "per_session"` is refused
+//! for them).
+
+mod lists;
+mod names;
+mod service;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::Duration;
+
+use rmcp::model::{
+    ClientConfig, Implementation, PromptsCapability, ProtocolVersion, ResourcesCapability,
+    ServerCapabilities, ServerConfig, ServerNotification, ToolListChangedNotification,
+    ToolsCapability,
+};
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
+use toolwarden::circuit_breaker::{CircuitBreakerLayer, CircuitRegistry};
+use toolwarden_core::events::Event;
+use toolwarden_core::{CircuitState, ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
+use tower::Layer as _;
+
+use crate::config::{Config, OpenUpstreams};
+use crate::downstream::Downstreams;
+use crate::redact::Redactor;
+use crate::stack::SharedState;
+use crate::upstream::{Upstream, UpstreamStatus};
+
+pub use lists::UNAVAILABLE_MARK;
+pub use names::ToolNames;
+pub use service::{GatewayService, MemberService, TimedUpstream, UpstreamClassifier};
+
+/// How often the gateway looks at its upstreams' connections (breaker
+/// transitions are noticed at once).
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Resource URIs (and template prefixes) remembered for routing reads, over
+/// all upstreams; past it the oldest half is forgotten (a read of a
+/// forgotten URI is routed again once it is listed).
+const MAX_RESOURCE_ROUTES: usize = 4096;
+
+/// Task ids remembered for routing `tasks/*`, over all upstreams.
+const MAX_TASK_ROUTES: usize = 4096;
+
+/// One upstream of the gateway.
+pub struct Member {
+    name: Arc<str>,
+    upstream: Upstream,
+    names: ToolNames,
+    /// The server's tools, by its own names (filled on connect and by
+    /// every `tools/list`).
+    catalog: ToolCatalog,
+    breaker: CircuitRegistry,
+    service: MemberService,
+    /// Availability as the clients were last told it (the watcher's view).
+    announced: AtomicBool,
+}
+
+impl fmt::Debug for Member {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Member")
+            .field("name", &self.name)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Member {
+    /// Its name (`[upstreams.NAME]`).
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its connection.
+    #[must_use]
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
+    }
+
+    /// Its breaker around its connection.
+    #[must_use]
+    pub fn service(&self) -> &MemberService {
+        &self.service
+    }
+
+    /// Its names.
+    #[must_use]
+    pub fn names(&self) -> &ToolNames {
+        &self.names
+    }
+
+    /// The state of its breaker.
+    #[must_use]
+    pub fn circuit(&self) -> CircuitState {
+        self.breaker
+            .state(&self.name)
+            .unwrap_or(CircuitState::Closed)
+    }
+
+    /// Whether a call to it would be let through now: connected, and its
+    /// breaker not open (an open one past its wait lets a probe through).
+    #[must_use]
+    pub fn is_available(&self) -> bool {
+        if !matches!(self.upstream.status(), UpstreamStatus::Up { .. }) {
+            return false;
+        }
+        match self.breaker.circuit(&self.name) {
+            None => true,
+            Some(circuit) => match circuit.state {
+                CircuitState::ForcedOpen => false,
+                CircuitState::Open => circuit.retry_after_seconds.is_none_or(|s| s <= 0.0),
+                _ => true,
+            },
+        }
+    }
+
+    /// Its part of `/health`.
+    fn health_json(&self) -> Value {
+        let mut report = self.upstream.health_json();
+        report["circuit"] = json!(self.circuit().as_str());
+        report["available"] = json!(self.is_available());
+        report["announced"] = json!(self.announced.load(Ordering::Relaxed));
+        report
+    }
+}
+
+/// Where a resource read goes: learned from the lists.
+#[derive(Default)]
+struct ResourceRoutes {
+    /// A resource's URI → its upstream.
+    uris: HashMap<String, usize>,
+    /// A template's literal start (up to its first `{`) → its upstream.
+    templates: Vec<(String, usize)>,
+}
+
+/// Several upstreams behind one proxy (see the [module docs](self)).
+pub struct Gateway {
+    members: Vec<Member>,
+    by_name: HashMap<Arc<str>, usize>,
+    separator: String,
+    prefixed: bool,
+    open_upstreams: OpenUpstreams,
+    /// The stack's catalog: every upstream's exposed tools.
+    catalog: ToolCatalog,
+    downstreams: Downstreams,
+    resources: Mutex<ResourceRoutes>,
+    tasks: Mutex<HashMap<String, usize>>,
+    /// Poked on every transition of an upstream's breaker.
+    changed: Arc<Notify>,
+    watcher: OnceLock<()>,
+    request_timeout: Duration,
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("members", &self.members)
+            .field("separator", &self.separator)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Gateway {
+    /// The upstreams of `config.upstreams` (not started), their tools
+    /// exposed into `shared.catalog`, server→client traffic to
+    /// `downstreams`. The error names the key at fault.
+    pub fn new(
+        config: &Config,
+        shared: &SharedState,
+        downstreams: Downstreams,
+    ) -> Result<Arc<Self>, ConfigError> {
+        if config.upstreams.is_empty() {
+            return Err(ConfigError::new(
+                "upstreams",
+                "a gateway needs at least one [upstreams.NAME]",
+            ));
+        }
+        let changed = Arc::new(Notify::new());
+        let mut members = Vec::with_capacity(config.upstreams.len());
+        for (name, entry) in &config.upstreams {
+            let section = format!("upstreams.{}", crate::config::quote_key(name));
+            let catalog = ToolCatalog::new();
+            catalog.set_trusted(config.catalog.trust_annotations);
+            let upstream = Upstream::new(
+                entry.target(),
+                entry.connection.clone(),
+                catalog.clone(),
+                downstreams.clone(),
+            );
+            upstream.check_http().map_err(|e| e.in_section(&section))?;
+            let names = ToolNames::new(config.upstream_prefix(name), entry)
+                .map_err(|e| e.in_section(&section))?;
+            let name: Arc<str> = Arc::from(name.as_str());
+            let poke = Arc::clone(&changed);
+            let transitions = Events::new().with(move |event: &Event<'_>| {
+                if matches!(
+                    event,
+                    Event::CircuitOpened { .. }
+                        | Event::CircuitHalfOpened { .. }
+                        | Event::CircuitClosed { .. }
+                ) {
+                    poke.notify_one();
+                }
+            });
+            let key = Arc::clone(&name);
+            let builder = CircuitBreakerLayer::builder()
+                .name(format!("upstream {name}"))
+                .key_by(KeyBy::custom(move |_| key.to_string()))
+                .events(shared.events.merge(&transitions));
+            let breaker = crate::stack::breaker_policy(builder, &entry.circuit_breaker)
+                .classifier(UpstreamClassifier::default())
+                .build()
+                .map_err(|e| e.in_section(&format!("{section}.circuit_breaker")))?;
+            let timed = TimedUpstream::new(upstream.service(), entry.connection.attempt_timeout);
+            members.push(Member {
+                breaker: breaker.registry().clone(),
+                service: MemberService::new(breaker.layer(timed)),
+                name,
+                upstream,
+                names,
+                catalog,
+                announced: AtomicBool::new(false),
+            });
+        }
+        let by_name = members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (Arc::clone(&m.name), i))
+            .collect();
+        Ok(Arc::new(Gateway {
+            members,
+            by_name,
+            separator: config.gateway.separator.clone(),
+            prefixed: config.upstreams.len() > 1 || config.gateway.prefix_single,
+            open_upstreams: config.gateway.open_upstreams,
+            catalog: shared.catalog.clone(),
+            downstreams,
+            resources: Mutex::default(),
+            tasks: Mutex::default(),
+            changed,
+            watcher: OnceLock::new(),
+            request_timeout: config.limits.request_timeout,
+        }))
+    }
+
+    /// The upstreams, by name (never empty: [`new`](Self::new) refuses
+    /// a configuration without one).
+    #[must_use]
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The upstream called `name`.
+    #[must_use]
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.by_name.get(name).map(|&i| &self.members[i])
+    }
+
+    /// The innermost service of the tool stack.
+    #[must_use]
+    pub fn service(self: &Arc<Self>) -> GatewayService {
+        GatewayService::new(Arc::clone(self))
+    }
+
+    /// The upstream whose name prefixes `name` (the only one when names
+    /// are bare), and `name` without the prefix.
+    fn split<'a>(&self, name: &'a str) -> Option<(usize, &'a str)> {
+        if !self.prefixed {
+            return (self.members.len() == 1).then_some((0, name));
+        }
+        let (upstream, rest) = name.split_once(self.separator.as_str())?;
+        self.by_name.get(upstream).map(|&i| (i, rest))
+    }
+
+    /// The upstream of the exposed tool `name` and the server's name of it;
+    /// `None` if no upstream exposes it.
+    #[must_use]
+    pub fn tool_route(&self, name: &str) -> Option<(&Member, String)> {
+        let (i, _) = self.split(name)?;
+        let member = &self.members[i];
+        member
+            .names
+            .tool(name)
+            .map(|tool| (member, tool.to_owned()))
+    }
+
+    /// Whether a call to the exposed tool `name` would reach its server
+    /// now (its upstream available); unknown names are not.
+    #[must_use]
+    pub fn is_available(&self, name: &str) -> bool {
+        self.tool_route(name)
+            .is_some_and(|(member, _)| member.is_available())
+    }
+
+    /// Whether any upstream is connected (or not yet started).
+    #[must_use]
+    pub fn failing(&self) -> bool {
+        !self.members.iter().any(|m| {
+            matches!(
+                m.upstream.status(),
+                UpstreamStatus::Up { .. } | UpstreamStatus::Idle
+            )
+        })
+    }
+
+    /// Starts every upstream as a client described by `client`, and the
+    /// watcher of their availability (once).
+    pub fn start(self: &Arc<Self>, client: &ClientConfig) {
+        for member in &self.members {
+            member.upstream.start(client.clone());
+        }
+        self.watcher.get_or_init(|| {
+            tokio::spawn(watch(Arc::downgrade(self), Arc::clone(&self.changed)));
+        });
+    }
+
+    /// Whether [`start`](Self::start) was called.
+    #[must_use]
+    pub fn is_started(&self) -> bool {
+        self.members.iter().all(|m| m.upstream.is_started())
+    }
+
+    /// Waits for every upstream to connect (each up to its
+    /// `connect_timeout`); fails only when none did.
+    pub async fn wait_connected(&self) -> Result<(), String> {
+        let waits = self.members.iter().map(|m| async move {
+            let limit = m.upstream.config().connect_timeout;
+            m.upstream
+                .wait_connected(limit)
+                .await
+                .map_err(|e| format!("{}: {e}", m.name))
+        });
+        let results = futures::future::join_all(waits).await;
+        if results.iter().any(Result::is_ok) {
+            for error in results.iter().filter_map(|r| r.as_ref().err()) {
+                tracing::warn!(%error, "an upstream of the gateway is not connected");
+            }
+            return Ok(());
+        }
+        Err(results
+            .into_iter()
+            .filter_map(Result::err)
+            .collect::<Vec<_>>()
+            .join("; "))
+    }
+
+    /// The gateway's `initialize` answer: the union of its upstreams'
+    /// capabilities (tools always, with `listChanged`), their instructions
+    /// each under its upstream's name.
+    #[must_use]
+    pub fn server_config(&self) -> ServerConfig {
+        let mut capabilities = ServerCapabilities::default();
+        let mut tools = ToolsCapability::default();
+        tools.list_changed = Some(true);
+        capabilities.tools = Some(tools);
+        let mut instructions = Vec::new();
+        for member in &self.members {
+            let Some(info) = member.upstream.server_info() else {
+                continue;
+            };
+            let theirs = &info.capabilities;
+            if theirs.prompts.is_some() {
+                let mut prompts = PromptsCapability::default();
+                prompts.list_changed = Some(true);
+                capabilities.prompts = Some(prompts);
+            }
+            if let Some(resources) = &theirs.resources {
+                let subscribe = capabilities
+                    .resources
+                    .as_ref()
+                    .and_then(|r| r.subscribe)
+                    .unwrap_or(false)
+                    || resources.subscribe.unwrap_or(false);
+                let mut merged = ResourcesCapability::default();
+                merged.subscribe = Some(subscribe);
+                merged.list_changed = Some(true);
+                capabilities.resources = Some(merged);
+            }
+            if theirs.logging.is_some() {
+                capabilities.logging = theirs.logging.clone();
+            }
+            if theirs.completions.is_some() {
+                capabilities.completions = theirs.completions.clone();
+            }
+            if let Some(text) = &info.instructions {
+                instructions.push(format!("[{}] {text}", member.name));
+            }
+        }
+        let mut config = ServerConfig::new(capabilities);
+        config.protocol_version = ProtocolVersion::LATEST_WITH_INITIALIZE;
+        config.server_info = Implementation::new("toolwarden-gateway", env!("CARGO_PKG_VERSION"));
+        if !instructions.is_empty() {
+            config.instructions = Some(instructions.join("\n"));
+        }
+        config
+    }
+
+    /// The `"upstream"` part of `/health`: each upstream's state and circuit.
+    #[must_use]
+    pub fn health_json(&self) -> Value {
+        let upstreams: Map<String, Value> = self
+            .members
+            .iter()
+            .map(|m| (m.name.to_string(), m.health_json()))
+            .collect();
+        json!({
+            "mode": "gateway",
+            "available": self.members.iter().filter(|m| m.is_available()).count(),
+            "upstreams": upstreams,
+        })
+    }
+
+    /// The upstreams' breakers, for `/circuits`.
+    #[must_use]
+    pub fn circuits_json(&self) -> Value {
+        let upstreams: Map<String, Value> = self
+            .members
+            .iter()
+            .map(|m| {
+                let snapshot = m.breaker.circuit(&m.name).map_or_else(
+                    || json!({"state": "closed"}),
+                    |c| serde_json::to_value(c).unwrap_or(Value::Null),
+                );
+                (m.name.to_string(), snapshot)
+            })
+            .collect();
+        Value::Object(upstreams)
+    }
+
+    /// A redactor scrubbing every upstream's secrets.
+    #[must_use]
+    pub fn redactor(&self) -> Redactor {
+        self.members.iter().fold(Redactor::default(), |all, m| {
+            all.merge(&m.upstream.redactor())
+        })
+    }
+
+    /// Closes every upstream, each within `limit`.
+    pub async fn shutdown(&self, limit: Duration) {
+        futures::future::join_all(self.members.iter().map(|m| m.upstream.shutdown(limit))).await;
+    }
+
+    /// Puts every upstream's exposed tools into the stack's catalog.
+    fn sync_catalog(&self) {
+        let tools: Vec<ToolInfo> = self
+            .members
+            .iter()
+            .flat_map(|member| {
+                member.catalog.tools().into_iter().filter_map(|tool| {
+                    let exposed = member.names.exposed(&tool.name)?;
+                    Some(ToolInfo {
+                        name: exposed,
+                        ..tool
+                    })
+                })
+            })
+            .collect();
+        self.catalog.extend(tools);
+    }
+
+    /// Remembers that task `task_id` is `member`'s.
+    pub(crate) fn task_created(&self, member: &Member, task_id: &str) {
+        let Some(&i) = self.by_name.get(&member.name) else {
+            return;
+        };
+        let mut tasks = lock(&self.tasks);
+        if tasks.len() >= MAX_TASK_ROUTES {
+            tasks.clear();
+        }
+        tasks.insert(task_id.to_owned(), i);
+    }
+
+    /// The upstream of task `task_id`, if known.
+    pub(crate) fn task_member(&self, task_id: &str) -> Option<&Member> {
+        lock(&self.tasks).get(task_id).map(|&i| &self.members[i])
+    }
+}
+
+/// Tells the clients when an upstream's availability changes, and keeps
+/// the stack's catalog in step with the upstreams' (until the gateway is
+/// dropped).
+async fn watch(gateway: Weak<Gateway>, changed: Arc<Notify>) {
+    let mut available: Vec<bool> = Vec::new();
+    let mut versions: Vec<u64> = Vec::new();
+    loop {
+        {
+            let Some(gateway) = gateway.upgrade() else {
+                return;
+            };
+            let now: Vec<bool> = gateway.members.iter().map(Member::is_available).collect();
+            let now_versions: Vec<u64> = gateway
+                .members
+                .iter()
+                .map(|m| m.catalog.version())
+                .collect();
+            if now_versions != versions {
+                gateway.sync_catalog();
+                versions = now_versions;
+            }
+            if !available.is_empty() && now != available {
+                for (member, (&was, &is)) in gateway.members.iter().zip(available.iter().zip(&now))
+                {
+                    if was != is {
+                        tracing::info!(
+                            upstream = %member.name,
+                            available = is,
+                            "the upstream's tools are {}",
+                            if is { "available" } else { "unavailable" }
+                        );
+                    }
+                }
+                gateway
+                    .downstreams
+                    .broadcast(&ServerNotification::ToolListChangedNotification(
+                        ToolListChangedNotification::default(),
+                    ));
+            }
+            for (member, &is) in gateway.members.iter().zip(&now) {
+                member.announced.store(is, Ordering::Relaxed);
+            }
+            available = now;
+        }
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep(WATCH_INTERVAL) => {}
+        }
+    }
+}
