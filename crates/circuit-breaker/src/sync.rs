@@ -176,6 +176,19 @@ pub struct ProbeRequest<'a> {
     pub probe_timeout: Duration,
 }
 
+impl<'a> ProbeRequest<'a> {
+    /// A request for `key` (named `name`), whose probes time out after
+    /// `probe_timeout`: what a breaker passes, for a provider's own tests.
+    #[must_use]
+    pub fn new(key: &'a Key, name: &'a str, probe_timeout: Duration) -> Self {
+        ProbeRequest {
+            key,
+            name,
+            probe_timeout,
+        }
+    }
+}
+
 /// The answer to a [`ProbeRequest`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProbePermit {

@@ -180,10 +180,10 @@ impl Permits {
                     return self.deny(self.conn.config.op_timeout);
                 }
                 // The answer may still come: it finds the key local and
-                // releases what it won.
+                // releases what it won. (No event here: this runs under
+                // the breaker's lock and the event hook is the user's; the
+                // late operation reports itself.)
                 leases.insert(request.name.to_owned(), Lease::Local { until: now + ttl });
-                self.conn
-                    .report("probe permit: no answer in time, probing locally");
                 return self.fallback();
             }
             _ => {}
@@ -205,7 +205,8 @@ impl Permits {
             ttl,
         };
         if self.ops.try_send(op).is_err() {
-            self.conn.report("probe permit queue full: probing locally");
+            // Backed up behind a slow Redis, whose operations report
+            // themselves.
             leases.insert(request.name.to_owned(), Lease::Local { until: now + ttl });
             return self.fallback();
         }
@@ -353,5 +354,143 @@ pub(crate) async fn permit_loop(
             PermitOp::Acquire { name, token, ttl } => permits.acquire(name, token, ttl).await,
             PermitOp::Release { name, token } => permits.release(&name, token).await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedisConfig;
+    use toolwarden_core::Key;
+
+    /// Permits on a Redis that is never reached (nothing listens on port 1).
+    fn permits(enabled: bool) -> Permits {
+        let config = RedisConfig::builder("redis://127.0.0.1:1")
+            .replica_id("r")
+            .build()
+            .unwrap();
+        Permits::new(
+            Conn::start(config).unwrap(),
+            enabled,
+            Duration::from_secs(5),
+        )
+        .0
+    }
+
+    fn ask(permits: &Permits, name: &str) -> ProbePermit {
+        let key = Key::Tool(name.into());
+        permits.ask(&ProbeRequest::new(&key, name, Duration::from_secs(30)))
+    }
+
+    fn set(permits: &Permits, name: &str, lease: Lease) {
+        permits
+            .leases
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), lease);
+    }
+
+    #[tokio::test]
+    async fn without_a_connection_probes_are_local_and_counted() {
+        let p = permits(true);
+        assert_eq!(ask(&p, "t"), ProbePermit::Granted);
+        assert_eq!(ask(&p, "t"), ProbePermit::Granted);
+        assert_eq!(p.fallbacks.load(Ordering::Acquire), 2);
+        // The local lease lasts the key's probe timeout (longer than the TTL).
+        let lease = p.leases.lock().unwrap()["t"];
+        assert!(
+            matches!(lease, Lease::Local { until } if until > Instant::now() + Duration::from_secs(29))
+        );
+        // The end of the episode forgets it.
+        p.end("t");
+        assert!(p.leases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn disabled_permits_grant_without_counting() {
+        let p = permits(false);
+        assert_eq!(ask(&p, "t"), ProbePermit::Granted);
+        assert_eq!(p.fallbacks.load(Ordering::Acquire), 0);
+        assert!(p.leases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn answers_come_from_the_lease() {
+        let p = permits(true);
+        let now = Instant::now();
+        let secs = Duration::from_secs;
+        set(
+            &p,
+            "held",
+            Lease::Held {
+                token: 1,
+                until: now + secs(3),
+            },
+        );
+        assert_eq!(ask(&p, "held"), ProbePermit::Granted);
+        set(
+            &p,
+            "taken",
+            Lease::Taken {
+                until: now + secs(3),
+            },
+        );
+        let ProbePermit::Denied { retry_after } = ask(&p, "taken") else {
+            panic!("taken elsewhere: denied");
+        };
+        assert!(
+            retry_after <= secs(3) && retry_after > secs(2),
+            "{retry_after:?}"
+        );
+        set(
+            &p,
+            "asking",
+            Lease::Acquiring {
+                token: 2,
+                since: now,
+            },
+        );
+        assert_eq!(
+            ask(&p, "asking"),
+            ProbePermit::Denied {
+                retry_after: Duration::from_millis(50)
+            },
+            "denied for op_timeout while the answer is pending"
+        );
+        assert_eq!(p.fallbacks.load(Ordering::Acquire), 0);
+        assert_eq!(p.denied.load(Ordering::Acquire), 2);
+
+        // An answer that does not come within twice op_timeout: local.
+        let long_ago = now.checked_sub(secs(1)).unwrap();
+        set(
+            &p,
+            "stuck",
+            Lease::Acquiring {
+                token: 3,
+                since: long_ago,
+            },
+        );
+        assert_eq!(ask(&p, "stuck"), ProbePermit::Granted);
+        assert_eq!(p.fallbacks.load(Ordering::Acquire), 1);
+        assert!(matches!(
+            p.leases.lock().unwrap()["stuck"],
+            Lease::Local { .. }
+        ));
+
+        // Another replica's close makes what was learnt of its permit
+        // stale, but leaves this replica's own lease alone.
+        p.heard_closed("taken");
+        p.heard_closed("held");
+        let leases = p.leases.lock().unwrap();
+        assert!(!leases.contains_key("taken"));
+        assert!(leases.contains_key("held"));
+    }
+
+    #[tokio::test]
+    async fn tokens_name_the_replica_and_differ() {
+        let p = permits(true);
+        assert!(p.value(1).starts_with("r:"));
+        assert_ne!(p.value(1), p.value(2));
+        assert_ne!(p.value(1), permits(true).value(1), "unique per sync");
     }
 }

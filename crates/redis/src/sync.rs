@@ -47,13 +47,16 @@
 //!   until it expires. A holder that dies releases nothing: the permit
 //!   expires after its TTL, `probe_permit_ttl` (default 5 s) or the key's
 //!   `probe_timeout` if longer, and another replica may probe.
-//! - Redis does not answer in time: the replica probes on its own, as it
-//!   did before permits existed, for one TTL, then asks Redis again; each
-//!   such probe is counted in [`SyncStats::permit_fallbacks`] and a
-//!   `SyncFailed` event is emitted. Nothing blocks and nothing panics.
+//! - Redis does not answer in time (or is not connected): the replica
+//!   probes on its own, as it did before permits existed, for one TTL,
+//!   then asks Redis again; each such probe is counted in
+//!   [`SyncStats::permit_fallbacks`], and the failed Redis operation is
+//!   reported as a `SyncFailed` event. Nothing blocks and nothing panics.
 //!
 //! A closed circuit never touches the permit, and a replica holding one
 //! asks Redis nothing more for its further probes until it expires.
+//! Permits are kept for at most 10 000 keys (past it, a probe of a new key
+//! is let through as a fallback until old leases expire).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -214,7 +217,7 @@ pub const DEFAULT_PROBE_PERMIT_TTL: Duration = Duration::from_secs(5);
 ///     .probe_permit_ttl(Duration::from_secs(10))
 ///     .start()?;
 /// let breakers = CircuitBreakerLayer::builder()
-///     .probe_timeout(Duration::from_secs(10)) // the permit lasts max(10 s, 10 s)
+///     .probe_timeout(Duration::from_secs(10)) // permits last max(ttl, probe_timeout): 10 s
 ///     .sync(Arc::new(sync.clone()))
 ///     .build()?;
 /// sync.attach(breakers.registry().clone());
@@ -252,9 +255,10 @@ impl RedisBreakerSyncBuilder {
     /// re-open. A holder that dies releases nothing: after the TTL another
     /// replica may probe.
     ///
-    /// When Redis does not answer in time, the replica probes on its own
-    /// (the behaviour without a permit) for one TTL, then asks Redis again;
-    /// each such probe is counted in [`SyncStats::permit_fallbacks`] and
+    /// When Redis does not answer in time (or is not connected), the
+    /// replica probes on its own (the behaviour without a permit) for one
+    /// TTL, then asks Redis again; each such probe is counted in
+    /// [`SyncStats::permit_fallbacks`], and the failed Redis operation is
     /// reported as a `SyncFailed` event. Nothing blocks and nothing panics.
     ///
     /// `false`: every replica probes on its own after its open period.
