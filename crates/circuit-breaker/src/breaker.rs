@@ -33,7 +33,7 @@ use toolwarden_core::{CircuitState, Event, FailureClass, Key, Outcome, OutcomeKi
 
 use crate::config::Config;
 use crate::registry::Shared;
-use crate::sync::{LocalTransition, RemoteState, RemoteTransition};
+use crate::sync::{LocalTransition, ProbePermit, ProbeRequest, RemoteState, RemoteTransition};
 use crate::window::{reaches, CountWindow, Mark, TimeBuckets, WindowStats};
 
 /// What the state word needs of a [`CircuitState`] (the type lives in the
@@ -87,6 +87,9 @@ const STATE_MASK: u64 = (1 << STATE_BITS) - 1;
 /// Set while a plain success would change nothing (see the module docs).
 const CLEAN: u64 = 1 << STATE_BITS;
 const EPOCH_SHIFT: u32 = STATE_BITS + 1;
+/// The shortest wait a denied probe permit asks of the caller, so that a
+/// refusal always carries a `retry_after`.
+const MIN_DENIAL: Duration = Duration::from_millis(1);
 
 #[inline]
 fn state_of(word: u64) -> CircuitState {
@@ -421,6 +424,14 @@ impl Breaker {
                     let until = self.open_until.load(Ordering::Acquire);
                     if now_ns < until {
                         Admission::Refused(Duration::from_nanos(until - now_ns))
+                    } else if let ProbePermit::Denied { retry_after } = self.probe_permit() {
+                        // Another replica probes: stay open until it is
+                        // worth asking again, refusing without the lock.
+                        let retry_after = retry_after.max(MIN_DENIAL);
+                        let nanos = u64::try_from(retry_after.as_nanos()).unwrap_or(u64::MAX);
+                        self.open_until
+                            .store(now_ns.saturating_add(nanos), Ordering::Release);
+                        Admission::Refused(retry_after)
                     } else {
                         let word = self.set_state(word, CircuitState::HalfOpen);
                         rec.probe_successes = 0;
@@ -432,12 +443,14 @@ impl Breaker {
                     }
                 }
                 CircuitState::HalfOpen => {
-                    if rec.probes_in_flight < self.policy.half_open_max_calls {
+                    if rec.probes_in_flight >= self.policy.half_open_max_calls {
+                        Admission::Refused(self.half_open_retry_after(&rec, now_ns))
+                    } else if let ProbePermit::Denied { retry_after } = self.probe_permit() {
+                        Admission::Refused(retry_after.max(MIN_DENIAL))
+                    } else {
                         rec.probes_in_flight += 1;
                         rec.probe_starts.push(now_ns);
                         self.probe_ticket(word, now, now_ns)
-                    } else {
-                        Admission::Refused(self.half_open_retry_after(&rec, now_ns))
                     }
                 }
             }
@@ -493,6 +506,20 @@ impl Breaker {
     pub(crate) fn current_state(&self, now: Instant) -> CircuitState {
         self.expire_probes(now);
         self.state()
+    }
+
+    /// Asks the sync whether this replica may probe now (under the lock,
+    /// about to admit a probe). The overflow breaker never asks: on each
+    /// replica it covers other keys.
+    fn probe_permit(&self) -> ProbePermit {
+        match &self.shared.sync {
+            Some(sync) if !matches!(self.key, Key::Overflow) => sync.probe_permit(&ProbeRequest {
+                key: &self.key,
+                name: &self.key_name(),
+                probe_timeout: self.policy.probe_timeout,
+            }),
+            _ => ProbePermit::Granted,
+        }
     }
 
     fn probe_ticket(&self, word: u64, now: Instant, now_ns: u64) -> Admission {

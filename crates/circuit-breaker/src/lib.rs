@@ -25,7 +25,10 @@
 //!   A probe with no outcome after `probe_timeout` (default 30 s) counts as
 //!   a failed probe: the circuit reopens, without waiting for the probe's
 //!   future to be polled (see [`CircuitBreakerBuilder::probe_timeout`]), so
-//!   a hung probe cannot hold the circuit half-open forever.
+//!   a hung probe cannot hold the circuit half-open forever. With a
+//!   [`StateSync`], each probe first needs its permit, so that one replica
+//!   of a fleet probes at a time; a replica denied it refuses as open, with
+//!   a `retry_after`, and counts no failure (see [`StateSync::probe_permit`]).
 //! - Manual: **Disabled** (everything passes, nothing recorded),
 //!   **ForcedOpen** (everything refused), **MetricsOnly** (recorded and
 //!   reported, never refuses), set through the [`CircuitRegistry`].
@@ -107,6 +110,8 @@ pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{CircuitRegistry, RegistrySnapshot};
 pub use service::CircuitBreaker;
-pub use sync::{LocalTransition, RemoteState, RemoteTransition, StateSync};
+pub use sync::{
+    LocalTransition, ProbePermit, ProbeRequest, RemoteState, RemoteTransition, StateSync,
+};
 pub use toolwarden_core::CircuitState;
 pub use window::WindowStats;

@@ -1,5 +1,5 @@
-//! [`StateSync`]: the seam through which replicas share circuit state, and
-//! the transitions that cross it.
+//! [`StateSync`]: the seam through which replicas share circuit state, the
+//! transitions that cross it, and the fleet-wide probe permit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,8 +44,38 @@ use toolwarden_core::CircuitState;
 ///    bad node cannot poison the rest) is the Redis crate's policy, decided
 ///    before it calls `apply_remote`; the origin is kept in the snapshot.
 ///
-/// Half-open is not shared: after a remote open period each replica probes
-/// on its own, and the first to close announces it.
+/// # One probe across the fleet
+///
+/// Half-open itself is not shared (the Redis crate does not broadcast it,
+/// and each replica keeps its own open period), but the probe can be:
+/// before a circuit admits a probe (when its open period is over and it
+/// would leave *open* for *half-open*, and for each further probe while
+/// half-open), it asks its sync for a permit ([`StateSync::probe_permit`]),
+/// synchronously and under the breaker's per-key lock, so that one replica
+/// probes a recovering server at a time instead of every replica at once:
+///
+/// - [`ProbePermit::Granted`]: the probe passes, as without a sync. The
+///   default implementation always grants, so a sync that does not
+///   implement it keeps the old behaviour: each replica probes on its own.
+/// - [`ProbePermit::Denied`]: the call is refused as if the circuit were
+///   open, with [`CircuitOpen`](toolwarden_core::CircuitOpen) carrying the
+///   denial's `retry_after` (at least 1 ms). The refusal is counted as *not
+///   permitted*, never as a failure: it changes no window, streak or open
+///   period. A circuit still open stays open, its deadline moved to the end
+///   of that `retry_after`, so the calls until then are refused without a
+///   lock and without asking again; a half-open one stays half-open.
+///
+/// The permit's holder learns how its probe ended through
+/// [`StateSync::publish`]: *closed* (the probe succeeded: the close is
+/// announced, the other replicas follow it, and the holder may release the
+/// permit at once) or *open* (the probe failed or outlived `probe_timeout`:
+/// the re-open is announced with its next open period; the permit is best
+/// kept until it expires, so that no other replica probes before it hears
+/// of the re-open). A holder that dies releases nothing, so a permit must
+/// expire by itself (the Redis crate's lasts at least the
+/// [`ProbeRequest::probe_timeout`]); then another replica may probe.
+/// The shared breaker of the keys past the bound (`(overflow)`) never asks:
+/// it covers different keys on each replica.
 ///
 /// ```
 /// use std::sync::{Arc, Mutex};
@@ -81,6 +111,95 @@ pub trait StateSync: Send + Sync + 'static {
     /// Called synchronously after each local transition, outside the
     /// breaker's lock: queue it, never block.
     fn publish(&self, transition: &LocalTransition<'_>);
+
+    /// Whether this replica may probe `request.name` now (see
+    /// [One probe across the fleet](#one-probe-across-the-fleet)). Called
+    /// on the call path, under the breaker's per-key lock, only when a
+    /// probe is about to be admitted (never while the circuit is closed):
+    /// answer from memory, never block, never call back into the registry.
+    /// Default: always [`ProbePermit::Granted`].
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use serde_json::json;
+    /// use tower::{Layer, ServiceExt};
+    /// use toolwarden_core::{jsonrpc::Request, testing::MockMcp, CircuitOpen, Rejection};
+    /// use toolwarden_circuit_breaker::{
+    ///     CircuitBreakerLayer, CircuitState, LocalTransition, ProbePermit, ProbeRequest,
+    ///     RemoteTransition, StateSync,
+    /// };
+    ///
+    /// /// Another replica holds every permit.
+    /// struct ElsewhereProbing;
+    /// impl StateSync for ElsewhereProbing {
+    ///     fn publish(&self, _: &LocalTransition<'_>) {}
+    ///     fn probe_permit(&self, _: &ProbeRequest<'_>) -> ProbePermit {
+    ///         ProbePermit::Denied { retry_after: Duration::from_secs(2) }
+    ///     }
+    /// }
+    ///
+    /// let layer = CircuitBreakerLayer::builder().sync(Arc::new(ElsewhereProbing)).build().unwrap();
+    /// let registry = layer.registry();
+    /// registry.apply_remote("search", &RemoteTransition::open(Duration::from_secs(10), "replica-2"));
+    /// tokio::time::advance(Duration::from_secs(10)).await; // the open period is over ...
+    ///
+    /// let mock = MockMcp::new();
+    /// let err = layer.layer(mock.clone()).oneshot(Request::tool_call(1, "search", json!({}))).await.unwrap_err();
+    /// let open = err.downcast_ref::<CircuitOpen>().unwrap(); // ... but the permit is elsewhere
+    /// assert_eq!(open.retry_after(), Some(Duration::from_secs(2)));
+    /// assert_eq!(mock.calls("search"), 0);
+    /// assert_eq!(registry.state("search"), Some(CircuitState::Open));
+    /// assert_eq!(registry.circuit("search").unwrap().totals.failed, 0); // not a failure
+    /// # }
+    /// ```
+    fn probe_permit(&self, request: &ProbeRequest<'_>) -> ProbePermit {
+        let _ = request;
+        ProbePermit::Granted
+    }
+}
+
+/// A breaker about to admit a probe asks for a permit (see
+/// [`StateSync::probe_permit`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ProbeRequest<'a> {
+    /// The breaker key.
+    pub key: &'a Key,
+    /// The key as text (its `Display`), as
+    /// [`CircuitRegistry::apply_remote`](crate::CircuitRegistry::apply_remote) takes it.
+    pub name: &'a str,
+    /// The key's `probe_timeout`: a probe with no outcome after this long
+    /// counts as failed. A permit should last at least this long, or
+    /// another replica could probe while this one's probe hangs.
+    pub probe_timeout: Duration,
+}
+
+impl<'a> ProbeRequest<'a> {
+    /// A request for `key` (named `name`), whose probes time out after
+    /// `probe_timeout`: what a breaker passes, for a provider's own tests.
+    #[must_use]
+    pub fn new(key: &'a Key, name: &'a str, probe_timeout: Duration) -> Self {
+        ProbeRequest {
+            key,
+            name,
+            probe_timeout,
+        }
+    }
+}
+
+/// The answer to a [`ProbeRequest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbePermit {
+    /// This replica may probe now.
+    Granted,
+    /// Not now (another replica is probing, or the permit is still being
+    /// asked for): the call is refused as open, not counted as a failure.
+    Denied {
+        /// When to ask again; the refusal carries it (at least 1 ms).
+        retry_after: Duration,
+    },
 }
 
 /// A transition that happened on this replica.

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use toolwarden_circuit_breaker::{
-    CircuitBreakerBuilder, CircuitBreakerLayer, CircuitState, LocalTransition, RemoteTransition,
-    StateSync, TimeWindow,
+    CircuitBreakerBuilder, CircuitBreakerLayer, CircuitState, LocalTransition, ProbePermit,
+    ProbeRequest, RemoteTransition, StateSync, TimeWindow,
 };
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{Bounds, CircuitView, KeyBy, Rejection, SessionKey};
@@ -726,6 +726,206 @@ async fn remote_transitions_open_and_close_local_keys_without_echo() {
     registry.disable("t");
     assert!(!registry.apply_remote("t", &RemoteTransition::open(secs(12), "replica-2")));
     call(&mut svc, "t").await.unwrap();
+}
+
+/// A probe-permit provider whose answer the test sets: it records the
+/// requests it was asked and the transitions it heard.
+struct FakePermit {
+    answer: Mutex<ProbePermit>,
+    asked: Mutex<Vec<(String, Duration)>>,
+    heard: Mutex<Vec<String>>,
+}
+
+impl FakePermit {
+    fn new(answer: ProbePermit) -> Arc<Self> {
+        Arc::new(FakePermit {
+            answer: Mutex::new(answer),
+            asked: Mutex::new(Vec::new()),
+            heard: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn answer(&self, answer: ProbePermit) {
+        *self.answer.lock().unwrap() = answer;
+    }
+
+    fn asked(&self) -> usize {
+        self.asked.lock().unwrap().len()
+    }
+
+    fn heard(&self) -> Vec<String> {
+        self.heard.lock().unwrap().clone()
+    }
+}
+
+impl StateSync for FakePermit {
+    fn publish(&self, t: &LocalTransition<'_>) {
+        self.heard
+            .lock()
+            .unwrap()
+            .push(format!("{}:{}", t.name, t.state.as_str()));
+    }
+
+    fn probe_permit(&self, request: &ProbeRequest<'_>) -> ProbePermit {
+        self.asked
+            .lock()
+            .unwrap()
+            .push((request.name.to_owned(), request.probe_timeout));
+        *self.answer.lock().unwrap()
+    }
+}
+
+fn denied(retry_after: Duration) -> ProbePermit {
+    ProbePermit::Denied { retry_after }
+}
+
+/// Issue 19: a replica denied the fleet-wide probe permit keeps refusing
+/// as open, with the denial's `retry_after`, never calls the tool, and
+/// counts nothing against it; a closed circuit never asks.
+#[tokio::test(start_paused = true)]
+async fn a_replica_denied_the_probe_permit_refuses_as_open_without_calling_the_tool() {
+    let permit = FakePermit::new(ProbePermit::Granted);
+    let layer = consecutive(1)
+        .probe_timeout(secs(7))
+        .sync(permit.clone())
+        .build()
+        .unwrap();
+    let up = Scripted::new();
+    let mut svc = layer.layer(ReadyChecked::new(up.clone()));
+    let registry = layer.registry().clone();
+    for _ in 0..3 {
+        call(&mut svc, "t").await.unwrap();
+    }
+    fail_times(&mut svc, &up, "t", Reply::ServerError, 1).await;
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert_eq!(refusal(&err).unwrap().retry_after(), Some(secs(30)));
+    assert_eq!(
+        permit.asked(),
+        0,
+        "neither a closed circuit nor the open period asks"
+    );
+
+    // The open period is over, but another replica holds the permit.
+    tokio::time::advance(secs(30)).await;
+    up.set("t", Reply::Ok);
+    permit.answer(denied(secs(2)));
+    let err = call(&mut svc, "t").await.unwrap_err();
+    let open = refusal(&err).expect("a CircuitOpen");
+    assert_eq!(open.key(), "t");
+    assert_eq!(open.retry_after(), Some(secs(2)));
+    assert_eq!(up.calls(), 4, "the denied replica did not call the tool");
+    assert_eq!(
+        *permit.asked.lock().unwrap(),
+        [("t".to_owned(), secs(7))],
+        "asked with the key and its probe timeout"
+    );
+    assert_eq!(registry.state("t"), Some(CircuitState::Open));
+    assert!(registry.is_open("t"));
+
+    // Until then it refuses without asking again.
+    tokio::time::advance(secs(1)).await;
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert_eq!(refusal(&err).unwrap().retry_after(), Some(secs(1)));
+    assert_eq!(permit.asked(), 1);
+
+    // The refusals are not failures: the trip is the only one, the open
+    // period did not grow, nothing was announced.
+    let snap = registry.circuit("t").unwrap();
+    assert_eq!(snap.state, CircuitState::Open);
+    assert_eq!(snap.totals.failed, 1);
+    assert_eq!(snap.totals.not_permitted, 3);
+    assert_eq!(snap.reopens, 1);
+    assert_eq!(snap.half_open_in_flight, 0);
+    assert_eq!(
+        snap.retry_after_seconds,
+        Some(1.0),
+        "the wait for the next ask"
+    );
+    assert_eq!(permit.heard(), ["t:open"]);
+
+    // Asked again, it is denied again (a zero wait still makes a refusal
+    // with a wait), then granted: the probe passes and closes the circuit.
+    tokio::time::advance(secs(1)).await;
+    permit.answer(denied(Duration::ZERO));
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert_eq!(refusal(&err).unwrap().retry_after(), Some(ms(1)));
+    tokio::time::advance(ms(1)).await;
+    permit.answer(ProbePermit::Granted);
+    call(&mut svc, "t").await.unwrap();
+    assert_eq!(up.calls(), 5);
+    assert_eq!(permit.asked(), 3);
+    assert_eq!(registry.state("t"), Some(CircuitState::Closed));
+    assert_eq!(permit.heard(), ["t:open", "t:half_open", "t:closed"]);
+    assert_eq!(registry.circuit("t").unwrap().totals.failed, 1);
+}
+
+/// A granted replica probes; each further probe of the half-open circuit
+/// asks again, and a denial then refuses without counting or reopening.
+#[tokio::test(start_paused = true)]
+async fn a_granted_replica_probes_and_each_further_probe_asks_again() {
+    let permit = FakePermit::new(ProbePermit::Granted);
+    let layer = consecutive(1)
+        .half_open_max_calls(2)
+        .success_threshold(2)
+        .sync(permit.clone())
+        .build()
+        .unwrap();
+    let up = Upstream::new();
+    let mut svc = layer.layer(up.clone());
+    let registry = layer.registry().clone();
+    let trip = svc.ready().await.unwrap().call(req("t"));
+    up.pop().unwrap().answer(Reply::Transient);
+    trip.await.unwrap_err();
+    tokio::time::advance(secs(30)).await;
+
+    let first = svc.ready().await.unwrap().call(req("t"));
+    assert_eq!(up.calls(), 2, "the granted probe reached the tool");
+    assert_eq!(registry.state("t"), Some(CircuitState::HalfOpen));
+    permit.answer(denied(ms(500)));
+    let err = call(&mut svc, "t").await.unwrap_err();
+    assert_eq!(refusal(&err).unwrap().retry_after(), Some(ms(500)));
+    assert_eq!(up.calls(), 2);
+    assert_eq!(registry.state("t"), Some(CircuitState::HalfOpen));
+    let snap = registry.circuit("t").unwrap();
+    assert_eq!((snap.totals.failed, snap.half_open_in_flight), (1, 1));
+
+    permit.answer(ProbePermit::Granted);
+    let second = svc.ready().await.unwrap().call(req("t"));
+    assert_eq!(up.calls(), 3);
+    for held in up.take_held() {
+        held.answer(Reply::Ok);
+    }
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(registry.state("t"), Some(CircuitState::Closed));
+    assert_eq!(permit.asked(), 3);
+    // Closed again: calls never ask.
+    let ok = svc.ready().await.unwrap().call(req("t"));
+    up.pop().unwrap().answer(Reply::Ok);
+    ok.await.unwrap();
+    assert_eq!(permit.asked(), 3);
+}
+
+/// The shared breaker of the keys past the bound probes on its own: on
+/// each replica it stands for other keys.
+#[tokio::test(start_paused = true)]
+async fn the_overflow_breaker_never_asks_for_a_permit() {
+    let permit = FakePermit::new(denied(secs(5)));
+    let layer = consecutive(1)
+        .bounds(Bounds::max_keys(1).idle_timeout(None))
+        .sync(permit.clone())
+        .build()
+        .unwrap();
+    let up = Scripted::new();
+    let mut svc = layer.layer(up.clone());
+    call(&mut svc, "own").await.unwrap();
+    fail_times(&mut svc, &up, "past", Reply::ServerError, 1).await;
+    assert_eq!(layer.registry().open_keys(), ["(overflow)"]);
+    tokio::time::advance(secs(30)).await;
+    up.set("past", Reply::Ok);
+    call(&mut svc, "past").await.unwrap();
+    assert_eq!(permit.asked(), 0);
+    assert!(layer.registry().open_keys().is_empty());
 }
 
 #[tokio::test(start_paused = true)]

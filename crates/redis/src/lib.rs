@@ -4,6 +4,11 @@
 //!   broadcast on pub/sub; other replicas apply them through the breaker's
 //!   [`StateSync`](toolwarden_circuit_breaker::StateSync) seam, following
 //!   every remote open or only a quorum of replicas ([`RemoteOpenPolicy`]).
+//!   A fleet-wide probe permit (`SET NX PX` in Redis) lets one replica at a
+//!   time probe a key whose open period is over, so a recovering server
+//!   is not probed by every replica at once; the others refuse as open
+//!   until its outcome is broadcast. When Redis is away, each replica
+//!   probes on its own (see [`RedisBreakerSyncBuilder::probe_permit`]).
 //! - [`RedisRateLimiter`]: GCRA evaluated atomically in a Lua script on
 //!   Redis' own clock, giving the same `RateLimited { retry_after }` as the
 //!   local limiter, with a [`Fallback`] when Redis is away. Use it on its
@@ -82,9 +87,13 @@
 mod config;
 mod conn;
 mod limiter;
+mod permit;
 mod sync;
 
 pub use config::{RedisConfig, RedisConfigBuilder};
 pub use conn::Unavailable;
 pub use limiter::{quota, Decision, Fallback, RedisRateLimiter};
-pub use sync::{RedisBreakerSync, RemoteOpenPolicy, SyncStats};
+pub use sync::{
+    RedisBreakerSync, RedisBreakerSyncBuilder, RemoteOpenPolicy, SyncStats,
+    DEFAULT_PROBE_PERMIT_TTL,
+};

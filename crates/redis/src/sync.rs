@@ -24,6 +24,39 @@
 //! Deadlines are absolute unix times from the publishing replica's clock;
 //! replicas are assumed to keep their clocks in sync (NTP) to well within
 //! an open period.
+//!
+//! # One probe across the fleet
+//!
+//! Half-open is not broadcast, but the probe is shared: when a key's open
+//! period is over, a replica's breaker asks the sync for the key's **probe
+//! permit** ([`StateSync::probe_permit`]), a Redis key
+//! `{prefix}:cb-permit:{key}` taken with `SET … NX PX <ttl>` and a value
+//! unique to this replica and request. The breaker cannot wait, so the
+//! sync answers from what it knows and asks Redis in the background (see
+//! [`RedisBreakerSyncBuilder::probe_permit`] for the whole contract):
+//!
+//! - not asked yet, or the answer pending: the call is refused as open with
+//!   `retry_after` = `op_timeout` (the longest the answer takes);
+//! - another replica holds the permit: refused as open until its TTL runs
+//!   out (`retry_after` = Redis' `PTTL`); these refusals count as *not
+//!   permitted*, never as failures;
+//! - this replica holds it: the probe passes. Success closes the circuit
+//!   (broadcast; the others follow) and releases the permit (a
+//!   compare-and-delete script: only while Redis still holds this
+//!   replica's value); failure reopens it (broadcast) and keeps the permit
+//!   until it expires. A holder that dies releases nothing: the permit
+//!   expires after its TTL, `probe_permit_ttl` (default 5 s) or the key's
+//!   `probe_timeout` if longer, and another replica may probe.
+//! - Redis does not answer in time (or is not connected): the replica
+//!   probes on its own, as it did before permits existed, for one TTL,
+//!   then asks Redis again; each such probe is counted in
+//!   [`SyncStats::permit_fallbacks`], and the failed Redis operation is
+//!   reported as a `SyncFailed` event. Nothing blocks and nothing panics.
+//!
+//! A closed circuit never touches the permit, and a replica holding one
+//! asks Redis nothing more for its further probes until it expires.
+//! Permits are kept for at most 10 000 keys (past it, a probe of a new key
+//! is let through as a fallback until old leases expire).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -35,11 +68,14 @@ use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use toolwarden_circuit_breaker::{
-    CircuitRegistry, CircuitState, LocalTransition, RemoteTransition, StateSync,
+    CircuitRegistry, CircuitState, LocalTransition, ProbePermit, ProbeRequest, RemoteTransition,
+    StateSync,
 };
+use toolwarden_core::ConfigError;
 
 use crate::config::RedisConfig;
 use crate::conn::{next_backoff, Conn};
+use crate::permit::{permit_loop, Permits};
 
 /// How remote opens apply locally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +122,7 @@ struct Tracker {
 struct Shared {
     conn: Conn,
     policy: RemoteOpenPolicy,
+    permits: Arc<Permits>,
     tracker: Mutex<Tracker>,
     registry: Mutex<Option<CircuitRegistry>>,
     received: AtomicU64,
@@ -97,6 +134,10 @@ struct Shared {
 /// Shares circuit state through Redis. Give it to the circuit-breaker
 /// builder (`.sync(sync.clone())`), then [`attach`](RedisBreakerSync::attach)
 /// the built layer's registry.
+///
+/// It also hands out the fleet-wide probe permit (on by default, see
+/// [`RedisBreakerSyncBuilder::probe_permit`]): one replica probes a
+/// half-open key at a time.
 ///
 /// Dropping every handle stops the background tasks.
 #[derive(Clone)]
@@ -123,6 +164,8 @@ impl fmt::Debug for RedisBreakerSync {
         f.debug_struct("RedisBreakerSync")
             .field("replica", &self.shared.conn.config.replica_id)
             .field("policy", &self.shared.policy)
+            .field("probe_permit", &self.shared.permits.enabled())
+            .field("probe_permit_ttl", &self.shared.permits.ttl())
             .field("stats", &self.stats())
             .finish()
     }
@@ -139,26 +182,126 @@ pub struct SyncStats {
     pub published: u64,
     /// Completed (re)subscriptions with a state load.
     pub resyncs: u64,
+    /// Probe permits this replica won in Redis.
+    pub permits_acquired: u64,
+    /// Probes refused because another replica held the permit, or while it
+    /// was being asked for (the breaker refuses them as open).
+    pub permits_denied: u64,
+    /// Probes let through without a permit because Redis did not answer in
+    /// time (or the key or queue bound was reached): the local behaviour,
+    /// each replica probing on its own.
+    pub permit_fallbacks: u64,
 }
 
-impl RedisBreakerSync {
-    /// Starts the writer; needs a Tokio runtime. Remote state is applied
-    /// once a registry is attached.
-    pub fn start(
-        config: RedisConfig,
-        policy: RemoteOpenPolicy,
-    ) -> Result<Self, toolwarden_core::ConfigError> {
-        if let RemoteOpenPolicy::Quorum(0) = policy {
-            return Err(toolwarden_core::ConfigError::new(
-                "redis.quorum",
-                "must be at least 1",
+/// The default [`RedisBreakerSyncBuilder::probe_permit_ttl`].
+pub const DEFAULT_PROBE_PERMIT_TTL: Duration = Duration::from_secs(5);
+
+/// Builds a [`RedisBreakerSync`]; [`start`](Self::start) validates it.
+///
+/// | knob | default | meaning |
+/// |---|---|---|
+/// | `policy` | [`RemoteOpenPolicy::Follow`] | how remote opens apply locally |
+/// | `probe_permit` | on | one replica probes a half-open key at a time |
+/// | `probe_permit_ttl` | 5 s ([`DEFAULT_PROBE_PERMIT_TTL`]), and never less than the key's `probe_timeout` | how long a permit lasts when its holder does not release it |
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use toolwarden_circuit_breaker::CircuitBreakerLayer;
+/// use toolwarden_redis::{RedisBreakerSync, RedisConfig, RemoteOpenPolicy};
+///
+/// let config = RedisConfig::builder("redis://127.0.0.1:6379").build()?;
+/// let sync = RedisBreakerSync::builder(config)
+///     .policy(RemoteOpenPolicy::Quorum(2))
+///     .probe_permit_ttl(Duration::from_secs(10))
+///     .start()?;
+/// let breakers = CircuitBreakerLayer::builder()
+///     .probe_timeout(Duration::from_secs(10)) // permits last max(ttl, probe_timeout): 10 s
+///     .sync(Arc::new(sync.clone()))
+///     .build()?;
+/// sync.attach(breakers.registry().clone());
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct RedisBreakerSyncBuilder {
+    config: RedisConfig,
+    policy: RemoteOpenPolicy,
+    probe_permit: bool,
+    probe_permit_ttl: Duration,
+}
+
+impl RedisBreakerSyncBuilder {
+    /// How remote opens apply locally. Default [`RemoteOpenPolicy::Follow`].
+    pub fn policy(mut self, policy: RemoteOpenPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Whether a probe needs the fleet-wide permit. Default `true`.
+    ///
+    /// When a key's open period is over, a replica's breaker asks for the
+    /// permit (`SET {prefix}:cb-permit:{key} <replica token> NX PX <ttl>`,
+    /// in the background: the call is never kept waiting). Until the answer
+    /// comes (at most `op_timeout`), and while another replica holds the
+    /// permit (until its TTL runs out), the breaker refuses the key's calls
+    /// as open, with that wait as `retry_after`; those refusals count as
+    /// *not permitted*, never as failures. The holder probes; if the probe
+    /// succeeds, its close is broadcast (the others follow it) and the
+    /// permit is released (compare-and-delete: only the holder's own
+    /// token); if it fails, the re-open is broadcast and the permit kept
+    /// until it expires, so no other replica probes before it hears of the
+    /// re-open. A holder that dies releases nothing: after the TTL another
+    /// replica may probe.
+    ///
+    /// When Redis does not answer in time (or is not connected), the
+    /// replica probes on its own (the behaviour without a permit) for one
+    /// TTL, then asks Redis again; each such probe is counted in
+    /// [`SyncStats::permit_fallbacks`], and the failed Redis operation is
+    /// reported as a `SyncFailed` event. Nothing blocks and nothing panics.
+    ///
+    /// `false`: every replica probes on its own after its open period.
+    pub fn probe_permit(mut self, enabled: bool) -> Self {
+        self.probe_permit = enabled;
+        self
+    }
+
+    /// How long a probe permit lasts unless its holder releases it: the
+    /// larger of this and the asking key's `probe_timeout` (30 s by
+    /// default), so that a permit outlives the probe it covers. Default 5 s
+    /// ([`DEFAULT_PROBE_PERMIT_TTL`]); at least 1 ms (Redis' `PX` unit).
+    ///
+    /// It is the longest other replicas wait on a holder that died, and the
+    /// spacing of probes when the others do not hear of a failed probe
+    /// (a [`RemoteOpenPolicy::Quorum`] that one replica does not make).
+    pub fn probe_permit_ttl(mut self, ttl: Duration) -> Self {
+        self.probe_permit_ttl = ttl;
+        self
+    }
+
+    /// Validates the settings and starts the writer and permit tasks;
+    /// needs a Tokio runtime. Remote state is applied once a registry is
+    /// attached. The error names the bad field.
+    pub fn start(self) -> Result<RedisBreakerSync, ConfigError> {
+        if let RemoteOpenPolicy::Quorum(0) = self.policy {
+            return Err(ConfigError::new("redis.quorum", "must be at least 1"));
+        }
+        if self.probe_permit_ttl < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "redis.probe_permit_ttl",
+                "must be at least 1 ms",
             ));
         }
-        let conn = Conn::start(config)
-            .map_err(|e| toolwarden_core::ConfigError::new("redis.url", e.to_string()))?;
+        let conn =
+            Conn::start(self.config).map_err(|e| ConfigError::new("redis.url", e.to_string()))?;
+        let (permits, permit_ops) =
+            Permits::new(conn.clone(), self.probe_permit, self.probe_permit_ttl);
+        let permits = Arc::new(permits);
         let shared = Arc::new(Shared {
             conn,
-            policy,
+            policy: self.policy,
+            permits: Arc::clone(&permits),
             tracker: Mutex::new(Tracker::default()),
             registry: Mutex::new(None),
             received: AtomicU64::new(0),
@@ -168,11 +311,31 @@ impl RedisBreakerSync {
         });
         let (outbox, rx) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(write_loop(Arc::clone(&shared), rx));
+        let permit_task = tokio::spawn(permit_loop(permits, permit_ops));
         Ok(RedisBreakerSync {
             shared,
             outbox,
-            tasks: Arc::new(Tasks(Mutex::new(vec![writer]))),
+            tasks: Arc::new(Tasks(Mutex::new(vec![writer, permit_task]))),
         })
+    }
+}
+
+impl RedisBreakerSync {
+    /// Starts the sync with `policy` and every other default (the same as
+    /// `builder(config).policy(policy).start()`); needs a Tokio runtime.
+    /// Remote state is applied once a registry is attached.
+    pub fn start(config: RedisConfig, policy: RemoteOpenPolicy) -> Result<Self, ConfigError> {
+        Self::builder(config).policy(policy).start()
+    }
+
+    /// A builder with every default (see [`RedisBreakerSyncBuilder`]).
+    pub fn builder(config: RedisConfig) -> RedisBreakerSyncBuilder {
+        RedisBreakerSyncBuilder {
+            config,
+            policy: RemoteOpenPolicy::Follow,
+            probe_permit: true,
+            probe_permit_ttl: DEFAULT_PROBE_PERMIT_TTL,
+        }
     }
 
     /// Applies other replicas' state to `registry` from now on (loading the
@@ -201,12 +364,22 @@ impl RedisBreakerSync {
             applied: self.shared.applied.load(Ordering::Acquire),
             published: self.shared.published.load(Ordering::Acquire),
             resyncs: self.shared.resyncs.load(Ordering::Acquire),
+            permits_acquired: self.shared.permits.acquired.load(Ordering::Acquire),
+            permits_denied: self.shared.permits.denied.load(Ordering::Acquire),
+            permit_fallbacks: self.shared.permits.fallbacks.load(Ordering::Acquire),
         }
     }
 }
 
 impl StateSync for RedisBreakerSync {
     fn publish(&self, transition: &LocalTransition<'_>) {
+        if matches!(
+            transition.state,
+            CircuitState::Closed | CircuitState::Disabled | CircuitState::MetricsOnly
+        ) {
+            // The probe (if any) is over and succeeded, or a manual change.
+            self.shared.permits.end(transition.name);
+        }
         let until = match transition.state {
             CircuitState::Open | CircuitState::ForcedOpen => {
                 let retry_after = transition.retry_after.unwrap_or(Duration::from_secs(1));
@@ -233,6 +406,12 @@ impl StateSync for RedisBreakerSync {
                 .conn
                 .report("breaker sync queue full: transition dropped");
         }
+    }
+
+    /// See [`RedisBreakerSyncBuilder::probe_permit`]: answered from the
+    /// lease kept for the key, never waiting for Redis.
+    fn probe_permit(&self, request: &ProbeRequest<'_>) -> ProbePermit {
+        self.shared.permits.ask(request)
     }
 }
 
@@ -392,6 +571,9 @@ fn receive(shared: &Shared, message: Message) {
         Err(_) => None,
     };
     let Some(registry) = registry else { return };
+    if message.u <= now {
+        shared.permits.heard_closed(&message.k);
+    }
     let origin: Arc<str> = message.o.as_str().into();
     let decision = {
         let Ok(mut tracker) = shared.tracker.lock() else {
