@@ -129,6 +129,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod availability;
 mod builder;
 mod cache;
 mod fallback;
@@ -137,6 +138,7 @@ mod layer;
 mod rank;
 mod service;
 
+pub use availability::ToolAvailability;
 pub use builder::{
     FallbackCacheBuilder, DEFAULT_ALTERNATIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_STALENESS, MAX_MAX_ENTRIES, MIN_MAX_BYTES,
@@ -144,5 +146,8 @@ pub use builder::{
 pub use fallback::{DEGRADED_META_KEY, STALE_META_KEY};
 pub use future::ResponseFuture;
 pub use layer::FallbackCacheLayer;
-pub use rank::{argument_text, tokenize, AlternativeRanker, Ranked, MAX_ARGUMENT_TEXT};
+pub use rank::{
+    argument_text, tokenize, AlternativeRanker, FailedCall, Ranked, DEFAULT_MIN_RELEVANCE,
+    MAX_ARGUMENT_TEXT,
+};
 pub use service::FallbackCache;
