@@ -21,145 +21,29 @@ const STOP_WORDS: &[&str] = &[
 ];
 
 /// Words that say nothing about what a tool does, as [`tokenize`] spells
-/// them (lower case, plurals folded: `always` → `alway`, `does` → `doe`). They still add to a
-/// BM25 score (their weight is small where many tools use them), but
-/// never to a tool's [relevance](Ranked::relevance): two tools sharing
-/// only `get` (`get_weather`, `get_stock_price`) are not alternatives.
+/// them (lower case, plurals folded: `always` → `alway`, `does` → `doe`).
+/// They still add to a BM25 score (their weight is small where many tools
+/// use them), but never to a tool's [relevance](Ranked::relevance): two
+/// tools sharing only `get` (`get_weather`, `get_stock_price`) are not
+/// alternatives.
+#[rustfmt::skip]
 const GENERIC_TERMS: &[&str] = &[
     // Tool and protocol vocabulary.
-    "tool",
-    "function",
-    "server",
-    "mcp",
-    "api",
-    "request",
-    "response",
-    "call",
-    "result",
-    "return",
-    "value",
-    "data",
-    "info",
-    "information",
-    "input",
-    "output",
-    "argument",
-    "arg",
-    "param",
-    "parameter",
-    "option",
-    "optional",
-    "default",
-    "required",
-    "true",
-    "false",
-    "null",
-    "string",
-    "number",
-    "integer",
-    "boolean",
-    "object",
-    "array",
-    "item",
-    "field",
-    "name",
-    "id",
-    "type",
+    "tool", "function", "server", "mcp", "api", "request", "response", "call", "result", "return",
+    "value", "data", "info", "information", "input", "output", "argument", "arg", "param",
+    "parameter", "option", "optional", "default", "required", "true", "false", "null", "string",
+    "number", "integer", "boolean", "object", "array", "item", "field", "name", "id", "type",
     // Verbs any tool may use.
-    "get",
-    "set",
-    "list",
-    "use",
-    "using",
-    "run",
-    "make",
-    "do",
-    "doe",
-    "give",
-    "given",
-    "provide",
-    "provided",
-    "specified",
-    "specify",
-    "based",
-    "include",
-    "including",
-    "perform",
-    "execute",
-    "handle",
-    "allow",
-    "let",
-    "try",
+    "get", "set", "list", "use", "using", "run", "make", "do", "doe", "give", "given", "provide",
+    "provided", "specified", "specify", "based", "include", "including", "perform", "execute",
+    "handle", "allow", "let", "try",
     // Filler.
-    "new",
-    "current",
-    "all",
-    "any",
-    "some",
-    "one",
-    "two",
-    "alway",
-    "never",
-    "only",
-    "also",
-    "can",
-    "will",
-    "may",
-    "should",
-    "must",
-    "if",
-    "when",
-    "then",
-    "than",
-    "not",
-    "no",
-    "yes",
-    "you",
-    "your",
-    "we",
-    "our",
-    "us",
-    "which",
-    "who",
-    "what",
-    "how",
-    "has",
-    "have",
-    "was",
-    "were",
-    "been",
-    "but",
-    "so",
-    "such",
-    "each",
-    "every",
-    "other",
-    "more",
-    "most",
-    "via",
-    "per",
-    "about",
-    "up",
-    "out",
-    "over",
-    "after",
-    "before",
-    "like",
-    "just",
-    "etc",
-    "eg",
-    "ie",
-    "specific",
-    "there",
-    "here",
-    "these",
-    "those",
-    "they",
-    "them",
-    "their",
-    "without",
-    "within",
-    "between",
+    "new", "current", "all", "any", "some", "one", "two", "alway", "never", "only", "also", "can",
+    "will", "may", "should", "must", "if", "when", "then", "than", "not", "no", "yes", "you",
+    "your", "we", "our", "us", "which", "who", "what", "how", "has", "have", "was", "were", "been",
+    "but", "so", "such", "each", "every", "other", "more", "most", "via", "per", "about", "up",
+    "out", "over", "after", "before", "like", "just", "etc", "eg", "ie", "specific", "there",
+    "here", "these", "those", "they", "them", "their", "without", "within", "between",
 ];
 
 /// Whether `term` (as [`tokenize`] returns it) may make a tool relevant.
@@ -180,13 +64,15 @@ const MIN_RELEVANCE_CATALOG: f64 = 16.0;
 /// Default [`AlternativeRanker::with_min_relevance`] (and the fallback
 /// cache's `min_relevance`): 0.15. See [`Ranked::relevance`].
 ///
-/// Chosen on described catalogs: tools that do the same job under other
-/// words (`search_docs` / `web_search` 0.37, `get_current_time` /
-/// `convert_time` 0.78, a weather forecast / a forecast lookup 0.24) are
-/// well above it; tools that share one incidental word (`send_email` /
-/// `create_issue` by `body` 0.14, `search_docs` / `query_database` by
-/// `query` 0.11) or only generic words (`get_weather` / `get_stock_price`,
-/// 0) are below.
+/// Chosen on described catalogs (the fallback-cache tests' fixtures):
+/// tools that do the same job in other words (`search_docs` /
+/// `web_search` 0.37, `read_file` / `list_directory` 0.51, a weather
+/// forecast / a forecast lookup 0.24) are above it; tools that share one
+/// incidental word (`send_email` / `create_issue` by `body` 0.14,
+/// `search_docs` / `query_database` by `query` 0.11) or only generic words
+/// (`get_weather` / `get_stock_price`, 0) are below. Verbose descriptions
+/// lower every relevance (more terms to share), so a catalog of long
+/// descriptions may want a lower floor.
 pub const DEFAULT_MIN_RELEVANCE: f64 = 0.15;
 
 /// Splits `text` into lower-case search terms, as the ranker indexes them.

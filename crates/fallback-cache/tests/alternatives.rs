@@ -17,7 +17,7 @@ use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{CircuitOpen, McpResponse, ToolCatalog, ToolInfo};
 use toolwarden_fallback_cache::{
     AlternativeRanker, FailedCall, FallbackCache, FallbackCacheBuilder, FallbackCacheLayer,
-    DEGRADED_META_KEY,
+    DEFAULT_MIN_RELEVANCE, DEGRADED_META_KEY,
 };
 use tower::Layer;
 
@@ -359,6 +359,45 @@ async fn with_a_single_upstream_a_transport_failure_still_suggests_its_other_too
         .await
         .unwrap();
     assert_eq!(suggested(&answer), ["forecast_hourly"]);
+}
+
+#[test]
+fn the_default_floor_separates_related_tools_from_incidental_ones() {
+    // The figures DEFAULT_MIN_RELEVANCE's docs quote, on the fixture catalog.
+    let catalog = fixture_catalog();
+    let ranker = AlternativeRanker::from_catalog(&catalog);
+    let relevance = |failed: &str, args: &str, candidate: &str| {
+        let info = catalog.get(failed).unwrap();
+        let query = format!(
+            "{failed} {} {} {args}",
+            info.description.unwrap(),
+            info.parameters.join(" ")
+        );
+        ranker
+            .rank(&query, 11, |_| false)
+            .into_iter()
+            .find(|r| r.name == candidate)
+            .map_or(0.0, |r| r.relevance)
+    };
+    let cases = [
+        ("search_docs", "query tokio timeout", "web_search", 0.37),
+        ("read_file", "path /etc/hosts", "list_directory", 0.51),
+        ("send_email", "", "create_issue", 0.14),
+        ("search_docs", "query tokio timeout", "query_database", 0.11),
+        ("get_weather", "city Oslo", "get_stock_price", 0.0),
+    ];
+    for (failed, args, candidate, expected) in cases {
+        let found = relevance(failed, args, candidate);
+        assert!(
+            (found - expected).abs() < 0.01,
+            "{failed} / {candidate}: {found:.3}"
+        );
+        assert_eq!(
+            found >= DEFAULT_MIN_RELEVANCE,
+            expected > 0.3,
+            "{failed} / {candidate}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
