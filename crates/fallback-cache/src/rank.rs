@@ -651,20 +651,24 @@ impl AlternativeRanker {
         let mut others = Vec::new();
         let mut same_upstream = Vec::new();
         for ranked in self.ranked(&query, failed_upstream) {
-            if ranked.name == failed.tool
-                || ranked.relevance < self.min_relevance
-                || skip(ranked.name)
-            {
+            if ranked.name == failed.tool || ranked.relevance < self.min_relevance {
                 continue;
             }
             let same = failed_upstream.is_some() && ranked.upstream == failed_upstream;
-            if !same {
+            // Decided before `skip`, which may cost a health lookup.
+            if same && (failed.upstream_failed || same_upstream.len() == limit) {
+                continue;
+            }
+            if skip(ranked.name) {
+                continue;
+            }
+            if same {
+                same_upstream.push(ranked.name.to_owned());
+            } else {
                 others.push(ranked.name.to_owned());
                 if others.len() == limit {
                     break;
                 }
-            } else if !failed.upstream_failed && same_upstream.len() < limit {
-                same_upstream.push(ranked.name.to_owned());
             }
         }
         let room = limit - others.len();

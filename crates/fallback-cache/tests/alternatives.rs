@@ -482,3 +482,74 @@ proptest! {
 fn ranker_with(tools: &[ToolInfo], floor: f64) -> AlternativeRanker {
     AlternativeRanker::new(tools).with_min_relevance(floor)
 }
+
+const FIXTURE_TOOLS: &[&str] = &[
+    "search_docs",
+    "web_search",
+    "get_weather",
+    "send_email",
+    "delete_file",
+    "read_file",
+    "list_directory",
+    "create_issue",
+    "query_database",
+    "translate_text",
+    "get_stock_price",
+];
+
+/// The fixture tools, spread over three upstreams (a tool's upstream is
+/// its position modulo 3).
+fn fixture_gateway() -> ToolCatalog {
+    let catalog = fixture_catalog();
+    let tools = catalog.tools();
+    for (i, upstream) in ["one", "two", "three"].into_iter().enumerate() {
+        let mine = tools
+            .iter()
+            .filter(|t| FIXTURE_TOOLS.iter().position(|n| *n == t.name).unwrap() % 3 == i)
+            .cloned();
+        catalog.replace_upstream(upstream, mine);
+    }
+    assert_eq!(catalog.len(), FIXTURE_TOOLS.len());
+    catalog
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn the_layer_never_suggests_an_unavailable_tool(
+        unavailable in prop::collection::hash_set(prop::sample::select(FIXTURE_TOOLS), 0..11),
+        failed in prop::sample::select(FIXTURE_TOOLS),
+        failure in 0usize..4,
+        floor in prop::sample::select(&[0.0, DEFAULT_MIN_RELEVANCE][..]),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let catalog = fixture_gateway();
+        let failed_upstream = catalog.upstream_of(failed).unwrap();
+        let down: HashSet<String> = unavailable.iter().map(|t| (*t).to_owned()).collect();
+        let mut h = harness(catalog.clone(), move |b| {
+            b.min_relevance(floor).available(move |tool: &str| !down.contains(tool))
+        });
+        let step = match failure {
+            0 => Step::tool_error("upstream API error"),
+            1 => Step::rpc_error(-32603, "internal"),
+            2 => Step::closed(),
+            _ => Step::ok(""), // an empty result: a Server failure
+        };
+        h.mock.push(failed, [step]);
+        let answer = runtime
+            .block_on(call(&mut h.svc, 1, failed, json!({"query": "tokio", "path": "/tmp"})))
+            .unwrap();
+        for name in suggested(&answer) {
+            prop_assert!(!unavailable.contains(name.as_str()), "{name} is unavailable");
+            prop_assert_ne!(&name, failed);
+            if failure == 2 {
+                prop_assert_ne!(catalog.upstream_of(&name), Some(failed_upstream.clone()));
+            }
+        }
+    }
+}
