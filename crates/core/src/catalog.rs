@@ -10,6 +10,34 @@
 //!
 //! Reads are lock-free (an [`arc_swap`] snapshot); updates (a `tools/list`
 //! result, configuration) replace the snapshot.
+//!
+//! # Several upstreams
+//!
+//! A gateway in front of several MCP servers keeps one catalog for all of
+//! them and says which server (*upstream*) each tool belongs to
+//! ([`ToolInfo::upstream`]): it registers one upstream's tools, already
+//! namespaced (`time__get_current_time`), with
+//! [`ToolCatalog::replace_upstream`], drops them with
+//! [`ToolCatalog::remove_upstream`], and reads them back with
+//! [`ToolCatalog::upstream_tools`]; each touches that upstream's tools only.
+//! A proxy with a single upstream leaves the upstream unset (`None`), and
+//! [`ToolCatalog::fill_from_tools_list`] manages those tools.
+//!
+//! ```
+//! use toolwarden_core::catalog::{ToolCatalog, ToolInfo};
+//! let catalog = ToolCatalog::new();
+//! catalog.replace_upstream("time", [ToolInfo::new("time__get_current_time", "Current time in a timezone")]);
+//! catalog.replace_upstream("weather", [
+//!     ToolInfo::new("weather__forecast", "Weather forecast for a city"),
+//!     ToolInfo::new("weather__alerts", "Weather alerts for a region"),
+//! ]);
+//! assert_eq!(catalog.upstream_of("weather__forecast").as_deref(), Some("weather"));
+//! // The weather server's tools/list changed: only its tools are replaced.
+//! catalog.replace_upstream("weather", [ToolInfo::new("weather__forecast", "Forecast")]);
+//! assert_eq!(catalog.len(), 2);
+//! assert_eq!(catalog.remove_upstream("time"), 1);
+//! assert_eq!(catalog.upstreams().len(), 1);
+//! ```
 
 use std::collections::HashMap;
 use std::fmt;
@@ -55,6 +83,12 @@ pub struct ToolInfo {
     /// The names of the input schema's properties (used to rank alternatives).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parameters: Vec<String>,
+    /// The upstream server the tool belongs to, when a gateway serves the
+    /// tools of several (set by [`ToolCatalog::replace_upstream`], or with
+    /// [`ToolInfo::upstream`]); `None` with a single upstream. Shared by
+    /// every tool of one upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<Arc<str>>,
 }
 
 impl ToolInfo {
@@ -74,7 +108,20 @@ impl ToolInfo {
         self
     }
 
-    /// Reads one tool object of a `tools/list` result.
+    /// Sets the upstream the tool belongs to (see [`ToolInfo::upstream`](field@ToolInfo::upstream)).
+    ///
+    /// ```
+    /// use toolwarden_core::ToolInfo;
+    /// let tool = ToolInfo::new("time__get_current_time", "Current time").upstream("time");
+    /// assert_eq!(tool.upstream.as_deref(), Some("time"));
+    /// ```
+    #[must_use]
+    pub fn upstream(mut self, upstream: impl Into<Arc<str>>) -> Self {
+        self.upstream = Some(upstream.into());
+        self
+    }
+
+    /// Reads one tool object of a `tools/list` result (no upstream set).
     pub fn from_value(tool: &Value) -> Option<Self> {
         let name = tool.get("name")?.as_str()?.to_owned();
         let text = |k: &str| tool.get(k).and_then(Value::as_str).map(str::to_owned);
@@ -99,6 +146,7 @@ impl ToolInfo {
             description: text("description"),
             annotations,
             parameters,
+            upstream: None,
         })
     }
 }
@@ -206,9 +254,15 @@ impl ToolCatalog {
         self.update(|s| s.trusted = trusted);
     }
 
-    /// Replaces the known tools with those of a `tools/list` result
-    /// (`{"tools": [...]}`), keeping configured policies. Returns how many
-    /// tools were read; malformed entries are skipped.
+    /// Replaces the tools of a single upstream with those of its
+    /// `tools/list` result (`{"tools": [...]}`), keeping configured
+    /// policies. Returns how many tools were read; malformed entries are
+    /// skipped.
+    ///
+    /// It replaces the tools with no [`upstream`](field@ToolInfo::upstream)
+    /// (with a single upstream: every tool) and keeps those registered under
+    /// a named upstream ([`replace_upstream`](Self::replace_upstream)); a
+    /// listed tool with the name of one of those takes its place.
     pub fn fill_from_tools_list(&self, result: &Value) -> usize {
         let tools: HashMap<String, ToolInfo> = result
             .get("tools")
@@ -219,11 +273,112 @@ impl ToolCatalog {
             .map(|t| (t.name.clone(), t))
             .collect();
         let n = tools.len();
-        self.update(|s| s.tools = tools.clone());
+        self.update(|s| {
+            s.tools.retain(|_, t| t.upstream.is_some());
+            s.tools.extend(tools.clone());
+        });
         n
     }
 
-    /// Adds or replaces one tool.
+    /// Registers the tools of the upstream named `upstream`, replacing every
+    /// tool registered under that name before and leaving the other
+    /// upstreams' tools alone (a gateway refreshing one server's
+    /// `tools/list`). Each tool's [`upstream`](field@ToolInfo::upstream) is
+    /// set to `upstream`, whatever it was. Names are taken as they are (a
+    /// gateway namespaces them first, `time__get_current_time`); a tool with
+    /// the name of another upstream's tool replaces it. Configured policies
+    /// are kept. Returns how many distinct tools are now registered under
+    /// `upstream`.
+    ///
+    /// ```
+    /// use toolwarden_core::catalog::{ToolCatalog, ToolInfo};
+    /// let catalog = ToolCatalog::new();
+    /// catalog.replace_upstream("a", [ToolInfo::new("a__search", "Search"), ToolInfo::new("a__read", "Read")]);
+    /// catalog.replace_upstream("b", [ToolInfo::new("b__search", "Search")]);
+    /// assert_eq!(catalog.replace_upstream("a", [ToolInfo::new("a__search", "Search v2")]), 1);
+    /// let names: Vec<_> = catalog.tools().into_iter().map(|t| t.name).collect();
+    /// assert_eq!(names, ["a__search", "b__search"]);
+    /// ```
+    pub fn replace_upstream(
+        &self,
+        upstream: &str,
+        tools: impl IntoIterator<Item = ToolInfo>,
+    ) -> usize {
+        let name: Arc<str> = Arc::from(upstream);
+        let tools: HashMap<String, ToolInfo> = tools
+            .into_iter()
+            .map(|mut t| {
+                t.upstream = Some(Arc::clone(&name));
+                (t.name.clone(), t)
+            })
+            .collect();
+        let n = tools.len();
+        self.update(|s| {
+            s.tools
+                .retain(|_, t| t.upstream.as_deref() != Some(upstream));
+            s.tools.extend(tools.clone());
+        });
+        n
+    }
+
+    /// Removes every tool registered under `upstream` (a server that left
+    /// the gateway's configuration), leaving the others. Returns how many
+    /// were removed; the catalog is not changed (its
+    /// [`version`](Self::version) not bumped) when there were none.
+    #[allow(clippy::must_use_candidate)] // removes the tools: the count is only informative
+    pub fn remove_upstream(&self, upstream: &str) -> usize {
+        let of_upstream = |t: &ToolInfo| t.upstream.as_deref() == Some(upstream);
+        let n = self
+            .inner
+            .load()
+            .tools
+            .values()
+            .filter(|t| of_upstream(t))
+            .count();
+        if n > 0 {
+            self.update(|s| s.tools.retain(|_, t| !of_upstream(t)));
+        }
+        n
+    }
+
+    /// The tools registered under `upstream`, sorted by name.
+    #[must_use]
+    pub fn upstream_tools(&self, upstream: &str) -> Vec<ToolInfo> {
+        let mut tools: Vec<_> = self
+            .inner
+            .load()
+            .tools
+            .values()
+            .filter(|t| t.upstream.as_deref() == Some(upstream))
+            .cloned()
+            .collect();
+        tools.sort_by(|a, b| a.name.cmp(&b.name));
+        tools
+    }
+
+    /// The upstream `tool` is registered under; `None` for an unknown tool
+    /// or one with no upstream.
+    #[must_use]
+    pub fn upstream_of(&self, tool: &str) -> Option<Arc<str>> {
+        self.inner.load().tools.get(tool)?.upstream.clone()
+    }
+
+    /// The name of every upstream with at least one tool, sorted.
+    #[must_use]
+    pub fn upstreams(&self) -> Vec<Arc<str>> {
+        let mut names: Vec<Arc<str>> = self
+            .inner
+            .load()
+            .tools
+            .values()
+            .filter_map(|t| t.upstream.clone())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// Adds or replaces one tool (with the upstream it carries, if any).
     pub fn insert(&self, tool: ToolInfo) {
         self.update(|s| {
             s.tools.insert(tool.name.clone(), tool.clone());
@@ -389,5 +544,88 @@ mod tests {
         c.fill_from_tools_list(&json!({"tools": [{"name": "bare"}]}));
         assert!(c.is_cacheable("bare"));
         assert_eq!(c.len(), 1);
+    }
+
+    fn names(tools: &[ToolInfo]) -> Vec<&str> {
+        tools.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn each_upstream_is_replaced_and_removed_on_its_own() {
+        let c = ToolCatalog::new();
+        // A tool that claims another upstream is registered under this one.
+        let n = c.replace_upstream(
+            "time",
+            [
+                ToolInfo::new("time__now", "Current time"),
+                ToolInfo::new("time__convert", "Convert a time").upstream("elsewhere"),
+            ],
+        );
+        assert_eq!(n, 2);
+        c.replace_upstream("weather", [ToolInfo::new("weather__forecast", "Forecast")]);
+        assert_eq!(c.upstream_of("time__convert").as_deref(), Some("time"));
+        assert_eq!(c.upstream_of("unknown"), None);
+        assert_eq!(
+            names(&c.upstream_tools("time")),
+            ["time__convert", "time__now"]
+        );
+        assert!(c.upstream_tools("elsewhere").is_empty());
+
+        // A refresh of one upstream replaces its tools only.
+        assert_eq!(
+            c.replace_upstream("time", [ToolInfo::new("time__now", "Now")]),
+            1
+        );
+        assert_eq!(names(&c.tools()), ["time__now", "weather__forecast"]);
+        assert_eq!(
+            c.get("time__now").unwrap().description.as_deref(),
+            Some("Now")
+        );
+
+        let upstreams = c.upstreams();
+        assert_eq!(
+            upstreams.iter().map(|u| &**u).collect::<Vec<_>>(),
+            ["time", "weather"]
+        );
+
+        let version = c.version();
+        assert_eq!(c.remove_upstream("nope"), 0);
+        assert_eq!(c.version(), version, "nothing removed, nothing changed");
+        assert_eq!(c.remove_upstream("time"), 1);
+        assert_ne!(c.version(), version);
+        assert_eq!(names(&c.tools()), ["weather__forecast"]);
+        // An empty refresh leaves the upstream with no tools.
+        assert_eq!(c.replace_upstream("weather", []), 0);
+        assert!(c.is_empty() && c.upstreams().is_empty());
+    }
+
+    #[test]
+    fn a_tools_list_replaces_the_tools_with_no_upstream_only() {
+        let c = catalog();
+        c.replace_upstream("remote", [ToolInfo::new("remote__search", "Search")]);
+        c.fill_from_tools_list(&json!({"tools": [{"name": "read"}]}));
+        assert_eq!(names(&c.tools()), ["read", "remote__search"]);
+        assert_eq!(c.upstream_of("read"), None);
+        // A listed tool with the name of an upstream's tool takes its place.
+        c.fill_from_tools_list(&json!({"tools": [{"name": "remote__search"}]}));
+        assert_eq!(names(&c.tools()), ["remote__search"]);
+        assert_eq!(c.upstream_of("remote__search"), None);
+        assert!(c.upstreams().is_empty());
+    }
+
+    #[test]
+    fn the_upstream_round_trips_through_serde_and_is_left_out_when_unset() {
+        let tool = ToolInfo::new("time__now", "Now").upstream("time");
+        let value = serde_json::to_value(&tool).unwrap();
+        assert_eq!(value["upstream"], "time");
+        assert_eq!(serde_json::from_value::<ToolInfo>(value).unwrap(), tool);
+        let bare = serde_json::to_value(ToolInfo::new("now", "Now")).unwrap();
+        assert!(bare.get("upstream").is_none());
+        assert_eq!(
+            ToolInfo::from_value(&json!({"name": "x", "upstream": "y"}))
+                .unwrap()
+                .upstream,
+            None
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use toolwarden_core::{Circuits, ConfigError, Events, McpClassifier, ToolCatalog};
 
+use crate::availability::{Availability, ToolAvailability};
 use crate::layer::{Config, FallbackCacheLayer};
+use crate::rank::DEFAULT_MIN_RELEVANCE;
 use crate::service::Shared;
 
 /// Default [`FallbackCacheBuilder::max_staleness`]: 5 minutes.
@@ -56,6 +58,7 @@ impl Default for FallbackCacheBuilder {
             config: Config {
                 catalog: ToolCatalog::new(),
                 circuits: Circuits::none(),
+                availability: Availability::default(),
                 events: Events::new(),
                 max_staleness: DEFAULT_MAX_STALENESS,
                 fresh_ttl: None,
@@ -64,6 +67,7 @@ impl Default for FallbackCacheBuilder {
                 stale_note: true,
                 degrade: true,
                 alternatives: DEFAULT_ALTERNATIVES,
+                min_relevance: DEFAULT_MIN_RELEVANCE,
             },
             classifier: McpClassifier::new(),
         }
@@ -152,12 +156,39 @@ impl<C> FallbackCacheBuilder<C> {
         self
     }
 
+    /// How relevant a tool must be to the failed call to be suggested: its
+    /// [relevance](crate::Ranked::relevance), the idf-weighted overlap of
+    /// informative terms, from 0 (nothing in common but generic words) to
+    /// 1 (the same terms). Under the floor, nothing is suggested rather
+    /// than an unrelated tool. `0.0` turns the floor off (any tool sharing
+    /// a term may be suggested, as before the floor existed). Must be
+    /// within `0.0..=1.0`. Default: [`DEFAULT_MIN_RELEVANCE`] (0.15).
+    #[must_use]
+    pub fn min_relevance(mut self, min_relevance: f64) -> Self {
+        self.config.min_relevance = min_relevance;
+        self
+    }
+
     /// Which circuits are open, so that tools whose breaker refuses calls
     /// are not suggested as alternatives. Default: [`Circuits::none`]
     /// (every circuit reads as closed).
     #[must_use]
     pub fn circuits(mut self, circuits: Circuits) -> Self {
         self.config.circuits = circuits;
+        self
+    }
+
+    /// Whether a tool would be refused right now (an upstream that is down,
+    /// a circuit keyed by upstream that is open, ...): tools it calls
+    /// unavailable are never suggested as alternatives. A closure
+    /// `|tool: &str| -> bool` (`true`: available) or any
+    /// [`ToolAvailability`]; asked on the failure path, once per candidate.
+    /// Complements [`circuits`](Self::circuits): a tool is suggested only if
+    /// its circuit is closed *and* this calls it available. Default: every
+    /// tool available.
+    #[must_use]
+    pub fn available(mut self, availability: impl ToolAvailability) -> Self {
+        self.config.availability = Availability::new(availability);
         self
     }
 
@@ -186,8 +217,9 @@ impl<C> FallbackCacheBuilder<C> {
     /// A [`ConfigError`] naming the field: `max_staleness` zero, `fresh_ttl`
     /// zero, `fresh_ttl, max_staleness` when the first exceeds the second,
     /// `max_entries` zero or over [`MAX_MAX_ENTRIES`], `max_bytes` under
-    /// [`MIN_MAX_BYTES`]. Any `Duration` is accepted where it is not refused
-    /// here (ages are compared, never added to an instant).
+    /// [`MIN_MAX_BYTES`], `min_relevance` outside `0.0..=1.0` (or NaN).
+    /// Any `Duration` is accepted where it is not refused here (ages are
+    /// compared, never added to an instant).
     pub fn build(self) -> Result<FallbackCacheLayer<C>, ConfigError> {
         if self.config.max_staleness.is_zero() {
             return Err(ConfigError::new(
@@ -224,6 +256,15 @@ impl<C> FallbackCacheBuilder<C> {
                 format!("must be at least {MIN_MAX_BYTES} bytes"),
             ));
         }
+        if !(0.0..=1.0).contains(&self.config.min_relevance) {
+            return Err(ConfigError::new(
+                "min_relevance",
+                format!(
+                    "must be between 0.0 and 1.0 (got {})",
+                    self.config.min_relevance
+                ),
+            ));
+        }
         Ok(FallbackCacheLayer {
             shared: Arc::new(Shared::new(self.config)),
             classifier: self.classifier,
@@ -253,6 +294,8 @@ mod tests {
         );
         assert!(c.stale_note && c.degrade);
         assert_eq!(c.alternatives, DEFAULT_ALTERNATIVES);
+        assert_eq!(c.min_relevance.to_bits(), DEFAULT_MIN_RELEVANCE.to_bits());
+        assert!(c.availability.is_available("any_tool"));
     }
 
     #[test]
@@ -268,6 +311,10 @@ mod tests {
             (builder().max_entries(0), "max_entries"),
             (builder().max_entries(usize::MAX), "max_entries"),
             (builder().max_bytes(MIN_MAX_BYTES - 1), "max_bytes"),
+            (builder().min_relevance(-0.01), "min_relevance"),
+            (builder().min_relevance(1.01), "min_relevance"),
+            (builder().min_relevance(f64::NAN), "min_relevance"),
+            (builder().min_relevance(f64::INFINITY), "min_relevance"),
         ];
         for (b, field) in cases {
             assert_eq!(b.build().unwrap_err().field(), field);
@@ -282,5 +329,9 @@ mod tests {
             .max_bytes(MIN_MAX_BYTES)
             .build()
             .is_ok());
+        for floor in [0.0, 0.5, 1.0] {
+            let layer = builder().min_relevance(floor).build().unwrap();
+            assert_eq!(layer.shared.config.min_relevance.to_bits(), floor.to_bits());
+        }
     }
 }

@@ -12,10 +12,10 @@ use tokio::time::Instant;
 use toolwarden_core::jsonrpc::{ErrorObject, Id};
 use toolwarden_core::{
     BoxError, CallKind, Classify, Event, FailureClass, FailureReport, Fingerprint, LoopDetected,
-    McpRequest, McpResponse, Outcome, RetryBudgetExhausted,
+    McpRequest, McpResponse, Outcome, OutcomeKind, RetryBudgetExhausted,
 };
 
-use crate::rank::{floor_char_boundary, push_argument_text, MAX_ARGUMENT_TEXT};
+use crate::rank::{floor_char_boundary, push_argument_text, FailedCall, MAX_ARGUMENT_TEXT};
 use crate::service::Shared;
 
 /// The `_meta` member that marks a result served from the cache after a
@@ -255,10 +255,13 @@ impl<C> CallContext<C> {
     }
 
     /// Other tools to suggest: none for a client error (the arguments are
-    /// wrong, not the tool), else the ranker's best, leaving out tools whose
-    /// circuit is open and, unless the failed tool is destructive itself,
-    /// tools the catalog treats as destructive (a failed read must not
-    /// send the model to `delete_file`).
+    /// wrong, not the tool), else the ranker's best above the relevance
+    /// floor, leaving out tools whose circuit is open, tools the
+    /// availability check calls unavailable and, unless the failed tool is
+    /// destructive itself, tools the catalog treats as destructive (a
+    /// failed read must not send the model to `delete_file`). Other
+    /// upstreams' tools come first; on an upstream failure
+    /// ([`is_upstream_failure`]) the failed tool's upstream offers none.
     fn alternatives(&self, outcome: &Outcome) -> Vec<String> {
         let config = &self.shared.config;
         if config.alternatives == 0 || outcome.class == Some(FailureClass::Client) {
@@ -267,16 +270,33 @@ impl<C> CallContext<C> {
         let tool = self.facts.tool();
         let catalog = &config.catalog;
         let failed_is_destructive = catalog.is_destructive(tool);
-        self.shared.ranker().ranker.alternatives(
-            tool,
-            &self.facts.argument_text(),
-            config.alternatives,
-            |candidate| {
+        let argument_text = self.facts.argument_text();
+        let failed = FailedCall::new(tool)
+            .argument_text(&argument_text)
+            .upstream_failed(is_upstream_failure(outcome));
+        self.shared
+            .ranker()
+            .ranker
+            .suggest(&failed, config.alternatives, |candidate| {
                 config.circuits.is_open(candidate)
+                    || !config.availability.is_available(candidate)
                     || (!failed_is_destructive && catalog.is_destructive(candidate))
-            },
-        )
+            })
     }
+}
+
+/// Whether a failure is the upstream's own rather than the tool's: the
+/// call's outcome is a transport failure (connection refused or closed, an
+/// I/O error, an HTTP error status, an error the classifier does not know)
+/// or a timeout, and its class is not `Client`. The server never answered
+/// for this tool, so its other tools are not expected to answer either.
+/// A JSON-RPC error or an `isError` result is the server answering: the
+/// tool failed, not the upstream. A refusal by a toolwarden layer
+/// (`CircuitOpen`, `RateLimited`, ...) is neither: whether the upstream is
+/// down is for the availability check to say.
+fn is_upstream_failure(outcome: &Outcome) -> bool {
+    matches!(outcome.kind, OutcomeKind::Transport | OutcomeKind::Timeout)
+        && outcome.class != Some(FailureClass::Client)
 }
 
 /// Whether a failure may be answered with a stale result: a counted failure
@@ -360,6 +380,48 @@ mod tests {
         ))));
         assert!(serves(Box::new(ErrorObject::new(-32603, "internal"))));
         assert!(!serves(Box::new(ErrorObject::new(-32602, "bad params"))));
+    }
+
+    #[test]
+    fn upstream_failures_are_transport_failures_and_timeouts() {
+        use toolwarden_core::classify::{CallTimedOut, TransportError, TransportErrorKind};
+        let upstream = |e: BoxError| is_upstream_failure(&classify(&e));
+        for kind in [
+            TransportErrorKind::ConnectFailed,
+            TransportErrorKind::Closed,
+            TransportErrorKind::Io,
+        ] {
+            assert!(
+                upstream(Box::new(TransportError::new(kind, "x"))),
+                "{kind:?}"
+            );
+        }
+        assert!(upstream(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused
+        ))));
+        assert!(upstream(Box::new(std::io::Error::from(
+            std::io::ErrorKind::TimedOut
+        ))));
+        assert!(upstream(Box::new(CallTimedOut {
+            after: Duration::from_secs(5)
+        })));
+        // The server answered: the tool failed, not the upstream.
+        assert!(!upstream(Box::new(ErrorObject::new(-32603, "internal"))));
+        assert!(!upstream(Box::new(ErrorObject::new(
+            -32001,
+            "request timeout"
+        ))));
+        // A refusal by a layer says nothing about the upstream.
+        assert!(!upstream(Box::new(CircuitOpen::new(
+            "t",
+            Duration::from_secs(1)
+        ))));
+        assert!(!upstream(Box::new(RetryBudgetExhausted::new("t", 3))));
+        // A tool error result is the server answering.
+        let tool_error = Outcome::failure(OutcomeKind::ToolError, FailureClass::Transient);
+        assert!(!is_upstream_failure(&tool_error));
+        let client = Outcome::failure(OutcomeKind::Transport, FailureClass::Client);
+        assert!(!is_upstream_failure(&client));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 use toolwarden_core::{Circuits, Events, McpClassifier, ToolCatalog};
 use tower_layer::Layer;
 
+use crate::availability::Availability;
 use crate::builder::FallbackCacheBuilder;
 use crate::service::{FallbackCache, Shared};
 
@@ -15,6 +16,7 @@ use crate::service::{FallbackCache, Shared};
 pub(crate) struct Config {
     pub(crate) catalog: ToolCatalog,
     pub(crate) circuits: Circuits,
+    pub(crate) availability: Availability,
     pub(crate) events: Events,
     pub(crate) max_staleness: Duration,
     pub(crate) fresh_ttl: Option<Duration>,
@@ -23,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) stale_note: bool,
     pub(crate) degrade: bool,
     pub(crate) alternatives: usize,
+    pub(crate) min_relevance: f64,
 }
 
 /// Middleware that serves the last good result of a tool call, marked stale,

@@ -107,12 +107,81 @@
 //!
 //! **Alternatives** are ranked by [`AlternativeRanker`] (BM25 over the
 //! catalog's tool names, titles, descriptions and parameter names) against
-//! the failed tool's own text and the call's arguments, leaving out the
-//! failed tool, tools whose circuit is open
-//! ([`circuits`](FallbackCacheBuilder::circuits)) and, unless the failed
-//! tool is destructive itself, tools the catalog treats as destructive (a
-//! failed read must not send the model to `delete_file`). None are offered
-//! for a `Client` failure: the arguments are wrong, not the tool.
+//! the failed tool's own text and the call's arguments. None are offered
+//! for a `Client` failure: the arguments are wrong, not the tool. Left out:
+//!
+//! - the failed tool;
+//! - tools whose circuit is open
+//!   ([`circuits`](FallbackCacheBuilder::circuits)) and tools the
+//!   availability check calls unavailable
+//!   ([`available`](FallbackCacheBuilder::available): an upstream that is
+//!   down, ...);
+//! - unless the failed tool is destructive itself, tools the catalog treats
+//!   as destructive (a failed read must not send the model to
+//!   `delete_file`);
+//! - tools under the relevance floor
+//!   ([`min_relevance`](FallbackCacheBuilder::min_relevance), default
+//!   [`DEFAULT_MIN_RELEVANCE`], 0.15): nothing is suggested rather than an
+//!   unrelated tool. BM25 scores are unnormalised, so the floor is on
+//!   [`Ranked::relevance`], the idf-weighted overlap of the two tools'
+//!   informative terms (0 to 1; generic words such as `get`, `list`,
+//!   `tool` never count).
+//!
+//! # Several upstreams
+//!
+//! Behind a gateway, the catalog knows each tool's upstream
+//! ([`ToolCatalog::replace_upstream`](toolwarden_core::ToolCatalog::replace_upstream)).
+//! Then tools of *other* upstreams are suggested first (best first), and
+//! the failed tool's own upstream's after them; when the failure is the
+//! upstream's own (a transport failure: connection refused or closed, an
+//! I/O error, an HTTP error status; or a timeout), none of its tools is
+//! suggested: the server did not answer for this tool and will not for the
+//! others. A JSON-RPC error or an `isError` result is the server answering
+//! (the tool failed); a refusal by a layer below (`CircuitOpen`, ...) says
+//! nothing about the upstream, which is the availability check's to say.
+//! An upstream's namespace (`time__` in `time__get_current_time`) is not
+//! indexed, and its name in its tools' descriptions does not make them
+//! alike. With a single upstream (no upstream set), every tool is ranked by
+//! relevance and score alone.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use serde_json::json;
+//! use tower::{Layer, Service, ServiceExt};
+//! use toolwarden_core::jsonrpc::Request;
+//! use toolwarden_core::testing::{MockMcp, Step};
+//! use toolwarden_core::{ToolCatalog, ToolInfo};
+//! use toolwarden_fallback_cache::FallbackCacheLayer;
+//!
+//! let catalog = ToolCatalog::new();
+//! catalog.replace_upstream("weather", [
+//!     ToolInfo::new("weather__forecast", "Weather forecast for a city"),
+//!     ToolInfo::new("weather__forecast_hourly", "Hourly weather forecast for a city"),
+//! ]);
+//! catalog.replace_upstream("meteo", [ToolInfo::new("meteo__forecast", "Forecast of the weather")]);
+//! catalog.replace_upstream("mail", [ToolInfo::new("mail__send", "Send an email")]);
+//! let server = MockMcp::new()
+//!     .script("weather__forecast", [Step::rpc_error(-32603, "internal error"), Step::closed()]);
+//! let layer = FallbackCacheLayer::builder()
+//!     .catalog(catalog)
+//!     .available(|tool: &str| tool != "mail__send") // the gateway's health view
+//!     .build()
+//!     .unwrap();
+//! let mut svc = layer.layer(server);
+//! let call = |id: i64| Request::tool_call(id, "weather__forecast", json!({"city": "Oslo"}));
+//! let alternatives = |answer: toolwarden_core::jsonrpc::Response| {
+//!     answer.payload.unwrap()["structuredContent"]["toolwarden"]["alternatives"].clone()
+//! };
+//!
+//! // The server answered with an error: the other upstream's forecast first.
+//! let answer = svc.ready().await.unwrap().call(call(1)).await.unwrap();
+//! assert_eq!(alternatives(answer), json!(["meteo__forecast", "weather__forecast_hourly"]));
+//! // The connection dropped: the weather upstream is down, none of its tools.
+//! let answer = svc.ready().await.unwrap().call(call(2)).await.unwrap();
+//! assert_eq!(alternatives(answer), json!(["meteo__forecast"]));
+//! # }
+//! ```
 //!
 //! Requests other than `tools/call` pass through untouched.
 //!
@@ -129,6 +198,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod availability;
 mod builder;
 mod cache;
 mod fallback;
@@ -137,6 +207,7 @@ mod layer;
 mod rank;
 mod service;
 
+pub use availability::ToolAvailability;
 pub use builder::{
     FallbackCacheBuilder, DEFAULT_ALTERNATIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_STALENESS, MAX_MAX_ENTRIES, MIN_MAX_BYTES,
@@ -144,5 +215,8 @@ pub use builder::{
 pub use fallback::{DEGRADED_META_KEY, STALE_META_KEY};
 pub use future::ResponseFuture;
 pub use layer::FallbackCacheLayer;
-pub use rank::{argument_text, tokenize, AlternativeRanker, Ranked, MAX_ARGUMENT_TEXT};
+pub use rank::{
+    argument_text, tokenize, AlternativeRanker, FailedCall, Ranked, DEFAULT_MIN_RELEVANCE,
+    MAX_ARGUMENT_TEXT,
+};
 pub use service::FallbackCache;

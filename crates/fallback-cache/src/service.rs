@@ -57,7 +57,8 @@ impl Shared {
         }
         let fresh = Arc::new(VersionedRanker {
             version,
-            ranker: AlternativeRanker::from_catalog(&self.config.catalog),
+            ranker: AlternativeRanker::from_catalog(&self.config.catalog)
+                .with_min_relevance(self.config.min_relevance),
         });
         self.ranker.store(Some(Arc::clone(&fresh)));
         fresh
