@@ -1,6 +1,7 @@
 //! [`Proxy`]: the pieces of a running proxy put together — configuration,
 //! catalog, upstream, tool stack — ready to serve over stdio or HTTP.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -92,10 +93,25 @@ impl Proxy {
     /// stack over the gateway, and prepares the upstreams (started by the
     /// first client's `initialize`).
     pub fn gateway(config: Config, shared: SharedState) -> Result<Self, ConfigError> {
+        Self::gateway_with(config, shared, BTreeMap::new())
+    }
+
+    /// [`gateway`](Self::gateway), with the servers of some upstreams given
+    /// here (by name) rather than by their `command` or `url`: in-process
+    /// servers, say.
+    pub fn gateway_with(
+        config: Config,
+        mut shared: SharedState,
+        targets: BTreeMap<String, UpstreamTarget>,
+    ) -> Result<Self, ConfigError> {
         let config = config.with_upstream_tools();
         configure_catalog(&config, &shared.catalog);
         let downstreams = Downstreams::with_stall_timeout(config.limits.client_stall_timeout);
-        let gateway = Gateway::new(&config, &shared, downstreams.clone())?;
+        let gateway = Gateway::new(&config, &shared, downstreams.clone(), targets)?;
+        let available = Arc::downgrade(&gateway);
+        shared.availability = Some(Arc::new(move |tool: &str| {
+            available.upgrade().is_some_and(|g| g.is_available(tool))
+        }));
         let layer = tool_stack_layer(&config, &shared)?;
         let circuits = Arc::clone(&gateway);
         shared

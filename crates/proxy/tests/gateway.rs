@@ -3,6 +3,8 @@
 //! the flaky test server over Streamable HTTP — with namespaced lists,
 //! filtering, per-upstream health, and one upstream killed and restarted.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
 mod support;
 
 use std::time::Duration;

@@ -102,7 +102,9 @@ pub struct UpstreamEntry {
     /// transport failures and timeouts of every request to this upstream
     /// (not the server's error answers), and while it is open every request
     /// to it is refused at once and its tools are hidden (or marked). Unset
-    /// keys: 5 consecutive failures open it for 30 s.
+    /// keys are the breaker's defaults (5 consecutive failures open it for
+    /// 30 s), except `minimum_calls`, 1 here (a dead upstream fails every
+    /// call, however few came before), and `failure_rate`, off unless set.
     pub circuit_breaker: CircuitBreakerConfig,
     /// Per-tool overrides for this upstream's tools, by the exposed name
     /// without the prefix: `[upstreams.docs.tools."search"]` is

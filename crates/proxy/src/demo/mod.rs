@@ -16,6 +16,7 @@
 //! sink; the outcomes the agent saw; and the calls that really reached the
 //! server. It runs in real time (about 10 s).
 
+mod gateway;
 mod server;
 
 use std::collections::BTreeMap;
@@ -492,7 +493,8 @@ async fn run_demo() -> Result<(), String> {
              let every call straight through to the server."
         );
     }
-    Ok(())
+    println!();
+    gateway::run(started).await.map(|_| ())
 }
 
 #[cfg(test)]

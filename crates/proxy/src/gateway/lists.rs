@@ -23,16 +23,22 @@ impl Gateway {
     /// Asks every connected upstream for `list` (all its pages), each
     /// bounded by `limits.request_timeout`; an upstream that fails or is
     /// too slow is left out of this answer (and logged).
-    async fn gather<'a, T, F, Fut>(&'a self, what: &str, list: F) -> Vec<(&'a Member, Vec<T>)>
+    async fn gather<'a, T, W, F, Fut>(
+        &'a self,
+        what: &str,
+        wanted: W,
+        list: F,
+    ) -> Vec<(&'a Member, Vec<T>)>
     where
-        F: Fn(&'a Member, rmcp::service::Peer<rmcp::service::RoleClient>) -> Fut,
+        W: Fn(&Member) -> bool,
+        F: Fn(rmcp::service::Peer<rmcp::service::RoleClient>) -> Fut,
         Fut: Future<Output = Result<Vec<T>, ServiceError>>,
     {
         let limit = self.request_timeout;
-        let asks = self.members.iter().filter_map(|member| {
+        let asks = self.members.iter().filter(|m| wanted(m)).filter_map(|member| {
             let connection = member.upstream.connection()?;
             let peer = connection.client().peer().clone();
-            let call = list(member, peer);
+            let call = list(peer);
             Some(async move {
                 match tokio::time::timeout(limit, call).await {
                     Ok(Ok(items)) => Some((member, items)),
@@ -64,12 +70,11 @@ impl Gateway {
     pub(crate) async fn list_tools(&self) -> ListToolsResult {
         let mark = self.open_upstreams == OpenUpstreams::Mark;
         let lists = self
-            .gather("tools/list", |member, peer| async move {
-                if !mark && !member.is_available() {
-                    return Ok(Vec::new());
-                }
-                peer.list_all_tools().await
-            })
+            .gather(
+                "tools/list",
+                |member| mark || member.is_available(),
+                |peer| async move { peer.list_all_tools().await },
+            )
             .await;
         let mut listed: Vec<&str> = Vec::new();
         let mut tools = Vec::new();
@@ -113,12 +118,11 @@ impl Gateway {
     /// Every available upstream's prompts, prefixed.
     pub(crate) async fn list_prompts(&self) -> ListPromptsResult {
         let lists = self
-            .gather("prompts/list", |member, peer| async move {
-                if !member.is_available() || !has(member, |c| c.prompts.is_some()) {
-                    return Ok(Vec::new());
-                }
-                peer.list_all_prompts().await
-            })
+            .gather(
+                "prompts/list",
+                |member| member.is_available() && has(member, |c| c.prompts.is_some()),
+                |peer| async move { peer.list_all_prompts().await },
+            )
             .await;
         let prompts: Vec<Prompt> = lists
             .into_iter()
@@ -136,12 +140,11 @@ impl Gateway {
     /// the server gave them, remembered for routing reads).
     pub(crate) async fn list_resources(&self) -> ListResourcesResult {
         let lists = self
-            .gather("resources/list", |member, peer| async move {
-                if !member.is_available() || !has(member, |c| c.resources.is_some()) {
-                    return Ok(Vec::new());
-                }
-                peer.list_all_resources().await
-            })
+            .gather(
+                "resources/list",
+                |member| member.is_available() && has(member, |c| c.resources.is_some()),
+                |peer| async move { peer.list_all_resources().await },
+            )
             .await;
         let mut resources: Vec<Resource> = Vec::new();
         let mut routes = lock(&self.resources);
@@ -162,12 +165,11 @@ impl Gateway {
     /// Every available upstream's resource templates, their names prefixed.
     pub(crate) async fn list_resource_templates(&self) -> ListResourceTemplatesResult {
         let lists = self
-            .gather("resources/templates/list", |member, peer| async move {
-                if !member.is_available() || !has(member, |c| c.resources.is_some()) {
-                    return Ok(Vec::new());
-                }
-                peer.list_all_resource_templates().await
-            })
+            .gather(
+                "resources/templates/list",
+                |member| member.is_available() && has(member, |c| c.resources.is_some()),
+                |peer| async move { peer.list_all_resource_templates().await },
+            )
             .await;
         let mut templates: Vec<ResourceTemplate> = Vec::new();
         let mut routes = lock(&self.resources);

@@ -40,7 +40,7 @@ mod lists;
 mod names;
 mod service;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
@@ -62,7 +62,7 @@ use crate::config::{Config, OpenUpstreams};
 use crate::downstream::Downstreams;
 use crate::redact::Redactor;
 use crate::stack::SharedState;
-use crate::upstream::{Upstream, UpstreamStatus};
+use crate::upstream::{Upstream, UpstreamStatus, UpstreamTarget};
 
 pub use lists::UNAVAILABLE_MARK;
 pub use names::ToolNames;
@@ -206,11 +206,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Gateway {
     /// The upstreams of `config.upstreams` (not started), their tools
     /// exposed into `shared.catalog`, server→client traffic to
-    /// `downstreams`. The error names the key at fault.
+    /// `downstreams`; an upstream named in `targets` is at that target
+    /// instead of its `command` or `url`. The error names the key at fault.
     pub fn new(
         config: &Config,
         shared: &SharedState,
         downstreams: Downstreams,
+        mut targets: BTreeMap<String, UpstreamTarget>,
     ) -> Result<Arc<Self>, ConfigError> {
         if config.upstreams.is_empty() {
             return Err(ConfigError::new(
@@ -224,8 +226,9 @@ impl Gateway {
             let section = format!("upstreams.{}", crate::config::quote_key(name));
             let catalog = ToolCatalog::new();
             catalog.set_trusted(config.catalog.trust_annotations);
+            let target = targets.remove(name).unwrap_or_else(|| entry.target());
             let upstream = Upstream::new(
-                entry.target(),
+                target,
                 entry.connection.clone(),
                 catalog.clone(),
                 downstreams.clone(),
@@ -249,6 +252,11 @@ impl Gateway {
             let builder = CircuitBreakerLayer::builder()
                 .name(format!("upstream {name}"))
                 .key_by(KeyBy::custom(move |_| key.to_string()))
+                // Consecutive failures open it however few calls came
+                // before (a dead upstream fails every call); no failure
+                // rate unless configured.
+                .minimum_calls(1)
+                .failure_rate_threshold(None)
                 .events(shared.events.merge(&transitions));
             let breaker = crate::stack::breaker_policy(builder, &entry.circuit_breaker)
                 .classifier(UpstreamClassifier::default())
@@ -483,22 +491,19 @@ impl Gateway {
         futures::future::join_all(self.members.iter().map(|m| m.upstream.shutdown(limit))).await;
     }
 
-    /// Puts every upstream's exposed tools into the stack's catalog.
+    /// Puts each upstream's exposed tools into the stack's catalog, under
+    /// its name (replacing what it had there).
     fn sync_catalog(&self) {
-        let tools: Vec<ToolInfo> = self
-            .members
-            .iter()
-            .flat_map(|member| {
-                member.catalog.tools().into_iter().filter_map(|tool| {
-                    let exposed = member.names.exposed(&tool.name)?;
-                    Some(ToolInfo {
-                        name: exposed,
-                        ..tool
-                    })
+        for member in &self.members {
+            let tools = member.catalog.tools().into_iter().filter_map(|tool| {
+                let exposed = member.names.exposed(&tool.name)?;
+                Some(ToolInfo {
+                    name: exposed,
+                    ..tool
                 })
-            })
-            .collect();
-        self.catalog.extend(tools);
+            });
+            self.catalog.replace_upstream(&member.name, tools);
+        }
     }
 
     /// Remembers that task `task_id` is `member`'s.

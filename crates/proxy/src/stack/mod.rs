@@ -10,6 +10,7 @@
 //! error it returns as a tool result (see [`crate::downstream::server`]).
 
 use std::fmt;
+use std::sync::Arc;
 
 use rmcp::model::{ClientRequest, ServerResult};
 use toolwarden::observability::{circuit_check, HealthRegistry};
@@ -44,7 +45,14 @@ pub struct SharedState {
     /// The `/health`, `/circuits` and `/metrics` providers; layers that have
     /// something to show install it here (see [`MetricsEndpoints`]).
     pub endpoints: MetricsEndpoints,
+    /// Whether a tool's calls would reach its server now (a gateway's
+    /// upstream up and its breaker closed): the fallback cache suggests no
+    /// tool it says is not. `None`: every tool is.
+    pub availability: Option<Availability>,
 }
+
+/// See [`SharedState::availability`].
+pub type Availability = Arc<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl fmt::Debug for SharedState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -64,6 +72,7 @@ impl SharedState {
             catalog: ToolCatalog::new(),
             events,
             endpoints,
+            availability: None,
         }
     }
 }

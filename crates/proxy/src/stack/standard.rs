@@ -235,7 +235,11 @@ pub fn standard_stack(
     });
 
     let cache = config.fallback_cache.clone();
+    let availability = shared.availability.clone();
     builder = builder.fallback_cache(move |mut b| {
+        if let Some(available) = availability {
+            b = b.available(move |tool: &str| available(tool));
+        }
         if let Some(d) = cache.max_staleness {
             b = b.max_staleness(d);
         }
