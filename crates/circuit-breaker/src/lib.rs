@@ -86,6 +86,11 @@
 //! assert!(svc.clone().oneshot(Request::tool_call(4, "fetch", json!({}))).await.is_ok());
 //! # }
 //! ```
+//!
+//! Feature `serde` (off by default): `CircuitBreakerSettings` and
+//! `CircuitBreakerToolSettings`, the builder's knobs as serde types for
+//! configuration files, applied with the builder's `settings` and
+//! `tool_settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -97,6 +102,8 @@ mod future;
 mod layer;
 mod registry;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 mod sync;
 mod window;
 
@@ -107,6 +114,8 @@ pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{CircuitRegistry, RegistrySnapshot};
 pub use service::CircuitBreaker;
+#[cfg(feature = "serde")]
+pub use settings::{CircuitBreakerSettings, CircuitBreakerToolSettings, DEFAULT_TIME_BUCKETS};
 pub use sync::{LocalTransition, RemoteState, RemoteTransition, StateSync};
 pub use toolwarden_core::CircuitState;
 pub use window::WindowStats;

@@ -125,6 +125,10 @@
 //!
 //! [`Event::StaleServed`]: toolwarden_core::Event::StaleServed
 //! [`Event::Degraded`]: toolwarden_core::Event::Degraded
+//!
+//! Feature `serde` (off by default): `FallbackCacheSettings`, the builder's
+//! knobs as serde a serde type for configuration files, applied with the
+//! builder's `settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -136,6 +140,8 @@ mod future;
 mod layer;
 mod rank;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 
 pub use builder::{
     FallbackCacheBuilder, DEFAULT_ALTERNATIVES, DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES,
@@ -146,3 +152,5 @@ pub use future::ResponseFuture;
 pub use layer::FallbackCacheLayer;
 pub use rank::{argument_text, tokenize, AlternativeRanker, Ranked, MAX_ARGUMENT_TEXT};
 pub use service::FallbackCache;
+#[cfg(feature = "serde")]
+pub use settings::FallbackCacheSettings;
