@@ -89,6 +89,11 @@
 //! assert!(svc.clone().oneshot(Request::tool_call(4, "fetch", json!({}))).await.is_ok());
 //! # }
 //! ```
+//!
+//! Feature `serde` (off by default): `CircuitBreakerSettings` and
+//! `CircuitBreakerToolSettings`, the builder's knobs as serde types for
+//! configuration files, applied with the builder's `settings` and
+//! `tool_settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -100,6 +105,8 @@ mod future;
 mod layer;
 mod registry;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 mod sync;
 mod window;
 
@@ -110,6 +117,8 @@ pub use future::ResponseFuture;
 pub use layer::CircuitBreakerLayer;
 pub use registry::{CircuitRegistry, RegistrySnapshot};
 pub use service::CircuitBreaker;
+#[cfg(feature = "serde")]
+pub use settings::{CircuitBreakerSettings, CircuitBreakerToolSettings, DEFAULT_TIME_BUCKETS};
 pub use sync::{
     LocalTransition, ProbePermit, ProbeRequest, RemoteState, RemoteTransition, StateSync,
 };

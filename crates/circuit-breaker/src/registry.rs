@@ -150,6 +150,12 @@ impl CircuitRegistry {
         }
     }
 
+    /// The policy of every key without an override.
+    #[cfg(test)]
+    pub(crate) fn default_policy(&self) -> &Config {
+        &self.inner.shared.config
+    }
+
     /// The policy of `tool`'s override, if it has one.
     #[cfg(test)]
     pub(crate) fn tool_policy(&self, tool: &str) -> Option<&Config> {

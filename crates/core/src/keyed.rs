@@ -86,11 +86,21 @@ impl<V: fmt::Debug> fmt::Debug for Entry<V> {
 }
 
 /// The bounds of a [`KeyedState`].
+///
+/// With the `serde` feature, a settings value: `{ max_keys = 10000,
+/// idle_timeout = "10m" }`, either key optional (unset: its default),
+/// `idle_timeout = false` never evicting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct Bounds {
     /// The maximum number of keys. Default 10 000.
     pub max_keys: usize,
     /// Evict keys idle this long; `None` never evicts. Default 10 minutes.
+    #[cfg_attr(feature = "serde", serde(with = "crate::settings::duration_or_off"))]
     pub idle_timeout: Option<Duration>,
 }
 

@@ -33,7 +33,9 @@
 //!
 //! Features: `testing` adds [`testing`]: a scripted mock MCP service and a
 //! readiness-checking wrapper for layer tests; `rmcp` implements the request
-//! and response views for rmcp's `ClientRequest` and `ServerResult`.
+//! and response views for rmcp's `ClientRequest` and `ServerResult`; `serde`
+//! adds [`settings`], what the layers' serde settings types share, and makes
+//! [`Bounds`] a settings value (`{ max_keys = 10000, idle_timeout = "10m" }`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -51,6 +53,8 @@ pub mod rejection;
 pub mod request;
 #[cfg(feature = "rmcp")]
 pub mod rmcp;
+#[cfg(feature = "serde")]
+pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
 

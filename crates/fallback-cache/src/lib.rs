@@ -194,6 +194,10 @@
 //!
 //! [`Event::StaleServed`]: toolwarden_core::Event::StaleServed
 //! [`Event::Degraded`]: toolwarden_core::Event::Degraded
+//!
+//! Feature `serde` (off by default): `FallbackCacheSettings`, the builder's
+//! knobs as serde a serde type for configuration files, applied with the
+//! builder's `settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -206,6 +210,8 @@ mod future;
 mod layer;
 mod rank;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 
 pub use availability::ToolAvailability;
 pub use builder::{
@@ -220,3 +226,5 @@ pub use rank::{
     MAX_ARGUMENT_TEXT,
 };
 pub use service::FallbackCache;
+#[cfg(feature = "serde")]
+pub use settings::FallbackCacheSettings;

@@ -104,6 +104,13 @@ impl<C> LoopGuardBuilder<C> {
         self
     }
 
+    /// The limits as set so far (in a tool's closure: the layer's, until
+    /// the closure sets its own).
+    #[cfg(feature = "serde")]
+    pub(crate) fn current_limits(&self) -> ToolLimits {
+        self.knobs.limits
+    }
+
     /// Whether calls pass through untouched: never blocked, never recorded,
     /// so they neither count towards another call's streak nor clear it,
     /// and they never take part in a cycle. Default `false`. Set in a

@@ -206,6 +206,11 @@
 //! as one, and the bounds above hold for the layer as a whole
 //! ([`LoopGuard::new`] with a layer shares that layer's histories too).
 //! Histories of their own take a layer of their own.
+//!
+//! Feature `serde` (off by default): `LoopGuardSettings` and
+//! `LoopGuardToolSettings`, the builder's knobs as serde types for
+//! configuration files, applied with the builder's `settings` and
+//! `tool_settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -217,6 +222,8 @@ mod history;
 mod layer;
 mod service;
 mod sessions;
+#[cfg(feature = "serde")]
+mod settings;
 
 pub use builder::LoopGuardBuilder;
 pub use config::{
@@ -225,4 +232,6 @@ pub use config::{
 pub use future::ResponseFuture;
 pub use layer::LoopGuardLayer;
 pub use service::LoopGuard;
+#[cfg(feature = "serde")]
+pub use settings::{LimitsSettings, LoopGuardSettings, LoopGuardToolSettings};
 pub use toolwarden_core::{LoopDetected, LoopPattern};

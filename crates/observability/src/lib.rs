@@ -127,6 +127,10 @@
 //! # }
 //! ```
 //!
+//! Feature `serde` (off by default): `ObservabilitySettings`, the builder's
+//! knobs as a serde type for configuration files, applied with the builder's
+//! `settings`.
+//!
 //! [`OutcomeKind::as_str`]: toolwarden_core::OutcomeKind::as_str
 //! [`Event::name`]: toolwarden_core::Event::name
 #![cfg_attr(
@@ -147,6 +151,8 @@ mod instruments;
 mod layer;
 mod registry;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 mod stats;
 
 /// The axum the metrics routes are built with ([`Endpoints::router`],
@@ -171,6 +177,8 @@ pub use instruments::{
 };
 pub use layer::ObservabilityLayer;
 pub use service::Observability;
+#[cfg(feature = "serde")]
+pub use settings::ObservabilitySettings;
 pub use stats::{CallStats, OutcomeCounts, Stats, StatsSnapshot};
 pub use toolwarden_core::CircuitState;
 

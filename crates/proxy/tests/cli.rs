@@ -77,6 +77,43 @@ fn check_config_names_the_bad_key() {
 }
 
 #[test]
+fn check_config_runs_the_layers_own_checks() {
+    // The loop guard's builder refuses a window of one call; its message is
+    // the one shown, under the file's key.
+    let path = write_config("window.toml", "[loop_guard]\nwindow_calls = 1\n");
+    let out = toolwarden(&["check-config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("`loop_guard.window_calls`"), "{err}");
+    assert!(err.contains("must be between 2 and 1024"), "{err}");
+    // The same in a tool's table, named in its section.
+    let path = write_config(
+        "tool.toml",
+        "[tools.\"search\".loop_guard]\nlimits = { max_repeats = 0 }\n",
+    );
+    let out = toolwarden(&["check-config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("`tools.\"search\".loop_guard.limits.max_repeats`"),
+        "{err}"
+    );
+    // The breaker accepts more successes to close than probes at once, so
+    // the configuration does too.
+    let path = write_config(
+        "half_open.toml",
+        "[circuit_breaker]\nhalf_open_max_calls = 1\nsuccess_threshold = 3\n",
+    );
+    let out = toolwarden(&["check-config", "--print", path.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("success_threshold = 3"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
 fn check_config_names_the_bad_variable() {
     let out = toolwarden(
         &["check-config", &example()],

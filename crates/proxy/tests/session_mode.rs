@@ -253,10 +253,9 @@ async fn per_session_sessions_share_the_stack_but_not_their_loop_history() {
         [upstream]
         session_mode = "per_session"
         [loop_guard]
-        max_repeats = 2
+        limits = { max_repeats = 2 }
         [tools."remember".rate_limit]
-        rate = "1/h"
-        burst = 2
+        per_tool = { rate = "1/h", burst = 2 }
         "#,
     )
     .await;

@@ -52,7 +52,7 @@ async fn breaker_section_and_a_tools_own_policy() {
         [circuit_breaker]
         failure_threshold = 4
         minimum_calls = 4
-        failure_rate = 1.0
+        failure_rate_threshold = 1.0
         reset_timeout = "1m"
         [retry]
         enabled = false
@@ -106,14 +106,14 @@ async fn rate_limits_global_per_tool_and_a_tools_own_quota() {
     let config = config(
         r#"
         [rate_limit]
-        per_tool_rate = "3/s"
+        per_tool = { rate = "3/s" }
         # Retry would wait out a refusal whose retry_after fits its deadline.
         [retry]
         enabled = false
         [loop_guard]
         enabled = false
         [tools."scarce".rate_limit]
-        rate = "1/min"
+        per_tool = { rate = "1/min" }
         "#,
     );
     let (layer, _) = stack(&config);
@@ -151,7 +151,7 @@ async fn retry_section_and_a_tool_that_is_never_retried() {
         safe_to_repeat = true
         [tools."once"]
         safe_to_repeat = true
-        retry = { enabled = false }
+        retry = { max_attempts = 1 }
         "#,
     );
     let (layer, _) = stack(&config);
@@ -173,8 +173,9 @@ async fn loop_guard_limits_exemptions_and_polling_tools() {
     let config = config(
         r#"
         [loop_guard]
-        max_failing_repeats = 2
-        polling_tools = ["job_status"]
+        limits = { max_failing_repeats = 2 }
+        [tools."job_status".loop_guard]
+        limits = { max_repeats = false, cycles = false }
         [tools."retry_me".loop_guard]
         exempt = true
         [circuit_breaker]
@@ -267,7 +268,6 @@ async fn every_layer_can_be_left_out() {
 
 #[test]
 fn cross_field_rules_name_the_proxys_keys() {
-    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
     let cases = [
         (
             "[upstream]\nattempt_timeout = \"40s\"\n[retry]\ndeadline = \"30s\"\n",
@@ -291,17 +291,22 @@ fn cross_field_rules_name_the_proxys_keys() {
             "tools.\"x\".circuit_breaker.minimum_calls, tools.\"x\".circuit_breaker.count_window",
         ),
         (
-            "[loop_guard]\nsession_idle_timeout = \"1m\"\n",
-            "loop_guard.session_idle_timeout, loop_guard.window_time",
+            "[loop_guard]\nbounds = { idle_timeout = \"1m\" }\n",
+            "loop_guard.bounds.idle_timeout, loop_guard.window_time",
         ),
         (
-            "[loop_guard]\nwindow_calls = 10\n[tools.\"poll\".loop_guard]\nmax_repeats = 12\n",
-            "tools.\"poll\".loop_guard.max_repeats",
+            "[loop_guard]\nwindow_calls = 10\n[tools.\"poll\".loop_guard]\nlimits = { max_repeats = 12 }\n",
+            "tools.\"poll\".loop_guard.limits.max_repeats",
+        ),
+        (
+            "[circuit_breaker]\nreset_timeout = \"1s\"\nmax_reset_timeout = \"10s\"\nbounds = { idle_timeout = \"1m\" }\n[tools.\"x\".circuit_breaker]\nmax_reset_timeout = \"5m\"\n",
+            "circuit_breaker.bounds.idle_timeout, tools.\"x\".circuit_breaker.max_reset_timeout",
         ),
     ];
+    // Loading the file builds the stack, so its errors come from there.
     for (text, field) in cases {
-        let err = standard_stack(&config(text), &shared).unwrap_err();
-        assert_eq!(err.field(), field, "{text}");
+        let err = Config::from_toml_str(text, std::iter::empty()).unwrap_err();
+        assert_eq!(err.key(), Some(field), "{text}");
     }
     // The shipped example builds.
     let example = std::fs::read_to_string(concat!(
@@ -309,6 +314,7 @@ fn cross_field_rules_name_the_proxys_keys() {
         "/toolwarden.example.toml"
     ))
     .unwrap();
+    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
     standard_stack(&config(&example), &shared).unwrap();
 }
 

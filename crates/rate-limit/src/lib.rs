@@ -63,6 +63,11 @@
 //! svc.clone().oneshot(search()).await?; // refilled
 //! # Ok(()) }
 //! ```
+//!
+//! Feature `serde` (off by default): `RateLimitSettings` and
+//! `RateLimitToolSettings`, the builder's knobs as serde types for
+//! configuration files, applied with the builder's `settings` and
+//! `tool_settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -75,6 +80,8 @@ mod layer;
 mod limits;
 mod quota;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 
 pub use backend::{Acquire, BackendDecision, BackendFuture, RateLimitBackend, Scope};
 pub use builder::{Mode, RateLimitBuilder, DEFAULT_PER_TOOL_BURST, DEFAULT_PER_TOOL_RATE};
@@ -84,4 +91,6 @@ pub use layer::RateLimitLayer;
 pub use limits::RateLimits;
 pub use quota::{Quota, Rate};
 pub use service::RateLimit;
+#[cfg(feature = "serde")]
+pub use settings::{QuotaSettings, RateLimitSettings, RateLimitToolSettings, DEFAULT_MAX_WAIT};
 pub use toolwarden_core::RateLimited;

@@ -20,7 +20,15 @@ use std::time::Duration;
 /// blog's "Exponential Backoff And Jitter"; equal jitter keeps a guaranteed
 /// minimum wait. A retry-after hint from the failure replaces the computed
 /// delay when it is longer (see the [crate docs](crate)).
+///
+/// With the `serde` feature, written `"none"`, `"full"`, `"equal"` or
+/// `"decorrelated"`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Jitter {
     /// No randomness: the delay before retry `n` is `min(max_delay,
     /// base_delay · 2^(n-1))`. Deterministic; meant for tests and for a

@@ -22,7 +22,15 @@ const RETRY: i64 = 1000;
 /// assert_eq!(config.ttl, Duration::from_secs(10));
 /// config.validate().unwrap();
 /// ```
+///
+/// With the `serde` feature, a settings value: `{ ratio = 0.2, min_per_sec
+/// = 10, ttl = "10s" }`, every key optional (unset: its default).
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(default, deny_unknown_fields)
+)]
 pub struct BudgetConfig {
     /// Retries allowed per request, over the window: `0.2` lets one request
     /// in five be retried once. Between 0 and 10, resolution 0.001 (NaN,
@@ -35,6 +43,7 @@ pub struct BudgetConfig {
     pub min_per_sec: u32,
     /// How long a request (or a retry) counts. Between 1 s and 1 h (else
     /// refused, naming `ttl`). Default 10 s.
+    #[cfg_attr(feature = "serde", serde(with = "humantime_serde"))]
     pub ttl: Duration,
 }
 

@@ -178,6 +178,10 @@
 //!
 //! In the standard stack this layer sits below the fallback cache and above
 //! the rate limiter and the circuit breaker.
+//!
+//! Feature `serde` (off by default): `RetrySettings` and `RetryToolSettings`,
+//! the builder's knobs as serde types for configuration files, applied with
+//! the builder's `settings` and `tool_settings`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
@@ -190,6 +194,8 @@ mod future;
 mod layer;
 mod policy;
 mod service;
+#[cfg(feature = "serde")]
+mod settings;
 
 pub use backoff::Jitter;
 pub use budget::{BudgetConfig, RetryBudget};
@@ -198,3 +204,5 @@ pub use future::ResponseFuture;
 pub use layer::RetryBackoffLayer;
 pub use policy::DEFAULT_SAFE_METHODS;
 pub use service::RetryBackoff;
+#[cfg(feature = "serde")]
+pub use settings::{RetrySettings, RetryToolSettings};

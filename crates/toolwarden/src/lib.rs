@@ -9,8 +9,10 @@
 //! This umbrella crate re-exports every layer behind a feature of its name
 //! (`circuit-breaker`, `rate-limit`, `retry`, `loop-guard`, `fallback-cache`,
 //! `observability`, plus `rmcp` and `redis`), `stack` for all six layers and
-//! the [standard stack](stack), `full` for everything. Default features are
-//! empty: the core call model and [`RenderErrorsLayer`] only.
+//! the [standard stack](stack), `serde` for the enabled layers' settings
+//! types (their builders' knobs as serde types, for configuration files),
+//! `full` for everything. Default features are empty: the core call model
+//! and [`RenderErrorsLayer`] only.
 //!
 //! - [`ServiceBuilderExt`]: one `ServiceBuilder` method per layer.
 //! - [`stack::StandardStack`] (feature `stack`): every layer in the standard

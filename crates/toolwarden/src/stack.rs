@@ -480,7 +480,7 @@ impl StandardStackBuilder {
         if let Mode::Wait { max_wait } = rate_limit.mode() {
             if on(StackLayer::RateLimit) && on(StackLayer::Retry) && max_wait >= deadline {
                 return Err(ConfigError::new(
-                    "rate_limit.max_wait, retry.deadline",
+                    "rate_limit.mode.max_wait, retry.deadline",
                     format!(
                         "waiting for a token ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
                     ),

@@ -77,7 +77,7 @@ fn contradicting_knobs_are_refused_naming_the_fields() {
                         max_wait: Duration::from_secs(10),
                     })
                 }),
-            "rate_limit.max_wait, retry.deadline",
+            "rate_limit.mode.max_wait, retry.deadline",
         ),
     ];
     for (builder, field) in cases {

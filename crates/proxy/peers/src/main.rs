@@ -66,7 +66,7 @@ seconds = 20
 
 [backends.retry]
 # toolwarden: retry.max_attempts = 3 (2 retries), base_delay 100ms,
-# max_delay 10s, budget_ratio 0.2, budget_min_per_sec 10
+# max_delay 10s, budget = { ratio = 0.2, min_per_sec = 10 }
 max_retries = 2
 initial_backoff_ms = 100
 max_backoff_ms = 10000
@@ -74,7 +74,7 @@ budget_percent = 20.0
 min_retries_per_sec = 10
 
 [backends.circuit_breaker]
-# toolwarden: circuit_breaker.failure_rate 0.5, minimum_calls 20,
+# toolwarden: circuit_breaker.failure_rate_threshold 0.5, minimum_calls 20,
 # reset_timeout 30s, half_open_max_calls 1
 failure_rate_threshold = 0.5
 minimum_calls = 20

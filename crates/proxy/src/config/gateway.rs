@@ -26,7 +26,9 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 use toolwarden_core::ConfigError;
 
-use super::{CircuitBreakerConfig, SessionMode, ToolConfig, UpstreamConfig};
+use toolwarden::circuit_breaker::{CircuitBreakerLayer, CircuitBreakerSettings};
+
+use super::{SessionMode, ToolConfig, UpstreamConfig};
 
 /// `[gateway]`: how the tools of several upstreams are exposed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,8 +106,10 @@ pub struct UpstreamEntry {
     /// to it is refused at once and its tools are hidden (or marked). Unset
     /// keys are the breaker's defaults (5 consecutive failures open it for
     /// 30 s), except `minimum_calls`, 1 here (a dead upstream fails every
-    /// call, however few came before), and `failure_rate`, off unless set.
-    pub circuit_breaker: CircuitBreakerConfig,
+    /// call, however few came before), and `failure_rate_threshold`, off
+    /// unless set. `enabled = false`: no breaker for this upstream (its
+    /// circuit is disabled).
+    pub circuit_breaker: CircuitBreakerSettings,
     /// Per-tool overrides for this upstream's tools, by the exposed name
     /// without the prefix: `[upstreams.docs.tools."search"]` is
     /// `[tools."docs__search"]`.
@@ -220,16 +224,16 @@ impl UpstreamEntry {
                 ));
             }
         }
-        self.circuit_breaker
-            .validate()
+        let _ = upstream_breaker("", &self.circuit_breaker)
+            .build()
             .map_err(|e| e.in_section("circuit_breaker"))?;
-        for (tool, config) in &self.tools {
-            let section = format!("tools.{}", super::quote_key(tool));
-            if tool.is_empty() {
-                return Err(ConfigError::new(section, "a tool name must not be empty"));
-            }
-            config.validate().map_err(|e| e.in_section(&section))?;
+        if self.tools.contains_key("") {
+            return Err(ConfigError::new(
+                r#"tools."""#,
+                "a tool name must not be empty",
+            ));
         }
+        // The tool tables are checked by the layers, as the exposed tools'.
         Ok(())
     }
 
@@ -244,4 +248,20 @@ impl UpstreamEntry {
             },
         }
     }
+}
+
+/// The builder of an upstream's own breaker (see
+/// [`UpstreamEntry::circuit_breaker`]): named `upstream NAME`, opening on
+/// consecutive failures alone, then `settings`.
+pub(crate) fn upstream_breaker(
+    name: &str,
+    settings: &CircuitBreakerSettings,
+) -> toolwarden::circuit_breaker::CircuitBreakerBuilder {
+    CircuitBreakerLayer::builder()
+        .name(format!("upstream {name}"))
+        // Consecutive failures open it however few calls came before (a
+        // dead upstream fails every call); no failure rate unless set.
+        .minimum_calls(1)
+        .failure_rate_threshold(None)
+        .settings(settings)
 }

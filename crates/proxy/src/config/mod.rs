@@ -2,21 +2,23 @@
 //! values and per-tool overrides, overlaid with `TOOLWARDEN_<SECTION>_<KEY>`
 //! environment variables.
 //!
-//! Every key is optional. In the layer sections (`circuit_breaker`,
-//! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`) an
-//! unset key means "the layer's own default", which each layer crate documents
-//! next to its builder method; the proxy's own sections (`upstream`,
-//! `downstream`, `catalog`) have their defaults written here, next to each key.
-//! `toolwarden.example.toml` (shipped next to this crate's `Cargo.toml`) lists
-//! every key with a comment.
+//! Every key is optional. The layer sections (`circuit_breaker`,
+//! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`)
+//! and a tool's layer tables are the layer crates' settings types
+//! ([`CircuitBreakerSettings`], [`CircuitBreakerToolSettings`], ...): their
+//! keys are the layer builders' method names, each documented once there
+//! with its default, and an unset key keeps the builder's default. The
+//! proxy's own sections (`upstream`, `downstream`, `catalog`, `http`,
+//! `limits`) and keys (`safe_to_repeat`, `cacheable`) have their defaults
+//! written here, next to each key. `toolwarden.example.toml` (shipped next
+//! to this crate's `Cargo.toml`) lists every key with a comment.
 //!
 //! What is checked when the configuration is loaded (so that `toolwarden
-//! check-config` catches it): unknown keys (every table denies them), the type
-//! of every value, durations are positive, ratios are in range, counts are
-//! non-zero, and pairs that bound each other are ordered (`base_delay <=
-//! max_delay`, ...). What a layer can only check once it is built (its own
-//! cross-field rules) is checked when the stack is built, before the proxy
-//! serves anything. Every error names the key (`circuit_breaker.failure_threshold`),
+//! check-config` catches it): unknown keys (every table denies them), the
+//! type of every value, the proxy's own sections, and then every layer
+//! section by building the stack (see [`Config::validate`]): the layers'
+//! builders are the one place their values are checked. Every error names
+//! the key (`loop_guard.window_calls`, `tools."search".retry.max_attempts`),
 //! and the environment variable when the value came from one.
 //!
 //! ```
@@ -28,12 +30,12 @@
 //!
 //!     [tools."search_docs"]
 //!     safe_to_repeat = true
-//!     rate_limit = { rate = "10/s", burst = 5 }
+//!     rate_limit = { per_tool = { rate = "10/s", burst = 5 } }
 //! "#, std::iter::empty()).unwrap();
-//! assert_eq!(config.circuit_breaker.failure_threshold, Some(5));
+//! assert_eq!(config.circuit_breaker.failure_threshold, Some(Some(5)));
 //!
-//! let err = Config::from_toml_str("[retry]\nmax_attempts = 0\n", std::iter::empty()).unwrap_err();
-//! assert_eq!(err.key(), Some("retry.max_attempts"));
+//! let err = Config::from_toml_str("[loop_guard]\nwindow_calls = 1\n", std::iter::empty()).unwrap_err();
+//! assert_eq!(err.key(), Some("loop_guard.window_calls"));
 //! ```
 
 mod gateway;
@@ -42,7 +44,6 @@ mod listener;
 mod load;
 mod upstream;
 mod upstream_http;
-mod values;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,18 +51,20 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toolwarden_core::ConfigError;
 
-pub(crate) use gateway::glob_set;
+pub(crate) use gateway::{glob_set, upstream_breaker};
 pub use gateway::{GatewayConfig, OpenUpstreams, UpstreamEntry};
-pub use layers::{
-    CircuitBreakerConfig, FallbackCacheConfig, LoopGuardConfig, ObservabilityConfig,
-    RateLimitConfig, RetryConfig, ToolConfig, ToolLoopGuard, ToolRateLimit, ToolRetry,
-};
+pub use layers::ToolConfig;
 pub use listener::{HttpConfig, LimitsConfig};
 pub(crate) use load::quote_key;
 pub use load::{process_env, ConfigFileError, ENV_PREFIX, SECTIONS};
+pub use toolwarden::circuit_breaker::{CircuitBreakerSettings, CircuitBreakerToolSettings};
+pub use toolwarden::fallback_cache::FallbackCacheSettings;
+pub use toolwarden::loop_guard::{LoopGuardSettings, LoopGuardToolSettings};
+pub use toolwarden::observability::ObservabilitySettings;
+pub use toolwarden::rate_limit::{RateLimitSettings, RateLimitToolSettings};
+pub use toolwarden::retry::{RetrySettings, RetryToolSettings};
 pub use upstream::{SessionMode, UpstreamConfig};
 pub use upstream_http::{resolve_headers, HeaderTemplate};
-pub use values::{FailureClassName, Jitter, LimitMode, Rate, Window};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -78,17 +81,17 @@ pub struct Config {
     /// Bounds on what any client may ask, over stdio or HTTP.
     pub limits: LimitsConfig,
     /// `CircuitBreakerLayer`.
-    pub circuit_breaker: CircuitBreakerConfig,
+    pub circuit_breaker: CircuitBreakerSettings,
     /// `RateLimitLayer`.
-    pub rate_limit: RateLimitConfig,
+    pub rate_limit: RateLimitSettings,
     /// `RetryBackoffLayer`.
-    pub retry: RetryConfig,
+    pub retry: RetrySettings,
     /// `LoopGuardLayer`.
-    pub loop_guard: LoopGuardConfig,
+    pub loop_guard: LoopGuardSettings,
     /// `FallbackCacheLayer`.
-    pub fallback_cache: FallbackCacheConfig,
+    pub fallback_cache: FallbackCacheSettings,
     /// `ObservabilityLayer`.
-    pub observability: ObservabilityConfig,
+    pub observability: ObservabilitySettings,
     /// Per-tool overrides, by tool name: `[tools."search_docs"]`.
     pub tools: BTreeMap<String, ToolConfig>,
     /// How the tools of several upstreams are exposed.
@@ -135,24 +138,21 @@ pub struct CatalogConfig {
 }
 
 impl Config {
-    /// Checks every value (see the [module docs](self)); the error names the key.
+    /// Checks every value (see the [module docs](self)); the error names the
+    /// key. The layer sections are checked by building the tool stack they
+    /// describe ([`standard_stack`](crate::stack::standard_stack)), so that
+    /// each layer's builder, and the stack's cross-checks, decide alone what
+    /// is valid.
     pub fn validate(&self) -> Result<(), ConfigError> {
         in_section("upstream", self.upstream.validate())?;
         in_section("downstream", self.downstream.validate())?;
         in_section("http", self.http.validate())?;
         in_section("limits", self.limits.validate())?;
-        in_section("circuit_breaker", self.circuit_breaker.validate())?;
-        in_section("rate_limit", self.rate_limit.validate())?;
-        in_section("retry", self.retry.validate())?;
-        in_section("loop_guard", self.loop_guard.validate())?;
-        in_section("fallback_cache", self.fallback_cache.validate())?;
-        in_section("observability", self.observability.validate())?;
-        for (name, tool) in &self.tools {
-            let section = format!("tools.{}", load::quote_key(name));
-            if name.is_empty() {
-                return Err(ConfigError::new(section, "a tool name must not be empty"));
-            }
-            in_section(&section, tool.validate())?;
+        if self.tools.contains_key("") {
+            return Err(ConfigError::new(
+                r#"tools."""#,
+                "a tool name must not be empty",
+            ));
         }
         in_section("gateway", self.gateway.validate())?;
         for (name, entry) in &self.upstreams {
@@ -183,7 +183,13 @@ impl Config {
                 }
             }
         }
-        Ok(())
+        // The layers check their own sections, each upstream's tool tables
+        // as the exposed tools' (`tools."time__now"`).
+        let shared = crate::stack::SharedState::new(
+            toolwarden_core::Events::new(),
+            crate::endpoints::MetricsEndpoints::new(),
+        );
+        crate::stack::standard_stack(&self.clone().with_upstream_tools(), &shared).map(drop)
     }
 
     /// What the tools of upstream `name` are prefixed with: `name` and
@@ -238,17 +244,6 @@ fn positive(field: &str, value: Option<Duration>) -> Result<(), ConfigError> {
     }
 }
 
-fn at_least<T: PartialOrd + std::fmt::Display + Copy>(
-    field: &str,
-    value: Option<T>,
-    min: T,
-) -> Result<(), ConfigError> {
-    match value {
-        Some(v) if v < min => Err(ConfigError::new(field, format!("must be at least {min}"))),
-        _ => Ok(()),
-    }
-}
-
 fn within<T: PartialOrd + std::fmt::Display + Copy>(
     field: &str,
     value: Option<T>,
@@ -259,17 +254,6 @@ fn within<T: PartialOrd + std::fmt::Display + Copy>(
         Some(v) if !(min..=max).contains(&v) => Err(ConfigError::new(
             field,
             format!("must be between {min} and {max}"),
-        )),
-        _ => Ok(()),
-    }
-}
-
-/// A share of calls: in (0, 1].
-fn ratio(field: &str, value: Option<f64>) -> Result<(), ConfigError> {
-    match value {
-        Some(r) if !(r.is_finite() && r > 0.0 && r <= 1.0) => Err(ConfigError::new(
-            field,
-            "must be a ratio greater than 0 and at most 1",
         )),
         _ => Ok(()),
     }
@@ -288,18 +272,6 @@ fn ordered<T: PartialOrd>(
         )),
         _ => Ok(()),
     }
-}
-
-fn needs<T, U>(
-    field: &str,
-    value: &Option<T>,
-    other: &str,
-    other_value: &Option<U>,
-) -> Result<(), ConfigError> {
-    if value.is_some() && other_value.is_none() {
-        return Err(ConfigError::new(field, format!("needs {other} to be set")));
-    }
-    Ok(())
 }
 
 impl UpstreamConfig {
@@ -332,201 +304,6 @@ impl DownstreamConfig {
         // A line must at least hold a minimal request; 1 GiB is past any sane message.
         within("max_line_bytes", Some(self.max_line_bytes), 64, 1 << 30)?;
         within("max_body_bytes", Some(self.max_body_bytes), 64, 1 << 30)
-    }
-}
-
-impl CircuitBreakerConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        at_least("failure_threshold", self.failure_threshold, 1)?;
-        ratio("failure_rate", self.failure_rate)?;
-        match self.window {
-            Some(Window::Calls(0)) => {
-                return Err(ConfigError::new("window", "must be at least 1 call"))
-            }
-            Some(Window::Time(d)) if d.is_zero() => {
-                return Err(ConfigError::new("window", "must be a positive duration"))
-            }
-            _ => {}
-        }
-        at_least("minimum_calls", self.minimum_calls, 1)?;
-        positive("slow_call_duration", self.slow_call_duration)?;
-        ratio("slow_call_rate", self.slow_call_rate)?;
-        positive("reset_timeout", self.reset_timeout)?;
-        if let Some(m) = self.reset_multiplier {
-            if !(m.is_finite() && m >= 1.0) {
-                return Err(ConfigError::new(
-                    "reset_multiplier",
-                    "must be a finite number of at least 1",
-                ));
-            }
-        }
-        positive("max_reset_timeout", self.max_reset_timeout)?;
-        ordered(
-            "reset_timeout",
-            self.reset_timeout,
-            "max_reset_timeout",
-            self.max_reset_timeout,
-        )?;
-        at_least("half_open_max_calls", self.half_open_max_calls, 1)?;
-        at_least("success_threshold", self.success_threshold, 1)?;
-        ordered(
-            "success_threshold",
-            self.success_threshold,
-            "half_open_max_calls",
-            self.half_open_max_calls,
-        )
-    }
-}
-
-impl RateLimitConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        at_least("global_burst", self.global_burst, 1)?;
-        needs(
-            "global_burst",
-            &self.global_burst,
-            "global_rate",
-            &self.global_rate,
-        )?;
-        at_least("per_tool_burst", self.per_tool_burst, 1)?;
-        needs(
-            "per_tool_burst",
-            &self.per_tool_burst,
-            "per_tool_rate",
-            &self.per_tool_rate,
-        )?;
-        positive("max_wait", self.max_wait)?;
-        if self.max_wait.is_some() && self.mode != Some(LimitMode::Wait) {
-            return Err(ConfigError::new(
-                "max_wait",
-                "only applies with mode = \"wait\"",
-            ));
-        }
-        Ok(())
-    }
-}
-
-impl ToolRateLimit {
-    fn validate(&self) -> Result<(), ConfigError> {
-        at_least("burst", self.burst, 1)?;
-        needs("burst", &self.burst, "rate", &self.rate)
-    }
-}
-
-impl RetryConfig {
-    /// The keys that `[tools."name".retry]` can override too, checked alike.
-    fn backoff(&self) -> ToolRetry {
-        ToolRetry {
-            enabled: self.enabled,
-            max_attempts: self.max_attempts,
-            base_delay: self.base_delay,
-            max_delay: self.max_delay,
-            deadline: self.deadline,
-        }
-    }
-
-    fn validate(&self) -> Result<(), ConfigError> {
-        self.backoff().validate()?;
-        if self.retry_on.as_ref().is_some_and(Vec::is_empty) {
-            return Err(ConfigError::new(
-                "retry_on",
-                "must name at least one failure class (use enabled = false to never retry)",
-            ));
-        }
-        if let Some(r) = self.budget_ratio {
-            if !(r.is_finite() && (0.0..=10.0).contains(&r)) {
-                return Err(ConfigError::new("budget_ratio", "must be between 0 and 10"));
-            }
-        }
-        within("budget_min_per_sec", self.budget_min_per_sec, 0, 1_000_000)?;
-        match self.budget_ttl {
-            Some(ttl) if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&ttl) => {
-                Err(ConfigError::new("budget_ttl", "must be between 1s and 1h"))
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-impl ToolRetry {
-    fn validate(&self) -> Result<(), ConfigError> {
-        at_least("max_attempts", self.max_attempts, 1)?;
-        positive("base_delay", self.base_delay)?;
-        positive("max_delay", self.max_delay)?;
-        ordered("base_delay", self.base_delay, "max_delay", self.max_delay)?;
-        positive("deadline", self.deadline)
-    }
-}
-
-impl LoopGuardConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        within("cycle_max_period", self.cycle_max_period, 2, 8)?;
-        at_least("cycle_repeats", self.cycle_repeats, 2)?;
-        within("window_calls", self.window_calls, 1, 1024)?;
-        positive("window_time", self.window_time)?;
-        at_least("max_sessions", self.max_sessions, 1)?;
-        positive("session_idle_timeout", self.session_idle_timeout)?;
-        if let Some(window) = self.window_calls {
-            for (field, value) in [
-                ("max_failing_repeats", self.max_failing_repeats),
-                ("max_repeats", self.max_repeats),
-            ] {
-                if value.is_some_and(|v| v > window) {
-                    return Err(ConfigError::new(
-                        field,
-                        format!(
-                            "must not exceed window_calls ({window}): older calls are forgotten"
-                        ),
-                    ));
-                }
-            }
-        }
-        for (field, list) in [
-            ("exempt_tools", &self.exempt_tools),
-            ("polling_tools", &self.polling_tools),
-        ] {
-            if list.iter().flatten().any(String::is_empty) {
-                return Err(ConfigError::new(field, "a tool name must not be empty"));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl FallbackCacheConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        positive("max_staleness", self.max_staleness)?;
-        positive("fresh_ttl", self.fresh_ttl)?;
-        ordered(
-            "fresh_ttl",
-            self.fresh_ttl,
-            "max_staleness",
-            self.max_staleness,
-        )?;
-        at_least("max_entries", self.max_entries, 1)?;
-        at_least("max_bytes", self.max_bytes, 1)
-    }
-}
-
-impl ObservabilityConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        at_least("max_tool_labels", self.max_tool_labels, 1)?;
-        at_least("max_method_labels", self.max_method_labels, 1)?;
-        at_least("recent_window", self.recent_window, 1)
-    }
-}
-
-impl ToolConfig {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if let Some(cb) = &self.circuit_breaker {
-            in_section("circuit_breaker", cb.validate())?;
-        }
-        if let Some(rl) = &self.rate_limit {
-            in_section("rate_limit", rl.validate())?;
-        }
-        if let Some(retry) = &self.retry {
-            in_section("retry", retry.validate())?;
-        }
-        Ok(())
     }
 }
 

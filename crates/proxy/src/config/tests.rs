@@ -3,6 +3,11 @@
 
 use std::time::Duration;
 
+use toolwarden::circuit_breaker::TimeWindow;
+use toolwarden::rate_limit::{Mode, Rate};
+use toolwarden::retry::Jitter;
+use toolwarden_core::FailureClass;
+
 use super::load::test_support::{env_value, split_variable};
 use super::*;
 
@@ -41,9 +46,9 @@ fn an_empty_file_is_every_default() {
 fn the_shipped_example_is_valid_and_sets_every_section() {
     let text = include_str!("../../toolwarden.example.toml");
     let config = parse(text).unwrap();
-    assert_eq!(config.circuit_breaker.failure_threshold, Some(5));
-    assert_eq!(config.circuit_breaker.window, Some(Window::Calls(100)));
-    assert_eq!(config.rate_limit.mode, Some(LimitMode::Reject));
+    assert_eq!(config.circuit_breaker.failure_threshold, Some(Some(5)));
+    assert_eq!(config.circuit_breaker.count_window, Some(Some(100)));
+    assert_eq!(config.rate_limit.mode, Some(Mode::Reject));
     assert_eq!(config.retry.jitter, Some(Jitter::Full));
     assert!(config.tools.contains_key("search_docs"));
     // Every key of every section appears in the example (commented or not):
@@ -68,59 +73,69 @@ fn a_full_configuration_round_trips() {
         call_timeout = "20s"
 
         [circuit_breaker]
-        failure_threshold = 3
-        failure_rate = 0.5
-        window = "60s"
+        failure_threshold = false
+        failure_rate_threshold = 0.5
+        count_window = false
+        time_window = "60s"
         reset_timeout = "10s"
         max_reset_timeout = "2m"
         reset_multiplier = 2.0
+        bounds = { max_keys = 500 }
 
         [rate_limit]
-        global_rate = "100/s"
-        global_burst = 20
-        per_tool_rate = 5
-        mode = "wait"
-        max_wait = "2s"
+        global = { rate = "100/s", burst = 20 }
+        per_tool = { rate = 5 }
+        mode = { max_wait = "2s" }
 
         [retry]
         max_attempts = 3
+        jitter = "equal"
         retry_on = ["transient", "server"]
-        budget_ratio = 0.2
-        budget_ttl = "10s"
+        budget = { ratio = 0.2, ttl = "10s" }
 
         [loop_guard]
-        max_failing_repeats = 3
-        max_repeats = 0
+        limits = { max_failing_repeats = 3, max_repeats = false }
         window_calls = 16
-        exempt_tools = ["poll_status"]
+        bounds = { idle_timeout = false }
 
         [tools."search_docs"]
         safe_to_repeat = true
         cacheable = true
         circuit_breaker = { failure_threshold = 2 }
-        rate_limit = { rate = "1/s", burst = 2 }
+        rate_limit = { per_tool = { rate = "1/s", burst = 2 } }
         retry = { max_attempts = 5, base_delay = "100ms", max_delay = "1s" }
-        loop_guard = { polling = true }
+        loop_guard = { limits = { max_repeats = false, cycles = false } }
+
+        [tools."poll_status"]
+        loop_guard = { exempt = true }
         "#,
     )
     .unwrap();
+    assert_eq!(config.circuit_breaker.failure_threshold, Some(None));
     assert_eq!(
-        config.circuit_breaker.window,
-        Some(Window::Time(Duration::from_secs(60)))
+        config.circuit_breaker.time_window,
+        Some(Some(TimeWindow::new(Duration::from_secs(60), 10)))
     );
     assert_eq!(
-        config.rate_limit.per_tool_rate,
-        Some(Rate {
-            count: 5,
-            per: Duration::from_secs(1)
+        config.rate_limit.per_tool.unwrap().quota(),
+        (Rate::per_second(5), 5)
+    );
+    assert_eq!(
+        config.rate_limit.mode,
+        Some(Mode::Wait {
+            max_wait: Duration::from_secs(2)
         })
     );
+    assert_eq!(config.retry.jitter, Some(Jitter::Equal));
+    assert_eq!(
+        config.retry.retry_on,
+        Some(vec![FailureClass::Transient, FailureClass::Server])
+    );
+    assert_eq!(config.loop_guard.bounds.unwrap().idle_timeout, None);
     let tool = config.tool("search_docs").unwrap();
     assert_eq!(tool.retry.as_ref().unwrap().max_attempts, Some(5));
-    assert_eq!(
-        tool.rate_limit.as_ref().unwrap().rate.unwrap().interval(),
-        Duration::from_secs(1)
-    );
+    let quota = tool.rate_limit.as_ref().unwrap().per_tool.unwrap();
+    assert_eq!(quota.rate.interval(), Duration::from_secs(1));
     // What check-config --print writes reads back the same.
     let text = toml::to_string(&config).unwrap();
     assert_eq!(parse(&text).unwrap(), config);
@@ -138,8 +153,13 @@ fn unknown_keys_are_named_in_every_section() {
         "tools.\"search\".bogus"
     );
     assert_eq!(
-        key_of("[tools.search.retry]\njitter = \"full\"\n"),
-        "tools.\"search\".retry.jitter"
+        key_of("[tools.search.retry]\nbudget = false\n"),
+        "tools.\"search\".retry.budget"
+    );
+    // A layer-wide knob is not a key of a tool's table.
+    assert_eq!(
+        key_of("[tools.search.loop_guard]\nwindow_calls = 8\n"),
+        "tools.\"search\".loop_guard.window_calls"
     );
     let err = parse("[retry]\nmax_atempts = 3\n").unwrap_err();
     assert!(err.to_string().contains("`retry.max_atempts`"), "{err}");
@@ -180,6 +200,7 @@ fn bad_values_name_their_key() {
             "[catalog]\ntrust_annotations = \"yes\"",
             "catalog.trust_annotations",
         ),
+        // From the layer builders, in the file's keys.
         (
             "[circuit_breaker]\nfailure_threshold = 0",
             "circuit_breaker.failure_threshold",
@@ -189,26 +210,41 @@ fn bad_values_name_their_key() {
             "circuit_breaker.failure_threshold",
         ),
         (
-            "[circuit_breaker]\nfailure_rate = 1.5",
-            "circuit_breaker.failure_rate",
+            "[circuit_breaker]\nfailure_threshold = true",
+            "circuit_breaker.failure_threshold",
         ),
         (
-            "[circuit_breaker]\nfailure_rate = 0.0",
-            "circuit_breaker.failure_rate",
+            "[circuit_breaker]\nfailure_rate_threshold = 1.5",
+            "circuit_breaker.failure_rate_threshold",
         ),
-        ("[circuit_breaker]\nwindow = 0", "circuit_breaker.window"),
         (
-            "[circuit_breaker]\nwindow = \"0s\"",
-            "circuit_breaker.window",
+            "[circuit_breaker]\nfailure_rate_threshold = 0.0",
+            "circuit_breaker.failure_rate_threshold",
         ),
-        ("[circuit_breaker]\nwindow = true", "circuit_breaker.window"),
+        (
+            "[circuit_breaker]\ncount_window = 0",
+            "circuit_breaker.count_window",
+        ),
+        (
+            "[circuit_breaker]\ntime_window = { duration = \"30s\", buckets = 0 }",
+            "circuit_breaker.time_window.buckets",
+        ),
+        // The stack's check of the window against the attempt timeout.
+        (
+            "[circuit_breaker]\ntime_window = \"0s\"",
+            "circuit_breaker.time_window, upstream.attempt_timeout",
+        ),
+        (
+            "[circuit_breaker]\ntime_window = true",
+            "circuit_breaker.time_window",
+        ),
         (
             "[circuit_breaker]\nminimum_calls = 0",
             "circuit_breaker.minimum_calls",
         ),
         (
-            "[circuit_breaker]\nslow_call_rate = -0.1",
-            "circuit_breaker.slow_call_rate",
+            "[circuit_breaker]\nslow_call_rate_threshold = -0.1",
+            "circuit_breaker.slow_call_rate_threshold",
         ),
         (
             "[circuit_breaker]\nreset_multiplier = 0.5",
@@ -219,24 +255,27 @@ fn bad_values_name_their_key() {
             "circuit_breaker.max_reset_timeout",
         ),
         (
-            "[circuit_breaker]\nhalf_open_max_calls = 1\nsuccess_threshold = 2",
+            "[circuit_breaker]\nhalf_open_max_calls = 0",
             "circuit_breaker.half_open_max_calls",
         ),
         (
-            "[rate_limit]\nglobal_rate = \"0/s\"",
-            "rate_limit.global_rate",
+            "[rate_limit]\nglobal = { rate = \"0/s\" }",
+            "rate_limit.global.rate",
         ),
         (
-            "[rate_limit]\nglobal_rate = \"10/fortnight\"",
-            "rate_limit.global_rate",
+            "[rate_limit]\nglobal = { rate = \"10/fortnight\" }",
+            "rate_limit.global.rate",
         ),
-        ("[rate_limit]\nglobal_burst = 5", "rate_limit.global_burst"),
+        ("[rate_limit]\nglobal = { burst = 5 }", "rate_limit.global"),
         (
-            "[rate_limit]\nper_tool_rate = \"5/s\"\nper_tool_burst = 0",
-            "rate_limit.per_tool_burst",
+            "[rate_limit]\nper_tool = { rate = \"5/s\", burst = 0 }",
+            "rate_limit.per_tool.burst",
         ),
         ("[rate_limit]\nmode = \"drop\"", "rate_limit.mode"),
-        ("[rate_limit]\nmax_wait = \"1s\"", "rate_limit.max_wait"),
+        (
+            "[rate_limit]\nmode = { max_wait = \"0s\" }",
+            "rate_limit.mode.max_wait",
+        ),
         ("[retry]\nmax_attempts = 0", "retry.max_attempts"),
         (
             "[retry]\nbase_delay = \"2s\"\nmax_delay = \"1s\"",
@@ -245,32 +284,33 @@ fn bad_values_name_their_key() {
         ("[retry]\njitter = \"some\"", "retry.jitter"),
         ("[retry]\nretry_on = []", "retry.retry_on"),
         ("[retry]\nretry_on = [\"sometimes\"]", "retry.retry_on[0]"),
-        ("[retry]\nbudget_ratio = 11", "retry.budget_ratio"),
-        ("[retry]\nbudget_ttl = \"2h\"", "retry.budget_ttl"),
+        ("[retry]\nbudget = { ratio = 11 }", "retry.budget.ratio"),
+        ("[retry]\nbudget = { ttl = \"2h\" }", "retry.budget.ttl"),
         ("[retry]\ndeadline = \"0s\"", "retry.deadline"),
         (
             "[loop_guard]\nwindow_calls = 2000",
             "loop_guard.window_calls",
         ),
+        ("[loop_guard]\nwindow_calls = 1", "loop_guard.window_calls"),
         (
-            "[loop_guard]\ncycle_max_period = 9",
-            "loop_guard.cycle_max_period",
+            "[loop_guard]\nmax_cycle_period = 9",
+            "loop_guard.max_cycle_period",
         ),
         (
-            "[loop_guard]\ncycle_repeats = 1",
-            "loop_guard.cycle_repeats",
+            "[loop_guard]\nmax_cycle_repeats = 1",
+            "loop_guard.max_cycle_repeats",
         ),
         (
-            "[loop_guard]\nwindow_calls = 4\nmax_repeats = 8",
-            "loop_guard.max_repeats",
+            "[loop_guard]\nwindow_calls = 10\nlimits = { max_repeats = 12 }",
+            "loop_guard.limits.max_repeats",
         ),
         (
-            "[loop_guard]\nexempt_tools = [\"\"]",
-            "loop_guard.exempt_tools",
+            "[loop_guard]\nlimits = { max_repeats = 0 }",
+            "loop_guard.limits.max_repeats",
         ),
         (
-            "[loop_guard]\nexempt_tools = \"poll\"",
-            "loop_guard.exempt_tools",
+            "[loop_guard]\nbounds = { max_keys = 0 }",
+            "loop_guard.bounds.max_keys",
         ),
         (
             "[fallback_cache]\nmax_staleness = \"0s\"",
@@ -278,16 +318,13 @@ fn bad_values_name_their_key() {
         ),
         (
             "[fallback_cache]\nfresh_ttl = \"1h\"\nmax_staleness = \"1m\"",
-            "fallback_cache.max_staleness",
+            "fallback_cache.fresh_ttl, fallback_cache.max_staleness",
         ),
         (
             "[fallback_cache]\nmax_entries = 0",
             "fallback_cache.max_entries",
         ),
-        (
-            "[observability]\nmax_tool_labels = 0",
-            "observability.max_tool_labels",
-        ),
+        ("[observability]\nmax_tools = 0", "observability.max_tools"),
         (
             "[tools.\"a b\"]\nsafe_to_repeat = 1",
             "tools.\"a b\".safe_to_repeat",
@@ -297,12 +334,20 @@ fn bad_values_name_their_key() {
             "tools.\"search\".retry.max_attempts",
         ),
         (
-            "[tools.search.rate_limit]\nburst = 3",
-            "tools.\"search\".rate_limit.burst",
+            "[tools.search.rate_limit]\nper_tool = { burst = 3 }",
+            "tools.\"search\".rate_limit.per_tool",
         ),
         (
-            "[tools.search.circuit_breaker]\nfailure_rate = 2",
-            "tools.\"search\".circuit_breaker.failure_rate",
+            "[tools.search.rate_limit]\nper_tool = { rate = \"0/s\" }",
+            "tools.\"search\".rate_limit.per_tool.rate",
+        ),
+        (
+            "[tools.search.circuit_breaker]\nfailure_rate_threshold = 2",
+            "tools.\"search\".circuit_breaker.failure_rate_threshold",
+        ),
+        (
+            "[tools.search.loop_guard]\nexempt = true\nlimits = { cycles = false }",
+            "tools.\"search\".loop_guard.exempt",
         ),
         ("[tools.\"\"]\ncacheable = true", "tools.\"\""),
     ];
@@ -312,6 +357,27 @@ fn bad_values_name_their_key() {
         assert!(err.to_string().contains(key), "{err}");
         assert_eq!(err.env_var(), None);
     }
+}
+
+#[test]
+fn the_layers_rules_are_the_layers_own() {
+    // The loop guard remembers at least 2 calls: its builder refuses 1, and
+    // its message is the one shown.
+    let err = parse("[loop_guard]\nwindow_calls = 1\n").unwrap_err();
+    assert_eq!(err.key(), Some("loop_guard.window_calls"));
+    assert!(err.message().contains("between 2 and 1024"), "{err}");
+    // The breaker allows more successes to close than probes at once
+    // (probes are admitted again as earlier ones end).
+    let config =
+        parse("[circuit_breaker]\nhalf_open_max_calls = 1\nsuccess_threshold = 2\n").unwrap();
+    assert_eq!(config.circuit_breaker.success_threshold, Some(2));
+    // A tool's table is checked in its own section.
+    let err =
+        parse("[tools.\"x\".loop_guard]\nlimits = { max_failing_repeats = 40 }\n").unwrap_err();
+    assert_eq!(
+        err.key(),
+        Some("tools.\"x\".loop_guard.limits.max_failing_repeats")
+    );
 }
 
 #[test]

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::Events;
 
 use super::{stamp, summary};
-use crate::config::{CircuitBreakerConfig, Config, UpstreamEntry};
+use toolwarden::circuit_breaker::CircuitBreakerSettings;
+
+use crate::config::{Config, UpstreamEntry};
 use crate::endpoints::MetricsEndpoints;
 use crate::stack::SharedState;
 use crate::upstream::{InProcessServer, UpstreamTarget};
@@ -151,10 +153,10 @@ pub(super) fn gateway_config() -> Config {
     config.upstream.attempt_timeout = Duration::from_secs(1);
     let mut weather = UpstreamEntry::default();
     weather.connection.attempt_timeout = ATTEMPT_TIMEOUT;
-    weather.circuit_breaker = CircuitBreakerConfig {
-        failure_threshold: Some(2),
+    weather.circuit_breaker = CircuitBreakerSettings {
+        failure_threshold: Some(Some(2)),
         reset_timeout: Some(Duration::from_secs(30)),
-        ..CircuitBreakerConfig::default()
+        ..CircuitBreakerSettings::default()
     };
     config.upstreams.insert("weather".to_owned(), weather);
     config

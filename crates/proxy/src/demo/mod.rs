@@ -37,8 +37,11 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::events::{Event, EventSink};
 use toolwarden_core::Events;
 
+use toolwarden::loop_guard::LimitsSettings;
+use toolwarden::rate_limit::{Mode, QuotaSettings, Rate};
+
 use crate::config::{
-    Config, LimitMode, Rate, ToolConfig, ToolLoopGuard, ToolRateLimit, ToolRetry, Window,
+    Config, LoopGuardToolSettings, RateLimitToolSettings, RetryToolSettings, ToolConfig,
 };
 use crate::endpoints::MetricsEndpoints;
 use crate::stack::SharedState;
@@ -99,16 +102,19 @@ pub fn demo_config() -> Config {
     config.catalog.trust_annotations = true;
     // The slow report takes about 1 s: it fits; a hung call would not.
     config.upstream.attempt_timeout = Duration::from_secs(3);
-    config.circuit_breaker.failure_threshold = Some(3);
-    config.circuit_breaker.window = Some(Window::Calls(20));
+    config.circuit_breaker.failure_threshold = Some(Some(3));
+    config.circuit_breaker.count_window = Some(Some(20));
     config.circuit_breaker.reset_timeout = Some(Duration::from_millis(800));
     config.circuit_breaker.max_reset_timeout = Some(Duration::from_secs(2));
     config.retry.max_attempts = Some(3);
     config.retry.base_delay = Some(Duration::from_millis(50));
     config.retry.max_delay = Some(Duration::from_millis(200));
     config.retry.deadline = Some(Duration::from_secs(5));
-    config.rate_limit.mode = Some(LimitMode::Reject);
-    config.loop_guard.max_failing_repeats = Some(3);
+    config.rate_limit.mode = Some(Mode::Reject);
+    config.loop_guard.limits = Some(LimitsSettings {
+        max_failing_repeats: Some(Some(3)),
+        ..LimitsSettings::default()
+    });
     config.fallback_cache.max_staleness = Some(Duration::from_secs(60));
     config.fallback_cache.degrade = Some(true);
     config.tools.insert(
@@ -118,15 +124,19 @@ pub fn demo_config() -> Config {
             cacheable: Some(true),
             // An agent re-runs the same search on purpose: not a loop while
             // it succeeds (failing repeats are still stopped).
-            loop_guard: Some(ToolLoopGuard {
-                polling: Some(true),
-                ..ToolLoopGuard::default()
+            loop_guard: Some(LoopGuardToolSettings {
+                limits: Some(LimitsSettings {
+                    max_repeats: Some(None),
+                    cycles: Some(false),
+                    ..LimitsSettings::default()
+                }),
+                ..LoopGuardToolSettings::default()
             }),
             // Give up retrying quickly: while the circuit is open the
             // cached result is the better answer than a wait for the probe.
-            retry: Some(ToolRetry {
+            retry: Some(RetryToolSettings {
                 deadline: Some(Duration::from_millis(600)),
-                ..ToolRetry::default()
+                ..RetryToolSettings::default()
             }),
             ..ToolConfig::default()
         },
@@ -134,12 +144,11 @@ pub fn demo_config() -> Config {
     config.tools.insert(
         "quota_api".into(),
         ToolConfig {
-            rate_limit: Some(ToolRateLimit {
-                rate: Some(Rate {
-                    count: 2,
-                    per: Duration::from_secs(1),
+            rate_limit: Some(RateLimitToolSettings {
+                per_tool: Some(QuotaSettings {
+                    rate: Rate::per_second(2),
+                    burst: Some(2),
                 }),
-                burst: Some(2),
             }),
             ..ToolConfig::default()
         },

@@ -53,12 +53,12 @@ use rmcp::model::{
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
-use toolwarden::circuit_breaker::{CircuitBreakerLayer, CircuitRegistry};
+use toolwarden::circuit_breaker::CircuitRegistry;
 use toolwarden_core::events::Event;
 use toolwarden_core::{CircuitState, ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
 use tower::Layer as _;
 
-use crate::config::{Config, OpenUpstreams};
+use crate::config::{upstream_breaker, Config, OpenUpstreams};
 use crate::downstream::Downstreams;
 use crate::redact::Redactor;
 use crate::stack::SharedState;
@@ -249,19 +249,15 @@ impl Gateway {
                 }
             });
             let key = Arc::clone(&name);
-            let builder = CircuitBreakerLayer::builder()
-                .name(format!("upstream {name}"))
+            let breaker = upstream_breaker(&name, &entry.circuit_breaker)
                 .key_by(KeyBy::custom(move |_| key.to_string()))
-                // Consecutive failures open it however few calls came
-                // before (a dead upstream fails every call); no failure
-                // rate unless configured.
-                .minimum_calls(1)
-                .failure_rate_threshold(None)
-                .events(shared.events.merge(&transitions));
-            let breaker = crate::stack::breaker_policy(builder, &entry.circuit_breaker)
+                .events(shared.events.merge(&transitions))
                 .classifier(UpstreamClassifier::default())
                 .build()
                 .map_err(|e| e.in_section(&format!("{section}.circuit_breaker")))?;
+            if entry.circuit_breaker.enabled == Some(false) {
+                breaker.registry().disable(&name);
+            }
             let timed = TimedUpstream::new(upstream.service(), entry.connection.attempt_timeout);
             members.push(Member {
                 breaker: breaker.registry().clone(),

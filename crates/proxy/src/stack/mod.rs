@@ -24,8 +24,7 @@ use crate::endpoints::MetricsEndpoints;
 use crate::tool_names::ToolNameGuardLayer;
 
 pub use crate::upstream::UpstreamService;
-pub(crate) use standard::breaker_policy;
-pub use standard::{standard_stack, DEFAULT_MAX_WAIT, TIME_WINDOW_BUCKETS};
+pub use standard::standard_stack;
 
 mod standard;
 
@@ -100,26 +99,18 @@ pub fn configure_catalog(config: &Config, catalog: &ToolCatalog) {
 /// from `config`, sharing `shared`'s catalog and events, and with its
 /// circuits and health installed behind `/circuits` and `/health`.
 ///
-/// How the sections map onto the layers (an unset key keeps the layer's
-/// default):
+/// Each layer section is handed to its builder (`settings`), and each
+/// tool's table of it to `tool_settings`: the keys are the builders' own.
+/// What is left here:
 ///
 /// - `enabled = false` in a layer section leaves that layer out
 ///   ([`StandardStackBuilder::without`](toolwarden::stack::StandardStackBuilder::without)).
-/// - `upstream.attempt_timeout` bounds each attempt; `retry.deadline` is the
-///   stack's retry deadline; `circuit_breaker.slow_call_duration` and a
-///   time `circuit_breaker.window` are the stack's knobs of the same names,
-///   so their cross-checks apply.
-/// - A time `window` is kept in [`TIME_WINDOW_BUCKETS`] buckets; a window of
-///   calls is the breaker's count window (and turns the time window off,
-///   and the other way round).
-/// - A rate without a burst gets a burst of the rate's count (one period's
-///   worth of calls at once).
-/// - `loop_guard`: `0` turns a rule off; `polling_tools` keep the failing
-///   rule but not the repeat and cycle rules.
-/// - `[tools."name"]`: `circuit_breaker` keys become that tool's own breaker
-///   policy (`enabled = false`: its circuit is disabled and never trips);
-///   `rate_limit` its own quota; `retry` its own backoff (`enabled = false`:
-///   one attempt); `loop_guard` its own limits.
+/// - `upstream.attempt_timeout` bounds each attempt; the breaker's
+///   `time_window` and `slow_call_duration` are also given to the stack, so
+///   its checks against the attempt timeout apply (as they do to the retry
+///   layer's `deadline`).
+/// - `[tools."name".circuit_breaker]` `enabled = false`: the tool's circuit
+///   is disabled and never trips.
 ///
 /// Errors name the key: `circuit_breaker.failure_threshold`,
 /// `tools.search.retry.max_attempts`, `upstream.attempt_timeout, retry.deadline`.

@@ -25,7 +25,7 @@ fn upstreams_take_their_own_keys_and_every_upstream_key() {
     assert_eq!(time.connection.connect_timeout, Duration::from_secs(5));
     assert_eq!(time.deny, ["convert_*"]);
     assert_eq!(time.aliases["now"], "get_current_time");
-    assert_eq!(time.circuit_breaker.failure_threshold, Some(3));
+    assert_eq!(time.circuit_breaker.failure_threshold, Some(Some(3)));
     assert_eq!(
         config.upstreams["docs"].connection.connect_timeout,
         UpstreamConfig::default().connect_timeout,
