@@ -10,7 +10,7 @@ use std::time::Duration;
 use rmcp::model::{ErrorCode, ErrorData, RequestId};
 use rmcp::service::{Peer, RoleClient, RoleServer};
 
-use super::{Downstream, DownstreamId, Downstreams, Registry};
+use super::{Downstream, DownstreamId, Downstreams};
 use crate::progress::{lock, ProgressRoutes, UNKNOWN_TOKEN_POLL};
 
 /// How long a server's request tied to an upstream request id nobody has
@@ -18,6 +18,8 @@ use crate::progress::{lock, ProgressRoutes, UNKNOWN_TOKEN_POLL};
 /// request, and the server can answer that fast).
 const UNKNOWN_ID_WAIT: Duration = Duration::from_millis(200);
 
+/// Who sent a request the proxy forwards upstream: one downstream session
+/// (any `ProxyServer`, with a session or not) and, when it can be sent the
 /// server's requests, its registration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
@@ -38,8 +40,10 @@ pub(super) struct Forwarded {
     pub(super) request: RequestId,
 }
 
-/// The requests the proxy forwards upstream, for finding which client a
-/// request of the server's is for (see [`Downstreams::target_of`]).
+/// The requests the proxy forwards to one upstream connection, for finding
+/// which client a request of that server's is for (see
+/// [`Downstreams::target_of`]); each view of [`Downstreams`] has its own
+/// (see [`Downstreams::for_upstream`]).
 #[derive(Default)]
 pub(super) struct Causes {
     /// The upstream request id of each attempt in flight → the client's
@@ -78,14 +82,14 @@ fn no_session(why: &str) -> ErrorData {
 }
 
 impl Downstreams {
-    /// Records that `caller`'s request `request` is being forwarded upstream,
-    /// until the returned guard is dropped; `asks` says whether the server
-    /// may ask something while handling it (all requests but `ping`). Each
-    /// attempt's upstream id is recorded with [`CauseGuard::recorder`].
+    /// Records in this view that `caller`'s request `request` is being
+    /// forwarded to its upstream, until the returned guard is dropped;
+    /// `asks` says whether the server may ask something while handling it
+    /// (all requests but `ping`). Each attempt's upstream id is recorded
+    /// with [`CauseGuard::recorder`].
     #[must_use]
     pub fn forwarding(&self, caller: Caller, request: RequestId, asks: bool) -> CauseGuard {
-        let mut registry = lock(&self.registry);
-        let causes = &mut registry.causes;
+        let mut causes = lock(&self.causes);
         causes.next_serial += 1;
         let serial = causes.next_serial;
         if asks {
@@ -96,7 +100,7 @@ impl Downstreams {
                 .1 += 1;
         }
         CauseGuard {
-            registry: Arc::clone(&self.registry),
+            causes: Arc::clone(&self.causes),
             forwarded: Forwarded {
                 serial,
                 caller,
@@ -109,7 +113,10 @@ impl Downstreams {
 
     /// The client a request of the server's goes to: the one whose request
     /// the server was handling when it made it, or an error for the server
-    /// when that cannot be told (never a guess):
+    /// when that cannot be told (never a guess). Only the requests recorded
+    /// in this view count (those forwarded to this view's upstream: see
+    /// [`for_upstream`](Self::for_upstream)); any connected client can be
+    /// found:
     ///
     /// - `origin`, the upstream request the transport says it came with
     ///   (over Streamable HTTP, the response stream it arrived on): the
@@ -156,7 +163,8 @@ impl Downstreams {
                 None,
             )));
         }
-        let causes = &registry.causes;
+        // Lock order: the registry, then this view's causes.
+        let causes = lock(&self.causes);
         let (caller, request) = match origin {
             Some(id) => {
                 let forwarded = causes
@@ -208,21 +216,20 @@ impl Downstreams {
     }
 
     /// How many upstream request ids and sessions with requests in flight
-    /// are recorded (both drop to 0 once every request ended).
+    /// are recorded in this view (both drop to 0 once every request ended).
     #[must_use]
     pub fn causes_tracked(&self) -> (usize, usize) {
-        let registry = lock(&self.registry);
-        (
-            registry.causes.by_upstream_id.len(),
-            registry.causes.in_flight.len(),
-        )
+        let causes = lock(&self.causes);
+        (causes.by_upstream_id.len(), causes.in_flight.len())
     }
 }
 
-/// One request being forwarded upstream, recorded in [`Downstreams`] for
-/// finding whose a request of the server's is; forgotten when dropped.
+/// One request being forwarded upstream, recorded in the view of
+/// [`Downstreams`] it was made by for finding whose a request of the
+/// server's is; forgotten when dropped.
 pub struct CauseGuard {
-    registry: Arc<Mutex<Registry>>,
+    /// The causes of the view it was recorded in.
+    causes: Arc<Mutex<Causes>>,
     forwarded: Forwarded,
     asks: bool,
     /// The upstream ids recorded; `None` once the guard is dropped, so an
@@ -243,19 +250,19 @@ impl CauseGuard {
     /// A hook recording the upstream id of each attempt, for
     /// `toolwarden_rmcp::OnRequestSent`.
     pub fn recorder(&self) -> impl Fn(&RequestId) + Send + Sync + 'static {
-        let registry = Arc::clone(&self.registry);
+        let causes = Arc::clone(&self.causes);
         let upstream_ids = Arc::clone(&self.upstream_ids);
         let forwarded = self.forwarded.clone();
         move |id| {
-            // Both locks at once, so the guard's drop sees every id recorded.
-            let mut registry = lock(&registry);
+            // Both locks at once (the causes first, as in the guard's drop),
+            // so the guard's drop sees every id recorded.
+            let mut causes = lock(&causes);
             let mut upstream_ids = lock(&upstream_ids);
             let Some(upstream_ids) = upstream_ids.as_mut() else {
                 return;
             };
             upstream_ids.push(id.clone());
-            registry
-                .causes
+            causes
                 .by_upstream_id
                 .entry(id.clone())
                 .or_default()
@@ -266,8 +273,7 @@ impl CauseGuard {
 
 impl Drop for CauseGuard {
     fn drop(&mut self) {
-        let mut registry = lock(&self.registry);
-        let causes = &mut registry.causes;
+        let mut causes = lock(&self.causes);
         let upstream_ids = lock(&self.upstream_ids).take().unwrap_or_default();
         for id in upstream_ids {
             if let Some(all) = causes.by_upstream_id.get_mut(&id) {

@@ -15,7 +15,9 @@
 //! ([`Downstreams::target_of`]). Every request the proxy forwards is
 //! recorded with its session while in flight ([`Downstreams::forwarding`],
 //! dropped with its [`CauseGuard`]), under the upstream request id of each
-//! attempt (reported by `toolwarden_rmcp::OnRequestSent`). Then:
+//! attempt (reported by `toolwarden_rmcp::OnRequestSent`), in the view of
+//! the upstream it goes to (see [Several upstreams](#several-upstreams)).
+//! Then, among the requests in flight to the server that asks:
 //!
 //! - Over Streamable HTTP, rmcp's client transport marks a request of the
 //!   server's with the request whose response stream it came on
@@ -24,8 +26,8 @@
 //!   call's stream. That id names the session.
 //! - Otherwise (stdio; a request on the standalone stream) nothing on the
 //!   wire ties it to a call. It goes to the one session with requests in
-//!   flight upstream, pings aside, if only one has; with none in flight, to
-//!   the one connected client, if only one is (stdio: always).
+//!   flight to that server, pings aside, if only one has; with none in
+//!   flight, to the one connected client, if only one is (stdio: always).
 //! - Else, or when the session found cannot be sent requests (a client
 //!   without a session over HTTP), the server gets `-32603 no client session
 //!   for this request`: it is never sent to a client it may not be for.
@@ -38,6 +40,23 @@
 //!
 //! Progress is not routed here but in [`crate::progress`]; each client is
 //! registered with the progress routes its transport counts into.
+//!
+//! # Several upstreams
+//!
+//! The requests in flight are recorded per upstream connection: each
+//! numbers its request ids from 0, so two upstreams can have id 3 in flight
+//! at once for two different clients, and a session with a call in flight
+//! to one upstream is not whom another is asking. A [`Downstreams`] is one
+//! view: the clients (their queues, tasks, registration and removal), shared
+//! by every view, and the requests in flight to one upstream, its own.
+//! [`Downstreams::for_upstream`] makes another view of the same clients; a
+//! request of the server's is looked up ([`Downstreams::target_of`]) in the
+//! view of the upstream it came from, with the calls forwarded to that
+//! upstream recorded there ([`Downstreams::forwarding`]). With one upstream,
+//! [`Downstreams::new`] is the one view.
+//!
+//! Locks: the clients' before a view's requests in flight, never the other
+//! way round (only [`Downstreams::target_of`] holds both).
 
 mod causes;
 mod outbox;
@@ -88,14 +107,12 @@ struct Downstream {
     disconnect: Option<Disconnect>,
 }
 
-/// Who sent a request the proxy forwards upstream: one downstream session
-/// (any `ProxyServer`, with a session or not) and, when it can be sent the
-
+/// The clients, shared by every view of [`Downstreams`] (see
+/// [`Downstreams::for_upstream`]).
 #[derive(Default)]
 struct Registry {
     clients: Vec<Downstream>,
     next_id: DownstreamId,
-    causes: Causes,
     /// Tasks (SEP-1686) the server created for a client's call → that
     /// client: their status notifications are its only. Forgotten when the
     /// task ends or the client goes.
@@ -103,23 +120,30 @@ struct Registry {
 }
 
 /// The connected downstream clients (one over stdio, one per session over
-/// HTTP), and the requests they have in flight upstream. Entries are removed
-/// when their session ends, and closed ones are pruned whenever a client
-/// registers, so the list holds at most the open sessions; a request in
-/// flight is recorded as long as its [`CauseGuard`] lives.
+/// HTTP), and the requests they have in flight to one upstream connection.
+/// Entries are removed when their session ends, and closed ones are pruned
+/// whenever a client registers, so the list holds at most the open sessions;
+/// a request in flight is recorded as long as its [`CauseGuard`] lives.
+///
+/// A clone is the same view: the same clients, the same requests in flight.
+/// [`for_upstream`](Self::for_upstream) makes a view of the same clients for
+/// another upstream connection, with requests in flight of its own.
 #[derive(Clone)]
 pub struct Downstreams {
+    /// The clients and their tasks: shared by every view.
     registry: Arc<Mutex<Registry>>,
+    /// The requests in flight to this view's upstream: this view's own.
+    ///
+    /// Lock order: `registry` before `causes` (before a [`CauseGuard`]'s
+    /// ids); nothing holding `causes` locks `registry`.
+    causes: Arc<Mutex<Causes>>,
     /// How long one notification may take to send (`limits.client_stall_timeout`).
     stall: Duration,
 }
 
 impl Default for Downstreams {
     fn default() -> Self {
-        Downstreams {
-            registry: Arc::default(),
-            stall: NOTIFICATION_STALL,
-        }
+        Self::with_stall_timeout(NOTIFICATION_STALL)
     }
 }
 
@@ -145,7 +169,27 @@ impl Downstreams {
     pub fn with_stall_timeout(stall: Duration) -> Self {
         Downstreams {
             registry: Arc::default(),
+            causes: Arc::default(),
             stall,
+        }
+    }
+
+    /// A view of the same clients for another upstream connection: a client
+    /// registered, removed or sent a notification through either view is
+    /// through both (tasks too), but the requests in flight are each view's
+    /// own. [`forwarding`](Self::forwarding) records them in this view only,
+    /// and [`target_of`](Self::target_of) looks in this view only: each
+    /// upstream connection numbers its request ids from 0, so two upstreams
+    /// can both have id 3 in flight, for two different clients, and a
+    /// session with calls in flight to one upstream is not whom another
+    /// upstream is asking. Make one view per upstream connection, and hand
+    /// it both the calls forwarded to that upstream and its requests.
+    #[must_use]
+    pub fn for_upstream(&self) -> Self {
+        Downstreams {
+            registry: Arc::clone(&self.registry),
+            causes: Arc::default(),
+            stall: self.stall,
         }
     }
 

@@ -16,8 +16,8 @@ fn id(n: i64) -> RequestId {
 }
 
 fn recorded(downstreams: &Downstreams, upstream: i64) -> Option<(Caller, RequestId)> {
-    let registry = lock(&downstreams.registry);
-    let all = registry.causes.by_upstream_id.get(&id(upstream))?;
+    let causes = lock(&downstreams.causes);
+    let all = causes.by_upstream_id.get(&id(upstream))?;
     all.last().map(|f| (f.caller, f.request.clone()))
 }
 
@@ -142,4 +142,153 @@ async fn a_client_that_does_not_read_never_slows_the_others() {
         disconnected.load(Ordering::SeqCst) >= 1,
         "the client that does not read was disconnected"
     );
+}
+
+/// A client registered in a [`Downstreams`], connected through an in-memory
+/// pipe whose far end (the client's side) is kept open.
+struct Connected {
+    id: DownstreamId,
+    /// Its own progress routes: tells which client a [`Target`] is.
+    progress: Arc<ProgressRoutes<RoleClient>>,
+    /// What the proxy sends the client arrives here.
+    far_end: tokio::io::DuplexStream,
+    _service: rmcp::service::RunningService<RoleServer, Quiet>,
+}
+
+fn connect(downstreams: &Downstreams) -> Connected {
+    let (io, far_end) = tokio::io::duplex(64 * 1024);
+    let service = rmcp::service::serve_directly(Quiet, io, None);
+    let progress: Arc<ProgressRoutes<RoleClient>> = Arc::default();
+    let id = downstreams.register(service.peer().clone(), Arc::clone(&progress), None);
+    Connected {
+        id,
+        progress,
+        far_end,
+        _service: service,
+    }
+}
+
+fn caller(session: u64, client: &Connected) -> Caller {
+    Caller {
+        session,
+        client: Some(client.id),
+    }
+}
+
+/// Which client `target` is, and the request of theirs it names.
+fn whose(target: &Target, clients: &[&Connected]) -> (usize, Option<RequestId>) {
+    let at = clients
+        .iter()
+        .position(|c| Arc::ptr_eq(&c.progress, &target.progress))
+        .expect("a target is one of the clients");
+    (at, target.request.clone())
+}
+
+/// Two upstream connections each number their request ids from 0: the same
+/// id in flight to both, for two clients, names in each view its own client.
+#[tokio::test(start_paused = true)]
+async fn the_same_upstream_id_in_two_views_names_each_views_own_caller() {
+    let first = Downstreams::new();
+    let second = first.for_upstream();
+    let one = connect(&first);
+    let two = connect(&second);
+    let clients = [&one, &two];
+    let to_first = first.forwarding(caller(1, &one), id(10), true);
+    to_first.recorder()(&id(3));
+    let to_second = second.forwarding(caller(2, &two), id(20), true);
+    to_second.recorder()(&id(3));
+    assert_eq!(first.causes_tracked(), (1, 1));
+    assert_eq!(second.causes_tracked(), (1, 1));
+
+    let target = first.target_of(Some(&id(3))).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, Some(id(10))));
+    let target = second.target_of(Some(&id(3))).await.unwrap();
+    assert_eq!(whose(&target, &clients), (1, Some(id(20))));
+
+    // The end of one view's request leaves the other's record alone.
+    drop(to_second);
+    assert_eq!(second.causes_tracked(), (0, 0));
+    assert_eq!(first.causes_tracked(), (1, 1));
+    let error = second.target_of(Some(&id(3))).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode(-32603));
+    let target = first.target_of(Some(&id(3))).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, Some(id(10))));
+    drop(to_first);
+    assert_eq!(first.causes_tracked(), (0, 0));
+}
+
+/// "The one session with calls in flight" is counted per upstream: a
+/// session with a call in flight to one upstream is not whom another asks.
+#[tokio::test(start_paused = true)]
+async fn requests_in_flight_are_counted_per_view() {
+    let first = Downstreams::new();
+    let second = first.for_upstream();
+    let one = connect(&first);
+    let two = connect(&first);
+    let clients = [&one, &two];
+    let _to_first = first.forwarding(caller(1, &one), id(10), true);
+
+    // Nothing is in flight to the second upstream and two clients are
+    // connected: its request is nobody's, not the first one's session's.
+    let error = second.target_of(None).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode(-32603));
+    let target = first.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, None));
+
+    // Each view has one session with a call in flight: each its own.
+    let to_second = second.forwarding(caller(2, &two), id(20), true);
+    let target = second.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (1, None));
+    let target = first.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, None));
+
+    // Two sessions in flight in one view: no guess there, the other unmoved.
+    let _also_second = second.forwarding(caller(1, &one), id(11), true);
+    let error = second.target_of(None).await.unwrap_err();
+    assert_eq!(error.code, ErrorCode(-32603));
+    let target = first.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, None));
+    drop(to_second);
+    let target = second.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, None));
+}
+
+/// The clients are one list whatever view registers, notifies or removes
+/// them: a client registered through one view gets what the other sends.
+#[tokio::test]
+async fn views_share_their_clients() {
+    use tokio::io::AsyncBufReadExt;
+    let first = Downstreams::new();
+    let second = first.for_upstream();
+    let third = second.for_upstream();
+    let client = connect(&first);
+    assert_eq!(second.len(), 1);
+    assert_eq!(third.len(), 1);
+
+    second.broadcast(&ServerNotification::ToolListChangedNotification(
+        Default::default(),
+    ));
+    let mut lines = tokio::io::BufReader::new(client.far_end).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .expect("the broadcast arrives")
+        .unwrap()
+        .expect("the pipe is open");
+    assert!(line.contains("notifications/tools/list_changed"), "{line}");
+
+    // Tasks are the clients': recorded through one view, seen by the others.
+    third.task_created(Some(client.id), "t1");
+    assert!(first.task_of_another("t1", None));
+    assert!(!first.task_of_another("t1", Some(client.id)));
+    assert!(second.notify_task_owner(
+        "t1",
+        false,
+        ServerNotification::ToolListChangedNotification(Default::default()),
+    ));
+
+    // A client removed through one view is gone from all, with its tasks.
+    third.remove(client.id);
+    assert!(first.is_empty());
+    assert!(second.is_empty());
+    assert!(!first.task_of_another("t1", None));
 }
