@@ -92,6 +92,8 @@ pub struct Member {
     service: MemberService,
     /// Availability as the clients were last told it (the watcher's view).
     announced: AtomicBool,
+    /// The clients, with the requests in flight to this upstream.
+    downstreams: Downstreams,
 }
 
 impl fmt::Debug for Member {
@@ -114,6 +116,14 @@ impl Member {
     #[must_use]
     pub fn upstream(&self) -> &Upstream {
         &self.upstream
+    }
+
+    /// The clients as this upstream's requests see them: the calls
+    /// forwarded to it are recorded here, so what it asks goes to the
+    /// client whose call it is handling (its request ids are its own).
+    #[must_use]
+    pub fn downstreams(&self) -> &Downstreams {
+        &self.downstreams
     }
 
     /// Its breaker around its connection.
@@ -227,11 +237,13 @@ impl Gateway {
             let catalog = ToolCatalog::new();
             catalog.set_trusted(config.catalog.trust_annotations);
             let target = targets.remove(name).unwrap_or_else(|| entry.target());
+            // Its own view of the clients: its request ids are its own.
+            let view = downstreams.for_upstream();
             let upstream = Upstream::new(
                 target,
                 entry.connection.clone(),
                 catalog.clone(),
-                downstreams.clone(),
+                view.clone(),
             );
             upstream.check_http().map_err(|e| e.in_section(&section))?;
             let names = ToolNames::new(config.upstream_prefix(name), entry)
@@ -267,6 +279,7 @@ impl Gateway {
                 names,
                 catalog,
                 announced: AtomicBool::new(false),
+                downstreams: view,
             });
         }
         let by_name = members

@@ -318,10 +318,8 @@ impl ProxyServer {
             client: self.session.downstream.get().map(|(id, _)| *id),
         };
         let asks = !matches!(request, ClientRequest::PingRequest(_));
-        let cause = self
-            .core
-            .downstreams
-            .forwarding(caller, context.id.clone(), asks);
+        let downstreams = member.map_or(&self.core.downstreams, Member::downstreams);
+        let cause = downstreams.forwarding(caller, context.id.clone(), asks);
         let record = cause.recorder();
         let route = RouteGuard::new(
             Arc::clone(&upstream.shared().progress_up),
