@@ -383,9 +383,13 @@ fn check_config(args: &CheckConfigArgs) -> ExitCode {
     // the stack); then what the HTTP client needs (the CA file, variables).
     let loaded = Config::load(Some(&args.file), process_env()).map_err(|e| e.to_string());
     let checked = loaded.and_then(|config| {
-        crate::upstream::check_http_config(&config.upstream)
-            .map(|()| config)
-            .map_err(|e| e.to_string())
+        crate::upstream::check_http_config(&config.upstream).map_err(|e| e.to_string())?;
+        for (name, entry) in config.upstreams.iter().filter(|(_, e)| e.url.is_some()) {
+            let section = format!("upstreams.{}", crate::config::quote_key(name));
+            crate::upstream::check_http_config(&entry.connection)
+                .map_err(|e| crate::config::in_upstream_table(&section, &e).to_string())?;
+        }
+        Ok(config)
     });
     match checked {
         Ok(config) => {

@@ -37,6 +37,40 @@ fn write_config(name: &str, contents: &str) -> std::path::PathBuf {
 }
 
 #[test]
+fn check_config_accepts_the_gateway_example_and_checks_its_upstreams_headers() {
+    let gateway = concat!(env!("CARGO_MANIFEST_DIR"), "/gateway.example.toml");
+    let out = toolwarden(&["check-config", gateway], &[("DOCS_MCP_TOKEN", "t0ken")]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // The docs upstream's header names a variable that must be set.
+    let out = toolwarden(&["check-config", gateway], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(err.contains("upstreams.\"docs\".headers"), "{err}");
+    assert!(err.contains("DOCS_MCP_TOKEN"), "{err}");
+    // --print keeps the upstreams, their own keys and their [upstream] keys.
+    let out = toolwarden(
+        &["check-config", "--print", gateway],
+        &[("DOCS_MCP_TOKEN", "t0ken")],
+    );
+    let printed = text(&out.stdout);
+    assert!(printed.contains("[upstreams.time]"), "{printed}");
+    assert!(printed.contains("attempt_timeout = \"5s\""), "{printed}");
+    assert!(!printed.contains("t0ken"), "{printed}");
+}
+
+#[test]
+fn run_refuses_an_upstream_on_the_command_line_with_upstreams_in_the_file() {
+    let path = write_config("two.toml", "[upstreams.a]\ncommand = \"x\"\n");
+    let out = toolwarden(&["run", "--config", path.to_str().unwrap(), "--", "y"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("[upstreams]"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn check_config_accepts_the_shipped_example() {
     let out = toolwarden(&["check-config", &example()], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));

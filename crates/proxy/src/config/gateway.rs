@@ -265,3 +265,11 @@ pub(crate) fn upstream_breaker(
         .failure_rate_threshold(None)
         .settings(settings)
 }
+
+/// An error about an `[upstream]` key (`upstream.headers.X`), as the key of
+/// the upstream table `section` (`upstreams."docs".headers.X`).
+pub(crate) fn in_upstream_table(section: &str, error: &ConfigError) -> ConfigError {
+    let field = error.field();
+    let field = field.strip_prefix("upstream.").unwrap_or(field);
+    ConfigError::new(format!("{section}.{field}"), error.reason())
+}

@@ -58,7 +58,7 @@ use toolwarden_core::events::Event;
 use toolwarden_core::{CircuitState, ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
 use tower::Layer as _;
 
-use crate::config::{upstream_breaker, Config, OpenUpstreams};
+use crate::config::{in_upstream_table, upstream_breaker, Config, OpenUpstreams};
 use crate::downstream::Downstreams;
 use crate::redact::Redactor;
 use crate::stack::SharedState;
@@ -245,7 +245,9 @@ impl Gateway {
                 catalog.clone(),
                 view.clone(),
             );
-            upstream.check_http().map_err(|e| e.in_section(&section))?;
+            upstream
+                .check_http()
+                .map_err(|e| in_upstream_table(&section, &e))?;
             let names = ToolNames::new(config.upstream_prefix(name), entry)
                 .map_err(|e| e.in_section(&section))?;
             let name: Arc<str> = Arc::from(name.as_str());
