@@ -406,19 +406,17 @@ fn main() {
         );
         if !bench {
             // The smoke test: a kept-alive client must not meet the 40 ms
-            // Nagle / delayed-ACK stall (the listener sets TCP_NODELAY).
-            for (what, p50) in [
-                ("1 client", proxied_http.0.p50),
-                ("concurrent callers", proxied_http.1.p50),
-                ("several clients", proxied_http_clients.p50),
-                ("several clients, per session", per_session_clients.p50),
-            ] {
-                assert!(
-                    p50 < Duration::from_millis(40),
-                    "proxied HTTP p50 with {what} is {}: the 40 ms delayed-ACK stall is back (TCP_NODELAY)",
-                    ms(p50)
-                );
-            }
+            // Nagle / delayed-ACK stall (the listener sets TCP_NODELAY). One
+            // sequential client only: a call takes about 1 ms, so 40 ms is
+            // the stall and nothing else. With 8 clients (and 8 upstream
+            // sessions) on a loaded 2-core machine a p50 near 40 ms can be
+            // honest queueing, so those figures are printed, not asserted.
+            let p50 = proxied_http.0.p50;
+            assert!(
+                p50 < Duration::from_millis(40),
+                "proxied HTTP p50 with 1 client is {}: the 40 ms delayed-ACK stall is back (TCP_NODELAY)",
+                ms(p50)
+            );
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(5));
