@@ -585,3 +585,6 @@ async fn watch(gateway: Weak<Gateway>, changed: Arc<Notify>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

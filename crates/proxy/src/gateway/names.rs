@@ -59,7 +59,11 @@ impl ToolNames {
     /// not exposed.
     #[must_use]
     pub fn exposed(&self, tool: &str) -> Option<String> {
-        if !self.allowed(tool) {
+        // A tool whose own name another tool's alias took is not exposed:
+        // the alias answers to that name.
+        if !self.allowed(tool)
+            || (self.tool_of.contains_key(tool) && !self.alias_of.contains_key(tool))
+        {
             return None;
         }
         let name = self.alias_of.get(tool).map_or(tool, String::as_str);
@@ -116,6 +120,20 @@ mod tests {
         assert_eq!(n.exposed("other"), None, "not allowed");
         assert_eq!(n.tool("t__convert_time"), None);
         assert_eq!(n.tool("t__other"), None);
+    }
+
+    #[test]
+    fn an_alias_shadows_a_tool_of_the_same_name() {
+        let n = names(
+            "",
+            "command = \"x\"\naliases = { now = \"get_current_time\" }",
+        );
+        assert_eq!(n.exposed("now"), None, "the server's own `now` is shadowed");
+        assert_eq!(n.tool("now"), Some("get_current_time"));
+        // Two aliases swapping names: each name goes to the other tool.
+        let n = names("", "command = \"x\"\naliases = { a = \"b\", b = \"a\" }");
+        assert_eq!(n.exposed("a").as_deref(), Some("b"));
+        assert_eq!(n.tool("b"), Some("a"));
     }
 
     #[test]
