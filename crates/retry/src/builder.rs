@@ -121,7 +121,9 @@ impl<C> RetryBackoffBuilder<C> {
         self
     }
 
-    /// The largest computed delay (a retry-after hint may be longer). At
+    /// The largest delay: a computed one is capped at it, and a failure
+    /// whose retry-after hint is longer is not retried (it is returned at
+    /// once, with its hint). At
     /// least `base_delay` (else `build` names `max_delay`); `Duration::MAX`
     /// is accepted and means no cap but the deadline. Default 10 s.
     #[must_use]

@@ -89,9 +89,13 @@
 //! `max_delay` (defaults 100 ms and 10 s); see [`Jitter`] for the bounds of
 //! each variant. A retry-after hint carried by the failure (a `RateLimited`
 //! or `CircuitOpen` rejection, JSON-RPC -32023 `data`, an HTTP
-//! `Retry-After`) replaces the computed delay when it is longer. A hint of
-//! any size is accepted (`Duration::MAX` included): one that would not end
-//! before the deadline means no retry, and the failure is returned at once.
+//! `Retry-After`) replaces the computed delay when it is longer. A hint
+//! longer than `max_delay` means no retry: the failure, which carries the
+//! hint, is returned at once (a circuit breaker's open period or a server
+//! asking for a long pause is for the caller to act on, not a wait inside
+//! the call, which would hold every call to an open circuit until it
+//! half-opens). So does a hint that would not end before the deadline. A
+//! hint of any size is accepted (`Duration::MAX` included).
 //!
 //! The [`deadline`](RetryBackoffBuilder::deadline) (default 30 s) counts
 //! from the start of the first attempt. A retry whose delay would not end

@@ -205,6 +205,16 @@ impl RetryPolicy {
         if !(rejected || outcome.before_sent || self.is_safe_to_repeat(call, request)) {
             return Verdict::Stop;
         }
+        // A hint longer than any backoff of ours (a breaker's open period,
+        // a server asking for a long pause) is the caller's to act on, with
+        // the failure's `retry_after`: not a wait inside the call, which
+        // would hold every call to an open circuit until it half-opens.
+        if outcome
+            .retry_after
+            .is_some_and(|hint| hint > call.backoff.max)
+        {
+            return Verdict::Stop;
+        }
         let computed = call.backoff.delay(attempt, previous, rng);
         let delay = outcome
             .retry_after
@@ -329,6 +339,15 @@ mod tests {
         );
         // The computed delay must fit too.
         assert_eq!(verdict(&p, &search, limited, 2, 2 * SEC), Verdict::Stop);
+        // A hint past max_delay (10 s here) is answered at once, whatever
+        // the deadline left.
+        limited.retry_after = Some(11 * SEC);
+        assert_eq!(verdict(&p, &search, limited, 1, 60 * SEC), Verdict::Stop);
+        limited.retry_after = Some(10 * SEC);
+        assert_eq!(
+            verdict(&p, &search, limited, 1, 60 * SEC),
+            Verdict::Retry(10 * SEC)
+        );
     }
 
     #[test]

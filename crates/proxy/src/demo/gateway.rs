@@ -147,10 +147,6 @@ impl ClientHandler for Agent {
 #[must_use]
 pub(super) fn gateway_config() -> Config {
     let mut config = Config::default();
-    // A refusal is answered at once rather than retried once the weather
-    // circuit's open period ends.
-    config.retry.deadline = Some(Duration::from_secs(2));
-    config.upstream.attempt_timeout = Duration::from_secs(1);
     let mut weather = UpstreamEntry::default();
     weather.connection.attempt_timeout = ATTEMPT_TIMEOUT;
     weather.circuit_breaker = CircuitBreakerSettings {

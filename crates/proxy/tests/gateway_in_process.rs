@@ -1,0 +1,310 @@
+//! The gateway in process (no external component): `open_upstreams =
+//! "mark"`, resources routed by URI and by template, prompts by prefix, and
+//! an upstream that stops answering refused at once by its own breaker.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientConfig, ContentBlock, ErrorData,
+    GetPromptRequestParams, GetPromptResult, ListPromptsResult, ListResourceTemplatesResult,
+    ListResourcesResult, ListToolsResult, PaginatedRequestParams, Prompt, PromptMessage,
+    ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
+    ResourceContents, ResourceTemplate, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::{RequestContext, RoleClient, RoleServer, RunningService};
+use rmcp::{ClientHandler, ServerHandler, ServiceExt as _};
+use support::{bounded, eventually, LIMIT};
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::Events;
+use toolwarden_proxy::config::{Config, OpenUpstreams, UpstreamEntry};
+use toolwarden_proxy::endpoints::MetricsEndpoints;
+use toolwarden_proxy::gateway::UNAVAILABLE_MARK;
+use toolwarden_proxy::stack::SharedState;
+use toolwarden_proxy::Proxy;
+
+/// A server named `name`: one tool `lookup`, one prompt `greet`, one
+/// resource `NAME://fixed` and the template `NAME://items/{id}`; its
+/// calls hang while `down`.
+#[derive(Clone)]
+struct Server {
+    name: &'static str,
+    down: Arc<AtomicBool>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl ServerHandler for Server {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_prompts()
+                .enable_resources()
+                .build(),
+        )
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        Ok(support::tool_list(&[("lookup", "looks things up")]))
+    }
+
+    async fn call_tool(
+        &self,
+        _request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.down.load(Ordering::SeqCst) {
+            context.ct.cancelled().await;
+        }
+        Ok(CallToolResult::success(vec![ContentBlock::text(self.name)]).into())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        Ok(ListPromptsResult::with_all_items(vec![Prompt::new(
+            "greet",
+            Some("a greeting"),
+            None,
+        )]))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::GetPromptResponse, ErrorData> {
+        assert_eq!(request.name, "greet", "the prefix is taken off");
+        Ok(rmcp::model::GetPromptResponse::Complete(
+            GetPromptResult::new(vec![PromptMessage::new_text(
+                rmcp::model::Role::User,
+                format!("hello from {}", self.name),
+            )]),
+        ))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        Ok(ListResourcesResult::with_all_items(vec![Resource::new(
+            format!("{}://fixed", self.name),
+            "fixed",
+        )]))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        Ok(ListResourceTemplatesResult::with_all_items(vec![
+            ResourceTemplate::new(format!("{}://items/{{id}}", self.name), "item"),
+        ]))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        Ok(ReadResourceResponse::Complete(ReadResourceResult::new(
+            vec![ResourceContents::text(
+                format!("{} read {}", self.name, request.uri),
+                request.uri,
+            )],
+        )))
+    }
+}
+
+#[derive(Clone, Default)]
+struct Client;
+
+impl ClientHandler for Client {
+    fn get_info(&self) -> ClientConfig {
+        ClientConfig::new(
+            Default::default(),
+            rmcp::model::Implementation::new("gateway-test", "0"),
+        )
+    }
+}
+
+struct Fixture {
+    client: RunningService<RoleClient, Client>,
+    alpha: Server,
+    beta: Server,
+    _proxy: Proxy,
+    _shutdown: CancellationToken,
+}
+
+async fn fixture(mark: bool) -> Fixture {
+    let server = |name| Server {
+        name,
+        down: Arc::default(),
+        calls: Arc::default(),
+    };
+    let (alpha, beta) = (server("alpha"), server("beta"));
+    let mut config = Config::default();
+    if mark {
+        config.gateway.open_upstreams = OpenUpstreams::Mark;
+    }
+    let mut entry = UpstreamEntry::default();
+    entry.connection.attempt_timeout = std::time::Duration::from_millis(200);
+    entry.circuit_breaker.failure_threshold = Some(Some(1));
+    config.upstreams.insert("alpha".to_owned(), entry);
+    config
+        .upstreams
+        .insert("beta".to_owned(), UpstreamEntry::default());
+    let targets = BTreeMap::from([
+        (
+            "alpha".to_owned(),
+            support::in_process_upstream("alpha", Arc::default(), {
+                let alpha = alpha.clone();
+                move || alpha.clone()
+            }),
+        ),
+        (
+            "beta".to_owned(),
+            support::in_process_upstream("beta", Arc::default(), {
+                let beta = beta.clone();
+                move || beta.clone()
+            }),
+        ),
+    ]);
+    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+    let proxy = Proxy::gateway_with(config, shared, targets).unwrap();
+    let (client_io, proxy_io) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(proxy_io);
+    let shutdown = CancellationToken::new();
+    tokio::spawn(toolwarden_proxy::serve_stdio(
+        proxy.core(),
+        read,
+        write,
+        toolwarden_proxy::DEFAULT_MAX_LINE_BYTES,
+        shutdown.clone(),
+    ));
+    let client = bounded("the client's initialize", LIMIT, Client.serve(client_io))
+        .await
+        .unwrap();
+    Fixture {
+        client,
+        alpha,
+        beta,
+        _proxy: proxy,
+        _shutdown: shutdown,
+    }
+}
+
+async fn call(client: &RunningService<RoleClient, Client>, tool: &str) -> CallToolResult {
+    let result = client
+        .peer()
+        .call_tool_once(CallToolRequestParams::new(tool.to_owned()))
+        .await
+        .unwrap();
+    match result {
+        CallToolResponse::Complete(result) => result,
+        other => panic!("not a complete result: {other:?}"),
+    }
+}
+
+fn text(result: &CallToolResult) -> String {
+    result
+        .content
+        .iter()
+        .filter_map(|c| c.as_text().map(|t| t.text.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_and_resources_go_to_their_upstream() {
+    let f = fixture(false).await;
+    let peer = f.client.peer();
+    let prompts: Vec<String> = peer
+        .list_all_prompts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(prompts, ["alpha__greet", "beta__greet"]);
+    let greeting = peer
+        .get_prompt(GetPromptRequestParams::new("beta__greet"))
+        .await
+        .unwrap();
+    assert!(
+        format!("{greeting:?}").contains("hello from beta"),
+        "{greeting:?}"
+    );
+    let unknown = peer
+        .get_prompt(GetPromptRequestParams::new("gamma__greet"))
+        .await;
+    assert!(unknown.is_err(), "{unknown:?}");
+
+    let resources = peer.list_all_resources().await.unwrap();
+    let names: Vec<&str> = resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["alpha__fixed", "beta__fixed"]);
+    let templates = peer.list_all_resource_templates().await.unwrap();
+    assert_eq!(templates.len(), 2);
+    // A listed URI, and one matching a template, each to its own server.
+    for (uri, server) in [("beta://fixed", "beta"), ("alpha://items/7", "alpha")] {
+        let read = peer
+            .read_resource(ReadResourceRequestParams::new(uri))
+            .await
+            .unwrap();
+        let shown = format!("{read:?}");
+        assert!(shown.contains(&format!("{server} read {uri}")), "{shown}");
+    }
+    let nowhere = peer
+        .read_resource(ReadResourceRequestParams::new("gamma://x"))
+        .await;
+    assert!(nowhere.is_err(), "{nowhere:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_upstream_is_refused_by_its_breaker_and_marked_in_the_list() {
+    let f = fixture(true).await;
+    let peer = f.client.peer();
+    assert_eq!(text(&call(&f.client, "alpha__lookup").await), "alpha");
+    f.alpha.down.store(true, Ordering::SeqCst);
+    let timed_out = call(&f.client, "alpha__lookup").await;
+    assert_eq!(timed_out.is_error, Some(true), "{timed_out:?}");
+    let reached = f.alpha.calls.load(Ordering::SeqCst);
+    // Open now (one failure): refused at once, without reaching the server.
+    let refused = call(&f.client, "alpha__lookup").await;
+    assert_eq!(refused.is_error, Some(true), "{refused:?}");
+    assert!(text(&refused).contains("retry after"), "{refused:?}");
+    assert_eq!(f.alpha.calls.load(Ordering::SeqCst), reached);
+    // Marked, not hidden; the other upstream's tool is as it was.
+    let marked = eventually(LIMIT, || async {
+        let tools = peer.list_all_tools().await.ok()?;
+        let alpha = tools.iter().find(|t| t.name == "alpha__lookup")?;
+        alpha
+            .description
+            .as_deref()
+            .is_some_and(|d| d.starts_with(UNAVAILABLE_MARK))
+            .then_some(tools)
+    })
+    .await
+    .expect("alpha's tool marked unavailable");
+    let beta = marked.iter().find(|t| t.name == "beta__lookup").unwrap();
+    assert!(!beta
+        .description
+        .as_deref()
+        .unwrap()
+        .starts_with(UNAVAILABLE_MARK));
+    assert_eq!(text(&call(&f.client, "beta__lookup").await), "beta");
+    assert!(f.beta.calls.load(Ordering::SeqCst) >= 1);
+}
