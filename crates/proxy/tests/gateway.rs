@@ -35,14 +35,7 @@ async fn flaky_over_http(python: &std::path::Path) -> HttpServer {
         .kill_on_drop(true)
         .spawn()
         .expect("the flaky server starts");
-    let up = eventually(LIMIT, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-    assert!(up.is_some(), "the flaky server never listened on {port}");
+    support::wait_listening(port, "the flaky server").await;
     HttpServer { child, port }
 }
 

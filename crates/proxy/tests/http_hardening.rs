@@ -101,14 +101,7 @@ async fn proxy(extra: &[&str], env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
     args.extend_from_slice(extra);
     args.extend_from_slice(&["--", bin.to_str().unwrap(), "--local-timezone", "UTC"]);
     let proxy = Proxy::start(&args, env);
-    let up = eventually(LIMIT, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-    assert!(up.is_some(), "the proxy never listened on {port}");
+    support::wait_listening(port, "the proxy").await;
     Some((proxy, port))
 }
 
@@ -524,14 +517,7 @@ async fn flaky_proxy(env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
         script.to_str().unwrap(),
     ];
     let proxy = Proxy::start(&args, env);
-    let up = eventually(LIMIT, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-    assert!(up.is_some(), "the proxy never listened on {port}");
+    support::wait_listening(port, "the proxy").await;
     Some((proxy, port))
 }
 

@@ -18,7 +18,6 @@ use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer}
 use rmcp::{ClientHandler, ServerHandler, ServiceExt as _};
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use toolwarden_core::Events;
 
 use super::{stamp, summary};
@@ -27,7 +26,7 @@ use toolwarden::circuit_breaker::CircuitBreakerSettings;
 use crate::config::{Config, UpstreamEntry};
 use crate::endpoints::MetricsEndpoints;
 use crate::stack::SharedState;
-use crate::upstream::{InProcessServer, UpstreamTarget};
+use crate::upstream::UpstreamTarget;
 use crate::Proxy;
 
 /// How long the weather server's calls may take before its upstream
@@ -58,17 +57,7 @@ impl SceneServer {
     }
 
     fn target(&self) -> UpstreamTarget {
-        let server = self.clone();
-        UpstreamTarget::InProcess(InProcessServer::new(self.name, move || {
-            let (client_side, server_side) = tokio::io::duplex(1 << 16);
-            let server = server.clone();
-            tokio::spawn(async move {
-                if let Ok(running) = server.serve(server_side).await {
-                    let _ = running.waiting().await;
-                }
-            });
-            client_side
-        }))
+        super::wiring::in_process(self.name, self.clone())
     }
 }
 
@@ -243,16 +232,7 @@ pub(super) async fn run(started: Instant) -> Result<SceneReport, String> {
     let proxy =
         Proxy::gateway_with(gateway_config(), shared, targets).map_err(|e| e.to_string())?;
 
-    let (agent_side, proxy_side) = tokio::io::duplex(1 << 20);
-    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(crate::serve_stdio(
-        proxy.core(),
-        proxy_in,
-        proxy_out,
-        crate::DEFAULT_MAX_LINE_BYTES,
-        shutdown.clone(),
-    ));
+    let (agent_side, shutdown, serving) = super::wiring::serve_over_pipe(&proxy);
     let agent = Agent::default();
     let client = agent
         .clone()

@@ -18,6 +18,7 @@
 
 mod gateway;
 mod server;
+mod wiring;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -33,7 +34,6 @@ use rmcp::service::{NotificationContext, RoleClient, RunningService, ServiceErro
 use rmcp::{ClientHandler, ServiceExt as _};
 use serde_json::{json, Value};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use toolwarden_core::events::{Event, EventSink};
 use toolwarden_core::Events;
 
@@ -45,7 +45,6 @@ use crate::config::{
 };
 use crate::endpoints::MetricsEndpoints;
 use crate::stack::SharedState;
-use crate::upstream::{InProcessServer, UpstreamTarget};
 use crate::Proxy;
 
 use server::FlakyServer;
@@ -448,31 +447,10 @@ async fn run_demo() -> Result<(), String> {
         MetricsEndpoints::new(),
     );
     let server = FlakyServer::default();
-    let upstream_server = server.clone();
-    let target =
-        UpstreamTarget::InProcess(InProcessServer::new("the demo's flaky server", move || {
-            let (client_side, server_side) = tokio::io::duplex(1 << 20);
-            let server = upstream_server.clone();
-            tokio::spawn(async move {
-                if let Ok(running) = server.serve(server_side).await {
-                    let _ = running.waiting().await;
-                }
-            });
-            client_side
-        }));
+    let target = wiring::in_process("the demo's flaky server", server.clone());
     let proxy = Proxy::new(demo_config(), target, shared).map_err(|e| e.to_string())?;
 
-    // The agent talks to the proxy over a pipe, as a client would over stdio.
-    let (agent_side, proxy_side) = tokio::io::duplex(1 << 20);
-    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(crate::serve_stdio(
-        proxy.core(),
-        proxy_in,
-        proxy_out,
-        crate::DEFAULT_MAX_LINE_BYTES,
-        shutdown.clone(),
-    ));
+    let (agent_side, shutdown, serving) = wiring::serve_over_pipe(&proxy);
     let client = Agent { started }
         .serve(agent_side)
         .await

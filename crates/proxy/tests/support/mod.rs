@@ -53,6 +53,19 @@ pub fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// Waits (up to [`LIMIT`]) until something listens on loopback `port`;
+/// fails the test naming `what` if nothing does.
+pub async fn wait_listening(port: u16, what: &str) {
+    let up = eventually(LIMIT, || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    assert!(up.is_some(), "{what} never listened on {port}");
+}
+
 /// Runs `f` until it returns `Some`, up to `limit`; a hang guard, not a timing claim.
 pub async fn eventually<T, F, Fut>(limit: Duration, mut f: F) -> Option<T>
 where
