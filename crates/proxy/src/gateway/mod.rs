@@ -37,25 +37,25 @@
 //! for them).
 
 mod lists;
+mod member;
 mod names;
 mod service;
+mod watch;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use rmcp::model::{
     ClientConfig, Implementation, PromptsCapability, ProtocolVersion, ResourcesCapability,
-    ServerCapabilities, ServerConfig, ServerNotification, ToolListChangedNotification,
-    ToolsCapability,
+    ServerCapabilities, ServerConfig, ToolsCapability,
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
-use toolwarden::circuit_breaker::CircuitRegistry;
 use toolwarden_core::events::Event;
-use toolwarden_core::{CircuitState, ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
+use toolwarden_core::{ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
 use tower::Layer as _;
 
 use crate::config::{in_upstream_table, upstream_breaker, Config, OpenUpstreams};
@@ -65,6 +65,7 @@ use crate::stack::SharedState;
 use crate::upstream::{Upstream, UpstreamStatus, UpstreamTarget};
 
 pub use lists::UNAVAILABLE_MARK;
+pub use member::Member;
 pub use names::ToolNames;
 pub use service::{GatewayService, MemberService, TimedUpstream, UpstreamClassifier};
 
@@ -79,99 +80,6 @@ const MAX_RESOURCE_ROUTES: usize = 4096;
 
 /// Task ids remembered for routing `tasks/*`, over all upstreams.
 const MAX_TASK_ROUTES: usize = 4096;
-
-/// One upstream of the gateway.
-pub struct Member {
-    name: Arc<str>,
-    upstream: Upstream,
-    names: ToolNames,
-    /// The server's tools, by its own names (filled on connect and by
-    /// every `tools/list`).
-    catalog: ToolCatalog,
-    breaker: CircuitRegistry,
-    service: MemberService,
-    /// Availability as the clients were last told it (the watcher's view).
-    announced: AtomicBool,
-    /// The clients, with the requests in flight to this upstream.
-    downstreams: Downstreams,
-}
-
-impl fmt::Debug for Member {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Member")
-            .field("name", &self.name)
-            .field("upstream", &self.upstream)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Member {
-    /// Its name (`[upstreams.NAME]`).
-    #[must_use]
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Its connection.
-    #[must_use]
-    pub fn upstream(&self) -> &Upstream {
-        &self.upstream
-    }
-
-    /// The clients as this upstream's requests see them: the calls
-    /// forwarded to it are recorded here, so what it asks goes to the
-    /// client whose call it is handling (its request ids are its own).
-    #[must_use]
-    pub fn downstreams(&self) -> &Downstreams {
-        &self.downstreams
-    }
-
-    /// Its breaker around its connection.
-    #[must_use]
-    pub fn service(&self) -> &MemberService {
-        &self.service
-    }
-
-    /// Its names.
-    #[must_use]
-    pub fn names(&self) -> &ToolNames {
-        &self.names
-    }
-
-    /// The state of its breaker.
-    #[must_use]
-    pub fn circuit(&self) -> CircuitState {
-        self.breaker
-            .state(&self.name)
-            .unwrap_or(CircuitState::Closed)
-    }
-
-    /// Whether a call to it would be let through now: connected, and its
-    /// breaker not open (an open one past its wait lets a probe through).
-    #[must_use]
-    pub fn is_available(&self) -> bool {
-        if !matches!(self.upstream.status(), UpstreamStatus::Up { .. }) {
-            return false;
-        }
-        match self.breaker.circuit(&self.name) {
-            None => true,
-            Some(circuit) => match circuit.state {
-                CircuitState::ForcedOpen => false,
-                CircuitState::Open => circuit.retry_after_seconds.is_none_or(|s| s <= 0.0),
-                _ => true,
-            },
-        }
-    }
-
-    /// Its part of `/health`.
-    fn health_json(&self) -> Value {
-        let mut report = self.upstream.health_json();
-        report["circuit"] = json!(self.circuit().as_str());
-        report["available"] = json!(self.is_available());
-        report["announced"] = json!(self.announced.load(Ordering::Relaxed));
-        report
-    }
-}
 
 /// Where a resource read goes: learned from the lists.
 #[derive(Default)]
@@ -372,7 +280,10 @@ impl Gateway {
             member.upstream.start(client.clone());
         }
         self.watcher.get_or_init(|| {
-            tokio::spawn(watch(Arc::downgrade(self), Arc::clone(&self.changed)));
+            tokio::spawn(watch::watch(
+                Arc::downgrade(self),
+                Arc::clone(&self.changed),
+            ));
         });
     }
 
@@ -532,57 +443,6 @@ impl Gateway {
     /// The upstream of task `task_id`, if known.
     pub(crate) fn task_member(&self, task_id: &str) -> Option<&Member> {
         lock(&self.tasks).get(task_id).map(|&i| &self.members[i])
-    }
-}
-
-/// Tells the clients when an upstream's availability changes, and keeps
-/// the stack's catalog in step with the upstreams' (until the gateway is
-/// dropped).
-async fn watch(gateway: Weak<Gateway>, changed: Arc<Notify>) {
-    let mut available: Vec<bool> = Vec::new();
-    let mut versions: Vec<u64> = Vec::new();
-    loop {
-        {
-            let Some(gateway) = gateway.upgrade() else {
-                return;
-            };
-            let now: Vec<bool> = gateway.members.iter().map(Member::is_available).collect();
-            let now_versions: Vec<u64> = gateway
-                .members
-                .iter()
-                .map(|m| m.catalog.version())
-                .collect();
-            if now_versions != versions {
-                gateway.sync_catalog();
-                versions = now_versions;
-            }
-            if !available.is_empty() && now != available {
-                for (member, (&was, &is)) in gateway.members.iter().zip(available.iter().zip(&now))
-                {
-                    if was != is {
-                        tracing::info!(
-                            upstream = %member.name,
-                            available = is,
-                            "the upstream's tools are {}",
-                            if is { "available" } else { "unavailable" }
-                        );
-                    }
-                }
-                gateway
-                    .downstreams
-                    .broadcast(&ServerNotification::ToolListChangedNotification(
-                        ToolListChangedNotification::default(),
-                    ));
-            }
-            for (member, &is) in gateway.members.iter().zip(&now) {
-                member.announced.store(is, Ordering::Relaxed);
-            }
-            available = now;
-        }
-        tokio::select! {
-            () = changed.notified() => {}
-            () = tokio::time::sleep(WATCH_INTERVAL) => {}
-        }
     }
 }
 
