@@ -148,21 +148,20 @@ fn text(answer: &Value) -> String {
 }
 
 impl Replica {
-    async fn start(name: &'static str, config: &Path, upstream: &str) -> Replica {
+    /// `toolwarden run --config <config> <upstream...>` (no `upstream`
+    /// arguments: a gateway of the file's `[upstreams.NAME]`).
+    async fn start(name: &'static str, config: &Path, upstream: &[&str]) -> Replica {
         let metrics = free_port();
         let metrics_addr = format!("127.0.0.1:{metrics}");
-        let mut proxy = Proxy::start(
-            &[
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-                "--metrics-addr",
-                &metrics_addr,
-                "--upstream-url",
-                upstream,
-            ],
-            &[("TOOLWARDEN_REDIS_REPLICA_ID", name)],
-        );
+        let mut args = vec![
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--metrics-addr",
+            &metrics_addr,
+        ];
+        args.extend_from_slice(upstream);
+        let mut proxy = Proxy::start(&args, &[("TOOLWARDEN_REDIS_REPLICA_ID", name)]);
         proxy.initialize().await;
         Replica {
             name,
@@ -229,6 +228,16 @@ impl Replica {
             .and_then(|c| c["state"].as_str().map(str::to_owned))
     }
 
+    /// The state of the gateway upstream `name`'s breaker in `/circuits`.
+    async fn upstream_circuit(&self, name: &str) -> Option<String> {
+        let (_, body) = http_get(self.metrics, "/circuits").await?;
+        let snapshot: Value = serde_json::from_str(&body).ok()?;
+        snapshot["upstreams"][name]["state"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Waits until `/health`'s `redis.state` is `want`; returns the report.
     async fn wait_redis_state(&self, want: &str) -> Value {
         let metrics = self.metrics;
         let reached = eventually(LIMIT, || async move {
@@ -365,6 +374,7 @@ enabled = false
     )
     .unwrap();
     let upstream = format!("http://127.0.0.1:{}/mcp", flaky.port);
+    let upstream = ["--upstream-url", upstream.as_str()];
     let mut a = Replica::start("replica-a", &config, &upstream).await;
     let mut b = Replica::start("replica-b", &config, &upstream).await;
     for replica in [&a, &b] {
@@ -523,4 +533,90 @@ enabled = false
     let (kind, answer) = b.call_admitted("slow", json!({"seconds": 3})).await;
     assert_eq!(kind, Answer::CircuitOpen, "B refuses: {answer}");
     drop(flaky);
+}
+
+/// A gateway's per-upstream breaker is shared too, keyed by the upstream's
+/// name: the upstream's breaker opened in A (a call past its attempt
+/// timeout) refuses B's calls to that upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_replicas_share_upstream_breakers() {
+    let (Some(redis_bin), Some(python)) = (
+        component("TOOLWARDEN_REDIS_SERVER"),
+        component("TOOLWARDEN_PYTHON"),
+    ) else {
+        return;
+    };
+    let redis = Redis::start(&redis_bin).await;
+    let flaky = flaky_server(&python).await;
+    let dir = std::env::temp_dir().join(format!("toolwarden-replicas-gw-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[redis]
+url = "redis://127.0.0.1:{redis_port}/"
+prefix = "replicas-gw-{pid}"
+op_timeout = "100ms"
+
+# The refusal is the answer here: the retry layer would otherwise hold a
+# refused call for the open period (its `retry_after`, within the deadline)
+# and send it as the probe.
+[retry]
+enabled = false
+
+[gateway]
+open_upstreams = "mark"
+
+[upstreams.flaky]
+url = "http://127.0.0.1:{flaky_port}/mcp"
+attempt_timeout = "300ms"
+circuit_breaker = {{ failure_threshold = 1, reset_timeout = "30s" }}
+"#,
+            redis_port = redis.port,
+            flaky_port = flaky.port,
+            pid = std::process::id(),
+        ),
+    )
+    .unwrap();
+    let mut a = Replica::start("gateway-a", &config, &[]).await;
+    let mut b = Replica::start("gateway-b", &config, &[]).await;
+    for replica in [&a, &b] {
+        replica.wait_redis_state("connected").await;
+        assert_eq!(
+            replica.upstream_circuit("flaky").await.as_deref(),
+            Some("closed")
+        );
+    }
+    let (kind, answer) = b.call("stats", json!({})).await;
+    assert_eq!(kind, Answer::Reached { is_error: false }, "{answer}");
+
+    // A call past the upstream's attempt timeout opens its breaker in A ...
+    let (kind, answer) = a.call("slow", json!({"seconds": 3})).await;
+    assert!(
+        matches!(kind, Answer::Reached { is_error: true }),
+        "{kind:?}: {answer}"
+    );
+    let opened = Instant::now();
+    assert_eq!(a.upstream_circuit("flaky").await.as_deref(), Some("open"));
+    // ... and in B, which refuses its calls to that upstream.
+    let seen = bounded("B seeing the upstream's open breaker", LIMIT, async {
+        while b.upstream_circuit("flaky").await.as_deref() != Some("open") {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        opened.elapsed()
+    })
+    .await;
+    println!("gateway replicas: B saw the upstream's open breaker {seen:?} after A's answer");
+    assert!(seen <= PROPAGATION_BOUND, "{seen:?}");
+    let (kind, answer) = b.call("stats", json!({})).await;
+    assert_eq!(kind, Answer::CircuitOpen, "B refuses: {answer}");
+    let (_, report) = health(b.metrics).await.unwrap();
+    assert!(
+        report["redis"]["upstream_sync"]["flaky"]["applied"].as_u64() >= Some(1),
+        "{report}"
+    );
+    println!("gateway replicas: checks done after {:?}", opened.elapsed());
+    drop((a, b, redis, flaky));
 }

@@ -49,7 +49,7 @@
 //!
 //! # Configuration files
 //!
-//! Feature `serde`: [`RedisSettings`], every knob above as one serde type
+//! Feature `serde`: `RedisSettings`, every knob above as one serde type
 //! (a `[redis]` table, keys named as the builders' methods), as the
 //! `toolwarden` proxy reads it.
 //!

@@ -175,6 +175,7 @@ impl RedisSettings {
     }
 
     /// A [`RedisConfig`] builder with the connection keys applied.
+    #[must_use]
     pub fn config_builder(&self) -> RedisConfigBuilder {
         let mut b = RedisConfig::builder(self.url.as_str());
         if let Some(prefix) = &self.prefix {
