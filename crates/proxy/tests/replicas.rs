@@ -453,6 +453,21 @@ enabled = false
         "exactly one probe reached the recovering server (per replica: {probes:?})"
     );
     assert_eq!(probes.iter().sum::<u32>(), 1, "{probes:?}");
+    // Through the permit in Redis: one replica won it, the other was denied.
+    let (mut acquired, mut denied) = (0, 0);
+    for replica in &replicas {
+        let metrics = replica.lock().await.metrics;
+        let (_, report) = health(metrics).await.unwrap();
+        acquired += report["redis"]["sync"]["permits_acquired"]
+            .as_u64()
+            .unwrap();
+        denied += report["redis"]["sync"]["permits_denied"].as_u64().unwrap();
+    }
+    println!("replicas: probe permits acquired {acquired}, denied {denied}");
+    assert!(
+        acquired >= 1 && denied >= 1,
+        "acquired {acquired}, denied {denied}"
+    );
 
     // 3. The global quota is shared: N/s across both replicas.
     tokio::time::sleep(Duration::from_millis(200)).await; // a full bucket
