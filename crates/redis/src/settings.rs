@@ -249,6 +249,12 @@ impl RedisSettings {
     /// names it (`redis.url`, `redis.quorum`, ...).
     pub fn validate(&self) -> Result<(), ConfigError> {
         let config = self.config_builder().build()?;
+        if !self.breaker_sync() && !self.distributed_quotas() {
+            return Err(ConfigError::new(
+                "redis.breaker_sync, redis.distributed_quotas",
+                "both are off: nothing would be shared (leave the section out instead)",
+            ));
+        }
         if self.quorum.is_some() && self.policy != Some(PolicyName::Quorum) {
             return Err(ConfigError::new(
                 "redis.quorum",
@@ -296,6 +302,14 @@ mod tests {
             .unwrap_err()
             .field()
             .contains("redis.reconnect_max"));
+        let nothing = parse(
+            serde_json::json!({"url": "redis://h", "breaker_sync": false, "distributed_quotas": false}),
+        );
+        assert!(nothing
+            .validate()
+            .unwrap_err()
+            .field()
+            .starts_with("redis.breaker_sync"));
         let fallback = parse(serde_json::json!({"url": "redis://h", "fallback": "deny"}));
         assert_eq!(fallback.fallback(), Fallback::Deny);
         assert!(serde_json::from_value::<RedisSettings>(
