@@ -298,10 +298,15 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
         }
     };
     // From here on every log line is scrubbed of the upstream's secrets.
-    redactor.set(match proxy.gateway_ref() {
+    let mut secrets = match proxy.gateway_ref() {
         Some(gateway) => gateway.redactor(),
         None => Redactor::clone(&proxy.upstream().redactor()),
-    });
+    };
+    if let Some(redis) = &proxy.config().redis {
+        // A password in `redis.url` stays out of the logs too.
+        secrets = secrets.with_url(&redis.url);
+    }
+    redactor.set(secrets);
 
     let shutdown = CancellationToken::new();
     tokio::spawn({

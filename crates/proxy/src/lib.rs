@@ -29,7 +29,8 @@
 //! `demo`), [`access`] (`Origin`, `Host` and bearer-token checks of the HTTP
 //! listeners), [`tool_names`] (tool names refused before the stack),
 //! [`endpoints`] (`/metrics`, `/health`, `/circuits`), [`redact`] (the
-//! upstream's secrets kept out of logs, reports and answers), [`demo`]
+//! upstream's secrets kept out of logs, reports and answers), [`replicas`]
+//! (breakers and quotas shared through Redis, `[redis]`), [`demo`]
 //! (`toolwarden demo`), and [`transport`], the one wrapper of rmcp
 //! transports (a hook on each message read) that both sides use.
 //!
@@ -48,6 +49,7 @@ pub mod gateway;
 pub mod progress;
 mod proxy;
 pub mod redact;
+pub mod replicas;
 pub mod stack;
 pub mod tool_names;
 pub mod transport;

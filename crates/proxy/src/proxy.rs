@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::config::SessionMode;
 use crate::downstream::{Cores, Downstreams, ProxyCore, SessionUpstreams, Upstreams};
 use crate::gateway::Gateway;
+use crate::replicas::Replicas;
 use crate::stack::{configure_catalog, tool_stack_layer, SharedState};
 use crate::upstream::{Upstream, UpstreamTarget};
 
@@ -49,8 +50,9 @@ impl Proxy {
     pub fn new(
         config: Config,
         target: UpstreamTarget,
-        shared: SharedState,
+        mut shared: SharedState,
     ) -> Result<Self, ConfigError> {
+        start_replicas(&config, &mut shared)?;
         configure_catalog(&config, &shared.catalog);
         let downstreams = Downstreams::with_stall_timeout(config.limits.client_stall_timeout);
         let upstream = Upstream::new(
@@ -105,6 +107,7 @@ impl Proxy {
         targets: BTreeMap<String, UpstreamTarget>,
     ) -> Result<Self, ConfigError> {
         let config = config.with_upstream_tools();
+        start_replicas(&config, &mut shared)?;
         configure_catalog(&config, &shared.catalog);
         let downstreams = Downstreams::with_stall_timeout(config.limits.client_stall_timeout);
         let gateway = Gateway::new(&config, &shared, downstreams.clone(), targets)?;
@@ -205,4 +208,13 @@ impl Proxy {
             None => self.upstream.shutdown(limit).await,
         }
     }
+}
+
+/// Starts `[redis]` into `shared.replicas`, unless set already (see
+/// [`crate::replicas`]).
+fn start_replicas(config: &Config, shared: &mut SharedState) -> Result<(), ConfigError> {
+    if let (Some(settings), None) = (&config.redis, &shared.replicas) {
+        shared.replicas = Some(Replicas::start(settings, &shared.events)?);
+    }
+    Ok(())
 }

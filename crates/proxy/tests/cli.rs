@@ -111,6 +111,26 @@ fn check_config_names_the_bad_key() {
 }
 
 #[test]
+fn check_config_refuses_a_bad_redis_url_and_accepts_a_good_one_without_redis() {
+    let path = write_config(
+        "redis-bad.toml",
+        "[redis]\nurl = \"http://127.0.0.1:6379\"\n",
+    );
+    let out = toolwarden(&["check-config", path.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("`redis.url`"), "{err}");
+
+    // Checking connects to nothing: no Redis listens on port 1.
+    let path = write_config(
+        "redis-good.toml",
+        "[redis]\nurl = \"redis://127.0.0.1:1/0\"\npolicy = \"quorum\"\nquorum = 2\n",
+    );
+    let out = toolwarden(&["check-config", path.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+#[test]
 fn check_config_runs_the_layers_own_checks() {
     // The loop guard's builder refuses a window of one call; its message is
     // the one shown, under the file's key.

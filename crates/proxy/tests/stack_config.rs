@@ -331,7 +331,7 @@ async fn circuits_and_health_are_served_from_the_stack() {
     );
     let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
     let layer = standard_stack(&config, &shared).unwrap();
-    toolwarden_proxy::stack::install_endpoints(&layer, &shared.endpoints);
+    toolwarden_proxy::stack::install_endpoints(&layer, &shared.endpoints, None);
     let mock = MockMcp::new().default_step("search", Step::rpc_error(-32603, "down"));
     let mut svc = layer.layer(mock);
     call(&mut svc, 1, "search", json!({})).await;

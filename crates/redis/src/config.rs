@@ -51,6 +51,12 @@ impl RedisConfig {
         &self.replica_id
     }
 
+    /// The namespace of every key and channel.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The bound on any Redis operation on the call path.
     #[must_use]
     pub fn op_timeout(&self) -> Duration {

@@ -132,6 +132,15 @@ impl Conn {
         }
     }
 
+    /// `PING`, bounded by `op_timeout`.
+    pub(crate) async fn ping(&self) -> Result<(), Unavailable> {
+        self.run("ping", |mut c| async move {
+            redis::cmd("PING").query_async::<String>(&mut c).await
+        })
+        .await
+        .map(drop)
+    }
+
     /// A fresh pub/sub connection, bounded by `connect_timeout`.
     pub(crate) async fn pubsub(&self) -> Result<redis::aio::PubSub, Unavailable> {
         match tokio::time::timeout(self.config.connect_timeout, self.client.get_async_pubsub())

@@ -47,6 +47,12 @@
 //! Redis returns, and reports `SyncFailed` events. Nothing panics or blocks a
 //! call on Redis.
 //!
+//! # Configuration files
+//!
+//! Feature `serde`: `RedisSettings`, every knob above as one serde type
+//! (a `[redis]` table, keys named as the builders' methods), as the
+//! `toolwarden` proxy reads it.
+//!
 //! # Why redis-rs
 //!
 //! The `redis` crate is the most used Rust client, maintained by the
@@ -88,11 +94,15 @@ mod config;
 mod conn;
 mod limiter;
 mod permit;
+#[cfg(feature = "serde")]
+mod settings;
 mod sync;
 
 pub use config::{RedisConfig, RedisConfigBuilder};
 pub use conn::Unavailable;
 pub use limiter::{quota, Decision, Fallback, RedisRateLimiter};
+#[cfg(feature = "serde")]
+pub use settings::{FallbackName, PolicyName, RedisSettings};
 pub use sync::{
     RedisBreakerSync, RedisBreakerSyncBuilder, RemoteOpenPolicy, SyncStats,
     DEFAULT_PROBE_PERMIT_TTL,

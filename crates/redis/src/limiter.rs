@@ -182,6 +182,12 @@ impl RedisRateLimiter {
         self.inner.conn.is_connected()
     }
 
+    /// Asks Redis for a `PING`, bounded by `op_timeout`: `Err` while Redis
+    /// is away (or not connected yet). For health reports.
+    pub async fn ping(&self) -> Result<(), Unavailable> {
+        self.inner.conn.ping().await
+    }
+
     /// What this limiter does when Redis does not answer in time.
     #[must_use]
     pub fn fallback(&self) -> Fallback {

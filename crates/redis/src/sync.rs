@@ -233,6 +233,21 @@ pub struct RedisBreakerSyncBuilder {
 }
 
 impl RedisBreakerSyncBuilder {
+    /// Checks the settings as [`start`](Self::start) does, without starting
+    /// anything (no runtime needed). The error names the bad field.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let RemoteOpenPolicy::Quorum(0) = self.policy {
+            return Err(ConfigError::new("redis.quorum", "must be at least 1"));
+        }
+        if self.probe_permit_ttl < Duration::from_millis(1) {
+            return Err(ConfigError::new(
+                "redis.probe_permit_ttl",
+                "must be at least 1 ms",
+            ));
+        }
+        Ok(())
+    }
+
     /// How remote opens apply locally. Default [`RemoteOpenPolicy::Follow`].
     pub fn policy(mut self, policy: RemoteOpenPolicy) -> Self {
         self.policy = policy;
@@ -284,15 +299,7 @@ impl RedisBreakerSyncBuilder {
     /// needs a Tokio runtime. Remote state is applied once a registry is
     /// attached. The error names the bad field.
     pub fn start(self) -> Result<RedisBreakerSync, ConfigError> {
-        if let RemoteOpenPolicy::Quorum(0) = self.policy {
-            return Err(ConfigError::new("redis.quorum", "must be at least 1"));
-        }
-        if self.probe_permit_ttl < Duration::from_millis(1) {
-            return Err(ConfigError::new(
-                "redis.probe_permit_ttl",
-                "must be at least 1 ms",
-            ));
-        }
+        self.check()?;
         let conn =
             Conn::start(self.config).map_err(|e| ConfigError::new("redis.url", e.to_string()))?;
         let (permits, permit_ops) =
@@ -354,6 +361,12 @@ impl RedisBreakerSync {
     #[must_use]
     pub fn replica_id(&self) -> &str {
         &self.shared.conn.config.replica_id
+    }
+
+    /// Asks Redis for a `PING` on the command connection, bounded by
+    /// `op_timeout`: `Err` while Redis is away (or not connected yet).
+    pub async fn ping(&self) -> Result<(), crate::Unavailable> {
+        self.shared.conn.ping().await
     }
 
     /// The counters.

@@ -20,7 +20,8 @@ pub const ENV_PREFIX: &str = "TOOLWARDEN_";
 ///
 /// Variables with the prefix that name none of these sections are not
 /// configuration (the test suite's `TOOLWARDEN_SERVER_EVERYTHING`, say) and
-/// are ignored.
+/// are ignored, as is `TOOLWARDEN_REDIS_SERVER` (the test suite's
+/// `redis-server`, not a `[redis]` key).
 pub const SECTIONS: &[&str] = &[
     "upstream",
     "downstream",
@@ -33,7 +34,13 @@ pub const SECTIONS: &[&str] = &[
     "loop_guard",
     "fallback_cache",
     "observability",
+    "redis",
 ];
+
+/// `TOOLWARDEN_*` variables that look like a section's key but are not
+/// configuration: the test suite's `redis-server` binary
+/// (`TOOLWARDEN_REDIS_SERVER`) is not `redis.server`.
+const NOT_CONFIGURATION: &[&str] = &["TOOLWARDEN_REDIS_SERVER"];
 
 /// A configuration that could not be read or was refused.
 ///
@@ -168,7 +175,9 @@ where
     // Sorted, so that the same environment always gives the same error.
     let vars: BTreeMap<String, String> = env
         .into_iter()
-        .filter(|(name, _)| name.starts_with(ENV_PREFIX))
+        .filter(|(name, _)| {
+            name.starts_with(ENV_PREFIX) && !NOT_CONFIGURATION.contains(&name.as_str())
+        })
         .collect();
     let mut keys = EnvKeys::new();
     for (name, raw) in vars {

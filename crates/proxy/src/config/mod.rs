@@ -3,9 +3,10 @@
 //! environment variables.
 //!
 //! Every key is optional. The layer sections (`circuit_breaker`,
-//! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`)
-//! and a tool's layer tables are the layer crates' settings types
-//! ([`CircuitBreakerSettings`], [`CircuitBreakerToolSettings`], ...): their
+//! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`),
+//! a tool's layer tables and `[redis]` are the layer crates' settings types
+//! ([`CircuitBreakerSettings`], [`CircuitBreakerToolSettings`], ...,
+//! [`RedisSettings`]): their
 //! keys are the layer builders' method names, each documented once there
 //! with its default, and an unset key keeps the builder's default. The
 //! proxy's own sections (`upstream`, `downstream`, `catalog`, `http`,
@@ -62,6 +63,7 @@ pub use toolwarden::fallback_cache::FallbackCacheSettings;
 pub use toolwarden::loop_guard::{LoopGuardSettings, LoopGuardToolSettings};
 pub use toolwarden::observability::ObservabilitySettings;
 pub use toolwarden::rate_limit::{RateLimitSettings, RateLimitToolSettings};
+pub use toolwarden::redis::RedisSettings;
 pub use toolwarden::retry::{RetrySettings, RetryToolSettings};
 pub use upstream::{SessionMode, UpstreamConfig};
 pub use upstream_http::{resolve_headers, HeaderTemplate};
@@ -101,6 +103,12 @@ pub struct Config {
     /// line.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub upstreams: BTreeMap<String, UpstreamEntry>,
+    /// Replicas sharing breakers and quotas through Redis
+    /// ([`RedisSettings`], the redis crate's settings type: its keys and
+    /// defaults are documented there). Unset (the default): nothing is
+    /// shared, every replica decides alone. See [`crate::replicas`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSettings>,
 }
 
 /// `[downstream]`: limits on what clients may send.
@@ -155,6 +163,10 @@ impl Config {
             ));
         }
         in_section("gateway", self.gateway.validate())?;
+        if let Some(redis) = &self.redis {
+            // Its errors are named `redis.<key>` already.
+            redis.validate()?;
+        }
         for (name, entry) in &self.upstreams {
             let section = format!("upstreams.{}", load::quote_key(name));
             if !gateway::valid_name(name) {

@@ -486,3 +486,58 @@ fn a_pinned_protocol_version_must_be_one_with_an_initialize_handshake() {
 
 mod environment;
 mod gateway;
+
+#[test]
+fn the_redis_section_is_the_redis_crates_settings() {
+    use toolwarden::redis::{Fallback, RemoteOpenPolicy};
+    let config = parse(
+        r#"
+        [redis]
+        url = "redis://127.0.0.1:6379/0"
+        prefix = "fleet"
+        policy = "quorum"
+        quorum = 3
+        probe_permit_ttl = "10s"
+        fallback = "deny"
+        "#,
+    )
+    .unwrap();
+    let redis = config.redis.as_ref().unwrap();
+    assert_eq!(redis.remote_open_policy(), RemoteOpenPolicy::Quorum(3));
+    assert_eq!(redis.fallback(), Fallback::Deny);
+    assert_eq!(redis.probe_permit_ttl, Some(Duration::from_secs(10)));
+    assert!(redis.breaker_sync() && redis.distributed_quotas());
+    // Unset: nothing is shared.
+    assert_eq!(parse("").unwrap().redis, None);
+
+    // Bad values name `redis.<key>`.
+    assert_eq!(
+        key_of("[redis]\nurl = \"http://example.com\"\n"),
+        "redis.url"
+    );
+    assert_eq!(key_of("[redis]\nprefix = \"x\"\n"), "redis");
+    assert_eq!(
+        key_of("[redis]\nurl = \"redis://h\"\npolicy = \"quorum\"\nquorum = 0\n"),
+        "redis.quorum"
+    );
+    assert_eq!(
+        key_of("[redis]\nurl = \"redis://h\"\nquorum = 2\n"),
+        "redis.quorum"
+    );
+    assert_eq!(
+        key_of("[redis]\nurl = \"redis://h\"\nop_timeout = \"0s\"\n"),
+        "redis.op_timeout"
+    );
+    assert_eq!(
+        key_of("[redis]\nurl = \"redis://h\"\npolicy = \"majority\"\n"),
+        "redis.policy"
+    );
+    assert_eq!(
+        key_of("[redis]\nurl = \"redis://h\"\nfallback = \"maybe\"\n"),
+        "redis.fallback"
+    );
+    assert_eq!(
+        key_of("[redis]\nurl = \"redis://h\"\nservers = 2\n"),
+        "redis.servers"
+    );
+}

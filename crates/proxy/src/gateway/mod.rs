@@ -171,7 +171,16 @@ impl Gateway {
                 }
             });
             let key = Arc::clone(&name);
-            let breaker = upstream_breaker(&name, &entry.circuit_breaker)
+            // `[redis]`: replicas share this upstream's circuit, keyed by its name.
+            let sync = match &shared.replicas {
+                Some(replicas) => replicas.upstream_sync(&name)?,
+                None => None,
+            };
+            let mut breaker = upstream_breaker(&name, &entry.circuit_breaker);
+            if let Some(sync) = &sync {
+                breaker = breaker.sync(Arc::new(sync.clone()));
+            }
+            let breaker = breaker
                 .key_by(KeyBy::custom(move |_| key.to_string()))
                 .events(shared.events.merge(&transitions))
                 .classifier(UpstreamClassifier::default())
@@ -179,6 +188,9 @@ impl Gateway {
                 .map_err(|e| e.in_section(&format!("{section}.circuit_breaker")))?;
             if entry.circuit_breaker.enabled == Some(false) {
                 breaker.registry().disable(&name);
+            }
+            if let Some(sync) = sync {
+                sync.attach(breaker.registry().clone());
             }
             let timed = TimedUpstream::new(upstream.service(), entry.connection.attempt_timeout);
             members.push(Member {

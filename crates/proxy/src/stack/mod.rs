@@ -13,6 +13,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use rmcp::model::{ClientRequest, ServerResult};
+use serde_json::Value;
 use toolwarden::observability::{circuit_check, HealthRegistry};
 use toolwarden::stack::{StackLayer, StandardStackLayer};
 use toolwarden_core::{BoxError, ConfigError, Events, ToolCatalog, ToolPolicy};
@@ -21,6 +22,7 @@ use tower::Layer;
 
 use crate::config::Config;
 use crate::endpoints::MetricsEndpoints;
+use crate::replicas::Replicas;
 use crate::tool_names::ToolNameGuardLayer;
 
 pub use crate::upstream::UpstreamService;
@@ -48,6 +50,11 @@ pub struct SharedState {
     /// upstream up and its breaker closed): the fallback cache suggests no
     /// tool it says is not. `None`: every tool is.
     pub availability: Option<Availability>,
+    /// `[redis]`: the breaker syncs and the distributed limiter the stack
+    /// (and a gateway's upstream breakers) use. `None`: nothing is shared.
+    /// [`Proxy::new`](crate::Proxy::new) and [`Proxy::gateway`](crate::Proxy::gateway)
+    /// start it from the configuration when it is not set yet.
+    pub replicas: Option<Replicas>,
 }
 
 /// See [`SharedState::availability`].
@@ -59,6 +66,7 @@ impl fmt::Debug for SharedState {
             .field("catalog", &self.catalog)
             .field("events", &self.events)
             .field("endpoints", &self.endpoints)
+            .field("replicas", &self.replicas)
             .finish()
     }
 }
@@ -72,6 +80,7 @@ impl SharedState {
             events,
             endpoints,
             availability: None,
+            replicas: None,
         }
     }
 }
@@ -133,7 +142,7 @@ pub fn tool_stack_layer(
     shared: &SharedState,
 ) -> Result<ToolStackLayer, ConfigError> {
     let standard = standard_stack(config, shared)?;
-    install_endpoints(&standard, &shared.endpoints);
+    install_endpoints(&standard, &shared.endpoints, shared.replicas.as_ref());
     // Names the proxy will not serve are refused before any layer keeps
     // state for them (see `crate::tool_names`).
     let names = ToolNameGuardLayer::new(
@@ -182,7 +191,15 @@ impl ToolStackLayer {
 /// `/circuits` serves the breaker registry's snapshot; `/health` the stack's
 /// health registry, whose `circuits` check (important: degraded while a
 /// circuit is open) names the open tools.
-pub fn install_endpoints(layer: &StandardStackLayer, endpoints: &MetricsEndpoints) {
+///
+/// With `replicas` (`[redis]`), `/health` also has the `redis` check
+/// (important: degraded while Redis is away) and a `"redis"` object (see
+/// [`Replicas::health_json`]).
+pub fn install_endpoints(
+    layer: &StandardStackLayer,
+    endpoints: &MetricsEndpoints,
+    replicas: Option<&Replicas>,
+) {
     let registry = layer.registry().clone();
     endpoints.set_circuits(move || {
         let snapshot = registry.snapshot();
@@ -196,8 +213,20 @@ pub fn install_endpoints(layer: &StandardStackLayer, endpoints: &MetricsEndpoint
         // A fresh registry has no check of that name yet.
         let _ = health.register(circuit_check(layer.registry().circuits()));
     }
+    if let Some(replicas) = replicas {
+        // A fresh registry has no check of that name yet.
+        let _ = health.register(replicas.health_check());
+    }
+    let replicas = replicas.cloned();
     endpoints.set_health(move || {
         let health = health.clone();
-        async move { health.report().await.to_json() }
+        let replicas = replicas.clone();
+        async move {
+            let mut report = health.report().await.to_json();
+            if let (Some(replicas), Value::Object(map)) = (replicas, &mut report) {
+                map.insert("redis".to_owned(), replicas.health_json());
+            }
+            report
+        }
     });
 }

@@ -2,6 +2,8 @@
 //! configuration's layer sections and `[tools."name"]` describe it (see
 //! [`build_stack`](super::build_stack) for how they map onto the layers).
 
+use std::sync::Arc;
+
 use toolwarden::stack::{StackLayer, StandardStack, StandardStackLayer};
 use toolwarden_core::ConfigError;
 
@@ -41,7 +43,15 @@ pub fn standard_stack(
         builder = builder.slow_call_duration(slow);
     }
     let tool_breakers = tool_tables(config, |tool| tool.circuit_breaker.as_ref());
+    let breaker_sync = shared
+        .replicas
+        .as_ref()
+        .and_then(|r| r.breaker_sync().cloned());
+    let sync = breaker_sync.clone();
     builder = builder.circuit_breaker(move |mut b| {
+        if let Some(sync) = &sync {
+            b = b.sync(Arc::new(sync.clone()));
+        }
         b = b.settings(&breaker);
         for (name, tool) in &tool_breakers {
             b = b.tool_settings(name.as_str(), tool);
@@ -51,7 +61,11 @@ pub fn standard_stack(
 
     let limits = config.rate_limit.clone();
     let tool_limits = tool_tables(config, |tool| tool.rate_limit.as_ref());
+    let backend = shared.replicas.as_ref().and_then(|r| r.limiter().cloned());
     builder = builder.rate_limit(move |mut b| {
+        if let Some(backend) = &backend {
+            b = b.backend(backend.clone());
+        }
         b = b.settings(&limits);
         for (name, tool) in &tool_limits {
             b = b.tool_settings(name.as_str(), tool);
@@ -91,6 +105,10 @@ pub fn standard_stack(
     builder = builder.observability(move |b| b.settings(&observability));
 
     let layer = builder.build().map_err(|e| proxy_key_names(e, config))?;
+    if let Some(sync) = breaker_sync {
+        // Other replicas' transitions apply to this stack's circuits.
+        sync.attach(layer.registry().clone());
+    }
     // A tool whose breaker is switched off: its circuit is disabled, so it
     // records nothing and never refuses.
     for (name, tool) in &config.tools {

@@ -140,3 +140,25 @@ fn rates_are_read_by_the_rate_limit_crate() {
     let err = parse("[rate_limit]\nglobal = { rate = \"5/soon\" }\n").unwrap_err();
     assert_eq!(err.key(), Some("rate_limit.global.rate"));
 }
+
+#[test]
+fn redis_keys_come_from_the_environment_but_not_the_test_suites_server() {
+    let config = parse_env(
+        "",
+        &[
+            ("TOOLWARDEN_REDIS_URL", "redis://10.0.0.5:6379/"),
+            ("TOOLWARDEN_REDIS_REPLICA_ID", "replica-7"),
+            ("TOOLWARDEN_REDIS_OP_TIMEOUT", "20ms"),
+            // The test suite's redis-server binary, not `redis.server`.
+            ("TOOLWARDEN_REDIS_SERVER", "/usr/bin/redis-server"),
+        ],
+    )
+    .unwrap();
+    let redis = config.redis.unwrap();
+    assert_eq!(redis.url, "redis://10.0.0.5:6379/");
+    assert_eq!(redis.replica_id.as_deref(), Some("replica-7"));
+    assert_eq!(redis.op_timeout, Some(Duration::from_millis(20)));
+    let err = parse_env("", &[("TOOLWARDEN_REDIS_URL", "nope://x")]).unwrap_err();
+    assert_eq!(err.key(), Some("redis.url"));
+    assert_eq!(err.env_var(), Some("TOOLWARDEN_REDIS_URL"));
+}
