@@ -202,6 +202,17 @@ impl Proxy {
         self.config.load_full()
     }
 
+    /// The layers around every upstream now (replaced by each reload):
+    /// the breaker registry, statistics, and a stack over any service that
+    /// shares their state.
+    #[must_use]
+    pub fn tool_stack_layer(&self) -> ToolStackLayer {
+        self.layer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Applies `next` (loaded and validated, as by [`Config::load`]) to the
     /// running proxy: the hot reload of [`crate::reload`], which lists what
     /// changes and what waits for a restart. New calls use the new

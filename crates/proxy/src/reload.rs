@@ -302,3 +302,6 @@ pub async fn watch(
         let _ = reload_file(&proxy, Some(&path));
     }
 }
+
+#[cfg(test)]
+mod tests;

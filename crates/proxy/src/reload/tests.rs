@@ -1,0 +1,281 @@
+//! [`Proxy::reload`] and [`reload_file`]: new policies for new calls, the
+//! circuits and the unchanged layers' state kept, a bad file refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use toolwarden::circuit_breaker::CircuitState;
+use toolwarden::stack::StackLayer;
+use toolwarden_core::jsonrpc::{Request, Response};
+use toolwarden_core::testing::{ready_call, MockMcp, Step};
+use toolwarden_core::Events;
+use tower::Layer;
+
+use super::{reload_file, ReloadError};
+use crate::config::Config;
+use crate::downstream::Cores;
+use crate::endpoints::MetricsEndpoints;
+use crate::stack::SharedState;
+use crate::{Proxy, UpstreamTarget};
+
+fn config(toml: &str) -> Config {
+    Config::from_toml_str(toml, std::iter::empty()).unwrap()
+}
+
+/// A proxy whose upstream is never started: the tests drive its layers
+/// over a scripted server (`MockMcp`), which shares their state.
+fn proxy(config: Config) -> Proxy {
+    let target = UpstreamTarget::Command {
+        program: "true".into(),
+        args: Vec::new(),
+    };
+    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+    Proxy::new(config, target, shared).unwrap()
+}
+
+/// One `tools/call` through the proxy's current layers, over `mock`.
+async fn call(proxy: &Proxy, mock: &MockMcp, tool: &str) -> Response {
+    let mut svc = proxy
+        .tool_stack_layer()
+        .standard()
+        .clone()
+        .layer(mock.clone());
+    ready_call(&mut svc, Request::tool_call(1, tool, json!({})))
+        .await
+        .unwrap()
+}
+
+/// The layer that refused a call, from the `isError` result it wrote.
+fn refused_by(resp: &Response) -> Option<String> {
+    let payload: &Value = resp.payload.as_ref().ok()?;
+    payload["structuredContent"]["toolwarden"]["layer"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+const QUIET: &str = r#"
+[retry]
+enabled = false
+[loop_guard]
+enabled = false
+[fallback_cache]
+degrade = false
+"#;
+
+fn breaker(threshold: u32, reset: &str) -> String {
+    format!(
+        "{QUIET}\n[circuit_breaker]\nfailure_threshold = {threshold}\nfailure_rate_threshold = false\n\
+         minimum_calls = 1\nreset_timeout = \"{reset}\"\njitter = 0.0\n"
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_open_circuit_stays_open_and_new_calls_follow_the_new_policy() {
+    let proxy = proxy(config(&breaker(3, "60s")));
+    let down = Step::rpc_error(-32603, "down");
+    let mock = MockMcp::new()
+        .default_step("search", down.clone())
+        .default_step("fetch", down);
+    for _ in 0..3 {
+        call(&proxy, &mock, "search").await;
+    }
+    call(&proxy, &mock, "fetch").await;
+    let registry = proxy.tool_stack_layer().standard().registry().clone();
+    assert_eq!(registry.state("search"), Some(CircuitState::Open));
+    assert_eq!(registry.state("fetch"), Some(CircuitState::Closed));
+
+    let report = proxy.reload(config(&breaker(2, "5s"))).unwrap();
+    assert!(report.restart_required.is_empty(), "{report:?}");
+    assert_eq!(
+        report.kept,
+        [
+            StackLayer::RateLimit,
+            StackLayer::Retry,
+            StackLayer::LoopGuard,
+            StackLayer::FallbackCache
+        ]
+    );
+    assert!(report.renewed.is_empty());
+
+    // The same circuits: `search` is still open (for the 60 s it opened
+    // for), and refuses without reaching the server.
+    let layer = proxy.tool_stack_layer();
+    assert_eq!(
+        layer.standard().registry().state("search"),
+        Some(CircuitState::Open)
+    );
+    let refused = call(&proxy, &mock, "search").await;
+    assert_eq!(refused_by(&refused).as_deref(), Some("circuit_breaker"));
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let refused = call(&proxy, &mock, "search").await;
+    assert_eq!(refused_by(&refused).as_deref(), Some("circuit_breaker"));
+    assert_eq!(mock.calls("search"), 3);
+
+    // `fetch` kept its one failure: a second one trips the new threshold
+    // of 2 (the old one was 3).
+    call(&proxy, &mock, "fetch").await;
+    assert_eq!(registry.state("fetch"), Some(CircuitState::Open));
+    assert_eq!(proxy.config().circuit_breaker.failure_threshold, Some(Some(2)));
+}
+
+fn quota(rate: &str, burst: u32, extra: &str) -> String {
+    format!(
+        "{QUIET}\n[tools.\"search\".rate_limit]\nper_tool = {{ rate = \"{rate}\", burst = {burst} }}\n{extra}"
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unchanged_quota_keeps_its_tokens_and_a_changed_one_starts_afresh() {
+    let proxy = proxy(config(&quota("1/m", 1, "")));
+    let mock = MockMcp::new().default_step("search", Step::ok("found"));
+    assert_eq!(refused_by(&call(&proxy, &mock, "search").await), None);
+    let refused = call(&proxy, &mock, "search").await;
+    assert_eq!(refused_by(&refused).as_deref(), Some("rate_limit"));
+
+    // Another section changes: the quota is the same one, still spent.
+    let report = proxy
+        .reload(config(&quota(
+            "1/m",
+            1,
+            "[tools.\"other\".retry]\nmax_attempts = 2\n",
+        )))
+        .unwrap();
+    assert!(report.kept.contains(&StackLayer::RateLimit), "{report:?}");
+    assert_eq!(report.renewed, [StackLayer::Retry]);
+    let refused = call(&proxy, &mock, "search").await;
+    assert_eq!(refused_by(&refused).as_deref(), Some("rate_limit"));
+
+    // The quota changes: a new one, full.
+    let report = proxy.reload(config(&quota("2/m", 2, ""))).unwrap();
+    assert!(report.renewed.contains(&StackLayer::RateLimit), "{report:?}");
+    assert_eq!(refused_by(&call(&proxy, &mock, "search").await), None);
+    assert_eq!(refused_by(&call(&proxy, &mock, "search").await), None);
+    let refused = call(&proxy, &mock, "search").await;
+    assert_eq!(refused_by(&refused).as_deref(), Some("rate_limit"));
+    assert_eq!(mock.calls("search"), 3);
+}
+
+fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("toolwarden-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bad_file_is_refused_naming_the_key_and_the_running_configuration_stays() {
+    let path = temp_file("bad.toml", &quota("1/m", 1, ""));
+    let proxy = proxy(Config::load(Some(&path), std::iter::empty()).unwrap());
+    let mock = MockMcp::new().default_step("search", Step::ok("found"));
+    call(&proxy, &mock, "search").await;
+    let running = proxy.config();
+
+    std::fs::write(
+        &path,
+        quota("100/s", 100, "[tools.\"search\".retry]\nmax_attempts = 0\n"),
+    )
+    .unwrap();
+    let err = reload_file(&proxy, Some(&path)).unwrap_err();
+    assert!(matches!(err, ReloadError::Config(_)), "{err:?}");
+    assert_eq!(err.key(), Some(r#"tools."search".retry.max_attempts"#));
+    std::fs::write(&path, "[rate_limit\n").unwrap();
+    let err = reload_file(&proxy, Some(&path)).unwrap_err();
+    assert!(err.to_string().contains("not valid TOML"), "{err}");
+    std::fs::remove_file(&path).unwrap();
+    assert!(reload_file(&proxy, Some(&path)).is_err());
+
+    // The old policy, and its spent quota, are still in force.
+    assert_eq!(*proxy.config(), *running);
+    let refused = call(&proxy, &mock, "search").await;
+    assert_eq!(refused_by(&refused).as_deref(), Some("rate_limit"));
+}
+
+#[tokio::test]
+async fn restart_only_keys_keep_their_running_values_and_are_reported() {
+    let proxy = proxy(config(""));
+    let report = proxy
+        .reload(config(
+            r#"
+            [upstream]
+            attempt_timeout = "5s"
+            connect_timeout = "3s"
+            [downstream]
+            max_line_bytes = 1000
+            [circuit_breaker]
+            bounds = { max_keys = 50 }
+            failure_threshold = 2
+            "#,
+        ))
+        .unwrap();
+    assert_eq!(
+        report.restart_required,
+        ["upstream", "downstream", "circuit_breaker.bounds"]
+    );
+    let now = proxy.config();
+    assert_eq!(now.upstream.attempt_timeout, Duration::from_secs(5));
+    assert_eq!(
+        now.upstream.connect_timeout,
+        Config::default().upstream.connect_timeout
+    );
+    assert_eq!(
+        now.downstream.max_line_bytes,
+        Config::default().downstream.max_line_bytes
+    );
+    assert_eq!(now.circuit_breaker.bounds, None);
+    assert_eq!(now.circuit_breaker.failure_threshold, Some(Some(2)));
+    let layer = proxy.tool_stack_layer();
+    assert_eq!(layer.standard().attempt_timeout(), Duration::from_secs(5));
+    assert_eq!(layer.standard().registry().snapshot().max_keys, 10_000);
+}
+
+#[tokio::test]
+async fn every_session_gets_the_new_stack_in_per_session_mode() {
+    let proxy = proxy(config("[upstream]\nsession_mode = \"per_session\"\n"));
+    let Cores::PerSession(sessions) = proxy.cores() else {
+        panic!("per-session cores");
+    };
+    let (one, two) = (sessions.open(), sessions.open());
+    let report = proxy
+        .reload(config(
+            "[upstream]\nsession_mode = \"per_session\"\n[retry]\nmax_attempts = 2\n",
+        ))
+        .unwrap();
+    assert_eq!(report.sessions, 2);
+    assert_eq!(report.renewed, [StackLayer::Retry]);
+    drop(one);
+    let report = proxy.reload(config("[upstream]\nsession_mode = \"per_session\"\n")).unwrap();
+    assert_eq!(report.sessions, 1);
+    drop(two);
+}
+
+#[tokio::test]
+async fn a_gateway_reloads_its_upstreams_tool_tables() {
+    let file = r#"
+        [upstreams.time]
+        command = "true"
+        [upstreams.time.tools."now".retry]
+        max_attempts = 2
+    "#;
+    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+    let proxy = Proxy::gateway(config(file), shared).unwrap();
+    let report = proxy
+        .reload(config(&file.replace("max_attempts = 2", "max_attempts = 3")))
+        .unwrap();
+    assert!(report.restart_required.is_empty(), "{report:?}");
+    assert_eq!(report.renewed, [StackLayer::Retry]);
+    let retry = proxy.config().tools["now"].retry.clone().unwrap();
+    assert_eq!(retry.max_attempts, Some(3));
+
+    // A new upstream needs a restart: the running ones are kept.
+    let more = format!("{file}\n[upstreams.docs]\ncommand = \"true\"\n");
+    let report = proxy.reload(config(&more)).unwrap();
+    assert_eq!(report.restart_required, ["upstreams"]);
+    assert_eq!(
+        proxy.config().upstreams.keys().collect::<Vec<_>>(),
+        ["time"]
+    );
+    proxy.shutdown().await;
+}
