@@ -440,9 +440,7 @@ impl Breaker {
 
     #[inline]
     fn start_time(&self) -> Option<Instant> {
-        self.tracks_slow
-            .load(Ordering::Relaxed)
-            .then(Instant::now)
+        self.tracks_slow.load(Ordering::Relaxed).then(Instant::now)
     }
 
     #[cold]
@@ -800,7 +798,8 @@ impl Breaker {
                 CircuitState::ForcedOpen => {
                     self.set_state(word, mode);
                     rec.clear_probes();
-                    (!from.refusing()).then_some(Change::Opened(self.policy.load().reset_timeout, mode))
+                    (!from.refusing())
+                        .then_some(Change::Opened(self.policy.load().reset_timeout, mode))
                 }
                 _ => {
                     let keeps_windows = from.records() && mode.records() && !fresh;

@@ -13,8 +13,14 @@ use tower::{Layer, Service, ServiceExt};
 
 fn failing() -> MockMcp {
     MockMcp::new()
-        .default_step("search", Step::tool_error("Error executing tool search: boom"))
-        .default_step("fetch", Step::tool_error("Error executing tool fetch: boom"))
+        .default_step(
+            "search",
+            Step::tool_error("Error executing tool search: boom"),
+        )
+        .default_step(
+            "fetch",
+            Step::tool_error("Error executing tool fetch: boom"),
+        )
 }
 
 async fn call<S>(svc: &mut S, tool: &str) -> Result<(), BoxError>
@@ -22,7 +28,9 @@ where
     S: Service<Request, Error = BoxError>,
 {
     svc.ready().await?;
-    svc.call(Request::tool_call(1, tool, json!({}))).await.map(drop)
+    svc.call(Request::tool_call(1, tool, json!({})))
+        .await
+        .map(drop)
 }
 
 fn breaker(threshold: u32, reset: Duration) -> CircuitBreakerLayer {
@@ -48,7 +56,10 @@ async fn an_open_circuit_stays_open_and_the_next_one_follows_the_new_policy() {
     assert_eq!(running.registry().state("search"), Some(CircuitState::Open));
     // One failure of `fetch` recorded under the old threshold of 3.
     let _ = call(&mut svc, "fetch").await;
-    assert_eq!(running.registry().state("fetch"), Some(CircuitState::Closed));
+    assert_eq!(
+        running.registry().state("fetch"),
+        Some(CircuitState::Closed)
+    );
 
     running
         .registry()
@@ -61,7 +72,10 @@ async fn an_open_circuit_stays_open_and_the_next_one_follows_the_new_policy() {
     let err = call(&mut svc, "search").await.unwrap_err();
     assert!(err.is::<CircuitOpen>());
     tokio::time::advance(Duration::from_secs(10)).await;
-    assert!(call(&mut svc, "search").await.unwrap_err().is::<CircuitOpen>());
+    assert!(call(&mut svc, "search")
+        .await
+        .unwrap_err()
+        .is::<CircuitOpen>());
     assert_eq!(upstream.calls("search"), 3);
     let circuit = running.registry().circuit("search").unwrap();
     assert_eq!(circuit.totals.failed, 3, "the totals are kept");
@@ -102,19 +116,31 @@ async fn a_forced_state_and_tool_overrides_survive() {
         running.registry().state("search"),
         Some(CircuitState::ForcedOpen)
     );
-    assert_eq!(running.registry().state("fetch"), Some(CircuitState::Disabled));
+    assert_eq!(
+        running.registry().state("fetch"),
+        Some(CircuitState::Disabled)
+    );
     let mut svc = running.layer(failing());
     for _ in 0..3 {
         let _ = call(&mut svc, "fetch").await;
     }
-    assert_eq!(running.registry().state("fetch"), Some(CircuitState::Disabled));
+    assert_eq!(
+        running.registry().state("fetch"),
+        Some(CircuitState::Disabled)
+    );
 }
 
 #[test]
 fn registry_wide_settings_are_refused_and_nothing_changes() {
     let running = breaker(5, Duration::from_secs(30));
-    let renamed = CircuitBreakerLayer::builder().name("other").build().unwrap();
-    let err = running.registry().reconfigure(renamed.registry()).unwrap_err();
+    let renamed = CircuitBreakerLayer::builder()
+        .name("other")
+        .build()
+        .unwrap();
+    let err = running
+        .registry()
+        .reconfigure(renamed.registry())
+        .unwrap_err();
     assert_eq!(err.field(), "name");
     let by_server = CircuitBreakerLayer::builder()
         .key_by(toolwarden_core::KeyBy::Server)
@@ -143,7 +169,10 @@ async fn a_refused_reconfiguration_keeps_the_old_policy() {
     for _ in 0..2 {
         let _ = call(&mut svc, "search").await;
     }
-    assert_eq!(running.registry().state("search"), Some(CircuitState::Closed));
+    assert_eq!(
+        running.registry().state("search"),
+        Some(CircuitState::Closed)
+    );
     let _ = call(&mut svc, "search").await;
     assert_eq!(running.registry().state("search"), Some(CircuitState::Open));
 }

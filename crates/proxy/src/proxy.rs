@@ -11,9 +11,9 @@ use toolwarden_core::{ConfigError, ToolCatalog, ToolPolicy};
 
 use crate::config::Config;
 use crate::config::SessionMode;
+use crate::config::ToolConfig;
 use crate::downstream::{Cores, Downstreams, ProxyCore, SessionUpstreams, Upstreams};
 use crate::gateway::Gateway;
-use crate::config::ToolConfig;
 use crate::reload::{self, ReloadReport};
 use crate::stack::{configure_catalog, tool_stack_layer, SharedState, ToolStackLayer};
 use crate::upstream::{Upstream, UpstreamTarget};

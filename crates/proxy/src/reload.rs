@@ -153,7 +153,10 @@ pub(crate) fn effective(running: &Config, mut next: Config) -> (Config, Vec<Stri
     let (breaker, next_breaker) = (&running.circuit_breaker, &mut next.circuit_breaker);
     keep("circuit_breaker.name", breaker.name != next_breaker.name);
     next_breaker.name.clone_from(&breaker.name);
-    keep("circuit_breaker.bounds", breaker.bounds != next_breaker.bounds);
+    keep(
+        "circuit_breaker.bounds",
+        breaker.bounds != next_breaker.bounds,
+    );
     next_breaker.bounds = breaker.bounds;
     (next, restart)
 }
@@ -167,9 +170,9 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
         table: impl Fn(&ToolConfig) -> Option<&T>,
     ) -> bool {
         let names = running.tools.keys().chain(next.tools.keys());
-        names.into_iter().all(|name| {
-            running.tool(name).and_then(&table) == next.tool(name).and_then(&table)
-        })
+        names
+            .into_iter()
+            .all(|name| running.tool(name).and_then(&table) == next.tool(name).and_then(&table))
     }
     let mut unchanged = Vec::new();
     if running.rate_limit == next.rate_limit

@@ -92,7 +92,11 @@ async fn sighup_swaps_a_quota_for_the_open_session_and_a_broken_file_keeps_it() 
     assert_eq!(first["result"]["isError"], false, "{first}");
     let second = now(&mut proxy, 11).await;
     assert_eq!(second["result"]["isError"], true, "{second}");
-    assert_eq!(refused_by(&second).as_deref(), Some("rate_limit"), "{second}");
+    assert_eq!(
+        refused_by(&second).as_deref(),
+        Some("rate_limit"),
+        "{second}"
+    );
 
     // A broken file (an invalid value, and the quota raised again): the
     // error names the key, and the running quota stays in force.
@@ -159,7 +163,11 @@ async fn watch_reloads_when_the_file_changes() {
     let first = now(&mut proxy, 10).await;
     assert_eq!(first["result"]["isError"], false, "{first}");
     let second = now(&mut proxy, 11).await;
-    assert_eq!(refused_by(&second).as_deref(), Some("rate_limit"), "{second}");
+    assert_eq!(
+        refused_by(&second).as_deref(),
+        Some("rate_limit"),
+        "{second}"
+    );
     let status = proxy.terminate().await;
     assert!(status.success(), "exit status {status:?}");
     let _ = std::fs::remove_dir_all(&dir);

@@ -226,7 +226,10 @@ impl fmt::Debug for StandardStackBuilder {
             .field("slow_call_duration", &self.slow_call_duration)
             .field("render_errors", &self.render_errors)
             .field("without", &self.left_out())
-            .field("reload", &self.previous.as_ref().map(|(_, keep)| left_out(*keep)))
+            .field(
+                "reload",
+                &self.previous.as_ref().map(|(_, keep)| left_out(*keep)),
+            )
             .finish_non_exhaustive()
     }
 }

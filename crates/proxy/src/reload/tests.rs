@@ -117,7 +117,10 @@ async fn an_open_circuit_stays_open_and_new_calls_follow_the_new_policy() {
     // of 2 (the old one was 3).
     call(&proxy, &mock, "fetch").await;
     assert_eq!(registry.state("fetch"), Some(CircuitState::Open));
-    assert_eq!(proxy.config().circuit_breaker.failure_threshold, Some(Some(2)));
+    assert_eq!(
+        proxy.config().circuit_breaker.failure_threshold,
+        Some(Some(2))
+    );
 }
 
 fn quota(rate: &str, burst: u32, extra: &str) -> String {
@@ -149,7 +152,10 @@ async fn an_unchanged_quota_keeps_its_tokens_and_a_changed_one_starts_afresh() {
 
     // The quota changes: a new one, full.
     let report = proxy.reload(config(&quota("2/m", 2, ""))).unwrap();
-    assert!(report.renewed.contains(&StackLayer::RateLimit), "{report:?}");
+    assert!(
+        report.renewed.contains(&StackLayer::RateLimit),
+        "{report:?}"
+    );
     assert_eq!(refused_by(&call(&proxy, &mock, "search").await), None);
     assert_eq!(refused_by(&call(&proxy, &mock, "search").await), None);
     let refused = call(&proxy, &mock, "search").await;
@@ -246,7 +252,9 @@ async fn every_session_gets_the_new_stack_in_per_session_mode() {
     assert_eq!(report.sessions, 2);
     assert_eq!(report.renewed, [StackLayer::Retry]);
     drop(one);
-    let report = proxy.reload(config("[upstream]\nsession_mode = \"per_session\"\n")).unwrap();
+    let report = proxy
+        .reload(config("[upstream]\nsession_mode = \"per_session\"\n"))
+        .unwrap();
     assert_eq!(report.sessions, 1);
     drop(two);
 }
@@ -262,7 +270,9 @@ async fn a_gateway_reloads_its_upstreams_tool_tables() {
     let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
     let proxy = Proxy::gateway(config(file), shared).unwrap();
     let report = proxy
-        .reload(config(&file.replace("max_attempts = 2", "max_attempts = 3")))
+        .reload(config(
+            &file.replace("max_attempts = 2", "max_attempts = 3"),
+        ))
         .unwrap();
     assert!(report.restart_required.is_empty(), "{report:?}");
     assert_eq!(report.renewed, [StackLayer::Retry]);
