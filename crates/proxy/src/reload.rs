@@ -41,8 +41,9 @@
 //!
 //! What shapes the process rather than the policies: `[upstream]` (the
 //! connection: command, restarts, timeouts, headers, `session_mode`; all
-//! but `attempt_timeout`), `[upstreams.NAME]` (adding or removing one, or
-//! changing its connection), `[gateway]`, `[downstream]`, `[http]`,
+//! but `attempt_timeout`), `[upstreams.NAME]` other than its `tools`
+//! tables (its connection, `allow`, `deny`, `aliases`, its upstream
+//! breaker; adding or removing one), `[gateway]`, `[downstream]`, `[http]`,
 //! `[limits]`, `[observability]`, and the breaker's registry-wide
 //! `circuit_breaker.name` and `circuit_breaker.bounds`. A reload that
 //! changes one of them applies everything else, keeps the running value of
