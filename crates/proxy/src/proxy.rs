@@ -225,7 +225,7 @@ impl Proxy {
         let mut layer = self.layer.lock().unwrap_or_else(PoisonError::into_inner);
         let running = self.config.load_full();
         let next = if self.gateway.is_some() {
-            next.with_upstream_tools()
+            exposed_tools(&running, next)
         } else {
             next
         };
@@ -300,4 +300,25 @@ fn reconfigure_catalog(running: &Config, next: &Config, catalog: &ToolCatalog) {
         }
     }
     configure_catalog(next, catalog);
+}
+
+/// `next` with each `[upstreams.NAME.tools."x"]` moved to the tool's name
+/// as the running gateway exposes it (the upstreams and `[gateway]`, which
+/// decide the prefixes, only change on a restart); the tables of an
+/// upstream that is not running wait for that restart with it.
+fn exposed_tools(running: &Config, mut next: Config) -> Config {
+    let mut moved = Vec::new();
+    for (name, entry) in &mut next.upstreams {
+        let tools = std::mem::take(&mut entry.tools);
+        if running.upstreams.contains_key(name) {
+            let prefix = running.upstream_prefix(name);
+            moved.extend(
+                tools
+                    .into_iter()
+                    .map(|(tool, config)| (format!("{prefix}{tool}"), config)),
+            );
+        }
+    }
+    next.tools.extend(moved);
+    next
 }

@@ -172,3 +172,54 @@ async fn watch_reloads_when_the_file_changes() {
     assert!(status.success(), "exit status {status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reloads_its_upstreams_tool_tables_on_sighup() {
+    let Some(bin) = component("TOOLWARDEN_MCP_SERVER_TIME") else {
+        return;
+    };
+    let upstream = format!(
+        "[upstreams.time]\ncommand = {:?}\nargs = [\"--local-timezone\", \"UTC\"]\n",
+        bin.to_str().unwrap()
+    );
+    let table = |rate: &str, burst: u32| {
+        format!(
+            "{upstream}[upstreams.time.tools.\"get_current_time\".rate_limit]\n\
+             per_tool = {{ rate = \"{rate}\", burst = {burst} }}\n"
+        )
+    };
+    let dir = temp_dir("gateway");
+    let file = dir.join("toolwarden.toml");
+    std::fs::write(&file, table("100/s", 100)).unwrap();
+    let mut proxy = Proxy::start(
+        &["run", "--config", file.to_str().unwrap()],
+        &[("RUST_LOG", "warn,toolwarden_proxy=info")],
+    );
+    let pid = proxy.child.id().unwrap();
+    proxy.initialize().await;
+    for id in 1..=2 {
+        let answer = now(&mut proxy, id).await;
+        assert_eq!(answer["result"]["isError"], false, "{answer}");
+    }
+
+    // The tool's quota drops to one a minute; a second upstream is added,
+    // which needs a restart: said so, and the rest applies.
+    let more = format!("{}[upstreams.other]\ncommand = \"true\"\n", table("1/m", 1));
+    std::fs::write(&file, more).unwrap();
+    kill(pid, "HUP");
+    logged(&proxy, "configuration reloaded", 1).await;
+    let warning = logged(&proxy, "takes effect only after a restart", 1).await;
+    assert!(warning.contains("upstreams"), "{warning}");
+    let first = now(&mut proxy, 10).await;
+    assert_eq!(first["result"]["isError"], false, "{first}");
+    let second = now(&mut proxy, 11).await;
+    assert_eq!(
+        refused_by(&second).as_deref(),
+        Some("rate_limit"),
+        "{second}"
+    );
+
+    let status = proxy.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

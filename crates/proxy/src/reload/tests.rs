@@ -279,13 +279,21 @@ async fn a_gateway_reloads_its_upstreams_tool_tables() {
     let retry = proxy.config().tools["now"].retry.clone().unwrap();
     assert_eq!(retry.max_attempts, Some(3));
 
-    // A new upstream needs a restart: the running ones are kept.
-    let more = format!("{file}\n[upstreams.docs]\ncommand = \"true\"\n");
+    // A new upstream needs a restart: the running ones are kept, and so
+    // are the names they expose (two upstreams would prefix them, `time__`),
+    // under which the rest of the file applies.
+    let more = format!(
+        "{}\n[upstreams.docs]\ncommand = \"true\"\n",
+        file.replace("max_attempts = 2", "max_attempts = 4")
+    );
     let report = proxy.reload(config(&more)).unwrap();
     assert_eq!(report.restart_required, ["upstreams"]);
+    let running = proxy.config();
+    assert_eq!(running.upstreams.keys().collect::<Vec<_>>(), ["time"]);
+    assert_eq!(running.tools.keys().collect::<Vec<_>>(), ["now"]);
     assert_eq!(
-        proxy.config().upstreams.keys().collect::<Vec<_>>(),
-        ["time"]
+        running.tools["now"].retry.as_ref().unwrap().max_attempts,
+        Some(4)
     );
     proxy.shutdown().await;
 }
