@@ -297,3 +297,50 @@ async fn a_gateway_reloads_its_upstreams_tool_tables() {
     );
     proxy.shutdown().await;
 }
+
+fn retries(attempts: u32) -> String {
+    format!(
+        "[loop_guard]\nenabled = false\n[fallback_cache]\ndegrade = false\n\
+         [tools.\"flaky\"]\nsafe_to_repeat = true\n\
+         [tools.\"flaky\".retry]\nmax_attempts = {attempts}\nbase_delay = \"10ms\"\n"
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_in_flight_finishes_under_the_policy_it_started_with() {
+    let proxy = proxy(config(&retries(3)));
+    let down = Step::rpc_error(-32603, "down");
+    let mock = MockMcp::new().script(
+        "flaky",
+        [
+            down.clone().after(Duration::from_secs(2)),
+            Step::ok("fine"),
+            down,
+            Step::ok("fine"),
+        ],
+    );
+    let in_flight = tokio::spawn({
+        let mut svc = proxy
+            .tool_stack_layer()
+            .standard()
+            .clone()
+            .layer(mock.clone());
+        async move { ready_call(&mut svc, Request::tool_call(1, "flaky", json!({}))).await }
+    });
+    while mock.in_flight() == 0 {
+        tokio::task::yield_now().await;
+    }
+
+    // No more retries from now on; the call already made keeps its three.
+    let report = proxy.reload(config(&retries(1))).unwrap();
+    assert_eq!(report.renewed, [StackLayer::Retry]);
+    let answer = in_flight.await.unwrap().unwrap();
+    assert_eq!(refused_by(&answer), None);
+    assert_eq!(answer.payload.unwrap()["isError"], false);
+    assert_eq!(mock.calls("flaky"), 2, "retried under the old policy");
+
+    // A new call: one attempt, its failure answered as it is.
+    let answer = call(&proxy, &mock, "flaky").await;
+    assert_eq!(mock.calls("flaky"), 3, "not retried under the new policy");
+    assert!(answer.payload.is_err(), "{answer:?}");
+}
