@@ -1,6 +1,7 @@
 //! Hot reload: `SIGHUP` (and `toolwarden run --watch`) re-reads the
-//! configuration file and the `TOOLWARDEN_*` environment, validates it
-//! fully, and swaps the tool policies without dropping a session or
+//! configuration file, applies the `TOOLWARDEN_*` environment over it again
+//! (the process's, fixed at start: a variable still wins over the file),
+//! validates it fully, and swaps the tool policies without dropping a session or
 //! forgetting a circuit's state. A file that does not validate is reported
 //! (an error naming the key) and the running configuration stays.
 //!
