@@ -22,10 +22,11 @@
 //! kept under the lock, lets such a success end with one atomic load.
 
 use std::borrow::Cow;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -331,8 +332,16 @@ pub(crate) struct Breaker {
     record: Mutex<Record>,
     key: Key,
     /// The trip, reset and half-open policy of this breaker: its tool's
-    /// override or the registry's, chosen once when the breaker is created.
-    policy: Arc<Config>,
+    /// override or the registry's, chosen when the breaker is created and
+    /// replaced (under the record's lock) when the registry is
+    /// [reconfigured](crate::CircuitRegistry::reconfigure).
+    policy: ArcSwap<Config>,
+    /// `policy.tracks_slow_calls()`, read by the closed-state admission
+    /// without loading the policy.
+    tracks_slow: AtomicBool,
+    /// The registry's policy generation this breaker follows (see
+    /// [`Breaker::follow_policies`]).
+    generation: AtomicU64,
     shared: Arc<Shared>,
 }
 
@@ -341,6 +350,7 @@ impl Breaker {
         key: Key,
         shared: Arc<Shared>,
         policy: Arc<Config>,
+        generation: u64,
         initial: CircuitState,
     ) -> Self {
         Breaker {
@@ -349,9 +359,57 @@ impl Breaker {
             not_permitted: AtomicU64::new(0),
             record: Mutex::new(Record::new(&policy)),
             key,
-            policy,
+            tracks_slow: AtomicBool::new(policy.tracks_slow_calls()),
+            policy: ArcSwap::new(policy),
+            generation: AtomicU64::new(generation),
             shared,
         }
+    }
+
+    /// Takes the registry's current policy for this key if the registry
+    /// was reconfigured since this breaker last looked: two relaxed loads
+    /// on every call, the policy swap itself only after a reconfiguration.
+    /// (The registry also updates every breaker it holds when it is
+    /// reconfigured; this catches a breaker created during that update.)
+    #[inline]
+    pub(crate) fn follow_policies(&self) {
+        let current = self.shared.generation.load(Ordering::Acquire);
+        if self.generation.load(Ordering::Relaxed) != current {
+            self.adopt_policy();
+        }
+    }
+
+    /// Replaces this breaker's policy with the registry's current one for
+    /// its key, keeping its state: the circuit stays where it is (an open
+    /// period already started keeps its end; the next one follows the new
+    /// policy), the windows keep their calls (a count window of another
+    /// size keeps the most recent ones; a time window of another shape
+    /// starts empty), and the new thresholds decide from the next outcome.
+    #[cold]
+    pub(crate) fn adopt_policy(&self) {
+        let mut rec = self.record.lock();
+        // The generation first: the policies read after it are at least as new.
+        let generation = self.shared.generation.load(Ordering::Acquire);
+        let policy = self.shared.policy_for(&self.key);
+        let old = self.policy.load_full();
+        if old.count_window != policy.count_window {
+            rec.count = match (&rec.count, policy.count_window) {
+                (Some(window), Some(size)) => Some(window.resized(size)),
+                (None, Some(size)) => Some(CountWindow::new(size)),
+                (_, None) => None,
+            };
+        }
+        if old.time_window != policy.time_window {
+            rec.time = policy.time_window.map(TimeBuckets::new);
+        }
+        self.tracks_slow
+            .store(policy.tracks_slow_calls(), Ordering::Relaxed);
+        let word = self.word.load(Ordering::Acquire);
+        if rec.is_clean(&policy) != (word & CLEAN != 0) {
+            self.word.store(word ^ CLEAN, Ordering::Release);
+        }
+        self.policy.store(policy);
+        self.generation.store(generation, Ordering::Relaxed);
     }
 
     fn ns_since_epoch(&self, t: Instant) -> u64 {
@@ -382,7 +440,7 @@ impl Breaker {
 
     #[inline]
     fn start_time(&self) -> Option<Instant> {
-        self.policy.tracks_slow_calls().then(Instant::now)
+        self.tracks_slow.load(Ordering::Relaxed).then(Instant::now)
     }
 
     #[cold]
@@ -391,7 +449,7 @@ impl Breaker {
         let now_ns = self.ns_since_epoch(now);
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {
-            CircuitState::ForcedOpen => return self.refuse(self.policy.reset_timeout),
+            CircuitState::ForcedOpen => return self.refuse(self.policy.load().reset_timeout),
             CircuitState::Open => {
                 // Refusals in the open period take no lock.
                 let until = self.open_until.load(Ordering::Acquire);
@@ -419,7 +477,7 @@ impl Breaker {
                     probe_start: 0,
                 }),
                 CircuitState::Disabled => Admission::Untracked,
-                CircuitState::ForcedOpen => Admission::Refused(self.policy.reset_timeout),
+                CircuitState::ForcedOpen => Admission::Refused(self.policy.load().reset_timeout),
                 CircuitState::Open => {
                     let until = self.open_until.load(Ordering::Acquire);
                     if now_ns < until {
@@ -443,7 +501,7 @@ impl Breaker {
                     }
                 }
                 CircuitState::HalfOpen => {
-                    if rec.probes_in_flight >= self.policy.half_open_max_calls {
+                    if rec.probes_in_flight >= self.policy.load().half_open_max_calls {
                         Admission::Refused(self.half_open_retry_after(&rec, now_ns))
                     } else if let ProbePermit::Denied { retry_after } = self.probe_permit() {
                         Admission::Refused(retry_after.max(MIN_DENIAL))
@@ -469,7 +527,7 @@ impl Breaker {
     /// and the circuit reopens as of the probe's deadline, releasing every
     /// probe's place (their outcomes, if they ever come, count for nothing).
     fn time_out_probes(&self, rec: &mut Record, word: u64, now_ns: u64) -> Option<Change> {
-        let deadline = rec.probe_deadline(&self.policy)?;
+        let deadline = rec.probe_deadline(&self.policy.load())?;
         if now_ns < deadline {
             return None;
         }
@@ -516,7 +574,7 @@ impl Breaker {
             Some(sync) if !matches!(self.key, Key::Overflow) => sync.probe_permit(&ProbeRequest {
                 key: &self.key,
                 name: &self.key_name(),
-                probe_timeout: self.policy.probe_timeout,
+                probe_timeout: self.policy.load().probe_timeout,
             }),
             _ => ProbePermit::Granted,
         }
@@ -526,7 +584,7 @@ impl Breaker {
         Admission::Tracked(Ticket {
             epoch: epoch_of(word),
             probe: true,
-            started: self.policy.tracks_slow_calls().then_some(now),
+            started: self.tracks_slow.load(Ordering::Relaxed).then_some(now),
             probe_start: now_ns,
         })
     }
@@ -541,18 +599,19 @@ impl Breaker {
     /// the oldest probe's timeout if that comes first.
     fn half_open_retry_after(&self, rec: &Record, now_ns: u64) -> Duration {
         let until_timeout = rec
-            .probe_deadline(&self.policy)
+            .probe_deadline(&self.policy.load())
             .map_or(Duration::MAX, |deadline| {
                 Duration::from_nanos(deadline.saturating_sub(now_ns))
             });
-        self.policy.reset_timeout.min(until_timeout)
+        self.policy.load().reset_timeout.min(until_timeout)
     }
 
     /// Records the outcome of a call admitted with `ticket`.
     ///
     /// See [`counts_against_the_tool`] for the failures that trip it.
     pub(crate) fn complete(&self, ticket: Ticket, outcome: &Outcome) {
-        let config = &*self.policy;
+        let policy = self.policy.load();
+        let config = &**policy;
         let mut now = LazyNow(None);
         let slow = match (ticket.started, config.slow_call_duration) {
             (Some(started), Some(limit)) => now.get().saturating_duration_since(started) >= limit,
@@ -626,9 +685,9 @@ impl Breaker {
                 } else {
                     rec.consecutive_failures = 0;
                 }
-                if state == CircuitState::Closed && rec.should_trip(&self.policy) {
+                if state == CircuitState::Closed && rec.should_trip(config) {
                     change = Some(self.open(&mut rec, word, now.get()));
-                } else if rec.is_clean(&self.policy) != (word & CLEAN != 0) {
+                } else if rec.is_clean(config) != (word & CLEAN != 0) {
                     self.word.store(word ^ CLEAN, Ordering::Release);
                 }
             }
@@ -659,7 +718,8 @@ impl Breaker {
 
     /// The open period after `reopens` consecutive re-opens.
     fn open_period(&self, reopens: u32) -> Duration {
-        let config = &*self.policy;
+        let policy = self.policy.load();
+        let config = &**policy;
         let growth = config.reset_multiplier.powi(reopens.min(1024) as i32);
         let base = if growth.is_finite() {
             config.reset_timeout.as_secs_f64() * growth
@@ -738,7 +798,8 @@ impl Breaker {
                 CircuitState::ForcedOpen => {
                     self.set_state(word, mode);
                     rec.clear_probes();
-                    (!from.refusing()).then_some(Change::Opened(self.policy.reset_timeout, mode))
+                    (!from.refusing())
+                        .then_some(Change::Opened(self.policy.load().reset_timeout, mode))
                 }
                 _ => {
                     let keeps_windows = from.records() && mode.records() && !fresh;
@@ -843,7 +904,7 @@ impl Breaker {
     pub(crate) fn retry_after(&self, now: Instant) -> Option<Duration> {
         self.expire_probes(now);
         match self.state() {
-            CircuitState::ForcedOpen => Some(self.policy.reset_timeout),
+            CircuitState::ForcedOpen => Some(self.policy.load().reset_timeout),
             CircuitState::Open => {
                 let until = self.open_until.load(Ordering::Acquire);
                 Some(Duration::from_nanos(
@@ -852,7 +913,7 @@ impl Breaker {
             }
             CircuitState::HalfOpen => {
                 let rec = self.record.lock();
-                (rec.probes_in_flight >= self.policy.half_open_max_calls)
+                (rec.probes_in_flight >= self.policy.load().half_open_max_calls)
                     .then(|| self.half_open_retry_after(&rec, self.ns_since_epoch(now)))
             }
             _ => None,

@@ -5,10 +5,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
-use toolwarden_core::{CircuitView, Circuits, Entry, Events, Key, KeyBy, KeyRef, KeyedState};
+use toolwarden_core::{
+    CircuitView, Circuits, ConfigError, Entry, Events, Key, KeyBy, KeyRef, KeyedState,
+};
 
 use toolwarden_core::CircuitState;
 
@@ -19,13 +24,15 @@ use crate::sync::{RemoteTransition, StateSync};
 /// What every breaker of a registry shares (each breaker holds an `Arc` of
 /// it, taken when the breaker is created, never per call).
 pub(crate) struct Shared {
-    /// The registry-wide settings, and the policy of every breaker whose
-    /// tool has no override.
+    /// The registry-wide settings (`name`, `key_by`, `bounds`), fixed for
+    /// the registry's life.
     pub(crate) config: Arc<Config>,
-    /// The policies of the tools with an override (see
-    /// [`CircuitBreakerBuilder::tool`](crate::CircuitBreakerBuilder::tool)),
-    /// read once when a breaker is created.
-    tool_policies: HashMap<Box<str>, Arc<Config>>,
+    /// The policies breakers follow, replaced by
+    /// [`CircuitRegistry::reconfigure`].
+    policies: ArcSwap<Policies>,
+    /// Bumped after each replacement of `policies`: a breaker that follows
+    /// an older one takes its new policy (see `Breaker::follow_policies`).
+    pub(crate) generation: AtomicU64,
     pub(crate) events: Events,
     pub(crate) sync: Option<Arc<dyn StateSync>>,
     /// The origin of the breakers' clocks (open deadlines, time buckets).
@@ -35,18 +42,27 @@ pub(crate) struct Shared {
     overrides: Mutex<HashMap<Key, CircuitState>>,
 }
 
+/// The policy of every breaker whose tool has no override, and the
+/// policies of the tools with one (see
+/// [`CircuitBreakerBuilder::tool`](crate::CircuitBreakerBuilder::tool)).
+struct Policies {
+    default: Arc<Config>,
+    tools: HashMap<Box<str>, Arc<Config>>,
+}
+
 impl Shared {
-    /// The policy of a new breaker for `key`: its tool's override, else the
-    /// registry's. Keys that name no tool (and the overflow breaker) get the
-    /// registry's.
-    fn policy_for(&self, key: &Key) -> Arc<Config> {
+    /// The policy of the breaker of `key`: its tool's override, else the
+    /// registry's. Keys that name no tool (and the overflow breaker) get
+    /// the registry's.
+    pub(crate) fn policy_for(&self, key: &Key) -> Arc<Config> {
         let tool = match key {
             Key::Tool(tool) | Key::SessionTool(_, tool) => Some(&**tool),
             Key::Server | Key::Custom(_) | Key::Overflow => None,
         };
+        let policies = self.policies.load();
         let policy = tool
-            .and_then(|tool| self.tool_policies.get(tool))
-            .unwrap_or(&self.config);
+            .and_then(|tool| policies.tools.get(tool))
+            .unwrap_or(&policies.default);
         Arc::clone(policy)
     }
 }
@@ -89,8 +105,8 @@ impl fmt::Debug for CircuitRegistry {
         f.debug_struct("CircuitRegistry")
             .field("name", &self.inner.shared.config.name)
             .field("breakers", &self.inner.breakers)
-            .field("config", &self.inner.shared.config)
-            .field("tool_policies", &self.inner.shared.tool_policies)
+            .field("config", &self.inner.shared.policies.load().default)
+            .field("tool_policies", &self.inner.shared.policies.load().tools)
             .finish()
     }
 }
@@ -126,9 +142,14 @@ impl CircuitRegistry {
         sync: Option<Arc<dyn StateSync>>,
     ) -> Self {
         let bounds = config.bounds;
+        let config = Arc::new(config);
         let shared = Arc::new(Shared {
-            config: Arc::new(config),
-            tool_policies,
+            policies: ArcSwap::from_pointee(Policies {
+                default: Arc::clone(&config),
+                tools: tool_policies,
+            }),
+            config,
+            generation: AtomicU64::new(0),
             events,
             sync,
             epoch: Instant::now(),
@@ -142,8 +163,17 @@ impl CircuitRegistry {
                 .get(key)
                 .copied()
                 .unwrap_or(CircuitState::Closed);
+            // The generation before the policy: a reconfiguration between
+            // the two is caught by the breaker's next call.
+            let generation = make_shared.generation.load(Ordering::Acquire);
             let policy = make_shared.policy_for(key);
-            Breaker::new(key.clone(), Arc::clone(&make_shared), policy, initial)
+            Breaker::new(
+                key.clone(),
+                Arc::clone(&make_shared),
+                policy,
+                generation,
+                initial,
+            )
         });
         CircuitRegistry {
             inner: Arc::new(Inner { breakers, shared }),
@@ -152,14 +182,101 @@ impl CircuitRegistry {
 
     /// The policy of every key without an override.
     #[cfg(test)]
-    pub(crate) fn default_policy(&self) -> &Config {
-        &self.inner.shared.config
+    pub(crate) fn default_policy(&self) -> Arc<Config> {
+        Arc::clone(&self.inner.shared.policies.load().default)
     }
 
     /// The policy of `tool`'s override, if it has one.
     #[cfg(test)]
-    pub(crate) fn tool_policy(&self, tool: &str) -> Option<&Config> {
-        self.inner.shared.tool_policies.get(tool).map(|p| &**p)
+    pub(crate) fn tool_policy(&self, tool: &str) -> Option<Arc<Config>> {
+        self.inner.shared.policies.load().tools.get(tool).cloned()
+    }
+
+    /// Takes the trip, reset and half-open policies of `from` (the
+    /// registry's and each tool's override), keeping every breaker's state:
+    /// the hot reload of a breaker. Build `from` with the new settings
+    /// ([`CircuitBreakerLayer::builder`](crate::CircuitBreakerLayer::builder),
+    /// which validates them); only its policies are read.
+    ///
+    /// What each breaker keeps: its state (an open circuit stays open until
+    /// the end of the open period it started, a forced or disabled one
+    /// stays so), its windows and their counts (a count window of another
+    /// size keeps its most recent calls; a time window of another duration
+    /// or bucket count starts empty), its consecutive failures, totals and
+    /// recent errors. The new thresholds decide from the next recorded
+    /// outcome; the next open period, probe admission and probe timeout
+    /// follow the new policy. A call in flight records its outcome into
+    /// the same breaker.
+    ///
+    /// The registry-wide settings shape the registry itself and are not
+    /// changed: a `from` whose `name`, `key_by` or `bounds` differ from this
+    /// registry's is refused, naming the field, and nothing is changed.
+    /// The events and the [`StateSync`] stay this registry's.
+    ///
+    /// Cost: each call checks one generation counter (two relaxed atomic
+    /// loads) so that a breaker created while the registry was being
+    /// reconfigured still takes the new policy.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
+    /// # let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    /// # rt.block_on(async {
+    /// let running = CircuitBreakerLayer::builder().failure_threshold(5).build().unwrap();
+    /// running.registry().force_open("search");
+    ///
+    /// let next = CircuitBreakerLayer::builder()
+    ///     .failure_threshold(2)
+    ///     .reset_timeout(Duration::from_secs(5))
+    ///     .build()
+    ///     .unwrap();
+    /// running.registry().reconfigure(next.registry()).unwrap();
+    /// assert_eq!(running.registry().state("search"), Some(CircuitState::ForcedOpen));
+    ///
+    /// let resized = CircuitBreakerLayer::builder()
+    ///     .bounds(toolwarden_core::Bounds { max_keys: 10, ..Default::default() })
+    ///     .build()
+    ///     .unwrap();
+    /// let err = running.registry().reconfigure(resized.registry()).unwrap_err();
+    /// assert_eq!(err.field(), "bounds");
+    /// # });
+    /// ```
+    pub fn reconfigure(&self, from: &CircuitRegistry) -> Result<(), ConfigError> {
+        let ours = &*self.inner.shared.config;
+        let theirs = &*from.inner.shared.config;
+        if ours.name != theirs.name {
+            return Err(ConfigError::new(
+                "name",
+                "the registry's name cannot change on a reconfiguration",
+            ));
+        }
+        if !same_key_by(&ours.key_by, &theirs.key_by) {
+            return Err(ConfigError::new(
+                "key_by",
+                "the key function cannot change on a reconfiguration (the breakers are kept by key)",
+            ));
+        }
+        if ours.bounds != theirs.bounds {
+            return Err(ConfigError::new(
+                "bounds",
+                "the bounds cannot change on a reconfiguration (they size the registry)",
+            ));
+        }
+        if Arc::ptr_eq(&self.inner, &from.inner) {
+            return Ok(());
+        }
+        let next = from.inner.shared.policies.load_full();
+        let shared = &self.inner.shared;
+        shared.policies.store(Arc::new(Policies {
+            default: Arc::clone(&next.default),
+            tools: next.tools.clone(),
+        }));
+        shared.generation.fetch_add(1, Ordering::AcqRel);
+        for entry in self.inner.breakers.entries() {
+            entry.adopt_policy();
+        }
+        self.inner.breakers.overflow().adopt_policy();
+        Ok(())
     }
 
     #[inline]
@@ -170,10 +287,12 @@ impl CircuitRegistry {
     /// The breaker of a key, created when new (the overflow breaker past the bound).
     #[inline]
     pub(crate) fn breaker(&self, key: &KeyRef<'_>) -> Entry<Breaker> {
-        match self.inner.breakers.get(key) {
+        let entry = match self.inner.breakers.get(key) {
             Some(entry) => entry,
             None => self.inner.breakers.entry(key.clone()),
-        }
+        };
+        entry.follow_policies();
+        entry
     }
 
     /// The registry's name.
@@ -384,5 +503,17 @@ impl CircuitView for CircuitRegistry {
         }
         open.sort();
         open
+    }
+}
+
+/// Whether two key functions are the same: the same variant, and for
+/// [`KeyBy::Custom`] the same function.
+fn same_key_by(a: &KeyBy, b: &KeyBy) -> bool {
+    match (a, b) {
+        (KeyBy::Tool, KeyBy::Tool)
+        | (KeyBy::Server, KeyBy::Server)
+        | (KeyBy::SessionTool, KeyBy::SessionTool) => true,
+        (KeyBy::Custom(a), KeyBy::Custom(b)) => Arc::ptr_eq(a, b),
+        _ => false,
     }
 }

@@ -128,6 +128,24 @@ impl CountWindow {
         WindowStats::new(self.filled, self.failures, self.slow)
     }
 
+    /// The same calls in a window of `size`: the most recent `size` of
+    /// them when it is smaller (a reconfigured breaker keeps its counts).
+    pub(crate) fn resized(&self, size: u32) -> CountWindow {
+        let mut resized = CountWindow::new(size);
+        let keep = self.filled.min(resized.size);
+        // The oldest kept call is `keep` places before `next`.
+        let start = (self.next + self.size - keep) % self.size;
+        for i in 0..keep {
+            let at = ((start + i) % self.size) as usize;
+            let bits = self.ring[at / 128].0[at % 128];
+            resized.record(Mark {
+                failure: bits & FAILURE != 0,
+                slow: bits & SLOW != 0,
+            });
+        }
+        resized
+    }
+
     pub(crate) fn clear(&mut self) {
         // The ring needs no wipe: `filled` says which cells are live.
         self.next = 0;
@@ -270,6 +288,25 @@ mod tests {
         failure: true,
         slow: false,
     };
+
+    #[test]
+    fn a_resized_count_window_keeps_the_most_recent_calls() {
+        let mut w = CountWindow::new(4);
+        for mark in [FAIL, OK, FAIL, FAIL, OK, FAIL] {
+            w.record(mark); // the window holds FAIL, FAIL, OK, FAIL
+        }
+        assert_eq!(w.totals(), (4, 3, 0));
+        let mut smaller = w.resized(2); // OK, FAIL
+        assert_eq!(smaller.totals(), (2, 1, 0));
+        smaller.record(OK); // FAIL, OK: the oldest kept call leaves first
+        assert_eq!(smaller.totals(), (2, 1, 0));
+        smaller.record(OK);
+        assert_eq!(smaller.totals(), (2, 0, 0));
+        let mut larger = w.resized(10);
+        assert_eq!(larger.totals(), (4, 3, 0));
+        larger.record(OK);
+        assert_eq!(larger.totals(), (5, 3, 0));
+    }
 
     #[test]
     fn count_window_is_the_last_n_calls() {

@@ -8,6 +8,7 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -50,8 +51,15 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The configuration file (TOML). Without one, every default applies.
+    /// SIGHUP re-reads it (with the TOOLWARDEN_* environment) and swaps the
+    /// tool policies in place; a bad file is reported and the running
+    /// configuration kept (see the README, "Reloading").
     #[arg(short, long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Also reload the --config file when it changes (its modification time
+    /// or size, looked at every second).
+    #[arg(long, requires = "config")]
+    pub watch: bool,
     /// The upstream is a Streamable HTTP(S) endpoint (e.g. http://127.0.0.1:3001/mcp
     /// or https://mcp.example.com/mcp) instead of a child process.
     #[arg(long, value_name = "URL")]
@@ -291,7 +299,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
         None => Proxy::gateway(config, shared),
     };
     let proxy = match built {
-        Ok(proxy) => proxy,
+        Ok(proxy) => Arc::new(proxy),
         Err(e) => {
             eprintln!("toolwarden: {e}");
             return ExitCode::from(USAGE);
@@ -309,6 +317,20 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     redactor.set(secrets);
 
     let shutdown = CancellationToken::new();
+    // Reloads: on SIGHUP, and with --watch when the file changes.
+    tokio::spawn(crate::reload::on_hangup(
+        Arc::clone(&proxy),
+        args.config.clone(),
+        shutdown.child_token(),
+    ));
+    if let (true, Some(path)) = (args.watch, &args.config) {
+        tokio::spawn(crate::reload::watch(
+            Arc::clone(&proxy),
+            path.clone(),
+            crate::reload::WATCH_INTERVAL,
+            shutdown.child_token(),
+        ));
+    }
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {

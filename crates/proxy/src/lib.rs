@@ -26,7 +26,7 @@
 //!   overrides; errors name the key.
 //!
 //! And beside the flow: [`cli`] (`toolwarden run`, `check-config` and
-//! `demo`), [`access`] (`Origin`, `Host` and bearer-token checks of the HTTP
+//! `demo`), [`reload`] (`SIGHUP` and `--watch`: new policies, circuits kept), [`access`] (`Origin`, `Host` and bearer-token checks of the HTTP
 //! listeners), [`tool_names`] (tool names refused before the stack),
 //! [`endpoints`] (`/metrics`, `/health`, `/circuits`), [`redact`] (the
 //! upstream's secrets kept out of logs, reports and answers), [`replicas`]
@@ -50,6 +50,7 @@ pub mod progress;
 mod proxy;
 pub mod redact;
 pub mod replicas;
+pub mod reload;
 pub mod stack;
 pub mod tool_names;
 pub mod transport;

@@ -2,17 +2,21 @@
 //! catalog, upstream, tool stack — ready to serve over stdio or HTTP.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use toolwarden_core::ConfigError;
+use arc_swap::ArcSwap;
+use toolwarden::stack::StackLayer;
+use toolwarden_core::{ConfigError, ToolCatalog, ToolPolicy};
 
 use crate::config::Config;
 use crate::config::SessionMode;
+use crate::config::ToolConfig;
 use crate::downstream::{Cores, Downstreams, ProxyCore, SessionUpstreams, Upstreams};
 use crate::gateway::Gateway;
+use crate::reload::{self, ReloadReport};
 use crate::replicas::Replicas;
-use crate::stack::{configure_catalog, tool_stack_layer, SharedState};
+use crate::stack::{configure_catalog, tool_stack_layer, SharedState, ToolStackLayer};
 use crate::upstream::{Upstream, UpstreamTarget};
 
 /// A proxy in front of one upstream server.
@@ -31,7 +35,11 @@ use crate::upstream::{Upstream, UpstreamTarget};
 /// ```
 #[derive(Debug)]
 pub struct Proxy {
-    config: Config,
+    /// The running configuration (replaced by [`reload`](Self::reload)).
+    config: ArcSwap<Config>,
+    /// The layers around every upstream; its lock also makes reloads one
+    /// at a time.
+    layer: Mutex<ToolStackLayer>,
     shared: SharedState,
     upstream: Upstream,
     core: Arc<ProxyCore>,
@@ -80,7 +88,8 @@ impl Proxy {
             config.limits.request_timeout,
         );
         Ok(Proxy {
-            config,
+            config: ArcSwap::from_pointee(config),
+            layer: Mutex::new(layer),
             shared,
             upstream,
             core,
@@ -128,7 +137,8 @@ impl Proxy {
         );
         Ok(Proxy {
             upstream: core.upstream().clone(),
-            config,
+            config: ArcSwap::from_pointee(config),
+            layer: Mutex::new(layer),
             shared,
             core,
             per_session: None,
@@ -188,10 +198,73 @@ impl Proxy {
         &self.shared
     }
 
-    /// The configuration.
+    /// The running configuration (for a gateway, with each
+    /// `[upstreams.NAME.tools."x"]` moved to `[tools."NAME__x"]`).
     #[must_use]
-    pub fn config(&self) -> &Config {
-        &self.config
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The layers around every upstream now (replaced by each reload):
+    /// the breaker registry, statistics, and a stack over any service that
+    /// shares their state.
+    #[must_use]
+    pub fn tool_stack_layer(&self) -> ToolStackLayer {
+        self.layer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Applies `next` (loaded and validated, as by [`Config::load`]) to the
+    /// running proxy: the hot reload of [`crate::reload`], which lists what
+    /// changes and what waits for a restart. New calls use the new
+    /// policies; calls in flight finish under the old ones; sessions and
+    /// upstream connections stay; the circuits keep their state, and the
+    /// layers whose settings did not change keep theirs.
+    ///
+    /// On error (the key named) nothing has changed.
+    pub fn reload(&self, next: Config) -> Result<ReloadReport, ConfigError> {
+        let mut layer = self.layer.lock().unwrap_or_else(PoisonError::into_inner);
+        let running = self.config.load_full();
+        let next = if self.gateway.is_some() {
+            exposed_tools(&running, next)
+        } else {
+            next
+        };
+        let (next, restart_required) = reload::effective(&running, next);
+        next.validate()?;
+        let kept = reload::unchanged_layers(&running, &next);
+        let next_layer = layer.reloaded(&next, &self.shared, &kept)?;
+        // Nothing fails from here on.
+        reconfigure_catalog(&running, &next, &self.shared.catalog);
+        let registry = next_layer.standard().registry();
+        for (name, tool) in &running.tools {
+            let was_disabled = breaker_disabled(Some(tool));
+            if was_disabled && !breaker_disabled(next.tool(name)) {
+                registry.force_close(name);
+            }
+        }
+        self.core.restack(&next_layer);
+        let sessions = self
+            .per_session
+            .as_ref()
+            .map_or(0, |sessions| sessions.restack(&next_layer));
+        *layer = next_layer;
+        self.config.store(Arc::new(next));
+        let renewed = StackLayer::ALL
+            .into_iter()
+            .filter(|l| {
+                !kept.contains(l)
+                    && !matches!(l, StackLayer::CircuitBreaker | StackLayer::Observability)
+            })
+            .collect();
+        Ok(ReloadReport {
+            restart_required,
+            kept,
+            renewed,
+            sessions,
+        })
     }
 
     /// Closes the upstream connection(s) (a child is stopped), within 15 s.
@@ -217,4 +290,47 @@ fn start_replicas(config: &Config, shared: &mut SharedState) -> Result<(), Confi
         shared.replicas = Some(Replicas::start(settings, &shared.events)?);
     }
     Ok(())
+}
+
+/// Whether a tool's table switches its breaker off.
+fn breaker_disabled(tool: Option<&ToolConfig>) -> bool {
+    tool.and_then(|t| t.circuit_breaker.as_ref())
+        .is_some_and(|cb| cb.enabled == Some(false))
+}
+
+/// `[catalog]` and the tools' `safe_to_repeat` / `cacheable` of `next`,
+/// applied over those of `running`: a tool that no longer sets them goes
+/// back to what its annotations say.
+fn reconfigure_catalog(running: &Config, next: &Config, catalog: &ToolCatalog) {
+    for (name, tool) in &running.tools {
+        let had_policy = tool.safe_to_repeat.is_some() || tool.cacheable.is_some();
+        let has_policy = next
+            .tool(name)
+            .is_some_and(|t| t.safe_to_repeat.is_some() || t.cacheable.is_some());
+        if had_policy && !has_policy {
+            catalog.configure(name, ToolPolicy::default());
+        }
+    }
+    configure_catalog(next, catalog);
+}
+
+/// `next` with each `[upstreams.NAME.tools."x"]` moved to the tool's name
+/// as the running gateway exposes it (the upstreams and `[gateway]`, which
+/// decide the prefixes, only change on a restart); the tables of an
+/// upstream that is not running wait for that restart with it.
+fn exposed_tools(running: &Config, mut next: Config) -> Config {
+    let mut moved = Vec::new();
+    for (name, entry) in &mut next.upstreams {
+        let tools = std::mem::take(&mut entry.tools);
+        if running.upstreams.contains_key(name) {
+            let prefix = running.upstream_prefix(name);
+            moved.extend(
+                tools
+                    .into_iter()
+                    .map(|(tool, config)| (format!("{prefix}{tool}"), config)),
+            );
+        }
+    }
+    next.tools.extend(moved);
+    next
 }

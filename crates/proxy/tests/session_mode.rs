@@ -344,3 +344,34 @@ async fn per_session_upstreams_are_bounded_by_max_sessions() {
     h.wait_open(2).await;
     h.finish().await;
 }
+
+/// A reload reaches every open session's own stack (and their upstreams
+/// stay): a quota set on `recall` (one call a minute, shared by the
+/// sessions as the layers' state is) applies to both sessions, and what
+/// each remembered is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_a_reload_reaches_every_open_session() {
+    let per_session = "[upstream]\nsession_mode = \"per_session\"\n";
+    let h = Harness::start(per_session).await;
+    let alice = h.session().await;
+    let bob = h.session().await;
+    h.wait_open(2).await;
+    assert_eq!(call(&alice, "remember", json!({"value": "a"})).await, "ok");
+    assert_eq!(call(&bob, "remember", json!({"value": "b"})).await, "ok");
+
+    let limited = format!(
+        "{per_session}[tools.\"recall\".rate_limit]\nper_tool = {{ rate = \"1/m\", burst = 1 }}\n"
+    );
+    let config = Config::from_toml_str(&limited, std::iter::empty()).unwrap();
+    let report = h.proxy.reload(config).unwrap();
+    assert_eq!(report.sessions, 2, "{report:?}");
+    assert_eq!(call(&alice, "recall", json!({})).await, "a");
+    for client in [&alice, &bob] {
+        let refused = call(client, "recall", json!({})).await;
+        assert!(refused.contains("too many calls to recall"), "{refused}");
+    }
+    // The same two upstream connections: nothing was reconnected.
+    assert_eq!(h.open.load(Ordering::SeqCst), 2);
+    drop((alice, bob));
+    h.finish().await;
+}

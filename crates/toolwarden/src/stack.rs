@@ -188,6 +188,9 @@ pub struct StandardStackBuilder {
     loop_guard: Option<Configure<LoopGuardBuilder>>,
     fallback_cache: Option<Configure<FallbackCacheBuilder>>,
     observability: Option<Configure<ObservabilityBuilder>>,
+    /// [`reload`](StandardStackBuilder::reload): the stack replaced, and
+    /// the [`StackLayer::bit`]s of its layers kept whole.
+    previous: Option<(StandardStackLayer, u8)>,
 }
 
 impl Default for StandardStackBuilder {
@@ -207,6 +210,7 @@ impl Default for StandardStackBuilder {
             loop_guard: None,
             fallback_cache: None,
             observability: None,
+            previous: None,
         }
     }
 }
@@ -222,6 +226,10 @@ impl fmt::Debug for StandardStackBuilder {
             .field("slow_call_duration", &self.slow_call_duration)
             .field("render_errors", &self.render_errors)
             .field("without", &self.left_out())
+            .field(
+                "reload",
+                &self.previous.as_ref().map(|(_, keep)| left_out(*keep)),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -306,6 +314,61 @@ impl StandardStackBuilder {
 
     fn left_out(&self) -> Vec<StackLayer> {
         left_out(self.without)
+    }
+
+    /// Builds the stack that replaces `previous` (a hot reload), over
+    /// `previous`'s state: every layer is configured and checked from this
+    /// builder as usual, and then
+    ///
+    /// - the circuit breaker is `previous`'s, its registry
+    ///   [reconfigured](toolwarden_circuit_breaker::CircuitRegistry::reconfigure)
+    ///   with this builder's policies: every circuit keeps its state and
+    ///   windows. The reconfiguration is the last step of
+    ///   [`build`](Self::build), so a build that fails changes nothing; its
+    ///   registry-wide settings (`name`, `key_by`, `bounds`) must be
+    ///   `previous`'s, or `build` refuses them.
+    /// - observability is `previous`'s (its settings, statistics and
+    ///   metric series): the event sinks every layer reports to stay one.
+    ///   Its closure is still checked, not applied.
+    /// - each layer in `keep` is `previous`'s own, its policy and state (a
+    ///   quota's tokens, the retry budget, the loop history, the cache
+    ///   entries) kept whole: pass the layers whose configuration did not
+    ///   change. Their closures are still checked, not applied.
+    /// - the other layers are new, with fresh state (the rate limit's
+    ///   quotas full, the retry budget full, no loop history, an empty
+    ///   cache), and report to `previous`'s observability.
+    ///
+    /// The attempt timeout, the layers left out and the error rendering
+    /// are this builder's. Services built from `previous` go on with
+    /// `previous`'s layers (a call in flight finishes under the policy it
+    /// started with); put the new stack around the inner service for new
+    /// calls.
+    ///
+    /// ```
+    /// use toolwarden::stack::{StackLayer, StandardStack};
+    /// use toolwarden::circuit_breaker::CircuitState;
+    ///
+    /// let running = StandardStack::builder().circuit_breaker(|b| b.failure_threshold(5)).build().unwrap();
+    /// # let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    /// # rt.block_on(async {
+    /// running.registry().force_open("search");
+    /// let next = StandardStack::builder()
+    ///     .circuit_breaker(|b| b.failure_threshold(2))
+    ///     .reload(&running, [StackLayer::RateLimit, StackLayer::FallbackCache])
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(next.registry().state("search"), Some(CircuitState::ForcedOpen));
+    /// # });
+    /// ```
+    #[must_use]
+    pub fn reload(
+        mut self,
+        previous: &StandardStackLayer,
+        keep: impl IntoIterator<Item = StackLayer>,
+    ) -> Self {
+        let keep = keep.into_iter().fold(0, |bits, layer| bits | layer.bit());
+        self.previous = Some((previous.clone(), keep));
+        self
     }
 
     /// Configures the circuit breaker.
@@ -412,12 +475,25 @@ impl StandardStackBuilder {
         // layer, and the others read its outcome (a closure that sets a
         // classifier of its own gets its own classification).
         let shared = McpClassifier::new().share_outcomes(true);
+        let previous = self.previous;
+        let kept = |layer: StackLayer| {
+            previous
+                .as_ref()
+                .filter(|(_, keep)| keep & layer.bit() != 0)
+                .map(|(previous, _)| previous)
+        };
         let observability = apply(
             ObservabilityLayer::builder().classifier(shared),
             self.observability,
         )
         .build()
         .map_err(|e| e.in_section("observability"))?;
+        // A reload reports to the running observability, so that every
+        // layer, kept or new, feeds one set of statistics and series.
+        let observability = match &previous {
+            Some((previous, _)) => previous.observability.clone(),
+            None => observability,
+        };
         let events = self.events.merge(&observability.events());
 
         let mut breaker = apply(
@@ -430,11 +506,15 @@ impl StandardStackBuilder {
         if let Some(slow) = self.slow_call_duration {
             breaker = breaker.slow_call_duration(slow);
         }
-        let circuit_breaker = breaker
+        let mut circuit_breaker = breaker
             .events(events.clone())
             .build()
             .map_err(|e| e.in_section("circuit_breaker"))?;
-        let registry = circuit_breaker.registry().clone();
+        // A reload keeps the running breakers (reconfigured at the end).
+        let registry = match &previous {
+            Some((previous, _)) => previous.registry().clone(),
+            None => circuit_breaker.registry().clone(),
+        };
 
         // A generous default quota, so the stack protects a server from a
         // storm without getting in the way of normal use; the closure's
@@ -447,6 +527,7 @@ impl StandardStackBuilder {
         .events(events.clone())
         .build()
         .map_err(|e| e.in_section("rate_limit"))?;
+        let rate_limit = kept(StackLayer::RateLimit).map_or(rate_limit, |p| p.rate_limit.clone());
         let on = |layer: StackLayer| self.without & layer.bit() == 0;
         // The stack's deadline goes in first, so the closure sees it; a
         // closure that sets another one contradicts it.
@@ -460,6 +541,7 @@ impl StandardStackBuilder {
             .build()
             .map_err(|e| e.in_section("retry"))?;
         let deadline = retry.deadline();
+        let retry = kept(StackLayer::Retry).map_or(retry, |p| p.retry.clone());
         if let Some(stack_deadline) = self.retry_deadline.filter(|d| *d != deadline) {
             return Err(ConfigError::new(
                 "retry_deadline, retry.deadline",
@@ -505,6 +587,17 @@ impl StandardStackBuilder {
         .events(events.clone())
         .build()
         .map_err(|e| e.in_section("loop_guard"))?;
+        let fallback_cache =
+            kept(StackLayer::FallbackCache).map_or(fallback_cache, |p| p.fallback_cache.clone());
+        let loop_guard = kept(StackLayer::LoopGuard).map_or(loop_guard, |p| p.loop_guard.clone());
+        if let Some((previous, _)) = &previous {
+            // Last, so that a build that fails leaves the running breakers alone.
+            previous
+                .registry()
+                .reconfigure(circuit_breaker.registry())
+                .map_err(|e| e.in_section("circuit_breaker"))?;
+            circuit_breaker = previous.circuit_breaker.clone();
+        }
 
         Ok(StandardStackLayer {
             render_errors: self.render_errors,

@@ -22,6 +22,10 @@
 //! the key (`loop_guard.window_calls`, `tools."search".retry.max_attempts`),
 //! and the environment variable when the value came from one.
 //!
+//! A running proxy re-reads its file on `SIGHUP` (and with `--watch`): the
+//! same checks, then the new policies in place of the old ones, circuits
+//! kept; which keys wait for a restart is listed in [`crate::reload`].
+//!
 //! ```
 //! use toolwarden_proxy::config::Config;
 //! let config = Config::from_toml_str(r#"

@@ -73,18 +73,27 @@ pub struct SessionUpstreams {
     config: UpstreamConfig,
     catalog: ToolCatalog,
     redactor: Arc<Redactor>,
-    layer: ToolStackLayer,
     request_timeout: Duration,
     /// `limits.client_stall_timeout`.
     stall: Duration,
     /// Session numbers, shared by every core: the loop guard keeps each
     /// session's history under `session-<n>`, which must stay unique.
     numbers: Arc<AtomicU64>,
-    /// The upstreams of the cores alive, by lease.
-    live: Mutex<HashMap<u64, Upstream>>,
+    /// The layers put around each new session's upstream, and the
+    /// sessions alive, under one lock so that a reload
+    /// ([`restack`](Self::restack)) reaches every session, those opened
+    /// meanwhile included.
+    live: Mutex<Live>,
     next_lease: AtomicU64,
     /// Set by [`shutdown`](Self::shutdown): cores opened after it never start.
     closed: std::sync::atomic::AtomicBool,
+}
+
+/// See [`SessionUpstreams::live`].
+struct Live {
+    layer: ToolStackLayer,
+    /// The upstream and the core of each session alive, by lease.
+    sessions: HashMap<u64, (Upstream, Weak<ProxyCore>)>,
 }
 
 impl fmt::Debug for SessionUpstreams {
@@ -115,11 +124,13 @@ impl SessionUpstreams {
             config,
             catalog,
             redactor,
-            layer,
             request_timeout: limits.request_timeout,
             stall: limits.client_stall_timeout,
             numbers: Arc::default(),
-            live: Mutex::default(),
+            live: Mutex::new(Live {
+                layer,
+                sessions: HashMap::new(),
+            }),
             next_lease: AtomicU64::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
         })
@@ -137,16 +148,13 @@ impl SessionUpstreams {
             Arc::clone(&self.redactor),
         );
         let lease = self.next_lease.fetch_add(1, Ordering::Relaxed);
-        {
-            let mut live = lock(&self.live);
-            live.insert(lease, upstream.clone());
-        }
+        let mut live = lock(&self.live);
         if self.closed.load(Ordering::Acquire) {
             // Shutting down: a core that can never connect.
             upstream.close();
         }
-        let stack = self.layer.stack(upstream.service());
-        ProxyCore::for_session(
+        let stack = live.layer.stack(upstream.service());
+        let core = ProxyCore::for_session(
             upstream.clone(),
             stack,
             downstreams,
@@ -155,14 +163,41 @@ impl SessionUpstreams {
             Some(Lease {
                 sessions: Arc::downgrade(self),
                 id: lease,
-                upstream,
+                upstream: upstream.clone(),
             }),
-        )
+        );
+        live.sessions
+            .insert(lease, (upstream, Arc::downgrade(&core)));
+        core
+    }
+
+    /// Puts `layer` around every session's upstream, for their calls from
+    /// now on and for the sessions opened later (a configuration reload).
+    /// Returns how many sessions were restacked.
+    pub(crate) fn restack(&self, layer: &ToolStackLayer) -> usize {
+        let cores: Vec<Arc<ProxyCore>> = {
+            let mut live = lock(&self.live);
+            live.layer = layer.clone();
+            live.sessions
+                .values()
+                .filter_map(|(_, core)| core.upgrade())
+                .collect()
+        };
+        // Outside the lock: dropping the last handle on a core takes it
+        // (its lease forgets the session).
+        for core in &cores {
+            core.restack(layer);
+        }
+        cores.len()
     }
 
     /// The upstreams of the sessions open now (started or not).
     fn live_upstreams(&self) -> Vec<Upstream> {
-        lock(&self.live).values().cloned().collect()
+        lock(&self.live)
+            .sessions
+            .values()
+            .map(|(upstream, _)| upstream.clone())
+            .collect()
     }
 
     /// The upstreams started (by a session's `initialize`) and not closed.
@@ -245,7 +280,7 @@ impl fmt::Debug for Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(sessions) = self.sessions.upgrade() {
-            lock(&sessions.live).remove(&self.id);
+            lock(&sessions.live).sessions.remove(&self.id);
         }
         if !self.upstream.is_started() {
             return;

@@ -141,7 +141,15 @@ pub fn tool_stack_layer(
     config: &Config,
     shared: &SharedState,
 ) -> Result<ToolStackLayer, ConfigError> {
-    let standard = standard_stack(config, shared)?;
+    tool_stack_layer_over(config, shared, None)
+}
+
+fn tool_stack_layer_over(
+    config: &Config,
+    shared: &SharedState,
+    previous: Option<(&StandardStackLayer, &[StackLayer])>,
+) -> Result<ToolStackLayer, ConfigError> {
+    let standard = standard::standard_stack_over(config, shared, previous)?;
     install_endpoints(&standard, &shared.endpoints, shared.replicas.as_ref());
     // Names the proxy will not serve are refused before any layer keeps
     // state for them (see `crate::tool_names`).
@@ -172,6 +180,28 @@ impl fmt::Debug for ToolStackLayer {
 }
 
 impl ToolStackLayer {
+    /// The layers `config` describes, replacing these (a configuration
+    /// reload; see [`crate::reload`]): the breakers are these, their
+    /// policies replaced in place (every circuit keeps its state and
+    /// windows); observability is this one (statistics and metric series
+    /// kept); each layer in `keep` is this one's, its state kept whole;
+    /// the others are built anew, with fresh state. A failure changes
+    /// nothing.
+    pub fn reloaded(
+        &self,
+        config: &Config,
+        shared: &SharedState,
+        keep: &[StackLayer],
+    ) -> Result<ToolStackLayer, ConfigError> {
+        tool_stack_layer_over(config, shared, Some((&self.standard, keep)))
+    }
+
+    /// The standard stack's layers (for the breaker registry, say).
+    #[must_use]
+    pub fn standard(&self) -> &StandardStackLayer {
+        &self.standard
+    }
+
     /// The stack over `upstream` (an [`UpstreamService`], or a gateway's
     /// [`GatewayService`](crate::gateway::GatewayService)).
     #[must_use]

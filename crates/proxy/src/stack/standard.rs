@@ -16,6 +16,18 @@ pub fn standard_stack(
     config: &Config,
     shared: &SharedState,
 ) -> Result<StandardStackLayer, ConfigError> {
+    standard_stack_over(config, shared, None)
+}
+
+/// [`standard_stack`], replacing `previous` when given (a reload, see
+/// [`StandardStackBuilder::reload`](toolwarden::stack::StandardStackBuilder::reload)):
+/// its breakers reconfigured, its observability and the layers in `keep`
+/// kept whole.
+pub(crate) fn standard_stack_over(
+    config: &Config,
+    shared: &SharedState,
+    previous: Option<(&StandardStackLayer, &[StackLayer])>,
+) -> Result<StandardStackLayer, ConfigError> {
     let mut builder = StandardStack::builder()
         .catalog(shared.catalog.clone())
         .events(shared.events.clone())
@@ -104,6 +116,9 @@ pub fn standard_stack(
     let observability = config.observability.clone();
     builder = builder.observability(move |b| b.settings(&observability));
 
+    if let Some((previous, keep)) = previous {
+        builder = builder.reload(previous, keep.iter().copied());
+    }
     let layer = builder.build().map_err(|e| proxy_key_names(e, config))?;
     if let Some(sync) = breaker_sync {
         // Other replicas' transitions apply to this stack's circuits.

@@ -6,6 +6,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use crate::downstream::sessions::Lease;
 use crate::downstream::Downstreams;
 use rmcp::model::{ClientRequest, ServerResult};
@@ -14,7 +16,7 @@ use toolwarden_core::BoxError;
 use tower::ServiceExt as _;
 
 use crate::gateway::Gateway;
-use crate::stack::ToolStack;
+use crate::stack::{ToolStack, ToolStackLayer};
 use crate::upstream::{Upstream, UpstreamService};
 
 /// What every session of the proxy shares: the upstream, the tool stack and
@@ -23,8 +25,10 @@ pub struct ProxyCore {
     pub(super) upstream: Upstream,
     pub(super) upstream_service: UpstreamService,
     /// The tool stack, its failures rendered as `isError` results at its
-    /// edge (see "Errors" in the [module docs](super)).
-    stack: RenderErrors<ToolStack>,
+    /// edge (see "Errors" in the [module docs](super)). Replaced whole by a
+    /// configuration reload ([`restack`](Self::restack)); each call loads
+    /// it once (one `ArcSwap` load) and keeps the stack it started with.
+    stack: ArcSwap<RenderErrors<ToolStack>>,
     pub(super) downstreams: Downstreams,
     /// Session numbers; shared by the cores of one [`SessionUpstreams`](crate::downstream::SessionUpstreams).
     pub(super) sessions: Arc<AtomicU64>,
@@ -92,7 +96,7 @@ impl ProxyCore {
         Arc::new(ProxyCore {
             upstream_service: upstream.service(),
             upstream,
-            stack: RenderErrors::new(stack),
+            stack: ArcSwap::from_pointee(RenderErrors::new(stack)),
             downstreams,
             sessions,
             request_timeout,
@@ -116,7 +120,7 @@ impl ProxyCore {
         Arc::new(ProxyCore {
             upstream_service: upstream.service(),
             upstream,
-            stack: RenderErrors::new(stack),
+            stack: ArcSwap::from_pointee(RenderErrors::new(stack)),
             downstreams,
             sessions: Arc::default(),
             request_timeout,
@@ -139,7 +143,18 @@ impl ProxyCore {
     ) -> impl Future<Output = Result<ServerResult, BoxError>> + Send + 'static {
         // Named here, not in the handler's `async fn`: there the compiler
         // cannot prove the future `Send` through `RenderErrors`' bounds.
-        self.stack.clone().oneshot(request)
+        RenderErrors::clone(&self.stack.load()).oneshot(request)
+    }
+
+    /// Puts `layer` around this core's upstream (the gateway's service for
+    /// a gateway's core) for the calls from now on: a configuration
+    /// reload. Calls in flight finish in the stack they started in.
+    pub(crate) fn restack(&self, layer: &ToolStackLayer) {
+        let stack = match &self.gateway {
+            Some(gateway) => layer.stack(gateway.service()),
+            None => layer.stack(self.upstream_service.clone()),
+        };
+        self.stack.store(Arc::new(RenderErrors::new(stack)));
     }
 
     /// Whether this core is one session's own (`per_session` mode).
