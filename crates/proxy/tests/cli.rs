@@ -54,6 +54,7 @@ fn check_config_accepts_the_gateway_example_and_checks_its_upstreams_headers() {
     );
     let printed = text(&out.stdout);
     assert!(printed.contains("[upstreams.time]"), "{printed}");
+    assert!(printed.contains("[redis]"), "{printed}");
     assert!(printed.contains("attempt_timeout = \"5s\""), "{printed}");
     assert!(!printed.contains("t0ken"), "{printed}");
 }
