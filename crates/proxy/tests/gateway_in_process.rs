@@ -151,6 +151,10 @@ struct Fixture {
 }
 
 async fn fixture(mark: bool) -> Fixture {
+    fixture_with(mark, None).await
+}
+
+async fn fixture_with(mark: bool, beta_quota: Option<&str>) -> Fixture {
     let server = |name| Server {
         name,
         down: Arc::default(),
@@ -165,9 +169,11 @@ async fn fixture(mark: bool) -> Fixture {
     entry.connection.attempt_timeout = std::time::Duration::from_millis(200);
     entry.circuit_breaker.failure_threshold = Some(Some(1));
     config.upstreams.insert("alpha".to_owned(), entry);
-    config
-        .upstreams
-        .insert("beta".to_owned(), UpstreamEntry::default());
+    let mut beta_entry = UpstreamEntry::default();
+    if let Some(quota) = beta_quota {
+        beta_entry.rate_limit = Some(toml::from_str(quota).unwrap());
+    }
+    config.upstreams.insert("beta".to_owned(), beta_entry);
     let targets = BTreeMap::from([
         (
             "alpha".to_owned(),
@@ -307,4 +313,32 @@ async fn a_hanging_upstream_is_refused_by_its_breaker_and_marked_in_the_list() {
         .starts_with(UNAVAILABLE_MARK));
     assert_eq!(text(&call(&f.client, "beta__lookup").await), "beta");
     assert!(f.beta.calls.load(Ordering::SeqCst) >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_quota_covers_all_its_requests_and_only_its_own() {
+    let f = fixture_with(false, Some("rate = \"1/min\"\nburst = 2")).await;
+    assert_eq!(text(&call(&f.client, "beta__lookup").await), "beta");
+    // A prompt counts against the same quota as the tool.
+    let prompt = f
+        .client
+        .peer()
+        .get_prompt(GetPromptRequestParams::new("beta__greet"))
+        .await;
+    assert!(prompt.is_ok(), "{prompt:?}");
+    let refused = call(&f.client, "beta__lookup").await;
+    assert_eq!(refused.is_error, Some(true), "{refused:?}");
+    assert!(
+        text(&refused).contains("too many calls to upstream:beta"),
+        "{refused:?}"
+    );
+    assert_eq!(
+        f.beta.calls.load(Ordering::SeqCst),
+        1,
+        "the refused call never reached the server"
+    );
+    // The other upstream has no quota of its own.
+    for _ in 0..3 {
+        assert_eq!(text(&call(&f.client, "alpha__lookup").await), "alpha");
+    }
 }

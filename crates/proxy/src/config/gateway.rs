@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use toolwarden_core::ConfigError;
 
 use toolwarden::circuit_breaker::{CircuitBreakerLayer, CircuitBreakerSettings};
+use toolwarden::rate_limit::{QuotaSettings, RateLimitBuilder, RateLimitLayer};
 
 use super::{SessionMode, ToolConfig, UpstreamConfig};
 
@@ -110,6 +111,13 @@ pub struct UpstreamEntry {
     /// unless set. `enabled = false`: no breaker for this upstream (its
     /// circuit is disabled).
     pub circuit_breaker: CircuitBreakerSettings,
+    /// A quota on every request to this upstream (all its tools and
+    /// methods, every client): `{ rate = "20/s", burst = 5 }`. Past it a
+    /// request is refused with a `retry_after` (a rate-limited answer, not
+    /// a failure of the upstream); with `[redis]` the replicas share it.
+    /// Unset: no quota of its own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<QuotaSettings>,
     /// Per-tool overrides for this upstream's tools, by the exposed name
     /// without the prefix: `[upstreams.docs.tools."search"]` is
     /// `[tools."docs__search"]`.
@@ -227,6 +235,11 @@ impl UpstreamEntry {
         let _ = upstream_breaker("", &self.circuit_breaker)
             .build()
             .map_err(|e| e.in_section("circuit_breaker"))?;
+        if let Some(quota) = &self.rate_limit {
+            let _ = upstream_quota("", quota)
+                .build()
+                .map_err(|e| e.in_section("rate_limit"))?;
+        }
         if self.tools.contains_key("") {
             return Err(ConfigError::new(
                 r#"tools."""#,
@@ -272,4 +285,16 @@ pub(crate) fn in_upstream_table(section: &str, error: &ConfigError) -> ConfigErr
     let field = error.field();
     let field = field.strip_prefix("upstream.").unwrap_or(field);
     ConfigError::new(format!("{section}.{field}"), error.reason())
+}
+
+/// The builder of an upstream's own quota (see
+/// [`UpstreamEntry::rate_limit`]): one key, `upstream:NAME` (apart from any
+/// tool's in a shared Redis), refusing at once past `quota`.
+pub(crate) fn upstream_quota(name: &str, quota: &QuotaSettings) -> RateLimitBuilder {
+    let key = format!("upstream:{name}");
+    let (rate, burst) = quota.quota();
+    RateLimitLayer::builder()
+        .key_by(toolwarden_core::KeyBy::custom(move |_| key.clone()))
+        .limit_all_methods(true)
+        .per_tool(rate, burst)
 }

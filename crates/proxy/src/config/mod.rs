@@ -56,7 +56,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use toolwarden_core::ConfigError;
 
-pub(crate) use gateway::{glob_set, in_upstream_table, upstream_breaker};
+pub(crate) use gateway::{glob_set, in_upstream_table, upstream_breaker, upstream_quota};
 pub use gateway::{GatewayConfig, OpenUpstreams, UpstreamEntry};
 pub use layers::ToolConfig;
 pub use listener::{HttpConfig, LimitsConfig};

@@ -58,7 +58,7 @@ use toolwarden_core::events::Event;
 use toolwarden_core::{ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
 use tower::Layer as _;
 
-use crate::config::{in_upstream_table, upstream_breaker, Config, OpenUpstreams};
+use crate::config::{in_upstream_table, upstream_breaker, upstream_quota, Config, OpenUpstreams};
 use crate::downstream::Downstreams;
 use crate::redact::Redactor;
 use crate::stack::SharedState;
@@ -193,9 +193,25 @@ impl Gateway {
                 sync.attach(breaker.registry().clone());
             }
             let timed = TimedUpstream::new(upstream.service(), entry.connection.attempt_timeout);
+            let guarded = breaker.layer(timed);
+            // Its quota, outside its breaker: a refusal is no outcome of the
+            // upstream's, and never a probe.
+            let service = match &entry.rate_limit {
+                None => MemberService::new(guarded),
+                Some(quota) => {
+                    let mut limit = upstream_quota(&name, quota).events(shared.events.clone());
+                    if let Some(limiter) = shared.replicas.as_ref().and_then(|r| r.limiter()) {
+                        limit = limit.backend(limiter.clone());
+                    }
+                    let limit = limit
+                        .build()
+                        .map_err(|e| e.in_section(&format!("{section}.rate_limit")))?;
+                    MemberService::new(limit.layer(guarded))
+                }
+            };
             members.push(Member {
                 breaker: breaker.registry().clone(),
-                service: MemberService::new(breaker.layer(timed)),
+                service,
                 name,
                 upstream,
                 names,
