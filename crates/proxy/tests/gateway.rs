@@ -12,33 +12,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use support::{component, eventually, free_port, health, http_get, kill, Proxy, LIMIT};
 
-/// The flaky server over Streamable HTTP, on a free port; killed on drop.
-struct HttpServer {
-    child: tokio::process::Child,
-    port: u16,
-}
-
-impl Drop for HttpServer {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
-
-async fn flaky_over_http(python: &std::path::Path) -> HttpServer {
-    let port = free_port();
-    let child = tokio::process::Command::new(python)
-        .arg(support::flaky_server_script())
-        .args(["--http", &port.to_string()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the flaky server starts");
-    support::wait_listening(port, "the flaky server").await;
-    HttpServer { child, port }
-}
-
 fn names(list: &Value, key: &str) -> Vec<String> {
     list["result"][key]
         .as_array()
@@ -84,13 +57,11 @@ async fn three_upstreams_behind_one_gateway() {
     ) else {
         return;
     };
-    let flaky = flaky_over_http(&python).await;
-    let dir = std::env::temp_dir().join(format!("toolwarden-gateway-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let flaky = support::FlakyHttp::start(&python, &[]).await;
+    let config = support::write_temp(
+        "gateway",
+        "gateway.toml",
+        &format!(
             r#"
 [limits]
 reject_unknown_tools = true
@@ -113,8 +84,7 @@ deny = ["flaky_*"]
 "#,
             port = flaky.port
         ),
-    )
-    .unwrap();
+    );
     let metrics = free_port();
     let metrics_addr = format!("127.0.0.1:{metrics}");
     let mut proxy = Proxy::start(

@@ -90,35 +90,8 @@ impl Redis {
 }
 
 /// The flaky server over Streamable HTTP: `flaky_search` always fails.
-struct FlakyServer {
-    _child: Child,
-    port: u16,
-}
-
-async fn flaky_server(python: &Path) -> FlakyServer {
-    let port = free_port();
-    let child = Command::new(python)
-        .arg(support::flaky_server_script())
-        .args(["--http", &port.to_string()])
-        .env("FLAKY_FAILURES", "1000000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the flaky server starts");
-    let up = eventually(LIMIT, || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-    assert!(up.is_some(), "the flaky server never listened on {port}");
-    FlakyServer {
-        _child: child,
-        port,
-    }
+async fn flaky_server(python: &Path) -> support::FlakyHttp {
+    support::FlakyHttp::start(python, &[("FLAKY_FAILURES", "1000000")]).await
 }
 
 /// One replica: the proxy over stdio, its metrics port, its request ids.

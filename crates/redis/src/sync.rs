@@ -60,7 +60,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -147,7 +147,9 @@ pub struct RedisBreakerSync {
     tasks: Arc<Tasks>,
 }
 
-struct Tasks(Mutex<Vec<tokio::task::JoinHandle<()>>>);
+/// The background tasks (aborted when the last clone goes), and whether
+/// the subscriber is among them (it is started once, by the first `attach`).
+struct Tasks(Mutex<Vec<tokio::task::JoinHandle<()>>>, AtomicBool);
 
 impl Drop for Tasks {
     fn drop(&mut self) {
@@ -322,7 +324,10 @@ impl RedisBreakerSyncBuilder {
         Ok(RedisBreakerSync {
             shared,
             outbox,
-            tasks: Arc::new(Tasks(Mutex::new(vec![writer, permit_task]))),
+            tasks: Arc::new(Tasks(
+                Mutex::new(vec![writer, permit_task]),
+                AtomicBool::new(false),
+            )),
         })
     }
 }
@@ -346,14 +351,17 @@ impl RedisBreakerSync {
     }
 
     /// Applies other replicas' state to `registry` from now on (loading the
-    /// persisted states first).
+    /// persisted states first). Attaching again (a reloaded stack) replaces
+    /// the registry; the one subscription goes on.
     pub fn attach(&self, registry: CircuitRegistry) {
         if let Ok(mut slot) = self.shared.registry.lock() {
             *slot = Some(registry);
         }
-        let subscriber = tokio::spawn(subscribe_loop(Arc::clone(&self.shared)));
         if let Ok(mut tasks) = self.tasks.0.lock() {
-            tasks.push(subscriber);
+            if self.tasks.1.swap(true, Ordering::AcqRel) {
+                return;
+            }
+            tasks.push(tokio::spawn(subscribe_loop(Arc::clone(&self.shared))));
         }
     }
 

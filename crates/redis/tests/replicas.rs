@@ -57,6 +57,25 @@ async fn trip(replica: &Replica, tool: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attaching_again_keeps_one_subscription() {
+    let Some(bin) = redis_bin() else {
+        return;
+    };
+    let server = RedisServer::start(&bin).await;
+    let a = replica(&server, "a", RemoteOpenPolicy::Follow).await;
+    let b = replica(&server, "b", RemoteOpenPolicy::Follow).await;
+    // A reloaded stack attaches its registry again.
+    b.sync.attach(b.layer.registry().clone());
+    trip(&a, "search").await;
+    wait("b hearing a", || b.sync.stats().received >= 1).await;
+    // A second subscription would have heard it too, at the same time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = b.sync.stats();
+    assert_eq!((stats.received, stats.resyncs), (1, 1), "{stats:?}");
+    assert_eq!(b.layer.registry().state("search"), Some(CircuitState::Open));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follow_opens_the_other_replica() {
     let Some(bin) = redis_bin() else { return };
     let server = RedisServer::start(&bin).await;

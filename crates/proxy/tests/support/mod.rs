@@ -47,6 +47,48 @@ pub fn flaky_server_script() -> PathBuf {
     ))
 }
 
+/// The flaky server (see [`flaky_server_script`]) over Streamable HTTP at
+/// `http://127.0.0.1:PORT/mcp`, run by `python` with `env`; killed on drop.
+pub struct FlakyHttp {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for FlakyHttp {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+impl FlakyHttp {
+    /// Starts it on a free port and waits until it listens.
+    pub async fn start(python: &std::path::Path, env: &[(&str, &str)]) -> FlakyHttp {
+        let port = free_port();
+        let child = Command::new(python)
+            .arg(flaky_server_script())
+            .args(["--http", &port.to_string()])
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the flaky server starts");
+        wait_listening(port, "the flaky server").await;
+        FlakyHttp { child, port }
+    }
+}
+
+/// Writes `contents` to the file `name` in a directory of this test
+/// process's own (`toolwarden-<tag>-<pid>` under the temp dir).
+pub fn write_temp(tag: &str, name: &str, contents: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("toolwarden-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path
+}
+
 /// A free loopback port (bound, read, released).
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
