@@ -14,6 +14,9 @@
 //!   the upstream's `attempt_timeout`) across all its tools, and while it is
 //!   open every request to that upstream is refused at once with a
 //!   `retry_after`. The per-tool breakers of the stack stay as they are.
+//! - **A quota per upstream** (`rate_limit` in its table), outside its
+//!   breaker, over every request to it; with `[redis]` the replicas share
+//!   it, as they share its breaker (keyed by the upstream's name).
 //! - **Visibility.** An upstream is *available* while it is connected and
 //!   its breaker lets calls through. The tools of an unavailable upstream
 //!   are hidden from `tools/list` (or marked, `gateway.open_upstreams =
