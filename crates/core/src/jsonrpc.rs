@@ -21,6 +21,7 @@ use crate::{Attempt, Fingerprint, SessionKey};
 use http::Extensions;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use smol_str::SmolStr;
 
 /// The JSON-RPC protocol version string every message carries.
 pub const JSONRPC_VERSION: &str = "2.0";
@@ -120,6 +121,54 @@ struct InlineFacts {
     fingerprint: Option<Fingerprint>,
     attempt: Option<Attempt>,
     session: Option<SessionKey>,
+    /// What the params say of the call, read when the request is made
+    /// (see [`ParamFacts`]).
+    params: Option<ParamFacts>,
+}
+
+/// What a request's params say, found in one pass over their members when
+/// the request is made (six layers ask for the tool name of every call).
+///
+/// The facts keep a clone of the params' `Arc`. That keeps them right
+/// without watching the public `params` field: while the clone lives, the
+/// params cannot be edited in place (`Arc::make_mut` copies them, and
+/// `Arc::get_mut` refuses), and params replaced or copied that way are
+/// another allocation, so a pointer comparison tells whether the facts are
+/// still the params'. When they are not, the request reads its params
+/// again on every ask.
+#[derive(Debug, Clone)]
+struct ParamFacts {
+    params: Arc<Value>,
+    tool: Option<SmolStr>,
+    continuation: bool,
+}
+
+impl ParamFacts {
+    fn read(params: &Arc<Value>) -> Self {
+        let (tool, continuation) = read_params(params);
+        ParamFacts {
+            params: Arc::clone(params),
+            tool: tool.map(SmolStr::new),
+            continuation,
+        }
+    }
+}
+
+/// The tool name and whether the params carry a continuation (an MRTR
+/// retry's `inputResponses` or `requestState`): one walk over the members.
+fn read_params(params: &Value) -> (Option<&str>, bool) {
+    let Some(obj) = params.as_object() else {
+        return (None, false);
+    };
+    let (mut tool, mut continuation) = (None, false);
+    for (key, value) in obj {
+        match key.as_str() {
+            "name" => tool = value.as_str(),
+            "inputResponses" | "requestState" => continuation = true,
+            _ => {}
+        }
+    }
+    (tool, continuation)
 }
 
 impl Request {
@@ -129,12 +178,16 @@ impl Request {
         method: impl Into<Cow<'static, str>>,
         params: Option<Value>,
     ) -> Self {
+        let params = params.map(Arc::new);
         Request {
             id: id.into(),
             method: method.into(),
-            params: params.map(Arc::new),
             extensions: Extensions::new(),
-            facts: InlineFacts::default(),
+            facts: InlineFacts {
+                params: params.as_ref().map(ParamFacts::read),
+                ..InlineFacts::default()
+            },
+            params,
         }
     }
 
@@ -183,6 +236,23 @@ impl Request {
     /// The params as an object, if they are one.
     pub fn params_object(&self) -> Option<&Map<String, Value>> {
         self.params.as_deref().and_then(Value::as_object)
+    }
+
+    /// The `name` member of the params and whether they carry a
+    /// continuation: read when the request was made, and read again on
+    /// every ask once its params were replaced or edited (see
+    /// [`ParamFacts`]).
+    #[inline]
+    pub(crate) fn param_facts(&self) -> (Option<&str>, bool) {
+        let Some(params) = &self.params else {
+            return (None, false);
+        };
+        match &self.facts.params {
+            Some(facts) if Arc::ptr_eq(&facts.params, params) => {
+                (facts.tool.as_deref(), facts.continuation)
+            }
+            _ => read_params(params),
+        }
     }
 
     /// Serialises the request to its wire form.
@@ -438,13 +508,7 @@ impl Message {
         }
         match obj.remove("method") {
             Some(Value::String(method)) => Ok(match id {
-                Some(id) => Message::Request(Request {
-                    id,
-                    method: Cow::Owned(method),
-                    params: params.map(Arc::new),
-                    extensions: Extensions::new(),
-                    facts: InlineFacts::default(),
-                }),
+                Some(id) => Message::Request(Request::new(id, method, params)),
                 None => Message::Notification(Notification { method, params }),
             }),
             Some(_) => Err(MessageError::invalid(err_id, "method is not a string")),

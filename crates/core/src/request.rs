@@ -151,7 +151,7 @@ impl McpRequest for jsonrpc::Request {
         if !is_tools_call(&self.method) {
             return None;
         }
-        member(self.params_object()?, "name")?.as_str()
+        self.param_facts().0
     }
 
     fn arguments(&self) -> Option<&Map<String, Value>> {
@@ -162,10 +162,7 @@ impl McpRequest for jsonrpc::Request {
     }
 
     fn is_continuation(&self) -> bool {
-        self.params_object().is_some_and(|p| {
-            p.keys()
-                .any(|k| matches!(k.as_str(), "inputResponses" | "requestState"))
-        })
+        self.param_facts().1
     }
 
     fn request_id(&self) -> Option<&Id> {
@@ -605,6 +602,28 @@ mod tests {
             Some(json!({"name": "x", "arguments": {}, "requestState": "abc"})),
         );
         assert!(req.is_continuation());
+    }
+
+    #[test]
+    fn the_tool_name_follows_edited_params() {
+        let mut req = jsonrpc::Request::tool_call(1, "search", json!({"q": "x"}));
+        assert_eq!(req.tool_name(), Some("search"));
+        assert!(!req.is_continuation());
+        // Edited in place: the facts read before hold the params' Arc, so
+        // this copies them, and the name is read from the copy.
+        let params = req.params.as_mut().unwrap();
+        std::sync::Arc::make_mut(params)["name"] = json!("fetch");
+        std::sync::Arc::make_mut(params)["requestState"] = json!("s");
+        assert_eq!(req.tool_name(), Some("fetch"));
+        assert!(req.is_continuation());
+        // Replaced.
+        req.params = Some(std::sync::Arc::new(json!({"name": "list"})));
+        assert_eq!(req.tool_name(), Some("list"));
+        assert!(!req.is_continuation());
+        // A clone reads the same facts.
+        assert_eq!(req.clone().tool_name(), Some("list"));
+        req.params = None;
+        assert_eq!(req.tool_name(), None);
     }
 
     #[test]
