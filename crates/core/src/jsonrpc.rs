@@ -136,11 +136,21 @@ struct InlineFacts {
 /// another allocation, so a pointer comparison tells whether the facts are
 /// still the params'. When they are not, the request reads its params
 /// again on every ask.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct ParamFacts {
     params: Arc<Value>,
     tool: Option<SmolStr>,
     continuation: bool,
+}
+
+impl fmt::Debug for ParamFacts {
+    /// The facts, not the params a second time.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ParamFacts")
+            .field("tool", &self.tool)
+            .field("continuation", &self.continuation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ParamFacts {
