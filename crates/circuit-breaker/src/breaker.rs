@@ -317,7 +317,7 @@ struct LazyNow(Option<Instant>);
 
 impl LazyNow {
     fn get(&mut self) -> Instant {
-        *self.0.get_or_insert_with(Instant::now)
+        *self.0.get_or_insert_with(toolwarden_core::time::now)
     }
 }
 
@@ -440,12 +440,14 @@ impl Breaker {
 
     #[inline]
     fn start_time(&self) -> Option<Instant> {
-        self.tracks_slow.load(Ordering::Relaxed).then(Instant::now)
+        self.tracks_slow
+            .load(Ordering::Relaxed)
+            .then(toolwarden_core::time::now)
     }
 
     #[cold]
     fn admit_slow(&self) -> Admission {
-        let now = Instant::now();
+        let now = toolwarden_core::time::now();
         let now_ns = self.ns_since_epoch(now);
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {

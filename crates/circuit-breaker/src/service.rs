@@ -92,6 +92,8 @@ where
 
     #[inline]
     fn call(&mut self, req: R) -> Self::Future {
+        // One clock reading for this call, here and in the layers below.
+        let _now = toolwarden_core::time::CallInstant::hold();
         let kind = if req.is_tool_call() {
             CallKind::ToolCall
         } else {

@@ -122,8 +122,9 @@ struct InlineFacts {
     attempt: Option<Attempt>,
     session: Option<SessionKey>,
     /// What the params say of the call, read when the request is made
-    /// (see [`ParamFacts`]).
-    params: Option<ParamFacts>,
+    /// (see [`ParamFacts`]); behind a pointer, because requests are moved
+    /// and copied into every layer's future.
+    params: Option<Arc<ParamFacts>>,
 }
 
 /// What a request's params say, found in one pass over their members when
@@ -136,7 +137,6 @@ struct InlineFacts {
 /// another allocation, so a pointer comparison tells whether the facts are
 /// still the params'. When they are not, the request reads its params
 /// again on every ask.
-#[derive(Clone)]
 struct ParamFacts {
     params: Arc<Value>,
     tool: Option<SmolStr>,
@@ -194,7 +194,7 @@ impl Request {
             method: method.into(),
             extensions: Extensions::new(),
             facts: InlineFacts {
-                params: params.as_ref().map(ParamFacts::read),
+                params: params.as_ref().map(|p| Arc::new(ParamFacts::read(p))),
                 ..InlineFacts::default()
             },
             params,

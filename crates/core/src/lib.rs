@@ -57,6 +57,7 @@ pub mod rmcp;
 pub mod settings;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;
 
 use std::fmt;
 

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
-use tokio::time::Instant;
 use toolwarden_core::{BoxError, Classify, Fingerprint, McpClassifier, McpRequest, McpResponse};
 use tower_service::Service;
 
@@ -165,11 +164,11 @@ where
         };
         let id = req.request_id().cloned();
         if let (Some(fingerprint), Some(ttl)) = (fingerprint, config.fresh_ttl) {
-            if let Some((mut response, _age)) =
-                self.shared
-                    .cache
-                    .lookup::<S::Response>(&fingerprint, ttl, Instant::now())
-            {
+            if let Some((mut response, _age)) = self.shared.cache.lookup::<S::Response>(
+                &fingerprint,
+                ttl,
+                toolwarden_core::time::now(),
+            ) {
                 // The inner service's readiness is not consumed: it stays
                 // reserved for the next call.
                 if let Some(id) = &id {

@@ -114,6 +114,8 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
+        // One clock reading for this call, here and in the layers below.
+        let _now = toolwarden_core::time::CallInstant::hold();
         let guarded = match request.tool_name() {
             // Not a tools/call: untouched.
             None => None,

@@ -101,7 +101,7 @@ impl Shared {
     /// Milliseconds since the guard was built, on tokio's clock.
     #[inline]
     pub(crate) fn now_ms(&self) -> u64 {
-        let elapsed = Instant::now().saturating_duration_since(self.epoch);
+        let elapsed = toolwarden_core::time::now().saturating_duration_since(self.epoch);
         u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
     }
 

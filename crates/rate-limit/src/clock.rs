@@ -83,15 +83,11 @@ impl Reference for TokioInstant {
     }
 }
 
-thread_local! {
-    /// The reading that judges the call being admitted on this thread, if any.
-    static CALL_INSTANT: std::cell::Cell<Option<TokioInstant>> = const { std::cell::Cell::new(None) };
-}
-
 /// [`TokioClock`], except that while a [`CallInstant`] is held on this
-/// thread it answers that reading: a call checked against two quotas reads
-/// the clock once (a clock read costs as much as a GCRA update), and both
-/// quotas judge it at the same instant.
+/// thread it answers that reading (see [`toolwarden_core::time`]): a call
+/// checked against two quotas reads the clock once (a clock read costs as
+/// much as a GCRA update), both quotas judge it at the same instant, and
+/// the other layers of a stack share that reading too.
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct CallClock;
 
@@ -100,36 +96,11 @@ impl Clock for CallClock {
 
     #[inline]
     fn now(&self) -> TokioInstant {
-        CALL_INSTANT
-            .with(std::cell::Cell::get)
-            .unwrap_or_else(|| TokioClock.now())
+        TokioInstant(toolwarden_core::time::now())
     }
 }
 
-/// Holds one clock reading for [`CallClock`] on this thread until dropped.
-/// Only held across synchronous code (never across an `.await`). Holds
-/// nest: an inner hold keeps the outer reading and leaves it in place.
-#[derive(Debug)]
-pub(crate) struct CallInstant(Option<TokioInstant>);
-
-impl CallInstant {
-    #[inline]
-    pub(crate) fn hold() -> Self {
-        let outer = CALL_INSTANT.with(std::cell::Cell::get);
-        if outer.is_none() {
-            CALL_INSTANT.with(|instant| instant.set(Some(TokioClock.now())));
-        }
-        CallInstant(outer)
-    }
-}
-
-impl Drop for CallInstant {
-    #[inline]
-    fn drop(&mut self) {
-        let outer = self.0;
-        CALL_INSTANT.with(|instant| instant.set(outer));
-    }
-}
+pub(crate) use toolwarden_core::time::CallInstant;
 
 /// `Nanos::from(Duration)` panics past 584 years; saturate instead.
 #[inline]

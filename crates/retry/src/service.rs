@@ -5,7 +5,6 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::time::Instant;
 use toolwarden_core::{Attempt, BoxError, Classify, McpClassifier, McpRequest, McpResponse};
 use tower_service::Service;
 
@@ -87,6 +86,8 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
+        // One clock reading for this call, here and in the layers below.
+        let _now = toolwarden_core::time::CallInstant::hold();
         // The ready service answers this attempt; the future keeps it for the
         // retries, and this handle gets a fresh clone that must be polled
         // ready again (tower's readiness contract).
@@ -96,7 +97,7 @@ where
         // The call's knobs, chosen once: its tool's override or the layer's.
         let (index, policy) = self.shared.policy.select(&request);
         let retry = (policy.max_attempts > 1).then(|| {
-            let started = Instant::now();
+            let started = toolwarden_core::time::now();
             let budget = self.shared.budget.deposit(&request, started);
             // Kept without an `Attempt`: each retry stamps its own.
             RetryState {

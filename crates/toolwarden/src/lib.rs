@@ -48,6 +48,8 @@ mod builder_ext;
 mod render;
 #[cfg(feature = "stack")]
 pub mod stack;
+#[cfg(feature = "stack")]
+mod timeout;
 
 pub use builder_ext::ServiceBuilderExt;
 pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};

@@ -77,12 +77,12 @@ use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer};
 use toolwarden_observability::{Observability, ObservabilityBuilder, ObservabilityLayer, Stats};
 use toolwarden_rate_limit::{Mode, Rate, RateLimit, RateLimitBuilder, RateLimitLayer};
 use toolwarden_retry::{RetryBackoff, RetryBackoffBuilder, RetryBackoffLayer};
-use tower::timeout::{Timeout, TimeoutLayer};
 use tower::util::Either;
 use tower::ServiceBuilder;
 use tower_layer::Layer;
 
 use crate::render::RenderErrors;
+pub use crate::timeout::{AttemptTimeout, AttemptTimeoutFuture};
 
 /// The service the standard stack builds over `S`: every layer that can be
 /// left out ([`StackLayer`]) is an [`Either`] of the layer's service (`Left`)
@@ -90,7 +90,7 @@ use crate::render::RenderErrors;
 pub type StandardService<S> = RenderErrors<Optional<Observability<Guarded<S>>, Guarded<S>>>;
 
 type Optional<L, S> = Either<L, S>;
-type Broken<S> = Optional<CircuitBreaker<Timeout<S>>, Timeout<S>>;
+type Broken<S> = Optional<CircuitBreaker<AttemptTimeout<S>>, AttemptTimeout<S>>;
 type Limited<S> = Optional<RateLimit<Broken<S>>, Broken<S>>;
 type Retried<S> = Optional<RetryBackoff<Limited<S>>, Limited<S>>;
 type Cached<S> = Optional<FallbackCache<Retried<S>>, Retried<S>>;
@@ -703,8 +703,7 @@ impl<S> Layer<S> for StandardStackLayer {
             .option_layer(on(StackLayer::Retry).then(|| self.retry.clone()))
             .option_layer(on(StackLayer::RateLimit).then(|| self.rate_limit.clone()))
             .option_layer(on(StackLayer::CircuitBreaker).then(|| self.circuit_breaker.clone()))
-            .layer(TimeoutLayer::new(self.attempt_timeout))
-            .service(inner);
+            .service(AttemptTimeout::new(inner, self.attempt_timeout));
         let render = RenderErrors::new(service);
         if self.render_errors {
             render
