@@ -29,11 +29,7 @@ fn generate(out_dir: &Path) -> String {
         .build_transport(false)
         .emit_rerun_if_changed(false)
         .out_dir(out_dir)
-        .compile_with_config(
-            config,
-            &[root().join(PROTO)],
-            &[root().join("proto")],
-        )
+        .compile_with_config(config, &[root().join(PROTO)], &[root().join("proto")])
         .expect("tonic-prost-build compiles the proto");
     std::fs::read_to_string(out_dir.join("toolwarden.mcp.v1.rs")).expect("generated module")
 }

@@ -64,16 +64,16 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
+use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
 use toolwarden::stack::{StandardService, StandardStack, StandardStackLayer};
 use toolwarden_core::classify::classify_error_chain;
 use toolwarden_core::jsonrpc::{ErrorObject, Request, Response};
 use toolwarden_core::rejection::find_rejection;
 use toolwarden_core::{
-    BoxError, Event, Events, FailureClass, FailureReport, McpRequest, OutcomeKind,
-    SessionKey, ToolCatalog,
+    BoxError, Event, Events, FailureClass, FailureReport, McpRequest, OutcomeKind, SessionKey,
+    ToolCatalog,
 };
-use tonic::metadata::MetadataValue;
-use tonic::{Code, Status};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 
@@ -112,7 +112,12 @@ impl GuardedTools {
         }
     }
 
-    fn request<T>(&self, grpc: &tonic::Request<T>, method: &'static str, params: Option<Value>) -> Result<Request, Status> {
+    fn request<T>(
+        &self,
+        grpc: &tonic::Request<T>,
+        method: &'static str,
+        params: Option<Value>,
+    ) -> Result<Request, Status> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut request = Request::new(id, method, params);
         let session = match grpc.metadata().get(SESSION) {
@@ -155,8 +160,14 @@ impl McpTools for GuardedTools {
     ) -> Result<tonic::Response<ListToolsResponse>, Status> {
         let call = self.request(&request, "tools/list", None)?;
         let result = match self.drive(call).await {
-            Ok(Response { payload: Ok(result), .. }) => result,
-            Ok(Response { payload: Err(error), .. }) => return Err(status_of("tools/list", &error)),
+            Ok(Response {
+                payload: Ok(result),
+                ..
+            }) => result,
+            Ok(Response {
+                payload: Err(error),
+                ..
+            }) => return Err(status_of("tools/list", &error)),
             Err(error) => return Err(status_of("tools/list", error.as_ref())),
         };
         let tools = result
@@ -168,8 +179,14 @@ impl McpTools for GuardedTools {
             .map(|tool| Tool {
                 name: text(tool, "name"),
                 description: text(tool, "description"),
-                input_schema_json: tool.get("inputSchema").map(Value::to_string).unwrap_or_default(),
-                annotations_json: tool.get("annotations").map(Value::to_string).unwrap_or_default(),
+                input_schema_json: tool
+                    .get("inputSchema")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
+                annotations_json: tool
+                    .get("annotations")
+                    .map(Value::to_string)
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(tonic::Response::new(ListToolsResponse { tools }))
@@ -179,7 +196,10 @@ impl McpTools for GuardedTools {
         &self,
         request: tonic::Request<CallToolRequest>,
     ) -> Result<tonic::Response<CallToolResponse>, Status> {
-        let CallToolRequest { name, arguments_json } = request.get_ref().clone();
+        let CallToolRequest {
+            name,
+            arguments_json,
+        } = request.get_ref().clone();
         if name.is_empty() {
             return Err(Status::invalid_argument("name must name a tool"));
         }
@@ -204,20 +224,33 @@ impl McpTools for GuardedTools {
         let params = json!({"name": name, "arguments": arguments});
         let call = self.request(&request, toolwarden_core::TOOLS_CALL, Some(params))?;
         match self.drive(call).await {
-            Ok(Response { payload: Ok(result), .. }) => Ok(tonic::Response::new(response_of(result))),
-            Ok(Response { payload: Err(error), .. }) => Err(status_of(&name, &error)),
+            Ok(Response {
+                payload: Ok(result),
+                ..
+            }) => Ok(tonic::Response::new(response_of(result))),
+            Ok(Response {
+                payload: Err(error),
+                ..
+            }) => Err(status_of(&name, &error)),
             Err(error) => Err(status_of(&name, error.as_ref())),
         }
     }
 }
 
 /// The tonic service of `tools` behind `stack`.
-pub fn grpc_service(stack: &StandardStackLayer, tools: ToolHandler) -> McpToolsServer<GuardedTools> {
+pub fn grpc_service(
+    stack: &StandardStackLayer,
+    tools: ToolHandler,
+) -> McpToolsServer<GuardedTools> {
     McpToolsServer::new(GuardedTools::new(stack, tools))
 }
 
 fn text(value: &Value, field: &str) -> String {
-    value.get(field).and_then(Value::as_str).unwrap_or_default().to_owned()
+    value
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -242,9 +275,17 @@ pub fn response_of(result: Value) -> CallToolResponse {
         .map(|block| {
             let kind = text(block, "type");
             if kind == "text" {
-                Content { text: text(block, "text"), r#type: kind, json: String::new() }
+                Content {
+                    text: text(block, "text"),
+                    r#type: kind,
+                    json: String::new(),
+                }
             } else {
-                Content { r#type: kind, text: String::new(), json: block.to_string() }
+                Content {
+                    r#type: kind,
+                    text: String::new(),
+                    json: block.to_string(),
+                }
             }
         })
         .collect();
@@ -253,7 +294,10 @@ pub fn response_of(result: Value) -> CallToolResponse {
         .and_then(|meta| meta.get("toolwarden/stale"))
         .filter(|stale| stale.get("stale") == Some(&Value::Bool(true)))
         .map(|stale| Stale {
-            age_seconds: stale.get("ageSeconds").and_then(Value::as_f64).unwrap_or_default(),
+            age_seconds: stale
+                .get("ageSeconds")
+                .and_then(Value::as_f64)
+                .unwrap_or_default(),
             reason: text(stale, "reason"),
         });
     CallToolResponse {
@@ -384,7 +428,10 @@ pub fn demo_tools() -> (ToolHandler, Arc<HandlerCalls>) {
                 return Ok(Response::result(id, demo_tools_list()));
             }
             let Some(tool) = request.tool_name().map(str::to_owned) else {
-                return Ok(Response::error(id, ErrorObject::new(-32601, format!("Method not found: {}", request.method))));
+                return Ok(Response::error(
+                    id,
+                    ErrorObject::new(-32601, format!("Method not found: {}", request.method)),
+                ));
             };
             let argument = |field: &str| {
                 request
@@ -398,11 +445,16 @@ pub fn demo_tools() -> (ToolHandler, Arc<HandlerCalls>) {
             let n = calls.count(&tool);
             let result = match tool.as_str() {
                 "quote" if n % 2 == 1 => tool_result("quote service temporarily unavailable", true),
-                "quote" => tool_result(format!("quote #{n}: make it work, then make it fast"), false),
+                "quote" => tool_result(
+                    format!("quote #{n}: make it work, then make it fast"),
+                    false,
+                ),
                 "inventory" => tool_result("inventory database crashed", true),
                 "search" => tool_result(format!("3 products match {:?}", argument("q")), false),
                 "lookup" => tool_result(format!("order {} not found", argument("order")), true),
-                "weather" if n == 1 => tool_result(format!("{}: 21 °C, clear", argument("city")), false),
+                "weather" if n == 1 => {
+                    tool_result(format!("{}: 21 °C, clear", argument("city")), false)
+                }
                 "weather" => {
                     return Err(Box::new(std::io::Error::new(
                         std::io::ErrorKind::ConnectionReset,
@@ -437,7 +489,10 @@ impl EventLog {
 
     /// Takes the events so far.
     pub fn take(&self) -> Vec<String> {
-        self.0.lock().map(|mut log| std::mem::take(&mut *log)).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|mut log| std::mem::take(&mut *log))
+            .unwrap_or_default()
     }
 
     fn events(&self) -> Events {
@@ -445,20 +500,31 @@ impl EventLog {
         Events::new().with(move |event: &Event<'_>| {
             if let Ok(mut log) = log.0.lock() {
                 if log.len() < Self::MAX {
-                    log.push(format!("{} {}", event.name(), event.subject().unwrap_or("")));
+                    log.push(format!(
+                        "{} {}",
+                        event.name(),
+                        event.subject().unwrap_or("")
+                    ));
                 }
             }
         })
     }
 }
 
-/// The demo's stack: a breaker that opens after 3 failures, 3 attempts
+/// The demo's stack: a breaker that opens after 3 failures in a row (the
+/// failure-rate policy off, so each scene shows one rule), 3 attempts
 /// 10 ms apart, `search` limited to 2 calls a minute, the loop guard's
 /// defaults (4th identical call after 3 failures), stale results up to a
 /// minute old. The catalog is filled from the tools' own `tools/list`,
 /// annotations trusted (they are this process's own tools).
-pub async fn demo_stack(tools: &ToolHandler, log: &EventLog) -> Result<StandardStackLayer, BoxError> {
-    let listed = tools.clone().oneshot(Request::new(0, "tools/list", None)).await?;
+pub async fn demo_stack(
+    tools: &ToolHandler,
+    log: &EventLog,
+) -> Result<StandardStackLayer, BoxError> {
+    let listed = tools
+        .clone()
+        .oneshot(Request::new(0, "tools/list", None))
+        .await?;
     let catalog = ToolCatalog::new();
     if let Ok(list) = &listed.payload {
         catalog.fill_from_tools_list(list);
@@ -472,11 +538,20 @@ pub async fn demo_stack(tools: &ToolHandler, log: &EventLog) -> Result<StandardS
         .retry_deadline(Duration::from_secs(5))
         .circuit_breaker(|b| {
             b.failure_threshold(3)
+                .failure_rate_threshold(None)
                 .minimum_calls(3)
                 .reset_timeout(Duration::from_secs(30))
         })
-        .retry(|b| b.max_attempts(3).base_delay(Duration::from_millis(10)).max_delay(Duration::from_millis(50)))
-        .rate_limit(|b| b.tool("search", |b| b.per_tool(toolwarden::rate_limit::Rate::per_minute(2), 2)))
+        .retry(|b| {
+            b.max_attempts(3)
+                .base_delay(Duration::from_millis(10))
+                .max_delay(Duration::from_millis(50))
+        })
+        .rate_limit(|b| {
+            b.tool("search", |b| {
+                b.per_tool(toolwarden::rate_limit::Rate::per_minute(2), 2)
+            })
+        })
         .fallback_cache(|b| b.degrade(false).max_staleness(Duration::from_secs(60)))
         .build()?;
     Ok(stack)
@@ -502,15 +577,26 @@ impl Running {
 }
 
 /// Serves `service` on `listener` until [`Running::stop`].
-pub fn serve(listener: TcpListener, service: McpToolsServer<GuardedTools>) -> Result<Running, BoxError> {
+pub fn serve(
+    listener: TcpListener,
+    service: McpToolsServer<GuardedTools>,
+) -> Result<Running, BoxError> {
     let addr = listener.local_addr()?;
     let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
     // TCP_NODELAY: small answers are not held back for the delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(
-        tonic::transport::Server::builder().serve_with_incoming_shutdown(service, incoming, async {
-            let _ = stopped.await;
-        }),
+        tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            service,
+            incoming,
+            async {
+                let _ = stopped.await;
+            },
+        ),
     );
-    Ok(Running { addr, shutdown: Some(shutdown), task })
+    Ok(Running {
+        addr,
+        shutdown: Some(shutdown),
+        task,
+    })
 }

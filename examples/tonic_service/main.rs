@@ -32,8 +32,8 @@ mod pb;
 use grpc::{EventLog, LAYER, RETRY_AFTER_MS};
 use pb::mcp_tools_client::McpToolsClient;
 use pb::{CallToolRequest, ListToolsRequest};
-use toolwarden_core::BoxError;
 use tonic::transport::{Channel, Endpoint};
+use toolwarden_core::BoxError;
 
 type Client = McpToolsClient<Channel>;
 
@@ -108,7 +108,10 @@ async fn main() -> Result<(), BoxError> {
     };
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let server = grpc::serve(listener, grpc::grpc_service(&stack, tools))?;
-    println!("serving toolwarden.mcp.v1.McpTools at http://{}", server.addr);
+    println!(
+        "serving toolwarden.mcp.v1.McpTools at http://{}",
+        server.addr
+    );
     if serve_forever {
         tokio::signal::ctrl_c().await?;
         return server.stop().await;
@@ -157,7 +160,11 @@ async fn main() -> Result<(), BoxError> {
 
     println!("\nper-tool statistics (observability):");
     let snapshot = serde_json::to_value(stack.stats().snapshot())?;
-    for tool in snapshot["tools"].as_array().map(Vec::as_slice).unwrap_or_default() {
+    for tool in snapshot["tools"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
         println!(
             "  {:<10} calls {}  errors {}  outcomes {}",
             tool["name"].as_str().unwrap_or_default(),
