@@ -16,7 +16,8 @@
 //! `tower::Service` built as `StandardStack` over the tool handler (itself
 //! any `tower::Service<jsonrpc::Request>`, here a `service_fn`). Everything
 //! that is about HTTP/2 (timeouts, concurrency limits, TLS, tracing) stays
-//! on tonic's own server builder, as usual.
+//! on tonic's own server builder, as usual ([`serve`] bounds each
+//! request's time and each connection's concurrent requests there).
 //!
 //! # The stack at a gRPC edge
 //!
@@ -199,14 +200,14 @@ impl McpTools for GuardedTools {
         let CallToolRequest {
             name,
             arguments_json,
-        } = request.get_ref().clone();
+        } = request.get_ref();
         if name.is_empty() {
             return Err(Status::invalid_argument("name must name a tool"));
         }
         let arguments = if arguments_json.trim().is_empty() {
             Value::Object(Map::new())
         } else {
-            match serde_json::from_str::<Value>(&arguments_json) {
+            match serde_json::from_str::<Value>(arguments_json) {
                 Ok(arguments @ Value::Object(_)) => arguments,
                 Ok(other) => {
                     return Err(Status::invalid_argument(format!(
@@ -231,8 +232,8 @@ impl McpTools for GuardedTools {
             Ok(Response {
                 payload: Err(error),
                 ..
-            }) => Err(status_of(&name, &error)),
-            Err(error) => Err(status_of(&name, error.as_ref())),
+            }) => Err(status_of(name, &error)),
+            Err(error) => Err(status_of(name, error.as_ref())),
         }
     }
 }
@@ -576,7 +577,15 @@ impl Running {
     }
 }
 
-/// Serves `service` on `listener` until [`Running::stop`].
+/// The server's bound on a whole request (HTTP/2 level, above the stack's
+/// own attempt timeout and retry deadline).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Concurrent requests (HTTP/2 streams) per connection.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+
+/// Serves `service` on `listener` until [`Running::stop`], with
+/// [`REQUEST_TIMEOUT`] and [`MAX_STREAMS_PER_CONNECTION`]; tonic refuses
+/// request messages over 4 MiB (its default `max_decoding_message_size`).
 pub fn serve(
     listener: TcpListener,
     service: McpToolsServer<GuardedTools>,
@@ -586,13 +595,13 @@ pub fn serve(
     // TCP_NODELAY: small answers are not held back for the delayed ACK.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let task = tokio::spawn(
-        tonic::transport::Server::builder().serve_with_incoming_shutdown(
-            service,
-            incoming,
-            async {
+        tonic::transport::Server::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+            .serve_with_incoming_shutdown(service, incoming, async {
                 let _ = stopped.await;
-            },
-        ),
+            }),
     );
     Ok(Running {
         addr,
