@@ -19,6 +19,12 @@
 //! on tonic's own server builder, as usual ([`serve`] bounds each
 //! request's time and each connection's concurrent requests there).
 //!
+//! The same stack fits the other side too: a `tower::Service<jsonrpc::Request>`
+//! that calls a remote `McpTools` with the generated client can be wrapped
+//! in it, as `toolwarden::rmcp::RmcpClient` is for rmcp (not shown here).
+//! Guarding the server protects the tools from every client at once, which
+//! is what this example shows.
+//!
 //! # The stack at a gRPC edge
 //!
 //! The stack is built with `render_errors(false)` and the fallback cache's
@@ -27,7 +33,10 @@
 //! the edge renders it once, as a gRPC status. A rendered `isError` result
 //! could not be told apart from a tool's own (a tool can write any text);
 //! the typed error can. The message is the same sentence the MCP rendering
-//! gives a model (`toolwarden_core::FailureReport`).
+//! gives a model (`toolwarden_core::FailureReport`). What `degrade(false)`
+//! gives up: the fallback cache's suggestions of other tools to try, which
+//! it adds only to the `isError` results it renders. Stale results are
+//! served either way.
 //!
 //! # Status mapping
 //!
