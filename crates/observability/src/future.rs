@@ -85,6 +85,7 @@ where
                 }
                 if let Some(error_type) = outcome.error_type() {
                     this.span.record("error.type", error_type);
+                    this.span.record("otel.status_code", "ERROR");
                 }
                 this.span.record("duration_ms", millis(elapsed));
             }
