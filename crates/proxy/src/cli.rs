@@ -30,7 +30,12 @@ use crate::Proxy;
 #[cfg(feature = "otlp")]
 type Slot = crate::otlp::TracingSlot;
 #[cfg(not(feature = "otlp"))]
-type Slot = ();
+type Slot = NoSlot;
+
+/// Without the `otlp` feature, there is no OpenTelemetry layer to fill.
+#[cfg(not(feature = "otlp"))]
+#[derive(Debug)]
+struct NoSlot;
 
 /// The toolwarden proxy: resilience for MCP tool calls, in front of any MCP server.
 #[derive(Debug, Parser)]
@@ -224,7 +229,7 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs, redactor: SharedRedactor, slot: Slot) -> ExitCode {
     #[cfg(not(feature = "otlp"))]
-    let () = slot;
+    let NoSlot = slot;
     let mut config = match Config::load(args.config.as_deref(), process_env()) {
         Ok(config) => config,
         Err(e) => {
@@ -527,7 +532,10 @@ pub fn main(cli: Cli) -> ExitCode {
         slot
     };
     #[cfg(not(feature = "otlp"))]
-    let slot = tracing_subscriber::registry().with(logs).init();
+    let slot = {
+        tracing_subscriber::registry().with(logs).init();
+        NoSlot
+    };
     if let Command::CheckConfig(args) = &cli.command {
         return check_config(args);
     }

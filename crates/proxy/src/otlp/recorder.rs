@@ -33,11 +33,14 @@ pub const DURATION_BUCKETS: [f64; 14] = [
 /// Descriptions kept at most (one per metric name; the proxy has a dozen).
 const MAX_DESCRIPTIONS: usize = 256;
 
+/// A metric's unit and description, from `describe_*`.
+type Description = (Option<Unit>, SharedString);
+
 /// A `metrics` recorder that records into an OpenTelemetry [`Meter`].
 #[derive(Clone, Debug)]
 pub struct OtelRecorder {
     meter: Meter,
-    described: Arc<Mutex<HashMap<KeyName, (Option<Unit>, SharedString)>>>,
+    described: Arc<Mutex<HashMap<KeyName, Description>>>,
 }
 
 impl OtelRecorder {
@@ -60,7 +63,7 @@ impl OtelRecorder {
         }
     }
 
-    fn description(&self, key: &Key) -> Option<(Option<Unit>, SharedString)> {
+    fn description(&self, key: &Key) -> Option<Description> {
         self.described
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -145,3 +145,28 @@ mod recorder {
         }
     }
 }
+
+#[test]
+fn the_endpoint_can_come_from_the_environment() {
+    let config = crate::config::Config::from_toml_str(
+        "",
+        [(
+            "TOOLWARDEN_OBSERVABILITY_OTLP_ENDPOINT".to_owned(),
+            "http://collector:4317".to_owned(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(
+        config.observability.otlp_endpoint.as_deref(),
+        Some("http://collector:4317")
+    );
+    let err = crate::config::Config::from_toml_str(
+        "",
+        [(
+            "TOOLWARDEN_OBSERVABILITY_OTLP_ENDPOINT".to_owned(),
+            "collector".to_owned(),
+        )],
+    )
+    .unwrap_err();
+    assert_eq!(err.key(), Some("observability.otlp_endpoint"), "{err}");
+}
