@@ -66,8 +66,8 @@ pub struct ObservabilitySettings {
     /// a collector's API key: `{ "x-api-key" = "..." }`. Default none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub otlp_headers: BTreeMap<String, String>,
-    /// How often metrics are exported (spans leave in batches as they end).
-    /// Default `"60s"`.
+    /// How often metrics are exported; spans leave in batches at least
+    /// every `min(otlp_interval, 5s)`. Default `"60s"`.
     #[serde(
         default,
         with = "humantime_serde",

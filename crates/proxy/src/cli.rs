@@ -379,6 +379,10 @@ async fn run(args: RunArgs, redactor: SharedRedactor, slot: Slot) -> ExitCode {
         // A password in `redis.url` stays out of the logs too.
         secrets = secrets.with_url(&redis.url);
     }
+    // Nor do the collector's header values (an API key).
+    for value in proxy.config().observability.otlp_headers.values() {
+        secrets = secrets.with_secret(value.clone());
+    }
     redactor.set(secrets);
 
     let shutdown = CancellationToken::new();
