@@ -20,7 +20,7 @@
 //! Exporting never blocks a call: spans wait in a bounded queue (2048; past
 //! it they are dropped) and leave in batches; a collector that is down
 //! costs the export task a failed request, logged at most once a minute
-//! per signal ([`LoggedExporter`]). On shutdown both providers are flushed,
+//! per signal. On shutdown both providers are flushed,
 //! within a deadline.
 
 #[cfg(feature = "otlp")]
