@@ -160,6 +160,16 @@ fn the_endpoint_can_come_from_the_environment() {
         config.observability.otlp_endpoint.as_deref(),
         Some("http://collector:4317")
     );
+    // The API key stays out of the file.
+    let config = crate::config::Config::from_toml_str(
+        "[observability]\notlp_endpoint = \"http://collector:4317\"\n",
+        [(
+            "TOOLWARDEN_OBSERVABILITY_OTLP_HEADERS".to_owned(),
+            r#"{ "x-api-key" = "from-env" }"#.to_owned(),
+        )],
+    )
+    .unwrap();
+    assert_eq!(config.observability.otlp_headers["x-api-key"], "from-env");
     let err = crate::config::Config::from_toml_str(
         "",
         [(
