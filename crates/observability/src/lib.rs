@@ -14,7 +14,9 @@
 //!   layers' resilience events into `toolwarden.events` and the gauge
 //!   `toolwarden.circuit.state` ([`ObservabilityEvents`]);
 //! - **a span** `mcp.call` per call with the method, tool, attempt, argument
-//!   fingerprint, outcome, failure class, error type and duration;
+//!   fingerprint, outcome, failure class, error type and duration, named and
+//!   attributed for OpenTelemetry, with the other layers' decisions as its
+//!   events (see [OpenTelemetry](#opentelemetry));
 //! - **statistics** per tool, readable as a JSON [`StatsSnapshot`] ([`Stats`]).
 //!
 //! [`HealthRegistry`] adds checks with priorities and timeouts,
