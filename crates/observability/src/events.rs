@@ -220,7 +220,9 @@ impl EventState {
 ///   (`loop_warned`, `loop_detected`), `toolwarden.age_ms` (`stale_served`:
 ///   the age of the result served). A call refused without an event of its
 ///   own (an open circuit refuses without reopening) shows as the span's
-///   `outcome = rejected` and `error.type = rejected`.
+///   `outcome = rejected` and `error.type = rejected`, with
+///   `toolwarden.rejected_by = circuit_breaker` when the refusal reaches the
+///   layer as an error (no fallback cache rendering it).
 ///
 /// Keys share the layer's cardinality cap: the first `max_tools` distinct
 /// keys are labelled by name, later ones `other` (and get no gauge, since

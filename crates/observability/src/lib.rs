@@ -141,6 +141,7 @@
 //! | `otel.status_code` | `ERROR` on a failure |
 //! | `mcp.method.name`, `gen_ai.tool.name`, `gen_ai.operation.name` (`execute_tool`), `jsonrpc.request.id`, `error.type` | attributes of those names |
 //! | `attempt`, `outcome`, `failure.class`, `duration_ms`, `toolwarden.fingerprint` | toolwarden's own attributes |
+//! | `toolwarden.rejected_by` | the layer that refused the call (`circuit_breaker`, `rate_limit`, `loop_guard`, `retry`), when its refusal reaches the layer as an error |
 //!
 //! Each decision of the other layers during the call (a retry, the circuit
 //! opening, a rate limit, a loop blocked, a stale result served, ...)

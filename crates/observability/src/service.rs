@@ -156,6 +156,7 @@ fn call_span<R: McpRequest>(request: &mut R, fingerprint: bool) -> Span {
         outcome = Empty,
         failure.class = Empty,
         error.type = Empty,
+        toolwarden.rejected_by = Empty,
         duration_ms = Empty,
     );
     if !span.is_disabled() {

@@ -317,3 +317,24 @@ async fn arguments_never_reach_spans_logs_or_metric_labels() {
     assert!(text.contains("gen_ai_tool_name=\"search\""), "{text}");
     assert!(!text.contains(secret), "{text}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_names_the_layer_that_refused() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let layer = ObservabilityLayer::new();
+    let refusing = tower::service_fn(|_: Request| async {
+        Err::<Response, BoxError>(Box::new(toolwarden_core::CircuitOpen::new(
+            "search",
+            Duration::from_secs(30),
+        )))
+    });
+    let mut svc = layer.layer(refusing);
+    assert!(call(&mut svc, tool_call(1, "search")).await.is_err());
+    let spans = capture.spans();
+    let (_, refused) = &spans[0];
+    assert_eq!(refused["outcome"], "rejected");
+    assert_eq!(refused["error.type"], "rejected");
+    assert_eq!(refused["toolwarden.rejected_by"], "circuit_breaker");
+    assert_eq!(refused["otel.status_code"], "ERROR");
+}
