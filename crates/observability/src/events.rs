@@ -207,7 +207,22 @@ impl EventState {
 /// - on `retried`, records the attempt about to be made in the `attempt`
 ///   field of the current span, which is the layer's call span when the retry
 ///   layer sits below it (events are emitted while the layer polls the call);
-/// - emits a `DEBUG` tracing event naming the event and its key.
+/// - emits a `DEBUG` tracing event named `toolwarden.{event}`
+///   (`toolwarden.retried`, `toolwarden.circuit_opened`, ...). Emitted while
+///   the call is polled, it lands in the layer's call span, so under
+///   `tracing-opentelemetry` each decision is a **span event** of the call's
+///   span. Its attributes: `toolwarden.event` (the name), `toolwarden.key`
+///   (the subject, when there is one), and by event
+///   `toolwarden.retry_after_ms` (`circuit_opened`: how long the circuit
+///   stays open; `rate_limited`: when a token is available),
+///   `toolwarden.attempt` and `toolwarden.delay_ms` (`retried`: the attempt
+///   about to be made and the backoff before it), `toolwarden.repeats`
+///   (`loop_warned`, `loop_detected`), `toolwarden.age_ms` (`stale_served`:
+///   the age of the result served). A call refused without an event of its
+///   own (an open circuit refuses without reopening) shows as the span's
+///   `outcome = rejected` and `error.type = rejected`, with
+///   `toolwarden.rejected_by = circuit_breaker` when the refusal reaches the
+///   layer as an error (no fallback cache rendering it).
 ///
 /// Keys share the layer's cardinality cap: the first `max_tools` distinct
 /// keys are labelled by name, later ones `other` (and get no gauge, since
@@ -243,11 +258,62 @@ impl EventSink for ObservabilityEvents {
         if let Event::Retried { attempt, .. } = event {
             tracing::Span::current().record("attempt", attempt);
         }
-        tracing::debug!(
-            event = event.name(),
-            key = event.subject(),
-            "toolwarden event"
-        );
+        trace_event(event);
+    }
+}
+
+fn millis(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The `DEBUG` tracing event of a resilience event: named
+/// `toolwarden.{name}`, it becomes a span event of the current span (the
+/// call span) under `tracing-opentelemetry`. Its attributes are listed in
+/// [`ObservabilityEvents`]; nothing of the call's arguments or result.
+fn trace_event(event: &Event<'_>) {
+    let name = event.name();
+    let key = event.subject();
+    match *event {
+        Event::CircuitOpened { retry_after, .. } | Event::RateLimited { retry_after, .. } => {
+            tracing::debug!(
+                toolwarden.event = name,
+                toolwarden.key = key,
+                toolwarden.retry_after_ms = millis(retry_after),
+                "toolwarden.{name}"
+            );
+        }
+        Event::Retried { attempt, delay, .. } => {
+            tracing::debug!(
+                toolwarden.event = name,
+                toolwarden.key = key,
+                toolwarden.attempt = attempt,
+                toolwarden.delay_ms = millis(delay),
+                "toolwarden.{name}"
+            );
+        }
+        Event::LoopWarned { repeats, .. } | Event::LoopDetected { repeats, .. } => {
+            tracing::debug!(
+                toolwarden.event = name,
+                toolwarden.key = key,
+                toolwarden.repeats = repeats,
+                "toolwarden.{name}"
+            );
+        }
+        Event::StaleServed { age, .. } => {
+            tracing::debug!(
+                toolwarden.event = name,
+                toolwarden.key = key,
+                toolwarden.age_ms = millis(age),
+                "toolwarden.{name}"
+            );
+        }
+        _ => {
+            tracing::debug!(
+                toolwarden.event = name,
+                toolwarden.key = key,
+                "toolwarden.{name}"
+            );
+        }
     }
 }
 

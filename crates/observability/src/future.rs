@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
+use toolwarden_core::rejection::find_rejection;
 use toolwarden_core::{BoxError, CallKind, Classify, Entry};
 use tracing::Span;
 
@@ -85,6 +86,15 @@ where
                 }
                 if let Some(error_type) = outcome.error_type() {
                     this.span.record("error.type", error_type);
+                    this.span.record("otel.status_code", "ERROR");
+                }
+                if outcome.is_rejection() {
+                    if let Err(e) = &result {
+                        if let Some(rejection) = find_rejection(e.as_ref()) {
+                            this.span
+                                .record("toolwarden.rejected_by", rejection.layer());
+                        }
+                    }
                 }
                 this.span.record("duration_ms", millis(elapsed));
             }

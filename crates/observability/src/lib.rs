@@ -14,7 +14,9 @@
 //!   layers' resilience events into `toolwarden.events` and the gauge
 //!   `toolwarden.circuit.state` ([`ObservabilityEvents`]);
 //! - **a span** `mcp.call` per call with the method, tool, attempt, argument
-//!   fingerprint, outcome, failure class, error type and duration;
+//!   fingerprint, outcome, failure class, error type and duration, named and
+//!   attributed for OpenTelemetry, with the other layers' decisions as its
+//!   events (see [OpenTelemetry](#opentelemetry));
 //! - **statistics** per tool, readable as a JSON [`StatsSnapshot`] ([`Stats`]).
 //!
 //! [`HealthRegistry`] adds checks with priorities and timeouts,
@@ -127,6 +129,82 @@
 //! # }
 //! ```
 //!
+//! # OpenTelemetry
+//!
+//! The call span follows the OpenTelemetry MCP semantic conventions, so
+//! `tracing-opentelemetry` turns it into an OpenTelemetry span as it is:
+//!
+//! | tracing field | OpenTelemetry |
+//! |---|---|
+//! | `otel.name` | the span name, `{mcp.method.name} {gen_ai.tool.name}` (`tools/call search`), or the method alone |
+//! | `otel.kind` | `client` (the layer wraps calls to the server) |
+//! | `otel.status_code` | `ERROR` on a failure |
+//! | `mcp.method.name`, `gen_ai.tool.name`, `gen_ai.operation.name` (`execute_tool`), `jsonrpc.request.id`, `error.type` | attributes of those names |
+//! | `attempt`, `outcome`, `failure.class`, `duration_ms`, `toolwarden.fingerprint` | toolwarden's own attributes |
+//! | `toolwarden.rejected_by` | the layer that refused the call (`circuit_breaker`, `rate_limit`, `loop_guard`, `retry`), when its refusal reaches the layer as an error |
+//!
+//! Each decision of the other layers during the call (a retry, the circuit
+//! opening, a rate limit, a loop blocked, a stale result served, ...)
+//! becomes a **span event** `toolwarden.{event}` of the call's span, with
+//! the attributes listed in [`ObservabilityEvents`], as long as the
+//! layer's [event sink](ObservabilityLayer::event_sink) is in the
+//! [`Events`](toolwarden_core::Events) the other layers were given. No
+//! argument or result enters a span or an event. The metrics go through
+//! the `metrics` facade as usual: any recorder you install (the
+//! `toolwarden` proxy bridges them to an OpenTelemetry meter) sees them.
+//!
+//! A library user wires it like any `tracing` layer. This example keeps
+//! the spans in the SDK's in-memory exporter to show what comes out; for a
+//! collector, build the provider with `opentelemetry-otlp`'s exporter
+//! instead:
+//! `SdkTracerProvider::builder().with_batch_exporter(opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint("http://localhost:4317").build()?)`.
+//! Enable `toolwarden_observability` at `DEBUG` in that layer's filter so
+//! the decision events are kept.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! use std::time::Duration;
+//! use opentelemetry::trace::TracerProvider as _;
+//! use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
+//! use serde_json::json;
+//! use tower::{Layer, Service, ServiceExt};
+//! use toolwarden_core::{jsonrpc::Request, testing::MockMcp, Event};
+//! use toolwarden_observability::ObservabilityLayer;
+//! use tracing_subscriber::layer::SubscriberExt;
+//!
+//! let exporter = InMemorySpanExporter::default();
+//! let provider = SdkTracerProvider::builder()
+//!     .with_simple_exporter(exporter.clone())
+//!     .build();
+//! let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer("my-agent"));
+//! let subscriber = tracing_subscriber::registry().with(otel);
+//! let _guard = tracing::subscriber::set_default(subscriber);
+//!
+//! let observability = ObservabilityLayer::new();
+//! // Give `observability.events()` to the other layers; here one decision
+//! // is emitted by hand, as a layer below would while the call runs.
+//! let events = observability.events();
+//! let upstream = tower::service_fn(move |request: Request| {
+//!     events.emit(&Event::RateLimited { key: "search", retry_after: Duration::from_secs(1) });
+//!     MockMcp::new().oneshot(request)
+//! });
+//! let mut svc = observability.layer(upstream);
+//! let call = Request::tool_call(1, "search", json!({"q": "a secret"}));
+//! svc.ready().await.unwrap().call(call).await.unwrap();
+//!
+//! provider.force_flush().unwrap();
+//! let spans = exporter.get_finished_spans().unwrap();
+//! assert_eq!(spans[0].name, "tools/call search");
+//! let attribute = |key: &str| {
+//!     spans[0].attributes.iter().find(|kv| kv.key.as_str() == key).map(|kv| kv.value.to_string())
+//! };
+//! assert_eq!(attribute("mcp.method.name").as_deref(), Some("tools/call"));
+//! assert_eq!(attribute("gen_ai.tool.name").as_deref(), Some("search"));
+//! assert_eq!(spans[0].events[0].name, "toolwarden.rate_limited");
+//! assert!(!format!("{spans:?}").contains("a secret"));
+//! # }
+//! ```
+//!
 //! Feature `serde` (off by default): `ObservabilitySettings`, the builder's
 //! knobs as a serde type for configuration files, applied with the builder's
 //! `settings`.
@@ -178,7 +256,7 @@ pub use instruments::{
 pub use layer::ObservabilityLayer;
 pub use service::Observability;
 #[cfg(feature = "serde")]
-pub use settings::ObservabilitySettings;
+pub use settings::{ObservabilitySettings, OtlpProtocol};
 pub use stats::{CallStats, OutcomeCounts, Stats, StatsSnapshot};
 pub use toolwarden_core::CircuitState;
 

@@ -135,8 +135,12 @@ impl fmt::Display for SpanName<'_> {
     }
 }
 
-/// The call span. Its fields are evaluated only when a subscriber enables
-/// it; the arguments never enter it (only their fingerprint, in hex).
+/// The call span, named and attributed after the OpenTelemetry MCP semantic
+/// conventions (`otel.name` = `{mcp.method.name} {gen_ai.tool.name}`,
+/// `gen_ai.operation.name = execute_tool` on tool calls, `error.type` and
+/// `otel.status_code = ERROR` on failures). Its fields are evaluated only
+/// when a subscriber enables it; the arguments never enter it (only their
+/// fingerprint, in hex), nor does the result.
 fn call_span<R: McpRequest>(request: &mut R, fingerprint: bool) -> Span {
     let span = tracing::info_span!(
         "mcp.call",
@@ -144,14 +148,24 @@ fn call_span<R: McpRequest>(request: &mut R, fingerprint: bool) -> Span {
         otel.kind = "client",
         mcp.method.name = request.method(),
         gen_ai.tool.name = request.tool_name(),
+        gen_ai.operation.name = Empty,
+        jsonrpc.request.id = Empty,
+        otel.status_code = Empty,
         attempt = Empty,
         toolwarden.fingerprint = Empty,
         outcome = Empty,
         failure.class = Empty,
         error.type = Empty,
+        toolwarden.rejected_by = Empty,
         duration_ms = Empty,
     );
     if !span.is_disabled() {
+        if request.is_tool_call() {
+            span.record("gen_ai.operation.name", "execute_tool");
+        }
+        if let Some(id) = request.request_id() {
+            span.record("jsonrpc.request.id", display(id));
+        }
         if let Some(Attempt(attempt)) = request.extension::<Attempt>() {
             span.record("attempt", attempt);
         }

@@ -1,6 +1,9 @@
 //! [`ObservabilitySettings`]: the builder's knobs as a serde type (feature
 //! `serde`), for configuration files.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 use crate::builder::ObservabilityBuilder;
@@ -46,6 +49,47 @@ pub struct ObservabilitySettings {
     /// Whether the call span records the argument fingerprint. Default `true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub span_fingerprint: Option<bool>,
+    /// The OpenTelemetry collector to export traces and metrics to over
+    /// OTLP: its base URL, `http://host:4317` (gRPC) or
+    /// `http://host:4318` (HTTP/protobuf, where `/v1/traces` and
+    /// `/v1/metrics` are appended). Default unset: nothing is exported. The
+    /// `otlp_*` keys and `service_name` are not the builder's: whoever
+    /// installs the exporter reads them (the `toolwarden` proxy does; a
+    /// library user wires `tracing-opentelemetry` as the crate docs show).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// How to reach `otlp_endpoint`: `"grpc"` or `"http/protobuf"`.
+    /// Default `"grpc"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Headers sent with every export (gRPC metadata or HTTP headers), for
+    /// a collector's API key: `{ "x-api-key" = "..." }`. Default none.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub otlp_headers: BTreeMap<String, String>,
+    /// How often metrics are exported; spans leave in batches at least
+    /// every `min(otlp_interval, 5s)`. Default `"60s"`.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub otlp_interval: Option<Duration>,
+    /// The `service.name` resource attribute of what is exported. Default
+    /// `"toolwarden"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+}
+
+/// The OTLP transport of [`ObservabilitySettings::otlp_protocol`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtlpProtocol {
+    /// OTLP over gRPC (the collector's port 4317). The default.
+    #[default]
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP over HTTP with protobuf bodies (the collector's port 4318).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 impl<C> ObservabilityBuilder<C> {

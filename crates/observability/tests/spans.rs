@@ -138,6 +138,9 @@ async fn each_call_has_one_span_with_its_outcome() {
     assert_eq!(ok["duration_ms"], "30.0");
     assert!(!ok.contains_key("failure.class") && !ok.contains_key("error.type"));
     assert!(!ok.contains_key("attempt"));
+    assert_eq!(ok["gen_ai.operation.name"], "execute_tool");
+    assert_eq!(ok["jsonrpc.request.id"], "1");
+    assert!(!ok.contains_key("otel.status_code"));
     let fingerprint = &ok["toolwarden.fingerprint"];
     assert_eq!(fingerprint.len(), 32);
     assert!(fingerprint.chars().all(|c| c.is_ascii_hexdigit()));
@@ -148,12 +151,14 @@ async fn each_call_has_one_span_with_its_outcome() {
     assert_eq!(failed["error.type"], "tool_error");
     assert_eq!(failed["attempt"], "3");
     assert_eq!(failed["duration_ms"], "5.0");
+    assert_eq!(failed["otel.status_code"], "ERROR");
     // Same tool and arguments: same fingerprint.
     assert_eq!(&failed["toolwarden.fingerprint"], fingerprint);
 
     let (_, list) = &spans[2];
     assert_eq!(list["otel.name"], "tools/list");
     assert!(!list.contains_key("gen_ai.tool.name"));
+    assert!(!list.contains_key("gen_ai.operation.name"));
     assert!(!list.contains_key("toolwarden.fingerprint"));
 
     // Arguments never enter a span.
@@ -288,13 +293,22 @@ async fn arguments_never_reach_spans_logs_or_metric_labels() {
     assert_eq!(spans.len(), 1);
     let logged: Vec<&str> = logs
         .iter()
-        .filter_map(|fields| fields.get("event").map(String::as_str))
+        .filter_map(|fields| fields.get("toolwarden.event").map(String::as_str))
         .collect();
     assert_eq!(
         logged,
         ["retried", "retried", "loop_detected", "stale_served"]
     );
-    assert!(logs.iter().all(|fields| fields["key"] == "search"));
+    assert!(logs
+        .iter()
+        .all(|fields| fields["toolwarden.key"] == "search"));
+    // Named for the span event they become under tracing-opentelemetry.
+    assert!(logs
+        .iter()
+        .all(|fields| fields["message"] == format!("toolwarden.{}", fields["toolwarden.event"])));
+    assert_eq!(logs[0]["toolwarden.attempt"], "2");
+    assert_eq!(logs[2]["toolwarden.repeats"], "4");
+    assert_eq!(logs[3]["toolwarden.age_ms"], "3000.0");
     let secret = "secret-argument-value";
     for fields in spans.iter().map(|(_, f)| f).chain(&logs) {
         assert!(fields.values().all(|v| !v.contains(secret)), "{fields:?}");
@@ -302,4 +316,25 @@ async fn arguments_never_reach_spans_logs_or_metric_labels() {
     let text = prometheus.render();
     assert!(text.contains("gen_ai_tool_name=\"search\""), "{text}");
     assert!(!text.contains(secret), "{text}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refusal_names_the_layer_that_refused() {
+    let capture = Capture::default();
+    let _guard = capture.install();
+    let layer = ObservabilityLayer::new();
+    let refusing = tower::service_fn(|_: Request| async {
+        Err::<Response, BoxError>(Box::new(toolwarden_core::CircuitOpen::new(
+            "search",
+            Duration::from_secs(30),
+        )))
+    });
+    let mut svc = layer.layer(refusing);
+    assert!(call(&mut svc, tool_call(1, "search")).await.is_err());
+    let spans = capture.spans();
+    let (_, refused) = &spans[0];
+    assert_eq!(refused["outcome"], "rejected");
+    assert_eq!(refused["error.type"], "rejected");
+    assert_eq!(refused["toolwarden.rejected_by"], "circuit_breaker");
+    assert_eq!(refused["otel.status_code"], "ERROR");
 }

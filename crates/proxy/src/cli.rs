@@ -15,6 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::events::Event;
 use toolwarden_core::Events;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::Layer as _;
 
 use crate::access::{AccessPolicy, AuthTokens, AUTH_TOKENS_ENV};
 use crate::config::{process_env, Config};
@@ -23,6 +26,16 @@ use crate::redact::{RedactingStderr, Redactor, SharedRedactor};
 use crate::stack::SharedState;
 use crate::upstream::UpstreamTarget;
 use crate::Proxy;
+
+#[cfg(feature = "otlp")]
+type Slot = crate::otlp::TracingSlot;
+#[cfg(not(feature = "otlp"))]
+type Slot = NoSlot;
+
+/// Without the `otlp` feature, there is no OpenTelemetry layer to fill.
+#[cfg(not(feature = "otlp"))]
+#[derive(Debug)]
+struct NoSlot;
 
 /// The toolwarden proxy: resilience for MCP tool calls, in front of any MCP server.
 #[derive(Debug, Parser)]
@@ -214,7 +227,9 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
+async fn run(args: RunArgs, redactor: SharedRedactor, slot: Slot) -> ExitCode {
+    #[cfg(not(feature = "otlp"))]
+    let NoSlot = slot;
     let mut config = match Config::load(args.config.as_deref(), process_env()) {
         Ok(config) => config,
         Err(e) => {
@@ -263,23 +278,73 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     }
 
     let endpoints = MetricsEndpoints::new();
-    if args.metrics_addr.is_some() {
-        match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
-            Ok(handle) => {
-                let upkeep = handle.clone();
-                tokio::spawn(async move {
-                    let mut tick = tokio::time::interval(Duration::from_secs(5));
-                    loop {
-                        tick.tick().await;
-                        upkeep.run_upkeep();
-                    }
-                });
-                endpoints.set_metrics(move || handle.render());
+    // Prometheus for the metrics address, OpenTelemetry for the collector:
+    // one recorder each, or a fan-out to both.
+    let prometheus = args.metrics_addr.map(|_| {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        (recorder, handle)
+    });
+    #[cfg(feature = "otlp")]
+    let export = match crate::otlp::OtlpSettings::from_settings(&config.observability) {
+        Ok(None) => None,
+        Ok(Some(settings)) => match crate::otlp::OtlpExport::start(&settings) {
+            Ok(export) => {
+                if let Err(e) = slot.fill(&export) {
+                    tracing::warn!(error = %e, "OpenTelemetry: spans are not exported");
+                }
+                tracing::info!(
+                    endpoint = %settings.endpoint,
+                    protocol = ?settings.protocol,
+                    "exporting traces and metrics over OTLP"
+                );
+                Some(export)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed; /metrics stays empty")
+                eprintln!("toolwarden: {}", e.in_section("observability"));
+                return ExitCode::from(USAGE);
             }
+        },
+        Err(e) => {
+            eprintln!("toolwarden: {}", e.in_section("observability"));
+            return ExitCode::from(USAGE);
         }
+    };
+    #[cfg(feature = "otlp")]
+    let otel_recorder = export.as_ref().map(crate::otlp::OtlpExport::recorder);
+    #[cfg(not(feature = "otlp"))]
+    let otel_recorder: Option<metrics_exporter_prometheus::PrometheusRecorder> = None;
+    fn install<R: metrics::Recorder + Sync + 'static>(recorder: R) -> Result<(), String> {
+        metrics::set_global_recorder(recorder).map_err(|e| e.to_string())
+    }
+    let installed = match (prometheus, otel_recorder) {
+        (None, None) => None,
+        (Some((recorder, handle)), None) => Some((install(recorder), Some(handle))),
+        (None, Some(otel)) => Some((install(otel), None)),
+        (Some((recorder, handle)), Some(otel)) => {
+            let fanout = metrics_util::layers::FanoutBuilder::default()
+                .add_recorder(recorder)
+                .add_recorder(otel)
+                .build();
+            Some((install(fanout), Some(handle)))
+        }
+    };
+    match installed {
+        Some((Err(e), _)) => {
+            tracing::warn!(error = %e, "metrics recorder not installed; no metrics are exported")
+        }
+        Some((Ok(()), Some(handle))) => {
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            endpoints.set_metrics(move || handle.render());
+        }
+        Some((Ok(()), None)) | None => {}
     }
     let access = match access_policy(&args, &config) {
         Ok(access) => access,
@@ -313,6 +378,10 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     if let Some(redis) = &proxy.config().redis {
         // A password in `redis.url` stays out of the logs too.
         secrets = secrets.with_url(&redis.url);
+    }
+    // Nor do the collector's header values (an API key).
+    for value in proxy.config().observability.otlp_headers.values() {
+        secrets = secrets.with_secret(value.clone());
     }
     redactor.set(secrets);
 
@@ -396,6 +465,11 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
     if let Some(server) = metrics_server {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
+    // The last spans and metrics leave before the process does.
+    #[cfg(feature = "otlp")]
+    if let Some(export) = export {
+        export.shutdown().await;
+    }
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -450,10 +524,22 @@ pub fn main(cli: Cli) -> ExitCode {
     // Every line is scrubbed of the upstream's secrets (URL userinfo and
     // query, header values), whichever crate logs it; `run` sets them.
     let redactor = SharedRedactor::default();
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt::layer()
         .with_writer(RedactingStderr::new(redactor.clone()))
-        .with_env_filter(filter)
-        .init();
+        .with_filter(filter);
+    // The OpenTelemetry layer's place, filled once `run` has read
+    // `[observability]` (the filter above is the log lines' only).
+    #[cfg(feature = "otlp")]
+    let slot = {
+        let (layer, slot) = crate::otlp::TracingSlot::new();
+        tracing_subscriber::registry().with(layer).with(logs).init();
+        slot
+    };
+    #[cfg(not(feature = "otlp"))]
+    let slot = {
+        tracing_subscriber::registry().with(logs).init();
+        NoSlot
+    };
     if let Command::CheckConfig(args) = &cli.command {
         return check_config(args);
     }
@@ -469,7 +555,7 @@ pub fn main(cli: Cli) -> ExitCode {
     };
     let code = runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run(args, redactor).await,
+            Command::Run(args) => run(args, redactor, slot).await,
             Command::Demo => crate::demo::run().await,
             Command::CheckConfig(_) => ExitCode::SUCCESS,
         }

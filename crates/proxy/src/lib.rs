@@ -46,6 +46,7 @@ pub mod demo;
 pub mod downstream;
 pub mod endpoints;
 pub mod gateway;
+pub mod otlp;
 pub mod progress;
 mod proxy;
 pub mod redact;

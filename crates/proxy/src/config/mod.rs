@@ -167,6 +167,7 @@ impl Config {
             ));
         }
         in_section("gateway", self.gateway.validate())?;
+        in_section("observability", crate::otlp::check(&self.observability))?;
         if let Some(redis) = &self.redis {
             // Its errors are named `redis.<key>` already.
             redis.validate()?;
