@@ -9,6 +9,7 @@ use pin_project_lite::pin_project;
 use toolwarden_core::{BoxError, CallKind, Classify, Entry};
 use tracing::Span;
 
+use crate::active::ActiveCall;
 use crate::clock::Stamp;
 use crate::instruments::CANCELLED_OUTCOME;
 use crate::registry::Series;
@@ -19,6 +20,16 @@ pub(crate) struct InFlight<C> {
     pub(crate) start: Stamp,
     pub(crate) kind: CallKind,
     pub(crate) classifier: C,
+    /// Counted in the in-flight gauge until this record is dropped.
+    pub(crate) active: ActiveCall,
+}
+
+impl<C> Drop for InFlight<C> {
+    /// The call has ended, completed or dropped: it leaves the in-flight
+    /// gauge (both paths drop this record).
+    fn drop(&mut self) {
+        self.series.end_active(&self.active);
+    }
 }
 
 pin_project! {
