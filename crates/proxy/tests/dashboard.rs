@@ -54,10 +54,7 @@ impl Exported {
                 Some((name, rest)) => (name, label_names(rest.trim_end_matches('}'))),
                 None => (series, BTreeSet::new()),
             };
-            samples
-                .entry(name.to_owned())
-                .or_default()
-                .extend(labels);
+            samples.entry(name.to_owned()).or_default().extend(labels);
         }
         let mut metrics = BTreeMap::new();
         for (name, labels) in samples {
@@ -292,7 +289,9 @@ fn problems(queries: &[(String, String)], exported: &Exported) -> Vec<String> {
         let mut labels_in_query: BTreeSet<&str> = TARGET_LABELS.into_iter().collect();
         for (metric, labels) in &names.metrics {
             if metric.is_empty() {
-                problems.push(format!("{title}: `{expr}`: a selector without a metric name"));
+                problems.push(format!(
+                    "{title}: `{expr}`: a selector without a metric name"
+                ));
                 continue;
             }
             let Some(exported_labels) = exported.metrics.get(metric) else {
@@ -340,7 +339,10 @@ fn the_promql_scanner_finds_metrics_and_labels() {
     let metrics: Vec<&str> = names.metrics.iter().map(|(m, _)| m.as_str()).collect();
     assert_eq!(metrics, ["a_metric", "b_metric"]);
     assert_eq!(names.grouping, ["key", "tool"]);
-    assert_eq!(label_names(r#"a="x\"y",b="z""#), BTreeSet::from(["a".to_owned(), "b".to_owned()]));
+    assert_eq!(
+        label_names(r#"a="x\"y",b="z""#),
+        BTreeSet::from(["a".to_owned(), "b".to_owned()])
+    );
 }
 
 #[test]
@@ -360,14 +362,23 @@ fn the_checker_names_a_query_whose_metric_or_label_is_not_exported() {
     assert_eq!(problems(&ok, &exported), Vec::<String>::new());
     let bad = [
         ("typo".to_owned(), "rate(toolwarden_call[5m])".to_owned()),
-        ("label".to_owned(), "toolwarden_calls{tool=\"x\"}".to_owned()),
-        ("grouping".to_owned(), "sum by (reason) (toolwarden_calls)".to_owned()),
+        (
+            "label".to_owned(),
+            "toolwarden_calls{tool=\"x\"}".to_owned(),
+        ),
+        (
+            "grouping".to_owned(),
+            "sum by (reason) (toolwarden_calls)".to_owned(),
+        ),
         // A counter has no buckets.
         ("suffix".to_owned(), "toolwarden_calls_bucket".to_owned()),
     ];
     let found = problems(&bad, &exported);
     assert_eq!(found.len(), 4, "{found:?}");
-    assert!(found[0].starts_with("typo: `rate(toolwarden_call[5m])` names the metric toolwarden_call"), "{found:?}");
+    assert!(
+        found[0].starts_with("typo: `rate(toolwarden_call[5m])` names the metric toolwarden_call"),
+        "{found:?}"
+    );
     assert!(found[1].contains("by the label tool"), "{found:?}");
     assert!(found[2].contains("groups by the label reason"), "{found:?}");
     assert!(found[3].contains("toolwarden_calls_bucket"), "{found:?}");
@@ -432,32 +443,40 @@ fn prometheus_yml_scrapes_the_path_the_proxy_serves() {
 
 #[test]
 fn the_dashboard_is_a_grafana_dashboard_with_the_panels_of_the_issue() {
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(deploy_file("grafana-dashboard.json")).unwrap())
-            .unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy_file("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
     assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
     assert!(dashboard["uid"].is_string() && dashboard["title"].is_string());
     let queries = dashboard_queries(&dashboard);
     let mentions = |needle: &str| queries.iter().any(|(_, expr)| expr.contains(needle));
     for needle in [
-        "toolwarden_calls{",                     // calls
-        "outcome!~",                             // errors by class
-        "histogram_quantile(0.5,",               // p50
-        "histogram_quantile(0.95,",              // p95
-        "histogram_quantile(0.99,",              // p99
-        "toolwarden_circuit_state",              // breaker states
-        "event=\"rate_limited\"",                // rate-limit refusals
-        "event=\"loop_detected\"",               // loop blocks
-        "event=\"stale_served\"",                // stale serves
-        "toolwarden_calls_active",               // in flight
+        "toolwarden_calls{",        // calls
+        "outcome!~",                // errors by class
+        "histogram_quantile(0.5,",  // p50
+        "histogram_quantile(0.95,", // p95
+        "histogram_quantile(0.99,", // p99
+        "toolwarden_circuit_state", // breaker states
+        "event=\"rate_limited\"",   // rate-limit refusals
+        "event=\"loop_detected\"",  // loop blocks
+        "event=\"stale_served\"",   // stale serves
+        "toolwarden_calls_active",  // in flight
     ] {
         assert!(mentions(needle), "no panel queries {needle}");
     }
     let mut ids = BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
-        assert!(ids.insert(panel["id"].as_u64().unwrap()), "duplicate panel id");
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate panel id"
+        );
         for key in ["type", "title", "gridPos", "datasource"] {
-            assert!(!panel[key].is_null(), "panel {} has no {key}", panel["title"]);
+            assert!(
+                !panel[key].is_null(),
+                "panel {} has no {key}",
+                panel["title"]
+            );
         }
     }
 }
@@ -555,9 +574,10 @@ per_tool = { rate = "1/min", burst = 1 }
     let text = eventually(LIMIT, || async {
         let (status, text) = http_get(metrics, "/metrics").await?;
         (status == 200
-            && families
-                .iter()
-                .all(|f| text.lines().any(|l| l.starts_with(&format!("{f}{{")) || l.starts_with(&format!("{f} ")))))
+            && families.iter().all(|f| {
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{f}{{")) || l.starts_with(&format!("{f} ")))
+            }))
         .then_some(text)
     })
     .await;
@@ -573,9 +593,10 @@ per_tool = { rate = "1/min", burst = 1 }
     }
     let exported = Exported::parse(&text);
 
-    let dashboard: Value =
-        serde_json::from_str(&std::fs::read_to_string(deploy_file("grafana-dashboard.json")).unwrap())
-            .unwrap();
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy_file("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
     let queries = dashboard_queries(&dashboard);
     assert!(queries.len() >= 10, "{queries:?}");
     let found = problems(&queries, &exported);
@@ -590,10 +611,16 @@ per_tool = { rate = "1/min", burst = 1 }
     broken[0].1 = broken[0].1.replace("toolwarden_calls{", "toolwarden_call{");
     let found = problems(&broken, &exported);
     assert!(
-        found[0].starts_with(&format!("{}: `{}` names the metric toolwarden_call,", broken[0].0, broken[0].1)),
+        found[0].starts_with(&format!(
+            "{}: `{}` names the metric toolwarden_call,",
+            broken[0].0, broken[0].1
+        )),
         "{found:?}"
     );
-    assert!(found.iter().all(|p| p.starts_with(&broken[0].0)), "{found:?}");
+    assert!(
+        found.iter().all(|p| p.starts_with(&broken[0].0)),
+        "{found:?}"
+    );
 
     // /stats: the calls, none in flight now.
     let (status, body) = http_get(metrics, "/stats").await.unwrap();
@@ -605,7 +632,11 @@ per_tool = { rate = "1/min", burst = 1 }
         .iter()
         .find(|t| t["name"] == "slow")
         .unwrap_or_else(|| panic!("no slow in {stats}"));
-    assert_eq!((slow["calls"].as_u64(), slow["active"].as_u64()), (Some(1), Some(0)), "{slow}");
+    assert_eq!(
+        (slow["calls"].as_u64(), slow["active"].as_u64()),
+        (Some(1), Some(0)),
+        "{slow}"
+    );
 
     // /circuits: flaky_search's circuit with its recent errors, timed.
     let (_, body) = http_get(metrics, "/circuits").await.unwrap();
@@ -621,16 +652,24 @@ per_tool = { rate = "1/min", burst = 1 }
     assert_eq!(recent["kind"], "tool_error", "{search}");
     assert_eq!(recent["counted"], true, "{search}");
     assert!(recent["count"].as_u64() >= Some(2), "{search}");
-    assert!(recent["last_seen_unix_ms"].as_u64() > Some(1_600_000_000_000), "{search}");
+    assert!(
+        recent["last_seen_unix_ms"].as_u64() > Some(1_600_000_000_000),
+        "{search}"
+    );
 
     // /health?history=1: the circuits check failing since it opened, with times.
     let (status, body) = http_get(metrics, "/health?history=1").await.unwrap();
     assert_eq!(status, 200, "degraded still serves: {body}");
     let report: Value = serde_json::from_str(&body).unwrap();
-    let history = report["history"]["circuits"].as_array().unwrap_or_else(|| panic!("{report}"));
+    let history = report["history"]["circuits"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{report}"));
     let last = history.last().unwrap();
     assert_eq!(last["status"], "failed", "{report}");
-    assert!(last["message"].as_str().unwrap().contains("flaky_search"), "{report}");
+    assert!(
+        last["message"].as_str().unwrap().contains("flaky_search"),
+        "{report}"
+    );
     assert_eq!(last["at_unix_ms"], report["checked_at_unix_ms"], "{report}");
     let (_, plain) = http_get(metrics, "/health").await.unwrap();
     assert!(!plain.contains("\"history\""), "{plain}");
