@@ -313,6 +313,7 @@ pub const DURATION_BUCKETS: [f64; 14] = [
 /// The Prometheus recorder the proxy installs with `--metrics-addr`: the
 /// call-duration histogram with [`DURATION_BUCKETS`] (other histograms keep
 /// the exporter's summaries).
+#[must_use]
 pub fn prometheus_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
     let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
     // The exporter matches the name as it renders it (dots as underscores).

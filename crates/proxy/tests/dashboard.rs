@@ -233,14 +233,10 @@ fn promql_names(expr: &str) -> Names {
             }
             let word: String = chars[start..i].iter().collect();
             let next = skip_ws(i);
-            if matches!(word.as_str(), "by" | "without" | "on" | "ignoring")
-                && chars.get(next) == Some(&'(')
-            {
-                let (labels, end) = list(next);
-                names.grouping.extend(labels);
-                i = end;
-            } else if matches!(word.as_str(), "group_left" | "group_right")
-                && chars.get(next) == Some(&'(')
+            if matches!(
+                word.as_str(),
+                "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
+            ) && chars.get(next) == Some(&'(')
             {
                 let (labels, end) = list(next);
                 names.grouping.extend(labels);

@@ -158,11 +158,15 @@ async fn top_draws_the_live_table_and_quits_on_q_restoring_the_terminal() {
             "{echoed}"
         );
     }
-    proxy
-        .call(5, "get-sum", json!({"a": 1, "b": 2}))
-        .await;
+    proxy.call(5, "get-sum", json!({"a": 1, "b": 2})).await;
 
-    let mut top = Terminal::start(&["top", "--metrics-addr", &metrics_addr, "--interval", "200ms"]);
+    let mut top = Terminal::start(&[
+        "top",
+        "--metrics-addr",
+        &metrics_addr,
+        "--interval",
+        "200ms",
+    ]);
     let drawn = eventually(LIMIT, || {
         let frame = top.last_frame();
         async move {
@@ -174,10 +178,16 @@ async fn top_draws_the_live_table_and_quits_on_q_restoring_the_terminal() {
     })
     .await;
     let Some(frame) = drawn else {
-        panic!("the table never showed echo's 3 calls:\n{}", top.last_frame());
+        panic!(
+            "the table never showed echo's 3 calls:\n{}",
+            top.last_frame()
+        );
     };
     assert!(frame.contains("toolwarden top"), "{frame}");
-    assert!(frame.contains("calls") && frame.contains("breaker"), "{frame}");
+    assert!(
+        frame.contains("calls") && frame.contains("breaker"),
+        "{frame}"
+    );
     assert_eq!(row(&frame, "echo").unwrap()[9], "closed", "{frame}");
     // The terminal is in key-at-a-time mode while it runs.
     assert!(!top.echo_on(), "echo still on while top runs");
@@ -188,7 +198,11 @@ async fn top_draws_the_live_table_and_quits_on_q_restoring_the_terminal() {
         async move { (row(&frame, "echo")?[1] == "4").then_some(()) }
     })
     .await;
-    assert!(updated.is_some(), "no redraw with the 4th call:\n{}", top.last_frame());
+    assert!(
+        updated.is_some(),
+        "no redraw with the 4th call:\n{}",
+        top.last_frame()
+    );
 
     top.type_keys(b"q");
     let status = top.exit_status().await;
@@ -196,9 +210,14 @@ async fn top_draws_the_live_table_and_quits_on_q_restoring_the_terminal() {
     // The terminal is given back: settings restored, main screen, cursor shown.
     assert!(top.echo_on(), "echo and line mode not restored");
     let raw = top.raw();
-    let left = raw.rfind("\x1b[?1049l").expect("the alternate screen is left");
+    let left = raw
+        .rfind("\x1b[?1049l")
+        .expect("the alternate screen is left");
     assert!(raw.rfind("\x1b[?1049h").unwrap() < left);
-    assert!(!raw[left..].contains("\x1b[H"), "nothing drawn after leaving");
+    assert!(
+        !raw[left..].contains("\x1b[H"),
+        "nothing drawn after leaving"
+    );
     assert!(raw.contains("\x1b[?25h"), "the cursor is shown again");
 
     let status = proxy.close_and_wait().await;
@@ -210,11 +229,14 @@ async fn an_unreachable_address_is_reported_and_retried_until_q() {
     let port = free_port(); // nothing listens there
     let addr = format!("127.0.0.1:{port}");
     let mut top = Terminal::start(&["top", "--metrics-addr", &addr, "--interval", "100ms"]);
-    let shown = eventually(LIMIT, || {
-        let frame = top.last_frame();
-        async move { (frame.contains("cannot reach") && frame.contains("retrying")).then_some(frame) }
-    })
-    .await;
+    let shown =
+        eventually(LIMIT, || {
+            let frame = top.last_frame();
+            async move {
+                (frame.contains("cannot reach") && frame.contains("retrying")).then_some(frame)
+            }
+        })
+        .await;
     let Some(frame) = shown else {
         panic!("no error on screen:\n{}", top.last_frame());
     };
