@@ -24,11 +24,13 @@ use crate::instruments::{Cached, METADATA};
 /// it is a gauge; an OTLP exporter should map it to an UpDownCounter.
 pub const METRIC_CALLS_ACTIVE: &str = "toolwarden.calls.active";
 
-/// The in-flight state of one series: a count for the snapshot and the
-/// gauge handle per recorder.
+/// The in-flight state of one series: the calls started (the snapshot's
+/// `active` is started minus ended, the ended ones being the statistics'
+/// completed and cancelled calls: one atomic add per call instead of two)
+/// and the gauge handle per recorder.
 #[derive(Default)]
 pub(crate) struct ActiveSeries {
-    count: AtomicU64,
+    started: AtomicU64,
     gauge: Cached<Gauge>,
 }
 
@@ -38,7 +40,7 @@ impl ActiveSeries {
     /// handle must be given back to [`ActiveSeries::end`] exactly once.
     #[inline]
     pub(crate) fn start(&self, labels: impl Fn() -> Vec<Label>) -> ActiveCall {
-        self.count.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
         let mut held = None;
         metrics::with_recorder(|recorder| {
             self.gauge.with(
@@ -62,17 +64,16 @@ impl ActiveSeries {
         }
     }
 
-    /// Counts a call out.
+    /// Counts a call out of the gauge (the statistics count it as
+    /// completed or cancelled).
     #[inline]
-    pub(crate) fn end(&self, call: &ActiveCall) {
-        // Never below zero: every `end` follows its own `start`.
-        self.count.fetch_sub(1, Relaxed);
+    pub(crate) fn end(call: &ActiveCall) {
         call.gauge.decrement(1.0);
     }
 
-    /// Calls in flight now.
-    pub(crate) fn get(&self) -> u64 {
-        self.count.load(Relaxed)
+    /// Calls started so far.
+    pub(crate) fn started(&self) -> u64 {
+        self.started.load(Relaxed)
     }
 }
 

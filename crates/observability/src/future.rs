@@ -28,7 +28,7 @@ impl<C> Drop for InFlight<C> {
     /// The call has ended, completed or dropped: it leaves the in-flight
     /// gauge (both paths drop this record).
     fn drop(&mut self) {
-        self.series.end_active(&self.active);
+        Series::end_active(&self.active);
     }
 }
 

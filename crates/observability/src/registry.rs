@@ -131,7 +131,7 @@ impl Shared {
                 .collect();
             out.sort_by(|a, b| a.name.cmp(&b.name));
             let overflow = state.overflow();
-            if overflow.stats.has_calls() || overflow.active.get() > 0 {
+            if overflow.stats.has_calls() || overflow.active.started() > 0 {
                 out.push(overflow.snapshot(OTHER_LABEL_VALUE, &self.clock));
             }
             out
@@ -198,10 +198,13 @@ impl Series {
         }
     }
 
-    /// The series' statistics, calls in flight included.
+    /// The series' statistics, calls in flight included: started minus
+    /// ended (completed or cancelled). The ended calls are read first, so
+    /// a call that ends while the snapshot is taken can make `active` one
+    /// too high, never negative.
     fn snapshot(&self, name: &str, clock: &Clock) -> crate::stats::CallStats {
         let mut stats = self.stats.snapshot(name, clock);
-        stats.active = self.active.get();
+        stats.active = self.active.started().saturating_sub(stats.calls);
         stats
     }
 
@@ -213,8 +216,8 @@ impl Series {
 
     /// Counts a call out, when its future completes or is dropped.
     #[inline]
-    pub(crate) fn end_active(&self, call: &ActiveCall) {
-        self.active.end(call);
+    pub(crate) fn end_active(call: &ActiveCall) {
+        ActiveSeries::end(call);
     }
 
     fn base_labels(&self, extra: usize) -> Vec<metrics::Label> {
