@@ -267,7 +267,10 @@ async fn run(args: RunArgs, redactor: SharedRedactor) -> ExitCode {
         }
     }
 
-    let endpoints = MetricsEndpoints::new();
+    // Validated with the configuration (1 to 1000).
+    let history = toolwarden::observability::HealthHistory::new(config.http.health_history)
+        .unwrap_or_default();
+    let endpoints = MetricsEndpoints::with_health_history(history);
     if args.metrics_addr.is_some() {
         match endpoints::prometheus_builder().install_recorder() {
             Ok(handle) => {

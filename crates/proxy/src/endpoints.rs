@@ -15,7 +15,7 @@
 //! counters appear), a health report, a circuits snapshot.
 //!
 //! `/health?history=1` adds `"history"`: the last 20 results of each
-//! check of the stack's health registry, with their times, oldest first
+//! check (`http.health_history`) of the stack's health registry, with their times, oldest first
 //! ([`MetricsEndpoints::health_history`]).
 //!
 //! `/health` always includes the proxy's own view of the upstream under
@@ -110,6 +110,16 @@ impl MetricsEndpoints {
         Self::default()
     }
 
+    /// The same, keeping `history` for `/health?history=1` (default: the
+    /// last 20 results of each check; `http.health_history` sets it).
+    #[must_use]
+    pub fn with_health_history(history: HealthHistory) -> Self {
+        MetricsEndpoints {
+            providers: Arc::default(),
+            history,
+        }
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Providers> {
         self.providers
             .write()
@@ -177,9 +187,10 @@ impl MetricsEndpoints {
     }
 
     /// The history of the stack's health checks, served by
-    /// `/health?history=1`: the last 20 results of each check
-    /// ([`HealthHistory`], default length), kept across configuration
-    /// reloads (each reload's health registry records into this one).
+    /// `/health?history=1`: the last 20 results of each check by default
+    /// ([`HealthHistory`]; [`with_health_history`](Self::with_health_history)),
+    /// kept across configuration reloads (each reload's health registry
+    /// records into this one).
     #[must_use]
     pub fn health_history(&self) -> &HealthHistory {
         &self.history

@@ -501,6 +501,9 @@ max_failing_repeats = 2
 
 [tools."stats".rate_limit]
 per_tool = { rate = "1/min", burst = 1 }
+
+[http]
+health_history = 2
 "#,
     );
     let metrics = free_port();
@@ -653,13 +656,18 @@ per_tool = { rate = "1/min", burst = 1 }
         "{search}"
     );
 
-    // /health?history=1: the circuits check failing since it opened, with times.
+    // /health?history=1: the circuits check failing since it opened, with
+    // times; the last `http.health_history` (2) reports only.
+    for _ in 0..3 {
+        http_get(metrics, "/health").await.unwrap();
+    }
     let (status, body) = http_get(metrics, "/health?history=1").await.unwrap();
     assert_eq!(status, 200, "degraded still serves: {body}");
     let report: Value = serde_json::from_str(&body).unwrap();
     let history = report["history"]["circuits"]
         .as_array()
         .unwrap_or_else(|| panic!("{report}"));
+    assert_eq!(history.len(), 2, "{report}");
     let last = history.last().unwrap();
     assert_eq!(last["status"], "failed", "{report}");
     assert!(
