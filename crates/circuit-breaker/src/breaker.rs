@@ -160,6 +160,15 @@ pub struct RecentError {
     pub counted: bool,
     /// How many times it was seen.
     pub count: u64,
+    /// When it was last seen, in Unix milliseconds (wall clock).
+    pub last_seen_unix_ms: u64,
+}
+
+/// The wall clock in Unix milliseconds (0 before 1970).
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// How many distinct error kinds a breaker remembers.
@@ -189,10 +198,12 @@ impl RecentErrors {
                     code: outcome.code,
                     counted: counts_against_the_tool(outcome),
                     count: 0,
+                    last_seen_unix_ms: 0,
                 }
             }
         };
         entry.count += 1;
+        entry.last_seen_unix_ms = unix_ms_now();
         self.entries.insert(0, entry);
     }
 }

@@ -641,6 +641,12 @@ async fn snapshot_serialises() {
     assert_eq!(c["recent_errors"][2]["class"], "client");
     assert_eq!(c["recent_errors"][2]["code"], -32602);
     assert_eq!(c["recent_errors"][2]["counted"], false);
+    // Each with the wall time it was last seen, newest first.
+    let seen: Vec<u64> = (0..3)
+        .map(|i| c["recent_errors"][i]["last_seen_unix_ms"].as_u64().unwrap())
+        .collect();
+    assert!(seen[2] > 1_600_000_000_000, "{seen:?}");
+    assert!(seen[0] >= seen[1] && seen[1] >= seen[2], "{seen:?}");
     assert!(json["overflow"].is_null());
 }
 

@@ -10,6 +10,7 @@ use toolwarden_core::rejection::find_rejection;
 use toolwarden_core::{BoxError, CallKind, Classify, Entry};
 use tracing::Span;
 
+use crate::active::ActiveCall;
 use crate::clock::Stamp;
 use crate::instruments::CANCELLED_OUTCOME;
 use crate::registry::Series;
@@ -20,6 +21,16 @@ pub(crate) struct InFlight<C> {
     pub(crate) start: Stamp,
     pub(crate) kind: CallKind,
     pub(crate) classifier: C,
+    /// Counted in the in-flight gauge until this record is dropped.
+    pub(crate) active: ActiveCall,
+}
+
+impl<C> Drop for InFlight<C> {
+    /// The call has ended, completed or dropped: it leaves the in-flight
+    /// gauge (both paths drop this record).
+    fn drop(&mut self) {
+        Series::end_active(&self.active);
+    }
 }
 
 pin_project! {

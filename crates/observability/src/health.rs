@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use toolwarden_core::{Circuits, ConfigError};
 
+use crate::health_history::HealthHistory;
 use crate::stats::unix_ms_now;
 
 /// How much a failing check matters. See [`HealthRegistry`], "Aggregation".
@@ -287,9 +288,18 @@ impl fmt::Debug for HealthCheck {
 /// assert_eq!(report.to_json()["checks"][1]["message"], "cache is cold");
 /// # }
 /// ```
+///
+/// # History
+///
+/// Each report's results are also recorded, with the report's time, into
+/// the registry's [`HealthHistory`] ([`history`](Self::history)): the last
+/// 20 results of each check by default, bounded (see [`HealthHistory`];
+/// [`with_history`](Self::with_history) sets another length or shares one
+/// history between registries).
 #[derive(Clone, Default)]
 pub struct HealthRegistry {
     checks: Arc<RwLock<Vec<HealthCheck>>>,
+    history: HealthHistory,
 }
 
 impl HealthRegistry {
@@ -297,6 +307,20 @@ impl HealthRegistry {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Records reports into `history` instead of a history of its own
+    /// (default: the last 20 results of each check).
+    #[must_use]
+    pub fn with_history(mut self, history: HealthHistory) -> Self {
+        self.history = history;
+        self
+    }
+
+    /// The history of this registry's reports.
+    #[must_use]
+    pub fn history(&self) -> &HealthHistory {
+        &self.history
     }
 
     /// Adds a check. Refuses an empty or duplicate name (field `name`) and a
@@ -346,6 +370,7 @@ impl HealthRegistry {
         let checked_at = unix_ms_now();
         let checks = self.read();
         let results = join_all(checks.iter().map(HealthCheck::run)).await;
+        self.history.record(&results, checked_at);
         HealthReport::from_checks(results, checked_at)
     }
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::RawQuery;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, MethodRouter};
@@ -20,6 +21,7 @@ use tokio::task::JoinSet;
 use toolwarden_core::ConfigError;
 
 use crate::health::HealthRegistry;
+use crate::health_history::HealthHistory;
 use crate::stats::Stats;
 
 type Render = Arc<dyn Fn() -> String + Send + Sync>;
@@ -32,7 +34,7 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// | path | answer |
 /// |---|---|
 /// | `GET /metrics` | the text your render function returns (e.g. `PrometheusHandle::render`), `text/plain; version=0.0.4` |
-/// | `GET /health` | the [`HealthReport`](crate::HealthReport) as JSON; status 200 when healthy or degraded, 503 when unhealthy |
+/// | `GET /health` | the [`HealthReport`](crate::HealthReport) as JSON; status 200 when healthy or degraded, 503 when unhealthy; with `?history=1`, also `"history"`: the last results of each check ([`HealthHistory`](crate::HealthHistory)) |
 /// | `GET /stats` | the [`StatsSnapshot`](crate::StatsSnapshot) as JSON |
 ///
 /// `HEAD` is answered like `GET` without a body; other methods get 405
@@ -130,10 +132,17 @@ impl Endpoints {
         if let Some(registry) = self.health {
             router = router.route(
                 "/health",
-                read_only(get(move || {
+                read_only(get(move |RawQuery(query): RawQuery| {
                     let registry = registry.clone();
                     async move {
                         let report = registry.report().await;
+                        if HealthHistory::is_requested(query.as_deref()) {
+                            let mut body = report.to_json();
+                            if let serde_json::Value::Object(map) = &mut body {
+                                map.insert("history".to_owned(), registry.history().to_json());
+                            }
+                            return json(report.status.http_status(), &body);
+                        }
                         json(report.status.http_status(), &report)
                     }
                 })),

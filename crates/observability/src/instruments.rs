@@ -63,6 +63,11 @@ pub fn describe_metrics() {
         "Resilience events (circuit transitions, rate limits, retries, loops, stale results)."
     );
     metrics::describe_gauge!(
+        crate::active::METRIC_CALLS_ACTIVE,
+        Unit::Count,
+        "MCP calls in flight (started, not yet completed or dropped), by method and tool."
+    );
+    metrics::describe_gauge!(
         METRIC_CIRCUIT_STATE,
         "Circuit state per key: 0 closed, 1 half-open, 2 open."
     );

@@ -21,7 +21,8 @@
 //!
 //! [`HealthRegistry`] adds checks with priorities and timeouts,
 //! [`circuit_check`] a check fed by the circuit breakers, and
-//! [`HealthMonitor`] a periodic monitor. Feature `http` adds the metrics HTTP
+//! [`HealthMonitor`] a periodic monitor; [`HealthHistory`] keeps the last
+//! results of each check with their times. Feature `http` adds the metrics HTTP
 //! server (see [HTTP](#http)).
 //!
 //! # Metrics
@@ -32,6 +33,7 @@
 //! | `toolwarden.calls` ([`METRIC_CALLS`]) | counter | `mcp.method.name`, `gen_ai.tool.name` (tool calls only), `outcome` |
 //! | `toolwarden.events` ([`METRIC_EVENTS`]) | counter | `event`, `key` (events about a key or tool) |
 //! | `toolwarden.circuit.state` ([`METRIC_CIRCUIT_STATE`]) | gauge: 0 closed, 1 half-open, 2 open | `key` |
+//! | `toolwarden.calls.active` ([`METRIC_CALLS_ACTIVE`]) | gauge: calls started and not yet ended (completed or dropped) | `mcp.method.name`, `gen_ai.tool.name` (tool calls only) |
 //!
 //! The label names are the `LABEL_*` constants ([`LABEL_METHOD`],
 //! [`LABEL_TOOL`], [`LABEL_ERROR_TYPE`], [`LABEL_OUTCOME`], [`LABEL_EVENT`],
@@ -48,7 +50,12 @@
 //! `stale_served`, `degraded`, `sync_failed`.
 //!
 //! Prometheus renders the dots as underscores (`mcp_client_operation_duration`,
-//! `toolwarden_calls`, `gen_ai_tool_name`, ...). [`describe_metrics`] gives
+//! `toolwarden_calls`, `toolwarden_calls_active`, `gen_ai_tool_name`, ...).
+//! The in-flight gauge has no OpenTelemetry MCP convention yet: in OTel
+//! terms it is an UpDownCounter `toolwarden.calls.active` of unit `{call}`
+//! (the shape of `http.server.active_requests`), which an OTLP exporter
+//! should map it to; its count is also the snapshot's
+//! [`CallStats::active`]. [`describe_metrics`] gives
 //! the recorder their units and help texts.
 //!
 //! # Cardinality and privacy
@@ -218,11 +225,13 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod active;
 mod builder;
 mod clock;
 mod events;
 mod future;
 mod health;
+mod health_history;
 #[cfg(feature = "http")]
 mod http;
 mod instruments;
@@ -233,6 +242,7 @@ mod service;
 mod settings;
 mod stats;
 
+pub use active::METRIC_CALLS_ACTIVE;
 /// The axum the metrics routes are built with ([`Endpoints::router`],
 /// [`MetricsServer::serve`]), re-exported on purpose: routes you add to them
 /// must come from this version.
@@ -245,6 +255,10 @@ pub use future::ResponseFuture;
 pub use health::{
     circuit_check, CheckReport, CheckStatus, HealthCheck, HealthMonitor, HealthRegistry,
     HealthReport, HealthStatus, LatestReport, Priority, DEFAULT_CHECK_TIMEOUT,
+};
+pub use health_history::{
+    HealthHistory, HistoryEntry, DEFAULT_HEALTH_HISTORY, HEALTH_HISTORY_LIMIT,
+    HEALTH_HISTORY_MAX_CHECKS,
 };
 #[cfg(feature = "http")]
 pub use http::{serve, Endpoints, MetricsServer, MetricsServerBuilder};

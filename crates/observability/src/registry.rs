@@ -7,6 +7,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, SharedString};
 use toolwarden_core::{Bounds, Entry, Key, KeyRef, KeyedState, McpRequest, Outcome, TOOLS_CALL};
 
+use crate::active::{ActiveCall, ActiveSeries};
 use crate::clock::{Clock, ClockSource, Stamp};
 use crate::events::EventState;
 use crate::instruments::{
@@ -126,12 +127,12 @@ impl Shared {
             let mut out: Vec<_> = state
                 .entries()
                 .iter()
-                .map(|e| e.stats.snapshot(&e.name, &self.clock))
+                .map(|e| e.snapshot(&e.name, &self.clock))
                 .collect();
             out.sort_by(|a, b| a.name.cmp(&b.name));
             let overflow = state.overflow();
-            if overflow.stats.has_calls() {
-                out.push(overflow.stats.snapshot(OTHER_LABEL_VALUE, &self.clock));
+            if overflow.stats.has_calls() || overflow.active.started() > 0 {
+                out.push(overflow.snapshot(OTHER_LABEL_VALUE, &self.clock));
             }
             out
         };
@@ -156,6 +157,8 @@ pub(crate) struct Series {
     pub(crate) stats: StatsCell,
     completed: [Cached<(Counter, Histogram)>; OUTCOME_KINDS],
     cancelled: Cached<Counter>,
+    /// Calls in flight (the `toolwarden.calls.active` gauge).
+    active: ActiveSeries,
     /// The layer's clock (a copy: the response future holds only this).
     pub(crate) clock: Clock,
 }
@@ -176,6 +179,7 @@ impl Series {
             stats: StatsCell::new(window),
             completed: Default::default(),
             cancelled: Cached::default(),
+            active: ActiveSeries::default(),
             clock,
         }
     }
@@ -192,6 +196,28 @@ impl Series {
             (None, None) => *self.name == *request.method(),
             _ => false,
         }
+    }
+
+    /// The series' statistics, calls in flight included: started minus
+    /// ended (completed or cancelled). The ended calls are read first, so
+    /// a call that ends while the snapshot is taken can make `active` one
+    /// too high, never negative.
+    fn snapshot(&self, name: &str, clock: &Clock) -> crate::stats::CallStats {
+        let mut stats = self.stats.snapshot(name, clock);
+        stats.active = self.active.started().saturating_sub(stats.calls);
+        stats
+    }
+
+    /// Counts a call in flight (see [`crate::active`]).
+    #[inline]
+    pub(crate) fn start_active(&self) -> ActiveCall {
+        self.active.start(|| self.base_labels(0))
+    }
+
+    /// Counts a call out, when its future completes or is dropped.
+    #[inline]
+    pub(crate) fn end_active(call: &ActiveCall) {
+        ActiveSeries::end(call);
     }
 
     fn base_labels(&self, extra: usize) -> Vec<metrics::Label> {

@@ -106,6 +106,7 @@ where
         let series = self.shared.series(&request, &mut self.last);
         let span = call_span(&mut request, self.shared.config.span_fingerprint);
         let start = self.shared.clock.now();
+        let active = series.start_active();
         let inner = {
             let _entered = span.enter();
             self.inner.call(request)
@@ -117,6 +118,7 @@ where
                 start,
                 kind,
                 classifier: self.classifier.clone(),
+                active,
             },
             span,
         )

@@ -228,6 +228,7 @@ impl StatsCell {
             p99_ms: DurationHistogram::quantile_ms(&histogram, 0.99),
             last_call_unix_ms: Stamp::from_nonzero_bits(last)
                 .map(|at| clock.unix_ms(clock.millis_since_epoch(at))),
+            active: 0,
         }
     }
 }
@@ -308,6 +309,12 @@ pub struct CallStats {
     pub p99_ms: Option<f64>,
     /// When the last call ended (or was cancelled), in Unix milliseconds.
     pub last_call_unix_ms: Option<u64>,
+    /// Calls started and not yet ended (completed or dropped) at the time
+    /// of the snapshot: the `toolwarden.calls.active` gauge
+    /// ([`METRIC_CALLS_ACTIVE`](crate::METRIC_CALLS_ACTIVE)). `0` when
+    /// absent from older JSON.
+    #[serde(default)]
+    pub active: u64,
 }
 
 /// A point-in-time copy of the layer's statistics, from

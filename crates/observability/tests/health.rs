@@ -387,3 +387,52 @@ fn the_monitor_refuses_a_zero_interval_and_a_missing_runtime() {
         assert_eq!(err.field(), "interval");
     });
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_report_is_kept_in_a_bounded_history_shared_across_registries() {
+    use toolwarden_observability::{CheckStatus, HealthHistory};
+    let history = HealthHistory::new(3).unwrap();
+    let flips = Arc::new(AtomicUsize::new(0));
+    let health = HealthRegistry::new().with_history(history.clone());
+    let counter = Arc::clone(&flips);
+    health
+        .register(HealthCheck::new("flip", Priority::Important, move || {
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n.is_multiple_of(2) {
+                    Ok(())
+                } else {
+                    Err(format!("failure {n}"))
+                }
+            }
+        }))
+        .unwrap();
+    for _ in 0..5 {
+        health.report().await;
+    }
+    let kept = &history.snapshot()["flip"];
+    let statuses: Vec<CheckStatus> = kept.iter().map(|e| e.status).collect();
+    // Reports 2, 3 and 4 of 0..5: passed, failed, passed.
+    assert_eq!(
+        statuses,
+        [
+            CheckStatus::Passed,
+            CheckStatus::Failed,
+            CheckStatus::Passed
+        ]
+    );
+    assert_eq!(kept[1].message.as_deref(), Some("failure 3"));
+    assert!(kept.windows(2).all(|w| w[0].at_unix_ms <= w[1].at_unix_ms));
+    assert_eq!(health.history().snapshot(), history.snapshot());
+
+    // A new registry given the same history (a reload) continues it.
+    let next = HealthRegistry::new().with_history(history.clone());
+    next.register(failing("flip", Priority::Important)).unwrap();
+    next.report().await;
+    let kept = &history.snapshot()["flip"];
+    assert_eq!(kept.len(), 3);
+    assert_eq!(kept[2].status, CheckStatus::Failed);
+
+    // A fresh registry has a history of its own, 20 results by default.
+    assert_eq!(HealthRegistry::new().history().len_per_check(), 20);
+}

@@ -100,6 +100,23 @@ async fn metrics_health_and_stats_are_served_over_tcp() {
     let report: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(report["status"], "unhealthy");
     assert_eq!(report["checks"][0]["message"], "unreachable");
+    assert!(report.get("history").is_none(), "only on request: {report}");
+
+    // `?history=1`: the last results of each check, oldest first, timed.
+    let (status, _, body) = get(addr, "/health?history=1").await;
+    assert_eq!(status, 503);
+    let report: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let upstream = report["history"]["upstream"].as_array().unwrap();
+    assert_eq!(upstream.len(), 2, "two reports so far: {report}");
+    for entry in upstream {
+        assert_eq!(entry["status"], "failed");
+        assert_eq!(entry["message"], "unreachable");
+        assert!(entry["at_unix_ms"].as_u64().unwrap() > 1_600_000_000_000);
+    }
+    assert_eq!(
+        upstream.last().unwrap()["at_unix_ms"],
+        report["checked_at_unix_ms"]
+    );
 
     let (status, _, body) = get(addr, "/stats").await;
     assert_eq!(status, 200);

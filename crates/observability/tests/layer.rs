@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use serde_json::json;
 use toolwarden_core::jsonrpc::Request;
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
-use toolwarden_core::{McpClassifier, OutcomeKind};
+use toolwarden_core::{McpClassifier, McpRequest, OutcomeKind};
 use toolwarden_observability::{
     ClockSource, Observability, ObservabilityLayer, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT,
     RECENT_WINDOW_LIMIT,
@@ -85,6 +85,7 @@ async fn the_snapshot_has_the_documented_json_shape() {
     assert_eq!(
         keys,
         [
+            "active",
             "calls",
             "cancelled",
             "errors",
@@ -247,6 +248,68 @@ async fn a_dropped_call_is_counted_as_cancelled() {
     assert!(!samples
         .iter()
         .any(|s| s.name.starts_with("mcp_client_operation_duration")));
+}
+
+#[tokio::test]
+async fn the_in_flight_gauge_counts_running_calls_until_they_end_or_are_dropped() {
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let prometheus = recorder.handle();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let (gate, opened) = tokio::sync::oneshot::channel::<()>();
+    let opened = std::sync::Arc::new(tokio::sync::Mutex::new(Some(opened)));
+    let mock = MockMcp::new().script("slow", [Step::Hang, Step::Hang]);
+    // `fast` waits for the gate: in flight until the test opens it.
+    let upstream = tower::service_fn(move |req: Request| {
+        let mock = mock.clone();
+        let opened = std::sync::Arc::clone(&opened);
+        async move {
+            if req.tool_name() == Some("fast") {
+                if let Some(rx) = opened.lock().await.take() {
+                    let _ = rx.await;
+                }
+            }
+            tower::ServiceExt::oneshot(mock, req).await
+        }
+    });
+    let layer = ObservabilityLayer::new();
+    let stats = layer.stats();
+    let mut svc = layer.layer(ReadyChecked::new(upstream));
+    let active = |tool: &str| {
+        let samples = parse_prometheus(&prometheus.render());
+        let gauge = value(
+            &samples,
+            "toolwarden_calls_active",
+            &[
+                ("mcp_method_name", "tools/call"),
+                ("gen_ai_tool_name", tool),
+            ],
+        );
+        let snapshot = stats.snapshot().tool(tool).map(|t| t.active);
+        (gauge, snapshot)
+    };
+    let mut cx = Context::from_waker(Waker::noop());
+
+    // Two hung calls of `slow`, then one dropped (the cancel path): 2, then 1, then 0.
+    let (mut one, mut two) = (svc.clone(), svc.clone());
+    let mut first = Box::pin(call(&mut one, tool_call(1, "slow")));
+    let mut second = Box::pin(call(&mut two, tool_call(2, "slow")));
+    assert!(first.as_mut().poll(&mut cx).is_pending());
+    assert!(second.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(active("slow"), (Some(2.0), Some(2)));
+    drop(first);
+    assert_eq!(active("slow"), (Some(1.0), Some(1)));
+    drop(second);
+    assert_eq!(active("slow"), (Some(0.0), Some(0)));
+    assert_eq!(stats.snapshot().tool("slow").unwrap().cancelled, 2);
+
+    // A call that completes leaves the gauge too.
+    let mut pending = Box::pin(call(&mut svc, tool_call(3, "fast")));
+    assert!(pending.as_mut().poll(&mut cx).is_pending());
+    assert_eq!(active("fast"), (Some(1.0), Some(1)));
+    gate.send(()).unwrap();
+    pending.await.unwrap();
+    assert_eq!(active("fast"), (Some(0.0), Some(0)));
+    assert_eq!(stats.snapshot().tool("fast").unwrap().calls, 1);
 }
 
 #[tokio::test]

@@ -1,4 +1,4 @@
-//! The `toolwarden` command line: `run`, `check-config` and `demo`.
+//! The `toolwarden` command line: `run`, `check-config`, `demo` and `top`.
 
 // The argument docs are `--help` texts (clap prints them as written): a URL
 // there is an example to type, not a link.
@@ -58,6 +58,10 @@ pub enum Command {
     /// Run a flaky in-process MCP server and a scripted agent through the proxy,
     /// and show what each layer did. Needs nothing installed; under a minute.
     Demo,
+    /// Show a running proxy's per-tool table live (calls, errors, latency,
+    /// circuits, the layers' events), read from its --metrics-addr; q quits.
+    #[cfg(unix)]
+    Top(crate::top::TopArgs),
 }
 
 /// `toolwarden run`.
@@ -104,7 +108,7 @@ pub struct RunArgs {
     /// Require the same bearer tokens on --metrics-addr.
     #[arg(long)]
     pub metrics_auth: bool,
-    /// Serve /metrics, /health and /circuits on ADDR (e.g. 127.0.0.1:9464).
+    /// Serve /metrics, /health, /circuits and /stats on ADDR (e.g. 127.0.0.1:9464).
     #[arg(long, value_name = "ADDR")]
     pub metrics_addr: Option<SocketAddr>,
     /// Allow a non-loopback --metrics-addr.
@@ -212,7 +216,8 @@ fn access_policy(args: &RunArgs, config: &Config) -> Result<AccessPolicy, String
     AccessPolicy::new(&origins, &hosts, args.listen, tokens)
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or SIGINT (Ctrl-C).
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -277,11 +282,14 @@ async fn run(args: RunArgs, redactor: SharedRedactor, slot: Slot) -> ExitCode {
         }
     }
 
-    let endpoints = MetricsEndpoints::new();
+    // Validated with the configuration (1 to 1000).
+    let history = toolwarden::observability::HealthHistory::new(config.http.health_history)
+        .unwrap_or_default();
+    let endpoints = MetricsEndpoints::with_health_history(history);
     // Prometheus for the metrics address, OpenTelemetry for the collector:
     // one recorder each, or a fan-out to both.
     let prometheus = args.metrics_addr.map(|_| {
-        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let recorder = endpoints::prometheus_builder().build_recorder();
         let handle = recorder.handle();
         (recorder, handle)
     });
@@ -334,6 +342,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor, slot: Slot) -> ExitCode {
             tracing::warn!(error = %e, "metrics recorder not installed; no metrics are exported")
         }
         Some((Ok(()), Some(handle))) => {
+            toolwarden::observability::describe_metrics();
             let upkeep = handle.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -417,7 +426,7 @@ async fn run(args: RunArgs, redactor: SharedRedactor, slot: Slot) -> ExitCode {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
                 let bound = listener.local_addr().map_or(addr, |a| a);
-                tracing::info!(%bound, "serving /metrics, /health and /circuits");
+                tracing::info!(%bound, "serving /metrics, /health, /circuits and /stats");
                 let mut limits = http_options.connection_limits();
                 limits.max_connections = limits
                     .max_connections
@@ -557,6 +566,8 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command {
             Command::Run(args) => run(args, redactor, slot).await,
             Command::Demo => crate::demo::run().await,
+            #[cfg(unix)]
+            Command::Top(args) => crate::top::run(args).await,
             Command::CheckConfig(_) => ExitCode::SUCCESS,
         }
     });

@@ -1,5 +1,7 @@
-//! The metrics address: `/metrics` (Prometheus text), `/health` (JSON) and
-//! `/circuits` (the circuit breakers' snapshot, JSON).
+//! The metrics address: `/metrics` (Prometheus text), `/health` (JSON),
+//! `/circuits` (the circuit breakers' snapshot, JSON) and `/stats` (the
+//! observability layer's per-tool statistics, JSON: what `toolwarden top`
+//! shows).
 //!
 //! It is the observability crate's metrics HTTP server
 //! ([`toolwarden_observability::MetricsServer`]): its `/metrics` route
@@ -11,6 +13,10 @@
 //! installs `metrics-exporter-prometheus` as the process's `metrics`
 //! recorder when `--metrics-addr` is given, so every layer's `metrics`
 //! counters appear), a health report, a circuits snapshot.
+//!
+//! `/health?history=1` adds `"history"`: the last 20 results of each
+//! check (`http.health_history`) of the stack's health registry, with their times, oldest first
+//! ([`MetricsEndpoints::health_history`]).
 //!
 //! `/health` always includes the proxy's own view of the upstream under
 //! `"upstream"` (`state`, `pid`, `restarts`, `target`, ...). Its status is
@@ -37,7 +43,7 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use toolwarden_observability::{Endpoints, MetricsServer};
+use toolwarden_observability::{Endpoints, HealthHistory, MetricsServer};
 
 use crate::access::AuthTokens;
 use crate::downstream::http::ConnectionLimits;
@@ -53,6 +59,7 @@ struct Providers {
     metrics: Option<TextProvider>,
     health: Option<JsonProvider>,
     circuits: Option<JsonProvider>,
+    stats: Option<JsonProvider>,
     upstream_circuits: Option<JsonProvider>,
 }
 
@@ -70,6 +77,7 @@ struct Providers {
 #[derive(Clone, Default)]
 pub struct MetricsEndpoints {
     providers: Arc<RwLock<Providers>>,
+    history: HealthHistory,
 }
 
 impl fmt::Debug for MetricsEndpoints {
@@ -100,6 +108,16 @@ impl MetricsEndpoints {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The same, keeping `history` for `/health?history=1` (default: the
+    /// last 20 results of each check; `http.health_history` sets it).
+    #[must_use]
+    pub fn with_health_history(history: HealthHistory) -> Self {
+        MetricsEndpoints {
+            providers: Arc::default(),
+            history,
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Providers> {
@@ -138,6 +156,26 @@ impl MetricsEndpoints {
         self.write().circuits = Some(boxed(snapshot));
     }
 
+    /// What `/stats` serves: the observability layer's statistics
+    /// snapshot (per tool: calls, calls in flight, outcomes, percentiles).
+    pub fn set_stats<F, Fut>(&self, snapshot: F)
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Value> + Send + 'static,
+    {
+        self.write().stats = Some(boxed(snapshot));
+    }
+
+    /// The statistics snapshot (`{"tools": [], "methods": []}` without a
+    /// provider).
+    pub async fn stats(&self) -> Value {
+        let provider = self.read().stats.clone();
+        match provider {
+            Some(p) => p().await,
+            None => json!({"tools": [], "methods": []}),
+        }
+    }
+
     /// What `/circuits` adds under `"upstreams"`: a gateway's breakers, one
     /// per upstream.
     pub fn set_upstream_circuits<F, Fut>(&self, snapshot: F)
@@ -146,6 +184,16 @@ impl MetricsEndpoints {
         Fut: Future<Output = Value> + Send + 'static,
     {
         self.write().upstream_circuits = Some(boxed(snapshot));
+    }
+
+    /// The history of the stack's health checks, served by
+    /// `/health?history=1`: the last 20 results of each check by default
+    /// ([`HealthHistory`]; [`with_health_history`](Self::with_health_history)),
+    /// kept across configuration reloads (each reload's health registry
+    /// records into this one).
+    #[must_use]
+    pub fn health_history(&self) -> &HealthHistory {
+        &self.history
     }
 
     /// The Prometheus text (empty without a renderer).
@@ -224,8 +272,16 @@ fn json_response(code: StatusCode, body: &Value) -> Response {
         .into_response()
 }
 
-async fn health_route(State(state): State<RouteState>) -> Response {
-    let (code, report) = state.endpoints.health(&state.upstream).await;
+async fn health_route(
+    State(state): State<RouteState>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+) -> Response {
+    let (code, mut report) = state.endpoints.health(&state.upstream).await;
+    if HealthHistory::is_requested(query.as_deref()) {
+        if let Value::Object(map) = &mut report {
+            map.insert("history".into(), state.endpoints.history.to_json());
+        }
+    }
     json_response(code, &report)
 }
 
@@ -233,14 +289,20 @@ async fn circuits_route(State(state): State<RouteState>) -> Response {
     json_response(StatusCode::OK, &state.endpoints.circuits().await)
 }
 
-/// The router of the three routes: observability's `/metrics`
+async fn stats_route(State(state): State<RouteState>) -> Response {
+    json_response(StatusCode::OK, &state.endpoints.stats().await)
+}
+
+/// The router of the four routes: observability's `/metrics`
 /// ([`Endpoints::router`], rendering [`MetricsEndpoints::render_metrics`]
-/// per request), extended with the proxy's `/health` and `/circuits`.
+/// per request), extended with the proxy's `/health`, `/circuits` and
+/// `/stats`.
 pub fn router(endpoints: MetricsEndpoints, upstream: impl Into<Upstreams>) -> Router {
     let metrics = endpoints.clone();
     let proxy_routes = Router::new()
         .route("/health", get(health_route))
         .route("/circuits", get(circuits_route))
+        .route("/stats", get(stats_route))
         .with_state(RouteState {
             endpoints,
             upstream: upstream.into(),
@@ -249,6 +311,31 @@ pub fn router(endpoints: MetricsEndpoints, upstream: impl Into<Upstreams>) -> Ro
         .metrics(move || metrics.render_metrics())
         .router()
         .merge(proxy_routes)
+}
+
+/// The buckets, in seconds, of the call-duration histogram
+/// (`mcp_client_operation_duration`): 1 ms to 60 s, so that
+/// `histogram_quantile` gives p50/p95/p99 per tool across replicas (the
+/// Grafana dashboard in `deploy/` does).
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+];
+
+/// The Prometheus recorder the proxy installs with `--metrics-addr`: the
+/// call-duration histogram with [`DURATION_BUCKETS`] (other histograms keep
+/// the exporter's summaries).
+#[must_use]
+pub fn prometheus_builder() -> metrics_exporter_prometheus::PrometheusBuilder {
+    let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+    // The exporter matches the name as it renders it (dots as underscores).
+    let name = toolwarden::observability::METRIC_OPERATION_DURATION.replace('.', "_");
+    // Only an empty bucket list is refused, and this one is not empty.
+    builder
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(name),
+            &DURATION_BUCKETS,
+        )
+        .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new())
 }
 
 /// Refuses a non-loopback address unless `allow_remote`; `what` names the

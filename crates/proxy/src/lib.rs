@@ -25,8 +25,9 @@
 //! - [`config`]: the TOML configuration with `TOOLWARDEN_<SECTION>_<KEY>`
 //!   overrides; errors name the key.
 //!
-//! And beside the flow: [`cli`] (`toolwarden run`, `check-config` and
-//! `demo`), [`reload`] (`SIGHUP` and `--watch`: new policies, circuits kept), [`access`] (`Origin`, `Host` and bearer-token checks of the HTTP
+//! And beside the flow: [`cli`] (`toolwarden run`, `check-config`, `demo`
+//! and `top`), [`top`] (the live per-tool view of a running proxy, drawn
+//! with [`table`], the demo's table renderer), [`reload`] (`SIGHUP` and `--watch`: new policies, circuits kept), [`access`] (`Origin`, `Host` and bearer-token checks of the HTTP
 //! listeners), [`tool_names`] (tool names refused before the stack),
 //! [`endpoints`] (`/metrics`, `/health`, `/circuits`), [`redact`] (the
 //! upstream's secrets kept out of logs, reports and answers), [`replicas`]
@@ -53,7 +54,10 @@ pub mod redact;
 pub mod reload;
 pub mod replicas;
 pub mod stack;
+pub mod table;
 pub mod tool_names;
+#[cfg(unix)]
+pub mod top;
 pub mod transport;
 pub mod upstream;
 

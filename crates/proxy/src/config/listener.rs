@@ -38,6 +38,10 @@ pub struct HttpConfig {
     /// Require the same tokens on the metrics address (`/metrics`,
     /// `/health`, `/circuits`); `--metrics-auth` turns it on too. Default `false`.
     pub metrics_auth: bool,
+    /// How many results of each health check `/health?history=1` keeps on
+    /// the metrics address (with the time each ran), 1 to 1000. Read at
+    /// start-up (a reload keeps the running length). Default 20.
+    pub health_history: usize,
     /// The longest a client may take to send a request's headers; past it the
     /// connection is closed (slowloris). Default `10s`.
     #[serde(with = "humantime_serde")]
@@ -69,6 +73,7 @@ impl Default for HttpConfig {
             allowed_hosts: Vec::new(),
             auth_token_file: None,
             metrics_auth: false,
+            health_history: toolwarden::observability::DEFAULT_HEALTH_HISTORY,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
             max_connections: 256,
@@ -94,6 +99,12 @@ impl HttpConfig {
         {
             return Err(ConfigError::new("auth_token_file", "must not be empty"));
         }
+        within(
+            "health_history",
+            Some(self.health_history),
+            1,
+            toolwarden::observability::HEALTH_HISTORY_LIMIT,
+        )?;
         positive("header_read_timeout", Some(self.header_read_timeout))?;
         positive("body_read_timeout", Some(self.body_read_timeout))?;
         positive("shutdown_timeout", Some(self.shutdown_timeout))?;

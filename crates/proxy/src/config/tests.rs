@@ -200,6 +200,8 @@ fn bad_values_name_their_key() {
             "[catalog]\ntrust_annotations = \"yes\"",
             "catalog.trust_annotations",
         ),
+        ("[http]\nhealth_history = 0", "http.health_history"),
+        ("[http]\nhealth_history = 1001", "http.health_history"),
         // From the layer builders, in the file's keys.
         (
             "[circuit_breaker]\nfailure_threshold = 0",

@@ -21,7 +21,6 @@ mod server;
 mod wiring;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -45,6 +44,7 @@ use crate::config::{
 };
 use crate::endpoints::MetricsEndpoints;
 use crate::stack::SharedState;
+use crate::table::{render, Column};
 use crate::Proxy;
 
 use server::FlakyServer;
@@ -360,59 +360,50 @@ impl Script {
     }
 }
 
-/// The final table, as text.
+/// The final table, as text (the renderer `toolwarden top` shares,
+/// [`crate::table`]).
 fn table(tally: &Tally, events: &EventCounter, reached: &BTreeMap<String, u64>) -> String {
-    let mut out = String::new();
-    let columns = [
-        ("tool", 14),
-        ("calls", 5),
-        ("ok", 4),
-        ("stale", 5),
-        ("failed", 6),
-        ("refused", 7),
-        ("reached", 7),
-        ("retries", 7),
-        ("breaker", 12),
-        ("stale srv", 9),
-        ("loops", 5),
-        ("limited", 7),
-        ("degraded", 8),
+    const COLUMNS: [Column; 13] = [
+        Column::new("tool", 14),
+        Column::new("calls", 5),
+        Column::new("ok", 4),
+        Column::new("stale", 5),
+        Column::new("failed", 6),
+        Column::new("refused", 7),
+        Column::new("reached", 7),
+        Column::new("retries", 7),
+        Column::new("breaker", 12),
+        Column::new("stale srv", 9),
+        Column::new("loops", 5),
+        Column::new("limited", 7),
+        Column::new("degraded", 8),
     ];
-    let header: Vec<String> = columns
+    let rows: Vec<Vec<String>> = TOOLS
         .iter()
-        .map(|(name, w)| format!("{name:>w$}", w = *w))
+        .map(|&tool| {
+            let seen = tally.of(tool);
+            let count = |f: &dyn Fn(&Seen) -> bool| seen.iter().filter(|s| f(s)).count();
+            let opened = events.count(tool, "circuit_opened");
+            let closed = events.count(tool, "circuit_closed");
+            vec![
+                tool.to_owned(),
+                seen.len().to_string(),
+                count(&|s| *s == Seen::Ok).to_string(),
+                count(&|s| *s == Seen::Stale).to_string(),
+                count(&|s| matches!(s, Seen::ToolError | Seen::RpcError(_) | Seen::Failed(_)))
+                    .to_string(),
+                count(&|s| matches!(s, Seen::Refused(_))).to_string(),
+                reached.get(tool).copied().unwrap_or(0).to_string(),
+                events.count(tool, "retried").to_string(),
+                format!("{opened} open/{closed} cl"),
+                events.count(tool, "stale_served").to_string(),
+                events.count(tool, "loop_detected").to_string(),
+                events.count(tool, "rate_limited").to_string(),
+                events.count(tool, "degraded").to_string(),
+            ]
+        })
         .collect();
-    let _ = writeln!(out, "{}", header.join("  "));
-    let _ = writeln!(out, "{}", "─".repeat(header.join("  ").chars().count()));
-    for tool in TOOLS {
-        let seen = tally.of(tool);
-        let count = |f: &dyn Fn(&Seen) -> bool| seen.iter().filter(|s| f(s)).count();
-        let opened = events.count(tool, "circuit_opened");
-        let closed = events.count(tool, "circuit_closed");
-        let row = [
-            tool.to_owned(),
-            seen.len().to_string(),
-            count(&|s| *s == Seen::Ok).to_string(),
-            count(&|s| *s == Seen::Stale).to_string(),
-            count(&|s| matches!(s, Seen::ToolError | Seen::RpcError(_) | Seen::Failed(_)))
-                .to_string(),
-            count(&|s| matches!(s, Seen::Refused(_))).to_string(),
-            reached.get(tool).copied().unwrap_or(0).to_string(),
-            events.count(tool, "retried").to_string(),
-            format!("{opened} open/{closed} cl"),
-            events.count(tool, "stale_served").to_string(),
-            events.count(tool, "loop_detected").to_string(),
-            events.count(tool, "rate_limited").to_string(),
-            events.count(tool, "degraded").to_string(),
-        ];
-        let cells: Vec<String> = row
-            .iter()
-            .zip(columns.iter())
-            .map(|(cell, (_, w))| format!("{cell:>w$}", w = *w))
-            .collect();
-        let _ = writeln!(out, "{}", cells.join("  "));
-    }
-    out
+    render(&COLUMNS, &rows)
 }
 
 const LEGEND: &str = "\

@@ -218,7 +218,8 @@ impl ToolStackLayer {
     }
 }
 
-/// `/circuits` serves the breaker registry's snapshot; `/health` the stack's
+/// `/circuits` serves the breaker registry's snapshot; `/stats` the
+/// observability layer's statistics; `/health` the stack's
 /// health registry, whose `circuits` check (important: degraded while a
 /// circuit is open) names the open tools.
 ///
@@ -238,7 +239,10 @@ pub fn install_endpoints(
                 .unwrap_or_else(|e| serde_json::json!({"error": e.to_string()}))
         }
     });
-    let health = HealthRegistry::new();
+    let stats = layer.stats();
+    endpoints.set_stats(move || std::future::ready(stats.snapshot().to_json()));
+    // One history for every registry a reload builds.
+    let health = HealthRegistry::new().with_history(endpoints.health_history().clone());
     if layer.includes(StackLayer::CircuitBreaker) {
         // A fresh registry has no check of that name yet.
         let _ = health.register(circuit_check(layer.registry().circuits()));
