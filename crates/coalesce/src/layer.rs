@@ -1,0 +1,124 @@
+//! [`CoalesceLayer`]: the configuration and the shared map of calls in flight.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use toolwarden_core::{Events, ToolCatalog};
+use tower_layer::Layer;
+
+use crate::builder::CoalesceBuilder;
+use crate::inflight::InFlight;
+use crate::service::Coalesce;
+
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) catalog: ToolCatalog,
+    pub(crate) coalesce: Option<bool>,
+    pub(crate) tools: HashMap<Arc<str>, bool>,
+    pub(crate) per_session: bool,
+    pub(crate) max_in_flight: usize,
+    pub(crate) events: Events,
+}
+
+impl Config {
+    /// Whether identical calls of `tool` share one call.
+    #[inline]
+    pub(crate) fn coalesces(&self, tool: &str) -> bool {
+        if !self.tools.is_empty() {
+            if let Some(coalesce) = self.tools.get(tool) {
+                return *coalesce;
+            }
+        }
+        if let Some(coalesce) = self.coalesce {
+            return coalesce;
+        }
+        self.catalog.is_cacheable(tool) || self.catalog.is_safe_to_repeat(tool)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) in_flight: Arc<InFlight>,
+}
+
+/// Middleware that lets identical concurrent tool calls share one call;
+/// see the [crate docs](crate).
+///
+/// The layer holds the configuration and the map of calls in flight:
+/// every service it builds, every clone of those and every service built
+/// from a clone of the layer share it, so identical calls arriving on two
+/// connections share one call too.
+#[derive(Debug, Clone)]
+pub struct CoalesceLayer {
+    shared: Arc<Shared>,
+}
+
+impl CoalesceLayer {
+    /// A layer with every default: the empty, untrusted catalog, so no call
+    /// is shared until tools are configured or annotations trusted. The
+    /// same as `CoalesceLayer::builder().build()`.
+    #[must_use]
+    // Invariant: the defaults are valid (a test builds them).
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .expect("the default coalesce configuration is valid")
+    }
+
+    /// A builder with the defaults documented on each knob.
+    #[must_use]
+    pub fn builder() -> CoalesceBuilder {
+        CoalesceBuilder::default()
+    }
+
+    pub(crate) fn from_config(config: Config) -> Self {
+        let in_flight = Arc::new(InFlight::new(config.max_in_flight));
+        CoalesceLayer {
+            shared: Arc::new(Shared { config, in_flight }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Whether identical concurrent calls of `tool` share one call.
+    #[must_use]
+    pub fn coalesces(&self, tool: &str) -> bool {
+        self.shared.config.coalesces(tool)
+    }
+
+    /// The calls in flight that others may join now.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.len()
+    }
+
+    /// The bound on calls in flight that others may join.
+    #[must_use]
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.config.max_in_flight
+    }
+
+    /// The catalog the layer reads.
+    #[must_use]
+    pub fn catalog(&self) -> &ToolCatalog {
+        &self.shared.config.catalog
+    }
+}
+
+impl Default for CoalesceLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for CoalesceLayer {
+    type Service = Coalesce<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Coalesce::new(inner, self)
+    }
+}
