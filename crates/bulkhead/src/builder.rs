@@ -224,10 +224,7 @@ mod tests {
             r#"tools."x".bounds"#
         );
         assert_eq!(
-            field(
-                b().tool("x", |b| b.max_concurrent(2))
-                    .key_by(KeyBy::Server)
-            ),
+            field(b().tool("x", |b| b.max_concurrent(2)).key_by(KeyBy::Server)),
             "key_by, tools"
         );
         assert_eq!(field(b().bounds(Bounds::max_keys(0))), "bounds.max_keys");
@@ -241,7 +238,9 @@ mod tests {
         assert_eq!(layer.max_wait("any"), DEFAULT_MAX_WAIT);
         assert_eq!(layer.bounds(), Bounds::default());
         let layer = BulkheadLayer::builder()
-            .tool("slow", |b| b.max_concurrent(2).max_wait(Duration::from_secs(1)))
+            .tool("slow", |b| {
+                b.max_concurrent(2).max_wait(Duration::from_secs(1))
+            })
             .max_concurrent(4)
             .tool("slow", |b| b.max_concurrent(3))
             .build()

@@ -85,10 +85,7 @@ impl BulkheadLayer {
     /// ```
     #[must_use]
     pub fn in_flight(&self, key: KeyRef<'_>) -> u32 {
-        self.shared
-            .state
-            .with(&key, |c| c.in_flight())
-            .unwrap_or(0)
+        self.shared.state.with(&key, |c| c.in_flight()).unwrap_or(0)
     }
 
     /// The recent average duration of `key`'s calls (an exponentially

@@ -79,7 +79,9 @@ impl Compartment {
     /// new sample, as TCP's smoothed round-trip time).
     #[inline]
     pub(crate) fn record(&self, duration: Duration) {
-        let sample = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let sample = u64::try_from(duration.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         // A lost race drops one sample: an estimate, not an account.
         let old = self.ewma_nanos.load(Ordering::Relaxed);
         let new = if old == 0 {

@@ -14,7 +14,7 @@ use toolwarden_bulkhead::{BulkheadBuilder, BulkheadLayer};
 use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    classify::classify_error_chain, BoxError, Bounds, BulkheadFull, Event, Events, KeyBy, KeyRef,
+    classify::classify_error_chain, Bounds, BoxError, BulkheadFull, Event, Events, KeyBy, KeyRef,
     McpRequest, Rejection, SessionKey,
 };
 use tower::{Layer, Service, ServiceExt};
@@ -79,7 +79,11 @@ async fn a_call_over_the_cap_is_refused_and_other_tools_go_on() {
     one.await.unwrap().unwrap();
     two.await.unwrap().unwrap();
     assert_eq!(layer.in_flight(KeyRef::Tool("a")), 0);
-    assert_eq!(mock.calls("a"), 2, "the refused call never reached the tool");
+    assert_eq!(
+        mock.calls("a"),
+        2,
+        "the refused call never reached the tool"
+    );
     // Places are back once the calls ended.
     start(&mut svc, call("a")).await.await.unwrap();
 }
@@ -99,7 +103,10 @@ impl Text for Response {
 async fn a_dropped_call_gives_its_place_back_at_once() {
     let (mut svc, mock, layer) = harness(BulkheadLayer::builder().max_concurrent(1), ms(1000));
     let mut first = start(&mut svc, call("a")).await;
-    assert!((&mut first).now_or_never().is_none(), "the call is in flight");
+    assert!(
+        (&mut first).now_or_never().is_none(),
+        "the call is in flight"
+    );
     assert_eq!(mock.in_flight(), 1);
     full(start(&mut svc, call("a")).await.await);
     drop(first); // cancelled
@@ -144,7 +151,10 @@ async fn retry_after_is_estimated_from_recent_call_durations() {
     let two = tokio::spawn(start(&mut svc, call("a")).await);
     let refused = full(start(&mut svc, call("a")).await.await);
     assert_eq!(refused.retry_after(), Some(ms(200)));
-    assert!(refused.to_string().contains("retry after 200 ms"), "{refused}");
+    assert!(
+        refused.to_string().contains("retry after 200 ms"),
+        "{refused}"
+    );
     one.await.unwrap().unwrap();
     two.await.unwrap().unwrap();
 }
@@ -158,15 +168,16 @@ async fn a_refusal_is_a_rejection_never_a_failure_of_the_tool() {
     assert_eq!(outcome.retry_after, Some(ms(50)));
     let report = toolwarden_core::FailureReport::from_error("a", err.as_ref()).to_tool_result();
     assert_eq!(report["isError"], true);
-    assert_eq!(report["structuredContent"]["toolwarden"]["layer"], "bulkhead");
+    assert_eq!(
+        report["structuredContent"]["toolwarden"]["layer"],
+        "bulkhead"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_waiting_call_gets_the_next_place_in_order_or_is_refused_after_max_wait() {
     let (mut svc, mock, _layer) = harness(
-        BulkheadLayer::builder()
-            .max_concurrent(1)
-            .max_wait(ms(250)),
+        BulkheadLayer::builder().max_concurrent(1).max_wait(ms(250)),
         ms(100),
     );
     let started = tokio::time::Instant::now();
@@ -175,7 +186,11 @@ async fn a_waiting_call_gets_the_next_place_in_order_or_is_refused_after_max_wai
     let third = tokio::spawn(start(&mut svc, call("a")).await);
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
-    assert_eq!(started.elapsed(), ms(200), "the second waited for the first");
+    assert_eq!(
+        started.elapsed(),
+        ms(200),
+        "the second waited for the first"
+    );
     third.await.unwrap().unwrap();
     assert_eq!(started.elapsed(), ms(300), "then the third, in order");
     assert_eq!(mock.calls("a"), 3);
@@ -305,7 +320,10 @@ async fn per_tool_overrides_server_key_and_sessions() {
     };
     let one = tokio::spawn(start(&mut svc, in_session("s1")).await);
     let two = tokio::spawn(start(&mut svc, in_session("s2")).await);
-    assert_eq!(full(start(&mut svc, in_session("s1")).await.await).key(), "s1/a");
+    assert_eq!(
+        full(start(&mut svc, in_session("s1")).await.await).key(),
+        "s1/a"
+    );
     one.await.unwrap().unwrap();
     two.await.unwrap().unwrap();
 }
@@ -321,7 +339,9 @@ async fn refusals_are_reported_as_events() {
             ..
         } = e
         {
-            sink.lock().unwrap().push((key.to_string(), *max_concurrent));
+            sink.lock()
+                .unwrap()
+                .push((key.to_string(), *max_concurrent));
         }
     });
     let (mut svc, _mock, _layer) = harness(

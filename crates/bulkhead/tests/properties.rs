@@ -123,7 +123,9 @@ fn run(ops: Vec<Op>, max_wait_ms: u64) {
             match op {
                 Op::Call { tool, ms } => {
                     let req = Request::tool_call(n as i64, TOOLS[tool], json!({ "ms": ms }));
-                    futures::future::poll_fn(|cx| svc.poll_ready(cx)).await.unwrap();
+                    futures::future::poll_fn(|cx| svc.poll_ready(cx))
+                        .await
+                        .unwrap();
                     live.push(Box::pin(svc.call(req)));
                 }
                 Op::Drop(i) if !live.is_empty() => drop(live.swap_remove(i % live.len())),
@@ -134,7 +136,11 @@ fn run(ops: Vec<Op>, max_wait_ms: u64) {
             let counts = upstream.counts.lock().unwrap().clone();
             for (i, tool) in TOOLS.iter().enumerate() {
                 let (now, most) = counts.get(*tool).copied().unwrap_or_default();
-                assert!(most <= CAPS[i] as usize, "{tool}: {most} in flight, cap {}", CAPS[i]);
+                assert!(
+                    most <= CAPS[i] as usize,
+                    "{tool}: {most} in flight, cap {}",
+                    CAPS[i]
+                );
                 assert!(layer.in_flight(KeyRef::Tool(tool)) as usize >= now);
             }
         }

@@ -36,7 +36,13 @@ fn call(id: i64, tool: &str, args: serde_json::Value) -> Request {
     Request::tool_call(id, tool, args)
 }
 
-fn harness(builder: CoalesceBuilder) -> (toolwarden_coalesce::Coalesce<ReadyChecked<MockMcp>>, MockMcp, CoalesceLayer) {
+fn harness(
+    builder: CoalesceBuilder,
+) -> (
+    toolwarden_coalesce::Coalesce<ReadyChecked<MockMcp>>,
+    MockMcp,
+    CoalesceLayer,
+) {
     let mock = MockMcp::new();
     for tool in ["weather", "search", "send"] {
         mock.set_default(tool, Step::ok(&format!("{tool} answered")).after(ms(100)));
@@ -65,7 +71,11 @@ async fn identical_calls_share_one_call_and_each_gets_its_own_id() {
     // Key order and `_meta` do not make a call different.
     let b = start(
         &mut svc,
-        call(2, "weather", json!({"units": "metric", "city": "Oslo", "_meta": {"progressToken": 9}})),
+        call(
+            2,
+            "weather",
+            json!({"units": "metric", "city": "Oslo", "_meta": {"progressToken": 9}}),
+        ),
     )
     .await;
     let c = start(&mut svc, call(3, "weather", oslo)).await;
@@ -73,13 +83,22 @@ async fn identical_calls_share_one_call_and_each_gets_its_own_id() {
     let (a, b, c) = tokio::join!(a, b, c);
     let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
     assert_eq!(mock.calls("weather"), 1);
-    assert_eq!([a.id.clone(), b.id.clone(), c.id.clone()], [Id::Number(1), Id::Number(2), Id::Number(3)]);
+    assert_eq!(
+        [a.id.clone(), b.id.clone(), c.id.clone()],
+        [Id::Number(1), Id::Number(2), Id::Number(3)]
+    );
     for resp in [&a, &b, &c] {
         assert_eq!(resp.first_text().unwrap(), "weather answered");
     }
     assert_eq!(layer.in_flight(), 0, "a completed call leaves the map");
     // A call after the answer makes a new call: this is not a cache.
-    start(&mut svc, call(4, "weather", json!({"city": "Oslo", "units": "metric"}))).await.await.unwrap();
+    start(
+        &mut svc,
+        call(4, "weather", json!({"city": "Oslo", "units": "metric"})),
+    )
+    .await
+    .await
+    .unwrap();
     assert_eq!(mock.calls("weather"), 2);
 }
 
@@ -102,21 +121,28 @@ async fn different_arguments_tools_and_unsafe_tools_are_not_shared() {
 #[tokio::test(start_paused = true)]
 async fn the_catalog_decides_by_trusted_annotations_and_overrides_win() {
     let catalog = ToolCatalog::new();
-    catalog.insert(ToolInfo::new("lookup", "read only").annotations(ToolAnnotations {
-        read_only_hint: Some(true),
-        ..ToolAnnotations::default()
-    }));
-    catalog.insert(ToolInfo::new("put", "idempotent").annotations(ToolAnnotations {
-        idempotent_hint: Some(true),
-        read_only_hint: Some(false),
-        ..ToolAnnotations::default()
-    }));
+    catalog.insert(
+        ToolInfo::new("lookup", "read only").annotations(ToolAnnotations {
+            read_only_hint: Some(true),
+            ..ToolAnnotations::default()
+        }),
+    );
+    catalog.insert(
+        ToolInfo::new("put", "idempotent").annotations(ToolAnnotations {
+            idempotent_hint: Some(true),
+            read_only_hint: Some(false),
+            ..ToolAnnotations::default()
+        }),
+    );
     let layer = CoalesceLayer::builder()
         .catalog(catalog.clone())
         .tool("put", |b| b.coalesce(false))
         .build()
         .unwrap();
-    assert!(!layer.coalesces("lookup"), "untrusted annotations are hints only");
+    assert!(
+        !layer.coalesces("lookup"),
+        "untrusted annotations are hints only"
+    );
     catalog.set_trusted(true);
     assert!(layer.coalesces("lookup"));
     assert!(!layer.coalesces("put"), "the override wins");
@@ -158,14 +184,20 @@ async fn when_the_last_caller_leaves_the_call_is_cancelled() {
     assert_eq!(mock.in_flight(), 0, "nobody waits: the call is dropped");
     assert_eq!(layer.in_flight(), 0);
     // A new identical call makes a new call, and is answered.
-    start(&mut svc, call(3, "weather", json!({"city": "Oslo"}))).await.await.unwrap();
+    start(&mut svc, call(3, "weather", json!({"city": "Oslo"})))
+        .await
+        .await
+        .unwrap();
     assert_eq!(mock.calls("weather"), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn failures_are_shared_each_caller_gets_an_equivalent_error() {
     let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
-    mock.push("weather", [Step::Transport(TransportErrorKind::Closed).after_boxed(ms(50))]);
+    mock.push(
+        "weather",
+        [Step::Transport(TransportErrorKind::Closed).after_boxed(ms(50))],
+    );
     let a = start(&mut svc, call(1, "weather", json!({}))).await;
     let b = start(&mut svc, call(2, "weather", json!({}))).await;
     let (a, b) = tokio::join!(a, b);
@@ -210,7 +242,12 @@ async fn errors_of_other_types_are_shared_with_their_source() {
             }
         }
     });
-    let mut svc = CoalesceLayer::builder().catalog(catalog).coalesce(true).build().unwrap().layer(inner);
+    let mut svc = CoalesceLayer::builder()
+        .catalog(catalog)
+        .coalesce(true)
+        .build()
+        .unwrap()
+        .layer(inner);
     let a = start(&mut svc, call(1, "t", json!({}))).await;
     let b = start(&mut svc, call(2, "t", json!({}))).await;
     let (a, b) = tokio::join!(a, b);
@@ -248,7 +285,10 @@ async fn the_map_is_bounded_calls_past_it_are_made_on_their_own() {
     assert_eq!(layer.in_flight(), 1);
     let results = futures::future::join_all([a, b, c, d]).await;
     let ids: Vec<Id> = results.into_iter().map(|r| r.unwrap().id).collect();
-    assert_eq!(ids, [Id::Number(1), Id::Number(2), Id::Number(3), Id::Number(4)]);
+    assert_eq!(
+        ids,
+        [Id::Number(1), Id::Number(2), Id::Number(3), Id::Number(4)]
+    );
     assert_eq!(mock.calls("weather"), 3);
 }
 
@@ -261,7 +301,8 @@ async fn per_session_shares_only_within_a_session_and_joins_are_events() {
             sink.lock().unwrap().push(key.to_string());
         }
     });
-    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder().per_session(true).events(events));
+    let (mut svc, mock, _layer) =
+        harness(CoalesceLayer::builder().per_session(true).events(events));
     let in_session = |id: i64, s: &str| {
         let mut req = call(id, "weather", json!({"city": "Oslo"}));
         req.insert_extension(SessionKey::from(s));

@@ -56,7 +56,10 @@ impl Service<Request> for Upstream {
         Box::pin(async move {
             let _guard = guard;
             tokio::time::sleep(Duration::from_millis(100)).await;
-            Ok(Response::result(req.id.clone(), text_result(&format!("k{key}"))))
+            Ok(Response::result(
+                req.id.clone(),
+                text_result(&format!("k{key}")),
+            ))
         })
     }
 }

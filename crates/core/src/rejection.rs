@@ -568,13 +568,25 @@ mod tests {
             .collect();
         assert_eq!(
             layers,
-            ["circuit_breaker", "rate_limit", "loop_guard", "retry", "bulkhead"]
+            [
+                "circuit_breaker",
+                "rate_limit",
+                "loop_guard",
+                "retry",
+                "bulkhead"
+            ]
         );
         let report = FailureReport::from_error("a", errors[4].as_ref()).to_tool_result();
         let text = report["content"][0]["text"].as_str().unwrap();
-        assert!(text.contains("a is busy (4 calls already in flight)"), "{text}");
+        assert!(
+            text.contains("a is busy (4 calls already in flight)"),
+            "{text}"
+        );
         assert!(text.contains("retry after 30 ms"), "{text}");
-        assert_eq!(report["structuredContent"]["toolwarden"]["layer"], "bulkhead");
+        assert_eq!(
+            report["structuredContent"]["toolwarden"]["layer"],
+            "bulkhead"
+        );
         let report = FailureReport::from_error("a", errors[1].as_ref()).to_tool_result();
         assert_eq!(
             report["structuredContent"]["toolwarden"]["retryAfterSeconds"],

@@ -58,12 +58,12 @@ pub use toolwarden_core as core;
 /// Concurrency caps per tool (feature `bulkhead`).
 #[cfg(feature = "bulkhead")]
 pub use toolwarden_bulkhead as bulkhead;
-/// Request coalescing for tools safe to share (feature `coalesce`).
-#[cfg(feature = "coalesce")]
-pub use toolwarden_coalesce as coalesce;
 /// Circuit breakers per tool (feature `circuit-breaker`).
 #[cfg(feature = "circuit-breaker")]
 pub use toolwarden_circuit_breaker as circuit_breaker;
+/// Request coalescing for tools safe to share (feature `coalesce`).
+#[cfg(feature = "coalesce")]
+pub use toolwarden_coalesce as coalesce;
 /// Rejections and renderings shared by every layer.
 pub use toolwarden_core::{rejection, FailureReport};
 /// Stale-if-error caching and degraded answers (feature `fallback-cache`).

@@ -13,9 +13,7 @@ use toolwarden::stack::{StackLayer, StandardStack};
 use toolwarden_circuit_breaker::CircuitState;
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
-use toolwarden_core::{
-    Event, Events, McpResponse, ToolAnnotations, ToolCatalog, ToolInfo,
-};
+use toolwarden_core::{Event, Events, McpResponse, ToolAnnotations, ToolCatalog, ToolInfo};
 use tower::{Layer, Service, ServiceExt};
 
 fn ms(n: u64) -> Duration {
@@ -114,14 +112,23 @@ async fn a_full_bulkhead_is_no_breaker_failure_and_is_not_retried_into_a_storm()
     let refused = refusals.load(Ordering::SeqCst);
     assert!((5..=15).contains(&refused), "{refused} refusals");
     // No refusal reached the breaker as a failure, and none reached the tool.
-    assert_ne!(stack.registry().state("search_docs"), Some(CircuitState::Open));
+    assert_ne!(
+        stack.registry().state("search_docs"),
+        Some(CircuitState::Open)
+    );
     assert_eq!(mock.calls("search_docs"), 1);
     let held = holder.await.unwrap().unwrap();
     assert_eq!(held.first_text().unwrap(), "docs");
     // The place is back.
-    let resp = start(&mut svc, 9, "search_docs", json!({"q": "after"})).await.await.unwrap();
+    let resp = start(&mut svc, 9, "search_docs", json!({"q": "after"}))
+        .await
+        .await
+        .unwrap();
     assert!(!resp.is_tool_error());
-    assert_eq!(stack.registry().state("search_docs"), Some(CircuitState::Closed));
+    assert_eq!(
+        stack.registry().state("search_docs"),
+        Some(CircuitState::Closed)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -142,7 +149,9 @@ async fn coalesced_calls_pass_through_the_stack_once_and_share_its_retries() {
     let args = json!({"q": "tower"});
     let mut calls = Vec::new();
     for id in 1..4 {
-        calls.push(tokio::spawn(start(&mut svc, id, "search_docs", args.clone()).await));
+        calls.push(tokio::spawn(
+            start(&mut svc, id, "search_docs", args.clone()).await,
+        ));
     }
     let mut answers = Vec::new();
     for call in calls {

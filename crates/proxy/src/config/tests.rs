@@ -565,13 +565,19 @@ fn bulkhead_and_coalesce_sections_turn_the_layers_on_and_name_bad_keys() {
     // Absent (or enabled = false): off.
     assert!(parse("").unwrap().bulkhead.is_none());
     // Error paths name the key.
-    assert_eq!(key_of("[bulkhead]\nmax_concurrent = 0\n"), "bulkhead.max_concurrent");
+    assert_eq!(
+        key_of("[bulkhead]\nmax_concurrent = 0\n"),
+        "bulkhead.max_concurrent"
+    );
     assert_eq!(
         key_of("[bulkhead]\n[tools.\"pdf\"]\nbulkhead = { max_concurrent = 0 }\n"),
         "tools.\"pdf\".bulkhead.max_concurrent"
     );
     assert_eq!(key_of("[bulkhead]\ncap = 1\n"), "bulkhead.cap");
-    assert_eq!(key_of("[coalesce]\nmax_in_flight = 0\n"), "coalesce.max_in_flight");
+    assert_eq!(
+        key_of("[coalesce]\nmax_in_flight = 0\n"),
+        "coalesce.max_in_flight"
+    );
     assert_eq!(key_of("[coalesce]\nshare = true\n"), "coalesce.share");
     // A tool's table of a layer that is off does nothing: refused.
     assert_eq!(
