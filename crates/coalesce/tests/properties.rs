@@ -21,12 +21,15 @@ use tower::{Layer, Service};
 
 /// Counts the upstream calls of each key in flight (and the most seen), and
 /// the calls made in all.
+/// Per key: (in flight now, most in flight at once); and calls made in all.
+type Counts = Arc<Mutex<(HashMap<u64, (usize, usize)>, usize)>>;
+
 #[derive(Clone, Default)]
 struct Upstream {
-    state: Arc<Mutex<(HashMap<u64, (usize, usize)>, usize)>>,
+    state: Counts,
 }
 
-struct Guard(Arc<Mutex<(HashMap<u64, (usize, usize)>, usize)>>, u64);
+struct Guard(Counts, u64);
 
 impl Drop for Guard {
     fn drop(&mut self) {

@@ -34,6 +34,8 @@ use tokio::time::Instant;
 use crate::key::{Key, KeyRef};
 
 type Map<V> = papaya::HashMap<Key, Arc<Slot<V>>, foldhash::fast::RandomState>;
+type Make<V> = Box<dyn Fn(&Key) -> V + Send + Sync>;
+type InUse<V> = Box<dyn Fn(&V) -> bool + Send + Sync>;
 
 /// A handle to one key's state. Cloning it is one atomic increment; it keeps
 /// the state alive even if the key is evicted meanwhile.
@@ -165,9 +167,9 @@ struct Inner<V> {
     len: AtomicUsize,
     bounds: Bounds,
     overflow: Entry<V>,
-    make: Box<dyn Fn(&Key) -> V + Send + Sync>,
+    make: Make<V>,
     /// Entries for which this says `true` are never evicted as idle.
-    keep: Option<Box<dyn Fn(&V) -> bool + Send + Sync>>,
+    keep: Option<InUse<V>>,
     epoch: Instant,
     last_sweep_ms: AtomicU64,
 }
@@ -223,12 +225,7 @@ impl<V: Send + Sync + 'static> KeyedState<V> {
         Self::build(bounds, Box::new(make), Some(Box::new(in_use)))
     }
 
-    #[allow(clippy::type_complexity)]
-    fn build(
-        bounds: Bounds,
-        make: Box<dyn Fn(&Key) -> V + Send + Sync>,
-        keep: Option<Box<dyn Fn(&V) -> bool + Send + Sync>>,
-    ) -> Self {
+    fn build(bounds: Bounds, make: Make<V>, keep: Option<InUse<V>>) -> Self {
         let bounds = Bounds {
             max_keys: bounds.max_keys.max(1),
             idle_timeout: bounds.idle_timeout.filter(|d| !d.is_zero()),
