@@ -769,7 +769,9 @@ impl StandardStackLayer {
         self.coalesce.as_ref()
     }
 
-    /// The layers left out of the stack, outermost first.
+    /// The layers left out of the stack, outermost first: those left out
+    /// with [`without`](StandardStackBuilder::without), and the optional
+    /// ones (bulkhead, coalescing) that were not configured.
     #[must_use]
     pub fn left_out(&self) -> Vec<StackLayer> {
         StackLayer::ALL
