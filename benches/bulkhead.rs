@@ -70,10 +70,10 @@ fn bench_bulkhead(c: &mut Criterion) {
     let (mut layered, mut next_layered) = (ours().layer(unit_service()), calls());
     let mut added = overhead_pair(
         move || {
-            black_box(one_call(&mut bare, black_box(next_bare())));
+            one_call(&mut bare, black_box(next_bare()));
         },
         move || {
-            black_box(one_call(&mut layered, black_box(next_layered())));
+            one_call(&mut layered, black_box(next_layered()));
         },
     );
     group.bench_function("toolwarden_added", |b| b.iter_custom(&mut added));
@@ -81,10 +81,10 @@ fn bench_bulkhead(c: &mut Criterion) {
     let (mut layered, mut next_layered) = (theirs().layer(unit_service()), calls());
     let mut added = overhead_pair(
         move || {
-            black_box(one_call(&mut bare, black_box(next_bare())));
+            one_call(&mut bare, black_box(next_bare()));
         },
         move || {
-            black_box(one_call(&mut layered, black_box(next_layered())));
+            one_call(&mut layered, black_box(next_layered()));
         },
     );
     group.bench_function("tower_resilience_added", |b| b.iter_custom(&mut added));
