@@ -70,6 +70,17 @@ impl BulkheadLayer {
             .map_or(self.shared.default.max_wait, |l| l.max_wait)
     }
 
+    /// The longest wait for a place of any tool (the default's or an
+    /// override's): what a call may spend waiting before it is refused.
+    #[must_use]
+    pub fn longest_max_wait(&self) -> Duration {
+        self.shared
+            .tools
+            .values()
+            .map(|l| l.max_wait)
+            .fold(self.shared.default.max_wait, Duration::max)
+    }
+
     /// The bounds of the per-key state.
     #[must_use]
     pub fn bounds(&self) -> Bounds {

@@ -41,6 +41,7 @@
 //! | [`retry_deadline`](StandardStackBuilder::retry_deadline) | 30 s (or the retry closure's `deadline`) | ≥ `attempt_timeout`; > a rate limit's `max_wait`; the same as a `deadline` set in the retry closure |
 //! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
 //! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
+//! | a bulkhead's `max_wait` (the longest of any tool) | 0 | < `retry_deadline` |
 //!
 //! The rate limit starts from a generous per-tool quota
 //! ([`DEFAULT_TOOL_RATE`] calls/s, burst [`DEFAULT_TOOL_BURST`]) that a
@@ -669,6 +670,16 @@ impl StandardStackBuilder {
             .and_then(|p| p.bulkhead.clone())
             .filter(|_| bulkhead.is_some())
             .or(bulkhead);
+        if let Some(max_wait) = bulkhead.as_ref().map(BulkheadLayer::longest_max_wait) {
+            if on(StackLayer::Bulkhead) && on(StackLayer::Retry) && max_wait >= deadline {
+                return Err(ConfigError::new(
+                    "bulkhead.max_wait, retry.deadline",
+                    format!(
+                        "waiting for a place ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
+                    ),
+                ));
+            }
+        }
         let coalesce = match self.coalesce {
             Some(f) => Some(
                 f(CoalesceLayer::builder().catalog(self.catalog.clone()))

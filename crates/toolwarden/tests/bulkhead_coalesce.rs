@@ -72,6 +72,13 @@ fn both_are_left_out_unless_configured() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "coalesce.max_in_flight");
+    // A wait for a place that would use up the retry deadline is refused.
+    let err = StandardStack::builder()
+        .retry_deadline(Duration::from_secs(30))
+        .bulkhead(|b| b.tool("slow", |b| b.max_wait(Duration::from_secs(30))))
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), "bulkhead.max_wait, retry.deadline");
 }
 
 #[tokio::test(start_paused = true)]
