@@ -13,7 +13,7 @@ use toolwarden_core::jsonrpc::Id;
 use toolwarden_core::{BoxError, McpResponse};
 
 use crate::error::SharedFailure;
-use crate::inflight::{CallKey, InFlight};
+use crate::inflight::{CallKey, Leave};
 
 pin_project! {
     /// The inner call that identical calls share: its output, with the
@@ -52,7 +52,7 @@ impl<F> fmt::Debug for Lead<F> {
 /// One caller's place in a shared call: leaving removes the call from the
 /// map when it completed or when this was its last waiter.
 pub(crate) struct Ticket {
-    pub(crate) in_flight: Arc<InFlight>,
+    pub(crate) in_flight: Arc<dyn Leave>,
     pub(crate) key: CallKey,
     pub(crate) generation: u64,
     pub(crate) completed: bool,

@@ -1,13 +1,18 @@
 //! [`CoalesceLayer`]: the configuration and the shared map of calls in flight.
 
+use std::any::Any;
 use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+
+use parking_lot::Mutex;
 
 use toolwarden_core::{Events, ToolCatalog};
 use tower_layer::Layer;
 
 use crate::builder::CoalesceBuilder;
-use crate::inflight::InFlight;
+use crate::inflight::{Count, InFlight};
 use crate::service::Coalesce;
 
 #[derive(Debug)]
@@ -36,10 +41,35 @@ impl Config {
     }
 }
 
-#[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    pub(crate) in_flight: Arc<InFlight>,
+    /// The calls in flight of every map, and the bound.
+    pub(crate) count: Arc<Count>,
+    /// One map of calls in flight per service future type (in practice
+    /// one): each holds its own handles without boxing them per call.
+    pub(crate) maps: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The map of calls of type `W`, created on first use.
+    pub(crate) fn map<W: Send + Sync + 'static>(&self) -> Arc<dyn Any + Send + Sync> {
+        let mut maps = self.maps.lock();
+        if let Some(map) = maps.iter().find(|m| m.is::<InFlight<W>>()) {
+            return Arc::clone(map);
+        }
+        let map: Arc<dyn Any + Send + Sync> = Arc::new(InFlight::<W>::new(Arc::clone(&self.count)));
+        maps.push(Arc::clone(&map));
+        map
+    }
 }
 
 /// Middleware that lets identical concurrent tool calls share one call;
@@ -74,9 +104,16 @@ impl CoalesceLayer {
     }
 
     pub(crate) fn from_config(config: Config) -> Self {
-        let in_flight = Arc::new(InFlight::new(config.max_in_flight));
+        let count = Arc::new(Count {
+            len: Default::default(),
+            max_keys: config.max_in_flight,
+        });
         CoalesceLayer {
-            shared: Arc::new(Shared { config, in_flight }),
+            shared: Arc::new(Shared {
+                config,
+                count,
+                maps: Mutex::new(Vec::new()),
+            }),
         }
     }
 
@@ -93,7 +130,7 @@ impl CoalesceLayer {
     /// The calls in flight that others may join now.
     #[must_use]
     pub fn in_flight(&self) -> usize {
-        self.shared.in_flight.len()
+        self.shared.count.len.load(Ordering::Relaxed)
     }
 
     /// The bound on calls in flight that others may join.

@@ -9,7 +9,7 @@ use toolwarden_core::{call_fingerprint, BoxError, Event, McpRequest, McpResponse
 use tower_service::Service;
 
 use crate::future::{Lead, ResponseFuture, Ticket};
-use crate::inflight::{CallKey, Joined};
+use crate::inflight::{CallKey, InFlight, Joined};
 use crate::layer::{CoalesceLayer, Shared};
 
 /// Lets identical concurrent tool calls share one call of the inner
@@ -23,10 +23,21 @@ use crate::layer::{CoalesceLayer, Shared};
 /// the inner service (the readiness it reserved stays for the next call);
 /// otherwise it calls the inner service and others may join it. Every
 /// other request is passed to the inner service untouched.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Coalesce<S> {
     inner: S,
     shared: Arc<Shared>,
+    /// The layer's map for this service's future type, found once.
+    map: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Coalesce<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<S> Coalesce<S> {
@@ -36,6 +47,7 @@ impl<S> Coalesce<S> {
         Coalesce {
             inner,
             shared: Arc::clone(layer.shared()),
+            map: None,
         }
     }
 
@@ -111,27 +123,37 @@ impl<S> Coalesce<S> {
             session,
         };
         let id = request.request_id().cloned();
-        let in_flight = &self.shared.in_flight;
+        // `None` only for a call already over (never, for one just made):
+        // never upgraded, so the next caller replaces it.
+        type Weak<F> = Option<WeakShared<Lead<F>>>;
+        let map = match self
+            .map
+            .clone()
+            .and_then(|map| map.downcast::<InFlight<Weak<S::Future>>>().ok())
+        {
+            Some(map) => map,
+            None => {
+                let any = self.shared.map::<Weak<S::Future>>();
+                self.map = Some(Arc::clone(&any));
+                match any.downcast::<InFlight<Weak<S::Future>>>() {
+                    Ok(map) => map,
+                    // Not reachable: the layer made it of this type.
+                    Err(_) => return ResponseFuture::direct(self.inner.call(request)),
+                }
+            }
+        };
         let inner = &mut self.inner;
         let mut pending = Some(request);
-        let joined = in_flight.join(
+        let joined = map.join(
             &key,
-            |call: &(dyn Any + Send + Sync)| {
-                call.downcast_ref::<WeakShared<Lead<S::Future>>>()?
-                    .upgrade()
-            },
+            |weak: &Weak<S::Future>| weak.as_ref()?.upgrade(),
             || {
                 // Invariant: `make` runs at most once, before anything else
                 // takes the request.
                 #[allow(clippy::expect_used)]
                 let request = pending.take().expect("the request is still here");
                 let shared = Lead::new(inner.call(request)).shared();
-                let weak: Box<dyn Any + Send + Sync> = match shared.downgrade() {
-                    Some(weak) => Box::new(weak),
-                    // Not reachable for a call never polled; a unit is
-                    // never upgraded, so the next caller replaces it.
-                    None => Box::new(()),
-                };
+                let weak = shared.downgrade();
                 (shared, weak)
             },
         );
@@ -152,7 +174,7 @@ impl<S> Coalesce<S> {
             },
         };
         let ticket = Ticket {
-            in_flight: Arc::clone(&self.shared.in_flight),
+            in_flight: map,
             key,
             generation,
             completed: false,
