@@ -117,12 +117,17 @@ pub async fn sequential(service: &Svc, requests: &[Request], n: u64) -> Duration
     start.elapsed()
 }
 
-/// The standard stack (as [`toolwarden_stack`]) without `left_out`.
+/// The standard stack (as [`toolwarden_stack`]) without `left_out`; the
+/// optional layers (bulkhead, coalescing) are in unless left out.
 pub fn toolwarden_stack_without(left_out: &[toolwarden::stack::StackLayer]) -> Svc {
-    let builder = left_out.iter().fold(
-        StandardStack::builder().rate_limit(|b| b.per_tool(Rate::per_second(1_000_000), 1_000_000)),
-        |builder, layer| builder.without(*layer),
-    );
+    let builder = StandardStack::builder()
+        .rate_limit(|b| b.per_tool(Rate::per_second(1_000_000), 1_000_000))
+        // Issue 21: configured, so that "only bulkhead" / "only coalesce" measure them.
+        .bulkhead(|b| b.max_concurrent(1 << 20))
+        .coalesce(|b| b);
+    let builder = left_out
+        .iter()
+        .fold(builder, |builder, layer| builder.without(*layer));
     BoxCloneSyncService::new(
         builder
             .build()

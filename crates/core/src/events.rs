@@ -26,8 +26,9 @@ use std::time::Duration;
 /// An event that reports a refusal is named like the [`Rejection`] the
 /// caller receives: [`CircuitOpened`](Event::CircuitOpened) for
 /// [`CircuitOpen`](crate::CircuitOpen), [`RateLimited`](Event::RateLimited),
-/// [`RetryBudgetExhausted`](Event::RetryBudgetExhausted) and
-/// [`LoopDetected`](Event::LoopDetected).
+/// [`RetryBudgetExhausted`](Event::RetryBudgetExhausted),
+/// [`LoopDetected`](Event::LoopDetected) and
+/// [`BulkheadFull`](Event::BulkheadFull).
 ///
 /// [`Rejection`]: crate::Rejection
 #[derive(Debug, Clone, PartialEq)]
@@ -97,6 +98,22 @@ pub enum Event<'a> {
         /// The tool.
         key: &'a str,
     },
+    /// A call was refused (or waited past `max_wait`) because every place
+    /// of its key's bulkhead was taken.
+    BulkheadFull {
+        /// The bulkhead key.
+        key: &'a str,
+        /// The cap that was reached.
+        max_concurrent: u32,
+        /// When a place is expected to come free.
+        retry_after: Duration,
+    },
+    /// A call joined an identical call already in flight and shares its
+    /// answer instead of reaching the tool itself.
+    Coalesced {
+        /// The tool.
+        key: &'a str,
+    },
     /// Shared state could not be synchronised with another replica.
     SyncFailed {
         /// What failed.
@@ -108,7 +125,8 @@ impl Event<'_> {
     /// The event's name, used as the `event` metric label: the variant in
     /// snake case (`circuit_opened`, `circuit_half_opened`, `circuit_closed`,
     /// `rate_limited`, `retried`, `retry_budget_exhausted`, `loop_warned`,
-    /// `loop_detected`, `stale_served`, `degraded`, `sync_failed`).
+    /// `loop_detected`, `stale_served`, `degraded`, `bulkhead_full`,
+    /// `coalesced`, `sync_failed`).
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
@@ -122,6 +140,8 @@ impl Event<'_> {
             Event::LoopDetected { .. } => "loop_detected",
             Event::StaleServed { .. } => "stale_served",
             Event::Degraded { .. } => "degraded",
+            Event::BulkheadFull { .. } => "bulkhead_full",
+            Event::Coalesced { .. } => "coalesced",
             Event::SyncFailed { .. } => "sync_failed",
         }
     }
@@ -139,7 +159,9 @@ impl Event<'_> {
             | Event::LoopWarned { key, .. }
             | Event::LoopDetected { key, .. }
             | Event::StaleServed { key, .. }
-            | Event::Degraded { key } => Some(key),
+            | Event::Degraded { key }
+            | Event::BulkheadFull { key, .. }
+            | Event::Coalesced { key } => Some(key),
             Event::SyncFailed { .. } => None,
         }
     }

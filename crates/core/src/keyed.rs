@@ -34,6 +34,8 @@ use tokio::time::Instant;
 use crate::key::{Key, KeyRef};
 
 type Map<V> = papaya::HashMap<Key, Arc<Slot<V>>, foldhash::fast::RandomState>;
+type Make<V> = Box<dyn Fn(&Key) -> V + Send + Sync>;
+type InUse<V> = Box<dyn Fn(&V) -> bool + Send + Sync>;
 
 /// A handle to one key's state. Cloning it is one atomic increment; it keeps
 /// the state alive even if the key is evicted meanwhile.
@@ -165,7 +167,9 @@ struct Inner<V> {
     len: AtomicUsize,
     bounds: Bounds,
     overflow: Entry<V>,
-    make: Box<dyn Fn(&Key) -> V + Send + Sync>,
+    make: Make<V>,
+    /// Entries for which this says `true` are never evicted as idle.
+    keep: Option<InUse<V>>,
     epoch: Instant,
     last_sweep_ms: AtomicU64,
 }
@@ -192,6 +196,36 @@ impl<V: Send + Sync + 'static> KeyedState<V> {
     /// Invalid bounds are clamped (at least one key); validate them first
     /// with [`Bounds::validate`] to report the error instead.
     pub fn new(bounds: Bounds, make: impl Fn(&Key) -> V + Send + Sync + 'static) -> Self {
+        Self::build(bounds, Box::new(make), None)
+    }
+
+    /// Like [`new`](Self::new), but an entry for which `in_use` says `true`
+    /// is never evicted as idle, however long it goes untouched: for state
+    /// that must outlive a long call (a bulkhead's permits held by calls in
+    /// flight), where a fresh entry for the same key would forget them.
+    /// Entries in use still count toward `max_keys`.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use toolwarden_core::{keyed::{Bounds, KeyedState}, KeyRef};
+    /// let state: KeyedState<AtomicU32> =
+    ///     KeyedState::new_keeping(Bounds::default(), |_| AtomicU32::new(0), |n| n.load(Ordering::Relaxed) > 0);
+    /// state.entry(KeyRef::Tool("busy")).store(1, Ordering::Relaxed);
+    /// state.entry(KeyRef::Tool("idle"));
+    /// state.sweep(); // starts an idle period
+    /// state.sweep(); // evicts what went untouched, except what is in use
+    /// assert!(state.get(&KeyRef::Tool("busy")).is_some());
+    /// assert!(state.get(&KeyRef::Tool("idle")).is_none());
+    /// ```
+    pub fn new_keeping(
+        bounds: Bounds,
+        make: impl Fn(&Key) -> V + Send + Sync + 'static,
+        in_use: impl Fn(&V) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self::build(bounds, Box::new(make), Some(Box::new(in_use)))
+    }
+
+    fn build(bounds: Bounds, make: Make<V>, keep: Option<InUse<V>>) -> Self {
         let bounds = Bounds {
             max_keys: bounds.max_keys.max(1),
             idle_timeout: bounds.idle_timeout.filter(|d| !d.is_zero()),
@@ -209,7 +243,8 @@ impl<V: Send + Sync + 'static> KeyedState<V> {
                 len: AtomicUsize::new(0),
                 bounds,
                 overflow,
-                make: Box::new(make),
+                make,
+                keep,
                 epoch: Instant::now(),
                 last_sweep_ms: AtomicU64::new(0),
             }),
@@ -322,7 +357,8 @@ impl<V> KeyedState<V> {
         let map = inner.map.pin();
         let mut idle = Vec::new();
         for (key, slot) in map.iter() {
-            if !slot.touched.swap(false, Ordering::Relaxed) {
+            let in_use = inner.keep.as_ref().is_some_and(|keep| keep(&slot.value));
+            if !slot.touched.swap(false, Ordering::Relaxed) && !in_use {
                 idle.push(key.clone());
             }
         }

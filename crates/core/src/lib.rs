@@ -70,7 +70,7 @@ pub use key::{Key, KeyBy, KeyRef};
 pub use keyed::{Bounds, Entry, KeyedState};
 pub use overrides::{Overridable, ToolOverrides};
 pub use rejection::{
-    CircuitOpen, FailureReport, LoopDetected, LoopPattern, RateLimited, Rejection,
+    BulkheadFull, CircuitOpen, FailureReport, LoopDetected, LoopPattern, RateLimited, Rejection,
     RetryBudgetExhausted,
 };
 pub use request::{

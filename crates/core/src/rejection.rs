@@ -48,6 +48,9 @@ pub fn as_rejection<'a>(err: &'a (dyn StdError + 'static)) -> Option<&'a dyn Rej
     if let Some(e) = err.downcast_ref::<RetryBudgetExhausted>() {
         return Some(e);
     }
+    if let Some(e) = err.downcast_ref::<BulkheadFull>() {
+        return Some(e);
+    }
     None
 }
 
@@ -171,6 +174,71 @@ impl Rejection for RateLimited {
         format!(
             "too many calls to {}; retry after {}",
             self.key,
+            secs(self.retry_after)
+        )
+    }
+}
+
+/// Every place of a bulkhead (the concurrency cap of a key) is taken: the
+/// call was refused without reaching the tool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BulkheadFull {
+    key: Arc<str>,
+    max_concurrent: u32,
+    retry_after: Duration,
+}
+
+impl BulkheadFull {
+    /// A refusal for `key`, whose `max_concurrent` places are all taken; one
+    /// is expected to come free after `retry_after` (an estimate from the
+    /// key's recent call durations).
+    pub fn new(key: impl Into<Arc<str>>, max_concurrent: u32, retry_after: Duration) -> Self {
+        BulkheadFull {
+            key: key.into(),
+            max_concurrent,
+            retry_after,
+        }
+    }
+
+    /// The bulkhead key (the tool name with the default key function).
+    #[must_use]
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// The cap that was reached.
+    #[must_use]
+    pub fn max_concurrent(&self) -> u32 {
+        self.max_concurrent
+    }
+}
+
+impl fmt::Display for BulkheadFull {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "bulkhead full for {} ({} calls in flight); retry after {}",
+            self.key,
+            self.max_concurrent,
+            secs(self.retry_after)
+        )
+    }
+}
+
+impl StdError for BulkheadFull {}
+
+impl Rejection for BulkheadFull {
+    fn retry_after(&self) -> Option<Duration> {
+        Some(self.retry_after)
+    }
+    fn layer(&self) -> &'static str {
+        "bulkhead"
+    }
+    fn advice(&self) -> String {
+        format!(
+            "{} is busy ({} calls already in flight) and was not called; retry after {}",
+            self.key,
+            self.max_concurrent,
             secs(self.retry_after)
         )
     }
@@ -492,6 +560,7 @@ mod tests {
             Box::new(RateLimited::new("a", Duration::from_millis(250))),
             Box::new(LoopDetected::new("a", 4, LoopPattern::RepeatedFailure)),
             Box::new(RetryBudgetExhausted::new("a", 2)),
+            Box::new(BulkheadFull::new("a", 4, Duration::from_millis(30))),
         ];
         let layers: Vec<_> = errors
             .iter()
@@ -499,7 +568,24 @@ mod tests {
             .collect();
         assert_eq!(
             layers,
-            ["circuit_breaker", "rate_limit", "loop_guard", "retry"]
+            [
+                "circuit_breaker",
+                "rate_limit",
+                "loop_guard",
+                "retry",
+                "bulkhead"
+            ]
+        );
+        let report = FailureReport::from_error("a", errors[4].as_ref()).to_tool_result();
+        let text = report["content"][0]["text"].as_str().unwrap();
+        assert!(
+            text.contains("a is busy (4 calls already in flight)"),
+            "{text}"
+        );
+        assert!(text.contains("retry after 30 ms"), "{text}");
+        assert_eq!(
+            report["structuredContent"]["toolwarden"]["layer"],
+            "bulkhead"
         );
         let report = FailureReport::from_error("a", errors[1].as_ref()).to_tool_result();
         assert_eq!(

@@ -205,6 +205,12 @@ async fn events_become_counters_and_a_circuit_gauge() {
         age: secs(60),
     });
     events.emit(&Event::Degraded { key: "fetch" });
+    events.emit(&Event::BulkheadFull {
+        key: "fetch",
+        max_concurrent: 4,
+        retry_after: secs(1),
+    });
+    events.emit(&Event::Coalesced { key: "fetch" });
     events.emit(&Event::SyncFailed {
         detail: "redis unreachable",
     });
@@ -232,6 +238,8 @@ async fn events_become_counters_and_a_circuit_gauge() {
         "loop_detected",
         "stale_served",
         "degraded",
+        "bulkhead_full",
+        "coalesced",
     ] {
         assert_eq!(ev(event, "fetch"), Some(1.0), "{event}");
     }
@@ -250,7 +258,8 @@ async fn events_become_counters_and_a_circuit_gauge() {
     let snapshot = layer.stats().snapshot();
     assert_eq!(snapshot.events["retried"], 2);
     assert_eq!(snapshot.events["sync_failed"], 1);
-    assert_eq!(snapshot.events.len(), 11);
+    assert_eq!(snapshot.events["bulkhead_full"], 1);
+    assert_eq!(snapshot.events.len(), 13);
 }
 
 #[tokio::test]

@@ -252,11 +252,15 @@ impl Proxy {
             .map_or(0, |sessions| sessions.restack(&next_layer));
         *layer = next_layer;
         self.config.store(Arc::new(next));
+        let standard = layer.standard();
         let renewed = StackLayer::ALL
             .into_iter()
             .filter(|l| {
                 !kept.contains(l)
                     && !matches!(l, StackLayer::CircuitBreaker | StackLayer::Observability)
+                    // Issue 21: an optional layer that is off is not renewed.
+                    && (standard.includes(*l)
+                        || !matches!(l, StackLayer::Bulkhead | StackLayer::Coalesce))
             })
             .collect();
         Ok(ReloadReport {

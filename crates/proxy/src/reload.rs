@@ -193,6 +193,19 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
     if running.fallback_cache == next.fallback_cache {
         unchanged.push(StackLayer::FallbackCache);
     }
+    // Issue 21: kept (places in use, calls in flight) when unchanged.
+    if next.bulkhead.is_some()
+        && running.bulkhead == next.bulkhead
+        && same_tables(running, next, |t| t.bulkhead.as_ref())
+    {
+        unchanged.push(StackLayer::Bulkhead);
+    }
+    if next.coalesce.is_some()
+        && running.coalesce == next.coalesce
+        && same_tables(running, next, |t| t.coalesce.as_ref())
+    {
+        unchanged.push(StackLayer::Coalesce);
+    }
     unchanged
 }
 

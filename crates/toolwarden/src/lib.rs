@@ -8,7 +8,8 @@
 //!
 //! This umbrella crate re-exports every layer behind a feature of its name
 //! (`circuit-breaker`, `rate-limit`, `retry`, `loop-guard`, `fallback-cache`,
-//! `observability`, plus `rmcp` and `redis`), `stack` for all six layers and
+//! `observability`, `bulkhead`, `coalesce`, plus `rmcp` and `redis`), `stack`
+//! for every layer and
 //! the [standard stack](stack), `serde` for the enabled layers' settings
 //! types (their builders' knobs as serde types, for configuration files),
 //! `full` for everything. Default features are empty: the core call model
@@ -56,9 +57,15 @@ pub use render::{RenderErrors, RenderErrorsLayer, RenderFuture};
 /// The MCP call model every layer shares.
 pub use toolwarden_core as core;
 
+/// Concurrency caps per tool (feature `bulkhead`).
+#[cfg(feature = "bulkhead")]
+pub use toolwarden_bulkhead as bulkhead;
 /// Circuit breakers per tool (feature `circuit-breaker`).
 #[cfg(feature = "circuit-breaker")]
 pub use toolwarden_circuit_breaker as circuit_breaker;
+/// Request coalescing for tools safe to share (feature `coalesce`).
+#[cfg(feature = "coalesce")]
+pub use toolwarden_coalesce as coalesce;
 /// Rejections and renderings shared by every layer.
 pub use toolwarden_core::{rejection, FailureReport};
 /// Stale-if-error caching and degraded answers (feature `fallback-cache`).

@@ -9,10 +9,21 @@
 //! | 1 | observability | sees every call, including those refused below |
 //! | 2 | loop guard | stops a stuck agent before anything is spent |
 //! | 3 | fallback cache | catches whatever fails below it, rejections included |
+//! | 3a | coalescing (optional, off by default) | identical concurrent calls share one call *and its retries*; above it, each caller is still its own call for the cache, the loop guard and observability |
 //! | 4 | retry with backoff | each attempt passes through the limiter and the breaker |
 //! | 5 | rate limit | every attempt takes a token |
+//! | 5a | bulkhead (optional, off by default) | caps the attempts in flight per tool, close to the service; a refusal (`BulkheadFull`) is a rejection the retry above honours (after its `retry_after`, within its budget) and the breaker below never sees |
 //! | 6 | circuit breaker | closest to the transport, so it sees real outcomes |
 //! | 7 | attempt timeout | bounds each attempt; the breaker counts it as a timeout |
+//!
+//! The bulkhead and coalescing are left out unless configured
+//! ([`bulkhead`](StandardStackBuilder::bulkhead),
+//! [`coalesce`](StandardStackBuilder::coalesce)): a cap on calls in flight
+//! needs a number only the operator knows (what the server can take), and
+//! sharing answers between callers changes what each one sees, so neither
+//! is turned on behind a user's back. Coalescing reads the stack's catalog:
+//! until tools are configured cacheable or safe to repeat (or annotations
+//! trusted), it shares nothing.
 //!
 //! One [`ToolCatalog`] (which tools are safe to repeat or cache) and one
 //! [`Events`] hook (with the observability layer's sink added) are shared by
@@ -30,6 +41,7 @@
 //! | [`retry_deadline`](StandardStackBuilder::retry_deadline) | 30 s (or the retry closure's `deadline`) | ≥ `attempt_timeout`; > a rate limit's `max_wait`; the same as a `deadline` set in the retry closure |
 //! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
 //! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
+//! | a bulkhead's `max_wait` (the longest of any tool) | 0 | < `retry_deadline` |
 //!
 //! The rate limit starts from a generous per-tool quota
 //! ([`DEFAULT_TOOL_RATE`] calls/s, burst [`DEFAULT_TOOL_BURST`]) that a
@@ -68,6 +80,10 @@
 use std::fmt;
 use std::time::Duration;
 
+// Issue 21: bulkhead and coalescing (optional layers).
+use toolwarden_bulkhead::{Bulkhead, BulkheadBuilder, BulkheadLayer};
+use toolwarden_coalesce::{Coalesce, CoalesceBuilder, CoalesceLayer};
+
 use toolwarden_circuit_breaker::{
     CircuitBreaker, CircuitBreakerBuilder, CircuitBreakerLayer, CircuitRegistry, TimeWindow,
 };
@@ -91,9 +107,11 @@ pub type StandardService<S> = RenderErrors<Optional<Observability<Guarded<S>>, G
 
 type Optional<L, S> = Either<L, S>;
 type Broken<S> = Optional<CircuitBreaker<AttemptTimeout<S>>, AttemptTimeout<S>>;
-type Limited<S> = Optional<RateLimit<Broken<S>>, Broken<S>>;
+type Bulkheaded<S> = Optional<Bulkhead<Broken<S>>, Broken<S>>;
+type Limited<S> = Optional<RateLimit<Bulkheaded<S>>, Bulkheaded<S>>;
 type Retried<S> = Optional<RetryBackoff<Limited<S>>, Limited<S>>;
-type Cached<S> = Optional<FallbackCache<Retried<S>>, Retried<S>>;
+type Coalesced<S> = Optional<Coalesce<Retried<S>>, Retried<S>>;
+type Cached<S> = Optional<FallbackCache<Coalesced<S>>, Coalesced<S>>;
 type Guarded<S> = Optional<LoopGuard<Cached<S>>, Cached<S>>;
 
 /// A layer of the standard stack that [`StandardStackBuilder::without`] can
@@ -113,16 +131,24 @@ pub enum StackLayer {
     RateLimit,
     /// [`CircuitBreakerLayer`]: no circuit ever opens.
     CircuitBreaker,
+    /// [`BulkheadLayer`]: no cap on calls in flight. Out unless configured
+    /// with [`StandardStackBuilder::bulkhead`].
+    Bulkhead,
+    /// [`CoalesceLayer`]: identical calls are never shared. Out unless
+    /// configured with [`StandardStackBuilder::coalesce`].
+    Coalesce,
 }
 
 impl StackLayer {
     /// Every layer that can be left out, outermost first.
-    pub const ALL: [StackLayer; 6] = [
+    pub const ALL: [StackLayer; 8] = [
         StackLayer::Observability,
         StackLayer::LoopGuard,
         StackLayer::FallbackCache,
+        StackLayer::Coalesce,
         StackLayer::Retry,
         StackLayer::RateLimit,
+        StackLayer::Bulkhead,
         StackLayer::CircuitBreaker,
     ];
 
@@ -136,11 +162,13 @@ impl StackLayer {
             StackLayer::Retry => "retry",
             StackLayer::RateLimit => "rate_limit",
             StackLayer::CircuitBreaker => "circuit_breaker",
+            StackLayer::Bulkhead => "bulkhead",
+            StackLayer::Coalesce => "coalesce",
         }
     }
 
-    const fn bit(self) -> u8 {
-        1 << self as u8
+    const fn bit(self) -> u16 {
+        1 << self as u16
     }
 }
 
@@ -181,16 +209,19 @@ pub struct StandardStackBuilder {
     slow_call_duration: Option<Duration>,
     render_errors: bool,
     /// [`StackLayer::bit`]s of the layers left out.
-    without: u8,
+    without: u16,
     circuit_breaker: Option<Configure<CircuitBreakerBuilder>>,
     rate_limit: Option<Configure<RateLimitBuilder>>,
     retry: Option<Configure<RetryBackoffBuilder>>,
     loop_guard: Option<Configure<LoopGuardBuilder>>,
     fallback_cache: Option<Configure<FallbackCacheBuilder>>,
     observability: Option<Configure<ObservabilityBuilder>>,
+    // Issue 21: the optional layers, in only when configured.
+    bulkhead: Option<Configure<BulkheadBuilder>>,
+    coalesce: Option<Configure<CoalesceBuilder>>,
     /// [`reload`](StandardStackBuilder::reload): the stack replaced, and
     /// the [`StackLayer::bit`]s of its layers kept whole.
-    previous: Option<(StandardStackLayer, u8)>,
+    previous: Option<(StandardStackLayer, u16)>,
 }
 
 impl Default for StandardStackBuilder {
@@ -210,6 +241,8 @@ impl Default for StandardStackBuilder {
             loop_guard: None,
             fallback_cache: None,
             observability: None,
+            bulkhead: None,
+            coalesce: None,
             previous: None,
         }
     }
@@ -431,6 +464,39 @@ impl StandardStackBuilder {
         self
     }
 
+    /// Adds the bulkhead (left out by default) and configures it: a cap on
+    /// the attempts in flight per tool, placed below the rate limit and
+    /// above the breaker (see the [module docs](self)). Its refusals are
+    /// reported to the stack's events.
+    ///
+    /// ```
+    /// use toolwarden::stack::{StackLayer, StandardStack};
+    /// let stack = StandardStack::builder().bulkhead(|b| b.max_concurrent(4)).build().unwrap();
+    /// assert!(stack.includes(StackLayer::Bulkhead));
+    /// assert!(!StandardStack::builder().build().unwrap().includes(StackLayer::Bulkhead));
+    /// ```
+    #[must_use]
+    pub fn bulkhead(
+        mut self,
+        f: impl FnOnce(BulkheadBuilder) -> BulkheadBuilder + Send + 'static,
+    ) -> Self {
+        self.bulkhead = Some(Box::new(f));
+        self
+    }
+
+    /// Adds coalescing (left out by default) and configures it: identical
+    /// concurrent calls of tools the stack's catalog calls cacheable or safe
+    /// to repeat share one call, placed above retry (so they share its
+    /// retries) and below the fallback cache (see the [module docs](self)).
+    #[must_use]
+    pub fn coalesce(
+        mut self,
+        f: impl FnOnce(CoalesceBuilder) -> CoalesceBuilder + Send + 'static,
+    ) -> Self {
+        self.coalesce = Some(Box::new(f));
+        self
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         if self.attempt_timeout.is_zero() {
             return Err(ConfigError::new("attempt_timeout", "must be positive"));
@@ -590,6 +656,44 @@ impl StandardStackBuilder {
         let fallback_cache =
             kept(StackLayer::FallbackCache).map_or(fallback_cache, |p| p.fallback_cache.clone());
         let loop_guard = kept(StackLayer::LoopGuard).map_or(loop_guard, |p| p.loop_guard.clone());
+        // Issue 21: the optional layers, built only when configured.
+        let bulkhead = match self.bulkhead {
+            Some(f) => Some(
+                f(BulkheadLayer::builder())
+                    .events(events.clone())
+                    .build()
+                    .map_err(|e| e.in_section("bulkhead"))?,
+            ),
+            None => None,
+        };
+        let bulkhead = kept(StackLayer::Bulkhead)
+            .and_then(|p| p.bulkhead.clone())
+            .filter(|_| bulkhead.is_some())
+            .or(bulkhead);
+        if let Some(max_wait) = bulkhead.as_ref().map(BulkheadLayer::longest_max_wait) {
+            if on(StackLayer::Bulkhead) && on(StackLayer::Retry) && max_wait >= deadline {
+                return Err(ConfigError::new(
+                    "bulkhead.max_wait, retry.deadline",
+                    format!(
+                        "waiting for a place ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
+                    ),
+                ));
+            }
+        }
+        let coalesce = match self.coalesce {
+            Some(f) => Some(
+                f(CoalesceLayer::builder().catalog(self.catalog.clone()))
+                    .events(events.clone())
+                    .build()
+                    .map_err(|e| e.in_section("coalesce"))?,
+            ),
+            None => None,
+        };
+        let coalesce = kept(StackLayer::Coalesce)
+            .and_then(|p| p.coalesce.clone())
+            .filter(|_| coalesce.is_some())
+            .or(coalesce);
+
         if let Some((previous, _)) = &previous {
             // Last, so that a build that fails leaves the running breakers alone.
             previous
@@ -608,6 +712,8 @@ impl StandardStackBuilder {
             retry,
             rate_limit,
             circuit_breaker,
+            bulkhead,
+            coalesce,
             attempt_timeout: self.attempt_timeout,
             catalog: self.catalog,
             events,
@@ -628,19 +734,22 @@ fn apply<B>(builder: B, f: Option<Configure<B>>) -> B {
 #[derive(Debug, Clone)]
 pub struct StandardStackLayer {
     render_errors: bool,
-    without: u8,
+    without: u16,
     observability: ObservabilityLayer,
     loop_guard: LoopGuardLayer,
     fallback_cache: FallbackCacheLayer,
     retry: RetryBackoffLayer,
     rate_limit: RateLimitLayer,
     circuit_breaker: CircuitBreakerLayer,
+    // Issue 21: `None` when not configured.
+    bulkhead: Option<BulkheadLayer>,
+    coalesce: Option<CoalesceLayer>,
     attempt_timeout: Duration,
     catalog: ToolCatalog,
     events: Events,
 }
 
-fn left_out(without: u8) -> Vec<StackLayer> {
+fn left_out(without: u16) -> Vec<StackLayer> {
     StackLayer::ALL
         .into_iter()
         .filter(|layer| without & layer.bit() != 0)
@@ -651,13 +760,35 @@ impl StandardStackLayer {
     /// Whether `layer` is part of the stack (see [`StandardStackBuilder::without`]).
     #[must_use]
     pub fn includes(&self, layer: StackLayer) -> bool {
-        self.without & layer.bit() == 0
+        let configured = match layer {
+            StackLayer::Bulkhead => self.bulkhead.is_some(),
+            StackLayer::Coalesce => self.coalesce.is_some(),
+            _ => true,
+        };
+        configured && self.without & layer.bit() == 0
     }
 
-    /// The layers left out of the stack, outermost first.
+    /// The bulkhead, when configured.
+    #[must_use]
+    pub fn bulkhead_layer(&self) -> Option<&BulkheadLayer> {
+        self.bulkhead.as_ref()
+    }
+
+    /// The coalescing layer, when configured.
+    #[must_use]
+    pub fn coalesce_layer(&self) -> Option<&CoalesceLayer> {
+        self.coalesce.as_ref()
+    }
+
+    /// The layers left out of the stack, outermost first: those left out
+    /// with [`without`](StandardStackBuilder::without), and the optional
+    /// ones (bulkhead, coalescing) that were not configured.
     #[must_use]
     pub fn left_out(&self) -> Vec<StackLayer> {
-        left_out(self.without)
+        StackLayer::ALL
+            .into_iter()
+            .filter(|layer| !self.includes(*layer))
+            .collect()
     }
 
     /// The breaker registry: snapshots, manual control, the Redis seam.
@@ -700,8 +831,10 @@ impl<S> Layer<S> for StandardStackLayer {
             .option_layer(on(StackLayer::Observability).then(|| self.observability.clone()))
             .option_layer(on(StackLayer::LoopGuard).then(|| self.loop_guard.clone()))
             .option_layer(on(StackLayer::FallbackCache).then(|| self.fallback_cache.clone()))
+            .option_layer(self.coalesce.clone().filter(|_| on(StackLayer::Coalesce)))
             .option_layer(on(StackLayer::Retry).then(|| self.retry.clone()))
             .option_layer(on(StackLayer::RateLimit).then(|| self.rate_limit.clone()))
+            .option_layer(self.bulkhead.clone().filter(|_| on(StackLayer::Bulkhead)))
             .option_layer(on(StackLayer::CircuitBreaker).then(|| self.circuit_breaker.clone()))
             .service(AttemptTimeout::new(inner, self.attempt_timeout));
         let render = RenderErrors::new(service);

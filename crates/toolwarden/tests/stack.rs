@@ -259,9 +259,15 @@ async fn layers_left_out_do_nothing_and_the_rest_still_work() {
         .without(StackLayer::LoopGuard)
         .build()
         .unwrap();
+    // The optional layers (issue 21) are out unless configured.
     assert_eq!(
         stack.left_out(),
-        [StackLayer::LoopGuard, StackLayer::CircuitBreaker]
+        [
+            StackLayer::LoopGuard,
+            StackLayer::Coalesce,
+            StackLayer::Bulkhead,
+            StackLayer::CircuitBreaker
+        ]
     );
     let mut svc = stack.layer(ReadyChecked::new(mock.clone()).pending_first());
     // Identical failing calls: with the breaker (threshold 2) and the loop

@@ -7,7 +7,9 @@ use serde::{Deserialize, Serialize};
 // Puts `skip_serializing_if = "Option::is_none"` on every `Option` field, so
 // that `check-config --print` leaves unset keys out.
 use serde_with::skip_serializing_none;
+use toolwarden::bulkhead::BulkheadToolSettings;
 use toolwarden::circuit_breaker::CircuitBreakerToolSettings;
+use toolwarden::coalesce::CoalesceToolSettings;
 use toolwarden::loop_guard::LoopGuardToolSettings;
 use toolwarden::rate_limit::RateLimitToolSettings;
 use toolwarden::retry::RetryToolSettings;
@@ -30,4 +32,10 @@ pub struct ToolConfig {
     pub retry: Option<RetryToolSettings>,
     /// The tool's own loop limits ([`LoopGuardToolSettings`]).
     pub loop_guard: Option<LoopGuardToolSettings>,
+    /// The tool's own cap on calls in flight ([`BulkheadToolSettings`]);
+    /// needs the `[bulkhead]` section (the layer is off without it).
+    pub bulkhead: Option<BulkheadToolSettings>,
+    /// Whether the tool's identical calls share one call
+    /// ([`CoalesceToolSettings`]); needs the `[coalesce]` section.
+    pub coalesce: Option<CoalesceToolSettings>,
 }

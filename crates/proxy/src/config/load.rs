@@ -34,6 +34,8 @@ pub const SECTIONS: &[&str] = &[
     "loop_guard",
     "fallback_cache",
     "observability",
+    "bulkhead",
+    "coalesce",
     "redis",
 ];
 

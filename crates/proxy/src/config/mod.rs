@@ -62,7 +62,9 @@ pub use layers::ToolConfig;
 pub use listener::{HttpConfig, LimitsConfig};
 pub(crate) use load::quote_key;
 pub use load::{process_env, ConfigFileError, ENV_PREFIX, SECTIONS};
+pub use toolwarden::bulkhead::{BulkheadSettings, BulkheadToolSettings};
 pub use toolwarden::circuit_breaker::{CircuitBreakerSettings, CircuitBreakerToolSettings};
+pub use toolwarden::coalesce::{CoalesceSettings, CoalesceToolSettings};
 pub use toolwarden::fallback_cache::FallbackCacheSettings;
 pub use toolwarden::loop_guard::{LoopGuardSettings, LoopGuardToolSettings};
 pub use toolwarden::observability::ObservabilitySettings;
@@ -98,6 +100,16 @@ pub struct Config {
     pub fallback_cache: FallbackCacheSettings,
     /// `ObservabilityLayer`.
     pub observability: ObservabilitySettings,
+    /// `BulkheadLayer` (issue 21): a cap on calls in flight per tool. Off
+    /// unless the section is present (and its `enabled` is not `false`):
+    /// the cap is a number only the operator knows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulkhead: Option<BulkheadSettings>,
+    /// `CoalesceLayer` (issue 21): identical concurrent calls of tools safe
+    /// to share share one upstream call. Off unless the section is present
+    /// (and its `enabled` is not `false`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coalesce: Option<CoalesceSettings>,
     /// Per-tool overrides, by tool name: `[tools."search_docs"]`.
     pub tools: BTreeMap<String, ToolConfig>,
     /// How the tools of several upstreams are exposed.

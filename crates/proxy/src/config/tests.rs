@@ -543,3 +543,51 @@ fn the_redis_section_is_the_redis_crates_settings() {
         "redis.servers"
     );
 }
+
+#[test]
+fn bulkhead_and_coalesce_sections_turn_the_layers_on_and_name_bad_keys() {
+    let config = parse(
+        "[bulkhead]\nmax_concurrent = 3\n[coalesce]\nper_session = true\n[tools.\"pdf\"]\nbulkhead = { max_concurrent = 1 }\ncoalesce = { coalesce = false }\n",
+    )
+    .unwrap();
+    assert_eq!(config.bulkhead.as_ref().unwrap().max_concurrent, Some(3));
+    assert_eq!(config.coalesce.as_ref().unwrap().per_session, Some(true));
+    let stack = crate::stack::standard_stack(
+        &config,
+        &crate::stack::SharedState::new(
+            toolwarden_core::Events::new(),
+            crate::endpoints::MetricsEndpoints::new(),
+        ),
+    )
+    .unwrap();
+    let bulkhead = stack.bulkhead_layer().unwrap();
+    assert_eq!(bulkhead.max_concurrent("pdf"), 1);
+    assert_eq!(bulkhead.max_concurrent("other"), 3);
+    assert!(!stack.coalesce_layer().unwrap().coalesces("pdf"));
+    // Absent (or enabled = false): off.
+    assert!(parse("").unwrap().bulkhead.is_none());
+    // Error paths name the key.
+    assert_eq!(
+        key_of("[bulkhead]\nmax_concurrent = 0\n"),
+        "bulkhead.max_concurrent"
+    );
+    assert_eq!(
+        key_of("[bulkhead]\n[tools.\"pdf\"]\nbulkhead = { max_concurrent = 0 }\n"),
+        "tools.\"pdf\".bulkhead.max_concurrent"
+    );
+    assert_eq!(key_of("[bulkhead]\ncap = 1\n"), "bulkhead.cap");
+    assert_eq!(
+        key_of("[coalesce]\nmax_in_flight = 0\n"),
+        "coalesce.max_in_flight"
+    );
+    assert_eq!(key_of("[coalesce]\nshare = true\n"), "coalesce.share");
+    // A tool's table of a layer that is off does nothing: refused.
+    assert_eq!(
+        key_of("[tools.\"pdf\"]\nbulkhead = { max_concurrent = 1 }\n"),
+        "tools.\"pdf\".bulkhead"
+    );
+    assert_eq!(
+        key_of("[coalesce]\nenabled = false\n[tools.\"pdf\"]\ncoalesce = { coalesce = true }\n"),
+        "tools.\"pdf\".coalesce"
+    );
+}

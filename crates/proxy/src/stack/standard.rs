@@ -116,6 +116,9 @@ pub(crate) fn standard_stack_over(
     let observability = config.observability.clone();
     builder = builder.observability(move |b| b.settings(&observability));
 
+    // Issue 21: the bulkhead and coalescing, on only with their section.
+    builder = optional_layers(builder, config)?;
+
     if let Some((previous, keep)) = previous {
         builder = builder.reload(previous, keep.iter().copied());
     }
@@ -136,6 +139,55 @@ pub(crate) fn standard_stack_over(
         }
     }
     Ok(layer)
+}
+
+/// Adds the bulkhead and coalescing when their sections are present and not
+/// `enabled = false`; a tool's table of a layer that is off is refused
+/// (it would do nothing), naming it.
+fn optional_layers(
+    mut builder: toolwarden::stack::StandardStackBuilder,
+    config: &Config,
+) -> Result<toolwarden::stack::StandardStackBuilder, ConfigError> {
+    let on = |enabled: Option<bool>| enabled != Some(false);
+    let bulkhead = config.bulkhead.clone().filter(|s| on(s.enabled));
+    let tool_bulkheads = tool_tables(config, |tool| tool.bulkhead.as_ref());
+    match bulkhead {
+        Some(settings) => {
+            builder = builder.bulkhead(move |mut b| {
+                b = b.settings(&settings);
+                for (name, tool) in &tool_bulkheads {
+                    b = b.tool_settings(name.as_str(), tool);
+                }
+                b
+            });
+        }
+        None => off_layer_tables(&tool_bulkheads, "bulkhead")?,
+    }
+    let coalesce = config.coalesce.clone().filter(|s| on(s.enabled));
+    let tool_coalesce = tool_tables(config, |tool| tool.coalesce.as_ref());
+    match coalesce {
+        Some(settings) => {
+            builder = builder.coalesce(move |mut b| {
+                b = b.settings(&settings);
+                for (name, tool) in &tool_coalesce {
+                    b = b.tool_settings(name.as_str(), tool);
+                }
+                b
+            });
+        }
+        None => off_layer_tables(&tool_coalesce, "coalesce")?,
+    }
+    Ok(builder)
+}
+
+fn off_layer_tables<T>(tables: &[(String, T)], layer: &str) -> Result<(), ConfigError> {
+    match tables.first() {
+        Some((name, _)) => Err(ConfigError::new(
+            format!("tools.{}.{layer}", quote_key(name)),
+            format!("the {layer} layer is off: add a [{layer}] section to turn it on"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Each tool's table of one layer, by tool name.
@@ -183,7 +235,14 @@ fn proxy_key_names(error: ConfigError, config: &Config) -> ConfigError {
                 layer_section = field.split('.').next().unwrap_or_default().to_owned();
             }
             for name in config.tools.keys() {
-                for layer in ["circuit_breaker", "retry", "rate_limit", "loop_guard"] {
+                for layer in [
+                    "circuit_breaker",
+                    "retry",
+                    "rate_limit",
+                    "loop_guard",
+                    "bulkhead",
+                    "coalesce",
+                ] {
                     let section = toolwarden_core::overrides::tool_section(name);
                     if let Some(rest) = field.strip_prefix(&format!("{layer}.{section}.")) {
                         prefix = format!("tools.{}.{layer}.", quote_key(name));

@@ -1,0 +1,132 @@
+//! [`BulkheadLayer`]: the configuration and the shared per-key places.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use toolwarden_core::{Bounds, KeyRef};
+use tower_layer::Layer;
+
+use crate::builder::BulkheadBuilder;
+use crate::service::Bulkhead;
+use crate::state::Shared;
+
+/// Middleware that caps the MCP tool calls in flight per key; see the
+/// [crate docs](crate).
+///
+/// The layer holds the configuration and the per-key places, created by
+/// [`build`](BulkheadBuilder::build): every service it builds, every clone
+/// of those, and every service built from a clone of the layer share the
+/// same caps (cloning the layer is one reference-count increment).
+#[derive(Debug, Clone)]
+pub struct BulkheadLayer {
+    shared: Arc<Shared>,
+}
+
+impl BulkheadLayer {
+    /// A layer with every default: at most
+    /// [`DEFAULT_MAX_CONCURRENT`](crate::DEFAULT_MAX_CONCURRENT) (10) calls
+    /// per tool in flight, refusing at once past it. The same as
+    /// `BulkheadLayer::builder().build()`.
+    #[must_use]
+    // Invariant: the defaults are valid (a test builds them).
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .expect("the default bulkhead configuration is valid")
+    }
+
+    /// A builder with the defaults documented on each knob.
+    #[must_use]
+    pub fn builder() -> BulkheadBuilder {
+        BulkheadBuilder::default()
+    }
+
+    pub(crate) fn from_shared(shared: Shared) -> Self {
+        BulkheadLayer {
+            shared: Arc::new(shared),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// The cap of `tool` (its override, else the default).
+    #[must_use]
+    pub fn max_concurrent(&self, tool: &str) -> u32 {
+        self.shared
+            .tools
+            .get(tool)
+            .map_or(self.shared.default.max_concurrent, |l| l.max_concurrent)
+    }
+
+    /// The wait of `tool` for a place (its override, else the default).
+    #[must_use]
+    pub fn max_wait(&self, tool: &str) -> Duration {
+        self.shared
+            .tools
+            .get(tool)
+            .map_or(self.shared.default.max_wait, |l| l.max_wait)
+    }
+
+    /// The longest wait for a place of any tool (the default's or an
+    /// override's): what a call may spend waiting before it is refused.
+    #[must_use]
+    pub fn longest_max_wait(&self) -> Duration {
+        self.shared
+            .tools
+            .values()
+            .map(|l| l.max_wait)
+            .fold(self.shared.default.max_wait, Duration::max)
+    }
+
+    /// The bounds of the per-key state.
+    #[must_use]
+    pub fn bounds(&self) -> Bounds {
+        self.shared.bounds
+    }
+
+    /// The calls of `key` in flight now (0 for a key never seen).
+    ///
+    /// ```
+    /// use toolwarden_bulkhead::BulkheadLayer;
+    /// use toolwarden_core::KeyRef;
+    /// assert_eq!(BulkheadLayer::new().in_flight(KeyRef::Tool("search")), 0);
+    /// ```
+    #[must_use]
+    pub fn in_flight(&self, key: KeyRef<'_>) -> u32 {
+        self.shared.state.with(&key, |c| c.in_flight()).unwrap_or(0)
+    }
+
+    /// The recent average duration of `key`'s calls (an exponentially
+    /// weighted moving average, the newest call weighing 1/8), from which a
+    /// refusal's `retry_after` is estimated; `None` before any call ended.
+    #[must_use]
+    pub fn average_duration(&self, key: KeyRef<'_>) -> Option<Duration> {
+        self.shared
+            .state
+            .with(&key, |c| c.average_duration())
+            .flatten()
+    }
+
+    /// The number of keys kept (never above the bound's `max_keys`).
+    #[must_use]
+    pub fn keys(&self) -> usize {
+        self.shared.state.len()
+    }
+}
+
+impl Default for BulkheadLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for BulkheadLayer {
+    type Service = Bulkhead<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Bulkhead::new(inner, self)
+    }
+}

@@ -1,0 +1,126 @@
+//! [`Bulkhead`]: the service built by [`BulkheadLayer`].
+
+use std::mem;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use toolwarden_core::{BoxError, McpRequest};
+use tower_service::Service;
+
+use crate::future::{Permit, ResponseFuture};
+use crate::layer::BulkheadLayer;
+use crate::state::Shared;
+
+/// Caps the tool calls of an inner service in flight per key. Clones share
+/// the caps (and so do all services built from one [`BulkheadLayer`]).
+///
+/// `poll_ready` is the inner service's readiness (which key a call takes a
+/// place of is known only in `call`). `call` takes a place: a call that
+/// finds one goes straight to the inner service, using the readiness
+/// `poll_ready` reserved; a call that finds none is refused with
+/// [`BulkheadFull`](toolwarden_core::BulkheadFull), or, when its key has a
+/// `max_wait`, gives up that readiness (replacing the inner service with a
+/// clone, as tower does), waits in its response future for a place, and
+/// only then drives a clone of the inner service to readiness and calls
+/// it. The inner service must therefore be `Clone` (put it behind a
+/// `tower::buffer::Buffer` if it is not).
+///
+/// The place is given back when the response future completes or is
+/// dropped, whichever comes first. Requests other than `tools/call` pass
+/// untouched.
+#[derive(Debug, Clone)]
+pub struct Bulkhead<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> Bulkhead<S> {
+    /// Caps the calls of `inner` with the places of `layer`, shared with
+    /// every other service built from it (the same as `layer.layer(inner)`).
+    pub fn new(inner: S, layer: &BulkheadLayer) -> Self {
+        Bulkhead {
+            inner,
+            shared: Arc::clone(layer.shared()),
+        }
+    }
+
+    /// The inner service.
+    #[must_use]
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    #[must_use]
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the service, returning the inner one.
+    #[must_use]
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, R> Service<R> for Bulkhead<S>
+where
+    R: McpRequest,
+    S: Service<R> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, R>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, request: R) -> Self::Future {
+        if !request.is_tool_call() {
+            return ResponseFuture::called(self.inner.call(request), None);
+        }
+        let compartment = self.shared.compartment(self.shared.key_by.key(&request));
+        if compartment.try_enter() {
+            let permit = Permit::new(compartment);
+            return ResponseFuture::called(self.inner.call(request), Some(permit));
+        }
+        self.call_full(request, compartment)
+    }
+}
+
+impl<S> Bulkhead<S> {
+    /// `call` for a call that found every place taken.
+    #[inline(never)]
+    fn call_full<R>(
+        &mut self,
+        request: R,
+        compartment: Arc<crate::state::Compartment>,
+    ) -> ResponseFuture<S, R>
+    where
+        R: McpRequest,
+        S: Service<R> + Clone,
+    {
+        let key: Arc<str> = self.shared.key_by.key(&request).to_string().into();
+        let max_wait = compartment.limits.max_wait;
+        if max_wait.is_zero() {
+            return ResponseFuture::refused(self.shared.reject(&key, &compartment));
+        }
+        // Give up the readiness `poll_ready` reserved: the call waits
+        // holding nothing of the service below.
+        let unready = self.inner.clone();
+        drop(mem::replace(&mut self.inner, unready));
+        let service = self.inner.clone();
+        ResponseFuture::waiting(
+            service,
+            request,
+            compartment,
+            key,
+            Arc::clone(&self.shared),
+            max_wait,
+        )
+    }
+}

@@ -1,0 +1,226 @@
+//! [`Compartment`]: one key's places, and the shared state of the layer.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use toolwarden_core::{Bounds, BulkheadFull, Event, Events, Key, KeyBy, KeyRef, KeyedState};
+
+/// The `retry_after` of a refusal before any call of the key has completed.
+pub(crate) const UNMEASURED_RETRY_AFTER: Duration = Duration::from_millis(100);
+/// The shortest `retry_after` a refusal carries.
+pub(crate) const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
+
+/// The cap and the wait of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) max_concurrent: u32,
+    pub(crate) max_wait: Duration,
+}
+
+/// One key's places: a fair semaphore of `max_concurrent` permits, and the
+/// recent duration of its calls (an EWMA), from which a refusal estimates
+/// when a place comes free.
+pub(crate) struct Compartment {
+    pub(crate) semaphore: Arc<Semaphore>,
+    pub(crate) limits: Limits,
+    /// EWMA of completed call durations, in nanoseconds; 0: none yet.
+    ewma_nanos: AtomicU64,
+}
+
+impl fmt::Debug for Compartment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Compartment")
+            .field("limits", &self.limits)
+            .field("in_flight", &self.in_flight())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Compartment {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Compartment {
+            semaphore: Arc::new(Semaphore::new(limits.max_concurrent as usize)),
+            limits,
+            ewma_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes a place if one is free now (never ahead of a waiting call:
+    /// tokio's semaphore hands released permits to waiters first).
+    #[inline]
+    pub(crate) fn try_enter(&self) -> bool {
+        match self.semaphore.try_acquire() {
+            Ok(permit) => {
+                // Given back by `leave`, when the call's `Permit` drops.
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives a place back.
+    #[inline]
+    pub(crate) fn leave(&self) {
+        self.semaphore.add_permits(1);
+    }
+
+    /// Places taken now.
+    pub(crate) fn in_flight(&self) -> u32 {
+        let free = u32::try_from(self.semaphore.available_permits()).unwrap_or(u32::MAX);
+        self.limits.max_concurrent.saturating_sub(free)
+    }
+
+    /// Records the duration of a completed call (EWMA, weight 1/8 for the
+    /// new sample, as TCP's smoothed round-trip time).
+    #[inline]
+    pub(crate) fn record(&self, duration: Duration) {
+        let sample = u64::try_from(duration.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        // A lost race drops one sample: an estimate, not an account.
+        let old = self.ewma_nanos.load(Ordering::Relaxed);
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.ewma_nanos.store(new.max(1), Ordering::Relaxed);
+    }
+
+    /// When a place is expected to come free: with every place taken by
+    /// calls of the recent average duration `d`, one ends about every
+    /// `d / max_concurrent`. At least 1 ms; 100 ms before any call ended.
+    pub(crate) fn retry_after(&self) -> Duration {
+        match self.ewma_nanos.load(Ordering::Relaxed) {
+            0 => UNMEASURED_RETRY_AFTER,
+            nanos => Duration::from_nanos(nanos / u64::from(self.limits.max_concurrent.max(1)))
+                .max(MIN_RETRY_AFTER),
+        }
+    }
+
+    /// The recent average call duration, if any call ended.
+    pub(crate) fn average_duration(&self) -> Option<Duration> {
+        match self.ewma_nanos.load(Ordering::Relaxed) {
+            0 => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+/// The validated configuration and the per-key places, shared by every
+/// service built from one layer.
+pub(crate) struct Shared {
+    pub(crate) state: KeyedState<Arc<Compartment>>,
+    pub(crate) key_by: KeyBy,
+    pub(crate) default: Limits,
+    /// Per-tool limits, and the overflow compartment of each overridden
+    /// tool (its keys past the bound share it, so the bound never lifts an
+    /// override's cap).
+    pub(crate) tools: Arc<HashMap<Arc<str>, Limits>>,
+    pub(crate) tool_overflow: HashMap<Arc<str>, Arc<Compartment>>,
+    pub(crate) bounds: Bounds,
+    pub(crate) events: Events,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("key_by", &self.key_by)
+            .field("default", &self.default)
+            .field("tools", &self.tools)
+            .field("keys", &self.state.len())
+            .field("bounds", &self.bounds)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tool a key names, when it names one.
+fn key_tool(key: &Key) -> Option<&str> {
+    match key {
+        Key::Tool(tool) | Key::SessionTool(_, tool) => Some(tool),
+        _ => None,
+    }
+}
+
+fn key_ref_tool<'a>(key: &'a KeyRef<'_>) -> Option<&'a str> {
+    match key {
+        KeyRef::Tool(tool) | KeyRef::SessionTool(_, tool) => Some(tool),
+        _ => None,
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        key_by: KeyBy,
+        default: Limits,
+        tools: HashMap<Arc<str>, Limits>,
+        bounds: Bounds,
+        events: Events,
+    ) -> Self {
+        let tools = Arc::new(tools);
+        let for_keys = Arc::clone(&tools);
+        let state = KeyedState::new_keeping(
+            bounds,
+            move |key: &Key| {
+                let limits = key_tool(key)
+                    .and_then(|tool| for_keys.get(tool).copied())
+                    .unwrap_or(default);
+                Arc::new(Compartment::new(limits))
+            },
+            // A key with calls in flight or waiting (each holds a clone) is
+            // never evicted: a fresh compartment would forget their places.
+            |compartment: &Arc<Compartment>| Arc::strong_count(compartment) > 1,
+        );
+        let tool_overflow = tools
+            .iter()
+            .map(|(tool, limits)| (Arc::clone(tool), Arc::new(Compartment::new(*limits))))
+            .collect();
+        Shared {
+            state,
+            key_by,
+            default,
+            tools,
+            tool_overflow,
+            bounds,
+            events,
+        }
+    }
+
+    /// The compartment of `key`.
+    #[inline]
+    pub(crate) fn compartment(&self, key: KeyRef<'_>) -> Arc<Compartment> {
+        if let Some(compartment) = self.state.with(&key, Arc::clone) {
+            return compartment;
+        }
+        self.compartment_slow(key)
+    }
+
+    #[cold]
+    fn compartment_slow(&self, key: KeyRef<'_>) -> Arc<Compartment> {
+        let tool_overflow = key_ref_tool(&key).and_then(|tool| self.tool_overflow.get(tool));
+        let tool_overflow = tool_overflow.map(Arc::clone);
+        let entry = self.state.entry(key);
+        match tool_overflow {
+            Some(compartment) if entry.is_overflow() => compartment,
+            _ => Arc::clone(&entry),
+        }
+    }
+
+    /// The refusal of a call to `key`, reported as an event.
+    #[cold]
+    pub(crate) fn reject(&self, key: &str, compartment: &Compartment) -> BulkheadFull {
+        let retry_after = compartment.retry_after();
+        let max_concurrent = compartment.limits.max_concurrent;
+        self.events.emit(&Event::BulkheadFull {
+            key,
+            max_concurrent,
+            retry_after,
+        });
+        BulkheadFull::new(key, max_concurrent, retry_after)
+    }
+}

@@ -1,0 +1,161 @@
+//! [`CoalesceLayer`]: the configuration and the shared map of calls in flight.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use toolwarden_core::{Events, ToolCatalog};
+use tower_layer::Layer;
+
+use crate::builder::CoalesceBuilder;
+use crate::inflight::{Count, InFlight};
+use crate::service::Coalesce;
+
+#[derive(Debug)]
+pub(crate) struct Config {
+    pub(crate) catalog: ToolCatalog,
+    pub(crate) coalesce: Option<bool>,
+    pub(crate) tools: HashMap<Arc<str>, bool>,
+    pub(crate) per_session: bool,
+    pub(crate) max_in_flight: usize,
+    pub(crate) events: Events,
+}
+
+impl Config {
+    /// Whether identical calls of `tool` share one call.
+    #[inline]
+    pub(crate) fn coalesces(&self, tool: &str) -> bool {
+        if !self.tools.is_empty() {
+            if let Some(coalesce) = self.tools.get(tool) {
+                return *coalesce;
+            }
+        }
+        if let Some(coalesce) = self.coalesce {
+            return coalesce;
+        }
+        self.catalog.is_cacheable(tool) || self.catalog.is_safe_to_repeat(tool)
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    /// The calls in flight of every map, and the bound.
+    pub(crate) count: Arc<Count>,
+    /// One map of calls in flight per service future type (in practice
+    /// one): each holds its own handles without boxing them per call.
+    pub(crate) maps: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("count", &self.count)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The map of calls of type `W`, created on first use.
+    pub(crate) fn map<W: Send + Sync + 'static>(&self) -> Arc<dyn Any + Send + Sync> {
+        let mut maps = self.maps.lock();
+        if let Some(map) = maps.iter().find(|m| m.is::<InFlight<W>>()) {
+            return Arc::clone(map);
+        }
+        let map: Arc<dyn Any + Send + Sync> = Arc::new(InFlight::<W>::new(Arc::clone(&self.count)));
+        maps.push(Arc::clone(&map));
+        map
+    }
+}
+
+/// Middleware that lets identical concurrent tool calls share one call;
+/// see the [crate docs](crate).
+///
+/// The layer holds the configuration and the map of calls in flight:
+/// every service it builds, every clone of those and every service built
+/// from a clone of the layer share it, so identical calls arriving on two
+/// connections share one call too.
+#[derive(Debug, Clone)]
+pub struct CoalesceLayer {
+    shared: Arc<Shared>,
+}
+
+impl CoalesceLayer {
+    /// A layer with every default: the empty, untrusted catalog, so no call
+    /// is shared until tools are configured or annotations trusted. The
+    /// same as `CoalesceLayer::builder().build()`.
+    #[must_use]
+    // Invariant: the defaults are valid (a test builds them).
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        Self::builder()
+            .build()
+            .expect("the default coalesce configuration is valid")
+    }
+
+    /// A builder with the defaults documented on each knob.
+    #[must_use]
+    pub fn builder() -> CoalesceBuilder {
+        CoalesceBuilder::default()
+    }
+
+    pub(crate) fn from_config(config: Config) -> Self {
+        let count = Arc::new(Count {
+            len: Default::default(),
+            max_keys: config.max_in_flight,
+        });
+        CoalesceLayer {
+            shared: Arc::new(Shared {
+                config,
+                count,
+                maps: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Whether identical concurrent calls of `tool` share one call.
+    #[must_use]
+    pub fn coalesces(&self, tool: &str) -> bool {
+        self.shared.config.coalesces(tool)
+    }
+
+    /// The calls in flight that others may join now.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.shared.count.len.load(Ordering::Relaxed)
+    }
+
+    /// The bound on calls in flight that others may join.
+    #[must_use]
+    pub fn max_in_flight(&self) -> usize {
+        self.shared.config.max_in_flight
+    }
+
+    /// The catalog the layer reads.
+    #[must_use]
+    pub fn catalog(&self) -> &ToolCatalog {
+        &self.shared.config.catalog
+    }
+}
+
+impl Default for CoalesceLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> Layer<S> for CoalesceLayer {
+    type Service = Coalesce<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Coalesce::new(inner, self)
+    }
+}

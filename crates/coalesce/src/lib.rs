@@ -1,0 +1,92 @@
+//! Middleware that lets identical concurrent MCP tool calls share one
+//! upstream call (request coalescing, or single flight), for the tools
+//! where that is safe.
+//!
+//! Agents (and several agents behind one gateway) often ask the same thing
+//! at once: the same `search` with the same arguments, the same
+//! `get_weather` for the same city. For a tool whose answer does not
+//! depend on how often it is called, one upstream call can answer them
+//! all. Which tools qualify is the [`ToolCatalog`](toolwarden_core::ToolCatalog)'s
+//! call, the same one the retry layer and the fallback cache read: a tool
+//! configured cacheable or safe to repeat, or whose *trusted* annotations
+//! say `readOnlyHint` or `idempotentHint`; or a per-tool override
+//! ([`coalesce`](CoalesceBuilder::coalesce)). With the default (empty,
+//! untrusted) catalog nothing is shared.
+//!
+//! - **Identical** means the same tool and the same fingerprint of its
+//!   arguments ([`toolwarden_core::call_fingerprint`]: key order and every
+//!   `_meta` ignored), and with [`per_session`](CoalesceBuilder::per_session)
+//!   the same session. Continuations (2026-07-28 `inputResponses`) are
+//!   never shared.
+//! - **Each caller gets its own answer**: a copy of the shared response with
+//!   its own JSON-RPC id; a failure is shared too, each caller getting an
+//!   equivalent error (a copy of the same type for toolwarden's own
+//!   errors and JSON-RPC errors, else a [`SharedFailure`] whose source is
+//!   the failure).
+//! - **A caller that leaves does not cancel the call of the others**: the
+//!   shared call is a shared future (futures' `Shared`) that every waiting
+//!   caller polls, so it goes on when the caller that started it is
+//!   dropped. When the **last** caller leaves, the call is dropped
+//!   (cancelled), as a call nobody waits for.
+//! - **Bounded**: at most [`max_in_flight`](CoalesceBuilder::max_in_flight)
+//!   calls in flight can be joined (default 10 000); past the bound, calls
+//!   are made on their own. A call leaves the map when it completes or
+//!   when its last caller leaves: a call arriving after that makes a new
+//!   call (this is not a cache: see the fallback cache for answers kept).
+//!
+//! Why a crate of its own rather than a mode of the fallback cache: the
+//! cache keeps answers after the fact and serves them when a call fails;
+//! coalescing keeps nothing past a call's end and changes how many calls
+//! reach the server. Each works without the other, and in the standard
+//! stack they sit at different places (coalescing right above retry, so
+//! joined callers share the retries too; the cache above both).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), toolwarden_core::BoxError> {
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use toolwarden_coalesce::CoalesceLayer;
+//! use toolwarden_core::{jsonrpc::{Id, Request}, testing::{MockMcp, Step}, ToolCatalog, ToolPolicy};
+//!
+//! let catalog = ToolCatalog::new();
+//! catalog.configure("get_weather", ToolPolicy { cacheable: Some(true), ..ToolPolicy::default() });
+//! let upstream = MockMcp::new().default_step("get_weather", Step::ok("sunny").after(Duration::from_millis(300)));
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(CoalesceLayer::builder().catalog(catalog).build()?)
+//!     .service(upstream.clone());
+//!
+//! let ask = |id: i64| Request::tool_call(id, "get_weather", json!({"city": "Oslo"}));
+//! let first = svc.ready().await?.call(ask(1));
+//! let second = svc.ready().await?.call(ask(2));
+//! let (first, second) = tokio::join!(first, second);
+//! assert_eq!(upstream.calls("get_weather"), 1); // one upstream call
+//! assert_eq!(first?.id, Id::Number(1));         // each caller its own id
+//! assert_eq!(second?.id, Id::Number(2));
+//! # Ok(()) }
+//! ```
+//!
+//! Feature `serde` (off by default): `CoalesceSettings` and
+//! `CoalesceToolSettings`, the builder's knobs as serde types for
+//! configuration files.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations)]
+
+mod builder;
+mod error;
+mod future;
+mod inflight;
+mod layer;
+mod service;
+#[cfg(feature = "serde")]
+mod settings;
+
+pub use builder::{CoalesceBuilder, DEFAULT_MAX_IN_FLIGHT};
+pub use error::SharedFailure;
+pub use future::{Lead, ResponseFuture};
+pub use layer::CoalesceLayer;
+pub use service::Coalesce;
+#[cfg(feature = "serde")]
+pub use settings::{CoalesceSettings, CoalesceToolSettings};

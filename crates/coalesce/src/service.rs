@@ -1,0 +1,190 @@
+//! [`Coalesce`]: the service built by [`CoalesceLayer`].
+
+use std::any::Any;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures_util::future::{FutureExt, WeakShared};
+use toolwarden_core::{call_fingerprint, BoxError, Event, McpRequest, McpResponse};
+use tower_service::Service;
+
+use crate::future::{Lead, ResponseFuture, Ticket};
+use crate::inflight::{CallKey, InFlight, Joined};
+use crate::layer::{CoalesceLayer, Shared};
+
+/// Lets identical concurrent tool calls share one call of the inner
+/// service. Clones share the map of calls in flight (and so do all
+/// services built from one [`CoalesceLayer`]).
+///
+/// `poll_ready` is the inner service's readiness. `call` decides: a
+/// `tools/call` of a tool that [coalesces](CoalesceLayer::coalesces), not
+/// a continuation, joins the identical call in flight (same fingerprint of
+/// tool and arguments, `_meta` ignored) if there is one, without calling
+/// the inner service (the readiness it reserved stays for the next call);
+/// otherwise it calls the inner service and others may join it. Every
+/// other request is passed to the inner service untouched.
+#[derive(Clone)]
+pub struct Coalesce<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    /// The layer's map for this service's future type, found once.
+    map: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Coalesce<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coalesce")
+            .field("inner", &self.inner)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Coalesce<S> {
+    /// Shares the calls of `inner` through the map of `layer` (the same as
+    /// `layer.layer(inner)`).
+    pub fn new(inner: S, layer: &CoalesceLayer) -> Self {
+        Coalesce {
+            inner,
+            shared: Arc::clone(layer.shared()),
+            map: None,
+        }
+    }
+
+    /// The inner service.
+    #[must_use]
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    #[must_use]
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the service, returning the inner one.
+    #[must_use]
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, R> Service<R> for Coalesce<S>
+where
+    R: McpRequest,
+    S: Service<R>,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    S::Response: McpResponse + Clone + Send + Sync + 'static,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    #[inline]
+    fn call(&mut self, request: R) -> Self::Future {
+        let shareable = request.is_tool_call()
+            && !request.is_continuation()
+            && request
+                .tool_name()
+                .is_some_and(|tool| self.shared.config.coalesces(tool));
+        if !shareable {
+            return ResponseFuture::direct(self.inner.call(request));
+        }
+        self.call_shared(request)
+    }
+}
+
+impl<S> Coalesce<S> {
+    #[inline(never)]
+    fn call_shared<R>(&mut self, mut request: R) -> ResponseFuture<S::Future>
+    where
+        R: McpRequest,
+        S: Service<R>,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        S::Response: McpResponse + Clone + Send + Sync + 'static,
+    {
+        let Some(fingerprint) = call_fingerprint(&mut request) else {
+            return ResponseFuture::direct(self.inner.call(request));
+        };
+        let session = match self.shared.config.per_session {
+            true => Some(Arc::from(request.session_key().unwrap_or("-"))),
+            false => None,
+        };
+        let key = CallKey {
+            fingerprint,
+            session,
+        };
+        let id = request.request_id().cloned();
+        // `None` only for a call already over (never, for one just made):
+        // never upgraded, so the next caller replaces it.
+        type Weak<F> = Option<WeakShared<Lead<F>>>;
+        let map = match self
+            .map
+            .clone()
+            .and_then(|map| map.downcast::<InFlight<Weak<S::Future>>>().ok())
+        {
+            Some(map) => map,
+            None => {
+                let any = self.shared.map::<Weak<S::Future>>();
+                self.map = Some(Arc::clone(&any));
+                match any.downcast::<InFlight<Weak<S::Future>>>() {
+                    Ok(map) => map,
+                    // Not reachable: the layer made it of this type.
+                    Err(_) => return ResponseFuture::direct(self.inner.call(request)),
+                }
+            }
+        };
+        let inner = &mut self.inner;
+        let mut pending = Some(request);
+        let joined = map.join(
+            &key,
+            |weak: &Weak<S::Future>| weak.as_ref()?.upgrade(),
+            || {
+                // Invariant: `make` runs at most once, before anything else
+                // takes the request.
+                #[allow(clippy::expect_used)]
+                let request = pending.take().expect("the request is still here");
+                let shared = Lead::new(inner.call(request)).shared();
+                let weak = shared.downgrade();
+                (shared, weak)
+            },
+        );
+        let (shared, generation) = match joined {
+            Joined::Leader(shared, generation) => (shared, generation),
+            Joined::Follower(shared, generation) => {
+                if let Some(request) = pending.as_ref() {
+                    self.shared.config.events.emit(&Event::Coalesced {
+                        key: request.target(),
+                    });
+                }
+                (shared, generation)
+            }
+            Joined::Alone => match pending.take() {
+                Some(request) => return ResponseFuture::direct(self.inner.call(request)),
+                // Not reachable: `make` runs only for a leader.
+                None => unreachable_alone(),
+            },
+        };
+        let ticket = Ticket {
+            in_flight: map,
+            key,
+            generation,
+            completed: false,
+        };
+        ResponseFuture::shared(shared, id, ticket)
+    }
+}
+
+#[cold]
+#[allow(clippy::panic)]
+fn unreachable_alone() -> ! {
+    panic!("a call made on its own had its request taken")
+}

@@ -1,0 +1,388 @@
+//! CoalesceLayer: identical concurrent calls share one call; ids, errors,
+//! cancellation, bounds.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use serde_json::json;
+use toolwarden_coalesce::{CoalesceBuilder, CoalesceLayer, SharedFailure};
+use toolwarden_core::classify::{TransportError, TransportErrorKind};
+use toolwarden_core::jsonrpc::{Id, Request, Response};
+use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
+use toolwarden_core::{
+    BoxError, CircuitOpen, Event, Events, McpRequest, McpResponse, SessionKey, ToolAnnotations,
+    ToolCatalog, ToolInfo, ToolPolicy,
+};
+use tower::{Layer, Service, ServiceExt};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn cacheable(catalog: &ToolCatalog, tool: &str) {
+    catalog.configure(
+        tool,
+        ToolPolicy {
+            cacheable: Some(true),
+            ..ToolPolicy::default()
+        },
+    );
+}
+
+fn call(id: i64, tool: &str, args: serde_json::Value) -> Request {
+    Request::tool_call(id, tool, args)
+}
+
+fn harness(
+    builder: CoalesceBuilder,
+) -> (
+    toolwarden_coalesce::Coalesce<ReadyChecked<MockMcp>>,
+    MockMcp,
+    CoalesceLayer,
+) {
+    let mock = MockMcp::new();
+    for tool in ["weather", "search", "send"] {
+        mock.set_default(tool, Step::ok(&format!("{tool} answered")).after(ms(100)));
+    }
+    let catalog = ToolCatalog::new();
+    cacheable(&catalog, "weather");
+    cacheable(&catalog, "search");
+    let layer = builder.catalog(catalog).build().unwrap();
+    let svc = layer.layer(ReadyChecked::new(mock.clone()).pending_first());
+    (svc, mock, layer)
+}
+
+async fn start<S>(svc: &mut S, req: Request) -> S::Future
+where
+    S: Service<Request>,
+    S::Error: std::fmt::Debug,
+{
+    svc.ready().await.unwrap().call(req)
+}
+
+#[tokio::test(start_paused = true)]
+async fn identical_calls_share_one_call_and_each_gets_its_own_id() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let oslo = json!({"city": "Oslo", "units": "metric"});
+    let a = start(&mut svc, call(1, "weather", oslo.clone())).await;
+    // Key order and `_meta` do not make a call different.
+    let b = start(
+        &mut svc,
+        call(
+            2,
+            "weather",
+            json!({"units": "metric", "city": "Oslo", "_meta": {"progressToken": 9}}),
+        ),
+    )
+    .await;
+    let c = start(&mut svc, call(3, "weather", oslo)).await;
+    assert_eq!(layer.in_flight(), 1);
+    let (a, b, c) = tokio::join!(a, b, c);
+    let (a, b, c) = (a.unwrap(), b.unwrap(), c.unwrap());
+    assert_eq!(mock.calls("weather"), 1);
+    assert_eq!(
+        [a.id.clone(), b.id.clone(), c.id.clone()],
+        [Id::Number(1), Id::Number(2), Id::Number(3)]
+    );
+    for resp in [&a, &b, &c] {
+        assert_eq!(resp.first_text().unwrap(), "weather answered");
+    }
+    assert_eq!(layer.in_flight(), 0, "a completed call leaves the map");
+    // A call after the answer makes a new call: this is not a cache.
+    start(
+        &mut svc,
+        call(4, "weather", json!({"city": "Oslo", "units": "metric"})),
+    )
+    .await
+    .await
+    .unwrap();
+    assert_eq!(mock.calls("weather"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn different_arguments_tools_and_unsafe_tools_are_not_shared() {
+    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
+    let a = start(&mut svc, call(1, "weather", json!({"city": "Oslo"}))).await;
+    let b = start(&mut svc, call(2, "weather", json!({"city": "Bergen"}))).await;
+    let c = start(&mut svc, call(3, "search", json!({"city": "Oslo"}))).await;
+    // `send` is not cacheable: the empty policy and untrusted catalog say nothing.
+    let d = start(&mut svc, call(4, "send", json!({"to": "x"}))).await;
+    let e = start(&mut svc, call(5, "send", json!({"to": "x"}))).await;
+    let results = futures::future::join_all([a, b, c, d, e]).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(mock.calls("weather"), 2);
+    assert_eq!(mock.calls("search"), 1);
+    assert_eq!(mock.calls("send"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_catalog_decides_by_trusted_annotations_and_overrides_win() {
+    let catalog = ToolCatalog::new();
+    catalog.insert(
+        ToolInfo::new("lookup", "read only").annotations(ToolAnnotations {
+            read_only_hint: Some(true),
+            ..ToolAnnotations::default()
+        }),
+    );
+    catalog.insert(
+        ToolInfo::new("put", "idempotent").annotations(ToolAnnotations {
+            idempotent_hint: Some(true),
+            read_only_hint: Some(false),
+            ..ToolAnnotations::default()
+        }),
+    );
+    let layer = CoalesceLayer::builder()
+        .catalog(catalog.clone())
+        .tool("put", |b| b.coalesce(false))
+        .build()
+        .unwrap();
+    assert!(
+        !layer.coalesces("lookup"),
+        "untrusted annotations are hints only"
+    );
+    catalog.set_trusted(true);
+    assert!(layer.coalesces("lookup"));
+    assert!(!layer.coalesces("put"), "the override wins");
+    let all = CoalesceLayer::builder().coalesce(true).build().unwrap();
+    assert!(all.coalesces("anything"));
+    let trusting = CoalesceLayer::builder().catalog(catalog).build().unwrap();
+    assert!(trusting.coalesces("put"), "trusted idempotent");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_caller_that_started_the_call_may_leave_the_others_still_get_the_answer() {
+    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
+    let mut leader = start(&mut svc, call(1, "weather", json!({"city": "Oslo"}))).await;
+    assert!((&mut leader).now_or_never().is_none()); // the call is on its way
+    let follower = start(&mut svc, call(2, "weather", json!({"city": "Oslo"}))).await;
+    drop(leader);
+    assert_eq!(mock.in_flight(), 1, "the shared call was not cancelled");
+    let resp = follower.await.unwrap();
+    assert_eq!(resp.id, Id::Number(2));
+    assert_eq!(mock.calls("weather"), 1);
+    // The same when the leader leaves before it was ever polled.
+    let leader = start(&mut svc, call(3, "weather", json!({"city": "Oslo"}))).await;
+    let follower = start(&mut svc, call(4, "weather", json!({"city": "Oslo"}))).await;
+    drop(leader);
+    assert_eq!(follower.await.unwrap().id, Id::Number(4));
+    assert_eq!(mock.calls("weather"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_last_caller_leaves_the_call_is_cancelled() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let mut a = start(&mut svc, call(1, "weather", json!({"city": "Oslo"}))).await;
+    let mut b = start(&mut svc, call(2, "weather", json!({"city": "Oslo"}))).await;
+    assert!((&mut a).now_or_never().is_none());
+    assert!((&mut b).now_or_never().is_none());
+    assert_eq!(mock.in_flight(), 1);
+    drop(a);
+    drop(b);
+    assert_eq!(mock.in_flight(), 0, "nobody waits: the call is dropped");
+    assert_eq!(layer.in_flight(), 0);
+    // A new identical call makes a new call, and is answered.
+    start(&mut svc, call(3, "weather", json!({"city": "Oslo"})))
+        .await
+        .await
+        .unwrap();
+    assert_eq!(mock.calls("weather"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failures_are_shared_each_caller_gets_an_equivalent_error() {
+    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
+    mock.push(
+        "weather",
+        [Step::Transport(TransportErrorKind::Closed).after_boxed(ms(50))],
+    );
+    let a = start(&mut svc, call(1, "weather", json!({}))).await;
+    let b = start(&mut svc, call(2, "weather", json!({}))).await;
+    let (a, b) = tokio::join!(a, b);
+    for err in [a.unwrap_err(), b.unwrap_err()] {
+        let transport = err.downcast_ref::<TransportError>().expect("the same type");
+        assert_eq!(transport.kind, TransportErrorKind::Closed);
+    }
+    assert_eq!(mock.calls("weather"), 1);
+    // A JSON-RPC error answer is an answer: each caller gets it with its id.
+    mock.push("weather", [Step::rpc_error(-32603, "boom").after(ms(50))]);
+    let a = start(&mut svc, call(3, "weather", json!({}))).await;
+    let b = start(&mut svc, call(4, "weather", json!({}))).await;
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(a.unwrap().id, Id::Number(3));
+    let b = b.unwrap();
+    assert_eq!(b.id, Id::Number(4));
+    assert_eq!(b.rpc_error().unwrap().code, -32603);
+}
+
+#[tokio::test(start_paused = true)]
+async fn errors_of_other_types_are_shared_with_their_source() {
+    #[derive(Debug)]
+    struct Odd;
+    impl std::fmt::Display for Odd {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("odd failure")
+        }
+    }
+    impl std::error::Error for Odd {}
+    let catalog = ToolCatalog::new();
+    cacheable(&catalog, "t");
+    let count = Arc::new(Mutex::new(0));
+    let counter = Arc::clone(&count);
+    let inner = tower::service_fn(move |req: Request| {
+        *counter.lock().unwrap() += 1;
+        let tool = req.tool_name().unwrap().to_owned();
+        async move {
+            tokio::time::sleep(ms(10)).await;
+            match tool.as_str() {
+                "t" => Err::<Response, BoxError>(Box::new(Odd)),
+                _ => Err(Box::new(CircuitOpen::new("u", ms(5))) as BoxError),
+            }
+        }
+    });
+    let mut svc = CoalesceLayer::builder()
+        .catalog(catalog)
+        .coalesce(true)
+        .build()
+        .unwrap()
+        .layer(inner);
+    let a = start(&mut svc, call(1, "t", json!({}))).await;
+    let b = start(&mut svc, call(2, "t", json!({}))).await;
+    let (a, b) = tokio::join!(a, b);
+    for err in [a.unwrap_err(), b.unwrap_err()] {
+        let shared = err.downcast_ref::<SharedFailure>().unwrap();
+        assert_eq!(shared.to_string(), "odd failure");
+        assert!(std::error::Error::source(shared).unwrap().is::<Odd>());
+    }
+    assert_eq!(*count.lock().unwrap(), 1);
+    // A rejection from below stays a rejection, of its own type.
+    let a = start(&mut svc, call(3, "u", json!({}))).await;
+    let b = start(&mut svc, call(4, "u", json!({}))).await;
+    let (a, b) = tokio::join!(a, b);
+    assert!(a.unwrap_err().is::<CircuitOpen>());
+    assert!(b.unwrap_err().is::<CircuitOpen>());
+    assert_eq!(*count.lock().unwrap(), 2);
+}
+
+trait AfterBoxed {
+    fn after_boxed(self, d: Duration) -> Step;
+}
+impl AfterBoxed for Step {
+    fn after_boxed(self, d: Duration) -> Step {
+        self.after(d)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_map_is_bounded_calls_past_it_are_made_on_their_own() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder().max_in_flight(1));
+    let a = start(&mut svc, call(1, "weather", json!({"city": "Oslo"}))).await;
+    let b = start(&mut svc, call(2, "weather", json!({"city": "Bergen"}))).await; // past the bound
+    let c = start(&mut svc, call(3, "weather", json!({"city": "Bergen"}))).await; // past it too
+    let d = start(&mut svc, call(4, "weather", json!({"city": "Oslo"}))).await; // joins a
+    assert_eq!(layer.in_flight(), 1);
+    let results = futures::future::join_all([a, b, c, d]).await;
+    let ids: Vec<Id> = results.into_iter().map(|r| r.unwrap().id).collect();
+    assert_eq!(
+        ids,
+        [Id::Number(1), Id::Number(2), Id::Number(3), Id::Number(4)]
+    );
+    assert_eq!(mock.calls("weather"), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_session_shares_only_within_a_session_and_joins_are_events() {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&seen);
+    let events = Events::new().with(move |e: &Event<'_>| {
+        if let Event::Coalesced { key } = e {
+            sink.lock().unwrap().push(key.to_string());
+        }
+    });
+    let (mut svc, mock, _layer) =
+        harness(CoalesceLayer::builder().per_session(true).events(events));
+    let in_session = |id: i64, s: &str| {
+        let mut req = call(id, "weather", json!({"city": "Oslo"}));
+        req.insert_extension(SessionKey::from(s));
+        req
+    };
+    let a = start(&mut svc, in_session(1, "s1")).await;
+    let b = start(&mut svc, in_session(2, "s1")).await;
+    let c = start(&mut svc, in_session(3, "s2")).await;
+    let results = futures::future::join_all([a, b, c]).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert_eq!(mock.calls("weather"), 2);
+    assert_eq!(*seen.lock().unwrap(), ["weather"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn continuations_and_other_methods_pass_untouched() {
+    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
+    let continuation = || {
+        Request::new(
+            1,
+            "tools/call",
+            Some(json!({"name": "weather", "arguments": {}, "inputResponses": {}})),
+        )
+    };
+    let a = start(&mut svc, continuation()).await;
+    let b = start(&mut svc, continuation()).await;
+    let (a, b) = tokio::join!(a, b);
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(mock.calls("weather"), 2);
+    let list = start(&mut svc, Request::new(2, "tools/list", None)).await;
+    list.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn services_built_from_one_layer_share_calls() {
+    let (mut one, mock, layer) = harness(CoalesceLayer::builder());
+    let mut two = layer.layer(ReadyChecked::new(mock.clone()));
+    let a = start(&mut one, call(1, "weather", json!({}))).await;
+    let b = start(&mut two, call(2, "weather", json!({}))).await;
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(a.unwrap().id, Id::Number(1));
+    assert_eq!(b.unwrap().id, Id::Number(2));
+    assert_eq!(mock.calls("weather"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_several_threads_callers_that_leave_never_cancel_the_others_call() {
+    let mock = MockMcp::new().default_step("weather", Step::ok("sunny").after(ms(50)));
+    let catalog = ToolCatalog::new();
+    cacheable(&catalog, "weather");
+    let layer = CoalesceLayer::builder().catalog(catalog).build().unwrap();
+    for round in 0..20 {
+        let mut tasks = Vec::new();
+        for n in 0..8i64 {
+            let mut svc = layer.layer(mock.clone());
+            let id = round * 100 + n;
+            let fut: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<Response, BoxError>> + Send>,
+            > = Box::pin(start(&mut svc, call(id, "weather", json!({"city": "Oslo"}))).await);
+            tasks.push(tokio::spawn(async move {
+                if n % 2 == 0 {
+                    // Half the callers give up early, the leader among them.
+                    let _ = tokio::time::timeout(ms(5), fut).await;
+                    None
+                } else {
+                    Some((id, fut.await.unwrap()))
+                }
+            }));
+        }
+        for task in tasks {
+            if let Some((id, resp)) = task.await.unwrap() {
+                assert_eq!(resp.id, Id::Number(id));
+                assert_eq!(resp.first_text().unwrap(), "sunny");
+            }
+        }
+        assert_eq!(layer.in_flight(), 0, "round {round}");
+    }
+    // How many upstream calls a round made depends on how the threads were
+    // scheduled (not asserted: no timing in tests); what holds whatever the
+    // schedule is above: every caller that stayed got the answer, with its id.
+    assert!(mock.calls("weather") >= 20);
+}
