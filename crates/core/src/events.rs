@@ -97,6 +97,14 @@ pub enum Event<'a> {
         /// The tool.
         key: &'a str,
     },
+    /// A second copy of a slow call was sent (a hedge): the first good
+    /// answer of the two is returned, the other attempt cancelled.
+    Hedged {
+        /// The tool.
+        key: &'a str,
+        /// How long the first attempt had run when the hedge was sent.
+        delay: Duration,
+    },
     /// Shared state could not be synchronised with another replica.
     SyncFailed {
         /// What failed.
@@ -108,7 +116,7 @@ impl Event<'_> {
     /// The event's name, used as the `event` metric label: the variant in
     /// snake case (`circuit_opened`, `circuit_half_opened`, `circuit_closed`,
     /// `rate_limited`, `retried`, `retry_budget_exhausted`, `loop_warned`,
-    /// `loop_detected`, `stale_served`, `degraded`, `sync_failed`).
+    /// `loop_detected`, `stale_served`, `degraded`, `hedged`, `sync_failed`).
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
@@ -122,6 +130,7 @@ impl Event<'_> {
             Event::LoopDetected { .. } => "loop_detected",
             Event::StaleServed { .. } => "stale_served",
             Event::Degraded { .. } => "degraded",
+            Event::Hedged { .. } => "hedged",
             Event::SyncFailed { .. } => "sync_failed",
         }
     }
@@ -139,7 +148,8 @@ impl Event<'_> {
             | Event::LoopWarned { key, .. }
             | Event::LoopDetected { key, .. }
             | Event::StaleServed { key, .. }
-            | Event::Degraded { key } => Some(key),
+            | Event::Degraded { key }
+            | Event::Hedged { key, .. } => Some(key),
             Event::SyncFailed { .. } => None,
         }
     }
