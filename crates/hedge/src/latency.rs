@@ -56,7 +56,7 @@ impl LatencyRecord {
         self.samples[(n % SAMPLES as u64) as usize].store(micros, Ordering::Relaxed);
         let count = n.saturating_add(1);
         let min = u64::from(min_samples.max(1));
-        if count < min || (count != min && count % RECOMPUTE_EVERY != 0) {
+        if count < min || (count != min && !count.is_multiple_of(RECOMPUTE_EVERY)) {
             return;
         }
         let held = count.min(SAMPLES as u64) as usize;
