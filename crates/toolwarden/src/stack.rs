@@ -10,6 +10,7 @@
 //! | 2 | loop guard | stops a stuck agent before anything is spent |
 //! | 3 | fallback cache | catches whatever fails below it, rejections included |
 //! | 4 | retry with backoff | each attempt passes through the limiter and the breaker |
+//! | 4½ | hedge (optional, off by default) | see [below](#hedging) |
 //! | 5 | rate limit | every attempt takes a token |
 //! | 6 | circuit breaker | closest to the transport, so it sees real outcomes |
 //! | 7 | attempt timeout | bounds each attempt; the breaker counts it as a timeout |
@@ -30,6 +31,20 @@
 //! | [`retry_deadline`](StandardStackBuilder::retry_deadline) | 30 s (or the retry closure's `deadline`) | ≥ `attempt_timeout`; > a rate limit's `max_wait`; the same as a `deadline` set in the retry closure |
 //! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
 //! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
+//!
+//! # Hedging
+//!
+//! The [`HedgeLayer`](toolwarden_hedge::HedgeLayer) is in the stack only
+//! when [`hedge`](StandardStackBuilder::hedge) is called: a hedge is a
+//! second copy of a call that may still succeed, extra load a server did
+//! not ask for, so a stack does not send one unless told to (and then only
+//! for tools the catalog says are safe to send twice, within the hedge
+//! budget). It sits below the retry layer, so a retry is one attempt that
+//! may be hedged (and the retry budget is not spent on hedges), and above
+//! the rate limit, the breaker and the attempt timeout, so each copy takes
+//! a token, is counted by the breaker and is bounded by the timeout. A
+//! hedge delay at or above the attempt timeout never fires. It shares the
+//! stack's catalog, classifier and events.
 //!
 //! The rate limit starts from a generous per-tool quota
 //! ([`DEFAULT_TOOL_RATE`] calls/s, burst [`DEFAULT_TOOL_BURST`]) that a
@@ -73,6 +88,7 @@ use toolwarden_circuit_breaker::{
 };
 use toolwarden_core::{ConfigError, Events, McpClassifier, ToolCatalog};
 use toolwarden_fallback_cache::{FallbackCache, FallbackCacheBuilder, FallbackCacheLayer};
+use toolwarden_hedge::{Hedge, HedgeBuilder, HedgeLayer};
 use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer};
 use toolwarden_observability::{Observability, ObservabilityBuilder, ObservabilityLayer, Stats};
 use toolwarden_rate_limit::{Mode, Rate, RateLimit, RateLimitBuilder, RateLimitLayer};
@@ -92,7 +108,9 @@ pub type StandardService<S> = RenderErrors<Optional<Observability<Guarded<S>>, G
 type Optional<L, S> = Either<L, S>;
 type Broken<S> = Optional<CircuitBreaker<Timeout<S>>, Timeout<S>>;
 type Limited<S> = Optional<RateLimit<Broken<S>>, Broken<S>>;
-type Retried<S> = Optional<RetryBackoff<Limited<S>>, Limited<S>>;
+// Hedging (optional, off by default): between retry and the rate limit.
+type Hedged<S> = Optional<Hedge<Limited<S>>, Limited<S>>;
+type Retried<S> = Optional<RetryBackoff<Hedged<S>>, Hedged<S>>;
 type Cached<S> = Optional<FallbackCache<Retried<S>>, Retried<S>>;
 type Guarded<S> = Optional<LoopGuard<Cached<S>>, Cached<S>>;
 
@@ -113,15 +131,19 @@ pub enum StackLayer {
     RateLimit,
     /// [`CircuitBreakerLayer`]: no circuit ever opens.
     CircuitBreaker,
+    /// [`HedgeLayer`]: no call is hedged. Off unless
+    /// [`StandardStackBuilder::hedge`] is called.
+    Hedge,
 }
 
 impl StackLayer {
     /// Every layer that can be left out, outermost first.
-    pub const ALL: [StackLayer; 6] = [
+    pub const ALL: [StackLayer; 7] = [
         StackLayer::Observability,
         StackLayer::LoopGuard,
         StackLayer::FallbackCache,
         StackLayer::Retry,
+        StackLayer::Hedge,
         StackLayer::RateLimit,
         StackLayer::CircuitBreaker,
     ];
@@ -136,6 +158,7 @@ impl StackLayer {
             StackLayer::Retry => "retry",
             StackLayer::RateLimit => "rate_limit",
             StackLayer::CircuitBreaker => "circuit_breaker",
+            StackLayer::Hedge => "hedge",
         }
     }
 
@@ -188,6 +211,8 @@ pub struct StandardStackBuilder {
     loop_guard: Option<Configure<LoopGuardBuilder>>,
     fallback_cache: Option<Configure<FallbackCacheBuilder>>,
     observability: Option<Configure<ObservabilityBuilder>>,
+    /// `None`: no hedging (the default).
+    hedge: Option<Configure<HedgeBuilder>>,
     /// [`reload`](StandardStackBuilder::reload): the stack replaced, and
     /// the [`StackLayer::bit`]s of its layers kept whole.
     previous: Option<(StandardStackLayer, u8)>,
@@ -210,6 +235,7 @@ impl Default for StandardStackBuilder {
             loop_guard: None,
             fallback_cache: None,
             observability: None,
+            hedge: None,
             previous: None,
         }
     }
@@ -431,6 +457,26 @@ impl StandardStackBuilder {
         self
     }
 
+    /// Puts the [`HedgeLayer`] in the stack (it is left out by default, see
+    /// [Hedging](self#hedging)) and configures it. The stack gives it its
+    /// catalog, classifier and events.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use toolwarden::stack::{StackLayer, StandardStack};
+    /// let stack = StandardStack::builder()
+    ///     .hedge(|b| b.delay(Duration::from_millis(200)).tool("lookup", |t| t.safe_to_hedge(true)))
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(stack.includes(StackLayer::Hedge));
+    /// assert!(!StandardStack::builder().build().unwrap().includes(StackLayer::Hedge));
+    /// ```
+    #[must_use]
+    pub fn hedge(mut self, f: impl FnOnce(HedgeBuilder) -> HedgeBuilder + Send + 'static) -> Self {
+        self.hedge = Some(Box::new(f));
+        self
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         if self.attempt_timeout.is_zero() {
             return Err(ConfigError::new("attempt_timeout", "must be positive"));
@@ -569,6 +615,23 @@ impl StandardStackBuilder {
                 ));
             }
         }
+        // Hedging: only when configured (off by default).
+        let hedge = match self.hedge {
+            Some(configure) => Some(
+                configure(HedgeLayer::builder())
+                    .classifier(shared)
+                    .catalog(self.catalog.clone())
+                    .events(events.clone())
+                    .build()
+                    .map_err(|e| e.in_section("hedge"))?,
+            ),
+            None => None,
+        };
+        let hedge = match kept(StackLayer::Hedge).and_then(|p| p.hedge.clone()) {
+            Some(previous) if hedge.is_some() => Some(previous),
+            _ => hedge,
+        };
+
         let fallback_cache = apply(
             FallbackCacheLayer::builder()
                 .catalog(self.catalog.clone())
@@ -606,6 +669,7 @@ impl StandardStackBuilder {
             loop_guard,
             fallback_cache,
             retry,
+            hedge,
             rate_limit,
             circuit_breaker,
             attempt_timeout: self.attempt_timeout,
@@ -633,6 +697,8 @@ pub struct StandardStackLayer {
     loop_guard: LoopGuardLayer,
     fallback_cache: FallbackCacheLayer,
     retry: RetryBackoffLayer,
+    /// `None`: not configured, left out.
+    hedge: Option<HedgeLayer>,
     rate_limit: RateLimitLayer,
     circuit_breaker: CircuitBreakerLayer,
     attempt_timeout: Duration,
@@ -651,13 +717,16 @@ impl StandardStackLayer {
     /// Whether `layer` is part of the stack (see [`StandardStackBuilder::without`]).
     #[must_use]
     pub fn includes(&self, layer: StackLayer) -> bool {
-        self.without & layer.bit() == 0
+        self.without & layer.bit() == 0 && (layer != StackLayer::Hedge || self.hedge.is_some())
     }
 
     /// The layers left out of the stack, outermost first.
     #[must_use]
     pub fn left_out(&self) -> Vec<StackLayer> {
-        left_out(self.without)
+        StackLayer::ALL
+            .into_iter()
+            .filter(|layer| !self.includes(*layer))
+            .collect()
     }
 
     /// The breaker registry: snapshots, manual control, the Redis seam.
@@ -701,6 +770,7 @@ impl<S> Layer<S> for StandardStackLayer {
             .option_layer(on(StackLayer::LoopGuard).then(|| self.loop_guard.clone()))
             .option_layer(on(StackLayer::FallbackCache).then(|| self.fallback_cache.clone()))
             .option_layer(on(StackLayer::Retry).then(|| self.retry.clone()))
+            .option_layer(self.hedge.clone().filter(|_| on(StackLayer::Hedge)))
             .option_layer(on(StackLayer::RateLimit).then(|| self.rate_limit.clone()))
             .option_layer(on(StackLayer::CircuitBreaker).then(|| self.circuit_breaker.clone()))
             .layer(TimeoutLayer::new(self.attempt_timeout))
