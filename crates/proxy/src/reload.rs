@@ -193,6 +193,9 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
     if running.fallback_cache == next.fallback_cache {
         unchanged.push(StackLayer::FallbackCache);
     }
+    if running.hedge == next.hedge && same_tables(running, next, |t| t.hedge.as_ref()) {
+        unchanged.push(StackLayer::Hedge);
+    }
     unchanged
 }
 

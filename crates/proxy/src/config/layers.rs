@@ -1,6 +1,6 @@
 //! `[tools."name"]`: what the proxy configures for one tool. The layer
 //! sections themselves (`[circuit_breaker]`, `[rate_limit]`, `[retry]`,
-//! `[loop_guard]`, `[fallback_cache]`, `[observability]`) and a tool's layer
+//! `[loop_guard]`, `[fallback_cache]`, `[observability]`, `[hedge]`) and a tool's layer
 //! tables are the layer crates' settings types, their keys documented there.
 
 use serde::{Deserialize, Serialize};
@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 // that `check-config --print` leaves unset keys out.
 use serde_with::skip_serializing_none;
 use toolwarden::circuit_breaker::CircuitBreakerToolSettings;
+use toolwarden::hedge::HedgeToolSettings;
 use toolwarden::loop_guard::LoopGuardToolSettings;
 use toolwarden::rate_limit::RateLimitToolSettings;
 use toolwarden::retry::RetryToolSettings;
@@ -30,4 +31,8 @@ pub struct ToolConfig {
     pub retry: Option<RetryToolSettings>,
     /// The tool's own loop limits ([`LoopGuardToolSettings`]).
     pub loop_guard: Option<LoopGuardToolSettings>,
+    /// The tool's own hedging ([`HedgeToolSettings`]: `safe_to_hedge`,
+    /// `delay`, `percentile`, `min_samples`); read only when `[hedge]` is
+    /// enabled.
+    pub hedge: Option<HedgeToolSettings>,
 }

@@ -34,6 +34,7 @@ pub const SECTIONS: &[&str] = &[
     "loop_guard",
     "fallback_cache",
     "observability",
+    "hedge",
     "redis",
 ];
 

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use toolwarden::hedge::{HedgeBuilder, HedgeLayer};
 use toolwarden::stack::{StackLayer, StandardStack, StandardStackLayer};
 use toolwarden_core::ConfigError;
 
@@ -116,6 +117,25 @@ pub(crate) fn standard_stack_over(
     let observability = config.observability.clone();
     builder = builder.observability(move |b| b.settings(&observability));
 
+    // Hedging: only when `[hedge] enabled = true` (it sends extra calls);
+    // its keys are checked either way, like a left-out layer's.
+    let hedge = config.hedge.clone();
+    let tool_hedges = tool_tables(config, |tool| tool.hedge.as_ref());
+    let configure_hedge = move |mut b: HedgeBuilder| {
+        b = b.settings(&hedge);
+        for (name, tool) in &tool_hedges {
+            b = b.tool_settings(name.as_str(), tool);
+        }
+        b
+    };
+    if config.hedge.enabled == Some(true) {
+        builder = builder.hedge(configure_hedge);
+    } else {
+        configure_hedge(HedgeLayer::builder())
+            .build()
+            .map_err(|e| proxy_key_names(e.in_section("hedge"), config))?;
+    }
+
     if let Some((previous, keep)) = previous {
         builder = builder.reload(previous, keep.iter().copied());
     }
@@ -183,7 +203,13 @@ fn proxy_key_names(error: ConfigError, config: &Config) -> ConfigError {
                 layer_section = field.split('.').next().unwrap_or_default().to_owned();
             }
             for name in config.tools.keys() {
-                for layer in ["circuit_breaker", "retry", "rate_limit", "loop_guard"] {
+                for layer in [
+                    "circuit_breaker",
+                    "retry",
+                    "rate_limit",
+                    "loop_guard",
+                    "hedge",
+                ] {
                     let section = toolwarden_core::overrides::tool_section(name);
                     if let Some(rest) = field.strip_prefix(&format!("{layer}.{section}.")) {
                         prefix = format!("tools.{}.{layer}.", quote_key(name));
