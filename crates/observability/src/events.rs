@@ -17,7 +17,7 @@ use crate::instruments::{
 use crate::registry::Shared;
 
 /// Every event name the sink counts in the snapshot, in slot order.
-pub(crate) const EVENT_NAMES: [&str; 11] = [
+pub(crate) const EVENT_NAMES: [&str; 12] = [
     "circuit_opened",
     "circuit_half_opened",
     "circuit_closed",
@@ -28,6 +28,7 @@ pub(crate) const EVENT_NAMES: [&str; 11] = [
     "loop_detected",
     "stale_served",
     "degraded",
+    "hedged",
     "sync_failed",
 ];
 
@@ -197,7 +198,7 @@ impl EventState {
 /// - increments `toolwarden.events{event, key}`: `event` is the event's name
 ///   ([`Event::name`]: `circuit_opened`, `circuit_half_opened`,
 ///   `circuit_closed`, `rate_limited`, `retried`, `retry_budget_exhausted`,
-///   `loop_warned`, `loop_detected`, `stale_served`, `degraded`,
+///   `loop_warned`, `loop_detected`, `stale_served`, `degraded`, `hedged`,
 ///   `sync_failed`) and `key` its subject ([`Event::subject`]: a tool or
 ///   breaker key; events without one, like `sync_failed`, have no `key`);
 /// - on circuit events, sets the gauge `toolwarden.circuit.state{key}` to 0

@@ -43,7 +43,7 @@
 //! resilience event ([`Event::name`]): `circuit_opened`,
 //! `circuit_half_opened`, `circuit_closed`, `rate_limited`, `retried`,
 //! `retry_budget_exhausted`, `loop_warned`, `loop_detected`,
-//! `stale_served`, `degraded`, `sync_failed`.
+//! `stale_served`, `degraded`, `hedged`, `sync_failed`.
 //!
 //! Prometheus renders the dots as underscores (`mcp_client_operation_duration`,
 //! `toolwarden_calls`, `gen_ai_tool_name`, ...). [`describe_metrics`] gives
