@@ -87,14 +87,22 @@
 //! answer is returned and the other attempt is dropped, which cancels it:
 //! over [`toolwarden-rmcp`'s `RmcpClient`] (and so in the proxy, whose
 //! upstreams are `RmcpClient`s) dropping a call's future sends
-//! `notifications/cancelled` for it to the server. A failed answer waits for
-//! the other attempt; when both fail, the first attempt's failure is
-//! returned (what the call would have answered without a hedge). A first
-//! attempt that fails before the hedge was sent is returned at once:
-//! repeating failures is the retry layer's job.
+//! `notifications/cancelled` for it to the server (tested end to end
+//! against a real server in the workspace's `tests/e2e_servers.rs`). Over a
+//! service of your own (a raw JSON-RPC transport carrying
+//! [`jsonrpc::Request`](toolwarden_core::jsonrpc::Request)s), dropping the
+//! loser cancels only what that service does when its future is dropped:
+//! nothing in toolwarden-core sends the notification for it.
+//!
+//! A failed answer waits for the other attempt; when both fail, the first
+//! attempt's failure is returned (what the call would have answered
+//! without a hedge). A first attempt that fails before the hedge was sent
+//! is returned at once: repeating failures is the retry layer's job.
 //!
 //! Every call gets exactly one answer, and a call dropped by its caller
-//! drops (cancels) both attempts.
+//! drops (cancels) both attempts. Waiting for the delay uses `tokio::time`:
+//! a hedgeable call not answered at its first poll needs a Tokio runtime
+//! with the time driver enabled.
 //!
 //! # Attempts and request ids
 //!
