@@ -1,7 +1,6 @@
 //! [`HedgeBuilder`]: the knobs of a [`HedgeLayer`], their defaults and
 //! their validation.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -10,7 +9,7 @@ use toolwarden_core::{Bounds, ConfigError, Events, KeyBy, KeyedState, McpClassif
 use toolwarden_retry::{BudgetConfig, RetryBudget};
 
 use crate::latency::{LatencyRecord, Permille, SAMPLES};
-use crate::layer::{CallPolicy, HedgeLayer, HedgePolicy, Shared};
+use crate::layer::{CallPolicy, HedgeLayer, HedgePolicy, Shared, ToolPolicies};
 
 /// The longest delay `build` accepts.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
@@ -295,7 +294,7 @@ impl<C> HedgeBuilder<C> {
         self,
         call: CallPolicy,
         budget: RetryBudget,
-        tools: HashMap<Box<str>, CallPolicy>,
+        tools: ToolPolicies,
     ) -> HedgeLayer<C> {
         HedgeLayer::from_shared(Shared {
             policy: HedgePolicy {

@@ -30,11 +30,12 @@ pin_project! {
     /// Response future of [`Hedge`](crate::Hedge).
     ///
     /// A call that is never hedged is its inner future and nothing more. A
-    /// hedgeable call polls its first attempt; the timer of the hedge is
-    /// created (boxed) only when the first attempt did not answer at its
-    /// first poll, so a call answered at once never touches the timer
-    /// wheel. Once sent, the hedge is polled next to the first attempt; the
-    /// loser is dropped with this future's state, which cancels it.
+    /// hedgeable call polls its first attempt; the timer of the hedge (kept
+    /// inline: nothing is allocated) is armed only when the first attempt
+    /// did not answer at its first poll, so a call answered at once never
+    /// touches the timer wheel. Once sent, the hedge is polled next to the
+    /// first attempt; the loser is dropped with this future's state, which
+    /// cancels it.
     pub struct ResponseFuture<S, R, C>
     where
         S: Service<R>,
@@ -43,7 +44,20 @@ pin_project! {
         primary: Slot<S::Future>,
         #[pin]
         hedge: Slot<S::Future>,
+        #[pin]
+        timer: Timer,
         race: Option<Race<S, R, S::Response, C>>,
+    }
+}
+
+pin_project! {
+    #[project = TimerProj]
+    enum Timer {
+        Idle,
+        Armed {
+            #[pin]
+            sleep: Sleep,
+        },
     }
 }
 
@@ -91,7 +105,6 @@ pub(crate) struct Race<S, R, Resp, C> {
     delay: Duration,
     record: Option<(RecordHandle, Permille, u32)>,
     phase: Phase,
-    timer: Option<Pin<Box<Sleep>>>,
     /// The first attempt's failure, held while the hedge runs.
     held: Option<Box<Result<Resp, BoxError>>>,
 }
@@ -115,7 +128,6 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
             delay,
             record,
             phase: Phase::Waiting,
-            timer: None,
             held: None,
         }
     }
@@ -137,6 +149,7 @@ where
         ResponseFuture {
             primary: Slot::Running { future },
             hedge: Slot::Done,
+            timer: Timer::Idle,
             race: None,
         }
     }
@@ -146,6 +159,7 @@ where
         ResponseFuture {
             primary: Slot::Running { future },
             hedge: Slot::Done,
+            timer: Timer::Idle,
             race: Some(race),
         }
     }
@@ -224,12 +238,18 @@ where
             }
             match race.phase {
                 Phase::Waiting => {
-                    let at = race.started.checked_add(race.delay).unwrap_or(race.started);
-                    let timer = race.timer.get_or_insert_with(|| Box::pin(sleep_until(at)));
-                    if timer.as_mut().poll(cx).is_pending() {
-                        return Poll::Pending;
+                    if let TimerProj::Idle = this.timer.as_mut().project() {
+                        let at = race.started.checked_add(race.delay).unwrap_or(race.started);
+                        this.timer.set(Timer::Armed {
+                            sleep: sleep_until(at),
+                        });
                     }
-                    race.timer = None;
+                    if let TimerProj::Armed { sleep } = this.timer.as_mut().project() {
+                        if sleep.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    this.timer.set(Timer::Idle);
                     if !race.shared.budget.withdraw() {
                         race.phase = Phase::Off;
                         return Poll::Pending;

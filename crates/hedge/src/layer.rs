@@ -166,7 +166,7 @@ impl CallPolicy {
 pub(crate) struct HedgePolicy {
     pub(crate) call: CallPolicy,
     /// The tools' knobs; empty (and never looked up) without overrides.
-    pub(crate) tools: HashMap<Box<str>, CallPolicy>,
+    pub(crate) tools: ToolPolicies,
     pub(crate) catalog: ToolCatalog,
 }
 
@@ -193,6 +193,9 @@ impl HedgePolicy {
         safe.then_some(policy)
     }
 }
+
+/// The knobs of the tools with an override, by name.
+pub(crate) type ToolPolicies = HashMap<Box<str>, CallPolicy, foldhash::fast::RandomState>;
 
 /// What a hedged call records its good answers' latency into.
 pub(crate) type RecordHandle = Entry<LatencyRecord>;

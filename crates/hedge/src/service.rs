@@ -98,7 +98,7 @@ where
             .map(|permille| (shared.latency.entry(shared.key_by.key(&request)), permille));
         let delay = policy.delay_with(record.as_ref().map(|(entry, _)| &**entry));
         let started = Instant::now();
-        shared.budget.deposit();
+        shared.budget.deposit_at(started);
         let copy = request.clone();
         let future = service.call(request);
         ResponseFuture::hedged(

@@ -205,6 +205,10 @@ async fn events_become_counters_and_a_circuit_gauge() {
         age: secs(60),
     });
     events.emit(&Event::Degraded { key: "fetch" });
+    events.emit(&Event::Hedged {
+        key: "fetch",
+        delay: secs(1),
+    });
     events.emit(&Event::SyncFailed {
         detail: "redis unreachable",
     });
@@ -232,6 +236,7 @@ async fn events_become_counters_and_a_circuit_gauge() {
         "loop_detected",
         "stale_served",
         "degraded",
+        "hedged",
     ] {
         assert_eq!(ev(event, "fetch"), Some(1.0), "{event}");
     }
@@ -250,7 +255,8 @@ async fn events_become_counters_and_a_circuit_gauge() {
     let snapshot = layer.stats().snapshot();
     assert_eq!(snapshot.events["retried"], 2);
     assert_eq!(snapshot.events["sync_failed"], 1);
-    assert_eq!(snapshot.events.len(), 11);
+    assert_eq!(snapshot.events["hedged"], 1);
+    assert_eq!(snapshot.events.len(), 12);
 }
 
 #[tokio::test]

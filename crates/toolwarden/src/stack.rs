@@ -34,7 +34,7 @@
 //!
 //! # Hedging
 //!
-//! The [`HedgeLayer`](toolwarden_hedge::HedgeLayer) is in the stack only
+//! The [`HedgeLayer`] is in the stack only
 //! when [`hedge`](StandardStackBuilder::hedge) is called: a hedge is a
 //! second copy of a call that may still succeed, extra load a server did
 //! not ask for, so a stack does not send one unless told to (and then only
