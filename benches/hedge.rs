@@ -14,9 +14,10 @@
 //! - `bare`: the service alone.
 //! - `toolwarden`: `HedgeLayer` with its defaults (delay 100 ms, p95 of
 //!   the tool's recent good answers, budget 10 %): per call it looks the
-//!   call's policy and the tool's latency record up, reads the clock twice,
-//!   deposits into the budget, clones the request and the service,
-//!   classifies the answer and records its latency.
+//!   call's policy up, reads the clock, deposits into the budget, clones
+//!   the request and the service and classifies the answer; a call not
+//!   answered at its first poll also looks the tool's latency record up,
+//!   arms the timer, reads the clock again and records its latency.
 //! - `toolwarden_fixed_delay`: the same with `percentile(None)` (no latency
 //!   record).
 //! - `toolwarden_not_hedgeable`: a tool that is not safe to send twice: the

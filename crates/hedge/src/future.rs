@@ -13,8 +13,7 @@ use toolwarden_core::jsonrpc::Id;
 use toolwarden_core::{BoxError, CallKind, Classify, Event, McpRequest, McpResponse};
 use tower_service::Service;
 
-use crate::latency::Permille;
-use crate::layer::{RecordHandle, Shared};
+use crate::layer::{CallPolicy, RecordHandle, Shared};
 
 /// What follows the caller's id in a hedge's id.
 const MARKER: &str = "#tw-hedge";
@@ -102,8 +101,11 @@ pub(crate) struct Race<S, R, Resp, C> {
     shared: Arc<Shared<C>>,
     started: Instant,
     hedge_started: Option<Instant>,
-    delay: Duration,
-    record: Option<(RecordHandle, Permille, u32)>,
+    policy: CallPolicy,
+    /// The key's latency record, looked up once the first attempt is found
+    /// waiting (with a percentile): a call answered at its first poll never
+    /// waited, could not have been hedged, and is not recorded.
+    record: Option<RecordHandle>,
     phase: Phase,
     /// The first attempt's failure, held while the hedge runs.
     held: Option<Box<Result<Resp, BoxError>>>,
@@ -115,8 +117,7 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
         request: R,
         shared: Arc<Shared<C>>,
         started: Instant,
-        delay: Duration,
-        record: Option<(RecordHandle, Permille, u32)>,
+        policy: CallPolicy,
     ) -> Self {
         Race {
             service,
@@ -125,8 +126,8 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
             shared,
             started,
             hedge_started: None,
-            delay,
-            record,
+            policy,
+            record: None,
             phase: Phase::Waiting,
             held: None,
         }
@@ -134,9 +135,23 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
 
     /// Records a good answer of an attempt started at `since`.
     fn record(&self, since: Instant) {
-        if let Some((record, permille, min_samples)) = &self.record {
-            record.record(since.elapsed(), *permille, *min_samples);
+        if let (Some(record), Some(permille)) = (&self.record, self.policy.percentile) {
+            record.record(since.elapsed(), permille, self.policy.min_samples);
         }
+    }
+
+    /// The delay of the hedge: the key's percentile, else the fixed delay.
+    fn delay(&mut self) -> Duration
+    where
+        R: McpRequest,
+    {
+        if self.policy.percentile.is_some() && self.record.is_none() {
+            if let Some(request) = &self.request {
+                let key = self.shared.key_by.key(request);
+                self.record = Some(self.shared.latency.entry(key));
+            }
+        }
+        self.policy.delay_with(self.record.as_deref())
     }
 }
 
@@ -239,7 +254,8 @@ where
             match race.phase {
                 Phase::Waiting => {
                     if let TimerProj::Idle = this.timer.as_mut().project() {
-                        let at = race.started.checked_add(race.delay).unwrap_or(race.started);
+                        let delay = race.delay();
+                        let at = race.started.checked_add(delay).unwrap_or(race.started);
                         this.timer.set(Timer::Armed {
                             sleep: sleep_until(at),
                         });

@@ -93,24 +93,13 @@ where
         // fresh clone (tower's readiness contract).
         let clone = self.inner.clone();
         let mut service = mem::replace(&mut self.inner, clone);
-        let record = policy
-            .percentile
-            .map(|permille| (shared.latency.entry(shared.key_by.key(&request)), permille));
-        let delay = policy.delay_with(record.as_ref().map(|(entry, _)| &**entry));
         let started = Instant::now();
         shared.budget.deposit_at(started);
         let copy = request.clone();
         let future = service.call(request);
         ResponseFuture::hedged(
             future,
-            Race::new(
-                service,
-                copy,
-                Arc::clone(shared),
-                started,
-                delay,
-                record.map(|(entry, permille)| (entry, permille, policy.min_samples)),
-            ),
+            Race::new(service, copy, Arc::clone(shared), started, *policy),
         )
     }
 }
