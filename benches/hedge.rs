@@ -32,18 +32,24 @@
 //! wakes itself at once), so both layers arm their timer on every call: the
 //! cost of a call that goes through the runtime once, as a real upstream
 //! call does.
+//!
+//! Groups `hedge/overhead_*` measure the added cost directly and more
+//! steadily on a loaded machine: `layered - bare` per call, the two sides
+//! run in alternating chunks ([`support::overhead_pair`]), each call driven
+//! synchronously (`poll_ready`, `call`, polls with a no-op waker until it
+//! answers, inside the runtime's context for the timers).
 
 mod support;
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::hint::black_box;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use support::{runtime_current_thread, Call, Reply};
+use support::{overhead_pair, runtime_current_thread, Call, Reply};
 use tokio::runtime::Runtime;
 use toolwarden_hedge::{HedgeBuilder, HedgeLayer};
 use tower::{service_fn, Layer, Service, ServiceExt};
@@ -143,6 +149,81 @@ where
     group.finish();
 }
 
+/// One call driven synchronously: `poll_ready`, `call`, then polls until
+/// the answer (the inner futures wake themselves; nothing else waits).
+fn drive<S>(svc: &mut S, request: Call) -> Reply
+where
+    S: Service<Call, Response = Reply>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        other => panic!("the bench services are always ready, got {other:?}"),
+    }
+    let mut future = pin!(svc.call(request));
+    for _ in 0..16 {
+        if let Poll::Ready(result) = future.as_mut().poll(&mut cx) {
+            return result.unwrap();
+        }
+    }
+    panic!("the bench services answer by their second poll")
+}
+
+fn overhead<S>(c: &mut Criterion, name: &str, bare: S)
+where
+    S: Service<Call, Response = Reply, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let rt = runtime_current_thread();
+    let _context = rt.enter();
+    let mut toolwarden = hedgeable(HedgeLayer::builder())
+        .build()
+        .unwrap()
+        .layer(bare.clone());
+    let mut resilience = tower_resilience::hedge::HedgeLayer::builder()
+        .delay(Duration::from_millis(100))
+        .max_hedged_attempts(2)
+        .build()
+        .layer(bare.clone());
+    let (mut b1, mut b2) = (bare.clone(), bare);
+    let mut i = 0usize;
+    let mut next = move || {
+        i = i.wrapping_add(1);
+        Call {
+            tool: TOOLS[i % TOOLS.len()],
+        }
+    };
+    let mut next2 = next.clone();
+    let mut group = c.benchmark_group(name);
+    let mut ours = overhead_pair(
+        || {
+            black_box(drive(&mut b1, black_box(Call { tool: "search" })));
+        },
+        || {
+            black_box(drive(&mut toolwarden, black_box(next())));
+        },
+    );
+    group.bench_function("toolwarden", |b| b.iter_custom(&mut ours));
+    let mut theirs = overhead_pair(
+        || {
+            black_box(drive(&mut b2, black_box(Call { tool: "search" })));
+        },
+        || {
+            black_box(drive(&mut resilience, black_box(next2())));
+        },
+    );
+    group.bench_function("tower_resilience", |b| b.iter_custom(&mut theirs));
+    group.finish();
+}
+
+fn bench_overhead(c: &mut Criterion) {
+    let at_once = service_fn(|_req: Call| std::future::ready(Ok::<_, Infallible>(Reply)));
+    overhead(c, "hedge/overhead_answered_at_once", at_once);
+    let after_a_yield = service_fn(|_req: Call| YieldOnce(false));
+    overhead(c, "hedge/overhead_answered_after_a_yield", after_a_yield);
+}
+
 fn bench_at_once(c: &mut Criterion) {
     let bare = service_fn(|_req: Call| std::future::ready(Ok::<_, Infallible>(Reply)));
     group(c, "hedge/answered_at_once", bare);
@@ -153,5 +234,5 @@ fn bench_after_a_yield(c: &mut Criterion) {
     group(c, "hedge/answered_after_a_yield", bare);
 }
 
-criterion_group!(benches, bench_at_once, bench_after_a_yield);
+criterion_group!(benches, bench_at_once, bench_after_a_yield, bench_overhead);
 criterion_main!(benches);
