@@ -181,12 +181,16 @@ where
         .build()
         .unwrap()
         .layer(bare.clone());
+    let mut fixed = hedgeable(HedgeLayer::builder().percentile(None))
+        .build()
+        .unwrap()
+        .layer(bare.clone());
     let mut resilience = tower_resilience::hedge::HedgeLayer::builder()
         .delay(Duration::from_millis(100))
         .max_hedged_attempts(2)
         .build()
         .layer(bare.clone());
-    let (mut b1, mut b2) = (bare.clone(), bare);
+    let (mut b1, mut b2, mut b3) = (bare.clone(), bare.clone(), bare);
     let mut i = 0usize;
     let mut next = move || {
         i = i.wrapping_add(1);
@@ -195,6 +199,7 @@ where
         }
     };
     let mut next2 = next.clone();
+    let mut next3 = next.clone();
     let mut group = c.benchmark_group(name);
     let mut ours = overhead_pair(
         || {
@@ -205,6 +210,15 @@ where
         },
     );
     group.bench_function("toolwarden", |b| b.iter_custom(&mut ours));
+    let mut ours_fixed = overhead_pair(
+        || {
+            black_box(drive(&mut b3, black_box(Call { tool: "search" })));
+        },
+        || {
+            black_box(drive(&mut fixed, black_box(next3())));
+        },
+    );
+    group.bench_function("toolwarden_fixed_delay", |b| b.iter_custom(&mut ours_fixed));
     let mut theirs = overhead_pair(
         || {
             black_box(drive(&mut b2, black_box(Call { tool: "search" })));

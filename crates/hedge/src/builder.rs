@@ -91,10 +91,11 @@ impl<C> HedgeBuilder<C> {
         self
     }
 
-    /// Sends the hedge after this percentile of the latencies of the key's
-    /// (the tool's) latest 64 good answers (`0.95`: after the p95), once it
-    /// has [`min_samples`](Self::min_samples) of them; `None` always waits
-    /// the fixed [`delay`](Self::delay). Above 0 and at most 1, resolution
+    /// Sends the hedge after this percentile (`0.95`: the p95) of the
+    /// latencies of the key's (the tool's) latest 64 recorded good answers
+    /// (one waited-for answer in four is recorded), once it has
+    /// [`min_samples`](Self::min_samples) of them; `None` always waits the
+    /// fixed [`delay`](Self::delay). Above 0 and at most 1, resolution
     /// 0.001 (else `build` names `percentile`). Default `Some(0.95)`.
     #[must_use]
     pub fn percentile(mut self, percentile: Option<f64>) -> Self {
@@ -102,7 +103,7 @@ impl<C> HedgeBuilder<C> {
         self
     }
 
-    /// Good answers a key must have recorded before its percentile replaces
+    /// Recorded good answers a key needs before its percentile replaces
     /// the fixed delay. Between 1 and 64 (the record's size; else `build`
     /// names `min_samples`). Default 20.
     #[must_use]

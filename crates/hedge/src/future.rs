@@ -106,6 +106,8 @@ pub(crate) struct Race<S, R, Resp, C> {
     /// waiting (with a percentile): a call answered at its first poll never
     /// waited, could not have been hedged, and is not recorded.
     record: Option<RecordHandle>,
+    /// Whether this call's answer is recorded (one waiting call in four).
+    sampled: bool,
     phase: Phase,
     /// The first attempt's failure, held while the hedge runs.
     held: Option<Box<Result<Resp, BoxError>>>,
@@ -128,6 +130,7 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
             hedge_started: None,
             policy,
             record: None,
+            sampled: false,
             phase: Phase::Waiting,
             held: None,
         }
@@ -135,6 +138,9 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
 
     /// Records a good answer of an attempt started at `since`.
     fn record(&self, since: Instant) {
+        if !self.sampled {
+            return;
+        }
         if let (Some(record), Some(permille)) = (&self.record, self.policy.percentile) {
             record.record(since.elapsed(), permille, self.policy.min_samples);
         }
@@ -148,7 +154,9 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
         if self.policy.percentile.is_some() && self.record.is_none() {
             if let Some(request) = &self.request {
                 let key = self.shared.key_by.key(request);
-                self.record = Some(self.shared.latency.entry(key));
+                let record = self.shared.latency.entry(key);
+                self.sampled = record.sample();
+                self.record = Some(record);
             }
         }
         self.policy.delay_with(self.record.as_deref())

@@ -8,6 +8,12 @@ use std::time::Duration;
 /// Latencies kept per key: the most recent good answers.
 pub(crate) const SAMPLES: usize = 64;
 
+/// One waited-for answer in this many is recorded (the first of every
+/// four): the ring then covers about the last 256 calls that waited, and
+/// the others save a clock reading. Round robin, so which calls are
+/// recorded does not depend on their latency.
+pub(crate) const SAMPLE_EVERY: u64 = 4;
+
 /// The percentile is computed again after this many new samples (and when
 /// the record first holds enough of them): a call reads one atomic, and
 /// one recording in sixteen pays for a selection over [`SAMPLES`] values.
@@ -22,6 +28,8 @@ pub(crate) struct Permille(pub(crate) u16);
 /// percentile last computed from them. Written without a lock: concurrent
 /// writers each take their own slot; a reader never waits.
 pub(crate) struct LatencyRecord {
+    /// Calls that waited, sampled or not.
+    waits: AtomicU64,
     /// Samples written so far.
     written: AtomicU64,
     samples: [AtomicU32; SAMPLES],
@@ -32,6 +40,7 @@ pub(crate) struct LatencyRecord {
 impl LatencyRecord {
     pub(crate) fn new() -> Self {
         LatencyRecord {
+            waits: AtomicU64::new(0),
             written: AtomicU64::new(0),
             samples: std::array::from_fn(|_| AtomicU32::new(0)),
             cached: AtomicU64::new(0),
@@ -46,6 +55,15 @@ impl LatencyRecord {
             0 => None,
             micros => Some(Duration::from_micros(micros - 1)),
         }
+    }
+
+    /// Counts a call that waits, and whether its answer is to be recorded
+    /// (one in [`SAMPLE_EVERY`]).
+    #[inline]
+    pub(crate) fn sample(&self) -> bool {
+        self.waits
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SAMPLE_EVERY)
     }
 
     /// Records one good answer's latency; recomputes the percentile

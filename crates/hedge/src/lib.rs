@@ -65,9 +65,11 @@
 //! (default p95) of the latencies of the tool's latest 64 good answers,
 //! once it has [`min_samples`](HedgeBuilder::min_samples) of them (default
 //! 20), else the fixed [`delay`](HedgeBuilder::delay) (default 100 ms).
-//! Only answers that were waited for are recorded: a call answered at its
-//! first poll (synchronously) could not have been hedged and says nothing
-//! about the wait of one that is not.
+//! Only answers that were waited for are recorded, one in four of them
+//! (round robin, so the ring covers about the last 256 waits; the others
+//! save a clock reading): a call answered at its first poll
+//! (synchronously) could not have been hedged and says nothing about the
+//! wait of one that is not.
 //! The latency records are kept per key ([`key_by`](HedgeBuilder::key_by),
 //! per tool by default) in a map bounded by
 //! [`bounds`](HedgeBuilder::bounds). A call answered before its delay

@@ -225,11 +225,13 @@ async fn the_delay_follows_the_tools_percentile_once_it_has_enough_samples() {
     let hedge = layer(|b| b.min_samples(20).delay(Duration::from_secs(1)));
     let upstream = MockMcp::new().default_step("lookup", Step::ok("ok").after(ms(30)));
     let request = call(0, "lookup");
-    for id in 0..19 {
+    // One waited-for answer in four is recorded: the 20th sample is the
+    // 77th call's.
+    for id in 0..76 {
         one(&hedge, &upstream, call(id, "lookup")).await.unwrap();
         assert_eq!(hedge.delay_for(&request), Some(Duration::from_secs(1)));
     }
-    one(&hedge, &upstream, call(19, "lookup")).await.unwrap();
+    one(&hedge, &upstream, call(76, "lookup")).await.unwrap();
     assert_eq!(hedge.delay_for(&request), Some(ms(30)));
     // Other tools keep the fixed delay; unsafe ones have none.
     let lookup2 = layer(|b| b.tool("other", |t| t.safe_to_hedge(true)));
@@ -237,7 +239,7 @@ async fn the_delay_follows_the_tools_percentile_once_it_has_enough_samples() {
     assert_eq!(hedge.delay_for(&call(0, "send")), None);
     // With the percentile, the next slow call is hedged after 30 ms.
     upstream.push("lookup", [Step::ok("slow").after(Duration::from_secs(5))]);
-    let answer = one(&hedge, &upstream, call(20, "lookup")).await.unwrap();
+    let answer = one(&hedge, &upstream, call(77, "lookup")).await.unwrap();
     assert_eq!(answer.first_text().as_deref(), Some("ok"));
     // Without a percentile, always the fixed delay.
     let fixed = layer(|b| b.percentile(None));
