@@ -34,11 +34,11 @@
 //!
 //! # Hedging
 //!
-//! The [`HedgeLayer`] is in the stack only
-//! when [`hedge`](StandardStackBuilder::hedge) is called: a hedge is a
-//! second copy of a call that may still succeed, extra load a server did
-//! not ask for, so a stack does not send one unless told to (and then only
-//! for tools the catalog says are safe to send twice, within the hedge
+//! The [`HedgeLayer`] is in the stack only when
+//! [`hedge`](StandardStackBuilder::hedge) is called: a hedge is a second
+//! copy of a call that may still succeed, extra load a server did not ask
+//! for, so a stack does not send one unless told to (and then only for
+//! tools the catalog says are safe to send twice, within the hedge
 //! budget). It sits below the retry layer, so a retry is one attempt that
 //! may be hedged (and the retry budget is not spent on hedges), and above
 //! the rate limit, the breaker and the attempt timeout, so each copy takes
