@@ -242,6 +242,71 @@ async fn a_timed_out_call_is_cancelled_upstream() {
     running.cancel().await.ok();
 }
 
+/// Issue 21: the hedge layer drops the losing copy of a call, and over
+/// `RmcpClient` that drop reaches the server as `notifications/cancelled`.
+/// The first copy of `slow` is stuck for 30 s; a service between the layer
+/// and the client turns the hedge into a quick `slow` (a server whose first
+/// copy is stuck), which answers and wins; the server then sees the stuck
+/// copy cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedges_losing_copy_is_cancelled_upstream() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use toolwarden::hedge::HedgeLayer;
+    use tower::Layer as _;
+
+    let Some(python) = component("TOOLWARDEN_PYTHON") else {
+        return;
+    };
+    let script = flaky_server_script();
+    let (running, _) = stdio(&python, &[script.to_str().unwrap()]).await;
+    let client = RmcpClient::new(running.peer().clone());
+    let copies = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&copies);
+    let upstream = client.clone();
+    let stuck_then_quick = tower::service_fn(move |request: ClientRequest| {
+        let request = match counted.fetch_add(1, Ordering::SeqCst) {
+            0 => request,
+            _ => call("slow", json!({"seconds": 0})),
+        };
+        upstream.clone().oneshot(request)
+    });
+    let hedge = HedgeLayer::builder()
+        .delay(Duration::from_millis(200))
+        .tool("slow", |b| b.safe_to_hedge(true))
+        .build()
+        .unwrap();
+    let answer = bounded(
+        "hedged slow",
+        LIMIT,
+        hedge
+            .layer(stuck_then_quick)
+            .oneshot(call("slow", json!({"seconds": 30}))),
+    )
+    .await
+    .unwrap();
+    assert!(
+        answer.first_text().unwrap().starts_with("slept 0"),
+        "{answer:?}"
+    );
+    assert_eq!(copies.load(Ordering::SeqCst), 2);
+    // The server saw notifications/cancelled for the stuck copy.
+    let cancelled = eventually(LIMIT, || {
+        let client = client.clone();
+        async move {
+            let stats = client.oneshot(call("stats", json!({}))).await.ok()?;
+            let ServerResult::CallToolResult(r) = stats else {
+                return None;
+            };
+            let n = r.structured_content?.get("slow_cancelled")?.as_u64()?;
+            (n == 1).then_some(())
+        }
+    })
+    .await;
+    assert!(cancelled.is_some(), "the server never saw the cancellation");
+    running.cancel().await.ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_server_mid_call_answers_every_call() {
     let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {

@@ -447,6 +447,44 @@ impl ToolCatalog {
             })
     }
 
+    /// Whether a call of `tool` may be sent twice at once (hedged), a
+    /// stricter test than [`is_safe_to_repeat`](Self::is_safe_to_repeat):
+    /// configured safe to repeat (the operator's decision, which covers
+    /// hedging too), or trusted annotations that say both read-only **and**
+    /// idempotent. A tool whose only hint is `idempotentHint` may still
+    /// change its environment, and two copies of it run concurrently, not
+    /// one after the other; a read-only tool without `idempotentHint`
+    /// (absent means `false`) may answer differently each time. Either can
+    /// be hedged by configuration.
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use toolwarden_core::catalog::{ToolCatalog, ToolPolicy};
+    /// let catalog = ToolCatalog::new();
+    /// catalog.fill_from_tools_list(&json!({"tools": [
+    ///     {"name": "lookup", "annotations": {"readOnlyHint": true, "idempotentHint": true}},
+    ///     {"name": "search", "annotations": {"readOnlyHint": true}},
+    /// ]}));
+    /// assert!(!catalog.is_safe_to_hedge("lookup")); // untrusted
+    /// catalog.set_trusted(true);
+    /// assert!(catalog.is_safe_to_hedge("lookup"));
+    /// assert!(catalog.is_safe_to_repeat("search") && !catalog.is_safe_to_hedge("search"));
+    /// catalog.configure("search", ToolPolicy { safe_to_repeat: Some(true), ..Default::default() });
+    /// assert!(catalog.is_safe_to_hedge("search"));
+    /// ```
+    #[must_use]
+    pub fn is_safe_to_hedge(&self, tool: &str) -> bool {
+        let snap = self.inner.load();
+        if let Some(safe) = snap.policies.get(tool).and_then(|p| p.safe_to_repeat) {
+            return safe;
+        }
+        snap.trusted
+            && snap.tools.get(tool).is_some_and(|t| {
+                t.annotations.read_only_hint == Some(true)
+                    && t.annotations.idempotent_hint == Some(true)
+            })
+    }
+
     /// Whether results of `tool` may be cached and served stale: configured
     /// so, or trusted annotations say read-only. A tool whose annotations
     /// (trusted or not) explicitly say `destructiveHint: true` without

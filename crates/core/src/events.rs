@@ -114,6 +114,14 @@ pub enum Event<'a> {
         /// The tool.
         key: &'a str,
     },
+    /// A second copy of a slow call was sent (a hedge): the first good
+    /// answer of the two is returned, the other attempt cancelled.
+    Hedged {
+        /// The tool.
+        key: &'a str,
+        /// How long the first attempt had run when the hedge was sent.
+        delay: Duration,
+    },
     /// Shared state could not be synchronised with another replica.
     SyncFailed {
         /// What failed.
@@ -126,7 +134,7 @@ impl Event<'_> {
     /// snake case (`circuit_opened`, `circuit_half_opened`, `circuit_closed`,
     /// `rate_limited`, `retried`, `retry_budget_exhausted`, `loop_warned`,
     /// `loop_detected`, `stale_served`, `degraded`, `bulkhead_full`,
-    /// `coalesced`, `sync_failed`).
+    /// `coalesced`, `hedged`, `sync_failed`).
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
@@ -142,6 +150,7 @@ impl Event<'_> {
             Event::Degraded { .. } => "degraded",
             Event::BulkheadFull { .. } => "bulkhead_full",
             Event::Coalesced { .. } => "coalesced",
+            Event::Hedged { .. } => "hedged",
             Event::SyncFailed { .. } => "sync_failed",
         }
     }
@@ -161,7 +170,8 @@ impl Event<'_> {
             | Event::StaleServed { key, .. }
             | Event::Degraded { key }
             | Event::BulkheadFull { key, .. }
-            | Event::Coalesced { key } => Some(key),
+            | Event::Coalesced { key }
+            | Event::Hedged { key, .. } => Some(key),
             Event::SyncFailed { .. } => None,
         }
     }

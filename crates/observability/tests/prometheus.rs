@@ -211,6 +211,10 @@ async fn events_become_counters_and_a_circuit_gauge() {
         retry_after: secs(1),
     });
     events.emit(&Event::Coalesced { key: "fetch" });
+    events.emit(&Event::Hedged {
+        key: "fetch",
+        delay: secs(1),
+    });
     events.emit(&Event::SyncFailed {
         detail: "redis unreachable",
     });
@@ -240,6 +244,7 @@ async fn events_become_counters_and_a_circuit_gauge() {
         "degraded",
         "bulkhead_full",
         "coalesced",
+        "hedged",
     ] {
         assert_eq!(ev(event, "fetch"), Some(1.0), "{event}");
     }
@@ -259,7 +264,8 @@ async fn events_become_counters_and_a_circuit_gauge() {
     assert_eq!(snapshot.events["retried"], 2);
     assert_eq!(snapshot.events["sync_failed"], 1);
     assert_eq!(snapshot.events["bulkhead_full"], 1);
-    assert_eq!(snapshot.events.len(), 13);
+    assert_eq!(snapshot.events["hedged"], 1);
+    assert_eq!(snapshot.events.len(), 14);
 }
 
 #[tokio::test]

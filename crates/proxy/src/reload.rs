@@ -206,6 +206,9 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
     {
         unchanged.push(StackLayer::Coalesce);
     }
+    if running.hedge == next.hedge && same_tables(running, next, |t| t.hedge.as_ref()) {
+        unchanged.push(StackLayer::Hedge);
+    }
     unchanged
 }
 

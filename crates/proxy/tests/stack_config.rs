@@ -345,3 +345,41 @@ async fn circuits_and_health_are_served_from_the_stack() {
         "{health}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn hedging_is_off_by_default_and_follows_the_hedge_section_when_enabled() {
+    let slow = || Step::ok("slow").after(Duration::from_secs(5));
+    // Off by default, even for a tool configured safe to hedge.
+    let quiet = config("[tools.lookup]\nhedge = { safe_to_hedge = true }\n");
+    let (layer, _) = stack(&quiet);
+    assert!(!layer.includes(StackLayer::Hedge));
+    let mock = MockMcp::new().script("lookup", [slow()]);
+    let mut svc = layer.layer(mock.clone());
+    call(&mut svc, 1, "lookup", json!({})).await;
+    assert_eq!(mock.calls("lookup"), 1);
+
+    let on = config(
+        r#"
+        [hedge]
+        enabled = true
+        delay = "1s"
+        [tools.lookup]
+        hedge = { safe_to_hedge = true, delay = "50ms" }
+        [tools.send]
+        safe_to_repeat = false
+        "#,
+    );
+    let (layer, _) = stack(&on);
+    assert!(layer.includes(StackLayer::Hedge));
+    let mock = MockMcp::new()
+        .script("lookup", [slow()])
+        .script("send", [slow()]);
+    let mut svc = layer.layer(mock.clone());
+    let resp = call(&mut svc, 1, "lookup", json!({})).await;
+    assert_eq!(resp.first_text().as_deref(), Some("lookup ok"));
+    assert_eq!(mock.calls("lookup"), 2, "hedged after the tool's 50 ms");
+    assert_eq!(mock.in_flight(), 0);
+    let resp = call(&mut svc, 2, "send", json!({})).await;
+    assert_eq!(resp.first_text().as_deref(), Some("slow"));
+    assert_eq!(mock.calls("send"), 1, "not safe: never hedged");
+}

@@ -243,8 +243,10 @@ impl RetryBudget {
         u64::try_from(balance / RETRY).unwrap_or(0)
     }
 
+    /// Records a request made at `now` (a caller that has just read the
+    /// clock saves [`deposit`](Self::deposit)'s own reading).
     #[inline]
-    pub(crate) fn deposit_at(&self, now: Instant) {
+    pub fn deposit_at(&self, now: Instant) {
         if self.deposit != 0 {
             self.add(self.slot_number(now), self.deposit);
         }

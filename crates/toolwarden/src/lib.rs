@@ -71,6 +71,9 @@ pub use toolwarden_core::{rejection, FailureReport};
 /// Stale-if-error caching and degraded answers (feature `fallback-cache`).
 #[cfg(feature = "fallback-cache")]
 pub use toolwarden_fallback_cache as fallback_cache;
+/// Hedging of slow calls to tools safe to send twice (feature `hedge`).
+#[cfg(feature = "hedge")]
+pub use toolwarden_hedge as hedge;
 /// Loop guarding (feature `loop-guard`).
 #[cfg(feature = "loop-guard")]
 pub use toolwarden_loop_guard as loop_guard;

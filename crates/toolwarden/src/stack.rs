@@ -11,6 +11,7 @@
 //! | 3 | fallback cache | catches whatever fails below it, rejections included |
 //! | 3a | coalescing (optional, off by default) | identical concurrent calls share one call *and its retries*; above it, each caller is still its own call for the cache, the loop guard and observability |
 //! | 4 | retry with backoff | each attempt passes through the limiter and the breaker |
+//! | 4½ | hedge (optional, off by default) | see [below](#hedging) |
 //! | 5 | rate limit | every attempt takes a token |
 //! | 5a | bulkhead (optional, off by default) | caps the attempts in flight per tool, close to the service; a refusal (`BulkheadFull`) is a rejection the retry above honours (after its `retry_after`, within its budget) and the breaker below never sees |
 //! | 6 | circuit breaker | closest to the transport, so it sees real outcomes |
@@ -42,6 +43,20 @@
 //! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
 //! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
 //! | a bulkhead's `max_wait` (the longest of any tool) | 0 | < `retry_deadline` |
+//!
+//! # Hedging
+//!
+//! The [`HedgeLayer`] is in the stack only when
+//! [`hedge`](StandardStackBuilder::hedge) is called: a hedge is a second
+//! copy of a call that may still succeed, extra load a server did not ask
+//! for, so a stack does not send one unless told to (and then only for
+//! tools the catalog says are safe to send twice, within the hedge
+//! budget). It sits below the retry layer, so a retry is one attempt that
+//! may be hedged (and the retry budget is not spent on hedges), and above
+//! the rate limit, the breaker and the attempt timeout, so each copy takes
+//! a token, is counted by the breaker and is bounded by the timeout. A
+//! hedge delay at or above the attempt timeout never fires. It shares the
+//! stack's catalog, classifier and events.
 //!
 //! The rate limit starts from a generous per-tool quota
 //! ([`DEFAULT_TOOL_RATE`] calls/s, burst [`DEFAULT_TOOL_BURST`]) that a
@@ -89,6 +104,7 @@ use toolwarden_circuit_breaker::{
 };
 use toolwarden_core::{ConfigError, Events, McpClassifier, ToolCatalog};
 use toolwarden_fallback_cache::{FallbackCache, FallbackCacheBuilder, FallbackCacheLayer};
+use toolwarden_hedge::{Hedge, HedgeBuilder, HedgeLayer};
 use toolwarden_loop_guard::{LoopGuard, LoopGuardBuilder, LoopGuardLayer};
 use toolwarden_observability::{Observability, ObservabilityBuilder, ObservabilityLayer, Stats};
 use toolwarden_rate_limit::{Mode, Rate, RateLimit, RateLimitBuilder, RateLimitLayer};
@@ -109,7 +125,9 @@ type Optional<L, S> = Either<L, S>;
 type Broken<S> = Optional<CircuitBreaker<AttemptTimeout<S>>, AttemptTimeout<S>>;
 type Bulkheaded<S> = Optional<Bulkhead<Broken<S>>, Broken<S>>;
 type Limited<S> = Optional<RateLimit<Bulkheaded<S>>, Bulkheaded<S>>;
-type Retried<S> = Optional<RetryBackoff<Limited<S>>, Limited<S>>;
+// Hedging (optional, off by default): between retry and the rate limit.
+type Hedged<S> = Optional<Hedge<Limited<S>>, Limited<S>>;
+type Retried<S> = Optional<RetryBackoff<Hedged<S>>, Hedged<S>>;
 type Coalesced<S> = Optional<Coalesce<Retried<S>>, Retried<S>>;
 type Cached<S> = Optional<FallbackCache<Coalesced<S>>, Coalesced<S>>;
 type Guarded<S> = Optional<LoopGuard<Cached<S>>, Cached<S>>;
@@ -137,16 +155,20 @@ pub enum StackLayer {
     /// [`CoalesceLayer`]: identical calls are never shared. Out unless
     /// configured with [`StandardStackBuilder::coalesce`].
     Coalesce,
+    /// [`HedgeLayer`]: no call is hedged. Off unless
+    /// [`StandardStackBuilder::hedge`] is called.
+    Hedge,
 }
 
 impl StackLayer {
     /// Every layer that can be left out, outermost first.
-    pub const ALL: [StackLayer; 8] = [
+    pub const ALL: [StackLayer; 9] = [
         StackLayer::Observability,
         StackLayer::LoopGuard,
         StackLayer::FallbackCache,
         StackLayer::Coalesce,
         StackLayer::Retry,
+        StackLayer::Hedge,
         StackLayer::RateLimit,
         StackLayer::Bulkhead,
         StackLayer::CircuitBreaker,
@@ -164,6 +186,7 @@ impl StackLayer {
             StackLayer::CircuitBreaker => "circuit_breaker",
             StackLayer::Bulkhead => "bulkhead",
             StackLayer::Coalesce => "coalesce",
+            StackLayer::Hedge => "hedge",
         }
     }
 
@@ -219,6 +242,7 @@ pub struct StandardStackBuilder {
     // Issue 21: the optional layers, in only when configured.
     bulkhead: Option<Configure<BulkheadBuilder>>,
     coalesce: Option<Configure<CoalesceBuilder>>,
+    hedge: Option<Configure<HedgeBuilder>>,
     /// [`reload`](StandardStackBuilder::reload): the stack replaced, and
     /// the [`StackLayer::bit`]s of its layers kept whole.
     previous: Option<(StandardStackLayer, u16)>,
@@ -243,6 +267,7 @@ impl Default for StandardStackBuilder {
             observability: None,
             bulkhead: None,
             coalesce: None,
+            hedge: None,
             previous: None,
         }
     }
@@ -497,6 +522,26 @@ impl StandardStackBuilder {
         self
     }
 
+    /// Puts the [`HedgeLayer`] in the stack (it is left out by default, see
+    /// [Hedging](self#hedging)) and configures it. The stack gives it its
+    /// catalog, classifier and events.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use toolwarden::stack::{StackLayer, StandardStack};
+    /// let stack = StandardStack::builder()
+    ///     .hedge(|b| b.delay(Duration::from_millis(200)).tool("lookup", |t| t.safe_to_hedge(true)))
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(stack.includes(StackLayer::Hedge));
+    /// assert!(!StandardStack::builder().build().unwrap().includes(StackLayer::Hedge));
+    /// ```
+    #[must_use]
+    pub fn hedge(mut self, f: impl FnOnce(HedgeBuilder) -> HedgeBuilder + Send + 'static) -> Self {
+        self.hedge = Some(Box::new(f));
+        self
+    }
+
     fn check(&self) -> Result<(), ConfigError> {
         if self.attempt_timeout.is_zero() {
             return Err(ConfigError::new("attempt_timeout", "must be positive"));
@@ -635,6 +680,23 @@ impl StandardStackBuilder {
                 ));
             }
         }
+        // Hedging: only when configured (off by default).
+        let hedge = match self.hedge {
+            Some(configure) => Some(
+                configure(HedgeLayer::builder())
+                    .classifier(shared)
+                    .catalog(self.catalog.clone())
+                    .events(events.clone())
+                    .build()
+                    .map_err(|e| e.in_section("hedge"))?,
+            ),
+            None => None,
+        };
+        let hedge = match kept(StackLayer::Hedge).and_then(|p| p.hedge.clone()) {
+            Some(previous) if hedge.is_some() => Some(previous),
+            _ => hedge,
+        };
+
         let fallback_cache = apply(
             FallbackCacheLayer::builder()
                 .catalog(self.catalog.clone())
@@ -710,6 +772,7 @@ impl StandardStackBuilder {
             loop_guard,
             fallback_cache,
             retry,
+            hedge,
             rate_limit,
             circuit_breaker,
             bulkhead,
@@ -739,6 +802,8 @@ pub struct StandardStackLayer {
     loop_guard: LoopGuardLayer,
     fallback_cache: FallbackCacheLayer,
     retry: RetryBackoffLayer,
+    /// `None`: not configured, left out.
+    hedge: Option<HedgeLayer>,
     rate_limit: RateLimitLayer,
     circuit_breaker: CircuitBreakerLayer,
     // Issue 21: `None` when not configured.
@@ -763,6 +828,7 @@ impl StandardStackLayer {
         let configured = match layer {
             StackLayer::Bulkhead => self.bulkhead.is_some(),
             StackLayer::Coalesce => self.coalesce.is_some(),
+            StackLayer::Hedge => self.hedge.is_some(),
             _ => true,
         };
         configured && self.without & layer.bit() == 0
@@ -782,7 +848,7 @@ impl StandardStackLayer {
 
     /// The layers left out of the stack, outermost first: those left out
     /// with [`without`](StandardStackBuilder::without), and the optional
-    /// ones (bulkhead, coalescing) that were not configured.
+    /// ones (bulkhead, coalescing, hedging) that were not configured.
     #[must_use]
     pub fn left_out(&self) -> Vec<StackLayer> {
         StackLayer::ALL
@@ -833,6 +899,7 @@ impl<S> Layer<S> for StandardStackLayer {
             .option_layer(on(StackLayer::FallbackCache).then(|| self.fallback_cache.clone()))
             .option_layer(self.coalesce.clone().filter(|_| on(StackLayer::Coalesce)))
             .option_layer(on(StackLayer::Retry).then(|| self.retry.clone()))
+            .option_layer(self.hedge.clone().filter(|_| on(StackLayer::Hedge)))
             .option_layer(on(StackLayer::RateLimit).then(|| self.rate_limit.clone()))
             .option_layer(self.bulkhead.clone().filter(|_| on(StackLayer::Bulkhead)))
             .option_layer(on(StackLayer::CircuitBreaker).then(|| self.circuit_breaker.clone()))

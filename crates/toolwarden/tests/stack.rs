@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use toolwarden::stack::StandardStack;
+use toolwarden::stack::{StackLayer, StandardStack};
 use toolwarden_circuit_breaker::{CircuitState, TimeWindow};
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
@@ -249,7 +249,6 @@ async fn a_hanging_attempt_times_out_and_counts_for_the_breaker() {
 
 #[tokio::test(start_paused = true)]
 async fn layers_left_out_do_nothing_and_the_rest_still_work() {
-    use toolwarden::stack::StackLayer;
     let mock = MockMcp::new().default_step("search_docs", Step::rpc_error(-32603, "database down"));
     let stack = StandardStack::builder()
         .catalog(catalog())
@@ -262,9 +261,12 @@ async fn layers_left_out_do_nothing_and_the_rest_still_work() {
     // The optional layers (issue 21) are out unless configured.
     assert_eq!(
         stack.left_out(),
+        // Hedging, the bulkhead and coalescing are never configured here:
+        // they are left out too.
         [
             StackLayer::LoopGuard,
             StackLayer::Coalesce,
+            StackLayer::Hedge,
             StackLayer::Bulkhead,
             StackLayer::CircuitBreaker
         ]
@@ -411,4 +413,98 @@ mod extreme_configuration {
             });
         }
     }
+}
+
+/// A catalog whose `lookup` is read-only and idempotent (safe to hedge).
+fn hedge_catalog() -> ToolCatalog {
+    let catalog = catalog();
+    let safe = ToolAnnotations {
+        read_only_hint: Some(true),
+        idempotent_hint: Some(true),
+        ..Default::default()
+    };
+    catalog.insert(ToolInfo::new("lookup", "Look a record up").annotations(safe));
+    catalog
+}
+
+#[tokio::test(start_paused = true)]
+async fn hedging_is_off_unless_configured() {
+    let mock = MockMcp::new().script("lookup", [Step::ok("slow").after(Duration::from_secs(5))]);
+    let stack = StandardStack::builder()
+        .catalog(hedge_catalog())
+        .build()
+        .unwrap();
+    assert!(!stack.includes(StackLayer::Hedge));
+    let mut svc = stack.layer(mock.clone());
+    let resp = call(&mut svc, 1, "lookup", json!({})).await;
+    assert_eq!(resp.first_text().as_deref(), Some("slow"));
+    assert_eq!(mock.calls("lookup"), 1);
+    // Configured, then left out: still off.
+    let stack = StandardStack::builder()
+        .hedge(|b| b)
+        .without(StackLayer::Hedge)
+        .build()
+        .unwrap();
+    assert!(!stack.includes(StackLayer::Hedge));
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_the_stack_a_slow_call_is_hedged_and_only_a_safe_tool() {
+    let slow = Step::ok("slow").after(Duration::from_secs(5));
+    let mock = MockMcp::new()
+        .script("lookup", [slow.clone()])
+        .script("search_docs", [slow]);
+    let stack = StandardStack::builder()
+        .catalog(hedge_catalog())
+        .hedge(|b| b.delay(Duration::from_millis(50)))
+        .build()
+        .unwrap();
+    assert!(stack.includes(StackLayer::Hedge));
+    let mut svc = stack.layer(ReadyChecked::new(mock.clone()).pending_first());
+    let resp = call(&mut svc, 1, "lookup", json!({})).await;
+    assert_eq!(resp.id, Id::Number(1));
+    assert_eq!(resp.first_text().as_deref(), Some("lookup ok"));
+    assert_eq!(mock.calls("lookup"), 2);
+    assert_eq!(mock.in_flight(), 0, "the slow copy was cancelled");
+    // Read-only but not idempotent: retried after failures, never hedged.
+    let resp = call(&mut svc, 2, "search_docs", json!({})).await;
+    assert_eq!(resp.first_text().as_deref(), Some("slow"));
+    assert_eq!(mock.calls("search_docs"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_copy_of_a_hedged_call_is_counted_by_the_breaker_and_takes_a_token() {
+    // Both copies fail slowly: the breaker, below the hedge, records two
+    // failures for one call and opens (threshold 2).
+    let failing = Step::rpc_error(-32603, "down").after(Duration::from_millis(100));
+    let mock = MockMcp::new().default_step("lookup", failing);
+    let stack = StandardStack::builder()
+        .catalog(hedge_catalog())
+        .hedge(|b| b.delay(Duration::from_millis(50)))
+        .retry(|b| b.max_attempts(1))
+        .circuit_breaker(|b| b.failure_threshold(2).minimum_calls(2))
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(mock.clone());
+    let resp = call(&mut svc, 1, "lookup", json!({})).await;
+    assert!(resp.is_tool_error());
+    assert_eq!(mock.calls("lookup"), 2);
+    assert_eq!(stack.registry().state("lookup"), Some(CircuitState::Open));
+
+    // A quota of one call (burst 1, one per minute): the hedge is refused
+    // by the rate limit below it and the first copy answers alone.
+    let mock = MockMcp::new().script(
+        "lookup",
+        [Step::ok("slow").after(Duration::from_millis(200))],
+    );
+    let stack = StandardStack::builder()
+        .catalog(hedge_catalog())
+        .hedge(|b| b.delay(Duration::from_millis(50)))
+        .rate_limit(|b| b.per_tool(toolwarden_rate_limit::Rate::per_minute(1), 1))
+        .build()
+        .unwrap();
+    let mut svc = stack.layer(mock.clone());
+    let resp = call(&mut svc, 1, "lookup", json!({})).await;
+    assert_eq!(resp.first_text().as_deref(), Some("slow"));
+    assert_eq!(mock.calls("lookup"), 1, "the hedge took no token: refused");
 }

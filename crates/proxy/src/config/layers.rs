@@ -1,6 +1,6 @@
 //! `[tools."name"]`: what the proxy configures for one tool. The layer
 //! sections themselves (`[circuit_breaker]`, `[rate_limit]`, `[retry]`,
-//! `[loop_guard]`, `[fallback_cache]`, `[observability]`) and a tool's layer
+//! `[loop_guard]`, `[fallback_cache]`, `[observability]`, `[hedge]`) and a tool's layer
 //! tables are the layer crates' settings types, their keys documented there.
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,7 @@ use serde_with::skip_serializing_none;
 use toolwarden::bulkhead::BulkheadToolSettings;
 use toolwarden::circuit_breaker::CircuitBreakerToolSettings;
 use toolwarden::coalesce::CoalesceToolSettings;
+use toolwarden::hedge::HedgeToolSettings;
 use toolwarden::loop_guard::LoopGuardToolSettings;
 use toolwarden::rate_limit::RateLimitToolSettings;
 use toolwarden::retry::RetryToolSettings;
@@ -38,4 +39,8 @@ pub struct ToolConfig {
     /// Whether the tool's identical calls share one call
     /// ([`CoalesceToolSettings`]); needs the `[coalesce]` section.
     pub coalesce: Option<CoalesceToolSettings>,
+    /// The tool's own hedging ([`HedgeToolSettings`]: `safe_to_hedge`,
+    /// `delay`, `percentile`, `min_samples`); read only when `[hedge]` is
+    /// enabled.
+    pub hedge: Option<HedgeToolSettings>,
 }

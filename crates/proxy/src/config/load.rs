@@ -36,6 +36,7 @@ pub const SECTIONS: &[&str] = &[
     "observability",
     "bulkhead",
     "coalesce",
+    "hedge",
     "redis",
 ];
 

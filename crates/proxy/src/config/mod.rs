@@ -3,7 +3,8 @@
 //! environment variables.
 //!
 //! Every key is optional. The layer sections (`circuit_breaker`,
-//! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`),
+//! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`,
+//! `hedge`, the one layer off unless `enabled = true`),
 //! a tool's layer tables and `[redis]` are the layer crates' settings types
 //! ([`CircuitBreakerSettings`], [`CircuitBreakerToolSettings`], ...,
 //! [`RedisSettings`]): their
@@ -66,6 +67,7 @@ pub use toolwarden::bulkhead::{BulkheadSettings, BulkheadToolSettings};
 pub use toolwarden::circuit_breaker::{CircuitBreakerSettings, CircuitBreakerToolSettings};
 pub use toolwarden::coalesce::{CoalesceSettings, CoalesceToolSettings};
 pub use toolwarden::fallback_cache::FallbackCacheSettings;
+pub use toolwarden::hedge::{HedgeSettings, HedgeToolSettings};
 pub use toolwarden::loop_guard::{LoopGuardSettings, LoopGuardToolSettings};
 pub use toolwarden::observability::ObservabilitySettings;
 pub use toolwarden::rate_limit::{RateLimitSettings, RateLimitToolSettings};
@@ -110,6 +112,8 @@ pub struct Config {
     /// (and its `enabled` is not `false`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coalesce: Option<CoalesceSettings>,
+    /// `HedgeLayer`: off unless `enabled = true` (see [`HedgeSettings`]).
+    pub hedge: HedgeSettings,
     /// Per-tool overrides, by tool name: `[tools."search_docs"]`.
     pub tools: BTreeMap<String, ToolConfig>,
     /// How the tools of several upstreams are exposed.

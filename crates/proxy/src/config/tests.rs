@@ -352,6 +352,22 @@ fn bad_values_name_their_key() {
             "tools.\"search\".loop_guard.exempt",
         ),
         ("[tools.\"\"]\ncacheable = true", "tools.\"\""),
+        // Hedging: checked whether enabled or not.
+        (
+            "[hedge]\nenabled = true\npercentile = 1.5",
+            "hedge.percentile",
+        ),
+        ("[hedge]\ndelay = \"0s\"", "hedge.delay"),
+        ("[hedge]\nbudget = { ratio = -1 }", "hedge.budget.ratio"),
+        ("[hedge]\nbudget = { speed = 1 }", "hedge.budget.speed"),
+        (
+            "[hedge]\nenabled = true\n[tools.search.hedge]\nmin_samples = 0",
+            "tools.\"search\".hedge.min_samples",
+        ),
+        (
+            "[tools.search.hedge]\ndelay = \"2h\"",
+            "tools.\"search\".hedge.delay",
+        ),
     ];
     for (text, key) in cases {
         let err = parse(text).unwrap_err();

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use toolwarden::hedge::{HedgeBuilder, HedgeLayer};
 use toolwarden::stack::{StackLayer, StandardStack, StandardStackLayer};
 use toolwarden_core::ConfigError;
 
@@ -118,6 +119,24 @@ pub(crate) fn standard_stack_over(
 
     // Issue 21: the bulkhead and coalescing, on only with their section.
     builder = optional_layers(builder, config)?;
+    // Hedging: only when `[hedge] enabled = true` (it sends extra calls);
+    // its keys are checked either way, like a left-out layer's.
+    let hedge = config.hedge.clone();
+    let tool_hedges = tool_tables(config, |tool| tool.hedge.as_ref());
+    let configure_hedge = move |mut b: HedgeBuilder| {
+        b = b.settings(&hedge);
+        for (name, tool) in &tool_hedges {
+            b = b.tool_settings(name.as_str(), tool);
+        }
+        b
+    };
+    if config.hedge.enabled == Some(true) {
+        builder = builder.hedge(configure_hedge);
+    } else {
+        configure_hedge(HedgeLayer::builder())
+            .build()
+            .map_err(|e| proxy_key_names(e.in_section("hedge"), config))?;
+    }
 
     if let Some((previous, keep)) = previous {
         builder = builder.reload(previous, keep.iter().copied());
@@ -242,6 +261,7 @@ fn proxy_key_names(error: ConfigError, config: &Config) -> ConfigError {
                     "loop_guard",
                     "bulkhead",
                     "coalesce",
+                    "hedge",
                 ] {
                     let section = toolwarden_core::overrides::tool_section(name);
                     if let Some(rest) = field.strip_prefix(&format!("{layer}.{section}.")) {

@@ -1,0 +1,349 @@
+//! [`ResponseFuture`]: the first attempt, and a hedge once it is slow.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{sleep_until, Instant, Sleep};
+use toolwarden_core::jsonrpc::Id;
+use toolwarden_core::{BoxError, CallKind, Classify, Event, McpRequest, McpResponse};
+use tower_service::Service;
+
+use crate::layer::{CallPolicy, RecordHandle, Shared};
+
+/// What follows the caller's id in a hedge's id.
+const MARKER: &str = "#tw-hedge";
+
+/// The id a hedge of a request with id `original` carries:
+/// `"<original>#tw-hedge"`, `<original>` as [`Id`]'s `Display` writes it
+/// (`7#tw-hedge`, `"req-7"#tw-hedge`).
+pub(crate) fn hedge_id(original: &Id) -> Id {
+    Id::String(format!("{original}{MARKER}"))
+}
+
+pin_project! {
+    /// Response future of [`Hedge`](crate::Hedge).
+    ///
+    /// A call that is never hedged is its inner future and nothing more. A
+    /// hedgeable call polls its first attempt; the timer of the hedge (kept
+    /// inline: nothing is allocated) is armed only when the first attempt
+    /// did not answer at its first poll, so a call answered at once never
+    /// touches the timer wheel. Once sent, the hedge is polled next to the
+    /// first attempt; the loser is dropped with this future's state, which
+    /// cancels it.
+    pub struct ResponseFuture<S, R, C>
+    where
+        S: Service<R>,
+    {
+        #[pin]
+        primary: Slot<S::Future>,
+        #[pin]
+        hedge: Slot<S::Future>,
+        #[pin]
+        timer: Timer,
+        race: Option<Race<S, R, S::Response, C>>,
+    }
+}
+
+pin_project! {
+    #[project = TimerProj]
+    enum Timer {
+        Idle,
+        Armed {
+            #[pin]
+            sleep: Sleep,
+        },
+    }
+}
+
+pin_project! {
+    #[project = SlotProj]
+    enum Slot<F> {
+        Running {
+            #[pin]
+            future: F,
+        },
+        Done,
+    }
+}
+
+impl<F> Slot<F> {
+    fn is_running(&self) -> bool {
+        matches!(self, Slot::Running { .. })
+    }
+}
+
+/// Where a hedgeable call stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// The first attempt runs; the timer (once armed) runs to the delay.
+    Waiting,
+    /// The delay passed and the budget paid: the service is polled ready.
+    Readying,
+    /// The hedge was sent.
+    Sent,
+    /// No hedge will be sent (refused by the budget, or the service failed
+    /// its readiness).
+    Off,
+}
+
+/// What a hedgeable call keeps.
+pub(crate) struct Race<S, R, Resp, C> {
+    service: S,
+    /// The caller's request, until the hedge takes it.
+    request: Option<R>,
+    /// The caller's id, once the hedge carries its own.
+    original_id: Option<Id>,
+    shared: Arc<Shared<C>>,
+    started: Instant,
+    hedge_started: Option<Instant>,
+    policy: CallPolicy,
+    /// The key's latency record, looked up once the first attempt is found
+    /// waiting (with a percentile): a call answered at its first poll never
+    /// waited, could not have been hedged, and is not recorded.
+    record: Option<RecordHandle>,
+    /// Whether this call's answer is recorded (one waiting call in four).
+    sampled: bool,
+    phase: Phase,
+    /// The first attempt's failure, held while the hedge runs.
+    held: Option<Box<Result<Resp, BoxError>>>,
+}
+
+impl<S, R, Resp, C> Race<S, R, Resp, C> {
+    pub(crate) fn new(
+        service: S,
+        request: R,
+        shared: Arc<Shared<C>>,
+        started: Instant,
+        policy: CallPolicy,
+    ) -> Self {
+        Race {
+            service,
+            request: Some(request),
+            original_id: None,
+            shared,
+            started,
+            hedge_started: None,
+            policy,
+            record: None,
+            sampled: false,
+            phase: Phase::Waiting,
+            held: None,
+        }
+    }
+
+    /// Records a good answer of an attempt started at `since`.
+    fn record(&self, since: Instant) {
+        if !self.sampled {
+            return;
+        }
+        if let (Some(record), Some(permille)) = (&self.record, self.policy.percentile) {
+            record.record(since.elapsed(), permille, self.policy.min_samples);
+        }
+    }
+
+    /// The delay of the hedge: the key's percentile, else the fixed delay.
+    fn delay(&mut self) -> Duration
+    where
+        R: McpRequest,
+    {
+        if self.policy.percentile.is_some() && self.record.is_none() {
+            if let Some(request) = &self.request {
+                let key = self.shared.key_by.key(request);
+                let record = self.shared.latency.entry(key);
+                self.sampled = record.sample();
+                self.record = Some(record);
+            }
+        }
+        self.policy.delay_with(self.record.as_deref())
+    }
+}
+
+impl<S, R, C> ResponseFuture<S, R, C>
+where
+    S: Service<R>,
+{
+    /// A call that is never hedged.
+    pub(crate) fn single(future: S::Future) -> Self {
+        ResponseFuture {
+            primary: Slot::Running { future },
+            hedge: Slot::Done,
+            timer: Timer::Idle,
+            race: None,
+        }
+    }
+
+    /// A hedgeable call whose first attempt is `future`.
+    pub(crate) fn hedged(future: S::Future, race: Race<S, R, S::Response, C>) -> Self {
+        ResponseFuture {
+            primary: Slot::Running { future },
+            hedge: Slot::Done,
+            timer: Timer::Idle,
+            race: Some(race),
+        }
+    }
+}
+
+impl<S, R, C> Future for ResponseFuture<S, R, C>
+where
+    R: McpRequest,
+    S: Service<R>,
+    S::Response: McpResponse,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            // The first attempt.
+            if let SlotProj::Running { future } = this.primary.as_mut().project() {
+                if let Poll::Ready(result) = future.poll(cx) {
+                    this.primary.set(Slot::Done);
+                    let mut result = result.map_err(Into::into);
+                    let Some(race) = this.race.as_mut() else {
+                        return Poll::Ready(result);
+                    };
+                    let outcome = race
+                        .shared
+                        .classifier
+                        .classify_result(CallKind::ToolCall, &mut result);
+                    if outcome.is_success() {
+                        race.record(race.started);
+                        return Poll::Ready(result);
+                    }
+                    if !this.hedge.is_running() {
+                        // No hedge in flight: the failure is the answer
+                        // (repeating failures is the retry layer's job).
+                        return Poll::Ready(result);
+                    }
+                    race.held = Some(Box::new(result));
+                }
+            }
+            let Some(race) = this.race.as_mut() else {
+                return Poll::Pending;
+            };
+            // The hedge.
+            if let SlotProj::Running { future } = this.hedge.as_mut().project() {
+                if let Poll::Ready(result) = future.poll(cx) {
+                    this.hedge.set(Slot::Done);
+                    let mut result = result.map_err(Into::into);
+                    if let (Ok(response), Some(id)) = (&mut result, &race.original_id) {
+                        // The caller gets its own id back.
+                        response.set_request_id(id);
+                    }
+                    let outcome = race
+                        .shared
+                        .classifier
+                        .classify_result(CallKind::ToolCall, &mut result);
+                    if outcome.is_success() {
+                        if let Some(since) = race.hedge_started {
+                            race.record(since);
+                        }
+                        return Poll::Ready(result);
+                    }
+                    if !this.primary.is_running() {
+                        // Both failed: the first attempt's failure, what
+                        // the call would have answered without a hedge.
+                        return Poll::Ready(race.held.take().map_or(result, |held| *held));
+                    }
+                    // The first attempt may still answer well.
+                }
+            }
+            if !this.primary.is_running() {
+                // Only when the hedge is running (else the call returned).
+                return Poll::Pending;
+            }
+            match race.phase {
+                Phase::Waiting => {
+                    if let TimerProj::Idle = this.timer.as_mut().project() {
+                        let delay = race.delay();
+                        let at = race.started.checked_add(delay).unwrap_or(race.started);
+                        this.timer.set(Timer::Armed {
+                            sleep: sleep_until(at),
+                        });
+                    }
+                    if let TimerProj::Armed { sleep } = this.timer.as_mut().project() {
+                        if sleep.poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
+                    this.timer.set(Timer::Idle);
+                    if !race.shared.budget.withdraw() {
+                        race.phase = Phase::Off;
+                        return Poll::Pending;
+                    }
+                    race.phase = Phase::Readying;
+                }
+                Phase::Readying => match race.service.poll_ready(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Err(_)) => {
+                        // The hedge cannot be sent; the first attempt goes on.
+                        race.phase = Phase::Off;
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Ok(())) => {
+                        let Some(mut request) = race.request.take() else {
+                            race.phase = Phase::Off;
+                            return Poll::Pending;
+                        };
+                        if let Some(id) = request.request_id() {
+                            let id = id.clone();
+                            request.set_request_id(hedge_id(&id));
+                            race.original_id = Some(id);
+                        }
+                        let now = Instant::now();
+                        race.shared.events.emit(&Event::Hedged {
+                            key: request.target(),
+                            delay: now.saturating_duration_since(race.started),
+                        });
+                        race.hedge_started = Some(now);
+                        race.phase = Phase::Sent;
+                        let future = race.service.call(request);
+                        this.hedge.set(Slot::Running { future });
+                        // Loop: the hedge is polled once, to be woken.
+                    }
+                },
+                Phase::Sent | Phase::Off => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<S, R, C> fmt::Debug for ResponseFuture<S, R, C>
+where
+    S: Service<R>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("primary_running", &self.primary.is_running())
+            .field("hedge_running", &self.hedge.is_running())
+            .field("phase", &self.race.as_ref().map(|r| r.phase))
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hedge_ids_are_distinct_from_the_callers_and_retries() {
+        assert_eq!(hedge_id(&Id::Number(7)), Id::String("7#tw-hedge".into()));
+        assert_eq!(
+            hedge_id(&Id::String("7".into())),
+            Id::String("\"7\"#tw-hedge".into())
+        );
+        // Below the retry layer: its retry's id gets the hedge marker too.
+        assert_eq!(
+            hedge_id(&Id::String("7#tw-retry-2".into())),
+            Id::String("\"7#tw-retry-2\"#tw-hedge".into())
+        );
+        assert_ne!(hedge_id(&Id::Number(7)), hedge_id(&Id::String("7".into())));
+    }
+}
