@@ -198,8 +198,8 @@ where
             tool: TOOLS[i % TOOLS.len()],
         }
     };
-    let mut next2 = next.clone();
-    let mut next3 = next.clone();
+    let mut next2 = next;
+    let mut next3 = next;
     let mut group = c.benchmark_group(name);
     let mut ours = overhead_pair(
         || {
