@@ -260,7 +260,10 @@ impl Proxy {
                     && !matches!(l, StackLayer::CircuitBreaker | StackLayer::Observability)
                     // Issue 21: an optional layer that is off is not renewed.
                     && (standard.includes(*l)
-                        || !matches!(l, StackLayer::Bulkhead | StackLayer::Coalesce))
+                        || !matches!(
+                            l,
+                            StackLayer::Bulkhead | StackLayer::Coalesce | StackLayer::Hedge
+                        ))
             })
             .collect();
         Ok(ReloadReport {

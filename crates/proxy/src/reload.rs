@@ -206,7 +206,10 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
     {
         unchanged.push(StackLayer::Coalesce);
     }
-    if running.hedge == next.hedge && same_tables(running, next, |t| t.hedge.as_ref()) {
+    if next.hedge.enabled == Some(true)
+        && running.hedge == next.hedge
+        && same_tables(running, next, |t| t.hedge.as_ref())
+    {
         unchanged.push(StackLayer::Hedge);
     }
     unchanged

@@ -344,3 +344,45 @@ async fn a_call_in_flight_finishes_under_the_policy_it_started_with() {
     assert_eq!(mock.calls("flaky"), 3, "not retried under the new policy");
     assert!(answer.payload.is_err(), "{answer:?}");
 }
+
+#[tokio::test]
+async fn the_optional_layers_are_kept_when_on_and_unchanged_and_never_reported_while_off() {
+    let optional = [
+        StackLayer::Bulkhead,
+        StackLayer::Coalesce,
+        StackLayer::Hedge,
+    ];
+    // Off: neither kept nor renewed, however often the file is reloaded.
+    let off = proxy(config(QUIET));
+    let report = off.reload(config(QUIET)).unwrap();
+    for layer in optional {
+        assert!(
+            !report.kept.contains(&layer),
+            "{layer} off, yet kept: {report:?}"
+        );
+        assert!(
+            !report.renewed.contains(&layer),
+            "{layer} off, yet renewed: {report:?}"
+        );
+    }
+
+    // On and unchanged: kept whole.
+    let on = |cap: u32, delay: &str| {
+        format!(
+            "{QUIET}\n[bulkhead]\nmax_concurrent = {cap}\n\n[coalesce]\n\n[hedge]\nenabled = true\ndelay = \"{delay}\"\n"
+        )
+    };
+    let on_proxy = proxy(config(&on(4, "100ms")));
+    let report = on_proxy.reload(config(&on(4, "100ms"))).unwrap();
+    for layer in optional {
+        assert!(
+            report.kept.contains(&layer),
+            "{layer} unchanged, not kept: {report:?}"
+        );
+    }
+    // Changed: renewed (the coalescing section did not change: kept).
+    let report = on_proxy.reload(config(&on(5, "150ms"))).unwrap();
+    assert!(report.renewed.contains(&StackLayer::Bulkhead), "{report:?}");
+    assert!(report.renewed.contains(&StackLayer::Hedge), "{report:?}");
+    assert!(report.kept.contains(&StackLayer::Coalesce), "{report:?}");
+}
