@@ -67,6 +67,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations)]
 
+mod adaptive;
 mod builder;
 mod future;
 mod layer;
@@ -75,6 +76,7 @@ mod service;
 mod settings;
 mod state;
 
+pub use adaptive::{AdaptiveLimit, DEFAULT_DECREASE_FACTOR, DEFAULT_MIN_CONCURRENT};
 pub use builder::{BulkheadBuilder, DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_WAIT, MAX_MAX_CONCURRENT};
 pub use future::ResponseFuture;
 pub use layer::BulkheadLayer;

@@ -91,7 +91,7 @@ pub struct BulkheadToolSettings {
     pub max_wait: Option<Duration>,
 }
 
-impl BulkheadBuilder {
+impl<C> BulkheadBuilder<C> {
     /// Sets every knob that `settings` sets; the others keep their values.
     /// `settings.enabled` is not the builder's (see
     /// [`BulkheadSettings::enabled`]).
