@@ -82,5 +82,5 @@ pub use future::ResponseFuture;
 pub use layer::BulkheadLayer;
 pub use service::Bulkhead;
 #[cfg(feature = "serde")]
-pub use settings::{BulkheadSettings, BulkheadToolSettings, KeyBySetting};
+pub use settings::{AdaptiveSettings, BulkheadSettings, BulkheadToolSettings, KeyBySetting};
 pub use toolwarden_core::BulkheadFull;
