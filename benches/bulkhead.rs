@@ -17,7 +17,24 @@ use std::hint::black_box;
 use criterion::{criterion_group, criterion_main, Criterion};
 use support::{one_call, overhead_pair, runtime_current_thread, unit_service, Call, TOOLS};
 use toolwarden_bulkhead::BulkheadLayer;
+use toolwarden_core::{CallKind, Classify, Outcome};
 use tower::Layer;
+
+/// The bare service answers `()`, which no MCP classifier reads: a
+/// classifier of `()` for the layer's type. A fixed cap never calls it, so
+/// it costs nothing measured here.
+#[derive(Debug, Clone, Copy)]
+struct Unit;
+
+impl Classify<()> for Unit {
+    fn classify_response(&self, _kind: CallKind, _response: &()) -> Outcome {
+        Outcome::SUCCESS
+    }
+
+    fn classify_error(&self, error: &(dyn std::error::Error + 'static)) -> Outcome {
+        toolwarden_core::classify::classify_error_chain(error)
+    }
+}
 
 fn calls() -> impl FnMut() -> Call {
     let mut i = 0;
@@ -27,8 +44,12 @@ fn calls() -> impl FnMut() -> Call {
     }
 }
 
-fn ours() -> BulkheadLayer {
-    match BulkheadLayer::builder().max_concurrent(10).build() {
+fn ours() -> BulkheadLayer<Unit> {
+    match BulkheadLayer::builder()
+        .max_concurrent(10)
+        .classifier(Unit)
+        .build()
+    {
         Ok(layer) => layer,
         Err(e) => panic!("{e}"),
     }

@@ -5,8 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use toolwarden_core::overrides::{Overridable, ToolOverrides};
-use toolwarden_core::{Bounds, ConfigError, Events, KeyBy};
+use toolwarden_core::{Bounds, ConfigError, Events, KeyBy, McpClassifier};
 
+use crate::adaptive::AdaptiveLimit;
 use crate::layer::BulkheadLayer;
 use crate::state::{Limits, Shared};
 
@@ -25,6 +26,7 @@ pub const MAX_MAX_CONCURRENT: u32 = 1 << 24;
 struct Knobs {
     max_concurrent: u32,
     max_wait: Duration,
+    adaptive: Option<AdaptiveLimit>,
     key_by: KeyBy,
     bounds: Bounds,
     events: Events,
@@ -35,6 +37,7 @@ impl Default for Knobs {
         Knobs {
             max_concurrent: DEFAULT_MAX_CONCURRENT,
             max_wait: DEFAULT_MAX_WAIT,
+            adaptive: None,
             key_by: KeyBy::Tool,
             bounds: Bounds::default(),
             events: Events::new(),
@@ -60,10 +63,21 @@ impl Default for Knobs {
 /// let err = BulkheadLayer::builder().tool("x", |b| b.max_concurrent(0)).build().unwrap_err();
 /// assert_eq!(err.field(), r#"tools."x".max_concurrent"#);
 /// ```
-#[derive(Debug, Default)]
-pub struct BulkheadBuilder {
+#[derive(Debug)]
+pub struct BulkheadBuilder<C = McpClassifier> {
     knobs: Knobs,
+    classifier: C,
     tools: ToolOverrides<BulkheadBuilder>,
+}
+
+impl Default for BulkheadBuilder {
+    fn default() -> Self {
+        BulkheadBuilder {
+            knobs: Knobs::default(),
+            classifier: McpClassifier::new(),
+            tools: ToolOverrides::new(),
+        }
+    }
 }
 
 impl Overridable for BulkheadBuilder {
@@ -72,11 +86,12 @@ impl Overridable for BulkheadBuilder {
     }
 }
 
-impl BulkheadBuilder {
+impl<C> BulkheadBuilder<C> {
     /// The most calls of one key (see [`key_by`](Self::key_by)) in flight
     /// at once; in a [`tool`](Self::tool) closure, that tool's cap.
     /// Default [`DEFAULT_MAX_CONCURRENT`] (10). Between 1 and
-    /// [`MAX_MAX_CONCURRENT`].
+    /// [`MAX_MAX_CONCURRENT`]. With an [`adaptive`](Self::adaptive) cap,
+    /// its ceiling.
     #[must_use]
     pub fn max_concurrent(mut self, max_concurrent: u32) -> Self {
         self.knobs.max_concurrent = max_concurrent;
@@ -96,10 +111,44 @@ impl BulkheadBuilder {
         self
     }
 
+    /// Makes the cap adaptive (AIMD, see the [crate docs](crate#adaptive-cap)):
+    /// between [`AdaptiveLimit::min_concurrent`] and
+    /// [`max_concurrent`](Self::max_concurrent), growing while calls
+    /// succeed within [`AdaptiveLimit::latency_threshold`] and cut when
+    /// they fail or are slow. `configure` gets the knobs set so far (by an
+    /// earlier call, or in a [`tool`](Self::tool) closure the layer's),
+    /// else [`AdaptiveLimit::new`]; `latency_threshold` must be set.
+    /// Default: off, the cap is `max_concurrent`, fixed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use toolwarden_bulkhead::BulkheadLayer;
+    ///
+    /// let layer = BulkheadLayer::builder()
+    ///     .max_concurrent(32)
+    ///     .adaptive(|a| a.latency_threshold(Duration::from_secs(2)).min_concurrent(4))
+    ///     .tool("render_pdf", |b| b.max_concurrent(8).adaptive(|a| a.min_concurrent(1)))
+    ///     .build()
+    ///     .unwrap();
+    /// assert!(layer.is_adaptive("render_pdf"));
+    /// let err = BulkheadLayer::builder()
+    ///     .adaptive(|a| a.latency_threshold(Duration::from_secs(2)).min_concurrent(4))
+    ///     .tool("render_pdf", |b| b.max_concurrent(2))
+    ///     .build()
+    ///     .unwrap_err();
+    /// assert_eq!(err.field(), r#"tools."render_pdf".adaptive.min_concurrent"#);
+    /// ```
+    #[must_use]
+    pub fn adaptive(mut self, configure: impl FnOnce(AdaptiveLimit) -> AdaptiveLimit) -> Self {
+        self.knobs.adaptive = Some(configure(self.knobs.adaptive.unwrap_or_default()));
+        self
+    }
+
     /// Settings of one tool: `configure` gets a builder carrying this
     /// builder's final values and may change
-    /// [`max_concurrent`](Self::max_concurrent) and
-    /// [`max_wait`](Self::max_wait) for that tool. Every other knob is
+    /// [`max_concurrent`](Self::max_concurrent),
+    /// [`max_wait`](Self::max_wait) and [`adaptive`](Self::adaptive) for
+    /// that tool. Every other knob is
     /// layer-wide (`build` refuses it in a closure, naming
     /// `tools."<tool>".<knob>`). Default: no overrides. Needs a key that
     /// contains the tool ([`KeyBy::Tool`] or [`KeyBy::SessionTool`]).
@@ -145,10 +194,23 @@ impl BulkheadBuilder {
         self
     }
 
+    /// The classifier that judges how the calls of an adaptive key ended
+    /// (see [`adaptive`](Self::adaptive)); share the stack's. Unused with a
+    /// fixed cap. Default [`McpClassifier`]. Layer-wide.
+    #[must_use]
+    pub fn classifier<C2>(mut self, classifier: C2) -> BulkheadBuilder<C2> {
+        self.tools.layer_wide("classifier");
+        BulkheadBuilder {
+            knobs: self.knobs,
+            classifier,
+            tools: self.tools,
+        }
+    }
+
     /// Validates the configuration; the error names the bad field
     /// (`max_concurrent`, `tools."<tool>".max_concurrent`, `key_by, tools`,
-    /// `bounds.max_keys`, ...).
-    pub fn build(mut self) -> Result<BulkheadLayer, ConfigError> {
+    /// `bounds.max_keys`, `adaptive.min_concurrent`, ...).
+    pub fn build(mut self) -> Result<BulkheadLayer<C>, ConfigError> {
         let tools = std::mem::take(&mut self.tools);
         let knobs = self.knobs;
         let limits = |knobs: &Knobs| -> Result<Limits, ConfigError> {
@@ -158,9 +220,18 @@ impl BulkheadBuilder {
                     format!("must be between 1 and {MAX_MAX_CONCURRENT}"),
                 ));
             }
+            let adaptive = match &knobs.adaptive {
+                None => None,
+                Some(adaptive) => Some(
+                    adaptive
+                        .validate(knobs.max_concurrent)
+                        .map_err(|e| e.in_section("adaptive"))?,
+                ),
+            };
             Ok(Limits {
                 max_concurrent: knobs.max_concurrent,
                 max_wait: knobs.max_wait,
+                adaptive,
             })
         };
         let default = limits(&knobs)?;
@@ -185,13 +256,10 @@ impl BulkheadBuilder {
             .bounds
             .validate()
             .map_err(|e| e.in_section("bounds"))?;
-        Ok(BulkheadLayer::from_shared(Shared::new(
-            knobs.key_by,
-            default,
-            tools,
-            knobs.bounds,
-            knobs.events,
-        )))
+        Ok(BulkheadLayer::from_shared(
+            Shared::new(knobs.key_by, default, tools, knobs.bounds, knobs.events),
+            self.classifier,
+        ))
     }
 }
 

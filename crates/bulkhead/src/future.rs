@@ -10,25 +10,34 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit};
 use tokio::time::{Instant, Sleep};
-use toolwarden_core::{BoxError, BulkheadFull};
+use toolwarden_core::{BoxError, BulkheadFull, CallKind, Classify, McpClassifier, Outcome};
 use tower_service::Service;
 
+use crate::adaptive::Signal;
 use crate::state::{Compartment, Shared};
 
 /// A place taken by one call: given back when dropped (the call completed,
 /// failed, or was cancelled); a call that completes also records its
-/// duration.
+/// duration. With an adaptive cap, the end of the call also adapts it.
 pub(crate) struct Permit {
     compartment: Arc<Compartment>,
     started: Instant,
+    /// The adaptive cap's epoch at admission (0 for a fixed cap).
+    epoch: u64,
+    /// What the call's end says about the load, once it ended (adaptive
+    /// caps only; `None` at drop: cancelled).
+    signal: Option<Signal>,
 }
 
 impl Permit {
     #[inline]
     pub(crate) fn new(compartment: Arc<Compartment>) -> Self {
+        let epoch = compartment.adaptive.as_ref().map_or(0, |a| a.epoch());
         Permit {
             compartment,
             started: Instant::now(),
+            epoch,
+            signal: None,
         }
     }
 
@@ -38,12 +47,31 @@ impl Permit {
     fn complete(self) {
         self.compartment.record(self.started.elapsed());
     }
+
+    /// The call of an adaptive key ended with `outcome`: record how long
+    /// it took and what that says about the load (acted on at drop).
+    fn complete_with(mut self, outcome: &Outcome) {
+        let elapsed = self.started.elapsed();
+        self.compartment.record(elapsed);
+        if let Some(adaptive) = &self.compartment.adaptive {
+            self.signal = Some(adaptive.bounds.signal(Some(outcome), elapsed));
+        }
+    }
 }
 
 impl Drop for Permit {
     #[inline]
     fn drop(&mut self) {
-        self.compartment.leave();
+        match &self.compartment.adaptive {
+            None => self.compartment.leave(),
+            Some(adaptive) => {
+                let signal = self.signal.unwrap_or_else(|| {
+                    // Cancelled: only its duration so far says anything.
+                    adaptive.bounds.signal(None, self.started.elapsed())
+                });
+                adaptive.leave(&self.compartment.semaphore, signal, self.epoch);
+            }
+        }
     }
 }
 
@@ -53,18 +81,18 @@ pin_project! {
     /// Response future of [`Bulkhead`](crate::Bulkhead): the inner call
     /// holding its place, a refusal, or a wait for a place, then for the
     /// inner service's readiness, then the inner call.
-    pub struct ResponseFuture<S, R>
+    pub struct ResponseFuture<S, R, C = McpClassifier>
     where
         S: Service<R>,
     {
         #[pin]
-        state: State<S, R>,
+        state: State<S, R, C>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<S, R>
+    enum State<S, R, C>
     where
         S: Service<R>,
     {
@@ -72,10 +100,12 @@ pin_project! {
             #[pin]
             future: S::Future,
             permit: Option<Permit>,
+            // Only for a call of an adaptive key: its outcome adapts the cap.
+            classifier: Option<C>,
         },
         // Boxed: only calls that wait pay for the timer and the held service.
         Waiting {
-            waiting: Pin<Box<Waiting<S, R>>>,
+            waiting: Pin<Box<Waiting<S, R, C>>>,
         },
         Refused {
             error: Option<BulkheadFull>,
@@ -84,7 +114,7 @@ pin_project! {
 }
 
 pin_project! {
-    struct Waiting<S, R> {
+    struct Waiting<S, R, C> {
         // In a mutex only so that the response future stays `Sync` when the
         // inner one is: never locked, only reached through `get_mut`.
         acquire: Mutex<Acquire>,
@@ -96,14 +126,19 @@ pin_project! {
         compartment: Arc<Compartment>,
         key: Arc<str>,
         shared: Arc<Shared>,
+        classifier: Option<C>,
     }
 }
 
-impl<S: Service<R>, R> ResponseFuture<S, R> {
+impl<S: Service<R>, R, C> ResponseFuture<S, R, C> {
     #[inline]
-    pub(crate) fn called(future: S::Future, permit: Option<Permit>) -> Self {
+    pub(crate) fn called(future: S::Future, permit: Option<Permit>, classifier: Option<C>) -> Self {
         ResponseFuture {
-            state: State::Called { future, permit },
+            state: State::Called {
+                future,
+                permit,
+                classifier,
+            },
         }
     }
 
@@ -113,6 +148,7 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn waiting(
         service: S,
         request: R,
@@ -120,6 +156,7 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
         key: Arc<str>,
         shared: Arc<Shared>,
         max_wait: Duration,
+        classifier: Option<C>,
     ) -> Self {
         let semaphore = Arc::clone(&compartment.semaphore);
         ResponseFuture {
@@ -135,22 +172,25 @@ impl<S: Service<R>, R> ResponseFuture<S, R> {
                     compartment,
                     key,
                     shared,
+                    classifier,
                 }),
             },
         }
     }
 }
 
-impl<S, R> Waiting<S, R>
+impl<S, R, C> Waiting<S, R, C>
 where
     S: Service<R>,
     S::Error: Into<BoxError>,
 {
-    /// The ready service, the request and the place, or the refusal.
+    /// The ready service, the request, the place and the classifier (for
+    /// an adaptive key), or the refusal.
+    #[allow(clippy::type_complexity)]
     fn poll_place(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Result<(S, R, Permit), BoxError>> {
+    ) -> Poll<Result<(S, R, Permit, Option<C>), BoxError>> {
         let mut this = self.project();
         if this.permit.is_none() {
             let acquire = this
@@ -181,14 +221,20 @@ where
         // An error drops the permit with the future: the place is given back.
         ready!(inner.poll_ready(cx)).map_err(Into::into)?;
         let (inner, request) = take(this.call);
-        Poll::Ready(Ok((inner, request, take(this.permit))))
+        Poll::Ready(Ok((
+            inner,
+            request,
+            take(this.permit),
+            this.classifier.take(),
+        )))
     }
 }
 
-impl<S, R> Future for ResponseFuture<S, R>
+impl<S, R, C> Future for ResponseFuture<S, R, C>
 where
     S: Service<R>,
     S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
 {
     type Output = Result<S::Response, BoxError>;
 
@@ -197,19 +243,32 @@ where
         let mut state = self.project().state;
         loop {
             let next = match state.as_mut().project() {
-                StateProj::Called { future, permit } => {
-                    let output = ready!(future.poll(cx));
+                StateProj::Called {
+                    future,
+                    permit,
+                    classifier,
+                } => {
+                    let mut output = ready!(future.poll(cx)).map_err(Into::into);
                     if let Some(permit) = permit.take() {
-                        permit.complete();
+                        match classifier.take() {
+                            None => permit.complete(),
+                            Some(classifier) => {
+                                let outcome =
+                                    classifier.classify_result(CallKind::ToolCall, &mut output);
+                                permit.complete_with(&outcome);
+                            }
+                        }
                     }
-                    return Poll::Ready(output.map_err(Into::into));
+                    return Poll::Ready(output);
                 }
                 StateProj::Refused { error } => return Poll::Ready(Err(take(error).into())),
                 StateProj::Waiting { waiting } => {
-                    let (mut inner, request, permit) = ready!(waiting.as_mut().poll_place(cx))?;
+                    let (mut inner, request, permit, classifier) =
+                        ready!(waiting.as_mut().poll_place(cx))?;
                     State::Called {
                         future: inner.call(request),
                         permit: Some(permit),
+                        classifier,
                     }
                 }
             };
@@ -234,7 +293,7 @@ fn held<T>(slot: &mut Option<T>) -> &mut T {
         .expect("ResponseFuture polled after completion")
 }
 
-impl<S: Service<R>, R> fmt::Debug for ResponseFuture<S, R> {
+impl<S: Service<R>, R, C> fmt::Debug for ResponseFuture<S, R, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Called { .. } => "Called",

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use toolwarden_core::{Bounds, KeyRef};
+use toolwarden_core::{Bounds, KeyRef, McpClassifier};
 use tower_layer::Layer;
 
 use crate::builder::BulkheadBuilder;
@@ -16,10 +16,12 @@ use crate::state::Shared;
 /// The layer holds the configuration and the per-key places, created by
 /// [`build`](BulkheadBuilder::build): every service it builds, every clone
 /// of those, and every service built from a clone of the layer share the
-/// same caps (cloning the layer is one reference-count increment).
+/// same caps (cloning the layer is one reference-count increment, plus a
+/// clone of the classifier).
 #[derive(Debug, Clone)]
-pub struct BulkheadLayer {
+pub struct BulkheadLayer<C = McpClassifier> {
     shared: Arc<Shared>,
+    classifier: C,
 }
 
 impl BulkheadLayer {
@@ -41,10 +43,13 @@ impl BulkheadLayer {
     pub fn builder() -> BulkheadBuilder {
         BulkheadBuilder::default()
     }
+}
 
-    pub(crate) fn from_shared(shared: Shared) -> Self {
+impl<C> BulkheadLayer<C> {
+    pub(crate) fn from_shared(shared: Shared, classifier: C) -> Self {
         BulkheadLayer {
             shared: Arc::new(shared),
+            classifier,
         }
     }
 
@@ -52,7 +57,14 @@ impl BulkheadLayer {
         &self.shared
     }
 
-    /// The cap of `tool` (its override, else the default).
+    /// The classifier that judges the calls of adaptive keys.
+    #[must_use]
+    pub fn classifier(&self) -> &C {
+        &self.classifier
+    }
+
+    /// The cap of `tool` (its override, else the default); with an
+    /// adaptive cap, its ceiling (see [`current_limit`](Self::current_limit)).
     #[must_use]
     pub fn max_concurrent(&self, tool: &str) -> u32 {
         self.shared
@@ -99,6 +111,28 @@ impl BulkheadLayer {
         self.shared.state.with(&key, |c| c.in_flight()).unwrap_or(0)
     }
 
+    /// Whether `tool`'s cap is adaptive (its override's setting, else the
+    /// default's).
+    #[must_use]
+    pub fn is_adaptive(&self, tool: &str) -> bool {
+        self.shared.limits_of(Some(tool)).adaptive.is_some()
+    }
+
+    /// The cap of `key` now: `max_concurrent` for a fixed cap; where an
+    /// adaptive cap stands (between its `min_concurrent` and
+    /// `max_concurrent`). For a key not kept (never seen, or evicted as
+    /// idle), the cap it would start with.
+    ///
+    /// ```
+    /// use toolwarden_bulkhead::BulkheadLayer;
+    /// use toolwarden_core::KeyRef;
+    /// assert_eq!(BulkheadLayer::new().current_limit(KeyRef::Tool("search")), 10);
+    /// ```
+    #[must_use]
+    pub fn current_limit(&self, key: KeyRef<'_>) -> u32 {
+        self.shared.current_limit(key)
+    }
+
     /// The recent average duration of `key`'s calls (an exponentially
     /// weighted moving average, the newest call weighing 1/8), from which a
     /// refusal's `retry_after` is estimated; `None` before any call ended.
@@ -123,8 +157,8 @@ impl Default for BulkheadLayer {
     }
 }
 
-impl<S> Layer<S> for BulkheadLayer {
-    type Service = Bulkhead<S>;
+impl<S, C: Clone> Layer<S> for BulkheadLayer<C> {
+    type Service = Bulkhead<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Bulkhead::new(inner, self)

@@ -4,12 +4,12 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use toolwarden_core::{BoxError, McpRequest};
+use toolwarden_core::{BoxError, Classify, McpClassifier, McpRequest};
 use tower_service::Service;
 
 use crate::future::{Permit, ResponseFuture};
 use crate::layer::BulkheadLayer;
-use crate::state::Shared;
+use crate::state::{Compartment, Shared};
 
 /// Caps the tool calls of an inner service in flight per key. Clones share
 /// the caps (and so do all services built from one [`BulkheadLayer`]).
@@ -27,23 +27,29 @@ use crate::state::Shared;
 ///
 /// The place is given back when the response future completes or is
 /// dropped, whichever comes first. Requests other than `tools/call` pass
-/// untouched.
+/// untouched. With an adaptive cap, the classifier `C` judges each ended
+/// call of an adaptive key (the response future classifies nothing for a
+/// fixed cap).
 #[derive(Debug, Clone)]
-pub struct Bulkhead<S> {
+pub struct Bulkhead<S, C = McpClassifier> {
     inner: S,
     shared: Arc<Shared>,
+    classifier: C,
 }
 
-impl<S> Bulkhead<S> {
+impl<S, C: Clone> Bulkhead<S, C> {
     /// Caps the calls of `inner` with the places of `layer`, shared with
     /// every other service built from it (the same as `layer.layer(inner)`).
-    pub fn new(inner: S, layer: &BulkheadLayer) -> Self {
+    pub fn new(inner: S, layer: &BulkheadLayer<C>) -> Self {
         Bulkhead {
             inner,
             shared: Arc::clone(layer.shared()),
+            classifier: layer.classifier().clone(),
         }
     }
+}
 
+impl<S, C> Bulkhead<S, C> {
     /// The inner service.
     #[must_use]
     pub fn get_ref(&self) -> &S {
@@ -63,15 +69,16 @@ impl<S> Bulkhead<S> {
     }
 }
 
-impl<S, R> Service<R> for Bulkhead<S>
+impl<S, R, C> Service<R> for Bulkhead<S, C>
 where
     R: McpRequest,
     S: Service<R> + Clone,
     S::Error: Into<BoxError>,
+    C: Classify<S::Response>,
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, R>;
+    type Future = ResponseFuture<S, R, C>;
 
     #[inline]
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
@@ -81,25 +88,31 @@ where
     #[inline]
     fn call(&mut self, request: R) -> Self::Future {
         if !request.is_tool_call() {
-            return ResponseFuture::called(self.inner.call(request), None);
+            return ResponseFuture::called(self.inner.call(request), None, None);
         }
         let compartment = self.shared.compartment(self.shared.key_by.key(&request));
         if compartment.try_enter() {
+            let classifier = self.classifier_for(&compartment);
             let permit = Permit::new(compartment);
-            return ResponseFuture::called(self.inner.call(request), Some(permit));
+            return ResponseFuture::called(self.inner.call(request), Some(permit), classifier);
         }
         self.call_full(request, compartment)
     }
 }
 
-impl<S> Bulkhead<S> {
+impl<S, C: Clone> Bulkhead<S, C> {
+    /// The classifier a call of `compartment` needs: none for a fixed cap.
+    #[inline]
+    fn classifier_for(&self, compartment: &Compartment) -> Option<C> {
+        compartment
+            .adaptive
+            .is_some()
+            .then(|| self.classifier.clone())
+    }
+
     /// `call` for a call that found every place taken.
     #[inline(never)]
-    fn call_full<R>(
-        &mut self,
-        request: R,
-        compartment: Arc<crate::state::Compartment>,
-    ) -> ResponseFuture<S, R>
+    fn call_full<R>(&mut self, request: R, compartment: Arc<Compartment>) -> ResponseFuture<S, R, C>
     where
         R: McpRequest,
         S: Service<R> + Clone,
@@ -114,6 +127,7 @@ impl<S> Bulkhead<S> {
         let unready = self.inner.clone();
         drop(mem::replace(&mut self.inner, unready));
         let service = self.inner.clone();
+        let classifier = self.classifier_for(&compartment);
         ResponseFuture::waiting(
             service,
             request,
@@ -121,6 +135,7 @@ impl<S> Bulkhead<S> {
             key,
             Arc::clone(&self.shared),
             max_wait,
+            classifier,
         )
     }
 }

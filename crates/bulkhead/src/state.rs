@@ -9,26 +9,40 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use toolwarden_core::{Bounds, BulkheadFull, Event, Events, Key, KeyBy, KeyRef, KeyedState};
 
+use crate::adaptive::{AdaptiveCap, Aimd};
+
 /// The `retry_after` of a refusal before any call of the key has completed.
 pub(crate) const UNMEASURED_RETRY_AFTER: Duration = Duration::from_millis(100);
 /// The shortest `retry_after` a refusal carries.
 pub(crate) const MIN_RETRY_AFTER: Duration = Duration::from_millis(1);
 
-/// The cap and the wait of one key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The cap, the wait and the adaptive bounds of one key.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Limits {
     pub(crate) max_concurrent: u32,
     pub(crate) max_wait: Duration,
+    /// `None`: the cap is `max_concurrent`, fixed.
+    pub(crate) adaptive: Option<Aimd>,
 }
 
-/// One key's places: a fair semaphore of `max_concurrent` permits, and the
+impl Limits {
+    /// The cap a key starts with.
+    pub(crate) fn initial_cap(&self) -> u32 {
+        self.adaptive.map_or(self.max_concurrent, |a| a.initial)
+    }
+}
+
+/// One key's places: a fair semaphore of permits (the cap), and the
 /// recent duration of its calls (an EWMA), from which a refusal estimates
-/// when a place comes free.
+/// when a place comes free; with an adaptive cap, the cap's state.
 pub(crate) struct Compartment {
     pub(crate) semaphore: Arc<Semaphore>,
     pub(crate) limits: Limits,
     /// EWMA of completed call durations, in nanoseconds; 0: none yet.
     ewma_nanos: AtomicU64,
+    /// `None` (the default): the cap is fixed and the calls' end costs
+    /// one `add_permits`, nothing more.
+    pub(crate) adaptive: Option<AdaptiveCap>,
 }
 
 impl fmt::Debug for Compartment {
@@ -36,6 +50,7 @@ impl fmt::Debug for Compartment {
         f.debug_struct("Compartment")
             .field("limits", &self.limits)
             .field("in_flight", &self.in_flight())
+            .field("adaptive", &self.adaptive)
             .finish_non_exhaustive()
     }
 }
@@ -43,9 +58,10 @@ impl fmt::Debug for Compartment {
 impl Compartment {
     pub(crate) fn new(limits: Limits) -> Self {
         Compartment {
-            semaphore: Arc::new(Semaphore::new(limits.max_concurrent as usize)),
+            semaphore: Arc::new(Semaphore::new(limits.initial_cap() as usize)),
             limits,
             ewma_nanos: AtomicU64::new(0),
+            adaptive: limits.adaptive.map(AdaptiveCap::new),
         }
     }
 
@@ -63,14 +79,27 @@ impl Compartment {
         }
     }
 
-    /// Gives a place back.
+    /// Gives a place back (a fixed cap's; see [`Permit`](crate::future)
+    /// for an adaptive one's).
     #[inline]
     pub(crate) fn leave(&self) {
         self.semaphore.add_permits(1);
     }
 
+    /// The cap now: the fixed one, or where the adaptive one stands.
+    #[inline]
+    pub(crate) fn cap(&self) -> u32 {
+        match &self.adaptive {
+            None => self.limits.max_concurrent,
+            Some(adaptive) => adaptive.cap(),
+        }
+    }
+
     /// Places taken now.
     pub(crate) fn in_flight(&self) -> u32 {
+        if let Some(adaptive) = &self.adaptive {
+            return adaptive.in_flight(&self.semaphore);
+        }
         let free = u32::try_from(self.semaphore.available_permits()).unwrap_or(u32::MAX);
         self.limits.max_concurrent.saturating_sub(free)
     }
@@ -94,12 +123,13 @@ impl Compartment {
 
     /// When a place is expected to come free: with every place taken by
     /// calls of the recent average duration `d`, one ends about every
-    /// `d / max_concurrent`. At least 1 ms; 100 ms before any call ended.
+    /// `d / cap`. At least 1 ms; 100 ms before any call ended.
     pub(crate) fn retry_after(&self) -> Duration {
         match self.ewma_nanos.load(Ordering::Relaxed) {
             0 => UNMEASURED_RETRY_AFTER,
-            nanos => Duration::from_nanos(nanos / u64::from(self.limits.max_concurrent.max(1)))
-                .max(MIN_RETRY_AFTER),
+            nanos => {
+                Duration::from_nanos(nanos / u64::from(self.cap().max(1))).max(MIN_RETRY_AFTER)
+            }
         }
     }
 
@@ -191,6 +221,20 @@ impl Shared {
         }
     }
 
+    /// The limits of `tool` (its override, else the default).
+    pub(crate) fn limits_of(&self, tool: Option<&str>) -> Limits {
+        tool.and_then(|tool| self.tools.get(tool).copied())
+            .unwrap_or(self.default)
+    }
+
+    /// The cap of `key` now; a key not kept yet would start at its
+    /// initial cap.
+    pub(crate) fn current_limit(&self, key: KeyRef<'_>) -> u32 {
+        self.state
+            .with(&key, |c| c.cap())
+            .unwrap_or_else(|| self.limits_of(key_ref_tool(&key)).initial_cap())
+    }
+
     /// The compartment of `key`.
     #[inline]
     pub(crate) fn compartment(&self, key: KeyRef<'_>) -> Arc<Compartment> {
@@ -215,7 +259,8 @@ impl Shared {
     #[cold]
     pub(crate) fn reject(&self, key: &str, compartment: &Compartment) -> BulkheadFull {
         let retry_after = compartment.retry_after();
-        let max_concurrent = compartment.limits.max_concurrent;
+        // The cap the call found full (an adaptive one's, as it stands).
+        let max_concurrent = compartment.cap();
         self.events.emit(&Event::BulkheadFull {
             key,
             max_concurrent,

@@ -720,8 +720,10 @@ impl StandardStackBuilder {
         let loop_guard = kept(StackLayer::LoopGuard).map_or(loop_guard, |p| p.loop_guard.clone());
         // Issue 21: the optional layers, built only when configured.
         let bulkhead = match self.bulkhead {
+            // The stack's classifier: an adaptive cap reads outcomes as the
+            // breaker does.
             Some(f) => Some(
-                f(BulkheadLayer::builder())
+                f(BulkheadLayer::builder().classifier(shared))
                     .events(events.clone())
                     .build()
                     .map_err(|e| e.in_section("bulkhead"))?,

@@ -561,6 +561,59 @@ fn the_redis_section_is_the_redis_crates_settings() {
 }
 
 #[test]
+fn bulkhead_adaptive_table_makes_the_cap_adaptive_and_names_bad_keys() {
+    let config = parse(
+        "[bulkhead]\nmax_concurrent = 12\n[bulkhead.adaptive]\nlatency_threshold = \"2s\"\nmin_concurrent = 2\ninitial_concurrent = 6\ndecrease_factor = 0.75\n[tools.\"pdf\"]\nbulkhead = { max_concurrent = 4, adaptive = { initial_concurrent = 3 } }\n",
+    )
+    .unwrap();
+    let adaptive = config.bulkhead.as_ref().unwrap().adaptive.clone().unwrap();
+    assert_eq!(adaptive.latency_threshold, Some(Duration::from_secs(2)));
+    assert_eq!(adaptive.decrease_factor, Some(0.75));
+    let stack = crate::stack::standard_stack(
+        &config,
+        &crate::stack::SharedState::new(
+            toolwarden_core::Events::new(),
+            crate::endpoints::MetricsEndpoints::new(),
+        ),
+    )
+    .unwrap();
+    let bulkhead = stack.bulkhead_layer().unwrap();
+    assert!(bulkhead.is_adaptive("search"));
+    assert_eq!(
+        bulkhead.current_limit(toolwarden_core::KeyRef::Tool("search")),
+        6
+    );
+    assert_eq!(
+        bulkhead.current_limit(toolwarden_core::KeyRef::Tool("pdf")),
+        3
+    );
+    // Without the table the cap is fixed.
+    let fixed = parse("[bulkhead]\nmax_concurrent = 5\n").unwrap();
+    assert!(fixed.bulkhead.unwrap().adaptive.is_none());
+    // Error paths name the key.
+    assert_eq!(
+        key_of("[bulkhead]\n[bulkhead.adaptive]\nmin_concurrent = 2\n"),
+        "bulkhead.adaptive.latency_threshold"
+    );
+    assert_eq!(
+        key_of("[bulkhead]\nadaptive = { latency_threshold = \"1s\", decrease_factor = 1.0 }\n"),
+        "bulkhead.adaptive.decrease_factor"
+    );
+    assert_eq!(
+        key_of("[bulkhead]\nmax_concurrent = 4\nadaptive = { latency_threshold = \"1s\", min_concurrent = 5 }\n"),
+        "bulkhead.adaptive.min_concurrent"
+    );
+    assert_eq!(
+        key_of("[bulkhead]\nadaptive = { latency_threshold = \"1s\" }\n[tools.\"pdf\"]\nbulkhead = { adaptive = { initial_concurrent = 0 } }\n"),
+        "tools.\"pdf\".bulkhead.adaptive.initial_concurrent"
+    );
+    assert_eq!(
+        key_of("[bulkhead]\nadaptive = { latency_threshold = \"1s\", max_concurrent = 3 }\n"),
+        "bulkhead.adaptive.max_concurrent"
+    );
+}
+
+#[test]
 fn bulkhead_and_coalesce_sections_turn_the_layers_on_and_name_bad_keys() {
     let config = parse(
         "[bulkhead]\nmax_concurrent = 3\n[coalesce]\nper_session = true\n[tools.\"pdf\"]\nbulkhead = { max_concurrent = 1 }\ncoalesce = { coalesce = false }\n",
