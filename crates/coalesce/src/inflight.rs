@@ -2,11 +2,15 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures_util::TryFuture;
 use parking_lot::Mutex;
 use toolwarden_core::Fingerprint;
+
+use crate::call::{HandOver, SharedCall};
 
 /// What identifies identical calls: the fingerprint of (tool, arguments),
 /// and the session when calls are shared per session only.
@@ -16,27 +20,25 @@ pub(crate) struct CallKey {
     pub(crate) session: Option<Arc<str>>,
 }
 
-struct Slot<W> {
+struct Slot<C> {
     /// Tells this call apart from a later one with the same key.
     generation: u64,
-    /// Callers waiting for this call's answer (the leader included).
-    waiters: usize,
-    /// A weak handle to the shared call (`WeakShared` of the service's
-    /// future type): it never keeps the call alive by itself.
-    call: W,
+    /// What the call's followers share, from the first follower on: a call
+    /// nobody joined has none (and costs no allocation of its own).
+    shared: Option<Arc<C>>,
 }
 
-struct Map<W> {
-    slots: HashMap<CallKey, Slot<W>, foldhash::fast::RandomState>,
+struct Map<C> {
+    slots: HashMap<CallKey, Slot<C>, foldhash::fast::RandomState>,
     next_generation: u64,
 }
 
-/// The calls in flight of one service future type `W` (a layer keeps one
+/// The calls in flight of one service future type `F` (a layer keeps one
 /// map per type, in practice one), bounded together with the layer's other
 /// maps by one count: at most `max_keys` calls in flight that others may
 /// join. A call past the bound is made on its own.
-pub(crate) struct InFlight<W> {
-    map: Mutex<Map<W>>,
+pub(crate) struct InFlight<F: TryFuture> {
+    map: Mutex<Map<SharedCall<F>>>,
     count: Arc<Count>,
 }
 
@@ -47,7 +49,7 @@ pub(crate) struct Count {
     pub(crate) max_keys: usize,
 }
 
-impl<W> fmt::Debug for InFlight<W> {
+impl<F: TryFuture> fmt::Debug for InFlight<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InFlight")
             .field("count", &self.count)
@@ -55,22 +57,19 @@ impl<W> fmt::Debug for InFlight<W> {
     }
 }
 
-/// Leaving a call, whatever the map's type (what a caller's ticket holds).
-pub(crate) trait Leave: Send + Sync {
-    fn leave(&self, key: &CallKey, generation: u64, completed: bool);
-}
-
 /// What a caller did: joined a call in flight, led a new one, or neither.
-pub(crate) enum Joined<T> {
-    /// A call in flight, shared: its handle, and the generation to leave.
-    Follower(T, u64),
-    /// No call in flight: the caller made it; its handle and generation.
-    Leader(T, u64),
+pub(crate) enum Joined<F: TryFuture> {
+    /// A call in flight: what its followers share, this follower's place
+    /// in it, and the call's generation.
+    Follower(Arc<SharedCall<F>>, usize, u64),
+    /// No call in flight: the caller made it (the inner future `make`
+    /// returned) and leads it; the call's generation.
+    Leader(F, u64),
     /// The map is full: the caller makes its call on its own.
     Alone,
 }
 
-impl<W> InFlight<W> {
+impl<F: TryFuture> InFlight<F> {
     pub(crate) fn new(count: Arc<Count>) -> Self {
         InFlight {
             map: Mutex::new(Map {
@@ -81,26 +80,29 @@ impl<W> InFlight<W> {
         }
     }
 
-    /// Joins the call in flight for `key` (`upgrade` turns its stored weak
-    /// handle into a shared one: `None` when the call is gone), or makes a
-    /// new one with `make` (the shared handle and the weak one to store)
-    /// and leads it. `make` runs under the lock, so that no identical call
-    /// can start meanwhile: it only creates the inner service's future
-    /// (tower's `call`), it does not drive it.
-    pub(crate) fn join<T>(
-        &self,
-        key: &CallKey,
-        upgrade: impl FnOnce(&W) -> Option<T>,
-        make: impl FnOnce() -> (T, W),
-    ) -> Joined<T> {
+    /// Joins the call in flight for `key`, or makes a new one with `make`
+    /// (the inner service's `call`) and leads it. `make` runs under the
+    /// lock, so that no identical call can start meanwhile: it only creates
+    /// the inner service's future, it does not drive it.
+    pub(crate) fn join(&self, key: &CallKey, make: impl FnOnce() -> F) -> Joined<F> {
         let mut map = self.map.lock();
         if let Some(slot) = map.slots.get_mut(key) {
-            if let Some(shared) = upgrade(&slot.call) {
-                slot.waiters += 1;
-                return Joined::Follower(shared, slot.generation);
+            let generation = slot.generation;
+            match &slot.shared {
+                Some(shared) => {
+                    if let Some(place) = shared.join() {
+                        return Joined::Follower(Arc::clone(shared), place, generation);
+                    }
+                }
+                None => {
+                    let (shared, place) = SharedCall::with_follower();
+                    let shared = Arc::new(shared);
+                    slot.shared = Some(Arc::clone(&shared));
+                    return Joined::Follower(shared, place, generation);
+                }
             }
-            // Gone (its last waiter is leaving): this caller starts a new
-            // call in its place.
+            // Over (answered, or dropped by its last caller): this caller
+            // starts a new call in its place.
             map.slots.remove(key);
             self.count.len.fetch_sub(1, Ordering::Relaxed);
         }
@@ -115,35 +117,65 @@ impl<W> InFlight<W> {
         }
         map.next_generation = map.next_generation.wrapping_add(1);
         let generation = map.next_generation;
-        let (shared, call) = make();
+        let future = make();
         map.slots.insert(
             key.clone(),
             Slot {
                 generation,
-                waiters: 1,
-                call,
+                shared: None,
             },
         );
-        Joined::Leader(shared, generation)
+        Joined::Leader(future, generation)
     }
-}
 
-impl<W: Send> Leave for InFlight<W> {
-    /// A caller leaves: when the call completed (its answer is out, so a
-    /// new caller must make a new call) or its last waiter left (the call
-    /// is dropped, cancelled), its entry goes.
-    fn leave(&self, key: &CallKey, generation: u64, completed: bool) {
+    /// Removes the slot of the call `generation` of `key`, if it is still
+    /// there: what it held.
+    fn remove_locked(
+        &self,
+        map: &mut Map<SharedCall<F>>,
+        key: &CallKey,
+        generation: u64,
+    ) -> Option<Slot<SharedCall<F>>> {
+        if map.slots.get(key)?.generation != generation {
+            return None;
+        }
+        let slot = map.slots.remove(key)?;
+        self.count.len.fetch_sub(1, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// Removes the slot of a call that is over.
+    pub(crate) fn remove(&self, key: &CallKey, generation: u64) {
+        let slot = self.remove_locked(&mut self.map.lock(), key, generation);
+        drop(slot);
+    }
+
+    /// The leader got its answer: removes the call's slot (a new caller
+    /// makes a new call), giving what its followers share, if any joined.
+    pub(crate) fn finish(&self, key: &CallKey, generation: u64) -> Option<Arc<SharedCall<F>>> {
+        let slot = self.remove_locked(&mut self.map.lock(), key, generation);
+        slot?.shared
+    }
+
+    /// The leader leaves before its answer: hands its call (`None` when its
+    /// poll panicked) to the followers that wait, or removes the slot and
+    /// drops the call (cancels it) when nobody does.
+    pub(crate) fn abandon(&self, key: &CallKey, generation: u64, future: Option<Pin<Box<F>>>) {
         let mut map = self.map.lock();
-        let Some(slot) = map.slots.get_mut(key) else {
-            return;
+        let future = match map.slots.get(key) {
+            Some(slot) if slot.generation == generation => match &slot.shared {
+                Some(shared) => match shared.hand_over(future) {
+                    HandOver::Kept => return,
+                    HandOver::Closed(future) => future,
+                },
+                None => future,
+            },
+            _ => future,
         };
-        if slot.generation != generation {
-            return;
-        }
-        slot.waiters = slot.waiters.saturating_sub(1);
-        if completed || slot.waiters == 0 {
-            map.slots.remove(key);
-            self.count.len.fetch_sub(1, Ordering::Relaxed);
-        }
+        let slot = self.remove_locked(&mut map, key, generation);
+        drop(map);
+        // Dropped once the map is unlocked: it may do work of its own.
+        drop(future);
+        drop(slot);
     }
 }
