@@ -1,31 +1,33 @@
-//! [`SharedCall`]: what the followers of a call share with its leader.
+//! [`SharedCall`]: one call in flight, shared by every caller waiting for it.
 //!
-//! A call that nobody joins (most calls) never has one: its leader polls
-//! its own boxed inner future on its own task, with no lock and no waker
-//! of ours. The first follower to join allocates the `SharedCall` (one
-//! `Arc`) and stores it in the call's map slot; later followers share it.
+//! One `Arc` per call holds, under one lock, the inner future (boxed, so
+//! that it stays pinned while the `Arc` is shared), the answer once it
+//! came, and the waiting callers' wakers. Every caller, the one that made
+//! the call (the leader) and those that joined it (followers) alike, polls
+//! the call when it is polled: the inner future then holds the waker of the
+//! last caller that polled it (the poller). When the answer comes, the
+//! caller whose poll got it keeps it for the others and wakes them; a
+//! poller that leaves wakes another caller to poll in its place; the last
+//! caller to leave drops the call (cancels it).
 //!
-//! While the leader is there it polls the call; followers wait with their
-//! wakers registered here, and the leader, when the answer comes, stores a
-//! copy of it here and wakes them. When the leader leaves before the
-//! answer, it hands the inner future over (a `Pin<Box<F>>` moves without
-//! moving the future) and wakes one follower, which polls it from then on;
-//! whichever follower is polled polls the call, and a follower that leaves
-//! while the call holds its waker wakes another. The last caller to leave
-//! drops the call (cancels it).
+//! A call nobody joins (most calls) is polled by its leader alone, with its
+//! own waker: nothing is cloned, no other waker is registered unless the
+//! call waits, and its answer is moved out, not copied. Answered calls'
+//! `Arc`s (and their boxes) are kept for the next calls when nobody else
+//! holds them (see [`InFlight`](crate::inflight::InFlight)), so that a call
+//! nobody joins allocates nothing once the layer has warmed up.
 //!
-//! Lock order: the map's lock, then a call's; never the other way round
-//! (a follower that must remove the call's slot takes the map's lock after
+//! Lock order: the map's lock, then a call's; never the other way round (a
+//! caller that must remove the call's slot takes the map's lock after
 //! releasing the call's).
 //!
 //! Panics: a panic of the inner future's `poll` unwinds to the caller whose
 //! poll polled it; the call is then over (its future dropped, its slot
-//! removed) and every other caller waiting for it gets a [`SharedFailure`]
-//! whose source is [`SharedCallPanicked`](crate::error::SharedCallPanicked).
-//! Nobody is left waiting.
+//! removed when that caller's future is dropped) and every other caller
+//! waiting for it gets a [`SharedFailure`] whose source is
+//! [`SharedCallPanicked`]. Nobody is left waiting.
 
 use std::fmt;
-use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use futures_util::TryFuture;
@@ -34,38 +36,38 @@ use smallvec::SmallVec;
 use toolwarden_core::BoxError;
 
 use crate::error::{SharedCallPanicked, SharedFailure};
+use crate::inflight::Boxed;
 
-/// The answer of a shared call, as it is kept for the followers.
+/// The answer of a shared call, as it is kept for the callers.
 pub(crate) type Output<F> = Result<<F as TryFuture>::Ok, SharedFailure>;
 
-/// A follower's place in the call.
+/// A caller's place in the call.
 enum Place {
-    /// Free for the next follower.
+    /// Free for the next caller.
     Vacant,
-    /// A follower waits; its waker once it was polled.
+    /// A caller waits; its waker once its poll returned `Pending`.
     Waiting(Option<Waker>),
 }
 
 struct State<F: TryFuture> {
-    /// The leader still holds the call and polls it.
-    leader: bool,
-    /// The call, once the leader handed it over.
-    future: Option<Pin<Box<F>>>,
-    /// The answer, once it came and while a follower has not collected it.
+    /// The inner future until the call is over; the box stays, empty, to
+    /// carry a next call's.
+    future: Boxed<F>,
+    /// The answer, once it came and while a caller has not collected it.
     output: Option<Output<F>>,
     /// Nobody may join any more: the answer came, or the call was dropped.
     closed: bool,
-    /// Followers that have not collected the answer nor left.
+    /// Callers that have neither collected the answer nor left.
     waiting: usize,
     places: SmallVec<[Place; 2]>,
-    /// The follower whose waker the handed-over call holds (the last to poll it).
+    /// The caller whose waker the inner future holds (the last to poll it).
     poller: Option<usize>,
-    /// A follower's poll of the call panicked: that follower, leaving,
-    /// removes the call's slot.
+    /// A caller's poll of the call panicked: a caller leaving removes the
+    /// call's slot.
     panicked: bool,
 }
 
-/// What the followers of one call share: see the [module docs](self).
+/// One call in flight and its callers: see the [module docs](self).
 pub(crate) struct SharedCall<F: TryFuture> {
     state: Mutex<State<F>>,
 }
@@ -76,21 +78,15 @@ impl<F: TryFuture> fmt::Debug for SharedCall<F> {
     }
 }
 
-/// What the leader leaving did with its call.
-pub(crate) enum HandOver<F> {
-    /// Followers wait: they have the call now; its slot stays.
-    Kept,
-    /// Nobody waits (or the call panicked): the slot goes; drop this
-    /// future, the call, once the map's lock is released.
-    Closed(Option<Pin<Box<F>>>),
-}
-
-/// A follower's poll: the answer, and whether this follower completed the
-/// call (then it removes the call's slot).
+/// A caller's poll that is over: its answer, and whether this caller's
+/// poll got it (then it removes the call's slot).
 pub(crate) struct Answer<F: TryFuture> {
     pub(crate) output: Output<F>,
     pub(crate) completed_here: bool,
 }
+
+/// The place of the caller that makes a call.
+pub(crate) const LEADER: usize = 0;
 
 type Wakers = SmallVec<[Waker; 4]>;
 
@@ -100,25 +96,44 @@ fn wake_all(wakers: Wakers) {
     }
 }
 
+fn panicked<T>() -> Result<T, SharedFailure> {
+    Err(SharedFailure::new(BoxError::from(SharedCallPanicked)))
+}
+
 impl<F: TryFuture> State<F> {
-    /// Takes the wakers of every waiting follower (to wake once unlocked).
-    fn take_wakers(&mut self) -> Wakers {
+    /// A call of `future` with its leader waiting.
+    fn lead(&mut self, future: F) {
+        self.future.set(Some(future));
+        self.output = None;
+        self.closed = false;
+        self.waiting = 1;
+        self.places.clear();
+        self.places.push(Place::Waiting(None));
+        self.poller = None;
+        self.panicked = false;
+    }
+
+    /// Takes the wakers of every waiting caller but `except`, to wake once
+    /// unlocked.
+    fn take_wakers(&mut self, except: usize) -> Wakers {
         self.places
             .iter_mut()
-            .filter_map(|place| match place {
+            .enumerate()
+            .filter(|(i, _)| *i != except)
+            .filter_map(|(_, place)| match place {
                 Place::Waiting(waker) => waker.take(),
                 Place::Vacant => None,
             })
             .collect()
     }
 
-    /// The waker of one waiting follower other than `except`, to take over
+    /// The waker of one waiting caller other than `except`, to take over
     /// the polling.
-    fn take_one_waker(&mut self, except: Option<usize>) -> Option<Waker> {
+    fn take_one_waker(&mut self, except: usize) -> Option<Waker> {
         self.places
             .iter_mut()
             .enumerate()
-            .filter(|(i, _)| Some(*i) != except)
+            .filter(|(i, _)| *i != except)
             .find_map(|(_, place)| match place {
                 Place::Waiting(waker) => waker.take(),
                 Place::Vacant => None,
@@ -134,7 +149,7 @@ impl<F: TryFuture> State<F> {
         }
     }
 
-    /// The answer for one follower collecting it: the last one takes it.
+    /// The answer for one caller collecting it: the last one takes it.
     fn collect(&mut self, place: usize) -> Option<Output<F>>
     where
         F::Ok: Clone,
@@ -143,7 +158,7 @@ impl<F: TryFuture> State<F> {
             1 => self.output.take(),
             _ => self.output.clone(),
         }
-        .or_else(|| (self.closed).then(panicked));
+        .or_else(|| self.closed.then(panicked));
         if output.is_some() {
             self.waiting -= 1;
             if let Some(p) = self.places.get_mut(place) {
@@ -154,19 +169,14 @@ impl<F: TryFuture> State<F> {
     }
 }
 
-fn panicked<T>() -> Result<T, SharedFailure> {
-    Err(SharedFailure::new(BoxError::from(SharedCallPanicked)))
-}
-
 impl<F: TryFuture> SharedCall<F> {
-    /// A call its leader holds, with one follower (place 0).
-    pub(crate) fn with_follower() -> (Self, usize) {
+    /// A call of `future`, its leader at place [`LEADER`].
+    pub(crate) fn new(future: F) -> Self {
         let mut places = SmallVec::new();
         places.push(Place::Waiting(None));
-        let call = SharedCall {
+        SharedCall {
             state: Mutex::new(State {
-                leader: true,
-                future: None,
+                future: Box::pin(Some(future)),
                 output: None,
                 closed: false,
                 waiting: 1,
@@ -174,11 +184,24 @@ impl<F: TryFuture> SharedCall<F> {
                 poller: None,
                 panicked: false,
             }),
-        };
-        (call, 0)
+        }
     }
 
-    /// One more follower, unless the call is over: its place.
+    /// A kept call made a new call of `future` (it is not shared: no lock).
+    pub(crate) fn reuse(&mut self, future: F) {
+        self.state.get_mut().lead(future);
+    }
+
+    /// Whether a call that nobody else holds may be kept for a next call:
+    /// when it is over. Forgets its wakers.
+    pub(crate) fn is_reusable(&mut self) -> bool {
+        let state = self.state.get_mut();
+        state.places.clear();
+        state.output = None;
+        state.closed && state.future.as_ref().get_ref().is_none()
+    }
+
+    /// One more caller, unless the call is over: its place.
     pub(crate) fn join(&self) -> Option<usize> {
         let mut state = self.state.lock();
         if state.closed {
@@ -198,55 +221,16 @@ impl<F: TryFuture> SharedCall<F> {
         Some(place)
     }
 
-    /// The leader got the answer (its slot is already out of the map):
-    /// keeps a copy for the followers that wait, and wakes them.
-    pub(crate) fn complete(&self, output: impl FnOnce() -> Output<F>) {
-        let mut state = self.state.lock();
-        state.leader = false;
-        state.closed = true;
-        if state.waiting == 0 {
-            return;
-        }
-        state.output = Some(output());
-        let wakers = state.take_wakers();
-        drop(state);
-        wake_all(wakers);
-    }
-
-    /// The leader leaves before the answer, under the map's lock: hands
-    /// its call (`None` when its poll panicked) to the followers that
-    /// wait, or closes it.
-    pub(crate) fn hand_over(&self, future: Option<Pin<Box<F>>>) -> HandOver<F> {
-        let mut state = self.state.lock();
-        state.leader = false;
-        if state.waiting > 0 && future.is_some() {
-            state.future = future;
-            state.poller = None;
-            let waker = state.take_one_waker(None);
-            drop(state);
-            if let Some(waker) = waker {
-                waker.wake();
-            }
-            return HandOver::Kept;
-        }
-        // Nobody waits, or the call panicked: those who wait get the error.
-        state.closed = true;
-        let wakers = state.take_wakers();
-        drop(state);
-        wake_all(wakers);
-        HandOver::Closed(future)
-    }
-
-    /// A follower leaves before collecting the answer. `true` when it was
-    /// the last caller of a handed-over call, which it dropped (cancelled):
-    /// it then removes the call's slot.
+    /// A caller leaves before collecting the answer. `true` when it must
+    /// remove the call's slot: it was the last caller, and dropped the call
+    /// (cancelled it); or the call panicked.
     pub(crate) fn leave(&self, place: usize) -> bool {
         let mut state = self.state.lock();
         if let Some(p) = state.places.get_mut(place) {
             *p = Place::Vacant;
         }
         state.waiting = state.waiting.saturating_sub(1);
-        if state.closed || state.leader {
+        if state.closed {
             if state.waiting == 0 {
                 state.output = None;
             }
@@ -256,13 +240,13 @@ impl<F: TryFuture> SharedCall<F> {
             state.closed = true;
             // Dropped under the call's lock, so that a caller arriving now
             // (it sees `closed`) starts its call after this one is gone.
-            state.future = None;
+            state.future.set(None);
             return true;
         }
         if state.poller == Some(place) {
-            // The call holds this follower's waker: another must poll it.
+            // The inner future holds this caller's waker: another must poll.
             state.poller = None;
-            let waker = state.take_one_waker(Some(place));
+            let waker = state.take_one_waker(place);
             drop(state);
             if let Some(waker) = waker {
                 waker.wake();
@@ -271,53 +255,47 @@ impl<F: TryFuture> SharedCall<F> {
         false
     }
 
-    /// A follower's poll: the answer if it is there; else, once the leader
-    /// handed the call over, polls it.
-    pub(crate) fn poll_follower(&self, place: usize, cx: &mut Context<'_>) -> Poll<Answer<F>>
+    /// A caller's poll: the answer if it is there, else polls the call.
+    pub(crate) fn poll(&self, place: usize, cx: &mut Context<'_>) -> Poll<Answer<F>>
     where
         F::Ok: Clone,
         F::Error: Into<BoxError>,
     {
-        let mut state = self.state.lock();
-        if let Some(output) = state.collect(place) {
+        let mut polling = Polling {
+            state: self.state.lock(),
+            done: false,
+        };
+        if let Some(output) = polling.state.collect(place) {
+            polling.done = true;
             return Poll::Ready(Answer {
                 output,
                 completed_here: false,
             });
         }
-        if state.leader || state.future.is_none() {
-            state.register(place, cx);
-            return Poll::Pending;
-        }
-        let mut polling = Polling {
-            state: Some(state),
-            done: false,
-        };
-        let Some(guard) = polling.state.as_mut() else {
-            return Poll::Pending;
-        };
-        let poll = match guard.future.as_mut() {
-            Some(future) => future.as_mut().try_poll(cx),
+        let poll = match polling.state.future.as_mut().as_pin_mut() {
+            Some(future) => future.try_poll(cx),
             None => Poll::Pending,
         };
         polling.done = true;
-        let Some(mut state) = polling.state.take() else {
-            return Poll::Pending;
-        };
+        let state = &mut polling.state;
         match poll {
             Poll::Pending => {
                 state.poller = Some(place);
+                // Registered even when nobody else waits, since a caller
+                // may join and complete the call; cheap once registered.
                 state.register(place, cx);
                 Poll::Pending
             }
             Poll::Ready(output) => {
-                let output = output.map_err(|e| SharedFailure::new(e.into()));
-                state.future = None;
+                state.future.set(None);
                 state.closed = true;
-                state.output = Some(output);
+                state.output = Some(output.map_err(|e| SharedFailure::new(e.into())));
                 let output = state.collect(place).unwrap_or_else(panicked);
-                let wakers = state.take_wakers();
-                drop(state);
+                let wakers = match state.waiting {
+                    0 => Wakers::new(),
+                    _ => state.take_wakers(place),
+                };
+                drop(polling);
                 wake_all(wakers);
                 Poll::Ready(Answer {
                     output,
@@ -328,12 +306,11 @@ impl<F: TryFuture> SharedCall<F> {
     }
 }
 
-/// Holds the call's lock while a follower polls the call: if the poll
-/// panics, it closes the call and wakes the others (who get
-/// [`SharedCallPanicked`]) as the panic unwinds. The panicking follower's
-/// own leaving (when its future is dropped) then removes the slot.
+/// Holds the call's lock while a caller polls the call: if the poll panics,
+/// it closes the call and wakes the others (who get [`SharedCallPanicked`])
+/// as the panic unwinds.
 struct Polling<'a, F: TryFuture> {
-    state: Option<MutexGuard<'a, State<F>>>,
+    state: MutexGuard<'a, State<F>>,
     done: bool,
 }
 
@@ -342,13 +319,10 @@ impl<F: TryFuture> Drop for Polling<'_, F> {
         if self.done {
             return;
         }
-        if let Some(mut state) = self.state.take() {
-            state.future = None;
-            state.closed = true;
-            state.panicked = true;
-            let wakers = state.take_wakers();
-            drop(state);
-            wake_all(wakers);
-        }
+        let state = &mut self.state;
+        state.future.set(None);
+        state.closed = true;
+        state.panicked = true;
+        wake_all(state.take_wakers(usize::MAX));
     }
 }

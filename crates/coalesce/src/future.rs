@@ -11,55 +11,28 @@ use pin_project_lite::pin_project;
 use toolwarden_core::jsonrpc::Id;
 use toolwarden_core::{BoxError, McpResponse};
 
-use crate::call::{Output, SharedCall};
+use crate::call::SharedCall;
 use crate::error::SharedFailure;
 use crate::inflight::{CallKey, InFlight};
 
-/// Where a call sits in the map: to remove its slot.
-struct Ticket<F: TryFuture> {
+/// A caller of a shared call: it polls the call, or waits for the answer.
+/// Dropped before the answer, it leaves the call, which the last caller to
+/// leave drops.
+pub(crate) struct Waiter<F: TryFuture> {
+    /// `None` once answered.
+    call: Option<Arc<SharedCall<F>>>,
+    place: usize,
     in_flight: Arc<InFlight<F>>,
     key: CallKey,
     generation: u64,
 }
 
-/// The leader of a shared call: it made the inner call and polls it on its
-/// own task. Dropped before the answer, it hands the call over to the
-/// followers that wait, or drops it when nobody does.
-pub(crate) struct Lead<F: TryFuture> {
-    /// The inner call, boxed so that it can be handed over once polled;
-    /// `None` once answered (or while it is polled).
-    future: Option<Pin<Box<F>>>,
-    answered: bool,
-    ticket: Ticket<F>,
-}
-
-impl<F: TryFuture> Drop for Lead<F> {
+impl<F: TryFuture> Drop for Waiter<F> {
     fn drop(&mut self) {
-        if !self.answered {
-            // `None` here: the last poll of the call panicked.
-            let future = self.future.take();
-            let ticket = &self.ticket;
-            ticket
-                .in_flight
-                .abandon(&ticket.key, ticket.generation, future);
-        }
-    }
-}
-
-/// A follower of a shared call: it waits for the answer, or polls the call
-/// once the leader handed it over.
-pub(crate) struct Follow<F: TryFuture> {
-    shared: Arc<SharedCall<F>>,
-    place: usize,
-    answered: bool,
-    ticket: Ticket<F>,
-}
-
-impl<F: TryFuture> Drop for Follow<F> {
-    fn drop(&mut self) {
-        if !self.answered && self.shared.leave(self.place) {
-            let ticket = &self.ticket;
-            ticket.in_flight.remove(&ticket.key, ticket.generation);
+        if let Some(call) = self.call.take() {
+            if call.leave(self.place) {
+                self.in_flight.remove(&self.key, self.generation);
+            }
         }
     }
 }
@@ -88,11 +61,8 @@ pin_project! {
             #[pin]
             future: F,
         },
-        Lead {
-            lead: Lead<F>,
-        },
-        Follow {
-            follow: Follow<F>,
+        Shared {
+            waiter: Waiter<F>,
         },
     }
 }
@@ -106,31 +76,8 @@ impl<F: TryFuture> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn lead(
-        future: F,
-        id: Option<Id>,
-        in_flight: Arc<InFlight<F>>,
-        key: CallKey,
-        generation: u64,
-    ) -> Self {
-        ResponseFuture {
-            state: State::Lead {
-                lead: Lead {
-                    future: Some(Box::pin(future)),
-                    answered: false,
-                    ticket: Ticket {
-                        in_flight,
-                        key,
-                        generation,
-                    },
-                },
-            },
-            id,
-        }
-    }
-
-    pub(crate) fn follow(
-        shared: Arc<SharedCall<F>>,
+    pub(crate) fn shared(
+        call: Arc<SharedCall<F>>,
         place: usize,
         id: Option<Id>,
         in_flight: Arc<InFlight<F>>,
@@ -138,16 +85,13 @@ impl<F: TryFuture> ResponseFuture<F> {
         generation: u64,
     ) -> Self {
         ResponseFuture {
-            state: State::Follow {
-                follow: Follow {
-                    shared,
+            state: State::Shared {
+                waiter: Waiter {
+                    call: Some(call),
                     place,
-                    answered: false,
-                    ticket: Ticket {
-                        in_flight,
-                        key,
-                        generation,
-                    },
+                    in_flight,
+                    key,
+                    generation,
                 },
             },
             id,
@@ -157,7 +101,7 @@ impl<F: TryFuture> ResponseFuture<F> {
 
 /// One caller's copy of the answer: its own id on a response, an
 /// equivalent error for a failure.
-fn answer<R: McpResponse>(output: Result<R, SharedFailure>, id: Option<&Id>) -> Result<R, BoxError> {
+fn copy_for<R: McpResponse>(output: Result<R, SharedFailure>, id: Option<&Id>) -> Result<R, BoxError> {
     match output {
         Ok(mut response) => {
             if let Some(id) = id {
@@ -181,43 +125,22 @@ where
         let this = self.project();
         match this.state.project() {
             StateProj::Direct { future } => future.try_poll(cx).map_err(Into::into),
-            StateProj::Lead { lead } => {
-                // Taken while polled: if the poll panics, the call is
-                // dropped as the panic unwinds, and the leader's leaving
-                // tells the followers.
-                let Some(mut future) = lead.future.take() else {
+            StateProj::Shared { waiter } => {
+                let Some(call) = waiter.call.as_ref() else {
                     polled_after_completion()
                 };
-                let output = match future.as_mut().try_poll(cx) {
-                    Poll::Pending => {
-                        lead.future = Some(future);
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(output) => output,
-                };
-                lead.answered = true;
-                drop(future);
-                let output: Output<F> = output.map_err(|e| SharedFailure::new(e.into()));
-                let ticket = &lead.ticket;
-                if let Some(shared) = ticket.in_flight.finish(&ticket.key, ticket.generation) {
-                    shared.complete(|| output.clone());
-                }
-                Poll::Ready(answer(output, this.id.as_ref()))
-            }
-            StateProj::Follow { follow } => {
-                if follow.answered {
-                    polled_after_completion()
-                }
-                let answered = match follow.shared.poll_follower(follow.place, cx) {
+                let answer = match call.poll(waiter.place, cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(answered) => answered,
+                    Poll::Ready(answer) => answer,
                 };
-                follow.answered = true;
-                if answered.completed_here {
-                    let ticket = &follow.ticket;
-                    ticket.in_flight.remove(&ticket.key, ticket.generation);
+                if let Some(call) = waiter.call.take() {
+                    if answer.completed_here {
+                        waiter
+                            .in_flight
+                            .finish(&waiter.key, waiter.generation, call);
+                    }
                 }
-                Poll::Ready(answer(answered.output, this.id.as_ref()))
+                Poll::Ready(copy_for(answer.output, this.id.as_ref()))
             }
         }
     }
@@ -233,8 +156,7 @@ impl<F: TryFuture> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Direct { .. } => "Direct",
-            State::Lead { .. } => "Lead",
-            State::Follow { .. } => "Follow",
+            State::Shared { .. } => "Shared",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

@@ -1,6 +1,8 @@
 //! [`InFlight`]: the bounded map of calls in flight that others may join.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,35 +12,59 @@ use futures_util::TryFuture;
 use parking_lot::Mutex;
 use toolwarden_core::Fingerprint;
 
-use crate::call::{HandOver, SharedCall};
+use crate::call::SharedCall;
 
 /// What identifies identical calls: the fingerprint of (tool, arguments),
 /// and the session when calls are shared per session only.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CallKey {
     pub(crate) fingerprint: Fingerprint,
     pub(crate) session: Option<Arc<str>>,
 }
 
-struct Slot<C> {
-    /// Tells this call apart from a later one with the same key.
-    generation: u64,
-    /// What the call's followers share, from the first follower on: a call
-    /// nobody joined has none (and costs no allocation of its own).
-    shared: Option<Arc<C>>,
+impl Hash for CallKey {
+    /// The fingerprint is already a hash of the call: its low half is
+    /// enough to place the key (equality still compares all of it), hashed
+    /// again by the map's seeded hasher, so that nobody outside can choose
+    /// colliding keys.
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fingerprint.as_u64());
+        if let Some(session) = &self.session {
+            session.hash(state);
+        }
+    }
 }
 
-struct Map<C> {
-    slots: HashMap<CallKey, Slot<C>, foldhash::fast::RandomState>,
+/// The boxed inner future of a call: boxed so that it stays pinned in its
+/// shared call; an `Option` so that the box outlives the future and can
+/// carry a next call's.
+pub(crate) type Boxed<F> = Pin<Box<Option<F>>>;
+
+/// The most answered calls a map keeps for the next calls.
+const MAX_SPARE_CALLS: usize = 32;
+
+struct Slot<F: TryFuture> {
+    /// Tells this call apart from a later one with the same key.
+    generation: u64,
+    call: Arc<SharedCall<F>>,
+}
+
+struct Map<F: TryFuture> {
+    slots: HashMap<CallKey, Slot<F>, foldhash::fast::RandomState>,
     next_generation: u64,
+    /// Answered calls nobody holds any more, for the next calls: a call
+    /// nobody joins then allocates nothing. At most [`MAX_SPARE_CALLS`].
+    spare: Vec<Arc<SharedCall<F>>>,
 }
 
 /// The calls in flight of one service future type `F` (a layer keeps one
 /// map per type, in practice one), bounded together with the layer's other
 /// maps by one count: at most `max_keys` calls in flight that others may
-/// join. A call past the bound is made on its own.
+/// join. A call past the bound is made on its own. Besides, it keeps up to
+/// 32 answered calls (their allocations) for the next calls.
 pub(crate) struct InFlight<F: TryFuture> {
-    map: Mutex<Map<SharedCall<F>>>,
+    map: Mutex<Map<F>>,
     count: Arc<Count>,
 }
 
@@ -59,12 +85,12 @@ impl<F: TryFuture> fmt::Debug for InFlight<F> {
 
 /// What a caller did: joined a call in flight, led a new one, or neither.
 pub(crate) enum Joined<F: TryFuture> {
-    /// A call in flight: what its followers share, this follower's place
-    /// in it, and the call's generation.
+    /// A call in flight: the caller's place in it, and the call's
+    /// generation.
     Follower(Arc<SharedCall<F>>, usize, u64),
-    /// No call in flight: the caller made it (the inner future `make`
-    /// returned) and leads it; the call's generation.
-    Leader(F, u64),
+    /// No call in flight: the caller made it (with `make`) and leads it
+    /// (at place [`LEADER`](crate::call::LEADER)); the call's generation.
+    Leader(Arc<SharedCall<F>>, u64),
     /// The map is full: the caller makes its call on its own.
     Alone,
 }
@@ -75,6 +101,7 @@ impl<F: TryFuture> InFlight<F> {
             map: Mutex::new(Map {
                 slots: HashMap::default(),
                 next_generation: 0,
+                spare: Vec::new(),
             }),
             count,
         }
@@ -85,97 +112,91 @@ impl<F: TryFuture> InFlight<F> {
     /// lock, so that no identical call can start meanwhile: it only creates
     /// the inner service's future, it does not drive it.
     pub(crate) fn join(&self, key: &CallKey, make: impl FnOnce() -> F) -> Joined<F> {
-        let mut map = self.map.lock();
-        if let Some(slot) = map.slots.get_mut(key) {
-            let generation = slot.generation;
-            match &slot.shared {
-                Some(shared) => {
-                    if let Some(place) = shared.join() {
-                        return Joined::Follower(Arc::clone(shared), place, generation);
-                    }
+        let mut guard = self.map.lock();
+        let map = &mut *guard;
+        let generation = map.next_generation.wrapping_add(1);
+        let entry = match map.slots.entry(key.clone()) {
+            Entry::Occupied(entry) => {
+                let slot = entry.get();
+                if let Some(place) = slot.call.join() {
+                    return Joined::Follower(Arc::clone(&slot.call), place, slot.generation);
                 }
-                None => {
-                    let (shared, place) = SharedCall::with_follower();
-                    let shared = Arc::new(shared);
-                    slot.shared = Some(Arc::clone(&shared));
-                    return Joined::Follower(shared, place, generation);
-                }
+                // Over (answered, or dropped by its last caller): this
+                // caller makes a new call in its place, counted already.
+                Entry::Occupied(entry)
             }
-            // Over (answered, or dropped by its last caller): this caller
-            // starts a new call in its place.
-            map.slots.remove(key);
-            self.count.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        let reserved = self
-            .count
-            .len
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
-                (len < self.count.max_keys).then_some(len + 1)
-            });
-        if reserved.is_err() {
-            return Joined::Alone;
-        }
-        map.next_generation = map.next_generation.wrapping_add(1);
-        let generation = map.next_generation;
+            Entry::Vacant(entry) => {
+                let reserved =
+                    self.count
+                        .len
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
+                            (len < self.count.max_keys).then_some(len + 1)
+                        });
+                if reserved.is_err() {
+                    return Joined::Alone;
+                }
+                Entry::Vacant(entry)
+            }
+        };
+        map.next_generation = generation;
         let future = make();
-        map.slots.insert(
-            key.clone(),
-            Slot {
-                generation,
-                shared: None,
+        let call = match map.spare.pop() {
+            Some(mut call) => match Arc::get_mut(&mut call) {
+                Some(unshared) => {
+                    unshared.reuse(future);
+                    call
+                }
+                // Not reachable: only calls nobody holds are kept.
+                None => Arc::new(SharedCall::new(future)),
             },
-        );
-        Joined::Leader(future, generation)
+            None => Arc::new(SharedCall::new(future)),
+        };
+        let slot = Slot {
+            generation,
+            call: Arc::clone(&call),
+        };
+        match entry {
+            Entry::Occupied(mut entry) => {
+                entry.insert(slot);
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(slot);
+            }
+        }
+        Joined::Leader(call, generation)
     }
 
     /// Removes the slot of the call `generation` of `key`, if it is still
     /// there: what it held.
-    fn remove_locked(
-        &self,
-        map: &mut Map<SharedCall<F>>,
-        key: &CallKey,
-        generation: u64,
-    ) -> Option<Slot<SharedCall<F>>> {
-        if map.slots.get(key)?.generation != generation {
+    fn remove_locked(&self, map: &mut Map<F>, key: &CallKey, generation: u64) -> Option<Slot<F>> {
+        let slot = map.slots.remove(key)?;
+        if slot.generation != generation {
+            // Not this call's (a new call took the place of this one, over):
+            // put it back.
+            map.slots.insert(key.clone(), slot);
             return None;
         }
-        let slot = map.slots.remove(key)?;
         self.count.len.fetch_sub(1, Ordering::Relaxed);
         Some(slot)
     }
 
-    /// Removes the slot of a call that is over.
+    /// Removes the slot of a call that was dropped or panicked.
     pub(crate) fn remove(&self, key: &CallKey, generation: u64) {
         let slot = self.remove_locked(&mut self.map.lock(), key, generation);
         drop(slot);
     }
 
-    /// The leader got its answer: removes the call's slot (a new caller
-    /// makes a new call), giving what its followers share, if any joined.
-    pub(crate) fn finish(&self, key: &CallKey, generation: u64) -> Option<Arc<SharedCall<F>>> {
-        let slot = self.remove_locked(&mut self.map.lock(), key, generation);
-        slot?.shared
-    }
-
-    /// The leader leaves before its answer: hands its call (`None` when its
-    /// poll panicked) to the followers that wait, or removes the slot and
-    /// drops the call (cancels it) when nobody does.
-    pub(crate) fn abandon(&self, key: &CallKey, generation: u64, future: Option<Pin<Box<F>>>) {
+    /// A caller got the answer of `call`: removes the call's slot (a new
+    /// caller makes a new call), and keeps `call` for a next call if
+    /// nobody else holds it.
+    pub(crate) fn finish(&self, key: &CallKey, generation: u64, mut call: Arc<SharedCall<F>>) {
         let mut map = self.map.lock();
-        let future = match map.slots.get(key) {
-            Some(slot) if slot.generation == generation => match &slot.shared {
-                Some(shared) => match shared.hand_over(future) {
-                    HandOver::Kept => return,
-                    HandOver::Closed(future) => future,
-                },
-                None => future,
-            },
-            _ => future,
-        };
         let slot = self.remove_locked(&mut map, key, generation);
-        drop(map);
-        // Dropped once the map is unlocked: it may do work of its own.
-        drop(future);
         drop(slot);
+        if map.spare.len() < MAX_SPARE_CALLS
+            && Arc::get_mut(&mut call).is_some_and(SharedCall::is_reusable)
+        {
+            map.spare.push(call);
+        }
     }
 }

@@ -7,6 +7,7 @@ use std::task::{Context, Poll};
 use toolwarden_core::{call_fingerprint, BoxError, Event, McpRequest, McpResponse};
 use tower_service::Service;
 
+use crate::call::LEADER;
 use crate::future::ResponseFuture;
 use crate::inflight::{CallKey, InFlight, Joined};
 use crate::layer::{CoalesceLayer, Shared};
@@ -148,16 +149,16 @@ impl<S> Coalesce<S> {
             inner.call(request)
         });
         match joined {
-            Joined::Leader(future, generation) => {
-                ResponseFuture::lead(future, id, map, key, generation)
+            Joined::Leader(call, generation) => {
+                ResponseFuture::shared(call, LEADER, id, map, key, generation)
             }
-            Joined::Follower(shared, place, generation) => {
+            Joined::Follower(call, place, generation) => {
                 if let Some(request) = pending.as_ref() {
                     self.shared.config.events.emit(&Event::Coalesced {
                         key: request.target(),
                     });
                 }
-                ResponseFuture::follow(shared, place, id, map, key, generation)
+                ResponseFuture::shared(call, place, id, map, key, generation)
             }
             Joined::Alone => match pending.take() {
                 Some(request) => ResponseFuture::direct(self.inner.call(request)),

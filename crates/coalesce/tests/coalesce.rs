@@ -415,11 +415,29 @@ async fn when_the_polling_leader_leaves_a_follower_takes_over_and_the_call_is_ma
     drop(leader);
     assert_eq!(mock.in_flight(), 1, "handed over, not cancelled");
     let (one, two) = (one.await.unwrap().unwrap(), two.await.unwrap().unwrap());
-    assert_eq!((one.id, two.id), (Id::Number(2), Id::Number(3)));
+    assert_eq!((one.id.clone(), two.id), (Id::Number(2), Id::Number(3)));
     assert_eq!(one.first_text().unwrap(), "weather answered");
     assert_eq!(mock.calls("weather"), 1, "one upstream call in all");
     assert_eq!(mock.in_flight(), 0);
     assert_eq!(layer.in_flight(), 0, "the follower that completed it removed it");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_awaited_before_its_leader_drives_the_call_itself() {
+    // One task awaiting its calls one after the other: the leader is not
+    // polled while the follower is awaited.
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let leader = start(&mut svc, call(1, "weather", json!({}))).await;
+    let follower = start(&mut svc, call(2, "weather", json!({}))).await;
+    let follower = tokio::time::timeout(ms(10_000), follower)
+        .await
+        .expect("the follower is not stuck behind its leader")
+        .unwrap();
+    assert_eq!(follower.id, Id::Number(2));
+    assert_eq!(layer.in_flight(), 0);
+    let leader = leader.now_or_never().expect("answered already").unwrap();
+    assert_eq!(leader.id, Id::Number(1));
+    assert_eq!(mock.calls("weather"), 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -509,21 +527,30 @@ fn assert_panicked(result: Result<Response, BoxError>) {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_panic_while_the_leader_polls_reaches_the_leader_the_followers_get_an_error() {
+async fn a_panic_of_the_call_reaches_the_caller_that_polled_it_the_others_get_an_error() {
     let calls = Arc::new(Mutex::new(0));
     let layer = CoalesceLayer::builder().coalesce(true).build().unwrap();
     let mut svc = layer.layer(panicking_service(Arc::clone(&calls)));
-    let leader = start(&mut svc, call(1, "t", json!({}))).await;
-    let mut one = start(&mut svc, call(2, "t", json!({}))).await;
-    assert!((&mut one).now_or_never().is_none());
-    let two = start(&mut svc, call(3, "t", json!({}))).await;
-    let leader = tokio::spawn(leader);
-    let (one, two) = (spawn_waiting(one), spawn_waiting(two));
-    assert!(leader.await.unwrap_err().is_panic(), "the panic reaches the poller");
-    assert_panicked(one.await.unwrap());
-    assert_panicked(two.await.unwrap());
+    let leader = Box::pin(start(&mut svc, call(1, "t", json!({}))).await);
+    let one = Box::pin(start(&mut svc, call(2, "t", json!({}))).await);
+    let two = Box::pin(start(&mut svc, call(3, "t", json!({}))).await);
+    let tasks = [tokio::spawn(leader), tokio::spawn(one), tokio::spawn(two)];
+    let results = tokio::time::timeout(ms(10_000), futures::future::join_all(tasks))
+        .await
+        .expect("nobody hangs");
+    let mut panics = 0;
+    for result in results {
+        match result {
+            Err(e) => {
+                assert!(e.is_panic());
+                panics += 1;
+            }
+            Ok(answer) => assert_panicked(answer),
+        }
+    }
+    assert_eq!(panics, 1, "the panic reaches the caller whose poll polled the call");
     assert_eq!(*calls.lock().unwrap(), 1);
-    assert_eq!(layer.in_flight(), 0);
+    assert_eq!(layer.in_flight(), 0, "the panicking caller, leaving, removed it");
 }
 
 #[tokio::test(start_paused = true)]
@@ -531,9 +558,9 @@ async fn a_panic_while_a_follower_polls_reaches_it_the_others_get_an_error() {
     let calls = Arc::new(Mutex::new(0));
     let layer = CoalesceLayer::builder().coalesce(true).build().unwrap();
     let mut svc = layer.layer(panicking_service(Arc::clone(&calls)));
-    let mut leader = start(&mut svc, call(1, "t", json!({}))).await;
-    let one = start(&mut svc, call(2, "t", json!({}))).await;
-    let mut two = start(&mut svc, call(3, "t", json!({}))).await;
+    let mut leader = Box::pin(start(&mut svc, call(1, "t", json!({}))).await);
+    let one = Box::pin(start(&mut svc, call(2, "t", json!({}))).await);
+    let mut two = Box::pin(start(&mut svc, call(3, "t", json!({}))).await);
     assert!((&mut leader).now_or_never().is_none());
     assert!((&mut two).now_or_never().is_none());
     drop(leader);
