@@ -90,7 +90,15 @@ pub(crate) const LEADER: usize = 0;
 
 type Wakers = SmallVec<[Waker; 4]>;
 
+#[inline]
 fn wake_all(wakers: Wakers) {
+    if !wakers.is_empty() {
+        wake_each(wakers);
+    }
+}
+
+#[cold]
+fn wake_each(wakers: Wakers) {
     for waker in wakers {
         waker.wake();
     }
@@ -265,8 +273,10 @@ impl<F: TryFuture> SharedCall<F> {
             state: self.state.lock(),
             done: false,
         };
-        if let Some(output) = polling.state.collect(place) {
+        if polling.state.closed {
+            // Answered by another caller's poll (or panicked there).
             polling.done = true;
+            let output = polling.state.collect(place).unwrap_or_else(panicked);
             return Poll::Ready(Answer {
                 output,
                 completed_here: false,
@@ -289,12 +299,23 @@ impl<F: TryFuture> SharedCall<F> {
             Poll::Ready(output) => {
                 state.future.set(None);
                 state.closed = true;
-                state.output = Some(output.map_err(|e| SharedFailure::new(e.into())));
+                let output = output.map_err(|e| SharedFailure::new(e.into()));
+                if state.waiting == 1 {
+                    // Nobody else waits (most calls): the answer is this
+                    // caller's, moved, not copied.
+                    state.waiting = 0;
+                    if let Some(p) = state.places.get_mut(place) {
+                        *p = Place::Vacant;
+                    }
+                    drop(polling);
+                    return Poll::Ready(Answer {
+                        output,
+                        completed_here: true,
+                    });
+                }
+                state.output = Some(output);
                 let output = state.collect(place).unwrap_or_else(panicked);
-                let wakers = match state.waiting {
-                    0 => Wakers::new(),
-                    _ => state.take_wakers(place),
-                };
+                let wakers = state.take_wakers(place);
                 drop(polling);
                 wake_all(wakers);
                 Poll::Ready(Answer {
