@@ -101,7 +101,10 @@ impl<F: TryFuture> ResponseFuture<F> {
 
 /// One caller's copy of the answer: its own id on a response, an
 /// equivalent error for a failure.
-fn copy_for<R: McpResponse>(output: Result<R, SharedFailure>, id: Option<&Id>) -> Result<R, BoxError> {
+fn copy_for<R: McpResponse>(
+    output: Result<R, SharedFailure>,
+    id: Option<&Id>,
+) -> Result<R, BoxError> {
     match output {
         Ok(mut response) => {
             if let Some(id) = id {

@@ -24,16 +24,16 @@
 //!   errors and JSON-RPC errors, else a [`SharedFailure`] whose source is
 //!   the failure).
 //! - **A caller that leaves does not cancel the call of the others**: the
-//!   caller that made the call (the leader) polls it on its own task; when
-//!   it leaves before the answer, it hands the call over to the callers
-//!   that joined it, one of which polls it from then on (and hands it on
-//!   in turn when it leaves). When the **last** caller leaves, the call is
-//!   dropped (cancelled), as a call nobody waits for.
-//! - **Cheap when nobody joins** (most calls): the leader's inner future is
-//!   boxed (so that it can be handed over), the map is locked once to
-//!   register the call and once to remove it when answered, and nothing
-//!   else is allocated or locked; the response is not copied. What the
-//!   callers of a shared call share is allocated when the first one joins.
+//!   call (its inner future, boxed) is shared by every caller waiting for
+//!   it, and whichever caller is polled polls it; the inner future holds the
+//!   waker of the last one that did, and when that caller leaves it wakes
+//!   another to poll in its place. When the **last** caller leaves, the
+//!   call is dropped (cancelled), as a call nobody waits for.
+//! - **Cheap when nobody joins** (most calls): one lock of the map to
+//!   register the call, one of the call to poll it, one of the map to
+//!   remove it once answered; the answer is moved to its caller, not
+//!   copied; and answered calls are kept (up to 32 per map) for the next
+//!   ones, so that once warm a call allocates nothing here.
 //! - **Panics**: a panic of the inner call unwinds to the caller that was
 //!   polling it; the call is then over, and the others waiting for it get a
 //!   [`SharedFailure`] whose source is [`SharedCallPanicked`]. Nobody is

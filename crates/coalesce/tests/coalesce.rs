@@ -419,7 +419,11 @@ async fn when_the_polling_leader_leaves_a_follower_takes_over_and_the_call_is_ma
     assert_eq!(one.first_text().unwrap(), "weather answered");
     assert_eq!(mock.calls("weather"), 1, "one upstream call in all");
     assert_eq!(mock.in_flight(), 0);
-    assert_eq!(layer.in_flight(), 0, "the follower that completed it removed it");
+    assert_eq!(
+        layer.in_flight(),
+        0,
+        "the follower that completed it removed it"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -451,7 +455,7 @@ async fn a_follower_polling_the_handed_over_call_may_leave_too_another_takes_ove
     let two = spawn_waiting(two);
     tokio::task::yield_now().await; // `two` waits, its task's waker registered
     drop(leader); // hands the call over, waking `one` (the first that waits)
-    // `one` polls the handed-over call (the call now holds its waker) ...
+                  // `one` polls the handed-over call (the call now holds its waker) ...
     assert!((&mut one).now_or_never().is_none());
     tokio::time::sleep(ms(20)).await;
     // ... and leaves: `two` is woken to poll it, else it would hang.
@@ -495,7 +499,10 @@ async fn the_call_is_dropped_when_its_last_caller_leaves_in_any_order() {
     drop(leader);
     let late = start(&mut svc, call(8, "weather", json!({}))).await;
     let (one, late) = tokio::join!(one, late);
-    assert_eq!((one.unwrap().id, late.unwrap().id), (Id::Number(7), Id::Number(8)));
+    assert_eq!(
+        (one.unwrap().id, late.unwrap().id),
+        (Id::Number(7), Id::Number(8))
+    );
     assert_eq!(mock.calls("weather"), 3);
     assert_eq!(layer.in_flight(), 0);
 }
@@ -522,7 +529,9 @@ fn panicking_service(
 
 fn assert_panicked(result: Result<Response, BoxError>) {
     let err = result.unwrap_err();
-    let shared = err.downcast_ref::<SharedFailure>().expect("a shared failure");
+    let shared = err
+        .downcast_ref::<SharedFailure>()
+        .expect("a shared failure");
     assert!(shared.error().is::<SharedCallPanicked>(), "{shared}");
 }
 
@@ -548,9 +557,16 @@ async fn a_panic_of_the_call_reaches_the_caller_that_polled_it_the_others_get_an
             Ok(answer) => assert_panicked(answer),
         }
     }
-    assert_eq!(panics, 1, "the panic reaches the caller whose poll polled the call");
+    assert_eq!(
+        panics, 1,
+        "the panic reaches the caller whose poll polled the call"
+    );
     assert_eq!(*calls.lock().unwrap(), 1);
-    assert_eq!(layer.in_flight(), 0, "the panicking caller, leaving, removed it");
+    assert_eq!(
+        layer.in_flight(),
+        0,
+        "the panicking caller, leaving, removed it"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -576,7 +592,11 @@ async fn a_panic_while_a_follower_polls_reaches_it_the_others_get_an_error() {
     assert!(panicked.is_panic());
     assert_panicked(answered);
     assert_eq!(*calls.lock().unwrap(), 1);
-    assert_eq!(layer.in_flight(), 0, "the panicking caller, leaving, removed it");
+    assert_eq!(
+        layer.in_flight(),
+        0,
+        "the panicking caller, leaving, removed it"
+    );
     // The next identical call makes a new call.
     let again = tokio::spawn(start(&mut svc, call(4, "t", json!({}))).await);
     assert!(again.await.unwrap_err().is_panic());
