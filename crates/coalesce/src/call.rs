@@ -7,15 +7,15 @@
 //! the call when it is polled: the inner future then holds the waker of the
 //! last caller that polled it (the poller). When the answer comes, the
 //! caller whose poll got it keeps it for the others and wakes them; a
-//! poller that leaves wakes another caller to poll in its place; the last
+//! poller that leaves wakes the others, one of which polls in its place; the last
 //! caller to leave drops the call (cancels it).
 //!
 //! A call nobody joins (most calls) is polled by its leader alone, with its
-//! own waker: nothing is cloned, no other waker is registered unless the
-//! call waits, and its answer is moved out, not copied. Answered calls'
-//! `Arc`s (and their boxes) are kept for the next calls when nobody else
-//! holds them (see [`InFlight`](crate::inflight::InFlight)), so that a call
-//! nobody joins allocates nothing once the layer has warmed up.
+//! own waker (kept, cloned, only if the call waits), and its answer is
+//! moved out, not copied. Answered calls' `Arc`s (and their boxes) are kept
+//! for the next calls when nobody else holds them (see
+//! [`InFlight`](crate::inflight::InFlight)), so that a call nobody joins
+//! allocates nothing once the layer has warmed up.
 //!
 //! Lock order: the map's lock, then a call's; never the other way round (a
 //! caller that must remove the call's slot takes the map's lock after
@@ -135,19 +135,6 @@ impl<F: TryFuture> State<F> {
             .collect()
     }
 
-    /// The waker of one waiting caller other than `except`, to take over
-    /// the polling.
-    fn take_one_waker(&mut self, except: usize) -> Option<Waker> {
-        self.places
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| *i != except)
-            .find_map(|(_, place)| match place {
-                Place::Waiting(waker) => waker.take(),
-                Place::Vacant => None,
-            })
-    }
-
     fn register(&mut self, place: usize, cx: &Context<'_>) {
         if let Some(Place::Waiting(waker)) = self.places.get_mut(place) {
             match waker {
@@ -253,12 +240,12 @@ impl<F: TryFuture> SharedCall<F> {
         }
         if state.poller == Some(place) {
             // The inner future holds this caller's waker: another must poll.
+            // All are woken, not one: one that is woken but not polled (its
+            // task busy elsewhere) must not leave the others waiting.
             state.poller = None;
-            let waker = state.take_one_waker(place);
+            let wakers = state.take_wakers(place);
             drop(state);
-            if let Some(waker) = waker {
-                waker.wake();
-            }
+            wake_all(wakers);
         }
         false
     }

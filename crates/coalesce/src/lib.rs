@@ -27,7 +27,7 @@
 //!   call (its inner future, boxed) is shared by every caller waiting for
 //!   it, and whichever caller is polled polls it; the inner future holds the
 //!   waker of the last one that did, and when that caller leaves it wakes
-//!   another to poll in its place. When the **last** caller leaves, the
+//!   the others to poll in its place. When the **last** caller leaves, the
 //!   call is dropped (cancelled), as a call nobody waits for.
 //! - **Cheap when nobody joins** (most calls): one lock of the map to
 //!   register the call, one of the call to poll it, one of the map to
