@@ -182,18 +182,10 @@ impl<F: TryFuture> SharedCall<F> {
         }
     }
 
-    /// A kept call made a new call of `future` (it is not shared: no lock).
+    /// A kept call (answered) made a new call of `future` (it is not
+    /// shared: no lock).
     pub(crate) fn reuse(&mut self, future: F) {
         self.state.get_mut().lead(future);
-    }
-
-    /// Whether a call that nobody else holds may be kept for a next call:
-    /// when it is over. Forgets its wakers.
-    pub(crate) fn is_reusable(&mut self) -> bool {
-        let state = self.state.get_mut();
-        state.places.clear();
-        state.output = None;
-        state.closed && state.future.as_ref().get_ref().is_none()
     }
 
     /// One more caller, unless the call is over: its place.

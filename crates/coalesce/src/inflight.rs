@@ -189,13 +189,13 @@ impl<F: TryFuture> InFlight<F> {
     /// A caller got the answer of `call`: removes the call's slot (a new
     /// caller makes a new call), and keeps `call` for a next call if
     /// nobody else holds it.
-    pub(crate) fn finish(&self, key: &CallKey, generation: u64, mut call: Arc<SharedCall<F>>) {
+    pub(crate) fn finish(&self, key: &CallKey, generation: u64, call: Arc<SharedCall<F>>) {
         let mut map = self.map.lock();
         let slot = self.remove_locked(&mut map, key, generation);
         drop(slot);
-        if map.spare.len() < MAX_SPARE_CALLS
-            && Arc::get_mut(&mut call).is_some_and(SharedCall::is_reusable)
-        {
+        // Nobody else holds it (no `Weak` is ever made, and nobody can
+        // clone it from here): it stays so, and `join` resets it.
+        if map.spare.len() < MAX_SPARE_CALLS && Arc::strong_count(&call) == 1 {
             map.spare.push(call);
         }
     }
