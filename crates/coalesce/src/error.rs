@@ -79,3 +79,18 @@ impl StdError for SharedFailure {
         Some(&**self.error)
     }
 }
+
+/// The source of the [`SharedFailure`] that the callers waiting for a
+/// shared call get when polling that call panicked (in another caller's
+/// poll, to which the panic unwinds): the call is over, without an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SharedCallPanicked;
+
+impl fmt::Display for SharedCallPanicked {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the shared call panicked while another caller polled it")
+    }
+}
+
+impl StdError for SharedCallPanicked {}

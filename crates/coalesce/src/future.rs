@@ -4,64 +4,36 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
-use futures_util::future::Shared;
 use futures_util::TryFuture;
 use pin_project_lite::pin_project;
 use toolwarden_core::jsonrpc::Id;
 use toolwarden_core::{BoxError, McpResponse};
 
+use crate::call::SharedCall;
 use crate::error::SharedFailure;
-use crate::inflight::{CallKey, Leave};
+use crate::inflight::{CallKey, InFlight};
 
-pin_project! {
-    /// The inner call that identical calls share: its output, with the
-    /// failure made shareable.
-    pub struct Lead<F> {
-        #[pin]
-        future: F,
-    }
+/// A caller of a shared call: it polls the call, or waits for the answer.
+/// Dropped before the answer, it leaves the call, which the last caller to
+/// leave drops.
+pub(crate) struct Waiter<F: TryFuture> {
+    /// `None` once answered.
+    call: Option<Arc<SharedCall<F>>>,
+    place: usize,
+    in_flight: Arc<InFlight<F>>,
+    key: CallKey,
+    generation: u64,
 }
 
-impl<F> Lead<F> {
-    pub(crate) fn new(future: F) -> Self {
-        Lead { future }
-    }
-}
-
-impl<F> Future for Lead<F>
-where
-    F: TryFuture,
-    F::Error: Into<BoxError>,
-{
-    type Output = Result<F::Ok, SharedFailure>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let output = ready!(self.project().future.try_poll(cx));
-        Poll::Ready(output.map_err(|e| SharedFailure::new(e.into())))
-    }
-}
-
-impl<F> fmt::Debug for Lead<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Lead").finish_non_exhaustive()
-    }
-}
-
-/// One caller's place in a shared call: leaving removes the call from the
-/// map when it completed or when this was its last waiter.
-pub(crate) struct Ticket {
-    pub(crate) in_flight: Arc<dyn Leave>,
-    pub(crate) key: CallKey,
-    pub(crate) generation: u64,
-    pub(crate) completed: bool,
-}
-
-impl Drop for Ticket {
+impl<F: TryFuture> Drop for Waiter<F> {
     fn drop(&mut self) {
-        self.in_flight
-            .leave(&self.key, self.generation, self.completed);
+        if let Some(call) = self.call.take() {
+            if call.leave(self.place) {
+                self.in_flight.remove(&self.key, self.generation);
+            }
+        }
     }
 }
 
@@ -71,10 +43,11 @@ pin_project! {
     pub struct ResponseFuture<F>
     where
         F: TryFuture,
-        F::Error: Into<BoxError>,
     {
         #[pin]
         state: State<F>,
+        // The caller's own request id, put on its copy of the answer.
+        id: Option<Id>,
     }
 }
 
@@ -83,42 +56,63 @@ pin_project! {
     enum State<F>
     where
         F: TryFuture,
-        F::Error: Into<BoxError>,
     {
         Direct {
             #[pin]
             future: F,
         },
         Shared {
-            #[pin]
-            shared: Shared<Lead<F>>,
-            // The caller's own request id, put on its copy of the answer.
-            id: Option<Id>,
-            ticket: Option<Ticket>,
+            waiter: Waiter<F>,
         },
     }
 }
 
-impl<F> ResponseFuture<F>
-where
-    F: TryFuture,
-    F::Error: Into<BoxError>,
-{
+impl<F: TryFuture> ResponseFuture<F> {
     #[inline]
     pub(crate) fn direct(future: F) -> Self {
         ResponseFuture {
             state: State::Direct { future },
+            id: None,
         }
     }
 
-    pub(crate) fn shared(shared: Shared<Lead<F>>, id: Option<Id>, ticket: Ticket) -> Self {
+    pub(crate) fn shared(
+        call: Arc<SharedCall<F>>,
+        place: usize,
+        id: Option<Id>,
+        in_flight: Arc<InFlight<F>>,
+        key: CallKey,
+        generation: u64,
+    ) -> Self {
         ResponseFuture {
             state: State::Shared {
-                shared,
-                id,
-                ticket: Some(ticket),
+                waiter: Waiter {
+                    call: Some(call),
+                    place,
+                    in_flight,
+                    key,
+                    generation,
+                },
             },
+            id,
         }
+    }
+}
+
+/// One caller's copy of the answer: its own id on a response, an
+/// equivalent error for a failure.
+fn copy_for<R: McpResponse>(
+    output: Result<R, SharedFailure>,
+    id: Option<&Id>,
+) -> Result<R, BoxError> {
+    match output {
+        Ok(mut response) => {
+            if let Some(id) = id {
+                response.set_request_id(id);
+            }
+            Ok(response)
+        }
+        Err(failure) => Err(failure.to_error()),
     }
 }
 
@@ -131,33 +125,37 @@ where
     type Output = Result<F::Ok, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
+        let this = self.project();
+        match this.state.project() {
             StateProj::Direct { future } => future.try_poll(cx).map_err(Into::into),
-            StateProj::Shared { shared, id, ticket } => {
-                let output = ready!(shared.poll(cx));
-                if let Some(mut ticket) = ticket.take() {
-                    // The answer is out: a new identical call makes a new call.
-                    ticket.completed = true;
-                }
-                Poll::Ready(match output {
-                    Ok(mut response) => {
-                        if let Some(id) = id.as_ref() {
-                            response.set_request_id(id);
-                        }
-                        Ok(response)
+            StateProj::Shared { waiter } => {
+                let Some(call) = waiter.call.as_ref() else {
+                    polled_after_completion()
+                };
+                let answer = match call.poll(waiter.place, cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(answer) => answer,
+                };
+                if let Some(call) = waiter.call.take() {
+                    if answer.completed_here {
+                        waiter
+                            .in_flight
+                            .finish(&waiter.key, waiter.generation, call);
                     }
-                    Err(failure) => Err(failure.to_error()),
-                })
+                }
+                Poll::Ready(copy_for(answer.output, this.id.as_ref()))
             }
         }
     }
 }
 
-impl<F> fmt::Debug for ResponseFuture<F>
-where
-    F: TryFuture,
-    F::Error: Into<BoxError>,
-{
+#[cold]
+#[allow(clippy::panic)]
+fn polled_after_completion() -> ! {
+    panic!("ResponseFuture polled after completion")
+}
+
+impl<F: TryFuture> fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Direct { .. } => "Direct",

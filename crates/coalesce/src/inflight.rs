@@ -1,42 +1,70 @@
 //! [`InFlight`]: the bounded map of calls in flight that others may join.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures_util::TryFuture;
 use parking_lot::Mutex;
 use toolwarden_core::Fingerprint;
 
+use crate::call::SharedCall;
+
 /// What identifies identical calls: the fingerprint of (tool, arguments),
 /// and the session when calls are shared per session only.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CallKey {
     pub(crate) fingerprint: Fingerprint,
     pub(crate) session: Option<Arc<str>>,
 }
 
-struct Slot<W> {
+impl Hash for CallKey {
+    /// The fingerprint is already a hash of the call: its low half is
+    /// enough to place the key (equality still compares all of it), hashed
+    /// again by the map's seeded hasher, so that nobody outside can choose
+    /// colliding keys.
+    #[inline]
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.fingerprint.as_u64());
+        if let Some(session) = &self.session {
+            session.hash(state);
+        }
+    }
+}
+
+/// The boxed inner future of a call: boxed so that it stays pinned in its
+/// shared call; an `Option` so that the box outlives the future and can
+/// carry a next call's.
+pub(crate) type Boxed<F> = Pin<Box<Option<F>>>;
+
+/// The most answered calls a map keeps for the next calls.
+const MAX_SPARE_CALLS: usize = 32;
+
+struct Slot<F: TryFuture> {
     /// Tells this call apart from a later one with the same key.
     generation: u64,
-    /// Callers waiting for this call's answer (the leader included).
-    waiters: usize,
-    /// A weak handle to the shared call (`WeakShared` of the service's
-    /// future type): it never keeps the call alive by itself.
-    call: W,
+    call: Arc<SharedCall<F>>,
 }
 
-struct Map<W> {
-    slots: HashMap<CallKey, Slot<W>, foldhash::fast::RandomState>,
+struct Map<F: TryFuture> {
+    slots: HashMap<CallKey, Slot<F>, foldhash::fast::RandomState>,
     next_generation: u64,
+    /// Answered calls nobody holds any more, for the next calls: a call
+    /// nobody joins then allocates nothing. At most [`MAX_SPARE_CALLS`].
+    spare: Vec<Arc<SharedCall<F>>>,
 }
 
-/// The calls in flight of one service future type `W` (a layer keeps one
+/// The calls in flight of one service future type `F` (a layer keeps one
 /// map per type, in practice one), bounded together with the layer's other
 /// maps by one count: at most `max_keys` calls in flight that others may
-/// join. A call past the bound is made on its own.
-pub(crate) struct InFlight<W> {
-    map: Mutex<Map<W>>,
+/// join. A call past the bound is made on its own. Besides, it keeps up to
+/// 32 answered calls (their allocations) for the next calls.
+pub(crate) struct InFlight<F: TryFuture> {
+    map: Mutex<Map<F>>,
     count: Arc<Count>,
 }
 
@@ -47,7 +75,7 @@ pub(crate) struct Count {
     pub(crate) max_keys: usize,
 }
 
-impl<W> fmt::Debug for InFlight<W> {
+impl<F: TryFuture> fmt::Debug for InFlight<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InFlight")
             .field("count", &self.count)
@@ -55,95 +83,120 @@ impl<W> fmt::Debug for InFlight<W> {
     }
 }
 
-/// Leaving a call, whatever the map's type (what a caller's ticket holds).
-pub(crate) trait Leave: Send + Sync {
-    fn leave(&self, key: &CallKey, generation: u64, completed: bool);
-}
-
 /// What a caller did: joined a call in flight, led a new one, or neither.
-pub(crate) enum Joined<T> {
-    /// A call in flight, shared: its handle, and the generation to leave.
-    Follower(T, u64),
-    /// No call in flight: the caller made it; its handle and generation.
-    Leader(T, u64),
+pub(crate) enum Joined<F: TryFuture> {
+    /// A call in flight: the caller's place in it, and the call's
+    /// generation.
+    Follower(Arc<SharedCall<F>>, usize, u64),
+    /// No call in flight: the caller made it (with `make`) and leads it
+    /// (at place [`LEADER`](crate::call::LEADER)); the call's generation.
+    Leader(Arc<SharedCall<F>>, u64),
     /// The map is full: the caller makes its call on its own.
     Alone,
 }
 
-impl<W> InFlight<W> {
+impl<F: TryFuture> InFlight<F> {
     pub(crate) fn new(count: Arc<Count>) -> Self {
         InFlight {
             map: Mutex::new(Map {
                 slots: HashMap::default(),
                 next_generation: 0,
+                spare: Vec::new(),
             }),
             count,
         }
     }
 
-    /// Joins the call in flight for `key` (`upgrade` turns its stored weak
-    /// handle into a shared one: `None` when the call is gone), or makes a
-    /// new one with `make` (the shared handle and the weak one to store)
-    /// and leads it. `make` runs under the lock, so that no identical call
-    /// can start meanwhile: it only creates the inner service's future
-    /// (tower's `call`), it does not drive it.
-    pub(crate) fn join<T>(
-        &self,
-        key: &CallKey,
-        upgrade: impl FnOnce(&W) -> Option<T>,
-        make: impl FnOnce() -> (T, W),
-    ) -> Joined<T> {
-        let mut map = self.map.lock();
-        if let Some(slot) = map.slots.get_mut(key) {
-            if let Some(shared) = upgrade(&slot.call) {
-                slot.waiters += 1;
-                return Joined::Follower(shared, slot.generation);
+    /// Joins the call in flight for `key`, or makes a new one with `make`
+    /// (the inner service's `call`) and leads it. `make` runs under the
+    /// lock, so that no identical call can start meanwhile: it only creates
+    /// the inner service's future, it does not drive it.
+    pub(crate) fn join(&self, key: &CallKey, make: impl FnOnce() -> F) -> Joined<F> {
+        let mut guard = self.map.lock();
+        let map = &mut *guard;
+        let generation = map.next_generation.wrapping_add(1);
+        let entry = match map.slots.entry(key.clone()) {
+            Entry::Occupied(entry) => {
+                let slot = entry.get();
+                if let Some(place) = slot.call.join() {
+                    return Joined::Follower(Arc::clone(&slot.call), place, slot.generation);
+                }
+                // Over (answered, or dropped by its last caller): this
+                // caller makes a new call in its place, counted already.
+                Entry::Occupied(entry)
             }
-            // Gone (its last waiter is leaving): this caller starts a new
-            // call in its place.
-            map.slots.remove(key);
-            self.count.len.fetch_sub(1, Ordering::Relaxed);
-        }
-        let reserved = self
-            .count
-            .len
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
-                (len < self.count.max_keys).then_some(len + 1)
-            });
-        if reserved.is_err() {
-            return Joined::Alone;
-        }
-        map.next_generation = map.next_generation.wrapping_add(1);
-        let generation = map.next_generation;
-        let (shared, call) = make();
-        map.slots.insert(
-            key.clone(),
-            Slot {
-                generation,
-                waiters: 1,
-                call,
-            },
-        );
-        Joined::Leader(shared, generation)
-    }
-}
-
-impl<W: Send> Leave for InFlight<W> {
-    /// A caller leaves: when the call completed (its answer is out, so a
-    /// new caller must make a new call) or its last waiter left (the call
-    /// is dropped, cancelled), its entry goes.
-    fn leave(&self, key: &CallKey, generation: u64, completed: bool) {
-        let mut map = self.map.lock();
-        let Some(slot) = map.slots.get_mut(key) else {
-            return;
+            Entry::Vacant(entry) => {
+                let reserved =
+                    self.count
+                        .len
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
+                            (len < self.count.max_keys).then_some(len + 1)
+                        });
+                if reserved.is_err() {
+                    return Joined::Alone;
+                }
+                Entry::Vacant(entry)
+            }
         };
-        if slot.generation != generation {
-            return;
+        map.next_generation = generation;
+        let future = make();
+        let call = match map.spare.pop() {
+            Some(mut call) => match Arc::get_mut(&mut call) {
+                Some(unshared) => {
+                    unshared.reuse(future);
+                    call
+                }
+                // Not reachable: only calls nobody holds are kept.
+                None => Arc::new(SharedCall::new(future)),
+            },
+            None => Arc::new(SharedCall::new(future)),
+        };
+        let slot = Slot {
+            generation,
+            call: Arc::clone(&call),
+        };
+        match entry {
+            Entry::Occupied(mut entry) => {
+                entry.insert(slot);
+            }
+            Entry::Vacant(entry) => {
+                entry.insert(slot);
+            }
         }
-        slot.waiters = slot.waiters.saturating_sub(1);
-        if completed || slot.waiters == 0 {
-            map.slots.remove(key);
-            self.count.len.fetch_sub(1, Ordering::Relaxed);
+        Joined::Leader(call, generation)
+    }
+
+    /// Removes the slot of the call `generation` of `key`, if it is still
+    /// there: what it held.
+    fn remove_locked(&self, map: &mut Map<F>, key: &CallKey, generation: u64) -> Option<Slot<F>> {
+        let slot = map.slots.remove(key)?;
+        if slot.generation != generation {
+            // Not this call's (a new call took the place of this one, over):
+            // put it back.
+            map.slots.insert(key.clone(), slot);
+            return None;
+        }
+        self.count.len.fetch_sub(1, Ordering::Relaxed);
+        Some(slot)
+    }
+
+    /// Removes the slot of a call that was dropped or panicked.
+    pub(crate) fn remove(&self, key: &CallKey, generation: u64) {
+        let slot = self.remove_locked(&mut self.map.lock(), key, generation);
+        drop(slot);
+    }
+
+    /// A caller got the answer of `call`: removes the call's slot (a new
+    /// caller makes a new call), and keeps `call` for a next call if
+    /// nobody else holds it.
+    pub(crate) fn finish(&self, key: &CallKey, generation: u64, call: Arc<SharedCall<F>>) {
+        let mut map = self.map.lock();
+        let slot = self.remove_locked(&mut map, key, generation);
+        drop(slot);
+        // Nobody else holds it (no `Weak` is ever made, and nobody can
+        // clone it from here): it stays so, and `join` resets it.
+        if map.spare.len() < MAX_SPARE_CALLS && Arc::strong_count(&call) == 1 {
+            map.spare.push(call);
         }
     }
 }

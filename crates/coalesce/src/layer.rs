@@ -6,6 +6,7 @@ use std::fmt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use futures_util::TryFuture;
 use parking_lot::Mutex;
 
 use toolwarden_core::{Events, ToolCatalog};
@@ -60,13 +61,17 @@ impl fmt::Debug for Shared {
 }
 
 impl Shared {
-    /// The map of calls of type `W`, created on first use.
-    pub(crate) fn map<W: Send + Sync + 'static>(&self) -> Arc<dyn Any + Send + Sync> {
+    /// The map of calls of future type `F`, created on first use.
+    pub(crate) fn map<F>(&self) -> Arc<dyn Any + Send + Sync>
+    where
+        F: TryFuture + Send + 'static,
+        F::Ok: Send,
+    {
         let mut maps = self.maps.lock();
-        if let Some(map) = maps.iter().find(|m| m.is::<InFlight<W>>()) {
+        if let Some(map) = maps.iter().find(|m| m.is::<InFlight<F>>()) {
             return Arc::clone(map);
         }
-        let map: Arc<dyn Any + Send + Sync> = Arc::new(InFlight::<W>::new(Arc::clone(&self.count)));
+        let map: Arc<dyn Any + Send + Sync> = Arc::new(InFlight::<F>::new(Arc::clone(&self.count)));
         maps.push(Arc::clone(&map));
         map
     }

@@ -24,10 +24,20 @@
 //!   errors and JSON-RPC errors, else a [`SharedFailure`] whose source is
 //!   the failure).
 //! - **A caller that leaves does not cancel the call of the others**: the
-//!   shared call is a shared future (futures' `Shared`) that every waiting
-//!   caller polls, so it goes on when the caller that started it is
-//!   dropped. When the **last** caller leaves, the call is dropped
-//!   (cancelled), as a call nobody waits for.
+//!   call (its inner future, boxed) is shared by every caller waiting for
+//!   it, and whichever caller is polled polls it; the inner future holds the
+//!   waker of the last one that did, and when that caller leaves it wakes
+//!   the others to poll in its place. When the **last** caller leaves, the
+//!   call is dropped (cancelled), as a call nobody waits for.
+//! - **Cheap when nobody joins** (most calls): one lock of the map to
+//!   register the call, one of the call to poll it, one of the map to
+//!   remove it once answered; the answer is moved to its caller, not
+//!   copied; and answered calls are kept (up to 32 per map) for the next
+//!   ones, so that once warm a call allocates nothing here.
+//! - **Panics**: a panic of the inner call unwinds to the caller that was
+//!   polling it; the call is then over, and the others waiting for it get a
+//!   [`SharedFailure`] whose source is [`SharedCallPanicked`]. Nobody is
+//!   left waiting.
 //! - **Bounded**: at most [`max_in_flight`](CoalesceBuilder::max_in_flight)
 //!   calls in flight can be joined (default 10 000); past the bound, calls
 //!   are made on their own. A call leaves the map when it completes or
@@ -75,6 +85,7 @@
 #![warn(missing_docs, missing_debug_implementations)]
 
 mod builder;
+mod call;
 mod error;
 mod future;
 mod inflight;
@@ -84,8 +95,8 @@ mod service;
 mod settings;
 
 pub use builder::{CoalesceBuilder, DEFAULT_MAX_IN_FLIGHT};
-pub use error::SharedFailure;
-pub use future::{Lead, ResponseFuture};
+pub use error::{SharedCallPanicked, SharedFailure};
+pub use future::ResponseFuture;
 pub use layer::CoalesceLayer;
 pub use service::Coalesce;
 #[cfg(feature = "serde")]

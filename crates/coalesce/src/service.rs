@@ -4,11 +4,11 @@ use std::any::Any;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures_util::future::{FutureExt, WeakShared};
 use toolwarden_core::{call_fingerprint, BoxError, Event, McpRequest, McpResponse};
 use tower_service::Service;
 
-use crate::future::{Lead, ResponseFuture, Ticket};
+use crate::call::LEADER;
+use crate::future::ResponseFuture;
 use crate::inflight::{CallKey, InFlight, Joined};
 use crate::layer::{CoalesceLayer, Shared};
 
@@ -123,19 +123,16 @@ impl<S> Coalesce<S> {
             session,
         };
         let id = request.request_id().cloned();
-        // `None` only for a call already over (never, for one just made):
-        // never upgraded, so the next caller replaces it.
-        type Weak<F> = Option<WeakShared<Lead<F>>>;
         let map = match self
             .map
             .clone()
-            .and_then(|map| map.downcast::<InFlight<Weak<S::Future>>>().ok())
+            .and_then(|map| map.downcast::<InFlight<S::Future>>().ok())
         {
             Some(map) => map,
             None => {
-                let any = self.shared.map::<Weak<S::Future>>();
+                let any = self.shared.map::<S::Future>();
                 self.map = Some(Arc::clone(&any));
-                match any.downcast::<InFlight<Weak<S::Future>>>() {
+                match any.downcast::<InFlight<S::Future>>() {
                     Ok(map) => map,
                     // Not reachable: the layer made it of this type.
                     Err(_) => return ResponseFuture::direct(self.inner.call(request)),
@@ -144,42 +141,31 @@ impl<S> Coalesce<S> {
         };
         let inner = &mut self.inner;
         let mut pending = Some(request);
-        let joined = map.join(
-            &key,
-            |weak: &Weak<S::Future>| weak.as_ref()?.upgrade(),
-            || {
-                // Invariant: `make` runs at most once, before anything else
-                // takes the request.
-                #[allow(clippy::expect_used)]
-                let request = pending.take().expect("the request is still here");
-                let shared = Lead::new(inner.call(request)).shared();
-                let weak = shared.downgrade();
-                (shared, weak)
-            },
-        );
-        let (shared, generation) = match joined {
-            Joined::Leader(shared, generation) => (shared, generation),
-            Joined::Follower(shared, generation) => {
+        let joined = map.join(&key, || {
+            // Invariant: `make` runs at most once, before anything else
+            // takes the request.
+            #[allow(clippy::expect_used)]
+            let request = pending.take().expect("the request is still here");
+            inner.call(request)
+        });
+        match joined {
+            Joined::Leader(call, generation) => {
+                ResponseFuture::shared(call, LEADER, id, map, key, generation)
+            }
+            Joined::Follower(call, place, generation) => {
                 if let Some(request) = pending.as_ref() {
                     self.shared.config.events.emit(&Event::Coalesced {
                         key: request.target(),
                     });
                 }
-                (shared, generation)
+                ResponseFuture::shared(call, place, id, map, key, generation)
             }
             Joined::Alone => match pending.take() {
-                Some(request) => return ResponseFuture::direct(self.inner.call(request)),
+                Some(request) => ResponseFuture::direct(self.inner.call(request)),
                 // Not reachable: `make` runs only for a leader.
                 None => unreachable_alone(),
             },
-        };
-        let ticket = Ticket {
-            in_flight: map,
-            key,
-            generation,
-            completed: false,
-        };
-        ResponseFuture::shared(shared, id, ticket)
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use serde_json::json;
-use toolwarden_coalesce::{CoalesceBuilder, CoalesceLayer, SharedFailure};
+use toolwarden_coalesce::{CoalesceBuilder, CoalesceLayer, SharedCallPanicked, SharedFailure};
 use toolwarden_core::classify::{TransportError, TransportErrorKind};
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
@@ -385,4 +385,220 @@ async fn on_several_threads_callers_that_leave_never_cancel_the_others_call() {
     // scheduled (not asserted: no timing in tests); what holds whatever the
     // schedule is above: every caller that stayed got the answer, with its id.
     assert!(mock.calls("weather") >= 20);
+}
+
+/// Runs `fut` on its own task; its answer within `limit` (paused clock), or
+/// a panic if it hangs: a caller nobody wakes would hang.
+fn spawn_waiting<F>(fut: F) -> tokio::task::JoinHandle<Result<Response, BoxError>>
+where
+    F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        tokio::time::timeout(ms(10_000), fut)
+            .await
+            .expect("a waiting caller was woken")
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_polling_leader_leaves_a_follower_takes_over_and_the_call_is_made_once() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let mut leader = start(&mut svc, call(1, "weather", json!({"city": "Oslo"}))).await;
+    let mut one = start(&mut svc, call(2, "weather", json!({"city": "Oslo"}))).await;
+    let mut two = start(&mut svc, call(3, "weather", json!({"city": "Oslo"}))).await;
+    // Everyone has been polled: the leader polls the call, the followers wait.
+    assert!((&mut leader).now_or_never().is_none());
+    assert!((&mut one).now_or_never().is_none());
+    assert!((&mut two).now_or_never().is_none());
+    let (one, two) = (spawn_waiting(one), spawn_waiting(two));
+    tokio::time::sleep(ms(30)).await;
+    drop(leader);
+    assert_eq!(mock.in_flight(), 1, "handed over, not cancelled");
+    let (one, two) = (one.await.unwrap().unwrap(), two.await.unwrap().unwrap());
+    assert_eq!((one.id.clone(), two.id), (Id::Number(2), Id::Number(3)));
+    assert_eq!(one.first_text().unwrap(), "weather answered");
+    assert_eq!(mock.calls("weather"), 1, "one upstream call in all");
+    assert_eq!(mock.in_flight(), 0);
+    assert_eq!(
+        layer.in_flight(),
+        0,
+        "the follower that completed it removed it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_awaited_before_its_leader_drives_the_call_itself() {
+    // One task awaiting its calls one after the other: the leader is not
+    // polled while the follower is awaited.
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let leader = start(&mut svc, call(1, "weather", json!({}))).await;
+    let follower = start(&mut svc, call(2, "weather", json!({}))).await;
+    let follower = tokio::time::timeout(ms(10_000), follower)
+        .await
+        .expect("the follower is not stuck behind its leader")
+        .unwrap();
+    assert_eq!(follower.id, Id::Number(2));
+    assert_eq!(layer.in_flight(), 0);
+    let leader = leader.now_or_never().expect("answered already").unwrap();
+    assert_eq!(leader.id, Id::Number(1));
+    assert_eq!(mock.calls("weather"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_follower_polling_the_handed_over_call_may_leave_too_another_takes_over() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let mut leader = start(&mut svc, call(1, "weather", json!({}))).await;
+    let mut one = start(&mut svc, call(2, "weather", json!({}))).await;
+    let two = start(&mut svc, call(3, "weather", json!({}))).await;
+    assert!((&mut leader).now_or_never().is_none());
+    assert!((&mut one).now_or_never().is_none()); // waits (a no-op waker)
+    let two = spawn_waiting(two);
+    tokio::task::yield_now().await; // `two` waits, its task's waker registered
+    drop(leader); // hands the call over, waking `one` (the first that waits)
+                  // `one` polls the handed-over call (the call now holds its waker) ...
+    assert!((&mut one).now_or_never().is_none());
+    tokio::time::sleep(ms(20)).await;
+    // ... and leaves: `two` is woken to poll it, else it would hang.
+    drop(one);
+    assert_eq!(mock.in_flight(), 1);
+    assert_eq!(two.await.unwrap().unwrap().id, Id::Number(3));
+    assert_eq!(mock.calls("weather"), 1);
+    assert_eq!(layer.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_call_is_dropped_when_its_last_caller_leaves_in_any_order() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    // Followers first, then the leader: the leader drops it.
+    let mut leader = start(&mut svc, call(1, "weather", json!({}))).await;
+    let mut one = start(&mut svc, call(2, "weather", json!({}))).await;
+    assert!((&mut leader).now_or_never().is_none());
+    assert!((&mut one).now_or_never().is_none());
+    drop(one);
+    assert_eq!(mock.in_flight(), 1);
+    drop(leader);
+    assert_eq!(mock.in_flight(), 0);
+    assert_eq!(layer.in_flight(), 0);
+    // The leader first (handed over), then the followers: the last drops it.
+    let mut leader = start(&mut svc, call(3, "weather", json!({}))).await;
+    let mut one = start(&mut svc, call(4, "weather", json!({}))).await;
+    let two = start(&mut svc, call(5, "weather", json!({}))).await; // never polled
+    assert!((&mut leader).now_or_never().is_none());
+    drop(leader);
+    assert!((&mut one).now_or_never().is_none()); // polls the handed-over call
+    drop(one);
+    assert_eq!(mock.in_flight(), 1, "one caller still waits");
+    assert_eq!(layer.in_flight(), 1);
+    drop(two);
+    assert_eq!(mock.in_flight(), 0, "nobody waits: the call is dropped");
+    assert_eq!(layer.in_flight(), 0);
+    // A follower joining after its leader left joins the handed-over call.
+    let mut leader = start(&mut svc, call(6, "weather", json!({}))).await;
+    let one = start(&mut svc, call(7, "weather", json!({}))).await;
+    assert!((&mut leader).now_or_never().is_none());
+    drop(leader);
+    let late = start(&mut svc, call(8, "weather", json!({}))).await;
+    let (one, late) = tokio::join!(one, late);
+    assert_eq!(
+        (one.unwrap().id, late.unwrap().id),
+        (Id::Number(7), Id::Number(8))
+    );
+    assert_eq!(mock.calls("weather"), 3);
+    assert_eq!(layer.in_flight(), 0);
+}
+
+fn panicking_service(
+    calls: Arc<Mutex<usize>>,
+) -> impl Service<
+    Request,
+    Response = Response,
+    Error = BoxError,
+    Future = impl std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+> + Clone {
+    tower::service_fn(move |_req: Request| {
+        *calls.lock().unwrap() += 1;
+        async move {
+            tokio::time::sleep(ms(50)).await;
+            if true {
+                panic!("the inner call panicked");
+            }
+            Ok::<Response, BoxError>(Response::result(Id::Number(0), json!({})))
+        }
+    })
+}
+
+fn assert_panicked(result: Result<Response, BoxError>) {
+    let err = result.unwrap_err();
+    let shared = err
+        .downcast_ref::<SharedFailure>()
+        .expect("a shared failure");
+    assert!(shared.error().is::<SharedCallPanicked>(), "{shared}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_of_the_call_reaches_the_caller_that_polled_it_the_others_get_an_error() {
+    let calls = Arc::new(Mutex::new(0));
+    let layer = CoalesceLayer::builder().coalesce(true).build().unwrap();
+    let mut svc = layer.layer(panicking_service(Arc::clone(&calls)));
+    let leader = Box::pin(start(&mut svc, call(1, "t", json!({}))).await);
+    let one = Box::pin(start(&mut svc, call(2, "t", json!({}))).await);
+    let two = Box::pin(start(&mut svc, call(3, "t", json!({}))).await);
+    let tasks = [tokio::spawn(leader), tokio::spawn(one), tokio::spawn(two)];
+    let results = tokio::time::timeout(ms(10_000), futures::future::join_all(tasks))
+        .await
+        .expect("nobody hangs");
+    let mut panics = 0;
+    for result in results {
+        match result {
+            Err(e) => {
+                assert!(e.is_panic());
+                panics += 1;
+            }
+            Ok(answer) => assert_panicked(answer),
+        }
+    }
+    assert_eq!(
+        panics, 1,
+        "the panic reaches the caller whose poll polled the call"
+    );
+    assert_eq!(*calls.lock().unwrap(), 1);
+    assert_eq!(
+        layer.in_flight(),
+        0,
+        "the panicking caller, leaving, removed it"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_while_a_follower_polls_reaches_it_the_others_get_an_error() {
+    let calls = Arc::new(Mutex::new(0));
+    let layer = CoalesceLayer::builder().coalesce(true).build().unwrap();
+    let mut svc = layer.layer(panicking_service(Arc::clone(&calls)));
+    let mut leader = Box::pin(start(&mut svc, call(1, "t", json!({}))).await);
+    let one = Box::pin(start(&mut svc, call(2, "t", json!({}))).await);
+    let mut two = Box::pin(start(&mut svc, call(3, "t", json!({}))).await);
+    assert!((&mut leader).now_or_never().is_none());
+    assert!((&mut two).now_or_never().is_none());
+    drop(leader);
+    // Whichever follower polls the handed-over call gets the panic.
+    let (one, two) = (tokio::spawn(one), tokio::spawn(two));
+    let (one, two) = tokio::time::timeout(ms(10_000), async { (one.await, two.await) })
+        .await
+        .expect("nobody hangs");
+    let (panicked, answered) = match one {
+        Err(e) => (e, two.unwrap()),
+        Ok(answered) => (two.unwrap_err(), answered),
+    };
+    assert!(panicked.is_panic());
+    assert_panicked(answered);
+    assert_eq!(*calls.lock().unwrap(), 1);
+    assert_eq!(
+        layer.in_flight(),
+        0,
+        "the panicking caller, leaving, removed it"
+    );
+    // The next identical call makes a new call.
+    let again = tokio::spawn(start(&mut svc, call(4, "t", json!({}))).await);
+    assert!(again.await.unwrap_err().is_panic());
+    assert_eq!(*calls.lock().unwrap(), 2);
 }
