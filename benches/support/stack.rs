@@ -118,13 +118,15 @@ pub async fn sequential(service: &Svc, requests: &[Request], n: u64) -> Duration
 }
 
 /// The standard stack (as [`toolwarden_stack`]) without `left_out`; the
-/// optional layers (bulkhead, coalescing) are in unless left out.
+/// optional layers (bulkhead, coalescing, hedging) are in unless left out.
 pub fn toolwarden_stack_without(left_out: &[toolwarden::stack::StackLayer]) -> Svc {
     let builder = StandardStack::builder()
         .rate_limit(|b| b.per_tool(Rate::per_second(1_000_000), 1_000_000))
-        // Issue 21: configured, so that "only bulkhead" / "only coalesce" measure them.
+        // Issue 21: configured, so that "only bulkhead", "only coalesce" and
+        // "only hedge" measure them.
         .bulkhead(|b| b.max_concurrent(1 << 20))
-        .coalesce(|b| b);
+        .coalesce(|b| b)
+        .hedge(|b| b);
     let builder = left_out
         .iter()
         .fold(builder, |builder, layer| builder.without(*layer));

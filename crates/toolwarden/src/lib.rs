@@ -45,6 +45,8 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "stack")]
+mod boxed;
 mod builder_ext;
 mod render;
 #[cfg(feature = "stack")]

@@ -113,6 +113,7 @@ use tower::util::Either;
 use tower::ServiceBuilder;
 use tower_layer::Layer;
 
+pub use crate::boxed::{BoxFuturesLayer, BoxedFutures};
 use crate::render::RenderErrors;
 pub use crate::timeout::{AttemptTimeout, AttemptTimeoutFuture};
 
@@ -123,12 +124,14 @@ pub type StandardService<S> = RenderErrors<Optional<Observability<Guarded<S>>, G
 
 type Optional<L, S> = Either<L, S>;
 type Broken<S> = Optional<CircuitBreaker<AttemptTimeout<S>>, AttemptTimeout<S>>;
-type Bulkheaded<S> = Optional<Bulkhead<Broken<S>>, Broken<S>>;
+// The optional layers' futures are boxed (see `BoxedFutures`): off, they
+// add nothing to the size of every call's future.
+type Bulkheaded<S> = Optional<BoxedFutures<Bulkhead<Broken<S>>>, Broken<S>>;
 type Limited<S> = Optional<RateLimit<Bulkheaded<S>>, Bulkheaded<S>>;
 // Hedging (optional, off by default): between retry and the rate limit.
-type Hedged<S> = Optional<Hedge<Limited<S>>, Limited<S>>;
+type Hedged<S> = Optional<BoxedFutures<Hedge<Limited<S>>>, Limited<S>>;
 type Retried<S> = Optional<RetryBackoff<Hedged<S>>, Hedged<S>>;
-type Coalesced<S> = Optional<Coalesce<Retried<S>>, Retried<S>>;
+type Coalesced<S> = Optional<BoxedFutures<Coalesce<Retried<S>>>, Retried<S>>;
 type Cached<S> = Optional<FallbackCache<Coalesced<S>>, Coalesced<S>>;
 type Guarded<S> = Optional<LoopGuard<Cached<S>>, Cached<S>>;
 
@@ -899,11 +902,26 @@ impl<S> Layer<S> for StandardStackLayer {
             .option_layer(on(StackLayer::Observability).then(|| self.observability.clone()))
             .option_layer(on(StackLayer::LoopGuard).then(|| self.loop_guard.clone()))
             .option_layer(on(StackLayer::FallbackCache).then(|| self.fallback_cache.clone()))
-            .option_layer(self.coalesce.clone().filter(|_| on(StackLayer::Coalesce)))
+            .option_layer(
+                self.coalesce
+                    .clone()
+                    .filter(|_| on(StackLayer::Coalesce))
+                    .map(BoxFuturesLayer::new),
+            )
             .option_layer(on(StackLayer::Retry).then(|| self.retry.clone()))
-            .option_layer(self.hedge.clone().filter(|_| on(StackLayer::Hedge)))
+            .option_layer(
+                self.hedge
+                    .clone()
+                    .filter(|_| on(StackLayer::Hedge))
+                    .map(BoxFuturesLayer::new),
+            )
             .option_layer(on(StackLayer::RateLimit).then(|| self.rate_limit.clone()))
-            .option_layer(self.bulkhead.clone().filter(|_| on(StackLayer::Bulkhead)))
+            .option_layer(
+                self.bulkhead
+                    .clone()
+                    .filter(|_| on(StackLayer::Bulkhead))
+                    .map(BoxFuturesLayer::new),
+            )
             .option_layer(on(StackLayer::CircuitBreaker).then(|| self.circuit_breaker.clone()))
             .service(AttemptTimeout::new(inner, self.attempt_timeout));
         let render = RenderErrors::new(service);
