@@ -280,6 +280,20 @@ impl AdaptiveCap {
         (state.cap + state.debt).saturating_sub(available)
     }
 
+    /// A waiting call was handed a permit (already forgotten): whether it
+    /// may enter. Not while the cap owes permits: a permit handed over
+    /// before a cut would let the call in over the new cap, so it pays a
+    /// permit of the debt instead, and the call waits again.
+    pub(crate) fn may_enter_with_handed_permit(&self) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.debt > 0 {
+            state.debt -= 1;
+            false
+        } else {
+            true
+        }
+    }
+
     /// A call admitted in `epoch` ended with `signal`: adapt the cap, then
     /// give the call's place back (or pay a permit of debt with it).
     pub(crate) fn leave(&self, semaphore: &Semaphore, signal: Signal, epoch: u64) {

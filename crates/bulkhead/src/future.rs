@@ -13,7 +13,7 @@ use tokio::time::{Instant, Sleep};
 use toolwarden_core::{BoxError, BulkheadFull, CallKind, Classify, McpClassifier, Outcome};
 use tower_service::Service;
 
-use crate::adaptive::Signal;
+use crate::adaptive::{AdaptiveCap, Signal};
 use crate::state::{Compartment, Shared};
 
 /// A place taken by one call: given back when dropped (the call completed,
@@ -192,7 +192,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Result<(S, R, Permit, Option<C>), BoxError>> {
         let mut this = self.project();
-        if this.permit.is_none() {
+        while this.permit.is_none() {
             let acquire = this
                 .acquire
                 .get_mut()
@@ -201,7 +201,19 @@ where
                 Poll::Ready(Ok(permit)) => {
                     // Given back by `Permit`'s drop.
                     permit.forget();
-                    *this.permit = Some(Permit::new(Arc::clone(this.compartment)));
+                    let enter = this
+                        .compartment
+                        .adaptive
+                        .as_ref()
+                        .is_none_or(AdaptiveCap::may_enter_with_handed_permit);
+                    if enter {
+                        *this.permit = Some(Permit::new(Arc::clone(this.compartment)));
+                    } else {
+                        // The permit paid the debt of a cut made after it was
+                        // handed over: wait for another.
+                        *acquire =
+                            Box::pin(Arc::clone(&this.compartment.semaphore).acquire_owned());
+                    }
                 }
                 // The semaphore is never closed; treat it as full.
                 Poll::Ready(Err(_)) | Poll::Pending => {
