@@ -34,10 +34,10 @@ use toolwarden_retry::BudgetConfig;
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HedgeSettings {
-    /// Whether the layer is used at all. Default `false`: hedging sends
-    /// extra calls, so it is off unless asked for. The builder does not
-    /// read it: whoever assembles a stack puts the layer in when it is
-    /// `true`.
+    /// Whether the layer is used at all. The builder does not read it:
+    /// whoever assembles a stack decides. The proxy puts the layer in when
+    /// the `[hedge]` section is present and this is not `false` (hedging
+    /// sends extra calls, so without the section it is off).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
     /// How long the first attempt runs before the hedge, while the tool

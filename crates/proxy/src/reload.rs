@@ -206,7 +206,10 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
     {
         unchanged.push(StackLayer::Coalesce);
     }
-    if next.hedge.enabled == Some(true)
+    if next
+        .hedge
+        .as_ref()
+        .is_some_and(|h| h.enabled != Some(false))
         && running.hedge == next.hedge
         && same_tables(running, next, |t| t.hedge.as_ref())
     {

@@ -347,11 +347,16 @@ async fn circuits_and_health_are_served_from_the_stack() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn hedging_is_off_by_default_and_follows_the_hedge_section_when_enabled() {
+async fn hedging_is_off_by_default_and_follows_the_hedge_section_when_present() {
     let slow = || Step::ok("slow").after(Duration::from_secs(5));
-    // Off by default, even for a tool configured safe to hedge.
-    let quiet = config("[tools.lookup]\nhedge = { safe_to_hedge = true }\n");
+    // Off by default, even for a tool configured safe to repeat.
+    let quiet = config("[tools.lookup]\nsafe_to_repeat = true\n");
     let (layer, _) = stack(&quiet);
+    assert!(!layer.includes(StackLayer::Hedge));
+    // Off with `enabled = false`, its keys kept for later.
+    let off =
+        config("[hedge]\nenabled = false\n[tools.lookup]\nhedge = { safe_to_hedge = true }\n");
+    let (layer, _) = stack(&off);
     assert!(!layer.includes(StackLayer::Hedge));
     let mock = MockMcp::new().script("lookup", [slow()]);
     let mut svc = layer.layer(mock.clone());
@@ -361,7 +366,6 @@ async fn hedging_is_off_by_default_and_follows_the_hedge_section_when_enabled() 
     let on = config(
         r#"
         [hedge]
-        enabled = true
         delay = "1s"
         [tools.lookup]
         hedge = { safe_to_hedge = true, delay = "50ms" }

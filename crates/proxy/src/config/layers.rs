@@ -40,7 +40,7 @@ pub struct ToolConfig {
     /// ([`CoalesceToolSettings`]); needs the `[coalesce]` section.
     pub coalesce: Option<CoalesceToolSettings>,
     /// The tool's own hedging ([`HedgeToolSettings`]: `safe_to_hedge`,
-    /// `delay`, `percentile`, `min_samples`); read only when `[hedge]` is
-    /// enabled.
+    /// `delay`, `percentile`, `min_samples`); needs the `[hedge]` section
+    /// (the layer is off without it).
     pub hedge: Option<HedgeToolSettings>,
 }

@@ -4,7 +4,8 @@
 //!
 //! Every key is optional. The layer sections (`circuit_breaker`,
 //! `rate_limit`, `retry`, `loop_guard`, `fallback_cache`, `observability`,
-//! `hedge`, the one layer off unless `enabled = true`),
+//! and the optional `bulkhead`, `coalesce` and `hedge`, each off unless its
+//! section is present and its `enabled` is not `false`),
 //! a tool's layer tables and `[redis]` are the layer crates' settings types
 //! ([`CircuitBreakerSettings`], [`CircuitBreakerToolSettings`], ...,
 //! [`RedisSettings`]): their
@@ -112,8 +113,11 @@ pub struct Config {
     /// (and its `enabled` is not `false`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coalesce: Option<CoalesceSettings>,
-    /// `HedgeLayer`: off unless `enabled = true` (see [`HedgeSettings`]).
-    pub hedge: HedgeSettings,
+    /// `HedgeLayer`: a second copy of a slow call of a tool safe to send
+    /// twice. Off unless the section is present (and its `enabled` is not
+    /// `false`): a hedge is extra load the server did not ask for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<HedgeSettings>,
     /// Per-tool overrides, by tool name: `[tools."search_docs"]`.
     pub tools: BTreeMap<String, ToolConfig>,
     /// How the tools of several upstreams are exposed.

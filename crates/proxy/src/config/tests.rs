@@ -352,21 +352,27 @@ fn bad_values_name_their_key() {
             "tools.\"search\".loop_guard.exempt",
         ),
         ("[tools.\"\"]\ncacheable = true", "tools.\"\""),
-        // Hedging: checked whether enabled or not.
+        // Hedging: checked whether on or not (`enabled = false`).
+        ("[hedge]\npercentile = 1.5", "hedge.percentile"),
         (
-            "[hedge]\nenabled = true\npercentile = 1.5",
+            "[hedge]\nenabled = false\npercentile = 1.5",
             "hedge.percentile",
         ),
         ("[hedge]\ndelay = \"0s\"", "hedge.delay"),
         ("[hedge]\nbudget = { ratio = -1 }", "hedge.budget.ratio"),
         ("[hedge]\nbudget = { speed = 1 }", "hedge.budget.speed"),
         (
-            "[hedge]\nenabled = true\n[tools.search.hedge]\nmin_samples = 0",
+            "[hedge]\n[tools.search.hedge]\nmin_samples = 0",
             "tools.\"search\".hedge.min_samples",
         ),
         (
-            "[tools.search.hedge]\ndelay = \"2h\"",
+            "[hedge]\nenabled = false\n[tools.search.hedge]\ndelay = \"2h\"",
             "tools.\"search\".hedge.delay",
+        ),
+        // A tool's hedge table without the section: the layer is off.
+        (
+            "[tools.search.hedge]\ndelay = \"1s\"",
+            "tools.\"search\".hedge",
         ),
     ];
     for (text, key) in cases {

@@ -117,26 +117,8 @@ pub(crate) fn standard_stack_over(
     let observability = config.observability.clone();
     builder = builder.observability(move |b| b.settings(&observability));
 
-    // Issue 21: the bulkhead and coalescing, on only with their section.
+    // Issue 21: the bulkhead, coalescing and hedging, on only with their section.
     builder = optional_layers(builder, config)?;
-    // Hedging: only when `[hedge] enabled = true` (it sends extra calls);
-    // its keys are checked either way, like a left-out layer's.
-    let hedge = config.hedge.clone();
-    let tool_hedges = tool_tables(config, |tool| tool.hedge.as_ref());
-    let configure_hedge = move |mut b: HedgeBuilder| {
-        b = b.settings(&hedge);
-        for (name, tool) in &tool_hedges {
-            b = b.tool_settings(name.as_str(), tool);
-        }
-        b
-    };
-    if config.hedge.enabled == Some(true) {
-        builder = builder.hedge(configure_hedge);
-    } else {
-        configure_hedge(HedgeLayer::builder())
-            .build()
-            .map_err(|e| proxy_key_names(e.in_section("hedge"), config))?;
-    }
 
     if let Some((previous, keep)) = previous {
         builder = builder.reload(previous, keep.iter().copied());
@@ -195,6 +177,28 @@ fn optional_layers(
             });
         }
         None => off_layer_tables(&tool_coalesce, "coalesce")?,
+    }
+    let tool_hedges = tool_tables(config, |tool| tool.hedge.as_ref());
+    match &config.hedge {
+        Some(settings) => {
+            let settings = settings.clone();
+            let configure = move |mut b: HedgeBuilder| {
+                b = b.settings(&settings);
+                for (name, tool) in &tool_hedges {
+                    b = b.tool_settings(name.as_str(), tool);
+                }
+                b
+            };
+            if on(config.hedge.as_ref().and_then(|s| s.enabled)) {
+                builder = builder.hedge(configure);
+            } else {
+                // `enabled = false`: off, its keys checked all the same.
+                configure(HedgeLayer::builder())
+                    .build()
+                    .map_err(|e| proxy_key_names(e.in_section("hedge"), config))?;
+            }
+        }
+        None => off_layer_tables(&tool_hedges, "hedge")?,
     }
     Ok(builder)
 }
