@@ -73,7 +73,7 @@ use tokio_util::sync::CancellationToken;
 use toolwarden::stack::StackLayer;
 use toolwarden_core::ConfigError;
 
-use crate::config::{process_env, Config, ConfigFileError, ToolConfig};
+use crate::config::{optional_on, process_env, Config, ConfigFileError, ToolConfig};
 use crate::Proxy;
 
 /// How often `--watch` looks at the file.
@@ -194,22 +194,21 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
         unchanged.push(StackLayer::FallbackCache);
     }
     // Issue 21: kept (places in use, calls in flight) when unchanged.
-    if next.bulkhead.is_some()
+    // On only with the section and `enabled` not `false`: a layer that is
+    // off is neither kept nor renewed.
+    if optional_on(next.bulkhead.as_ref().map(|s| s.enabled))
         && running.bulkhead == next.bulkhead
         && same_tables(running, next, |t| t.bulkhead.as_ref())
     {
         unchanged.push(StackLayer::Bulkhead);
     }
-    if next.coalesce.is_some()
+    if optional_on(next.coalesce.as_ref().map(|s| s.enabled))
         && running.coalesce == next.coalesce
         && same_tables(running, next, |t| t.coalesce.as_ref())
     {
         unchanged.push(StackLayer::Coalesce);
     }
-    if next
-        .hedge
-        .as_ref()
-        .is_some_and(|h| h.enabled != Some(false))
+    if optional_on(next.hedge.as_ref().map(|s| s.enabled))
         && running.hedge == next.hedge
         && same_tables(running, next, |t| t.hedge.as_ref())
     {

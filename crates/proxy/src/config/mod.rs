@@ -346,3 +346,10 @@ impl DownstreamConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// Whether an optional layer's section (`[bulkhead]`, `[coalesce]`,
+/// `[hedge]`) turns it on: present, with `enabled` (its value, when
+/// present) not `false`.
+pub(crate) fn optional_on(enabled: Option<Option<bool>>) -> bool {
+    matches!(enabled, Some(enabled) if enabled != Some(false))
+}

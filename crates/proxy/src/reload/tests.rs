@@ -366,6 +366,23 @@ async fn the_optional_layers_are_kept_when_on_and_unchanged_and_never_reported_w
         );
     }
 
+    // Present but `enabled = false`: off, so neither kept nor renewed.
+    let disabled = format!(
+        "{QUIET}\n[bulkhead]\nenabled = false\n\n[coalesce]\nenabled = false\n\n[hedge]\nenabled = false\n"
+    );
+    let off = proxy(config(&disabled));
+    let report = off.reload(config(&disabled)).unwrap();
+    for layer in optional {
+        assert!(
+            !report.kept.contains(&layer),
+            "{layer} disabled, yet kept: {report:?}"
+        );
+        assert!(
+            !report.renewed.contains(&layer),
+            "{layer} disabled, yet renewed: {report:?}"
+        );
+    }
+
     // On and unchanged: kept whole.
     let on = |cap: u32, delay: &str| {
         format!(

@@ -149,7 +149,7 @@ fn optional_layers(
     mut builder: toolwarden::stack::StandardStackBuilder,
     config: &Config,
 ) -> Result<toolwarden::stack::StandardStackBuilder, ConfigError> {
-    let on = |enabled: Option<bool>| enabled != Some(false);
+    let on = |enabled: Option<bool>| crate::config::optional_on(Some(enabled));
     let bulkhead = config.bulkhead.clone().filter(|s| on(s.enabled));
     let tool_bulkheads = tool_tables(config, |tool| tool.bulkhead.as_ref());
     match bulkhead {
