@@ -283,6 +283,31 @@ impl<V> KeyedState<V> {
         })
     }
 
+    /// Like [`with`](Self::with), and a handle on the entry when `f`'s
+    /// second value says to keep one: one lookup for callers that keep the
+    /// entry only sometimes (a sampled call).
+    #[inline]
+    pub fn with_keep<T>(
+        &self,
+        key: &KeyRef<'_>,
+        f: impl FnOnce(&V) -> (T, bool),
+    ) -> Option<(T, Option<Entry<V>>)> {
+        if *key == KeyRef::Overflow {
+            let (read, keep) = f(&self.inner.overflow);
+            return Some((read, keep.then(|| self.inner.overflow.clone())));
+        }
+        let map = self.inner.map.pin();
+        let slot = map.get(key)?;
+        if !slot.touched.load(Ordering::Relaxed) {
+            slot.touched.store(true, Ordering::Relaxed);
+        }
+        let (read, keep) = f(&slot.value);
+        let entry = keep.then(|| Entry {
+            slot: Arc::clone(slot),
+        });
+        Some((read, entry))
+    }
+
     /// Runs `f` on the state of `key`, if it exists, without taking a
     /// handle: the cheapest read, for callers that need the state only now.
     #[inline]

@@ -102,12 +102,11 @@ pub(crate) struct Race<S, R, Resp, C> {
     started: Instant,
     hedge_started: Option<Instant>,
     policy: CallPolicy,
-    /// The key's latency record, looked up once the first attempt is found
-    /// waiting (with a percentile): a call answered at its first poll never
-    /// waited, could not have been hedged, and is not recorded.
+    /// The key's latency record, kept once the first attempt is found
+    /// waiting (with a percentile) and only by a call whose answer is
+    /// recorded: a call answered at its first poll never waited, could not
+    /// have been hedged, and is not recorded.
     record: Option<RecordHandle>,
-    /// Whether this call's answer is recorded (one waiting call in four).
-    sampled: bool,
     phase: Phase,
     /// The first attempt's failure, held while the hedge runs.
     held: Option<Box<Result<Resp, BoxError>>>,
@@ -130,7 +129,6 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
             hedge_started: None,
             policy,
             record: None,
-            sampled: false,
             phase: Phase::Waiting,
             held: None,
         }
@@ -138,28 +136,41 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
 
     /// Records a good answer of an attempt started at `since`.
     fn record(&self, since: Instant) {
-        if !self.sampled {
-            return;
-        }
         if let (Some(record), Some(permille)) = (&self.record, self.policy.percentile) {
             record.record(since.elapsed(), permille, self.policy.min_samples);
         }
     }
 
     /// The delay of the hedge: the key's percentile, else the fixed delay.
+    ///
+    /// The key's record is read in place (no handle taken); a handle is
+    /// kept only by the calls whose answer is recorded (one in
+    /// [`SAMPLE_EVERY`](crate::latency::SAMPLE_EVERY)), so the others cost
+    /// one map read and no reference count.
     fn delay(&mut self) -> Duration
     where
         R: McpRequest,
     {
-        if self.policy.percentile.is_some() && self.record.is_none() {
-            if let Some(request) = &self.request {
-                let key = self.shared.key_by.key(request);
-                let record = self.shared.latency.entry(key);
-                self.sampled = record.sample();
-                self.record = Some(record);
-            }
+        if self.policy.percentile.is_none() {
+            return self.policy.delay;
         }
-        self.policy.delay_with(self.record.as_deref())
+        let Some(request) = &self.request else {
+            return self.policy.delay;
+        };
+        let key = self.shared.key_by.key(request);
+        let latency = &self.shared.latency;
+        // The percentile, and the record's handle when this call's answer
+        // is to be recorded.
+        let (percentile, record) = match latency.with_keep(&key, |r| (r.percentile(), r.sample())) {
+            Some(read) => read,
+            None => {
+                // The key's first call that waits: its record is made.
+                let record = latency.entry(key);
+                (record.percentile(), record.sample().then_some(record))
+            }
+        };
+        self.record = record;
+        percentile.unwrap_or(self.policy.delay)
     }
 }
 

@@ -5,7 +5,6 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use tokio::time::Instant;
 use toolwarden_core::{BoxError, Classify, McpClassifier, McpRequest, McpResponse};
 use tower_service::Service;
 
@@ -93,7 +92,9 @@ where
         // fresh clone (tower's readiness contract).
         let clone = self.inner.clone();
         let mut service = mem::replace(&mut self.inner, clone);
-        let started = Instant::now();
+        // The stack's held reading when there is one (one clock reading
+        // per call), else the clock's.
+        let started = toolwarden_core::time::now();
         shared.budget.deposit_at(started);
         let copy = request.clone();
         let future = service.call(request);
