@@ -111,8 +111,10 @@ impl CoalesceBuilder {
     }
 
     /// The most calls in flight that others may join (the bound of the
-    /// map). Default [`DEFAULT_MAX_IN_FLIGHT`] (10 000). A call past it is
-    /// made on its own, not shared. At least 1. Layer-wide.
+    /// map: its slots, calls in flight and answered slots kept for their
+    /// key, which are swept first when a new key finds the map full).
+    /// Default [`DEFAULT_MAX_IN_FLIGHT`] (10 000). A call past it is made on
+    /// its own, not shared. At least 1. Layer-wide.
     #[must_use]
     pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
         self.tools.layer_wide("max_in_flight");

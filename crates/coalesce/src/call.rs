@@ -12,22 +12,22 @@
 //!
 //! A call nobody joins (most calls) is polled by its leader alone, with its
 //! own waker (kept, cloned, only if the call waits), and its answer is
-//! moved out, not copied. Answered calls' `Arc`s (and their boxes) are kept
-//! for the next calls when nobody else holds them (see
+//! moved out, not copied. An answered call stays in its slot of the map,
+//! closed and emptied (no future, no answer once collected), and carries
+//! the next call with its key when nobody else holds it (see
 //! [`InFlight`](crate::inflight::InFlight)), so that a call nobody joins
-//! allocates nothing once the layer has warmed up.
+//! allocates nothing once the layer has warmed up, and nobody takes the
+//! map's lock a second time to remove it.
 //!
-//! Lock order: the map's lock, then a call's; never the other way round (a
-//! caller that must remove the call's slot takes the map's lock after
-//! releasing the call's).
+//! Lock order: the map's lock, then a call's; never the other way round.
 //!
 //! Panics: a panic of the inner future's `poll` unwinds to the caller whose
 //! poll polled it; the call is then over (its future dropped, its slot
-//! removed when that caller's future is dropped) and every other caller
-//! waiting for it gets a [`SharedFailure`] whose source is
-//! [`SharedCallPanicked`]. Nobody is left waiting.
+//! closed) and every other caller waiting for it gets a [`SharedFailure`]
+//! whose source is [`SharedCallPanicked`]. Nobody is left waiting.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use futures_util::TryFuture;
@@ -62,27 +62,22 @@ struct State<F: TryFuture> {
     places: SmallVec<[Place; 2]>,
     /// The caller whose waker the inner future holds (the last to poll it).
     poller: Option<usize>,
-    /// A caller's poll of the call panicked: a caller leaving removes the
-    /// call's slot.
-    panicked: bool,
 }
 
 /// One call in flight and its callers: see the [module docs](self).
 pub(crate) struct SharedCall<F: TryFuture> {
     state: Mutex<State<F>>,
+    /// `State::closed`, readable without the lock: written under it, and
+    /// read by the map (under the map's lock) to tell an answered call's
+    /// slot from a call that may be joined. A call is reopened only by
+    /// [`reuse`](SharedCall::reuse), which holds it alone.
+    closed: AtomicBool,
 }
 
 impl<F: TryFuture> fmt::Debug for SharedCall<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SharedCall").finish_non_exhaustive()
     }
-}
-
-/// A caller's poll that is over: its answer, and whether this caller's
-/// poll got it (then it removes the call's slot).
-pub(crate) struct Answer<F: TryFuture> {
-    pub(crate) output: Output<F>,
-    pub(crate) completed_here: bool,
 }
 
 /// The place of the caller that makes a call.
@@ -118,7 +113,6 @@ impl<F: TryFuture> State<F> {
         self.places.clear();
         self.places.push(Place::Waiting(None));
         self.poller = None;
-        self.panicked = false;
     }
 
     /// Takes the wakers of every waiting caller but `except`, to wake once
@@ -177,8 +171,8 @@ impl<F: TryFuture> SharedCall<F> {
                 waiting: 1,
                 places,
                 poller: None,
-                panicked: false,
             }),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -186,6 +180,14 @@ impl<F: TryFuture> SharedCall<F> {
     /// shared: no lock).
     pub(crate) fn reuse(&mut self, future: F) {
         self.state.get_mut().lead(future);
+        *self.closed.get_mut() = false;
+    }
+
+    /// Whether the call is over (answered, dropped, or panicked): nobody
+    /// may join it, and its slot may carry a new call.
+    #[inline]
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Relaxed)
     }
 
     /// One more caller, unless the call is over: its place.
@@ -208,10 +210,10 @@ impl<F: TryFuture> SharedCall<F> {
         Some(place)
     }
 
-    /// A caller leaves before collecting the answer. `true` when it must
-    /// remove the call's slot: it was the last caller, and dropped the call
-    /// (cancelled it); or the call panicked.
-    pub(crate) fn leave(&self, place: usize) -> bool {
+    /// A caller leaves before collecting the answer. The last caller to
+    /// leave drops the call (cancels it); its slot then stays, closed, for
+    /// the next call with its key or the map's sweep.
+    pub(crate) fn leave(&self, place: usize) {
         let mut state = self.state.lock();
         if let Some(p) = state.places.get_mut(place) {
             *p = Place::Vacant;
@@ -221,14 +223,15 @@ impl<F: TryFuture> SharedCall<F> {
             if state.waiting == 0 {
                 state.output = None;
             }
-            return std::mem::take(&mut state.panicked);
+            return;
         }
         if state.waiting == 0 {
             state.closed = true;
+            self.closed.store(true, Ordering::Relaxed);
             // Dropped under the call's lock, so that a caller arriving now
             // (it sees `closed`) starts its call after this one is gone.
             state.future.set(None);
-            return true;
+            return;
         }
         if state.poller == Some(place) {
             // The inner future holds this caller's waker: another must poll.
@@ -239,27 +242,23 @@ impl<F: TryFuture> SharedCall<F> {
             drop(state);
             wake_all(wakers);
         }
-        false
     }
 
     /// A caller's poll: the answer if it is there, else polls the call.
-    pub(crate) fn poll(&self, place: usize, cx: &mut Context<'_>) -> Poll<Answer<F>>
+    pub(crate) fn poll(&self, place: usize, cx: &mut Context<'_>) -> Poll<Output<F>>
     where
         F::Ok: Clone,
         F::Error: Into<BoxError>,
     {
         let mut polling = Polling {
             state: self.state.lock(),
+            closed: &self.closed,
             done: false,
         };
         if polling.state.closed {
             // Answered by another caller's poll (or panicked there).
             polling.done = true;
-            let output = polling.state.collect(place).unwrap_or_else(panicked);
-            return Poll::Ready(Answer {
-                output,
-                completed_here: false,
-            });
+            return Poll::Ready(polling.state.collect(place).unwrap_or_else(panicked));
         }
         let poll = match polling.state.future.as_mut().as_pin_mut() {
             Some(future) => future.try_poll(cx),
@@ -278,6 +277,7 @@ impl<F: TryFuture> SharedCall<F> {
             Poll::Ready(output) => {
                 state.future.set(None);
                 state.closed = true;
+                self.closed.store(true, Ordering::Relaxed);
                 let output = output.map_err(|e| SharedFailure::new(e.into()));
                 if state.waiting == 1 {
                     // Nobody else waits (most calls): the answer is this
@@ -287,20 +287,14 @@ impl<F: TryFuture> SharedCall<F> {
                         *p = Place::Vacant;
                     }
                     drop(polling);
-                    return Poll::Ready(Answer {
-                        output,
-                        completed_here: true,
-                    });
+                    return Poll::Ready(output);
                 }
                 state.output = Some(output);
                 let output = state.collect(place).unwrap_or_else(panicked);
                 let wakers = state.take_wakers(place);
                 drop(polling);
                 wake_all(wakers);
-                Poll::Ready(Answer {
-                    output,
-                    completed_here: true,
-                })
+                Poll::Ready(output)
             }
         }
     }
@@ -311,6 +305,7 @@ impl<F: TryFuture> SharedCall<F> {
 /// as the panic unwinds.
 struct Polling<'a, F: TryFuture> {
     state: MutexGuard<'a, State<F>>,
+    closed: &'a AtomicBool,
     done: bool,
 }
 
@@ -322,7 +317,7 @@ impl<F: TryFuture> Drop for Polling<'_, F> {
         let state = &mut self.state;
         state.future.set(None);
         state.closed = true;
-        state.panicked = true;
+        self.closed.store(true, Ordering::Relaxed);
         wake_all(state.take_wakers(usize::MAX));
     }
 }

@@ -13,7 +13,6 @@ use toolwarden_core::{BoxError, McpResponse};
 
 use crate::call::SharedCall;
 use crate::error::SharedFailure;
-use crate::inflight::{CallKey, InFlight};
 
 /// A caller of a shared call: it polls the call, or waits for the answer.
 /// Dropped before the answer, it leaves the call, which the last caller to
@@ -22,17 +21,12 @@ pub(crate) struct Waiter<F: TryFuture> {
     /// `None` once answered.
     call: Option<Arc<SharedCall<F>>>,
     place: usize,
-    in_flight: Arc<InFlight<F>>,
-    key: CallKey,
-    generation: u64,
 }
 
 impl<F: TryFuture> Drop for Waiter<F> {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            if call.leave(self.place) {
-                self.in_flight.remove(&self.key, self.generation);
-            }
+            call.leave(self.place);
         }
     }
 }
@@ -76,22 +70,12 @@ impl<F: TryFuture> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn shared(
-        call: Arc<SharedCall<F>>,
-        place: usize,
-        id: Option<Id>,
-        in_flight: Arc<InFlight<F>>,
-        key: CallKey,
-        generation: u64,
-    ) -> Self {
+    pub(crate) fn shared(call: Arc<SharedCall<F>>, place: usize, id: Option<Id>) -> Self {
         ResponseFuture {
             state: State::Shared {
                 waiter: Waiter {
                     call: Some(call),
                     place,
-                    in_flight,
-                    key,
-                    generation,
                 },
             },
             id,
@@ -132,18 +116,14 @@ where
                 let Some(call) = waiter.call.as_ref() else {
                     polled_after_completion()
                 };
-                let answer = match call.poll(waiter.place, cx) {
+                let output = match call.poll(waiter.place, cx) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(answer) => answer,
+                    Poll::Ready(output) => output,
                 };
-                if let Some(call) = waiter.call.take() {
-                    if answer.completed_here {
-                        waiter
-                            .in_flight
-                            .finish(&waiter.key, waiter.generation, call);
-                    }
-                }
-                Poll::Ready(copy_for(answer.output, this.id.as_ref()))
+                // Answered: this caller holds the call no more (its slot in
+                // the map stays, closed, for the next call with its key).
+                waiter.call = None;
+                Poll::Ready(copy_for(output, this.id.as_ref()))
             }
         }
     }

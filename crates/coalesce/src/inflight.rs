@@ -1,5 +1,7 @@
-//! [`InFlight`]: the bounded map of calls in flight that others may join.
+//! [`InFlight`]: the bounded map of calls in flight that others may join,
+//! and of answered calls' slots kept for the next call with their key.
 
+use std::any::Any;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
@@ -41,38 +43,57 @@ impl Hash for CallKey {
 /// carry a next call's.
 pub(crate) type Boxed<F> = Pin<Box<Option<F>>>;
 
-/// The most answered calls a map keeps for the next calls.
+/// The most answered calls a map keeps, out of its slots, for new keys.
 const MAX_SPARE_CALLS: usize = 32;
 
-struct Slot<F: TryFuture> {
-    /// Tells this call apart from a later one with the same key.
-    generation: u64,
-    call: Arc<SharedCall<F>>,
-}
+/// A map sweeps its answered calls' slots once it holds this many slots,
+/// or twice as many as it held open after its last sweep if more.
+const MIN_SWEEP_AT: usize = 64;
 
 struct Map<F: TryFuture> {
-    slots: HashMap<CallKey, Slot<F>, foldhash::fast::RandomState>,
-    next_generation: u64,
-    /// Answered calls nobody holds any more, for the next calls: a call
-    /// nobody joins then allocates nothing. At most [`MAX_SPARE_CALLS`].
+    /// One slot per key: the call in flight, or the last answered one
+    /// (closed, emptied), which carries the next call with that key.
+    slots: HashMap<CallKey, Arc<SharedCall<F>>, foldhash::fast::RandomState>,
+    /// Sweep the closed slots when `slots` holds this many.
+    sweep_at: usize,
+    /// Swept calls nobody holds any more, for new keys: a call nobody
+    /// joins then allocates nothing. At most [`MAX_SPARE_CALLS`].
     spare: Vec<Arc<SharedCall<F>>>,
 }
 
-/// The calls in flight of one service future type `F` (a layer keeps one
-/// map per type, in practice one), bounded together with the layer's other
-/// maps by one count: at most `max_keys` calls in flight that others may
-/// join. A call past the bound is made on its own. Besides, it keeps up to
-/// 32 answered calls (their allocations) for the next calls.
+/// The calls of one service future type `F` (a layer keeps one map per
+/// type, in practice one), bounded together with the layer's other maps by
+/// one count of slots: at most `max_keys`. A new key past the bound first
+/// sweeps this map's answered slots, and is made on its own if the map is
+/// still full: at most `max_keys` calls in flight can be joined.
+///
+/// An answered call keeps its slot (closed, emptied) until the next call
+/// with its key, which it then carries without allocating, or until a
+/// sweep: one lock of the map per call, not one to register and one to
+/// remove. A map sweeps when its slots reach `max(64, 2 × open)`, so it
+/// keeps at most about as many answered slots as calls in flight, and at
+/// least 64.
 pub(crate) struct InFlight<F: TryFuture> {
     map: Mutex<Map<F>>,
     count: Arc<Count>,
 }
 
-/// The calls in flight of every map of one layer, and their bound.
+/// The slots of every map of one layer, and their bound.
 #[derive(Debug)]
 pub(crate) struct Count {
     pub(crate) len: AtomicUsize,
     pub(crate) max_keys: usize,
+}
+
+impl Count {
+    /// Takes one slot, unless the bound is reached.
+    fn reserve(&self) -> bool {
+        self.len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
+                (len < self.max_keys).then_some(len + 1)
+            })
+            .is_ok()
+    }
 }
 
 impl<F: TryFuture> fmt::Debug for InFlight<F> {
@@ -83,14 +104,38 @@ impl<F: TryFuture> fmt::Debug for InFlight<F> {
     }
 }
 
+/// A layer's map of one future type, its type erased (the layer keeps one
+/// per future type): counted for [`CoalesceLayer::in_flight`](crate::CoalesceLayer::in_flight),
+/// downcast by the services to their own.
+pub(crate) trait ErasedMap: Send + Sync {
+    /// Calls in flight that others may join now.
+    fn open(&self) -> usize;
+    /// The map, to downcast.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<F> ErasedMap for InFlight<F>
+where
+    F: TryFuture + Send + 'static,
+    F::Ok: Send,
+{
+    fn open(&self) -> usize {
+        let map = self.map.lock();
+        map.slots.values().filter(|call| !call.is_closed()).count()
+    }
+
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
 /// What a caller did: joined a call in flight, led a new one, or neither.
 pub(crate) enum Joined<F: TryFuture> {
-    /// A call in flight: the caller's place in it, and the call's
-    /// generation.
-    Follower(Arc<SharedCall<F>>, usize, u64),
+    /// A call in flight: the caller's place in it.
+    Follower(Arc<SharedCall<F>>, usize),
     /// No call in flight: the caller made it (with `make`) and leads it
-    /// (at place [`LEADER`](crate::call::LEADER)); the call's generation.
-    Leader(Arc<SharedCall<F>>, u64),
+    /// (at place [`LEADER`](crate::call::LEADER)).
+    Leader(Arc<SharedCall<F>>),
     /// The map is full: the caller makes its call on its own.
     Alone,
 }
@@ -100,7 +145,7 @@ impl<F: TryFuture> InFlight<F> {
         InFlight {
             map: Mutex::new(Map {
                 slots: HashMap::default(),
-                next_generation: 0,
+                sweep_at: MIN_SWEEP_AT,
                 spare: Vec::new(),
             }),
             count,
@@ -108,95 +153,193 @@ impl<F: TryFuture> InFlight<F> {
     }
 
     /// Joins the call in flight for `key`, or makes a new one with `make`
-    /// (the inner service's `call`) and leads it. `make` runs under the
-    /// lock, so that no identical call can start meanwhile: it only creates
-    /// the inner service's future, it does not drive it.
-    pub(crate) fn join(&self, key: &CallKey, make: impl FnOnce() -> F) -> Joined<F> {
+    /// and leads it; `Alone` (nothing made) when the map is full.
+    pub(crate) fn join(&self, key: CallKey, make: impl FnOnce() -> F) -> Joined<F> {
         let mut guard = self.map.lock();
         let map = &mut *guard;
-        let generation = map.next_generation.wrapping_add(1);
-        let entry = match map.slots.entry(key.clone()) {
-            Entry::Occupied(entry) => {
-                let slot = entry.get();
-                if let Some(place) = slot.call.join() {
-                    return Joined::Follower(Arc::clone(&slot.call), place, slot.generation);
-                }
-                // Over (answered, or dropped by its last caller): this
-                // caller makes a new call in its place, counted already.
-                Entry::Occupied(entry)
-            }
-            Entry::Vacant(entry) => {
-                let reserved =
-                    self.count
-                        .len
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |len| {
-                            (len < self.count.max_keys).then_some(len + 1)
-                        });
-                if reserved.is_err() {
-                    return Joined::Alone;
-                }
-                Entry::Vacant(entry)
-            }
-        };
-        map.next_generation = generation;
-        let future = make();
-        let call = match map.spare.pop() {
-            Some(mut call) => match Arc::get_mut(&mut call) {
-                Some(unshared) => {
-                    unshared.reuse(future);
-                    call
-                }
-                // Not reachable: only calls nobody holds are kept.
-                None => Arc::new(SharedCall::new(future)),
-            },
-            None => Arc::new(SharedCall::new(future)),
-        };
-        let slot = Slot {
-            generation,
-            call: Arc::clone(&call),
-        };
-        match entry {
+        if map.slots.len() >= map.sweep_at {
+            self.sweep(map);
+        }
+        let Map { slots, spare, .. } = map;
+        match slots.entry(key) {
             Entry::Occupied(mut entry) => {
-                entry.insert(slot);
+                let call = entry.get_mut();
+                // A closed call stays closed until reused, which takes this
+                // lock: the flag is read without the call's lock, and
+                // `join` checks again under it.
+                if !call.is_closed() {
+                    if let Some(place) = call.join() {
+                        return Joined::Follower(Arc::clone(call), place);
+                    }
+                }
+                // Answered, or dropped by its last caller: the slot carries
+                // the new call, in the same allocation unless a caller of
+                // the last one still holds it (it then keeps it).
+                let future = make();
+                match Arc::get_mut(call) {
+                    Some(unshared) => unshared.reuse(future),
+                    None => *call = fresh(spare, future),
+                }
+                Joined::Leader(Arc::clone(call))
             }
             Entry::Vacant(entry) => {
-                entry.insert(slot);
+                let entry = if self.count.reserve() {
+                    entry
+                } else {
+                    // Full: this map's answered slots make room, if any.
+                    let key = entry.into_key();
+                    self.sweep(map);
+                    if !self.count.reserve() {
+                        return Joined::Alone;
+                    }
+                    match map.slots.entry(key) {
+                        Entry::Vacant(entry) => entry,
+                        // The sweep only removes: the key is still absent.
+                        Entry::Occupied(_) => {
+                            self.count.len.fetch_sub(1, Ordering::Relaxed);
+                            return Joined::Alone;
+                        }
+                    }
+                };
+                let call = fresh(&mut map.spare, make());
+                entry.insert(Arc::clone(&call));
+                Joined::Leader(call)
             }
         }
-        Joined::Leader(call, generation)
     }
 
-    /// Removes the slot of the call `generation` of `key`, if it is still
-    /// there: what it held.
-    fn remove_locked(&self, map: &mut Map<F>, key: &CallKey, generation: u64) -> Option<Slot<F>> {
-        let slot = map.slots.remove(key)?;
-        if slot.generation != generation {
-            // Not this call's (a new call took the place of this one, over):
-            // put it back.
-            map.slots.insert(key.clone(), slot);
-            return None;
+    /// Removes the closed slots, keeping up to [`MAX_SPARE_CALLS`] of their
+    /// calls (those nobody else holds) for new keys, and sets the next
+    /// sweep at twice the slots left open (at least [`MIN_SWEEP_AT`]).
+    #[cold]
+    fn sweep(&self, map: &mut Map<F>) {
+        let before = map.slots.len();
+        let spare = &mut map.spare;
+        map.slots.retain(|_, call| {
+            if !call.is_closed() {
+                return true;
+            }
+            if spare.len() < MAX_SPARE_CALLS && Arc::strong_count(call) == 1 {
+                spare.push(Arc::clone(call));
+            }
+            false
+        });
+        let removed = before - map.slots.len();
+        self.count.len.fetch_sub(removed, Ordering::Relaxed);
+        map.sweep_at = map.slots.len().saturating_mul(2).max(MIN_SWEEP_AT);
+    }
+}
+
+/// A call of `future` in a kept allocation if there is one, else a new one.
+fn fresh<F: TryFuture>(spare: &mut Vec<Arc<SharedCall<F>>>, future: F) -> Arc<SharedCall<F>> {
+    while let Some(mut call) = spare.pop() {
+        // Kept only when nobody else held it: nobody can have cloned it
+        // since.
+        if let Some(unshared) = Arc::get_mut(&mut call) {
+            unshared.reuse(future);
+            return call;
         }
-        self.count.len.fetch_sub(1, Ordering::Relaxed);
-        Some(slot)
     }
+    Arc::new(SharedCall::new(future))
+}
 
-    /// Removes the slot of a call that was dropped or panicked.
-    pub(crate) fn remove(&self, key: &CallKey, generation: u64) {
-        let slot = self.remove_locked(&mut self.map.lock(), key, generation);
-        drop(slot);
-    }
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::panic)]
 
-    /// A caller got the answer of `call`: removes the call's slot (a new
-    /// caller makes a new call), and keeps `call` for a next call if
-    /// nobody else holds it.
-    pub(crate) fn finish(&self, key: &CallKey, generation: u64, call: Arc<SharedCall<F>>) {
-        let mut map = self.map.lock();
-        let slot = self.remove_locked(&mut map, key, generation);
-        drop(slot);
-        // Nobody else holds it (no `Weak` is ever made, and nobody can
-        // clone it from here): it stays so, and `join` resets it.
-        if map.spare.len() < MAX_SPARE_CALLS && Arc::strong_count(&call) == 1 {
-            map.spare.push(call);
+    use std::future::{ready, Ready};
+    use std::task::{Context, Poll};
+
+    use futures::task::noop_waker_ref;
+
+    use super::*;
+    use crate::call::LEADER;
+
+    type Answered = Ready<Result<u32, toolwarden_core::BoxError>>;
+
+    fn key(n: u128) -> CallKey {
+        CallKey {
+            fingerprint: Fingerprint(n),
+            session: None,
         }
+    }
+
+    /// Leads a call of `n` and collects its answer at once.
+    fn answer(map: &InFlight<Answered>, n: u128) {
+        let Joined::Leader(call) = map.join(key(n), || ready(Ok(7))) else {
+            panic!("a lone call leads")
+        };
+        let mut cx = Context::from_waker(noop_waker_ref());
+        assert!(matches!(call.poll(LEADER, &mut cx), Poll::Ready(Ok(7))));
+    }
+
+    fn slots(map: &InFlight<Answered>) -> usize {
+        map.map.lock().slots.len()
+    }
+
+    #[test]
+    fn answered_slots_are_kept_for_their_key_and_swept_past_min_sweep_at() {
+        let count = Arc::new(Count {
+            len: AtomicUsize::new(0),
+            max_keys: 10_000,
+        });
+        let map = InFlight::<Answered>::new(Arc::clone(&count));
+        // The same key again and again: one slot, carried from call to call.
+        for _ in 0..100 {
+            answer(&map, 1);
+        }
+        assert_eq!(slots(&map), 1);
+        // Distinct keys: answered slots pile up to the sweep, never past it.
+        for n in 2..=64 {
+            answer(&map, n);
+        }
+        assert_eq!(slots(&map), MIN_SWEEP_AT);
+        // The next new key sweeps the 64 answered slots, keeps 32 of their
+        // calls for new keys, and carries its call in one of them.
+        answer(&map, 65);
+        assert_eq!(slots(&map), 1);
+        assert_eq!(map.map.lock().spare.len(), MAX_SPARE_CALLS - 1);
+        for n in 66..2_000 {
+            answer(&map, n);
+            assert!(slots(&map) <= MIN_SWEEP_AT, "{} slots", slots(&map));
+            assert_eq!(count.len.load(Ordering::Relaxed), slots(&map));
+        }
+        assert_eq!(map.open(), 0);
+    }
+
+    #[test]
+    fn open_calls_are_never_swept_and_the_next_sweep_waits_for_twice_as_many() {
+        let count = Arc::new(Count {
+            len: AtomicUsize::new(0),
+            max_keys: 10_000,
+        });
+        let map = InFlight::<Answered>::new(Arc::clone(&count));
+        // 100 calls led and never polled: open.
+        let open: Vec<_> = (0..100)
+            .map(|n| match map.join(key(n), || ready(Ok(1))) {
+                Joined::Leader(call) => call,
+                _ => panic!("a lone call leads"),
+            })
+            .collect();
+        assert_eq!(map.open(), 100);
+        assert_eq!(slots(&map), 100);
+        // A follower of an open call joins it.
+        assert!(matches!(
+            map.join(key(5), || panic!("not made")),
+            Joined::Follower(_, 1)
+        ));
+        // The sweep at 64 slots found every call open: the next is at 128.
+        assert_eq!(map.map.lock().sweep_at, 128);
+        for n in 1_000..1_028 {
+            answer(&map, n);
+        }
+        assert_eq!(slots(&map), 128);
+        // This one sweeps the 28 answered slots, and no open one; the next
+        // sweep waits for twice the slots left.
+        answer(&map, 2_000);
+        assert_eq!(map.open(), 100, "the sweep kept every open call");
+        assert_eq!(slots(&map), 101);
+        assert_eq!(map.map.lock().sweep_at, 200);
+        drop(open);
     }
 }

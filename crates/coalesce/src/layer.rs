@@ -1,9 +1,7 @@
 //! [`CoalesceLayer`]: the configuration and the shared map of calls in flight.
 
-use std::any::Any;
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::TryFuture;
@@ -13,7 +11,7 @@ use toolwarden_core::{Events, ToolCatalog};
 use tower_layer::Layer;
 
 use crate::builder::CoalesceBuilder;
-use crate::inflight::{Count, InFlight};
+use crate::inflight::{Count, ErasedMap, InFlight};
 use crate::service::Coalesce;
 
 #[derive(Debug)]
@@ -44,11 +42,11 @@ impl Config {
 
 pub(crate) struct Shared {
     pub(crate) config: Config,
-    /// The calls in flight of every map, and the bound.
+    /// The slots of every map, and the bound.
     pub(crate) count: Arc<Count>,
-    /// One map of calls in flight per service future type (in practice
-    /// one): each holds its own handles without boxing them per call.
-    pub(crate) maps: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
+    /// One map of calls per service future type (in practice one): each
+    /// holds its own handles without boxing them per call.
+    pub(crate) maps: Mutex<Vec<Arc<dyn ErasedMap>>>,
 }
 
 impl fmt::Debug for Shared {
@@ -62,16 +60,16 @@ impl fmt::Debug for Shared {
 
 impl Shared {
     /// The map of calls of future type `F`, created on first use.
-    pub(crate) fn map<F>(&self) -> Arc<dyn Any + Send + Sync>
+    pub(crate) fn map<F>(&self) -> Arc<dyn ErasedMap>
     where
         F: TryFuture + Send + 'static,
         F::Ok: Send,
     {
         let mut maps = self.maps.lock();
-        if let Some(map) = maps.iter().find(|m| m.is::<InFlight<F>>()) {
+        if let Some(map) = maps.iter().find(|m| m.as_any().is::<InFlight<F>>()) {
             return Arc::clone(map);
         }
-        let map: Arc<dyn Any + Send + Sync> = Arc::new(InFlight::<F>::new(Arc::clone(&self.count)));
+        let map: Arc<dyn ErasedMap> = Arc::new(InFlight::<F>::new(Arc::clone(&self.count)));
         maps.push(Arc::clone(&map));
         map
     }
@@ -134,8 +132,12 @@ impl CoalesceLayer {
 
     /// The calls in flight that others may join now.
     #[must_use]
+    ///
+    /// Counted over the layer's maps under their locks: for tests and
+    /// diagnostics, not for every call.
     pub fn in_flight(&self) -> usize {
-        self.shared.count.len.load(Ordering::Relaxed)
+        let maps = self.shared.maps.lock();
+        maps.iter().map(|map| map.open()).sum()
     }
 
     /// The bound on calls in flight that others may join.

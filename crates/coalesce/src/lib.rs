@@ -30,19 +30,26 @@
 //!   the others to poll in its place. When the **last** caller leaves, the
 //!   call is dropped (cancelled), as a call nobody waits for.
 //! - **Cheap when nobody joins** (most calls): one lock of the map to
-//!   register the call, one of the call to poll it, one of the map to
-//!   remove it once answered; the answer is moved to its caller, not
-//!   copied; and answered calls are kept (up to 32 per map) for the next
-//!   ones, so that once warm a call allocates nothing here.
+//!   register the call and one of the call to poll it; the answer is moved
+//!   to its caller, not copied. An answered call keeps its slot in the map
+//!   (closed, its future and answer dropped) and carries the next call with
+//!   its key in the same allocation, so nobody locks the map again to
+//!   remove it, and once warm a call allocates nothing here.
 //! - **Panics**: a panic of the inner call unwinds to the caller that was
 //!   polling it; the call is then over, and the others waiting for it get a
 //!   [`SharedFailure`] whose source is [`SharedCallPanicked`]. Nobody is
 //!   left waiting.
-//! - **Bounded**: at most [`max_in_flight`](CoalesceBuilder::max_in_flight)
-//!   calls in flight can be joined (default 10 000); past the bound, calls
-//!   are made on their own. A call leaves the map when it completes or
-//!   when its last caller leaves: a call arriving after that makes a new
-//!   call (this is not a cache: see the fallback cache for answers kept).
+//! - **Bounded**: the map holds at most
+//!   [`max_in_flight`](CoalesceBuilder::max_in_flight) slots (default
+//!   10 000), calls in flight and answered slots together. A new key at the
+//!   bound first sweeps the answered slots; if the map is still full (every
+//!   slot a call in flight), its call is made on its own. So at most
+//!   `max_in_flight` calls in flight can be joined. Answered slots are also
+//!   swept once they make the map reach `max(64, 2 ×` the calls left in
+//!   flight after the last sweep`)`: a map keeps about as many answered
+//!   slots as calls in flight, and at least 64. A call arriving after the
+//!   answer makes a new call (this is not a cache: see the fallback cache
+//!   for answers kept).
 //!
 //! Why a crate of its own rather than a mode of the fallback cache: the
 //! cache keeps answers after the fact and serves them when a call fails;

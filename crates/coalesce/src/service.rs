@@ -1,6 +1,5 @@
 //! [`Coalesce`]: the service built by [`CoalesceLayer`].
 
-use std::any::Any;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,7 +8,7 @@ use tower_service::Service;
 
 use crate::call::LEADER;
 use crate::future::ResponseFuture;
-use crate::inflight::{CallKey, InFlight, Joined};
+use crate::inflight::{CallKey, ErasedMap, InFlight, Joined};
 use crate::layer::{CoalesceLayer, Shared};
 
 /// Lets identical concurrent tool calls share one call of the inner
@@ -28,7 +27,7 @@ pub struct Coalesce<S> {
     inner: S,
     shared: Arc<Shared>,
     /// The layer's map for this service's future type, found once.
-    map: Option<Arc<dyn Any + Send + Sync>>,
+    map: Option<Arc<dyn ErasedMap>>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Coalesce<S> {
@@ -123,46 +122,35 @@ impl<S> Coalesce<S> {
             session,
         };
         let id = request.request_id().cloned();
-        let map = match self
+        if self.map.is_none() {
+            self.map = Some(self.shared.map::<S::Future>());
+        }
+        let Some(map) = self
             .map
-            .clone()
-            .and_then(|map| map.downcast::<InFlight<S::Future>>().ok())
-        {
-            Some(map) => map,
-            None => {
-                let any = self.shared.map::<S::Future>();
-                self.map = Some(Arc::clone(&any));
-                match any.downcast::<InFlight<S::Future>>() {
-                    Ok(map) => map,
-                    // Not reachable: the layer made it of this type.
-                    Err(_) => return ResponseFuture::direct(self.inner.call(request)),
-                }
-            }
+            .as_deref()
+            .and_then(|map| map.as_any().downcast_ref::<InFlight<S::Future>>())
+        else {
+            return ResponseFuture::direct(self.inner.call(request));
         };
         let inner = &mut self.inner;
         let mut pending = Some(request);
-        let joined = map.join(&key, || {
-            // Invariant: `make` runs at most once, before anything else
-            // takes the request.
-            #[allow(clippy::expect_used)]
+        let joined = map.join(key, || {
+            #[allow(clippy::expect_used)] // invariant: `join` calls it at most once
             let request = pending.take().expect("the request is still here");
             inner.call(request)
         });
         match joined {
-            Joined::Leader(call, generation) => {
-                ResponseFuture::shared(call, LEADER, id, map, key, generation)
-            }
-            Joined::Follower(call, place, generation) => {
+            Joined::Leader(call) => ResponseFuture::shared(call, LEADER, id),
+            Joined::Follower(call, place) => {
                 if let Some(request) = pending.as_ref() {
                     self.shared.config.events.emit(&Event::Coalesced {
                         key: request.target(),
                     });
                 }
-                ResponseFuture::shared(call, place, id, map, key, generation)
+                ResponseFuture::shared(call, place, id)
             }
             Joined::Alone => match pending.take() {
                 Some(request) => ResponseFuture::direct(self.inner.call(request)),
-                // Not reachable: `make` runs only for a leader.
                 None => unreachable_alone(),
             },
         }

@@ -293,6 +293,68 @@ async fn the_map_is_bounded_calls_past_it_are_made_on_their_own() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn answered_slots_are_swept_when_the_bound_is_reached_so_new_keys_are_still_shared() {
+    // Answered calls keep their slots (closed) for the next call with their
+    // key; at the bound, a new key sweeps them first instead of being made
+    // on its own.
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder().max_in_flight(2));
+    for (id, city) in [(1, "Oslo"), (2, "Bergen"), (3, "Tromso")] {
+        start(&mut svc, call(id, "weather", json!({ "city": city })))
+            .await
+            .await
+            .unwrap();
+    }
+    assert_eq!(layer.in_flight(), 0);
+    let a = start(&mut svc, call(4, "weather", json!({"city": "Narvik"}))).await;
+    let b = start(&mut svc, call(5, "weather", json!({"city": "Narvik"}))).await;
+    assert_eq!(layer.in_flight(), 1, "Narvik is in flight, and joinable");
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(
+        (a.unwrap().id, b.unwrap().id),
+        (Id::Number(4), Id::Number(5))
+    );
+    assert_eq!(
+        mock.calls("weather"),
+        4,
+        "three calls, then one shared by two"
+    );
+    // The bound still holds for calls in flight: two open, a third key is
+    // made on its own.
+    let a = start(&mut svc, call(6, "weather", json!({"city": "Alta"}))).await;
+    let b = start(&mut svc, call(7, "weather", json!({"city": "Bodo"}))).await;
+    let c = start(&mut svc, call(8, "weather", json!({"city": "Mo"}))).await;
+    let d = start(&mut svc, call(9, "weather", json!({"city": "Mo"}))).await;
+    assert_eq!(layer.in_flight(), 2);
+    let all = futures::future::join_all([a, b, c, d]).await;
+    assert!(all.iter().all(Result::is_ok));
+    assert_eq!(mock.calls("weather"), 8, "Mo twice, on its own each time");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_call_leads_in_an_answered_slot_while_a_caller_of_the_old_one_has_not_collected() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    let oslo = json!({"city": "Oslo"});
+    let mut first = start(&mut svc, call(1, "weather", oslo.clone())).await;
+    let late = start(&mut svc, call(2, "weather", oslo.clone())).await;
+    // Only the first caller is polled: it gets the answer; the second
+    // caller's copy waits in the answered call, which it still holds.
+    let answered = tokio::time::timeout(ms(500), &mut first).await.unwrap();
+    assert_eq!(answered.unwrap().id, Id::Number(1));
+    assert_eq!(layer.in_flight(), 0);
+    // A new identical call: the slot's call is answered, and held by the
+    // late caller, so the new call gets a call of its own.
+    let fresh = start(&mut svc, call(3, "weather", oslo)).await;
+    assert_eq!(layer.in_flight(), 1);
+    let (late, fresh) = tokio::join!(late, fresh);
+    let (late, fresh) = (late.unwrap(), fresh.unwrap());
+    assert_eq!(late.first_text().unwrap(), "weather answered");
+    assert_eq!(fresh.first_text().unwrap(), "weather answered");
+    assert_eq!((late.id, fresh.id), (Id::Number(2), Id::Number(3)));
+    assert_eq!(mock.calls("weather"), 2);
+    assert_eq!(layer.in_flight(), 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn per_session_shares_only_within_a_session_and_joins_are_events() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&seen);
