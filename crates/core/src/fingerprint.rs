@@ -36,6 +36,7 @@
 //! the streaming hasher past 512 bytes); only a map with `preserve_order`
 //! needs sorting, on a small on-stack vector.
 
+use std::cell::RefCell;
 use std::fmt;
 
 use serde_json::{Map, Value};
@@ -84,11 +85,11 @@ pub fn fingerprint(tool: &str, arguments: Option<&Map<String, Value>>) -> Finger
     let Some(args) = arguments else {
         return without_arguments(tool);
     };
-    let mut sink = Sink::new();
-    sink.write(MAGIC);
-    sink.write_str(tool);
-    sink.write_object(args);
-    sink.finish()
+    with_sink(|sink| {
+        sink.write(MAGIC);
+        sink.write_str(tool);
+        sink.write_object(args);
+    })
 }
 
 /// The fingerprint of a call without arguments: no arguments are no
@@ -109,11 +110,11 @@ fn without_arguments(tool: &str) -> Fingerprint {
 /// that is not an object hashes through this, too).
 #[must_use]
 pub fn fingerprint_value(tool: &str, arguments: &Value) -> Fingerprint {
-    let mut sink = Sink::new();
-    sink.write(MAGIC);
-    sink.write_str(tool);
-    sink.write_value(arguments);
-    sink.finish()
+    with_sink(|sink| {
+        sink.write(MAGIC);
+        sink.write_str(tool);
+        sink.write_value(arguments);
+    })
 }
 
 const BUF: usize = 512;
@@ -131,24 +132,45 @@ fn map_iterates_sorted() -> bool {
     })
 }
 
-/// Feeds the canonical stream to XXH3-128 through a fixed stack buffer:
-/// typical arguments fit, and are hashed in one shot; longer ones spill into
-/// the streaming hasher, which yields the same digest for the same bytes.
-struct Sink {
-    buf: [u8; BUF],
+thread_local! {
+    /// The buffer a fingerprint's stream is written into, one per thread:
+    /// reused, so that no call clears 512 bytes it may not use (clearing a
+    /// fresh one on the stack was about a tenth of a 200-byte fingerprint).
+    static BUFFER: RefCell<[u8; BUF]> = const { RefCell::new([0; BUF]) };
+}
+
+/// Writes a stream with `write` into this thread's buffer (or a fresh one,
+/// should it be in use), and hashes it.
+fn with_sink(write: impl FnOnce(&mut Sink<'_>)) -> Fingerprint {
+    let run = |buf: &mut [u8; BUF]| {
+        let mut sink = Sink {
+            buf,
+            len: 0,
+            spill: None,
+        };
+        write(&mut sink);
+        sink.finish()
+    };
+    BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buf) => run(&mut buf),
+        // Not reentrant today (nothing runs while a stream is written);
+        // a fresh buffer keeps it correct should that change.
+        Err(_) => run(&mut [0; BUF]),
+    })
+}
+
+/// Feeds the canonical stream to XXH3-128 through a fixed buffer: typical
+/// arguments fit, and are hashed in one shot; longer ones spill into the
+/// streaming hasher, which yields the same digest for the same bytes. Only
+/// `buf[..len]` is ever read: what an earlier stream left past it is never
+/// hashed.
+struct Sink<'a> {
+    buf: &'a mut [u8; BUF],
     len: usize,
     spill: Option<Box<Xxh3Default>>,
 }
 
-impl Sink {
-    fn new() -> Self {
-        Sink {
-            buf: [0; BUF],
-            len: 0,
-            spill: None,
-        }
-    }
-
+impl Sink<'_> {
     #[inline]
     fn write(&mut self, bytes: &[u8]) {
         if self.len + bytes.len() <= BUF {
@@ -317,12 +339,13 @@ mod tests {
         fn no_arguments_hash_as_the_empty_object_written_byte_by_byte(tool in ".{0,40}") {
             let empty = Map::new();
             prop_assert_eq!(fingerprint(&tool, None), fingerprint(&tool, Some(&empty)));
-            let mut sink = Sink::new();
-            sink.write(MAGIC);
-            sink.write_str(&tool);
-            sink.write_byte(0x08);
-            sink.write_byte(0x09);
-            prop_assert_eq!(fingerprint(&tool, None), sink.finish());
+            let written = with_sink(|sink| {
+                sink.write(MAGIC);
+                sink.write_str(&tool);
+                sink.write_byte(0x08);
+                sink.write_byte(0x09);
+            });
+            prop_assert_eq!(fingerprint(&tool, None), written);
         }
     }
 
@@ -338,12 +361,28 @@ mod tests {
         assert_eq!(streamed.digest128(), xxhash_rust::xxh3::xxh3_128(&bytes));
 
         let long = json!({"text": "x".repeat(5000), "list": (0..300).collect::<Vec<_>>()});
-        let mut sink = Sink::new();
-        sink.write_value(&long);
-        assert!(sink.spill.is_some(), "a 5 KB value must spill");
+        let mut spilled = false;
+        with_sink(|sink| {
+            sink.write_value(&long);
+            spilled = sink.spill.is_some();
+        });
+        assert!(spilled, "a 5 KB value must spill");
         assert_eq!(fp(&long), fp(&reorder(&long)));
         let shorter = json!({"text": "x".repeat(4999), "list": (0..300).collect::<Vec<_>>()});
         assert_ne!(fp(&long), fp(&shorter));
+    }
+
+    #[test]
+    fn what_a_longer_stream_left_in_the_buffer_is_never_hashed() {
+        // The thread's buffer is reused without clearing: a short stream
+        // after a long one must hash only its own bytes.
+        let short = json!({"a": 1});
+        let alone = fp(&short);
+        let _ = fp(&json!({"text": "x", "list": (0..40).collect::<Vec<_>>()}));
+        assert_eq!(fp(&short), alone);
+        // And on another thread, with a buffer of its own.
+        let elsewhere = std::thread::spawn(move || fp(&short)).join().unwrap();
+        assert_eq!(elsewhere, alone);
     }
 
     #[test]
