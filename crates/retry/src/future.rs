@@ -16,6 +16,7 @@ use tower_service::Service;
 use crate::attempt_id;
 use crate::layer::{BudgetHandle, Shared};
 use crate::policy::{FailedAttempt, PolicyIndex, Verdict};
+use crate::service::Instance;
 
 pin_project! {
     /// Response future of [`RetryBackoff`](crate::RetryBackoff): drives one
@@ -34,8 +35,10 @@ pin_project! {
         #[pin]
         state: State<S::Future>,
         timer: Timer,
-        service: S,
-        shared: Arc<Shared<C>>,
+        // The service of the retries: cloned from the instance's spare at
+        // the first retry.
+        service: Option<S>,
+        instance: Arc<Instance<S, C>>,
         retry: Option<Retry<R, S::Response>>,
     }
 }
@@ -294,15 +297,14 @@ where
     /// may not.
     pub(crate) fn new(
         future: S::Future,
-        service: S,
-        shared: Arc<Shared<C>>,
+        instance: Arc<Instance<S, C>>,
         retry: Option<RetryState<R>>,
     ) -> Self {
         ResponseFuture {
             state: State::Called { future },
             timer: Timer::Idle,
-            service,
-            shared,
+            service: None,
+            instance,
             retry: retry.map(|state| Retry {
                 request: state.request,
                 policy: state.policy,
@@ -324,7 +326,7 @@ where
 impl<S, R, C> Future for ResponseFuture<S, R, C>
 where
     R: McpRequest + Clone,
-    S: Service<R>,
+    S: Service<R> + Clone,
     S::Response: McpResponse,
     S::Error: Into<BoxError>,
     C: Classify<S::Response>,
@@ -333,6 +335,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let shared = &*this.instance.shared;
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
@@ -341,7 +344,7 @@ where
                         // A retry still running at the deadline is dropped
                         // (cancelled) with the future, and the call times out.
                         Poll::Pending => {
-                            return poll_deadline(this.timer, this.retry, this.shared, true, cx)
+                            return poll_deadline(this.timer, this.retry, shared, true, cx)
                         }
                     };
                     let Some(retry) = this.retry.as_mut() else {
@@ -353,7 +356,7 @@ where
                             attempt_id::restore(response, &retry.request);
                         }
                     }
-                    let Some(at) = retry.decide(this.shared, &mut result) else {
+                    let Some(at) = retry.decide(shared, &mut result) else {
                         return Poll::Ready(retry.finish(result));
                     };
                     retry.keep(result);
@@ -364,17 +367,25 @@ where
                     ready!(this.timer.poll_elapsed(cx));
                     if let Some(retry) = this.retry.as_ref() {
                         // From now on the timer marks the deadline.
-                        let deadline = retry.deadline(this.shared);
+                        let deadline = retry.deadline(shared);
                         this.timer.arm(deadline);
                     }
                     this.state.set(State::Readying);
                 }
                 StateProj::Readying => {
-                    match this.service.poll_ready(cx) {
+                    if this.service.is_none() {
+                        *this.service = this.instance.service();
+                    }
+                    let Some(service) = this.service.as_mut() else {
+                        // Unreachable: a call that may be retried made the
+                        // spare before its first attempt.
+                        return Poll::Ready(Err(no_spare()));
+                    };
+                    match service.poll_ready(cx) {
                         Poll::Ready(Ok(())) => {}
                         Poll::Ready(Err(error)) => return Poll::Ready(Err(error.into())),
                         Poll::Pending => {
-                            return poll_deadline(this.timer, this.retry, this.shared, false, cx)
+                            return poll_deadline(this.timer, this.retry, shared, false, cx)
                         }
                     }
                     #[allow(clippy::expect_used)]
@@ -383,12 +394,20 @@ where
                         .as_mut()
                         .expect("invariant: only a call that may be retried leaves `Called`")
                         .next_request();
-                    let future = this.service.call(request);
+                    let future = service.call(request);
                     this.state.set(State::Called { future });
                 }
             }
         }
     }
+}
+
+/// The error of a retry without a service to send it with: never returned
+/// (the spare is made before a call that may be retried is sent), kept as
+/// an error rather than a panic.
+#[cold]
+fn no_spare() -> BoxError {
+    "toolwarden-retry: no inner service to send the retry with".into()
 }
 
 impl<S, R, C> fmt::Debug for ResponseFuture<S, R, C>

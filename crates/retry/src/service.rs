@@ -1,8 +1,7 @@
 //! [`RetryBackoff`], the service.
 
 use std::fmt;
-use std::mem;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 
 use toolwarden_core::{Attempt, BoxError, Classify, McpClassifier, McpRequest, McpResponse};
@@ -19,9 +18,33 @@ use crate::layer::{RetryBackoffLayer, Shared};
 /// `poll_ready`, carrying an [`Attempt`] extension (1 for the first try), so
 /// the rate limiter and the circuit breaker below see and count every
 /// attempt.
+///
+/// The first attempt is a call of this service's inner service. A call's
+/// future does not keep a clone of the inner service (whose clone touches
+/// every shared count of the layers below, on every call): a call that is
+/// retried clones one, at its first retry, from a spare made at this
+/// service's first call and shared by its clones. Tower services' clones
+/// are handles to the same service, so a retry sees what a clone made at
+/// call time would.
 pub struct RetryBackoff<S, C = McpClassifier> {
     inner: S,
-    shared: Arc<Shared<C>>,
+    instance: Arc<Instance<S, C>>,
+}
+
+/// What a service and its calls' futures share: the layer's state, and the
+/// spare the retries clone their inner service from.
+pub(crate) struct Instance<S, C> {
+    pub(crate) shared: Arc<Shared<C>>,
+    spare: OnceLock<Mutex<S>>,
+}
+
+impl<S: Clone, C> Instance<S, C> {
+    /// A clone of the inner service, for a retry.
+    pub(crate) fn service(&self) -> Option<S> {
+        let spare = self.spare.get()?;
+        let spare = spare.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(spare.clone())
+    }
 }
 
 impl<S, C> RetryBackoff<S, C> {
@@ -29,7 +52,10 @@ impl<S, C> RetryBackoff<S, C> {
     pub fn new(inner: S, layer: &RetryBackoffLayer<C>) -> Self {
         RetryBackoff {
             inner,
-            shared: Arc::clone(layer.shared()),
+            instance: Arc::new(Instance {
+                shared: Arc::clone(layer.shared()),
+                spare: OnceLock::new(),
+            }),
         }
     }
 
@@ -55,7 +81,7 @@ impl<S: Clone, C> Clone for RetryBackoff<S, C> {
     fn clone(&self) -> Self {
         RetryBackoff {
             inner: self.inner.clone(),
-            shared: Arc::clone(&self.shared),
+            instance: Arc::clone(&self.instance),
         }
     }
 }
@@ -64,7 +90,7 @@ impl<S: fmt::Debug, C> fmt::Debug for RetryBackoff<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryBackoff")
             .field("inner", &self.inner)
-            .field("policy", &self.shared.policy)
+            .field("policy", &self.instance.shared.policy)
             .finish_non_exhaustive()
     }
 }
@@ -88,17 +114,18 @@ where
     fn call(&mut self, mut request: R) -> Self::Future {
         // One clock reading for this call, here and in the layers below.
         let _now = toolwarden_core::time::CallInstant::hold();
-        // The ready service answers this attempt; the future keeps it for the
-        // retries, and this handle gets a fresh clone that must be polled
-        // ready again (tower's readiness contract).
-        let clone = self.inner.clone();
-        let mut service = mem::replace(&mut self.inner, clone);
+        let instance = &self.instance;
+        let shared = &instance.shared;
 
         // The call's knobs, chosen once: its tool's override or the layer's.
-        let (index, policy) = self.shared.policy.select(&request);
+        let (index, policy) = shared.policy.select(&request);
         let retry = (policy.max_attempts > 1).then(|| {
+            if instance.spare.get().is_none() {
+                // This service's first call that may be retried.
+                let _ = instance.spare.set(Mutex::new(self.inner.clone()));
+            }
             let started = toolwarden_core::time::now();
-            let budget = self.shared.budget.deposit(&request, started);
+            let budget = shared.budget.deposit(&request, started);
             // Kept without an `Attempt`: each retry stamps its own.
             RetryState {
                 request: request.clone(),
@@ -109,7 +136,9 @@ where
             }
         });
         request.insert_extension(Attempt(1));
-        let future = service.call(request);
-        ResponseFuture::new(future, service, Arc::clone(&self.shared), retry)
+        // The ready service answers the first attempt (and is polled ready
+        // again before the next call: tower's readiness contract).
+        let future = self.inner.call(request);
+        ResponseFuture::new(future, Arc::clone(&self.instance), retry)
     }
 }

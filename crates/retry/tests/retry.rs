@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -1087,4 +1089,76 @@ async fn attempts_running_out_on_a_failure_before_sending_answer_the_one_that_re
     assert_eq!(upstream.calls(), 3);
     assert!(answer.is_tool_error(), "the tool's own failure: {answer:?}");
     assert_eq!(answer.first_text().as_deref(), Some("service unavailable"));
+}
+
+/// Counts its clones: each is what a call would pay in the layers below
+/// (their shared counts touched, on every core that calls).
+#[derive(Clone)]
+struct CountClones<S> {
+    inner: S,
+    clones: Arc<AtomicUsize>,
+}
+
+impl<S: Clone> CountClones<S> {
+    fn clone_counted(&self) -> Self {
+        self.clones.fetch_add(1, Ordering::Relaxed);
+        self.clone()
+    }
+}
+
+struct Counted<S>(CountClones<S>);
+
+impl<S: Clone> Clone for Counted<S> {
+    fn clone(&self) -> Self {
+        Counted(self.0.clone_counted())
+    }
+}
+
+impl<S: Service<Request>> Service<Request> for Counted<S> {
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.0.inner.call(request)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_answered_at_once_clone_no_inner_service_and_a_retry_clones_one() {
+    let upstream = Upstream::new(MockMcp::new().script(
+        "search",
+        [
+            Step::ok("first"),
+            Step::ok("second"),
+            Step::ok("third"),
+            Step::tool_error("Error executing tool search: boom"),
+        ],
+    ));
+    let clones = Arc::new(AtomicUsize::new(0));
+    let mut svc = plain().build().unwrap().layer(Counted(CountClones {
+        inner: checked(&upstream),
+        clones: Arc::clone(&clones),
+    }));
+    call(&mut svc, tool_call("search")).await.unwrap();
+    // The spare the retries clone from, made once, at the first call.
+    assert_eq!(clones.load(Ordering::Relaxed), 1);
+    call(&mut svc, tool_call("search")).await.unwrap();
+    call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(
+        clones.load(Ordering::Relaxed),
+        1,
+        "answered at once: no clone"
+    );
+    // A failure, then a retry (the script's end answers the default).
+    call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(upstream.calls(), 5);
+    assert_eq!(clones.load(Ordering::Relaxed), 2, "one clone for the retry");
 }

@@ -684,9 +684,69 @@ struct Samples {
     sequential: Vec<Duration>,
     sequential_wall: Duration,
     sequential_opens: u64,
+    /// The proxy process's CPU time and context switches over the
+    /// sequential calls (zero for the direct path).
+    sequential_cpu: Usage,
     clients: Vec<Duration>,
     clients_wall: Duration,
     clients_opens: u64,
+}
+
+/// A process's CPU time (user and system, every thread) and context
+/// switches (voluntary and not, summed over its threads), from /proc.
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    cpu: Duration,
+    switches: u64,
+}
+
+impl Usage {
+    /// `pid`'s usage so far; zero without a pid or a /proc.
+    fn of(pid: Option<u32>) -> Usage {
+        let Some(pid) = pid else {
+            return Usage::default();
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The fields after the command's closing parenthesis: utime and
+        // stime are the 12th and 13th (the 14th and 15th of the line).
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = [11, 12]
+            .iter()
+            .filter_map(|&i| fields.get(i).and_then(|f| f.parse::<u64>().ok()))
+            .sum();
+        // Linux reports these in USER_HZ, 100 per second on every
+        // architecture it runs on.
+        let cpu = Duration::from_millis(ticks * 10);
+        let mut switches = 0;
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for task in tasks.flatten() {
+                let status =
+                    std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+                switches += status
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("voluntary_ctxt_switches")
+                            || l.starts_with("nonvoluntary_ctxt_switches")
+                    })
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+        Usage { cpu, switches }
+    }
+
+    fn since(self, earlier: Usage) -> Usage {
+        Usage {
+            cpu: self.cpu.saturating_sub(earlier.cpu),
+            switches: self.switches.saturating_sub(earlier.switches),
+        }
+    }
+
+    fn add(&mut self, other: Usage) {
+        self.cpu += other.cpu;
+        self.switches += other.switches;
+    }
 }
 
 /// TCP connections this machine has opened so far (`Tcp: ActiveOpens` in
@@ -711,6 +771,7 @@ async fn measure(
     url: &str,
     tool: &str,
     options: &Options,
+    proxy: Option<u32>,
     samples: &mut Samples,
 ) -> Result<()> {
     // One client, sequential calls.
@@ -720,12 +781,14 @@ async fn measure(
         handle.call(tool).await?;
     }
     let opens = active_opens();
+    let usage = Usage::of(proxy);
     let start = Instant::now();
     for _ in 0..options.calls {
         samples.sequential.push(handle.call(tool).await?);
     }
     samples.sequential_wall += start.elapsed();
     samples.sequential_opens += active_opens().saturating_sub(opens);
+    samples.sequential_cpu.add(Usage::of(proxy).since(usage));
     drop(handle);
     session.close().await;
 
@@ -867,7 +930,8 @@ url = "{backend_url}"
     for &kind in kinds {
         let k = CLIENT_KINDS.iter().position(|c| *c == kind).unwrap_or(0);
         let r = ROUTES.iter().position(|x| *x == route).unwrap_or(0);
-        result = measure(kind, &url, &tool, options, &mut samples[k][r])
+        let pid = proxy.as_ref().and_then(tokio::process::Child::id);
+        result = measure(kind, &url, &tool, options, pid, &mut samples[k][r])
             .await
             .with_context(|| format!("path {}, {}", route.name(), kind.name()));
         if result.is_err() {
@@ -1033,6 +1097,24 @@ fn print_tables(kind: ClientKind, samples: &[Samples], n: usize) {
             added(seq.p99, direct.0.p99),
             added(conc.p50, direct.1.p50),
             added(conc.p99, direct.1.p99),
+        );
+    }
+    println!();
+    println!(
+        "The proxy process's work per call, 1 client ({}; CPU from /proc/PID/stat in 10 ms \
+         ticks, context switches summed over its threads):",
+        kind.name()
+    );
+    println!();
+    println!("| path              | CPU µs/call | context switches/call |");
+    println!("|-------------------|------------:|----------------------:|");
+    for (route, sample) in ROUTES.iter().zip(samples).skip(1) {
+        let calls = sample.sequential.len().max(1) as f64;
+        println!(
+            "| {:<17} | {:>11.0} | {:>21.1} |",
+            route.name(),
+            sample.sequential_cpu.cpu.as_secs_f64() * 1e6 / calls,
+            sample.sequential_cpu.switches as f64 / calls,
         );
     }
     let index = |r: Route| ROUTES.iter().position(|x| *x == r).unwrap_or(0);
