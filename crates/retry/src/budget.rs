@@ -111,7 +111,8 @@ fn deposit_units(ratio: f64) -> i32 {
 /// cache line. An entry counts for between `0.9 · ttl` and `ttl`. The slots
 /// are kept in four stripes, each on cache lines of its own, and a thread
 /// deposits into its stripe: calls on two cores do not fight over one line
-/// on every call (a withdrawal, on a retry only, reads every stripe).
+/// on every call (a withdrawal, on a retry only, reads every stripe). A
+/// budget takes 640 bytes (per key, for budgets kept per tool).
 /// Amounts are fixed-point thousandths of a retry, so `ratio` is exact to
 /// 0.001: `0.6` allows 6 retries per 10 requests, not 10 (tower#857 truncates
 /// `1 / ratio` and over-issues). Concurrent withdrawals check and withdraw
@@ -468,6 +469,11 @@ mod tests {
             .spawn(|| b.withdraw())
             .join()
             .unwrap()));
+    }
+
+    #[test]
+    fn a_budget_takes_the_size_its_docs_say() {
+        assert_eq!(std::mem::size_of::<RetryBudget>(), 640);
     }
 
     #[test]

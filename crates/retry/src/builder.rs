@@ -495,7 +495,7 @@ impl<C> RetryBackoffBuilder<C> {
         let budget = match (self.budget, self.key_by) {
             (None, _) => Budgets::Off,
             // `build` validated the configuration (the defaults are valid).
-            (Some(config), None) => Budgets::Global(RetryBudget::from_validated(config)),
+            (Some(config), None) => Budgets::Global(Box::new(RetryBudget::from_validated(config))),
             (Some(config), Some(key_by)) => {
                 let mut bounds = self.bounds;
                 // The keyed map counts the idle timeout in whole milliseconds

@@ -151,7 +151,8 @@ impl<C> Shared<C> {
 /// The budget of a layer: none, one, or one per key.
 pub(crate) enum Budgets {
     Off,
-    Global(RetryBudget),
+    // Boxed: a budget is four cache-line stripes, the other variants a word.
+    Global(Box<RetryBudget>),
     Keyed {
         key_by: KeyBy,
         state: KeyedState<RetryBudget>,
