@@ -409,6 +409,14 @@ impl SuccessKey {
         // Never zero: `class` is at least 1.
         std::num::NonZeroU64::new((millis << 6) | (kind << 5) | class).map(SuccessKey)
     }
+
+    /// Whether the key is of a `tools/call`: the response it marks is then
+    /// neither a JSON-RPC error nor an `isError` result (the
+    /// [`McpClassifier`] finds those failures under any settings).
+    #[must_use]
+    pub fn is_tool_call(self) -> bool {
+        (self.0.get() >> 5) & 1 == 0
+    }
 }
 impl Default for McpClassifier {
     fn default() -> Self {
@@ -940,6 +948,47 @@ mod share_tests {
         assert!(!sharing
             .classify_owned(CallKind::ToolCall, &mut other_kind)
             .is_success());
+    }
+
+    #[test]
+    fn a_marked_tool_call_success_is_never_an_error_result_under_any_settings() {
+        let results = [
+            json!({"content": [{"type": "text", "text": "x"}]}),
+            json!({"content": [{"type": "text", "text": "boom"}], "isError": true}),
+            json!({"content": []}),
+            json!({"content": [], "isError": true}),
+            json!({"resultType": "input_required", "inputRequests": {}}),
+        ];
+        for empty in [
+            None,
+            Some(FailureClass::Transient),
+            Some(FailureClass::Server),
+            Some(FailureClass::Client),
+        ] {
+            for max in [Duration::from_secs(1), DEFAULT_MAX_RETRY_AFTER] {
+                let sharing = McpClassifier::new()
+                    .empty_result(empty)
+                    .max_retry_after(max)
+                    .share_outcomes(true);
+                for result in &results {
+                    let mut response = ok(result.clone());
+                    sharing.classify_owned(CallKind::ToolCall, &mut response);
+                    if response.marked_tool_call_success() {
+                        assert!(!response.is_tool_error(), "{result} under {empty:?}");
+                    }
+                    // Another kind's mark says nothing of tool errors.
+                    let mut other = ok(result.clone());
+                    sharing.classify_owned(CallKind::Other, &mut other);
+                    assert!(!other.marked_tool_call_success());
+                }
+            }
+        }
+        // The plain answer is marked, and says so.
+        let mut response = ok(results[0].clone());
+        McpClassifier::new()
+            .share_outcomes(true)
+            .classify_owned(CallKind::ToolCall, &mut response);
+        assert!(response.marked_tool_call_success());
     }
 
     #[test]

@@ -302,6 +302,15 @@ pub trait McpResponse {
         None
     }
 
+    /// Whether a sharing classifier marked this response a `tools/call`
+    /// success ([`SuccessKey::is_tool_call`](crate::classify::SuccessKey::is_tool_call)):
+    /// then it is not an `isError` result, and the layers that would look
+    /// for one need not read the result again.
+    fn marked_tool_call_success(&self) -> bool {
+        self.success_key()
+            .is_some_and(crate::classify::SuccessKey::is_tool_call)
+    }
+
     /// Leaves (or removes) that mark; see [`success_key`](Self::success_key).
     /// A type that keeps one must remove it on every edit below. The default
     /// does nothing.

@@ -137,8 +137,9 @@ impl<C> CallContext<C> {
             .classify_owned(CallKind::ToolCall, &mut response);
         if outcome.is_success() {
             // The classifier is replaceable: the hard rules are checked again here.
+            // (A success marked by the standard classifier is no error.)
             let storable = response.rpc_error().is_none()
-                && !response.is_tool_error()
+                && (response.marked_tool_call_success() || !response.is_tool_error())
                 && !response.is_input_required();
             if let (Some(fingerprint), true) = (self.fingerprint, storable) {
                 self.shared

@@ -223,7 +223,9 @@ where
                 // The outcome mark a layer below rendered (the fallback
                 // cache) is for the layers of this process: its seal must
                 // not reach a client, who could hand it to a server.
-                if response.is_tool_error() {
+                // A success the standard classifier marked is no error
+                // result, so it carries no such mark: not read again.
+                if !response.marked_tool_call_success() && response.is_tool_error() {
                     response.remove_result_meta(OUTCOME_META_KEY);
                 }
                 Ok(response)
