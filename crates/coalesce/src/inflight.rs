@@ -273,17 +273,22 @@ mod tests {
         assert!(matches!(call.poll(LEADER, &mut cx), Poll::Ready(Ok(7))));
     }
 
+    /// A map bounded to `max_keys` slots, and its count.
+    fn map_of(max_keys: usize) -> (InFlight<Answered>, Arc<Count>) {
+        let count = Arc::new(Count {
+            len: AtomicUsize::new(0),
+            max_keys,
+        });
+        (InFlight::new(Arc::clone(&count)), count)
+    }
+
     fn slots(map: &InFlight<Answered>) -> usize {
         map.map.lock().slots.len()
     }
 
     #[test]
     fn answered_slots_are_kept_for_their_key_and_swept_past_min_sweep_at() {
-        let count = Arc::new(Count {
-            len: AtomicUsize::new(0),
-            max_keys: 10_000,
-        });
-        let map = InFlight::<Answered>::new(Arc::clone(&count));
+        let (map, count) = map_of(10_000);
         // The same key again and again: one slot, carried from call to call.
         for _ in 0..100 {
             answer(&map, 1);
@@ -309,11 +314,7 @@ mod tests {
 
     #[test]
     fn open_calls_are_never_swept_and_the_next_sweep_waits_for_twice_as_many() {
-        let count = Arc::new(Count {
-            len: AtomicUsize::new(0),
-            max_keys: 10_000,
-        });
-        let map = InFlight::<Answered>::new(Arc::clone(&count));
+        let (map, count) = map_of(10_000);
         // 100 calls led and never polled: open.
         let open: Vec<_> = (0..100)
             .map(|n| match map.join(key(n), || ready(Ok(1))) {
@@ -339,6 +340,11 @@ mod tests {
         answer(&map, 2_000);
         assert_eq!(map.open(), 100, "the sweep kept every open call");
         assert_eq!(slots(&map), 101);
+        assert_eq!(
+            count.len.load(Ordering::Relaxed),
+            101,
+            "the count follows the sweep"
+        );
         assert_eq!(map.map.lock().sweep_at, 200);
         drop(open);
     }
