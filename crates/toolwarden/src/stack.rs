@@ -91,6 +91,23 @@
 //! assert_eq!(err.field(), "attempt_timeout, retry.deadline");
 //! # }
 //! ```
+//!
+//! # A closure below the stack: box it first
+//!
+//! Every layer that can be left out is an [`Either`] of its service and the
+//! service below it, so the stack's type names the service below 2⁹ times.
+//! Over a named service type (an `RmcpClient`, `MockMcp`, a
+//! `BoxCloneSyncService`, an `impl Service` returned by a function) a test
+//! calling the stack compiles in seconds. Over a closure
+//! (`tower::service_fn(|req| ...)`) it did not: the same test layering the
+//! stack directly over a `service_fn` made rustc use more than 24 GB and be
+//! killed (rustc 1.95; why the compiler's work grows so with a closure type
+//! was not traced). Box such a service before
+//! layering it (`BoxCloneSyncService::new(service_fn(..))`, 0.5 GB and 3 s
+//! in the same test), or return it from a function as `impl Service<..> +
+//! Clone`. Found on 2026-12-06 and not fixed yet: the fix is a stack whose
+//! type names each layer once (each layer passing calls through when left
+//! out), a change of [`StandardService`]'s type.
 
 use std::fmt;
 use std::time::Duration;
