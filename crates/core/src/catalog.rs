@@ -341,6 +341,25 @@ impl ToolCatalog {
         n
     }
 
+    /// Whether any tool is registered under the upstream named `upstream`
+    /// (its `tools/list` has come, and listed something).
+    ///
+    /// ```
+    /// use toolwarden_core::catalog::{ToolCatalog, ToolInfo};
+    /// let catalog = ToolCatalog::new();
+    /// catalog.replace_upstream("a", [ToolInfo::new("a__search", "Search")]);
+    /// assert!(catalog.has_upstream("a"));
+    /// assert!(!catalog.has_upstream("b"));
+    /// ```
+    #[must_use]
+    pub fn has_upstream(&self, upstream: &str) -> bool {
+        self.inner
+            .load()
+            .tools
+            .values()
+            .any(|t| t.upstream.as_deref() == Some(upstream))
+    }
+
     /// The tools registered under `upstream`, sorted by name.
     #[must_use]
     pub fn upstream_tools(&self, upstream: &str) -> Vec<ToolInfo> {

@@ -5,11 +5,19 @@
 //! client cannot make the layers keep state (a breaker, a quota, a metric
 //! label, a cache entry) for names the server does not have.
 //!
+//! A gateway fills the catalog one upstream at a time, as each one's
+//! `tools/list` comes. A name whose prefix is an upstream with no tool in
+//! the catalog yet (not listed yet, down since the start, or listing
+//! nothing) is not refused here: whether it exists is not known, and the
+//! gateway's routing answers it. Before, such a name was refused as
+//! unknown as soon as another upstream's tools were in.
+//!
 //! The refusal is a JSON-RPC error ([`ErrorObject`]), answered as such
 //! ([`error_data`](crate::downstream::server::error_data); see "Errors" in
 //! [`crate::downstream::server`]).
 
 use std::fmt;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::{self, Either, Ready};
@@ -18,11 +26,16 @@ use toolwarden_core::jsonrpc::{code, ErrorObject};
 use toolwarden_core::{BoxError, McpRequest, ToolCatalog};
 use tower::{Layer, Service};
 
+/// In a gateway: the upstream a tool name is routed to (by its prefix),
+/// `None` when no upstream has it.
+pub type UpstreamOf = Arc<dyn Fn(&str) -> Option<Arc<str>> + Send + Sync>;
+
 /// Configuration of [`ToolNameGuard`].
 #[derive(Clone)]
 pub struct ToolNameGuardLayer {
     max_bytes: usize,
     catalog: Option<ToolCatalog>,
+    upstream_of: Option<UpstreamOf>,
 }
 
 impl fmt::Debug for ToolNameGuardLayer {
@@ -30,6 +43,7 @@ impl fmt::Debug for ToolNameGuardLayer {
         f.debug_struct("ToolNameGuardLayer")
             .field("max_bytes", &self.max_bytes)
             .field("reject_unknown", &self.catalog.is_some())
+            .field("gateway", &self.upstream_of.is_some())
             .finish()
     }
 }
@@ -39,7 +53,20 @@ impl ToolNameGuardLayer {
     /// once it holds tools (when given).
     #[must_use]
     pub fn new(max_bytes: usize, catalog: Option<ToolCatalog>) -> Self {
-        ToolNameGuardLayer { max_bytes, catalog }
+        ToolNameGuardLayer {
+            max_bytes,
+            catalog,
+            upstream_of: None,
+        }
+    }
+
+    /// In a gateway: `upstream_of` routes a name to its upstream, and a
+    /// name of an upstream with no tool in the catalog yet passes (see
+    /// the [module docs](self)).
+    #[must_use]
+    pub fn with_upstreams(mut self, upstream_of: UpstreamOf) -> Self {
+        self.upstream_of = Some(upstream_of);
+        self
     }
 }
 
@@ -81,6 +108,12 @@ impl<S> ToolNameGuard<S> {
         }
         let catalog = self.config.catalog.as_ref()?;
         if !catalog.is_empty() && catalog.get(name).is_none() {
+            let upstream = self.config.upstream_of.as_ref().and_then(|f| f(name));
+            if upstream.is_some_and(|upstream| !catalog.has_upstream(&upstream)) {
+                // Its upstream has not listed its tools (yet): not known
+                // to be wrong.
+                return None;
+            }
             return Some(ErrorObject::new(
                 code::INVALID_PARAMS,
                 format!("Invalid params: unknown tool {name:?} (not in the server's tools/list)"),
@@ -155,6 +188,56 @@ mod tests {
             Ok::<_, BoxError>(ServerResult::empty(()))
         });
         assert!(guard.layer(served).oneshot(call("search")).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn in_a_gateway_names_of_an_upstream_not_listed_yet_pass_and_others_are_checked() {
+        let served = || {
+            tower::service_fn(|_r: ClientRequest| async {
+                Ok::<_, BoxError>(ServerResult::empty(()))
+            })
+        };
+        let catalog = ToolCatalog::new();
+        // alpha listed its tools; beta has not yet.
+        catalog.replace_upstream("alpha", [ToolInfo::new("alpha__lookup", "Looks up")]);
+        let routes: UpstreamOf = Arc::new(|name: &str| {
+            let (upstream, _) = name.split_once("__")?;
+            ["alpha", "beta"]
+                .contains(&upstream)
+                .then(|| Arc::from(upstream))
+        });
+        let guard = ToolNameGuardLayer::new(128, Some(catalog.clone())).with_upstreams(routes);
+        let passes = |name: &'static str| {
+            let layer = guard.clone();
+            async move { layer.layer(served()).oneshot(call(name)).await.is_ok() }
+        };
+        assert!(passes("alpha__lookup").await);
+        assert!(
+            passes("beta__lookup").await,
+            "beta has not listed its tools"
+        );
+        // A wrong name of an upstream that has listed, or of no upstream.
+        assert!(refused(guard.clone(), "alpha__nope")
+            .await
+            .message
+            .contains("unknown tool"));
+        assert!(refused(guard.clone(), "gamma__x")
+            .await
+            .message
+            .contains("unknown tool"));
+        // Once beta has listed, its wrong names are refused too.
+        catalog.replace_upstream("beta", [ToolInfo::new("beta__lookup", "Looks up")]);
+        assert!(passes("beta__lookup").await);
+        assert!(refused(guard.clone(), "beta__nope")
+            .await
+            .message
+            .contains("unknown tool"));
+        // Without the routes (a single upstream), as before: refused.
+        let single = ToolNameGuardLayer::new(128, Some(catalog));
+        assert!(refused(single, "beta__nope")
+            .await
+            .message
+            .contains("unknown tool"));
     }
 
     #[tokio::test]

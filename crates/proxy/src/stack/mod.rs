@@ -153,14 +153,37 @@ fn tool_stack_layer_over(
     install_endpoints(&standard, &shared.endpoints, shared.replicas.as_ref());
     // Names the proxy will not serve are refused before any layer keeps
     // state for them (see `crate::tool_names`).
-    let names = ToolNameGuardLayer::new(
+    let mut names = ToolNameGuardLayer::new(
         config.limits.max_tool_name_bytes,
         config
             .limits
             .reject_unknown_tools
             .then(|| shared.catalog.clone()),
     );
+    if !config.upstreams.is_empty() {
+        names = names.with_upstreams(gateway_routes(config));
+    }
     Ok(ToolStackLayer { names, standard })
+}
+
+/// A gateway's routing of tool names to upstreams, by prefix, as
+/// [`Gateway`](crate::gateway::Gateway) routes them: `NAME{separator}tool`,
+/// or the only upstream's bare names when they are not prefixed.
+fn gateway_routes(config: &Config) -> crate::tool_names::UpstreamOf {
+    let upstreams: std::collections::BTreeSet<Arc<str>> = config
+        .upstreams
+        .keys()
+        .map(|name| Arc::from(name.as_str()))
+        .collect();
+    let prefixed = config.upstreams.len() > 1 || config.gateway.prefix_single;
+    let separator = config.gateway.separator.clone();
+    Arc::new(move |name: &str| {
+        if !prefixed {
+            return upstreams.first().cloned();
+        }
+        let (upstream, _) = name.split_once(separator.as_str())?;
+        upstreams.get(upstream).cloned()
+    })
 }
 
 /// The layers of the proxy's tool stack, ready to be put around an
