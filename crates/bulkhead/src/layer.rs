@@ -93,6 +93,30 @@ impl<C> BulkheadLayer<C> {
             .fold(self.shared.default.max_wait, Duration::max)
     }
 
+    /// The longest `latency_threshold` of an adaptive cap (the default's or
+    /// an override's); `None` when no cap is adaptive. A stack checks it
+    /// against its attempt timeout: a call that times out first can never
+    /// count as slow.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use toolwarden_bulkhead::BulkheadLayer;
+    /// assert_eq!(BulkheadLayer::new().longest_latency_threshold(), None);
+    /// let adaptive = BulkheadLayer::builder()
+    ///     .adaptive(|a| a.latency_threshold(Duration::from_millis(300)))
+    ///     .tool("slow", |t| t.adaptive(|a| a.latency_threshold(Duration::from_secs(2))))
+    ///     .build()
+    ///     .unwrap();
+    /// assert_eq!(adaptive.longest_latency_threshold(), Some(Duration::from_secs(2)));
+    /// ```
+    #[must_use]
+    pub fn longest_latency_threshold(&self) -> Option<Duration> {
+        std::iter::once(&self.shared.default)
+            .chain(self.shared.tools.values())
+            .filter_map(|l| l.adaptive.map(|a| a.latency_threshold))
+            .max()
+    }
+
     /// The bounds of the per-key state.
     #[must_use]
     pub fn bounds(&self) -> Bounds {

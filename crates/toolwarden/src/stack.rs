@@ -43,6 +43,7 @@
 //! | [`breaker_time_window`](StandardStackBuilder::breaker_time_window) | none (count window) | ≥ 2 × `attempt_timeout` (so a window can hold whole attempts) |
 //! | [`slow_call_duration`](StandardStackBuilder::slow_call_duration) | none | < `attempt_timeout` (else no call can be slow before it times out) |
 //! | a bulkhead's `max_wait` (the longest of any tool) | 0 | < `retry_deadline` |
+//! | an adaptive bulkhead's `latency_threshold` (the longest of any tool) | none (required when adaptive) | < `attempt_timeout` (else no call can be slow before it times out) |
 //!
 //! # Hedging
 //!
@@ -760,6 +761,20 @@ impl StandardStackBuilder {
                     "bulkhead.max_wait, retry.deadline",
                     format!(
                         "waiting for a place ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
+                    ),
+                ));
+            }
+        }
+        if let Some(threshold) = bulkhead
+            .as_ref()
+            .and_then(BulkheadLayer::longest_latency_threshold)
+        {
+            if on(StackLayer::Bulkhead) && threshold >= self.attempt_timeout {
+                return Err(ConfigError::new(
+                    "bulkhead.adaptive.latency_threshold, attempt_timeout",
+                    format!(
+                        "a call times out ({:?}) before it can count as slow ({threshold:?})",
+                        self.attempt_timeout
                     ),
                 ));
             }

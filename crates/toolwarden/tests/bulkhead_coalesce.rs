@@ -79,6 +79,28 @@ fn both_are_left_out_unless_configured() {
         .build()
         .unwrap_err();
     assert_eq!(err.field(), "bulkhead.max_wait, retry.deadline");
+    // An adaptive cap whose slow calls would all time out first is
+    // refused (a tool's override counts too); one below the timeout is
+    // built.
+    let err = StandardStack::builder()
+        .attempt_timeout(Duration::from_secs(10))
+        .bulkhead(|b| {
+            b.adaptive(|a| a.latency_threshold(Duration::from_secs(1)))
+                .tool("slow", |b| {
+                    b.adaptive(|a| a.latency_threshold(Duration::from_secs(10)))
+                })
+        })
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        err.field(),
+        "bulkhead.adaptive.latency_threshold, attempt_timeout"
+    );
+    assert!(StandardStack::builder()
+        .attempt_timeout(Duration::from_secs(10))
+        .bulkhead(|b| b.adaptive(|a| a.latency_threshold(Duration::from_secs(9))))
+        .build()
+        .is_ok());
 }
 
 #[tokio::test(start_paused = true)]
