@@ -3,11 +3,11 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
-use toolwarden_core::{ConfigError, Outcome};
+use toolwarden_core::{ConfigError, Event, Events, Outcome};
 
 /// The default floor of an adaptive cap: 1 call in flight.
 pub const DEFAULT_MIN_CONCURRENT: u32 = 1;
@@ -216,6 +216,9 @@ pub(crate) enum Signal {
 /// flight are at or above the cap.
 pub(crate) struct AdaptiveCap {
     pub(crate) bounds: Aimd,
+    /// The key, named in [`Event::BulkheadLimitChanged`].
+    key: Arc<str>,
+    events: Events,
     /// The cap, readable without the lock (refusals, inspection).
     cap: AtomicU32,
     /// Bumped by every cut. A call carries the epoch it was admitted in,
@@ -248,9 +251,11 @@ impl fmt::Debug for AdaptiveCap {
 }
 
 impl AdaptiveCap {
-    pub(crate) fn new(bounds: Aimd) -> Self {
+    pub(crate) fn new(bounds: Aimd, key: Arc<str>, events: Events) -> Self {
         AdaptiveCap {
             bounds,
+            key,
+            events,
             cap: AtomicU32::new(bounds.initial),
             epoch: AtomicU64::new(0),
             state: Mutex::new(CapState {
@@ -298,6 +303,7 @@ impl AdaptiveCap {
     /// give the call's place back (or pay a permit of debt with it).
     pub(crate) fn leave(&self, semaphore: &Semaphore, signal: Signal, epoch: u64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = state.cap;
         match signal {
             Signal::Grow => {
                 // Only a cap in use grows: with fewer than half its places
@@ -336,6 +342,16 @@ impl AdaptiveCap {
             state.debt -= 1;
         } else {
             semaphore.add_permits(1);
+        }
+        let after = state.cap;
+        drop(state);
+        if after != before {
+            // Told once the lock is released: a sink may take its time.
+            self.events.emit(&Event::BulkheadLimitChanged {
+                key: &self.key,
+                from: before,
+                to: after,
+            });
         }
     }
 }
@@ -397,7 +413,7 @@ mod tests {
 
     #[test]
     fn a_shrink_forgets_free_permits_and_runs_up_debt_for_taken_ones() {
-        let cap = AdaptiveCap::new(bounds(1, 8, 8));
+        let cap = AdaptiveCap::new(bounds(1, 8, 8), Arc::from("t"), Events::new());
         let semaphore = Semaphore::new(8);
         admit(&semaphore, 6);
         assert_eq!(cap.in_flight(&semaphore), 6);
@@ -418,7 +434,7 @@ mod tests {
 
     #[test]
     fn a_call_from_before_a_cut_cannot_cut_again() {
-        let cap = AdaptiveCap::new(bounds(1, 8, 8));
+        let cap = AdaptiveCap::new(bounds(1, 8, 8), Arc::from("t"), Events::new());
         let semaphore = Semaphore::new(8);
         admit(&semaphore, 8);
         cap.leave(&semaphore, Signal::Cut, 0);
@@ -432,7 +448,7 @@ mod tests {
 
     #[test]
     fn growth_needs_cap_successes_with_the_cap_half_used() {
-        let cap = AdaptiveCap::new(bounds(1, 8, 4));
+        let cap = AdaptiveCap::new(bounds(1, 8, 4), Arc::from("t"), Events::new());
         let semaphore = Semaphore::new(4);
         // One call at a time: a quarter of the cap, no growth.
         for _ in 0..10 {

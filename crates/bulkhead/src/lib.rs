@@ -96,6 +96,12 @@
 //!   theirs until they end, when their places are retired instead of given
 //!   back. Until then no call is admitted: a call is admitted only while
 //!   the calls in flight are below the cap as it stands.
+//! - **Told.** Every move of a key's cap is an
+//!   [`Event::BulkheadLimitChanged`](toolwarden_core::Event::BulkheadLimitChanged)
+//!   (the key, the cap before and after), sent once the cap's lock is
+//!   released; the observability layer counts it as
+//!   `bulkhead_limit_changed`. [`current_limit`](BulkheadLayer::current_limit)
+//!   reads where a cap stands.
 //!
 //! Outcomes are judged by the layer's [classifier](BulkheadBuilder::classifier)
 //! (the standard stack's shared one). A key's cap lives with its state, so

@@ -56,12 +56,16 @@ impl fmt::Debug for Compartment {
 }
 
 impl Compartment {
-    pub(crate) fn new(limits: Limits) -> Self {
+    /// The compartment of the key named `key`; an adaptive cap tells
+    /// `events` when it moves.
+    pub(crate) fn new(limits: Limits, key: &dyn fmt::Display, events: &Events) -> Self {
         Compartment {
             semaphore: Arc::new(Semaphore::new(limits.initial_cap() as usize)),
             limits,
             ewma_nanos: AtomicU64::new(0),
-            adaptive: limits.adaptive.map(AdaptiveCap::new),
+            adaptive: limits
+                .adaptive
+                .map(|bounds| AdaptiveCap::new(bounds, Arc::from(key.to_string()), events.clone())),
         }
     }
 
@@ -194,13 +198,14 @@ impl Shared {
     ) -> Self {
         let tools = Arc::new(tools);
         let for_keys = Arc::clone(&tools);
+        let key_events = events.clone();
         let state = KeyedState::new_keeping(
             bounds,
             move |key: &Key| {
                 let limits = key_tool(key)
                     .and_then(|tool| for_keys.get(tool).copied())
                     .unwrap_or(default);
-                Arc::new(Compartment::new(limits))
+                Arc::new(Compartment::new(limits, key, &key_events))
             },
             // A key with calls in flight or waiting (each holds a clone) is
             // never evicted: a fresh compartment would forget their places.
@@ -208,7 +213,10 @@ impl Shared {
         );
         let tool_overflow = tools
             .iter()
-            .map(|(tool, limits)| (Arc::clone(tool), Arc::new(Compartment::new(*limits))))
+            .map(|(tool, limits)| {
+                let compartment = Compartment::new(*limits, tool, &events);
+                (Arc::clone(tool), Arc::new(compartment))
+            })
             .collect();
         Shared {
             state,

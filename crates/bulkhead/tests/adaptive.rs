@@ -380,3 +380,57 @@ fn bad_adaptive_settings_are_refused_naming_the_field() {
     .build()
     .unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn every_move_of_the_cap_is_an_event_naming_the_key_and_a_fixed_cap_sends_none() {
+    use std::sync::{Arc, Mutex};
+    use toolwarden_core::{Event, Events};
+
+    let moves = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&moves);
+    let events = Events::new().with(move |e: &Event<'_>| {
+        if let Event::BulkheadLimitChanged { key, from, to } = e {
+            sink.lock().unwrap().push((key.to_string(), *from, *to));
+        }
+        assert_ne!(e.name(), "", "every event has a name");
+    });
+    // Failures cut 8 → 4 → 2 (the floor); then fast successes grow it.
+    let mock = MockMcp::new().script("a", [Step::closed(), Step::closed(), Step::closed()]);
+    let (mut svc, layer) = harness(adaptive(2, 8, 8).events(events.clone()), &mock);
+    for _ in 0..3 {
+        assert!(start(&mut svc, call()).await.await.is_err());
+    }
+    assert_eq!(
+        *moves.lock().unwrap(),
+        [("a".to_owned(), 8, 4), ("a".to_owned(), 4, 2)],
+        "no event at the floor"
+    );
+    moves.lock().unwrap().clear();
+    for _ in 0..2 {
+        for result in round(&mut svc, cap(&layer)).await {
+            result.unwrap();
+        }
+    }
+    assert_eq!(*moves.lock().unwrap(), [("a".to_owned(), 2, 3)]);
+    assert_eq!(
+        Event::BulkheadLimitChanged {
+            key: "a",
+            from: 2,
+            to: 3
+        }
+        .name(),
+        "bulkhead_limit_changed"
+    );
+
+    // A fixed cap never moves, so never tells.
+    moves.lock().unwrap().clear();
+    let mock = MockMcp::new().default_step("a", Step::closed());
+    let (mut svc, _layer) = harness(
+        BulkheadLayer::builder().max_concurrent(4).events(events),
+        &mock,
+    );
+    for _ in 0..3 {
+        assert!(start(&mut svc, call()).await.await.is_err());
+    }
+    assert!(moves.lock().unwrap().is_empty());
+}

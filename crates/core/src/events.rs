@@ -108,6 +108,16 @@ pub enum Event<'a> {
         /// When a place is expected to come free.
         retry_after: Duration,
     },
+    /// An adaptive bulkhead's cap moved: grown by fast successes while in
+    /// use, or cut by slow calls and server failures.
+    BulkheadLimitChanged {
+        /// The bulkhead key.
+        key: &'a str,
+        /// The cap before.
+        from: u32,
+        /// The cap now.
+        to: u32,
+    },
     /// A call joined an identical call already in flight and shares its
     /// answer instead of reaching the tool itself.
     Coalesced {
@@ -134,7 +144,7 @@ impl Event<'_> {
     /// snake case (`circuit_opened`, `circuit_half_opened`, `circuit_closed`,
     /// `rate_limited`, `retried`, `retry_budget_exhausted`, `loop_warned`,
     /// `loop_detected`, `stale_served`, `degraded`, `bulkhead_full`,
-    /// `coalesced`, `hedged`, `sync_failed`).
+    /// `bulkhead_limit_changed`, `coalesced`, `hedged`, `sync_failed`).
     #[must_use]
     pub fn name(&self) -> &'static str {
         match self {
@@ -149,6 +159,7 @@ impl Event<'_> {
             Event::StaleServed { .. } => "stale_served",
             Event::Degraded { .. } => "degraded",
             Event::BulkheadFull { .. } => "bulkhead_full",
+            Event::BulkheadLimitChanged { .. } => "bulkhead_limit_changed",
             Event::Coalesced { .. } => "coalesced",
             Event::Hedged { .. } => "hedged",
             Event::SyncFailed { .. } => "sync_failed",
@@ -170,6 +181,7 @@ impl Event<'_> {
             | Event::StaleServed { key, .. }
             | Event::Degraded { key }
             | Event::BulkheadFull { key, .. }
+            | Event::BulkheadLimitChanged { key, .. }
             | Event::Coalesced { key }
             | Event::Hedged { key, .. } => Some(key),
             Event::SyncFailed { .. } => None,

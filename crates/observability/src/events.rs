@@ -17,7 +17,7 @@ use crate::instruments::{
 use crate::registry::Shared;
 
 /// Every event name the sink counts in the snapshot, in slot order.
-pub(crate) const EVENT_NAMES: [&str; 14] = [
+pub(crate) const EVENT_NAMES: [&str; 15] = [
     "circuit_opened",
     "circuit_half_opened",
     "circuit_closed",
@@ -29,6 +29,7 @@ pub(crate) const EVENT_NAMES: [&str; 14] = [
     "stale_served",
     "degraded",
     "bulkhead_full",
+    "bulkhead_limit_changed",
     "coalesced",
     "hedged",
     "sync_failed",
@@ -201,7 +202,7 @@ impl EventState {
 ///   ([`Event::name`]: `circuit_opened`, `circuit_half_opened`,
 ///   `circuit_closed`, `rate_limited`, `retried`, `retry_budget_exhausted`,
 ///   `loop_warned`, `loop_detected`, `stale_served`, `degraded`,
-///   `bulkhead_full`, `coalesced`, `hedged`, `sync_failed`) and `key` its subject ([`Event::subject`]: a tool or
+///   `bulkhead_full`, `bulkhead_limit_changed`, `coalesced`, `hedged`, `sync_failed`) and `key` its subject ([`Event::subject`]: a tool or
 ///   breaker key; events without one, like `sync_failed`, have no `key`);
 /// - on circuit events, sets the gauge `toolwarden.circuit.state{key}` to 0
 ///   (closed), 1 (half-open) or 2 (open);

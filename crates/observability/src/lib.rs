@@ -47,7 +47,8 @@
 //! resilience event ([`Event::name`]): `circuit_opened`,
 //! `circuit_half_opened`, `circuit_closed`, `rate_limited`, `retried`,
 //! `retry_budget_exhausted`, `loop_warned`, `loop_detected`,
-//! `stale_served`, `degraded`, `bulkhead_full`, `coalesced`, `hedged`, `sync_failed`.
+//! `stale_served`, `degraded`, `bulkhead_full`, `bulkhead_limit_changed`,
+//! `coalesced`, `hedged`, `sync_failed`.
 //!
 //! Prometheus renders the dots as underscores (`mcp_client_operation_duration`,
 //! `toolwarden_calls`, `toolwarden_calls_active`, `gen_ai_tool_name`, ...).

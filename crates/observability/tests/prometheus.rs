@@ -210,6 +210,11 @@ async fn events_become_counters_and_a_circuit_gauge() {
         max_concurrent: 4,
         retry_after: secs(1),
     });
+    events.emit(&Event::BulkheadLimitChanged {
+        key: "fetch",
+        from: 4,
+        to: 2,
+    });
     events.emit(&Event::Coalesced { key: "fetch" });
     events.emit(&Event::Hedged {
         key: "fetch",
@@ -243,6 +248,7 @@ async fn events_become_counters_and_a_circuit_gauge() {
         "stale_served",
         "degraded",
         "bulkhead_full",
+        "bulkhead_limit_changed",
         "coalesced",
         "hedged",
     ] {
@@ -265,7 +271,8 @@ async fn events_become_counters_and_a_circuit_gauge() {
     assert_eq!(snapshot.events["sync_failed"], 1);
     assert_eq!(snapshot.events["bulkhead_full"], 1);
     assert_eq!(snapshot.events["hedged"], 1);
-    assert_eq!(snapshot.events.len(), 14);
+    assert_eq!(snapshot.events["bulkhead_limit_changed"], 1);
+    assert_eq!(snapshot.events.len(), 15);
 }
 
 #[tokio::test]
