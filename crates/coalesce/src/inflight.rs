@@ -183,26 +183,20 @@ impl<F: TryFuture> InFlight<F> {
                 Joined::Leader(Arc::clone(call))
             }
             Entry::Vacant(entry) => {
-                let entry = if self.count.reserve() {
-                    entry
-                } else {
-                    // Full: this map's answered slots make room, if any.
-                    let key = entry.into_key();
-                    self.sweep(map);
-                    if !self.count.reserve() {
-                        return Joined::Alone;
-                    }
-                    match map.slots.entry(key) {
-                        Entry::Vacant(entry) => entry,
-                        // The sweep only removes: the key is still absent.
-                        Entry::Occupied(_) => {
-                            self.count.len.fetch_sub(1, Ordering::Relaxed);
-                            return Joined::Alone;
-                        }
-                    }
-                };
+                if self.count.reserve() {
+                    let call = fresh(spare, make());
+                    entry.insert(Arc::clone(&call));
+                    return Joined::Leader(call);
+                }
+                // Full: this map's answered slots make room, if any (the
+                // sweep only removes, so the key is still absent after it).
+                let key = entry.into_key();
+                self.sweep(map);
+                if !self.count.reserve() {
+                    return Joined::Alone;
+                }
                 let call = fresh(&mut map.spare, make());
-                entry.insert(Arc::clone(&call));
+                map.slots.insert(key, Arc::clone(&call));
                 Joined::Leader(call)
             }
         }

@@ -229,12 +229,19 @@ impl Config {
         crate::stack::standard_stack(&self.clone().with_upstream_tools(), &shared).map(drop)
     }
 
+    /// Whether exposed names carry their upstream's prefix: with several
+    /// upstreams, or with one when `gateway.prefix_single`.
+    #[must_use]
+    pub fn names_prefixed(&self) -> bool {
+        self.upstreams.len() > 1 || self.gateway.prefix_single
+    }
+
     /// What the tools of upstream `name` are prefixed with: `name` and
     /// `gateway.separator` when there are several upstreams (or
     /// `gateway.prefix_single`), else nothing.
     #[must_use]
     pub fn upstream_prefix(&self, name: &str) -> String {
-        if self.upstreams.len() > 1 || self.gateway.prefix_single {
+        if self.names_prefixed() {
             format!("{name}{}", self.gateway.separator)
         } else {
             String::new()

@@ -232,7 +232,7 @@ impl Gateway {
             members,
             by_name,
             separator: config.gateway.separator.clone(),
-            prefixed: config.upstreams.len() > 1 || config.gateway.prefix_single,
+            prefixed: config.names_prefixed(),
             open_upstreams: config.gateway.open_upstreams,
             catalog: shared.catalog.clone(),
             downstreams,

@@ -175,7 +175,7 @@ fn gateway_routes(config: &Config) -> crate::tool_names::UpstreamOf {
         .keys()
         .map(|name| Arc::from(name.as_str()))
         .collect();
-    let prefixed = config.upstreams.len() > 1 || config.gateway.prefix_single;
+    let prefixed = config.names_prefixed();
     let separator = config.gateway.separator.clone();
     Arc::new(move |name: &str| {
         if !prefixed {
