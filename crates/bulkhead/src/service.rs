@@ -35,6 +35,8 @@ pub struct Bulkhead<S, C = McpClassifier> {
     inner: S,
     shared: Arc<Shared>,
     classifier: C,
+    /// Forwards every call untouched (see [`Bulkhead::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S, C: Clone> Bulkhead<S, C> {
@@ -45,11 +47,27 @@ impl<S, C: Clone> Bulkhead<S, C> {
             inner,
             shared: Arc::clone(layer.shared()),
             classifier: layer.classifier().clone(),
+            passthrough: false,
         }
     }
 }
 
 impl<S, C> Bulkhead<S, C> {
+    /// This service, forwarding every call to the inner service untouched:
+    /// no place is taken, no call waits or is refused. The standard stack builds this for the layer when it is
+    /// left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
+    }
+
     /// The inner service.
     #[must_use]
     pub fn get_ref(&self) -> &S {
@@ -87,7 +105,7 @@ where
 
     #[inline]
     fn call(&mut self, request: R) -> Self::Future {
-        if !request.is_tool_call() {
+        if self.passthrough || !request.is_tool_call() {
             return ResponseFuture::called(self.inner.call(request), None, None);
         }
         let compartment = self.shared.compartment(self.shared.key_by.key(&request));

@@ -23,6 +23,8 @@ pub struct CircuitBreaker<S, C = McpClassifier> {
     inner: S,
     registry: CircuitRegistry,
     classifier: C,
+    /// Forwards every call untouched (see [`CircuitBreaker::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S, C> CircuitBreaker<S, C> {
@@ -36,7 +38,23 @@ impl<S, C> CircuitBreaker<S, C> {
             inner,
             registry: layer.registry().clone(),
             classifier: layer.classifier().clone(),
+            passthrough: false,
         }
+    }
+
+    /// This service, forwarding every call to the inner service untouched:
+    /// no breaker admits, refuses or records it. The standard stack builds this for the layer when it is
+    /// left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// The breakers.
@@ -92,6 +110,9 @@ where
 
     #[inline]
     fn call(&mut self, req: R) -> Self::Future {
+        if self.passthrough {
+            return ResponseFuture::untracked(self.inner.call(req), self.classifier.clone());
+        }
         // One clock reading for this call, here and in the layers below.
         let _now = toolwarden_core::time::CallInstant::hold();
         let kind = if req.is_tool_call() {

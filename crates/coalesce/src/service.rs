@@ -28,6 +28,8 @@ pub struct Coalesce<S> {
     shared: Arc<Shared>,
     /// The layer's map for this service's future type, found once.
     map: Option<Arc<dyn ErasedMap>>,
+    /// Forwards every call untouched (see [`Coalesce::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Coalesce<S> {
@@ -35,6 +37,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Coalesce<S> {
         f.debug_struct("Coalesce")
             .field("inner", &self.inner)
             .field("shared", &self.shared)
+            .field("passthrough", &self.passthrough)
             .finish_non_exhaustive()
     }
 }
@@ -47,7 +50,23 @@ impl<S> Coalesce<S> {
             inner,
             shared: Arc::clone(layer.shared()),
             map: None,
+            passthrough: false,
         }
+    }
+
+    /// This service, forwarding every call to the inner service untouched:
+    /// no call is shared. The standard stack builds this for the layer when it is
+    /// left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// The inner service.
@@ -88,7 +107,8 @@ where
 
     #[inline]
     fn call(&mut self, request: R) -> Self::Future {
-        let shareable = request.is_tool_call()
+        let shareable = !self.passthrough
+            && request.is_tool_call()
             && !request.is_continuation()
             && request
                 .tool_name()

@@ -83,6 +83,8 @@ pub struct FallbackCache<S, C = McpClassifier> {
     inner: S,
     shared: Arc<Shared>,
     classifier: C,
+    /// Forwards every call untouched (see [`FallbackCache::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S, C: Clone> FallbackCache<S, C> {
@@ -94,11 +96,27 @@ impl<S, C: Clone> FallbackCache<S, C> {
             inner,
             shared: Arc::clone(&layer.shared),
             classifier: layer.classifier.clone(),
+            passthrough: false,
         }
     }
 }
 
 impl<S, C> FallbackCache<S, C> {
+    /// This service, forwarding every call to the inner service untouched:
+    /// nothing stored or served from the cache, no degraded answer. The standard stack builds this for the layer when it is
+    /// left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
+    }
+
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -141,6 +159,9 @@ where
     }
 
     fn call(&mut self, mut req: R) -> Self::Future {
+        if self.passthrough {
+            return ResponseFuture::passthrough(self.inner.call(req));
+        }
         let config = &self.shared.config;
         let Some(tool) = req.tool_name() else {
             return ResponseFuture::passthrough(self.inner.call(req));

@@ -27,6 +27,8 @@ pub struct LoopGuard<S, C = McpClassifier> {
     inner: S,
     config: LoopGuardConfig<C>,
     sessions: Arc<Sessions>,
+    /// Forwards every call untouched (see [`LoopGuard::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S, C: Clone> LoopGuard<S, C> {
@@ -39,11 +41,28 @@ impl<S, C: Clone> LoopGuard<S, C> {
             inner,
             config: layer.config().clone(),
             sessions: Arc::clone(layer.sessions()),
+            passthrough: false,
         }
     }
 }
 
 impl<S, C> LoopGuard<S, C> {
+    /// This service, forwarding every call to the inner service untouched:
+    /// no call is guarded or recorded. The standard stack builds this for
+    /// the layer when it is left out, so that its type names each layer
+    /// once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
+    }
+
     /// The inner service.
     #[must_use]
     pub fn get_ref(&self) -> &S {
@@ -83,6 +102,7 @@ impl<S: Clone, C: Clone> Clone for LoopGuard<S, C> {
             inner: self.inner.clone(),
             config: self.config.clone(),
             sessions: Arc::clone(&self.sessions),
+            passthrough: self.passthrough,
         }
     }
 }
@@ -93,6 +113,7 @@ impl<S: fmt::Debug, C: fmt::Debug> fmt::Debug for LoopGuard<S, C> {
             .field("inner", &self.inner)
             .field("config", &self.config)
             .field("tracked_sessions", &self.tracked_sessions())
+            .field("passthrough", &self.passthrough)
             .finish()
     }
 }
@@ -114,6 +135,9 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
+        if self.passthrough {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
         // One clock reading for this call, here and in the layers below.
         let _now = toolwarden_core::time::CallInstant::hold();
         let guarded = match request.tool_name() {

@@ -27,6 +27,8 @@ pub struct Observability<S, C = McpClassifier> {
     /// The series of the previous call, to skip the map lookup when the
     /// next call is for the same tool.
     last: Option<Entry<Series>>,
+    /// Forwards every call untouched (see [`Observability::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S, C> Observability<S, C> {
@@ -42,7 +44,24 @@ impl<S, C> Observability<S, C> {
             shared: Arc::clone(layer.shared()),
             classifier: layer.classifier().clone(),
             last: None,
+            passthrough: false,
         }
+    }
+
+    /// This service, forwarding every call to the inner service untouched:
+    /// nothing recorded, no span. The standard stack builds this for the
+    /// layer when it is left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self.last = None;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// The inner service.
@@ -77,6 +96,7 @@ impl<S: fmt::Debug, C> fmt::Debug for Observability<S, C> {
         f.debug_struct("Observability")
             .field("inner", &self.inner)
             .field("config", &self.shared.config)
+            .field("passthrough", &self.passthrough)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +118,9 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
+        if self.passthrough {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
         let kind = if request.is_tool_call() {
             CallKind::ToolCall
         } else {

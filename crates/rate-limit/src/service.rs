@@ -46,6 +46,8 @@ use crate::limits::RateLimits;
 pub struct RateLimit<S> {
     inner: S,
     limits: RateLimits,
+    /// Forwards every call untouched (see [`RateLimit::passthrough`]).
+    passthrough: bool,
 }
 
 impl<S> RateLimit<S> {
@@ -55,7 +57,23 @@ impl<S> RateLimit<S> {
         RateLimit {
             inner,
             limits: layer.limits(),
+            passthrough: false,
         }
+    }
+
+    /// This service, forwarding every call to the inner service untouched:
+    /// no quota is asked or spent. The standard stack builds this for the layer when it is
+    /// left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// The limits this service applies (shared with its clones).
@@ -100,6 +118,9 @@ where
 
     #[inline]
     fn call(&mut self, request: R) -> Self::Future {
+        if self.passthrough {
+            return ResponseFuture::called(self.inner.call(request));
+        }
         if let Some(backend) = self.limits.backend() {
             let backend = Arc::clone(backend);
             return self.call_remote(request, backend);

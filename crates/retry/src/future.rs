@@ -36,9 +36,11 @@ pin_project! {
         state: State<S::Future>,
         timer: Timer,
         // The service of the retries: cloned from the instance's spare at
-        // the first retry.
-        service: Option<S>,
-        instance: Arc<Instance<S, C>>,
+        // the first retry. Boxed: a service under a stack holds the handles
+        // of every layer below, and only a retried call needs one.
+        service: Option<Box<S>>,
+        // `None` for a call passed through by a service left out of a stack.
+        instance: Option<Arc<Instance<S, C>>>,
         retry: Option<Retry<R, S::Response>>,
     }
 }
@@ -304,7 +306,7 @@ where
             state: State::Called { future },
             timer: Timer::Idle,
             service: None,
-            instance,
+            instance: Some(instance),
             retry: retry.map(|state| Retry {
                 request: state.request,
                 policy: state.policy,
@@ -323,6 +325,23 @@ where
     }
 }
 
+impl<S, R, C> ResponseFuture<S, R, C>
+where
+    S: Service<R>,
+{
+    /// A call passed through untouched (see `RetryBackoff::passthrough`):
+    /// one attempt, its answer as it is.
+    pub(crate) fn passthrough(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Called { future },
+            timer: Timer::Idle,
+            service: None,
+            instance: None,
+            retry: None,
+        }
+    }
+}
+
 impl<S, R, C> Future for ResponseFuture<S, R, C>
 where
     R: McpRequest + Clone,
@@ -335,7 +354,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let shared = &*this.instance.shared;
+        let Some(instance) = this.instance.as_ref() else {
+            // Passed through: the one attempt's answer, as it is.
+            return match this.state.project() {
+                StateProj::Called { future } => future.poll(cx).map_err(Into::into),
+                // Unreachable: a call passed through never leaves `Called`.
+                StateProj::Waiting | StateProj::Readying => Poll::Ready(Err(no_spare())),
+            };
+        };
+        let shared = &*instance.shared;
         loop {
             match this.state.as_mut().project() {
                 StateProj::Called { future } => {
@@ -374,7 +401,7 @@ where
                 }
                 StateProj::Readying => {
                     if this.service.is_none() {
-                        *this.service = this.instance.service();
+                        *this.service = instance.service().map(Box::new);
                     }
                     let Some(service) = this.service.as_mut() else {
                         // Unreachable: a call that may be retried made the

@@ -29,6 +29,8 @@ use crate::layer::{RetryBackoffLayer, Shared};
 pub struct RetryBackoff<S, C = McpClassifier> {
     inner: S,
     instance: Arc<Instance<S, C>>,
+    /// Forwards every call untouched (see [`RetryBackoff::passthrough`]).
+    passthrough: bool,
 }
 
 /// What a service and its calls' futures share: the layer's state, and the
@@ -56,7 +58,23 @@ impl<S, C> RetryBackoff<S, C> {
                 shared: Arc::clone(layer.shared()),
                 spare: OnceLock::new(),
             }),
+            passthrough: false,
         }
+    }
+
+    /// This service, forwarding every call to the inner service untouched:
+    /// every call is attempted once, its answer returned as it is. The standard stack builds this for the layer when it is
+    /// left out, so that its type names each layer once.
+    #[must_use]
+    pub fn passthrough(mut self) -> Self {
+        self.passthrough = true;
+        self
+    }
+
+    /// Whether calls pass through untouched ([`passthrough`](Self::passthrough)).
+    #[must_use]
+    pub fn is_passthrough(&self) -> bool {
+        self.passthrough
     }
 
     /// The inner service.
@@ -82,6 +100,7 @@ impl<S: Clone, C> Clone for RetryBackoff<S, C> {
         RetryBackoff {
             inner: self.inner.clone(),
             instance: Arc::clone(&self.instance),
+            passthrough: self.passthrough,
         }
     }
 }
@@ -91,6 +110,7 @@ impl<S: fmt::Debug, C> fmt::Debug for RetryBackoff<S, C> {
         f.debug_struct("RetryBackoff")
             .field("inner", &self.inner)
             .field("policy", &self.instance.shared.policy)
+            .field("passthrough", &self.passthrough)
             .finish_non_exhaustive()
     }
 }
@@ -112,6 +132,9 @@ where
     }
 
     fn call(&mut self, mut request: R) -> Self::Future {
+        if self.passthrough {
+            return ResponseFuture::passthrough(self.inner.call(request));
+        }
         // One clock reading for this call, here and in the layers below.
         let _now = toolwarden_core::time::CallInstant::hold();
         let instance = &self.instance;

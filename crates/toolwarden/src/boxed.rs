@@ -1,12 +1,13 @@
-//! Boxed response futures for the standard stack's optional layers.
+//! Boxed response futures, for the standard stack's hedging.
 //!
-//! A layer that is left out of the stack is the `Right` side of an
-//! [`Either`](tower::util::Either), whose future is as large as the larger
-//! of its two sides. Without boxing, a layer that is off (hedging, the
-//! bulkhead, coalescing are off by default) would still grow every call's
-//! future by the size of its own, and that future is moved at every level
-//! of the stack on every call. Boxed, the optional layer costs one
-//! allocation per call when it is on, and nothing when it is off.
+//! Hedging is the one layer of the stack that is an
+//! [`Either`](tower::util::Either) of its service and the service below,
+//! whose future is as large as the larger of its two sides. A hedged call's
+//! future holds two attempts and a timer; unboxed, it would grow every
+//! call's future by that much while hedging is off (the default), and that
+//! future is moved at every level of the stack on every call. Boxed,
+//! hedging costs one allocation per call when it is on, and nothing when it
+//! is off.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

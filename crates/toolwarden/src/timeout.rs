@@ -9,6 +9,11 @@
 //! - Its timer is armed only when the attempt does not finish at once.
 //!   Arming a timer registers with the runtime's timer wheel; a cached or
 //!   in-process answer never needs one.
+//! - The timer is boxed when armed. This future is the innermost of the
+//!   stack's, moved by every layer above on every call: inline, the timer
+//!   (a `Sleep`, 96 bytes) would be moved ten times per call whether it
+//!   is armed or not. An attempt that waits (any call over a network)
+//!   makes one allocation for it, next to the timer wheel's registration.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -80,8 +85,7 @@ pin_project! {
         #[pin]
         inner: F,
         deadline: Option<Instant>,
-        #[pin]
-        sleep: Option<Sleep>,
+        sleep: Option<Pin<Box<Sleep>>>,
     }
 }
 
@@ -102,21 +106,18 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+        let this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result.map_err(Into::into));
         }
         let Some(deadline) = *this.deadline else {
             return Poll::Pending;
         };
-        if this.sleep.is_none() {
-            this.sleep.set(Some(tokio::time::sleep_until(deadline)));
-        }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            ready!(sleep.poll(cx));
-            return Poll::Ready(Err(Elapsed::new().into()));
-        }
-        Poll::Pending
+        let sleep = this
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        ready!(sleep.as_mut().poll(cx));
+        Poll::Ready(Err(Elapsed::new().into()))
     }
 }
 
@@ -156,6 +157,16 @@ mod tests {
         let polled = Instant::now();
         assert!(future.await.unwrap_err().is::<Elapsed>());
         assert_eq!(polled.elapsed(), Duration::from_millis(400));
+    }
+
+    #[test]
+    fn the_timer_is_not_inline() {
+        type Inner = std::future::Ready<Result<[u8; 64], BoxError>>;
+        let added =
+            std::mem::size_of::<AttemptTimeoutFuture<Inner>>() - std::mem::size_of::<Inner>();
+        // The deadline and the boxed timer's pointer, not a `Sleep`.
+        assert!(added <= 24, "{added} bytes added");
+        assert!(std::mem::size_of::<Sleep>() > 24);
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,12 +4,15 @@
 #![cfg(feature = "stack")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use toolwarden::stack::{StackLayer, StandardStack};
+use toolwarden_rate_limit::Rate;
 use toolwarden_circuit_breaker::{CircuitState, TimeWindow};
-use toolwarden_core::jsonrpc::{Id, Request, Response};
+use toolwarden_core::jsonrpc::{ErrorObject, Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{McpResponse, ToolAnnotations, ToolCatalog, ToolInfo};
 use tower::{Layer, Service, ServiceExt};
@@ -507,4 +510,138 @@ async fn each_copy_of_a_hedged_call_is_counted_by_the_breaker_and_takes_a_token(
     let resp = call(&mut svc, 1, "lookup", json!({})).await;
     assert_eq!(resp.first_text().as_deref(), Some("slow"));
     assert_eq!(mock.calls("lookup"), 1, "the hedge took no token: refused");
+}
+
+/// An upstream written as a closure, as most tower users write one: it
+/// answers after `latency` (paused time), failing with a retryable JSON-RPC
+/// error when asked to, and counts the calls it saw and the most it had in
+/// flight at once.
+fn closure_upstream(
+    latency: Duration,
+    fail: bool,
+) -> (
+    impl Service<Request, Response = Response, Error = toolwarden_core::BoxError, Future = impl Send>
+        + Clone
+        + Send
+        + 'static,
+    Arc<UpstreamCounts>,
+) {
+    let counts = Arc::new(UpstreamCounts::default());
+    let seen = Arc::clone(&counts);
+    let upstream = tower::service_fn(move |request: Request| {
+        let counts = Arc::clone(&seen);
+        async move {
+            counts.calls.fetch_add(1, Ordering::SeqCst);
+            let now = counts.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            counts.max_in_flight.fetch_max(now, Ordering::SeqCst);
+            tokio::time::sleep(latency).await;
+            counts.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let id = request.id.clone();
+            Ok(match fail {
+                true => Response::error(id, ErrorObject::new(-32603, "database down")),
+                false => Response::result(id, toolwarden_core::testing::text_result("found")),
+            })
+        }
+    });
+    (upstream, counts)
+}
+
+#[derive(Default)]
+struct UpstreamCounts {
+    calls: AtomicUsize,
+    in_flight: AtomicUsize,
+    max_in_flight: AtomicUsize,
+}
+
+// Every layer left out is its service passing calls through: nothing
+// retried, refused, capped, shared, recorded. And the stack's type names
+// each layer once, so the whole stack layered over a closure compiles in
+// seconds; when each layer left out was an `Either` of its service and the
+// one below, this test made rustc use more than 24 GB.
+#[tokio::test(start_paused = true)]
+async fn every_layer_left_out_passes_calls_through_untouched_over_a_closure() {
+    let mut builder = StandardStack::builder()
+        .catalog(catalog())
+        .retry(|b| b.max_attempts(3).base_delay(Duration::from_millis(10)))
+        .circuit_breaker(|b| b.failure_threshold(2).minimum_calls(2))
+        .rate_limit(|b| b.per_tool(Rate::per_minute(1), 1))
+        .bulkhead(|b| b.max_concurrent(1))
+        .coalesce(|b| b)
+        .hedge(|b| b.delay(Duration::from_millis(50)));
+    for layer in StackLayer::ALL {
+        builder = builder.without(layer);
+    }
+    let stack = builder.build().unwrap();
+    assert_eq!(stack.left_out(), StackLayer::ALL);
+
+    // Identical failing calls, one after the other: each reaches the
+    // upstream once (no retry, no loop guard, no breaker opening, no quota
+    // of one call a minute).
+    let (upstream, counts) = closure_upstream(Duration::from_millis(10), true);
+    let mut svc = stack.layer(upstream);
+    for id in 0..6 {
+        let resp = call(&mut svc, id, "search_docs", json!({"query": "x"})).await;
+        assert_eq!(resp.id, Id::Number(id));
+        // The upstream's JSON-RPC error as it sent it: no layer turned it
+        // into a degraded result or a refusal.
+        assert!(
+            matches!(&resp.payload, Err(e) if e.code == -32603 && e.message == "database down"),
+            "{resp:?}"
+        );
+    }
+    assert_eq!(counts.calls.load(Ordering::SeqCst), 6);
+    assert!(stack.registry().is_empty(), "no breaker was consulted");
+    assert!(
+        stack.stats().snapshot().tools.is_empty(),
+        "nothing recorded"
+    );
+
+    // Identical calls at once: neither shared (coalescing) nor capped at
+    // one (the bulkhead), nor hedged after 50 ms.
+    let (upstream, counts) = closure_upstream(Duration::from_secs(1), false);
+    let svc = stack.layer(upstream);
+    let ask = |id: i64| {
+        svc.clone()
+            .oneshot(Request::tool_call(id, "search_docs", json!({"query": "y"})))
+    };
+    let (a, b, c) = tokio::join!(ask(0), ask(1), ask(2));
+    let answers = [a, b, c];
+    for (id, answer) in (0..).zip(answers) {
+        let resp = answer.unwrap();
+        assert_eq!(resp.id, Id::Number(id));
+        assert_eq!(resp.first_text().as_deref(), Some("found"));
+    }
+    assert_eq!(counts.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(counts.max_in_flight.load(Ordering::SeqCst), 3);
+}
+
+// The same closure below the whole stack with every optional layer on:
+// identical calls at once are shared (one upstream call), each caller
+// answered with its own id.
+#[tokio::test(start_paused = true)]
+async fn the_whole_stack_over_a_closure_with_every_optional_layer_on() {
+    let stack = StandardStack::builder()
+        .catalog(catalog())
+        .bulkhead(|b| b.max_concurrent(4))
+        .coalesce(|b| b)
+        .hedge(|b| b.delay(Duration::from_millis(50)))
+        .build()
+        .unwrap();
+    assert!(stack.left_out().is_empty());
+    let (upstream, counts) = closure_upstream(Duration::from_millis(20), false);
+    let svc = stack.layer(upstream);
+    let ask = |id: i64| {
+        svc.clone()
+            .oneshot(Request::tool_call(id, "search_docs", json!({"query": "z"})))
+    };
+    let (a, b, c) = tokio::join!(ask(0), ask(1), ask(2));
+    let answers = [a, b, c];
+    for (id, answer) in (0..).zip(answers) {
+        let resp = answer.unwrap();
+        assert_eq!(resp.id, Id::Number(id));
+        assert_eq!(resp.first_text().as_deref(), Some("found"));
+    }
+    assert_eq!(counts.calls.load(Ordering::SeqCst), 1, "shared");
+    let snapshot = stack.stats().snapshot();
+    assert_eq!(snapshot.tool("search_docs").map(|t| t.calls), Some(3));
 }
