@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use serde_json::json;
 use toolwarden::stack::{StackLayer, StandardStack};
-use toolwarden_rate_limit::Rate;
 use toolwarden_circuit_breaker::{CircuitState, TimeWindow};
 use toolwarden_core::jsonrpc::{ErrorObject, Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{McpResponse, ToolAnnotations, ToolCatalog, ToolInfo};
+use toolwarden_rate_limit::Rate;
 use tower::{Layer, Service, ServiceExt};
 
 fn catalog() -> ToolCatalog {
