@@ -403,3 +403,36 @@ async fn every_clone_and_every_service_of_one_layer_shares_the_places() {
     one.await.unwrap().unwrap();
     let _ = svc;
 }
+
+/// A passthrough service takes no place: while a normal service refuses
+/// past its cap, every concurrent call through it reaches the tool and
+/// gets the tool's answer.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    let (mut svc, mock, layer) = harness(BulkheadLayer::builder().max_concurrent(2), ms(100));
+    assert!(!svc.is_passthrough());
+    let mut calls = vec![
+        start(&mut svc, call("a")).await,
+        start(&mut svc, call("a")).await,
+    ];
+    full(start(&mut svc, call("a")).await.await);
+    assert_eq!(
+        mock.calls("a"),
+        2,
+        "the refused call never reached the tool"
+    );
+
+    let mut bare = layer
+        .layer(ReadyChecked::new(mock.clone()).pending_first())
+        .passthrough();
+    assert!(bare.is_passthrough());
+    for _ in 0..5 {
+        calls.push(start(&mut bare, call("a")).await);
+    }
+    assert_eq!(mock.in_flight(), 7);
+    assert_eq!(layer.in_flight(KeyRef::Tool("a")), 2, "no place taken");
+    for answer in futures::future::join_all(calls).await {
+        assert_eq!(answer.unwrap().first_text_owned(), "done");
+    }
+    assert_eq!(mock.calls("a"), 7);
+}

@@ -13,7 +13,7 @@ use toolwarden_circuit_breaker::{
     ProbeRequest, RemoteTransition, StateSync, TimeWindow,
 };
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
-use toolwarden_core::{Bounds, CircuitView, KeyBy, Rejection, SessionKey};
+use toolwarden_core::{Bounds, CircuitView, KeyBy, McpResponse, Rejection, SessionKey};
 use tower::{Layer, Service, ServiceExt};
 
 use support::{call, ms, recorded_events, refusal, req, secs, Reply, Scripted, Upstream};
@@ -1179,4 +1179,38 @@ async fn failures_before_sending_never_trip_it() {
         let _ = svc.ready().await.unwrap().call(req("t")).await;
     }
     assert_eq!(layer.registry().state("t"), Some(CircuitState::Open));
+}
+
+/// A passthrough service neither admits, refuses nor records: with the
+/// circuit a normal service opened still open, every call reaches the tool
+/// and gets the tool's own answer, and the breaker counts none of them.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    let layer = consecutive(3).build().unwrap();
+    let guarded = MockMcp::new().default_step("t", Step::closed());
+    let mut svc = layer.layer(ReadyChecked::new(guarded.clone()));
+    assert!(!svc.is_passthrough());
+    for _ in 0..5 {
+        let _ = svc.ready().await.unwrap().call(req("t")).await;
+    }
+    assert_eq!(guarded.calls("t"), 3, "refused once open");
+    assert_eq!(layer.registry().state("t"), Some(CircuitState::Open));
+    let failed = layer.registry().circuit("t").unwrap().totals.failed;
+
+    let bare = MockMcp::new().default_step("t", Step::closed());
+    let mut svc = layer.layer(ReadyChecked::new(bare.clone())).passthrough();
+    assert!(svc.is_passthrough());
+    for _ in 0..5 {
+        let err = svc.ready().await.unwrap().call(req("t")).await.unwrap_err();
+        assert!(refusal(&err).is_none(), "the tool's own failure: {err}");
+    }
+    bare.set_default("t", Step::ok("fine"));
+    let ok = svc.ready().await.unwrap().call(req("t")).await.unwrap();
+    assert_eq!(ok.first_text().unwrap(), "fine");
+    assert_eq!(bare.calls("t"), 6);
+    let snap = layer.registry().circuit("t").unwrap();
+    assert_eq!(
+        (snap.state, snap.totals.failed),
+        (CircuitState::Open, failed)
+    );
 }

@@ -664,3 +664,40 @@ async fn a_panic_while_a_follower_polls_reaches_it_the_others_get_an_error() {
     assert!(again.await.unwrap_err().is_panic());
     assert_eq!(*calls.lock().unwrap(), 2);
 }
+
+/// A passthrough service shares nothing: of the identical concurrent calls
+/// a normal service makes once, each reaches the tool, and each answer is
+/// the tool's own, under its own id.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    let (mut svc, mock, layer) = harness(CoalesceLayer::builder());
+    assert!(!svc.is_passthrough());
+    let oslo = json!({"city": "Oslo"});
+    let shared = [
+        start(&mut svc, call(1, "weather", oslo.clone())).await,
+        start(&mut svc, call(2, "weather", oslo.clone())).await,
+    ];
+    assert_eq!(layer.in_flight(), 1);
+    assert!(futures::future::join_all(shared)
+        .await
+        .iter()
+        .all(Result::is_ok));
+    assert_eq!(mock.calls("weather"), 1);
+
+    let mut svc = layer
+        .layer(ReadyChecked::new(mock.clone()).pending_first())
+        .passthrough();
+    assert!(svc.is_passthrough());
+    let mut direct = Vec::new();
+    for id in 3..6 {
+        direct.push(start(&mut svc, call(id, "weather", oslo.clone())).await);
+    }
+    assert_eq!(layer.in_flight(), 0, "nothing in the map");
+    let answers = futures::future::join_all(direct).await;
+    assert_eq!(mock.calls("weather"), 4);
+    for (id, answer) in (3..).zip(answers) {
+        let answer = answer.unwrap();
+        assert_eq!(answer.id, Id::Number(id));
+        assert_eq!(answer.first_text().unwrap(), "weather answered");
+    }
+}

@@ -1074,3 +1074,39 @@ async fn a_degraded_refusal_is_still_classified_as_a_rejection() {
     assert!(!outcome.is_counted_failure());
     assert!(outcome.retry_after.is_some());
 }
+
+/// A passthrough service neither stores nor serves: the tool error a normal
+/// service answers with the stored result comes back as the tool sent it.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    for passthrough in [false, true] {
+        let mut h = harness(|b| b);
+        if passthrough {
+            h.svc = h.svc.passthrough();
+        }
+        assert_eq!(h.svc.is_passthrough(), passthrough);
+        call(&mut h.svc, 1, "search_docs", docs_query())
+            .await
+            .unwrap();
+        assert_eq!(h.svc.cached_results(), usize::from(!passthrough));
+        h.mock.push(
+            "search_docs",
+            [Step::tool_error("upstream rate limit exceeded")],
+        );
+        let answer = call(&mut h.svc, 2, "search_docs", docs_query())
+            .await
+            .unwrap();
+        assert_eq!(h.mock.calls("search_docs"), 2);
+        assert_eq!(answer.id, Id::Number(2));
+        if passthrough {
+            assert!(answer.is_tool_error());
+            assert_eq!(texts(&answer), ["upstream rate limit exceeded"]);
+            assert!(result(&answer).get("_meta").is_none());
+            assert!(h.recorder.seen().is_empty());
+        } else {
+            assert!(!answer.is_tool_error(), "answered stale");
+            assert_eq!(result(&answer)["_meta"][STALE_META_KEY]["stale"], true);
+            assert_eq!(h.recorder.seen().len(), 1);
+        }
+    }
+}

@@ -613,3 +613,31 @@ async fn malformed_tool_calls_never_panic() {
     let request = in_session(&long_session, tool_call("search", json!({})));
     expect_forwarded(&mut svc, request).await.unwrap();
 }
+
+/// A passthrough service guards nothing: the identical failing call a
+/// normal guard blocks the fourth time reaches the tool every time, with
+/// the tool's own answer and no event.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    let call = || tool_call("search", json!({"q": "tower"}));
+    let mock = failing("search");
+    let (mut svc, log) = guard(LoopGuardLayer::builder(), &mock, false);
+    assert!(!svc.is_passthrough());
+    for _ in 0..3 {
+        expect_forwarded(&mut svc, call()).await.unwrap();
+    }
+    expect_blocked(&mut svc, call()).await;
+    assert_eq!(mock.calls("search"), 3);
+    assert_eq!(log.lock().unwrap().len(), 2, "warned, then blocked");
+
+    let mock = failing("search");
+    let (svc, log) = guard(LoopGuardLayer::builder(), &mock, true);
+    let mut svc = svc.passthrough();
+    assert!(svc.is_passthrough());
+    for n in 1..=10 {
+        let response = send(&mut svc, call()).await.unwrap();
+        assert!(response.is_tool_error(), "call {n}: the tool's own failure");
+    }
+    assert_eq!(mock.calls("search"), 10);
+    assert!(log.lock().unwrap().is_empty(), "no warning, no refusal");
+}

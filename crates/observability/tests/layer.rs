@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 use serde_json::json;
 use toolwarden_core::jsonrpc::Request;
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
-use toolwarden_core::{McpClassifier, McpRequest, OutcomeKind};
+use toolwarden_core::{McpClassifier, McpRequest, McpResponse, OutcomeKind};
 use toolwarden_observability::{
     ClockSource, Observability, ObservabilityLayer, MAX_METHODS_LIMIT, MAX_TOOLS_LIMIT,
     RECENT_WINDOW_LIMIT,
@@ -444,4 +444,39 @@ async fn consecutive_calls_on_one_service_are_counted_to_the_right_names() {
     assert_eq!(calls("other"), Some(4));
     assert_eq!(calls("c"), None);
     assert_eq!(snapshot.method("tools/list").map(|m| m.calls), Some(2));
+}
+
+/// A passthrough service records nothing: its calls reach the tool and come
+/// back as the tool answered, and the layer's statistics, which a normal
+/// service of the same layer fills, never see them.
+#[tokio::test]
+async fn passthrough_forwards_every_call_untouched() {
+    let layer = ObservabilityLayer::new();
+    let mock = MockMcp::new().default_step("search", Step::tool_error("boom"));
+    let mut svc = layer.layer(ReadyChecked::new(mock.clone()));
+    assert!(!svc.is_passthrough());
+    for id in 0..3 {
+        call(&mut svc, tool_call(id, "search")).await.unwrap();
+    }
+    let recorded = |name: &str| {
+        let snapshot = layer.stats().snapshot();
+        snapshot.tool(name).map(|t| (t.calls, t.errors))
+    };
+    assert_eq!(recorded("search"), Some((3, 3)));
+
+    let mut bare = layer.layer(ReadyChecked::new(mock.clone())).passthrough();
+    assert!(bare.is_passthrough());
+    for id in 3..6 {
+        let response = call(&mut bare, tool_call(id, "search")).await.unwrap();
+        assert_eq!(response.id, toolwarden_core::jsonrpc::Id::Number(id));
+        assert!(response.is_tool_error(), "the tool's own answer");
+    }
+    call(&mut bare, tool_call(6, "fetch")).await.unwrap();
+    call(&mut bare, Request::new(7, "tools/list", None))
+        .await
+        .unwrap();
+    assert_eq!((mock.calls("search"), mock.calls("fetch")), (6, 1));
+    assert_eq!(recorded("search"), Some((3, 3)), "nothing recorded");
+    assert_eq!(recorded("fetch"), None);
+    assert!(layer.stats().snapshot().method("tools/list").is_none());
 }

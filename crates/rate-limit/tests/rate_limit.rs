@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::time::{advance, Instant};
 use toolwarden_core::jsonrpc::Request;
 use toolwarden_core::testing::{MockMcp, ReadyChecked};
-use toolwarden_core::{Bounds, KeyBy};
+use toolwarden_core::{Bounds, KeyBy, McpResponse};
 use toolwarden_rate_limit::{Mode, Rate, RateLimitLayer};
 use tower::{Layer, Service, ServiceExt};
 
@@ -542,4 +542,30 @@ async fn waiters_reserve_their_place_in_the_global_quota_too() {
     let mut svc = svc.clone();
     call(&mut svc, tool_call("c")).await.unwrap();
     assert_eq!(start.elapsed(), secs(3));
+}
+
+/// A passthrough service asks no quota and spends none: past the burst a
+/// normal service refuses, every call reaches the tool and gets its answer.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    let builder = || RateLimitLayer::builder().per_tool(Rate::per_second(1), 2);
+    let (mut svc, mock) = harness(builder(), true);
+    assert!(!svc.is_passthrough());
+    call(&mut svc, tool_call("search")).await.unwrap();
+    call(&mut svc, tool_call("search")).await.unwrap();
+    assert_refused(call(&mut svc, tool_call("search")).await, "search", secs(1));
+    assert_eq!(mock.calls("search"), 2);
+
+    let (svc, mock) = harness(builder(), true);
+    let mut svc = svc.passthrough();
+    assert!(svc.is_passthrough());
+    for _ in 0..10 {
+        let response = call(&mut svc, tool_call("search")).await.unwrap();
+        assert_eq!(response.first_text().unwrap(), "search ok");
+    }
+    assert_eq!(mock.calls("search"), 10);
+    assert!(
+        svc.limits().check(&tool_call("search")).is_ok(),
+        "no token spent"
+    );
 }

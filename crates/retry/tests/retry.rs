@@ -1162,3 +1162,36 @@ async fn calls_answered_at_once_clone_no_inner_service_and_a_retry_clones_one() 
     assert_eq!(upstream.calls(), 5);
     assert_eq!(clones.load(Ordering::Relaxed), 2, "one clone for the retry");
 }
+
+/// A passthrough service retries nothing: the failures a normal service
+/// retries past reach the caller as the tool sent them, each after one
+/// attempt that carries no attempt number.
+#[tokio::test(start_paused = true)]
+async fn passthrough_forwards_every_call_untouched() {
+    let (events, seen) = recorder();
+    let layer = plain().events(events).build().unwrap();
+    let failing = || {
+        let boom = Step::tool_error("Error executing tool search: boom");
+        MockMcp::new().script("search", [boom, Step::rpc_error(-32603, "internal error")])
+    };
+    let upstream = Upstream::new(failing());
+    let mut svc = layer.layer(checked(&upstream));
+    assert!(!svc.is_passthrough());
+    let resp = call(&mut svc, tool_call("search")).await.unwrap();
+    assert!(!resp.is_tool_error(), "{resp:?}");
+    assert_eq!(upstream.calls(), 3);
+    assert_eq!(seen.lock().unwrap().len(), 2);
+
+    let upstream = Upstream::new(failing());
+    let mut svc = layer.layer(checked(&upstream)).passthrough();
+    assert!(svc.is_passthrough());
+    let first = call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(text(&first), "Error executing tool search: boom");
+    let second = call(&mut svc, tool_call("search")).await.unwrap();
+    assert_eq!(second.payload.unwrap_err().code, -32603);
+    upstream.fail_next(closed);
+    let third = call(&mut svc, tool_call("search")).await.unwrap_err();
+    assert!(third.is::<TransportError>(), "{third}");
+    assert_eq!(upstream.attempts(), [None, None, None]);
+    assert_eq!(seen.lock().unwrap().len(), 2, "no retry event");
+}

@@ -546,6 +546,28 @@ fn closure_upstream(
     (upstream, counts)
 }
 
+/// Three identical `search_docs` calls at once through `svc`: each caller
+/// gets the upstream's answer with its own id.
+async fn three_identical_calls_at_once<S>(svc: &S, query: &str)
+where
+    S: Service<Request, Response = Response> + Clone,
+    S::Error: std::fmt::Debug,
+{
+    let ask = |id: i64| {
+        svc.clone().oneshot(Request::tool_call(
+            id,
+            "search_docs",
+            json!({"query": query}),
+        ))
+    };
+    let (a, b, c) = tokio::join!(ask(0), ask(1), ask(2));
+    for (id, answer) in (0..).zip([a, b, c]) {
+        let resp = answer.unwrap();
+        assert_eq!(resp.id, Id::Number(id));
+        assert_eq!(resp.first_text().as_deref(), Some("found"));
+    }
+}
+
 #[derive(Default)]
 struct UpstreamCounts {
     calls: AtomicUsize,
@@ -600,17 +622,7 @@ async fn every_layer_left_out_passes_calls_through_untouched_over_a_closure() {
     // one (the bulkhead), nor hedged after 50 ms.
     let (upstream, counts) = closure_upstream(Duration::from_secs(1), false);
     let svc = stack.layer(upstream);
-    let ask = |id: i64| {
-        svc.clone()
-            .oneshot(Request::tool_call(id, "search_docs", json!({"query": "y"})))
-    };
-    let (a, b, c) = tokio::join!(ask(0), ask(1), ask(2));
-    let answers = [a, b, c];
-    for (id, answer) in (0..).zip(answers) {
-        let resp = answer.unwrap();
-        assert_eq!(resp.id, Id::Number(id));
-        assert_eq!(resp.first_text().as_deref(), Some("found"));
-    }
+    three_identical_calls_at_once(&svc, "y").await;
     assert_eq!(counts.calls.load(Ordering::SeqCst), 3);
     assert_eq!(counts.max_in_flight.load(Ordering::SeqCst), 3);
 }
@@ -630,17 +642,7 @@ async fn the_whole_stack_over_a_closure_with_every_optional_layer_on() {
     assert!(stack.left_out().is_empty());
     let (upstream, counts) = closure_upstream(Duration::from_millis(20), false);
     let svc = stack.layer(upstream);
-    let ask = |id: i64| {
-        svc.clone()
-            .oneshot(Request::tool_call(id, "search_docs", json!({"query": "z"})))
-    };
-    let (a, b, c) = tokio::join!(ask(0), ask(1), ask(2));
-    let answers = [a, b, c];
-    for (id, answer) in (0..).zip(answers) {
-        let resp = answer.unwrap();
-        assert_eq!(resp.id, Id::Number(id));
-        assert_eq!(resp.first_text().as_deref(), Some("found"));
-    }
+    three_identical_calls_at_once(&svc, "z").await;
     assert_eq!(counts.calls.load(Ordering::SeqCst), 1, "shared");
     let snapshot = stack.stats().snapshot();
     assert_eq!(snapshot.tool("search_docs").map(|t| t.calls), Some(3));
