@@ -457,7 +457,10 @@ impl McpClassifier {
     /// ([`McpResponse::set_success_key`]), and takes a response carrying
     /// the mark of a classifier of the same settings for a success without
     /// classifying it again: a response is then classified once on its way
-    /// up a stack, not once per layer.
+    /// up a stack, not once per layer. An input-required `tools/call`
+    /// result, a success too, is left unmarked (and classified by each
+    /// layer): a marked `tools/call` success is then never one
+    /// ([`McpResponse::marked_tool_call_success`]).
     ///
     /// Only where nothing between the layers edits a response except
     /// through [`McpResponse`]'s methods (which remove the mark): the
@@ -490,16 +493,23 @@ impl McpClassifier {
     }
 }
 
-impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
-    fn classify_response(&self, kind: CallKind, response: &Resp) -> Outcome {
+impl McpClassifier {
+    /// The outcome of `response`, and whether a success may be marked: not
+    /// an input-required result, so that a marked `tools/call` success is
+    /// a result (with data, or empty and judged a success), never an
+    /// `isError` nor an input-required one
+    /// ([`McpResponse::marked_tool_call_success`]).
+    #[inline]
+    fn judge<Resp: McpResponse>(&self, kind: CallKind, response: &Resp) -> (Outcome, bool) {
         let max = self.max_retry_after;
         if let Some(err) = response.rpc_error() {
-            return rpc_error_outcome(err.code, err.data, max);
+            return (rpc_error_outcome(err.code, err.data, max), false);
         }
         if kind != CallKind::ToolCall {
-            return Outcome::SUCCESS;
+            return (Outcome::SUCCESS, true);
         }
-        match response.tool_result_status() {
+        let status = response.tool_result_status();
+        let outcome = match status {
             ToolResultStatus::Rendered => response
                 .result_meta(OUTCOME_META_KEY)
                 .and_then(|mark| outcome_from_mark(mark, max))
@@ -516,7 +526,15 @@ impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
                 None => Outcome::SUCCESS,
             },
             ToolResultStatus::InputRequired | ToolResultStatus::Data => Outcome::SUCCESS,
-        }
+        };
+        (outcome, status != ToolResultStatus::InputRequired)
+    }
+}
+
+impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
+    #[inline]
+    fn classify_response(&self, kind: CallKind, response: &Resp) -> Outcome {
+        self.judge(kind, response).0
     }
 
     fn classify_owned(&self, kind: CallKind, response: &mut Resp) -> Outcome {
@@ -526,8 +544,8 @@ impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
         if response.success_key() == Some(key) {
             return Outcome::SUCCESS;
         }
-        let outcome = self.classify_response(kind, response);
-        if outcome == Outcome::SUCCESS {
+        let (outcome, markable) = self.judge(kind, response);
+        if outcome == Outcome::SUCCESS && markable {
             response.set_success_key(Some(key));
         }
         outcome
@@ -975,6 +993,7 @@ mod share_tests {
                     sharing.classify_owned(CallKind::ToolCall, &mut response);
                     if response.marked_tool_call_success() {
                         assert!(!response.is_tool_error(), "{result} under {empty:?}");
+                        assert!(!response.is_input_required(), "{result} under {empty:?}");
                     }
                     // Another kind's mark says nothing of tool errors.
                     let mut other = ok(result.clone());
@@ -983,6 +1002,13 @@ mod share_tests {
                 }
             }
         }
+        // An input-required result is a success, left unmarked.
+        let sharing = McpClassifier::new().share_outcomes(true);
+        let mut asking = ok(results[4].clone());
+        assert!(sharing
+            .classify_owned(CallKind::ToolCall, &mut asking)
+            .is_success());
+        assert_eq!(asking.success_key(), None);
         // The plain answer is marked, and says so.
         let mut response = ok(results[0].clone());
         McpClassifier::new()

@@ -304,8 +304,10 @@ pub trait McpResponse {
 
     /// Whether a sharing classifier marked this response a `tools/call`
     /// success ([`SuccessKey::is_tool_call`](crate::classify::SuccessKey::is_tool_call)):
-    /// then it is not an `isError` result, and the layers that would look
-    /// for one need not read the result again.
+    /// then it is neither an `isError` result nor an input-required one
+    /// (the standard classifier judges an input-required result a success
+    /// but leaves no mark on it), and the layers that would look for either
+    /// need not read the result again.
     fn marked_tool_call_success(&self) -> bool {
         self.success_key()
             .is_some_and(crate::classify::SuccessKey::is_tool_call)

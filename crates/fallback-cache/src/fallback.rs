@@ -137,10 +137,11 @@ impl<C> CallContext<C> {
             .classify_owned(CallKind::ToolCall, &mut response);
         if outcome.is_success() {
             // The classifier is replaceable: the hard rules are checked again here.
-            // (A success marked by the standard classifier is no error.)
+            // (A success marked by the standard classifier is neither an
+            // error nor input required.)
             let storable = response.rpc_error().is_none()
-                && (response.marked_tool_call_success() || !response.is_tool_error())
-                && !response.is_input_required();
+                && (response.marked_tool_call_success()
+                    || (!response.is_tool_error() && !response.is_input_required()));
             if let (Some(fingerprint), true) = (self.fingerprint, storable) {
                 self.shared
                     .cache
