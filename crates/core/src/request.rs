@@ -504,7 +504,16 @@ pub mod tool_result {
         super::member(value.as_object()?, key)
     }
 
-    fn is_blank_text(text: &str) -> bool {
+    pub(crate) fn is_blank_text(text: &str) -> bool {
+        // Most texts are answers: longer than the longest blank form and
+        // with a printable ASCII character at each end, which no trim can
+        // change. Only the others are trimmed (Unicode whitespace).
+        let bytes = text.as_bytes();
+        if let (true, Some(first), Some(last)) = (bytes.len() > 4, bytes.first(), bytes.last()) {
+            if first.is_ascii_graphic() && last.is_ascii_graphic() {
+                return false;
+            }
+        }
         matches!(text.trim(), "" | "null" | "{}" | "[]")
     }
 
@@ -583,6 +592,18 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::{json, Map};
+
+    proptest! {
+        /// The fast path of `is_blank_text` answers as the trim would, for
+        /// any text: ASCII or not, whitespace of any kind at either end.
+        #[test]
+        fn a_blank_text_is_what_its_trim_says(
+            text in "[ \t\n\u{3000}\u{a0}]{0,2}(null|\\{\\}|\\[\\]|[a-z{}\\[\\] é]{0,6})[ \t\n\u{3000}\u{a0}]{0,2}"
+        ) {
+            let trimmed = matches!(text.trim(), "" | "null" | "{}" | "[]");
+            prop_assert_eq!(tool_result::is_blank_text(&text), trimmed, "{:?}", text);
+        }
+    }
 
     #[test]
     fn reads_a_tool_call() {
