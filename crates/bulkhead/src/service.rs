@@ -53,9 +53,10 @@ impl<S, C: Clone> Bulkhead<S, C> {
 }
 
 impl<S, C> Bulkhead<S, C> {
-    /// This service, forwarding every call to the inner service untouched:
-    /// no place is taken, no call waits or is refused. The standard stack builds this for the layer when it is
-    /// left out, so that its type names each layer once.
+    /// This service, forwarding every call to the inner service untouched: no
+    /// place is taken, no call waits or is refused. The standard stack builds
+    /// this for the layer when it is left out, so that its type names each
+    /// layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;

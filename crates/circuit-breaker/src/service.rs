@@ -42,9 +42,10 @@ impl<S, C> CircuitBreaker<S, C> {
         }
     }
 
-    /// This service, forwarding every call to the inner service untouched:
-    /// no breaker admits, refuses or records it. The standard stack builds this for the layer when it is
-    /// left out, so that its type names each layer once.
+    /// This service, forwarding every call to the inner service untouched: no
+    /// breaker admits, refuses or records it. The standard stack builds this
+    /// for the layer when it is left out, so that its type names each layer
+    /// once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;

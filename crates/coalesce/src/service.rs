@@ -54,8 +54,8 @@ impl<S> Coalesce<S> {
         }
     }
 
-    /// This service, forwarding every call to the inner service untouched:
-    /// no call is shared. The standard stack builds this for the layer when it is
+    /// This service, forwarding every call to the inner service untouched: no
+    /// call is shared. The standard stack builds this for the layer when it is
     /// left out, so that its type names each layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {

@@ -103,8 +103,9 @@ impl<S, C: Clone> FallbackCache<S, C> {
 
 impl<S, C> FallbackCache<S, C> {
     /// This service, forwarding every call to the inner service untouched:
-    /// nothing stored or served from the cache, no degraded answer. The standard stack builds this for the layer when it is
-    /// left out, so that its type names each layer once.
+    /// nothing stored or served from the cache, no degraded answer. The
+    /// standard stack builds this for the layer when it is left out, so that
+    /// its type names each layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;

@@ -47,10 +47,9 @@ impl<S, C: Clone> LoopGuard<S, C> {
 }
 
 impl<S, C> LoopGuard<S, C> {
-    /// This service, forwarding every call to the inner service untouched:
-    /// no call is guarded or recorded. The standard stack builds this for
-    /// the layer when it is left out, so that its type names each layer
-    /// once.
+    /// This service, forwarding every call to the inner service untouched: no
+    /// call is guarded or recorded. The standard stack builds this for the
+    /// layer when it is left out, so that its type names each layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;

@@ -49,8 +49,8 @@ impl<S, C> Observability<S, C> {
     }
 
     /// This service, forwarding every call to the inner service untouched:
-    /// nothing recorded, no span. The standard stack builds this for the
-    /// layer when it is left out, so that its type names each layer once.
+    /// nothing recorded, no span. The standard stack builds this for the layer
+    /// when it is left out, so that its type names each layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;

@@ -61,9 +61,9 @@ impl<S> RateLimit<S> {
         }
     }
 
-    /// This service, forwarding every call to the inner service untouched:
-    /// no quota is asked or spent. The standard stack builds this for the layer when it is
-    /// left out, so that its type names each layer once.
+    /// This service, forwarding every call to the inner service untouched: no
+    /// quota is asked or spent. The standard stack builds this for the layer
+    /// when it is left out, so that its type names each layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;

@@ -323,12 +323,7 @@ where
             }),
         }
     }
-}
 
-impl<S, R, C> ResponseFuture<S, R, C>
-where
-    S: Service<R>,
-{
     /// A call passed through untouched (see `RetryBackoff::passthrough`):
     /// one attempt, its answer as it is.
     pub(crate) fn passthrough(future: S::Future) -> Self {

@@ -63,8 +63,9 @@ impl<S, C> RetryBackoff<S, C> {
     }
 
     /// This service, forwarding every call to the inner service untouched:
-    /// every call is attempted once, its answer returned as it is. The standard stack builds this for the layer when it is
-    /// left out, so that its type names each layer once.
+    /// every call is attempted once, its answer returned as it is. The standard
+    /// stack builds this for the layer when it is left out, so that its type
+    /// names each layer once.
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;
