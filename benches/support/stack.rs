@@ -65,10 +65,18 @@ pub fn bare() -> Svc {
 }
 
 pub fn toolwarden_stack() -> Svc {
-    let stack = StandardStack::builder()
-        .rate_limit(|b| b.per_tool(Rate::per_second(1_000_000), 1_000_000))
-        .build()
-        .expect("the stack's configuration");
+    toolwarden_defaults_without(None)
+}
+
+/// The `toolwarden` side, with `left_out` left out of it.
+pub fn toolwarden_defaults_without(left_out: Option<toolwarden::stack::StackLayer>) -> Svc {
+    let builder =
+        StandardStack::builder().rate_limit(|b| b.per_tool(Rate::per_second(1_000_000), 1_000_000));
+    let builder = match left_out {
+        Some(layer) => builder.without(layer),
+        None => builder,
+    };
+    let stack = builder.build().expect("the stack's configuration");
     BoxCloneSyncService::new(stack.layer(upstream()))
 }
 

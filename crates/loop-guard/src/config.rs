@@ -11,7 +11,7 @@ use toolwarden_core::{Bounds, Circuits, ConfigError, Events, McpClassifier};
 use crate::history::{CycleRule, Rules};
 
 /// The largest `window_calls`: a session's memory is `window_calls` records
-/// of 32 bytes.
+/// of 40 bytes.
 pub const MAX_WINDOW_CALLS: usize = 1024;
 
 /// The longest

@@ -13,6 +13,7 @@
 //! refusal began, so nothing older is read), and a cycle check stops at
 //! the first mismatch.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -165,6 +166,9 @@ struct Cycle {
 #[derive(Debug)]
 pub(crate) struct History {
     records: Box<[Record]>,
+    /// What became of each slot's call, settled without the session's
+    /// lock (see [`Outcomes`]).
+    outcomes: Arc<Outcomes>,
     /// The slot the next record goes to.
     next: usize,
     /// How many slots hold records.
@@ -176,8 +180,10 @@ pub(crate) struct History {
 impl History {
     /// An empty history of `capacity` calls (at least one).
     pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         History {
-            records: vec![Record::EMPTY; capacity.max(1)].into_boxed_slice(),
+            records: vec![Record::EMPTY; capacity].into_boxed_slice(),
+            outcomes: Arc::new(Outcomes::new(capacity)),
             next: 0,
             len: 0,
             next_seq: 0,
@@ -195,14 +201,42 @@ impl History {
         }
     }
 
-    /// The `k`-th newest record, `1 <= k <= len`.
+    /// The slot of the `k`-th newest record, `1 <= k <= len`.
     #[inline]
-    fn prior(&self, k: usize) -> &Record {
+    fn prior_slot(&self, k: usize) -> usize {
         debug_assert!((1..=self.len).contains(&k));
-        &self.records[self.slot_back(k)]
+        self.slot_back(k)
+    }
+
+    /// The mark of the record in `slot`: what became of its call once that
+    /// was settled (see [`Outcomes`]).
+    #[inline]
+    fn mark_at(&self, slot: usize) -> Mark {
+        match self.records[slot].mark {
+            Mark::Pending => self.outcomes.mark(slot),
+            mark => mark,
+        }
+    }
+
+    /// The `k`-th newest record, `1 <= k <= len`, with its settled mark.
+    #[cfg(test)]
+    fn prior(&self, k: usize) -> Record {
+        let slot = self.prior_slot(k);
+        Record {
+            mark: self.mark_at(slot),
+            ..self.records[slot]
+        }
+    }
+
+    /// The outcomes of this history's calls, to settle them without its lock.
+    pub(crate) fn outcomes(&self) -> Arc<Outcomes> {
+        Arc::clone(&self.outcomes)
     }
 
     fn push(&mut self, record: Record) -> u64 {
+        // Slot and sequence number advance together from 0: the record of
+        // call `seq` is in slot `seq % capacity` until it is overwritten.
+        self.outcomes.open(self.next, self.next_seq);
         self.records[self.next] = record;
         self.next += 1;
         if self.next == self.records.len() {
@@ -277,17 +311,9 @@ impl History {
 
     /// Records what became of the call `seq`, unless its record was
     /// overwritten meanwhile or already settled.
-    pub(crate) fn settle(&mut self, seq: u64, mark: Mark) {
-        let age = self.next_seq.saturating_sub(seq);
-        if age == 0 || age > self.len as u64 {
-            return;
-        }
-        // age <= len <= capacity, so the cast is lossless.
-        let slot = self.slot_back(age as usize);
-        let record = &mut self.records[slot];
-        if record.mark == Mark::Pending {
-            record.mark = mark;
-        }
+    #[cfg(test)]
+    pub(crate) fn settle(&self, seq: u64, mark: Mark) {
+        self.outcomes.settle(seq, mark);
     }
 
     fn is_live(record: &Record, now_ms: u64, window_ms: u64) -> bool {
@@ -298,19 +324,20 @@ impl History {
         let mut streak = Streak::default();
         let mut counting_failures = true;
         for k in 1..=self.len {
-            let record = self.prior(k);
+            let slot = self.prior_slot(k);
+            let record = &self.records[slot];
             if !Self::is_live(record, now_ms, rules.window_ms) {
                 break;
             }
             if record.fingerprint != fingerprint {
                 // A success with other arguments (or another tool) is
                 // progress: it clears the streak.
-                if record.mark == Mark::Succeeded {
+                if self.mark_at(slot) == Mark::Succeeded {
                     break;
                 }
                 continue;
             }
-            match record.mark {
+            match self.mark_at(slot) {
                 Mark::Neutral => {}
                 Mark::Pending => streak.repeats += 1,
                 Mark::Failed => {
@@ -361,10 +388,11 @@ impl History {
         if k > self.len {
             return None;
         }
-        let record = self.prior(k);
+        let slot = self.prior_slot(k);
+        let record = &self.records[slot];
         // A neutral call (the upstream was down, or a layer below refused
         // it) builds no cycle: it ends the run, like a call out of the window.
-        (Self::is_live(record, now_ms, window_ms) && record.mark != Mark::Neutral)
+        (Self::is_live(record, now_ms, window_ms) && self.mark_at(slot) != Mark::Neutral)
             .then_some((record.fingerprint, record.in_cycles))
     }
 
@@ -381,7 +409,12 @@ impl History {
             // that one differs, the run is `period` calls long, short of a
             // warning or a block (`max_rounds >= 2`, checked when
             // configured): the cheap test that rules most periods out.
-            if at(period).is_none_or(|(fp, _)| fp != fingerprint) {
+            // (The fingerprint first: it rules most out without reading
+            // the call's outcome.)
+            if period > self.len
+                || self.records[self.prior_slot(period)].fingerprint != fingerprint
+                || at(period).is_none()
+            {
                 continue;
             }
             // One period back from the current call: live calls of tools
@@ -464,19 +497,104 @@ fn decide(
     Ok(warning)
 }
 
+/// What became of the call in each slot of a history, written when the
+/// call completes without taking the session's lock: a completing call
+/// then touches only its own slot, so calls of one session on two threads
+/// contend on the lock once per call (to be admitted), not twice.
+///
+/// A slot holds `seq << 2 | outcome` for the call `seq` recorded in it
+/// (all ones: none yet, which no pending value equals); the outcome is 0
+/// while the call is pending, else the code of [`Mark::Succeeded`],
+/// [`Mark::Failed`] or [`Mark::Neutral`]. A call is settled by one
+/// compare-and-swap from its pending value, which fails when its record was
+/// overwritten by a newer call or was already settled: a late answer never
+/// marks another call's record. (Two calls 2^62 apart would share a pending
+/// value: a session does not make that many.)
+#[derive(Debug)]
+pub(crate) struct Outcomes {
+    slots: Box<[AtomicU64]>,
+}
+
+impl Outcomes {
+    const PENDING: u64 = 0;
+    const SUCCEEDED: u64 = 1;
+    const FAILED: u64 = 2;
+    const NEUTRAL: u64 = 3;
+    const EMPTY: u64 = u64::MAX;
+
+    fn new(capacity: usize) -> Self {
+        Outcomes {
+            slots: (0..capacity).map(|_| AtomicU64::new(Self::EMPTY)).collect(),
+        }
+    }
+
+    fn pending(seq: u64) -> u64 {
+        seq << 2 | Self::PENDING
+    }
+
+    /// A copy of the outcomes as they are now.
+    #[cfg(test)]
+    fn copy(&self) -> Self {
+        Outcomes {
+            slots: self
+                .slots
+                .iter()
+                .map(|slot| AtomicU64::new(slot.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    /// Slot `slot` now holds the pending call `seq` (under the session's
+    /// lock, which orders it before any settle of `seq`).
+    fn open(&self, slot: usize, seq: u64) {
+        self.slots[slot].store(Self::pending(seq), Ordering::Release);
+    }
+
+    /// Settles the call `seq` with `mark` (succeeded, failed or neutral:
+    /// the only marks a completed call gets).
+    pub(crate) fn settle(&self, seq: u64, mark: Mark) {
+        let code = match mark {
+            Mark::Succeeded => Self::SUCCEEDED,
+            Mark::Failed => Self::FAILED,
+            Mark::Neutral => Self::NEUTRAL,
+            Mark::Pending | Mark::Blocked { .. } => return,
+        };
+        let capacity = self.slots.len() as u64;
+        // The remainder is below the capacity, a usize.
+        let slot = &self.slots[(seq % capacity) as usize];
+        let pending = Self::pending(seq);
+        // Fails when the slot holds another call, or this one settled.
+        let _ = slot.compare_exchange(pending, pending | code, Ordering::AcqRel, Ordering::Relaxed);
+    }
+
+    /// What became of the call in `slot`, as a mark.
+    fn mark(&self, slot: usize) -> Mark {
+        match self.slots[slot].load(Ordering::Acquire) & 3 {
+            Self::SUCCEEDED => Mark::Succeeded,
+            Self::FAILED => Mark::Failed,
+            Self::NEUTRAL => Mark::Neutral,
+            _ => Mark::Pending,
+        }
+    }
+}
+
 /// One session's state: its history behind a short lock, uncontended
-/// unless the session itself makes concurrent calls, and the guard's state
-/// every session shares (clock, recent successes).
+/// unless the session itself makes concurrent calls, the outcomes of its
+/// calls (settled without the lock), and the guard's state every session
+/// shares (clock, recent successes).
 #[derive(Debug)]
 pub(crate) struct Session {
     history: Mutex<History>,
+    outcomes: Arc<Outcomes>,
     shared: Arc<Shared>,
 }
 
 impl Session {
     pub(crate) fn new(capacity: usize, shared: Arc<Shared>) -> Self {
+        let history = History::new(capacity);
         Session {
-            history: Mutex::new(History::new(capacity)),
+            outcomes: history.outcomes(),
+            history: Mutex::new(history),
             shared,
         }
     }
@@ -507,7 +625,7 @@ impl Session {
         if mark == Mark::Succeeded {
             self.shared.record_success(fingerprint);
         }
-        self.history.lock().settle(seq, mark);
+        self.outcomes.settle(seq, mark);
     }
 
     /// The number of records the session can hold.
@@ -874,6 +992,7 @@ mod tests {
         fn clone_admit(&self, fp: u64, now: u64, r: &Rules) -> Admission {
             let mut copy = History {
                 records: self.records.clone(),
+                outcomes: Arc::new(self.outcomes.copy()),
                 next: self.next,
                 len: self.len,
                 next_seq: self.next_seq,
@@ -885,6 +1004,7 @@ mod tests {
         fn clone_admit_with(&self, fp: u64, now: u64, r: &Rules, lifts: &Lifts<'_>) -> Admission {
             let mut copy = History {
                 records: self.records.clone(),
+                outcomes: Arc::new(self.outcomes.copy()),
                 next: self.next,
                 len: self.len,
                 next_seq: self.next_seq,
@@ -969,5 +1089,69 @@ mod tests {
             s.admit(t, &r, &|| false);
         }
         assert_eq!(s.capacity(), 16);
+    }
+
+    /// Calls settled on other threads, racing the calls that overwrite
+    /// their records, each mark only their own record: thread `t` makes
+    /// calls with fingerprint `t` and settles each with `t`'s mark, so any
+    /// record marked for another fingerprint is a settle that landed on a
+    /// slot another call had taken.
+    #[test]
+    fn concurrent_settles_mark_only_their_own_records() {
+        let marks = [Mark::Succeeded, Mark::Failed, Mark::Neutral];
+        let r = Rules {
+            max_failing_repeats: None,
+            max_repeats: None,
+            in_cycles: false,
+            ..rules()
+        };
+        // Every record's mark is its own thread's, or pending.
+        let check = |session: &Session| {
+            let history = session.history.lock();
+            for k in 1..=history.len {
+                let record = history.prior(k);
+                let own = marks[record.fingerprint as usize];
+                assert!(
+                    record.mark == own || record.mark == Mark::Pending,
+                    "call {} holds {:?}, its thread settles {:?}",
+                    record.fingerprint,
+                    record.mark,
+                    own
+                );
+            }
+        };
+        for _ in 0..20 {
+            let session = Session::new(4, Arc::new(Shared::new()));
+            std::thread::scope(|scope| {
+                for (t, &mark) in marks.iter().enumerate() {
+                    let (session, r, check) = (&session, &r, &check);
+                    scope.spawn(move || {
+                        let mut admitted = Vec::new();
+                        for i in 0..2_000u64 {
+                            if let Admission::Pass { seq, .. } =
+                                session.admit(t as u64, r, &|| false)
+                            {
+                                admitted.push(seq);
+                            }
+                            // Settle late, in bursts, while others push.
+                            std::thread::yield_now();
+                            if i % 13 == 12 {
+                                for seq in admitted.drain(..) {
+                                    session.settle(seq, t as u64, mark);
+                                }
+                                check(session);
+                            }
+                        }
+                        for seq in admitted {
+                            session.settle(seq, t as u64, mark);
+                        }
+                    });
+                }
+            });
+            check(&session);
+            // Every call was settled, and the last four are still held.
+            let history = session.history.lock();
+            assert!((1..=history.len).all(|k| history.prior(k).mark != Mark::Pending));
+        }
     }
 }

@@ -186,18 +186,21 @@
 //!   sessions you expect;
 //! - a session idle for `idle_timeout` (default 10 minutes) is
 //!   forgotten, freeing its place;
-//! - each history is a fixed ring of `window_calls` records of 32 bytes
-//!   (512 bytes by default), allocated once; session keys longer than 64
-//!   bytes are stored as a 65-byte digest.
+//! - each history is a fixed ring of `window_calls` records of 40 bytes
+//!   (32 for the call, 8 for its outcome; 640 bytes by default),
+//!   allocated once; session keys longer than 64 bytes are stored as a
+//!   65-byte digest.
 //!
-//! So memory is bounded by about `(max_keys + 2) × (32 × window_calls +
-//! key + ~100)` bytes, plus 8 KiB of recent successes, whatever the input:
-//! about 7 MB with the defaults.
+//! So memory is bounded by about `(max_keys + 2) × (40 × window_calls +
+//! key + ~150)` bytes, plus 8 KiB of recent successes, whatever the input:
+//! about 9 MB with the defaults.
 //!
 //! A session's history is behind its own short lock (uncontended unless the
-//! session makes concurrent calls), taken once when a call is admitted and
-//! once when it completes; each decision reads O(`window_calls`) records at
-//! most. The default session and the overflow history are shared by all
+//! session makes concurrent calls), taken once per call, when it is
+//! admitted; a completed call records its outcome in its own record's slot
+//! with one atomic compare-and-swap, without the lock (a late answer whose
+//! record was overwritten records nothing). Each decision reads
+//! O(`window_calls`) records at most. The default session and the overflow history are shared by all
 //! their callers, so their locks can be contended.
 //!
 //! The histories are created when the layer is built: every service the
