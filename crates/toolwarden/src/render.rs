@@ -117,17 +117,30 @@ struct Target {
     id: Option<Id>,
 }
 
-/// The tool a call is for, kept until its answer: the request's shared
-/// params when it has them (a pointer, read only if the call fails), else
-/// a copy of the name.
+/// The tool a call is for, kept until its answer: a copy of a short name
+/// (most are), else the request's shared params when it has them (a
+/// pointer, read only if the call fails), else a shared copy of the name.
+/// A short name costs no reference count: a pointer kept costs two atomic
+/// updates on every call, for a name read only when the call fails.
 #[derive(Debug)]
 enum Tool {
+    Short { len: u8, bytes: [u8; SHORT_NAME] },
     Shared(Arc<serde_json::Value>),
     Named(Arc<str>),
 }
 
+/// The longest name [`Tool`] copies inline.
+const SHORT_NAME: usize = 30;
+
 impl Tool {
     fn of<R: McpRequest>(request: &R, name: &str) -> Self {
+        if let Ok(len) = u8::try_from(name.len()) {
+            if name.len() <= SHORT_NAME {
+                let mut bytes = [0; SHORT_NAME];
+                bytes[..name.len()].copy_from_slice(name.as_bytes());
+                return Tool::Short { len, bytes };
+            }
+        }
         match request.shared_params() {
             Some(params) => Tool::Shared(params),
             None => Tool::Named(name.into()),
@@ -136,6 +149,10 @@ impl Tool {
 
     fn name(&self) -> &str {
         match self {
+            // The bytes of a `&str`, cut at its length: valid UTF-8.
+            Tool::Short { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or("")
+            }
             Tool::Shared(params) => params.get("name").and_then(|n| n.as_str()).unwrap_or(""),
             Tool::Named(name) => name,
         }
@@ -244,6 +261,35 @@ mod tests {
     use toolwarden_core::testing::ReadyChecked;
     use toolwarden_core::{LoopDetected, LoopPattern, RateLimited};
     use tower::{service_fn, ServiceExt};
+
+    /// Every name comes back whole, however it is kept: inline up to 30
+    /// bytes (multi-byte characters included), then through the params or
+    /// a shared copy.
+    #[test]
+    fn the_tool_name_is_kept_whole_whatever_its_length() {
+        for name in [
+            "",
+            "s",
+            "search_docs",
+            "é".repeat(15).as_str(),
+            "x".repeat(30).as_str(),
+            "x".repeat(31).as_str(),
+            "ツール".repeat(20).as_str(),
+            "y".repeat(300).as_str(),
+        ] {
+            let request = Request::tool_call(1, name, json!({}));
+            let kept = Tool::of(&request, name);
+            assert_eq!(kept.name(), name);
+            assert_eq!(
+                matches!(kept, Tool::Short { .. }),
+                name.len() <= 30,
+                "{name}"
+            );
+            let mut bare = request.clone();
+            bare.params = None;
+            assert_eq!(Tool::of(&bare, name).name(), name);
+        }
+    }
 
     #[tokio::test]
     async fn rejections_become_readable_results_with_the_request_id() {
