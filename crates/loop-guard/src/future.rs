@@ -42,6 +42,8 @@ pin_project! {
 pub(crate) struct Recorder<C> {
     pub(crate) session: SessionRef,
     pub(crate) seq: u64,
+    /// When the call was admitted (milliseconds since the guard's epoch).
+    pub(crate) admitted_ms: u64,
     pub(crate) fingerprint: u64,
     pub(crate) classifier: C,
 }
@@ -60,7 +62,8 @@ impl<C> Recorder<C> {
             // The tool answered badly: a tool error or a protocol error.
             _ => Mark::Failed,
         };
-        self.session.settle(self.seq, self.fingerprint, mark);
+        self.session
+            .settle(self.seq, self.fingerprint, mark, self.admitted_ms);
     }
 }
 

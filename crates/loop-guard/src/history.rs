@@ -599,31 +599,38 @@ impl Session {
         }
     }
 
-    /// Decides on a call made now; `circuit_open` tells whether the call's
-    /// tool's circuit refuses calls, and is asked only when a refusal is
-    /// found or made.
+    /// Decides on a call made now, and when that was (milliseconds since
+    /// the guard's epoch, for [`settle`](Self::settle)); `circuit_open`
+    /// tells whether the call's tool's circuit refuses calls, and is asked
+    /// only when a refusal is found or made.
     pub(crate) fn admit(
         &self,
         fingerprint: u64,
         rules: &Rules,
         circuit_open: &dyn Fn() -> bool,
-    ) -> Admission {
+    ) -> (Admission, u64) {
         let shared = &*self.shared;
         let lifts = Lifts {
             last_success_ms: &|| shared.last_success_ms(fingerprint),
             circuit_open,
         };
         let now_ms = shared.now_ms();
-        self.history
+        let admission = self
+            .history
             .lock()
-            .admit(fingerprint, now_ms, rules, &lifts)
+            .admit(fingerprint, now_ms, rules, &lifts);
+        if let Admission::Block(_) = admission {
+            shared.note_block(now_ms);
+        }
+        (admission, now_ms)
     }
 
-    /// Records what became of the call `seq` with `fingerprint`; a success
-    /// is also noted for every session of the guard.
-    pub(crate) fn settle(&self, seq: u64, fingerprint: u64, mark: Mark) {
+    /// Records what became of the call `seq` with `fingerprint`, admitted
+    /// at `admitted_ms`; a success is also noted for every session of the
+    /// guard.
+    pub(crate) fn settle(&self, seq: u64, fingerprint: u64, mark: Mark, admitted_ms: u64) {
         if mark == Mark::Succeeded {
-            self.shared.record_success(fingerprint);
+            self.shared.record_success(fingerprint, admitted_ms);
         }
         self.outcomes.settle(seq, mark);
     }
@@ -1128,22 +1135,22 @@ mod tests {
                     scope.spawn(move || {
                         let mut admitted = Vec::new();
                         for i in 0..2_000u64 {
-                            if let Admission::Pass { seq, .. } =
+                            if let (Admission::Pass { seq, .. }, at) =
                                 session.admit(t as u64, r, &|| false)
                             {
-                                admitted.push(seq);
+                                admitted.push((seq, at));
                             }
                             // Settle late, in bursts, while others push.
                             std::thread::yield_now();
                             if i % 13 == 12 {
-                                for seq in admitted.drain(..) {
-                                    session.settle(seq, t as u64, mark);
+                                for (seq, at) in admitted.drain(..) {
+                                    session.settle(seq, t as u64, mark, at);
                                 }
                                 check(session);
                             }
                         }
-                        for seq in admitted {
-                            session.settle(seq, t as u64, mark);
+                        for (seq, at) in admitted {
+                            session.settle(seq, t as u64, mark, at);
                         }
                     });
                 }

@@ -178,7 +178,8 @@ where
                 .tool_name()
                 .is_some_and(|tool| circuits.is_open(tool))
         };
-        match session.admit(fingerprint.as_u64(), &rules, &circuit_open) {
+        let (admission, admitted_ms) = session.admit(fingerprint.as_u64(), &rules, &circuit_open);
+        match admission {
             Admission::Pass { seq, warning } => {
                 if let Some(warning) = warning {
                     self.config.events().emit(&Event::LoopWarned {
@@ -189,6 +190,7 @@ where
                 let recorder = Recorder {
                     session,
                     seq,
+                    admitted_ms,
                     fingerprint: fingerprint.as_u64(),
                     classifier: self.config.classifier.clone(),
                 };

@@ -17,7 +17,7 @@ use toolwarden_core::{
     BoxError, CircuitView, Circuits, FailureReport, LoopPattern, McpResponse, RateLimited,
 };
 use toolwarden_loop_guard::LoopGuardLayer;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 use support::*;
 
@@ -140,6 +140,50 @@ async fn a_refusal_lifts_when_the_same_call_succeeds_in_another_session() {
     // Its streak restarted: three more failures before the next refusal.
     make_refused(&mut svc, stuck).await;
     expect_blocked(&mut svc, stuck()).await;
+}
+
+/// A success is newer than a refusal when it came after the refusal began,
+/// even when its call was made before: a call still in flight when another
+/// session was refused, answered afterwards, lifts that refusal. (The guard
+/// stamps a success with its call's admission time only when no block was
+/// made since; here one was, and the answer's time counts.)
+#[tokio::test(start_paused = true)]
+async fn a_success_answered_after_a_refusal_began_lifts_it_though_its_call_was_made_before() {
+    let inner = ReadyChecked::new(tower::service_fn(|request: Request| async move {
+        let slow = toolwarden_core::McpRequest::session_key(&request) == Some("agent-2");
+        if slow {
+            tokio::time::sleep(secs(5)).await;
+            return Ok::<_, BoxError>(Response::result(
+                request.id,
+                json!({"content": [{"type": "text", "text": "found"}]}),
+            ));
+        }
+        Ok(Response::result(
+            request.id,
+            json!({"content": [{"type": "text", "text": "index unavailable"}], "isError": true}),
+        ))
+    }));
+    let layer = LoopGuardLayer::new();
+    let mut svc = layer.layer(inner.clone());
+    let mut other = layer.layer(inner);
+    // agent-2's call is admitted at 0 s (in `call`), and answered 5 s
+    // after it is first polled.
+    let in_flight = other
+        .ready()
+        .await
+        .unwrap()
+        .call(in_session("agent-2", search()));
+    // agent-1 is refused from 1 s.
+    tokio::time::advance(secs(1)).await;
+    let stuck = || in_session("agent-1", search());
+    make_refused(&mut svc, stuck).await;
+    expect_blocked(&mut svc, stuck()).await;
+    // agent-2's answer, a success, comes after the refusal began.
+    let found = in_flight.await.unwrap();
+    assert!(!found.is_tool_error());
+    // The refusal lifts: agent-1's call goes through.
+    tokio::time::advance(secs(1)).await;
+    let _ = expect_forwarded(&mut svc, stuck()).await;
 }
 
 /// A circuit view whose one circuit a test opens and closes.
