@@ -22,6 +22,14 @@
 //!   tools, reported as calls per second (criterion's throughput) so the
 //!   2-task / 1-task ratio reads directly;
 //!
+//! On a machine whose speed moves while criterion measures one side after
+//! the other, `benches/stack_rounds.rs` gives a steadier second opinion:
+//! every side in each of many short interleaved rounds, the best round per
+//! side, and the 2-task / 1-task ratio of each round's two runs made moments
+//! apart. Instructions per call (steadier still, but blind to what a
+//! clock read or a copy costs in time) come from
+//! `benches/stack_instructions.rs` under callgrind.
+//!
 //! Allocations per call are counted by `benches/stack_allocations.rs`, a
 //! binary of its own: a counting allocator's shared counters would distort
 //! the timings here (two tasks allocating at once contend on them).
