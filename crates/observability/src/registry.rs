@@ -77,6 +77,7 @@ impl Shared {
             Bounds::max_keys(config.max_tools).idle_timeout(None),
             move |key| {
                 Series::new(
+                    key,
                     SharedString::const_str(TOOLS_CALL),
                     Some(label_of(key)),
                     window,
@@ -87,7 +88,7 @@ impl Shared {
         let method_clock = clock.clone();
         let methods = KeyedState::new(
             Bounds::max_keys(config.max_methods).idle_timeout(None),
-            move |key| Series::new(label_of(key), None, window, method_clock.clone()),
+            move |key| Series::new(key, label_of(key), None, window, method_clock.clone()),
         );
         Shared {
             config,
@@ -100,17 +101,25 @@ impl Shared {
 
     /// The series of a request: its tool for a `tools/call` with a name,
     /// else its method. Bounded: past the cap, the shared `other` series.
-    ///
-    /// One map lookup a call. (A service once kept the previous call's
-    /// series to skip the lookup when the next call was for the same tool;
-    /// it cost two reference-count updates on every other call, and a
-    /// service cloned for each call, as the proxy's is, never used it.)
+    /// `last` is the series of the previous call on the same service: names
+    /// are never evicted, so when it matches it is still the live entry and
+    /// the map lookup is skipped.
     #[inline]
-    pub(crate) fn series<R: McpRequest>(&self, request: &R) -> Entry<Series> {
-        match request.tool_name() {
+    pub(crate) fn series<R: McpRequest>(
+        &self,
+        request: &R,
+        last: &mut Option<Entry<Series>>,
+    ) -> Entry<Series> {
+        let tool = request.tool_name();
+        if let Some(entry) = last.as_ref().filter(|e| e.matches(tool, request)) {
+            return entry.clone();
+        }
+        let entry = match tool {
             Some(tool) => self.tools.entry(KeyRef::Tool(tool)),
             None => self.methods.entry(KeyRef::Tool(request.method())),
-        }
+        };
+        *last = Some(entry.clone());
+        entry
     }
 
     pub(crate) fn snapshot(&self) -> StatsSnapshot {
@@ -141,6 +150,8 @@ impl Shared {
 pub(crate) struct Series {
     /// The tool name or method, for the snapshot.
     name: SharedString,
+    /// Whether this is the shared series past the cap.
+    overflow: bool,
     method: SharedString,
     tool: Option<SharedString>,
     pub(crate) stats: StatsCell,
@@ -153,9 +164,16 @@ pub(crate) struct Series {
 }
 
 impl Series {
-    fn new(method: SharedString, tool: Option<SharedString>, window: usize, clock: Clock) -> Self {
+    fn new(
+        key: &Key,
+        method: SharedString,
+        tool: Option<SharedString>,
+        window: usize,
+        clock: Clock,
+    ) -> Self {
         Series {
             name: tool.clone().unwrap_or_else(|| method.clone()),
+            overflow: *key == Key::Overflow,
             method,
             tool,
             stats: StatsCell::new(window),
@@ -163,6 +181,20 @@ impl Series {
             cancelled: Cached::default(),
             active: ActiveSeries::default(),
             clock,
+        }
+    }
+
+    /// Whether this is the series of a request with `tool` (its tool name).
+    /// The shared `other` series never matches: it stands for many names.
+    #[inline]
+    fn matches<R: McpRequest>(&self, tool: Option<&str>, request: &R) -> bool {
+        if self.overflow {
+            return false;
+        }
+        match (tool, &self.tool) {
+            (Some(tool), Some(_)) => *self.name == *tool,
+            (None, None) => *self.name == *request.method(),
+            _ => false,
         }
     }
 

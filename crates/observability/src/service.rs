@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use toolwarden_core::{
-    call_fingerprint, Attempt, BoxError, CallKind, Classify, McpClassifier, McpRequest,
+    call_fingerprint, Attempt, BoxError, CallKind, Classify, Entry, McpClassifier, McpRequest,
 };
 use tower_service::Service;
 use tracing::field::{display, Empty};
@@ -13,7 +13,7 @@ use tracing::Span;
 
 use crate::future::{InFlight, ResponseFuture};
 use crate::layer::ObservabilityLayer;
-use crate::registry::Shared;
+use crate::registry::{Series, Shared};
 use crate::stats::Stats;
 
 /// Records every call passing through it; built by [`ObservabilityLayer`]
@@ -24,6 +24,9 @@ pub struct Observability<S, C = McpClassifier> {
     inner: S,
     shared: Arc<Shared>,
     classifier: C,
+    /// The series of the previous call, to skip the map lookup when the
+    /// next call is for the same tool.
+    last: Option<Entry<Series>>,
     /// Forwards every call untouched (see [`Observability::passthrough`]).
     passthrough: bool,
 }
@@ -40,6 +43,7 @@ impl<S, C> Observability<S, C> {
             inner,
             shared: Arc::clone(layer.shared()),
             classifier: layer.classifier().clone(),
+            last: None,
             passthrough: false,
         }
     }
@@ -50,6 +54,7 @@ impl<S, C> Observability<S, C> {
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.passthrough = true;
+        self.last = None;
         self
     }
 
@@ -121,7 +126,7 @@ where
         } else {
             CallKind::Other
         };
-        let series = self.shared.series(&request);
+        let series = self.shared.series(&request, &mut self.last);
         let span = call_span(&mut request, self.shared.config.span_fingerprint);
         let start = self.shared.clock.now();
         let active = series.start_active();
