@@ -28,21 +28,14 @@
 //! makes a few calls through every side and checks that they are answered.
 
 mod support;
-use support::stack::{requests, sequential, sides};
+use support::stack::{flag_value, requests, sequential, sides};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
     let runtime = support::runtime_current_thread();
     let _guard = runtime.enter();
     let sides = runtime.block_on(async { sides() });
     let requests = requests(0);
-    let Some(side) = value("--side") else {
+    let Some(side) = flag_value("--side") else {
         for (_, service) in &sides {
             runtime.block_on(sequential(service, &requests, 10));
         }
@@ -51,7 +44,7 @@ fn main() {
         );
         return;
     };
-    let calls: u64 = value("--calls")
+    let calls: u64 = flag_value("--calls")
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
     #[allow(clippy::expect_used)]

@@ -27,7 +27,7 @@
 use std::time::{Duration, Instant};
 
 mod support;
-use support::stack::{requests, sequential, sides, toolwarden_defaults_without, Svc};
+use support::stack::{flag_value, requests, sequential, sides, toolwarden_defaults_without, Svc};
 use toolwarden::stack::StackLayer;
 use toolwarden_core::jsonrpc::Request;
 
@@ -35,25 +35,18 @@ use toolwarden_core::jsonrpc::Request;
 const CALLS: u64 = 20_000;
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
     let runtime = support::runtime_2_workers();
     let _guard = runtime.enter();
     let per_task = [requests(0), requests(4)];
     let mut all = runtime.block_on(async { all_sides() });
-    let Some(rounds) = value("--rounds").and_then(|n| n.parse::<usize>().ok()) else {
+    let Some(rounds) = flag_value("--rounds").and_then(|n| n.parse::<usize>().ok()) else {
         for (_, service) in &all {
             runtime.block_on(tasks(service, &per_task, 2, 10));
         }
         println!("stack_rounds: run it with --rounds N [--side NAME] (see its docs)");
         return;
     };
-    if let Some(only) = value("--side") {
+    if let Some(only) = flag_value("--side") {
         all.retain(|(name, _)| name == "bare" || name.contains(&only));
     }
     // Per side: one-task times per call, and 2-task / 1-task ratios.

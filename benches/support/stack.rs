@@ -107,6 +107,15 @@ pub fn tower_resilience_stack() -> Svc {
     BoxCloneSyncService::new(service)
 }
 
+/// The value after `flag` on the bench's command line (`--side NAME`).
+pub fn flag_value(flag: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
 /// `n` calls, one at a time, through `service`; how long they took.
 pub async fn sequential(service: &Svc, requests: &[Request], n: u64) -> Duration {
     let mut service = service.clone();
