@@ -359,11 +359,20 @@ pub trait Classify<Resp>: Clone + Send + Sync + 'static {
     }
 }
 
+/// `duration` in nanoseconds, saturating.
+fn nanos(duration: Duration) -> u64 {
+    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// The default classifier: the MCP table in the [module docs](self).
 #[derive(Debug, Clone, Copy)]
 pub struct McpClassifier {
     empty_result: Option<FailureClass>,
-    max_retry_after: Duration,
+    /// [`max_retry_after`](Self::max_retry_after) in nanoseconds (saturating
+    /// at about 584 years): 8 bytes instead of a `Duration`'s 16, as a copy
+    /// of the classifier is kept in the response future of most layers,
+    /// and those futures are moved at every level of a stack.
+    max_retry_after_nanos: u64,
     /// Whether [`Classify::classify_owned`] leaves a [`SuccessKey`] on the
     /// responses it finds a success, and reads one left there (see
     /// [`share_outcomes`](Self::share_outcomes)).
@@ -422,7 +431,7 @@ impl Default for McpClassifier {
     fn default() -> Self {
         McpClassifier {
             empty_result: Some(FailureClass::Server),
-            max_retry_after: DEFAULT_MAX_RETRY_AFTER,
+            max_retry_after_nanos: nanos(DEFAULT_MAX_RETRY_AFTER),
             share: false,
             tool_call_key: None,
         }
@@ -448,8 +457,14 @@ impl McpClassifier {
     /// it. Default [`DEFAULT_MAX_RETRY_AFTER`] (1 hour).
     #[must_use]
     pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.max_retry_after = max;
+        self.max_retry_after_nanos = nanos(max);
         self.repack()
+    }
+
+    /// The longest retry-after hint reported.
+    #[inline]
+    fn max_hint(&self) -> Duration {
+        Duration::from_nanos(self.max_retry_after_nanos)
     }
 
     /// Leaves a mark ([`SuccessKey`]) on each response
@@ -487,7 +502,7 @@ impl McpClassifier {
     fn repack(mut self) -> Self {
         self.tool_call_key = self
             .share
-            .then(|| SuccessKey::new(CallKind::ToolCall, self.empty_result, self.max_retry_after))
+            .then(|| SuccessKey::new(CallKind::ToolCall, self.empty_result, self.max_hint()))
             .flatten();
         self
     }
@@ -501,7 +516,7 @@ impl McpClassifier {
     /// ([`McpResponse::marked_tool_call_success`]).
     #[inline]
     fn judge<Resp: McpResponse>(&self, kind: CallKind, response: &Resp) -> (Outcome, bool) {
-        let max = self.max_retry_after;
+        let max = self.max_hint();
         if let Some(err) = response.rpc_error() {
             return (rpc_error_outcome(err.code, err.data, max), false);
         }
@@ -552,7 +567,7 @@ impl<Resp: McpResponse> Classify<Resp> for McpClassifier {
     }
 
     fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
-        error_chain_outcome(error, self.max_retry_after)
+        error_chain_outcome(error, self.max_hint())
     }
 }
 
@@ -1049,5 +1064,43 @@ mod share_tests {
         let mut response = ok(json!({"content": [{"type": "text", "text": "x"}]}));
         odd.classify_owned(CallKind::ToolCall, &mut response);
         assert_eq!(response.success_key(), None);
+    }
+
+    /// A copy of the classifier rides in most layers' response futures:
+    /// it stays at 24 bytes. Its bound on retry-after hints keeps its
+    /// meaning at every size, `Duration::MAX` (stored saturated, about 584
+    /// years) included.
+    #[test]
+    fn the_classifier_is_small_and_its_hint_bound_holds_at_every_size() {
+        assert!(std::mem::size_of::<McpClassifier>() <= 24);
+        let limited = |ms: u64| {
+            let response = Response::error(
+                Id::Number(1),
+                crate::jsonrpc::ErrorObject {
+                    code: code::RATE_LIMITED,
+                    message: "slow down".into(),
+                    data: Some(json!({ "retryAfterMs": ms })),
+                },
+            );
+            move |classifier: McpClassifier| {
+                classifier
+                    .classify_owned(CallKind::ToolCall, &mut response.clone())
+                    .retry_after
+            }
+        };
+        let ten_days = 10 * 24 * 3_600 * 1_000;
+        let hint = limited(ten_days);
+        assert_eq!(
+            hint(McpClassifier::new().max_retry_after(Duration::MAX)),
+            Some(Duration::from_millis(ten_days))
+        );
+        assert_eq!(
+            hint(McpClassifier::new().max_retry_after(Duration::from_secs(5))),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            hint(McpClassifier::new().max_retry_after(Duration::from_micros(1_500))),
+            Some(Duration::from_micros(1_500))
+        );
     }
 }
