@@ -338,10 +338,8 @@ impl std::error::Error for ErrorObject {}
 pub struct Response {
     /// The id of the request this answers.
     pub id: Id,
-    /// The result, or the error. The error is boxed: errors are rare, and
-    /// a response is moved through every layer of a stack on its way back
-    /// (64 bytes with the error boxed, 96 without).
-    pub payload: Result<Value, Box<ErrorObject>>,
+    /// The result, or the error.
+    pub payload: Result<Value, ErrorObject>,
     /// The mark a sharing classifier left on this response when it found
     /// it a success (see
     /// [`McpClassifier::share_outcomes`](crate::classify::McpClassifier::share_outcomes)),
@@ -373,7 +371,7 @@ impl Response {
     pub fn error(id: Id, error: ErrorObject) -> Self {
         Response {
             id,
-            payload: Err(Box::new(error)),
+            payload: Err(error),
             success: None,
         }
     }
@@ -638,17 +636,5 @@ mod tests {
             panic!()
         };
         assert_eq!(back, resp);
-    }
-
-    /// A response is moved through every layer of a stack on its way back:
-    /// its error is boxed to keep it at 64 bytes (96 inline), and the
-    /// boxed error still reads and compares as the error.
-    #[test]
-    fn a_response_is_64_bytes_and_its_boxed_error_reads_as_the_error() {
-        assert!(std::mem::size_of::<Response>() <= 64);
-        let error = ErrorObject::new(-32602, "bad params");
-        let response = Response::error(Id::Number(7), error.clone());
-        assert_eq!(response.payload.as_ref().map_err(|e| e.code), Err(-32602));
-        assert_eq!(response, Response::error(Id::Number(7), error));
     }
 }
