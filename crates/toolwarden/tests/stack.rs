@@ -647,3 +647,72 @@ async fn the_whole_stack_over_a_closure_with_every_optional_layer_on() {
     let snapshot = stack.stats().snapshot();
     assert_eq!(snapshot.tool("search_docs").map(|t| t.calls), Some(3));
 }
+
+/// The loop guard's promise through the whole stack: a refusal lifts when
+/// the same call succeeds for another session, and that holds for a call
+/// made before the refusal began and answered after it (the guard stamps
+/// a success with its call's admission time only when no block was made
+/// since).
+#[tokio::test(start_paused = true)]
+async fn a_success_answered_after_a_refusal_began_lifts_it_through_the_stack() {
+    let upstream = ReadyChecked::new(tower::service_fn(|request: Request| async move {
+        if toolwarden_core::McpRequest::session_key(&request) == Some("agent-2") {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            return Ok::<_, toolwarden_core::BoxError>(Response::result(
+                request.id,
+                json!({"content": [{"type": "text", "text": "found"}]}),
+            ));
+        }
+        Ok(Response::result(
+            request.id,
+            json!({"content": [{"type": "text", "text": "index unavailable"}], "isError": true}),
+        ))
+    }));
+    let mut stack = StandardStack::builder().build().unwrap().layer(upstream);
+    let in_session = |session: &str, id: i64| {
+        let mut request = Request::tool_call(id, "search", json!({"q": "tower"}));
+        request
+            .extensions
+            .insert(toolwarden_core::SessionKey::from(session));
+        request
+    };
+    let refused_by_loop_guard = |response: &Response| {
+        response.payload.as_ref().unwrap()["structuredContent"]["toolwarden"]["layer"]
+            == "loop_guard"
+    };
+    // agent-2's call is admitted at 0 s, and answered 5 s after it is
+    // first polled.
+    let in_flight = stack.ready().await.unwrap().call(in_session("agent-2", 1));
+    // agent-1 is refused from 1 s: three failures, then the refusal.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    for id in 2..5 {
+        let failed = stack
+            .ready()
+            .await
+            .unwrap()
+            .call(in_session("agent-1", id))
+            .await
+            .unwrap();
+        assert!(failed.is_tool_error() && !refused_by_loop_guard(&failed));
+    }
+    let refused = stack
+        .ready()
+        .await
+        .unwrap()
+        .call(in_session("agent-1", 5))
+        .await
+        .unwrap();
+    assert!(refused_by_loop_guard(&refused));
+    // agent-2's success comes after the refusal began: it lifts it.
+    let found = in_flight.await.unwrap();
+    assert!(!found.is_tool_error());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let again = stack
+        .ready()
+        .await
+        .unwrap()
+        .call(in_session("agent-1", 6))
+        .await
+        .unwrap();
+    assert!(!refused_by_loop_guard(&again), "{:?}", again.payload);
+}
