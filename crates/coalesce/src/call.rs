@@ -19,6 +19,15 @@
 //! allocates nothing once the layer has warmed up, and nobody takes the
 //! map's lock a second time to remove it.
 //!
+//! A call is registered (in the map, under the map's lock) before it is
+//! made: its leader then calls the inner service with no lock held and
+//! [starts](SharedCall::start) the call with the future it got, waking any
+//! caller that joined meanwhile. An inner service may so make calls
+//! through the same layer from its `call`, and a slow `call` holds up no
+//! other key. If the inner service's `call` panics, the call is
+//! [abandoned](SharedCall::abandon): those who joined get a
+//! [`SharedFailure`] whose source is [`SharedCallPanicked`].
+//!
 //! Lock order: the map's lock, then a call's; never the other way round.
 //!
 //! Panics: a panic of the inner future's `poll` unwinds to the caller whose
@@ -50,8 +59,8 @@ enum Place {
 }
 
 struct State<F: TryFuture> {
-    /// The inner future until the call is over; the box stays, empty, to
-    /// carry a next call's.
+    /// The inner future from the call's [start](SharedCall::start) until it
+    /// is over; the box stays, empty, to carry a next call's.
     future: Boxed<F>,
     /// The answer, once it came and while a caller has not collected it.
     output: Option<Output<F>>,
@@ -104,9 +113,9 @@ fn panicked<T>() -> Result<T, SharedFailure> {
 }
 
 impl<F: TryFuture> State<F> {
-    /// A call of `future` with its leader waiting.
-    fn lead(&mut self, future: F) {
-        self.future.set(Some(future));
+    /// A call not made yet, its leader waiting.
+    fn lead(&mut self) {
+        self.future.set(None);
         self.output = None;
         self.closed = false;
         self.waiting = 1;
@@ -159,13 +168,14 @@ impl<F: TryFuture> State<F> {
 }
 
 impl<F: TryFuture> SharedCall<F> {
-    /// A call of `future`, its leader at place [`LEADER`].
-    pub(crate) fn new(future: F) -> Self {
+    /// A call not made yet, its leader at place [`LEADER`]: the leader
+    /// [starts](Self::start) it.
+    pub(crate) fn new() -> Self {
         let mut places = SmallVec::new();
         places.push(Place::Waiting(None));
         SharedCall {
             state: Mutex::new(State {
-                future: Box::pin(Some(future)),
+                future: Box::pin(None),
                 output: None,
                 closed: false,
                 waiting: 1,
@@ -176,11 +186,40 @@ impl<F: TryFuture> SharedCall<F> {
         }
     }
 
-    /// A kept call (answered) made a new call of `future` (it is not
+    /// A kept call (answered) carries a new call, not made yet (it is not
     /// shared: no lock).
-    pub(crate) fn reuse(&mut self, future: F) {
-        self.state.get_mut().lead(future);
+    pub(crate) fn reuse(&mut self) {
+        self.state.get_mut().lead();
         *self.closed.get_mut() = false;
+    }
+
+    /// The leader made the call: `future` is its inner future. Callers
+    /// that joined and polled meanwhile are woken to poll it.
+    pub(crate) fn start(&self, future: F) {
+        let mut state = self.state.lock();
+        state.future.set(Some(future));
+        if state.waiting > 1 {
+            let wakers = state.take_wakers(LEADER);
+            drop(state);
+            wake_all(wakers);
+        }
+    }
+
+    /// The leader could not make the call (the inner service's `call`
+    /// panicked): the call is over, and those who joined are woken to an
+    /// error ([`SharedCallPanicked`]).
+    #[cold]
+    pub(crate) fn abandon(&self) {
+        let mut state = self.state.lock();
+        if let Some(p) = state.places.get_mut(LEADER) {
+            *p = Place::Vacant;
+        }
+        state.waiting = state.waiting.saturating_sub(1);
+        state.closed = true;
+        self.closed.store(true, Ordering::Relaxed);
+        let wakers = state.take_wakers(LEADER);
+        drop(state);
+        wake_all(wakers);
     }
 
     /// Whether the call is over (answered, dropped, or panicked): nobody
@@ -262,7 +301,13 @@ impl<F: TryFuture> SharedCall<F> {
         }
         let poll = match polling.state.future.as_mut().as_pin_mut() {
             Some(future) => future.try_poll(cx),
-            None => Poll::Pending,
+            None => {
+                // Not started: its leader is still making it, and wakes
+                // this caller when it has.
+                polling.done = true;
+                polling.state.register(place, cx);
+                return Poll::Pending;
+            }
         };
         polling.done = true;
         let state = &mut polling.state;

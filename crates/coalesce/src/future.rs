@@ -40,7 +40,8 @@ pin_project! {
     {
         #[pin]
         state: State<F>,
-        // The caller's own request id, put on its copy of the answer.
+        // A follower's own request id, put on its copy of the answer (the
+        // leader's answer carries the leader's id already).
         id: Option<Id>,
     }
 }

@@ -152,9 +152,31 @@ impl<F: TryFuture> InFlight<F> {
         }
     }
 
-    /// Joins the call in flight for `key`, or makes a new one with `make`
-    /// and leads it; `Alone` (nothing made) when the map is full.
+    /// Joins the call in flight for `key`, or registers a new one, makes
+    /// it with `make` (the map unlocked) and leads it; `Alone` (nothing
+    /// made) when the map is full.
     pub(crate) fn join(&self, key: CallKey, make: impl FnOnce() -> F) -> Joined<F> {
+        let call = match self.register(key) {
+            Registered::Led(call) => call,
+            Registered::Joined(call, place) => return Joined::Follower(call, place),
+            Registered::Full => return Joined::Alone,
+        };
+        // Abandons the call if `make` panics: who joined meanwhile is
+        // answered (with an error), not left waiting.
+        let mut making = Making {
+            call: &call,
+            made: false,
+        };
+        let future = make();
+        making.made = true;
+        drop(making);
+        call.start(future);
+        Joined::Leader(call)
+    }
+
+    /// Joins the call in flight for `key`, or registers a new one (not
+    /// made yet) for the caller to make.
+    fn register(&self, key: CallKey) -> Registered<F> {
         let mut guard = self.map.lock();
         let map = &mut *guard;
         if map.slots.len() >= map.sweep_at {
@@ -169,35 +191,34 @@ impl<F: TryFuture> InFlight<F> {
                 // `join` checks again under it.
                 if !call.is_closed() {
                     if let Some(place) = call.join() {
-                        return Joined::Follower(Arc::clone(call), place);
+                        return Registered::Joined(Arc::clone(call), place);
                     }
                 }
                 // Answered, or dropped by its last caller: the slot carries
                 // the new call, in the same allocation unless a caller of
                 // the last one still holds it (it then keeps it).
-                let future = make();
                 match Arc::get_mut(call) {
-                    Some(unshared) => unshared.reuse(future),
-                    None => *call = fresh(spare, future),
+                    Some(unshared) => unshared.reuse(),
+                    None => *call = fresh(spare),
                 }
-                Joined::Leader(Arc::clone(call))
+                Registered::Led(Arc::clone(call))
             }
             Entry::Vacant(entry) => {
                 if self.count.reserve() {
-                    let call = fresh(spare, make());
+                    let call = fresh(spare);
                     entry.insert(Arc::clone(&call));
-                    return Joined::Leader(call);
+                    return Registered::Led(call);
                 }
                 // Full: this map's answered slots make room, if any (the
                 // sweep only removes, so the key is still absent after it).
                 let key = entry.into_key();
                 self.sweep(map);
                 if !self.count.reserve() {
-                    return Joined::Alone;
+                    return Registered::Full;
                 }
-                let call = fresh(&mut map.spare, make());
+                let call = fresh(&mut map.spare);
                 map.slots.insert(key, Arc::clone(&call));
-                Joined::Leader(call)
+                Registered::Led(call)
             }
         }
     }
@@ -224,17 +245,39 @@ impl<F: TryFuture> InFlight<F> {
     }
 }
 
-/// A call of `future` in a kept allocation if there is one, else a new one.
-fn fresh<F: TryFuture>(spare: &mut Vec<Arc<SharedCall<F>>>, future: F) -> Arc<SharedCall<F>> {
+/// What [`InFlight::register`] found: the caller leads a new call (not
+/// made yet), joined one in flight, or neither (the map is full).
+enum Registered<F: TryFuture> {
+    Led(Arc<SharedCall<F>>),
+    Joined(Arc<SharedCall<F>>, usize),
+    Full,
+}
+
+/// While a leader makes its call: abandons it if the making panics.
+struct Making<'a, F: TryFuture> {
+    call: &'a SharedCall<F>,
+    made: bool,
+}
+
+impl<F: TryFuture> Drop for Making<'_, F> {
+    fn drop(&mut self) {
+        if !self.made {
+            self.call.abandon();
+        }
+    }
+}
+
+/// A new call in a kept allocation if there is one, else a new one.
+fn fresh<F: TryFuture>(spare: &mut Vec<Arc<SharedCall<F>>>) -> Arc<SharedCall<F>> {
     while let Some(mut call) = spare.pop() {
         // Kept only when nobody else held it: nobody can have cloned it
         // since.
         if let Some(unshared) = Arc::get_mut(&mut call) {
-            unshared.reuse(future);
+            unshared.reuse();
             return call;
         }
     }
-    Arc::new(SharedCall::new(future))
+    Arc::new(SharedCall::new())
 }
 
 #[cfg(test)]
@@ -278,6 +321,88 @@ mod tests {
 
     fn slots(map: &InFlight<Answered>) -> usize {
         map.map.lock().slots.len()
+    }
+
+    /// A waker that counts its wakes.
+    struct Wakes(AtomicUsize);
+
+    impl std::task::Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn the_call_is_made_with_the_map_unlocked_and_who_joins_meanwhile_is_woken_to_its_answer() {
+        let (map, _) = map_of(100);
+        let woken = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&woken));
+        let mut joined = None;
+        let Joined::Leader(call) = map.join(key(1), || {
+            assert!(
+                map.map.try_lock().is_some(),
+                "the map is not locked while the call is made"
+            );
+            // The inner service may call through the same map: another
+            // key, and this call's own, which it joins.
+            answer(&map, 2);
+            let Joined::Follower(follower, place) = map.join(key(1), || panic!("not made twice"))
+            else {
+                panic!("the call is registered before it is made")
+            };
+            let mut cx = Context::from_waker(&waker);
+            assert!(
+                follower.poll(place, &mut cx).is_pending(),
+                "not started yet"
+            );
+            joined = Some((follower, place));
+            ready(Ok(7))
+        }) else {
+            panic!("a lone call leads")
+        };
+        assert_eq!(
+            woken.0.load(Ordering::Relaxed),
+            1,
+            "starting the call woke who had polled it"
+        );
+        let (follower, place) = joined.unwrap();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        // The follower, polled first, makes the call's answer; the leader
+        // collects it.
+        assert!(matches!(follower.poll(place, &mut cx), Poll::Ready(Ok(7))));
+        assert!(matches!(call.poll(LEADER, &mut cx), Poll::Ready(Ok(7))));
+        assert_eq!(map.open(), 0);
+    }
+
+    #[test]
+    fn a_panic_while_the_call_is_made_answers_who_joined_with_an_error_and_frees_the_key() {
+        let (map, _) = map_of(100);
+        let woken = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(Arc::clone(&woken));
+        let mut joined = None;
+        let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            map.join(key(1), || {
+                assert!(map.map.try_lock().is_some(), "the map is not locked");
+                let Joined::Follower(follower, place) = map.join(key(1), || panic!("not made"))
+                else {
+                    panic!("the call is registered before it is made")
+                };
+                let mut cx = Context::from_waker(&waker);
+                assert!(follower.poll(place, &mut cx).is_pending());
+                joined = Some((follower, place));
+                panic!("the inner service's call panicked")
+            })
+        }));
+        assert!(made.is_err(), "the panic reaches the leader");
+        assert_eq!(woken.0.load(Ordering::Relaxed), 1, "the follower is woken");
+        let (follower, place) = joined.unwrap();
+        let mut cx = Context::from_waker(noop_waker_ref());
+        let Poll::Ready(Err(failure)) = follower.poll(place, &mut cx) else {
+            panic!("the follower is answered, with an error")
+        };
+        assert!(failure.error().is::<crate::SharedCallPanicked>());
+        assert_eq!(map.open(), 0, "the call is over");
+        answer(&map, 1); // the key leads a new call
     }
 
     #[test]

@@ -29,8 +29,16 @@
 //!   waker of the last one that did, and when that caller leaves it wakes
 //!   the others to poll in its place. When the **last** caller leaves, the
 //!   call is dropped (cancelled), as a call nobody waits for.
+//! - **Made with no lock held**: a call is registered in the map (a short
+//!   lock) before its leader calls the inner service, unlocked, and then
+//!   starts it; callers that join meanwhile wait for the start. So a slow
+//!   inner `call` holds up no other call, and an inner service may call
+//!   through the same layer from its `call` (a composed tool). A panic of
+//!   the inner `call` reaches the leader; those who joined get a
+//!   [`SharedFailure`] whose source is [`SharedCallPanicked`].
 //! - **Cheap when nobody joins** (most calls): one lock of the map to
-//!   register the call and one of the call to poll it; the answer is moved
+//!   register the call, one of the call to start it and one to poll it
+//!   (a call answered at its first poll); the answer is moved
 //!   to its caller, not copied. An answered call keeps its slot in the map
 //!   (closed, its future and answer dropped) and carries the next call with
 //!   its key in the same allocation, so nobody locks the map again to

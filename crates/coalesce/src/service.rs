@@ -141,7 +141,6 @@ impl<S> Coalesce<S> {
             fingerprint,
             session,
         };
-        let id = request.request_id().cloned();
         if self.map.is_none() {
             self.map = Some(self.shared.map::<S::Future>());
         }
@@ -160,13 +159,16 @@ impl<S> Coalesce<S> {
             inner.call(request)
         });
         match joined {
-            Joined::Leader(call) => ResponseFuture::shared(call, LEADER, id),
+            // The inner service answered the leader's own request: its
+            // answer carries the leader's id already.
+            Joined::Leader(call) => ResponseFuture::shared(call, LEADER, None),
             Joined::Follower(call, place) => {
-                if let Some(request) = pending.as_ref() {
+                let id = pending.as_ref().and_then(|request| {
                     self.shared.config.events.emit(&Event::Coalesced {
                         key: request.target(),
                     });
-                }
+                    request.request_id().cloned()
+                });
                 ResponseFuture::shared(call, place, id)
             }
             Joined::Alone => match pending.take() {

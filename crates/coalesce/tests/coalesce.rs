@@ -411,6 +411,79 @@ async fn services_built_from_one_layer_share_calls() {
     assert_eq!(mock.calls("weather"), 1);
 }
 
+/// A composite tool: `digest` answers by calling `search` through `below`,
+/// from its `call` (as a gateway's composed tool would).
+#[derive(Clone)]
+struct Composite {
+    below: tower::util::BoxCloneService<Request, Response, BoxError>,
+}
+
+impl Service<Request> for Composite {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let id = req.id.clone();
+        let search = self.below.call(call(0, "search", json!({"q": "digest"})));
+        Box::pin(async move {
+            let mut found = search.await?;
+            found.id = id;
+            Ok(found)
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inner_service_may_call_through_the_same_layer_from_its_call() {
+    let catalog = ToolCatalog::new();
+    cacheable(&catalog, "digest");
+    cacheable(&catalog, "search");
+    let layer = CoalesceLayer::builder().catalog(catalog).build().unwrap();
+    let mock = MockMcp::new().default_step("search", Step::ok("found").after(ms(100)));
+    // Both services' inner futures are boxed: one type, so one map of the
+    // layer. Making `digest`'s call registers `search`'s in the same map.
+    let below = tower::util::BoxCloneService::new(layer.layer(mock.clone()));
+    let above = tower::util::BoxCloneService::new(Composite { below });
+    let mut svc = layer.layer(above);
+    // The call is made on a thread of its own: were the map locked while
+    // the call is made, `search`'s registration would wait for it forever.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut svc_a = svc.clone();
+    let mut svc_b = svc.clone();
+    svc_a.ready().await.unwrap();
+    svc_b.ready().await.unwrap();
+    let runtime = tokio::runtime::Handle::current();
+    std::thread::spawn(move || {
+        let _runtime = runtime.enter();
+        let a = svc_a.call(call(1, "digest", json!({})));
+        let b = svc_b.call(call(2, "digest", json!({})));
+        let _ = tx.send((a, b));
+    });
+    let (a, b) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the calls were made, not deadlocked on the map");
+    let (a, b) = tokio::join!(a, b);
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((&a.id, &b.id), (&Id::Number(1), &Id::Number(2)));
+    assert_eq!(a.first_text().unwrap(), "found");
+    assert_eq!(b.first_text().unwrap(), "found");
+    assert_eq!(
+        mock.calls("search"),
+        1,
+        "the second digest joined the first"
+    );
+    let _ = svc.ready().await.unwrap();
+    assert_eq!(layer.in_flight(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_several_threads_callers_that_leave_never_cancel_the_others_call() {
     let mock = MockMcp::new().default_step("weather", Step::ok("sunny").after(ms(50)));
