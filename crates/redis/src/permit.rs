@@ -188,15 +188,17 @@ impl Permits {
             }
             _ => {}
         }
-        if !self.conn.is_connected() {
-            leases.insert(request.name.to_owned(), Lease::Local { until: now + ttl });
-            return self.fallback();
-        }
+        // The bound before any insertion: a Redis down from the start
+        // (never connected) must not let the local leases grow past it.
         if leases.len() >= MAX_LEASES && !leases.contains_key(request.name) {
             leases.retain(|_, lease| !lease.expired(now));
             if leases.len() >= MAX_LEASES {
                 return self.fallback();
             }
+        }
+        if !self.conn.is_connected() {
+            leases.insert(request.name.to_owned(), Lease::Local { until: now + ttl });
+            return self.fallback();
         }
         let token = self.next_token.fetch_add(1, Ordering::Relaxed);
         let op = PermitOp::Acquire {
@@ -404,6 +406,20 @@ mod tests {
         // The end of the episode forgets it.
         p.end("t");
         assert!(p.leases.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn without_a_connection_the_local_leases_stay_bounded() {
+        let p = permits(true);
+        for n in 0..MAX_LEASES + 500 {
+            assert_eq!(ask(&p, &format!("t{n}")), ProbePermit::Granted);
+        }
+        assert_eq!(p.leases.lock().unwrap().len(), MAX_LEASES);
+        assert_eq!(
+            p.fallbacks.load(Ordering::Acquire),
+            (MAX_LEASES + 500) as u64,
+            "every probe past the bound is still answered locally"
+        );
     }
 
     #[tokio::test]

@@ -31,7 +31,8 @@
 //!   [`crate::downstream::server`]): lists are merged from every available
 //!   upstream (all pages at once, no cursor), `prompts/get`,
 //!   `resources/read`, `completion/complete` and the task requests go to the
-//!   upstream they belong to, `ping` is answered by the proxy,
+//!   upstream they belong to (task ids are remembered bounded overall and
+//!   per session, see `tasks.rs`), `ping` is answered by the proxy,
 //!   `logging/setLevel` and the client's notifications go to every
 //!   upstream. Requests that name nothing a gateway can route (custom
 //!   requests, skills, resource directories) are answered `-32601`.
@@ -43,6 +44,7 @@ mod lists;
 mod member;
 mod names;
 mod service;
+mod tasks;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -66,6 +68,7 @@ use crate::downstream::Downstreams;
 use crate::redact::Redactor;
 use crate::stack::SharedState;
 use crate::upstream::{Upstream, UpstreamStatus, UpstreamTarget};
+use tasks::TaskRoutes;
 
 pub use lists::UNAVAILABLE_MARK;
 pub use member::Member;
@@ -80,9 +83,6 @@ const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 /// all upstreams; past it the oldest half is forgotten (a read of a
 /// forgotten URI is routed again once it is listed).
 const MAX_RESOURCE_ROUTES: usize = 4096;
-
-/// Task ids remembered for routing `tasks/*`, over all upstreams.
-const MAX_TASK_ROUTES: usize = 4096;
 
 /// Where a resource read goes: learned from the lists.
 #[derive(Default)]
@@ -104,7 +104,8 @@ pub struct Gateway {
     catalog: ToolCatalog,
     downstreams: Downstreams,
     resources: Mutex<ResourceRoutes>,
-    tasks: Mutex<HashMap<String, usize>>,
+    /// Task id → upstream, bounded overall and per session.
+    tasks: Mutex<TaskRoutes>,
     /// Poked on every transition of an upstream's breaker.
     changed: Arc<Notify>,
     watcher: OnceLock<()>,
@@ -459,21 +460,20 @@ impl Gateway {
         }
     }
 
-    /// Remembers that task `task_id` is `member`'s.
-    pub(crate) fn task_created(&self, member: &Member, task_id: &str) {
+    /// Remembers that task `task_id`, created by downstream session
+    /// `session` (its number), is `member`'s. Bounded overall and per
+    /// session: see [`TaskRoutes`].
+    pub(crate) fn task_created(&self, member: &Member, session: u64, task_id: &str) {
         let Some(&i) = self.by_name.get(&member.name) else {
             return;
         };
-        let mut tasks = lock(&self.tasks);
-        if tasks.len() >= MAX_TASK_ROUTES {
-            tasks.clear();
-        }
-        tasks.insert(task_id.to_owned(), i);
+        lock(&self.tasks).insert(session, task_id, i);
     }
 
     /// The upstream of task `task_id`, if known.
     pub(crate) fn task_member(&self, task_id: &str) -> Option<&Member> {
-        lock(&self.tasks).get(task_id).map(|&i| &self.members[i])
+        let i = lock(&self.tasks).member(task_id)?;
+        self.members.get(i)
     }
 }
 

@@ -209,7 +209,7 @@ impl ServerHandler for ProxyServer {
                 let client = self.session.downstream.get().map(|(id, _)| *id);
                 self.core.downstreams.task_created(client, &r.task.task_id);
                 if let (Some(gateway), Some(member)) = (&self.core.gateway, member) {
-                    gateway.task_created(member, &r.task.task_id);
+                    gateway.task_created(member, self.session.number, &r.task.task_id);
                 }
                 Ok(CallToolResponse::Task(r))
             }
