@@ -931,6 +931,30 @@ impl HttpHarness {
     }
 
     async fn start_with(kind: UpstreamKind) -> HttpHarness {
+        Self::start_over(kind, |upstream| ToolStack::new(upstream.service())).await
+    }
+
+    /// Served through the standard stack the proxy builds by default.
+    async fn start_standard() -> HttpHarness {
+        Self::start_over(UpstreamKind::Pipe, |upstream| {
+            let shared = toolwarden_proxy::stack::SharedState::new(
+                toolwarden_core::Events::new(),
+                toolwarden_proxy::endpoints::MetricsEndpoints::new(),
+            );
+            toolwarden_proxy::stack::build_stack(
+                &toolwarden_proxy::config::Config::default(),
+                upstream.service(),
+                &shared,
+            )
+            .unwrap()
+        })
+        .await
+    }
+
+    async fn start_over(
+        kind: UpstreamKind,
+        stack: impl FnOnce(&Upstream) -> ToolStack,
+    ) -> HttpHarness {
         let server = TestServer::default();
         let shutdown = CancellationToken::new();
         let upstream_server = CancellationToken::new();
@@ -945,11 +969,7 @@ impl HttpHarness {
             ToolCatalog::new(),
             downstreams.clone(),
         );
-        let core = ProxyCore::new(
-            upstream.clone(),
-            ToolStack::new(upstream.service()),
-            downstreams.clone(),
-        );
+        let core = ProxyCore::new(upstream.clone(), stack(&upstream), downstreams.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let serving = tokio::spawn(toolwarden_proxy::serve_http(
@@ -1088,6 +1108,69 @@ async fn a_client_without_a_session_is_not_sent_the_servers_requests() {
             "{version}: {messages:?}"
         );
     }
+    proxy.finish().await;
+}
+
+/// A sessionless call of `echo` (the same arguments each time) on `client`'s
+/// kept-alive connection: whether it was refused as a loop, and the answer.
+async fn sessionless_echo(client: &mut support::KeepAlive, id: i64) -> (bool, Value) {
+    let version = "2026-07-28";
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+        "name": "echo",
+        "arguments": {"message": "the same"},
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": version,
+            "io.modelcontextprotocol/clientCapabilities": {},
+            "io.modelcontextprotocol/clientInfo": {"name": "sessionless", "version": "0"},
+        },
+    }});
+    let headers = [
+        ("MCP-Protocol-Version", version),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "echo"),
+    ];
+    let (status, body) = bounded("a sessionless call", client.post_with(&headers, &body)).await;
+    assert!(status.contains("200"), "{status}: {body}");
+    let answer: Value = body
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(str::trim)
+        .find(|data| !data.is_empty())
+        .map_or_else(|| serde_json::from_str(&body), serde_json::from_str)
+        .unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(answer["id"], json!(id), "{answer}");
+    let refused =
+        answer["result"]["isError"] == json!(true) && answer["result"].to_string().contains("loop");
+    (refused, answer)
+}
+
+/// A client without a session (2026-07-28) gets a server of its own for
+/// each request; its calls are keyed by their HTTP connection. So the loop
+/// guard sees a keep-alive client repeat itself (before: each call was a
+/// session of its own, no loop was ever seen, and past the guard's bound
+/// of sessions every new one shared one overflow history, where one
+/// client's calls counted against another's), and a client on another
+/// connection is not refused for the first one's calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessionless_calls_on_one_connection_share_a_loop_history_and_no_other_client_sees_it() {
+    let proxy = HttpHarness::start_standard().await;
+    let mut looping = support::KeepAlive::connect(proxy.port).await;
+    let mut refused_at = None;
+    for id in 1..=20 {
+        let (refused, answer) = sessionless_echo(&mut looping, id).await;
+        if refused {
+            refused_at = Some((id, answer));
+            break;
+        }
+    }
+    let (id, answer) = refused_at.expect("the repeated call was refused as a loop");
+    assert_eq!(id, 9, "refused past the default max_repeats (8): {answer}");
+    let mut other = support::KeepAlive::connect(proxy.port).await;
+    let (refused, answer) = sessionless_echo(&mut other, 100).await;
+    assert!(
+        !refused,
+        "another connection's client is not refused: {answer}"
+    );
     proxy.finish().await;
 }
 

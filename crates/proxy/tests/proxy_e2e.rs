@@ -19,7 +19,7 @@ use rmcp::ServiceExt as _;
 use serde_json::{json, Value};
 use support::{
     alive, bounded, component, eventually, flaky_server_script, free_port, health, http_get,
-    http_post, kill, Proxy, LIMIT,
+    http_post, kill, KeepAlive, Proxy, LIMIT,
 };
 use tokio::process::Command;
 
@@ -783,84 +783,6 @@ async fn an_agent_polling_through_an_upstream_restart_is_served_again() {
     );
     assert!(!seen.is_empty(), "the restart was seen by the agent");
     let _ = std::fs::remove_file(&marker);
-}
-
-/// One HTTP/1.1 connection kept alive, written and read by hand the way a
-/// plain keep-alive client does: a request, then its whole (chunked or
-/// sized) answer, then the next request on the same socket.
-struct KeepAlive {
-    stream: tokio::net::TcpStream,
-    port: u16,
-    session: Option<String>,
-}
-
-impl KeepAlive {
-    async fn connect(port: u16) -> KeepAlive {
-        let stream = eventually(LIMIT, || async move {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .ok()
-        })
-        .await
-        .expect("the proxy listens");
-        KeepAlive {
-            stream,
-            port,
-            session: None,
-        }
-    }
-
-    /// POSTs `body` to /mcp and reads the whole answer; its status line.
-    async fn post(&mut self, body: &Value) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let body = body.to_string();
-        let mut head = format!(
-            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
-             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n",
-            self.port,
-            body.len()
-        );
-        if let Some(session) = &self.session {
-            head.push_str(&format!(
-                "Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: 2025-06-18\r\n"
-            ));
-        }
-        head.push_str("\r\n");
-        head.push_str(&body);
-        self.stream.write_all(head.as_bytes()).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 16 * 1024];
-        let end_of_head = loop {
-            let n = self.stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the proxy closed the connection");
-            answer.extend_from_slice(&buf[..n]);
-            if let Some(at) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
-                break at + 4;
-            }
-        };
-        let head = String::from_utf8_lossy(&answer[..end_of_head]).to_lowercase();
-        if let Some(line) = head.lines().find(|l| l.starts_with("mcp-session-id:")) {
-            self.session = Some(line["mcp-session-id:".len()..].trim().to_owned());
-        }
-        let length = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|n| n.trim().parse::<usize>().ok());
-        loop {
-            let body = &answer[end_of_head..];
-            let done = match length {
-                Some(n) => body.len() >= n,
-                None => body.ends_with(b"0\r\n\r\n"),
-            };
-            if done {
-                break;
-            }
-            let n = self.stream.read(&mut buf).await.unwrap();
-            assert!(n > 0, "the proxy closed the connection mid-answer");
-            answer.extend_from_slice(&buf[..n]);
-        }
-        head.lines().next().unwrap_or_default().to_owned()
-    }
 }
 
 /// Issue 16: through `--listen`, every call of a client that keeps its

@@ -60,7 +60,7 @@ use rmcp::model::{
 use serde_json::{json, Map, Value};
 use tokio::sync::Notify;
 use toolwarden_core::events::Event;
-use toolwarden_core::{ConfigError, Events, KeyBy, ToolCatalog, ToolInfo};
+use toolwarden_core::{ConfigError, Events, KeyBy, SessionKey, ToolCatalog, ToolInfo};
 use tower::Layer as _;
 
 use crate::config::{in_upstream_table, upstream_breaker, upstream_quota, Config, OpenUpstreams};
@@ -463,7 +463,7 @@ impl Gateway {
     /// Remembers that task `task_id`, created by downstream session
     /// `session` (its number), is `member`'s. Bounded overall and per
     /// session: see [`TaskRoutes`].
-    pub(crate) fn task_created(&self, member: &Member, session: u64, task_id: &str) {
+    pub(crate) fn task_created(&self, member: &Member, session: &SessionKey, task_id: &str) {
         let Some(&i) = self.by_name.get(&member.name) else {
             return;
         };

@@ -11,6 +11,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use toolwarden_core::SessionKey;
+
 /// Task ids remembered for routing `tasks/*`, over all upstreams.
 pub(super) const MAX_TASK_ROUTES: usize = 4096;
 
@@ -24,7 +26,7 @@ pub(super) struct TaskRoutes {
     member_of: HashMap<String, usize>,
     /// Each session's task ids with their creation number, oldest first.
     /// Sessions without routes have no entry.
-    by_session: HashMap<u64, VecDeque<(u64, String)>>,
+    by_session: HashMap<SessionKey, VecDeque<(u64, String)>>,
     /// Numbers task ids in creation order.
     created: u64,
     max: usize,
@@ -49,24 +51,24 @@ impl TaskRoutes {
     }
 
     /// Remembers that `session` created task `task_id` on `member`.
-    pub(super) fn insert(&mut self, session: u64, task_id: &str, member: usize) {
+    pub(super) fn insert(&mut self, session: &SessionKey, task_id: &str, member: usize) {
         if let Some(known) = self.member_of.get_mut(task_id) {
             // An id seen again (a server reusing ids): the newest upstream.
             *known = member;
             return;
         }
-        let own = self.by_session.get(&session).map_or(0, VecDeque::len);
+        let own = self.by_session.get(session).map_or(0, VecDeque::len);
         if own >= self.per_session {
             self.forget_oldest_of(session);
         } else if self.member_of.len() >= self.max {
             if let Some(largest) = self.largest_session() {
-                self.forget_oldest_of(largest);
+                self.forget_oldest_of(&largest);
             }
         }
         self.created += 1;
         self.member_of.insert(task_id.to_owned(), member);
         self.by_session
-            .entry(session)
+            .entry(session.clone())
             .or_default()
             .push_back((self.created, task_id.to_owned()));
     }
@@ -83,26 +85,26 @@ impl TaskRoutes {
 
     /// The session holding the most routes; of those, the one whose oldest
     /// route is the oldest.
-    fn largest_session(&self) -> Option<u64> {
+    fn largest_session(&self) -> Option<SessionKey> {
         self.by_session
             .iter()
-            .filter_map(|(&session, routes)| {
+            .filter_map(|(session, routes)| {
                 let (oldest, _) = routes.front()?;
                 Some((routes.len(), std::cmp::Reverse(*oldest), session))
             })
-            .max()
-            .map(|(_, _, session)| session)
+            .max_by_key(|&(len, oldest, _)| (len, oldest))
+            .map(|(_, _, session)| session.clone())
     }
 
-    fn forget_oldest_of(&mut self, session: u64) {
-        let Some(routes) = self.by_session.get_mut(&session) else {
+    fn forget_oldest_of(&mut self, session: &SessionKey) {
+        let Some(routes) = self.by_session.get_mut(session) else {
             return;
         };
         if let Some((_, task_id)) = routes.pop_front() {
             self.member_of.remove(&task_id);
         }
         if routes.is_empty() {
-            self.by_session.remove(&session);
+            self.by_session.remove(session);
         }
     }
 }
@@ -111,13 +113,17 @@ impl TaskRoutes {
 mod tests {
     use super::*;
 
+    fn s(n: u64) -> SessionKey {
+        SessionKey::from(format!("session-{n}").as_str())
+    }
+
     #[test]
     fn a_session_past_its_share_forgets_its_own_oldest_never_anothers() {
         let mut routes = TaskRoutes::with_bounds(100, 10);
-        routes.insert(1, "quiet-1", 0);
-        routes.insert(1, "quiet-2", 1);
+        routes.insert(&s(1), "quiet-1", 0);
+        routes.insert(&s(1), "quiet-2", 1);
         for n in 0..1_000 {
-            routes.insert(2, &format!("flood-{n}"), 0);
+            routes.insert(&s(2), &format!("flood-{n}"), 0);
         }
         assert_eq!(routes.member("quiet-1"), Some(0));
         assert_eq!(routes.member("quiet-2"), Some(1));
@@ -131,17 +137,17 @@ mod tests {
     #[test]
     fn at_the_overall_bound_the_largest_session_forgets_its_oldest() {
         let mut routes = TaskRoutes::with_bounds(20, 10);
-        routes.insert(1, "a-0", 0);
-        for s in 2..=4 {
+        routes.insert(&s(1), "a-0", 0);
+        for k in 2..=4 {
             for n in 0..6 {
-                routes.insert(s, &format!("s{s}-{n}"), 0);
+                routes.insert(&s(k), &format!("s{k}-{n}"), 0);
             }
         }
-        routes.insert(1, "a-1", 0);
+        routes.insert(&s(1), "a-1", 0);
         assert_eq!(routes.len(), 20);
         // Full: the next route costs the largest session (2, 3 and 4 hold
         // six each; 2's oldest is the oldest) its oldest route.
-        routes.insert(5, "new", 0);
+        routes.insert(&s(5), "new", 0);
         assert_eq!(routes.len(), 20);
         assert_eq!(routes.member("s2-0"), None);
         assert_eq!(routes.member("s3-0"), Some(0));
@@ -154,7 +160,7 @@ mod tests {
         // Many one-task sessions (a stateless client's requests): the
         // bound holds, the oldest go first.
         for n in 0..1_000u64 {
-            routes.insert(100 + n, &format!("one-{n}"), 0);
+            routes.insert(&s(100 + n), &format!("one-{n}"), 0);
             assert!(routes.len() <= 20);
         }
         assert!(
@@ -167,8 +173,8 @@ mod tests {
     #[test]
     fn an_id_seen_again_is_routed_to_its_newest_upstream_and_counted_once() {
         let mut routes = TaskRoutes::with_bounds(10, 10);
-        routes.insert(1, "t", 0);
-        routes.insert(2, "t", 3);
+        routes.insert(&s(1), "t", 0);
+        routes.insert(&s(2), "t", 3);
         assert_eq!(routes.member("t"), Some(3));
         assert_eq!(routes.len(), 1);
     }

@@ -21,6 +21,13 @@ pub struct ConnectionKill {
     pub(super) token: CancellationToken,
 }
 
+impl ConnectionKill {
+    /// The connection's number, unique in the listener's life.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 /// What bounds the connections of a listener served by [`serve_bounded`].
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {

@@ -196,7 +196,8 @@ impl ServerHandler for ProxyServer {
             .map(|(member, _)| member);
         let mut request = ClientRequest::CallToolRequest(CallToolRequest::new(request));
         let (route, _cause) = self.prepare(&mut request, &context, member);
-        request.extensions_mut().insert(self.session.key.clone());
+        let session = self.session_key(&context);
+        request.extensions_mut().insert(session.clone());
         let call = self.core.call_tool(request);
         let outcome = unless_cancelled(&context.ct, call).await;
         if outcome.is_some() {
@@ -209,7 +210,7 @@ impl ServerHandler for ProxyServer {
                 let client = self.session.downstream.get().map(|(id, _)| *id);
                 self.core.downstreams.task_created(client, &r.task.task_id);
                 if let (Some(gateway), Some(member)) = (&self.core.gateway, member) {
-                    gateway.task_created(member, self.session.number, &r.task.task_id);
+                    gateway.task_created(member, &session, &r.task.task_id);
                 }
                 Ok(CallToolResponse::Task(r))
             }

@@ -84,7 +84,7 @@ use toolwarden_rmcp::OnRequestSent;
 use tower::ServiceExt as _;
 
 use self::answers::{unless_cancelled, RequestTimedOut};
-use super::http::InSession;
+use super::http::{ConnectionKill, InSession};
 use super::{Caller, CauseGuard, DownstreamId, Downstreams};
 use crate::gateway::Member;
 use crate::progress::{ProgressRoutes, RouteGuard};
@@ -176,6 +176,18 @@ fn default_client_config() -> ClientConfig {
 /// version and metadata, not by that header (a request it serves without a
 /// session may carry a stale one). The mark says which transport the
 /// request really came through.
+/// The HTTP connection a request rmcp serves without a session came on.
+fn sessionless_connection(context: &RequestContext<RoleServer>) -> Option<u64> {
+    if takes_requests(context) {
+        return None;
+    }
+    let parts = context.extensions.get::<axum::http::request::Parts>()?;
+    parts
+        .extensions
+        .get::<ConnectionKill>()
+        .map(ConnectionKill::id)
+}
+
 fn takes_requests(context: &RequestContext<RoleServer>) -> bool {
     context.extensions.get::<InSession>().is_some()
         || context
@@ -201,6 +213,23 @@ fn method_label(request: &ClientRequest) -> &'static str {
 }
 
 impl ProxyServer {
+    /// The key the stack keeps this client's per-session state under (the
+    /// loop guard's history, a per-session coalescing, a breaker keyed by
+    /// session and tool), and the gateway its task routes: the session's;
+    /// for a request rmcp serves without a session (a client of the
+    /// 2026-07-28 protocol), which gets a server of its own, its HTTP
+    /// connection's (`connection-N`). So a keep-alive client's calls share
+    /// one history, and one server per request does not make each call a
+    /// session of its own (whose loops nobody sees, and which fill the
+    /// guard's bounded map of sessions until new ones share its overflow
+    /// history, and one client's calls count against another's).
+    pub(crate) fn session_key(&self, context: &RequestContext<RoleServer>) -> SessionKey {
+        match sessionless_connection(context) {
+            Some(connection) => SessionKey::from(format!("connection-{connection}").as_str()),
+            None => self.session.key.clone(),
+        }
+    }
+
     /// A server for a new downstream session.
     #[must_use]
     pub fn new(core: Arc<ProxyCore>) -> Self {
