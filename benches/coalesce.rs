@@ -6,8 +6,9 @@
 //! Calls are made one at a time over 8 tool names, so each call leads its
 //! own (unshared) call: what is measured is what every call that *may* be
 //! shared pays (ours: fingerprint of tool and arguments, a short lock of the
-//! in-flight map to register, one of the call to poll it, one of the map to
-//! remove it, the call's state and box reused from an answered call; theirs:
+//! in-flight map to register, one of the call to start it (the inner call
+//! is made with no lock held) and one to poll it, the call's slot, state
+//! and box reused from the last call with its key; theirs:
 //! the key function, its map and broadcast channel, a boxed future).
 //! `toolwarden_not_shareable` is a call of a tool the catalog does not call
 //! safe to share, which passes through. Each layer is measured over a bare
