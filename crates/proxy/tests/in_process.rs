@@ -1005,28 +1005,12 @@ impl HttpHarness {
         .unwrap()
     }
 
-    /// A call of `tool` POSTed without a session, as a client of the
-    /// 2026-07-28 protocol sends each of its requests: `version` in the
-    /// `MCP-Protocol-Version` header and in the request's `_meta`, with the
-    /// client's capabilities (roots) and identity, and the method and tool
-    /// named in headers. That is what makes rmcp serve it without a session,
-    /// through a one-shot transport. Returns every JSON-RPC message of the
+    /// A call of `tool` POSTed without a session, from a client with roots
+    /// ([`support::sessionless_call`]). Returns every JSON-RPC message of the
     /// HTTP answer, in order.
     async fn call_without_session(&self, version: &str, id: i64, tool: &str) -> Vec<Value> {
-        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
-            "name": tool,
-            "arguments": {},
-            "_meta": {
-                "io.modelcontextprotocol/protocolVersion": version,
-                "io.modelcontextprotocol/clientCapabilities": {"roots": {}},
-                "io.modelcontextprotocol/clientInfo": {"name": "sessionless", "version": "0"},
-            },
-        }});
-        let headers = [
-            ("MCP-Protocol-Version", version),
-            ("Mcp-Method", "tools/call"),
-            ("Mcp-Name", tool),
-        ];
+        let (body, headers) =
+            support::sessionless_call(version, id, tool, json!({}), json!({"roots": {}}));
         let (status, body) =
             support::http_post_with(self.port, "/mcp", &headers, &body.to_string())
                 .await
@@ -1114,21 +1098,13 @@ async fn a_client_without_a_session_is_not_sent_the_servers_requests() {
 /// A sessionless call of `echo` (the same arguments each time) on `client`'s
 /// kept-alive connection: whether it was refused as a loop, and the answer.
 async fn sessionless_echo(client: &mut support::KeepAlive, id: i64) -> (bool, Value) {
-    let version = "2026-07-28";
-    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
-        "name": "echo",
-        "arguments": {"message": "the same"},
-        "_meta": {
-            "io.modelcontextprotocol/protocolVersion": version,
-            "io.modelcontextprotocol/clientCapabilities": {},
-            "io.modelcontextprotocol/clientInfo": {"name": "sessionless", "version": "0"},
-        },
-    }});
-    let headers = [
-        ("MCP-Protocol-Version", version),
-        ("Mcp-Method", "tools/call"),
-        ("Mcp-Name", "echo"),
-    ];
+    let (body, headers) = support::sessionless_call(
+        "2026-07-28",
+        id,
+        "echo",
+        json!({"message": "the same"}),
+        json!({}),
+    );
     let (status, body) = bounded("a sessionless call", client.post_with(&headers, &body)).await;
     assert!(status.contains("200"), "{status}: {body}");
     let answer: Value = body

@@ -288,21 +288,8 @@ async fn per_session_sessions_share_the_stack_but_not_their_loop_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_session_refuses_requests_without_a_session() {
     let h = Harness::start("[upstream]\nsession_mode = \"per_session\"\n").await;
-    let version = "2026-07-28";
-    let body = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
-        "name": "recall",
-        "arguments": {},
-        "_meta": {
-            "io.modelcontextprotocol/protocolVersion": version,
-            "io.modelcontextprotocol/clientCapabilities": {},
-            "io.modelcontextprotocol/clientInfo": {"name": "sessionless", "version": "0"},
-        },
-    }});
-    let headers = [
-        ("MCP-Protocol-Version", version),
-        ("Mcp-Method", "tools/call"),
-        ("Mcp-Name", "recall"),
-    ];
+    let (body, headers) =
+        support::sessionless_call("2026-07-28", 7, "recall", json!({}), json!({}));
     let (status, body) = support::http_post_with(h.port, "/mcp", &headers, &body.to_string())
         .await
         .expect("an HTTP answer");

@@ -551,3 +551,33 @@ impl KeepAlive {
         (status, body)
     }
 }
+
+/// A `tools/call` of `tool` as a client of the 2026-07-28 protocol sends
+/// each of its requests, without a session: `version` in the
+/// `MCP-Protocol-Version` header and in the request's `_meta`, with the
+/// client's `capabilities` and identity, and the method and tool named in
+/// headers. That is what makes rmcp serve it without a session, through a
+/// one-shot transport. The body and the headers.
+pub fn sessionless_call<'a>(
+    version: &'a str,
+    id: i64,
+    tool: &'a str,
+    arguments: Value,
+    capabilities: Value,
+) -> (Value, [(&'static str, &'a str); 3]) {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+        "name": tool,
+        "arguments": arguments,
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": version,
+            "io.modelcontextprotocol/clientCapabilities": capabilities,
+            "io.modelcontextprotocol/clientInfo": {"name": "sessionless", "version": "0"},
+        },
+    }});
+    let headers = [
+        ("MCP-Protocol-Version", version),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", tool),
+    ];
+    (body, headers)
+}
