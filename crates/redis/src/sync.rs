@@ -109,6 +109,35 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+impl Tracker {
+    /// Records this replica's own circuit `key` open until `until` (0:
+    /// closed). A circuit whose breaker was dropped while open (idle keys
+    /// are evicted) never reports its close: past [`MAX_TRACKED_KEYS`]
+    /// keys, those whose open period has passed are forgotten.
+    fn record_own(&mut self, key: &str, until: u64, now: u64) {
+        if until == 0 {
+            self.own.remove(key);
+            return;
+        }
+        if self.own.len() >= MAX_TRACKED_KEYS && !self.own.contains_key(key) {
+            self.own.retain(|_, open_until| *open_until > now);
+        }
+        self.own.insert(key.to_owned(), until);
+    }
+
+    /// Remembers that this sync opened `key` on a quorum. Past
+    /// [`MAX_TRACKED_KEYS`] keys, those with no report left (their remote
+    /// opens expired without a close) are forgotten: their circuits' open
+    /// periods end on their own, and nothing is left to close.
+    fn mark_applied(&mut self, key: &str) {
+        if self.applied.len() >= MAX_TRACKED_KEYS && !self.applied.contains(key) {
+            let Tracker { opens, applied, .. } = self;
+            applied.retain(|k| opens.contains_key(k));
+        }
+        self.applied.insert(key.to_owned());
+    }
+}
+
 #[derive(Default)]
 struct Tracker {
     /// key → origin → open until (unix ms), for remote origins.
@@ -416,11 +445,7 @@ impl StateSync for RedisBreakerSync {
             u: until,
         };
         if let Ok(mut tracker) = self.shared.tracker.lock() {
-            if until > 0 {
-                tracker.own.insert(message.k.clone(), until);
-            } else {
-                tracker.own.remove(&message.k);
-            }
+            tracker.record_own(&message.k, until, now_ms());
         }
         if self.outbox.try_send(message).is_err() {
             self.shared
@@ -661,7 +686,7 @@ fn decide(
             }
             deadlines.sort_unstable_by(|a, b| b.cmp(a));
             if deadlines.len() >= k {
-                tracker.applied.insert(message.k.clone());
+                tracker.mark_applied(&message.k);
                 Some(Apply::Open(deadlines[k - 1]))
             } else if tracker.applied.remove(&message.k) {
                 Some(Apply::Close)
@@ -746,6 +771,42 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn quorum_opened_keys_whose_reports_expired_are_forgotten_at_the_bound() {
+        let q = RemoteOpenPolicy::Quorum(1);
+        let mut t = Tracker::default();
+        for n in 0..MAX_TRACKED_KEYS {
+            decide(&mut t, q, &msg(&format!("k{n}"), "r1", 2000), 1000);
+        }
+        assert_eq!(t.applied.len(), MAX_TRACKED_KEYS);
+        // Every one expired without a close; new opens still apply, and the
+        // keys opened on a quorum stay bounded.
+        for n in 0..MAX_TRACKED_KEYS {
+            assert_eq!(
+                decide(&mut t, q, &msg(&format!("new{n}"), "r1", 9000), 5000),
+                Some(Apply::Open(9000))
+            );
+        }
+        assert!(t.applied.len() <= MAX_TRACKED_KEYS, "{}", t.applied.len());
+        assert!(t.applied.contains("new0") && !t.applied.contains("k0"));
+    }
+
+    #[test]
+    fn own_opens_past_their_period_are_forgotten_at_the_bound() {
+        let mut t = Tracker::default();
+        for n in 0..MAX_TRACKED_KEYS {
+            t.record_own(&format!("k{n}"), 2000, 1000);
+        }
+        t.record_own("k0", 0, 1000);
+        assert_eq!(t.own.len(), MAX_TRACKED_KEYS - 1, "a close forgets its key");
+        // Their breakers were dropped while open: no close ever came.
+        for n in 0..MAX_TRACKED_KEYS {
+            t.record_own(&format!("new{n}"), 9000, 5000);
+        }
+        assert_eq!(t.own.len(), MAX_TRACKED_KEYS);
+        assert!(t.own.contains_key("new0") && !t.own.contains_key("k1"));
     }
 
     #[test]
