@@ -9,7 +9,9 @@
 //! read-only, destructive, not idempotent, open world.
 //!
 //! Reads are lock-free (an [`arc_swap`] snapshot); updates (a `tools/list`
-//! result, configuration) replace the snapshot.
+//! result, configuration) replace the snapshot. A catalog holds at most
+//! [`MAX_CATALOG_TOOLS`] tools: past it, known tools are still updated and
+//! new names are left out (a server's lists are untrusted input).
 //!
 //! # Several upstreams
 //!
@@ -172,6 +174,25 @@ struct Snapshot {
     policies: HashMap<String, ToolPolicy>,
 }
 
+/// The most tools a catalog holds. A server's lists are untrusted input:
+/// one that lists new names on every `tools/list` (or many sessions' servers
+/// listing different ones into one catalog, which adds pages and never
+/// removes) would otherwise grow it, and every update copies it, without
+/// end. Past the bound a tool already known is still updated; a new name is
+/// left out (so, with unknown tools refused, its calls are refused).
+pub const MAX_CATALOG_TOOLS: usize = 10_000;
+
+impl Snapshot {
+    /// Adds or replaces `tools`, within [`MAX_CATALOG_TOOLS`].
+    fn add_tools(&mut self, tools: impl IntoIterator<Item = ToolInfo>) {
+        for tool in tools {
+            if self.tools.len() < MAX_CATALOG_TOOLS || self.tools.contains_key(&tool.name) {
+                self.tools.insert(tool.name.clone(), tool);
+            }
+        }
+    }
+}
+
 /// A shared tool catalog. Clones share one catalog.
 ///
 /// ```
@@ -275,7 +296,7 @@ impl ToolCatalog {
         let n = tools.len();
         self.update(|s| {
             s.tools.retain(|_, t| t.upstream.is_some());
-            s.tools.extend(tools.clone());
+            s.add_tools(tools.values().cloned());
         });
         n
     }
@@ -316,9 +337,17 @@ impl ToolCatalog {
         self.update(|s| {
             s.tools
                 .retain(|_, t| t.upstream.as_deref() != Some(upstream));
-            s.tools.extend(tools.clone());
+            s.add_tools(tools.values().cloned());
         });
-        n
+        if n < MAX_CATALOG_TOOLS / 2 {
+            return n;
+        }
+        // Near the bound, some may have been left out: count.
+        let snap = self.inner.load();
+        snap.tools
+            .values()
+            .filter(|t| t.upstream.as_deref() == Some(upstream))
+            .count()
     }
 
     /// Removes every tool registered under `upstream` (a server that left
@@ -399,9 +428,7 @@ impl ToolCatalog {
 
     /// Adds or replaces one tool (with the upstream it carries, if any).
     pub fn insert(&self, tool: ToolInfo) {
-        self.update(|s| {
-            s.tools.insert(tool.name.clone(), tool.clone());
-        });
+        self.update(|s| s.add_tools([tool.clone()]));
     }
 
     /// Adds or replaces several tools at once (one page of a paginated
@@ -411,11 +438,7 @@ impl ToolCatalog {
         if tools.is_empty() {
             return;
         }
-        self.update(|s| {
-            for tool in &tools {
-                s.tools.insert(tool.name.clone(), tool.clone());
-            }
-        });
+        self.update(|s| s.add_tools(tools.iter().cloned()));
     }
 
     /// Configures the policy of a tool (it need not be listed yet).
@@ -548,6 +571,39 @@ impl ToolCatalog {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_server_listing_new_names_every_time_never_grows_the_catalog_past_its_bound() {
+        let c = ToolCatalog::new();
+        for page in 0..30 {
+            c.extend((0..500).map(|n| ToolInfo::new(format!("p{page}-t{n}"), "")));
+        }
+        assert_eq!(c.tools().len(), MAX_CATALOG_TOOLS);
+        // A known tool is still updated at the bound; a new name is left out.
+        c.insert(ToolInfo::new("p0-t0", "updated"));
+        c.insert(ToolInfo::new("new", ""));
+        assert_eq!(
+            c.get("p0-t0").and_then(|t| t.description),
+            Some("updated".to_owned())
+        );
+        assert!(c.get("new").is_none());
+        assert_eq!(c.tools().len(), MAX_CATALOG_TOOLS);
+        // An upstream's count says what was registered.
+        let left = c.replace_upstream(
+            "a",
+            (0..MAX_CATALOG_TOOLS).map(|n| ToolInfo::new(format!("a__{n}"), "")),
+        );
+        assert_eq!(left, 0, "the catalog was full");
+        let list: Vec<Value> = (0..MAX_CATALOG_TOOLS + 10)
+            .map(|n| json!({"name": format!("x{n}")}))
+            .collect();
+        assert_eq!(
+            c.fill_from_tools_list(&json!({ "tools": list })),
+            MAX_CATALOG_TOOLS + 10,
+            "read"
+        );
+        assert_eq!(c.tools().len(), MAX_CATALOG_TOOLS, "kept");
+    }
 
     fn catalog() -> ToolCatalog {
         let c = ToolCatalog::new();
