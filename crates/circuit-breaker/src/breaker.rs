@@ -938,6 +938,37 @@ impl Breaker {
         self.retry_after(now).is_some_and(|d| !d.is_zero())
     }
 
+    /// [`refuses_now`](Self::refuses_now), read without changing the
+    /// breaker: an expired half-open probe is not timed out here (so no
+    /// event is emitted and nothing is published to the state sync) but
+    /// read as what timing it out makes of the circuit, open. For views
+    /// asked under another layer's lock (the loop guard's), which must run
+    /// no user code. (After a probe expired longer ago than the open period
+    /// that follows it, this still reads open until a call or a read of the
+    /// registry times the probe out.)
+    pub(crate) fn refuses_now_quietly(&self, now: Instant) -> bool {
+        match self.state() {
+            CircuitState::ForcedOpen => !self.policy.load().reset_timeout.is_zero(),
+            CircuitState::Open => {
+                self.open_until.load(Ordering::Acquire) > self.ns_since_epoch(now)
+            }
+            CircuitState::HalfOpen => {
+                let policy = self.policy.load();
+                let rec = self.record.lock();
+                let now_ns = self.ns_since_epoch(now);
+                if rec
+                    .probe_deadline(&policy)
+                    .is_some_and(|deadline| now_ns >= deadline)
+                {
+                    return true;
+                }
+                rec.probes_in_flight >= policy.half_open_max_calls
+                    && !self.half_open_retry_after(&rec, now_ns).is_zero()
+            }
+            _ => false,
+        }
+    }
+
     /// Whether the breaker never saw a call nor left the closed state.
     pub(crate) fn is_pristine(&self) -> bool {
         if self.state() != CircuitState::Closed || self.not_permitted.load(Ordering::Relaxed) > 0 {

@@ -478,15 +478,21 @@ impl CircuitRegistry {
 
 impl CircuitView for CircuitRegistry {
     /// Whether the next call to `key` would be refused (forced open, open
-    /// and inside its open period, or half-open with every probe in flight).
+    /// and inside its open period, or half-open with every probe in flight
+    /// or one expired). Read without changing the breaker: an expired
+    /// probe is timed out (and announced to the events and the state sync)
+    /// by the next call or read of the registry, not here, because other
+    /// layers ask this under their own locks (the loop guard, when a
+    /// refusal of an identical call is in force).
     fn is_open(&self, key: &str) -> bool {
         let now = Instant::now();
         let breakers = &self.inner.breakers;
         breakers
-            .with(&self.key_ref(key), |b| b.refuses_now(now))
+            .with(&self.key_ref(key), |b| b.refuses_now_quietly(now))
             .unwrap_or_else(|| {
                 // A key not held is served by the overflow breaker once the bound is reached.
-                breakers.len() >= breakers.bounds().max_keys && breakers.overflow().refuses_now(now)
+                breakers.len() >= breakers.bounds().max_keys
+                    && breakers.overflow().refuses_now_quietly(now)
             })
     }
 

@@ -1151,6 +1151,46 @@ async fn a_probe_that_never_ends_times_out_and_reopens_the_circuit() {
     assert_eq!(registry.state("t"), Some(CircuitState::Closed));
 }
 
+/// The view other layers ask (`CircuitView::is_open`; the loop guard asks
+/// it under its session's lock) reads the circuit without changing it: an
+/// expired probe reads as the circuit it reopens, and its timing out, with
+/// its event, waits for a call or a read of the registry. Before, the view
+/// timed the probe out itself and ran the event sinks (user code) from
+/// inside the loop guard's lock.
+#[tokio::test(start_paused = true)]
+async fn the_view_reads_an_expired_probe_as_open_without_announcing_it() {
+    let (events, seen) = recorded_events();
+    let layer = consecutive(1).events(events).build().unwrap();
+    let up = Upstream::new();
+    let mut svc = layer.layer(up.clone());
+    let registry = layer.registry().clone();
+    let f = svc.ready().await.unwrap().call(req("t"));
+    up.pop().unwrap().answer(Reply::ServerError);
+    f.await.unwrap();
+    tokio::time::advance(secs(30)).await;
+    let _hung = svc.ready().await.unwrap().call(req("t"));
+    assert!(
+        CircuitView::is_open(&registry, "t"),
+        "its one probe in flight: refuses"
+    );
+    tokio::time::advance(secs(31)).await;
+    let before = seen.lock().unwrap().len();
+    assert!(
+        CircuitView::is_open(&registry, "t"),
+        "the expired probe reopens it"
+    );
+    let announced = seen.lock().unwrap()[before..].to_vec();
+    assert!(
+        announced.is_empty(),
+        "read without announcing anything: {announced:?}"
+    );
+    assert_eq!(registry.state("t"), Some(CircuitState::Open));
+    assert!(
+        seen.lock().unwrap().len() > before,
+        "a read of the registry times the probe out, announced"
+    );
+}
+
 /// Issue 15, scenario 3: an upstream that is not connected answers every
 /// call at once with a failure before sending. Those say nothing of the
 /// tool and put no load on it: counting them kept an agent out for a whole

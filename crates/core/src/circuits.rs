@@ -75,6 +75,11 @@ impl fmt::Display for CircuitState {
 pub trait CircuitView: Send + Sync + 'static {
     /// Whether the circuit of `key` (a tool name with the default key
     /// function) currently refuses calls.
+    ///
+    /// Other layers ask this under their own locks (the loop guard, under
+    /// a session's lock, when a refusal of an identical call is in force):
+    /// an implementation reads, and never blocks, emits events or calls
+    /// back into the stack.
     fn is_open(&self, key: &str) -> bool;
 
     /// Every key whose circuit currently refuses calls.
