@@ -183,13 +183,17 @@ struct Snapshot {
 pub const MAX_CATALOG_TOOLS: usize = 10_000;
 
 impl Snapshot {
-    /// Adds or replaces `tools`, within [`MAX_CATALOG_TOOLS`].
-    fn add_tools(&mut self, tools: impl IntoIterator<Item = ToolInfo>) {
+    /// Adds or replaces `tools`, within [`MAX_CATALOG_TOOLS`]: how many of
+    /// them the catalog now holds.
+    fn add_tools(&mut self, tools: impl IntoIterator<Item = ToolInfo>) -> usize {
+        let mut kept = 0;
         for tool in tools {
             if self.tools.len() < MAX_CATALOG_TOOLS || self.tools.contains_key(&tool.name) {
                 self.tools.insert(tool.name.clone(), tool);
+                kept += 1;
             }
         }
+        kept
     }
 }
 
@@ -333,21 +337,14 @@ impl ToolCatalog {
                 (t.name.clone(), t)
             })
             .collect();
-        let n = tools.len();
+        // Set by the update that took effect (an update may be retried).
+        let registered = std::cell::Cell::new(0);
         self.update(|s| {
             s.tools
                 .retain(|_, t| t.upstream.as_deref() != Some(upstream));
-            s.add_tools(tools.values().cloned());
+            registered.set(s.add_tools(tools.values().cloned()));
         });
-        if n < MAX_CATALOG_TOOLS / 2 {
-            return n;
-        }
-        // Near the bound, some may have been left out: count.
-        let snap = self.inner.load();
-        snap.tools
-            .values()
-            .filter(|t| t.upstream.as_deref() == Some(upstream))
-            .count()
+        registered.get()
     }
 
     /// Removes every tool registered under `upstream` (a server that left
@@ -428,7 +425,9 @@ impl ToolCatalog {
 
     /// Adds or replaces one tool (with the upstream it carries, if any).
     pub fn insert(&self, tool: ToolInfo) {
-        self.update(|s| s.add_tools([tool.clone()]));
+        self.update(|s| {
+            s.add_tools([tool.clone()]);
+        });
     }
 
     /// Adds or replaces several tools at once (one page of a paginated
@@ -438,7 +437,9 @@ impl ToolCatalog {
         if tools.is_empty() {
             return;
         }
-        self.update(|s| s.add_tools(tools.iter().cloned()));
+        self.update(|s| {
+            s.add_tools(tools.iter().cloned());
+        });
     }
 
     /// Configures the policy of a tool (it need not be listed yet).
@@ -571,6 +572,16 @@ impl ToolCatalog {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn an_upstream_registered_near_the_bound_counts_only_the_tools_that_fit() {
+        let c = ToolCatalog::new();
+        c.extend((0..MAX_CATALOG_TOOLS - 3).map(|n| ToolInfo::new(format!("t{n}"), "")));
+        let registered =
+            c.replace_upstream("b", (0..100).map(|n| ToolInfo::new(format!("b__{n}"), "")));
+        assert_eq!(registered, 3);
+        assert_eq!(c.upstream_tools("b").len(), 3);
+    }
 
     #[test]
     fn a_server_listing_new_names_every_time_never_grows_the_catalog_past_its_bound() {
