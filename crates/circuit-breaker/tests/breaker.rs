@@ -1101,6 +1101,23 @@ fn tool_overrides_need_keys_that_name_a_tool() {
     assert!(consecutive(5).key_by(KeyBy::Server).build().is_ok());
 }
 
+/// Opens the circuit of `t` (breaker of `consecutive(1)`, reset 30 s) with
+/// one server error answered by hand, and waits out its open period: the
+/// next call is a half-open probe.
+async fn trip_and_wait_out_the_open_period<S>(svc: &mut S, up: &Upstream)
+where
+    S: Service<
+        toolwarden_core::jsonrpc::Request,
+        Response = toolwarden_core::jsonrpc::Response,
+        Error = toolwarden_core::BoxError,
+    >,
+{
+    let f = svc.ready().await.unwrap().call(req("t"));
+    up.pop().unwrap().answer(Reply::ServerError);
+    f.await.unwrap();
+    tokio::time::advance(secs(30)).await;
+}
+
 /// A half-open probe that never ends (nothing below the breaker times it
 /// out) counts as a failed probe once `probe_timeout` (default 30 s) has
 /// passed: the circuit reopens, from the probe's deadline, with the next
@@ -1111,10 +1128,7 @@ async fn a_probe_that_never_ends_times_out_and_reopens_the_circuit() {
     let up = Upstream::new();
     let mut svc = layer.layer(up.clone());
     let registry = layer.registry().clone();
-    let f = svc.ready().await.unwrap().call(req("t"));
-    up.pop().unwrap().answer(Reply::ServerError);
-    f.await.unwrap();
-    tokio::time::advance(secs(30)).await;
+    trip_and_wait_out_the_open_period(&mut svc, &up).await;
 
     // The probe reaches the upstream and hangs there; its future is never polled.
     let hung = svc.ready().await.unwrap().call(req("t"));
@@ -1164,10 +1178,7 @@ async fn the_view_reads_an_expired_probe_as_open_without_announcing_it() {
     let up = Upstream::new();
     let mut svc = layer.layer(up.clone());
     let registry = layer.registry().clone();
-    let f = svc.ready().await.unwrap().call(req("t"));
-    up.pop().unwrap().answer(Reply::ServerError);
-    f.await.unwrap();
-    tokio::time::advance(secs(30)).await;
+    trip_and_wait_out_the_open_period(&mut svc, &up).await;
     let _hung = svc.ready().await.unwrap().call(req("t"));
     assert!(
         CircuitView::is_open(&registry, "t"),
