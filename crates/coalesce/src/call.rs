@@ -114,13 +114,26 @@ fn panicked<T>() -> Result<T, SharedFailure> {
 
 impl<F: TryFuture> State<F> {
     /// A call not made yet, its leader waiting.
+    ///
+    /// A call answered to its lone caller (most calls) left no future, no
+    /// answer and one place: only what differs is written.
+    #[inline]
     fn lead(&mut self) {
-        self.future.set(None);
-        self.output = None;
+        if self.future.is_some() {
+            self.future.set(None);
+        }
+        if self.output.is_some() {
+            self.output = None;
+        }
         self.closed = false;
         self.waiting = 1;
-        self.places.clear();
-        self.places.push(Place::Waiting(None));
+        match self.places.as_mut_slice() {
+            [only] => *only = Place::Waiting(None),
+            _ => {
+                self.places.clear();
+                self.places.push(Place::Waiting(None));
+            }
+        }
         self.poller = None;
     }
 

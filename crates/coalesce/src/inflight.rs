@@ -2,7 +2,6 @@
 //! and of answered calls' slots kept for the next call with their key.
 
 use std::any::Any;
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{Hash, Hasher};
@@ -183,44 +182,38 @@ impl<F: TryFuture> InFlight<F> {
             self.sweep(map);
         }
         let Map { slots, spare, .. } = map;
-        match slots.entry(key) {
-            Entry::Occupied(mut entry) => {
-                let call = entry.get_mut();
-                // A closed call stays closed until reused, which takes this
-                // lock: the flag is read without the call's lock, and
-                // `join` checks again under it.
-                if !call.is_closed() {
-                    if let Some(place) = call.join() {
-                        return Registered::Joined(Arc::clone(call), place);
-                    }
+        // Looked up by reference: the key is moved only into a new entry
+        // (a key's first call); the calls that find their entry copy
+        // nothing.
+        if let Some(call) = slots.get_mut(&key) {
+            // A closed call stays closed until reused, which takes this
+            // lock: the flag is read without the call's lock, and `join`
+            // checks again under it.
+            if !call.is_closed() {
+                if let Some(place) = call.join() {
+                    return Registered::Joined(Arc::clone(call), place);
                 }
-                // Answered, or dropped by its last caller: the slot carries
-                // the new call, in the same allocation unless a caller of
-                // the last one still holds it (it then keeps it).
-                match Arc::get_mut(call) {
-                    Some(unshared) => unshared.reuse(),
-                    None => *call = fresh(spare),
-                }
-                Registered::Led(Arc::clone(call))
             }
-            Entry::Vacant(entry) => {
-                if self.count.reserve() {
-                    let call = fresh(spare);
-                    entry.insert(Arc::clone(&call));
-                    return Registered::Led(call);
-                }
-                // Full: this map's answered slots make room, if any (the
-                // sweep only removes, so the key is still absent after it).
-                let key = entry.into_key();
-                self.sweep(map);
-                if !self.count.reserve() {
-                    return Registered::Full;
-                }
-                let call = fresh(&mut map.spare);
-                map.slots.insert(key, Arc::clone(&call));
-                Registered::Led(call)
+            // Answered, or dropped by its last caller: the slot carries the
+            // new call, in the same allocation unless a caller of the last
+            // one still holds it (it then keeps it).
+            match Arc::get_mut(call) {
+                Some(unshared) => unshared.reuse(),
+                None => *call = fresh(spare),
+            }
+            return Registered::Led(Arc::clone(call));
+        }
+        // Full: this map's answered slots make room, if any (the sweep only
+        // removes, so the key is still absent after it).
+        if !self.count.reserve() {
+            self.sweep(map);
+            if !self.count.reserve() {
+                return Registered::Full;
             }
         }
+        let call = fresh(&mut map.spare);
+        map.slots.insert(key, Arc::clone(&call));
+        Registered::Led(call)
     }
 
     /// Removes the closed slots, keeping up to [`MAX_SPARE_CALLS`] of their
