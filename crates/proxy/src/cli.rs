@@ -114,9 +114,38 @@ pub struct RunArgs {
     /// Allow a non-loopback --metrics-addr.
     #[arg(long)]
     pub metrics_allow_remote: bool,
+    /// Threads serving the clients and the upstream (the runtime's
+    /// workers). Default 1, or TOKIO_WORKER_THREADS if set: each call hops
+    /// between a dozen tasks (the HTTP connection, the MCP session, the
+    /// stack, the upstream's client), and with more workers than busy
+    /// clients those hops wake idle threads, which doubled the proxy's CPU
+    /// per call and added about 1 ms at p50 on a 2-core machine
+    /// (BENCHMARKS.md). Raise it for many clients calling at once.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
     /// The upstream server's command and arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+}
+
+/// The runtime's workers when `--worker-threads` is not given: tokio's own
+/// `TOKIO_WORKER_THREADS` if set (tokio reads it), else one.
+const DEFAULT_WORKER_THREADS: usize = 1;
+
+/// The worker threads of the runtime `command` runs on: `--worker-threads`,
+/// else `None` when `TOKIO_WORKER_THREADS` is set (the runtime builder
+/// reads it), else [`DEFAULT_WORKER_THREADS`]. `demo` and `top` take the
+/// default.
+fn worker_threads(command: &Command, tokio_env: Option<OsString>) -> Option<usize> {
+    let flag = match command {
+        Command::Run(args) => args.worker_threads,
+        _ => None,
+    };
+    match (flag, tokio_env) {
+        (Some(n), _) => Some(usize::from(n)),
+        (None, Some(_)) => None,
+        (None, None) => Some(DEFAULT_WORKER_THREADS),
+    }
 }
 
 /// `toolwarden check-config`.
@@ -552,10 +581,11 @@ pub fn main(cli: Cli) -> ExitCode {
     if let Command::CheckConfig(args) = &cli.command {
         return check_config(args);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads(&cli.command, std::env::var_os("TOKIO_WORKER_THREADS")) {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("toolwarden: cannot start the runtime: {e}");
@@ -574,4 +604,39 @@ pub fn main(cli: Cli) -> ExitCode {
     // A read of stdin may still be blocking a thread: do not wait for it.
     runtime.shutdown_timeout(Duration::from_millis(500));
     code
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn command(args: &[&str]) -> Command {
+        Cli::try_parse_from(args).unwrap().command
+    }
+
+    #[test]
+    fn one_worker_unless_the_flag_or_tokios_variable_says_otherwise() {
+        let run = command(&["toolwarden", "run", "--", "server"]);
+        assert_eq!(worker_threads(&run, None), Some(1));
+        // TOKIO_WORKER_THREADS is left to the runtime builder, which reads it.
+        assert_eq!(worker_threads(&run, Some("3".into())), None);
+        let flag = command(&["toolwarden", "run", "--worker-threads", "4", "--", "server"]);
+        assert_eq!(worker_threads(&flag, None), Some(4));
+        assert_eq!(worker_threads(&flag, Some("3".into())), Some(4));
+        assert_eq!(
+            worker_threads(&command(&["toolwarden", "demo"]), None),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn worker_threads_must_be_between_1_and_1024() {
+        for bad in ["0", "1025", "many"] {
+            let parsed = Cli::try_parse_from(["toolwarden", "run", "--worker-threads", bad]);
+            let error = parsed.unwrap_err().to_string();
+            assert!(error.contains("--worker-threads"), "{bad}: {error}");
+        }
+    }
 }

@@ -26,6 +26,9 @@
 //! upstream per session, `"upstream"` counts them by state, and only none
 //! of them up is a failure ([`Upstreams`]).
 //!
+//! `"runtime"` says how many threads serve the proxy (`worker_threads`,
+//! set by `toolwarden run --worker-threads`).
+//!
 //! The address must be a loopback address unless `--metrics-allow-remote`
 //! is given: the reports name the upstream command and its tools.
 
@@ -248,6 +251,12 @@ impl MetricsEndpoints {
             report.insert("status".into(), json!("healthy"));
         }
         report.insert("upstream".into(), upstream.health_json());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            report.insert(
+                "runtime".into(),
+                json!({"worker_threads": runtime.metrics().num_workers()}),
+            );
+        }
         let code = if healthy {
             StatusCode::OK
         } else {

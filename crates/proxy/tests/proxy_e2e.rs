@@ -530,6 +530,11 @@ async fn http_call(
 /// `toolwarden run --listen … --metrics-addr … -- <upstream>` on free ports:
 /// the proxy, its MCP port and its metrics port.
 fn proxy_over_http(upstream: &[&str]) -> (Proxy, u16, u16) {
+    proxy_over_http_with(&[], upstream)
+}
+
+/// [`proxy_over_http`] with `options` for `toolwarden run` too.
+fn proxy_over_http_with(options: &[&str], upstream: &[&str]) -> (Proxy, u16, u16) {
     let listen = free_port();
     let metrics = free_port();
     let (listen_addr, metrics_addr) = (
@@ -542,8 +547,9 @@ fn proxy_over_http(upstream: &[&str]) -> (Proxy, u16, u16) {
         &listen_addr,
         "--metrics-addr",
         &metrics_addr,
-        "--",
     ];
+    args.extend_from_slice(options);
+    args.push("--");
     args.extend_from_slice(upstream);
     (Proxy::start(&args, PASS_UNKNOWN_TOOLS), listen, metrics)
 }
@@ -592,6 +598,10 @@ async fn mcp_server_time_behind_the_proxy_over_http() {
     let (status, report) = health(metrics).await.expect("/health answers");
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["upstream"]["state"], "up", "{report}");
+    assert_eq!(
+        report["runtime"]["worker_threads"], 1,
+        "the default: {report}"
+    );
 
     // A body that is not JSON-RPC: -32600 with HTTP 400; the session goes on.
     let (status, body) = http_post(listen, "/mcp", r#"{"jsonrpc":"2.0","id":7}"#)
@@ -684,7 +694,10 @@ async fn over_http_the_upstream_killed_mid_call_is_restarted_with_no_hung_call()
 /// refused by the loop guard, then by an open circuit, for about 30 s after
 /// the upstream was back. Failures of an upstream that is down build no
 /// loop, and a failure before sending opens no circuit, so the agent is
-/// served again within 2 s of `/health` reporting the new child up.
+/// served again within 2 s of `/health` reporting the new child up: no
+/// poll is refused by either layer, and at most three polls (1.5 s of
+/// them) fail once `/health` has reported the new child up. Counted in
+/// polls, not timed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_polling_through_an_upstream_restart_is_served_again() {
     let Some(python) = component("TOOLWARDEN_PYTHON") else {
@@ -751,6 +764,7 @@ async fn an_agent_polling_through_an_upstream_restart_is_served_again() {
         })
     };
     let mut seen = Vec::new();
+    let mut failed_after_up = 0;
     let mut id = 10;
     loop {
         id += 1;
@@ -761,25 +775,30 @@ async fn an_agent_polling_through_an_upstream_restart_is_served_again() {
             break;
         }
         let layer = answer["result"]["structuredContent"]["toolwarden"]["layer"].clone();
-        seen.push(format!("{layer}: {text}"));
-        assert_ne!(
-            layer, "loop_guard",
-            "the loop guard refused a poll through a restart: {seen:#?}"
-        );
+        let after_up = up_at.lock().unwrap().is_some();
+        seen.push(format!("{layer} (child up: {after_up}): {text}"));
+        if after_up {
+            failed_after_up += 1;
+        }
+        for refused_by in ["loop_guard", "circuit_breaker"] {
+            assert_ne!(
+                layer, refused_by,
+                "{refused_by} refused a poll through a restart: {seen:#?}"
+            );
+        }
         assert!(id < 100, "never served again: {seen:#?}");
     }
-    let served_at = tokio::time::Instant::now();
     bounded("the health watcher", LIMIT, watcher).await.unwrap();
-    let up_at = up_at
-        .lock()
-        .unwrap()
-        .expect("the watcher saw the new child");
-    // The issue's bound: served within 2 s of the upstream answering again
-    // (it was about 30 s: a loop-guard refusal, then an open circuit).
-    let after = served_at.saturating_duration_since(up_at);
     assert!(
-        after <= Duration::from_secs(2),
-        "served {after:?} after the upstream was back: {seen:#?}"
+        up_at.lock().unwrap().is_some(),
+        "the watcher saw the new child"
+    );
+    // The issue's bound in polls: served within four polls (2 s at the
+    // agent's pace) of the upstream answering again (it was about 60: a
+    // loop-guard refusal, then an open circuit).
+    assert!(
+        failed_after_up <= 3,
+        "{failed_after_up} polls failed after the upstream was back: {seen:#?}"
     );
     assert!(!seen.is_empty(), "the restart was seen by the agent");
     let _ = std::fs::remove_file(&marker);
@@ -788,15 +807,23 @@ async fn an_agent_polling_through_an_upstream_restart_is_served_again() {
 /// Issue 16: through `--listen`, every call of a client that keeps its
 /// connection alive took 44 ms: the answer left in small writes on a socket
 /// without `TCP_NODELAY`, and the second waited for the client's delayed
-/// ACK (a fixed 40 ms on Linux, not noise; a call takes about 1 ms
-/// otherwise). The smoke check: the median of 20 calls on one connection
-/// stays under 40 ms.
+/// ACK (a fixed 40 ms on Linux; a call takes about 1 ms otherwise). The
+/// cause is checked on the socket, without timing anything
+/// (`accepted_connections_write_without_nagle` in
+/// `downstream/http/serve.rs`); this is the whole path for such a client:
+/// 20 calls on one connection, each answered on it, in order, with its own
+/// echo. Its speed is measured by the peer harness (`crates/proxy/peers`),
+/// never asserted here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keep_alive_client_never_waits_for_a_delayed_ack() {
+async fn a_keep_alive_client_is_answered_every_call_on_one_connection() {
     let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
         return;
     };
-    let (_proxy, listen, _metrics) = proxy_over_http(&[bin.to_str().unwrap(), "stdio"]);
+    // On more than one worker, as the flag allows (one is the default).
+    let (_proxy, listen, metrics) = proxy_over_http_with(
+        &["--worker-threads", "3"],
+        &[bin.to_str().unwrap(), "stdio"],
+    );
     let mut client = KeepAlive::connect(listen).await;
     let status = client
         .post(
@@ -810,26 +837,25 @@ async fn a_keep_alive_client_never_waits_for_a_delayed_ack() {
     client
         .post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
         .await;
-    let mut latencies = Vec::new();
     for id in 1..=20 {
-        let start = std::time::Instant::now();
-        let status = bounded(
+        let (status, body) = bounded(
             "a call on the kept-alive connection",
             LIMIT,
-            client.post(
+            client.post_with(
+                &[],
                 &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
                     "name": "echo", "arguments": {"message": format!("call {id}")},
                 }}),
             ),
         )
         .await;
-        latencies.push(start.elapsed());
         assert!(status.contains("200"), "{status}");
+        assert!(body.contains(&format!("\"id\":{id}")), "call {id}: {body}");
+        assert!(
+            body.contains(&format!("Echo: call {id}")),
+            "call {id}: {body}"
+        );
     }
-    latencies.sort();
-    let p50 = latencies[latencies.len() / 2];
-    assert!(
-        p50 < Duration::from_millis(40),
-        "p50 {p50:?} on a kept-alive connection: the delayed-ACK stall (TCP_NODELAY)"
-    );
+    let (_, report) = health(metrics).await.expect("/health answers");
+    assert_eq!(report["runtime"]["worker_threads"], 3, "{report}");
 }
