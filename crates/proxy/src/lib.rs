@@ -55,6 +55,7 @@ pub mod reload;
 pub mod replicas;
 pub mod stack;
 pub mod table;
+mod tasks;
 pub mod tool_names;
 #[cfg(unix)]
 pub mod top;

@@ -32,7 +32,7 @@
 //!   upstream (all pages at once, no cursor), `prompts/get`,
 //!   `resources/read`, `completion/complete` and the task requests go to the
 //!   upstream they belong to (task ids are remembered bounded overall and
-//!   per session, see `tasks.rs`), `ping` is answered by the proxy,
+//!   per session, see `src/tasks.rs`), `ping` is answered by the proxy,
 //!   `logging/setLevel` and the client's notifications go to every
 //!   upstream. Requests that name nothing a gateway can route (custom
 //!   requests, skills, resource directories) are answered `-32601`.
@@ -44,7 +44,6 @@ mod lists;
 mod member;
 mod names;
 mod service;
-mod tasks;
 mod watch;
 
 use std::collections::{BTreeMap, HashMap};
@@ -67,8 +66,8 @@ use crate::config::{in_upstream_table, upstream_breaker, upstream_quota, Config,
 use crate::downstream::Downstreams;
 use crate::redact::Redactor;
 use crate::stack::SharedState;
+use crate::tasks::TaskTable;
 use crate::upstream::{Upstream, UpstreamStatus, UpstreamTarget};
-use tasks::TaskRoutes;
 
 pub use lists::UNAVAILABLE_MARK;
 pub use member::Member;
@@ -105,7 +104,7 @@ pub struct Gateway {
     downstreams: Downstreams,
     resources: Mutex<ResourceRoutes>,
     /// Task id → upstream, bounded overall and per session.
-    tasks: Mutex<TaskRoutes>,
+    tasks: Mutex<TaskTable<SessionKey, usize>>,
     /// Poked on every transition of an upstream's breaker.
     changed: Arc<Notify>,
     watcher: OnceLock<()>,
@@ -462,7 +461,7 @@ impl Gateway {
 
     /// Remembers that task `task_id`, created by downstream session
     /// `session` (its number), is `member`'s. Bounded overall and per
-    /// session: see [`TaskRoutes`].
+    /// session: see [`TaskTable`].
     pub(crate) fn task_created(&self, member: &Member, session: &SessionKey, task_id: &str) {
         let Some(&i) = self.by_name.get(&member.name) else {
             return;
@@ -472,7 +471,7 @@ impl Gateway {
 
     /// The upstream of task `task_id`, if known.
     pub(crate) fn task_member(&self, task_id: &str) -> Option<&Member> {
-        let i = lock(&self.tasks).member(task_id)?;
+        let i = lock(&self.tasks).get(task_id)?;
         self.members.get(i)
     }
 }

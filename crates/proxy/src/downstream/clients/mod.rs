@@ -63,7 +63,6 @@ mod outbox;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,6 +71,7 @@ use rmcp::model::ServerNotification;
 use rmcp::service::{Peer, RoleClient, RoleServer};
 
 use crate::progress::{lock, ProgressRoutes};
+use crate::tasks::TaskTable;
 
 use causes::Causes;
 pub use causes::{Caller, CauseGuard, Target};
@@ -115,8 +115,10 @@ struct Registry {
     next_id: DownstreamId,
     /// Tasks (SEP-1686) the server created for a client's call → that
     /// client: their status notifications are its only. Forgotten when the
-    /// task ends or the client goes.
-    tasks: HashMap<String, DownstreamId>,
+    /// task ends or the client goes, and past the table's bounds (4 096
+    /// tasks, 1 024 per client: a client creating more forgets its own
+    /// oldest, see [`TaskTable`]).
+    tasks: TaskTable<DownstreamId, ()>,
 }
 
 /// The connected downstream clients (one over stdio, one per session over
@@ -239,7 +241,7 @@ impl Downstreams {
     pub fn task_of_another(&self, task_id: &str, client: Option<DownstreamId>) -> bool {
         lock(&self.registry)
             .tasks
-            .get(task_id)
+            .owner(task_id)
             .is_some_and(|owner| Some(*owner) != client)
     }
 
@@ -247,7 +249,7 @@ impl Downstreams {
     pub fn remove(&self, id: DownstreamId) {
         let mut registry = lock(&self.registry);
         registry.clients.retain(|c| c.id != id);
-        registry.tasks.retain(|_, owner| *owner != id);
+        registry.tasks.forget_owner(&id);
     }
 
     /// Records that the server created task `task_id` for a call of
@@ -257,7 +259,7 @@ impl Downstreams {
         let mut registry = lock(&self.registry);
         match client {
             Some(id) if registry.clients.iter().any(|c| c.id == id) => {
-                registry.tasks.insert(task_id.to_owned(), id);
+                registry.tasks.insert(&id, task_id, ());
             }
             _ => {
                 registry.tasks.remove(task_id);
@@ -277,9 +279,9 @@ impl Downstreams {
     ) -> bool {
         let mut registry = lock(&self.registry);
         let owner = if ended {
-            registry.tasks.remove(task_id)
+            registry.tasks.remove(task_id).map(|((), owner)| owner)
         } else {
-            registry.tasks.get(task_id).copied()
+            registry.tasks.owner(task_id).copied()
         };
         let Some(owner) = owner else {
             return false;

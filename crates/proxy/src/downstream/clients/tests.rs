@@ -292,3 +292,27 @@ async fn views_share_their_clients() {
     assert!(second.is_empty());
     assert!(!first.task_of_another("t1", None));
 }
+
+/// A client whose calls create tasks without end (a server that never
+/// reports them ended) holds at most its share of the task table: it
+/// forgets its own oldest, and another client's task stays that client's.
+#[tokio::test]
+async fn a_client_creating_tasks_without_end_forgets_only_its_own_oldest() {
+    let downstreams = Downstreams::new();
+    let quiet = connect(&downstreams);
+    let flood = connect(&downstreams);
+    downstreams.task_created(Some(quiet.id), "quiet-task");
+    for n in 0..3_000 {
+        downstreams.task_created(Some(flood.id), &format!("flood-{n}"));
+    }
+    assert_eq!(
+        lock(&downstreams.registry).tasks.owner("quiet-task"),
+        Some(&quiet.id)
+    );
+    assert!(downstreams.task_of_another("quiet-task", Some(flood.id)));
+    // The flood keeps its newest 1 024; its older ones are nobody's.
+    assert!(downstreams.task_of_another("flood-2999", Some(quiet.id)));
+    assert!(downstreams.task_of_another("flood-1976", Some(quiet.id)));
+    assert!(!downstreams.task_of_another("flood-1975", Some(quiet.id)));
+    assert!(!downstreams.task_of_another("flood-0", None));
+}
