@@ -21,6 +21,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::sync::Arc;
 
 /// Tasks remembered in one table.
 pub(crate) const MAX_TASKS: usize = 4096;
@@ -31,11 +32,11 @@ pub(crate) const MAX_TASKS_PER_OWNER: usize = 1024;
 /// See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct TaskTable<O, V> {
-    /// A task id → its value and owner.
-    tasks: HashMap<String, (V, O)>,
+    /// A task id → its value and owner (the id shared with `by_owner`).
+    tasks: HashMap<Arc<str>, (V, O)>,
     /// Each owner's task ids with their creation number, oldest first.
     /// Owners without tasks have no entry.
-    by_owner: HashMap<O, VecDeque<(u64, String)>>,
+    by_owner: HashMap<O, VecDeque<(u64, Arc<str>)>>,
     /// Numbers task ids in creation order.
     created: u64,
     max: usize,
@@ -72,12 +73,13 @@ impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
             }
         }
         self.created += 1;
+        let task_id: Arc<str> = Arc::from(task_id);
         self.tasks
-            .insert(task_id.to_owned(), (value, owner.clone()));
+            .insert(Arc::clone(&task_id), (value, owner.clone()));
         self.by_owner
             .entry(owner.clone())
             .or_default()
-            .push_back((self.created, task_id.to_owned()));
+            .push_back((self.created, task_id));
     }
 
     /// The value of task `task_id`, if remembered.
@@ -95,7 +97,7 @@ impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
     pub(crate) fn remove(&mut self, task_id: &str) -> Option<(V, O)> {
         let (value, owner) = self.tasks.remove(task_id)?;
         if let Some(own) = self.by_owner.get_mut(&owner) {
-            own.retain(|(_, id)| id != task_id);
+            own.retain(|(_, id)| &**id != task_id);
             if own.is_empty() {
                 self.by_owner.remove(&owner);
             }
