@@ -97,7 +97,10 @@ const RECORDER_SLOTS: usize = 2;
 ///
 /// Each slot is filled once, for one recorder, and never replaced, so a
 /// lookup is an acquire load and a comparison per slot, with no lock and no
-/// reference count.
+/// reference count. The recorder registers a handle outside the slot (it is
+/// the user's code: it may take its own locks, or record a metric itself):
+/// two threads filling a slot at once may each register, and one handle is
+/// kept.
 pub(crate) struct Cached<T> {
     slots: [OnceLock<Resolved<T>>; RECORDER_SLOTS],
 }
@@ -126,22 +129,33 @@ impl<T> Cached<T> {
         use_handle: impl FnOnce(&T),
     ) {
         let id = recorder_id(recorder);
+        let mut registered = None;
         for slot in &self.slots {
             let resolved = match slot.get() {
                 Some(resolved) => resolved,
-                // A free slot: claim it (a racing thread may fill it first,
-                // perhaps for another recorder; then keep looking).
-                None => slot.get_or_init(|| Resolved {
-                    recorder: id,
-                    handle: register(recorder),
-                }),
+                None => {
+                    // A free slot: claim it (a racing thread may fill it
+                    // first, perhaps for another recorder; then keep
+                    // looking, with the handle registered here).
+                    let handle = registered.take().unwrap_or_else(|| register(recorder));
+                    if let Err(lost) = slot.set(Resolved {
+                        recorder: id,
+                        handle,
+                    }) {
+                        registered = Some(lost.handle);
+                    }
+                    match slot.get() {
+                        Some(resolved) => resolved,
+                        None => continue,
+                    }
+                }
             };
             if resolved.recorder == id {
                 use_handle(&resolved.handle);
                 return;
             }
         }
-        use_handle(&register(recorder));
+        use_handle(&registered.unwrap_or_else(|| register(recorder)));
     }
 }
 
@@ -199,5 +213,36 @@ mod tests {
         }
         metrics::with_local_recorder(&first, bump);
         assert_eq!(count(first.handle().render()).as_deref(), Some("3"));
+    }
+
+    /// A recorder's registration is its own code: one that records a metric
+    /// through the same series while it registers (a wrapper counting its
+    /// registrations) is served, not deadlocked on the slot being filled.
+    #[test]
+    fn a_registration_that_records_through_the_same_series_is_served() {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let recorder = PrometheusBuilder::new().build_recorder();
+            let cached: Cached<metrics::Counter> = Cached::default();
+            let plain = |r: &dyn Recorder| {
+                r.register_counter(
+                    &key(METRIC_CALLS, vec![label(LABEL_OUTCOME, "success")]),
+                    &METADATA,
+                )
+            };
+            let recording = |r: &dyn Recorder| {
+                cached.with(r, plain, |c| c.increment(1));
+                plain(r)
+            };
+            cached.with(&recorder, recording, |c| c.increment(1));
+            let _ = done.send(recorder.handle().render());
+        });
+        let text = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the registration returned (it deadlocked in the slot before)");
+        assert!(
+            text.contains("toolwarden_calls{outcome=\"success\"} 2"),
+            "{text}"
+        );
     }
 }
