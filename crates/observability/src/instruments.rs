@@ -174,17 +174,19 @@ mod tests {
     use super::*;
     use metrics_exporter_prometheus::PrometheusBuilder;
 
+    /// The successful calls' counter of `recorder`.
+    fn register(recorder: &dyn Recorder) -> metrics::Counter {
+        recorder.register_counter(
+            &key(METRIC_CALLS, vec![label(LABEL_OUTCOME, "success")]),
+            &METADATA,
+        )
+    }
+
     #[test]
     fn handles_follow_the_current_recorder() {
         let first = PrometheusBuilder::new().build_recorder();
         let second = PrometheusBuilder::new().build_recorder();
         let cached: Cached<metrics::Counter> = Cached::default();
-        let register = |r: &dyn Recorder| {
-            r.register_counter(
-                &key(METRIC_CALLS, vec![label(LABEL_OUTCOME, "success")]),
-                &METADATA,
-            )
-        };
         let bump = || metrics::with_recorder(|r| cached.with(r, register, |c| c.increment(1)));
         // Before any recorder: a no-op handle, not kept past the next recorder.
         bump();
@@ -224,15 +226,9 @@ mod tests {
         std::thread::spawn(move || {
             let recorder = PrometheusBuilder::new().build_recorder();
             let cached: Cached<metrics::Counter> = Cached::default();
-            let plain = |r: &dyn Recorder| {
-                r.register_counter(
-                    &key(METRIC_CALLS, vec![label(LABEL_OUTCOME, "success")]),
-                    &METADATA,
-                )
-            };
             let recording = |r: &dyn Recorder| {
-                cached.with(r, plain, |c| c.increment(1));
-                plain(r)
+                cached.with(r, register, |c| c.increment(1));
+                register(r)
             };
             cached.with(&recorder, recording, |c| c.increment(1));
             let _ = done.send(recorder.handle().render());
