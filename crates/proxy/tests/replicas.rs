@@ -6,7 +6,8 @@
 //! one left (an open circuit, a spent quota, a dead Redis):
 //!
 //! 1. a breaker opened in replica A refuses in replica B (the propagation
-//!    time is measured and printed, and bounded);
+//!    time is printed; it is measured by `benches/redis.rs`,
+//!    `redis/breaker_open_propagation`, not asserted: tests time nothing);
 //! 2. once the open period is over, both replicas are called, and only one
 //!    probe reaches the recovering server (the fleet-wide probe permit);
 //! 3. a global quota of 20/s admits 20/s ± 5 % across both replicas;
@@ -41,8 +42,6 @@ const QUOTA: f64 = 20.0;
 const BURST: f64 = 5.0;
 /// How long the replicas hammer the quota.
 const HAMMER: Duration = Duration::from_secs(3);
-/// The bound on how long replica B may take to refuse after A opened.
-const PROPAGATION_BOUND: Duration = Duration::from_millis(100);
 
 /// A `redis-server` on a fixed free port; killed on drop, restartable.
 struct Redis {
@@ -382,10 +381,6 @@ enabled = false
     println!(
         "replicas: B saw A's open circuit {seen:?} after A's opening answer (polling /circuits)"
     );
-    assert!(
-        seen <= PROPAGATION_BOUND,
-        "B took {seen:?} to see A's open circuit (bound {PROPAGATION_BOUND:?})"
-    );
     let reached = a.upstream_calls("flaky_search").await;
     assert_eq!(reached, 3, "three failures open the circuit");
     let (kind, answer) = b.call_admitted("flaky_search", search.clone()).await;
@@ -609,7 +604,6 @@ circuit_breaker = {{ failure_threshold = 1, reset_timeout = "30s" }}
     })
     .await;
     println!("gateway replicas: B saw the upstream's open breaker {seen:?} after A's answer");
-    assert!(seen <= PROPAGATION_BOUND, "{seen:?}");
     let (kind, answer) = b.call("stats", json!({})).await;
     assert_eq!(kind, Answer::CircuitOpen, "B refuses: {answer}");
     let (_, report) = health(b.metrics).await.unwrap();
