@@ -459,8 +459,8 @@ impl Gateway {
         }
     }
 
-    /// Remembers that task `task_id`, created by downstream session
-    /// `session` (its number), is `member`'s. Bounded overall and per
+    /// Remembers that task `task_id`, created for a call of downstream
+    /// session `session`, is `member`'s. Bounded overall and per
     /// session: see [`TaskTable`].
     pub(crate) fn task_created(&self, member: &Member, session: &SessionKey, task_id: &str) {
         let Some(&i) = self.by_name.get(&member.name) else {

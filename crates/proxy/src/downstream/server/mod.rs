@@ -160,6 +160,18 @@ fn default_client_config() -> ClientConfig {
     .with_protocol_version(ProtocolVersion::LATEST_WITH_INITIALIZE)
 }
 
+/// The HTTP connection a request rmcp serves without a session came on.
+fn sessionless_connection(context: &RequestContext<RoleServer>) -> Option<u64> {
+    if takes_requests(context) {
+        return None;
+    }
+    let parts = context.extensions.get::<axum::http::request::Parts>()?;
+    parts
+        .extensions
+        .get::<ConnectionKill>()
+        .map(ConnectionKill::id)
+}
+
 /// Whether the client that sent the request of `context` can be sent the
 /// server's requests (and so is registered in [`Downstreams`]): over stdio
 /// always; over Streamable HTTP only with a session.
@@ -176,18 +188,6 @@ fn default_client_config() -> ClientConfig {
 /// version and metadata, not by that header (a request it serves without a
 /// session may carry a stale one). The mark says which transport the
 /// request really came through.
-/// The HTTP connection a request rmcp serves without a session came on.
-fn sessionless_connection(context: &RequestContext<RoleServer>) -> Option<u64> {
-    if takes_requests(context) {
-        return None;
-    }
-    let parts = context.extensions.get::<axum::http::request::Parts>()?;
-    parts
-        .extensions
-        .get::<ConnectionKill>()
-        .map(ConnectionKill::id)
-}
-
 fn takes_requests(context: &RequestContext<RoleServer>) -> bool {
     context.extensions.get::<InSession>().is_some()
         || context
