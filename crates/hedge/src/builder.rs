@@ -262,6 +262,7 @@ impl<C> HedgeBuilder<C> {
             percentile,
             min_samples: self.min_samples,
             safe_to_hedge: self.safe_to_hedge,
+            record: None,
         })
     }
 
@@ -295,8 +296,18 @@ impl<C> HedgeBuilder<C> {
         self,
         call: CallPolicy,
         budget: RetryBudget,
-        tools: ToolPolicies,
+        mut tools: ToolPolicies,
     ) -> HedgeLayer<C> {
+        // Kept per tool, a tool with an override and a percentile gets its
+        // record beside its override: the call that looks the override up
+        // has found it, and it takes no place in the bounded map.
+        let mut tool_records = Vec::new();
+        if matches!(self.key_by, KeyBy::Tool) {
+            for policy in tools.values_mut().filter(|p| p.percentile.is_some()) {
+                policy.record = u32::try_from(tool_records.len()).ok();
+                tool_records.push(LatencyRecord::new());
+            }
+        }
         HedgeLayer::from_shared(Shared {
             policy: HedgePolicy {
                 call,
@@ -307,6 +318,7 @@ impl<C> HedgeBuilder<C> {
             budget,
             key_by: self.key_by,
             latency: KeyedState::new(self.bounds, |_| LatencyRecord::new()),
+            tool_records: tool_records.into_boxed_slice(),
             events: self.events,
         })
     }

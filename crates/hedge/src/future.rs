@@ -91,6 +91,16 @@ enum Phase {
     Off,
 }
 
+/// Where a call records its answer's latency.
+enum Recorder {
+    /// Nowhere: not sampled, or not waited for.
+    Off,
+    /// Its tool's own record ([`Shared::tool_record`]).
+    Tool,
+    /// Its key's record in the bounded map.
+    Keyed(RecordHandle),
+}
+
 /// What a hedgeable call keeps.
 pub(crate) struct Race<S, R, Resp, C> {
     service: S,
@@ -102,11 +112,11 @@ pub(crate) struct Race<S, R, Resp, C> {
     started: Instant,
     hedge_started: Option<Instant>,
     policy: CallPolicy,
-    /// The key's latency record, kept once the first attempt is found
-    /// waiting (with a percentile) and only by a call whose answer is
-    /// recorded: a call answered at its first poll never waited, could not
-    /// have been hedged, and is not recorded.
-    record: Option<RecordHandle>,
+    /// Where the answer's latency goes, set once the first attempt is
+    /// found waiting (with a percentile) and only for a call whose answer
+    /// is recorded: a call answered at its first poll never waited, could
+    /// not have been hedged, and is not recorded.
+    record: Recorder,
     phase: Phase,
     /// The first attempt's failure, held while the hedge runs.
     held: Option<Box<Result<Resp, BoxError>>>,
@@ -128,7 +138,7 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
             started,
             hedge_started: None,
             policy,
-            record: None,
+            record: Recorder::Off,
             phase: Phase::Waiting,
             held: None,
         }
@@ -136,7 +146,15 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
 
     /// Records a good answer of an attempt started at `since`.
     fn record(&self, since: Instant) {
-        if let (Some(record), Some(permille)) = (&self.record, self.policy.percentile) {
+        let Some(permille) = self.policy.percentile else {
+            return;
+        };
+        let record = match &self.record {
+            Recorder::Off => return,
+            Recorder::Tool => self.shared.tool_record(&self.policy),
+            Recorder::Keyed(handle) => Some(&**handle),
+        };
+        if let Some(record) = record {
             record.record(since.elapsed(), permille, self.policy.min_samples);
         }
     }
@@ -154,6 +172,14 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
         if self.policy.percentile.is_none() {
             return self.policy.delay;
         }
+        if let Some(record) = self.shared.tool_record(&self.policy) {
+            // A tool with an override keeps its record beside it: no
+            // lookup, no handle.
+            if record.sample() {
+                self.record = Recorder::Tool;
+            }
+            return record.percentile().unwrap_or(self.policy.delay);
+        }
         let Some(request) = &self.request else {
             return self.policy.delay;
         };
@@ -169,7 +195,9 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
                 (record.percentile(), record.sample().then_some(record))
             }
         };
-        self.record = record;
+        if let Some(handle) = record {
+            self.record = Recorder::Keyed(handle);
+        }
         percentile.unwrap_or(self.policy.delay)
     }
 }

@@ -51,6 +51,7 @@ impl<C> fmt::Debug for HedgeLayer<C> {
             .field("budget", &self.shared.budget)
             .field("key_by", &self.shared.key_by)
             .field("latency", &self.shared.latency)
+            .field("tool_records", &self.shared.tool_records)
             .field("events", &self.shared.events)
             .finish_non_exhaustive()
     }
@@ -97,10 +98,14 @@ impl<C> HedgeLayer<C> {
     #[must_use]
     pub fn delay_for<R: McpRequest>(&self, request: &R) -> Option<Duration> {
         let policy = self.shared.policy.select(request)?;
-        let record = policy
-            .percentile
-            .map(|_| self.shared.latency.entry(self.shared.key_by.key(request)));
-        Some(policy.delay_with(record.as_deref()))
+        if policy.percentile.is_none() {
+            return Some(policy.delay);
+        }
+        if let Some(record) = self.shared.tool_record(policy) {
+            return Some(policy.delay_with(Some(record)));
+        }
+        let record = self.shared.latency.entry(self.shared.key_by.key(request));
+        Some(policy.delay_with(Some(&record)))
     }
 
     /// Whole hedges the budget allows right now.
@@ -135,7 +140,22 @@ pub(crate) struct Shared<C> {
     pub(crate) budget: RetryBudget,
     pub(crate) key_by: KeyBy,
     pub(crate) latency: KeyedState<LatencyRecord>,
+    /// The records of the tools with an override, by
+    /// [`CallPolicy::record`], when records are kept per tool: found by
+    /// the override's lookup, outside the bounded map (there are as many
+    /// as the configuration names).
+    pub(crate) tool_records: Box<[LatencyRecord]>,
     pub(crate) events: Events,
+}
+
+impl<C> Shared<C> {
+    /// The record of a tool with an override, if it keeps its own.
+    #[inline]
+    pub(crate) fn tool_record(&self, policy: &CallPolicy) -> Option<&LatencyRecord> {
+        policy
+            .record
+            .and_then(|index| self.tool_records.get(index as usize))
+    }
 }
 
 /// The knobs one call follows: the layer's, or its tool's override.
@@ -148,6 +168,9 @@ pub(crate) struct CallPolicy {
     pub(crate) min_samples: u32,
     /// Per tool only: overrides the catalog.
     pub(crate) safe_to_hedge: Option<bool>,
+    /// Per tool only, with a percentile and records kept per tool: the
+    /// tool's record in [`Shared::tool_records`].
+    pub(crate) record: Option<u32>,
 }
 
 impl CallPolicy {

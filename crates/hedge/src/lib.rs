@@ -72,7 +72,11 @@
 //! wait of one that is not.
 //! The latency records are kept per key ([`key_by`](HedgeBuilder::key_by),
 //! per tool by default) in a map bounded by
-//! [`bounds`](HedgeBuilder::bounds). A call answered before its delay
+//! [`bounds`](HedgeBuilder::bounds); kept per tool, a tool with its own
+//! override ([`tool`](HedgeBuilder::tool)) keeps its record beside the
+//! override instead, outside that map: the lookup that finds the override
+//! finds it (the overrides are as many as the configuration names, so
+//! they need no bound). A call answered before its delay
 //! costs no timer at all when its first poll answers it, and one timer
 //! otherwise.
 //!

@@ -8,7 +8,9 @@ use std::time::Duration;
 use serde_json::json;
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{ready_call, MockMcp, ReadyChecked, Step};
-use toolwarden_core::{BoxError, Event, Events, McpResponse, ToolCatalog, ToolPolicy};
+use toolwarden_core::{
+    Bounds, BoxError, Event, Events, KeyBy, McpResponse, ToolCatalog, ToolPolicy,
+};
 use toolwarden_hedge::{BudgetConfig, HedgeBuilder, HedgeLayer};
 use tower::{Layer, Service, ServiceExt};
 
@@ -247,6 +249,51 @@ async fn the_delay_follows_the_tools_percentile_once_it_has_enough_samples() {
         one(&fixed, &upstream, call(id, "lookup")).await.unwrap();
     }
     assert_eq!(fixed.delay_for(&request), Some(ms(50)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn tools_with_an_override_keep_their_own_record_past_the_maps_bound() {
+    // A map of one key: tools found only through the catalog would share
+    // its overflow record; tools with an override keep theirs beside it.
+    let hedge = layer(|b| {
+        let b = b
+            .min_samples(1)
+            .delay(Duration::from_secs(1))
+            .bounds(Bounds {
+                max_keys: 1,
+                idle_timeout: None,
+            });
+        ["lookup", "search", "fetch"]
+            .into_iter()
+            .fold(b, |b, tool| b.tool(tool, |t| t.safe_to_hedge(true)))
+    });
+    let latencies = [("lookup", 30), ("search", 80), ("fetch", 120)];
+    let mut upstream = MockMcp::new();
+    for (tool, after) in latencies {
+        upstream = upstream.default_step(tool, Step::ok("ok").after(ms(after)));
+    }
+    for id in 0..8 {
+        for (tool, _) in latencies {
+            one(&hedge, &upstream, call(id, tool)).await.unwrap();
+        }
+    }
+    for (tool, after) in latencies {
+        assert_eq!(hedge.delay_for(&call(0, tool)), Some(ms(after)), "{tool}");
+    }
+    // Keyed otherwise (here one record for the server), the map keeps them.
+    let shared = layer(|b| {
+        b.min_samples(1)
+            .key_by(KeyBy::Server)
+            .tool("lookup", |t| t.safe_to_hedge(true))
+            .tool("fetch", |t| t.safe_to_hedge(true))
+    });
+    for tool in ["fetch", "lookup"] {
+        for id in 0..8 {
+            one(&shared, &upstream, call(id, tool)).await.unwrap();
+        }
+    }
+    // The record's first sample was fetch's (computed again at 16 samples).
+    assert_eq!(shared.delay_for(&call(0, "lookup")), Some(ms(120)));
 }
 
 #[tokio::test(start_paused = true)]
