@@ -106,7 +106,7 @@ impl<F: TryFuture> fmt::Debug for InFlight<F> {
 /// A layer's map of one future type, its type erased (the layer keeps one
 /// per future type): counted for [`CoalesceLayer::in_flight`](crate::CoalesceLayer::in_flight),
 /// downcast by the services to their own.
-pub(crate) trait ErasedMap: Send + Sync {
+pub(crate) trait ErasedMap: Any + Send + Sync {
     /// Calls in flight that others may join now.
     fn open(&self) -> usize;
     /// The map, to downcast.

@@ -1,5 +1,6 @@
 //! [`Coalesce`]: the service built by [`CoalesceLayer`].
 
+use std::any::Any;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -26,8 +27,9 @@ use crate::layer::{CoalesceLayer, Shared};
 pub struct Coalesce<S> {
     inner: S,
     shared: Arc<Shared>,
-    /// The layer's map for this service's future type, found once.
-    map: Option<Arc<dyn ErasedMap>>,
+    /// The layer's map for this service's future type, found once (as
+    /// `Any`: a call's downcast is then one type check).
+    map: Option<Arc<dyn Any + Send + Sync>>,
     /// Forwards every call untouched (see [`Coalesce::passthrough`]).
     passthrough: bool,
 }
@@ -142,12 +144,13 @@ impl<S> Coalesce<S> {
             session,
         };
         if self.map.is_none() {
-            self.map = Some(self.shared.map::<S::Future>());
+            let map: Arc<dyn ErasedMap> = self.shared.map::<S::Future>();
+            self.map = Some(map);
         }
         let Some(map) = self
             .map
             .as_deref()
-            .and_then(|map| map.as_any().downcast_ref::<InFlight<S::Future>>())
+            .and_then(|map| map.downcast_ref::<InFlight<S::Future>>())
         else {
             return ResponseFuture::direct(self.inner.call(request));
         };
