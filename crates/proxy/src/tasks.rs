@@ -18,10 +18,18 @@
 //! notifications go nowhere, and its id alone gives access to it, as for a
 //! task created for a client without a session. Task ids are the server's,
 //! and only the client that created the task was sent its id.
+//!
+//! Task ids are the server's, of any length: the table keeps no id, only
+//! two 64-bit SipHash digests of it under keys drawn for the table
+//! ([`RandomState`]), so a task costs the same few dozen bytes however
+//! long its id (a server sending megabyte ids cannot make the table hold
+//! gigabytes). Two ids with the same digests would be one task: among
+//! 4 096 tasks the chance is about 2⁻¹⁰⁴, and nobody outside knows the
+//! keys to make it happen.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash};
 
 /// Tasks remembered in one table.
 pub(crate) const MAX_TASKS: usize = 4096;
@@ -29,14 +37,20 @@ pub(crate) const MAX_TASKS: usize = 4096;
 /// Tasks remembered per owner.
 pub(crate) const MAX_TASKS_PER_OWNER: usize = 1024;
 
+/// A task id as a table keeps it: its two digests (see the
+/// [module docs](self)).
+type IdKey = (u64, u64);
+
 /// See the [module docs](self).
 #[derive(Debug)]
 pub(crate) struct TaskTable<O, V> {
-    /// A task id → its value and owner (the id shared with `by_owner`).
-    tasks: HashMap<Arc<str>, (V, O)>,
-    /// Each owner's task ids with their creation number, oldest first.
+    /// The keys of the digests of task ids.
+    digests: (RandomState, RandomState),
+    /// A task id's digests → its value and owner.
+    tasks: HashMap<IdKey, (V, O)>,
+    /// Each owner's tasks with their creation number, oldest first.
     /// Owners without tasks have no entry.
-    by_owner: HashMap<O, VecDeque<(u64, Arc<str>)>>,
+    by_owner: HashMap<O, VecDeque<(u64, IdKey)>>,
     /// Numbers task ids in creation order.
     created: u64,
     max: usize,
@@ -52,6 +66,7 @@ impl<O: Eq + Hash + Clone, V: Copy> Default for TaskTable<O, V> {
 impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
     pub(crate) fn with_bounds(max: usize, per_owner: usize) -> Self {
         TaskTable {
+            digests: (RandomState::new(), RandomState::new()),
             tasks: HashMap::new(),
             by_owner: HashMap::new(),
             created: 0,
@@ -60,10 +75,19 @@ impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
         }
     }
 
+    /// How the table keeps `task_id`.
+    fn key(&self, task_id: &str) -> IdKey {
+        (
+            self.digests.0.hash_one(task_id),
+            self.digests.1.hash_one(task_id),
+        )
+    }
+
     /// Remembers task `task_id` of `owner`, with `value`. An id seen again
     /// (a server reusing ids) is the new owner's, with the new value.
     pub(crate) fn insert(&mut self, owner: &O, task_id: &str, value: V) {
-        self.remove(task_id);
+        let key = self.key(task_id);
+        self.remove_key(key);
         let own = self.by_owner.get(owner).map_or(0, VecDeque::len);
         if own >= self.per_owner {
             self.forget_oldest_of(owner);
@@ -73,31 +97,33 @@ impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
             }
         }
         self.created += 1;
-        let task_id: Arc<str> = Arc::from(task_id);
-        self.tasks
-            .insert(Arc::clone(&task_id), (value, owner.clone()));
+        self.tasks.insert(key, (value, owner.clone()));
         self.by_owner
             .entry(owner.clone())
             .or_default()
-            .push_back((self.created, task_id));
+            .push_back((self.created, key));
     }
 
     /// The value of task `task_id`, if remembered.
     pub(crate) fn get(&self, task_id: &str) -> Option<V> {
-        self.tasks.get(task_id).map(|(value, _)| *value)
+        self.tasks.get(&self.key(task_id)).map(|(value, _)| *value)
     }
 
     /// The owner of task `task_id`, if remembered.
     pub(crate) fn owner(&self, task_id: &str) -> Option<&O> {
-        self.tasks.get(task_id).map(|(_, owner)| owner)
+        self.tasks.get(&self.key(task_id)).map(|(_, owner)| owner)
     }
 
     /// Forgets task `task_id` (it ended); its value and owner, if it was
     /// remembered.
     pub(crate) fn remove(&mut self, task_id: &str) -> Option<(V, O)> {
-        let (value, owner) = self.tasks.remove(task_id)?;
+        self.remove_key(self.key(task_id))
+    }
+
+    fn remove_key(&mut self, key: IdKey) -> Option<(V, O)> {
+        let (value, owner) = self.tasks.remove(&key)?;
         if let Some(own) = self.by_owner.get_mut(&owner) {
-            own.retain(|(_, id)| &**id != task_id);
+            own.retain(|&(_, id)| id != key);
             if own.is_empty() {
                 self.by_owner.remove(&owner);
             }
@@ -107,8 +133,8 @@ impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
 
     /// Forgets every task of `owner` (it went away).
     pub(crate) fn forget_owner(&mut self, owner: &O) {
-        for (_, task_id) in self.by_owner.remove(owner).unwrap_or_default() {
-            self.tasks.remove(&task_id);
+        for (_, key) in self.by_owner.remove(owner).unwrap_or_default() {
+            self.tasks.remove(&key);
         }
     }
 
@@ -135,8 +161,8 @@ impl<O: Eq + Hash + Clone, V: Copy> TaskTable<O, V> {
         let Some(tasks) = self.by_owner.get_mut(owner) else {
             return;
         };
-        if let Some((_, task_id)) = tasks.pop_front() {
-            self.tasks.remove(&task_id);
+        if let Some((_, key)) = tasks.pop_front() {
+            self.tasks.remove(&key);
         }
         if tasks.is_empty() {
             self.by_owner.remove(owner);
@@ -231,6 +257,25 @@ mod tests {
         );
         tasks.forget_owner(&2);
         assert!(tasks.by_owner.is_empty() && tasks.tasks.is_empty());
+    }
+
+    #[test]
+    fn ids_of_any_length_are_kept_as_digests_and_told_apart() {
+        let mut tasks = TaskTable::<u64, usize>::with_bounds(100, 10);
+        let long = "x".repeat(1 << 20);
+        tasks.insert(&1, &long, 7);
+        tasks.insert(&2, &long[..long.len() - 1], 8);
+        tasks.insert(&3, "", 9);
+        assert_eq!(tasks.get(&long), Some(7));
+        assert_eq!(tasks.owner(&long[..long.len() - 1]), Some(&2));
+        assert_eq!(tasks.get(""), Some(9));
+        assert_eq!(tasks.get(&format!("{long}x")), None);
+        assert_eq!(tasks.remove(&long), Some((7, 1)));
+        assert_eq!(tasks.get(&long), None);
+        assert!(!tasks.by_owner.contains_key(&1));
+        // Another table keeps the same id under other digests.
+        let other = TaskTable::<u64, usize>::with_bounds(100, 10);
+        assert_ne!(tasks.key("t"), other.key("t"));
     }
 
     #[test]
