@@ -232,6 +232,11 @@ struct Setup {
     /// Errors come up as errors (no rendering, no degraded answers), so the
     /// test can read them as the layers below produced them.
     raw_errors: bool,
+    /// The optional layers too, with this bulkhead cap: coalescing,
+    /// hedging (after 500 ms, for the tools the catalog calls safe to send
+    /// twice) and a bulkhead of 1 attempt in flight per tool (a hedge is
+    /// refused by it) or 2 (a hedge reaches the server).
+    optional: Option<u32>,
 }
 
 /// The per-tool quota: 20 calls a minute, burst 4.
@@ -245,7 +250,14 @@ const ANSWER_BOUND: Duration = Duration::from_secs(120);
 
 fn stack(setup: &Setup) -> StandardStackLayer {
     let degrade = !setup.raw_errors;
-    StandardStack::builder()
+    let mut builder = StandardStack::builder();
+    if let Some(cap) = setup.optional {
+        builder = builder
+            .coalesce(|b| b)
+            .hedge(|b| b.delay(Duration::from_millis(500)))
+            .bulkhead(move |b| b.max_concurrent(cap));
+    }
+    builder
         .catalog(catalog(setup.trusted))
         .attempt_timeout(ATTEMPT_TIMEOUT)
         .retry_deadline(RETRY_DEADLINE)
@@ -453,6 +465,29 @@ impl World {
         if checked("rejected") {
             self.check_rejections_counted(tool)?;
         }
+        if checked("hedge") {
+            self.check_hedges_only_safe()?;
+        }
+        Ok(())
+    }
+
+    /// Guarantee: a hedge (a second copy, its id marked `#tw-hedge`) is
+    /// sent only for a tool the trusted catalog calls read-only and
+    /// idempotent, never for one only idempotent or without hints.
+    fn check_hedges_only_safe(&self) -> Result<(), TestCaseError> {
+        for request in self.upstream.requests() {
+            let hedge = matches!(&request.id, Id::String(id) if id.contains("#tw-hedge"));
+            if !hedge {
+                continue;
+            }
+            let tool = request.tool_name().unwrap_or("");
+            prop_assert!(
+                self.setup.optional.is_some() && self.setup.trusted && tool == "search_docs",
+                "a hedge of {tool} reached the server ({:?}, catalog trusted: {})",
+                request.id,
+                self.setup.trusted
+            );
+        }
         Ok(())
     }
 
@@ -592,10 +627,11 @@ proptest! {
     fn the_stack_keeps_its_guarantees_against_any_upstream(
         trusted in any::<bool>(),
         raw_errors in any::<bool>(),
+        optional in prop::option::of(1..=2u32),
         answers in prop::collection::vec(answer(), 1..24),
         calls in prop::collection::vec(call(), 1..40),
     ) {
-        run_case(Setup { trusted, raw_errors }, answers, calls)?;
+        run_case(Setup { trusted, raw_errors, optional }, answers, calls)?;
     }
 }
 
@@ -630,6 +666,7 @@ async fn regression_15_1_a_huge_retry_hint_answers_instead_of_panicking() {
         let layer = stack(&Setup {
             trusted: true,
             raw_errors: false,
+            optional: None,
         });
         let mut svc = layer.layer(ReadyChecked::new(upstream));
         let answer = send(&mut svc, 1, "lookup", json!({"q": 1})).await.unwrap();
