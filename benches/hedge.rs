@@ -20,6 +20,11 @@
 //!   arms the timer, reads the clock again and records its latency.
 //! - `toolwarden_fixed_delay`: the same with `percentile(None)` (no latency
 //!   record).
+//! - `toolwarden_by_catalog` (overhead groups only): the defaults, the
+//!   tools hedgeable because a trusted catalog calls them read-only and
+//!   idempotent, with no override: a tool's latency record is then looked
+//!   up in the layer's bounded map (a tool with an override keeps its
+//!   record beside the override, found by the override's lookup).
 //! - `toolwarden_not_hedgeable`: a tool that is not safe to send twice: the
 //!   call passes through (the policy lookup only).
 //! - `tower_resilience`: tower-resilience 0.13's `HedgeLayer` (delay
@@ -51,6 +56,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion};
 use support::{overhead_pair, runtime_current_thread, Call, Reply};
 use tokio::runtime::Runtime;
+use toolwarden_core::{ToolAnnotations, ToolCatalog, ToolInfo};
 use toolwarden_hedge::{HedgeBuilder, HedgeLayer};
 use tower::{service_fn, Layer, Service, ServiceExt};
 
@@ -88,6 +94,24 @@ impl Future for YieldOnce {
         cx.waker().wake_by_ref();
         Poll::Pending
     }
+}
+
+/// A trusted catalog that calls every bench tool read-only and idempotent:
+/// the tools are hedgeable without an override, so their latency records
+/// are in the layer's bounded map.
+fn hedgeable_catalog() -> ToolCatalog {
+    let catalog = ToolCatalog::new();
+    for tool in TOOLS {
+        catalog.insert(
+            ToolInfo::new(tool, "bench tool").annotations(ToolAnnotations {
+                read_only_hint: Some(true),
+                idempotent_hint: Some(true),
+                ..Default::default()
+            }),
+        );
+    }
+    catalog.set_trusted(true);
+    catalog
 }
 
 fn hedgeable(mut b: HedgeBuilder) -> HedgeBuilder {
@@ -185,12 +209,22 @@ where
         .build()
         .unwrap()
         .layer(bare.clone());
+    let mut by_catalog = HedgeLayer::builder()
+        .catalog(hedgeable_catalog())
+        .build()
+        .unwrap()
+        .layer(bare.clone());
+    assert!(HedgeLayer::builder()
+        .catalog(hedgeable_catalog())
+        .build()
+        .unwrap()
+        .is_hedged(&Call { tool: "search" }));
     let mut resilience = tower_resilience::hedge::HedgeLayer::builder()
         .delay(Duration::from_millis(100))
         .max_hedged_attempts(2)
         .build()
         .layer(bare.clone());
-    let (mut b1, mut b2, mut b3) = (bare.clone(), bare.clone(), bare);
+    let (mut b1, mut b2, mut b3, mut b4) = (bare.clone(), bare.clone(), bare.clone(), bare);
     let mut i = 0usize;
     let mut next = move || {
         i = i.wrapping_add(1);
@@ -200,6 +234,7 @@ where
     };
     let mut next2 = next;
     let mut next3 = next;
+    let mut next4 = next;
     let mut group = c.benchmark_group(name);
     let mut ours = overhead_pair(
         || {
@@ -219,6 +254,17 @@ where
         },
     );
     group.bench_function("toolwarden_fixed_delay", |b| b.iter_custom(&mut ours_fixed));
+    let mut ours_catalog = overhead_pair(
+        || {
+            black_box(drive(&mut b4, black_box(Call { tool: "search" })));
+        },
+        || {
+            black_box(drive(&mut by_catalog, black_box(next4())));
+        },
+    );
+    group.bench_function("toolwarden_by_catalog", |b| {
+        b.iter_custom(&mut ours_catalog)
+    });
     let mut theirs = overhead_pair(
         || {
             black_box(drive(&mut b2, black_box(Call { tool: "search" })));

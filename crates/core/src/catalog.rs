@@ -170,9 +170,14 @@ struct Snapshot {
     /// Bumped by every update, so users of the catalog can tell it changed.
     version: u64,
     trusted: bool,
-    tools: HashMap<String, ToolInfo>,
-    policies: HashMap<String, ToolPolicy>,
+    tools: ByName<ToolInfo>,
+    policies: ByName<ToolPolicy>,
 }
+
+/// A map by tool name, read on every call by the layers that ask the
+/// catalog: foldhash (seeded per process) instead of SipHash, as the
+/// layers' other maps by name.
+type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
 
 /// The most tools a catalog holds. A server's lists are untrusted input:
 /// one that lists new names on every `tools/list` (or many sessions' servers
