@@ -154,6 +154,7 @@ impl<F: TryFuture> InFlight<F> {
     /// Joins the call in flight for `key`, or registers a new one, makes
     /// it with `make` (the map unlocked) and leads it; `Alone` (nothing
     /// made) when the map is full.
+    #[inline]
     pub(crate) fn join(&self, key: CallKey, make: impl FnOnce() -> F) -> Joined<F> {
         let call = match self.register(key) {
             Registered::Led(call) => call,
