@@ -171,7 +171,9 @@ impl<C> HedgeBuilder<C> {
 
     /// The bounds of the latency records (about 300 bytes each): past
     /// `max_keys`, new keys share one overflow record; a key idle for
-    /// `idle_timeout` is evicted. Checked as [`Bounds::validate`] (errors
+    /// `idle_timeout` is evicted. Kept per tool, a tool with an override
+    /// ([`tool`](Self::tool)) keeps its record beside the override, outside
+    /// these bounds. Checked as [`Bounds::validate`] (errors
     /// name `bounds.<field>`). Default [`Bounds::default`] (10 000 keys,
     /// 10 minutes idle).
     #[must_use]
