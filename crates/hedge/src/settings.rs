@@ -60,7 +60,7 @@ pub struct HedgeSettings {
     pub budget: Option<HedgeBudgetSettings>,
     /// The bounds of the per-tool latency records: `{ max_keys = 10000,
     /// idle_timeout = "10m" }` (the default), either key optional. A tool
-    /// with a `[hedge.tools."<name>"]` section keeps its record outside
+    /// with a `[tools."<name>".hedge]` table keeps its record outside
     /// them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bounds: Option<Bounds>,
