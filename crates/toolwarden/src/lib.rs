@@ -33,7 +33,13 @@
 //! transport failure before or after sending, or a hang; agents that drop
 //! their calls; every guarantee checked after every call; in half the
 //! cases with the optional layers too: coalescing, hedging and a
-//! bulkhead of one or two attempts in flight per tool), and by the named
+//! bulkhead of one or two attempts in flight per tool), by its twin
+//! `the_stack_keeps_its_guarantees_when_calls_overlap` for every guarantee
+//! that does not depend on the order of the calls (the same agents' calls
+//! started side by side through clones of the two services, so identical
+//! ones are coalesced, hedges meet the bulkhead and quotas are raced; one
+//! answer per call with its id, "never sent" true, at most one arrival for
+//! a tool not safe to repeat, the shared quota, hedges), and by the named
 //! tests below.
 //!
 //! | guarantee | tests |

@@ -1,8 +1,10 @@
 //! The standard stack's guarantees (the `toolwarden` crate docs,
 //! "Guarantees"), proved on the whole stack: one property test that drives
 //! it with random agents against an adversarial upstream and checks every
-//! guarantee after every call against a simple reference, and a named
-//! regression test for each scenario of issue 15 that broke one.
+//! guarantee after every call against a simple reference, a second whose
+//! calls overlap (checking the guarantees that do not depend on the order
+//! of the calls once all are answered), and a named regression test for
+//! each scenario of issue 15 that broke one.
 //!
 //! Time is paused: waits, backoffs, hangs and timeouts take no real time.
 
@@ -611,6 +613,93 @@ fn run_case(setup: Setup, answers: Vec<Answer>, calls: Vec<Call>) -> Result<(), 
     })
 }
 
+/// The agents' calls side by side: call `n` starts `wait` after the case
+/// began (not after the call before it) on a clone of its connection's
+/// service, so calls overlap, identical ones are coalesced, and a
+/// connection's calls race each other through one stack. The checks that
+/// do not depend on the order of the calls run once every call is
+/// answered (or dropped): one answer per call with the caller's id, an
+/// error's "never sent" is true, at most one arrival per call of a tool
+/// not safe to repeat, the shared quota, and hedges only of the safe tool.
+fn run_concurrent_case(
+    setup: Setup,
+    answers: Vec<Answer>,
+    calls: Vec<Call>,
+) -> Result<(), TestCaseError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let world = World::new(setup, &answers);
+        let tasks: Vec<_> = calls
+            .iter()
+            .enumerate()
+            .map(|(i, call)| {
+                let number = i as u64 + 1;
+                let mut svc = world.services[call.connection].clone();
+                let req = request(number, call);
+                let (wait, drop_after) = (call.wait, call.drop_after);
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let answer = async {
+                        let svc = svc.ready().await?;
+                        svc.call(req).await
+                    };
+                    tokio::time::timeout(drop_after.unwrap_or(ANSWER_BOUND), answer).await
+                })
+            })
+            .collect();
+        for (i, task) in tasks.into_iter().enumerate() {
+            let number = i as u64 + 1;
+            let call = &calls[i];
+            let tool = TOOLS[call.tool];
+            let answer = task
+                .await
+                .map_err(|e| TestCaseError::fail(format!("call {number}: {e}")))?;
+            match answer {
+                Err(_) if call.drop_after.is_some() => {}
+                Err(_) => {
+                    return Err(TestCaseError::fail(format!(
+                        "call {number} to {tool}: no answer within {ANSWER_BOUND:?}"
+                    )))
+                }
+                Ok(Ok(response)) => prop_assert_eq!(
+                    &response.id,
+                    &Id::Number(number as i64),
+                    "call {} to {}: the caller's id comes back",
+                    number,
+                    tool
+                ),
+                Ok(Err(error)) => {
+                    prop_assert!(
+                        world.setup.raw_errors,
+                        "call {number} to {tool}: an error reached the agent through the rendering stack: {error}"
+                    );
+                    let outcome = <McpClassifier as Classify<Response>>::classify_error(
+                        &McpClassifier::new(),
+                        error.as_ref(),
+                    );
+                    if outcome.before_sent {
+                        let sent = world.sent_attempts(tool, number);
+                        prop_assert_eq!(
+                            sent, 0,
+                            "call {} to {}: reported as never sent ({}), but {} attempt(s) reached the server",
+                            number, tool, error, sent
+                        );
+                    }
+                }
+            }
+            world.check_at_most_once(tool, number)?;
+        }
+        for tool in TOOLS {
+            world.check_quota(tool)?;
+        }
+        world.check_hedges_only_safe()
+    })
+}
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
@@ -632,6 +721,19 @@ proptest! {
         calls in prop::collection::vec(call(), 1..40),
     ) {
         run_case(Setup { trusted, raw_errors, optional }, answers, calls)?;
+    }
+
+    /// The guarantees that do not depend on the order of the calls, for
+    /// random agents whose calls overlap (see [`run_concurrent_case`]).
+    #[test]
+    fn the_stack_keeps_its_guarantees_when_calls_overlap(
+        trusted in any::<bool>(),
+        raw_errors in any::<bool>(),
+        optional in prop::option::of(1..=2u32),
+        answers in prop::collection::vec(answer(), 1..24),
+        calls in prop::collection::vec(call(), 1..40),
+    ) {
+        run_concurrent_case(Setup { trusted, raw_errors, optional }, answers, calls)?;
     }
 }
 
