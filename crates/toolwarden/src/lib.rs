@@ -39,7 +39,8 @@
 //! started side by side through clones of the two services, so identical
 //! ones are coalesced, hedges meet the bulkhead and quotas are raced; one
 //! answer per call with its id, "never sent" true, at most one arrival for
-//! a tool not safe to repeat, the shared quota, hedges), and by the named
+//! a tool not safe to repeat, the shared quota, hedges, observability's
+//! `rejected` = the refusals the agents saw), and by the named
 //! tests below.
 //!
 //! | guarantee | tests |

@@ -620,7 +620,8 @@ fn run_case(setup: Setup, answers: Vec<Answer>, calls: Vec<Call>) -> Result<(), 
 /// do not depend on the order of the calls run once every call is
 /// answered (or dropped): one answer per call with the caller's id, an
 /// error's "never sent" is true, at most one arrival per call of a tool
-/// not safe to repeat, the shared quota, and hedges only of the safe tool.
+/// not safe to repeat, the shared quota, hedges only of the safe tool, and
+/// observability's `rejected` equal to the refusals the agents saw.
 fn run_concurrent_case(
     setup: Setup,
     answers: Vec<Answer>,
@@ -632,7 +633,7 @@ fn run_concurrent_case(
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let world = World::new(setup, &answers);
+        let mut world = World::new(setup, &answers);
         let tasks: Vec<_> = calls
             .iter()
             .enumerate()
@@ -658,20 +659,26 @@ fn run_concurrent_case(
             let answer = task
                 .await
                 .map_err(|e| TestCaseError::fail(format!("call {number}: {e}")))?;
-            match answer {
-                Err(_) if call.drop_after.is_some() => {}
+            let seen = match answer {
+                Err(_) if call.drop_after.is_some() => Seen::Dropped,
                 Err(_) => {
                     return Err(TestCaseError::fail(format!(
                         "call {number} to {tool}: no answer within {ANSWER_BOUND:?}"
                     )))
                 }
-                Ok(Ok(response)) => prop_assert_eq!(
-                    &response.id,
-                    &Id::Number(number as i64),
-                    "call {} to {}: the caller's id comes back",
-                    number,
-                    tool
-                ),
+                Ok(Ok(response)) => {
+                    prop_assert_eq!(
+                        &response.id,
+                        &Id::Number(number as i64),
+                        "call {} to {}: the caller's id comes back",
+                        number,
+                        tool
+                    );
+                    match &response.payload {
+                        Ok(result) => seen_in_result(result),
+                        Err(_) => Seen::Answered,
+                    }
+                }
                 Ok(Err(error)) => {
                     prop_assert!(
                         world.setup.raw_errors,
@@ -689,12 +696,17 @@ fn run_concurrent_case(
                             number, tool, error, sent
                         );
                     }
+                    seen_in_error(&error)
                 }
+            };
+            if let Seen::Refused { .. } = seen {
+                *world.refusals.entry(tool).or_default() += 1;
             }
             world.check_at_most_once(tool, number)?;
         }
         for tool in TOOLS {
             world.check_quota(tool)?;
+            world.check_rejections_counted(tool)?;
         }
         world.check_hedges_only_safe()
     })
