@@ -289,6 +289,30 @@ impl ServerHandler for TestServer {
                     task,
                 )))
             }
+            "odd_notifications" => {
+                // Three of MCP's own notifications with params that do not
+                // fit (rmcp reads them as custom ones), then one that is
+                // custom indeed.
+                let odd = [
+                    (
+                        "notifications/progress",
+                        json!({"progressToken": {"x": 1}, "progress": "a"}),
+                    ),
+                    ("notifications/tasks", json!({"taskId": 5})),
+                    (
+                        "notifications/tasks/status",
+                        json!({"taskId": "task-odd", "status": "working"}),
+                    ),
+                    ("notifications/acme/tick", json!({"n": 1})),
+                ];
+                for (method, params) in odd {
+                    let notification = rmcp::model::ServerNotification::CustomNotification(
+                        rmcp::model::CustomNotification::new(method, Some(params)),
+                    );
+                    let _ = context.peer.send_notification(notification).await;
+                }
+                Ok(CallToolResult::success(vec![ContentBlock::text("odd done")]).into())
+            }
             "reject" => Err(ErrorData::new(
                 ErrorCode(-32602),
                 "Unknown tool: reject",
@@ -590,6 +614,36 @@ async fn progress_reaches_the_client_under_its_own_token() {
             .all(|n| n["method"] != "notifications/progress"),
         "{notifications:?}"
     );
+    h.finish().await;
+}
+
+/// A server's notification that is one of MCP's own but whose params do not
+/// fit (a progress token that is an object, a task status without a task)
+/// names a request or a task nobody can route by: it reaches no client.
+/// Broadcast, as custom notifications are, it showed every client what
+/// belongs to one. A custom notification still reaches every client.
+#[tokio::test]
+async fn malformed_notifications_of_the_server_reach_no_client() {
+    let mut h = harness();
+    h.initialize().await;
+    h.send(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "odd_notifications", "arguments": {}}}))
+        .await;
+    let (done, mut seen) = h.response(json!(3)).await;
+    assert_eq!(text(&done), "odd done");
+    // Read until the custom one has come (each notification is handled on
+    // its own), then one more round trip.
+    while !seen
+        .iter()
+        .any(|n: &Value| n["method"] == "notifications/acme/tick")
+    {
+        seen.push(h.recv().await);
+    }
+    h.send(json!({"jsonrpc": "2.0", "id": 4, "method": "ping"}))
+        .await;
+    let (_, more) = h.response(json!(4)).await;
+    seen.extend(more);
+    let methods: Vec<&str> = seen.iter().filter_map(|n| n["method"].as_str()).collect();
+    assert_eq!(methods, ["notifications/acme/tick"], "{seen:?}");
     h.finish().await;
 }
 

@@ -19,7 +19,8 @@ use crate::progress::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 /// Answers what the upstream server sends to the proxy (see the
 /// [module docs](super)):
 ///
-/// - `ping` is answered here;
+/// - `ping` is answered here, and so is one of MCP's requests whose params
+///   do not fit (rmcp reads it as a custom one): `-32602`, no client sees it;
 /// - other requests (`sampling/createMessage`, `roots/list`,
 ///   `elicitation/create`, custom ones) go to the downstream session whose
 ///   call the server was handling, found by
@@ -41,7 +42,9 @@ use crate::progress::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 ///   `tools/list_changed` refreshes the catalog and, like every other
 ///   notification (none of them names a request), is broadcast to every
 ///   connected client; `notifications/cancelled` is handled by rmcp (it
-///   cancels the forwarded request above, whose client is told).
+///   cancels the forwarded request above, whose client is told); one of
+///   MCP's notifications whose params do not fit, and any task notification
+///   rmcp cannot read, goes to no client.
 #[derive(Clone)]
 pub struct UpstreamHandler {
     shared: Arc<Shared>,
@@ -87,6 +90,19 @@ impl Service<RoleClient> for UpstreamHandler {
     ) -> Result<ClientResult, ErrorData> {
         let mut request = match request {
             ServerRequest::PingRequest(_) => return Ok(ClientResult::empty(())),
+            // One of MCP's own requests with params that do not fit (rmcp
+            // reads it as a custom one): the server is told, as a client's
+            // malformed request is told by the framer; no client sees it.
+            ServerRequest::CustomRequest(custom)
+                if SERVER_REQUESTS.contains(&custom.method.as_str()) =>
+            {
+                metrics::counter!("toolwarden_proxy_malformed_messages_total").increment(1);
+                return Err(ErrorData::new(
+                    ErrorCode(-32602),
+                    format!("Invalid params for {}", custom.method),
+                    None,
+                ));
+            }
             other => other,
         };
         // Over Streamable HTTP, rmcp's transport says which of our requests'
@@ -168,6 +184,15 @@ impl Service<RoleClient> for UpstreamHandler {
             }
             // rmcp already cancelled the forwarded request's context.
             ServerNotification::CancelledNotification(_) => return Ok(()),
+            ServerNotification::CustomNotification(custom) if is_malformed(&custom.method) => {
+                // MCP's own method with params rmcp could not read: progress,
+                // a cancellation or a task's status that names no request
+                // or task we can route by. Broadcast, it would show every
+                // client what belongs to one; forwarded to nobody.
+                metrics::counter!("toolwarden_proxy_malformed_messages_total").increment(1);
+                tracing::debug!(method = %custom.method, "a malformed notification from the server, dropped");
+                return Ok(());
+            }
             ServerNotification::ToolListChangedNotification(_) => {
                 self.shared.refresh_catalog(self.list_timeout);
             }
@@ -200,4 +225,39 @@ impl Service<RoleClient> for UpstreamHandler {
     fn get_info(&self) -> ClientConfig {
         self.info.clone()
     }
+}
+
+/// The requests MCP defines for a server to send a client (rmcp 3.9 reads
+/// each into its own type): one rmcp hands over as a custom request had
+/// params that do not fit.
+const SERVER_REQUESTS: &[&str] = &[
+    "ping",
+    "sampling/createMessage",
+    "roots/list",
+    "elicitation/create",
+];
+
+/// The notifications MCP defines for a server to send (rmcp 3.9 reads each
+/// into its own type): one rmcp hands over as a custom notification had
+/// params that do not fit.
+const SERVER_NOTIFICATIONS: &[&str] = &[
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/message",
+    "notifications/resources/updated",
+    "notifications/resources/list_changed",
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/subscriptions/acknowledged",
+];
+
+/// Whether a notification rmcp read as a custom one is malformed: one of
+/// MCP's own methods ([`SERVER_NOTIFICATIONS`]) whose params do not fit,
+/// or any task notification (`notifications/tasks`, and the
+/// `notifications/tasks/...` of other drafts), which names a task and so
+/// goes to its creator or nobody, never to every client.
+fn is_malformed(method: &str) -> bool {
+    SERVER_NOTIFICATIONS.contains(&method)
+        || method == "notifications/tasks"
+        || method.starts_with("notifications/tasks/")
 }

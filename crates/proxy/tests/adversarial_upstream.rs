@@ -1,0 +1,284 @@
+//! The proxy in front of a raw JSON-RPC server that answers `tools/call`
+//! with what a careless or hostile server sends: results of the wrong
+//! shape, malformed errors, retry hints of 1e300 s, garbage lines, answers
+//! to ids nobody asked, two answers to one call, no answer, a closed
+//! connection, malformed notifications and requests of its own. Every call
+//! gets exactly one answer, with its id, within the attempt timeout; the
+//! session goes on; nothing malformed reaches the client. Runs in process
+//! (the server on an in-memory pipe), through the standard stack with the
+//! circuit breaker left out, so that every call reaches the server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+use toolwarden_core::{Events, ToolCatalog};
+use toolwarden_proxy::config::{Config, UpstreamConfig};
+use toolwarden_proxy::endpoints::MetricsEndpoints;
+use toolwarden_proxy::stack::{build_stack, SharedState};
+use toolwarden_proxy::upstream::Upstream;
+use toolwarden_proxy::{Downstreams, InProcessServer, ProxyCore, UpstreamTarget};
+
+/// How long a call waits for an upstream that never answers it.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(400);
+/// Far more than any answer here needs: past it, the test fails.
+const BOUND: Duration = Duration::from_secs(20);
+
+/// What the server does with one `tools/call`.
+#[derive(Debug, Clone)]
+enum Reply {
+    /// Answers with this `result`.
+    Result(Value),
+    /// Answers with this `error`.
+    Error(Value),
+    /// Writes this line, and answers nothing.
+    Line(&'static str),
+    /// Answers the call twice.
+    Twice(Value),
+    /// Closes the connection.
+    Close,
+}
+
+/// What the client should get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// A JSON-RPC error.
+    RpcError,
+    /// A tool result whose text contains this.
+    Text(&'static str),
+}
+
+fn text(result: &Value) -> &str {
+    result["content"][0]["text"].as_str().unwrap_or("")
+}
+
+fn script() -> Vec<(Reply, Expect)> {
+    use Expect::{RpcError, Text};
+    let ok = |s: &str| json!({"content": [{"type": "text", "text": s}]});
+    vec![
+        (Reply::Result(json!(42)), RpcError),
+        (Reply::Result(json!(null)), RpcError),
+        (Reply::Result(json!({"content": "not an array"})), RpcError),
+        (
+            Reply::Result(json!({"content": [{"type": "bogus"}]})),
+            RpcError,
+        ),
+        (
+            Reply::Result(json!({"content": [], "isError": "yes"})),
+            RpcError,
+        ),
+        (
+            Reply::Error(json!({"code": "x", "message": 3})),
+            Text("timed out"),
+        ),
+        (
+            Reply::Error(json!({"code": -32023, "message": "slow", "data": {"retryAfter": 1e300}})),
+            Text("retry after 3600 s"),
+        ),
+        (Reply::Error(json!(null)), Text("timed out")),
+        (Reply::Line("garbage {"), Text("timed out")),
+        (
+            Reply::Line(r#"{"jsonrpc":"2.0","id":999999,"result":{}}"#),
+            Text("timed out"),
+        ),
+        (Reply::Twice(ok("twice")), Text("twice")),
+        (Reply::Result(ok("after twice")), Text("after twice")),
+        (
+            Reply::Line(
+                r#"{"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":{"x":1},"progress":"a"}}"#,
+            ),
+            Text("timed out"),
+        ),
+        (
+            Reply::Line(
+                r#"{"jsonrpc":"2.0","method":"notifications/tasks","params":{"taskId":5}}"#,
+            ),
+            Text("timed out"),
+        ),
+        (
+            Reply::Line(
+                r#"{"jsonrpc":"2.0","id":"srv-1","method":"sampling/createMessage","params":{"bogus":true}}"#,
+            ),
+            Text("timed out"),
+        ),
+        (Reply::Close, Text("connection closed")),
+        (Reply::Result(ok("after close")), Text("after close")),
+    ]
+}
+
+/// The raw server: `initialize`, `tools/list` (one tool, `t`) and `ping`
+/// answered well, each `tools/call` with the next reply of `replies`, and
+/// what the server is sent besides recorded in `received`.
+fn raw_server(
+    replies: Arc<Mutex<VecDeque<Reply>>>,
+    received: Arc<Mutex<Vec<Value>>>,
+) -> UpstreamTarget {
+    UpstreamTarget::InProcess(InProcessServer::new("raw", move || {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let (replies, received) = (Arc::clone(&replies), Arc::clone(&received));
+        tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(server);
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let message: Value = serde_json::from_str(&line).unwrap();
+                let method = message["method"].as_str().unwrap_or("").to_owned();
+                let Some(id) = message.get("id").cloned().filter(|_| !method.is_empty()) else {
+                    received.lock().unwrap().push(message);
+                    continue;
+                };
+                let answer = |result: Value| {
+                    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()
+                };
+                let out = match method.as_str() {
+                    "initialize" => vec![answer(json!({
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "raw", "version": "0"},
+                    }))],
+                    "tools/list" => vec![answer(json!({"tools": [
+                        {"name": "t", "inputSchema": {"type": "object"}},
+                    ]}))],
+                    "tools/call" => match replies.lock().unwrap().pop_front() {
+                        Some(Reply::Result(result)) => vec![answer(result)],
+                        Some(Reply::Error(error)) => {
+                            vec![json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string()]
+                        }
+                        Some(Reply::Line(line)) => vec![line.to_owned()],
+                        Some(Reply::Twice(result)) => vec![answer(result.clone()), answer(result)],
+                        Some(Reply::Close) => return,
+                        None => vec![answer(json!({"content": []}))],
+                    },
+                    _ => vec![answer(json!({}))],
+                };
+                for line in out {
+                    if write
+                        .write_all(format!("{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        client
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_gets_one_answer_whatever_the_server_sends() {
+    let script = script();
+    let replies = Arc::new(Mutex::new(script.iter().map(|(r, _)| r.clone()).collect()));
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let downstreams = Downstreams::new();
+    let upstream_config = UpstreamConfig {
+        restart_backoff_min: Duration::from_millis(20),
+        restart_backoff_max: Duration::from_millis(100),
+        ..UpstreamConfig::default()
+    };
+    let upstream = Upstream::new(
+        raw_server(replies, Arc::clone(&received)),
+        upstream_config,
+        ToolCatalog::new(),
+        downstreams.clone(),
+    );
+    let mut config = Config::default();
+    config.upstream.attempt_timeout = ATTEMPT_TIMEOUT;
+    config.circuit_breaker.enabled = Some(false);
+    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+    let stack = build_stack(&config, upstream.service(), &shared).unwrap();
+    let core = ProxyCore::new(upstream.clone(), stack, downstreams);
+    let (client, proxy_side) = tokio::io::duplex(1 << 16);
+    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
+    let shutdown = CancellationToken::new();
+    let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
+        core,
+        proxy_in,
+        proxy_out,
+        4096,
+        shutdown.clone(),
+    ));
+    let (read, mut write) = tokio::io::split(client);
+    let mut lines = BufReader::new(read).lines();
+    let mut seen: Vec<Value> = Vec::new();
+    let mut exchange = async |message: Value, seen: &mut Vec<Value>| -> Value {
+        let id = message["id"].clone();
+        write
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .unwrap();
+        loop {
+            let line = tokio::time::timeout(BOUND, lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("no answer to {message} within {BOUND:?}"))
+                .unwrap()
+                .expect("the proxy's output is open");
+            let got: Value = serde_json::from_str(&line).unwrap();
+            seen.push(got.clone());
+            if got.get("method").is_none() && got["id"] == id {
+                return got;
+            }
+        }
+    };
+    let init = exchange(
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"}}}),
+        &mut seen,
+    )
+    .await;
+    assert!(init.get("result").is_some(), "{init}");
+    for (i, (reply, expect)) in script.iter().enumerate() {
+        let id = i as i64 + 1;
+        let answer = exchange(
+            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": "t", "arguments": {"call": id}}}),
+            &mut seen,
+        )
+        .await;
+        match expect {
+            Expect::RpcError => assert!(
+                answer.get("error").is_some() && answer.get("result").is_none(),
+                "{reply:?}: {answer}"
+            ),
+            Expect::Text(part) => assert!(
+                text(&answer["result"]).contains(part),
+                "{reply:?}: wanted {part:?} in {answer}"
+            ),
+        }
+    }
+    let pong = exchange(
+        json!({"jsonrpc": "2.0", "id": "last", "method": "ping"}),
+        &mut seen,
+    )
+    .await;
+    assert_eq!(pong["result"], json!({}), "{pong}");
+    // Exactly one answer per request, and nothing else: the server's
+    // malformed notifications and request reached no client.
+    let mut answers: HashMap<String, usize> = HashMap::new();
+    for message in &seen {
+        assert!(
+            message.get("method").is_none(),
+            "forwarded to the client: {message}"
+        );
+        *answers.entry(message["id"].to_string()).or_default() += 1;
+    }
+    assert_eq!(answers.len(), script.len() + 2, "{answers:?}");
+    assert!(answers.values().all(|n| *n == 1), "{answers:?}");
+    // The server's malformed request was answered, to the server.
+    let received = received.lock().unwrap().clone();
+    let answer = received
+        .iter()
+        .find(|m| m["id"] == "srv-1")
+        .unwrap_or_else(|| panic!("no answer to the server's request: {received:?}"));
+    assert_eq!(answer["error"]["code"], -32602, "{answer}");
+    shutdown.cancel();
+    drop(write);
+    let _ = tokio::time::timeout(BOUND, serving).await;
+    upstream.shutdown(BOUND).await;
+}
