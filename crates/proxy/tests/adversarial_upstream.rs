@@ -282,3 +282,129 @@ async fn every_call_gets_one_answer_whatever_the_server_sends() {
     let _ = tokio::time::timeout(BOUND, serving).await;
     upstream.shutdown(BOUND).await;
 }
+
+/// `tools/list` requests a server was sent: in all, and the most at once.
+#[derive(Debug, Default)]
+struct Lists {
+    total: usize,
+    open: usize,
+    most: usize,
+}
+
+/// A server that answers `tools/list` 20 ms late (counting those in flight)
+/// and answers a `tools/call` after sending `notifications/tools/list_changed`
+/// `flood` times.
+fn flooding_server(flood: usize, lists: Arc<Mutex<Lists>>) -> UpstreamTarget {
+    UpstreamTarget::InProcess(InProcessServer::new("flooding", move || {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let lists = Arc::clone(&lists);
+        tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(server);
+            let (out, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<String>();
+            tokio::spawn(async move {
+                while let Some(line) = outgoing.recv().await {
+                    if write
+                        .write_all(format!("{line}\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let message: Value = serde_json::from_str(&line).unwrap();
+                let (Some(id), Some(method)) =
+                    (message.get("id").cloned(), message["method"].as_str())
+                else {
+                    continue;
+                };
+                let answer = move |result: Value| {
+                    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()
+                };
+                match method {
+                    "initialize" => drop(out.send(answer(json!({
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {"tools": {"listChanged": true}},
+                        "serverInfo": {"name": "flooding", "version": "0"},
+                    })))),
+                    "tools/list" => {
+                        {
+                            let mut lists = lists.lock().unwrap();
+                            lists.total += 1;
+                            lists.open += 1;
+                            lists.most = lists.most.max(lists.open);
+                        }
+                        let (out, lists) = (out.clone(), Arc::clone(&lists));
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            lists.lock().unwrap().open -= 1;
+                            let _ = out.send(answer(json!({"tools": [
+                                {"name": "t", "inputSchema": {"type": "object"}},
+                            ]})));
+                        });
+                    }
+                    "tools/call" => {
+                        let changed =
+                            json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"})
+                                .to_string();
+                        for _ in 0..flood {
+                            let _ = out.send(changed.clone());
+                        }
+                        let _ = out.send(answer(
+                            json!({"content": [{"type": "text", "text": "flooded"}]}),
+                        ));
+                    }
+                    _ => drop(out.send(answer(json!({})))),
+                }
+            }
+        });
+        client
+    }))
+}
+
+/// A server that sends `notifications/tools/list_changed` by the hundred
+/// gets one `tools/list` at a time, and a few in all, not one per
+/// notification (each once spawned a refresh of its own).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_list_changed_costs_one_tools_list_at_a_time() {
+    const FLOOD: usize = 500;
+    let lists = Arc::new(Mutex::new(Lists::default()));
+    let downstreams = Downstreams::new();
+    let upstream = Upstream::new(
+        flooding_server(FLOOD, Arc::clone(&lists)),
+        UpstreamConfig::default(),
+        ToolCatalog::new(),
+        downstreams.clone(),
+    );
+    upstream.start(rmcp::model::ClientConfig::default());
+    upstream.wait_connected(BOUND).await.unwrap();
+    let service = upstream.service();
+    let request = rmcp::model::ClientRequest::CallToolRequest(rmcp::model::CallToolRequest::new(
+        rmcp::model::CallToolRequestParams::new("t"),
+    ));
+    let answer = tokio::time::timeout(BOUND, tower::ServiceExt::oneshot(service, request))
+        .await
+        .expect("the call is answered")
+        .unwrap();
+    assert!(format!("{answer:?}").contains("flooded"), "{answer:?}");
+    // Every notification read, every refresh they started done: the count
+    // stays still.
+    let mut last = usize::MAX;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let lists = lists.lock().unwrap();
+        if lists.total == last && lists.open == 0 {
+            break;
+        }
+        last = lists.total;
+    }
+    let (total, most) = {
+        let lists = lists.lock().unwrap();
+        (lists.total, lists.most)
+    };
+    assert_eq!(most, 1, "{total} tools/list, {most} at once");
+    assert!(total <= 5, "{FLOOD} notifications cost {total} tools/list");
+    upstream.shutdown(BOUND).await;
+}

@@ -39,7 +39,8 @@ use crate::progress::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 ///   each counts as forwarded (its [`ProgressReceipt`] is dropped) once sent
 ///   on or dropped, so the response can wait for it;
 ///   a task's status goes to the client whose call created the task;
-///   `tools/list_changed` refreshes the catalog and, like every other
+///   `tools/list_changed` refreshes the catalog (one `tools/list` at a
+///   time: see `Shared::refresh_catalog`) and, like every other
 ///   notification (none of them names a request), is broadcast to every
 ///   connected client; `notifications/cancelled` is handled by rmcp (it
 ///   cancels the forwarded request above, whose client is told); one of

@@ -46,6 +46,7 @@ mod status;
 mod supervisor;
 mod target;
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -109,7 +110,27 @@ pub(crate) struct Shared {
     pub(crate) status: watch::Sender<UpstreamStatus>,
     /// Scrubs the upstream's secrets out of error texts.
     pub(crate) redactor: Arc<Redactor>,
+    /// Whether a catalog refresh runs ([`IDLE`], [`RUNNING`], or [`AGAIN`]).
+    pub(crate) refreshing: AtomicU8,
 }
+
+/// Sets a refresh state back to [`IDLE`] when dropped by a panic.
+struct ResetOnPanic<'a>(&'a AtomicU8);
+
+impl Drop for ResetOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(IDLE, Ordering::Release);
+        }
+    }
+}
+
+/// No catalog refresh runs.
+pub(crate) const IDLE: u8 = 0;
+/// A catalog refresh runs.
+const RUNNING: u8 = 1;
+/// A catalog refresh runs, and another was asked for since it began.
+const AGAIN: u8 = 2;
 
 impl Shared {
     /// The current connection, if it is open.
@@ -120,21 +141,54 @@ impl Shared {
     }
 
     /// Refills the catalog from the current connection, in the background.
-    pub(crate) fn refresh_catalog(&self, limit: Duration) {
-        let Some(connection) = self.connection() else {
+    ///
+    /// One refresh at a time: asked while one runs (however often), one
+    /// more runs after it, so it reads what changed meanwhile. A server
+    /// that floods `notifications/tools/list_changed` gets one `tools/list`
+    /// at a time, not one per notification.
+    pub(crate) fn refresh_catalog(self: &Arc<Self>, limit: Duration) {
+        if self.connection().is_none() {
             return;
-        };
-        let redactor = Arc::clone(&self.redactor);
+        }
+        let asked = self
+            .refreshing
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| {
+                Some(if state == IDLE { RUNNING } else { AGAIN })
+            });
+        if asked != Ok(IDLE) {
+            // The one running (or its next) will read the change.
+            return;
+        }
+        let shared = Arc::clone(self);
         tokio::spawn(async move {
-            match tokio::time::timeout(limit, connection.client.refresh_catalog()).await {
-                Ok(Ok(n)) => tracing::debug!(tools = n, "tool catalog refreshed"),
-                Ok(Err(e)) => {
-                    let error = redactor.scrub(&e.to_string()).into_owned();
-                    tracing::warn!(%error, "tools/list failed; the catalog keeps its tools")
+            // Should a refresh panic, the next notification starts one.
+            let _unwinding = ResetOnPanic(&shared.refreshing);
+            loop {
+                if let Some(connection) = shared.connection() {
+                    shared.refresh_from(&connection, limit).await;
                 }
-                Err(_) => tracing::warn!("tools/list timed out; the catalog keeps its tools"),
+                if shared
+                    .refreshing
+                    .compare_exchange(RUNNING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+                {
+                    return;
+                }
+                // Asked again meanwhile: once more.
+                shared.refreshing.store(RUNNING, Ordering::Release);
             }
         });
+    }
+
+    async fn refresh_from(&self, connection: &Connection, limit: Duration) {
+        match tokio::time::timeout(limit, connection.client.refresh_catalog()).await {
+            Ok(Ok(n)) => tracing::debug!(tools = n, "tool catalog refreshed"),
+            Ok(Err(e)) => {
+                let error = self.redactor.scrub(&e.to_string()).into_owned();
+                tracing::warn!(%error, "tools/list failed; the catalog keeps its tools")
+            }
+            Err(_) => tracing::warn!("tools/list timed out; the catalog keeps its tools"),
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! keeps it up, reconnecting with backoff (see the [module docs](super)).
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -101,6 +101,7 @@ impl Upstream {
                     progress_up: Arc::default(),
                     status,
                     redactor,
+                    refreshing: AtomicU8::new(super::IDLE),
                 }),
                 restarts: AtomicU64::new(0),
                 supervisor: Mutex::new(None),
