@@ -408,3 +408,81 @@ async fn a_flood_of_list_changed_costs_one_tools_list_at_a_time() {
     assert!(total <= 5, "{FLOOD} notifications cost {total} tools/list");
     upstream.shutdown(BOUND).await;
 }
+
+/// A server whose `tools/list` pages never end (one tool a page, the next
+/// cursor always new), counting the pages it is asked for.
+fn endless_pages_server(pages: Arc<Mutex<usize>>) -> UpstreamTarget {
+    UpstreamTarget::InProcess(InProcessServer::new("endless", move || {
+        let (client, server) = tokio::io::duplex(1 << 16);
+        let pages = Arc::clone(&pages);
+        tokio::spawn(async move {
+            let (read, mut write) = tokio::io::split(server);
+            let mut lines = BufReader::new(read).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let message: Value = serde_json::from_str(&line).unwrap();
+                let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str())
+                else {
+                    continue;
+                };
+                let result = match method {
+                    "initialize" => json!({
+                        "protocolVersion": "2025-06-18",
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "endless", "version": "0"},
+                    }),
+                    "tools/list" => {
+                        *pages.lock().unwrap() += 1;
+                        let n: u64 = message["params"]["cursor"]
+                            .as_str()
+                            .map_or(0, |c| c.parse().unwrap());
+                        json!({
+                            "tools": [{"name": format!("t{n}"), "inputSchema": {"type": "object"}}],
+                            "nextCursor": (n + 1).to_string(),
+                        })
+                    }
+                    _ => json!({}),
+                };
+                let line = json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
+                if write
+                    .write_all(format!("{line}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        client
+    }))
+}
+
+/// A server whose pages never end is read to the page bound and no
+/// further: the catalog refresh ends (it once read pages, keeping every
+/// tool, until its timeout) and the catalog holds what was read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endless_tools_list_pages_are_read_to_a_bound() {
+    let pages = Arc::new(Mutex::new(0));
+    let catalog = ToolCatalog::new();
+    let upstream = Upstream::new(
+        endless_pages_server(Arc::clone(&pages)),
+        UpstreamConfig::default(),
+        catalog.clone(),
+        Downstreams::new(),
+    );
+    upstream.start(rmcp::model::ClientConfig::default());
+    upstream.wait_connected(BOUND).await.unwrap();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while catalog.len() < toolwarden_rmcp::MAX_LIST_PAGES {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refresh did not end: {} tools, {} pages",
+            catalog.len(),
+            pages.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(*pages.lock().unwrap(), toolwarden_rmcp::MAX_LIST_PAGES);
+    assert_eq!(catalog.len(), toolwarden_rmcp::MAX_LIST_PAGES);
+    upstream.shutdown(BOUND).await;
+}

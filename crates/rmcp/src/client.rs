@@ -106,14 +106,14 @@ impl RmcpClient {
         &self.peer
     }
 
-    /// Lists every tool (following pagination) and replaces the catalog's
-    /// tools with them. Returns how many were read.
+    /// Lists every tool (following pagination, within the bounds of
+    /// [`read_pages`](crate::read_pages)) and replaces the catalog's tools
+    /// with them. Returns how many were read.
     pub async fn refresh_catalog(&self) -> Result<usize, BoxError> {
-        let tools = self
-            .peer
-            .list_all_tools()
+        let tools = crate::list_tools(&self.peer)
             .await
-            .map_err(map_service_error)?;
+            .map_err(map_service_error)?
+            .items;
         let list = serde_json::json!({ "tools": tools });
         Ok(match &self.catalog {
             Some(catalog) => catalog.fill_from_tools_list(&list),

@@ -38,6 +38,11 @@
 
 mod client;
 mod error;
+mod pages;
 
 pub use client::{OnRequestSent, RmcpClient, RmcpClientFuture};
 pub use error::map_service_error;
+pub use pages::{
+    list_prompts, list_resource_templates, list_resources, list_tools, read_pages, Listed,
+    MAX_LISTED_ITEMS, MAX_LIST_PAGES,
+};

@@ -10,6 +10,7 @@ use rmcp::model::{
     ListResourcesResult, ListToolsResult, Prompt, Reference, Resource, ResourceTemplate, Tool,
 };
 use rmcp::service::ServiceError;
+use toolwarden_rmcp::Listed;
 use tower::ServiceExt as _;
 
 use super::{lock, Gateway, Member, MAX_RESOURCE_ROUTES};
@@ -20,9 +21,10 @@ use crate::config::OpenUpstreams;
 pub const UNAVAILABLE_MARK: &str = "[unavailable]";
 
 impl Gateway {
-    /// Asks every connected upstream for `list` (all its pages), each
-    /// bounded by `limits.request_timeout`; an upstream that fails or is
-    /// too slow is left out of this answer (and logged).
+    /// Asks every connected upstream for `list` (all its pages, within the
+    /// bounds of [`toolwarden_rmcp::read_pages`]: a list cut short is
+    /// logged), each bounded by `limits.request_timeout`; an upstream that
+    /// fails or is too slow is left out of this answer (and logged).
     async fn gather<'a, T, W, F, Fut>(
         &'a self,
         what: &str,
@@ -32,7 +34,7 @@ impl Gateway {
     where
         W: Fn(&Member) -> bool,
         F: Fn(rmcp::service::Peer<rmcp::service::RoleClient>) -> Fut,
-        Fut: Future<Output = Result<Vec<T>, ServiceError>>,
+        Fut: Future<Output = Result<Listed<T>, ServiceError>>,
     {
         let limit = self.request_timeout;
         let asks = self.members.iter().filter(|m| wanted(m)).filter_map(|member| {
@@ -41,7 +43,16 @@ impl Gateway {
             let call = list(peer);
             Some(async move {
                 match tokio::time::timeout(limit, call).await {
-                    Ok(Ok(items)) => Some((member, items)),
+                    Ok(Ok(listed)) => {
+                        if listed.cut {
+                            tracing::warn!(
+                                upstream = %member.name,
+                                items = listed.items.len(),
+                                "{what}: the server's pages did not end within the bounds; the rest is left out"
+                            );
+                        }
+                        Some((member, listed.items))
+                    }
                     Ok(Err(error)) => {
                         let error = member
                             .upstream
@@ -73,7 +84,7 @@ impl Gateway {
             .gather(
                 "tools/list",
                 |member| mark || member.is_available(),
-                |peer| async move { peer.list_all_tools().await },
+                |peer| async move { toolwarden_rmcp::list_tools(&peer).await },
             )
             .await;
         let mut listed: Vec<&str> = Vec::new();
@@ -121,7 +132,7 @@ impl Gateway {
             .gather(
                 "prompts/list",
                 |member| member.is_available() && has(member, |c| c.prompts.is_some()),
-                |peer| async move { peer.list_all_prompts().await },
+                |peer| async move { toolwarden_rmcp::list_prompts(&peer).await },
             )
             .await;
         let prompts: Vec<Prompt> = lists
@@ -143,7 +154,7 @@ impl Gateway {
             .gather(
                 "resources/list",
                 |member| member.is_available() && has(member, |c| c.resources.is_some()),
-                |peer| async move { peer.list_all_resources().await },
+                |peer| async move { toolwarden_rmcp::list_resources(&peer).await },
             )
             .await;
         let mut resources: Vec<Resource> = Vec::new();
@@ -168,7 +179,7 @@ impl Gateway {
             .gather(
                 "resources/templates/list",
                 |member| member.is_available() && has(member, |c| c.resources.is_some()),
-                |peer| async move { peer.list_all_resource_templates().await },
+                |peer| async move { toolwarden_rmcp::list_resource_templates(&peer).await },
             )
             .await;
         let mut templates: Vec<ResourceTemplate> = Vec::new();
