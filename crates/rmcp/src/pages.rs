@@ -31,8 +31,12 @@ pub struct Listed<T> {
 }
 
 /// Reads a list page by page: `page` asks for the page at the cursor in
-/// its params and gives its items and the next cursor. See the
-/// [module docs](self) for where it stops.
+/// its params and gives its items and the next cursor. It stops at the
+/// last page (no next cursor), at [`MAX_LISTED_ITEMS`] items, at
+/// [`MAX_LIST_PAGES`] pages, or at a next cursor equal to the one just
+/// asked for (a server paging in a loop); [`Listed::cut`] says whether it
+/// stopped before the last page. (rmcp's `list_all_*` follow `nextCursor`
+/// for as long as the server gives one, keeping every item.)
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
