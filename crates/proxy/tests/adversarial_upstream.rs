@@ -10,13 +10,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio_util::sync::CancellationToken;
 use toolwarden_core::{Events, ToolCatalog};
 use toolwarden_proxy::config::{Config, UpstreamConfig};
 use toolwarden_proxy::endpoints::MetricsEndpoints;
@@ -111,49 +112,21 @@ fn script() -> Vec<(Reply, Expect)> {
     ]
 }
 
-/// The raw server: `initialize`, `tools/list` (one tool, `t`) and `ping`
-/// answered well, each `tools/call` with the next reply of `replies`, and
-/// what the server is sent besides recorded in `received`.
-fn raw_server(
-    replies: Arc<Mutex<VecDeque<Reply>>>,
-    received: Arc<Mutex<Vec<Value>>>,
+/// An in-process server that reads one JSON-RPC message a line and writes
+/// the lines `answer` gives for each (`None`: it closes the connection).
+fn line_server(
+    name: &str,
+    answer: impl Fn(Value) -> Option<Vec<String>> + Clone + Send + Sync + 'static,
 ) -> UpstreamTarget {
-    UpstreamTarget::InProcess(InProcessServer::new("raw", move || {
+    UpstreamTarget::InProcess(InProcessServer::new(name, move || {
         let (client, server) = tokio::io::duplex(1 << 16);
-        let (replies, received) = (Arc::clone(&replies), Arc::clone(&received));
+        let answer = answer.clone();
         tokio::spawn(async move {
             let (read, mut write) = tokio::io::split(server);
             let mut lines = BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                let message: Value = serde_json::from_str(&line).unwrap();
-                let method = message["method"].as_str().unwrap_or("").to_owned();
-                let Some(id) = message.get("id").cloned().filter(|_| !method.is_empty()) else {
-                    received.lock().unwrap().push(message);
-                    continue;
-                };
-                let answer = |result: Value| {
-                    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()
-                };
-                let out = match method.as_str() {
-                    "initialize" => vec![answer(json!({
-                        "protocolVersion": "2025-06-18",
-                        "capabilities": {"tools": {}},
-                        "serverInfo": {"name": "raw", "version": "0"},
-                    }))],
-                    "tools/list" => vec![answer(json!({"tools": [
-                        {"name": "t", "inputSchema": {"type": "object"}},
-                    ]}))],
-                    "tools/call" => match replies.lock().unwrap().pop_front() {
-                        Some(Reply::Result(result)) => vec![answer(result)],
-                        Some(Reply::Error(error)) => {
-                            vec![json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string()]
-                        }
-                        Some(Reply::Line(line)) => vec![line.to_owned()],
-                        Some(Reply::Twice(result)) => vec![answer(result.clone()), answer(result)],
-                        Some(Reply::Close) => return,
-                        None => vec![answer(json!({"content": []}))],
-                    },
-                    _ => vec![answer(json!({}))],
+                let Some(out) = answer(serde_json::from_str(&line).unwrap()) else {
+                    return;
                 };
                 for line in out {
                     if write
@@ -168,6 +141,54 @@ fn raw_server(
         });
         client
     }))
+}
+
+/// The answer to request `id`: `result`, as a line.
+fn result_line(id: &Value, result: Value) -> String {
+    json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()
+}
+
+/// What a server named `name` answers `initialize` with.
+fn initialized(name: &str) -> Value {
+    json!({
+        "protocolVersion": "2025-06-18",
+        "capabilities": {"tools": {}},
+        "serverInfo": {"name": name, "version": "0"},
+    })
+}
+
+/// The raw server: `initialize`, `tools/list` (one tool, `t`) and `ping`
+/// answered well, each `tools/call` with the next reply of `replies`, and
+/// what the server is sent besides requests recorded in `received`.
+fn raw_server(
+    replies: Arc<Mutex<VecDeque<Reply>>>,
+    received: Arc<Mutex<Vec<Value>>>,
+) -> UpstreamTarget {
+    line_server("raw", move |message| {
+        let method = message["method"].as_str().unwrap_or("").to_owned();
+        let Some(id) = message.get("id").cloned().filter(|_| !method.is_empty()) else {
+            received.lock().unwrap().push(message);
+            return Some(Vec::new());
+        };
+        let answer = |result: Value| result_line(&id, result);
+        Some(match method.as_str() {
+            "initialize" => vec![answer(initialized("raw"))],
+            "tools/list" => vec![answer(json!({"tools": [
+                {"name": "t", "inputSchema": {"type": "object"}},
+            ]}))],
+            "tools/call" => match replies.lock().unwrap().pop_front() {
+                Some(Reply::Result(result)) => vec![answer(result)],
+                Some(Reply::Error(error)) => {
+                    vec![json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string()]
+                }
+                Some(Reply::Line(line)) => vec![line.to_owned()],
+                Some(Reply::Twice(result)) => vec![answer(result.clone()), answer(result)],
+                Some(Reply::Close) => return None,
+                None => vec![answer(json!({"content": []}))],
+            },
+            _ => vec![answer(json!({}))],
+        })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,19 +213,9 @@ async fn every_call_gets_one_answer_whatever_the_server_sends() {
     config.circuit_breaker.enabled = Some(false);
     let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
     let stack = build_stack(&config, upstream.service(), &shared).unwrap();
-    let core = ProxyCore::new(upstream.clone(), stack, downstreams);
-    let (client, proxy_side) = tokio::io::duplex(1 << 16);
-    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
-        core,
-        proxy_in,
-        proxy_out,
-        4096,
-        shutdown.clone(),
-    ));
-    let (read, mut write) = tokio::io::split(client);
-    let mut lines = BufReader::new(read).lines();
+    let stdio =
+        support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
+    let (mut write, mut lines) = (stdio.input, stdio.output);
     let mut seen: Vec<Value> = Vec::new();
     let mut exchange = async |message: Value, seen: &mut Vec<Value>| -> Value {
         let id = message["id"].clone();
@@ -277,9 +288,9 @@ async fn every_call_gets_one_answer_whatever_the_server_sends() {
         .find(|m| m["id"] == "srv-1")
         .unwrap_or_else(|| panic!("no answer to the server's request: {received:?}"));
     assert_eq!(answer["error"]["code"], -32602, "{answer}");
-    shutdown.cancel();
+    stdio.shutdown.cancel();
     drop(write);
-    let _ = tokio::time::timeout(BOUND, serving).await;
+    let _ = tokio::time::timeout(BOUND, stdio.serving).await;
     upstream.shutdown(BOUND).await;
 }
 
@@ -412,48 +423,26 @@ async fn a_flood_of_list_changed_costs_one_tools_list_at_a_time() {
 /// A server whose `tools/list` pages never end (one tool a page, the next
 /// cursor always new), counting the pages it is asked for.
 fn endless_pages_server(pages: Arc<Mutex<usize>>) -> UpstreamTarget {
-    UpstreamTarget::InProcess(InProcessServer::new("endless", move || {
-        let (client, server) = tokio::io::duplex(1 << 16);
-        let pages = Arc::clone(&pages);
-        tokio::spawn(async move {
-            let (read, mut write) = tokio::io::split(server);
-            let mut lines = BufReader::new(read).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let message: Value = serde_json::from_str(&line).unwrap();
-                let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str())
-                else {
-                    continue;
-                };
-                let result = match method {
-                    "initialize" => json!({
-                        "protocolVersion": "2025-06-18",
-                        "capabilities": {"tools": {}},
-                        "serverInfo": {"name": "endless", "version": "0"},
-                    }),
-                    "tools/list" => {
-                        *pages.lock().unwrap() += 1;
-                        let n: u64 = message["params"]["cursor"]
-                            .as_str()
-                            .map_or(0, |c| c.parse().unwrap());
-                        json!({
-                            "tools": [{"name": format!("t{n}"), "inputSchema": {"type": "object"}}],
-                            "nextCursor": (n + 1).to_string(),
-                        })
-                    }
-                    _ => json!({}),
-                };
-                let line = json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string();
-                if write
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
+    line_server("endless", move |message| {
+        let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str()) else {
+            return Some(Vec::new());
+        };
+        let result = match method {
+            "initialize" => initialized("endless"),
+            "tools/list" => {
+                *pages.lock().unwrap() += 1;
+                let n: u64 = message["params"]["cursor"]
+                    .as_str()
+                    .map_or(0, |c| c.parse().unwrap());
+                json!({
+                    "tools": [{"name": format!("t{n}"), "inputSchema": {"type": "object"}}],
+                    "nextCursor": (n + 1).to_string(),
+                })
             }
-        });
-        client
-    }))
+            _ => json!({}),
+        };
+        Some(vec![result_line(id, result)])
+    })
 }
 
 /// A server whose pages never end is read to the page bound and no

@@ -34,7 +34,7 @@ use rmcp::transport::{
 };
 use rmcp::{ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::rejection::CircuitOpen;
@@ -402,26 +402,16 @@ fn harness_with(
         downstreams.clone(),
     );
     let stack = stack.unwrap_or_else(|| ToolStack::new(upstream.service()));
-    let core = ProxyCore::new(upstream.clone(), stack, downstreams);
-    let (client, proxy_side) = tokio::io::duplex(1 << 16);
-    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
-    let shutdown = CancellationToken::new();
-    let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
-        core,
-        proxy_in,
-        proxy_out,
-        4096,
-        shutdown.clone(),
-    ));
-    let (read, write) = tokio::io::split(client);
+    let stdio =
+        support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
     Harness {
-        input: write,
-        output: BufReader::new(read).lines(),
-        serving: Some(serving),
+        input: stdio.input,
+        output: stdio.output,
+        serving: Some(stdio.serving),
         upstream,
         server: h0.server,
         server_tasks: h0.server_tasks,
-        shutdown,
+        shutdown: stdio.shutdown,
     }
 }
 

@@ -411,46 +411,8 @@ impl World {
             svc.call(req).await
         };
         let bound = call.drop_after.unwrap_or(ANSWER_BOUND);
-        let seen = match tokio::time::timeout(bound, answer).await {
-            Err(_) if call.drop_after.is_some() => Seen::Dropped,
-            Err(_) => {
-                return Err(TestCaseError::fail(format!(
-                    "call {number} to {tool}: no answer within {ANSWER_BOUND:?}"
-                )))
-            }
-            Ok(Ok(response)) => {
-                prop_assert_eq!(
-                    &response.id,
-                    &Id::Number(number as i64),
-                    "the caller's id comes back"
-                );
-                match &response.payload {
-                    Ok(result) => seen_in_result(result),
-                    Err(_) => Seen::Answered,
-                }
-            }
-            Ok(Err(error)) => {
-                prop_assert!(
-                    self.setup.raw_errors,
-                    "call {number} to {tool}: an error reached the agent through the rendering stack: {error}"
-                );
-                let seen = seen_in_error(&error);
-                // Guarantee: an error that says the request never left is true.
-                let outcome = <McpClassifier as Classify<Response>>::classify_error(
-                    &McpClassifier::new(),
-                    error.as_ref(),
-                );
-                if outcome.before_sent && checked("before_sent") {
-                    let sent = self.sent_attempts(tool, number);
-                    prop_assert_eq!(
-                        sent, 0,
-                        "call {} to {}: reported as never sent ({}), but {} attempt(s) reached the server",
-                        number, tool, error, sent
-                    );
-                }
-                seen
-            }
-        };
+        let answer = tokio::time::timeout(bound, answer).await;
+        let seen = self.judge(number, call, answer)?;
         if let Seen::Refused { .. } = seen {
             *self.refusals.entry(tool).or_default() += 1;
         }
@@ -491,6 +453,61 @@ impl World {
             );
         }
         Ok(())
+    }
+
+    /// What the agent saw of call `number`, given its answer (or that
+    /// none came within its bound), checking the guarantees of one answer:
+    /// an answer within the bound unless the agent dropped the call, the
+    /// caller's id back, no error through the rendering stack, and an
+    /// error's "never sent" true.
+    fn judge(
+        &self,
+        number: u64,
+        call: &Call,
+        answer: Result<Result<Response, BoxError>, tokio::time::error::Elapsed>,
+    ) -> Result<Seen, TestCaseError> {
+        let tool = TOOLS[call.tool];
+        Ok(match answer {
+            Err(_) if call.drop_after.is_some() => Seen::Dropped,
+            Err(_) => {
+                return Err(TestCaseError::fail(format!(
+                    "call {number} to {tool}: no answer within {ANSWER_BOUND:?}"
+                )))
+            }
+            Ok(Ok(response)) => {
+                prop_assert_eq!(
+                    &response.id,
+                    &Id::Number(number as i64),
+                    "call {} to {}: the caller's id comes back",
+                    number,
+                    tool
+                );
+                match &response.payload {
+                    Ok(result) => seen_in_result(result),
+                    Err(_) => Seen::Answered,
+                }
+            }
+            Ok(Err(error)) => {
+                prop_assert!(
+                    self.setup.raw_errors,
+                    "call {number} to {tool}: an error reached the agent through the rendering stack: {error}"
+                );
+                // Guarantee: an error that says the request never left is true.
+                let outcome = <McpClassifier as Classify<Response>>::classify_error(
+                    &McpClassifier::new(),
+                    error.as_ref(),
+                );
+                if outcome.before_sent && checked("before_sent") {
+                    let sent = self.sent_attempts(tool, number);
+                    prop_assert_eq!(
+                        sent, 0,
+                        "call {} to {}: reported as never sent ({}), but {} attempt(s) reached the server",
+                        number, tool, error, sent
+                    );
+                }
+                seen_in_error(&error)
+            }
+        })
     }
 
     /// The arrivals of call `number` at the upstream, with the answer each got.
@@ -598,13 +615,17 @@ fn checked(name: &str) -> bool {
     std::env::var("TOOLWARDEN_GUARANTEE").map_or(true, |only| only == name)
 }
 
-fn run_case(setup: Setup, answers: Vec<Answer>, calls: Vec<Call>) -> Result<(), TestCaseError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// A current-thread runtime on a paused clock: waits take no real time.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
-        .unwrap();
-    runtime.block_on(async move {
+        .unwrap()
+}
+
+fn run_case(setup: Setup, answers: Vec<Answer>, calls: Vec<Call>) -> Result<(), TestCaseError> {
+    paused_runtime().block_on(async move {
         let mut world = World::new(setup, &answers);
         for (i, call) in calls.iter().enumerate() {
             world.step(i as u64 + 1, call).await?;
@@ -627,12 +648,7 @@ fn run_concurrent_case(
     answers: Vec<Answer>,
     calls: Vec<Call>,
 ) -> Result<(), TestCaseError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .unwrap();
-    runtime.block_on(async move {
+    paused_runtime().block_on(async move {
         let mut world = World::new(setup, &answers);
         let tasks: Vec<_> = calls
             .iter()
@@ -659,46 +675,7 @@ fn run_concurrent_case(
             let answer = task
                 .await
                 .map_err(|e| TestCaseError::fail(format!("call {number}: {e}")))?;
-            let seen = match answer {
-                Err(_) if call.drop_after.is_some() => Seen::Dropped,
-                Err(_) => {
-                    return Err(TestCaseError::fail(format!(
-                        "call {number} to {tool}: no answer within {ANSWER_BOUND:?}"
-                    )))
-                }
-                Ok(Ok(response)) => {
-                    prop_assert_eq!(
-                        &response.id,
-                        &Id::Number(number as i64),
-                        "call {} to {}: the caller's id comes back",
-                        number,
-                        tool
-                    );
-                    match &response.payload {
-                        Ok(result) => seen_in_result(result),
-                        Err(_) => Seen::Answered,
-                    }
-                }
-                Ok(Err(error)) => {
-                    prop_assert!(
-                        world.setup.raw_errors,
-                        "call {number} to {tool}: an error reached the agent through the rendering stack: {error}"
-                    );
-                    let outcome = <McpClassifier as Classify<Response>>::classify_error(
-                        &McpClassifier::new(),
-                        error.as_ref(),
-                    );
-                    if outcome.before_sent {
-                        let sent = world.sent_attempts(tool, number);
-                        prop_assert_eq!(
-                            sent, 0,
-                            "call {} to {}: reported as never sent ({}), but {} attempt(s) reached the server",
-                            number, tool, error, sent
-                        );
-                    }
-                    seen_in_error(&error)
-                }
-            };
+            let seen = world.judge(number, call, answer)?;
             if let Seen::Refused { .. } = seen {
                 *world.refusals.entry(tool).or_default() += 1;
             }

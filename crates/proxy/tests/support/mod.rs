@@ -581,3 +581,34 @@ pub fn sessionless_call<'a>(
     ];
     (body, headers)
 }
+
+/// The proxy's stdio session loop over `core`, on an in-memory pipe: what
+/// a client writes, the lines it reads, the loop's task and what stops it.
+pub struct InMemoryStdio {
+    pub input: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    pub output: tokio::io::Lines<BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
+    pub serving: tokio::task::JoinHandle<std::io::Result<()>>,
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
+/// Serves `core` as `toolwarden` serves its stdin and stdout, on an
+/// in-memory pipe, with lines of at most 4 096 bytes.
+pub fn serve_stdio_in_memory(core: Arc<toolwarden_proxy::ProxyCore>) -> InMemoryStdio {
+    let (client, proxy_side) = tokio::io::duplex(1 << 16);
+    let (proxy_in, proxy_out) = tokio::io::split(proxy_side);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn(toolwarden_proxy::serve_stdio(
+        core,
+        proxy_in,
+        proxy_out,
+        4096,
+        shutdown.clone(),
+    ));
+    let (read, input) = tokio::io::split(client);
+    InMemoryStdio {
+        input,
+        output: BufReader::new(read).lines(),
+        serving,
+        shutdown,
+    }
+}
