@@ -168,6 +168,12 @@ impl Service<RoleClient> for UpstreamHandler {
             ServerNotification::ProgressNotification(progress) => {
                 // Put there by the transport; dropped below, once forwarded.
                 let mut receipt = context.extensions.remove::<ProgressReceipt<RoleServer>>();
+                // Past the backlog the newest is dropped, its receipt with it
+                // (so the ones after it and the answer do not wait for it).
+                let Some(_place) = self.shared.progress_backlog.enter() else {
+                    metrics::counter!("toolwarden_proxy_progress_dropped_total").increment(1);
+                    return Ok(());
+                };
                 let ours = progress.params.progress_token.clone();
                 match self.shared.progress_up.resolve(&ours).await {
                     Resolved::To(client, token) => {

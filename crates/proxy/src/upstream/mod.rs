@@ -112,6 +112,41 @@ pub(crate) struct Shared {
     pub(crate) redactor: Arc<Redactor>,
     /// Whether a catalog refresh runs ([`IDLE`], [`RUNNING`], or [`AGAIN`]).
     pub(crate) refreshing: AtomicU8,
+    /// The server's progress notifications being forwarded or waiting
+    /// their turn.
+    pub(crate) progress_backlog: Backlog,
+}
+
+/// The most progress notifications of one upstream connection that wait to
+/// be forwarded (their turn, their token, the client): rmcp handles each
+/// notification in a task of its own, so a server sending progress faster
+/// than the clients take it would otherwise grow those tasks without end.
+/// Past it the newest is dropped.
+pub(crate) const MAX_PROGRESS_BACKLOG: usize = 1024;
+
+/// A count of work in flight, bounded by [`MAX_PROGRESS_BACKLOG`].
+#[derive(Debug, Default)]
+pub(crate) struct Backlog(std::sync::atomic::AtomicUsize);
+
+impl Backlog {
+    /// A place in the backlog, held until dropped; `None` when it is full.
+    pub(crate) fn enter(&self) -> Option<BacklogPlace<'_>> {
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_PROGRESS_BACKLOG).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| BacklogPlace(&self.0))
+    }
+}
+
+/// A place in a [`Backlog`], given back when dropped.
+pub(crate) struct BacklogPlace<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for BacklogPlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Sets a refresh state back to [`IDLE`] when dropped by a panic.
@@ -197,4 +232,24 @@ impl Shared {
 /// use them; `check-config` runs it. Errors name the key and hold no secret.
 pub fn check_http_config(config: &UpstreamConfig) -> Result<(), ConfigError> {
     http_client::http_client(config, &http_client::process_var).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backlog_holds_its_bound_and_gives_places_back() {
+        let backlog = Backlog::default();
+        let places: Vec<_> = (0..MAX_PROGRESS_BACKLOG)
+            .map(|_| backlog.enter().expect("room"))
+            .collect();
+        assert!(backlog.enter().is_none(), "full");
+        drop(places);
+        let again: Vec<_> = (0..MAX_PROGRESS_BACKLOG)
+            .map(|_| backlog.enter().expect("every place was given back"))
+            .collect();
+        assert!(backlog.enter().is_none());
+        drop(again);
+    }
 }

@@ -102,6 +102,7 @@ impl Upstream {
                     status,
                     redactor,
                     refreshing: AtomicU8::new(super::IDLE),
+                    progress_backlog: super::Backlog::default(),
                 }),
                 restarts: AtomicU64::new(0),
                 supervisor: Mutex::new(None),
