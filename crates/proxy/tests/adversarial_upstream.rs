@@ -486,7 +486,7 @@ async fn endless_tools_list_pages_are_read_to_a_bound() {
 /// memory). Under such a flood the order is not kept either way: a
 /// notification waits at most 1 s for its turn (the README, "Progress").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_progress_is_answered_and_kept_in_order() {
+async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
     const N: u64 = 20_000;
     let target = line_server("progress", move |message| {
         let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str()) else {
