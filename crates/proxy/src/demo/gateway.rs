@@ -166,8 +166,12 @@ pub(super) struct SceneReport {
 }
 
 async fn list(client: &rmcp::service::RunningService<RoleClient, Agent>) -> Vec<String> {
-    match client.peer().list_all_tools().await {
-        Ok(tools) => tools.into_iter().map(|t| t.name.into_owned()).collect(),
+    match toolwarden_rmcp::list_tools(client.peer()).await {
+        Ok(tools) => tools
+            .items
+            .into_iter()
+            .map(|t| t.name.into_owned())
+            .collect(),
         Err(e) => vec![format!("(tools/list failed: {e})")],
     }
 }
