@@ -29,6 +29,11 @@
 //! [`SharedFailure`] whose source is [`SharedCallPanicked`].
 //!
 //! Lock order: the map's lock, then a call's; never the other way round.
+//! Under the map's lock a call's lock is only tried
+//! ([`SharedCall::try_join`]), never waited for: a caller polling the
+//! inner future holds its call's lock for that poll, and no call of
+//! another key waits for it (nor deadlocks, when the inner future calls
+//! through the same layer while a caller joins on another thread).
 //!
 //! Panics: a panic of the inner future's `poll` unwinds to the caller whose
 //! poll polled it; the call is then over (its future dropped, its slot
@@ -88,6 +93,11 @@ impl<F: TryFuture> fmt::Debug for SharedCall<F> {
         f.debug_struct("SharedCall").finish_non_exhaustive()
     }
 }
+
+/// A call's lock was held (a caller polls the inner future): see
+/// [`SharedCall::try_join`].
+#[derive(Debug)]
+pub(crate) struct Busy;
 
 /// The place of the caller that makes a call.
 pub(crate) const LEADER: usize = 0;
@@ -158,6 +168,25 @@ impl<F: TryFuture> State<F> {
                 _ => *waker = Some(cx.waker().clone()),
             }
         }
+    }
+
+    /// One more caller, unless the call is over: its place.
+    fn join(&mut self) -> Option<usize> {
+        if self.closed {
+            return None;
+        }
+        self.waiting += 1;
+        let place = match self.places.iter().position(|p| matches!(p, Place::Vacant)) {
+            Some(place) => {
+                self.places[place] = Place::Waiting(None);
+                place
+            }
+            None => {
+                self.places.push(Place::Waiting(None));
+                self.places.len() - 1
+            }
+        };
+        Some(place)
     }
 
     /// The answer for one caller collecting it: the last one takes it.
@@ -242,24 +271,23 @@ impl<F: TryFuture> SharedCall<F> {
         self.closed.load(Ordering::Relaxed)
     }
 
-    /// One more caller, unless the call is over: its place.
+    /// One more caller, unless the call is over: its place. Waits for the
+    /// call's lock (held while a caller polls the inner future): never
+    /// called with the map's lock held (see [`try_join`](Self::try_join)).
     pub(crate) fn join(&self) -> Option<usize> {
-        let mut state = self.state.lock();
-        if state.closed {
-            return None;
+        self.state.lock().join()
+    }
+
+    /// [`join`](Self::join) if the call's lock is free now, as the map
+    /// does under its own lock: `Err(Busy)` if a caller holds it (polls
+    /// the inner future), so that no call of any key waits for that poll
+    /// behind the map's lock (nor deadlocks, if the inner future calls
+    /// through the same layer).
+    pub(crate) fn try_join(&self) -> Result<Option<usize>, Busy> {
+        match self.state.try_lock() {
+            Some(mut state) => Ok(state.join()),
+            None => Err(Busy),
         }
-        state.waiting += 1;
-        let place = match state.places.iter().position(|p| matches!(p, Place::Vacant)) {
-            Some(place) => {
-                state.places[place] = Place::Waiting(None);
-                place
-            }
-            None => {
-                state.places.push(Place::Waiting(None));
-                state.places.len() - 1
-            }
-        };
-        Some(place)
     }
 
     /// A caller leaves before collecting the answer. The last caller to

@@ -13,7 +13,7 @@ use futures_util::TryFuture;
 use parking_lot::Mutex;
 use toolwarden_core::Fingerprint;
 
-use crate::call::SharedCall;
+use crate::call::{Busy, SharedCall};
 
 /// What identifies identical calls: the fingerprint of (tool, arguments),
 /// and the session when calls are shared per session only.
@@ -156,10 +156,21 @@ impl<F: TryFuture> InFlight<F> {
     /// made) when the map is full.
     #[inline]
     pub(crate) fn join(&self, key: CallKey, make: impl FnOnce() -> F) -> Joined<F> {
-        let call = match self.register(key) {
-            Registered::Led(call) => call,
-            Registered::Joined(call, place) => return Joined::Follower(call, place),
-            Registered::Full => return Joined::Alone,
+        let call = loop {
+            match self.register(&key) {
+                Registered::Led(call) => break call,
+                Registered::Joined(call, place) => return Joined::Follower(call, place),
+                Registered::Full => return Joined::Alone,
+                Registered::Busy(call) => {
+                    // Joined with the map unlocked, once the poll is over
+                    // (the handle held keeps the slot from carrying
+                    // another call meanwhile); answered by then, the key
+                    // is registered again.
+                    if let Some(place) = call.join() {
+                        return Joined::Follower(call, place);
+                    }
+                }
+            }
         };
         // Abandons the call if `make` panics: who joined meanwhile is
         // answered (with an error), not left waiting.
@@ -176,23 +187,26 @@ impl<F: TryFuture> InFlight<F> {
 
     /// Joins the call in flight for `key`, or registers a new one (not
     /// made yet) for the caller to make.
-    fn register(&self, key: CallKey) -> Registered<F> {
+    fn register(&self, key: &CallKey) -> Registered<F> {
         let mut guard = self.map.lock();
         let map = &mut *guard;
         if map.slots.len() >= map.sweep_at {
             self.sweep(map);
         }
         let Map { slots, spare, .. } = map;
-        // Looked up by reference: the key is moved only into a new entry
+        // Looked up by reference: the key is copied only into a new entry
         // (a key's first call); the calls that find their entry copy
         // nothing.
-        if let Some(call) = slots.get_mut(&key) {
+        if let Some(call) = slots.get_mut(key) {
             // A closed call stays closed until reused, which takes this
             // lock: the flag is read without the call's lock, and `join`
-            // checks again under it.
+            // checks again under it. A call being polled is joined after
+            // this lock is released: nobody waits for a poll behind it.
             if !call.is_closed() {
-                if let Some(place) = call.join() {
-                    return Registered::Joined(Arc::clone(call), place);
+                match call.try_join() {
+                    Ok(Some(place)) => return Registered::Joined(Arc::clone(call), place),
+                    Ok(None) => {}
+                    Err(Busy) => return Registered::Busy(Arc::clone(call)),
                 }
             }
             // Answered, or dropped by its last caller: the slot carries the
@@ -213,7 +227,7 @@ impl<F: TryFuture> InFlight<F> {
             }
         }
         let call = fresh(&mut map.spare);
-        map.slots.insert(key, Arc::clone(&call));
+        map.slots.insert(key.clone(), Arc::clone(&call));
         Registered::Led(call)
     }
 
@@ -240,10 +254,12 @@ impl<F: TryFuture> InFlight<F> {
 }
 
 /// What [`InFlight::register`] found: the caller leads a new call (not
-/// made yet), joined one in flight, or neither (the map is full).
+/// made yet), joined one in flight, found one in flight being polled (to
+/// join with the map unlocked), or neither (the map is full).
 enum Registered<F: TryFuture> {
     Led(Arc<SharedCall<F>>),
     Joined(Arc<SharedCall<F>>, usize),
+    Busy(Arc<SharedCall<F>>),
     Full,
 }
 
@@ -397,6 +413,62 @@ mod tests {
         assert!(failure.error().is::<crate::SharedCallPanicked>());
         assert_eq!(map.open(), 0, "the call is over");
         answer(&map, 1); // the key leads a new call
+    }
+
+    #[test]
+    fn a_call_joined_while_it_is_polled_holds_up_no_other_key() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+
+        type Blocking = futures::future::BoxFuture<'static, Result<u32, toolwarden_core::BoxError>>;
+        fn answered(n: u32) -> Blocking {
+            Box::pin(ready(Ok(n)))
+        }
+        let (_, count) = map_of(100);
+        let map: InFlight<Blocking> = InFlight::new(count);
+        let (polling_tx, polling) = mpsc::channel::<()>();
+        let (release, released) = mpsc::channel::<()>();
+        // Key 1's inner future blocks its poll until released: a caller
+        // polls it (holding the call's lock) on thread `a`.
+        let Joined::Leader(call) = map.join(key(1), move || {
+            Box::pin(async move {
+                polling_tx.send(()).unwrap();
+                released.recv().unwrap();
+                Ok::<u32, toolwarden_core::BoxError>(1)
+            }) as Blocking
+        }) else {
+            panic!("a lone call leads")
+        };
+        std::thread::scope(|scope| {
+            let a = scope.spawn(|| {
+                let mut cx = Context::from_waker(noop_waker_ref());
+                matches!(call.poll(LEADER, &mut cx), Poll::Ready(Ok(1)))
+            });
+            polling.recv().unwrap();
+            // Thread `b` joins key 1 while it is polled: it waits for the
+            // poll, but not with the map locked.
+            let b = scope.spawn(|| match map.join(key(1), || answered(3)) {
+                Joined::Follower(..) => "joined",
+                Joined::Leader(..) => "led",
+                Joined::Alone => "alone",
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            // Key 2 is registered meanwhile, on thread `c`.
+            let (done_tx, done) = mpsc::channel();
+            let map = &map;
+            let c = scope.spawn(move || {
+                let led = matches!(map.join(key(2), || answered(2)), Joined::Leader(..));
+                done_tx.send(led).unwrap();
+            });
+            let other_key = done.recv_timeout(Duration::from_secs(10));
+            release.send(()).unwrap();
+            assert_eq!(other_key, Ok(true), "key 2 was not held up by key 1's poll");
+            assert!(a.join().unwrap(), "the poll answered");
+            // `b` waited for the poll, which answered the call: it leads a
+            // new one.
+            assert_eq!(b.join().unwrap(), "led");
+            c.join().unwrap();
+        });
     }
 
     #[test]

@@ -35,7 +35,12 @@
 //!   inner `call` holds up no other call, and an inner service may call
 //!   through the same layer from its `call` (a composed tool). A panic of
 //!   the inner `call` reaches the leader; those who joined get a
-//!   [`SharedFailure`] whose source is [`SharedCallPanicked`].
+//!   [`SharedFailure`] whose source is [`SharedCallPanicked`]. A caller
+//!   polling the shared call holds the call's own lock for that poll; a
+//!   caller joining it meanwhile (on another thread) waits for the poll
+//!   with the map unlocked, so calls of other keys never wait behind a
+//!   poll (nor deadlock when the inner future itself calls through the
+//!   same layer).
 //! - **Cheap when nobody joins** (most calls): one lock of the map to
 //!   register the call, one of the call to start it and one to poll it
 //!   (a call answered at its first poll); the answer is moved
