@@ -239,6 +239,22 @@ struct Setup {
     /// twice) and a bulkhead of 1 attempt in flight per tool (a hedge is
     /// refused by it) or 2 (a hedge reaches the server).
     optional: Option<u32>,
+    /// With the optional layers: hedging decided per tool against the
+    /// catalog, `get_status` (only idempotent: the catalog never hedges
+    /// it) configured safe to hedge after its own p95, `search_docs`
+    /// (read-only and idempotent) configured unsafe.
+    hedge_overrides: bool,
+}
+
+impl Setup {
+    /// Whether the stack may send a hedge of `tool`.
+    fn hedges(&self, tool: &str) -> bool {
+        match (self.optional, self.hedge_overrides) {
+            (None, _) => false,
+            (Some(_), true) => tool == "get_status",
+            (Some(_), false) => self.trusted && tool == "search_docs",
+        }
+    }
 }
 
 /// The per-tool quota: 20 calls a minute, burst 4.
@@ -254,9 +270,19 @@ fn stack(setup: &Setup) -> StandardStackLayer {
     let degrade = !setup.raw_errors;
     let mut builder = StandardStack::builder();
     if let Some(cap) = setup.optional {
+        let overrides = setup.hedge_overrides;
         builder = builder
             .coalesce(|b| b)
-            .hedge(|b| b.delay(Duration::from_millis(500)))
+            .hedge(move |b| {
+                let b = b.delay(Duration::from_millis(500));
+                if !overrides {
+                    return b;
+                }
+                b.tool("get_status", |t| {
+                    t.safe_to_hedge(true).percentile(Some(0.95)).min_samples(1)
+                })
+                .tool("search_docs", |t| t.safe_to_hedge(false))
+            })
             .bulkhead(move |b| b.max_concurrent(cap));
     }
     builder
@@ -437,7 +463,9 @@ impl World {
 
     /// Guarantee: a hedge (a second copy, its id marked `#tw-hedge`) is
     /// sent only for a tool the trusted catalog calls read-only and
-    /// idempotent, never for one only idempotent or without hints.
+    /// idempotent, never for one only idempotent or without hints; with
+    /// per-tool overrides, only for the tool configured safe (and never
+    /// for the one configured unsafe, whatever the catalog says).
     fn check_hedges_only_safe(&self) -> Result<(), TestCaseError> {
         for request in self.upstream.requests() {
             let hedge = matches!(&request.id, Id::String(id) if id.contains("#tw-hedge"));
@@ -446,10 +474,11 @@ impl World {
             }
             let tool = request.tool_name().unwrap_or("");
             prop_assert!(
-                self.setup.optional.is_some() && self.setup.trusted && tool == "search_docs",
-                "a hedge of {tool} reached the server ({:?}, catalog trusted: {})",
+                self.setup.hedges(tool),
+                "a hedge of {tool} reached the server ({:?}, catalog trusted: {}, overrides: {})",
                 request.id,
-                self.setup.trusted
+                self.setup.trusted,
+                self.setup.hedge_overrides
             );
         }
         Ok(())
@@ -531,14 +560,17 @@ impl World {
     }
 
     /// Guarantee: a tool that is not safe to repeat reaches the server at
-    /// most once per call, unless the failure came before sending.
+    /// most once per call, unless the failure came before sending; one
+    /// configured safe to hedge (but not to repeat) at most twice, its
+    /// attempt and its hedge, never retried.
     fn check_at_most_once(&self, tool: &str, number: u64) -> Result<(), TestCaseError> {
         if safe_to_repeat(tool, self.setup.trusted) {
             return Ok(());
         }
         let sent = self.sent_attempts(tool, number);
+        let most = 1 + usize::from(self.setup.hedges(tool));
         prop_assert!(
-            sent <= 1,
+            sent <= most,
             "call {number} to {tool} (not safe to repeat) reached the server {sent} times"
         );
         Ok(())
@@ -706,10 +738,11 @@ proptest! {
         trusted in any::<bool>(),
         raw_errors in any::<bool>(),
         optional in prop::option::of(1..=2u32),
+        hedge_overrides in any::<bool>(),
         answers in prop::collection::vec(answer(), 1..24),
         calls in prop::collection::vec(call(), 1..40),
     ) {
-        run_case(Setup { trusted, raw_errors, optional }, answers, calls)?;
+        run_case(Setup { trusted, raw_errors, optional, hedge_overrides }, answers, calls)?;
     }
 
     /// The guarantees that do not depend on the order of the calls, for
@@ -719,10 +752,11 @@ proptest! {
         trusted in any::<bool>(),
         raw_errors in any::<bool>(),
         optional in prop::option::of(1..=2u32),
+        hedge_overrides in any::<bool>(),
         answers in prop::collection::vec(answer(), 1..24),
         calls in prop::collection::vec(call(), 1..40),
     ) {
-        run_concurrent_case(Setup { trusted, raw_errors, optional }, answers, calls)?;
+        run_concurrent_case(Setup { trusted, raw_errors, optional, hedge_overrides }, answers, calls)?;
     }
 }
 
@@ -758,6 +792,7 @@ async fn regression_15_1_a_huge_retry_hint_answers_instead_of_panicking() {
             trusted: true,
             raw_errors: false,
             optional: None,
+            hedge_overrides: false,
         });
         let mut svc = layer.layer(ReadyChecked::new(upstream));
         let answer = send(&mut svc, 1, "lookup", json!({"q": 1})).await.unwrap();
