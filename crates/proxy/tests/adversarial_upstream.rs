@@ -6,13 +6,17 @@
 //! gets exactly one answer, with its id, within the attempt timeout; the
 //! session goes on; nothing malformed reaches the client. Runs in process
 //! (the server on an in-memory pipe), through the standard stack with the
-//! circuit breaker left out, so that every call reaches the server.
+//! circuit breaker left out, so that every call reaches the server. The
+//! same over Streamable HTTP against a raw HTTP server on a loopback port:
+//! error statuses, bodies that are not JSON-RPC, SSE streams, bodies cut
+//! off or too large, a rate limit, an expired session.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -191,96 +195,137 @@ fn raw_server(
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_call_gets_one_answer_whatever_the_server_sends() {
-    let script = script();
-    let replies = Arc::new(Mutex::new(script.iter().map(|(r, _)| r.clone()).collect()));
-    let received = Arc::new(Mutex::new(Vec::new()));
-    let downstreams = Downstreams::new();
-    let upstream_config = UpstreamConfig {
-        restart_backoff_min: Duration::from_millis(20),
-        restart_backoff_max: Duration::from_millis(100),
-        ..UpstreamConfig::default()
-    };
-    let upstream = Upstream::new(
-        raw_server(replies, Arc::clone(&received)),
-        upstream_config,
-        ToolCatalog::new(),
-        downstreams.clone(),
-    );
-    let mut config = Config::default();
-    config.upstream.attempt_timeout = ATTEMPT_TIMEOUT;
-    config.circuit_breaker.enabled = Some(false);
-    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
-    let stack = build_stack(&config, upstream.service(), &shared).unwrap();
-    let stdio =
-        support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
-    let (mut write, mut lines) = (stdio.input, stdio.output);
-    let mut seen: Vec<Value> = Vec::new();
-    let mut exchange = async |message: Value, seen: &mut Vec<Value>| -> Value {
+/// The proxy in front of `target` (the standard stack, the circuit
+/// breaker off, attempts cut at [`ATTEMPT_TIMEOUT`]), served on an
+/// in-memory stdio pipe to a client that has initialized; every message
+/// the client was sent is kept in `seen`.
+struct Proxied {
+    upstream: Upstream,
+    stdio: support::InMemoryStdio,
+    seen: Vec<Value>,
+}
+
+impl Proxied {
+    async fn start(target: UpstreamTarget) -> Self {
+        let downstreams = Downstreams::new();
+        let upstream_config = UpstreamConfig {
+            restart_backoff_min: Duration::from_millis(20),
+            restart_backoff_max: Duration::from_millis(100),
+            ..UpstreamConfig::default()
+        };
+        let upstream = Upstream::new(
+            target,
+            upstream_config,
+            ToolCatalog::new(),
+            downstreams.clone(),
+        );
+        let mut config = Config::default();
+        config.upstream.attempt_timeout = ATTEMPT_TIMEOUT;
+        config.circuit_breaker.enabled = Some(false);
+        let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+        let stack = build_stack(&config, upstream.service(), &shared).unwrap();
+        let stdio =
+            support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
+        let mut proxied = Proxied {
+            upstream,
+            stdio,
+            seen: Vec::new(),
+        };
+        let init = proxied
+            .exchange(
+                json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                "protocolVersion": "2025-06-18", "capabilities": {},
+                "clientInfo": {"name": "t", "version": "0"}}}),
+            )
+            .await;
+        assert!(init.get("result").is_some(), "{init}");
+        proxied
+    }
+
+    /// Sends `message` and reads up to its answer (within [`BOUND`]).
+    async fn exchange(&mut self, message: Value) -> Value {
         let id = message["id"].clone();
-        write
+        self.stdio
+            .input
             .write_all(format!("{message}\n").as_bytes())
             .await
             .unwrap();
         loop {
-            let line = tokio::time::timeout(BOUND, lines.next_line())
+            let line = tokio::time::timeout(BOUND, self.stdio.output.next_line())
                 .await
                 .unwrap_or_else(|_| panic!("no answer to {message} within {BOUND:?}"))
                 .unwrap()
                 .expect("the proxy's output is open");
             let got: Value = serde_json::from_str(&line).unwrap();
-            seen.push(got.clone());
+            self.seen.push(got.clone());
             if got.get("method").is_none() && got["id"] == id {
                 return got;
             }
         }
-    };
-    let init = exchange(
-        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"}}}),
-        &mut seen,
-    )
-    .await;
-    assert!(init.get("result").is_some(), "{init}");
-    for (i, (reply, expect)) in script.iter().enumerate() {
-        let id = i as i64 + 1;
-        let answer = exchange(
-            json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                "params": {"name": "t", "arguments": {"call": id}}}),
-            &mut seen,
-        )
-        .await;
+    }
+
+    /// Calls tool `t` as request `id`, and checks its answer against
+    /// `expect` (`what`: the server's doing, for the message).
+    async fn call(&mut self, id: i64, what: &dyn std::fmt::Debug, expect: Expect) {
+        let answer = self
+            .exchange(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": "t", "arguments": {"call": id}}}))
+            .await;
         match expect {
             Expect::RpcError => assert!(
                 answer.get("error").is_some() && answer.get("result").is_none(),
-                "{reply:?}: {answer}"
+                "{what:?}: {answer}"
             ),
             Expect::Text(part) => assert!(
                 text(&answer["result"]).contains(part),
-                "{reply:?}: wanted {part:?} in {answer}"
+                "{what:?}: wanted {part:?} in {answer}"
             ),
         }
     }
-    let pong = exchange(
-        json!({"jsonrpc": "2.0", "id": "last", "method": "ping"}),
-        &mut seen,
-    )
-    .await;
-    assert_eq!(pong["result"], json!({}), "{pong}");
-    // Exactly one answer per request, and nothing else: the server's
-    // malformed notifications and request reached no client.
-    let mut answers: HashMap<String, usize> = HashMap::new();
-    for message in &seen {
-        assert!(
-            message.get("method").is_none(),
-            "forwarded to the client: {message}"
-        );
-        *answers.entry(message["id"].to_string()).or_default() += 1;
+
+    /// A last `ping`, then: the client got exactly one answer for each of
+    /// its `requests` requests (the pings and the initialize included) and
+    /// nothing else, no notification or request of the server.
+    async fn check_one_answer_each(&mut self, requests: usize) {
+        let pong = self
+            .exchange(json!({"jsonrpc": "2.0", "id": "last", "method": "ping"}))
+            .await;
+        assert_eq!(pong["result"], json!({}), "{pong}");
+        let mut answers: HashMap<String, usize> = HashMap::new();
+        for message in &self.seen {
+            assert!(
+                message.get("method").is_none(),
+                "forwarded to the client: {message}"
+            );
+            *answers.entry(message["id"].to_string()).or_default() += 1;
+        }
+        assert_eq!(answers.len(), requests + 1, "{answers:?}");
+        assert!(answers.values().all(|n| *n == 1), "{answers:?}");
     }
-    assert_eq!(answers.len(), script.len() + 2, "{answers:?}");
-    assert!(answers.values().all(|n| *n == 1), "{answers:?}");
+
+    async fn finish(self) {
+        let Proxied {
+            upstream, stdio, ..
+        } = self;
+        stdio.shutdown.cancel();
+        drop(stdio.input);
+        let _ = tokio::time::timeout(BOUND, stdio.serving).await;
+        upstream.shutdown(BOUND).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_gets_one_answer_whatever_the_server_sends() {
+    let script = script();
+    let replies = Arc::new(Mutex::new(script.iter().map(|(r, _)| r.clone()).collect()));
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let mut proxied = Proxied::start(raw_server(replies, Arc::clone(&received))).await;
+    for (i, (reply, expect)) in script.iter().enumerate() {
+        proxied.call(i as i64 + 1, reply, *expect).await;
+    }
+    // The initialize, the calls, the ping: the server's malformed
+    // notifications and request reached no client.
+    proxied.check_one_answer_each(script.len() + 1).await;
     // The server's malformed request was answered, to the server.
     let received = received.lock().unwrap().clone();
     let answer = received
@@ -288,10 +333,7 @@ async fn every_call_gets_one_answer_whatever_the_server_sends() {
         .find(|m| m["id"] == "srv-1")
         .unwrap_or_else(|| panic!("no answer to the server's request: {received:?}"));
     assert_eq!(answer["error"]["code"], -32602, "{answer}");
-    stdio.shutdown.cancel();
-    drop(write);
-    let _ = tokio::time::timeout(BOUND, stdio.serving).await;
-    upstream.shutdown(BOUND).await;
+    proxied.finish().await;
 }
 
 /// `tools/list` requests a server was sent: in all, and the most at once.
@@ -559,4 +601,227 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
     );
     stdio.shutdown.cancel();
     upstream.shutdown(BOUND).await;
+}
+
+/// What the Streamable HTTP server does with one `tools/call` POST.
+#[derive(Debug, Clone)]
+enum HttpReply {
+    /// This status, content type and body.
+    Raw(u16, &'static str, String),
+    /// This status, the body a JSON-RPC `error` for the request.
+    RpcError(u16, Value),
+    /// 429 with this `Retry-After`.
+    Limited(&'static str),
+    /// 404 (the session expired), then this `result` to the request sent
+    /// again.
+    Expired(Value),
+    /// The answer with this `result`, as JSON.
+    Answer(Value),
+    /// The answer with this `result`, as the one event of an SSE stream.
+    Sse(Value),
+    /// An SSE stream that ends with no event.
+    SseEmpty,
+    /// A JSON body cut off by an error of the connection.
+    Cut,
+    /// The answer with a result of 17 MB of text (past rmcp's 16 MiB).
+    Huge,
+}
+
+type HttpReplies = Arc<Mutex<VecDeque<HttpReply>>>;
+
+/// What the HTTP server was sent: `initialize` requests counted.
+#[derive(Debug, Default)]
+struct HttpSeen {
+    initialize: AtomicUsize,
+}
+
+/// A raw Streamable HTTP server on a loopback port: `initialize` (a session
+/// id), `tools/list` (one tool, `t`) and `ping` answered well as JSON,
+/// notifications and responses accepted, the standalone GET stream refused
+/// (405), each `tools/call` answered with the next of `replies` (a result
+/// as JSON when they are used up). Its URL.
+async fn http_server(
+    replies: HttpReplies,
+    seen: Arc<HttpSeen>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> String {
+    use axum::body::{Body, Bytes};
+    use axum::http::{header::CONTENT_TYPE, Method, StatusCode};
+    use axum::response::{IntoResponse, Response};
+
+    async fn handle(
+        axum::extract::State((replies, seen)): axum::extract::State<(HttpReplies, Arc<HttpSeen>)>,
+        method: Method,
+        body: Bytes,
+    ) -> Response {
+        if method != Method::POST {
+            return StatusCode::METHOD_NOT_ALLOWED.into_response();
+        }
+        let Ok(message) = serde_json::from_slice::<Value>(&body) else {
+            return StatusCode::BAD_REQUEST.into_response();
+        };
+        let Some(id) = message
+            .get("id")
+            .cloned()
+            .filter(|_| message.get("method").is_some())
+        else {
+            return StatusCode::ACCEPTED.into_response();
+        };
+        let json = |status: u16, body: String| {
+            Response::builder()
+                .status(status)
+                .header(CONTENT_TYPE, "application/json")
+                .header("mcp-session-id", "s1")
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let answer = |result: Value| result_line(&id, result);
+        match message["method"].as_str().unwrap_or("") {
+            "initialize" => {
+                seen.initialize.fetch_add(1, Ordering::SeqCst);
+                json(200, answer(initialized("http")))
+            }
+            "tools/list" => json(
+                200,
+                answer(json!({"tools": [{"name": "t", "inputSchema": {"type": "object"}}]})),
+            ),
+            "tools/call" => match next_reply(&replies) {
+                Some(HttpReply::Raw(status, content_type, body)) => Response::builder()
+                    .status(status)
+                    .header(CONTENT_TYPE, content_type)
+                    .body(Body::from(body))
+                    .unwrap(),
+                Some(HttpReply::RpcError(status, error)) => json(
+                    status,
+                    json!({"jsonrpc": "2.0", "id": id, "error": error}).to_string(),
+                ),
+                Some(HttpReply::Limited(retry_after)) => Response::builder()
+                    .status(429)
+                    .header("retry-after", retry_after)
+                    .body(Body::from("slow down"))
+                    .unwrap(),
+                Some(HttpReply::Expired(result)) => {
+                    replies
+                        .lock()
+                        .unwrap()
+                        .push_front(HttpReply::Answer(result));
+                    StatusCode::NOT_FOUND.into_response()
+                }
+                Some(HttpReply::Answer(result)) => json(200, answer(result)),
+                Some(HttpReply::Sse(result)) => Response::builder()
+                    .header(CONTENT_TYPE, "text/event-stream")
+                    .body(Body::from(format!(
+                        "event: message\ndata: {}\n\n",
+                        answer(result)
+                    )))
+                    .unwrap(),
+                Some(HttpReply::SseEmpty) => Response::builder()
+                    .header(CONTENT_TYPE, "text/event-stream")
+                    .body(Body::empty())
+                    .unwrap(),
+                Some(HttpReply::Cut) => {
+                    let chunks = futures::stream::iter([
+                        Ok(Bytes::from_static(br#"{"jsonrpc":"2.0","id":"#)),
+                        Err(std::io::Error::other("cut")),
+                    ]);
+                    Response::builder()
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(Body::from_stream(chunks))
+                        .unwrap()
+                }
+                Some(HttpReply::Huge) => json(
+                    200,
+                    answer(json!({"content": [{"type": "text", "text": "x".repeat(17 << 20)}]})),
+                ),
+                None => json(
+                    200,
+                    answer(json!({"content": [{"type": "text", "text": "last"}]})),
+                ),
+            },
+            _ => json(200, answer(json!({}))),
+        }
+    }
+
+    /// The next reply, the queue unlocked again before it is acted on.
+    fn next_reply(replies: &HttpReplies) -> Option<HttpReply> {
+        replies.lock().unwrap().pop_front()
+    }
+
+    let router = axum::Router::new()
+        .route("/mcp", axum::routing::any(handle))
+        .with_state((replies, seen));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    format!("http://127.0.0.1:{port}/mcp")
+}
+
+/// The same over Streamable HTTP: error statuses with and without JSON-RPC
+/// bodies, bodies that are not JSON or not JSON-RPC, an answer to another
+/// id, SSE streams with and without the answer, a body cut off, one past
+/// rmcp's 16 MiB bound, a rate limit with `Retry-After`, an expired
+/// session. Every call gets one answer within the attempt timeout; an HTTP
+/// status is told as a status (429 and 503 transient with their hint, 500
+/// the tool failing), not as a closed connection; and no bad answer
+/// takes the connection down: the server sees `initialize` twice only,
+/// the second for the session it expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_gets_one_answer_whatever_an_http_server_sends() {
+    use Expect::Text;
+    let ok = |s: &str| json!({"content": [{"type": "text", "text": s}]});
+    let json_ct = "application/json";
+    let closed = Text("connection closed");
+    let script = vec![
+        (
+            HttpReply::Raw(500, "text/plain", "boom".into()),
+            Text("HTTP status 500; the tool is failing"),
+        ),
+        (
+            HttpReply::Raw(503, "text/plain", "down".into()),
+            Text("HTTP status 503; this may be temporary"),
+        ),
+        (
+            HttpReply::RpcError(500, json!({"code": -32603, "message": "internal"})),
+            Text("JSON-RPC error -32603: internal"),
+        ),
+        (HttpReply::Raw(200, "text/plain", "hello".into()), closed),
+        (HttpReply::Raw(200, json_ct, "{not json".into()), closed),
+        (HttpReply::Raw(200, json_ct, r#"{"foo":1}"#.into()), closed),
+        (HttpReply::Raw(200, json_ct, String::new()), closed),
+        (
+            HttpReply::Raw(200, json_ct, result_line(&json!(999_999), json!({}))),
+            Text("timed out"),
+        ),
+        (HttpReply::Sse(ok("sse ok")), Text("sse ok")),
+        (HttpReply::SseEmpty, closed),
+        (HttpReply::Cut, closed),
+        (HttpReply::Huge, closed),
+        (
+            HttpReply::Limited("7"),
+            Text("HTTP status 429; retry after 7 s"),
+        ),
+        (HttpReply::Expired(ok("after 404")), Text("after 404")),
+        (HttpReply::Answer(ok("answered")), Text("answered")),
+    ];
+    let replies: HttpReplies =
+        Arc::new(Mutex::new(script.iter().map(|(r, _)| r.clone()).collect()));
+    let seen = Arc::new(HttpSeen::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let url = http_server(replies, Arc::clone(&seen), shutdown.clone()).await;
+    let mut proxied = Proxied::start(UpstreamTarget::Url(url)).await;
+    for (i, (reply, expect)) in script.iter().enumerate() {
+        proxied.call(i as i64 + 1, reply, *expect).await;
+    }
+    proxied.check_one_answer_each(script.len() + 1).await;
+    assert_eq!(
+        seen.initialize.load(Ordering::SeqCst),
+        2,
+        "one connection, its session renewed once"
+    );
+    proxied.finish().await;
+    shutdown.cancel();
 }

@@ -1,7 +1,11 @@
 //! rmcp's `ServiceError` mapped to the core's error types.
 
 use rmcp::ServiceError;
-use toolwarden_core::classify::{CallTimedOut, TransportError, TransportErrorKind};
+#[cfg(feature = "reqwest")]
+use toolwarden_core::classify::retry_after_from_header;
+use toolwarden_core::classify::{
+    CallTimedOut, HttpStatusError, TransportError, TransportErrorKind,
+};
 use toolwarden_core::jsonrpc::ErrorObject;
 use toolwarden_core::BoxError;
 
@@ -10,6 +14,7 @@ use toolwarden_core::BoxError;
 /// | rmcp | core | class |
 /// |---|---|---|
 /// | `McpError(ErrorData)` | [`ErrorObject`] (same code, message, data) | by code |
+/// | `TransportSend` of an HTTP 429 or 5xx (feature `reqwest`: rmcp's Streamable HTTP client over reqwest) | [`HttpStatusError`] (status, `Retry-After`) | 429, 502–504 `Transient` with the hint; other 5xx `Server` |
 /// | `TransportSend`, `TransportClosed`, `Cancelled` | [`TransportError`] `Closed` | `Transient` |
 /// | `Timeout { timeout }` | [`CallTimedOut`] | `Transient` |
 /// | anything else | the `ServiceError` itself | `Server` |
@@ -25,10 +30,13 @@ pub fn map_service_error(error: ServiceError) -> BoxError {
             TransportErrorKind::Closed,
             "the MCP connection closed",
         )),
-        ServiceError::TransportSend(e) => Box::new(TransportError::new(
-            TransportErrorKind::Closed,
-            e.to_string(),
-        )),
+        ServiceError::TransportSend(e) => match http_status(e.error.as_ref()) {
+            Some(status) => Box::new(status),
+            None => Box::new(TransportError::new(
+                TransportErrorKind::Closed,
+                e.to_string(),
+            )),
+        },
         ServiceError::Cancelled { reason } => Box::new(TransportError::new(
             TransportErrorKind::Closed,
             format!(
@@ -39,6 +47,30 @@ pub fn map_service_error(error: ServiceError) -> BoxError {
         ServiceError::Timeout { timeout } => Box::new(CallTimedOut { after: timeout }),
         other => Box::new(other),
     }
+}
+
+/// The HTTP status (and its `Retry-After`) of a failed POST of rmcp's
+/// Streamable HTTP client over reqwest, if `error` is one. rmcp reports a
+/// 429 or 5xx answer as an error of the send, its body unread; a 5xx whose
+/// body is a JSON-RPC error comes as that error instead.
+#[cfg(feature = "reqwest")]
+fn http_status(error: &(dyn std::error::Error + 'static)) -> Option<HttpStatusError> {
+    use rmcp::transport::streamable_http_client::StreamableHttpError;
+    match error.downcast_ref::<StreamableHttpError<reqwest::Error>>()? {
+        StreamableHttpError::HttpStatus(status) => Some(HttpStatusError {
+            status: status.status,
+            retry_after: status
+                .retry_after
+                .as_deref()
+                .and_then(|value| retry_after_from_header(value, std::time::SystemTime::now())),
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "reqwest"))]
+fn http_status(_error: &(dyn std::error::Error + 'static)) -> Option<HttpStatusError> {
+    None
 }
 
 #[cfg(test)]
@@ -91,5 +123,50 @@ mod tests {
         );
         let o = classify(ServiceError::UnexpectedResponse);
         assert_eq!(o.class, Some(FailureClass::Server));
+    }
+
+    /// A failed send of rmcp's Streamable HTTP client over reqwest, with
+    /// this HTTP status and `Retry-After`.
+    #[cfg(feature = "reqwest")]
+    fn http_status(status: u16, retry_after: Option<&str>) -> ServiceError {
+        use rmcp::transport::streamable_http_client::{HttpStatusError, StreamableHttpError};
+        let error = StreamableHttpError::<reqwest::Error>::HttpStatus(HttpStatusError::new(
+            status,
+            retry_after.map(str::to_owned),
+        ));
+        ServiceError::TransportSend(rmcp::transport::DynamicTransportError::from_parts(
+            "streamable-http",
+            std::any::TypeId::of::<()>(),
+            Box::new(error),
+        ))
+    }
+
+    #[cfg(feature = "reqwest")]
+    #[test]
+    fn http_statuses_are_classified_as_statuses_with_their_hint() {
+        let o = classify(http_status(429, Some("7")));
+        assert_eq!(
+            (o.kind, o.class, o.retry_after),
+            (
+                OutcomeKind::Transport,
+                Some(FailureClass::Transient),
+                Some(Duration::from_secs(7))
+            )
+        );
+        let o = classify(http_status(503, None));
+        assert_eq!(
+            (o.class, o.retry_after),
+            (Some(FailureClass::Transient), None)
+        );
+        let o = classify(http_status(500, Some("5")));
+        assert_eq!(o.class, Some(FailureClass::Server));
+        // A hint past the bound is clamped; one that is not a delay is ignored.
+        let o = classify(http_status(429, Some("99999999999999999999")));
+        assert_eq!(o.retry_after, Some(Duration::from_secs(3600)));
+        let o = classify(http_status(429, Some("soon")));
+        assert_eq!(
+            (o.class, o.retry_after),
+            (Some(FailureClass::Transient), None)
+        );
     }
 }

@@ -9,8 +9,16 @@
 //!   `Peer<RoleClient>` that sends `notifications/cancelled` when its future is
 //!   dropped (a timeout or a lost `select!` upstream cancels the call on the
 //!   server too), maps rmcp's errors to the core's error types so the default
-//!   classifier reads them, and fills a [`ToolCatalog`](toolwarden_core::ToolCatalog)
-//!   from every `tools/list` result that passes through it.
+//!   classifier reads them ([`map_service_error`]), and fills a
+//!   [`ToolCatalog`](toolwarden_core::ToolCatalog) from every `tools/list`
+//!   result that passes through it.
+//!
+//! Feature `reqwest` (off by default): an HTTP 429 or 5xx answer to a POST of
+//! rmcp's Streamable HTTP client over reqwest is mapped to the core's
+//! [`HttpStatusError`](toolwarden_core::classify::HttpStatusError), its
+//! `Retry-After` read, so that a 429 or 503 is transient with the server's
+//! hint and a 500 is the server failing; without it such an answer is a
+//! transport error (transient, no hint), as every other send that failed.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

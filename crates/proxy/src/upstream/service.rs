@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rmcp::model::{ClientRequest, ServerResult};
-use toolwarden_core::classify::{CallTimedOut, TransportError, TransportErrorKind};
+use toolwarden_core::classify::{
+    CallTimedOut, HttpStatusError, TransportError, TransportErrorKind,
+};
 use toolwarden_core::jsonrpc::ErrorObject;
 use toolwarden_core::BoxError;
 use toolwarden_rmcp::RmcpClientFuture;
@@ -71,7 +73,8 @@ impl tower::Service<ClientRequest> for UpstreamService {
 /// Response future of [`UpstreamService`]: the connection's answer, with a
 /// failure of the connection itself replaced by a generic one
 /// ([`UPSTREAM_FAILED`], same kind and class) once its details are logged,
-/// scrubbed. The server's own JSON-RPC errors and timeouts pass unchanged.
+/// scrubbed. The server's own JSON-RPC errors, timeouts and HTTP statuses
+/// (a status and a `Retry-After`: nothing secret) pass unchanged.
 pub struct UpstreamFuture {
     inner: RmcpClientFuture,
     redactor: Arc<Redactor>,
@@ -97,7 +100,7 @@ impl std::future::Future for UpstreamFuture {
 fn generic_error(error: BoxError, redactor: &Redactor) -> BoxError {
     let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error.as_ref());
     while let Some(e) = current {
-        if e.is::<ErrorObject>() || e.is::<CallTimedOut>() {
+        if e.is::<ErrorObject>() || e.is::<CallTimedOut>() || e.is::<HttpStatusError>() {
             return error;
         }
         if let Some(transport) = e.downcast_ref::<TransportError>() {
