@@ -750,14 +750,7 @@ async fn http_server(
     let router = axum::Router::new()
         .route("/mcp", axum::routing::any(handle))
         .with_state((replies, seen));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
-    format!("http://127.0.0.1:{port}/mcp")
+    support::serve_on_loopback(router, shutdown).await
 }
 
 /// The same over Streamable HTTP: error statuses with and without JSON-RPC

@@ -935,14 +935,7 @@ async fn http_upstream(server: TestServer, shutdown: CancellationToken) -> Upstr
         StreamableHttpServerConfig::default().with_cancellation_token(shutdown.child_token()),
     );
     let router = axum::Router::new().nest_service("/mcp", service);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-    });
-    UpstreamTarget::Url(format!("http://127.0.0.1:{port}/mcp"))
+    UpstreamTarget::Url(support::serve_on_loopback(router, shutdown).await)
 }
 
 /// How the upstream [`TestServer`] of an [`HttpHarness`] is reached.

@@ -612,3 +612,19 @@ pub fn serve_stdio_in_memory(core: Arc<toolwarden_proxy::ProxyCore>) -> InMemory
         shutdown,
     }
 }
+
+/// Serves `router` on a loopback port until `shutdown` (graceful): the URL
+/// of its `/mcp`.
+pub async fn serve_on_loopback(
+    router: axum::Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    format!("http://127.0.0.1:{port}/mcp")
+}
