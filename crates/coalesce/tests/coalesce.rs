@@ -774,3 +774,87 @@ async fn passthrough_forwards_every_call_untouched() {
         assert_eq!(answer.first_text().unwrap(), "weather answered");
     }
 }
+
+/// An inner call whose every poll takes a while (a short spin) and that is
+/// pending a few times before its answer: on two threads, callers often
+/// join a call while another caller polls it (its lock held).
+#[derive(Clone, Default)]
+struct SlowPolls {
+    made: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Service<Request> for SlowPolls {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut polls = 0;
+        let text = format!("{} answered", request.tool_name().unwrap_or("?"));
+        let id = request.id.clone();
+        Box::pin(futures::future::poll_fn(move |cx| {
+            let spin = std::time::Instant::now();
+            while spin.elapsed() < Duration::from_micros(20) {
+                std::hint::spin_loop();
+            }
+            polls += 1;
+            if polls < 4 {
+                cx.waker().wake_by_ref();
+                return std::task::Poll::Pending;
+            }
+            std::task::Poll::Ready(Ok(Response::result(
+                id.clone(),
+                json!({"content": [{"type": "text", "text": text.clone()}]}),
+            )))
+        }))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_several_threads_callers_joining_calls_being_polled_each_get_their_answer() {
+    let catalog = ToolCatalog::new();
+    let tools = ["a", "b", "c", "d"];
+    for tool in tools {
+        cacheable(&catalog, tool);
+    }
+    let layer = CoalesceLayer::builder().catalog(catalog).build().unwrap();
+    let inner = SlowPolls::default();
+    let mut tasks = Vec::new();
+    for task in 0..8i64 {
+        let mut svc = layer.layer(inner.clone());
+        tasks.push(tokio::spawn(async move {
+            for n in 0..200i64 {
+                let id = task * 1_000 + n;
+                let tool = tools[(n % 4) as usize];
+                let response = svc
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(call(id, tool, json!({"n": n / 8})))
+                    .await
+                    .unwrap();
+                assert_eq!(response.id, Id::Number(id));
+                assert_eq!(response.first_text().unwrap(), format!("{tool} answered"));
+            }
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(60), task)
+            .await
+            .expect("no caller is left waiting")
+            .unwrap();
+    }
+    assert_eq!(layer.in_flight(), 0);
+    let made = inner.made.load(std::sync::atomic::Ordering::Relaxed);
+    // Every caller got its own answer; how many calls were shared depends on
+    // the schedule (not asserted), but never more calls than callers.
+    assert!(made <= 8 * 200, "{made} inner calls for 1 600 callers");
+}
