@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::classify::{FailureClass, Outcome};
+use crate::classify::{FailureClass, Outcome, OutcomeKind};
 
 /// What every toolwarden rejection offers.
 pub trait Rejection: StdError + Send + Sync + 'static {
@@ -476,18 +476,32 @@ impl FailureReport {
         self
     }
 
-    /// The sentence the model reads.
+    /// The sentence the model reads: the failure, then what to do about it
+    /// (the retry-after hint, else by class: a client failure is the
+    /// arguments' fault, except an HTTP 4xx of the transport, a refusal
+    /// that neither a retry nor other arguments change; a transient one
+    /// may pass; a server one is the tool's), the attempts, the
+    /// alternatives.
     #[must_use]
     pub fn message(&self) -> String {
         let mut text = self.message.clone();
         if self.layer.is_none() {
             if let Some(retry_after) = self.retry_after {
                 text.push_str(&format!("; retry after {}", secs(retry_after)));
-            } else if let Some(class) = self.outcome.and_then(|o| o.class) {
-                text.push_str(match class {
-                    FailureClass::Client => "; the request itself is wrong: change the arguments",
-                    FailureClass::Transient => "; this may be temporary: retry later",
-                    FailureClass::Server => "; the tool is failing on its side",
+            } else if let Some(outcome) = self.outcome {
+                text.push_str(match (outcome.class, outcome.kind) {
+                    // An HTTP 4xx of the transport (credentials refused, a
+                    // request the HTTP server would not take): nothing the
+                    // model's arguments or a retry change.
+                    (Some(FailureClass::Client), OutcomeKind::Transport) => {
+                        "; the server refused the request: retrying or other arguments will not help"
+                    }
+                    (Some(FailureClass::Client), _) => {
+                        "; the request itself is wrong: change the arguments"
+                    }
+                    (Some(FailureClass::Transient), _) => "; this may be temporary: retry later",
+                    (Some(FailureClass::Server), _) => "; the tool is failing on its side",
+                    (None, _) => "",
                 });
             }
         }
@@ -631,5 +645,17 @@ mod tests {
         assert!(text.contains("change the arguments"), "{text}");
         let result = report.to_tool_result();
         assert_eq!(result["structuredContent"]["toolwarden"]["class"], "client");
+    }
+
+    #[test]
+    fn a_refusal_of_the_http_transport_is_not_blamed_on_the_arguments() {
+        let err = crate::classify::HttpStatusError {
+            status: 401,
+            retry_after: None,
+        };
+        let text = FailureReport::from_error("search", &err).message();
+        assert!(text.contains("HTTP status 401"), "{text}");
+        assert!(text.contains("will not help"), "{text}");
+        assert!(!text.contains("change the arguments"), "{text}");
     }
 }

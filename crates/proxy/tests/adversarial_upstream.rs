@@ -612,6 +612,8 @@ enum HttpReply {
     RpcError(u16, Value),
     /// 429 with this `Retry-After`.
     Limited(&'static str),
+    /// 401 with a `WWW-Authenticate` challenge.
+    Unauthorized,
     /// 404 (the session expired), then this `result` to the request sent
     /// again.
     Expired(Value),
@@ -699,6 +701,11 @@ async fn http_server(
                     .status(429)
                     .header("retry-after", retry_after)
                     .body(Body::from("slow down"))
+                    .unwrap(),
+                Some(HttpReply::Unauthorized) => Response::builder()
+                    .status(401)
+                    .header("www-authenticate", "Bearer realm=\"mcp\"")
+                    .body(Body::empty())
                     .unwrap(),
                 Some(HttpReply::Expired(result)) => {
                     replies
@@ -796,6 +803,10 @@ async fn every_call_gets_one_answer_whatever_an_http_server_sends() {
         (
             HttpReply::Limited("7"),
             Text("HTTP status 429; retry after 7 s"),
+        ),
+        (
+            HttpReply::Unauthorized,
+            Text("HTTP status 401; the server refused the request"),
         ),
         (HttpReply::Expired(ok("after 404")), Text("after 404")),
         (HttpReply::Answer(ok("answered")), Text("answered")),

@@ -14,7 +14,7 @@ use toolwarden_core::BoxError;
 /// | rmcp | core | class |
 /// |---|---|---|
 /// | `McpError(ErrorData)` | [`ErrorObject`] (same code, message, data) | by code |
-/// | `TransportSend` of an HTTP 429 or 5xx (feature `reqwest`: rmcp's Streamable HTTP client over reqwest) | [`HttpStatusError`] (status, `Retry-After`) | 429, 502–504 `Transient` with the hint; other 5xx `Server` |
+/// | `TransportSend` of an HTTP 429 or 5xx, or of a 401 / 403 with a `WWW-Authenticate` challenge (feature `reqwest`: rmcp's Streamable HTTP client over reqwest) | [`HttpStatusError`] (status, `Retry-After`) | 429, 502–504 `Transient` with the hint; other 5xx `Server`; 401, 403 `Client` |
 /// | `TransportSend`, `TransportClosed`, `Cancelled` | [`TransportError`] `Closed` | `Transient` |
 /// | `Timeout { timeout }` | [`CallTimedOut`] | `Transient` |
 /// | anything else | the `ServiceError` itself | `Server` |
@@ -51,8 +51,10 @@ pub fn map_service_error(error: ServiceError) -> BoxError {
 
 /// The HTTP status (and its `Retry-After`) of a failed POST of rmcp's
 /// Streamable HTTP client over reqwest, if `error` is one. rmcp reports a
-/// 429 or 5xx answer as an error of the send, its body unread; a 5xx whose
-/// body is a JSON-RPC error comes as that error instead.
+/// 429 or 5xx answer as an error of the send, its body unread (a 5xx whose
+/// body is a JSON-RPC error comes as that error instead), and a 401 or 403
+/// with a `WWW-Authenticate` challenge as an authorization error: the
+/// credentials are refused, which no retry changes.
 #[cfg(feature = "reqwest")]
 fn http_status(error: &(dyn std::error::Error + 'static)) -> Option<HttpStatusError> {
     use rmcp::transport::streamable_http_client::StreamableHttpError;
@@ -63,6 +65,14 @@ fn http_status(error: &(dyn std::error::Error + 'static)) -> Option<HttpStatusEr
                 .retry_after
                 .as_deref()
                 .and_then(|value| retry_after_from_header(value, std::time::SystemTime::now())),
+        }),
+        StreamableHttpError::AuthRequired(_) => Some(HttpStatusError {
+            status: 401,
+            retry_after: None,
+        }),
+        StreamableHttpError::InsufficientScope(_) => Some(HttpStatusError {
+            status: 403,
+            retry_after: None,
         }),
         _ => None,
     }
@@ -168,5 +178,31 @@ mod tests {
             (o.class, o.retry_after),
             (Some(FailureClass::Transient), None)
         );
+    }
+
+    #[cfg(feature = "reqwest")]
+    #[test]
+    fn refused_credentials_are_a_client_failure() {
+        use rmcp::transport::streamable_http_client::{
+            AuthRequiredError, InsufficientScopeError, StreamableHttpError,
+        };
+        let send = |error: StreamableHttpError<reqwest::Error>| {
+            ServiceError::TransportSend(rmcp::transport::DynamicTransportError::from_parts(
+                "streamable-http",
+                std::any::TypeId::of::<()>(),
+                Box::new(error),
+            ))
+        };
+        let o = classify(send(StreamableHttpError::AuthRequired(
+            AuthRequiredError::new("Bearer".into()),
+        )));
+        assert_eq!(
+            (o.kind, o.class),
+            (OutcomeKind::Transport, Some(FailureClass::Client))
+        );
+        let o = classify(send(StreamableHttpError::InsufficientScope(
+            InsufficientScopeError::new("Bearer scope=\"x\"".into(), Some("x".into())),
+        )));
+        assert_eq!(o.class, Some(FailureClass::Client));
     }
 }
