@@ -777,30 +777,20 @@ async fn passthrough_forwards_every_call_untouched() {
 
 /// An inner call whose every poll takes a while (a short spin) and that is
 /// pending a few times before its answer: on two threads, callers often
-/// join a call while another caller polls it (its lock held).
-#[derive(Clone, Default)]
-struct SlowPolls {
+/// join a call while another caller polls it (its lock held). Counts the
+/// calls made in `made`.
+fn slow_polls(
     made: Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl Service<Request> for SlowPolls {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = futures::future::BoxFuture<'static, Result<Response, BoxError>>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request) -> Self::Future {
-        self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+) -> impl Service<Request, Response = Response, Error = BoxError, Future: Send + 'static>
+       + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |request: Request| {
+        made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut polls = 0;
         let text = format!("{} answered", request.tool_name().unwrap_or("?"));
         let id = request.id.clone();
-        Box::pin(futures::future::poll_fn(move |cx| {
+        futures::future::poll_fn(move |cx| {
             let spin = std::time::Instant::now();
             while spin.elapsed() < Duration::from_micros(20) {
                 std::hint::spin_loop();
@@ -810,12 +800,12 @@ impl Service<Request> for SlowPolls {
                 cx.waker().wake_by_ref();
                 return std::task::Poll::Pending;
             }
-            std::task::Poll::Ready(Ok(Response::result(
+            std::task::Poll::Ready(Ok::<_, BoxError>(Response::result(
                 id.clone(),
                 json!({"content": [{"type": "text", "text": text.clone()}]}),
             )))
-        }))
-    }
+        })
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -826,7 +816,8 @@ async fn on_several_threads_callers_joining_calls_being_polled_each_get_their_an
         cacheable(&catalog, tool);
     }
     let layer = CoalesceLayer::builder().catalog(catalog).build().unwrap();
-    let inner = SlowPolls::default();
+    let made = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner = slow_polls(Arc::clone(&made));
     let mut tasks = Vec::new();
     for task in 0..8i64 {
         let mut svc = layer.layer(inner.clone());
@@ -853,7 +844,7 @@ async fn on_several_threads_callers_joining_calls_being_polled_each_get_their_an
             .unwrap();
     }
     assert_eq!(layer.in_flight(), 0);
-    let made = inner.made.load(std::sync::atomic::Ordering::Relaxed);
+    let made = made.load(std::sync::atomic::Ordering::Relaxed);
     // Every caller got its own answer; how many calls were shared depends on
     // the schedule (not asserted), but never more calls than callers.
     assert!(made <= 8 * 200, "{made} inner calls for 1 600 callers");
