@@ -135,20 +135,26 @@ mod tests {
         assert_eq!(o.class, Some(FailureClass::Server));
     }
 
-    /// A failed send of rmcp's Streamable HTTP client over reqwest, with
-    /// this HTTP status and `Retry-After`.
+    /// A failed send of rmcp's Streamable HTTP client over reqwest.
     #[cfg(feature = "reqwest")]
-    fn http_status(status: u16, retry_after: Option<&str>) -> ServiceError {
-        use rmcp::transport::streamable_http_client::{HttpStatusError, StreamableHttpError};
-        let error = StreamableHttpError::<reqwest::Error>::HttpStatus(HttpStatusError::new(
-            status,
-            retry_after.map(str::to_owned),
-        ));
+    fn failed_send(
+        error: rmcp::transport::streamable_http_client::StreamableHttpError<reqwest::Error>,
+    ) -> ServiceError {
         ServiceError::TransportSend(rmcp::transport::DynamicTransportError::from_parts(
             "streamable-http",
             std::any::TypeId::of::<()>(),
             Box::new(error),
         ))
+    }
+
+    /// A failed send with this HTTP status and `Retry-After`.
+    #[cfg(feature = "reqwest")]
+    fn http_status(status: u16, retry_after: Option<&str>) -> ServiceError {
+        use rmcp::transport::streamable_http_client::{HttpStatusError, StreamableHttpError};
+        failed_send(StreamableHttpError::HttpStatus(HttpStatusError::new(
+            status,
+            retry_after.map(str::to_owned),
+        )))
     }
 
     #[cfg(feature = "reqwest")]
@@ -186,21 +192,14 @@ mod tests {
         use rmcp::transport::streamable_http_client::{
             AuthRequiredError, InsufficientScopeError, StreamableHttpError,
         };
-        let send = |error: StreamableHttpError<reqwest::Error>| {
-            ServiceError::TransportSend(rmcp::transport::DynamicTransportError::from_parts(
-                "streamable-http",
-                std::any::TypeId::of::<()>(),
-                Box::new(error),
-            ))
-        };
-        let o = classify(send(StreamableHttpError::AuthRequired(
+        let o = classify(failed_send(StreamableHttpError::AuthRequired(
             AuthRequiredError::new("Bearer".into()),
         )));
         assert_eq!(
             (o.kind, o.class),
             (OutcomeKind::Transport, Some(FailureClass::Client))
         );
-        let o = classify(send(StreamableHttpError::InsufficientScope(
+        let o = classify(failed_send(StreamableHttpError::InsufficientScope(
             InsufficientScopeError::new("Bearer scope=\"x\"".into(), Some("x".into())),
         )));
         assert_eq!(o.class, Some(FailureClass::Client));

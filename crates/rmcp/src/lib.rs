@@ -14,11 +14,13 @@
 //!   result that passes through it.
 //!
 //! Feature `reqwest` (off by default): an HTTP 429 or 5xx answer to a POST of
-//! rmcp's Streamable HTTP client over reqwest is mapped to the core's
+//! rmcp's Streamable HTTP client over reqwest, or a 401 / 403 with a
+//! `WWW-Authenticate` challenge, is mapped to the core's
 //! [`HttpStatusError`](toolwarden_core::classify::HttpStatusError), its
 //! `Retry-After` read, so that a 429 or 503 is transient with the server's
-//! hint and a 500 is the server failing; without it such an answer is a
-//! transport error (transient, no hint), as every other send that failed.
+//! hint, a 500 is the server failing and refused credentials a client
+//! failure; without it such an answer is a transport error (transient, no
+//! hint), as every other send that failed.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
