@@ -1187,6 +1187,114 @@ async fn sessionless_calls_on_one_connection_share_a_loop_history_and_no_other_c
     proxy.finish().await;
 }
 
+/// The data of each event of an SSE answer, in order (a priming event's
+/// is empty), and whether the first event is a priming one: an ID, no
+/// data.
+fn sse_events(body: &str) -> (Vec<String>, bool) {
+    let data_of = |event: &str| {
+        event
+            .lines()
+            .filter_map(|line| line.strip_prefix("data:"))
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let events: Vec<&str> = body
+        .split("\n\n")
+        .filter(|event| !event.trim().is_empty())
+        .collect();
+    let primed = events.first().is_some_and(|event| {
+        event.lines().any(|line| line.starts_with("id:")) && data_of(event).is_empty()
+    });
+    (events.iter().map(|event| data_of(event)).collect(), primed)
+}
+
+/// A 2025-06-18 client is not sent SSE priming events, which its version
+/// does not know (an event with empty data; rmcp sends one on every
+/// stream, the TypeScript SDK only to 2025-11-25 clients). Its answer is
+/// the stream's one event, with its ID; and a quick answer leaves with
+/// the response's headers (issue 17: one write for the client, not two).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2025_06_18_client_is_sent_its_answer_without_a_priming_event() {
+    let proxy = HttpHarness::start().await;
+    let mut client = support::KeepAlive::connect(proxy.port).await;
+    client.open_session().await;
+    for id in 1..=3 {
+        let (status, body) = bounded(
+            "a call of a 2025-06-18 client",
+            client.post_with(
+                &[],
+                &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                        "params": {"name": "echo", "arguments": {"message": id.to_string()}}}),
+            ),
+        )
+        .await;
+        assert!(status.contains("200"), "{status}");
+        let (data, primed) = sse_events(&body);
+        assert!(!primed, "{body}");
+        assert_eq!(data.len(), 1, "one event, the answer: {body}");
+        let answer: Value = serde_json::from_str(&data[0]).unwrap();
+        assert_eq!(answer["id"], id, "{body}");
+        assert_eq!(text(&answer), format!("Echo: {id}"), "{body}");
+        assert!(
+            body.contains("id: "),
+            "the answer keeps its event ID: {body}"
+        );
+    }
+    proxy.finish().await;
+}
+
+/// A 2025-11-25 client still gets its priming event first, as the
+/// specification says a server should send it, then its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2025_11_25_client_is_sent_a_priming_event_then_its_answer() {
+    let proxy = HttpHarness::start().await;
+    let mut client = support::KeepAlive::connect(proxy.port)
+        .await
+        .with_version("2025-11-25");
+    client.open_session().await;
+    let (status, body) = bounded(
+        "a call of a 2025-11-25 client",
+        client.post_with(
+            &[],
+            &json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                    "params": {"name": "echo", "arguments": {"message": "primed"}}}),
+        ),
+    )
+    .await;
+    assert!(status.contains("200"), "{status}");
+    let (data, primed) = sse_events(&body);
+    assert!(primed, "{body}");
+    assert_eq!(data.len(), 2, "the priming event, then the answer: {body}");
+    let answer: Value = serde_json::from_str(&data[1]).unwrap();
+    assert_eq!(text(&answer), "Echo: primed", "{body}");
+    proxy.finish().await;
+}
+
+/// The headers of an answer that does not come wait for it only a
+/// moment (100 ms): a call that hangs still gets its response's head
+/// (and so its keep-alive pings), with no event in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_left_unanswered_still_gets_its_headers() {
+    let proxy = HttpHarness::start().await;
+    let mut client = support::KeepAlive::connect(proxy.port).await;
+    client.open_session().await;
+    let (head, rest) = bounded(
+        "the head of an answer that never comes",
+        client.post_for_head(&json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                                    "params": {"name": "hang", "arguments": {}}})),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(
+        !rest.contains("data:"),
+        "no event, not even a priming one: {rest}"
+    );
+    proxy.finish().await;
+}
+
 /// A request the server makes while handling a sessionless client's call
 /// is that client's: it cannot answer it (rmcp takes no answer without a
 /// session), and it is never sent to a session of another client instead.

@@ -467,6 +467,8 @@ pub struct KeepAlive {
     stream: tokio::net::TcpStream,
     port: u16,
     session: Option<String>,
+    /// The `MCP-Protocol-Version` sent with the session's requests.
+    version: &'static str,
 }
 
 impl KeepAlive {
@@ -482,18 +484,46 @@ impl KeepAlive {
             stream,
             port,
             session: None,
+            version: "2025-06-18",
         }
     }
 
-    /// POSTs `body` to /mcp and reads the whole answer; its status line.
-    pub async fn post(&mut self, body: &Value) -> String {
-        self.post_with(&[], body).await.0
+    /// Sends `version` as the session's `MCP-Protocol-Version` (2025-06-18
+    /// unless told).
+    #[must_use]
+    pub fn with_version(mut self, version: &'static str) -> KeepAlive {
+        self.version = version;
+        self
     }
 
-    /// POSTs `body` to /mcp with `headers` besides the session's, and reads
-    /// the whole answer: its status line and its body (dechunked).
-    pub async fn post_with(&mut self, headers: &[(&str, &str)], body: &Value) -> (String, String) {
-        let body = body.to_string();
+    /// `initialize` (at the session's version) and
+    /// `notifications/initialized`: a session, ready for calls.
+    pub async fn open_session(&mut self) {
+        let status = self
+            .post(
+                &serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+                    "protocolVersion": self.version, "capabilities": {},
+                    "clientInfo": {"name": "keep-alive", "version": "0"},
+                }}),
+            )
+            .await;
+        assert!(status.contains("200"), "{status}");
+        assert!(self.session.is_some(), "initialize opened no session");
+        self.post(&serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+            .await;
+    }
+
+    /// Writes a POST of `body` (in the session) and reads only the
+    /// answer's head: its status line and headers, lower-cased, and
+    /// whatever of the body came with them.
+    pub async fn post_for_head(&mut self, body: &Value) -> (String, Vec<u8>) {
+        let request = self.request(&[], &body.to_string());
+        self.stream.write_all(request.as_bytes()).await.unwrap();
+        self.read_head().await
+    }
+
+    /// A POST of `body` to /mcp: the session's headers, `headers`, `body`.
+    fn request(&self, headers: &[(&str, &str)], body: &str) -> String {
         let mut head = format!(
             "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\n\
              Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n",
@@ -502,15 +532,21 @@ impl KeepAlive {
         );
         if let Some(session) = &self.session {
             head.push_str(&format!(
-                "Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: 2025-06-18\r\n"
+                "Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: {}\r\n",
+                self.version
             ));
         }
         for (name, value) in headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
-        head.push_str(&body);
-        self.stream.write_all(head.as_bytes()).await.unwrap();
+        head.push_str(body);
+        head
+    }
+
+    /// Reads up to the end of an answer's head: the head (lower-cased) and
+    /// the bytes read past it.
+    async fn read_head(&mut self) -> (String, Vec<u8>) {
         let mut answer = Vec::new();
         let mut buf = [0u8; 16 * 1024];
         let end_of_head = loop {
@@ -522,6 +558,21 @@ impl KeepAlive {
             }
         };
         let head = String::from_utf8_lossy(&answer[..end_of_head]).to_lowercase();
+        (head, answer.split_off(end_of_head))
+    }
+
+    /// POSTs `body` to /mcp and reads the whole answer; its status line.
+    pub async fn post(&mut self, body: &Value) -> String {
+        self.post_with(&[], body).await.0
+    }
+
+    /// POSTs `body` to /mcp with `headers` besides the session's, and reads
+    /// the whole answer: its status line and its body (dechunked).
+    pub async fn post_with(&mut self, headers: &[(&str, &str)], body: &Value) -> (String, String) {
+        let request = self.request(headers, &body.to_string());
+        self.stream.write_all(request.as_bytes()).await.unwrap();
+        let (head, mut answer) = self.read_head().await;
+        let mut buf = [0u8; 16 * 1024];
         if let Some(line) = head.lines().find(|l| l.starts_with("mcp-session-id:")) {
             self.session = Some(line["mcp-session-id:".len()..].trim().to_owned());
         }
@@ -530,10 +581,9 @@ impl KeepAlive {
             .find_map(|l| l.strip_prefix("content-length:"))
             .and_then(|n| n.trim().parse::<usize>().ok());
         loop {
-            let body = &answer[end_of_head..];
             let done = match length {
-                Some(n) => body.len() >= n,
-                None => body.ends_with(b"0\r\n\r\n"),
+                Some(n) => answer.len() >= n,
+                None => answer.ends_with(b"0\r\n\r\n"),
             };
             if done {
                 break;
@@ -543,7 +593,7 @@ impl KeepAlive {
             answer.extend_from_slice(&buf[..n]);
         }
         let status = head.lines().next().unwrap_or_default().to_owned();
-        let body = String::from_utf8_lossy(&answer[end_of_head..]).into_owned();
+        let body = String::from_utf8_lossy(&answer).into_owned();
         let body = match length {
             Some(_) => body,
             None => dechunk(&body),

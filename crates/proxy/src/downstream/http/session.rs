@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use futures::Stream;
+use std::pin::Pin;
+
+use futures::stream::Peekable;
+use futures::{Stream, StreamExt as _};
 use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
 use rmcp::service::{RoleClient, RoleServer, RxJsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::{
@@ -178,7 +181,9 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
     ) -> impl Future<
         Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
     > + Send {
-        self.inner.create_stream(id, message)
+        let primes = client_expects_priming(&message);
+        let stream = self.inner.create_stream(id, message);
+        async move { Ok(first_event_with_headers(stream.await?, primes, FIRST_EVENT_WAIT).await) }
     }
 
     fn accept_message(
@@ -226,6 +231,84 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
     fn event_store(&self) -> Option<Arc<dyn EventStore>> {
         self.inner.event_store()
     }
+}
+
+/// How long the answer to a request waits for its first event before
+/// its headers go out alone: see [`first_event_with_headers`].
+const FIRST_EVENT_WAIT: Duration = Duration::from_millis(100);
+
+/// The first protocol version whose clients expect an SSE priming event
+/// (an event ID with empty data, SEP-1699) at the start of each stream.
+const PRIMING_SINCE: &str = "2025-11-25";
+
+/// Whether the client of `message` negotiated a protocol version that
+/// knows priming events: its `MCP-Protocol-Version` header (which rmcp
+/// hands over in the request's extensions) is 2025-11-25 or later. A
+/// request without the header is from a 2025-03-26 client, as the
+/// specification says to assume. Dates in the same form compare as text.
+fn client_expects_priming(message: &ClientJsonRpcMessage) -> bool {
+    let JsonRpcMessage::Request(request) = message else {
+        return false;
+    };
+    request
+        .request
+        .extensions()
+        .get::<axum::http::request::Parts>()
+        .and_then(|parts| parts.headers.get("mcp-protocol-version"))
+        .and_then(|version| version.to_str().ok())
+        .is_some_and(|version| version >= PRIMING_SINCE)
+}
+
+/// The SSE stream that answers one request, arranged so that a quick
+/// answer costs the client one write, not two.
+///
+/// rmcp starts every request's stream with a priming event, which hyper
+/// sends at once with the response's headers; the answer follows in a
+/// second write. Each write on a kept-alive connection wakes the client
+/// and costs both sides system calls, and this one sits on the path
+/// before the upstream is even called.
+///
+/// - A client older than 2025-11-25 (`primes` false) does not know
+///   priming events: its stream goes without, as the TypeScript SDK's
+///   server does for those clients. Its later events keep their IDs, so
+///   it can still resume from them.
+/// - Its answer's headers then wait for the first event, at most `wait`:
+///   a call answered within it goes out in one write (headers, event and
+///   end of stream); a slower one gets its headers at `wait`, and its
+///   events as they come, as before.
+/// - A 2025-11-25 client gets its priming event at once, as the
+///   specification says a server should send it.
+async fn first_event_with_headers<S>(
+    stream: S,
+    primes: bool,
+    wait: Duration,
+) -> Pin<Box<Peekable<S>>>
+where
+    S: Stream<Item = ServerSseMessage>,
+{
+    let mut stream = Box::pin(stream.peekable());
+    if primes {
+        return stream;
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let first = tokio::time::timeout_at(deadline, stream.as_mut().peek()).await;
+        match first {
+            Ok(Some(event)) if is_priming(event) => {
+                // Ready, as peeked: taking it never waits.
+                let _ = stream.next().await;
+            }
+            // The first event (or the end of the stream) is ready, or
+            // `wait` is over: the headers go now.
+            Ok(_) | Err(_) => return stream,
+        }
+    }
+}
+
+/// Whether `event` is a priming event: an event ID and a retry hint, no
+/// message.
+fn is_priming(event: &ServerSseMessage) -> bool {
+    event.message.is_none() && event.event_id.is_some()
 }
 
 /// The connections each session's requests came on (its POSTs and its GET
