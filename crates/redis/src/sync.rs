@@ -17,7 +17,13 @@
 //!
 //! A replica starting up (or reconnecting) loads the persisted states and
 //! applies them the same way, then re-publishes its own open circuits, so
-//! state written while Redis was away converges once it returns. Redis
+//! state written while Redis was away converges once it returns. The load
+//! is bounded: at most 10 000 keys (as many as a sync tracks), found by
+//! `SCAN` pages of 200 and read by pipelines of 200 `HGETALL`s, each round
+//! trip one operation bounded by `op_timeout`; keys under the prefix that
+//! are not breaker states, and values that are not times, are skipped, not
+//! fatal. What a load leaves out is counted in
+//! [`SyncStats::resync_skipped`] and reported as a `SyncFailed` event. Redis
 //! failures never reach the call path: they become `SyncFailed` events and
 //! the replica keeps deciding locally.
 //!
@@ -158,6 +164,7 @@ struct Shared {
     applied: AtomicU64,
     published: AtomicU64,
     resyncs: AtomicU64,
+    resync_skipped: AtomicU64,
 }
 
 /// Shares circuit state through Redis. Give it to the circuit-breaker
@@ -213,6 +220,10 @@ pub struct SyncStats {
     pub published: u64,
     /// Completed (re)subscriptions with a state load.
     pub resyncs: u64,
+    /// What the state loads left out: keys past the first 10 000 (as many
+    /// as a sync tracks), keys under the prefix that are not breaker
+    /// states (not hashes), fields whose value is not a time.
+    pub resync_skipped: u64,
     /// Probe permits this replica won in Redis.
     pub permits_acquired: u64,
     /// Probes refused because another replica held the permit, or while it
@@ -346,6 +357,7 @@ impl RedisBreakerSyncBuilder {
             applied: AtomicU64::new(0),
             published: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
+            resync_skipped: AtomicU64::new(0),
         });
         let (outbox, rx) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(write_loop(Arc::clone(&shared), rx));
@@ -414,6 +426,7 @@ impl RedisBreakerSync {
             applied: self.shared.applied.load(Ordering::Acquire),
             published: self.shared.published.load(Ordering::Acquire),
             resyncs: self.shared.resyncs.load(Ordering::Acquire),
+            resync_skipped: self.shared.resync_skipped.load(Ordering::Acquire),
             permits_acquired: self.shared.permits.acquired.load(Ordering::Acquire),
             permits_denied: self.shared.permits.denied.load(Ordering::Acquire),
             permit_fallbacks: self.shared.permits.fallbacks.load(Ordering::Acquire),
@@ -525,46 +538,113 @@ async fn subscribe_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Loads every persisted state, then re-publishes this replica's own opens.
+/// The most breaker states a resync loads: as many keys as the tracker
+/// keeps. Past it, keys are left out (and counted).
+const MAX_RESYNC_KEYS: usize = MAX_TRACKED_KEYS;
+/// Keys asked for in one round trip of a resync (one `SCAN` page, or one
+/// pipeline of `HGETALL`s): each round trip is one operation, bounded by
+/// `op_timeout` on its own.
+const RESYNC_BATCH: usize = 200;
+
+/// The breaker states persisted in Redis, as loaded by a resync.
+#[derive(Debug, Default)]
+struct Loaded {
+    /// Key → origin replica → open until (unix ms).
+    states: Vec<(String, HashMap<String, u64>)>,
+    /// What was left out: keys past [`MAX_RESYNC_KEYS`], keys that are not
+    /// hashes, fields whose value is not an integer.
+    skipped: u64,
+}
+
+/// Loads the persisted breaker states, one bounded round trip at a time:
+/// at most [`MAX_RESYNC_KEYS`] keys, found by `SCAN` pages of
+/// [`RESYNC_BATCH`], read by pipelines of as many `HGETALL`s. A key that
+/// is not a breaker state (another program's, under the same prefix) is
+/// skipped, never the whole load. `Err` when a round trip fails.
+async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
+    let config = &shared.conn.config;
+    let pattern = format!("{}:cb:*", config.prefix);
+    let channel = config.channel();
+    let mut loaded = Loaded::default();
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let pattern = pattern.clone();
+        let (next, page): (u64, Vec<String>) = shared
+            .conn
+            .run("load breaker states", |mut c| async move {
+                redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(RESYNC_BATCH)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        for key in page.into_iter().filter(|k| *k != channel) {
+            if keys.len() < MAX_RESYNC_KEYS {
+                keys.push(key);
+            } else {
+                loaded.skipped += 1;
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    for batch in keys.chunks(RESYNC_BATCH) {
+        let replies: Vec<redis::RedisResult<HashMap<String, String>>> = shared
+            .conn
+            .run("load breaker states", |mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for key in batch {
+                    pipe.cmd("HGETALL").arg(key);
+                }
+                pipe.query_async(&mut c).await
+            })
+            .await?;
+        for (key, reply) in batch.iter().zip(replies) {
+            let Ok(fields) = reply else {
+                loaded.skipped += 1;
+                continue;
+            };
+            let mut opens = HashMap::with_capacity(fields.len());
+            for (origin, until) in fields {
+                match until.parse::<u64>() {
+                    Ok(until) => {
+                        opens.insert(origin, until);
+                    }
+                    Err(_) => loaded.skipped += 1,
+                }
+            }
+            loaded.states.push((key.clone(), opens));
+        }
+    }
+    Ok(loaded)
+}
+
+/// Loads every persisted state (see [`load_states`]), then re-publishes
+/// this replica's own opens.
 async fn resync(shared: &Arc<Shared>) {
-    let pattern = format!("{}:cb:*", shared.conn.config.prefix);
-    let channel = shared.conn.config.channel();
     // The command connection may still be reconnecting: retry briefly.
     let mut states = None;
     for _ in 0..50 {
-        let pattern = pattern.clone();
-        let channel = channel.clone();
-        let loaded = shared
-            .conn
-            .run("load breaker states", |mut c| async move {
-                let mut keys: Vec<String> = Vec::new();
-                let mut cursor: u64 = 0;
-                loop {
-                    let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(&pattern)
-                        .arg("COUNT")
-                        .arg(500)
-                        .query_async(&mut c)
-                        .await?;
-                    keys.extend(batch.into_iter().filter(|k| *k != channel));
-                    if next == 0 {
-                        break;
-                    }
-                    cursor = next;
-                }
-                let mut states = Vec::new();
-                for key in keys {
-                    let fields: HashMap<String, u64> =
-                        redis::cmd("HGETALL").arg(&key).query_async(&mut c).await?;
-                    states.push((key, fields));
-                }
-                Ok(states)
-            })
-            .await;
-        if let Ok(loaded) = loaded {
-            states = Some(loaded);
+        if let Ok(loaded) = load_states(shared).await {
+            if loaded.skipped > 0 {
+                shared.conn.report(&format!(
+                    "load breaker states: {} left out (keys past the first {MAX_RESYNC_KEYS}, \
+                     keys that are not breaker states, values that are not times)",
+                    loaded.skipped
+                ));
+                shared
+                    .resync_skipped
+                    .fetch_add(loaded.skipped, Ordering::AcqRel);
+            }
+            states = Some(loaded.states);
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -253,3 +253,64 @@ async fn redis_going_away_keeps_calls_flowing_and_state_converges_after() {
     }
     assert!(back, "the limiter decides in Redis again");
 }
+
+/// A replica loads the fleet's breaker states however many keys there are,
+/// at most 10 000 of them, and skips what is not a breaker state instead of
+/// failing the whole load. Before, the load was one operation bounded by
+/// `op_timeout`, one round trip per key: past a few hundred keys it timed
+/// out, was tried fifty times and given up, and the replica never loaded
+/// anything (and any key of another type under the prefix failed it too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_loads_thousands_of_states_and_skips_what_is_not_one() {
+    let Some(bin) = redis_bin() else { return };
+    let server = RedisServer::start(&bin).await;
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 600_000;
+    const STATES: usize = 10_300;
+    for first in (0..STATES).step_by(1_000) {
+        let mut pipe = redis::pipe();
+        for n in first..(first + 1_000).min(STATES) {
+            pipe.hset(format!("toolwarden:cb:tool-{n}"), "elsewhere", until)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut c).await.unwrap();
+    }
+    // Another program's key under the prefix, and a state whose value is
+    // not a time.
+    redis::cmd("SET")
+        .arg("toolwarden:cb:not-a-hash")
+        .arg("x")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+    redis::cmd("HSET")
+        .arg("toolwarden:cb:not-a-time")
+        .arg("elsewhere")
+        .arg("soon")
+        .query_async::<()>(&mut c)
+        .await
+        .unwrap();
+
+    // `replica` waits for the first load to complete.
+    let late = replica(&server, "late", RemoteOpenPolicy::Follow).await;
+    let stats = late.sync.stats();
+    // Every key is either loaded (one report each from `elsewhere`) or
+    // counted as left out: the 302 past 10 000, and each of the two odd
+    // ones that was among the first 10 000.
+    assert_eq!(
+        stats.received + stats.resync_skipped,
+        STATES as u64 + 2,
+        "{stats:?}"
+    );
+    assert!(stats.received >= 9_998, "{stats:?}");
+    assert!(stats.resync_skipped >= 302, "{stats:?}");
+    assert!(
+        stats.applied > 0,
+        "the loaded opens were followed: {stats:?}"
+    );
+}
