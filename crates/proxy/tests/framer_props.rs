@@ -8,9 +8,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use proptest::prelude::*;
-use serde_json::Value;
-use toolwarden_core::jsonrpc::Message;
-use toolwarden_proxy::downstream::framer::{frames_of, Frame};
+use serde_json::{json, Value};
+use toolwarden_core::jsonrpc::{Id, Message};
+use toolwarden_proxy::downstream::framer::{
+    check_message, classify_line, frames_of, Checked, Frame, Unfit,
+};
 
 /// Small, so that over-long lines are common.
 const MAX_LINE: usize = 512;
@@ -215,5 +217,108 @@ fn every_valid_message_is_forwarded() {
         let frames = frames_of(line.as_bytes(), MAX_LINE);
         assert_eq!(frames.len(), 1);
         assert!(matches!(frames[0], Frame::Message(_)), "{line}");
+    }
+}
+
+/// What the HTTP guard's check must decide for `line`: the verdict of
+/// [`classify_line`], which reads the line with both parsers.
+fn verdict_of_classify(line: &[u8]) -> Result<Checked, Unfit> {
+    match classify_line(line) {
+        Frame::Message(message) => Ok(match *message {
+            rmcp::model::ClientJsonRpcMessage::Request(request) => Checked::Request {
+                id: match request.id {
+                    rmcp::model::NumberOrString::Number(n) => Id::Number(n),
+                    rmcp::model::NumberOrString::String(s) => Id::String(s.to_string()),
+                },
+                initialize: matches!(
+                    request.request,
+                    rmcp::model::ClientRequest::InitializeRequest(_)
+                ),
+            },
+            _ => Checked::Other,
+        }),
+        Frame::Reply(reply) => Err(Unfit::Reply(reply)),
+        Frame::Ignore(why) => Err(Unfit::Ignore(why)),
+    }
+}
+
+/// A JSON value of any of the shapes a member of a message may take.
+fn member() -> impl Strategy<Value = Option<Value>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(Value::Null)),
+        Just(Some(json!(7))),
+        Just(Some(json!(1.5))),
+        Just(Some(json!(-3))),
+        Just(Some(json!("echo"))),
+        Just(Some(json!(true))),
+        Just(Some(json!([1, "a"]))),
+        Just(Some(json!({}))),
+        Just(Some(json!({"message": "hi"}))),
+        Just(Some(json!({"progressToken": 7}))),
+        Just(Some(json!({"progressToken": {"x": 1}}))),
+        Just(Some(json!({"progressToken": 1.5}))),
+        Just(Some(json!({"ttl": 1000}))),
+        Just(Some(json!(u64::MAX))),
+    ]
+}
+
+/// Sets `key` of `object` to `value`, or leaves it out.
+fn set(object: &mut serde_json::Map<String, Value>, key: &str, value: Option<Value>) {
+    if let Some(value) = value {
+        object.insert(key.to_owned(), value);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The HTTP guard's check reads a plain `tools/call` with one parser
+    /// instead of two: on messages of every shape near a tool call (each
+    /// member absent, null, of another type, extra members, other
+    /// methods), it decides exactly as `classify_line` does: the same
+    /// request id, the same answer, the same silence.
+    #[test]
+    fn the_guards_check_decides_as_the_framer_on_tool_calls_of_any_shape(
+        jsonrpc in prop_oneof![6 => Just(Some(json!("2.0"))), 1 => Just(Some(json!("1.0"))), 1 => Just(None)],
+        id in prop_oneof![6 => prop_oneof![Just(Some(json!(7))), Just(Some(json!("c-1")))], 2 => member()],
+        method in prop_oneof![6 => Just(json!("tools/call")), 1 => Just(json!("tools/list")), 1 => Just(json!("initialize")), 1 => Just(json!(3))],
+        params_kind in prop_oneof![6 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8)],
+        name in prop_oneof![6 => Just(Some(json!("echo"))), 2 => member()],
+        arguments in prop_oneof![6 => prop_oneof![Just(None), Just(Some(json!({"q": 1})))], 2 => member()],
+        meta in prop_oneof![6 => prop_oneof![Just(None), Just(Some(json!({"progressToken": 7})))], 2 => member()],
+        extra_param in prop_oneof![6 => Just(None), 1 => Just(Some(("task", json!({"ttl": 1})))), 1 => Just(Some(("requestState", json!("s")))), 1 => Just(Some(("inputResponses", json!({})))), 1 => Just(Some(("other", json!(1))))],
+        extra_member in prop_oneof![6 => Just(false), 1 => Just(true)],
+    ) {
+        let mut params = serde_json::Map::new();
+        set(&mut params, "name", name);
+        set(&mut params, "arguments", arguments);
+        set(&mut params, "_meta", meta);
+        if let Some((key, value)) = extra_param {
+            params.insert(key.to_owned(), value);
+        }
+        let mut message = serde_json::Map::new();
+        set(&mut message, "jsonrpc", jsonrpc);
+        set(&mut message, "id", id);
+        message.insert("method".into(), method);
+        match params_kind {
+            0 => {}
+            1 => {
+                message.insert("params".into(), Value::Object(params));
+            }
+            _ => {
+                message.insert("params".into(), json!("not an object"));
+            }
+        }
+        if extra_member {
+            message.insert("extra".into(), json!(1));
+        }
+        let line = Value::Object(message).to_string();
+        prop_assert_eq!(
+            check_message(line.as_bytes()),
+            verdict_of_classify(line.as_bytes()),
+            "{}",
+            line
+        );
     }
 }

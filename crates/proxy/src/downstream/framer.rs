@@ -37,8 +37,9 @@
 use std::future::Future as _;
 
 use rmcp::model::{ClientJsonRpcMessage, ClientNotification, ClientRequest};
+use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
-use toolwarden_core::jsonrpc::{code, ErrorObject, Id, Message, Response};
+use toolwarden_core::jsonrpc::{code, ErrorObject, Id, Message, Response, JSONRPC_VERSION};
 
 /// How many leading bytes of an over-long line are kept to find its id.
 pub const TOO_LONG_PREFIX: usize = 64 * 1024;
@@ -207,6 +208,105 @@ pub fn classify_line(line: &[u8]) -> Frame {
             Message::Notification(_) => Frame::Ignore("malformed notification"),
             Message::Response(_) => Frame::Ignore("malformed response"),
         },
+    }
+}
+
+/// What the HTTP guard needs to know of a message it hands to rmcp (which
+/// reads the body itself): whether it is a request, with which id, and
+/// whether it opens a session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Checked {
+    /// A request: its id, and whether it is an `initialize`.
+    Request {
+        /// The request's id.
+        id: Id,
+        /// Whether the method is `initialize`.
+        initialize: bool,
+    },
+    /// A notification or a response.
+    Other,
+}
+
+/// Why [`check_message`] keeps a message from rmcp: as [`Frame::Reply`]
+/// and [`Frame::Ignore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unfit {
+    /// Answer with this error response.
+    Reply(String),
+    /// Answer nothing (a blank line, a malformed notification or response).
+    Ignore(&'static str),
+}
+
+/// Checks one message as [`classify_line`] does, for the HTTP guard: `Ok`
+/// for a message to hand to rmcp, `Err` with what to answer otherwise.
+///
+/// [`classify_line`] reads every message twice, with the core's parser and
+/// with rmcp's models, and over HTTP rmcp then reads it a third time: rmcp's
+/// reading of a `tools/call` took about 2.2 µs of the 3.2 µs, a few percent
+/// of the proxy's CPU per call. A `tools/call` of the plain shape is known
+/// well-formed from one pass over its JSON: top-level members only
+/// `jsonrpc` ("2.0"), `id` (a string or an integer), `method` and `params`;
+/// params with only `name` (a string), `arguments` (an object, or absent)
+/// and `_meta` (an object, or absent), which rmcp always reads as a tool
+/// call. Anything else takes [`classify_line`]'s path, so the answers are
+/// the same either way (a property test holds the two to it).
+///
+/// ```
+/// use toolwarden_core::jsonrpc::Id;
+/// use toolwarden_proxy::downstream::framer::{check_message, Checked};
+/// let call = br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#;
+/// assert_eq!(
+///     check_message(call).ok(),
+///     Some(Checked::Request { id: Id::Number(3), initialize: false })
+/// );
+/// assert!(check_message(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":7}}"#).is_err());
+/// ```
+pub fn check_message(line: &[u8]) -> Result<Checked, Unfit> {
+    if let Some(id) = plain_tool_call(trim_line(line)) {
+        return Ok(Checked::Request {
+            id,
+            initialize: false,
+        });
+    }
+    match classify_line(line) {
+        Frame::Message(message) => Ok(match *message {
+            ClientJsonRpcMessage::Request(request) => Checked::Request {
+                initialize: matches!(request.request, ClientRequest::InitializeRequest(_)),
+                id: request_id(&request.id),
+            },
+            _ => Checked::Other,
+        }),
+        Frame::Reply(line) => Err(Unfit::Reply(line)),
+        Frame::Ignore(why) => Err(Unfit::Ignore(why)),
+    }
+}
+
+/// The id of `line` when it is a `tools/call` of the plain shape (see
+/// [`check_message`]); `None` for anything else, however valid.
+fn plain_tool_call(line: &[u8]) -> Option<Id> {
+    let Ok(Value::Object(message)) = serde_json::from_slice::<Value>(line) else {
+        return None;
+    };
+    let known = |key: &str| matches!(key, "jsonrpc" | "id" | "method" | "params");
+    if !message.keys().all(|key| known(key))
+        || message.get("jsonrpc")?.as_str()? != JSONRPC_VERSION
+        || message.get("method")?.as_str()? != "tools/call"
+    {
+        return None;
+    }
+    let params = message.get("params")?.as_object()?;
+    let fits = params.iter().all(|(key, value)| match key.as_str() {
+        "name" => value.is_string(),
+        "arguments" | "_meta" => value.is_object(),
+        _ => false,
+    });
+    if !fits || !params.contains_key("name") {
+        return None;
+    }
+    match message.get("id")? {
+        Value::String(id) => Some(Id::String(id.clone())),
+        Value::Number(n) => n.as_i64().map(Id::Number),
+        _ => None,
     }
 }
 

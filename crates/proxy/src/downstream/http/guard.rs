@@ -10,7 +10,6 @@ use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
-use rmcp::model::{ClientRequest, JsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use tokio::sync::Semaphore;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
@@ -18,7 +17,7 @@ use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 use super::session::ProxySessions;
 use super::{ConnectionKill, HttpOptions};
 use crate::access::{AccessPolicy, Refusal};
-use crate::downstream::framer::{classify_line, error_line, Frame};
+use crate::downstream::framer::{check_message, error_line, Checked, Unfit};
 
 /// The header rmcp keeps a session's id in.
 const SESSION_ID_HEADER: &str = "mcp-session-id";
@@ -117,14 +116,6 @@ fn jsonrpc_refusal(
         )
             .into_response(),
     )
-}
-
-/// The id of a request of rmcp's, as the framer writes ids.
-fn core_id(id: &rmcp::model::RequestId) -> Id {
-    serde_json::to_value(id)
-        .ok()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or(Id::Null)
 }
 
 /// Everything the `/mcp` route checks before rmcp sees a request, in order:
@@ -232,10 +223,10 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             )
         }
     };
-    let message = match classify_line(&bytes) {
-        Frame::Message(message) => message,
-        Frame::Reply(line) => return jsonrpc_error(StatusCode::BAD_REQUEST, line),
-        Frame::Ignore("blank line") => {
+    let checked = match check_message(&bytes) {
+        Ok(checked) => checked,
+        Err(Unfit::Reply(line)) => return jsonrpc_error(StatusCode::BAD_REQUEST, line),
+        Err(Unfit::Ignore("blank line")) => {
             return jsonrpc_error(
                 StatusCode::BAD_REQUEST,
                 error_line(
@@ -245,23 +236,22 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             )
         }
         // A malformed notification or response: JSON-RPC answers nothing.
-        Frame::Ignore(_) => return StatusCode::ACCEPTED.into_response(),
+        Err(Unfit::Ignore(_)) => return StatusCode::ACCEPTED.into_response(),
     };
     let mut permit = None;
-    if let JsonRpcMessage::Request(request) = message.as_ref() {
+    if let Checked::Request { id, initialize } = &checked {
         let session = parts
             .headers
             .get(SESSION_ID_HEADER)
             .and_then(|v| v.to_str().ok());
-        let opens_session =
-            session.is_none() && matches!(request.request, ClientRequest::InitializeRequest(_));
+        let opens_session = session.is_none() && *initialize;
         // Concurrent initializes may each see room: the overshoot is
         // bounded by the connections served at once.
         if opens_session && guard.open_sessions().await >= guard.max_sessions {
             return jsonrpc_refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sessions",
-                &core_id(&request.id),
+                id,
                 ErrorObject::new(
                     -32000,
                     format!(
@@ -282,7 +272,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
                     return jsonrpc_refusal(
                         StatusCode::TOO_MANY_REQUESTS,
                         "in_flight",
-                        &core_id(&request.id),
+                        id,
                         ErrorObject::new(
                             -32000,
                             format!(
