@@ -640,14 +640,23 @@ enum HttpReply {
     Cut,
     /// The answer with a result of 17 MB of text (past rmcp's 16 MiB).
     Huge,
+    /// An SSE stream of this many progress notifications (under the
+    /// request's token), as many `notifications/tools/list_changed`, a
+    /// `ping` request, then the answer `done`.
+    Flood(u64),
 }
 
 type HttpReplies = Arc<Mutex<VecDeque<HttpReply>>>;
 
-/// What the HTTP server was sent: `initialize` requests counted.
+/// What the HTTP server was sent: `initialize` requests counted, and
+/// `tools/list` requests (each answered after 20 ms): in all, and the
+/// most at once.
 #[derive(Debug, Default)]
 struct HttpSeen {
     initialize: AtomicUsize,
+    lists: Mutex<Lists>,
+    /// Answers to the server's `ping` (id `server-ping`).
+    pongs: AtomicUsize,
 }
 
 /// A raw Streamable HTTP server on a loopback port: `initialize` (a session
@@ -675,6 +684,9 @@ async fn http_server(
         let Ok(message) = serde_json::from_slice::<Value>(&body) else {
             return StatusCode::BAD_REQUEST.into_response();
         };
+        if message["id"] == "server-ping" && message.get("result").is_some() {
+            seen.pongs.fetch_add(1, Ordering::SeqCst);
+        }
         let Some(id) = message
             .get("id")
             .cloned()
@@ -696,10 +708,20 @@ async fn http_server(
                 seen.initialize.fetch_add(1, Ordering::SeqCst);
                 json(200, answer(initialized("http")))
             }
-            "tools/list" => json(
-                200,
-                answer(json!({"tools": [{"name": "t", "inputSchema": {"type": "object"}}]})),
-            ),
+            "tools/list" => {
+                {
+                    let mut lists = seen.lists.lock().unwrap();
+                    lists.total += 1;
+                    lists.open += 1;
+                    lists.most = lists.most.max(lists.open);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                seen.lists.lock().unwrap().open -= 1;
+                json(
+                    200,
+                    answer(json!({"tools": [{"name": "t", "inputSchema": {"type": "object"}}]})),
+                )
+            }
             "tools/call" => match next_reply(&replies) {
                 Some(HttpReply::Raw(status, content_type, body)) => Response::builder()
                     .status(status)
@@ -747,6 +769,27 @@ async fn http_server(
                     Response::builder()
                         .header(CONTENT_TYPE, "application/json")
                         .body(Body::from_stream(chunks))
+                        .unwrap()
+                }
+                Some(HttpReply::Flood(n)) => {
+                    let token = &message["params"]["_meta"]["progressToken"];
+                    let mut events = String::new();
+                    for i in 1..=n {
+                        let progress = json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                            "params": {"progressToken": token, "progress": i}});
+                        let changed =
+                            json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed"});
+                        events.push_str(&format!("data: {progress}\n\ndata: {changed}\n\n"));
+                    }
+                    let ping = json!({"jsonrpc": "2.0", "id": "server-ping", "method": "ping"});
+                    events.push_str(&format!("data: {ping}\n\n"));
+                    events.push_str(&format!(
+                        "data: {}\n\n",
+                        answer(json!({"content": [{"type": "text", "text": "done"}]}))
+                    ));
+                    Response::builder()
+                        .header(CONTENT_TYPE, "text/event-stream")
+                        .body(Body::from(events))
                         .unwrap()
                 }
                 Some(HttpReply::Huge) => json(
@@ -845,5 +888,104 @@ async fn every_call_gets_one_answer_whatever_an_http_server_sends() {
         "one connection, its session renewed once"
     );
     proxied.finish().await;
+    shutdown.cancel();
+}
+
+/// The stdio floods above, over Streamable HTTP: one `tools/call` answered
+/// by an SSE stream of 5 000 progress notifications, 5 000
+/// `notifications/tools/list_changed` and a `ping` request before its
+/// answer. The call is answered; the client gets progress under its own
+/// token only, no more than was sent; the flood of list changes costs one
+/// `tools/list` at a time, far fewer than one per change (over a pipe the
+/// changes come faster than over HTTP's stream, and cost fewer lists); the
+/// server's `ping` is answered on the same session (the server sees one
+/// `initialize`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_http_floods_of_progress_and_list_changes_stay_bounded() {
+    const N: u64 = 5_000;
+    let replies: HttpReplies = Arc::new(Mutex::new(VecDeque::from([HttpReply::Flood(N)])));
+    let seen = Arc::new(HttpSeen::default());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let url = http_server(replies, Arc::clone(&seen), shutdown.clone()).await;
+    let downstreams = Downstreams::new();
+    let upstream = Upstream::new(
+        UpstreamTarget::Url(url),
+        UpstreamConfig::default(),
+        ToolCatalog::new(),
+        downstreams.clone(),
+    );
+    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
+    let stack = build_stack(&Config::default(), upstream.service(), &shared).unwrap();
+    let stdio =
+        support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
+    let (mut write, mut lines) = (stdio.input, stdio.output);
+    for message in [
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"}}}),
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "t", "arguments": {}, "_meta": {"progressToken": "mine"}}}),
+    ] {
+        write
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .unwrap();
+    }
+    let mut progress = 0u64;
+    let answer = loop {
+        let line = tokio::time::timeout(BOUND, lines.next_line())
+            .await
+            .expect("the call is answered")
+            .unwrap()
+            .unwrap();
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["method"] == "notifications/progress" {
+            assert_eq!(message["params"]["progressToken"], "mine", "{message}");
+            progress += 1;
+        } else if message["id"] == 1 {
+            break message;
+        }
+    };
+    assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
+    assert!(
+        progress <= N,
+        "{progress} progress notifications for {N} sent"
+    );
+    // Every refresh the list changes started, done: the count stays still.
+    let deadline = tokio::time::Instant::now() + BOUND;
+    let mut last = usize::MAX;
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refreshes never settled, or the ping was never answered: {:?}",
+            seen
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let lists = seen.lists.lock().unwrap();
+        if lists.total == last && lists.open == 0 && seen.pongs.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        last = lists.total;
+    }
+    assert_eq!(
+        seen.pongs.load(Ordering::SeqCst),
+        1,
+        "the server's ping answered once"
+    );
+    let (total, most) = {
+        let lists = seen.lists.lock().unwrap();
+        (lists.total, lists.most)
+    };
+    assert_eq!(most, 1, "{total} tools/list, {most} at once");
+    // One refresh at a time, and one more if the list changed meanwhile:
+    // their number follows how long the flood takes to read (each refresh
+    // a round trip of 20 ms here; 12 in a quiet run), not its size.
+    assert!(
+        total <= N as usize / 50,
+        "{N} list changes cost {total} tools/list"
+    );
+    assert_eq!(seen.initialize.load(Ordering::SeqCst), 1, "one session");
+    stdio.shutdown.cancel();
+    upstream.shutdown(BOUND).await;
     shutdown.cancel();
 }
