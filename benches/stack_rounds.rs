@@ -15,6 +15,13 @@
 //! (`toolwarden_without_LoopGuard`, ...), which shows what each layer
 //! costs and where calls of two tasks wait for each other.
 //!
+//! The requests carry no session key, so the two tasks are one session
+//! (one agent calling two tools at once): the loop guard's history of
+//! that session, its lock and its reference count, are written by both on
+//! every call. A last line measures the `toolwarden` side again with each
+//! task's requests in a session of its own (two agents, as two MCP
+//! sessions through the proxy are).
+//!
 //! ```text
 //! cargo bench -p toolwarden-workspace --bench stack_rounds -- --rounds 31
 //! cargo bench -p toolwarden-workspace --bench stack_rounds -- --rounds 31 --side toolwarden
@@ -30,6 +37,7 @@ mod support;
 use support::stack::{flag_value, requests, sequential, sides, toolwarden_defaults_without, Svc};
 use toolwarden::stack::StackLayer;
 use toolwarden_core::jsonrpc::Request;
+use toolwarden_core::{McpRequest as _, SessionKey};
 
 /// Calls per task in a round.
 const CALLS: u64 = 20_000;
@@ -38,6 +46,10 @@ fn main() {
     let runtime = support::runtime_2_workers();
     let _guard = runtime.enter();
     let per_task = [requests(0), requests(4)];
+    let per_session = [
+        in_session(requests(0), "agent-a"),
+        in_session(requests(4), "agent-b"),
+    ];
     let mut all = runtime.block_on(async { all_sides() });
     let Some(rounds) = flag_value("--rounds").and_then(|n| n.parse::<usize>().ok()) else {
         for (_, service) in &all {
@@ -52,14 +64,23 @@ fn main() {
     // Per side: one-task times per call, and 2-task / 1-task ratios.
     let mut one = vec![Vec::with_capacity(rounds); all.len()];
     let mut ratios = vec![Vec::with_capacity(rounds); all.len()];
+    let sessions_side = all.iter().position(|(name, _)| name == "toolwarden");
+    let mut sessions_ratios = Vec::with_capacity(rounds);
+    let ratio = |service: &Svc, requests: &[Vec<Request>; 2]| {
+        let [alone, two] = [1usize, 2].map(|n| {
+            let took = runtime.block_on(tasks(service, requests, n, CALLS));
+            took.as_nanos() as f64 / (CALLS as f64 * n as f64)
+        });
+        (alone, alone / two)
+    };
     for _ in 0..rounds.max(1) {
         for (s, (_, service)) in all.iter().enumerate() {
-            let [alone, two] = [1usize, 2].map(|n| {
-                let took = runtime.block_on(tasks(service, &per_task, n, CALLS));
-                took.as_nanos() as f64 / (CALLS as f64 * n as f64)
-            });
+            let (alone, two_over_one) = ratio(service, &per_task);
             one[s].push(alone);
-            ratios[s].push(alone / two);
+            ratios[s].push(two_over_one);
+            if Some(s) == sessions_side {
+                sessions_ratios.push(ratio(service, &per_session).1);
+            }
         }
     }
     let best = |times: &[f64]| times.iter().copied().fold(f64::MAX, f64::min);
@@ -82,6 +103,20 @@ fn main() {
             median(&mut ratios[s]),
         );
     }
+    if !sessions_ratios.is_empty() {
+        println!(
+            "toolwarden, a session per task: two tasks / one task (median) {:.2}x",
+            median(&mut sessions_ratios)
+        );
+    }
+}
+
+/// `requests`, each in session `session` (its loop-guard history).
+fn in_session(mut requests: Vec<Request>, session: &str) -> Vec<Request> {
+    for request in &mut requests {
+        request.insert_extension(SessionKey::from(session));
+    }
+    requests
 }
 
 /// The sides of `benches/stack.rs`, then the `toolwarden` side without
