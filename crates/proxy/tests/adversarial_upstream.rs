@@ -567,6 +567,31 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
             _ => vec![result_line(id, json!({}))],
         })
     });
+    let (answer, progress, closing) = call_with_progress(target).await;
+    assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
+    assert!(progress > 0 && progress <= N, "{progress}");
+    closing.close().await;
+}
+
+/// What [`call_with_progress`] leaves to stop: the stdio session, the
+/// upstream.
+struct Closing {
+    session: tokio_util::sync::CancellationToken,
+    upstream: Upstream,
+}
+
+impl Closing {
+    async fn close(self) {
+        self.session.cancel();
+        self.upstream.shutdown(BOUND).await;
+    }
+}
+
+/// `target` behind the default stack, served over an in-memory stdio
+/// session: `initialize`, then one `tools/call` of `t` under progress
+/// token `mine`. Its answer, the progress notifications the client got
+/// before it (each checked to carry `mine`), and what to stop.
+async fn call_with_progress(target: UpstreamTarget) -> (Value, u64, Closing) {
     let downstreams = Downstreams::new();
     let upstream = Upstream::new(
         target,
@@ -591,7 +616,7 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
             .await
             .unwrap();
     }
-    let mut values = Vec::new();
+    let mut progress = 0u64;
     let answer = loop {
         let line = tokio::time::timeout(BOUND, lines.next_line())
             .await
@@ -601,19 +626,19 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
         let message: Value = serde_json::from_str(&line).unwrap();
         if message["method"] == "notifications/progress" {
             assert_eq!(message["params"]["progressToken"], "mine", "{message}");
-            values.push(message["params"]["progress"].as_f64().unwrap());
+            progress += 1;
         } else if message["id"] == 1 {
             break message;
         }
     };
-    assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
-    assert!(
-        !values.is_empty() && values.len() as u64 <= N,
-        "{}",
-        values.len()
-    );
-    stdio.shutdown.cancel();
-    upstream.shutdown(BOUND).await;
+    (
+        answer,
+        progress,
+        Closing {
+            session: stdio.shutdown,
+            upstream,
+        },
+    )
 }
 
 /// What the Streamable HTTP server does with one `tools/call` POST.
@@ -907,45 +932,7 @@ async fn over_http_floods_of_progress_and_list_changes_stay_bounded() {
     let seen = Arc::new(HttpSeen::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let url = http_server(replies, Arc::clone(&seen), shutdown.clone()).await;
-    let downstreams = Downstreams::new();
-    let upstream = Upstream::new(
-        UpstreamTarget::Url(url),
-        UpstreamConfig::default(),
-        ToolCatalog::new(),
-        downstreams.clone(),
-    );
-    let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
-    let stack = build_stack(&Config::default(), upstream.service(), &shared).unwrap();
-    let stdio =
-        support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
-    let (mut write, mut lines) = (stdio.input, stdio.output);
-    for message in [
-        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-            "protocolVersion": "2025-06-18", "capabilities": {},
-            "clientInfo": {"name": "t", "version": "0"}}}),
-        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-            "name": "t", "arguments": {}, "_meta": {"progressToken": "mine"}}}),
-    ] {
-        write
-            .write_all(format!("{message}\n").as_bytes())
-            .await
-            .unwrap();
-    }
-    let mut progress = 0u64;
-    let answer = loop {
-        let line = tokio::time::timeout(BOUND, lines.next_line())
-            .await
-            .expect("the call is answered")
-            .unwrap()
-            .unwrap();
-        let message: Value = serde_json::from_str(&line).unwrap();
-        if message["method"] == "notifications/progress" {
-            assert_eq!(message["params"]["progressToken"], "mine", "{message}");
-            progress += 1;
-        } else if message["id"] == 1 {
-            break message;
-        }
-    };
+    let (answer, progress, closing) = call_with_progress(UpstreamTarget::Url(url)).await;
     assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
     assert!(
         progress <= N,
@@ -985,7 +972,6 @@ async fn over_http_floods_of_progress_and_list_changes_stay_bounded() {
         "{N} list changes cost {total} tools/list"
     );
     assert_eq!(seen.initialize.load(Ordering::SeqCst), 1, "one session");
-    stdio.shutdown.cancel();
-    upstream.shutdown(BOUND).await;
+    closing.close().await;
     shutdown.cancel();
 }
