@@ -567,6 +567,8 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
     let channel = config.channel();
     let mut loaded = Loaded::default();
     let mut keys: Vec<String> = Vec::new();
+    // `SCAN` may return a key twice (while Redis rehashes): once is enough.
+    let mut seen: HashSet<String> = HashSet::new();
     let mut cursor: u64 = 0;
     loop {
         let pattern = pattern.clone();
@@ -584,7 +586,11 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
             })
             .await?;
         for key in page.into_iter().filter(|k| *k != channel) {
+            if seen.contains(&key) {
+                continue;
+            }
             if keys.len() < MAX_RESYNC_KEYS {
+                seen.insert(key.clone());
                 keys.push(key);
             } else {
                 loaded.skipped += 1;

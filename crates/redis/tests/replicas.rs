@@ -299,15 +299,15 @@ async fn a_replica_loads_thousands_of_states_and_skips_what_is_not_one() {
     // `replica` waits for the first load to complete.
     let late = replica(&server, "late", RemoteOpenPolicy::Follow).await;
     let stats = late.sync.stats();
-    // Every key is either loaded (one report each from `elsewhere`) or
-    // counted as left out: the 302 past 10 000, and each of the two odd
-    // ones that was among the first 10 000.
-    assert_eq!(
-        stats.received + stats.resync_skipped,
-        STATES as u64 + 2,
+    // Every key is either loaded (one report each from `elsewhere`), at
+    // most 10 000, or counted as left out: the 302 past 10 000, and each of
+    // the two odd ones that was among the first 10 000. (A key `SCAN`
+    // returns twice past the bound is counted twice.)
+    assert!(
+        stats.received + stats.resync_skipped >= STATES as u64 + 2,
         "{stats:?}"
     );
-    assert!(stats.received >= 9_998, "{stats:?}");
+    assert!((9_998..=10_000).contains(&stats.received), "{stats:?}");
     assert!(stats.resync_skipped >= 302, "{stats:?}");
     assert!(
         stats.applied > 0,
