@@ -163,6 +163,7 @@ struct Options {
 const USAGE: &str = "\
 usage: toolwarden-proxy-peers [OPTIONS]
        toolwarden-proxy-peers serve-mcp-proxy CONFIG.toml
+       toolwarden-proxy-peers mcp-proxy-config minimal|loaded PORT BACKEND_URL
 
   --toolwarden PATH   the toolwarden binary (env TOOLWARDEN_BIN; default
                       /work/main/target/release/toolwarden)
@@ -245,8 +246,53 @@ fn parse_options() -> Result<Options> {
     Ok(options)
 }
 
+/// mcp-proxy's configuration for a path: listening on `port`, one HTTP
+/// backend at `backend_url`, with the loaded middleware (and coalescing) or
+/// none.
+fn mcp_proxy_config(loaded: bool, port: u16, backend_url: &str) -> String {
+    let middleware = if loaded {
+        MCP_PROXY_LOADED
+    } else {
+        MCP_PROXY_MINIMAL
+    };
+    format!(
+        r#"[proxy]
+name = "peers"
+separator = "/"
+[proxy.listen]
+host = "127.0.0.1"
+port = {port}
+
+[performance]
+coalesce_requests = {loaded}
+
+[observability]
+log_level = "error"
+
+[[backends]]
+name = "{BACKEND_NAME}"
+transport = "http"
+url = "{backend_url}"
+{middleware}"#
+    )
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("mcp-proxy-config") {
+        // `mcp-proxy-config minimal|loaded PORT BACKEND_URL`: the config a
+        // path runs mcp-proxy with (for `instructions`).
+        let (Some(kind), Some(port), Some(url)) = (args.get(2), args.get(3), args.get(4)) else {
+            bail!("usage: mcp-proxy-config minimal|loaded PORT BACKEND_URL");
+        };
+        let loaded = match kind.as_str() {
+            "minimal" => false,
+            "loaded" => true,
+            other => bail!("mcp-proxy-config: {other} is not minimal or loaded"),
+        };
+        print!("{}", mcp_proxy_config(loaded, port.parse()?, url));
+        return Ok(());
+    }
     if args.get(1).map(String::as_str) == Some("serve-mcp-proxy") {
         let config = args.get(2).context("serve-mcp-proxy needs a config file")?;
         return serve_mcp_proxy(Path::new(config));
@@ -859,32 +905,7 @@ async fn run_route(
     let (mut proxy, url, tool) = match route {
         Route::Direct => (None, backend_url.clone(), "echo".to_owned()),
         Route::McpProxyMinimal | Route::McpProxyLoaded => {
-            let middleware = if route == Route::McpProxyLoaded {
-                MCP_PROXY_LOADED
-            } else {
-                MCP_PROXY_MINIMAL
-            };
-            let coalesce = route == Route::McpProxyLoaded;
-            let config = format!(
-                r#"[proxy]
-name = "peers"
-separator = "/"
-[proxy.listen]
-host = "127.0.0.1"
-port = {port}
-
-[performance]
-coalesce_requests = {coalesce}
-
-[observability]
-log_level = "error"
-
-[[backends]]
-name = "{BACKEND_NAME}"
-transport = "http"
-url = "{backend_url}"
-{middleware}"#
-            );
+            let config = mcp_proxy_config(route == Route::McpProxyLoaded, port, &backend_url);
             let file = scratch.join(format!("mcp-proxy-{port}.toml"));
             std::fs::write(&file, config)?;
             let me = std::env::current_exe()?;
