@@ -825,18 +825,7 @@ async fn a_keep_alive_client_is_answered_every_call_on_one_connection() {
         &[bin.to_str().unwrap(), "stdio"],
     );
     let mut client = KeepAlive::connect(listen).await;
-    let status = client
-        .post(
-            &json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-                "protocolVersion": "2025-06-18", "capabilities": {},
-                "clientInfo": {"name": "keep-alive", "version": "0"},
-            }}),
-        )
-        .await;
-    assert!(status.contains("200"), "{status}");
-    client
-        .post(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-        .await;
+    client.open_session().await;
     for id in 1..=20 {
         let (status, body) = bounded(
             "a call on the kept-alive connection",

@@ -566,9 +566,8 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
     let pattern = format!("{}:cb:*", config.prefix);
     let channel = config.channel();
     let mut loaded = Loaded::default();
-    let mut keys: Vec<String> = Vec::new();
-    // `SCAN` may return a key twice (while Redis rehashes): once is enough.
-    let mut seen: HashSet<String> = HashSet::new();
+    // A set: `SCAN` may return a key twice (while Redis rehashes).
+    let mut keys: HashSet<String> = HashSet::new();
     let mut cursor: u64 = 0;
     loop {
         let pattern = pattern.clone();
@@ -586,13 +585,9 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
             })
             .await?;
         for key in page.into_iter().filter(|k| *k != channel) {
-            if seen.contains(&key) {
-                continue;
-            }
             if keys.len() < MAX_RESYNC_KEYS {
-                seen.insert(key.clone());
-                keys.push(key);
-            } else {
+                keys.insert(key);
+            } else if !keys.contains(&key) {
                 loaded.skipped += 1;
             }
         }
@@ -601,6 +596,7 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
         }
         cursor = next;
     }
+    let keys: Vec<String> = keys.into_iter().collect();
     for batch in keys.chunks(RESYNC_BATCH) {
         let replies: Vec<redis::RedisResult<HashMap<String, String>>> = shared
             .conn

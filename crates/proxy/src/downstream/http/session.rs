@@ -5,16 +5,16 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
-
-use std::pin::Pin;
 
 use futures::stream::Peekable;
 use futures::{Stream, StreamExt as _};
 use rmcp::model::{ClientJsonRpcMessage, GetExtensions, JsonRpcMessage, ServerJsonRpcMessage};
 use rmcp::service::{RoleClient, RoleServer, RxJsonRpcMessage};
+use rmcp::transport::common::http_header::HEADER_MCP_PROTOCOL_VERSION;
 use rmcp::transport::streamable_http_server::session::{
     EventStore, RestoreOutcome, ServerSseMessage, SessionId, SessionManager,
 };
@@ -254,7 +254,7 @@ fn client_expects_priming(message: &ClientJsonRpcMessage) -> bool {
         .request
         .extensions()
         .get::<axum::http::request::Parts>()
-        .and_then(|parts| parts.headers.get("mcp-protocol-version"))
+        .and_then(|parts| parts.headers.get(HEADER_MCP_PROTOCOL_VERSION))
         .and_then(|version| version.to_str().ok())
         .is_some_and(|version| version >= PRIMING_SINCE)
 }
