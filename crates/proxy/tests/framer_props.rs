@@ -264,6 +264,53 @@ fn member() -> impl Strategy<Value = Option<Value>> {
 }
 
 /// Sets `key` of `object` to `value`, or leaves it out.
+/// Members [`with_member_twice`] can repeat: `(object, member)`, the
+/// object `""` for the message itself.
+const TWICE: &[(&str, &str)] = &[
+    ("", "jsonrpc"),
+    ("", "id"),
+    ("", "method"),
+    ("", "params"),
+    ("params", "name"),
+    ("params", "arguments"),
+    ("params", "_meta"),
+    ("arguments", "q"),
+    ("_meta", "progressToken"),
+];
+
+/// `line` with `member` of `object` given twice, the first time with
+/// another value (JSON allows it; rmcp refuses a repeated member of its
+/// structs and keeps the last of a map's). `line` as it is when the
+/// object or the member is not there.
+fn with_member_twice(line: &str, (object, member): (&str, &str)) -> String {
+    let Ok(Value::Object(message)) = serde_json::from_str::<Value>(line) else {
+        return line.to_owned();
+    };
+    let found = match object {
+        "" => Some(&message),
+        "params" => message.get("params").and_then(Value::as_object),
+        nested => message
+            .get("params")
+            .and_then(|p| p.get(nested))
+            .and_then(Value::as_object),
+    };
+    if found.is_none_or(|o| !o.contains_key(member)) {
+        return line.to_owned();
+    }
+    // Objects serialize with sorted keys and no spaces: the object's
+    // opening brace is found by its key, the message's is the first.
+    let at = match object {
+        "" => Some(0),
+        key => line
+            .find(&format!("\"{key}\":{{"))
+            .map(|i| i + key.len() + 3),
+    };
+    match at {
+        Some(i) => format!("{}{{\"{member}\":\"first\",{}", &line[..i], &line[i + 1..]),
+        None => line.to_owned(),
+    }
+}
+
 fn set(object: &mut serde_json::Map<String, Value>, key: &str, value: Option<Value>) {
     if let Some(value) = value {
         object.insert(key.to_owned(), value);
@@ -289,6 +336,7 @@ proptest! {
         meta in prop_oneof![6 => prop_oneof![Just(None), Just(Some(json!({"progressToken": 7})))], 2 => member()],
         extra_param in prop_oneof![6 => Just(None), 1 => Just(Some(("task", json!({"ttl": 1})))), 1 => Just(Some(("requestState", json!("s")))), 1 => Just(Some(("inputResponses", json!({})))), 1 => Just(Some(("other", json!(1))))],
         extra_member in prop_oneof![6 => Just(false), 1 => Just(true)],
+        twice in prop_oneof![6 => Just(None), 1 => proptest::sample::select(TWICE).prop_map(Some)],
     ) {
         let mut params = serde_json::Map::new();
         set(&mut params, "name", name);
@@ -313,7 +361,10 @@ proptest! {
         if extra_member {
             message.insert("extra".into(), json!(1));
         }
-        let line = Value::Object(message).to_string();
+        let mut line = Value::Object(message).to_string();
+        if let Some(member) = twice {
+            line = with_member_twice(&line, member);
+        }
         prop_assert_eq!(
             check_message(line.as_bytes()),
             verdict_of_classify(line.as_bytes()),

@@ -502,6 +502,55 @@ async fn an_over_long_or_unknown_tool_name_is_invalid_params() {
     );
 }
 
+/// A `tools/call` with a member of the message or of its params given
+/// twice is refused with -32602 under its id, over HTTP as over stdio.
+/// The guard's fast path for plain calls once read such a body as a
+/// `Value` (the last member counts) and handed it to rmcp, which called
+/// the tool named last, while the same line over stdio was refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_call_with_a_member_given_twice_gets_a_json_rpc_error_with_its_id() {
+    let Some((_proxy, port)) = proxy(&[], &[]).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    for (id, body) in [
+        (
+            7,
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"x","name":"get_current_time","arguments":{"timezone":"UTC"}}}"#,
+        ),
+        (
+            8,
+            r#"{"jsonrpc":"2.0","id":1,"id":8,"method":"tools/call","params":{"name":"get_current_time","arguments":{"timezone":"UTC"}}}"#,
+        ),
+        (
+            9,
+            r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"get_current_time","arguments":{},"arguments":{"timezone":"UTC"}}}"#,
+        ),
+    ] {
+        let answer = post(port, &[("Mcp-Session-Id", &session)], body).await;
+        assert_eq!(answer.status, 400, "{body}: {answer:?}");
+        let messages = answer.messages();
+        assert_eq!(messages.len(), 1, "{body}: {answer:?}");
+        assert_eq!(messages[0]["error"]["code"], -32602, "{body}: {answer:?}");
+        assert_eq!(messages[0]["id"], id, "{body}: {answer:?}");
+    }
+    // A member given twice inside the arguments is JSON's business (the
+    // last one counts, for rmcp too): the call goes through.
+    let body = r#"{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"name":"get_current_time","arguments":{"timezone":"Mars/Olympus","timezone":"UTC"}}}"#;
+    let answer = post(port, &[("Mcp-Session-Id", &session)], body).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    let result = answer.messages().into_iter().find(|m| m["id"] == 10);
+    assert_eq!(
+        result.as_ref().map(|m| &m["result"]["isError"]),
+        Some(&json!(false)),
+        "{answer:?}"
+    );
+    assert_eq!(
+        call(port, &session, 11, "get_current_time").await["result"]["isError"],
+        false
+    );
+}
+
 /// As [`proxy`], in front of the flaky server (its `slow {seconds}` tool).
 async fn flaky_proxy(env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
     let python = component("TOOLWARDEN_PYTHON")?;

@@ -247,8 +247,8 @@ pub enum Unfit {
 /// well-formed from one pass over its JSON: top-level members only
 /// `jsonrpc` ("2.0"), `id` (a string or an integer), `method` and `params`;
 /// params with only `name` (a string), `arguments` (an object, or absent)
-/// and `_meta` (an object, or absent), which rmcp always reads as a tool
-/// call. Anything else takes [`classify_line`]'s path, so the answers are
+/// and `_meta` (an object, or absent), each member at most once, which
+/// rmcp always reads as a tool call. Anything else takes [`classify_line`]'s path, so the answers are
 /// the same either way (a property test holds the two to it).
 ///
 /// ```
@@ -283,30 +283,72 @@ pub fn check_message(line: &[u8]) -> Result<Checked, Unfit> {
 
 /// The id of `line` when it is a `tools/call` of the plain shape (see
 /// [`check_message`]); `None` for anything else, however valid.
+///
+/// Read into [`PlainCall`], whose derived reader refuses a member
+/// missing, unknown or given twice, as [`classify_line`] does: a
+/// [`Value`] keeps the last of two members, and let such a call through
+/// over HTTP that stdio refuses. The objects in `arguments` and `_meta`
+/// are read whole, so that their strings are checked as rmcp checks them
+/// (a lone surrogate is refused; skipping them would not see it).
 fn plain_tool_call(line: &[u8]) -> Option<Id> {
-    let Ok(Value::Object(message)) = serde_json::from_slice::<Value>(line) else {
-        return None;
-    };
-    let known = |key: &str| matches!(key, "jsonrpc" | "id" | "method" | "params");
-    if !message.keys().all(|key| known(key))
-        || message.get("jsonrpc")?.as_str()? != JSONRPC_VERSION
-        || message.get("method")?.as_str()? != "tools/call"
-    {
-        return None;
-    }
-    let params = message.get("params")?.as_object()?;
-    let fits = params.iter().all(|(key, value)| match key.as_str() {
-        "name" => value.is_string(),
-        "arguments" | "_meta" => value.is_object(),
-        _ => false,
-    });
-    if !fits || !params.contains_key("name") {
-        return None;
-    }
-    match message.get("id")? {
-        Value::String(id) => Some(Id::String(id.clone())),
-        Value::Number(n) => n.as_i64().map(Id::Number),
-        _ => None,
+    let call: PlainCall<'_> = serde_json::from_slice(line).ok()?;
+    (call.jsonrpc == JSONRPC_VERSION && call.method == "tools/call").then_some(call.id.0)
+}
+
+/// A `tools/call` of the plain shape (see [`check_message`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlainCall<'a> {
+    #[serde(borrow)]
+    jsonrpc: std::borrow::Cow<'a, str>,
+    id: PlainId,
+    #[serde(borrow)]
+    method: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    #[allow(dead_code)] // read for its shape: the reader checks every member
+    params: PlainParams<'a>,
+}
+
+/// The params of a [`PlainCall`]: `name`, and `arguments` and `_meta`
+/// when they are objects (`null` is left to [`classify_line`]).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)] // read for its shape: the reader checks every member
+struct PlainParams<'a> {
+    #[serde(borrow)]
+    name: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    arguments: serde_json::Map<String, Value>,
+    #[serde(rename = "_meta", default)]
+    meta: serde_json::Map<String, Value>,
+}
+
+/// A request id that is a string or an integer in `i64`'s range;
+/// anything else (a float, `-0`, a larger integer) is left to
+/// [`classify_line`].
+struct PlainId(Id);
+
+impl<'de> serde::Deserialize<'de> for PlainId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PlainId;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string or an integer")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PlainId, E> {
+                Ok(PlainId(Id::Number(n)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PlainId, E> {
+                i64::try_from(n)
+                    .map(|n| PlainId(Id::Number(n)))
+                    .map_err(|_| E::custom("an integer past i64"))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PlainId, E> {
+                Ok(PlainId(Id::String(s.to_owned())))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
     }
 }
 
