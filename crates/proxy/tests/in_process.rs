@@ -1602,6 +1602,55 @@ async fn a_client_cancel_cancels_upstream() {
     h.finish().await;
 }
 
+/// stdin ends while a call hangs past rmcp's 5 s drain, with a cancelled
+/// call and an answered one beside it: the hanging call is answered once,
+/// by the proxy, and nothing else is (rmcp's drain used to end the
+/// session with the call unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_at_the_end_of_input_is_answered_once() {
+    let mut h = harness();
+    h.initialize().await;
+    for (id, tool) in [(21, "hang"), (22, "slow")] {
+        h.send(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": tool, "arguments": {}}}))
+            .await;
+    }
+    let started = async {
+        while h.server.calls.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    bounded("both calls reaching the server", started).await;
+    // A cancelled request is not answered (the client said so).
+    h.send(
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 22}}),
+    )
+    .await;
+    assert_eq!(
+        text(&h.call(23, "echo", json!({"message": "x"})).await),
+        "Echo: x"
+    );
+    h.input.shutdown().await.unwrap();
+    let mut answers = Vec::new();
+    while let Some(line) = bounded("the proxy's output", h.output.next_line())
+        .await
+        .unwrap()
+    {
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message.get("id").is_some() {
+            answers.push(message);
+        }
+    }
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    assert_eq!(answers[0]["id"], 21, "{answers:?}");
+    assert_eq!(answers[0]["error"]["code"], -32000, "{answers:?}");
+    let serving = h.serving.take().unwrap();
+    bounded("serve_stdio after the end of input", serving)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_crash_answers_calls_in_flight_and_the_upstream_comes_back() {
     let mut h = harness();

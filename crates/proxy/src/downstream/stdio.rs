@@ -18,12 +18,23 @@
 //! - At the end of stdin rmcp answers the requests still in flight (for up
 //!   to 5 s), the writer flushes, and [`serve_stdio`] returns; cancelling
 //!   `shutdown` (SIGTERM, SIGINT) does the same with rmcp's 2 s drain.
+//!   A request rmcp did not answer within its drain (or never received) is
+//!   answered by the proxy before it returns: `-32000`, "the proxy stopped
+//!   before the request was answered". The reader notes each request's id
+//!   before rmcp sees it, the transport strikes it off as rmcp answers (and
+//!   a client's `notifications/cancelled` strikes it off too), at most
+//!   [`TRACKED`] ids at once: every request gets exactly one answer.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+use std::collections::HashSet;
+
+use rmcp::model::{
+    ClientJsonRpcMessage, ClientNotification, ErrorCode, ErrorData, JsonRpcError, RequestId,
+    ServerJsonRpcMessage,
+};
 use rmcp::service::{RoleServer, ServerInitializeError, ServiceExt};
 use rmcp::transport::Transport;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -38,10 +49,77 @@ use crate::transport::HookedTransport;
 /// Messages queued for rmcp and lines queued for stdout.
 const QUEUE: usize = 256;
 
+/// The most request ids [`Unanswered`] keeps: a client with more requests
+/// than this in flight when the session ends may miss the answers of the
+/// ones past it.
+const TRACKED: usize = 4096;
+
+/// The ids of the client's requests not answered yet (see the module
+/// docs).
+#[derive(Clone, Default)]
+struct Unanswered(Arc<std::sync::Mutex<HashSet<RequestId>>>);
+
+impl Unanswered {
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashSet<RequestId>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Notes a request read, or strikes off the one a cancellation names.
+    fn read(&self, message: &ClientJsonRpcMessage) {
+        match message {
+            ClientJsonRpcMessage::Request(request) => {
+                let mut ids = self.ids();
+                if ids.len() < TRACKED {
+                    ids.insert(request.id.clone());
+                }
+            }
+            ClientJsonRpcMessage::Notification(notification) => {
+                if let ClientNotification::CancelledNotification(cancelled) =
+                    &notification.notification
+                {
+                    if let Some(id) = &cancelled.params.request_id {
+                        self.ids().remove(id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Strikes off the request `message` answers.
+    fn sent(&self, message: &ServerJsonRpcMessage) {
+        let id = match message {
+            ServerJsonRpcMessage::Response(response) => &response.id,
+            ServerJsonRpcMessage::Error(JsonRpcError { id: Some(id), .. }) => id,
+            _ => return,
+        };
+        self.ids().remove(id);
+    }
+
+    /// The answers to the requests still unanswered, each once.
+    fn answers(&self) -> Vec<String> {
+        let error = ErrorData::new(
+            ErrorCode(-32000),
+            "the proxy stopped before the request was answered (end of input or shutdown); \
+             it may have reached the server",
+            None,
+        );
+        self.ids()
+            .drain()
+            .filter_map(|id| {
+                serde_json::to_string(&ServerJsonRpcMessage::error(error.clone(), Some(id))).ok()
+            })
+            .collect()
+    }
+}
+
 /// An rmcp transport over the reader's and writer's queues.
 struct QueueTransport {
     incoming: Arc<Mutex<mpsc::Receiver<ClientJsonRpcMessage>>>,
     outgoing: mpsc::Sender<String>,
+    unanswered: Unanswered,
 }
 
 impl Transport<RoleServer> for QueueTransport {
@@ -52,8 +130,10 @@ impl Transport<RoleServer> for QueueTransport {
         item: ServerJsonRpcMessage,
     ) -> impl Future<Output = Result<(), io::Error>> + Send + 'static {
         let outgoing = self.outgoing.clone();
+        let unanswered = self.unanswered.clone();
         async move {
             let line = serde_json::to_string(&item).map_err(io::Error::other)?;
+            unanswered.sent(&item);
             outgoing
                 .send(line)
                 .await
@@ -76,11 +156,14 @@ async fn read_input<R: AsyncRead + Unpin>(
     mut lines: LineReader<BufReader<R>>,
     to_rmcp: mpsc::Sender<ClientJsonRpcMessage>,
     replies: mpsc::Sender<String>,
+    unanswered: Unanswered,
 ) {
     loop {
         let reply = match lines.next_line().await {
             Ok(Some(RawLine::Line(line))) => match classify_line(&line) {
                 Frame::Message(message) => {
+                    // Before rmcp can answer it.
+                    unanswered.read(&message);
                     if to_rmcp.send(*message).await.is_err() {
                         return;
                     }
@@ -146,10 +229,12 @@ where
     let (line_tx, line_rx) = mpsc::channel::<String>(QUEUE);
     let writer = tokio::spawn(write_output(output, line_rx));
     let (message_tx, message_rx) = mpsc::channel::<ClientJsonRpcMessage>(QUEUE);
+    let unanswered = Unanswered::default();
     let reader = tokio::spawn(read_input(
         LineReader::new(BufReader::new(input), max_line_bytes),
         message_tx,
         line_tx.clone(),
+        unanswered.clone(),
     ));
     let incoming = Arc::new(Mutex::new(message_rx));
     loop {
@@ -158,6 +243,7 @@ where
             QueueTransport {
                 incoming: Arc::clone(&incoming),
                 outgoing: line_tx.clone(),
+                unanswered: unanswered.clone(),
             },
             ProgressTally::new(server.progress_routes()),
         );
@@ -184,6 +270,13 @@ where
     }
     // On shutdown the reader may be blocked on stdin: stop it.
     reader.abort();
+    let _ = reader.await;
+    // rmcp's session has ended: nothing else will answer these.
+    for answer in unanswered.answers() {
+        if line_tx.send(answer).await.is_err() {
+            break;
+        }
+    }
     drop(line_tx);
     drop(incoming);
     match tokio::time::timeout(std::time::Duration::from_secs(5), writer).await {

@@ -112,8 +112,14 @@ pub(super) use expect_result;
 /// A request other than `tools/call` outlived `limits.request_timeout`.
 pub(super) struct RequestTimedOut(pub(super) Duration);
 
+/// rmcp cancels a request's token when the client cancels it and when the
+/// session shuts down (SIGTERM, the end of input): the answer says both.
 fn cancelled() -> ErrorData {
-    ErrorData::new(ErrorCode(-32800), "request cancelled by the client", None)
+    ErrorData::new(
+        ErrorCode(-32800),
+        "request cancelled (by the client, or as the proxy shut down)",
+        None,
+    )
 }
 
 pub(super) async fn unless_cancelled<F: Future>(ct: &CancellationToken, f: F) -> Option<F::Output> {
