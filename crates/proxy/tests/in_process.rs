@@ -77,6 +77,8 @@ struct TestServer {
     roots_errors: Arc<Mutex<Vec<ErrorData>>>,
     /// The `tasks/get` and `tasks/cancel` requests the server was sent, by task id.
     task_requests: Arc<Mutex<Vec<String>>>,
+    /// Whether `tools/list` also lists a tool `added`.
+    lists_added: Arc<std::sync::atomic::AtomicBool>,
 }
 
 type ProgressRead = Arc<Mutex<HashMap<ProgressToken, Vec<f64>>>>;
@@ -138,8 +140,10 @@ impl ServerHandler for TestServer {
                 "ask_roots_detached",
                 "roots_progress",
                 "task",
+                "added",
             ]
             .into_iter()
+            .filter(|name| *name != "added" || self.lists_added.load(Ordering::SeqCst))
             .map(|name| Tool::new(name, "test tool", schema.clone()))
             .collect(),
         ))
@@ -374,6 +378,7 @@ struct Harness {
     server: TestServer,
     server_tasks: Arc<Mutex<Vec<JoinHandle<()>>>>,
     shutdown: CancellationToken,
+    catalog: ToolCatalog,
 }
 
 fn quick_restarts() -> UpstreamConfig {
@@ -395,10 +400,11 @@ fn harness_with(
     };
     let target = target_of(&h0);
     let downstreams = Downstreams::new();
+    let catalog = ToolCatalog::new();
     let upstream = Upstream::new(
         target,
         quick_restarts(),
-        ToolCatalog::new(),
+        catalog.clone(),
         downstreams.clone(),
     );
     let stack = stack.unwrap_or_else(|| ToolStack::new(upstream.service()));
@@ -412,6 +418,7 @@ fn harness_with(
         server: h0.server,
         server_tasks: h0.server_tasks,
         shutdown: stdio.shutdown,
+        catalog,
     }
 }
 
@@ -1693,6 +1700,59 @@ async fn an_upstream_crash_answers_calls_in_flight_and_the_upstream_comes_back()
     assert!(
         matches!(h.upstream.status(), UpstreamStatus::Up { generation, .. } if generation >= 2)
     );
+    h.finish().await;
+}
+
+/// A server restarted with other tools: the client is told to list them
+/// again (`notifications/tools/list_changed`); a restart with the same
+/// tools tells it nothing. (Its list came from the server before; no
+/// server announces what it had before it started.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_other_tools_tells_the_client_its_list_changed() {
+    let mut h = harness();
+    h.initialize().await;
+    let listed = async {
+        while h.catalog.get("echo").is_none() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    bounded("the first tools/list", listed).await;
+    let is_change = |m: &Value| m["method"] == "notifications/tools/list_changed";
+    let mut id = 300;
+    for lists_added in [false, true] {
+        h.server.lists_added.store(lists_added, Ordering::SeqCst);
+        let version = h.catalog.version();
+        h.kill_server();
+        let refreshed = async {
+            while h.catalog.version() == version {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        bounded("the tools/list after the restart", refreshed).await;
+        assert_eq!(h.catalog.get("added").is_some(), lists_added);
+        if lists_added {
+            let told = async { while !is_change(&h.recv().await) {} };
+            bounded("notifications/tools/list_changed", told).await;
+        } else {
+            // Whatever a refresh would announce is queued by now.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // A call answered after the refresh: no other announcement before it.
+        let notes = loop {
+            id += 1;
+            h.send(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"message": "up"}}}))
+                .await;
+            let (answer, notes) = h.response(json!(id)).await;
+            if text(&answer) == "Echo: up" {
+                break notes;
+            }
+        };
+        assert!(
+            !notes.iter().any(is_change),
+            "restart listing added: {lists_added}: {notes:?}"
+        );
+    }
     h.finish().await;
 }
 

@@ -52,8 +52,12 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use rmcp::model::ServerPeerInfo;
+use rmcp::model::{ServerNotification, ToolListChangedNotification};
 use rmcp::service::RoleServer;
 use tokio::sync::watch;
+use toolwarden_core::catalog::ToolInfo;
+
+use crate::progress::lock;
 use toolwarden_core::{ConfigError, ToolCatalog};
 use toolwarden_rmcp::RmcpClient;
 
@@ -112,6 +116,10 @@ pub(crate) struct Shared {
     pub(crate) redactor: Arc<Redactor>,
     /// Whether a catalog refresh runs ([`IDLE`], [`RUNNING`], or [`AGAIN`]).
     pub(crate) refreshing: AtomicU8,
+    /// The catalog's tools before a reconnect, until a refresh from the
+    /// new connection has read the server's: the clients are told
+    /// (`notifications/tools/list_changed`) when they differ.
+    pub(crate) tools_before_reconnect: std::sync::Mutex<Option<Vec<ToolInfo>>>,
     /// The server's progress notifications being forwarded or waiting
     /// their turn.
     pub(crate) progress_backlog: Backlog,
@@ -200,7 +208,9 @@ impl Shared {
             let _unwinding = ResetOnPanic(&shared.refreshing);
             loop {
                 if let Some(connection) = shared.connection() {
-                    shared.refresh_from(&connection, limit).await;
+                    if shared.refresh_from(&connection, limit).await {
+                        shared.announce_a_changed_list();
+                    }
                 }
                 if shared
                     .refreshing
@@ -215,14 +225,52 @@ impl Shared {
         });
     }
 
-    async fn refresh_from(&self, connection: &Connection, limit: Duration) {
+    /// Whether the catalog was refilled.
+    async fn refresh_from(&self, connection: &Connection, limit: Duration) -> bool {
         match tokio::time::timeout(limit, connection.client.refresh_catalog()).await {
-            Ok(Ok(n)) => tracing::debug!(tools = n, "tool catalog refreshed"),
+            Ok(Ok(n)) => {
+                tracing::debug!(tools = n, "tool catalog refreshed");
+                return true;
+            }
             Ok(Err(e)) => {
                 let error = self.redactor.scrub(&e.to_string()).into_owned();
                 tracing::warn!(%error, "tools/list failed; the catalog keeps its tools")
             }
             Err(_) => tracing::warn!("tools/list timed out; the catalog keeps its tools"),
+        }
+        false
+    }
+
+    /// The catalog's tools, in name order.
+    fn tools_by_name(&self) -> Vec<ToolInfo> {
+        let mut tools = self.catalog.tools();
+        tools.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        tools
+    }
+
+    /// Refreshes the catalog from a new connection (after the first),
+    /// telling the clients should its tools differ from the last
+    /// connection's: a server restarted with other tools (the clients'
+    /// lists came from the old one, and no server announces what it had
+    /// before it started).
+    pub(crate) fn refresh_catalog_after_reconnect(self: &Arc<Self>, limit: Duration) {
+        let before = self.tools_by_name();
+        *lock(&self.tools_before_reconnect) = Some(before);
+        self.refresh_catalog(limit);
+    }
+
+    /// After a refresh: `notifications/tools/list_changed` to every client
+    /// if it was the first since a reconnect and the tools changed.
+    fn announce_a_changed_list(&self) {
+        let Some(before) = lock(&self.tools_before_reconnect).take() else {
+            return;
+        };
+        if before != self.tools_by_name() {
+            tracing::info!("the upstream's tools changed across its restart; telling the clients");
+            self.downstreams
+                .broadcast(&ServerNotification::ToolListChangedNotification(
+                    ToolListChangedNotification::default(),
+                ));
         }
     }
 }

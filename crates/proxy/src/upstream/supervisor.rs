@@ -102,6 +102,7 @@ impl Upstream {
                     status,
                     redactor,
                     refreshing: AtomicU8::new(super::IDLE),
+                    tools_before_reconnect: Mutex::new(None),
                     progress_backlog: super::Backlog::default(),
                 }),
                 restarts: AtomicU64::new(0),
@@ -361,7 +362,11 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
                         tracing::info!(generation, target = %inner.target, "upstream connected")
                     }
                 }
-                shared.refresh_catalog(config.connect_timeout);
+                if generation == 1 {
+                    shared.refresh_catalog(config.connect_timeout);
+                } else {
+                    shared.refresh_catalog_after_reconnect(config.connect_timeout);
+                }
                 let up_since = tokio::time::Instant::now();
                 let stop = running.cancellation_token();
                 let ended = running.waiting();
