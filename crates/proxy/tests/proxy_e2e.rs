@@ -368,7 +368,10 @@ impl Drop for HttpServer {
 }
 
 async fn server_everything_http(bin: &std::path::Path) -> HttpServer {
-    let port = free_port();
+    server_everything_http_on(bin, free_port()).await
+}
+
+async fn server_everything_http_on(bin: &std::path::Path, port: u16) -> HttpServer {
     let child = Command::new(bin)
         .arg("streamableHttp")
         .env("PORT", port.to_string())
@@ -391,6 +394,97 @@ async fn server_everything_http(bin: &std::path::Path) -> HttpServer {
     .expect("server-everything answers over Streamable HTTP");
     let _ = probe.cancel().await;
     server
+}
+
+/// server-everything over HTTP is killed while a call runs, and started
+/// again on its port: the call in flight is answered at once with an error
+/// (not its timeout), and the proxy reconnects. server-everything answers
+/// a session it does not know with a 400 and an error that names no
+/// request; rmcp kept the old session for good, so every later call timed
+/// out and `/health` still said "up".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_upstream_restarted_on_its_port_is_reconnected_to() {
+    let Some(bin) = component("TOOLWARDEN_SERVER_EVERYTHING") else {
+        return;
+    };
+    let port = free_port();
+    let mut upstream = server_everything_http_on(&bin, port).await;
+    let listen = free_port();
+    let metrics = free_port();
+    let (listen_addr, metrics_addr) = (
+        format!("127.0.0.1:{listen}"),
+        format!("127.0.0.1:{metrics}"),
+    );
+    let _proxy = Proxy::start(
+        &[
+            "run",
+            "--upstream-url",
+            &upstream.url,
+            "--listen",
+            &listen_addr,
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        &[],
+    );
+    let url = format!("http://127.0.0.1:{listen}/mcp");
+    let client = eventually(LIMIT, || {
+        let url = url.clone();
+        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
+    })
+    .await
+    .expect("the proxy answers over Streamable HTTP");
+    let echo = |message: &str| {
+        let mut params = CallToolRequestParams::new("echo");
+        params.arguments = json!({ "message": message }).as_object().cloned();
+        let peer = client.peer().clone();
+        async move {
+            match peer.call_tool_once(params).await {
+                Ok(CallToolResponse::Complete(result)) => serde_json::to_value(&result).ok(),
+                _ => None,
+            }
+        }
+    };
+    let first = bounded("echo", LIMIT, echo("before")).await.unwrap();
+    assert_eq!(first["content"][0]["text"], "Echo: before", "{first}");
+
+    let mut long = CallToolRequestParams::new("trigger-long-running-operation");
+    long.arguments = json!({"duration": 60, "steps": 60}).as_object().cloned();
+    let peer = client.peer().clone();
+    let in_flight = tokio::spawn(async move { peer.call_tool_once(long).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    upstream.child.kill().await.unwrap();
+    drop(upstream);
+    let answer = bounded("the call in flight", LIMIT, in_flight)
+        .await
+        .unwrap()
+        .expect("an answer");
+    let CallToolResponse::Complete(answer) = answer else {
+        panic!("{answer:?}")
+    };
+    let answer = serde_json::to_value(&answer).unwrap();
+    assert_eq!(answer["isError"], true, "{answer}");
+    let class = &answer["structuredContent"]["toolwarden"]["class"];
+    assert_eq!(class, "transient", "{answer}");
+    assert!(
+        !answer.to_string().contains("timed out"),
+        "answered by its timeout, not by the connection's loss: {answer}"
+    );
+
+    let _upstream = server_everything_http_on(&bin, port).await;
+    let back = eventually(LIMIT, || async {
+        let answer = echo("after").await?;
+        (answer["content"][0]["text"] == "Echo: after").then_some(answer)
+    })
+    .await;
+    assert!(back.is_some(), "the proxy never reconnected");
+    let (_, report) = health(metrics).await.expect("/health answers");
+    assert_eq!(report["upstream"]["state"], "up", "{report}");
+    assert!(
+        report["upstream"]["restarts"].as_u64() >= Some(1),
+        "{report}"
+    );
+    let _ = client.cancel().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

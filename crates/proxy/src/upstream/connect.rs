@@ -10,12 +10,21 @@ use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig
 use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess, Transport};
 use rmcp::ServiceExt as _;
 
-use super::{http_client, UpstreamHandler, UpstreamTarget};
+use super::http_client::{self, WatchedClient};
+use super::{UpstreamHandler, UpstreamTarget};
 use crate::config::UpstreamConfig;
 use crate::progress::{ProgressRoutes, ProgressTally};
 use crate::transport::HookedTransport;
 
 pub(super) type Running = RunningService<RoleClient, UpstreamHandler>;
+
+/// An open connection: the running service, the child's pid, and for a URL
+/// the signal that the server lost the session ([`WatchedClient`]).
+pub(super) struct Connected {
+    pub(super) running: Running,
+    pub(super) pid: Option<u32>,
+    pub(super) lost: Option<Arc<tokio::sync::Notify>>,
+}
 
 /// Starts the child or opens the URL, and runs `initialize`. Progress the
 /// server sends is counted into `progress` as it is read.
@@ -24,7 +33,7 @@ pub(super) async fn connect(
     config: &UpstreamConfig,
     handler: UpstreamHandler,
     progress: Arc<ProgressRoutes<RoleServer>>,
-) -> Result<(Running, Option<u32>), String> {
+) -> Result<Connected, String> {
     let limit = config.connect_timeout;
     let connecting = async {
         match target {
@@ -37,22 +46,38 @@ pub(super) async fn connect(
                     .spawn()
                     .map_err(|e| format!("cannot start {target}: {e}"))?;
                 let pid = transport.id();
-                Ok((initialize(handler, transport, progress).await?, pid))
+                let running = initialize(handler, transport, progress).await?;
+                Ok(Connected {
+                    running,
+                    pid,
+                    lost: None,
+                })
             }
             UpstreamTarget::InProcess(server) => {
                 let (read, write) = tokio::io::split((server.connect)());
                 let transport = AsyncRwTransport::new_client(read, write);
-                Ok((initialize(handler, transport, progress).await?, None))
+                let running = initialize(handler, transport, progress).await?;
+                Ok(Connected {
+                    running,
+                    pid: None,
+                    lost: None,
+                })
             }
             UpstreamTarget::Url(url) => {
                 // Built per connection: a rotated token file is read again.
                 let (client, _) = http_client::http_client(config, &http_client::process_var)
                     .map_err(|e| e.to_string())?;
+                let (client, lost) = WatchedClient::new(client);
                 let transport = StreamableHttpClientTransport::with_client(
                     client,
                     StreamableHttpClientTransportConfig::with_uri(url.as_str()),
                 );
-                Ok((initialize(handler, transport, progress).await?, None))
+                let running = initialize(handler, transport, progress).await?;
+                Ok(Connected {
+                    running,
+                    pid: None,
+                    lost: Some(lost),
+                })
             }
         }
     };

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use toolwarden_core::{ConfigError, ToolCatalog};
 use toolwarden_rmcp::RmcpClient;
 
-use super::connect::connect;
+use super::connect::{connect, Connected};
 use super::{
     check_http_config, http_client, Connection, Shared, UpstreamHandler, UpstreamService,
     UpstreamStatus, UpstreamTarget,
@@ -338,7 +338,7 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
             () = inner.shutdown.cancelled() => break,
         };
         let error = match connected {
-            Ok((running, pid)) => {
+            Ok(Connected { running, pid, lost }) => {
                 generation += 1;
                 attempt = 0;
                 let mut client =
@@ -371,8 +371,27 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
                 let stop = running.cancellation_token();
                 let ended = running.waiting();
                 tokio::pin!(ended);
+                // Over HTTP, rmcp's connection outlives a server that lost
+                // the session (see `WatchedClient`): end it here.
+                let session_lost = async {
+                    match &lost {
+                        Some(lost) => lost.notified().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let reason = tokio::select! {
-                    reason = &mut ended => reason,
+                    reason = &mut ended => match reason {
+                        Ok(reason) => format!("the connection ended ({reason:?})"),
+                        Err(e) => format!("the connection task failed: {e}"),
+                    },
+                    () = session_lost => {
+                        // New calls fail at once while the old connection
+                        // closes; its calls in flight get their errors.
+                        shared.current.store(None);
+                        stop.cancel();
+                        let _ = tokio::time::timeout(Duration::from_secs(5), &mut ended).await;
+                        "the server lost the HTTP session".to_owned()
+                    }
                     () = inner.shutdown.cancelled() => {
                         stop.cancel();
                         // rmcp drains replies (2 s) then closes the child
@@ -388,10 +407,7 @@ async fn supervise(inner: Arc<Inner>, client_info: ClientConfig) {
                 if up_since.elapsed() >= config.restart_reset_after {
                     backoff = config.restart_backoff_min;
                 }
-                match reason {
-                    Ok(reason) => format!("the connection ended ({reason:?})"),
-                    Err(e) => format!("the connection task failed: {e}"),
-                }
+                reason
             }
             Err(error) => error,
         };
