@@ -607,6 +607,58 @@ async fn a_session_past_its_requests_in_flight_gets_429() {
     assert_eq!(again.status, 200, "{again:?}");
 }
 
+/// A request with the id of one still in flight in its session is refused
+/// (-32600 under that id, HTTP 400), and the first is answered. rmcp routes
+/// answers by id: it sent the first one's answer nowhere, and its stream
+/// and in-flight permit stayed open until the session expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_the_id_of_one_in_flight_is_refused_and_the_first_answered() {
+    let Some((_proxy, port)) = flaky_proxy(&[]).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    // Once the catalog knows `slow` (its tools/list follows the connection).
+    let known = eventually(LIMIT, || {
+        let session = session.clone();
+        async move {
+            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(4, 0.0)).await;
+            let result = answer.messages().into_iter().find(|m| m["id"] == 4)?;
+            (result["result"]["isError"] == false).then_some(())
+        }
+    })
+    .await;
+    assert!(known.is_some(), "slow never answered");
+    let first = tokio::spawn({
+        let session = session.clone();
+        async move { post(port, &[("Mcp-Session-Id", &session)], &slow_call(5, 3.0)).await }
+    });
+    // Let it be in flight first (for 3 s).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = eventually(LIMIT, || {
+        let session = session.clone();
+        async move {
+            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(5, 0.0)).await;
+            (answer.status == 400).then_some(answer)
+        }
+    })
+    .await
+    .expect("the second request with id 5 refused");
+    let refusal = &refused.messages()[0];
+    assert_eq!(refusal["id"], 5, "{refused:?}");
+    assert_eq!(refusal["error"]["code"], -32600, "{refused:?}");
+    let first = bounded("the first call", LIMIT, first).await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    let answer = first.messages().into_iter().find(|m| m["id"] == 5);
+    assert_eq!(
+        answer.as_ref().map(|m| &m["result"]["isError"]),
+        Some(&json!(false)),
+        "{first:?}"
+    );
+    // Answered, its id is free again.
+    let again = post(port, &[("Mcp-Session-Id", &session)], &slow_call(5, 0.0)).await;
+    assert_eq!(again.status, 200, "{again:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_sent_too_slowly_gets_408() {
     let env = [("TOOLWARDEN_HTTP_BODY_READ_TIMEOUT", "1s")];

@@ -1703,6 +1703,31 @@ async fn an_upstream_crash_answers_calls_in_flight_and_the_upstream_comes_back()
     h.finish().await;
 }
 
+/// A request with the id of one still in flight is answered -32600 at once
+/// (rmcp answered only one of the two), and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_the_id_of_one_in_flight_is_refused_over_stdio() {
+    let mut h = harness();
+    h.initialize().await;
+    h.send(json!({"jsonrpc": "2.0", "id": 41, "method": "tools/call",
+        "params": {"name": "slow", "arguments": {}}}))
+        .await;
+    h.send(json!({"jsonrpc": "2.0", "id": 41, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"message": "twice"}}}))
+        .await;
+    let (refused, _) = h.response(json!(41)).await;
+    assert_eq!(refused["error"]["code"], -32600, "{refused}");
+    h.send(
+        json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 41}}),
+    )
+    .await;
+    assert_eq!(
+        text(&h.call(42, "echo", json!({"message": "again"})).await),
+        "Echo: again"
+    );
+    h.finish().await;
+}
+
 /// A server restarted with other tools: the client is told to list them
 /// again (`notifications/tools/list_changed`); a restart with the same
 /// tools tells it nothing. (Its list came from the server before; no

@@ -67,10 +67,21 @@ impl Unanswered {
     }
 
     /// Notes a request read, or strikes off the one a cancellation names.
-    fn read(&self, message: &ClientJsonRpcMessage) {
+    /// `Err` with the answer for a request whose id is in flight already:
+    /// rmcp would answer only one of the two.
+    fn read(&self, message: &ClientJsonRpcMessage) -> Result<(), String> {
         match message {
             ClientJsonRpcMessage::Request(request) => {
                 let mut ids = self.ids();
+                if ids.contains(&request.id) {
+                    let error = ErrorData::new(
+                        ErrorCode::INVALID_REQUEST,
+                        "Invalid Request: a request with this id is in flight; use another id",
+                        None,
+                    );
+                    let answer = ServerJsonRpcMessage::error(error, Some(request.id.clone()));
+                    return Err(serde_json::to_string(&answer).unwrap_or_default());
+                }
                 if ids.len() < TRACKED {
                     ids.insert(request.id.clone());
                 }
@@ -86,6 +97,7 @@ impl Unanswered {
             }
             _ => {}
         }
+        Ok(())
     }
 
     /// Strikes off the request `message` answers.
@@ -151,7 +163,8 @@ impl Transport<RoleServer> for QueueTransport {
     }
 }
 
-/// Reads lines, hands valid messages to rmcp and answers malformed ones.
+/// Reads lines, hands valid messages to rmcp and answers malformed ones
+/// (and a request whose id is in flight already).
 async fn read_input<R: AsyncRead + Unpin>(
     mut lines: LineReader<BufReader<R>>,
     to_rmcp: mpsc::Sender<ClientJsonRpcMessage>,
@@ -161,14 +174,16 @@ async fn read_input<R: AsyncRead + Unpin>(
     loop {
         let reply = match lines.next_line().await {
             Ok(Some(RawLine::Line(line))) => match classify_line(&line) {
-                Frame::Message(message) => {
-                    // Before rmcp can answer it.
-                    unanswered.read(&message);
-                    if to_rmcp.send(*message).await.is_err() {
-                        return;
+                // Noted before rmcp can answer it.
+                Frame::Message(message) => match unanswered.read(&message) {
+                    Ok(()) => {
+                        if to_rmcp.send(*message).await.is_err() {
+                            return;
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                    Err(reply) => reply,
+                },
                 Frame::Reply(reply) => reply,
                 Frame::Ignore(why) => {
                     tracing::debug!(why, "ignored an input line");

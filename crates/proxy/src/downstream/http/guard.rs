@@ -1,6 +1,6 @@
 //! What the `/mcp` route checks before rmcp sees a request ([`guard`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
 use super::session::ProxySessions;
@@ -43,10 +43,59 @@ pub(super) struct Guard {
     body_read_timeout: Duration,
     max_sessions: usize,
     max_requests_per_session: usize,
-    /// Each open session's in-flight permits. Entries are made only for
+    /// Each open session's requests in flight. Entries are made only for
     /// sessions rmcp knows, and pruned of closed ones whenever one is
     /// added, so the map holds at most about `max_sessions` entries.
-    in_flight: Arc<Mutex<HashMap<Arc<str>, Arc<Semaphore>>>>,
+    in_flight: Arc<Mutex<HashMap<Arc<str>, Arc<SessionInFlight>>>>,
+}
+
+/// A session's requests in flight: at most `max_requests_per_session`
+/// permits, and the ids they were sent under (each id at most once).
+struct SessionInFlight {
+    permits: Arc<Semaphore>,
+    ids: Mutex<HashSet<Id>>,
+}
+
+/// One request in flight in a session: its permit, and its id, given back
+/// when its answer's stream ends (or the client drops it).
+struct InFlightRequest {
+    _permit: OwnedSemaphorePermit,
+    session: Arc<SessionInFlight>,
+    id: Id,
+}
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        lock(&self.session.ids).remove(&self.id);
+    }
+}
+
+/// Why a request of a session is not let in.
+enum NotAdmitted {
+    /// `max_requests_per_session` are in flight.
+    Full,
+    /// A request with the same id is in flight: rmcp would route the first
+    /// one's answer to nobody, and it would hold its permit until the
+    /// session expires.
+    SameId,
+}
+
+impl SessionInFlight {
+    fn admit(self: &Arc<Self>, id: &Id) -> Result<InFlightRequest, NotAdmitted> {
+        let mut ids = lock(&self.ids);
+        if ids.contains(id) {
+            return Err(NotAdmitted::SameId);
+        }
+        let permit = Arc::clone(&self.permits)
+            .try_acquire_owned()
+            .map_err(|_| NotAdmitted::Full)?;
+        ids.insert(id.clone());
+        Ok(InFlightRequest {
+            _permit: permit,
+            session: Arc::clone(self),
+            id: id.clone(),
+        })
+    }
 }
 
 impl Guard {
@@ -70,8 +119,8 @@ impl Guard {
         self.sessions.inner.sessions.read().await.len()
     }
 
-    /// The in-flight permits of session `id`, if rmcp knows it.
-    async fn permits_of(&self, id: &str) -> Option<Arc<Semaphore>> {
+    /// The requests in flight of session `id`, if rmcp knows it.
+    async fn in_flight_of(&self, id: &str) -> Option<Arc<SessionInFlight>> {
         if let Some(permits) = lock(&self.in_flight).get(id) {
             return Some(Arc::clone(permits));
         }
@@ -81,10 +130,13 @@ impl Guard {
         }
         let mut map = lock(&self.in_flight);
         map.retain(|known, _| open.contains_key(known.as_ref()));
-        let permits = map
-            .entry(Arc::from(id))
-            .or_insert_with(|| Arc::new(Semaphore::new(self.max_requests_per_session)));
-        Some(Arc::clone(permits))
+        let session = map.entry(Arc::from(id)).or_insert_with(|| {
+            Arc::new(SessionInFlight {
+                permits: Arc::new(Semaphore::new(self.max_requests_per_session)),
+                ids: Mutex::default(),
+            })
+        });
+        Some(Arc::clone(session))
     }
 }
 
@@ -261,14 +313,26 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
                 ),
             );
         }
-        let permits = match session {
-            Some(id) => guard.permits_of(id).await,
+        let in_flight = match session {
+            Some(id) => guard.in_flight_of(id).await,
             None => None,
         };
-        if let Some(permits) = permits {
-            match permits.try_acquire_owned() {
+        if let Some(in_flight) = in_flight {
+            match in_flight.admit(id) {
                 Ok(p) => permit = Some(p),
-                Err(_) => {
+                Err(NotAdmitted::SameId) => {
+                    return jsonrpc_refusal(
+                        StatusCode::BAD_REQUEST,
+                        "same_id",
+                        id,
+                        ErrorObject::new(
+                            code::INVALID_REQUEST,
+                            "Invalid Request: a request with this id is in flight in this \
+                             session; use another id",
+                        ),
+                    )
+                }
+                Err(NotAdmitted::Full) => {
                     return jsonrpc_refusal(
                         StatusCode::TOO_MANY_REQUESTS,
                         "in_flight",
