@@ -1278,6 +1278,39 @@ async fn a_2025_11_25_client_is_sent_a_priming_event_then_its_answer() {
     proxy.finish().await;
 }
 
+/// The streams rmcp builds itself, the answer to `initialize` and the GET
+/// stream, start with a priming event only for a 2025-11-25 client (an
+/// older one cannot read its empty data: the TypeScript SDK's client
+/// fails on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initialize_answer_and_the_get_stream_are_primed_for_2025_11_25_clients_only() {
+    let proxy = HttpHarness::start().await;
+    for (version, primes) in [("2025-06-18", false), ("2025-11-25", true)] {
+        let mut client = support::KeepAlive::connect(proxy.port)
+            .await
+            .with_version(version);
+        let body = bounded("initialize", client.open_session()).await;
+        let (data, primed) = sse_events(&body);
+        assert_eq!(primed, primes, "{version}: {body}");
+        let answer: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+        assert_eq!(answer["result"]["protocolVersion"], version, "{body}");
+        // The GET stream carries nothing yet but what the proxy adds.
+        let (head, stream) = bounded(
+            "the GET stream",
+            client.get_stream(Duration::from_millis(300)),
+        )
+        .await;
+        assert!(head.starts_with("http/1.1 200"), "{version}: {head}");
+        let stream = String::from_utf8_lossy(&stream);
+        assert_eq!(
+            stream.contains("data:"),
+            primes,
+            "{version}: a priming event, or nothing: {stream}"
+        );
+    }
+    proxy.finish().await;
+}
+
 /// The headers of an answer that does not come wait for it only a
 /// moment (100 ms): a call that hangs still gets its response's head
 /// (and so its keep-alive pings), with no event in it.

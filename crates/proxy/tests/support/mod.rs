@@ -497,10 +497,12 @@ impl KeepAlive {
     }
 
     /// `initialize` (at the session's version) and
-    /// `notifications/initialized`: a session, ready for calls.
-    pub async fn open_session(&mut self) {
-        let status = self
-            .post(
+    /// `notifications/initialized`: a session, ready for calls. The body of
+    /// the answer to `initialize`.
+    pub async fn open_session(&mut self) -> String {
+        let (status, body) = self
+            .post_with(
+                &[],
                 &serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
                     "protocolVersion": self.version, "capabilities": {},
                     "clientInfo": {"name": "keep-alive", "version": "0"},
@@ -511,6 +513,28 @@ impl KeepAlive {
         assert!(self.session.is_some(), "initialize opened no session");
         self.post(&serde_json::json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
             .await;
+        body
+    }
+
+    /// Opens the session's GET stream: its head (lower-cased), and what of
+    /// its body came within `within` (raw, chunked).
+    pub async fn get_stream(&mut self, within: Duration) -> (String, Vec<u8>) {
+        let session = self.session.clone().expect("a session");
+        let request = format!(
+            "GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAccept: text/event-stream\r\n\
+             Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: {}\r\n\r\n",
+            self.port, self.version
+        );
+        self.stream.write_all(request.as_bytes()).await.unwrap();
+        let (head, mut body) = self.read_head().await;
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(within, self.stream.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&buf[..n]);
+        }
+        (head, body)
     }
 
     /// Writes a POST of `body` (in the session) and reads only the

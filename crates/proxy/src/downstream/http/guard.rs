@@ -14,7 +14,9 @@ use rmcp::transport::streamable_http_server::session::local::LocalSessionManager
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
-use super::session::ProxySessions;
+use super::session::{
+    headers_expect_priming, version_expects_priming, without_priming, ProxySessions,
+};
 use super::{ConnectionKill, HttpOptions};
 use crate::access::{AccessPolicy, Refusal};
 use crate::downstream::framer::{check_message, error_line, Checked, Unfit};
@@ -234,6 +236,9 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             guard.sessions.connections.record(session, connection);
         }
     }
+    if request.method() == Method::GET && !headers_expect_priming(request.headers()) {
+        return without_priming(next.run(request).await);
+    }
     if request.method() != Method::POST || !is_json(request.headers()) {
         return next.run(request).await;
     }
@@ -350,9 +355,29 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             }
         }
     }
+    // rmcp starts its answer to `initialize` with a priming event, which
+    // only clients of 2025-11-25 and later know.
+    let primes = match checked {
+        Checked::Request {
+            initialize: true, ..
+        } => serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|m| {
+                m["params"]["protocolVersion"]
+                    .as_str()
+                    .map(version_expects_priming)
+            })
+            .unwrap_or(false),
+        _ => true,
+    };
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
+    let response = if primes {
+        response
+    } else {
+        without_priming(response)
+    };
     match permit {
         None => response,
         Some(permit) => {

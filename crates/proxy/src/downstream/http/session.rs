@@ -254,9 +254,74 @@ fn client_expects_priming(message: &ClientJsonRpcMessage) -> bool {
         .request
         .extensions()
         .get::<axum::http::request::Parts>()
-        .and_then(|parts| parts.headers.get(HEADER_MCP_PROTOCOL_VERSION))
+        .is_some_and(|parts| headers_expect_priming(&parts.headers))
+}
+
+/// Whether a request with `headers` is from a client that knows priming
+/// events (see [`client_expects_priming`]).
+pub(super) fn headers_expect_priming(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(HEADER_MCP_PROTOCOL_VERSION)
         .and_then(|version| version.to_str().ok())
-        .is_some_and(|version| version >= PRIMING_SINCE)
+        .is_some_and(version_expects_priming)
+}
+
+/// Whether protocol `version` knows priming events.
+pub(super) fn version_expects_priming(version: &str) -> bool {
+    version >= PRIMING_SINCE
+}
+
+/// `response` without the priming event rmcp puts at the start of an SSE
+/// body it builds itself (the answer to `initialize`, a `GET` stream and
+/// its resumption), for a client older than 2025-11-25 (the answers to
+/// other requests go through [`first_event_with_headers`]). rmcp writes
+/// each event as one frame of the body; the first frame loses its first
+/// event when that is a priming event (an ID and a retry hint, no data).
+pub(super) fn without_priming(response: axum::response::Response) -> axum::response::Response {
+    let is_sse = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !is_sse {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let body = body.into_data_stream().scan(true, |first, chunk| {
+        let chunk = match chunk {
+            Ok(bytes) if std::mem::take(first) => Ok(strip_priming_event(bytes)),
+            other => other,
+        };
+        std::future::ready(Some(chunk))
+    });
+    axum::response::Response::from_parts(parts, axum::body::Body::from_stream(body))
+}
+
+/// `frame` without its first SSE event if that is a priming event: fields
+/// `id` and `retry` only, and `data` lines all empty.
+fn strip_priming_event(frame: axum::body::Bytes) -> axum::body::Bytes {
+    let Some(end) = frame.windows(2).position(|w| w == b"\n\n") else {
+        return frame;
+    };
+    let Ok(event) = std::str::from_utf8(&frame[..end]) else {
+        return frame;
+    };
+    let mut has_id = false;
+    for line in event.lines() {
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => has_id = true,
+            "retry" => {}
+            "data" if value.is_empty() => {}
+            _ => return frame,
+        }
+    }
+    if has_id {
+        frame.slice(end + 2..)
+    } else {
+        frame
+    }
 }
 
 /// The SSE stream that answers one request, arranged so that a quick
@@ -349,6 +414,33 @@ impl SessionConnections {
         let connections = lock(&self.by_session).remove(id).unwrap_or_default();
         for connection in connections {
             connection.token.cancel();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Bytes;
+
+    use super::strip_priming_event;
+
+    #[test]
+    fn only_a_leading_priming_event_is_taken_out_of_a_frame() {
+        let strip = |frame: &'static str| strip_priming_event(Bytes::from_static(frame.as_bytes()));
+        assert_eq!(strip("data: \nid: 0\nretry: 3000\n\n"), "");
+        assert_eq!(
+            strip("data:\nid: 0\nretry: 3000\n\ndata: {\"id\":1}\nid: 1/0\n\n"),
+            "data: {\"id\":1}\nid: 1/0\n\n"
+        );
+        // An event with data, a comment, or no id is not a priming one.
+        for frame in [
+            "data: {\"id\":1}\nid: 1/0\n\n",
+            ": ping\n\n",
+            "data: \nretry: 3000\n\n",
+            "event: message\ndata: \nid: 0\n\n",
+            "data: \nid: 0",
+        ] {
+            assert_eq!(strip(frame), frame);
         }
     }
 }
