@@ -38,6 +38,7 @@ pub const SECTIONS: &[&str] = &[
     "coalesce",
     "hedge",
     "redis",
+    "gateway",
 ];
 
 /// `TOOLWARDEN_*` variables that look like a section's key but are not

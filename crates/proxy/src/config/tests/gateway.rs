@@ -33,6 +33,20 @@ fn upstreams_take_their_own_keys_and_every_upstream_key() {
     );
 }
 
+/// `[gateway]` is set from the environment like the other sections (its
+/// variables were ignored, silently); a bad value names its variable.
+#[test]
+fn the_gateway_keys_come_from_the_environment_too() {
+    let config = parse_env(TWO, &[("TOOLWARDEN_GATEWAY_SEPARATOR", "--")]).unwrap();
+    assert_eq!(config.gateway.separator, "--");
+    assert_eq!(config.upstream_prefix("time"), "time--");
+    // `time` contains `e`: refused, as from the file.
+    let err = parse_env(TWO, &[("TOOLWARDEN_GATEWAY_SEPARATOR", "e")]).unwrap_err();
+    assert!(err.to_string().contains("gateway.separator"), "{err}");
+    let err = parse_env(TWO, &[("TOOLWARDEN_GATEWAY_OPEN_UPSTREAMS", "shout")]).unwrap_err();
+    assert_eq!(err.key(), Some("gateway.open_upstreams"), "{err}");
+}
+
 #[test]
 fn several_upstreams_prefix_their_tools_and_one_keeps_bare_names() {
     let config = parse(TWO).unwrap();
