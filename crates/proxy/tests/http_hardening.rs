@@ -551,6 +551,32 @@ async fn a_tool_call_with_a_member_given_twice_gets_a_json_rpc_error_with_its_id
     );
 }
 
+/// A body after a UTF-8 byte-order mark is read as over stdio: the call is
+/// answered (rmcp's own reader refused it with a bare 415).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_after_a_byte_order_mark_is_answered() {
+    let Some((_proxy, port)) = proxy(&[], &[]).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    let body = json!({"jsonrpc": "2.0", "id": 12, "method": "tools/call",
+        "params": {"name": "get_current_time", "arguments": {"timezone": "UTC"}}});
+    let answer = eventually(LIMIT, || {
+        let body = format!("\u{feff}{body}");
+        let session = session.clone();
+        async move {
+            let answer = post(port, &[("Mcp-Session-Id", &session)], &body).await;
+            let result = answer.messages().into_iter().find(|m| m["id"] == 12)?;
+            (result["result"]["isError"] == false).then_some(answer)
+        }
+    })
+    .await;
+    assert!(
+        answer.is_some(),
+        "the call after a byte-order mark was never answered"
+    );
+}
+
 /// As [`proxy`], in front of the flaky server (its `slow {seconds}` tool).
 async fn flaky_proxy(env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
     let python = component("TOOLWARDEN_PYTHON")?;

@@ -295,6 +295,13 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         // A malformed notification or response: JSON-RPC answers nothing.
         Err(Unfit::Ignore(_)) => return StatusCode::ACCEPTED.into_response(),
     };
+    // The framer reads a body after a byte-order mark, as it does a line;
+    // rmcp's reader would refuse it with a bare 415.
+    let bytes = if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.slice(3..)
+    } else {
+        bytes
+    };
     let mut permit = None;
     if let Checked::Request { id, initialize } = &checked {
         let session = parts
