@@ -140,6 +140,7 @@ impl ServerHandler for TestServer {
                 "ask_roots_detached",
                 "roots_progress",
                 "task",
+                "steps_then_wait",
                 "added",
             ]
             .into_iter()
@@ -331,6 +332,16 @@ impl ServerHandler for TestServer {
                     }
                 }
                 Ok(CallToolResult::success(vec![ContentBlock::text("done")]).into())
+            }
+            "steps_then_wait" => {
+                if let Some(token) = context.meta.get_progress_token() {
+                    for step in 1..=3 {
+                        let params = ProgressNotificationParam::new(token.clone(), f64::from(step));
+                        let _ = context.peer.notify_progress(params).await;
+                    }
+                }
+                context.ct.cancelled().await;
+                Ok(CallToolResult::error(vec![ContentBlock::text("cancelled")]).into())
             }
             "burst" => {
                 if let Some(token) = context.meta.get_progress_token() {
@@ -536,7 +547,7 @@ async fn a_session_through_the_proxy() {
     let tools = h.request(1, "tools/list", json!({})).await;
     assert_eq!(
         tools["result"]["tools"].as_array().unwrap().len(),
-        10,
+        11,
         "{tools}"
     );
     assert_eq!(
@@ -1308,6 +1319,60 @@ async fn the_initialize_answer_and_the_get_stream_are_primed_for_2025_11_25_clie
             "{version}: a priming event, or nothing: {stream}"
         );
     }
+    proxy.finish().await;
+}
+
+/// A client resuming a call's stream with `Last-Event-ID` gets the events
+/// after that one, not that one again (rmcp replays from it: a progress
+/// value twice, where progress must increase).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_stream_starts_after_the_last_event_the_client_has() {
+    let proxy = HttpHarness::start().await;
+    let mut client = support::KeepAlive::connect(proxy.port).await;
+    client.open_session().await;
+    let (_, mut raw) = bounded(
+        "the head of a call with progress",
+        client.post_for_head(&json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+            "params": {"name": "steps_then_wait", "arguments": {}, "_meta": {"progressToken": "p"}}})),
+    )
+    .await;
+    raw.extend(client.read_for(Duration::from_millis(300)).await);
+    let raw = String::from_utf8_lossy(&raw);
+    // Each progress event's ID and value, in order.
+    let events: Vec<(String, f64)> = raw
+        .split("\n\n")
+        .filter_map(|event| {
+            let id = event.lines().find_map(|l| l.strip_prefix("id:"))?.trim();
+            let data = event.lines().find_map(|l| l.strip_prefix("data:"))?.trim();
+            let message: Value = serde_json::from_str(data).ok()?;
+            Some((id.to_owned(), message["params"]["progress"].as_f64()?))
+        })
+        .collect();
+    let values: Vec<f64> = events.iter().map(|(_, v)| *v).collect();
+    assert_eq!(values, [1.0, 2.0, 3.0], "{raw}");
+    // The connection breaks after progress 2; the client resumes from it.
+    let session = client.session().unwrap();
+    drop(client);
+    let mut again = support::KeepAlive::connect(proxy.port)
+        .await
+        .in_session(session);
+    let (head, replay) = bounded(
+        "the resumed stream",
+        again.get_stream_with(
+            &[("Last-Event-ID", &events[1].0)],
+            Duration::from_millis(300),
+        ),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let replay = String::from_utf8_lossy(&replay);
+    let progress: Vec<f64> = replay
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .filter_map(|m| m["params"]["progress"].as_f64())
+        .collect();
+    assert_eq!(progress, [3.0], "the events after progress 2: {replay}");
     proxy.finish().await;
 }
 

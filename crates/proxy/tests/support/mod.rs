@@ -488,6 +488,32 @@ impl KeepAlive {
         }
     }
 
+    /// The session this client's requests are sent in.
+    #[must_use]
+    pub fn session(&self) -> Option<String> {
+        self.session.clone()
+    }
+
+    /// Sends this client's requests in `session` (another connection's).
+    #[must_use]
+    pub fn in_session(mut self, session: String) -> KeepAlive {
+        self.session = Some(session);
+        self
+    }
+
+    /// What arrives on the connection within `within` of each read (raw).
+    pub async fn read_for(&mut self, within: Duration) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(within, self.stream.read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&buf[..n]);
+        }
+        body
+    }
+
     /// Sends `version` as the session's `MCP-Protocol-Version` (2025-06-18
     /// unless told).
     #[must_use]
@@ -519,21 +545,28 @@ impl KeepAlive {
     /// Opens the session's GET stream: its head (lower-cased), and what of
     /// its body came within `within` (raw, chunked).
     pub async fn get_stream(&mut self, within: Duration) -> (String, Vec<u8>) {
+        self.get_stream_with(&[], within).await
+    }
+
+    /// [`get_stream`](Self::get_stream) with `headers` too (`Last-Event-ID`).
+    pub async fn get_stream_with(
+        &mut self,
+        headers: &[(&str, &str)],
+        within: Duration,
+    ) -> (String, Vec<u8>) {
         let session = self.session.clone().expect("a session");
-        let request = format!(
+        let mut request = format!(
             "GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nAccept: text/event-stream\r\n\
-             Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: {}\r\n\r\n",
+             Mcp-Session-Id: {session}\r\nMcp-Protocol-Version: {}\r\n",
             self.port, self.version
         );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
         self.stream.write_all(request.as_bytes()).await.unwrap();
         let (head, mut body) = self.read_head().await;
-        let mut buf = [0u8; 16 * 1024];
-        while let Ok(Ok(n)) = tokio::time::timeout(within, self.stream.read(&mut buf)).await {
-            if n == 0 {
-                break;
-            }
-            body.extend_from_slice(&buf[..n]);
-        }
+        body.extend(self.read_for(within).await);
         (head, body)
     }
 

@@ -210,7 +210,16 @@ impl<M: SessionManager> SessionManager for ProxySessions<M> {
     ) -> impl Future<
         Output = Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error>,
     > + Send {
-        self.inner.resume(id, last_event_id)
+        // rmcp replays from the event the client names, which the client
+        // has: it would get that one twice (a progress value twice, which
+        // must increase). The replay starts after it.
+        let seen = last_event_id.clone();
+        let stream = self.inner.resume(id, last_event_id);
+        async move {
+            Ok(stream.await?.filter(move |event| {
+                std::future::ready(event.event_id.as_deref() != Some(seen.as_str()))
+            }))
+        }
     }
 
     async fn restore_session(
