@@ -1937,6 +1937,31 @@ async fn an_upstream_that_cannot_start_fails_initialize_and_the_client_can_retry
     h.finish().await;
 }
 
+/// A client that did not declare `roots` is never sent `roots/list`: the
+/// server gets -32601 at once, as the client would answer (with one
+/// upstream session for every client, the server saw another client's
+/// capabilities).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_request_for_a_capability_the_client_lacks_is_refused_for_it() {
+    let mut h = harness();
+    h.initialize().await; // capabilities: {}
+    h.send(json!({"jsonrpc": "2.0", "id": 31, "method": "tools/call",
+        "params": {"name": "ask_roots", "arguments": {}}}))
+        .await;
+    let answer = loop {
+        let message = h.recv().await;
+        assert_ne!(message["method"], "roots/list", "{message}");
+        if message["id"] == 31 && message.get("method").is_none() {
+            break message;
+        }
+    };
+    let errors = h.server.roots_errors.lock().unwrap().clone();
+    assert_eq!(errors.len(), 1, "{errors:?} {answer}");
+    assert_eq!(errors[0].code, ErrorCode::METHOD_NOT_FOUND, "{errors:?}");
+    assert!(errors[0].message.contains("roots"), "{errors:?}");
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_requests_and_notifications_reach_the_client() {
     let mut h = harness();

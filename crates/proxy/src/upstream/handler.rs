@@ -71,6 +71,29 @@ impl UpstreamHandler {
     }
 }
 
+/// The capability `request` needs that `client` did not declare in its
+/// `initialize`, if any (`None` too for a client that sent none: a
+/// sessionless one, whose capabilities ride each request). With one
+/// upstream session for every client, the server sees the first client's
+/// capabilities, not this one's.
+fn undeclared_capability(
+    request: &ServerRequest,
+    client: &rmcp::service::Peer<rmcp::service::RoleServer>,
+) -> Option<&'static str> {
+    let info = client.peer_info()?;
+    let capabilities = &info.capabilities;
+    match request {
+        ServerRequest::CreateMessageRequest(_) if capabilities.sampling.is_none() => {
+            Some("sampling")
+        }
+        ServerRequest::ListRootsRequest(_) if capabilities.roots.is_none() => Some("roots"),
+        ServerRequest::ElicitRequest(_) if capabilities.elicitation.is_none() => {
+            Some("elicitation")
+        }
+        _ => None,
+    }
+}
+
 /// An rmcp error from a downstream client, as the error the server gets.
 fn downstream_error(error: ServiceError) -> ErrorData {
     match error {
@@ -114,6 +137,18 @@ impl Service<RoleClient> for UpstreamHandler {
             _ => None,
         };
         let target = self.shared.downstreams.target_of(origin.as_ref()).await?;
+        if let Some(capability) = undeclared_capability(&request, &target.peer) {
+            // The client would not know the method; the server is told at
+            // once, as the client itself would tell it.
+            return Err(ErrorData::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!(
+                    "the client behind the toolwarden proxy does not support {capability}: \
+                     it did not declare the capability"
+                ),
+                None,
+            ));
+        }
         // rmcp moved the request's _meta into the context; put it back (rmcp
         // gives the forwarded request a progress token of its own, numbered
         // per client: so it is routed in that client's own table).
