@@ -9,9 +9,9 @@
 
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use toolwarden_core::jsonrpc::{Id, Message};
+use toolwarden_core::jsonrpc::Message;
 use toolwarden_proxy::downstream::framer::{
-    check_message, classify_line, frames_of, Checked, Frame, Unfit,
+    check_message, check_message_by_framer, frames_of, Frame,
 };
 
 /// Small, so that over-long lines are common.
@@ -220,28 +220,6 @@ fn every_valid_message_is_forwarded() {
     }
 }
 
-/// What the HTTP guard's check must decide for `line`: the verdict of
-/// [`classify_line`], which reads the line with both parsers.
-fn verdict_of_classify(line: &[u8]) -> Result<Checked, Unfit> {
-    match classify_line(line) {
-        Frame::Message(message) => Ok(match *message {
-            rmcp::model::ClientJsonRpcMessage::Request(request) => Checked::Request {
-                id: match request.id {
-                    rmcp::model::NumberOrString::Number(n) => Id::Number(n),
-                    rmcp::model::NumberOrString::String(s) => Id::String(s.to_string()),
-                },
-                initialize: matches!(
-                    request.request,
-                    rmcp::model::ClientRequest::InitializeRequest(_)
-                ),
-            },
-            _ => Checked::Other,
-        }),
-        Frame::Reply(reply) => Err(Unfit::Reply(reply)),
-        Frame::Ignore(why) => Err(Unfit::Ignore(why)),
-    }
-}
-
 /// A JSON value of any of the shapes a member of a message may take.
 fn member() -> impl Strategy<Value = Option<Value>> {
     prop_oneof![
@@ -367,7 +345,7 @@ proptest! {
         }
         prop_assert_eq!(
             check_message(line.as_bytes()),
-            verdict_of_classify(line.as_bytes()),
+            check_message_by_framer(line.as_bytes()),
             "{}",
             line
         );

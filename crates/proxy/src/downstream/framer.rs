@@ -268,6 +268,13 @@ pub fn check_message(line: &[u8]) -> Result<Checked, Unfit> {
             initialize: false,
         });
     }
+    check_message_by_framer(line)
+}
+
+/// [`check_message`] without its fast path: [`classify_line`]'s verdict,
+/// for every message. The reference [`check_message`] is held to (its
+/// property test and the `check` fuzz target compare the two).
+pub fn check_message_by_framer(line: &[u8]) -> Result<Checked, Unfit> {
     match classify_line(line) {
         Frame::Message(message) => Ok(match *message {
             ClientJsonRpcMessage::Request(request) => Checked::Request {
