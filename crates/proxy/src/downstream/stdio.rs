@@ -23,7 +23,7 @@
 //!   before the request was answered". The reader notes each request's id
 //!   before rmcp sees it, the transport strikes it off as rmcp answers (and
 //!   a client's `notifications/cancelled` strikes it off too), at most
-//!   [`TRACKED`] ids at once: every request gets exactly one answer.
+//!   4 096 (`TRACKED`) ids at once: every request gets exactly one answer.
 
 use std::future::Future;
 use std::io;
