@@ -685,6 +685,67 @@ async fn a_request_with_the_id_of_one_in_flight_is_refused_and_the_first_answere
     assert_eq!(again.status, 200, "{again:?}");
 }
 
+/// A client that drops its connection once its call is sent still has the
+/// call in flight until the server answers it: its place is not given back
+/// early (it was, with the answer's stream, so a client could keep any
+/// number of calls running upstream past `max_requests_per_session`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_client_hung_up_keeps_its_place_until_answered() {
+    let env = [("TOOLWARDEN_HTTP_MAX_REQUESTS_PER_SESSION", "1")];
+    let Some((_proxy, port)) = flaky_proxy(&env).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    let known = eventually(LIMIT, || {
+        let session = session.clone();
+        async move {
+            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(1, 0.0)).await;
+            let result = answer.messages().into_iter().find(|m| m["id"] == 1)?;
+            (result["result"]["isError"] == false).then_some(())
+        }
+    })
+    .await;
+    assert!(known.is_some(), "slow never answered");
+    // A 3 s call, sent; the client reads the answer's head and hangs up.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let body = slow_call(2, 3.0);
+    let request = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nMcp-Session-Id: {session}\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = bounded("the answer's head", LIMIT, stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before the head");
+        head.extend_from_slice(&buf[..n]);
+    }
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = post(port, &[("Mcp-Session-Id", &session)], &slow_call(3, 0.0)).await;
+    assert_eq!(
+        refused.status, 429,
+        "the hung-up call is still in flight: {refused:?}"
+    );
+    // Once the server answered it, the place is back.
+    let back = eventually(LIMIT, || {
+        let session = session.clone();
+        async move {
+            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(4, 0.0)).await;
+            (answer.status == 200).then_some(())
+        }
+    })
+    .await;
+    assert!(back.is_some(), "the place never came back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_sent_too_slowly_gets_408() {
     let env = [("TOOLWARDEN_HTTP_BODY_READ_TIMEOUT", "1s")];

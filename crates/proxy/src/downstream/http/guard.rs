@@ -72,6 +72,17 @@ impl Drop for InFlightRequest {
     }
 }
 
+/// A request's place in flight, in its HTTP parts' extensions: rmcp puts
+/// those in the request's context, so the place is held until the handler
+/// is done with the request, and until its answer's stream ends. Either
+/// alone would not do: a client that drops its connection ends the stream
+/// while its call still runs upstream (and could run any number at once),
+/// and a handler may be done before its answer is sent.
+#[derive(Clone)]
+struct HeldByHandler {
+    _place: Arc<InFlightRequest>,
+}
+
 /// Why a request of a session is not let in.
 enum NotAdmitted {
     /// `max_requests_per_session` are in flight.
@@ -242,7 +253,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     if request.method() != Method::POST || !is_json(request.headers()) {
         return next.run(request).await;
     }
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
     let max_body_bytes = guard.max_body_bytes;
     let bytes = match tokio::time::timeout(
         guard.body_read_timeout,
@@ -331,7 +342,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         };
         if let Some(in_flight) = in_flight {
             match in_flight.admit(id) {
-                Ok(p) => permit = Some(p),
+                Ok(p) => permit = Some(Arc::new(p)),
                 Err(NotAdmitted::SameId) => {
                     return jsonrpc_refusal(
                         StatusCode::BAD_REQUEST,
@@ -377,6 +388,13 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             .unwrap_or(false),
         _ => true,
     };
+    if let Some(permit) = &permit {
+        // rmcp hands the request's parts to the handler: the request stays
+        // in flight while it runs, though its client went away.
+        parts.extensions.insert(HeldByHandler {
+            _place: Arc::clone(permit),
+        });
+    }
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
