@@ -596,6 +596,18 @@ async fn flaky_proxy(env: &[(&str, &str)]) -> Option<(Proxy, u16)> {
     Some((proxy, port))
 }
 
+/// Waits until a call of `slow` in `session` is answered: the catalog
+/// knows it (its `tools/list` follows the upstream's connection).
+async fn slow_is_known(port: u16, session: &str) {
+    let known = eventually(LIMIT, || async move {
+        let answer = post(port, &[("Mcp-Session-Id", session)], &slow_call(0, 0.0)).await;
+        let result = answer.messages().into_iter().find(|m| m["id"] == 0)?;
+        (result["result"]["isError"] == false).then_some(())
+    })
+    .await;
+    assert!(known.is_some(), "slow never answered");
+}
+
 fn slow_call(id: i64, seconds: f64) -> String {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
         "params": {"name": "slow", "arguments": {"seconds": seconds}}})
@@ -643,17 +655,7 @@ async fn a_request_with_the_id_of_one_in_flight_is_refused_and_the_first_answere
         return;
     };
     let session = open_session(port).await;
-    // Once the catalog knows `slow` (its tools/list follows the connection).
-    let known = eventually(LIMIT, || {
-        let session = session.clone();
-        async move {
-            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(4, 0.0)).await;
-            let result = answer.messages().into_iter().find(|m| m["id"] == 4)?;
-            (result["result"]["isError"] == false).then_some(())
-        }
-    })
-    .await;
-    assert!(known.is_some(), "slow never answered");
+    slow_is_known(port, &session).await;
     let first = tokio::spawn({
         let session = session.clone();
         async move { post(port, &[("Mcp-Session-Id", &session)], &slow_call(5, 3.0)).await }
@@ -696,16 +698,7 @@ async fn a_call_whose_client_hung_up_keeps_its_place_until_answered() {
         return;
     };
     let session = open_session(port).await;
-    let known = eventually(LIMIT, || {
-        let session = session.clone();
-        async move {
-            let answer = post(port, &[("Mcp-Session-Id", &session)], &slow_call(1, 0.0)).await;
-            let result = answer.messages().into_iter().find(|m| m["id"] == 1)?;
-            (result["result"]["isError"] == false).then_some(())
-        }
-    })
-    .await;
-    assert!(known.is_some(), "slow never answered");
+    slow_is_known(port, &session).await;
     // A 3 s call, sent; the client reads the answer's head and hangs up.
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await

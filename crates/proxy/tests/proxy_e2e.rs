@@ -396,6 +396,45 @@ async fn server_everything_http_on(bin: &std::path::Path, port: u16) -> HttpServ
     server
 }
 
+/// `toolwarden run --upstream-url URL --listen … --metrics-addr …` with
+/// `env`, an rmcp client of it over Streamable HTTP, and its two ports
+/// (clients, metrics).
+async fn http_proxy_in_front_of(
+    url: &str,
+    env: &[(&str, &str)],
+) -> (
+    Proxy,
+    rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    (u16, u16),
+) {
+    let listen = free_port();
+    let metrics = free_port();
+    let (listen_addr, metrics_addr) = (
+        format!("127.0.0.1:{listen}"),
+        format!("127.0.0.1:{metrics}"),
+    );
+    let proxy = Proxy::start(
+        &[
+            "run",
+            "--upstream-url",
+            url,
+            "--listen",
+            &listen_addr,
+            "--metrics-addr",
+            &metrics_addr,
+        ],
+        env,
+    );
+    let url = format!("http://127.0.0.1:{listen}/mcp");
+    let client = eventually(LIMIT, || {
+        let url = url.clone();
+        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
+    })
+    .await
+    .expect("the proxy answers over Streamable HTTP");
+    (proxy, client, (listen, metrics))
+}
+
 /// server-everything over HTTP is killed while a call runs, and started
 /// again on its port: the call in flight is answered at once with an error
 /// (not its timeout), and the proxy reconnects. server-everything answers
@@ -409,31 +448,7 @@ async fn an_http_upstream_restarted_on_its_port_is_reconnected_to() {
     };
     let port = free_port();
     let mut upstream = server_everything_http_on(&bin, port).await;
-    let listen = free_port();
-    let metrics = free_port();
-    let (listen_addr, metrics_addr) = (
-        format!("127.0.0.1:{listen}"),
-        format!("127.0.0.1:{metrics}"),
-    );
-    let _proxy = Proxy::start(
-        &[
-            "run",
-            "--upstream-url",
-            &upstream.url,
-            "--listen",
-            &listen_addr,
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-        &[],
-    );
-    let url = format!("http://127.0.0.1:{listen}/mcp");
-    let client = eventually(LIMIT, || {
-        let url = url.clone();
-        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
-    })
-    .await
-    .expect("the proxy answers over Streamable HTTP");
+    let (_proxy, client, (_, metrics)) = http_proxy_in_front_of(&upstream.url, &[]).await;
     let echo = |message: &str| {
         let mut params = CallToolRequestParams::new("echo");
         params.arguments = json!({ "message": message }).as_object().cloned();
@@ -493,29 +508,8 @@ async fn streamable_http_on_both_sides() {
         return;
     };
     let upstream = server_everything_http(&bin).await;
-    let listen = free_port();
-    let metrics = free_port();
-    let listen_addr = format!("127.0.0.1:{listen}");
-    let metrics_addr = format!("127.0.0.1:{metrics}");
-    let mut proxy = Proxy::start(
-        &[
-            "run",
-            "--upstream-url",
-            &upstream.url,
-            "--listen",
-            &listen_addr,
-            "--metrics-addr",
-            &metrics_addr,
-        ],
-        PASS_UNKNOWN_TOOLS,
-    );
-    let url = format!("http://127.0.0.1:{listen}/mcp");
-    let client = eventually(LIMIT, || {
-        let url = url.clone();
-        async move { ().serve(StreamableHttpClientTransport::from_uri(url)).await.ok() }
-    })
-    .await
-    .expect("the proxy answers over Streamable HTTP");
+    let (mut proxy, client, (listen, metrics)) =
+        http_proxy_in_front_of(&upstream.url, PASS_UNKNOWN_TOOLS).await;
     let info = client.peer().peer_info().expect("initialize result");
     assert_eq!(
         info.server_info.as_ref().map(|s| s.name.as_str()),
