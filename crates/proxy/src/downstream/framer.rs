@@ -184,13 +184,7 @@ pub fn classify_line(line: &[u8]) -> Frame {
     match serde_json::from_slice::<ClientJsonRpcMessage>(line) {
         // rmcp reads a known method whose params do not fit as a custom one.
         Ok(ClientJsonRpcMessage::Request(request)) if matches!(&request.request, ClientRequest::CustomRequest(c) if is_mcp_method(&c.method)) => {
-            Frame::Reply(error_line(
-                &request_id(&request.id),
-                ErrorObject::new(
-                    code::INVALID_PARAMS,
-                    format!("Invalid params for {}", request.request.method()),
-                ),
-            ))
+            unfit_request(&request_id(&request.id), request.request.method(), None)
         }
         Ok(ClientJsonRpcMessage::Notification(notification)) if matches!(&notification.notification, ClientNotification::CustomNotification(c) if is_mcp_method(&c.method)) => {
             Frame::Ignore("malformed notification")
@@ -198,17 +192,30 @@ pub fn classify_line(line: &[u8]) -> Frame {
         Ok(decoded) => Frame::Message(Box::new(decoded)),
         Err(e) => match message {
             // The method is known but the params do not fit it.
-            Message::Request(request) => Frame::Reply(error_line(
-                &request.id,
-                ErrorObject::new(
-                    code::INVALID_PARAMS,
-                    format!("Invalid params for {}: {e}", request.method),
-                ),
-            )),
+            Message::Request(request) => unfit_request(&request.id, &request.method, Some(&e)),
             Message::Notification(_) => Frame::Ignore("malformed notification"),
             Message::Response(_) => Frame::Ignore("malformed response"),
         },
     }
+}
+
+/// The answer to a request naming one of MCP's methods that rmcp could
+/// not read: `-32602` for its params (`why`, when known), or `-32600` when
+/// the method is a notification's (a notification has no id).
+fn unfit_request(id: &Id, method: &str, why: Option<&dyn std::fmt::Display>) -> Frame {
+    let error = if method.starts_with("notifications/") {
+        ErrorObject::new(
+            code::INVALID_REQUEST,
+            format!("Invalid Request: {method} is a notification: send it without an id"),
+        )
+    } else {
+        let message = match why {
+            Some(why) => format!("Invalid params for {method}: {why}"),
+            None => format!("Invalid params for {method}"),
+        };
+        ErrorObject::new(code::INVALID_PARAMS, message)
+    };
+    Frame::Reply(error_line(id, error))
 }
 
 /// What the HTTP guard needs to know of a message it hands to rmcp (which

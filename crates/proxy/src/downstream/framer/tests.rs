@@ -44,6 +44,17 @@ fn malformed_lines_get_the_right_code_and_id() {
             -32602,
             json!(5),
         ),
+        // A notification's method with an id: not a request at all.
+        (
+            br#"{"jsonrpc":"2.0","id":6,"method":"notifications/initialized"}"#,
+            -32600,
+            json!(6),
+        ),
+        (
+            br#"{"jsonrpc":"2.0","id":7,"method":"notifications/cancelled","params":{"requestId":"x","reason":[]}}"#,
+            -32600,
+            json!(7),
+        ),
     ] {
         let r = reply(&classify_line(line));
         assert_eq!(r["jsonrpc"], "2.0");
