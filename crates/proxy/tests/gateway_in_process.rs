@@ -54,7 +54,11 @@ impl ServerHandler for Server {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(support::tool_list(&[("lookup", "looks things up")]))
+        // Twice: a server may list a tool twice; the gateway lists it once.
+        Ok(support::tool_list(&[
+            ("lookup", "looks things up"),
+            ("lookup", "looks things up"),
+        ]))
     }
 
     async fn call_tool(
@@ -277,6 +281,19 @@ async fn prompts_and_resources_go_to_their_upstream() {
         .read_resource(ReadResourceRequestParams::new("gamma://x"))
         .await;
     assert!(nowhere.is_err(), "{nowhere:?}");
+}
+
+/// Each upstream's server lists `lookup` twice: the gateway's list has each
+/// exposed name once (a client's list is keyed by name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_a_server_lists_twice_is_listed_once() {
+    let f = fixture(false).await;
+    let tools = bounded("tools/list", LIMIT, f.client.peer().list_all_tools())
+        .await
+        .unwrap();
+    let mut names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["alpha__lookup", "beta__lookup"], "{tools:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,6 +89,9 @@ impl Gateway {
             .await;
         let mut listed: Vec<&str> = Vec::new();
         let mut tools = Vec::new();
+        // A name once: a server may list a tool twice, and a client's list
+        // is keyed by name.
+        let mut names = std::collections::HashSet::new();
         for (member, list) in lists {
             let json = serde_json::json!({ "tools": list });
             member.catalog.fill_from_tools_list(&json);
@@ -98,6 +101,10 @@ impl Gateway {
                 let Some(exposed) = member.names.exposed(&tool.name) else {
                     continue;
                 };
+                if !names.insert(exposed.clone()) {
+                    tracing::debug!(upstream = %member.name, tool = %exposed, "a tool listed twice; listed once");
+                    continue;
+                }
                 tool.name = Cow::Owned(exposed);
                 if !available {
                     mark_unavailable(&mut tool);
@@ -112,6 +119,9 @@ impl Gateway {
                     let Some(exposed) = member.names.exposed(&info.name) else {
                         continue;
                     };
+                    if !names.insert(exposed.clone()) {
+                        continue;
+                    }
                     let mut tool = Tool::new(
                         exposed,
                         info.description.unwrap_or_default(),
