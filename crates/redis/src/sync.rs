@@ -564,7 +564,6 @@ struct Loaded {
 async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
     let config = &shared.conn.config;
     let pattern = format!("{}:cb:*", config.prefix);
-    let channel = config.channel();
     let mut loaded = Loaded::default();
     // A set: `SCAN` may return a key twice (while Redis rehashes).
     let mut keys: HashSet<String> = HashSet::new();
@@ -584,7 +583,9 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
                     .await
             })
             .await?;
-        for key in page.into_iter().filter(|k| *k != channel) {
+        // The channel (`…:cb:events`) is no key: a key of that name is the
+        // state of a tool named `events`.
+        for key in page {
             if keys.len() < MAX_RESYNC_KEYS {
                 keys.insert(key);
             } else if !keys.contains(&key) {

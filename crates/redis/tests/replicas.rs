@@ -254,6 +254,25 @@ async fn redis_going_away_keeps_calls_flowing_and_state_converges_after() {
     assert!(back, "the limiter decides in Redis again");
 }
 
+/// A tool named `events`, as the pub/sub channel's last segment: its state
+/// is a key like any other's, and a replica started late loads it (it was
+/// skipped as the channel, which is no key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_named_like_the_channel_is_loaded_by_a_late_replica() {
+    let Some(bin) = redis_bin() else { return };
+    let server = RedisServer::start(&bin).await;
+    let a = replica(&server, "a", RemoteOpenPolicy::Follow).await;
+    trip(&a, "events").await;
+    trip(&a, "boom").await;
+    let late = replica(&server, "late", RemoteOpenPolicy::Follow).await;
+    for tool in ["events", "boom"] {
+        wait("the late replica following the open", || {
+            late.layer.registry().state(tool) == Some(CircuitState::Open)
+        })
+        .await;
+    }
+}
+
 /// A replica loads the fleet's breaker states however many keys there are,
 /// at most 10 000 of them, and skips what is not a breaker state instead of
 /// failing the whole load. Before, the load was one operation bounded by
