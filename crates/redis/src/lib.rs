@@ -36,8 +36,9 @@
 //! layer's own in-process quotas decide (each replica then admits up to the
 //! whole quota by itself until Redis is back). Reconnection happens in the
 //! background; nothing panics and no call hangs on Redis. Keys live under
-//! the config's prefix (`{prefix}:rl:{key}`, `{prefix}:rl-global`) and
-//! expire once their quota is full again. The keys of one call are used in
+//! the config's prefix (`{prefix}:rl:{key}:{quota}`,
+//! `{prefix}:rl-global:{quota}`: a changed quota starts full) and expire
+//! once their quota is full again. The keys of one call are used in
 //! one script, so on Redis Cluster they would have to share a hash slot:
 //! only a single Redis (or a primary with replicas) is supported.
 //!

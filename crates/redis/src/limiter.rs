@@ -15,11 +15,16 @@
 //! The limiter is also a [`RateLimitBackend`]: given to
 //! [`RateLimitBuilder::backend`](toolwarden_rate_limit::RateLimitBuilder::backend),
 //! it takes a `RateLimitLayer`'s tokens (the per-key quota and the global
-//! quota, both or neither, in one script run) in Redis. Keys: `{prefix}:rl:{key}`
-//! for a per-key quota (the same key as [`RedisRateLimiter::check`] with the
-//! layer's key: the tool name, `session/tool`, ...) and `{prefix}:rl-global`
-//! for the global quota. Each key expires once its quota is full again, so
-//! Redis holds at most the keys used within one refill time.
+//! quota, both or neither, in one script run) in Redis. Keys:
+//! `{prefix}:rl:{key}:{interval µs}x{burst}` for a per-key quota (the same
+//! key as [`RedisRateLimiter::check`] with the layer's key: the tool name,
+//! `session/tool`, ...) and `{prefix}:rl-global:{interval µs}x{burst}` for
+//! the global quota. The quota is part of the key: a TAT means something
+//! under its own quota only, so a quota changed (a reload) starts full, as
+//! the in-process one does, instead of inheriting a debt computed under
+//! the old one (a loosened quota kept refusing for the old refill time).
+//! Each key expires once its quota is full again, so Redis holds at most
+//! the keys used within one refill time.
 
 use std::fmt;
 use std::num::NonZeroU32;
@@ -145,11 +150,13 @@ impl fmt::Debug for RedisRateLimiter {
 /// One quota as the script takes it: key, interval in µs (at least 1), burst.
 type ScriptQuota = (String, u64, u32);
 
-fn script_quota(key: String, interval: Duration, burst: u32) -> ScriptQuota {
+/// The quota of `interval` and `burst` under `base` (a key without its
+/// quota: see the module docs).
+fn script_quota(base: &str, interval: Duration, burst: u32) -> ScriptQuota {
     let interval = u64::try_from(interval.as_micros())
         .unwrap_or(u64::MAX)
         .max(1);
-    (key, interval, burst)
+    (format!("{base}:{interval}x{burst}"), interval, burst)
 }
 
 impl RedisRateLimiter {
@@ -197,7 +204,7 @@ impl RedisRateLimiter {
     /// Takes one cell of `quota` for `key` in Redis.
     pub async fn decide(&self, key: &str, quota: Quota) -> Decision {
         let quotas = vec![script_quota(
-            self.inner.conn.config.key("rl", key),
+            &self.inner.conn.config.key("rl", key),
             quota.interval(),
             quota.burst(),
         )];
@@ -287,7 +294,7 @@ impl RateLimitBackend for RedisRateLimiter {
         let mut scopes = [Scope::Key; 2];
         if let Some((key, quota)) = acquire.key() {
             quotas.push(script_quota(
-                config.key("rl", key),
+                &config.key("rl", key),
                 quota.interval(),
                 quota.burst(),
             ));
@@ -295,7 +302,7 @@ impl RateLimitBackend for RedisRateLimiter {
         if let Some(quota) = acquire.global() {
             scopes[quotas.len()] = Scope::Global;
             quotas.push(script_quota(
-                self.inner.global_key.clone(),
+                &self.inner.global_key,
                 quota.interval(),
                 quota.burst(),
             ));

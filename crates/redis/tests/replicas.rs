@@ -146,6 +146,38 @@ async fn a_replica_starting_late_loads_the_current_state() {
     );
 }
 
+/// A quota changed (a reload) starts full in Redis, as the in-process one
+/// does: its key carries the quota. Before, a loosened quota kept the debt
+/// computed under the old one and refused for the old refill time (here a
+/// minute); an unchanged quota still keeps its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_quota_starts_full_in_redis() {
+    let Some(bin) = redis_bin() else { return };
+    let server = RedisServer::start(&bin).await;
+    let strict = quota(Duration::from_secs(60), 2).unwrap();
+    let loose = quota(Duration::from_millis(10), 100).unwrap();
+    let limiter =
+        RedisRateLimiter::new(config(&server, "a", Events::new()), Fallback::Deny, strict).unwrap();
+    wait("the connection", || limiter.is_connected()).await;
+    for _ in 0..2 {
+        assert_eq!(limiter.decide("slow", strict).await, Decision::Allowed);
+    }
+    assert!(matches!(
+        limiter.decide("slow", strict).await,
+        Decision::Limited { .. }
+    ));
+    for _ in 0..50 {
+        assert_eq!(limiter.decide("slow", loose).await, Decision::Allowed);
+    }
+    assert!(
+        matches!(
+            limiter.decide("slow", strict).await,
+            Decision::Limited { .. }
+        ),
+        "the strict quota kept its state"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_one_quota() {
     let Some(bin) = redis_bin() else { return };
