@@ -152,6 +152,9 @@ pub(crate) fn effective(running: &Config, mut next: Config) -> (Config, Vec<Stri
     next.limits = running.limits.clone();
     keep("observability", running.observability != next.observability);
     next.observability = running.observability.clone();
+    // The replicas' connections and syncs are made at start.
+    keep("redis", running.redis != next.redis);
+    next.redis.clone_from(&running.redis);
     let (breaker, next_breaker) = (&running.circuit_breaker, &mut next.circuit_breaker);
     keep("circuit_breaker.name", breaker.name != next_breaker.name);
     next_breaker.name.clone_from(&breaker.name);

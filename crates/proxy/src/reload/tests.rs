@@ -213,13 +213,16 @@ async fn restart_only_keys_keep_their_running_values_and_are_reported() {
             [circuit_breaker]
             bounds = { max_keys = 50 }
             failure_threshold = 2
+            [redis]
+            url = "redis://127.0.0.1:1/0"
             "#,
         ))
         .unwrap();
     assert_eq!(
         report.restart_required,
-        ["upstream", "downstream", "circuit_breaker.bounds"]
+        ["upstream", "downstream", "redis", "circuit_breaker.bounds"]
     );
+    assert_eq!(proxy.config().redis, None, "[redis] needs a restart");
     let now = proxy.config();
     assert_eq!(now.upstream.attempt_timeout, Duration::from_secs(5));
     assert_eq!(
