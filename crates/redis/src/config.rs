@@ -126,9 +126,22 @@ impl RedisConfigBuilder {
     pub fn build(self) -> Result<RedisConfig, ConfigError> {
         let c = &self.config;
         if redis::Client::open(c.url.as_str()).is_err() {
+            // Not the URL itself: it may hold a password.
+            let scheme = c
+                .url
+                .split_once("://")
+                .map(|(scheme, _)| scheme)
+                .filter(|s| {
+                    s.len() <= 16 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+')
+                })
+                .unwrap_or("none");
             return Err(ConfigError::new(
                 "redis.url",
-                format!("is not a Redis URL: {:?}", c.url),
+                format!(
+                    "is not a Redis URL (scheme: {scheme}; the URL is not shown, it may hold a \
+                     password): expected redis://[user:password@]host[:port][/db]; rediss:// \
+                     (TLS) is not supported"
+                ),
             ));
         }
         for (field, d) in [
@@ -167,6 +180,13 @@ mod tests {
     fn bad_settings_name_their_field() {
         let err = RedisConfig::builder("http://x").build().unwrap_err();
         assert_eq!(err.field(), "redis.url");
+        // A refused URL is not echoed: it may hold a password.
+        let err = RedisConfig::builder("rediss://:s3cr3t@127.0.0.1:6380/0")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.field(), "redis.url");
+        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        assert!(err.to_string().contains("scheme: rediss"), "{err}");
         let err = RedisConfig::builder("redis://127.0.0.1:1")
             .op_timeout(Duration::ZERO)
             .build()
