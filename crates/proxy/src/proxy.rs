@@ -294,7 +294,10 @@ impl Proxy {
 /// [`crate::replicas`]).
 fn start_replicas(config: &Config, shared: &mut SharedState) -> Result<(), ConfigError> {
     if let (Some(settings), None) = (&config.redis, &shared.replicas) {
-        shared.replicas = Some(Replicas::start(settings, &shared.events)?);
+        shared.replicas = Some(Replicas::start(
+            settings,
+            &shared.events_outside_the_stack(),
+        )?);
     }
     Ok(())
 }

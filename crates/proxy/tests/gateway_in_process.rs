@@ -150,7 +150,7 @@ struct Fixture {
     client: RunningService<RoleClient, Client>,
     alpha: Server,
     beta: Server,
-    _proxy: Proxy,
+    proxy: Proxy,
     _shutdown: CancellationToken,
 }
 
@@ -213,7 +213,7 @@ async fn fixture_with(mark: bool, beta_quota: Option<&str>) -> Fixture {
         client,
         alpha,
         beta,
-        _proxy: proxy,
+        proxy,
         _shutdown: shutdown,
     }
 }
@@ -358,4 +358,8 @@ async fn an_upstreams_quota_covers_all_its_requests_and_only_its_own() {
     for _ in 0..3 {
         assert_eq!(text(&call(&f.client, "alpha__lookup").await), "alpha");
     }
+    // The upstream quota's refusal is counted with the stack's statistics
+    // (/stats, /metrics, `top`), though the quota is outside the stack.
+    let stats = f.proxy.tool_stack_layer().standard().stats().snapshot();
+    assert_eq!(stats.events["rate_limited"], 1, "{:?}", stats.events);
 }

@@ -924,6 +924,15 @@ impl StandardStackLayer {
         self.circuit_breaker.registry()
     }
 
+    /// The observability layer's own sink (its statistics and metric
+    /// series): for what runs outside the stack to be counted with it (a
+    /// Redis sync's `SyncFailed`, say). Not [`events`](Self::events), which
+    /// includes yours: emitting there from inside the stack counts twice.
+    #[must_use]
+    pub fn observability_events(&self) -> Events {
+        self.observability.events()
+    }
+
     /// Per-tool statistics.
     #[must_use]
     pub fn stats(&self) -> Stats {

@@ -185,7 +185,7 @@ impl Gateway {
             }
             let breaker = breaker
                 .key_by(KeyBy::custom(move |_| key.to_string()))
-                .events(shared.events.merge(&transitions))
+                .events(shared.events_outside_the_stack().merge(&transitions))
                 .classifier(UpstreamClassifier::default())
                 .build()
                 .map_err(|e| e.in_section(&format!("{section}.circuit_breaker")))?;
@@ -202,7 +202,8 @@ impl Gateway {
             let service = match &entry.rate_limit {
                 None => MemberService::new(guarded),
                 Some(quota) => {
-                    let mut limit = upstream_quota(&name, quota).events(shared.events.clone());
+                    let mut limit =
+                        upstream_quota(&name, quota).events(shared.events_outside_the_stack());
                     if let Some(limiter) = shared.replicas.as_ref().and_then(|r| r.limiter()) {
                         limit = limit.backend(limiter.clone());
                     }

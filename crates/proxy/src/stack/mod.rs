@@ -10,12 +10,13 @@
 //! error it returns as a tool result (see [`crate::downstream::server`]).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rmcp::model::{ClientRequest, ServerResult};
 use serde_json::Value;
 use toolwarden::observability::{circuit_check, HealthRegistry};
 use toolwarden::stack::{StackLayer, StandardStackLayer};
+use toolwarden_core::events::Event;
 use toolwarden_core::{BoxError, ConfigError, Events, ToolCatalog, ToolPolicy};
 use tower::util::BoxCloneSyncService;
 use tower::Layer;
@@ -55,6 +56,9 @@ pub struct SharedState {
     /// [`Proxy::new`](crate::Proxy::new) and [`Proxy::gateway`](crate::Proxy::gateway)
     /// start it from the configuration when it is not set yet.
     pub replicas: Option<Replicas>,
+    /// The stack's observability sink, once the stack is built: see
+    /// [`events_outside_the_stack`](Self::events_outside_the_stack).
+    observability: Arc<OnceLock<Events>>,
 }
 
 /// See [`SharedState::availability`].
@@ -81,7 +85,29 @@ impl SharedState {
             endpoints,
             availability: None,
             replicas: None,
+            observability: Arc::default(),
         }
+    }
+
+    /// The events for what runs outside the tool stack (the Redis syncs'
+    /// `SyncFailed`, a gateway's upstream breakers and quotas): `events`,
+    /// and the stack's observability once the stack is built, so that
+    /// `/stats`, `/metrics` and `top` count them too (they went to the log
+    /// only). The stack itself takes `events`: it adds its observability.
+    #[must_use]
+    pub fn events_outside_the_stack(&self) -> Events {
+        let observability = Arc::clone(&self.observability);
+        self.events.clone().with(move |event: &Event<'_>| {
+            if let Some(events) = observability.get() {
+                events.emit(event);
+            }
+        })
+    }
+
+    /// Tells [`events_outside_the_stack`](Self::events_outside_the_stack)
+    /// where `stack`'s observability is (once: a reload keeps it).
+    pub(crate) fn observed_by(&self, stack: &StandardStackLayer) {
+        let _ = self.observability.set(stack.observability_events());
     }
 }
 

@@ -124,6 +124,7 @@ pub(crate) fn standard_stack_over(
         builder = builder.reload(previous, keep.iter().copied());
     }
     let layer = builder.build().map_err(|e| proxy_key_names(e, config))?;
+    shared.observed_by(&layer);
     if let Some(sync) = breaker_sync {
         // Other replicas' transitions apply to this stack's circuits.
         sync.attach(layer.registry().clone());
