@@ -8,8 +8,9 @@ use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -189,13 +190,53 @@ impl RunArgs {
     }
 }
 
-/// A log line per resilience event, at `info`.
+/// A log line per resilience event, at `info`; a failed Redis operation
+/// (`SyncFailed`) at `warn`, at most once per [`SYNC_WARNING_EVERY`] (the
+/// rest at `info`): a wrong password or an unreachable Redis showed
+/// nowhere at the default level, and an outage fails every operation.
 fn log_event(event: &Event<'_>) {
+    if matches!(event, Event::SyncFailed { .. })
+        && warning_due(&LAST_SYNC_WARNING, monotonic_ms(), SYNC_WARNING_EVERY)
+    {
+        tracing::warn!(
+            event = event.name(),
+            "{event:?} (state is not shared while Redis fails; more failures \
+             within {}s are logged at info)",
+            SYNC_WARNING_EVERY.as_secs()
+        );
+        return;
+    }
     tracing::info!(
         event = event.name(),
         subject = event.subject().unwrap_or("-"),
         "{event:?}"
     );
+}
+
+/// How often a failing Redis is warned about.
+const SYNC_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// When the last Redis warning was logged, in [`monotonic_ms`] (0: never).
+static LAST_SYNC_WARNING: AtomicU64 = AtomicU64::new(0);
+
+/// Milliseconds since the first call, from 1 (0 stands for never).
+fn monotonic_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
+}
+
+/// Whether a warning last logged at `last` is due again at `now` (ms):
+/// takes the turn when it is.
+fn warning_due(last: &AtomicU64, now: u64, every: Duration) -> bool {
+    let every = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+    let previous = last.load(Ordering::Relaxed);
+    (previous == 0 || now.saturating_sub(previous) >= every)
+        && last
+            .compare_exchange(previous, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
 }
 
 /// Who may use `--listen` (and, with `--metrics-auth`, the metrics
@@ -614,6 +655,17 @@ mod tests {
 
     fn command(args: &[&str]) -> Command {
         Cli::try_parse_from(args).unwrap().command
+    }
+
+    #[test]
+    fn a_failing_redis_is_warned_about_once_per_period() {
+        let last = AtomicU64::new(0);
+        let every = Duration::from_secs(10);
+        assert!(warning_due(&last, 5, every), "the first failure");
+        assert!(!warning_due(&last, 5_000, every), "within the period");
+        assert!(!warning_due(&last, 10_004, every));
+        assert!(warning_due(&last, 10_005, every), "the period is over");
+        assert!(!warning_due(&last, 10_006, every));
     }
 
     #[test]
