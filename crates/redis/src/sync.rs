@@ -107,6 +107,16 @@ struct Message {
     o: String,
     /// Open until this unix time in ms; 0 means closed.
     u: u64,
+    /// The publishing process (random, never 0); 0 when unknown (a state
+    /// loaded from its hash, a replica of an earlier release). Tells a
+    /// replica that another uses its `replica_id`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    n: u64,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn now_ms() -> u64 {
@@ -165,6 +175,10 @@ struct Shared {
     published: AtomicU64,
     resyncs: AtomicU64,
     resync_skipped: AtomicU64,
+    /// This process's mark on what it publishes (see [`Message::n`]).
+    instance: u64,
+    /// Whether another replica with this one's id was reported (once).
+    twin_reported: std::sync::atomic::AtomicBool,
 }
 
 /// Shares circuit state through Redis. Give it to the circuit-breaker
@@ -358,6 +372,8 @@ impl RedisBreakerSyncBuilder {
             published: AtomicU64::new(0),
             resyncs: AtomicU64::new(0),
             resync_skipped: AtomicU64::new(0),
+            instance: fastrand::u64(1..),
+            twin_reported: std::sync::atomic::AtomicBool::new(false),
         });
         let (outbox, rx) = mpsc::channel(QUEUE);
         let writer = tokio::spawn(write_loop(Arc::clone(&shared), rx));
@@ -456,6 +472,7 @@ impl StateSync for RedisBreakerSync {
             k: transition.name.to_owned(),
             o: self.shared.conn.config.replica_id.to_string(),
             u: until,
+            n: self.shared.instance,
         };
         if let Ok(mut tracker) = self.shared.tracker.lock() {
             tracker.record_own(&message.k, until, now_ms());
@@ -663,6 +680,7 @@ async fn resync(shared: &Arc<Shared>) {
                     k: name.clone(),
                     o: origin,
                     u: until,
+                    n: 0,
                 },
             );
         }
@@ -676,6 +694,7 @@ async fn resync(shared: &Arc<Shared>) {
                 k: k.clone(),
                 o: shared.conn.config.replica_id.to_string(),
                 u: *u,
+                n: shared.instance,
             })
             .collect(),
         Err(_) => Vec::new(),
@@ -691,6 +710,18 @@ async fn resync(shared: &Arc<Shared>) {
 /// Applies one message from another replica, per the policy.
 fn receive(shared: &Shared, message: Message) {
     if *message.o == *shared.conn.config.replica_id {
+        // Ours, or another process's under the same id: their states then
+        // overwrite each other's field and neither applies the other's.
+        if message.n != 0
+            && message.n != shared.instance
+            && !shared.twin_reported.swap(true, Ordering::AcqRel)
+        {
+            shared.conn.report(&format!(
+                "another replica uses replica_id {:?} too: breaker states are not shared \
+                 between the two (give each replica its own id)",
+                message.o
+            ));
+        }
         return;
     }
     shared.received.fetch_add(1, Ordering::AcqRel);
@@ -789,6 +820,7 @@ mod tests {
             k: k.into(),
             o: o.into(),
             u,
+            n: 0,
         }
     }
 

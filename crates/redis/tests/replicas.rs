@@ -26,7 +26,16 @@ struct Replica {
 }
 
 async fn replica(server: &RedisServer, name: &str, policy: RemoteOpenPolicy) -> Replica {
-    let sync = RedisBreakerSync::start(config(server, name, Events::new()), policy).unwrap();
+    replica_with(server, name, policy, Events::new()).await
+}
+
+async fn replica_with(
+    server: &RedisServer,
+    name: &str,
+    policy: RemoteOpenPolicy,
+    events: Events,
+) -> Replica {
+    let sync = RedisBreakerSync::start(config(server, name, events), policy).unwrap();
     let layer = CircuitBreakerLayer::builder()
         .failure_threshold(3)
         .minimum_calls(3)
@@ -284,6 +293,37 @@ async fn redis_going_away_keeps_calls_flowing_and_state_converges_after() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     assert!(back, "the limiter decides in Redis again");
+}
+
+/// Two replicas given one `replica_id` (a config file shared by the fleet)
+/// share no breaker state: each drops the other's messages as its own, and
+/// they write the same field. That was silent; the first message of the
+/// twin is now reported as a `SyncFailed` that names the id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_id_used_twice_is_reported() {
+    let Some(bin) = redis_bin() else { return };
+    let server = RedisServer::start(&bin).await;
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let events = Events::new().with({
+        let failures = Arc::clone(&failures);
+        move |event: &Event<'_>| {
+            if let Event::SyncFailed { detail } = event {
+                failures.lock().unwrap().push((*detail).to_owned());
+            }
+        }
+    });
+    let a = replica(&server, "dup", RemoteOpenPolicy::Follow).await;
+    let b = replica_with(&server, "dup", RemoteOpenPolicy::Follow, events).await;
+    trip(&a, "search").await;
+    wait("the twin reported", || {
+        failures
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|f| f.contains("another replica uses replica_id \"dup\""))
+    })
+    .await;
+    assert_ne!(b.layer.registry().state("search"), Some(CircuitState::Open));
 }
 
 /// A tool named `events`, as the pub/sub channel's last segment: its state
