@@ -144,15 +144,24 @@ impl Reading {
         }
     }
 
-    /// The recent errors of the circuits that are not closed, one line each.
+    /// The recent errors of the circuits that are not closed, one line each:
+    /// the tools', then a gateway's upstreams' (`/circuits` lists those under
+    /// `"upstreams"`, by name; an open one refuses every tool of its upstream).
     fn open_circuit_errors(&self) -> Vec<String> {
-        let Some(circuits) = self.circuits["circuits"].as_array() else {
-            return Vec::new();
-        };
-        circuits
-            .iter()
-            .filter(|c| c["state"] != "closed")
-            .map(|c| {
+        let tools = self.circuits["circuits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| (c["key"].as_str().unwrap_or("?").to_owned(), c));
+        let upstreams = self.circuits["upstreams"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(name, c)| (format!("upstream {name}"), c));
+        tools
+            .chain(upstreams)
+            .filter(|(_, c)| c["state"] != "closed")
+            .map(|(name, c)| {
                 let errors: Vec<String> = c["recent_errors"]
                     .as_array()
                     .map(|errors| {
@@ -170,8 +179,7 @@ impl Reading {
                     })
                     .unwrap_or_default();
                 format!(
-                    "  {} is {}: {}",
-                    c["key"].as_str().unwrap_or("?"),
+                    "  {name} is {}: {}",
                     c["state"].as_str().unwrap_or("?"),
                     if errors.is_empty() {
                         "no recent errors".to_owned()
@@ -302,5 +310,25 @@ mod tests {
         let screen = reading.screen();
         assert!(screen.contains("search is open: tool_error×3"), "{screen}");
         assert!(Reading::default().screen().contains("no tool calls yet"));
+    }
+
+    /// A gateway's upstream whose breaker is open refuses all its tools:
+    /// `top` lists it with the tools' circuits that are not closed (it
+    /// read the tools' only, and showed every tool's breaker closed).
+    #[test]
+    fn an_open_upstream_breaker_is_listed() {
+        let circuits = json!({
+            "circuits": [{"key": "flaky__search", "state": "closed"}],
+            "upstreams": {
+                "flaky": {"state": "open", "recent_errors": [{"kind": "timeout", "count": 2}]},
+                "time": {"state": "closed"},
+            },
+        });
+        let screen = Reading::new(json!({}), circuits, "").screen();
+        assert!(
+            screen.contains("upstream flaky is open: timeout×2"),
+            "{screen}"
+        );
+        assert!(!screen.contains("upstream time"), "{screen}");
     }
 }
