@@ -1801,6 +1801,27 @@ async fn an_upstream_crash_answers_calls_in_flight_and_the_upstream_comes_back()
     h.finish().await;
 }
 
+/// A second `initialize` in a session is refused (-32600): it was answered
+/// with the first one's result, nothing renegotiated. The session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_initialize_in_a_session_is_refused() {
+    let mut h = harness();
+    h.initialize().await;
+    let again = h
+        .request(
+            99,
+            "initialize",
+            json!({"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+        )
+        .await;
+    assert_eq!(again["error"]["code"], -32600, "{again}");
+    assert_eq!(
+        text(&h.call(100, "echo", json!({"message": "still"})).await),
+        "Echo: still"
+    );
+    h.finish().await;
+}
+
 /// A request with the id of one still in flight is answered -32600 at once
 /// (rmcp answered only one of the two), and the session goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

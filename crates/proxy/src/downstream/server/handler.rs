@@ -34,32 +34,25 @@ impl ServerHandler for ProxyServer {
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
-        context.peer.set_peer_info(request.clone());
-        if let Some(gateway) = &self.core.gateway {
-            gateway.start(&upstream_client_config(&request));
-            self.touch(&context);
-            gateway
-                .wait_connected()
-                .await
-                .map_err(|e| answers::unavailable(&e))?;
-            return Ok(self.server_config());
-        }
-        self.core.upstream.start(upstream_client_config(&request));
-        self.touch(&context);
-        let limit = self.core.upstream.config().connect_timeout;
-        let connection = self
-            .core
-            .upstream
-            .wait_connected(limit)
-            .await
-            .map_err(|e| answers::unavailable(&e))?;
-        if connection.info().is_none() {
-            return Err(ErrorData::internal_error(
-                "the upstream server sent no initialize result",
+        if self
+            .session
+            .initialized
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(ErrorData::new(
+                rmcp::model::ErrorCode::INVALID_REQUEST,
+                "Invalid Request: this session is initialized already; open a new session \
+                 to initialize again",
                 None,
             ));
         }
-        Ok(self.server_config())
+        let result = self.initialize_session(request, context).await;
+        if result.is_ok() {
+            self.session
+                .initialized
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        result
     }
 
     async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
@@ -360,5 +353,42 @@ impl ServerHandler for ProxyServer {
 
     fn get_info(&self) -> ServerConfig {
         self.server_config()
+    }
+}
+
+impl ProxyServer {
+    /// `initialize`: starts the upstream (or the gateway's) for this client,
+    /// waits for it, and answers with the server's capabilities.
+    async fn initialize_session(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, ErrorData> {
+        context.peer.set_peer_info(request.clone());
+        if let Some(gateway) = &self.core.gateway {
+            gateway.start(&upstream_client_config(&request));
+            self.touch(&context);
+            gateway
+                .wait_connected()
+                .await
+                .map_err(|e| answers::unavailable(&e))?;
+            return Ok(self.server_config());
+        }
+        self.core.upstream.start(upstream_client_config(&request));
+        self.touch(&context);
+        let limit = self.core.upstream.config().connect_timeout;
+        let connection = self
+            .core
+            .upstream
+            .wait_connected(limit)
+            .await
+            .map_err(|e| answers::unavailable(&e))?;
+        if connection.info().is_none() {
+            return Err(ErrorData::internal_error(
+                "the upstream server sent no initialize result",
+                None,
+            ));
+        }
+        Ok(self.server_config())
     }
 }

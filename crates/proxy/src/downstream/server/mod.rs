@@ -107,6 +107,10 @@ struct Session {
     /// routes of its own, handed over with each request ([`InSession`]).
     progress: Arc<ProgressRoutes<RoleClient>>,
     downstreams: Downstreams,
+    /// Whether an `initialize` of this session succeeded: a second one is
+    /// refused (it was answered with the first's result, nothing
+    /// renegotiated).
+    initialized: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Session {
@@ -243,6 +247,7 @@ impl ProxyServer {
                 downstream: OnceLock::new(),
                 progress: Arc::default(),
                 downstreams,
+                initialized: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
