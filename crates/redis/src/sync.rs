@@ -114,7 +114,6 @@ struct Message {
     n: u64,
 }
 
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if takes a reference
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

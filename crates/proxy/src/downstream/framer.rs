@@ -154,7 +154,9 @@ pub fn error_line(id: &Id, error: ErrorObject) -> String {
     Response::error(id.clone(), error).to_value().to_string()
 }
 
-fn trim_line(line: &[u8]) -> &[u8] {
+/// `line` without a trailing `\r` and a leading UTF-8 byte-order mark, as
+/// every message is read (a line over stdio, a body over HTTP).
+pub(crate) fn trim_line(line: &[u8]) -> &[u8] {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     line.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(line)
 }

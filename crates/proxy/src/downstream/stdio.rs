@@ -25,11 +25,10 @@
 //!   a client's `notifications/cancelled` strikes it off too), at most
 //!   4 096 (`TRACKED`) ids at once: every request gets exactly one answer.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-
-use std::collections::HashSet;
 
 use rmcp::model::{
     ClientJsonRpcMessage, ClientNotification, ErrorCode, ErrorData, JsonRpcError, RequestId,

@@ -19,7 +19,7 @@ use super::session::{
 };
 use super::{ConnectionKill, HttpOptions};
 use crate::access::{AccessPolicy, Refusal};
-use crate::downstream::framer::{check_message, error_line, Checked, Unfit};
+use crate::downstream::framer::{check_message, error_line, trim_line, Checked, Unfit};
 
 /// The header rmcp keeps a session's id in.
 const SESSION_ID_HEADER: &str = "mcp-session-id";
@@ -306,13 +306,9 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         // A malformed notification or response: JSON-RPC answers nothing.
         Err(Unfit::Ignore(_)) => return StatusCode::ACCEPTED.into_response(),
     };
-    // The framer reads a body after a byte-order mark, as it does a line;
-    // rmcp's reader would refuse it with a bare 415.
-    let bytes = if bytes.starts_with(b"\xEF\xBB\xBF") {
-        bytes.slice(3..)
-    } else {
-        bytes
-    };
+    // As the framer read it: rmcp's reader refuses a body after a
+    // byte-order mark with a bare 415.
+    let bytes = bytes.slice_ref(trim_line(&bytes));
     let mut permit = None;
     if let Checked::Request { id, initialize } = &checked {
         let session = parts
