@@ -140,6 +140,13 @@ impl CoalesceLayer {
         maps.iter().map(|map| map.open()).sum()
     }
 
+    /// Whether only calls of one session share a call
+    /// ([`CoalesceBuilder::per_session`]).
+    #[must_use]
+    pub fn per_session(&self) -> bool {
+        self.shared.config.per_session
+    }
+
     /// The bound on calls in flight that others may join.
     #[must_use]
     pub fn max_in_flight(&self) -> usize {

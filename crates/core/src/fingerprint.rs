@@ -60,6 +60,22 @@ impl Fingerprint {
     }
 }
 
+impl Fingerprint {
+    /// This fingerprint within `scope` (a session key): the same call in
+    /// two scopes has two values, the same call in one scope one. For
+    /// state one scope must not see of another's (a per-session cache);
+    /// not part of the versioned definition above, and never sent to
+    /// Redis.
+    #[must_use]
+    pub fn scoped(self, scope: &str) -> Fingerprint {
+        let mut hasher = Xxh3Default::new();
+        hasher.update(b"twsc");
+        hasher.update(&self.0.to_le_bytes());
+        hasher.update(scope.as_bytes());
+        Fingerprint(hasher.digest128())
+    }
+}
+
 impl fmt::Display for Fingerprint {
     /// Lower-case hex, 32 digits: the form logged and stored in Redis.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -62,6 +62,7 @@ impl Default for FallbackCacheBuilder {
                 events: Events::new(),
                 max_staleness: DEFAULT_MAX_STALENESS,
                 fresh_ttl: None,
+                per_session: false,
                 max_entries: DEFAULT_MAX_ENTRIES,
                 max_bytes: DEFAULT_MAX_BYTES,
                 stale_note: true,
@@ -106,6 +107,20 @@ impl<C> FallbackCacheBuilder<C> {
     #[must_use]
     pub fn fresh_ttl(mut self, fresh_ttl: Option<Duration>) -> Self {
         self.config.fresh_ttl = fresh_ttl;
+        self
+    }
+
+    /// Whether a stored result is served only within the session that
+    /// stored it ([`McpRequest::session_key`]; calls without one share
+    /// theirs): for servers that answer each session from state of its own
+    /// (a proxy's upstream per session), whose result for one session must
+    /// never reach another. Default `false`: one result per call, for
+    /// every session.
+    ///
+    /// [`McpRequest::session_key`]: toolwarden_core::McpRequest::session_key
+    #[must_use]
+    pub fn per_session(mut self, per_session: bool) -> Self {
+        self.config.per_session = per_session;
         self
     }
 

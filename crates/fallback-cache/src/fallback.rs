@@ -101,7 +101,10 @@ pub(crate) struct CallContext<C> {
     pub(crate) classifier: C,
     pub(crate) facts: CallFacts,
     pub(crate) id: Option<Id>,
-    /// Set only for calls that may be stored and served: cacheable tool, not a continuation.
+    /// What the result is stored and looked up under: the call's
+    /// fingerprint (scoped to its session with `per_session`). Set only for
+    /// calls that may be stored and served: cacheable tool, not a
+    /// continuation.
     pub(crate) fingerprint: Option<Fingerprint>,
 }
 

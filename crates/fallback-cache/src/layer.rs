@@ -20,6 +20,7 @@ pub(crate) struct Config {
     pub(crate) events: Events,
     pub(crate) max_staleness: Duration,
     pub(crate) fresh_ttl: Option<Duration>,
+    pub(crate) per_session: bool,
     pub(crate) max_entries: usize,
     pub(crate) max_bytes: usize,
     pub(crate) stale_note: bool,
@@ -76,6 +77,13 @@ impl<C> FallbackCacheLayer<C> {
     #[must_use]
     pub fn catalog(&self) -> &ToolCatalog {
         &self.shared.config.catalog
+    }
+
+    /// Whether a stored result is served only in the session that stored
+    /// it ([`FallbackCacheBuilder::per_session`]).
+    #[must_use]
+    pub fn per_session(&self) -> bool {
+        self.shared.config.per_session
     }
 
     /// How many results the cache shared by this layer's services holds now.

@@ -62,7 +62,9 @@
 //!
 //! The last good result per call fingerprint
 //! ([`call_fingerprint`](toolwarden_core::call_fingerprint): tool name and
-//! arguments, `_meta` ignored), and only:
+//! arguments, `_meta` ignored; per session too with
+//! [`per_session`](FallbackCacheBuilder::per_session), for servers that
+//! answer each session from state of its own), and only:
 //!
 //! - for tools the catalog calls cacheable
 //!   ([`ToolCatalog::is_cacheable`](toolwarden_core::ToolCatalog::is_cacheable):

@@ -184,13 +184,21 @@ where
             let computed = toolwarden_core::fingerprint(tool, req.arguments());
             (Some(computed), true)
         };
+        // What the result is stored under: the call, or the call in its
+        // session.
+        let key = match (fingerprint, config.per_session) {
+            (Some(fingerprint), true) => {
+                Some(fingerprint.scoped(req.session_key().unwrap_or_default()))
+            }
+            (key, _) => key,
+        };
         let id = req.request_id().cloned();
-        if let (Some(fingerprint), Some(ttl)) = (fingerprint, config.fresh_ttl) {
-            if let Some((mut response, _age)) = self.shared.cache.lookup::<S::Response>(
-                &fingerprint,
-                ttl,
-                toolwarden_core::time::now(),
-            ) {
+        if let (Some(key), Some(ttl)) = (key, config.fresh_ttl) {
+            if let Some((mut response, _age)) =
+                self.shared
+                    .cache
+                    .lookup::<S::Response>(&key, ttl, toolwarden_core::time::now())
+            {
                 // The inner service's readiness is not consumed: it stays
                 // reserved for the next call.
                 if let Some(id) = &id {
@@ -209,7 +217,7 @@ where
             classifier: self.classifier.clone(),
             facts,
             id,
-            fingerprint,
+            fingerprint: key,
         };
         ResponseFuture::called(self.inner.call(req), context)
     }

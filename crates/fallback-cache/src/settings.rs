@@ -44,6 +44,10 @@ pub struct FallbackCacheSettings {
     /// answered from the cache).
     #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub fresh_ttl: Option<Duration>,
+    /// Whether a stored result is served only within the session that
+    /// stored it. Default `false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_session: Option<bool>,
     /// The most results kept, between 1 and
     /// [`MAX_MAX_ENTRIES`](crate::MAX_MAX_ENTRIES). Default `4096`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -79,6 +83,9 @@ impl<C> FallbackCacheBuilder<C> {
         }
         if settings.fresh_ttl.is_some() {
             self = self.fresh_ttl(settings.fresh_ttl);
+        }
+        if let Some(per_session) = settings.per_session {
+            self = self.per_session(per_session);
         }
         if let Some(n) = settings.max_entries {
             self = self.max_entries(n);

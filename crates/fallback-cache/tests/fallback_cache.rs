@@ -9,7 +9,7 @@ use toolwarden_circuit_breaker::{
     CircuitBreaker, CircuitBreakerLayer, CircuitRegistry, CircuitState,
 };
 use toolwarden_core::jsonrpc::{Id, Request, Response};
-use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
+use toolwarden_core::testing::{ready_call, MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
     fingerprint, BoxError, CircuitOpen, Fingerprint, LoopDetected, LoopPattern, McpRequest,
     McpResponse, RetryBudgetExhausted, ToolAnnotations, ToolCatalog, ToolInfo, ToolPolicy,
@@ -1108,5 +1108,47 @@ async fn passthrough_forwards_every_call_untouched() {
             assert_eq!(result(&answer)["_meta"][STALE_META_KEY]["stale"], true);
             assert_eq!(h.recorder.seen().len(), 1);
         }
+    }
+}
+
+/// With `per_session`, a stored result is one session's: another session's
+/// failing call of the same tool and arguments gets no stale answer (a
+/// proxy's upstream per session answers each from state of its own), and
+/// the session that stored it does.
+#[tokio::test(start_paused = true)]
+async fn per_session_results_are_served_only_in_their_session() {
+    let in_session = |id: i64, session: &str| {
+        let mut request = Request::tool_call(id, "search_docs", docs_query());
+        request.insert_extension(toolwarden_core::SessionKey::from(session));
+        request
+    };
+    for per_session in [true, false] {
+        let mut h = harness(|b| b.per_session(per_session).fresh_ttl(Some(secs(10))));
+        h.mock.push("search_docs", [Step::ok("alice's documents")]);
+        ready_call(&mut h.svc, in_session(1, "a")).await.unwrap();
+        assert_eq!(h.svc.cached_results(), 1);
+
+        // Fresh: another session's call goes to its server when scoped.
+        h.mock.push("search_docs", [Step::ok("bob's documents")]);
+        let other = ready_call(&mut h.svc, in_session(2, "b")).await.unwrap();
+        let expected = if per_session {
+            "bob's documents"
+        } else {
+            "alice's documents"
+        };
+        assert_eq!(texts(&other)[0], expected, "per_session = {per_session}");
+
+        // Stale: session "c" never stored anything.
+        tokio::time::advance(secs(20)).await;
+        h.open.open("search_docs");
+        let refused = ready_call(&mut h.svc, in_session(3, "c")).await.unwrap();
+        assert_eq!(
+            result(&refused)["_meta"][STALE_META_KEY].is_object(),
+            !per_session,
+            "per_session = {per_session}: {refused:?}"
+        );
+        let stale = ready_call(&mut h.svc, in_session(4, "a")).await.unwrap();
+        assert_eq!(result(&stale)["_meta"][STALE_META_KEY]["stale"], true);
+        assert_eq!(texts(&stale)[0], "alice's documents");
     }
 }

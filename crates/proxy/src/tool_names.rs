@@ -34,7 +34,8 @@ pub type UpstreamOf = Arc<dyn Fn(&str) -> Option<Arc<str>> + Send + Sync>;
 #[derive(Clone)]
 pub struct ToolNameGuardLayer {
     max_bytes: usize,
-    catalog: Option<ToolCatalog>,
+    catalog: ToolCatalog,
+    reject_unknown: bool,
     upstream_of: Option<UpstreamOf>,
 }
 
@@ -42,22 +43,31 @@ impl fmt::Debug for ToolNameGuardLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ToolNameGuardLayer")
             .field("max_bytes", &self.max_bytes)
-            .field("reject_unknown", &self.catalog.is_some())
+            .field("reject_unknown", &self.reject_unknown)
             .field("gateway", &self.upstream_of.is_some())
             .finish()
     }
 }
 
 impl ToolNameGuardLayer {
-    /// Refuses names longer than `max_bytes`, and names not in `catalog`
-    /// once it holds tools (when given).
+    /// Refuses names longer than `max_bytes` that `catalog` does not list,
+    /// and names not in `catalog` once it holds tools (unless
+    /// [`reject_unknown`](Self::reject_unknown) turns that off).
     #[must_use]
-    pub fn new(max_bytes: usize, catalog: Option<ToolCatalog>) -> Self {
+    pub fn new(max_bytes: usize, catalog: ToolCatalog) -> Self {
         ToolNameGuardLayer {
             max_bytes,
             catalog,
+            reject_unknown: true,
             upstream_of: None,
         }
+    }
+
+    /// Whether a name not in the filled catalog is refused (`limits.reject_unknown_tools`).
+    #[must_use]
+    pub fn reject_unknown(mut self, reject: bool) -> Self {
+        self.reject_unknown = reject;
+        self
     }
 
     /// In a gateway: `upstream_of` routes a name to its upstream, and a
@@ -97,7 +107,11 @@ impl<S> ToolNameGuard<S> {
     /// Why `name` is refused, if it is.
     fn refusal(&self, name: &str) -> Option<ErrorObject> {
         let max = self.config.max_bytes;
-        if name.len() > max {
+        // A name the server listed is served however long: a gateway's
+        // prefix can take a listed name past the limit, which then listed
+        // a tool no call could reach.
+        let catalog = &self.config.catalog;
+        if name.len() > max && catalog.get(name).is_none() {
             return Some(ErrorObject::new(
                 code::INVALID_PARAMS,
                 format!(
@@ -106,8 +120,7 @@ impl<S> ToolNameGuard<S> {
                 ),
             ));
         }
-        let catalog = self.config.catalog.as_ref()?;
-        if !catalog.is_empty() && catalog.get(name).is_none() {
+        if self.config.reject_unknown && !catalog.is_empty() && catalog.get(name).is_none() {
             let upstream = self.config.upstream_of.as_ref().and_then(|f| f(name));
             if upstream.is_some_and(|upstream| !catalog.has_upstream(&upstream)) {
                 // Its upstream has not listed its tools (yet): not known
@@ -174,7 +187,7 @@ mod tests {
     #[tokio::test]
     async fn long_and_unknown_names_never_reach_the_stack() {
         let catalog = ToolCatalog::new();
-        let guard = ToolNameGuardLayer::new(128, Some(catalog.clone()));
+        let guard = ToolNameGuardLayer::new(128, catalog.clone());
         let error = refused(guard.clone(), &"x".repeat(129)).await;
         assert_eq!(error.code, -32602);
         assert!(error.message.contains("128 bytes"), "{}", error.message);
@@ -188,6 +201,27 @@ mod tests {
             Ok::<_, BoxError>(ServerResult::empty(()))
         });
         assert!(guard.layer(served).oneshot(call("search")).await.is_ok());
+    }
+
+    /// A gateway's prefix can take a listed name past the limit: it was
+    /// listed, and every call to it refused.
+    #[tokio::test]
+    async fn a_listed_name_longer_than_the_limit_is_served() {
+        let catalog = ToolCatalog::new();
+        let guard = ToolNameGuardLayer::new(16, catalog.clone());
+        let long = format!("upstream__{}", "t".repeat(20));
+        catalog.insert(ToolInfo::new(long.clone(), "A tool"));
+        let served = tower::service_fn(|_r: ClientRequest| async {
+            Ok::<_, BoxError>(ServerResult::empty(()))
+        });
+        assert!(guard
+            .clone()
+            .layer(served)
+            .oneshot(call(&long))
+            .await
+            .is_ok());
+        let error = refused(guard, &format!("{long}x")).await;
+        assert!(error.message.contains("16 bytes"), "{}", error.message);
     }
 
     #[tokio::test]
@@ -206,7 +240,7 @@ mod tests {
                 .contains(&upstream)
                 .then(|| Arc::from(upstream))
         });
-        let guard = ToolNameGuardLayer::new(128, Some(catalog.clone())).with_upstreams(routes);
+        let guard = ToolNameGuardLayer::new(128, catalog.clone()).with_upstreams(routes);
         let passes = |name: &'static str| {
             let layer = guard.clone();
             async move { layer.layer(served()).oneshot(call(name)).await.is_ok() }
@@ -233,7 +267,7 @@ mod tests {
             .message
             .contains("unknown tool"));
         // Without the routes (a single upstream), as before: refused.
-        let single = ToolNameGuardLayer::new(128, Some(catalog));
+        let single = ToolNameGuardLayer::new(128, catalog);
         assert!(refused(single, "beta__nope")
             .await
             .message
@@ -247,11 +281,20 @@ mod tests {
                 Ok::<_, BoxError>(ServerResult::empty(()))
             })
         };
-        let empty = ToolNameGuardLayer::new(128, Some(ToolCatalog::new()));
+        let empty = ToolNameGuardLayer::new(128, ToolCatalog::new());
         assert!(empty.layer(served()).oneshot(call("any")).await.is_ok());
         let catalog = ToolCatalog::new();
         catalog.insert(ToolInfo::new("search", "Searches"));
-        let off = ToolNameGuardLayer::new(128, None);
-        assert!(off.layer(served()).oneshot(call("other")).await.is_ok());
+        let off = ToolNameGuardLayer::new(128, catalog.clone()).reject_unknown(false);
+        assert!(off
+            .clone()
+            .layer(served())
+            .oneshot(call("other"))
+            .await
+            .is_ok());
+        // Off, a listed long name is served all the same.
+        let long = "l".repeat(129);
+        catalog.insert(ToolInfo::new(long.clone(), "Long"));
+        assert!(off.layer(served()).oneshot(call(&long)).await.is_ok());
     }
 }

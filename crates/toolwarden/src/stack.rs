@@ -907,6 +907,13 @@ impl StandardStackLayer {
         (self.configured & StackLayer::Coalesce.bit() != 0).then_some(&self.coalesce)
     }
 
+    /// The fallback cache, unless it was left out.
+    #[must_use]
+    pub fn fallback_cache_layer(&self) -> Option<&FallbackCacheLayer> {
+        self.includes(StackLayer::FallbackCache)
+            .then_some(&self.fallback_cache)
+    }
+
     /// The layers left out of the stack, outermost first: those left out
     /// with [`without`](StandardStackBuilder::without), and the optional
     /// ones (bulkhead, coalescing, hedging) that were not configured.

@@ -31,13 +31,19 @@ use toolwarden::rate_limit::{QuotaSettings, RateLimitBuilder, RateLimitLayer};
 
 use super::{SessionMode, ToolConfig, UpstreamConfig};
 
+/// Why `session_mode = "per_session"` is refused in a gateway, in
+/// `[upstream]` and in `[upstreams.NAME]` alike.
+pub(super) const PER_SESSION_REFUSED: &str = "a gateway's upstreams are shared by every session \
+     (`per_session` is for a single upstream given on the command line)";
+
 /// `[gateway]`: how the tools of several upstreams are exposed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Between an upstream's name and its tool's (`time__get_current_time`);
     /// also the prefix of its prompts' and resources' names. Default `"__"`.
-    /// Not empty; no upstream name may contain it.
+    /// Not empty; no upstream name may contain it, nor end with its start
+    /// (`a_` and `__`: `a___x` is split at its first `__`).
     pub separator: String,
     /// What `tools/list` does with the tools of an upstream that is down or
     /// whose circuit is open: `"hide"` them (the default) or `"mark"` them
@@ -205,11 +211,7 @@ impl UpstreamEntry {
             (Some(_), None) => {}
         }
         if self.connection.session_mode == SessionMode::PerSession {
-            return Err(ConfigError::new(
-                "session_mode",
-                "a gateway's upstreams are shared by every session (`per_session` is for a \
-                 single upstream given on the command line)",
-            ));
+            return Err(ConfigError::new("session_mode", PER_SESSION_REFUSED));
         }
         self.connection.validate()?;
         let _ = glob_set("allow", &self.allow)?;

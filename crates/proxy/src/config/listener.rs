@@ -8,7 +8,12 @@ use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 use toolwarden_core::ConfigError;
 
-use super::{positive, within};
+use super::{at_most, positive, within};
+
+/// The longest `http.header_read_timeout` may be: headers a client takes
+/// longer than this over are not worth waiting for, and hyper's timer
+/// overflows the clock on absurd values.
+const MAX_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(3600);
 use crate::access::{AllowedHost, AllowedOrigin};
 
 /// `[http]`: what `toolwarden run --listen ADDR` accepts. Every bound here
@@ -43,7 +48,7 @@ pub struct HttpConfig {
     /// start-up (a reload keeps the running length). Default 20.
     pub health_history: usize,
     /// The longest a client may take to send a request's headers; past it the
-    /// connection is closed (slowloris). Default `10s`.
+    /// connection is closed (slowloris). At most an hour. Default `10s`.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// The longest a client may take to send a POST body (`408` past it).
@@ -106,6 +111,11 @@ impl HttpConfig {
             toolwarden::observability::HEALTH_HISTORY_LIMIT,
         )?;
         positive("header_read_timeout", Some(self.header_read_timeout))?;
+        at_most(
+            "header_read_timeout",
+            self.header_read_timeout,
+            MAX_HEADER_READ_TIMEOUT,
+        )?;
         positive("body_read_timeout", Some(self.body_read_timeout))?;
         positive("shutdown_timeout", Some(self.shutdown_timeout))?;
         within("max_connections", Some(self.max_connections), 1, 1 << 20)?;
@@ -124,7 +134,9 @@ impl HttpConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// The longest tool name a `tools/call` may carry, in bytes; a longer
-    /// one is answered `-32602` before the tool stack. Default 128.
+    /// one is answered `-32602` before the tool stack, unless `tools/list`
+    /// listed it (a gateway's prefix can take a server's name past the
+    /// limit). Default 128.
     pub max_tool_name_bytes: usize,
     /// Once the catalog is filled from `tools/list`, answer a `tools/call`
     /// of a tool not in it with `-32602` before the tool stack, so that junk
@@ -232,6 +244,16 @@ mod tests {
             ("[http]\nmax_sessions = 0", "http.max_sessions"),
             (
                 "[http]\nheader_read_timeout = \"0s\"",
+                "http.header_read_timeout",
+            ),
+            // hyper adds it to the clock: u64::MAX seconds panicked every
+            // connection, on /mcp and on the metrics address.
+            (
+                "[http]\nheader_read_timeout = \"18446744073709551615s\"",
+                "http.header_read_timeout",
+            ),
+            (
+                "[http]\nheader_read_timeout = \"61m\"",
                 "http.header_read_timeout",
             ),
             ("[http]\nauth_tokens = [\"x\"]", "auth_tokens"),

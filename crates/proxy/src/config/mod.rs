@@ -192,6 +192,34 @@ impl Config {
             // Its errors are named `redis.<key>` already.
             redis.validate()?;
         }
+        if self.upstream.session_mode == SessionMode::PerSession {
+            // Each session's upstream answers from state of its own: its
+            // answers are not another session's.
+            let shared_across = [
+                (
+                    "coalesce.per_session",
+                    self.coalesce.as_ref().and_then(|c| c.per_session),
+                ),
+                (
+                    "fallback_cache.per_session",
+                    self.fallback_cache.per_session,
+                ),
+            ];
+            if let Some((key, _)) = shared_across.iter().find(|(_, v)| *v == Some(false)) {
+                return Err(ConfigError::new(
+                    *key,
+                    "must not be false with upstream.session_mode = \"per_session\": one \
+                     session's upstream would answer another session's calls (unset, it is \
+                     true in that mode)",
+                ));
+            }
+        }
+        if !self.upstreams.is_empty() && self.upstream.session_mode == SessionMode::PerSession {
+            return Err(ConfigError::new(
+                "upstream.session_mode",
+                gateway::PER_SESSION_REFUSED,
+            ));
+        }
         for (name, entry) in &self.upstreams {
             let section = format!("upstreams.{}", load::quote_key(name));
             if !gateway::valid_name(name) {
@@ -200,12 +228,17 @@ impl Config {
                     "an upstream name is 1 to 64 letters, digits, `-` or `_`",
                 ));
             }
-            if name.contains(&self.gateway.separator) {
+            // An exposed name is split at its first separator, so `NAME` and
+            // the separator after it must not hold one earlier: `a_` with
+            // `__` would expose `a___x`, routed to `a` as `_x`.
+            let separator = &self.gateway.separator;
+            if format!("{name}{separator}").find(separator.as_str()) != Some(name.len()) {
                 return Err(ConfigError::new(
                     section,
                     format!(
-                        "an upstream name must not contain gateway.separator ({:?})",
-                        self.gateway.separator
+                        "an upstream name must not contain gateway.separator ({separator:?}), \
+                         nor end with its start (the name and the separator would read as \
+                         a shorter name)"
                     ),
                 ));
             }
@@ -227,6 +260,32 @@ impl Config {
             crate::endpoints::MetricsEndpoints::new(),
         );
         crate::stack::standard_stack(&self.clone().with_upstream_tools(), &shared).map(drop)
+    }
+
+    /// The stack's bound on one attempt, and the key that sets it:
+    /// `upstream.attempt_timeout`, or in a gateway the longest of the
+    /// upstreams' `attempt_timeout`s (each upstream's own bounds its calls
+    /// below the stack, so a shorter one still holds; `[upstream]` is the
+    /// command line's upstream, not theirs).
+    #[must_use]
+    pub fn stack_attempt_timeout(&self) -> (Duration, String) {
+        self.upstreams
+            .iter()
+            .max_by_key(|(_, entry)| entry.connection.attempt_timeout)
+            .map_or_else(
+                || {
+                    (
+                        self.upstream.attempt_timeout,
+                        "upstream.attempt_timeout".to_owned(),
+                    )
+                },
+                |(name, entry)| {
+                    (
+                        entry.connection.attempt_timeout,
+                        format!("upstreams.{}.attempt_timeout", load::quote_key(name)),
+                    )
+                },
+            )
     }
 
     /// Whether exposed names carry their upstream's prefix: with several
@@ -286,6 +345,18 @@ fn positive(field: &str, value: Option<Duration>) -> Result<(), ConfigError> {
         Some(d) if d.is_zero() => Err(ConfigError::new(field, "must be a positive duration")),
         _ => Ok(()),
     }
+}
+
+/// A duration no longer than `max`: some timers add theirs to the clock
+/// (hyper's header timer), which overflows past a few hundred billion years.
+fn at_most(field: &str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {}", humantime::format_duration(max)),
+        ));
+    }
+    Ok(())
 }
 
 fn within<T: PartialOrd + std::fmt::Display + Copy>(

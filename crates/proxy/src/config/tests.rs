@@ -482,6 +482,47 @@ fn session_mode_is_shared_unless_per_session_is_asked_for() {
     );
 }
 
+/// Each session's upstream answers from state of its own, so one
+/// session's answer must never serve another's call: coalescing joined
+/// calls across sessions (session B got session A's upstream's answer)
+/// and the fallback cache served one session's result to all.
+#[test]
+fn per_session_upstreams_keep_coalescing_and_the_cache_within_a_session() {
+    let stack = |text: &str| {
+        let config = parse(text).unwrap();
+        crate::stack::standard_stack(
+            &config,
+            &crate::stack::SharedState::new(
+                toolwarden_core::Events::new(),
+                crate::endpoints::MetricsEndpoints::new(),
+            ),
+        )
+        .unwrap()
+    };
+    let per_session = stack("[upstream]\nsession_mode = \"per_session\"\n[coalesce]\n");
+    assert!(per_session.coalesce_layer().unwrap().per_session());
+    assert!(per_session.fallback_cache_layer().unwrap().per_session());
+    let shared = stack("[coalesce]\n");
+    assert!(!shared.coalesce_layer().unwrap().per_session());
+    assert!(!shared.fallback_cache_layer().unwrap().per_session());
+    // Asking for both to be shared across sessions is refused, by key.
+    assert_eq!(
+        key_of("[upstream]\nsession_mode = \"per_session\"\n[coalesce]\nper_session = false\n"),
+        "coalesce.per_session"
+    );
+    assert_eq!(
+        key_of(
+            "[upstream]\nsession_mode = \"per_session\"\n[fallback_cache]\nper_session = false\n"
+        ),
+        "fallback_cache.per_session"
+    );
+    // In shared mode the cache can be scoped too.
+    assert!(stack("[fallback_cache]\nper_session = true\n")
+        .fallback_cache_layer()
+        .unwrap()
+        .per_session());
+}
+
 #[test]
 fn a_pinned_protocol_version_must_be_one_with_an_initialize_handshake() {
     assert_eq!(parse("").unwrap().upstream.pinned_protocol_version(), None);

@@ -179,13 +179,9 @@ fn tool_stack_layer_over(
     install_endpoints(&standard, &shared.endpoints, shared.replicas.as_ref());
     // Names the proxy will not serve are refused before any layer keeps
     // state for them (see `crate::tool_names`).
-    let mut names = ToolNameGuardLayer::new(
-        config.limits.max_tool_name_bytes,
-        config
-            .limits
-            .reject_unknown_tools
-            .then(|| shared.catalog.clone()),
-    );
+    let mut names =
+        ToolNameGuardLayer::new(config.limits.max_tool_name_bytes, shared.catalog.clone())
+            .reject_unknown(config.limits.reject_unknown_tools);
     if !config.upstreams.is_empty() {
         names = names.with_upstreams(gateway_routes(config));
     }

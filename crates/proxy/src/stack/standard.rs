@@ -9,7 +9,7 @@ use toolwarden::stack::{StackLayer, StandardStack, StandardStackLayer};
 use toolwarden_core::ConfigError;
 
 use super::SharedState;
-use crate::config::{quote_key, Config, ToolConfig};
+use crate::config::{quote_key, Config, SessionMode, ToolConfig};
 
 /// The [`StandardStackLayer`] `config` describes (what [`build_stack`](super::build_stack) puts
 /// over the upstream).
@@ -32,7 +32,7 @@ pub(crate) fn standard_stack_over(
     let mut builder = StandardStack::builder()
         .catalog(shared.catalog.clone())
         .events(shared.events.clone())
-        .attempt_timeout(config.upstream.attempt_timeout);
+        .attempt_timeout(config.stack_attempt_timeout().0);
     for (enabled, layer) in [
         (config.circuit_breaker.enabled, StackLayer::CircuitBreaker),
         (config.rate_limit.enabled, StackLayer::RateLimit),
@@ -108,11 +108,17 @@ pub(crate) fn standard_stack_over(
 
     let cache = config.fallback_cache.clone();
     let availability = shared.availability.clone();
+    let per_session = per_session_upstreams(config);
     builder = builder.fallback_cache(move |mut b| {
         if let Some(available) = availability {
             b = b.available(move |tool: &str| available(tool));
         }
-        b.settings(&cache)
+        let b = b.settings(&cache);
+        if per_session {
+            b.per_session(true)
+        } else {
+            b
+        }
     });
     let observability = config.observability.clone();
     builder = builder.observability(move |b| b.settings(&observability));
@@ -166,6 +172,7 @@ fn optional_layers(
         None => off_layer_tables(&tool_bulkheads, "bulkhead")?,
     }
     let coalesce = config.coalesce.clone().filter(|s| on(s.enabled));
+    let per_session = per_session_upstreams(config);
     let tool_coalesce = tool_tables(config, |tool| tool.coalesce.as_ref());
     match coalesce {
         Some(settings) => {
@@ -173,6 +180,9 @@ fn optional_layers(
                 b = b.settings(&settings);
                 for (name, tool) in &tool_coalesce {
                     b = b.tool_settings(name.as_str(), tool);
+                }
+                if per_session {
+                    b = b.per_session(true);
                 }
                 b
             });
@@ -226,9 +236,18 @@ fn tool_tables<T: Clone>(
         .collect()
 }
 
+/// Whether each session has an upstream of its own
+/// (`upstream.session_mode = "per_session"`): then one session's answers
+/// never serve another's calls, neither joined by coalescing nor from the
+/// fallback cache (a setting that says otherwise is refused at load).
+fn per_session_upstreams(config: &Config) -> bool {
+    config.upstream.session_mode == SessionMode::PerSession
+}
+
 /// Renames the fields of a stack error to the file's keys (the settings'
 /// keys are the builders' names, so only the places differ): the stack's
-/// `attempt_timeout` is `upstream.attempt_timeout`; a tool's own settings
+/// `attempt_timeout` is `upstream.attempt_timeout` (a gateway's longest
+/// `upstreams."NAME".attempt_timeout`); a tool's own settings
 /// (`circuit_breaker.tools."search".failure_threshold`) are
 /// `tools."search".circuit_breaker.failure_threshold`; and the later fields
 /// of a multi-field error (`minimum_calls, count_window`) get the section of
@@ -242,7 +261,7 @@ fn proxy_key_names(error: ConfigError, config: &Config) -> ConfigError {
         .enumerate()
         .map(|(i, field)| {
             if field == "attempt_timeout" {
-                return "upstream.attempt_timeout".to_owned();
+                return config.stack_attempt_timeout().1;
             }
             if i > 0 && !field.contains('.') {
                 return format!("{prefix}{field}");

@@ -69,7 +69,10 @@ impl Reading {
     }
 
     /// Every tool the reading names, sorted: those with statistics, with
-    /// a circuit, or with events.
+    /// a circuit, or with events. A gateway upstream's breaker reports its
+    /// events under the upstream's name: that is no tool (its circuit is
+    /// listed below the table), unless a tool of that name has statistics
+    /// or a circuit of its own.
     fn tools(&self) -> BTreeSet<String> {
         let mut tools = BTreeSet::new();
         let names = |list: &Value| -> Vec<String> {
@@ -84,7 +87,19 @@ impl Reading {
         };
         tools.extend(names(&self.stats["tools"]));
         tools.extend(names(&self.circuits["circuits"]));
-        tools.extend(self.events.keys().map(|(key, _)| key.clone()));
+        let upstream = |key: &str| {
+            self.circuits["upstreams"]
+                .as_object()
+                .is_some_and(|upstreams| upstreams.contains_key(key))
+        };
+        let events_only: Vec<String> = self
+            .events
+            .keys()
+            .map(|(key, _)| key)
+            .filter(|key| !tools.contains(*key) && !upstream(key))
+            .cloned()
+            .collect();
+        tools.extend(events_only);
         tools
     }
 
@@ -324,11 +339,17 @@ mod tests {
                 "time": {"state": "closed"},
             },
         });
-        let screen = Reading::new(json!({}), circuits, "").screen();
+        // Its breaker's events carry the upstream's name as their key: no
+        // tool row of that name (there was one, all zeros).
+        let metrics = "toolwarden_events{event=\"circuit_opened\",key=\"flaky\"} 1\n";
+        let reading = Reading::new(json!({}), circuits, metrics);
+        let screen = reading.screen();
         assert!(
             screen.contains("upstream flaky is open: timeout×2"),
             "{screen}"
         );
         assert!(!screen.contains("upstream time"), "{screen}");
+        let tools: Vec<String> = reading.rows().into_iter().map(|r| r[0].clone()).collect();
+        assert_eq!(tools, ["flaky__search"]);
     }
 }

@@ -99,6 +99,26 @@ fn names_separators_and_session_modes_are_checked() {
         "a name holding the separator would make names ambiguous"
     );
     assert_eq!(key_of("[gateway]\nseparator = \"\"\n"), "gateway.separator");
+    // `a_` and `__` expose `a___x`, split at its first `__` as `a` + `_x`:
+    // listed, then unknown or sent to upstream `a`.
+    assert_eq!(
+        key_of("[upstreams.a_]\ncommand = \"t\"\n[upstreams.b]\ncommand = \"t\"\n"),
+        "upstreams.\"a_\"",
+        "a name ending with the separator's start reads as a shorter name"
+    );
+    assert_eq!(
+        key_of("[gateway]\nseparator = \"-_-\"\n[upstreams.a-_]\ncommand = \"t\"\n"),
+        "upstreams.\"a-_\""
+    );
+    parse("[gateway]\nseparator = \"-.\"\n[upstreams.a-]\ncommand = \"t\"\n")
+        .expect("`a--.x` has its first `-.` after `a-`");
+    parse("[upstreams._a_b]\ncommand = \"t\"\n[upstreams.c]\ncommand = \"t\"\n")
+        .expect("`_` inside a name, or at its start, is no separator");
+    // Accepted, and every session shared one upstream all the same.
+    assert_eq!(
+        key_of("[upstream]\nsession_mode = \"per_session\"\n[upstreams.t]\ncommand = \"t\"\n"),
+        "upstream.session_mode"
+    );
     assert_eq!(
         key_of("[upstreams.t]\ncommand = \"t\"\nsession_mode = \"per_session\"\n"),
         "upstreams.\"t\".session_mode"
@@ -107,6 +127,36 @@ fn names_separators_and_session_modes_are_checked() {
         key_of("[upstreams.t]\ncommand = \"t\"\nconnect_timeout = \"0s\"\n"),
         "upstreams.\"t\".connect_timeout",
         "the [upstream] keys are checked as there"
+    );
+}
+
+/// An upstream's `attempt_timeout` bounds its calls; the stack's own bound
+/// was `[upstream]`'s (10 s by default), which cut a longer one short,
+/// silently.
+#[test]
+fn an_upstreams_attempt_timeout_longer_than_the_default_is_the_stacks_bound() {
+    let config = parse(
+        "[upstreams.slow]\ncommand = \"t\"\nattempt_timeout = \"20s\"\n\
+         [upstreams.quick]\ncommand = \"t\"\nattempt_timeout = \"2s\"\n",
+    )
+    .unwrap();
+    let shared = crate::stack::SharedState::new(
+        toolwarden_core::Events::new(),
+        crate::endpoints::MetricsEndpoints::new(),
+    );
+    let stack = crate::stack::standard_stack(&config, &shared).unwrap();
+    assert_eq!(stack.attempt_timeout(), Duration::from_secs(20));
+    // And it is checked as `[upstream]`'s is, under its own name.
+    assert_eq!(
+        key_of("[upstreams.slow]\ncommand = \"t\"\nattempt_timeout = \"1h\"\n"),
+        "upstreams.\"slow\".attempt_timeout, retry.deadline"
+    );
+    assert_eq!(
+        key_of(
+            "[upstreams.slow]\ncommand = \"t\"\nattempt_timeout = \"20s\"\n\
+             [circuit_breaker]\nslow_call_duration = \"25s\"\n"
+        ),
+        "circuit_breaker.slow_call_duration, upstreams.\"slow\".attempt_timeout"
     );
 }
 
