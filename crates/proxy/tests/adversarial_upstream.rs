@@ -567,9 +567,58 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
             _ => vec![result_line(id, json!({}))],
         })
     });
-    let (answer, progress, closing) = call_with_progress(target).await;
+    let (answer, progress, closing) = call_with_progress(target, &Config::default()).await;
     assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
+    let progress = progress.len() as u64;
     assert!(progress > 0 && progress <= N, "{progress}");
+    closing.close().await;
+}
+
+/// A retried call goes upstream again under a token of its own, and the
+/// server's progress starts again: the client saw `1, 2, 3, 1, 2, 3, 4`.
+/// Progress must increase (MCP): only values above the last forwarded
+/// reach it. (A hedged copy's progress interleaved the same way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_calls_progress_keeps_increasing() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let target = line_server("progress", move |message| {
+        let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str()) else {
+            return Some(Vec::new());
+        };
+        Some(match method {
+            "initialize" => vec![result_line(id, initialized("progress"))],
+            "tools/call" => {
+                let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+                let token = &message["params"]["_meta"]["progressToken"];
+                let mut out: Vec<String> = (1..=if first { 3 } else { 4 })
+                    .map(|i| {
+                        json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                            "params": {"progressToken": token, "progress": i}})
+                        .to_string()
+                    })
+                    .collect();
+                out.push(if first {
+                    json!({"jsonrpc": "2.0", "id": id,
+                        "error": {"code": -32000, "message": "connection closed"}})
+                    .to_string()
+                } else {
+                    result_line(id, json!({"content": [{"type": "text", "text": "done"}]}))
+                });
+                out
+            }
+            _ => vec![result_line(id, json!({}))],
+        })
+    });
+    let config = Config::from_toml_str(
+        "[tools.t]\nsafe_to_repeat = true\n[retry]\nbase_delay = \"10ms\"\n",
+        std::iter::empty(),
+    )
+    .unwrap();
+    let (answer, progress, closing) = call_with_progress(target, &config).await;
+    assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
+    assert_eq!(calls.load(Ordering::SeqCst), 2, "retried once");
+    assert_eq!(progress, [1.0, 2.0, 3.0, 4.0]);
     closing.close().await;
 }
 
@@ -587,11 +636,11 @@ impl Closing {
     }
 }
 
-/// `target` behind the default stack, served over an in-memory stdio
+/// `target` behind the stack of `config`, served over an in-memory stdio
 /// session: `initialize`, then one `tools/call` of `t` under progress
-/// token `mine`. Its answer, the progress notifications the client got
-/// before it (each checked to carry `mine`), and what to stop.
-async fn call_with_progress(target: UpstreamTarget) -> (Value, u64, Closing) {
+/// token `mine`. Its answer, the values of the progress notifications the
+/// client got before it (each checked to carry `mine`), and what to stop.
+async fn call_with_progress(target: UpstreamTarget, config: &Config) -> (Value, Vec<f64>, Closing) {
     let downstreams = Downstreams::new();
     let upstream = Upstream::new(
         target,
@@ -600,7 +649,8 @@ async fn call_with_progress(target: UpstreamTarget) -> (Value, u64, Closing) {
         downstreams.clone(),
     );
     let shared = SharedState::new(Events::new(), MetricsEndpoints::new());
-    let stack = build_stack(&Config::default(), upstream.service(), &shared).unwrap();
+    toolwarden_proxy::stack::configure_catalog(config, &shared.catalog);
+    let stack = build_stack(config, upstream.service(), &shared).unwrap();
     let stdio =
         support::serve_stdio_in_memory(ProxyCore::new(upstream.clone(), stack, downstreams));
     let (mut write, mut lines) = (stdio.input, stdio.output);
@@ -616,7 +666,7 @@ async fn call_with_progress(target: UpstreamTarget) -> (Value, u64, Closing) {
             .await
             .unwrap();
     }
-    let mut progress = 0u64;
+    let mut progress = Vec::new();
     let answer = loop {
         let line = tokio::time::timeout(BOUND, lines.next_line())
             .await
@@ -626,7 +676,7 @@ async fn call_with_progress(target: UpstreamTarget) -> (Value, u64, Closing) {
         let message: Value = serde_json::from_str(&line).unwrap();
         if message["method"] == "notifications/progress" {
             assert_eq!(message["params"]["progressToken"], "mine", "{message}");
-            progress += 1;
+            progress.push(message["params"]["progress"].as_f64().unwrap());
         } else if message["id"] == 1 {
             break message;
         }
@@ -932,8 +982,10 @@ async fn over_http_floods_of_progress_and_list_changes_stay_bounded() {
     let seen = Arc::new(HttpSeen::default());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let url = http_server(replies, Arc::clone(&seen), shutdown.clone()).await;
-    let (answer, progress, closing) = call_with_progress(UpstreamTarget::Url(url)).await;
+    let (answer, progress, closing) =
+        call_with_progress(UpstreamTarget::Url(url), &Config::default()).await;
     assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
+    let progress = progress.len() as u64;
     assert!(
         progress <= N,
         "{progress} progress notifications for {N} sent"

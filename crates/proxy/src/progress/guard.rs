@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 use rmcp::model::ProgressToken;
 use rmcp::service::{Peer, ServiceRole};
 
-use super::{lock, ProgressRoutes, PROGRESS_FORWARD_LIMIT};
+use super::{lock, ProgressMark, ProgressRoutes, PROGRESS_FORWARD_LIMIT};
 
 /// Removes the routes recorded for one forwarded request when it ends.
 pub struct RouteGuard<R: ServiceRole> {
     routes: Arc<ProgressRoutes<R>>,
     tokens: Arc<Mutex<Vec<ProgressToken>>>,
-    to: Option<(Peer<R>, ProgressToken)>,
+    /// Where its progress goes, through one mark for all its attempts.
+    to: Option<(Peer<R>, ProgressToken, ProgressMark)>,
 }
 
 impl<R: ServiceRole> fmt::Debug for RouteGuard<R> {
@@ -32,14 +33,14 @@ impl<R: ServiceRole> RouteGuard<R> {
         RouteGuard {
             routes,
             tokens: Arc::default(),
-            to,
+            to: to.map(|(peer, token)| (peer, token, ProgressMark::default())),
         }
     }
 
     /// Records that an attempt of the request went out under `ours`.
     pub fn sent(&self, ours: &ProgressToken) {
         lock(&self.tokens).push(ours.clone());
-        self.routes.insert(ours.clone(), self.to.clone());
+        self.routes.insert_marked(ours.clone(), self.to.clone());
     }
 
     /// A hook recording each attempt, for `toolwarden_rmcp::OnRequestSent`.
@@ -49,7 +50,7 @@ impl<R: ServiceRole> RouteGuard<R> {
         let to = self.to.clone();
         move |ours| {
             lock(&tokens).push(ours.clone());
-            routes.insert(ours.clone(), to.clone());
+            routes.insert_marked(ours.clone(), to.clone());
         }
     }
 

@@ -51,6 +51,12 @@
 //!   Messages are read in order, so that is all the progress the sender sent
 //!   before its answer.
 //!
+//! - A request retried or hedged goes out once per attempt, each under a
+//!   token of its own whose progress starts again; the attempts' routes
+//!   share one [`ProgressMark`] (the receiver's token's last value sent),
+//!   which drops a value not above it, so the receiver's progress keeps
+//!   increasing.
+//!
 //! Guaranteed, then, as long as no wait runs into its limit (only a peer that
 //! does not take what is sent to it makes one): every progress the sender
 //! sent before its answer reaches the receiver before that answer, and a
@@ -79,7 +85,7 @@ use std::time::Duration;
 
 pub use guard::RouteGuard;
 pub use receipt::{send_in_turn, ProgressReceipt};
-pub use routes::{ProgressRoutes, Resolved};
+pub use routes::{ProgressMark, ProgressRoutes, Resolved};
 pub(crate) use tally::ProgressTally;
 
 /// How long an unknown progress token is waited for, in total.

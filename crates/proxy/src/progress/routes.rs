@@ -12,11 +12,35 @@ use tokio::sync::Notify;
 use super::receipt::{ProgressReceipt, Receipt};
 use super::{lock, UNKNOWN_TOKEN_POLL, UNKNOWN_TOKEN_WAIT};
 
+/// The progress last forwarded under one receiver's token, shared by every
+/// route to it: a request's attempts (retries) and hedged copies each go
+/// out under a token of their own, and each restarts its progress, so
+/// without it the receiver saw `1, 2, 3, 1, 2, 3` (retried) or `1, 2, 1, 3,
+/// 2` (hedged). Progress must increase (MCP): a value not above the last one
+/// forwarded is dropped. Locked across the send, so two routes' sends cannot
+/// overtake each other either.
+#[derive(Debug, Clone, Default)]
+pub struct ProgressMark(Arc<tokio::sync::Mutex<Option<f64>>>);
+
+impl ProgressMark {
+    /// Runs `send` if `progress` is above the last value forwarded (and
+    /// records it); drops it otherwise. Returns whether it was sent.
+    pub async fn forward<F: std::future::Future>(&self, progress: f64, send: F) -> bool {
+        let mut last = self.0.lock().await;
+        if last.is_some_and(|last| progress <= last) {
+            return false;
+        }
+        *last = Some(progress);
+        send.await;
+        true
+    }
+}
+
 /// Where progress for one of our tokens goes.
 #[derive(Debug)]
 enum Route<R: ServiceRole> {
     /// To this peer, under its own token.
-    To(Peer<R>, ProgressToken),
+    To(Peer<R>, ProgressToken, ProgressMark),
     /// Nobody asked for progress on this request: drop it.
     Nowhere,
 }
@@ -24,7 +48,7 @@ enum Route<R: ServiceRole> {
 impl<R: ServiceRole> Clone for Route<R> {
     fn clone(&self) -> Self {
         match self {
-            Route::To(peer, token) => Route::To(peer.clone(), token.clone()),
+            Route::To(peer, token, mark) => Route::To(peer.clone(), token.clone(), mark.clone()),
             Route::Nowhere => Route::Nowhere,
         }
     }
@@ -33,8 +57,9 @@ impl<R: ServiceRole> Clone for Route<R> {
 /// What [`ProgressRoutes::resolve`] found for a token.
 #[derive(Debug)]
 pub enum Resolved<R: ServiceRole> {
-    /// Send to this peer with this token.
-    To(Peer<R>, ProgressToken),
+    /// Send to this peer with this token, through the mark of every route
+    /// to it ([`ProgressMark::forward`]).
+    To(Peer<R>, ProgressToken, ProgressMark),
     /// The request is known but nobody asked for progress.
     Nowhere,
     /// No in-flight request has this token.
@@ -117,8 +142,21 @@ impl<R: ServiceRole> ProgressRoutes<R> {
     /// Routes progress for `ours` to `to` (peer and its token), or nowhere,
     /// until a matching [`remove`](Self::remove).
     pub fn insert(&self, ours: ProgressToken, to: Option<(Peer<R>, ProgressToken)>) {
+        self.insert_marked(
+            ours,
+            to.map(|(peer, token)| (peer, token, ProgressMark::default())),
+        );
+    }
+
+    /// [`insert`](Self::insert), through `mark`: the routes of one request's
+    /// attempts share one.
+    pub fn insert_marked(
+        &self,
+        ours: ProgressToken,
+        to: Option<(Peer<R>, ProgressToken, ProgressMark)>,
+    ) {
         let route = match to {
-            Some((peer, token)) => Route::To(peer, token),
+            Some((peer, token, mark)) => Route::To(peer, token, mark),
             None => Route::Nowhere,
         };
         let mut entries = lock(&self.entries);
@@ -164,7 +202,9 @@ impl<R: ServiceRole> ProgressRoutes<R> {
 
     pub(super) fn lookup(&self, ours: &ProgressToken) -> Resolved<R> {
         match lock(&self.entries).get(ours).and_then(|e| e.route.as_ref()) {
-            Some(Route::To(peer, token)) => Resolved::To(peer.clone(), token.clone()),
+            Some(Route::To(peer, token, mark)) => {
+                Resolved::To(peer.clone(), token.clone(), mark.clone())
+            }
             Some(Route::Nowhere) => Resolved::Nowhere,
             None => Resolved::Unknown,
         }

@@ -201,7 +201,13 @@ async fn every_wait_is_bounded() {
     // A send that never completes: the turn passes all the same.
     let last = routes.received(token(1));
     let started = tokio::time::Instant::now();
-    send_in_turn(Some(next), std::future::pending::<Result<(), String>>()).await;
+    send_in_turn(
+        Some(next),
+        &ProgressMark::default(),
+        1.0,
+        std::future::pending::<Result<(), String>>(),
+    )
+    .await;
     assert_eq!(started.elapsed(), PROGRESS_TURN_LIMIT + PROGRESS_SEND_LIMIT);
     drop(held);
     assert!(last.take_turn().await);

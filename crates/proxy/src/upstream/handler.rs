@@ -211,10 +211,12 @@ impl Service<RoleClient> for UpstreamHandler {
                 };
                 let ours = progress.params.progress_token.clone();
                 match self.shared.progress_up.resolve(&ours).await {
-                    Resolved::To(client, token) => {
+                    Resolved::To(client, token, mark) => {
                         let mut params = progress.params.clone();
                         params.progress_token = token;
-                        send_in_turn(receipt.take(), client.notify_progress(params)).await;
+                        let value = params.progress;
+                        send_in_turn(receipt.take(), &mark, value, client.notify_progress(params))
+                            .await;
                     }
                     Resolved::Nowhere => {}
                     Resolved::Unknown => {

@@ -324,10 +324,13 @@ impl ServerHandler for ProxyServer {
         let Some((_, routes)) = self.session.downstream.get() else {
             return;
         };
-        if let Resolved::To(server, token) = routes.resolve(&notification.progress_token).await {
+        if let Resolved::To(server, token, mark) =
+            routes.resolve(&notification.progress_token).await
+        {
             let mut params = notification;
             params.progress_token = token;
-            send_in_turn(receipt, server.notify_progress(params)).await;
+            let value = params.progress;
+            send_in_turn(receipt, &mark, value, server.notify_progress(params)).await;
         }
     }
 
