@@ -142,6 +142,7 @@ impl ServerHandler for TestServer {
                 "task",
                 "steps_then_wait",
                 "added",
+                "meta_keys",
             ]
             .into_iter()
             .filter(|name| *name != "added" || self.lists_added.load(Ordering::SeqCst))
@@ -200,6 +201,12 @@ impl ServerHandler for TestServer {
             "echo" => Ok(
                 CallToolResult::success(vec![ContentBlock::text(format!("Echo: {arg}"))]).into(),
             ),
+            // The `_meta` keys the request reached the server with.
+            "meta_keys" => {
+                let mut keys: Vec<&str> = context.meta.keys().map(String::as_str).collect();
+                keys.sort_unstable();
+                Ok(CallToolResult::success(vec![ContentBlock::text(keys.join(","))]).into())
+            }
             "slow" => {
                 context.ct.cancelled().await;
                 self.cancelled.fetch_add(1, Ordering::SeqCst);
@@ -547,7 +554,7 @@ async fn a_session_through_the_proxy() {
     let tools = h.request(1, "tools/list", json!({})).await;
     assert_eq!(
         tools["result"]["tools"].as_array().unwrap().len(),
-        11,
+        12,
         "{tools}"
     );
     assert_eq!(
@@ -1147,6 +1154,30 @@ async fn a_client_without_a_session_is_not_sent_the_servers_requests() {
             "{version}: {messages:?}"
         );
     }
+    proxy.finish().await;
+}
+
+/// Each hop negotiates its own protocol: a 2026-07-28 client's per-request
+/// envelope (its version, capabilities and identity in `_meta`) describes
+/// it to the proxy, not the proxy to the server. Forwarded as it was, a
+/// server initialized with the handshake (the Python SDK) refused every
+/// sessionless call: "requests carrying the 2026-07-28 envelope are not
+/// accepted on it".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessionless_clients_envelope_is_not_forwarded_upstream() {
+    let proxy = HttpHarness::start().await;
+    let messages = bounded(
+        "a sessionless call that reports its _meta keys",
+        proxy.call_without_session("2026-07-28", 1, "meta_keys"),
+    )
+    .await;
+    let (answers, _) = answers_and_requests(&messages, 1);
+    assert_eq!(answers.len(), 1, "{messages:?}");
+    let keys = answers[0]["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{messages:?}"));
+    assert!(!keys.contains("io.modelcontextprotocol/"), "{keys}");
+    assert!(keys.contains("progressToken"), "rmcp's own token: {keys}");
     proxy.finish().await;
 }
 

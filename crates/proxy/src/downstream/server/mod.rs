@@ -92,6 +92,15 @@ use crate::progress::{ProgressRoutes, RouteGuard};
 pub use self::answers::error_data;
 pub use self::core::ProxyCore;
 
+/// The `_meta` members of a 2026-07-28 request that describe its client to
+/// the hop it is sent over (the logging level is the request's own, and
+/// goes on).
+const CLIENT_ENVELOPE: [&str; 3] = [
+    "io.modelcontextprotocol/protocolVersion",
+    "io.modelcontextprotocol/clientInfo",
+    "io.modelcontextprotocol/clientCapabilities",
+];
+
 /// One downstream session: its key for the layers (loop guard per session)
 /// and its registration for server→client traffic.
 struct Session {
@@ -334,7 +343,8 @@ impl ProxyServer {
         Ok(())
     }
 
-    /// Puts the request's `_meta` back (rmcp moved it into the context),
+    /// Puts the request's `_meta` back (rmcp moved it into the context)
+    /// without the client's 2026-07-28 envelope ([`CLIENT_ENVELOPE`]),
     /// routes progress for it to this client, and records it as this
     /// session's, so that what the server asks while handling it is asked
     /// of this client (see [`Downstreams::target_of`]). Keep both guards
@@ -347,6 +357,13 @@ impl ProxyServer {
     ) -> (RouteGuard<RoleServer>, CauseGuard) {
         let upstream = member.map_or(&self.core.upstream, Member::upstream);
         *request.get_meta_mut() = context.meta.clone();
+        // A 2026-07-28 client's envelope describes it to the proxy, not the
+        // proxy to the server: each hop has its own (rmcp writes the
+        // upstream hop's when that hop is a 2026-07-28 one). A server
+        // initialized with the handshake refuses a request carrying one.
+        for key in CLIENT_ENVELOPE {
+            request.get_meta_mut().remove(key);
+        }
         let caller = Caller {
             session: self.session.number,
             client: self.session.downstream.get().map(|(id, _)| *id),
