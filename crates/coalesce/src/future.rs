@@ -14,6 +14,11 @@ use toolwarden_core::{BoxError, McpResponse};
 use crate::call::SharedCall;
 use crate::error::SharedFailure;
 
+/// A follower's own call, made should the shared call answer with a task
+/// (a task is its creator's: its id is no answer for another caller).
+pub(crate) type Recall<T> =
+    Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = Result<T, BoxError>> + Send>> + Send>;
+
 /// A caller of a shared call: it polls the call, or waits for the answer.
 /// Dropped before the answer, it leaves the call, which the last caller to
 /// leave drops.
@@ -58,6 +63,11 @@ pin_project! {
         },
         Shared {
             waiter: Waiter<F>,
+            // A follower's own call, for a task answer (the leader has none).
+            recall: Option<Recall<F::Ok>>,
+        },
+        Recalled {
+            future: Pin<Box<dyn Future<Output = Result<F::Ok, BoxError>> + Send>>,
         },
     }
 }
@@ -71,13 +81,19 @@ impl<F: TryFuture> ResponseFuture<F> {
         }
     }
 
-    pub(crate) fn shared(call: Arc<SharedCall<F>>, place: usize, id: Option<Id>) -> Self {
+    pub(crate) fn shared(
+        call: Arc<SharedCall<F>>,
+        place: usize,
+        id: Option<Id>,
+        recall: Option<Recall<F::Ok>>,
+    ) -> Self {
         ResponseFuture {
             state: State::Shared {
                 waiter: Waiter {
                     call: Some(call),
                     place,
                 },
+                recall,
             },
             id,
         }
@@ -110,10 +126,11 @@ where
     type Output = Result<F::Ok, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        match this.state.project() {
-            StateProj::Direct { future } => future.try_poll(cx).map_err(Into::into),
-            StateProj::Shared { waiter } => {
+        let mut this = self.project();
+        let recalled = match this.state.as_mut().project() {
+            StateProj::Direct { future } => return future.try_poll(cx).map_err(Into::into),
+            StateProj::Recalled { future } => return future.as_mut().poll(cx),
+            StateProj::Shared { waiter, recall } => {
                 let Some(call) = waiter.call.as_ref() else {
                     polled_after_completion()
                 };
@@ -124,8 +141,17 @@ where
                 // Answered: this caller holds the call no more (its slot in
                 // the map stays, closed, for the next call with its key).
                 waiter.call = None;
-                Poll::Ready(copy_for(output, this.id.as_ref()))
+                match (output, recall.take()) {
+                    // The server made a task of the call: the leader's.
+                    (Ok(response), Some(recall)) if response.is_task() => recall(),
+                    (output, _) => return Poll::Ready(copy_for(output, this.id.as_ref())),
+                }
             }
+        };
+        this.state.set(State::Recalled { future: recalled });
+        match this.state.project() {
+            StateProj::Recalled { future } => future.as_mut().poll(cx),
+            _ => polled_after_completion(),
         }
     }
 }
@@ -141,6 +167,7 @@ impl<F: TryFuture> fmt::Debug for ResponseFuture<F> {
         let state = match &self.state {
             State::Direct { .. } => "Direct",
             State::Shared { .. } => "Shared",
+            State::Recalled { .. } => "Recalled",
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)

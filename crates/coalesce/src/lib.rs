@@ -23,6 +23,17 @@
 //!   equivalent error (a copy of the same type for toolwarden's own
 //!   errors and JSON-RPC errors, else a [`SharedFailure`] whose source is
 //!   the failure).
+//! - **A task is its creator's**: when the server answers the shared call
+//!   with a task ([`McpResponse::is_task`](toolwarden_core::McpResponse::is_task)),
+//!   the caller whose request went upstream gets it, and every other caller
+//!   then makes its own call (its id would be no answer for them: a proxy
+//!   lets only a task's creator read or cancel it). Those callers' requests
+//!   are kept for this, with a clone of the inner service, so the service
+//!   is `Clone` and requests and service are `Send + 'static`.
+//! - **Progress is the caller's whose request went upstream**: a caller
+//!   that joins gets the answer, and no progress notifications (its token
+//!   was never sent). Leave a tool whose progress matters to every caller
+//!   out of coalescing.
 //! - **A caller that leaves does not cancel the call of the others**: the
 //!   call (its inner future, boxed) is shared by every caller waiting for
 //!   it, and whichever caller is polled polls it; the inner future holds the

@@ -8,7 +8,7 @@ use toolwarden_core::{call_fingerprint, BoxError, Event, McpRequest, McpResponse
 use tower_service::Service;
 
 use crate::call::LEADER;
-use crate::future::ResponseFuture;
+use crate::future::{Recall, ResponseFuture};
 use crate::inflight::{CallKey, ErasedMap, InFlight, Joined};
 use crate::layer::{CoalesceLayer, Shared};
 
@@ -92,8 +92,8 @@ impl<S> Coalesce<S> {
 
 impl<S, R> Service<R> for Coalesce<S>
 where
-    R: McpRequest,
-    S: Service<R>,
+    R: McpRequest + Send + 'static,
+    S: Service<R> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     S::Response: McpResponse + Clone + Send + Sync + 'static,
@@ -126,8 +126,8 @@ impl<S> Coalesce<S> {
     #[inline(never)]
     fn call_shared<R>(&mut self, mut request: R) -> ResponseFuture<S::Future>
     where
-        R: McpRequest,
-        S: Service<R>,
+        R: McpRequest + Send + 'static,
+        S: Service<R> + Clone + Send + 'static,
         S::Error: Into<BoxError>,
         S::Future: Send + 'static,
         S::Response: McpResponse + Clone + Send + Sync + 'static,
@@ -164,7 +164,7 @@ impl<S> Coalesce<S> {
         match joined {
             // The inner service answered the leader's own request: its
             // answer carries the leader's id already.
-            Joined::Leader(call) => ResponseFuture::shared(call, LEADER, None),
+            Joined::Leader(call) => ResponseFuture::shared(call, LEADER, None, None),
             Joined::Follower(call, place) => {
                 let id = pending.as_ref().and_then(|request| {
                     self.shared.config.events.emit(&Event::Coalesced {
@@ -172,7 +172,10 @@ impl<S> Coalesce<S> {
                     });
                     request.request_id().cloned()
                 });
-                ResponseFuture::shared(call, place, id)
+                let recall = pending
+                    .take()
+                    .map(|request| recall(self.inner.clone(), request));
+                ResponseFuture::shared(call, place, id, recall)
             }
             Joined::Alone => match pending.take() {
                 Some(request) => ResponseFuture::direct(self.inner.call(request)),
@@ -180,6 +183,26 @@ impl<S> Coalesce<S> {
             },
         }
     }
+}
+
+/// A follower's own call of `service` with `request`, should the shared
+/// call answer with a task: made only then (waiting for the service's
+/// readiness first, as a call must).
+fn recall<S, R>(mut service: S, request: R) -> Recall<S::Response>
+where
+    R: Send + 'static,
+    S: Service<R> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    Box::new(move || {
+        Box::pin(async move {
+            futures_util::future::poll_fn(|cx| service.poll_ready(cx))
+                .await
+                .map_err(Into::into)?;
+            service.call(request).await.map_err(Into::into)
+        })
+    })
 }
 
 #[cold]

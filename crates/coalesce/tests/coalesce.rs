@@ -102,6 +102,55 @@ async fn identical_calls_share_one_call_and_each_gets_its_own_id() {
     assert_eq!(mock.calls("weather"), 2);
 }
 
+/// A task the server made of the shared call is the leader's (its id is
+/// its creator's: the proxy refused the follower's `tasks/get` as another
+/// session's task). Each follower then makes its own call, and gets a task
+/// of its own.
+#[tokio::test(start_paused = true)]
+async fn a_task_answer_is_the_leaders_followers_make_their_own_call() {
+    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
+    let task = |id: &str| {
+        Step::Result(json!({"resultType": "task", "taskId": id, "status": "working"}))
+            .after(ms(100))
+    };
+    mock.push("search", [task("task-1"), task("task-2"), task("task-3")]);
+    let q = json!({"q": "tower"});
+    let a = start(&mut svc, call(1, "search", q.clone())).await;
+    let b = start(&mut svc, call(2, "search", q.clone())).await;
+    let c = start(&mut svc, call(3, "search", q)).await;
+    let (a, b, c) = tokio::join!(a, b, c);
+    let ids: Vec<(Id, String)> = [a, b, c]
+        .into_iter()
+        .map(|r| {
+            let r = r.unwrap();
+            let task = r.payload.as_ref().unwrap()["taskId"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (r.id, task)
+        })
+        .collect();
+    assert_eq!(ids[0], (Id::Number(1), "task-1".to_owned()));
+    let mut others: Vec<&str> = ids[1..].iter().map(|(_, task)| task.as_str()).collect();
+    others.sort_unstable();
+    assert_eq!(others, ["task-2", "task-3"], "{ids:?}");
+    assert_eq!([&ids[1].0, &ids[2].0], [&Id::Number(2), &Id::Number(3)]);
+    assert_eq!(
+        mock.calls("search"),
+        3,
+        "one shared call, then one per follower"
+    );
+
+    // A result that is no task is still shared.
+    let (a, b) = tokio::join!(
+        start(&mut svc, call(4, "search", json!({"q": "x"}))).await,
+        start(&mut svc, call(5, "search", json!({"q": "x"}))).await,
+    );
+    assert_eq!(a.unwrap().first_text().unwrap(), "search answered");
+    assert_eq!(b.unwrap().id, Id::Number(5));
+    assert_eq!(mock.calls("search"), 4);
+}
+
 #[tokio::test(start_paused = true)]
 async fn different_arguments_tools_and_unsafe_tools_are_not_shared() {
     let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());

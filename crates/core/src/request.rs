@@ -251,6 +251,14 @@ pub trait McpResponse {
     /// `resultType: "input_required"`); that is not a failure.
     fn is_input_required(&self) -> bool;
 
+    /// Whether the result is a task the server created for the call
+    /// (`resultType: "task"`, or a 2025-11-25 `CreateTaskResult`): its id is
+    /// its creator's, so the answer is not one to hand to another caller.
+    /// The default: never.
+    fn is_task(&self) -> bool {
+        false
+    }
+
     /// A member of the result's `_meta` object. The default has none: a
     /// type that cannot carry `_meta` cannot carry a rendered outcome
     /// either, so its rendered failures are classified by their text.
@@ -354,6 +362,13 @@ impl McpResponse for jsonrpc::Response {
         self.payload
             .as_ref()
             .is_ok_and(|r| r.get("resultType").and_then(Value::as_str) == Some("input_required"))
+    }
+
+    fn is_task(&self) -> bool {
+        self.payload.as_ref().is_ok_and(|r| {
+            r.get("resultType").and_then(Value::as_str) == Some("task")
+                || r.get("task").and_then(|t| t.get("taskId")).is_some()
+        })
     }
 
     fn tool_result_status(&self) -> ToolResultStatus {

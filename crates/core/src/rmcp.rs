@@ -122,6 +122,10 @@ impl McpResponse for ServerResult {
         }
     }
 
+    fn is_task(&self) -> bool {
+        matches!(self, ServerResult::CreateTaskResult(_))
+    }
+
     fn first_text(&self) -> Option<Cow<'_, str>> {
         call_result(self)?
             .content
