@@ -125,6 +125,8 @@ pin_project! {
         call: Option<(S, R)>,
         compartment: Arc<Compartment>,
         key: Arc<str>,
+        // What a refusal calls the key (`KeyRef::subject`).
+        subject: String,
         shared: Arc<Shared>,
         classifier: Option<C>,
     }
@@ -153,7 +155,7 @@ impl<S: Service<R>, R, C> ResponseFuture<S, R, C> {
         service: S,
         request: R,
         compartment: Arc<Compartment>,
-        key: Arc<str>,
+        (key, subject): (Arc<str>, String),
         shared: Arc<Shared>,
         max_wait: Duration,
         classifier: Option<C>,
@@ -171,6 +173,7 @@ impl<S: Service<R>, R, C> ResponseFuture<S, R, C> {
                     call: Some((service, request)),
                     compartment,
                     key,
+                    subject,
                     shared,
                     classifier,
                 }),
@@ -224,7 +227,8 @@ where
                     if !expired {
                         return Poll::Pending;
                     }
-                    let refusal = this.shared.reject(this.key, this.compartment);
+                    let subject = std::mem::take(this.subject);
+                    let refusal = this.shared.reject(this.key, subject, this.compartment);
                     return Poll::Ready(Err(refusal.into()));
                 }
             }

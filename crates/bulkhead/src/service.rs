@@ -136,10 +136,12 @@ impl<S, C: Clone> Bulkhead<S, C> {
         R: McpRequest,
         S: Service<R> + Clone,
     {
-        let key: Arc<str> = self.shared.key_by.key(&request).to_string().into();
+        let key_ref = self.shared.key_by.key(&request);
+        let key: Arc<str> = key_ref.to_string().into();
+        let subject = key_ref.subject();
         let max_wait = compartment.limits.max_wait;
         if max_wait.is_zero() {
-            return ResponseFuture::refused(self.shared.reject(&key, &compartment));
+            return ResponseFuture::refused(self.shared.reject(&key, subject, &compartment));
         }
         // Give up the readiness `poll_ready` reserved: the call waits
         // holding nothing of the service below.
@@ -151,7 +153,7 @@ impl<S, C: Clone> Bulkhead<S, C> {
             service,
             request,
             compartment,
-            key,
+            (key, subject),
             Arc::clone(&self.shared),
             max_wait,
             classifier,

@@ -265,7 +265,12 @@ impl Shared {
 
     /// The refusal of a call to `key`, reported as an event.
     #[cold]
-    pub(crate) fn reject(&self, key: &str, compartment: &Compartment) -> BulkheadFull {
+    pub(crate) fn reject(
+        &self,
+        key: &str,
+        subject: String,
+        compartment: &Compartment,
+    ) -> BulkheadFull {
         let retry_after = compartment.retry_after();
         // The cap the call found full (an adaptive one's, as it stands).
         let max_concurrent = compartment.cap();
@@ -274,6 +279,6 @@ impl Shared {
             max_concurrent,
             retry_after,
         });
-        BulkheadFull::new(key, max_concurrent, retry_after)
+        BulkheadFull::new(key, max_concurrent, retry_after).with_subject(subject)
     }
 }

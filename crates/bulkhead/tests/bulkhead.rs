@@ -300,6 +300,12 @@ async fn per_tool_overrides_server_key_and_sessions() {
     let b = tokio::spawn(start(&mut svc, call("b")).await);
     let refused = full(start(&mut svc, call("c")).await.await);
     assert_eq!(refused.key(), "*");
+    // The advice names what is busy for a reader, not by the key's syntax.
+    assert!(
+        toolwarden_core::Rejection::advice(&refused).starts_with("the server is busy (2 calls"),
+        "{}",
+        toolwarden_core::Rejection::advice(&refused)
+    );
     // Requests other than tools/call are never capped.
     let list = Request::new(2, "tools/list", None);
     start(&mut svc, list).await.await.unwrap();
@@ -320,9 +326,13 @@ async fn per_tool_overrides_server_key_and_sessions() {
     };
     let one = tokio::spawn(start(&mut svc, in_session("s1")).await);
     let two = tokio::spawn(start(&mut svc, in_session("s2")).await);
-    assert_eq!(
-        full(start(&mut svc, in_session("s1")).await.await).key(),
-        "s1/a"
+    let refused = full(start(&mut svc, in_session("s1")).await.await);
+    assert_eq!(refused.key(), "s1/a");
+    // It said `s1/a is busy`: the session's key is no name for the model.
+    assert!(
+        toolwarden_core::Rejection::advice(&refused).starts_with("a in this session is busy"),
+        "{}",
+        toolwarden_core::Rejection::advice(&refused)
     );
     one.await.unwrap().unwrap();
     two.await.unwrap().unwrap();

@@ -116,6 +116,21 @@ impl papaya::Equivalent<Key> for KeyRef<'_> {
     }
 }
 
+impl KeyRef<'_> {
+    /// What the key is, for a person or a model reading a refusal: the
+    /// tool, `the server`, `search in this session`, the custom key.
+    #[must_use]
+    pub fn subject(&self) -> String {
+        match self {
+            KeyRef::Server => "the server".to_owned(),
+            KeyRef::Tool(t) => (*t).to_owned(),
+            KeyRef::SessionTool(_, t) => format!("{t} in this session"),
+            KeyRef::Custom(c) => c.to_string(),
+            KeyRef::Overflow => "the calls past the tracked keys".to_owned(),
+        }
+    }
+}
+
 impl fmt::Display for KeyRef<'_> {
     /// `*` for the server, the tool name, `session/tool`, the custom key, or `(overflow)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

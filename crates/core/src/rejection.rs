@@ -184,6 +184,8 @@ impl Rejection for RateLimited {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BulkheadFull {
     key: Arc<str>,
+    /// What the advice calls the key ([`KeyRef::subject`](crate::KeyRef::subject)).
+    subject: Arc<str>,
     max_concurrent: u32,
     retry_after: Duration,
 }
@@ -193,11 +195,21 @@ impl BulkheadFull {
     /// is expected to come free after `retry_after` (an estimate from the
     /// key's recent call durations).
     pub fn new(key: impl Into<Arc<str>>, max_concurrent: u32, retry_after: Duration) -> Self {
+        let key = key.into();
         BulkheadFull {
-            key: key.into(),
+            subject: Arc::clone(&key),
+            key,
             max_concurrent,
             retry_after,
         }
+    }
+
+    /// The refusal, its advice naming the key as `subject` (`search in this
+    /// session` for the key `session-1/search`); by default the key itself.
+    #[must_use]
+    pub fn with_subject(mut self, subject: impl Into<Arc<str>>) -> Self {
+        self.subject = subject.into();
+        self
     }
 
     /// The bulkhead key (the tool name with the default key function).
@@ -237,7 +249,7 @@ impl Rejection for BulkheadFull {
     fn advice(&self) -> String {
         format!(
             "{} is busy ({} calls already in flight) and was not called; retry after {}",
-            self.key,
+            self.subject,
             self.max_concurrent,
             secs(self.retry_after)
         )
