@@ -223,6 +223,33 @@ async fn per_session_each_client_has_an_upstream_of_its_own() {
     h.finish().await;
 }
 
+/// Each session's server answers from its own state, so one session's
+/// answer must never serve another's call: the fallback cache (here in
+/// fresh mode) served Alice's stored `recall` to Bob. Shared, one answer
+/// serves both, as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_a_cached_answer_is_its_sessions_only() {
+    let config = |mode: &str| {
+        format!(
+            "[upstream]\nsession_mode = \"{mode}\"\n[fallback_cache]\nfresh_ttl = \"60s\"\n\
+             [tools.\"recall\"]\ncacheable = true\n"
+        )
+    };
+    for (mode, bob_recalls) in [("per_session", "b"), ("shared", "a")] {
+        let h = Harness::start(&config(mode)).await;
+        let alice = h.session().await;
+        let bob = h.session().await;
+        assert_eq!(call(&alice, "remember", json!({"value": "a"})).await, "ok");
+        assert_eq!(call(&alice, "recall", json!({})).await, "a");
+        if mode == "per_session" {
+            assert_eq!(call(&bob, "remember", json!({"value": "b"})).await, "ok");
+        }
+        assert_eq!(call(&bob, "recall", json!({})).await, bob_recalls, "{mode}");
+        drop((alice, bob));
+        h.finish().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_every_client_shares_one_upstream() {
     let h = Harness::start("").await;
