@@ -642,19 +642,28 @@ impl Breaker {
                 return; // the fast path: nothing would change
             }
         }
+        // A probe past its `probe_timeout` was counted as one failed probe
+        // when it timed out (or is, just below): its own outcome is not
+        // counted again, in the totals either.
+        let timed_out_probe = ticket.probe && {
+            let timeout = u64::try_from(config.probe_timeout.as_nanos()).unwrap_or(u64::MAX);
+            self.ns_since_epoch(now.get()) >= ticket.probe_start.saturating_add(timeout)
+        };
         let mut change = None;
         {
             let mut rec = self.record.lock();
-            if counted_failure {
-                rec.totals.failed += 1;
-            } else if !success {
-                rec.totals.ignored += 1;
-            }
-            if slow {
-                rec.totals.slow += 1;
-            }
-            if !success {
-                rec.recent.push(outcome);
+            if !timed_out_probe {
+                if counted_failure {
+                    rec.totals.failed += 1;
+                } else if !success {
+                    rec.totals.ignored += 1;
+                }
+                if slow {
+                    rec.totals.slow += 1;
+                }
+                if !success {
+                    rec.recent.push(outcome);
+                }
             }
             let word = self.word.load(Ordering::Acquire);
             if epoch_of(word) != ticket.epoch {

@@ -1152,10 +1152,14 @@ async fn a_probe_that_never_ends_times_out_and_reopens_the_circuit() {
     );
     assert_eq!(up.calls(), 2);
 
-    // The late answer of the timed-out probe counts for nothing.
-    up.pop().unwrap().answer(Reply::Ok);
+    // The late answer of the timed-out probe counts for nothing, in the
+    // totals too (a late failure made the one probe two failures).
+    up.pop().unwrap().answer(Reply::ServerError);
     hung.await.unwrap();
     assert_eq!(registry.state("t"), Some(CircuitState::Open));
+    let snap = registry.circuit("t").unwrap();
+    assert_eq!(snap.totals.failed, 2, "{:?}", snap.totals);
+    assert_eq!(snap.totals.slow, 0, "{:?}", snap.totals);
 
     // After the open period a new probe passes and closes the circuit.
     tokio::time::advance(secs(50)).await;
