@@ -14,7 +14,7 @@ use toolwarden_core::BoxError;
 /// | rmcp | core | class |
 /// |---|---|---|
 /// | `McpError(ErrorData)` | [`ErrorObject`] (same code, message, data) | by code |
-/// | `TransportSend` of an HTTP 429 or 5xx, or of a 401 / 403 with a `WWW-Authenticate` challenge (feature `reqwest`: rmcp's Streamable HTTP client over reqwest) | [`HttpStatusError`] (status, `Retry-After`) | 429, 502–504 `Transient` with the hint; other 5xx `Server`; 401, 403 `Client` |
+/// | `TransportSend` of an HTTP 429 or 5xx, of a 401 / 403 with a `WWW-Authenticate` challenge, or of another 4xx but 400 and 404 (feature `reqwest`: rmcp's Streamable HTTP client over reqwest) | [`HttpStatusError`] (status, `Retry-After`) | 429, 502–504 `Transient` with the hint; other 5xx `Server`; other 4xx `Client` |
 /// | `TransportSend`, `TransportClosed`, `Cancelled` | [`TransportError`] `Closed` | `Transient` |
 /// | `Timeout { timeout }` | [`CallTimedOut`] | `Transient` |
 /// | anything else | the `ServiceError` itself | `Server` |
@@ -74,8 +74,27 @@ fn http_status(error: &(dyn std::error::Error + 'static)) -> Option<HttpStatusEr
             status: 403,
             retry_after: None,
         }),
+        StreamableHttpError::UnexpectedServerResponse(message) => {
+            unexpected_status(message).map(|status| HttpStatusError {
+                status,
+                retry_after: None,
+            })
+        }
         _ => None,
     }
+}
+
+/// The status of a 4xx answer rmcp reports only in its message (`HTTP 422
+/// Unprocessable Entity: <body>`): any but 429 (a status error already),
+/// 400 and 404, which a Streamable HTTP server answers for a session it
+/// lost (the proxy reconnects; the call stays transient). Without it a
+/// 409, 413 or 422, the server refusing the request itself, was a closed
+/// connection: retried, counted by the breaker, read as temporary.
+#[cfg(feature = "reqwest")]
+fn unexpected_status(message: &str) -> Option<u16> {
+    let digits = message.strip_prefix("HTTP ")?.get(..3)?;
+    let status: u16 = digits.parse().ok()?;
+    ((400..500).contains(&status) && !matches!(status, 400 | 404 | 429)).then_some(status)
 }
 
 #[cfg(not(feature = "reqwest"))]
@@ -184,6 +203,42 @@ mod tests {
             (o.class, o.retry_after),
             (Some(FailureClass::Transient), None)
         );
+    }
+
+    /// A 4xx that rmcp reports only as an unexpected response: a client
+    /// failure (not retried, not counted by a breaker), as MCP.md says;
+    /// 400 and 404 (a lost session) and anything unreadable stay a
+    /// transport failure.
+    #[cfg(feature = "reqwest")]
+    #[test]
+    fn other_4xx_statuses_are_client_failures() {
+        use rmcp::transport::streamable_http_client::StreamableHttpError;
+        let unexpected = |message: &'static str| {
+            classify(failed_send(StreamableHttpError::UnexpectedServerResponse(
+                message.into(),
+            )))
+        };
+        for message in [
+            "HTTP 409 Conflict: busy editing",
+            "HTTP 413 Payload Too Large: ",
+            "HTTP 422 Unprocessable Entity: {\"detail\": \"bad\"}",
+        ] {
+            let o = unexpected(message);
+            assert_eq!(
+                (o.kind, o.class),
+                (OutcomeKind::Transport, Some(FailureClass::Client)),
+                "{message}"
+            );
+        }
+        for message in [
+            "HTTP 404 Not Found: no such session",
+            "HTTP 400 Bad Request: ",
+            "HTTP 4",
+            "expected a JSON-RPC message, got {",
+        ] {
+            let o = unexpected(message);
+            assert_eq!(o.class, Some(FailureClass::Transient), "{message}");
+        }
     }
 
     #[cfg(feature = "reqwest")]
