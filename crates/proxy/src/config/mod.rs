@@ -192,6 +192,25 @@ impl Config {
             // Its errors are named `redis.<key>` already.
             redis.validate()?;
         }
+        // Requests other than `tools/call` go straight upstream, past the
+        // tool stack: the keys that act only on them would do nothing.
+        let methods_only = [
+            (
+                "rate_limit.limit_all_methods",
+                self.rate_limit.limit_all_methods == Some(true),
+            ),
+            (
+                "retry.safe_methods",
+                self.retry.safe_methods.as_ref().is_some_and(|m| !m.is_empty()),
+            ),
+        ];
+        if let Some((key, _)) = methods_only.iter().find(|(_, set)| *set) {
+            return Err(ConfigError::new(
+                *key,
+                "has no effect in the proxy: requests other than tools/call go straight \
+                 upstream, past the tool stack (bounded by limits.request_timeout)",
+            ));
+        }
         if self.upstream.session_mode == SessionMode::PerSession {
             // Each session's upstream answers from state of its own: its
             // answers are not another session's.

@@ -482,6 +482,23 @@ fn session_mode_is_shared_unless_per_session_is_asked_for() {
     );
 }
 
+/// The keys that act only on requests other than `tools/call` would do
+/// nothing in the proxy (those go straight upstream): refused, not
+/// accepted and ignored.
+#[test]
+fn keys_for_other_methods_are_refused_as_they_would_do_nothing() {
+    assert_eq!(
+        key_of("[rate_limit]\nlimit_all_methods = true\n"),
+        "rate_limit.limit_all_methods"
+    );
+    assert_eq!(
+        key_of("[retry]\nsafe_methods = [\"tools/list\"]\n"),
+        "retry.safe_methods"
+    );
+    parse("[rate_limit]\nlimit_all_methods = false\n[retry]\nsafe_methods = []\n")
+        .expect("saying they are off is fine");
+}
+
 /// Each session's upstream answers from state of its own, so one
 /// session's answer must never serve another's call: coalescing joined
 /// calls across sessions (session B got session A's upstream's answer)
