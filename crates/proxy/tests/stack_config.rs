@@ -274,14 +274,6 @@ fn cross_field_rules_name_the_proxys_keys() {
             "upstream.attempt_timeout, retry.deadline",
         ),
         (
-            "[tools.\"x\".retry]\ndeadline = \"1s\"\n",
-            "upstream.attempt_timeout, tools.\"x\".retry.deadline",
-        ),
-        (
-            "[rate_limit]\nmode = { max_wait = \"20s\" }\n[tools.\"x\".retry]\ndeadline = \"12s\"\n",
-            "rate_limit.mode.max_wait, tools.\"x\".retry.deadline",
-        ),
-        (
             "[circuit_breaker]\nslow_call_duration = \"10s\"\n",
             "circuit_breaker.slow_call_duration, upstream.attempt_timeout",
         ),

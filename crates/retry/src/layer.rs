@@ -88,22 +88,6 @@ impl<C> RetryBackoffLayer<C> {
         self.shared.policy.call.deadline
     }
 
-    /// The shortest deadline any call may have, and the tool whose override
-    /// sets it (`None`: the layer's own [`deadline`](Self::deadline)). A
-    /// stack checks what must fit in a call's deadline against it.
-    #[must_use]
-    pub fn shortest_deadline(&self) -> (Duration, Option<&str>) {
-        let policy = &self.shared.policy;
-        policy
-            .tools
-            .deadlines()
-            .filter(|(_, deadline)| *deadline < policy.call.deadline)
-            .min_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(b.0)))
-            .map_or((policy.call.deadline, None), |(tool, deadline)| {
-                (deadline, Some(tool))
-            })
-    }
-
     /// Whole retries the budget allows right now for `request` (for its key,
     /// with a per-key budget); `None` without a budget.
     #[must_use]

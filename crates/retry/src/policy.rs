@@ -112,14 +112,6 @@ impl ToolPolicies {
     pub(crate) fn is_empty(&self) -> bool {
         self.by_name.is_empty()
     }
-
-    /// Each tool's deadline.
-    pub(crate) fn deadlines(&self) -> impl Iterator<Item = (&str, Duration)> {
-        self.by_name.iter().filter_map(|(tool, &PolicyIndex(n))| {
-            let policy = self.policies.get(n.checked_sub(1)? as usize)?;
-            Some((&**tool, policy.deadline))
-        })
-    }
 }
 
 /// Everything but the budget that decides a retry.

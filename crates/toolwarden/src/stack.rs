@@ -677,18 +677,6 @@ impl StandardStackBuilder {
             .build()
             .map_err(|e| e.in_section("retry"))?;
         let deadline = retry.deadline();
-        // What must fit in every call's deadline is checked against the
-        // shortest, a tool's own included.
-        let (shortest, shortest_tool) = retry.shortest_deadline();
-        let shortest_field = shortest_tool.map_or_else(
-            || "retry.deadline".to_owned(),
-            |tool| {
-                format!(
-                    "retry.{}.deadline",
-                    toolwarden_core::overrides::tool_section(tool)
-                )
-            },
-        );
         let retry = kept(StackLayer::Retry).map_or(retry, |p| p.retry.clone());
         if let Some(stack_deadline) = self.retry_deadline.filter(|d| *d != deadline) {
             return Err(ConfigError::new(
@@ -698,21 +686,21 @@ impl StandardStackBuilder {
                 ),
             ));
         }
-        if on(StackLayer::Retry) && self.attempt_timeout > shortest {
+        if on(StackLayer::Retry) && self.attempt_timeout > deadline {
             return Err(ConfigError::new(
-                format!("attempt_timeout, {shortest_field}"),
+                "attempt_timeout, retry.deadline",
                 format!(
-                    "one attempt ({:?}) may not outlast the whole retry deadline ({shortest:?})",
+                    "one attempt ({:?}) may not outlast the whole retry deadline ({deadline:?})",
                     self.attempt_timeout
                 ),
             ));
         }
         if let Mode::Wait { max_wait } = rate_limit.mode() {
-            if on(StackLayer::RateLimit) && on(StackLayer::Retry) && max_wait >= shortest {
+            if on(StackLayer::RateLimit) && on(StackLayer::Retry) && max_wait >= deadline {
                 return Err(ConfigError::new(
-                    format!("rate_limit.mode.max_wait, {shortest_field}"),
+                    "rate_limit.mode.max_wait, retry.deadline",
                     format!(
-                        "waiting for a token ({max_wait:?}) would use up the whole retry deadline ({shortest:?})"
+                        "waiting for a token ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
                     ),
                 ));
             }
@@ -772,11 +760,11 @@ impl StandardStackBuilder {
             .filter(|_| bulkhead.is_some())
             .or(bulkhead);
         if let Some(max_wait) = bulkhead.as_ref().map(BulkheadLayer::longest_max_wait) {
-            if on(StackLayer::Bulkhead) && on(StackLayer::Retry) && max_wait >= shortest {
+            if on(StackLayer::Bulkhead) && on(StackLayer::Retry) && max_wait >= deadline {
                 return Err(ConfigError::new(
-                    format!("bulkhead.max_wait, {shortest_field}"),
+                    "bulkhead.max_wait, retry.deadline",
                     format!(
-                        "waiting for a place ({max_wait:?}) would use up the whole retry deadline ({shortest:?})"
+                        "waiting for a place ({max_wait:?}) would use up the whole retry deadline ({deadline:?})"
                     ),
                 ));
             }
