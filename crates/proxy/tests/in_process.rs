@@ -1353,6 +1353,70 @@ async fn the_initialize_answer_and_the_get_stream_are_primed_for_2025_11_25_clie
     proxy.finish().await;
 }
 
+/// A session holds at most two GET streams open (the one it reads, one
+/// more while it replaces it): rmcp kept up to 32 more alive, sent
+/// nothing, and one client with a few sessions held every connection the
+/// proxy serves. The third is refused `409`; one closed, there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_holds_at_most_two_get_streams() {
+    let proxy = HttpHarness::start().await;
+    let mut first = support::KeepAlive::connect(proxy.port).await;
+    bounded("a session", first.open_session()).await;
+    let session = first.session().unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let mut client = support::KeepAlive::connect(proxy.port)
+            .await
+            .in_session(session.clone());
+        let (head, _) = bounded(
+            "a GET stream",
+            client.get_stream(Duration::from_millis(100)),
+        )
+        .await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        streams.push(client);
+    }
+    let mut third = support::KeepAlive::connect(proxy.port)
+        .await
+        .in_session(session.clone());
+    let (head, body) = bounded(
+        "a third GET stream",
+        third.get_stream(Duration::from_millis(100)),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 409"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("GET streams open"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    // Another session has its own.
+    let mut other = support::KeepAlive::connect(proxy.port).await;
+    bounded("another session", other.open_session()).await;
+    let (head, _) = bounded(
+        "its GET stream",
+        other.get_stream(Duration::from_millis(100)),
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    // One closed: room again, once the proxy sees it gone.
+    drop(streams.pop());
+    let reopened = support::eventually(LIMIT, || {
+        let session = session.clone();
+        async move {
+            let mut client = support::KeepAlive::connect(proxy.port)
+                .await
+                .in_session(session);
+            let (head, _) = client.get_stream(Duration::from_millis(100)).await;
+            head.starts_with("http/1.1 200").then_some(())
+        }
+    })
+    .await;
+    assert!(reopened.is_some(), "no room after a stream closed");
+    drop((streams, third, other, first));
+    proxy.finish().await;
+}
+
 /// A client resuming a call's stream with `Last-Event-ID` gets the events
 /// after that one, not that one again (rmcp replays from it: a progress
 /// value twice, where progress must increase).

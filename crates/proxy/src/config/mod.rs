@@ -201,7 +201,10 @@ impl Config {
             ),
             (
                 "retry.safe_methods",
-                self.retry.safe_methods.as_ref().is_some_and(|m| !m.is_empty()),
+                self.retry
+                    .safe_methods
+                    .as_ref()
+                    .is_some_and(|m| !m.is_empty()),
             ),
         ];
         if let Some((key, _)) = methods_only.iter().find(|(_, set)| *set) {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use rmcp::model::ProgressToken;
 use rmcp::service::{Peer, ServiceRole};
 
-use super::{lock, ProgressMark, ProgressRoutes, PROGRESS_FORWARD_LIMIT};
+use super::{lock, ProgressMark, ProgressReceiver, ProgressRoutes, PROGRESS_FORWARD_LIMIT};
 
 /// Removes the routes recorded for one forwarded request when it ends.
 pub struct RouteGuard<R: ServiceRole> {
@@ -30,10 +30,20 @@ impl<R: ServiceRole> RouteGuard<R> {
     /// A guard for a request whose progress goes to `to` (peer and its
     /// token), or nowhere.
     pub fn new(routes: Arc<ProgressRoutes<R>>, to: Option<(Peer<R>, ProgressToken)>) -> Self {
+        Self::to_receiver(routes, to, None)
+    }
+
+    /// [`new`](Self::new), its progress sent to `receiver` (its share of
+    /// the backlog, its stall watch: see [`ProgressReceiver`]).
+    pub fn to_receiver(
+        routes: Arc<ProgressRoutes<R>>,
+        to: Option<(Peer<R>, ProgressToken)>,
+        receiver: Option<Arc<ProgressReceiver>>,
+    ) -> Self {
         RouteGuard {
             routes,
             tokens: Arc::default(),
-            to: to.map(|(peer, token)| (peer, token, ProgressMark::default())),
+            to: to.map(|(peer, token)| (peer, token, ProgressMark::new(receiver))),
         }
     }
 

@@ -75,6 +75,7 @@
 
 mod guard;
 mod receipt;
+mod receiver;
 mod routes;
 mod tally;
 #[cfg(test)]
@@ -85,7 +86,10 @@ use std::time::Duration;
 
 pub use guard::RouteGuard;
 pub use receipt::{send_in_turn, ProgressReceipt};
-pub use routes::{ProgressMark, ProgressRoutes, Resolved};
+pub use receiver::{
+    Forwarded, ProgressMark, ProgressReceiver, ReceiverPlace, PROGRESS_PER_RECEIVER,
+};
+pub use routes::{ProgressRoutes, Resolved};
 pub(crate) use tally::ProgressTally;
 
 /// How long an unknown progress token is waited for, in total.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rmcp::model::ProgressToken;
 use rmcp::service::ServiceRole;
 
-use super::{ProgressMark, ProgressRoutes, PROGRESS_SEND_LIMIT, PROGRESS_TURN_LIMIT};
+use super::{Forwarded, ProgressMark, ProgressRoutes, PROGRESS_TURN_LIMIT};
 
 /// A progress notification counted by [`ProgressRoutes::received`] and not
 /// yet forwarded, with its number within its token. It rides in the
@@ -64,7 +64,7 @@ impl<R: ServiceRole> ProgressReceipt<R> {
 /// Forwards one progress notification (of value `progress`) in its turn:
 /// waits for the progress read before it under its token
 /// ([`ProgressReceipt::take_turn`], skipped without a receipt), runs `send`
-/// (for at most [`PROGRESS_SEND_LIMIT`]) through the receiver's `mark`
+/// (for at most [`PROGRESS_SEND_LIMIT`](super::PROGRESS_SEND_LIMIT)) through the receiver's `mark`
 /// (which drops a value not above the last one forwarded to that receiver's
 /// token: [`ProgressMark::forward`]), then drops the receipt so the next
 /// one's turn comes. Everything it waits for is bounded (the mark is held
@@ -82,17 +82,7 @@ pub async fn send_in_turn<R, E>(
     if let Some(receipt) = &receipt {
         receipt.take_turn().await;
     }
-    let sent = mark.forward(progress, async {
-        match tokio::time::timeout(PROGRESS_SEND_LIMIT, send).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::debug!(error = %e, "could not forward progress"),
-            Err(_) => tracing::debug!(
-                limit = ?PROGRESS_SEND_LIMIT,
-                "forwarding progress is slow; no longer waiting for it"
-            ),
-        }
-    });
-    if !sent.await {
+    if mark.forward(progress, send).await == Forwarded::NotIncreasing {
         metrics::counter!("toolwarden_proxy_progress_not_increasing_total").increment(1);
         tracing::debug!(progress, "progress not above the last forwarded; dropped");
     }

@@ -10,31 +10,8 @@ use rmcp::service::{Peer, ServiceRole};
 use tokio::sync::Notify;
 
 use super::receipt::{ProgressReceipt, Receipt};
+use super::ProgressMark;
 use super::{lock, UNKNOWN_TOKEN_POLL, UNKNOWN_TOKEN_WAIT};
-
-/// The progress last forwarded under one receiver's token, shared by every
-/// route to it: a request's attempts (retries) and hedged copies each go
-/// out under a token of their own, and each restarts its progress, so
-/// without it the receiver saw `1, 2, 3, 1, 2, 3` (retried) or `1, 2, 1, 3,
-/// 2` (hedged). Progress must increase (MCP): a value not above the last one
-/// forwarded is dropped. Locked across the send, so two routes' sends cannot
-/// overtake each other either.
-#[derive(Debug, Clone, Default)]
-pub struct ProgressMark(Arc<tokio::sync::Mutex<Option<f64>>>);
-
-impl ProgressMark {
-    /// Runs `send` if `progress` is above the last value forwarded (and
-    /// records it); drops it otherwise. Returns whether it was sent.
-    pub async fn forward<F: std::future::Future>(&self, progress: f64, send: F) -> bool {
-        let mut last = self.0.lock().await;
-        if last.is_some_and(|last| progress <= last) {
-            return false;
-        }
-        *last = Some(progress);
-        send.await;
-        true
-    }
-}
 
 /// Where progress for one of our tokens goes.
 #[derive(Debug)]

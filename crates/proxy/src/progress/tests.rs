@@ -246,3 +246,63 @@ fn a_token_in_use_twice_keeps_its_route_until_both_requests_end() {
     assert!(matches!(routes.lookup(&token(3)), Resolved::Unknown));
     assert_eq!(routes.tracked(), 0);
 }
+
+/// A receiver that does not read holds at most its share of the backlog:
+/// past [`PROGRESS_PER_RECEIVER`] waiting, its newest are refused a place
+/// (and dropped by the caller); a place given back is free again.
+#[test]
+fn a_receiver_holds_at_most_its_share_of_the_backlog() {
+    let receiver = Arc::new(ProgressReceiver::new(Duration::from_secs(10), None));
+    let mark = ProgressMark::new(Some(Arc::clone(&receiver)));
+    let places: Vec<_> = (0..PROGRESS_PER_RECEIVER)
+        .map(|_| mark.enter().expect("within its share"))
+        .collect();
+    assert_eq!(receiver.waiting(), PROGRESS_PER_RECEIVER);
+    assert!(mark.enter().is_none(), "past its share");
+    // Another request's mark of the same client shares the count.
+    let other = ProgressMark::new(Some(Arc::clone(&receiver)));
+    assert!(other.enter().is_none());
+    drop(places);
+    assert_eq!(receiver.waiting(), 0);
+    assert!(other.enter().is_some());
+    // A mark of no receiver (the server's) is never refused.
+    assert!(ProgressMark::default().enter().is_some());
+}
+
+/// A client whose progress sends keep timing out for the stall timeout is
+/// not reading: disconnected once (it was never: its session hung, and
+/// its unsent progress took every other client's places). A send that
+/// goes through starts the clock again.
+#[tokio::test(start_paused = true)]
+async fn a_receiver_whose_sends_keep_timing_out_is_disconnected_once() {
+    let disconnects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = Arc::clone(&disconnects);
+    let disconnect: crate::downstream::Disconnect = Arc::new(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    let receiver = Arc::new(ProgressReceiver::new(
+        Duration::from_secs(3),
+        Some(disconnect),
+    ));
+    let mark = ProgressMark::new(Some(Arc::clone(&receiver)));
+    let stuck = || std::future::pending::<Result<(), String>>();
+    let ok = || std::future::ready(Ok::<(), String>(()));
+    // Two timeouts (2 s of stall), then a send that goes through.
+    assert_eq!(mark.forward(1.0, stuck()).await, Forwarded::TimedOut);
+    assert_eq!(mark.forward(2.0, stuck()).await, Forwarded::TimedOut);
+    assert_eq!(mark.forward(3.0, ok()).await, Forwarded::Sent);
+    // Stalled again: disconnected once 3 s of timeouts have passed.
+    for value in 4..=6 {
+        assert_eq!(
+            mark.forward(f64::from(value), stuck()).await,
+            Forwarded::TimedOut
+        );
+    }
+    assert_eq!(disconnects.load(Ordering::SeqCst), 0, "2 s of stall so far");
+    assert_eq!(mark.forward(7.0, stuck()).await, Forwarded::TimedOut);
+    assert_eq!(disconnects.load(Ordering::SeqCst), 1);
+    assert!(receiver.is_disconnected());
+    assert!(mark.enter().is_none(), "a disconnected client gets no more");
+    assert_eq!(mark.forward(8.0, stuck()).await, Forwarded::TimedOut);
+    assert_eq!(disconnects.load(Ordering::SeqCst), 1, "once");
+}

@@ -212,6 +212,13 @@ impl Service<RoleClient> for UpstreamHandler {
                 let ours = progress.params.progress_token.clone();
                 match self.shared.progress_up.resolve(&ours).await {
                     Resolved::To(client, token, mark) => {
+                        // The client's own share of the backlog: one that
+                        // does not read fills only its share.
+                        let Some(_share) = mark.enter() else {
+                            metrics::counter!("toolwarden_proxy_progress_dropped_total")
+                                .increment(1);
+                            return Ok(());
+                        };
                         let mut params = progress.params.clone();
                         params.progress_token = token;
                         let value = params.progress;

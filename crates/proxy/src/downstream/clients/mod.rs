@@ -70,7 +70,7 @@ use std::time::Duration;
 use rmcp::model::ServerNotification;
 use rmcp::service::{Peer, RoleClient, RoleServer};
 
-use crate::progress::{lock, ProgressRoutes};
+use crate::progress::{lock, ProgressReceiver, ProgressRoutes};
 use crate::tasks::TaskTable;
 
 use causes::Causes;
@@ -105,6 +105,9 @@ struct Downstream {
     progress: Arc<ProgressRoutes<RoleClient>>,
     /// Ends its session when it stops reading.
     disconnect: Option<Disconnect>,
+    /// It as a receiver of the server's progress: its share of the
+    /// progress backlog, and its stall watch.
+    progress_receiver: Arc<ProgressReceiver>,
 }
 
 /// The clients, shared by every view of [`Downstreams`] (see
@@ -207,6 +210,7 @@ impl Downstreams {
         disconnect: Option<Disconnect>,
     ) -> DownstreamId {
         let outbox = spawn_outbox(peer.clone(), self.stall, disconnect.clone());
+        let progress_receiver = Arc::new(ProgressReceiver::new(self.stall, disconnect.clone()));
         let mut registry = lock(&self.registry);
         registry.clients.retain(|c| !c.peer.is_transport_closed());
         registry.next_id += 1;
@@ -217,8 +221,20 @@ impl Downstreams {
             progress,
             outbox,
             disconnect,
+            progress_receiver,
         });
         id
+    }
+
+    /// Client `id` as a receiver of the server's progress (see
+    /// [`ProgressReceiver`]), while it is registered.
+    #[must_use]
+    pub fn progress_receiver(&self, id: DownstreamId) -> Option<Arc<ProgressReceiver>> {
+        lock(&self.registry)
+            .clients
+            .iter()
+            .find(|c| c.id == id)
+            .map(|c| Arc::clone(&c.progress_receiver))
     }
 
     /// Queues `notification` for every open client (list changes, logging,

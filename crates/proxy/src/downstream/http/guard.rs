@@ -52,11 +52,21 @@ pub(super) struct Guard {
 }
 
 /// A session's requests in flight: at most `max_requests_per_session`
-/// permits, and the ids they were sent under (each id at most once).
+/// permits, and the ids they were sent under (each id at most once); and
+/// its GET streams open, at most [`MAX_GET_STREAMS`].
 struct SessionInFlight {
     permits: Arc<Semaphore>,
     ids: Mutex<HashSet<Id>>,
+    streams: Arc<Semaphore>,
 }
+
+/// The most GET streams one session may hold open: the one its server
+/// messages go to, and one more while a client replaces it (resuming with
+/// `Last-Event-ID` before the old one is seen closed). rmcp keeps up to 32
+/// more alive that are sent nothing, so one client with a few sessions
+/// held every connection the proxy serves (`http.max_connections`) and
+/// locked everyone else out. Past it: `409`, as the TypeScript SDK answers.
+pub(super) const MAX_GET_STREAMS: usize = 2;
 
 /// One request in flight in a session: its permit, and its id, given back
 /// when its answer's stream ends (or the client drops it).
@@ -147,6 +157,7 @@ impl Guard {
             Arc::new(SessionInFlight {
                 permits: Arc::new(Semaphore::new(self.max_requests_per_session)),
                 ids: Mutex::default(),
+                streams: Arc::new(Semaphore::new(MAX_GET_STREAMS)),
             })
         });
         Some(Arc::clone(session))
@@ -195,6 +206,8 @@ fn jsonrpc_refusal(
 ///    `503`; a request of a session with `max_requests_per_session` already
 ///    in flight gets `429` (its permit is held until its answer's stream
 ///    ends).
+/// 4. A GET of a session with [`MAX_GET_STREAMS`] open gets `409` (its
+///    place is held until the stream ends).
 ///
 /// Every valid message is then passed on to rmcp, and other requests (GET,
 /// DELETE, other content types) too once step 1 let them through.
@@ -247,8 +260,42 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             guard.sessions.connections.record(session, connection);
         }
     }
-    if request.method() == Method::GET && !headers_expect_priming(request.headers()) {
-        return without_priming(next.run(request).await);
+    if request.method() == Method::GET {
+        let session = request
+            .headers()
+            .get(SESSION_ID_HEADER)
+            .and_then(|v| v.to_str().ok());
+        let mut place = None;
+        if let Some(in_flight) = match session {
+            Some(id) => guard.in_flight_of(id).await,
+            None => None,
+        } {
+            match Arc::clone(&in_flight.streams).try_acquire_owned() {
+                Ok(permit) => place = Some(permit),
+                Err(_) => {
+                    return jsonrpc_refusal(
+                        StatusCode::CONFLICT,
+                        "get_streams",
+                        &Id::Null,
+                        ErrorObject::new(
+                            code::INVALID_REQUEST,
+                            format!(
+                                "Conflict: this session has {MAX_GET_STREAMS} GET streams open \
+                                 already; close one first"
+                            ),
+                        ),
+                    )
+                }
+            }
+        }
+        let primes = headers_expect_priming(request.headers());
+        let response = next.run(request).await;
+        let response = if primes {
+            response
+        } else {
+            without_priming(response)
+        };
+        return held_until_its_end(response, place);
     }
     if request.method() != Method::POST || !is_json(request.headers()) {
         return next.run(request).await;
@@ -399,14 +446,20 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     } else {
         without_priming(response)
     };
-    match permit {
+    // The answer may be an SSE stream: the request is in flight until it
+    // ends.
+    held_until_its_end(response, permit)
+}
+
+/// `response`, holding `place` until its body (an SSE stream, maybe) ends
+/// or is dropped.
+fn held_until_its_end<P: Send + Sync + 'static>(response: Response, place: Option<P>) -> Response {
+    match place {
         None => response,
-        Some(permit) => {
-            // The answer may be an SSE stream: the request is in flight
-            // until it ends.
+        Some(place) => {
             let (parts, body) = response.into_parts();
             let body = body.into_data_stream().map(move |chunk| {
-                let _in_flight = &permit;
+                let _held = &place;
                 chunk
             });
             Response::from_parts(parts, Body::from_stream(body))

@@ -372,13 +372,17 @@ impl ProxyServer {
         let downstreams = member.map_or(&self.core.downstreams, Member::downstreams);
         let cause = downstreams.forwarding(caller, context.id.clone(), asks);
         let record = cause.recorder();
-        let route = RouteGuard::new(
-            Arc::clone(&upstream.shared().progress_up),
-            context
-                .meta
-                .get_progress_token()
-                .map(|token| (context.peer.clone(), token)),
-        );
+        let to = context
+            .meta
+            .get_progress_token()
+            .map(|token| (context.peer.clone(), token));
+        // Only a request that asked for progress looks its client up.
+        let receiver = to
+            .as_ref()
+            .and(caller.client)
+            .and_then(|client| downstreams.progress_receiver(client));
+        let route =
+            RouteGuard::to_receiver(Arc::clone(&upstream.shared().progress_up), to, receiver);
         let hook = route.hook();
         request
             .extensions_mut()
