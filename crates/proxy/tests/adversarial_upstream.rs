@@ -153,6 +153,17 @@ fn line_server(
     }))
 }
 
+/// `notifications/progress` under `token`, one line per value.
+fn progress_lines(token: &Value, values: impl Iterator<Item = u64>) -> Vec<String> {
+    values
+        .map(|i| {
+            json!({"jsonrpc": "2.0", "method": "notifications/progress",
+                "params": {"progressToken": token, "progress": i}})
+            .to_string()
+        })
+        .collect()
+}
+
 /// The answer to request `id`: `result`, as a line.
 fn result_line(id: &Value, result: Value) -> String {
     json!({"jsonrpc": "2.0", "id": id, "result": result}).to_string()
@@ -551,13 +562,7 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
             "initialize" => vec![result_line(id, initialized("progress"))],
             "tools/call" => {
                 let token = &message["params"]["_meta"]["progressToken"];
-                let mut out: Vec<String> = (1..=N)
-                    .map(|i| {
-                        json!({"jsonrpc": "2.0", "method": "notifications/progress",
-                            "params": {"progressToken": token, "progress": i}})
-                        .to_string()
-                    })
-                    .collect();
+                let mut out = progress_lines(token, 1..=N);
                 out.push(result_line(
                     id,
                     json!({"content": [{"type": "text", "text": "done"}]}),
@@ -591,13 +596,7 @@ async fn a_retried_calls_progress_keeps_increasing() {
             "tools/call" => {
                 let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
                 let token = &message["params"]["_meta"]["progressToken"];
-                let mut out: Vec<String> = (1..=if first { 3 } else { 4 })
-                    .map(|i| {
-                        json!({"jsonrpc": "2.0", "method": "notifications/progress",
-                            "params": {"progressToken": token, "progress": i}})
-                        .to_string()
-                    })
-                    .collect();
+                let mut out = progress_lines(token, 1..=if first { 3 } else { 4 });
                 out.push(if first {
                     json!({"jsonrpc": "2.0", "id": id,
                         "error": {"code": -32000, "message": "connection closed"}})

@@ -1363,27 +1363,22 @@ async fn a_session_holds_at_most_two_get_streams() {
     let mut first = support::KeepAlive::connect(proxy.port).await;
     bounded("a session", first.open_session()).await;
     let session = first.session().unwrap();
-    let mut streams = Vec::new();
-    for _ in 0..2 {
+    // A GET stream of the session on a connection of its own: the
+    // connection (held open), the answer's head and what came in 100 ms.
+    let get = |session: String| async move {
         let mut client = support::KeepAlive::connect(proxy.port)
             .await
-            .in_session(session.clone());
-        let (head, _) = bounded(
-            "a GET stream",
-            client.get_stream(Duration::from_millis(100)),
-        )
-        .await;
+            .in_session(session);
+        let (head, body) = client.get_stream(Duration::from_millis(100)).await;
+        (client, head, body)
+    };
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let (client, head, _) = bounded("a GET stream", get(session.clone())).await;
         assert!(head.starts_with("http/1.1 200"), "{head}");
         streams.push(client);
     }
-    let mut third = support::KeepAlive::connect(proxy.port)
-        .await
-        .in_session(session.clone());
-    let (head, body) = bounded(
-        "a third GET stream",
-        third.get_stream(Duration::from_millis(100)),
-    )
-    .await;
+    let (third, head, body) = bounded("a third GET stream", get(session.clone())).await;
     assert!(head.starts_with("http/1.1 409"), "{head}");
     assert!(
         String::from_utf8_lossy(&body).contains("GET streams open"),
@@ -1402,12 +1397,9 @@ async fn a_session_holds_at_most_two_get_streams() {
     // One closed: room again, once the proxy sees it gone.
     drop(streams.pop());
     let reopened = support::eventually(LIMIT, || {
-        let session = session.clone();
+        let opened = get(session.clone());
         async move {
-            let mut client = support::KeepAlive::connect(proxy.port)
-                .await
-                .in_session(session);
-            let (head, _) = client.get_stream(Duration::from_millis(100)).await;
+            let (_, head, _) = opened.await;
             head.starts_with("http/1.1 200").then_some(())
         }
     })
