@@ -9,11 +9,23 @@ use super::{Disconnect, Downstream, NOTIFICATION_QUEUE};
 
 /// Queues `notification` for `client`; `false` when the client is not
 /// reading (its queue is full, or its sender gave up), so it is dropped
-/// (and, for a full queue, disconnected).
+/// (and, for a full queue, disconnected). A client that cannot be
+/// disconnected (stdio's one client) is never dropped: a full queue costs
+/// it that notification only. It was dropped for good after one burst of
+/// over 256 notifications, and got no notification, and was asked none of
+/// the server's requests, for the rest of the session.
 pub(super) fn queue(client: &Downstream, notification: ServerNotification) -> bool {
     use tokio::sync::mpsc::error::TrySendError;
     match client.outbox.try_send(notification) {
         Ok(()) => true,
+        Err(TrySendError::Full(_)) if client.disconnect.is_none() => {
+            metrics::counter!("toolwarden_proxy_notifications_dropped_total").increment(1);
+            tracing::debug!(
+                client = client.id,
+                "a client is {NOTIFICATION_QUEUE} notifications behind: this one is dropped"
+            );
+            true
+        }
         Err(TrySendError::Full(_)) => {
             tracing::warn!(
                 client = client.id,
@@ -53,6 +65,12 @@ pub(super) fn spawn_outbox(
                     if peer.is_transport_closed() {
                         break;
                     }
+                }
+                Err(_) if disconnect.is_none() => {
+                    // Nothing to disconnect (stdio's one client): the
+                    // notification is lost, the next ones still go.
+                    metrics::counter!("toolwarden_proxy_notifications_dropped_total").increment(1);
+                    tracing::debug!("a client took over {stall:?} to take a notification");
                 }
                 Err(_) => {
                     tracing::warn!(

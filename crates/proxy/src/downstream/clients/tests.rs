@@ -144,6 +144,50 @@ async fn a_client_that_does_not_read_never_slows_the_others() {
     );
 }
 
+/// stdio's one client cannot be disconnected: a burst past its queue
+/// costs it those notifications, not its place. It was dropped for good,
+/// got no notification after, and the server's requests were answered
+/// "no client is connected" for the rest of the session.
+#[tokio::test(start_paused = true)]
+async fn a_client_that_cannot_be_disconnected_stays_after_a_burst() {
+    use tokio::io::AsyncBufReadExt;
+    // A small pipe read only after the burst: the queue fills meanwhile.
+    let (io, far_end) = tokio::io::duplex(1024);
+    let service = rmcp::service::serve_directly(Quiet, io, None);
+    let downstreams = Downstreams::new();
+    downstreams.register(service.peer().clone(), Arc::default(), None);
+    let notification = || ServerNotification::ToolListChangedNotification(Default::default());
+    for _ in 0..4 * NOTIFICATION_QUEUE {
+        downstreams.broadcast(&notification());
+    }
+    assert_eq!(downstreams.len(), 1, "still registered after the burst");
+    // It reads again: later notifications reach it.
+    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&received);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(far_end).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("list_changed") {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let before = received.load(Ordering::SeqCst);
+    downstreams.broadcast(&notification());
+    for _ in 0..1000 {
+        if received.load(Ordering::SeqCst) > before {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        received.load(Ordering::SeqCst) > before,
+        "a notification after the burst reached it"
+    );
+    assert_eq!(downstreams.len(), 1);
+}
+
 /// A client registered in a [`Downstreams`], connected through an in-memory
 /// pipe whose far end (the client's side) is kept open.
 struct Connected {
