@@ -538,6 +538,30 @@ fn text(response: &Value) -> String {
         .to_owned()
 }
 
+/// A 2026-07-28 client's first request is `server/discover`: answered with
+/// the server's capabilities and name, as `initialize` is. It was answered
+/// before the upstream had started, from the proxy's defaults (no
+/// capabilities at all), so the client saw a server with no tools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_discover_first_answers_with_the_servers_capabilities() {
+    let mut h = harness();
+    let envelope = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "modern", "version": "0"},
+        "io.modelcontextprotocol/clientCapabilities": {},
+    });
+    let discovered = h
+        .request(1, "server/discover", json!({"_meta": envelope}))
+        .await;
+    let result = &discovered["result"];
+    assert!(result["capabilities"]["tools"].is_object(), "{discovered}");
+    assert!(
+        discovered.to_string().contains("in-process-test"),
+        "the server's name: {discovered}"
+    );
+    h.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_through_the_proxy() {
     let mut h = harness();

@@ -354,6 +354,28 @@ impl ServerHandler for ProxyServer {
         self.notify_upstream(notification).await;
     }
 
+    /// `server/discover` (2026-07-28): the server's capabilities and
+    /// identity, as `initialize` answers them, so the upstream is started
+    /// first. Before, a discover that came first was answered from the
+    /// proxy's defaults (no capabilities, the proxy's own name).
+    ///
+    /// With an upstream per session, a client without one is offered the
+    /// versions with an `initialize` handshake only: its requests without a
+    /// session would all be refused (they have no upstream of their own).
+    async fn discover(
+        &self,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::DiscoverResult, ErrorData> {
+        let mut versions = self.supported_protocol_versions().into_owned();
+        if self.touch_and_start(&context).await.is_err() {
+            versions.retain(|v| *v != rmcp::model::ProtocolVersion::V_2026_07_28);
+        }
+        Ok(rmcp::model::DiscoverResult::from_server_info(
+            versions,
+            self.get_info(),
+        ))
+    }
+
     fn get_info(&self) -> ServerConfig {
         self.server_config()
     }
