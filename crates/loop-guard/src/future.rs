@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use pin_project_lite::pin_project;
-use toolwarden_core::{BoxError, CallKind, Classify, LoopDetected, OutcomeKind};
+use toolwarden_core::{BoxError, CallKind, Classify, FailureClass, LoopDetected, OutcomeKind};
 
 use crate::history::Mark;
 use crate::sessions::SessionRef;
@@ -56,6 +56,11 @@ impl<C> Recorder<C> {
         let outcome = self.classifier.classify_result(CallKind::ToolCall, result);
         let mark = match outcome.kind {
             OutcomeKind::Success => Mark::Succeeded,
+            // An HTTP server refusing the request itself (409, 422, a 401
+            // without credentials): the agent's call is wrong, however it
+            // arrived. It was neutral with the other transport outcomes, so
+            // an agent repeating it was never stopped.
+            OutcomeKind::Transport if outcome.class == Some(FailureClass::Client) => Mark::Failed,
             // The upstream was unreachable, or a layer below refused the
             // call: not the tool answering badly, so no loop is built.
             OutcomeKind::Transport | OutcomeKind::Timeout | OutcomeKind::Rejected => Mark::Neutral,

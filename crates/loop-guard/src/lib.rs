@@ -88,8 +88,10 @@
 //! - `ToolError` (`isError`, empty result) and `ProtocolError` (a JSON-RPC
 //!   error), of any failure class: a failure. This is the tool answering
 //!   badly, and a `Client` error repeated (wrong arguments, unknown tool)
-//!   is exactly the stuck agent;
-//! - `Transport` and `Timeout` (the upstream is down or slow) and
+//!   is exactly the stuck agent; so is a `Transport` outcome of class
+//!   `Client` (an HTTP server refusing the request itself: 409, 422, 401
+//!   without credentials);
+//! - other `Transport` and `Timeout` (the upstream is down or slow) and
 //!   `Rejected` (a toolwarden layer below refused the call: `RateLimited`,
 //!   `CircuitOpen`, or the fallback cache's rendering of one): **neutral**.
 //!   Neither success nor failure, and not a repeat either: a neutral call

@@ -99,6 +99,31 @@ async fn transport_failures_are_the_upstream_down_not_a_loop() {
     assert!(log.lock().unwrap().is_empty());
 }
 
+/// An HTTP server refusing the request itself (422, 409: a client
+/// failure) is the agent's call being wrong, as a tool error is: repeated,
+/// it is a loop. It was neutral with the transport failures above, and an
+/// agent repeating it reached the server every time.
+#[tokio::test(start_paused = true)]
+async fn an_http_client_failure_repeated_is_a_loop() {
+    use toolwarden_core::classify::HttpStatusError;
+    let layer = LoopGuardLayer::builder().build().unwrap();
+    let refused = tower::service_fn(|_request: Request| async {
+        Err::<Response, BoxError>(Box::new(HttpStatusError {
+            status: 422,
+            retry_after: None,
+        }))
+    });
+    let mut svc = LoopGuard::new(refused, &layer);
+    for _ in 0..3 {
+        let err = expect_forwarded(&mut svc, tool_call("search", json!({"q": 1})))
+            .await
+            .unwrap_err();
+        assert!(err.is::<HttpStatusError>(), "{err}");
+    }
+    let refusal = expect_blocked(&mut svc, tool_call("search", json!({"q": 1}))).await;
+    assert_eq!(what(&refusal), (LoopPattern::RepeatedFailure, 4));
+}
+
 #[tokio::test(start_paused = true)]
 async fn calls_that_differ_only_in_meta_or_key_order_are_identical() {
     let mock = failing("search");
