@@ -1377,12 +1377,13 @@ async fn the_initialize_answer_and_the_get_stream_are_primed_for_2025_11_25_clie
     proxy.finish().await;
 }
 
-/// A session holds at most two GET streams open (the one it reads, one
-/// more while it replaces it): rmcp kept up to 32 more alive, sent
-/// nothing, and one client with a few sessions held every connection the
-/// proxy serves. The third is refused `409`; one closed, there is room.
+/// A session holds one standalone GET stream: rmcp served another as a
+/// "shadow" sent nothing (a replacement opened early stayed deaf after the
+/// first ended) and kept up to 32, so one client with a few sessions held
+/// every connection the proxy serves. A second is refused `409`; once the
+/// first has ended, a new one is served and gets the server's messages.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_holds_at_most_two_get_streams() {
+async fn a_session_holds_one_get_stream() {
     let proxy = HttpHarness::start().await;
     let mut first = support::KeepAlive::connect(proxy.port).await;
     bounded("a session", first.open_session()).await;
@@ -1396,16 +1397,12 @@ async fn a_session_holds_at_most_two_get_streams() {
         let (head, body) = client.get_stream(Duration::from_millis(100)).await;
         (client, head, body)
     };
-    let mut streams = Vec::new();
-    for _ in 0..2 {
-        let (client, head, _) = bounded("a GET stream", get(session.clone())).await;
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        streams.push(client);
-    }
-    let (third, head, body) = bounded("a third GET stream", get(session.clone())).await;
+    let (stream, head, _) = bounded("a GET stream", get(session.clone())).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let (second, head, body) = bounded("a second GET stream", get(session.clone())).await;
     assert!(head.starts_with("http/1.1 409"), "{head}");
     assert!(
-        String::from_utf8_lossy(&body).contains("GET streams open"),
+        String::from_utf8_lossy(&body).contains("GET stream is open already"),
         "{}",
         String::from_utf8_lossy(&body)
     );
@@ -1418,18 +1415,27 @@ async fn a_session_holds_at_most_two_get_streams() {
     )
     .await;
     assert!(head.starts_with("http/1.1 200"), "{head}");
-    // One closed: room again, once the proxy sees it gone.
-    drop(streams.pop());
+    // Closed: a new one is served, once the proxy sees the first gone.
+    drop(stream);
     let reopened = support::eventually(LIMIT, || {
         let opened = get(session.clone());
         async move {
-            let (_, head, _) = opened.await;
-            head.starts_with("http/1.1 200").then_some(())
+            let (client, head, _) = opened.await;
+            head.starts_with("http/1.1 200").then_some(client)
         }
     })
     .await;
-    assert!(reopened.is_some(), "no room after a stream closed");
-    drop((streams, third, other, first));
+    let mut reopened = reopened.expect("no room after the stream closed");
+    // And it is the one the server's messages go to (a shadow got none):
+    // a tool that notifies the tools' list changed, called in the session.
+    first
+        .post(&json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+            "params": {"name": "ask_roots", "arguments": {}}}))
+        .await;
+    let seen =
+        String::from_utf8_lossy(&reopened.read_for(Duration::from_millis(500)).await).into_owned();
+    assert!(seen.contains("list_changed"), "the new stream got: {seen}");
+    drop((second, other, first));
     proxy.finish().await;
 }
 

@@ -53,20 +53,24 @@ pub(super) struct Guard {
 
 /// A session's requests in flight: at most `max_requests_per_session`
 /// permits, and the ids they were sent under (each id at most once); and
-/// its GET streams open, at most [`MAX_GET_STREAMS`].
+/// its standalone GET stream, at most [`MAX_GET_STREAMS`].
 struct SessionInFlight {
     permits: Arc<Semaphore>,
     ids: Mutex<HashSet<Id>>,
     streams: Arc<Semaphore>,
 }
 
-/// The most GET streams one session may hold open: the one its server
-/// messages go to, and one more while a client replaces it (resuming with
-/// `Last-Event-ID` before the old one is seen closed). rmcp keeps up to 32
-/// more alive that are sent nothing, so one client with a few sessions
-/// held every connection the proxy serves (`http.max_connections`) and
-/// locked everyone else out. Past it: `409`, as the TypeScript SDK answers.
-pub(super) const MAX_GET_STREAMS: usize = 2;
+/// The most standalone GET streams (the one the server's messages go to)
+/// one session may hold open. rmcp serves a GET that comes while that
+/// stream is alive as a "shadow" sent nothing but keep-alives, and never
+/// promotes it when the first ends (so a replacement opened early stayed
+/// deaf), keeping up to 32 of them: one client with a few sessions held
+/// every connection the proxy serves (`http.max_connections`) and locked
+/// everyone else out. A second is refused `409`, as the TypeScript SDK
+/// answers, until the first has ended. A GET resuming a call's stream
+/// (`Last-Event-ID` naming a request's stream) is not one: it takes that
+/// call's stream over.
+pub(super) const MAX_GET_STREAMS: usize = 1;
 
 /// One request in flight in a session: its permit, and its id, given back
 /// when its answer's stream ends (or the client drops it).
@@ -265,10 +269,17 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             .headers()
             .get(SESSION_ID_HEADER)
             .and_then(|v| v.to_str().ok());
+        // rmcp's event ids are `index/request` on a call's stream, `index`
+        // on the standalone one.
+        let resumes_a_call = request
+            .headers()
+            .get("last-event-id")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|id| id.contains('/'));
         let mut place = None;
         if let Some(in_flight) = match session {
-            Some(id) => guard.in_flight_of(id).await,
-            None => None,
+            Some(id) if !resumes_a_call => guard.in_flight_of(id).await,
+            _ => None,
         } {
             match Arc::clone(&in_flight.streams).try_acquire_owned() {
                 Ok(permit) => place = Some(permit),
@@ -279,10 +290,8 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
                         &Id::Null,
                         ErrorObject::new(
                             code::INVALID_REQUEST,
-                            format!(
-                                "Conflict: this session has {MAX_GET_STREAMS} GET streams open \
-                                 already; close one first"
-                            ),
+                            "Conflict: this session's GET stream is open already; a new one \
+                             is served once it has ended",
                         ),
                     )
                 }
