@@ -559,6 +559,33 @@ async fn server_discover_first_answers_with_the_servers_capabilities() {
         discovered.to_string().contains("in-process-test"),
         "the server's name: {discovered}"
     );
+    // Its results say they are complete (2026-07-28 requires it; a server
+    // of an older version sends no `resultType`, and the Python SDK's
+    // client refused the list without it).
+    for (id, method, params) in [
+        (2, "tools/list", json!({"_meta": envelope})),
+        (
+            3,
+            "tools/call",
+            json!({"name": "echo", "arguments": {"message": "hi"}, "_meta": envelope}),
+        ),
+    ] {
+        let answer = h.request(id, method, params).await;
+        assert_eq!(answer["result"]["resultType"], "complete", "{answer}");
+    }
+    h.finish().await;
+}
+
+/// A client of an older version gets no `resultType` (rmcp takes the
+/// proxy's off for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2025_client_gets_no_result_type() {
+    let mut h = harness();
+    h.initialize().await;
+    let tools = h.request(1, "tools/list", json!({})).await;
+    assert!(tools["result"].get("resultType").is_none(), "{tools}");
+    let call = h.call(2, "echo", json!({"message": "hi"})).await;
+    assert!(call["result"].get("resultType").is_none(), "{call}");
     h.finish().await;
 }
 

@@ -67,10 +67,31 @@ pub(super) fn tool_call(
     outcome: Option<Result<ServerResult, BoxError>>,
 ) -> Result<ServerResult, ErrorData> {
     match outcome {
-        Some(Ok(result)) => Ok(result),
+        Some(Ok(result)) => Ok(complete(result)),
         Some(Err(e)) => Err(error_data(e.as_ref())),
         None => Err(cancelled()),
     }
+}
+
+/// `result` with `resultType: "complete"` where the server gave none: a
+/// server of an older version sends none, and a 2026-07-28 client requires
+/// it (the Python SDK's refuses a `tools/list` without it). rmcp takes it
+/// off again for a client of an older version.
+fn complete(mut result: ServerResult) -> ServerResult {
+    use rmcp::model::ResultType;
+    let result_type = match &mut result {
+        ServerResult::CompleteResult(r) => &mut r.result_type,
+        ServerResult::GetPromptResult(r) => &mut r.result_type,
+        ServerResult::ListPromptsResult(r) => &mut r.result_type,
+        ServerResult::ListResourcesResult(r) => &mut r.result_type,
+        ServerResult::ListResourceTemplatesResult(r) => &mut r.result_type,
+        ServerResult::ReadResourceResult(r) => &mut r.result_type,
+        ServerResult::ListToolsResult(r) => &mut r.result_type,
+        ServerResult::CallToolResult(r) => &mut r.result_type,
+        _ => return result,
+    };
+    result_type.get_or_insert(ResultType::COMPLETE);
+    result
 }
 
 /// The answer to a request that found no upstream connection (`why`: what
