@@ -285,8 +285,18 @@ impl ServerHandler for TestServer {
                     stamp,
                     stamp,
                 );
-                let status =
-                    rmcp::model::DetailedTask::new(task.clone(), rmcp::model::TaskPayload::Working);
+                // `{"message": "done"}`: reported completed, its status final.
+                let status = if arg == "done" {
+                    let mut done = task.clone();
+                    done.status = rmcp::model::TaskStatus::Completed;
+                    let result = json!({"content": []}).as_object().cloned().unwrap();
+                    rmcp::model::DetailedTask::new(
+                        done,
+                        rmcp::model::TaskPayload::Completed { result },
+                    )
+                } else {
+                    rmcp::model::DetailedTask::new(task.clone(), rmcp::model::TaskPayload::Working)
+                };
                 let peer = context.peer.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -2445,6 +2455,77 @@ async fn a_tasks_status_reaches_only_the_session_whose_call_created_it() {
         Vec::<String>::new(),
         "b was told a's task"
     );
+    proxy.finish_with([a, b]).await;
+}
+
+/// A task stays its creator's once the server reports it ended (it was
+/// forgotten then, and any session could read its result, update it and
+/// cancel it), and the task methods rmcp has no model for (`tasks/result`,
+/// `tasks/list`, forwarded as they are) are checked the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_task_stays_its_creators() {
+    let proxy = HttpHarness::start().await;
+    let a_client = RecordingClient::new("file:///a");
+    let a = proxy.session(a_client.clone()).await;
+    let b = proxy.session(RecordingClient::new("file:///b")).await;
+    let mut params = CallToolRequestParams::new("task");
+    params.arguments = json!({"message": "done"}).as_object().cloned();
+    let created = bounded("a's call", a.peer().call_tool_once(params))
+        .await
+        .unwrap();
+    assert!(matches!(created, CallToolResponse::Task(_)), "{created:?}");
+    bounded("a being told its task completed", async {
+        while a_client.task_statuses().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let refused = |result: Result<rmcp::model::ServerResult, rmcp::ServiceError>| match result {
+        Err(rmcp::ServiceError::McpError(error)) => {
+            assert_eq!(error.code, ErrorCode(-32602), "{error:?}");
+            assert!(error.message.contains("unknown task"), "{error:?}");
+        }
+        other => panic!("b reached a's task: {other:?}"),
+    };
+    let asked_before = proxy.server.task_requests.lock().unwrap().len();
+    refused(
+        bounded(
+            "b's tasks/get",
+            b.peer()
+                .send_request(rmcp::model::ClientRequest::GetTaskRequest(
+                    rmcp::model::GetTaskRequest::new(rmcp::model::GetTaskParams::new("task-done")),
+                )),
+        )
+        .await,
+    );
+    refused(
+        bounded(
+            "b's tasks/result",
+            b.peer()
+                .send_request(rmcp::model::ClientRequest::CustomRequest(
+                    rmcp::model::CustomRequest::new(
+                        "tasks/result",
+                        Some(json!({"taskId": "task-done"})),
+                    ),
+                )),
+        )
+        .await,
+    );
+    assert_eq!(
+        proxy.server.task_requests.lock().unwrap().len(),
+        asked_before,
+        "the server was never asked"
+    );
+    // a still reads its own.
+    let own = bounded(
+        "a's tasks/get",
+        a.peer()
+            .send_request(rmcp::model::ClientRequest::GetTaskRequest(
+                rmcp::model::GetTaskRequest::new(rmcp::model::GetTaskParams::new("task-done")),
+            )),
+    )
+    .await;
+    assert!(own.is_ok(), "{own:?}");
     proxy.finish_with([a, b]).await;
 }
 

@@ -250,13 +250,12 @@ impl Service<RoleClient> for UpstreamHandler {
             // A task's status is the client's whose call created it; a task
             // of no client's goes to nobody.
             ServerNotification::TaskStatusNotification(status) => {
-                let task = &status.params.task.task;
-                let (task_id, ended) = (task.task_id.clone(), task.status.is_terminal());
+                let task_id = status.params.task.task.task_id.clone();
                 *notification.get_meta_mut() = context.meta;
                 if !self
                     .shared
                     .downstreams
-                    .notify_task_owner(&task_id, ended, notification)
+                    .notify_task_owner(&task_id, notification)
                 {
                     tracing::debug!(task = %task_id, "status of a task of no client's");
                 }

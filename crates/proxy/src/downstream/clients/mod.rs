@@ -285,20 +285,14 @@ impl Downstreams {
 
     /// Queues a notification about task `task_id` for the open client whose
     /// task it is, if it is one of a client's (see [`broadcast`](Self::broadcast)
-    /// for the queue); `ended` forgets the task. Whether it was queued.
+    /// for the queue). Whether it was queued. A task that ended stays its
+    /// creator's: its result is still the creator's to read (it was
+    /// forgotten then, and any session could read, update and cancel it);
+    /// the table's bounds forget it in time.
     #[must_use]
-    pub fn notify_task_owner(
-        &self,
-        task_id: &str,
-        ended: bool,
-        notification: ServerNotification,
-    ) -> bool {
+    pub fn notify_task_owner(&self, task_id: &str, notification: ServerNotification) -> bool {
         let mut registry = lock(&self.registry);
-        let owner = if ended {
-            registry.tasks.remove(task_id).map(|((), owner)| owner)
-        } else {
-            registry.tasks.owner(task_id).copied()
-        };
+        let owner = registry.tasks.owner(task_id).copied();
         let Some(owner) = owner else {
             return false;
         };

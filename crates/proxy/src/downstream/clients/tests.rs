@@ -326,9 +326,11 @@ async fn views_share_their_clients() {
     assert!(!first.task_of_another("t1", Some(client.id)));
     assert!(second.notify_task_owner(
         "t1",
-        false,
         ServerNotification::ToolListChangedNotification(Default::default()),
     ));
+    // Still its after the notification (a task that ended was forgotten,
+    // and any session could then read, update or cancel it).
+    assert!(first.task_of_another("t1", None));
 
     // A client removed through one view is gone from all, with its tasks.
     third.remove(client.id);

@@ -229,15 +229,46 @@ impl ServerHandler for ProxyServer {
         request: CustomRequest,
         context: RequestContext<RoleServer>,
     ) -> Result<CustomResult, ErrorData> {
+        // The task methods rmcp has no model for (2025-11-25's
+        // `tasks/result`, `tasks/list`) are another session's business as
+        // `tasks/get` is: a task of another session's is unknown here, and
+        // is left out of a list.
+        let method = request.method.clone();
+        if method.starts_with("tasks/") {
+            if let Some(task_id) = request
+                .params
+                .as_ref()
+                .and_then(|p| p.get("taskId"))
+                .and_then(serde_json::Value::as_str)
+            {
+                self.check_task_owner(task_id, &context)?;
+            }
+        }
+        let me = self.session.downstream.get().map(|(id, _)| *id);
         let result = self
             .forward(ClientRequest::CustomRequest(request), context)
             .await?;
-        match result {
-            ServerResult::CustomResult(r) => Ok(r),
+        let mut result = match result {
+            ServerResult::CustomResult(r) => r,
             other => serde_json::to_value(&other)
                 .map(CustomResult::new)
-                .map_err(|e| ErrorData::internal_error(e.to_string(), None)),
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None))?,
+        };
+        if method == "tasks/list" {
+            if let Some(tasks) = result
+                .0
+                .get_mut("tasks")
+                .and_then(serde_json::Value::as_array_mut)
+            {
+                let downstreams = &self.core.downstreams;
+                tasks.retain(|task| {
+                    task.get("taskId")
+                        .and_then(serde_json::Value::as_str)
+                        .is_none_or(|id| !downstreams.task_of_another(id, me))
+                });
+            }
         }
+        Ok(result)
     }
 
     async fn get_task(
