@@ -172,6 +172,24 @@ impl ServerHandler for TestServer {
         ))
     }
 
+    /// `tasks/list` (2025-11-25, which rmcp has no model for): two tasks.
+    async fn on_custom_request(
+        &self,
+        request: rmcp::model::CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CustomResult, ErrorData> {
+        match request.method.as_str() {
+            "tasks/list" => Ok(rmcp::model::CustomResult::new(
+                json!({"tasks": [{"taskId": "task-done"}, {"taskId": "task-nobody"}]}),
+            )),
+            other => Err(ErrorData::new(
+                ErrorCode(-32601),
+                format!("no method {other}"),
+                None,
+            )),
+        }
+    }
+
     async fn cancel_task(
         &self,
         request: rmcp::model::CancelTaskParams,
@@ -2515,6 +2533,31 @@ async fn a_finished_task_stays_its_creators() {
         proxy.server.task_requests.lock().unwrap().len(),
         asked_before,
         "the server was never asked"
+    );
+    // tasks/list shows a session its own and nobody's.
+    let list = |peer: rmcp::service::Peer<RoleClient>| async move {
+        match peer
+            .send_request(rmcp::model::ClientRequest::CustomRequest(
+                rmcp::model::CustomRequest::new("tasks/list", Some(json!({}))),
+            ))
+            .await
+        {
+            Ok(rmcp::model::ServerResult::CustomResult(r)) => r.0["tasks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["taskId"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(
+        bounded("b's tasks/list", list(b.peer().clone())).await,
+        ["task-nobody"]
+    );
+    assert_eq!(
+        bounded("a's tasks/list", list(a.peer().clone())).await,
+        ["task-done", "task-nobody"]
     );
     // a still reads its own.
     let own = bounded(
