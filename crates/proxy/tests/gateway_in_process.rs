@@ -52,8 +52,11 @@ impl ServerHandler for Server {
     async fn list_tools(
         &self,
         _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
+        if self.down.load(Ordering::SeqCst) {
+            context.ct.cancelled().await;
+        }
         // Twice: a server may list a tool twice; the gateway lists it once.
         Ok(support::tool_list(&[
             ("lookup", "looks things up"),
@@ -330,6 +333,36 @@ async fn a_hanging_upstream_is_refused_by_its_breaker_and_marked_in_the_list() {
         .starts_with(UNAVAILABLE_MARK));
     assert_eq!(text(&call(&f.client, "beta__lookup").await), "beta");
     assert!(f.beta.calls.load(Ordering::SeqCst) >= 1);
+}
+
+/// The merged lists ask each upstream through its own quota, breaker and
+/// `attempt_timeout`, as every request to it: they were sent past them, so
+/// a hung upstream held every `tools/list` for `limits.request_timeout`
+/// (60 s) and its breaker never heard of it, and lists spent none of its
+/// quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lists_go_through_each_upstreams_quota_breaker_and_timeout() {
+    let f = fixture_with(false, Some("rate = \"1/min\"\nburst = 1")).await;
+    let peer = f.client.peer();
+    f.alpha.down.store(true, Ordering::SeqCst);
+    // Bounded by alpha's attempt timeout (200 ms), not the request timeout.
+    let tools = bounded("a list while alpha hangs", LIMIT, peer.list_all_tools())
+        .await
+        .unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| t.name.as_ref()).collect();
+    assert_eq!(names, ["beta__lookup"], "alpha left out: {tools:?}");
+    // Its breaker (one failure opens it) heard of the list's timeout: a
+    // call is refused at once, without reaching the server.
+    let refused = call(&f.client, "alpha__lookup").await;
+    assert!(text(&refused).contains("retry after"), "{refused:?}");
+    assert_eq!(f.alpha.calls.load(Ordering::SeqCst), 0);
+    // The list spent beta's one token: its call is refused.
+    let limited = call(&f.client, "beta__lookup").await;
+    assert!(
+        text(&limited).contains("too many calls to upstream:beta"),
+        "{limited:?}"
+    );
+    assert_eq!(f.beta.calls.load(Ordering::SeqCst), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

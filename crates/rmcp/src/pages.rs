@@ -52,10 +52,10 @@ pub struct Listed<T> {
 /// assert_eq!(listed.items.len(), MAX_LIST_PAGES);
 /// # });
 /// ```
-pub async fn read_pages<T, F, Fut>(mut page: F) -> Result<Listed<T>, ServiceError>
+pub async fn read_pages<T, E, F, Fut>(mut page: F) -> Result<Listed<T>, E>
 where
     F: FnMut(PaginatedRequestParams) -> Fut,
-    Fut: Future<Output = Result<(Vec<T>, Option<Cursor>), ServiceError>>,
+    Fut: Future<Output = Result<(Vec<T>, Option<Cursor>), E>>,
 {
     let mut items = Vec::new();
     let mut cursor: Option<Cursor> = None;

@@ -2,45 +2,66 @@
 //! request goes (see the [module docs](super)).
 
 use std::borrow::Cow;
-use std::future::Future;
 use std::sync::Arc;
 
 use rmcp::model::{
-    ClientNotification, ClientRequest, ErrorData, ListPromptsResult, ListResourceTemplatesResult,
-    ListResourcesResult, ListToolsResult, Prompt, Reference, Resource, ResourceTemplate, Tool,
+    ClientNotification, ClientRequest, Cursor, ErrorData, ListPromptsResult,
+    ListResourceTemplatesResult, ListResourcesResult, ListToolsResult, PaginatedRequestParams,
+    Prompt, Reference, Resource, ResourceTemplate, ServerResult, Tool,
 };
-use rmcp::service::ServiceError;
-use toolwarden_rmcp::Listed;
+use toolwarden_core::BoxError;
 use tower::ServiceExt as _;
 
 use super::{lock, Gateway, Member, MAX_RESOURCE_ROUTES};
 use crate::config::OpenUpstreams;
+
+/// A list request for one page.
+fn paged<M: Default>(
+    params: PaginatedRequestParams,
+) -> rmcp::model::RequestOptionalParam<M, PaginatedRequestParams> {
+    rmcp::model::RequestOptionalParam {
+        method: M::default(),
+        params: Some(params),
+        extensions: Default::default(),
+    }
+}
 
 /// What the description of a tool of an unavailable upstream starts with
 /// (`gateway.open_upstreams = "mark"`).
 pub const UNAVAILABLE_MARK: &str = "[unavailable]";
 
 impl Gateway {
-    /// Asks every connected upstream for `list` (all its pages, within the
+    /// Asks every connected upstream for a list (all its pages, within the
     /// bounds of [`toolwarden_rmcp::read_pages`]: a list cut short is
-    /// logged), each bounded by `limits.request_timeout`; an upstream that
-    /// fails or is too slow is left out of this answer (and logged).
-    async fn gather<'a, T, W, F, Fut>(
+    /// logged): each page a request `page` makes, through the upstream's
+    /// own quota, breaker and `attempt_timeout` as every request to it
+    /// (they were sent past them: a hung upstream held every `tools/list`
+    /// for `limits.request_timeout` and its breaker never heard of it), and
+    /// `items` reads its answer. The whole is bounded by
+    /// `limits.request_timeout`; an upstream that fails, refuses or is too
+    /// slow is left out of this answer (and logged).
+    async fn gather<'a, T, W>(
         &'a self,
         what: &str,
         wanted: W,
-        list: F,
+        page: impl Fn(PaginatedRequestParams) -> ClientRequest + Copy,
+        items: impl Fn(ServerResult) -> Option<(Vec<T>, Option<Cursor>)> + Copy,
     ) -> Vec<(&'a Member, Vec<T>)>
     where
         W: Fn(&Member) -> bool,
-        F: Fn(rmcp::service::Peer<rmcp::service::RoleClient>) -> Fut,
-        Fut: Future<Output = Result<Listed<T>, ServiceError>>,
     {
         let limit = self.request_timeout;
         let asks = self.members.iter().filter(|m| wanted(m)).filter_map(|member| {
-            let connection = member.upstream.connection()?;
-            let peer = connection.client().peer().clone();
-            let call = list(peer);
+            member.upstream.connection()?;
+            let service = member.service().clone();
+            let call = toolwarden_rmcp::read_pages(move |params| {
+                let answer = service.clone().oneshot(page(params));
+                async move {
+                    items(answer.await?).ok_or_else(|| {
+                        BoxError::from(format!("{what}: an answer of another kind"))
+                    })
+                }
+            });
             Some(async move {
                 match tokio::time::timeout(limit, call).await {
                     Ok(Ok(listed)) => {
@@ -84,7 +105,11 @@ impl Gateway {
             .gather(
                 "tools/list",
                 |member| mark || member.is_available(),
-                |peer| async move { toolwarden_rmcp::list_tools(&peer).await },
+                |params| ClientRequest::ListToolsRequest(paged(params)),
+                |answer| match answer {
+                    ServerResult::ListToolsResult(page) => Some((page.tools, page.next_cursor)),
+                    _ => None,
+                },
             )
             .await;
         let mut listed: Vec<&str> = Vec::new();
@@ -142,7 +167,11 @@ impl Gateway {
             .gather(
                 "prompts/list",
                 |member| member.is_available() && has(member, |c| c.prompts.is_some()),
-                |peer| async move { toolwarden_rmcp::list_prompts(&peer).await },
+                |params| ClientRequest::ListPromptsRequest(paged(params)),
+                |answer| match answer {
+                    ServerResult::ListPromptsResult(page) => Some((page.prompts, page.next_cursor)),
+                    _ => None,
+                },
             )
             .await;
         let prompts: Vec<Prompt> = lists
@@ -164,7 +193,13 @@ impl Gateway {
             .gather(
                 "resources/list",
                 |member| member.is_available() && has(member, |c| c.resources.is_some()),
-                |peer| async move { toolwarden_rmcp::list_resources(&peer).await },
+                |params| ClientRequest::ListResourcesRequest(paged(params)),
+                |answer| match answer {
+                    ServerResult::ListResourcesResult(page) => {
+                        Some((page.resources, page.next_cursor))
+                    }
+                    _ => None,
+                },
             )
             .await;
         let mut resources: Vec<Resource> = Vec::new();
@@ -189,7 +224,13 @@ impl Gateway {
             .gather(
                 "resources/templates/list",
                 |member| member.is_available() && has(member, |c| c.resources.is_some()),
-                |peer| async move { toolwarden_rmcp::list_resource_templates(&peer).await },
+                |params| ClientRequest::ListResourceTemplatesRequest(paged(params)),
+                |answer| match answer {
+                    ServerResult::ListResourceTemplatesResult(page) => {
+                        Some((page.resource_templates, page.next_cursor))
+                    }
+                    _ => None,
+                },
             )
             .await;
         let mut templates: Vec<ResourceTemplate> = Vec::new();
