@@ -44,7 +44,7 @@ pub struct Listed<T> {
 /// // A server that pages without end.
 /// let listed = read_pages(|params| async move {
 ///     let n: u64 = params.cursor.as_deref().map_or(0, |c| c.parse().unwrap());
-///     Ok((vec![n], Some((n + 1).to_string())))
+///     Ok::<_, rmcp::ServiceError>((vec![n], Some((n + 1).to_string())))
 /// })
 /// .await
 /// .unwrap();
@@ -136,7 +136,7 @@ mod tests {
                 Some(last) if n >= last => None,
                 _ => Some(next(n)),
             };
-            async move { Ok((items, cursor)) }
+            async move { Ok::<_, ServiceError>((items, cursor)) }
         })
         .await
         .unwrap();
