@@ -244,10 +244,11 @@ impl ServerHandler for ProxyServer {
                 self.check_task_owner(task_id, &context)?;
             }
         }
-        let me = self.session.downstream.get().map(|(id, _)| *id);
         let result = self
             .forward(ClientRequest::CustomRequest(request), context)
             .await?;
+        // Read once the request registered this session's client.
+        let me = self.session.downstream.get().map(|(id, _)| *id);
         let mut result = match result {
             ServerResult::CustomResult(r) => r,
             other => serde_json::to_value(&other)
