@@ -153,6 +153,24 @@ fn line_server(
     }))
 }
 
+/// A [`line_server`] that answers `initialize`, every request but
+/// `tools/call` with `{}`, and a `tools/call` with the lines `call` makes of
+/// its id and progress token.
+fn progress_server(
+    call: impl Fn(&Value, &Value) -> Vec<String> + Clone + Send + Sync + 'static,
+) -> UpstreamTarget {
+    line_server("progress", move |message| {
+        let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str()) else {
+            return Some(Vec::new());
+        };
+        Some(match method {
+            "initialize" => vec![result_line(id, initialized("progress"))],
+            "tools/call" => call(id, &message["params"]["_meta"]["progressToken"]),
+            _ => vec![result_line(id, json!({}))],
+        })
+    })
+}
+
 /// `notifications/progress` under `token`, one line per value.
 fn progress_lines(token: &Value, values: impl Iterator<Item = u64>) -> Vec<String> {
     values
@@ -554,23 +572,13 @@ async fn endless_tools_list_pages_are_read_to_a_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
     const N: u64 = 20_000;
-    let target = line_server("progress", move |message| {
-        let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str()) else {
-            return Some(Vec::new());
-        };
-        Some(match method {
-            "initialize" => vec![result_line(id, initialized("progress"))],
-            "tools/call" => {
-                let token = &message["params"]["_meta"]["progressToken"];
-                let mut out = progress_lines(token, 1..=N);
-                out.push(result_line(
-                    id,
-                    json!({"content": [{"type": "text", "text": "done"}]}),
-                ));
-                out
-            }
-            _ => vec![result_line(id, json!({}))],
-        })
+    let target = progress_server(|id, token| {
+        let mut out = progress_lines(token, 1..=N);
+        out.push(result_line(
+            id,
+            json!({"content": [{"type": "text", "text": "done"}]}),
+        ));
+        out
     });
     let (answer, progress, closing) = call_with_progress(target, &Config::default()).await;
     assert_eq!(answer["result"]["content"][0]["text"], "done", "{answer}");
@@ -587,27 +595,17 @@ async fn a_flood_of_progress_is_answered_within_a_bounded_backlog() {
 async fn a_retried_calls_progress_keeps_increasing() {
     let calls = Arc::new(AtomicUsize::new(0));
     let seen = Arc::clone(&calls);
-    let target = line_server("progress", move |message| {
-        let (Some(id), Some(method)) = (message.get("id"), message["method"].as_str()) else {
-            return Some(Vec::new());
-        };
-        Some(match method {
-            "initialize" => vec![result_line(id, initialized("progress"))],
-            "tools/call" => {
-                let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
-                let token = &message["params"]["_meta"]["progressToken"];
-                let mut out = progress_lines(token, 1..=if first { 3 } else { 4 });
-                out.push(if first {
-                    json!({"jsonrpc": "2.0", "id": id,
+    let target = progress_server(move |id, token| {
+        let first = seen.fetch_add(1, Ordering::SeqCst) == 0;
+        let mut out = progress_lines(token, 1..=if first { 3 } else { 4 });
+        out.push(if first {
+            json!({"jsonrpc": "2.0", "id": id,
                         "error": {"code": -32000, "message": "connection closed"}})
-                    .to_string()
-                } else {
-                    result_line(id, json!({"content": [{"type": "text", "text": "done"}]}))
-                });
-                out
-            }
-            _ => vec![result_line(id, json!({}))],
-        })
+            .to_string()
+        } else {
+            result_line(id, json!({"content": [{"type": "text", "text": "done"}]}))
+        });
+        out
     });
     let config = Config::from_toml_str(
         "[tools.t]\nsafe_to_repeat = true\n[retry]\nbase_delay = \"10ms\"\n",
