@@ -79,7 +79,7 @@ impl ProgressReceiver {
                 (n < PROGRESS_PER_RECEIVER).then_some(n + 1)
             })
             .ok()
-            .map(|_| ReceiverPlace(Arc::clone(self)))
+            .map(|_| ReceiverPlace(Some(Arc::clone(self))))
     }
 
     fn sent(&self) {
@@ -108,13 +108,16 @@ impl ProgressReceiver {
     }
 }
 
-/// A place of a receiver's ([`ProgressMark::enter`]), given back when dropped.
+/// A place of a receiver's ([`ProgressMark::enter`]), given back when
+/// dropped; none to give back for a receiver not watched.
 #[derive(Debug)]
-pub struct ReceiverPlace(Arc<ProgressReceiver>);
+pub struct ReceiverPlace(Option<Arc<ProgressReceiver>>);
 
 impl Drop for ReceiverPlace {
     fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        if let Some(receiver) = &self.0 {
+            receiver.waiting.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -164,11 +167,11 @@ impl ProgressMark {
     /// [`PROGRESS_PER_RECEIVER`] waiting already (drop it) or was
     /// disconnected. Always a place without a receiver.
     #[must_use]
-    pub fn enter(&self) -> Option<Option<ReceiverPlace>> {
+    pub fn enter(&self) -> Option<ReceiverPlace> {
         match &self.0.receiver {
-            None => Some(None),
+            None => Some(ReceiverPlace(None)),
             Some(receiver) if receiver.is_disconnected() => None,
-            Some(receiver) => receiver.enter().map(Some),
+            Some(receiver) => receiver.enter(),
         }
     }
 

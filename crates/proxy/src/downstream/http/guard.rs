@@ -168,6 +168,11 @@ impl Guard {
     }
 }
 
+/// The `Mcp-Session-Id` a request names, if readable.
+fn session_of(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers.get(SESSION_ID_HEADER).and_then(|v| v.to_str().ok())
+}
+
 pub(super) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -244,10 +249,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         };
     }
     if let (Some(session), Some(connection)) = (
-        request
-            .headers()
-            .get(SESSION_ID_HEADER)
-            .and_then(|v| v.to_str().ok()),
+        session_of(request.headers()),
         request.extensions().get::<ConnectionKill>(),
     ) {
         // Only sessions rmcp knows: made-up ids never take room. Asked
@@ -265,10 +267,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         }
     }
     if request.method() == Method::GET {
-        let session = request
-            .headers()
-            .get(SESSION_ID_HEADER)
-            .and_then(|v| v.to_str().ok());
+        let session = session_of(request.headers());
         // rmcp's event ids are `index/request` on a call's stream, `index`
         // on the standalone one.
         let resumes_a_call = request
@@ -367,10 +366,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     let bytes = bytes.slice_ref(trim_line(&bytes));
     let mut permit = None;
     if let Checked::Request { id, initialize } = &checked {
-        let session = parts
-            .headers
-            .get(SESSION_ID_HEADER)
-            .and_then(|v| v.to_str().ok());
+        let session = session_of(&parts.headers);
         let opens_session = session.is_none() && *initialize;
         // Concurrent initializes may each see room: the overshoot is
         // bounded by the connections served at once.
