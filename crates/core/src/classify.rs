@@ -10,6 +10,7 @@
 //! |---|---|---|
 //! | result, not `isError`, not empty | `Success` | — |
 //! | `resultType: "input_required"` | `Success` | — |
+//! | a task the server created (`resultType: "task"`, or a 2025-11-25 `CreateTaskResult`) | `Success` | — |
 //! | `isError: true` | `ToolError` | by its text (below) |
 //! | empty `tools/call` result | `ToolError` | `Server` (configurable) |
 //! | JSON-RPC error | `ProtocolError` | by code (below) |
@@ -473,8 +474,8 @@ impl McpClassifier {
     /// the mark of a classifier of the same settings for a success without
     /// classifying it again: a response is then classified once on its way
     /// up a stack, not once per layer. An input-required `tools/call`
-    /// result, a success too, is left unmarked (and classified by each
-    /// layer): a marked `tools/call` success is then never one
+    /// result and a task, successes too, are left unmarked (and classified
+    /// by each layer): a marked `tools/call` success is then never one
     /// ([`McpResponse::marked_tool_call_success`]).
     ///
     /// Only where nothing between the layers edits a response except
@@ -510,9 +511,9 @@ impl McpClassifier {
 
 impl McpClassifier {
     /// The outcome of `response`, and whether a success may be marked: not
-    /// an input-required result, so that a marked `tools/call` success is
-    /// a result (with data, or empty and judged a success), never an
-    /// `isError` nor an input-required one
+    /// an input-required result nor a task, so that a marked `tools/call`
+    /// success is a result (with data, or empty and judged a success),
+    /// never an `isError`, an input-required one or a task
     /// ([`McpResponse::marked_tool_call_success`]).
     #[inline]
     fn judge<Resp: McpResponse>(&self, kind: CallKind, response: &Resp) -> (Outcome, bool) {
@@ -540,9 +541,17 @@ impl McpClassifier {
                 Some(class) => Outcome::failure(OutcomeKind::ToolError, class),
                 None => Outcome::SUCCESS,
             },
-            ToolResultStatus::InputRequired | ToolResultStatus::Data => Outcome::SUCCESS,
+            ToolResultStatus::InputRequired | ToolResultStatus::Task | ToolResultStatus::Data => {
+                Outcome::SUCCESS
+            }
         };
-        (outcome, status != ToolResultStatus::InputRequired)
+        (
+            outcome,
+            !matches!(
+                status,
+                ToolResultStatus::InputRequired | ToolResultStatus::Task
+            ),
+        )
     }
 }
 
@@ -991,6 +1000,8 @@ mod share_tests {
             json!({"content": []}),
             json!({"content": [], "isError": true}),
             json!({"resultType": "input_required", "inputRequests": {}}),
+            json!({"resultType": "task", "task": {"taskId": "t-1", "status": "working"}}),
+            json!({"task": {"taskId": "t-1", "status": "working"}}),
         ];
         for empty in [
             None,
@@ -1009,6 +1020,7 @@ mod share_tests {
                     if response.marked_tool_call_success() {
                         assert!(!response.is_tool_error(), "{result} under {empty:?}");
                         assert!(!response.is_input_required(), "{result} under {empty:?}");
+                        assert!(!response.is_task(), "{result} under {empty:?}");
                     }
                     // Another kind's mark says nothing of tool errors.
                     let mut other = ok(result.clone());
@@ -1024,6 +1036,22 @@ mod share_tests {
             .classify_owned(CallKind::ToolCall, &mut asking)
             .is_success());
         assert_eq!(asking.success_key(), None);
+        // So is a task, however an empty result is judged: the server
+        // accepted the call (regression: a task has no content, and was
+        // judged an empty result, a failure of class Server, so retried,
+        // counted by the breaker and the loop guard).
+        for task in &results[5..] {
+            for empty in [None, Some(FailureClass::Server)] {
+                let mut task = ok(task.clone());
+                let sharing = McpClassifier::new()
+                    .empty_result(empty)
+                    .share_outcomes(true);
+                assert!(sharing
+                    .classify_owned(CallKind::ToolCall, &mut task)
+                    .is_success());
+                assert_eq!(task.success_key(), None);
+            }
+        }
         // The plain answer is marked, and says so.
         let mut response = ok(results[0].clone());
         McpClassifier::new()

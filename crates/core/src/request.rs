@@ -220,6 +220,10 @@ pub enum ToolResultStatus {
     /// `resultType: "input_required"` (2026-07-28): the server asks for more
     /// input; not a failure.
     InputRequired,
+    /// A task the server created for the call ([`McpResponse::is_task`]):
+    /// the call was accepted, its result comes later. Not a failure, and
+    /// not a result to keep for anyone else (the task is its creator's).
+    Task,
     /// `isError: true` with an
     /// [`OUTCOME_META_KEY`](crate::classify::OUTCOME_META_KEY) mark: a
     /// failure a toolwarden layer below rendered as a result, whose
@@ -278,6 +282,8 @@ pub trait McpResponse {
     fn tool_result_status(&self) -> ToolResultStatus {
         if self.is_input_required() {
             ToolResultStatus::InputRequired
+        } else if self.is_task() {
+            ToolResultStatus::Task
         } else if self.is_tool_error() {
             match self.result_meta(crate::classify::OUTCOME_META_KEY) {
                 Some(_) => ToolResultStatus::Rendered,
@@ -312,9 +318,9 @@ pub trait McpResponse {
 
     /// Whether a sharing classifier marked this response a `tools/call`
     /// success ([`SuccessKey::is_tool_call`](crate::classify::SuccessKey::is_tool_call)):
-    /// then it is neither an `isError` result nor an input-required one
-    /// (the standard classifier judges an input-required result a success
-    /// but leaves no mark on it), and the layers that would look for either
+    /// then it is neither an `isError` result, an input-required one nor a
+    /// task (the standard classifier judges those two a success but leaves
+    /// no mark on them), and the layers that would look for either
     /// need not read the result again.
     fn marked_tool_call_success(&self) -> bool {
         self.success_key()
@@ -390,7 +396,10 @@ impl McpResponse for jsonrpc::Response {
     }
 
     fn set_request_id(&mut self, id: &Id) {
-        self.id = id.clone();
+        // Most answers carry the id already: no copy of a string id then.
+        if self.id != *id {
+            self.id = id.clone();
+        }
     }
 
     fn success_key(&self) -> Option<crate::classify::SuccessKey> {
@@ -466,11 +475,15 @@ pub mod tool_result {
             };
         };
         let (mut error, mut content, mut structured, mut meta) = (false, None, None, None);
+        let mut task = false;
         for (key, value) in obj {
             match key.as_str() {
                 "resultType" if value.as_str() == Some("input_required") => {
                     return ToolResultStatus::InputRequired;
                 }
+                "resultType" if value.as_str() == Some("task") => task = true,
+                // A 2025-11-25 `CreateTaskResult`.
+                "task" => task |= value.get("taskId").is_some(),
                 "isError" => error = value.as_bool() == Some(true),
                 "content" => content = Some(value),
                 "structuredContent" => structured = Some(value),
@@ -478,7 +491,9 @@ pub mod tool_result {
                 _ => {}
             }
         }
-        if error {
+        if task {
+            ToolResultStatus::Task
+        } else if error {
             match meta.and_then(|m| m.get(crate::classify::OUTCOME_META_KEY)) {
                 Some(_) => ToolResultStatus::Rendered,
                 None => ToolResultStatus::Error,
@@ -746,7 +761,14 @@ mod tests {
         let result_type = prop_oneof![
             Just(json!("input_required")),
             Just(json!("complete")),
+            Just(json!("task")),
             Just(json!(1)),
+        ];
+        let task = prop_oneof![
+            Just(json!({"taskId": "t-1", "status": "working"})),
+            Just(json!({"taskId": null})),
+            Just(json!({"status": "working"})),
+            Just(json!("t-1")),
         ];
         let is_error = prop_oneof![
             Just(json!(true)),
@@ -760,22 +782,26 @@ mod tests {
             proptest::option::of(result_type),
             proptest::option::of(is_error),
             proptest::option::of(blankish.clone()),
+            proptest::option::of(task),
         )
-            .prop_map(|(content, structured, result_type, is_error, extra)| {
-                let mut m = Map::new();
-                for (k, v) in [
-                    ("content", content),
-                    ("structuredContent", structured),
-                    ("resultType", result_type),
-                    ("isError", is_error),
-                    ("_meta", extra),
-                ] {
-                    if let Some(v) = v {
-                        m.insert(k.to_owned(), v);
+            .prop_map(
+                |(content, structured, result_type, is_error, extra, task)| {
+                    let mut m = Map::new();
+                    for (k, v) in [
+                        ("content", content),
+                        ("structuredContent", structured),
+                        ("resultType", result_type),
+                        ("isError", is_error),
+                        ("_meta", extra),
+                        ("task", task),
+                    ] {
+                        if let Some(v) = v {
+                            m.insert(k.to_owned(), v);
+                        }
                     }
-                }
-                Value::Object(m)
-            });
+                    Value::Object(m)
+                },
+            );
         prop_oneof![4 => object, 1 => blankish]
     }
 
@@ -787,6 +813,8 @@ mod tests {
             let response = jsonrpc::Response::result(Id::Number(1), result.clone());
             let asked = if response.is_input_required() {
                 ToolResultStatus::InputRequired
+            } else if response.is_task() {
+                ToolResultStatus::Task
             } else if response.is_tool_error() {
                 ToolResultStatus::Error
             } else if response.is_empty_tool_result() {
@@ -817,6 +845,15 @@ mod tests {
         let error =
             jsonrpc::Response::error(Id::Number(1), jsonrpc::ErrorObject::new(-32603, "internal"));
         assert_eq!(error.tool_result_status(), ToolResultStatus::Data);
+        // A task, 2026-07-28 and 2025-11-25: no content, yet not empty.
+        assert_eq!(
+            status(json!({"resultType": "task", "task": {"taskId": "t-1"}})),
+            ToolResultStatus::Task
+        );
+        assert_eq!(
+            status(json!({"task": {"taskId": "t-1", "status": "working"}})),
+            ToolResultStatus::Task
+        );
     }
 
     #[test]

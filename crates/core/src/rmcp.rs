@@ -255,6 +255,17 @@ mod tests {
         assert_eq!(classify(&empty).class, Some(FailureClass::Server));
         let structured = result(json!({"content": [], "structuredContent": {"t": 1}}));
         assert!(classify(&structured).is_success());
+        // A task is the server accepting the call: a success, never kept
+        // as the tool's last good result (not marked).
+        let stamp = "2026-12-06T00:00:00Z";
+        let task = rmcp::model::Task::new("t-1", rmcp::model::TaskStatus::Working, stamp, stamp);
+        let mut task = ServerResult::CreateTaskResult(rmcp::model::CreateTaskResult::new(task));
+        assert_eq!(task.tool_result_status(), crate::ToolResultStatus::Task);
+        let sharing = McpClassifier::new().share_outcomes(true);
+        assert!(sharing
+            .classify_owned(CallKind::ToolCall, &mut task)
+            .is_success());
+        assert!(!task.marked_tool_call_success());
     }
 
     #[test]

@@ -141,10 +141,13 @@ impl<C> CallContext<C> {
         if outcome.is_success() {
             // The classifier is replaceable: the hard rules are checked again here.
             // (A success marked by the standard classifier is neither an
-            // error nor input required.)
+            // error, input required nor a task.) A task is its creator's:
+            // served stale to another caller, it would hand them its id.
             let storable = response.rpc_error().is_none()
                 && (response.marked_tool_call_success()
-                    || (!response.is_tool_error() && !response.is_input_required()));
+                    || (!response.is_tool_error()
+                        && !response.is_input_required()
+                        && !response.is_task()));
             if let (Some(fingerprint), true) = (self.fingerprint, storable) {
                 self.shared
                     .cache

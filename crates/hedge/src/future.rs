@@ -118,8 +118,37 @@ pub(crate) struct Race<S, R, Resp, C> {
     /// not have been hedged, and is not recorded.
     record: Recorder,
     phase: Phase,
-    /// The first attempt's failure, held while the hedge runs.
-    held: Option<Box<Result<Resp, BoxError>>>,
+    /// A failure held while the other attempt runs.
+    held: Option<Box<Failure<Resp>>>,
+}
+
+/// An attempt's failure.
+struct Failure<Resp> {
+    result: Result<Resp, BoxError>,
+    /// It says the request never left.
+    unsent: bool,
+    /// The first attempt's (else the hedge's).
+    first: bool,
+}
+
+impl<Resp> Failure<Resp> {
+    /// Which of two attempts' failures the call answers with: the first
+    /// attempt's, what the call would have answered without a hedge;
+    /// unless it never left and the hedge did, when "never sent" would
+    /// not be true of the call (and a retry layer above would send again
+    /// a tool that is not safe to repeat).
+    fn answer(self, other: Self) -> Self {
+        let (first, hedge) = if self.first {
+            (self, other)
+        } else {
+            (other, self)
+        };
+        if first.unsent && !hedge.unsent {
+            hedge
+        } else {
+            first
+        }
+    }
 }
 
 impl<S, R, Resp, C> Race<S, R, Resp, C> {
@@ -141,6 +170,15 @@ impl<S, R, Resp, C> Race<S, R, Resp, C> {
             record: Recorder::Off,
             phase: Phase::Waiting,
             held: None,
+        }
+    }
+
+    /// An attempt failed: the other's failure, if held, and this one give
+    /// the call's answer ([`Failure::answer`]).
+    fn answer_failure(&mut self, failure: Failure<Resp>) -> Result<Resp, BoxError> {
+        match self.held.take() {
+            Some(held) => held.answer(failure).result,
+            None => failure.result,
         }
     }
 
@@ -256,12 +294,18 @@ where
                         race.record(race.started);
                         return Poll::Ready(result);
                     }
+                    let failure = Failure {
+                        result,
+                        unsent: outcome.before_sent,
+                        first: true,
+                    };
                     if !this.hedge.is_running() {
                         // No hedge in flight: the failure is the answer
-                        // (repeating failures is the retry layer's job).
-                        return Poll::Ready(result);
+                        // (repeating failures is the retry layer's job),
+                        // with a failed hedge's if there was one.
+                        return Poll::Ready(race.answer_failure(failure));
                     }
-                    race.held = Some(Box::new(result));
+                    race.held = Some(Box::new(failure));
                 }
             }
             let Some(race) = this.race.as_mut() else {
@@ -286,12 +330,17 @@ where
                         }
                         return Poll::Ready(result);
                     }
+                    let failure = Failure {
+                        result,
+                        unsent: outcome.before_sent,
+                        first: false,
+                    };
                     if !this.primary.is_running() {
-                        // Both failed: the first attempt's failure, what
-                        // the call would have answered without a hedge.
-                        return Poll::Ready(race.held.take().map_or(result, |held| *held));
+                        // Both failed.
+                        return Poll::Ready(race.answer_failure(failure));
                     }
                     // The first attempt may still answer well.
+                    race.held = Some(Box::new(failure));
                 }
             }
             if !this.primary.is_running() {

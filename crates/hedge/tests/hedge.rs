@@ -6,10 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
+use toolwarden_core::classify::TransportErrorKind;
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{ready_call, MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    Bounds, BoxError, Event, Events, KeyBy, McpResponse, ToolCatalog, ToolPolicy,
+    Bounds, BoxError, CallKind, Classify, Event, Events, KeyBy, McpClassifier, McpResponse,
+    ToolCatalog, ToolPolicy,
 };
 use toolwarden_hedge::{BudgetConfig, HedgeBuilder, HedgeLayer};
 use tower::{Layer, Service, ServiceExt};
@@ -199,6 +201,44 @@ async fn a_failed_answer_waits_for_the_other_attempt() {
     );
     let answer = one(&hedge, &upstream, call(4, "lookup")).await;
     assert!(answer.is_err(), "the first attempt's transport error");
+    assert_eq!(upstream.in_flight(), 0);
+}
+
+/// Regression (found by running the composed stack): the first attempt's
+/// failure was the answer even when it said the request never left and
+/// the hedge had reached the server, so "never sent" was untrue of the
+/// call, and the retry layer above sent a tool that is not safe to repeat
+/// again (three copies at the server for one call). Whichever attempt
+/// fails first, the call now answers with the hedge's sent failure then.
+#[tokio::test(start_paused = true)]
+async fn a_never_sent_failure_is_not_the_answer_when_the_hedge_was_sent() {
+    let classify = |result: &Result<Response, BoxError>| {
+        McpClassifier::new().classify(CallKind::ToolCall, result.as_ref())
+    };
+    let hedge = layer(|b| b);
+    let unsent = || Step::Transport(TransportErrorKind::ConnectFailed);
+    // The first attempt's connect fails slowly, after the hedge closed.
+    let upstream = MockMcp::new().script("lookup", [unsent().after(ms(200)), Step::closed()]);
+    let answer = one(&hedge, &upstream, call(1, "lookup")).await;
+    assert!(!classify(&answer).before_sent, "{answer:?}");
+    // The hedge closes after the first attempt's connect failed.
+    let upstream = MockMcp::new().script(
+        "lookup",
+        [unsent().after(ms(60)), Step::closed().after(ms(100))],
+    );
+    let answer = one(&hedge, &upstream, call(2, "lookup")).await;
+    assert!(!classify(&answer).before_sent, "{answer:?}");
+    // Neither left: "never sent" is true, and the first attempt's.
+    let upstream = MockMcp::new().script("lookup", [unsent().after(ms(200)), unsent()]);
+    let answer = one(&hedge, &upstream, call(3, "lookup")).await;
+    assert!(classify(&answer).before_sent, "{answer:?}");
+    // The hedge never left: the first attempt's failure, as before.
+    let upstream = MockMcp::new().script(
+        "lookup",
+        [Step::tool_error("first failure").after(ms(200)), unsent()],
+    );
+    let answer = one(&hedge, &upstream, call(4, "lookup")).await.unwrap();
+    assert_eq!(answer.first_text().as_deref(), Some("first failure"));
     assert_eq!(upstream.in_flight(), 0);
 }
 

@@ -12,6 +12,11 @@
 //! JSON-RPC errors the server itself returned (a [`ErrorObject`] in the error
 //! chain), which keep their protocol meaning.
 //!
+//! The edge is also where a tool call's answer is put back under the
+//! caller's request id, whatever id the service below answered under (a
+//! transport that mixed answers up, a server that echoed another id): one
+//! answer per call, with the caller's id, is the stack's guarantee.
+//!
 //! The edge is also where the sealed outcome mark
 //! ([`OUTCOME_META_KEY`](toolwarden_core::classify::OUTCOME_META_KEY)) that
 //! layers below put on the failures they render is removed, with the
@@ -87,7 +92,8 @@ impl<S> RenderErrors<S> {
     }
 
     /// The same service, rendering nothing: every result passes through
-    /// (errors are still converted into `BoxError`).
+    /// (errors are still converted into `BoxError`, and a tool call's
+    /// answer still goes back under the request's id).
     #[must_use]
     pub fn passthrough(mut self) -> Self {
         self.enabled = false;
@@ -110,10 +116,11 @@ impl<S> RenderErrors<S> {
     }
 }
 
-/// What the future needs to render an error: the tool and the request id.
+/// What the future of a tool call keeps: the tool, to render an error
+/// (when rendering is on), and the request id, to answer under.
 #[derive(Debug)]
 struct Target {
-    tool: Tool,
+    tool: Option<Tool>,
     id: Option<Id>,
 }
 
@@ -175,13 +182,12 @@ where
     }
 
     fn call(&mut self, request: R) -> Self::Future {
-        let target = request
-            .tool_name()
-            .filter(|_| self.enabled)
-            .map(|tool| Target {
-                tool: Tool::of(&request, tool),
-                id: request.request_id().cloned(),
-            });
+        // A tool call's id is kept even with rendering off: the answer
+        // goes back under it, whatever id the service below wrote.
+        let target = request.tool_name().map(|tool| Target {
+            tool: self.enabled.then(|| Tool::of(&request, tool)),
+            id: request.request_id().cloned(),
+        });
         RenderFuture {
             inner: self.inner.call(request),
             target,
@@ -229,14 +235,27 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx)).map_err(Into::into);
-        Poll::Ready(match (result, this.target.take()) {
-            (Err(error), Some(target)) if !is_protocol_error(error.as_ref()) => {
-                let report = FailureReport::from_error(target.tool.name(), error.as_ref());
-                let mut response = T::from_tool_result(target.id.as_ref(), report.to_tool_result());
+        let target = this.target.take();
+        Poll::Ready(match (result, target) {
+            (
+                Err(error),
+                Some(Target {
+                    tool: Some(tool),
+                    id,
+                }),
+            ) if !is_protocol_error(error.as_ref()) => {
+                let report = FailureReport::from_error(tool.name(), error.as_ref());
+                let mut response = T::from_tool_result(id.as_ref(), report.to_tool_result());
                 response.remove_result_meta(OUTCOME_META_KEY);
                 Ok(response)
             }
-            (Ok(mut response), _) => {
+            (Ok(mut response), target) => {
+                // One answer per call, under the caller's id: a service
+                // below (a transport, a server) may have answered under
+                // another.
+                if let Some(id) = target.as_ref().and_then(|t| t.id.as_ref()) {
+                    response.set_request_id(id);
+                }
                 // The outcome mark a layer below rendered (the fallback
                 // cache) is for the layers of this process: its seal must
                 // not reach a client, who could hand it to a server.

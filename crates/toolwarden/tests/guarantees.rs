@@ -22,9 +22,10 @@ use toolwarden_core::classify::{TransportErrorKind, OUTCOME_META_KEY};
 use toolwarden_core::jsonrpc::{ErrorObject, Id, Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    fingerprint, BoxError, Classify, McpClassifier, McpRequest, OutcomeKind, ToolAnnotations,
-    ToolCatalog, ToolInfo,
+    fingerprint, BoxError, Classify, McpClassifier, McpRequest, McpResponse, OutcomeKind,
+    ToolAnnotations, ToolCatalog, ToolInfo,
 };
+use tower::util::MapResponse;
 use tower::{Layer, Service, ServiceExt};
 
 // ---------------------------------------------------------------------------
@@ -79,6 +80,11 @@ enum Answer {
     Rpc(i64, Option<Value>),
     /// The connection could not be made: the request never left.
     BeforeSent,
+    /// The same, found only after 700 ms (a connect timing out): a hedge
+    /// (sent after 500 ms) may have left meanwhile.
+    SlowBeforeSent,
+    /// A result with text, answered under another request's id.
+    WrongId(String),
     /// The connection closed after the request left.
     AfterSent,
     /// No answer, ever (the attempt timeout ends it).
@@ -98,6 +104,12 @@ impl Answer {
                 Step::RpcError(error)
             }
             Answer::BeforeSent => Step::Transport(TransportErrorKind::ConnectFailed),
+            Answer::SlowBeforeSent => {
+                Step::Transport(TransportErrorKind::ConnectFailed).after(Duration::from_millis(700))
+            }
+            Answer::WrongId(text) => Step::Result(
+                json!({"content": [{"type": "text", "text": text}], "readdressed": true}),
+            ),
             Answer::AfterSent => Step::closed(),
             Answer::Hang => Step::Hang,
         }
@@ -105,7 +117,7 @@ impl Answer {
 
     /// Whether the request reached the server.
     fn sent(&self) -> bool {
-        !matches!(self, Answer::BeforeSent)
+        !matches!(self, Answer::BeforeSent | Answer::SlowBeforeSent)
     }
 }
 
@@ -191,6 +203,8 @@ fn answer() -> impl Strategy<Value = Answer> {
         2 => (prop_oneof![Just(-32023i64), Just(-32602), Just(-32603), Just(-32000), Just(-32700), any::<i64>()], rpc_data())
             .prop_map(|(code, data)| Answer::Rpc(code, data)),
         2 => Just(Answer::BeforeSent),
+        1 => Just(Answer::SlowBeforeSent),
+        1 => "[a-z ]{1,16}".prop_map(Answer::WrongId),
         2 => Just(Answer::AfterSent),
         1 => Just(Answer::Hang),
     ]
@@ -298,7 +312,24 @@ fn stack(setup: &Setup) -> StandardStackLayer {
         .unwrap()
 }
 
-type Service_ = StandardService<ReadyChecked<MockMcp>>;
+/// The upstream as the stack sees it: the scripted server, behind a
+/// transport that answers a result carrying `"readdressed": true` under
+/// another request's id ([`Answer::WrongId`]).
+type Upstream = MapResponse<ReadyChecked<MockMcp>, fn(Response) -> Response>;
+
+fn upstream_service(upstream: MockMcp) -> Upstream {
+    fn readdress(mut response: Response) -> Response {
+        if let Ok(result) = &response.payload {
+            if result.get("readdressed").is_some() {
+                response.id = Id::String("someone else's".into());
+            }
+        }
+        response
+    }
+    ReadyChecked::new(upstream).map_response(readdress as fn(Response) -> Response)
+}
+
+type Service_ = StandardService<Upstream>;
 
 fn request(number: u64, call: &Call) -> Request {
     let tool = TOOLS[call.tool];
@@ -410,8 +441,8 @@ impl World {
         }
         let layer = stack(&setup);
         let services = [
-            layer.layer(ReadyChecked::new(upstream.clone())),
-            layer.clone().layer(ReadyChecked::new(upstream.clone())),
+            layer.layer(upstream_service(upstream.clone())),
+            layer.clone().layer(upstream_service(upstream.clone())),
         ];
         World {
             setup,
@@ -794,7 +825,7 @@ async fn regression_15_1_a_huge_retry_hint_answers_instead_of_panicking() {
             optional: None,
             hedge_overrides: false,
         });
-        let mut svc = layer.layer(ReadyChecked::new(upstream));
+        let mut svc = layer.layer(upstream_service(upstream));
         let answer = send(&mut svc, 1, "lookup", json!({"q": 1})).await.unwrap();
         assert_eq!(answer.id, Id::Number(1));
     }
@@ -810,7 +841,7 @@ async fn regression_15_2_rate_limit_refusals_build_no_loop() {
         .rate_limit(|b| b.per_tool(Rate::per_minute(1), 1))
         .build()
         .unwrap();
-    let mut svc = layer.layer(ReadyChecked::new(upstream.clone()));
+    let mut svc = layer.layer(upstream_service(upstream.clone()));
     let args = json!({"key": "a"});
     let first = send(&mut svc, 1, "lookup", args.clone()).await.unwrap();
     assert_eq!(
@@ -866,7 +897,7 @@ async fn regression_15_4_a_deadline_cut_never_reports_a_sent_call_as_unsent() {
         .fallback_cache(|b| b.degrade(false))
         .build()
         .unwrap();
-    let mut svc = layer.layer(ReadyChecked::new(upstream.clone()));
+    let mut svc = layer.layer(upstream_service(upstream.clone()));
     let error = send(&mut svc, 1, "delete_record", json!({"id": 7}))
         .await
         .unwrap_err();
@@ -898,8 +929,8 @@ async fn regression_15_5_services_from_one_stack_share_quotas_caches_and_loop_hi
         .unwrap();
     // One service per client connection, as a server would build them.
     let mut connections = [
-        layer.layer(ReadyChecked::new(upstream.clone())),
-        layer.clone().layer(ReadyChecked::new(upstream.clone())),
+        layer.layer(upstream_service(upstream.clone())),
+        layer.clone().layer(upstream_service(upstream.clone())),
     ];
 
     // Quota: two calls in all, whichever connection makes them.
@@ -957,6 +988,69 @@ async fn regression_15_5_services_from_one_stack_share_quotas_caches_and_loop_hi
         "loop_guard",
         "the fourth identical failing call is a loop, whichever connection made the others"
     );
+}
+
+/// Regression (found by running the composed stack): a task the server
+/// created for a call (2026-07-28 `resultType: "task"`, or a 2025-11-25
+/// `CreateTaskResult`) has no content, and every layer took it for an
+/// empty result, a failure of class Server: a read-only tool's call was
+/// sent three times (three tasks, two orphaned), five accepted calls of
+/// another opened its circuit, the fourth identical one was refused as a
+/// failing loop. A task is the server accepting the call: a success for
+/// every layer, and not a result the fallback cache keeps (the task is its
+/// creator's; served stale, it would hand another caller its id).
+#[tokio::test(start_paused = true)]
+async fn a_task_is_a_success_for_every_layer_and_never_served_stale() {
+    for task in [
+        json!({"resultType": "task", "task": {"taskId": "t-1", "status": "working"}}),
+        json!({"task": {"taskId": "t-1", "status": "working", "ttl": 60000}}),
+    ] {
+        let upstream = MockMcp::new();
+        let layer = StandardStack::builder()
+            .catalog(catalog(true))
+            .circuit_breaker(|b| b.failure_threshold(3))
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(upstream_service(upstream.clone()));
+
+        // A tool safe to repeat: one call, one task.
+        upstream.push("search_docs", [Step::Result(task.clone())]);
+        let answer = send(&mut svc, 1, "search_docs", json!({"q": "x"}))
+            .await
+            .unwrap();
+        assert!(answer.is_task(), "{answer:?}");
+        assert_eq!(upstream.calls("search_docs"), 1, "the task was retried");
+
+        // A tool not safe to repeat, the same call six times: never
+        // refused, by the breaker or the loop guard.
+        upstream.set_default("delete_record", Step::Result(task.clone()));
+        for i in 0..6 {
+            let answer = send(&mut svc, 10 + i, "delete_record", json!({"id": 42}))
+                .await
+                .unwrap();
+            assert!(answer.is_task(), "call {i}: {answer:?}");
+        }
+        assert_eq!(upstream.calls("delete_record"), 6);
+        let stats = layer.stats().snapshot();
+        let delete = stats.tool("delete_record").unwrap();
+        assert_eq!(delete.outcomes.success, 6, "{delete:?}");
+
+        // The server fails the call it answered with a task before: the
+        // caller gets the failure, not the other caller's task.
+        upstream.push("search_docs", [Step::Result(task.clone())]);
+        send(&mut svc, 20, "search_docs", json!({"q": "y"}))
+            .await
+            .unwrap();
+        upstream.push(
+            "search_docs",
+            [Step::closed(), Step::closed(), Step::closed()],
+        );
+        let failed = send(&mut svc, 21, "search_docs", json!({"q": "y"}))
+            .await
+            .unwrap();
+        assert!(!failed.is_task(), "a task served stale: {failed:?}");
+        assert!(failed.is_tool_error(), "{failed:?}");
+    }
 }
 
 /// The reference reads the renderer's facts as the layers wrote them.
