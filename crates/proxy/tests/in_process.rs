@@ -1236,6 +1236,49 @@ async fn a_client_without_a_session_is_not_sent_the_servers_requests() {
     proxy.finish().await;
 }
 
+/// Regression (found by running the binary): a request of a server
+/// reached over a pipe (stdio) carries no call's id, and went to the
+/// session's standalone GET stream, which a client need not open. One
+/// without it never saw the request (here `roots/list`), and its call
+/// timed out. The session's one call in flight is the request's cause: it
+/// rides that call's response stream, as a Streamable HTTP upstream's
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipe_servers_request_rides_the_calls_stream_for_a_client_without_a_get_stream() {
+    let proxy = HttpHarness::start().await;
+    let mut client = support::KeepAlive::connect(proxy.port).await;
+    client.open_session_with(json!({"roots": {}})).await;
+    let session = client.session().unwrap();
+    let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
+        "params": {"name": "ask_roots", "arguments": {}}});
+    let (head, mut body) = client.post_for_head(&call).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    body.extend(client.read_for(Duration::from_millis(500)).await);
+    let (events, _) = sse_events(&support::dechunk(&String::from_utf8_lossy(&body)));
+    let asked: Value = events
+        .iter()
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .find(|m| m["method"] == "roots/list")
+        .unwrap_or_else(|| panic!("no roots/list on the call's stream: {events:?}"));
+    // Answered on another connection of the session, as a client would.
+    let mut answering = support::KeepAlive::connect(proxy.port)
+        .await
+        .in_session(session);
+    let reply = json!({"jsonrpc": "2.0", "id": asked["id"],
+        "result": {"roots": [{"uri": "file:///work", "name": "work"}]}});
+    assert!(answering.post(&reply).await.contains("202"));
+    let rest = client.read_for(Duration::from_millis(500)).await;
+    body.extend(rest);
+    let (events, _) = sse_events(&support::dechunk(&String::from_utf8_lossy(&body)));
+    let answer: Value = events
+        .iter()
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .find(|m| m["id"] == 5)
+        .unwrap_or_else(|| panic!("no answer on the call's stream: {events:?}"));
+    assert_eq!(text(&answer), "roots: file:///work", "{answer}");
+    proxy.finish().await;
+}
+
 /// Each hop negotiates its own protocol: a 2026-07-28 client's per-request
 /// envelope (its version, capabilities and identity in `_meta`) describes
 /// it to the proxy, not the proxy to the server. Forwarded as it was, a

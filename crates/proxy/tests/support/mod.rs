@@ -539,11 +539,16 @@ impl KeepAlive {
     /// `notifications/initialized`: a session, ready for calls. The body of
     /// the answer to `initialize`.
     pub async fn open_session(&mut self) -> String {
+        self.open_session_with(serde_json::json!({})).await
+    }
+
+    /// [`open_session`](Self::open_session) of a client with `capabilities`.
+    pub async fn open_session_with(&mut self, capabilities: Value) -> String {
         let (status, body) = self
             .post_with(
                 &[],
                 &serde_json::json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-                    "protocolVersion": self.version, "capabilities": {},
+                    "protocolVersion": self.version, "capabilities": capabilities,
                     "clientInfo": {"name": "keep-alive", "version": "0"},
                 }}),
             )

@@ -52,8 +52,8 @@ pub(super) struct Causes {
     /// recorded is the current connection's.
     pub(super) by_upstream_id: HashMap<RequestId, Vec<Forwarded>>,
     /// Per session, its requests in flight upstream that can make the server
-    /// ask something (all but `ping`).
-    pub(super) in_flight: HashMap<u64, (Caller, usize)>,
+    /// ask something (all but `ping`): their serials and the client's ids.
+    pub(super) in_flight: HashMap<u64, (Caller, Vec<(u64, RequestId)>)>,
     next_serial: u64,
 }
 
@@ -96,8 +96,9 @@ impl Downstreams {
             causes
                 .in_flight
                 .entry(caller.session)
-                .or_insert((caller, 0))
-                .1 += 1;
+                .or_insert_with(|| (caller, Vec::new()))
+                .1
+                .push((serial, request.clone()));
         }
         CauseGuard {
             causes: Arc::clone(&self.causes),
@@ -124,8 +125,10 @@ impl Downstreams {
     ///   recorded; none, if it is none of theirs (the proxy's own, or done);
     /// - else (stdio, or a server that sent it on the standalone stream):
     ///   the one session with requests in flight upstream (pings aside), if
-    ///   only one has; with none in flight, the one connected client, if
-    ///   there is only one.
+    ///   only one has, and its one request if it has only one (so that the
+    ///   server's request rides that request's response stream over HTTP);
+    ///   with none in flight, the one connected client, if there is only
+    ///   one.
     ///
     /// The session found must be a connected client that can be sent
     /// requests (not one without a session over HTTP).
@@ -175,9 +178,20 @@ impl Downstreams {
                 (forwarded.caller, Some(forwarded.request.clone()))
             }
             None => {
-                let mut sessions = causes.in_flight.values().filter(|(_, n)| *n > 0);
+                let mut sessions = causes.in_flight.values().filter(|(_, r)| !r.is_empty());
                 match (sessions.next(), sessions.next()) {
-                    (Some((caller, _)), None) => (*caller, None),
+                    // Its one request in flight, if it has one: the
+                    // server's request rides that call's response stream
+                    // (a client need not open a standalone stream, and one
+                    // without any would never see it); with several,
+                    // nothing tells which, and it goes standalone.
+                    (Some((caller, requests)), None) => (
+                        *caller,
+                        match requests.as_slice() {
+                            [(_, only)] => Some(only.clone()),
+                            _ => None,
+                        },
+                    ),
                     (Some(_), Some(_)) => {
                         return Err(Some(no_session(
                             "nothing ties it to a call, and calls of several sessions are in flight",
@@ -285,9 +299,9 @@ impl Drop for CauseGuard {
         }
         if self.asks {
             let session = self.forwarded.caller.session;
-            if let Some((_, n)) = causes.in_flight.get_mut(&session) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
+            if let Some((_, requests)) = causes.in_flight.get_mut(&session) {
+                requests.retain(|(serial, _)| *serial != self.forwarded.serial);
+                if requests.is_empty() {
                     causes.in_flight.remove(&session);
                 }
             }

@@ -263,6 +263,10 @@ async fn the_same_upstream_id_in_two_views_names_each_views_own_caller() {
 
 /// "The one session with calls in flight" is counted per upstream: a
 /// session with a call in flight to one upstream is not whom another asks.
+/// Its one call is named, so that over HTTP the server's request rides
+/// that call's response stream (regression: with a stdio upstream it went
+/// to the standalone stream, which a client need not open: one without it
+/// never saw the request, and its call timed out).
 #[tokio::test(start_paused = true)]
 async fn requests_in_flight_are_counted_per_view() {
     let first = Downstreams::new();
@@ -277,24 +281,35 @@ async fn requests_in_flight_are_counted_per_view() {
     let error = second.target_of(None).await.unwrap_err();
     assert_eq!(error.code, ErrorCode(-32603));
     let target = first.target_of(None).await.unwrap();
-    assert_eq!(whose(&target, &clients), (0, None));
+    assert_eq!(whose(&target, &clients), (0, Some(id(10))));
 
     // Each view has one session with a call in flight: each its own.
     let to_second = second.forwarding(caller(2, &two), id(20), true);
     let target = second.target_of(None).await.unwrap();
-    assert_eq!(whose(&target, &clients), (1, None));
+    assert_eq!(whose(&target, &clients), (1, Some(id(20))));
     let target = first.target_of(None).await.unwrap();
-    assert_eq!(whose(&target, &clients), (0, None));
+    assert_eq!(whose(&target, &clients), (0, Some(id(10))));
 
     // Two sessions in flight in one view: no guess there, the other unmoved.
-    let _also_second = second.forwarding(caller(1, &one), id(11), true);
+    let also_second = second.forwarding(caller(1, &one), id(11), true);
     let error = second.target_of(None).await.unwrap_err();
     assert_eq!(error.code, ErrorCode(-32603));
     let target = first.target_of(None).await.unwrap();
-    assert_eq!(whose(&target, &clients), (0, None));
+    assert_eq!(whose(&target, &clients), (0, Some(id(10))));
     drop(to_second);
     let target = second.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, Some(id(11))));
+
+    // Two calls of that session: it is the session's, on no call's stream
+    // (nothing tells which); one ends, and the other is named again.
+    let third = second.forwarding(caller(1, &one), id(12), true);
+    let target = second.target_of(None).await.unwrap();
     assert_eq!(whose(&target, &clients), (0, None));
+    drop(also_second);
+    let target = second.target_of(None).await.unwrap();
+    assert_eq!(whose(&target, &clients), (0, Some(id(12))));
+    drop(third);
+    assert_eq!(second.causes_tracked(), (0, 0));
 }
 
 /// The clients are one list whatever view registers, notifies or removes
