@@ -36,6 +36,9 @@ struct Server {
     name: &'static str,
     down: Arc<AtomicBool>,
     calls: Arc<AtomicUsize>,
+    /// With more than 0: that many resources `NAME://many/{i}` listed
+    /// besides `NAME://fixed`, and `shared://same`, which both list.
+    many: Arc<AtomicUsize>,
 }
 
 impl ServerHandler for Server {
@@ -107,10 +110,15 @@ impl ServerHandler for Server {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
-        Ok(ListResourcesResult::with_all_items(vec![Resource::new(
-            format!("{}://fixed", self.name),
-            "fixed",
-        )]))
+        let mut resources = vec![Resource::new(format!("{}://fixed", self.name), "fixed")];
+        let many = self.many.load(Ordering::SeqCst);
+        if many > 0 {
+            resources.extend(
+                (0..many).map(|i| Resource::new(format!("{}://many/{i}", self.name), "many")),
+            );
+            resources.push(Resource::new("shared://same", "same"));
+        }
+        Ok(ListResourcesResult::with_all_items(resources))
     }
 
     async fn list_resource_templates(
@@ -166,6 +174,7 @@ async fn fixture_with(mark: bool, beta_quota: Option<&str>) -> Fixture {
         name,
         down: Arc::default(),
         calls: Arc::default(),
+        many: Arc::default(),
     };
     let (alpha, beta) = (server("alpha"), server("beta"));
     let mut config = Config::default();
@@ -284,6 +293,62 @@ async fn prompts_and_resources_go_to_their_upstream() {
         .read_resource(ReadResourceRequestParams::new("gamma://x"))
         .await;
     assert!(nowhere.is_err(), "{nowhere:?}");
+}
+
+/// Regression (found by running the binary): the URIs remembered for
+/// routing reads were all forgotten whenever 4 096 were reached, in the
+/// middle of merging a list, so most of a list just read could not be
+/// read (`-32602 unknown resource`), and listing again did not help. Each
+/// upstream's routes are now its last list's; a URI both list is read
+/// from the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_resource_can_be_read_however_many_are_listed() {
+    let f = fixture(false).await;
+    f.alpha.many.store(2_500, Ordering::SeqCst);
+    f.beta.many.store(2_500, Ordering::SeqCst);
+    let peer = f.client.peer();
+    let resources = bounded("resources/list", LIMIT, peer.list_all_resources())
+        .await
+        .unwrap();
+    assert_eq!(resources.len(), 2 * (1 + 2_500 + 1));
+    for uri in [
+        "alpha://many/0",
+        "alpha://many/2499",
+        "beta://many/0",
+        "beta://many/1200",
+        "beta://many/2499",
+        "alpha://fixed",
+        "beta://fixed",
+    ] {
+        let server = uri.split(':').next().unwrap();
+        let read = peer
+            .read_resource(ReadResourceRequestParams::new(uri))
+            .await
+            .unwrap_or_else(|e| panic!("{uri}: {e}"));
+        let shown = format!("{read:?}");
+        assert!(shown.contains(&format!("{server} read {uri}")), "{shown}");
+    }
+    // Listed by both: read from the first upstream of the configuration.
+    let read = peer
+        .read_resource(ReadResourceRequestParams::new("shared://same"))
+        .await
+        .unwrap();
+    assert!(format!("{read:?}").contains("alpha read"), "{read:?}");
+    // A URI an upstream no longer lists is forgotten; its others stay.
+    f.beta.many.store(10, Ordering::SeqCst);
+    peer.list_all_resources().await.unwrap();
+    let gone = peer
+        .read_resource(ReadResourceRequestParams::new("beta://many/2499"))
+        .await;
+    assert!(gone.is_err(), "{gone:?}");
+    for uri in ["beta://many/9", "alpha://many/2499"] {
+        assert!(
+            peer.read_resource(ReadResourceRequestParams::new(uri))
+                .await
+                .is_ok(),
+            "{uri}"
+        );
+    }
 }
 
 /// Each upstream's server lists `lookup` twice: the gateway's list has each

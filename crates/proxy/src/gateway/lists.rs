@@ -2,6 +2,7 @@
 //! request goes (see the [module docs](super)).
 
 use std::borrow::Cow;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
 use rmcp::model::{
@@ -203,17 +204,41 @@ impl Gateway {
             )
             .await;
         let mut resources: Vec<Resource> = Vec::new();
+        let mut shared = Vec::new();
         let mut routes = lock(&self.resources);
         for (member, list) in lists {
             let i = self.by_name[&member.name];
+            // This upstream's routes are its list's, now: a URI it no
+            // longer lists is forgotten, the others' stay.
+            routes.uris.retain(|_, m| *m != i);
             for mut resource in list {
-                if routes.uris.len() >= MAX_RESOURCE_ROUTES {
-                    routes.uris.clear();
+                match routes.uris.entry(resource.uri.clone()) {
+                    Entry::Vacant(vacant) => {
+                        vacant.insert(i);
+                    }
+                    Entry::Occupied(mut taken) => {
+                        let other = *taken.get();
+                        if other != i {
+                            // Reads of it go to the first of the two.
+                            shared.push((resource.uri.clone(), other.min(i), other.max(i)));
+                            taken.insert(other.min(i));
+                        }
+                    }
                 }
-                routes.uris.insert(resource.uri.clone(), i);
                 resource.name = member.names.prefixed(&resource.name);
                 resources.push(resource);
             }
+        }
+        let changed = std::mem::replace(&mut routes.shared, shared.len()) != shared.len();
+        drop(routes);
+        if let (Some((uri, first, second)), true) = (shared.first(), changed) {
+            tracing::warn!(
+                uri = %uri,
+                reads_go_to = %self.members[*first].name,
+                also_listed_by = %self.members[*second].name,
+                more = shared.len() - 1,
+                "a resource URI is listed by two upstreams: its reads go to the first"
+            );
         }
         ListResourcesResult::with_all_items(resources)
     }

@@ -78,16 +78,21 @@ pub use service::{GatewayService, MemberService, TimedUpstream, UpstreamClassifi
 /// transitions are noticed at once).
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Resource URIs (and template prefixes) remembered for routing reads, over
-/// all upstreams; past it the oldest half is forgotten (a read of a
-/// forgotten URI is routed again once it is listed).
+/// Resource template prefixes remembered for routing reads, over all
+/// upstreams; past it, templates are listed but not routed by.
 const MAX_RESOURCE_ROUTES: usize = 4096;
 
 /// Where a resource read goes: learned from the lists.
 #[derive(Default)]
 struct ResourceRoutes {
-    /// A resource's URI → its upstream.
+    /// A resource's URI → its upstream: each upstream's from its last
+    /// `resources/list` (at most `MAX_LISTED_ITEMS` each, as its list is
+    /// read no further); a URI two upstreams list is the first's in the
+    /// configuration's order.
     uris: HashMap<String, usize>,
+    /// How many URIs the last `resources/list` found listed by two
+    /// upstreams (warned of when it changes, not at every list).
+    shared: usize,
     /// A template's literal start (up to its first `{`) → its upstream.
     templates: Vec<(String, usize)>,
 }
