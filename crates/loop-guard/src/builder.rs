@@ -200,11 +200,11 @@ impl<C> LoopGuardBuilder<C> {
     }
 
     /// Bounds of the session histories. Default [`Bounds::default`]:
-    /// `max_keys` 10 000 sessions with a history of their own (at least 1;
-    /// past it, new sessions share one overflow history, so their calls
-    /// count together: see the crate docs), and a session idle for
-    /// `idle_timeout` 10 minutes is forgotten (`None` keeps sessions until
-    /// the bound pushes new ones into the overflow history). When set,
+    /// `max_keys` 10 000 sessions with a history (at least 1; past it, a
+    /// new session has none, and its calls pass unguarded: see the crate
+    /// docs), and a session idle for `idle_timeout` 10 minutes is forgotten
+    /// (`None` keeps sessions, and a new one past the bound is never
+    /// guarded). When set,
     /// `idle_timeout` must be at least `window_time` (a shorter one would
     /// forget calls still inside the window). Layer-wide.
     #[must_use]

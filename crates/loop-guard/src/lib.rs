@@ -180,12 +180,14 @@
 //! [`KeyedState`](toolwarden_core::KeyedState), bounded by
 //! [`bounds`](LoopGuardBuilder::bounds):
 //!
-//! - at most `max_keys` sessions (default 10 000) have a history of
-//!   their own. **Past the bound, every new session shares one overflow
-//!   history**: their calls count together, so identical failing calls of
-//!   different sessions there can add up to a block, and their interleaving
-//!   can hide a loop. Size `max_keys` above the number of concurrent
-//!   sessions you expect;
+//! - at most `max_keys` sessions (default 10 000) have a history.
+//!   **Past the bound, a new session has none**: its calls pass unguarded
+//!   (its loops go unseen) until a place is free. They used to share one
+//!   overflow history, where identical calls of different sessions added
+//!   up: a client that made 10 000 keys (a new connection per sessionless
+//!   request, or sessions opened and closed) then got every later
+//!   session's first call refused as a loop, by repeating it itself. Size
+//!   `max_keys` above the number of concurrent sessions you expect;
 //! - a session idle for `idle_timeout` (default 10 minutes) is
 //!   forgotten, freeing its place;
 //! - each history is a fixed ring of `window_calls` records of 40 bytes
@@ -202,8 +204,8 @@
 //! admitted; a completed call records its outcome in its own record's slot
 //! with one atomic compare-and-swap, without the lock (a late answer whose
 //! record was overwritten records nothing). Each decision reads
-//! O(`window_calls`) records at most. The default session and the overflow history are shared by all
-//! their callers, so their locks can be contended.
+//! O(`window_calls`) records at most. The default session is shared by all
+//! its callers, so its lock can be contended.
 //!
 //! The histories are created when the layer is built: every service the
 //! layer builds (and every service its clones build) shares them, so a

@@ -87,8 +87,8 @@ impl<S, C> LoopGuard<S, C> {
     }
 
     /// How many sessions have a history of their own; never more than
-    /// `bounds.max_keys` (the shared overflow history and the history of
-    /// calls without a session key are not counted).
+    /// `bounds.max_keys` (the history of calls without a session key is
+    /// not counted).
     #[must_use]
     pub fn tracked_sessions(&self) -> usize {
         self.sessions.len()
@@ -170,7 +170,12 @@ where
             request.insert_extension(fingerprint);
         }
         let rules = self.config.rules(limits);
-        let session = self.sessions.get(request.session_key());
+        let Some(session) = self.sessions.get(request.session_key()) else {
+            // A new session past the bound has no history: its calls are
+            // not counted (with anyone else's, they could be refused for
+            // what other sessions did).
+            return ResponseFuture::passthrough(self.inner.call(request));
+        };
         // Asked only when a refusal of the identical call is found or made.
         let circuits = &self.config.settings.circuits;
         let circuit_open = || {

@@ -147,8 +147,8 @@ impl Shared {
 }
 
 /// Every guard's sessions: one history per session key, at most
-/// `bounds.max_keys` of them (past that, one shared overflow history), plus
-/// the history of calls that carry no session key.
+/// `bounds.max_keys` of them (past that, none), plus the history of calls
+/// that carry no session key.
 pub(crate) struct Sessions {
     keyed: KeyedState<Session>,
     /// Calls without a session key: kept apart from the map so that the
@@ -212,23 +212,24 @@ impl Sessions {
         }
     }
 
-    /// The history of `session_key`, created when new; the overflow history
-    /// past the bound; the default history without a key.
+    /// The history of `session_key`, created when new; the default history
+    /// without a key; none for a new session past the bound (the map's
+    /// overflow entry is never used as a history: see [`crate`], "Sessions
+    /// and memory").
     #[inline]
-    pub(crate) fn get(&self, session_key: Option<&str>) -> SessionRef {
-        match session_key {
-            None => SessionRef::Default(Arc::clone(&self.default)),
+    pub(crate) fn get(&self, session_key: Option<&str>) -> Option<SessionRef> {
+        let entry = match session_key {
+            None => return Some(SessionRef::Default(Arc::clone(&self.default))),
             Some(key) if key.len() <= MAX_VERBATIM_KEY => {
-                SessionRef::Keyed(self.keyed.entry(KeyRef::Custom(Cow::Borrowed(key))))
+                self.keyed.entry(KeyRef::Custom(Cow::Borrowed(key)))
             }
-            Some(key) => {
-                SessionRef::Keyed(self.keyed.entry(KeyRef::Custom(Cow::Owned(digest(key)))))
-            }
-        }
+            Some(key) => self.keyed.entry(KeyRef::Custom(Cow::Owned(digest(key)))),
+        };
+        (!entry.is_overflow()).then_some(SessionRef::Keyed(entry))
     }
 
-    /// Sessions with a history of their own (not counting the overflow and
-    /// default histories).
+    /// Sessions with a history of their own (not counting the default
+    /// history).
     pub(crate) fn len(&self) -> usize {
         self.keyed.len()
     }
@@ -252,8 +253,8 @@ mod tests {
         assert_ne!(d, digest(&"k".repeat(10_001)));
 
         let sessions = Sessions::new(4, 10, None);
-        let a = sessions.get(Some(&long));
-        let b = sessions.get(Some(&long));
+        let a = sessions.get(Some(&long)).unwrap();
+        let b = sessions.get(Some(&long)).unwrap();
         let SessionRef::Keyed(a) = a else {
             panic!("keyed")
         };
@@ -264,7 +265,7 @@ mod tests {
         assert_eq!(a.key().to_string().len(), MAX_VERBATIM_KEY + 1);
         sessions.get(Some("short"));
         assert_eq!(sessions.len(), 2);
-        assert!(matches!(sessions.get(None), SessionRef::Default(_)));
+        assert!(matches!(sessions.get(None), Some(SessionRef::Default(_))));
         assert_eq!(sessions.len(), 2, "the default session is not in the map");
     }
 
