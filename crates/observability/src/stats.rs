@@ -184,10 +184,14 @@ impl StatsCell {
 
     #[inline]
     pub(crate) fn record(&self, kind: OutcomeKind, elapsed: Duration, end: Stamp) {
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.outcomes[outcome_index(kind)].fetch_add(1, Relaxed);
-        self.total_nanos.fetch_add(nanos, Relaxed);
-        self.histogram.record(nanos);
+        if kind != OutcomeKind::Rejected {
+            // A refusal of ours takes microseconds and says nothing of the
+            // tool: in the durations, a tool refused often would look fast.
+            let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+            self.total_nanos.fetch_add(nanos, Relaxed);
+            self.histogram.record(nanos);
+        }
         self.last_call.store(end.to_nonzero_bits(), Relaxed);
         self.recent.record(kind != OutcomeKind::Success);
     }
@@ -207,6 +211,7 @@ impl StatsCell {
         let completed: u64 = counts.iter().sum();
         let cancelled = self.cancelled.load(Relaxed);
         let successes = counts[outcome_index(OutcomeKind::Success)];
+        let timed = completed - counts[outcome_index(OutcomeKind::Rejected)];
         let total_ms = self.total_nanos.load(Relaxed) as f64 / 1e6;
         let histogram = self.histogram.counts();
         let (recent_failures, recent_calls) = self.recent.read();
@@ -222,7 +227,7 @@ impl StatsCell {
             recent_failure_rate: ratio(recent_failures, recent_calls),
             recent_calls,
             total_duration_ms: total_ms,
-            mean_duration_ms: (completed > 0).then(|| total_ms / completed as f64),
+            mean_duration_ms: (timed > 0).then(|| total_ms / timed as f64),
             p50_ms: DurationHistogram::quantile_ms(&histogram, 0.50),
             p95_ms: DurationHistogram::quantile_ms(&histogram, 0.95),
             p99_ms: DurationHistogram::quantile_ms(&histogram, 0.99),
@@ -297,9 +302,13 @@ pub struct CallStats {
     pub recent_failure_rate: Option<f64>,
     /// How many completed calls the recent failure rate covers (at most the window).
     pub recent_calls: u64,
-    /// The summed duration of completed calls.
+    /// The summed duration of completed calls, refusals by a toolwarden
+    /// layer (outcome `rejected`) left out, as in the mean and percentiles
+    /// below: they take microseconds, and a tool refused often would look
+    /// fast. (The `mcp.client.operation.duration` histogram records them,
+    /// with `error.type` `rejected`.)
     pub total_duration_ms: f64,
-    /// The mean duration of completed calls.
+    /// The mean duration of completed calls (refusals left out).
     pub mean_duration_ms: Option<f64>,
     /// The median duration (within 12.5 %, see [`Stats`], "Precision").
     pub p50_ms: Option<f64>,

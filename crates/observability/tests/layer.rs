@@ -480,3 +480,44 @@ async fn passthrough_forwards_every_call_untouched() {
     assert_eq!(recorded("fetch"), None);
     assert!(layer.stats().snapshot().method("tools/list").is_none());
 }
+
+/// Regression (found by running the proxy): the durations of a tool's
+/// calls included our own refusals, which take microseconds: a tool
+/// refused 7 times out of 10 showed a p50 of 0.0 ms in `/stats` and
+/// `toolwarden top`, though each of its calls took 300 ms. Refusals are
+/// counted, and left out of the durations.
+#[tokio::test(start_paused = true)]
+async fn refusals_are_counted_but_left_out_of_the_durations() {
+    let upstream = tower::service_fn(|req: Request| async move {
+        let number = match req.id {
+            toolwarden_core::jsonrpc::Id::Number(n) => n,
+            _ => 0,
+        };
+        if number % 10 < 7 {
+            return Err(Box::new(toolwarden_core::RateLimited::new(
+                "slow",
+                Duration::from_secs(1),
+            )) as toolwarden_core::BoxError);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(toolwarden_core::jsonrpc::Response::result(
+            req.id,
+            json!({"content": [{"type": "text", "text": "done"}]}),
+        ))
+    });
+    let layer = ObservabilityLayer::builder()
+        .clock(ClockSource::Tokio)
+        .build()
+        .unwrap();
+    let mut svc = layer.layer(upstream);
+    for id in 0..10 {
+        let _ = call(&mut svc, tool_call(id, "slow")).await;
+    }
+    let snapshot = layer.stats().snapshot();
+    let slow = snapshot.tool("slow").unwrap();
+    assert_eq!((slow.outcomes.rejected, slow.outcomes.success), (7, 3));
+    let near_300 = |ms: Option<f64>| ms.is_some_and(|ms| (ms - 300.0).abs() <= 300.0 * 0.125);
+    assert!(near_300(slow.p50_ms), "{slow:?}");
+    assert!(near_300(slow.mean_duration_ms), "{slow:?}");
+    assert!((slow.total_duration_ms - 900.0).abs() < 1.0, "{slow:?}");
+}

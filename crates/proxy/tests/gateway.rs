@@ -269,5 +269,32 @@ deny = ["flaky_*"]
         report["upstream"]["upstreams"]["everything"]["restarts"], 0,
         "{report}"
     );
+
+    // Every request is counted by its method, those the gateway answers
+    // itself too (regression: ping, the lists and initialize were not, and
+    // the lists of prompts and resources were one `prompts`/`resources`).
+    let requests = |text: &str, method: &str| -> u64 {
+        let series = format!("toolwarden_proxy_requests_total{{method=\"{method}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(series.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (_, before) = http_get(metrics, "/metrics").await.unwrap();
+    let pong = proxy.request(40, "ping", json!({})).await;
+    assert!(pong.get("result").is_some(), "{pong}");
+    let prompts = proxy.request(41, "prompts/list", json!({})).await;
+    assert!(prompts.get("result").is_some(), "{prompts}");
+    let (_, after) = http_get(metrics, "/metrics").await.unwrap();
+    assert_eq!(requests(&after, "initialize"), 1, "{after}");
+    for method in ["ping", "prompts/list"] {
+        assert_eq!(
+            requests(&after, method),
+            requests(&before, method) + 1,
+            "{method}: {after}"
+        );
+    }
+    assert!(requests(&after, "tools/list") >= 1, "{after}");
+    assert!(requests(&after, "tools/call") >= 1, "{after}");
     drop(flaky);
 }

@@ -403,6 +403,18 @@ fn is_mcp_method(method: &str) -> bool {
     MCP_METHODS.contains(&method)
 }
 
+/// `method` as a metric label: itself when it is one of MCP's methods,
+/// `other` for the rest (custom methods, whose names are the client's: a
+/// label per name would grow without bound).
+#[must_use]
+pub fn method_label(method: &str) -> &'static str {
+    MCP_METHODS
+        .iter()
+        .find(|known| **known == method)
+        .copied()
+        .unwrap_or("other")
+}
+
 fn request_id(id: &rmcp::model::RequestId) -> Id {
     match id {
         rmcp::model::NumberOrString::Number(n) => Id::Number(*n),

@@ -28,8 +28,16 @@ const COLUMNS: [Column; 14] = [
 /// What the columns mean, printed under the table.
 pub(crate) const LEGEND: &str = "\
 calls/active/ok/failed/refused, p50/p95: the observability layer's statistics (/stats; refused =
-answered by a toolwarden layer) · breaker: the circuit's state now (/circuits) · retries, stale srv,
-loops, limited, degraded: the layers' events (toolwarden_events in /metrics)";
+answered by a toolwarden layer; p50/p95 without those) · breaker: the circuit's state now
+(/circuits) · retries, stale srv, loops, limited, degraded: the layers' events (toolwarden_events
+in /metrics; limited: by the tool's own quota, the global and upstream quotas' below the table)";
+
+/// Whether `key` names a quota that is no tool's: the global one, or a
+/// gateway upstream's (`upstream:NAME`). Its rate-limit refusals are of
+/// calls of many tools (each counted as refused in its row).
+fn is_shared_quota(key: &str) -> bool {
+    key == "global" || key.starts_with("upstream:")
+}
 
 /// One reading of a metrics address.
 #[derive(Debug, Clone, Default)]
@@ -96,7 +104,7 @@ impl Reading {
             .events
             .keys()
             .map(|(key, _)| key)
-            .filter(|key| !tools.contains(*key) && !upstream(key))
+            .filter(|key| !tools.contains(*key) && !upstream(key) && !is_shared_quota(key))
             .cloned()
             .collect();
         tools.extend(events_only);
@@ -214,6 +222,19 @@ impl Reading {
         if rows.is_empty() {
             out.push_str("  (no tool calls yet)\n");
         }
+        let quotas: Vec<String> = self
+            .events
+            .iter()
+            .filter(|((key, event), _)| event == "rate_limited" && is_shared_quota(key))
+            .map(|((key, _), n)| format!("{key} ×{n}"))
+            .collect();
+        if !quotas.is_empty() {
+            out.push('\n');
+            out.push_str(&format!(
+                "refusals by shared quotas: {}\n",
+                quotas.join(", ")
+            ));
+        }
         let open = self.open_circuit_errors();
         if !open.is_empty() {
             out.push('\n');
@@ -325,6 +346,26 @@ mod tests {
         let screen = reading.screen();
         assert!(screen.contains("search is open: tool_error×3"), "{screen}");
         assert!(Reading::default().screen().contains("no tool calls yet"));
+    }
+
+    /// Regression (found by running the binary): the global quota's and a
+    /// gateway upstream's quota's refusals are reported under the quota's
+    /// key, and `top` made a tool row of each (`global`, `upstream:hunt`,
+    /// 0 calls). They are listed below the table instead.
+    #[test]
+    fn shared_quotas_are_no_tool_rows() {
+        let stats = json!({"tools": [{"name": "hunt__ok", "calls": 5,
+            "outcomes": {"success": 2, "rejected": 3}}]});
+        let metrics = "toolwarden_events{event=\"rate_limited\",key=\"upstream:hunt\"} 3\n\
+            toolwarden_events{event=\"rate_limited\",key=\"global\"} 2\n";
+        let reading = Reading::new(stats, json!({}), metrics);
+        let tools: Vec<String> = reading.rows().into_iter().map(|r| r[0].clone()).collect();
+        assert_eq!(tools, ["hunt__ok"]);
+        let screen = reading.screen();
+        assert!(
+            screen.contains("refusals by shared quotas: global ×2, upstream:hunt ×3"),
+            "{screen}"
+        );
     }
 
     /// A gateway's upstream whose breaker is open refuses all its tools:

@@ -24,7 +24,7 @@ use rmcp::service::{NotificationContext, RequestContext, RoleClient, RoleServer}
 use rmcp::ServerHandler;
 
 use super::answers::{self, expect_result, optional, unless_cancelled};
-use super::{upstream_client_config, ProxyServer};
+use super::{count_request, upstream_client_config, ProxyServer};
 use crate::progress::{send_in_turn, ProgressReceipt, Resolved};
 
 #[allow(deprecated)] // resources/subscribe is legacy-only in rmcp; it is still forwarded
@@ -34,6 +34,9 @@ impl ServerHandler for ProxyServer {
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, ErrorData> {
+        // Counted here, and below where the proxy answers for itself; every
+        // other request in `forward`.
+        count_request("initialize");
         if self
             .session
             .initialized
@@ -58,6 +61,7 @@ impl ServerHandler for ProxyServer {
     async fn ping(&self, context: RequestContext<RoleServer>) -> Result<(), ErrorData> {
         if self.core.gateway.is_some() {
             // The gateway answers for itself: its upstreams each have theirs.
+            count_request("ping");
             return Ok(());
         }
         let request = ClientRequest::PingRequest(PingRequest {
@@ -83,6 +87,7 @@ impl ServerHandler for ProxyServer {
     ) -> Result<(), ErrorData> {
         let request = ClientRequest::SetLevelRequest(SetLevelRequest::new(request));
         if let Some(gateway) = &self.core.gateway {
+            count_request("logging/setLevel");
             self.touch_and_start(&context).await?;
             gateway.set_level_all(request).await;
             return Ok(());
@@ -108,6 +113,7 @@ impl ServerHandler for ProxyServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ListPromptsResult, ErrorData> {
         if let Some(gateway) = &self.core.gateway {
+            count_request("prompts/list");
             self.touch_and_start(&context).await?;
             return Ok(gateway.list_prompts().await);
         }
@@ -121,6 +127,7 @@ impl ServerHandler for ProxyServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourcesResult, ErrorData> {
         if let Some(gateway) = &self.core.gateway {
+            count_request("resources/list");
             self.touch_and_start(&context).await?;
             return Ok(gateway.list_resources().await);
         }
@@ -134,6 +141,7 @@ impl ServerHandler for ProxyServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ListResourceTemplatesResult, ErrorData> {
         if let Some(gateway) = &self.core.gateway {
+            count_request("resources/templates/list");
             self.touch_and_start(&context).await?;
             return Ok(gateway.list_resource_templates().await);
         }
@@ -179,8 +187,8 @@ impl ServerHandler for ProxyServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        self.touch_and_start(&context).await?;
         metrics::counter!("toolwarden_proxy_requests_total", "method" => "tools/call").increment(1);
+        self.touch_and_start(&context).await?;
         let member = self
             .core
             .gateway
@@ -217,6 +225,7 @@ impl ServerHandler for ProxyServer {
         context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
         if let Some(gateway) = &self.core.gateway {
+            count_request("tools/list");
             self.touch_and_start(&context).await?;
             return Ok(gateway.list_tools().await);
         }
@@ -241,7 +250,8 @@ impl ServerHandler for ProxyServer {
                 .and_then(|p| p.get("taskId"))
                 .and_then(serde_json::Value::as_str)
             {
-                self.check_task_owner(task_id, &context)?;
+                self.check_task_owner(task_id, &context)
+                    .inspect_err(|_| count_request(&method))?;
             }
         }
         let result = self
@@ -277,7 +287,8 @@ impl ServerHandler for ProxyServer {
         request: GetTaskParams,
         context: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, ErrorData> {
-        self.check_task_owner(&request.task_id, &context)?;
+        self.check_task_owner(&request.task_id, &context)
+            .inspect_err(|_| count_request("tasks/get"))?;
         let request = ClientRequest::GetTaskRequest(GetTaskRequest::new(request));
         expect_result!(self.forward(request, context).await?, GetTaskResult)
     }
@@ -287,7 +298,8 @@ impl ServerHandler for ProxyServer {
         request: UpdateTaskParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        self.check_task_owner(&request.task_id, &context)?;
+        self.check_task_owner(&request.task_id, &context)
+            .inspect_err(|_| count_request("tasks/update"))?;
         let request = ClientRequest::UpdateTaskRequest(UpdateTaskRequest::new(request));
         self.forward_empty(request, context).await
     }
@@ -297,7 +309,8 @@ impl ServerHandler for ProxyServer {
         request: CancelTaskParams,
         context: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
-        self.check_task_owner(&request.task_id, &context)?;
+        self.check_task_owner(&request.task_id, &context)
+            .inspect_err(|_| count_request("tasks/cancel"))?;
         let request = ClientRequest::CancelTaskRequest(CancelTaskRequest::new(request));
         self.forward_empty(request, context).await
     }
@@ -398,6 +411,7 @@ impl ServerHandler for ProxyServer {
         &self,
         context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::DiscoverResult, ErrorData> {
+        count_request("server/discover");
         let mut versions = self.supported_protocol_versions().into_owned();
         if self.touch_and_start(&context).await.is_err() {
             versions.retain(|v| *v != rmcp::model::ProtocolVersion::V_2026_07_28);

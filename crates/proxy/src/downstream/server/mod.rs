@@ -209,20 +209,16 @@ fn takes_requests(context: &RequestContext<RoleServer>) -> bool {
             .is_none()
 }
 
-fn method_label(request: &ClientRequest) -> &'static str {
-    match request {
-        ClientRequest::CallToolRequest(_) => "tools/call",
-        ClientRequest::ListToolsRequest(_) => "tools/list",
-        ClientRequest::PingRequest(_) => "ping",
-        ClientRequest::ListResourcesRequest(_)
-        | ClientRequest::ListResourceTemplatesRequest(_)
-        | ClientRequest::ReadResourceRequest(_)
-        | ClientRequest::SubscribeRequest(_)
-        | ClientRequest::UnsubscribeRequest(_)
-        | ClientRequest::ReadResourceDirectoryRequest(_) => "resources",
-        ClientRequest::ListPromptsRequest(_) | ClientRequest::GetPromptRequest(_) => "prompts",
-        _ => "other",
-    }
+/// Counts a request of the proxy's clients in
+/// `toolwarden_proxy_requests_total`, by method (MCP's, else `other`):
+/// every request a handler gets, first thing, whether it is then forwarded,
+/// answered by the proxy or the gateway, or refused.
+pub(super) fn count_request(method: &str) {
+    metrics::counter!(
+        "toolwarden_proxy_requests_total",
+        "method" => crate::downstream::framer::method_label(method)
+    )
+    .increment(1);
 }
 
 impl ProxyServer {
@@ -399,9 +395,8 @@ impl ProxyServer {
         mut request: ClientRequest,
         context: RequestContext<RoleServer>,
     ) -> Result<ServerResult, ErrorData> {
+        count_request(request.method());
         self.touch_and_start(&context).await?;
-        metrics::counter!("toolwarden_proxy_requests_total", "method" => method_label(&request))
-            .increment(1);
         let member = match &self.core.gateway {
             Some(gateway) => Some(gateway.route(&mut request)?),
             None => None,
