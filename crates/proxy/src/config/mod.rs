@@ -77,6 +77,10 @@ pub use toolwarden::retry::{RetrySettings, RetryToolSettings};
 pub use upstream::{SessionMode, UpstreamConfig};
 pub use upstream_http::{resolve_headers, HeaderTemplate};
 
+/// How much longer than the longest upstream's `attempt_timeout` a
+/// gateway's stack bounds an attempt (see [`Config::stack_attempt_timeout`]).
+pub const GATEWAY_STACK_MARGIN: Duration = Duration::from_millis(10);
+
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -288,26 +292,31 @@ impl Config {
     /// `upstream.attempt_timeout`, or in a gateway the longest of the
     /// upstreams' `attempt_timeout`s (each upstream's own bounds its calls
     /// below the stack, so a shorter one still holds; `[upstream]` is the
-    /// command line's upstream, not theirs).
+    /// command line's upstream, not theirs) plus
+    /// [`GATEWAY_STACK_MARGIN`]: the upstream's own bound must end a call
+    /// first, as its breaker counts that timeout and not the stack's (which
+    /// drops the call, cancelled). With the two equal, whichever clock tick
+    /// came first decided, and a hung upstream's breaker sometimes never
+    /// opened.
     #[must_use]
     pub fn stack_attempt_timeout(&self) -> (Duration, String) {
-        self.upstreams
+        match self
+            .upstreams
             .iter()
             .max_by_key(|(_, entry)| entry.connection.attempt_timeout)
-            .map_or_else(
-                || {
-                    (
-                        self.upstream.attempt_timeout,
-                        "upstream.attempt_timeout".to_owned(),
-                    )
-                },
-                |(name, entry)| {
-                    (
-                        entry.connection.attempt_timeout,
-                        format!("upstreams.{}.attempt_timeout", load::quote_key(name)),
-                    )
-                },
-            )
+        {
+            Some((name, entry)) => (
+                entry
+                    .connection
+                    .attempt_timeout
+                    .saturating_add(GATEWAY_STACK_MARGIN),
+                format!("upstreams.{}.attempt_timeout", load::quote_key(name)),
+            ),
+            None => (
+                self.upstream.attempt_timeout,
+                "upstream.attempt_timeout".to_owned(),
+            ),
+        }
     }
 
     /// Whether exposed names carry their upstream's prefix: with several

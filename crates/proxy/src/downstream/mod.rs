@@ -30,8 +30,8 @@ pub mod sessions;
 pub mod stdio;
 
 pub use clients::{
-    Caller, CauseGuard, Disconnect, DownstreamId, Downstreams, Target, NOTIFICATION_QUEUE,
-    NOTIFICATION_STALL,
+    AwaitedPlace, Caller, CauseGuard, Disconnect, DownstreamId, Downstreams, Target,
+    MAX_AWAITED_PER_CLIENT, NOTIFICATION_QUEUE, NOTIFICATION_STALL,
 };
 pub use server::{ProxyCore, ProxyServer};
 pub use sessions::{Cores, SessionUpstreams, Upstreams};

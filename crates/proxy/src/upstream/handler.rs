@@ -14,6 +14,7 @@ use rmcp::service::{
 };
 
 use super::Shared;
+use crate::downstream::MAX_AWAITED_PER_CLIENT;
 use crate::progress::{send_in_turn, ProgressReceipt, Resolved, RouteGuard};
 
 /// Answers what the upstream server sends to the proxy (see the
@@ -149,6 +150,19 @@ impl Service<RoleClient> for UpstreamHandler {
                 None,
             ));
         }
+        // Bounded per client: a client that never answers, with a server
+        // that never cancels, would hold a task per request without end.
+        let Some(_awaited) = target.await_place() else {
+            metrics::counter!("toolwarden_proxy_server_requests_refused_total").increment(1);
+            return Err(ErrorData::new(
+                ErrorCode(-32000),
+                format!(
+                    "the client behind the toolwarden proxy has {MAX_AWAITED_PER_CLIENT} \
+                     requests unanswered already"
+                ),
+                None,
+            ));
+        };
         // rmcp moved the request's _meta into the context; put it back (rmcp
         // gives the forwarded request a progress token of its own, numbered
         // per client: so it is routed in that client's own table).

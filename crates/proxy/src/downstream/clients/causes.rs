@@ -4,13 +4,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rmcp::model::{ErrorCode, ErrorData, RequestId};
 use rmcp::service::{Peer, RoleClient, RoleServer};
 
-use super::{Downstream, DownstreamId, Downstreams};
+use super::{AwaitedPlace, Downstream, DownstreamId, Downstreams, MAX_AWAITED_PER_CLIENT};
 use crate::progress::{lock, ProgressRoutes, UNKNOWN_TOKEN_POLL};
 
 /// How long a server's request tied to an upstream request id nobody has
@@ -69,6 +70,22 @@ pub struct Target {
     /// Streamable HTTP the server's request rides that request's response
     /// stream (SEP-2260), as a client of 2026-07-28 expects.
     pub request: Option<RequestId>,
+    /// The server's requests awaiting the client's answer.
+    awaited: Arc<AtomicUsize>,
+}
+
+impl Target {
+    /// A place among the server's requests awaiting this client's answer,
+    /// while fewer than [`MAX_AWAITED_PER_CLIENT`] do; `None` past it.
+    #[must_use]
+    pub fn await_place(&self) -> Option<AwaitedPlace> {
+        self.awaited
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_AWAITED_PER_CLIENT).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| AwaitedPlace(Arc::clone(&self.awaited)))
+    }
 }
 
 /// The error a server's request gets when no client session can be found
@@ -203,6 +220,7 @@ impl Downstreams {
                                 peer: only.peer.clone(),
                                 progress: Arc::clone(&only.progress),
                                 request: None,
+                                awaited: Arc::clone(&only.awaited),
                             })
                         }
                         _ => {
@@ -226,6 +244,7 @@ impl Downstreams {
             peer: client.peer.clone(),
             progress: Arc::clone(&client.progress),
             request,
+            awaited: Arc::clone(&client.awaited),
         })
     }
 

@@ -64,6 +64,7 @@ mod outbox;
 mod tests;
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -108,6 +109,26 @@ struct Downstream {
     /// It as a receiver of the server's progress: its share of the
     /// progress backlog, and its stall watch.
     progress_receiver: Arc<ProgressReceiver>,
+    /// The server's requests sent to it and not answered yet.
+    awaited: Arc<AtomicUsize>,
+}
+
+/// How many of the server's requests (sampling, roots, elicitation) may
+/// wait for one client's answer at once: past it, the server's next one is
+/// answered an error at once. A client that never answers and a server
+/// that never cancels held one waiting task each, without bound (6.5 KB
+/// each: 160 MiB at 20 000).
+pub const MAX_AWAITED_PER_CLIENT: usize = 64;
+
+/// A place among the server's requests awaiting one client's answer
+/// ([`Target::await_place`]); given back when dropped.
+#[derive(Debug)]
+pub struct AwaitedPlace(Arc<AtomicUsize>);
+
+impl Drop for AwaitedPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The clients, shared by every view of [`Downstreams`] (see
@@ -222,6 +243,7 @@ impl Downstreams {
             outbox,
             disconnect,
             progress_receiver,
+            awaited: Arc::default(),
         });
         id
     }

@@ -377,3 +377,38 @@ async fn a_client_creating_tasks_without_end_forgets_only_its_own_oldest() {
     assert!(!downstreams.task_of_another("flood-1975", Some(quiet.id)));
     assert!(!downstreams.task_of_another("flood-0", None));
 }
+
+/// Regression (found by running the binary): the server's requests to a
+/// client that never answers, from a server that never cancels them, each
+/// held a waiting task until the session ended (6.5 KB each: 160 MiB at
+/// 20 000). At most [`MAX_AWAITED_PER_CLIENT`] wait per client; each place
+/// is given back when its request ends, and one client's places are not
+/// another's.
+#[tokio::test(start_paused = true)]
+async fn the_servers_requests_awaiting_one_client_are_bounded() {
+    let downstreams = Downstreams::new();
+    let one = connect(&downstreams);
+    let two = connect(&downstreams);
+    let to_one = downstreams.forwarding(caller(1, &one), id(1), true);
+    let target = downstreams.target_of(None).await.unwrap();
+    let places: Vec<AwaitedPlace> = (0..MAX_AWAITED_PER_CLIENT)
+        .map(|_| target.await_place().expect("a place below the bound"))
+        .collect();
+    assert!(target.await_place().is_none(), "past the bound");
+    // Found again, the client is the same: its places are all taken.
+    assert!(downstreams
+        .target_of(None)
+        .await
+        .unwrap()
+        .await_place()
+        .is_none());
+    drop(to_one);
+    // The other client has places of its own.
+    let _to_two = downstreams.forwarding(caller(2, &two), id(2), true);
+    let other = downstreams.target_of(None).await.unwrap();
+    assert_eq!(whose(&other, &[&one, &two]).0, 1);
+    assert!(other.await_place().is_some());
+    // Its requests end: their places are free again.
+    drop(places);
+    assert!(target.await_place().is_some());
+}
