@@ -24,6 +24,8 @@ use futures::future::{self, Either, Ready};
 use rmcp::model::{ClientRequest, ServerResult};
 use toolwarden_core::jsonrpc::{code, ErrorObject};
 use toolwarden_core::{BoxError, McpRequest, ToolCatalog};
+
+use crate::stack::Availability;
 use tower::{Layer, Service};
 
 /// In a gateway: the upstream a tool name is routed to (by its prefix),
@@ -37,6 +39,7 @@ pub struct ToolNameGuardLayer {
     catalog: ToolCatalog,
     reject_unknown: bool,
     upstream_of: Option<UpstreamOf>,
+    available: Option<Availability>,
 }
 
 impl fmt::Debug for ToolNameGuardLayer {
@@ -60,6 +63,7 @@ impl ToolNameGuardLayer {
             catalog,
             reject_unknown: true,
             upstream_of: None,
+            available: None,
         }
     }
 
@@ -76,6 +80,16 @@ impl ToolNameGuardLayer {
     #[must_use]
     pub fn with_upstreams(mut self, upstream_of: UpstreamOf) -> Self {
         self.upstream_of = Some(upstream_of);
+        self
+    }
+
+    /// In a gateway: a name of an upstream with no tool in the catalog
+    /// passes only while `available` says a call of it would reach its
+    /// server (the upstream up, its breaker closed); else it is refused
+    /// `-32000` at once (see the [module docs](self)).
+    #[must_use]
+    pub fn with_availability(mut self, available: Availability) -> Self {
+        self.available = Some(available);
         self
     }
 }
@@ -122,10 +136,23 @@ impl<S> ToolNameGuard<S> {
         }
         if self.config.reject_unknown && !catalog.is_empty() && catalog.get(name).is_none() {
             let upstream = self.config.upstream_of.as_ref().and_then(|f| f(name));
-            if upstream.is_some_and(|upstream| !catalog.has_upstream(&upstream)) {
+            if let Some(upstream) = upstream.filter(|u| !catalog.has_upstream(u)) {
                 // Its upstream has not listed its tools (yet): not known
-                // to be wrong.
-                return None;
+                // to be wrong, if the upstream would take the call now.
+                // Otherwise nothing can tell a made-up name from a real
+                // one, and each would get per-tool state in the stack (a
+                // client flooding such names filled the layers' maps, and
+                // the rate limit's overflow quota then starved real tools).
+                if self.config.available.as_ref().is_none_or(|ok| ok(name)) {
+                    return None;
+                }
+                return Some(ErrorObject::new(
+                    code::SERVER_ERROR_END,
+                    format!(
+                        "upstream {upstream:?} is not connected and has not listed its tools: \
+                         {name:?} is not known yet; retry later"
+                    ),
+                ));
             }
             return Some(ErrorObject::new(
                 code::INVALID_PARAMS,
@@ -161,6 +188,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use rmcp::model::{CallToolRequest, CallToolRequestParams};
+    use std::sync::atomic::Ordering;
     use toolwarden_core::catalog::ToolInfo;
     use tower::ServiceExt;
 
@@ -272,6 +300,55 @@ mod tests {
             .await
             .message
             .contains("unknown tool"));
+    }
+
+    /// Regression (found by running the binary): the names of a gateway
+    /// upstream that never listed its tools (down since the start) all
+    /// passed, so a client flooding made-up ones filled the layers' maps
+    /// with per-tool state, and the rate limit's shared overflow quota then
+    /// refused a real tool first called after the flood. They pass only
+    /// while that upstream would take the call; else `-32000`, retry later.
+    #[tokio::test]
+    async fn names_of_an_unlisted_upstream_pass_only_while_it_is_available() {
+        let served = || {
+            tower::service_fn(|_r: ClientRequest| async {
+                Ok::<_, BoxError>(ServerResult::empty(()))
+            })
+        };
+        let catalog = ToolCatalog::new();
+        catalog.replace_upstream("alpha", [ToolInfo::new("alpha__lookup", "Looks up")]);
+        let routes: UpstreamOf = Arc::new(|name: &str| {
+            let (upstream, _) = name.split_once("__")?;
+            ["alpha", "dead"]
+                .contains(&upstream)
+                .then(|| Arc::from(upstream))
+        });
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = Arc::clone(&up);
+        let available: Availability =
+            Arc::new(move |name: &str| !name.starts_with("dead__") || seen.load(Ordering::SeqCst));
+        let guard = ToolNameGuardLayer::new(128, catalog)
+            .with_upstreams(routes)
+            .with_availability(available);
+        for junk in ["dead__junk1", "dead__junk2"] {
+            let error = refused(guard.clone(), junk).await;
+            assert_eq!(error.code, code::SERVER_ERROR_END, "{}", error.message);
+            assert!(error.message.contains("retry later"), "{}", error.message);
+        }
+        // The listed upstream's names are checked against its list, as before.
+        assert!(guard
+            .clone()
+            .layer(served())
+            .oneshot(call("alpha__lookup"))
+            .await
+            .is_ok());
+        // Once up (its list not in yet), its names pass to the routing.
+        up.store(true, Ordering::SeqCst);
+        assert!(guard
+            .layer(served())
+            .oneshot(call("dead__anything"))
+            .await
+            .is_ok());
     }
 
     #[tokio::test]

@@ -184,6 +184,9 @@ fn tool_stack_layer_over(
             .reject_unknown(config.limits.reject_unknown_tools);
     if !config.upstreams.is_empty() {
         names = names.with_upstreams(gateway_routes(config));
+        if let Some(available) = &shared.availability {
+            names = names.with_availability(Arc::clone(available));
+        }
     }
     Ok(ToolStackLayer { names, standard })
 }
