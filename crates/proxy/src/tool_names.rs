@@ -207,6 +207,24 @@ mod tests {
         }))
     }
 
+    /// An inner service that answers every call.
+    fn served() -> impl Service<
+        ClientRequest,
+        Response = ServerResult,
+        Error = BoxError,
+        Future = impl std::future::Future<Output = Result<ServerResult, BoxError>>,
+    > {
+        tower::service_fn(|_r: ClientRequest| async { Ok::<_, BoxError>(ServerResult::empty(())) })
+    }
+
+    /// A gateway's routes by the prefix `NAME__`, for `upstreams`.
+    fn routes(upstreams: &'static [&'static str]) -> UpstreamOf {
+        Arc::new(move |name: &str| {
+            let (upstream, _) = name.split_once("__")?;
+            upstreams.contains(&upstream).then(|| Arc::from(upstream))
+        })
+    }
+
     async fn refused(guard: ToolNameGuardLayer, name: &str) -> ErrorObject {
         let error = guard.layer(never()).oneshot(call(name)).await.unwrap_err();
         *error.downcast::<ErrorObject>().unwrap()
@@ -254,20 +272,10 @@ mod tests {
 
     #[tokio::test]
     async fn in_a_gateway_names_of_an_upstream_not_listed_yet_pass_and_others_are_checked() {
-        let served = || {
-            tower::service_fn(|_r: ClientRequest| async {
-                Ok::<_, BoxError>(ServerResult::empty(()))
-            })
-        };
         let catalog = ToolCatalog::new();
         // alpha listed its tools; beta has not yet.
         catalog.replace_upstream("alpha", [ToolInfo::new("alpha__lookup", "Looks up")]);
-        let routes: UpstreamOf = Arc::new(|name: &str| {
-            let (upstream, _) = name.split_once("__")?;
-            ["alpha", "beta"]
-                .contains(&upstream)
-                .then(|| Arc::from(upstream))
-        });
+        let routes = routes(&["alpha", "beta"]);
         let guard = ToolNameGuardLayer::new(128, catalog.clone()).with_upstreams(routes);
         let passes = |name: &'static str| {
             let layer = guard.clone();
@@ -310,19 +318,9 @@ mod tests {
     /// while that upstream would take the call; else `-32000`, retry later.
     #[tokio::test]
     async fn names_of_an_unlisted_upstream_pass_only_while_it_is_available() {
-        let served = || {
-            tower::service_fn(|_r: ClientRequest| async {
-                Ok::<_, BoxError>(ServerResult::empty(()))
-            })
-        };
         let catalog = ToolCatalog::new();
         catalog.replace_upstream("alpha", [ToolInfo::new("alpha__lookup", "Looks up")]);
-        let routes: UpstreamOf = Arc::new(|name: &str| {
-            let (upstream, _) = name.split_once("__")?;
-            ["alpha", "dead"]
-                .contains(&upstream)
-                .then(|| Arc::from(upstream))
-        });
+        let routes = routes(&["alpha", "dead"]);
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::clone(&up);
         let available: Availability =
@@ -353,11 +351,6 @@ mod tests {
 
     #[tokio::test]
     async fn before_the_catalog_is_filled_or_when_off_any_short_name_passes() {
-        let served = || {
-            tower::service_fn(|_r: ClientRequest| async {
-                Ok::<_, BoxError>(ServerResult::empty(()))
-            })
-        };
         let empty = ToolNameGuardLayer::new(128, ToolCatalog::new());
         assert!(empty.layer(served()).oneshot(call("any")).await.is_ok());
         let catalog = ToolCatalog::new();
