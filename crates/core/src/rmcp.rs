@@ -95,9 +95,19 @@ impl McpResponse for ServerResult {
         call_result(self).is_some_and(|c| c.is_error == Some(true))
     }
 
+    /// Also true of a result of another kind (rmcp reads `{}` and `null`
+    /// as an `EmptyResult`, any other object as a `CustomResult`): as the
+    /// answer to a `tools/call` it carries no tool result, and was taken
+    /// for one with data (a success for every layer, stored by the fallback
+    /// cache, then answered `-32603` to the client). A task and a request
+    /// for input are not empty.
     fn is_empty_tool_result(&self) -> bool {
-        let Some(c) = call_result(self) else {
-            return false;
+        let c = match self {
+            ServerResult::CallToolResult(c) => c,
+            ServerResult::CreateTaskResult(_) | ServerResult::InputRequiredResult(_) => {
+                return false
+            }
+            _ => return true,
         };
         if c.structured_content
             .as_ref()
@@ -255,6 +265,23 @@ mod tests {
         assert_eq!(classify(&empty).class, Some(FailureClass::Server));
         let structured = result(json!({"content": [], "structuredContent": {"t": 1}}));
         assert!(classify(&structured).is_success());
+        // A result of another kind answering a tools/call carries no tool
+        // result: empty, a Server failure, as its raw form would be
+        // (regression: rmcp reads `{}` as `EmptyResult` and `{"foo": 1}` as
+        // a `CustomResult`, both were successes, and the fallback cache kept
+        // them as the tool's last good result).
+        for other in [json!({}), json!({"foo": 1}), json!({"content": "x"})] {
+            let read: ServerResult = serde_json::from_value(other.clone()).unwrap();
+            assert!(
+                !matches!(read, ServerResult::CallToolResult(_)),
+                "{other}: {read:?}"
+            );
+            assert_eq!(classify(&read).class, Some(FailureClass::Server), "{other}");
+            // The answer to another method is that method's business.
+            assert!(McpClassifier::new()
+                .classify_response(CallKind::Other, &read)
+                .is_success());
+        }
         // A task is the server accepting the call: a success, never kept
         // as the tool's last good result (not marked).
         let stamp = "2026-12-06T00:00:00Z";
