@@ -597,6 +597,19 @@ fn check_config(args: &CheckConfigArgs) -> ExitCode {
 /// `warn,rmcp=error`) and the runtime, and returns the exit status.
 #[must_use]
 pub fn main(cli: Cli) -> ExitCode {
+    // SIGHUP reloads a running proxy; until `run` listens for it (after the
+    // runtime is up and the configuration loaded), its default action
+    // would end the process: one sent by a supervisor right after a start
+    // did. Caught from here on, and ignored until then (the configuration
+    // being loaded is the file's newest anyway). `top` and `demo` keep the
+    // default: a terminal's hangup ends them.
+    #[cfg(unix)]
+    if matches!(cli.command, Command::Run(_)) {
+        let caught = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, caught) {
+            eprintln!("toolwarden: cannot catch SIGHUP early: {e}");
+        }
+    }
     // rmcp logs every error response at WARN; those are answers, not faults.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,rmcp=error"));

@@ -225,8 +225,8 @@ pub(crate) fn unchanged_layers(running: &Config, next: &Config) -> Vec<StackLaye
 /// outcome and counts it in [`RELOADS_METRIC`]. On error the running
 /// configuration stays.
 pub fn reload_file(proxy: &Proxy, path: Option<&Path>) -> Result<ReloadReport, ReloadError> {
-    let result = Config::load(path, process_env())
-        .map_err(ReloadError::Config)
+    let result = refuse_empty(path)
+        .and_then(|()| Config::load(path, process_env()).map_err(ReloadError::Config))
         .and_then(|config| proxy.reload(config).map_err(ReloadError::Stack));
     let file = path.map_or_else(|| "(no file)".into(), |p| p.display().to_string());
     match &result {
@@ -264,6 +264,32 @@ pub fn reload_file(proxy: &Proxy, path: Option<&Path>) -> Result<ReloadReport, R
         }
     }
     result
+}
+
+/// An empty file (or only whitespace) is a valid configuration, every key
+/// at its default, but on a reload it is almost always a file caught
+/// half-written (a writer that truncates first; `>` in a shell): applied,
+/// it dropped every configured limit until the rest was written, and then
+/// renewed the layers again, their state lost (the quotas refilled).
+/// Refused: the running configuration stays.
+fn refuse_empty(path: Option<&Path>) -> Result<(), ReloadError> {
+    let Some(path) = path else {
+        return Ok(());
+    };
+    match std::fs::read(path) {
+        Ok(bytes) if bytes.iter().all(u8::is_ascii_whitespace) => {
+            Err(ReloadError::Config(ConfigFileError::new(
+                None,
+                format!(
+                    "{} is empty: not applied on a reload (an empty file is every default, \
+                     most likely a file caught half-written)",
+                    path.display()
+                ),
+            )))
+        }
+        // Unreadable: `Config::load` says why.
+        _ => Ok(()),
+    }
 }
 
 /// Reloads `path` into `proxy` on each `SIGHUP` until `shutdown` (on
@@ -307,7 +333,11 @@ fn stamp(path: &Path) -> Option<(Option<SystemTime>, u64)> {
 }
 
 /// Reloads `path` into `proxy` whenever its modification time or size
-/// changes, looking every `interval` ([`WATCH_INTERVAL`]), until `shutdown`.
+/// changes, looking every `interval` ([`WATCH_INTERVAL`]), until `shutdown`:
+/// once the change has held for one more look, so that a file being
+/// written (slowly, or truncated and then filled) is read when its writer
+/// is done, not halfway (a prefix of a file that ends on a line is valid
+/// TOML, every key it lacks at its default).
 pub async fn watch(
     proxy: Arc<Proxy>,
     path: PathBuf,
@@ -315,6 +345,8 @@ pub async fn watch(
     shutdown: CancellationToken,
 ) {
     let mut seen = stamp(&path);
+    // A change seen at the last look, not yet held for one more.
+    let mut changing = None;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -324,9 +356,15 @@ pub async fn watch(
         }
         let now = stamp(&path);
         if now == seen {
+            changing = None;
+            continue;
+        }
+        if changing.as_ref() != Some(&now) {
+            changing = Some(now);
             continue;
         }
         seen = now;
+        changing = None;
         tracing::info!(file = %path.display(), "the configuration file changed: reloading");
         let _ = reload_file(&proxy, Some(&path));
     }

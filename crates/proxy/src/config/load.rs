@@ -58,7 +58,7 @@ pub struct ConfigFileError {
 }
 
 impl ConfigFileError {
-    fn new(key: Option<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(key: Option<String>, message: impl Into<String>) -> Self {
         ConfigFileError {
             key,
             env_var: None,

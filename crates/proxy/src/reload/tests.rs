@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -190,6 +191,13 @@ async fn a_bad_file_is_refused_naming_the_key_and_the_running_configuration_stay
     std::fs::write(&path, "[rate_limit\n").unwrap();
     let err = reload_file(&proxy, Some(&path)).unwrap_err();
     assert!(err.to_string().contains("not valid TOML"), "{err}");
+    // An empty file, as a writer that truncates first leaves it for a
+    // moment (regression: it was applied, every limit at its default).
+    for empty in ["", "\n  \n"] {
+        std::fs::write(&path, empty).unwrap();
+        let err = reload_file(&proxy, Some(&path)).unwrap_err();
+        assert!(err.to_string().contains("is empty"), "{err}");
+    }
     std::fs::remove_file(&path).unwrap();
     assert!(reload_file(&proxy, Some(&path)).is_err());
 
@@ -405,4 +413,42 @@ async fn the_optional_layers_are_kept_when_on_and_unchanged_and_never_reported_w
     assert!(report.renewed.contains(&StackLayer::Bulkhead), "{report:?}");
     assert!(report.renewed.contains(&StackLayer::Hedge), "{report:?}");
     assert!(report.kept.contains(&StackLayer::Coalesce), "{report:?}");
+}
+
+/// Regression (found by running the binary): `--watch` reloaded at the
+/// first look that saw a change, so a file being written was read
+/// halfway (a prefix ending on a line is valid TOML, the rest at its
+/// defaults), then again when done, the layers renewed twice. A change is
+/// applied once it has held for one more look, and a file still changing
+/// is not read.
+#[tokio::test(start_paused = true)]
+async fn watch_reloads_a_change_once_it_holds_and_not_while_it_is_written() {
+    let path = temp_file("watched.toml", &quota("1/m", 1, ""));
+    let proxy = Arc::new(proxy(
+        Config::load(Some(&path), std::iter::empty()).unwrap(),
+    ));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let interval = Duration::from_secs(1);
+    tokio::spawn(super::watch(
+        Arc::clone(&proxy),
+        path.clone(),
+        interval,
+        shutdown.child_token(),
+    ));
+    let running = proxy.config();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Written in three steps, each a look apart: never read midway.
+    let whole = quota("100/s", 100, "# written slowly\n");
+    let (head, _) = whole.split_at(whole.find("[tools").unwrap_or(whole.len() / 2));
+    for step in [head.to_owned(), format!("{head}\n"), whole.clone()] {
+        std::fs::write(&path, step).unwrap();
+        tokio::time::sleep(interval).await;
+        assert_eq!(*proxy.config(), *running, "reloaded while being written");
+    }
+    // Held for one more look: applied.
+    tokio::time::sleep(interval * 2).await;
+    let applied = Config::load(Some(&path), std::iter::empty()).unwrap();
+    assert_eq!(*proxy.config(), applied);
+    assert_ne!(*proxy.config(), *running);
+    shutdown.cancel();
 }
