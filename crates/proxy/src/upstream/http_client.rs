@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use futures::stream::BoxStream;
 
+use futures::StreamExt as _;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
-use rmcp::model::{ClientJsonRpcMessage, JsonRpcError, ServerJsonRpcMessage};
+use rmcp::model::{ClientJsonRpcMessage, JsonRpcError, RequestId, ServerJsonRpcMessage};
 use rmcp::transport::streamable_http_client::{
     SseError, StreamableHttpClient, StreamableHttpError, StreamableHttpPostResponse,
 };
@@ -123,6 +124,71 @@ mod tests {
             http_client(&config, &|_| Some("tok-value".to_owned())).expect("a client");
         assert_eq!(secrets, ["Bearer tok-value"]);
     }
+
+    fn posted(id: i64) -> Option<RequestId> {
+        Some(RequestId::Number(id))
+    }
+
+    fn event(data: serde_json::Value) -> Result<sse_stream::Sse, SseError> {
+        Ok(sse_stream::Sse {
+            event: Some("message".into()),
+            data: Some(data.to_string()),
+            id: None,
+            retry: None,
+        })
+    }
+
+    /// Regression (found by a hunt with a misbehaving HTTP upstream): an
+    /// answer carrying another request's id, on request B's POST, was
+    /// handed by rmcp to that other request (another client's call), and B
+    /// waited out its timeout. A JSON one now fails B at once; on an SSE
+    /// stream it is dropped, and the rest of the stream is kept.
+    #[tokio::test]
+    async fn a_posts_answer_is_the_answer_to_that_request_only() {
+        let answer =
+            |id: i64| serde_json::json!({"jsonrpc": "2.0", "id": id, "result": {"content": []}});
+        let json = |id: i64| {
+            Ok(StreamableHttpPostResponse::Json(
+                serde_json::from_value(answer(id)).unwrap(),
+                None,
+            ))
+        };
+        assert!(matches!(
+            answers_only(posted(2), json(2)),
+            Ok(StreamableHttpPostResponse::Json(..))
+        ));
+        let error = answers_only(posted(2), json(1)).unwrap_err();
+        assert!(error.to_string().contains("answer to request 1"), "{error}");
+        // A notification is not an answer; a message that is not a request
+        // (a notification posted) has no answer to check.
+        assert!(answers_only(None, json(1)).is_ok());
+
+        let events = vec![
+            event(
+                serde_json::json!({"jsonrpc": "2.0", "method": "notifications/message", "params": {}}),
+            ),
+            event(answer(1)),
+            event(
+                serde_json::json!({"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "x"}}),
+            ),
+            event(serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": "roots/list"})),
+            event(answer(2)),
+        ];
+        let sse: SseStream = Box::pin(futures::stream::iter(events));
+        let Ok(StreamableHttpPostResponse::Sse(kept, _)) =
+            answers_only(posted(2), Ok(StreamableHttpPostResponse::Sse(sse, None)))
+        else {
+            panic!("an SSE answer stays one");
+        };
+        let kept: Vec<String> = kept
+            .map(|e| e.unwrap().data.unwrap_or_default())
+            .collect()
+            .await;
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert!(kept[0].contains("notifications/message"), "{kept:?}");
+        assert!(kept[1].contains("roots/list"), "{kept:?}");
+        assert!(kept[2].contains("\"id\":2"), "{kept:?}");
+    }
 }
 
 /// rmcp's reqwest client, watched for a lost server session: rmcp keeps
@@ -216,6 +282,90 @@ fn is_request(message: &ClientJsonRpcMessage) -> bool {
     matches!(message, ClientJsonRpcMessage::Request(_))
 }
 
+fn request_id(message: &ClientJsonRpcMessage) -> Option<RequestId> {
+    match message {
+        ClientJsonRpcMessage::Request(request) => Some(request.id.clone()),
+        _ => None,
+    }
+}
+
+/// The id of the request a server's message answers, if it is an answer.
+fn answered(message: &ServerJsonRpcMessage) -> Option<&RequestId> {
+    match message {
+        ServerJsonRpcMessage::Response(response) => Some(&response.id),
+        ServerJsonRpcMessage::Error(error) => error.id.as_ref(),
+        _ => None,
+    }
+}
+
+/// What the answer to a POSTed request may carry: the answer to that
+/// request, and the server's notifications and requests; never the answer
+/// to another request. rmcp hands any answer on any stream to whichever
+/// request has its id: a server (buggy or hostile) answering request B's
+/// POST with request A's id gave A, another client's call, B's answer
+/// (and the fallback cache kept it under A's call), while B waited out
+/// its timeout. Such an answer is dropped from an SSE stream (B's then
+/// ends without its answer: "connection closed"), and a JSON one fails B
+/// at once; both logged and counted in
+/// `toolwarden_proxy_malformed_messages_total`.
+fn answers_only(posted: Option<RequestId>, result: PostResult) -> PostResult {
+    let Some(posted) = posted else {
+        return result;
+    };
+    match result {
+        Ok(StreamableHttpPostResponse::Json(message, session)) => {
+            match answered(&message) {
+                Some(other) if *other != posted => {
+                    misaddressed(&posted, other);
+                    Err(StreamableHttpError::UnexpectedServerResponse(
+                    format!("the server answered request {posted} with the answer to request {other}")
+                        .into(),
+                ))
+                }
+                _ => Ok(StreamableHttpPostResponse::Json(message, session)),
+            }
+        }
+        Ok(StreamableHttpPostResponse::Sse(stream, session)) => {
+            let stream = stream.filter(move |event| {
+                let keep = match event {
+                    Ok(sse) => match sse.data.as_deref().map(answer_id) {
+                        Some(Some(other)) if other != posted => {
+                            misaddressed(&posted, &other);
+                            false
+                        }
+                        _ => true,
+                    },
+                    Err(_) => true,
+                };
+                std::future::ready(keep)
+            });
+            Ok(StreamableHttpPostResponse::Sse(Box::pin(stream), session))
+        }
+        other => other,
+    }
+}
+
+/// The id an SSE event's data answers, when it is an answer (an `id`, and
+/// no `method`), read without building the message (rmcp reads it next).
+fn answer_id(data: &str) -> Option<RequestId> {
+    #[derive(serde::Deserialize)]
+    struct Addressed {
+        id: Option<RequestId>,
+        method: Option<serde::de::IgnoredAny>,
+    }
+    let addressed: Addressed = serde_json::from_str(data).ok()?;
+    addressed.method.is_none().then_some(addressed.id).flatten()
+}
+
+fn misaddressed(posted: &RequestId, other: &RequestId) {
+    metrics::counter!("toolwarden_proxy_malformed_messages_total").increment(1);
+    tracing::warn!(
+        %posted,
+        %other,
+        "the upstream answered a request with the answer to another: dropped"
+    );
+}
+
 impl StreamableHttpClient for WatchedClient {
     type Error = reqwest::Error;
 
@@ -228,11 +378,12 @@ impl StreamableHttpClient for WatchedClient {
         custom_headers: HashMap<HeaderName, HeaderValue>,
     ) -> PostResult {
         let request_in_session = is_request(&message) && session_id.is_some();
+        let posted = request_id(&message);
         let result = self
             .client
             .post_message(uri, message, session_id, auth_header, custom_headers)
             .await;
-        self.watch_post(request_in_session, result)
+        answers_only(posted, self.watch_post(request_in_session, result))
     }
 
     async fn post_message_with_max_sse_event_size(
@@ -245,6 +396,7 @@ impl StreamableHttpClient for WatchedClient {
         max_sse_event_size: usize,
     ) -> PostResult {
         let request_in_session = is_request(&message) && session_id.is_some();
+        let posted = request_id(&message);
         let result = self
             .client
             .post_message_with_max_sse_event_size(
@@ -256,7 +408,7 @@ impl StreamableHttpClient for WatchedClient {
                 max_sse_event_size,
             )
             .await;
-        self.watch_post(request_in_session, result)
+        answers_only(posted, self.watch_post(request_in_session, result))
     }
 
     async fn delete_session(
