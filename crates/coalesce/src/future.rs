@@ -142,8 +142,14 @@ where
                 // the map stays, closed, for the next call with its key).
                 waiter.call = None;
                 match (output, recall.take()) {
-                    // The server made a task of the call: the leader's.
-                    (Ok(response), Some(recall)) if response.is_task() => recall(),
+                    // The server made a task of the call, or asks its caller
+                    // for input (with a `requestState` that is that
+                    // caller's): the leader's.
+                    (Ok(response), Some(recall))
+                        if response.is_task() || response.is_input_required() =>
+                    {
+                        recall()
+                    }
                     (output, _) => return Poll::Ready(copy_for(output, this.id.as_ref())),
                 }
             }

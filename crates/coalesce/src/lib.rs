@@ -23,10 +23,14 @@
 //!   equivalent error (a copy of the same type for toolwarden's own
 //!   errors and JSON-RPC errors, else a [`SharedFailure`] whose source is
 //!   the failure).
-//! - **A task is its creator's**: when the server answers the shared call
-//!   with a task ([`McpResponse::is_task`](toolwarden_core::McpResponse::is_task)),
-//!   the caller whose request went upstream gets it, and every other caller
-//!   then makes its own call (its id would be no answer for them: a proxy
+//! - **A task is its creator's**, and so is a request for input: when the
+//!   server answers the shared call with a task
+//!   ([`McpResponse::is_task`](toolwarden_core::McpResponse::is_task)) or
+//!   asks for input (2026-07-28 `resultType: "input_required"`, whose
+//!   `requestState` the continuation hands back: the asking was for one
+//!   caller, and a one-time handle would be taken by whoever answered
+//!   first), the caller whose request went upstream gets it, and every
+//!   other caller then makes its own call (its id would be no answer for them: a proxy
 //!   lets only a task's creator read or cancel it). Those callers' requests
 //!   are kept for this, with a clone of the inner service, so the service
 //!   is `Clone` and requests and service are `Send + 'static`.

@@ -151,6 +151,42 @@ async fn a_task_answer_is_the_leaders_followers_make_their_own_call() {
     assert_eq!(mock.calls("search"), 4);
 }
 
+/// Regression (found by running the binary): a request for input
+/// (2026-07-28 `input_required`) answering the shared call was copied to
+/// every caller, with the one `requestState` the server made for the
+/// leader: the first to continue took it, and the others' continuations
+/// were refused (or, with a server that replays by handle, got the first
+/// caller's result). It is the leader's; each follower makes its own call.
+#[tokio::test(start_paused = true)]
+async fn a_request_for_input_is_the_leaders_followers_make_their_own_call() {
+    let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());
+    let asking = |handle: &str| {
+        Step::Result(json!({
+            "resultType": "input_required",
+            "inputRequests": {"confirm": {"method": "elicitation/create", "params": {}}},
+            "requestState": handle,
+        }))
+        .after(ms(100))
+    };
+    mock.push("search", [asking("h-1"), asking("h-2")]);
+    let q = json!({"q": "delete it"});
+    let a = start(&mut svc, call(1, "search", q.clone())).await;
+    let b = start(&mut svc, call(2, "search", q)).await;
+    let (a, b) = tokio::join!(a, b);
+    let state = |r: Result<Response, BoxError>| {
+        let r = r.unwrap();
+        assert!(r.is_input_required(), "{r:?}");
+        (r.id.clone(), r.payload.unwrap()["requestState"].clone())
+    };
+    assert_eq!(state(a), (Id::Number(1), json!("h-1")));
+    assert_eq!(state(b), (Id::Number(2), json!("h-2")));
+    assert_eq!(
+        mock.calls("search"),
+        2,
+        "one shared call, then the follower's"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn different_arguments_tools_and_unsafe_tools_are_not_shared() {
     let (mut svc, mock, _layer) = harness(CoalesceLayer::builder());

@@ -53,7 +53,10 @@
 //! This is stricter than what the retry layer repeats (read-only *or*
 //! idempotent): a retry follows a failure, a hedge runs next to a call
 //! that may still succeed, so both copies may act. Every other request
-//! (any other method, any other tool) passes through untouched.
+//! (any other method, any other tool) passes through untouched, and so
+//! does a continuation of a call (2026-07-28 `inputResponses` or
+//! `requestState`: it carries the answer the call acts on, often under a
+//! one-time handle, and a second copy would act twice or be refused).
 //!
 //! **The default catalog is empty and untrusted, so by default nothing is
 //! hedged.**

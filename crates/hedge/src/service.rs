@@ -83,7 +83,15 @@ where
 
     fn call(&mut self, request: R) -> Self::Future {
         let shared = &self.shared;
-        let Some(policy) = shared.policy.select(&request) else {
+        // A continuation (2026-07-28 `inputResponses`, `requestState`)
+        // carries the answer the call acts on, often under a one-time
+        // handle: a second copy would act twice, or be refused.
+        let policy = if request.is_continuation() {
+            None
+        } else {
+            shared.policy.select(&request)
+        };
+        let Some(policy) = policy else {
             // Not a tools/call of a tool safe to send twice: passed through.
             return ResponseFuture::single(self.inner.call(request));
         };

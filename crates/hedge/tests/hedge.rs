@@ -10,8 +10,8 @@ use toolwarden_core::classify::TransportErrorKind;
 use toolwarden_core::jsonrpc::{Id, Request, Response};
 use toolwarden_core::testing::{ready_call, MockMcp, ReadyChecked, Step};
 use toolwarden_core::{
-    Bounds, BoxError, CallKind, Classify, Event, Events, KeyBy, McpClassifier, McpResponse,
-    ToolCatalog, ToolPolicy,
+    Bounds, BoxError, CallKind, Classify, Event, Events, KeyBy, McpClassifier, McpRequest,
+    McpResponse, ToolCatalog, ToolPolicy,
 };
 use toolwarden_hedge::{BudgetConfig, HedgeBuilder, HedgeLayer};
 use tower::{Layer, Service, ServiceExt};
@@ -128,6 +128,32 @@ async fn tools_not_safe_to_send_twice_and_other_methods_are_never_hedged() {
     one(&hedge, &upstream, list).await.unwrap();
     assert_eq!(upstream.total_calls(), 0);
     assert_eq!(upstream.requests().len(), 1);
+}
+
+/// Regression (found by running the binary): a slow continuation
+/// (2026-07-28 `inputResponses` and `requestState`) of a tool safe to send
+/// twice was hedged, and the confirmed action reached the server twice.
+/// A continuation is never hedged; its tool's first calls still are.
+#[tokio::test(start_paused = true)]
+async fn a_continuation_is_never_hedged() {
+    let hedge = layer(|b| b);
+    let upstream =
+        MockMcp::new().default_step("lookup", Step::ok("done").after(Duration::from_secs(1)));
+    let continuation = Request::new(
+        1,
+        "tools/call",
+        Some(json!({
+            "name": "lookup",
+            "arguments": {"q": "x"},
+            "inputResponses": {"confirm": {"action": "accept"}},
+            "requestState": "h-1",
+        })),
+    );
+    assert!(continuation.is_continuation(), "{continuation:?}");
+    one(&hedge, &upstream, continuation).await.unwrap();
+    assert_eq!(upstream.calls("lookup"), 1);
+    one(&hedge, &upstream, call(2, "lookup")).await.unwrap();
+    assert_eq!(upstream.calls("lookup"), 3, "a first call is hedged");
 }
 
 #[tokio::test(start_paused = true)]
