@@ -85,6 +85,12 @@ pub struct ToolInfo {
     /// The names of the input schema's properties (used to rank alternatives).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parameters: Vec<String>,
+    /// Whether the tool declares an `outputSchema`: a client validates the
+    /// `structuredContent` of its results against it, an `isError`
+    /// result's too (the TypeScript SDK does), so a failure toolwarden
+    /// renders for it carries no `structuredContent` of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub structured_output: bool,
     /// The upstream server the tool belongs to, when a gateway serves the
     /// tools of several (set by [`ToolCatalog::replace_upstream`], or with
     /// [`ToolInfo::upstream`]); `None` with a single upstream. Shared by
@@ -148,6 +154,7 @@ impl ToolInfo {
             description: text("description"),
             annotations,
             parameters,
+            structured_output: tool.get("outputSchema").is_some_and(|s| !s.is_null()),
             upstream: None,
         })
     }
@@ -223,12 +230,23 @@ impl Snapshot {
 /// ```
 #[derive(Clone, Default)]
 pub struct ToolCatalog {
-    inner: Arc<ArcSwap<Snapshot>>,
+    inner: Arc<Shared>,
+}
+
+/// What the clones of a catalog share.
+#[derive(Default)]
+struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    /// Whether any tool in the snapshot declares an `outputSchema`: read
+    /// on every call (one relaxed load, no snapshot), so that only the
+    /// stacks over such servers look a tool up (see
+    /// [`ToolCatalog::may_have_output_schema`]).
+    structured_output: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for ToolCatalog {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let snap = self.inner.load();
+        let snap = self.inner.snapshot.load();
         f.debug_struct("ToolCatalog")
             .field("trusted", &snap.trusted)
             .field("tools", &snap.tools.len())
@@ -245,7 +263,7 @@ impl ToolCatalog {
     }
 
     fn update(&self, f: impl Fn(&mut Snapshot)) {
-        self.inner.rcu(|old| {
+        self.inner.snapshot.rcu(|old| {
             let mut next = Snapshot {
                 version: old.version.wrapping_add(1),
                 trusted: old.trusted,
@@ -255,6 +273,41 @@ impl ToolCatalog {
             f(&mut next);
             next
         });
+        let structured = self
+            .inner
+            .snapshot
+            .load()
+            .tools
+            .values()
+            .any(|t| t.structured_output);
+        self.inner
+            .structured_output
+            .store(structured, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether `tool` declares an `outputSchema` (its results must then
+    /// carry `structuredContent` that matches it: a client validates it,
+    /// an error result's too). One relaxed load when no tool of the catalog
+    /// declares one.
+    #[must_use]
+    pub fn has_output_schema(&self, tool: &str) -> bool {
+        self.may_have_output_schema()
+            && self
+                .inner
+                .snapshot
+                .load()
+                .tools
+                .get(tool)
+                .is_some_and(|t| t.structured_output)
+    }
+
+    /// Whether any tool of the catalog declares an `outputSchema`: one
+    /// relaxed load.
+    #[must_use]
+    pub fn may_have_output_schema(&self) -> bool {
+        self.inner
+            .structured_output
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A counter bumped by every change to the catalog (tools, policies or
@@ -270,13 +323,13 @@ impl ToolCatalog {
     /// ```
     #[must_use]
     pub fn version(&self) -> u64 {
-        self.inner.load().version
+        self.inner.snapshot.load().version
     }
 
     /// Whether annotations are trusted. Default `false`.
     #[must_use]
     pub fn is_trusted(&self) -> bool {
-        self.inner.load().trusted
+        self.inner.snapshot.load().trusted
     }
 
     /// Trusts (or stops trusting) the server's annotations.
@@ -361,6 +414,7 @@ impl ToolCatalog {
         let of_upstream = |t: &ToolInfo| t.upstream.as_deref() == Some(upstream);
         let n = self
             .inner
+            .snapshot
             .load()
             .tools
             .values()
@@ -385,6 +439,7 @@ impl ToolCatalog {
     #[must_use]
     pub fn has_upstream(&self, upstream: &str) -> bool {
         self.inner
+            .snapshot
             .load()
             .tools
             .values()
@@ -396,6 +451,7 @@ impl ToolCatalog {
     pub fn upstream_tools(&self, upstream: &str) -> Vec<ToolInfo> {
         let mut tools: Vec<_> = self
             .inner
+            .snapshot
             .load()
             .tools
             .values()
@@ -410,7 +466,7 @@ impl ToolCatalog {
     /// or one with no upstream.
     #[must_use]
     pub fn upstream_of(&self, tool: &str) -> Option<Arc<str>> {
-        self.inner.load().tools.get(tool)?.upstream.clone()
+        self.inner.snapshot.load().tools.get(tool)?.upstream.clone()
     }
 
     /// The name of every upstream with at least one tool, sorted.
@@ -418,6 +474,7 @@ impl ToolCatalog {
     pub fn upstreams(&self) -> Vec<Arc<str>> {
         let mut names: Vec<Arc<str>> = self
             .inner
+            .snapshot
             .load()
             .tools
             .values()
@@ -457,13 +514,13 @@ impl ToolCatalog {
     /// What the catalog knows of a tool.
     #[must_use]
     pub fn get(&self, tool: &str) -> Option<ToolInfo> {
-        self.inner.load().tools.get(tool).cloned()
+        self.inner.snapshot.load().tools.get(tool).cloned()
     }
 
     /// Every known tool, sorted by name.
     #[must_use]
     pub fn tools(&self) -> Vec<ToolInfo> {
-        let mut tools: Vec<_> = self.inner.load().tools.values().cloned().collect();
+        let mut tools: Vec<_> = self.inner.snapshot.load().tools.values().cloned().collect();
         tools.sort_by(|a, b| a.name.cmp(&b.name));
         tools
     }
@@ -471,7 +528,7 @@ impl ToolCatalog {
     /// The number of known tools.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.inner.load().tools.len()
+        self.inner.snapshot.load().tools.len()
     }
 
     /// Whether no tool is known.
@@ -484,7 +541,7 @@ impl ToolCatalog {
     /// or trusted annotations say read-only or idempotent.
     #[must_use]
     pub fn is_safe_to_repeat(&self, tool: &str) -> bool {
-        let snap = self.inner.load();
+        let snap = self.inner.snapshot.load();
         if let Some(safe) = snap.policies.get(tool).and_then(|p| p.safe_to_repeat) {
             return safe;
         }
@@ -522,7 +579,7 @@ impl ToolCatalog {
     /// ```
     #[must_use]
     pub fn is_safe_to_hedge(&self, tool: &str) -> bool {
-        let snap = self.inner.load();
+        let snap = self.inner.snapshot.load();
         if let Some(safe) = snap.policies.get(tool).and_then(|p| p.safe_to_repeat) {
             return safe;
         }
@@ -539,7 +596,7 @@ impl ToolCatalog {
     /// `readOnlyHint: true` is never cacheable, whatever the configuration.
     #[must_use]
     pub fn is_cacheable(&self, tool: &str) -> bool {
-        let snap = self.inner.load();
+        let snap = self.inner.snapshot.load();
         let info = snap.tools.get(tool);
         let declared_destructive = info.is_some_and(|t| {
             t.annotations.destructive_hint == Some(true)
@@ -562,7 +619,7 @@ impl ToolCatalog {
         if self.is_cacheable(tool) {
             return false;
         }
-        let snap = self.inner.load();
+        let snap = self.inner.snapshot.load();
         if !snap.trusted {
             return true;
         }

@@ -71,7 +71,7 @@ pub use keyed::{Bounds, Entry, KeyedState};
 pub use overrides::{Overridable, ToolOverrides};
 pub use rejection::{
     BulkheadFull, CircuitOpen, FailureReport, LoopDetected, LoopPattern, RateLimited, Rejection,
-    RetryBudgetExhausted,
+    RetryBudgetExhausted, FAILURE_META_KEY,
 };
 pub use request::{
     call_fingerprint, tool_result, Attempt, McpRequest, McpResponse, SessionKey, ToolResultStatus,

@@ -22,6 +22,11 @@ use serde_json::{json, Map, Value};
 
 use crate::classify::{FailureClass, Outcome, OutcomeKind};
 
+/// The `_meta` key of a rendered failure's facts for a tool that declares
+/// an `outputSchema` ([`FailureReport::to_tool_result_for`]); other tools'
+/// are in `structuredContent.toolwarden`.
+pub const FAILURE_META_KEY: &str = "toolwarden/failure";
+
 /// What every toolwarden rejection offers.
 pub trait Rejection: StdError + Send + Sync + 'static {
     /// When the call may succeed if tried again, where known.
@@ -536,6 +541,17 @@ impl FailureReport {
     /// `_meta`, so the classifier reads the result as the failure it was.
     #[must_use]
     pub fn to_tool_result(&self) -> Value {
+        self.to_tool_result_for(false)
+    }
+
+    /// [`to_tool_result`](Self::to_tool_result) for a tool that declares an
+    /// `outputSchema` when `output_schema`: the facts then go in `_meta`
+    /// under [`FAILURE_META_KEY`], not in `structuredContent`, which a
+    /// client validates against the tool's schema, an `isError` result's
+    /// too (the TypeScript SDK threw on our facts, and the host never saw
+    /// the failure's text).
+    #[must_use]
+    pub fn to_tool_result_for(&self, output_schema: bool) -> Value {
         let mut facts = Map::new();
         facts.insert("tool".into(), Value::from(self.tool.as_str()));
         facts.insert("error".into(), Value::from(self.message.as_str()));
@@ -555,11 +571,19 @@ impl FailureReport {
             facts.insert("attempts".into(), Value::from(attempts));
         }
         facts.insert("alternatives".into(), json!(self.alternatives));
-        let mut result = json!({
-            "content": [{"type": "text", "text": self.message()}],
-            "structuredContent": {"toolwarden": facts},
-            "isError": true,
-        });
+        let mut result = if output_schema {
+            json!({
+                "content": [{"type": "text", "text": self.message()}],
+                "isError": true,
+                "_meta": {FAILURE_META_KEY: facts},
+            })
+        } else {
+            json!({
+                "content": [{"type": "text", "text": self.message()}],
+                "structuredContent": {"toolwarden": facts},
+                "isError": true,
+            })
+        };
         if let (Some(outcome), Value::Object(result)) = (self.outcome, &mut result) {
             // The sealed mark that keeps a rendered failure what it was for
             // every layer above (see `classify::OUTCOME_META_KEY`).

@@ -259,7 +259,8 @@ impl<C> CallContext<C> {
             .config
             .events
             .emit(&Event::Degraded { key: tool });
-        T::from_tool_result(self.id.as_ref(), report.to_tool_result())
+        let output_schema = self.shared.config.catalog.has_output_schema(tool);
+        T::from_tool_result(self.id.as_ref(), report.to_tool_result_for(output_schema))
     }
 
     /// Other tools to suggest: none for a client error (the arguments are

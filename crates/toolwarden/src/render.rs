@@ -49,7 +49,7 @@ use std::task::{ready, Context, Poll};
 use pin_project_lite::pin_project;
 use toolwarden_core::classify::OUTCOME_META_KEY;
 use toolwarden_core::jsonrpc::{ErrorObject, Id};
-use toolwarden_core::{BoxError, FailureReport, McpRequest, McpResponse};
+use toolwarden_core::{BoxError, FailureReport, McpRequest, McpResponse, ToolCatalog};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -80,6 +80,7 @@ impl<S> Layer<S> for RenderErrorsLayer {
 pub struct RenderErrors<S> {
     inner: S,
     enabled: bool,
+    catalog: Option<ToolCatalog>,
 }
 
 impl<S> RenderErrors<S> {
@@ -88,7 +89,19 @@ impl<S> RenderErrors<S> {
         RenderErrors {
             inner,
             enabled: true,
+            catalog: None,
         }
+    }
+
+    /// The same service, rendering the failures of the tools `catalog`
+    /// says declare an `outputSchema` with their facts in `_meta`
+    /// ([`FailureReport::to_tool_result_for`]) rather than in
+    /// `structuredContent`, which a client validates against the schema
+    /// (the standard stack passes its catalog).
+    #[must_use]
+    pub fn with_catalog(mut self, catalog: ToolCatalog) -> Self {
+        self.catalog = Some(catalog);
+        self
     }
 
     /// The same service, rendering nothing: every result passes through
@@ -122,6 +135,9 @@ impl<S> RenderErrors<S> {
 struct Target {
     tool: Option<Tool>,
     id: Option<Id>,
+    /// The tool declares an `outputSchema` (read when the call is made:
+    /// one relaxed load unless some tool of the catalog declares one).
+    output_schema: bool,
 }
 
 /// The tool a call is for, kept until its answer: a copy of a short name
@@ -187,6 +203,11 @@ where
         let target = request.tool_name().map(|tool| Target {
             tool: self.enabled.then(|| Tool::of(&request, tool)),
             id: request.request_id().cloned(),
+            output_schema: self.enabled
+                && self
+                    .catalog
+                    .as_ref()
+                    .is_some_and(|catalog| catalog.has_output_schema(tool)),
         });
         RenderFuture {
             inner: self.inner.call(request),
@@ -242,10 +263,12 @@ where
                 Some(Target {
                     tool: Some(tool),
                     id,
+                    output_schema,
                 }),
             ) if !is_protocol_error(error.as_ref()) => {
                 let report = FailureReport::from_error(tool.name(), error.as_ref());
-                let mut response = T::from_tool_result(id.as_ref(), report.to_tool_result());
+                let result = report.to_tool_result_for(output_schema);
+                let mut response = T::from_tool_result(id.as_ref(), result);
                 response.remove_result_meta(OUTCOME_META_KEY);
                 Ok(response)
             }

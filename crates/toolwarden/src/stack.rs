@@ -1024,7 +1024,7 @@ impl<S> Layer<S> for StandardStackLayer {
             self.observability.layer(service),
             Observability::passthrough,
         );
-        let render = RenderErrors::new(service);
+        let render = RenderErrors::new(service).with_catalog(self.catalog.clone());
         if self.render_errors {
             render
         } else {

@@ -1069,3 +1069,50 @@ fn the_reference_reads_rendered_answers() {
     assert_eq!(seen_in_result(&down), Seen::Down);
     assert_eq!(seen_in_result(&json!({"content": []})), Seen::Answered);
 }
+
+/// Regression (found with the TypeScript SDK as the client): a failure the
+/// stack rendered for a tool that declares an `outputSchema` carried our
+/// facts as `structuredContent`, which the SDK validates against the
+/// tool's schema, an `isError` result's too: it threw, and the host never
+/// saw the failure. For such a tool the facts are in `_meta`
+/// (`toolwarden/failure`) and there is no `structuredContent`; other
+/// tools keep theirs.
+#[tokio::test(start_paused = true)]
+async fn a_failure_of_a_tool_with_an_output_schema_carries_no_structured_content() {
+    let catalog = catalog(true);
+    catalog.fill_from_tools_list(&json!({"tools": [
+        {"name": "weather", "inputSchema": {"type": "object"},
+         "outputSchema": {"type": "object", "properties": {"temperature": {"type": "number"}},
+                          "required": ["temperature"]}},
+        {"name": "plain", "inputSchema": {"type": "object"}},
+    ]}));
+    assert!(catalog.has_output_schema("weather"));
+    assert!(!catalog.has_output_schema("plain"));
+    // Rendered by the fallback cache (a degraded answer), and by the edge.
+    for degrade in [true, false] {
+        let upstream = MockMcp::new();
+        let layer = StandardStack::builder()
+            .catalog(catalog.clone())
+            .rate_limit(|b| b.per_tool(Rate::per_minute(1), 1))
+            .fallback_cache(move |b| b.degrade(degrade))
+            .build()
+            .unwrap();
+        let mut svc = layer.layer(upstream_service(upstream.clone()));
+        for tool in ["weather", "plain"] {
+            send(&mut svc, 1, tool, json!({})).await.unwrap();
+            let refused = send(&mut svc, 2, tool, json!({})).await.unwrap();
+            assert!(refused.is_tool_error(), "{refused:?}");
+            let result = refused.payload.as_ref().unwrap();
+            let facts = if tool == "weather" {
+                assert!(result.get("structuredContent").is_none(), "{result}");
+                &result["_meta"][toolwarden_core::FAILURE_META_KEY]
+            } else {
+                &result["structuredContent"]["toolwarden"]
+            };
+            assert_eq!(facts["layer"], "rate_limit", "{tool}: {result}");
+            assert_eq!(facts["tool"], tool, "{result}");
+            // The seal of our own mark never leaves the stack.
+            assert!(result["_meta"].get(OUTCOME_META_KEY).is_none(), "{result}");
+        }
+    }
+}
