@@ -124,6 +124,10 @@ impl Proxy {
         shared.availability = Some(Arc::new(move |tool: &str| {
             available.upgrade().is_some_and(|g| g.is_available(tool))
         }));
+        let connected = Arc::downgrade(&gateway);
+        shared.connected = Some(Arc::new(move |tool: &str| {
+            connected.upgrade().is_some_and(|g| g.is_connected(tool))
+        }));
         let layer = tool_stack_layer(&config, &shared)?;
         let circuits = Arc::clone(&gateway);
         shared

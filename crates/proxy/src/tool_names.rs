@@ -84,9 +84,9 @@ impl ToolNameGuardLayer {
     }
 
     /// In a gateway: a name of an upstream with no tool in the catalog
-    /// passes only while `available` says a call of it would reach its
-    /// server (the upstream up, its breaker closed); else it is refused
-    /// `-32000` at once (see the [module docs](self)).
+    /// passes only while `available` says its upstream is connected (its
+    /// breaker then refuses, with its retry-after, if open); else it is
+    /// refused `-32000` at once (see the [module docs](self)).
     #[must_use]
     pub fn with_availability(mut self, available: Availability) -> Self {
         self.available = Some(available);
@@ -138,7 +138,7 @@ impl<S> ToolNameGuard<S> {
             let upstream = self.config.upstream_of.as_ref().and_then(|f| f(name));
             if let Some(upstream) = upstream.filter(|u| !catalog.has_upstream(u)) {
                 // Its upstream has not listed its tools (yet): not known
-                // to be wrong, if the upstream would take the call now.
+                // to be wrong, while the upstream is connected.
                 // Otherwise nothing can tell a made-up name from a real
                 // one, and each would get per-tool state in the stack (a
                 // client flooding such names filled the layers' maps, and

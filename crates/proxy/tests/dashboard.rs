@@ -538,7 +538,7 @@ health_history = 2
             .call(id, "flaky_search", json!({"query": "same"}))
             .await;
         assert_eq!(failed["result"]["isError"], true, "{failed}");
-        if let Some(layer) = failed["result"]["structuredContent"]["toolwarden"]["layer"].as_str() {
+        if let Some(layer) = support::failure_facts(&failed["result"])["layer"].as_str() {
             refused_by.insert(layer.to_owned());
         }
     }
@@ -548,7 +548,7 @@ health_history = 2
             .call(id, "flaky_search", json!({"query": format!("q{id}")}))
             .await;
         assert_eq!(failed["result"]["isError"], true, "{failed}");
-        if let Some(layer) = failed["result"]["structuredContent"]["toolwarden"]["layer"].as_str() {
+        if let Some(layer) = support::failure_facts(&failed["result"])["layer"].as_str() {
             refused_by.insert(layer.to_owned());
         }
     }

@@ -30,7 +30,7 @@ fn quota(rate: &str, burst: u32, extra: &str) -> String {
 
 /// The layer that refused a call, if one did.
 fn refused_by(response: &Value) -> Option<String> {
-    response["result"]["structuredContent"]["toolwarden"]["layer"]
+    support::failure_facts(&response["result"])["layer"]
         .as_str()
         .map(str::to_owned)
 }

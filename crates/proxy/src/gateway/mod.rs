@@ -299,6 +299,15 @@ impl Gateway {
             .is_some_and(|(member, _)| member.is_available())
     }
 
+    /// Whether the upstream of the exposed tool `name` is connected (its
+    /// breaker open or not); unknown names are not.
+    #[must_use]
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.tool_route(name).is_some_and(|(member, _)| {
+            matches!(member.upstream.status(), UpstreamStatus::Up { .. })
+        })
+    }
+
     /// Whether any upstream is connected (or not yet started).
     #[must_use]
     pub fn failing(&self) -> bool {

@@ -51,6 +51,11 @@ pub struct SharedState {
     /// upstream up and its breaker closed): the fallback cache suggests no
     /// tool it says is not. `None`: every tool is.
     pub availability: Option<Availability>,
+    /// Whether a tool's upstream is connected (a gateway's, its breaker
+    /// open or not): the names of an upstream that never listed its tools
+    /// are refused before the stack while it is not (see
+    /// [`crate::tool_names`]). `None`: every upstream is.
+    pub connected: Option<Availability>,
     /// `[redis]`: the breaker syncs and the distributed limiter the stack
     /// (and a gateway's upstream breakers) use. `None`: nothing is shared.
     /// [`Proxy::new`](crate::Proxy::new) and [`Proxy::gateway`](crate::Proxy::gateway)
@@ -84,6 +89,7 @@ impl SharedState {
             events,
             endpoints,
             availability: None,
+            connected: None,
             replicas: None,
             observability: Arc::default(),
         }
@@ -184,8 +190,8 @@ fn tool_stack_layer_over(
             .reject_unknown(config.limits.reject_unknown_tools);
     if !config.upstreams.is_empty() {
         names = names.with_upstreams(gateway_routes(config));
-        if let Some(available) = &shared.availability {
-            names = names.with_availability(Arc::clone(available));
+        if let Some(connected) = &shared.connected {
+            names = names.with_availability(Arc::clone(connected));
         }
     }
     Ok(ToolStackLayer { names, standard })

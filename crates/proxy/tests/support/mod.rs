@@ -753,3 +753,17 @@ pub async fn serve_on_loopback(
     });
     format!("http://127.0.0.1:{port}/mcp")
 }
+
+/// The facts of a failure the stack rendered as a tool result: in
+/// `structuredContent.toolwarden`, or in `_meta["toolwarden/failure"]` for a
+/// tool that declares an `outputSchema` (`Value::Null` when neither).
+#[must_use]
+#[allow(dead_code)] // not every test file renders failures
+pub fn failure_facts(result: &Value) -> &Value {
+    let structured = &result["structuredContent"]["toolwarden"];
+    if structured.is_null() {
+        &result["_meta"]["toolwarden/failure"]
+    } else {
+        structured
+    }
+}
