@@ -39,7 +39,7 @@ pub struct ToolNameGuardLayer {
     catalog: ToolCatalog,
     reject_unknown: bool,
     upstream_of: Option<UpstreamOf>,
-    available: Option<Availability>,
+    connected: Option<Availability>,
 }
 
 impl fmt::Debug for ToolNameGuardLayer {
@@ -63,7 +63,7 @@ impl ToolNameGuardLayer {
             catalog,
             reject_unknown: true,
             upstream_of: None,
-            available: None,
+            connected: None,
         }
     }
 
@@ -84,12 +84,12 @@ impl ToolNameGuardLayer {
     }
 
     /// In a gateway: a name of an upstream with no tool in the catalog
-    /// passes only while `available` says its upstream is connected (its
+    /// passes only while `connected` says its upstream is connected (its
     /// breaker then refuses, with its retry-after, if open); else it is
     /// refused `-32000` at once (see the [module docs](self)).
     #[must_use]
-    pub fn with_availability(mut self, available: Availability) -> Self {
-        self.available = Some(available);
+    pub fn with_connected(mut self, connected: Availability) -> Self {
+        self.connected = Some(connected);
         self
     }
 }
@@ -143,7 +143,7 @@ impl<S> ToolNameGuard<S> {
                 // one, and each would get per-tool state in the stack (a
                 // client flooding such names filled the layers' maps, and
                 // the rate limit's overflow quota then starved real tools).
-                if self.config.available.as_ref().is_none_or(|ok| ok(name)) {
+                if self.config.connected.as_ref().is_none_or(|up| up(name)) {
                     return None;
                 }
                 return Some(ErrorObject::new(
@@ -315,19 +315,19 @@ mod tests {
     /// passed, so a client flooding made-up ones filled the layers' maps
     /// with per-tool state, and the rate limit's shared overflow quota then
     /// refused a real tool first called after the flood. They pass only
-    /// while that upstream would take the call; else `-32000`, retry later.
+    /// while that upstream is connected; else `-32000`, retry later.
     #[tokio::test]
-    async fn names_of_an_unlisted_upstream_pass_only_while_it_is_available() {
+    async fn names_of_an_unlisted_upstream_pass_only_while_it_is_connected() {
         let catalog = ToolCatalog::new();
         catalog.replace_upstream("alpha", [ToolInfo::new("alpha__lookup", "Looks up")]);
         let routes = routes(&["alpha", "dead"]);
         let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = Arc::clone(&up);
-        let available: Availability =
+        let connected: Availability =
             Arc::new(move |name: &str| !name.starts_with("dead__") || seen.load(Ordering::SeqCst));
         let guard = ToolNameGuardLayer::new(128, catalog)
             .with_upstreams(routes)
-            .with_availability(available);
+            .with_connected(connected);
         for junk in ["dead__junk1", "dead__junk2"] {
             let error = refused(guard.clone(), junk).await;
             assert_eq!(error.code, code::SERVER_ERROR_END, "{}", error.message);

@@ -191,7 +191,7 @@ fn tool_stack_layer_over(
     if !config.upstreams.is_empty() {
         names = names.with_upstreams(gateway_routes(config));
         if let Some(connected) = &shared.connected {
-            names = names.with_availability(Arc::clone(connected));
+            names = names.with_connected(Arc::clone(connected));
         }
     }
     Ok(ToolStackLayer { names, standard })

@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,6 +78,23 @@ async fn with_no_client_a_servers_request_gets_an_error_at_once() {
     assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
+/// Reads `far_end` (a client's side of its pipe) line by line: how many
+/// lines containing `needle` came so far.
+fn count_lines(far_end: tokio::io::DuplexStream, needle: &'static str) -> Arc<AtomicUsize> {
+    use tokio::io::AsyncBufReadExt;
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&received);
+    tokio::spawn(async move {
+        let mut lines = tokio::io::BufReader::new(far_end).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains(needle) {
+                counter.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    received
+}
+
 /// A server handler with every default: enough to own a peer.
 #[derive(Clone)]
 struct Quiet;
@@ -89,22 +106,12 @@ impl rmcp::ServerHandler for Quiet {}
 /// for all. Each client now has a bounded queue of its own.
 #[tokio::test(start_paused = true)]
 async fn a_client_that_does_not_read_never_slows_the_others() {
-    use tokio::io::AsyncBufReadExt;
     let (reading_io, reading_far_end) = tokio::io::duplex(64 * 1024);
     // The far end of this one is kept and never read.
     let (stuck_io, _stuck_far_end) = tokio::io::duplex(1024);
     let reading = rmcp::service::serve_directly(Quiet, reading_io, None);
     let stuck = rmcp::service::serve_directly(Quiet, stuck_io, None);
-    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&received);
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(reading_far_end).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("notifications/tools/list_changed") {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
+    let received = count_lines(reading_far_end, "notifications/tools/list_changed");
     let downstreams = Downstreams::new();
     let disconnected = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = Arc::clone(&disconnected);
@@ -150,7 +157,6 @@ async fn a_client_that_does_not_read_never_slows_the_others() {
 /// "no client is connected" for the rest of the session.
 #[tokio::test(start_paused = true)]
 async fn a_client_that_cannot_be_disconnected_stays_after_a_burst() {
-    use tokio::io::AsyncBufReadExt;
     // A small pipe read only after the burst: the queue fills meanwhile.
     let (io, far_end) = tokio::io::duplex(1024);
     let service = rmcp::service::serve_directly(Quiet, io, None);
@@ -162,16 +168,7 @@ async fn a_client_that_cannot_be_disconnected_stays_after_a_burst() {
     }
     assert_eq!(downstreams.len(), 1, "still registered after the burst");
     // It reads again: later notifications reach it.
-    let received = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = Arc::clone(&received);
-    tokio::spawn(async move {
-        let mut lines = tokio::io::BufReader::new(far_end).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("list_changed") {
-                counter.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
+    let received = count_lines(far_end, "list_changed");
     tokio::time::sleep(Duration::from_secs(30)).await;
     let before = received.load(Ordering::SeqCst);
     downstreams.broadcast(&notification());
