@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -49,7 +50,18 @@ impl Answer {
 /// A raw HTTP/1.1 POST of `body` to `/mcp` with `headers`; `Host` is
 /// `127.0.0.1:port` unless given.
 async fn post(port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    post_from(LOOPBACK, port, headers, body).await
+}
+
+const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
+
+/// As [`post`], from the address `source` (another loopback address is
+/// another client for the proxy).
+async fn post_from(source: Ipv4Addr, port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut stream = socket
+        .connect((Ipv4Addr::LOCALHOST, port).into())
         .await
         .unwrap();
     let mut head = String::from("POST /mcp HTTP/1.1\r\n");
@@ -321,6 +333,112 @@ async fn sessions_past_the_cap_get_503() {
     let message = &third.messages()[0];
     assert_eq!(message["id"], 1, "{message}");
     assert!(message["error"]["code"].is_i64(), "{message}");
+}
+
+/// `initialize` then `notifications/initialized` from `source`: the new
+/// session's id, or the status of the `initialize`.
+async fn initialize_from(source: Ipv4Addr, port: u16) -> Result<String, u16> {
+    let answer = post_from(source, port, &[], &initialize_body()).await;
+    let session = match answer.header("mcp-session-id") {
+        Some(session) if answer.status == 200 => session,
+        _ => return Err(answer.status),
+    };
+    let initialized = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    let answer = post_from(
+        source,
+        port,
+        &[("Mcp-Session-Id", &session)],
+        &initialized.to_string(),
+    )
+    .await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    Ok(session)
+}
+
+/// Whether `session` is still open: a `ping` in it is answered (rmcp
+/// answers `404` for a closed one).
+async fn is_open(port: u16, session: &str) -> bool {
+    let ping = json!({"jsonrpc": "2.0", "id": 9, "method": "ping"}).to_string();
+    post(port, &[("Mcp-Session-Id", session)], &ping)
+        .await
+        .status
+        == 200
+}
+
+/// One client (address) holding every session cannot lock another out:
+/// at `max_sessions`, another client's `initialize` takes the place of
+/// the hog's least recently active session, however recent; the hog's own
+/// next `initialize` gets `503`, and never closes the other client's
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holding_every_session_gives_one_up_to_another_client() {
+    let env = [("TOOLWARDEN_HTTP_MAX_SESSIONS", "3")];
+    let Some((_proxy, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let hog = Ipv4Addr::new(127, 0, 0, 2);
+    let other = Ipv4Addr::new(127, 0, 0, 3);
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(initialize_from(hog, port).await.expect("the hog's session"));
+    }
+    // The first-opened is used last: the second is the least recently active.
+    assert!(is_open(port, &held[0]).await);
+    assert_eq!(initialize_from(hog, port).await, Err(503));
+
+    let mine = initialize_from(other, port)
+        .await
+        .expect("another client gets a session at the cap");
+    let closed = eventually(LIMIT, || {
+        let session = held[1].clone();
+        async move { (!is_open(port, &session).await).then_some(()) }
+    })
+    .await;
+    assert!(closed.is_some(), "the hog's least recently active gave way");
+    assert!(is_open(port, &held[0]).await);
+    assert!(is_open(port, &held[2]).await);
+    assert!(is_open(port, &mine).await);
+    // The hog, back at the cap, closes none of the other client's: 503.
+    assert_eq!(initialize_from(hog, port).await, Err(503));
+    assert!(
+        is_open(port, &mine).await,
+        "the other client's session stays"
+    );
+}
+
+/// Behind one address, at `max_sessions`, the longest idle session gives
+/// way once idle `http.evict_idle_after`; before that, `503`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_cap_a_session_idle_long_enough_gives_way() {
+    let env = [
+        ("TOOLWARDEN_HTTP_MAX_SESSIONS", "2"),
+        ("TOOLWARDEN_HTTP_EVICT_IDLE_AFTER", "1s"),
+    ];
+    let Some((_proxy, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let idle = initialize_from(LOOPBACK, port).await.unwrap();
+    let active = initialize_from(LOOPBACK, port).await.unwrap();
+    assert_eq!(initialize_from(LOOPBACK, port).await, Err(503));
+    let third = eventually(LIMIT, || {
+        let active = active.clone();
+        async move {
+            // `active` keeps itself active; `idle` does nothing.
+            assert!(is_open(port, &active).await);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            initialize_from(LOOPBACK, port).await.ok()
+        }
+    })
+    .await
+    .expect("a session once the idle one was idle long enough");
+    let closed = eventually(LIMIT, || {
+        let idle = idle.clone();
+        async move { (!is_open(port, &idle).await).then_some(()) }
+    })
+    .await;
+    assert!(closed.is_some(), "the idle session gave way");
+    assert!(is_open(port, &active).await);
+    assert!(is_open(port, &third).await);
 }
 
 /// `initialize` then `notifications/initialized`; the session id.

@@ -58,9 +58,21 @@ pub struct HttpConfig {
     /// Connections served at once; further clients wait in the listen
     /// backlog until one closes. Default 256.
     pub max_connections: usize,
-    /// Streamable HTTP sessions open at once; an `initialize` past it gets
-    /// `503`. Sessions idle 5 minutes are closed. Default 64.
+    /// Streamable HTTP sessions open at once. Sessions idle 5 minutes are
+    /// closed. Past it, an `initialize` takes the place of a session with
+    /// no request in flight: the least recently active one of the client
+    /// (address) holding the most sessions, if it holds two more than the
+    /// newcomer; else the longest idle one, if idle `evict_idle_after`, of
+    /// a client holding at least as many as the newcomer. If there is none,
+    /// it gets `503`. Default 64.
     pub max_sessions: usize,
+    /// How long a session must have been idle (no request, no answer in
+    /// flight) before a new session may take its place at `max_sessions`,
+    /// unless its client holds the most sessions (see `max_sessions`). Set
+    /// it to `5m` or more to close idle sessions only when rmcp does.
+    /// Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub evict_idle_after: Duration,
     /// Requests of one session in flight at once; one more gets `429`.
     /// Default 32.
     pub max_requests_per_session: usize,
@@ -83,6 +95,7 @@ impl Default for HttpConfig {
             body_read_timeout: Duration::from_secs(30),
             max_connections: 256,
             max_sessions: 64,
+            evict_idle_after: Duration::from_secs(60),
             max_requests_per_session: 32,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -117,6 +130,7 @@ impl HttpConfig {
             MAX_HEADER_READ_TIMEOUT,
         )?;
         positive("body_read_timeout", Some(self.body_read_timeout))?;
+        positive("evict_idle_after", Some(self.evict_idle_after))?;
         positive("shutdown_timeout", Some(self.shutdown_timeout))?;
         within("max_connections", Some(self.max_connections), 1, 1 << 20)?;
         within("max_sessions", Some(self.max_sessions), 1, 1 << 20)?;
@@ -204,6 +218,7 @@ mod tests {
         assert_eq!(config.http.body_read_timeout, Duration::from_secs(30));
         assert_eq!(config.http.max_connections, 256);
         assert_eq!(config.http.max_sessions, 64);
+        assert_eq!(config.http.evict_idle_after, Duration::from_secs(60));
         assert_eq!(config.http.max_requests_per_session, 32);
         assert_eq!(config.http.shutdown_timeout, Duration::from_secs(10));
         assert!(!config.http.metrics_auth);
@@ -242,6 +257,7 @@ mod tests {
             ),
             ("[http]\nallowed_hosts = [\"a b\"]", "http.allowed_hosts"),
             ("[http]\nmax_sessions = 0", "http.max_sessions"),
+            ("[http]\nevict_idle_after = \"0s\"", "http.evict_idle_after"),
             (
                 "[http]\nheader_read_timeout = \"0s\"",
                 "http.header_read_timeout",

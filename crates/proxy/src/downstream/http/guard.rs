@@ -1,8 +1,10 @@
 //! What the `/mcp` route checks before rmcp sees a request ([`guard`]).
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -11,9 +13,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+use rmcp::transport::streamable_http_server::session::SessionManager as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
+use super::evict::{self, Candidate};
 use super::session::{
     headers_expect_priming, version_expects_priming, without_priming, ProxySessions,
 };
@@ -45,6 +49,9 @@ pub(super) struct Guard {
     body_read_timeout: Duration,
     max_sessions: usize,
     max_requests_per_session: usize,
+    evict_idle_after: Duration,
+    /// What the sessions' activity is timed from.
+    epoch: Instant,
     /// Each open session's requests in flight. Entries are made only for
     /// sessions rmcp knows, and pruned of closed ones whenever one is
     /// added, so the map holds at most about `max_sessions` entries.
@@ -53,11 +60,34 @@ pub(super) struct Guard {
 
 /// A session's requests in flight: at most `max_requests_per_session`
 /// permits, and the ids they were sent under (each id at most once); and
-/// its standalone GET stream, at most [`MAX_GET_STREAMS`].
+/// its standalone GET stream, at most [`MAX_GET_STREAMS`]. With who
+/// opened it and when it was last active, to choose the session a new one
+/// takes the place of at `max_sessions` (see [`evict`]).
 struct SessionInFlight {
     permits: Arc<Semaphore>,
     ids: Mutex<HashSet<Id>>,
     streams: Arc<Semaphore>,
+    /// The address of the connection the session was first seen on (its
+    /// `initialize`'s).
+    client: Option<IpAddr>,
+    /// What [`SessionInFlight::last_active`] counts from.
+    epoch: Instant,
+    /// Milliseconds from `epoch` to the session's last request, or to the
+    /// end of its last request in flight.
+    last_active: AtomicU64,
+}
+
+impl SessionInFlight {
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn idle(&self, now: Duration) -> Duration {
+        now.saturating_sub(Duration::from_millis(
+            self.last_active.load(Ordering::Relaxed),
+        ))
+    }
 }
 
 /// The most standalone GET streams (the one the server's messages go to)
@@ -83,6 +113,7 @@ struct InFlightRequest {
 impl Drop for InFlightRequest {
     fn drop(&mut self) {
         lock(&self.session.ids).remove(&self.id);
+        self.session.touch();
     }
 }
 
@@ -138,6 +169,8 @@ impl Guard {
             body_read_timeout: options.body_read_timeout,
             max_sessions: options.max_sessions,
             max_requests_per_session: options.max_requests_per_session,
+            evict_idle_after: options.evict_idle_after,
+            epoch: Instant::now(),
             in_flight: Arc::default(),
         }
     }
@@ -146,27 +179,90 @@ impl Guard {
         self.sessions.inner.sessions.read().await.len()
     }
 
-    /// The requests in flight of session `id`, if rmcp knows it.
-    async fn in_flight_of(&self, id: &str) -> Option<Arc<SessionInFlight>> {
-        if let Some(permits) = lock(&self.in_flight).get(id) {
-            return Some(Arc::clone(permits));
-        }
+    /// The requests in flight of session `id`, if rmcp knows it, marked
+    /// active now; `client` is who asks (the session's client if this is
+    /// the first the guard sees of it).
+    async fn in_flight_of(&self, id: &str, client: Option<IpAddr>) -> Option<Arc<SessionInFlight>> {
+        let known = lock(&self.in_flight).get(id).map(Arc::clone);
+        let session = match known {
+            Some(session) => session,
+            None => {
+                let open = self.sessions.inner.sessions.read().await;
+                if !open.contains_key(id) {
+                    return None;
+                }
+                let mut map = lock(&self.in_flight);
+                map.retain(|known, _| open.contains_key(known.as_ref()));
+                let session = map.entry(Arc::from(id)).or_insert_with(|| {
+                    Arc::new(SessionInFlight {
+                        permits: Arc::new(Semaphore::new(self.max_requests_per_session)),
+                        ids: Mutex::default(),
+                        streams: Arc::new(Semaphore::new(MAX_GET_STREAMS)),
+                        client,
+                        epoch: self.epoch,
+                        last_active: AtomicU64::new(0),
+                    })
+                });
+                Arc::clone(session)
+            }
+        };
+        session.touch();
+        Some(session)
+    }
+
+    /// At `max_sessions`: closes the session a new one of `client` takes
+    /// the place of (see [`evict`]), if there is one. Whether one was.
+    async fn make_room(&self, client: Option<IpAddr>) -> bool {
         let open = self.sessions.inner.sessions.read().await;
-        if !open.contains_key(id) {
-            return None;
-        }
-        let mut map = lock(&self.in_flight);
-        map.retain(|known, _| open.contains_key(known.as_ref()));
-        let session = map.entry(Arc::from(id)).or_insert_with(|| {
-            Arc::new(SessionInFlight {
-                permits: Arc::new(Semaphore::new(self.max_requests_per_session)),
-                ids: Mutex::default(),
-                streams: Arc::new(Semaphore::new(MAX_GET_STREAMS)),
-            })
+        let chosen = {
+            let mut map = lock(&self.in_flight);
+            map.retain(|known, _| open.contains_key(known.as_ref()));
+            let now = self.epoch.elapsed();
+            let candidates: Vec<_> = map
+                .iter()
+                .map(|(key, session)| Candidate {
+                    key: Arc::clone(key),
+                    client: session.client,
+                    idle: session.idle(now),
+                    busy: session.permits.available_permits() < self.max_requests_per_session,
+                })
+                .collect();
+            let chosen = evict::choose(&candidates, client, self.evict_idle_after);
+            if let Some((key, _)) = &chosen {
+                // Chosen once: a concurrent `initialize` chooses another.
+                map.remove(key);
+            }
+            chosen
+        };
+        drop(open);
+        let Some((session, reason)) = chosen else {
+            return false;
+        };
+        metrics::counter!("toolwarden_proxy_http_sessions_evicted_total", "reason" => reason.label())
+            .increment(1);
+        tracing::info!(
+            %session,
+            reason = reason.label(),
+            "closing a session to make room for a new one (http.max_sessions are open)"
+        );
+        let sessions = Arc::clone(&self.sessions);
+        // rmcp takes it off its map at once, then waits for its worker.
+        tokio::spawn(async move {
+            let closed = tokio::time::timeout(
+                EVICTED_CLOSE_TIMEOUT,
+                sessions.inner.close_session(&session),
+            )
+            .await;
+            if !matches!(closed, Ok(Ok(()))) {
+                tracing::debug!(%session, "rmcp did not close the evicted session cleanly");
+            }
         });
-        Some(Arc::clone(session))
+        true
     }
 }
+
+/// How long closing a session chosen to make room may take.
+const EVICTED_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The `Mcp-Session-Id` a request names, if readable.
 fn session_of(headers: &axum::http::HeaderMap) -> Option<&str> {
@@ -248,6 +344,10 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             ),
         };
     }
+    let client = request
+        .extensions()
+        .get::<ConnectionKill>()
+        .map(|connection| connection.peer);
     if let (Some(session), Some(connection)) = (
         session_of(request.headers()),
         request.extensions().get::<ConnectionKill>(),
@@ -277,7 +377,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             .is_some_and(|id| id.contains('/'));
         let mut place = None;
         if let Some(in_flight) = match session {
-            Some(id) if !resumes_a_call => guard.in_flight_of(id).await,
+            Some(id) if !resumes_a_call => guard.in_flight_of(id, client).await,
             _ => None,
         } {
             match Arc::clone(&in_flight.streams).try_acquire_owned() {
@@ -365,12 +465,20 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     // byte-order mark with a bare 415.
     let bytes = bytes.slice_ref(trim_line(&bytes));
     let mut permit = None;
+    let mut opens_session = false;
+    if let (Checked::Other, Some(session)) = (&checked, session_of(&parts.headers)) {
+        // A notification or an answer: the session is active.
+        let _ = guard.in_flight_of(session, client).await;
+    }
     if let Checked::Request { id, initialize } = &checked {
         let session = session_of(&parts.headers);
-        let opens_session = session.is_none() && *initialize;
+        opens_session = session.is_none() && *initialize;
         // Concurrent initializes may each see room: the overshoot is
         // bounded by the connections served at once.
-        if opens_session && guard.open_sessions().await >= guard.max_sessions {
+        if opens_session
+            && guard.open_sessions().await >= guard.max_sessions
+            && !guard.make_room(client).await
+        {
             return jsonrpc_refusal(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "sessions",
@@ -385,7 +493,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             );
         }
         let in_flight = match session {
-            Some(id) => guard.in_flight_of(id).await,
+            Some(id) => guard.in_flight_of(id, client).await,
             None => None,
         };
         if let Some(in_flight) = in_flight {
@@ -446,6 +554,12 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
+    if opens_session {
+        // The session's client is the address that opened it.
+        if let Some(session) = session_of(response.headers()) {
+            let _ = guard.in_flight_of(session, client).await;
+        }
+    }
     let response = if primes {
         response
     } else {

@@ -12,7 +12,8 @@
 //! Before that, every request is checked and bounded by `guard`: `Host`
 //! and `Origin` against their allow-lists (403; loopback by default, never
 //! turned off), the bearer token (401), the body's read time (408), the
-//! number of sessions (503) and of a session's requests in flight (429).
+//! number of sessions (503, unless a session gives way: see `evict`) and
+//! of a session's requests in flight (429).
 //! Connections are served by [`serve_bounded`] rather than axum's `serve`:
 //! at most `http.max_connections` at once, headers within
 //! `http.header_read_timeout`, and a shutdown that waits at most
@@ -58,10 +59,12 @@
 //! but rmcp accepts neither notifications nor answers from such a client, so
 //! there is no progress of its to order.
 //!
-//! Files: `guard.rs` (what `/mcp` checks before rmcp), `session.rs` (the
+//! Files: `guard.rs` (what `/mcp` checks before rmcp), `evict.rs` (which
+//! session gives way to a new one at `http.max_sessions`), `session.rs` (the
 //! session manager and each session's transport), `serve.rs`
 //! ([`serve_bounded`]: the bounded connections).
 
+mod evict;
 mod guard;
 mod serve;
 mod session;
@@ -98,8 +101,13 @@ pub struct HttpOptions {
     pub body_read_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
-    /// Sessions open at once (`503` past it).
+    /// Sessions open at once: past it, an `initialize` closes the session
+    /// it takes the place of (the heaviest client's, or one idle for
+    /// `evict_idle_after`), or gets `503`.
     pub max_sessions: usize,
+    /// How long a session must have been idle before a new session may
+    /// take its place at `max_sessions`, unless its client holds the most.
+    pub evict_idle_after: Duration,
     /// Requests of one session in flight at once (`429` past it).
     pub max_requests_per_session: usize,
     /// The longest the listener waits for requests in flight on shutdown.
@@ -127,6 +135,7 @@ impl HttpOptions {
             body_read_timeout: config.body_read_timeout,
             max_connections: config.max_connections,
             max_sessions: config.max_sessions,
+            evict_idle_after: config.evict_idle_after,
             max_requests_per_session: config.max_requests_per_session,
             shutdown_timeout: config.shutdown_timeout,
         }

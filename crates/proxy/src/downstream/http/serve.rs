@@ -1,6 +1,7 @@
 //! [`serve_bounded`]: a listener's connections, bounded in number, in how
 //! long headers may take, and in how long shutdown waits.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,9 @@ use tower::ServiceExt as _;
 pub struct ConnectionKill {
     pub(super) id: u64,
     pub(super) token: CancellationToken,
+    /// The address the connection came from: the client a session is
+    /// counted for when `http.max_sessions` are open.
+    pub(super) peer: IpAddr,
 }
 
 impl ConnectionKill {
@@ -65,9 +69,9 @@ pub async fn serve_bounded(
             slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
             () = shutdown.cancelled() => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = accept(&listener) => match accepted {
-                Ok(stream) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of descriptors, a connection reset before accept:
                     // not fatal; do not spin.
@@ -82,6 +86,7 @@ pub async fn serve_bounded(
         let kill = ConnectionKill {
             id: next_connection,
             token: CancellationToken::new(),
+            peer,
         };
         let service = TowerToHyperService::new(router.clone().map_request({
             let kill = kill.clone();
@@ -143,12 +148,12 @@ pub async fn serve_bounded(
 /// kept-alive connection waited for the client's delayed ACK: 40 ms per
 /// call on Linux (issue 16). A socket that refuses the option is served
 /// anyway.
-async fn accept(listener: &TcpListener) -> std::io::Result<TcpStream> {
-    let (stream, _) = listener.accept().await?;
+async fn accept(listener: &TcpListener) -> std::io::Result<(TcpStream, IpAddr)> {
+    let (stream, peer) = listener.accept().await?;
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "could not set TCP_NODELAY");
     }
-    Ok(stream)
+    Ok((stream, peer.ip()))
 }
 
 #[cfg(test)]
@@ -167,7 +172,8 @@ mod tests {
         for _ in 0..2 {
             let client = tokio::net::TcpStream::connect(addr).await.unwrap();
             assert!(!client.nodelay().unwrap(), "a fresh socket has Nagle on");
-            let accepted = accept(&listener).await.unwrap();
+            let (accepted, peer) = accept(&listener).await.unwrap();
+            assert_eq!(peer, client.local_addr().unwrap().ip());
             assert!(
                 accepted.nodelay().unwrap(),
                 "TCP_NODELAY on the accepted side"
