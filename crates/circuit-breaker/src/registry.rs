@@ -11,8 +11,9 @@ use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
+use toolwarden_core::key::split_session_tool;
 use toolwarden_core::{
-    CircuitView, Circuits, ConfigError, Entry, Events, Key, KeyBy, KeyRef, KeyedState,
+    CircuitView, Circuits, ConfigError, Entry, Events, Key, KeyBy, KeyRef, KeyedState, McpRequest,
 };
 
 use toolwarden_core::CircuitState;
@@ -77,8 +78,11 @@ struct Inner {
 ///
 /// Keys are named as their `Display` writes them: the tool name with the
 /// default [`KeyBy::Tool`]; `*` with [`KeyBy::Server`]; `session/tool` with
-/// [`KeyBy::SessionTool`]; the custom string with [`KeyBy::Custom`];
-/// `(overflow)` for the shared breaker past the key bound.
+/// [`KeyBy::SessionTool`] (a `/` or `%` in the session written `%2F`,
+/// `%25`: `user%2F42/search` is session `user/42`'s `search`); the custom
+/// string with [`KeyBy::Custom`]; `(overflow)` for the shared breaker past
+/// the key bound. A name without `/` under [`KeyBy::SessionTool`] is the
+/// tool of the session `-` (calls without a session).
 ///
 /// ```
 /// use toolwarden_circuit_breaker::{CircuitBreakerLayer, CircuitState};
@@ -313,22 +317,36 @@ impl CircuitRegistry {
         self.inner.breakers.is_empty()
     }
 
-    /// The key a name stands for, under this registry's key function (see
-    /// the type docs).
-    #[must_use]
-    pub fn key_ref<'a>(&self, name: &'a str) -> KeyRef<'a> {
+    /// `f` of the key a name stands for, under this registry's key
+    /// function (see the type docs: a session's `/` and `%` are escaped in
+    /// its keys' names, and read back here).
+    fn with_name<T>(&self, name: &str, f: impl FnOnce(&KeyRef<'_>) -> T) -> T {
         if name == "(overflow)" {
-            return KeyRef::Overflow;
+            return f(&KeyRef::Overflow);
         }
         match self.key_by() {
-            KeyBy::Tool => KeyRef::Tool(name),
-            KeyBy::Server => KeyRef::Server,
-            KeyBy::SessionTool => match name.split_once('/') {
-                Some((session, tool)) => KeyRef::SessionTool(session, tool),
-                None => KeyRef::SessionTool("-", name),
-            },
-            KeyBy::Custom(_) => KeyRef::Custom(name.into()),
+            KeyBy::Tool => f(&KeyRef::Tool(name)),
+            KeyBy::Server => f(&KeyRef::Server),
+            KeyBy::SessionTool => {
+                let (session, tool) = split_session_tool(name);
+                f(&KeyRef::SessionTool(&session, tool))
+            }
+            KeyBy::Custom(_) => f(&KeyRef::Custom(name.into())),
         }
+    }
+
+    /// Whether the next call to `key` would be refused: see
+    /// [`CircuitView::is_open`].
+    fn refuses_key(&self, key: &KeyRef<'_>) -> bool {
+        let now = Instant::now();
+        let breakers = &self.inner.breakers;
+        breakers
+            .with(key, |b| b.refuses_now_quietly(now))
+            .unwrap_or_else(|| {
+                // A key not held is served by the overflow breaker once the bound is reached.
+                breakers.len() >= breakers.bounds().max_keys
+                    && breakers.overflow().refuses_now_quietly(now)
+            })
     }
 
     /// The state of a key's circuit, if the key is held.
@@ -338,18 +356,18 @@ impl CircuitRegistry {
     #[must_use]
     pub fn state(&self, name: &str) -> Option<CircuitState> {
         let now = Instant::now();
-        self.inner
-            .breakers
-            .with(&self.key_ref(name), |b| b.current_state(now))
+        self.with_name(name, |key| {
+            self.inner.breakers.with(key, |b| b.current_state(now))
+        })
     }
 
     /// A snapshot of one key's circuit, if the key is held.
     #[must_use]
     pub fn circuit(&self, name: &str) -> Option<CircuitSnapshot> {
         let now = Instant::now();
-        self.inner
-            .breakers
-            .with(&self.key_ref(name), |b| b.snapshot(now))
+        self.with_name(name, |key| {
+            self.inner.breakers.with(key, |b| b.snapshot(now))
+        })
     }
 
     /// A snapshot of every circuit.
@@ -396,16 +414,17 @@ impl CircuitRegistry {
     }
 
     fn set_mode(&self, name: &str, mode: CircuitState, fresh: bool) {
-        let key = self.key_ref(name);
-        let manual = mode.is_manual().then_some(mode);
-        // The breaker first, so that a new one starts closed and the change is announced.
-        let entry = self.own_breaker(&key);
-        if key != KeyRef::Overflow {
-            self.set_override(&key.to_key(), manual);
-        }
-        if let Some(entry) = entry {
-            entry.set_mode(mode, fresh);
-        }
+        self.with_name(name, |key| {
+            let manual = mode.is_manual().then_some(mode);
+            // The breaker first, so that a new one starts closed and the change is announced.
+            let entry = self.own_breaker(key);
+            if *key != KeyRef::Overflow {
+                self.set_override(&key.to_key(), manual);
+            }
+            if let Some(entry) = entry {
+                entry.set_mode(mode, fresh);
+            }
+        });
     }
 
     /// Forces a key's circuit open: every call is refused until
@@ -460,12 +479,12 @@ impl CircuitRegistry {
     /// such key shares).
     #[allow(clippy::must_use_candidate)] // applies the transition: the result is only informative
     pub fn apply_remote(&self, name: &str, transition: &RemoteTransition) -> bool {
-        let key = self.key_ref(name);
-        if key == KeyRef::Overflow {
-            return false;
-        }
-        self.own_breaker(&key)
-            .is_some_and(|entry| entry.apply_remote(transition))
+        self.with_name(name, |key| {
+            *key != KeyRef::Overflow
+                && self
+                    .own_breaker(key)
+                    .is_some_and(|entry| entry.apply_remote(transition))
+        })
     }
 
     /// This registry as the core's [`Circuits`] view, for the fallback
@@ -485,15 +504,28 @@ impl CircuitView for CircuitRegistry {
     /// layers ask this under their own locks (the loop guard, when a
     /// refusal of an identical call is in force).
     fn is_open(&self, key: &str) -> bool {
-        let now = Instant::now();
-        let breakers = &self.inner.breakers;
-        breakers
-            .with(&self.key_ref(key), |b| b.refuses_now_quietly(now))
-            .unwrap_or_else(|| {
-                // A key not held is served by the overflow breaker once the bound is reached.
-                breakers.len() >= breakers.bounds().max_keys
-                    && breakers.overflow().refuses_now_quietly(now)
-            })
+        self.with_name(key, |key| self.refuses_key(key))
+    }
+
+    /// The key of `tool` in `session` under the registry's key function; a
+    /// custom function is not asked (it needs the request: see
+    /// [`refuses`](CircuitView::refuses)), `tool` is read as its key.
+    fn is_open_for(&self, tool: &str, session: Option<&str>) -> bool {
+        let key = match self.key_by() {
+            KeyBy::Tool => KeyRef::Tool(tool),
+            KeyBy::Server => KeyRef::Server,
+            KeyBy::SessionTool => KeyRef::SessionTool(session.unwrap_or("-"), tool),
+            KeyBy::Custom(_) => KeyRef::Custom(tool.into()),
+        };
+        self.refuses_key(&key)
+    }
+
+    fn refuses(&self, request: &dyn McpRequest) -> bool {
+        self.refuses_key(&self.key_by().key_of_dyn(request))
+    }
+
+    fn keys_by_session(&self) -> bool {
+        matches!(self.key_by(), KeyBy::SessionTool)
     }
 
     fn open_keys(&self) -> Vec<String> {

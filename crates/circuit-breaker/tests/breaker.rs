@@ -17,6 +17,7 @@ use toolwarden_core::{Bounds, CircuitView, KeyBy, McpResponse, Rejection, Sessio
 use tower::{Layer, Service, ServiceExt};
 
 use support::{call, ms, recorded_events, refusal, req, secs, Reply, Scripted, Upstream};
+use toolwarden_core::testing::ready_call;
 
 /// Only the consecutive policy, trips at `n`; no jitter.
 fn consecutive(n: u32) -> CircuitBreakerBuilder {
@@ -732,6 +733,59 @@ async fn remote_transitions_open_and_close_local_keys_without_echo() {
     registry.disable("t");
     assert!(!registry.apply_remote("t", &RemoteTransition::open(secs(12), "replica-2")));
     call(&mut svc, "t").await.unwrap();
+}
+
+/// Keyed per session and tool, a session whose id holds a `/` (an HTTP
+/// session id may be any visible ASCII): the name a replica publishes
+/// opens that session's circuit on another, and the registry's name
+/// lookups find it. The name split at its first `/` made another key
+/// (session `user`, tool `42/fetch7`), so the other replica's real circuit
+/// stayed closed.
+#[tokio::test(start_paused = true)]
+async fn a_session_with_a_slash_is_one_circuit_on_every_replica() {
+    let in_session = |tool: &str| {
+        let mut request = req(tool);
+        request.extensions.insert(SessionKey::from("user/42"));
+        request
+    };
+    let outbox = Arc::new(Outbox::default());
+    let a = consecutive(1)
+        .key_by(KeyBy::SessionTool)
+        .sync(outbox.clone())
+        .build()
+        .unwrap();
+    let b = consecutive(1).key_by(KeyBy::SessionTool).build().unwrap();
+    let up = Scripted::new();
+    up.set("fetch7", Reply::ServerError);
+    let mut on_a = a.layer(up.clone());
+    let mut on_b = b.layer(up.clone());
+    let _ = ready_call(&mut on_a, in_session("fetch7")).await;
+    let published = outbox.0.lock().unwrap().clone();
+    assert_eq!(published, ["user%2F42/fetch7:open:Some(30s)"]);
+    let name = "user%2F42/fetch7";
+    assert_eq!(a.registry().state(name), Some(CircuitState::Open));
+    assert!(a.registry().is_open(name));
+
+    // Replica b: its circuit of that session and tool, and no other.
+    up.set("fetch7", Reply::Ok);
+    ready_call(&mut on_b, in_session("fetch7")).await.unwrap();
+    assert!(b
+        .registry()
+        .apply_remote(name, &RemoteTransition::open(secs(12), "a")));
+    let refused = ready_call(&mut on_b, in_session("fetch7"))
+        .await
+        .unwrap_err();
+    assert!(refusal(&refused).is_some(), "{refused}");
+    let keys: Vec<String> = b
+        .registry()
+        .snapshot()
+        .circuits
+        .into_iter()
+        .map(|c| c.key)
+        .collect();
+    assert_eq!(keys, [name]);
+    b.registry().force_close(name);
+    ready_call(&mut on_b, in_session("fetch7")).await.unwrap();
 }
 
 /// A probe-permit provider whose answer the test sets: it records the

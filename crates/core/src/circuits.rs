@@ -6,6 +6,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use crate::request::McpRequest;
+
 use serde::{Deserialize, Serialize};
 
 /// The state of one circuit: what the circuit breaker's registry reports
@@ -82,6 +84,32 @@ pub trait CircuitView: Send + Sync + 'static {
     /// back into the stack.
     fn is_open(&self, key: &str) -> bool;
 
+    /// Whether the circuit a call of `tool` in `session` goes to currently
+    /// refuses calls: the key the view's key function makes of them (the
+    /// tool, the server, the session and the tool). By default
+    /// [`is_open`](Self::is_open) of the tool, which is that key only when
+    /// keys are tool names.
+    fn is_open_for(&self, tool: &str, session: Option<&str>) -> bool {
+        let _ = session;
+        self.is_open(tool)
+    }
+
+    /// Whether the circuit `request` goes to currently refuses calls (its
+    /// key under the view's key function, a custom one included). By
+    /// default [`is_open_for`](Self::is_open_for) of its tool and session;
+    /// false for a request that is not a tool call.
+    fn refuses(&self, request: &dyn McpRequest) -> bool {
+        request
+            .tool_name()
+            .is_some_and(|tool| self.is_open_for(tool, request.session_key()))
+    }
+
+    /// Whether the view keeps a circuit per session (so that
+    /// [`is_open_for`](Self::is_open_for) needs the session). Default false.
+    fn keys_by_session(&self) -> bool {
+        false
+    }
+
     /// Every key whose circuit currently refuses calls.
     fn open_keys(&self) -> Vec<String>;
 }
@@ -106,6 +134,29 @@ impl Circuits {
     #[must_use]
     pub fn is_open(&self, key: &str) -> bool {
         self.0.as_ref().is_some_and(|v| v.is_open(key))
+    }
+
+    /// Whether the circuit a call of `tool` in `session` goes to is open
+    /// (false without a view): see [`CircuitView::is_open_for`].
+    #[must_use]
+    pub fn is_open_for(&self, tool: &str, session: Option<&str>) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|v| v.is_open_for(tool, session))
+    }
+
+    /// Whether the circuit `request` goes to refuses calls (false without
+    /// a view): see [`CircuitView::refuses`].
+    #[must_use]
+    pub fn refuses(&self, request: &dyn McpRequest) -> bool {
+        self.0.as_ref().is_some_and(|v| v.refuses(request))
+    }
+
+    /// Whether the view keeps a circuit per session (false without a
+    /// view): see [`CircuitView::keys_by_session`].
+    #[must_use]
+    pub fn keys_by_session(&self) -> bool {
+        self.0.as_ref().is_some_and(|v| v.keys_by_session())
     }
 
     /// Every open key (empty without a view).

@@ -132,12 +132,29 @@ impl KeyRef<'_> {
 }
 
 impl fmt::Display for KeyRef<'_> {
-    /// `*` for the server, the tool name, `session/tool`, the custom key, or `(overflow)`.
+    /// `*` for the server, the tool name, `session/tool`, the custom key, or
+    /// `(overflow)`. A session with a `/` or a `%` is written with those
+    /// escaped (`%2F`, `%25`), so that the first `/` ends the session
+    /// whatever either name holds ([`split_session_tool`] reads it back):
+    /// an HTTP session id may be any visible ASCII.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             KeyRef::Server => f.write_str("*"),
             KeyRef::Tool(t) => f.write_str(t),
-            KeyRef::SessionTool(s, t) => write!(f, "{s}/{t}"),
+            KeyRef::SessionTool(s, t) => {
+                if s.contains(['/', '%']) {
+                    for c in s.chars() {
+                        match c {
+                            '/' => f.write_str("%2F")?,
+                            '%' => f.write_str("%25")?,
+                            c => fmt::Write::write_char(f, c)?,
+                        }
+                    }
+                } else {
+                    f.write_str(s)?;
+                }
+                write!(f, "/{t}")
+            }
             KeyRef::Custom(c) => f.write_str(c),
             KeyRef::Overflow => f.write_str("(overflow)"),
         }
@@ -148,6 +165,47 @@ impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.as_key_ref().fmt(f)
     }
+}
+
+/// The session and the tool of a [`KeyRef::SessionTool`]'s name (as its
+/// `Display` writes it): split at the first `/`, the session's `%2F` and
+/// `%25` read back (borrowed unless it has them). A name without `/` is the
+/// tool of the session `-` (requests without a session).
+///
+/// ```
+/// use toolwarden_core::key::{split_session_tool, KeyRef};
+/// let name = KeyRef::SessionTool("user/42", "fs/read").to_string();
+/// assert_eq!(name, "user%2F42/fs/read");
+/// let (session, tool) = split_session_tool(&name);
+/// assert_eq!((&*session, tool), ("user/42", "fs/read"));
+/// ```
+#[must_use]
+pub fn split_session_tool(name: &str) -> (Cow<'_, str>, &str) {
+    let Some((session, tool)) = name.split_once('/') else {
+        return (Cow::Borrowed("-"), name);
+    };
+    if !session.contains('%') {
+        return (Cow::Borrowed(session), tool);
+    }
+    let mut decoded = String::with_capacity(session.len());
+    let mut rest = session;
+    while let Some(at) = rest.find('%') {
+        decoded.push_str(&rest[..at]);
+        let escape = rest.get(at..at + 3);
+        match escape {
+            Some("%2F" | "%2f") => decoded.push('/'),
+            Some("%25") => decoded.push('%'),
+            // Not an escape this writes: kept as it is.
+            _ => {
+                decoded.push('%');
+                rest = &rest[at + 1..];
+                continue;
+            }
+        }
+        rest = &rest[at + 3..];
+    }
+    decoded.push_str(rest);
+    (Cow::Owned(decoded), tool)
 }
 
 /// A custom key function.
@@ -192,6 +250,19 @@ impl KeyBy {
             KeyBy::Custom(f) => KeyRef::Custom(Cow::Owned(f(request))),
         }
     }
+
+    /// [`KeyBy::key`] of a request behind `dyn` (as a
+    /// [`CircuitView`](crate::CircuitView) is asked).
+    pub fn key_of_dyn<'a>(&self, request: &'a dyn McpRequest) -> KeyRef<'a> {
+        match self {
+            KeyBy::Tool => KeyRef::Tool(request.target()),
+            KeyBy::Server => KeyRef::Server,
+            KeyBy::SessionTool => {
+                KeyRef::SessionTool(request.session_key().unwrap_or("-"), request.target())
+            }
+            KeyBy::Custom(f) => KeyRef::Custom(Cow::Owned(f(request))),
+        }
+    }
 }
 
 impl fmt::Debug for KeyBy {
@@ -214,6 +285,40 @@ mod tests {
         let mut s = DefaultHasher::new();
         v.hash(&mut s);
         s.finish()
+    }
+
+    /// A session and a tool come back from the name `Display` writes,
+    /// whatever `/` and `%` either holds: an HTTP session id may be any
+    /// visible ASCII.
+    #[test]
+    fn a_session_tool_name_reads_back_to_its_session_and_tool() {
+        for (session, tool) in [
+            ("s1", "t"),
+            ("user/42", "fetch7"),
+            ("a/b/c", "d/e"),
+            ("100%", "x"),
+            ("%2F", "%25"),
+            ("%", "/"),
+            ("-", "a"),
+            ("é/ü", "ñ"),
+        ] {
+            let name = KeyRef::SessionTool(session, tool).to_string();
+            let (s, t) = split_session_tool(&name);
+            assert_eq!((&*s, t), (session, tool), "{name}");
+            assert_eq!(
+                matches!(s, Cow::Borrowed(_)),
+                !session.contains(['/', '%']),
+                "{name}"
+            );
+        }
+        // Two keys that joined to one name are two names.
+        assert_ne!(
+            KeyRef::SessionTool("a/b", "c").to_string(),
+            KeyRef::SessionTool("a", "b/c").to_string()
+        );
+        assert_eq!(split_session_tool("tool"), (Cow::Borrowed("-"), "tool"));
+        // Text that is no escape of ours is kept.
+        assert_eq!(split_session_tool("a%zz%2/t").0, "a%zz%2");
     }
 
     #[test]

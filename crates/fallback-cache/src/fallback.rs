@@ -106,6 +106,9 @@ pub(crate) struct CallContext<C> {
     /// calls that may be stored and served: cacheable tool, not a
     /// continuation.
     pub(crate) fingerprint: Option<Fingerprint>,
+    /// The call's session, kept only when the circuits are per session
+    /// (see [`toolwarden_core::Circuits::keys_by_session`]).
+    pub(crate) session: Option<Box<str>>,
 }
 
 impl<C> fmt::Debug for CallContext<C> {
@@ -287,7 +290,9 @@ impl<C> CallContext<C> {
             .ranker()
             .ranker
             .suggest(&failed, config.alternatives, |candidate| {
-                config.circuits.is_open(candidate)
+                config
+                    .circuits
+                    .is_open_for(candidate, self.session.as_deref())
                     || !config.availability.is_available(candidate)
                     || (!failed_is_destructive && catalog.is_destructive(candidate))
             })

@@ -218,6 +218,16 @@ where
             facts,
             id,
             fingerprint: key,
+            // Only a breaker keyed per session needs it, to skip the
+            // alternatives whose circuit refuses this session's calls.
+            session: if config.degrade
+                && config.alternatives > 0
+                && config.circuits.keys_by_session()
+            {
+                req.session_key().map(Box::from)
+            } else {
+                None
+            },
         };
         ResponseFuture::called(self.inner.call(req), context)
     }

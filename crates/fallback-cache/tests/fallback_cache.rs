@@ -988,6 +988,77 @@ async fn over_the_real_breaker_past_max_staleness_alternatives_skip_open_circuit
     assert!(alternatives.is_empty(), "{alternatives:?}");
 }
 
+/// With the breaker keyed per session and tool, an alternative is skipped
+/// when its circuit refuses the failed call's session, and offered to a
+/// session whose circuit of it is closed. (Asked by the tool's name alone,
+/// the registry read the session `-`'s circuit: an alternative open for
+/// the session was offered.)
+#[tokio::test(start_paused = true)]
+async fn alternatives_skip_tools_whose_circuit_is_open_for_the_calls_session() {
+    let mock = server();
+    let breaker = CircuitBreakerLayer::builder()
+        .key_by(toolwarden_core::KeyBy::SessionTool)
+        .failure_threshold(3)
+        .minimum_calls(3)
+        .reset_timeout(secs(120))
+        .jitter(0.0)
+        .build()
+        .unwrap();
+    let registry = breaker.registry().clone();
+    let cache = FallbackCacheLayer::builder()
+        .catalog(fixture_catalog())
+        .circuits(registry.circuits())
+        .build()
+        .unwrap();
+    let svc = cache.layer(breaker.layer(ReadyChecked::new(mock.clone())));
+    let in_session = |session: &'static str, id: i64, tool: &'static str| {
+        let mut request = Request::tool_call(id, tool, docs_query());
+        request
+            .extensions
+            .insert(toolwarden_core::SessionKey::from(session));
+        svc.clone().oneshot(request)
+    };
+    mock.set_default(
+        "web_search",
+        Step::tool_error("Error executing tool web_search: down"),
+    );
+    for id in 0..3 {
+        in_session("s1", id, "web_search").await.unwrap();
+    }
+    assert_eq!(registry.state("s1/web_search"), Some(CircuitState::Open));
+    mock.set_default(
+        "search_docs",
+        Step::tool_error("Error executing tool search_docs: index offline"),
+    );
+    // A tool error is passed on with the alternatives in its `_meta`; a
+    // refusal is rendered with them in its facts.
+    let alternatives = |answer: &Response| -> Vec<String> {
+        let degraded = &result(answer)["_meta"][DEGRADED_META_KEY];
+        let facts = if degraded.is_null() {
+            facts(answer)
+        } else {
+            degraded
+        };
+        facts["alternatives"]
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    let failed_in_s1 = in_session("s1", 10, "search_docs").await.unwrap();
+    assert!(
+        !alternatives(&failed_in_s1).contains(&"web_search".to_owned()),
+        "{:?}",
+        facts(&failed_in_s1)
+    );
+    let failed_in_s2 = in_session("s2", 11, "search_docs").await.unwrap();
+    assert_eq!(
+        alternatives(&failed_in_s2).first().map(String::as_str),
+        Some("web_search"),
+        "{:?}",
+        failed_in_s2.payload
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn the_fingerprint_is_computed_once_and_shared_with_the_layers_below() {
     let mut h = harness(|b| b);

@@ -178,11 +178,9 @@ where
         };
         // Asked only when a refusal of the identical call is found or made.
         let circuits = &self.config.settings.circuits;
-        let circuit_open = || {
-            request
-                .tool_name()
-                .is_some_and(|tool| circuits.is_open(tool))
-        };
+        // The circuit this call goes to, under the breaker's key function
+        // (per session and tool, say): not the tool's name alone.
+        let circuit_open = || request.tool_name().is_some() && circuits.refuses(&request);
         let (admission, admitted_ms) = session.admit(fingerprint.as_u64(), &rules, &circuit_open);
         match admission {
             Admission::Pass { seq, warning } => {

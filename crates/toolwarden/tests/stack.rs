@@ -716,3 +716,58 @@ async fn a_success_answered_after_a_refusal_began_lifts_it_through_the_stack() {
         .unwrap();
     assert!(!refused_by_loop_guard(&again), "{:?}", again.payload);
 }
+
+/// With the breaker keyed per session and tool, the loop guard's "a
+/// refusal lifts when the circuit closes" asks the circuit the call goes
+/// to (the session's), not one named by the tool alone (which is the
+/// session `-`'s, never opened by a call in a session). The session's id
+/// holds a `/` (an HTTP session id may be any visible ASCII): the
+/// registry finds its circuit by the name the snapshot shows.
+#[tokio::test(start_paused = true)]
+async fn a_loop_refusal_lifts_when_the_sessions_circuit_closes() {
+    let upstream = MockMcp::new().default_step("t", Step::tool_error("boom"));
+    let stack = StandardStack::builder()
+        .retry(|b| b.max_attempts(1))
+        .circuit_breaker(|b| {
+            b.key_by(toolwarden_core::KeyBy::SessionTool)
+                .failure_threshold(3)
+                .minimum_calls(3)
+                .reset_timeout(Duration::from_secs(60))
+        })
+        .build()
+        .unwrap();
+    let svc = stack.layer(upstream.clone());
+    let session = "user/42";
+    let call = |id: i64| {
+        let mut request = Request::tool_call(id, "t", json!({"q": 1}));
+        request
+            .extensions
+            .insert(toolwarden_core::SessionKey::from(session));
+        svc.clone().oneshot(request)
+    };
+    let layer_of = |response: &Response| {
+        response.payload.as_ref().unwrap()["structuredContent"]["toolwarden"]["layer"].clone()
+    };
+    for id in 0..3 {
+        call(id).await.unwrap();
+    }
+    let snapshot = stack.registry().snapshot();
+    let names: Vec<&str> = snapshot.circuits.iter().map(|c| c.key.as_str()).collect();
+    assert_eq!(names, ["user%2F42/t"], "one circuit, its session escaped");
+    assert_eq!(
+        stack.registry().state("user%2F42/t"),
+        Some(CircuitState::Open)
+    );
+    let refused = call(3).await.unwrap();
+    assert_eq!(layer_of(&refused), "loop_guard", "{:?}", refused.payload);
+
+    upstream.set_default("t", Step::ok("fine"));
+    stack.registry().force_close("user%2F42/t");
+    assert_eq!(
+        stack.registry().state("user%2F42/t"),
+        Some(CircuitState::Closed)
+    );
+    let lifted = call(4).await.unwrap();
+    assert!(!lifted.is_tool_error(), "{:?}", lifted.payload);
+    assert_eq!(upstream.calls("t"), 4);
+}
