@@ -559,6 +559,10 @@ async fn per_session_mode_gives_each_session_a_server_process_of_its_own() {
     bounded("the DELETE's answer", LIMIT, stream.read_to_end(&mut raw))
         .await
         .unwrap();
+    // 200, as the Python SDK takes a session's end (it logged rmcp's 202
+    // as a failure).
+    let answer = String::from_utf8_lossy(&raw);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     let left = eventually(LIMIT, || async move {
         let (_, report) = support::health(metrics).await?;
         (pids(&report).len() == 1).then_some(pids(&report))

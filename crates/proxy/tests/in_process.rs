@@ -587,6 +587,17 @@ async fn server_discover_first_answers_with_the_servers_capabilities() {
         discovered.to_string().contains("in-process-test"),
         "the server's name: {discovered}"
     );
+    // The upstream speaks the handshake: so do the versions offered, for a
+    // client that can fall back to it (the server's requests and
+    // notifications reach only clients with a session).
+    let versions: Vec<&str> = result["supportedVersions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(versions.contains(&"2025-11-25"), "{discovered}");
+    assert!(!versions.contains(&"2026-07-28"), "{discovered}");
     // Its results say they are complete (2026-07-28 requires it; a server
     // of an older version sends no `resultType`, and the Python SDK's
     // client refused the list without it).

@@ -405,6 +405,17 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         };
         return held_until_its_end(response, place);
     }
+    if request.method() == Method::DELETE {
+        // rmcp answers a session's end `202 Accepted`; the Python SDK
+        // takes only 200 or 204 as done, and logged "Session termination
+        // failed: 202" on every clean exit (the TypeScript SDK's server
+        // answers 200). The session is closed either way.
+        let mut response = next.run(request).await;
+        if response.status() == StatusCode::ACCEPTED {
+            *response.status_mut() = StatusCode::OK;
+        }
+        return response;
+    }
     if request.method() != Method::POST || !is_json(request.headers()) {
         return next.run(request).await;
     }

@@ -404,21 +404,31 @@ impl ServerHandler for ProxyServer {
     /// first. Before, a discover that came first was answered from the
     /// proxy's defaults (no capabilities, the proxy's own name).
     ///
-    /// With an upstream per session, a client without one is offered the
-    /// versions with an `initialize` handshake only: its requests without a
-    /// session would all be refused (they have no upstream of their own).
+    /// The versions offered are those with an `initialize` handshake
+    /// when the upstream was initialized with one (as the proxy's upstream
+    /// connections are), so that a client that can fall back to the
+    /// handshake does: the server's requests (sampling, elicitation,
+    /// roots) and its notifications (logging, `list_changed`, resource
+    /// updates) reach only clients with a session, and 2026-07-28 has none.
+    /// The Python SDK's default client settled on 2026-07-28 through the
+    /// proxy, where it talks to the same server with the handshake, and
+    /// lost all of them. Requests of a 2026-07-28 client are still served.
+    /// With an upstream per session, a client without one is offered only
+    /// those versions too: its requests without a session would all be
+    /// refused (they have no upstream of their own).
     async fn discover(
         &self,
         context: RequestContext<RoleServer>,
     ) -> Result<rmcp::model::DiscoverResult, ErrorData> {
         count_request("server/discover");
         let mut versions = self.supported_protocol_versions().into_owned();
-        if self.touch_and_start(&context).await.is_err() {
-            versions.retain(|v| *v != rmcp::model::ProtocolVersion::V_2026_07_28);
+        let started = self.start(&context, false).await.is_ok();
+        let info = self.get_info();
+        if !started || info.protocol_version.has_initialize() {
+            versions.retain(rmcp::model::ProtocolVersion::has_initialize);
         }
         Ok(rmcp::model::DiscoverResult::from_server_info(
-            versions,
-            self.get_info(),
+            versions, info,
         ))
     }
 

@@ -301,6 +301,21 @@ impl ProxyServer {
     /// session has no upstream of its own to go to, and is refused
     /// (`-32600`) rather than given a connection for a single request.
     async fn touch_and_start(&self, context: &RequestContext<RoleServer>) -> Result<(), ErrorData> {
+        self.start(context, true).await
+    }
+
+    /// [`touch_and_start`](Self::touch_and_start), registering the client
+    /// only if `register`: not for `server/discover`, whose peer rmcp
+    /// makes for that answer alone when it comes before a lifecycle is
+    /// chosen (over stdio, before `initialize`). Registered, that peer
+    /// stayed the client's for the connection's life, and every request of
+    /// the server's (sampling, elicitation, roots) was answered "no client
+    /// is connected".
+    pub(super) async fn start(
+        &self,
+        context: &RequestContext<RoleServer>,
+        register: bool,
+    ) -> Result<(), ErrorData> {
         if self.core.is_per_session() && !takes_requests(context) {
             return Err(ErrorData::invalid_request(
                 "this proxy opens one upstream connection per session \
@@ -309,7 +324,9 @@ impl ProxyServer {
                 None,
             ));
         }
-        self.touch(context);
+        if register {
+            self.touch(context);
+        }
         let started = match &self.core.gateway {
             Some(gateway) => gateway.is_started(),
             None => self.core.upstream.is_started(),
