@@ -107,9 +107,16 @@ impl Conn {
     }
 
     /// Runs `op` on the connection, bounded by `op_timeout`.
+    ///
+    /// An operation that finds the connection gone (Redis restarted since
+    /// the last one: the manager learns it from this operation's failure,
+    /// and reconnects) is run once more on the new connection, within the
+    /// same bound. Without it the first operation after each restart
+    /// failed, and a rate-limited call took the [`Fallback`](crate::Fallback)
+    /// though Redis had been back for seconds.
     pub(crate) async fn run<T, F, Fut>(&self, what: &str, op: F) -> Result<T, Unavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let Some(manager) = self.manager.load_full() else {
@@ -117,7 +124,15 @@ impl Conn {
                 detail: format!("{what}: not connected"),
             });
         };
-        match tokio::time::timeout(self.config.op_timeout, op((*manager).clone())).await {
+        let attempts = async {
+            match op((*manager).clone()).await {
+                Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                    op((*manager).clone()).await
+                }
+                done => done,
+            }
+        };
+        match tokio::time::timeout(self.config.op_timeout, attempts).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 let detail = format!("{what}: {e}");

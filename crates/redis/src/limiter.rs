@@ -264,6 +264,7 @@ impl Inner {
         for (_, interval, burst) in &quotas {
             invocation.arg(interval).arg(burst);
         }
+        let invocation = &invocation;
         let (allowed, index, wait_us): (i64, i64, i64) = self
             .conn
             .run("rate limit", |mut c| async move {

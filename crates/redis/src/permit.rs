@@ -275,6 +275,7 @@ impl Permits {
         let key = self.conn.config.key("cb-permit", &name);
         let value = self.value(token);
         let px = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let (key, value) = (&key, &value);
         let sent = Instant::now();
         let answer = self
             .conn
@@ -282,13 +283,13 @@ impl Permits {
                 redis::pipe()
                     .atomic()
                     .cmd("SET")
-                    .arg(&key)
-                    .arg(&value)
+                    .arg(key)
+                    .arg(value)
                     .arg("NX")
                     .arg("PX")
                     .arg(px)
                     .cmd("PTTL")
-                    .arg(&key)
+                    .arg(key)
                     .query_async::<(Option<String>, i64)>(&mut c)
                     .await
             })
@@ -335,6 +336,7 @@ impl Permits {
         let key = self.conn.config.key("cb-permit", name);
         let mut invocation = self.release.prepare_invoke();
         invocation.key(key).arg(self.value(token));
+        let invocation = &invocation;
         let _ = self
             .conn
             .run("release probe permit", |mut c| async move {

@@ -509,17 +509,18 @@ async fn write(shared: &Shared, message: &Message) -> bool {
     };
     let (origin, until) = (message.o.clone(), message.u);
     let ttl_ms = until.saturating_sub(now_ms()).max(1000) + 60_000;
+    let (key, channel, origin, payload) = (&key, &channel, &origin, &payload);
     shared
         .conn
         .run("publish breaker state", |mut c| async move {
             let mut pipe = redis::pipe();
             if until > 0 {
-                pipe.hset(&key, &origin, until).ignore();
-                pipe.pexpire(&key, ttl_ms as i64).ignore();
+                pipe.hset(key, origin, until).ignore();
+                pipe.pexpire(key, ttl_ms as i64).ignore();
             } else {
-                pipe.hdel(&key, &origin).ignore();
+                pipe.hdel(key, origin).ignore();
             }
-            pipe.publish(&channel, payload).ignore();
+            pipe.publish(channel, payload).ignore();
             pipe.query_async::<()>(&mut c).await
         })
         .await
@@ -585,14 +586,14 @@ async fn load_states(shared: &Shared) -> Result<Loaded, crate::Unavailable> {
     let mut keys: HashSet<String> = HashSet::new();
     let mut cursor: u64 = 0;
     loop {
-        let pattern = pattern.clone();
+        let pattern = &pattern;
         let (next, page): (u64, Vec<String>) = shared
             .conn
             .run("load breaker states", |mut c| async move {
                 redis::cmd("SCAN")
                     .arg(cursor)
                     .arg("MATCH")
-                    .arg(&pattern)
+                    .arg(pattern)
                     .arg("COUNT")
                     .arg(RESYNC_BATCH)
                     .query_async(&mut c)

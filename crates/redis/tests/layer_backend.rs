@@ -354,3 +354,33 @@ async fn redis_killed_mid_run_every_call_gets_one_answer_by_the_fallback() {
     }
     assert!(back, "the layer decides in Redis again");
 }
+
+/// Redis restarted between two calls, with none while it was down: the
+/// first call after it is back is decided by Redis, not by the fallback.
+/// The command connection learns that its socket is gone from that call's
+/// failure; it is run again on the new connection (within `op_timeout`),
+/// where each replica's first limited call after a restart was refused
+/// (`Fallback::Deny`) though Redis had been back for seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_a_redis_restart_is_decided_by_redis() {
+    let Some(bin) = redis_bin() else { return };
+    let mut server = RedisServer::start(&bin).await;
+    let builder = RateLimitLayer::builder().per_tool(Rate::per_second(1000), 1000);
+    let mut deny = replica(&server, "deny", Fallback::Deny, builder).await;
+    call(&mut deny.svc, "search").await.unwrap();
+    server.kill().await;
+    server.restart().await;
+    let errors_before = deny.counts.sync_errors.load(Ordering::Relaxed);
+    for n in 0..3 {
+        call(&mut deny.svc, "search")
+            .await
+            .unwrap_or_else(|e| panic!("call {n} after the restart: {e}"));
+    }
+    assert_eq!(deny.mock.calls("search"), 4);
+    assert_eq!(
+        deny.counts.sync_errors.load(Ordering::Relaxed),
+        errors_before,
+        "no operation failed"
+    );
+    assert!(deny.limiter.is_connected());
+}
