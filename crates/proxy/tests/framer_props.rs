@@ -308,7 +308,8 @@ proptest! {
         jsonrpc in prop_oneof![6 => Just(Some(json!("2.0"))), 1 => Just(Some(json!("1.0"))), 1 => Just(None)],
         id in prop_oneof![6 => prop_oneof![Just(Some(json!(7))), Just(Some(json!("c-1")))], 2 => member()],
         method in prop_oneof![6 => Just(json!("tools/call")), 1 => Just(json!("tools/list")), 1 => Just(json!("initialize")), 1 => Just(json!(3))],
-        params_kind in prop_oneof![6 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8)],
+        params_kind in prop_oneof![6 => Just(1u8), 1 => Just(0u8), 1 => Just(2u8), 1 => Just(3u8)],
+        message_as_array in prop_oneof![9 => Just(false), 1 => Just(true)],
         name in prop_oneof![6 => Just(Some(json!("echo"))), 2 => member()],
         arguments in prop_oneof![6 => prop_oneof![Just(None), Just(Some(json!({"q": 1})))], 2 => member()],
         meta in prop_oneof![6 => prop_oneof![Just(None), Just(Some(json!({"progressToken": 7})))], 2 => member()],
@@ -332,6 +333,11 @@ proptest! {
             1 => {
                 message.insert("params".into(), Value::Object(params));
             }
+            // Its members' values in order: serde reads a struct from an
+            // array by position (the guard let `["echo"]` through to rmcp).
+            3 => {
+                message.insert("params".into(), Value::Array(params.into_iter().map(|(_, v)| v).collect()));
+            }
             _ => {
                 message.insert("params".into(), json!("not an object"));
             }
@@ -339,7 +345,11 @@ proptest! {
         if extra_member {
             message.insert("extra".into(), json!(1));
         }
-        let mut line = Value::Object(message).to_string();
+        let mut line = if message_as_array {
+            Value::Array(message.into_iter().map(|(_, v)| v).collect()).to_string()
+        } else {
+            Value::Object(message).to_string()
+        };
         if let Some(member) = twice {
             line = with_member_twice(&line, member);
         }

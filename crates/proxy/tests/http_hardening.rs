@@ -648,6 +648,11 @@ async fn a_tool_call_with_a_member_given_twice_gets_a_json_rpc_error_with_its_id
             9,
             r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"get_current_time","arguments":{},"arguments":{"timezone":"UTC"}}}"#,
         ),
+        // Params that are an array (rmcp answered a bare 415, no id).
+        (
+            12,
+            r#"{"jsonrpc":"2.0","id":12,"method":"tools/call","params":["get_current_time"]}"#,
+        ),
     ] {
         let answer = post(port, &[("Mcp-Session-Id", &session)], body).await;
         assert_eq!(answer.status, 400, "{body}: {answer:?}");
@@ -928,6 +933,50 @@ async fn stuck_request(port: u16) -> tokio::net::TcpStream {
     // Let the proxy start reading it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     stream
+}
+
+/// SIGTERM lets the calls in flight finish: each is answered with its
+/// result, while a session's standalone GET stream (which never ends by
+/// itself) does not hold the drain (its timeout here is 10 minutes). rmcp's
+/// sessions were cancelled with the shutdown, so every call's stream ended
+/// at once with no answer, and the proxy exited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_answers_the_calls_in_flight_and_ends_the_get_streams() {
+    let env = [("TOOLWARDEN_HTTP_SHUTDOWN_TIMEOUT", "10m")];
+    let Some((mut running, port)) = flaky_proxy(&env).await else {
+        return;
+    };
+    let session = open_session(port).await;
+    slow_is_known(port, &session).await;
+    let mut get = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\
+         Mcp-Session-Id: {session}\r\n\r\n"
+    );
+    get.write_all(head.as_bytes()).await.unwrap();
+    let calls: Vec<_> = (1..=3)
+        .map(|id| {
+            let session = session.clone();
+            tokio::spawn(async move {
+                post(port, &[("Mcp-Session-Id", &session)], &slow_call(id, 2.0)).await
+            })
+        })
+        .collect();
+    // Let the calls reach the server.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = running.terminate().await;
+    assert!(status.success(), "exit status {status:?}");
+    for (call, id) in calls.into_iter().zip(1..) {
+        let answer = bounded("a call in flight", LIMIT, call).await.unwrap();
+        let message = answer
+            .messages()
+            .into_iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("call {id} unanswered: {answer:?}"));
+        assert_eq!(message["result"]["isError"], false, "{message}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,14 +53,30 @@ fn the_shipped_example_is_valid_and_sets_every_section() {
     assert!(config.tools.contains_key("search_docs"));
     // Every key of every section appears in the example (commented or not):
     // the example is the reference.
-    let defaults = toml::to_string(&Config::default()).unwrap();
+    let defaults = toml::Table::try_from(Config::default()).unwrap();
     for section in SECTIONS {
         assert!(
             text.contains(&format!("[{section}]")),
             "the example lacks [{section}]"
         );
     }
-    assert!(defaults.contains("[upstream]"));
+    assert!(defaults.contains_key("upstream"));
+    // Each key a default configuration writes, set or commented out.
+    let set = |key: &str| {
+        text.lines().any(|line| {
+            let line = line.trim_start_matches(['#', ' ']);
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+    };
+    for (section, table) in &defaults {
+        let Some(table) = table.as_table() else {
+            continue;
+        };
+        for key in table.keys() {
+            assert!(set(key), "the example lacks {section}.{key}");
+        }
+    }
 }
 
 #[test]

@@ -307,6 +307,11 @@ pub fn check_message_by_framer(line: &[u8]) -> Result<Checked, Unfit> {
 /// are read whole, so that their strings are checked as rmcp checks them
 /// (a lone surrogate is refused; skipping them would not see it).
 fn plain_tool_call(line: &[u8]) -> Option<Id> {
+    // serde reads a struct from an array too (by position): a message or
+    // params that are an array are no plain call.
+    if line.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
     let call: PlainCall<'_> = serde_json::from_slice(line).ok()?;
     (call.jsonrpc == JSONRPC_VERSION && call.method == "tools/call").then_some(call.id.0)
 }
@@ -322,7 +327,31 @@ struct PlainCall<'a> {
     method: std::borrow::Cow<'a, str>,
     #[serde(borrow)]
     #[allow(dead_code)] // read for its shape: the reader checks every member
-    params: PlainParams<'a>,
+    params: ObjectOnly<PlainParams<'a>>,
+}
+
+/// `T` read from a JSON object only: a derived `Deserialize` takes an
+/// array too, by position (`"params": ["echo"]` read as the name `echo`),
+/// which rmcp then refused with a bare 415.
+struct ObjectOnly<T>(#[allow(dead_code)] T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = ObjectOnly<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(ObjectOnly)
+            }
+        }
+        deserializer.deserialize_map(Visitor(std::marker::PhantomData))
+    }
 }
 
 /// The params of a [`PlainCall`]: `name`, and `arguments` and `_meta`

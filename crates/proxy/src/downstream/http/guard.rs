@@ -15,6 +15,7 @@ use futures::StreamExt as _;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::session::SessionManager as _;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
 use super::evict::{self, Candidate};
@@ -52,6 +53,9 @@ pub(super) struct Guard {
     evict_idle_after: Duration,
     /// What the sessions' activity is timed from.
     epoch: Instant,
+    /// Cancelled when the listener starts its drain: the standalone GET
+    /// streams end then (calls in flight are answered first).
+    draining: CancellationToken,
     /// Each open session's requests in flight. Entries are made only for
     /// sessions rmcp knows, and pruned of closed ones whenever one is
     /// added, so the map holds at most about `max_sessions` entries.
@@ -161,6 +165,7 @@ impl Guard {
     pub(super) fn new(
         options: &HttpOptions,
         sessions: Arc<ProxySessions<LocalSessionManager>>,
+        draining: CancellationToken,
     ) -> Self {
         Guard {
             access: options.access.clone(),
@@ -171,6 +176,7 @@ impl Guard {
             max_requests_per_session: options.max_requests_per_session,
             evict_idle_after: options.evict_idle_after,
             epoch: Instant::now(),
+            draining,
             in_flight: Arc::default(),
         }
     }
@@ -403,7 +409,7 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
         } else {
             without_priming(response)
         };
-        return held_until_its_end(response, place);
+        return held_until_its_end(ended_by(response, &guard.draining), place);
     }
     if request.method() == Method::DELETE {
         // rmcp answers a session's end `202 Accepted`; the Python SDK
@@ -579,6 +585,18 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
     // The answer may be an SSE stream: the request is in flight until it
     // ends.
     held_until_its_end(response, permit)
+}
+
+/// `response`, its body ended when `draining` is cancelled: a standalone
+/// GET stream, which never ends by itself, would hold the listener's drain
+/// to its timeout. (A call's stream ends with its answer: it is left to
+/// finish.)
+fn ended_by(response: Response, draining: &CancellationToken) -> Response {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .into_data_stream()
+        .take_until(draining.clone().cancelled_owned());
+    Response::from_parts(parts, Body::from_stream(body))
 }
 
 /// `response`, holding `place` until its body (an SSE stream, maybe) ends

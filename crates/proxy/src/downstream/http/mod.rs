@@ -171,9 +171,15 @@ pub async fn serve_http_with(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     // rmcp checks `Host` too; give it the same list, never an empty one
-    // (which would turn its check off).
+    // (which would turn its check off). Its sessions end once the drain is
+    // over, not when it starts: cancelled with `shutdown`, rmcp ended every
+    // call's stream at once, unanswered (the drain then had nothing to wait
+    // for). The standalone GET streams, which would hold the drain to its
+    // timeout, end when it starts (see `guard`).
+    let sessions_end = CancellationToken::new();
+    let _end_sessions = sessions_end.clone().drop_guard();
     let config = StreamableHttpServerConfig::default()
-        .with_cancellation_token(shutdown.child_token())
+        .with_cancellation_token(sessions_end.child_token())
         .with_max_request_body_bytes(options.max_body_bytes)
         .with_allowed_hosts(options.access.rmcp_hosts());
     let sessions = Arc::new_cyclic(|me: &Weak<ProxySessions<LocalSessionManager>>| {
@@ -185,7 +191,7 @@ pub async fn serve_http_with(
         Arc::clone(&sessions),
         config,
     );
-    let guard = Guard::new(&options, sessions);
+    let guard = Guard::new(&options, sessions, shutdown.child_token());
     let router = axum::Router::new()
         .nest_service("/mcp", service)
         .layer(axum::middleware::from_fn_with_state(guard, guard::guard));
