@@ -351,6 +351,10 @@ async fn initialize_from(source: Ipv4Addr, port: u16) -> Result<String, u16> {
         &initialized.to_string(),
     )
     .await;
+    // Closed already (it gave way to another at the cap): 404.
+    if answer.status == 404 {
+        return Err(404);
+    }
     assert_eq!(answer.status, 202, "{answer:?}");
     Ok(session)
 }
@@ -1225,4 +1229,158 @@ async fn metrics_auth_requires_the_token_on_the_metrics_address() {
         let token = [("Authorization", "Bearer metrics-secret")];
         assert_eq!(get_status(metrics, path, &token).await, 200, "{path}");
     }
+}
+
+/// One request on a kept-alive connection from `source`: its status,
+/// the connection left open (the answer is read by its `Content-Length`).
+async fn kept_alive(source: Ipv4Addr, port: u16) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind((source, 0).into()).unwrap();
+    let mut stream = socket
+        .connect((Ipv4Addr::LOCALHOST, port).into())
+        .await
+        .unwrap();
+    // Malformed JSON-RPC: answered at once, with a length.
+    let body = "{}";
+    let head = format!(
+        "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+         Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = bounded("an answer", LIMIT, stream.read(&mut buf))
+            .await
+            .unwrap();
+        assert!(n > 0, "closed before its answer");
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("an answer with a length");
+            if rest.len() >= length {
+                assert!(head.starts_with("http/1.1 400"), "{head}");
+                return stream;
+            }
+        }
+    }
+}
+
+/// Whether the proxy closed `stream` (read sees its end at once).
+async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await,
+        Ok(Ok(0) | Err(_))
+    )
+}
+
+/// One client's kept-alive idle connections at `http.max_connections` do
+/// not lock another client out: an idle one of the client holding the
+/// most gives way. (Headers may take 10 minutes here: without that, the
+/// newcomer waited until one closed, and forever if the client used each
+/// now and then.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holding_every_connection_gives_an_idle_one_up() {
+    let env = [
+        ("TOOLWARDEN_HTTP_MAX_CONNECTIONS", "3"),
+        ("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "10m"),
+    ];
+    let Some((_proxy, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let hog = Ipv4Addr::new(127, 0, 0, 2);
+    let mut pool = Vec::new();
+    for _ in 0..3 {
+        pool.push(kept_alive(hog, port).await);
+    }
+    let other = Ipv4Addr::new(127, 0, 0, 3);
+    initialize_from(other, port)
+        .await
+        .expect("another client is served at the cap");
+    let mut gave_way = 0;
+    for stream in &mut pool {
+        if closed(stream).await {
+            gave_way += 1;
+        }
+    }
+    assert_eq!(gave_way, 1, "one of the hog's idle connections gave way");
+}
+
+/// A request of a session closed while it arrives (here, given way to
+/// another client's sessions at `http.max_sessions`) is answered `404`,
+/// the transport's cue to start a new session, or served; never rmcp's
+/// `500 Session service terminated`, which clients read as a failed call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_of_a_session_closed_meanwhile_gets_404_not_500() {
+    let env = [("TOOLWARDEN_HTTP_MAX_SESSIONS", "4")];
+    let Some((_proxy, port)) = flaky_proxy(&env).await else {
+        return;
+    };
+    let busy = Ipv4Addr::new(127, 0, 0, 2);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = std::sync::Arc::clone(&stop);
+            tokio::spawn(async move {
+                let (mut gone, mut other) = (0u32, Vec::new());
+                let mut session = None;
+                let mut id = 100;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Some(open) = &session else {
+                        session = initialize_from(busy, port).await.ok();
+                        continue;
+                    };
+                    id += 1;
+                    let answer =
+                        post_from(busy, port, &[("Mcp-Session-Id", open)], &slow_call(id, 0.0))
+                            .await;
+                    match answer.status {
+                        200 => {}
+                        404 => {
+                            gone += 1;
+                            session = None;
+                        }
+                        status => other.push((status, answer.body)),
+                    }
+                }
+                (gone, other)
+            })
+        })
+        .collect();
+    // Another client opens and ends sessions at the cap: each takes the
+    // place of one of the busy client's.
+    let other = Ipv4Addr::new(127, 0, 0, 3);
+    for _ in 0..60 {
+        if let Ok(session) = initialize_from(other, port).await {
+            let delete = format!(
+                "DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nMcp-Session-Id: {session}\r\n\
+                 Connection: close\r\n\r\n"
+            );
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            stream.write_all(delete.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            bounded("the DELETE's answer", LIMIT, stream.read_to_end(&mut raw))
+                .await
+                .unwrap();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut gone = 0;
+    for worker in workers {
+        let (closed, other) = bounded("a busy client", LIMIT, worker).await.unwrap();
+        assert!(
+            other.is_empty(),
+            "answers neither served nor 404: {other:?}"
+        );
+        gone += closed;
+    }
+    assert!(gone > 0, "no session gave way");
 }

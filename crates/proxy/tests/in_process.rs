@@ -1290,6 +1290,29 @@ async fn a_pipe_servers_request_rides_the_calls_stream_for_a_client_without_a_ge
     proxy.finish().await;
 }
 
+/// A request served without a session (2026-07-28) whose answer is its
+/// first message is answered with JSON and a length, on the kept-alive
+/// connection: answered as an SSE stream, the Python SDK closed it before
+/// reading its end and dropped the connection, so each call opened a new
+/// one, and the loop guard (keyed by connection for such clients) never
+/// saw a repeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessionless_answer_is_json_on_the_kept_alive_connection() {
+    let proxy = HttpHarness::start().await;
+    let mut client = support::KeepAlive::connect(proxy.port).await;
+    for id in 1..=3 {
+        let (body, headers) =
+            support::sessionless_call("2026-07-28", id, "meta_keys", json!({}), json!({}));
+        let (status, answer) = client.post_with(&headers, &body).await;
+        assert!(status.contains("200"), "{status}: {answer}");
+        let answer: Value = serde_json::from_str(&answer)
+            .unwrap_or_else(|e| panic!("not one JSON answer ({e}): {answer}"));
+        assert_eq!(answer["id"], id, "{answer}");
+        assert!(answer["result"].is_object(), "{answer}");
+    }
+    proxy.finish().await;
+}
+
 /// Each hop negotiates its own protocol: a 2026-07-28 client's per-request
 /// envelope (its version, capabilities and identity in `_meta`) describes
 /// it to the proxy, not the proxy to the server. Forwarded as it was, a

@@ -46,7 +46,9 @@
 //! bounded by `op_timeout` (default 50 ms); when Redis is slow or gone, each
 //! replica keeps deciding locally, reconnects in the background, resyncs when
 //! Redis returns, and reports `SyncFailed` events. Nothing panics or blocks a
-//! call on Redis. An operation that finds its connection gone (Redis
+//! call on Redis: while Redis does not answer, one operation per
+//! `reconnect_min` tries it (and may wait `op_timeout`), and the others go
+//! to the fallback at once. An operation that finds its connection gone (Redis
 //! restarted since the last one) runs once more on the new connection,
 //! within the same `op_timeout`: the first call after a restart is Redis's
 //! to decide, not the fallback's.

@@ -15,7 +15,7 @@ use toolwarden_core::jsonrpc::{Request, Response};
 use toolwarden_core::testing::{MockMcp, ReadyChecked};
 use toolwarden_core::{BoxError, Event, Events, RateLimited, Rejection};
 use toolwarden_rate_limit::{Rate, RateLimit, RateLimitBuilder, RateLimitLayer};
-use toolwarden_redis::{quota, Fallback, RedisRateLimiter};
+use toolwarden_redis::{quota, Fallback, RedisConfig, RedisRateLimiter};
 use tower::{Layer, Service, ServiceExt};
 
 use support::{config, redis_bin, wait, RedisServer, LIMIT};
@@ -383,4 +383,57 @@ async fn the_first_call_after_a_redis_restart_is_decided_by_redis() {
         "no operation failed"
     );
     assert!(deny.limiter.is_connected());
+}
+
+/// While Redis is gone, one operation per `reconnect_min` tries it (and
+/// may wait up to `op_timeout`); the others fail at once, reporting
+/// nothing: every call of every replica waited the whole `op_timeout`
+/// while Redis was down. Once Redis is back, the next try finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_one_operation_per_interval_tries_it() {
+    let Some(bin) = redis_bin() else { return };
+    let mut server = RedisServer::start(&bin).await;
+    let limiter = |interval: Duration, counts: &Arc<Counts>| {
+        let config = RedisConfig::builder(server.url())
+            .replica_id("r")
+            .op_timeout(Duration::from_millis(100))
+            .reconnect_backoff(interval, interval)
+            .events(counting(counts))
+            .build()
+            .unwrap();
+        let unused = quota(Duration::from_secs(1), 1).unwrap();
+        RedisRateLimiter::new(config, Fallback::Deny, unused).unwrap()
+    };
+    let counts = Arc::new(Counts::default());
+    let hourly = limiter(Duration::from_secs(3600), &counts);
+    let quick = limiter(Duration::from_millis(50), &Arc::default());
+    wait("the connections", || {
+        hourly.is_connected() && quick.is_connected()
+    })
+    .await;
+    hourly.ping().await.unwrap();
+    quick.ping().await.unwrap();
+    server.kill().await;
+
+    let tried = hourly.ping().await.unwrap_err();
+    assert!(!tried.detail.contains("is down"), "{tried}");
+    let reported = counts.sync_errors.load(Ordering::Relaxed);
+    assert!(reported >= 1);
+    for _ in 0..20 {
+        let skipped = hourly.ping().await.unwrap_err();
+        assert!(skipped.detail.contains("redis is down"), "{skipped}");
+    }
+    assert_eq!(counts.sync_errors.load(Ordering::Relaxed), reported);
+
+    quick.ping().await.unwrap_err();
+    server.restart().await;
+    let mut back = false;
+    for _ in 0..200 {
+        if quick.ping().await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(back, "the next try after Redis came back found it");
 }

@@ -55,8 +55,10 @@ pub struct HttpConfig {
     /// Default `30s`.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
-    /// Connections served at once; further clients wait in the listen
-    /// backlog until one closes. Default 256.
+    /// Connections served at once. At the bound a new connection takes the
+    /// place of an idle one (no request in progress) by the rules of
+    /// `max_sessions`, else waits (and further clients in the listen
+    /// backlog) until one closes. Default 256.
     pub max_connections: usize,
     /// Streamable HTTP sessions open at once. Sessions idle 5 minutes are
     /// closed. Past it, an `initialize` takes the place of a session with

@@ -267,6 +267,32 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// `response`, or rmcp's `404` for a session it no longer has when
+    /// `response` is a `500` of a request of session `named`: a request
+    /// that found the session just before it was closed (given way to a
+    /// new one, ended by its client) was answered `500 Session service
+    /// terminated`, which clients read as a failure, where `404` tells
+    /// them to start a new session.
+    async fn gone_if_closed(&self, named: Option<Arc<str>>, response: Response) -> Response {
+        let Some(session) = named else {
+            return response;
+        };
+        if response.status() != StatusCode::INTERNAL_SERVER_ERROR
+            || self
+                .sessions
+                .inner
+                .sessions
+                .read()
+                .await
+                .contains_key(&session)
+        {
+            return response;
+        }
+        (StatusCode::NOT_FOUND, "Not Found: Session not found").into_response()
+    }
+}
+
 /// How long closing a session chosen to make room may take.
 const EVICTED_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -403,7 +429,8 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             }
         }
         let primes = headers_expect_priming(request.headers());
-        let response = next.run(request).await;
+        let named: Option<Arc<str>> = session.map(Arc::from);
+        let response = guard.gone_if_closed(named, next.run(request).await).await;
         let response = if primes {
             response
         } else {
@@ -568,9 +595,11 @@ pub(super) async fn guard(State(guard): State<Guard>, request: Request, next: Ne
             _place: Arc::clone(permit),
         });
     }
+    let named: Option<Arc<str>> = session_of(&parts.headers).map(Arc::from);
     let response = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
+    let response = guard.gone_if_closed(named, response).await;
     if opens_session {
         // The session's client is the address that opened it.
         if let Some(session) = session_of(response.headers()) {

@@ -122,6 +122,7 @@ impl HttpOptions {
             header_read_timeout: self.header_read_timeout,
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
+            evict_idle_after: self.evict_idle_after,
         }
     }
 
@@ -180,6 +181,13 @@ pub async fn serve_http_with(
     let _end_sessions = sessions_end.clone().drop_guard();
     let config = StreamableHttpServerConfig::default()
         .with_cancellation_token(sessions_end.child_token())
+        // A request served without a session (2026-07-28) is answered with
+        // JSON when its answer is the first message (SSE otherwise): the
+        // Python SDK closes an SSE answer before reading its end, which
+        // costs it the kept-alive connection (a new one per call, and the
+        // loop guard, keyed by connection for such clients, never saw a
+        // repeat). Sessions' answers are rmcp's SSE either way.
+        .with_json_response(true)
         .with_max_request_body_bytes(options.max_body_bytes)
         .with_allowed_hosts(options.access.rmcp_hosts());
     let sessions = Arc::new_cyclic(|me: &Weak<ProxySessions<LocalSessionManager>>| {

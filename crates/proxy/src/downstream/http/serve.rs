@@ -1,17 +1,27 @@
 //! [`serve_bounded`]: a listener's connections, bounded in number, in how
 //! long headers may take, and in how long shutdown waits.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::IpAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
+use hyper::body::{Frame, SizeHint};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
+
+use super::evict::{self, Candidate};
+use super::guard::lock;
 
 /// One HTTP connection's kill switch, put in the extensions of every
 /// request read on it by [`serve_bounded`]: cancelling it drops the
@@ -41,6 +51,154 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// The longest the listener waits for requests in flight on shutdown.
     pub shutdown_timeout: Duration,
+    /// How long a connection must have been idle before a new one may take
+    /// its place at `max_connections`, unless its client holds the most
+    /// (the rules of sessions at `http.max_sessions`).
+    pub evict_idle_after: Duration,
+}
+
+/// What one connection is doing, for the choice of the one a new
+/// connection takes the place of at `max_connections`.
+struct Activity {
+    /// Requests read and not yet answered to the end of their body (a
+    /// standalone GET stream is one for its whole life).
+    busy: AtomicUsize,
+    /// Milliseconds from `epoch` to the start of its last request or the
+    /// end of its last answer.
+    last_active: AtomicU64,
+    epoch: Instant,
+}
+
+impl Activity {
+    fn new(epoch: Instant) -> Self {
+        let activity = Activity {
+            busy: AtomicUsize::new(0),
+            last_active: AtomicU64::new(0),
+            epoch,
+        };
+        activity.touch();
+        activity
+    }
+
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_active.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// A request in progress on a connection: from its arrival to the end (or
+/// the drop) of its answer's body.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.busy.fetch_add(1, Ordering::Relaxed);
+        activity.touch();
+        Busy(Arc::clone(activity))
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pin_project! {
+    /// An answer's body, its connection busy until it ends or is dropped.
+    /// Its size and end are the inner body's (a JSON answer keeps its
+    /// `Content-Length`).
+    struct BusyBody<B> {
+        #[pin]
+        inner: B,
+        busy: Option<Busy>,
+    }
+}
+
+impl<B: hyper::body::Body> hyper::body::Body for BusyBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.busy.take();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// One open connection, as [`Connections`] knows it.
+struct Open {
+    peer: IpAddr,
+    activity: Arc<Activity>,
+    kill: CancellationToken,
+}
+
+/// The listener's open connections, to choose the one a new connection
+/// takes the place of at `max_connections`: a client holding every
+/// connection (a pool of kept-alive ones, each used now and then) locked
+/// every other client out until one closed.
+#[derive(Default)]
+struct Connections(Mutex<HashMap<u64, Open>>);
+
+impl Connections {
+    /// Closes the connection a new one from `peer` takes the place of, by
+    /// the rules of sessions (see `evict`): an idle one (no request in
+    /// progress) of the client holding the most, or one idle
+    /// `evict_idle_after`.
+    fn make_room(&self, peer: IpAddr, evict_idle_after: Duration, epoch: Instant) {
+        let mut open = lock(&self.0);
+        let now = epoch.elapsed();
+        let candidates: Vec<_> = open
+            .iter()
+            .map(|(id, c)| Candidate {
+                key: *id,
+                client: Some(c.peer),
+                idle: now.saturating_sub(Duration::from_millis(
+                    c.activity.last_active.load(Ordering::Relaxed),
+                )),
+                busy: c.activity.busy.load(Ordering::Relaxed) > 0,
+            })
+            .collect();
+        let Some((id, reason)) = evict::choose(&candidates, Some(peer), evict_idle_after) else {
+            return;
+        };
+        if let Some(closed) = open.remove(&id) {
+            closed.kill.cancel();
+        }
+        metrics::counter!("toolwarden_proxy_http_connections_evicted_total", "reason" => reason.label())
+            .increment(1);
+        tracing::debug!(
+            reason = reason.label(),
+            "closing an idle connection to make room for a new one (http.max_connections are open)"
+        );
+    }
+}
+
+/// Runs its closure when dropped: a connection's entry in [`Connections`]
+/// is removed however its task ends.
+struct OnDrop<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f();
+        }
+    }
 }
 /// Serves `router` on `listener` (HTTP/1.1, `TCP_NODELAY`) until `shutdown`
 /// is cancelled, with the bounds axum's own `serve` does not offer:
@@ -62,13 +220,11 @@ pub async fn serve_bounded(
     let slots = Arc::new(Semaphore::new(options.max_connections));
     let closing = CancellationToken::new();
     let mut connections = tokio::task::JoinSet::new();
+    let open = Arc::new(Connections::default());
+    let epoch = Instant::now();
     let mut next_connection = 0u64;
     loop {
         while connections.try_join_next().is_some() {}
-        let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
-            () = shutdown.cancelled() => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = accept(&listener) => match accepted {
                 Ok(accepted) => accepted,
@@ -82,18 +238,50 @@ pub async fn serve_bounded(
             },
             () = shutdown.cancelled() => break,
         };
+        // At the bound, an idle connection may give way; else the new one
+        // waits for a slot (accepted: the next ones wait in the backlog).
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                open.make_room(peer, options.evict_idle_after, epoch);
+                tokio::select! {
+                    slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
         next_connection += 1;
         let kill = ConnectionKill {
             id: next_connection,
             token: CancellationToken::new(),
             peer,
         };
-        let service = TowerToHyperService::new(router.clone().map_request({
+        let activity = Arc::new(Activity::new(epoch));
+        lock(&open.0).insert(
+            next_connection,
+            Open {
+                peer,
+                activity: Arc::clone(&activity),
+                kill: kill.token.clone(),
+            },
+        );
+        let service = TowerToHyperService::new(tower::service_fn({
             let kill = kill.clone();
+            let router = router.clone();
             move |request: axum::http::Request<hyper::body::Incoming>| {
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(kill.clone());
-                request
+                let busy = Busy::new(&activity);
+                let router = router.clone();
+                async move {
+                    let response = router.oneshot(request).await?;
+                    Ok::<_, Infallible>(response.map(|inner| {
+                        Body::new(BusyBody {
+                            inner,
+                            busy: Some(busy),
+                        })
+                    }))
+                }
             }
         }));
         let mut builder = hyper::server::conn::http1::Builder::new();
@@ -101,8 +289,16 @@ pub async fn serve_bounded(
             .timer(TokioTimer::new())
             .header_read_timeout(options.header_read_timeout);
         let closing = closing.child_token();
+        let forget = {
+            let open = Arc::clone(&open);
+            let id = next_connection;
+            OnDrop(Some(move || {
+                lock(&open.0).remove(&id);
+            }))
+        };
         connections.spawn(async move {
             let _slot = slot;
+            let _forget = forget;
             // However the connection ends, its entries can be pruned.
             let killed = kill.token.clone();
             let _ended = kill.token.drop_guard();
