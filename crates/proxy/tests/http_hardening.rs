@@ -1312,6 +1312,34 @@ async fn a_client_holding_every_connection_gives_an_idle_one_up() {
     assert_eq!(gave_way, 1, "one of the hog's idle connections gave way");
 }
 
+/// Behind one address (a NAT), at `http.max_connections`, a new connection
+/// takes the place of the longest idle one once it has sat idle a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_one_address_an_idle_connection_gives_way() {
+    let env = [
+        ("TOOLWARDEN_HTTP_MAX_CONNECTIONS", "2"),
+        ("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "10m"),
+    ];
+    let Some((_proxy, port)) = proxy(&[], &env).await else {
+        return;
+    };
+    let mut pool = vec![
+        kept_alive(LOOPBACK, port).await,
+        kept_alive(LOOPBACK, port).await,
+    ];
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    initialize_from(LOOPBACK, port)
+        .await
+        .expect("a new connection is served at the cap");
+    let mut gave_way = 0;
+    for stream in &mut pool {
+        if closed(stream).await {
+            gave_way += 1;
+        }
+    }
+    assert!(gave_way >= 1, "an idle connection gave way");
+}
+
 /// A request of a session closed while it arrives (here, given way to
 /// another client's sessions at `http.max_sessions`) is answered `404`,
 /// the transport's cue to start a new session, or served; never rmcp's

@@ -57,7 +57,7 @@ pub struct HttpConfig {
     pub body_read_timeout: Duration,
     /// Connections served at once. At the bound a new connection takes the
     /// place of an idle one (no request in progress) by the rules of
-    /// `max_sessions`, else waits (and further clients in the listen
+    /// `max_sessions` (idle a second rather than `evict_idle_after`), else waits (and further clients in the listen
     /// backlog) until one closes. Default 256.
     pub max_connections: usize,
     /// Streamable HTTP sessions open at once. Sessions idle 5 minutes are

@@ -114,6 +114,14 @@ pub struct HttpOptions {
     pub shutdown_timeout: Duration,
 }
 
+/// How long a kept-alive connection must have sat idle before a new
+/// connection may take its place at `http.max_connections` (rule 2 of
+/// `evict`; rule 1, the client holding the most, needs none). Closing an
+/// idle connection costs its client a reconnection, not a call: a second
+/// leaves a client that is about to reuse it alone. Behind one address
+/// (a NAT), one client's pool of idle connections locked the others out.
+pub const CONNECTION_IDLE_EVICT: Duration = Duration::from_secs(1);
+
 impl HttpOptions {
     /// The connection bounds among these options.
     #[must_use]
@@ -122,7 +130,7 @@ impl HttpOptions {
             header_read_timeout: self.header_read_timeout,
             max_connections: self.max_connections,
             shutdown_timeout: self.shutdown_timeout,
-            evict_idle_after: self.evict_idle_after,
+            evict_idle_after: CONNECTION_IDLE_EVICT,
         }
     }
 

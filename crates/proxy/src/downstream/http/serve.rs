@@ -53,7 +53,8 @@ pub struct ConnectionLimits {
     pub shutdown_timeout: Duration,
     /// How long a connection must have been idle before a new one may take
     /// its place at `max_connections`, unless its client holds the most
-    /// (the rules of sessions at `http.max_sessions`).
+    /// (the rules of sessions at `http.max_sessions`); the listener's is
+    /// [`CONNECTION_IDLE_EVICT`](super::CONNECTION_IDLE_EVICT).
     pub evict_idle_after: Duration,
 }
 
