@@ -2,7 +2,8 @@
 //! ([`choose`]), so that one client holding every session cannot lock the
 //! others out.
 //!
-//! A client is the address its connection came from. At the bound, a new
+//! A client is the address its connection came from (an IPv6 address's
+//! /64: one host may hold all of it). At the bound, a new
 //! session from client X takes the place of:
 //!
 //! 1. the least recently active session of the client holding the most

@@ -30,8 +30,8 @@ use super::guard::lock;
 pub struct ConnectionKill {
     pub(super) id: u64,
     pub(super) token: CancellationToken,
-    /// The address the connection came from: the client a session is
-    /// counted for when `http.max_sessions` are open.
+    /// The client the connection is counted for at `http.max_sessions` and
+    /// `http.max_connections`: its address ([`client_of`]).
     pub(super) peer: IpAddr,
 }
 
@@ -350,7 +350,24 @@ async fn accept(listener: &TcpListener) -> std::io::Result<(TcpStream, IpAddr)> 
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!(%error, "could not set TCP_NODELAY");
     }
-    Ok((stream, peer.ip()))
+    Ok((stream, client_of(peer.ip())))
+}
+
+/// The client an address is counted for: an IPv4 address (an IPv4-mapped
+/// IPv6 one read as IPv4); an IPv6 address's /64, which one host may hold
+/// whole (with a new address per connection, each would be a client with
+/// nothing, and take the place of the heaviest client's sessions and
+/// connections one after the other).
+fn client_of(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(
+                v6.to_bits() & !u128::from(u64::MAX),
+            )),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -358,6 +375,25 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_ipv4_one_its_address() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            client_of(v6("2001:db8:1:2:aaaa:bbbb:cccc:dddd")),
+            v6("2001:db8:1:2::")
+        );
+        assert_eq!(
+            client_of(v6("2001:db8:1:2::1")),
+            client_of(v6("2001:db8:1:2:ffff::9"))
+        );
+        assert_ne!(
+            client_of(v6("2001:db8:1:2::1")),
+            client_of(v6("2001:db8:1:3::1"))
+        );
+        assert_eq!(client_of(v6("::ffff:192.0.2.7")), v6("192.0.2.7"));
+        assert_eq!(client_of(v6("192.0.2.7")), v6("192.0.2.7"));
+    }
 
     /// What the keep-alive clients of issue 16 need, checked on the socket
     /// itself rather than by timing calls: every connection the server
