@@ -69,6 +69,7 @@ impl Default for FallbackCacheBuilder {
                 degrade: true,
                 alternatives: DEFAULT_ALTERNATIVES,
                 min_relevance: DEFAULT_MIN_RELEVANCE,
+                keep_session: false,
             },
             classifier: McpClassifier::new(),
         }
@@ -280,8 +281,11 @@ impl<C> FallbackCacheBuilder<C> {
                 ),
             ));
         }
+        let mut config = self.config;
+        config.keep_session =
+            config.degrade && config.alternatives > 0 && config.circuits.keys_by_session();
         Ok(FallbackCacheLayer {
-            shared: Arc::new(Shared::new(self.config)),
+            shared: Arc::new(Shared::new(config)),
             classifier: self.classifier,
         })
     }

@@ -27,6 +27,10 @@ pub(crate) struct Config {
     pub(crate) degrade: bool,
     pub(crate) alternatives: usize,
     pub(crate) min_relevance: f64,
+    /// Alternatives are offered and the circuits are per session: a call
+    /// keeps its session, to skip those whose circuit refuses it. Set by
+    /// `build` (a registry's key function is fixed for its life).
+    pub(crate) keep_session: bool,
 }
 
 /// Middleware that serves the last good result of a tool call, marked stale,

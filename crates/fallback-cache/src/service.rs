@@ -220,10 +220,7 @@ where
             fingerprint: key,
             // Only a breaker keyed per session needs it, to skip the
             // alternatives whose circuit refuses this session's calls.
-            session: if config.degrade
-                && config.alternatives > 0
-                && config.circuits.keys_by_session()
-            {
+            session: if config.keep_session {
                 req.session_key().map(Box::from)
             } else {
                 None
