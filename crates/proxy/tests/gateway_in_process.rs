@@ -274,6 +274,13 @@ async fn prompts_and_resources_go_to_their_upstream() {
         .get_prompt(GetPromptRequestParams::new("gamma__greet"))
         .await;
     assert!(unknown.is_err(), "{unknown:?}");
+    // A prefix alone names no prompt: it reached beta with an empty name
+    // (a server may answer that with a default prompt).
+    let bare = peer.get_prompt(GetPromptRequestParams::new("beta__")).await;
+    assert!(
+        format!("{bare:?}").contains("unknown prompt: beta__"),
+        "{bare:?}"
+    );
 
     let resources = peer.list_all_resources().await.unwrap();
     let names: Vec<&str> = resources.iter().map(|r| r.name.as_str()).collect();

@@ -310,9 +310,12 @@ impl Gateway {
         }
     }
 
-    /// The upstream of a prompt's exposed name, and the name without the prefix.
+    /// The upstream of a prompt's exposed name, and the name without the
+    /// prefix. A prefix alone names no prompt (`a__` reached upstream `a`
+    /// as a prompt with an empty name).
     fn prompt_member<'n>(&self, name: &'n str) -> Result<(&Member, &'n str), ErrorData> {
         self.split(name)
+            .filter(|(_, rest)| !rest.is_empty())
             .map(|(i, rest)| (&self.members[i], rest))
             .ok_or_else(|| ErrorData::invalid_params(format!("unknown prompt: {name}"), None))
     }
