@@ -64,7 +64,8 @@ pub struct HttpConfig {
     /// closed. Past it, an `initialize` takes the place of a session with
     /// no request in flight: the least recently active one of the client
     /// (address) holding the most sessions, if it holds two more than the
-    /// newcomer; else the longest idle one, if idle `evict_idle_after`, of
+    /// newcomer and had no request for 10 s (or `evict_idle_after`, if
+    /// shorter); else the longest idle one, if idle `evict_idle_after`, of
     /// a client holding at least as many as the newcomer. If there is none,
     /// it gets `503`. Default 64.
     pub max_sessions: usize,

@@ -7,11 +7,11 @@
 //! session from client X takes the place of:
 //!
 //! 1. the least recently active session of the client holding the most
-//!    sessions, if that client holds at least two more than X (the
-//!    heaviest client gives way, however recently active: it keeps the
-//!    rest);
+//!    sessions, if that client holds at least two more than X and the
+//!    session has been idle a short while ([`MinIdle::fair_share`]: a
+//!    session in use is not cut; the heaviest client keeps the rest);
 //! 2. else the least recently active session idle for at least
-//!    `http.evict_idle_after`, of a client holding at least as many
+//!    [`MinIdle::any`] (`http.evict_idle_after`), of a client holding at least as many
 //!    sessions as X (never one of a client holding fewer: a client
 //!    opening many cannot close the one of a client holding one);
 //! 3. else none: the `initialize` gets `503`.
@@ -58,13 +58,30 @@ impl Reason {
     }
 }
 
+/// How long a session (or connection) must have been idle to be closed
+/// by each rule.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct MinIdle {
+    /// Rule 1 (its client holds the most): long enough that a session or
+    /// connection in use is not cut between two of its requests (clients
+    /// with a new address each, an IPv6 host's, otherwise closed an active
+    /// client's connections one call after the other).
+    pub fair_share: Duration,
+    /// Rule 2 (any client holding at least as many as the newcomer).
+    pub any: Duration,
+}
+
+/// Sessions: rule 1 after 10 s without a request (or `evict_idle_after`
+/// if shorter), rule 2 after `evict_idle_after`.
+pub(super) const SESSION_FAIR_SHARE_IDLE: Duration = Duration::from_secs(10);
+
 /// The session a new session of `newcomer` takes the place of, among the
 /// open `sessions`, by the rules of the module docs; `None` if none may
 /// be closed.
 pub(super) fn choose<K: Clone>(
     sessions: &[Candidate<K>],
     newcomer: Option<IpAddr>,
-    evict_idle_after: Duration,
+    min_idle: MinIdle,
 ) -> Option<(K, Reason)> {
     let mut held: HashMap<Option<IpAddr>, usize> = HashMap::new();
     for session in sessions {
@@ -73,14 +90,19 @@ pub(super) fn choose<K: Clone>(
     let mine = held.get(&newcomer).copied().unwrap_or(0);
     let heaviest = sessions
         .iter()
-        .filter(|s| !s.busy && s.client != newcomer && held[&s.client] > mine + 1)
+        .filter(|s| {
+            !s.busy
+                && s.idle >= min_idle.fair_share
+                && s.client != newcomer
+                && held[&s.client] > mine + 1
+        })
         .max_by_key(|s| (held[&s.client], s.idle));
     if let Some(session) = heaviest {
         return Some((session.key.clone(), Reason::FairShare));
     }
     sessions
         .iter()
-        .filter(|s| !s.busy && s.idle >= evict_idle_after && held[&s.client] >= mine)
+        .filter(|s| !s.busy && s.idle >= min_idle.any && held[&s.client] >= mine)
         .max_by_key(|s| s.idle)
         .map(|s| (s.key.clone(), Reason::Idle))
 }
@@ -92,7 +114,18 @@ mod tests {
     const A: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)));
     const B: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)));
     const C: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 3)));
-    const MINUTE: Duration = Duration::from_secs(60);
+    /// Rule 1 after a second, rule 2 after a minute.
+    const MINUTE: MinIdle = MinIdle {
+        fair_share: Duration::from_secs(1),
+        any: Duration::from_secs(60),
+    };
+
+    fn any_after(secs: u64) -> MinIdle {
+        MinIdle {
+            any: Duration::from_secs(secs),
+            ..MINUTE
+        }
+    }
 
     fn session(key: u32, client: Option<IpAddr>, idle_secs: u64, busy: bool) -> Candidate<u32> {
         Candidate {
@@ -104,9 +137,12 @@ mod tests {
     }
 
     #[test]
-    fn the_client_holding_every_session_gives_way_to_another_however_recently_active() {
+    fn the_client_holding_every_session_gives_way_to_another_once_idle_a_while() {
         let hog: Vec<_> = (0..4).map(|k| session(k, A, u64::from(k), false)).collect();
         assert_eq!(choose(&hog, B, MINUTE), Some((3, Reason::FairShare)));
+        // In use (a request within the short while): not cut, whoever asks.
+        let in_use: Vec<_> = (0..4).map(|k| session(k, A, 0, false)).collect();
+        assert_eq!(choose(&in_use, B, MINUTE), None);
     }
 
     #[test]
@@ -159,7 +195,7 @@ mod tests {
             session(3, A, 5, false),
         ];
         assert_eq!(choose(&sessions, A, MINUTE), Some((2, Reason::Idle)));
-        assert_eq!(choose(&sessions, A, Duration::from_secs(300)), None);
+        assert_eq!(choose(&sessions, A, any_after(300)), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
-use super::evict::{self, Candidate};
+use super::evict::{self, Candidate, MinIdle};
 use super::session::{
     headers_expect_priming, version_expects_priming, without_priming, ProxySessions,
 };
@@ -233,7 +233,14 @@ impl Guard {
                     busy: session.permits.available_permits() < self.max_requests_per_session,
                 })
                 .collect();
-            let chosen = evict::choose(&candidates, client, self.evict_idle_after);
+            let chosen = evict::choose(
+                &candidates,
+                client,
+                MinIdle {
+                    fair_share: evict::SESSION_FAIR_SHARE_IDLE.min(self.evict_idle_after),
+                    any: self.evict_idle_after,
+                },
+            );
             if let Some((key, _)) = &chosen {
                 // Chosen once: a concurrent `initialize` chooses another.
                 map.remove(key);

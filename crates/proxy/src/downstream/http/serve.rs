@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::evict::{self, Candidate};
+use super::evict::{self, Candidate, MinIdle};
 use super::guard::lock;
 
 /// One HTTP connection's kill switch, put in the extensions of every
@@ -158,10 +158,11 @@ struct Connections(Mutex<HashMap<u64, Open>>);
 
 impl Connections {
     /// Closes the connection a new one from `peer` takes the place of, by
-    /// the rules of sessions (see `evict`): an idle one (no request in
-    /// progress) of the client holding the most, or one idle
-    /// `evict_idle_after`.
-    fn make_room(&self, peer: IpAddr, evict_idle_after: Duration, epoch: Instant) {
+    /// the rules of sessions (see `evict`), each needing the connection
+    /// idle (no request in progress) `min_idle`: one of the client holding
+    /// the most, else one of a client holding at least as many as `peer`.
+    /// Whether one was.
+    fn make_room(&self, peer: IpAddr, min_idle: Duration, epoch: Instant) -> bool {
         let mut open = lock(&self.0);
         let now = epoch.elapsed();
         let candidates: Vec<_> = open
@@ -175,8 +176,12 @@ impl Connections {
                 busy: c.activity.busy.load(Ordering::Relaxed) > 0,
             })
             .collect();
-        let Some((id, reason)) = evict::choose(&candidates, Some(peer), evict_idle_after) else {
-            return;
+        let min_idle = MinIdle {
+            fair_share: min_idle,
+            any: min_idle,
+        };
+        let Some((id, reason)) = evict::choose(&candidates, Some(peer), min_idle) else {
+            return false;
         };
         if let Some(closed) = open.remove(&id) {
             closed.kill.cancel();
@@ -187,8 +192,15 @@ impl Connections {
             reason = reason.label(),
             "closing an idle connection to make room for a new one (http.max_connections are open)"
         );
+        true
     }
 }
+
+/// How often a connection accepted at the bound looks again for one that
+/// has since sat idle long enough to give way, while it waits for a slot.
+/// It looked once: silent connections (never a request) opened past the
+/// bound held every slot until the header timeout closed them.
+const MAKE_ROOM_AGAIN: Duration = Duration::from_millis(100);
 
 /// Runs its closure when dropped: a connection's entry in [`Connections`]
 /// is removed however its task ends.
@@ -224,7 +236,7 @@ pub async fn serve_bounded(
     let open = Arc::new(Connections::default());
     let epoch = Instant::now();
     let mut next_connection = 0u64;
-    loop {
+    'accept: loop {
         while connections.try_join_next().is_some() {}
         let (stream, peer) = tokio::select! {
             accepted = accept(&listener) => match accepted {
@@ -244,10 +256,15 @@ pub async fn serve_bounded(
         let slot = match Arc::clone(&slots).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
-                open.make_room(peer, options.evict_idle_after, epoch);
-                tokio::select! {
-                    slot = Arc::clone(&slots).acquire_owned() => slot.map_err(std::io::Error::other)?,
-                    () = shutdown.cancelled() => break,
+                let mut made_room = false;
+                loop {
+                    // One place per newcomer: the closed one's slot is its.
+                    made_room = made_room || open.make_room(peer, options.evict_idle_after, epoch);
+                    tokio::select! {
+                        slot = Arc::clone(&slots).acquire_owned() => break slot.map_err(std::io::Error::other)?,
+                        () = tokio::time::sleep(MAKE_ROOM_AGAIN) => {}
+                        () = shutdown.cancelled() => break 'accept,
+                    }
                 }
             }
         };
