@@ -868,15 +868,18 @@ struct OverBreaker {
     recorder: Recorder,
 }
 
-fn over_breaker(max_staleness: std::time::Duration) -> OverBreaker {
-    let mock = server();
-    let breaker = CircuitBreakerLayer::builder()
+/// A breaker that opens after three failures, for two minutes.
+fn three_strikes() -> toolwarden_circuit_breaker::CircuitBreakerBuilder {
+    CircuitBreakerLayer::builder()
         .failure_threshold(3)
         .minimum_calls(3)
         .reset_timeout(secs(120))
         .jitter(0.0)
-        .build()
-        .unwrap();
+}
+
+fn over_breaker(max_staleness: std::time::Duration) -> OverBreaker {
+    let mock = server();
+    let breaker = three_strikes().build().unwrap();
     let registry = breaker.registry().clone();
     let recorder = Recorder::default();
     let cache = FallbackCacheLayer::builder()
@@ -996,12 +999,8 @@ async fn over_the_real_breaker_past_max_staleness_alternatives_skip_open_circuit
 #[tokio::test(start_paused = true)]
 async fn alternatives_skip_tools_whose_circuit_is_open_for_the_calls_session() {
     let mock = server();
-    let breaker = CircuitBreakerLayer::builder()
+    let breaker = three_strikes()
         .key_by(toolwarden_core::KeyBy::SessionTool)
-        .failure_threshold(3)
-        .minimum_calls(3)
-        .reset_timeout(secs(120))
-        .jitter(0.0)
         .build()
         .unwrap();
     let registry = breaker.registry().clone();

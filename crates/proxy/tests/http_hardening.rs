@@ -55,15 +55,20 @@ async fn post(port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
 
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 
-/// As [`post`], from the address `source` (another loopback address is
-/// another client for the proxy).
-async fn post_from(source: Ipv4Addr, port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
+/// A connection to the proxy from the address `source` (another loopback
+/// address is another client for the proxy).
+async fn connect_from(source: Ipv4Addr, port: u16) -> tokio::net::TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((source, 0).into()).unwrap();
-    let mut stream = socket
+    socket
         .connect((Ipv4Addr::LOCALHOST, port).into())
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// As [`post`], from the address `source` ([`connect_from`]).
+async fn post_from(source: Ipv4Addr, port: u16, headers: &[(&str, &str)], body: &str) -> Answer {
+    let mut stream = connect_from(source, port).await;
     let mut head = String::from("POST /mcp HTTP/1.1\r\n");
     if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
         head.push_str(&format!("Host: 127.0.0.1:{port}\r\n"));
@@ -1241,12 +1246,7 @@ async fn metrics_auth_requires_the_token_on_the_metrics_address() {
 /// One request on a kept-alive connection from `source`: its status,
 /// the connection left open (the answer is read by its `Content-Length`).
 async fn kept_alive(source: Ipv4Addr, port: u16) -> tokio::net::TcpStream {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind((source, 0).into()).unwrap();
-    let mut stream = socket
-        .connect((Ipv4Addr::LOCALHOST, port).into())
-        .await
-        .unwrap();
+    let mut stream = connect_from(source, port).await;
     // Malformed JSON-RPC: answered at once, with a length.
     let body = "{}";
     let head = format!(
@@ -1278,6 +1278,17 @@ async fn kept_alive(source: Ipv4Addr, port: u16) -> tokio::net::TcpStream {
     }
 }
 
+/// [`proxy`] serving at most `max_connections`, with 10 minutes for a
+/// request's headers: a connection is closed only to make room.
+async fn capped_proxy(max_connections: u16) -> Option<(Proxy, u16)> {
+    let max = max_connections.to_string();
+    let env = [
+        ("TOOLWARDEN_HTTP_MAX_CONNECTIONS", max.as_str()),
+        ("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "10m"),
+    ];
+    proxy(&[], &env).await
+}
+
 /// Whether the proxy closed `stream` (read sees its end at once).
 async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
     let mut buf = [0u8; 64];
@@ -1294,11 +1305,7 @@ async fn closed(stream: &mut tokio::net::TcpStream) -> bool {
 /// now and then.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_holding_every_connection_gives_an_idle_one_up() {
-    let env = [
-        ("TOOLWARDEN_HTTP_MAX_CONNECTIONS", "3"),
-        ("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "10m"),
-    ];
-    let Some((_proxy, port)) = proxy(&[], &env).await else {
+    let Some((_proxy, port)) = capped_proxy(3).await else {
         return;
     };
     let hog = Ipv4Addr::new(127, 0, 0, 2);
@@ -1323,11 +1330,7 @@ async fn a_client_holding_every_connection_gives_an_idle_one_up() {
 /// takes the place of the longest idle one once it has sat idle a second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_one_address_an_idle_connection_gives_way() {
-    let env = [
-        ("TOOLWARDEN_HTTP_MAX_CONNECTIONS", "2"),
-        ("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "10m"),
-    ];
-    let Some((_proxy, port)) = proxy(&[], &env).await else {
+    let Some((_proxy, port)) = capped_proxy(2).await else {
         return;
     };
     let mut pool = vec![
@@ -1429,24 +1432,13 @@ async fn a_request_of_a_session_closed_meanwhile_gets_404_not_500() {
 /// header timeout, 10 minutes here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_past_the_cap_give_way_to_a_client() {
-    let env = [
-        ("TOOLWARDEN_HTTP_MAX_CONNECTIONS", "3"),
-        ("TOOLWARDEN_HTTP_HEADER_READ_TIMEOUT", "10m"),
-    ];
-    let Some((_proxy, port)) = proxy(&[], &env).await else {
+    let Some((_proxy, port)) = capped_proxy(3).await else {
         return;
     };
     let silent = Ipv4Addr::new(127, 0, 0, 2);
     let mut held = Vec::new();
     for _ in 0..6 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind((silent, 0).into()).unwrap();
-        held.push(
-            socket
-                .connect((Ipv4Addr::LOCALHOST, port).into())
-                .await
-                .unwrap(),
-        );
+        held.push(connect_from(silent, port).await);
     }
     let other = Ipv4Addr::new(127, 0, 0, 3);
     initialize_from(other, port)
