@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::classify::{CallTimedOut, TransportError};
 use toolwarden_core::jsonrpc::ErrorObject;
+use toolwarden_core::rejection::{as_rejection, Rejection};
 use toolwarden_core::BoxError;
 
 /// The JSON-RPC error a downstream client gets for a failed forwarded request.
@@ -38,9 +39,30 @@ pub fn error_data(error: &(dyn StdError + 'static)) -> ErrorData {
                 None,
             );
         }
+        if let Some(refused) = as_rejection(e) {
+            return refusal(e, refused);
+        }
         current = e.source();
     }
     ErrorData::internal_error(format!("toolwarden proxy: {error}"), None)
+}
+
+/// A layer's refusal of a request that is not a tool call (a gateway
+/// upstream's breaker refusing `resources/read`, say): `-32000`, with the
+/// layer and the retry-after in `data` as `retryAfter` seconds, the hint
+/// the layers read from a server's error. It was `-32603`, an internal
+/// error, with the retry-after in its text only.
+fn refusal(error: &(dyn StdError + 'static), refused: &dyn Rejection) -> ErrorData {
+    let mut data = serde_json::Map::new();
+    data.insert("layer".into(), refused.layer().into());
+    if let Some(after) = refused.retry_after() {
+        data.insert("retryAfter".into(), after.as_secs_f64().into());
+    }
+    ErrorData::new(
+        ErrorCode(-32000),
+        format!("{error}: {}", refused.advice()),
+        Some(serde_json::Value::Object(data)),
+    )
 }
 
 /// The answer to a forwarded request other than `tools/call`: its result,
@@ -155,5 +177,33 @@ pub(super) fn optional<M: Default, P>(params: Option<P>) -> RequestOptionalParam
         method: M::default(),
         params,
         extensions: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use toolwarden_core::{CircuitOpen, RateLimited};
+
+    /// A refusal of a request that is not a tool call (a gateway
+    /// upstream's breaker, a quota on every method) tells the client when
+    /// to come back, in `data` where clients and the layers read it.
+    #[test]
+    fn a_refusal_is_a_server_error_with_its_retry_after_in_data() {
+        let open: BoxError = Box::new(CircuitOpen::new("docs", Duration::from_secs(30)));
+        let answer = error_data(open.as_ref());
+        assert_eq!(answer.code, ErrorCode(-32000));
+        let data = answer.data.unwrap();
+        assert_eq!(data["layer"], "circuit_breaker");
+        assert_eq!(data["retryAfter"], 30.0);
+        assert_eq!(
+            toolwarden_core::classify::retry_after_from_data(&data),
+            Some(Duration::from_secs(30))
+        );
+        let limited: BoxError = Box::new(RateLimited::new("x", Duration::from_millis(1500)));
+        let answer = error_data(limited.as_ref());
+        assert_eq!(answer.code, ErrorCode(-32000));
+        assert_eq!(answer.data.unwrap()["retryAfter"], 1.5);
+        assert!(answer.message.contains("x"), "{}", answer.message);
     }
 }
