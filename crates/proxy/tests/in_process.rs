@@ -34,7 +34,7 @@ use rmcp::transport::{
 };
 use rmcp::{ServerHandler, ServiceExt as _};
 use serde_json::{json, Value};
-use tokio::io::{AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::rejection::CircuitOpen;
@@ -1287,6 +1287,43 @@ async fn a_pipe_servers_request_rides_the_calls_stream_for_a_client_without_a_ge
         .find(|m| m["id"] == 5)
         .unwrap_or_else(|| panic!("no answer on the call's stream: {events:?}"));
     assert_eq!(text(&answer), "roots: file:///work", "{answer}");
+    proxy.finish().await;
+}
+
+/// A session's standalone GET stream ends (its last chunk) when the
+/// session is closed, here by its `DELETE` sent on another connection, so
+/// its client learns at once that it must start a new one. The connection
+/// stays open for the client's next request (a hunt took its close, at the
+/// header timeout 10 s later, for the stream's end). The read waits up to
+/// 5 s for each piece: the stream's end must come before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_get_stream_ends_when_the_session_is_deleted() {
+    let proxy = HttpHarness::start().await;
+    let mut listening = support::KeepAlive::connect(proxy.port).await;
+    listening.open_session().await;
+    let session = listening.session().unwrap();
+    let (head, _) = listening.get_stream(Duration::from_millis(200)).await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    let mut ending = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .unwrap();
+    let delete = format!(
+        "DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nMcp-Session-Id: {session}\r\n\
+         Connection: close\r\n\r\n",
+        proxy.port
+    );
+    ending.write_all(delete.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    bounded("the DELETE's answer", ending.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let rest = listening.read_for(Duration::from_secs(5)).await;
+    assert!(
+        rest.ends_with(b"0\r\n\r\n"),
+        "the GET stream did not end: {}",
+        String::from_utf8_lossy(&rest)
+    );
     proxy.finish().await;
 }
 
