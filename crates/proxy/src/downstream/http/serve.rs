@@ -286,6 +286,7 @@ pub async fn serve_bounded(
         let service = TowerToHyperService::new(tower::service_fn({
             let kill = kill.clone();
             let router = router.clone();
+            let activity = Arc::clone(&activity);
             move |request: axum::http::Request<hyper::body::Incoming>| {
                 let mut request = request.map(Body::new);
                 request.extensions_mut().insert(kill.clone());
@@ -305,7 +306,11 @@ pub async fn serve_bounded(
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(options.header_read_timeout);
+            .header_read_timeout(options.header_read_timeout)
+            // A client may shut its side down once it has sent its request
+            // and wait for the answer: it often got none (the connection
+            // was closed at the end of its input).
+            .half_close(true);
         let closing = closing.child_token();
         let forget = {
             let open = Arc::clone(&open);
@@ -327,6 +332,12 @@ pub async fn serve_bounded(
                 // Its session's client stopped reading: dropped, not drained.
                 () = killed.cancelled() => return,
                 () = closing.cancelled() => {
+                    // No request in progress (idle, or its head not all
+                    // read): nothing to let finish. One whose head was half
+                    // sent held the drain to its timeout.
+                    if activity.busy.load(Ordering::Relaxed) == 0 {
+                        return;
+                    }
                     connection.as_mut().graceful_shutdown();
                     tokio::select! {
                         served = connection => served,
