@@ -1446,37 +1446,6 @@ async fn silent_connections_past_the_cap_give_way_to_a_client() {
         .expect("a client is served past the silent connections");
 }
 
-/// A client that shuts its side of the connection down once its request is
-/// sent, and waits for the answer, gets it: the connection was often
-/// closed at the end of its input, unanswered (a `400` here, answered at
-/// once; 2 to 13 times in 20 before).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_half_closes_after_its_request_is_answered() {
-    let Some((_proxy, port)) = proxy(&[], &[]).await else {
-        return;
-    };
-    for attempt in 0..10 {
-        let mut stream = connect_from(LOOPBACK, port).await;
-        let body = "{";
-        let request = format!(
-            "POST /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
-             Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        stream.write_all(request.as_bytes()).await.unwrap();
-        stream.shutdown().await.unwrap();
-        let mut answer = Vec::new();
-        bounded("an answer", LIMIT, stream.read_to_end(&mut answer))
-            .await
-            .unwrap();
-        assert!(
-            answer.starts_with(b"HTTP/1.1 400"),
-            "attempt {attempt}: {:?}",
-            String::from_utf8_lossy(&answer)
-        );
-    }
-}
-
 /// SIGTERM does not wait for a connection whose request head is half
 /// sent (nothing is in progress on it): it held the drain to its timeout,
 /// or the header timeout (both 10 minutes here).

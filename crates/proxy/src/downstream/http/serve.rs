@@ -306,11 +306,7 @@ pub async fn serve_bounded(
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
             .timer(TokioTimer::new())
-            .header_read_timeout(options.header_read_timeout)
-            // A client may shut its side down once it has sent its request
-            // and wait for the answer: it often got none (the connection
-            // was closed at the end of its input).
-            .half_close(true);
+            .header_read_timeout(options.header_read_timeout);
         let closing = closing.child_token();
         let forget = {
             let open = Arc::clone(&open);
