@@ -1393,25 +1393,31 @@ async fn a_request_of_a_session_closed_meanwhile_gets_404_not_500() {
         })
         .collect();
     // The sessions are ended under the calls, one after the other.
-    for round in 0..120 {
-        let session = current.lock().unwrap()[round % 4].clone();
-        let Some(session) = session else {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            continue;
-        };
-        let delete = format!(
-            "DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nMcp-Session-Id: {session}\r\n\
+    // Sixty of them, however long the sessions take to open (a loaded
+    // machine: a fixed number of rounds could end before any was open).
+    let closing = async {
+        let (mut round, mut deleted) = (0, 0);
+        while deleted < 60 {
+            round += 1;
+            let session = current.lock().unwrap()[round % 4].clone();
+            let Some(session) = session else {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            };
+            deleted += 1;
+            let delete = format!(
+                "DELETE /mcp HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nMcp-Session-Id: {session}\r\n\
              Connection: close\r\n\r\n"
-        );
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .unwrap();
-        stream.write_all(delete.as_bytes()).await.unwrap();
-        let mut raw = Vec::new();
-        bounded("the DELETE's answer", LIMIT, stream.read_to_end(&mut raw))
-            .await
-            .unwrap();
-    }
+            );
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .unwrap();
+            stream.write_all(delete.as_bytes()).await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+        }
+    };
+    bounded("sixty sessions ended", LIMIT, closing).await;
     stop.store(true, Ordering::Relaxed);
     let mut gone = 0;
     for worker in workers {

@@ -60,6 +60,11 @@ impl Down {
         u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// `interval` after `now`, in the same milliseconds.
+    fn after(now: u64, interval: Duration) -> u64 {
+        now.saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX))
+    }
+
     /// Whether this operation may try Redis: it is up, or the try is due
     /// and this operation took it (one operation per interval).
     fn may_try(&self, interval: Duration) -> bool {
@@ -68,7 +73,7 @@ impl Down {
         }
         let due = self.next_try.load(Ordering::Acquire);
         let now = self.now();
-        let next = now.saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
+        let next = Self::after(now, interval);
         now >= due
             && self
                 .next_try
@@ -77,10 +82,8 @@ impl Down {
     }
 
     fn failed(&self, interval: Duration) {
-        let next = self
-            .now()
-            .saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
-        self.next_try.store(next, Ordering::Release);
+        self.next_try
+            .store(Self::after(self.now(), interval), Ordering::Release);
         self.failed.store(true, Ordering::Release);
     }
 

@@ -23,7 +23,41 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+/// When a session or a connection was last active, in milliseconds from
+/// its listener's epoch: what [`Candidate::idle`] is read from.
+#[derive(Debug)]
+pub(super) struct LastActive {
+    epoch: Instant,
+    millis: AtomicU64,
+}
+
+impl LastActive {
+    /// Active now.
+    pub(super) fn new(epoch: Instant) -> Self {
+        let last = LastActive {
+            epoch,
+            millis: AtomicU64::new(0),
+        };
+        last.touch();
+        last
+    }
+
+    /// Marks it active now.
+    pub(super) fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.millis.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// How long since it was last active.
+    pub(super) fn idle(&self) -> Duration {
+        self.epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(self.millis.load(Ordering::Relaxed)))
+    }
+}
 
 /// What [`choose`] knows of an open session.
 #[derive(Debug, Clone)]

@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use toolwarden_core::jsonrpc::{code, ErrorObject, Id};
 
-use super::evict::{self, Candidate, MinIdle};
+use super::evict::{self, Candidate, LastActive, MinIdle};
 use super::session::{
     headers_expect_priming, version_expects_priming, without_priming, ProxySessions,
 };
@@ -74,24 +73,9 @@ struct SessionInFlight {
     /// The address of the connection the session was first seen on (its
     /// `initialize`'s).
     client: Option<IpAddr>,
-    /// What [`SessionInFlight::last_active`] counts from.
-    epoch: Instant,
-    /// Milliseconds from `epoch` to the session's last request, or to the
-    /// end of its last request in flight.
-    last_active: AtomicU64,
-}
-
-impl SessionInFlight {
-    fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_active.fetch_max(now, Ordering::Relaxed);
-    }
-
-    fn idle(&self, now: Duration) -> Duration {
-        now.saturating_sub(Duration::from_millis(
-            self.last_active.load(Ordering::Relaxed),
-        ))
-    }
+    /// The session's last request, or the end of its last request in
+    /// flight.
+    last_active: LastActive,
 }
 
 /// The most standalone GET streams (the one the server's messages go to)
@@ -117,7 +101,7 @@ struct InFlightRequest {
 impl Drop for InFlightRequest {
     fn drop(&mut self) {
         lock(&self.session.ids).remove(&self.id);
-        self.session.touch();
+        self.session.last_active.touch();
     }
 }
 
@@ -205,14 +189,13 @@ impl Guard {
                         ids: Mutex::default(),
                         streams: Arc::new(Semaphore::new(MAX_GET_STREAMS)),
                         client,
-                        epoch: self.epoch,
-                        last_active: AtomicU64::new(0),
+                        last_active: LastActive::new(self.epoch),
                     })
                 });
                 Arc::clone(session)
             }
         };
-        session.touch();
+        session.last_active.touch();
         Some(session)
     }
 
@@ -223,13 +206,12 @@ impl Guard {
         let chosen = {
             let mut map = lock(&self.in_flight);
             map.retain(|known, _| open.contains_key(known.as_ref()));
-            let now = self.epoch.elapsed();
             let candidates: Vec<_> = map
                 .iter()
                 .map(|(key, session)| Candidate {
                     key: Arc::clone(key),
                     client: session.client,
-                    idle: session.idle(now),
+                    idle: session.last_active.idle(),
                     busy: session.permits.available_permits() < self.max_requests_per_session,
                 })
                 .collect();

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -20,7 +20,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::evict::{self, Candidate, MinIdle};
+use super::evict::{self, Candidate, LastActive, MinIdle};
 use super::guard::lock;
 
 /// One HTTP connection's kill switch, put in the extensions of every
@@ -64,26 +64,16 @@ struct Activity {
     /// Requests read and not yet answered to the end of their body (a
     /// standalone GET stream is one for its whole life).
     busy: AtomicUsize,
-    /// Milliseconds from `epoch` to the start of its last request or the
-    /// end of its last answer.
-    last_active: AtomicU64,
-    epoch: Instant,
+    /// The start of its last request or the end of its last answer.
+    last_active: LastActive,
 }
 
 impl Activity {
     fn new(epoch: Instant) -> Self {
-        let activity = Activity {
+        Activity {
             busy: AtomicUsize::new(0),
-            last_active: AtomicU64::new(0),
-            epoch,
-        };
-        activity.touch();
-        activity
-    }
-
-    fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_active.fetch_max(now, Ordering::Relaxed);
+            last_active: LastActive::new(epoch),
+        }
     }
 }
 
@@ -94,14 +84,14 @@ struct Busy(Arc<Activity>);
 impl Busy {
     fn new(activity: &Arc<Activity>) -> Self {
         activity.busy.fetch_add(1, Ordering::Relaxed);
-        activity.touch();
+        activity.last_active.touch();
         Busy(Arc::clone(activity))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.touch();
+        self.0.last_active.touch();
         self.0.busy.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -162,17 +152,14 @@ impl Connections {
     /// idle (no request in progress) `min_idle`: one of the client holding
     /// the most, else one of a client holding at least as many as `peer`.
     /// Whether one was.
-    fn make_room(&self, peer: IpAddr, min_idle: Duration, epoch: Instant) -> bool {
+    fn make_room(&self, peer: IpAddr, min_idle: Duration) -> bool {
         let mut open = lock(&self.0);
-        let now = epoch.elapsed();
         let candidates: Vec<_> = open
             .iter()
             .map(|(id, c)| Candidate {
                 key: *id,
                 client: Some(c.peer),
-                idle: now.saturating_sub(Duration::from_millis(
-                    c.activity.last_active.load(Ordering::Relaxed),
-                )),
+                idle: c.activity.last_active.idle(),
                 busy: c.activity.busy.load(Ordering::Relaxed) > 0,
             })
             .collect();
@@ -259,7 +246,7 @@ pub async fn serve_bounded(
                 let mut made_room = false;
                 loop {
                     // One place per newcomer: the closed one's slot is its.
-                    made_room = made_room || open.make_room(peer, options.evict_idle_after, epoch);
+                    made_room = made_room || open.make_room(peer, options.evict_idle_after);
                     tokio::select! {
                         slot = Arc::clone(&slots).acquire_owned() => break slot.map_err(std::io::Error::other)?,
                         () = tokio::time::sleep(MAKE_ROOM_AGAIN) => {}
